@@ -1,0 +1,126 @@
+/* kernels.h - the one kernel interface the model forward pass is written against.
+ *
+ * A backend is a table of operations behind an opaque handle (ggml's pattern): the model calls
+ * kern_matmul(be, ...) and never sees whether the CPU or CUDA code runs. All float buffers passed
+ * to a backend (activations, KV cache, norms) are allocated with kern_alloc() on that backend: host
+ * memory for the CPU backend, device memory for CUDA. Operations are issued in order on the
+ * backend's stream; kern_sync() waits for them (a no-op on the CPU, where each call is synchronous).
+ *
+ * Shapes: activations are row-major [n][dim] float32. A weight W is [rows][cols] in its stored type
+ * (GGUF ne[0] = cols, ne[1] = rows); kern_matmul computes y[n][rows] = x[n][cols] * W^T.
+ *
+ * KV cache: per layer, K and V pools of fl_f16_t shaped [n_blocks][block_size][n_kv_heads][head_dim].
+ * A token's slot is block * block_size + offset. Each sequence has a block table (block ids in
+ * position order); attention reads the pools in place through it (paged attention). */
+#ifndef FOLIO_KERNELS_H
+#define FOLIO_KERNELS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/dtype.h"
+#include "../common/error.h"
+
+typedef struct kern_backend kern_backend_t;
+typedef struct kern_weight kern_weight_t;
+
+typedef struct kern_rope {
+    int n_rot;                  /* dimensions rotated per head (<= head_dim), from rope.dimension_count */
+    float freq_base;            /* theta */
+    float freq_scale;           /* 1 / linear scaling factor (1 when none) */
+    const float *freq_factors;  /* [n_rot/2] divisors of each frequency (Llama-3 rope_freqs), or NULL */
+} kern_rope_t;
+
+typedef struct kern_attn {
+    float *out;                 /* [n_tokens][n_heads * head_dim] */
+    const float *q;             /* [n_tokens][n_heads * head_dim], RoPE already applied */
+    const fl_f16_t *k_cache;    /* this layer's K pool */
+    const fl_f16_t *v_cache;    /* this layer's V pool */
+    int n_tokens;
+    const int32_t *tok_seq;     /* [n_tokens] index of the token's sequence in block_tables */
+    const int32_t *tok_pos;     /* [n_tokens] position; the token attends to positions 0..pos of its sequence */
+    const int32_t *block_tables;/* [n_seqs][max_blocks] */
+    int max_blocks;
+    int block_size;
+    int n_heads, n_kv_heads, head_dim;
+    float scale;                /* usually 1/sqrt(head_dim) */
+} kern_attn_t;
+
+typedef struct kern_sampling {
+    float temperature;          /* <= 0: greedy (argmax, lowest id wins ties) */
+    int top_k;                  /* <= 0: off */
+    float top_p;                /* >= 1: off */
+    uint64_t seed;
+    uint64_t position;          /* the draw is a pure function of (seed, position) */
+} kern_sampling_t;
+
+typedef struct kern_ops {
+    const char *name;
+    void (*destroy)(kern_backend_t *be);
+    void *(*alloc)(kern_backend_t *be, size_t bytes);             /* zeroed; NULL on failure */
+    void (*free)(kern_backend_t *be, void *p);
+    int (*upload)(kern_backend_t *be, void *dst, const void *src, size_t bytes);
+    int (*download)(kern_backend_t *be, void *dst, const void *src, size_t bytes);
+    int (*sync)(kern_backend_t *be, fl_error_t *err);
+
+    /* Weights: data points at the file mapping; the backend may borrow it (CPU), repack it or copy
+     * it to the device. */
+    kern_weight_t *(*weight_new)(kern_backend_t *be, int type, int64_t rows, int64_t cols, const void *data,
+                                 fl_error_t *err);
+    void (*weight_destroy)(kern_backend_t *be, kern_weight_t *w);
+
+    void (*embed)(kern_backend_t *be, float *out, const kern_weight_t *table, const int32_t *ids, int n);
+    void (*matmul)(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n);
+    void (*rmsnorm)(kern_backend_t *be, float *y, const float *x, const float *weight, int n, int dim, float eps);
+    void (*rope)(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
+                 const kern_rope_t *rope);
+    /* Writes k, v ([n][n_kv_heads*head_dim] f32) to the f16 pools at slots[n]. */
+    void (*kv_store)(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
+                     const int32_t *slots, int n, int kv_dim);
+    void (*attention)(kern_backend_t *be, const kern_attn_t *a);
+    void (*swiglu)(kern_backend_t *be, float *out, const float *gate, const float *up, int n); /* silu(gate)*up */
+    void (*add)(kern_backend_t *be, float *y, const float *x, int n);                          /* y += x */
+    /* One token per row of logits [n][vocab] (device memory), chosen per row's params (host);
+     * out (host) receives n ids. */
+    void (*sample)(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
+                   const kern_sampling_t *params);
+} kern_ops_t;
+
+struct kern_backend {
+    const kern_ops_t *ops;
+    int n_threads;              /* CPU worker threads (CPU backend) */
+};
+
+/* Backends. kern_cpu_new(0, ...) uses every online core. kern_cuda_new returns NULL with
+ * FL_EUNSUPPORTED when folio was built without CUDA or no device is present. */
+kern_backend_t *kern_cpu_new(int n_threads, fl_error_t *err);
+kern_backend_t *kern_cuda_new(int device, fl_error_t *err);
+bool kern_cuda_available(void);
+void kern_destroy(kern_backend_t **bep);
+
+/* Calls read like the functions of llama2.c. */
+static inline void *kern_alloc(kern_backend_t *be, size_t n) { return be->ops->alloc(be, n); }
+static inline void kern_free(kern_backend_t *be, void *p) { be->ops->free(be, p); }
+static inline void kern_embed(kern_backend_t *be, float *o, const kern_weight_t *t, const int32_t *ids, int n)
+{ be->ops->embed(be, o, t, ids, n); }
+static inline void kern_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n)
+{ be->ops->matmul(be, y, w, x, n); }
+static inline void kern_rmsnorm(kern_backend_t *be, float *y, const float *x, const float *w, int n, int dim,
+                                float eps)
+{ be->ops->rmsnorm(be, y, x, w, n, dim, eps); }
+static inline void kern_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int nh, int hd,
+                             const kern_rope_t *r)
+{ be->ops->rope(be, x, pos, n, nh, hd, r); }
+static inline void kern_kv_store(kern_backend_t *be, fl_f16_t *kc, fl_f16_t *vc, const float *k, const float *v,
+                                 const int32_t *slots, int n, int kv_dim)
+{ be->ops->kv_store(be, kc, vc, k, v, slots, n, kv_dim); }
+static inline void kern_attention(kern_backend_t *be, const kern_attn_t *a) { be->ops->attention(be, a); }
+static inline void kern_swiglu(kern_backend_t *be, float *o, const float *g, const float *u, int n)
+{ be->ops->swiglu(be, o, g, u, n); }
+static inline void kern_add(kern_backend_t *be, float *y, const float *x, int n) { be->ops->add(be, y, x, n); }
+static inline void kern_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
+                               const kern_sampling_t *p)
+{ be->ops->sample(be, out, logits, n, vocab, p); }
+
+#endif
