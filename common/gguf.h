@@ -45,12 +45,20 @@ typedef struct gguf_tensor {
 typedef struct gguf gguf_t;
 
 gguf_t *gguf_open(const char *path, fl_error_t *err);
+/* Parses a GGUF image already in memory (used by gguf_open and the fuzzer). data is borrowed and must
+ * outlive the gguf_t; name is copied and used in error messages and gguf_path(). */
+gguf_t *gguf_open_memory(const void *data, size_t size, const char *name, fl_error_t *err);
 void gguf_destroy(gguf_t **gp);
 
 const char *gguf_path(const gguf_t *g);
 uint32_t gguf_version(const gguf_t *g);
 size_t gguf_alignment(const gguf_t *g);
 size_t gguf_file_size(const gguf_t *g);
+size_t gguf_data_offset(const gguf_t *g); /* file offset of the (aligned) tensor data section */
+/* "uint32", "string", "array", ...; "?" for numbers outside the enum. */
+const char *gguf_type_name(gguf_value_type_t t);
+/* Size in bytes of one element of a numeric value type; 0 for STRING, ARRAY and unknown types. */
+size_t gguf_type_size(gguf_value_type_t t);
 
 /* Metadata. Keys are looked up exactly; -1 when absent. */
 int64_t gguf_n_kv(const gguf_t *g);
@@ -71,7 +79,9 @@ int gguf_get_str(const gguf_t *g, const char *key, const char **s, size_t *len, 
 /* Arrays: element type and count; numeric arrays expose their raw little-endian data; string arrays
  * are read element by element (O(1): offsets are indexed at open). */
 int gguf_get_arr(const gguf_t *g, const char *key, gguf_value_type_t *elem_type, uint64_t *n, fl_error_t *err);
-const void *gguf_arr_data(const gguf_t *g, const char *key);            /* NULL for string arrays */
+/* NULL for string arrays and absent keys. The data is not necessarily aligned for its type: memcpy. */
+const void *gguf_arr_data(const gguf_t *g, const char *key);
+/* 0, FL_ENOTFOUND (no such key / not a string array) or FL_ERANGE (i >= count). */
 int gguf_arr_str(const gguf_t *g, const char *key, uint64_t i, const char **s, size_t *len);
 
 /* Tensors. */

@@ -1,0 +1,124 @@
+/* tokenizer.h - byte-level BPE tokenizer (GPT-2 family) that reproduces llama.cpp's tokenization,
+ * token-to-text decoding (whole arrays and a streaming UTF-8 decoder) and chat templates.
+ *
+ * A tok_t is immutable after tok_new/tok_new_from_gguf and may be shared by any number of threads;
+ * everything it needs is copied in (it borrows nothing from the desc or the gguf_t). Encoding follows
+ * llama.cpp step by step: special tokens written in the text are split out first (longest first),
+ * the rest is cut into words by the pre-tokenizer of tokenizer.ggml.pre, each word's bytes are mapped
+ * through GPT-2's bytes_to_unicode and merged by BPE rank. Functions that produce text or ids return
+ * how many they produced; when that is more than the caller's capacity they write what fits and
+ * return the full count, so a caller can size a buffer and call again. */
+#ifndef FOLIO_TOKENIZER_H
+#define FOLIO_TOKENIZER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "error.h"
+#include "gguf.h"
+
+/* tokenizer.ggml.token_type values (llama.cpp's llama_token_type). */
+typedef enum {
+    TOK_TYPE_UNDEFINED = 0,
+    TOK_TYPE_NORMAL = 1,
+    TOK_TYPE_UNKNOWN = 2,
+    TOK_TYPE_CONTROL = 3,
+    TOK_TYPE_USER_DEFINED = 4,
+    TOK_TYPE_UNUSED = 5,
+    TOK_TYPE_BYTE = 6,
+} tok_type_t;
+
+/* Everything a tokenizer is built from, as plain arrays (borrowed for the duration of tok_new). */
+typedef struct tok_desc {
+    int32_t n_vocab;
+    const char *const *tokens;   /* n_vocab strings in GPT-2's byte-level spelling */
+    const size_t *token_lens;    /* lengths of tokens[i]; NULL: NUL-terminated */
+    const int32_t *token_types;  /* n_vocab tok_type_t values; NULL: all NORMAL */
+    int32_t n_merges;
+    const char *const *merges;   /* "left right", rank = index */
+    const size_t *merge_lens;    /* NULL: NUL-terminated */
+    const char *pre;             /* pre-tokenizer: "smollm", "gpt2"/"gpt-2", "default", "llama3"/"llama-bpe"; NULL: "default" */
+    int32_t bos_id, eos_id, unk_id, pad_id; /* -1 when absent */
+    bool add_bos;
+    const char *chat_template;   /* NULL when absent */
+    size_t chat_template_len;    /* 0: NUL-terminated */
+} tok_desc_t;
+
+typedef struct tok tok_t;
+
+tok_t *tok_new(const tok_desc_t *desc, fl_error_t *err);
+/* Reads tokenizer.ggml.{model,pre,tokens,token_type,merges,*_token_id,add_bos_token} and
+ * tokenizer.chat_template. Only tokenizer.ggml.model "gpt2" (byte-level BPE) is supported. */
+tok_t *tok_new_from_gguf(const gguf_t *g, fl_error_t *err);
+void tok_destroy(tok_t **tp);
+
+/* Encodes text[0..len) into out[0..cap). add_bos: put the BOS token first (callers normally pass
+ * tok_add_bos(t)). parse_special: control tokens written in the text ("<|im_start|>") become their
+ * ids; user-defined tokens always do, as in llama.cpp. Returns the number of tokens (if more than cap,
+ * only cap are written), FL_EINVAL for bad arguments, FL_ERANGE if len > INT32_MAX/2, FL_ENOMEM. */
+int tok_encode(const tok_t *t, const char *text, size_t len, bool add_bos, bool parse_special, int32_t *out,
+               int cap);
+
+/* The bytes token id stands for, as llama.cpp's token_to_piece: normal tokens decode their byte-level
+ * spelling; user-defined tokens give their text; control and unknown tokens give their text only when
+ * special is true, else nothing; other types give nothing. Returns the length (written only if it
+ * fits in cap; the output is not NUL-terminated) or FL_EINVAL for an id out of range. */
+int tok_token_bytes(const tok_t *t, int32_t id, bool special, char *buf, size_t cap);
+
+/* Concatenated tok_token_bytes of ids[0..n): may end inside a UTF-8 character. Returns the total
+ * length (written only up to cap) or FL_EINVAL. */
+int tok_decode(const tok_t *t, const int32_t *ids, int n, bool special, char *out, size_t cap);
+
+/* Streaming decoder for generated tokens: tok_stream_push returns only complete UTF-8 characters and
+ * holds back an incomplete trailing sequence (at most 3 bytes) until later bytes complete it; bytes
+ * that cannot start or continue a valid character come out as U+FFFD. */
+typedef struct tok_stream {
+    bool special;           /* passed to tok_token_bytes */
+    int n_pending;
+    unsigned char pending[4];
+} tok_stream_t;
+
+void tok_stream_init(tok_stream_t *s, bool special);
+/* Writes the decoded text to out and returns its length, or FL_ERANGE (state unchanged) when cap is
+ * smaller than needed; tok_max_token_len(t) * 3 + 16 bytes are always enough. FL_EINVAL for bad id. */
+int tok_stream_push(tok_stream_t *s, const tok_t *t, int32_t id, char *out, size_t cap);
+/* Emits the held-back bytes, each as U+FFFD (they never became a whole character), and resets the
+ * stream. Returns the length or FL_ERANGE; 16 bytes are always enough. */
+int tok_stream_flush(tok_stream_t *s, char *out, size_t cap);
+
+int32_t tok_n_vocab(const tok_t *t);
+int32_t tok_bos(const tok_t *t); /* -1 when absent */
+int32_t tok_eos(const tok_t *t);
+int32_t tok_unk(const tok_t *t);
+int32_t tok_pad(const tok_t *t);
+bool tok_add_bos(const tok_t *t);
+size_t tok_max_token_len(const tok_t *t); /* longest tok_token_bytes output */
+const char *tok_pre(const tok_t *t);      /* pre-tokenizer name, as given */
+/* End of generation: eos plus, as llama.cpp, any of "<|endoftext|>", "<|im_end|>", "<|eot_id|>",
+ * "<|end|>", "<|eom_id|>", "<|end_of_text|>", "<end_of_turn>", "<EOT>", ... present in the vocab. */
+bool tok_is_eog(const tok_t *t, int32_t id);
+bool tok_is_control(const tok_t *t, int32_t id);
+tok_type_t tok_type(const tok_t *t, int32_t id); /* llama.cpp may promote EOG tokens to CONTROL */
+/* The stored vocab string (byte-level spelling), NUL-terminated, borrowed; NULL for a bad id. */
+const char *tok_piece(const tok_t *t, int32_t id);
+/* Id of the token spelled exactly s[0..len) (byte-level spelling), or -1. */
+int32_t tok_find(const tok_t *t, const char *s, size_t len);
+/* The chat template read from the model, or NULL. */
+const char *tok_chat_template(const tok_t *t);
+
+/* Chat templates. ChatML (template containing "<|im_start|>"): "<|im_start|>{role}\n{content}<|im_end|>\n"
+ * per message, "<|im_start|>assistant\n" if add_generation_prompt; a default system message that the
+ * template inserts when messages[0] is not 'system' is parsed from the template text and inserted the
+ * same way. Llama 3 ("<|start_header_id|>"): as llama.cpp's built-in llama3 template (content
+ * trimmed, no BOS text). Returns the length (written, NUL-terminated, only if it fits: cap must
+ * exceed the length), FL_EINVAL for bad arguments, FL_EUNSUPPORTED for no or an unknown template. */
+typedef struct {
+    const char *role;
+    const char *content;
+} tok_chat_msg_t;
+
+int tok_chat_apply(const tok_t *t, const tok_chat_msg_t *msgs, int n, bool add_generation_prompt, char *out,
+                   size_t cap);
+
+#endif

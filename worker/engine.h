@@ -1,0 +1,35 @@
+/* engine.h - one model ready to run: backend + weights + tokenizer + paged KV cache.
+ *
+ * What folioctl run, the benchmarks, the tests and the worker process all start from, so the
+ * start-up path (backend choice, model load, KV sizing) exists once. */
+#ifndef FOLIO_ENGINE_H
+#define FOLIO_ENGINE_H
+
+#include <stddef.h>
+
+#include "generate.h"
+#include "kv_cache.h"
+#include "model.h"
+
+typedef struct engine_opts {
+    const char *model_path;     /* NULL: model_default_path() */
+    const char *backend;        /* "cpu", "cuda" or NULL/"auto" (cuda where a GPU is present) */
+    int device;                 /* CUDA device */
+    int threads;                /* CPU threads, 0 = all cores */
+    size_t kv_budget_bytes;     /* 0 = 64 MiB */
+    int block_size;             /* 0 = 16 */
+    int max_batch_tokens;       /* 0 = 512 */
+    int max_seqs;               /* 0 = 64 */
+    int max_ctx;                /* 0 = model's context */
+} engine_opts_t;
+
+typedef struct engine {
+    kern_backend_t *be;
+    model_t *model;
+    kv_cache_t *kv;
+} engine_t;
+
+engine_t *engine_new(const engine_opts_t *opts, fl_error_t *err);
+void engine_destroy(engine_t **ep);
+
+#endif

@@ -1,0 +1,51 @@
+/* generate.h - batched generation of several requests at once on one model.
+ *
+ * gen_run() drives model_forward() step by step, iteration-level: each step packs one decode token
+ * per running request plus chunks of pending prompts under the step's token budget, so requests
+ * of different lengths run together and a finished request frees its slot for a waiting one.
+ * It is the engine loop behind `folioctl run`, the engine tests and `folio-bench engine`; the
+ * worker's scheduler (continuous batching with preemption and prefix caching) builds on it.
+ *
+ * Sampling: each token is drawn from (request seed, token index), so a request's output does not
+ * depend on what it is batched with. */
+#ifndef FOLIO_GENERATE_H
+#define FOLIO_GENERATE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "model.h"
+
+typedef enum { GEN_FINISH_NONE = 0, GEN_FINISH_STOP, GEN_FINISH_LENGTH, GEN_FINISH_ERROR } gen_finish_t;
+
+typedef struct gen_request {
+    /* in */
+    const int32_t *prompt;
+    int n_prompt;
+    int max_tokens;
+    kern_sampling_t sampling;    /* .position is set per token */
+    bool ignore_eog;             /* keep going past end-of-generation tokens (benchmarks) */
+    /* out */
+    int32_t *tokens;             /* caller-provided, room for max_tokens */
+    int n_tokens;
+    gen_finish_t finish;
+    char error[256];
+    double t_submit, t_first_token, t_done; /* seconds, monotonic clock */
+} gen_request_t;
+
+/* Called for every generated token as it is produced (may be NULL). */
+typedef void (*gen_token_fn)(void *user, int request, int32_t token);
+
+typedef struct gen_stats {
+    int steps;
+    long prompt_tokens, decode_tokens;
+    double prefill_s, decode_s;  /* time in steps that carried prompt tokens / only decode tokens */
+} gen_stats_t;
+
+int gen_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n_reqs, gen_token_fn on_token, void *user,
+            gen_stats_t *stats, fl_error_t *err);
+
+const char *gen_finish_name(gen_finish_t f);
+double gen_now(void);
+
+#endif

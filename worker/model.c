@@ -1,0 +1,414 @@
+/* model.c - Llama-family forward pass over the kernel interface.
+ *
+ * Reads like llama2.c's forward(): for each layer, RMSNorm -> Q,K,V projections -> RoPE -> store
+ * K,V into the paged cache -> attention over the cache -> output projection + residual ->
+ * RMSNorm -> SwiGLU feed-forward + residual; then the final norm and the vocabulary projection for
+ * the rows that want logits. Every call goes to the backend table, so the same code drives the CPU
+ * and CUDA backends. Sizes come from the GGUF metadata; weight shapes are checked against them. */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+
+#ifndef FOLIO_DEFAULT_MODEL
+#define FOLIO_DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+#endif
+
+const char *model_default_path(const char *explicit_path)
+{
+    if (explicit_path && *explicit_path) return explicit_path;
+    const char *env = getenv("FOLIO_MODEL");
+    if (env && *env) return env;
+    return FOLIO_DEFAULT_MODEL;
+}
+
+static int get_u32_req(const gguf_t *g, const char *arch, const char *key, int *out, fl_error_t *err)
+{
+    char full[256];
+    snprintf(full, sizeof full, "%s.%s", arch, key);
+    uint32_t v;
+    int rc = gguf_get_u32(g, full, &v, err);
+    if (rc == FL_ENOTFOUND) return fl_fail(err, FL_EFORMAT, "%s: missing metadata key '%s'", gguf_path(g), full);
+    if (rc) return rc;
+    if (v == 0 || v > (1u << 24))
+        return fl_fail(err, FL_EFORMAT, "%s: metadata '%s' = %u is out of range", gguf_path(g), full, v);
+    *out = (int)v;
+    return FL_OK;
+}
+
+static int get_f32_opt(const gguf_t *g, const char *arch, const char *key, float *out, fl_error_t *err)
+{
+    char full[256];
+    snprintf(full, sizeof full, "%s.%s", arch, key);
+    int rc = gguf_get_f32(g, full, out, err);
+    return rc == FL_ENOTFOUND ? FL_OK : rc;
+}
+
+static int read_config(const gguf_t *g, model_config_t *c, fl_error_t *err)
+{
+    const char *arch_s;
+    size_t arch_n;
+    int rc = gguf_get_str(g, "general.architecture", &arch_s, &arch_n, err);
+    if (rc) return rc == FL_ENOTFOUND ? fl_fail(err, FL_EFORMAT, "%s: no general.architecture", gguf_path(g)) : rc;
+    char arch[64];
+    if (arch_n >= sizeof arch) return fl_fail(err, FL_EFORMAT, "%s: architecture name too long", gguf_path(g));
+    memcpy(arch, arch_s, arch_n);
+    arch[arch_n] = 0;
+    /* Llama-family architectures that share the forward pass. */
+    if (strcmp(arch, "llama") && strcmp(arch, "mistral"))
+        return fl_fail(err, FL_EUNSUPPORTED, "%s: architecture '%s' is not supported (llama family only)",
+                       gguf_path(g), arch);
+
+    if ((rc = get_u32_req(g, arch, "block_count", &c->n_layers, err)) ||
+        (rc = get_u32_req(g, arch, "embedding_length", &c->dim, err)) ||
+        (rc = get_u32_req(g, arch, "feed_forward_length", &c->n_ff, err)) ||
+        (rc = get_u32_req(g, arch, "attention.head_count", &c->n_heads, err)))
+        return rc;
+    c->n_kv_heads = c->n_heads;
+    char key[256];
+    snprintf(key, sizeof key, "%s.attention.head_count_kv", arch);
+    uint32_t kvh;
+    if ((rc = gguf_get_u32(g, key, &kvh, err)) == FL_OK) c->n_kv_heads = (int)kvh;
+    else if (rc != FL_ENOTFOUND) return rc;
+    if (c->n_kv_heads <= 0 || c->n_heads % c->n_kv_heads)
+        return fl_fail(err, FL_EFORMAT, "%s: head_count %d is not a multiple of head_count_kv %d", gguf_path(g),
+                       c->n_heads, c->n_kv_heads);
+    if (c->dim % c->n_heads)
+        return fl_fail(err, FL_EFORMAT, "%s: embedding_length %d not divisible by head_count %d", gguf_path(g),
+                       c->dim, c->n_heads);
+    c->head_dim = c->dim / c->n_heads;
+    snprintf(key, sizeof key, "%s.attention.key_length", arch);
+    uint32_t kl;
+    if (gguf_get_u32(g, key, &kl, NULL) == FL_OK && (int)kl != c->head_dim)
+        return fl_fail(err, FL_EUNSUPPORTED, "%s: key_length %u differs from embedding/heads %d", gguf_path(g), kl,
+                       c->head_dim);
+    c->n_ctx_train = 4096;
+    snprintf(key, sizeof key, "%s.context_length", arch);
+    uint32_t ctx;
+    if (gguf_get_u32(g, key, &ctx, NULL) == FL_OK && ctx > 0) c->n_ctx_train = (int)ctx;
+
+    c->norm_eps = 1e-5f;
+    c->rope.freq_base = 10000.0f;
+    c->rope.freq_scale = 1.0f;
+    c->rope.n_rot = c->head_dim;
+    c->rope.freq_factors = NULL;
+    if ((rc = get_f32_opt(g, arch, "attention.layer_norm_rms_epsilon", &c->norm_eps, err)) ||
+        (rc = get_f32_opt(g, arch, "rope.freq_base", &c->rope.freq_base, err)))
+        return rc;
+    snprintf(key, sizeof key, "%s.rope.dimension_count", arch);
+    uint32_t nrot;
+    if (gguf_get_u32(g, key, &nrot, NULL) == FL_OK) {
+        if (nrot == 0 || (int)nrot > c->head_dim || nrot % 2)
+            return fl_fail(err, FL_EFORMAT, "%s: rope.dimension_count %u invalid for head_dim %d", gguf_path(g), nrot,
+                           c->head_dim);
+        c->rope.n_rot = (int)nrot;
+    }
+    /* Linear RoPE scaling; Llama-3 style scaling arrives as the rope_freqs tensor. */
+    snprintf(key, sizeof key, "%s.rope.scaling.type", arch);
+    const char *st;
+    size_t stn;
+    if (gguf_get_str(g, key, &st, &stn, NULL) == FL_OK && stn == 6 && !memcmp(st, "linear", 6)) {
+        float factor = 1.0f;
+        if ((rc = get_f32_opt(g, arch, "rope.scaling.factor", &factor, err))) return rc;
+        if (factor > 0) c->rope.freq_scale = 1.0f / factor;
+    } else if (gguf_get_str(g, key, &st, &stn, NULL) == FL_OK && !(stn == 4 && !memcmp(st, "none", 4)) &&
+               !(stn == 6 && !memcmp(st, "llama3", 6))) {
+        return fl_fail(err, FL_EUNSUPPORTED, "%s: rope scaling '%.*s' is not supported", gguf_path(g), (int)stn, st);
+    }
+    if (!(c->norm_eps > 0) || !(c->rope.freq_base > 0))
+        return fl_fail(err, FL_EFORMAT, "%s: invalid rms epsilon or rope base", gguf_path(g));
+    return FL_OK;
+}
+
+/* Finds a 2-D weight and checks its shape [rows][cols]. */
+static kern_weight_t *load_matrix(model_t *m, const char *name, int64_t rows, int64_t cols, fl_error_t *err)
+{
+    const gguf_tensor_t *t = gguf_find_tensor(m->gguf, name);
+    if (!t) {
+        fl_fail(err, FL_EFORMAT, "%s: missing tensor '%s'", gguf_path(m->gguf), name);
+        return NULL;
+    }
+    if (t->ne[0] != cols || t->ne[1] != rows || t->ne[2] != 1 || t->ne[3] != 1) {
+        fl_fail(err, FL_EFORMAT, "%s: tensor '%s' has shape [%lld, %lld], expected [%lld, %lld]", gguf_path(m->gguf),
+                name, (long long)t->ne[0], (long long)t->ne[1], (long long)cols, (long long)rows);
+        return NULL;
+    }
+    if (!fl_dtype_supported(t->type)) {
+        fl_fail(err, FL_EUNSUPPORTED, "%s: tensor '%s' has unsupported type %s (%d)", gguf_path(m->gguf), name,
+                fl_dtype_name(t->type), t->type);
+        return NULL;
+    }
+    fl_error_t e2 = {0};
+    kern_weight_t *w = m->be->ops->weight_new(m->be, t->type, rows, cols, t->data, &e2);
+    if (!w) fl_fail(err, e2.code ? e2.code : FL_EBACKEND, "%s: tensor '%s': %s", gguf_path(m->gguf), name, e2.msg);
+    m->weight_bytes += t->nbytes;
+    return w;
+}
+
+/* Copies a 1-D F32 vector of length n to backend memory. */
+static float *load_vector(model_t *m, const char *name, int64_t n, bool required, fl_error_t *err)
+{
+    const gguf_tensor_t *t = gguf_find_tensor(m->gguf, name);
+    if (!t) {
+        if (required) fl_fail(err, FL_EFORMAT, "%s: missing tensor '%s'", gguf_path(m->gguf), name);
+        return NULL;
+    }
+    if (t->type != FL_TYPE_F32 || t->ne[0] != n || t->ne[1] != 1 || t->ne[2] != 1 || t->ne[3] != 1) {
+        fl_fail(err, FL_EFORMAT, "%s: tensor '%s' must be F32 [%lld] (is %s [%lld, %lld])", gguf_path(m->gguf), name,
+                (long long)n, fl_dtype_name(t->type), (long long)t->ne[0], (long long)t->ne[1]);
+        return NULL;
+    }
+    float *d = kern_alloc(m->be, (size_t)n * sizeof(float));
+    if (!d) {
+        fl_fail(err, FL_ENOMEM, "%s: out of backend memory for '%s'", gguf_path(m->gguf), name);
+        return NULL;
+    }
+    m->be->ops->upload(m->be, d, t->data, (size_t)n * sizeof(float));
+    m->weight_bytes += t->nbytes;
+    return d;
+}
+
+static int alloc_scratch(model_t *m, fl_error_t *err)
+{
+    const model_config_t *c = &m->cfg;
+    const size_t T = (size_t)m->max_tokens, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    struct { void **p; size_t bytes; } bufs[] = {
+        {(void **)&m->x, T * c->dim * sizeof(float)},
+        {(void **)&m->xb, T * c->dim * sizeof(float)},
+        {(void **)&m->q, T * c->dim * sizeof(float)},
+        {(void **)&m->k, T * kv_dim * sizeof(float)},
+        {(void **)&m->v, T * kv_dim * sizeof(float)},
+        {(void **)&m->att, T * c->dim * sizeof(float)},
+        {(void **)&m->gate, T * c->n_ff * sizeof(float)},
+        {(void **)&m->up, T * c->n_ff * sizeof(float)},
+        {(void **)&m->logit_in, (size_t)m->max_logits * c->dim * sizeof(float)},
+        {(void **)&m->logits, (size_t)m->max_logits * c->n_vocab * sizeof(float)},
+        {(void **)&m->d_tokens, T * sizeof(int32_t)},
+        {(void **)&m->d_pos, T * sizeof(int32_t)},
+        {(void **)&m->d_seq, T * sizeof(int32_t)},
+        {(void **)&m->d_slots, T * sizeof(int32_t)},
+        {(void **)&m->d_block_tables, (size_t)m->max_seqs * m->max_blocks * sizeof(int32_t)},
+    };
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        *bufs[i].p = kern_alloc(m->be, bufs[i].bytes);
+        if (!*bufs[i].p) return fl_fail(err, FL_ENOMEM, "model: out of memory for scratch (%zu bytes)", bufs[i].bytes);
+    }
+    m->h_slots = malloc(T * sizeof(int32_t));
+    if (!m->h_slots) return fl_fail(err, FL_ENOMEM, "model: out of memory");
+    return FL_OK;
+}
+
+model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *params, fl_error_t *err)
+{
+    model_t *m = calloc(1, sizeof *m);
+    if (!m) {
+        fl_fail(err, FL_ENOMEM, "model: out of memory");
+        return NULL;
+    }
+    m->be = be;
+    m->gguf = gguf_open(path, err);
+    if (!m->gguf) goto fail;
+    if (read_config(m->gguf, &m->cfg, err)) goto fail;
+    m->tok = tok_new_from_gguf(m->gguf, err);
+    if (!m->tok) goto fail;
+    model_config_t *c = &m->cfg;
+
+    const gguf_tensor_t *emb = gguf_find_tensor(m->gguf, "token_embd.weight");
+    if (!emb) {
+        fl_fail(err, FL_EFORMAT, "%s: missing tensor 'token_embd.weight'", path);
+        goto fail;
+    }
+    c->n_vocab = (int)emb->ne[1];
+    if (c->n_vocab != tok_n_vocab(m->tok)) {
+        fl_fail(err, FL_EFORMAT, "%s: token_embd has %d rows but the vocabulary has %d tokens", path, c->n_vocab,
+                tok_n_vocab(m->tok));
+        goto fail;
+    }
+    const int64_t kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
+    if (!(m->tok_embd = load_matrix(m, "token_embd.weight", c->n_vocab, c->dim, err))) goto fail;
+    if (gguf_find_tensor(m->gguf, "output.weight")) {
+        if (!(m->output = load_matrix(m, "output.weight", c->n_vocab, c->dim, err))) goto fail;
+    } else {
+        c->tied_output = true;
+        m->output = m->tok_embd;
+    }
+    if (!(m->output_norm = load_vector(m, "output_norm.weight", c->dim, true, err))) goto fail;
+    fl_error_t ferr = {0};
+    m->rope_freqs = load_vector(m, "rope_freqs.weight", c->rope.n_rot / 2, false, &ferr);
+    if (!m->rope_freqs && ferr.code) {
+        *err = ferr;
+        goto fail;
+    }
+    c->rope.freq_factors = m->rope_freqs;
+    m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
+    if (!m->layers) {
+        fl_fail(err, FL_ENOMEM, "model: out of memory");
+        goto fail;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        model_layer_t *L = &m->layers[l];
+        char name[96];
+#define MAT(field, suffix, rows, cols)                                                                          \
+    snprintf(name, sizeof name, "blk.%d." suffix ".weight", l);                                                 \
+    if (!(L->field = load_matrix(m, name, rows, cols, err))) goto fail;
+#define VEC(field, suffix)                                                                                      \
+    snprintf(name, sizeof name, "blk.%d." suffix ".weight", l);                                                 \
+    if (!(L->field = load_vector(m, name, c->dim, true, err))) goto fail;
+        VEC(attn_norm, "attn_norm")
+        VEC(ffn_norm, "ffn_norm")
+        MAT(wq, "attn_q", c->dim, c->dim)
+        MAT(wk, "attn_k", kv_dim, c->dim)
+        MAT(wv, "attn_v", kv_dim, c->dim)
+        MAT(wo, "attn_output", c->dim, c->dim)
+        MAT(w_gate, "ffn_gate", c->n_ff, c->dim)
+        MAT(w_up, "ffn_up", c->n_ff, c->dim)
+        MAT(w_down, "ffn_down", c->dim, c->n_ff)
+#undef MAT
+#undef VEC
+    }
+    c->weight_type = gguf_find_tensor(m->gguf, "blk.0.attn_q.weight")->type;
+
+    const model_params_t defaults = {.max_batch_tokens = 512, .max_logits = 64, .max_seqs = 64, .max_ctx = 0,
+                                      .block_size = 16};
+    if (!params) params = &defaults;
+    m->max_tokens = params->max_batch_tokens > 0 ? params->max_batch_tokens : defaults.max_batch_tokens;
+    m->max_logits = params->max_logits > 0 ? params->max_logits : defaults.max_logits;
+    m->max_seqs = params->max_seqs > 0 ? params->max_seqs : defaults.max_seqs;
+    const int block_size = params->block_size > 0 ? params->block_size : defaults.block_size;
+    const int max_ctx = params->max_ctx > 0 ? params->max_ctx : c->n_ctx_train;
+    m->max_blocks = (max_ctx + block_size - 1) / block_size;
+    if (alloc_scratch(m, err)) goto fail;
+    fl_log_info("model loaded path=%s layers=%d dim=%d ff=%d heads=%d kv_heads=%d head_dim=%d vocab=%d ctx=%d "
+                "type=%s tied=%d weights_mib=%.1f backend=%s",
+                path, c->n_layers, c->dim, c->n_ff, c->n_heads, c->n_kv_heads, c->head_dim, c->n_vocab,
+                c->n_ctx_train, fl_dtype_name(c->weight_type), c->tied_output, m->weight_bytes / 1048576.0,
+                be->ops->name);
+    return m;
+fail:
+    model_destroy(&m);
+    return NULL;
+}
+
+void model_destroy(model_t **mp)
+{
+    model_t *m = mp ? *mp : NULL;
+    if (!m) return;
+    kern_backend_t *be = m->be;
+    void (*wdel)(kern_backend_t *, kern_weight_t *) = be->ops->weight_destroy;
+    if (m->layers) {
+        for (int l = 0; l < m->cfg.n_layers; l++) {
+            model_layer_t *L = &m->layers[l];
+            kern_weight_t *ws[] = {L->wq, L->wk, L->wv, L->wo, L->w_gate, L->w_up, L->w_down};
+            for (size_t i = 0; i < 7; i++)
+                if (ws[i]) wdel(be, ws[i]);
+            if (L->attn_norm) kern_free(be, L->attn_norm);
+            if (L->ffn_norm) kern_free(be, L->ffn_norm);
+        }
+        free(m->layers);
+    }
+    if (m->output && m->output != m->tok_embd) wdel(be, m->output);
+    if (m->tok_embd) wdel(be, m->tok_embd);
+    void *bufs[] = {m->output_norm, m->rope_freqs, m->x, m->xb, m->q, m->k, m->v, m->att, m->gate, m->up,
+                    m->logit_in, m->logits, m->d_tokens, m->d_pos, m->d_seq, m->d_slots, m->d_block_tables};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i]) kern_free(be, bufs[i]);
+    free(m->h_slots);
+    tok_destroy(&m->tok);
+    gguf_destroy(&m->gguf);
+    free(m);
+    *mp = NULL;
+}
+
+static int check_batch(const model_t *m, const kv_cache_t *kv, const model_batch_t *b, fl_error_t *err)
+{
+    if (b->n_tokens <= 0 || b->n_tokens > m->max_tokens)
+        return fl_fail(err, FL_EINVAL, "forward: %d tokens (limit %d)", b->n_tokens, m->max_tokens);
+    if (b->n_logits < 0 || b->n_logits > m->max_logits)
+        return fl_fail(err, FL_EINVAL, "forward: %d logit rows (limit %d)", b->n_logits, m->max_logits);
+    if (b->n_seqs <= 0 || b->n_seqs > m->max_seqs)
+        return fl_fail(err, FL_EINVAL, "forward: %d sequences (limit %d)", b->n_seqs, m->max_seqs);
+    for (int i = 0; i < b->n_tokens; i++) {
+        if (b->tokens[i] < 0 || b->tokens[i] >= m->cfg.n_vocab)
+            return fl_fail(err, FL_EINVAL, "forward: token id %d out of vocabulary (%d)", b->tokens[i], m->cfg.n_vocab);
+        if (b->seq[i] < 0 || b->seq[i] >= b->n_seqs || b->pos[i] < 0 || b->pos[i] >= m->max_blocks * kv->block_size)
+            return fl_fail(err, FL_EINVAL, "forward: token %d has bad sequence %d or position %d", i, b->seq[i],
+                           b->pos[i]);
+        const int32_t blk = b->block_tables[(size_t)b->seq[i] * m->max_blocks + b->pos[i] / kv->block_size];
+        if (blk < 0 || blk >= kv->n_blocks)
+            return fl_fail(err, FL_EINVAL, "forward: position %d of sequence %d has no KV block", b->pos[i], b->seq[i]);
+    }
+    for (int i = 0; i < b->n_logits; i++)
+        if (b->logit_rows[i] < 0 || b->logit_rows[i] >= b->n_tokens)
+            return fl_fail(err, FL_EINVAL, "forward: logit row %d out of range", b->logit_rows[i]);
+    return FL_OK;
+}
+
+int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t *err)
+{
+    int rc = check_batch(m, kv, b, err);
+    if (rc) return rc;
+    kern_backend_t *be = m->be;
+    const model_config_t *c = &m->cfg;
+    const int n = b->n_tokens, dim = c->dim, kv_dim = c->n_kv_heads * c->head_dim;
+
+    /* Block tables are laid out [n_seqs][max_blocks] by the caller, so one upload serves. */
+    for (int i = 0; i < n; i++) {
+        const int32_t blk = b->block_tables[(size_t)b->seq[i] * m->max_blocks + b->pos[i] / kv->block_size];
+        m->h_slots[i] = blk * kv->block_size + b->pos[i] % kv->block_size;
+    }
+    be->ops->upload(be, m->d_tokens, b->tokens, (size_t)n * sizeof(int32_t));
+    be->ops->upload(be, m->d_pos, b->pos, (size_t)n * sizeof(int32_t));
+    be->ops->upload(be, m->d_seq, b->seq, (size_t)n * sizeof(int32_t));
+    be->ops->upload(be, m->d_slots, m->h_slots, (size_t)n * sizeof(int32_t));
+    be->ops->upload(be, m->d_block_tables, b->block_tables, (size_t)b->n_seqs * m->max_blocks * sizeof(int32_t));
+
+    kern_embed(be, m->x, m->tok_embd, m->d_tokens, n);
+    for (int l = 0; l < c->n_layers; l++) {
+        const model_layer_t *L = &m->layers[l];
+        /* attention block */
+        kern_rmsnorm(be, m->xb, m->x, L->attn_norm, n, dim, c->norm_eps);
+        kern_matmul(be, m->q, L->wq, m->xb, n);
+        kern_matmul(be, m->k, L->wk, m->xb, n);
+        kern_matmul(be, m->v, L->wv, m->xb, n);
+        kern_rope(be, m->q, m->d_pos, n, c->n_heads, c->head_dim, &c->rope);
+        kern_rope(be, m->k, m->d_pos, n, c->n_kv_heads, c->head_dim, &c->rope);
+        kern_kv_store(be, kv->k[l], kv->v[l], m->k, m->v, m->d_slots, n, kv_dim);
+        const kern_attn_t attn = {
+            .out = m->att, .q = m->q, .k_cache = kv->k[l], .v_cache = kv->v[l], .n_tokens = n,
+            .tok_seq = m->d_seq, .tok_pos = m->d_pos, .block_tables = m->d_block_tables,
+            .max_blocks = m->max_blocks, .block_size = kv->block_size, .n_heads = c->n_heads,
+            .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .scale = 1.0f / sqrtf((float)c->head_dim),
+        };
+        kern_attention(be, &attn);
+        kern_matmul(be, m->xb, L->wo, m->att, n);
+        kern_add(be, m->x, m->xb, n * dim);
+        /* feed-forward block */
+        kern_rmsnorm(be, m->xb, m->x, L->ffn_norm, n, dim, c->norm_eps);
+        kern_matmul(be, m->gate, L->w_gate, m->xb, n);
+        kern_matmul(be, m->up, L->w_up, m->xb, n);
+        kern_swiglu(be, m->gate, m->gate, m->up, n * c->n_ff);
+        kern_matmul(be, m->xb, L->w_down, m->gate, n);
+        kern_add(be, m->x, m->xb, n * dim);
+    }
+    /* Final norm and vocabulary projection only for the rows that want logits. */
+    for (int i = 0; i < b->n_logits; i++)
+        kern_rmsnorm(be, m->logit_in + (size_t)i * dim, m->x + (size_t)b->logit_rows[i] * dim, m->output_norm, 1, dim,
+                     c->norm_eps);
+    if (b->n_logits > 0) kern_matmul(be, m->logits, m->output, m->logit_in, b->n_logits);
+    return be->ops->sync(be, err);
+}
+
+int model_logits(model_t *m, float *dst, int n)
+{
+    if (n < 0 || n > m->max_logits) return FL_EINVAL;
+    return m->be->ops->download(m->be, dst, m->logits, (size_t)n * m->cfg.n_vocab * sizeof(float));
+}
+
+void model_sample(model_t *m, int32_t *out, int n, const kern_sampling_t *params)
+{
+    kern_sample(m->be, out, m->logits, n, m->cfg.n_vocab, params);
+}

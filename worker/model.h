@@ -1,0 +1,85 @@
+/* model.h - a Llama-family decoder read from GGUF, run through the kernel interface.
+ *
+ * model_new() reads every size from the GGUF metadata (nothing is fixed for the default model),
+ * builds the tokenizer, hands each weight to the backend and sizes the scratch buffers for at most
+ * max_batch_tokens tokens and max_logits rows of logits per forward call. model_forward() runs one
+ * batched step over tokens of several sequences of different lengths: each token names its
+ * sequence, its position and, through the sequence's block table, where its K/V go in the paged
+ * cache. Only the rows listed in logit_rows get logits.
+ *
+ * Threading: a model_t is used by one thread at a time. */
+#ifndef FOLIO_MODEL_H
+#define FOLIO_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "gguf.h"
+#include "kernels.h"
+#include "kv_cache.h"
+#include "tokenizer.h"
+
+typedef struct model_config {
+    int n_layers, dim, n_ff, n_heads, n_kv_heads, head_dim, n_vocab, n_ctx_train;
+    float norm_eps;
+    kern_rope_t rope;
+    bool tied_output;       /* no output.weight: the token embedding doubles as the output matrix */
+    int weight_type;        /* type of the attention Q matrix, for display */
+} model_config_t;
+
+typedef struct model_layer {
+    float *attn_norm, *ffn_norm; /* backend memory */
+    kern_weight_t *wq, *wk, *wv, *wo, *w_gate, *w_up, *w_down;
+} model_layer_t;
+
+typedef struct model {
+    model_config_t cfg;
+    gguf_t *gguf;
+    tok_t *tok;
+    kern_backend_t *be;
+    kern_weight_t *tok_embd, *output;
+    float *output_norm, *rope_freqs;
+    model_layer_t *layers;
+    size_t weight_bytes;    /* bytes of weights as stored */
+
+    /* Scratch, sized at creation (no allocation per step). Backend memory unless noted. */
+    int max_tokens, max_logits, max_seqs, max_blocks;
+    float *x, *xb, *q, *k, *v, *att, *gate, *up, *logit_in, *logits;
+    int32_t *d_tokens, *d_pos, *d_seq, *d_slots, *d_block_tables;
+    int32_t *h_slots;       /* host */
+} model_t;
+
+typedef struct model_batch {
+    int n_tokens;
+    const int32_t *tokens;       /* [n_tokens] */
+    const int32_t *pos;          /* [n_tokens] position within its sequence */
+    const int32_t *seq;          /* [n_tokens] row of block_tables */
+    const int32_t *block_tables; /* [n_seqs][max_blocks] (host) */
+    int n_seqs;
+    const int32_t *logit_rows;   /* token indices that want logits, in output order */
+    int n_logits;
+} model_batch_t;
+
+typedef struct model_params {
+    int max_batch_tokens;   /* tokens per forward call (prefill chunk + decode tokens) */
+    int max_logits;         /* logit rows per call */
+    int max_seqs;           /* sequences per call */
+    int max_ctx;            /* longest sequence (0: the model's trained context) */
+    int block_size;         /* KV block size the block tables use */
+} model_params_t;
+
+model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *params, fl_error_t *err);
+void model_destroy(model_t **mp);
+
+/* One batched forward step; fills the model's logits buffer with n_logits rows. */
+int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t *err);
+/* Copies n rows of logits to host memory dst[n][n_vocab]. */
+int model_logits(model_t *m, float *dst, int n);
+/* Picks one token per logit row with the given sampling parameters (one per row). */
+void model_sample(model_t *m, int32_t *out, int n, const kern_sampling_t *params);
+
+/* Resolves the model path: explicit path, else $FOLIO_MODEL, else the default model set-up fetched
+ * (models/SmolLM2-135M-Instruct.Q4_1.gguf under $FOLIO_HOME or the source tree). Never NULL. */
+const char *model_default_path(const char *explicit_path);
+
+#endif
