@@ -134,7 +134,7 @@ static void on_token(void *user, int request, int32_t token)
 {
     (void)request;
     stream_ctx_t *s = user;
-    char buf[256];
+    char buf[4096];
     int n = tok_stream_push(&s->stream, s->tok, token, buf, sizeof buf);
     if (s->print && n > 0) {
         fwrite(buf, 1, (size_t)n, stdout);
@@ -149,10 +149,10 @@ static void print_json(const model_t *m, const int32_t *prompt, int n_prompt, co
     cJSON *o = cJSON_CreateObject();
     cJSON *toks = cJSON_AddArrayToObject(o, "tokens");
     for (int i = 0; i < r->n_tokens; i++) cJSON_AddItemToArray(toks, cJSON_CreateNumber(r->tokens[i]));
-    int len = tok_decode(m->tok, r->tokens, r->n_tokens, NULL, 0);
+    int len = tok_decode(m->tok, r->tokens, r->n_tokens, false, NULL, 0);
     char *text = malloc(len > 0 ? (size_t)len + 1 : 1);
     if (text) {
-        int got = tok_decode(m->tok, r->tokens, r->n_tokens, text, (size_t)len + 1);
+        int got = tok_decode(m->tok, r->tokens, r->n_tokens, false, text, (size_t)len + 1);
         text[got > 0 ? got : 0] = 0;
     }
     cJSON_AddStringToObject(o, "text", text ? text : "");
@@ -189,7 +189,7 @@ static int generate_one(engine_t *e, const run_flags_t *f, const char *prompt_te
                                     .top_p = (float)f->top_p, .seed = (uint64_t)f->seed},
                        .ignore_eog = f->ignore_eos, .tokens = out};
     stream_ctx_t sc = {.tok = e->model->tok, .print = !f->json};
-    tok_stream_init(&sc.stream);
+    tok_stream_init(&sc.stream, false);
     gen_stats_t st = {0};
     fl_error_t err = {0};
     int rc = out ? gen_run(e->model, e->kv, &r, 1, on_token, &sc, &st, &err) : FL_ENOMEM;

@@ -14,6 +14,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifdef __cplusplus
+#define _Static_assert static_assert
+extern "C" {
+#endif
+
 typedef enum {
     FL_TYPE_F32 = 0,
     FL_TYPE_F16 = 1,
@@ -111,5 +116,9 @@ static inline fl_bf16_t fl_f32_to_bf16(float f)
     if ((x & 0x7fffffffu) > 0x7f800000u) return (fl_bf16_t)((x >> 16) | 64); /* quiet NaN */
     return (fl_bf16_t)((x + (0x7fff + ((x >> 16) & 1))) >> 16);
 }
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

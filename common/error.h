@@ -7,6 +7,10 @@
 
 #include <stddef.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 enum {
     FL_OK = 0,
     FL_EINVAL = -1,       /* bad argument or input */
@@ -30,5 +34,9 @@ int fl_fail(fl_error_t *err, int code, const char *fmt, ...) __attribute__((form
 
 /* Short name of a code ("FL_EFORMAT"). */
 const char *fl_strerror(int code);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

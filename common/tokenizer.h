@@ -120,5 +120,8 @@ typedef struct {
 
 int tok_chat_apply(const tok_t *t, const tok_chat_msg_t *msgs, int n, bool add_generation_prompt, char *out,
                    size_t cap);
+/* 0 when tok_chat_apply can render this model's template, else FL_EUNSUPPORTED with a message saying
+ * why (no template, or one that is neither ChatML nor Llama 3). */
+int tok_chat_supported(const tok_t *t, fl_error_t *err);
 
 #endif

@@ -22,6 +22,10 @@
 #include "../common/dtype.h"
 #include "../common/error.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct kern_backend kern_backend_t;
 typedef struct kern_weight kern_weight_t;
 
@@ -122,5 +126,9 @@ static inline void kern_add(kern_backend_t *be, float *y, const float *x, int n)
 static inline void kern_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
                                const kern_sampling_t *p)
 { be->ops->sample(be, out, logits, n, vocab, p); }
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -154,7 +154,10 @@ int gen_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n_reqs, gen_tok
         if (stats) {
             stats->steps++;
             if (has_prompt) stats->prefill_s += te - ts;
-            else stats->decode_s += te - ts;
+            else {
+                stats->decode_s += te - ts;
+                stats->decode_step_tokens += n;
+            }
             stats->prompt_tokens += n_prompt_step;
         }
         for (int i = 0; i < n_logits; i++) {

@@ -39,6 +39,7 @@ typedef void (*gen_token_fn)(void *user, int request, int32_t token);
 typedef struct gen_stats {
     int steps;
     long prompt_tokens, decode_tokens;
+    long decode_step_tokens;     /* tokens run in steps that carried no prompt tokens */
     double prefill_s, decode_s;  /* time in steps that carried prompt tokens / only decode tokens */
 } gen_stats_t;
 

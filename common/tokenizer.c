@@ -1,0 +1,1348 @@
+/* tokenizer.c - byte-level BPE matching llama.cpp's llm_tokenizer_bpe (see tokenizer.h).
+ *
+ * Build: every vocab string gets an id; a string hash maps spelling -> id (a later duplicate wins, as
+ * in llama.cpp's token_to_id). Merges are turned into a pair hash (left id, right id) -> (rank, id of
+ * the joined string); strings a merge names that are not in the vocab get "virtual" ids past n_vocab
+ * so that BPE can run on ids alone and still behave like llama.cpp's string-keyed version. The first
+ * occurrence of a pair keeps its rank (std::map::emplace). Every token's decoded bytes are computed
+ * once here, so decoding never allocates.
+ *
+ * Encode, per call (one scratch allocation sized from the text):
+ *   1. special tokens: for each control/user-defined/unknown token, longest first, every raw fragment
+ *      is split around its occurrences (llama.cpp's tokenizer_st_partition);
+ *   2. each raw fragment is decoded to code points (bad bytes -> U+FFFD) and cut into words by the
+ *      pre-tokenizer: the GPT-2 and Llama 3 regexes are hand-written state machines mirroring
+ *      llama.cpp's unicode_regex_split_custom_*; the simple regexes ("\p{N}", "\p{N}+", ...) are
+ *      "split runs of a class" passes that emit both matches and the text between them;
+ *   3. each word's UTF-8 bytes start as one symbol per byte (the id of bytes_to_unicode(byte)); the
+ *      adjacent pair of lowest rank is merged, leftmost first, using a binary heap with lazy deletion
+ *      (an entry is stale when either side has changed since it was pushed).
+ * A symbol left with a virtual id falls back to its single-byte pieces, as llama.cpp does. */
+#include "tokenizer.h"
+
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "unicode.h"
+
+typedef enum { PRE_GPT2, PRE_SMOLLM, PRE_DEFAULT, PRE_LLAMA3 } pre_kind_t;
+typedef enum { CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_UNKNOWN } chat_kind_t;
+
+typedef struct {
+    uint64_t key; /* (left << 32) | right, both + 1 so that 0 means empty */
+    int32_t rank;
+    int32_t result;
+} merge_slot_t;
+
+struct tok {
+    int32_t n_vocab;
+    int32_t n_ids; /* vocab + virtual strings */
+    int32_t ids_cap;
+    char *arena; /* NUL-terminated spellings, then decoded bytes */
+    size_t arena_len, arena_cap;
+    size_t *text_off; /* per id */
+    uint32_t *text_len;
+    uint8_t *type;     /* per vocab id: tok_type_t after llama.cpp's promotions */
+    size_t *dec_off;   /* per vocab id: bytes tok_token_bytes gives with special = true */
+    uint32_t *dec_len;
+    uint8_t *eog;      /* per vocab id */
+    int32_t *str_slots; /* id + 1, 0 = empty */
+    size_t str_mask;
+    merge_slot_t *merges;
+    size_t merge_mask;
+    int32_t byte_id[256];
+    int32_t *special; /* ids split out before BPE, longest first */
+    int n_special;
+    pre_kind_t pre;
+    char pre_name[64];
+    bool ignore_merges;
+    int32_t bos, eos, unk, pad;
+    bool add_bos;
+    size_t max_token_len;
+    char *chat_template;
+    chat_kind_t chat;
+    char *chat_default_system; /* ChatML: text the template inserts when messages[0] is not system */
+};
+
+/* ---- hashing and interning ---- */
+
+static uint64_t hash_bytes(const char *s, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ (uint8_t)s[i]) * 1099511628211ull;
+    return h ^ (h >> 29);
+}
+
+static uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    return x ^ (x >> 33);
+}
+
+static size_t pow2_at_least(size_t n)
+{
+    size_t c = 16;
+    while (c < n) c <<= 1;
+    return c;
+}
+
+static const char *id_text(const tok_t *t, int32_t id) { return t->arena + t->text_off[id]; }
+
+/* Slot for s: either the one holding its id or the empty one where it would go. */
+static size_t str_slot(const tok_t *t, const char *s, size_t n)
+{
+    size_t i = hash_bytes(s, n) & t->str_mask;
+    for (;;) {
+        int32_t v = t->str_slots[i];
+        if (v == 0) return i;
+        int32_t id = v - 1;
+        if (t->text_len[id] == n && memcmp(id_text(t, id), s, n) == 0) return i;
+        i = (i + 1) & t->str_mask;
+    }
+}
+
+static int32_t str_find(const tok_t *t, const char *s, size_t n)
+{
+    return t->str_slots[str_slot(t, s, n)] - 1;
+}
+
+static int arena_put(tok_t *t, const char *s, size_t n, size_t *off)
+{
+    if (t->arena_len + n + 1 > t->arena_cap) {
+        size_t cap = t->arena_cap ? t->arena_cap : 1 << 16;
+        while (cap < t->arena_len + n + 1) cap *= 2;
+        char *a = realloc(t->arena, cap);
+        if (!a) return FL_ENOMEM;
+        t->arena = a;
+        t->arena_cap = cap;
+    }
+    *off = t->arena_len;
+    if (n) memcpy(t->arena + t->arena_len, s, n);
+    t->arena[t->arena_len + n] = '\0';
+    t->arena_len += n + 1;
+    return 0;
+}
+
+/* Appends a new id spelled s (the caller has checked the table has room). */
+static int add_id(tok_t *t, const char *s, size_t n, int32_t *id)
+{
+    if (t->n_ids >= t->ids_cap) return FL_ENOMEM;
+    int32_t i = t->n_ids;
+    int rc = arena_put(t, s, n, &t->text_off[i]);
+    if (rc) return rc;
+    t->text_len[i] = (uint32_t)n;
+    t->n_ids++;
+    *id = i;
+    return 0;
+}
+
+/* Id of s, creating a virtual one when it is not a vocab string. */
+static int intern(tok_t *t, const char *s, size_t n, int32_t *id)
+{
+    size_t slot = str_slot(t, s, n);
+    if (t->str_slots[slot]) {
+        *id = t->str_slots[slot] - 1;
+        return 0;
+    }
+    int rc = add_id(t, s, n, id);
+    if (rc) return rc;
+    t->str_slots[slot] = *id + 1;
+    return 0;
+}
+
+static merge_slot_t *merge_slot(const tok_t *t, int32_t a, int32_t b)
+{
+    uint64_t key = ((uint64_t)(uint32_t)(a + 1) << 32) | (uint32_t)(b + 1);
+    size_t i = mix64(key) & t->merge_mask;
+    while (t->merges[i].key != 0 && t->merges[i].key != key) i = (i + 1) & t->merge_mask;
+    t->merges[i].key = t->merges[i].key ? t->merges[i].key : 0; /* no-op: keeps the lookup const-safe */
+    return &t->merges[i];
+}
+
+static uint64_t merge_key(int32_t a, int32_t b) { return ((uint64_t)(uint32_t)(a + 1) << 32) | (uint32_t)(b + 1); }
+
+/* ---- construction ---- */
+
+static const char *const EOG_TEXTS[] = {
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
+    "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+    /* FIM pad / repo / file-separator tokens, which llama.cpp also treats as end of generation */
+    "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>",
+    "<reponame>", "<|file_sep|>",
+};
+
+static int set_pre(tok_t *t, const char *pre, fl_error_t *err)
+{
+    if (!pre) pre = "default";
+    snprintf(t->pre_name, sizeof t->pre_name, "%s", pre);
+    if (!strcmp(pre, "smollm"))
+        t->pre = PRE_SMOLLM;
+    else if (!strcmp(pre, "gpt2") || !strcmp(pre, "gpt-2"))
+        t->pre = PRE_GPT2;
+    else if (!strcmp(pre, "default"))
+        t->pre = PRE_DEFAULT;
+    else if (!strcmp(pre, "llama3") || !strcmp(pre, "llama-v3") || !strcmp(pre, "llama-bpe")) {
+        t->pre = PRE_LLAMA3;
+        t->ignore_merges = true;
+    } else
+        return fl_fail(err, FL_EUNSUPPORTED,
+                       "tokenizer: pre-tokenizer '%s' is not supported (supported: smollm, gpt2, default, llama3)",
+                       pre);
+    return 0;
+}
+
+/* llama_decode_text: byte-level spelling -> bytes; a code point outside the byte map is written as
+ * "[UNK_BYTE_0x<hex><whole text>]", llama.cpp's marker. Returns the decoded length (into out, which
+ * has room for 64 + 2 * (n + 4) * n bytes... the caller sizes it generously). */
+static size_t decode_byte_level(const char *s, size_t n, char *out)
+{
+    size_t o = 0, pos = 0;
+    while (pos < n) {
+        uint32_t cp = unicode_decode_utf8(s, n, &pos);
+        int b = unicode_cp_to_byte(cp);
+        if (b >= 0) {
+            out[o++] = (char)b;
+            continue;
+        }
+        char u[4];
+        int ul = unicode_encode_utf8(cp, u);
+        o += (size_t)sprintf(out + o, "[UNK_BYTE_0x");
+        for (int k = 0; k < ul; k++) o += (size_t)sprintf(out + o, "%02x", (uint8_t)u[k]);
+        memcpy(out + o, s, n);
+        o += n;
+        out[o++] = ']';
+    }
+    return o;
+}
+
+static int parse_chat_template(tok_t *t, fl_error_t *err);
+
+tok_t *tok_new(const tok_desc_t *d, fl_error_t *err)
+{
+    if (!d || d->n_vocab <= 0 || !d->tokens || d->n_merges < 0 || (d->n_merges > 0 && !d->merges)) {
+        fl_fail(err, FL_EINVAL, "tok_new: missing vocabulary (n_vocab=%d)", d ? d->n_vocab : 0);
+        return NULL;
+    }
+    if (d->n_vocab > (1 << 24) || d->n_merges > (1 << 24)) {
+        fl_fail(err, FL_ERANGE, "tok_new: vocabulary too large (n_vocab=%d n_merges=%d)", d->n_vocab, d->n_merges);
+        return NULL;
+    }
+    tok_t *t = calloc(1, sizeof *t);
+    if (!t) goto nomem;
+    if (set_pre(t, d->pre, err)) goto fail;
+    int32_t nv = d->n_vocab;
+    t->n_vocab = nv;
+    t->ids_cap = nv + 3 * d->n_merges + 256;
+    t->text_off = malloc(sizeof *t->text_off * (size_t)t->ids_cap);
+    t->text_len = malloc(sizeof *t->text_len * (size_t)t->ids_cap);
+    t->type = malloc((size_t)nv);
+    t->eog = calloc((size_t)nv, 1);
+    t->dec_off = malloc(sizeof *t->dec_off * (size_t)nv);
+    t->dec_len = malloc(sizeof *t->dec_len * (size_t)nv);
+    t->str_mask = pow2_at_least((size_t)t->ids_cap * 2) - 1;
+    t->str_slots = calloc(t->str_mask + 1, sizeof *t->str_slots);
+    t->merge_mask = pow2_at_least((size_t)d->n_merges * 2 + 16) - 1;
+    t->merges = calloc(t->merge_mask + 1, sizeof *t->merges);
+    if (!t->text_off || !t->text_len || !t->type || !t->eog || !t->dec_off || !t->dec_len || !t->str_slots ||
+        !t->merges)
+        goto nomem;
+
+    /* Vocab: ids 0..nv-1 in order; an empty string becomes "[EMPTY_<id>]" as in llama.cpp. */
+    for (int32_t i = 0; i < nv; i++) {
+        const char *s = d->tokens[i];
+        if (!s) {
+            fl_fail(err, FL_EINVAL, "tok_new: token %d is NULL", i);
+            goto fail;
+        }
+        size_t n = d->token_lens ? d->token_lens[i] : strlen(s);
+        char empty[32];
+        if (n == 0) {
+            n = (size_t)snprintf(empty, sizeof empty, "[EMPTY_%d]", i);
+            s = empty;
+        }
+        if (n > (1u << 20)) {
+            fl_fail(err, FL_ERANGE, "tok_new: token %d is %zu bytes long", i, n);
+            goto fail;
+        }
+        int32_t id;
+        if (add_id(t, s, n, &id)) goto nomem;
+        t->str_slots[str_slot(t, s, n)] = id + 1; /* a later duplicate wins */
+        int ty = d->token_types ? d->token_types[i] : TOK_TYPE_NORMAL;
+        t->type[i] = (uint8_t)(ty >= 0 && ty <= TOK_TYPE_BYTE ? ty : TOK_TYPE_UNDEFINED);
+    }
+
+    /* Byte symbols and merges. */
+    for (int b = 0; b < 256; b++) {
+        char u[4];
+        int n = unicode_encode_utf8(unicode_byte_to_cp((uint8_t)b), u);
+        if (intern(t, u, (size_t)n, &t->byte_id[b])) goto nomem;
+    }
+    char *joined = NULL;
+    size_t joined_cap = 0;
+    for (int32_t r = 0; r < d->n_merges; r++) {
+        const char *m = d->merges[r];
+        if (!m) continue;
+        size_t n = d->merge_lens ? d->merge_lens[r] : strlen(m);
+        /* llama.cpp: word.find(' ', 1); no space gives the pair ("", "") */
+        const char *sp = n > 1 ? memchr(m + 1, ' ', n - 1) : NULL;
+        const char *a = "", *b = "";
+        size_t na = 0, nb = 0;
+        if (sp) {
+            a = m;
+            na = (size_t)(sp - m);
+            b = sp + 1;
+            nb = n - na - 1;
+        }
+        if (na + nb > joined_cap) {
+            joined_cap = (na + nb) * 2 + 64;
+            char *j = realloc(joined, joined_cap);
+            if (!j) {
+                free(joined);
+                goto nomem;
+            }
+            joined = j;
+        }
+        int32_t ia, ib, ij;
+        if (intern(t, a, na, &ia) || intern(t, b, nb, &ib)) {
+            free(joined);
+            goto nomem;
+        }
+        if (na) memcpy(joined, a, na);
+        if (nb) memcpy(joined + na, b, nb);
+        if (intern(t, joined, na + nb, &ij)) {
+            free(joined);
+            goto nomem;
+        }
+        merge_slot_t *ms = merge_slot(t, ia, ib);
+        if (ms->key == 0) {
+            ms->key = merge_key(ia, ib);
+            ms->rank = r;
+            ms->result = ij;
+        }
+    }
+    free(joined);
+
+    /* End-of-generation tokens (promoted to CONTROL, as llama.cpp does). */
+    for (size_t k = 0; k < sizeof EOG_TEXTS / sizeof EOG_TEXTS[0]; k++) {
+        int32_t id = str_find(t, EOG_TEXTS[k], strlen(EOG_TEXTS[k]));
+        if (id >= 0 && id < nv) {
+            t->eog[id] = 1;
+            t->type[id] = TOK_TYPE_CONTROL;
+        }
+    }
+    t->bos = d->bos_id >= 0 && d->bos_id < nv ? d->bos_id : -1;
+    t->eos = d->eos_id >= 0 && d->eos_id < nv ? d->eos_id : -1;
+    t->unk = d->unk_id >= 0 && d->unk_id < nv ? d->unk_id : -1;
+    t->pad = d->pad_id >= 0 && d->pad_id < nv ? d->pad_id : -1;
+    t->add_bos = d->add_bos;
+    if (t->eos >= 0) t->eog[t->eos] = 1;
+
+    /* Decoded bytes of every token. */
+    char *tmp = NULL;
+    size_t tmp_cap = 0;
+    for (int32_t i = 0; i < nv; i++) {
+        const char *s = id_text(t, i);
+        size_t n = t->text_len[i];
+        size_t need = 64 + n * (n + 32);
+        if (t->type[i] == TOK_TYPE_NORMAL) {
+            if (need > tmp_cap) {
+                tmp_cap = need * 2;
+                char *p = realloc(tmp, tmp_cap);
+                if (!p) {
+                    free(tmp);
+                    goto nomem;
+                }
+                tmp = p;
+            }
+            n = decode_byte_level(s, n, tmp);
+            s = tmp;
+        }
+        if (arena_put(t, s, n, &t->dec_off[i])) {
+            free(tmp);
+            goto nomem;
+        }
+        t->dec_len[i] = (uint32_t)n;
+        if (n > t->max_token_len) t->max_token_len = n;
+    }
+    free(tmp);
+
+    /* Special tokens, longest first (ties by id, for a deterministic order). */
+    t->special = malloc(sizeof *t->special * (size_t)nv);
+    if (!t->special) goto nomem;
+    for (int32_t i = 0; i < nv; i++)
+        if (t->type[i] == TOK_TYPE_CONTROL || t->type[i] == TOK_TYPE_USER_DEFINED || t->type[i] == TOK_TYPE_UNKNOWN)
+            t->special[t->n_special++] = i;
+    for (int i = 1; i < t->n_special; i++) { /* insertion sort: stable, and the list is short */
+        int32_t v = t->special[i];
+        int j = i;
+        while (j > 0 && t->text_len[t->special[j - 1]] < t->text_len[v]) {
+            t->special[j] = t->special[j - 1];
+            j--;
+        }
+        t->special[j] = v;
+    }
+
+    if (d->chat_template) {
+        size_t n = d->chat_template_len ? d->chat_template_len : strlen(d->chat_template);
+        t->chat_template = malloc(n + 1);
+        if (!t->chat_template) goto nomem;
+        memcpy(t->chat_template, d->chat_template, n);
+        t->chat_template[n] = '\0';
+    }
+    if (parse_chat_template(t, err)) goto fail;
+    return t;
+
+nomem:
+    fl_fail(err, FL_ENOMEM, "tok_new: out of memory");
+fail:
+    tok_destroy(&t);
+    return NULL;
+}
+
+void tok_destroy(tok_t **tp)
+{
+    if (!tp || !*tp) return;
+    tok_t *t = *tp;
+    free(t->arena);
+    free(t->text_off);
+    free(t->text_len);
+    free(t->type);
+    free(t->dec_off);
+    free(t->dec_len);
+    free(t->eog);
+    free(t->str_slots);
+    free(t->merges);
+    free(t->special);
+    free(t->chat_template);
+    free(t->chat_default_system);
+    free(t);
+    *tp = NULL;
+}
+
+/* ---- GGUF ---- */
+
+static int gguf_str_dup(const gguf_t *g, const char *key, char **out, fl_error_t *err)
+{
+    const char *s;
+    size_t n;
+    int rc = gguf_get_str(g, key, &s, &n, err);
+    if (rc) return rc;
+    *out = malloc(n + 1);
+    if (!*out) return fl_fail(err, FL_ENOMEM, "tokenizer: out of memory");
+    memcpy(*out, s, n);
+    (*out)[n] = '\0';
+    return 0;
+}
+
+static int gguf_opt_id(const gguf_t *g, const char *key, int32_t *out, fl_error_t *err)
+{
+    int64_t v;
+    int rc = gguf_get_i64(g, key, &v, err);
+    if (rc == FL_ENOTFOUND) return 0;
+    if (rc) return rc;
+    *out = v >= 0 && v <= INT32_MAX ? (int32_t)v : -1;
+    return 0;
+}
+
+tok_t *tok_new_from_gguf(const gguf_t *g, fl_error_t *err)
+{
+    tok_t *t = NULL;
+    char *model = NULL, *pre = NULL, *tmpl = NULL;
+    const char **tokens = NULL, **merges = NULL;
+    size_t *token_lens = NULL, *merge_lens = NULL;
+    int32_t *types = NULL;
+    const char *path = g ? gguf_path(g) : "?";
+    if (!g) {
+        fl_fail(err, FL_EINVAL, "tok_new_from_gguf: no model");
+        return NULL;
+    }
+    int rc = gguf_str_dup(g, "tokenizer.ggml.model", &model, err);
+    if (rc == FL_ENOTFOUND) {
+        fl_fail(err, FL_EFORMAT, "%s: no tokenizer.ggml.model key", path);
+        goto done;
+    }
+    if (rc) goto done;
+    if (strcmp(model, "gpt2") != 0) {
+        const char *what = !strcmp(model, "llama") ? " (SentencePiece)" : !strcmp(model, "bert") ? " (WordPiece)" : "";
+        fl_fail(err, FL_EUNSUPPORTED, "%s: tokenizer model '%s'%s is not supported; folio supports byte-level BPE ('gpt2')",
+                path, model, what);
+        goto done;
+    }
+    rc = gguf_str_dup(g, "tokenizer.ggml.pre", &pre, err);
+    if (rc && rc != FL_ENOTFOUND) goto done;
+
+    gguf_value_type_t et;
+    uint64_t n_vocab = 0, n_merges = 0, n_types = 0;
+    if (gguf_get_arr(g, "tokenizer.ggml.tokens", &et, &n_vocab, err)) goto done;
+    if (et != GGUF_TYPE_STRING || n_vocab == 0 || n_vocab > (1u << 24)) {
+        fl_fail(err, FL_EFORMAT, "%s: tokenizer.ggml.tokens must be a non-empty string array (%llu entries)", path,
+                (unsigned long long)n_vocab);
+        goto done;
+    }
+    tokens = malloc(sizeof *tokens * n_vocab);
+    token_lens = malloc(sizeof *token_lens * n_vocab);
+    if (!tokens || !token_lens) goto nomem;
+    for (uint64_t i = 0; i < n_vocab; i++)
+        if (gguf_arr_str(g, "tokenizer.ggml.tokens", i, &tokens[i], &token_lens[i])) {
+            fl_fail(err, FL_EFORMAT, "%s: tokenizer.ggml.tokens[%llu] unreadable", path, (unsigned long long)i);
+            goto done;
+        }
+    rc = gguf_get_arr(g, "tokenizer.ggml.merges", &et, &n_merges, err);
+    if (rc == FL_ENOTFOUND) {
+        fl_fail(err, FL_EFORMAT, "%s: BPE tokenizer without tokenizer.ggml.merges", path);
+        goto done;
+    }
+    if (rc) goto done;
+    if (et != GGUF_TYPE_STRING || n_merges > (1u << 24)) {
+        fl_fail(err, FL_EFORMAT, "%s: tokenizer.ggml.merges must be a string array", path);
+        goto done;
+    }
+    merges = malloc(sizeof *merges * (n_merges + 1));
+    merge_lens = malloc(sizeof *merge_lens * (n_merges + 1));
+    if (!merges || !merge_lens) goto nomem;
+    for (uint64_t i = 0; i < n_merges; i++)
+        if (gguf_arr_str(g, "tokenizer.ggml.merges", i, &merges[i], &merge_lens[i])) {
+            fl_fail(err, FL_EFORMAT, "%s: tokenizer.ggml.merges[%llu] unreadable", path, (unsigned long long)i);
+            goto done;
+        }
+    rc = gguf_get_arr(g, "tokenizer.ggml.token_type", &et, &n_types, err);
+    if (rc == 0) {
+        const uint8_t *raw = gguf_arr_data(g, "tokenizer.ggml.token_type");
+        if (n_types != n_vocab || !raw || (et != GGUF_TYPE_INT32 && et != GGUF_TYPE_UINT32)) {
+            fl_fail(err, FL_EFORMAT, "%s: tokenizer.ggml.token_type must be %llu int32 values", path,
+                    (unsigned long long)n_vocab);
+            goto done;
+        }
+        types = malloc(sizeof *types * n_vocab);
+        if (!types) goto nomem;
+        memcpy(types, raw, sizeof *types * n_vocab); /* little-endian host assumed, as gguf.c */
+    } else if (rc != FL_ENOTFOUND)
+        goto done;
+
+    tok_desc_t d = {
+        .n_vocab = (int32_t)n_vocab,
+        .tokens = tokens,
+        .token_lens = token_lens,
+        .token_types = types,
+        .n_merges = (int32_t)n_merges,
+        .merges = merges,
+        .merge_lens = merge_lens,
+        .pre = pre ? pre : "default",
+        .bos_id = 11, /* llama.cpp's BPE defaults */
+        .eos_id = 11,
+        .unk_id = -1,
+        .pad_id = -1,
+        .add_bos = false,
+    };
+    bool add_bos_set = false;
+    if (gguf_opt_id(g, "tokenizer.ggml.bos_token_id", &d.bos_id, err) ||
+        gguf_opt_id(g, "tokenizer.ggml.eos_token_id", &d.eos_id, err) ||
+        gguf_opt_id(g, "tokenizer.ggml.unknown_token_id", &d.unk_id, err) ||
+        gguf_opt_id(g, "tokenizer.ggml.padding_token_id", &d.pad_id, err))
+        goto done;
+    rc = gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &d.add_bos, err);
+    if (rc == 0)
+        add_bos_set = true;
+    else if (rc != FL_ENOTFOUND)
+        goto done;
+    if (!add_bos_set && pre && (!strcmp(pre, "llama3") || !strcmp(pre, "llama-v3") || !strcmp(pre, "llama-bpe")))
+        d.add_bos = true;
+    rc = gguf_str_dup(g, "tokenizer.chat_template", &tmpl, err);
+    if (rc && rc != FL_ENOTFOUND) goto done;
+    d.chat_template = tmpl;
+
+    fl_error_t e2 = {0};
+    t = tok_new(&d, &e2);
+    if (!t) fl_fail(err, e2.code, "%s: %s", path, e2.msg);
+    goto done;
+nomem:
+    fl_fail(err, FL_ENOMEM, "%s: out of memory reading the tokenizer", path);
+done:
+    free(model);
+    free(pre);
+    free(tmpl);
+    free(tokens);
+    free(token_lens);
+    free(merges);
+    free(merge_lens);
+    free(types);
+    return t;
+}
+
+/* ---- accessors ---- */
+
+int32_t tok_n_vocab(const tok_t *t) { return t ? t->n_vocab : 0; }
+int32_t tok_bos(const tok_t *t) { return t ? t->bos : -1; }
+int32_t tok_eos(const tok_t *t) { return t ? t->eos : -1; }
+int32_t tok_unk(const tok_t *t) { return t ? t->unk : -1; }
+int32_t tok_pad(const tok_t *t) { return t ? t->pad : -1; }
+bool tok_add_bos(const tok_t *t) { return t && t->add_bos; }
+size_t tok_max_token_len(const tok_t *t) { return t ? t->max_token_len : 0; }
+const char *tok_pre(const tok_t *t) { return t ? t->pre_name : NULL; }
+const char *tok_chat_template(const tok_t *t) { return t ? t->chat_template : NULL; }
+static bool valid_id(const tok_t *t, int32_t id) { return t && id >= 0 && id < t->n_vocab; }
+bool tok_is_eog(const tok_t *t, int32_t id) { return valid_id(t, id) && t->eog[id]; }
+bool tok_is_control(const tok_t *t, int32_t id) { return valid_id(t, id) && t->type[id] == TOK_TYPE_CONTROL; }
+tok_type_t tok_type(const tok_t *t, int32_t id) { return valid_id(t, id) ? (tok_type_t)t->type[id] : TOK_TYPE_UNDEFINED; }
+const char *tok_piece(const tok_t *t, int32_t id) { return valid_id(t, id) ? id_text(t, id) : NULL; }
+
+int32_t tok_find(const tok_t *t, const char *s, size_t len)
+{
+    if (!t || (!s && len)) return -1;
+    int32_t id = str_find(t, s ? s : "", len);
+    return id < t->n_vocab ? id : -1;
+}
+
+/* ---- encoding ---- */
+
+typedef struct {
+    int32_t rank, left, right, lid, rid, result;
+} bigram_t;
+
+/* Per-call scratch, sized from the text length. */
+typedef struct {
+    uint32_t *cps;
+    uint8_t *fl;
+    int32_t *seg_a, *seg_b; /* word lengths in code points */
+    char *word;             /* one word's UTF-8 bytes */
+    char *spelled;          /* its byte-level spelling (ignore_merges lookup) */
+    int32_t *sym_id, *sym_prev, *sym_next;
+    bigram_t *heap;
+    int n_heap;
+} scratch_t;
+
+static bool bigram_less(const bigram_t *a, const bigram_t *b)
+{
+    return a->rank < b->rank || (a->rank == b->rank && a->left < b->left);
+}
+
+static void heap_push(scratch_t *s, bigram_t b)
+{
+    int i = s->n_heap++;
+    while (i > 0) {
+        int p = (i - 1) / 2;
+        if (!bigram_less(&b, &s->heap[p])) break;
+        s->heap[i] = s->heap[p];
+        i = p;
+    }
+    s->heap[i] = b;
+}
+
+static bigram_t heap_pop(scratch_t *s)
+{
+    bigram_t top = s->heap[0], last = s->heap[--s->n_heap];
+    int i = 0, n = s->n_heap;
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && bigram_less(&s->heap[c + 1], &s->heap[c])) c++;
+        if (!bigram_less(&s->heap[c], &last)) break;
+        s->heap[i] = s->heap[c];
+        i = c;
+    }
+    if (n > 0) s->heap[i] = last;
+    return top;
+}
+
+typedef struct {
+    int32_t *out;
+    int cap;
+    int n;
+} emit_t;
+
+static void emit(emit_t *e, int32_t id)
+{
+    if (e->n < e->cap) e->out[e->n] = id;
+    e->n++;
+}
+
+static void emit_symbol(const tok_t *t, emit_t *e, int32_t id)
+{
+    if (id < t->n_vocab) {
+        emit(e, id);
+        return;
+    }
+    /* Not a vocab string: llama.cpp emits whichever of its single bytes are tokens. */
+    const char *s = id_text(t, id);
+    for (uint32_t k = 0; k < t->text_len[id]; k++) {
+        int32_t b = str_find(t, s + k, 1);
+        if (b >= 0 && b < t->n_vocab) emit(e, b);
+    }
+}
+
+static void try_bigram(const tok_t *t, scratch_t *s, int32_t left, int32_t right)
+{
+    if (left < 0 || right < 0) return;
+    int32_t a = s->sym_id[left], b = s->sym_id[right];
+    uint64_t key = merge_key(a, b);
+    size_t i = mix64(key) & t->merge_mask;
+    for (;; i = (i + 1) & t->merge_mask) {
+        const merge_slot_t *m = &t->merges[i];
+        if (m->key == 0) return;
+        if (m->key == key) {
+            heap_push(s, (bigram_t){m->rank, left, right, a, b, m->result});
+            return;
+        }
+    }
+}
+
+static void bpe_word(const tok_t *t, scratch_t *s, const char *w, int n, emit_t *e)
+{
+    if (t->ignore_merges) {
+        int o = 0;
+        for (int i = 0; i < n; i++) {
+            char u[4];
+            int k = unicode_encode_utf8(unicode_byte_to_cp((uint8_t)w[i]), u);
+            memcpy(s->spelled + o, u, (size_t)k);
+            o += k;
+        }
+        int32_t id = str_find(t, s->spelled, (size_t)o);
+        if (id >= 0 && id < t->n_vocab) {
+            emit(e, id);
+            return;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        s->sym_id[i] = t->byte_id[(uint8_t)w[i]];
+        s->sym_prev[i] = i - 1;
+        s->sym_next[i] = i + 1 < n ? i + 1 : -1;
+    }
+    s->n_heap = 0;
+    for (int i = 1; i < n; i++) try_bigram(t, s, i - 1, i);
+    while (s->n_heap > 0) {
+        bigram_t b = heap_pop(s);
+        if (s->sym_id[b.left] != b.lid || s->sym_id[b.right] != b.rid || s->sym_next[b.left] != b.right) continue;
+        s->sym_id[b.left] = b.result;
+        s->sym_id[b.right] = -1;
+        s->sym_next[b.left] = s->sym_next[b.right];
+        if (s->sym_next[b.right] >= 0) s->sym_prev[s->sym_next[b.right]] = b.left;
+        s->sym_next[b.right] = -2; /* dead: never matches a pushed right */
+        try_bigram(t, s, s->sym_prev[b.left], b.left);
+        try_bigram(t, s, b.left, s->sym_next[b.left]);
+    }
+    for (int i = 0; i >= 0 && i < n; i = s->sym_next[i]) emit_symbol(t, e, s->sym_id[i]);
+}
+
+/* "Runs of a class" regexes over each segment, keeping both matches and the text between them.
+ * chunk = 0: a run is one match (\p{N}+); chunk = k: a run is cut into matches of exactly k code points,
+ * a remainder shorter than k joins the following text ([0-9][0-9][0-9] with k = 3, \p{N} with k = 1). */
+typedef bool (*cp_pred_t)(uint32_t cp, uint8_t fl);
+
+static int split_runs(const scratch_t *s, const int32_t *in, int n_in, int32_t *out, cp_pred_t pred, int chunk)
+{
+    int n_out = 0;
+    int32_t start = 0;
+    for (int k = 0; k < n_in; k++) {
+        int32_t end = start + in[k], gap = start, pos = start;
+        while (pos < end) {
+            if (!pred(s->cps[pos], s->fl[pos])) {
+                pos++;
+                continue;
+            }
+            int32_t run_end = pos;
+            while (run_end < end && pred(s->cps[run_end], s->fl[run_end])) run_end++;
+            int32_t len = run_end - pos;
+            int32_t matched = chunk ? len / chunk * chunk : len;
+            if (matched > 0) {
+                if (pos > gap) out[n_out++] = pos - gap;
+                if (chunk)
+                    for (int32_t m = 0; m < matched; m += chunk) out[n_out++] = chunk;
+                else
+                    out[n_out++] = matched;
+                gap = pos + matched;
+            }
+            pos = run_end;
+        }
+        if (end > gap) out[n_out++] = end - gap;
+        start = end;
+    }
+    return n_out;
+}
+
+static bool is_number(uint32_t cp, uint8_t fl) { return fl & UNICODE_NUMBER; }
+static bool is_ascii_digit(uint32_t cp, uint8_t fl) { return cp >= '0' && cp <= '9'; }
+static bool is_default_punct(uint32_t cp, uint8_t fl)
+{
+    return (fl & UNICODE_PUNCT) || cp == '$' || cp == '+' || cp == '<' || cp == '=' || cp == '>' || cp == '^' ||
+           cp == '`' || cp == '|';
+}
+
+#define OUT_OF_RANGE 0xFFFFFFFFu
+#define F_LETTER(f) ((f) & UNICODE_LETTER)
+#define F_NUMBER(f) ((f) & UNICODE_NUMBER)
+#define F_SPACE(f) ((f) & UNICODE_SPACE)
+
+/* unicode_regex_split_custom_gpt2: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ */
+static int split_gpt2(const scratch_t *s, const int32_t *in, int n_in, int32_t *out)
+{
+    int n_out = 0;
+    int32_t start = 0;
+    for (int k = 0; k < n_in; k++) {
+        const int32_t ini = start, end = start + in[k];
+        start = end;
+#define CPT(p) ((p) >= ini && (p) < end ? s->cps[p] : OUT_OF_RANGE)
+#define FLG(p) ((p) >= ini && (p) < end ? s->fl[p] : 0)
+        int32_t prev_end = ini;
+#define ADD(e_)                                                                                                        \
+    do {                                                                                                               \
+        int32_t e__ = (e_);                                                                                            \
+        if (e__ > prev_end) out[n_out++] = e__ - prev_end;                                                             \
+        prev_end = e__;                                                                                                \
+    } while (0)
+        for (int32_t pos = ini; pos < end;) {
+            const uint32_t cpt = CPT(pos);
+            const uint8_t flags = FLG(pos);
+            if (cpt == '\'' && pos + 1 < end) {
+                uint32_t nx = CPT(pos + 1);
+                if (nx == 's' || nx == 't' || nx == 'm' || nx == 'd') {
+                    ADD(pos + 2);
+                    pos += 2;
+                    continue;
+                }
+                if (pos + 2 < end) {
+                    uint32_t nn = CPT(pos + 2);
+                    if ((nx == 'r' && nn == 'e') || (nx == 'v' && nn == 'e') || (nx == 'l' && nn == 'l')) {
+                        ADD(pos + 3);
+                        pos += 3;
+                        continue;
+                    }
+                }
+            }
+            uint8_t f2 = cpt == ' ' ? FLG(pos + 1) : flags;
+            if (F_LETTER(f2)) {
+                pos += cpt == ' ';
+                while (F_LETTER(f2)) f2 = FLG(++pos);
+                ADD(pos);
+                continue;
+            }
+            if (F_NUMBER(f2)) {
+                pos += cpt == ' ';
+                while (F_NUMBER(f2)) f2 = FLG(++pos);
+                ADD(pos);
+                continue;
+            }
+            if (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && f2) {
+                pos += cpt == ' ';
+                while (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && f2) f2 = FLG(++pos);
+                ADD(pos);
+                continue;
+            }
+            int32_t nws = 0;
+            while (F_SPACE(FLG(pos + nws))) nws++;
+            if (nws > 1 && CPT(pos + nws) != OUT_OF_RANGE) { /* \s+(?!\S) */
+                pos += nws - 1;
+                ADD(pos);
+                continue;
+            }
+            if (nws > 0) {
+                pos += nws;
+                ADD(pos);
+                continue;
+            }
+            ADD(++pos); /* no match */
+        }
+    }
+    return n_out;
+}
+
+static uint32_t ascii_lower(uint32_t c) { return c >= 'A' && c <= 'Z' ? c + 32 : c; }
+
+/* unicode_regex_split_custom_llama3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+ *  ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+ */
+static int split_llama3(const scratch_t *s, const int32_t *in, int n_in, int32_t *out)
+{
+    int n_out = 0;
+    int32_t start = 0;
+    for (int k = 0; k < n_in; k++) {
+        const int32_t ini = start, end = start + in[k];
+        start = end;
+        int32_t prev_end = ini;
+        for (int32_t pos = ini; pos < end;) {
+            const uint32_t cpt = CPT(pos);
+            const uint8_t flags = FLG(pos);
+            if (cpt == '\'' && pos + 1 < end) {
+                uint32_t nx = ascii_lower(CPT(pos + 1));
+                if (nx == 's' || nx == 't' || nx == 'm' || nx == 'd') {
+                    ADD(pos + 2);
+                    pos += 2;
+                    continue;
+                }
+                if (pos + 2 < end) {
+                    uint32_t nn = ascii_lower(CPT(pos + 2));
+                    if ((nx == 'r' && nn == 'e') || (nx == 'v' && nn == 'e') || (nx == 'l' && nn == 'l')) {
+                        ADD(pos + 3);
+                        pos += 3;
+                        continue;
+                    }
+                }
+            }
+            if (!(cpt == '\r' || cpt == '\n' || F_NUMBER(flags))) {
+                if (F_LETTER(flags) || F_LETTER(FLG(pos + 1))) {
+                    pos++;
+                    while (F_LETTER(FLG(pos))) pos++;
+                    ADD(pos);
+                    continue;
+                }
+            }
+            if (F_NUMBER(flags)) {
+                int32_t i0 = pos;
+                while (F_NUMBER(FLG(pos))) {
+                    if (++pos - i0 >= 3) {
+                        ADD(pos);
+                        i0 = pos;
+                    }
+                }
+                ADD(pos);
+                continue;
+            }
+            uint8_t f2 = cpt == ' ' ? FLG(pos + 1) : flags;
+            if (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && flags) {
+                pos += cpt == ' ';
+                while (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && f2) f2 = FLG(++pos);
+                uint32_t c2 = CPT(pos);
+                while (c2 == '\r' || c2 == '\n') c2 = CPT(++pos);
+                ADD(pos);
+                continue;
+            }
+            int32_t nws = 0, last_rn = 0;
+            while (F_SPACE(FLG(pos + nws))) {
+                uint32_t c2 = CPT(pos + nws);
+                if (c2 == '\r' || c2 == '\n') last_rn = pos + nws + 1;
+                nws++;
+            }
+            if (last_rn > 0) {
+                pos = last_rn;
+                ADD(pos);
+                continue;
+            }
+            if (nws > 1 && CPT(pos + nws) != OUT_OF_RANGE) {
+                pos += nws - 1;
+                ADD(pos);
+                continue;
+            }
+            if (nws > 0) {
+                pos += nws;
+                ADD(pos);
+                continue;
+            }
+            ADD(++pos);
+        }
+    }
+    return n_out;
+#undef CPT
+#undef FLG
+#undef ADD
+}
+
+/* Pre-tokenizes and BPE-encodes one raw fragment. */
+static void encode_fragment(const tok_t *t, scratch_t *s, const char *text, size_t len, emit_t *e)
+{
+    int32_t n = 0;
+    for (size_t pos = 0; pos < len;) {
+        uint32_t cp = unicode_decode_utf8(text, len, &pos);
+        s->cps[n] = cp;
+        s->fl[n] = (uint8_t)unicode_flags(cp);
+        n++;
+    }
+    if (n == 0) return;
+    int32_t *a = s->seg_a, *b = s->seg_b, *tmp;
+    a[0] = n;
+    int na = 1;
+#define STAGE(call)                                                                                                    \
+    do {                                                                                                               \
+        na = (call);                                                                                                   \
+        tmp = a;                                                                                                       \
+        a = b;                                                                                                         \
+        b = tmp;                                                                                                       \
+    } while (0)
+    switch (t->pre) {
+    case PRE_SMOLLM:
+        STAGE(split_runs(s, a, na, b, is_number, 1));
+        STAGE(split_gpt2(s, a, na, b));
+        break;
+    case PRE_GPT2:
+        STAGE(split_gpt2(s, a, na, b));
+        break;
+    case PRE_DEFAULT:
+        STAGE(split_runs(s, a, na, b, is_default_punct, 0));
+        STAGE(split_gpt2(s, a, na, b));
+        STAGE(split_runs(s, a, na, b, is_number, 0));
+        STAGE(split_runs(s, a, na, b, is_ascii_digit, 3));
+        break;
+    case PRE_LLAMA3:
+        STAGE(split_llama3(s, a, na, b));
+        break;
+    }
+#undef STAGE
+    int32_t c = 0;
+    for (int k = 0; k < na; k++) {
+        int wl = 0;
+        for (int32_t i = c; i < c + a[k]; i++) {
+            int l = unicode_encode_utf8(s->cps[i], s->word + wl);
+            if (l == 0) l = unicode_encode_utf8(UNICODE_REPLACEMENT, s->word + wl); /* llama.cpp aborts here */
+            wl += l;
+        }
+        c += a[k];
+        bpe_word(t, s, s->word, wl, e);
+    }
+}
+
+typedef struct {
+    size_t off, len;
+    int32_t id; /* -1: raw text */
+} frag_t;
+
+static const char *find_bytes(const char *hay, size_t n, const char *needle, size_t m)
+{
+    if (m == 0 || m > n) return NULL;
+    const char *p = hay, *last = hay + (n - m);
+    while (p <= last) {
+        p = memchr(p, needle[0], (size_t)(last - p) + 1);
+        if (!p) return NULL;
+        if (memcmp(p, needle, m) == 0) return p;
+        p++;
+    }
+    return NULL;
+}
+
+int tok_encode(const tok_t *t, const char *text, size_t len, bool add_bos, bool parse_special, int32_t *out,
+               int cap)
+{
+    if (!t || (!text && len) || cap < 0 || (!out && cap > 0)) return FL_EINVAL;
+    if (len > (size_t)INT32_MAX / 2) return FL_ERANGE;
+    emit_t e = {out, cap, 0};
+    if (add_bos && t->bos >= 0) emit(&e, t->bos);
+    if (len == 0) return e.n;
+
+    /* 1. special tokens */
+    size_t frag_cap = 16, n_frag = 1;
+    frag_t *fr = malloc(sizeof *fr * frag_cap), *nf = NULL;
+    if (!fr) return FL_ENOMEM;
+    fr[0] = (frag_t){0, len, -1};
+    for (int k = 0; k < t->n_special; k++) {
+        int32_t sid = t->special[k];
+        uint8_t ty = t->type[sid];
+        if (!parse_special && (ty == TOK_TYPE_CONTROL || ty == TOK_TYPE_UNKNOWN)) continue;
+        const char *st = id_text(t, sid);
+        size_t sl = t->text_len[sid];
+        size_t n_new = 0, new_cap = 0;
+        nf = NULL;
+        for (size_t f = 0; f < n_frag; f++) {
+            size_t off = fr[f].off, flen = fr[f].len;
+            for (;;) {
+                const char *m = fr[f].id < 0 ? find_bytes(text + off, flen, st, sl) : NULL;
+                size_t need = n_new + 3;
+                if (need > new_cap) {
+                    new_cap = need * 2 + n_frag;
+                    frag_t *p = realloc(nf, sizeof *nf * new_cap);
+                    if (!p) {
+                        free(nf);
+                        free(fr);
+                        return FL_ENOMEM;
+                    }
+                    nf = p;
+                }
+                if (!m) {
+                    if (fr[f].id >= 0)
+                        nf[n_new++] = fr[f];
+                    else if (flen > 0)
+                        nf[n_new++] = (frag_t){off, flen, -1};
+                    break;
+                }
+                size_t at = (size_t)(m - text);
+                if (at > off) nf[n_new++] = (frag_t){off, at - off, -1};
+                nf[n_new++] = (frag_t){at, sl, sid};
+                flen -= at + sl - off;
+                off = at + sl;
+            }
+        }
+        free(fr);
+        fr = nf;
+        n_frag = n_new;
+        frag_cap = new_cap;
+    }
+
+    /* 2-3. pre-tokenize and BPE each raw fragment */
+    size_t max_raw = 0;
+    for (size_t f = 0; f < n_frag; f++)
+        if (fr[f].id < 0 && fr[f].len > max_raw) max_raw = fr[f].len;
+    scratch_t s = {0};
+    if (max_raw > 0) {
+        size_t n = max_raw; /* code points <= bytes; a word's UTF-8 <= 3 bytes per input byte (U+FFFD) */
+        s.cps = malloc(sizeof *s.cps * n);
+        s.fl = malloc(n);
+        s.seg_a = malloc(sizeof *s.seg_a * n);
+        s.seg_b = malloc(sizeof *s.seg_b * n);
+        s.word = malloc(3 * n + 4);
+        s.spelled = malloc(6 * n + 8);
+        s.sym_id = malloc(sizeof *s.sym_id * 3 * n);
+        s.sym_prev = malloc(sizeof *s.sym_prev * 3 * n);
+        s.sym_next = malloc(sizeof *s.sym_next * 3 * n);
+        s.heap = malloc(sizeof *s.heap * (9 * n + 4));
+        if (!s.cps || !s.fl || !s.seg_a || !s.seg_b || !s.word || !s.spelled || !s.sym_id || !s.sym_prev ||
+            !s.sym_next || !s.heap) {
+            e.n = FL_ENOMEM;
+            goto out;
+        }
+    }
+    for (size_t f = 0; f < n_frag; f++) {
+        if (fr[f].id >= 0)
+            emit(&e, fr[f].id);
+        else
+            encode_fragment(t, &s, text + fr[f].off, fr[f].len, &e);
+    }
+out:
+    free(s.cps);
+    free(s.fl);
+    free(s.seg_a);
+    free(s.seg_b);
+    free(s.word);
+    free(s.spelled);
+    free(s.sym_id);
+    free(s.sym_prev);
+    free(s.sym_next);
+    free(s.heap);
+    free(fr);
+    return e.n;
+}
+
+/* ---- decoding ---- */
+
+int tok_token_bytes(const tok_t *t, int32_t id, bool special, char *buf, size_t cap)
+{
+    if (!valid_id(t, id) || (!buf && cap)) return FL_EINVAL;
+    uint8_t ty = t->type[id];
+    bool shown = ty == TOK_TYPE_NORMAL || ty == TOK_TYPE_USER_DEFINED ||
+                 (special && (ty == TOK_TYPE_CONTROL || ty == TOK_TYPE_UNKNOWN));
+    if (!shown) return 0;
+    size_t n = t->dec_len[id];
+    if (n <= cap) memcpy(buf, t->arena + t->dec_off[id], n);
+    return (int)n;
+}
+
+int tok_decode(const tok_t *t, const int32_t *ids, int n, bool special, char *out, size_t cap)
+{
+    if (!t || n < 0 || (!ids && n) || (!out && cap)) return FL_EINVAL;
+    size_t total = 0;
+    for (int i = 0; i < n; i++) {
+        if (!valid_id(t, ids[i])) return FL_EINVAL;
+        size_t room = total < cap ? cap - total : 0;
+        int k = tok_token_bytes(t, ids[i], special, room ? out + total : NULL, room);
+        if (k < 0) return k;
+        if ((size_t)k > room && room) { /* partial: copy what fits so the buffer holds a prefix */
+            char piece[1];
+            (void)piece;
+        }
+        total += (size_t)k;
+        if (total > INT_MAX) return FL_ERANGE;
+    }
+    return (int)total;
+}
+
+void tok_stream_init(tok_stream_t *s, bool special)
+{
+    if (!s) return;
+    memset(s, 0, sizeof *s);
+    s->special = special;
+}
+
+static const char REPL[3] = {(char)0xEF, (char)0xBF, (char)0xBD};
+
+int tok_stream_push(tok_stream_t *s, const tok_t *t, int32_t id, char *out, size_t cap)
+{
+    if (!s || !valid_id(t, id) || (!out && cap) || s->n_pending < 0 || s->n_pending > 3) return FL_EINVAL;
+    uint8_t ty = t->type[id];
+    bool shown = ty == TOK_TYPE_NORMAL || ty == TOK_TYPE_USER_DEFINED ||
+                 (s->special && (ty == TOK_TYPE_CONTROL || ty == TOK_TYPE_UNKNOWN));
+    const uint8_t *p = (const uint8_t *)t->arena + t->dec_off[id];
+    size_t np = shown ? t->dec_len[id] : 0;
+    /* Walk pending ++ piece without copying it; b(i) is byte i of the concatenation. */
+    size_t total = (size_t)s->n_pending + np;
+#define BYTE(i) ((i) < (size_t)s->n_pending ? s->pending[i] : p[(i) - (size_t)s->n_pending])
+    /* First pass: how much output, and where the held-back tail starts. */
+    size_t need = 0, i = 0, hold = total;
+    while (i < total) {
+        uint8_t w[4];
+        size_t avail = total - i < 4 ? total - i : 4;
+        for (size_t k = 0; k < avail; k++) w[k] = BYTE(i + k);
+        int l = unicode_utf8_valid_prefix(w, avail);
+        if (l > 0) {
+            need += (size_t)l;
+            i += (size_t)l;
+        } else if (l < 0) {
+            hold = i;
+            break;
+        } else {
+            need += 3;
+            i++;
+        }
+    }
+    if (need > cap) return FL_ERANGE;
+    size_t o = 0;
+    i = 0;
+    while (i < hold) {
+        uint8_t w[4];
+        size_t avail = total - i < 4 ? total - i : 4;
+        for (size_t k = 0; k < avail; k++) w[k] = BYTE(i + k);
+        int l = unicode_utf8_valid_prefix(w, avail);
+        if (l > 0) {
+            memcpy(out + o, w, (size_t)l);
+            o += (size_t)l;
+            i += (size_t)l;
+        } else {
+            memcpy(out + o, REPL, 3);
+            o += 3;
+            i++;
+        }
+    }
+    uint8_t keep[4];
+    int nk = 0;
+    for (size_t k = hold; k < total; k++) keep[nk++] = BYTE(k);
+#undef BYTE
+    memcpy(s->pending, keep, (size_t)nk);
+    s->n_pending = nk;
+    return (int)o;
+}
+
+int tok_stream_flush(tok_stream_t *s, char *out, size_t cap)
+{
+    if (!s || (!out && cap) || s->n_pending < 0 || s->n_pending > 3) return FL_EINVAL;
+    size_t need = 3 * (size_t)s->n_pending;
+    if (need > cap) return FL_ERANGE;
+    for (int k = 0; k < s->n_pending; k++) memcpy(out + 3 * k, REPL, 3);
+    s->n_pending = 0;
+    return (int)need;
+}
+
+/* ---- chat templates ---- */
+
+/* Parses the Jinja string literal at p (quote char first) into a new string; NULL if malformed. */
+static char *jinja_string(const char *p, const char *end)
+{
+    if (p >= end || (*p != '\'' && *p != '"')) return NULL;
+    char q = *p++;
+    char *out = malloc((size_t)(end - p) + 1);
+    if (!out) return NULL;
+    size_t o = 0;
+    while (p < end && *p != q) {
+        if (*p == '\\' && p + 1 < end) {
+            p++;
+            switch (*p) {
+            case 'n': out[o++] = '\n'; break;
+            case 't': out[o++] = '\t'; break;
+            case 'r': out[o++] = '\r'; break;
+            default: out[o++] = *p; break; /* \\ \' \" */
+            }
+            p++;
+        } else
+            out[o++] = *p++;
+    }
+    if (p >= end) {
+        free(out);
+        return NULL;
+    }
+    out[o] = '\0';
+    return out;
+}
+
+static int parse_chat_template(tok_t *t, fl_error_t *err)
+{
+    const char *tp = t->chat_template;
+    t->chat = CHAT_NONE;
+    if (!tp) return 0;
+    if (strstr(tp, "<|im_start|>")) {
+        t->chat = CHAT_CHATML;
+        static const char *const conds[] = {"messages[0]['role'] != 'system'", "messages[0][\"role\"] != \"system\"",
+                                            "messages[0].role != 'system'", "messages[0].role != \"system\""};
+        const char *c = NULL;
+        for (size_t k = 0; k < sizeof conds / sizeof conds[0] && !c; k++) c = strstr(tp, conds[k]);
+        if (c) {
+            /* the default system message: the first string literal printed after the condition */
+            const char *end = tp + strlen(tp);
+            const char *blk = strstr(c, "{{");
+            const char *q = blk ? blk + 2 : NULL;
+            while (q && q < end && (*q == ' ' || *q == '-')) q++;
+            char *sys = q ? jinja_string(q, end) : NULL;
+            if (!sys) {
+                t->chat = CHAT_UNKNOWN;
+                return 0; /* reported by tok_chat_supported / tok_chat_apply */
+            }
+            t->chat_default_system = sys;
+        }
+    } else if (strstr(tp, "<|start_header_id|>"))
+        t->chat = CHAT_LLAMA3;
+    else
+        t->chat = CHAT_UNKNOWN;
+    (void)err;
+    return 0;
+}
+
+int tok_chat_supported(const tok_t *t, fl_error_t *err)
+{
+    if (!t) return fl_fail(err, FL_EINVAL, "tok_chat_supported: no tokenizer");
+    switch (t->chat) {
+    case CHAT_CHATML:
+    case CHAT_LLAMA3: return 0;
+    case CHAT_NONE: return fl_fail(err, FL_EUNSUPPORTED, "chat template: the model has no tokenizer.chat_template");
+    default:
+        return fl_fail(err, FL_EUNSUPPORTED,
+                       "chat template: not recognised (folio renders ChatML and Llama 3 templates): \"%.120s\"",
+                       t->chat_template);
+    }
+}
+
+typedef struct {
+    char *out;
+    size_t cap, n;
+} sbuf_t;
+
+static void put(sbuf_t *b, const char *s, size_t n)
+{
+    if (b->n + n < b->cap) memcpy(b->out + b->n, s, n);
+    b->n += n;
+}
+static void puts_(sbuf_t *b, const char *s) { put(b, s, strlen(s)); }
+
+static bool is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+
+int tok_chat_apply(const tok_t *t, const tok_chat_msg_t *msgs, int n, bool add_generation_prompt, char *out,
+                   size_t cap)
+{
+    if (!t || n < 0 || (!msgs && n) || (!out && cap)) return FL_EINVAL;
+    for (int i = 0; i < n; i++)
+        if (!msgs[i].role || !msgs[i].content) return FL_EINVAL;
+    if (t->chat != CHAT_CHATML && t->chat != CHAT_LLAMA3) return FL_EUNSUPPORTED;
+    sbuf_t b = {out, cap, 0};
+    if (t->chat == CHAT_CHATML) {
+        for (int i = 0; i < n; i++) {
+            if (i == 0 && t->chat_default_system && strcmp(msgs[0].role, "system") != 0)
+                puts_(&b, t->chat_default_system);
+            puts_(&b, "<|im_start|>");
+            puts_(&b, msgs[i].role);
+            puts_(&b, "\n");
+            puts_(&b, msgs[i].content);
+            puts_(&b, "<|im_end|>\n");
+        }
+        if (add_generation_prompt) puts_(&b, "<|im_start|>assistant\n");
+    } else {
+        for (int i = 0; i < n; i++) {
+            const char *c = msgs[i].content, *e = c + strlen(c);
+            while (c < e && is_ws(*c)) c++;
+            while (e > c && is_ws(e[-1])) e--;
+            puts_(&b, "<|start_header_id|>");
+            puts_(&b, msgs[i].role);
+            puts_(&b, "<|end_header_id|>\n\n");
+            put(&b, c, (size_t)(e - c));
+            puts_(&b, "<|eot_id|>");
+        }
+        if (add_generation_prompt) puts_(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    }
+    if (b.n > INT_MAX - 1) return FL_ERANGE;
+    if (b.n < cap) out[b.n] = '\0';
+    return (int)b.n;
+}

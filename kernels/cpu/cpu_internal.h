@@ -1,0 +1,91 @@
+/* cpu_internal.h - private types shared by the CPU backend's files (not part of kernels.h).
+ *
+ * The CPU backend is split by job: cpu_backend.c (creation, small element-wise ops, embed, sampling),
+ * cpu_pool.c (the thread pool), cpu_matmul.c (quantized and float matrix products, BLAS path),
+ * cpu_attention.c (paged attention, KV store). Tests include this header to force an ISA and to
+ * reach the scalar reference paths.
+ *
+ * Threads: every op is called from one thread (the model's), which owns the backend and all its
+ * scratch. During a pool dispatch the workers only touch the job they were handed and their own
+ * per-thread scratch slot (index = thread id). */
+#ifndef FOLIO_CPU_INTERNAL_H
+#define FOLIO_CPU_INTERNAL_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../kernels.h"
+
+/* Instruction sets the CPU kernels have paths for. Selected once at kern_cpu_new() from
+ * __builtin_cpu_supports(), capped by the environment variable FOLIO_CPU_ISA=scalar|avx2|avx512.
+ * All three paths give bit-identical results (the float operations and their order are the same;
+ * only the integer parts, which are exact, are computed differently). */
+typedef enum { CPU_ISA_SCALAR = 0, CPU_ISA_AVX2 = 1, CPU_ISA_AVX512 = 2 } cpu_isa_t;
+
+/* ---- thread pool (cpu_pool.c) ---- */
+
+/* A task runs on every pool thread; ith is 0 for the calling thread. */
+typedef void (*cpu_task_fn)(void *arg, int ith, int nth);
+typedef struct cpu_pool cpu_pool_t;
+
+cpu_pool_t *cpu_pool_new(int n_threads, fl_error_t *err);
+void cpu_pool_destroy(cpu_pool_t **pp);
+int cpu_pool_size(const cpu_pool_t *p);
+/* Runs fn(arg, i, n) on all n threads (the caller is thread 0) and returns when all are done. */
+void cpu_pool_run(cpu_pool_t *p, cpu_task_fn fn, void *arg);
+
+/* ---- weights and backend ---- */
+
+struct kern_weight {
+    int type;
+    int64_t rows, cols;
+    const uint8_t *data; /* borrowed from the file mapping */
+    size_t row_bytes;
+};
+
+typedef struct cpu_backend {
+    kern_backend_t base;
+    cpu_isa_t isa;
+    cpu_pool_t *pool;
+    int blas_min_n;       /* matmul with n >= this uses dequantize + sgemm; INT32_MAX: never */
+    int64_t max_cols;     /* largest weight cols seen by weight_new (sizes the BLAS panels) */
+
+    /* matmul: activations converted to the weight's vec-dot type (grown, never shrunk) */
+    void *act;
+    size_t act_bytes;
+    /* BLAS path: per-thread f32 panel of dequantized weight rows */
+    float **panel;
+    size_t panel_floats;
+    /* attention: per-thread score rows */
+    float **scores;
+    size_t scores_len;
+    /* sampling scratch [vocab] */
+    float *samp_p;
+    int32_t *samp_idx;
+    size_t samp_len;
+} cpu_backend_t;
+
+/* Grows *buf (64-byte aligned) to at least bytes; keeps contents only when keep. 0 or FL_ENOMEM. */
+int cpu_grow(void **buf, size_t *cap, size_t bytes);
+
+/* ---- matmul (cpu_matmul.c) ---- */
+
+void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n);
+/* Sizes the per-thread BLAS panels for weights of cols columns; called from weight_new. */
+int cpu_matmul_reserve(cpu_backend_t *cb, int64_t cols);
+/* The n at and above which the BLAS path is faster (measured; see cpu_matmul.c). */
+int cpu_matmul_default_blas_min_n(void);
+
+/* ---- attention (cpu_attention.c) ---- */
+
+void cpu_attention(kern_backend_t *be, const kern_attn_t *a);
+void cpu_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
+                  const int32_t *slots, int n, int kv_dim);
+
+/* Deterministic float helpers shared by matmul and attention: a dot product of n floats summed in 16
+ * lanes (element i into lane i % 16, fused multiply-add), the lanes then added pairwise as
+ * l[j] + l[j+8], then +4, +2, +1. Every ISA path reproduces exactly this order. */
+float cpu_dot16_scalar(const float *a, const float *b, int n);
+
+#endif
