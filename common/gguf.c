@@ -122,7 +122,7 @@ static uint32_t le32(const uint8_t *b) { return (uint32_t)b[0] | (uint32_t)b[1] 
 
 static int rd_u32(rd_t *r, uint32_t *v, const char *what)
 {
-    const uint8_t *b;
+    const uint8_t *b = NULL;
     int rc = rd_bytes(r, 4, &b, what);
     if (rc == 0) *v = le32(b);
     return rc;
@@ -137,7 +137,7 @@ static uint64_t le64(const uint8_t *b)
 
 static int rd_u64(rd_t *r, uint64_t *v, const char *what)
 {
-    const uint8_t *b;
+    const uint8_t *b = NULL;
     int rc = rd_bytes(r, 8, &b, what);
     if (rc == 0) *v = le64(b);
     return rc;
@@ -216,7 +216,7 @@ static const char *tensor_name_of(const void *g, int64_t i) { return ((const ggu
 static int parse_value(rd_t *r, kv_t *kv)
 {
     int rc;
-    const uint8_t *b;
+    const uint8_t *b = NULL;
     const size_t esz = gguf_type_size(kv->type);
     switch (kv->type) {
     case GGUF_TYPE_BOOL:
@@ -418,7 +418,7 @@ static int parse(gguf_t *g, fl_error_t *err)
                            (unsigned long long)t->offset, g->alignment);
         if (t->offset > data_size || t->nbytes > data_size - t->offset)
             return fl_fail(err, FL_EFORMAT, "%s: tensor '%s' data [offset %llu, %zu bytes] runs past end of file (size %zu, data section at %zu)",
-                           g->path, t->name, (unsigned long long)((uint64_t)g->data_offset + t->offset), t->nbytes, g->size,
+                           g->path, t->name, (unsigned long long)t->offset, t->nbytes, g->size,
                            g->data_offset);
         t->data = t->nbytes ? g->base + g->data_offset + t->offset : NULL;
     }

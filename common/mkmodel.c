@@ -233,9 +233,13 @@ int mkmodel_vocab(int n_vocab, char ***tokens_out, char ***merges_out, int *n_me
     rc = learn_merges(&v, merges, want_merges);
     if (rc < 0) goto oom;
     n_merges = rc;
-    /* Generated merges: token a (in id order, skipping specials) + a common letter. */
-    static const char letters[] = "etaoinsrhldcum";
-    for (int a = MKMODEL_FIRST_BYTE_TOKEN; n_merges < want_merges; a++) {
+    /* Generated merges: token a + a common letter, where a runs over " a..z" and then every token
+     * from the first merge on (including the ones made here, so the loop never runs dry). */
+    static const char letters[] = "etaoinsrhldcum", starts[] = " abcdefghijklmnopqrstuvwxyz";
+    const int n_starts = (int)sizeof starts - 1;
+    for (int k = 0; n_merges < want_merges; k++) {
+        const int a = k < n_starts ? MKMODEL_FIRST_BYTE_TOKEN + (uint8_t)starts[k] : 256 + MKMODEL_N_SPECIAL + k - n_starts;
+        if (a >= v.n) goto oom; /* cannot happen: each start adds new tokens faster than a advances */
         for (const char *l = letters; *l && n_merges < want_merges; l++) {
             const char *b = v.tokens[MKMODEL_FIRST_BYTE_TOKEN + (uint8_t)*l];
             char *s = concat(v.tokens[a], b, 0);

@@ -155,16 +155,16 @@ static int intern(tok_t *t, const char *s, size_t n, int32_t *id)
     return 0;
 }
 
+static uint64_t merge_key(int32_t a, int32_t b) { return ((uint64_t)(uint32_t)(a + 1) << 32) | (uint32_t)(b + 1); }
+
+/* Slot holding pair (a, b), or the empty slot where it would go. */
 static merge_slot_t *merge_slot(const tok_t *t, int32_t a, int32_t b)
 {
-    uint64_t key = ((uint64_t)(uint32_t)(a + 1) << 32) | (uint32_t)(b + 1);
+    uint64_t key = merge_key(a, b);
     size_t i = mix64(key) & t->merge_mask;
     while (t->merges[i].key != 0 && t->merges[i].key != key) i = (i + 1) & t->merge_mask;
-    t->merges[i].key = t->merges[i].key ? t->merges[i].key : 0; /* no-op: keeps the lookup const-safe */
     return &t->merges[i];
 }
-
-static uint64_t merge_key(int32_t a, int32_t b) { return ((uint64_t)(uint32_t)(a + 1) << 32) | (uint32_t)(b + 1); }
 
 /* ---- construction ---- */
 
@@ -197,8 +197,8 @@ static int set_pre(tok_t *t, const char *pre, fl_error_t *err)
 }
 
 /* llama_decode_text: byte-level spelling -> bytes; a code point outside the byte map is written as
- * "[UNK_BYTE_0x<hex><whole text>]", llama.cpp's marker. Returns the decoded length (into out, which
- * has room for 64 + 2 * (n + 4) * n bytes... the caller sizes it generously). */
+ * "[UNK_BYTE_0x<hex><whole text>]", llama.cpp's marker. Returns the decoded length; out must hold
+ * n * (n + 22) bytes. */
 static size_t decode_byte_level(const char *s, size_t n, char *out)
 {
     size_t o = 0, pos = 0;
@@ -614,7 +614,35 @@ typedef struct {
     int32_t *sym_id, *sym_prev, *sym_next;
     bigram_t *heap;
     int n_heap;
+    size_t word_cap; /* bytes the per-word buffers above hold */
+    bool oom;
 } scratch_t;
+
+/* Grows the per-word buffers to a word of n bytes: symbols <= n, heap entries <= 3n (n - 1 initial
+ * pairs, at most two more per merge). */
+static bool word_reserve(scratch_t *s, size_t n)
+{
+    if (n <= s->word_cap) return true;
+    size_t c = s->word_cap ? s->word_cap : 64;
+    while (c < n) c *= 2;
+    char *w = realloc(s->spelled, 2 * c + 8);
+    if (!w) return false;
+    s->spelled = w;
+    int32_t *a = realloc(s->sym_id, sizeof *a * c);
+    if (!a) return false;
+    s->sym_id = a;
+    a = realloc(s->sym_prev, sizeof *a * c);
+    if (!a) return false;
+    s->sym_prev = a;
+    a = realloc(s->sym_next, sizeof *a * c);
+    if (!a) return false;
+    s->sym_next = a;
+    bigram_t *h = realloc(s->heap, sizeof *h * (3 * c + 4));
+    if (!h) return false;
+    s->heap = h;
+    s->word_cap = c;
+    return true;
+}
 
 static bool bigram_less(const bigram_t *a, const bigram_t *b)
 {
@@ -693,6 +721,10 @@ static void try_bigram(const tok_t *t, scratch_t *s, int32_t left, int32_t right
 
 static void bpe_word(const tok_t *t, scratch_t *s, const char *w, int n, emit_t *e)
 {
+    if (!word_reserve(s, (size_t)n)) {
+        s->oom = true;
+        return;
+    }
     if (t->ignore_merges) {
         int o = 0;
         for (int i = 0; i < n; i++) {
@@ -816,19 +848,19 @@ static int split_gpt2(const scratch_t *s, const int32_t *in, int n_in, int32_t *
             uint8_t f2 = cpt == ' ' ? FLG(pos + 1) : flags;
             if (F_LETTER(f2)) {
                 pos += cpt == ' ';
-                while (F_LETTER(f2)) f2 = FLG(++pos);
+                while (F_LETTER(f2)) f2 = (++pos, FLG(pos));
                 ADD(pos);
                 continue;
             }
             if (F_NUMBER(f2)) {
                 pos += cpt == ' ';
-                while (F_NUMBER(f2)) f2 = FLG(++pos);
+                while (F_NUMBER(f2)) f2 = (++pos, FLG(pos));
                 ADD(pos);
                 continue;
             }
             if (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && f2) {
                 pos += cpt == ' ';
-                while (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && f2) f2 = FLG(++pos);
+                while (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && f2) f2 = (++pos, FLG(pos));
                 ADD(pos);
                 continue;
             }
@@ -903,9 +935,9 @@ static int split_llama3(const scratch_t *s, const int32_t *in, int n_in, int32_t
             uint8_t f2 = cpt == ' ' ? FLG(pos + 1) : flags;
             if (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && flags) {
                 pos += cpt == ' ';
-                while (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && f2) f2 = FLG(++pos);
+                while (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && f2) f2 = (++pos, FLG(pos));
                 uint32_t c2 = CPT(pos);
-                while (c2 == '\r' || c2 == '\n') c2 = CPT(++pos);
+                while (c2 == '\r' || c2 == '\n') c2 = (++pos, CPT(pos));
                 ADD(pos);
                 continue;
             }
@@ -1020,8 +1052,8 @@ int tok_encode(const tok_t *t, const char *text, size_t len, bool add_bos, bool 
     if (len == 0) return e.n;
 
     /* 1. special tokens */
-    size_t frag_cap = 16, n_frag = 1;
-    frag_t *fr = malloc(sizeof *fr * frag_cap), *nf = NULL;
+    size_t n_frag = 1;
+    frag_t *fr = malloc(sizeof *fr), *nf = NULL;
     if (!fr) return FL_ENOMEM;
     fr[0] = (frag_t){0, len, -1};
     for (int k = 0; k < t->n_special; k++) {
@@ -1064,7 +1096,6 @@ int tok_encode(const tok_t *t, const char *text, size_t len, bool add_bos, bool 
         free(fr);
         fr = nf;
         n_frag = n_new;
-        frag_cap = new_cap;
     }
 
     /* 2-3. pre-tokenize and BPE each raw fragment */
@@ -1079,13 +1110,7 @@ int tok_encode(const tok_t *t, const char *text, size_t len, bool add_bos, bool 
         s.seg_a = malloc(sizeof *s.seg_a * n);
         s.seg_b = malloc(sizeof *s.seg_b * n);
         s.word = malloc(3 * n + 4);
-        s.spelled = malloc(6 * n + 8);
-        s.sym_id = malloc(sizeof *s.sym_id * 3 * n);
-        s.sym_prev = malloc(sizeof *s.sym_prev * 3 * n);
-        s.sym_next = malloc(sizeof *s.sym_next * 3 * n);
-        s.heap = malloc(sizeof *s.heap * (9 * n + 4));
-        if (!s.cps || !s.fl || !s.seg_a || !s.seg_b || !s.word || !s.spelled || !s.sym_id || !s.sym_prev ||
-            !s.sym_next || !s.heap) {
+        if (!s.cps || !s.fl || !s.seg_a || !s.seg_b || !s.word) {
             e.n = FL_ENOMEM;
             goto out;
         }
@@ -1096,6 +1121,7 @@ int tok_encode(const tok_t *t, const char *text, size_t len, bool add_bos, bool 
         else
             encode_fragment(t, &s, text + fr[f].off, fr[f].len, &e);
     }
+    if (s.oom) e.n = FL_ENOMEM;
 out:
     free(s.cps);
     free(s.fl);
@@ -1113,15 +1139,22 @@ out:
 
 /* ---- decoding ---- */
 
-int tok_token_bytes(const tok_t *t, int32_t id, bool special, char *buf, size_t cap)
+/* The bytes id shows as (borrowed), per llama.cpp's token_to_piece for BPE vocabularies. */
+static size_t piece_bytes(const tok_t *t, int32_t id, bool special, const char **p)
 {
-    if (!valid_id(t, id) || (!buf && cap)) return FL_EINVAL;
     uint8_t ty = t->type[id];
     bool shown = ty == TOK_TYPE_NORMAL || ty == TOK_TYPE_USER_DEFINED ||
                  (special && (ty == TOK_TYPE_CONTROL || ty == TOK_TYPE_UNKNOWN));
-    if (!shown) return 0;
-    size_t n = t->dec_len[id];
-    if (n <= cap) memcpy(buf, t->arena + t->dec_off[id], n);
+    *p = t->arena + t->dec_off[id];
+    return shown ? t->dec_len[id] : 0;
+}
+
+int tok_token_bytes(const tok_t *t, int32_t id, bool special, char *buf, size_t cap)
+{
+    if (!valid_id(t, id) || (!buf && cap)) return FL_EINVAL;
+    const char *p;
+    size_t n = piece_bytes(t, id, special, &p);
+    if (n <= cap && n) memcpy(buf, p, n);
     return (int)n;
 }
 
@@ -1131,14 +1164,10 @@ int tok_decode(const tok_t *t, const int32_t *ids, int n, bool special, char *ou
     size_t total = 0;
     for (int i = 0; i < n; i++) {
         if (!valid_id(t, ids[i])) return FL_EINVAL;
-        size_t room = total < cap ? cap - total : 0;
-        int k = tok_token_bytes(t, ids[i], special, room ? out + total : NULL, room);
-        if (k < 0) return k;
-        if ((size_t)k > room && room) { /* partial: copy what fits so the buffer holds a prefix */
-            char piece[1];
-            (void)piece;
-        }
-        total += (size_t)k;
+        const char *p;
+        size_t k = piece_bytes(t, ids[i], special, &p);
+        if (total < cap) memcpy(out + total, p, k < cap - total ? k : cap - total);
+        total += k;
         if (total > INT_MAX) return FL_ERANGE;
     }
     return (int)total;
@@ -1156,11 +1185,9 @@ static const char REPL[3] = {(char)0xEF, (char)0xBF, (char)0xBD};
 int tok_stream_push(tok_stream_t *s, const tok_t *t, int32_t id, char *out, size_t cap)
 {
     if (!s || !valid_id(t, id) || (!out && cap) || s->n_pending < 0 || s->n_pending > 3) return FL_EINVAL;
-    uint8_t ty = t->type[id];
-    bool shown = ty == TOK_TYPE_NORMAL || ty == TOK_TYPE_USER_DEFINED ||
-                 (s->special && (ty == TOK_TYPE_CONTROL || ty == TOK_TYPE_UNKNOWN));
-    const uint8_t *p = (const uint8_t *)t->arena + t->dec_off[id];
-    size_t np = shown ? t->dec_len[id] : 0;
+    const char *pc;
+    size_t np = piece_bytes(t, id, s->special, &pc);
+    const uint8_t *p = (const uint8_t *)pc;
     /* Walk pending ++ piece without copying it; b(i) is byte i of the concatenation. */
     size_t total = (size_t)s->n_pending + np;
 #define BYTE(i) ((i) < (size_t)s->n_pending ? s->pending[i] : p[(i) - (size_t)s->n_pending])

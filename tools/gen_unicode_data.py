@@ -8,7 +8,10 @@ search. Letters are general categories L*, numbers N*, punctuation P*, all from 
 PropList.txt, which is what llama.cpp's unicode tables use; Python's str.isspace() differs (it also
 accepts U+001C..U+001F), so the list is spelled out below.
 
-Usage: python3 tools/gen_unicode_data.py > common/unicode_data.c
+Use Python >= 3.13 (Unicode 15.1, which is what llama.cpp's tables match: with Python 3.11's Unicode 14
+letters added in 15.0, such as Nag Mundari U+1E4D0, tokenize differently).
+
+Usage: python3.13 tools/gen_unicode_data.py > common/unicode_data.c
 """
 import sys
 import unicodedata

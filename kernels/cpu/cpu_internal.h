@@ -12,6 +12,7 @@
 #define FOLIO_CPU_INTERNAL_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -87,5 +88,22 @@ void cpu_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, cons
  * lanes (element i into lane i % 16, fused multiply-add), the lanes then added pairwise as
  * l[j] + l[j+8], then +4, +2, +1. Every ISA path reproduces exactly this order. */
 float cpu_dot16_scalar(const float *a, const float *b, int n);
+
+const char *cpu_isa_name(cpu_isa_t isa);
+
+/* The sampler's random number: a pure function of (seed, position), never a shared stream, so a
+ * request draws the same token whatever else is in the batch. splitmix64 of seed xor splitmix64 of
+ * the position; the top 53 bits as a double in [0, 1). The CUDA backend must use exactly this. */
+static inline uint64_t cpu_splitmix64(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+static inline double cpu_sample_uniform(uint64_t seed, uint64_t position)
+{
+    return (double)(cpu_splitmix64(seed ^ cpu_splitmix64(position)) >> 11) * 0x1p-53;
+}
 
 #endif

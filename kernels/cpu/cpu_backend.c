@@ -1,0 +1,410 @@
+/* cpu_backend.c - the CPU implementation of kernels.h: creation, weights, element-wise ops, embed
+ * and sampling. Matrix products are in cpu_matmul.c, attention in cpu_attention.c.
+ *
+ * kern_cpu_new() picks the instruction set once (AVX-512 VNNI > AVX2+FMA+F16C > scalar, from
+ * __builtin_cpu_supports, capped by FOLIO_CPU_ISA=scalar|avx2|avx512) and starts the thread pool.
+ * Weights borrow the file mapping; nothing is copied. Small ops (rmsnorm, rope, swiglu, add on a few
+ * thousand floats) run on the calling thread: waking the pool would cost more than the op.
+ *
+ * Numerics follow ggml's CPU ops so that greedy decoding tracks llama.cpp:
+ *   rmsnorm: sum of x*x (f32 products) in double, scale = 1/sqrtf(mean + eps), y = (x*scale)*w.
+ *   rope:    LLAMA_ROPE_TYPE_NORM, adjacent pairs; theta_scale = powf(base, -2/n_rot) multiplied in
+ *            iteratively, theta = freq_scale * (theta_base / freq_factor), cosf/sinf.
+ *   swiglu:  silu(g) * u with silu(x) = x / (1 + expf(-x)).
+ *
+ * Sampling is a pure function of (logits, params): see cpu_sample_uniform and sample_row below;
+ * the CUDA backend must reproduce it (or run this code on downloaded logits). */
+#include <cblas.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../common/quant.h"
+#include "cpu_internal.h"
+
+/* ------------------------------------------------------------------------------------------------
+ * Memory */
+
+static void *cpu_alloc(kern_backend_t *be, size_t bytes)
+{
+    size_t n = (bytes + 63) & ~(size_t)63;
+    if (n == 0) n = 64;
+    void *p = aligned_alloc(64, n);
+    if (p) memset(p, 0, n);
+    return p;
+}
+
+static void cpu_free(kern_backend_t *be, void *p) { free(p); }
+
+static int cpu_copy(kern_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    if (bytes) memmove(dst, src, bytes);
+    return 0;
+}
+
+static int cpu_sync(kern_backend_t *be, fl_error_t *err) { return 0; }
+
+/* ------------------------------------------------------------------------------------------------
+ * Weights */
+
+static kern_weight_t *cpu_weight_new(kern_backend_t *be, int type, int64_t rows, int64_t cols, const void *data,
+                                     fl_error_t *err)
+{
+    cpu_backend_t *cb = (cpu_backend_t *)be;
+    switch (type) {
+    case FL_TYPE_F32: case FL_TYPE_F16: case FL_TYPE_BF16:
+    case FL_TYPE_Q4_0: case FL_TYPE_Q4_1: case FL_TYPE_Q8_0: break;
+    default:
+        fl_fail(err, FL_EUNSUPPORTED, "cpu backend: weight type %s (%d) is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)",
+                fl_dtype_name(type), type);
+        return NULL;
+    }
+    if (rows <= 0 || cols <= 0 || rows > INT32_MAX || cols > INT32_MAX) {
+        fl_fail(err, FL_EINVAL, "cpu backend: bad weight shape %lld x %lld", (long long)rows, (long long)cols);
+        return NULL;
+    }
+    const size_t row_bytes = fl_dtype_row_bytes(type, cols);
+    if (row_bytes == 0) {
+        fl_fail(err, FL_EINVAL, "cpu backend: %s weight has %lld columns, not a multiple of the block size %d",
+                fl_dtype_name(type), (long long)cols, FL_QK);
+        return NULL;
+    }
+    if (!data) {
+        fl_fail(err, FL_EINVAL, "cpu backend: weight data is NULL");
+        return NULL;
+    }
+    kern_weight_t *w = calloc(1, sizeof *w);
+    if (!w) {
+        fl_fail(err, FL_ENOMEM, "cpu backend: out of memory for a weight");
+        return NULL;
+    }
+    *w = (kern_weight_t){.type = type, .rows = rows, .cols = cols, .data = data, .row_bytes = row_bytes};
+    if (cb->blas_min_n < INT32_MAX && cpu_matmul_reserve(cb, cols)) {
+        free(w);
+        fl_fail(err, FL_ENOMEM, "cpu backend: out of memory for BLAS panels of %lld columns", (long long)cols);
+        return NULL;
+    }
+    return w;
+}
+
+static void cpu_weight_destroy(kern_backend_t *be, kern_weight_t *w) { free(w); }
+
+static void cpu_embed(kern_backend_t *be, float *out, const kern_weight_t *t, const int32_t *ids, int n)
+{
+    for (int i = 0; i < n; i++) {
+        float *o = out + (size_t)i * t->cols;
+        if (ids[i] < 0 || ids[i] >= t->rows) {
+            memset(o, 0, (size_t)t->cols * sizeof(float));
+            continue;
+        }
+        quant_dequantize_row(t->type, t->data + (size_t)ids[i] * t->row_bytes, o, t->cols);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Element-wise ops */
+
+static void cpu_rmsnorm(kern_backend_t *be, float *y, const float *x, const float *w, int n, int dim, float eps)
+{
+    for (int r = 0; r < n; r++) {
+        const float *xr = x + (size_t)r * dim;
+        float *yr = y + (size_t)r * dim;
+        double sum = 0.0;
+        for (int i = 0; i < dim; i++) sum += (double)(xr[i] * xr[i]);
+        const float mean = (float)(sum / dim);
+        const float scale = 1.0f / sqrtf(mean + eps);
+        for (int i = 0; i < dim; i++) yr[i] = (xr[i] * scale) * w[i];
+    }
+}
+
+#define ROPE_MAX_PAIRS 512
+
+static void cpu_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
+                     const kern_rope_t *rope)
+{
+    const int n_rot = rope->n_rot < head_dim ? rope->n_rot : head_dim, np = n_rot / 2;
+    if (np <= 0 || np > ROPE_MAX_PAIRS) return;
+    const float theta_scale = powf(rope->freq_base, -2.0f / (float)n_rot);
+    float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
+    for (int t = 0; t < n; t++) {
+        float theta = (float)pos[t];
+        for (int i = 0; i < np; i++) {
+            const float ff = rope->freq_factors ? rope->freq_factors[i] : 1.0f;
+            const float th = rope->freq_scale * (theta / ff);
+            cs[i] = cosf(th);
+            sn[i] = sinf(th);
+            theta *= theta_scale;
+        }
+        for (int h = 0; h < n_heads; h++) {
+            float *v = x + ((size_t)t * n_heads + h) * head_dim;
+            for (int i = 0; i < np; i++) {
+                const float x0 = v[2 * i], x1 = v[2 * i + 1];
+                v[2 * i] = x0 * cs[i] - x1 * sn[i];
+                v[2 * i + 1] = x0 * sn[i] + x1 * cs[i];
+            }
+        }
+    }
+}
+
+static void cpu_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n)
+{
+    for (int i = 0; i < n; i++) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+static void cpu_add(kern_backend_t *be, float *y, const float *x, int n)
+{
+    for (int i = 0; i < n; i++) y[i] += x[i];
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Sampling */
+
+typedef struct {
+    float e;
+    int32_t id;
+} samp_cand_t;
+
+/* Candidate order: larger weight first, lower id on ties. */
+static inline int cand_better(samp_cand_t a, samp_cand_t b) { return a.e > b.e || (a.e == b.e && a.id < b.id); }
+
+static int cand_cmp_desc(const void *pa, const void *pb)
+{
+    const samp_cand_t *a = pa, *b = pb;
+    return cand_better(*a, *b) ? -1 : cand_better(*b, *a) ? 1 : 0;
+}
+
+static int cand_cmp_id(const void *pa, const void *pb)
+{
+    const samp_cand_t *a = pa, *b = pb;
+    return (a->id > b->id) - (a->id < b->id);
+}
+
+/* Min-heap on cand_better (root = worst kept). */
+static void heap_sift_down(samp_cand_t *h, int n, int i)
+{
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && cand_better(h[m], h[l])) m = l;
+        if (r < n && cand_better(h[m], h[r])) m = r;
+        if (m == i) return;
+        samp_cand_t t = h[i];
+        h[i] = h[m], h[m] = t;
+        i = m;
+    }
+}
+
+static void heap_sift_up(samp_cand_t *h, int i)
+{
+    while (i > 0) {
+        int p = (i - 1) / 2;
+        if (!cand_better(h[p], h[i])) return;
+        samp_cand_t t = h[i];
+        h[i] = h[p], h[p] = t;
+        i = p;
+    }
+}
+
+static int32_t argmax_row(const float *l, int vocab)
+{
+    int32_t best = 0;
+    float bv = -INFINITY;
+    for (int i = 0; i < vocab; i++)
+        if (l[i] > bv) bv = l[i], best = i;
+    return best;
+}
+
+/* The draw for one row, defined so any backend can reproduce it exactly:
+ *  1. temperature <= 0 (or vocab 1): argmax, lowest id on ties.
+ *  2. e_i = expf((l_i - max_l) / temperature) in f32 (NaN counts as 0).
+ *  3. top_k in (0, vocab): keep the k best by (e desc, id asc).
+ *  4. top_p < 1: sort the kept by (e desc, id asc); total = sum of their e in double, in id order;
+ *     keep the shortest prefix whose running double sum (in sorted order) is >= top_p * total.
+ *  5. u = cpu_sample_uniform(seed, position); target = u * S with S the double sum of the kept e in
+ *     id order; walk the kept in id order summing e in double, return the first id whose running sum
+ *     exceeds target (the last kept id if rounding leaves none). */
+static int32_t sample_row(cpu_backend_t *cb, const float *l, int vocab, const kern_sampling_t *p)
+{
+    if (p->temperature <= 0.0f || vocab == 1) return argmax_row(l, vocab);
+    samp_cand_t *c = (samp_cand_t *)(void *)cb->samp_p;
+    float mx = -INFINITY;
+    for (int i = 0; i < vocab; i++) mx = fmaxf(mx, l[i]);
+    if (!(mx > -INFINITY)) return argmax_row(l, vocab);
+
+    int nk = 0;
+    const bool topk = p->top_k > 0 && p->top_k < vocab;
+    for (int i = 0; i < vocab; i++) {
+        float e = expf((l[i] - mx) / p->temperature);
+        if (e != e) e = 0.0f;
+        samp_cand_t ci = {e, i};
+        if (!topk) {
+            c[nk++] = ci;
+        } else if (nk < p->top_k) {
+            c[nk] = ci;
+            heap_sift_up(c, nk++);
+        } else if (cand_better(ci, c[0])) {
+            c[0] = ci;
+            heap_sift_down(c, nk, 0);
+        }
+    }
+    if (topk) qsort(c, (size_t)nk, sizeof *c, cand_cmp_id);
+
+    if (p->top_p < 1.0f) {
+        double total = 0.0;
+        for (int i = 0; i < nk; i++) total += (double)c[i].e;
+        const double want = (double)p->top_p * total;
+        samp_cand_t *s = (samp_cand_t *)(void *)cb->samp_idx;
+        /* Sorting all candidates is slow for a large vocabulary; the nucleus lies within the
+         * candidates of weight >= eps as soon as their sorted running sum reaches `want`. */
+        int keep = nk;
+        for (float eps = 0x1p-10f;; eps = eps > 0x1p-40f ? eps * 0x1p-10f : 0.0f) {
+            int ns = 0;
+            for (int i = 0; i < nk; i++)
+                if (c[i].e >= eps) s[ns++] = c[i];
+            qsort(s, (size_t)ns, sizeof *s, cand_cmp_desc);
+            double run = 0.0;
+            int k = 0;
+            while (k < ns) {
+                run += (double)s[k++].e;
+                if (run >= want) break;
+            }
+            if (run >= want || eps == 0.0f) {
+                keep = k > 0 ? k : 1;
+                memcpy(c, s, (size_t)keep * sizeof *c);
+                break;
+            }
+        }
+        nk = keep;
+        qsort(c, (size_t)nk, sizeof *c, cand_cmp_id);
+    }
+
+    double S = 0.0;
+    for (int i = 0; i < nk; i++) S += (double)c[i].e;
+    const double target = cpu_sample_uniform(p->seed, p->position) * S;
+    double run = 0.0;
+    for (int i = 0; i < nk; i++) {
+        run += (double)c[i].e;
+        if (run > target) return c[i].id;
+    }
+    return c[nk - 1].id;
+}
+
+static void cpu_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
+                       const kern_sampling_t *params)
+{
+    cpu_backend_t *cb = (cpu_backend_t *)be;
+    const size_t need = (size_t)vocab * sizeof(samp_cand_t);
+    if (cb->samp_len < need) {
+        size_t c1 = cb->samp_len, c2 = cb->samp_len;
+        if (cpu_grow((void **)&cb->samp_p, &c1, need) || cpu_grow((void **)&cb->samp_idx, &c2, need)) {
+            for (int i = 0; i < n; i++) out[i] = argmax_row(logits + (size_t)i * vocab, vocab);
+            return;
+        }
+        cb->samp_len = c1 < c2 ? c1 : c2;
+    }
+    for (int i = 0; i < n; i++) out[i] = sample_row(cb, logits + (size_t)i * vocab, vocab, &params[i]);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Creation */
+
+static void cpu_destroy(kern_backend_t *be)
+{
+    cpu_backend_t *cb = (cpu_backend_t *)be;
+    if (!cb) return;
+    const int nth = cb->pool ? cpu_pool_size(cb->pool) : 0;
+    for (int i = 0; i < nth; i++) {
+        if (cb->panel) free(cb->panel[i]);
+        if (cb->scores) free(cb->scores[i]);
+    }
+    free(cb->panel);
+    free(cb->scores);
+    free(cb->act);
+    free(cb->samp_p);
+    free(cb->samp_idx);
+    cpu_pool_destroy(&cb->pool);
+    free(cb);
+}
+
+static const kern_ops_t cpu_ops = {
+    .name = "cpu",
+    .destroy = cpu_destroy,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .sync = cpu_sync,
+    .weight_new = cpu_weight_new,
+    .weight_destroy = cpu_weight_destroy,
+    .embed = cpu_embed,
+    .matmul = cpu_matmul,
+    .rmsnorm = cpu_rmsnorm,
+    .rope = cpu_rope,
+    .kv_store = cpu_kv_store,
+    .attention = cpu_attention,
+    .swiglu = cpu_swiglu,
+    .add = cpu_add,
+    .sample = cpu_sample,
+};
+
+static cpu_isa_t detect_isa(void)
+{
+    __builtin_cpu_init();
+    cpu_isa_t isa = CPU_ISA_SCALAR;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        isa = CPU_ISA_AVX2;
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+            isa = CPU_ISA_AVX512;
+    }
+    const char *env = getenv("FOLIO_CPU_ISA");
+    if (env) {
+        cpu_isa_t cap = strcmp(env, "scalar") == 0 ? CPU_ISA_SCALAR
+                        : strcmp(env, "avx2") == 0 ? CPU_ISA_AVX2
+                                                   : CPU_ISA_AVX512;
+        if (cap < isa) isa = cap;
+    }
+    return isa;
+}
+
+const char *cpu_isa_name(cpu_isa_t isa)
+{
+    return isa == CPU_ISA_AVX512 ? "avx512vnni" : isa == CPU_ISA_AVX2 ? "avx2" : "scalar";
+}
+
+kern_backend_t *kern_cpu_new(int n_threads, fl_error_t *err)
+{
+    cpu_backend_t *cb = calloc(1, sizeof *cb);
+    if (!cb) {
+        fl_fail(err, FL_ENOMEM, "cpu backend: out of memory");
+        return NULL;
+    }
+    cb->base.ops = &cpu_ops;
+    cb->isa = detect_isa();
+    cb->pool = cpu_pool_new(n_threads, err);
+    if (!cb->pool) {
+        free(cb);
+        return NULL;
+    }
+    const int nth = cpu_pool_size(cb->pool);
+    cb->base.n_threads = nth;
+    cb->panel = calloc((size_t)nth, sizeof *cb->panel);
+    cb->scores = calloc((size_t)nth, sizeof *cb->scores);
+    if (!cb->panel || !cb->scores) {
+        cpu_destroy(&cb->base);
+        fl_fail(err, FL_ENOMEM, "cpu backend: out of memory");
+        return NULL;
+    }
+    cb->blas_min_n = cpu_matmul_default_blas_min_n();
+    const char *env = getenv("FOLIO_CPU_BLAS_MIN_N");
+    if (env && *env) {
+        long v = strtol(env, NULL, 10);
+        cb->blas_min_n = v <= 0 ? INT32_MAX : v < 65 ? 65 : v > INT32_MAX ? INT32_MAX : (int)v;
+    }
+    /* Our pool is the parallelism: each thread calls a single-threaded sgemm on its own panel. */
+    openblas_set_num_threads(1);
+    return &cb->base;
+}

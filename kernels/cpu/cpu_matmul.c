@@ -1,0 +1,450 @@
+/* cpu_matmul.c - y[n][rows] = x[n][cols] * W^T on the CPU, for F32/F16/BF16/Q4_0/Q4_1/Q8_0 weights.
+ *
+ * Numerics follow llama.cpp on x86: the activations are first converted per row to the weight's
+ * "vec-dot type" (Q4_0, Q8_0 -> Q8_0; Q4_1 -> Q8_1; F16 -> x rounded to f16; BF16 -> x rounded to
+ * bf16; F32 -> x), the way ggml's AVX2 quantize_row_q8_0/q8_1 do it: per 32-block d = amax / 127,
+ * q = round-to-nearest-even(x * (127 / amax)), d stored as f16 (Q8_1 also s = f16(d * sum q)). Each
+ * output is then sum over blocks of (integer dot of the block) * d_w * d_x, accumulated in f32 (see
+ * cpu_qtile.h for the exact order). Float weights use the 16-lane canonical dot (cpu_simd.h).
+ *
+ * The result of an output element depends only on its weight row and its activation row: not on n,
+ * on the tile that computed it, on the thread, or on the ISA (scalar, AVX2 and AVX-512 VNNI paths are
+ * bit-identical). The one exception is the BLAS path below, which is only taken for n >= blas_min_n
+ * (never below 65), and is not bit-identical to the tiled path.
+ *
+ * Parallel layout: the rows are cut into chunks of MM_CHUNK rows and the tokens into blocks of
+ * MM_TBLOCK; the (chunk, token block) items are handed out by an atomic counter to the pool threads.
+ * Inside an item, weight rows are loaded once per group of 4 rows and dotted against 4 tokens at a
+ * time (tile4, 16 outputs per weight load), leftovers with 2 tokens or 8 rows x 1 token (tile8).
+ *
+ * BLAS path (large n, prefill): each item is a panel of MM_PANEL rows, dequantized to f32 in the
+ * thread's panel buffer (sized by weight_new from the widest weight), then one single-threaded
+ * cblas_sgemm against the f32 activations (OpenBLAS is set to 1 thread at backend creation; our pool
+ * supplies the parallelism). Whether it pays off is measured: see cpu_matmul_default_blas_min_n. */
+#include <cblas.h>
+#include <immintrin.h>
+#include <limits.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../common/quant.h"
+#include "cpu_internal.h"
+#include "cpu_simd.h"
+
+#define MM_CHUNK 32   /* rows per work item (multiple of 8) */
+#define MM_TBLOCK 64  /* tokens per work item */
+#define MM_PANEL 64   /* rows per BLAS panel */
+
+typedef struct mm_ctx {
+    int type;   /* weight type */
+    int nb;     /* blocks per row (quantized) */
+    int cols;
+    int64_t rows;
+    int n;
+    const uint8_t *w;
+    size_t row_bytes;
+    /* activations in the vec-dot type */
+    const int8_t *qs;     /* [n][cols] */
+    const float *d;       /* [n][nb] f16-rounded scale */
+    const int32_t *qsum;  /* [n][nb] sum of q (Q8_0) */
+    const float *s;       /* [n][nb] f16-rounded d * sum q (Q8_1) */
+    const float *xf;      /* [n][cols] rounded activations (float weights) */
+    const float *x;       /* raw activations (BLAS path) */
+    float *y;
+    cpu_isa_t isa;
+    atomic_int next;
+    int n_chunks, n_tblocks;
+    float **panel;
+} mm_ctx_t;
+
+/* ------------------------------------------------------------------------------------------------
+ * Activation conversion */
+
+static inline int vec_dot_type(int type)
+{
+    switch (type) {
+    case FL_TYPE_Q4_0: case FL_TYPE_Q8_0: return FL_TYPE_Q8_0;
+    case FL_TYPE_Q4_1: return FL_TYPE_Q8_1;
+    default: return type;
+    }
+}
+
+static inline float f16_round(float f) { return fl_f16_to_f32(fl_f32_to_f16(f)); }
+
+static void quantize_act_scalar(const float *x, int cols, int8_t *qs, float *d, int32_t *qsum, float *s)
+{
+    for (int b = 0; b < cols / 32; b++, x += 32, qs += 32) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
+        const float dd = amax / 127.f, id = amax != 0.0f ? 127.f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < 32; j++) {
+            const int q = (int)nearbyintf(x[j] * id);
+            qs[j] = (int8_t)q;
+            sum += q;
+        }
+        d[b] = f16_round(dd);
+        qsum[b] = sum;
+        s[b] = f16_round(dd * (float)sum);
+    }
+}
+
+static CPU_AVX2 void quantize_act_avx2(const float *x, int cols, int8_t *qs, float *d, int32_t *qsum, float *s)
+{
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int b = 0; b < cols / 32; b++, x += 32, qs += 32) {
+        __m256 v[4];
+        for (int k = 0; k < 4; k++) v[k] = _mm256_loadu_ps(x + 8 * k);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(signbit, v[0]), _mm256_andnot_ps(signbit, v[1])),
+                                 _mm256_max_ps(_mm256_andnot_ps(signbit, v[2]), _mm256_andnot_ps(signbit, v[3])));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float dd = amax / 127.f, id = amax != 0.0f ? 127.f / amax : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++)
+            q[k] = _mm256_cvtps_epi32(
+                _mm256_round_ps(_mm256_mul_ps(v[k], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i sum8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+        s4 = _mm_hadd_epi32(s4, s4);
+        s4 = _mm_hadd_epi32(s4, s4);
+        const int sum = _mm_cvtsi128_si32(s4);
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)qs, _mm256_permutevar8x32_epi32(p, perm));
+        d[b] = _cvtsh_ss(_cvtss_sh(dd, 0));
+        qsum[b] = sum;
+        s[b] = _cvtsh_ss(_cvtss_sh(dd * (float)sum, 0));
+    }
+}
+
+static void round_act(int type, const float *x, float *xf, int64_t cnt)
+{
+    if (type == FL_TYPE_F16)
+        for (int64_t i = 0; i < cnt; i++) xf[i] = f16_round(x[i]);
+    else if (type == FL_TYPE_BF16)
+        for (int64_t i = 0; i < cnt; i++) xf[i] = fl_bf16_to_f32(fl_f32_to_bf16(x[i]));
+    else
+        memcpy(xf, x, (size_t)cnt * sizeof(float));
+}
+
+static CPU_AVX2 void round_act_f16_avx2(const float *x, float *xf, int64_t cnt)
+{
+    int64_t i = 0;
+    for (; i + 8 <= cnt; i += 8)
+        _mm256_storeu_ps(xf + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT)));
+    for (; i < cnt; i++) xf[i] = f16_round(x[i]);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Scalar reference path: one (row, token) pair at a time, in the canonical order. */
+
+static float qdot_scalar(const mm_ctx_t *c, int64_t r, int t)
+{
+    const uint8_t *row = c->w + (size_t)r * c->row_bytes;
+    const int8_t *xq = c->qs + (size_t)t * c->cols;
+    float acc = 0.0f, accm = 0.0f;
+    for (int b = 0; b < c->nb; b++) {
+        const size_t ix = (size_t)t * c->nb + b;
+        const int8_t *xb = xq + 32 * b;
+        int isum = 0;
+        float dw, mw = 0.0f;
+        fl_f16_t h;
+        if (c->type == FL_TYPE_Q8_0) {
+            const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)row + b;
+            memcpy(&h, &blk->d, 2);
+            dw = fl_f16_to_f32(h);
+            for (int j = 0; j < 32; j++) isum += blk->qs[j] * xb[j];
+        } else if (c->type == FL_TYPE_Q4_0) {
+            const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)row + b;
+            memcpy(&h, &blk->d, 2);
+            dw = fl_f16_to_f32(h);
+            for (int j = 0; j < 16; j++)
+                isum += ((blk->qs[j] & 15) - 8) * xb[j] + ((blk->qs[j] >> 4) - 8) * xb[j + 16];
+        } else {
+            const fl_block_q4_1_t *blk = (const fl_block_q4_1_t *)row + b;
+            memcpy(&h, &blk->d, 2);
+            dw = fl_f16_to_f32(h);
+            memcpy(&h, &blk->m, 2);
+            mw = fl_f16_to_f32(h);
+            for (int j = 0; j < 16; j++) isum += (blk->qs[j] & 15) * xb[j] + (blk->qs[j] >> 4) * xb[j + 16];
+        }
+        acc = fmaf((float)isum, dw * c->d[ix], acc);
+        if (c->type == FL_TYPE_Q4_1) accm = fmaf(mw, c->s[ix], accm);
+    }
+    return c->type == FL_TYPE_Q4_1 ? acc + accm : acc;
+}
+
+float cpu_dot16_scalar(const float *a, const float *b, int n)
+{
+    float l[16] = {0};
+    for (int i = 0; i < n; i++) l[i % 16] = fmaf(a[i], b[i], l[i % 16]);
+    for (int j = 0; j < 8; j++) l[j] += l[j + 8];
+    for (int j = 0; j < 4; j++) l[j] += l[j + 4];
+    for (int j = 0; j < 2; j++) l[j] += l[j + 2];
+    return l[0] + l[1];
+}
+
+static float fdot_scalar(const mm_ctx_t *c, int64_t r, int t)
+{
+    const float *x = c->xf + (size_t)t * c->cols;
+    const uint8_t *row = c->w + (size_t)r * c->row_bytes;
+    float l[16] = {0};
+    for (int i = 0; i < c->cols; i++) {
+        float w;
+        if (c->type == FL_TYPE_F32) memcpy(&w, row + 4 * (size_t)i, 4);
+        else {
+            uint16_t h;
+            memcpy(&h, row + 2 * (size_t)i, 2);
+            w = c->type == FL_TYPE_F16 ? fl_f16_to_f32(h) : fl_bf16_to_f32(h);
+        }
+        l[i % 16] = fmaf(x[i], w, l[i % 16]);
+    }
+    for (int j = 0; j < 8; j++) l[j] += l[j + 8];
+    for (int j = 0; j < 4; j++) l[j] += l[j + 4];
+    for (int j = 0; j < 2; j++) l[j] += l[j + 2];
+    return l[0] + l[1];
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * SIMD tiles */
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define QT_VNNI 0
+#define QT(name) name##_avx2
+#include "cpu_qtile.h"
+#undef QT
+#undef QT_VNNI
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define QT_VNNI 1
+#define QT(name) name##_avx512
+#include "cpu_qtile.h"
+#undef QT
+#undef QT_VNNI
+#pragma GCC pop_options
+
+/* Float weights: 4 rows x 1 token, canonical 16-lane dots, weights converted on the fly. */
+static CPU_AVX2 __m256 fload_avx2(const uint8_t *row, int type, int i)
+{
+    if (type == FL_TYPE_F32) return _mm256_loadu_ps((const float *)row + i);
+    if (type == FL_TYPE_F16) return cpu_load_f16x8((const fl_f16_t *)row + i);
+    return cpu_load_bf16x8((const fl_bf16_t *)row + i);
+}
+
+static CPU_AVX2 void ftile4_avx2(const mm_ctx_t *c, const uint8_t *const wr[4], int t, float out[4])
+{
+    const int cols = c->cols, type = c->type;
+    const float *x = c->xf + (size_t)t * cols;
+    __m256 lo[4], hi[4];
+    for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= cols; i += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+        for (int r = 0; r < 4; r++) {
+            lo[r] = _mm256_fmadd_ps(x0, fload_avx2(wr[r], type, i), lo[r]);
+            hi[r] = _mm256_fmadd_ps(x1, fload_avx2(wr[r], type, i + 8), hi[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        if (i == cols) {
+            out[r] = cpu_reduce16_avx2(lo[r], hi[r]);
+        } else {
+            float wt[16];
+            for (int k = i; k < cols; k++) {
+                if (type == FL_TYPE_F32) memcpy(&wt[k - i], wr[r] + 4 * (size_t)k, 4);
+                else {
+                    uint16_t h;
+                    memcpy(&h, wr[r] + 2 * (size_t)k, 2);
+                    wt[k - i] = type == FL_TYPE_F16 ? fl_f16_to_f32(h) : fl_bf16_to_f32(h);
+                }
+            }
+            out[r] = cpu_finish16_avx2(lo[r], hi[r], x, wt, i, cols);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Work items */
+
+static void mm_item_tiled(mm_ctx_t *c, int64_t r0, int64_t r1, int t0, int t1)
+{
+    const bool quant = c->type == FL_TYPE_Q4_0 || c->type == FL_TYPE_Q4_1 || c->type == FL_TYPE_Q8_0;
+    const int64_t rows = c->rows;
+    float *y = c->y;
+    if (c->isa == CPU_ISA_SCALAR) {
+        for (int t = t0; t < t1; t++)
+            for (int64_t r = r0; r < r1; r++)
+                y[(size_t)t * rows + r] = quant ? qdot_scalar(c, r, t) : fdot_scalar(c, r, t);
+        return;
+    }
+    if (!quant) {
+        for (int t = t0; t < t1; t++)
+            for (int64_t r = r0; r < r1; r += 4) {
+                const uint8_t *wr[4];
+                for (int k = 0; k < 4; k++) wr[k] = c->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * c->row_bytes;
+                float out[4];
+                ftile4_avx2(c, wr, t, out);
+                for (int k = 0; k < 4 && r + k < r1; k++) y[(size_t)t * rows + r + k] = out[k];
+            }
+        return;
+    }
+    const bool vnni = c->isa == CPU_ISA_AVX512;
+    int t = t0;
+    while (t1 - t >= 2) {
+        const int TP = t1 - t >= 4 ? 2 : 1, nt = 2 * TP;
+        const int tok[4] = {t, t + 1, t + (nt > 2 ? 2 : 1), t + (nt > 2 ? 3 : 1)};
+        for (int64_t r = r0; r < r1; r += 4) {
+            const uint8_t *wr[4];
+            for (int k = 0; k < 4; k++) wr[k] = c->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * c->row_bytes;
+            float out[4][4];
+            if (vnni) tile4_dispatch_avx512(c, TP, wr, tok, out);
+            else tile4_dispatch_avx2(c, TP, wr, tok, out);
+            for (int j = 0; j < nt; j++)
+                for (int k = 0; k < 4 && r + k < r1; k++) y[(size_t)tok[j] * rows + r + k] = out[j][k];
+        }
+        t += nt;
+    }
+    if (t < t1) {
+        for (int64_t r = r0; r < r1; r += 8) {
+            const uint8_t *wr[8];
+            for (int k = 0; k < 8; k++) wr[k] = c->w + (size_t)(r + k < r1 ? r + k : r1 - 1) * c->row_bytes;
+            float out[8];
+            if (vnni) tile8_dispatch_avx512(c, wr, t, out);
+            else tile8_dispatch_avx2(c, wr, t, out);
+            for (int k = 0; k < 8 && r + k < r1; k++) y[(size_t)t * rows + r + k] = out[k];
+        }
+    }
+}
+
+static void mm_task_tiled(void *arg, int ith, int nth)
+{
+    mm_ctx_t *c = arg;
+    const int n_items = c->n_chunks * c->n_tblocks;
+    for (;;) {
+        const int it = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
+        if (it >= n_items) break;
+        const int chunk = it % c->n_chunks, tb = it / c->n_chunks;
+        const int64_t r0 = (int64_t)chunk * MM_CHUNK, r1 = r0 + MM_CHUNK < c->rows ? r0 + MM_CHUNK : c->rows;
+        const int t0 = tb * MM_TBLOCK, t1 = t0 + MM_TBLOCK < c->n ? t0 + MM_TBLOCK : c->n;
+        mm_item_tiled(c, r0, r1, t0, t1);
+    }
+}
+
+static void mm_task_blas(void *arg, int ith, int nth)
+{
+    mm_ctx_t *c = arg;
+    const int n_items = (int)((c->rows + MM_PANEL - 1) / MM_PANEL);
+    float *panel = c->panel[ith];
+    for (;;) {
+        const int it = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
+        if (it >= n_items) break;
+        const int64_t r0 = (int64_t)it * MM_PANEL, nr = r0 + MM_PANEL < c->rows ? MM_PANEL : c->rows - r0;
+        for (int64_t r = 0; r < nr; r++)
+            quant_dequantize_row(c->type, c->w + (size_t)(r0 + r) * c->row_bytes, panel + (size_t)r * c->cols,
+                                 c->cols);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c->n, (int)nr, c->cols, 1.0f, c->x, c->cols, panel,
+                    c->cols, 0.0f, c->y + r0, (int)c->rows);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+
+int cpu_grow(void **buf, size_t *cap, size_t bytes)
+{
+    if (bytes <= *cap) return 0;
+    size_t want = bytes + bytes / 4;
+    want = (want + 63) & ~(size_t)63;
+    void *p = aligned_alloc(64, want);
+    if (!p) return FL_ENOMEM;
+    memset(p, 0, want);
+    free(*buf);
+    *buf = p;
+    *cap = want;
+    return 0;
+}
+
+int cpu_matmul_reserve(cpu_backend_t *cb, int64_t cols)
+{
+    if (cols <= cb->max_cols) return 0;
+    const int nth = cpu_pool_size(cb->pool);
+    const size_t need = (size_t)MM_PANEL * (size_t)cols;
+    for (int i = 0; i < nth; i++) {
+        size_t cap = cb->panel_floats * sizeof(float);
+        if (cpu_grow((void **)&cb->panel[i], &cap, need * sizeof(float))) return FL_ENOMEM;
+    }
+    cb->panel_floats = need;
+    cb->max_cols = cols;
+    return 0;
+}
+
+/* Measured on the 2-core AMD EPYC (Zen 4, AVX-512 VNNI) dev machine with 2 threads, Q8_0/Q4_0
+ * weights of 576x576 .. 49152x576: the tiled int8 kernel beats dequantize + OpenBLAS sgemm at every
+ * n tried up to 512 (see the numbers in the report of the commit that set this), so the BLAS path is
+ * off by default. FOLIO_CPU_BLAS_MIN_N=<n> turns it on for n >= max(n, 65). */
+int cpu_matmul_default_blas_min_n(void) { return INT32_MAX; }
+
+void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n)
+{
+    cpu_backend_t *cb = (cpu_backend_t *)be;
+    if (n <= 0 || w->rows <= 0) return;
+    mm_ctx_t c = {
+        .type = w->type, .cols = (int)w->cols, .rows = w->rows, .n = n, .w = w->data, .row_bytes = w->row_bytes,
+        .x = x, .y = y, .isa = cb->isa, .panel = cb->panel,
+    };
+    atomic_init(&c.next, 0);
+    const bool float_w = w->type == FL_TYPE_F32 || w->type == FL_TYPE_F16 || w->type == FL_TYPE_BF16;
+
+    if (n >= cb->blas_min_n && cb->panel_floats >= (size_t)MM_PANEL * (size_t)w->cols) {
+        cpu_pool_run(cb->pool, mm_task_blas, &c);
+        return;
+    }
+
+    /* Convert the activations once, on the caller (n x cols is small next to the weights). */
+    const size_t cols = (size_t)w->cols;
+    if (float_w) {
+        if (w->type != FL_TYPE_F32) {
+            if (cpu_grow(&cb->act, &cb->act_bytes, (size_t)n * cols * sizeof(float))) goto oom;
+            float *xf = cb->act;
+            if (w->type == FL_TYPE_F16 && cb->isa != CPU_ISA_SCALAR) round_act_f16_avx2(x, xf, (int64_t)n * cols);
+            else round_act(w->type, x, xf, (int64_t)n * cols);
+            c.xf = xf;
+        } else {
+            c.xf = x;
+        }
+    } else {
+        const int nb = (int)(cols / 32);
+        const size_t qbytes = ((size_t)n * cols + 63) & ~(size_t)63, fbytes = (size_t)n * nb * sizeof(float);
+        if (cpu_grow(&cb->act, &cb->act_bytes, qbytes + 3 * fbytes)) goto oom;
+        int8_t *qs = cb->act;
+        float *d = (float *)((char *)cb->act + qbytes), *s = d + (size_t)n * nb;
+        int32_t *qsum = (int32_t *)(s + (size_t)n * nb);
+        for (int t = 0; t < n; t++) {
+            const size_t o = (size_t)t * nb;
+            if (cb->isa == CPU_ISA_SCALAR)
+                quantize_act_scalar(x + (size_t)t * cols, (int)cols, qs + (size_t)t * cols, d + o, qsum + o, s + o);
+            else
+                quantize_act_avx2(x + (size_t)t * cols, (int)cols, qs + (size_t)t * cols, d + o, qsum + o, s + o);
+        }
+        c.nb = nb, c.qs = qs, c.d = d, c.s = s, c.qsum = qsum;
+    }
+    (void)vec_dot_type;
+    c.n_chunks = (int)((w->rows + MM_CHUNK - 1) / MM_CHUNK);
+    c.n_tblocks = (n + MM_TBLOCK - 1) / MM_TBLOCK;
+    /* Tiny products (a few thousand MACs) are not worth waking the workers. */
+    if ((int64_t)n * w->rows * w->cols < 32 * 1024) mm_task_tiled(&c, 0, 1);
+    else cpu_pool_run(cb->pool, mm_task_tiled, &c);
+    return;
+oom:
+    /* No way to report from a void op: poison the output so the caller's checks see NaN. */
+    for (size_t i = 0; i < (size_t)n * (size_t)w->rows; i++) y[i] = NAN;
+}

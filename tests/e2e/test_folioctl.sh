@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# folioctl end to end on a tiny random model (and on the default model when it is present):
+# run --json follows the DESIGN.md contract, tokenize --json matches what run feeds, streaming
+# prints text, and bad input (missing model, corrupt file, unknown flag, bad value) is a clear
+# error with a non-zero exit, never a crash.
+set -uo pipefail
+build="${FOLIO_BUILD_DIR:?}"
+src="${FOLIO_SOURCE_DIR:?}"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+fails=0
+check() { # name, condition...
+  local name="$1"; shift
+  if "$@"; then echo "ok   $name"; else echo "FAIL $name"; fails=$((fails + 1)); fi
+}
+ctl="$build/folioctl"
+export FOLIO_LOG=warn
+
+"$build/folio-mkmodel" -o "$tmp/tiny.gguf" --layers 2 --dim 64 --ff 128 --heads 4 --kv-heads 2 --vocab 400 \
+  --type q8_0 --seed 3 >/dev/null || { echo "FAIL folio-mkmodel"; exit 1; }
+
+out="$("$ctl" run -m "$tmp/tiny.gguf" -p "hello world" -n 12 --ignore-eos --json 2>"$tmp/err")"
+rc=$?
+check "run --json exits 0" test $rc -eq 0
+last="$(printf '%s\n' "$out" | tail -n 1)"
+check "run --json prints the contract object" python3 - "$last" <<'PY'
+import json, sys
+o = json.loads(sys.argv[1])
+assert isinstance(o["tokens"], list) and len(o["tokens"]) == 12, o
+assert all(isinstance(t, int) for t in o["tokens"])
+assert isinstance(o["text"], str)
+assert o["finish_reason"] == "length"
+u = o["usage"]
+assert u["completion_tokens"] == 12 and u["prompt_tokens"] > 0 and u["cached_prompt_tokens"] == 0
+assert "total_ms" in o["timings"] and "first_token_ms" in o["timings"]
+PY
+
+tk="$("$ctl" tokenize -m "$tmp/tiny.gguf" -p "hello world" --json 2>/dev/null | tail -n 1)"
+check "tokenize --json" python3 -c "import json,sys; t=json.loads(sys.argv[1])['tokens']; assert t and all(isinstance(x,int) for x in t)" "$tk"
+check "usage.prompt_tokens equals the tokenize count" python3 -c "
+import json,sys; assert json.loads(sys.argv[1])['usage']['prompt_tokens']==len(json.loads(sys.argv[2])['tokens'])" "$last" "$tk"
+
+# Same seed, same output; greedy twice, same output.
+a="$("$ctl" run -m "$tmp/tiny.gguf" -p "abc" -n 16 --ignore-eos --temperature 0.9 --seed 5 --json 2>/dev/null | tail -n 1)"
+b="$("$ctl" run -m "$tmp/tiny.gguf" -p "abc" -n 16 --ignore-eos --temperature 0.9 --seed 5 --json 2>/dev/null | tail -n 1)"
+check "seeded sampling is reproducible" test "$(python3 -c "import json,sys;print(json.loads(sys.argv[1])['tokens'])" "$a")" = \
+  "$(python3 -c "import json,sys;print(json.loads(sys.argv[1])['tokens'])" "$b")"
+
+# Streaming mode prints text then a newline.
+"$ctl" run -m "$tmp/tiny.gguf" -p "stream" -n 8 --ignore-eos >"$tmp/stream.out" 2>/dev/null
+check "streaming run exits 0" test $? -eq 0
+
+# Bad input: clear errors, non-zero exits, no crash (exit codes < 128).
+"$ctl" run -m "$tmp/missing.gguf" -p x -n 1 >/dev/null 2>"$tmp/e1"; rc=$?
+check "missing model: exit 1" test $rc -eq 1
+check "missing model: message names the file" grep -q "missing.gguf" "$tmp/e1"
+head -c 1000 "$tmp/tiny.gguf" >"$tmp/cut.gguf"
+"$ctl" run -m "$tmp/cut.gguf" -p x -n 1 >/dev/null 2>"$tmp/e2"; rc=$?
+check "truncated model: exit 1" test $rc -eq 1
+check "truncated model: message names the file" grep -q "cut.gguf" "$tmp/e2"
+printf 'GGUF\x03\x00\x00\x00garbage' >"$tmp/bad.gguf"
+"$ctl" run -m "$tmp/bad.gguf" -p x -n 1 >/dev/null 2>&1; rc=$?
+check "garbage model: exit 1" test $rc -eq 1
+"$ctl" run -m "$tmp/tiny.gguf" -p x --bogus >/dev/null 2>&1; rc=$?
+check "unknown flag: exit 2" test $rc -eq 2
+"$ctl" run -m "$tmp/tiny.gguf" -p x -n -5 >/dev/null 2>&1; rc=$?
+check "negative -n: exit 2" test $rc -eq 2
+"$ctl" run -m "$tmp/tiny.gguf" -p x --top-p 7 >/dev/null 2>&1; rc=$?
+check "top-p out of range: exit 2" test $rc -eq 2
+"$ctl" frobnicate >/dev/null 2>&1; rc=$?
+check "unknown command: exit 2" test $rc -eq 2
+
+# The default model, when set-up has fetched it: a chat answer through the template.
+model="$src/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ -f "$model" ]; then
+  o="$("$ctl" run -m "$model" --chat -p "What is the capital of France?" -n 24 --json 2>/dev/null | tail -n 1)"
+  check "default model chat answer mentions Paris" python3 -c "import json,sys; assert 'Paris' in json.loads(sys.argv[1])['text']" "$o"
+  t="$("$ctl" tokenize -m "$model" -p "Hello world" --json 2>/dev/null | tail -n 1)"
+  check "default model tokenize" test "$t" = '{"tokens":[19556,905]}'
+fi
+
+echo "$((fails == 0 ? 1 : 0)) passed, $fails failed" >/dev/null
+[ $fails -eq 0 ]
