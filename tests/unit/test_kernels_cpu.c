@@ -1,0 +1,665 @@
+/* test_kernels_cpu.c - the CPU backend against plain scalar references.
+ *
+ * Every op is checked on random inputs over many shapes. Two kinds of checks:
+ *   - against the numeric spec the kernels document (activation quantization to the vec-dot type,
+ *     per-block integer dots accumulated with fmaf, canonical 16-lane float dots), re-implemented
+ *     here independently: the backend must match it bit for bit on every ISA;
+ *   - against the exact product of the dequantized weights with the raw activations in double, with
+ *     an error bound derived from the activation rounding, to catch a wrong spec.
+ * Plus: batched results equal row-by-row results bit for bit, ISAs agree with each other, and the
+ * sampler is a pure function of (seed, position). FOLIO_CPU_ISA forces an instruction set. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "common/quant.h"
+#include "kernels/cpu/cpu_internal.h"
+#include "kernels/kernels.h"
+
+/* ---- helpers ---- */
+
+static uint64_t rng_state = 0x1234567887654321ull;
+static uint32_t rnd_u32(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 16);
+}
+static float rnd_f(float lo, float hi) { return lo + (hi - lo) * (float)(rnd_u32() & 0xffffff) / 16777216.0f; }
+static void fill(float *x, size_t n, float a)
+{
+    for (size_t i = 0; i < n; i++) x[i] = rnd_f(-a, a);
+}
+
+static kern_backend_t *new_backend(const char *isa, int threads, const char *blas_min_n)
+{
+    if (isa) setenv("FOLIO_CPU_ISA", isa, 1);
+    else unsetenv("FOLIO_CPU_ISA");
+    if (blas_min_n) setenv("FOLIO_CPU_BLAS_MIN_N", blas_min_n, 1);
+    else unsetenv("FOLIO_CPU_BLAS_MIN_N");
+    fl_error_t err = {0};
+    kern_backend_t *be = kern_cpu_new(threads, &err);
+    assert_non_null(be);
+    unsetenv("FOLIO_CPU_ISA");
+    unsetenv("FOLIO_CPU_BLAS_MIN_N");
+    return be;
+}
+
+static cpu_isa_t isa_of(kern_backend_t *be) { return ((cpu_backend_t *)be)->isa; }
+
+static const char *isa_names[3] = {"scalar", "avx2", "avx512"};
+
+static bool bits_equal(const float *a, const float *b, size_t n, size_t *where)
+{
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], 4) != 0) {
+            if (where) *where = i;
+            return false;
+        }
+    return true;
+}
+
+/* ---- matmul reference (the spec, written independently of cpu_matmul.c) ---- */
+
+static float f16r(float x) { return fl_f16_to_f32(fl_f32_to_f16(x)); }
+
+typedef struct {
+    int8_t q[32];
+    float d, s;
+    int sum;
+} ref_qblock_t;
+
+static void ref_quant_act(const float *x, ref_qblock_t *b)
+{
+    float amax = 0;
+    for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
+    const float d = amax / 127.f, id = amax != 0 ? 127.f / amax : 0.f;
+    b->sum = 0;
+    for (int j = 0; j < 32; j++) {
+        b->q[j] = (int8_t)nearbyintf(x[j] * id);
+        b->sum += b->q[j];
+    }
+    b->d = f16r(d);
+    b->s = f16r(d * (float)b->sum);
+}
+
+/* Returns y for one (row, x) pair; *bound receives the allowed distance from the exact product. */
+static float ref_matmul_one(int type, const uint8_t *row, const float *x, int cols, double *exact, double *bound)
+{
+    float *wf = malloc((size_t)cols * sizeof(float));
+    quant_dequantize_row(type, row, wf, cols);
+    double ex = 0, mag = 0;
+    for (int i = 0; i < cols; i++) ex += (double)wf[i] * x[i], mag += fabs((double)wf[i] * x[i]);
+    *exact = ex;
+    float y;
+    if (type == FL_TYPE_F32 || type == FL_TYPE_F16 || type == FL_TYPE_BF16) {
+        float l[16] = {0};
+        double rel = type == FL_TYPE_F32 ? 0 : type == FL_TYPE_F16 ? 0x1p-11 : 0x1p-8;
+        for (int i = 0; i < cols; i++) {
+            float xr = type == FL_TYPE_F16 ? f16r(x[i]) : type == FL_TYPE_BF16 ? fl_bf16_to_f32(fl_f32_to_bf16(x[i])) : x[i];
+            l[i % 16] = fmaf(xr, wf[i], l[i % 16]);
+        }
+        for (int j = 0; j < 8; j++) l[j] += l[j + 8];
+        for (int j = 0; j < 4; j++) l[j] += l[j + 4];
+        for (int j = 0; j < 2; j++) l[j] += l[j + 2];
+        y = l[0] + l[1];
+        *bound = mag * (rel + 1e-6) + 1e-6;
+    } else {
+        float acc = 0, accm = 0;
+        double bnd = 0;
+        for (int b = 0; b < cols / 32; b++) {
+            ref_qblock_t qb;
+            ref_quant_act(x + 32 * b, &qb);
+            int isum = 0;
+            float dw, mw = 0;
+            if (type == FL_TYPE_Q8_0) {
+                const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)row + b;
+                dw = fl_f16_to_f32(blk->d);
+                for (int j = 0; j < 32; j++) isum += blk->qs[j] * qb.q[j];
+            } else if (type == FL_TYPE_Q4_0) {
+                const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)row + b;
+                dw = fl_f16_to_f32(blk->d);
+                for (int j = 0; j < 16; j++)
+                    isum += ((blk->qs[j] & 15) - 8) * qb.q[j] + ((blk->qs[j] >> 4) - 8) * qb.q[j + 16];
+            } else {
+                const fl_block_q4_1_t *blk = (const fl_block_q4_1_t *)row + b;
+                dw = fl_f16_to_f32(blk->d);
+                mw = fl_f16_to_f32(blk->m);
+                for (int j = 0; j < 16; j++) isum += (blk->qs[j] & 15) * qb.q[j] + (blk->qs[j] >> 4) * qb.q[j + 16];
+            }
+            acc = fmaf((float)isum, dw * qb.d, acc);
+            if (type == FL_TYPE_Q4_1) accm = fmaf(mw, qb.s, accm);
+            /* x_j is replaced by d_x * q_j: error <= d/2 per element (+ f16 rounding of d) */
+            float amax = 0;
+            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[32 * b + j]));
+            double wsum = 0;
+            for (int j = 0; j < 32; j++) wsum += fabs(wf[32 * b + j]);
+            bnd += wsum * (amax / 127.0 * 0.51 + amax * 0x1p-10);
+        }
+        y = type == FL_TYPE_Q4_1 ? acc + accm : acc;
+        *bound = bnd + mag * 1e-5 + 1e-5;
+    }
+    free(wf);
+    return y;
+}
+
+static const int all_types[] = {FL_TYPE_F32, FL_TYPE_F16, FL_TYPE_BF16, FL_TYPE_Q4_0, FL_TYPE_Q4_1, FL_TYPE_Q8_0};
+
+static uint8_t *make_weight(int type, int64_t rows, int64_t cols)
+{
+    const size_t rb = fl_dtype_row_bytes(type, cols);
+    uint8_t *w = malloc(rb * rows + 64);
+    float *tmp = malloc((size_t)cols * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+        fill(tmp, cols, 1.0f);
+        if (r % 7 == 3) memset(tmp, 0, 32 * sizeof(float)); /* an all-zero block */
+        assert_int_equal(quant_quantize_row(type, tmp, w + rb * r, cols), rb);
+    }
+    free(tmp);
+    return w;
+}
+
+/* Runs y = x W^T on be and checks each element against the spec (bit-exact) and the exact product. */
+static void check_matmul(kern_backend_t *be, int type, int rows, int cols, int n, bool exact_spec)
+{
+    uint8_t *wd = make_weight(type, rows, cols);
+    fl_error_t err = {0};
+    kern_weight_t *w = be->ops->weight_new(be, type, rows, cols, wd, &err);
+    assert_non_null(w);
+    float *x = kern_alloc(be, (size_t)n * cols * sizeof(float)), *y = kern_alloc(be, (size_t)n * rows * sizeof(float));
+    fill(x, (size_t)n * cols, 2.0f);
+    if (n > 1) memset(x + cols, 0, cols * sizeof(float)); /* an all-zero row */
+    kern_matmul(be, y, w, x, n);
+    const size_t rb = fl_dtype_row_bytes(type, cols);
+    for (int t = 0; t < n; t++)
+        for (int r = 0; r < rows; r++) {
+            double ex, bound;
+            const float ref = ref_matmul_one(type, wd + rb * r, x + (size_t)t * cols, cols, &ex, &bound);
+            const float got = y[(size_t)t * rows + r];
+            if (exact_spec && memcmp(&ref, &got, 4) != 0)
+                fail_msg("%s %s %dx%d n=%d: y[%d][%d] = %.9g, spec says %.9g", isa_names[isa_of(be)],
+                         fl_dtype_name(type), rows, cols, n, t, r, got, ref);
+            if (!(fabs(got - ex) <= bound))
+                fail_msg("%s %s %dx%d n=%d: y[%d][%d] = %.9g, exact %.9g, bound %.3g", isa_names[isa_of(be)],
+                         fl_dtype_name(type), rows, cols, n, t, r, got, ex, bound);
+        }
+    kern_free(be, x);
+    kern_free(be, y);
+    be->ops->weight_destroy(be, w);
+    free(wd);
+}
+
+static void test_matmul_matches_spec_every_type_and_isa(void **state)
+{
+    static const int shapes[][2] = {{32, 32}, {37, 64}, {64, 96}, {8, 576}, {576, 576}, {1536, 64}, {40, 1536}};
+    static const int ns[] = {1, 2, 3, 7, 32, 100};
+    for (int isa = 0; isa < 3; isa++) {
+        kern_backend_t *be = new_backend(isa_names[isa], 2, NULL);
+        if ((int)isa_of(be) != isa) {
+            kern_destroy(&be);
+            continue; /* this machine lacks the ISA */
+        }
+        for (size_t ti = 0; ti < sizeof all_types / sizeof *all_types; ti++)
+            for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
+                for (size_t ni = 0; ni < sizeof ns / sizeof *ns; ni++) {
+                    const int rows = shapes[si][0], cols = shapes[si][1], n = ns[ni];
+                    if ((int64_t)rows * cols * n > 8000000 && isa == 0) continue; /* scalar is slow */
+                    check_matmul(be, all_types[ti], rows, cols, n, true);
+                }
+        kern_destroy(&be);
+    }
+}
+
+/* The engine guarantees a sequence decodes the same alone or in a batch: so y's row t must be the
+ * same bits whatever n, and whichever ISA or thread count computed it. */
+static void test_matmul_batched_equals_row_by_row_bitexact(void **state)
+{
+    static const int shapes[][2] = {{576, 576}, {1536, 576}, {576, 1536}, {75, 96}};
+    const int n = 64;
+    kern_backend_t *bes[4] = {new_backend(NULL, 2, NULL), new_backend("avx2", 3, NULL), new_backend("scalar", 1, NULL),
+                              new_backend(NULL, 1, NULL)};
+    for (size_t ti = 0; ti < sizeof all_types / sizeof *all_types; ti++)
+        for (size_t si = 0; si < 4; si++) {
+            const int type = all_types[ti], rows = shapes[si][0], cols = shapes[si][1];
+            uint8_t *wd = make_weight(type, rows, cols);
+            float *x = malloc((size_t)n * cols * sizeof(float));
+            float *ya = malloc((size_t)n * rows * sizeof(float)), *yb = malloc((size_t)n * rows * sizeof(float));
+            fill(x, (size_t)n * cols, 3.0f);
+            kern_weight_t *w0 = bes[0]->ops->weight_new(bes[0], type, rows, cols, wd, NULL);
+            kern_matmul(bes[0], ya, w0, x, n);
+            for (int b = 0; b < 4; b++) {
+                kern_backend_t *be = bes[b];
+                kern_weight_t *w = be->ops->weight_new(be, type, rows, cols, wd, NULL);
+                if (b == 2 && (int64_t)rows * cols > 400000) {
+                    be->ops->weight_destroy(be, w);
+                    continue;
+                }
+                /* row by row, then in uneven groups */
+                for (int t = 0; t < n; t++) kern_matmul(be, yb + (size_t)t * rows, w, x + (size_t)t * cols, 1);
+                size_t where = 0;
+                if (!bits_equal(ya, yb, (size_t)n * rows, &where))
+                    fail_msg("%s %dx%d backend %d: row-by-row differs at %zu", fl_dtype_name(type), rows, cols, b, where);
+                for (int t = 0, g = 1; t < n; t += g, g = g % 9 + 2) {
+                    const int m = t + g <= n ? g : n - t;
+                    kern_matmul(be, yb + (size_t)t * rows, w, x + (size_t)t * cols, m);
+                }
+                if (!bits_equal(ya, yb, (size_t)n * rows, &where))
+                    fail_msg("%s %dx%d backend %d: grouped differs at %zu", fl_dtype_name(type), rows, cols, b, where);
+                be->ops->weight_destroy(be, w);
+            }
+            bes[0]->ops->weight_destroy(bes[0], w0);
+            free(x), free(ya), free(yb), free(wd);
+        }
+    for (int b = 0; b < 4; b++) kern_destroy(&bes[b]);
+}
+
+static void test_matmul_blas_path_within_bound(void **state)
+{
+    kern_backend_t *be = new_backend(NULL, 2, "65");
+    assert_int_equal(((cpu_backend_t *)be)->blas_min_n, 65);
+    for (size_t ti = 0; ti < sizeof all_types / sizeof *all_types; ti++) {
+        check_matmul(be, all_types[ti], 130, 576, 100, false);
+        check_matmul(be, all_types[ti], 64, 96, 65, false);
+        check_matmul(be, all_types[ti], 64, 96, 64, true); /* below the threshold: the tiled path */
+    }
+    kern_destroy(&be);
+}
+
+static void test_weight_new_rejects_bad_types_and_shapes(void **state)
+{
+    kern_backend_t *be = new_backend(NULL, 1, NULL);
+    uint8_t buf[4096] = {0};
+    fl_error_t err = {0};
+    assert_null(be->ops->weight_new(be, 12 /* Q4_K */, 4, 256, buf, &err));
+    assert_int_equal(err.code, FL_EUNSUPPORTED);
+    assert_non_null(strstr(err.msg, "not supported"));
+    assert_null(be->ops->weight_new(be, FL_TYPE_Q8_1, 4, 32, buf, &err));
+    assert_int_equal(err.code, FL_EUNSUPPORTED);
+    err.code = 0;
+    assert_null(be->ops->weight_new(be, FL_TYPE_Q4_0, 4, 48, buf, &err));
+    assert_int_equal(err.code, FL_EINVAL);
+    assert_non_null(strstr(err.msg, "multiple"));
+    assert_null(be->ops->weight_new(be, FL_TYPE_F32, 0, 48, buf, &err));
+    kern_weight_t *w = be->ops->weight_new(be, FL_TYPE_F16, 3, 5, buf, &err);
+    assert_non_null(w);
+    be->ops->weight_destroy(be, w);
+    kern_destroy(&be);
+    assert_null(be);
+    kern_destroy(NULL);
+    kern_destroy(&be);
+}
+
+static void test_cuda_stub_says_unsupported(void **state)
+{
+#ifndef FOLIO_HAVE_CUDA
+    fl_error_t err = {0};
+    assert_null(kern_cuda_new(0, &err));
+    assert_int_equal(err.code, FL_EUNSUPPORTED);
+    assert_false(kern_cuda_available());
+#endif
+}
+
+/* ---- small ops ---- */
+
+static void test_embed_dequantizes_rows_of_every_type(void **state)
+{
+    kern_backend_t *be = new_backend(NULL, 2, NULL);
+    const int rows = 50, cols = 96;
+    for (size_t ti = 0; ti < sizeof all_types / sizeof *all_types; ti++) {
+        const int type = all_types[ti];
+        uint8_t *wd = make_weight(type, rows, cols);
+        kern_weight_t *w = be->ops->weight_new(be, type, rows, cols, wd, NULL);
+        const int32_t ids[5] = {0, 49, 7, 7, 20};
+        float out[5 * 96], ref[96];
+        kern_embed(be, out, w, ids, 5);
+        for (int i = 0; i < 5; i++) {
+            quant_dequantize_row(type, wd + fl_dtype_row_bytes(type, cols) * ids[i], ref, cols);
+            assert_memory_equal(out + i * cols, ref, sizeof ref);
+        }
+        be->ops->weight_destroy(be, w);
+        free(wd);
+    }
+    kern_destroy(&be);
+}
+
+static void test_rmsnorm_swiglu_add_match_reference(void **state)
+{
+    kern_backend_t *be = new_backend(NULL, 1, NULL);
+    static const int dims[] = {1, 5, 64, 576, 1000};
+    for (size_t di = 0; di < 5; di++) {
+        const int dim = dims[di], n = 3;
+        float *x = malloc(n * dim * 4), *w = malloc(dim * 4), *y = malloc(n * dim * 4), *u = malloc(n * dim * 4);
+        fill(x, n * dim, 4.0f), fill(w, dim, 2.0f), fill(u, n * dim, 3.0f);
+        kern_rmsnorm(be, y, x, w, n, dim, 1e-5f);
+        for (int r = 0; r < n; r++) {
+            double ss = 0;
+            for (int i = 0; i < dim; i++) ss += (double)x[r * dim + i] * x[r * dim + i];
+            const double sc = 1.0 / sqrt(ss / dim + 1e-5);
+            for (int i = 0; i < dim; i++) {
+                const double ref = x[r * dim + i] * sc * w[i];
+                assert_true(fabs(y[r * dim + i] - ref) <= 1e-5 * fabs(ref) + 1e-7);
+            }
+        }
+        kern_swiglu(be, y, x, u, n * dim);
+        for (int i = 0; i < n * dim; i++) {
+            const double g = x[i], ref = g / (1.0 + exp(-g)) * u[i];
+            assert_true(fabs(y[i] - ref) <= 1e-5 * fabs(ref) + 1e-7);
+        }
+        memcpy(y, x, n * dim * 4);
+        kern_add(be, y, u, n * dim);
+        for (int i = 0; i < n * dim; i++) assert_true(y[i] == x[i] + u[i]);
+        free(x), free(w), free(y), free(u);
+    }
+    kern_destroy(&be);
+}
+
+static void test_rope_rotates_adjacent_pairs_like_ggml(void **state)
+{
+    kern_backend_t *be = new_backend(NULL, 1, NULL);
+    const int n = 4, nh = 3, hd = 64;
+    const int32_t pos[4] = {0, 1, 17, 4095};
+    float ff[16];
+    for (int i = 0; i < 16; i++) ff[i] = 1.0f + i * 0.5f;
+    const kern_rope_t cfgs[3] = {{64, 10000.0f, 1.0f, NULL}, {32, 500000.0f, 0.25f, ff}, {64, 100000.0f, 1.0f, NULL}};
+    for (int c = 0; c < 3; c++) {
+        const kern_rope_t *rp = &cfgs[c];
+        float x[4 * 3 * 64], y[4 * 3 * 64];
+        fill(x, sizeof x / 4, 1.0f);
+        memcpy(y, x, sizeof x);
+        kern_rope(be, y, pos, n, nh, hd, rp);
+        for (int t = 0; t < n; t++)
+            for (int h = 0; h < nh; h++) {
+                const float *xi = x + (t * nh + h) * hd, *yi = y + (t * nh + h) * hd;
+                for (int i = 0; i < hd / 2; i++) {
+                    if (2 * i >= rp->n_rot) {
+                        assert_true(yi[2 * i] == xi[2 * i] && yi[2 * i + 1] == xi[2 * i + 1]);
+                        continue;
+                    }
+                    const double fr = pow(rp->freq_base, -2.0 * i / rp->n_rot) / (rp->freq_factors ? rp->freq_factors[i] : 1.0);
+                    const double th = pos[t] * rp->freq_scale * fr;
+                    const double r0 = xi[2 * i] * cos(th) - xi[2 * i + 1] * sin(th);
+                    const double r1 = xi[2 * i] * sin(th) + xi[2 * i + 1] * cos(th);
+                    /* iterative theta accumulates ~i ulps of relative error in the angle */
+                    const double tol = 1e-5 + fabs(th) * 4e-7 * (i + 1);
+                    assert_true(fabs(yi[2 * i] - r0) <= tol);
+                    assert_true(fabs(yi[2 * i + 1] - r1) <= tol);
+                }
+            }
+    }
+    kern_destroy(&be);
+}
+
+static void test_kv_store_writes_f16_rows_at_slots(void **state)
+{
+    for (int isa = 0; isa < 3; isa++) {
+        kern_backend_t *be = new_backend(isa_names[isa], 1, NULL);
+        const int kv_dim = 3 * 64 + 4, n = 3, n_slots = 10;
+        fl_f16_t *kc = kern_alloc(be, n_slots * kv_dim * 2), *vc = kern_alloc(be, n_slots * kv_dim * 2);
+        float k[3 * 196], v[3 * 196];
+        fill(k, n * kv_dim, 10.0f), fill(v, n * kv_dim, 10.0f);
+        const int32_t slots[3] = {9, 0, 4};
+        kern_kv_store(be, kc, vc, k, v, slots, n, kv_dim);
+        for (int i = 0; i < n; i++)
+            for (int d = 0; d < kv_dim; d++) {
+                assert_int_equal(kc[slots[i] * kv_dim + d], fl_f32_to_f16(k[i * kv_dim + d]));
+                assert_int_equal(vc[slots[i] * kv_dim + d], fl_f32_to_f16(v[i * kv_dim + d]));
+            }
+        for (int d = 0; d < kv_dim; d++) assert_int_equal(kc[1 * kv_dim + d], 0);
+        kern_free(be, kc), kern_free(be, vc);
+        kern_destroy(&be);
+    }
+}
+
+/* ---- attention ---- */
+
+/* Double-precision reference of the documented numerics (q, p rounded to f16). */
+static void ref_attention(const kern_attn_t *a, int i, int h, float *out)
+{
+    const int hd = a->head_dim, kvh = h / (a->n_heads / a->n_kv_heads), pos = a->tok_pos[i];
+    const int32_t *bt = a->block_tables + a->tok_seq[i] * a->max_blocks;
+    double *sc = malloc((pos + 1) * sizeof(double)), mx = -INFINITY, sum = 0;
+    const float *q = a->q + ((size_t)i * a->n_heads + h) * hd;
+    for (int j = 0; j <= pos; j++) {
+        const size_t slot = (size_t)bt[j / a->block_size] * a->block_size + j % a->block_size;
+        const fl_f16_t *k = a->k_cache + (slot * a->n_kv_heads + kvh) * hd;
+        double s = 0;
+        for (int d = 0; d < hd; d++) s += (double)f16r(q[d]) * fl_f16_to_f32(k[d]);
+        sc[j] = s * a->scale;
+        mx = fmax(mx, sc[j]);
+    }
+    for (int j = 0; j <= pos; j++) sum += (sc[j] = exp(sc[j] - mx));
+    for (int d = 0; d < hd; d++) out[d] = 0;
+    for (int j = 0; j <= pos; j++) {
+        const size_t slot = (size_t)bt[j / a->block_size] * a->block_size + j % a->block_size;
+        const fl_f16_t *v = a->v_cache + (slot * a->n_kv_heads + kvh) * hd;
+        const double p = f16r((float)(sc[j] / sum));
+        for (int d = 0; d < hd; d++) out[d] += (float)(p * fl_f16_to_f32(v[d]));
+    }
+    free(sc);
+}
+
+static void run_attention_case(int n_heads, int n_kv_heads, int hd, int block_size)
+{
+    /* three sequences of different lengths; blocks scattered over the pool */
+    const int n_seqs = 3, max_blocks = 12, n_blocks = 40;
+    const int lens[3] = {1, block_size + 1, 5 * block_size - 1};
+    int32_t tables[3 * 12];
+    for (int s = 0; s < n_seqs; s++)
+        for (int b = 0; b < max_blocks; b++) tables[s * max_blocks + b] = (s * 13 + b * 3 + 1) % n_blocks;
+    /* distinct blocks per sequence: (13s + 3b + 1) mod 40 collide across s? make them unique */
+    for (int s = 0; s < n_seqs; s++)
+        for (int b = 0; b < max_blocks; b++) tables[s * max_blocks + b] = (b * n_seqs + s + 1) % n_blocks;
+    const int kv_dim = n_kv_heads * hd;
+    const size_t pool = (size_t)n_blocks * block_size * kv_dim;
+    fl_f16_t *kc = malloc(pool * 2), *vc = malloc(pool * 2);
+    for (size_t i = 0; i < pool; i++) kc[i] = fl_f32_to_f16(rnd_f(-2, 2)), vc[i] = fl_f32_to_f16(rnd_f(-2, 2));
+    /* tokens: decode-style last positions, plus block-boundary positions and a prefill run */
+    int32_t seq[40], pos[40];
+    int n = 0;
+    for (int s = 0; s < n_seqs; s++) seq[n] = s, pos[n++] = lens[s] - 1;
+    const int special[] = {0, block_size - 1, block_size, 2 * block_size - 1, 2 * block_size, 3 * block_size + 1};
+    for (int k = 0; k < 6; k++) seq[n] = 2, pos[n++] = special[k];
+    for (int p = 0; p < 8; p++) seq[n] = 1, pos[n++] = p;
+    const int qdim = n_heads * hd;
+    float *q = malloc((size_t)n * qdim * 4), *out = malloc((size_t)n * qdim * 4), *o2 = malloc((size_t)n * qdim * 4);
+    fill(q, (size_t)n * qdim, 3.0f);
+    kern_attn_t a = {.out = out, .q = q, .k_cache = kc, .v_cache = vc, .n_tokens = n, .tok_seq = seq, .tok_pos = pos,
+                     .block_tables = tables, .max_blocks = max_blocks, .block_size = block_size, .n_heads = n_heads,
+                     .n_kv_heads = n_kv_heads, .head_dim = hd, .scale = 1.0f / sqrtf((float)hd)};
+    float *results[3] = {0};
+    for (int isa = 0; isa < 3; isa++) {
+        kern_backend_t *be = new_backend(isa_names[isa], 2, NULL);
+        if ((int)isa_of(be) != isa) {
+            kern_destroy(&be);
+            continue;
+        }
+        kern_attention(be, &a);
+        float ref[256];
+        for (int i = 0; i < n; i++)
+            for (int h = 0; h < n_heads; h++) {
+                ref_attention(&a, i, h, ref);
+                for (int d = 0; d < hd; d++) {
+                    const float got = out[((size_t)i * n_heads + h) * hd + d];
+                    if (!(fabsf(got - ref[d]) <= 2e-3f * (1 + fabsf(ref[d]))))
+                        fail_msg("attn nh=%d nkv=%d hd=%d bs=%d tok %d head %d d %d: %g vs %g", n_heads, n_kv_heads,
+                                 hd, block_size, i, h, d, got, ref[d]);
+                }
+            }
+        /* each token alone gives the same bits */
+        for (int i = 0; i < n; i++) {
+            kern_attn_t one = a;
+            one.n_tokens = 1, one.q = q + (size_t)i * qdim, one.out = o2 + (size_t)i * qdim;
+            one.tok_seq = seq + i, one.tok_pos = pos + i;
+            kern_attention(be, &one);
+        }
+        assert_true(bits_equal(out, o2, (size_t)n * qdim, NULL));
+        results[isa] = malloc((size_t)n * qdim * 4);
+        memcpy(results[isa], out, (size_t)n * qdim * 4);
+        kern_destroy(&be);
+    }
+    for (int isa = 1; isa < 3; isa++)
+        if (results[isa]) assert_true(bits_equal(results[0], results[isa], (size_t)n * qdim, NULL));
+    for (int isa = 0; isa < 3; isa++) free(results[isa]);
+    free(kc), free(vc), free(q), free(out), free(o2);
+}
+
+static void test_attention_paged_gqa_matches_reference(void **state)
+{
+    run_attention_case(4, 4, 64, 16);  /* GQA ratio 1 */
+    run_attention_case(9, 3, 64, 16);  /* ratio 3 (SmolLM-135M) */
+    run_attention_case(8, 2, 128, 32); /* ratio 4 */
+    run_attention_case(6, 2, 40, 8);   /* head_dim not a multiple of 16 */
+}
+
+static void test_attention_long_context_uses_pool(void **state)
+{
+    /* 600 positions x 9 heads is above the single-thread threshold: same bits on 1 and 2 threads */
+    const int hd = 64, nh = 9, nkv = 3, bs = 16, len = 600, mb = 40;
+    int32_t table[40];
+    for (int b = 0; b < mb; b++) table[b] = mb - 1 - b;
+    const size_t pool = (size_t)mb * bs * nkv * hd;
+    fl_f16_t *kc = malloc(pool * 2), *vc = malloc(pool * 2);
+    for (size_t i = 0; i < pool; i++) kc[i] = fl_f32_to_f16(rnd_f(-1, 1)), vc[i] = fl_f32_to_f16(rnd_f(-1, 1));
+    int32_t seq[4] = {0, 0, 0, 0}, pos[4] = {len - 4, len - 3, len - 2, len - 1};
+    float *q = malloc(4 * nh * hd * 4), *o1 = malloc(4 * nh * hd * 4), *o2 = malloc(4 * nh * hd * 4);
+    fill(q, 4 * nh * hd, 2.0f);
+    kern_attn_t a = {.out = o1, .q = q, .k_cache = kc, .v_cache = vc, .n_tokens = 4, .tok_seq = seq, .tok_pos = pos,
+                     .block_tables = table, .max_blocks = mb, .block_size = bs, .n_heads = nh, .n_kv_heads = nkv,
+                     .head_dim = hd, .scale = 0.125f};
+    kern_backend_t *b1 = new_backend(NULL, 1, NULL), *b2 = new_backend(NULL, 2, NULL);
+    kern_attention(b1, &a);
+    a.out = o2;
+    kern_attention(b2, &a);
+    assert_true(bits_equal(o1, o2, 4 * nh * hd, NULL));
+    kern_destroy(&b1), kern_destroy(&b2);
+    free(kc), free(vc), free(q), free(o1), free(o2);
+}
+
+/* ---- sampling ---- */
+
+static void test_sample_greedy_lowest_id_on_ties(void **state)
+{
+    kern_backend_t *be = new_backend(NULL, 1, NULL);
+    float l[2][100];
+    fill(l[0], 100, 1.0f), fill(l[1], 100, 1.0f);
+    l[0][17] = l[0][42] = l[0][80] = 5.0f;
+    l[1][99] = 7.0f;
+    kern_sampling_t p[2] = {{.temperature = 0}, {.temperature = -1}};
+    int32_t out[2];
+    kern_sample(be, out, &l[0][0], 2, 100, p);
+    assert_int_equal(out[0], 17);
+    assert_int_equal(out[1], 99);
+    kern_destroy(&be);
+}
+
+static void test_sample_is_pure_function_of_seed_and_position(void **state)
+{
+    kern_backend_t *be = new_backend(NULL, 2, NULL);
+    const int vocab = 49152;
+    float *l = malloc(vocab * 4 * 3);
+    fill(l, (size_t)vocab * 3, 4.0f);
+    kern_sampling_t p[3] = {{.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .seed = 7, .position = 3},
+                            {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = 7, .position = 3},
+                            {.temperature = 1.2f, .top_k = 0, .top_p = 0.5f, .seed = 9, .position = 11}};
+    int32_t a[3], b[3], c1[1];
+    kern_sample(be, a, l, 3, vocab, p);
+    kern_sample(be, b, l, 3, vocab, p);
+    assert_memory_equal(a, b, sizeof a);
+    for (int i = 0; i < 3; i++) { /* alone == in a batch */
+        kern_sample(be, c1, l + (size_t)i * vocab, 1, vocab, &p[i]);
+        assert_int_equal(c1[0], a[i]);
+    }
+    /* top_k = 1 is greedy */
+    kern_sampling_t g = {.temperature = 1.0f, .top_k = 1, .top_p = 1.0f, .seed = 1, .position = 1};
+    kern_sample(be, c1, l, 1, vocab, &g);
+    int32_t gr;
+    kern_sampling_t g0 = {.temperature = 0};
+    kern_sample(be, &gr, l, 1, vocab, &g0);
+    assert_int_equal(c1[0], gr);
+    /* top_k = 5: draws stay within the 5 best, and positions give different draws */
+    int best[5], counts[5] = {0};
+    float tmp[49152];
+    memcpy(tmp, l, sizeof tmp);
+    for (int k = 0; k < 5; k++) {
+        int bi = 0;
+        for (int i = 1; i < vocab; i++)
+            if (tmp[i] > tmp[bi]) bi = i;
+        best[k] = bi;
+        tmp[bi] = -INFINITY;
+    }
+    for (uint64_t pos = 0; pos < 400; pos++) {
+        kern_sampling_t s = {.temperature = 5.0f, .top_k = 5, .top_p = 1.0f, .seed = 42, .position = pos};
+        kern_sample(be, c1, l, 1, vocab, &s);
+        int k = 0;
+        while (k < 5 && best[k] != c1[0]) k++;
+        assert_true(k < 5);
+        counts[k]++;
+    }
+    for (int k = 0; k < 5; k++) assert_true(counts[k] > 20); /* near-uniform at temperature 5 */
+    /* top_p tiny keeps only the argmax */
+    kern_sampling_t tp = {.temperature = 1.0f, .top_k = 0, .top_p = 1e-6f, .seed = 3, .position = 8};
+    kern_sample(be, c1, l, 1, vocab, &tp);
+    assert_int_equal(c1[0], gr);
+    free(l);
+    kern_destroy(&be);
+}
+
+static void test_uniform_is_counter_based(void **state)
+{
+    assert_true(cpu_sample_uniform(1, 2) == cpu_sample_uniform(1, 2));
+    assert_true(cpu_sample_uniform(1, 2) != cpu_sample_uniform(1, 3));
+    assert_true(cpu_sample_uniform(1, 2) != cpu_sample_uniform(2, 2));
+    double mean = 0;
+    for (uint64_t i = 0; i < 10000; i++) {
+        const double u = cpu_sample_uniform(5, i);
+        assert_true(u >= 0 && u < 1);
+        mean += u;
+    }
+    assert_true(fabs(mean / 10000 - 0.5) < 0.02);
+}
+
+static void test_alloc_is_zeroed_and_aligned(void **state)
+{
+    kern_backend_t *be = new_backend(NULL, 0, NULL);
+    assert_true(be->n_threads >= 1);
+    for (size_t sz = 1; sz < 100000; sz *= 7) {
+        unsigned char *p = kern_alloc(be, sz);
+        assert_non_null(p);
+        assert_int_equal((uintptr_t)p % 64, 0);
+        for (size_t i = 0; i < sz; i++) assert_int_equal(p[i], 0);
+        assert_int_equal(be->ops->upload(be, p, "abc", 1 < sz ? 1 : sz), 0);
+        kern_free(be, p);
+    }
+    assert_int_equal(be->ops->sync(be, NULL), 0);
+    kern_destroy(&be);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_matmul_matches_spec_every_type_and_isa),
+        cmocka_unit_test(test_matmul_batched_equals_row_by_row_bitexact),
+        cmocka_unit_test(test_matmul_blas_path_within_bound),
+        cmocka_unit_test(test_weight_new_rejects_bad_types_and_shapes),
+        cmocka_unit_test(test_cuda_stub_says_unsupported),
+        cmocka_unit_test(test_embed_dequantizes_rows_of_every_type),
+        cmocka_unit_test(test_rmsnorm_swiglu_add_match_reference),
+        cmocka_unit_test(test_rope_rotates_adjacent_pairs_like_ggml),
+        cmocka_unit_test(test_kv_store_writes_f16_rows_at_slots),
+        cmocka_unit_test(test_attention_paged_gqa_matches_reference),
+        cmocka_unit_test(test_attention_long_context_uses_pool),
+        cmocka_unit_test(test_sample_greedy_lowest_id_on_ties),
+        cmocka_unit_test(test_sample_is_pure_function_of_seed_and_position),
+        cmocka_unit_test(test_uniform_is_counter_based),
+        cmocka_unit_test(test_alloc_is_zeroed_and_aligned),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
