@@ -12,6 +12,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -22,6 +23,8 @@
 
 /* Spin iterations (each a pause, ~10-40 ns) before a worker goes to sleep: ~100-200 us. */
 #define POOL_SPIN 8192
+/* Pauses the caller spins on the join before yielding its core (~20-50 us). */
+#define POOL_JOIN_SPIN 1024
 
 typedef struct pool_worker {
     cpu_pool_t *pool;
@@ -61,7 +64,7 @@ static void *worker_main(void *p)
 {
     pool_worker_t *w = p;
     cpu_pool_t *pool = w->pool;
-    unsigned seen = atomic_load_explicit(&pool->gen, memory_order_acquire);
+    unsigned seen = 0; /* the generation at creation: a dispatch may come before this thread runs */
     for (;;) {
         unsigned g;
         int spins = 0;
@@ -151,5 +154,9 @@ void cpu_pool_run(cpu_pool_t *p, cpu_task_fn fn, void *arg)
     atomic_fetch_add(&p->gen, 1); /* seq_cst: publishes fn/arg/done before any worker starts */
     if (atomic_load(&p->sleepers) > 0) futex_wake_all(&p->gen);
     fn(arg, 0, p->n);
-    while (atomic_load_explicit(&p->done, memory_order_acquire) != p->n - 1) cpu_relax();
+    /* Join. Yield after a while: on an oversubscribed machine a preempted worker needs our core. */
+    for (int spins = 0; atomic_load_explicit(&p->done, memory_order_acquire) != p->n - 1; spins++) {
+        if (spins < POOL_JOIN_SPIN) cpu_relax();
+        else sched_yield();
+    }
 }
