@@ -67,7 +67,7 @@ typedef struct cpu_backend {
     size_t samp_len;
 } cpu_backend_t;
 
-/* Grows *buf (64-byte aligned) to at least bytes; keeps contents only when keep. 0 or FL_ENOMEM. */
+/* Grows *buf (64-byte aligned, zeroed, old contents dropped) to at least bytes; 0 or FL_ENOMEM. */
 int cpu_grow(void **buf, size_t *cap, size_t bytes);
 
 /* ---- matmul (cpu_matmul.c) ---- */

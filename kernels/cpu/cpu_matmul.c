@@ -387,10 +387,12 @@ int cpu_matmul_reserve(cpu_backend_t *cb, int64_t cols)
     return 0;
 }
 
-/* Measured on the 2-core AMD EPYC (Zen 4, AVX-512 VNNI) dev machine with 2 threads, Q8_0/Q4_0
- * weights of 576x576 .. 49152x576: the tiled int8 kernel beats dequantize + OpenBLAS sgemm at every
- * n tried up to 512 (see the numbers in the report of the commit that set this), so the BLAS path is
- * off by default. FOLIO_CPU_BLAS_MIN_N=<n> turns it on for n >= max(n, 65). */
+/* Measured on the 2-core AMD EPYC (Zen 4, AVX-512 VNNI) dev machine, 2 threads, Q8_0, n = 512
+ * (ms, tiled vs dequantize + sgemm): 576x576 3.2 vs 2.0, 1536x576 5.2 vs 5.1, 576x1536 5.7 vs 5.3,
+ * 49152x576 155 vs 166. The BLAS path wins only on small matrices and by less than the noise of a
+ * shared machine elsewhere, and it gives up the bit-exactness of batched vs alone, so it is off by
+ * default; FOLIO_CPU_BLAS_MIN_N=<n> turns it on for n >= max(n, 65). Revisit after the weight
+ * repacking (interleaved rows) speeds the tiled path up. */
 int cpu_matmul_default_blas_min_n(void) { return INT32_MAX; }
 
 void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n)
