@@ -19,6 +19,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "../../common/quant.h"
 #include "cpu_internal.h"
@@ -26,16 +27,44 @@
 /* ------------------------------------------------------------------------------------------------
  * Memory */
 
+/* Buffers are 64-byte aligned and zeroed. Large ones (the KV pools) come straight from mmap, whose
+ * pages are zero and become resident only when first written, so a 64 MiB KV budget costs memory
+ * only for the blocks in use. A header just below each buffer says how to free it. */
+typedef struct alloc_header {
+    void *base;
+    size_t total;
+    int mapped;
+} alloc_header_t;
+
+#define ALLOC_HEADER 64
+#define ALLOC_MMAP_MIN ((size_t)1 << 20)
+
 static void *cpu_alloc(kern_backend_t *be, size_t bytes)
 {
-    size_t n = (bytes + 63) & ~(size_t)63;
-    if (n == 0) n = 64;
-    void *p = aligned_alloc(64, n);
-    if (p) memset(p, 0, n);
+    const size_t n = ((bytes ? bytes : 1) + 63) & ~(size_t)63;
+    if (n >= ALLOC_MMAP_MIN) {
+        const size_t page = 4096, total = n + page;
+        char *base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (base == MAP_FAILED) return NULL;
+        char *p = base + page;
+        *(alloc_header_t *)(p - ALLOC_HEADER) = (alloc_header_t){base, total, 1};
+        return p;
+    }
+    char *base = aligned_alloc(64, n + ALLOC_HEADER);
+    if (!base) return NULL;
+    memset(base, 0, n + ALLOC_HEADER);
+    char *p = base + ALLOC_HEADER;
+    *(alloc_header_t *)(p - ALLOC_HEADER) = (alloc_header_t){base, n + ALLOC_HEADER, 0};
     return p;
 }
 
-static void cpu_free(kern_backend_t *be, void *p) { free(p); }
+static void cpu_free(kern_backend_t *be, void *p)
+{
+    if (!p) return;
+    const alloc_header_t h = *(alloc_header_t *)((char *)p - ALLOC_HEADER);
+    if (h.mapped) munmap(h.base, h.total);
+    else free(h.base);
+}
 
 static int cpu_copy(kern_backend_t *be, void *dst, const void *src, size_t bytes)
 {

@@ -2,8 +2,8 @@
  *
  * This is the frame the CUDA backend issue fills: device discovery, one checking macro for CUDA
  * runtime and cuBLASLt calls that turns a failure into a folio error naming the call, and the
- * constructor the engine calls for --backend cuda. The kernel table itself is not implemented yet,
- * so kern_cuda_new() reports FL_EUNSUPPORTED after checking the device, and kern_cuda_available()
+ * constructor the engine reaches through kernels/backend.c (dlopen of this module) for --backend cuda. The kernel table itself is not implemented yet,
+ * so kern_cuda_module_new() reports FL_EUNSUPPORTED after checking the device, and the module's availability
  * answers false: "auto" picks the CPU backend until the CUDA kernels exist. It compiles and links
  * in every build with nvcc so CUDA build breaks show up in CI. */
 #include <cublasLt.h>
@@ -42,13 +42,13 @@ static int probe_device(int device, fl_error_t *err)
     return FL_OK;
 }
 
-extern "C" bool kern_cuda_available(void)
+extern "C" bool kern_cuda_module_available(void)
 {
     /* False until the kernel table below exists, so the engine's "auto" stays on the CPU. */
     return false;
 }
 
-extern "C" kern_backend_t *kern_cuda_new(int device, fl_error_t *err)
+extern "C" kern_backend_t *kern_cuda_module_new(int device, fl_error_t *err)
 {
     if (probe_device(device, err)) return NULL;
     fl_fail(err, FL_EUNSUPPORTED, "CUDA device %d found, but the CUDA kernels are not implemented yet; use --backend cpu",

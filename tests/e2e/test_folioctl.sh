@@ -75,6 +75,15 @@ model="$src/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ -f "$model" ]; then
   o="$("$ctl" run -m "$model" --chat -p "What is the capital of Germany?" -n 24 --json 2>/dev/null | tail -n 1)"
   check "default model chat answer mentions Berlin" python3 -c "import json,sys; assert 'Berlin' in json.loads(sys.argv[1])['text']" "$o"
+  # Resident memory of a process serving the default model with a 64 MiB KV budget stays under 400 MiB.
+  check "default model peak RSS < 400 MiB" python3 - "$ctl" "$model" <<'PY'
+import resource, subprocess, sys
+subprocess.run([sys.argv[1], "run", "-m", sys.argv[2], "-p", "Once upon a time", "-n", "300", "--ignore-eos",
+                "--kv-budget", "64MiB"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(f"     peak RSS {rss_mib:.0f} MiB")
+assert rss_mib < 400, rss_mib
+PY
   t="$("$ctl" tokenize -m "$model" -p "Hello world" --json 2>/dev/null | tail -n 1)"
   check "default model tokenize" test "$t" = '{"tokens":[19556,905]}'
 fi
