@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -299,12 +300,14 @@ static void test_weight_new_rejects_bad_types_and_shapes(void **state)
 
 static void test_cuda_stub_says_unsupported(void **state)
 {
-#ifndef FOLIO_HAVE_CUDA
+    /* Without a usable GPU the CUDA constructor fails with a message (module missing, no driver or
+     * no device), never a crash, and auto-selection does not pick it. */
+    if (access("/dev/nvidiactl", F_OK) == 0) skip();
     fl_error_t err = {0};
     assert_null(kern_cuda_new(0, &err));
-    assert_int_equal(err.code, FL_EUNSUPPORTED);
+    assert_true(err.code == FL_EUNSUPPORTED || err.code == FL_EBACKEND || err.code == FL_ENOTFOUND);
+    assert_true(err.msg[0] != 0);
     assert_false(kern_cuda_available());
-#endif
 }
 
 /* ---- small ops ---- */
