@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "test_util.h"
 
 /* Largest llama.cpp top-1/top-2 logit margin at which folio may pick the runner-up. */
 #define NEAR_TIE 0.02
@@ -43,29 +44,12 @@ static ref_case_t g_cases[MAX_CASES];
 static int g_n_cases;
 static engine_t *g_engine;
 
-static char *read_file(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    if (s && fread(s, 1, (size_t)n, f) != (size_t)n) {
-        free(s);
-        s = NULL;
-    }
-    if (s) s[n] = 0;
-    fclose(f);
-    return s;
-}
-
 static int load_fixtures(void)
 {
     const char *dir = getenv("FOLIO_FIXTURES");
     char path[1024];
     snprintf(path, sizeof path, "%s/reference_greedy.json", dir ? dir : "tests/fixtures");
-    char *js = read_file(path);
+    char *js = test_read_file(path, NULL);
     if (!js) return -1;
     cJSON *root = cJSON_Parse(js);
     free(js);

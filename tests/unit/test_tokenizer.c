@@ -17,30 +17,11 @@
 #include <cjson/cJSON.h>
 
 #include "gguf.h"
+#include "test_util.h"
 #include "tokenizer.h"
 #include "unicode.h"
 
 /* ---- helpers ---- */
-
-static char *read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = malloc((size_t)n + 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    if (buf) {
-        buf[n] = '\0';
-        if (len) *len = (size_t)n;
-    }
-    return buf;
-}
 
 /* A case's text from a hex field (texts may hold NUL); malloc'd, NUL-terminated. */
 static char *case_text(const cJSON *c, const char *field, size_t *len)
@@ -63,7 +44,7 @@ static cJSON *load_fixture(void)
     const char *dir = getenv("FOLIO_FIXTURES");
     char path[4096];
     snprintf(path, sizeof path, "%s/tokenizer_cases.json", dir ? dir : "tests/fixtures");
-    char *text = read_file(path, NULL);
+    char *text = test_read_file(path, NULL);
     if (!text) fail_msg("cannot read %s", path);
     cJSON *doc = cJSON_Parse(text);
     free(text);
