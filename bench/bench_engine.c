@@ -47,6 +47,33 @@ static double peak_rss_mib(void)
     return ru.ru_maxrss / 1024.0;
 }
 
+/* One extra, untimed run with per-op profiling on; prints where a step's time goes. */
+static void print_profile(model_t *m, const char *what, const gen_stats_t *st)
+{
+    double total = 0;
+    for (int i = 0; i < MODEL_PROF_COUNT; i++) total += m->prof_s[i];
+    printf("profile: %s (%d steps, %.2f ms/step)\n", what, st->steps, st->steps ? total * 1e3 / st->steps : 0);
+    for (int i = 0; i < MODEL_PROF_COUNT; i++)
+        if (m->prof_s[i] > 0)
+            printf("  %-16s %8.3f ms/step %5.1f%%\n", model_prof_name(i), m->prof_s[i] * 1e3 / st->steps,
+                   100 * m->prof_s[i] / total);
+}
+
+static int profile_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n, const char *what)
+{
+    fl_error_t err = {0};
+    gen_stats_t st = {0};
+    memset(m->prof_s, 0, sizeof m->prof_s);
+    model_set_profile(m, true);
+    int rc = gen_run(m, kv, reqs, n, NULL, NULL, &st, &err);
+    model_set_profile(m, false);
+    if (rc) fprintf(stderr, "error: %s\n", err.msg);
+    else print_profile(m, what, &st);
+    return rc;
+}
+
+static bool g_profile;
+
 static int run_folio(engine_t *e, int prompt_tokens, int decode_tokens, const int *batches, int n_batches,
                      int repeat, engine_figures_t *fig)
 {
@@ -73,6 +100,13 @@ static int run_folio(engine_t *e, int prompt_tokens, int decode_tokens, const in
         if (r > 0 && rate > best) best = rate; /* r == 0 is the warm-up */
     }
     fig->prefill_tok_s = best;
+    if (g_profile) {
+        gen_request_t q = {.prompt = prompts, .n_prompt = prompt_tokens, .max_tokens = 1, .ignore_eog = true,
+                           .tokens = outs};
+        char what[64];
+        snprintf(what, sizeof what, "prefill of %d tokens", prompt_tokens);
+        profile_run(m, e->kv, &q, 1, what);
+    }
 
     for (int bi = 0; bi < n_batches; bi++) {
         const int B = batches[bi];
@@ -91,6 +125,11 @@ static int run_folio(engine_t *e, int prompt_tokens, int decode_tokens, const in
         }
         fig->batch[bi] = B;
         fig->decode_tok_s[bi] = best;
+        if (g_profile) {
+            char what[64];
+            snprintf(what, sizeof what, "decode batch %d (prompt steps included)", B);
+            profile_run(m, e->kv, reqs, B, what);
+        }
     }
     fig->n_batches = n_batches;
     fig->peak_rss_mib = peak_rss_mib();
@@ -194,6 +233,8 @@ int bench_engine(int argc, char **argv)
             if (!(batches_s = cli_value(argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--json")) {
             if (!(json_path = cli_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--profile")) {
+            g_profile = true;
         } else if (!strcmp(a, "--no-llamacpp")) {
             with_llamacpp = false;
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -203,6 +244,7 @@ int bench_engine(int argc, char **argv)
                    "  --batches LIST      decode batch sizes (default 1,8,32)\n"
                    "  --repeat N          measured runs per figure after a warm-up; best is kept (default 3)\n"
                    "  --no-llamacpp       skip the llama.cpp side\n"
+                   "  --profile           after the timed runs, one profiled run per figure: time per op\n"
                    "  --json FILE         write the figures as JSON\n%s",
                    cli_engine_flags_help());
             return 0;
@@ -233,7 +275,8 @@ int bench_engine(int argc, char **argv)
         fprintf(stderr, "error: %s\n", err.msg);
         return 1;
     }
-    const char *model_path = gguf_path(e->model->gguf);
+    char model_path[1024]; /* copied: the engine (and its path string) is gone before the report */
+    snprintf(model_path, sizeof model_path, "%s", gguf_path(e->model->gguf));
     engine_figures_t folio = {0}, llama = {0};
     fprintf(stderr, "bench engine: folio (%d threads) ...\n", threads);
     int rc = run_folio(e, (int)prompt_tokens, (int)decode_tokens, batches, n_batches, (int)repeat, &folio);

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "log.h"
 
@@ -282,6 +283,8 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
     const int max_ctx = params->max_ctx > 0 ? params->max_ctx : c->n_ctx_train;
     m->max_blocks = (max_ctx + block_size - 1) / block_size;
     if (alloc_scratch(m, err)) goto fail;
+    const char *prof = getenv("FOLIO_PROFILE");
+    m->profile = prof && *prof && strcmp(prof, "0");
     fl_log_info("model loaded path=%s layers=%d dim=%d ff=%d heads=%d kv_heads=%d head_dim=%d vocab=%d ctx=%d "
                 "type=%s tied=%d weights_mib=%.1f backend=%s",
                 path, c->n_layers, c->dim, c->n_ff, c->n_heads, c->n_kv_heads, c->head_dim, c->n_vocab,
@@ -347,6 +350,34 @@ static int check_batch(const model_t *m, const kv_cache_t *kv, const model_batch
     return FL_OK;
 }
 
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Runs the statements; with profiling on, syncs the backend and adds their time to the op's slot. */
+#define PROF(slot, ...)                                                                                          \
+    do {                                                                                                         \
+        const double t0_ = m->profile ? now_s() : 0;                                                             \
+        __VA_ARGS__;                                                                                             \
+        if (m->profile) {                                                                                        \
+            be->ops->sync(be, NULL);                                                                             \
+            m->prof_s[MODEL_PROF_##slot] += now_s() - t0_;                                                        \
+        }                                                                                                        \
+    } while (0)
+
+void model_set_profile(model_t *m, bool on) { m->profile = on; }
+
+const char *model_prof_name(int i)
+{
+    static const char *names[MODEL_PROF_COUNT] = {"embed", "rmsnorm", "qkv matmul", "rope+kv store", "attention",
+                                                  "out matmul", "gate+up matmul", "swiglu", "down matmul",
+                                                  "residual add", "logits"};
+    return i >= 0 && i < MODEL_PROF_COUNT ? names[i] : "?";
+}
+
 int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t *err)
 {
     int rc = check_batch(m, kv, b, err);
@@ -366,39 +397,37 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
     be->ops->upload(be, m->d_slots, m->h_slots, (size_t)n * sizeof(int32_t));
     be->ops->upload(be, m->d_block_tables, b->block_tables, (size_t)b->n_seqs * m->max_blocks * sizeof(int32_t));
 
-    kern_embed(be, m->x, m->tok_embd, m->d_tokens, n);
+    PROF(EMBED, kern_embed(be, m->x, m->tok_embd, m->d_tokens, n));
     for (int l = 0; l < c->n_layers; l++) {
         const model_layer_t *L = &m->layers[l];
         /* attention block */
-        kern_rmsnorm(be, m->xb, m->x, L->attn_norm, n, dim, c->norm_eps);
-        kern_matmul(be, m->q, L->wq, m->xb, n);
-        kern_matmul(be, m->k, L->wk, m->xb, n);
-        kern_matmul(be, m->v, L->wv, m->xb, n);
-        kern_rope(be, m->q, m->d_pos, n, c->n_heads, c->head_dim, &c->rope);
-        kern_rope(be, m->k, m->d_pos, n, c->n_kv_heads, c->head_dim, &c->rope);
-        kern_kv_store(be, kv->k[l], kv->v[l], m->k, m->v, m->d_slots, n, kv_dim);
+        PROF(NORM, kern_rmsnorm(be, m->xb, m->x, L->attn_norm, n, dim, c->norm_eps));
+        PROF(QKV, kern_matmul(be, m->q, L->wq, m->xb, n); kern_matmul(be, m->k, L->wk, m->xb, n);
+                  kern_matmul(be, m->v, L->wv, m->xb, n));
+        PROF(ROPE_KV, kern_rope(be, m->q, m->d_pos, n, c->n_heads, c->head_dim, &c->rope);
+                      kern_rope(be, m->k, m->d_pos, n, c->n_kv_heads, c->head_dim, &c->rope);
+                      kern_kv_store(be, kv->k[l], kv->v[l], m->k, m->v, m->d_slots, n, kv_dim));
         const kern_attn_t attn = {
             .out = m->att, .q = m->q, .k_cache = kv->k[l], .v_cache = kv->v[l], .n_tokens = n,
             .tok_seq = m->d_seq, .tok_pos = m->d_pos, .block_tables = m->d_block_tables,
             .max_blocks = m->max_blocks, .block_size = kv->block_size, .n_heads = c->n_heads,
             .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .scale = 1.0f / sqrtf((float)c->head_dim),
         };
-        kern_attention(be, &attn);
-        kern_matmul(be, m->xb, L->wo, m->att, n);
-        kern_add(be, m->x, m->xb, n * dim);
+        PROF(ATTENTION, kern_attention(be, &attn));
+        PROF(OUT_PROJ, kern_matmul(be, m->xb, L->wo, m->att, n));
+        PROF(RESIDUAL, kern_add(be, m->x, m->xb, n * dim));
         /* feed-forward block */
-        kern_rmsnorm(be, m->xb, m->x, L->ffn_norm, n, dim, c->norm_eps);
-        kern_matmul(be, m->gate, L->w_gate, m->xb, n);
-        kern_matmul(be, m->up, L->w_up, m->xb, n);
-        kern_swiglu(be, m->gate, m->gate, m->up, n * c->n_ff);
-        kern_matmul(be, m->xb, L->w_down, m->gate, n);
-        kern_add(be, m->x, m->xb, n * dim);
+        PROF(NORM, kern_rmsnorm(be, m->xb, m->x, L->ffn_norm, n, dim, c->norm_eps));
+        PROF(FFN_UP, kern_matmul(be, m->gate, L->w_gate, m->xb, n); kern_matmul(be, m->up, L->w_up, m->xb, n));
+        PROF(FFN_ACT, kern_swiglu(be, m->gate, m->gate, m->up, n * c->n_ff));
+        PROF(FFN_DOWN, kern_matmul(be, m->xb, L->w_down, m->gate, n));
+        PROF(RESIDUAL, kern_add(be, m->x, m->xb, n * dim));
     }
     /* Final norm and vocabulary projection only for the rows that want logits. */
-    for (int i = 0; i < b->n_logits; i++)
-        kern_rmsnorm(be, m->logit_in + (size_t)i * dim, m->x + (size_t)b->logit_rows[i] * dim, m->output_norm, 1, dim,
-                     c->norm_eps);
-    if (b->n_logits > 0) kern_matmul(be, m->logits, m->output, m->logit_in, b->n_logits);
+    PROF(LOGITS, for (int i = 0; i < b->n_logits; i++) kern_rmsnorm(be, m->logit_in + (size_t)i * dim,
+                                                                     m->x + (size_t)b->logit_rows[i] * dim,
+                                                                     m->output_norm, 1, dim, c->norm_eps);
+                 if (b->n_logits > 0) kern_matmul(be, m->logits, m->output, m->logit_in, b->n_logits));
     return be->ops->sync(be, err);
 }
 

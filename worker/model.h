@@ -32,6 +32,23 @@ typedef struct model_layer {
     kern_weight_t *wq, *wk, *wv, *wo, *w_gate, *w_up, *w_down;
 } model_layer_t;
 
+/* Where a forward pass spends its time, measured when profiling is on (FOLIO_PROFILE=1 or
+ * model_set_profile): the backend is synchronised around each op, so the figures are per op. */
+typedef enum {
+    MODEL_PROF_EMBED,
+    MODEL_PROF_NORM,
+    MODEL_PROF_QKV,        /* Q, K, V projections */
+    MODEL_PROF_ROPE_KV,    /* RoPE and the KV store */
+    MODEL_PROF_ATTENTION,
+    MODEL_PROF_OUT_PROJ,
+    MODEL_PROF_FFN_UP,     /* gate and up projections */
+    MODEL_PROF_FFN_ACT,    /* SwiGLU */
+    MODEL_PROF_FFN_DOWN,
+    MODEL_PROF_RESIDUAL,
+    MODEL_PROF_LOGITS,     /* final norm and vocabulary projection */
+    MODEL_PROF_COUNT
+} model_prof_t;
+
 typedef struct model {
     model_config_t cfg;
     gguf_t *gguf;
@@ -47,6 +64,9 @@ typedef struct model {
     float *x, *xb, *q, *k, *v, *att, *gate, *up, *logit_in, *logits;
     int32_t *d_tokens, *d_pos, *d_seq, *d_slots, *d_block_tables;
     int32_t *h_slots;       /* host */
+
+    bool profile;
+    double prof_s[MODEL_PROF_COUNT];
 } model_t;
 
 typedef struct model_batch {
@@ -77,6 +97,9 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
 int model_logits(model_t *m, float *dst, int n);
 /* Picks one token per logit row with the given sampling parameters (one per row). */
 void model_sample(model_t *m, int32_t *out, int n, const kern_sampling_t *params);
+
+void model_set_profile(model_t *m, bool on);
+const char *model_prof_name(int i);
 
 /* Resolves the model path: explicit path, else $FOLIO_MODEL, else the default model set-up fetched
  * (models/SmolLM2-135M-Instruct.Q4_1.gguf under $FOLIO_HOME or the source tree). Never NULL. */
