@@ -49,20 +49,10 @@ except ImportError:  # pragma: no cover
     sys.exit("llamacpp_bench.py: llama_cpp not importable; run with the python "
              "printed by tools/llamacpp_env.sh")
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+from llamacpp_util import quiet_llama_logs  # noqa: E402
+
 SEED = 1234
-_LOG_CB = None  # keep the ctypes callback alive (a collected one segfaults)
-
-
-def quiet_llama_logs():
-    global _LOG_CB
-    if os.environ.get("FOLIO_LLAMA_VERBOSE"):
-        return
-
-    def _cb(level, text, user_data):
-        return None
-
-    _LOG_CB = L.llama_log_callback(_cb)
-    L.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
 
 
 def rss_mib():

@@ -52,26 +52,14 @@ FIXTURES = os.path.join(REPO, "tests", "fixtures")
 N_PREDICT = 64
 N_CTX = 2048
 N_THREADS = 2
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from llamacpp_util import quiet_llama_logs  # noqa: E402
+
 SEED = 1234
 LOGITS_PROMPTS = ("fact_capital", "chat_capital")
 LOGITS_STEPS = 3
 LOGITS_TOPK = 50
 
-# Keep a reference to the ctypes callback so it is not garbage collected
-# (a collected log callback segfaults the next time llama.cpp logs).
-_LOG_CB = None
-
-
-def quiet_llama_logs():
-    global _LOG_CB
-    if os.environ.get("FOLIO_LLAMA_VERBOSE"):
-        return
-
-    def _cb(level, text, user_data):
-        return None
-
-    _LOG_CB = L.llama_log_callback(_cb)
-    L.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
 
 
 def sha256_file(path):
