@@ -1,21 +1,32 @@
 /* cpu_attention.c - paged attention over the f16 KV pools, and the KV store.
  *
- * Numerics mimic ggml's non-flash path (KQ = mul_mat(K f16, q), soft_max_ext, KQV = mul_mat(V f16,
- * KQ)): ggml converts src1 to the f16 vec-dot type, so q is rounded to f16 before the dot with K,
- * scores are scaled, softmax runs in f32 with the max subtracted and the sum in double, and the
- * probabilities are rounded to f16 before the weighted sum of V, which accumulates in f32. The dot
- * with K uses the canonical 16-lane order (cpu_simd.h); the V sum goes position by position
- * (out[d] = fma(p_j, v_j[d], out[d]) for j = 0..pos), so SIMD and scalar paths agree bit for bit
- * and a token's output does not depend on the other tokens of the call.
+ * Numerics are llama.cpp's non-flash CPU path, bit for bit (llama.cpp builds KQ = mul_mat(K f16, q),
+ * soft_max_ext(KQ, mask, scale), KQV = mul_mat(V^T f16, KQ) over n_kv cache cells, n_kv being the
+ * used cells rounded up to a multiple of 32; masked and padding cells weigh exactly 0):
+ *   - q is rounded to f16 (mul_mat converts src1 to the f16 vec-dot type);
+ *   - a score is dot(k_j, q) * scale, the dot in one of two orders (below);
+ *   - softmax: m = max; e_j = ggml_v_expf(s_j - m) (cpu_v_expf*, AVX-512 ggml's polynomial);
+ *     sum = sum over 16-cell chunks of (double) reduce16(chunk); p_j = f16(e_j * (float)(1 / sum));
+ *   - out[d] = dot over cells of p_j * v_j[d], again in one of two orders.
+ * Which order ggml uses depends on the number of query tokens in the mul_mat: with >= 2 (prompt
+ * processing) llamafile's tinyBLAS takes the product: 16 lanes, element i into lane i % 16 by fma,
+ * then the canonical reduce (cpu_reduce16_avx2); with 1 (decode) ggml_vec_dot_f16 runs
+ * (cpu_vecdot_f16_*: chunks of 64 in 4 x 16 lanes, leftovers in double). folio decides per token
+ * from the number of tokens of the same sequence in this call (so batching sequences together does
+ * not change any of them): >= 2 -> tinyBLAS order (needs head_dim % 16 == 0 for KQ, as tinyBLAS
+ * does), 1 -> vec_dot order. For the V sum "elements" are cache cells from position 0.
  *
  * Work items are (token, head) pairs handed out by an atomic counter; calls with little work (short
- * contexts in decode) run on the caller without waking the pool. Each thread has its own score row
- * (cpu_backend_t.scores[ith]), grown by the caller before the dispatch. */
+ * contexts in decode) run on the caller without waking the pool. Each thread has its own scratch
+ * (cpu_backend_t.scores[ith]): scores, 64 x head_dim V accumulators, row pointers. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+
+#pragma GCC optimize("fp-contract=off")
 
 #include "cpu_internal.h"
 #include "cpu_simd.h"
@@ -26,45 +37,98 @@ typedef struct attn_ctx {
     const kern_attn_t *a;
     cpu_isa_t isa;
     float **scores;
+    const uint8_t *multi; /* [n_tokens] 1: the token's sequence has >= 2 tokens in this call */
+    int maxlen;
     atomic_int next;
 } attn_ctx_t;
 
 static inline float f16_round(float f) { return fl_f16_to_f32(fl_f32_to_f16(f)); }
 
-static void attn_vsum_scalar(float *out, const float *p, const fl_f16_t *const *vrows, int len, int hd)
+static inline int pad32(int len) { return (len + 31) & ~31; }
+
+/* out[d] = sum_j p[j] * v_j[d] over j < len. tb: tinyBLAS order (lane j % 16); else vec_dot order
+ * over n_kv = pad32(len) cells (lane j % 64 for j < n_kv & ~63, then double). acc: [64][hd]. */
+static void attn_vsum_scalar(float *out, const float *p, const fl_f16_t *const *rows, int len, int hd, bool tb,
+                             float *acc)
 {
-    for (int d = 0; d < hd; d++) out[d] = 0.0f;
-    for (int j = 0; j < len; j++)
-        for (int d = 0; d < hd; d++) out[d] = fmaf(p[j], fl_f16_to_f32(vrows[j][d]), out[d]);
+    const int L = tb ? 16 : 64, np = tb ? len : pad32(len) & ~63, nl = np < len ? np : len;
+    memset(acc, 0, (size_t)L * hd * sizeof(float));
+    for (int j = 0; j < nl; j++) {
+        float *a = acc + (size_t)(j % L) * hd;
+        for (int d = 0; d < hd; d++) a[d] = fmaf(p[j], fl_f16_to_f32(rows[j][d]), a[d]);
+    }
+    for (int d = 0; d < hd; d++) {
+        float s[16];
+        for (int l = 0; l < 16; l++) {
+#define A(k) acc[(size_t)(k) * hd + d]
+            s[l] = tb ? A(l) : (A(l) + A(32 + l)) + (A(16 + l) + A(48 + l));
+#undef A
+        }
+        for (int j = 0; j < 8; j++) s[j] += s[j + 8];
+        for (int j = 0; j < 4; j++) s[j] += s[j + 4];
+        for (int j = 0; j < 2; j++) s[j] += s[j + 2];
+        const float r = s[0] + s[1];
+        if (tb) {
+            out[d] = r;
+        } else {
+            double sum = np > 0 ? (double)r : 0.0;
+            for (int j = np; j < len; j++) sum += (double)(p[j] * fl_f16_to_f32(rows[j][d]));
+            out[d] = (float)sum;
+        }
+    }
 }
 
-static CPU_AVX2 void attn_vsum_avx2(float *out, const float *p, const fl_f16_t *const *vrows, int len, int hd)
+/* Sum over j = o, o + L, ... < nl of p[j] * v_j[d..d+8) by fma, from +0. */
+static inline CPU_AVX2 __m256 vsum_lane(const float *p, const fl_f16_t *const *rows, int o, int L, int nl, int d)
 {
-    int d = 0;
-    for (; d + 32 <= hd; d += 32) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int j = 0; j < len; j++) {
-            const __m256 pj = _mm256_set1_ps(p[j]);
-            const fl_f16_t *v = vrows[j] + d;
-            a0 = _mm256_fmadd_ps(pj, cpu_load_f16x8(v), a0);
-            a1 = _mm256_fmadd_ps(pj, cpu_load_f16x8(v + 8), a1);
-            a2 = _mm256_fmadd_ps(pj, cpu_load_f16x8(v + 16), a2);
-            a3 = _mm256_fmadd_ps(pj, cpu_load_f16x8(v + 24), a3);
+    __m256 acc = _mm256_setzero_ps();
+    for (int j = o; j < nl; j += L) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), cpu_load_f16x8(rows[j] + d), acc);
+    return acc;
+}
+
+/* Same numbers as attn_vsum_scalar, 8 dims at a time, the lane accumulators in registers. */
+static CPU_AVX2 void attn_vsum_avx2(float *out, const float *p, const fl_f16_t *const *rows, int len, int hd, bool tb,
+                                    float *acc)
+{
+    const int L = tb ? 16 : 64, np = tb ? len : pad32(len) & ~63, nl = np < len ? np : len;
+    if (hd % 8) {
+        attn_vsum_scalar(out, p, rows, len, hd, tb, acc);
+        return;
+    }
+    for (int d = 0; d < hd; d += 8) {
+        __m256 r = _mm256_setzero_ps();
+        if (nl > 0) {
+            __m256 s8[8];
+            for (int l = 0; l < 8; l++) {
+                __m256 t0, t1;
+                if (tb) {
+                    t0 = vsum_lane(p, rows, l, L, nl, d);
+                    t1 = vsum_lane(p, rows, l + 8, L, nl, d);
+                } else {
+                    t0 = _mm256_add_ps(_mm256_add_ps(vsum_lane(p, rows, l, L, nl, d), vsum_lane(p, rows, 32 + l, L, nl, d)),
+                                       _mm256_add_ps(vsum_lane(p, rows, 16 + l, L, nl, d), vsum_lane(p, rows, 48 + l, L, nl, d)));
+                    t1 = _mm256_add_ps(
+                        _mm256_add_ps(vsum_lane(p, rows, l + 8, L, nl, d), vsum_lane(p, rows, 40 + l, L, nl, d)),
+                        _mm256_add_ps(vsum_lane(p, rows, 24 + l, L, nl, d), vsum_lane(p, rows, 56 + l, L, nl, d)));
+                }
+                s8[l] = _mm256_add_ps(t0, t1);
+            }
+            for (int j = 0; j < 4; j++) s8[j] = _mm256_add_ps(s8[j], s8[j + 4]);
+            for (int j = 0; j < 2; j++) s8[j] = _mm256_add_ps(s8[j], s8[j + 2]);
+            r = _mm256_add_ps(s8[0], s8[1]);
         }
-        _mm256_storeu_ps(out + d, a0);
-        _mm256_storeu_ps(out + d + 8, a1);
-        _mm256_storeu_ps(out + d + 16, a2);
-        _mm256_storeu_ps(out + d + 24, a3);
-    }
-    for (; d + 8 <= hd; d += 8) {
-        __m256 a0 = _mm256_setzero_ps();
-        for (int j = 0; j < len; j++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), cpu_load_f16x8(vrows[j] + d), a0);
-        _mm256_storeu_ps(out + d, a0);
-    }
-    for (; d < hd; d++) {
-        float acc = 0.0f;
-        for (int j = 0; j < len; j++) acc = fmaf(p[j], fl_f16_to_f32(vrows[j][d]), acc);
-        out[d] = acc;
+        if (tb || np >= len) {
+            _mm256_storeu_ps(out + d, r); /* (float)(double)r == r: nothing left for the double tail */
+        } else {
+            /* vec_dot leftovers: products (exact in f32) added in double, position by position */
+            __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(r)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(r, 1));
+            for (int j = np; j < len; j++) {
+                const __m256 pr = _mm256_mul_ps(_mm256_set1_ps(p[j]), cpu_load_f16x8(rows[j] + d));
+                lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(pr)));
+                hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(pr, 1)));
+            }
+            _mm256_storeu_ps(out + d, _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)));
+        }
     }
 }
 
@@ -78,36 +142,99 @@ static inline float cpu_dot16_f16_scalar(const float *a, const fl_f16_t *b, int 
     return l[0] + l[1];
 }
 
-/* One (token, head): sc has room for pos + 1 scores; vrows for pos + 1 pointers. */
-static void attn_one(const kern_attn_t *a, cpu_isa_t isa, int i, int h, float *sc, const fl_f16_t **rows)
+/* Softmax of sc[0..len) in place (scores -> f16-rounded probabilities), ggml_vec_soft_max_f32 over
+ * pad32(len) cells of which those >= len are masked (weigh 0). */
+static void attn_softmax_scalar(float *sc, int len)
 {
+    float mx = -INFINITY;
+    for (int j = 0; j < len; j++) mx = fmaxf(mx, sc[j]);
+    double sum = 0.0;
+    for (int c = 0; c < len; c += 16) {
+        float e[16] = {0};
+        for (int k = 0; k < 16 && c + k < len; k++) e[k] = sc[c + k] = cpu_v_expf1(sc[c + k] - mx);
+        for (int j = 0; j < 8; j++) e[j] += e[j + 8];
+        for (int j = 0; j < 4; j++) e[j] += e[j + 4];
+        for (int j = 0; j < 2; j++) e[j] += e[j + 2];
+        sum += (double)(e[0] + e[1]);
+    }
+    const float inv = (float)(1.0 / sum);
+    for (int j = 0; j < len; j++) sc[j] = f16_round(sc[j] * inv);
+}
+
+/* sc has room for pad32(len) floats; the cells past len are used as zero padding. */
+static CPU_AVX2 void attn_softmax_avx2(float *sc, int len)
+{
+    const int n = (len + 15) & ~15;
+    for (int j = len; j < n; j++) sc[j] = -INFINITY;
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    for (int j = 0; j < n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(sc + j));
+    float mm[8];
+    _mm256_storeu_ps(mm, m8);
+    float mx = mm[0];
+    for (int k = 1; k < 8; k++) mx = fmaxf(mx, mm[k]);
+    const __m256 vmx = _mm256_set1_ps(mx);
+    double sum = 0.0;
+    for (int c = 0; c < n; c += 16) {
+        const __m256 lo = cpu_v_expf_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + c), vmx));
+        const __m256 hi = cpu_v_expf_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + c + 8), vmx));
+        _mm256_storeu_ps(sc + c, lo);
+        _mm256_storeu_ps(sc + c + 8, hi);
+        sum += (double)cpu_reduce16_avx2(lo, hi);
+    }
+    const __m256 inv = _mm256_set1_ps((float)(1.0 / sum));
+    for (int j = 0; j < n; j += 8)
+        _mm256_storeu_ps(sc + j,
+                         _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(sc + j), inv), _MM_FROUND_TO_NEAREST_INT)));
+}
+
+static CPU_AVX2 void round_f16_avx2(float *dst, const float *src, int n)
+{
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT)));
+    for (; i < n; i++) dst[i] = _cvtsh_ss(_cvtss_sh(src[i], 0));
+}
+
+/* One (token, head). */
+static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, const fl_f16_t **rows)
+{
+    const kern_attn_t *a = c->a;
+    const cpu_isa_t isa = c->isa;
     const int hd = a->head_dim, group = a->n_heads / a->n_kv_heads, kvh = h / group;
     const size_t qoff = ((size_t)i * a->n_heads + h) * hd, kv_stride = (size_t)a->n_kv_heads * hd;
     const int pos = a->tok_pos[i], len = pos + 1, bs = a->block_size;
     const int32_t *bt = a->block_tables + (size_t)a->tok_seq[i] * a->max_blocks;
+    const bool multi = c->multi[i], kq_tb = multi && hd % 16 == 0, kqv_tb = multi && hd % 4 == 0;
     float q16[ATTN_MAX_HEAD_DIM];
-    for (int d = 0; d < hd; d++) q16[d] = f16_round(a->q[qoff + d]);
+    if (isa == CPU_ISA_SCALAR)
+        for (int d = 0; d < hd; d++) q16[d] = f16_round(a->q[qoff + d]);
+    else
+        round_f16_avx2(q16, a->q + qoff, hd);
 
-    float mx = -INFINITY;
     for (int j = 0; j < len; j++) {
         const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
         const fl_f16_t *k = a->k_cache + slot * kv_stride + (size_t)kvh * hd;
         rows[j] = a->v_cache + slot * kv_stride + (size_t)kvh * hd;
-        const float dot = isa == CPU_ISA_SCALAR ? cpu_dot16_f16_scalar(q16, k, hd) : cpu_dot16_f16_avx2(q16, k, hd);
+        float dot;
+        if (isa == CPU_ISA_SCALAR) dot = kq_tb ? cpu_dot16_f16_scalar(q16, k, hd) : cpu_vecdot_f16_scalar(k, q16, hd);
+        else dot = kq_tb ? cpu_dot16_f16_avx2(q16, k, hd) : cpu_vecdot_f16_avx2(k, q16, hd);
         sc[j] = dot * a->scale;
-        mx = fmaxf(mx, sc[j]);
     }
-    double sum = 0.0;
-    for (int j = 0; j < len; j++) {
-        const float e = expf(sc[j] - mx);
-        sc[j] = e;
-        sum += (double)e;
-    }
-    const float inv = (float)(1.0 / sum);
-    for (int j = 0; j < len; j++) sc[j] = f16_round(sc[j] * inv);
     float *out = a->out + qoff;
-    if (isa == CPU_ISA_SCALAR) attn_vsum_scalar(out, sc, rows, len, hd);
-    else attn_vsum_avx2(out, sc, rows, len, hd);
+    if (isa == CPU_ISA_SCALAR) {
+        attn_softmax_scalar(sc, len);
+        attn_vsum_scalar(out, sc, rows, len, hd, kqv_tb, vacc);
+    } else {
+        attn_softmax_avx2(sc, len);
+        attn_vsum_avx2(out, sc, rows, len, hd, kqv_tb, vacc);
+    }
+}
+
+/* Per-thread scratch layout (floats): scores [pad64(maxlen)], V accumulators [64 * head_dim], then
+ * maxlen row pointers. */
+static size_t attn_scratch_floats(int maxlen, int hd)
+{
+    return (((size_t)maxlen + 63) & ~(size_t)63) + (size_t)64 * hd + 2 * (size_t)maxlen + 16;
 }
 
 static void attn_task(void *arg, int ith, int nth)
@@ -116,16 +243,12 @@ static void attn_task(void *arg, int ith, int nth)
     const kern_attn_t *a = c->a;
     const int n_items = a->n_tokens * a->n_heads;
     float *sc = c->scores[ith];
-    /* the pointer rows live right after the scores (see cpu_attention's sizing) */
-    const fl_f16_t **rows = NULL;
-    int maxlen = 0;
-    for (int i = 0; i < a->n_tokens; i++)
-        if (a->tok_pos[i] + 1 > maxlen) maxlen = a->tok_pos[i] + 1;
-    rows = (const fl_f16_t **)(void *)(sc + (((size_t)maxlen + 15) & ~(size_t)15));
+    float *vacc = sc + (((size_t)c->maxlen + 63) & ~(size_t)63);
+    const fl_f16_t **rows = (const fl_f16_t **)(void *)(vacc + (size_t)64 * a->head_dim);
     for (;;) {
         const int it = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
         if (it >= n_items) break;
-        attn_one(a, c->isa, it / a->n_heads, it % a->n_heads, sc, rows);
+        attn_one(c, it / a->n_heads, it % a->n_heads, sc, vacc, rows);
     }
 }
 
@@ -133,35 +256,41 @@ void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
 {
     cpu_backend_t *cb = (cpu_backend_t *)be;
     if (a->n_tokens <= 0) return;
-    int maxlen = 0;
+    if (a->head_dim > ATTN_MAX_HEAD_DIM || a->n_kv_heads <= 0 || a->n_heads % a->n_kv_heads) goto fail;
+    int maxlen = 0, maxseq = 0;
     int64_t work = 0;
     for (int i = 0; i < a->n_tokens; i++) {
         if (a->tok_pos[i] + 1 > maxlen) maxlen = a->tok_pos[i] + 1;
+        if (a->tok_seq[i] > maxseq) maxseq = a->tok_seq[i];
         work += a->tok_pos[i] + 1;
     }
     work *= (int64_t)a->n_heads * a->head_dim;
-    /* floats for scores (rounded to 16) + room for as many pointers */
-    const size_t need = ((((size_t)maxlen + 15) & ~(size_t)15) + 2 * (size_t)maxlen) * sizeof(float);
+    const size_t need = attn_scratch_floats(maxlen, a->head_dim) * sizeof(float);
     const int nth = cpu_pool_size(cb->pool);
     if (need > cb->scores_len) {
         size_t cap = 0;
         for (int t = 0; t < nth; t++) {
             cap = cb->scores_len;
-            if (cpu_grow((void **)&cb->scores[t], &cap, need)) {
-                for (size_t k = 0; k < (size_t)a->n_tokens * a->n_heads * a->head_dim; k++) a->out[k] = NAN;
-                return;
-            }
+            if (cpu_grow((void **)&cb->scores[t], &cap, need)) goto fail;
         }
         cb->scores_len = cap; /* every thread's buffer got the same capacity */
     }
-    if (a->head_dim > ATTN_MAX_HEAD_DIM || a->n_kv_heads <= 0 || a->n_heads % a->n_kv_heads) {
-        for (size_t k = 0; k < (size_t)a->n_tokens * a->n_heads * a->head_dim; k++) a->out[k] = NAN;
-        return;
-    }
-    attn_ctx_t c = {.a = a, .isa = cb->isa, .scores = cb->scores};
+    /* Tokens per sequence in this call (decides the summation order, see the header). */
+    const size_t mbytes = ((size_t)a->n_tokens + 7) & ~(size_t)7;
+    uint8_t *multi = malloc(mbytes + (size_t)(maxseq + 1) * sizeof(int));
+    if (!multi) goto fail;
+    int *cnt = (int *)(void *)(multi + mbytes);
+    memset(cnt, 0, (size_t)(maxseq + 1) * sizeof(int));
+    for (int i = 0; i < a->n_tokens; i++) cnt[a->tok_seq[i]]++;
+    for (int i = 0; i < a->n_tokens; i++) multi[i] = cnt[a->tok_seq[i]] >= 2;
+    attn_ctx_t c = {.a = a, .isa = cb->isa, .scores = cb->scores, .multi = multi, .maxlen = maxlen};
     atomic_init(&c.next, 0);
     if (work < 64 * 1024 || nth == 1) attn_task(&c, 0, 1);
     else cpu_pool_run(cb->pool, attn_task, &c);
+    free(multi);
+    return;
+fail:
+    for (size_t k = 0; k < (size_t)a->n_tokens * a->n_heads * a->head_dim; k++) a->out[k] = NAN;
 }
 
 static CPU_AVX2 void kv_row_avx2(fl_f16_t *dst, const float *src, int n)

@@ -14,6 +14,8 @@
  *
  * Sampling is a pure function of (logits, params): see cpu_sample_uniform and sample_row below;
  * the CUDA backend must reproduce it (or run this code on downloaded logits). */
+#pragma GCC optimize("fp-contract=off")
+
 #include <cblas.h>
 #include <limits.h>
 #include <math.h>
@@ -23,6 +25,7 @@
 
 #include "../../common/quant.h"
 #include "cpu_internal.h"
+#include "cpu_simd.h"
 
 /* ------------------------------------------------------------------------------------------------
  * Memory */
@@ -109,6 +112,15 @@ static kern_weight_t *cpu_weight_new(kern_backend_t *be, int type, int64_t rows,
         return NULL;
     }
     *w = (kern_weight_t){.type = type, .rows = rows, .cols = cols, .data = data, .row_bytes = row_bytes};
+    if (cb->repack && cpu_pack_chunk_bytes(type)) {
+        w->packed = cpu_pack_weight(type, rows, cols, data, row_bytes);
+        if (!w->packed) {
+            free(w);
+            fl_fail(err, FL_ENOMEM, "cpu backend: out of memory repacking a %lld x %lld weight", (long long)rows,
+                    (long long)cols);
+            return NULL;
+        }
+    }
     if (cb->blas_min_n < INT32_MAX && cpu_matmul_reserve(cb, cols)) {
         free(w);
         fl_fail(err, FL_ENOMEM, "cpu backend: out of memory for BLAS panels of %lld columns", (long long)cols);
@@ -117,7 +129,12 @@ static kern_weight_t *cpu_weight_new(kern_backend_t *be, int type, int64_t rows,
     return w;
 }
 
-static void cpu_weight_destroy(kern_backend_t *be, kern_weight_t *w) { free(w); }
+static void cpu_weight_destroy(kern_backend_t *be, kern_weight_t *w)
+{
+    if (!w) return;
+    free(w->packed);
+    free(w);
+}
 
 static void cpu_embed(kern_backend_t *be, float *out, const kern_weight_t *t, const int32_t *ids, int n)
 {
@@ -149,8 +166,11 @@ static void cpu_rmsnorm(kern_backend_t *be, float *y, const float *x, const floa
 
 #define ROPE_MAX_PAIRS 512
 
-static void cpu_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
-                     const kern_rope_t *rope)
+/* ggml's rope (NORM mode) as compiled for x86 with FMA: the pair rotation contracts to
+ * x0' = fma(x0, cos, -(x1 * sin)), x1' = fma(x1, cos, x0 * sin). The body is inlined twice: into a
+ * plain function (fmaf from libm) and into an FMA-target one (vfmadd), with the same results. */
+static inline __attribute__((always_inline)) void rope_body(float *x, const int32_t *pos, int n, int n_heads,
+                                                            int head_dim, const kern_rope_t *rope)
 {
     const int n_rot = rope->n_rot < head_dim ? rope->n_rot : head_dim, np = n_rot / 2;
     if (np <= 0 || np > ROPE_MAX_PAIRS) return;
@@ -169,19 +189,65 @@ static void cpu_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, in
             float *v = x + ((size_t)t * n_heads + h) * head_dim;
             for (int i = 0; i < np; i++) {
                 const float x0 = v[2 * i], x1 = v[2 * i + 1];
-                v[2 * i] = x0 * cs[i] - x1 * sn[i];
-                v[2 * i + 1] = x0 * sn[i] + x1 * cs[i];
+                v[2 * i] = fmaf(x0, cs[i], -(x1 * sn[i]));
+                v[2 * i + 1] = fmaf(x0, sn[i], x1 * cs[i]);
             }
         }
     }
 }
 
-static void cpu_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n)
+static void rope_scalar(float *x, const int32_t *pos, int n, int n_heads, int head_dim, const kern_rope_t *rope)
 {
-    for (int i = 0; i < n; i++) {
+    rope_body(x, pos, n, n_heads, head_dim, rope);
+}
+
+static CPU_AVX2 void rope_avx2(float *x, const int32_t *pos, int n, int n_heads, int head_dim, const kern_rope_t *rope)
+{
+    rope_body(x, pos, n, n_heads, head_dim, rope);
+}
+
+static void cpu_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
+                     const kern_rope_t *rope)
+{
+    if (((cpu_backend_t *)be)->isa == CPU_ISA_SCALAR) rope_scalar(x, pos, n, n_heads, head_dim, rope);
+    else rope_avx2(x, pos, n, n_heads, head_dim, rope);
+}
+
+/* ggml_vec_swiglu_f32 (AVX-512 build): 16-element chunks use ggml_v_silu = x / (1 + v_expf(-x)) with
+ * ggml's exp polynomial (cpu_v_expf*), times up; the n % 16 tail uses expf. ggml applies it per row
+ * of n_ff: identical here whenever n_ff % 16 == 0. */
+static void swiglu_scalar(float *out, const float *gate, const float *up, int n)
+{
+    const int nv = n & ~15;
+    for (int i = 0; i < nv; i++) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + cpu_v_expf1(0.0f - g)) * up[i];
+    }
+    for (int i = nv; i < n; i++) {
         const float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
     }
+}
+
+static CPU_AVX2 void swiglu_avx2(float *out, const float *gate, const float *up, int n)
+{
+    const int nv = n & ~15;
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (int i = 0; i < nv; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = cpu_v_expf_avx2(_mm256_sub_ps(zero, g));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    for (int i = nv; i < n; i++) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+static void cpu_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n)
+{
+    if (((cpu_backend_t *)be)->isa == CPU_ISA_SCALAR) swiglu_scalar(out, gate, up, n);
+    else swiglu_avx2(out, gate, up, n);
 }
 
 static void cpu_add(kern_backend_t *be, float *y, const float *x, int n)
@@ -348,7 +414,9 @@ static void cpu_destroy(kern_backend_t *be)
     for (int i = 0; i < nth; i++) {
         if (cb->panel) free(cb->panel[i]);
         if (cb->scores) free(cb->scores[i]);
+        if (cb->pk_scratch) free(cb->pk_scratch[i]);
     }
+    free(cb->pk_scratch);
     free(cb->panel);
     free(cb->scores);
     free(cb->act);
@@ -422,11 +490,16 @@ kern_backend_t *kern_cpu_new(int n_threads, fl_error_t *err)
     cb->base.n_threads = nth;
     cb->panel = calloc((size_t)nth, sizeof *cb->panel);
     cb->scores = calloc((size_t)nth, sizeof *cb->scores);
-    if (!cb->panel || !cb->scores) {
+    cb->pk_scratch = calloc((size_t)nth, sizeof *cb->pk_scratch);
+    if (!cb->panel || !cb->scores || !cb->pk_scratch) {
         cpu_destroy(&cb->base);
         fl_fail(err, FL_ENOMEM, "cpu backend: out of memory");
         return NULL;
     }
+    /* Quantized weights are repacked for the AVX-512 kernel (same size as the file's blocks) unless
+     * FOLIO_CPU_REPACK=0; the other ISAs read the file mapping in place. */
+    const char *rp = getenv("FOLIO_CPU_REPACK");
+    cb->repack = cb->isa == CPU_ISA_AVX512 && !(rp && strcmp(rp, "0") == 0);
     cb->blas_min_n = cpu_matmul_default_blas_min_n();
     const char *env = getenv("FOLIO_CPU_BLAS_MIN_N");
     if (env && *env) {

@@ -43,6 +43,7 @@ struct kern_weight {
     int64_t rows, cols;
     const uint8_t *data; /* borrowed from the file mapping */
     size_t row_bytes;
+    uint8_t *packed;     /* owned: quantized rows repacked for the AVX-512 kernel (cpu_packed.c), or NULL */
 };
 
 typedef struct cpu_backend {
@@ -50,6 +51,7 @@ typedef struct cpu_backend {
     cpu_isa_t isa;
     cpu_pool_t *pool;
     int blas_min_n;       /* matmul with n >= this uses dequantize + sgemm; INT32_MAX: never */
+    bool repack;          /* weight_new repacks quantized weights (AVX-512 VNNI path, cpu_packed.c) */
     int64_t max_cols;     /* largest weight cols seen by weight_new (sizes the BLAS panels) */
 
     /* matmul: activations converted to the weight's vec-dot type (grown, never shrunk) */
@@ -58,6 +60,9 @@ typedef struct cpu_backend {
     /* BLAS path: per-thread f32 panel of dequantized weight rows */
     float **panel;
     size_t panel_floats;
+    /* packed matmul: per-thread unpacked weight group */
+    void **pk_scratch;
+    size_t pk_scratch_bytes;
     /* attention: per-thread score rows */
     float **scores;
     size_t scores_len;
@@ -77,6 +82,18 @@ void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const floa
 int cpu_matmul_reserve(cpu_backend_t *cb, int64_t cols);
 /* The n at and above which the BLAS path is faster (measured; see cpu_matmul.c). */
 int cpu_matmul_default_blas_min_n(void);
+
+/* ---- packed AVX-512 VNNI matmul (cpu_packed.c) ---- */
+
+/* Bytes of one packed chunk (16 rows x 1 block) of a Q4_0/Q4_1/Q8_0 weight; 0 for other types. */
+size_t cpu_pack_chunk_bytes(int type);
+/* The packed copy of a quantized weight (64-byte aligned, free()), or NULL (type or out of memory). */
+uint8_t *cpu_pack_weight(int type, int64_t rows, int64_t cols, const uint8_t *data, size_t row_bytes);
+/* xinit[8 * b + k] = mult * (sum of the 4 activation quants of lane k of block b); AVX-512 only. */
+void cpu_pack_act_init(const int8_t *qs, int nb, int mult, int32_t *xinit);
+/* y = x W^T from activations already quantized to the vec-dot type (qs, d, s) plus xinit. */
+void cpu_matmul_packed(cpu_backend_t *cb, float *y, const kern_weight_t *w, const int8_t *qs, const float *d,
+                       const float *s, const int32_t *xinit, int n);
 
 /* ---- attention (cpu_attention.c) ---- */
 

@@ -34,6 +34,9 @@
 #include "cpu_internal.h"
 #include "cpu_simd.h"
 
+/* Every fused multiply-add below is written out (fmaf, _mm256_fmadd_ps): no contraction of a*b+c. */
+#pragma GCC optimize("fp-contract=off")
+
 #define MM_CHUNK 32   /* rows per work item (multiple of 8) */
 #define MM_TBLOCK 64  /* tokens per work item */
 #define MM_PANEL 64   /* rows per BLAS panel */
@@ -149,36 +152,43 @@ static float qdot_scalar(const mm_ctx_t *c, int64_t r, int t)
 {
     const uint8_t *row = c->w + (size_t)r * c->row_bytes;
     const int8_t *xq = c->qs + (size_t)t * c->cols;
-    float acc = 0.0f, accm = 0.0f;
+    float acc[8] = {0}, summs = 0.0f;
     for (int b = 0; b < c->nb; b++) {
         const size_t ix = (size_t)t * c->nb + b;
         const int8_t *xb = xq + 32 * b;
-        int isum = 0;
+        int wq[32];
         float dw, mw = 0.0f;
         fl_f16_t h;
         if (c->type == FL_TYPE_Q8_0) {
             const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)row + b;
             memcpy(&h, &blk->d, 2);
             dw = fl_f16_to_f32(h);
-            for (int j = 0; j < 32; j++) isum += blk->qs[j] * xb[j];
+            for (int j = 0; j < 32; j++) wq[j] = blk->qs[j];
         } else if (c->type == FL_TYPE_Q4_0) {
             const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)row + b;
             memcpy(&h, &blk->d, 2);
             dw = fl_f16_to_f32(h);
-            for (int j = 0; j < 16; j++)
-                isum += ((blk->qs[j] & 15) - 8) * xb[j] + ((blk->qs[j] >> 4) - 8) * xb[j + 16];
+            for (int j = 0; j < 16; j++) wq[j] = (blk->qs[j] & 15) - 8, wq[j + 16] = (blk->qs[j] >> 4) - 8;
         } else {
             const fl_block_q4_1_t *blk = (const fl_block_q4_1_t *)row + b;
             memcpy(&h, &blk->d, 2);
             dw = fl_f16_to_f32(h);
             memcpy(&h, &blk->m, 2);
             mw = fl_f16_to_f32(h);
-            for (int j = 0; j < 16; j++) isum += (blk->qs[j] & 15) * xb[j] + (blk->qs[j] >> 4) * xb[j + 16];
+            for (int j = 0; j < 16; j++) wq[j] = blk->qs[j] & 15, wq[j + 16] = blk->qs[j] >> 4;
         }
-        acc = fmaf((float)isum, dw * c->d[ix], acc);
-        if (c->type == FL_TYPE_Q4_1) accm = fmaf(mw, c->s[ix], accm);
+        const float dd = dw * c->d[ix];
+        for (int k = 0; k < 8; k++) {
+            const int lane = wq[4 * k] * xb[4 * k] + wq[4 * k + 1] * xb[4 * k + 1] + wq[4 * k + 2] * xb[4 * k + 2] +
+                             wq[4 * k + 3] * xb[4 * k + 3];
+            acc[k] = fmaf(dd, (float)lane, acc[k]);
+        }
+        if (c->type == FL_TYPE_Q4_1) summs = fmaf(mw, c->s[ix], summs);
     }
-    return c->type == FL_TYPE_Q4_1 ? acc + accm : acc;
+    /* hsum_float_8 */
+    const float h0 = acc[4] + acc[0], h1 = acc[5] + acc[1], h2 = acc[6] + acc[2], h3 = acc[7] + acc[3];
+    const float sum = (h0 + h2) + (h1 + h3);
+    return c->type == FL_TYPE_Q4_1 ? sum + summs : sum;
 }
 
 float cpu_dot16_scalar(const float *a, const float *b, int n)
@@ -426,16 +436,26 @@ void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const floa
     } else {
         const int nb = (int)(cols / 32);
         const size_t qbytes = ((size_t)n * cols + 63) & ~(size_t)63, fbytes = (size_t)n * nb * sizeof(float);
-        if (cpu_grow(&cb->act, &cb->act_bytes, qbytes + 3 * fbytes)) goto oom;
+        if (cpu_grow(&cb->act, &cb->act_bytes, qbytes + 3 * fbytes + 8 * fbytes)) goto oom;
         int8_t *qs = cb->act;
         float *d = (float *)((char *)cb->act + qbytes), *s = d + (size_t)n * nb;
-        int32_t *qsum = (int32_t *)(s + (size_t)n * nb);
+        int32_t *qsum = (int32_t *)(s + (size_t)n * nb), *xinit = qsum + (size_t)n * nb;
         for (int t = 0; t < n; t++) {
             const size_t o = (size_t)t * nb;
             if (cb->isa == CPU_ISA_SCALAR)
                 quantize_act_scalar(x + (size_t)t * cols, (int)cols, qs + (size_t)t * cols, d + o, qsum + o, s + o);
             else
                 quantize_act_avx2(x + (size_t)t * cols, (int)cols, qs + (size_t)t * cols, d + o, qsum + o, s + o);
+        }
+        if (w->packed) {
+            if (w->type != FL_TYPE_Q4_1)
+                for (int t = 0; t < n; t++)
+                    cpu_pack_act_init(qs + (size_t)t * cols, nb, w->type == FL_TYPE_Q8_0 ? -128 : -8,
+                                      xinit + (size_t)t * nb * 8);
+            else
+                memset(xinit, 0, (size_t)n * nb * 8 * sizeof(int32_t));
+            cpu_matmul_packed(cb, y, w, qs, d, s, xinit, n);
+            return;
         }
         c.nb = nb, c.qs = qs, c.d = d, c.s = s, c.qsum = qsum;
     }

@@ -2,19 +2,22 @@
  * target("avx2,fma,f16c") with QT_VNNI 0 and once under the AVX-512 VNNI target with QT_VNNI 1.
  * QT(name) appends the ISA suffix. No include guard on purpose.
  *
- * A tile computes 8 (row, token) pairs per block of 32: tile4 takes 4 weight rows x 2 tokens (and
- * TP=2 does two such token pairs, reusing the loaded weight rows), tile8 takes 8 rows x 1 token.
- * For each pair the 32-element integer dot product is exact (maddubs/madd on AVX2, vpdpbusd with
- * VNNI, both in 8 int32 lanes that are then summed by one transpose-add of the 8 pairs), and it
- * enters the float accumulator as acc = fma((float)isum, d_w * d_x, acc) block after block. That is
- * the scalar reference's order too, so the result of a pair does not depend on the tile, the ISA or
- * on n. Q4_1 adds accm = fma(m_w, s_x, accm) per block and returns acc + accm.
+ * Numerics are ggml's x86 ggml_vec_dot_{q4_0,q8_0}_q8_0 / ggml_vec_dot_q4_1_q8_1, bit for bit (see
+ * the order in cpu_matmul.c): per output 8 float lanes, lane k of a block is the exact integer sum
+ * of the 4 products of block elements 4k..4k+3 (mul_sum_*_pairs_float), converted to float and
+ * accumulated as acc[k] = fma(d_w * d_x, lane, acc[k]) block after block; the result is
+ * hsum_float_8(acc) (+ summs for Q4_1, summs = fma(m_w, s_x, summs) in block order).
+ *
+ * A tile computes 8 (row, token) pairs per block of 32: tile4 takes 4 weight rows x 2 tokens (TP=2
+ * does two such token pairs, reusing the loaded weight rows), tile8 takes 8 rows x 1 token. The
+ * integer lanes are computed with maddubs/madd on AVX2 and vpdpbusd with VNNI (exact either way), so
+ * the result of a pair depends neither on the tile, the ISA, nor on n.
  *
  * Integer tricks (all exact):
  *   Q8_0 x Q8_0, AVX2: maddubs(|w|, sign(x, w)) (|x| <= 127 so no int16 saturation).
- *   Q8_0, VNNI: vpdpbusd(init, x + 128, w) with init = -128 * sum(w), computed once per row block.
- *   Q4_0: q in 0..15 is unsigned: dot(q, x) - 8 * sum(x); AVX2 subtracts 8 * sum(x) after the
- *         reduction, VNNI starts the accumulator at -8 * sum(x) (once per token block).
+ *   Q8_0, VNNI: vpdpbusd(init, x + 128, w) with init = -128 * lane sums of w, once per row block.
+ *   Q4_0: q in 0..15 is unsigned: AVX2 uses q - 8 with the sign trick; VNNI starts the accumulator
+ *         at -8 * lane sums of x (once per token block).
  *   Q4_1: dot(q, x) directly. */
 
 static inline __m256i QT(nibbles)(const uint8_t *qs)
@@ -23,12 +26,13 @@ static inline __m256i QT(nibbles)(const uint8_t *qs)
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0f));
 }
 
-/* Sums each of 8 vectors of 8 int32 lanes: lane k of the result is the total of v[k]. */
-static inline __m256i QT(reduce8)(const __m256i v[8])
+/* ggml's hsum_float_8. */
+static inline float QT(hsum8)(__m256 x)
 {
-    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-    const __m256i c = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(a, c, 0x20), _mm256_permute2x128_si256(a, c, 0x31));
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
 }
 
 static inline float QT(h2f)(const uint8_t *p)
@@ -36,13 +40,6 @@ static inline float QT(h2f)(const uint8_t *p)
     uint16_t h;
     memcpy(&h, p, 2);
     return _cvtsh_ss(h);
-}
-
-static inline __m128 QT(h2f4)(const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, const uint8_t *p3)
-{
-    uint16_t h0, h1, h2, h3;
-    memcpy(&h0, p0, 2), memcpy(&h1, p1, 2), memcpy(&h2, p2, 2), memcpy(&h3, p3, 2);
-    return _mm_cvtph_ps(_mm_setr_epi16((short)h0, (short)h1, (short)h2, (short)h3, 0, 0, 0, 0));
 }
 
 /* Weight block -> 32 bytes (s8 for Q8_0, u8 0..15 for Q4_*). */
@@ -79,10 +76,15 @@ static inline __attribute__((always_inline)) __m256i QT(dot)(__m256i w, __m256i 
     return _mm256_dpbusd_epi32(xb, w, xp);
 }
 #else
+/* Q4_0 weights are recentred to q - 8 so every type but Q4_1 is a signed x signed product. */
+static inline __m256i QT(wprep)(__m256i w, const int type)
+{
+    return type == FL_TYPE_Q4_0 ? _mm256_sub_epi8(w, _mm256_set1_epi8(8)) : w;
+}
 static inline __attribute__((always_inline)) __m256i QT(dot)(__m256i w, __m256i x, const int type)
 {
     const __m256i ones = _mm256_set1_epi16(1);
-    if (type == FL_TYPE_Q8_0)
+    if (type != FL_TYPE_Q4_1)
         return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
 }
@@ -95,60 +97,49 @@ static inline __attribute__((always_inline)) void QT(tile4)(const mm_ctx_t *c, c
 {
     const int nb = c->nb, cols = c->cols;
     const size_t bb = type == FL_TYPE_Q8_0 ? 34 : type == FL_TYPE_Q4_0 ? 18 : 20;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    __m256 accm[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[4][4];
+    for (int t = 0; t < 4; t++)
+        for (int r = 0; r < 4; r++) acc[t][r] = _mm256_setzero_ps();
+    float summs[4][4] = {{0}};
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk[4];
         __m256i w[4];
+        float dw[4], mw[4];
         for (int r = 0; r < 4; r++) {
             blk[r] = wr[r] + (size_t)b * bb;
             w[r] = QT(wload)(blk[r], type);
+            dw[r] = QT(h2f)(blk[r]);
+            if (type == FL_TYPE_Q4_1) mw[r] = QT(h2f)(blk[r] + 2);
         }
 #if QT_VNNI
         __m256i wb[4];
         for (int r = 0; r < 4; r++) wb[r] = QT(wbias)(w[r], type);
-#endif
-        const __m128 dw4 = QT(h2f4)(blk[0], blk[1], blk[2], blk[3]);
-        const __m256 dwd = _mm256_set_m128(dw4, dw4);
-        __m256 mwd = _mm256_setzero_ps();
-        if (type == FL_TYPE_Q4_1) {
-            const __m128 mw4 = QT(h2f4)(blk[0] + 2, blk[1] + 2, blk[2] + 2, blk[3] + 2);
-            mwd = _mm256_set_m128(mw4, mw4);
-        }
-        for (int p = 0; p < TP; p++) {
-            const int t0 = tok[2 * p], t1 = tok[2 * p + 1];
-            const size_t i0 = (size_t)t0 * nb + b, i1 = (size_t)t1 * nb + b;
-            __m256i x[2];
-            x[0] = _mm256_loadu_si256((const __m256i *)(c->qs + (size_t)t0 * cols + (size_t)b * 32));
-            x[1] = _mm256_loadu_si256((const __m256i *)(c->qs + (size_t)t1 * cols + (size_t)b * 32));
-            __m256i v[8];
-#if QT_VNNI
-            for (int t = 0; t < 2; t++) {
-                const __m256i xp = QT(xprep)(x[t], type), xb = QT(xbias)(x[t], type);
-                for (int r = 0; r < 4; r++) v[t * 4 + r] = QT(dot)(w[r], xp, wb[r], xb, type);
-            }
-            __m256i isum = QT(reduce8)(v);
 #else
-            for (int t = 0; t < 2; t++)
-                for (int r = 0; r < 4; r++) v[t * 4 + r] = QT(dot)(w[r], x[t], type);
-            __m256i isum = QT(reduce8)(v);
-            if (type == FL_TYPE_Q4_0)
-                isum = _mm256_sub_epi32(isum, _mm256_set_m128i(_mm_set1_epi32(8 * c->qsum[i1]),
-                                                               _mm_set1_epi32(8 * c->qsum[i0])));
+        for (int r = 0; r < 4; r++) w[r] = QT(wprep)(w[r], type);
 #endif
-            const __m256 dx = _mm256_set_m128(_mm_set1_ps(c->d[i1]), _mm_set1_ps(c->d[i0]));
-            acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dwd, dx), acc[p]);
-            if (type == FL_TYPE_Q4_1) {
-                const __m256 sx = _mm256_set_m128(_mm_set1_ps(c->s[i1]), _mm_set1_ps(c->s[i0]));
-                accm[p] = _mm256_fmadd_ps(mwd, sx, accm[p]);
+        for (int t = 0; t < 2 * TP; t++) {
+            const size_t ix = (size_t)tok[t] * nb + b;
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(c->qs + (size_t)tok[t] * cols + (size_t)b * 32));
+            const float dx = c->d[ix];
+#if QT_VNNI
+            const __m256i xp = QT(xprep)(x, type), xb = QT(xbias)(x, type);
+#endif
+            for (int r = 0; r < 4; r++) {
+#if QT_VNNI
+                const __m256i v = QT(dot)(w[r], xp, wb[r], xb, type);
+#else
+                const __m256i v = QT(dot)(w[r], x, type);
+#endif
+                acc[t][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), _mm256_cvtepi32_ps(v), acc[t][r]);
+                if (type == FL_TYPE_Q4_1) summs[t][r] = fmaf(mw[r], c->s[ix], summs[t][r]);
             }
         }
     }
-    for (int p = 0; p < TP; p++) {
-        __m256 r = type == FL_TYPE_Q4_1 ? _mm256_add_ps(acc[p], accm[p]) : acc[p];
-        _mm_storeu_ps(out[2 * p], _mm256_castps256_ps128(r));
-        _mm_storeu_ps(out[2 * p + 1], _mm256_extractf128_ps(r, 1));
-    }
+    for (int t = 0; t < 2 * TP; t++)
+        for (int r = 0; r < 4; r++) {
+            const float h = QT(hsum8)(acc[t][r]);
+            out[t][r] = type == FL_TYPE_Q4_1 ? h + summs[t][r] : h;
+        }
 }
 
 /* 8 weight rows x 1 token. out[r]. */
@@ -157,38 +148,33 @@ static inline __attribute__((always_inline)) void QT(tile8)(const mm_ctx_t *c, c
 {
     const int nb = c->nb, cols = c->cols;
     const size_t bb = type == FL_TYPE_Q8_0 ? 34 : type == FL_TYPE_Q4_0 ? 18 : 20;
-    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    __m256 acc[8];
+    float summs[8] = {0};
+    for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
     const int8_t *xq = c->qs + (size_t)t * cols;
     for (int b = 0; b < nb; b++) {
         const size_t ix = (size_t)t * nb + b;
         const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * 32));
-        const uint8_t *blk[8];
-        __m256i v[8];
+        const float dx = c->d[ix];
 #if QT_VNNI
         const __m256i xp = QT(xprep)(x, type), xb = QT(xbias)(x, type);
-        for (int r = 0; r < 8; r++) {
-            blk[r] = wr[r] + (size_t)b * bb;
-            const __m256i w = QT(wload)(blk[r], type);
-            v[r] = QT(dot)(w, xp, QT(wbias)(w, type), xb, type);
-        }
-        __m256i isum = QT(reduce8)(v);
-#else
-        for (int r = 0; r < 8; r++) {
-            blk[r] = wr[r] + (size_t)b * bb;
-            v[r] = QT(dot)(QT(wload)(blk[r], type), x, type);
-        }
-        __m256i isum = QT(reduce8)(v);
-        if (type == FL_TYPE_Q4_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * c->qsum[ix]));
 #endif
-        const __m256 dw = _mm256_set_m128(QT(h2f4)(blk[4], blk[5], blk[6], blk[7]), QT(h2f4)(blk[0], blk[1], blk[2], blk[3]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(c->d[ix])), acc);
-        if (type == FL_TYPE_Q4_1) {
-            const __m256 mw = _mm256_set_m128(QT(h2f4)(blk[4] + 2, blk[5] + 2, blk[6] + 2, blk[7] + 2),
-                                              QT(h2f4)(blk[0] + 2, blk[1] + 2, blk[2] + 2, blk[3] + 2));
-            accm = _mm256_fmadd_ps(mw, _mm256_set1_ps(c->s[ix]), accm);
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *blk = wr[r] + (size_t)b * bb;
+            const __m256i w = QT(wload)(blk, type);
+#if QT_VNNI
+            const __m256i v = QT(dot)(w, xp, QT(wbias)(w, type), xb, type);
+#else
+            const __m256i v = QT(dot)(QT(wprep)(w, type), x, type);
+#endif
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(QT(h2f)(blk) * dx), _mm256_cvtepi32_ps(v), acc[r]);
+            if (type == FL_TYPE_Q4_1) summs[r] = fmaf(QT(h2f)(blk + 2), c->s[ix], summs[r]);
         }
     }
-    _mm256_storeu_ps(out, type == FL_TYPE_Q4_1 ? _mm256_add_ps(acc, accm) : acc);
+    for (int r = 0; r < 8; r++) {
+        const float h = QT(hsum8)(acc[r]);
+        out[r] = type == FL_TYPE_Q4_1 ? h + summs[r] : h;
+    }
 }
 
 static void QT(tile4_dispatch)(const mm_ctx_t *c, int TP, const uint8_t *const wr[4], const int tok[4],

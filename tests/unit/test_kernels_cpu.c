@@ -114,29 +114,34 @@ static float ref_matmul_one(int type, const uint8_t *row, const float *x, int co
         y = l[0] + l[1];
         *bound = mag * (rel + 1e-6) + 1e-6;
     } else {
-        float acc = 0, accm = 0;
+        /* ggml's x86 vec_dot: 8 float lanes, lane k = integer sum of elements 4k..4k+3 of a block,
+         * acc[k] = fma(d_w * d_x, lane, acc[k]); hsum_float_8; Q4_1 adds summs = fma(m, s, summs). */
+        float acc[8] = {0}, accm = 0;
         double bnd = 0;
         for (int b = 0; b < cols / 32; b++) {
             ref_qblock_t qb;
             ref_quant_act(x + 32 * b, &qb);
-            int isum = 0;
+            int wq[32];
             float dw, mw = 0;
             if (type == FL_TYPE_Q8_0) {
                 const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)row + b;
                 dw = fl_f16_to_f32(blk->d);
-                for (int j = 0; j < 32; j++) isum += blk->qs[j] * qb.q[j];
+                for (int j = 0; j < 32; j++) wq[j] = blk->qs[j];
             } else if (type == FL_TYPE_Q4_0) {
                 const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)row + b;
                 dw = fl_f16_to_f32(blk->d);
-                for (int j = 0; j < 16; j++)
-                    isum += ((blk->qs[j] & 15) - 8) * qb.q[j] + ((blk->qs[j] >> 4) - 8) * qb.q[j + 16];
+                for (int j = 0; j < 16; j++) wq[j] = (blk->qs[j] & 15) - 8, wq[j + 16] = (blk->qs[j] >> 4) - 8;
             } else {
                 const fl_block_q4_1_t *blk = (const fl_block_q4_1_t *)row + b;
                 dw = fl_f16_to_f32(blk->d);
                 mw = fl_f16_to_f32(blk->m);
-                for (int j = 0; j < 16; j++) isum += (blk->qs[j] & 15) * qb.q[j] + (blk->qs[j] >> 4) * qb.q[j + 16];
+                for (int j = 0; j < 16; j++) wq[j] = blk->qs[j] & 15, wq[j + 16] = blk->qs[j] >> 4;
             }
-            acc = fmaf((float)isum, dw * qb.d, acc);
+            for (int k = 0; k < 8; k++) {
+                int lane = 0;
+                for (int e = 4 * k; e < 4 * k + 4; e++) lane += wq[e] * qb.q[e];
+                acc[k] = fmaf(dw * qb.d, (float)lane, acc[k]);
+            }
             if (type == FL_TYPE_Q4_1) accm = fmaf(mw, qb.s, accm);
             /* x_j is replaced by d_x * q_j: error <= d/2 per element (+ f16 rounding of d) */
             float amax = 0;
@@ -145,7 +150,10 @@ static float ref_matmul_one(int type, const uint8_t *row, const float *x, int co
             for (int j = 0; j < 32; j++) wsum += fabs(wf[32 * b + j]);
             bnd += wsum * (amax / 127.0 * 0.51 + amax * 0x1p-10);
         }
-        y = type == FL_TYPE_Q4_1 ? acc + accm : acc;
+        float h[4];
+        for (int k = 0; k < 4; k++) h[k] = acc[k + 4] + acc[k];
+        const float hs = (h[0] + h[2]) + (h[1] + h[3]);
+        y = type == FL_TYPE_Q4_1 ? hs + accm : hs;
         *bound = bnd + mag * 1e-5 + 1e-5;
     }
     free(wf);
@@ -310,6 +318,26 @@ static void test_cuda_stub_says_unsupported(void **state)
     assert_false(kern_cuda_available());
 }
 
+/* ggml_v_expf (the AVX-512 ggml polynomial), written out independently: the spec of softmax/swiglu. */
+static float spec_v_expf(float x)
+{
+    const float z = fmaf(x, 0x1.715476p+0f, 0x1.8p23f), n = z - 0x1.8p23f;
+    const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x)), u = b * b;
+    const float p45 = fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), p23 = fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f);
+    const float j = fmaf(fmaf(p45, u, p23), u, fmaf(0x1.ffffecp-1f, b, 1.0f));
+    if (isnan(n)) return n;
+    if (fabsf(n) > 192) return n > 0 ? INFINITY : 0.0f;
+    return ldexpf(j, (int)n);
+}
+
+static float spec_reduce16(const float *l)
+{
+    float a[8], b[4];
+    for (int k = 0; k < 8; k++) a[k] = l[k] + l[k + 8];
+    for (int k = 0; k < 4; k++) b[k] = a[k] + a[k + 4];
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 /* ---- small ops ---- */
 
 static void test_embed_dequantizes_rows_of_every_type(void **state)
@@ -351,10 +379,18 @@ static void test_rmsnorm_swiglu_add_match_reference(void **state)
                 assert_true(fabs(y[r * dim + i] - ref) <= 1e-5 * fabs(ref) + 1e-7);
             }
         }
-        kern_swiglu(be, y, x, u, n * dim);
-        for (int i = 0; i < n * dim; i++) {
-            const double g = x[i], ref = g / (1.0 + exp(-g)) * u[i];
-            assert_true(fabs(y[i] - ref) <= 1e-5 * fabs(ref) + 1e-7);
+        for (int isa = 0; isa < 3; isa++) {
+            kern_backend_t *bi = new_backend(isa_names[isa], 1, NULL);
+            kern_swiglu(bi, y, x, u, n * dim);
+            kern_destroy(&bi);
+            const int nv = n * dim / 16 * 16;
+            for (int i = 0; i < n * dim; i++) {
+                const double g = x[i], ref = g / (1.0 + exp(-g)) * u[i];
+                assert_true(fabs(y[i] - ref) <= 1e-5 * fabs(ref) + 1e-7);
+                /* ggml_vec_swiglu_f32: v_silu on 16-chunks, expf on the tail */
+                const float e = i < nv ? spec_v_expf(0.0f - x[i]) : expf(-x[i]), spec = x[i] / (1.0f + e) * u[i];
+                if (memcmp(&spec, &y[i], 4)) fail_msg("%s swiglu[%d] = %.9g, spec says %.9g", isa_names[isa], i, y[i], spec);
+            }
         }
         memcpy(y, x, n * dim * 4);
         kern_add(be, y, u, n * dim);
@@ -378,6 +414,29 @@ static void test_rope_rotates_adjacent_pairs_like_ggml(void **state)
         fill(x, sizeof x / 4, 1.0f);
         memcpy(y, x, sizeof x);
         kern_rope(be, y, pos, n, nh, hd, rp);
+        /* ggml's rope as compiled with FMA contraction, bit for bit, on every ISA */
+        for (int isa = 0; isa < 3; isa++) {
+            kern_backend_t *bi = new_backend(isa_names[isa], 1, NULL);
+            float z[4 * 3 * 64];
+            memcpy(z, x, sizeof x);
+            kern_rope(bi, z, pos, n, nh, hd, rp);
+            kern_destroy(&bi);
+            for (int t = 0; t < n; t++) {
+                float theta = (float)pos[t];
+                const float ts = powf(rp->freq_base, -2.0f / (float)rp->n_rot);
+                for (int i = 0; i < rp->n_rot / 2; i++) {
+                    const float th = rp->freq_scale * (theta / (rp->freq_factors ? rp->freq_factors[i] : 1.0f));
+                    const float cs = cosf(th), sn = sinf(th);
+                    theta *= ts;
+                    for (int h = 0; h < nh; h++) {
+                        const float *xi = x + (t * nh + h) * hd, *zi = z + (t * nh + h) * hd;
+                        const float r0 = fmaf(xi[2 * i], cs, -(xi[2 * i + 1] * sn));
+                        const float r1 = fmaf(xi[2 * i], sn, xi[2 * i + 1] * cs);
+                        assert_true(memcmp(&r0, &zi[2 * i], 4) == 0 && memcmp(&r1, &zi[2 * i + 1], 4) == 0);
+                    }
+                }
+            }
+        }
         for (int t = 0; t < n; t++)
             for (int h = 0; h < nh; h++) {
                 const float *xi = x + (t * nh + h) * hd, *yi = y + (t * nh + h) * hd;
@@ -422,6 +481,63 @@ static void test_kv_store_writes_f16_rows_at_slots(void **state)
 }
 
 /* ---- attention ---- */
+
+/* tinyBLAS order: element i into lane i % 16 (fma), canonical reduce. */
+static float spec_dot_tb(const float *a, const float *b, int n)
+{
+    float l[16] = {0};
+    for (int i = 0; i < n; i++) l[i % 16] = fmaf(a[i], b[i], l[i % 16]);
+    return spec_reduce16(l);
+}
+
+/* ggml_vec_dot_f16 order: 64-chunks in 4 x 16 lanes, (A0+A2)+(A1+A3), reduce, leftovers in double. */
+static float spec_dot_vd(const float *a, const float *b, int n)
+{
+    const int np = n & ~63;
+    float acc[4][16] = {{0}}, l[16];
+    for (int i = 0; i < np; i++) acc[(i % 64) / 16][i % 16] = fmaf(a[i], b[i], acc[(i % 64) / 16][i % 16]);
+    for (int k = 0; k < 16; k++) l[k] = (acc[0][k] + acc[2][k]) + (acc[1][k] + acc[3][k]);
+    double sum = spec_reduce16(l);
+    for (int i = np; i < n; i++) sum += (double)(a[i] * b[i]);
+    return (float)sum;
+}
+
+/* llama.cpp's non-flash attention for one (token, head), bit for bit: multi = the token's sequence
+ * has >= 2 tokens in the call (tinyBLAS order) or not (vec_dot order); n_kv = len padded to 32. */
+static void spec_attention(const kern_attn_t *a, int i, int h, bool multi, float *out)
+{
+    const int hd = a->head_dim, kvh = h / (a->n_heads / a->n_kv_heads), len = a->tok_pos[i] + 1;
+    const int nkv = (len + 31) / 32 * 32;
+    const int32_t *bt = a->block_tables + a->tok_seq[i] * a->max_blocks;
+    float *sc = calloc(nkv, sizeof(float)), *vv = calloc(nkv, sizeof(float)), q[512], kk[512];
+    const float *qr = a->q + ((size_t)i * a->n_heads + h) * hd;
+    for (int d = 0; d < hd; d++) q[d] = f16r(qr[d]);
+    float mx = -INFINITY;
+    for (int j = 0; j < len; j++) {
+        const size_t slot = (size_t)bt[j / a->block_size] * a->block_size + j % a->block_size;
+        for (int d = 0; d < hd; d++) kk[d] = fl_f16_to_f32(a->k_cache[(slot * a->n_kv_heads + kvh) * hd + d]);
+        sc[j] = (multi && hd % 16 == 0 ? spec_dot_tb(kk, q, hd) : spec_dot_vd(kk, q, hd)) * a->scale;
+        mx = fmaxf(mx, sc[j]);
+    }
+    double sum = 0;
+    for (int c = 0; c < nkv; c += 16) {
+        for (int k = c; k < c + 16; k++) sc[k] = k < len ? spec_v_expf(sc[k] - mx) : 0.0f;
+        sum += spec_reduce16(sc + c);
+    }
+    const float inv = (float)(1.0 / sum);
+    for (int j = 0; j < nkv; j++) sc[j] = f16r(sc[j] * inv);
+    for (int d = 0; d < hd; d++) {
+        for (int j = 0; j < nkv; j++) {
+            vv[j] = 0;
+            if (j < len) {
+                const size_t slot = (size_t)bt[j / a->block_size] * a->block_size + j % a->block_size;
+                vv[j] = fl_f16_to_f32(a->v_cache[(slot * a->n_kv_heads + kvh) * hd + d]);
+            }
+        }
+        out[d] = multi && hd % 4 == 0 ? spec_dot_tb(vv, sc, nkv) : spec_dot_vd(vv, sc, nkv);
+    }
+    free(sc), free(vv);
+}
 
 /* Double-precision reference of the documented numerics (q, p rounded to f16). */
 static void ref_attention(const kern_attn_t *a, int i, int h, float *out)
@@ -485,6 +601,8 @@ static void run_attention_case(int n_heads, int n_kv_heads, int hd, int block_si
             continue;
         }
         kern_attention(be, &a);
+        int seq_count[3] = {0};
+        for (int i = 0; i < n; i++) seq_count[seq[i]]++;
         float ref[256];
         for (int i = 0; i < n; i++)
             for (int h = 0; h < n_heads; h++) {
@@ -495,15 +613,42 @@ static void run_attention_case(int n_heads, int n_kv_heads, int hd, int block_si
                         fail_msg("attn nh=%d nkv=%d hd=%d bs=%d tok %d head %d d %d: %g vs %g", n_heads, n_kv_heads,
                                  hd, block_size, i, h, d, got, ref[d]);
                 }
+                spec_attention(&a, i, h, seq_count[seq[i]] >= 2, ref);
+                for (int d = 0; d < hd; d++) {
+                    const float got = out[((size_t)i * n_heads + h) * hd + d];
+                    if (memcmp(&got, &ref[d], 4))
+                        fail_msg("%s attn nh=%d nkv=%d hd=%d bs=%d tok %d head %d d %d: %.9g, spec says %.9g",
+                                 isa_names[isa], n_heads, n_kv_heads, hd, block_size, i, h, d, got, ref[d]);
+                }
             }
-        /* each token alone gives the same bits */
+        /* each sequence alone (all its tokens in one call) gives the same bits; a decode token
+         * (one per sequence) gives the same bits alone */
+        for (int sq = 0; sq < n_seqs; sq++) {
+            int32_t sseq[40], spos[40], idx[40], m = 0;
+            for (int i = 0; i < n; i++)
+                if (seq[i] == sq) sseq[m] = sq, spos[m] = pos[i], idx[m++] = i;
+            float *qq = malloc((size_t)m * qdim * 4), *oo = malloc((size_t)m * qdim * 4);
+            for (int k = 0; k < m; k++) memcpy(qq + (size_t)k * qdim, q + (size_t)idx[k] * qdim, (size_t)qdim * 4);
+            kern_attn_t one = a;
+            one.n_tokens = m, one.q = qq, one.out = oo, one.tok_seq = sseq, one.tok_pos = spos;
+            kern_attention(be, &one);
+            for (int k = 0; k < m; k++)
+                assert_true(bits_equal(oo + (size_t)k * qdim, out + (size_t)idx[k] * qdim, qdim, NULL));
+            free(qq), free(oo);
+        }
+        /* every token as a decode step (alone in the call): ggml_vec_dot_f16 order, checked at every
+         * length the case has (n_kv = 32, 64, 96, ...: lanes only, lanes + double leftovers, ...) */
         for (int i = 0; i < n; i++) {
             kern_attn_t one = a;
-            one.n_tokens = 1, one.q = q + (size_t)i * qdim, one.out = o2 + (size_t)i * qdim;
-            one.tok_seq = seq + i, one.tok_pos = pos + i;
+            one.n_tokens = 1, one.q = q + (size_t)i * qdim, one.out = o2, one.tok_seq = seq + i, one.tok_pos = pos + i;
             kern_attention(be, &one);
+            kern_attn_t ai = one;
+            for (int h = 0; h < n_heads; h++) {
+                spec_attention(&ai, 0, h, false, ref);
+                if (!bits_equal(o2 + (size_t)h * hd, ref, hd, NULL))
+                    fail_msg("%s decode attn hd=%d pos %d head %d differs from the spec", isa_names[isa], hd, pos[i], h);
+            }
         }
-        assert_true(bits_equal(out, o2, (size_t)n * qdim, NULL));
         results[isa] = malloc((size_t)n * qdim * 4);
         memcpy(results[isa], out, (size_t)n * qdim * 4);
         kern_destroy(&be);
