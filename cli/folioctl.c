@@ -1,7 +1,8 @@
 /* folioctl - folio's command-line tool for users and operators.
  *
  *   folioctl run -p TEXT [-n N] [--chat] [sampling] [--json]   offline generation in this process
- *   folioctl chat [-p TEXT]                                     chat (template applied); a REPL without -p
+ *   folioctl chat [-p TEXT]                                     chat (template applied); without -p a
+ *                                                               multi-turn REPL on stdin (/reset clears)
  *   folioctl tokenize -p TEXT [--chat] [--json]                 token ids as `run` feeds them
  *
  * Text streams to stdout as it is generated, in whole UTF-8 characters. --json prints one JSON
@@ -91,23 +92,65 @@ static int parse_flags(run_flags_t *f, int argc, char **argv)
     return 0;
 }
 
-/* Tokenizes the prompt as `run` feeds it: raw text with the model's BOS policy, or a chat
- * template with special tokens parsed. Returns a malloc'd array, *n its length; NULL on error. */
-static int32_t *encode_prompt(const tok_t *tok, const char *text, bool chat, const char *system, int *n)
+/* A conversation: the messages so far (strings owned), for `chat`'s multi-turn REPL. */
+typedef struct conversation {
+    tok_chat_msg_t *msgs;
+    int n, cap;
+} conversation_t;
+
+static bool conversation_add(conversation_t *c, const char *role, const char *content, size_t len)
+{
+    if (c->n == c->cap) {
+        int cap = c->cap ? 2 * c->cap : 8;
+        tok_chat_msg_t *m = realloc(c->msgs, (size_t)cap * sizeof *m);
+        if (!m) return false;
+        c->msgs = m;
+        c->cap = cap;
+    }
+    char *r = strdup(role), *t = strndup(content, len);
+    if (!r || !t) {
+        free(r);
+        free(t);
+        return false;
+    }
+    c->msgs[c->n++] = (tok_chat_msg_t){r, t};
+    return true;
+}
+
+static void conversation_free(conversation_t *c)
+{
+    for (int i = 0; i < c->n; i++) {
+        free((char *)c->msgs[i].role);
+        free((char *)c->msgs[i].content);
+    }
+    free(c->msgs);
+    *c = (conversation_t){0};
+}
+
+/* Tokenizes the prompt as `run` feeds it: raw text with the model's BOS policy, or (chat) the
+ * conversation so far plus this user message through the chat template, special tokens parsed.
+ * Returns a malloc'd array, *n its length; NULL on error. */
+static int32_t *encode_prompt(const tok_t *tok, const char *text, bool chat, const char *system,
+                              const conversation_t *history, int *n)
 {
     char *templated = NULL;
     const char *src = text;
     if (chat) {
-        tok_chat_msg_t msgs[2];
+        const int n_hist = history ? history->n : 0;
+        tok_chat_msg_t *msgs = malloc((size_t)(n_hist + 2) * sizeof *msgs);
+        if (!msgs) return NULL;
         int nm = 0;
         if (system) msgs[nm++] = (tok_chat_msg_t){"system", system};
+        for (int i = 0; i < n_hist; i++) msgs[nm++] = history->msgs[i];
         msgs[nm++] = (tok_chat_msg_t){"user", text};
         int len = tok_chat_apply(tok, msgs, nm, true, NULL, 0);
         if (len < 0 || !(templated = malloc((size_t)len + 1))) {
             fprintf(stderr, "error: cannot apply the model's chat template (%s)\n", fl_strerror(len));
+            free(msgs);
             return NULL;
         }
         tok_chat_apply(tok, msgs, nm, true, templated, (size_t)len + 1);
+        free(msgs);
         src = templated;
     }
     const size_t len = strlen(src);
@@ -177,11 +220,13 @@ static void print_json(const model_t *m, const int32_t *prompt, int n_prompt, co
     cJSON_Delete(o);
 }
 
-/* Generates from one prompt; streams when not in JSON mode. Returns the process exit status. */
-static int generate_one(engine_t *e, const run_flags_t *f, const char *prompt_text, bool chat)
+/* Generates from one prompt; streams when not in JSON mode. With a conversation, the prompt is the
+ * next user turn and both it and the answer are appended to it. Returns the process exit status. */
+static int generate_one(engine_t *e, const run_flags_t *f, const char *prompt_text, bool chat,
+                        conversation_t *history)
 {
     int n_prompt = 0;
-    int32_t *prompt = encode_prompt(e->model->tok, prompt_text, chat, f->system, &n_prompt);
+    int32_t *prompt = encode_prompt(e->model->tok, prompt_text, chat, f->system, history, &n_prompt);
     if (!prompt) return 1;
     int32_t *out = malloc((size_t)(f->max_tokens > 0 ? f->max_tokens : 1) * sizeof *out);
     gen_request_t r = {.prompt = prompt, .n_prompt = n_prompt, .max_tokens = (int)f->max_tokens,
@@ -210,6 +255,17 @@ static int generate_one(engine_t *e, const run_flags_t *f, const char *prompt_te
         fprintf(stderr, "error: %s\n", r.error);
         rc = FL_EINVAL;
     }
+    if (!rc && history) {
+        int len = tok_decode(e->model->tok, r.tokens, r.n_tokens, false, NULL, 0);
+        char *answer = malloc(len > 0 ? (size_t)len + 1 : 1);
+        if (answer) {
+            int got = tok_decode(e->model->tok, r.tokens, r.n_tokens, false, answer, (size_t)len + 1);
+            if (!conversation_add(history, "user", prompt_text, strlen(prompt_text)) ||
+                !conversation_add(history, "assistant", answer, got > 0 ? (size_t)got : 0))
+                rc = FL_ENOMEM;
+            free(answer);
+        }
+    }
     free(out);
     free(prompt);
     return rc ? 1 : 0;
@@ -232,7 +288,7 @@ static int cmd_run(const run_flags_t *f, bool chat)
     }
     engine_t *e = open_engine(f);
     if (!e) return 1;
-    int rc = generate_one(e, f, f->prompt, chat);
+    int rc = generate_one(e, f, f->prompt, chat, NULL);
     engine_destroy(&e);
     return rc;
 }
@@ -242,14 +298,21 @@ static int cmd_chat(const run_flags_t *f)
     if (f->prompt) return cmd_run(f, true);
     engine_t *e = open_engine(f);
     if (!e) return 1;
-    /* Interactive: each line is one user turn (single-turn context, like a stateless API call). */
+    /* Interactive: each line is a user turn; the conversation so far is the context. "/reset"
+     * starts over. A turn that no longer fits the context ends with its error, and the user can reset. */
+    conversation_t conv = {0};
     char line[8192];
     if (isatty(0)) fprintf(stderr, "> ");
     while (fgets(line, sizeof line, stdin)) {
         line[strcspn(line, "\n")] = 0;
-        if (*line && generate_one(e, f, line, true)) break;
+        if (!strcmp(line, "/reset")) {
+            conversation_free(&conv);
+        } else if (*line) {
+            generate_one(e, f, line, true, &conv);
+        }
         if (isatty(0)) fprintf(stderr, "> ");
     }
+    conversation_free(&conv);
     engine_destroy(&e);
     return 0;
 }
@@ -269,7 +332,7 @@ static int cmd_tokenize(const run_flags_t *f)
         return 1;
     }
     int n = 0;
-    int32_t *ids = encode_prompt(tok, f->prompt, f->chat, f->system, &n);
+    int32_t *ids = encode_prompt(tok, f->prompt, f->chat, f->system, NULL, &n);
     if (ids) {
         if (f->json) {
             cJSON *o = cJSON_CreateObject();
