@@ -195,6 +195,129 @@ static CPU_AVX2 void round_f16_avx2(float *dst, const float *src, int n)
     for (; i < n; i++) dst[i] = _cvtsh_ss(_cvtss_sh(src[i], 0));
 }
 
+/* ---- AVX-512 versions (16 dims / elements per vector; the same operations per element) ---- */
+
+static inline CPU_AVX512 __m512 load_f16x16(const fl_f16_t *p)
+{
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+static inline CPU_AVX512 float reduce16_512(__m512 v)
+{
+    return cpu_reduce16_avx2(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+/* cpu_vecdot_f16_avx2 with zmm accumulators (n % 64 leftovers in double). */
+static CPU_AVX512 float vecdot_f16_avx512(const fl_f16_t *a, const float *b, int n)
+{
+    const int np = n & ~63;
+    __m512 acc[4];
+    for (int k = 0; k < 4; k++) acc[k] = _mm512_setzero_ps();
+    for (int i = 0; i < np; i += 64)
+        for (int k = 0; k < 4; k++)
+            acc[k] = _mm512_fmadd_ps(load_f16x16(a + i + 16 * k), _mm512_loadu_ps(b + i + 16 * k), acc[k]);
+    double sum = (double)reduce16_512(_mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3])));
+    for (int i = np; i < n; i++) sum += (double)(_cvtsh_ss(a[i]) * b[i]);
+    return (float)sum;
+}
+
+/* tinyBLAS order, n % 16 == 0. */
+static CPU_AVX512 float dot16_f16_avx512(const float *a, const fl_f16_t *b, int n)
+{
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_f16x16(b + i), acc);
+    return reduce16_512(acc);
+}
+
+/* 16 scores at once: the dots of q16 with 16 K rows, each in tinyBLAS order (tb, hd % 16 == 0) or
+ * ggml_vec_dot_f16 order (hd % 64 == 0: no leftovers), the 16-lane reductions done together by a
+ * transpose-add network that adds, for every row, l[k] + l[k+8], then +4, +2, +1 (the canonical
+ * order of cpu_reduce16_avx2), so each score has the bits of the one-row functions. */
+static CPU_AVX512 void kq16_avx512(const float *q16, const fl_f16_t *const *k, int hd, bool tb, float out[16])
+{
+    __m512 v[16];
+    for (int j = 0; j < 16; j++) {
+        if (tb) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int i = 0; i < hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q16 + i), load_f16x16(k[j] + i), acc);
+            v[j] = acc;
+        } else {
+            __m512 acc[4];
+            for (int c = 0; c < 4; c++) acc[c] = _mm512_setzero_ps();
+            for (int i = 0; i < hd; i += 64)
+                for (int c = 0; c < 4; c++)
+                    acc[c] = _mm512_fmadd_ps(load_f16x16(k[j] + i + 16 * c), _mm512_loadu_ps(q16 + i + 16 * c), acc[c]);
+            v[j] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+        }
+    }
+    __m512 w[8], u[4], z[2];
+    for (int j = 0; j < 8; j++) /* l[k] + l[k+8]: rows j, j+8 */
+        w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[j], v[j + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[j], v[j + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int j = 0; j < 4; j++) /* + 4: quarters rows j, j+8, j+4, j+12 */
+        u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(w[j], w[j + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(w[j], w[j + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int j = 0; j < 2; j++) /* + 2 */
+        z[j] = _mm512_add_ps(_mm512_shuffle_ps(u[j], u[j + 2], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(u[j], u[j + 2], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* + 1; element 4Q + e holds row (0, 8, 4, 12)[Q] + (0, 2, 1, 3)[e] */
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i idx = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(idx, r));
+}
+
+static inline CPU_AVX512 __m512 vsum_lane512(const float *p, const fl_f16_t *const *rows, int o, int L, int nl, int d)
+{
+    __m512 acc = _mm512_setzero_ps();
+    for (int j = o; j < nl; j += L) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load_f16x16(rows[j] + d), acc);
+    return acc;
+}
+
+/* attn_vsum_avx2 16 dims at a time (hd % 16 == 0). */
+static CPU_AVX512 void attn_vsum_avx512(float *out, const float *p, const fl_f16_t *const *rows, int len, int hd,
+                                        bool tb)
+{
+    const int L = tb ? 16 : 64, np = tb ? len : pad32(len) & ~63, nl = np < len ? np : len;
+    for (int d = 0; d < hd; d += 16) {
+        __m512 r = _mm512_setzero_ps();
+        if (nl > 0) {
+            __m512 s8[8];
+            for (int l = 0; l < 8; l++) {
+                __m512 t0, t1;
+                if (tb) {
+                    t0 = vsum_lane512(p, rows, l, L, nl, d);
+                    t1 = vsum_lane512(p, rows, l + 8, L, nl, d);
+                } else {
+                    t0 = _mm512_add_ps(
+                        _mm512_add_ps(vsum_lane512(p, rows, l, L, nl, d), vsum_lane512(p, rows, 32 + l, L, nl, d)),
+                        _mm512_add_ps(vsum_lane512(p, rows, 16 + l, L, nl, d), vsum_lane512(p, rows, 48 + l, L, nl, d)));
+                    t1 = _mm512_add_ps(
+                        _mm512_add_ps(vsum_lane512(p, rows, l + 8, L, nl, d), vsum_lane512(p, rows, 40 + l, L, nl, d)),
+                        _mm512_add_ps(vsum_lane512(p, rows, 24 + l, L, nl, d), vsum_lane512(p, rows, 56 + l, L, nl, d)));
+                }
+                s8[l] = _mm512_add_ps(t0, t1);
+            }
+            for (int j = 0; j < 4; j++) s8[j] = _mm512_add_ps(s8[j], s8[j + 4]);
+            for (int j = 0; j < 2; j++) s8[j] = _mm512_add_ps(s8[j], s8[j + 2]);
+            r = _mm512_add_ps(s8[0], s8[1]);
+        }
+        if (tb || np >= len) {
+            _mm512_storeu_ps(out + d, r);
+        } else {
+            __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(r));
+            __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1)));
+            for (int j = np; j < len; j++) {
+                const __m512 pr = _mm512_mul_ps(_mm512_set1_ps(p[j]), load_f16x16(rows[j] + d));
+                lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(pr)));
+                hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pr), 1))));
+            }
+            _mm256_storeu_ps(out + d, _mm512_cvtpd_ps(lo));
+            _mm256_storeu_ps(out + d + 8, _mm512_cvtpd_ps(hi));
+        }
+    }
+}
+
 /* One (token, head). */
 static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, const fl_f16_t **rows)
 {
@@ -211,12 +334,27 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
     else
         round_f16_avx2(q16, a->q + qoff, hd);
 
-    for (int j = 0; j < len; j++) {
+    int j0 = 0;
+    if (isa == CPU_ISA_AVX512 && (kq_tb ? hd % 16 == 0 : hd % 64 == 0)) {
+        for (; j0 + 16 <= len; j0 += 16) {
+            const fl_f16_t *kr[16];
+            for (int j = j0; j < j0 + 16; j++) {
+                const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
+                kr[j - j0] = a->k_cache + slot * kv_stride + (size_t)kvh * hd;
+                rows[j] = a->v_cache + slot * kv_stride + (size_t)kvh * hd;
+            }
+            float dots[16];
+            kq16_avx512(q16, kr, hd, kq_tb, dots);
+            for (int j = 0; j < 16; j++) sc[j0 + j] = dots[j] * a->scale;
+        }
+    }
+    for (int j = j0; j < len; j++) {
         const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
         const fl_f16_t *k = a->k_cache + slot * kv_stride + (size_t)kvh * hd;
         rows[j] = a->v_cache + slot * kv_stride + (size_t)kvh * hd;
         float dot;
         if (isa == CPU_ISA_SCALAR) dot = kq_tb ? cpu_dot16_f16_scalar(q16, k, hd) : cpu_vecdot_f16_scalar(k, q16, hd);
+        else if (isa == CPU_ISA_AVX512) dot = kq_tb ? dot16_f16_avx512(q16, k, hd) : vecdot_f16_avx512(k, q16, hd);
         else dot = kq_tb ? cpu_dot16_f16_avx2(q16, k, hd) : cpu_vecdot_f16_avx2(k, q16, hd);
         sc[j] = dot * a->scale;
     }
@@ -226,7 +364,8 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
         attn_vsum_scalar(out, sc, rows, len, hd, kqv_tb, vacc);
     } else {
         attn_softmax_avx2(sc, len);
-        attn_vsum_avx2(out, sc, rows, len, hd, kqv_tb, vacc);
+        if (isa == CPU_ISA_AVX512 && hd % 16 == 0) attn_vsum_avx512(out, sc, rows, len, hd, kqv_tb);
+        else attn_vsum_avx2(out, sc, rows, len, hd, kqv_tb, vacc);
     }
 }
 

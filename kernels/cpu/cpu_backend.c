@@ -3,14 +3,21 @@
  *
  * kern_cpu_new() picks the instruction set once (AVX-512 VNNI > AVX2+FMA+F16C > scalar, from
  * __builtin_cpu_supports, capped by FOLIO_CPU_ISA=scalar|avx2|avx512) and starts the thread pool.
- * Weights borrow the file mapping; nothing is copied. Small ops (rmsnorm, rope, swiglu, add on a few
- * thousand floats) run on the calling thread: waking the pool would cost more than the op.
+ * Weights borrow the file mapping; on AVX-512 VNNI quantized weights are also repacked once into the
+ * layout of cpu_packed.c (same size; FOLIO_CPU_REPACK=0 turns it off). Small ops (rmsnorm, rope,
+ * swiglu, add on a few thousand floats) run on the calling thread: waking the pool would cost more
+ * than the op; batches of them are split over the pool.
  *
- * Numerics follow ggml's CPU ops so that greedy decoding tracks llama.cpp:
+ * Numerics follow ggml's CPU ops bit for bit (llama.cpp's AVX-512 build), so that greedy decoding
+ * is llama.cpp's:
  *   rmsnorm: sum of x*x (f32 products) in double, scale = 1/sqrtf(mean + eps), y = (x*scale)*w.
  *   rope:    LLAMA_ROPE_TYPE_NORM, adjacent pairs; theta_scale = powf(base, -2/n_rot) multiplied in
- *            iteratively, theta = freq_scale * (theta_base / freq_factor), cosf/sinf.
- *   swiglu:  silu(g) * u with silu(x) = x / (1 + expf(-x)).
+ *            iteratively, theta = freq_scale * (theta_base / freq_factor), cosf/sinf; the rotation as
+ *            GCC contracts ggml's: x0' = fma(x0, cos, -(x1 sin)), x1' = fma(x0, sin, x1 cos).
+ *   swiglu:  ggml_vec_swiglu_f32: silu(g) * u with silu(x) = x / (1 + v_expf(-x)), v_expf being
+ *            ggml's vectorised exp polynomial (cpu_v_expf*, cpu_simd.h); expf on a n % 16 tail.
+ * Element-wise ops over a batch are split over the pool (one range per thread); the results do not
+ * depend on the split.
  *
  * Sampling is a pure function of (logits, params): see cpu_sample_uniform and sample_row below;
  * the CUDA backend must reproduce it (or run this code on downloaded logits). */
@@ -151,17 +158,37 @@ static void cpu_embed(kern_backend_t *be, float *out, const kern_weight_t *t, co
 /* ------------------------------------------------------------------------------------------------
  * Element-wise ops */
 
-static void cpu_rmsnorm(kern_backend_t *be, float *y, const float *x, const float *w, int n, int dim, float eps)
+/* Element-wise ops over a batch go to the pool (one range of rows / elements per thread) from this
+ * many elements on; below, waking the workers costs more than the op. Results do not depend on the
+ * split (every row / element is computed the same way). */
+#define EW_PARALLEL 8192
+
+typedef struct rms_job {
+    float *y;
+    const float *x, *w;
+    int dim;
+    float eps;
+} rms_job_t;
+
+static void rmsnorm_range(void *ctx, int64_t r0, int64_t r1)
 {
-    for (int r = 0; r < n; r++) {
-        const float *xr = x + (size_t)r * dim;
-        float *yr = y + (size_t)r * dim;
+    const rms_job_t *j = ctx;
+    const int dim = j->dim;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *xr = j->x + (size_t)r * dim;
+        float *yr = j->y + (size_t)r * dim;
         double sum = 0.0;
         for (int i = 0; i < dim; i++) sum += (double)(xr[i] * xr[i]);
         const float mean = (float)(sum / dim);
-        const float scale = 1.0f / sqrtf(mean + eps);
-        for (int i = 0; i < dim; i++) yr[i] = (xr[i] * scale) * w[i];
+        const float scale = 1.0f / sqrtf(mean + j->eps);
+        for (int i = 0; i < dim; i++) yr[i] = (xr[i] * scale) * j->w[i];
     }
+}
+
+static void cpu_rmsnorm(kern_backend_t *be, float *y, const float *x, const float *w, int n, int dim, float eps)
+{
+    rms_job_t j = {.y = y, .x = x, .w = w, .dim = dim, .eps = eps};
+    cpu_pool_range(((cpu_backend_t *)be)->pool, n, 1, (int64_t)n * dim >= EW_PARALLEL ? 2 : INT64_MAX, rmsnorm_range, &j);
 }
 
 #define ROPE_MAX_PAIRS 512
@@ -206,11 +233,29 @@ static CPU_AVX2 void rope_avx2(float *x, const int32_t *pos, int n, int n_heads,
     rope_body(x, pos, n, n_heads, head_dim, rope);
 }
 
+typedef struct rope_job {
+    float *x;
+    const int32_t *pos;
+    int n_heads, head_dim;
+    const kern_rope_t *rope;
+    bool scalar;
+} rope_job_t;
+
+static void rope_range(void *ctx, int64_t t0, int64_t t1)
+{
+    const rope_job_t *j = ctx;
+    float *x = j->x + (size_t)t0 * j->n_heads * j->head_dim;
+    if (j->scalar) rope_scalar(x, j->pos + t0, (int)(t1 - t0), j->n_heads, j->head_dim, j->rope);
+    else rope_avx2(x, j->pos + t0, (int)(t1 - t0), j->n_heads, j->head_dim, j->rope);
+}
+
 static void cpu_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
                      const kern_rope_t *rope)
 {
-    if (((cpu_backend_t *)be)->isa == CPU_ISA_SCALAR) rope_scalar(x, pos, n, n_heads, head_dim, rope);
-    else rope_avx2(x, pos, n, n_heads, head_dim, rope);
+    cpu_backend_t *cb = (cpu_backend_t *)be;
+    rope_job_t j = {.x = x, .pos = pos, .n_heads = n_heads, .head_dim = head_dim, .rope = rope,
+                    .scalar = cb->isa == CPU_ISA_SCALAR};
+    cpu_pool_range(cb->pool, n, 1, (int64_t)n * n_heads * head_dim >= EW_PARALLEL ? 2 : INT64_MAX, rope_range, &j);
 }
 
 /* ggml_vec_swiglu_f32 (AVX-512 build): 16-element chunks use ggml_v_silu = x / (1 + v_expf(-x)) with
@@ -244,15 +289,37 @@ static CPU_AVX2 void swiglu_avx2(float *out, const float *gate, const float *up,
     }
 }
 
+typedef struct ew_job {
+    float *out;
+    const float *a, *b;
+    bool scalar;
+} ew_job_t;
+
+static void swiglu_range(void *ctx, int64_t i0, int64_t i1)
+{
+    const ew_job_t *j = ctx;
+    if (j->scalar) swiglu_scalar(j->out + i0, j->a + i0, j->b + i0, (int)(i1 - i0));
+    else swiglu_avx2(j->out + i0, j->a + i0, j->b + i0, (int)(i1 - i0));
+}
+
 static void cpu_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n)
 {
-    if (((cpu_backend_t *)be)->isa == CPU_ISA_SCALAR) swiglu_scalar(out, gate, up, n);
-    else swiglu_avx2(out, gate, up, n);
+    cpu_backend_t *cb = (cpu_backend_t *)be;
+    ew_job_t j = {.out = out, .a = gate, .b = up, .scalar = cb->isa == CPU_ISA_SCALAR};
+    /* ranges of whole 16-element chunks, so the vector/tail split is the one of a single call */
+    cpu_pool_range(cb->pool, n, 16, n >= EW_PARALLEL ? 2 : INT64_MAX, swiglu_range, &j);
+}
+
+static void add_range(void *ctx, int64_t i0, int64_t i1)
+{
+    const ew_job_t *j = ctx;
+    for (int64_t i = i0; i < i1; i++) j->out[i] += j->a[i];
 }
 
 static void cpu_add(kern_backend_t *be, float *y, const float *x, int n)
 {
-    for (int i = 0; i < n; i++) y[i] += x[i];
+    ew_job_t j = {.out = y, .a = x};
+    cpu_pool_range(((cpu_backend_t *)be)->pool, n, 16, n >= EW_PARALLEL ? 2 : INT64_MAX, add_range, &j);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -387,6 +454,18 @@ static int32_t sample_row(cpu_backend_t *cb, const float *l, int vocab, const ke
     return c[nk - 1].id;
 }
 
+typedef struct argmax_job {
+    int32_t *out;
+    const float *logits;
+    int vocab;
+} argmax_job_t;
+
+static void argmax_range(void *ctx, int64_t r0, int64_t r1)
+{
+    const argmax_job_t *j = ctx;
+    for (int64_t r = r0; r < r1; r++) j->out[r] = argmax_row(j->logits + (size_t)r * j->vocab, j->vocab);
+}
+
 static void cpu_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
                        const kern_sampling_t *params)
 {
@@ -399,6 +478,13 @@ static void cpu_sample(kern_backend_t *be, int32_t *out, const float *logits, in
             return;
         }
         cb->samp_len = c1 < c2 ? c1 : c2;
+    }
+    bool greedy = true;
+    for (int i = 0; i < n; i++) greedy = greedy && (params[i].temperature <= 0.0f || vocab == 1);
+    if (greedy) { /* argmax rows need no scratch: one range of rows per thread */
+        argmax_job_t j = {.out = out, .logits = logits, .vocab = vocab};
+        cpu_pool_range(cb->pool, n, 1, (int64_t)n * vocab >= 4 * EW_PARALLEL ? 2 : INT64_MAX, argmax_range, &j);
+        return;
     }
     for (int i = 0; i < n; i++) out[i] = sample_row(cb, logits + (size_t)i * vocab, vocab, &params[i]);
 }
@@ -414,9 +500,7 @@ static void cpu_destroy(kern_backend_t *be)
     for (int i = 0; i < nth; i++) {
         if (cb->panel) free(cb->panel[i]);
         if (cb->scores) free(cb->scores[i]);
-        if (cb->pk_scratch) free(cb->pk_scratch[i]);
     }
-    free(cb->pk_scratch);
     free(cb->panel);
     free(cb->scores);
     free(cb->act);
@@ -490,8 +574,7 @@ kern_backend_t *kern_cpu_new(int n_threads, fl_error_t *err)
     cb->base.n_threads = nth;
     cb->panel = calloc((size_t)nth, sizeof *cb->panel);
     cb->scores = calloc((size_t)nth, sizeof *cb->scores);
-    cb->pk_scratch = calloc((size_t)nth, sizeof *cb->pk_scratch);
-    if (!cb->panel || !cb->scores || !cb->pk_scratch) {
+    if (!cb->panel || !cb->scores) {
         cpu_destroy(&cb->base);
         fl_fail(err, FL_ENOMEM, "cpu backend: out of memory");
         return NULL;

@@ -21,7 +21,10 @@
 /* Instruction sets the CPU kernels have paths for. Selected once at kern_cpu_new() from
  * __builtin_cpu_supports(), capped by the environment variable FOLIO_CPU_ISA=scalar|avx2|avx512.
  * All three paths give bit-identical results (the float operations and their order are the same;
- * only the integer parts, which are exact, are computed differently). */
+ * only the integer parts, which are exact, are computed differently), and those results are
+ * llama.cpp's (ggml CPU, AVX-512 build) bit for bit: see cpu_matmul.c, cpu_attention.c and
+ * cpu_backend.c for the orders. The kernel files build with fp-contract off: every fused multiply-add
+ * is written out where ggml's compiled code has one. */
 typedef enum { CPU_ISA_SCALAR = 0, CPU_ISA_AVX2 = 1, CPU_ISA_AVX512 = 2 } cpu_isa_t;
 
 /* ---- thread pool (cpu_pool.c) ---- */
@@ -35,6 +38,11 @@ void cpu_pool_destroy(cpu_pool_t **pp);
 int cpu_pool_size(const cpu_pool_t *p);
 /* Runs fn(arg, i, n) on all n threads (the caller is thread 0) and returns when all are done. */
 void cpu_pool_run(cpu_pool_t *p, cpu_task_fn fn, void *arg);
+
+/* Runs fn(ctx, i0, i1) over [0, n) split into one contiguous range per thread, each range a
+ * multiple of align (but the last); on the caller alone when n < min_parallel. */
+typedef void (*cpu_range_fn)(void *ctx, int64_t i0, int64_t i1);
+void cpu_pool_range(cpu_pool_t *p, int64_t n, int64_t align, int64_t min_parallel, cpu_range_fn fn, void *ctx);
 
 /* ---- weights and backend ---- */
 
@@ -60,9 +68,6 @@ typedef struct cpu_backend {
     /* BLAS path: per-thread f32 panel of dequantized weight rows */
     float **panel;
     size_t panel_floats;
-    /* packed matmul: per-thread unpacked weight group */
-    void **pk_scratch;
-    size_t pk_scratch_bytes;
     /* attention: per-thread score rows */
     float **scores;
     size_t scores_len;

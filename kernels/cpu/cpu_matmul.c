@@ -1,21 +1,30 @@
 /* cpu_matmul.c - y[n][rows] = x[n][cols] * W^T on the CPU, for F32/F16/BF16/Q4_0/Q4_1/Q8_0 weights.
  *
- * Numerics follow llama.cpp on x86: the activations are first converted per row to the weight's
- * "vec-dot type" (Q4_0, Q8_0 -> Q8_0; Q4_1 -> Q8_1; F16 -> x rounded to f16; BF16 -> x rounded to
- * bf16; F32 -> x), the way ggml's AVX2 quantize_row_q8_0/q8_1 do it: per 32-block d = amax / 127,
- * q = round-to-nearest-even(x * (127 / amax)), d stored as f16 (Q8_1 also s = f16(d * sum q)). Each
- * output is then sum over blocks of (integer dot of the block) * d_w * d_x, accumulated in f32 (see
- * cpu_qtile.h for the exact order). Float weights use the 16-lane canonical dot (cpu_simd.h).
+ * Quantized weights reproduce llama.cpp's x86 CPU numerics bit for bit (ggml-cpu/arch/x86/quants.c,
+ * as llama-cpp-python 0.3.16 builds it with -march=native on an AVX-512 VNNI machine; checked against
+ * its binary). The activations are first converted per row to the weight's "vec-dot type" (Q4_0,
+ * Q8_0 -> Q8_0; Q4_1 -> Q8_1) the way ggml's AVX2 quantize_row_q8_0/q8_1 do it: per 32-block d =
+ * amax / 127, q = round-to-nearest-even(x * (127 / amax)), d stored as f16 (Q8_1 also s = f16(d *
+ * sum q)). Then, per output, ggml_vec_dot_*'s order: 8 float lanes, lane k of a block = the exact
+ * integer dot of block elements 4k..4k+3 (for Q4, element j < 16 is the low nibble of byte j, j >= 16
+ * the high nibble of byte j - 16), accumulated as acc[k] = fma(d_w * d_x, (float)lane, acc[k]) block
+ * after block; the result is hsum_float_8(acc) = ((acc[4]+acc[0]) + (acc[6]+acc[2])) + ((acc[5]+
+ * acc[1]) + (acc[7]+acc[3])), plus for Q4_1 summs = fma(m_w, s_x, summs) (in block order, as GCC
+ * contracts ggml's summs += m * s). ggml uses this order for every n of these types (llamafile's
+ * tinyBLAS has no Q4_1 path, and llama.cpp's Q8_0 output matmul has one row per sequence).
+ * Float weights use the 16-lane canonical dot (cpu_simd.h) = llamafile tinyBLAS's order.
  *
  * The result of an output element depends only on its weight row and its activation row: not on n,
- * on the tile that computed it, on the thread, or on the ISA (scalar, AVX2 and AVX-512 VNNI paths are
- * bit-identical). The one exception is the BLAS path below, which is only taken for n >= blas_min_n
- * (never below 65), and is not bit-identical to the tiled path.
+ * on the tile that computed it, on the thread, or on the ISA (scalar, AVX2, AVX-512 VNNI tiles and
+ * the AVX-512 packed kernel of cpu_packed.c are bit-identical). The one exception is the BLAS path
+ * below, which is only taken for n >= blas_min_n (never below 65), and is not bit-identical.
  *
- * Parallel layout: the rows are cut into chunks of MM_CHUNK rows and the tokens into blocks of
- * MM_TBLOCK; the (chunk, token block) items are handed out by an atomic counter to the pool threads.
- * Inside an item, weight rows are loaded once per group of 4 rows and dotted against 4 tokens at a
- * time (tile4, 16 outputs per weight load), leftovers with 2 tokens or 8 rows x 1 token (tile8).
+ * Paths: AVX-512 VNNI with repacked weights (the default there, cpu_packed.c); otherwise the rows
+ * are cut into chunks of MM_CHUNK rows and the tokens into blocks of MM_TBLOCK; the (chunk, token
+ * block) items are handed out by an atomic counter to the pool threads. Inside an item, weight rows
+ * are loaded once per group of 4 rows and dotted against 4 tokens at a time (tile4, 16 outputs per
+ * weight load), leftovers with 2 tokens or 8 rows x 1 token (tile8). The activation quantization of
+ * a batch is split over the pool threads.
  *
  * BLAS path (large n, prefill): each item is a panel of MM_PANEL rows, dequantized to f32 in the
  * thread's panel buffer (sized by weight_new from the widest weight), then one single-threaded
@@ -52,7 +61,6 @@ typedef struct mm_ctx {
     /* activations in the vec-dot type */
     const int8_t *qs;     /* [n][cols] */
     const float *d;       /* [n][nb] f16-rounded scale */
-    const int32_t *qsum;  /* [n][nb] sum of q (Q8_0) */
     const float *s;       /* [n][nb] f16-rounded d * sum q (Q8_1) */
     const float *xf;      /* [n][cols] rounded activations (float weights) */
     const float *x;       /* raw activations (BLAS path) */
@@ -77,7 +85,8 @@ static inline int vec_dot_type(int type)
 
 static inline float f16_round(float f) { return fl_f16_to_f32(fl_f32_to_f16(f)); }
 
-static void quantize_act_scalar(const float *x, int cols, int8_t *qs, float *d, int32_t *qsum, float *s)
+/* s (the Q8_1 sum term) is only written when s is not NULL. */
+static void quantize_act_scalar(const float *x, int cols, int8_t *qs, float *d, float *s)
 {
     for (int b = 0; b < cols / 32; b++, x += 32, qs += 32) {
         float amax = 0.0f;
@@ -90,12 +99,11 @@ static void quantize_act_scalar(const float *x, int cols, int8_t *qs, float *d, 
             sum += q;
         }
         d[b] = f16_round(dd);
-        qsum[b] = sum;
-        s[b] = f16_round(dd * (float)sum);
+        if (s) s[b] = f16_round(dd * (float)sum);
     }
 }
 
-static CPU_AVX2 void quantize_act_avx2(const float *x, int cols, int8_t *qs, float *d, int32_t *qsum, float *s)
+static CPU_AVX2 void quantize_act_avx2(const float *x, int cols, int8_t *qs, float *d, float *s)
 {
     const __m256 signbit = _mm256_set1_ps(-0.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -114,16 +122,39 @@ static CPU_AVX2 void quantize_act_avx2(const float *x, int cols, int8_t *qs, flo
         for (int k = 0; k < 4; k++)
             q[k] = _mm256_cvtps_epi32(
                 _mm256_round_ps(_mm256_mul_ps(v[k], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        __m256i sum8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
-        s4 = _mm_hadd_epi32(s4, s4);
-        s4 = _mm_hadd_epi32(s4, s4);
-        const int sum = _mm_cvtsi128_si32(s4);
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         _mm256_storeu_si256((__m256i *)qs, _mm256_permutevar8x32_epi32(p, perm));
         d[b] = _cvtsh_ss(_cvtss_sh(dd, 0));
-        qsum[b] = sum;
-        s[b] = _cvtsh_ss(_cvtss_sh(dd * (float)sum, 0));
+        if (s) {
+            const __m256i sum8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+            s4 = _mm_hadd_epi32(s4, s4);
+            s4 = _mm_hadd_epi32(s4, s4);
+            s[b] = _cvtsh_ss(_cvtss_sh(dd * (float)_mm_cvtsi128_si32(s4), 0));
+        }
+    }
+}
+
+typedef struct quant_job {
+    const float *x;
+    int cols, nb, mult;
+    int8_t *qs;
+    float *d, *s;
+    int32_t *xinit;
+    cpu_isa_t isa;
+} quant_job_t;
+
+static void quant_range(void *ctx, int64_t t0, int64_t t1)
+{
+    const quant_job_t *j = ctx;
+    const size_t cols = (size_t)j->cols;
+    for (int64_t t = t0; t < t1; t++) {
+        const size_t o = (size_t)t * j->nb;
+        if (j->isa == CPU_ISA_SCALAR)
+            quantize_act_scalar(j->x + t * cols, j->cols, j->qs + t * cols, j->d + o, j->s ? j->s + o : NULL);
+        else
+            quantize_act_avx2(j->x + t * cols, j->cols, j->qs + t * cols, j->d + o, j->s ? j->s + o : NULL);
+        if (j->xinit) cpu_pack_act_init(j->qs + t * cols, j->nb, j->mult, j->xinit + o * 8);
     }
 }
 
@@ -439,25 +470,17 @@ void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const floa
         if (cpu_grow(&cb->act, &cb->act_bytes, qbytes + 3 * fbytes + 8 * fbytes)) goto oom;
         int8_t *qs = cb->act;
         float *d = (float *)((char *)cb->act + qbytes), *s = d + (size_t)n * nb;
-        int32_t *qsum = (int32_t *)(s + (size_t)n * nb), *xinit = qsum + (size_t)n * nb;
-        for (int t = 0; t < n; t++) {
-            const size_t o = (size_t)t * nb;
-            if (cb->isa == CPU_ISA_SCALAR)
-                quantize_act_scalar(x + (size_t)t * cols, (int)cols, qs + (size_t)t * cols, d + o, qsum + o, s + o);
-            else
-                quantize_act_avx2(x + (size_t)t * cols, (int)cols, qs + (size_t)t * cols, d + o, qsum + o, s + o);
-        }
+        int32_t *xinit = (int32_t *)(s + (size_t)n * nb);
+        quant_job_t qj = {.x = x, .cols = (int)cols, .nb = nb, .qs = qs, .d = d, .s = w->type == FL_TYPE_Q4_1 ? s : NULL,
+                          .xinit = w->packed && w->type != FL_TYPE_Q4_1 ? xinit : NULL,
+                          .mult = w->type == FL_TYPE_Q8_0 ? -128 : -8, .isa = cb->isa};
+        /* a few tokens: on the caller; a batch: one range of tokens per thread */
+        cpu_pool_range(cb->pool, n, 1, (int64_t)cols * n >= 8192 ? 2 : INT64_MAX, quant_range, &qj);
         if (w->packed) {
-            if (w->type != FL_TYPE_Q4_1)
-                for (int t = 0; t < n; t++)
-                    cpu_pack_act_init(qs + (size_t)t * cols, nb, w->type == FL_TYPE_Q8_0 ? -128 : -8,
-                                      xinit + (size_t)t * nb * 8);
-            else
-                memset(xinit, 0, (size_t)n * nb * 8 * sizeof(int32_t));
             cpu_matmul_packed(cb, y, w, qs, d, s, xinit, n);
             return;
         }
-        c.nb = nb, c.qs = qs, c.d = d, c.s = s, c.qsum = qsum;
+        c.nb = nb, c.qs = qs, c.d = d, c.s = s;
     }
     (void)vec_dot_type;
     c.n_chunks = (int)((w->rows + MM_CHUNK - 1) / MM_CHUNK);

@@ -104,7 +104,6 @@ typedef struct pk_ctx {
     const int32_t *xinit; /* [n][nb][8] */
     float *y;
     int gchunk, n_gitems, n_titems;
-    uint8_t **scratch;    /* per thread, nb * 512 bytes */
     atomic_int next;
 } pk_ctx_t;
 
@@ -115,9 +114,8 @@ static inline int32_t pk_ld32(const int8_t *p)
     return v;
 }
 
-/* U: the group's nibbles were unpacked to uq (pk_unpack: per block 8 lanes x 64 bytes, u8). */
-static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, const int type, const int T, const int U,
-                                                          int64_t g, int t0, const uint8_t *uq)
+static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, const int type, const int T,
+                                                          int64_t g, int t0)
 {
     const int nb = c->nb, cols = c->cols;
     const size_t cb = c->cb;
@@ -148,10 +146,7 @@ static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, con
         }
         for (int p = 0; p < (type == FL_TYPE_Q8_0 ? 8 : 4); p++) {
             __m512i w0, w1 = _mm512_setzero_si512();
-            if (U) {
-                w0 = _mm512_loadu_si512((const void *)(uq + 512 * b + 64 * p));
-                w1 = _mm512_loadu_si512((const void *)(uq + 512 * b + 64 * p + 256));
-            } else if (type == FL_TYPE_Q8_0) {
+            if (type == FL_TYPE_Q8_0) {
                 w0 = _mm512_loadu_si512((const void *)(q + 64 * p));
             } else {
                 const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
@@ -159,13 +154,11 @@ static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, con
                 w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
             }
             for (int t = 0; t < T; t++) {
-                /* the accumulator start is a broadcast load even for Q4_1 (xinit = 0 there): a load
-                 * port op instead of a register copy of zero on the vector pipes */
-                const __m512i i0 = _mm512_set1_epi32(xi[t][p]);
+                const __m512i i0 = type == FL_TYPE_Q4_1 ? _mm512_setzero_si512() : _mm512_set1_epi32(xi[t][p]);
                 const __m512i l0 = _mm512_dpbusd_epi32(i0, w0, _mm512_set1_epi32(pk_ld32(xw[t] + 4 * p)));
                 acc[t][p] = _mm512_fmadd_ps(dd[t], _mm512_cvtepi32_ps(l0), acc[t][p]);
                 if (type != FL_TYPE_Q8_0) {
-                    const __m512i i1 = _mm512_set1_epi32(xi[t][p + 4]);
+                    const __m512i i1 = type == FL_TYPE_Q4_1 ? _mm512_setzero_si512() : _mm512_set1_epi32(xi[t][p + 4]);
                     const __m512i l1 = _mm512_dpbusd_epi32(i1, w1, _mm512_set1_epi32(pk_ld32(xw[t] + 4 * p + 16)));
                     acc[t][p + 4] = _mm512_fmadd_ps(dd[t], _mm512_cvtepi32_ps(l1), acc[t][p + 4]);
                 }
@@ -187,7 +180,7 @@ static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, con
 
 /* pk_tile for a runtime (type, T): T is a compile-time constant in each instance. */
 #define PK_T(TY, TT) \
-    case TT: if (uq) pk_tile(c, TY, TT, 1, g, t0, uq); else pk_tile(c, TY, TT, 0, g, t0, NULL); return;
+    case TT: pk_tile(c, TY, TT, g, t0); return;
 #if PK_TMAX > 8
 #error "PK_TMAX <= 8"
 #endif
@@ -236,30 +229,13 @@ static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, con
 #define PK_IF8 PK_OFF
 #endif
 
-static void pk_tile_dispatch(const pk_ctx_t *c, int T, int64_t g, int t0, const uint8_t *uq)
+static void pk_tile_dispatch(const pk_ctx_t *c, int T, int64_t g, int t0)
 {
     switch (c->type) {
     case FL_TYPE_Q4_1: PK_TS(FL_TYPE_Q4_1)
     case FL_TYPE_Q4_0: PK_TS(FL_TYPE_Q4_0)
-    case FL_TYPE_Q8_0: uq = NULL; PK_TS(FL_TYPE_Q8_0)
+    case FL_TYPE_Q8_0: PK_TS(FL_TYPE_Q8_0)
     default: abort();
-    }
-}
-
-/* A Q4 group's nibbles as u8, per block lanes 0-7 x 16 rows x 4 bytes (the U layout of pk_tile). */
-static void pk_unpack(const pk_ctx_t *c, int64_t g, uint8_t *uq)
-{
-    const int nb = c->nb;
-    const size_t cb = c->cb, qo = c->type == FL_TYPE_Q4_1 ? 64 : 32;
-    const uint8_t *gw = c->w + (size_t)g * nb * cb;
-    const __m512i nib = _mm512_set1_epi8(0x0f);
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *q = gw + (size_t)b * cb + qo;
-        for (int p = 0; p < 4; p++) {
-            const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
-            _mm512_storeu_si512((void *)(uq + 512 * b + 64 * p), _mm512_and_si512(v, nib));
-            _mm512_storeu_si512((void *)(uq + 512 * b + 64 * p + 256), _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
-        }
     }
 }
 
@@ -275,16 +251,12 @@ static void pk_task(void *arg, int ith, int nth)
         const int gi = it % c->n_gitems, ti = it / c->n_gitems;
         const int64_t g0 = (int64_t)gi * c->gchunk, g1 = g0 + c->gchunk < c->ngroups ? g0 + c->gchunk : c->ngroups;
         const int t0 = ti * PK_TBLOCK, t1 = t0 + PK_TBLOCK < c->n ? t0 + PK_TBLOCK : c->n;
-        /* several token tiles per group: unpack the Q4 nibbles once into this thread's scratch */
-        uint8_t *uq = t1 - t0 > PK_TMAX && c->type != FL_TYPE_Q8_0 ? c->scratch[ith] : NULL;
-        for (int64_t g = g0; g < g1; g++) {
-            if (uq) pk_unpack(c, g, uq);
+        for (int64_t g = g0; g < g1; g++)
             for (int t = t0; t < t1;) {
                 const int T = t1 - t >= PK_TMAX ? PK_TMAX : t1 - t;
-                pk_tile_dispatch(c, T, g, t, uq);
+                pk_tile_dispatch(c, T, g, t);
                 t += T;
             }
-        }
     }
 }
 
@@ -294,22 +266,10 @@ void cpu_matmul_packed(cpu_backend_t *cb, float *y, const kern_weight_t *w, cons
     pk_ctx_t c = {
         .type = w->type, .nb = (int)(w->cols / 32), .cols = (int)w->cols, .n = n, .rows = w->rows,
         .ngroups = (w->rows + PK_R - 1) / PK_R, .cb = cpu_pack_chunk_bytes(w->type), .w = w->packed,
-        .qs = qs, .d = d, .s = s, .xinit = xinit, .y = y, .scratch = (uint8_t **)cb->pk_scratch,
+        .qs = qs, .d = d, .s = s, .xinit = xinit, .y = y,
     };
     atomic_init(&c.next, 0);
     const int nth = cpu_pool_size(cb->pool);
-    const size_t need = (size_t)c.nb * 512;
-    if (need > cb->pk_scratch_bytes) {
-        size_t cap = 0;
-        for (int t = 0; t < nth; t++) {
-            cap = cb->pk_scratch_bytes;
-            if (cpu_grow(&cb->pk_scratch[t], &cap, need)) {
-                for (size_t i = 0; i < (size_t)n * (size_t)w->rows; i++) y[i] = NAN;
-                return;
-            }
-        }
-        cb->pk_scratch_bytes = cap;
-    }
     c.n_titems = (n + PK_TBLOCK - 1) / PK_TBLOCK;
     /* Enough items for the threads to balance: ~8 per thread, at least 1 group each. */
     int64_t want = (int64_t)nth * 8 / c.n_titems;

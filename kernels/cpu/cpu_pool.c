@@ -160,3 +160,30 @@ void cpu_pool_run(cpu_pool_t *p, cpu_task_fn fn, void *arg)
         else sched_yield();
     }
 }
+
+/* cpu_pool_range: fn over [0, n) cut into one contiguous range per thread. */
+typedef struct range_job {
+    cpu_range_fn fn;
+    void *ctx;
+    int64_t n, align;
+} range_job_t;
+
+static void range_task(void *arg, int ith, int nth)
+{
+    const range_job_t *j = arg;
+    int64_t per = (j->n + nth - 1) / nth;
+    per = (per + j->align - 1) / j->align * j->align;
+    const int64_t i0 = (int64_t)ith * per, i1 = i0 + per < j->n ? i0 + per : j->n;
+    if (i0 < i1) j->fn(j->ctx, i0, i1);
+}
+
+void cpu_pool_range(cpu_pool_t *p, int64_t n, int64_t align, int64_t min_parallel, cpu_range_fn fn, void *ctx)
+{
+    if (n <= 0) return;
+    if (p->n == 1 || n < min_parallel) {
+        fn(ctx, 0, n);
+        return;
+    }
+    range_job_t j = {.fn = fn, .ctx = ctx, .n = n, .align = align > 0 ? align : 1};
+    cpu_pool_run(p, range_task, &j);
+}

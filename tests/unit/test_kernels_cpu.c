@@ -1,9 +1,12 @@
 /* test_kernels_cpu.c - the CPU backend against plain scalar references.
  *
  * Every op is checked on random inputs over many shapes. Two kinds of checks:
- *   - against the numeric spec the kernels document (activation quantization to the vec-dot type,
- *     per-block integer dots accumulated with fmaf, canonical 16-lane float dots), re-implemented
- *     here independently: the backend must match it bit for bit on every ISA;
+ *   - against the numeric spec the kernels document, which is llama.cpp's CPU arithmetic (activation
+ *     quantization to the vec-dot type, ggml's x86 vec_dot order: 8 float lanes of 4-element integer
+ *     dots per block accumulated with fmaf, hsum_float_8; canonical 16-lane float dots; attention in
+ *     tinyBLAS order for a sequence's prompt tokens and ggml_vec_dot_f16 order for a decode token;
+ *     ggml's v_expf in softmax and swiglu; rope with FMA contraction), re-implemented here
+ *     independently: the backend must match it bit for bit on every ISA;
  *   - against the exact product of the dequantized weights with the raw activations in double, with
  *     an error bound derived from the activation rounding, to catch a wrong spec.
  * Plus: batched results equal row-by-row results bit for bit, ISAs agree with each other, and the
@@ -268,6 +271,44 @@ static void test_matmul_batched_equals_row_by_row_bitexact(void **state)
             free(x), free(ya), free(yb), free(wd);
         }
     for (int b = 0; b < 4; b++) kern_destroy(&bes[b]);
+}
+
+/* AVX-512 VNNI without the repacked weights (FOLIO_CPU_REPACK=0: the tiles read the file layout)
+ * gives the same bits as with them. */
+static void test_matmul_repack_off_same_bits(void **state)
+{
+    kern_backend_t *a = new_backend(NULL, 2, NULL);
+    setenv("FOLIO_CPU_REPACK", "0", 1);
+    kern_backend_t *b = new_backend(NULL, 2, NULL);
+    unsetenv("FOLIO_CPU_REPACK");
+    if (isa_of(a) != CPU_ISA_AVX512) {
+        kern_destroy(&a), kern_destroy(&b);
+        skip();
+    }
+    assert_true(((cpu_backend_t *)a)->repack && !((cpu_backend_t *)b)->repack);
+    static const int shapes[][2] = {{37, 64}, {576, 576}, {75, 1536}};
+    static const int ns[] = {1, 3, 70};
+    const int qtypes[] = {FL_TYPE_Q4_0, FL_TYPE_Q4_1, FL_TYPE_Q8_0};
+    for (int ti = 0; ti < 3; ti++)
+        for (int si = 0; si < 3; si++)
+            for (int ni = 0; ni < 3; ni++) {
+                const int rows = shapes[si][0], cols = shapes[si][1], n = ns[ni], type = qtypes[ti];
+                uint8_t *wd = make_weight(type, rows, cols);
+                float *x = malloc((size_t)n * cols * 4), *ya = malloc((size_t)n * rows * 4), *yb = malloc((size_t)n * rows * 4);
+                fill(x, (size_t)n * cols, 2.0f);
+                kern_weight_t *wa = a->ops->weight_new(a, type, rows, cols, wd, NULL);
+                kern_weight_t *wb = b->ops->weight_new(b, type, rows, cols, wd, NULL);
+                assert_non_null(wa->packed);
+                assert_null(wb->packed);
+                kern_matmul(a, ya, wa, x, n);
+                kern_matmul(b, yb, wb, x, n);
+                size_t where = 0;
+                if (!bits_equal(ya, yb, (size_t)n * rows, &where))
+                    fail_msg("%s %dx%d n=%d: packed and file layouts differ at %zu", fl_dtype_name(type), rows, cols, n, where);
+                a->ops->weight_destroy(a, wa), b->ops->weight_destroy(b, wb);
+                free(x), free(ya), free(yb), free(wd);
+            }
+    kern_destroy(&a), kern_destroy(&b);
 }
 
 static void test_matmul_blas_path_within_bound(void **state)
@@ -795,6 +836,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul_matches_spec_every_type_and_isa),
         cmocka_unit_test(test_matmul_batched_equals_row_by_row_bitexact),
+        cmocka_unit_test(test_matmul_repack_off_same_bits),
         cmocka_unit_test(test_matmul_blas_path_within_bound),
         cmocka_unit_test(test_weight_new_rejects_bad_types_and_shapes),
         cmocka_unit_test(test_cuda_stub_says_unsupported),
