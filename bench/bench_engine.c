@@ -36,8 +36,9 @@ static uint32_t lcg(uint32_t *s)
 
 static void fill_prompt(int32_t *p, int n, int vocab, uint32_t seed)
 {
-    /* Skip the lowest ids, which hold special tokens in most vocabularies. */
-    for (int i = 0; i < n; i++) p[i] = 256 + (int32_t)(lcg(&seed) % (uint32_t)(vocab - 256));
+    /* Skip the lowest ids, which hold special tokens in most vocabularies (if there are more). */
+    const int first = vocab > 512 ? 256 : 0;
+    for (int i = 0; i < n; i++) p[i] = first + (int32_t)(lcg(&seed) % (uint32_t)(vocab - first));
 }
 
 static double peak_rss_mib(void)
@@ -74,6 +75,18 @@ static int profile_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n, c
 
 static bool g_profile;
 
+/* A request that ended in error (prompt over --ctx, KV budget exhausted) would make the figure
+ * meaningless: report it instead of timing it. */
+static bool request_failed(const gen_request_t *reqs, int n, fl_error_t *err)
+{
+    for (int i = 0; i < n; i++)
+        if (reqs[i].finish == GEN_FINISH_ERROR) {
+            fl_fail(err, FL_ERANGE, "bench: request %d failed: %s", i, reqs[i].error);
+            return true;
+        }
+    return false;
+}
+
 static int run_folio(engine_t *e, int prompt_tokens, int decode_tokens, const int *batches, int n_batches,
                      int repeat, engine_figures_t *fig)
 {
@@ -86,7 +99,10 @@ static int run_folio(engine_t *e, int prompt_tokens, int decode_tokens, const in
     int32_t *prompts = malloc((size_t)(prompt_tokens + max_batch * decode_prompt) * sizeof(int32_t));
     int32_t *outs = malloc((size_t)max_batch * (size_t)(decode_tokens + 1) * sizeof(int32_t));
     gen_request_t *reqs = calloc((size_t)max_batch, sizeof *reqs);
-    if (!prompts || !outs || !reqs) return -1;
+    if (!prompts || !outs || !reqs) {
+        fl_fail(&err, FL_ENOMEM, "bench: out of memory");
+        goto fail;
+    }
 
     /* Prefill: one prompt, one generated token. */
     fill_prompt(prompts, prompt_tokens, vocab, 1234);
@@ -95,7 +111,7 @@ static int run_folio(engine_t *e, int prompt_tokens, int decode_tokens, const in
         gen_request_t q = {.prompt = prompts, .n_prompt = prompt_tokens, .max_tokens = 1, .ignore_eog = true,
                            .tokens = outs};
         gen_stats_t st = {0};
-        if (gen_run(m, e->kv, &q, 1, NULL, NULL, &st, &err)) goto fail;
+        if (gen_run(m, e->kv, &q, 1, NULL, NULL, &st, &err) || request_failed(&q, 1, &err)) goto fail;
         const double rate = st.prompt_tokens / st.prefill_s;
         if (r > 0 && rate > best) best = rate; /* r == 0 is the warm-up */
     }
@@ -119,7 +135,7 @@ static int run_folio(engine_t *e, int prompt_tokens, int decode_tokens, const in
                                           .tokens = outs + (size_t)i * decode_tokens};
             }
             gen_stats_t st = {0};
-            if (gen_run(m, e->kv, reqs, B, NULL, NULL, &st, &err)) goto fail;
+            if (gen_run(m, e->kv, reqs, B, NULL, NULL, &st, &err) || request_failed(reqs, B, &err)) goto fail;
             const double rate = st.decode_step_tokens / st.decode_s;
             if (r > 0 && rate > best) best = rate;
         }

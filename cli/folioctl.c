@@ -185,19 +185,34 @@ static void on_token(void *user, int request, int32_t token)
     }
 }
 
-static void print_json(const model_t *m, const int32_t *prompt, int n_prompt, const gen_request_t *r,
-                       const gen_stats_t *st)
+/* The generated text as the stream prints it: whole UTF-8 characters, bytes that never form one as
+ * U+FFFD (JSON must be valid UTF-8). Returns a malloc'd NUL-terminated string, or NULL. */
+static char *decode_text(const tok_t *tok, const int32_t *ids, int n)
 {
-    (void)prompt;
+    /* U+FFFD is 3 bytes and replaces at most one byte, so 3x the raw length plus the flush is enough. */
+    const int raw = tok_decode(tok, ids, n, false, NULL, 0);
+    const size_t cap = (raw > 0 ? (size_t)raw * 3 : 0) + 17;
+    char *text = malloc(cap);
+    if (!text) return NULL;
+    tok_stream_t st;
+    tok_stream_init(&st, false);
+    size_t len = 0;
+    for (int i = 0; i < n; i++) {
+        const int got = tok_stream_push(&st, tok, ids[i], text + len, cap - 1 - len);
+        if (got > 0) len += (size_t)got;
+    }
+    const int got = tok_stream_flush(&st, text + len, cap - 1 - len);
+    if (got > 0) len += (size_t)got;
+    text[len] = 0;
+    return text;
+}
+
+static void print_json(const model_t *m, int n_prompt, const gen_request_t *r, const gen_stats_t *st)
+{
     cJSON *o = cJSON_CreateObject();
     cJSON *toks = cJSON_AddArrayToObject(o, "tokens");
     for (int i = 0; i < r->n_tokens; i++) cJSON_AddItemToArray(toks, cJSON_CreateNumber(r->tokens[i]));
-    int len = tok_decode(m->tok, r->tokens, r->n_tokens, false, NULL, 0);
-    char *text = malloc(len > 0 ? (size_t)len + 1 : 1);
-    if (text) {
-        int got = tok_decode(m->tok, r->tokens, r->n_tokens, false, text, (size_t)len + 1);
-        text[got > 0 ? got : 0] = 0;
-    }
+    char *text = decode_text(m->tok, r->tokens, r->n_tokens);
     cJSON_AddStringToObject(o, "text", text ? text : "");
     free(text);
     cJSON_AddStringToObject(o, "finish_reason", gen_finish_name(r->finish));
@@ -250,21 +265,17 @@ static int generate_one(engine_t *e, const run_flags_t *f, const char *prompt_te
                     st.decode_s > 0 ? (r.n_tokens - 1) / st.decode_s : 0.0);
     }
     if (rc) fprintf(stderr, "error: %s\n", err.msg);
-    else if (f->json) print_json(e->model, prompt, n_prompt, &r, &st);
+    else if (f->json) print_json(e->model, n_prompt, &r, &st);
     if (!rc && r.finish == GEN_FINISH_ERROR) {
         fprintf(stderr, "error: %s\n", r.error);
         rc = FL_EINVAL;
     }
     if (!rc && history) {
-        int len = tok_decode(e->model->tok, r.tokens, r.n_tokens, false, NULL, 0);
-        char *answer = malloc(len > 0 ? (size_t)len + 1 : 1);
-        if (answer) {
-            int got = tok_decode(e->model->tok, r.tokens, r.n_tokens, false, answer, (size_t)len + 1);
-            if (!conversation_add(history, "user", prompt_text, strlen(prompt_text)) ||
-                !conversation_add(history, "assistant", answer, got > 0 ? (size_t)got : 0))
-                rc = FL_ENOMEM;
-            free(answer);
-        }
+        char *answer = decode_text(e->model->tok, r.tokens, r.n_tokens);
+        if (!answer || !conversation_add(history, "user", prompt_text, strlen(prompt_text)) ||
+            !conversation_add(history, "assistant", answer, strlen(answer)))
+            rc = FL_ENOMEM;
+        free(answer);
     }
     free(out);
     free(prompt);

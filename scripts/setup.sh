@@ -7,7 +7,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 # Debian packages the build and tests need.
-packages=(build-essential cmake pkg-config python3 python3-pip python3-venv unzip clang
+# libclang-rt-dev holds libFuzzer and clang's sanitizer runtimes: only a Recommends of clang, so
+# --no-install-recommends would leave the fuzz targets unlinkable.
+packages=(build-essential cmake pkg-config python3 python3-pip python3-venv unzip clang libclang-rt-dev
           libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libopenblas-dev libcmocka-dev
           libxxhash-dev libcjson-dev libmicrohttpd-dev)
 if [ "${FOLIO_SKIP_APT:-0}" != 1 ]; then

@@ -70,7 +70,10 @@ int gen_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n_reqs, gen_tok
         r->error[0] = 0;
         r->t_submit = t0;
         r->t_first_token = r->t_done = 0;
-        if (r->n_prompt <= 0 || r->n_prompt >= max_pos) {
+        if (r->n_prompt <= 0) {
+            snprintf(r->error, sizeof r->error, "empty prompt: nothing to generate from");
+            finish(r, GEN_FINISH_ERROR);
+        } else if (r->n_prompt >= max_pos) {
             snprintf(r->error, sizeof r->error, "prompt of %d tokens does not fit the context of %d", r->n_prompt,
                      max_pos);
             finish(r, GEN_FINISH_ERROR);

@@ -13,12 +13,19 @@ kv_cache_t *kv_cache_new(kern_backend_t *be, int n_layers, int n_kv_heads, int h
                 n_kv_heads, head_dim, block_size);
         return NULL;
     }
-    const size_t per_token = 2u * (size_t)n_layers * (size_t)n_kv_heads * (size_t)head_dim * sizeof(fl_f16_t);
-    const size_t per_block = per_token * (size_t)block_size;
+    size_t per_token, per_block;
+    if (__builtin_mul_overflow(2u * sizeof(fl_f16_t), (size_t)n_layers, &per_token) ||
+        __builtin_mul_overflow(per_token, (size_t)n_kv_heads, &per_token) ||
+        __builtin_mul_overflow(per_token, (size_t)head_dim, &per_token) ||
+        __builtin_mul_overflow(per_token, (size_t)block_size, &per_block)) {
+        fl_fail(err, FL_ERANGE, "kv cache: shape layers=%d kv_heads=%d head_dim=%d block=%d is too large", n_layers,
+                n_kv_heads, head_dim, block_size);
+        return NULL;
+    }
     const size_t n_blocks = budget_bytes / per_block;
     if (n_blocks < 1 || n_blocks > INT32_MAX) {
-        fl_fail(err, FL_ERANGE, "kv cache: budget %zu bytes holds no block of %d tokens (%zu bytes per token)",
-                budget_bytes, block_size, per_token);
+        fl_fail(err, FL_ERANGE, "kv cache: budget %zu bytes holds %s block of %d tokens (%zu bytes per token)",
+                budget_bytes, n_blocks < 1 ? "no" : "more than INT32_MAX blocks of one", block_size, per_token);
         return NULL;
     }
     kv_cache_t *kv = calloc(1, sizeof *kv);

@@ -90,7 +90,12 @@ static int read_config(const gguf_t *g, model_config_t *c, fl_error_t *err)
     c->n_ctx_train = 4096;
     snprintf(key, sizeof key, "%s.context_length", arch);
     uint32_t ctx;
-    if (gguf_get_u32(g, key, &ctx, NULL) == FL_OK && ctx > 0) c->n_ctx_train = (int)ctx;
+    if (gguf_get_u32(g, key, &ctx, NULL) == FL_OK && ctx > 0) {
+        /* The default context sizes every block table, so an absurd one must not reach the allocator. */
+        if (ctx > (1u << 24))
+            return fl_fail(err, FL_EFORMAT, "%s: metadata '%s' = %u is out of range", gguf_path(g), key, ctx);
+        c->n_ctx_train = (int)ctx;
+    }
 
     c->norm_eps = 1e-5f;
     c->rope.freq_base = 10000.0f;
@@ -168,7 +173,11 @@ static float *load_vector(model_t *m, const char *name, int64_t n, bool required
         fl_fail(err, FL_ENOMEM, "%s: out of backend memory for '%s'", gguf_path(m->gguf), name);
         return NULL;
     }
-    m->be->ops->upload(m->be, d, t->data, (size_t)n * sizeof(float));
+    if (m->be->ops->upload(m->be, d, t->data, (size_t)n * sizeof(float))) {
+        kern_free(m->be, d);
+        fl_fail(err, FL_EBACKEND, "%s: uploading '%s' failed", gguf_path(m->gguf), name);
+        return NULL;
+    }
     m->weight_bytes += t->nbytes;
     return d;
 }
@@ -281,7 +290,14 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
     m->max_seqs = params->max_seqs > 0 ? params->max_seqs : defaults.max_seqs;
     const int block_size = params->block_size > 0 ? params->block_size : defaults.block_size;
     const int max_ctx = params->max_ctx > 0 ? params->max_ctx : c->n_ctx_train;
-    m->max_blocks = (max_ctx + block_size - 1) / block_size;
+    m->max_blocks = (int)(((int64_t)max_ctx + block_size - 1) / block_size);
+    /* Kernels take element counts as int: n * dim, n * n_ff and rows * n_vocab must fit. */
+    const int64_t widest = c->n_ff > c->dim ? c->n_ff : c->dim;
+    if ((int64_t)m->max_tokens * widest > INT32_MAX || (int64_t)m->max_logits * c->n_vocab > INT32_MAX) {
+        fl_fail(err, FL_ERANGE, "%s: %d tokens or %d logit rows per step are too many for this model's sizes",
+                path, m->max_tokens, m->max_logits);
+        goto fail;
+    }
     if (alloc_scratch(m, err)) goto fail;
     const char *prof = getenv("FOLIO_PROFILE");
     m->profile = prof && *prof && strcmp(prof, "0");
@@ -391,11 +407,12 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
         const int32_t blk = b->block_tables[(size_t)b->seq[i] * m->max_blocks + b->pos[i] / kv->block_size];
         m->h_slots[i] = blk * kv->block_size + b->pos[i] % kv->block_size;
     }
-    be->ops->upload(be, m->d_tokens, b->tokens, (size_t)n * sizeof(int32_t));
-    be->ops->upload(be, m->d_pos, b->pos, (size_t)n * sizeof(int32_t));
-    be->ops->upload(be, m->d_seq, b->seq, (size_t)n * sizeof(int32_t));
-    be->ops->upload(be, m->d_slots, m->h_slots, (size_t)n * sizeof(int32_t));
-    be->ops->upload(be, m->d_block_tables, b->block_tables, (size_t)b->n_seqs * m->max_blocks * sizeof(int32_t));
+    if (be->ops->upload(be, m->d_tokens, b->tokens, (size_t)n * sizeof(int32_t)) ||
+        be->ops->upload(be, m->d_pos, b->pos, (size_t)n * sizeof(int32_t)) ||
+        be->ops->upload(be, m->d_seq, b->seq, (size_t)n * sizeof(int32_t)) ||
+        be->ops->upload(be, m->d_slots, m->h_slots, (size_t)n * sizeof(int32_t)) ||
+        be->ops->upload(be, m->d_block_tables, b->block_tables, (size_t)b->n_seqs * m->max_blocks * sizeof(int32_t)))
+        return fl_fail(err, FL_EBACKEND, "forward: uploading the batch to the %s backend failed", be->ops->name);
 
     PROF(EMBED, kern_embed(be, m->x, m->tok_embd, m->d_tokens, n));
     for (int l = 0; l < c->n_layers; l++) {

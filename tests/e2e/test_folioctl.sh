@@ -50,6 +50,22 @@ check "seeded sampling is reproducible" test "$(python3 -c "import json,sys;prin
 "$ctl" run -m "$tmp/tiny.gguf" -p "stream" -n 8 --ignore-eos >"$tmp/stream.out" 2>/dev/null
 check "streaming run exits 0" test $? -eq 0
 
+# --json is valid UTF-8 even when sampled byte tokens do not form whole characters (U+FFFD instead).
+bad_utf8=0
+for seed in 1 2 3 4 5 6; do
+  "$ctl" run -m "$tmp/tiny.gguf" -p "hello" -n 40 --ignore-eos --temperature 1 --seed $seed --json 2>/dev/null |
+    tail -n 1 | python3 -c "import json,sys; json.loads(sys.stdin.buffer.read().decode('utf-8'))" || bad_utf8=1
+done
+check "run --json text is valid UTF-8" test $bad_utf8 -eq 0
+
+# -n 0 generates nothing and succeeds; an empty prompt (no BOS in this vocabulary) is a clear error.
+z="$("$ctl" run -m "$tmp/tiny.gguf" -p "abc" -n 0 --json 2>/dev/null | tail -n 1)"
+check "-n 0: exit 0, no tokens, finish length" python3 -c "
+import json,sys; o=json.loads(sys.argv[1]); assert o['tokens']==[] and o['finish_reason']=='length', o" "$z"
+"$ctl" run -m "$tmp/tiny.gguf" -p "" -n 4 >/dev/null 2>"$tmp/e0"; rc=$?
+check "empty prompt: exit 1" test $rc -eq 1
+check "empty prompt: message says so" grep -q "empty prompt" "$tmp/e0"
+
 # Bad input: clear errors, non-zero exits, no crash (exit codes < 128).
 "$ctl" run -m "$tmp/missing.gguf" -p x -n 1 >/dev/null 2>"$tmp/e1"; rc=$?
 check "missing model: exit 1" test $rc -eq 1

@@ -171,6 +171,53 @@ static void overlong_prompt_is_an_error_not_a_crash(void **state)
     engine_destroy(&e);
 }
 
+static void empty_prompt_and_zero_max_tokens_are_handled(void **state)
+{
+    (void)state;
+    engine_t *e = open_engine(64, 16);
+    int32_t prompt[4] = {5, 6, 7, 8}, out[4];
+    gen_request_t r[2] = {{.prompt = prompt, .n_prompt = 0, .max_tokens = 4, .tokens = out},
+                          {.prompt = prompt, .n_prompt = 4, .max_tokens = 0, .tokens = out}};
+    fl_error_t err = {0};
+    assert_int_equal(gen_run(e->model, e->kv, r, 2, NULL, NULL, NULL, &err), 0);
+    assert_int_equal(r[0].finish, GEN_FINISH_ERROR);
+    assert_non_null(strstr(r[0].error, "empty prompt"));
+    assert_int_equal(r[1].finish, GEN_FINISH_LENGTH);
+    assert_int_equal(r[1].n_tokens, 0);
+    engine_destroy(&e);
+}
+
+static void absurd_context_length_is_a_clear_error(void **state)
+{
+    (void)state;
+    /* context_length sizes every block table; 2^24 + 1 must be refused, not allocated. */
+    char path[300];
+    snprintf(path, sizeof path, "%s.ctx", g_path);
+    mkmodel_params_t p;
+    mkmodel_params_default(&p);
+    p.ctx = (1 << 24) + 1;
+    fl_error_t err = {0};
+    assert_int_equal(mkmodel_write(&p, path, &err), 0);
+    engine_opts_t o = {.model_path = path, .backend = "cpu"};
+    engine_t *e = engine_new(&o, &err);
+    unlink(path);
+    assert_null(e);
+    assert_non_null(strstr(err.msg, "context_length"));
+}
+
+static void kv_cache_shape_overflow_is_a_clear_error(void **state)
+{
+    (void)state;
+    fl_error_t err = {0};
+    kern_backend_t *be = kern_cpu_new(1, &err);
+    assert_non_null(be);
+    /* 2 * 2 * 2^24 * 2^24 * 2^24 bytes per token wraps size_t: an error, not a division by zero. */
+    kv_cache_t *kv = kv_cache_new(be, 1 << 24, 1 << 24, 1 << 24, 1024, (size_t)64 << 20, &err);
+    assert_null(kv);
+    assert_int_equal(err.code, FL_ERANGE);
+    kern_destroy(&be);
+}
+
 static void kv_budget_too_small_is_a_clear_error(void **state)
 {
     (void)state;
@@ -209,6 +256,9 @@ int main(void)
         cmocka_unit_test(chunked_prefill_and_block_size_do_not_change_tokens),
         cmocka_unit_test(sampling_is_reproducible_and_seed_dependent),
         cmocka_unit_test(overlong_prompt_is_an_error_not_a_crash),
+        cmocka_unit_test(empty_prompt_and_zero_max_tokens_are_handled),
+        cmocka_unit_test(absurd_context_length_is_a_clear_error),
+        cmocka_unit_test(kv_cache_shape_overflow_is_a_clear_error),
         cmocka_unit_test(kv_budget_too_small_is_a_clear_error),
         cmocka_unit_test(truncated_model_file_is_a_clear_error),
     };
