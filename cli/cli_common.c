@@ -52,7 +52,7 @@ bool cli_parse_bytes(const char *flag, const char *s, size_t *out)
     else if (!strcasecmp(end, "m") || !strcasecmp(end, "mib")) mult = 1048576.0;
     else if (!strcasecmp(end, "g") || !strcasecmp(end, "gib")) mult = 1073741824.0;
     else if (*end) mult = -1;
-    if (errno || end == s || mult < 0 || !(v > 0) || v * mult > 1e15) {
+    if (errno || end == s || mult < 0 || !(v * mult >= 1) || v * mult > 1e15) {
         fprintf(stderr, "error: %s expects a size like 64MiB, got '%s'\n", flag, s);
         return false;
     }

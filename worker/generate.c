@@ -4,14 +4,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-double gen_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
+#include "clock.h"
 
 const char *gen_finish_name(gen_finish_t f)
 {
@@ -33,7 +27,7 @@ typedef struct slot {
 static void finish(gen_request_t *r, gen_finish_t f)
 {
     r->finish = f;
-    r->t_done = gen_now();
+    r->t_done = fl_clock_s();
 }
 
 int gen_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n_reqs, gen_token_fn on_token, void *user,
@@ -62,7 +56,7 @@ int gen_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n_reqs, gen_tok
             goto out;
         }
     }
-    const double t0 = gen_now();
+    const double t0 = fl_clock_s();
     for (int i = 0; i < n_reqs; i++) {
         gen_request_t *r = &reqs[i];
         r->n_tokens = 0;
@@ -150,10 +144,10 @@ int gen_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n_reqs, gen_tok
         const model_batch_t batch = {.n_tokens = n, .tokens = tokens, .pos = pos, .seq = seq,
                                      .block_tables = tables, .n_seqs = n_slots, .logit_rows = logit_rows,
                                      .n_logits = n_logits};
-        const double ts = gen_now();
+        const double ts = fl_clock_s();
         if ((rc = model_forward(m, kv, &batch, err))) goto out;
         model_sample(m, sampled, n_logits, sp);
-        const double te = gen_now();
+        const double te = fl_clock_s();
         if (stats) {
             stats->steps++;
             if (has_prompt) stats->prefill_s += te - ts;

@@ -47,6 +47,5 @@ int gen_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n_reqs, gen_tok
             gen_stats_t *stats, fl_error_t *err);
 
 const char *gen_finish_name(gen_finish_t f);
-double gen_now(void);
 
 #endif

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "log.h"
 
 #ifndef FOLIO_DEFAULT_MODEL
@@ -366,21 +367,14 @@ static int check_batch(const model_t *m, const kv_cache_t *kv, const model_batch
     return FL_OK;
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 /* Runs the statements; with profiling on, syncs the backend and adds their time to the op's slot. */
 #define PROF(slot, ...)                                                                                          \
     do {                                                                                                         \
-        const double t0_ = m->profile ? now_s() : 0;                                                             \
+        const double t0_ = m->profile ? fl_clock_s() : 0;                                                             \
         __VA_ARGS__;                                                                                             \
         if (m->profile) {                                                                                        \
             be->ops->sync(be, NULL);                                                                             \
-            m->prof_s[MODEL_PROF_##slot] += now_s() - t0_;                                                        \
+            m->prof_s[MODEL_PROF_##slot] += fl_clock_s() - t0_;                                                        \
         }                                                                                                        \
     } while (0)
 
