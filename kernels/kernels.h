@@ -76,6 +76,10 @@ typedef struct kern_ops {
 
     void (*embed)(kern_backend_t *be, float *out, const kern_weight_t *table, const int32_t *ids, int n);
     void (*matmul)(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n);
+    /* ys[k][n][rows_k] = x W_k^T for k < n_w: the same bits as n_w matmul calls on the same x (one
+     * activation conversion, one dispatch where the backend can). NULL: kern_matmul_multi loops. */
+    void (*matmul_multi)(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w,
+                         const float *x, int n);
     void (*rmsnorm)(kern_backend_t *be, float *y, const float *x, const float *weight, int n, int dim, float eps);
     void (*rope)(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
                  const kern_rope_t *rope);
@@ -110,6 +114,13 @@ static inline void kern_embed(kern_backend_t *be, float *o, const kern_weight_t 
 { be->ops->embed(be, o, t, ids, n); }
 static inline void kern_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n)
 { be->ops->matmul(be, y, w, x, n); }
+static inline void kern_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w,
+                                     const float *x, int n)
+{
+    if (be->ops->matmul_multi) be->ops->matmul_multi(be, ys, ws, n_w, x, n);
+    else
+        for (int k = 0; k < n_w; k++) be->ops->matmul(be, ys[k], ws[k], x, n);
+}
 static inline void kern_rmsnorm(kern_backend_t *be, float *y, const float *x, const float *w, int n, int dim,
                                 float eps)
 { be->ops->rmsnorm(be, y, x, w, n, dim, eps); }

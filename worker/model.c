@@ -413,8 +413,9 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
         const model_layer_t *L = &m->layers[l];
         /* attention block */
         PROF(NORM, kern_rmsnorm(be, m->xb, m->x, L->attn_norm, n, dim, c->norm_eps));
-        PROF(QKV, kern_matmul(be, m->q, L->wq, m->xb, n); kern_matmul(be, m->k, L->wk, m->xb, n);
-                  kern_matmul(be, m->v, L->wv, m->xb, n));
+        PROF(QKV, float *const qkv_y[3] = {m->q, m->k, m->v};
+                  const kern_weight_t *const qkv_w[3] = {L->wq, L->wk, L->wv};
+                  kern_matmul_multi(be, qkv_y, qkv_w, 3, m->xb, n));
         PROF(ROPE_KV, kern_rope(be, m->q, m->d_pos, n, c->n_heads, c->head_dim, &c->rope);
                       kern_rope(be, m->k, m->d_pos, n, c->n_kv_heads, c->head_dim, &c->rope);
                       kern_kv_store(be, kv->k[l], kv->v[l], m->k, m->v, m->d_slots, n, kv_dim));
@@ -429,7 +430,9 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
         PROF(RESIDUAL, kern_add(be, m->x, m->xb, n * dim));
         /* feed-forward block */
         PROF(NORM, kern_rmsnorm(be, m->xb, m->x, L->ffn_norm, n, dim, c->norm_eps));
-        PROF(FFN_UP, kern_matmul(be, m->gate, L->w_gate, m->xb, n); kern_matmul(be, m->up, L->w_up, m->xb, n));
+        PROF(FFN_UP, float *const ffn_y[2] = {m->gate, m->up};
+                     const kern_weight_t *const ffn_w[2] = {L->w_gate, L->w_up};
+                     kern_matmul_multi(be, ffn_y, ffn_w, 2, m->xb, n));
         PROF(FFN_ACT, kern_swiglu(be, m->gate, m->gate, m->up, n * c->n_ff));
         PROF(FFN_DOWN, kern_matmul(be, m->xb, L->w_down, m->gate, n));
         PROF(RESIDUAL, kern_add(be, m->x, m->xb, n * dim));

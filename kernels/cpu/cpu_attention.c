@@ -16,9 +16,12 @@
  * not change any of them): >= 2 -> tinyBLAS order (needs head_dim % 16 == 0 for KQ, as tinyBLAS
  * does), 1 -> vec_dot order. For the V sum "elements" are cache cells from position 0.
  *
- * Work items are (token, head) pairs handed out by an atomic counter; calls with little work (short
- * contexts in decode) run on the caller without waking the pool. Each thread has its own scratch
- * (cpu_backend_t.scores[ith]): scores, 64 x head_dim V accumulators, row pointers. */
+ * Work items are (token, head) pairs, or (token, KV head) with AVX-512 and head_dim % 64 == 0 (a
+ * decode token's GQA heads then share each K/V row load: attn_decode_group_avx512, the same
+ * operations per element), handed out by an atomic counter; calls with little work (short contexts
+ * in decode) run on the caller without waking the pool. Each thread has its own scratch
+ * (cpu_backend_t.scores[ith]): scores, 64 x head_dim V accumulators, row pointers, and the grouped
+ * path's q, score rows and K/V row pointers. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -39,6 +42,8 @@ typedef struct attn_ctx {
     float **scores;
     const uint8_t *multi; /* [n_tokens] 1: the token's sequence has >= 2 tokens in this call */
     int maxlen;
+    int sstride;          /* floats between the G score rows of the grouped decode path */
+    bool grouped;         /* items are (token, kv head): attn_decode_group_avx512 for decode tokens */
     atomic_int next;
 } attn_ctx_t;
 
@@ -221,12 +226,79 @@ static CPU_AVX512 float vecdot_f16_avx512(const fl_f16_t *a, const float *b, int
     return (float)sum;
 }
 
+/* cpu_v_expf_avx2 16 lanes at a time: scalef(j, n) is j * 2^n with one rounding (= ldexpf), as
+ * ggml's AVX-512 ggml_v_expf computes it; |n| > 192 -> 0 or inf, NaN n -> n. */
+static inline CPU_AVX512 __m512 v_expf_avx512(__m512 x)
+{
+    const __m512 r = _mm512_set1_ps(0x1.8p23f);
+    const __m512 z = _mm512_fmadd_ps(x, _mm512_set1_ps(0x1.715476p+0f), r);
+    const __m512 n = _mm512_sub_ps(z, r);
+    const __m512 b = _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.7f7d1cp-20f),
+                                      _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.62e4p-1f), x));
+    const __m512 u = _mm512_mul_ps(b, b);
+    const __m512 j = _mm512_fmadd_ps(
+        _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(0x1.0e4020p-7f), b, _mm512_set1_ps(0x1.573e2ep-5f)), u,
+                        _mm512_fmadd_ps(_mm512_set1_ps(0x1.555e66p-3f), b, _mm512_set1_ps(0x1.fffdb6p-2f))),
+        u, _mm512_fmadd_ps(_mm512_set1_ps(0x1.ffffecp-1f), b, _mm512_set1_ps(1.0f)));
+    __m512 res = _mm512_scalef_ps(j, n);
+    const __mmask16 big = _mm512_cmp_ps_mask(_mm512_abs_ps(n), _mm512_set1_ps(192.0f), _CMP_GT_OQ);
+    if (big) {
+        const __mmask16 pos = _mm512_cmp_ps_mask(n, _mm512_setzero_ps(), _CMP_GT_OQ);
+        res = _mm512_mask_mov_ps(res, big, _mm512_setzero_ps());
+        res = _mm512_mask_mov_ps(res, big & pos, _mm512_set1_ps(INFINITY));
+    }
+    const __mmask16 nan = _mm512_cmp_ps_mask(n, n, _CMP_UNORD_Q);
+    if (nan) res = _mm512_mask_mov_ps(res, nan, n);
+    return res;
+}
+
+/* attn_softmax_avx2 16 cells at a time (sc has room for pad32(len) floats). */
+static CPU_AVX512 void attn_softmax_avx512(float *sc, int len)
+{
+    const int n = (len + 15) & ~15;
+    for (int j = len; j < n; j++) sc[j] = -INFINITY;
+    __m512 m16 = _mm512_set1_ps(-INFINITY);
+    for (int j = 0; j < n; j += 16) m16 = _mm512_max_ps(m16, _mm512_loadu_ps(sc + j));
+    const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(m16));
+    double sum = 0.0;
+    for (int c = 0; c < n; c += 16) {
+        const __m512 e = v_expf_avx512(_mm512_sub_ps(_mm512_loadu_ps(sc + c), vmx));
+        _mm512_storeu_ps(sc + c, e);
+        sum += (double)reduce16_512(e);
+    }
+    const __m512 inv = _mm512_set1_ps((float)(1.0 / sum));
+    for (int j = 0; j < n; j += 16)
+        _mm512_storeu_ps(sc + j, _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_mul_ps(_mm512_loadu_ps(sc + j), inv),
+                                                                 _MM_FROUND_TO_NEAREST_INT)));
+}
+
 /* tinyBLAS order, n % 16 == 0. */
 static CPU_AVX512 float dot16_f16_avx512(const float *a, const fl_f16_t *b, int n)
 {
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_f16x16(b + i), acc);
     return reduce16_512(acc);
+}
+
+/* out[j] = the canonical 16-lane reduction of v[j] (l[k] + l[k+8], then +4, +2, +1), 16 rows at
+ * once by a transpose-add network; each row's result depends on its own lanes only. */
+static inline CPU_AVX512 void reduce16x16_avx512(const __m512 v[16], float out[16])
+{
+    __m512 w[8], u[4], z[2];
+    for (int j = 0; j < 8; j++) /* l[k] + l[k+8]: rows j, j+8 */
+        w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[j], v[j + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[j], v[j + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int j = 0; j < 4; j++) /* + 4: quarters rows j, j+8, j+4, j+12 */
+        u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(w[j], w[j + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(w[j], w[j + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int j = 0; j < 2; j++) /* + 2 */
+        z[j] = _mm512_add_ps(_mm512_shuffle_ps(u[j], u[j + 2], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(u[j], u[j + 2], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* + 1; element 4Q + e holds row (0, 8, 4, 12)[Q] + (0, 2, 1, 3)[e] */
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i idx = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(idx, r));
 }
 
 /* 16 scores at once: the dots of q16 with 16 K rows, each in tinyBLAS order (tb, hd % 16 == 0) or
@@ -250,21 +322,7 @@ static CPU_AVX512 void kq16_avx512(const float *q16, const fl_f16_t *const *k, i
             v[j] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
         }
     }
-    __m512 w[8], u[4], z[2];
-    for (int j = 0; j < 8; j++) /* l[k] + l[k+8]: rows j, j+8 */
-        w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[j], v[j + 8], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_f32x4(v[j], v[j + 8], _MM_SHUFFLE(3, 2, 3, 2)));
-    for (int j = 0; j < 4; j++) /* + 4: quarters rows j, j+8, j+4, j+12 */
-        u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(w[j], w[j + 4], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(w[j], w[j + 4], _MM_SHUFFLE(3, 1, 3, 1)));
-    for (int j = 0; j < 2; j++) /* + 2 */
-        z[j] = _mm512_add_ps(_mm512_shuffle_ps(u[j], u[j + 2], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(u[j], u[j + 2], _MM_SHUFFLE(3, 2, 3, 2)));
-    /* + 1; element 4Q + e holds row (0, 8, 4, 12)[Q] + (0, 2, 1, 3)[e] */
-    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
-    const __m512i idx = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
-    _mm512_storeu_ps(out, _mm512_permutexvar_ps(idx, r));
+    reduce16x16_avx512(v, out);
 }
 
 static inline CPU_AVX512 __m512 vsum_lane512(const float *p, const fl_f16_t *const *rows, int o, int L, int nl, int d)
@@ -363,31 +421,213 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
         attn_softmax_scalar(sc, len);
         attn_vsum_scalar(out, sc, rows, len, hd, kqv_tb, vacc);
     } else {
-        attn_softmax_avx2(sc, len);
+        if (isa == CPU_ISA_AVX512) attn_softmax_avx512(sc, len);
+        else attn_softmax_avx2(sc, len);
         if (isa == CPU_ISA_AVX512 && hd % 16 == 0) attn_vsum_avx512(out, sc, rows, len, hd, kqv_tb);
         else attn_vsum_avx2(out, sc, rows, len, hd, kqv_tb, vacc);
     }
 }
 
-/* Per-thread scratch layout (floats): scores [pad64(maxlen)], V accumulators [64 * head_dim], then
- * maxlen row pointers. */
-static size_t attn_scratch_floats(int maxlen, int hd)
+/* Decode fast path (AVX-512, vec_dot order, hd % 64 == 0): one token and the G query heads that share
+ * one KV head. The same operations per score and output element as attn_one (kq16_avx512, the
+ * softmax, attn_vsum_avx512 with its double leftovers), only shared: the block table is walked once
+ * (no division per position), each K/V row is loaded and converted once for the G heads. */
+#define ATTN_MAX_GROUP 16
+
+static inline __attribute__((always_inline)) CPU_AVX512 void
+attn_decode_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc, const fl_f16_t **krows,
+                       const fl_f16_t **vrows, const int G, const int hd)
 {
-    return (((size_t)maxlen + 63) & ~(size_t)63) + (size_t)64 * hd + 2 * (size_t)maxlen + 16;
+    const kern_attn_t *a = c->a;
+    const int ss = c->sstride;
+    const size_t kv_stride = (size_t)a->n_kv_heads * hd, hoff = (size_t)kvh * hd;
+    const int len = a->tok_pos[i] + 1, bs = a->block_size;
+    const int32_t *bt = a->block_tables + (size_t)a->tok_seq[i] * a->max_blocks;
+    for (int j = 0, b = 0; j < len; b++) {
+        const size_t base = (size_t)bt[b] * bs;
+        for (int o = 0; o < bs && j < len; o++, j++) {
+            const size_t off = (base + (size_t)o) * kv_stride + hoff;
+            krows[j] = a->k_cache + off;
+            vrows[j] = a->v_cache + off;
+        }
+    }
+    const size_t qoff = ((size_t)i * a->n_heads + (size_t)kvh * G) * hd;
+    round_f16_avx2(q16, a->q + qoff, G * hd);
+
+    /* scores: per row the 4 vec_dot accumulators, combined as (a0 + a2) + (a1 + a3), then reduced */
+    for (int j0 = 0; j0 < len; j0 += 16) {
+        const int nr = len - j0 < 16 ? len - j0 : 16;
+        __m512 v[ATTN_MAX_GROUP][16];
+        for (int r = 0; r < 16; r++) {
+            if (r >= nr) {
+                for (int h = 0; h < G; h++) v[h][r] = _mm512_setzero_ps();
+                continue;
+            }
+            const fl_f16_t *k = krows[j0 + r];
+            if (hd == 64) {
+                const __m512 k0 = load_f16x16(k), k1 = load_f16x16(k + 16), k2 = load_f16x16(k + 32),
+                             k3 = load_f16x16(k + 48);
+                for (int h = 0; h < G; h++) {
+                    const float *qh = q16 + (size_t)h * hd;
+                    const __m512 z = _mm512_setzero_ps();
+                    const __m512 a0 = _mm512_fmadd_ps(k0, _mm512_loadu_ps(qh), z);
+                    const __m512 a1 = _mm512_fmadd_ps(k1, _mm512_loadu_ps(qh + 16), z);
+                    const __m512 a2 = _mm512_fmadd_ps(k2, _mm512_loadu_ps(qh + 32), z);
+                    const __m512 a3 = _mm512_fmadd_ps(k3, _mm512_loadu_ps(qh + 48), z);
+                    v[h][r] = _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3));
+                }
+            } else {
+                for (int h = 0; h < G; h++) {
+                    const float *qh = q16 + (size_t)h * hd;
+                    __m512 acc[4];
+                    for (int cc = 0; cc < 4; cc++) acc[cc] = _mm512_setzero_ps();
+                    for (int e = 0; e < hd; e += 64)
+                        for (int cc = 0; cc < 4; cc++)
+                            acc[cc] = _mm512_fmadd_ps(load_f16x16(k + e + 16 * cc), _mm512_loadu_ps(qh + e + 16 * cc),
+                                                      acc[cc]);
+                    v[h][r] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+                }
+            }
+        }
+        for (int h = 0; h < G; h++) {
+            float dots[16];
+            reduce16x16_avx512(v[h], dots);
+            for (int r = 0; r < nr; r++) sc[(size_t)h * ss + j0 + r] = dots[r] * a->scale;
+        }
+    }
+    for (int h = 0; h < G; h++) attn_softmax_avx512(sc + (size_t)h * ss, len);
+
+    /* out = sum p_j v_j: lanes j % 64 for j < np (combined in attn_vsum_avx512's order), then double */
+    const int np = pad32(len) & ~63, nl = np < len ? np : len;
+    for (int d = 0; d < hd; d += 16) {
+        __m512 r[ATTN_MAX_GROUP];
+        for (int h = 0; h < G; h++) r[h] = _mm512_setzero_ps();
+        if (nl > 0 && nl <= 64) {
+            /* one cell per lane: lane o = fma(p_o, v_o, 0) (0 for o >= nl), the 64 lanes added as
+             * s8[l] = ((o l + o 32+l) + (o 16+l + o 48+l)) + ((o 8+l + o 40+l) + (o 24+l + o 56+l)),
+             * then (s8[j] + s8[j+4]), (+2), (+1) */
+            __m512 s8[ATTN_MAX_GROUP][8];
+            for (int l = 0; l < 8; l++) {
+                static const int offs[8] = {0, 32, 16, 48, 8, 40, 24, 56};
+                __m512 ln[ATTN_MAX_GROUP][8];
+                for (int k = 0; k < 8; k++) {
+                    const int o = l + offs[k];
+                    if (o < nl) {
+                        const __m512 vv = load_f16x16(vrows[o] + d);
+                        for (int h = 0; h < G; h++)
+                            ln[h][k] = _mm512_fmadd_ps(_mm512_set1_ps(sc[(size_t)h * ss + o]), vv, _mm512_setzero_ps());
+                    } else {
+                        for (int h = 0; h < G; h++) ln[h][k] = _mm512_setzero_ps();
+                    }
+                }
+                for (int h = 0; h < G; h++) {
+                    const __m512 t0 = _mm512_add_ps(_mm512_add_ps(ln[h][0], ln[h][1]), _mm512_add_ps(ln[h][2], ln[h][3]));
+                    const __m512 t1 = _mm512_add_ps(_mm512_add_ps(ln[h][4], ln[h][5]), _mm512_add_ps(ln[h][6], ln[h][7]));
+                    s8[h][l] = _mm512_add_ps(t0, t1);
+                }
+            }
+            for (int h = 0; h < G; h++) {
+                for (int j = 0; j < 4; j++) s8[h][j] = _mm512_add_ps(s8[h][j], s8[h][j + 4]);
+                for (int j = 0; j < 2; j++) s8[h][j] = _mm512_add_ps(s8[h][j], s8[h][j + 2]);
+                r[h] = _mm512_add_ps(s8[h][0], s8[h][1]);
+            }
+        } else if (nl > 0) {
+            __m512 s8[ATTN_MAX_GROUP][8];
+            for (int l = 0; l < 8; l++) {
+                static const int offs[8] = {0, 32, 16, 48, 8, 40, 24, 56};
+                __m512 ln[ATTN_MAX_GROUP][8];
+                for (int k = 0; k < 8; k++) {
+                    for (int h = 0; h < G; h++) ln[h][k] = _mm512_setzero_ps();
+                    for (int j = l + offs[k]; j < nl; j += 64) {
+                        const __m512 vv = load_f16x16(vrows[j] + d);
+                        for (int h = 0; h < G; h++)
+                            ln[h][k] = _mm512_fmadd_ps(_mm512_set1_ps(sc[(size_t)h * ss + j]), vv, ln[h][k]);
+                    }
+                }
+                for (int h = 0; h < G; h++) {
+                    const __m512 t0 = _mm512_add_ps(_mm512_add_ps(ln[h][0], ln[h][1]), _mm512_add_ps(ln[h][2], ln[h][3]));
+                    const __m512 t1 = _mm512_add_ps(_mm512_add_ps(ln[h][4], ln[h][5]), _mm512_add_ps(ln[h][6], ln[h][7]));
+                    s8[h][l] = _mm512_add_ps(t0, t1);
+                }
+            }
+            for (int h = 0; h < G; h++) {
+                for (int j = 0; j < 4; j++) s8[h][j] = _mm512_add_ps(s8[h][j], s8[h][j + 4]);
+                for (int j = 0; j < 2; j++) s8[h][j] = _mm512_add_ps(s8[h][j], s8[h][j + 2]);
+                r[h] = _mm512_add_ps(s8[h][0], s8[h][1]);
+            }
+        }
+        float *out = a->out + qoff + d;
+        if (np >= len) {
+            for (int h = 0; h < G; h++) _mm512_storeu_ps(out + (size_t)h * hd, r[h]);
+        } else {
+            __m512d lo[ATTN_MAX_GROUP], hi[ATTN_MAX_GROUP];
+            for (int h = 0; h < G; h++) {
+                lo[h] = _mm512_cvtps_pd(_mm512_castps512_ps256(r[h]));
+                hi[h] = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r[h]), 1)));
+            }
+            for (int j = np; j < len; j++) {
+                const __m512 vv = load_f16x16(vrows[j] + d);
+                for (int h = 0; h < G; h++) {
+                    const __m512 pr = _mm512_mul_ps(_mm512_set1_ps(sc[(size_t)h * ss + j]), vv);
+                    lo[h] = _mm512_add_pd(lo[h], _mm512_cvtps_pd(_mm512_castps512_ps256(pr)));
+                    hi[h] = _mm512_add_pd(
+                        hi[h], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pr), 1))));
+                }
+            }
+            for (int h = 0; h < G; h++) {
+                _mm256_storeu_ps(out + (size_t)h * hd, _mm512_cvtpd_ps(lo[h]));
+                _mm256_storeu_ps(out + (size_t)h * hd + 8, _mm512_cvtpd_ps(hi[h]));
+            }
+        }
+    }
+}
+
+/* attn_decode_group_body with the common shapes as compile-time constants (registers, no spills). */
+static CPU_AVX512 void attn_decode_group_avx512(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc,
+                                                const fl_f16_t **krows, const fl_f16_t **vrows)
+{
+    const int G = c->a->n_heads / c->a->n_kv_heads, hd = c->a->head_dim;
+    if (G == 3 && hd == 64) attn_decode_group_body(c, i, kvh, q16, sc, krows, vrows, 3, 64);
+    else if (G == 1 && hd == 64) attn_decode_group_body(c, i, kvh, q16, sc, krows, vrows, 1, 64);
+    else if (G == 4 && hd == 64) attn_decode_group_body(c, i, kvh, q16, sc, krows, vrows, 4, 64);
+    else attn_decode_group_body(c, i, kvh, q16, sc, krows, vrows, G, hd);
+}
+
+/* Per-thread scratch layout (floats): scores [pad64(maxlen)], V accumulators [64 * head_dim], then
+ * maxlen row pointers; then for the grouped decode path q16 [G * head_dim], G score rows
+ * [pad64(maxlen)] and 2 * maxlen row pointers. */
+static size_t attn_scratch_floats(int maxlen, int hd, int G)
+{
+    const size_t sp = ((size_t)maxlen + 63) & ~(size_t)63;
+    return sp + (size_t)64 * hd + 2 * (size_t)maxlen + 16 + (size_t)G * hd + (size_t)G * sp + 4 * (size_t)maxlen + 32;
 }
 
 static void attn_task(void *arg, int ith, int nth)
 {
     attn_ctx_t *c = arg;
     const kern_attn_t *a = c->a;
-    const int n_items = a->n_tokens * a->n_heads;
+    const int G = a->n_heads / a->n_kv_heads;
+    const int n_items = a->n_tokens * (c->grouped ? a->n_kv_heads : a->n_heads);
     float *sc = c->scores[ith];
-    float *vacc = sc + (((size_t)c->maxlen + 63) & ~(size_t)63);
+    const size_t sp = ((size_t)c->maxlen + 63) & ~(size_t)63;
+    float *vacc = sc + sp;
     const fl_f16_t **rows = (const fl_f16_t **)(void *)(vacc + (size_t)64 * a->head_dim);
+    float *q16 = (float *)(void *)(rows + c->maxlen) + 16;
+    q16 = (float *)(((uintptr_t)q16 + 63) & ~(uintptr_t)63);
+    float *gsc = q16 + (size_t)G * a->head_dim;
+    const fl_f16_t **krows = (const fl_f16_t **)(void *)(gsc + (size_t)G * sp), **vrows = krows + c->maxlen;
     for (;;) {
         const int it = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
         if (it >= n_items) break;
-        attn_one(c, it / a->n_heads, it % a->n_heads, sc, vacc, rows);
+        if (!c->grouped) {
+            attn_one(c, it / a->n_heads, it % a->n_heads, sc, vacc, rows);
+            continue;
+        }
+        const int i = it / a->n_kv_heads, kvh = it % a->n_kv_heads;
+        if (c->multi[i])
+            for (int h = kvh * G; h < (kvh + 1) * G; h++) attn_one(c, i, h, sc, vacc, rows);
+        else
+            attn_decode_group_avx512(c, i, kvh, q16, gsc, krows, vrows);
     }
 }
 
@@ -404,7 +644,8 @@ void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
         work += a->tok_pos[i] + 1;
     }
     work *= (int64_t)a->n_heads * a->head_dim;
-    const size_t need = attn_scratch_floats(maxlen, a->head_dim) * sizeof(float);
+    const int G = a->n_heads / a->n_kv_heads;
+    const size_t need = attn_scratch_floats(maxlen, a->head_dim, G) * sizeof(float);
     const int nth = cpu_pool_size(cb->pool);
     if (need > cb->scores_len) {
         size_t cap = 0;
@@ -422,7 +663,9 @@ void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
     memset(cnt, 0, (size_t)(maxseq + 1) * sizeof(int));
     for (int i = 0; i < a->n_tokens; i++) cnt[a->tok_seq[i]]++;
     for (int i = 0; i < a->n_tokens; i++) multi[i] = cnt[a->tok_seq[i]] >= 2;
-    attn_ctx_t c = {.a = a, .isa = cb->isa, .scores = cb->scores, .multi = multi, .maxlen = maxlen};
+    attn_ctx_t c = {.a = a, .isa = cb->isa, .scores = cb->scores, .multi = multi, .maxlen = maxlen,
+                    .sstride = (maxlen + 63) & ~63,
+                    .grouped = cb->isa == CPU_ISA_AVX512 && a->head_dim % 64 == 0 && G <= ATTN_MAX_GROUP};
     atomic_init(&c.next, 0);
     if (work < 64 * 1024 || nth == 1) attn_task(&c, 0, 1);
     else cpu_pool_run(cb->pool, attn_task, &c);

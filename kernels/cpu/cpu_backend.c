@@ -522,6 +522,7 @@ static const kern_ops_t cpu_ops = {
     .weight_destroy = cpu_weight_destroy,
     .embed = cpu_embed,
     .matmul = cpu_matmul,
+    .matmul_multi = cpu_matmul_multi,
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
     .kv_store = cpu_kv_store,

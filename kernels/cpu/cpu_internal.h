@@ -83,6 +83,10 @@ int cpu_grow(void **buf, size_t *cap, size_t bytes);
 /* ---- matmul (cpu_matmul.c) ---- */
 
 void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n);
+/* n_w products of one x: one activation quantization and one dispatch when the weights are packed,
+ * of one type and width; otherwise cpu_matmul per weight. Same bits either way. */
+void cpu_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,
+                      int n);
 /* Sizes the per-thread BLAS panels for weights of cols columns; called from weight_new. */
 int cpu_matmul_reserve(cpu_backend_t *cb, int64_t cols);
 /* The n at and above which the BLAS path is faster (measured; see cpu_matmul.c). */
@@ -99,6 +103,9 @@ void cpu_pack_act_init(const int8_t *qs, int nb, int mult, int32_t *xinit);
 /* y = x W^T from activations already quantized to the vec-dot type (qs, d, s) plus xinit. */
 void cpu_matmul_packed(cpu_backend_t *cb, float *y, const kern_weight_t *w, const int8_t *qs, const float *d,
                        const float *s, const int32_t *xinit, int n);
+/* The same for n_w weights of one type and width (all packed), in one pool dispatch. */
+void cpu_matmul_packed_multi(cpu_backend_t *cb, float *const *ys, const kern_weight_t *const *ws, int n_w,
+                             const int8_t *qs, const float *d, const float *s, const int32_t *xinit, int n);
 
 /* ---- attention (cpu_attention.c) ---- */
 

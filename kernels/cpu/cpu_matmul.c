@@ -436,6 +436,27 @@ int cpu_matmul_reserve(cpu_backend_t *cb, int64_t cols)
  * repacking (interleaved rows) speeds the tiled path up. */
 int cpu_matmul_default_blas_min_n(void) { return INT32_MAX; }
 
+/* Converts x [n][w->cols] to w's vec-dot type in cb->act (qs, d, s for Q8_1, xinit for the packed
+ * Q4_0/Q8_0 kernel); 0 or FL_ENOMEM. */
+static int quantize_act(cpu_backend_t *cb, const kern_weight_t *w, const float *x, int n, int8_t **qsp, float **dp,
+                        float **sp, int32_t **xinitp)
+{
+    const size_t cols = (size_t)w->cols;
+    const int nb = (int)(cols / 32);
+    const size_t qbytes = ((size_t)n * cols + 63) & ~(size_t)63, fbytes = (size_t)n * nb * sizeof(float);
+    if (cpu_grow(&cb->act, &cb->act_bytes, qbytes + 3 * fbytes + 8 * fbytes)) return FL_ENOMEM;
+    int8_t *qs = cb->act;
+    float *d = (float *)((char *)cb->act + qbytes), *s = d + (size_t)n * nb;
+    int32_t *xinit = (int32_t *)(s + (size_t)n * nb);
+    quant_job_t qj = {.x = x, .cols = (int)cols, .nb = nb, .qs = qs, .d = d, .s = w->type == FL_TYPE_Q4_1 ? s : NULL,
+                      .xinit = w->packed && w->type != FL_TYPE_Q4_1 ? xinit : NULL,
+                      .mult = w->type == FL_TYPE_Q8_0 ? -128 : -8, .isa = cb->isa};
+    /* a few tokens: on the caller; a batch: one range of tokens per thread */
+    cpu_pool_range(cb->pool, n, 1, (int64_t)cols * n >= 8192 ? 2 : INT64_MAX, quant_range, &qj);
+    *qsp = qs, *dp = d, *sp = s, *xinitp = xinit;
+    return 0;
+}
+
 void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n)
 {
     cpu_backend_t *cb = (cpu_backend_t *)be;
@@ -466,16 +487,10 @@ void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const floa
         }
     } else {
         const int nb = (int)(cols / 32);
-        const size_t qbytes = ((size_t)n * cols + 63) & ~(size_t)63, fbytes = (size_t)n * nb * sizeof(float);
-        if (cpu_grow(&cb->act, &cb->act_bytes, qbytes + 3 * fbytes + 8 * fbytes)) goto oom;
-        int8_t *qs = cb->act;
-        float *d = (float *)((char *)cb->act + qbytes), *s = d + (size_t)n * nb;
-        int32_t *xinit = (int32_t *)(s + (size_t)n * nb);
-        quant_job_t qj = {.x = x, .cols = (int)cols, .nb = nb, .qs = qs, .d = d, .s = w->type == FL_TYPE_Q4_1 ? s : NULL,
-                          .xinit = w->packed && w->type != FL_TYPE_Q4_1 ? xinit : NULL,
-                          .mult = w->type == FL_TYPE_Q8_0 ? -128 : -8, .isa = cb->isa};
-        /* a few tokens: on the caller; a batch: one range of tokens per thread */
-        cpu_pool_range(cb->pool, n, 1, (int64_t)cols * n >= 8192 ? 2 : INT64_MAX, quant_range, &qj);
+        int8_t *qs;
+        float *d, *s;
+        int32_t *xinit;
+        if (quantize_act(cb, w, x, n, &qs, &d, &s, &xinit)) goto oom;
         if (w->packed) {
             cpu_matmul_packed(cb, y, w, qs, d, s, xinit, n);
             return;
@@ -492,4 +507,26 @@ void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const floa
 oom:
     /* No way to report from a void op: poison the output so the caller's checks see NaN. */
     for (size_t i = 0; i < (size_t)n * (size_t)w->rows; i++) y[i] = NAN;
+}
+
+void cpu_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,
+                      int n)
+{
+    cpu_backend_t *cb = (cpu_backend_t *)be;
+    bool fused = n > 0 && n_w > 1 && n < cb->blas_min_n;
+    for (int k = 0; k < n_w && fused; k++)
+        fused = ws[k]->packed && ws[k]->rows > 0 && ws[k]->type == ws[0]->type && ws[k]->cols == ws[0]->cols;
+    if (!fused) {
+        for (int k = 0; k < n_w; k++) cpu_matmul(be, ys[k], ws[k], x, n);
+        return;
+    }
+    int8_t *qs;
+    float *d, *s;
+    int32_t *xinit;
+    if (quantize_act(cb, ws[0], x, n, &qs, &d, &s, &xinit)) {
+        for (int k = 0; k < n_w; k++)
+            for (size_t i = 0; i < (size_t)n * (size_t)ws[k]->rows; i++) ys[k][i] = NAN;
+        return;
+    }
+    cpu_matmul_packed_multi(cb, ys, ws, n_w, qs, d, s, xinit, n);
 }

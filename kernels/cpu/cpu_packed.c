@@ -241,6 +241,19 @@ static void pk_tile_dispatch(const pk_ctx_t *c, int T, int64_t g, int t0)
 
 #pragma GCC pop_options
 
+static void pk_item(const pk_ctx_t *c, int it)
+{
+    const int gi = it % c->n_gitems, ti = it / c->n_gitems;
+    const int64_t g0 = (int64_t)gi * c->gchunk, g1 = g0 + c->gchunk < c->ngroups ? g0 + c->gchunk : c->ngroups;
+    const int t0 = ti * PK_TBLOCK, t1 = t0 + PK_TBLOCK < c->n ? t0 + PK_TBLOCK : c->n;
+    for (int64_t g = g0; g < g1; g++)
+        for (int t = t0; t < t1;) {
+            const int T = t1 - t >= PK_TMAX ? PK_TMAX : t1 - t;
+            pk_tile_dispatch(c, T, g, t);
+            t += T;
+        }
+}
+
 static void pk_task(void *arg, int ith, int nth)
 {
     pk_ctx_t *c = arg;
@@ -248,35 +261,76 @@ static void pk_task(void *arg, int ith, int nth)
     for (;;) {
         const int it = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
         if (it >= n_items) break;
-        const int gi = it % c->n_gitems, ti = it / c->n_gitems;
-        const int64_t g0 = (int64_t)gi * c->gchunk, g1 = g0 + c->gchunk < c->ngroups ? g0 + c->gchunk : c->ngroups;
-        const int t0 = ti * PK_TBLOCK, t1 = t0 + PK_TBLOCK < c->n ? t0 + PK_TBLOCK : c->n;
-        for (int64_t g = g0; g < g1; g++)
-            for (int t = t0; t < t1;) {
-                const int T = t1 - t >= PK_TMAX ? PK_TMAX : t1 - t;
-                pk_tile_dispatch(c, T, g, t);
-                t += T;
-            }
+        pk_item(c, it);
     }
+}
+
+static void pk_setup(pk_ctx_t *c, int nth, float *y, const kern_weight_t *w, const int8_t *qs, const float *d,
+                     const float *s, const int32_t *xinit, int n)
+{
+    *c = (pk_ctx_t){
+        .type = w->type, .nb = (int)(w->cols / 32), .cols = (int)w->cols, .n = n, .rows = w->rows,
+        .ngroups = (w->rows + PK_R - 1) / PK_R, .cb = cpu_pack_chunk_bytes(w->type), .w = w->packed,
+        .qs = qs, .d = d, .s = s, .xinit = xinit, .y = y,
+    };
+    atomic_init(&c->next, 0);
+    c->n_titems = (n + PK_TBLOCK - 1) / PK_TBLOCK;
+    /* Enough items for the threads to balance: ~8 per thread, at least 1 group each. */
+    int64_t want = (int64_t)nth * 8 / c->n_titems;
+    if (want < 1) want = 1;
+    c->gchunk = (int)((c->ngroups + want - 1) / want);
+    if (c->gchunk < 1) c->gchunk = 1;
+    c->n_gitems = (int)((c->ngroups + c->gchunk - 1) / c->gchunk);
 }
 
 void cpu_matmul_packed(cpu_backend_t *cb, float *y, const kern_weight_t *w, const int8_t *qs, const float *d,
                        const float *s, const int32_t *xinit, int n)
 {
-    pk_ctx_t c = {
-        .type = w->type, .nb = (int)(w->cols / 32), .cols = (int)w->cols, .n = n, .rows = w->rows,
-        .ngroups = (w->rows + PK_R - 1) / PK_R, .cb = cpu_pack_chunk_bytes(w->type), .w = w->packed,
-        .qs = qs, .d = d, .s = s, .xinit = xinit, .y = y,
-    };
-    atomic_init(&c.next, 0);
+    pk_ctx_t c;
     const int nth = cpu_pool_size(cb->pool);
-    c.n_titems = (n + PK_TBLOCK - 1) / PK_TBLOCK;
-    /* Enough items for the threads to balance: ~8 per thread, at least 1 group each. */
-    int64_t want = (int64_t)nth * 8 / c.n_titems;
-    if (want < 1) want = 1;
-    c.gchunk = (int)((c.ngroups + want - 1) / want);
-    if (c.gchunk < 1) c.gchunk = 1;
-    c.n_gitems = (int)((c.ngroups + c.gchunk - 1) / c.gchunk);
+    pk_setup(&c, nth, y, w, qs, d, s, xinit, n);
     if ((int64_t)n * w->rows * w->cols < 32 * 1024 || nth == 1) pk_task(&c, 0, 1);
     else cpu_pool_run(cb->pool, pk_task, &c);
+}
+
+#define PK_MULTI_MAX 8
+
+typedef struct pk_multi {
+    pk_ctx_t c[PK_MULTI_MAX];
+    int n_w, total;
+    atomic_int next;
+} pk_multi_t;
+
+/* Items of all the weights, weight after weight, from one counter. */
+static void pk_multi_task(void *arg, int ith, int nth)
+{
+    pk_multi_t *m = arg;
+    for (;;) {
+        int it = atomic_fetch_add_explicit(&m->next, 1, memory_order_relaxed);
+        if (it >= m->total) break;
+        int k = 0;
+        while (it >= m->c[k].n_gitems * m->c[k].n_titems) it -= m->c[k].n_gitems * m->c[k].n_titems, k++;
+        pk_item(&m->c[k], it);
+    }
+}
+
+void cpu_matmul_packed_multi(cpu_backend_t *cb, float *const *ys, const kern_weight_t *const *ws, int n_w,
+                             const int8_t *qs, const float *d, const float *s, const int32_t *xinit, int n)
+{
+    if (n_w > PK_MULTI_MAX) {
+        for (int k = 0; k < n_w; k++) cpu_matmul_packed(cb, ys[k], ws[k], qs, d, s, xinit, n);
+        return;
+    }
+    pk_multi_t m;
+    const int nth = cpu_pool_size(cb->pool);
+    int64_t macs = 0;
+    m.n_w = n_w, m.total = 0;
+    for (int k = 0; k < n_w; k++) {
+        pk_setup(&m.c[k], nth, ys[k], ws[k], qs, d, s, xinit, n);
+        m.total += m.c[k].n_gitems * m.c[k].n_titems;
+        macs += (int64_t)n * ws[k]->rows * ws[k]->cols;
+    }
+    atomic_init(&m.next, 0);
+    if (macs < 32 * 1024 || nth == 1) pk_multi_task(&m, 0, 1);
+    else cpu_pool_run(cb->pool, pk_multi_task, &m);
 }

@@ -273,6 +273,57 @@ static void test_matmul_batched_equals_row_by_row_bitexact(void **state)
     for (int b = 0; b < 4; b++) kern_destroy(&bes[b]);
 }
 
+/* kern_matmul_multi (one activation conversion and one dispatch for several weights of one input)
+ * gives every output the bits of a kern_matmul of its own; mixed types fall back to single calls. */
+static void test_matmul_multi_equals_single_calls(void **state)
+{
+    kern_backend_t *bes[4] = {new_backend(NULL, 2, NULL), new_backend("avx2", 3, NULL), new_backend("scalar", 1, NULL),
+                              new_backend(NULL, 1, NULL)};
+    static const int rows[3] = {576, 192, 37};
+    static const int cols_list[2] = {576, 64};
+    static const int ns[4] = {1, 5, 32, 70};
+    const int sets[4][3] = {{FL_TYPE_Q4_1, FL_TYPE_Q4_1, FL_TYPE_Q4_1},
+                            {FL_TYPE_Q4_0, FL_TYPE_Q4_0, FL_TYPE_Q4_0},
+                            {FL_TYPE_Q8_0, FL_TYPE_Q8_0, FL_TYPE_Q8_0},
+                            {FL_TYPE_Q4_1, FL_TYPE_Q8_0, FL_TYPE_F32}};
+    for (int b = 0; b < 4; b++)
+        for (int si = 0; si < 4; si++)
+            for (int ci = 0; ci < 2; ci++)
+                for (int ni = 0; ni < 4; ni++) {
+                    kern_backend_t *be = bes[b];
+                    const int cols = cols_list[ci], n = ns[ni];
+                    if (b == 2 && cols * n > 576 * 5) continue; /* scalar is slow */
+                    uint8_t *wd[3];
+                    const kern_weight_t *ws[3];
+                    float *ya[3], *yb[3];
+                    float *x = malloc((size_t)n * cols * 4);
+                    fill(x, (size_t)n * cols, 2.5f);
+                    for (int k = 0; k < 3; k++) {
+                        wd[k] = make_weight(sets[si][k], rows[k], cols);
+                        ws[k] = be->ops->weight_new(be, sets[si][k], rows[k], cols, wd[k], NULL);
+                        assert_non_null(ws[k]);
+                        ya[k] = malloc((size_t)n * rows[k] * 4), yb[k] = malloc((size_t)n * rows[k] * 4);
+                        kern_matmul(be, ya[k], ws[k], x, n);
+                    }
+                    for (int nw = 1; nw <= 3; nw++) {
+                        for (int k = 0; k < 3; k++) memset(yb[k], 0xff, (size_t)n * rows[k] * 4);
+                        kern_matmul_multi(be, yb, ws, nw, x, n);
+                        for (int k = 0; k < nw; k++) {
+                            size_t where = 0;
+                            if (!bits_equal(ya[k], yb[k], (size_t)n * rows[k], &where))
+                                fail_msg("backend %d set %d cols %d n %d: weight %d of %d differs at %zu", b, si, cols,
+                                         n, k, nw, where);
+                        }
+                    }
+                    for (int k = 0; k < 3; k++) {
+                        be->ops->weight_destroy(be, (kern_weight_t *)ws[k]);
+                        free(wd[k]), free(ya[k]), free(yb[k]);
+                    }
+                    free(x);
+                }
+    for (int b = 0; b < 4; b++) kern_destroy(&bes[b]);
+}
+
 /* AVX-512 VNNI without the repacked weights (FOLIO_CPU_REPACK=0: the tiles read the file layout)
  * gives the same bits as with them. */
 static void test_matmul_repack_off_same_bits(void **state)
@@ -704,6 +755,8 @@ static void test_attention_paged_gqa_matches_reference(void **state)
 {
     run_attention_case(4, 4, 64, 16);  /* GQA ratio 1 */
     run_attention_case(9, 3, 64, 16);  /* ratio 3 (SmolLM-135M) */
+    run_attention_case(9, 3, 64, 32);  /* ratio 3, decode lengths past 96 (V lanes with 2 cells) */
+    run_attention_case(6, 6, 64, 32);  /* ratio 1, long */
     run_attention_case(8, 2, 128, 32); /* ratio 4 */
     run_attention_case(6, 2, 40, 8);   /* head_dim not a multiple of 16 */
 }
@@ -837,6 +890,7 @@ int main(void)
         cmocka_unit_test(test_matmul_matches_spec_every_type_and_isa),
         cmocka_unit_test(test_matmul_batched_equals_row_by_row_bitexact),
         cmocka_unit_test(test_matmul_repack_off_same_bits),
+        cmocka_unit_test(test_matmul_multi_equals_single_calls),
         cmocka_unit_test(test_matmul_blas_path_within_bound),
         cmocka_unit_test(test_weight_new_rejects_bad_types_and_shapes),
         cmocka_unit_test(test_cuda_stub_says_unsupported),
