@@ -15,6 +15,7 @@
 #include <cmocka.h>
 
 #include <cjson/cJSON.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,12 +198,85 @@ static void batch_of_prompts_equals_each_alone(void **state)
     }
 }
 
+/* llama.cpp's top-50 logits (rounded to 4 decimals in the fixture) at the first steps of two prompts,
+ * run the way llama.cpp ran them (the prompt as one batch, then one token per step): folio's logits
+ * for those ids must agree within the fixture's rounding, i.e. the arithmetic is the same. */
+#define LOGIT_TOL 1e-4
+
+static void logits_equal_llama_cpp_within_fixture_rounding(void **state)
+{
+    (void)state;
+    if (!g_engine) skip();
+    const char *dir = getenv("FOLIO_FIXTURES");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/reference_logits.json", dir ? dir : "tests/fixtures");
+    char *js = test_read_file(path, NULL);
+    assert_non_null(js);
+    cJSON *root = cJSON_Parse(js);
+    free(js);
+    assert_non_null(root);
+    model_t *m = g_engine->model;
+    kv_cache_t *kv = g_engine->kv;
+    const int V = m->cfg.n_vocab;
+    float *logits = malloc(sizeof(float) * (size_t)V);
+    int32_t *tables = calloc((size_t)m->max_blocks, sizeof(int32_t));
+    int32_t pos[1024], seqs[1024], ctx[1024];
+    int checked = 0;
+    double worst = 0;
+    cJSON *c, *st, *it;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "cases"))
+    {
+        int n_prompt = 0;
+        cJSON_ArrayForEach(it, cJSON_GetObjectItem(c, "prompt_tokens")) ctx[n_prompt++] = it->valueint;
+        kv_seq_t seq;
+        assert_int_equal(kv_seq_init(&seq, m->max_blocks), 0);
+        int fed = 0; /* tokens already in the KV cache */
+        cJSON_ArrayForEach(st, cJSON_GetObjectItem(c, "steps"))
+        {
+            int n_ctx = 0;
+            cJSON_ArrayForEach(it, cJSON_GetObjectItem(st, "context_tokens")) ctx[n_ctx++] = it->valueint;
+            assert_true(n_ctx > fed && n_ctx <= 1024);
+            assert_int_equal(kv_seq_reserve(kv, &seq, n_ctx), 0);
+            memcpy(tables, seq.blocks, sizeof(int32_t) * (size_t)seq.n_blocks);
+            for (int i = fed; i < n_ctx; i++) {
+                pos[i - fed] = i;
+                seqs[i - fed] = 0;
+            }
+            const int32_t row = n_ctx - fed - 1;
+            const model_batch_t b = {.n_tokens = n_ctx - fed, .tokens = ctx + fed, .pos = pos, .seq = seqs,
+                                     .block_tables = tables, .n_seqs = 1, .logit_rows = &row, .n_logits = 1};
+            fl_error_t err = {0};
+            assert_int_equal(model_forward(m, kv, &b, &err), 0);
+            assert_int_equal(model_logits(m, logits, 1), 0);
+            fed = n_ctx;
+            cJSON *ids = cJSON_GetObjectItem(st, "top_ids"), *vals = cJSON_GetObjectItem(st, "top_logits");
+            for (int i = 0; i < cJSON_GetArraySize(ids); i++) {
+                const int id = cJSON_GetArrayItem(ids, i)->valueint;
+                const double d = fabs(logits[id] - cJSON_GetArrayItem(vals, i)->valuedouble);
+                worst = d > worst ? d : worst;
+                if (d > LOGIT_TOL)
+                    fail_msg("%s step %d: logit of token %d is %.5f, llama.cpp %.4f",
+                             cJSON_GetObjectItem(c, "name")->valuestring, cJSON_GetObjectItem(st, "step")->valueint,
+                             id, logits[id], cJSON_GetArrayItem(vals, i)->valuedouble);
+                checked++;
+            }
+        }
+        kv_seq_free(kv, &seq);
+    }
+    printf("logits: %d compared, worst |folio - llama.cpp| = %.6f (fixture rounding 5e-5)\n", checked, worst);
+    assert_true(checked > 0);
+    free(logits);
+    free(tables);
+    cJSON_Delete(root);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(prompt_token_ids_equal_llama_cpp),
         cmocka_unit_test(greedy_continuation_equals_llama_cpp),
         cmocka_unit_test(batch_of_prompts_equals_each_alone),
+        cmocka_unit_test(logits_equal_llama_cpp_within_fixture_rounding),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
