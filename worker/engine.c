@@ -23,15 +23,13 @@ engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
         fl_fail(err, FL_EINVAL, "unknown backend '%s' (cpu, cuda)", backend);
     }
     if (!e->be) goto fail;
-    const model_params_t mp = {.max_batch_tokens = o->max_batch_tokens ? o->max_batch_tokens : 512,
-                               .max_logits = o->max_seqs ? o->max_seqs : 64,
-                               .max_seqs = o->max_seqs ? o->max_seqs : 64,
-                               .max_ctx = o->max_ctx,
-                               .block_size = o->block_size ? o->block_size : 16};
+    /* Zero fields take model_new's defaults; one logit row per sequence. */
+    const model_params_t mp = {.max_batch_tokens = o->max_batch_tokens, .max_logits = o->max_seqs,
+                               .max_seqs = o->max_seqs, .max_ctx = o->max_ctx, .block_size = o->block_size};
     e->model = model_new(model_default_path(o->model_path), e->be, &mp, err);
     if (!e->model) goto fail;
     const model_config_t *c = &e->model->cfg;
-    e->kv = kv_cache_new(e->be, c->n_layers, c->n_kv_heads, c->head_dim, mp.block_size,
+    e->kv = kv_cache_new(e->be, c->n_layers, c->n_kv_heads, c->head_dim, e->model->block_size,
                          o->kv_budget_bytes ? o->kv_budget_bytes : (size_t)64 << 20, err);
     if (!e->kv) goto fail;
     return e;

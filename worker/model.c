@@ -289,7 +289,7 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
     m->max_tokens = params->max_batch_tokens > 0 ? params->max_batch_tokens : defaults.max_batch_tokens;
     m->max_logits = params->max_logits > 0 ? params->max_logits : defaults.max_logits;
     m->max_seqs = params->max_seqs > 0 ? params->max_seqs : defaults.max_seqs;
-    const int block_size = params->block_size > 0 ? params->block_size : defaults.block_size;
+    const int block_size = m->block_size = params->block_size > 0 ? params->block_size : defaults.block_size;
     const int max_ctx = params->max_ctx > 0 ? params->max_ctx : c->n_ctx_train;
     m->max_blocks = (int)(((int64_t)max_ctx + block_size - 1) / block_size);
     /* Kernels take element counts as int: n * dim, n * n_ff and rows * n_vocab must fit. */
@@ -343,7 +343,9 @@ void model_destroy(model_t **mp)
     *mp = NULL;
 }
 
-static int check_batch(const model_t *m, const kv_cache_t *kv, const model_batch_t *b, fl_error_t *err)
+/* Checks the batch against the model's limits and the cache, and fills m->h_slots with each token's
+ * KV slot (block * block_size + offset) on the way, since the check already looks the block up. */
+static int check_batch(model_t *m, const kv_cache_t *kv, const model_batch_t *b, fl_error_t *err)
 {
     if (b->n_tokens <= 0 || b->n_tokens > m->max_tokens)
         return fl_fail(err, FL_EINVAL, "forward: %d tokens (limit %d)", b->n_tokens, m->max_tokens);
@@ -360,6 +362,7 @@ static int check_batch(const model_t *m, const kv_cache_t *kv, const model_batch
         const int32_t blk = b->block_tables[(size_t)b->seq[i] * m->max_blocks + b->pos[i] / kv->block_size];
         if (blk < 0 || blk >= kv->n_blocks)
             return fl_fail(err, FL_EINVAL, "forward: position %d of sequence %d has no KV block", b->pos[i], b->seq[i]);
+        m->h_slots[i] = blk * kv->block_size + b->pos[i] % kv->block_size;
     }
     for (int i = 0; i < b->n_logits; i++)
         if (b->logit_rows[i] < 0 || b->logit_rows[i] >= b->n_tokens)
@@ -368,14 +371,14 @@ static int check_batch(const model_t *m, const kv_cache_t *kv, const model_batch
 }
 
 /* Runs the statements; with profiling on, syncs the backend and adds their time to the op's slot. */
-#define PROF(slot, ...)                                                                                          \
-    do {                                                                                                         \
-        const double t0_ = m->profile ? fl_clock_s() : 0;                                                             \
-        __VA_ARGS__;                                                                                             \
-        if (m->profile) {                                                                                        \
-            be->ops->sync(be, NULL);                                                                             \
-            m->prof_s[MODEL_PROF_##slot] += fl_clock_s() - t0_;                                                        \
-        }                                                                                                        \
+#define PROF(slot, ...)                                                                                              \
+    do {                                                                                                             \
+        const double t0_ = m->profile ? fl_clock_s() : 0;                                                            \
+        __VA_ARGS__;                                                                                                 \
+        if (m->profile) {                                                                                            \
+            be->ops->sync(be, NULL);                                                                                 \
+            m->prof_s[MODEL_PROF_##slot] += fl_clock_s() - t0_;                                                      \
+        }                                                                                                            \
     } while (0)
 
 void model_set_profile(model_t *m, bool on) { m->profile = on; }
@@ -397,10 +400,6 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
     const int n = b->n_tokens, dim = c->dim, kv_dim = c->n_kv_heads * c->head_dim;
 
     /* Block tables are laid out [n_seqs][max_blocks] by the caller, so one upload serves. */
-    for (int i = 0; i < n; i++) {
-        const int32_t blk = b->block_tables[(size_t)b->seq[i] * m->max_blocks + b->pos[i] / kv->block_size];
-        m->h_slots[i] = blk * kv->block_size + b->pos[i] % kv->block_size;
-    }
     if (be->ops->upload(be, m->d_tokens, b->tokens, (size_t)n * sizeof(int32_t)) ||
         be->ops->upload(be, m->d_pos, b->pos, (size_t)n * sizeof(int32_t)) ||
         be->ops->upload(be, m->d_seq, b->seq, (size_t)n * sizeof(int32_t)) ||

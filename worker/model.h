@@ -61,6 +61,7 @@ typedef struct model {
 
     /* Scratch, sized at creation (no allocation per step). Backend memory unless noted. */
     int max_tokens, max_logits, max_seqs, max_blocks;
+    int block_size;         /* KV block size the block tables use (the KV cache must use the same) */
     float *x, *xb, *q, *k, *v, *att, *gate, *up, *logit_in, *logits;
     int32_t *d_tokens, *d_pos, *d_seq, *d_slots, *d_block_tables;
     int32_t *h_slots;       /* host */
