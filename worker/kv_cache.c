@@ -1,7 +1,13 @@
-/* kv_cache.c - paged KV block pool; see kv_cache.h. */
+/* kv_cache.c - paged KV block pool with a prefix cache; see kv_cache.h.
+ *
+ * The hash table maps a block's 128-bit chain hash to its id. It has at least twice as many slots
+ * as blocks (load <= 1/2), indexed by the hash's low bits and probed linearly; deletion shifts the
+ * following entries back instead of leaving tombstones, so probes stay short however long the
+ * cache churns. The LRU list is intrusive (prev/next arrays), so touching a block is O(1). */
 #include "kv_cache.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "log.h"
 
@@ -41,7 +47,20 @@ kv_cache_t *kv_cache_new(kern_backend_t *be, int n_layers, int n_kv_heads, int h
     kv->v = calloc((size_t)n_layers, sizeof *kv->v);
     kv->refcount = calloc(n_blocks, sizeof *kv->refcount);
     kv->free_list = malloc(n_blocks * sizeof *kv->free_list);
-    if (!kv->k || !kv->v || !kv->refcount || !kv->free_list) goto oom;
+    size_t n_slots = 2;
+    while (n_slots < 2 * n_blocks) n_slots *= 2;
+    kv->table_mask = (uint32_t)(n_slots - 1);
+    kv->table = malloc(n_slots * sizeof *kv->table);
+    kv->hash = calloc(n_blocks, sizeof *kv->hash);
+    kv->tokens = malloc(n_blocks * (size_t)block_size * sizeof *kv->tokens);
+    kv->cached = calloc(n_blocks, sizeof *kv->cached);
+    kv->lru_prev = malloc(n_blocks * sizeof *kv->lru_prev);
+    kv->lru_next = malloc(n_blocks * sizeof *kv->lru_next);
+    if (!kv->k || !kv->v || !kv->refcount || !kv->free_list || !kv->table || !kv->hash || !kv->tokens ||
+        !kv->cached || !kv->lru_prev || !kv->lru_next)
+        goto oom;
+    for (size_t i = 0; i < n_slots; i++) kv->table[i] = -1;
+    kv->lru_head = kv->lru_tail = -1;
     const size_t pool_bytes = per_block / 2 / (size_t)n_layers * n_blocks;
     for (int l = 0; l < n_layers; l++) {
         kv->k[l] = kern_alloc(be, pool_bytes);
@@ -72,14 +91,78 @@ void kv_cache_destroy(kv_cache_t **kvp)
     free(kv->v);
     free(kv->refcount);
     free(kv->free_list);
+    free(kv->table);
+    free(kv->hash);
+    free(kv->tokens);
+    free(kv->cached);
+    free(kv->lru_prev);
+    free(kv->lru_next);
     free(kv);
     *kvp = NULL;
 }
 
+static uint32_t table_home(const kv_cache_t *kv, block_hash_t h) { return (uint32_t)h.lo & kv->table_mask; }
+
+/* The table slot holding block, or -1. */
+static int64_t table_find_block(const kv_cache_t *kv, int32_t block)
+{
+    for (uint32_t i = table_home(kv, kv->hash[block]);; i = (i + 1) & kv->table_mask) {
+        if (kv->table[i] == block) return i;
+        if (kv->table[i] < 0) return -1;
+    }
+}
+
+/* Removes a cached block from the table: later entries of the probe run move back into the hole
+ * unless their home lies cyclically in (hole, their slot], where they already are reachable. */
+static void table_remove(kv_cache_t *kv, int32_t block)
+{
+    const int64_t at = table_find_block(kv, block);
+    if (at < 0) return;
+    uint32_t hole = (uint32_t)at;
+    for (uint32_t j = (hole + 1) & kv->table_mask; kv->table[j] >= 0; j = (j + 1) & kv->table_mask) {
+        const uint32_t home = table_home(kv, kv->hash[kv->table[j]]);
+        const bool stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
+        if (stays) continue;
+        kv->table[hole] = kv->table[j];
+        hole = j;
+    }
+    kv->table[hole] = -1;
+    kv->cached[block] = 0;
+}
+
+static void lru_unlink(kv_cache_t *kv, int32_t b)
+{
+    const int32_t p = kv->lru_prev[b], n = kv->lru_next[b];
+    if (p >= 0) kv->lru_next[p] = n;
+    else kv->lru_head = n;
+    if (n >= 0) kv->lru_prev[n] = p;
+    else kv->lru_tail = p;
+    kv->n_evictable--;
+}
+
+static void lru_push_tail(kv_cache_t *kv, int32_t b)
+{
+    kv->lru_prev[b] = kv->lru_tail;
+    kv->lru_next[b] = -1;
+    if (kv->lru_tail >= 0) kv->lru_next[kv->lru_tail] = b;
+    else kv->lru_head = b;
+    kv->lru_tail = b;
+    kv->n_evictable++;
+}
+
 int32_t kv_cache_alloc_block(kv_cache_t *kv)
 {
-    if (kv->n_free == 0) return -1;
-    const int32_t b = kv->free_list[--kv->n_free];
+    int32_t b;
+    if (kv->n_free > 0) {
+        b = kv->free_list[--kv->n_free];
+    } else if (kv->lru_head >= 0) {
+        b = kv->lru_head;
+        lru_unlink(kv, b);
+        table_remove(kv, b);
+        kv->evictions++;
+    } else {
+        return -1;
+    }
     kv->refcount[b] = 1;
     return b;
 }
@@ -87,7 +170,42 @@ int32_t kv_cache_alloc_block(kv_cache_t *kv)
 void kv_cache_release_block(kv_cache_t *kv, int32_t block)
 {
     if (block < 0 || block >= kv->n_blocks || kv->refcount[block] <= 0) return;
-    if (--kv->refcount[block] == 0) kv->free_list[kv->n_free++] = block;
+    if (--kv->refcount[block] > 0) return;
+    if (kv->cached[block]) lru_push_tail(kv, block);
+    else kv->free_list[kv->n_free++] = block;
+}
+
+static bool same_block(const kv_cache_t *kv, int32_t b, block_hash_t h, const int32_t *tokens)
+{
+    return block_hash_equal(kv->hash[b], h) &&
+           !memcmp(kv->tokens + (size_t)b * kv->block_size, tokens, (size_t)kv->block_size * sizeof *tokens);
+}
+
+int32_t kv_cache_lookup(kv_cache_t *kv, block_hash_t h, const int32_t *tokens)
+{
+    for (uint32_t i = table_home(kv, h);; i = (i + 1) & kv->table_mask) {
+        const int32_t b = kv->table[i];
+        if (b < 0) return -1;
+        if (!same_block(kv, b, h, tokens)) continue;
+        if (kv->refcount[b]++ == 0) lru_unlink(kv, b);
+        kv->hits++;
+        return b;
+    }
+}
+
+int32_t kv_cache_publish(kv_cache_t *kv, int32_t block, block_hash_t h, const int32_t *tokens)
+{
+    if (block < 0 || block >= kv->n_blocks || kv->refcount[block] <= 0) return -1;
+    if (kv->cached[block]) return block;
+    uint32_t i = table_home(kv, h);
+    for (; kv->table[i] >= 0; i = (i + 1) & kv->table_mask)
+        if (block_hash_equal(kv->hash[kv->table[i]], h)) return kv->table[i]; /* first one wins */
+    /* Load stays <= 1/2 (each block at most once in a table of >= 2 * n_blocks slots): a hole exists. */
+    kv->table[i] = block;
+    kv->hash[block] = h;
+    memcpy(kv->tokens + (size_t)block * kv->block_size, tokens, (size_t)kv->block_size * sizeof *tokens);
+    kv->cached[block] = 1;
+    return block;
 }
 
 int kv_seq_init(kv_seq_t *s, int max_blocks)

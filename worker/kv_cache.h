@@ -3,7 +3,16 @@
  * Memory comes from a byte budget at creation; bytes per token = 2 (K and V) x layers x kv_heads x
  * head_dim x sizeof(fl_f16_t). A sequence owns a block table (block ids in position order) that
  * grows one block at a time; attention reads the pools in place through it. Blocks carry reference
- * counts so that later a prefix cache can share them between sequences.
+ * counts so that sequences can share them.
+ *
+ * Prefix cache: a full block can be published under its chained hash (block_hash.h) with a copy of
+ * its token ids; kv_cache_lookup() then hands it to any sequence with the same prefix (hash and
+ * tokens must both match: the hash names the block, the tokens guard against a collision). A
+ * published block whose last reference goes stays cached on an LRU list instead of returning to the
+ * free list; kv_cache_alloc_block() takes free blocks first and only then evicts the least recently
+ * used cached one. Every block is in exactly one state: free (free list), used (refcount > 0, cached
+ * or not) or evictable (refcount 0, cached, on the LRU list). The hash table (open addressing,
+ * linear probing, backward-shift deletion) is sized at creation, so nothing allocates after it.
  *
  * Threading: owned by the one thread that schedules steps; not thread-safe. */
 #ifndef FOLIO_KV_CACHE_H
@@ -12,6 +21,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "block_hash.h"
 #include "kernels.h"
 
 typedef struct kv_cache {
@@ -23,6 +33,17 @@ typedef struct kv_cache {
     int32_t *refcount;     /* [n_blocks] */
     int32_t *free_list;    /* stack of free block ids */
     int n_free;
+
+    /* Prefix cache. */
+    block_hash_t *hash;    /* [n_blocks] valid where cached */
+    int32_t *tokens;       /* [n_blocks][block_size] token ids of cached blocks */
+    uint8_t *cached;       /* [n_blocks] 1 when published (in the hash table) */
+    int32_t *lru_prev, *lru_next; /* [n_blocks] links of the evictable list, -1 at the ends */
+    int32_t lru_head, lru_tail;   /* head is evicted first */
+    int n_evictable;
+    int32_t *table;        /* [table_mask + 1] block ids, -1 empty */
+    uint32_t table_mask;
+    uint64_t hits, evictions;
 } kv_cache_t;
 
 /* Sizes the pool from budget_bytes; fails if not even one block fits. */
@@ -30,11 +51,27 @@ kv_cache_t *kv_cache_new(kern_backend_t *be, int n_layers, int n_kv_heads, int h
                          size_t budget_bytes, fl_error_t *err);
 void kv_cache_destroy(kv_cache_t **kvp);
 
-/* Takes a free block (refcount 1) or returns -1 when none is left. */
+/* Takes a free block, else evicts the least recently used cached one (refcount 1, uncached), or
+ * returns -1 when every block is referenced. */
 int32_t kv_cache_alloc_block(kv_cache_t *kv);
-/* Drops one reference; the block returns to the free list at zero. */
+/* Drops one reference; at zero a cached block goes to the LRU list's tail, any other to the free
+ * list. Out-of-range ids and blocks with no reference are ignored. */
 void kv_cache_release_block(kv_cache_t *kv, int32_t block);
-static inline int kv_cache_free_blocks(const kv_cache_t *kv) { return kv->n_free; }
+
+/* The cached block whose hash is h and whose block_size tokens equal tokens, with one more
+ * reference (taken off the LRU list if it had none), or -1. */
+int32_t kv_cache_lookup(kv_cache_t *kv, block_hash_t h, const int32_t *tokens);
+/* Publishes a full, referenced block under h with a copy of its tokens. Returns the block now
+ * cached under h: block itself, or an existing block kept in its place (block then stays
+ * uncached and goes to the free list when released). A block already published is left as is. */
+int32_t kv_cache_publish(kv_cache_t *kv, int32_t block, block_hash_t h, const int32_t *tokens);
+
+/* Blocks an allocation can get: free plus evictable. */
+static inline int kv_cache_free_blocks(const kv_cache_t *kv) { return kv->n_free + kv->n_evictable; }
+/* Blocks holding a cached prefix that nobody references (a subset of kv_cache_free_blocks). */
+static inline int kv_cache_evictable_blocks(const kv_cache_t *kv) { return kv->n_evictable; }
+/* Blocks referenced by at least one owner. */
+static inline int kv_cache_used_blocks(const kv_cache_t *kv) { return kv->n_blocks - kv->n_free - kv->n_evictable; }
 static inline int kv_cache_capacity_tokens(const kv_cache_t *kv) { return kv->n_blocks * kv->block_size; }
 
 /* A sequence's blocks. The table has room for max_blocks (the model's context / block_size). */

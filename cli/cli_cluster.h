@@ -1,0 +1,52 @@
+/* cli_cluster.h - start and stop a local folio cluster (one coordinator, N worker groups) as child
+ * processes. `folioctl up`, `folio-bench prefix` and the end-to-end tests all start clusters this
+ * one way.
+ *
+ * The binaries are found next to the calling executable (/proc/self/exe's directory), else in
+ * opts.bin_dir. cluster_start() returns once the coordinator reports every group healthy (Health
+ * through the client library) or fails after wait_ms, stopping what it started. */
+#ifndef FOLIO_CLI_CLUSTER_H
+#define FOLIO_CLI_CLUSTER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+#include "error.h"
+
+typedef struct cluster_opts {
+    const char *bin_dir;          /* NULL: the directory of the running executable */
+    const char *model;            /* NULL: the default model */
+    int n_groups;                 /* worker groups, one rank each (0 = 1) */
+    int threads_per_worker;       /* 0: online cores / n_groups, at least 1 */
+    const char *client_endpoint;  /* NULL: $FOLIO_COORDINATOR or tcp://127.0.0.1:5555 */
+    const char *worker_endpoint;  /* NULL: $FOLIO_WORKER_ENDPOINT or tcp://127.0.0.1:5556 */
+    const char *policy;           /* coordinator routing policy; NULL: its default */
+    size_t kv_budget_bytes;       /* per worker; 0: the worker's default */
+    int block_size;               /* 0: default */
+    int max_batch_tokens;         /* 0: default */
+    bool no_prefix_cache;
+    int heartbeat_ms;             /* 0: default (1000) */
+    const char *const *coordinator_args; /* extra arguments, NULL-terminated list or NULL */
+    const char *const *worker_args;
+    const char *log_dir;          /* each process's stderr to LOG_DIR/<name>.log; NULL: inherit */
+} cluster_opts_t;
+
+typedef struct cluster {
+    cluster_opts_t opts;          /* copy; strings borrowed from the caller */
+    char client_endpoint[256], worker_endpoint[256];
+    char bin_dir[1024];
+    pid_t coordinator;
+    int n_workers;
+    pid_t *workers;               /* [n_workers]; group i is named "g<i>" */
+} cluster_t;
+
+cluster_t *cluster_start(const cluster_opts_t *opts, int wait_ms, fl_error_t *err);
+/* SIGTERM to every process, SIGKILL after a grace period; reaps them. Accepts NULL. */
+void cluster_stop(cluster_t **cp);
+/* Kills (SIGKILL) and starts the coordinator again with the same flags; workers re-register. */
+int cluster_restart_coordinator(cluster_t *c, fl_error_t *err);
+/* Waits until the coordinator reports n healthy groups (or fails after wait_ms). */
+int cluster_wait_healthy(cluster_t *c, int n, int wait_ms, fl_error_t *err);
+
+#endif

@@ -1,0 +1,2 @@
+/* placeholder until the client library lands */
+#include "wire.h"

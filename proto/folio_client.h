@@ -1,0 +1,118 @@
+/* folio_client.h - libfolio-client: talk to a folio coordinator from C.
+ *
+ * One folio_client_t is one ZeroMQ DEALER connection to the coordinator's client endpoint. Requests
+ * are sent without waiting (many may be in flight); folio_client_recv() returns the next response
+ * of any of them: zero or more partial token deltas, then exactly one final message per request.
+ * folio_client_generate() and the other blocking calls wrap that for one request at a time.
+ *
+ * Link with -lfolio-client (or the static folio_client_static inside the build). The framing is
+ * documented in proto/README.md; this library is one implementation of it.
+ *
+ * Threading: a client belongs to one thread at a time. */
+#ifndef FOLIO_CLIENT_H
+#define FOLIO_CLIENT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "error.h"
+#include "folio.pb-c.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct folio_client folio_client_t;
+
+typedef struct folio_chat_message {
+    const char *role; /* system | user | assistant */
+    const char *content;
+} folio_chat_message_t;
+
+typedef struct folio_generate_params {
+    /* Exactly one prompt form. */
+    const char *text;
+    const folio_chat_message_t *messages;
+    int n_messages;
+    const int32_t *tokens;
+    int n_tokens;
+    int max_tokens;          /* 0: the server's default (16) */
+    float temperature;       /* 0: greedy */
+    int top_k;
+    float top_p;
+    uint64_t seed;
+    const char *const *stop; /* stop strings */
+    int n_stop;
+    const int32_t *stop_ids;
+    int n_stop_ids;
+    bool stream;             /* deltas as tokens are made; else one final message */
+    bool ignore_eos;
+    const char *tenant;      /* NULL: the default tenant */
+    uint32_t timeout_ms;     /* 0: no deadline */
+} folio_generate_params_t;
+
+/* One response as received. */
+typedef struct folio_event {
+    uint64_t id;
+    bool final;
+    int status;              /* Folio__V1__StatusCode, on final events */
+    const char *message;     /* status message, "" when none */
+    /* Generate deltas (partial events, and the final one when stream was false) */
+    uint32_t index;          /* completion index of tokens[0] */
+    const int32_t *tokens;
+    int n_tokens;
+    const char *text;        /* UTF-8 text the tokens complete */
+    /* Generate final */
+    int finish_reason;       /* Folio__V1__FinishReason */
+    uint32_t prompt_tokens, cached_prompt_tokens, completion_tokens;
+    double queued_s, first_token_s, total_s;
+    const char *group;
+    /* the decoded message; every pointer above points into it */
+    Folio__V1__Response *raw;
+} folio_event_t;
+
+/* endpoint NULL: $FOLIO_COORDINATOR, else tcp://127.0.0.1:5555. */
+folio_client_t *folio_client_new(const char *endpoint, fl_error_t *err);
+void folio_client_destroy(folio_client_t **cp);
+
+/* Asynchronous use. Ids are assigned by the client, increasing from 1. */
+int folio_client_send_generate(folio_client_t *c, const folio_generate_params_t *p, uint64_t *id, fl_error_t *err);
+int folio_client_send_cancel(folio_client_t *c, uint64_t target_id, fl_error_t *err);
+/* Waits up to timeout_ms (-1: forever) for the next response. Returns 1 with ev filled (release
+ * it with folio_event_clear), 0 on timeout, or a negative FL_E* code. */
+int folio_client_recv(folio_client_t *c, folio_event_t *ev, int timeout_ms, fl_error_t *err);
+void folio_event_clear(folio_event_t *ev);
+
+/* Blocking Generate: calls on_delta (may be NULL) for each delta as it arrives and fills out.
+ * Returns 0 when a final message arrived (out->status says how it ended), FL_EIO on transport
+ * failure or when nothing arrives for timeout_ms (-1: forever). */
+typedef void (*folio_delta_fn)(void *user, const folio_event_t *delta);
+typedef struct folio_result {
+    int32_t *tokens;         /* malloc'd, every token in index order */
+    int n_tokens;
+    char *text;              /* malloc'd */
+    int status;
+    char message[256];
+    int finish_reason;
+    uint32_t prompt_tokens, cached_prompt_tokens, completion_tokens;
+    double queued_s, first_token_s, total_s;
+    char group[64];
+} folio_result_t;
+int folio_client_generate(folio_client_t *c, const folio_generate_params_t *p, folio_delta_fn on_delta, void *user,
+                          int timeout_ms, folio_result_t *out, fl_error_t *err);
+void folio_result_clear(folio_result_t *r);
+
+/* Unary methods. *reply (free with folio__v1__response__free_unpacked(r, NULL)) is the final
+ * Response; a non-OK status is returned as FL_EINVAL etc. with the status message in err. */
+int folio_client_status(folio_client_t *c, int timeout_ms, Folio__V1__Response **reply, fl_error_t *err);
+int folio_client_health(folio_client_t *c, int timeout_ms, Folio__V1__Response **reply, fl_error_t *err);
+int folio_client_drain(folio_client_t *c, const char *group, bool undrain, int timeout_ms, fl_error_t *err);
+
+/* The underlying ZeroMQ socket, for tests that send hand-made frames. */
+void *folio_client_socket(folio_client_t *c);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,112 @@
+/* sched.h - the worker's scheduler: continuous batching over the paged KV cache with prefix caching.
+ *
+ * Requests are submitted at any time and join between steps. Each sched_step() runs one batched
+ * model_forward() mixing one decode token per running sequence with chunks of prompts (chunked
+ * prefill) under a token budget. A new sequence first looks its prompt's full blocks up in the
+ * prefix cache (block_hash.h chains, salted per tenant) and only computes what is missing; every
+ * block a sequence fills is published to the cache, and blocks nobody references stay cached until
+ * memory is needed (then evicted least-recently-used). When a running sequence needs a block and
+ * none is left, the youngest running sequence is preempted: its blocks are released (its full
+ * blocks stay cached) and it waits at the head of the queue to be recomputed. Waiting requests are
+ * admitted first-come first-served, so none starves. A request that could never fit is refused at
+ * submission.
+ *
+ * Outputs: greedy tokens are identical whether a request runs alone or batched, with or without
+ * prefix-cache hits, preempted or not (per-row determinism of the kernels, and sampling drawn from
+ * (seed, token index)).
+ *
+ * Threading: one thread owns a sched_t, its model and its KV cache. Callbacks run on that thread
+ * inside sched_step()/sched_cancel()/sched_submit(). */
+#ifndef FOLIO_SCHED_H
+#define FOLIO_SCHED_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "block_hash.h"
+#include "model.h"
+
+typedef enum {
+    SCHED_FINISH_STOP = 1,  /* end-of-generation token, a stop token id, or the caller's on_token said stop */
+    SCHED_FINISH_LENGTH,    /* max_tokens or the context length */
+    SCHED_FINISH_CANCELLED, /* sched_cancel() */
+    SCHED_FINISH_DEADLINE,  /* the request's deadline passed */
+    SCHED_FINISH_ERROR,     /* see sched_result_t.error */
+} sched_finish_t;
+
+typedef struct sched_opts {
+    int max_batch_tokens; /* tokens per step; 0 = the model's max_tokens */
+    int max_running;      /* sequences in a step; 0 = the model's max_seqs */
+    int max_waiting;      /* queued requests beyond which submit refuses (FL_ERANGE); 0 = 4096 */
+    bool no_prefix_cache; /* never look blocks up (blocks are still reference counted) */
+} sched_opts_t;
+
+typedef struct sched_request {
+    uint64_t id;              /* caller's id, unique among live requests */
+    const int32_t *prompt;    /* copied */
+    int n_prompt;
+    int max_tokens;
+    kern_sampling_t sampling; /* .position is set per token */
+    const int32_t *stop_ids;  /* extra stop token ids, copied */
+    int n_stop_ids;
+    bool ignore_eog;
+    block_hash_t salt;        /* block_hash_salt(tenant) */
+    double deadline;          /* absolute, fl_clock_s(); 0 = none */
+} sched_request_t;
+
+typedef struct sched_result {
+    uint64_t id;
+    sched_finish_t finish;
+    int n_prompt, n_cached, n_generated; /* n_cached: prompt tokens served from the prefix cache */
+    int preemptions;
+    double t_submit, t_scheduled, t_first_token, t_done; /* fl_clock_s(); 0 when it did not happen */
+    char error[200];
+} sched_result_t;
+
+typedef struct sched_callbacks {
+    /* Token `index` (0-based within the completion) of request id was generated. Return true to
+     * stop the request here (a stop string matched): it then finishes with SCHED_FINISH_STOP.
+     * Not called for end-of-generation or stop-id tokens, which end the request. May be NULL. */
+    bool (*on_token)(void *user, uint64_t id, int index, int32_t token);
+    /* Exactly once per accepted request; r is valid during the call. */
+    void (*on_finish)(void *user, const sched_result_t *r);
+    void *user;
+} sched_callbacks_t;
+
+typedef struct sched_stats {
+    int running, waiting;
+    int kv_blocks_total;  /* usable blocks (the liveness block excluded) */
+    int kv_blocks_used;   /* referenced by sequences */
+    int kv_blocks_cached; /* unreferenced, holding cached prefixes */
+    uint64_t prompt_tokens, cached_prompt_tokens, generated_tokens, preemptions, steps;
+} sched_stats_t;
+
+typedef struct sched sched_t;
+
+/* Takes one block of kv for the liveness step. model and kv stay the caller's. */
+sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const sched_callbacks_t *cb,
+                   fl_error_t *err);
+/* Finishes every live request with SCHED_FINISH_CANCELLED (callbacks run), frees everything. */
+void sched_destroy(sched_t **sp);
+
+/* Queues a request. FL_EINVAL: empty prompt, bad sizes, or the prompt does not fit the context;
+ * FL_ERANGE: could never fit the KV cache (n_prompt + max_tokens tokens of blocks exceed the pool)
+ * or the queue is full. On error nothing is queued and on_finish is not called. */
+int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err);
+/* Stops a live request (on_finish with SCHED_FINISH_CANCELLED, its KV freed). FL_ENOTFOUND if none. */
+int sched_cancel(sched_t *s, uint64_t id);
+/* Cancels every live request. */
+void sched_cancel_all(sched_t *s);
+
+bool sched_has_work(const sched_t *s);
+/* One batched step (expires deadlines first). Fails only when the engine fails; the requests of the
+ * failed step are then finished with SCHED_FINISH_ERROR. */
+int sched_step(sched_t *s, fl_error_t *err);
+/* A one-token forward on the reserved block: proof that the engine still computes. Returns its
+ * duration in seconds, or a negative FL_E* code. */
+double sched_liveness(sched_t *s, fl_error_t *err);
+
+void sched_get_stats(const sched_t *s, sched_stats_t *st);
+const char *sched_finish_name(sched_finish_t f);
+
+#endif
