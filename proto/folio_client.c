@@ -1,2 +1,450 @@
-/* placeholder until the client library lands */
+/* folio_client.c - libfolio-client: one DEALER connection to a coordinator; see folio_client.h.
+ *
+ * Requests go out as [FOLIOC1][REQUEST][Request] (proto/README.md) through wire_send, replies come
+ * back through wire_recv and wire_decode_response, and a folio_event_t points into the decoded
+ * Response until folio_event_clear(). The blocking calls (generate, status, health, drain) send one
+ * request and wait for the final message with its id, skipping replies to other (earlier, abandoned)
+ * requests; a final with id 0 is the coordinator saying it could not read the id of what we sent,
+ * so a blocking call takes it as its own answer.
+ *
+ * A signal that interrupts a wait ends it with FL_EIO and errno EINTR (folio_client_recv and the
+ * blocking calls alike), so a caller with a SIGINT handler can send a Cancel and go on waiting.
+ * Nothing here prints: every failure is a return code with a message in fl_error_t.
+ * Threading: a client (its context and socket) belongs to one thread at a time. */
+#include "folio_client.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
 #include "wire.h"
+
+struct folio_client {
+    void *zctx;
+    void *sock;
+    uint64_t next_id;
+    char endpoint[256];
+};
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+folio_client_t *folio_client_new(const char *endpoint, fl_error_t *err)
+{
+    const char *ep = wire_endpoint(endpoint, "FOLIO_COORDINATOR", WIRE_DEFAULT_CLIENT_ENDPOINT);
+    folio_client_t *c = calloc(1, sizeof *c);
+    if (!c) {
+        fl_fail(err, FL_ENOMEM, "folio client: out of memory");
+        return NULL;
+    }
+    if (strlen(ep) >= sizeof c->endpoint) {
+        fl_fail(err, FL_EINVAL, "coordinator endpoint '%.64s...' is too long", ep);
+        free(c);
+        return NULL;
+    }
+    strcpy(c->endpoint, ep);
+    c->next_id = 1;
+    if (!(c->zctx = zmq_ctx_new())) {
+        fl_fail(err, FL_EIO, "zmq_ctx_new: %s", zmq_strerror(errno));
+        free(c);
+        return NULL;
+    }
+    if (!(c->sock = wire_socket(c->zctx, ZMQ_DEALER, NULL, err))) {
+        folio_client_destroy(&c);
+        return NULL;
+    }
+    if (zmq_connect(c->sock, ep) != 0) {
+        fl_fail(err, FL_EINVAL, "cannot connect to coordinator endpoint '%s': %s", ep, zmq_strerror(errno));
+        folio_client_destroy(&c);
+        return NULL;
+    }
+    return c;
+}
+
+void folio_client_destroy(folio_client_t **cp)
+{
+    if (!cp || !*cp) return;
+    folio_client_t *c = *cp;
+    if (c->sock) zmq_close(c->sock);
+    if (c->zctx) zmq_ctx_term(c->zctx);
+    free(c);
+    *cp = NULL;
+}
+
+void *folio_client_socket(folio_client_t *c)
+{
+    return c ? c->sock : NULL;
+}
+
+/* The FL_E* code a non-OK reply status maps to. */
+static int error_from_status(int code)
+{
+    switch (code) {
+    case FOLIO__V1__STATUS_CODE__OK:
+        return FL_OK;
+    case FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT:
+        return FL_EINVAL;
+    case FOLIO__V1__STATUS_CODE__NOT_FOUND:
+        return FL_ENOTFOUND;
+    case FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED:
+        return FL_ERANGE;
+    case FOLIO__V1__STATUS_CODE__INTERNAL:
+        return FL_EBACKEND;
+    default:
+        return FL_EIO; /* UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNKNOWN */
+    }
+}
+
+static int send_request(folio_client_t *c, Folio__V1__Request *req, uint64_t *id, fl_error_t *err)
+{
+    req->version = WIRE_VERSION;
+    req->id = c->next_id;
+    int rc = wire_send(c->sock, NULL, 0, false, WIRE_HEADER_CLIENT, WIRE_CMD_REQUEST, &req->base, err);
+    if (rc) return rc;
+    c->next_id++;
+    if (id) *id = req->id;
+    return FL_OK;
+}
+
+int folio_client_send_generate(folio_client_t *c, const folio_generate_params_t *p, uint64_t *id, fl_error_t *err)
+{
+    if (!c || !p) return fl_fail(err, FL_EINVAL, "folio_client_send_generate: NULL argument");
+    const int forms = (p->text && *p->text) + (p->n_messages > 0) + (p->n_tokens > 0);
+    if (forms != 1)
+        return fl_fail(err, FL_EINVAL,
+                       forms ? "generate: give exactly one of text, messages, tokens"
+                             : "generate: empty prompt (text, messages or tokens)");
+    if (p->max_tokens < 0 || p->top_k < 0 || p->n_stop < 0 || p->n_stop_ids < 0 || (p->n_stop && !p->stop) ||
+        (p->n_stop_ids && !p->stop_ids) || (p->n_messages && !p->messages) || (p->n_tokens && !p->tokens))
+        return fl_fail(err, FL_EINVAL, "generate: negative count or missing array in the parameters");
+
+    Folio__V1__Request req;
+    Folio__V1__GenerateRequest gen;
+    Folio__V1__SamplingParams sp;
+    folio__v1__request__init(&req);
+    folio__v1__generate_request__init(&gen);
+    folio__v1__sampling_params__init(&sp);
+    Folio__V1__ChatMessage *msgs = NULL, **msg_ptrs = NULL;
+    if (p->n_messages > 0) {
+        msgs = calloc((size_t)p->n_messages, sizeof *msgs);
+        msg_ptrs = calloc((size_t)p->n_messages, sizeof *msg_ptrs);
+        if (!msgs || !msg_ptrs) {
+            free(msgs);
+            free(msg_ptrs);
+            return fl_fail(err, FL_ENOMEM, "generate: out of memory");
+        }
+        for (int i = 0; i < p->n_messages; i++) {
+            folio__v1__chat_message__init(&msgs[i]);
+            msgs[i].role = (char *)(p->messages[i].role ? p->messages[i].role : "user");
+            msgs[i].content = (char *)(p->messages[i].content ? p->messages[i].content : "");
+            msg_ptrs[i] = &msgs[i];
+        }
+        gen.n_messages = (size_t)p->n_messages;
+        gen.messages = msg_ptrs;
+    }
+    if (p->text && *p->text) gen.text = (char *)p->text;
+    if (p->n_tokens > 0) {
+        gen.n_prompt_tokens = (size_t)p->n_tokens;
+        gen.prompt_tokens = (int32_t *)p->tokens;
+    }
+    sp.temperature = p->temperature;
+    sp.top_k = (uint32_t)p->top_k;
+    sp.top_p = p->top_p;
+    sp.seed = p->seed;
+    gen.sampling = &sp;
+    gen.max_tokens = (uint32_t)p->max_tokens;
+    gen.n_stop = (size_t)p->n_stop;
+    gen.stop = (char **)p->stop;
+    gen.n_stop_token_ids = (size_t)p->n_stop_ids;
+    gen.stop_token_ids = (int32_t *)p->stop_ids;
+    gen.stream = p->stream;
+    gen.ignore_eos = p->ignore_eos;
+    req.method = FOLIO__V1__METHOD__METHOD_GENERATE;
+    req.timeout_ms = p->timeout_ms;
+    if (p->tenant) req.tenant = (char *)p->tenant;
+    req.generate = &gen;
+    int rc = send_request(c, &req, id, err);
+    free(msgs);
+    free(msg_ptrs);
+    return rc;
+}
+
+int folio_client_send_cancel(folio_client_t *c, uint64_t target_id, fl_error_t *err)
+{
+    if (!c) return fl_fail(err, FL_EINVAL, "folio_client_send_cancel: NULL client");
+    Folio__V1__Request req;
+    Folio__V1__CancelRequest cancel;
+    folio__v1__request__init(&req);
+    folio__v1__cancel_request__init(&cancel);
+    cancel.target_id = target_id;
+    req.method = FOLIO__V1__METHOD__METHOD_CANCEL;
+    req.cancel = &cancel;
+    return send_request(c, &req, NULL, err);
+}
+
+void folio_event_clear(folio_event_t *ev)
+{
+    if (!ev) return;
+    if (ev->raw) folio__v1__response__free_unpacked(ev->raw, NULL);
+    memset(ev, 0, sizeof *ev);
+    ev->message = "";
+    ev->text = "";
+    ev->group = "";
+}
+
+/* Fills ev from a decoded response it takes ownership of. */
+static void event_fill(folio_event_t *ev, Folio__V1__Response *r, bool final)
+{
+    memset(ev, 0, sizeof *ev);
+    ev->raw = r;
+    ev->id = r->id;
+    ev->final = final;
+    ev->status = r->status ? (int)r->status->code : FOLIO__V1__STATUS_CODE__OK;
+    ev->message = r->status && r->status->message ? r->status->message : "";
+    ev->text = "";
+    ev->group = "";
+    if (r->delta) {
+        ev->index = r->delta->index;
+        ev->tokens = r->delta->tokens;
+        ev->n_tokens = (int)r->delta->n_tokens;
+        ev->text = r->delta->text ? r->delta->text : "";
+    }
+    if (r->result) {
+        const Folio__V1__GenerateResult *g = r->result;
+        ev->finish_reason = (int)g->finish_reason;
+        if (g->usage) {
+            ev->prompt_tokens = g->usage->prompt_tokens;
+            ev->cached_prompt_tokens = g->usage->cached_prompt_tokens;
+            ev->completion_tokens = g->usage->completion_tokens;
+        }
+        if (g->timings) {
+            ev->queued_s = g->timings->queued_s;
+            ev->first_token_s = g->timings->first_token_s;
+            ev->total_s = g->timings->total_s;
+        }
+        ev->group = g->group ? g->group : "";
+    }
+}
+
+int folio_client_recv(folio_client_t *c, folio_event_t *ev, int timeout_ms, fl_error_t *err)
+{
+    if (!c || !ev) return fl_fail(err, FL_EINVAL, "folio_client_recv: NULL argument");
+    memset(ev, 0, sizeof *ev);
+    ev->message = ev->text = ev->group = "";
+    zmq_pollitem_t item = {.socket = c->sock, .events = ZMQ_POLLIN};
+    const int n = zmq_poll(&item, 1, timeout_ms < 0 ? -1 : timeout_ms);
+    if (n < 0) {
+        const int e = errno;
+        fl_fail(err, FL_EIO, "%s: zmq_poll: %s", c->endpoint, zmq_strerror(e));
+        errno = e; /* EINTR: a signal arrived; the caller decides whether to go on */
+        return FL_EIO;
+    }
+    if (n == 0) return 0;
+    wire_msg_t m;
+    int rc = wire_recv(c->sock, false, true, &m, err);
+    if (rc == FL_EIO && errno == EAGAIN) return 0;
+    if (rc) {
+        wire_msg_close(&m);
+        return rc;
+    }
+    rc = wire_check_header(&m, WIRE_HEADER_CLIENT, err);
+    if (!rc && m.cmd != WIRE_CMD_PARTIAL && m.cmd != WIRE_CMD_FINAL)
+        rc = fl_fail(err, FL_EFORMAT, "%s: unexpected command 0x%02x from the coordinator", c->endpoint, m.cmd);
+    Folio__V1__Response *r = NULL;
+    if (!rc && !(r = wire_decode_response(m.body, m.body_len, err))) rc = err ? err->code : FL_EFORMAT;
+    if (!rc && r->delta && r->delta->n_tokens > 0x7fffffff) {
+        rc = fl_fail(err, FL_EFORMAT, "%s: delta of %zu tokens", c->endpoint, r->delta->n_tokens);
+        folio__v1__response__free_unpacked(r, NULL);
+    }
+    if (!rc) event_fill(ev, r, m.cmd == WIRE_CMD_FINAL);
+    wire_msg_close(&m);
+    return rc ? rc : 1;
+}
+
+/* ---- blocking Generate ---- */
+
+void folio_result_clear(folio_result_t *r)
+{
+    if (!r) return;
+    free(r->tokens);
+    free(r->text);
+    memset(r, 0, sizeof *r);
+}
+
+typedef struct result_buf {
+    int cap_tokens;
+    size_t len_text, cap_text;
+} result_buf_t;
+
+static int result_append(folio_result_t *out, result_buf_t *b, const folio_event_t *d, fl_error_t *err)
+{
+    if (d->n_tokens > 0 && d->index != (uint32_t)out->n_tokens)
+        return fl_fail(err, FL_EFORMAT, "request %llu: delta at index %u, expected %d (tokens lost or repeated)",
+                       (unsigned long long)d->id, d->index, out->n_tokens);
+    if (out->n_tokens + d->n_tokens > b->cap_tokens) {
+        int cap = b->cap_tokens ? b->cap_tokens : 64;
+        while (cap < out->n_tokens + d->n_tokens) cap *= 2;
+        int32_t *t = realloc(out->tokens, (size_t)cap * sizeof *t);
+        if (!t) return fl_fail(err, FL_ENOMEM, "generate: out of memory");
+        out->tokens = t;
+        b->cap_tokens = cap;
+    }
+    if (d->n_tokens > 0) memcpy(out->tokens + out->n_tokens, d->tokens, (size_t)d->n_tokens * sizeof(int32_t));
+    out->n_tokens += d->n_tokens;
+    const size_t tl = strlen(d->text);
+    if (b->len_text + tl + 1 > b->cap_text) {
+        size_t cap = b->cap_text ? b->cap_text : 256;
+        while (cap < b->len_text + tl + 1) cap *= 2;
+        char *s = realloc(out->text, cap);
+        if (!s) return fl_fail(err, FL_ENOMEM, "generate: out of memory");
+        out->text = s;
+        b->cap_text = cap;
+    }
+    memcpy(out->text + b->len_text, d->text, tl);
+    b->len_text += tl;
+    out->text[b->len_text] = 0;
+    return FL_OK;
+}
+
+int folio_client_generate(folio_client_t *c, const folio_generate_params_t *p, folio_delta_fn on_delta, void *user,
+                          int timeout_ms, folio_result_t *out, fl_error_t *err)
+{
+    if (!out) return fl_fail(err, FL_EINVAL, "folio_client_generate: NULL result");
+    memset(out, 0, sizeof *out);
+    result_buf_t b = {0};
+    if (!(out->text = calloc(1, 1))) return fl_fail(err, FL_ENOMEM, "generate: out of memory");
+    b.cap_text = 1;
+    uint64_t id = 0;
+    int rc = folio_client_send_generate(c, p, &id, err);
+    if (rc) return rc;
+    for (;;) {
+        folio_event_t ev;
+        const int got = folio_client_recv(c, &ev, timeout_ms, err);
+        if (got < 0) return got;
+        if (got == 0)
+            return fl_fail(err, FL_EIO, "%s: no reply to request %llu within %d ms", c->endpoint,
+                           (unsigned long long)id, timeout_ms);
+        if (ev.id != id && !(ev.final && ev.id == 0)) {
+            folio_event_clear(&ev);
+            continue;
+        }
+        if (ev.n_tokens > 0 || *ev.text) {
+            if ((rc = result_append(out, &b, &ev, err))) {
+                folio_event_clear(&ev);
+                folio_client_send_cancel(c, id, NULL);
+                return rc;
+            }
+            if (on_delta) on_delta(user, &ev);
+        }
+        if (ev.final) {
+            out->status = ev.status;
+            snprintf(out->message, sizeof out->message, "%s", ev.message);
+            out->finish_reason = ev.finish_reason;
+            out->prompt_tokens = ev.prompt_tokens;
+            out->cached_prompt_tokens = ev.cached_prompt_tokens;
+            out->completion_tokens = ev.completion_tokens;
+            out->queued_s = ev.queued_s;
+            out->first_token_s = ev.first_token_s;
+            out->total_s = ev.total_s;
+            snprintf(out->group, sizeof out->group, "%s", ev.group);
+            folio_event_clear(&ev);
+            return FL_OK;
+        }
+        folio_event_clear(&ev);
+    }
+}
+
+/* ---- unary methods ---- */
+
+/* Sends req and waits (timeout_ms in all, -1 forever) for its final reply. */
+static int unary(folio_client_t *c, Folio__V1__Request *req, int timeout_ms, Folio__V1__Response **reply,
+                 fl_error_t *err)
+{
+    if (reply) *reply = NULL;
+    if (!c) return fl_fail(err, FL_EINVAL, "folio client: NULL client");
+    uint64_t id = 0;
+    int rc = send_request(c, req, &id, err);
+    if (rc) return rc;
+    const double deadline = now_ms() + timeout_ms;
+    for (;;) {
+        int wait = -1;
+        if (timeout_ms >= 0) {
+            const double left = deadline - now_ms();
+            wait = left > 0 ? (int)(left + 0.999) : 0;
+        }
+        folio_event_t ev;
+        const int got = folio_client_recv(c, &ev, wait, err);
+        if (got < 0) return got;
+        if (got == 0)
+            return fl_fail(err, FL_EIO, "%s: no reply to %s within %d ms (is a coordinator running there?)",
+                           c->endpoint,
+                           req->method == FOLIO__V1__METHOD__METHOD_HEALTH   ? "Health"
+                           : req->method == FOLIO__V1__METHOD__METHOD_STATUS ? "Status"
+                                                                             : "Drain",
+                           timeout_ms);
+        if (!ev.final || (ev.id != id && ev.id != 0)) {
+            folio_event_clear(&ev);
+            continue;
+        }
+        if (ev.status != FOLIO__V1__STATUS_CODE__OK) {
+            rc = fl_fail(err, error_from_status(ev.status), "%s: %s", wire_status_name(ev.status),
+                         *ev.message ? ev.message : "(no message)");
+            folio_event_clear(&ev);
+            return rc;
+        }
+        if (reply) {
+            *reply = ev.raw;
+            ev.raw = NULL;
+        }
+        folio_event_clear(&ev);
+        return FL_OK;
+    }
+}
+
+int folio_client_status(folio_client_t *c, int timeout_ms, Folio__V1__Response **reply, fl_error_t *err)
+{
+    Folio__V1__Request req;
+    folio__v1__request__init(&req);
+    req.method = FOLIO__V1__METHOD__METHOD_STATUS;
+    int rc = unary(c, &req, timeout_ms, reply, err);
+    if (!rc && reply && !(*reply)->cluster) {
+        folio__v1__response__free_unpacked(*reply, NULL);
+        *reply = NULL;
+        return fl_fail(err, FL_EFORMAT, "%s: Status reply without a StatusReply", c->endpoint);
+    }
+    return rc;
+}
+
+int folio_client_health(folio_client_t *c, int timeout_ms, Folio__V1__Response **reply, fl_error_t *err)
+{
+    Folio__V1__Request req;
+    folio__v1__request__init(&req);
+    req.method = FOLIO__V1__METHOD__METHOD_HEALTH;
+    int rc = unary(c, &req, timeout_ms, reply, err);
+    if (!rc && reply && !(*reply)->health) {
+        folio__v1__response__free_unpacked(*reply, NULL);
+        *reply = NULL;
+        return fl_fail(err, FL_EFORMAT, "%s: Health reply without a HealthReply", c->endpoint);
+    }
+    return rc;
+}
+
+int folio_client_drain(folio_client_t *c, const char *group, bool undrain, int timeout_ms, fl_error_t *err)
+{
+    if (!group || !*group) return fl_fail(err, FL_EINVAL, "drain: no group named");
+    Folio__V1__Request req;
+    Folio__V1__DrainRequest drain;
+    folio__v1__request__init(&req);
+    folio__v1__drain_request__init(&drain);
+    drain.group = (char *)group;
+    drain.undrain = undrain;
+    req.method = FOLIO__V1__METHOD__METHOD_DRAIN;
+    req.drain = &drain;
+    return unary(c, &req, timeout_ms, NULL, err);
+}

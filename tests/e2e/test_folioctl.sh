@@ -92,7 +92,7 @@ if [ -f "$model" ]; then
   o="$("$ctl" run -m "$model" --chat -p "What is the capital of Germany?" -n 24 --json 2>/dev/null | tail -n 1)"
   check "default model chat answer mentions Berlin" python3 -c "import json,sys; assert 'Berlin' in json.loads(sys.argv[1])['text']" "$o"
   # The chat REPL keeps the conversation: the follow-up only makes sense with the first turn.
-  conv="$(printf 'What is the capital of Germany?\nAnd of Italy?\n' | "$ctl" chat -m "$model" -n 24 2>/dev/null)"
+  conv="$(printf 'What is the capital of Germany?\nAnd of Italy?\n' | "$ctl" chat --local -m "$model" -n 24 2>/dev/null)"
   check "chat REPL answers a follow-up from context" grep -q "Rome" <<<"$conv"
   # Resident memory of a process serving the default model with a 64 MiB KV budget stays under 400 MiB.
   check "default model peak RSS < 400 MiB" python3 - "$ctl" "$model" <<'PY'

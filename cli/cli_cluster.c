@@ -1,0 +1,392 @@
+/* cli_cluster.c - a local folio cluster as child processes; see cli_cluster.h.
+ *
+ * cluster_start() fork/execs folio-coordinator and one folio-worker per group (rank 0, named g<i>)
+ * from the binaries' directory, then polls Health through the client library until every group is
+ * healthy. Each child asks the kernel for SIGTERM when its parent dies (PR_SET_PDEATHSIG, set
+ * before exec), so a crashed or killed caller never leaks a cluster. With opts.log_dir each child's
+ * stdout and stderr go to LOG_DIR/coordinator.log or LOG_DIR/worker-g<i>.log (appended).
+ *
+ * Child liveness is checked with waitid(WNOWAIT), which does not reap: the caller (folioctl up)
+ * may reap a dead child itself and then sets its pid in the cluster_t to 0, which every function
+ * here skips. Nothing is printed; failures come back in fl_error_t, progress goes to the logger. */
+#include "cli_cluster.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "folio_client.h"
+#include "log.h"
+#include "model.h"
+#include "wire.h"
+
+#define CLUSTER_MAX_ARGS      256
+#define CLUSTER_STOP_GRACE_MS 5000
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) && errno == EINTR) {
+    }
+}
+
+/* Argument vector under construction; numbers are formatted into a small arena. */
+typedef struct argv_buf {
+    const char *argv[CLUSTER_MAX_ARGS + 1];
+    int n;
+    char nums[16][32];
+    int n_nums;
+} argv_buf_t;
+
+static void arg(argv_buf_t *a, const char *s)
+{
+    if (a->n < CLUSTER_MAX_ARGS) a->argv[a->n++] = s;
+    a->argv[a->n] = NULL;
+}
+
+static void arg_num(argv_buf_t *a, const char *flag, unsigned long long v)
+{
+    if (a->n_nums == 16) return;
+    char *s = a->nums[a->n_nums++];
+    snprintf(s, 32, "%llu", v);
+    arg(a, flag);
+    arg(a, s);
+}
+
+static void arg_list(argv_buf_t *a, const char *const *extra)
+{
+    for (int i = 0; extra && extra[i]; i++) arg(a, extra[i]);
+}
+
+static void coordinator_argv(const cluster_t *c, const char *model, char *path, size_t cap, argv_buf_t *a)
+{
+    snprintf(path, cap, "%s/folio-coordinator", c->bin_dir);
+    memset(a, 0, sizeof *a);
+    arg(a, path);
+    arg(a, "--listen");
+    arg(a, c->client_endpoint);
+    arg(a, "--workers");
+    arg(a, c->worker_endpoint);
+    arg(a, "-m");
+    arg(a, model);
+    if (c->opts.policy && *c->opts.policy) {
+        arg(a, "--policy");
+        arg(a, c->opts.policy);
+    }
+    if (c->opts.heartbeat_ms > 0) arg_num(a, "--heartbeat-ms", (unsigned long long)c->opts.heartbeat_ms);
+    arg_list(a, c->opts.coordinator_args);
+}
+
+static void worker_argv(const cluster_t *c, int i, const char *model, char *path, size_t cap, char *group,
+                        argv_buf_t *a)
+{
+    snprintf(path, cap, "%s/folio-worker", c->bin_dir);
+    snprintf(group, 32, "g%d", i);
+    memset(a, 0, sizeof *a);
+    long threads = c->opts.threads_per_worker;
+    if (threads <= 0) {
+        const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = cores > 0 ? cores / c->n_workers : 1;
+        if (threads < 1) threads = 1;
+    }
+    arg(a, path);
+    arg(a, "--coordinator-workers");
+    arg(a, c->worker_endpoint);
+    arg(a, "--group");
+    arg(a, group);
+    arg(a, "--rank");
+    arg(a, "0");
+    arg_num(a, "--threads", (unsigned long long)threads);
+    arg(a, "-m");
+    arg(a, model);
+    if (c->opts.kv_budget_bytes) arg_num(a, "--kv-budget", (unsigned long long)c->opts.kv_budget_bytes);
+    if (c->opts.block_size > 0) arg_num(a, "--block-size", (unsigned long long)c->opts.block_size);
+    if (c->opts.max_batch_tokens > 0) arg_num(a, "--max-batch-tokens", (unsigned long long)c->opts.max_batch_tokens);
+    if (c->opts.no_prefix_cache) arg(a, "--no-prefix-cache");
+    if (c->opts.heartbeat_ms > 0) arg_num(a, "--heartbeat-ms", (unsigned long long)c->opts.heartbeat_ms);
+    arg_list(a, c->opts.worker_args);
+}
+
+/* fork/exec argv[0] with argv; stdout and stderr to log_dir/name.log when log_dir is set. */
+static pid_t spawn(const char *const *argv, const char *log_dir, const char *name, fl_error_t *err)
+{
+    char log_path[PATH_MAX];
+    int log_fd = -1;
+    if (log_dir && *log_dir) {
+        snprintf(log_path, sizeof log_path, "%s/%s.log", log_dir, name);
+        log_fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+        if (log_fd < 0) return fl_fail(err, FL_EIO, "%s: %s", log_path, strerror(errno));
+    }
+    const pid_t parent = getpid();
+    fflush(NULL);
+    const pid_t pid = fork();
+    if (pid < 0) {
+        const int e = errno;
+        if (log_fd >= 0) close(log_fd);
+        return fl_fail(err, FL_EIO, "fork for %s: %s", argv[0], strerror(e));
+    }
+    if (pid == 0) {
+        /* The child: die with the parent, start from default signal handling, then exec. */
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (getppid() != parent) _exit(1); /* the parent died before prctl took effect */
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        signal(SIGINT, SIG_DFL);
+        signal(SIGTERM, SIG_DFL);
+        signal(SIGPIPE, SIG_DFL);
+        signal(SIGCHLD, SIG_DFL);
+        if (log_fd >= 0) {
+            dup2(log_fd, STDOUT_FILENO);
+            dup2(log_fd, STDERR_FILENO);
+        }
+        execv(argv[0], (char *const *)argv);
+        dprintf(STDERR_FILENO, "folio cluster: exec %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    if (log_fd >= 0) close(log_fd);
+    return pid;
+}
+
+static int spawn_coordinator(cluster_t *c, fl_error_t *err)
+{
+    char path[PATH_MAX];
+    argv_buf_t a;
+    coordinator_argv(c, model_default_path(c->opts.model), path, sizeof path, &a);
+    const pid_t pid = spawn(a.argv, c->opts.log_dir, "coordinator", err);
+    if (pid < 0) return (int)pid;
+    c->coordinator = pid;
+    fl_log_debug("cluster: started coordinator pid=%d listen=%s workers=%s", (int)pid, c->client_endpoint,
+                 c->worker_endpoint);
+    return FL_OK;
+}
+
+static int spawn_worker(cluster_t *c, int i, fl_error_t *err)
+{
+    char path[PATH_MAX], group[32], name[48];
+    argv_buf_t a;
+    worker_argv(c, i, model_default_path(c->opts.model), path, sizeof path, group, &a);
+    snprintf(name, sizeof name, "worker-%s", group);
+    const pid_t pid = spawn(a.argv, c->opts.log_dir, name, err);
+    if (pid < 0) return (int)pid;
+    c->workers[i] = pid;
+    fl_log_debug("cluster: started worker group=%s pid=%d", group, (int)pid);
+    return FL_OK;
+}
+
+/* True when pid has exited (not reaped: waitid WNOWAIT); *status gets its wait status. */
+static bool exited(pid_t pid, int *code, bool *signaled)
+{
+    if (pid <= 0) return true;
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    if (waitid(P_PID, (id_t)pid, &si, WEXITED | WNOHANG | WNOWAIT) != 0) return errno == ECHILD;
+    if (si.si_pid == 0) return false;
+    *code = si.si_status;
+    *signaled = si.si_code != CLD_EXITED;
+    return true;
+}
+
+/* Fails (with which process and how it ended) when the coordinator or, with need_workers, fewer
+ * than need_workers workers are alive. */
+static int check_alive(const cluster_t *c, int need_workers, fl_error_t *err)
+{
+    int code = 0;
+    bool sig = false;
+    char hint[PATH_MAX + 32] = "";
+    if (exited(c->coordinator, &code, &sig)) {
+        if (c->opts.log_dir) snprintf(hint, sizeof hint, " (see %s/coordinator.log)", c->opts.log_dir);
+        return fl_fail(err, FL_EIO, "folio-coordinator (pid %d) %s %d%s", (int)c->coordinator,
+                       sig ? "was killed by signal" : "exited with status", code, hint);
+    }
+    int alive = 0, dead = -1;
+    for (int i = 0; i < c->n_workers; i++) {
+        if (!exited(c->workers[i], &code, &sig))
+            alive++;
+        else if (dead < 0)
+            dead = i;
+    }
+    if (alive < need_workers && dead >= 0) {
+        exited(c->workers[dead], &code, &sig);
+        if (c->opts.log_dir) snprintf(hint, sizeof hint, " (see %s/worker-g%d.log)", c->opts.log_dir, dead);
+        return fl_fail(err, FL_EIO, "folio-worker g%d (pid %d) %s %d%s", dead, (int)c->workers[dead],
+                       sig ? "was killed by signal" : "exited with status", code, hint);
+    }
+    return FL_OK;
+}
+
+int cluster_wait_healthy(cluster_t *c, int n, int wait_ms, fl_error_t *err)
+{
+    if (!c) return fl_fail(err, FL_EINVAL, "cluster_wait_healthy: NULL cluster");
+    folio_client_t *cl = folio_client_new(c->client_endpoint, err);
+    if (!cl) return err ? err->code : FL_EIO;
+    const double deadline = now_ms() + (wait_ms < 0 ? 1e15 : wait_ms);
+    unsigned healthy = 0, groups = 0;
+    bool answered = false;
+    int rc = FL_OK;
+    for (;;) {
+        if ((rc = check_alive(c, n, err))) break;
+        const double left = deadline - now_ms();
+        Folio__V1__Response *r = NULL;
+        fl_error_t e = {0};
+        const int t = left < 500 ? (left > 1 ? (int)left : 1) : 500;
+        if (folio_client_health(cl, t, &r, &e) == FL_OK) {
+            answered = true;
+            healthy = r->health->healthy_groups;
+            groups = r->health->groups;
+            folio__v1__response__free_unpacked(r, NULL);
+            if ((int)healthy >= n) break;
+        }
+        if (now_ms() >= deadline) {
+            rc = answered ? fl_fail(err, FL_EIO, "%s: %u of %d worker groups healthy (%u registered) after %d ms",
+                                    c->client_endpoint, healthy, n, groups, wait_ms)
+                          : fl_fail(err, FL_EIO, "%s: the coordinator did not answer Health within %d ms",
+                                    c->client_endpoint, wait_ms);
+            break;
+        }
+        sleep_ms(100);
+    }
+    folio_client_destroy(&cl);
+    return rc;
+}
+
+cluster_t *cluster_start(const cluster_opts_t *opts, int wait_ms, fl_error_t *err)
+{
+    cluster_t *c = calloc(1, sizeof *c);
+    if (!c) {
+        fl_fail(err, FL_ENOMEM, "cluster: out of memory");
+        return NULL;
+    }
+    c->opts = *opts;
+    c->n_workers = opts->n_groups > 0 ? opts->n_groups : 1;
+    if (!(c->workers = calloc((size_t)c->n_workers, sizeof *c->workers))) {
+        fl_fail(err, FL_ENOMEM, "cluster: out of memory");
+        free(c);
+        return NULL;
+    }
+    snprintf(c->client_endpoint, sizeof c->client_endpoint, "%s",
+             wire_endpoint(opts->client_endpoint, "FOLIO_COORDINATOR", WIRE_DEFAULT_CLIENT_ENDPOINT));
+    snprintf(c->worker_endpoint, sizeof c->worker_endpoint, "%s",
+             wire_endpoint(opts->worker_endpoint, "FOLIO_WORKER_ENDPOINT", WIRE_DEFAULT_WORKER_ENDPOINT));
+    if (opts->bin_dir && *opts->bin_dir) {
+        snprintf(c->bin_dir, sizeof c->bin_dir, "%s", opts->bin_dir);
+    } else {
+        char *exe = c->bin_dir;
+        const ssize_t len = readlink("/proc/self/exe", exe, sizeof c->bin_dir - 1);
+        if (len <= 0 || len >= (ssize_t)sizeof c->bin_dir - 1) {
+            fl_fail(err, FL_EIO, "cannot find the executable's directory: /proc/self/exe: %s",
+                    len < 0 ? strerror(errno) : "path too long");
+            cluster_stop(&c);
+            return NULL;
+        }
+        exe[len] = 0;
+        char *slash = strrchr(exe, '/');
+        if (slash)
+            *slash = 0;
+        else
+            snprintf(c->bin_dir, sizeof c->bin_dir, ".");
+    }
+    static const char *const bins[] = {"folio-coordinator", "folio-worker"};
+    for (int i = 0; i < 2; i++) {
+        char path[PATH_MAX];
+        snprintf(path, sizeof path, "%s/%s", c->bin_dir, bins[i]);
+        if (access(path, X_OK) != 0) {
+            fl_fail(err, FL_ENOTFOUND, "%s: %s (build it, or set the binaries' directory)", path, strerror(errno));
+            cluster_stop(&c);
+            return NULL;
+        }
+    }
+    const char *model = model_default_path(opts->model);
+    if (access(model, R_OK) != 0) {
+        fl_fail(err, FL_ENOTFOUND, "model %s: %s", model, strerror(errno));
+        cluster_stop(&c);
+        return NULL;
+    }
+    if (opts->log_dir && *opts->log_dir && mkdir(opts->log_dir, 0755) != 0 && errno != EEXIST) {
+        fl_fail(err, FL_EIO, "log directory %s: %s", opts->log_dir, strerror(errno));
+        cluster_stop(&c);
+        return NULL;
+    }
+    int rc = spawn_coordinator(c, err);
+    for (int i = 0; !rc && i < c->n_workers; i++) rc = spawn_worker(c, i, err);
+    if (!rc && wait_ms != 0) rc = cluster_wait_healthy(c, c->n_workers, wait_ms, err);
+    if (rc) {
+        cluster_stop(&c);
+        return NULL;
+    }
+    fl_log_debug("cluster: up groups=%d endpoint=%s", c->n_workers, c->client_endpoint);
+    return c;
+}
+
+/* Reaps pid if it has exited; true when it is gone. */
+static bool reap(pid_t *pid, int flags)
+{
+    if (*pid <= 0) return true;
+    int st;
+    const pid_t r = waitpid(*pid, &st, flags);
+    if (r == *pid || (r < 0 && errno == ECHILD)) {
+        *pid = 0;
+        return true;
+    }
+    return false;
+}
+
+void cluster_stop(cluster_t **cp)
+{
+    if (!cp || !*cp) return;
+    cluster_t *c = *cp;
+    const int n = c->workers ? c->n_workers : 0;
+    /* Workers first in the same breath as the coordinator: nothing here needs an orderly drain. */
+    for (int i = 0; i < n; i++)
+        if (c->workers[i] > 0) kill(c->workers[i], SIGTERM);
+    if (c->coordinator > 0) kill(c->coordinator, SIGTERM);
+    const double deadline = now_ms() + CLUSTER_STOP_GRACE_MS;
+    for (;;) {
+        bool all = reap(&c->coordinator, WNOHANG);
+        for (int i = 0; i < n; i++) all = reap(&c->workers[i], WNOHANG) && all;
+        if (all || now_ms() >= deadline) break;
+        sleep_ms(20);
+    }
+    if (c->coordinator > 0) {
+        fl_log_warn("cluster: coordinator pid=%d ignored SIGTERM for %d ms, killing it", (int)c->coordinator,
+                    CLUSTER_STOP_GRACE_MS);
+        kill(c->coordinator, SIGKILL);
+        reap(&c->coordinator, 0);
+    }
+    for (int i = 0; i < n; i++) {
+        if (c->workers[i] <= 0) continue;
+        fl_log_warn("cluster: worker g%d pid=%d ignored SIGTERM for %d ms, killing it", i, (int)c->workers[i],
+                    CLUSTER_STOP_GRACE_MS);
+        kill(c->workers[i], SIGKILL);
+        reap(&c->workers[i], 0);
+    }
+    free(c->workers);
+    free(c);
+    *cp = NULL;
+}
+
+int cluster_restart_coordinator(cluster_t *c, fl_error_t *err)
+{
+    if (!c) return fl_fail(err, FL_EINVAL, "cluster_restart_coordinator: NULL cluster");
+    if (c->coordinator > 0) {
+        kill(c->coordinator, SIGKILL);
+        reap(&c->coordinator, 0);
+    }
+    return spawn_coordinator(c, err);
+}
