@@ -1373,3 +1373,43 @@ int tok_chat_apply(const tok_t *t, const tok_chat_msg_t *msgs, int n, bool add_g
     if (b.n < cap) out[b.n] = '\0';
     return (int)b.n;
 }
+
+int tok_encode_prompt(const tok_t *t, const char *text, size_t len, const tok_chat_msg_t *msgs, int n_msgs,
+                      int32_t **ids, int *cap, fl_error_t *err)
+{
+    if (!t || !ids || !cap || n_msgs < 0 || (n_msgs == 0 && !text && len) || (n_msgs > 0 && !msgs))
+        return fl_fail(err, FL_EINVAL, "tok_encode_prompt: bad arguments");
+    char stack[4096], *templated = NULL;
+    const char *src = text ? text : "";
+    const bool chat = n_msgs > 0;
+    if (chat) {
+        const int n = tok_chat_apply(t, msgs, n_msgs, true, stack, sizeof stack);
+        if (n < 0) return fl_fail(err, n, "cannot apply the model's chat template (%s)", fl_strerror(n));
+        if ((size_t)n >= sizeof stack) {
+            if (!(templated = malloc((size_t)n + 1))) return fl_fail(err, FL_ENOMEM, "out of memory");
+            tok_chat_apply(t, msgs, n_msgs, true, templated, (size_t)n + 1);
+        }
+        src = templated ? templated : stack;
+        len = (size_t)n;
+    }
+    if (len > INT32_MAX / 2 - 16) {
+        free(templated);
+        return fl_fail(err, FL_ERANGE, "prompt of %zu bytes is too long", len);
+    }
+    /* Byte-level BPE gives at most one token per byte, plus BOS. */
+    const int need = (int)len + 16;
+    if (*cap < need) {
+        int32_t *p = realloc(*ids, (size_t)need * sizeof *p);
+        if (!p) {
+            free(templated);
+            return fl_fail(err, FL_ENOMEM, "out of memory for %d prompt tokens", need);
+        }
+        *ids = p;
+        *cap = need;
+    }
+    const int count = tok_encode(t, src, len, tok_add_bos(t), chat, *ids, *cap);
+    free(templated);
+    if (count < 0) return fl_fail(err, count, "tokenizing the prompt failed (%s)", fl_strerror(count));
+    if (count > *cap) return fl_fail(err, FL_ERANGE, "prompt gave more tokens (%d) than expected", count);
+    return count;
+}

@@ -124,4 +124,13 @@ int tok_chat_apply(const tok_t *t, const tok_chat_msg_t *msgs, int n, bool add_g
  * why (no template, or one that is neither ChatML nor Llama 3). */
 int tok_chat_supported(const tok_t *t, fl_error_t *err);
 
+/* The token ids a prompt feeds the model, as `folioctl run` and the coordinator build them. With
+ * n_msgs == 0, text[0..len) is a raw completion: the model's own BOS policy, no template, special
+ * tokens written in the text not parsed. With n_msgs > 0 the chat template is applied to msgs with the
+ * assistant's turn opened (text is ignored) and the special tokens it writes become their ids.
+ * *ids (capacity *cap, both may start NULL/0) is grown with realloc as needed and stays the caller's
+ * to free. Returns the number of tokens, or a negative FL_E* code with a message in err. */
+int tok_encode_prompt(const tok_t *t, const char *text, size_t len, const tok_chat_msg_t *msgs, int n_msgs,
+                      int32_t **ids, int *cap, fl_error_t *err);
+
 #endif

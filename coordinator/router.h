@@ -1,0 +1,56 @@
+/* router.h - the coordinator's routing policies, as pure functions over a table of group states.
+ *
+ * prefix (default): consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018).
+ * Each group owns ROUTER_VNODES points on a 64-bit ring (XXH3-64 of "name#i"); a request's key is
+ * its prompt's block hash at depth min(full blocks, route_blocks), so prompts sharing their leading
+ * blocks share a key and land on the group whose prefix cache holds those blocks. The walk goes
+ * clockwise from the key and takes the first routable group whose in-flight count is below
+ * ceil(load_factor * (total in flight + 1) / routable groups), so no group gets more than c times
+ * the average and a hot prefix spills to its ring neighbours. round-robin and least-loaded (fewest
+ * in flight, ties by name) are there for comparison.
+ *
+ * A router_t holds only the ring and the round-robin cursor; the caller owns the group table and
+ * passes it to every pick, so the functions are testable without sockets. One thread. */
+#ifndef FOLIO_ROUTER_H
+#define FOLIO_ROUTER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "block_hash.h"
+#include "error.h"
+
+#define ROUTER_VNODES 100
+
+typedef enum { ROUTER_PREFIX = 0, ROUTER_ROUND_ROBIN, ROUTER_LEAST_LOADED } router_policy_t;
+
+/* One group as the router sees it; slot i of the table is the group the ring calls i. */
+typedef struct router_group {
+    const char *name;  /* borrowed */
+    bool routable;     /* healthy and not draining */
+    uint32_t inflight; /* requests routed there and not finished */
+} router_group_t;
+
+typedef struct router router_t;
+
+router_t *router_new(router_policy_t policy, double load_factor, fl_error_t *err);
+void router_destroy(router_t **rp);
+
+/* Puts group slot's points on the ring (once per slot; a slot keeps its name). */
+int router_add_group(router_t *r, int slot, const char *name, fl_error_t *err);
+
+/* The routing key of a prompt: the hash of its block at depth min(n_hashes, route_blocks) when it has
+ * a full block, else the hash of its tokens chained from salt. */
+uint64_t router_key(const block_hash_t *hashes, int n_hashes, int route_blocks, block_hash_t salt,
+                    const int32_t *tokens, int n_tokens);
+
+/* The group slot for a request with this key, or -1 when no group is routable. Groups [0, n_groups)
+ * of the table; exclude (-1 for none) is never picked. */
+int router_pick(router_t *r, uint64_t key, const router_group_t *groups, int n_groups, int exclude);
+
+router_policy_t router_policy(const router_t *r);
+const char *router_policy_name(router_policy_t p);
+/* "prefix", "round-robin", "least-loaded" -> 0 and *out, else FL_EINVAL. */
+int router_policy_parse(const char *s, router_policy_t *out);
+
+#endif
