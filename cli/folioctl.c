@@ -218,33 +218,24 @@ static void conversation_free(conversation_t *c)
 static int32_t *encode_prompt(const tok_t *tok, const char *text, bool chat, const char *system,
                               const conversation_t *history, int *n)
 {
-    char *templated = NULL;
-    const char *src = text;
+    /* The same encoding the coordinator applies (tok_encode_prompt), so run and generate feed the
+     * model identical ids. */
+    tok_chat_msg_t *msgs = NULL;
+    int nm = 0;
     if (chat) {
         const int n_hist = history ? history->n : 0;
-        tok_chat_msg_t *msgs = malloc((size_t)(n_hist + 2) * sizeof *msgs);
-        if (!msgs) return NULL;
-        int nm = 0;
+        if (!(msgs = malloc((size_t)(n_hist + 2) * sizeof *msgs))) return NULL;
         if (system) msgs[nm++] = (tok_chat_msg_t){"system", system};
         for (int i = 0; i < n_hist; i++) msgs[nm++] = history->msgs[i];
         msgs[nm++] = (tok_chat_msg_t){"user", text};
-        int len = tok_chat_apply(tok, msgs, nm, true, NULL, 0);
-        if (len < 0 || !(templated = malloc((size_t)len + 1))) {
-            fprintf(stderr, "error: cannot apply the model's chat template (%s)\n", fl_strerror(len));
-            free(msgs);
-            return NULL;
-        }
-        tok_chat_apply(tok, msgs, nm, true, templated, (size_t)len + 1);
-        free(msgs);
-        src = templated;
     }
-    const size_t len = strlen(src);
-    const int cap = (int)(len + 16);
-    int32_t *ids = malloc((size_t)cap * sizeof *ids);
-    int count = ids ? tok_encode(tok, src, len, tok_add_bos(tok), chat, ids, cap) : FL_ENOMEM;
-    free(templated);
-    if (count < 0 || count > cap) {
-        fprintf(stderr, "error: tokenizing the prompt failed (%s)\n", fl_strerror(count < 0 ? count : FL_ERANGE));
+    int32_t *ids = NULL;
+    int cap = 0;
+    fl_error_t err = {0};
+    const int count = tok_encode_prompt(tok, text, strlen(text), msgs, nm, &ids, &cap, &err);
+    free(msgs);
+    if (count < 0) {
+        fprintf(stderr, "error: %s\n", err.msg);
         free(ids);
         return NULL;
     }
