@@ -1,1 +1,637 @@
-int main(void) { return 1; } /* replaced by the worker process */
+/* worker_main.c - folio-worker: one rank of a worker group, serving Generate for a coordinator.
+ *
+ * Start-up loads the engine (backend, model, paged KV cache) and the scheduler, connects a DEALER
+ * with identity "group:rank:epoch" to the coordinator's worker endpoint and registers with READY
+ * (proto/README.md, "Worker side"). Then one loop on one thread:
+ *
+ *   poll the socket (no wait while the scheduler has work, else until the next heartbeat is due)
+ *   -> drain every waiting message -> one sched_step() -> a HEARTBEAT when due.
+ *
+ * Why one thread: health must come from real work. The heartbeat goes out from the same loop that
+ * runs the engine, after a step (or, when idle, after a one-token liveness step on a reserved KV
+ * block), so an engine that hangs stops the heartbeats and the coordinator declares the group dead,
+ * even though the process and its socket are alive. A separate heartbeat thread would hide that.
+ * It also keeps the scheduler, the KV cache and the ZeroMQ socket single-owner, with no locks.
+ *
+ * The coordinator is watched the same way: if nothing comes from it for 3 heartbeat intervals, the
+ * worker cancels its live requests (nobody can receive them; their FINALs are still sent and go
+ * nowhere), recreates the socket after a jittered backoff (100 ms .. 2 s) and registers again.
+ * A DISCONNECT from the coordinator (it restarted or forgot us) also drops the live requests (it
+ * has failed them over, and a restarted coordinator may reuse their ids) and re-sends READY.
+ *
+ * --fake skips the model: each Generate is answered at once with one FINAL holding one token (the
+ * prompt's last) and finish LENGTH, and heartbeats report engine_ok. It exists to measure the
+ * coordinator's own overhead without an engine in the way.
+ *
+ * Per-request output (deltas, stop strings, the FINAL) is worker_stream.c. */
+#include <errno.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli_common.h"
+#include "clock.h"
+#include "log.h"
+#include "worker.h"
+
+#define FAKE_BLOCK_SIZE    16
+#define FAKE_KV_BLOCKS     (1u << 20)
+#define FAKE_MAX_CONTEXT   (1u << 20)
+#define BACKOFF_MIN_S      0.1
+#define BACKOFF_MAX_S      2.0
+#define DEAD_AFTER_BEATS   3
+#define SHUTDOWN_LINGER_MS 500  /* time the last FINALs and the DISCONNECT get to leave */
+#define DRAIN_MAX          4096 /* messages per wake-up before the engine gets a step again */
+
+static volatile sig_atomic_t g_stop;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    g_stop = 1;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: folio-worker [flags]\n"
+            "Serves one rank of a worker group for a folio coordinator.\n"
+            "%s"
+            "  --coordinator-workers, --workers ENDPOINT\n"
+            "                        the coordinator's worker endpoint (default $FOLIO_WORKER_ENDPOINT or %s)\n"
+            "  --group NAME          worker group (default g0)\n"
+            "  --rank N              rank within the group (default 0)\n"
+            "  --tp N                tensor-parallel size (only 1 for now)\n"
+            "  --heartbeat-ms N      heartbeat interval (default 1000); the coordinator is presumed gone\n"
+            "                        after 3 intervals of silence\n"
+            "  --max-batch-tokens N  tokens per step (default 512)\n"
+            "  --max-seqs N          sequences per step (default 64)\n"
+            "  --max-waiting N       queued requests beyond which new ones are refused (default 4096)\n"
+            "  --no-prefix-cache     never reuse cached prompt blocks\n"
+            "  --fake                no model: answer each Generate at once with one token (benchmarks\n"
+            "                        of the coordinator's own overhead)\n"
+            "  -h, --help            this text\n",
+            cli_engine_flags_help(), WIRE_DEFAULT_WORKER_ENDPOINT);
+}
+
+/* --- small helpers --------------------------------------------------------------------------- */
+
+static uint64_t g_rng;
+
+static double rand01(void)
+{
+    /* splitmix64: jitter only, no quality needed beyond decorrelating restarted workers */
+    uint64_t z = (g_rng += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static uint64_t realtime_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* "file-name:size", the same on every machine holding the same file. */
+static void make_model_id(char *out, size_t cap, const char *path, bool fake)
+{
+    struct stat st;
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    if (stat(path, &st) == 0)
+        snprintf(out, cap, "%s:%lld", base, (long long)st.st_size);
+    else
+        snprintf(out, cap, "%s", fake ? "fake" : base);
+}
+
+static int ms_until(double t, double now)
+{
+    const double ms = (t - now) * 1e3;
+    if (ms <= 0) return 0;
+    return ms > 60000 ? 60000 : (int)ms + 1;
+}
+
+/* Seconds of silence after which the coordinator is presumed gone: 3 heartbeat intervals, the
+ * longer of ours and the gap seen between its own heartbeats (so a worker run with a short
+ * interval does not give up on a coordinator that beats once a second). */
+static double dead_after_s(const worker_t *w)
+{
+    double beat = w->heartbeat_ms * 1e-3;
+    if (w->coord_hb_gap > beat) beat = w->coord_hb_gap;
+    return DEAD_AFTER_BEATS * beat;
+}
+
+/* --- sending --------------------------------------------------------------------------------- */
+
+int worker_send(worker_t *w, int cmd, const ProtobufCMessage *body)
+{
+    if (!w->sock) return FL_EIO;
+    fl_error_t err = {0};
+    const int rc = wire_send(w->sock, NULL, 0, false, WIRE_HEADER_WORKER, cmd, body, &err);
+    if (rc) fl_log_warn("worker send failed cmd=%d: %s", cmd, err.msg);
+    return rc;
+}
+
+static void reply_error(worker_t *w, uint64_t id, Folio__V1__Method method, Folio__V1__StatusCode code, const char *msg)
+{
+    wire_error_reply_t r;
+    wire_error_reply_init(&r, id, method, code, msg);
+    fl_log_warn("worker refused id=%llu status=%s: %s", (unsigned long long)id, wire_status_name(code), msg);
+    worker_send(w, WIRE_CMD_FINAL, &r.resp.base);
+}
+
+static void send_ready(worker_t *w)
+{
+    Folio__V1__WorkerHello h = FOLIO__V1__WORKER_HELLO__INIT;
+    h.group = (char *)w->group;
+    h.rank = (uint32_t)w->rank;
+    h.tp_size = (uint32_t)w->tp;
+    h.model_id = w->model_id;
+    h.kv_blocks = w->kv_blocks;
+    h.block_size = w->block_size;
+    h.epoch = w->epoch;
+    h.max_context = w->max_context;
+    if (!worker_send(w, WIRE_CMD_READY, &h.base))
+        fl_log_info("worker ready sent endpoint=%s identity=%s", w->endpoint, w->identity);
+}
+
+/* --- connection ------------------------------------------------------------------------------ */
+
+static int worker_connect(worker_t *w, fl_error_t *err)
+{
+    w->sock = wire_socket(w->zctx, ZMQ_DEALER, w->identity, err);
+    if (!w->sock) return err->code;
+    /* ZeroMQ reconnects a dropped TCP connection by itself within these bounds. The send queue is
+     * unbounded so a PARTIAL is never dropped while the connection is alive; a dead coordinator is
+     * caught by the silence check, which throws the queue away with the socket. The receive queue
+     * is unbounded too: the coordinator (trusted) decides how much it sends, and a burst beyond the
+     * scheduler's queue is answered RESOURCE_EXHAUSTED rather than blocked in ZeroMQ. */
+    const int ivl = (int)(BACKOFF_MIN_S * 1e3), ivl_max = (int)(BACKOFF_MAX_S * 1e3), hwm = 0;
+    if (zmq_setsockopt(w->sock, ZMQ_RECONNECT_IVL, &ivl, sizeof ivl) ||
+        zmq_setsockopt(w->sock, ZMQ_RECONNECT_IVL_MAX, &ivl_max, sizeof ivl_max) ||
+        zmq_setsockopt(w->sock, ZMQ_SNDHWM, &hwm, sizeof hwm) ||
+        zmq_setsockopt(w->sock, ZMQ_RCVHWM, &hwm, sizeof hwm) || zmq_connect(w->sock, w->endpoint)) {
+        const int e = errno;
+        zmq_close(w->sock);
+        w->sock = NULL;
+        return fl_fail(err, FL_EINVAL, "cannot connect to %s: %s", w->endpoint, zmq_strerror(e));
+    }
+    w->last_heard = fl_clock_s();
+    send_ready(w);
+    return FL_OK;
+}
+
+/* The coordinator has been silent too long: drop the work nobody can receive and start over. */
+static void lost_coordinator(worker_t *w, double now)
+{
+    sched_stats_t st = {0};
+    if (w->sched) sched_get_stats(w->sched, &st);
+    double delay = w->backoff_s * (0.5 + rand01());
+    if (delay < BACKOFF_MIN_S) delay = BACKOFF_MIN_S;
+    if (delay > BACKOFF_MAX_S) delay = BACKOFF_MAX_S;
+    fl_log_warn("coordinator silent for %.1fs: dropping %d running and %d waiting requests, reconnecting in %.0fms",
+                now - w->last_heard, st.running, st.waiting, delay * 1e3);
+    if (w->sched) sched_cancel_all(w->sched); /* their FINALs go into the old socket's queue */
+    zmq_close(w->sock);
+    w->sock = NULL;
+    w->coord_hb_last = 0;
+    w->reconnect_at = now + delay;
+    w->backoff_s = w->backoff_s * 2 < BACKOFF_MAX_S ? w->backoff_s * 2 : BACKOFF_MAX_S;
+}
+
+/* --- heartbeats ------------------------------------------------------------------------------ */
+
+static void heartbeat(worker_t *w, double now)
+{
+    Folio__V1__WorkerLoad l = FOLIO__V1__WORKER_LOAD__INIT;
+    if (w->fake) {
+        w->engine_ok = true;
+        l.kv_blocks_total = w->kv_blocks;
+        l.prompt_tokens = w->fake_prompt_tokens;
+        l.generated_tokens = w->fake_generated;
+        l.tokens_per_s = now > w->t_hb ? (double)(w->fake_generated - w->gen_at_hb) / (now - w->t_hb) : 0;
+        w->gen_at_hb = w->fake_generated;
+    } else {
+        sched_stats_t st;
+        sched_get_stats(w->sched, &st);
+        if (st.steps == w->steps_at_hb && !w->step_failed_since_hb) {
+            /* No real step since the last heartbeat: prove the engine still computes. */
+            fl_error_t err = {0};
+            const double dt = sched_liveness(w->sched, &err);
+            if (dt < 0) {
+                if (w->engine_ok) fl_log_error("worker liveness step failed: %s", err.msg);
+                w->engine_ok = false;
+            } else {
+                w->engine_ok = true;
+                w->liveness_s = dt;
+            }
+        } else {
+            w->engine_ok = w->last_step_ok;
+        }
+        l.running = (uint32_t)st.running;
+        l.waiting = (uint32_t)st.waiting;
+        l.kv_blocks_total = (uint32_t)st.kv_blocks_total;
+        l.kv_blocks_used = (uint32_t)(st.kv_blocks_used > 0 ? st.kv_blocks_used : 0);
+        l.kv_blocks_cached = (uint32_t)st.kv_blocks_cached;
+        l.prompt_tokens = st.prompt_tokens;
+        l.cached_prompt_tokens = st.cached_prompt_tokens;
+        l.generated_tokens = st.generated_tokens;
+        l.preemptions = st.preemptions;
+        l.tokens_per_s = now > w->t_hb ? (double)(st.generated_tokens - w->gen_at_hb) / (now - w->t_hb) : 0;
+        w->steps_at_hb = st.steps;
+        w->gen_at_hb = st.generated_tokens;
+        w->step_failed_since_hb = false;
+    }
+    l.engine_ok = w->engine_ok;
+    l.liveness_step_s = w->liveness_s;
+    w->t_hb = now;
+    worker_send(w, WIRE_CMD_HEARTBEAT, &l.base);
+}
+
+/* --- requests -------------------------------------------------------------------------------- */
+
+static void fake_generate(worker_t *w, const Folio__V1__Request *q)
+{
+    const Folio__V1__GenerateRequest *g = q->generate;
+    int32_t token = g->prompt_tokens[g->n_prompt_tokens - 1];
+    Folio__V1__TokenDelta d = FOLIO__V1__TOKEN_DELTA__INIT;
+    d.n_tokens = 1;
+    d.tokens = &token;
+    Folio__V1__Usage usage = FOLIO__V1__USAGE__INIT;
+    usage.prompt_tokens = (uint32_t)g->n_prompt_tokens;
+    usage.completion_tokens = 1;
+    Folio__V1__Timings timings = FOLIO__V1__TIMINGS__INIT;
+    Folio__V1__GenerateResult result = FOLIO__V1__GENERATE_RESULT__INIT;
+    result.finish_reason = FOLIO__V1__FINISH_REASON__FINISH_LENGTH;
+    result.usage = &usage;
+    result.timings = &timings;
+    result.group = (char *)w->group;
+    Folio__V1__Status status = FOLIO__V1__STATUS__INIT;
+    Folio__V1__Response resp = FOLIO__V1__RESPONSE__INIT;
+    resp.version = WIRE_VERSION;
+    resp.id = q->id;
+    resp.method = FOLIO__V1__METHOD__METHOD_GENERATE;
+    resp.final = 1;
+    resp.status = &status;
+    resp.delta = &d;
+    resp.result = &result;
+    worker_send(w, WIRE_CMD_FINAL, &resp.base);
+    w->fake_prompt_tokens += g->n_prompt_tokens;
+    w->fake_generated++;
+}
+
+static void generate(worker_t *w, const Folio__V1__Request *q)
+{
+    const Folio__V1__GenerateRequest *g = q->generate;
+    const Folio__V1__Method method = FOLIO__V1__METHOD__METHOD_GENERATE;
+    char msg[256];
+    if (g->n_prompt_tokens == 0) {
+        reply_error(w, q->id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT,
+                    "worker: Generate needs prompt_tokens (the coordinator tokenizes text and messages)");
+        return;
+    }
+    if (w->fake) {
+        fake_generate(w, q);
+        return;
+    }
+    if (worker_req_find(w, q->id)) {
+        snprintf(msg, sizeof msg, "worker: request id %llu is already live", (unsigned long long)q->id);
+        reply_error(w, q->id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg);
+        return;
+    }
+    for (size_t i = 0; i < g->n_prompt_tokens; i++)
+        if (g->prompt_tokens[i] < 0 || g->prompt_tokens[i] >= w->n_vocab) {
+            snprintf(msg, sizeof msg, "worker: prompt_tokens[%zu] = %d is outside the vocabulary of %d", i,
+                     g->prompt_tokens[i], w->n_vocab);
+            reply_error(w, q->id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg);
+            return;
+        }
+    fl_error_t err = {0};
+    worker_req_t *r = worker_req_open(w, q->id, g->stream, g->stop, g->n_stop, &err);
+    if (!r) {
+        reply_error(w, q->id, method, wire_status_from_error(err.code), err.msg);
+        return;
+    }
+    const Folio__V1__SamplingParams *s = g->sampling;
+    sched_request_t sr = {
+        .id = q->id,
+        .prompt = g->prompt_tokens,
+        .n_prompt = (int)g->n_prompt_tokens,
+        .max_tokens = g->max_tokens == 0        ? 16
+                      : g->max_tokens > INT_MAX ? INT_MAX
+                                                : (int)g->max_tokens,
+        .sampling = {.temperature = s ? s->temperature : 0,
+                     .top_k = s ? (s->top_k > INT_MAX ? INT_MAX : (int)s->top_k) : 0,
+                     .top_p = s && s->top_p > 0 && s->top_p < 1 ? s->top_p : 1.0f, /* 0 or 1: off */
+                     .seed = s ? s->seed : 0},
+        .stop_ids = g->stop_token_ids,
+        .n_stop_ids = (int)g->n_stop_token_ids,
+        .ignore_eog = g->ignore_eos,
+        .salt = block_hash_salt(q->tenant, strlen(q->tenant)),
+        .deadline = q->timeout_ms ? fl_clock_s() + q->timeout_ms * 1e-3 : 0,
+    };
+    const int rc = sched_submit(w->sched, &sr, &err);
+    if (rc) {
+        worker_req_close(w, r);
+        reply_error(w, q->id, method, wire_status_from_error(rc), err.msg);
+        return;
+    }
+    fl_log_debug("worker accepted id=%llu prompt=%d max_tokens=%d stream=%d stops=%zu timeout_ms=%u",
+                 (unsigned long long)q->id, sr.n_prompt, sr.max_tokens, (int)g->stream, g->n_stop, q->timeout_ms);
+}
+
+static void handle_request(worker_t *w, const uint8_t *body, size_t len)
+{
+    fl_error_t err = {0};
+    Folio__V1__Request *q = wire_decode_request(body, len, &err);
+    if (!q) {
+        /* Answer under the request's id when the bytes at least unpack, so its stream ends. */
+        uint64_t id = 0;
+        Folio__V1__Method method = FOLIO__V1__METHOD__METHOD_UNSPECIFIED;
+        Folio__V1__Request *raw = len <= WIRE_MAX_BODY_BYTES ? folio__v1__request__unpack(NULL, len, body) : NULL;
+        if (raw) {
+            id = raw->id;
+            method = raw->method;
+            folio__v1__request__free_unpacked(raw, NULL);
+        }
+        if (method == FOLIO__V1__METHOD__METHOD_CANCEL) {
+            fl_log_warn("worker ignored a bad Cancel: %s", err.msg); /* Cancel is never answered */
+            return;
+        }
+        reply_error(w, id, method, wire_status_from_error(err.code), err.msg);
+        return;
+    }
+    switch (q->method) {
+    case FOLIO__V1__METHOD__METHOD_GENERATE:
+        generate(w, q);
+        break;
+    case FOLIO__V1__METHOD__METHOD_CANCEL:
+        /* No reply: the cancelled stream's FINAL is the answer; an unknown id has already finished. */
+        if (w->sched && sched_cancel(w->sched, q->cancel->target_id))
+            fl_log_debug("worker cancel id=%llu: not live", (unsigned long long)q->cancel->target_id);
+        break;
+    default: {
+        char msg[128];
+        snprintf(msg, sizeof msg, "worker: method %d is served by the coordinator, not a worker", (int)q->method);
+        reply_error(w, q->id, q->method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg);
+        break;
+    }
+    }
+    folio__v1__request__free_unpacked(q, NULL);
+}
+
+static void handle_message(worker_t *w, const wire_msg_t *m, double now)
+{
+    w->last_heard = now; /* anything at all proves the coordinator is there */
+    w->backoff_s = BACKOFF_MIN_S;
+    fl_error_t err = {0};
+    if (wire_check_header(m, WIRE_HEADER_WORKER, &err)) {
+        fl_log_warn("worker ignored a message: %s", err.msg);
+        return;
+    }
+    switch (m->cmd) {
+    case WIRE_CMD_REQUEST:
+        handle_request(w, m->body, m->body_len);
+        break;
+    case WIRE_CMD_HEARTBEAT:
+        if (w->coord_hb_last > 0 && now - w->coord_hb_last < 30) w->coord_hb_gap = now - w->coord_hb_last;
+        w->coord_hb_last = now;
+        break;
+    case WIRE_CMD_DISCONNECT:
+        fl_log_info("coordinator sent DISCONNECT: dropping live requests and registering again");
+        if (w->sched) sched_cancel_all(w->sched);
+        send_ready(w);
+        break;
+    default:
+        fl_log_warn("worker ignored command 0x%02x from the coordinator", m->cmd);
+        break;
+    }
+}
+
+/* Reads every waiting message (up to DRAIN_MAX, so the engine is not starved by a flood). */
+static void drain(worker_t *w)
+{
+    for (int i = 0; i < DRAIN_MAX && w->sock; i++) {
+        wire_msg_t m;
+        fl_error_t err = {0};
+        const int rc = wire_recv(w->sock, false, true, &m, &err);
+        if (rc == FL_EIO && errno == EAGAIN) return;
+        if (rc == FL_OK)
+            handle_message(w, &m, fl_clock_s());
+        else
+            fl_log_warn("worker receive: %s", err.msg);
+        wire_msg_close(&m);
+        if (rc == FL_EIO) return;
+    }
+}
+
+/* --- the loop -------------------------------------------------------------------------------- */
+
+static int run(worker_t *w)
+{
+    const double beat = w->heartbeat_ms * 1e-3;
+    /* The first heartbeat (after a liveness step) goes right after READY: the coordinator routes to a
+     * group only once a heartbeat has shown its engine computes. */
+    w->next_heartbeat = fl_clock_s();
+    while (!g_stop) {
+        double now = fl_clock_s();
+        if (!w->sock) {
+            if (now < w->reconnect_at) {
+                zmq_poll(NULL, 0, ms_until(w->reconnect_at, now)); /* a sleep that a signal ends */
+                continue;
+            }
+            fl_error_t err = {0};
+            if (worker_connect(w, &err)) {
+                fl_log_error("worker: %s", err.msg);
+                w->reconnect_at = now + BACKOFF_MAX_S;
+            }
+            continue;
+        }
+        const bool work = w->sched && sched_has_work(w->sched);
+        double wake = w->next_heartbeat;
+        if (w->last_heard + dead_after_s(w) < wake) wake = w->last_heard + dead_after_s(w);
+        zmq_pollitem_t item = {.socket = w->sock, .events = ZMQ_POLLIN};
+        const int n = zmq_poll(&item, 1, work ? 0 : ms_until(wake, now));
+        if (n < 0 && errno != EINTR) {
+            fl_log_error("worker: zmq_poll: %s", zmq_strerror(errno));
+            return 1;
+        }
+        if (n > 0 && (item.revents & ZMQ_POLLIN)) drain(w);
+        if (g_stop) break;
+        now = fl_clock_s();
+        if (now - w->last_heard > dead_after_s(w)) {
+            lost_coordinator(w, now);
+            continue;
+        }
+        if (w->sched && sched_has_work(w->sched)) {
+            fl_error_t err = {0};
+            if (sched_step(w->sched, &err)) {
+                fl_log_error("worker: engine step failed: %s", err.msg);
+                w->last_step_ok = false;
+                w->step_failed_since_hb = true;
+            } else {
+                w->last_step_ok = true;
+            }
+            worker_flush_partials(w);
+            now = fl_clock_s();
+        }
+        if (now >= w->next_heartbeat) {
+            heartbeat(w, now);
+            w->next_heartbeat += beat;
+            if (w->next_heartbeat < now) w->next_heartbeat = now + beat; /* a long step: do not burst */
+        }
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    engine_opts_t eo = {0};
+    sched_opts_t so = {0};
+    const char *endpoint_flag = NULL, *group = "g0";
+    long rank = 0, tp = 1, heartbeat_ms = 1000, max_waiting = 4096, n;
+    bool fake = false;
+    for (int i = 1; i < argc; i++) {
+        const char *f = argv[i], *v;
+        const int e = cli_parse_engine_flag(&eo, argc, argv, &i);
+        if (e < 0) return 2;
+        if (e > 0) continue;
+        if (!strcmp(f, "-h") || !strcmp(f, "--help")) {
+            usage(stdout);
+            return 0;
+        } else if (!strcmp(f, "--coordinator-workers") || !strcmp(f, "--workers")) {
+            if (!(endpoint_flag = cli_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(f, "--group")) {
+            if (!(group = cli_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(f, "--rank")) {
+            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(f, v, 0, 1024, &rank)) return 2;
+        } else if (!strcmp(f, "--tp")) {
+            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(f, v, 1, 1024, &tp)) return 2;
+        } else if (!strcmp(f, "--heartbeat-ms")) {
+            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(f, v, 10, 600000, &heartbeat_ms)) return 2;
+        } else if (!strcmp(f, "--max-batch-tokens")) {
+            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(f, v, 1, 1 << 20, &n)) return 2;
+            eo.max_batch_tokens = so.max_batch_tokens = (int)n;
+        } else if (!strcmp(f, "--max-seqs")) {
+            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(f, v, 1, 1 << 16, &n)) return 2;
+            eo.max_seqs = so.max_running = (int)n;
+        } else if (!strcmp(f, "--max-waiting")) {
+            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(f, v, 1, 1 << 20, &max_waiting)) return 2;
+        } else if (!strcmp(f, "--no-prefix-cache")) {
+            so.no_prefix_cache = true;
+        } else if (!strcmp(f, "--fake")) {
+            fake = true;
+        } else {
+            fprintf(stderr, "error: unknown flag '%s' (see --help)\n", f);
+            return 2;
+        }
+    }
+    if (tp != 1) {
+        fprintf(stderr, "error: --tp %ld: tensor parallelism is not implemented yet; run each group with --tp 1\n", tp);
+        return 2;
+    }
+    if (rank >= tp) {
+        fprintf(stderr, "error: --rank %ld must be below --tp %ld\n", rank, tp);
+        return 2;
+    }
+    if (!*group || strlen(group) > 128 || strchr(group, ':')) {
+        fprintf(stderr, "error: --group '%s' must be 1 to 128 characters without ':'\n", group);
+        return 2;
+    }
+    so.max_waiting = (int)max_waiting;
+
+    worker_t w = {0};
+    w.endpoint = wire_endpoint(endpoint_flag, "FOLIO_WORKER_ENDPOINT", WIRE_DEFAULT_WORKER_ENDPOINT);
+    w.group = group;
+    w.rank = (int)rank;
+    w.tp = (int)tp;
+    w.heartbeat_ms = (int)heartbeat_ms;
+    w.fake = fake;
+    w.epoch = realtime_us();
+    g_rng = w.epoch ^ ((uint64_t)getpid() << 32);
+    w.backoff_s = BACKOFF_MIN_S;
+    w.engine_ok = w.last_step_ok = true;
+    snprintf(w.identity, sizeof w.identity, "%s:%d:%llu", group, w.rank, (unsigned long long)w.epoch);
+    const char *model_path = model_default_path(eo.model_path);
+    make_model_id(w.model_id, sizeof w.model_id, model_path, fake);
+
+    fl_error_t err = {0};
+    int n_slots = 1;
+    if (fake) {
+        w.kv_blocks = FAKE_KV_BLOCKS;
+        w.block_size = FAKE_BLOCK_SIZE;
+        w.max_context = eo.max_ctx > 0 ? (uint32_t)eo.max_ctx : FAKE_MAX_CONTEXT;
+        fl_log_info("worker group=%s rank=%d fake=1 (no model) model_id=%s kv_blocks=%u block_size=%u", w.group, w.rank,
+                    w.model_id, w.kv_blocks, w.block_size);
+    } else {
+        w.eng = engine_new(&eo, &err);
+        if (!w.eng) {
+            fprintf(stderr, "error: %s\n", err.msg);
+            return 1;
+        }
+        const sched_callbacks_t cb = {.on_token = worker_on_token, .on_finish = worker_on_finish, .user = &w};
+        w.sched = sched_new(w.eng->model, w.eng->kv, &so, &cb, &err);
+        if (!w.sched) {
+            fprintf(stderr, "error: %s\n", err.msg);
+            engine_destroy(&w.eng);
+            return 1;
+        }
+        const model_t *m = w.eng->model;
+        const kv_cache_t *kv = w.eng->kv;
+        sched_stats_t st;
+        sched_get_stats(w.sched, &st);
+        w.tok = m->tok;
+        w.n_vocab = m->cfg.n_vocab;
+        w.kv_blocks = (uint32_t)st.kv_blocks_total;
+        w.block_size = (uint32_t)kv->block_size;
+        w.max_context = (uint32_t)(m->max_blocks * kv->block_size);
+        n_slots = (int)max_waiting + m->max_seqs; /* everything the scheduler can hold at once */
+        fl_log_info("worker group=%s rank=%d model=%s model_id=%s backend=%s kv_bytes_per_token=%zu "
+                    "(2 x %d layers x %d kv_heads x %d head_dim x 2 bytes) kv_capacity_tokens=%u kv_blocks=%u "
+                    "block_size=%u max_context=%u",
+                    w.group, w.rank, model_path, w.model_id, w.eng->be->ops->name, kv->bytes_per_token, m->cfg.n_layers,
+                    m->cfg.n_kv_heads, m->cfg.head_dim, w.kv_blocks * w.block_size, w.kv_blocks, w.block_size,
+                    w.max_context);
+    }
+    int rc = worker_reqs_init(&w, n_slots, &err);
+    if (!rc) {
+        w.zctx = zmq_ctx_new();
+        if (!w.zctx) rc = fl_fail(&err, FL_EIO, "zmq_ctx_new: %s", zmq_strerror(errno));
+    }
+    if (!rc) rc = worker_connect(&w, &err);
+    if (rc) {
+        fprintf(stderr, "error: %s\n", err.msg);
+    } else {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_signal; /* no SA_RESTART: zmq_poll returns EINTR and the loop sees the flag */
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, NULL);
+        sigaction(SIGTERM, &sa, NULL);
+        signal(SIGPIPE, SIG_IGN);
+        fl_log_info("worker serving identity=%s endpoint=%s heartbeat_ms=%d", w.identity, w.endpoint, w.heartbeat_ms);
+        rc = run(&w) ? 1 : 0;
+        fl_log_info("worker stopping: cancelling live requests, sending DISCONNECT");
+    }
+    if (w.sched) sched_cancel_all(w.sched); /* every accepted request gets its FINAL */
+    if (w.sock) {
+        worker_send(&w, WIRE_CMD_DISCONNECT, NULL);
+        const int linger = SHUTDOWN_LINGER_MS;
+        zmq_setsockopt(w.sock, ZMQ_LINGER, &linger, sizeof linger);
+        zmq_close(w.sock);
+        w.sock = NULL;
+    }
+    sched_destroy(&w.sched);
+    engine_destroy(&w.eng);
+    worker_reqs_free(&w);
+    if (w.zctx) zmq_ctx_term(w.zctx);
+    return rc ? 1 : 0;
+}
