@@ -1,10 +1,9 @@
 /* generate.h - batched generation of several requests at once on one model.
  *
- * gen_run() drives model_forward() step by step, iteration-level: each step packs one decode token
- * per running request plus chunks of pending prompts under the step's token budget, so requests
- * of different lengths run together and a finished request frees its slot for a waiting one.
- * It is the engine loop behind `folioctl run`, the engine tests and `folio-bench engine`; the
- * worker's scheduler (continuous batching with preemption and prefix caching) builds on it.
+ * gen_run() submits a fixed set of requests to the worker's scheduler (sched.h: continuous
+ * batching, chunked prefill, preemption) with the prefix cache off, and steps it until all are
+ * done: the one batching loop serves `folioctl run`, the engine tests, `folio-bench engine` and
+ * the worker process.
  *
  * Sampling: each token is drawn from (request seed, token index), so a request's output does not
  * depend on what it is batched with. */

@@ -16,7 +16,8 @@
  * (seed, token index)).
  *
  * Threading: one thread owns a sched_t, its model and its KV cache. Callbacks run on that thread
- * inside sched_step()/sched_cancel()/sched_submit(). */
+ * inside sched_step()/sched_cancel()/sched_submit(); they may call sched_submit() and sched_cancel()
+ * (never sched_step() or sched_destroy()). */
 #ifndef FOLIO_SCHED_H
 #define FOLIO_SCHED_H
 
@@ -79,6 +80,11 @@ typedef struct sched_stats {
     int kv_blocks_used;   /* referenced by sequences */
     int kv_blocks_cached; /* unreferenced, holding cached prefixes */
     uint64_t prompt_tokens, cached_prompt_tokens, generated_tokens, preemptions, steps;
+    /* Throughput accounting: tokens fed as prompt chunks (cache misses and recomputation after
+     * preemption included), tokens of steps that carried only decode tokens, and the seconds of
+     * forward + sampling in steps with and without prompt chunks. */
+    uint64_t prefill_tokens, decode_step_tokens;
+    double prefill_s, decode_s;
 } sched_stats_t;
 
 typedef struct sched sched_t;

@@ -1,0 +1,607 @@
+/* test_sched.c - the worker's scheduler (worker/sched.c) on a tiny random model.
+ *
+ * Protects: a request's tokens (greedy and sampled) are the same alone, batched, served partly from
+ * the prefix cache and preempted then recomputed; cancellation and deadlines finish requests and
+ * free their KV; submission refuses what could never run; tenants never share blocks; a cache full
+ * of unreferenced blocks is evicted, not a dead end; every request finishes exactly once under
+ * memory pressure; requests join a running batch; stop ids, on_token's stop and the context's end
+ * finish requests as documented; the liveness step runs. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "engine.h"
+#include "mkmodel.h"
+#include "sched.h"
+
+#define BLOCK 4
+#define N_REQ 6
+#define N_GEN 16
+#define MAX_IDS 64
+#define MAX_PROMPT 96
+
+static char g_path[256];
+
+static int setup(void **state)
+{
+    (void)state;
+    snprintf(g_path, sizeof g_path, "/tmp/folio_test_sched_%d.gguf", (int)getpid());
+    mkmodel_params_t p;
+    mkmodel_params_default(&p); /* 2 layers, dim 64, F32, vocab 512, ctx 256 */
+    p.seed = 11;
+    fl_error_t err = {0};
+    if (mkmodel_write(&p, g_path, &err)) {
+        fprintf(stderr, "mkmodel: %s\n", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    unlink(g_path);
+    return 0;
+}
+
+/* 256 bytes of KV per token (2 layers x 2 KV heads x 16 dims x K,V x f16): 1 KiB per block. */
+static engine_t *open_engine(int kv_blocks, int max_ctx)
+{
+    fl_error_t err = {0};
+    /* Up to 64 tokens per step every row is computed the same way whatever the batch. */
+    engine_opts_t o = {.model_path = g_path, .backend = "cpu", .threads = 2, .max_batch_tokens = 64,
+                       .block_size = BLOCK, .max_seqs = 16, .max_ctx = max_ctx,
+                       .kv_budget_bytes = (size_t)kv_blocks * 256 * BLOCK};
+    engine_t *e = engine_new(&o, &err);
+    if (!e) fail_msg("engine_new: %s", err.msg);
+    assert_int_equal(e->kv->n_blocks, kv_blocks);
+    return e;
+}
+
+/* What the callbacks saw, per request id. */
+typedef struct record {
+    int32_t tokens[MAX_IDS][256];
+    int n_tokens[MAX_IDS];
+    int n_finish[MAX_IDS];
+    sched_result_t res[MAX_IDS];
+    int stop_at[MAX_IDS]; /* on_token returns true at this index (-1: never) */
+    sched_t *s;           /* for callbacks that call back in */
+    int cancel_on_token;  /* id to cancel from on_token, -1: none */
+} record_t;
+
+static void record_init(record_t *r)
+{
+    memset(r, 0, sizeof *r);
+    for (int i = 0; i < MAX_IDS; i++) r->stop_at[i] = -1;
+    r->cancel_on_token = -1;
+}
+
+static bool on_token(void *user, uint64_t id, int index, int32_t token)
+{
+    record_t *r = user;
+    assert_true(id < MAX_IDS);
+    assert_int_equal(index, r->n_tokens[id]); /* indices continue, never repeat */
+    r->tokens[id][r->n_tokens[id]++] = token;
+    if (r->cancel_on_token >= 0 && r->s) {
+        assert_int_equal(sched_cancel(r->s, (uint64_t)r->cancel_on_token), 0);
+        r->cancel_on_token = -1;
+    }
+    return r->stop_at[id] == index;
+}
+
+static void on_finish(void *user, const sched_result_t *res)
+{
+    record_t *r = user;
+    assert_true(res->id < MAX_IDS);
+    r->n_finish[res->id]++;
+    r->res[res->id] = *res;
+    assert_int_equal(res->n_generated, r->n_tokens[res->id]);
+}
+
+static sched_t *new_sched(engine_t *e, record_t *rec, const sched_opts_t *o)
+{
+    fl_error_t err = {0};
+    const sched_callbacks_t cb = {.on_token = on_token, .on_finish = on_finish, .user = rec};
+    sched_t *s = sched_new(e->model, e->kv, o, &cb, &err);
+    if (!s) fail_msg("sched_new: %s", err.msg);
+    rec->s = s;
+    return s;
+}
+
+static void run_to_end(sched_t *s)
+{
+    fl_error_t err = {0};
+    for (int i = 0; sched_has_work(s); i++) {
+        if (sched_step(s, &err)) fail_msg("sched_step: %s", err.msg);
+        assert_true(i < 100000);
+    }
+}
+
+static int32_t g_prompts[N_REQ][MAX_PROMPT];
+static int g_lens[N_REQ];
+
+/* Prompts 0..2 share a 40-token prefix, as a system prompt would; the others are unrelated. */
+static void make_prompts(void)
+{
+    uint32_t x = 99;
+    for (int i = 0; i < N_REQ; i++) {
+        g_lens[i] = 45 + i * 7;
+        for (int j = 0; j < g_lens[i]; j++) {
+            x = x * 1664525u + 1013904223u;
+            g_prompts[i][j] = (i < 3 && j < 40) ? 10 + j * 3 : 3 + (int32_t)((x >> 8) % 500);
+        }
+    }
+}
+
+static sched_request_t request(int i, float temperature)
+{
+    return (sched_request_t){.id = (uint64_t)i, .prompt = g_prompts[i], .n_prompt = g_lens[i],
+                             .max_tokens = N_GEN, .ignore_eog = true,
+                             .sampling = {.temperature = temperature, .top_k = 40, .top_p = 0.9f,
+                                          .seed = 500 + (uint64_t)i}};
+}
+
+static void submit(sched_t *s, const sched_request_t *r)
+{
+    fl_error_t err = {0};
+    if (sched_submit(s, r, &err)) fail_msg("sched_submit: %s", err.msg);
+}
+
+/* Runs requests [first, first + n) together; returns the scheduler's stats. */
+static sched_stats_t run_batch(engine_t *e, record_t *rec, const sched_opts_t *o, int first, int n, float temp)
+{
+    sched_t *s = new_sched(e, rec, o);
+    for (int i = first; i < first + n; i++) {
+        const sched_request_t r = request(i, temp);
+        submit(s, &r);
+    }
+    run_to_end(s);
+    sched_stats_t st;
+    sched_get_stats(s, &st);
+    assert_int_equal(st.kv_blocks_used, 0);
+    sched_destroy(&s);
+    assert_null(s);
+    for (int i = first; i < first + n; i++) {
+        assert_int_equal(rec->n_finish[i], 1);
+        assert_int_equal(rec->res[i].finish, SCHED_FINISH_LENGTH);
+        assert_int_equal(rec->n_tokens[i], N_GEN);
+    }
+    return st;
+}
+
+static void assert_same_tokens(const record_t *a, const record_t *b)
+{
+    for (int i = 0; i < N_REQ; i++) {
+        assert_int_equal(a->n_tokens[i], b->n_tokens[i]);
+        assert_memory_equal(a->tokens[i], b->tokens[i], (size_t)a->n_tokens[i] * sizeof(int32_t));
+    }
+}
+
+static void output_is_identical_alone_batched_cached_and_preempted(void **state)
+{
+    (void)state;
+    make_prompts();
+    static record_t alone, batched, cached, preempted;
+    for (int t = 0; t < 2; t++) {
+        const float temp = t ? 0.8f : 0.0f; /* greedy, then sampled with fixed seeds */
+        /* (a) alone, no prefix cache */
+        record_init(&alone);
+        engine_t *e = open_engine(256, 0);
+        const sched_opts_t no_cache = {.no_prefix_cache = true};
+        for (int i = 0; i < N_REQ; i++) run_batch(e, &alone, &no_cache, i, 1, temp);
+        /* the same tokens as the simple generation loop */
+        for (int i = 0; i < N_REQ; i++) {
+            const sched_request_t sr = request(i, temp);
+            int32_t out[N_GEN];
+            gen_request_t g = {.prompt = sr.prompt, .n_prompt = sr.n_prompt, .max_tokens = N_GEN,
+                               .sampling = sr.sampling, .ignore_eog = true, .tokens = out};
+            fl_error_t err = {0};
+            assert_int_equal(gen_run(e->model, e->kv, &g, 1, NULL, NULL, NULL, &err), 0);
+            assert_int_equal(g.n_tokens, N_GEN);
+            assert_memory_equal(out, alone.tokens[i], sizeof out);
+        }
+        /* (b) all together, on a fresh cache: the shared prefix hits only across steps */
+        record_init(&batched);
+        run_batch(e, &batched, &no_cache, 0, N_REQ, temp);
+        assert_same_tokens(&alone, &batched);
+        /* (c) one after another with the prefix cache: prompts 1 and 2 find prompt 0's prefix, and
+         * a second pass finds everything but the last block */
+        record_init(&cached);
+        const sched_opts_t with_cache = {0};
+        uint64_t hit = 0;
+        for (int i = 0; i < N_REQ; i++) hit += run_batch(e, &cached, &with_cache, i, 1, temp).cached_prompt_tokens;
+        assert_true(cached.res[1].n_cached >= 40 / BLOCK * BLOCK);
+        assert_true(cached.res[2].n_cached >= 40 / BLOCK * BLOCK);
+        assert_same_tokens(&alone, &cached);
+        record_init(&cached);
+        const sched_stats_t st = run_batch(e, &cached, &with_cache, 0, N_REQ, temp);
+        assert_true(st.cached_prompt_tokens > hit);
+        for (int i = 0; i < N_REQ; i++) assert_true(cached.res[i].n_cached > 0);
+        assert_same_tokens(&alone, &cached);
+        engine_destroy(&e);
+        /* (d) a KV pool too small for all of them at once: sequences are preempted and recomputed */
+        record_init(&preempted);
+        e = open_engine(40, 0);
+        const sched_stats_t pst = run_batch(e, &preempted, &with_cache, 0, N_REQ, temp);
+        assert_true(pst.preemptions > 0);
+        int n_preempted = 0;
+        for (int i = 0; i < N_REQ; i++) n_preempted += preempted.res[i].preemptions;
+        assert_int_equal(n_preempted, (int)pst.preemptions);
+        assert_same_tokens(&alone, &preempted);
+        engine_destroy(&e);
+        /* ... and without the prefix cache, recomputing everything */
+        record_init(&preempted);
+        e = open_engine(40, 0);
+        assert_true(run_batch(e, &preempted, &no_cache, 0, N_REQ, temp).preemptions > 0);
+        assert_same_tokens(&alone, &preempted);
+        engine_destroy(&e);
+    }
+}
+
+static void cancel_frees_kv_and_reports_once(void **state)
+{
+    (void)state;
+    make_prompts();
+    static record_t rec;
+    record_init(&rec);
+    engine_t *e = open_engine(128, 0);
+    sched_t *s = new_sched(e, &rec, NULL);
+    for (int i = 0; i < 3; i++) {
+        const sched_request_t r = request(i, 0);
+        submit(s, &r);
+    }
+    fl_error_t err = {0};
+    for (int i = 0; i < 3; i++) assert_int_equal(sched_step(s, &err), 0);
+    sched_stats_t st;
+    sched_get_stats(s, &st);
+    assert_true(st.kv_blocks_used > 0);
+    assert_int_equal(sched_cancel(s, 1), 0);
+    assert_int_equal(rec.n_finish[1], 1);
+    assert_int_equal(rec.res[1].finish, SCHED_FINISH_CANCELLED);
+    assert_int_equal(sched_cancel(s, 1), FL_ENOTFOUND);
+    assert_int_equal(sched_cancel(s, 77), FL_ENOTFOUND);
+    sched_cancel_all(s);
+    assert_int_equal(rec.n_finish[0], 1);
+    assert_int_equal(rec.n_finish[2], 1);
+    assert_int_equal(rec.res[0].finish, SCHED_FINISH_CANCELLED);
+    assert_false(sched_has_work(s));
+    sched_get_stats(s, &st);
+    assert_int_equal(st.kv_blocks_used, 0);
+    assert_int_equal(st.running + st.waiting, 0);
+    /* Destroying a scheduler with live requests cancels them through the callbacks. */
+    const sched_request_t r = request(3, 0);
+    submit(s, &r);
+    assert_int_equal(sched_step(s, &err), 0);
+    sched_destroy(&s);
+    assert_int_equal(rec.n_finish[3], 1);
+    assert_int_equal(rec.res[3].finish, SCHED_FINISH_CANCELLED);
+    assert_int_equal(kv_cache_used_blocks(e->kv), 0);
+    engine_destroy(&e);
+}
+
+static void callback_may_cancel_another_request_mid_step(void **state)
+{
+    (void)state;
+    make_prompts();
+    static record_t rec;
+    record_init(&rec);
+    engine_t *e = open_engine(128, 0);
+    sched_t *s = new_sched(e, &rec, NULL);
+    for (int i = 0; i < 3; i++) {
+        const sched_request_t r = request(i, 0);
+        submit(s, &r);
+    }
+    rec.cancel_on_token = 2; /* from the first on_token of the first step that samples */
+    run_to_end(s);
+    assert_int_equal(rec.n_finish[2], 1);
+    assert_int_equal(rec.res[2].finish, SCHED_FINISH_CANCELLED);
+    assert_int_equal(rec.res[0].finish, SCHED_FINISH_LENGTH);
+    sched_destroy(&s);
+    engine_destroy(&e);
+}
+
+static void deadline_expiry_finishes_with_deadline(void **state)
+{
+    (void)state;
+    make_prompts();
+    static record_t rec;
+    record_init(&rec);
+    engine_t *e = open_engine(128, 0);
+    sched_t *s = new_sched(e, &rec, NULL);
+    sched_request_t r = request(0, 0);
+    r.deadline = fl_clock_s() + 3600;
+    submit(s, &r);
+    r = request(1, 0);
+    r.deadline = fl_clock_s() + 0.05;
+    submit(s, &r);
+    fl_error_t err = {0};
+    assert_int_equal(sched_step(s, &err), 0);
+    usleep(80 * 1000);
+    run_to_end(s);
+    assert_int_equal(rec.res[1].finish, SCHED_FINISH_DEADLINE);
+    assert_int_equal(rec.n_finish[1], 1);
+    assert_true(rec.res[1].t_done >= r.deadline);
+    assert_int_equal(rec.res[0].finish, SCHED_FINISH_LENGTH);
+    /* A request still waiting when its deadline passes never runs. */
+    r = request(2, 0);
+    r.deadline = fl_clock_s() - 1;
+    submit(s, &r);
+    assert_int_equal(sched_step(s, &err), 0);
+    assert_int_equal(rec.res[2].finish, SCHED_FINISH_DEADLINE);
+    assert_int_equal(rec.res[2].t_scheduled, 0);
+    assert_int_equal(rec.n_tokens[2], 0);
+    sched_destroy(&s);
+    engine_destroy(&e);
+}
+
+static void submit_refuses_never_fitting_with_erange_and_bad_with_einval(void **state)
+{
+    (void)state;
+    static record_t rec;
+    record_init(&rec);
+    engine_t *e = open_engine(16, 128); /* 15 usable blocks of 4: 60 tokens; context 128 */
+    sched_t *s = new_sched(e, &rec, &(sched_opts_t){.max_waiting = 2});
+    int32_t prompt[200];
+    for (int i = 0; i < 200; i++) prompt[i] = 3 + i;
+    fl_error_t err = {0};
+    sched_request_t r = {.id = 1, .prompt = prompt, .n_prompt = 0, .max_tokens = 4};
+    assert_int_equal(sched_submit(s, &r, &err), FL_EINVAL);
+    r.n_prompt = 10;
+    r.max_tokens = -1;
+    assert_int_equal(sched_submit(s, &r, &err), FL_EINVAL);
+    r.max_tokens = 4;
+    r.n_prompt = 128; /* the whole context: no room for a token */
+    assert_int_equal(sched_submit(s, &r, &err), FL_EINVAL);
+    assert_non_null(strstr(err.msg, "context"));
+    r.n_prompt = 10;
+    prompt[3] = 100000;
+    assert_int_equal(sched_submit(s, &r, &err), FL_EINVAL);
+    prompt[3] = 6;
+    r.n_prompt = 50;
+    r.max_tokens = 20; /* 70 tokens: 18 blocks, more than 15 */
+    assert_int_equal(sched_submit(s, &r, &err), FL_ERANGE);
+    assert_non_null(strstr(err.msg, "KV blocks"));
+    r.max_tokens = 10; /* exactly 15 blocks */
+    assert_int_equal(sched_submit(s, &r, &err), 0);
+    assert_int_equal(sched_submit(s, &r, &err), FL_EINVAL); /* id 1 is live */
+    r.id = 2;
+    assert_int_equal(sched_submit(s, &r, &err), 0);
+    r.id = 3;
+    assert_int_equal(sched_submit(s, &r, &err), FL_ERANGE); /* queue of 2 is full */
+    assert_non_null(strstr(err.msg, "queue"));
+    assert_int_equal(rec.n_finish[3], 0);
+    /* max_tokens 0 is accepted and finished at once. */
+    r.id = 4;
+    r.max_tokens = 0;
+    sched_cancel_all(s);
+    assert_int_equal(sched_submit(s, &r, &err), 0);
+    assert_int_equal(rec.n_finish[4], 1);
+    assert_int_equal(rec.res[4].finish, SCHED_FINISH_LENGTH);
+    sched_destroy(&s);
+    engine_destroy(&e);
+}
+
+static void generation_stops_with_length_at_the_context_end(void **state)
+{
+    (void)state;
+    static record_t rec;
+    record_init(&rec);
+    engine_t *e = open_engine(64, 32);
+    sched_t *s = new_sched(e, &rec, NULL);
+    int32_t prompt[29];
+    for (int i = 0; i < 29; i++) prompt[i] = 20 + i;
+    const sched_request_t r = {.id = 5, .prompt = prompt, .n_prompt = 29, .max_tokens = 100, .ignore_eog = true};
+    submit(s, &r);
+    run_to_end(s);
+    assert_int_equal(rec.res[5].finish, SCHED_FINISH_LENGTH);
+    assert_int_equal(rec.res[5].n_generated, 3); /* positions 29, 30, 31 of a context of 32 */
+    sched_destroy(&s);
+    engine_destroy(&e);
+}
+
+static void tenants_with_different_salts_never_share_blocks(void **state)
+{
+    (void)state;
+    make_prompts();
+    static record_t rec;
+    engine_t *e = open_engine(256, 0);
+    sched_t *s = new_sched(e, &rec, NULL);
+    const block_hash_t salt_a = block_hash_salt("alice", 5), salt_b = block_hash_salt("bob", 3);
+    const block_hash_t salts[3] = {salt_a, salt_b, salt_a};
+    const int expect_cached[3] = {0, 0, g_lens[0] / BLOCK * BLOCK}; /* same tokens, other tenant: no hit */
+    for (int t = 0; t < 3; t++) {
+        record_init(&rec);
+        rec.s = s;
+        sched_request_t r = request(0, 0);
+        r.salt = salts[t];
+        submit(s, &r);
+        run_to_end(s);
+        assert_int_equal(rec.res[0].n_cached, expect_cached[t]);
+    }
+    sched_destroy(&s);
+    engine_destroy(&e);
+}
+
+static void lru_eviction_keeps_running_when_cache_is_full_of_unreferenced_blocks(void **state)
+{
+    (void)state;
+    static record_t rec;
+    record_init(&rec);
+    engine_t *e = open_engine(32, 0); /* 31 usable blocks: about two requests' worth */
+    sched_t *s = new_sched(e, &rec, NULL);
+    int32_t prompt[48];
+    for (int k = 0; k < 8; k++) {
+        for (int i = 0; i < 48; i++) prompt[i] = 3 + (k * 131 + i * 17) % 500;
+        const sched_request_t r = {.id = (uint64_t)k, .prompt = prompt, .n_prompt = 48, .max_tokens = 8,
+                                   .ignore_eog = true};
+        submit(s, &r);
+        run_to_end(s);
+        assert_int_equal(rec.res[k].finish, SCHED_FINISH_LENGTH);
+        sched_stats_t st;
+        sched_get_stats(s, &st);
+        assert_int_equal(st.kv_blocks_used, 0);
+        assert_true(st.kv_blocks_cached > 0);
+    }
+    assert_true(e->kv->evictions > 0);
+    /* The most recent prompt is still cached; the first was evicted long ago. */
+    const sched_request_t again = {.id = 20, .prompt = prompt, .n_prompt = 48, .max_tokens = 1, .ignore_eog = true};
+    submit(s, &again);
+    run_to_end(s);
+    assert_int_equal(rec.res[20].n_cached, 44); /* all 12 blocks hit; the last is recomputed for logits */
+    for (int i = 0; i < 48; i++) prompt[i] = 3 + (i * 17) % 500;
+    const sched_request_t first = {.id = 21, .prompt = prompt, .n_prompt = 48, .max_tokens = 1, .ignore_eog = true};
+    submit(s, &first);
+    run_to_end(s);
+    assert_int_equal(rec.res[21].n_cached, 0);
+    sched_destroy(&s);
+    engine_destroy(&e);
+}
+
+static void many_requests_under_memory_pressure_all_finish_exactly_once(void **state)
+{
+    (void)state;
+    static record_t rec;
+    record_init(&rec);
+    engine_t *e = open_engine(48, 0);
+    sched_t *s = new_sched(e, &rec, &(sched_opts_t){.max_running = 8, .max_batch_tokens = 32});
+    enum { N = 40 };
+    static int32_t prompts[N][40];
+    for (int k = 0; k < N; k++) {
+        const int len = 5 + k % 30;
+        for (int i = 0; i < len; i++) prompts[k][i] = 3 + (k * 7 + i * 13) % 500;
+        const sched_request_t r = {.id = (uint64_t)k, .prompt = prompts[k], .n_prompt = len,
+                                   .max_tokens = 6 + k % 11, .ignore_eog = true};
+        submit(s, &r);
+    }
+    run_to_end(s);
+    sched_stats_t st;
+    sched_get_stats(s, &st);
+    for (int k = 0; k < N; k++) {
+        assert_int_equal(rec.n_finish[k], 1);
+        assert_int_equal(rec.res[k].finish, SCHED_FINISH_LENGTH);
+        assert_int_equal(rec.res[k].n_generated, 6 + k % 11);
+        assert_true(rec.res[k].t_submit <= rec.res[k].t_scheduled);
+        assert_true(rec.res[k].t_scheduled <= rec.res[k].t_first_token);
+        assert_true(rec.res[k].t_first_token <= rec.res[k].t_done);
+    }
+    assert_true(st.preemptions > 0);
+    assert_int_equal(st.kv_blocks_used, 0);
+    sched_destroy(&s);
+    engine_destroy(&e);
+}
+
+static void requests_submitted_between_steps_join_the_running_batch(void **state)
+{
+    (void)state;
+    make_prompts();
+    static record_t alone, joined;
+    record_init(&alone);
+    engine_t *e = open_engine(256, 0);
+    const sched_opts_t no_cache = {.no_prefix_cache = true};
+    run_batch(e, &alone, &no_cache, 3, 1, 0);
+    run_batch(e, &alone, &no_cache, 4, 1, 0);
+    record_init(&joined);
+    sched_t *s = new_sched(e, &joined, &no_cache);
+    sched_request_t r = request(3, 0);
+    submit(s, &r);
+    fl_error_t err = {0};
+    for (int i = 0; i < 4; i++) assert_int_equal(sched_step(s, &err), 0);
+    assert_true(joined.n_tokens[3] > 0);
+    r = request(4, 0);
+    submit(s, &r);
+    assert_int_equal(sched_step(s, &err), 0);
+    sched_stats_t st;
+    sched_get_stats(s, &st);
+    assert_int_equal(st.running, 2);
+    run_to_end(s);
+    for (int i = 3; i < 5; i++)
+        assert_memory_equal(alone.tokens[i], joined.tokens[i], N_GEN * sizeof(int32_t));
+    sched_destroy(&s);
+    engine_destroy(&e);
+}
+
+static void stop_ids_and_on_token_stop_finish_with_stop(void **state)
+{
+    (void)state;
+    make_prompts();
+    static record_t ref, rec;
+    record_init(&ref);
+    engine_t *e = open_engine(256, 0);
+    run_batch(e, &ref, NULL, 0, 1, 0);
+    /* on_token returning true at index 3: four tokens reported, then STOP. */
+    record_init(&rec);
+    rec.stop_at[0] = 3;
+    sched_t *s = new_sched(e, &rec, NULL);
+    sched_request_t r = request(0, 0);
+    submit(s, &r);
+    run_to_end(s);
+    assert_int_equal(rec.res[0].finish, SCHED_FINISH_STOP);
+    assert_int_equal(rec.n_tokens[0], 4);
+    /* A stop id ends the request without reporting that token. */
+    int k = 1; /* the first token that did not occur before it */
+    for (bool seen = true; seen && k < N_GEN; k += seen) {
+        seen = false;
+        for (int j = 0; j < k; j++) seen |= ref.tokens[0][j] == ref.tokens[0][k];
+    }
+    assert_true(k < N_GEN);
+    record_init(&rec);
+    rec.s = s;
+    const int32_t stop[2] = {1, ref.tokens[0][k]};
+    r.stop_ids = stop;
+    r.n_stop_ids = 2;
+    submit(s, &r);
+    run_to_end(s);
+    assert_int_equal(rec.res[0].finish, SCHED_FINISH_STOP);
+    assert_int_equal(rec.n_tokens[0], k);
+    assert_memory_equal(rec.tokens[0], ref.tokens[0], (size_t)k * sizeof(int32_t));
+    sched_destroy(&s);
+    engine_destroy(&e);
+}
+
+static void liveness_returns_a_positive_duration(void **state)
+{
+    (void)state;
+    static record_t rec;
+    record_init(&rec);
+    engine_t *e = open_engine(8, 0);
+    sched_t *s = new_sched(e, &rec, NULL);
+    sched_stats_t st;
+    sched_get_stats(s, &st);
+    assert_int_equal(st.kv_blocks_total, 7); /* one block reserved */
+    assert_int_equal(st.kv_blocks_used, 0);
+    fl_error_t err = {0};
+    const double dt = sched_liveness(s, &err);
+    assert_true(dt > 0);
+    assert_true(dt < 10);
+    sched_destroy(&s);
+    assert_int_equal(kv_cache_free_blocks(e->kv), 8);
+    assert_string_equal(sched_finish_name(SCHED_FINISH_DEADLINE), "deadline");
+    engine_destroy(&e);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(output_is_identical_alone_batched_cached_and_preempted),
+        cmocka_unit_test(cancel_frees_kv_and_reports_once),
+        cmocka_unit_test(callback_may_cancel_another_request_mid_step),
+        cmocka_unit_test(deadline_expiry_finishes_with_deadline),
+        cmocka_unit_test(submit_refuses_never_fitting_with_erange_and_bad_with_einval),
+        cmocka_unit_test(generation_stops_with_length_at_the_context_end),
+        cmocka_unit_test(tenants_with_different_salts_never_share_blocks),
+        cmocka_unit_test(lru_eviction_keeps_running_when_cache_is_full_of_unreferenced_blocks),
+        cmocka_unit_test(many_requests_under_memory_pressure_all_finish_exactly_once),
+        cmocka_unit_test(requests_submitted_between_steps_join_the_running_batch),
+        cmocka_unit_test(stop_ids_and_on_token_stop_finish_with_stop),
+        cmocka_unit_test(liveness_returns_a_positive_duration),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -1,0 +1,591 @@
+/* sched.c - continuous batching with prefix caching and preemption; see sched.h.
+ *
+ * A sequence holds its tokens (prompt, then what it generated) and how many of them have K/V in the
+ * cache (n_computed). Prompt and generation are one thing here: each step feeds a sequence's
+ * tokens [n_computed, n_tokens), and when that reaches n_tokens the last row's logits choose the
+ * next token. A decoding sequence has exactly one token pending; a new or preempted one has more.
+ * Preemption therefore needs no special case: it drops the K/V (n_computed = 0) and keeps the
+ * tokens; on re-admission the prefix cache returns most blocks and the rest is recomputed. As the
+ * next token's sampling draw depends only on (seed, index in the completion) and the kernels give
+ * each row the same result whatever the batch, a recomputed sequence continues exactly as it would
+ * have.
+ *
+ * A step: expire deadlines; admit from the queue head (prefix-cache lookups, then a check that the
+ * rest of the prompt fits in the free and evictable blocks); plan each running sequence's share of
+ * the token budget (decode tokens first, then prompt chunks, oldest first), reserving its blocks and
+ * preempting the youngest running sequence whenever a block cannot be had; run one forward; publish
+ * the blocks that became full; sample and report.
+ *
+ * Memory: batch buffers are sized in sched_new; a request's buffers (tokens, block table, hashes)
+ * are allocated once at submission. Finished sequences are freed only when no step is iterating
+ * over them, so a callback may cancel or submit.
+ *
+ * Threading: everything here belongs to the thread that calls sched_*; see sched.h. */
+#include "sched.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "clock.h"
+#include "log.h"
+
+typedef struct seq {
+    sched_request_t req;     /* prompt and stop_ids point into tokens / stop below */
+    sched_result_t res;
+    int32_t *tokens;         /* [n_prompt + max_tokens] prompt, then generated tokens */
+    int32_t *stop;           /* [n_stop_ids] */
+    int max_tokens;          /* clamped to the context */
+    int n_tokens;            /* n_prompt + res.n_generated */
+    int n_computed;          /* tokens whose K/V are in kv.blocks */
+    kv_seq_t kv;
+    block_hash_t *hashes;    /* [max_blocks] chain hashes of full blocks; valid below n_hashed */
+    int n_hashed, n_published;
+    int take;                /* tokens planned for this step */
+    bool finished;
+    struct seq *next_dead;
+} seq_t;
+
+struct sched {
+    model_t *m;
+    kv_cache_t *kv;
+    sched_opts_t o;
+    sched_callbacks_t cb;
+    int ctx;                 /* tokens of context: m->max_blocks * block_size */
+    int32_t live_block;      /* reserved for sched_liveness */
+
+    seq_t **running;         /* [max_running] in admission order: the last is the youngest */
+    int n_running;
+    seq_t **waiting;         /* ring of [wait_cap] */
+    int wait_cap, wait_head, n_waiting;
+    seq_t *dead;             /* finished, freed when no step iterates */
+    int in_step;
+
+    /* Batch buffers. */
+    int32_t *tokens, *pos, *seq_row, *tables, *logit_rows, *sampled;
+    seq_t **logit_seq;
+    kern_sampling_t *sampling;
+
+    sched_stats_t st;
+};
+
+const char *sched_finish_name(sched_finish_t f)
+{
+    switch (f) {
+    case SCHED_FINISH_STOP: return "stop";
+    case SCHED_FINISH_LENGTH: return "length";
+    case SCHED_FINISH_CANCELLED: return "cancelled";
+    case SCHED_FINISH_DEADLINE: return "deadline";
+    case SCHED_FINISH_ERROR: return "error";
+    default: return "none";
+    }
+}
+
+static void seq_free(sched_t *s, seq_t *q)
+{
+    kv_seq_free(s->kv, &q->kv);
+    free(q->tokens);
+    free(q->stop);
+    free(q->hashes);
+    free(q);
+}
+
+static void reap(sched_t *s)
+{
+    if (s->in_step) return;
+    while (s->dead) {
+        seq_t *q = s->dead;
+        s->dead = q->next_dead;
+        seq_free(s, q);
+    }
+}
+
+/* --- queues --------------------------------------------------------------------------------- */
+
+static seq_t *wait_at(const sched_t *s, int i) { return s->waiting[(s->wait_head + i) % s->wait_cap]; }
+
+static void wait_push_back(sched_t *s, seq_t *q)
+{
+    s->waiting[(s->wait_head + s->n_waiting++) % s->wait_cap] = q;
+}
+
+static void wait_push_front(sched_t *s, seq_t *q)
+{
+    s->wait_head = (s->wait_head + s->wait_cap - 1) % s->wait_cap;
+    s->waiting[s->wait_head] = q;
+    s->n_waiting++;
+}
+
+static void wait_pop_front(sched_t *s)
+{
+    s->wait_head = (s->wait_head + 1) % s->wait_cap;
+    s->n_waiting--;
+}
+
+static void wait_remove(sched_t *s, int i)
+{
+    for (int j = i; j + 1 < s->n_waiting; j++)
+        s->waiting[(s->wait_head + j) % s->wait_cap] = s->waiting[(s->wait_head + j + 1) % s->wait_cap];
+    s->n_waiting--;
+}
+
+static void running_remove(sched_t *s, const seq_t *q)
+{
+    for (int i = 0; i < s->n_running; i++)
+        if (s->running[i] == q) {
+            memmove(s->running + i, s->running + i + 1, (size_t)(s->n_running - i - 1) * sizeof *s->running);
+            s->n_running--;
+            return;
+        }
+}
+
+/* Removes q from wherever it is, releases its blocks, reports it and queues it for freeing. */
+static void finish(sched_t *s, seq_t *q, sched_finish_t f)
+{
+    if (q->finished) return;
+    q->finished = true;
+    running_remove(s, q);
+    for (int i = 0; i < s->n_waiting; i++)
+        if (wait_at(s, i) == q) {
+            wait_remove(s, i);
+            break;
+        }
+    kv_seq_reset(s->kv, &q->kv);
+    q->res.finish = f;
+    q->res.t_done = fl_clock_s();
+    q->next_dead = s->dead;
+    s->dead = q;
+    if (s->cb.on_finish) s->cb.on_finish(s->cb.user, &q->res);
+}
+
+/* Drops q's K/V (its full blocks stay cached) and puts it back at the head of the queue. */
+static void preempt(sched_t *s, seq_t *q)
+{
+    running_remove(s, q);
+    kv_seq_reset(s->kv, &q->kv);
+    q->n_computed = 0;
+    q->n_published = 0;
+    q->take = 0;
+    q->res.preemptions++;
+    s->st.preemptions++;
+    wait_push_front(s, q);
+    fl_log_debug("sched preempt id=%llu generated=%d", (unsigned long long)q->res.id, q->res.n_generated);
+}
+
+/* --- construction --------------------------------------------------------------------------- */
+
+sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const sched_callbacks_t *cb,
+                   fl_error_t *err)
+{
+    if (kv->block_size != m->block_size) {
+        fl_fail(err, FL_EINVAL, "sched: KV block size %d differs from the model's %d", kv->block_size,
+                m->block_size);
+        return NULL;
+    }
+    if (kv->n_blocks < 2) {
+        fl_fail(err, FL_ERANGE, "sched: the KV cache has %d block(s); one is reserved, so at least 2 are needed",
+                kv->n_blocks);
+        return NULL;
+    }
+    sched_t *s = calloc(1, sizeof *s);
+    if (!s) goto oom;
+    s->m = m;
+    s->kv = kv;
+    s->live_block = -1;
+    if (opts) s->o = *opts;
+    if (cb) s->cb = *cb;
+    const int max_seqs = m->max_seqs < m->max_logits ? m->max_seqs : m->max_logits;
+    if (s->o.max_running <= 0 || s->o.max_running > max_seqs) s->o.max_running = max_seqs;
+    if (s->o.max_batch_tokens <= 0 || s->o.max_batch_tokens > m->max_tokens) s->o.max_batch_tokens = m->max_tokens;
+    if (s->o.max_waiting <= 0) s->o.max_waiting = 4096;
+    s->ctx = m->max_blocks * kv->block_size;
+    /* Preempted sequences return to the queue beyond max_waiting, at most max_running of them. */
+    s->wait_cap = s->o.max_waiting + s->o.max_running;
+    const int nr = s->o.max_running, nt = s->o.max_batch_tokens;
+    s->running = calloc((size_t)nr, sizeof *s->running);
+    s->waiting = calloc((size_t)s->wait_cap, sizeof *s->waiting);
+    s->tokens = malloc((size_t)nt * sizeof *s->tokens);
+    s->pos = malloc((size_t)nt * sizeof *s->pos);
+    s->seq_row = malloc((size_t)nt * sizeof *s->seq_row);
+    s->tables = malloc((size_t)nr * m->max_blocks * sizeof *s->tables);
+    s->logit_rows = malloc((size_t)nr * sizeof *s->logit_rows);
+    s->sampled = malloc((size_t)nr * sizeof *s->sampled);
+    s->logit_seq = malloc((size_t)nr * sizeof *s->logit_seq);
+    s->sampling = malloc((size_t)nr * sizeof *s->sampling);
+    if (!s->running || !s->waiting || !s->tokens || !s->pos || !s->seq_row || !s->tables || !s->logit_rows ||
+        !s->sampled || !s->logit_seq || !s->sampling)
+        goto oom;
+    s->live_block = kv_cache_alloc_block(kv);
+    if (s->live_block < 0) {
+        fl_fail(err, FL_ERANGE, "sched: no free KV block to reserve for the liveness check");
+        sched_destroy(&s);
+        return NULL;
+    }
+    s->st.kv_blocks_total = kv->n_blocks - 1;
+    fl_log_info("sched max_running=%d max_batch_tokens=%d max_waiting=%d kv_blocks=%d prefix_cache=%s", nr, nt,
+                s->o.max_waiting, kv->n_blocks - 1, s->o.no_prefix_cache ? "off" : "on");
+    return s;
+oom:
+    fl_fail(err, FL_ENOMEM, "sched: out of memory");
+    sched_destroy(&s);
+    return NULL;
+}
+
+void sched_destroy(sched_t **sp)
+{
+    sched_t *s = sp ? *sp : NULL;
+    if (!s) return;
+    if (s->running && s->waiting) sched_cancel_all(s);
+    s->in_step = 0;
+    reap(s);
+    if (s->live_block >= 0) kv_cache_release_block(s->kv, s->live_block);
+    free(s->running);
+    free(s->waiting);
+    free(s->tokens);
+    free(s->pos);
+    free(s->seq_row);
+    free(s->tables);
+    free(s->logit_rows);
+    free(s->sampled);
+    free(s->logit_seq);
+    free(s->sampling);
+    free(s);
+    *sp = NULL;
+}
+
+/* --- requests ------------------------------------------------------------------------------- */
+
+static seq_t *find_live(const sched_t *s, uint64_t id)
+{
+    for (int i = 0; i < s->n_running; i++)
+        if (s->running[i]->res.id == id) return s->running[i];
+    for (int i = 0; i < s->n_waiting; i++)
+        if (wait_at(s, i)->res.id == id) return wait_at(s, i);
+    return NULL;
+}
+
+int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
+{
+    const int bs = s->kv->block_size;
+    if (!r || r->n_prompt <= 0 || !r->prompt)
+        return fl_fail(err, FL_EINVAL, "sched: request %llu has an empty prompt",
+                       r ? (unsigned long long)r->id : 0ull);
+    if (r->max_tokens < 0 || r->n_stop_ids < 0 || (r->n_stop_ids > 0 && !r->stop_ids))
+        return fl_fail(err, FL_EINVAL, "sched: request %llu has max_tokens %d, %d stop ids",
+                       (unsigned long long)r->id, r->max_tokens, r->n_stop_ids);
+    if (r->n_prompt >= s->ctx)
+        return fl_fail(err, FL_EINVAL, "sched: request %llu: prompt of %d tokens does not fit the context of %d",
+                       (unsigned long long)r->id, r->n_prompt, s->ctx);
+    for (int i = 0; i < r->n_prompt; i++)
+        if (r->prompt[i] < 0 || r->prompt[i] >= s->m->cfg.n_vocab)
+            return fl_fail(err, FL_EINVAL, "sched: request %llu: token id %d at %d out of vocabulary (%d)",
+                           (unsigned long long)r->id, r->prompt[i], i, s->m->cfg.n_vocab);
+    if (find_live(s, r->id))
+        return fl_fail(err, FL_EINVAL, "sched: request id %llu is already live", (unsigned long long)r->id);
+    /* Generation stops with LENGTH at the context's end. */
+    const int max_tokens = r->max_tokens < s->ctx - r->n_prompt ? r->max_tokens : s->ctx - r->n_prompt;
+    const int64_t need = ((int64_t)r->n_prompt + max_tokens + bs - 1) / bs;
+    if (need > s->st.kv_blocks_total)
+        return fl_fail(err, FL_ERANGE,
+                       "sched: request %llu needs %lld KV blocks (%d prompt + %d new tokens) but the cache has %d",
+                       (unsigned long long)r->id, (long long)need, r->n_prompt, max_tokens, s->st.kv_blocks_total);
+    if (s->n_waiting >= s->o.max_waiting)
+        return fl_fail(err, FL_ERANGE, "sched: queue full (%d waiting)", s->n_waiting);
+
+    seq_t *q = calloc(1, sizeof *q);
+    if (!q) return fl_fail(err, FL_ENOMEM, "sched: out of memory");
+    q->tokens = malloc(((size_t)r->n_prompt + (size_t)max_tokens) * sizeof *q->tokens);
+    q->stop = malloc((size_t)(r->n_stop_ids > 0 ? r->n_stop_ids : 1) * sizeof *q->stop);
+    q->hashes = malloc((size_t)s->m->max_blocks * sizeof *q->hashes);
+    if (!q->tokens || !q->stop || !q->hashes || kv_seq_init(&q->kv, s->m->max_blocks)) {
+        seq_free(s, q);
+        return fl_fail(err, FL_ENOMEM, "sched: out of memory");
+    }
+    memcpy(q->tokens, r->prompt, (size_t)r->n_prompt * sizeof *q->tokens);
+    if (r->n_stop_ids > 0) memcpy(q->stop, r->stop_ids, (size_t)r->n_stop_ids * sizeof *q->stop);
+    q->req = *r;
+    q->req.prompt = q->tokens;
+    q->req.stop_ids = q->stop;
+    q->max_tokens = max_tokens;
+    q->n_tokens = r->n_prompt;
+    q->res.id = r->id;
+    q->res.n_prompt = r->n_prompt;
+    q->res.t_submit = fl_clock_s();
+    if (max_tokens == 0) { /* nothing to generate: accepted and done */
+        q->next_dead = s->dead;
+        s->dead = q;
+        q->finished = true;
+        q->res.finish = SCHED_FINISH_LENGTH;
+        q->res.t_done = q->res.t_submit;
+        if (s->cb.on_finish) s->cb.on_finish(s->cb.user, &q->res);
+        reap(s);
+        return FL_OK;
+    }
+    wait_push_back(s, q);
+    return FL_OK;
+}
+
+int sched_cancel(sched_t *s, uint64_t id)
+{
+    seq_t *q = find_live(s, id);
+    if (!q) return FL_ENOTFOUND;
+    finish(s, q, SCHED_FINISH_CANCELLED);
+    reap(s);
+    return FL_OK;
+}
+
+void sched_cancel_all(sched_t *s)
+{
+    while (s->n_running > 0) finish(s, s->running[s->n_running - 1], SCHED_FINISH_CANCELLED);
+    while (s->n_waiting > 0) finish(s, wait_at(s, s->n_waiting - 1), SCHED_FINISH_CANCELLED);
+    reap(s);
+}
+
+bool sched_has_work(const sched_t *s) { return s->n_running > 0 || s->n_waiting > 0; }
+
+/* --- the step ------------------------------------------------------------------------------- */
+
+static void expire(sched_t *s)
+{
+    const double now = fl_clock_s();
+    /* Backwards, and re-checked, because an on_finish callback may cancel others. */
+    for (int i = s->n_running - 1; i >= 0; i--) {
+        if (i >= s->n_running) continue;
+        seq_t *q = s->running[i];
+        if (q->req.deadline > 0 && now >= q->req.deadline) finish(s, q, SCHED_FINISH_DEADLINE);
+    }
+    for (int i = s->n_waiting - 1; i >= 0; i--) {
+        if (i >= s->n_waiting) continue;
+        seq_t *q = wait_at(s, i);
+        if (q->req.deadline > 0 && now >= q->req.deadline) finish(s, q, SCHED_FINISH_DEADLINE);
+    }
+}
+
+/* Takes the queue head's cached prefix blocks and admits it if the rest of its tokens, plus the
+ * first one it will generate, fit in the blocks an allocation can get. */
+static bool try_admit(sched_t *s, seq_t *q)
+{
+    kv_cache_t *kv = s->kv;
+    const int bs = kv->block_size;
+    int n_hit = 0;
+    if (!s->o.no_prefix_cache) {
+        /* Tokens only ever append, so hashes from an earlier attempt or admission stay valid. */
+        if (q->n_hashed == 0)
+            q->n_hashed = block_hash_prefix(q->req.salt, q->tokens, q->n_tokens, bs, q->hashes, s->m->max_blocks);
+        for (; q->n_hashed < q->n_tokens / bs; q->n_hashed++)
+            q->hashes[q->n_hashed] = block_hash_next(q->n_hashed ? q->hashes[q->n_hashed - 1] : q->req.salt,
+                                                     q->tokens + (size_t)q->n_hashed * bs, bs);
+        while (n_hit < q->n_hashed) {
+            const int32_t b = kv_cache_lookup(kv, q->hashes[n_hit], q->tokens + (size_t)n_hit * bs);
+            if (b < 0) break;
+            q->kv.blocks[q->kv.n_blocks++] = b;
+            n_hit++;
+        }
+        if (n_hit * bs == q->n_tokens) { /* the last token must be computed to give logits */
+            kv_cache_release_block(kv, q->kv.blocks[--q->kv.n_blocks]);
+            n_hit--;
+        }
+    }
+    const int need = (q->n_tokens + 1 + bs - 1) / bs - n_hit;
+    if (need > kv_cache_free_blocks(kv)) {
+        kv_seq_reset(kv, &q->kv);
+        return false;
+    }
+    q->n_computed = q->kv.n_tokens = n_hit * bs;
+    q->n_published = n_hit;
+    if (q->res.t_scheduled == 0) { /* first admission: count the prompt and its cache hits */
+        q->res.t_scheduled = fl_clock_s();
+        q->res.n_cached = n_hit * bs < q->res.n_prompt ? n_hit * bs : q->res.n_prompt;
+        s->st.prompt_tokens += (uint64_t)q->res.n_prompt;
+        s->st.cached_prompt_tokens += (uint64_t)q->res.n_cached;
+    }
+    return true;
+}
+
+static void admit(sched_t *s)
+{
+    while (s->n_waiting > 0 && s->n_running < s->o.max_running) {
+        seq_t *q = wait_at(s, 0);
+        if (!try_admit(s, q)) {
+            if (s->n_running > 0) return; /* first come, first served: wait for room */
+            /* Nothing runs, so every block is free or evictable and validation said it fits;
+             * failing here would stall the queue for good, so finish the request instead. */
+            snprintf(q->res.error, sizeof q->res.error, "does not fit the KV cache (%d blocks free)",
+                     kv_cache_free_blocks(s->kv));
+            finish(s, q, SCHED_FINISH_ERROR);
+            continue;
+        }
+        wait_pop_front(s);
+        s->running[s->n_running++] = q;
+    }
+}
+
+/* Gives each running sequence its share of the token budget, decode tokens first, then prompt
+ * chunks, oldest first, and reserves the blocks. When a block cannot be had the youngest running
+ * sequence is preempted (it may be the one asking); victims are always at the end of running[],
+ * so the forward iteration stays valid. */
+static void plan(sched_t *s)
+{
+    int budget = s->o.max_batch_tokens;
+    for (int i = 0; i < s->n_running; i++) s->running[i]->take = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < s->n_running && budget > 0; i++) {
+            seq_t *q = s->running[i];
+            const int pending = q->n_tokens - q->n_computed;
+            if ((pending == 1) != (pass == 0)) continue;
+            q->take = pending < budget ? pending : budget;
+            budget -= q->take;
+            while (kv_seq_reserve(s->kv, &q->kv, q->n_computed + q->take)) {
+                seq_t *victim = s->running[s->n_running - 1];
+                budget += victim->take;
+                preempt(s, victim);
+                if (victim == q) break;
+            }
+        }
+    }
+}
+
+/* The step's batch from the plan: rows of the block tables follow running[]. */
+static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
+{
+    const int mb = s->m->max_blocks;
+    int n = 0, n_logits = 0;
+    *n_prefill = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < s->n_running; i++) {
+            seq_t *q = s->running[i];
+            if (q->take == 0 || (q->n_tokens - q->n_computed == 1) != (pass == 0)) continue;
+            for (int j = 0; j < q->take; j++) {
+                s->tokens[n + j] = q->tokens[q->n_computed + j];
+                s->pos[n + j] = q->n_computed + j;
+                s->seq_row[n + j] = i;
+            }
+            n += q->take;
+            if (pass == 1) *n_prefill += q->take;
+            if (q->n_computed + q->take == q->n_tokens) { /* its last row chooses the next token */
+                s->logit_rows[n_logits] = n - 1;
+                s->logit_seq[n_logits] = q;
+                s->sampling[n_logits] = q->req.sampling;
+                s->sampling[n_logits].position = (uint64_t)q->res.n_generated;
+                n_logits++;
+            }
+        }
+    }
+    for (int i = 0; i < s->n_running; i++)
+        memcpy(s->tables + (size_t)i * mb, s->running[i]->kv.blocks, (size_t)mb * sizeof *s->tables);
+    *b = (model_batch_t){.n_tokens = n, .tokens = s->tokens, .pos = s->pos, .seq = s->seq_row,
+                         .block_tables = s->tables, .n_seqs = s->n_running, .logit_rows = s->logit_rows,
+                         .n_logits = n_logits};
+    return n;
+}
+
+/* Blocks that the step filled are published to the prefix cache. */
+static void advance_and_publish(sched_t *s, seq_t *q)
+{
+    const int bs = s->kv->block_size;
+    q->n_computed += q->take;
+    q->kv.n_tokens = q->n_computed;
+    q->take = 0;
+    if (s->o.no_prefix_cache) return;
+    while (q->n_published < q->n_computed / bs) {
+        const int i = q->n_published;
+        if (i >= q->n_hashed) {
+            q->hashes[i] = block_hash_next(i ? q->hashes[i - 1] : q->req.salt, q->tokens + (size_t)i * bs, bs);
+            q->n_hashed = i + 1;
+        }
+        kv_cache_publish(s->kv, q->kv.blocks[i], q->hashes[i], q->tokens + (size_t)i * bs);
+        q->n_published++;
+    }
+}
+
+static bool is_stop(const sched_t *s, const seq_t *q, int32_t t)
+{
+    if (!q->req.ignore_eog && tok_is_eog(s->m->tok, t)) return true;
+    for (int i = 0; i < q->req.n_stop_ids; i++)
+        if (q->stop[i] == t) return true;
+    return false;
+}
+
+static void take_token(sched_t *s, seq_t *q, int32_t t, double now)
+{
+    if (q->res.t_first_token == 0) q->res.t_first_token = now;
+    if (is_stop(s, q, t)) {
+        finish(s, q, SCHED_FINISH_STOP);
+        return;
+    }
+    const int index = q->res.n_generated++;
+    q->tokens[q->n_tokens++] = t;
+    s->st.generated_tokens++;
+    const bool stop = s->cb.on_token && s->cb.on_token(s->cb.user, q->res.id, index, t);
+    if (q->finished) return; /* the callback cancelled it */
+    if (stop) finish(s, q, SCHED_FINISH_STOP);
+    else if (q->res.n_generated >= q->max_tokens) finish(s, q, SCHED_FINISH_LENGTH);
+}
+
+int sched_step(sched_t *s, fl_error_t *err)
+{
+    s->in_step++;
+    expire(s);
+    admit(s);
+    plan(s);
+    model_batch_t b;
+    int n_prefill;
+    int rc = FL_OK;
+    if (build_batch(s, &b, &n_prefill) == 0) goto out;
+    const double t0 = fl_clock_s();
+    fl_error_t local = {0};
+    if (!err) err = &local;
+    rc = model_forward(s->m, s->kv, &b, err);
+    if (rc) {
+        /* Nothing of this step is published: the blocks it wrote may hold garbage. */
+        for (int i = s->n_running - 1; i >= 0; i--) {
+            if (i >= s->n_running) continue; /* on_finish may cancel others */
+            seq_t *q = s->running[i];
+            if (q->take == 0) continue;
+            snprintf(q->res.error, sizeof q->res.error, "engine step failed: %.170s", err->msg);
+            finish(s, q, SCHED_FINISH_ERROR);
+        }
+        goto out;
+    }
+    model_sample(s->m, s->sampled, b.n_logits, s->sampling);
+    const double now = fl_clock_s();
+    s->st.steps++;
+    s->st.prefill_tokens += (uint64_t)n_prefill;
+    if (n_prefill > 0) {
+        s->st.prefill_s += now - t0;
+    } else {
+        s->st.decode_s += now - t0;
+        s->st.decode_step_tokens += (uint64_t)b.n_tokens;
+    }
+    for (int i = 0; i < s->n_running; i++) advance_and_publish(s, s->running[i]);
+    /* logit_seq holds pointers, not indices: callbacks may reshape running[] meanwhile. */
+    for (int i = 0; i < b.n_logits; i++)
+        if (!s->logit_seq[i]->finished) take_token(s, s->logit_seq[i], s->sampled[i], now);
+out:
+    s->in_step--;
+    reap(s);
+    return rc;
+}
+
+double sched_liveness(sched_t *s, fl_error_t *err)
+{
+    const int mb = s->m->max_blocks;
+    for (int i = 0; i < mb; i++) s->tables[i] = s->live_block;
+    const int32_t token = 0, pos = 0, row = 0, logit_row = 0;
+    const model_batch_t b = {.n_tokens = 1, .tokens = &token, .pos = &pos, .seq = &row, .block_tables = s->tables,
+                             .n_seqs = 1, .logit_rows = &logit_row, .n_logits = 1};
+    const double t0 = fl_clock_s();
+    const int rc = model_forward(s->m, s->kv, &b, err);
+    if (rc) return rc;
+    const double dt = fl_clock_s() - t0;
+    return dt > 0 ? dt : 1e-9;
+}
+
+void sched_get_stats(const sched_t *s, sched_stats_t *st)
+{
+    *st = s->st;
+    st->running = s->n_running;
+    st->waiting = s->n_waiting;
+    st->kv_blocks_cached = kv_cache_evictable_blocks(s->kv);
+    st->kv_blocks_used = kv_cache_used_blocks(s->kv) - 1; /* the liveness block */
+}
