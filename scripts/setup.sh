@@ -11,7 +11,10 @@ cd "$root"
 # --no-install-recommends would leave the fuzz targets unlinkable.
 packages=(build-essential cmake pkg-config python3 python3-pip python3-venv unzip clang libclang-rt-dev
           libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libopenblas-dev libcmocka-dev
-          libxxhash-dev libcjson-dev libmicrohttpd-dev)
+          libxxhash-dev libcjson-dev libmicrohttpd-dev
+          python3-zmq python3-protobuf protobuf-compiler)
+# The last three let a test talk to the coordinator from Python, written from proto/README.md and
+# folio.proto alone (the protocol's other-language check).
 if [ "${FOLIO_SKIP_APT:-0}" != 1 ]; then
   missing=()
   for p in "${packages[@]}"; do
