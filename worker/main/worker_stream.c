@@ -235,13 +235,23 @@ size_t worker_stop_holdback(const worker_req_t *r, const char *text, size_t n)
 static bool append_text(worker_req_t *r, const char *bytes, int n)
 {
     if (n <= 0 || r->stopped) return false;
-    if (!reserve_text(r, (size_t)n)) {
+    /* protobuf-c sends strings up to their first NUL, so a generated U+0000 would cut the text:
+     * it is sent as U+FFFD (the token ids still carry the exact output; proto/README.md). */
+    size_t n_nul = 0;
+    for (int i = 0; i < n; i++) n_nul += bytes[i] == 0;
+    if (!reserve_text(r, (size_t)n + 2 * n_nul)) {
         fl_log_error("worker id=%llu: out of memory for %d bytes of text (dropped)", (unsigned long long)r->id, n);
         return false;
     }
     const size_t old = r->n_text;
-    memcpy(r->text + old, bytes, (size_t)n);
-    r->n_text += (size_t)n;
+    for (int i = 0; i < n; i++) {
+        if (bytes[i])
+            r->text[r->n_text++] = bytes[i];
+        else {
+            memcpy(r->text + r->n_text, "\xEF\xBF\xBD", 3);
+            r->n_text += 3;
+        }
+    }
     r->text[r->n_text] = 0;
     if (!r->n_stops) return false;
     /* A match not found before ends in the new bytes, so it starts at most max_stop - 1 bytes back. */
