@@ -1,7 +1,10 @@
 /* fuzz_wire.c - libFuzzer target for every decoder of untrusted protocol bytes (proto/wire.c).
  *
  * Input: one selector byte, then a message body as it would arrive in a frame. The selector picks
- * the decoder (client Request, worker Response, WorkerHello, WorkerLoad). Invariants: no crash,
+ * the decoder (client Request, worker Response, WorkerHello, WorkerLoad), or (bit 2) whole
+ * multipart messages: the bytes are cut into frames at 0xFF separators and sent over an inproc
+ * DEALER to a ROUTER, where wire_recv(), wire_check_header() and the decoders take them as the
+ * coordinator does. Invariants: no crash,
  * leak or over-read; a Request that decodes is valid by wire.c's rules (version, method, exactly
  * one prompt form for Generate, bounded sizes) and can be packed again; when that packing decodes
  * (protobuf-c keeps unknown fields, even ones numbered 0 that it then refuses), it is a fixed point. The coordinator and workers run these same decoders before touching a message. */
@@ -12,9 +15,46 @@
 
 #include "wire.h"
 
+static void *g_router, *g_dealer;
+
+static void frames_setup(void)
+{
+    void *ctx = zmq_ctx_new();
+    g_router = wire_socket(ctx, ZMQ_ROUTER, NULL, NULL);
+    g_dealer = wire_socket(ctx, ZMQ_DEALER, "fuzz", NULL);
+    if (!g_router || !g_dealer || zmq_bind(g_router, "inproc://fuzz") || zmq_connect(g_dealer, "inproc://fuzz"))
+        abort();
+}
+
+/* Sends data cut at 0xFF bytes as one multipart message and takes it apart as the coordinator does. */
+static void fuzz_frames(const uint8_t *data, size_t size)
+{
+    if (!g_router) frames_setup();
+    size_t start = 0;
+    for (size_t i = 0; i <= size; i++) {
+        if (i < size && data[i] != 0xFF) continue;
+        zmq_send(g_dealer, data + start, i - start, i < size ? ZMQ_SNDMORE : 0);
+        start = i + 1;
+    }
+    wire_msg_t m;
+    fl_error_t err = {0};
+    const int rc = wire_recv(g_router, true, false, &m, &err);
+    if (!rc && !wire_check_header(&m, WIRE_HEADER_CLIENT, &err)) {
+        assert(m.cmd >= 0 && m.cmd <= 255);
+        Folio__V1__Request *r = wire_decode_request(m.body, m.body_len, &err);
+        if (r) folio__v1__request__free_unpacked(r, NULL);
+    }
+    assert(rc || m.header);
+    wire_msg_close(&m);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 1) return 0;
+    if (data[0] & 4) {
+        fuzz_frames(data + 1, size - 1);
+        return 0;
+    }
     const uint8_t *body = data + 1;
     const size_t len = size - 1;
     fl_error_t err = {0};
