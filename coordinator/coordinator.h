@@ -24,6 +24,7 @@ typedef struct coord_opts {
     const char *client_endpoint, *worker_endpoint, *model_path;
     router_policy_t policy;
     double load_factor;
+    int load_floor;
     int route_blocks;
     int heartbeat_ms;
     int max_inflight;

@@ -39,6 +39,7 @@ static void usage(FILE *f)
             "  -m, --model PATH        GGUF whose tokenizer is used (FOLIO_MODEL, default model)\n"
             "  --policy P              prefix | round-robin | least-loaded (default prefix)\n"
             "  --load-factor F         bounded-load factor c >= 1 (default 1.25)\n"
+            "  --load-floor N          a group below N requests in flight is never over the bound (default 4)\n"
             "  --route-blocks N        leading blocks that form the routing key (default 8)\n"
             "  --heartbeat-ms N        heartbeat interval; dead after 3 silent intervals (default 1000)\n"
             "  --max-inflight N        Generate requests in flight at most (default 4096)\n",
@@ -48,7 +49,7 @@ static void usage(FILE *f)
 static int parse_flags(int argc, char **argv, coord_opts_t *o)
 {
     *o = (coord_opts_t){
-        .policy = ROUTER_PREFIX, .load_factor = 1.25, .route_blocks = 8, .heartbeat_ms = 1000, .max_inflight = 4096};
+        .policy = ROUTER_PREFIX, .load_factor = 1.25, .load_floor = 4, .route_blocks = 8, .heartbeat_ms = 1000, .max_inflight = 4096};
     const char *listen = NULL, *workers = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -72,6 +73,9 @@ static int parse_flags(int argc, char **argv, coord_opts_t *o)
         } else if (!strcmp(a, "--load-factor")) {
             if (!(v = cli_value(argc, argv, &i)) || !cli_parse_float(a, v, 1.0, 1000.0, &f)) return -1;
             o->load_factor = f;
+        } else if (!strcmp(a, "--load-floor")) {
+            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 1000000, &n)) return -1;
+            o->load_floor = (int)n;
         } else if (!strcmp(a, "--route-blocks")) {
             if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, COORD_MAX_ROUTE_BLOCKS, &n)) return -1;
             o->route_blocks = (int)n;
@@ -115,7 +119,7 @@ static int setup(coord_t *c, fl_error_t *err)
     gguf_destroy(&g);
     if (!c->tok) return FL_EFORMAT;
     c->n_vocab = tok_n_vocab(c->tok);
-    if (!(c->router = router_new(c->opts.policy, c->opts.load_factor, err))) return FL_EINVAL;
+    if (!(c->router = router_new(c->opts.policy, c->opts.load_factor, c->opts.load_floor, err))) return FL_EINVAL;
     if (!(c->reqs = reqs_new(c->opts.max_inflight, err))) return FL_ENOMEM;
     if (!(c->groups = malloc(sizeof *c->groups))) return fl_fail(err, FL_ENOMEM, "out of memory");
     groups_init(c->groups);
@@ -125,10 +129,10 @@ static int setup(coord_t *c, fl_error_t *err)
     const int hwm = c->opts.max_inflight * 16 + 10000;
     if (!(c->clients = bind_router(c->zctx, c->opts.client_endpoint, hwm, err))) return FL_EIO;
     if (!(c->workers = bind_router(c->zctx, c->opts.worker_endpoint, hwm, err))) return FL_EIO;
-    fl_log_info("coordinator ready listen=%s workers=%s model=%s vocab=%d policy=%s load_factor=%.2f route_blocks=%d "
-                "heartbeat_ms=%d max_inflight=%d",
+    fl_log_info("coordinator ready listen=%s workers=%s model=%s vocab=%d policy=%s load_factor=%.2f load_floor=%d "
+                "route_blocks=%d heartbeat_ms=%d max_inflight=%d",
                 c->opts.client_endpoint, c->opts.worker_endpoint, path, c->n_vocab, router_policy_name(c->opts.policy),
-                c->opts.load_factor, c->opts.route_blocks, c->opts.heartbeat_ms, c->opts.max_inflight);
+                c->opts.load_factor, c->opts.load_floor, c->opts.route_blocks, c->opts.heartbeat_ms, c->opts.max_inflight);
     return FL_OK;
 }
 

@@ -23,12 +23,13 @@ typedef struct ring_point {
 struct router {
     router_policy_t policy;
     double load_factor;
+    int load_floor;
     ring_point_t *ring;
     int n_points, cap_points;
     uint64_t rr_next; /* round-robin cursor */
 };
 
-router_t *router_new(router_policy_t policy, double load_factor, fl_error_t *err)
+router_t *router_new(router_policy_t policy, double load_factor, int load_floor, fl_error_t *err)
 {
     if (!(load_factor >= 1.0)) {
         fl_fail(err, FL_EINVAL, "router: load factor %g must be at least 1", load_factor);
@@ -41,6 +42,7 @@ router_t *router_new(router_policy_t policy, double load_factor, fl_error_t *err
     }
     r->policy = policy;
     r->load_factor = load_factor;
+    r->load_floor = load_floor > 1 ? load_floor : 1;
     return r;
 }
 
@@ -116,7 +118,8 @@ static int pick_prefix(router_t *r, uint64_t key, const router_group_t *g, int n
             n_ok++;
         }
     if (!n_ok) return -1;
-    const double bound = ceil(r->load_factor * (double)(total + 1) / n_ok);
+    double bound = ceil(r->load_factor * (double)(total + 1) / n_ok);
+    if (bound < r->load_floor) bound = r->load_floor;
     /* First point >= key; past the end wraps to the start. */
     int lo = 0, hi = r->n_points;
     while (lo < hi) {

@@ -5,8 +5,11 @@
  * its prompt's block hash at depth min(full blocks, route_blocks), so prompts sharing their leading
  * blocks share a key and land on the group whose prefix cache holds those blocks. The walk goes
  * clockwise from the key and takes the first routable group whose in-flight count is below
- * ceil(load_factor * (total in flight + 1) / routable groups), so no group gets more than c times
- * the average and a hot prefix spills to its ring neighbours. round-robin and least-loaded (fewest
+ * max(load_floor, ceil(load_factor * (total in flight + 1) / routable groups)), so no group gets
+ * more than c times the average and a hot prefix spills to its ring neighbours. The floor exists
+ * because a worker batches: at light load a group running a few requests is not overloaded, and
+ * the plain bound (1 when one request is in flight over 4 groups) would scatter a prefix over
+ * every group's cache for nothing (measured in bench/README.md). round-robin and least-loaded (fewest
  * in flight, ties by name) are there for comparison.
  *
  * A router_t holds only the ring and the round-robin cursor; the caller owns the group table and
@@ -33,7 +36,7 @@ typedef struct router_group {
 
 typedef struct router router_t;
 
-router_t *router_new(router_policy_t policy, double load_factor, fl_error_t *err);
+router_t *router_new(router_policy_t policy, double load_factor, int load_floor, fl_error_t *err);
 void router_destroy(router_t **rp);
 
 /* Puts group slot's points on the ring (once per slot; a slot keeps its name). */

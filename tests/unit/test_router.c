@@ -17,7 +17,7 @@ static const char *NAMES[] = {"g0", "g1", "g2", "g3", "g4", "g5", "g6", "g7"};
 
 static router_t *make_router(router_policy_t p, int n_groups, router_group_t *table)
 {
-    router_t *r = router_new(p, 1.25, NULL);
+    router_t *r = router_new(p, 1.25, 1, NULL);
     assert_non_null(r);
     for (int i = 0; i < n_groups; i++) {
         assert_int_equal(router_add_group(r, i, NAMES[i], NULL), 0);
@@ -107,6 +107,33 @@ static void test_prefix_spills_to_another_group_over_the_load_bound(void **state
     router_destroy(&r);
 }
 
+static void test_prefix_keeps_affinity_below_the_load_floor(void **state)
+{
+    (void)state;
+    router_group_t t[4];
+    router_t *r = router_new(ROUTER_PREFIX, 1.25, 4, NULL);
+    assert_non_null(r);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(router_add_group(r, i, NAMES[i], NULL), 0);
+        t[i] = (router_group_t){NAMES[i], true, 0};
+    }
+    const uint64_t key = 0xfeedfacecafebeefull;
+    const int home = router_pick(r, key, t, 4, -1);
+    /* Light load: the plain bound would be ceil(1.25 * 4 / 4) = 2; the floor keeps the prefix home. */
+    t[home].inflight = 3;
+    assert_int_equal(router_pick(r, key, t, 4, -1), home);
+    /* At the floor it spills. */
+    t[home].inflight = 4;
+    assert_int_not_equal(router_pick(r, key, t, 4, -1), home);
+    /* Heavy load: the proportional bound rules (all at 10: ceil(1.25 * 41 / 4) = 13 > 10, home stays;
+     * home at 15: ceil(1.25 * 46 / 4) = 15, full, it spills). */
+    for (int i = 0; i < 4; i++) t[i].inflight = 10;
+    assert_int_equal(router_pick(r, key, t, 4, -1), home);
+    t[home].inflight = 15;
+    assert_int_not_equal(router_pick(r, key, t, 4, -1), home);
+    router_destroy(&r);
+}
+
 static void test_unhealthy_draining_and_excluded_groups_are_never_picked(void **state)
 {
     (void)state;
@@ -186,7 +213,7 @@ static void test_policy_names_round_trip_and_bad_arguments_fail(void **state)
     }
     assert_int_equal(router_policy_parse("random", &p), FL_EINVAL);
     fl_error_t err = {0};
-    assert_null(router_new(ROUTER_PREFIX, 0.5, &err));
+    assert_null(router_new(ROUTER_PREFIX, 0.5, 1, &err));
     assert_int_equal(err.code, FL_EINVAL);
     router_destroy(NULL);
 }
@@ -197,6 +224,7 @@ int main(void)
         cmocka_unit_test(test_prefix_sends_equal_leading_blocks_to_the_same_group),
         cmocka_unit_test(test_key_is_the_block_at_route_depth_or_the_token_hash_without_a_full_block),
         cmocka_unit_test(test_prefix_spills_to_another_group_over_the_load_bound),
+        cmocka_unit_test(test_prefix_keeps_affinity_below_the_load_floor),
         cmocka_unit_test(test_unhealthy_draining_and_excluded_groups_are_never_picked),
         cmocka_unit_test(test_round_robin_cycles_through_routable_groups),
         cmocka_unit_test(test_least_loaded_picks_the_minimum_with_ties_by_name),
