@@ -386,7 +386,11 @@ static bool try_admit(sched_t *s, seq_t *q)
             n_hit--;
         }
     }
-    const int need = (q->n_tokens + 1 + bs - 1) / bs - n_hit;
+    /* Headroom: after admission every running sequence must still find its next block. Admitting
+     * on an exact fit makes the next decode step preempt the newcomer at once, which then re-enters
+     * as soon as it fits again: a recompute cycle every step (measured: 790 preemptions for 96
+     * requests in the prefix benchmark without it). */
+    const int need = (q->n_tokens + 1 + bs - 1) / bs - n_hit + s->n_running;
     if (need > kv_cache_free_blocks(kv)) {
         kv_seq_reset(kv, &q->kv);
         return false;

@@ -498,6 +498,35 @@ static void many_requests_under_memory_pressure_all_finish_exactly_once(void **s
     engine_destroy(&e);
 }
 
+/* Admitting on an exact fit made the next decode preempt the newcomer, which re-entered at once:
+ * a recompute every step. Admission now leaves each running sequence room for its next block. */
+static void admission_leaves_headroom_so_a_newcomer_is_not_preempted_at_once(void **state)
+{
+    (void)state;
+    static record_t rec;
+    record_init(&rec);
+    engine_t *e = open_engine(10, 0); /* 9 usable blocks of 4 tokens (one is the liveness block) */
+    sched_t *s = new_sched(e, &rec, &(sched_opts_t){.no_prefix_cache = true});
+    static int32_t a[15], b[19];
+    for (int i = 0; i < 15; i++) a[i] = 3 + i;
+    for (int i = 0; i < 19; i++) b[i] = 40 + i;
+    submit(s, &(sched_request_t){.id = 0, .prompt = a, .n_prompt = 15, .max_tokens = 8, .ignore_eog = true});
+    fl_error_t err = {0};
+    assert_int_equal(sched_step(s, &err), 0); /* A holds 4 blocks, 5 are free */
+    /* B needs 5 blocks: an exact fit, but A's next token needs a fifth block of its own. */
+    submit(s, &(sched_request_t){.id = 1, .prompt = b, .n_prompt = 19, .max_tokens = 8, .ignore_eog = true});
+    run_to_end(s);
+    sched_stats_t st;
+    sched_get_stats(s, &st);
+    assert_int_equal(st.preemptions, 0);
+    for (int k = 0; k < 2; k++) {
+        assert_int_equal(rec.n_finish[k], 1);
+        assert_int_equal(rec.res[k].n_generated, 8);
+    }
+    sched_destroy(&s);
+    engine_destroy(&e);
+}
+
 static void requests_submitted_between_steps_join_the_running_batch(void **state)
 {
     (void)state;
@@ -599,6 +628,7 @@ int main(void)
         cmocka_unit_test(tenants_with_different_salts_never_share_blocks),
         cmocka_unit_test(lru_eviction_keeps_running_when_cache_is_full_of_unreferenced_blocks),
         cmocka_unit_test(many_requests_under_memory_pressure_all_finish_exactly_once),
+        cmocka_unit_test(admission_leaves_headroom_so_a_newcomer_is_not_preempted_at_once),
         cmocka_unit_test(requests_submitted_between_steps_join_the_running_batch),
         cmocka_unit_test(stop_ids_and_on_token_stop_finish_with_stop),
         cmocka_unit_test(liveness_returns_a_positive_duration),
