@@ -16,17 +16,16 @@
 #include "coordinator.h"
 #include "log.h"
 
-/* Sends resp to a client; on EHOSTUNREACH forgets every request of that client. */
+/* Sends resp to a client. A client that is gone (EHOSTUNREACH) or so far behind that its queue of
+ * tens of thousands of messages is full (EAGAIN) has every request cancelled and forgotten: a
+ * dropped delta would leave a gap in its stream and a dropped FINAL a request without an end. */
 static int send_to(coord_t *c, const uint8_t *client, size_t len, bool delimiter, const Folio__V1__Response *resp)
 {
     fl_error_t err = {0};
     const int cmd = resp->final ? WIRE_CMD_FINAL : WIRE_CMD_PARTIAL;
     if (!wire_send(c->clients, client, len, delimiter, WIRE_HEADER_CLIENT, cmd, &resp->base, &err)) return FL_OK;
-    if (errno == EAGAIN) {
-        fl_log_warn("client queue full, message dropped id=%llu final=%d", (unsigned long long)resp->id,
-                    (int)resp->final);
-        return FL_OK;
-    }
+    if (errno == EAGAIN)
+        fl_log_warn("client queue full id=%llu: cancelling its requests", (unsigned long long)resp->id);
     uint8_t copy[WIRE_MAX_IDENTITY];
     memcpy(copy, client, len);
     coord_client_gone(c, copy, len);
@@ -89,6 +88,9 @@ void coord_finish_error(coord_t *c, req_t *e, Folio__V1__StatusCode code, Folio_
     usage.completion_tokens = e->tokens_sent;
     res.finish_reason = reason;
     res.usage = &usage;
+    Folio__V1__Timings t = FOLIO__V1__TIMINGS__INIT;
+    coord_fill_timings(e, &t, NULL, fl_clock_s());
+    res.timings = &t;
     char group[GROUP_NAME_MAX + 1] = "";
     if (e->group >= 0) snprintf(group, sizeof group, "%s", c->groups->g[e->group].name);
     res.group = group;
@@ -101,6 +103,17 @@ void coord_finish_error(coord_t *c, req_t *e, Folio__V1__StatusCode code, Folio_
                  msg);
     release(c, e);
     send_to(c, client, len, delim, &r.resp);
+}
+
+void coord_fill_timings(const req_t *e, Folio__V1__Timings *t, const Folio__V1__Timings *worker, double now)
+{
+    const double to_worker = e->t_dispatch > 0 ? e->t_dispatch - e->t_recv : 0;
+    t->total_s = now - e->t_recv;
+    t->queued_s = worker ? worker->queued_s + to_worker : 0;
+    if (e->t_first_sent > 0)
+        t->first_token_s = e->t_first_sent - e->t_recv;
+    else
+        t->first_token_s = worker && worker->first_token_s > 0 ? worker->first_token_s + to_worker : 0;
 }
 
 void coord_latency_add(coord_t *c, double s)
@@ -160,6 +173,7 @@ int coord_dispatch(coord_t *c, req_t *e, int exclude, double now)
         q->timeout_ms = timeout;
         if (!rc) {
             e->group = slot;
+            e->t_dispatch = fl_clock_s();
             c->groups->table[slot].inflight++;
             return 0;
         }
@@ -238,6 +252,14 @@ static void do_generate(coord_t *c, const wire_msg_t *m, Folio__V1__Request *q, 
         memcpy(tokens, c->tok_buf, (size_t)n * sizeof *tokens);
         owned = true;
     }
+    /* No group could take it, and its forwarded form could outgrow what a worker decodes. */
+    const uint32_t max_ctx = groups_max_context(c->groups);
+    if (max_ctx && (uint32_t)n >= max_ctx) {
+        snprintf(msg, sizeof msg, "prompt of %d tokens does not fit the context of %u tokens", n, max_ctx);
+        reply_error(c, m, m->identity, m->identity_len, id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg);
+        if (owned) free(tokens);
+        goto out;
+    }
     req_t *e = reqs_alloc(c->reqs);
     e->client_id = id;
     memcpy(e->client, m->identity, m->identity_len);
@@ -313,6 +335,7 @@ static void do_health(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
     h.serving = groups_serving(c->groups);
     h.healthy_groups = (uint32_t)groups_healthy_count(c->groups);
     h.groups = (uint32_t)c->groups->n;
+    h.instance = c->instance;
     Folio__V1__Response r = FOLIO__V1__RESPONSE__INIT;
     r.id = q->id;
     r.method = q->method;

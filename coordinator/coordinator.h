@@ -39,6 +39,7 @@ typedef struct coord {
     groups_t *groups;
     reqs_t *reqs;
     uint32_t block_size; /* agreed by the registered groups; 0 before the first */
+    uint64_t instance;   /* HealthReply.instance: clients notice a restart by it */
     uint64_t next_wid;
     double hb_s; /* heartbeat interval, seconds */
     /* counters */
@@ -66,6 +67,9 @@ void coord_client_gone(coord_t *c, const uint8_t *client, size_t len);
  * (UNAVAILABLE) when no group could take it; e is not freed either way. */
 int coord_dispatch(coord_t *c, req_t *e, int exclude, double now);
 void coord_latency_add(coord_t *c, double s);
+/* Timings counted from the coordinator's receipt of the request (what the client waited): the
+ * worker's (may be NULL) shifted by the time before its last dispatch, the first token as relayed. */
+void coord_fill_timings(const req_t *e, Folio__V1__Timings *t, const Folio__V1__Timings *worker, double now);
 
 /* workers.c */
 void coord_worker_message(coord_t *c, wire_msg_t *m, double now);

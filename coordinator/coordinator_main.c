@@ -11,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "cli_common.h"
 #include "clock.h"
@@ -19,7 +21,8 @@
 #include "log.h"
 #include "model.h"
 
-#define BATCH          256   /* messages per socket per turn */
+#define BATCH          256   /* messages per socket per turn ... */
+#define BATCH_S        0.005 /* ... or this long, so one socket's flood cannot delay the other's */
 #define HOUSEKEEPING_S 0.005 /* liveness and deadline checks at least this often under load */
 
 static volatile sig_atomic_t g_stop;
@@ -126,6 +129,9 @@ static int setup(coord_t *c, fl_error_t *err)
     c->next_wid = 1;
     c->hb_s = c->opts.heartbeat_ms * 1e-3;
     if (!(c->zctx = zmq_ctx_new())) return fl_fail(err, FL_EIO, "zmq_ctx_new: %s", zmq_strerror(errno));
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    c->instance = ((uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u) ^ ((uint64_t)getpid() << 48);
     const int hwm = c->opts.max_inflight * 16 + 10000;
     if (!(c->clients = bind_router(c->zctx, c->opts.client_endpoint, hwm, err))) return FL_EIO;
     if (!(c->workers = bind_router(c->zctx, c->opts.worker_endpoint, hwm, err))) return FL_EIO;
@@ -152,7 +158,8 @@ static void teardown(coord_t *c)
 static int drain_socket(coord_t *c, void *sock, bool clients)
 {
     int n = 0;
-    for (; n < BATCH; n++) {
+    const double t0 = fl_clock_s();
+    for (; n < BATCH && (n % 16 || fl_clock_s() - t0 < BATCH_S); n++) {
         wire_msg_t m;
         fl_error_t err = {0};
         const int rc = wire_recv(sock, true, true, &m, &err);
@@ -216,21 +223,21 @@ int main(int argc, char **argv)
             fl_log_error("zmq_poll: %s", zmq_strerror(errno));
             break;
         }
+        /* Workers first, so their messages (liveness included) are read before any check that could
+         * declare them dead; heartbeats go out on time even while traffic never lets up. */
         for (;;) {
             const int nw = drain_socket(&c, c.workers, false);
             const int nc = drain_socket(&c, c.clients, true);
             now = fl_clock_s();
-            if (now >= next_house) {
-                coord_tick(&c, now, false);
-                next_house = now + HOUSEKEEPING_S;
+            const bool hb = now >= next_hb;
+            if (hb) next_hb = next_hb + c.hb_s > now ? next_hb + c.hb_s : now + c.hb_s;
+            if (hb || now >= next_house || (!nw && !nc)) {
+                if (nc) drain_socket(&c, c.workers, false); /* what arrived while clients were served */
+                coord_tick(&c, fl_clock_s(), hb);
+                next_house = fl_clock_s() + HOUSEKEEPING_S;
             }
             if (!nw && !nc) break;
         }
-        now = fl_clock_s();
-        const bool hb = now >= next_hb;
-        if (hb) next_hb = next_hb + c.hb_s > now ? next_hb + c.hb_s : now + c.hb_s;
-        coord_tick(&c, now, hb);
-        next_house = now + HOUSEKEEPING_S;
     }
     coord_shutdown(&c);
     teardown(&c);

@@ -118,3 +118,11 @@ bool groups_serving(const groups_t *gs)
         if (gs->table[i].routable) return true;
     return false;
 }
+
+uint32_t groups_max_context(const groups_t *gs)
+{
+    uint32_t best = 0;
+    for (int i = 0; i < gs->n; i++)
+        if (gs->table[i].routable && gs->g[i].max_context > best) best = gs->g[i].max_context;
+    return best;
+}

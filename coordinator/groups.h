@@ -67,5 +67,7 @@ void groups_refresh(groups_t *gs, int slot);
 
 int groups_healthy_count(const groups_t *gs);
 bool groups_serving(const groups_t *gs); /* a healthy undrained group exists */
+/* The longest context any routable group serves (0 when none is routable). */
+uint32_t groups_max_context(const groups_t *gs);
 
 #endif

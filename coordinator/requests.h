@@ -33,6 +33,8 @@ typedef struct req {
     uint32_t next_index; /* next completion index the client may receive */
     uint32_t tokens_sent;
     double t_recv;          /* receipt of the client's message (fl_clock_s) */
+    double t_dispatch;      /* the last send to a worker */
+    double t_first_sent;    /* the first token relayed to the client; 0: none yet */
     double deadline;        /* 0: none */
     double cancel_deadline; /* 0: none */
     double route_s;         /* added latency on the way in */

@@ -99,7 +99,13 @@ static void fail_over(coord_t *c, int slot, int exclude, double now)
             ended++;
         }
     }
-    c->groups->table[slot].inflight = 0;
+    /* Recount: a re-registered group may have been given some of its own requests back. */
+    uint32_t still = 0;
+    for (int i = 0; i < reqs_capacity(c->reqs); i++) {
+        const req_t *e = reqs_at(c->reqs, i);
+        still += e->live && e->group == slot;
+    }
+    c->groups->table[slot].inflight = still;
     if (moved || ended) fl_log_info("group requests moved group=%s failed_over=%d ended=%d", name, moved, ended);
 }
 
@@ -189,6 +195,7 @@ static void on_response(coord_t *c, const wire_msg_t *m, int slot, double now)
     r->final = final;
     if (!final) {
         if (!coord_send_client(c, e, r) && n_new) {
+            if (!e->committed) e->t_first_sent = fl_clock_s();
             e->committed = true;
             e->tokens_sent += n_new;
         }
@@ -197,6 +204,9 @@ static void on_response(coord_t *c, const wire_msg_t *m, int slot, double now)
         if (!r->result) r->result = &res;
         char *orig_group = r->result->group;
         if (!orig_group || !*orig_group) r->result->group = c->groups->g[slot].name;
+        Folio__V1__Timings timings = FOLIO__V1__TIMINGS__INIT, *orig_timings = r->result->timings;
+        coord_fill_timings(e, &timings, orig_timings, now);
+        r->result->timings = &timings;
         const double route_s = e->route_s;
         /* The entry goes first: the send may find the client gone, which frees its requests. */
         uint8_t client[WIRE_MAX_IDENTITY];
@@ -208,13 +218,13 @@ static void on_response(coord_t *c, const wire_msg_t *m, int slot, double now)
         reqs_free(c->reqs, e);
         fl_error_t serr = {0};
         if (wire_send(c->clients, client, len, delim, WIRE_HEADER_CLIENT, WIRE_CMD_FINAL, &r->base, &serr)) {
-            if (errno == EHOSTUNREACH)
-                coord_client_gone(c, client, len);
-            else
-                fl_log_warn("client queue full, FINAL dropped id=%llu", (unsigned long long)r->id);
+            /* Gone, or too far behind to take more (see clients.c send_to): end the rest of its work. */
+            if (errno == EAGAIN) fl_log_warn("client queue full id=%llu: cancelling its requests", (unsigned long long)r->id);
+            coord_client_gone(c, client, len);
         }
         coord_latency_add(c, route_s + (fl_clock_s() - now));
         r->result->group = orig_group;
+        r->result->timings = orig_timings;
         r->result = orig_res;
     }
     r->delta = delta;

@@ -21,10 +21,13 @@
 
 #include "wire.h"
 
+#define FOLIO_CLIENT_PROBE_MS 3000
+
 struct folio_client {
     void *zctx;
     void *sock;
     uint64_t next_id;
+    uint64_t instance; /* the coordinator's, from the last Health reply; 0: not seen yet */
     char endpoint[256];
 };
 
@@ -323,13 +326,48 @@ int folio_client_generate(folio_client_t *c, const folio_generate_params_t *p, f
     uint64_t id = 0;
     int rc = folio_client_send_generate(c, p, &id, err);
     if (rc) return rc;
+    /* A coordinator that restarted has forgotten the request and would leave this loop waiting
+     * for ever: after FOLIO_CLIENT_PROBE_MS of silence a Health probe checks that it still answers
+     * and is the same instance (as seen by the last folio_client_health). */
+    double last_heard = now_ms(), last_alive = last_heard, probe_sent = 0;
+    uint64_t probe_id = 0;
     for (;;) {
+        const double t = now_ms();
+        int wait = FOLIO_CLIENT_PROBE_MS;
+        if (timeout_ms >= 0 && last_heard + timeout_ms - t < wait) wait = (int)(last_heard + timeout_ms - t + 0.999);
+        if (wait < 0) wait = 0;
         folio_event_t ev;
-        const int got = folio_client_recv(c, &ev, timeout_ms, err);
+        const int got = folio_client_recv(c, &ev, wait, err);
         if (got < 0) return got;
-        if (got == 0)
-            return fl_fail(err, FL_EIO, "%s: no reply to request %llu within %d ms", c->endpoint,
-                           (unsigned long long)id, timeout_ms);
+        if (got == 0) {
+            const double idle = now_ms() - last_heard;
+            if (timeout_ms >= 0 && idle >= timeout_ms)
+                return fl_fail(err, FL_EIO, "%s: no reply to request %llu within %d ms", c->endpoint,
+                               (unsigned long long)id, timeout_ms);
+            if (probe_id && now_ms() - probe_sent >= 2.0 * FOLIO_CLIENT_PROBE_MS)
+                return fl_fail(err, FL_EIO, "%s: the coordinator stopped answering (request %llu is lost)", c->endpoint,
+                               (unsigned long long)id);
+            if (!probe_id && now_ms() - last_alive >= FOLIO_CLIENT_PROBE_MS) {
+                Folio__V1__Request h;
+                folio__v1__request__init(&h);
+                h.method = FOLIO__V1__METHOD__METHOD_HEALTH;
+                if ((rc = send_request(c, &h, &probe_id, err))) return rc;
+                probe_sent = now_ms();
+            }
+            continue;
+        }
+        if (probe_id && ev.id == probe_id) {
+            const uint64_t inst = ev.raw && ev.raw->health ? ev.raw->health->instance : 0;
+            folio_event_clear(&ev);
+            if (c->instance && inst != c->instance)
+                return fl_fail(err, FL_EIO, "%s: the coordinator restarted (request %llu is lost)", c->endpoint,
+                               (unsigned long long)id);
+            c->instance = inst;
+            probe_id = 0;
+            last_alive = now_ms();
+            continue;
+        }
+        if (ev.id == id) last_heard = last_alive = now_ms();
         if (ev.id != id && !(ev.final && ev.id == 0)) {
             folio_event_clear(&ev);
             continue;
@@ -426,12 +464,15 @@ int folio_client_health(folio_client_t *c, int timeout_ms, Folio__V1__Response *
     Folio__V1__Request req;
     folio__v1__request__init(&req);
     req.method = FOLIO__V1__METHOD__METHOD_HEALTH;
-    int rc = unary(c, &req, timeout_ms, reply, err);
-    if (!rc && reply && !(*reply)->health) {
-        folio__v1__response__free_unpacked(*reply, NULL);
-        *reply = NULL;
+    Folio__V1__Response *own = NULL, **out = reply ? reply : &own;
+    int rc = unary(c, &req, timeout_ms, out, err);
+    if (!rc && !(*out)->health) {
+        folio__v1__response__free_unpacked(*out, NULL);
+        *out = NULL;
         return fl_fail(err, FL_EFORMAT, "%s: Health reply without a HealthReply", c->endpoint);
     }
+    if (!rc) c->instance = (*out)->health->instance; /* what folio_client_generate checks against */
+    if (own) folio__v1__response__free_unpacked(own, NULL);
     return rc;
 }
 

@@ -5,6 +5,8 @@
  * gets exactly one FINAL, no token index twice, no gaps, nothing after a FINAL, nobody left hanging.
  * Each test starts its own cluster on its own ipc:// endpoints; logs go to
  * $FOLIO_BUILD_DIR/Testing/e2e-logs/<test>-<pid>-<n>/. */
+#include <pthread.h>
+
 #include "e2e_util.h"
 
 static e2e_env_t g_env;
@@ -849,6 +851,44 @@ static void a_restarted_coordinator_gets_the_workers_back_and_serves(void **stat
     folio_result_clear(&after_new);
 }
 
+static void *restart_soon(void *arg)
+{
+    e2e_sleep_ms(e2e_ms(100));
+    fl_error_t err = {0};
+    if (cluster_restart_coordinator(arg, &err)) fprintf(stderr, "[e2e] restart failed: %s\n", err.msg);
+    return NULL;
+}
+
+/* The restarted coordinator has forgotten the request: a blocking client must not wait for ever. */
+static void a_blocking_generate_ends_with_an_error_when_the_coordinator_restarts(void **state)
+{
+    (void)state;
+    g_cluster = e2e_cluster_start(&g_env, "restart-wait", 1, NULL);
+    folio_client_t *cl = new_client(), *busy = new_client();
+    fl_error_t err = {0};
+    if (folio_client_health(cl, e2e_ms(5000), NULL, &err)) fail_msg("health: %s", err.msg);
+    /* Keep the worker busy so the request below is still running when the coordinator goes. */
+    for (int i = 0; i < 8; i++) {
+        folio_generate_params_t q = {.text = "keep busy", .max_tokens = e2e_long_tokens(1500), .ignore_eos = true};
+        uint64_t id;
+        if (folio_client_send_generate(busy, &q, &id, &err)) fail_msg("send: %s", err.msg);
+    }
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, restart_soon, g_cluster), 0);
+    folio_generate_params_t p = {.text = "a long answer nobody will get", .max_tokens = e2e_long_tokens(1500),
+                                 .ignore_eos = true, .stream = false};
+    folio_result_t res;
+    const double t0 = e2e_now_ms();
+    const int rc = folio_client_generate(cl, &p, NULL, NULL, -1, &res, &err);
+    const double took = e2e_now_ms() - t0;
+    pthread_join(th, NULL);
+    fprintf(stderr, "[e2e] restart while waiting: rc=%d after %.0f ms: %s\n", rc, took, err.msg);
+    assert_int_equal(rc, FL_EIO);
+    assert_non_null(strstr(err.msg, "restarted"));
+    if (took > e2e_ms(15000)) fail_msg("the client noticed the restart only after %.0f ms", took);
+    folio_result_clear(&res);
+}
+
 /* ---- 7 --------------------------------------------------------------------------------------- */
 
 static void drain_finishes_work_in_flight_admits_none_and_undrain_restores(void **state)
@@ -1139,6 +1179,7 @@ int main(void)
                                   test_teardown),
         cmocka_unit_test_teardown(malformed_messages_get_error_finals_and_the_coordinator_keeps_serving, test_teardown),
         cmocka_unit_test_teardown(a_restarted_coordinator_gets_the_workers_back_and_serves, test_teardown),
+        cmocka_unit_test_teardown(a_blocking_generate_ends_with_an_error_when_the_coordinator_restarts, test_teardown),
         cmocka_unit_test_teardown(drain_finishes_work_in_flight_admits_none_and_undrain_restores, test_teardown),
         cmocka_unit_test_teardown(a_request_that_can_never_fit_the_kv_cache_is_resource_exhausted, test_teardown),
         cmocka_unit_test_teardown(shared_prefixes_hit_the_cache_with_the_same_output_and_tenants_do_not_share,
