@@ -30,6 +30,8 @@
 #include "clock.h"
 #include "log.h"
 
+#define SCHED_LOOKAHEAD_BLOCKS 4
+
 typedef struct seq {
     sched_request_t req;     /* prompt and stop_ids point into tokens / stop below */
     sched_result_t res;
@@ -363,6 +365,22 @@ static void expire(sched_t *s)
 
 /* Takes the queue head's cached prefix blocks and admits it if the rest of its tokens, plus the
  * first one it will generate, fit in the blocks an allocation can get. */
+/* Blocks the running sequences will ask for soon: each one's growth up to its end (max_tokens),
+ * capped at SCHED_LOOKAHEAD_BLOCKS so a large max_tokens does not lock memory it may never use. */
+static int headroom(const sched_t *s)
+{
+    const int bs = s->kv->block_size;
+    int n = 0;
+    for (int i = 0; i < s->n_running; i++) {
+        const seq_t *q = s->running[i];
+        const int end = q->req.n_prompt + q->max_tokens;
+        int grow = (end + bs - 1) / bs - q->kv.n_blocks;
+        if (grow < 1) grow = 1;
+        n += grow < SCHED_LOOKAHEAD_BLOCKS ? grow : SCHED_LOOKAHEAD_BLOCKS;
+    }
+    return n;
+}
+
 static bool try_admit(sched_t *s, seq_t *q)
 {
     kv_cache_t *kv = s->kv;
@@ -390,7 +408,7 @@ static bool try_admit(sched_t *s, seq_t *q)
      * on an exact fit makes the next decode step preempt the newcomer at once, which then re-enters
      * as soon as it fits again: a recompute cycle every step (measured: 790 preemptions for 96
      * requests in the prefix benchmark without it). */
-    const int need = (q->n_tokens + 1 + bs - 1) / bs - n_hit + s->n_running;
+    const int need = (q->n_tokens + 1 + bs - 1) / bs - n_hit + headroom(s);
     if (need > kv_cache_free_blocks(kv)) {
         kv_seq_reset(kv, &q->kv);
         return false;

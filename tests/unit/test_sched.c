@@ -499,22 +499,23 @@ static void many_requests_under_memory_pressure_all_finish_exactly_once(void **s
 }
 
 /* Admitting on an exact fit made the next decode preempt the newcomer, which re-entered at once:
- * a recompute every step. Admission now leaves each running sequence room for its next block. */
-static void admission_leaves_headroom_so_a_newcomer_is_not_preempted_at_once(void **state)
+ * a recompute every step. Admission now leaves each running sequence room for its growth up to
+ * its end (at most SCHED_LOOKAHEAD_BLOCKS). n_b: the newcomer's prompt length. */
+static void run_headroom_case(int n_b)
 {
-    (void)state;
     static record_t rec;
     record_init(&rec);
     engine_t *e = open_engine(10, 0); /* 9 usable blocks of 4 tokens (one is the liveness block) */
     sched_t *s = new_sched(e, &rec, &(sched_opts_t){.no_prefix_cache = true});
     static int32_t a[15], b[19];
     for (int i = 0; i < 15; i++) a[i] = 3 + i;
-    for (int i = 0; i < 19; i++) b[i] = 40 + i;
+    for (int i = 0; i < n_b; i++) b[i] = 40 + i;
     submit(s, &(sched_request_t){.id = 0, .prompt = a, .n_prompt = 15, .max_tokens = 8, .ignore_eog = true});
     fl_error_t err = {0};
     assert_int_equal(sched_step(s, &err), 0); /* A holds 4 blocks, 5 are free */
-    /* B needs 5 blocks: an exact fit, but A's next token needs a fifth block of its own. */
-    submit(s, &(sched_request_t){.id = 1, .prompt = b, .n_prompt = 19, .max_tokens = 8, .ignore_eog = true});
+    /* A will need 2 more blocks (23 tokens at its end). B of 19 tokens needs 5: an exact fit, but A's
+     * next token needs a block at once. B of 15 needs 4, leaving 1: A's second block is missing. */
+    submit(s, &(sched_request_t){.id = 1, .prompt = b, .n_prompt = n_b, .max_tokens = 8, .ignore_eog = true});
     run_to_end(s);
     sched_stats_t st;
     sched_get_stats(s, &st);
@@ -525,6 +526,13 @@ static void admission_leaves_headroom_so_a_newcomer_is_not_preempted_at_once(voi
     }
     sched_destroy(&s);
     engine_destroy(&e);
+}
+
+static void admission_leaves_headroom_so_a_newcomer_is_not_preempted_at_once(void **state)
+{
+    (void)state;
+    run_headroom_case(19);
+    run_headroom_case(15);
 }
 
 static void requests_submitted_between_steps_join_the_running_batch(void **state)
