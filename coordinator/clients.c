@@ -123,6 +123,27 @@ void coord_latency_add(coord_t *c, double s)
 
 /* ---- Generate ---- */
 
+/* The prefix-cache namespace of a tenant: the first name of a --share-cache list holding it, else
+ * the tenant itself. Written NUL-terminated into ns (room for COORD_TENANT_MAX bytes). */
+static void cache_tenant(const coord_t *c, const char *tenant, char *ns)
+{
+    const size_t tl = strlen(tenant);
+    for (int i = 0; i < c->opts.n_share_cache; i++) {
+        const char *list = c->opts.share_cache[i];
+        for (const char *p = list; *p;) {
+            const char *end = strchr(p, ',');
+            const size_t len = end ? (size_t)(end - p) : strlen(p);
+            if (len == tl && !memcmp(p, tenant, tl)) {
+                const size_t first = strcspn(list, ",");
+                snprintf(ns, COORD_TENANT_MAX, "%.*s", (int)first, list);
+                return;
+            }
+            p += len + (end ? 1 : 0);
+        }
+    }
+    snprintf(ns, COORD_TENANT_MAX, "%s", tenant);
+}
+
 static uint32_t remaining_ms(const req_t *e, double now)
 {
     if (e->deadline <= 0) return 0;
@@ -134,7 +155,9 @@ int coord_dispatch(coord_t *c, req_t *e, int exclude, double now)
 {
     Folio__V1__Request *q = e->msg;
     const int bs = c->block_size ? (int)c->block_size : 16;
-    const block_hash_t salt = block_hash_salt(q->tenant, strlen(q->tenant));
+    char ns[COORD_TENANT_MAX];
+    cache_tenant(c, q->tenant, ns);
+    const block_hash_t salt = block_hash_salt(ns, strlen(ns));
     const int rb = c->opts.route_blocks;
     const long use = (long)rb * bs < e->n_tokens ? (long)rb * bs : e->n_tokens;
     const int nh = block_hash_prefix(salt, e->tokens, (int)use, bs, c->hash_buf, rb);
@@ -152,6 +175,8 @@ int coord_dispatch(coord_t *c, req_t *e, int exclude, double now)
         int32_t *pt = g->prompt_tokens;
         const uint64_t id = q->id;
         const uint32_t timeout = q->timeout_ms;
+        char *tenant = q->tenant;
+        q->tenant = ns; /* the worker salts its cache with the namespace */
         g->text = (char *)"";
         g->messages = NULL;
         g->n_messages = 0;
@@ -171,6 +196,7 @@ int coord_dispatch(coord_t *c, req_t *e, int exclude, double now)
         g->n_prompt_tokens = n_pt;
         q->id = id;
         q->timeout_ms = timeout;
+        q->tenant = tenant;
         if (!rc) {
             e->group = slot;
             e->t_dispatch = fl_clock_s();

@@ -19,6 +19,8 @@
 #define COORD_LATENCY_SAMPLES  4096
 #define COORD_MAX_RESUBMITS    3
 #define COORD_MAX_ROUTE_BLOCKS 1024
+#define COORD_MAX_SHARE_LISTS  64
+#define COORD_TENANT_MAX       512 /* bytes for a tenant name and its NUL (the wire allows 256) */
 
 typedef struct coord_opts {
     const char *client_endpoint, *worker_endpoint, *model_path;
@@ -28,6 +30,10 @@ typedef struct coord_opts {
     int route_blocks;
     int heartbeat_ms;
     int max_inflight;
+    /* --share-cache lists: tenants in one list share prefix-cache blocks (the first names the
+     * namespace); every other tenant's blocks are its own. argv strings, borrowed. */
+    const char *share_cache[COORD_MAX_SHARE_LISTS];
+    int n_share_cache;
 } coord_opts_t;
 
 typedef struct coord {

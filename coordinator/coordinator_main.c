@@ -45,7 +45,9 @@ static void usage(FILE *f)
             "  --load-floor N          a group below N requests in flight is never over the bound (default 4)\n"
             "  --route-blocks N        leading blocks that form the routing key (default 8)\n"
             "  --heartbeat-ms N        heartbeat interval; dead after 3 silent intervals (default 1000)\n"
-            "  --max-inflight N        Generate requests in flight at most (default 4096)\n",
+            "  --max-inflight N        Generate requests in flight at most (default 4096)\n"
+            "  --share-cache A,B,...   tenants A, B, ... share prefix-cache blocks (repeatable; tenants\n"
+            "                          never share otherwise)\n",
             WIRE_DEFAULT_CLIENT_ENDPOINT, WIRE_DEFAULT_WORKER_ENDPOINT);
 }
 
@@ -85,6 +87,17 @@ static int parse_flags(int argc, char **argv, coord_opts_t *o)
         } else if (!strcmp(a, "--heartbeat-ms")) {
             if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 10, 600000, &n)) return -1;
             o->heartbeat_ms = (int)n;
+        } else if (!strcmp(a, "--share-cache")) {
+            if (!(v = cli_value(argc, argv, &i))) return -1;
+            bool ok = o->n_share_cache < COORD_MAX_SHARE_LISTS && *v && strlen(v) <= 4096;
+            for (const char *p = v; ok && *p; p += strcspn(p, ",") + (p[strcspn(p, ",")] ? 1 : 0))
+                ok = strcspn(p, ",") <= 256;
+            if (!ok) {
+                fprintf(stderr, "error: --share-cache: at most %d non-empty lists of tenant names of up to 256 bytes\n",
+                        COORD_MAX_SHARE_LISTS);
+                return -1;
+            }
+            o->share_cache[o->n_share_cache++] = v;
         } else if (!strcmp(a, "--max-inflight")) {
             if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 1 << 22, &n)) return -1;
             o->max_inflight = (int)n;

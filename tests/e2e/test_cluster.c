@@ -1028,7 +1028,10 @@ static void a_request_that_can_never_fit_the_kv_cache_is_resource_exhausted(void
 static void shared_prefixes_hit_the_cache_with_the_same_output_and_tenants_do_not_share(void **state)
 {
     (void)state;
-    const cluster_opts_t o = small_kv_opts();
+    cluster_opts_t o = small_kv_opts();
+    /* tenant-x and tenant-y are configured to share their cache; nobody else shares. */
+    static const char *const share[] = {"--share-cache", "tenant-x,tenant-y", NULL};
+    o.coordinator_args = share;
     g_cluster = e2e_cluster_start(&g_env, "prefix", 2, &o);
     folio_client_t *c = new_client();
     enum { P = 96, S = 8 };
@@ -1070,6 +1073,14 @@ static void shared_prefixes_hit_the_cache_with_the_same_output_and_tenants_do_no
     e2e_generate(c, &pa, FOLIO__V1__STATUS_CODE__OK, &ra_x);
     if (ra_x.cached_prompt_tokens != 0) fail_msg("tenant-x got %u cached tokens of other tenants", ra_x.cached_prompt_tokens);
     assert_true(e2e_tokens_equal(ra.tokens, ra.n_tokens, ra_x.tokens, ra_x.n_tokens));
+    /* tenant-y shares tenant-x's namespace (--share-cache): B finds A's prefix blocks. */
+    folio_result_t rb_y;
+    pb.tenant = "tenant-y";
+    e2e_generate(c, &pb, FOLIO__V1__STATUS_CODE__OK, &rb_y);
+    fprintf(stderr, "[e2e] prefix: B as tenant-y (shares with tenant-x) cached %u\n", rb_y.cached_prompt_tokens);
+    if (rb_y.cached_prompt_tokens == 0) fail_msg("tenant-y, configured to share with tenant-x, got no cached tokens");
+    assert_true(e2e_tokens_equal(rb.tokens, rb.n_tokens, rb_y.tokens, rb_y.n_tokens));
+    folio_result_clear(&rb_y);
     folio_result_clear(&ra);
     folio_result_clear(&rb);
     folio_result_clear(&rb_other);
