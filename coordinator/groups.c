@@ -95,6 +95,8 @@ void groups_set_load(groups_t *gs, int slot, const Folio__V1__WorkerLoad *l)
     g->load = *l;
     g->load.base.n_unknown_fields = 0;
     g->load.base.unknown_fields = NULL;
+    g->load.n_live_ids = 0; /* borrowed from the message, which is freed after this */
+    g->load.live_ids = NULL;
     g->have_load = true;
     groups_refresh(gs, slot);
 }

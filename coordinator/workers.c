@@ -11,6 +11,7 @@
  * stream rule: token indices only move forward, and each request gets exactly one FINAL. */
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "clock.h"
@@ -59,45 +60,48 @@ void coord_cancel_on_worker(coord_t *c, const req_t *e)
     wire_send(c->workers, w->identity, w->identity_len, false, WIRE_HEADER_WORKER, WIRE_CMD_REQUEST, &q.base, NULL);
 }
 
+/* One request of group slot that the group lost: moved to another group when the commit rule
+ * allows (true), else ended. Ending a request releases it from slot. */
+static bool fail_over_one(coord_t *c, req_t *e, int slot, int exclude, const char *name, const char *what, double now)
+{
+    char msg[GROUP_NAME_MAX + 160];
+    if (e->cancelling) {
+        coord_finish_error(c, e, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED,
+                           "cancelled");
+    } else if (e->deadline > 0 && now >= e->deadline) {
+        coord_finish_error(c, e, FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED,
+                           "deadline exceeded");
+    } else if (!e->committed && e->resubmits < COORD_MAX_RESUBMITS) {
+        if (c->groups->table[slot].inflight) c->groups->table[slot].inflight--;
+        e->group = -1;
+        e->resubmits++;
+        c->requests_failed_over++;
+        e->next_index = 0;
+        e->tokens_sent = 0;
+        if (!coord_dispatch(c, e, exclude, now)) return true;
+        if (!e->live) return false;
+        snprintf(msg, sizeof msg, "group %s %s and no other healthy group could take the request", name, what);
+        coord_finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, FOLIO__V1__FINISH_REASON__FINISH_ERROR, msg);
+    } else {
+        snprintf(msg, sizeof msg, "group %s %s after %u tokens were sent", name, what, e->tokens_sent);
+        coord_finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, FOLIO__V1__FINISH_REASON__FINISH_ERROR, msg);
+    }
+    return false;
+}
+
 /* The requests of group slot after it died or restarted: fail over what may move, end the rest. */
 static void fail_over(coord_t *c, int slot, int exclude, double now)
 {
-    char name[GROUP_NAME_MAX + 1], msg[GROUP_NAME_MAX + 128];
+    char name[GROUP_NAME_MAX + 1];
     snprintf(name, sizeof name, "%s", c->groups->g[slot].name);
     int moved = 0, ended = 0;
     for (int i = 0; i < reqs_capacity(c->reqs); i++) {
         req_t *e = reqs_at(c->reqs, i);
         if (!e->live || e->group != slot) continue;
-        /* Ending a request releases it from slot (and names slot's group in its result). */
-        if (e->cancelling) {
-            coord_finish_error(c, e, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED,
-                               "cancelled");
+        if (fail_over_one(c, e, slot, exclude, name, "died", now))
+            moved++;
+        else
             ended++;
-        } else if (e->deadline > 0 && now >= e->deadline) {
-            coord_finish_error(c, e, FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED,
-                               FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, "deadline exceeded");
-            ended++;
-        } else if (!e->committed && e->resubmits < COORD_MAX_RESUBMITS) {
-            if (c->groups->table[slot].inflight) c->groups->table[slot].inflight--;
-            e->group = -1;
-            e->resubmits++;
-            c->requests_failed_over++;
-            e->next_index = 0;
-            e->tokens_sent = 0;
-            const int rc = coord_dispatch(c, e, exclude, now);
-            if (!rc) {
-                moved++;
-                continue;
-            }
-            if (!e->live) continue;
-            snprintf(msg, sizeof msg, "group %s died and no other healthy group could take the request", name);
-            coord_finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, FOLIO__V1__FINISH_REASON__FINISH_ERROR, msg);
-            ended++;
-        } else {
-            snprintf(msg, sizeof msg, "group %s died after %u tokens were sent", name, e->tokens_sent);
-            coord_finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, FOLIO__V1__FINISH_REASON__FINISH_ERROR, msg);
-            ended++;
-        }
     }
     /* Recount: a re-registered group may have been given some of its own requests back. */
     uint32_t still = 0;
@@ -116,6 +120,33 @@ void coord_group_died(coord_t *c, int slot, const char *why, double now)
                 c->groups->table[slot].inflight);
     groups_forget(c->groups, slot);
     fail_over(c, slot, slot, now);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Requests routed to slot more than 2 heartbeat intervals ago that its worker does not list as
+ * live were lost in transit (a reconnect dropping a REQUEST or a FINAL): without this they would
+ * wait for ever. A worker reads its socket just before it lists, and a worker's messages arrive in
+ * order, so a FINAL it sent is always relayed before a heartbeat that no longer lists the id. */
+static void reconcile(coord_t *c, int slot, Folio__V1__WorkerLoad *l, double now)
+{
+    if (!c->groups->table[slot].inflight) return;
+    qsort(l->live_ids, l->n_live_ids, sizeof *l->live_ids, cmp_u64);
+    char name[GROUP_NAME_MAX + 1];
+    snprintf(name, sizeof name, "%s", c->groups->g[slot].name);
+    int lost = 0;
+    for (int i = 0; i < reqs_capacity(c->reqs); i++) {
+        req_t *e = reqs_at(c->reqs, i);
+        if (!e->live || e->group != slot || e->cancelling || now - e->t_dispatch < 2 * c->hb_s) continue;
+        if (bsearch(&e->wid, l->live_ids, l->n_live_ids, sizeof *l->live_ids, cmp_u64)) continue;
+        lost++;
+        fail_over_one(c, e, slot, -1, name, "lost the request", now);
+    }
+    if (lost) fl_log_warn("group lost requests group=%s requests=%d (failed over or ended)", name, lost);
 }
 
 /* ---- messages ---- */
@@ -265,6 +296,7 @@ void coord_worker_message(coord_t *c, wire_msg_t *m, double now)
         if (rank == 0) {
             const bool was = c->groups->g[slot].healthy;
             groups_set_load(c->groups, slot, l);
+            reconcile(c, slot, l, now);
             if (was != c->groups->g[slot].healthy)
                 fl_log_info("group %s group=%s", c->groups->g[slot].healthy ? "healthy" : "unhealthy",
                             c->groups->g[slot].name);

@@ -889,6 +889,73 @@ static void a_blocking_generate_ends_with_an_error_when_the_coordinator_restarts
     folio_result_clear(&res);
 }
 
+/* A worker that registers and heartbeats but drops every REQUEST: what a reconnect that loses a
+ * message looks like to the coordinator. */
+typedef struct {
+    const char *endpoint;
+    volatile int stop;
+    volatile int requests;
+} lossy_worker_t;
+
+static void *lossy_worker(void *arg)
+{
+    lossy_worker_t *lw = arg;
+    void *ctx = zmq_ctx_new();
+    void *s = wire_socket(ctx, ZMQ_DEALER, "glossy:0:1", NULL);
+    if (!s || zmq_connect(s, lw->endpoint)) return NULL;
+    Folio__V1__WorkerHello h = FOLIO__V1__WORKER_HELLO__INIT;
+    h.group = "glossy";
+    h.tp_size = 1;
+    h.model_id = "lossy";
+    h.kv_blocks = 1000;
+    h.block_size = 16;
+    h.max_context = 2048;
+    wire_send(s, NULL, 0, false, WIRE_HEADER_WORKER, WIRE_CMD_READY, &h.base, NULL);
+    while (!lw->stop) {
+        Folio__V1__WorkerLoad l = FOLIO__V1__WORKER_LOAD__INIT;
+        l.engine_ok = true;
+        l.kv_blocks_total = 1000;
+        wire_send(s, NULL, 0, false, WIRE_HEADER_WORKER, WIRE_CMD_HEARTBEAT, &l.base, NULL);
+        zmq_pollitem_t it = {.socket = s, .events = ZMQ_POLLIN};
+        if (zmq_poll(&it, 1, 100) > 0) {
+            wire_msg_t m;
+            while (!wire_recv(s, false, true, &m, NULL)) {
+                if (m.cmd == WIRE_CMD_REQUEST) lw->requests++;
+                wire_msg_close(&m);
+            }
+        }
+    }
+    zmq_close(s);
+    zmq_ctx_term(ctx);
+    return NULL;
+}
+
+/* The coordinator compares what it routed to a group with the ids the group's heartbeat lists. */
+static void a_request_the_worker_never_received_is_failed_over(void **state)
+{
+    (void)state;
+    g_cluster = e2e_cluster_start(&g_env, "lossy", 1, NULL);
+    folio_client_t *ctl = new_client(), *cl = new_client();
+    lossy_worker_t lw = {.endpoint = g_cluster->worker_endpoint};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, lossy_worker, &lw), 0);
+    if (e2e_wait_group(ctl, "glossy", true, false, e2e_ms(5000)) < 0) fail_msg("the lossy worker never became healthy");
+    fl_error_t err = {0};
+    if (folio_client_drain(ctl, "g0", false, 5000, &err)) fail_msg("drain g0: %s", err.msg);
+    folio_generate_params_t p = {.text = "lost on the way", .max_tokens = 8, .ignore_eos = true, .stream = true};
+    e2e_req_t *r = e2e_send_generate(&g_tr, 0, cl, &p, 0);
+    for (int i = 0; i < e2e_ms(5000) / 10 && !lw.requests; i++) e2e_sleep_ms(10);
+    if (!lw.requests) fail_msg("the request never reached the lossy worker");
+    if (folio_client_drain(ctl, "g0", true, 5000, &err)) fail_msg("undrain g0: %s", err.msg);
+    e2e_pump(&g_tr, &cl, 1, e2e_ms(10000));
+    lw.stop = 1;
+    pthread_join(th, NULL);
+    e2e_assert_invariant(&g_tr, "lossy");
+    if (r->status != FOLIO__V1__STATUS_CODE__OK) fail_msg("lost request ended %s (%s)", st(r->status), r->message);
+    fprintf(stderr, "[e2e] lossy: the lost request completed on %s\n", r->group);
+    assert_string_equal(r->group, "g0");
+}
+
 /* ---- 7 --------------------------------------------------------------------------------------- */
 
 static void drain_finishes_work_in_flight_admits_none_and_undrain_restores(void **state)
@@ -1191,6 +1258,7 @@ int main(void)
         cmocka_unit_test_teardown(malformed_messages_get_error_finals_and_the_coordinator_keeps_serving, test_teardown),
         cmocka_unit_test_teardown(a_restarted_coordinator_gets_the_workers_back_and_serves, test_teardown),
         cmocka_unit_test_teardown(a_blocking_generate_ends_with_an_error_when_the_coordinator_restarts, test_teardown),
+        cmocka_unit_test_teardown(a_request_the_worker_never_received_is_failed_over, test_teardown),
         cmocka_unit_test_teardown(drain_finishes_work_in_flight_admits_none_and_undrain_restores, test_teardown),
         cmocka_unit_test_teardown(a_request_that_can_never_fit_the_kv_cache_is_resource_exhausted, test_teardown),
         cmocka_unit_test_teardown(shared_prefixes_hit_the_cache_with_the_same_output_and_tenants_do_not_share,

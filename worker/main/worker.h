@@ -67,6 +67,7 @@ typedef struct worker {
     uint64_t gen_at_hb;   /* generated tokens then */
     double t_hb;          /* and when */
     double liveness_s;
+    uint64_t *hb_ids;     /* [n_reqs] scratch for WorkerLoad.live_ids */
     uint64_t fake_prompt_tokens, fake_generated; /* --fake: what the heartbeat reports */
 
     /* Requests: a fixed pool of slots, found by id through an open-addressing map. */

@@ -252,6 +252,11 @@ static void heartbeat(worker_t *w, double now)
     }
     l.engine_ok = w->engine_ok;
     l.liveness_step_s = w->liveness_s;
+    if (w->hb_ids) {
+        for (int i = 0; i < w->n_reqs; i++)
+            if (w->reqs[i].live) w->hb_ids[l.n_live_ids++] = w->reqs[i].id;
+        l.live_ids = w->hb_ids;
+    }
     w->t_hb = now;
     worker_send(w, WIRE_CMD_HEARTBEAT, &l.base);
 }
@@ -484,6 +489,8 @@ static int run(worker_t *w)
             now = fl_clock_s();
         }
         if (now >= w->next_heartbeat) {
+            /* Requests that arrived during the step are held too: read them before listing. */
+            if (!g_stop) drain(w);
             heartbeat(w, now);
             w->next_heartbeat += beat;
             if (w->next_heartbeat < now) w->next_heartbeat = now + beat; /* a long step: do not burst */

@@ -41,10 +41,11 @@ int worker_reqs_init(worker_t *w, int n_slots, fl_error_t *err)
     w->free_slots = malloc((size_t)n_slots * sizeof *w->free_slots);
     w->dirty = malloc((size_t)n_slots * sizeof *w->dirty);
     w->map = malloc((size_t)cap * sizeof *w->map);
+    w->hb_ids = malloc((size_t)n_slots * sizeof *w->hb_ids);
     w->map_mask = cap - 1;
     w->scratch_cap = (w->tok ? tok_max_token_len(w->tok) * 3 : 0) + 64;
     w->scratch = malloc(w->scratch_cap);
-    if (!w->reqs || !w->free_slots || !w->dirty || !w->map || !w->scratch)
+    if (!w->reqs || !w->free_slots || !w->dirty || !w->map || !w->scratch || !w->hb_ids)
         return fl_fail(err, FL_ENOMEM, "worker: out of memory for %d request slots", n_slots);
     for (uint32_t i = 0; i < cap; i++) w->map[i] = -1;
     for (int i = 0; i < n_slots; i++) w->free_slots[i] = n_slots - 1 - i;
@@ -65,6 +66,8 @@ void worker_reqs_free(worker_t *w)
     free(w->dirty);
     free(w->map);
     free(w->scratch);
+    free(w->hb_ids);
+    w->hb_ids = NULL;
     w->reqs = NULL;
     w->free_slots = w->dirty = w->map = NULL;
     w->scratch = NULL;
