@@ -4,7 +4,11 @@
  *
  * The binaries are found next to the calling executable (/proc/self/exe's directory), else in
  * opts.bin_dir. cluster_start() returns once the coordinator reports every group healthy (Health
- * through the client library) or fails after wait_ms, stopping what it started. */
+ * through the client library) or fails after wait_ms, stopping what it started.
+ *
+ * Children get SIGTERM when their parent dies (PR_SET_PDEATHSIG), so tests never leak processes;
+ * Linux sends it when the *thread* that forked them ends, so start and restart a cluster from a
+ * thread that outlives it (the main thread). */
 #ifndef FOLIO_CLI_CLUSTER_H
 #define FOLIO_CLI_CLUSTER_H
 

@@ -135,14 +135,14 @@ static int cmp_u64(const void *a, const void *b)
 static void reconcile(coord_t *c, int slot, Folio__V1__WorkerLoad *l, double now)
 {
     if (!c->groups->table[slot].inflight) return;
-    qsort(l->live_ids, l->n_live_ids, sizeof *l->live_ids, cmp_u64);
+    if (l->n_live_ids) qsort(l->live_ids, l->n_live_ids, sizeof *l->live_ids, cmp_u64);
     char name[GROUP_NAME_MAX + 1];
     snprintf(name, sizeof name, "%s", c->groups->g[slot].name);
     int lost = 0;
     for (int i = 0; i < reqs_capacity(c->reqs); i++) {
         req_t *e = reqs_at(c->reqs, i);
         if (!e->live || e->group != slot || e->cancelling || now - e->t_dispatch < 2 * c->hb_s) continue;
-        if (bsearch(&e->wid, l->live_ids, l->n_live_ids, sizeof *l->live_ids, cmp_u64)) continue;
+        if (l->n_live_ids && bsearch(&e->wid, l->live_ids, l->n_live_ids, sizeof *l->live_ids, cmp_u64)) continue;
         lost++;
         fail_over_one(c, e, slot, -1, name, "lost the request", now);
     }

@@ -22,6 +22,7 @@
 #include "wire.h"
 
 #define FOLIO_CLIENT_PROBE_MS 3000
+#define FOLIO_CLIENT_PROBES   3
 
 struct folio_client {
     void *zctx;
@@ -327,10 +328,13 @@ int folio_client_generate(folio_client_t *c, const folio_generate_params_t *p, f
     int rc = folio_client_send_generate(c, p, &id, err);
     if (rc) return rc;
     /* A coordinator that restarted has forgotten the request and would leave this loop waiting
-     * for ever: after FOLIO_CLIENT_PROBE_MS of silence a Health probe checks that it still answers
-     * and is the same instance (as seen by the last folio_client_health). */
+     * for ever: every FOLIO_CLIENT_PROBE_MS of silence a Health probe checks that it still answers
+     * and is the same instance (as seen by the last folio_client_health). A probe can be lost with
+     * the connection it was sent on, so it is repeated; FOLIO_CLIENT_PROBES unanswered in a row mean
+     * the coordinator is gone. */
     double last_heard = now_ms(), last_alive = last_heard, probe_sent = 0;
-    uint64_t probe_id = 0;
+    uint64_t first_probe = 0, last_probe = 0; /* ids of the unanswered probes, 0: none */
+    int unanswered = 0;
     for (;;) {
         const double t = now_ms();
         int wait = FOLIO_CLIENT_PROBE_MS;
@@ -340,30 +344,33 @@ int folio_client_generate(folio_client_t *c, const folio_generate_params_t *p, f
         const int got = folio_client_recv(c, &ev, wait, err);
         if (got < 0) return got;
         if (got == 0) {
-            const double idle = now_ms() - last_heard;
-            if (timeout_ms >= 0 && idle >= timeout_ms)
+            const double now = now_ms();
+            if (timeout_ms >= 0 && now - last_heard >= timeout_ms)
                 return fl_fail(err, FL_EIO, "%s: no reply to request %llu within %d ms", c->endpoint,
                                (unsigned long long)id, timeout_ms);
-            if (probe_id && now_ms() - probe_sent >= 2.0 * FOLIO_CLIENT_PROBE_MS)
-                return fl_fail(err, FL_EIO, "%s: the coordinator stopped answering (request %llu is lost)", c->endpoint,
-                               (unsigned long long)id);
-            if (!probe_id && now_ms() - last_alive >= FOLIO_CLIENT_PROBE_MS) {
+            if (now - last_alive >= FOLIO_CLIENT_PROBE_MS && (!last_probe || now - probe_sent >= FOLIO_CLIENT_PROBE_MS)) {
+                if (unanswered == FOLIO_CLIENT_PROBES)
+                    return fl_fail(err, FL_EIO, "%s: the coordinator stopped answering (request %llu is lost)",
+                                   c->endpoint, (unsigned long long)id);
                 Folio__V1__Request h;
                 folio__v1__request__init(&h);
                 h.method = FOLIO__V1__METHOD__METHOD_HEALTH;
-                if ((rc = send_request(c, &h, &probe_id, err))) return rc;
-                probe_sent = now_ms();
+                if ((rc = send_request(c, &h, &last_probe, err))) return rc;
+                if (!first_probe) first_probe = last_probe;
+                probe_sent = now;
+                unanswered++;
             }
             continue;
         }
-        if (probe_id && ev.id == probe_id) {
+        if (first_probe && ev.id >= first_probe && ev.id <= last_probe) {
             const uint64_t inst = ev.raw && ev.raw->health ? ev.raw->health->instance : 0;
             folio_event_clear(&ev);
             if (c->instance && inst != c->instance)
                 return fl_fail(err, FL_EIO, "%s: the coordinator restarted (request %llu is lost)", c->endpoint,
                                (unsigned long long)id);
             c->instance = inst;
-            probe_id = 0;
+            first_probe = last_probe = 0;
+            unanswered = 0;
             last_alive = now_ms();
             continue;
         }

@@ -851,42 +851,54 @@ static void a_restarted_coordinator_gets_the_workers_back_and_serves(void **stat
     folio_result_clear(&after_new);
 }
 
-static void *restart_soon(void *arg)
+typedef struct {
+    folio_client_t *client;
+    folio_generate_params_t params;
+    folio_result_t res;
+    fl_error_t err;
+    int rc;
+    double took_ms;
+} blocking_call_t;
+
+static void *blocking_generate(void *arg)
 {
-    e2e_sleep_ms(e2e_ms(100));
-    fl_error_t err = {0};
-    if (cluster_restart_coordinator(arg, &err)) fprintf(stderr, "[e2e] restart failed: %s\n", err.msg);
+    blocking_call_t *b = arg;
+    const double t0 = e2e_now_ms();
+    b->rc = folio_client_generate(b->client, &b->params, NULL, NULL, -1, &b->res, &b->err);
+    b->took_ms = e2e_now_ms() - t0;
     return NULL;
 }
 
-/* The restarted coordinator has forgotten the request: a blocking client must not wait for ever. */
+/* The restarted coordinator has forgotten the request: a blocking client must not wait for ever.
+ * (The restart runs on the main thread: children die with the thread that forked them.) */
 static void a_blocking_generate_ends_with_an_error_when_the_coordinator_restarts(void **state)
 {
     (void)state;
     g_cluster = e2e_cluster_start(&g_env, "restart-wait", 1, NULL);
-    folio_client_t *cl = new_client(), *busy = new_client();
+    folio_client_t *busy = new_client();
+    static blocking_call_t b;
+    memset(&b, 0, sizeof b);
+    b.client = new_client();
     fl_error_t err = {0};
-    if (folio_client_health(cl, e2e_ms(5000), NULL, &err)) fail_msg("health: %s", err.msg);
+    if (folio_client_health(b.client, e2e_ms(5000), NULL, &err)) fail_msg("health: %s", err.msg);
     /* Keep the worker busy so the request below is still running when the coordinator goes. */
     for (int i = 0; i < 8; i++) {
         folio_generate_params_t q = {.text = "keep busy", .max_tokens = e2e_long_tokens(1500), .ignore_eos = true};
         uint64_t id;
         if (folio_client_send_generate(busy, &q, &id, &err)) fail_msg("send: %s", err.msg);
     }
+    b.params = (folio_generate_params_t){.text = "a long answer nobody will get",
+                                         .max_tokens = e2e_long_tokens(1500), .ignore_eos = true, .stream = false};
     pthread_t th;
-    assert_int_equal(pthread_create(&th, NULL, restart_soon, g_cluster), 0);
-    folio_generate_params_t p = {.text = "a long answer nobody will get", .max_tokens = e2e_long_tokens(1500),
-                                 .ignore_eos = true, .stream = false};
-    folio_result_t res;
-    const double t0 = e2e_now_ms();
-    const int rc = folio_client_generate(cl, &p, NULL, NULL, -1, &res, &err);
-    const double took = e2e_now_ms() - t0;
+    assert_int_equal(pthread_create(&th, NULL, blocking_generate, &b), 0);
+    e2e_sleep_ms(e2e_ms(100));
+    if (cluster_restart_coordinator(g_cluster, &err)) fail_msg("cluster_restart_coordinator: %s", err.msg);
     pthread_join(th, NULL);
-    fprintf(stderr, "[e2e] restart while waiting: rc=%d after %.0f ms: %s\n", rc, took, err.msg);
-    assert_int_equal(rc, FL_EIO);
-    assert_non_null(strstr(err.msg, "restarted"));
-    if (took > e2e_ms(15000)) fail_msg("the client noticed the restart only after %.0f ms", took);
-    folio_result_clear(&res);
+    fprintf(stderr, "[e2e] restart while waiting: rc=%d after %.0f ms: %s\n", b.rc, b.took_ms, b.err.msg);
+    assert_int_equal(b.rc, FL_EIO);
+    assert_non_null(strstr(b.err.msg, "restarted"));
+    if (b.took_ms > e2e_ms(15000)) fail_msg("the client noticed the restart only after %.0f ms", b.took_ms);
+    folio_result_clear(&b.res);
 }
 
 /* A worker that registers and heartbeats but drops every REQUEST: what a reconnect that loses a
