@@ -72,8 +72,7 @@ typedef struct cpu_backend {
     float **scores;
     size_t scores_len;
     /* sampling scratch [vocab] */
-    float *samp_p;
-    int32_t *samp_idx;
+    void *samp_scratch; /* kern_sample_row's candidates */
     size_t samp_len;
 } cpu_backend_t;
 
@@ -120,19 +119,5 @@ float cpu_dot16_scalar(const float *a, const float *b, int n);
 
 const char *cpu_isa_name(cpu_isa_t isa);
 
-/* The sampler's random number: a pure function of (seed, position), never a shared stream, so a
- * request draws the same token whatever else is in the batch. splitmix64 of seed xor splitmix64 of
- * the position; the top 53 bits as a double in [0, 1). The CUDA backend must use exactly this. */
-static inline uint64_t cpu_splitmix64(uint64_t x)
-{
-    x += 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
-}
-static inline double cpu_sample_uniform(uint64_t seed, uint64_t position)
-{
-    return (double)(cpu_splitmix64(seed ^ cpu_splitmix64(position)) >> 11) * 0x1p-53;
-}
 
 #endif
