@@ -47,11 +47,10 @@ static void reply_error(coord_t *c, const wire_msg_t *m, const uint8_t *client, 
     send_to(c, client, len, m->has_delimiter, &r.resp);
 }
 
+/* Sends resp (from wire_response_init) as a final OK reply. */
 static void reply_ok(coord_t *c, const wire_msg_t *m, Folio__V1__Response *resp)
 {
     Folio__V1__Status st = FOLIO__V1__STATUS__INIT;
-    resp->version = WIRE_VERSION;
-    resp->final = 1;
     resp->status = &st;
     send_to(c, m->identity, m->identity_len, m->has_delimiter, resp);
     resp->status = NULL;
@@ -331,9 +330,8 @@ static void do_cancel(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         e->cancel_deadline = now + 2 * c->hb_s;
         reqs_timer_update(c->reqs, e);
     }
-    Folio__V1__Response r = FOLIO__V1__RESPONSE__INIT;
-    r.id = q->id;
-    r.method = q->method;
+    Folio__V1__Response r;
+    wire_response_init(&r, q->id, q->method, true);
     reply_ok(c, m, &r);
 }
 
@@ -349,9 +347,8 @@ static void do_drain(coord_t *c, const wire_msg_t *m, const Folio__V1__Request *
     groups_set_draining(c->groups, slot, !q->drain->undrain);
     fl_log_info("group %s group=%s inflight=%u", q->drain->undrain ? "undrained" : "draining", q->drain->group,
                 c->groups->table[slot].inflight);
-    Folio__V1__Response r = FOLIO__V1__RESPONSE__INIT;
-    r.id = q->id;
-    r.method = q->method;
+    Folio__V1__Response r;
+    wire_response_init(&r, q->id, q->method, true);
     reply_ok(c, m, &r);
 }
 
@@ -362,9 +359,8 @@ static void do_health(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
     h.healthy_groups = (uint32_t)groups_healthy_count(c->groups);
     h.groups = (uint32_t)c->groups->n;
     h.instance = c->instance;
-    Folio__V1__Response r = FOLIO__V1__RESPONSE__INIT;
-    r.id = q->id;
-    r.method = q->method;
+    Folio__V1__Response r;
+    wire_response_init(&r, q->id, q->method, true);
     r.health = &h;
     reply_ok(c, m, &r);
 }
@@ -419,9 +415,8 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         s.route_p50_us = lat[(n - 1) / 2] * 1e6;
         s.route_p99_us = lat[(size_t)((double)(n - 1) * 0.99)] * 1e6;
     }
-    Folio__V1__Response r = FOLIO__V1__RESPONSE__INIT;
-    r.id = q->id;
-    r.method = q->method;
+    Folio__V1__Response r;
+    wire_response_init(&r, q->id, q->method, true);
     r.cluster = &s;
     reply_ok(c, m, &r);
 }

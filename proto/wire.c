@@ -271,17 +271,22 @@ Folio__V1__WorkerLoad *wire_decode_load(const uint8_t *body, size_t len, fl_erro
     return l;
 }
 
+void wire_response_init(Folio__V1__Response *r, uint64_t id, Folio__V1__Method method, bool final)
+{
+    folio__v1__response__init(r);
+    r->version = WIRE_VERSION;
+    r->id = id;
+    r->method = method;
+    r->final = final;
+}
+
 void wire_error_reply_init(wire_error_reply_t *r, uint64_t id, Folio__V1__Method method, Folio__V1__StatusCode code,
                            const char *msg)
 {
-    folio__v1__response__init(&r->resp);
+    wire_response_init(&r->resp, id, method, true);
     folio__v1__status__init(&r->status);
     r->status.code = code;
     r->status.message = (char *)msg;
-    r->resp.version = WIRE_VERSION;
-    r->resp.id = id;
-    r->resp.method = method;
-    r->resp.final = 1;
     r->resp.status = &r->status;
 }
 

@@ -91,6 +91,9 @@ Folio__V1__Response *wire_decode_response(const uint8_t *body, size_t len, fl_er
 Folio__V1__WorkerHello *wire_decode_hello(const uint8_t *body, size_t len, fl_error_t *err);
 Folio__V1__WorkerLoad *wire_decode_load(const uint8_t *body, size_t len, fl_error_t *err);
 
+/* A Response of this protocol version for request id (fields beyond these left empty). */
+void wire_response_init(Folio__V1__Response *r, uint64_t id, Folio__V1__Method method, bool final);
+
 /* Builds a final error Response in caller storage (status and its message borrowed from msg). */
 typedef struct wire_error_reply {
     Folio__V1__Response resp;

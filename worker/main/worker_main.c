@@ -280,11 +280,8 @@ static void fake_generate(worker_t *w, const Folio__V1__Request *q)
     result.timings = &timings;
     result.group = (char *)w->group;
     Folio__V1__Status status = FOLIO__V1__STATUS__INIT;
-    Folio__V1__Response resp = FOLIO__V1__RESPONSE__INIT;
-    resp.version = WIRE_VERSION;
-    resp.id = q->id;
-    resp.method = FOLIO__V1__METHOD__METHOD_GENERATE;
-    resp.final = 1;
+    Folio__V1__Response resp;
+    wire_response_init(&resp, q->id, FOLIO__V1__METHOD__METHOD_GENERATE, true);
     resp.status = &status;
     resp.delta = &d;
     resp.result = &result;

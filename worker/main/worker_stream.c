@@ -319,10 +319,8 @@ static void flush_one(worker_t *w, worker_req_t *r)
     r->text[n_send] = 0;
     Folio__V1__TokenDelta d;
     delta_init(&d, r);
-    Folio__V1__Response resp = FOLIO__V1__RESPONSE__INIT;
-    resp.version = WIRE_VERSION;
-    resp.id = r->id;
-    resp.method = FOLIO__V1__METHOD__METHOD_GENERATE;
+    Folio__V1__Response resp;
+    wire_response_init(&resp, r->id, FOLIO__V1__METHOD__METHOD_GENERATE, false);
     resp.delta = &d;
     const int rc = worker_send(w, WIRE_CMD_PARTIAL, &resp.base);
     r->text[n_send] = kept;
@@ -403,11 +401,8 @@ void worker_on_finish(void *user, const sched_result_t *res)
 
     Folio__V1__TokenDelta d;
     delta_init(&d, r);
-    Folio__V1__Response resp = FOLIO__V1__RESPONSE__INIT;
-    resp.version = WIRE_VERSION;
-    resp.id = r->id;
-    resp.method = FOLIO__V1__METHOD__METHOD_GENERATE;
-    resp.final = 1;
+    Folio__V1__Response resp;
+    wire_response_init(&resp, r->id, FOLIO__V1__METHOD__METHOD_GENERATE, true);
     resp.status = &status;
     resp.result = &result;
     /* Streamed: whatever is left (nothing held back now); not streamed: everything (n_sent is 0). */
