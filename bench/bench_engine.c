@@ -18,6 +18,7 @@
 #include "engine.h"
 
 #define MAX_BATCHES 16
+#define DECODE_PROMPT_TOKENS 16 /* prompt length of each sequence in the decode runs */
 
 typedef struct engine_figures {
     double prefill_tok_s;
@@ -95,7 +96,7 @@ static int run_folio(engine_t *e, int prompt_tokens, int decode_tokens, const in
     fl_error_t err = {0};
     int max_batch = 1;
     for (int i = 0; i < n_batches; i++) max_batch = batches[i] > max_batch ? batches[i] : max_batch;
-    const int decode_prompt = 16;
+    const int decode_prompt = DECODE_PROMPT_TOKENS;
     int32_t *prompts = malloc((size_t)(prompt_tokens + max_batch * decode_prompt) * sizeof(int32_t));
     int32_t *outs = malloc((size_t)max_batch * (size_t)(decode_tokens + 1) * sizeof(int32_t));
     gen_request_t *reqs = calloc((size_t)max_batch, sizeof *reqs);
@@ -205,6 +206,36 @@ static int run_llamacpp(const char *model, int threads, int prompt_tokens, int d
     return 0;
 }
 
+/* The memory-bandwidth roofline of a batch-1 decode step on the CUDA backend: every matrix is read
+ * once per step as fp16 (the backend dequantizes at load), plus the sequence's KV cache (f16). The
+ * token embedding is only gathered, except when it doubles as the output matrix. */
+typedef struct roofline {
+    double copy_bytes_per_s;    /* measured device-to-device copy bandwidth */
+    double weight_bytes, kv_bytes_per_step;
+    double fraction_b1;         /* (weight + KV bytes) / step time / copy bandwidth */
+    bool ok;
+} roofline_t;
+
+static void measure_roofline(const engine_t *e, int device, int decode_prompt, int decode_tokens, double b1_tok_s,
+                             roofline_t *r)
+{
+    const model_config_t *c = &e->model->cfg;
+    const double q = (double)c->n_heads * c->head_dim, kv = (double)c->n_kv_heads * c->head_dim;
+    const double per_layer = c->dim * (q + 2 * kv) + q * c->dim + 3.0 * c->dim * c->n_ff;
+    r->weight_bytes = 2.0 * (c->n_layers * per_layer + (double)c->n_vocab * c->dim);
+    /* Mean context over the timed steps: the prompt plus half the generated tokens. */
+    const double ctx = decode_prompt + decode_tokens / 2.0;
+    r->kv_bytes_per_step = ctx * 2.0 * c->n_layers * kv * 2.0;
+    fl_error_t err = {0};
+    if (kern_cuda_copy_bandwidth(device, (size_t)1 << 30, &r->copy_bytes_per_s, &err)) {
+        fprintf(stderr, "warning: no roofline: %s\n", err.msg);
+        return;
+    }
+    if (b1_tok_s > 0 && r->copy_bytes_per_s > 0)
+        r->fraction_b1 = (r->weight_bytes + r->kv_bytes_per_step) * b1_tok_s / r->copy_bytes_per_s;
+    r->ok = true;
+}
+
 static double decode_at(const engine_figures_t *f, int batch)
 {
     for (int i = 0; i < f->n_batches; i++)
@@ -296,6 +327,11 @@ int bench_engine(int argc, char **argv)
     engine_figures_t folio = {0}, llama = {0};
     fprintf(stderr, "bench engine: folio (%d threads) ...\n", threads);
     int rc = run_folio(e, (int)prompt_tokens, (int)decode_tokens, batches, n_batches, (int)repeat, &folio);
+    roofline_t roof = {0};
+    char backend_name[32];
+    snprintf(backend_name, sizeof backend_name, "%s", e->be->ops->name);
+    if (!rc && !strcmp(backend_name, "cuda"))
+        measure_roofline(e, eo.device, DECODE_PROMPT_TOKENS, (int)decode_tokens, decode_at(&folio, 1), &roof);
     engine_destroy(&e);
     if (rc) return 1;
     if (with_llamacpp) {
@@ -303,8 +339,8 @@ int bench_engine(int argc, char **argv)
         run_llamacpp(model_path, threads, (int)prompt_tokens, (int)decode_tokens, batches_s, (int)repeat, &llama);
     }
 
-    printf("folio-bench engine  model=%s threads=%d prompt=%ld decode=%ld\n", model_path, threads, prompt_tokens,
-           decode_tokens);
+    printf("folio-bench engine  model=%s backend=%s threads=%d prompt=%ld decode=%ld\n", model_path, backend_name,
+           threads, prompt_tokens, decode_tokens);
     printf("%-22s %12s %12s %8s\n", "figure", "folio", "llama.cpp", "ratio");
     const double lp = llama.ok ? llama.prefill_tok_s : 0;
     printf("%-22s %12.1f %12.1f %8.2f\n", "prefill tok/s", folio.prefill_tok_s, lp, lp > 0 ? folio.prefill_tok_s / lp : 0);
@@ -317,16 +353,30 @@ int bench_engine(int argc, char **argv)
     printf("%-22s %12.1f %12.1f\n", "peak RSS MiB", folio.peak_rss_mib, llama.ok ? llama.peak_rss_mib : 0);
     const double b1 = decode_at(&folio, 1), bmax = decode_at(&folio, max_batch);
     if (b1 > 0 && max_batch > 1) printf("folio decode b=%d / b=1: %.2f\n", max_batch, bmax / b1);
+    const double b64 = decode_at(&folio, 64);
+    if (b1 > 0 && b64 > 0) printf("folio decode b=64 / b=1: %.2f\n", b64 / b1);
+    if (roof.ok)
+        printf("roofline b=1: %.1f MB weights + %.2f MB KV per step at %.2f ms/step over %.0f GB/s copy bandwidth: %.1f%%\n",
+               roof.weight_bytes / 1e6, roof.kv_bytes_per_step / 1e6, b1 > 0 ? 1e3 / b1 : 0, roof.copy_bytes_per_s / 1e9,
+               100 * roof.fraction_b1);
 
     if (json_path) {
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "benchmark", "engine");
         cJSON_AddStringToObject(o, "model", model_path);
+        cJSON_AddStringToObject(o, "backend", backend_name);
         cJSON_AddNumberToObject(o, "threads", threads);
         cJSON_AddNumberToObject(o, "prompt_tokens", (double)prompt_tokens);
         cJSON_AddNumberToObject(o, "decode_tokens", (double)decode_tokens);
         cJSON_AddItemToObject(o, "folio", figures_json("folio", &folio));
         if (llama.ok) cJSON_AddItemToObject(o, "llama_cpp", figures_json("llama.cpp", &llama));
+        if (roof.ok) {
+            cJSON *r = cJSON_AddObjectToObject(o, "roofline_b1");
+            cJSON_AddNumberToObject(r, "copy_bandwidth_gb_s", roof.copy_bytes_per_s / 1e9);
+            cJSON_AddNumberToObject(r, "weight_bytes", roof.weight_bytes);
+            cJSON_AddNumberToObject(r, "kv_bytes_per_step", roof.kv_bytes_per_step);
+            cJSON_AddNumberToObject(r, "fraction", roof.fraction_b1);
+        }
         char *s = cJSON_Print(o);
         FILE *f = fopen(json_path, "w");
         if (!f || fprintf(f, "%s\n", s) < 0) fprintf(stderr, "error: cannot write %s\n", json_path);

@@ -25,6 +25,7 @@ void kern_destroy(kern_backend_t **bep)
 
 typedef kern_backend_t *(*cuda_new_fn)(int device, fl_error_t *err);
 typedef bool (*cuda_available_fn)(void);
+typedef int (*cuda_bandwidth_fn)(int device, size_t bytes, double *bytes_per_s, fl_error_t *err);
 
 static void *g_cuda_module;
 static char g_cuda_error[512];
@@ -85,4 +86,13 @@ bool kern_cuda_available(void)
     if (access("/dev/nvidiactl", F_OK) != 0 && access("/proc/driver/nvidia/version", F_OK) != 0) return false;
     cuda_available_fn fn = (cuda_available_fn)cuda_symbol("kern_cuda_module_available");
     return fn && fn();
+}
+
+int kern_cuda_copy_bandwidth(int device, size_t bytes, double *bytes_per_s, fl_error_t *err)
+{
+    cuda_bandwidth_fn fn = (cuda_bandwidth_fn)cuda_symbol("kern_cuda_module_copy_bandwidth");
+    if (!fn)
+        return fl_fail(err, FL_EUNSUPPORTED, "CUDA backend unavailable: %s",
+                       g_cuda_error[0] ? g_cuda_error : "libfolio_cuda.so not found (folio built without CUDA?)");
+    return fn(device, bytes, bytes_per_s, err);
 }

@@ -105,6 +105,9 @@ struct kern_backend {
 kern_backend_t *kern_cpu_new(int n_threads, fl_error_t *err);
 kern_backend_t *kern_cuda_new(int device, fl_error_t *err);
 bool kern_cuda_available(void);
+/* Device-to-device copy bandwidth of `device` in bytes/s, counting bytes read and written (best of
+ * ten copies of `bytes`): the roofline folio-bench compares decode steps with. */
+int kern_cuda_copy_bandwidth(int device, size_t bytes, double *bytes_per_s, fl_error_t *err);
 void kern_destroy(kern_backend_t **bep);
 
 /* Calls read like the functions of llama2.c. */

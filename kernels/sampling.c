@@ -7,14 +7,14 @@
 #include <string.h>
 
 typedef struct {
-    float e;
+    uint32_t key;
     int32_t id;
 } samp_cand_t;
 
-/* Candidate order: larger weight first, lower id on ties. */
-static inline int cand_better(samp_cand_t a, samp_cand_t b) { return a.e > b.e || (a.e == b.e && a.id < b.id); }
+/* Rank order: larger key first, lower id on ties. */
+static inline int cand_better(samp_cand_t a, samp_cand_t b) { return a.key > b.key || (a.key == b.key && a.id < b.id); }
 
-static int cand_cmp_desc(const void *pa, const void *pb)
+static int cand_cmp_rank(const void *pa, const void *pb)
 {
     const samp_cand_t *a = pa, *b = pb;
     return cand_better(*a, *b) ? -1 : cand_better(*b, *a) ? 1 : 0;
@@ -60,29 +60,21 @@ int32_t kern_sample_argmax(const float *l, int vocab)
     return best;
 }
 
-/* The draw for one row, defined so any backend can reproduce it exactly:
- *  1. temperature <= 0 (or vocab 1): argmax, lowest id on ties.
- *  2. e_i = expf((l_i - max_l) / temperature) in f32 (NaN counts as 0).
- *  3. top_k in (0, vocab): keep the k best by (e desc, id asc).
- *  4. top_p < 1: sort the kept by (e desc, id asc); total = sum of their e in double, in id order;
- *     keep the shortest prefix whose running double sum (in sorted order) is >= top_p * total.
- *  5. u = kern_sample_uniform(seed, position); target = u * S with S the double sum of the kept e in
- *     id order; walk the kept in id order summing e in double, return the first id whose running sum
- *     exceeds target (the last kept id if rounding leaves none). */
+/* The draw for one row (the definition is in sampling.h). */
 int32_t kern_sample_row(const float *l, int vocab, const kern_sampling_t *p, void *scratch)
 {
     if (p->temperature <= 0.0f || vocab == 1) return kern_sample_argmax(l, vocab);
-    samp_cand_t *c = scratch;
     float mx = -INFINITY;
     for (int i = 0; i < vocab; i++) mx = fmaxf(mx, l[i]);
-    if (!(mx > -INFINITY)) return kern_sample_argmax(l, vocab);
+    if (!(mx > -INFINITY) || mx == INFINITY) return kern_sample_argmax(l, vocab);
+    const float inv_t = 1.0f / p->temperature;
+    samp_cand_t *c = scratch;
 
+    /* 3. top-k by rank: a heap of the k best. */
     int nk = 0;
     const bool topk = p->top_k > 0 && p->top_k < vocab;
     for (int i = 0; i < vocab; i++) {
-        float e = expf((l[i] - mx) / p->temperature);
-        if (e != e) e = 0.0f;
-        samp_cand_t ci = {e, i};
+        const samp_cand_t ci = {kern_sample_key(l[i]), i};
         if (!topk) {
             c[nk++] = ci;
         } else if (nk < p->top_k) {
@@ -93,45 +85,47 @@ int32_t kern_sample_row(const float *l, int vocab, const kern_sampling_t *p, voi
             heap_sift_down(c, nk, 0);
         }
     }
-    if (topk) qsort(c, (size_t)nk, sizeof *c, cand_cmp_id);
 
+    /* 4. top-p: the shortest rank prefix whose weight reaches want. Sorting every candidate is slow
+     * for a large vocabulary: sort the heaviest (a rank prefix) while they suffice. */
     if (p->top_p < 1.0f) {
-        double total = 0.0;
-        for (int i = 0; i < nk; i++) total += (double)c[i].e;
-        const double want = (double)p->top_p * total;
+        uint64_t total = 0;
+        for (int i = 0; i < nk; i++) total += kern_sample_weight(l[c[i].id], mx, inv_t);
+        const uint64_t want = (uint64_t)((double)p->top_p * (double)total);
         samp_cand_t *s = c + vocab;
-        /* Sorting all candidates is slow for a large vocabulary; the nucleus lies within the
-         * candidates of weight >= eps as soon as their sorted running sum reaches `want`. */
-        int keep = nk;
-        for (float eps = 0x1p-10f;; eps = eps > 0x1p-40f ? eps * 0x1p-10f : 0.0f) {
+        for (uint64_t t = (uint64_t)1 << 30;; t >>= 10) {
+            /* The weight's exp is not exactly monotone: take every candidate ranked at least as
+             * high as the lowest one of weight >= t, so the set is a rank prefix exactly. */
+            uint32_t kmin = UINT32_MAX;
+            for (int i = 0; i < nk; i++)
+                if (kern_sample_weight(l[c[i].id], mx, inv_t) >= t && c[i].key < kmin) kmin = c[i].key;
             int ns = 0;
             for (int i = 0; i < nk; i++)
-                if (c[i].e >= eps) s[ns++] = c[i];
-            qsort(s, (size_t)ns, sizeof *s, cand_cmp_desc);
-            double run = 0.0;
+                if (c[i].key >= kmin) s[ns++] = c[i];
+            qsort(s, (size_t)ns, sizeof *s, cand_cmp_rank);
+            uint64_t run = 0;
             int k = 0;
             while (k < ns) {
-                run += (double)s[k++].e;
+                run += kern_sample_weight(l[s[k++].id], mx, inv_t);
                 if (run >= want) break;
             }
-            if (run >= want || eps == 0.0f) {
-                keep = k > 0 ? k : 1;
-                memcpy(c, s, (size_t)keep * sizeof *c);
+            if (run >= want || t == 0) {
+                nk = k > 0 ? k : 1;
+                memcpy(c, s, (size_t)nk * sizeof *c);
                 break;
             }
         }
-        nk = keep;
-        qsort(c, (size_t)nk, sizeof *c, cand_cmp_id);
     }
 
-    double S = 0.0;
-    for (int i = 0; i < nk; i++) S += (double)c[i].e;
-    const double target = kern_sample_uniform(p->seed, p->position) * S;
-    double run = 0.0;
+    /* 5. The draw over the kept, in id order. */
+    qsort(c, (size_t)nk, sizeof *c, cand_cmp_id);
+    uint64_t S = 0;
+    for (int i = 0; i < nk; i++) S += kern_sample_weight(l[c[i].id], mx, inv_t);
+    const uint64_t target = (uint64_t)(kern_sample_uniform(p->seed, p->position) * (double)S);
+    uint64_t run = 0;
     for (int i = 0; i < nk; i++) {
-        run += (double)c[i].e;
+        run += kern_sample_weight(l[c[i].id], mx, inv_t);
         if (run > target) return c[i].id;
     }
     return c[nk - 1].id;
 }
-

@@ -1,13 +1,16 @@
-/* sampling.h - the token draw every backend reproduces exactly, on the host.
+/* sampling.h - the token draw every backend reproduces exactly.
  *
- * The CPU backend samples with these functions, and the CUDA backend runs them on a row's logits
- * for stochastic rows, so a request draws the same token on either backend and in any batch: the
- * draw is a pure function of (logits, temperature, top_k, top_p, seed, position). */
+ * The CPU backend samples with kern_sample_row; the CUDA backend implements the same definition on
+ * the device (kernels/cuda/sample_cuda.cu). Given the same logits a request therefore draws the same
+ * token on either backend and in any batch: the draw is a pure function of (logits, temperature,
+ * top_k, top_p, seed, position). */
 #ifndef FOLIO_SAMPLING_H
 #define FOLIO_SAMPLING_H
 
 #include <stddef.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "kernels.h"
 
@@ -29,12 +32,67 @@ static inline double kern_sample_uniform(uint64_t seed, uint64_t position)
     return (double)(kern_splitmix64(seed ^ kern_splitmix64(position)) >> 11) * 0x1p-53;
 }
 
+/* The draw for one row, defined with integer weights so that any backend reproduces it exactly
+ * (integer sums do not depend on the order a GPU reduces in):
+ *  1. temperature <= 0, vocab 1, or no finite maximum logit: argmax, lowest id on ties.
+ *  2. Rank: larger logit first (kern_sample_key; NaN last), lower id on ties.
+ *     Weight: w_i = trunc(2^40 * exp((l_i - max_l) * (1 / temperature))) with the exp of
+ *     kern_sample_weight_of: the best token weighs 2^40, one under ~2^-40 of it weighs 0 and is
+ *     never drawn.
+ *  3. top_k in (0, vocab): keep the k best by rank.
+ *  4. top_p < 1: want = trunc(top_p * W) with W the kept weight; keep the shortest rank prefix whose
+ *     weight reaches want (at least one token).
+ *  5. target = trunc(u * S), u = kern_sample_uniform(seed, position), S the kept weight; walk the
+ *     kept in id order summing weights, return the first id whose running sum exceeds target (the
+ *     last kept id if none does). */
+#ifdef __CUDACC__
+#define KERN_SAMPLE_HD __host__ __device__
+#else
+#define KERN_SAMPLE_HD
+#endif
+
+/* Order-preserving key of a logit: a larger key ranks first; NaN gets 0, below everything. */
+static inline KERN_SAMPLE_HD uint32_t kern_sample_key(float l)
+{
+    uint32_t b;
+    memcpy(&b, &l, sizeof b);
+    if (l != l) return 0;
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+/* trunc(2^40 * exp(x)) for x <= 0, from float operations that round the same on every IEEE machine
+ * (each multiply-add an explicit fmaf, no library exp whose last bit differs between libm and the
+ * device): x = k ln2 + r, |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial (relative error
+ * below 2e-7), times 2^k. Below x = -32 the weight is 0 anyway (2^40 e^-32 < 1e-2). */
+static inline KERN_SAMPLE_HD uint64_t kern_sample_weight_of(float x)
+{
+    if (!(x >= -32.0f)) return 0; /* NaN too */
+    const float k = rintf(x * 1.44269504f);
+    float r = fmaf(-k, 0.693145752f, x);  /* ln2, high bits: k * ln2_hi is exact */
+    r = fmaf(-k, 1.42860677e-06f, r);     /* ln2, the rest */
+    float p = 1.0f / 720;
+    p = fmaf(p, r, 1.0f / 120);
+    p = fmaf(p, r, 1.0f / 24);
+    p = fmaf(p, r, 1.0f / 6);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    return (uint64_t)ldexpf(p, (int)k + 40);
+}
+
+static inline KERN_SAMPLE_HD uint64_t kern_sample_weight(float l, float mx, float inv_t)
+{
+    if (l != l) return 0;
+    const float d = l - mx; /* two separate roundings (no fused form exists for (a - b) * c) */
+    return kern_sample_weight_of(d * inv_t);
+}
+
 /* Bytes of scratch kern_sample_row needs for a vocabulary. */
-static inline size_t kern_sample_scratch_bytes(int vocab) { return 2 * (size_t)vocab * (sizeof(float) + sizeof(int32_t)); }
+static inline size_t kern_sample_scratch_bytes(int vocab) { return 2 * (size_t)vocab * (sizeof(uint32_t) + sizeof(int32_t)); }
 
 /* argmax, lowest id on ties (NaNs never win). */
 int32_t kern_sample_argmax(const float *logits, int vocab);
-/* One row's token under p (see sampling.c for the exact definition). */
+/* One row's token under p (the definition above). */
 int32_t kern_sample_row(const float *logits, int vocab, const kern_sampling_t *p, void *scratch);
 
 #ifdef __cplusplus

@@ -1,46 +1,136 @@
 #!/usr/bin/env bash
-# The whole GPU suite, for a machine with an NVIDIA GPU: builds with CUDA (FOLIO_SKIP_APT=1 and
-# FOLIO_DEPS=<dir of unpacked .deb files> for machines without a package registry), runs the tests
-# labelled gpu, the op tests under compute-sanitizer memcheck (when it is on PATH), then the GPU
-# benchmarks, writing results to ${OUT:-build-gpu}/gpu-*. Exits 1 when a test or memcheck failed.
-set -euo pipefail
+# The whole GPU suite, for a machine with an NVIDIA GPU, from a bare checkout:
+#   bash scripts/gpu_suite.sh
+# Steps (FOLIO_GPU_STEPS, default all, in this order):
+#   build     configure and build with CUDA into build-gpu/
+#   tests     the ctest tests labelled gpu (every op against the CPU backend; the reference prompts
+#             greedily on CUDA vs CPU, which needs the default model)
+#   memcheck  the op tests (quick set) under compute-sanitizer memcheck
+#   bench     folio-bench engine --backend cuda on the default model, and PyTorch on its shape
+#   bench8b   the same on a random-weight model of Llama-3-8B's shape in bf16 (written by
+#             folio-mkmodel into /dev/shm, about 16 GB)
+# A machine without a package registry: pass FOLIO_DEPS=<folder of .deb files> (the list is in
+# tests/README.md); they are unpacked under <folder>/root and used from there, never into /.
+# Results go to ${OUT:-build-gpu}/gpu-*. A failing step is recorded and the next steps still run;
+# the exit status is 1 when any step failed.
+set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 out="${OUT:-$root/build-gpu}"
 mkdir -p "$out"
+steps=" ${FOLIO_GPU_STEPS:-build tests memcheck bench bench8b} "
+status=0
+fail() { echo "gpu_suite: FAILED: $*" | tee -a "$out/gpu-summary.txt"; status=1; }
+pass() { echo "gpu_suite: ok: $*" | tee -a "$out/gpu-summary.txt"; }
+want() { [[ "$steps" == *" $1 "* ]]; }
+
+host_ld_path="${LD_LIBRARY_PATH:-}" # what Python (PyTorch) runs with: none of the unpacked libraries
 if [ -n "${FOLIO_DEPS:-}" ]; then
-  # Debian packages unpacked with `dpkg -x pkg.deb $FOLIO_DEPS` on a machine that has a registry.
-  export PKG_CONFIG_PATH="$FOLIO_DEPS/usr/lib/x86_64-linux-gnu/pkgconfig:$FOLIO_DEPS/usr/share/pkgconfig:${PKG_CONFIG_PATH:-}"
-  export LD_LIBRARY_PATH="$FOLIO_DEPS/usr/lib/x86_64-linux-gnu:$FOLIO_DEPS/usr/lib/x86_64-linux-gnu/openblas-pthread:${LD_LIBRARY_PATH:-}"
-  export CPATH="$FOLIO_DEPS/usr/include:${CPATH:-}"
+  deps="$(cd "$FOLIO_DEPS" && pwd)"
+  sys="$deps/root" fallback="$deps/fallback-root"
+  if [ ! -e "$sys/.unpacked" ]; then
+    mkdir -p "$sys" "$fallback"
+    # fallback_*.deb: libzmq's own dependencies (Kerberos, libbsd), used only where the system lacks them.
+    for deb in "$deps"/*.deb; do
+      case "$(basename "$deb")" in
+        fallback_*) dpkg -x "$deb" "$fallback" ;;
+        *) dpkg -x "$deb" "$sys" ;;
+      esac || fail "dpkg -x $deb"
+    done
+    # The .pc files name /usr: point them at the unpacked tree. Requires.private names packages
+    # (Kerberos, libsodium, ...) whose .pc files are not brought along; shared linking needs none.
+    find "$sys" -name '*.pc' -exec sed -i -e "s#=/usr#=$sys/usr#g; s# -I/usr/# -I$sys/usr/#g; s# -L/usr/# -L$sys/usr/#g" \
+      -e '/^Requires.private:/d' {} +
+    touch "$sys/.unpacked"
+  fi
+  lib="$sys/usr/lib/x86_64-linux-gnu"
+  ld="$lib:$lib/openblas-pthread"
+  ldconfig -p 2>/dev/null | grep -q 'libgssapi_krb5.so.2 ' || ld="$ld:$fallback/usr/lib/x86_64-linux-gnu:$fallback/lib/x86_64-linux-gnu"
+  ldconfig -p 2>/dev/null | grep -q 'libbsd.so.0 ' || ld="$ld:$fallback/usr/lib/x86_64-linux-gnu:$fallback/lib/x86_64-linux-gnu"
+  export PATH="$sys/usr/bin:$PATH"
+  export PKG_CONFIG_PATH="$lib/pkgconfig:$lib/openblas-pthread/pkgconfig:$sys/usr/share/pkgconfig:${PKG_CONFIG_PATH:-}"
+  export LD_LIBRARY_PATH="$ld:${LD_LIBRARY_PATH:-}"
+  export LIBRARY_PATH="$ld:${LIBRARY_PATH:-}"
+  export CPATH="$sys/usr/include:${CPATH:-}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu-device.txt"
-cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DFOLIO_CUDA=ON -DFOLIO_FUZZ=OFF >/dev/null
-cmake --build build-gpu -j"$(nproc)"
-# The gpu tests (test_cuda_backend: every op against the CPU backend; test_cuda_model: the reference
-# prompts greedily on CUDA vs CPU). A failure is recorded, and the memcheck and benchmark still run.
-status=0
-ctest --test-dir build-gpu --output-on-failure -L gpu | tee "$out/gpu-tests.txt" || status=1
+export FOLIO_SOURCE_DIR="$root" FOLIO_FIXTURES="$root/tests/fixtures"
+model="$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+if want build; then
+  if cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DFOLIO_CUDA=ON -DFOLIO_FUZZ=OFF >"$out/gpu-build.txt" 2>&1 &&
+     cmake --build build-gpu -j"$(nproc)" >>"$out/gpu-build.txt" 2>&1; then
+    pass build
+  else
+    tail -n 40 "$out/gpu-build.txt"
+    fail build
+  fi
+fi
+
+if want tests; then
+  if ctest --test-dir build-gpu --output-on-failure -L gpu --timeout 900 >"$out/gpu-tests.txt" 2>&1; then
+    pass "gpu tests"
+  else
+    fail "gpu tests (see gpu-tests.txt)"
+  fi
+  grep -E 'FAIL|near-tie|Skipped|tests passed|Passed|Failed|summary' "$out/gpu-tests.txt" | tail -n 40
+fi
+
 # Device memory errors (out-of-bounds, misaligned, uninitialised) in the kernels: the op tests under
-# compute-sanitizer's memcheck, on the quick case set (FOLIO_CUDA_TEST_QUICK=1: memcheck is slow).
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  set +e
-  FOLIO_CUDA_TEST_QUICK=1 FOLIO_SOURCE_DIR="$root" FOLIO_FIXTURES="$root/tests/fixtures" \
-    compute-sanitizer --tool memcheck --error-exitcode 1 build-gpu/tests/test_cuda_backend \
-    >"$out/gpu-memcheck.txt" 2>&1
-  rc=$?
-  set -e
-  tail -n 5 "$out/gpu-memcheck.txt"
-  case $rc in
-    0) echo "memcheck: clean" ;;
-    77) echo "memcheck: skipped (no usable CUDA backend)" ;;
-    *) echo "memcheck: FAILED (exit $rc), see $out/gpu-memcheck.txt"; status=1 ;;
-  esac
-else
-  echo "memcheck: compute-sanitizer not on PATH, skipped" | tee "$out/gpu-memcheck.txt"
+# compute-sanitizer's memcheck, on the quick case set (memcheck is slow).
+if want memcheck; then
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    FOLIO_CUDA_TEST_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 1 build-gpu/tests/test_cuda_backend \
+      >"$out/gpu-memcheck.txt" 2>&1
+    rc=$?
+    tail -n 5 "$out/gpu-memcheck.txt"
+    case $rc in
+      0) pass "memcheck clean" ;;
+      77) fail "memcheck skipped (no usable CUDA backend)" ;;
+      *) fail "memcheck (exit $rc), see gpu-memcheck.txt" ;;
+    esac
+  else
+    echo "memcheck: compute-sanitizer not on PATH, skipped" | tee "$out/gpu-memcheck.txt"
+  fi
 fi
-if [ -f models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-  ./build-gpu/folio-bench engine --backend cuda --no-llamacpp --batches 1,8,64,256 --json "$out/gpu-engine.json" ||
-    echo "gpu benchmark: the CUDA backend is not available (see above)"
+
+# folio then PyTorch on one model shape: bench_pair NAME GGUF PRESET [folio flags...]
+bench_pair() {
+  local name=$1 gguf=$2 preset=$3
+  shift 3
+  if ./build-gpu/folio-bench engine -m "$gguf" --backend cuda --no-llamacpp --batches 1,8,64,256 \
+       --json "$out/gpu-engine-$name.json" "$@" >"$out/gpu-engine-$name.txt" 2>&1; then
+    pass "folio-bench engine $name"
+  else
+    fail "folio-bench engine $name"
+  fi
+  cat "$out/gpu-engine-$name.txt" | grep -v '^bench engine'
+  if LD_LIBRARY_PATH="$host_ld_path" python3 -c 'import torch, transformers' 2>/dev/null; then
+    if LD_LIBRARY_PATH="$host_ld_path" PYTHONUNBUFFERED=1 python3 bench/torch_decode.py --preset "$preset" --batches 1,8,64,256 \
+         --json "$out/gpu-torch-$name.json" >"$out/gpu-torch-$name.txt" 2>&1; then
+      pass "pytorch $name"
+    else
+      fail "pytorch $name"
+    fi
+    tail -n 12 "$out/gpu-torch-$name.txt"
+  fi
+}
+
+if want bench; then
+  if [ -f "$model" ]; then
+    bench_pair smollm2 "$model" smollm2-135m --kv-budget 2GiB
+  else
+    echo "bench: $model missing (scripts/setup.sh fetches it), skipped"
+  fi
 fi
+
+if want bench8b; then
+  big="${FOLIO_BIG_MODEL:-/dev/shm/llama3-8b-shape.bf16.gguf}"
+  if [ ! -f "$big" ]; then
+    ./build-gpu/folio-mkmodel -o "$big" --layers 32 --dim 4096 --ff 14336 --heads 32 --kv-heads 8 --vocab 128256 \
+      --type bf16 --ctx 8192 --rope-theta 500000 --name llama3-8b-shape || fail "folio-mkmodel 8b"
+  fi
+  [ -f "$big" ] && bench_pair llama3-8b "$big" llama3-8b --kv-budget 8GiB
+fi
+cat "$out/gpu-summary.txt" 2>/dev/null
 exit $status

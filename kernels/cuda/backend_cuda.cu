@@ -22,9 +22,9 @@
  *     (token, head): q rounded to fp16 as the CPU does, each warp walks every 8th position of the
  *     sequence through its block table with an fp32 online softmax, the warps are merged at the end;
  *     head_dim up to 256.
- *   - sample: an argmax kernel per row (lowest id on ties, as the CPU) and only the ids copied back.
- *     Stochastic sampling runs on the host: for a row with temperature > 0 its logits are downloaded
- *     and kern_sample_row (kernels/sampling.c, the CPU backend's own sampler) picks the token.
+ *   - sample: an argmax kernel per row (lowest id on ties, as the CPU), then the stochastic rows'
+ *     draw on the device (sample_cuda.cu: temperature, top-k, top-p, kernels/sampling.h's exact
+ *     definition); only the ids are copied back.
  *
  * Approximations versus the CPU backend: weights are fp16 (the CPU takes quantized dot products on
  * the stored blocks, or f32/BF16 values), activations are rounded to fp16 before a matmul, softmax is
@@ -46,6 +46,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "sample_cuda.h"
 #include "sampling.h"
 
 /* One check for every CUDA runtime call: a failure becomes an fl_error_t naming the call. */
@@ -117,9 +118,8 @@ typedef struct cuda_backend {
     size_t ids_cap;
     mm_plan_t plans[MM_PLANS];
     int next_plan;
-    float *h_logits;    /* host copy of a stochastic row's logits */
-    void *h_scratch;    /* kern_sample_row's candidates */
-    size_t h_cap;       /* vocab capacity of the two above */
+    cuda_sample_row_t *h_rows, *d_rows; /* stochastic rows' parameters, host and device */
+    size_t rows_cap;                    /* bytes of d_rows; h_rows holds as many */
 } cuda_backend_t;
 
 __attribute__((format(printf, 3, 4))) static void note_error(cuda_backend_t *cb, int code, const char *fmt, ...)
@@ -365,6 +365,7 @@ static void *cuda_alloc(kern_backend_t *be, size_t bytes)
     }
     if (cudaMemsetAsync(p, 0, bytes ? bytes : 1, cb->stream) != cudaSuccess ||
         cudaStreamSynchronize(cb->stream) != cudaSuccess) {
+        (void)cudaGetLastError(); /* or the next op's launch check would report it */
         cudaFree(p);
         return NULL;
     }
@@ -383,8 +384,10 @@ static int cuda_copy(cuda_backend_t *cb, void *dst, const void *src, size_t byte
 {
     if (!bytes) return 0;
     if (cudaSetDevice(cb->device) != cudaSuccess || cudaMemcpyAsync(dst, src, bytes, kind, cb->stream) != cudaSuccess ||
-        cudaStreamSynchronize(cb->stream) != cudaSuccess)
+        cudaStreamSynchronize(cb->stream) != cudaSuccess) {
+        (void)cudaGetLastError(); /* reported here: not again by the next op's launch check */
         return FL_EBACKEND;
+    }
     return 0;
 }
 
@@ -561,9 +564,14 @@ static kern_weight_t *cuda_weight_new(kern_backend_t *be, int type, int64_t rows
         const int64_t nr = rows - r0 < slab_rows ? rows - r0 : slab_rows;
         for (int64_t r = 0; r < nr; r++)
             row_to_f16(type, src + (size_t)(r0 + r) * row_bytes, slab + (size_t)r * cols, cols);
-        const cudaError_t e = cudaMemcpy(w->d + (size_t)r0 * cols, slab, (size_t)nr * cols * sizeof(__half),
-                                         cudaMemcpyHostToDevice);
+        /* On our stream and waited for: a plain cudaMemcpy from pageable memory may return before its
+         * DMA lands, and the legacy stream it runs on is not ordered with our non-blocking stream. The
+         * wait also frees the slab for the next rows. */
+        cudaError_t e = cudaMemcpyAsync(w->d + (size_t)r0 * cols, slab, (size_t)nr * cols * sizeof(__half),
+                                        cudaMemcpyHostToDevice, cb->stream);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(cb->stream);
         if (e != cudaSuccess) {
+            (void)cudaGetLastError();
             cudaFree(w->d);
             free(w);
             free(slab);
@@ -793,21 +801,9 @@ static void cuda_add(kern_backend_t *be, float *y, const float *x, int n)
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Sampling. Greedy rows on the device; stochastic rows run kernels/sampling.c (the CPU backend's own
- * sampler, linked into this module) on the row's downloaded logits, so both backends draw the same
- * token. Not yet on the device. */
-
-static bool grow_host_sampling(cuda_backend_t *cb, int vocab)
-{
-    if (cb->h_cap >= (size_t)vocab) return true;
-    float *l = (float *)realloc(cb->h_logits, (size_t)vocab * sizeof(float));
-    if (l) cb->h_logits = l;
-    void *c = realloc(cb->h_scratch, kern_sample_scratch_bytes(vocab));
-    if (c) cb->h_scratch = c;
-    if (!l || !c) return false;
-    cb->h_cap = (size_t)vocab;
-    return true;
-}
+ * Sampling, on the device: an argmax kernel for every row (lowest id on ties, as the CPU), then
+ * sample_cuda.cu's draw over the stochastic rows, which replaces their ids; only the ids come back.
+ * Both follow kernels/sampling.h's definition, so the draw equals the CPU backend's on equal logits. */
 
 static void cuda_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
                         const kern_sampling_t *params)
@@ -819,22 +815,37 @@ static void cuda_sample(kern_backend_t *be, int32_t *out, const float *logits, i
     if (!grow_device(cb, (void **)&cb->d_ids, &cb->ids_cap, (size_t)n * sizeof(int32_t), "sampled ids")) return;
     k_argmax<<<n, EW_THREADS, 0, cb->stream>>>(cb->d_ids, logits, vocab);
     LAUNCHED(cb);
+    bool stochastic = false;
+    for (int i = 0; i < n; i++) stochastic |= params[i].temperature > 0.0f && vocab > 1;
+    if (stochastic) {
+        const size_t bytes = (size_t)n * sizeof(cuda_sample_row_t);
+        const size_t old_cap = cb->rows_cap;
+        if (!grow_device(cb, (void **)&cb->d_rows, &cb->rows_cap, bytes, "sampling parameters")) return;
+        if (cb->rows_cap != old_cap || !cb->h_rows) {
+            cuda_sample_row_t *h = (cuda_sample_row_t *)realloc(cb->h_rows, cb->rows_cap);
+            if (!h) {
+                note_error(cb, FL_ENOMEM, "cuda backend: out of host memory for sampling parameters");
+                return;
+            }
+            cb->h_rows = h;
+        }
+        for (int i = 0; i < n; i++) {
+            const kern_sampling_t *p = &params[i];
+            cuda_sample_row_t *r = &cb->h_rows[i];
+            r->active = p->temperature > 0.0f;
+            r->u = kern_sample_uniform(p->seed, p->position);
+            r->inv_t = r->active ? 1.0f / p->temperature : 0.0f; /* as kern_sample_row rounds it */
+            r->top_p = p->top_p;
+            r->top_k = p->top_k;
+        }
+        /* Pageable source: the copy has read h_rows when the call returns. */
+        OP_CUDA(cb, cudaMemcpyAsync(cb->d_rows, cb->h_rows, bytes, cudaMemcpyHostToDevice, cb->stream));
+        OP_CUDA(cb, cuda_sample_launch(logits, n, vocab, cb->d_rows, cb->d_ids, cb->stream));
+    }
     OP_CUDA(cb, cudaMemcpyAsync(out, cb->d_ids, (size_t)n * sizeof(int32_t), cudaMemcpyDeviceToHost, cb->stream));
     OP_CUDA(cb, cudaStreamSynchronize(cb->stream));
-    if (cb->first.code) {
+    if (cb->first.code)
         for (int i = 0; i < n; i++) out[i] = 0;
-        return;
-    }
-    for (int i = 0; i < n; i++) {
-        if (params[i].temperature <= 0.0f || vocab == 1) continue; /* the argmax above */
-        if (!grow_host_sampling(cb, vocab)) continue;                /* out of host memory: keep the argmax, as the CPU */
-        if (cuda_copy(cb, cb->h_logits, logits + (size_t)i * vocab, (size_t)vocab * sizeof(float),
-                      cudaMemcpyDeviceToHost)) {
-            note_error(cb, FL_EBACKEND, "cuda backend: downloading logits for sampling failed");
-            return;
-        }
-        out[i] = kern_sample_row(cb->h_logits, vocab, &params[i], cb->h_scratch);
-    }
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -852,8 +863,8 @@ static void cuda_destroy(kern_backend_t *be)
     if (cb->workspace) cudaFree(cb->workspace);
     if (cb->lt) cublasLtDestroy(cb->lt);
     if (cb->stream) cudaStreamDestroy(cb->stream);
-    free(cb->h_logits);
-    free(cb->h_scratch);
+    if (cb->d_rows) cudaFree(cb->d_rows);
+    free(cb->h_rows);
     free(cb);
 }
 

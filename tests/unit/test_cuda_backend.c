@@ -766,8 +766,9 @@ int main(int argc, char **argv)
     }
     if (!g_gpu) g_gpu = kern_cuda_new(0, &err);
     if (!g_gpu) {
-        printf("SKIPPED: kern_cuda_new failed: %s\n", err.msg[0] ? err.msg : "(no message)");
-        return 77;
+        /* A device is present and the module loads: failing to start on it is a failure, not a skip. */
+        printf("FAIL: kern_cuda_new failed on a machine with a GPU: %s\n", err.msg[0] ? err.msg : "(no message)");
+        return 1;
     }
     err = (fl_error_t){0};
     g_cpu = kern_cpu_new(0, &err);

@@ -1,0 +1,208 @@
+/* sample_cuda.cu - kernels/sampling.h's draw on the device, one thread block per row.
+ *
+ * The definition ranks tokens by (logit desc, id asc) and weighs them with integers, so the device
+ * reproduces the CPU's choice exactly with order-free reductions:
+ *   - top-k and top-p are each a boundary in rank order: the first token at which the count (top-k)
+ *     or the weight (top-p) of the tokens ranked at or above it reaches a need. The boundary's key
+ *     is found by a radix select over the 32-bit keys, 8 bits a pass, with shared histograms of
+ *     counts or weights; among the tokens that share that key, the need is met in id order by a
+ *     block scan over contiguous id chunks.
+ *   - The kept set is then {key > tau} + {key == tau, id <= id_tau}; the draw walks it in id order
+ *     by the same chunked scan.
+ * Passes recompute weights from the logits (cheap next to reading them). */
+#include <stdint.h>
+#include <string.h>
+
+#include "sample_cuda.h"
+#include "sampling.h"
+
+#define SAMPLE_THREADS 1024
+#define SAMPLE_WARPS (SAMPLE_THREADS / 32)
+
+typedef struct {
+    uint32_t tau;   /* boundary key */
+    int id;         /* last id kept among the tokens of key tau */
+} bound_t;
+
+__device__ __forceinline__ bool kept(uint32_t key, int id, bound_t b) { return key > b.tau || (key == b.tau && id <= b.id); }
+
+struct sample_shared {
+    unsigned long long hist[256];
+    unsigned long long warp[SAMPLE_WARPS];
+    float fwarp[SAMPLE_WARPS];
+    unsigned long long bcast_u64;
+    uint32_t bcast_key;
+    int bcast_id;
+};
+
+__device__ float block_max(float v, sample_shared *sh)
+{
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if ((threadIdx.x & 31) == 0) sh->fwarp[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float m = -INFINITY;
+    for (int w = 0; w < SAMPLE_WARPS; w++) m = fmaxf(m, sh->fwarp[w]);
+    __syncthreads();
+    return m;
+}
+
+/* Exclusive prefix of v over the threads in order; *total gets the sum of all. */
+__device__ unsigned long long block_scan(unsigned long long v, sample_shared *sh, unsigned long long *total)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    unsigned long long x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        const unsigned long long y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) sh->warp[warp] = x;
+    __syncthreads();
+    unsigned long long before = 0, all = 0;
+    for (int w = 0; w < SAMPLE_WARPS; w++) {
+        if (w < warp) before += sh->warp[w];
+        all += sh->warp[w];
+    }
+    __syncthreads();
+    *total = all;
+    return before + x - v;
+}
+
+/* The value a token contributes: 1 (count) or its weight. */
+__device__ __forceinline__ unsigned long long value_of(float l, float mx, float inv_t, bool count)
+{
+    return count ? 1ull : (unsigned long long)kern_sample_weight(l, mx, inv_t);
+}
+
+/* The rank boundary at which the kept tokens' count or weight first reaches need (need >= 1 and
+ * at most the kept total). */
+__device__ bound_t select_bound(const float *l, int vocab, float mx, float inv_t, bound_t set, bool count,
+                                unsigned long long need, sample_shared *sh)
+{
+    uint32_t prefix = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        const uint32_t hi_mask = shift == 24 ? 0u : ~0u << (shift + 8);
+        for (int b = threadIdx.x; b < 256; b += SAMPLE_THREADS) sh->hist[b] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+            const uint32_t key = kern_sample_key(l[i]);
+            if (!kept(key, i, set) || (key & hi_mask) != prefix) continue;
+            const unsigned long long v = value_of(l[i], mx, inv_t, count);
+            if (v) atomicAdd(&sh->hist[(key >> shift) & 255u], v);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned long long acc = 0;
+            int bin = 0;
+            for (int b = 255; b >= 0; b--) {
+                if (acc + sh->hist[b] >= need) {
+                    bin = b;
+                    break;
+                }
+                acc += sh->hist[b];
+            }
+            sh->bcast_key = prefix | ((uint32_t)bin << shift);
+            sh->bcast_u64 = need - acc;
+        }
+        __syncthreads();
+        prefix = sh->bcast_key;
+        need = sh->bcast_u64;
+        __syncthreads();
+    }
+    /* Tokens of key `prefix`, in id order: the one at which the running value reaches need. */
+    const int chunk = (vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    const int lo = min(vocab, (int)threadIdx.x * chunk), hi = min(vocab, lo + chunk);
+    unsigned long long mine = 0;
+    for (int i = lo; i < hi; i++) {
+        const uint32_t key = kern_sample_key(l[i]);
+        if (key == prefix && kept(key, i, set)) mine += value_of(l[i], mx, inv_t, count);
+    }
+    if (threadIdx.x == 0) sh->bcast_id = -1;
+    unsigned long long total;
+    const unsigned long long before = block_scan(mine, sh, &total);
+    if (before < need && before + mine >= need) {
+        unsigned long long run = before;
+        for (int i = lo; i < hi; i++) {
+            const uint32_t key = kern_sample_key(l[i]);
+            if (key != prefix || !kept(key, i, set)) continue;
+            run += value_of(l[i], mx, inv_t, count);
+            if (run >= need) {
+                sh->bcast_id = i;
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    bound_t b = {prefix, sh->bcast_id};
+    if (b.id < 0) b = set; /* unreachable when need is within the total; keep the set as it is */
+    __syncthreads();
+    return b;
+}
+
+__global__ void k_sample_rows(const float *logits, int vocab, const cuda_sample_row_t *rows, int32_t *out)
+{
+    __shared__ sample_shared sh;
+    const cuda_sample_row_t p = rows[blockIdx.x];
+    if (!p.active) return;
+    const float *l = logits + (size_t)blockIdx.x * vocab;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) m = fmaxf(m, l[i]);
+    const float mx = block_max(m, &sh);
+    if (!(mx > -INFINITY) || mx == INFINITY) return;
+    const float inv_t = p.inv_t;
+
+    bound_t set = {0u, vocab - 1}; /* every token: keys are >= 0 */
+    if (p.top_k > 0 && p.top_k < vocab) set = select_bound(l, vocab, mx, inv_t, set, true, (unsigned long long)p.top_k, &sh);
+    if (p.top_p < 1.0f) {
+        unsigned long long w = 0, total;
+        for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+            const float li = l[i];
+            if (kept(kern_sample_key(li), i, set)) w += kern_sample_weight(li, mx, inv_t);
+        }
+        block_scan(w, &sh, &total);
+        unsigned long long want = (unsigned long long)((double)p.top_p * (double)total);
+        if (want < 1) want = 1; /* the best token weighs 2^40: the same shortest prefix */
+        set = select_bound(l, vocab, mx, inv_t, set, false, want, &sh);
+    }
+
+    /* The draw: the first kept id, in id order, whose running weight exceeds target. */
+    const int chunk = (vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    const int lo = min(vocab, (int)threadIdx.x * chunk), hi = min(vocab, lo + chunk);
+    unsigned long long mine = 0;
+    int last = -1;
+    for (int i = lo; i < hi; i++) {
+        const float li = l[i];
+        if (!kept(kern_sample_key(li), i, set)) continue;
+        mine += kern_sample_weight(li, mx, inv_t);
+        last = i;
+    }
+    unsigned long long S;
+    const unsigned long long before = block_scan(mine, &sh, &S);
+    const unsigned long long target = (unsigned long long)(p.u * (double)S);
+    if (threadIdx.x == 0) sh.bcast_id = -1;
+    __syncthreads();
+    if (before <= target && before + mine > target) {
+        unsigned long long run = before;
+        for (int i = lo; i < hi; i++) {
+            const float li = l[i];
+            if (!kept(kern_sample_key(li), i, set)) continue;
+            run += kern_sample_weight(li, mx, inv_t);
+            if (run > target) {
+                sh.bcast_id = i;
+                break;
+            }
+        }
+    }
+    /* None exceeded it (rounding of u * S): the last kept id, as the CPU. */
+    __syncthreads();
+    if (sh.bcast_id < 0 && last >= 0) atomicMax(&sh.bcast_id, last);
+    __syncthreads();
+    if (threadIdx.x == 0 && sh.bcast_id >= 0) out[blockIdx.x] = sh.bcast_id;
+}
+
+cudaError_t cuda_sample_launch(const float *logits, int n, int vocab, const cuda_sample_row_t *rows, int32_t *out,
+                               cudaStream_t stream)
+{
+    if (n <= 0 || vocab <= 1) return cudaSuccess;
+    k_sample_rows<<<n, SAMPLE_THREADS, 0, stream>>>(logits, vocab, rows, out);
+    return cudaGetLastError();
+}
