@@ -68,7 +68,9 @@ if want build; then
 fi
 
 if want tests; then
-  if ctest --test-dir build-gpu --output-on-failure -L gpu --timeout 900 >"$out/gpu-tests.txt" 2>&1; then
+  # FOLIO_GPU_TEST_FILTER: a ctest -R regex, to run some of them.
+  if ctest --test-dir build-gpu --output-on-failure -L gpu --timeout 900 ${FOLIO_GPU_TEST_FILTER:+-R "$FOLIO_GPU_TEST_FILTER"} \
+       >"$out/gpu-tests.txt" 2>&1; then
     pass "gpu tests"
   else
     fail "gpu tests (see gpu-tests.txt)"
