@@ -93,7 +93,20 @@ typedef struct kern_ops {
      * out (host) receives n ids. */
     void (*sample)(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
                    const kern_sampling_t *params);
+
+    /* Recorded op sequences (CUDA graphs); NULL where a backend has none. Between graph_begin(key)
+     * and graph_end the caller issues a step's ops, the same ones (kernels, shapes, pointers) for
+     * the same key, with every input that changes between steps already uploaded to fixed buffers.
+     * graph_begin returns 1 when a recording for key will run at graph_end (issue no ops), else 0
+     * (issue them: they run directly, or are being recorded and run at graph_end). graph_end returns
+     * 0, or KERN_GRAPH_RETRY when a recording failed and the ops must be issued again directly.
+     * graph_reset drops every recording (the pointers they hold are about to change). */
+    int (*graph_begin)(kern_backend_t *be, uint64_t key);
+    int (*graph_end)(kern_backend_t *be);
+    void (*graph_reset)(kern_backend_t *be);
 } kern_ops_t;
+
+#define KERN_GRAPH_RETRY 2
 
 struct kern_backend {
     const kern_ops_t *ops;
@@ -140,6 +153,10 @@ static inline void kern_add(kern_backend_t *be, float *y, const float *x, int n)
 static inline void kern_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
                                const kern_sampling_t *p)
 { be->ops->sample(be, out, logits, n, vocab, p); }
+static inline int kern_graph_begin(kern_backend_t *be, uint64_t key)
+{ return be->ops->graph_begin ? be->ops->graph_begin(be, key) : 0; }
+static inline int kern_graph_end(kern_backend_t *be) { return be->ops->graph_end ? be->ops->graph_end(be) : 0; }
+static inline void kern_graph_reset(kern_backend_t *be) { if (be->ops->graph_reset) be->ops->graph_reset(be); }
 
 #ifdef __cplusplus
 }

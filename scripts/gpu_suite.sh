@@ -106,7 +106,20 @@ bench_pair() {
   else
     fail "folio-bench engine $name"
   fi
-  cat "$out/gpu-engine-$name.txt" | grep -v '^bench engine'
+  grep -v -e '^bench engine' -e 'level=info sched' "$out/gpu-engine-$name.txt"
+  # The same at small batches without CUDA graphs and without the GEMV kernel (cuBLASLt for every
+  # product): what each contributes, measured in the same run.
+  for variant in "plain FOLIO_CUDA_GRAPHS=0 FOLIO_CUDA_GEMV=0" "nographs FOLIO_CUDA_GRAPHS=0" "nogemv FOLIO_CUDA_GEMV=0"; do
+    set -- $variant
+    local tag=$1
+    shift
+    if env "$@" ./build-gpu/folio-bench engine -m "$gguf" --backend cuda --no-llamacpp --batches 1,8 --repeat 2 \
+         --kv-budget 2GiB --json "$out/gpu-engine-$name-$tag.json" >"$out/gpu-engine-$name-$tag.txt" 2>&1; then
+      echo "[$tag: $*]"; grep -E '^(prefill|decode)' "$out/gpu-engine-$name-$tag.txt"
+    else
+      fail "folio-bench engine $name $tag"
+    fi
+  done
   if LD_LIBRARY_PATH="$host_ld_path" python3 -c 'import torch, transformers' 2>/dev/null; then
     if LD_LIBRARY_PATH="$host_ld_path" PYTHONUNBUFFERED=1 python3 bench/torch_decode.py --preset "$preset" --batches 1,8,64,256 \
          --json "$out/gpu-torch-$name.json" >"$out/gpu-torch-$name.txt" 2>&1; then

@@ -25,7 +25,8 @@ engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
     if (!e->be) goto fail;
     /* Zero fields take model_new's defaults; one logit row per sequence. */
     const model_params_t mp = {.max_batch_tokens = o->max_batch_tokens, .max_logits = o->max_seqs,
-                               .max_seqs = o->max_seqs, .max_ctx = o->max_ctx, .block_size = o->block_size};
+                               .max_seqs = o->max_seqs, .max_ctx = o->max_ctx, .block_size = o->block_size,
+                               .weights_f32 = o->weights_f32};
     e->model = model_new(model_default_path(o->model_path), e->be, &mp, err);
     if (!e->model) goto fail;
     const model_config_t *c = &e->model->cfg;

@@ -21,6 +21,7 @@ typedef struct engine_opts {
     int max_batch_tokens;       /* 0 = 512 */
     int max_seqs;               /* 0 = 64 */
     int max_ctx;                /* 0 = model's context */
+    bool weights_f32;           /* see model_params_t.weights_f32 */
 } engine_opts_t;
 
 typedef struct engine {

@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "clock.h"
+#include "quant.h"
 #include "log.h"
 
 #ifndef FOLIO_DEFAULT_MODEL
@@ -150,7 +151,25 @@ static kern_weight_t *load_matrix(model_t *m, const char *name, int64_t rows, in
         return NULL;
     }
     fl_error_t e2 = {0};
-    kern_weight_t *w = m->be->ops->weight_new(m->be, t->type, rows, cols, t->data, &e2);
+    int type = t->type;
+    const void *data = t->data;
+    if (m->weights_f32 && type != FL_TYPE_F32) {
+        float *f = malloc((size_t)rows * (size_t)cols * sizeof(float));
+        void **list = realloc(m->f32_copies, (size_t)(m->n_f32_copies + 1) * sizeof *list);
+        if (list) m->f32_copies = list;
+        if (!f || !list) {
+            free(f);
+            fl_fail(err, FL_ENOMEM, "%s: out of memory for an F32 copy of '%s'", gguf_path(m->gguf), name);
+            return NULL;
+        }
+        m->f32_copies[m->n_f32_copies++] = f;
+        const size_t row_bytes = t->nbytes / (size_t)rows;
+        for (int64_t r = 0; r < rows; r++)
+            quant_dequantize_row(type, (const uint8_t *)data + (size_t)r * row_bytes, f + (size_t)r * (size_t)cols, cols);
+        type = FL_TYPE_F32;
+        data = f;
+    }
+    kern_weight_t *w = m->be->ops->weight_new(m->be, type, rows, cols, data, &e2);
     if (!w) fl_fail(err, e2.code ? e2.code : FL_EBACKEND, "%s: tensor '%s': %s", gguf_path(m->gguf), name, e2.msg);
     m->weight_bytes += t->nbytes;
     return w;
@@ -221,6 +240,7 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
         return NULL;
     }
     m->be = be;
+    m->weights_f32 = params->weights_f32;
     m->gguf = gguf_open(path, err);
     if (!m->gguf) goto fail;
     if (read_config(m->gguf, &m->cfg, err)) goto fail;
@@ -337,6 +357,9 @@ void model_destroy(model_t **mp)
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) kern_free(be, bufs[i]);
     free(m->h_slots);
+    kern_graph_reset(be); /* recordings point into this model's buffers */
+    for (int i = 0; i < m->n_f32_copies; i++) free(m->f32_copies[i]);
+    free(m->f32_copies);
     tok_destroy(&m->tok);
     gguf_destroy(&m->gguf);
     free(m);
@@ -391,22 +414,12 @@ const char *model_prof_name(int i)
     return i >= 0 && i < MODEL_PROF_COUNT ? names[i] : "?";
 }
 
-int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t *err)
+/* The kernels of one forward step, on inputs already uploaded (model_forward). */
+static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
 {
-    int rc = check_batch(m, kv, b, err);
-    if (rc) return rc;
     kern_backend_t *be = m->be;
     const model_config_t *c = &m->cfg;
     const int n = b->n_tokens, dim = c->dim, kv_dim = c->n_kv_heads * c->head_dim;
-
-    /* Block tables are laid out [n_seqs][max_blocks] by the caller, so one upload serves. */
-    if (be->ops->upload(be, m->d_tokens, b->tokens, (size_t)n * sizeof(int32_t)) ||
-        be->ops->upload(be, m->d_pos, b->pos, (size_t)n * sizeof(int32_t)) ||
-        be->ops->upload(be, m->d_seq, b->seq, (size_t)n * sizeof(int32_t)) ||
-        be->ops->upload(be, m->d_slots, m->h_slots, (size_t)n * sizeof(int32_t)) ||
-        be->ops->upload(be, m->d_block_tables, b->block_tables, (size_t)b->n_seqs * m->max_blocks * sizeof(int32_t)))
-        return fl_fail(err, FL_EBACKEND, "forward: uploading the batch to the %s backend failed", be->ops->name);
-
     PROF(EMBED, kern_embed(be, m->x, m->tok_embd, m->d_tokens, n));
     for (int l = 0; l < c->n_layers; l++) {
         const model_layer_t *L = &m->layers[l];
@@ -437,10 +450,57 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
         PROF(RESIDUAL, kern_add(be, m->x, m->xb, n * dim));
     }
     /* Final norm and vocabulary projection only for the rows that want logits. */
-    PROF(LOGITS, for (int i = 0; i < b->n_logits; i++) kern_rmsnorm(be, m->logit_in + (size_t)i * dim,
-                                                                     m->x + (size_t)b->logit_rows[i] * dim,
-                                                                     m->output_norm, 1, dim, c->norm_eps);
+    PROF(LOGITS, for (int i = 0, run; i < b->n_logits; i += run) {
+                     /* one call per run of consecutive rows (a decode batch is one run) */
+                     for (run = 1; i + run < b->n_logits && b->logit_rows[i + run] == b->logit_rows[i] + run;) run++;
+                     kern_rmsnorm(be, m->logit_in + (size_t)i * dim, m->x + (size_t)b->logit_rows[i] * dim,
+                                  m->output_norm, run, dim, c->norm_eps);
+                 }
                  if (b->n_logits > 0) kern_matmul(be, m->logits, m->output, m->logit_in, b->n_logits));
+}
+
+/* Names a decode step's recording: the model, the KV cache and the batch size fix every pointer and
+ * shape in it. */
+static uint64_t graph_key_of(const model_t *m, const kv_cache_t *kv, int n)
+{
+    uint64_t h = 0x9E3779B97F4A7C15ull;
+    const uint64_t parts[] = {(uint64_t)(uintptr_t)m, (uint64_t)(uintptr_t)kv, (uint64_t)n, (uint64_t)m->max_blocks};
+    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
+        h ^= parts[i] + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+        h *= 0xBF58476D1CE4E5B9ull;
+    }
+    return h | 1; /* never 0, which means "no recording" */
+}
+
+int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t *err)
+{
+    int rc = check_batch(m, kv, b, err);
+    if (rc) return rc;
+    kern_backend_t *be = m->be;
+    const int n = b->n_tokens;
+
+    /* Block tables are laid out [n_seqs][max_blocks] by the caller, so one upload serves. */
+    if (be->ops->upload(be, m->d_tokens, b->tokens, (size_t)n * sizeof(int32_t)) ||
+        be->ops->upload(be, m->d_pos, b->pos, (size_t)n * sizeof(int32_t)) ||
+        be->ops->upload(be, m->d_seq, b->seq, (size_t)n * sizeof(int32_t)) ||
+        be->ops->upload(be, m->d_slots, m->h_slots, (size_t)n * sizeof(int32_t)) ||
+        be->ops->upload(be, m->d_block_tables, b->block_tables, (size_t)b->n_seqs * m->max_blocks * sizeof(int32_t)))
+        return fl_fail(err, FL_EBACKEND, "forward: uploading the batch to the %s backend failed", be->ops->name);
+
+    /* A pure decode step (one token and one logit row per sequence, in order) repeats with the same
+     * shapes and buffers: the backend may record it once and replay it (CUDA graphs). */
+    uint64_t graph_key = 0;
+    if (!m->profile && b->n_logits == n && b->n_seqs == n) {
+        bool in_order = true;
+        for (int i = 0; i < n && in_order; i++) in_order = b->logit_rows[i] == i && b->seq[i] == i;
+        if (in_order) graph_key = graph_key_of(m, kv, n);
+    }
+    for (;;) {
+        const int replay = graph_key ? kern_graph_begin(be, graph_key) : 0;
+        if (!replay) forward_ops(m, kv, b);
+        if (!graph_key || kern_graph_end(be) != KERN_GRAPH_RETRY) break;
+        graph_key = 0; /* the recording failed: issue the ops again, directly */
+    }
     return be->ops->sync(be, err);
 }
 

@@ -58,6 +58,9 @@ typedef struct model {
     float *output_norm, *rope_freqs;
     model_layer_t *layers;
     size_t weight_bytes;    /* bytes of weights as stored */
+    bool weights_f32;       /* model_params_t.weights_f32 */
+    void **f32_copies;      /* host F32 copies the backend may borrow (weights_f32), freed last */
+    int n_f32_copies;
 
     /* Scratch, sized at creation (no allocation per step). Backend memory unless noted. */
     int max_tokens, max_logits, max_seqs, max_blocks;
@@ -87,6 +90,9 @@ typedef struct model_params {
     int max_seqs;           /* sequences per call */
     int max_ctx;            /* longest sequence (0: the model's trained context) */
     int block_size;         /* KV block size the block tables use */
+    bool weights_f32;       /* dequantize every matrix to F32 at load: the precise reference the
+                               CUDA test compares with (the CPU's quantized paths also round
+                               activations to 8 bits) */
 } model_params_t;
 
 model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *params, fl_error_t *err);

@@ -105,6 +105,18 @@ typedef struct mm_plan {
     cublasLtMatmulAlgo_t algo;
 } mm_plan_t;
 
+/* A recorded decode step: recorded the second time its key is seen (the first run, direct, has
+ * grown every scratch buffer and cached every plan the step needs), replayed from the third. */
+#define GRAPH_SLOTS 64
+typedef struct cuda_graph {
+    uint64_t key;
+    int seen;
+    bool no_capture;        /* recording failed for this key: run it directly */
+    cudaGraphExec_t exec;
+    unsigned gen;           /* cb->buf_gen when recorded */
+    uint64_t used;
+} cuda_graph_t;
+
 typedef struct cuda_backend {
     kern_backend_t base;
     int device;
@@ -120,6 +132,13 @@ typedef struct cuda_backend {
     int next_plan;
     cuda_sample_row_t *h_rows, *d_rows; /* stochastic rows' parameters, host and device */
     size_t rows_cap;                    /* bytes of d_rows; h_rows holds as many */
+    bool gemv;                          /* decode-sized products on k_gemv_f16 (FOLIO_CUDA_GEMV=0: cuBLASLt) */
+    bool graphs;                        /* CUDA graphs (FOLIO_CUDA_GRAPHS=0: off) */
+    cuda_graph_t graph[GRAPH_SLOTS];
+    uint64_t graph_clock;               /* LRU stamp */
+    unsigned buf_gen;                   /* bumped when a scratch buffer moves: recordings hold old pointers */
+    cuda_graph_t *capturing, *replaying;
+    bool capture_failed;                /* something during the recording could not be recorded */
 } cuda_backend_t;
 
 __attribute__((format(printf, 3, 4))) static void note_error(cuda_backend_t *cb, int code, const char *fmt, ...)
@@ -135,7 +154,7 @@ __attribute__((format(printf, 3, 4))) static void note_error(cuda_backend_t *cb,
 /* True when the op may run: no error recorded and the calling thread talks to our device. */
 static bool op_begin(cuda_backend_t *cb)
 {
-    if (cb->first.code) return false;
+    if (cb->first.code || cb->replaying) return false; /* replaying: the recording does the work */
     OP_CUDA(cb, cudaSetDevice(cb->device));
     return cb->first.code == 0;
 }
@@ -153,6 +172,68 @@ __global__ void k_f32_to_f16(__half *dst, const float *src, size_t n)
 {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = __float2half_rn(src[i]);
+}
+
+/* Decode-sized products (n <= GEMV_MAX_N tokens): one warp per weight row streams the row once with
+ * 16-byte loads (four in flight per lane) and dots it with every token's fp16 activations (read
+ * through L1, where they stay), fp32 accumulation. A GEMM kernel tiles for n in the hundreds and
+ * leaves much of the memory bandwidth unused at n = 1, where a decode step is a pass over the weights. */
+#define GEMV_MAX_N 8
+#define GEMV_WARPS 8
+
+__device__ __forceinline__ void gemv_dot8(float *acc, uint4 wv, const __half *x, int i)
+{
+    const uint4 xv = *((const uint4 *)x + i);
+    const __half2 *w2 = (const __half2 *)&wv, *x2 = (const __half2 *)&xv;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 wf = __half22float2(w2[j]), xf = __half22float2(x2[j]);
+        *acc = fmaf(wf.x, xf.x, *acc);
+        *acc = fmaf(wf.y, xf.y, *acc);
+    }
+}
+
+template <int N>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+    k_gemv_f16(float *__restrict__ y, const __half *__restrict__ w, const __half *__restrict__ x, int rows, int cols)
+{
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const uint4 *wr = (const uint4 *)(w + (size_t)row * cols);
+    const int nv = cols / 8; /* 16-byte vectors per row (cols % 8 == 0) */
+    float acc[N];
+#pragma unroll
+    for (int t = 0; t < N; t++) acc[t] = 0.0f;
+    int i = lane;
+    for (; i + 96 < nv; i += 128) {
+        const uint4 w0 = __ldcs(wr + i), w1 = __ldcs(wr + i + 32), w2 = __ldcs(wr + i + 64), w3 = __ldcs(wr + i + 96);
+#pragma unroll
+        for (int t = 0; t < N; t++) {
+            const __half *xt = x + (size_t)t * cols;
+            gemv_dot8(&acc[t], w0, xt, i);
+            gemv_dot8(&acc[t], w1, xt, i + 32);
+            gemv_dot8(&acc[t], w2, xt, i + 64);
+            gemv_dot8(&acc[t], w3, xt, i + 96);
+        }
+    }
+    for (; i < nv; i += 32) {
+        const uint4 w0 = __ldcs(wr + i);
+#pragma unroll
+        for (int t = 0; t < N; t++) gemv_dot8(&acc[t], w0, x + (size_t)t * cols, i);
+    }
+#pragma unroll
+    for (int t = 0; t < N; t++) {
+        float v = acc[t];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) y[(size_t)t * rows + row] = v;
+    }
+}
+
+template <int N>
+static void launch_gemv(float *y, const __half *w, const __half *x, int rows, int cols, cudaStream_t s)
+{
+    k_gemv_f16<N><<<(rows + GEMV_WARPS - 1) / GEMV_WARPS, GEMV_WARPS * 32, 0, s>>>(y, w, x, rows, cols);
 }
 
 __global__ void k_embed(float *out, const __half *table, const int32_t *ids, int64_t rows, int64_t cols)
@@ -419,6 +500,11 @@ static int cuda_sync(kern_backend_t *be, fl_error_t *err)
 static bool grow_device(cuda_backend_t *cb, void **p, size_t *cap, size_t bytes, const char *what)
 {
     if (*cap >= bytes) return true;
+    if (cb->capturing) { /* no allocation inside a recording: give it up, the step reruns directly */
+        cb->capture_failed = true;
+        return false;
+    }
+    cb->buf_gen++;
     const size_t want = bytes + bytes / 2;
     void *np = NULL;
     if (cudaMalloc(&np, want) != cudaSuccess) {
@@ -689,6 +775,14 @@ static bool convert_x(cuda_backend_t *cb, const float *x, int n, int64_t cols)
 
 static void matmul_converted(cuda_backend_t *cb, float *y, const kern_weight_t *w, int n)
 {
+    if (n <= GEMV_MAX_N && w->cols % 8 == 0 && w->rows <= INT_MAX && cb->gemv) {
+        typedef void (*gemv_fn)(float *, const __half *, const __half *, int, int, cudaStream_t);
+        static const gemv_fn by_n[GEMV_MAX_N + 1] = {NULL, launch_gemv<1>, launch_gemv<2>, launch_gemv<3>, launch_gemv<4>,
+                                                      launch_gemv<5>, launch_gemv<6>, launch_gemv<7>, launch_gemv<8>};
+        by_n[n](y, w->d, cb->xh, (int)w->rows, (int)w->cols, cb->stream);
+        LAUNCHED(cb);
+        return;
+    }
     const mm_plan_t *p = plan_get(cb, (int)w->rows, (int)w->cols, n, ptr_align(y));
     if (!p) return;
     const float alpha = 1.0f, beta = 0.0f;
@@ -858,6 +952,8 @@ static void cuda_destroy(kern_backend_t *be)
     cudaSetDevice(cb->device);
     if (cb->stream) cudaStreamSynchronize(cb->stream);
     for (int i = 0; i < MM_PLANS; i++) plan_release(&cb->plans[i]);
+    for (int i = 0; i < GRAPH_SLOTS; i++)
+        if (cb->graph[i].exec) cudaGraphExecDestroy(cb->graph[i].exec);
     if (cb->xh) cudaFree(cb->xh);
     if (cb->d_ids) cudaFree(cb->d_ids);
     if (cb->workspace) cudaFree(cb->workspace);
@@ -866,6 +962,89 @@ static void cuda_destroy(kern_backend_t *be)
     if (cb->d_rows) cudaFree(cb->d_rows);
     free(cb->h_rows);
     free(cb);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * CUDA graphs: a decode step is ~15 launches a layer, each a few microseconds of host time, which is
+ * most of a step for a small model; replaying a recording is one launch. */
+
+static void graph_drop(cuda_graph_t *g)
+{
+    if (g->exec) cudaGraphExecDestroy(g->exec);
+    memset(g, 0, sizeof *g);
+}
+
+static int cuda_graph_begin(kern_backend_t *be, uint64_t key)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (!cb->graphs || cb->first.code || cb->capturing || cb->replaying) return 0;
+    cuda_graph_t *g = NULL, *lru = &cb->graph[0];
+    for (int i = 0; i < GRAPH_SLOTS; i++) {
+        if (cb->graph[i].seen && cb->graph[i].key == key) g = &cb->graph[i];
+        if (cb->graph[i].used < lru->used) lru = &cb->graph[i];
+    }
+    if (!g) { /* first sight: run directly */
+        graph_drop(lru);
+        lru->key = key;
+        lru->seen = 1;
+        lru->used = ++cb->graph_clock;
+        return 0;
+    }
+    g->used = ++cb->graph_clock;
+    if (g->exec && g->gen != cb->buf_gen) { /* a buffer it uses has moved */
+        cudaGraphExecDestroy(g->exec);
+        g->exec = NULL;
+        g->no_capture = false;
+    }
+    if (g->exec) {
+        cb->replaying = g;
+        return 1;
+    }
+    g->seen++;
+    if (g->no_capture || cudaSetDevice(cb->device) != cudaSuccess ||
+        cudaStreamBeginCapture(cb->stream, cudaStreamCaptureModeRelaxed) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    cb->capturing = g;
+    cb->capture_failed = false;
+    return 0;
+}
+
+static int cuda_graph_end(kern_backend_t *be)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (cb->replaying) {
+        cuda_graph_t *g = cb->replaying;
+        cb->replaying = NULL;
+        OP_CUDA(cb, cudaGraphLaunch(g->exec, cb->stream));
+        return 0;
+    }
+    cuda_graph_t *g = cb->capturing;
+    if (!g) return 0;
+    cb->capturing = NULL;
+    cudaGraph_t graph = NULL;
+    cudaError_t e = cudaStreamEndCapture(cb->stream, &graph);
+    cudaGraphExec_t exec = NULL;
+    if (e == cudaSuccess && !cb->capture_failed && !cb->first.code) e = cudaGraphInstantiate(&exec, graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (e != cudaSuccess || cb->capture_failed || cb->first.code || !exec) {
+        (void)cudaGetLastError();
+        if (exec) cudaGraphExecDestroy(exec);
+        g->no_capture = !cb->first.code; /* this step cannot be recorded: run it directly from now on */
+        cb->capture_failed = false;
+        return cb->first.code ? 0 : KERN_GRAPH_RETRY;
+    }
+    g->exec = exec;
+    g->gen = cb->buf_gen;
+    OP_CUDA(cb, cudaGraphLaunch(g->exec, cb->stream));
+    return 0;
+}
+
+static void cuda_graph_reset(kern_backend_t *be)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    for (int i = 0; i < GRAPH_SLOTS; i++) graph_drop(&cb->graph[i]);
 }
 
 static const kern_ops_t cuda_ops = {
@@ -888,6 +1067,9 @@ static const kern_ops_t cuda_ops = {
     cuda_swiglu,
     cuda_add,
     cuda_sample,
+    cuda_graph_begin,
+    cuda_graph_end,
+    cuda_graph_reset,
 };
 
 static int probe_device(int device, fl_error_t *err)
@@ -934,6 +1116,9 @@ extern "C" kern_backend_t *kern_cuda_module_new(int device, fl_error_t *err)
     cb->base.ops = &cuda_ops;
     cb->base.n_threads = 1;
     cb->device = device;
+    const char *gemv = getenv("FOLIO_CUDA_GEMV"), *graphs = getenv("FOLIO_CUDA_GRAPHS");
+    cb->gemv = !(gemv && !strcmp(gemv, "0"));
+    cb->graphs = !(graphs && !strcmp(graphs, "0"));
     if (cuda_setup(cb, err)) {
         cuda_destroy(&cb->base);
         return NULL;
