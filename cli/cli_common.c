@@ -82,6 +82,8 @@ int cli_parse_engine_flag(engine_opts_t *o, int argc, char **argv, int *i)
         o->threads = (int)n;
     } else if (!strcmp(f, "--kv-budget")) {
         if (!(v = cli_value(argc, argv, i)) || !cli_parse_bytes(f, v, &o->kv_budget_bytes)) return -1;
+    } else if (!strcmp(f, "--kv-fraction")) {
+        if (!(v = cli_value(argc, argv, i)) || !cli_parse_float(f, v, 0.001, 0.95, &o->kv_fraction)) return -1;
     } else if (!strcmp(f, "--block-size")) {
         if (!(v = cli_value(argc, argv, i)) || !cli_parse_int(f, v, 1, 1024, &n)) return -1;
         o->block_size = (int)n;
@@ -100,7 +102,9 @@ const char *cli_engine_flags_help(void)
            "  --backend cpu|cuda    compute backend (default: cuda where a GPU is present)\n"
            "  --device N            CUDA device\n"
            "  -t, --threads N       CPU threads (default: all cores)\n"
-           "  --kv-budget BYTES     KV cache memory, e.g. 64MiB (default 64MiB)\n"
+           "  --kv-budget BYTES     KV cache memory, e.g. 64MiB\n"
+           "  --kv-fraction F       KV cache as a fraction of the free memory after the weights\n"
+           "                        (default: 0.5 on CUDA; 64MiB on the CPU)\n"
            "  --block-size N        KV block size in tokens (default 16)\n"
            "  --ctx N               longest sequence (default: the model's context)\n";
 }

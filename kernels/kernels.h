@@ -104,6 +104,9 @@ typedef struct kern_ops {
     int (*graph_begin)(kern_backend_t *be, uint64_t key);
     int (*graph_end)(kern_backend_t *be);
     void (*graph_reset)(kern_backend_t *be);
+
+    /* Free and total bytes of the memory this backend allocates from (device memory for CUDA). */
+    int (*mem_info)(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes);
 } kern_ops_t;
 
 #define KERN_GRAPH_RETRY 2
@@ -157,6 +160,8 @@ static inline int kern_graph_begin(kern_backend_t *be, uint64_t key)
 { return be->ops->graph_begin ? be->ops->graph_begin(be, key) : 0; }
 static inline int kern_graph_end(kern_backend_t *be) { return be->ops->graph_end ? be->ops->graph_end(be) : 0; }
 static inline void kern_graph_reset(kern_backend_t *be) { if (be->ops->graph_reset) be->ops->graph_reset(be); }
+static inline int kern_mem_info(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes)
+{ return be->ops->mem_info ? be->ops->mem_info(be, free_bytes, total_bytes) : FL_EUNSUPPORTED; }
 
 #ifdef __cplusplus
 }

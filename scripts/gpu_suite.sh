@@ -8,7 +8,9 @@
 #   memcheck  the op tests (quick set) under compute-sanitizer memcheck
 #   bench     folio-bench engine --backend cuda on the default model, and PyTorch on its shape
 #   bench8b   the same on a random-weight model of Llama-3-8B's shape in bf16 (written by
-#             folio-mkmodel into /dev/shm, about 16 GB)
+#             folio-mkmodel into /dev/shm, about 16 GB), and on one in Q4_1 (quantized reads)
+#   models    only write those two models (the bench8b step does when they are missing)
+# FOLIO_GPU_VARIANTS=0 skips the graphs/GEMV on-off runs, FOLIO_GPU_TORCH=0 the PyTorch side.
 # A machine without a package registry: pass FOLIO_DEPS=<folder of .deb files> (the list is in
 # tests/README.md); they are unpacked under <folder>/root and used from there, never into /.
 # Results go to ${OUT:-build-gpu}/gpu-*. A failing step is recorded and the next steps still run;
@@ -96,56 +98,79 @@ if want memcheck; then
   fi
 fi
 
-# folio then PyTorch on one model shape: bench_pair NAME GGUF PRESET [folio flags...]
-bench_pair() {
-  local name=$1 gguf=$2 preset=$3
-  shift 3
-  if ./build-gpu/folio-bench engine -m "$gguf" --backend cuda --no-llamacpp --batches 1,8,64,256 \
-       --json "$out/gpu-engine-$name.json" "$@" >"$out/gpu-engine-$name.txt" 2>&1; then
-    pass "folio-bench engine $name"
-  else
-    fail "folio-bench engine $name"
-  fi
-  grep -v -e '^bench engine' -e 'level=info sched' "$out/gpu-engine-$name.txt"
-  # The same at small batches without CUDA graphs and without the GEMV kernel (cuBLASLt for every
-  # product): what each contributes, measured in the same run.
-  for variant in "plain FOLIO_CUDA_GRAPHS=0 FOLIO_CUDA_GEMV=0" "nographs FOLIO_CUDA_GRAPHS=0" "nogemv FOLIO_CUDA_GEMV=0"; do
-    set -- $variant
-    local tag=$1
-    shift
-    if env "$@" ./build-gpu/folio-bench engine -m "$gguf" --backend cuda --no-llamacpp --batches 1,8 --repeat 2 \
-         --kv-budget 2GiB --json "$out/gpu-engine-$name-$tag.json" >"$out/gpu-engine-$name-$tag.txt" 2>&1; then
-      echo "[$tag: $*]"; grep -E '^(prefill|decode)' "$out/gpu-engine-$name-$tag.txt"
-    else
-      fail "folio-bench engine $name $tag"
-    fi
+# The random-weight models of Llama-3-8B's shape (bf16, and Q4_1 for the quantized-read comparison),
+# in /dev/shm: about 16 and 4.5 GB, written in parallel.
+big_bf16="${FOLIO_BIG_MODEL:-/dev/shm/llama3-8b-shape.bf16.gguf}" big_q4="/dev/shm/llama3-8b-shape.q4_1.gguf"
+make_big_models() {
+  local pids=() f t
+  for f in "$big_bf16:bf16" "$big_q4:q4_1"; do
+    t=${f##*:} f=${f%:*}
+    [ -f "$f" ] && continue
+    ./build-gpu/folio-mkmodel -o "$f" --layers 32 --dim 4096 --ff 14336 --heads 32 --kv-heads 8 --vocab 128256 \
+      --type "$t" --ctx 8192 --rope-theta 500000 --name "llama3-8b-shape-$t" &
+    pids+=($!)
   done
-  if LD_LIBRARY_PATH="$host_ld_path" python3 -c 'import torch, transformers' 2>/dev/null; then
-    if LD_LIBRARY_PATH="$host_ld_path" PYTHONUNBUFFERED=1 python3 bench/torch_decode.py --preset "$preset" --batches 1,8,64,256 \
-         --json "$out/gpu-torch-$name.json" >"$out/gpu-torch-$name.txt" 2>&1; then
-      pass "pytorch $name"
-    else
-      fail "pytorch $name"
-    fi
-    tail -n 12 "$out/gpu-torch-$name.txt"
-  fi
+  for p in "${pids[@]}"; do wait "$p" || fail "folio-mkmodel 8b"; done
 }
+
+# folio-bench engine on one model: bench_folio NAME GGUF BATCHES [env VAR=VALUE ...] -- [folio flags...]
+bench_folio() {
+  local name=$1 gguf=$2 batches=$3 envs=()
+  shift 3
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  if env "${envs[@]}" ./build-gpu/folio-bench engine -m "$gguf" --backend cuda --no-llamacpp --batches "$batches" \
+       --json "$out/gpu-engine-$name.json" "$@" >"$out/gpu-engine-$name.txt" 2>&1; then
+    pass "folio-bench engine $name ${envs[*]}"
+  else
+    fail "folio-bench engine $name ${envs[*]}"
+  fi
+  grep -E '^(prefill|decode|folio decode|roofline)' "$out/gpu-engine-$name.txt"
+}
+
+# PyTorch (transformers, bf16) on a model shape: bench_torch NAME PRESET
+bench_torch() {
+  [ "${FOLIO_GPU_TORCH:-1}" = 1 ] || return 0
+  LD_LIBRARY_PATH="$host_ld_path" python3 -c 'import torch, transformers' 2>/dev/null || return 0
+  if LD_LIBRARY_PATH="$host_ld_path" PYTHONUNBUFFERED=1 python3 bench/torch_decode.py --preset "$2" --batches 1,8,64,256 \
+       --json "$out/gpu-torch-$1.json" >"$out/gpu-torch-$1.txt" 2>&1; then
+    pass "pytorch $1"
+  else
+    fail "pytorch $1"
+  fi
+  grep -E '^(prefill|decode)' "$out/gpu-torch-$1.txt"
+}
+
+# What CUDA graphs and the single-token GEMV kernel each contribute, measured in the same run.
+bench_variants() {
+  [ "${FOLIO_GPU_VARIANTS:-1}" = 1 ] || return 0
+  bench_folio "$1-plain" "$2" 1,8 FOLIO_CUDA_GRAPHS=0 FOLIO_CUDA_GEMV=0 -- --repeat 2 "${@:3}"
+  bench_folio "$1-nographs" "$2" 1,8 FOLIO_CUDA_GRAPHS=0 -- --repeat 2 "${@:3}"
+  bench_folio "$1-nogemv" "$2" 1,8 FOLIO_CUDA_GEMV=0 -- --repeat 2 "${@:3}"
+}
+
+want models && make_big_models
 
 if want bench; then
   if [ -f "$model" ]; then
-    bench_pair smollm2 "$model" smollm2-135m --kv-budget 2GiB
+    bench_folio smollm2 "$model" 1,8,64,256 -- --kv-budget 2GiB
+    bench_variants smollm2 "$model" --kv-budget 2GiB
+    # Q4_1 weights read as stored by the GEMV kernel, against their fp16 copies
+    bench_folio smollm2-fp16gemv "$model" 1,8 FOLIO_CUDA_QGEMV=0 -- --repeat 2 --kv-budget 2GiB
+    bench_torch smollm2 smollm2-135m
   else
     echo "bench: $model missing (scripts/setup.sh fetches it), skipped"
   fi
 fi
 
 if want bench8b; then
-  big="${FOLIO_BIG_MODEL:-/dev/shm/llama3-8b-shape.bf16.gguf}"
-  if [ ! -f "$big" ]; then
-    ./build-gpu/folio-mkmodel -o "$big" --layers 32 --dim 4096 --ff 14336 --heads 32 --kv-heads 8 --vocab 128256 \
-      --type bf16 --ctx 8192 --rope-theta 500000 --name llama3-8b-shape || fail "folio-mkmodel 8b"
-  fi
-  [ -f "$big" ] && bench_pair llama3-8b "$big" llama3-8b --kv-budget 8GiB
+  make_big_models
+  bench_folio llama3-8b "$big_bf16" 1,8,64,256 -- --kv-budget 8GiB
+  bench_variants llama3-8b "$big_bf16" --kv-budget 8GiB
+  bench_torch llama3-8b llama3-8b
+  # Decode over Q4_1 weights: read as stored (4.5 bits a weight) vs their fp16 copies
+  bench_folio llama3-8b-q4_1 "$big_q4" 1,8 -- --repeat 2 --kv-budget 8GiB
+  bench_folio llama3-8b-q4_1-fp16gemv "$big_q4" 1,8 FOLIO_CUDA_QGEMV=0 -- --repeat 2 --kv-budget 8GiB
 fi
 cat "$out/gpu-summary.txt" 2>/dev/null
 exit $status

@@ -30,8 +30,28 @@ engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
     e->model = model_new(model_default_path(o->model_path), e->be, &mp, err);
     if (!e->model) goto fail;
     const model_config_t *c = &e->model->cfg;
-    e->kv = kv_cache_new(e->be, c->n_layers, c->n_kv_heads, c->head_dim, e->model->block_size,
-                         o->kv_budget_bytes ? o->kv_budget_bytes : (size_t)64 << 20, err);
+    size_t budget = o->kv_budget_bytes;
+    if (!budget) {
+        /* A fraction of what is free once the weights are loaded: asked for, or half the device's
+         * by default on a GPU (a worker owns its GPU; two sharing one each take half of what is
+         * left). The CPU default stays small: host memory is shared with everything else. */
+        const bool on_gpu = !strcmp(e->be->ops->name, "cuda");
+        const double fraction = o->kv_fraction > 0 ? o->kv_fraction : on_gpu ? 0.5 : 0;
+        size_t free_bytes = 0, total_bytes = 0;
+        if (fraction > 0) {
+            if (kern_mem_info(e->be, &free_bytes, &total_bytes)) {
+                fl_fail(err, FL_EUNSUPPORTED, "engine: the %s backend cannot report its free memory for --kv-fraction",
+                        e->be->ops->name);
+                goto fail;
+            }
+            budget = (size_t)(fraction * (double)free_bytes);
+            fl_log_info("kv cache sized fraction=%.2f free_mib=%zu total_mib=%zu budget_mib=%zu", fraction,
+                   free_bytes >> 20, total_bytes >> 20, budget >> 20);
+        } else {
+            budget = (size_t)64 << 20;
+        }
+    }
+    e->kv = kv_cache_new(e->be, c->n_layers, c->n_kv_heads, c->head_dim, e->model->block_size, budget, err);
     if (!e->kv) goto fail;
     return e;
 fail:

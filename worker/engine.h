@@ -16,7 +16,8 @@ typedef struct engine_opts {
     const char *backend;        /* "cpu", "cuda" or NULL/"auto" (cuda where a GPU is present) */
     int device;                 /* CUDA device */
     int threads;                /* CPU threads, 0 = all cores */
-    size_t kv_budget_bytes;     /* 0 = 64 MiB */
+    size_t kv_budget_bytes;     /* 0: kv_fraction */
+    double kv_fraction;         /* of the backend's free memory after the weights; 0: 0.5 on CUDA, 64 MiB on CPU */
     int block_size;             /* 0 = 16 */
     int max_batch_tokens;       /* 0 = 512 */
     int max_seqs;               /* 0 = 64 */

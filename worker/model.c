@@ -206,6 +206,8 @@ static int alloc_scratch(model_t *m, fl_error_t *err)
 {
     const model_config_t *c = &m->cfg;
     const size_t T = (size_t)m->max_tokens, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    /* A step's inputs, packed: tokens, positions, sequences, KV slots ([n] each), block tables. */
+    const size_t step_ints = 4 * T + (size_t)m->max_seqs * m->max_blocks;
     struct { void **p; size_t bytes; } bufs[] = {
         {(void **)&m->x, T * c->dim * sizeof(float)},
         {(void **)&m->xb, T * c->dim * sizeof(float)},
@@ -217,18 +219,15 @@ static int alloc_scratch(model_t *m, fl_error_t *err)
         {(void **)&m->up, T * c->n_ff * sizeof(float)},
         {(void **)&m->logit_in, (size_t)m->max_logits * c->dim * sizeof(float)},
         {(void **)&m->logits, (size_t)m->max_logits * c->n_vocab * sizeof(float)},
-        {(void **)&m->d_tokens, T * sizeof(int32_t)},
-        {(void **)&m->d_pos, T * sizeof(int32_t)},
-        {(void **)&m->d_seq, T * sizeof(int32_t)},
-        {(void **)&m->d_slots, T * sizeof(int32_t)},
-        {(void **)&m->d_block_tables, (size_t)m->max_seqs * m->max_blocks * sizeof(int32_t)},
+        {(void **)&m->d_step, step_ints * sizeof(int32_t)},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         *bufs[i].p = kern_alloc(m->be, bufs[i].bytes);
         if (!*bufs[i].p) return fl_fail(err, FL_ENOMEM, "model: out of memory for scratch (%zu bytes)", bufs[i].bytes);
     }
     m->h_slots = malloc(T * sizeof(int32_t));
-    if (!m->h_slots) return fl_fail(err, FL_ENOMEM, "model: out of memory");
+    m->h_step = malloc(step_ints * sizeof(int32_t));
+    if (!m->h_slots || !m->h_step) return fl_fail(err, FL_ENOMEM, "model: out of memory");
     return FL_OK;
 }
 
@@ -353,10 +352,11 @@ void model_destroy(model_t **mp)
     if (m->output && m->output != m->tok_embd) wdel(be, m->output);
     if (m->tok_embd) wdel(be, m->tok_embd);
     void *bufs[] = {m->output_norm, m->rope_freqs, m->x, m->xb, m->q, m->k, m->v, m->att, m->gate, m->up,
-                    m->logit_in, m->logits, m->d_tokens, m->d_pos, m->d_seq, m->d_slots, m->d_block_tables};
+                    m->logit_in, m->logits, m->d_step};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) kern_free(be, bufs[i]);
     free(m->h_slots);
+    free(m->h_step);
     kern_graph_reset(be); /* recordings point into this model's buffers */
     for (int i = 0; i < m->n_f32_copies; i++) free(m->f32_copies[i]);
     free(m->f32_copies);
@@ -479,12 +479,18 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
     kern_backend_t *be = m->be;
     const int n = b->n_tokens;
 
-    /* Block tables are laid out [n_seqs][max_blocks] by the caller, so one upload serves. */
-    if (be->ops->upload(be, m->d_tokens, b->tokens, (size_t)n * sizeof(int32_t)) ||
-        be->ops->upload(be, m->d_pos, b->pos, (size_t)n * sizeof(int32_t)) ||
-        be->ops->upload(be, m->d_seq, b->seq, (size_t)n * sizeof(int32_t)) ||
-        be->ops->upload(be, m->d_slots, m->h_slots, (size_t)n * sizeof(int32_t)) ||
-        be->ops->upload(be, m->d_block_tables, b->block_tables, (size_t)b->n_seqs * m->max_blocks * sizeof(int32_t)))
+    /* One upload a step (each is a round trip on a GPU): tokens, positions, sequences, slots, then
+     * the block tables, laid out [n_seqs][max_blocks] by the caller. The device pointers depend on n
+     * only, as a recorded step needs. */
+    const size_t nb = (size_t)b->n_seqs * m->max_blocks, row = (size_t)n * sizeof(int32_t);
+    memcpy(m->h_step, b->tokens, row);
+    memcpy(m->h_step + n, b->pos, row);
+    memcpy(m->h_step + 2 * n, b->seq, row);
+    memcpy(m->h_step + 3 * n, m->h_slots, row);
+    memcpy(m->h_step + 4 * n, b->block_tables, nb * sizeof(int32_t));
+    m->d_tokens = m->d_step, m->d_pos = m->d_step + n, m->d_seq = m->d_step + 2 * n;
+    m->d_slots = m->d_step + 3 * n, m->d_block_tables = m->d_step + 4 * n;
+    if (be->ops->upload(be, m->d_step, m->h_step, 4 * row + nb * sizeof(int32_t)))
         return fl_fail(err, FL_EBACKEND, "forward: uploading the batch to the %s backend failed", be->ops->name);
 
     /* A pure decode step (one token and one logit row per sequence, in order) repeats with the same

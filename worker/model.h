@@ -66,8 +66,9 @@ typedef struct model {
     int max_tokens, max_logits, max_seqs, max_blocks;
     int block_size;         /* KV block size the block tables use (the KV cache must use the same) */
     float *x, *xb, *q, *k, *v, *att, *gate, *up, *logit_in, *logits;
+    int32_t *d_step;        /* a step's inputs, packed (model_forward); the five below point into it */
     int32_t *d_tokens, *d_pos, *d_seq, *d_slots, *d_block_tables;
-    int32_t *h_slots;       /* host */
+    int32_t *h_slots, *h_step; /* host */
 
     bool profile;
     double prof_s[MODEL_PROF_COUNT];

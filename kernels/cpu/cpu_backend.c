@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "../../common/quant.h"
 #include "cpu_internal.h"
@@ -381,6 +382,17 @@ static void cpu_destroy(kern_backend_t *be)
     free(cb);
 }
 
+/* Host memory: what the kernel reports available (free plus reclaimable cache). */
+static int cpu_mem_info(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes)
+{
+    (void)be;
+    const long page = sysconf(_SC_PAGESIZE), avail = sysconf(_SC_AVPHYS_PAGES), total = sysconf(_SC_PHYS_PAGES);
+    if (page <= 0 || avail < 0 || total <= 0) return FL_EUNSUPPORTED;
+    *free_bytes = (size_t)avail * (size_t)page;
+    *total_bytes = (size_t)total * (size_t)page;
+    return FL_OK;
+}
+
 static const kern_ops_t cpu_ops = {
     .name = "cpu",
     .destroy = cpu_destroy,
@@ -401,6 +413,7 @@ static const kern_ops_t cpu_ops = {
     .swiglu = cpu_swiglu,
     .add = cpu_add,
     .sample = cpu_sample,
+    .mem_info = cpu_mem_info,
 };
 
 static cpu_isa_t detect_isa(void)

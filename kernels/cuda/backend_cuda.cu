@@ -93,7 +93,9 @@
 struct kern_weight {
     int type;
     int64_t rows, cols;
-    __half *d; /* [rows][cols] fp16, device */
+    __half *d;      /* [rows][cols] fp16, device */
+    uint8_t *q;     /* the stored blocks of a quantized weight (for k_gemv1), device; NULL otherwise */
+    size_t row_bytes;
 };
 
 typedef struct mm_plan {
@@ -132,7 +134,8 @@ typedef struct cuda_backend {
     int next_plan;
     cuda_sample_row_t *h_rows, *d_rows; /* stochastic rows' parameters, host and device */
     size_t rows_cap;                    /* bytes of d_rows; h_rows holds as many */
-    bool gemv;                          /* decode-sized products on k_gemv_f16 (FOLIO_CUDA_GEMV=0: cuBLASLt) */
+    bool gemv;                          /* single-token products on k_gemv1 (FOLIO_CUDA_GEMV=0: cuBLASLt) */
+    bool qgemv;                         /* ... reading quantized weights as stored (FOLIO_CUDA_QGEMV=0: fp16) */
     bool graphs;                        /* CUDA graphs (FOLIO_CUDA_GRAPHS=0: off) */
     cuda_graph_t graph[GRAPH_SLOTS];
     uint64_t graph_clock;               /* LRU stamp */
@@ -174,66 +177,147 @@ __global__ void k_f32_to_f16(__half *dst, const float *src, size_t n)
         dst[i] = __float2half_rn(src[i]);
 }
 
-/* Decode-sized products (n <= GEMV_MAX_N tokens): one warp per weight row streams the row once with
- * 16-byte loads (four in flight per lane) and dots it with every token's fp16 activations (read
- * through L1, where they stay), fp32 accumulation. A GEMM kernel tiles for n in the hundreds and
- * leaves much of the memory bandwidth unused at n = 1, where a decode step is a pass over the weights. */
-#define GEMV_MAX_N 8
+/* Single-token products (a decode step at batch 1 is one pass over the weights): one warp per weight
+ * row streams the row once, lanes on consecutive 16-byte vectors (or quantized blocks), several loads
+ * in flight a lane, the token's f32 activations read through L1 (where they stay), fp32 accumulation.
+ * A GEMM kernel tiles for n in the hundreds and leaves bandwidth unused at n = 1. The weights of one
+ * matmul_multi call (Q, K, V; gate, up) share one launch. Quantized weights (Q4_0, Q4_1, Q8_0) are
+ * read as stored blocks when the backend keeps them (w->q): 4.5 to 8.5 bits a weight instead of 16. */
 #define GEMV_WARPS 8
+#define GEMV_MAX_JOBS 3
 
-__device__ __forceinline__ void gemv_dot8(float *acc, uint4 wv, const __half *x, int i)
+typedef struct gemv_job {
+    const __half *w;        /* fp16 [rows][cols], or NULL when q is used */
+    const uint8_t *q;       /* stored blocks [rows][row_bytes] */
+    float *y;
+    int rows, type, row_bytes;
+} gemv_job_t;
+
+typedef struct gemv_batch {
+    gemv_job_t job[GEMV_MAX_JOBS];
+    int first_block[GEMV_MAX_JOBS + 1];
+    int n_jobs;
+} gemv_batch_t;
+
+__device__ __forceinline__ float dot8_f16(uint4 wv, const float *x)
 {
-    const uint4 xv = *((const uint4 *)x + i);
-    const __half2 *w2 = (const __half2 *)&wv, *x2 = (const __half2 *)&xv;
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const float2 wf = __half22float2(w2[j]), xf = __half22float2(x2[j]);
-        *acc = fmaf(wf.x, xf.x, *acc);
-        *acc = fmaf(wf.y, xf.y, *acc);
-    }
+    const float4 x0 = *(const float4 *)x, x1 = *(const float4 *)(x + 4);
+    const __half2 *w2 = (const __half2 *)&wv;
+    const float2 a = __half22float2(w2[0]), b = __half22float2(w2[1]), c = __half22float2(w2[2]),
+                 d = __half22float2(w2[3]);
+    float s = a.x * x0.x;
+    s = fmaf(a.y, x0.y, s);
+    s = fmaf(b.x, x0.z, s);
+    s = fmaf(b.y, x0.w, s);
+    s = fmaf(c.x, x1.x, s);
+    s = fmaf(c.y, x1.y, s);
+    s = fmaf(d.x, x1.z, s);
+    return fmaf(d.y, x1.w, s);
 }
 
-template <int N>
-__global__ void __launch_bounds__(GEMV_WARPS * 32)
-    k_gemv_f16(float *__restrict__ y, const __half *__restrict__ w, const __half *__restrict__ x, int rows, int cols)
+/* One row of fp16 weights dotted with x: each lane takes every 32nd 16-byte vector, four at a time. */
+__device__ float row_dot_f16(const __half *wrow, const float *x, int cols, int lane)
 {
-    const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    const uint4 *wr = (const uint4 *)(w + (size_t)row * cols);
-    const int nv = cols / 8; /* 16-byte vectors per row (cols % 8 == 0) */
-    float acc[N];
-#pragma unroll
-    for (int t = 0; t < N; t++) acc[t] = 0.0f;
+    const uint4 *wr = (const uint4 *)wrow;
+    const int nv = cols / 8;
+    float acc = 0.0f;
     int i = lane;
     for (; i + 96 < nv; i += 128) {
         const uint4 w0 = __ldcs(wr + i), w1 = __ldcs(wr + i + 32), w2 = __ldcs(wr + i + 64), w3 = __ldcs(wr + i + 96);
-#pragma unroll
-        for (int t = 0; t < N; t++) {
-            const __half *xt = x + (size_t)t * cols;
-            gemv_dot8(&acc[t], w0, xt, i);
-            gemv_dot8(&acc[t], w1, xt, i + 32);
-            gemv_dot8(&acc[t], w2, xt, i + 64);
-            gemv_dot8(&acc[t], w3, xt, i + 96);
-        }
+        acc += dot8_f16(w0, x + 8 * i) + dot8_f16(w1, x + 8 * (i + 32)) + dot8_f16(w2, x + 8 * (i + 64)) +
+               dot8_f16(w3, x + 8 * (i + 96));
     }
-    for (; i < nv; i += 32) {
-        const uint4 w0 = __ldcs(wr + i);
-#pragma unroll
-        for (int t = 0; t < N; t++) gemv_dot8(&acc[t], w0, x + (size_t)t * cols, i);
-    }
-#pragma unroll
-    for (int t = 0; t < N; t++) {
-        float v = acc[t];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) y[(size_t)t * rows + row] = v;
-    }
+    for (; i < nv; i += 32) acc += dot8_f16(__ldcs(wr + i), x + 8 * i);
+    return acc;
 }
 
-template <int N>
-static void launch_gemv(float *y, const __half *w, const __half *x, int rows, int cols, cudaStream_t s)
+/* 16 bytes of 4-bit codes (low nibbles: elements 0..15, high: 16..31) against 32 activations:
+ * sum(code_i * x_i) and sum(x_i), so that Q4_1 is d * dot + m * sum and Q4_0 d * (dot - 8 sum). */
+__device__ __forceinline__ void nibble_dot(const uint32_t qs[4], const float *x, float *dot, float *sum)
 {
-    k_gemv_f16<N><<<(rows + GEMV_WARPS - 1) / GEMV_WARPS, GEMV_WARPS * 32, 0, s>>>(y, w, x, rows, cols);
+    float dq = 0.0f, sx = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const float4 lo = *(const float4 *)(x + 4 * k), hi = *(const float4 *)(x + 16 + 4 * k);
+        const uint32_t v = qs[k];
+        dq = fmaf((float)(v & 15u), lo.x, dq);
+        dq = fmaf((float)((v >> 8) & 15u), lo.y, dq);
+        dq = fmaf((float)((v >> 16) & 15u), lo.z, dq);
+        dq = fmaf((float)((v >> 24) & 15u), lo.w, dq);
+        dq = fmaf((float)((v >> 4) & 15u), hi.x, dq);
+        dq = fmaf((float)((v >> 12) & 15u), hi.y, dq);
+        dq = fmaf((float)((v >> 20) & 15u), hi.z, dq);
+        dq = fmaf((float)(v >> 28), hi.w, dq);
+        sx += (lo.x + lo.y) + (lo.z + lo.w) + (hi.x + hi.y) + (hi.z + hi.w);
+    }
+    *dot = dq;
+    *sum = sx;
+}
+
+__device__ __forceinline__ uint32_t load_u32_2aligned(const uint8_t *p)
+{
+    const uint16_t *h = (const uint16_t *)p;
+    return (uint32_t)__ldcs(h) | ((uint32_t)__ldcs(h + 1) << 16);
+}
+
+/* One row of stored blocks dotted with x: each lane takes every 32nd block. */
+__device__ float row_dot_quant(const uint8_t *row, int type, const float *x, int cols, int lane)
+{
+    const int nb = cols / FL_QK;
+    float acc = 0.0f;
+    if (type == FL_TYPE_Q4_1) { /* 20-byte blocks, 4-byte aligned: d, m, 16 bytes of codes */
+        for (int b = lane; b < nb; b += 32) {
+            const uint32_t *blk = (const uint32_t *)(row + (size_t)b * 20);
+            const uint32_t dm = __ldcs(blk);
+            const uint32_t qs[4] = {__ldcs(blk + 1), __ldcs(blk + 2), __ldcs(blk + 3), __ldcs(blk + 4)};
+            const float2 f = __half22float2(*(const __half2 *)&dm);
+            float dot, sum;
+            nibble_dot(qs, x + (size_t)b * FL_QK, &dot, &sum);
+            acc = fmaf(f.x, dot, fmaf(f.y, sum, acc));
+        }
+    } else if (type == FL_TYPE_Q4_0) { /* 18-byte blocks, 2-byte aligned: d, 16 bytes of codes */
+        for (int b = lane; b < nb; b += 32) {
+            const uint8_t *blk = row + (size_t)b * 18;
+            const __half d = __ushort_as_half(__ldcs((const unsigned short *)blk));
+            const uint32_t qs[4] = {load_u32_2aligned(blk + 2), load_u32_2aligned(blk + 6), load_u32_2aligned(blk + 10),
+                                    load_u32_2aligned(blk + 14)};
+            float dot, sum;
+            nibble_dot(qs, x + (size_t)b * FL_QK, &dot, &sum);
+            acc = fmaf(__half2float(d), dot - 8.0f * sum, acc);
+        }
+    } else { /* Q8_0: 34-byte blocks, 2-byte aligned: d, 32 signed codes */
+        for (int b = lane; b < nb; b += 32) {
+            const uint8_t *blk = row + (size_t)b * 34;
+            const float d = __half2float(__ushort_as_half(__ldcs((const unsigned short *)blk)));
+            const float *xb = x + (size_t)b * FL_QK;
+            float dq = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const uint32_t v = load_u32_2aligned(blk + 2 + 4 * k);
+                const float4 xv = *(const float4 *)(xb + 4 * k);
+                dq = fmaf((float)(int8_t)(v & 255u), xv.x, dq);
+                dq = fmaf((float)(int8_t)((v >> 8) & 255u), xv.y, dq);
+                dq = fmaf((float)(int8_t)((v >> 16) & 255u), xv.z, dq);
+                dq = fmaf((float)(int8_t)(v >> 24), xv.w, dq);
+            }
+            acc = fmaf(d, dq, acc);
+        }
+    }
+    return acc;
+}
+
+__global__ void __launch_bounds__(GEMV_WARPS * 32) k_gemv1(gemv_batch_t b, const float *__restrict__ x, int cols)
+{
+    int j = 0;
+    while (j + 1 < b.n_jobs && (int)blockIdx.x >= b.first_block[j + 1]) j++;
+    const gemv_job_t *jb = &b.job[j];
+    const int lane = threadIdx.x & 31;
+    const int row = ((int)blockIdx.x - b.first_block[j]) * GEMV_WARPS + (int)(threadIdx.x >> 5);
+    if (row >= jb->rows) return;
+    float acc = jb->q ? row_dot_quant(jb->q + (size_t)row * jb->row_bytes, jb->type, x, cols, lane)
+                      : row_dot_f16(jb->w + (size_t)row * cols, x, cols, lane);
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) jb->y[row] = acc;
 }
 
 __global__ void k_embed(float *out, const __half *table, const int32_t *ids, int64_t rows, int64_t cols)
@@ -589,6 +673,8 @@ static void row_to_f16(int type, const uint8_t *src, fl_f16_t *dst, int64_t cols
     }
 }
 
+static void cuda_weight_destroy(kern_backend_t *be, kern_weight_t *w);
+
 static kern_weight_t *cuda_weight_new(kern_backend_t *be, int type, int64_t rows, int64_t cols, const void *data,
                                       fl_error_t *err)
 {
@@ -667,6 +753,22 @@ static kern_weight_t *cuda_weight_new(kern_backend_t *be, int type, int64_t rows
         }
     }
     free(slab);
+    w->row_bytes = row_bytes;
+    /* Quantized weights also keep their stored blocks for single-token products (k_gemv1). */
+    if (cb->qgemv && (type == FL_TYPE_Q4_0 || type == FL_TYPE_Q4_1 || type == FL_TYPE_Q8_0)) {
+        const size_t qbytes = (size_t)rows * row_bytes;
+        cudaError_t e = cudaMalloc((void **)&w->q, qbytes);
+        if (e == cudaSuccess) e = cudaMemcpyAsync(w->q, data, qbytes, cudaMemcpyHostToDevice, cb->stream);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(cb->stream);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            fl_fail(err, e == cudaErrorMemoryAllocation ? FL_ENOMEM : FL_EBACKEND,
+                    "cuda backend: keeping the %s blocks of a %lld x %lld weight (%zu MiB): %s", fl_dtype_name(type),
+                    (long long)rows, (long long)cols, qbytes >> 20, cudaGetErrorString(e));
+            cuda_weight_destroy(be, w);
+            return NULL;
+        }
+    }
     return w;
 }
 
@@ -676,6 +778,7 @@ static void cuda_weight_destroy(kern_backend_t *be, kern_weight_t *w)
     if (!w) return;
     cudaSetDevice(cb->device);
     cudaFree(w->d);
+    if (w->q) cudaFree(w->q);
     free(w);
 }
 
@@ -773,16 +876,37 @@ static bool convert_x(cuda_backend_t *cb, const float *x, int n, int64_t cols)
     return cb->first.code == 0;
 }
 
+/* Whether a single-token product with w runs on k_gemv1 (x: f32, 16-byte aligned). */
+static bool gemv_ok(const cuda_backend_t *cb, const kern_weight_t *w, const float *x, int n)
+{
+    return n == 1 && cb->gemv && w->cols % 8 == 0 && w->rows <= INT_MAX && ((uintptr_t)x & 15) == 0;
+}
+
+static void gemv_launch(cuda_backend_t *cb, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x)
+{
+    gemv_batch_t b;
+    memset(&b, 0, sizeof b);
+    b.n_jobs = n_w;
+    int blocks = 0;
+    for (int k = 0; k < n_w; k++) {
+        const kern_weight_t *w = ws[k];
+        const bool quant = w->q && cb->qgemv;
+        b.job[k].w = quant ? NULL : w->d;
+        b.job[k].q = quant ? w->q : NULL;
+        b.job[k].y = ys[k];
+        b.job[k].rows = (int)w->rows;
+        b.job[k].type = w->type;
+        b.job[k].row_bytes = (int)w->row_bytes;
+        b.first_block[k] = blocks;
+        blocks += ((int)w->rows + GEMV_WARPS - 1) / GEMV_WARPS;
+    }
+    b.first_block[n_w] = blocks;
+    k_gemv1<<<blocks, GEMV_WARPS * 32, 0, cb->stream>>>(b, x, (int)ws[0]->cols);
+    LAUNCHED(cb);
+}
+
 static void matmul_converted(cuda_backend_t *cb, float *y, const kern_weight_t *w, int n)
 {
-    if (n <= GEMV_MAX_N && w->cols % 8 == 0 && w->rows <= INT_MAX && cb->gemv) {
-        typedef void (*gemv_fn)(float *, const __half *, const __half *, int, int, cudaStream_t);
-        static const gemv_fn by_n[GEMV_MAX_N + 1] = {NULL, launch_gemv<1>, launch_gemv<2>, launch_gemv<3>, launch_gemv<4>,
-                                                      launch_gemv<5>, launch_gemv<6>, launch_gemv<7>, launch_gemv<8>};
-        by_n[n](y, w->d, cb->xh, (int)w->rows, (int)w->cols, cb->stream);
-        LAUNCHED(cb);
-        return;
-    }
     const mm_plan_t *p = plan_get(cb, (int)w->rows, (int)w->cols, n, ptr_align(y));
     if (!p) return;
     const float alpha = 1.0f, beta = 0.0f;
@@ -794,6 +918,10 @@ static void cuda_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, co
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || !op_begin(cb)) return;
+    if (gemv_ok(cb, w, x, n)) {
+        gemv_launch(cb, &y, &w, 1, x);
+        return;
+    }
     if (!convert_x(cb, x, n, w->cols)) return;
     matmul_converted(cb, y, w, n);
 }
@@ -803,6 +931,12 @@ static void cuda_matmul_multi(kern_backend_t *be, float *const *ys, const kern_w
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || n_w <= 0 || !op_begin(cb)) return;
+    bool gemv = n_w <= GEMV_MAX_JOBS;
+    for (int k = 0; k < n_w && gemv; k++) gemv = gemv_ok(cb, ws[k], x, n) && ws[k]->cols == ws[0]->cols;
+    if (gemv) {
+        gemv_launch(cb, ys, ws, n_w, x);
+        return;
+    }
     if (!convert_x(cb, x, n, ws[0]->cols)) return;
     for (int k = 0; k < n_w && !cb->first.code; k++) {
         if (ws[k]->cols != ws[0]->cols) {
@@ -1041,6 +1175,16 @@ static int cuda_graph_end(kern_backend_t *be)
     return 0;
 }
 
+static int cuda_mem_info(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (cudaSetDevice(cb->device) != cudaSuccess || cudaMemGetInfo(free_bytes, total_bytes) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return FL_EBACKEND;
+    }
+    return FL_OK;
+}
+
 static void cuda_graph_reset(kern_backend_t *be)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
@@ -1070,6 +1214,7 @@ static const kern_ops_t cuda_ops = {
     cuda_graph_begin,
     cuda_graph_end,
     cuda_graph_reset,
+    cuda_mem_info,
 };
 
 static int probe_device(int device, fl_error_t *err)
@@ -1118,6 +1263,8 @@ extern "C" kern_backend_t *kern_cuda_module_new(int device, fl_error_t *err)
     cb->device = device;
     const char *gemv = getenv("FOLIO_CUDA_GEMV"), *graphs = getenv("FOLIO_CUDA_GRAPHS");
     cb->gemv = !(gemv && !strcmp(gemv, "0"));
+    const char *qgemv = getenv("FOLIO_CUDA_QGEMV");
+    cb->qgemv = cb->gemv && !(qgemv && !strcmp(qgemv, "0"));
     cb->graphs = !(graphs && !strcmp(graphs, "0"));
     if (cuda_setup(cb, err)) {
         cuda_destroy(&cb->base);

@@ -752,7 +752,8 @@ int main(int argc, char **argv)
 {
     fl_error_t err = {0};
     const char *self = getenv("FOLIO_CUDA_TEST_SELFCHECK");
-    if (self && !strcmp(self, "1")) { /* the harness itself, without a GPU: a second CPU backend */
+    const bool selfcheck = self && !strcmp(self, "1");
+    if (selfcheck) { /* the harness itself, without a GPU: a second CPU backend */
         g_gpu = kern_cpu_new(0, &err);
         if (!g_gpu) {
             printf("FAIL: kern_cpu_new: %s\n", err.msg);
@@ -792,29 +793,54 @@ int main(int argc, char **argv)
         test_embed(k_types[ti], 300, 576, 6, true);
     }
 
-    /* matmul: every weight type; shapes of SmolLM2-135M (576/1536), Llama-8B-like 4096, odd rows */
-    static const int ns_all[] = {1, 2, 7, 32, 513};
-    static const int ns_quick[] = {1, 2, 7, 32};
-    static const int ns_big[] = {1, 7, 513};
-    for (int ti = 0; ti < N_TYPES; ti++) {
-        const int ty = k_types[ti];
-        test_matmul(ty, 64, 64, g_quick ? ns_quick : ns_all, g_quick ? 4 : 5);
-        test_matmul(ty, 576, 1536, g_quick ? ns_quick : ns_all, g_quick ? 4 : 5);
-        test_matmul(ty, 1536, 576, g_quick ? ns_quick : ns_all, g_quick ? 4 : 5);
-        test_matmul(ty, 67, 128, ns_quick, 4);   /* rows not a multiple of any tile */
-        test_matmul(ty, 192, 32, ns_quick, 4);   /* one quant block per row */
-        if (g_quick) {
-            if (ty == FL_TYPE_Q4_1) test_matmul(ty, 576, 576, ns_big, 3);
-        } else {
-            test_matmul(ty, 4096, 4096, ns_big, 3);
-            test_matmul(ty, 49152, 576, (const int[]){1, 7}, 2); /* SmolLM2's vocabulary projection */
+    /* matmul, on each product path of the CUDA backend in turn: the default (single-token products on
+     * the GEMV kernel, quantized weights read as stored), the GEMV kernel on fp16 weights
+     * (FOLIO_CUDA_QGEMV=0), cuBLASLt alone (FOLIO_CUDA_GEMV=0). */
+    static const char *const variants[][2] = {{NULL, NULL}, {"FOLIO_CUDA_QGEMV", "fp16 gemv"}, {"FOLIO_CUDA_GEMV", "cublaslt only"}};
+    kern_backend_t *const g_gpu_default = g_gpu;
+    for (int vi = 0; vi < (selfcheck ? 1 : 3); vi++) {
+        if (vi > 0) {
+            setenv(variants[vi][0], "0", 1);
+            g_gpu = kern_cuda_new(0, &err);
+            unsetenv(variants[vi][0]);
+            if (!g_gpu) {
+                printf("FAIL: kern_cuda_new (%s): %s\n", variants[vi][1], err.msg);
+                g_fail++;
+                g_gpu = g_gpu_default;
+                break;
+            }
+            printf("matmul path: %s\n", variants[vi][1]);
         }
-    }
-    for (int ti = 0; ti < N_TYPES; ti++) {
-        test_matmul_multi(k_types[ti], (const int[]){576, 192, 192}, 3, 576, 1);
-        test_matmul_multi(k_types[ti], (const int[]){576, 192, 192}, 3, 576, 7);
-        test_matmul_multi(k_types[ti], (const int[]){1536, 1536}, 2, 576, g_quick ? 32 : 513);
-        test_matmul_multi(k_types[ti], (const int[]){64}, 1, 64, 2);
+        /* matmul: every weight type; shapes of SmolLM2-135M (576/1536), Llama-8B-like 4096, odd rows */
+        static const int ns_all[] = {1, 2, 7, 32, 513};
+        static const int ns_quick[] = {1, 2, 7, 32};
+        static const int ns_big[] = {1, 7, 513};
+        for (int ti = 0; ti < N_TYPES; ti++) {
+            const int ty = k_types[ti];
+            test_matmul(ty, 64, 64, g_quick ? ns_quick : ns_all, g_quick ? 4 : 5);
+            test_matmul(ty, 576, 1536, g_quick ? ns_quick : ns_all, g_quick ? 4 : 5);
+            test_matmul(ty, 1536, 576, g_quick ? ns_quick : ns_all, g_quick ? 4 : 5);
+            test_matmul(ty, 67, 128, ns_quick, 4);   /* rows not a multiple of any tile */
+            test_matmul(ty, 192, 32, ns_quick, 4);   /* one quant block per row */
+            if (g_quick) {
+                if (ty == FL_TYPE_Q4_1) test_matmul(ty, 576, 576, ns_big, 3);
+            } else {
+                test_matmul(ty, 4096, 4096, ns_big, 3);
+                test_matmul(ty, 49152, 576, (const int[]){1, 7}, 2); /* SmolLM2's vocabulary projection */
+            }
+        }
+        for (int ti = 0; ti < N_TYPES; ti++) {
+            test_matmul_multi(k_types[ti], (const int[]){576, 192, 192}, 3, 576, 1);
+            test_matmul_multi(k_types[ti], (const int[]){576, 192, 192}, 3, 576, 7);
+            test_matmul_multi(k_types[ti], (const int[]){1536, 1536}, 2, 576, g_quick ? 32 : 513);
+            test_matmul_multi(k_types[ti], (const int[]){64}, 1, 64, 2);
+        }
+        if (!g_quick) {
+            for (int ti = 0; ti < N_TYPES; ti++) /* Llama-8B's Q, K, V in one call */
+                test_matmul_multi(k_types[ti], (const int[]){4096, 1024, 1024}, 3, 4096, 1);
+        }
+        if (vi > 0) kern_destroy(&g_gpu);
+        g_gpu = g_gpu_default;
     }
 
     /* rmsnorm */
