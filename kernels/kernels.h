@@ -49,7 +49,28 @@ typedef struct kern_attn {
     int block_size;
     int n_heads, n_kv_heads, head_dim;
     float scale;                /* usually 1/sqrt(head_dim) */
+    /* Tree attention, for verifying a tree of draft tokens in one pass (speculative decoding); both
+     * NULL for causal attention. Token i then attends to positions 0..tree_start[i]-1 of its
+     * sequence (the accepted context) and to tree_start[i] + j for each bit j of tree_mask[i] (its
+     * ancestors in the tree and itself, the tree's tokens stored from tree_start on); tok_pos only
+     * positions RoPE. A masked position weighs exactly 0, as if absent. */
+    const uint64_t *tree_mask;  /* [n_tokens] */
+    const int32_t *tree_start;  /* [n_tokens] */
 } kern_attn_t;
+
+/* Positions token i of a reads: 0..len-1, some masked out in tree attention. */
+static inline int kern_attn_len(const kern_attn_t *a, int i)
+{
+    if (!a->tree_mask) return a->tok_pos[i] + 1;
+    const uint64_t m = a->tree_mask[i];
+    return a->tree_start[i] + (m ? 64 - __builtin_clzll(m) : 0);
+}
+
+/* Whether token i of a attends to position j (< kern_attn_len). */
+static inline bool kern_attn_visible(const kern_attn_t *a, int i, int j)
+{
+    return !a->tree_mask || j < a->tree_start[i] || ((a->tree_mask[i] >> (j - a->tree_start[i])) & 1u);
+}
 
 typedef struct kern_sampling {
     float temperature;          /* <= 0: greedy (argmax, lowest id wins ties) */

@@ -10,7 +10,8 @@
 #   bench8b   the same on a random-weight model of Llama-3-8B's shape in bf16 (written by
 #             folio-mkmodel into /dev/shm, about 16 GB), and on one in Q4_1 (quantized reads)
 #   models    only write those two models (the bench8b step does when they are missing)
-# FOLIO_GPU_VARIANTS=0 skips the graphs/GEMV on-off runs, FOLIO_GPU_TORCH=0 the PyTorch side.
+# FOLIO_GPU_VARIANTS: which graphs/GEMV on-off runs (default "plain nographs nogemv", "" for none);
+# FOLIO_GPU_TORCH=0 skips the PyTorch side.
 # A machine without a package registry: pass FOLIO_DEPS=<folder of .deb files> (the list is in
 # tests/README.md); they are unpacked under <folder>/root and used from there, never into /.
 # Results go to ${OUT:-build-gpu}/gpu-*. A failing step is recorded and the next steps still run;
@@ -143,10 +144,14 @@ bench_torch() {
 
 # What CUDA graphs and the single-token GEMV kernel each contribute, measured in the same run.
 bench_variants() {
-  [ "${FOLIO_GPU_VARIANTS:-1}" = 1 ] || return 0
-  bench_folio "$1-plain" "$2" 1,8 FOLIO_CUDA_GRAPHS=0 FOLIO_CUDA_GEMV=0 -- --repeat 2 "${@:3}"
-  bench_folio "$1-nographs" "$2" 1,8 FOLIO_CUDA_GRAPHS=0 -- --repeat 2 "${@:3}"
-  bench_folio "$1-nogemv" "$2" 1,8 FOLIO_CUDA_GEMV=0 -- --repeat 2 "${@:3}"
+  local v
+  for v in ${FOLIO_GPU_VARIANTS-plain nographs nogemv}; do
+    case $v in
+      plain) bench_folio "$1-plain" "$2" 1,8 FOLIO_CUDA_GRAPHS=0 FOLIO_CUDA_GEMV=0 -- --repeat 2 "${@:3}" ;;
+      nographs) bench_folio "$1-nographs" "$2" 1,8 FOLIO_CUDA_GRAPHS=0 -- --repeat 2 "${@:3}" ;;
+      nogemv) bench_folio "$1-nogemv" "$2" 1,8 FOLIO_CUDA_GEMV=0 -- --repeat 2 "${@:3}" ;;
+    esac
+  done
 }
 
 want models && make_big_models

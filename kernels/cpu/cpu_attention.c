@@ -383,7 +383,11 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
     const cpu_isa_t isa = c->isa;
     const int hd = a->head_dim, group = a->n_heads / a->n_kv_heads, kvh = h / group;
     const size_t qoff = ((size_t)i * a->n_heads + h) * hd, kv_stride = (size_t)a->n_kv_heads * hd;
-    const int pos = a->tok_pos[i], len = pos + 1, bs = a->block_size;
+    const int len = kern_attn_len(a, i), bs = a->block_size;
+    if (len <= 0) { /* nothing visible (an empty tree mask at position 0): a zero row */
+        memset(a->out + ((size_t)i * a->n_heads + h) * hd, 0, (size_t)hd * sizeof(float));
+        return;
+    }
     const int32_t *bt = a->block_tables + (size_t)a->tok_seq[i] * a->max_blocks;
     const bool multi = c->multi[i], kq_tb = multi && hd % 16 == 0, kqv_tb = multi && hd % 4 == 0;
     float q16[ATTN_MAX_HEAD_DIM];
@@ -416,6 +420,9 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
         else dot = kq_tb ? cpu_dot16_f16_avx2(q16, k, hd) : cpu_vecdot_f16_avx2(k, q16, hd);
         sc[j] = dot * a->scale;
     }
+    if (a->tree_mask) /* masked tree positions: -inf, weight exactly 0 (llama.cpp's KQ mask) */
+        for (int j = a->tree_start[i]; j < len; j++)
+            if (!kern_attn_visible(a, i, j)) sc[j] = -INFINITY;
     float *out = a->out + qoff;
     if (isa == CPU_ISA_SCALAR) {
         attn_softmax_scalar(sc, len);
@@ -639,9 +646,10 @@ void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
     int maxlen = 0, maxseq = 0;
     int64_t work = 0;
     for (int i = 0; i < a->n_tokens; i++) {
-        if (a->tok_pos[i] + 1 > maxlen) maxlen = a->tok_pos[i] + 1;
+        const int len = kern_attn_len(a, i);
+        if (len > maxlen) maxlen = len;
         if (a->tok_seq[i] > maxseq) maxseq = a->tok_seq[i];
-        work += a->tok_pos[i] + 1;
+        work += len;
     }
     work *= (int64_t)a->n_heads * a->head_dim;
     const int G = a->n_heads / a->n_kv_heads;
@@ -665,7 +673,8 @@ void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
     for (int i = 0; i < a->n_tokens; i++) multi[i] = cnt[a->tok_seq[i]] >= 2;
     attn_ctx_t c = {.a = a, .isa = cb->isa, .scores = cb->scores, .multi = multi, .maxlen = maxlen,
                     .sstride = (maxlen + 63) & ~63,
-                    .grouped = cb->isa == CPU_ISA_AVX512 && a->head_dim % 64 == 0 && G <= ATTN_MAX_GROUP};
+                    .grouped = cb->isa == CPU_ISA_AVX512 && a->head_dim % 64 == 0 && G <= ATTN_MAX_GROUP &&
+                               !a->tree_mask}; /* the grouped decode path knows no mask */
     atomic_init(&c.next, 0);
     if (work < 64 * 1024 || nth == 1) attn_task(&c, 0, 1);
     else cpu_pool_run(cb->pool, attn_task, &c);

@@ -215,17 +215,22 @@ __device__ __forceinline__ float dot8_f16(uint4 wv, const float *x)
     return fmaf(d.y, x1.w, s);
 }
 
-/* One row of fp16 weights dotted with x: each lane takes every 32nd 16-byte vector, four at a time. */
+/* One row of fp16 weights dotted with x: each lane takes every 32nd 16-byte vector, eight loads
+ * issued before any is used (a 4096-wide row is two such rounds: latency, not bandwidth, is what a
+ * short row pays for). */
+#define GEMV_UNROLL 8
 __device__ float row_dot_f16(const __half *wrow, const float *x, int cols, int lane)
 {
     const uint4 *wr = (const uint4 *)wrow;
     const int nv = cols / 8;
     float acc = 0.0f;
     int i = lane;
-    for (; i + 96 < nv; i += 128) {
-        const uint4 w0 = __ldcs(wr + i), w1 = __ldcs(wr + i + 32), w2 = __ldcs(wr + i + 64), w3 = __ldcs(wr + i + 96);
-        acc += dot8_f16(w0, x + 8 * i) + dot8_f16(w1, x + 8 * (i + 32)) + dot8_f16(w2, x + 8 * (i + 64)) +
-               dot8_f16(w3, x + 8 * (i + 96));
+    for (; i + 32 * (GEMV_UNROLL - 1) < nv; i += 32 * GEMV_UNROLL) {
+        uint4 w[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) w[u] = __ldcs(wr + i + 32 * u);
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) acc += dot8_f16(w[u], x + 8 * (i + 32 * u));
     }
     for (; i < nv; i += 32) acc += dot8_f16(__ldcs(wr + i), x + 8 * i);
     return acc;
@@ -306,7 +311,7 @@ __device__ float row_dot_quant(const uint8_t *row, int type, const float *x, int
     return acc;
 }
 
-__global__ void __launch_bounds__(GEMV_WARPS * 32) k_gemv1(gemv_batch_t b, const float *__restrict__ x, int cols)
+__global__ void __launch_bounds__(GEMV_WARPS * 32, 4) k_gemv1(gemv_batch_t b, const float *__restrict__ x, int cols)
 {
     int j = 0;
     while (j + 1 < b.n_jobs && (int)blockIdx.x >= b.first_block[j + 1]) j++;
@@ -407,7 +412,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
                                                               const __half *vc, const int32_t *tok_seq,
                                                               const int32_t *tok_pos, const int32_t *block_tables,
                                                               int max_blocks, int bs, int n_heads, int n_kv_heads,
-                                                              int hd, float scale)
+                                                              int hd, float scale, const uint64_t *tree_mask,
+                                                              const int32_t *tree_start)
 {
     __shared__ float qs[ATT_MAX_HEAD_DIM];
     __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
@@ -419,7 +425,10 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = __half2float(__float2half_rn(q[qoff + d]));
     __syncthreads();
     float *o = out + qoff;
-    const int len = tok_pos[i] + 1;
+    /* kern_attn_len / kern_attn_visible, on the device */
+    const uint64_t tm = tree_mask ? tree_mask[i] : 0;
+    const int ts = tree_mask ? tree_start[i] : 0;
+    const int len = tree_mask ? ts + (tm ? 64 - __clzll((long long)tm) : 0) : tok_pos[i] + 1;
     if (len <= 0) { /* uniform over the block */
         for (int d = threadIdx.x; d < hd; d += blockDim.x) o[d] = 0.0f;
         return;
@@ -431,6 +440,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
 #pragma unroll
     for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) acc[r] = 0.0f;
     for (int j = warp; j < len; j += ATT_WARPS) {
+        if (tree_mask && j >= ts && !((tm >> (j - ts)) & 1u)) continue; /* masked: weighs 0 */
         const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
         const __half *kr = kc + slot * kv_stride + hoff, *vr = vc + slot * kv_stride + hoff;
         float s = 0.0f;
@@ -1008,7 +1018,7 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
     }
     k_attention<<<(unsigned)blocks, ATT_WARPS * 32, 0, cb->stream>>>(
         a->out, a->q, (const __half *)a->k_cache, (const __half *)a->v_cache, a->tok_seq, a->tok_pos, a->block_tables,
-        a->max_blocks, a->block_size, a->n_heads, a->n_kv_heads, a->head_dim, a->scale);
+        a->max_blocks, a->block_size, a->n_heads, a->n_kv_heads, a->head_dim, a->scale, a->tree_mask, a->tree_start);
     LAUNCHED(cb);
 }
 

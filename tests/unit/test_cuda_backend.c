@@ -619,6 +619,32 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
     kern_attention(g_gpu, &ag);
     check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, name);
 
+    /* The same tokens as a draft tree per sequence (speculative verification): each new token a
+     * child of a random earlier new one, seeing the context, its ancestors and itself. */
+    bool tree_fits = true;
+    for (int s = 0; s < n_seqs; s++) tree_fits = tree_fits && seqs[s].n_new <= 64;
+    if (tree_fits) {
+        uint64_t *mask = xmalloc((size_t)n_tokens * sizeof(uint64_t));
+        int32_t *start = xmalloc((size_t)n_tokens * sizeof(int32_t));
+        t = 0;
+        for (int s = 0; s < n_seqs; s++)
+            for (int j = 0; j < seqs[s].n_new; j++, t++) {
+                start[t] = seqs[s].len - seqs[s].n_new;
+                mask[t] = (j ? mask[t - j + rnd_int(j)] : 0) | (1ull << j);
+            }
+        twin_t tm = twin_new((size_t)n_tokens * sizeof(uint64_t), mask), tst = twin_new((size_t)n_tokens * sizeof(int32_t), start);
+        ac.tree_mask = tm.c, ac.tree_start = tst.c, ag.tree_mask = tm.g, ag.tree_start = tst.g;
+        kern_attention(g_cpu, &ac);
+        kern_attention(g_gpu, &ag);
+        char tname[300];
+        snprintf(tname, sizeof tname, "%s tree", name);
+        check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, tname);
+        twin_free(&tm);
+        twin_free(&tst);
+        free(mask);
+        free(start);
+    }
+
     twin_t *all[] = {&kc, &vc, &tq, &tk, &tv, &tsl, &tts, &ttp, &tbt, &out};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) twin_free(all[i]);
     free(perm);

@@ -635,21 +635,21 @@ static void spec_attention(const kern_attn_t *a, int i, int h, bool multi, float
 /* Double-precision reference of the documented numerics (q, p rounded to f16). */
 static void ref_attention(const kern_attn_t *a, int i, int h, float *out)
 {
-    const int hd = a->head_dim, kvh = h / (a->n_heads / a->n_kv_heads), pos = a->tok_pos[i];
+    const int hd = a->head_dim, kvh = h / (a->n_heads / a->n_kv_heads), len = kern_attn_len(a, i);
     const int32_t *bt = a->block_tables + a->tok_seq[i] * a->max_blocks;
-    double *sc = malloc((pos + 1) * sizeof(double)), mx = -INFINITY, sum = 0;
+    double *sc = malloc((len + 1) * sizeof(double)), mx = -INFINITY, sum = 0;
     const float *q = a->q + ((size_t)i * a->n_heads + h) * hd;
-    for (int j = 0; j <= pos; j++) {
+    for (int j = 0; j < len; j++) {
         const size_t slot = (size_t)bt[j / a->block_size] * a->block_size + j % a->block_size;
         const fl_f16_t *k = a->k_cache + (slot * a->n_kv_heads + kvh) * hd;
         double s = 0;
         for (int d = 0; d < hd; d++) s += (double)f16r(q[d]) * fl_f16_to_f32(k[d]);
-        sc[j] = s * a->scale;
+        sc[j] = kern_attn_visible(a, i, j) ? s * a->scale : -INFINITY;
         mx = fmax(mx, sc[j]);
     }
-    for (int j = 0; j <= pos; j++) sum += (sc[j] = exp(sc[j] - mx));
+    for (int j = 0; j < len; j++) sum += (sc[j] = exp(sc[j] - mx));
     for (int d = 0; d < hd; d++) out[d] = 0;
-    for (int j = 0; j <= pos; j++) {
+    for (int j = 0; j < len; j++) {
         const size_t slot = (size_t)bt[j / a->block_size] * a->block_size + j % a->block_size;
         const fl_f16_t *v = a->v_cache + (slot * a->n_kv_heads + kvh) * hd;
         const double p = f16r((float)(sc[j] / sum));
@@ -760,6 +760,71 @@ static void test_attention_paged_gqa_matches_reference(void **state)
     run_attention_case(6, 6, 64, 32);  /* ratio 1, long */
     run_attention_case(8, 2, 128, 32); /* ratio 4 */
     run_attention_case(6, 2, 40, 8);   /* head_dim not a multiple of 16 */
+}
+
+/* Tree attention (speculative verification): a draft tree of 6 tokens after a 37-token context,
+ * stored at positions 37..42; token k sees the context, its ancestors and itself.
+ *   - every output matches the double reference over exactly the visible positions;
+ *   - changing the K/V of a position a token does not see leaves its output's bits unchanged;
+ *   - a chain-shaped tree gives the bits of causal attention. */
+static void run_tree_case(int isa)
+{
+    enum { P = 37, K = 6, NH = 4, NKV = 2, HD = 64, BS = 16, MB = 4 };
+    const uint64_t masks[K] = {0x1, 0x3, 0x5, 0xB, 0x15, 0x2B}; /* parents: -, 0, 0, 1, 2, 3 */
+    const size_t pool = (size_t)MB * BS * NKV * HD;
+    fl_f16_t *kc = malloc(pool * 2), *vc = malloc(pool * 2);
+    for (size_t i = 0; i < pool; i++) kc[i] = fl_f32_to_f16(rnd_f(-2, 2)), vc[i] = fl_f32_to_f16(rnd_f(-2, 2));
+    int32_t table[MB] = {2, 0, 3, 1}, seq[K] = {0}, pos[K], start[K];
+    uint64_t mask[K];
+    for (int k = 0; k < K; k++) start[k] = P, mask[k] = masks[k], pos[k] = P + __builtin_popcountll(masks[k]) - 1;
+    float q[K * NH * HD], out[K * NH * HD], o2[K * NH * HD], ref[HD];
+    fill(q, K * NH * HD, 3.0f);
+    kern_attn_t a = {.out = out, .q = q, .k_cache = kc, .v_cache = vc, .n_tokens = K, .tok_seq = seq, .tok_pos = pos,
+                     .block_tables = table, .max_blocks = MB, .block_size = BS, .n_heads = NH, .n_kv_heads = NKV,
+                     .head_dim = HD, .scale = 0.125f, .tree_mask = mask, .tree_start = start};
+    kern_backend_t *be = new_backend(isa_names[isa], 2, NULL);
+    if ((int)isa_of(be) != isa) { /* this machine lacks the instruction set */
+        kern_destroy(&be);
+        free(kc), free(vc);
+        return;
+    }
+    kern_attention(be, &a);
+    for (int k = 0; k < K; k++)
+        for (int h = 0; h < NH; h++) {
+            ref_attention(&a, k, h, ref);
+            for (int d = 0; d < HD; d++) {
+                const float got = out[(k * NH + h) * HD + d];
+                if (!(fabsf(got - ref[d]) <= 2e-3f * (1 + fabsf(ref[d]))))
+                    fail_msg("tree attn tok %d head %d d %d: %g vs %g", k, h, d, got, ref[d]);
+            }
+        }
+    /* scramble the K/V of tree position 4 (token 4, seen by token 4 alone) */
+    for (int kvh = 0; kvh < NKV; kvh++)
+        for (int d = 0; d < HD; d++) {
+            const size_t slot = (size_t)table[(P + 4) / BS] * BS + (P + 4) % BS;
+            kc[(slot * NKV + kvh) * HD + d] = fl_f32_to_f16(rnd_f(-8, 8));
+            vc[(slot * NKV + kvh) * HD + d] = fl_f32_to_f16(rnd_f(-8, 8));
+        }
+    a.out = o2;
+    kern_attention(be, &a);
+    for (int k = 0; k < K; k++)
+        if ((masks[k] >> 4) & 1u) assert_false(bits_equal(out + k * NH * HD, o2 + k * NH * HD, NH * HD, NULL));
+        else assert_true(bits_equal(out + k * NH * HD, o2 + k * NH * HD, NH * HD, NULL));
+    /* a chain: token k sees tree positions 0..k, as causal attention at position P + k */
+    for (int k = 0; k < K; k++) mask[k] = (2ull << k) - 1, pos[k] = P + k;
+    kern_attention(be, &a);
+    kern_attn_t causal = a;
+    causal.tree_mask = NULL, causal.tree_start = NULL, causal.out = out;
+    kern_attention(be, &causal);
+    assert_true(bits_equal(out, o2, K * NH * HD, NULL));
+    kern_destroy(&be);
+    free(kc), free(vc);
+}
+
+static void test_attention_tree_mask(void **state)
+{
+    (void)state;
+    for (int isa = 0; isa < 3; isa++) run_tree_case(isa);
 }
 
 static void test_attention_long_context_uses_pool(void **state)
@@ -900,6 +965,7 @@ int main(void)
         cmocka_unit_test(test_rope_rotates_adjacent_pairs_like_ggml),
         cmocka_unit_test(test_kv_store_writes_f16_rows_at_slots),
         cmocka_unit_test(test_attention_paged_gqa_matches_reference),
+        cmocka_unit_test(test_attention_tree_mask),
         cmocka_unit_test(test_attention_long_context_uses_pool),
         cmocka_unit_test(test_sample_greedy_lowest_id_on_ties),
         cmocka_unit_test(test_sample_is_pure_function_of_seed_and_position),
