@@ -63,7 +63,7 @@ int32_t kern_sample_argmax(const float *l, int vocab)
 /* The draw for one row (the definition is in sampling.h). */
 int32_t kern_sample_row(const float *l, int vocab, const kern_sampling_t *p, void *scratch)
 {
-    if (p->temperature <= 0.0f || vocab == 1) return kern_sample_argmax(l, vocab);
+    if (!kern_sample_is_stochastic(p) || vocab == 1) return kern_sample_argmax(l, vocab);
     float mx = -INFINITY;
     for (int i = 0; i < vocab; i++) mx = fmaxf(mx, l[i]);
     if (!(mx > -INFINITY) || mx == INFINITY) return kern_sample_argmax(l, vocab);
@@ -102,6 +102,7 @@ int32_t kern_sample_row(const float *l, int vocab, const kern_sampling_t *p, voi
             int ns = 0;
             for (int i = 0; i < nk; i++)
                 if (c[i].key >= kmin) s[ns++] = c[i];
+            if (ns == 0) continue; /* none that heavy (t > 0 only: at t == 0 every candidate is taken) */
             qsort(s, (size_t)ns, sizeof *s, cand_cmp_rank);
             uint64_t run = 0;
             int k = 0;

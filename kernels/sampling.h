@@ -9,6 +9,7 @@
 
 #include <stddef.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -34,7 +35,8 @@ static inline double kern_sample_uniform(uint64_t seed, uint64_t position)
 
 /* The draw for one row, defined with integer weights so that any backend reproduces it exactly
  * (integer sums do not depend on the order a GPU reduces in):
- *  1. temperature <= 0, vocab 1, or no finite maximum logit: argmax, lowest id on ties.
+ *  1. temperature <= 0 or so small that 1 / temperature is not finite, vocab 1, or no finite
+ *     maximum logit: argmax, lowest id on ties.
  *  2. Rank: larger logit first (kern_sample_key; NaN last), lower id on ties.
  *     Weight: w_i = trunc(2^40 * exp((l_i - max_l) * (1 / temperature))) with the exp of
  *     kern_sample_weight_of: the best token weighs 2^40, one under ~2^-40 of it weighs 0 and is
@@ -85,6 +87,12 @@ static inline KERN_SAMPLE_HD uint64_t kern_sample_weight(float l, float mx, floa
     if (l != l) return 0;
     const float d = l - mx; /* two separate roundings (no fused form exists for (a - b) * c) */
     return kern_sample_weight_of(d * inv_t);
+}
+
+/* Whether p draws at random (else the row is greedy: step 1). */
+static inline bool kern_sample_is_stochastic(const kern_sampling_t *p)
+{
+    return p->temperature > 0.0f && 1.0f / p->temperature < INFINITY;
 }
 
 /* Bytes of scratch kern_sample_row needs for a vocabulary. */

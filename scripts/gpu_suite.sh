@@ -22,6 +22,7 @@ cd "$root"
 out="${OUT:-$root/build-gpu}"
 mkdir -p "$out"
 steps=" ${FOLIO_GPU_STEPS:-build tests memcheck bench bench8b} "
+: >"$out/gpu-summary.txt"
 status=0
 fail() { echo "gpu_suite: FAILED: $*" | tee -a "$out/gpu-summary.txt"; status=1; }
 pass() { echo "gpu_suite: ok: $*" | tee -a "$out/gpu-summary.txt"; }
@@ -107,11 +108,12 @@ make_big_models() {
   for f in "$big_bf16:bf16" "$big_q4:q4_1"; do
     t=${f##*:} f=${f%:*}
     [ -f "$f" ] && continue
-    ./build-gpu/folio-mkmodel -o "$f" --layers 32 --dim 4096 --ff 14336 --heads 32 --kv-heads 8 --vocab 128256 \
-      --type "$t" --ctx 8192 --rope-theta 500000 --name "llama3-8b-shape-$t" &
+    # written under a temporary name: an interrupted write is never taken for a model
+    (./build-gpu/folio-mkmodel -o "$f.part" --layers 32 --dim 4096 --ff 14336 --heads 32 --kv-heads 8 \
+      --vocab 128256 --type "$t" --ctx 8192 --rope-theta 500000 --name "llama3-8b-shape-$t" && mv "$f.part" "$f") &
     pids+=($!)
   done
-  for p in "${pids[@]}"; do wait "$p" || fail "folio-mkmodel 8b"; done
+  for p in ${pids[@]+"${pids[@]}"}; do wait "$p" || fail "folio-mkmodel 8b"; done
 }
 
 # folio-bench engine on one model: bench_folio NAME GGUF BATCHES [env VAR=VALUE ...] -- [folio flags...]
@@ -120,7 +122,7 @@ bench_folio() {
   shift 3
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do envs+=("$1"); shift; done
   [ $# -gt 0 ] && shift
-  if env "${envs[@]}" ./build-gpu/folio-bench engine -m "$gguf" --backend cuda --no-llamacpp --batches "$batches" \
+  if env ${envs[@]+"${envs[@]}"} ./build-gpu/folio-bench engine -m "$gguf" --backend cuda --no-llamacpp --batches "$batches" \
        --json "$out/gpu-engine-$name.json" "$@" >"$out/gpu-engine-$name.txt" 2>&1; then
     pass "folio-bench engine $name ${envs[*]}"
   else

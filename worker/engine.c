@@ -31,6 +31,8 @@ engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
     if (!e->model) goto fail;
     const model_config_t *c = &e->model->cfg;
     size_t budget = o->kv_budget_bytes;
+    if (budget && o->kv_fraction > 0)
+        fl_log_warn("kv cache: --kv-budget given, --kv-fraction %.2f ignored", o->kv_fraction);
     if (!budget) {
         /* A fraction of what is free once the weights are loaded: asked for, or half the device's
          * by default on a GPU (a worker owns its GPU; two sharing one each take half of what is

@@ -83,6 +83,7 @@ void kv_cache_destroy(kv_cache_t **kvp)
 {
     kv_cache_t *kv = kvp ? *kvp : NULL;
     if (!kv) return;
+    kern_graph_reset(kv->be); /* recorded steps hold this cache's pool addresses */
     for (int l = 0; l < kv->n_layers; l++) {
         if (kv->k && kv->k[l]) kern_free(kv->be, kv->k[l]);
         if (kv->v && kv->v[l]) kern_free(kv->be, kv->v[l]);

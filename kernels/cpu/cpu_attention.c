@@ -420,9 +420,12 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
         else dot = kq_tb ? cpu_dot16_f16_avx2(q16, k, hd) : cpu_vecdot_f16_avx2(k, q16, hd);
         sc[j] = dot * a->scale;
     }
-    if (a->tree_mask) /* masked tree positions: -inf, weight exactly 0 (llama.cpp's KQ mask) */
+    if (a->tree_mask) { /* masked tree positions: -inf, weight exactly 0 (llama.cpp's KQ mask), and a zero
+                          * V row, so a non-finite value there cannot leak in as 0 * inf */
+        static const fl_f16_t zero_row[ATTN_MAX_HEAD_DIM];
         for (int j = a->tree_start[i]; j < len; j++)
-            if (!kern_attn_visible(a, i, j)) sc[j] = -INFINITY;
+            if (!kern_attn_visible(a, i, j)) sc[j] = -INFINITY, rows[j] = zero_row;
+    }
     float *out = a->out + qoff;
     if (isa == CPU_ISA_SCALAR) {
         attn_softmax_scalar(sc, len);

@@ -28,6 +28,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdio.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -382,7 +383,8 @@ static void cpu_destroy(kern_backend_t *be)
     free(cb);
 }
 
-/* Host memory: what the kernel reports available (free plus reclaimable cache). */
+/* Host memory: MemAvailable (free plus reclaimable page cache) from /proc/meminfo, else the free
+ * pages alone. */
 static int cpu_mem_info(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes)
 {
     (void)be;
@@ -390,6 +392,17 @@ static int cpu_mem_info(kern_backend_t *be, size_t *free_bytes, size_t *total_by
     if (page <= 0 || avail < 0 || total <= 0) return FL_EUNSUPPORTED;
     *free_bytes = (size_t)avail * (size_t)page;
     *total_bytes = (size_t)total * (size_t)page;
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (f) {
+        char line[128];
+        unsigned long long kib;
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1) {
+                *free_bytes = (size_t)kib * 1024;
+                break;
+            }
+        fclose(f);
+    }
     return FL_OK;
 }
 

@@ -591,14 +591,15 @@ static int cuda_sync(kern_backend_t *be, fl_error_t *err)
 }
 
 /* Grows a device scratch buffer to at least `bytes` (rarely: 1.5x the need). */
-static bool grow_device(cuda_backend_t *cb, void **p, size_t *cap, size_t bytes, const char *what)
+/* in_graphs: recorded steps use the buffer (they hold its address, so a move invalidates them). */
+static bool grow_device(cuda_backend_t *cb, void **p, size_t *cap, size_t bytes, const char *what, bool in_graphs)
 {
     if (*cap >= bytes) return true;
     if (cb->capturing) { /* no allocation inside a recording: give it up, the step reruns directly */
         cb->capture_failed = true;
         return false;
     }
-    cb->buf_gen++;
+    if (in_graphs) cb->buf_gen++;
     const size_t want = bytes + bytes / 2;
     void *np = NULL;
     if (cudaMalloc(&np, want) != cudaSuccess) {
@@ -879,7 +880,7 @@ static bool convert_x(cuda_backend_t *cb, const float *x, int n, int64_t cols)
 {
     const size_t elems = (size_t)n * (size_t)cols;
     size_t cap = cb->xh_elems * sizeof(__half);
-    if (!grow_device(cb, (void **)&cb->xh, &cap, elems * sizeof(__half), "matmul activations")) return false;
+    if (!grow_device(cb, (void **)&cb->xh, &cap, elems * sizeof(__half), "matmul activations", true)) return false;
     cb->xh_elems = cap / sizeof(__half);
     k_f32_to_f16<<<grid_for(elems, EW_THREADS), EW_THREADS, 0, cb->stream>>>(cb->xh, x, elems);
     LAUNCHED(cb);
@@ -1050,15 +1051,15 @@ static void cuda_sample(kern_backend_t *be, int32_t *out, const float *logits, i
     if (n <= 0) return;
     for (int i = 0; i < n; i++) out[i] = 0;
     if (vocab <= 0 || !op_begin(cb)) return;
-    if (!grow_device(cb, (void **)&cb->d_ids, &cb->ids_cap, (size_t)n * sizeof(int32_t), "sampled ids")) return;
+    if (!grow_device(cb, (void **)&cb->d_ids, &cb->ids_cap, (size_t)n * sizeof(int32_t), "sampled ids", false)) return;
     k_argmax<<<n, EW_THREADS, 0, cb->stream>>>(cb->d_ids, logits, vocab);
     LAUNCHED(cb);
     bool stochastic = false;
-    for (int i = 0; i < n; i++) stochastic |= params[i].temperature > 0.0f && vocab > 1;
+    for (int i = 0; i < n; i++) stochastic |= kern_sample_is_stochastic(&params[i]) && vocab > 1;
     if (stochastic) {
         const size_t bytes = (size_t)n * sizeof(cuda_sample_row_t);
         const size_t old_cap = cb->rows_cap;
-        if (!grow_device(cb, (void **)&cb->d_rows, &cb->rows_cap, bytes, "sampling parameters")) return;
+        if (!grow_device(cb, (void **)&cb->d_rows, &cb->rows_cap, bytes, "sampling parameters", false)) return;
         if (cb->rows_cap != old_cap || !cb->h_rows) {
             cuda_sample_row_t *h = (cuda_sample_row_t *)realloc(cb->h_rows, cb->rows_cap);
             if (!h) {
@@ -1070,7 +1071,7 @@ static void cuda_sample(kern_backend_t *be, int32_t *out, const float *logits, i
         for (int i = 0; i < n; i++) {
             const kern_sampling_t *p = &params[i];
             cuda_sample_row_t *r = &cb->h_rows[i];
-            r->active = p->temperature > 0.0f;
+            r->active = kern_sample_is_stochastic(p);
             r->u = kern_sample_uniform(p->seed, p->position);
             r->inv_t = r->active ? 1.0f / p->temperature : 0.0f; /* as kern_sample_row rounds it */
             r->top_p = p->top_p;
@@ -1131,12 +1132,13 @@ static int cuda_graph_begin(kern_backend_t *be, uint64_t key)
         graph_drop(lru);
         lru->key = key;
         lru->seen = 1;
+        lru->gen = cb->buf_gen;
         lru->used = ++cb->graph_clock;
         return 0;
     }
     g->used = ++cb->graph_clock;
-    if (g->exec && g->gen != cb->buf_gen) { /* a buffer it uses has moved */
-        cudaGraphExecDestroy(g->exec);
+    if (g->gen != cb->buf_gen) { /* a buffer it uses has moved: record again (a failure may not recur) */
+        if (g->exec) cudaGraphExecDestroy(g->exec);
         g->exec = NULL;
         g->no_capture = false;
     }
@@ -1175,7 +1177,8 @@ static int cuda_graph_end(kern_backend_t *be)
     if (e != cudaSuccess || cb->capture_failed || cb->first.code || !exec) {
         (void)cudaGetLastError();
         if (exec) cudaGraphExecDestroy(exec);
-        g->no_capture = !cb->first.code; /* this step cannot be recorded: run it directly from now on */
+        g->no_capture = !cb->first.code; /* this step cannot be recorded: run it directly, until buffers move */
+        g->gen = cb->buf_gen;
         cb->capture_failed = false;
         return cb->first.code ? 0 : KERN_GRAPH_RETRY;
     }

@@ -33,6 +33,7 @@ struct sample_shared {
     unsigned long long bcast_u64;
     uint32_t bcast_key;
     int bcast_id;
+    int last_kept;
 };
 
 __device__ float block_max(float v, sample_shared *sh)
@@ -178,7 +179,7 @@ __global__ void k_sample_rows(const float *logits, int vocab, const cuda_sample_
     unsigned long long S;
     const unsigned long long before = block_scan(mine, &sh, &S);
     const unsigned long long target = (unsigned long long)(p.u * (double)S);
-    if (threadIdx.x == 0) sh.bcast_id = -1;
+    if (threadIdx.x == 0) sh.bcast_id = -1, sh.last_kept = -1;
     __syncthreads();
     if (before <= target && before + mine > target) {
         unsigned long long run = before;
@@ -193,10 +194,12 @@ __global__ void k_sample_rows(const float *logits, int vocab, const cuda_sample_
         }
     }
     /* None exceeded it (rounding of u * S): the last kept id, as the CPU. */
+    if (last >= 0) atomicMax(&sh.last_kept, last);
     __syncthreads();
-    if (sh.bcast_id < 0 && last >= 0) atomicMax(&sh.bcast_id, last);
-    __syncthreads();
-    if (threadIdx.x == 0 && sh.bcast_id >= 0) out[blockIdx.x] = sh.bcast_id;
+    if (threadIdx.x == 0) {
+        const int id = sh.bcast_id >= 0 ? sh.bcast_id : sh.last_kept;
+        if (id >= 0) out[blockIdx.x] = id;
+    }
 }
 
 cudaError_t cuda_sample_launch(const float *logits, int n, int vocab, const cuda_sample_row_t *rows, int32_t *out,

@@ -756,14 +756,14 @@ static void test_sample_seeded(int n, int vocab, int round)
     char name[128];
     snprintf(name, sizeof name, "sample seeded rows=%d vocab=%d round=%d", n, vocab, round);
     if (!wanted(name) || !have_op((const void *)g_gpu->ops->sample, name)) return;
-    static const float temps[] = {0.3f, 0.7f, 1.0f, 1.5f, 0.0f};
+    static const float temps[] = {0.3f, 0.7f, 1.0f, 1.5f, 0.0f, 1e-40f, 1e-30f};
     static const float top_ps[] = {1.0f, 0.95f, 0.9f, 0.5f, 0.1f, 0.0f};
     const int top_ks[] = {0, 1, 20, 40, vocab - 1, vocab, vocab + 5, -1};
     float *l = xmalloc((size_t)n * vocab * sizeof(float));
     kern_sampling_t *p = xmalloc((size_t)n * sizeof(kern_sampling_t));
     for (int i = 0; i < n; i++) {
         make_row(l + (size_t)i * vocab, vocab, i % N_ROW_KINDS, NULL);
-        p[i] = (kern_sampling_t){.temperature = temps[rnd_int(5)], .top_k = top_ks[rnd_int(8)],
+        p[i] = (kern_sampling_t){.temperature = temps[rnd_int(7)], .top_k = top_ks[rnd_int(8)],
                                  .top_p = top_ps[rnd_int(6)], .seed = rnd_u64(), .position = rnd_u64() % 100000};
     }
     const int bad = sample_compare(l, n, vocab, p, name);

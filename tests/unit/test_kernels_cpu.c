@@ -916,6 +916,15 @@ static void test_sample_is_pure_function_of_seed_and_position(void **state)
     kern_sampling_t tp = {.temperature = 1.0f, .top_k = 0, .top_p = 1e-6f, .seed = 3, .position = 8};
     kern_sample(be, c1, l, 1, vocab, &tp);
     assert_int_equal(c1[0], gr);
+    /* a temperature so small that 1 / temperature overflows (the wire accepts subnormals) is greedy,
+     * with top-k and top-p too */
+    kern_sampling_t tiny = {.temperature = 1e-40f, .top_k = 2, .top_p = 0.9f, .seed = 3, .position = 8};
+    kern_sample(be, c1, l, 1, vocab, &tiny);
+    assert_int_equal(c1[0], gr);
+    /* a very small but finite one puts all the weight on the argmax */
+    tiny.temperature = 1e-30f;
+    kern_sample(be, c1, l, 1, vocab, &tiny);
+    assert_int_equal(c1[0], gr);
     free(l);
     kern_destroy(&be);
 }
