@@ -9,6 +9,8 @@
 
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "dtype.h"
@@ -157,4 +159,56 @@ void quant_dequantize_row(int type, const void *src, float *dst, int64_t n)
         break;
     default: break;
     }
+}
+
+typedef struct {
+    int type;
+    const uint8_t *src;
+    size_t row_bytes;
+    uint16_t *dst;
+    int64_t r0, r1, cols;
+    int rc;
+} rows_f16_job_t;
+
+static void *rows_f16_run(void *arg)
+{
+    rows_f16_job_t *j = arg;
+    float *row = malloc((size_t)j->cols * sizeof(float));
+    if (!row) {
+        j->rc = -1;
+        return NULL;
+    }
+    for (int64_t r = j->r0; r < j->r1; r++) {
+        quant_dequantize_row(j->type, j->src + (size_t)r * j->row_bytes, row, j->cols);
+        uint16_t *d = j->dst + (size_t)r * (size_t)j->cols;
+        for (int64_t i = 0; i < j->cols; i++) d[i] = fl_f32_to_f16(row[i]);
+    }
+    free(row);
+    return NULL;
+}
+
+int quant_rows_to_f16(int type, const void *src, size_t row_bytes, uint16_t *dst, int64_t rows, int64_t cols,
+                      int n_threads)
+{
+    enum { MAX_THREADS = 64 };
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
+    if (n_threads > rows) n_threads = rows > 0 ? (int)rows : 1;
+    rows_f16_job_t jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    bool started[MAX_THREADS] = {false};
+    for (int t = 0; t < n_threads; t++) {
+        jobs[t] = (rows_f16_job_t){.type = type, .src = src, .row_bytes = row_bytes, .dst = dst,
+                                   .r0 = rows * t / n_threads, .r1 = rows * (t + 1) / n_threads, .cols = cols};
+        /* thread 0's share runs here; a thread that cannot start has its share run here too */
+        if (t > 0) started[t] = pthread_create(&tids[t], NULL, rows_f16_run, &jobs[t]) == 0;
+    }
+    rows_f16_run(&jobs[0]);
+    int rc = jobs[0].rc;
+    for (int t = 1; t < n_threads; t++) {
+        if (started[t]) pthread_join(tids[t], NULL);
+        else rows_f16_run(&jobs[t]);
+        if (jobs[t].rc) rc = jobs[t].rc;
+    }
+    return rc;
 }

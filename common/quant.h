@@ -15,6 +15,12 @@
  * n must be a multiple of the type's block size (see quant_row_ok); other types or n write nothing. */
 void quant_dequantize_row(int type, const void *src, float *dst, int64_t n);
 
+/* Decodes rows [rows][cols] stored `row_bytes` apart into fp16 dst[rows][cols] (each value as
+ * quant_dequantize_row gives it, rounded to fp16), on up to n_threads threads: what a GPU backend
+ * that keeps fp16 weights does at load. Returns 0, or -1 when out of memory (dst then incomplete). */
+int quant_rows_to_f16(int type, const void *src, size_t row_bytes, uint16_t *dst, int64_t rows, int64_t cols,
+                      int n_threads);
+
 /* True when quant_(de)quantize_row handle `type` for rows of n elements. */
 bool quant_row_ok(int type, int64_t n);
 

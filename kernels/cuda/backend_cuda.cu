@@ -11,7 +11,8 @@
  *     download = cudaMemcpyAsync on the stream + stream sync (ordered after earlier ops, and
  *     synchronous for the caller).
  *   - Weights (F32, F16, BF16, Q4_0, Q4_1, Q8_0, what the CPU backend accepts) are dequantized on the
- *     host, a slab of rows at a time, into fp16 [rows][cols] and uploaded. Matmuls then run on
+ *     host (quant_rows_to_f16, up to 16 threads), a slab of rows at a time, into fp16 [rows][cols] and
+ *     uploaded; quantized ones also keep their stored blocks for the single-token GEMV. Matmuls then run on
  *     cuBLASLt with fp16 A/B, fp32 C/D and fp32 compute: y[n][rows] = x[n][cols] W^T is, in cuBLAS's
  *     column-major terms, D (rows x n) = op(A) B with A = W seen as (cols x rows) and TRANSA = T,
  *     B = x seen as (cols x n). x is first rounded to fp16 in a scratch buffer (once for
@@ -44,8 +45,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kernels.h"
+#include "quant.h"
 #include "sample_cuda.h"
 #include "sampling.h"
 
@@ -631,60 +634,14 @@ static size_t weight_row_bytes(int type, int64_t cols)
     }
 }
 
-/* One stored row to fp16, the values as common/quant.c's quant_dequantize_row computes them. */
-static void row_to_f16(int type, const uint8_t *src, fl_f16_t *dst, int64_t cols)
-{
-    switch (type) {
-    case FL_TYPE_F32:
-        for (int64_t i = 0; i < cols; i++) {
-            float f;
-            memcpy(&f, src + 4 * i, 4);
-            dst[i] = fl_f32_to_f16(f);
-        }
-        break;
-    case FL_TYPE_F16: memcpy(dst, src, (size_t)cols * 2); break;
-    case FL_TYPE_BF16:
-        for (int64_t i = 0; i < cols; i++) {
-            fl_bf16_t b;
-            memcpy(&b, src + 2 * i, 2);
-            dst[i] = fl_f32_to_f16(fl_bf16_to_f32(b));
-        }
-        break;
-    case FL_TYPE_Q4_0:
-        for (int64_t k = 0; k < cols / FL_QK; k++, dst += FL_QK) {
-            fl_block_q4_0_t b;
-            memcpy(&b, src + k * sizeof b, sizeof b);
-            const float d = fl_f16_to_f32(b.d);
-            for (int j = 0; j < FL_QK / 2; j++) {
-                dst[j] = fl_f32_to_f16((float)((b.qs[j] & 0x0f) - 8) * d);
-                dst[j + FL_QK / 2] = fl_f32_to_f16((float)((b.qs[j] >> 4) - 8) * d);
-            }
-        }
-        break;
-    case FL_TYPE_Q4_1:
-        for (int64_t k = 0; k < cols / FL_QK; k++, dst += FL_QK) {
-            fl_block_q4_1_t b;
-            memcpy(&b, src + k * sizeof b, sizeof b);
-            const float d = fl_f16_to_f32(b.d), m = fl_f16_to_f32(b.m);
-            for (int j = 0; j < FL_QK / 2; j++) {
-                dst[j] = fl_f32_to_f16((float)(b.qs[j] & 0x0f) * d + m);
-                dst[j + FL_QK / 2] = fl_f32_to_f16((float)(b.qs[j] >> 4) * d + m);
-            }
-        }
-        break;
-    case FL_TYPE_Q8_0:
-        for (int64_t k = 0; k < cols / FL_QK; k++, dst += FL_QK) {
-            fl_block_q8_0_t b;
-            memcpy(&b, src + k * sizeof b, sizeof b);
-            const float d = fl_f16_to_f32(b.d);
-            for (int j = 0; j < FL_QK; j++) dst[j] = fl_f32_to_f16((float)b.qs[j] * d);
-        }
-        break;
-    default: break;
-    }
-}
 
 static void cuda_weight_destroy(kern_backend_t *be, kern_weight_t *w);
+
+static int convert_threads(void)
+{
+    const long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > 16 ? 16 : (int)n;
+}
 
 static kern_weight_t *cuda_weight_new(kern_backend_t *be, int type, int64_t rows, int64_t cols, const void *data,
                                       fl_error_t *err)
@@ -718,8 +675,9 @@ static kern_weight_t *cuda_weight_new(kern_backend_t *be, int type, int64_t rows
         return NULL;
     }
     kern_weight_t *w = (kern_weight_t *)calloc(1, sizeof *w);
-    /* The host staging slab: whole rows, about 8M elements (16 MiB) at a time. */
-    int64_t slab_rows = ((int64_t)8 << 20) / cols;
+    /* The host staging slab: whole rows, about 32M elements (64 MiB) at a time, converted on up to 16
+     * threads (an 8B model's 8G elements take minutes on one). */
+    int64_t slab_rows = ((int64_t)32 << 20) / cols;
     if (slab_rows < 1) slab_rows = 1;
     if (slab_rows > rows) slab_rows = rows;
     fl_f16_t *slab = (fl_f16_t *)malloc((size_t)slab_rows * (size_t)cols * sizeof(fl_f16_t));
@@ -745,8 +703,14 @@ static kern_weight_t *cuda_weight_new(kern_backend_t *be, int type, int64_t rows
     const uint8_t *src = (const uint8_t *)data;
     for (int64_t r0 = 0; r0 < rows; r0 += slab_rows) {
         const int64_t nr = rows - r0 < slab_rows ? rows - r0 : slab_rows;
-        for (int64_t r = 0; r < nr; r++)
-            row_to_f16(type, src + (size_t)(r0 + r) * row_bytes, slab + (size_t)r * cols, cols);
+        if (quant_rows_to_f16(type, src + (size_t)r0 * row_bytes, row_bytes, slab, nr, cols, convert_threads())) {
+            cudaFree(w->d);
+            free(w);
+            free(slab);
+            fl_fail(err, FL_ENOMEM, "cuda backend: out of host memory converting a %lld x %lld weight",
+                    (long long)rows, (long long)cols);
+            return NULL;
+        }
         /* On our stream and waited for: a plain cudaMemcpy from pageable memory may return before its
          * DMA lands, and the legacy stream it runs on is not ordered with our non-blocking stream. The
          * wait also frees the slab for the next rows. */

@@ -706,6 +706,35 @@ static float block_amax(const float *x)
     return a;
 }
 
+/* quant_rows_to_f16 (a GPU backend's weight load): each value is quant_dequantize_row's, rounded to
+ * fp16, whatever the number of threads (more threads than rows too). */
+static void test_quant_rows_to_f16_matches_row_dequantization(void **state)
+{
+    (void)state;
+    enum { ROWS = 37, COLS = 96 };
+    float *x = malloc(ROWS * COLS * sizeof(float)), *row = malloc(COLS * sizeof(float));
+    uint8_t *q = malloc(ROWS * COLS * 4);
+    uint16_t *want = malloc(ROWS * COLS * 2), *got = malloc(ROWS * COLS * 2);
+    for (int i = 0; i < ROWS * COLS; i++) x[i] = sinf((float)i * 0.37f) * (float)(1 + i % 11);
+    const int types[] = {FL_TYPE_F32, FL_TYPE_F16, FL_TYPE_BF16, FL_TYPE_Q4_0, FL_TYPE_Q4_1, FL_TYPE_Q8_0};
+    for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+        const int ty = types[t];
+        const size_t rb = fl_dtype_row_bytes(ty, COLS);
+        for (int r = 0; r < ROWS; r++) assert_int_equal(quant_quantize_row(ty, x + r * COLS, q + r * rb, COLS), rb);
+        for (int r = 0; r < ROWS; r++) {
+            quant_dequantize_row(ty, q + r * rb, row, COLS);
+            for (int i = 0; i < COLS; i++) want[r * COLS + i] = fl_f32_to_f16(row[i]);
+        }
+        const int threads[] = {1, 5, 64};
+        for (int k = 0; k < 3; k++) {
+            memset(got, 0xff, ROWS * COLS * 2);
+            assert_int_equal(quant_rows_to_f16(ty, q, rb, got, ROWS, COLS, threads[k]), 0);
+            assert_memory_equal(got, want, ROWS * COLS * 2);
+        }
+    }
+    free(x), free(row), free(q), free(want), free(got);
+}
+
 static void test_quant_round_trip_within_bounds(void **state)
 {
     (void)state;
@@ -1098,6 +1127,7 @@ int main(void)
         cmocka_unit_test(test_quant_round_trip_within_bounds),
         cmocka_unit_test(test_quant_known_vectors),
         cmocka_unit_test(test_default_model_opens_with_expected_metadata),
+        cmocka_unit_test(test_quant_rows_to_f16_matches_row_dequantization),
         cmocka_unit_test(test_mkmodel_writes_openable_llama_models),
         cmocka_unit_test(test_mkmodel_is_deterministic_per_seed),
         cmocka_unit_test(test_mkmodel_rejects_bad_shapes),
