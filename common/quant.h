@@ -11,6 +11,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" { /* the CUDA module calls quant_rows_to_f16 */
+#endif
+
 /* Decodes n elements of type `type` (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q8_1) from src into dst.
  * n must be a multiple of the type's block size (see quant_row_ok); other types or n write nothing. */
 void quant_dequantize_row(int type, const void *src, float *dst, int64_t n);
@@ -27,5 +31,9 @@ bool quant_row_ok(int type, int64_t n);
 /* Encodes n floats into dst as `type`; returns the bytes written (fl_dtype_row_bytes(type, n)), or 0
  * for an unsupported type or an n that is not a multiple of the block size. */
 size_t quant_quantize_row(int type, const float *src, void *dst, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

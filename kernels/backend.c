@@ -80,6 +80,12 @@ kern_backend_t *kern_cuda_new(int device, fl_error_t *err)
     return fn(device, err);
 }
 
+const char *kern_cuda_module_error(void)
+{
+    pthread_once(&g_cuda_once, load_cuda_module);
+    return g_cuda_module ? NULL : g_cuda_error[0] ? g_cuda_error : "libfolio_cuda.so not found";
+}
+
 bool kern_cuda_available(void)
 {
     /* No NVIDIA driver, no GPU: don't load the module (and the CUDA libraries) just to ask. */

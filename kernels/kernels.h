@@ -142,6 +142,9 @@ struct kern_backend {
 kern_backend_t *kern_cpu_new(int n_threads, fl_error_t *err);
 kern_backend_t *kern_cuda_new(int device, fl_error_t *err);
 bool kern_cuda_available(void);
+/* NULL when libfolio_cuda.so was found and loaded with every symbol resolved (no GPU needed), else
+ * why not. */
+const char *kern_cuda_module_error(void);
 /* Device-to-device copy bandwidth of `device` in bytes/s, counting bytes read and written (best of
  * ten copies of `bytes`): the roofline folio-bench compares decode steps with. */
 int kern_cuda_copy_bandwidth(int device, size_t bytes, double *bytes_per_s, fl_error_t *err);

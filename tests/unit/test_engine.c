@@ -218,6 +218,20 @@ static void kv_cache_shape_overflow_is_a_clear_error(void **state)
     kern_destroy(&be);
 }
 
+/* Where the build made libfolio_cuda.so, it must load on any machine, GPU or not: a symbol it
+ * cannot resolve (say a C function declared without C linkage for the .cu files) would otherwise
+ * show only on a GPU machine, as "CUDA backend unavailable". */
+static void cuda_module_loads_where_built(void **state)
+{
+    (void)state;
+#ifdef FOLIO_TEST_CUDA_BUILT
+    const char *why = kern_cuda_module_error();
+    if (why) fail_msg("libfolio_cuda.so does not load: %s", why);
+#else
+    skip();
+#endif
+}
+
 static void kv_budget_too_small_is_a_clear_error(void **state)
 {
     (void)state;
@@ -252,6 +266,7 @@ static void truncated_model_file_is_a_clear_error(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(cuda_module_loads_where_built),
         cmocka_unit_test(batch_gives_each_prompt_its_tokens_alone),
         cmocka_unit_test(chunked_prefill_and_block_size_do_not_change_tokens),
         cmocka_unit_test(sampling_is_reproducible_and_seed_dependent),
