@@ -29,6 +29,7 @@ static void usage(FILE *f)
             "  --rope-theta F   RoPE base frequency (default 10000)\n"
             "  --eps F          RMS norm epsilon (default 1e-5)\n"
             "  --seed N         random seed (default 1)\n"
+            "  --threads N      tensors written at once (default: the cores, at most 16; same bytes)\n"
             "  --name S         general.name\n");
 }
 
@@ -87,6 +88,7 @@ int main(int argc, char **argv)
         else if (strcmp(a, "--kv-heads") == 0) bad = parse_int(a, v, 1, 1 << 16, &n), p.n_kv_heads = (int)n;
         else if (strcmp(a, "--vocab") == 0) bad = parse_int(a, v, 259, 1 << 24, &n), p.vocab = (int)n;
         else if (strcmp(a, "--ctx") == 0) bad = parse_int(a, v, 1, 1 << 30, &n), p.ctx = (int)n;
+        else if (strcmp(a, "--threads") == 0) bad = parse_int(a, v, 1, 1024, &n), p.threads = (int)n;
         else if (strcmp(a, "--seed") == 0) {
             char *end;
             errno = 0;

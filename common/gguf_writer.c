@@ -8,6 +8,8 @@
 #include "gguf_writer.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,6 +42,7 @@ struct gguf_writer {
     int64_t n_tensors;
     size_t tensors_cap;
     uint32_t alignment;
+    int threads;    /* producers of generated tensors (gguf_writer_set_threads) */
     fl_error_t err; /* first failure, returned by write */
 };
 
@@ -309,6 +312,103 @@ static int write_pad(FILE *f, uint64_t pos, uint64_t align)
     return 0;
 }
 
+/* The data section on several threads: each takes the next tensor, produces it in chunks (its rows in
+ * order, on that one thread) and writes them at their offsets with pwrite. Alignment padding is left
+ * as holes, which read as the zeros a sequential write puts there; the caller sizes the file. */
+typedef struct {
+    gguf_writer_t *w;
+    int fd;
+    uint64_t hdr;
+    const char *path;
+    atomic_long next;
+    pthread_mutex_t lock;
+    int rc;
+    fl_error_t err;
+} par_write_t;
+
+static int par_fail(par_write_t *pw, int rc, const fl_error_t *e)
+{
+    pthread_mutex_lock(&pw->lock);
+    if (!pw->rc) pw->rc = rc, pw->err = *e;
+    pthread_mutex_unlock(&pw->lock);
+    return rc;
+}
+
+static void *par_write_run(void *arg)
+{
+    par_write_t *pw = arg;
+    void *chunk = NULL;
+    size_t chunk_cap = 0;
+    for (;;) {
+        const long i = atomic_fetch_add(&pw->next, 1);
+        if (i >= pw->w->n_tensors || __atomic_load_n(&pw->rc, __ATOMIC_RELAXED)) break;
+        const wtensor_t *t = &pw->w->tensors[i];
+        fl_error_t e = {0};
+        uint64_t off = pw->hdr + t->offset;
+        if (t->data) {
+            if (pwrite(pw->fd, t->data, (size_t)t->nbytes, (off_t)off) != (ssize_t)t->nbytes)
+                par_fail(pw, fl_fail(&e, FL_EIO, "%s: write failed: %s", pw->path, strerror(errno)), &e);
+            continue;
+        }
+        if (!t->nbytes) continue;
+        const size_t row = fl_dtype_row_bytes(t->type, t->ne[0]);
+        const int64_t rows = (int64_t)(t->nbytes / row);
+        int64_t per = (int64_t)(WRITER_CHUNK_BYTES / row);
+        if (per < 1) per = 1;
+        if (per > rows) per = rows;
+        if ((size_t)per * row > chunk_cap) {
+            free(chunk);
+            chunk_cap = (size_t)per * row;
+            if (!(chunk = malloc(chunk_cap))) {
+                chunk_cap = 0;
+                par_fail(pw, fl_fail(&e, FL_ENOMEM, "%s: out of memory for a write buffer", pw->path), &e);
+                break;
+            }
+        }
+        for (int64_t r0 = 0; r0 < rows; r0 += per) {
+            const int64_t n = rows - r0 < per ? rows - r0 : per;
+            const int rc = t->fill(t->user, r0, n, chunk, &e);
+            if (rc) {
+                if (e.code == 0) fl_fail(&e, rc, "%s: generating tensor '%s' failed", pw->path, t->name);
+                par_fail(pw, rc, &e);
+                break;
+            }
+            const size_t len = (size_t)n * row;
+            if (pwrite(pw->fd, chunk, len, (off_t)off) != (ssize_t)len) {
+                par_fail(pw, fl_fail(&e, FL_EIO, "%s: write failed: %s", pw->path, strerror(errno)), &e);
+                break;
+            }
+            off += len;
+        }
+    }
+    free(chunk);
+    return NULL;
+}
+
+static int write_data_parallel(gguf_writer_t *w, FILE *f, uint64_t hdr, uint64_t data_size, const char *path,
+                               fl_error_t *err)
+{
+    if (fflush(f) != 0) return fl_fail(err, FL_EIO, "%s: write failed: %s", path, strerror(errno));
+    par_write_t pw = {.w = w, .fd = fileno(f), .hdr = hdr, .path = path};
+    atomic_init(&pw.next, 0);
+    pthread_mutex_init(&pw.lock, NULL);
+    enum { MAX_THREADS = 64 };
+    pthread_t tids[MAX_THREADS];
+    int n = w->threads < MAX_THREADS ? w->threads : MAX_THREADS, started = 0;
+    for (int k = 1; k < n; k++)
+        if (pthread_create(&tids[started], NULL, par_write_run, &pw) == 0) started++;
+    par_write_run(&pw);
+    for (int k = 0; k < started; k++) pthread_join(tids[k], NULL);
+    pthread_mutex_destroy(&pw.lock);
+    if (pw.rc) {
+        if (err) *err = pw.err;
+        return pw.rc;
+    }
+    if (ftruncate(pw.fd, (off_t)(hdr + data_size)) != 0)
+        return fl_fail(err, FL_EIO, "%s: sizing failed: %s", path, strerror(errno));
+    return 0;
+}
+
 static int write_file(gguf_writer_t *w, FILE *f, const char *path, fl_error_t *err)
 {
     uint64_t data_size;
@@ -326,6 +426,8 @@ static int write_file(gguf_writer_t *w, FILE *f, const char *path, fl_error_t *e
         pos += 8 + len + 4 + 8 * (uint64_t)t->n_dims + 12;
     }
     io |= write_pad(f, pos, w->alignment);
+    if (io) return fl_fail(err, FL_EIO, "%s: write failed: %s", path, strerror(errno));
+    if (w->threads > 1) return write_data_parallel(w, f, hdr, data_size, path, err);
     pos = hdr;
     void *chunk = NULL;
     size_t chunk_cap = 0;
@@ -368,6 +470,8 @@ static int write_file(gguf_writer_t *w, FILE *f, const char *path, fl_error_t *e
     if (io) return fl_fail(err, FL_EIO, "%s: write failed: %s", path, strerror(errno));
     return 0;
 }
+
+void gguf_writer_set_threads(gguf_writer_t *w, int n) { w->threads = n; }
 
 int gguf_writer_write(gguf_writer_t *w, const char *path, fl_error_t *err)
 {

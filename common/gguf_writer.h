@@ -20,7 +20,9 @@ typedef struct gguf_writer gguf_writer_t;
 
 /* Produces rows [row0, row0 + n_rows) of a tensor, already encoded in its type, into dst
  * (n_rows * row bytes). A row is ne[0] elements; rows count over ne[1] * ne[2] * ne[3]. Returns 0 or
- * a negative FL_E* code with err filled. Called in row order, from the thread calling write. */
+ * a negative FL_E* code with err filled. Called in row order, from the thread calling write, or with
+ * gguf_writer_set_threads(w, n > 1) from one of n threads (one tensor's rows all from one thread, in
+ * order; different tensors concurrently). */
 typedef int (*gguf_writer_fill_fn)(void *user, int64_t row0, int64_t n_rows, void *dst, fl_error_t *err);
 
 gguf_writer_t *gguf_writer_new(void);
@@ -45,6 +47,8 @@ int gguf_writer_set_arr(gguf_writer_t *w, const char *key, gguf_value_type_t ele
 int gguf_writer_set_arr_str(gguf_writer_t *w, const char *key, const char *const *strs, uint64_t n);
 /* Sets general.alignment (a power of two) and aligns the data with it. */
 int gguf_writer_set_alignment(gguf_writer_t *w, uint32_t alignment);
+/* Produces and writes tensor data on n threads (the file's bytes are the same as with one). */
+void gguf_writer_set_threads(gguf_writer_t *w, int n);
 
 /* Tensor of type F32, F16, BF16, Q4_0, Q4_1 or Q8_0 with n_dims (1..4) dims ne[]; data (its encoded
  * bytes, fl_dtype_row_bytes(type, ne[0]) per row) is copied. */

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "dtype.h"
 #include "gguf_writer.h"
@@ -316,7 +317,7 @@ typedef struct {
     int64_t ne0;
     float mean, std;
     rng_t rng;
-    float *scratch; /* shared, ne0 floats at least */
+    float *scratch; /* ne0 floats, this tensor's own (tensors may be produced concurrently) */
 } fill_t;
 
 static int fill_rows(void *user, int64_t row0, int64_t n_rows, void *dst, fl_error_t *err)
@@ -388,9 +389,7 @@ int mkmodel_write(const mkmodel_params_t *p, const char *path, fl_error_t *err)
     gguf_writer_t *w = gguf_writer_new();
     int32_t *ttype = malloc(sizeof(int32_t) * (size_t)p->vocab);
     fill_t *fills = calloc((size_t)n_fill, sizeof *fills);
-    const int max_ne0 = p->dim > p->ff ? p->dim : p->ff;
-    float *scratch = malloc(sizeof(float) * (size_t)max_ne0);
-    if (!w || !ttype || !fills || !scratch) {
+    if (!w || !ttype || !fills) {
         rc = fl_fail(err, FL_ENOMEM, "%s: out of memory", path);
         goto done;
     }
@@ -427,7 +426,11 @@ int mkmodel_write(const mkmodel_params_t *p, const char *path, fl_error_t *err)
 #define ADD(nm, ty, n0, n1, mu, sd)                                                                                    \
     do {                                                                                                               \
         fill_t *f = &fills[nf];                                                                                        \
-        *f = (fill_t){.type = (ty), .ne0 = (n0), .mean = (mu), .std = (sd), .scratch = scratch};                       \
+        *f = (fill_t){.type = (ty), .ne0 = (n0), .mean = (mu), .std = (sd), .scratch = malloc(sizeof(float) * (n0))};  \
+        if (!f->scratch) {                                                                                             \
+            rc = fl_fail(err, FL_ENOMEM, "%s: out of memory", path);                                                   \
+            goto done;                                                                                                 \
+        }                                                                                                              \
         rng_seed(&f->rng, splitmix64(&seed) ^ (uint64_t)nf);                                                           \
         const int64_t ne_[2] = {(n0), (n1)};                                                                           \
         gguf_writer_add_tensor_fn(w, (nm), (ty), (n1) == 1 ? 1 : 2, ne_, fill_rows, f);                                \
@@ -453,12 +456,17 @@ int mkmodel_write(const mkmodel_params_t *p, const char *path, fl_error_t *err)
     ADD("output_norm.weight", FL_TYPE_F32, p->dim, 1, 1.0f, 0.02f);
     if (!p->tied) ADD("output.weight", p->type, p->dim, p->vocab, 0.0f, 0.02f);
 #undef ADD
+    /* Tensors have their own random streams: writing them on several threads gives the same bytes. */
+    long threads = p->threads;
+    if (threads <= 0) threads = sysconf(_SC_NPROCESSORS_ONLN);
+    gguf_writer_set_threads(w, threads < 1 ? 1 : threads > 16 ? 16 : (int)threads);
     rc = gguf_writer_write(w, path, err);
 done:
     gguf_writer_destroy(&w);
     free(ttype);
+    if (fills)
+        for (int i = 0; i < n_fill; i++) free(fills[i].scratch);
     free(fills);
-    free(scratch);
     mkmodel_vocab_free(tokens, p->vocab, merges, n_merges);
     return rc;
 }

@@ -31,6 +31,7 @@ typedef struct {
     float eps;      /* rms norm epsilon */
     uint64_t seed;
     const char *name; /* general.name; NULL: "folio-mkmodel" */
+    int threads;    /* tensors produced at once; 0: the online cores, at most 16 (same bytes either way) */
 } mkmodel_params_t;
 
 /* A small model: 2 layers, dim 64, ff 128, 4 heads, 2 kv heads, vocab 512, ctx 256, F32, seed 1. */

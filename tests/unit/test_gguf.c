@@ -1066,12 +1066,20 @@ static void test_mkmodel_is_deterministic_per_seed(void **state)
     mkmodel_params_default(&p);
     p.type = FL_TYPE_Q4_0;
     fl_error_t err = {0};
+    p.threads = 1;
     assert_int_equal(mkmodel_write(&p, tmp_path("s1a.gguf"), &err), 0);
+    p.threads = 5; /* tensors written concurrently, at their offsets: the same bytes */
     assert_int_equal(mkmodel_write(&p, tmp_path("s1b.gguf"), &err), 0);
     p.seed = 2;
     assert_int_equal(mkmodel_write(&p, tmp_path("s2.gguf"), &err), 0);
     assert_true(file_equal(tmp_path("s1a.gguf"), tmp_path("s1b.gguf")));
     assert_false(file_equal(tmp_path("s1a.gguf"), tmp_path("s2.gguf")));
+    /* more layers and an untied output, F16, on 3 threads */
+    p.seed = 1, p.n_layers = 5, p.tied = false, p.type = FL_TYPE_F16, p.threads = 1;
+    assert_int_equal(mkmodel_write(&p, tmp_path("s3a.gguf"), &err), 0);
+    p.threads = 3;
+    assert_int_equal(mkmodel_write(&p, tmp_path("s3b.gguf"), &err), 0);
+    assert_true(file_equal(tmp_path("s3a.gguf"), tmp_path("s3b.gguf")));
 }
 
 static void test_mkmodel_rejects_bad_shapes(void **state)
