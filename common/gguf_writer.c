@@ -312,9 +312,10 @@ static int write_pad(FILE *f, uint64_t pos, uint64_t align)
     return 0;
 }
 
-/* The data section on several threads: each takes the next tensor, produces it in chunks (its rows in
- * order, on that one thread) and writes them at their offsets with pwrite. Alignment padding is left
- * as holes, which read as the zeros a sequential write puts there; the caller sizes the file. */
+/* The data section, on w->threads threads (the caller's alone by default): each takes the next
+ * tensor, produces it in chunks (its rows in order, on that one thread) and writes them at their
+ * offsets with pwrite. Alignment padding is left as holes, which read as zeros; the file is then
+ * sized to its end. */
 typedef struct {
     gguf_writer_t *w;
     int fd;
@@ -385,8 +386,7 @@ static void *par_write_run(void *arg)
     return NULL;
 }
 
-static int write_data_parallel(gguf_writer_t *w, FILE *f, uint64_t hdr, uint64_t data_size, const char *path,
-                               fl_error_t *err)
+static int write_data(gguf_writer_t *w, FILE *f, uint64_t hdr, uint64_t data_size, const char *path, fl_error_t *err)
 {
     if (fflush(f) != 0) return fl_fail(err, FL_EIO, "%s: write failed: %s", path, strerror(errno));
     par_write_t pw = {.w = w, .fd = fileno(f), .hdr = hdr, .path = path};
@@ -427,48 +427,7 @@ static int write_file(gguf_writer_t *w, FILE *f, const char *path, fl_error_t *e
     }
     io |= write_pad(f, pos, w->alignment);
     if (io) return fl_fail(err, FL_EIO, "%s: write failed: %s", path, strerror(errno));
-    if (w->threads > 1) return write_data_parallel(w, f, hdr, data_size, path, err);
-    pos = hdr;
-    void *chunk = NULL;
-    size_t chunk_cap = 0;
-    int rc = 0;
-    for (int64_t i = 0; i < w->n_tensors && !io && !rc; i++) {
-        const wtensor_t *t = &w->tensors[i];
-        if (t->data) {
-            io |= write_all(f, t->data, (size_t)t->nbytes);
-        } else if (t->nbytes) {
-            const size_t row = fl_dtype_row_bytes(t->type, t->ne[0]);
-            const int64_t rows = (int64_t)(t->nbytes / row);
-            int64_t per = (int64_t)(WRITER_CHUNK_BYTES / row);
-            if (per < 1) per = 1;
-            if (per > rows) per = rows;
-            if ((size_t)per * row > chunk_cap) {
-                free(chunk);
-                chunk_cap = (size_t)per * row;
-                chunk = malloc(chunk_cap);
-                if (!chunk) {
-                    rc = fl_fail(err, FL_ENOMEM, "%s: out of memory for a %zu-byte write buffer", path, (size_t)per * row);
-                    break;
-                }
-            }
-            for (int64_t r0 = 0; r0 < rows && !io && !rc; r0 += per) {
-                const int64_t n = rows - r0 < per ? rows - r0 : per;
-                rc = t->fill(t->user, r0, n, chunk, err);
-                if (rc) {
-                    if (err && err->code == 0) fl_fail(err, rc, "%s: generating tensor '%s' failed", path, t->name);
-                    break;
-                }
-                io |= write_all(f, chunk, (size_t)n * row);
-            }
-        }
-        pos += t->nbytes;
-        io |= write_pad(f, pos, w->alignment);
-        pos = align_up(pos, w->alignment);
-    }
-    free(chunk);
-    if (rc) return rc;
-    if (io) return fl_fail(err, FL_EIO, "%s: write failed: %s", path, strerror(errno));
-    return 0;
+    return write_data(w, f, hdr, data_size, path, err);
 }
 
 void gguf_writer_set_threads(gguf_writer_t *w, int n) { w->threads = n; }
