@@ -73,7 +73,8 @@ fi
 
 if want tests; then
   # FOLIO_GPU_TEST_FILTER: a ctest -R regex, to run some of them.
-  if ctest --test-dir build-gpu --output-on-failure -L gpu --timeout 900 ${FOLIO_GPU_TEST_FILTER:+-R "$FOLIO_GPU_TEST_FILTER"} \
+  # -V: the logs of passing tests too (near-ties, per-case errors) are the evidence
+  if ctest --test-dir build-gpu -V -L gpu --timeout 900 ${FOLIO_GPU_TEST_FILTER:+-R "$FOLIO_GPU_TEST_FILTER"} \
        >"$out/gpu-tests.txt" 2>&1; then
     pass "gpu tests"
   else
