@@ -225,9 +225,8 @@ static int alloc_scratch(model_t *m, fl_error_t *err)
         *bufs[i].p = kern_alloc(m->be, bufs[i].bytes);
         if (!*bufs[i].p) return fl_fail(err, FL_ENOMEM, "model: out of memory for scratch (%zu bytes)", bufs[i].bytes);
     }
-    m->h_slots = malloc(T * sizeof(int32_t));
     m->h_step = malloc(step_ints * sizeof(int32_t));
-    if (!m->h_slots || !m->h_step) return fl_fail(err, FL_ENOMEM, "model: out of memory");
+    if (!m->h_step) return fl_fail(err, FL_ENOMEM, "model: out of memory");
     return FL_OK;
 }
 
@@ -355,7 +354,6 @@ void model_destroy(model_t **mp)
                     m->logit_in, m->logits, m->d_step};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) kern_free(be, bufs[i]);
-    free(m->h_slots);
     free(m->h_step);
     kern_graph_reset(be); /* recordings point into this model's buffers */
     for (int i = 0; i < m->n_f32_copies; i++) free(m->f32_copies[i]);
@@ -366,7 +364,8 @@ void model_destroy(model_t **mp)
     *mp = NULL;
 }
 
-/* Checks the batch against the model's limits and the cache, and fills m->h_slots with each token's
+/* Checks the batch against the model's limits and the cache, and fills the slots part of m->h_step
+ * (see model_forward) with each token's
  * KV slot (block * block_size + offset) on the way, since the check already looks the block up. */
 static int check_batch(model_t *m, const kv_cache_t *kv, const model_batch_t *b, fl_error_t *err)
 {
@@ -385,7 +384,7 @@ static int check_batch(model_t *m, const kv_cache_t *kv, const model_batch_t *b,
         const int32_t blk = b->block_tables[(size_t)b->seq[i] * m->max_blocks + b->pos[i] / kv->block_size];
         if (blk < 0 || blk >= kv->n_blocks)
             return fl_fail(err, FL_EINVAL, "forward: position %d of sequence %d has no KV block", b->pos[i], b->seq[i]);
-        m->h_slots[i] = blk * kv->block_size + b->pos[i] % kv->block_size;
+        m->h_step[3 * b->n_tokens + i] = blk * kv->block_size + b->pos[i] % kv->block_size;
     }
     for (int i = 0; i < b->n_logits; i++)
         if (b->logit_rows[i] < 0 || b->logit_rows[i] >= b->n_tokens)
@@ -486,7 +485,7 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
     memcpy(m->h_step, b->tokens, row);
     memcpy(m->h_step + n, b->pos, row);
     memcpy(m->h_step + 2 * n, b->seq, row);
-    memcpy(m->h_step + 3 * n, m->h_slots, row);
+    /* h_step + 3n: the slots, written by check_batch */
     memcpy(m->h_step + 4 * n, b->block_tables, nb * sizeof(int32_t));
     m->d_tokens = m->d_step, m->d_pos = m->d_step + n, m->d_seq = m->d_step + 2 * n;
     m->d_slots = m->d_step + 3 * n, m->d_block_tables = m->d_step + 4 * n;

@@ -68,7 +68,7 @@ typedef struct model {
     float *x, *xb, *q, *k, *v, *att, *gate, *up, *logit_in, *logits;
     int32_t *d_step;        /* a step's inputs, packed (model_forward); the five below point into it */
     int32_t *d_tokens, *d_pos, *d_seq, *d_slots, *d_block_tables;
-    int32_t *h_slots, *h_step; /* host */
+    int32_t *h_step;        /* host staging of d_step */
 
     bool profile;
     double prof_s[MODEL_PROF_COUNT];
