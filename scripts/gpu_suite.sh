@@ -10,6 +10,8 @@
 #   bench8b   the same on a random-weight model of Llama-3-8B's shape in bf16 (written by
 #             folio-mkmodel into /dev/shm, about 16 GB), and on one in Q4_1 (quantized reads)
 #   models    only write those two models (the bench8b step does when they are missing)
+#   profile   ncu on batch-1 decode steps of the bf16 8B shape: device time and DRAM bytes per
+#             kernel (scripts/ncu_summary.py), graphs off so every kernel is seen
 # FOLIO_GPU_VARIANTS: which graphs/GEMV on-off runs (default "plain nographs nogemv", "" for none);
 # FOLIO_GPU_TORCH=0 skips the PyTorch side.
 # A machine without a package registry: pass FOLIO_DEPS=<folder of .deb files> (the list is in
@@ -104,9 +106,10 @@ fi
 # The random-weight models of Llama-3-8B's shape (bf16, and Q4_1 for the quantized-read comparison),
 # in /dev/shm: about 16 and 4.5 GB, written in parallel.
 big_bf16="${FOLIO_BIG_MODEL:-/dev/shm/llama3-8b-shape.bf16.gguf}" big_q4="/dev/shm/llama3-8b-shape.q4_1.gguf"
-make_big_models() {
-  local pids=() f t
+make_big_models() { # [bf16] [q4_1]: which ones (default both)
+  local pids=() f t want_types=" ${*:-bf16 q4_1} "
   for f in "$big_bf16:bf16" "$big_q4:q4_1"; do
+    [[ "$want_types" == *" ${f##*:} "* ]] || continue
     t=${f##*:} f=${f%:*}
     [ -f "$f" ] && continue
     # written under a temporary name: an interrupted write is never taken for a model
@@ -179,6 +182,25 @@ if want bench8b; then
   # Decode over Q4_1 weights: read as stored (4.5 bits a weight) vs their fp16 copies
   bench_folio llama3-8b-q4_1 "$big_q4" 1,8 -- --repeat 2 --kv-budget 8GiB
   bench_folio llama3-8b-q4_1-fp16gemv "$big_q4" 1,8 FOLIO_CUDA_QGEMV=0 -- --repeat 2 --kv-budget 8GiB
+fi
+# Per-kernel device time and DRAM traffic of about one batch-1 decode step of the 8B shape. The
+# launches skipped cover model load, the 16-token prefill and the first decode steps.
+if want profile; then
+  make_big_models bf16
+  ncu_bin="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)"
+  if [ -n "$ncu_bin" ]; then
+    FOLIO_CUDA_GRAPHS=0 "$ncu_bin" --clock-control none --launch-skip "${FOLIO_NCU_SKIP:-6000}" \
+      --launch-count "${FOLIO_NCU_COUNT:-800}" --csv --print-units base --log-file "$out/gpu-ncu.csv" \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+      ./build-gpu/folio-bench engine -m "$big_bf16" --backend cuda --no-llamacpp --batches 1 --repeat 1 \
+      --prompt-tokens 16 --decode-tokens 64 --kv-budget 8GiB >"$out/gpu-ncu-run.txt" 2>&1 || fail "ncu run"
+    python3 scripts/ncu_summary.py "$out/gpu-ncu.csv" --bandwidth "${FOLIO_COPY_GBS:-4253}" | tee "$out/gpu-ncu-summary.txt" ||
+      fail "ncu summary"
+    # the same steps timed with graphs on, unprofiled: step time minus kernel time is launch gaps
+    bench_folio llama3-8b-profiled "$big_bf16" 1,8 -- --repeat 2 --kv-budget 8GiB
+  else
+    fail "profile: ncu not found"
+  fi
 fi
 cat "$out/gpu-summary.txt" 2>/dev/null
 exit $status
