@@ -115,6 +115,22 @@ typedef struct kern_ops {
     void (*sample)(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
                    const kern_sampling_t *params);
 
+    /* Fused ops, so that a decode step issues fewer, fuller kernels (at batch 1 every launch and every
+     * pass over the activations costs against one pass over the weights). Each equals the sequence
+     * of plain ops its kern_* wrapper below runs when the backend leaves it NULL (the CPU does).
+     *   add_rmsnorm:   x += delta ([n][dim]); then y = rmsnorm(x) * weight.
+     *   rope_kv_store: RoPE on q ([n][n_heads*head_dim]) and k ([n][n_kv_heads*head_dim]) in place,
+     *                  then k and v stored to the pools at slots[n] as kv_store does.
+     *   matmul_swiglu: out[n][rows] = silu(x W_gate^T) * (x W_up^T), rows those of both weights;
+     *                  up ([n][rows]) is scratch. */
+    void (*add_rmsnorm)(kern_backend_t *be, float *y, float *x, const float *delta, const float *weight, int n,
+                        int dim, float eps);
+    void (*rope_kv_store)(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *k_cache,
+                          fl_f16_t *v_cache, const int32_t *pos, const int32_t *slots, int n, int n_heads,
+                          int n_kv_heads, int head_dim, const kern_rope_t *rope);
+    void (*matmul_swiglu)(kern_backend_t *be, float *out, float *up, const kern_weight_t *w_gate,
+                          const kern_weight_t *w_up, int rows, const float *x, int n);
+
     /* Recorded op sequences (CUDA graphs); NULL where a backend has none. Between graph_begin(key)
      * and graph_end the caller issues a step's ops, the same ones (kernels, shapes, pointers) for
      * the same key, with every input that changes between steps already uploaded to fixed buffers.
@@ -180,6 +196,40 @@ static inline void kern_add(kern_backend_t *be, float *y, const float *x, int n)
 static inline void kern_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
                                const kern_sampling_t *p)
 { be->ops->sample(be, out, logits, n, vocab, p); }
+static inline void kern_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta, const float *w,
+                                    int n, int dim, float eps)
+{
+    if (be->ops->add_rmsnorm) {
+        be->ops->add_rmsnorm(be, y, x, delta, w, n, dim, eps);
+        return;
+    }
+    be->ops->add(be, x, delta, n * dim);
+    be->ops->rmsnorm(be, y, x, w, n, dim, eps);
+}
+static inline void kern_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *kc,
+                                      fl_f16_t *vc, const int32_t *pos, const int32_t *slots, int n, int nh,
+                                      int nkv, int hd, const kern_rope_t *r)
+{
+    if (be->ops->rope_kv_store) {
+        be->ops->rope_kv_store(be, q, k, v, kc, vc, pos, slots, n, nh, nkv, hd, r);
+        return;
+    }
+    be->ops->rope(be, q, pos, n, nh, hd, r);
+    be->ops->rope(be, k, pos, n, nkv, hd, r);
+    be->ops->kv_store(be, kc, vc, k, v, slots, n, nkv * hd);
+}
+static inline void kern_matmul_swiglu(kern_backend_t *be, float *out, float *up, const kern_weight_t *w_gate,
+                                      const kern_weight_t *w_up, int rows, const float *x, int n)
+{
+    if (be->ops->matmul_swiglu) {
+        be->ops->matmul_swiglu(be, out, up, w_gate, w_up, rows, x, n);
+        return;
+    }
+    float *const ys[2] = {out, up};
+    const kern_weight_t *const ws[2] = {w_gate, w_up};
+    kern_matmul_multi(be, ys, ws, 2, x, n);
+    be->ops->swiglu(be, out, out, up, n * rows);
+}
 static inline int kern_graph_begin(kern_backend_t *be, uint64_t key)
 { return be->ops->graph_begin ? be->ops->graph_begin(be, key) : 0; }
 static inline int kern_graph_end(kern_backend_t *be) { return be->ops->graph_end ? be->ops->graph_end(be) : 0; }

@@ -407,8 +407,8 @@ void model_set_profile(model_t *m, bool on) { m->profile = on; }
 
 const char *model_prof_name(int i)
 {
-    static const char *names[MODEL_PROF_COUNT] = {"embed", "rmsnorm", "qkv matmul", "rope+kv store", "attention",
-                                                  "out matmul", "gate+up matmul", "swiglu", "down matmul",
+    static const char *names[MODEL_PROF_COUNT] = {"embed",      "residual+norm", "qkv matmul",  "rope+kv store",
+                                                  "attention",  "out matmul",    "gate+up+swiglu", "down matmul",
                                                   "residual add", "logits"};
     return i >= 0 && i < MODEL_PROF_COUNT ? names[i] : "?";
 }
@@ -418,18 +418,18 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
 {
     kern_backend_t *be = m->be;
     const model_config_t *c = &m->cfg;
-    const int n = b->n_tokens, dim = c->dim, kv_dim = c->n_kv_heads * c->head_dim;
+    const int n = b->n_tokens, dim = c->dim;
     PROF(EMBED, kern_embed(be, m->x, m->tok_embd, m->d_tokens, n));
+    /* Each residual add is fused with the norm that reads its result (kern_add_rmsnorm), but the last. */
+    PROF(NORM, kern_rmsnorm(be, m->xb, m->x, m->layers[0].attn_norm, n, dim, c->norm_eps));
     for (int l = 0; l < c->n_layers; l++) {
         const model_layer_t *L = &m->layers[l];
-        /* attention block */
-        PROF(NORM, kern_rmsnorm(be, m->xb, m->x, L->attn_norm, n, dim, c->norm_eps));
+        /* attention block, on xb = rmsnorm(x) */
         PROF(QKV, float *const qkv_y[3] = {m->q, m->k, m->v};
                   const kern_weight_t *const qkv_w[3] = {L->wq, L->wk, L->wv};
                   kern_matmul_multi(be, qkv_y, qkv_w, 3, m->xb, n));
-        PROF(ROPE_KV, kern_rope(be, m->q, m->d_pos, n, c->n_heads, c->head_dim, &c->rope);
-                      kern_rope(be, m->k, m->d_pos, n, c->n_kv_heads, c->head_dim, &c->rope);
-                      kern_kv_store(be, kv->k[l], kv->v[l], m->k, m->v, m->d_slots, n, kv_dim));
+        PROF(ROPE_KV, kern_rope_kv_store(be, m->q, m->k, m->v, kv->k[l], kv->v[l], m->d_pos, m->d_slots, n,
+                                         c->n_heads, c->n_kv_heads, c->head_dim, &c->rope));
         const kern_attn_t attn = {
             .out = m->att, .q = m->q, .k_cache = kv->k[l], .v_cache = kv->v[l], .n_tokens = n,
             .tok_seq = m->d_seq, .tok_pos = m->d_pos, .block_tables = m->d_block_tables,
@@ -438,15 +438,14 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
         };
         PROF(ATTENTION, kern_attention(be, &attn));
         PROF(OUT_PROJ, kern_matmul(be, m->xb, L->wo, m->att, n));
-        PROF(RESIDUAL, kern_add(be, m->x, m->xb, n * dim));
         /* feed-forward block */
-        PROF(NORM, kern_rmsnorm(be, m->xb, m->x, L->ffn_norm, n, dim, c->norm_eps));
-        PROF(FFN_UP, float *const ffn_y[2] = {m->gate, m->up};
-                     const kern_weight_t *const ffn_w[2] = {L->w_gate, L->w_up};
-                     kern_matmul_multi(be, ffn_y, ffn_w, 2, m->xb, n));
-        PROF(FFN_ACT, kern_swiglu(be, m->gate, m->gate, m->up, n * c->n_ff));
+        PROF(NORM, kern_add_rmsnorm(be, m->xb, m->x, m->xb, L->ffn_norm, n, dim, c->norm_eps));
+        PROF(FFN_UP, kern_matmul_swiglu(be, m->gate, m->up, L->w_gate, L->w_up, c->n_ff, m->xb, n));
         PROF(FFN_DOWN, kern_matmul(be, m->xb, L->w_down, m->gate, n));
-        PROF(RESIDUAL, kern_add(be, m->x, m->xb, n * dim));
+        if (l + 1 < c->n_layers)
+            PROF(NORM, kern_add_rmsnorm(be, m->xb, m->x, m->xb, m->layers[l + 1].attn_norm, n, dim, c->norm_eps));
+        else
+            PROF(RESIDUAL, kern_add(be, m->x, m->xb, n * dim));
     }
     /* Final norm and vocabulary projection only for the rows that want logits. */
     PROF(LOGITS, for (int i = 0, run; i < b->n_logits; i += run) {

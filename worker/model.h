@@ -36,15 +36,14 @@ typedef struct model_layer {
  * model_set_profile): the backend is synchronised around each op, so the figures are per op. */
 typedef enum {
     MODEL_PROF_EMBED,
-    MODEL_PROF_NORM,
+    MODEL_PROF_NORM,       /* RMSNorm, with the residual add before it */
     MODEL_PROF_QKV,        /* Q, K, V projections */
     MODEL_PROF_ROPE_KV,    /* RoPE and the KV store */
     MODEL_PROF_ATTENTION,
     MODEL_PROF_OUT_PROJ,
-    MODEL_PROF_FFN_UP,     /* gate and up projections */
-    MODEL_PROF_FFN_ACT,    /* SwiGLU */
+    MODEL_PROF_FFN_UP,     /* gate and up projections, SwiGLU */
     MODEL_PROF_FFN_DOWN,
-    MODEL_PROF_RESIDUAL,
+    MODEL_PROF_RESIDUAL,   /* the last layer's residual add */
     MODEL_PROF_LOGITS,     /* final norm and vocabulary projection */
     MODEL_PROF_COUNT
 } model_prof_t;

@@ -19,23 +19,26 @@
  *     matmul_multi). Descriptors and the heuristic's algorithm are cached per (rows, cols, n,
  *     alignment of y) in a small table with round-robin eviction.
  *   - embed, rmsnorm, rope, kv_store, swiglu, add are one kernel each following the CPU code's
- *     formulas (kernels/cpu/cpu_backend.c). attention is one thread block (8 warps) per
- *     (token, head): q rounded to fp16 as the CPU does, each warp walks every 8th position of the
- *     sequence through its block table with an fp32 online softmax, the warps are merged at the end;
- *     head_dim up to 256.
- *   - sample: an argmax kernel per row (lowest id on ties, as the CPU), then the stochastic rows'
- *     draw on the device (sample_cuda.cu: temperature, top-k, top-p, kernels/sampling.h's exact
- *     definition); only the ids are copied back.
+ *     formulas (kernels/cpu/cpu_backend.c); the fused ops (add_rmsnorm, rope_kv_store,
+ *     matmul_swiglu) are one kernel each too, so a decode step is 8 launches a layer. attention is
+ *     one thread block (8 warps) per (token, head): q rounded to fp16 as the CPU does, each warp
+ *     walks every 8th position of the sequence through its block table, 4 positions a round, with
+ *     an fp32 online softmax, the warps are merged at the end; head_dim up to 256.
+ *   - Single-token products (n = 1) run on k_gemv1, which streams fp16 rows or quantized blocks;
+ *     larger n on cuBLASLt. A decode step at a repeating batch size is replayed as a CUDA graph.
+ *   - sample: an argmax over each row split across blocks (lowest id on ties, as the CPU), then
+ *     the stochastic rows' draw on the device (sample_cuda.cu: temperature, top-k, top-p,
+ *     kernels/sampling.h's exact definition); only the ids are copied back.
  *
  * Approximations versus the CPU backend: weights are fp16 (the CPU takes quantized dot products on
- * the stored blocks, or f32/BF16 values), activations are rounded to fp16 before a matmul, softmax is
+ * the stored blocks, or f32/BF16 values), activations are rounded to fp16 before a cuBLASLt matmul, softmax is
  * an online fp32 one without the CPU's f16 rounding of probabilities, device cosf/sinf/expf differ
  * from glibc by an ulp or two, and rmsnorm's double sum is taken in another order. Expect ~1e-3
  * relative differences; greedy decoding may diverge from the CPU after some tokens. F32 weights
  * beyond the fp16 range (65504) would become inf.
  *
- * Not verified: no GPU was available when this was written, so none of this has been run; it
- * compiles warning-free only. No CUDA graphs yet: every op is a plain launch on the stream. */
+ * Verified on an H200 by tests/unit/test_cuda_backend.c (every op against the CPU backend) and
+ * test_cuda_model.c (greedy continuations against the CPU's F32 path); see tests/README.md. */
 #include <cublasLt.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -89,6 +92,7 @@
 #define WORKSPACE_BYTES ((size_t)32 << 20)
 #define MM_PLANS 64
 #define ATT_WARPS 8
+#define ATT_UNROLL 4
 #define ATT_MAX_HEAD_DIM 256
 #define ROPE_MAX_PAIRS 512
 #define EW_THREADS 256
@@ -133,6 +137,8 @@ typedef struct cuda_backend {
     size_t xh_elems;
     int32_t *d_ids; /* sampled ids, device */
     size_t ids_cap;
+    unsigned long long *d_keys; /* per-row argmax keys (k_argmax_part) */
+    size_t keys_cap;
     mm_plan_t plans[MM_PLANS];
     int next_plan;
     cuda_sample_row_t *h_rows, *d_rows; /* stochastic rows' parameters, host and device */
@@ -200,6 +206,7 @@ typedef struct gemv_batch {
     gemv_job_t job[GEMV_MAX_JOBS];
     int first_block[GEMV_MAX_JOBS + 1];
     int n_jobs;
+    int swiglu; /* jobs 0 (gate) and 1 (up): a warp takes row r of both, job 0's y gets silu(g) * u */
 } gemv_batch_t;
 
 __device__ __forceinline__ float dot8_f16(uint4 wv, const float *x)
@@ -325,6 +332,14 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) k_gemv1(gemv_batch_t b, co
     float acc = jb->q ? row_dot_quant(jb->q + (size_t)row * jb->row_bytes, jb->type, x, cols, lane)
                       : row_dot_f16(jb->w + (size_t)row * cols, x, cols, lane);
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (b.swiglu) {
+        const gemv_job_t *ju = &b.job[1];
+        float up = ju->q ? row_dot_quant(ju->q + (size_t)row * ju->row_bytes, ju->type, x, cols, lane)
+                         : row_dot_f16(ju->w + (size_t)row * cols, x, cols, lane);
+        for (int o = 16; o > 0; o >>= 1) up += __shfl_xor_sync(0xffffffffu, up, o);
+        if (lane == 0) jb->y[row] = acc / (1.0f + expf(-acc)) * up; /* k_swiglu's formula */
+        return;
+    }
     if (lane == 0) jb->y[row] = acc;
 }
 
@@ -341,37 +356,76 @@ __global__ void k_embed(float *out, const __half *table, const int32_t *ids, int
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) o[c] = __half2float(t[c]);
 }
 
-/* One block (EW_THREADS threads) per row: sum of x*x (f32 products) in double, as the CPU. */
-__global__ void k_rmsnorm(float *y, const float *x, const float *w, int dim, float eps)
+/* One block per row, sized so that a thread holds a float4 or two (a decode step's norm is one row:
+ * a loop of dependent loads on few threads would cost more than the row's bytes). The sum of x*x
+ * (f32 products) is taken in double, as the CPU. ADD: x += delta first, written back (add_rmsnorm);
+ * delta may be y. */
+template <bool ADD>
+__global__ void k_rmsnorm(float *y, float *x, const float *delta, const float *w, int dim, float eps)
 {
-    __shared__ double part[EW_THREADS];
-    const float *xr = x + (size_t)blockIdx.x * dim;
+    __shared__ double warp_sum[32];
+    __shared__ float scale_s;
+    float *xr = x + (size_t)blockIdx.x * dim;
+    const float *dr = ADD ? delta + (size_t)blockIdx.x * dim : NULL;
     float *yr = y + (size_t)blockIdx.x * dim;
+    const bool vec = (dim & 3) == 0;
     double s = 0.0;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        const float p = xr[i] * xr[i];
-        s += (double)p;
+    if (vec) {
+        for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+            float4 v = ((const float4 *)xr)[i];
+            if (ADD) {
+                const float4 d = ((const float4 *)dr)[i];
+                v.x += d.x, v.y += d.y, v.z += d.z, v.w += d.w;
+                ((float4 *)xr)[i] = v;
+            }
+            const float p0 = v.x * v.x, p1 = v.y * v.y, p2 = v.z * v.z, p3 = v.w * v.w;
+            s += ((double)p0 + (double)p1) + ((double)p2 + (double)p3);
+        }
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+            float v = xr[i];
+            if (ADD) xr[i] = v = v + dr[i];
+            const float p = v * v;
+            s += (double)p;
+        }
     }
-    part[threadIdx.x] = s;
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) warp_sum[threadIdx.x >> 5] = s;
+    __syncthreads(); /* also orders every read of delta before any write of y */
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int k = 0; k < (int)(blockDim.x >> 5); k++) t += warp_sum[k];
+        const float mean = (float)(t / dim);
+        scale_s = 1.0f / sqrtf(mean + eps);
+    }
     __syncthreads();
-    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
-        if ((int)threadIdx.x < k) part[threadIdx.x] += part[threadIdx.x + k];
-        __syncthreads();
+    const float scale = scale_s;
+    if (vec) {
+        for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+            const float4 v = ((const float4 *)xr)[i], g = ((const float4 *)w)[i];
+            ((float4 *)yr)[i] = make_float4((v.x * scale) * g.x, (v.y * scale) * g.y, (v.z * scale) * g.z,
+                                            (v.w * scale) * g.w);
+        }
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = (xr[i] * scale) * w[i];
     }
-    const float mean = (float)(part[0] / dim);
-    const float scale = 1.0f / sqrtf(mean + eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = (xr[i] * scale) * w[i];
 }
 
-/* One block per token. Thread 0 builds the angles with the CPU's iterative theta *= theta_scale;
- * then each pair of each head is rotated (NORM mode: adjacent pairs). */
-__global__ void k_rope(float *x, const int32_t *pos, int n_heads, int head_dim, int np, float theta_scale,
-                       float freq_scale, const float *freq_factors)
+/* Threads for a norm of `dim`: one float4 (or float) each, whole warps, 32 to 1024. */
+static unsigned norm_threads(int dim)
 {
-    __shared__ float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
-    const int t = blockIdx.x;
+    const int per = (dim & 3) == 0 ? dim / 4 : dim;
+    const int t = (per + 31) / 32 * 32;
+    return (unsigned)(t < 32 ? 32 : t > 1024 ? 1024 : t);
+}
+
+/* RoPE angles of position pos into cs/sn (shared, np entries): thread 0 builds them with the CPU's
+ * iterative theta *= theta_scale, then the threads take sin and cos. Ends with a barrier. */
+__device__ void rope_angles(float *cs, float *sn, int32_t pos, int np, float theta_scale, float freq_scale,
+                            const float *freq_factors)
+{
     if (threadIdx.x == 0) {
-        float theta = (float)pos[t];
+        float theta = (float)pos;
         for (int i = 0; i < np; i++) {
             const float ff = freq_factors ? freq_factors[i] : 1.0f;
             cs[i] = freq_scale * (theta / ff);
@@ -385,6 +439,15 @@ __global__ void k_rope(float *x, const int32_t *pos, int n_heads, int head_dim, 
         cs[i] = cosf(th);
     }
     __syncthreads();
+}
+
+/* One block per token; each pair of each head is rotated (NORM mode: adjacent pairs). */
+__global__ void k_rope(float *x, const int32_t *pos, int n_heads, int head_dim, int np, float theta_scale,
+                       float freq_scale, const float *freq_factors)
+{
+    __shared__ float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
+    const int t = blockIdx.x;
+    rope_angles(cs, sn, pos[t], np, theta_scale, freq_scale, freq_factors);
     for (int idx = threadIdx.x; idx < n_heads * np; idx += blockDim.x) {
         const int h = idx / np, i = idx % np;
         float *v = x + ((size_t)t * n_heads + h) * head_dim;
@@ -404,6 +467,37 @@ __global__ void k_kv_store(__half *kc, __half *vc, const float *k, const float *
     for (int d = threadIdx.x; d < kv_dim; d += blockDim.x) {
         kd[d] = __float2half_rn(ks[d]);
         vd[d] = __float2half_rn(vs[d]);
+    }
+}
+
+/* k_rope on q and k and k_kv_store in one launch: block (token, head) over the n_heads query heads
+ * then the n_kv_heads key heads; a key head's block also stores that head of v. head_dim even. */
+__global__ void k_rope_kv(float *q, float *k, const float *v, __half *kc, __half *vc, const int32_t *pos,
+                          const int32_t *slots, int n_heads, int n_kv_heads, int hd, int np, float theta_scale,
+                          float freq_scale, const float *freq_factors)
+{
+    __shared__ float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
+    const int t = blockIdx.x, h = blockIdx.y;
+    rope_angles(cs, sn, pos[t], np, theta_scale, freq_scale, freq_factors);
+    const bool is_q = h < n_heads;
+    const int kvh = h - n_heads;
+    const size_t kv_dim = (size_t)n_kv_heads * hd;
+    float *x = is_q ? q + ((size_t)t * n_heads + h) * hd : k + (size_t)t * kv_dim + (size_t)kvh * hd;
+    const int32_t slot = is_q ? -1 : slots[t];
+    __half *kd = slot >= 0 ? kc + (size_t)slot * kv_dim + (size_t)kvh * hd : NULL;
+    for (int i = threadIdx.x; i < hd / 2; i += blockDim.x) {
+        float x0 = x[2 * i], x1 = x[2 * i + 1];
+        if (i < np) {
+            const float r0 = fmaf(x0, cs[i], -(x1 * sn[i])), r1 = fmaf(x0, sn[i], x1 * cs[i]);
+            x[2 * i] = x0 = r0;
+            x[2 * i + 1] = x1 = r1;
+        }
+        if (kd) *(__half2 *)(kd + 2 * i) = __halves2half2(__float2half_rn(x0), __float2half_rn(x1));
+    }
+    if (kd) {
+        __half *vd = vc + (size_t)slot * kv_dim + (size_t)kvh * hd;
+        const float *vs = v + (size_t)t * kv_dim + (size_t)kvh * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) vd[d] = __float2half_rn(vs[d]);
     }
 }
 
@@ -442,28 +536,55 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     float m = -INFINITY, l = 0.0f, acc[ATT_MAX_HEAD_DIM / 32];
 #pragma unroll
     for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) acc[r] = 0.0f;
-    for (int j = warp; j < len; j += ATT_WARPS) {
-        if (tree_mask && j >= ts && !((tm >> (j - ts)) & 1u)) continue; /* masked: weighs 0 */
-        const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
-        const __half *kr = kc + slot * kv_stride + hoff, *vr = vc + slot * kv_stride + hoff;
-        float s = 0.0f;
+    /* ATT_UNROLL positions a round (j0, j0 + ATT_WARPS, ...): their K and V loads are all issued
+     * before any is used, so a round costs one memory latency, not ATT_UNROLL of them. */
+    for (int j0 = warp; j0 < len; j0 += ATT_WARPS * ATT_UNROLL) {
+        float s[ATT_UNROLL], v[ATT_UNROLL][ATT_MAX_HEAD_DIM / 32];
+        bool live[ATT_UNROLL];
 #pragma unroll
-        for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) {
-            const int d = lane + 32 * r;
-            if (d < hd) s += qs[d] * __half2float(kr[d]);
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            const int j = j0 + u * ATT_WARPS;
+            /* masked: weighs 0 (uniform over the warp, as j is) */
+            live[u] = j < len && !(tree_mask && j >= ts && !((tm >> (j - ts)) & 1u));
+            s[u] = 0.0f;
+            if (!live[u]) continue;
+            const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
+            const __half *kr = kc + slot * kv_stride + hoff, *vr = vc + slot * kv_stride + hoff;
+#pragma unroll
+            for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) {
+                const int d = lane + 32 * r;
+                if (d < hd) {
+                    s[u] += qs[d] * __half2float(kr[d]);
+                    v[u][r] = __half2float(vr[d]);
+                }
+            }
+        }
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            if (!live[u]) continue;
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) s[u] += __shfl_xor_sync(0xffffffffu, s[u], off);
+            s[u] *= scale;
+            mn = fmaxf(mn, s[u]);
+        }
+        if (mn == -INFINITY) continue; /* -inf scores before any finite one weigh 0 */
+        const float corr = m == -INFINITY ? 0.0f : expf(m - mn);
+        float p[ATT_UNROLL];
+        l *= corr;
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            p[u] = live[u] ? expf(s[u] - mn) : 0.0f;
+            l += p[u];
         }
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        s *= scale;
-        const float mn = fmaxf(m, s);
-        if (mn == -INFINITY) continue; /* a -inf score before any finite one weighs 0 */
-        const float corr = m == -INFINITY ? 0.0f : expf(m - mn);
-        const float p = expf(s - mn);
-        l = l * corr + p;
-#pragma unroll
         for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) {
-            const int d = lane + 32 * r;
-            if (d < hd) acc[r] = acc[r] * corr + p * __half2float(vr[d]);
+            if (lane + 32 * r >= hd) continue;
+            float a = acc[r] * corr;
+#pragma unroll
+            for (int u = 0; u < ATT_UNROLL; u++)
+                if (live[u]) a += p[u] * v[u][r];
+            acc[r] = a;
         }
         m = mn;
     }
@@ -501,32 +622,48 @@ __global__ void k_add(float *y, const float *x, size_t n)
         y[i] += x[i];
 }
 
-/* One block per row. As the CPU's argmax_row: only values > -inf count (NaN never wins), the lowest
- * id wins ties, and a row with none is 0. */
-__global__ void k_argmax(int32_t *out, const float *logits, int vocab)
+/* Greedy ids as the CPU's argmax_row: only values > -inf count (NaN never wins), the lowest id wins
+ * ties, a row with none is 0. A row of a large vocabulary is split over many blocks (one block
+ * would walk 128k logits on 256 threads, ~0.2 ms); each block folds its part into one 64-bit key
+ * per row by atomicMax: the value's bits made order-preserving above, the complement of the id
+ * below (so equal values keep the lowest id). -0 counts as +0, as the comparison does. */
+#define ARGMAX_THREADS 256
+#define ARGMAX_PER_THREAD 8
+
+__device__ __forceinline__ unsigned long long argmax_key(float v, int i)
 {
-    __shared__ float bv_s[EW_THREADS];
-    __shared__ int bi_s[EW_THREADS];
-    const float *l = logits + (size_t)blockIdx.x * vocab;
-    float bv = -INFINITY;
-    int bi = INT_MAX;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float v = l[i];
-        if (v > bv) bv = v, bi = i; /* ascending i: the first maximum of this thread is kept */
-    }
-    bv_s[threadIdx.x] = bv;
-    bi_s[threadIdx.x] = bi;
-    __syncthreads();
-    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
-        if ((int)threadIdx.x < k) {
-            const float ov = bv_s[threadIdx.x + k];
-            const int oi = bi_s[threadIdx.x + k];
-            if (ov > bv_s[threadIdx.x] || (ov == bv_s[threadIdx.x] && oi < bi_s[threadIdx.x]))
-                bv_s[threadIdx.x] = ov, bi_s[threadIdx.x] = oi;
+    uint32_t u = v == 0.0f ? 0u : __float_as_uint(v);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)u << 32) | (0xffffffffu - (uint32_t)i);
+}
+
+__global__ void k_argmax_part(unsigned long long *keys, const float *logits, int vocab)
+{
+    __shared__ unsigned long long warp_best[ARGMAX_THREADS / 32];
+    const float *l = logits + (size_t)blockIdx.y * vocab;
+    const int start = blockIdx.x * ARGMAX_THREADS * ARGMAX_PER_THREAD + threadIdx.x;
+    unsigned long long best = 0; /* below every real key: -inf's key is not 0 and is never made */
+#pragma unroll
+    for (int k = 0; k < ARGMAX_PER_THREAD; k++) {
+        const int i = start + k * ARGMAX_THREADS;
+        if (i < vocab) {
+            const float v = l[i];
+            if (v > -INFINITY) best = max(best, argmax_key(v, i));
         }
-        __syncthreads();
     }
-    if (threadIdx.x == 0) out[blockIdx.x] = bi_s[0] == INT_MAX ? 0 : bi_s[0];
+    for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
+    if ((threadIdx.x & 31) == 0) warp_best[threadIdx.x >> 5] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int k = 1; k < ARGMAX_THREADS / 32; k++) best = max(best, warp_best[k]);
+        if (best) atomicMax(&keys[blockIdx.y], best);
+    }
+}
+
+__global__ void k_argmax_ids(int32_t *ids, const unsigned long long *keys, int n)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) ids[i] = keys[i] ? (int32_t)(0xffffffffu - (uint32_t)keys[i]) : 0;
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -857,11 +994,14 @@ static bool gemv_ok(const cuda_backend_t *cb, const kern_weight_t *w, const floa
     return n == 1 && cb->gemv && w->cols % 8 == 0 && w->rows <= INT_MAX && ((uintptr_t)x & 15) == 0;
 }
 
-static void gemv_launch(cuda_backend_t *cb, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x)
+/* swiglu: ws = {gate, up} of equal shape, ys[0] receives silu(gate) * up (ys[1] is unused). */
+static void gemv_launch(cuda_backend_t *cb, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,
+                        bool swiglu)
 {
     gemv_batch_t b;
     memset(&b, 0, sizeof b);
-    b.n_jobs = n_w;
+    b.n_jobs = swiglu ? 1 : n_w; /* blocks cover job 0's rows only */
+    b.swiglu = swiglu;
     int blocks = 0;
     for (int k = 0; k < n_w; k++) {
         const kern_weight_t *w = ws[k];
@@ -872,10 +1012,11 @@ static void gemv_launch(cuda_backend_t *cb, float *const *ys, const kern_weight_
         b.job[k].rows = (int)w->rows;
         b.job[k].type = w->type;
         b.job[k].row_bytes = (int)w->row_bytes;
+        if (k >= b.n_jobs) continue;
         b.first_block[k] = blocks;
         blocks += ((int)w->rows + GEMV_WARPS - 1) / GEMV_WARPS;
     }
-    b.first_block[n_w] = blocks;
+    b.first_block[b.n_jobs] = blocks;
     k_gemv1<<<blocks, GEMV_WARPS * 32, 0, cb->stream>>>(b, x, (int)ws[0]->cols);
     LAUNCHED(cb);
 }
@@ -894,7 +1035,7 @@ static void cuda_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, co
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || !op_begin(cb)) return;
     if (gemv_ok(cb, w, x, n)) {
-        gemv_launch(cb, &y, &w, 1, x);
+        gemv_launch(cb, &y, &w, 1, x, false);
         return;
     }
     if (!convert_x(cb, x, n, w->cols)) return;
@@ -909,7 +1050,7 @@ static void cuda_matmul_multi(kern_backend_t *be, float *const *ys, const kern_w
     bool gemv = n_w <= GEMV_MAX_JOBS;
     for (int k = 0; k < n_w && gemv; k++) gemv = gemv_ok(cb, ws[k], x, n) && ws[k]->cols == ws[0]->cols;
     if (gemv) {
-        gemv_launch(cb, ys, ws, n_w, x);
+        gemv_launch(cb, ys, ws, n_w, x, false);
         return;
     }
     if (!convert_x(cb, x, n, ws[0]->cols)) return;
@@ -921,6 +1062,28 @@ static void cuda_matmul_multi(kern_backend_t *be, float *const *ys, const kern_w
         }
         matmul_converted(cb, ys[k], ws[k], n);
     }
+}
+
+static void cuda_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n);
+
+static void cuda_matmul_swiglu(kern_backend_t *be, float *out, float *up, const kern_weight_t *w_gate,
+                               const kern_weight_t *w_up, int rows, const float *x, int n)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (n <= 0 || !op_begin(cb)) return;
+    if (w_gate->rows != rows || w_up->rows != rows || w_gate->cols != w_up->cols) {
+        note_error(cb, FL_EINVAL, "cuda backend: matmul_swiglu weights of %lldx%lld and %lldx%lld for %d rows",
+                   (long long)w_gate->rows, (long long)w_gate->cols, (long long)w_up->rows, (long long)w_up->cols, rows);
+        return;
+    }
+    float *const ys[2] = {out, up};
+    const kern_weight_t *const ws[2] = {w_gate, w_up};
+    if (gemv_ok(cb, w_gate, x, n) && gemv_ok(cb, w_up, x, n)) {
+        gemv_launch(cb, ys, ws, 2, x, true);
+        return;
+    }
+    cuda_matmul_multi(be, ys, ws, 2, x, n);
+    cuda_swiglu(be, out, out, up, n * rows);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -938,7 +1101,16 @@ static void cuda_rmsnorm(kern_backend_t *be, float *y, const float *x, const flo
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || dim <= 0 || !op_begin(cb)) return;
-    k_rmsnorm<<<n, EW_THREADS, 0, cb->stream>>>(y, x, weight, dim, eps);
+    k_rmsnorm<false><<<n, norm_threads(dim), 0, cb->stream>>>(y, (float *)x, NULL, weight, dim, eps);
+    LAUNCHED(cb);
+}
+
+static void cuda_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta, const float *weight, int n,
+                             int dim, float eps)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (n <= 0 || dim <= 0 || !op_begin(cb)) return;
+    k_rmsnorm<true><<<n, norm_threads(dim), 0, cb->stream>>>(y, x, delta, weight, dim, eps);
     LAUNCHED(cb);
 }
 
@@ -960,6 +1132,28 @@ static void cuda_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cac
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || kv_dim <= 0 || !op_begin(cb)) return;
     k_kv_store<<<n, EW_THREADS, 0, cb->stream>>>((__half *)k_cache, (__half *)v_cache, k, v, slots, kv_dim);
+    LAUNCHED(cb);
+}
+
+static void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *k_cache,
+                               fl_f16_t *v_cache, const int32_t *pos, const int32_t *slots, int n, int n_heads,
+                               int n_kv_heads, int head_dim, const kern_rope_t *rope)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    const int n_rot = rope->n_rot < head_dim ? rope->n_rot : head_dim, np = n_rot > 0 ? n_rot / 2 : 0;
+    if (head_dim % 2 || np > ROPE_MAX_PAIRS || n_heads + n_kv_heads > 65535) { /* the ops one by one */
+        cuda_rope(be, q, pos, n, n_heads, head_dim, rope);
+        cuda_rope(be, k, pos, n, n_kv_heads, head_dim, rope);
+        cuda_kv_store(be, k_cache, v_cache, k, v, slots, n, n_kv_heads * head_dim);
+        return;
+    }
+    if (n <= 0 || head_dim <= 0 || n_heads < 0 || n_kv_heads <= 0 || !op_begin(cb)) return;
+    const float theta_scale = np ? powf(rope->freq_base, -2.0f / (float)n_rot) : 1.0f;
+    const int pairs = head_dim / 2;
+    const unsigned threads = pairs >= 128 ? 128 : (unsigned)((pairs + 31) / 32 * 32);
+    k_rope_kv<<<dim3((unsigned)n, (unsigned)(n_heads + n_kv_heads)), threads, 0, cb->stream>>>(
+        q, k, v, (__half *)k_cache, (__half *)v_cache, pos, slots, n_heads, n_kv_heads, head_dim, np, theta_scale,
+        rope->freq_scale, rope->freq_factors);
     LAUNCHED(cb);
 }
 
@@ -1016,7 +1210,19 @@ static void cuda_sample(kern_backend_t *be, int32_t *out, const float *logits, i
     for (int i = 0; i < n; i++) out[i] = 0;
     if (vocab <= 0 || !op_begin(cb)) return;
     if (!grow_device(cb, (void **)&cb->d_ids, &cb->ids_cap, (size_t)n * sizeof(int32_t), "sampled ids", false)) return;
-    k_argmax<<<n, EW_THREADS, 0, cb->stream>>>(cb->d_ids, logits, vocab);
+    if (n > 65535) {
+        note_error(cb, FL_ERANGE, "cuda backend: sampling %d rows at once (at most 65535)", n);
+        return;
+    }
+    if (!grow_device(cb, (void **)&cb->d_keys, &cb->keys_cap, (size_t)n * sizeof(unsigned long long), "argmax keys",
+                     false))
+        return;
+    OP_CUDA(cb, cudaMemsetAsync(cb->d_keys, 0, (size_t)n * sizeof(unsigned long long), cb->stream));
+    const int per_block = ARGMAX_THREADS * ARGMAX_PER_THREAD;
+    k_argmax_part<<<dim3((unsigned)((vocab + per_block - 1) / per_block), (unsigned)n), ARGMAX_THREADS, 0,
+                    cb->stream>>>(cb->d_keys, logits, vocab);
+    LAUNCHED(cb);
+    k_argmax_ids<<<(unsigned)((n + 255) / 256), 256, 0, cb->stream>>>(cb->d_ids, cb->d_keys, n);
     LAUNCHED(cb);
     bool stochastic = false;
     for (int i = 0; i < n; i++) stochastic |= kern_sample_is_stochastic(&params[i]) && vocab > 1;
@@ -1065,6 +1271,7 @@ static void cuda_destroy(kern_backend_t *be)
         if (cb->graph[i].exec) cudaGraphExecDestroy(cb->graph[i].exec);
     if (cb->xh) cudaFree(cb->xh);
     if (cb->d_ids) cudaFree(cb->d_ids);
+    if (cb->d_keys) cudaFree(cb->d_keys);
     if (cb->workspace) cudaFree(cb->workspace);
     if (cb->lt) cublasLtDestroy(cb->lt);
     if (cb->stream) cudaStreamDestroy(cb->stream);
@@ -1188,6 +1395,9 @@ static const kern_ops_t cuda_ops = {
     cuda_swiglu,
     cuda_add,
     cuda_sample,
+    cuda_add_rmsnorm,
+    cuda_rope_kv_store,
+    cuda_matmul_swiglu,
     cuda_graph_begin,
     cuda_graph_end,
     cuda_graph_reset,

@@ -9,12 +9,19 @@
  * activations in fp16 while the CPU quantizes activations, so products are not bit-equal):
  *   matmul, matmul_multi           NMSE <= 5e-4 (every weight type the CPU accepts)
  *   matmul_multi vs CUDA matmul    bit-equal (kernels.h: "the same bits as n_w matmul calls")
+ *   matmul_swiglu                  NMSE <= 5e-4 (the matmul bound)
  *   embed                          NMSE <= 1e-5 (a table kept in fp16 on the device is allowed)
  *   attention                      NMSE <= 1e-4
  *   rope                           NMSE <= 1e-5 (angles up to ~5000 rad: a few ulp of theta)
  *   rmsnorm, swiglu                NMSE <= 1e-9
  *   add, kv_store (f32 -> f16 RNE) bit-equal
- *   sample                         ids equal, greedy and (seed, position)-seeded draws alike
+ *   add_rmsnorm                    x bit-equal, y NMSE <= 1e-9
+ *   rope_kv_store                  q, k as rope; V pool bit-equal; K pool per element within
+ *                                  |k_cuda - k_cpu| + 1 f16 ulp (see test_rope_kv_store)
+ *   fused op vs CUDA plain ops     bit-equal (kernels.h: each fused op equals its plain ops)
+ *   sample                         ids equal, greedy and (seed, position)-seeded draws alike; greedy
+ *                                  edge rows (NaN, +-inf, signed zeros, ties across the CUDA
+ *                                  argmax's 2048-logit blocks) also equal to the id the rule gives
  * Each case prints "ok|FAIL <op> <shape> err=<err> (tol <tol>)"; a summary ends the run; the exit
  * status is 1 on any failure.
  *
@@ -205,6 +212,31 @@ static bool have_op(const void *fn, const char *name)
     return false;
 }
 
+/* A CUDA buffer holding a copy of host (NULL: zeroed), for running the plain ops beside a fused one. */
+static void *gpu_copy(const void *host, size_t bytes)
+{
+    void *p = kern_alloc(g_gpu, bytes);
+    if (!p || (host && g_gpu->ops->upload(g_gpu, p, host, bytes))) {
+        printf("FAIL alloc/upload: %zu bytes on the CUDA backend\n", bytes);
+        exit(1);
+    }
+    return p;
+}
+
+/* Whether two CUDA buffers hold the same bytes (false, after a failure line, when they cannot be read). */
+static bool gpu_same(const void *a, const void *b, size_t bytes, const char *name)
+{
+    unsigned char *ha = xmalloc(bytes), *hb = xmalloc(bytes);
+    bool same = false;
+    if (g_gpu->ops->download(g_gpu, ha, a, bytes) || g_gpu->ops->download(g_gpu, hb, b, bytes))
+        result(false, name, "download failed");
+    else if (gpu_sync(name))
+        same = memcmp(ha, hb, bytes) == 0;
+    free(ha);
+    free(hb);
+    return same;
+}
+
 static const int k_types[] = {FL_TYPE_F32, FL_TYPE_F16, FL_TYPE_BF16, FL_TYPE_Q4_0, FL_TYPE_Q4_1, FL_TYPE_Q8_0};
 #define N_TYPES ((int)(sizeof k_types / sizeof k_types[0]))
 
@@ -377,6 +409,56 @@ static void test_matmul_multi(int type, const int *rows, int n_w, int cols, int 
     for (int k = 0; k < made; k++) qweight_free(&w[k]);
 }
 
+/* matmul_swiglu: out = silu(x W_gate^T) * (x W_up^T) against the CPU's (its plain matmul_multi and
+ * swiglu: the matmul bound, which the SwiGLU's f32 ops hardly move), and the CUDA call bit-equal to
+ * CUDA matmul_multi then swiglu (on n == 1 the fused call is one GEMV computing both dots of a row
+ * and k_swiglu's formula). `up` is scratch and not compared. */
+static void test_matmul_swiglu(int type, int rows, int cols, int n)
+{
+    char name[160];
+    snprintf(name, sizeof name, "matmul_swiglu %s %dx%d n=%d", fl_dtype_name(type), rows, cols, n);
+    if (!wanted(name) || !have_op((const void *)g_gpu->ops->matmul, name) ||
+        !have_op((const void *)g_gpu->ops->swiglu, name))
+        return;
+    qweight_t wg, wu;
+    if (!qweight_new(&wg, type, rows, cols, name)) return;
+    if (!qweight_new(&wu, type, rows, cols, name)) {
+        qweight_free(&wg);
+        return;
+    }
+    const size_t xn = (size_t)n * cols, yn = (size_t)n * rows;
+    float *x = xmalloc(xn * sizeof(float));
+    fill_gauss(x, xn, 1.0f);
+    if (n > 1) /* one row of large activations, one of tiny ones, as test_matmul */
+        for (int i = 0; i < cols; i++) x[i] *= 100.0f, x[(size_t)cols + i] *= 1e-3f;
+    twin_t tx = twin_new(xn * sizeof(float), x), to = twin_new(yn * sizeof(float), NULL),
+           tu = twin_new(yn * sizeof(float), NULL);
+    kern_matmul_swiglu(g_cpu, to.c, tu.c, wg.c, wu.c, rows, tx.c, n);
+    kern_matmul_swiglu(g_gpu, to.g, tu.g, wg.g, wu.g, rows, tx.g, n);
+    check_floats(&to, yn, TOL_MATMUL, name);
+
+    char sub[220];
+    snprintf(sub, sizeof sub, "%s cuda fused == cuda matmul_multi+swiglu", name);
+    float *go = gpu_copy(NULL, yn * sizeof(float)), *gu = gpu_copy(NULL, yn * sizeof(float));
+    float *const ys[2] = {go, gu};
+    const kern_weight_t *const ws[2] = {wg.g, wu.g};
+    if (g_gpu->ops->matmul_multi) g_gpu->ops->matmul_multi(g_gpu, ys, ws, 2, tx.g, n);
+    else
+        for (int k = 0; k < 2; k++) g_gpu->ops->matmul(g_gpu, ys[k], ws[k], tx.g, n);
+    g_gpu->ops->swiglu(g_gpu, go, go, gu, (int)yn);
+    const bool same = gpu_same(go, to.g, yn * sizeof(float), sub);
+    result(same, sub, "out %s (fused op %s)", same ? "bit-equal" : "DIFFERS",
+           g_gpu->ops->matmul_swiglu ? "present" : "NULL: the wrapper ran the plain ops");
+    kern_free(g_gpu, go);
+    kern_free(g_gpu, gu);
+    twin_free(&tx);
+    twin_free(&to);
+    twin_free(&tu);
+    free(x);
+    qweight_free(&wg);
+    qweight_free(&wu);
+}
+
 /* ------------------------------------------------------------------------------------------------
  * rmsnorm, rope, swiglu, add */
 
@@ -407,6 +489,66 @@ static void test_rmsnorm(int n, int dim, float eps)
     twin_free(&tw);
     twin_free(&ty);
     free(x);
+    free(w);
+}
+
+/* add_rmsnorm: x += delta, then y = rmsnorm(x) * weight. The updated x must be bit-equal (an f32
+ * add), y within the rmsnorm bound; then the call the model makes, delta == y (the previous op's
+ * output in the buffer the norm writes); then the CUDA call bit-equal to CUDA add + rmsnorm (the
+ * plain ops kern_add_rmsnorm runs where the op is NULL: the fused op must equal them). */
+static void test_add_rmsnorm(int n, int dim, float eps)
+{
+    char name[128];
+    snprintf(name, sizeof name, "add_rmsnorm n=%d dim=%d eps=%g", n, dim, eps);
+    if (!wanted(name) || !have_op((const void *)g_gpu->ops->add, name) ||
+        !have_op((const void *)g_gpu->ops->rmsnorm, name))
+        return;
+    const size_t cnt = (size_t)n * dim;
+    float *x = xmalloc(cnt * sizeof(float)), *d = xmalloc(cnt * sizeof(float)), *w = xmalloc((size_t)dim * sizeof(float));
+    fill_gauss(x, cnt, 1.0f);
+    fill_gauss(d, cnt, 0.5f);
+    for (int r = 0; r < n; r++) { /* rows of very different scale, and one that the add cancels to zero */
+        const float s = r % 5 == 1 ? 1e3f : r % 5 == 2 ? 1e-3f : r % 5 == 3 ? 30.0f : 1.0f;
+        for (int i = 0; i < dim; i++) {
+            float *xi = &x[(size_t)r * dim + i], *di = &d[(size_t)r * dim + i];
+            *xi *= s, *di = r % 5 == 4 ? -*xi : *di * s;
+        }
+    }
+    for (int i = 0; i < dim; i++) w[i] = 1.0f + 0.3f * rnd_gauss();
+    twin_t tx = twin_new(cnt * sizeof(float), x), td = twin_new(cnt * sizeof(float), d),
+           tw = twin_new((size_t)dim * sizeof(float), w), ty = twin_new(cnt * sizeof(float), NULL);
+    kern_add_rmsnorm(g_cpu, ty.c, tx.c, td.c, tw.c, n, dim, eps);
+    kern_add_rmsnorm(g_gpu, ty.g, tx.g, td.g, tw.g, n, dim, eps);
+    char sub[200];
+    snprintf(sub, sizeof sub, "%s x", name);
+    check_floats(&tx, cnt, 0, sub);
+    snprintf(sub, sizeof sub, "%s y", name);
+    check_floats(&ty, cnt, TOL_EW, sub);
+
+    /* the CUDA op against CUDA add then rmsnorm on copies of the same inputs */
+    float *gx = gpu_copy(x, cnt * sizeof(float)), *gy = gpu_copy(NULL, cnt * sizeof(float));
+    g_gpu->ops->add(g_gpu, gx, td.g, n * dim);
+    g_gpu->ops->rmsnorm(g_gpu, gy, gx, tw.g, n, dim, eps);
+    snprintf(sub, sizeof sub, "%s cuda fused == cuda add+rmsnorm", name);
+    const bool same_x = gpu_same(gx, tx.g, cnt * sizeof(float), sub), same_y = same_x && gpu_same(gy, ty.g, cnt * sizeof(float), sub);
+    result(same_x && same_y, sub, "x %s, y %s (fused op %s)", same_x ? "bit-equal" : "DIFFERS",
+           same_y ? "bit-equal" : same_x ? "DIFFERS" : "not compared",
+           g_gpu->ops->add_rmsnorm ? "present" : "NULL: the wrapper ran the plain ops");
+    kern_free(g_gpu, gx);
+    kern_free(g_gpu, gy);
+
+    /* delta == y, as model.c calls it: kern_add_rmsnorm(be, xb, x, xb, norm, ...) */
+    twin_t ax = twin_new(cnt * sizeof(float), x), ay = twin_new(cnt * sizeof(float), d);
+    kern_add_rmsnorm(g_cpu, ay.c, ax.c, ay.c, tw.c, n, dim, eps);
+    kern_add_rmsnorm(g_gpu, ay.g, ax.g, ay.g, tw.g, n, dim, eps);
+    snprintf(sub, sizeof sub, "%s delta==y x", name);
+    check_floats(&ax, cnt, 0, sub);
+    snprintf(sub, sizeof sub, "%s delta==y y", name);
+    check_floats(&ay, cnt, TOL_EW, sub);
+    twin_t *all[] = {&tx, &td, &tw, &ty, &ax, &ay};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) twin_free(all[i]);
+    free(x);
+    free(d);
     free(w);
 }
 
@@ -540,6 +682,149 @@ static void test_kv_store(int n, int kv_dim, int n_slots)
     free(perm);
 }
 
+/* One f16 ulp at the magnitude of a (finite, below the f16 range's end): 2^(e-10) for a in
+ * [2^e, 2^(e+1)), 2^-24 among the subnormals. */
+static double f16_ulp(double a)
+{
+    a = fabs(a);
+    if (a < 0x1p-14) return 0x1p-24;
+    int e;
+    frexp(a, &e); /* a = m * 2^e, m in [0.5, 1) */
+    return ldexp(1.0, e - 11);
+}
+
+/* rope_kv_store: RoPE on q and k, then k and v to the pools at slots (-1: a padding row, which
+ * stores nothing), as test_rope and test_kv_store check them apart. q and k after the call are
+ * compared as rope's (NMSE <= TOL_ROPE), the V pool bit-equal. The K pool now holds rotated values,
+ * and the backends' rotations differ by a few f32 ulp (rope's bound), so its f16 values may differ
+ * where the two rotated values round differently; per element, with kc, kg each backend's rotated k
+ * (downloaded) and Kc = f16(kc), Kg = f16(kg) (RNE, each within half an f16 ulp of its input):
+ *     |Kg - Kc| <= |kg - kc| + f16_ulp(max(|kg|, |kc|))
+ * (one f16 ulp, or two across a binade edge, for a rotated difference of f32 ulps). Exact parts:
+ * each backend's K pool is bit-equal to f16 of its own k after the call (kv_store of the rotated k,
+ * as kernels.h defines the op), slots no row names keep their initial bits, and the CUDA call is
+ * bit-equal to CUDA rope, rope, kv_store on copies of the same inputs. */
+static void test_rope_kv_store(int n, int n_heads, int n_kv, int head_dim, int n_rot, float base, float freq_scale,
+                               bool factors, int n_slots)
+{
+    const int max_pos = g_quick ? 700 : 5000;
+    char name[200];
+    snprintf(name, sizeof name,
+             "rope_kv_store n=%d heads=%d kv_heads=%d head_dim=%d n_rot=%d base=%g freq_scale=%g%s slots=%d max_pos=%d",
+             n, n_heads, n_kv, head_dim, n_rot, base, freq_scale, factors ? " freq_factors" : "", n_slots, max_pos);
+    if (!wanted(name) || !have_op((const void *)g_gpu->ops->rope, name) ||
+        !have_op((const void *)g_gpu->ops->kv_store, name))
+        return;
+    const int kv_dim = n_kv * head_dim, n_ff = n_rot / 2 + 1;
+    const size_t qn = (size_t)n * n_heads * head_dim, kn = (size_t)n * kv_dim, pool = (size_t)n_slots * kv_dim;
+    float *q = xmalloc(qn * sizeof(float)), *k = xmalloc(kn * sizeof(float)), *v = xmalloc(kn * sizeof(float)),
+          *ff = xmalloc((size_t)n_ff * sizeof(float));
+    fill_gauss(q, qn, 1.0f);
+    fill_gauss(k, kn, 1.0f);
+    fill_gauss(v, kn, 2.0f);
+    /* row 0 is at position 0 (angles 0: cos 1, sin 0 on both backends, k unchanged): f16 overflow and
+     * subnormals in K and V */
+    if (kv_dim > 8) k[1] = 70000.0f, k[2] = -1e-7f, v[3] = 65504.0f, v[4] = 3e-8f;
+    for (int i = 0; i < n_ff; i++) ff[i] = 1.0f + 7.0f * (float)rnd_unif();
+    int32_t *pos = xmalloc((size_t)n * sizeof(int32_t)), *slots = xmalloc((size_t)n * sizeof(int32_t)),
+            *perm = xmalloc((size_t)n_slots * sizeof(int32_t)), *owner = xmalloc((size_t)n_slots * sizeof(int32_t));
+    for (int i = 0; i < n; i++) pos[i] = i == 0 ? 0 : i == 1 ? max_pos : rnd_int(max_pos + 1);
+    for (int i = 0; i < n_slots; i++) perm[i] = i, owner[i] = -1;
+    for (int i = n_slots - 1; i > 0; i--) {
+        const int j = rnd_int(i + 1), t = perm[i];
+        perm[i] = perm[j], perm[j] = t;
+    }
+    for (int i = 0; i < n; i++) {
+        slots[i] = i % 4 == 2 ? -1 : perm[i]; /* padding rows: rotated, stored nowhere */
+        if (slots[i] >= 0) owner[slots[i]] = i;
+    }
+    fl_f16_t *kinit = xmalloc(pool * sizeof(fl_f16_t)), *vinit = xmalloc(pool * sizeof(fl_f16_t));
+    for (size_t i = 0; i < pool; i++) kinit[i] = fl_f32_to_f16(rnd_gauss()), vinit[i] = fl_f32_to_f16(rnd_gauss());
+    twin_t tq = twin_new(qn * sizeof(float), q), tk = twin_new(kn * sizeof(float), k), tv = twin_new(kn * sizeof(float), v),
+           kc = twin_new(pool * sizeof(fl_f16_t), kinit), vc = twin_new(pool * sizeof(fl_f16_t), vinit),
+           tp = twin_new((size_t)n * sizeof(int32_t), pos), ts = twin_new((size_t)n * sizeof(int32_t), slots),
+           tf = twin_new((size_t)n_ff * sizeof(float), ff);
+    kern_rope_t rc = {.n_rot = n_rot, .freq_base = base, .freq_scale = freq_scale, .freq_factors = factors ? tf.c : NULL};
+    kern_rope_t rg = rc;
+    rg.freq_factors = factors ? tf.g : NULL;
+    kern_rope_kv_store(g_cpu, tq.c, tk.c, tv.c, kc.c, vc.c, tp.c, ts.c, n, n_heads, n_kv, head_dim, &rc);
+    kern_rope_kv_store(g_gpu, tq.g, tk.g, tv.g, kc.g, vc.g, tp.g, ts.g, n, n_heads, n_kv, head_dim, &rg);
+    char sub[300];
+    snprintf(sub, sizeof sub, "%s q", name);
+    check_floats(&tq, qn, TOL_ROPE, sub);
+    snprintf(sub, sizeof sub, "%s k", name);
+    check_floats(&tk, kn, TOL_ROPE, sub);
+    snprintf(sub, sizeof sub, "%s (V pool)", name);
+    if (check_pool(&vc, pool, sub)) result(true, sub, "bit-equal");
+
+    /* K pool */
+    snprintf(sub, sizeof sub, "%s (K pool)", name);
+    float *kfc = xmalloc(kn * sizeof(float)), *kfg = xmalloc(kn * sizeof(float));
+    fl_f16_t *hc = xmalloc(pool * sizeof(fl_f16_t)), *hg = xmalloc(pool * sizeof(fl_f16_t));
+    if (twin_get(&tk, kfc, kfg, kn * sizeof(float), sub) && twin_get(&kc, hc, hg, pool * sizeof(fl_f16_t), sub)) {
+        size_t untouched_bad = 0, inconsistent = 0, beyond = 0, differ = 0;
+        double worst = 0; /* the largest |Kg - Kc| in f16 ulps */
+        for (int s = 0; s < n_slots; s++) {
+            const int r = owner[s];
+            for (int dd = 0; dd < kv_dim; dd++) {
+                const size_t pi = (size_t)s * kv_dim + dd;
+                if (r < 0) {
+                    untouched_bad += hc[pi] != kinit[pi] || hg[pi] != kinit[pi];
+                    continue;
+                }
+                const float ac = kfc[(size_t)r * kv_dim + dd], ag = kfg[(size_t)r * kv_dim + dd];
+                inconsistent += hc[pi] != fl_f32_to_f16(ac) || hg[pi] != fl_f32_to_f16(ag);
+                if (hc[pi] == hg[pi]) continue;
+                differ++;
+                const double vcf = fl_f16_to_f32(hc[pi]), vgf = fl_f16_to_f32(hg[pi]);
+                const double ulp = f16_ulp(fmax(fabs((double)ac), fabs((double)ag)));
+                const double diff = fabs(vgf - vcf); /* NaN (a non-finite mismatch) fails below */
+                if (!(diff <= fabs((double)ag - (double)ac) + ulp)) beyond++;
+                if (!(diff / ulp <= worst)) worst = diff / ulp;
+            }
+        }
+        result(untouched_bad == 0 && inconsistent == 0 && beyond == 0, sub,
+               "differing=%zu of %zu (max %.3g f16 ulp) beyond |dk|+1ulp=%zu; pool != f16(own k)=%zu; unwritten "
+               "slots changed=%zu",
+               differ, pool, worst, beyond, inconsistent, untouched_bad);
+    }
+    free(kfc);
+    free(kfg);
+    free(hc);
+    free(hg);
+
+    /* the CUDA op against CUDA rope, rope, kv_store on copies of the same inputs */
+    snprintf(sub, sizeof sub, "%s cuda fused == cuda rope+rope+kv_store", name);
+    float *gq = gpu_copy(q, qn * sizeof(float)), *gk = gpu_copy(k, kn * sizeof(float));
+    fl_f16_t *gkc = gpu_copy(kinit, pool * sizeof(fl_f16_t)), *gvc = gpu_copy(vinit, pool * sizeof(fl_f16_t));
+    g_gpu->ops->rope(g_gpu, gq, tp.g, n, n_heads, head_dim, &rg);
+    g_gpu->ops->rope(g_gpu, gk, tp.g, n, n_kv, head_dim, &rg);
+    g_gpu->ops->kv_store(g_gpu, gkc, gvc, gk, tv.g, ts.g, n, kv_dim);
+    const bool sq = gpu_same(gq, tq.g, qn * sizeof(float), sub), sk = gpu_same(gk, tk.g, kn * sizeof(float), sub),
+               skc = gpu_same(gkc, kc.g, pool * sizeof(fl_f16_t), sub),
+               svc = gpu_same(gvc, vc.g, pool * sizeof(fl_f16_t), sub);
+    result(sq && sk && skc && svc, sub, "q %s, k %s, K pool %s, V pool %s (fused op %s)", sq ? "equal" : "DIFFERS",
+           sk ? "equal" : "DIFFERS", skc ? "equal" : "DIFFERS", svc ? "equal" : "DIFFERS",
+           g_gpu->ops->rope_kv_store ? "present" : "NULL: the wrapper ran the plain ops");
+    kern_free(g_gpu, gq);
+    kern_free(g_gpu, gk);
+    kern_free(g_gpu, gkc);
+    kern_free(g_gpu, gvc);
+
+    twin_t *all[] = {&tq, &tk, &tv, &kc, &vc, &tp, &ts, &tf};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) twin_free(all[i]);
+    free(q);
+    free(k);
+    free(v);
+    free(ff);
+    free(pos);
+    free(slots);
+    free(perm);
+    free(owner);
+    free(kinit);
+    free(vinit);
+}
+
 /* One sequence of an attention call: len positions in the cache after this call, the last n_new of
  * them being this call's query tokens (n_new == 1: decode; more: a prefill chunk). */
 typedef struct seq_spec {
@@ -666,17 +951,103 @@ static const char *const k_row_kinds[] = {"random", "tie-2", "tie-first-last", "
                                           "max-last", "peaked", "flat"};
 #define N_ROW_KINDS 8
 
-/* Row r of kind r % N_ROW_KINDS (or `special`: "nan" sprinkles NaNs, "all-inf" is all -inf). */
-static void make_row(float *l, int vocab, int kind, const char *special)
+/* Logits per block of the CUDA greedy argmax (ARGMAX_THREADS 256 x ARGMAX_PER_THREAD 8): a row of a
+ * larger vocabulary is split over blocks, folded by atomicMax of (value, lowest id) keys. */
+#define ARGMAX_CHUNK 2048
+
+/* Two ids a <= b for row variant var: in two different ARGMAX_CHUNK chunks whenever the vocabulary has
+ * two (random offsets in the first and last chunk; across the first chunk boundary, where b's offset
+ * in its chunk is below a's; the same offset in two chunks; the end of the second-to-last chunk and
+ * the last id), else two distinct ids (random, or the last two); 0 and 0 for a vocabulary of 1. */
+static void pick_pair(int vocab, int var, int *a, int *b)
+{
+    const int C = ARGMAX_CHUNK;
+    if (vocab <= 1) {
+        *a = *b = 0;
+        return;
+    }
+    if (vocab > C) {
+        const int last = (vocab - 1) / C; /* the last chunk, >= 1 */
+        switch (var % 4) {
+        case 0: *a = rnd_int(C), *b = last * C + rnd_int(vocab - last * C); return;
+        case 1: *a = C - 1, *b = C; return;
+        case 2: {
+            const int cb = 1 + rnd_int(last), ca = rnd_int(cb), room = vocab - cb * C, o = rnd_int(room < C ? room : C);
+            *a = ca * C + o, *b = cb * C + o;
+            return;
+        }
+        default: *a = last * C - 1, *b = vocab - 1; return;
+        }
+    }
+    if (var % 2) {
+        *a = vocab - 2, *b = vocab - 1;
+    } else {
+        *a = rnd_int(vocab - 1);
+        *b = *a + 1 + rnd_int(vocab - 1 - *a);
+    }
+}
+
+/* Row r of kind r % N_ROW_KINDS, or of `special` (row variant `kind`), for the greedy rule (only
+ * values > -inf count, so NaN never wins; the lowest id wins ties; -0 equals +0; a row with no value
+ * > -inf gives 0). Returns the id greedy sampling must give, or -1 where the row does not fix one
+ * here (the backends are then only compared with each other). Specials:
+ *   nan           NaNs sprinkled over a random row
+ *   all-inf       every value -inf: 0
+ *   all-nan       every value NaN: 0
+ *   nan-inf       NaN and -inf mixed, nothing else: 0
+ *   nan-inf-one   NaN and -inf mixed and one finite value (at a random id, the last, 0, or the first of
+ *                 the second chunk; moderate or -1e30): that id
+ *   max-2-chunks  the maximum at two ids, in two chunks where the vocabulary has them: the lower
+ *   signed-zeros  every other value negative (some -inf), -0.0 and +0.0 at two ids (either sign
+ *                 first, in two chunks where possible): the lower
+ *   inf-twice     +inf at two ids among random values and NaNs (and -infs in some rows): the lower */
+static int make_row(float *l, int vocab, int kind, const char *special)
 {
     fill_gauss(l, (size_t)vocab, 3.0f);
     if (special && !strcmp(special, "nan")) {
         for (int i = 0; i < 1 + vocab / 50; i++) l[rnd_int(vocab)] = NAN;
-        return;
+        return -1;
     }
-    if (special && !strcmp(special, "all-inf")) {
-        for (int i = 0; i < vocab; i++) l[i] = -INFINITY;
-        return;
+    if (special && (!strcmp(special, "all-inf") || !strcmp(special, "all-nan"))) {
+        const float f = special[4] == 'i' ? -INFINITY : NAN;
+        for (int i = 0; i < vocab; i++) l[i] = f;
+        return 0;
+    }
+    if (special && !strncmp(special, "nan-inf", 7)) {
+        for (int i = 0; i < vocab; i++) l[i] = rnd_int(2) ? NAN : -INFINITY;
+        if (!strcmp(special, "nan-inf")) return 0;
+        const int at[4] = {rnd_int(vocab), vocab - 1, 0, vocab > ARGMAX_CHUNK ? ARGMAX_CHUNK : vocab - 1};
+        const int f = at[kind % 4];
+        l[f] = kind / 4 % 2 ? -1e30f : rnd_gauss() * 3.0f;
+        return f;
+    }
+    int pa, pb;
+    if (special && !strcmp(special, "signed-zeros")) {
+        for (int i = 0; i < vocab; i++) l[i] = i % 7 == 3 ? -INFINITY : -0.5f - fabsf(l[i]);
+        pick_pair(vocab, kind, &pa, &pb);
+        const bool neg_first = kind / 4 % 2 == 0;
+        l[pb] = neg_first ? 0.0f : -0.0f;
+        l[pa] = neg_first ? -0.0f : 0.0f; /* pa == pb (a vocabulary of 1): a alone */
+        return pa;
+    }
+    if (special && !strcmp(special, "inf-twice")) {
+        for (int i = 0; i < 1 + vocab / 50; i++) l[rnd_int(vocab)] = NAN;
+        if (kind / 4 % 2)
+            for (int i = 1; i < vocab; i += 3) l[i] = -INFINITY;
+        pick_pair(vocab, kind, &pa, &pb);
+        l[pa] = l[pb] = INFINITY;
+        return pa;
+    }
+    if (special && !strcmp(special, "max-2-chunks")) {
+        float mx = -INFINITY;
+        for (int i = 0; i < vocab; i++) mx = fmaxf(mx, l[i]);
+        pick_pair(vocab, kind, &pa, &pb);
+        l[pa] = l[pb] = mx + 1.0f;
+        return pa;
+    }
+    if (special) {
+        printf("FAIL: make_row: unknown special row \"%s\"\n", special);
+        exit(1);
     }
     float mx = -INFINITY;
     for (int i = 0; i < vocab; i++) mx = fmaxf(mx, l[i]);
@@ -703,10 +1074,14 @@ static void make_row(float *l, int vocab, int kind, const char *special)
         break;
     default: break;
     }
+    return -1;
 }
 
-/* Samples n rows on both backends with params[n]; returns mismatches (each printed with its row). */
-static int sample_compare(const float *logits, int n, int vocab, const kern_sampling_t *params, const char *name)
+/* Samples n rows on both backends with params[n]; returns mismatched rows (each printed): the ids
+ * differ, or (expect, where not NULL) the CPU's id differs from expect[i] >= 0. special names the
+ * rows' special kind in the printout (NULL: the row kinds of make_row). */
+static int sample_compare(const float *logits, int n, int vocab, const kern_sampling_t *params, const int32_t *expect,
+                          const char *special, const char *name)
 {
     twin_t tl = twin_new((size_t)n * vocab * sizeof(float), logits);
     int32_t *oc = xmalloc((size_t)n * sizeof(int32_t)), *og = xmalloc((size_t)n * sizeof(int32_t));
@@ -718,12 +1093,14 @@ static int sample_compare(const float *logits, int n, int vocab, const kern_samp
         bad = n;
     } else {
         for (int i = 0; i < n; i++) {
-            if (oc[i] == og[i]) continue;
+            const int32_t want = expect ? expect[i] : -1;
+            if (oc[i] == og[i] && (want < 0 || oc[i] == want)) continue;
             if (bad++ < 10)
-                printf("     row %d (%s): cuda id %d, cpu id %d (temperature %g top_k %d top_p %g seed %llu position "
-                       "%llu)\n",
-                       i, k_row_kinds[i % N_ROW_KINDS], og[i], oc[i], params[i].temperature, params[i].top_k,
-                       params[i].top_p, (unsigned long long)params[i].seed, (unsigned long long)params[i].position);
+                printf("     row %d (%s variant %d): cuda id %d, cpu id %d, expected %d (temperature %g top_k %d top_p %g "
+                       "seed %llu position %llu)\n",
+                       i, special ? special : k_row_kinds[i % N_ROW_KINDS], i % N_ROW_KINDS, og[i], oc[i], want,
+                       params[i].temperature, params[i].top_k, params[i].top_p, (unsigned long long)params[i].seed,
+                       (unsigned long long)params[i].position);
         }
     }
     twin_free(&tl);
@@ -739,15 +1116,17 @@ static void test_sample_greedy(int n, int vocab, const char *special)
     if (!wanted(name) || !have_op((const void *)g_gpu->ops->sample, name)) return;
     float *l = xmalloc((size_t)n * vocab * sizeof(float));
     kern_sampling_t *p = xmalloc((size_t)n * sizeof(kern_sampling_t));
+    int32_t *expect = xmalloc((size_t)n * sizeof(int32_t));
     for (int i = 0; i < n; i++) {
-        make_row(l + (size_t)i * vocab, vocab, i % N_ROW_KINDS, special);
+        expect[i] = make_row(l + (size_t)i * vocab, vocab, i % N_ROW_KINDS, special);
         p[i] = (kern_sampling_t){.temperature = i % 2 ? 0.0f : -1.0f, .top_k = 40, .top_p = 0.9f, .seed = rnd_u64(),
                                  .position = (uint64_t)i};
     }
-    const int bad = sample_compare(l, n, vocab, p, name);
+    const int bad = sample_compare(l, n, vocab, p, expect, special, name);
     result(bad == 0, name, "mismatched rows=%d", bad);
     free(l);
     free(p);
+    free(expect);
 }
 
 /* Seeded draws with temperature / top-k / top-p per row (some rows greedy, in the same call). */
@@ -766,7 +1145,7 @@ static void test_sample_seeded(int n, int vocab, int round)
         p[i] = (kern_sampling_t){.temperature = temps[rnd_int(7)], .top_k = top_ks[rnd_int(8)],
                                  .top_p = top_ps[rnd_int(6)], .seed = rnd_u64(), .position = rnd_u64() % 100000};
     }
-    const int bad = sample_compare(l, n, vocab, p, name);
+    const int bad = sample_compare(l, n, vocab, p, NULL, NULL, name);
     result(bad == 0, name, "mismatched rows=%d (draws are a pure function of seed and position)", bad);
     free(l);
     free(p);
@@ -865,6 +1244,16 @@ int main(int argc, char **argv)
             for (int ti = 0; ti < N_TYPES; ti++) /* Llama-8B's Q, K, V in one call */
                 test_matmul_multi(k_types[ti], (const int[]){4096, 1024, 1024}, 3, 4096, 1);
         }
+        /* matmul_swiglu: gate and up, then SwiGLU (n == 1: one fused GEMV on CUDA) */
+        static const int sw_ns[] = {1, 3, 64};
+        for (int ti = 0; ti < N_TYPES; ti++) {
+            for (int k = 0; k < 3; k++) {
+                test_matmul_swiglu(k_types[ti], 1536, 576, sw_ns[k]); /* SmolLM2's n_ff x dim */
+                if (!g_quick || sw_ns[k] == 1) test_matmul_swiglu(k_types[ti], 67, 128, sw_ns[k]); /* rows % 8 != 0 */
+                if (!g_quick) test_matmul_swiglu(k_types[ti], 200, 32, sw_ns[k]); /* one quant block per row */
+            }
+            if (!g_quick) test_matmul_swiglu(k_types[ti], 1000, 4096, 1); /* long rows */
+        }
         if (vi > 0) kern_destroy(&g_gpu);
         g_gpu = g_gpu_default;
     }
@@ -878,6 +1267,16 @@ int main(int argc, char **argv)
     }
     test_rmsnorm(5, 576, 1e-5f);
     test_rmsnorm(3, 100, 1e-5f); /* dim not a multiple of a warp */
+
+    /* add_rmsnorm: the residual add fused with the next norm. CUDA's block size follows dim (one
+     * float4 per thread when dim % 4 == 0, one float otherwise, 32..1024 threads): 3, 4 and 100 below
+     * one warp's worth, 1030 and 8192 looping over more than 1024 threads' worth. */
+    static const int arn_dims[] = {64, 512, 4096, 576, 100, 4, 3, 1030, 8192};
+    for (int i = 0; i < (int)(sizeof arn_dims / sizeof arn_dims[0]); i++) {
+        test_add_rmsnorm(1, arn_dims[i], 1e-5f);
+        test_add_rmsnorm(7, arn_dims[i], 1e-6f);
+        if (!g_quick) test_add_rmsnorm(513, arn_dims[i], 1e-5f);
+    }
 
     /* rope */
     const int max_pos = g_quick ? 700 : 5000;
@@ -903,6 +1302,22 @@ int main(int argc, char **argv)
     test_kv_store(7, 192, 160);
     test_kv_store(100, 1024, 512);
     test_kv_store(g_quick ? 64 : 513, 192, 1024);
+
+    /* rope_kv_store: RoPE on q and k with the KV store, padding rows (slot -1) among the tokens */
+    static const int rkv_ns[] = {1, 7, 100};
+    for (int i = 0; i < (g_quick ? 2 : 3); i++) {
+        const int nn = rkv_ns[i], ns = 2 * nn + 16;
+        test_rope_kv_store(nn, 9, 3, 64, 64, 100000.0f, 1.0f, false, ns);   /* SmolLM2 */
+        test_rope_kv_store(nn, 32, 8, 128, 128, 500000.0f, 1.0f, true, ns); /* Llama-3-8B: rope_freqs */
+        test_rope_kv_store(nn, 8, 2, 128, 64, 10000.0f, 1.0f, false, ns);   /* partial rotary: n_rot < head_dim */
+    }
+    test_rope_kv_store(7, 8, 8, 128, 32, 10000.0f, 0.25f, true, 40); /* partial, linear scaling, factors, no GQA */
+    test_rope_kv_store(7, 4, 2, 63, 63, 10000.0f, 1.0f, false, 40);  /* odd head_dim: CUDA runs the plain ops */
+    test_rope_kv_store(7, 3, 1, 80, 80, 10000.0f, 1.0f, false, 40);  /* head_dim not a power of two */
+    if (!g_quick) {
+        test_rope_kv_store(5, 4, 1, 256, 256, 10000.0f, 1.0f, false, 40); /* 128 pairs per head */
+        test_rope_kv_store(3, 2, 2, 64, 0, 10000.0f, 1.0f, false, 40);    /* n_rot 0: the store alone */
+    }
 
     /* attention */
     const int L = g_quick ? 600 : 4000;
@@ -949,6 +1364,18 @@ int main(int argc, char **argv)
             test_sample_greedy(3, vocabs[i], "nan");
             test_sample_greedy(2, vocabs[i], "all-inf");
         }
+    }
+    /* greedy ids across the CUDA argmax's blocks of ARGMAX_CHUNK logits: vocabularies of one block,
+     * one block exactly, one logit over, and Llama-3's; the ordinary row kinds (ties at the first and
+     * last id, all equal) and the edge rows of make_row, each row checked against the rule's id */
+    static const int edge_vocabs[] = {1, ARGMAX_CHUNK - 1, ARGMAX_CHUNK, ARGMAX_CHUNK + 1, 128256};
+    static const char *const edge_rows[] = {"max-2-chunks", "signed-zeros", "all-nan", "all-inf",
+                                            "nan-inf",      "nan-inf-one",  "inf-twice"};
+    for (int i = 0; i < 5; i++) {
+        const int v = edge_vocabs[i];
+        if (v > 2 && v < 100000) test_sample_greedy(N_ROW_KINDS * 2, v, NULL);
+        for (int e = 0; e < (int)(sizeof edge_rows / sizeof edge_rows[0]); e++)
+            test_sample_greedy(N_ROW_KINDS, v, edge_rows[e]);
     }
     for (int i = 0; i < n_voc; i++)
         for (int r = 0; r < (g_quick ? 1 : 4); r++) test_sample_seeded(N_ROW_KINDS * 2, vocabs[i], r);
