@@ -22,8 +22,8 @@
  *     formulas (kernels/cpu/cpu_backend.c); the fused ops (add_rmsnorm, rope_kv_store,
  *     matmul_swiglu) are one kernel each too, so a decode step is 8 launches a layer. attention is
  *     one thread block (8 warps) per (token, head): q rounded to fp16 as the CPU does, each warp
- *     walks every 8th position of the sequence through its block table, 4 positions a round, with
- *     an fp32 online softmax, the warps are merged at the end; head_dim up to 256.
+ *     walks every 8th position of the sequence through its block table with an fp32 online
+ *     softmax, the warps are merged at the end; head_dim up to 256.
  *   - Single-token products (n = 1) run on k_gemv1, which streams fp16 rows or quantized blocks;
  *     larger n on cuBLASLt. A decode step at a repeating batch size is replayed as a CUDA graph.
  *   - sample: an argmax over each row split across blocks (lowest id on ties, as the CPU), then
@@ -87,12 +87,10 @@
             note_error((cb), FL_EBACKEND, "%s:%d: %s: cuBLAS status %d", __FILE__, __LINE__, #call, (int)s_); \
     } while (0)
 
-#define LAUNCHED(cb) OP_CUDA(cb, cudaGetLastError())
 
 #define WORKSPACE_BYTES ((size_t)32 << 20)
 #define MM_PLANS 64
 #define ATT_WARPS 8
-#define ATT_UNROLL 4
 #define ATT_MAX_HEAD_DIM 256
 #define ROPE_MAX_PAIRS 512
 #define EW_THREADS 256
@@ -146,6 +144,7 @@ typedef struct cuda_backend {
     bool gemv;                          /* single-token products on k_gemv1 (FOLIO_CUDA_GEMV=0: cuBLASLt) */
     bool qgemv;                         /* ... reading quantized weights as stored (FOLIO_CUDA_QGEMV=0: fp16) */
     bool graphs;                        /* CUDA graphs (FOLIO_CUDA_GRAPHS=0: off) */
+    bool pdl;                           /* programmatic dependent launch (FOLIO_CUDA_PDL=0: off) */
     cuda_graph_t graph[GRAPH_SLOTS];
     uint64_t graph_clock;               /* LRU stamp */
     unsigned buf_gen;                   /* bumped when a scratch buffer moves: recordings hold old pointers */
@@ -178,10 +177,44 @@ static unsigned grid_for(size_t n, unsigned threads)
 }
 
 /* ------------------------------------------------------------------------------------------------
+ * Programmatic dependent launch (Hopper): a kernel may start while the one before it on the stream
+ * still runs. Every kernel here first lets its successor launch (pdl_trigger), then waits for its
+ * predecessor to finish and its writes to show (pdl_wait) before it touches anything but weights;
+ * k_gemv1 pulls the start of its weight rows into L2 before waiting. A decode step at batch 1 is
+ * a chain of dependent kernels, and the short ones (norm, RoPE, attention) leave most of the chip
+ * idle: their time now overlaps the next product's weight reads instead of adding to it. Safe by
+ * induction: kernel k+1 may run alongside kernel k, but its wait returns only once k has returned
+ * from its own wait and finished. Launched without the attribute (FOLIO_CUDA_PDL=0, or cuBLASLt's
+ * kernels), a kernel waits for its predecessor as usual and the two instructions do nothing. */
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+/* kernel<<<grid, block, 0, stream>>>(args), with programmatic serialization where enabled; the
+ * launch's error is recorded. */
+template <typename... Params, typename... Args>
+static void launch(cuda_backend_t *cb, void (*kernel)(Params...), dim3 grid, dim3 block, Args... args)
+{
+    cudaLaunchAttribute attr;
+    memset(&attr, 0, sizeof attr);
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.stream = cb->stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = cb->pdl ? 1 : 0;
+    OP_CUDA(cb, cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...));
+}
+
+/* ------------------------------------------------------------------------------------------------
  * Kernels */
 
 __global__ void k_f32_to_f16(__half *dst, const float *src, size_t n)
 {
+    pdl_trigger();
+    pdl_wait();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = __float2half_rn(src[i]);
 }
@@ -321,6 +354,16 @@ __device__ float row_dot_quant(const uint8_t *row, int type, const float *x, int
     return acc;
 }
 
+/* The first GEMV_PREFETCH_BYTES of a weight row into L2, a 128-byte line a lane. */
+#define GEMV_PREFETCH_BYTES 8192
+__device__ __forceinline__ void prefetch_row(const gemv_job_t *jb, int row, int cols, int lane)
+{
+    const uint8_t *w = jb->q ? jb->q + (size_t)row * jb->row_bytes : (const uint8_t *)(jb->w + (size_t)row * cols);
+    const size_t bytes = jb->q ? (size_t)jb->row_bytes : (size_t)cols * sizeof(__half);
+    for (size_t o = (size_t)lane * 128; o < bytes && o < GEMV_PREFETCH_BYTES; o += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(w + o));
+}
+
 __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) k_gemv1(gemv_batch_t b, const float *__restrict__ x, int cols)
 {
     int j = 0;
@@ -329,6 +372,11 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) k_gemv1(gemv_batch_t b, co
     const int lane = threadIdx.x & 31;
     const int row = ((int)blockIdx.x - b.first_block[j]) * GEMV_WARPS + (int)(threadIdx.x >> 5);
     if (row >= jb->rows) return;
+    /* Weights are never written: their first bytes may be fetched before the predecessor is done. */
+    prefetch_row(jb, row, cols, lane);
+    if (b.swiglu) prefetch_row(&b.job[1], row, cols, lane);
+    pdl_trigger();
+    pdl_wait();
     float acc = jb->q ? row_dot_quant(jb->q + (size_t)row * jb->row_bytes, jb->type, x, cols, lane)
                       : row_dot_f16(jb->w + (size_t)row * cols, x, cols, lane);
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
@@ -345,6 +393,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) k_gemv1(gemv_batch_t b, co
 
 __global__ void k_embed(float *out, const __half *table, const int32_t *ids, int64_t rows, int64_t cols)
 {
+    pdl_trigger();
+    pdl_wait();
     const int i = blockIdx.x;
     const int32_t id = ids[i];
     float *o = out + (size_t)i * cols;
@@ -363,6 +413,8 @@ __global__ void k_embed(float *out, const __half *table, const int32_t *ids, int
 template <bool ADD>
 __global__ void k_rmsnorm(float *y, float *x, const float *delta, const float *w, int dim, float eps)
 {
+    pdl_trigger();
+    pdl_wait();
     __shared__ double warp_sum[32];
     __shared__ float scale_s;
     float *xr = x + (size_t)blockIdx.x * dim;
@@ -445,6 +497,8 @@ __device__ void rope_angles(float *cs, float *sn, int32_t pos, int np, float the
 __global__ void k_rope(float *x, const int32_t *pos, int n_heads, int head_dim, int np, float theta_scale,
                        float freq_scale, const float *freq_factors)
 {
+    pdl_trigger();
+    pdl_wait();
     __shared__ float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
     const int t = blockIdx.x;
     rope_angles(cs, sn, pos[t], np, theta_scale, freq_scale, freq_factors);
@@ -459,6 +513,8 @@ __global__ void k_rope(float *x, const int32_t *pos, int n_heads, int head_dim, 
 
 __global__ void k_kv_store(__half *kc, __half *vc, const float *k, const float *v, const int32_t *slots, int kv_dim)
 {
+    pdl_trigger();
+    pdl_wait();
     const int i = blockIdx.x;
     const int32_t slot = slots[i];
     if (slot < 0) return; /* padding row */
@@ -476,6 +532,8 @@ __global__ void k_rope_kv(float *q, float *k, const float *v, __half *kc, __half
                           const int32_t *slots, int n_heads, int n_kv_heads, int hd, int np, float theta_scale,
                           float freq_scale, const float *freq_factors)
 {
+    pdl_trigger();
+    pdl_wait();
     __shared__ float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
     const int t = blockIdx.x, h = blockIdx.y;
     rope_angles(cs, sn, pos[t], np, theta_scale, freq_scale, freq_factors);
@@ -512,6 +570,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
                                                               int hd, float scale, const uint64_t *tree_mask,
                                                               const int32_t *tree_start)
 {
+    pdl_trigger();
+    pdl_wait();
     __shared__ float qs[ATT_MAX_HEAD_DIM];
     __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
     __shared__ float wacc[ATT_WARPS][ATT_MAX_HEAD_DIM];
@@ -536,55 +596,28 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     float m = -INFINITY, l = 0.0f, acc[ATT_MAX_HEAD_DIM / 32];
 #pragma unroll
     for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) acc[r] = 0.0f;
-    /* ATT_UNROLL positions a round (j0, j0 + ATT_WARPS, ...): their K and V loads are all issued
-     * before any is used, so a round costs one memory latency, not ATT_UNROLL of them. */
-    for (int j0 = warp; j0 < len; j0 += ATT_WARPS * ATT_UNROLL) {
-        float s[ATT_UNROLL], v[ATT_UNROLL][ATT_MAX_HEAD_DIM / 32];
-        bool live[ATT_UNROLL];
-#pragma unroll
-        for (int u = 0; u < ATT_UNROLL; u++) {
-            const int j = j0 + u * ATT_WARPS;
-            /* masked: weighs 0 (uniform over the warp, as j is) */
-            live[u] = j < len && !(tree_mask && j >= ts && !((tm >> (j - ts)) & 1u));
-            s[u] = 0.0f;
-            if (!live[u]) continue;
-            const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
-            const __half *kr = kc + slot * kv_stride + hoff, *vr = vc + slot * kv_stride + hoff;
-#pragma unroll
-            for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) {
-                const int d = lane + 32 * r;
-                if (d < hd) {
-                    s[u] += qs[d] * __half2float(kr[d]);
-                    v[u][r] = __half2float(vr[d]);
-                }
-            }
-        }
-        float mn = m;
-#pragma unroll
-        for (int u = 0; u < ATT_UNROLL; u++) {
-            if (!live[u]) continue;
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) s[u] += __shfl_xor_sync(0xffffffffu, s[u], off);
-            s[u] *= scale;
-            mn = fmaxf(mn, s[u]);
-        }
-        if (mn == -INFINITY) continue; /* -inf scores before any finite one weigh 0 */
-        const float corr = m == -INFINITY ? 0.0f : expf(m - mn);
-        float p[ATT_UNROLL];
-        l *= corr;
-#pragma unroll
-        for (int u = 0; u < ATT_UNROLL; u++) {
-            p[u] = live[u] ? expf(s[u] - mn) : 0.0f;
-            l += p[u];
-        }
+    for (int j = warp; j < len; j += ATT_WARPS) {
+        if (tree_mask && j >= ts && !((tm >> (j - ts)) & 1u)) continue; /* masked: weighs 0 */
+        const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
+        const __half *kr = kc + slot * kv_stride + hoff, *vr = vc + slot * kv_stride + hoff;
+        float s = 0.0f;
 #pragma unroll
         for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) {
-            if (lane + 32 * r >= hd) continue;
-            float a = acc[r] * corr;
+            const int d = lane + 32 * r;
+            if (d < hd) s += qs[d] * __half2float(kr[d]);
+        }
 #pragma unroll
-            for (int u = 0; u < ATT_UNROLL; u++)
-                if (live[u]) a += p[u] * v[u][r];
-            acc[r] = a;
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        s *= scale;
+        const float mn = fmaxf(m, s);
+        if (mn == -INFINITY) continue; /* a -inf score before any finite one weighs 0 */
+        const float corr = m == -INFINITY ? 0.0f : expf(m - mn);
+        const float p = expf(s - mn);
+        l = l * corr + p;
+#pragma unroll
+        for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) {
+            const int d = lane + 32 * r;
+            if (d < hd) acc[r] = acc[r] * corr + p * __half2float(vr[d]);
         }
         m = mn;
     }
@@ -610,6 +643,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
 
 __global__ void k_swiglu(float *out, const float *gate, const float *up, size_t n)
 {
+    pdl_trigger();
+    pdl_wait();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
@@ -618,6 +653,8 @@ __global__ void k_swiglu(float *out, const float *gate, const float *up, size_t 
 
 __global__ void k_add(float *y, const float *x, size_t n)
 {
+    pdl_trigger();
+    pdl_wait();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         y[i] += x[i];
 }
@@ -639,6 +676,8 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int i)
 
 __global__ void k_argmax_part(unsigned long long *keys, const float *logits, int vocab)
 {
+    pdl_trigger();
+    pdl_wait();
     __shared__ unsigned long long warp_best[ARGMAX_THREADS / 32];
     const float *l = logits + (size_t)blockIdx.y * vocab;
     const int start = blockIdx.x * ARGMAX_THREADS * ARGMAX_PER_THREAD + threadIdx.x;
@@ -662,6 +701,8 @@ __global__ void k_argmax_part(unsigned long long *keys, const float *logits, int
 
 __global__ void k_argmax_ids(int32_t *ids, const unsigned long long *keys, int n)
 {
+    pdl_trigger();
+    pdl_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) ids[i] = keys[i] ? (int32_t)(0xffffffffu - (uint32_t)keys[i]) : 0;
 }
@@ -983,8 +1024,7 @@ static bool convert_x(cuda_backend_t *cb, const float *x, int n, int64_t cols)
     size_t cap = cb->xh_elems * sizeof(__half);
     if (!grow_device(cb, (void **)&cb->xh, &cap, elems * sizeof(__half), "matmul activations", true)) return false;
     cb->xh_elems = cap / sizeof(__half);
-    k_f32_to_f16<<<grid_for(elems, EW_THREADS), EW_THREADS, 0, cb->stream>>>(cb->xh, x, elems);
-    LAUNCHED(cb);
+    launch(cb, k_f32_to_f16, grid_for(elems, EW_THREADS), EW_THREADS, cb->xh, x, elems);
     return cb->first.code == 0;
 }
 
@@ -1017,8 +1057,7 @@ static void gemv_launch(cuda_backend_t *cb, float *const *ys, const kern_weight_
         blocks += ((int)w->rows + GEMV_WARPS - 1) / GEMV_WARPS;
     }
     b.first_block[b.n_jobs] = blocks;
-    k_gemv1<<<blocks, GEMV_WARPS * 32, 0, cb->stream>>>(b, x, (int)ws[0]->cols);
-    LAUNCHED(cb);
+    launch(cb, k_gemv1, blocks, GEMV_WARPS * 32, b, x, (int)ws[0]->cols);
 }
 
 static void matmul_converted(cuda_backend_t *cb, float *y, const kern_weight_t *w, int n)
@@ -1093,16 +1132,14 @@ static void cuda_embed(kern_backend_t *be, float *out, const kern_weight_t *tabl
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || !op_begin(cb)) return;
-    k_embed<<<n, EW_THREADS, 0, cb->stream>>>(out, table->d, ids, table->rows, table->cols);
-    LAUNCHED(cb);
+    launch(cb, k_embed, n, EW_THREADS, out, (const __half *)table->d, ids, table->rows, table->cols);
 }
 
 static void cuda_rmsnorm(kern_backend_t *be, float *y, const float *x, const float *weight, int n, int dim, float eps)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || dim <= 0 || !op_begin(cb)) return;
-    k_rmsnorm<false><<<n, norm_threads(dim), 0, cb->stream>>>(y, (float *)x, NULL, weight, dim, eps);
-    LAUNCHED(cb);
+    launch(cb, k_rmsnorm<false>, n, norm_threads(dim), y, (float *)x, (const float *)NULL, weight, dim, eps);
 }
 
 static void cuda_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta, const float *weight, int n,
@@ -1110,8 +1147,7 @@ static void cuda_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || dim <= 0 || !op_begin(cb)) return;
-    k_rmsnorm<true><<<n, norm_threads(dim), 0, cb->stream>>>(y, x, delta, weight, dim, eps);
-    LAUNCHED(cb);
+    launch(cb, k_rmsnorm<true>, n, norm_threads(dim), y, x, delta, weight, dim, eps);
 }
 
 static void cuda_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
@@ -1121,9 +1157,8 @@ static void cuda_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, i
     const int n_rot = rope->n_rot < head_dim ? rope->n_rot : head_dim, np = n_rot / 2;
     if (n <= 0 || np <= 0 || np > ROPE_MAX_PAIRS || !op_begin(cb)) return; /* as the CPU: nothing to rotate */
     const float theta_scale = powf(rope->freq_base, -2.0f / (float)n_rot);
-    k_rope<<<n, EW_THREADS, 0, cb->stream>>>(x, pos, n_heads, head_dim, np, theta_scale, rope->freq_scale,
-                                             rope->freq_factors);
-    LAUNCHED(cb);
+    launch(cb, k_rope, n, EW_THREADS, x, pos, n_heads, head_dim, np, theta_scale, rope->freq_scale,
+           rope->freq_factors);
 }
 
 static void cuda_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
@@ -1131,8 +1166,7 @@ static void cuda_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cac
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || kv_dim <= 0 || !op_begin(cb)) return;
-    k_kv_store<<<n, EW_THREADS, 0, cb->stream>>>((__half *)k_cache, (__half *)v_cache, k, v, slots, kv_dim);
-    LAUNCHED(cb);
+    launch(cb, k_kv_store, n, EW_THREADS, (__half *)k_cache, (__half *)v_cache, k, v, slots, kv_dim);
 }
 
 static void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *k_cache,
@@ -1151,10 +1185,9 @@ static void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const flo
     const float theta_scale = np ? powf(rope->freq_base, -2.0f / (float)n_rot) : 1.0f;
     const int pairs = head_dim / 2;
     const unsigned threads = pairs >= 128 ? 128 : (unsigned)((pairs + 31) / 32 * 32);
-    k_rope_kv<<<dim3((unsigned)n, (unsigned)(n_heads + n_kv_heads)), threads, 0, cb->stream>>>(
-        q, k, v, (__half *)k_cache, (__half *)v_cache, pos, slots, n_heads, n_kv_heads, head_dim, np, theta_scale,
-        rope->freq_scale, rope->freq_factors);
-    LAUNCHED(cb);
+    launch(cb, k_rope_kv, dim3((unsigned)n, (unsigned)(n_heads + n_kv_heads)), threads, q, k, v, (__half *)k_cache,
+           (__half *)v_cache, pos, slots, n_heads, n_kv_heads, head_dim, np, theta_scale, rope->freq_scale,
+           rope->freq_factors);
 }
 
 static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
@@ -1175,26 +1208,23 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
                    a->n_heads);
         return;
     }
-    k_attention<<<(unsigned)blocks, ATT_WARPS * 32, 0, cb->stream>>>(
-        a->out, a->q, (const __half *)a->k_cache, (const __half *)a->v_cache, a->tok_seq, a->tok_pos, a->block_tables,
-        a->max_blocks, a->block_size, a->n_heads, a->n_kv_heads, a->head_dim, a->scale, a->tree_mask, a->tree_start);
-    LAUNCHED(cb);
+    launch(cb, k_attention, (unsigned)blocks, ATT_WARPS * 32, a->out, a->q, (const __half *)a->k_cache,
+           (const __half *)a->v_cache, a->tok_seq, a->tok_pos, a->block_tables, a->max_blocks, a->block_size,
+           a->n_heads, a->n_kv_heads, a->head_dim, a->scale, a->tree_mask, a->tree_start);
 }
 
 static void cuda_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || !op_begin(cb)) return;
-    k_swiglu<<<grid_for((size_t)n, EW_THREADS), EW_THREADS, 0, cb->stream>>>(out, gate, up, (size_t)n);
-    LAUNCHED(cb);
+    launch(cb, k_swiglu, grid_for((size_t)n, EW_THREADS), EW_THREADS, out, gate, up, (size_t)n);
 }
 
 static void cuda_add(kern_backend_t *be, float *y, const float *x, int n)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || !op_begin(cb)) return;
-    k_add<<<grid_for((size_t)n, EW_THREADS), EW_THREADS, 0, cb->stream>>>(y, x, (size_t)n);
-    LAUNCHED(cb);
+    launch(cb, k_add, grid_for((size_t)n, EW_THREADS), EW_THREADS, y, x, (size_t)n);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -1219,11 +1249,9 @@ static void cuda_sample(kern_backend_t *be, int32_t *out, const float *logits, i
         return;
     OP_CUDA(cb, cudaMemsetAsync(cb->d_keys, 0, (size_t)n * sizeof(unsigned long long), cb->stream));
     const int per_block = ARGMAX_THREADS * ARGMAX_PER_THREAD;
-    k_argmax_part<<<dim3((unsigned)((vocab + per_block - 1) / per_block), (unsigned)n), ARGMAX_THREADS, 0,
-                    cb->stream>>>(cb->d_keys, logits, vocab);
-    LAUNCHED(cb);
-    k_argmax_ids<<<(unsigned)((n + 255) / 256), 256, 0, cb->stream>>>(cb->d_ids, cb->d_keys, n);
-    LAUNCHED(cb);
+    launch(cb, k_argmax_part, dim3((unsigned)((vocab + per_block - 1) / per_block), (unsigned)n), ARGMAX_THREADS,
+           cb->d_keys, logits, vocab);
+    launch(cb, k_argmax_ids, (unsigned)((n + 255) / 256), 256, cb->d_ids, (const unsigned long long *)cb->d_keys, n);
     bool stochastic = false;
     for (int i = 0; i < n; i++) stochastic |= kern_sample_is_stochastic(&params[i]) && vocab > 1;
     if (stochastic) {
@@ -1453,6 +1481,8 @@ extern "C" kern_backend_t *kern_cuda_module_new(int device, fl_error_t *err)
     const char *qgemv = getenv("FOLIO_CUDA_QGEMV");
     cb->qgemv = cb->gemv && !(qgemv && !strcmp(qgemv, "0"));
     cb->graphs = !(graphs && !strcmp(graphs, "0"));
+    const char *pdl = getenv("FOLIO_CUDA_PDL");
+    cb->pdl = !(pdl && !strcmp(pdl, "0"));
     if (cuda_setup(cb, err)) {
         cuda_destroy(&cb->base);
         return NULL;
