@@ -435,6 +435,7 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
             .tok_seq = m->d_seq, .tok_pos = m->d_pos, .block_tables = m->d_block_tables,
             .max_blocks = m->max_blocks, .block_size = kv->block_size, .n_heads = c->n_heads,
             .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .scale = 1.0f / sqrtf((float)c->head_dim),
+            .n_seqs = b->n_seqs,
         };
         PROF(ATTENTION, kern_attention(be, &attn));
         PROF(OUT_PROJ, kern_matmul(be, m->xb, L->wo, m->att, n));

@@ -145,6 +145,7 @@ typedef struct cuda_backend {
     bool qgemv;                         /* ... reading quantized weights as stored (FOLIO_CUDA_QGEMV=0: fp16) */
     bool graphs;                        /* CUDA graphs (FOLIO_CUDA_GRAPHS=0: off) */
     bool pdl;                           /* programmatic dependent launch (FOLIO_CUDA_PDL=0: off) */
+    bool tiled_attn;                    /* k_attention_tiled for prefill (FOLIO_CUDA_TILED_ATTN=0: off) */
     cuda_graph_t graph[GRAPH_SLOTS];
     uint64_t graph_clock;               /* LRU stamp */
     unsigned buf_gen;                   /* bumped when a scratch buffer moves: recordings hold old pointers */
@@ -638,6 +639,161 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
             den += wl[w] * f;
         }
         o[d] = den > 0.0f ? num / den : 0.0f;
+    }
+}
+
+/* Attention for runs of tokens of one sequence (prefill): block (tile of qt consecutive tokens,
+ * KV head g) holds the query rows of the tile's tokens for the heads sharing g (rows = qt x group
+ * <= TA_ROWS, q rounded to fp16 as k_attention does) and walks the sequence's positions TA_KT at a
+ * time: the K/V rows of a tile go through shared memory once for all those rows, where k_attention
+ * reads each once per (token, head). A tile whose tokens come from several sequences is taken one
+ * run of one sequence at a time. Four threads per row: for scores thread c takes positions c, c+4,
+ * ...; for the output, dimension pairs 2c, 2c+8, .... Online fp32 softmax per row; masked positions
+ * (beyond a token's length, or outside its tree mask) weigh exactly 0, as in k_attention. head_dim
+ * a multiple of 8, at most TA_MAX_HD. */
+#define TA_THREADS 256
+#define TA_ROWS 64
+#define TA_KT 32
+#define TA_MAX_HD 128
+#define TA_PAD 8 /* halves after each shared row: 16-byte aligned rows, rows 4 banks apart */
+
+__global__ void __launch_bounds__(TA_THREADS) k_attention_tiled(
+    float *out, const float *q, const __half *kc, const __half *vc, const int32_t *tok_seq, const int32_t *tok_pos,
+    const int32_t *block_tables, int max_blocks, int bs, int n_tokens, int n_heads, int n_kv_heads, int hd,
+    float scale, const uint64_t *tree_mask, const int32_t *tree_start, int qt)
+{
+    pdl_trigger();
+    pdl_wait();
+    __shared__ __align__(16) __half qs[TA_ROWS][TA_MAX_HD + TA_PAD];
+    __shared__ __align__(16) __half ks[TA_KT][TA_MAX_HD + TA_PAD];
+    __shared__ __align__(16) __half vs[TA_KT][TA_MAX_HD + TA_PAD];
+    __shared__ float ps[TA_ROWS][TA_KT + 1];
+    __shared__ int32_t t_seq[TA_ROWS], t_len[TA_ROWS], t_ts[TA_ROWS];
+    __shared__ uint64_t t_tm[TA_ROWS];
+    __shared__ int32_t slot_s[TA_KT];
+    const int group = n_heads / n_kv_heads, g = blockIdx.y;
+    const int t0 = blockIdx.x * qt, nt = min(qt, n_tokens - t0), n_rows = nt * group;
+    const int tid = threadIdx.x, r = tid >> 2, c = tid & 3;
+    const int ti = r / group, h = g * group + r % group; /* this thread's row: token t0 + ti, head h */
+    const size_t kv_stride = (size_t)n_kv_heads * hd, hoff = (size_t)g * hd;
+
+    for (int i = tid; i < nt; i += blockDim.x) { /* kern_attn_len, on the device */
+        const int t = t0 + i;
+        t_seq[i] = tok_seq[t];
+        t_tm[i] = tree_mask ? tree_mask[t] : 0;
+        t_ts[i] = tree_mask ? tree_start[t] : 0;
+        t_len[i] = tree_mask ? t_ts[i] + (t_tm[i] ? 64 - __clzll((long long)t_tm[i]) : 0) : tok_pos[t] + 1;
+    }
+    for (int e = tid; e < n_rows * (hd / 2); e += blockDim.x) {
+        const int rr = e / (hd / 2), d = 2 * (e % (hd / 2));
+        const float *qr = q + ((size_t)(t0 + rr / group) * n_heads + g * group + rr % group) * hd + d;
+        *(__half2 *)&qs[rr][d] = __floats2half2_rn(qr[0], qr[1]);
+    }
+    __syncthreads();
+
+    for (int sub = 0, end; sub < nt; sub = end) { /* each run of one sequence (uniform over the block) */
+        const int seq = t_seq[sub];
+        int max_len = 0;
+        for (end = sub; end < nt && t_seq[end] == seq; end++) max_len = max(max_len, t_len[end]);
+        const bool active = r < n_rows && ti >= sub && ti < end;
+        const int len = active ? t_len[ti] : 0, ts = active ? t_ts[ti] : 0;
+        const uint64_t tm = active ? t_tm[ti] : 0;
+        const int32_t *bt = block_tables + (size_t)seq * max_blocks;
+        float m = -INFINITY, l = 0.0f, acc[TA_MAX_HD / 4];
+#pragma unroll
+        for (int k = 0; k < TA_MAX_HD / 4; k++) acc[k] = 0.0f;
+
+        for (int kt = 0; kt < max_len; kt += TA_KT) {
+            if (tid < TA_KT) {
+                const int j = kt + tid;
+                slot_s[tid] = j < max_len ? bt[j / bs] * bs + j % bs : -1;
+            }
+            __syncthreads();
+            for (int e = tid; e < TA_KT * (hd / 8); e += blockDim.x) {
+                const int jj = e / (hd / 8), d = 8 * (e % (hd / 8));
+                const int32_t slot = slot_s[jj];
+                uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;
+                if (slot >= 0) {
+                    kv = *(const uint4 *)(kc + (size_t)slot * kv_stride + hoff + d);
+                    vv = *(const uint4 *)(vc + (size_t)slot * kv_stride + hoff + d);
+                }
+                *(uint4 *)&ks[jj][d] = kv;
+                *(uint4 *)&vs[jj][d] = vv;
+            }
+            __syncthreads();
+            float s[TA_KT / 4], tile_max = -INFINITY;
+#pragma unroll
+            for (int u = 0; u < TA_KT / 4; u++) {
+                const int j = kt + c + 4 * u;
+                float dot = 0.0f;
+                if (active && j < len && (!tree_mask || j < ts || ((tm >> (j - ts)) & 1u))) {
+                    for (int d = 0; d < hd; d += 2) {
+                        const float2 qv = __half22float2(*(const __half2 *)&qs[r][d]);
+                        const float2 kv = __half22float2(*(const __half2 *)&ks[c + 4 * u][d]);
+                        dot = fmaf(qv.x, kv.x, dot);
+                        dot = fmaf(qv.y, kv.y, dot);
+                    }
+                    s[u] = dot * scale;
+                } else {
+                    s[u] = -INFINITY; /* masked: weighs 0 */
+                }
+                tile_max = fmaxf(tile_max, s[u]);
+            }
+            /* the row's four threads are lanes 4k..4k+3 of one warp */
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+            const float mn = fmaxf(m, tile_max);
+            float corr = 1.0f, psum = 0.0f;
+            if (mn != -INFINITY) { /* else nothing finite yet: -inf scores weigh 0 */
+                corr = m == -INFINITY ? 0.0f : expf(m - mn);
+#pragma unroll
+                for (int u = 0; u < TA_KT / 4; u++) {
+                    s[u] = expf(s[u] - mn);
+                    psum += s[u];
+                }
+            } else {
+#pragma unroll
+                for (int u = 0; u < TA_KT / 4; u++) s[u] = 0.0f;
+            }
+            psum += __shfl_xor_sync(0xffffffffu, psum, 1);
+            psum += __shfl_xor_sync(0xffffffffu, psum, 2);
+            l = l * corr + psum;
+            m = mn;
+            if (r < TA_ROWS) {
+#pragma unroll
+                for (int u = 0; u < TA_KT / 4; u++) ps[r][c + 4 * u] = s[u];
+            }
+            __syncthreads();
+            if (active) {
+#pragma unroll
+                for (int k = 0; k < TA_MAX_HD / 8; k++) acc[2 * k] *= corr, acc[2 * k + 1] *= corr;
+                for (int jj = 0; jj < TA_KT; jj++) {
+                    const float p = ps[r][jj];
+                    if (p == 0.0f) continue; /* a masked position is absent, even where V holds inf */
+#pragma unroll
+                    for (int k = 0; k < TA_MAX_HD / 8; k++) {
+                        const int d = 2 * c + 8 * k;
+                        if (d < hd) {
+                            const float2 v = __half22float2(*(const __half2 *)&vs[jj][d]);
+                            acc[2 * k] = fmaf(p, v.x, acc[2 * k]);
+                            acc[2 * k + 1] = fmaf(p, v.y, acc[2 * k + 1]);
+                        }
+                    }
+                }
+            }
+            __syncthreads(); /* before the next tile overwrites slot_s, ks, vs, ps */
+        }
+        if (active) {
+            float *o = out + ((size_t)(t0 + ti) * n_heads + h) * hd;
+#pragma unroll
+            for (int k = 0; k < TA_MAX_HD / 8; k++) {
+                const int d = 2 * c + 8 * k;
+                if (d < hd) {
+                    o[d] = l > 0.0f ? acc[2 * k] / l : 0.0f;
+                    o[d + 1] = l > 0.0f ? acc[2 * k + 1] / l : 0.0f;
+                }
+            }
+        }
     }
 }
 
@@ -1208,6 +1364,16 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
                    a->n_heads);
         return;
     }
+    const int group = a->n_heads / a->n_kv_heads;
+    if (cb->tiled_attn && a->n_seqs > 0 && a->n_tokens >= 8 * a->n_seqs && a->head_dim % 8 == 0 &&
+        a->head_dim <= TA_MAX_HD && group <= TA_ROWS) { /* prefill: runs of many tokens of one sequence */
+        const int qt = TA_ROWS / group;
+        launch(cb, k_attention_tiled, dim3((unsigned)((a->n_tokens + qt - 1) / qt), (unsigned)a->n_kv_heads),
+               TA_THREADS, a->out, a->q, (const __half *)a->k_cache, (const __half *)a->v_cache, a->tok_seq,
+               a->tok_pos, a->block_tables, a->max_blocks, a->block_size, a->n_tokens, a->n_heads, a->n_kv_heads,
+               a->head_dim, a->scale, a->tree_mask, a->tree_start, qt);
+        return;
+    }
     launch(cb, k_attention, (unsigned)blocks, ATT_WARPS * 32, a->out, a->q, (const __half *)a->k_cache,
            (const __half *)a->v_cache, a->tok_seq, a->tok_pos, a->block_tables, a->max_blocks, a->block_size,
            a->n_heads, a->n_kv_heads, a->head_dim, a->scale, a->tree_mask, a->tree_start);
@@ -1483,6 +1649,8 @@ extern "C" kern_backend_t *kern_cuda_module_new(int device, fl_error_t *err)
     cb->graphs = !(graphs && !strcmp(graphs, "0"));
     const char *pdl = getenv("FOLIO_CUDA_PDL");
     cb->pdl = !(pdl && !strcmp(pdl, "0"));
+    const char *tiled = getenv("FOLIO_CUDA_TILED_ATTN");
+    cb->tiled_attn = !(tiled && !strcmp(tiled, "0"));
     if (cuda_setup(cb, err)) {
         cuda_destroy(&cb->base);
         return NULL;

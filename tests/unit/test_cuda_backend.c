@@ -205,6 +205,15 @@ static void check_floats(const twin_t *t, size_t n, double tol, const char *name
     free(hg);
 }
 
+/* NaN over the GPU copy, so that a later check cannot pass on what an earlier run left there. */
+static void poison_gpu(const twin_t *t)
+{
+    float *nan = xmalloc(t->bytes);
+    for (size_t i = 0; i < t->bytes / sizeof(float); i++) nan[i] = NAN;
+    g_gpu->ops->upload(g_gpu, t->g, nan, t->bytes);
+    free(nan);
+}
+
 static bool have_op(const void *fn, const char *name)
 {
     if (fn) return true;
@@ -903,6 +912,18 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
     kern_attention(g_cpu, &ac);
     kern_attention(g_gpu, &ag);
     check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, name);
+    /* With n_seqs given and many tokens a sequence, the CUDA backend tiles queries (its prefill
+     * kernel); the same call without n_seqs above took the per-(token, head) kernel. */
+    const bool tiled = n_tokens >= 8 * n_seqs;
+    char tiled_name[300];
+    snprintf(tiled_name, sizeof tiled_name, "%s tiled", name);
+    if (tiled) {
+        poison_gpu(&out);
+        ag.n_seqs = n_seqs;
+        kern_attention(g_gpu, &ag);
+        ag.n_seqs = 0;
+        check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, tiled_name);
+    }
 
     /* The same tokens as a draft tree per sequence (speculative verification): each new token a
      * child of a random earlier new one, seeing the context, its ancestors and itself. */
@@ -921,9 +942,17 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
         ac.tree_mask = tm.c, ac.tree_start = tst.c, ag.tree_mask = tm.g, ag.tree_start = tst.g;
         kern_attention(g_cpu, &ac);
         kern_attention(g_gpu, &ag);
-        char tname[300];
+        char tname[320];
         snprintf(tname, sizeof tname, "%s tree", name);
         check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, tname);
+        if (tiled) {
+            poison_gpu(&out);
+            ag.n_seqs = n_seqs;
+            kern_attention(g_gpu, &ag);
+            ag.n_seqs = 0;
+            snprintf(tname, sizeof tname, "%s tree", tiled_name);
+            check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, tname);
+        }
         twin_free(&tm);
         twin_free(&tst);
         free(mask);
@@ -1348,6 +1377,14 @@ int main(int argc, char **argv)
     test_attention("mixed-batch", 9, 3, 64, 16, mixed, 7);
     test_attention("mixed-batch", 32, 8, 128, 16, mixed, 7);
     test_attention("mixed-batch", 16, 2, 64, 32, mixed, 7); /* another block size */
+    /* prefill runs of several sequences, straddling the tiled kernel's query tiles; GQA 1 (64
+     * tokens a tile), 3, 4, 8 (8 tokens a tile); head_dim 80 (pairs of dimensions 2c + 8k) */
+    const seq_spec_t runs[] = {{37, 37}, {50, 20}, {16, 16}, {70, 9}, {300, 1}};
+    test_attention("prefill-runs", 9, 3, 64, 16, runs, 5);
+    test_attention("prefill-runs", 32, 8, 128, 16, runs, 5);
+    test_attention("prefill-runs", 8, 8, 128, 16, runs, 5);
+    test_attention("prefill-runs", 64, 8, 128, 16, runs, 5);
+    test_attention("prefill-runs", 10, 2, 80, 32, runs, 5);
     test_attention("decode-batch-16", 9, 3, 64, 16,
                    (const seq_spec_t[]){{5, 1},  {31, 1},  {32, 1},  {33, 1},  {64, 1},  {65, 1},  {127, 1}, {128, 1},
                                         {129, 1}, {200, 1}, {255, 1}, {256, 1}, {257, 1}, {511, 1}, {512, 1}, {513, 1}},
