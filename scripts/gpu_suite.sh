@@ -9,11 +9,13 @@
 #   bench     folio-bench engine --backend cuda on the default model, and PyTorch on its shape
 #   bench8b   the same on a random-weight model of Llama-3-8B's shape in bf16 (written by
 #             folio-mkmodel into /dev/shm, about 16 GB), and on one in Q4_1 (quantized reads)
+#   variants8b  the graphs/GEMV/PDL/tiled-attention on-off runs on the bf16 8B shape (bench8b runs
+#             them too; this step alone, for a lease that must split the work over calls)
 #   models    only write those two models (the bench8b step does when they are missing)
 #   profile   ncu on batch-1 decode steps of the bf16 8B shape: device time and DRAM bytes per
 #             kernel (scripts/ncu_summary.py), graphs off so every kernel is seen
-# FOLIO_GPU_VARIANTS: which graphs/GEMV on-off runs (default "plain nographs nogemv", "" for none);
-# FOLIO_GPU_TORCH=0 skips the PyTorch side.
+# FOLIO_GPU_VARIANTS: which on-off runs (default "plain nographs nogemv nopdl notiled", "" for none);
+# FOLIO_GPU_TORCH=0 skips the PyTorch side; FOLIO_GPU_Q4=0 the Q4_1 8B runs.
 # A machine without a package registry: pass FOLIO_DEPS=<folder of .deb files> (the list is in
 # tests/README.md); they are unpacked under <folder>/root and used from there, never into /.
 # Results go to ${OUT:-build-gpu}/gpu-*. A failing step is recorded and the next steps still run;
@@ -148,11 +150,14 @@ bench_torch() {
   grep -E '^(prefill|decode)' "$out/gpu-torch-$1.txt"
 }
 
-# What CUDA graphs and the single-token GEMV kernel each contribute, measured in the same run.
+# What CUDA graphs, the single-token GEMV kernel, programmatic dependent launch and the tiled
+# prefill attention each contribute, measured in the same run.
 bench_variants() {
   local v
-  for v in ${FOLIO_GPU_VARIANTS-plain nographs nogemv}; do
+  for v in ${FOLIO_GPU_VARIANTS-plain nographs nogemv nopdl notiled}; do
     case $v in
+      nopdl) bench_folio "$1-nopdl" "$2" 1,8 FOLIO_CUDA_PDL=0 -- --repeat 2 "${@:3}" ;;
+      notiled) bench_folio "$1-notiled" "$2" 1 FOLIO_CUDA_TILED_ATTN=0 -- --repeat 2 "${@:3}" ;;
       plain) bench_folio "$1-plain" "$2" 1,8 FOLIO_CUDA_GRAPHS=0 FOLIO_CUDA_GEMV=0 -- --repeat 2 "${@:3}" ;;
       nographs) bench_folio "$1-nographs" "$2" 1,8 FOLIO_CUDA_GRAPHS=0 -- --repeat 2 "${@:3}" ;;
       nogemv) bench_folio "$1-nogemv" "$2" 1,8 FOLIO_CUDA_GEMV=0 -- --repeat 2 "${@:3}" ;;
@@ -179,9 +184,16 @@ if want bench8b; then
   bench_folio llama3-8b "$big_bf16" 1,8,64,256 -- --kv-budget 8GiB
   bench_variants llama3-8b "$big_bf16" --kv-budget 8GiB
   bench_torch llama3-8b llama3-8b
-  # Decode over Q4_1 weights: read as stored (4.5 bits a weight) vs their fp16 copies
-  bench_folio llama3-8b-q4_1 "$big_q4" 1,8 -- --repeat 2 --kv-budget 8GiB
-  bench_folio llama3-8b-q4_1-fp16gemv "$big_q4" 1,8 FOLIO_CUDA_QGEMV=0 -- --repeat 2 --kv-budget 8GiB
+  if [ "${FOLIO_GPU_Q4:-1}" = 1 ]; then
+    # Decode over Q4_1 weights: read as stored (4.5 bits a weight) vs their fp16 copies
+    bench_folio llama3-8b-q4_1 "$big_q4" 1,8 -- --repeat 2 --kv-budget 8GiB
+    bench_folio llama3-8b-q4_1-fp16gemv "$big_q4" 1,8 FOLIO_CUDA_QGEMV=0 -- --repeat 2 --kv-budget 8GiB
+  fi
+fi
+
+if want variants8b; then
+  make_big_models bf16
+  bench_variants llama3-8b "$big_bf16" --kv-budget 8GiB
 fi
 # Per-kernel device time and DRAM traffic of about one batch-1 decode step of the 8B shape. The
 # launches skipped cover model load, the 16-token prefill and the first decode steps.
