@@ -171,8 +171,8 @@ if want bench; then
   if [ -f "$model" ]; then
     bench_folio smollm2 "$model" 1,8,64,256 -- --kv-budget 2GiB
     bench_variants smollm2 "$model" --kv-budget 2GiB
-    # Q4_1 weights read as stored by the GEMV kernel, against their fp16 copies
-    bench_folio smollm2-fp16gemv "$model" 1,8 FOLIO_CUDA_QGEMV=0 -- --repeat 2 --kv-budget 2GiB
+    # Q4_1 weights read as stored by the GEMV kernel, against their fp16 copies (the default)
+    bench_folio smollm2-qgemv "$model" 1,8 FOLIO_CUDA_QGEMV=1 -- --repeat 2 --kv-budget 2GiB
     bench_torch smollm2 smollm2-135m
   else
     echo "bench: $model missing (scripts/setup.sh fetches it), skipped"
@@ -185,9 +185,9 @@ if want bench8b; then
   bench_variants llama3-8b "$big_bf16" --kv-budget 8GiB
   bench_torch llama3-8b llama3-8b
   if [ "${FOLIO_GPU_Q4:-1}" = 1 ]; then
-    # Decode over Q4_1 weights: read as stored (4.5 bits a weight) vs their fp16 copies
+    # Decode over Q4_1 weights: their fp16 copies (the default) vs read as stored (4.5 bits a weight)
     bench_folio llama3-8b-q4_1 "$big_q4" 1,8 -- --repeat 2 --kv-budget 8GiB
-    bench_folio llama3-8b-q4_1-fp16gemv "$big_q4" 1,8 FOLIO_CUDA_QGEMV=0 -- --repeat 2 --kv-budget 8GiB
+    bench_folio llama3-8b-q4_1-qgemv "$big_q4" 1,8 FOLIO_CUDA_QGEMV=1 -- --repeat 2 --kv-budget 8GiB
   fi
 fi
 

@@ -142,7 +142,8 @@ typedef struct cuda_backend {
     cuda_sample_row_t *h_rows, *d_rows; /* stochastic rows' parameters, host and device */
     size_t rows_cap;                    /* bytes of d_rows; h_rows holds as many */
     bool gemv;                          /* single-token products on k_gemv1 (FOLIO_CUDA_GEMV=0: cuBLASLt) */
-    bool qgemv;                         /* ... reading quantized weights as stored (FOLIO_CUDA_QGEMV=0: fp16) */
+    bool qgemv;                         /* ... reading quantized weights as stored (FOLIO_CUDA_QGEMV=1; off:
+                                         * slower than fp16 rows on an H200, bench/README.md) */
     bool graphs;                        /* CUDA graphs (FOLIO_CUDA_GRAPHS=0: off) */
     bool pdl;                           /* programmatic dependent launch (FOLIO_CUDA_PDL=0: off) */
     bool tiled_attn;                    /* k_attention_tiled for prefill (FOLIO_CUDA_TILED_ATTN=0: off) */
@@ -180,10 +181,10 @@ static unsigned grid_for(size_t n, unsigned threads)
 /* ------------------------------------------------------------------------------------------------
  * Programmatic dependent launch (Hopper): a kernel may start while the one before it on the stream
  * still runs. Every kernel here first lets its successor launch (pdl_trigger), then waits for its
- * predecessor to finish and its writes to show (pdl_wait) before it touches anything but weights;
- * k_gemv1 pulls the start of its weight rows into L2 before waiting. A decode step at batch 1 is
- * a chain of dependent kernels, and the short ones (norm, RoPE, attention) leave most of the chip
- * idle: their time now overlaps the next product's weight reads instead of adding to it. Safe by
+ * predecessor to finish and its writes to show (pdl_wait) before it touches anything. A decode step
+ * at batch 1 is a chain of ~260 dependent kernels: the next one's launch and block start-up now
+ * overlap the current one's tail (H200, 8B shape: 217.5 -> 222.6 tok/s). Pulling the GEMV's weight
+ * rows into L2 before the wait was tried and cost 14% (191.3 tok/s): measured, removed. Safe by
  * induction: kernel k+1 may run alongside kernel k, but its wait returns only once k has returned
  * from its own wait and finished. Launched without the attribute (FOLIO_CUDA_PDL=0, or cuBLASLt's
  * kernels), a kernel waits for its predecessor as usual and the two instructions do nothing. */
@@ -355,16 +356,6 @@ __device__ float row_dot_quant(const uint8_t *row, int type, const float *x, int
     return acc;
 }
 
-/* The first GEMV_PREFETCH_BYTES of a weight row into L2, a 128-byte line a lane. */
-#define GEMV_PREFETCH_BYTES 8192
-__device__ __forceinline__ void prefetch_row(const gemv_job_t *jb, int row, int cols, int lane)
-{
-    const uint8_t *w = jb->q ? jb->q + (size_t)row * jb->row_bytes : (const uint8_t *)(jb->w + (size_t)row * cols);
-    const size_t bytes = jb->q ? (size_t)jb->row_bytes : (size_t)cols * sizeof(__half);
-    for (size_t o = (size_t)lane * 128; o < bytes && o < GEMV_PREFETCH_BYTES; o += 32 * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(w + o));
-}
-
 __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) k_gemv1(gemv_batch_t b, const float *__restrict__ x, int cols)
 {
     int j = 0;
@@ -373,9 +364,6 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) k_gemv1(gemv_batch_t b, co
     const int lane = threadIdx.x & 31;
     const int row = ((int)blockIdx.x - b.first_block[j]) * GEMV_WARPS + (int)(threadIdx.x >> 5);
     if (row >= jb->rows) return;
-    /* Weights are never written: their first bytes may be fetched before the predecessor is done. */
-    prefetch_row(jb, row, cols, lane);
-    if (b.swiglu) prefetch_row(&b.job[1], row, cols, lane);
     pdl_trigger();
     pdl_wait();
     float acc = jb->q ? row_dot_quant(jb->q + (size_t)row * jb->row_bytes, jb->type, x, cols, lane)
@@ -1645,7 +1633,7 @@ extern "C" kern_backend_t *kern_cuda_module_new(int device, fl_error_t *err)
     const char *gemv = getenv("FOLIO_CUDA_GEMV"), *graphs = getenv("FOLIO_CUDA_GRAPHS");
     cb->gemv = !(gemv && !strcmp(gemv, "0"));
     const char *qgemv = getenv("FOLIO_CUDA_QGEMV");
-    cb->qgemv = cb->gemv && !(qgemv && !strcmp(qgemv, "0"));
+    cb->qgemv = cb->gemv && qgemv && !strcmp(qgemv, "1");
     cb->graphs = !(graphs && !strcmp(graphs, "0"));
     const char *pdl = getenv("FOLIO_CUDA_PDL");
     cb->pdl = !(pdl && !strcmp(pdl, "0"));

@@ -1228,22 +1228,23 @@ int main(int argc, char **argv)
     }
 
     /* matmul, on each product path of the CUDA backend in turn: the default (single-token products on
-     * the GEMV kernel, quantized weights read as stored), the GEMV kernel on fp16 weights
-     * (FOLIO_CUDA_QGEMV=0), cuBLASLt alone (FOLIO_CUDA_GEMV=0). */
-    static const char *const variants[][2] = {{NULL, NULL}, {"FOLIO_CUDA_QGEMV", "fp16 gemv"}, {"FOLIO_CUDA_GEMV", "cublaslt only"}};
+     * the GEMV kernel over fp16 weights), the GEMV kernel reading quantized weights as stored
+     * (FOLIO_CUDA_QGEMV=1), cuBLASLt alone (FOLIO_CUDA_GEMV=0). */
+    static const char *const variants[][3] = {
+        {NULL, NULL, NULL}, {"FOLIO_CUDA_QGEMV", "1", "quantized gemv"}, {"FOLIO_CUDA_GEMV", "0", "cublaslt only"}};
     kern_backend_t *const g_gpu_default = g_gpu;
     for (int vi = 0; vi < (selfcheck ? 1 : 3); vi++) {
         if (vi > 0) {
-            setenv(variants[vi][0], "0", 1);
+            setenv(variants[vi][0], variants[vi][1], 1);
             g_gpu = kern_cuda_new(0, &err);
             unsetenv(variants[vi][0]);
             if (!g_gpu) {
-                printf("FAIL: kern_cuda_new (%s): %s\n", variants[vi][1], err.msg);
+                printf("FAIL: kern_cuda_new (%s): %s\n", variants[vi][2], err.msg);
                 g_fail++;
                 g_gpu = g_gpu_default;
                 break;
             }
-            printf("matmul path: %s\n", variants[vi][1]);
+            printf("matmul path: %s\n", variants[vi][2]);
         }
         /* matmul: every weight type; shapes of SmolLM2-135M (576/1536), Llama-8B-like 4096, odd rows */
         static const int ns_all[] = {1, 2, 7, 32, 513};
