@@ -56,11 +56,13 @@ typedef struct kern_attn {
      * positions RoPE. A masked position weighs exactly 0, as if absent. */
     const uint64_t *tree_mask;  /* [n_tokens] */
     const int32_t *tree_start;  /* [n_tokens] */
-    /* Rows of block_tables (sequences) the tokens come from, 0 when unknown. A hint only: with many
-     * tokens a sequence (prefill) a backend may tile queries so that each K/V row is read once for
-     * a run of tokens of one sequence, not once a token. */
+    /* Sequences the tokens come from, 0 when unknown. A hint only: when every sequence brings
+     * KERN_ATTN_RUN_MIN tokens or more (prefill chunks) a backend may tile queries, so that each K/V
+     * row is read once for a run of tokens of one sequence, not once a token. */
     int n_seqs;
 } kern_attn_t;
+
+#define KERN_ATTN_RUN_MIN 8
 
 /* Positions token i of a reads: 0..len-1, some masked out in tree attention. */
 static inline int kern_attn_len(const kern_attn_t *a, int i)

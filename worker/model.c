@@ -413,12 +413,50 @@ const char *model_prof_name(int i)
     return i >= 0 && i < MODEL_PROF_COUNT ? names[i] : "?";
 }
 
+/* Where a batch's attention splits: tokens before the returned index come in runs (consecutive
+ * tokens of one sequence) of fewer than KERN_ATTN_RUN_MIN, or precede such a run; the tokens from it
+ * on all come in longer runs (prompt chunks), *n_runs of them. A backend may tile the latter
+ * (kern_attn_t.n_seqs); a mixed step (decode tokens first, then a chunk, as sched.c builds it) must
+ * not make the tiled kernel walk each decode token's context on its own. */
+static int attention_split(const model_batch_t *b, int *n_runs)
+{
+    int split = 0, runs = 0;
+    for (int i = 0, j; i < b->n_tokens; i = j) {
+        for (j = i + 1; j < b->n_tokens && b->seq[j] == b->seq[i];) j++;
+        if (j - i < KERN_ATTN_RUN_MIN) split = j, runs = 0;
+        else runs++;
+    }
+    *n_runs = runs;
+    return split;
+}
+
+/* Attention of layer l over tokens [0, split) without the tiling hint and [split, n) with it. */
+static void attention_ops(model_t *m, kv_cache_t *kv, int l, int n, int split, int runs_after)
+{
+    const model_config_t *c = &m->cfg;
+    const size_t q_dim = (size_t)c->n_heads * c->head_dim;
+    for (int part = 0; part < 2; part++) {
+        const int first = part ? split : 0, count = part ? n - split : split;
+        if (count <= 0) continue;
+        const kern_attn_t attn = {
+            .out = m->att + first * q_dim, .q = m->q + first * q_dim, .k_cache = kv->k[l], .v_cache = kv->v[l],
+            .n_tokens = count, .tok_seq = m->d_seq + first, .tok_pos = m->d_pos + first,
+            .block_tables = m->d_block_tables, .max_blocks = m->max_blocks, .block_size = kv->block_size,
+            .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
+            .scale = 1.0f / sqrtf((float)c->head_dim), .n_seqs = part ? runs_after : 0,
+        };
+        kern_attention(m->be, &attn);
+    }
+}
+
 /* The kernels of one forward step, on inputs already uploaded (model_forward). */
 static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
 {
     kern_backend_t *be = m->be;
     const model_config_t *c = &m->cfg;
     const int n = b->n_tokens, dim = c->dim;
+    int runs_after;
+    const int split = attention_split(b, &runs_after);
     PROF(EMBED, kern_embed(be, m->x, m->tok_embd, m->d_tokens, n));
     /* Each residual add is fused with the norm that reads its result (kern_add_rmsnorm), but the last. */
     PROF(NORM, kern_rmsnorm(be, m->xb, m->x, m->layers[0].attn_norm, n, dim, c->norm_eps));
@@ -430,14 +468,7 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
                   kern_matmul_multi(be, qkv_y, qkv_w, 3, m->xb, n));
         PROF(ROPE_KV, kern_rope_kv_store(be, m->q, m->k, m->v, kv->k[l], kv->v[l], m->d_pos, m->d_slots, n,
                                          c->n_heads, c->n_kv_heads, c->head_dim, &c->rope));
-        const kern_attn_t attn = {
-            .out = m->att, .q = m->q, .k_cache = kv->k[l], .v_cache = kv->v[l], .n_tokens = n,
-            .tok_seq = m->d_seq, .tok_pos = m->d_pos, .block_tables = m->d_block_tables,
-            .max_blocks = m->max_blocks, .block_size = kv->block_size, .n_heads = c->n_heads,
-            .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .scale = 1.0f / sqrtf((float)c->head_dim),
-            .n_seqs = b->n_seqs,
-        };
-        PROF(ATTENTION, kern_attention(be, &attn));
+        PROF(ATTENTION, attention_ops(m, kv, l, n, split, runs_after));
         PROF(OUT_PROJ, kern_matmul(be, m->xb, L->wo, m->att, n));
         /* feed-forward block */
         PROF(NORM, kern_add_rmsnorm(be, m->xb, m->x, m->xb, L->ffn_norm, n, dim, c->norm_eps));

@@ -188,8 +188,18 @@ static unsigned grid_for(size_t n, unsigned threads)
  * induction: kernel k+1 may run alongside kernel k, but its wait returns only once k has returned
  * from its own wait and finished. Launched without the attribute (FOLIO_CUDA_PDL=0, or cuBLASLt's
  * kernels), a kernel waits for its predecessor as usual and the two instructions do nothing. */
-__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger()
+{
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait()
+{
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 /* kernel<<<grid, block, 0, stream>>>(args), with programmatic serialization where enabled; the
  * launch's error is recorded. */
@@ -400,7 +410,7 @@ __global__ void k_embed(float *out, const __half *table, const int32_t *ids, int
  * (f32 products) is taken in double, as the CPU. ADD: x += delta first, written back (add_rmsnorm);
  * delta may be y. */
 template <bool ADD>
-__global__ void k_rmsnorm(float *y, float *x, const float *delta, const float *w, int dim, float eps)
+__global__ void k_rmsnorm(float *y, float *x, const float *delta, const float *w, int dim, float eps, bool vec)
 {
     pdl_trigger();
     pdl_wait();
@@ -409,7 +419,6 @@ __global__ void k_rmsnorm(float *y, float *x, const float *delta, const float *w
     float *xr = x + (size_t)blockIdx.x * dim;
     const float *dr = ADD ? delta + (size_t)blockIdx.x * dim : NULL;
     float *yr = y + (size_t)blockIdx.x * dim;
-    const bool vec = (dim & 3) == 0;
     double s = 0.0;
     if (vec) {
         for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
@@ -452,10 +461,16 @@ __global__ void k_rmsnorm(float *y, float *x, const float *delta, const float *w
     }
 }
 
-/* Threads for a norm of `dim`: one float4 (or float) each, whole warps, 32 to 1024. */
-static unsigned norm_threads(int dim)
+/* Whether a norm's rows can be read as float4: dim a multiple of 4, every pointer 16-byte aligned. */
+static bool norm_vec(int dim, const void *a, const void *b, const void *c, const void *d)
 {
-    const int per = (dim & 3) == 0 ? dim / 4 : dim;
+    return (dim & 3) == 0 && (((uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d) & 15) == 0;
+}
+
+/* Threads for a norm of `dim`: one float4 (or float) each, whole warps, 32 to 1024. */
+static unsigned norm_threads(int dim, bool vec)
+{
+    const int per = vec ? dim / 4 : dim;
     const int t = (per + 31) / 32 * 32;
     return (unsigned)(t < 32 ? 32 : t > 1024 ? 1024 : t);
 }
@@ -823,8 +838,8 @@ __global__ void k_argmax_part(unsigned long long *keys, const float *logits, int
     pdl_trigger();
     pdl_wait();
     __shared__ unsigned long long warp_best[ARGMAX_THREADS / 32];
-    const float *l = logits + (size_t)blockIdx.y * vocab;
-    const int start = blockIdx.x * ARGMAX_THREADS * ARGMAX_PER_THREAD + threadIdx.x;
+    const float *l = logits + (size_t)blockIdx.x * vocab; /* rows on x (up to 2^31 - 1), parts on y */
+    const int start = blockIdx.y * ARGMAX_THREADS * ARGMAX_PER_THREAD + threadIdx.x;
     unsigned long long best = 0; /* below every real key: -inf's key is not 0 and is never made */
 #pragma unroll
     for (int k = 0; k < ARGMAX_PER_THREAD; k++) {
@@ -839,7 +854,7 @@ __global__ void k_argmax_part(unsigned long long *keys, const float *logits, int
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int k = 1; k < ARGMAX_THREADS / 32; k++) best = max(best, warp_best[k]);
-        if (best) atomicMax(&keys[blockIdx.y], best);
+        if (best) atomicMax(&keys[blockIdx.x], best);
     }
 }
 
@@ -1283,7 +1298,9 @@ static void cuda_rmsnorm(kern_backend_t *be, float *y, const float *x, const flo
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || dim <= 0 || !op_begin(cb)) return;
-    launch(cb, k_rmsnorm<false>, n, norm_threads(dim), y, (float *)x, (const float *)NULL, weight, dim, eps);
+    const bool vec = norm_vec(dim, y, x, x, weight);
+    launch(cb, k_rmsnorm<false>, n, norm_threads(dim, vec), y, (float *)x, (const float *)NULL, weight, dim, eps,
+           vec);
 }
 
 static void cuda_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta, const float *weight, int n,
@@ -1291,7 +1308,8 @@ static void cuda_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || dim <= 0 || !op_begin(cb)) return;
-    launch(cb, k_rmsnorm<true>, n, norm_threads(dim), y, x, delta, weight, dim, eps);
+    const bool vec = norm_vec(dim, y, x, delta, weight);
+    launch(cb, k_rmsnorm<true>, n, norm_threads(dim, vec), y, x, delta, weight, dim, eps, vec);
 }
 
 static void cuda_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
@@ -1353,7 +1371,7 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
         return;
     }
     const int group = a->n_heads / a->n_kv_heads;
-    if (cb->tiled_attn && a->n_seqs > 0 && a->n_tokens >= 8 * a->n_seqs && a->head_dim % 8 == 0 &&
+    if (cb->tiled_attn && a->n_seqs > 0 && a->n_tokens >= KERN_ATTN_RUN_MIN * a->n_seqs && a->head_dim % 8 == 0 &&
         a->head_dim <= TA_MAX_HD && group <= TA_ROWS) { /* prefill: runs of many tokens of one sequence */
         const int qt = TA_ROWS / group;
         launch(cb, k_attention_tiled, dim3((unsigned)((a->n_tokens + qt - 1) / qt), (unsigned)a->n_kv_heads),
@@ -1394,16 +1412,12 @@ static void cuda_sample(kern_backend_t *be, int32_t *out, const float *logits, i
     for (int i = 0; i < n; i++) out[i] = 0;
     if (vocab <= 0 || !op_begin(cb)) return;
     if (!grow_device(cb, (void **)&cb->d_ids, &cb->ids_cap, (size_t)n * sizeof(int32_t), "sampled ids", false)) return;
-    if (n > 65535) {
-        note_error(cb, FL_ERANGE, "cuda backend: sampling %d rows at once (at most 65535)", n);
-        return;
-    }
     if (!grow_device(cb, (void **)&cb->d_keys, &cb->keys_cap, (size_t)n * sizeof(unsigned long long), "argmax keys",
                      false))
         return;
     OP_CUDA(cb, cudaMemsetAsync(cb->d_keys, 0, (size_t)n * sizeof(unsigned long long), cb->stream));
     const int per_block = ARGMAX_THREADS * ARGMAX_PER_THREAD;
-    launch(cb, k_argmax_part, dim3((unsigned)((vocab + per_block - 1) / per_block), (unsigned)n), ARGMAX_THREADS,
+    launch(cb, k_argmax_part, dim3((unsigned)n, (unsigned)((vocab + per_block - 1) / per_block)), ARGMAX_THREADS,
            cb->d_keys, logits, vocab);
     launch(cb, k_argmax_ids, (unsigned)((n + 255) / 256), 256, cb->d_ids, (const unsigned long long *)cb->d_keys, n);
     bool stochastic = false;
@@ -1600,6 +1614,9 @@ static int cuda_setup(cuda_backend_t *cb, fl_error_t *err)
 {
     CUDA_CHECK(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking), err);
     CUBLAS_CHECK(cublasLtCreate(&cb->lt), err);
+    int major = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cb->device), err);
+    cb->pdl = cb->pdl && major >= 9; /* programmatic dependent launch is Hopper's */
     if (cudaMalloc(&cb->workspace, WORKSPACE_BYTES) != cudaSuccess) {
         (void)cudaGetLastError();
         cb->workspace = NULL;
