@@ -18,7 +18,7 @@
 #include "engine.h"
 
 #define MAX_BATCHES 16
-#define DECODE_PROMPT_TOKENS 16 /* prompt length of each sequence in the decode runs */
+#define DECODE_PROMPT_TOKENS 16 /* default prompt length of each sequence in the decode runs */
 
 typedef struct engine_figures {
     double prefill_tok_s;
@@ -88,15 +88,14 @@ static bool request_failed(const gen_request_t *reqs, int n, fl_error_t *err)
     return false;
 }
 
-static int run_folio(engine_t *e, int prompt_tokens, int decode_tokens, const int *batches, int n_batches,
-                     int repeat, engine_figures_t *fig)
+static int run_folio(engine_t *e, int prompt_tokens, int decode_prompt, int decode_tokens, const int *batches,
+                     int n_batches, int repeat, engine_figures_t *fig)
 {
     model_t *m = e->model;
     const int vocab = m->cfg.n_vocab;
     fl_error_t err = {0};
     int max_batch = 1;
     for (int i = 0; i < n_batches; i++) max_batch = batches[i] > max_batch ? batches[i] : max_batch;
-    const int decode_prompt = DECODE_PROMPT_TOKENS;
     int32_t *prompts = malloc((size_t)(prompt_tokens + max_batch * decode_prompt) * sizeof(int32_t));
     int32_t *outs = malloc((size_t)max_batch * (size_t)(decode_tokens + 1) * sizeof(int32_t));
     gen_request_t *reqs = calloc((size_t)max_batch, sizeof *reqs);
@@ -130,8 +129,8 @@ static int run_folio(engine_t *e, int prompt_tokens, int decode_tokens, const in
         best = 0;
         for (int r = 0; r <= repeat; r++) {
             for (int i = 0; i < B; i++) {
-                fill_prompt(prompts + i * decode_prompt, decode_prompt, vocab, 99 + (uint32_t)i);
-                reqs[i] = (gen_request_t){.prompt = prompts + i * decode_prompt, .n_prompt = decode_prompt,
+                fill_prompt(prompts + (size_t)i * decode_prompt, decode_prompt, vocab, 99 + (uint32_t)i);
+                reqs[i] = (gen_request_t){.prompt = prompts + (size_t)i * decode_prompt, .n_prompt = decode_prompt,
                                           .max_tokens = decode_tokens, .ignore_eog = true,
                                           .tokens = outs + (size_t)i * decode_tokens};
             }
@@ -262,7 +261,7 @@ static cJSON *figures_json(const char *impl, const engine_figures_t *f)
 int bench_engine(int argc, char **argv)
 {
     engine_opts_t eo = {0};
-    long prompt_tokens = 512, decode_tokens = 64, repeat = 3;
+    long prompt_tokens = 512, decode_tokens = 64, decode_context = DECODE_PROMPT_TOKENS, repeat = 3;
     const char *batches_s = "1,8,32", *json_path = NULL;
     bool with_llamacpp = true;
     for (int i = 1; i < argc; i++) {
@@ -272,6 +271,8 @@ int bench_engine(int argc, char **argv)
         if (r > 0) continue;
         if (!strcmp(a, "--prompt-tokens")) {
             if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 1 << 16, &prompt_tokens)) return 2;
+        } else if (!strcmp(a, "--decode-context")) {
+            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 1 << 20, &decode_context)) return 2;
         } else if (!strcmp(a, "--decode-tokens")) {
             if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 2, 1 << 16, &decode_tokens)) return 2;
         } else if (!strcmp(a, "--repeat")) {
@@ -288,6 +289,8 @@ int bench_engine(int argc, char **argv)
             printf("usage: folio-bench engine [flags]\n"
                    "  --prompt-tokens N   prefill prompt length (default 512)\n"
                    "  --decode-tokens N   tokens per sequence in decode runs (default 64)\n"
+                   "  --decode-context N  prompt tokens of each sequence before its decode run (default 16;\n"
+                   "                      long contexts measure attention; folio only)\n"
                    "  --batches LIST      decode batch sizes (default 1,8,32)\n"
                    "  --repeat N          measured runs per figure after a warm-up; best is kept (default 3)\n"
                    "  --no-llamacpp       skip the llama.cpp side\n"
@@ -311,7 +314,13 @@ int bench_engine(int argc, char **argv)
     int max_batch = 1;
     for (int i = 0; i < n_batches; i++) max_batch = batches[i] > max_batch ? batches[i] : max_batch;
     if (!eo.max_seqs) eo.max_seqs = max_batch;
-    if (!eo.max_ctx) eo.max_ctx = (int)(prompt_tokens > 16 + decode_tokens ? prompt_tokens : 16 + decode_tokens) + 16;
+    if (decode_context != DECODE_PROMPT_TOKENS && with_llamacpp) {
+        fprintf(stderr, "error: --decode-context needs --no-llamacpp (the llama.cpp side decodes after %d prompt "
+                        "tokens)\n", DECODE_PROMPT_TOKENS);
+        return 2;
+    }
+    const long decode_len = decode_context + decode_tokens;
+    if (!eo.max_ctx) eo.max_ctx = (int)(prompt_tokens > decode_len ? prompt_tokens : decode_len) + 16;
     if (!eo.max_batch_tokens) eo.max_batch_tokens = (int)prompt_tokens;
     const int threads = eo.threads > 0 ? eo.threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
     eo.threads = threads;
@@ -326,12 +335,13 @@ int bench_engine(int argc, char **argv)
     snprintf(model_path, sizeof model_path, "%s", gguf_path(e->model->gguf));
     engine_figures_t folio = {0}, llama = {0};
     fprintf(stderr, "bench engine: folio (%d threads) ...\n", threads);
-    int rc = run_folio(e, (int)prompt_tokens, (int)decode_tokens, batches, n_batches, (int)repeat, &folio);
+    int rc = run_folio(e, (int)prompt_tokens, (int)decode_context, (int)decode_tokens, batches, n_batches, (int)repeat,
+                       &folio);
     roofline_t roof = {0};
     char backend_name[32];
     snprintf(backend_name, sizeof backend_name, "%s", e->be->ops->name);
     if (!rc && !strcmp(backend_name, "cuda"))
-        measure_roofline(e, eo.device, DECODE_PROMPT_TOKENS, (int)decode_tokens, decode_at(&folio, 1), &roof);
+        measure_roofline(e, eo.device, (int)decode_context, (int)decode_tokens, decode_at(&folio, 1), &roof);
     engine_destroy(&e);
     if (rc) return 1;
     if (with_llamacpp) {
@@ -368,6 +378,7 @@ int bench_engine(int argc, char **argv)
         cJSON_AddNumberToObject(o, "threads", threads);
         cJSON_AddNumberToObject(o, "prompt_tokens", (double)prompt_tokens);
         cJSON_AddNumberToObject(o, "decode_tokens", (double)decode_tokens);
+        cJSON_AddNumberToObject(o, "decode_context", (double)decode_context);
         cJSON_AddItemToObject(o, "folio", figures_json("folio", &folio));
         if (llama.ok) cJSON_AddItemToObject(o, "llama_cpp", figures_json("llama.cpp", &llama));
         if (roof.ok) {

@@ -147,6 +147,7 @@ typedef struct cuda_backend {
     bool graphs;                        /* CUDA graphs (FOLIO_CUDA_GRAPHS=0: off) */
     bool pdl;                           /* programmatic dependent launch (FOLIO_CUDA_PDL=0: off) */
     bool tiled_attn;                    /* k_attention_tiled for prefill (FOLIO_CUDA_TILED_ATTN=0: off) */
+    bool lane_attn;                     /* k_attention<true> (FOLIO_CUDA_LANE_ATTN=1: on; not yet run on a GPU) */
     cuda_graph_t graph[GRAPH_SLOTS];
     uint64_t graph_clock;               /* LRU stamp */
     unsigned buf_gen;                   /* bumped when a scratch buffer moves: recordings hold old pointers */
@@ -567,6 +568,12 @@ __global__ void k_rope_kv(float *q, float *k, const float *v, __half *kc, __half
  * warp owns dimensions l, l+32, ... (up to 8 of them: head_dim <= 256). Warp w handles positions
  * w, w+ATT_WARPS, ... of 0..pos with its own running max m, sum l and accumulators; the warps'
  * states are merged through shared memory at the end. */
+/* LANES (FOLIO_CUDA_LANE_ATTN=1, head_dim a multiple of 8): a warp takes 32 positions at a time,
+ * one a lane, each lane computing its position's whole score from 16-byte K loads (all in flight
+ * together), then adds the 32 V rows with lanes over dimensions as above. A warp then pays one
+ * memory latency per 32 positions instead of one per position: what long contexts at small batch
+ * need (about 1 us a position and warp otherwise). Not yet run on a GPU: off by default. */
+template <bool LANES>
 __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const float *q, const __half *kc,
                                                               const __half *vc, const int32_t *tok_seq,
                                                               const int32_t *tok_pos, const int32_t *block_tables,
@@ -579,6 +586,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     __shared__ float qs[ATT_MAX_HEAD_DIM];
     __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
     __shared__ float wacc[ATT_WARPS][ATT_MAX_HEAD_DIM];
+    __shared__ float chunk_p[LANES ? ATT_WARPS : 1][32];
+    __shared__ int32_t chunk_slot[LANES ? ATT_WARPS : 1][32];
     const int i = blockIdx.x / n_heads, h = blockIdx.x % n_heads;
     const int kvh = h / (n_heads / n_kv_heads);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -600,6 +609,60 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     float m = -INFINITY, l = 0.0f, acc[ATT_MAX_HEAD_DIM / 32];
 #pragma unroll
     for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) acc[r] = 0.0f;
+    if constexpr (LANES) {
+        for (int j0 = 32 * warp; j0 < len; j0 += 32 * ATT_WARPS) {
+            const int j = j0 + lane;
+            const bool vis = j < len && !(tree_mask && j >= ts && !((tm >> (j - ts)) & 1u)); /* masked: weighs 0 */
+            int32_t slot = -1;
+            float s = -INFINITY;
+            if (vis) {
+                slot = bt[j / bs] * bs + j % bs;
+                const uint4 *kr = (const uint4 *)(kc + (size_t)slot * kv_stride + hoff);
+                float dot = 0.0f;
+#pragma unroll 4
+                for (int d8 = 0; d8 < hd / 8; d8++) {
+                    const uint4 kv = kr[d8];
+                    const __half2 *k2 = (const __half2 *)&kv;
+#pragma unroll
+                    for (int t = 0; t < 4; t++) {
+                        const float2 kf = __half22float2(k2[t]);
+                        dot = fmaf(qs[8 * d8 + 2 * t], kf.x, dot);
+                        dot = fmaf(qs[8 * d8 + 2 * t + 1], kf.y, dot);
+                    }
+                }
+                s = dot * scale;
+            }
+            float cmax = s;
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, off));
+            const float mn = fmaxf(m, cmax);
+            if (mn == -INFINITY) continue; /* uniform: -inf scores before any finite one weigh 0 */
+            const float corr = m == -INFINITY ? 0.0f : expf(m - mn);
+            const float p = vis ? expf(s - mn) : 0.0f;
+            float psum = p;
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) psum += __shfl_xor_sync(0xffffffffu, psum, off);
+            l = l * corr + psum;
+            m = mn;
+            chunk_p[warp][lane] = p;
+            chunk_slot[warp][lane] = slot;
+            __syncwarp();
+#pragma unroll
+            for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) acc[r] *= corr;
+#pragma unroll 8
+            for (int t = 0; t < 32; t++) {
+                const float pt = chunk_p[warp][t];
+                if (pt == 0.0f) continue; /* masked (or underflowed): absent, even where V holds inf */
+                const __half *vr = vc + (size_t)chunk_slot[warp][t] * kv_stride + hoff;
+#pragma unroll
+                for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) {
+                    const int d = lane + 32 * r;
+                    if (d < hd) acc[r] = fmaf(pt, __half2float(vr[d]), acc[r]);
+                }
+            }
+            __syncwarp(); /* the chunk's p and slots are read before the next chunk writes them */
+        }
+    } else
     for (int j = warp; j < len; j += ATT_WARPS) {
         if (tree_mask && j >= ts && !((tm >> (j - ts)) & 1u)) continue; /* masked: weighs 0 */
         const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
@@ -1380,7 +1443,8 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
                a->head_dim, a->scale, a->tree_mask, a->tree_start, qt);
         return;
     }
-    launch(cb, k_attention, (unsigned)blocks, ATT_WARPS * 32, a->out, a->q, (const __half *)a->k_cache,
+    launch(cb, cb->lane_attn && a->head_dim % 8 == 0 ? k_attention<true> : k_attention<false>, (unsigned)blocks,
+           ATT_WARPS * 32, a->out, a->q, (const __half *)a->k_cache,
            (const __half *)a->v_cache, a->tok_seq, a->tok_pos, a->block_tables, a->max_blocks, a->block_size,
            a->n_heads, a->n_kv_heads, a->head_dim, a->scale, a->tree_mask, a->tree_start);
 }
@@ -1656,6 +1720,8 @@ extern "C" kern_backend_t *kern_cuda_module_new(int device, fl_error_t *err)
     cb->pdl = !(pdl && !strcmp(pdl, "0"));
     const char *tiled = getenv("FOLIO_CUDA_TILED_ATTN");
     cb->tiled_attn = !(tiled && !strcmp(tiled, "0"));
+    const char *lanes = getenv("FOLIO_CUDA_LANE_ATTN");
+    cb->lane_attn = lanes && !strcmp(lanes, "1");
     if (cuda_setup(cb, err)) {
         cuda_destroy(&cb->base);
         return NULL;

@@ -843,12 +843,14 @@ typedef struct seq_spec {
 /* Pools hold the context before this call (same random f16 on both backends); the new tokens' K/V
  * are written by kv_store on each backend, then attention runs, as model.c does. Blocks are handed
  * out in a random order (scattered block tables), unused table entries are -1. */
+static const char *g_attn_variant = ""; /* names the CUDA attention kernel under test */
+
 static void test_attention(const char *label, int n_heads, int n_kv, int hd, int bs, const seq_spec_t *seqs,
                            int n_seqs)
 {
     char name[256];
-    int off = snprintf(name, sizeof name, "attention %s heads=%d kv_heads=%d head_dim=%d block=%d seqs=", label,
-                       n_heads, n_kv, hd, bs);
+    int off = snprintf(name, sizeof name, "attention%s %s heads=%d kv_heads=%d head_dim=%d block=%d seqs=",
+                       g_attn_variant, label, n_heads, n_kv, hd, bs);
     int n_tokens = 0, max_blocks = 1, used_blocks = 0;
     for (int s = 0; s < n_seqs; s++) {
         if (off < (int)sizeof name - 16)
@@ -1182,6 +1184,51 @@ static void test_sample_seeded(int n, int vocab, int round)
 
 /* ------------------------------------------------------------------------------------------------ */
 
+/* Every attention case; run once per attention kernel of the CUDA backend. */
+static void attention_cases(void)
+{
+    const int L = g_quick ? 600 : 4000;
+    test_attention("one-token", 9, 3, 64, 16, (const seq_spec_t[]){{1, 1}}, 1);
+    test_attention("one-token", 32, 8, 128, 16, (const seq_spec_t[]){{1, 1}}, 1);
+    for (int p = 15; p <= 17; p++) {
+        char lab[32];
+        snprintf(lab, sizeof lab, "decode-pos-%d", p - 1);
+        test_attention(lab, 9, 3, 64, 16, (const seq_spec_t[]){{p, 1}}, 1);
+        snprintf(lab, sizeof lab, "prefill-%d", p);
+        test_attention(lab, 9, 3, 64, 16, (const seq_spec_t[]){{p, p}}, 1);
+    }
+    test_attention("boundaries-batched", 9, 3, 64, 16, (const seq_spec_t[]){{15, 1}, {16, 1}, {17, 1}, {33, 2}}, 4);
+    /* GQA ratios 1, 3, 8 at head_dim 64 and 128 */
+    static const int gqa[][3] = {{4, 4, 64}, {9, 3, 64}, {16, 2, 64}, {8, 8, 128}, {24, 8, 128}, {32, 4, 128}};
+    for (int i = 0; i < 6; i++) {
+        char lab[32];
+        snprintf(lab, sizeof lab, "gqa-%d", gqa[i][0] / gqa[i][1]);
+        test_attention(lab, gqa[i][0], gqa[i][1], gqa[i][2], 16, (const seq_spec_t[]){{100, 1}, {40, 40}}, 2);
+    }
+    /* long contexts */
+    test_attention("long-decode", 9, 3, 64, 16, (const seq_spec_t[]){{L, 1}}, 1);
+    test_attention("long-decode", 32, 8, 128, 16, (const seq_spec_t[]){{L + 96, 1}}, 1);
+    test_attention("long-prefill-chunk", 9, 3, 64, 16, (const seq_spec_t[]){{L, 32}}, 1);
+    test_attention("long-prefill-chunk", 32, 8, 128, 16, (const seq_spec_t[]){{L / 2, g_quick ? 64 : 512}}, 1);
+    /* several sequences of different lengths, decode and prefill mixed, scattered tables */
+    const seq_spec_t mixed[] = {{1, 1}, {17, 1}, {100, 1}, {g_quick ? 300 : 1000, 1}, {257, 20}, {33, 33}, {L / 3, 1}};
+    test_attention("mixed-batch", 9, 3, 64, 16, mixed, 7);
+    test_attention("mixed-batch", 32, 8, 128, 16, mixed, 7);
+    test_attention("mixed-batch", 16, 2, 64, 32, mixed, 7); /* another block size */
+    /* prefill runs of several sequences, straddling the tiled kernel's query tiles; GQA 1 (64
+     * tokens a tile), 3, 4, 8 (8 tokens a tile); head_dim 80 (pairs of dimensions 2c + 8k) */
+    const seq_spec_t runs[] = {{37, 37}, {50, 20}, {16, 16}, {70, 9}, {300, 1}};
+    test_attention("prefill-runs", 9, 3, 64, 16, runs, 5);
+    test_attention("prefill-runs", 32, 8, 128, 16, runs, 5);
+    test_attention("prefill-runs", 8, 8, 128, 16, runs, 5);
+    test_attention("prefill-runs", 64, 8, 128, 16, runs, 5);
+    test_attention("prefill-runs", 10, 2, 80, 32, runs, 5);
+    test_attention("decode-batch-16", 9, 3, 64, 16,
+                   (const seq_spec_t[]){{5, 1},  {31, 1},  {32, 1},  {33, 1},  {64, 1},  {65, 1},  {127, 1}, {128, 1},
+                                        {129, 1}, {200, 1}, {255, 1}, {256, 1}, {257, 1}, {511, 1}, {512, 1}, {513, 1}},
+                   16);
+}
+
 int main(int argc, char **argv)
 {
     fl_error_t err = {0};
@@ -1349,47 +1396,24 @@ int main(int argc, char **argv)
         test_rope_kv_store(3, 2, 2, 64, 0, 10000.0f, 1.0f, false, 40);    /* n_rot 0: the store alone */
     }
 
-    /* attention */
-    const int L = g_quick ? 600 : 4000;
-    test_attention("one-token", 9, 3, 64, 16, (const seq_spec_t[]){{1, 1}}, 1);
-    test_attention("one-token", 32, 8, 128, 16, (const seq_spec_t[]){{1, 1}}, 1);
-    for (int p = 15; p <= 17; p++) {
-        char lab[32];
-        snprintf(lab, sizeof lab, "decode-pos-%d", p - 1);
-        test_attention(lab, 9, 3, 64, 16, (const seq_spec_t[]){{p, 1}}, 1);
-        snprintf(lab, sizeof lab, "prefill-%d", p);
-        test_attention(lab, 9, 3, 64, 16, (const seq_spec_t[]){{p, p}}, 1);
+    /* attention: the default kernels, then (on a GPU) the lanes decode kernel, FOLIO_CUDA_LANE_ATTN=1 */
+    attention_cases();
+    if (!selfcheck) {
+        setenv("FOLIO_CUDA_LANE_ATTN", "1", 1);
+        kern_backend_t *const saved = g_gpu;
+        g_gpu = kern_cuda_new(0, &err);
+        unsetenv("FOLIO_CUDA_LANE_ATTN");
+        if (!g_gpu) {
+            printf("FAIL: kern_cuda_new (lanes attention): %s\n", err.msg);
+            g_fail++;
+        } else {
+            g_attn_variant = "(lanes)";
+            attention_cases();
+            g_attn_variant = "";
+            kern_destroy(&g_gpu);
+        }
+        g_gpu = saved;
     }
-    test_attention("boundaries-batched", 9, 3, 64, 16, (const seq_spec_t[]){{15, 1}, {16, 1}, {17, 1}, {33, 2}}, 4);
-    /* GQA ratios 1, 3, 8 at head_dim 64 and 128 */
-    static const int gqa[][3] = {{4, 4, 64}, {9, 3, 64}, {16, 2, 64}, {8, 8, 128}, {24, 8, 128}, {32, 4, 128}};
-    for (int i = 0; i < 6; i++) {
-        char lab[32];
-        snprintf(lab, sizeof lab, "gqa-%d", gqa[i][0] / gqa[i][1]);
-        test_attention(lab, gqa[i][0], gqa[i][1], gqa[i][2], 16, (const seq_spec_t[]){{100, 1}, {40, 40}}, 2);
-    }
-    /* long contexts */
-    test_attention("long-decode", 9, 3, 64, 16, (const seq_spec_t[]){{L, 1}}, 1);
-    test_attention("long-decode", 32, 8, 128, 16, (const seq_spec_t[]){{L + 96, 1}}, 1);
-    test_attention("long-prefill-chunk", 9, 3, 64, 16, (const seq_spec_t[]){{L, 32}}, 1);
-    test_attention("long-prefill-chunk", 32, 8, 128, 16, (const seq_spec_t[]){{L / 2, g_quick ? 64 : 512}}, 1);
-    /* several sequences of different lengths, decode and prefill mixed, scattered tables */
-    const seq_spec_t mixed[] = {{1, 1}, {17, 1}, {100, 1}, {g_quick ? 300 : 1000, 1}, {257, 20}, {33, 33}, {L / 3, 1}};
-    test_attention("mixed-batch", 9, 3, 64, 16, mixed, 7);
-    test_attention("mixed-batch", 32, 8, 128, 16, mixed, 7);
-    test_attention("mixed-batch", 16, 2, 64, 32, mixed, 7); /* another block size */
-    /* prefill runs of several sequences, straddling the tiled kernel's query tiles; GQA 1 (64
-     * tokens a tile), 3, 4, 8 (8 tokens a tile); head_dim 80 (pairs of dimensions 2c + 8k) */
-    const seq_spec_t runs[] = {{37, 37}, {50, 20}, {16, 16}, {70, 9}, {300, 1}};
-    test_attention("prefill-runs", 9, 3, 64, 16, runs, 5);
-    test_attention("prefill-runs", 32, 8, 128, 16, runs, 5);
-    test_attention("prefill-runs", 8, 8, 128, 16, runs, 5);
-    test_attention("prefill-runs", 64, 8, 128, 16, runs, 5);
-    test_attention("prefill-runs", 10, 2, 80, 32, runs, 5);
-    test_attention("decode-batch-16", 9, 3, 64, 16,
-                   (const seq_spec_t[]){{5, 1},  {31, 1},  {32, 1},  {33, 1},  {64, 1},  {65, 1},  {127, 1}, {128, 1},
-                                        {129, 1}, {200, 1}, {255, 1}, {256, 1}, {257, 1}, {511, 1}, {512, 1}, {513, 1}},
-                   16);
 
     /* sample */
     const int vocabs_full[] = {1, 2, 17, 1000, 32000, 49152, 128256}, vocabs_quick[] = {1, 2, 17, 1000, 49152};
