@@ -476,9 +476,14 @@ static void killed_and_stopped_workers_end_every_request_once_and_the_survivor_s
     for (int i = 0; i < re.n; i++) {
         const e2e_req_t *x = &re.reqs[i], *r = rs[x->tag];
         if (x->status != FOLIO__V1__STATUS_CODE__OK) fail_msg("rerun of %d: %s", x->tag, st(x->status));
-        if (!e2e_tokens_equal(x->tokens, x->n_tokens, r->tokens, r->n_tokens))
-            fail_msg("request %d finished OK through the faults on %s with output different from a clean run on %s",
-                     x->tag, r->group, x->group);
+        if (!e2e_tokens_equal(x->tokens, x->n_tokens, r->tokens, r->n_tokens)) {
+            int d = 0; /* where they part: early points at the failover, late at a near-tie */
+            while (d < x->n_tokens && d < r->n_tokens && x->tokens[d] == r->tokens[d]) d++;
+            fail_msg("request %d finished OK through the faults on %s with output different from a clean run on %s "
+                     "(%d and %d tokens, parting at %d: %d vs %d; prompt %d tokens)",
+                     x->tag, r->group, x->group, r->n_tokens, x->n_tokens, d, d < r->n_tokens ? r->tokens[d] : -1,
+                     d < x->n_tokens ? x->tokens[d] : -1, 16 + (x->tag * 7) % 64);
+        }
     }
     fprintf(stderr, "[e2e] faults: %d OK outputs equal a clean rerun\n", n_re);
     e2e_tracker_free(&re);
