@@ -236,6 +236,37 @@ static inline void kern_matmul_swiglu(kern_backend_t *be, float *out, float *up,
     kern_matmul_multi(be, ys, ws, 2, x, n);
     be->ops->swiglu(be, out, out, up, n * rows);
 }
+/* The argument checks every backend's weight_new makes: a type the backends compute with, a shape
+ * that fits int32, whole quantization blocks a row, data given. Returns a stored row's bytes, or 0
+ * with err set; `who` names the backend in the message. */
+static inline size_t kern_weight_check(const char *who, int type, int64_t rows, int64_t cols, const void *data,
+                                       fl_error_t *err)
+{
+    switch (type) {
+    case FL_TYPE_F32: case FL_TYPE_F16: case FL_TYPE_BF16:
+    case FL_TYPE_Q4_0: case FL_TYPE_Q4_1: case FL_TYPE_Q8_0: break;
+    default:
+        fl_fail(err, FL_EUNSUPPORTED, "%s backend: weight type %s (%d) is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)",
+                who, fl_dtype_name(type), type);
+        return 0;
+    }
+    if (rows <= 0 || cols <= 0 || rows > INT32_MAX || cols > INT32_MAX) {
+        fl_fail(err, FL_EINVAL, "%s backend: bad weight shape %lld x %lld", who, (long long)rows, (long long)cols);
+        return 0;
+    }
+    const size_t row_bytes = fl_dtype_row_bytes(type, cols);
+    if (row_bytes == 0) {
+        fl_fail(err, FL_EINVAL, "%s backend: %s weight has %lld columns, not a multiple of the block size %d", who,
+                fl_dtype_name(type), (long long)cols, FL_QK);
+        return 0;
+    }
+    if (!data) {
+        fl_fail(err, FL_EINVAL, "%s backend: weight data is NULL", who);
+        return 0;
+    }
+    return row_bytes;
+}
+
 static inline int kern_graph_begin(kern_backend_t *be, uint64_t key)
 { return be->ops->graph_begin ? be->ops->graph_begin(be, key) : 0; }
 static inline int kern_graph_end(kern_backend_t *be) { return be->ops->graph_end ? be->ops->graph_end(be) : 0; }

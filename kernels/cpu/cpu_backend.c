@@ -94,28 +94,8 @@ static kern_weight_t *cpu_weight_new(kern_backend_t *be, int type, int64_t rows,
                                      fl_error_t *err)
 {
     cpu_backend_t *cb = (cpu_backend_t *)be;
-    switch (type) {
-    case FL_TYPE_F32: case FL_TYPE_F16: case FL_TYPE_BF16:
-    case FL_TYPE_Q4_0: case FL_TYPE_Q4_1: case FL_TYPE_Q8_0: break;
-    default:
-        fl_fail(err, FL_EUNSUPPORTED, "cpu backend: weight type %s (%d) is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)",
-                fl_dtype_name(type), type);
-        return NULL;
-    }
-    if (rows <= 0 || cols <= 0 || rows > INT32_MAX || cols > INT32_MAX) {
-        fl_fail(err, FL_EINVAL, "cpu backend: bad weight shape %lld x %lld", (long long)rows, (long long)cols);
-        return NULL;
-    }
-    const size_t row_bytes = fl_dtype_row_bytes(type, cols);
-    if (row_bytes == 0) {
-        fl_fail(err, FL_EINVAL, "cpu backend: %s weight has %lld columns, not a multiple of the block size %d",
-                fl_dtype_name(type), (long long)cols, FL_QK);
-        return NULL;
-    }
-    if (!data) {
-        fl_fail(err, FL_EINVAL, "cpu backend: weight data is NULL");
-        return NULL;
-    }
+    const size_t row_bytes = kern_weight_check("cpu", type, rows, cols, data, err);
+    if (!row_bytes) return NULL;
     kern_weight_t *w = calloc(1, sizeof *w);
     if (!w) {
         fl_fail(err, FL_ENOMEM, "cpu backend: out of memory for a weight");

@@ -1020,21 +1020,6 @@ static bool grow_device(cuda_backend_t *cb, void **p, size_t *cap, size_t bytes,
  * Weights: dequantized on the host to fp16 */
 
 
-/* Bytes of a stored row of `cols` elements; 0 when the type is not a weight type here or cols is not
- * a multiple of its block. */
-static size_t weight_row_bytes(int type, int64_t cols)
-{
-    switch (type) {
-    case FL_TYPE_F32: return (size_t)cols * 4;
-    case FL_TYPE_F16: case FL_TYPE_BF16: return (size_t)cols * 2;
-    case FL_TYPE_Q4_0: return cols % FL_QK ? 0 : (size_t)(cols / FL_QK) * sizeof(fl_block_q4_0_t);
-    case FL_TYPE_Q4_1: return cols % FL_QK ? 0 : (size_t)(cols / FL_QK) * sizeof(fl_block_q4_1_t);
-    case FL_TYPE_Q8_0: return cols % FL_QK ? 0 : (size_t)(cols / FL_QK) * sizeof(fl_block_q8_0_t);
-    default: return 0;
-    }
-}
-
-
 static void cuda_weight_destroy(kern_backend_t *be, kern_weight_t *w);
 
 static int convert_threads(void)
@@ -1047,29 +1032,8 @@ static kern_weight_t *cuda_weight_new(kern_backend_t *be, int type, int64_t rows
                                       fl_error_t *err)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
-    switch (type) {
-    case FL_TYPE_F32: case FL_TYPE_F16: case FL_TYPE_BF16:
-    case FL_TYPE_Q4_0: case FL_TYPE_Q4_1: case FL_TYPE_Q8_0: break;
-    default:
-        fl_fail(err, FL_EUNSUPPORTED,
-                "cuda backend: weight type %s (%d) is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)",
-                fl_dtype_name(type), type);
-        return NULL;
-    }
-    if (rows <= 0 || cols <= 0 || rows > INT32_MAX || cols > INT32_MAX) {
-        fl_fail(err, FL_EINVAL, "cuda backend: bad weight shape %lld x %lld", (long long)rows, (long long)cols);
-        return NULL;
-    }
-    const size_t row_bytes = weight_row_bytes(type, cols);
-    if (row_bytes == 0) {
-        fl_fail(err, FL_EINVAL, "cuda backend: %s weight has %lld columns, not a multiple of the block size %d",
-                fl_dtype_name(type), (long long)cols, FL_QK);
-        return NULL;
-    }
-    if (!data) {
-        fl_fail(err, FL_EINVAL, "cuda backend: weight data is NULL");
-        return NULL;
-    }
+    const size_t row_bytes = kern_weight_check("cuda", type, rows, cols, data, err);
+    if (!row_bytes) return NULL;
     if (cudaSetDevice(cb->device) != cudaSuccess) {
         fl_fail(err, FL_EBACKEND, "cuda backend: cudaSetDevice(%d) failed", cb->device);
         return NULL;
