@@ -147,7 +147,11 @@ typedef struct cuda_backend {
     bool graphs;                        /* CUDA graphs (FOLIO_CUDA_GRAPHS=0: off) */
     bool pdl;                           /* programmatic dependent launch (FOLIO_CUDA_PDL=0: off) */
     bool tiled_attn;                    /* k_attention_tiled for prefill (FOLIO_CUDA_TILED_ATTN=0: off) */
-    bool lane_attn;                     /* k_attention<true> (FOLIO_CUDA_LANE_ATTN=1: on; not yet run on a GPU) */
+    int lane_attn;                      /* FOLIO_CUDA_LANE_ATTN: 1 always k_attention<true> for decode, 0 never,
+                                         * unset: while its grid fits the device at once (lane_attn_blocks) */
+    int lane_attn_blocks;               /* k_attention<true>'s resident blocks, device-wide */
+    bool gemv_early;                    /* k_gemv1 loads its first weights before the PDL wait
+                                         * (FOLIO_CUDA_GEMV_EARLY=1: on; not yet run on a GPU) */
     cuda_graph_t graph[GRAPH_SLOTS];
     uint64_t graph_clock;               /* LRU stamp */
     unsigned buf_gen;                   /* bumped when a scratch buffer moves: recordings hold old pointers */
@@ -253,6 +257,7 @@ typedef struct gemv_batch {
     int first_block[GEMV_MAX_JOBS + 1];
     int n_jobs;
     int swiglu; /* jobs 0 (gate) and 1 (up): a warp takes row r of both, job 0's y gets silu(g) * u */
+    int early;  /* a warp's first round of fp16 weight loads goes before the PDL wait */
 } gemv_batch_t;
 
 __device__ __forceinline__ float dot8_f16(uint4 wv, const float *x)
@@ -273,14 +278,13 @@ __device__ __forceinline__ float dot8_f16(uint4 wv, const float *x)
 
 /* One row of fp16 weights dotted with x: each lane takes every 32nd 16-byte vector, eight loads
  * issued before any is used (a 4096-wide row is two such rounds: latency, not bandwidth, is what a
- * short row pays for). */
+ * short row pays for). The sum goes on from vector i with acc (the lane's first round may have
+ * been taken by k_gemv1 itself: the order of the sum is the same). */
 #define GEMV_UNROLL 8
-__device__ float row_dot_f16(const __half *wrow, const float *x, int cols, int lane)
+__device__ __forceinline__ float row_dot_f16(const __half *wrow, const float *x, int cols, int i, float acc)
 {
     const uint4 *wr = (const uint4 *)wrow;
     const int nv = cols / 8;
-    float acc = 0.0f;
-    int i = lane;
     for (; i + 32 * (GEMV_UNROLL - 1) < nv; i += 32 * GEMV_UNROLL) {
         uint4 w[GEMV_UNROLL];
 #pragma unroll
@@ -376,14 +380,30 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) k_gemv1(gemv_batch_t b, co
     const int row = ((int)blockIdx.x - b.first_block[j]) * GEMV_WARPS + (int)(threadIdx.x >> 5);
     if (row >= jb->rows) return;
     pdl_trigger();
-    pdl_wait();
-    float acc = jb->q ? row_dot_quant(jb->q + (size_t)row * jb->row_bytes, jb->type, x, cols, lane)
-                      : row_dot_f16(jb->w + (size_t)row * cols, x, cols, lane);
+    /* Weights are never written, so they may be read while the predecessor still runs: the loads of
+     * the first round are then in flight during its tail (registers, not an L2 prefetch: that one
+     * measured 14% slower). */
+    float acc = 0.0f;
+    int from = lane;
+    if (b.early && !jb->q && lane + 32 * (GEMV_UNROLL - 1) < cols / 8) {
+        const uint4 *wr = (const uint4 *)(jb->w + (size_t)row * cols);
+        uint4 w[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) w[u] = __ldcs(wr + lane + 32 * u);
+        pdl_wait();
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) acc += dot8_f16(w[u], x + 8 * (lane + 32 * u));
+        from += 32 * GEMV_UNROLL;
+    } else {
+        pdl_wait();
+    }
+    acc = jb->q ? row_dot_quant(jb->q + (size_t)row * jb->row_bytes, jb->type, x, cols, lane)
+                : row_dot_f16(jb->w + (size_t)row * cols, x, cols, from, acc);
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (b.swiglu) {
         const gemv_job_t *ju = &b.job[1];
         float up = ju->q ? row_dot_quant(ju->q + (size_t)row * ju->row_bytes, ju->type, x, cols, lane)
-                         : row_dot_f16(ju->w + (size_t)row * cols, x, cols, lane);
+                         : row_dot_f16(ju->w + (size_t)row * cols, x, cols, lane, 0.0f);
         for (int o = 16; o > 0; o >>= 1) up += __shfl_xor_sync(0xffffffffu, up, o);
         if (lane == 0) jb->y[row] = acc / (1.0f + expf(-acc)) * up; /* k_swiglu's formula */
         return;
@@ -569,10 +589,14 @@ __global__ void k_rope_kv(float *q, float *k, const float *v, __half *kc, __half
  * w, w+ATT_WARPS, ... of 0..pos with its own running max m, sum l and accumulators; the warps'
  * states are merged through shared memory at the end. */
 /* LANES (FOLIO_CUDA_LANE_ATTN=1, head_dim a multiple of 8): a warp takes 32 positions at a time,
- * one a lane, each lane computing its position's whole score from 16-byte K loads (all in flight
- * together), then adds the 32 V rows with lanes over dimensions as above. A warp then pays one
- * memory latency per 32 positions instead of one per position: what long contexts at small batch
- * need (about 1 us a position and warp otherwise). Not yet run on a GPU: off by default. */
+ * one a lane, each lane computing its position's whole score from 16-byte K loads (eight in flight
+ * together), then adds the 32 V rows with hd/8 lanes a row, 16 bytes a lane, 32 / (hd/8) rows at a
+ * time (ATT_LANE_ROWS loads in flight a lane). A warp then pays a few memory latencies per 32
+ * positions instead of one per position: what long contexts at small batch need (about 1 us a
+ * position and warp otherwise). It holds more registers: cuda_attention picks it for grids that fit
+ * the device at once (FOLIO_CUDA_LANE_ATTN=1: always, 0: never). */
+#define ATT_K_ROUND 8
+#define ATT_V_ROUND 8
 template <bool LANES>
 __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const float *q, const __half *kc,
                                                               const __half *vc, const int32_t *tok_seq,
@@ -609,6 +633,11 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     float m = -INFINITY, l = 0.0f, acc[ATT_MAX_HEAD_DIM / 32];
 #pragma unroll
     for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) acc[r] = 0.0f;
+    /* LANES: the V rows' lanes. Lane `lane` adds dimensions 8 vsub .. 8 vsub + 7 of rows vgrp,
+     * vgrp + vgroups, ... of a chunk (lanes past vgroups * vlanes idle there). */
+    const int vlanes = LANES ? hd / 8 : 1, vgroups = LANES ? 32 / vlanes : 1;
+    const int vgrp = lane / vlanes, vsub = lane % vlanes;
+    float vacc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     if constexpr (LANES) {
         for (int j0 = 32 * warp; j0 < len; j0 += 32 * ATT_WARPS) {
             const int j = j0 + lane;
@@ -619,15 +648,21 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
                 slot = bt[j / bs] * bs + j % bs;
                 const uint4 *kr = (const uint4 *)(kc + (size_t)slot * kv_stride + hoff);
                 float dot = 0.0f;
-#pragma unroll 4
-                for (int d8 = 0; d8 < hd / 8; d8++) {
-                    const uint4 kv = kr[d8];
-                    const __half2 *k2 = (const __half2 *)&kv;
+                for (int d0 = 0; d0 < hd / 8; d0 += ATT_K_ROUND) {
+                    uint4 kv[ATT_K_ROUND];
 #pragma unroll
-                    for (int t = 0; t < 4; t++) {
-                        const float2 kf = __half22float2(k2[t]);
-                        dot = fmaf(qs[8 * d8 + 2 * t], kf.x, dot);
-                        dot = fmaf(qs[8 * d8 + 2 * t + 1], kf.y, dot);
+                    for (int u = 0; u < ATT_K_ROUND; u++)
+                        if (d0 + u < hd / 8) kv[u] = kr[d0 + u];
+#pragma unroll
+                    for (int u = 0; u < ATT_K_ROUND; u++) {
+                        if (d0 + u >= hd / 8) break;
+                        const __half2 *k2 = (const __half2 *)&kv[u];
+#pragma unroll
+                        for (int t = 0; t < 4; t++) {
+                            const float2 kf = __half22float2(k2[t]);
+                            dot = fmaf(qs[8 * (d0 + u) + 2 * t], kf.x, dot);
+                            dot = fmaf(qs[8 * (d0 + u) + 2 * t + 1], kf.y, dot);
+                        }
                     }
                 }
                 s = dot * scale;
@@ -648,16 +683,31 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
             chunk_slot[warp][lane] = slot;
             __syncwarp();
 #pragma unroll
-            for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) acc[r] *= corr;
-#pragma unroll 8
-            for (int t = 0; t < 32; t++) {
-                const float pt = chunk_p[warp][t];
-                if (pt == 0.0f) continue; /* masked (or underflowed): absent, even where V holds inf */
-                const __half *vr = vc + (size_t)chunk_slot[warp][t] * kv_stride + hoff;
+            for (int k = 0; k < 8; k++) vacc[k] *= corr;
+            if (vgrp < vgroups) {
+                for (int t0 = vgrp; t0 < 32; t0 += vgroups * ATT_V_ROUND) {
+                    uint4 vv[ATT_V_ROUND];
+                    float pv[ATT_V_ROUND];
 #pragma unroll
-                for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) {
-                    const int d = lane + 32 * r;
-                    if (d < hd) acc[r] = fmaf(pt, __half2float(vr[d]), acc[r]);
+                    for (int u = 0; u < ATT_V_ROUND; u++) {
+                        const int t = t0 + u * vgroups;
+                        pv[u] = t < 32 ? chunk_p[warp][t] : 0.0f;
+                        /* masked (or underflowed): absent, even where V holds inf */
+                        vv[u] = pv[u] != 0.0f
+                                    ? ((const uint4 *)(vc + (size_t)chunk_slot[warp][t] * kv_stride + hoff))[vsub]
+                                    : make_uint4(0u, 0u, 0u, 0u);
+                    }
+#pragma unroll
+                    for (int u = 0; u < ATT_V_ROUND; u++) {
+                        if (pv[u] == 0.0f) continue;
+                        const __half2 *v2 = (const __half2 *)&vv[u];
+#pragma unroll
+                        for (int t = 0; t < 4; t++) {
+                            const float2 vf = __half22float2(v2[t]);
+                            vacc[2 * t] = fmaf(pv[u], vf.x, vacc[2 * t]);
+                            vacc[2 * t + 1] = fmaf(pv[u], vf.y, vacc[2 * t + 1]);
+                        }
+                    }
                 }
             }
             __syncwarp(); /* the chunk's p and slots are read before the next chunk writes them */
@@ -689,10 +739,21 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
         m = mn;
     }
     if (lane == 0) wm[warp] = m, wl[warp] = l;
+    if constexpr (LANES) { /* the row groups' sums, one group after another */
+        for (int g = 0; g < vgroups; g++) {
+            if (vgrp == g) {
 #pragma unroll
-    for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) {
-        const int d = lane + 32 * r;
-        if (d < hd) wacc[warp][d] = acc[r];
+                for (int k = 0; k < 8; k++)
+                    wacc[warp][8 * vsub + k] = g ? wacc[warp][8 * vsub + k] + vacc[k] : vacc[k];
+            }
+            __syncwarp();
+        }
+    } else {
+#pragma unroll
+        for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) {
+            const int d = lane + 32 * r;
+            if (d < hd) wacc[warp][d] = acc[r];
+        }
     }
     __syncthreads();
     float M = -INFINITY;
@@ -1228,6 +1289,7 @@ static void gemv_launch(cuda_backend_t *cb, float *const *ys, const kern_weight_
     memset(&b, 0, sizeof b);
     b.n_jobs = swiglu ? 1 : n_w; /* blocks cover job 0's rows only */
     b.swiglu = swiglu;
+    b.early = cb->gemv_early && cb->pdl;
     int blocks = 0;
     for (int k = 0; k < n_w; k++) {
         const kern_weight_t *w = ws[k];
@@ -1407,7 +1469,11 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
                a->head_dim, a->scale, a->tree_mask, a->tree_start, qt);
         return;
     }
-    launch(cb, cb->lane_attn && a->head_dim % 8 == 0 ? k_attention<true> : k_attention<false>, (unsigned)blocks,
+    /* The lanes kernel holds more registers (2 blocks an SM against 4): it pays where few (token, head)
+     * pairs leave the device latency-bound, and is left out where many fill it. */
+    const bool lanes = a->head_dim % 8 == 0 &&
+                       (cb->lane_attn == 1 || (cb->lane_attn < 0 && blocks <= cb->lane_attn_blocks));
+    launch(cb, lanes ? k_attention<true> : k_attention<false>, (unsigned)blocks,
            ATT_WARPS * 32, a->out, a->q, (const __half *)a->k_cache,
            (const __half *)a->v_cache, a->tok_seq, a->tok_pos, a->block_tables, a->max_blocks, a->block_size,
            a->n_heads, a->n_kv_heads, a->head_dim, a->scale, a->tree_mask, a->tree_start);
@@ -1645,6 +1711,10 @@ static int cuda_setup(cuda_backend_t *cb, fl_error_t *err)
     int major = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cb->device), err);
     cb->pdl = cb->pdl && major >= 9; /* programmatic dependent launch is Hopper's */
+    int sms = 0, per_sm = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, cb->device), err);
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attention<true>, ATT_WARPS * 32, 0), err);
+    cb->lane_attn_blocks = sms * per_sm;
     if (cudaMalloc(&cb->workspace, WORKSPACE_BYTES) != cudaSuccess) {
         (void)cudaGetLastError();
         cb->workspace = NULL;
@@ -1685,7 +1755,9 @@ extern "C" kern_backend_t *kern_cuda_module_new(int device, fl_error_t *err)
     const char *tiled = getenv("FOLIO_CUDA_TILED_ATTN");
     cb->tiled_attn = !(tiled && !strcmp(tiled, "0"));
     const char *lanes = getenv("FOLIO_CUDA_LANE_ATTN");
-    cb->lane_attn = lanes && !strcmp(lanes, "1");
+    cb->lane_attn = !lanes ? -1 : !strcmp(lanes, "1") ? 1 : 0;
+    const char *early = getenv("FOLIO_CUDA_GEMV_EARLY");
+    cb->gemv_early = early && !strcmp(early, "1");
     if (cuda_setup(cb, err)) {
         cuda_destroy(&cb->base);
         return NULL;

@@ -1205,6 +1205,9 @@ static void attention_cases(void)
         snprintf(lab, sizeof lab, "gqa-%d", gqa[i][0] / gqa[i][1]);
         test_attention(lab, gqa[i][0], gqa[i][1], gqa[i][2], 16, (const seq_spec_t[]){{100, 1}, {40, 40}}, 2);
     }
+    /* head_dim 256 and 32: one V row a round on the lanes kernel, and eight */
+    test_attention("head-dim-256", 4, 2, 256, 16, (const seq_spec_t[]){{300, 1}, {40, 40}}, 2);
+    test_attention("head-dim-32", 8, 4, 32, 16, (const seq_spec_t[]){{300, 1}, {17, 1}, {20, 20}}, 3);
     /* long contexts */
     test_attention("long-decode", 9, 3, 64, 16, (const seq_spec_t[]){{L, 1}}, 1);
     test_attention("long-decode", 32, 8, 128, 16, (const seq_spec_t[]){{L + 96, 1}}, 1);
@@ -1276,11 +1279,15 @@ int main(int argc, char **argv)
 
     /* matmul, on each product path of the CUDA backend in turn: the default (single-token products on
      * the GEMV kernel over fp16 weights), the GEMV kernel reading quantized weights as stored
-     * (FOLIO_CUDA_QGEMV=1), cuBLASLt alone (FOLIO_CUDA_GEMV=0). */
-    static const char *const variants[][3] = {
-        {NULL, NULL, NULL}, {"FOLIO_CUDA_QGEMV", "1", "quantized gemv"}, {"FOLIO_CUDA_GEMV", "0", "cublaslt only"}};
+     * (FOLIO_CUDA_QGEMV=1), cuBLASLt alone (FOLIO_CUDA_GEMV=0), and the GEMV kernel issuing its first
+     * weight loads before the PDL wait (FOLIO_CUDA_GEMV_EARLY=1). */
+    static const char *const variants[][3] = {{NULL, NULL, NULL},
+                                              {"FOLIO_CUDA_QGEMV", "1", "quantized gemv"},
+                                              {"FOLIO_CUDA_GEMV", "0", "cublaslt only"},
+                                              {"FOLIO_CUDA_GEMV_EARLY", "1", "early gemv loads"}};
+    const int n_variants = (int)(sizeof variants / sizeof variants[0]);
     kern_backend_t *const g_gpu_default = g_gpu;
-    for (int vi = 0; vi < (selfcheck ? 1 : 3); vi++) {
+    for (int vi = 0; vi < (selfcheck ? 1 : n_variants); vi++) {
         if (vi > 0) {
             setenv(variants[vi][0], variants[vi][1], 1);
             g_gpu = kern_cuda_new(0, &err);
@@ -1396,18 +1403,20 @@ int main(int argc, char **argv)
         test_rope_kv_store(3, 2, 2, 64, 0, 10000.0f, 1.0f, false, 40);    /* n_rot 0: the store alone */
     }
 
-    /* attention: the default kernels, then (on a GPU) the lanes decode kernel, FOLIO_CUDA_LANE_ATTN=1 */
+    /* attention: the default kernels (which pick the decode kernel by grid size), then (on a GPU)
+     * every case on each decode kernel alone: lanes (FOLIO_CUDA_LANE_ATTN=1), per position (=0) */
     attention_cases();
-    if (!selfcheck) {
-        setenv("FOLIO_CUDA_LANE_ATTN", "1", 1);
+    static const char *const attn_variants[][2] = {{"1", "(lanes)"}, {"0", "(per-position)"}};
+    for (int vi = 0; vi < 2 && !selfcheck; vi++) {
+        setenv("FOLIO_CUDA_LANE_ATTN", attn_variants[vi][0], 1);
         kern_backend_t *const saved = g_gpu;
         g_gpu = kern_cuda_new(0, &err);
         unsetenv("FOLIO_CUDA_LANE_ATTN");
         if (!g_gpu) {
-            printf("FAIL: kern_cuda_new (lanes attention): %s\n", err.msg);
+            printf("FAIL: kern_cuda_new (%s attention): %s\n", attn_variants[vi][1], err.msg);
             g_fail++;
         } else {
-            g_attn_variant = "(lanes)";
+            g_attn_variant = attn_variants[vi][1];
             attention_cases();
             g_attn_variant = "";
             kern_destroy(&g_gpu);
