@@ -60,9 +60,21 @@ typedef struct kern_attn {
      * KERN_ATTN_RUN_MIN tokens or more (prefill chunks) a backend may tile queries, so that each K/V
      * row is read once for a run of tokens of one sequence, not once a token. */
     int n_seqs;
+    /* The most positions any token of the call reads (kern_attn_len), 0 when unknown. A hint only: a
+     * backend may split long contexts over more thread blocks (flash-decoding). It sizes launches by
+     * kern_attn_len_class(max_len), so a recorded step stays valid while the class does not change. */
+    int max_len;
 } kern_attn_t;
 
 #define KERN_ATTN_RUN_MIN 8
+
+/* The power of two at or above max_len, as its exponent (0 for max_len <= 1). */
+static inline int kern_attn_len_class(int max_len)
+{
+    int c = 0;
+    while (c < 31 && (1 << c) < max_len) c++;
+    return c;
+}
 
 /* Positions token i of a reads: 0..len-1, some masked out in tree attention. */
 static inline int kern_attn_len(const kern_attn_t *a, int i)

@@ -430,11 +430,21 @@ static int attention_split(const model_batch_t *b, int *n_runs)
     return split;
 }
 
+/* The most positions a token of b[first, first + count) attends to (causal: its position + 1). */
+static int attention_max_len(const model_batch_t *b, int first, int count)
+{
+    int len = 0;
+    for (int i = first; i < first + count; i++)
+        if (b->pos[i] + 1 > len) len = b->pos[i] + 1;
+    return len;
+}
+
 /* Attention of layer l over tokens [0, split) without the tiling hint and [split, n) with it. */
-static void attention_ops(model_t *m, kv_cache_t *kv, int l, int n, int split, int runs_after)
+static void attention_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b, int l, int split, int runs_after)
 {
     const model_config_t *c = &m->cfg;
     const size_t q_dim = (size_t)c->n_heads * c->head_dim;
+    const int n = b->n_tokens;
     for (int part = 0; part < 2; part++) {
         const int first = part ? split : 0, count = part ? n - split : split;
         if (count <= 0) continue;
@@ -444,6 +454,7 @@ static void attention_ops(model_t *m, kv_cache_t *kv, int l, int n, int split, i
             .block_tables = m->d_block_tables, .max_blocks = m->max_blocks, .block_size = kv->block_size,
             .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
             .scale = 1.0f / sqrtf((float)c->head_dim), .n_seqs = part ? runs_after : 0,
+            .max_len = attention_max_len(b, first, count),
         };
         kern_attention(m->be, &attn);
     }
@@ -468,7 +479,7 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
                   kern_matmul_multi(be, qkv_y, qkv_w, 3, m->xb, n));
         PROF(ROPE_KV, kern_rope_kv_store(be, m->q, m->k, m->v, kv->k[l], kv->v[l], m->d_pos, m->d_slots, n,
                                          c->n_heads, c->n_kv_heads, c->head_dim, &c->rope));
-        PROF(ATTENTION, attention_ops(m, kv, l, n, split, runs_after));
+        PROF(ATTENTION, attention_ops(m, kv, b, l, split, runs_after));
         PROF(OUT_PROJ, kern_matmul(be, m->xb, L->wo, m->att, n));
         /* feed-forward block */
         PROF(NORM, kern_add_rmsnorm(be, m->xb, m->x, m->xb, L->ffn_norm, n, dim, c->norm_eps));
@@ -489,12 +500,14 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
                  if (b->n_logits > 0) kern_matmul(be, m->logits, m->output, m->logit_in, b->n_logits));
 }
 
-/* Names a decode step's recording: the model, the KV cache and the batch size fix every pointer and
- * shape in it. */
-static uint64_t graph_key_of(const model_t *m, const kv_cache_t *kv, int n)
+/* Names a decode step's recording: the model, the KV cache, the batch size and the class of its
+ * longest context (kern_attn_t.max_len) fix every pointer and shape in it. */
+static uint64_t graph_key_of(const model_t *m, const kv_cache_t *kv, const model_batch_t *b)
 {
     uint64_t h = 0x9E3779B97F4A7C15ull;
-    const uint64_t parts[] = {(uint64_t)(uintptr_t)m, (uint64_t)(uintptr_t)kv, (uint64_t)n, (uint64_t)m->max_blocks};
+    const int n = b->n_tokens;
+    const uint64_t parts[] = {(uint64_t)(uintptr_t)m, (uint64_t)(uintptr_t)kv, (uint64_t)n, (uint64_t)m->max_blocks,
+                              (uint64_t)kern_attn_len_class(attention_max_len(b, 0, n))};
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
         h ^= parts[i] + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
         h *= 0xBF58476D1CE4E5B9ull;
@@ -529,7 +542,7 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
     if (!m->profile && b->n_logits == n && b->n_seqs == n) {
         bool in_order = true;
         for (int i = 0; i < n && in_order; i++) in_order = b->logit_rows[i] == i && b->seq[i] == i;
-        if (in_order) graph_key = graph_key_of(m, kv, n);
+        if (in_order) graph_key = graph_key_of(m, kv, b);
     }
     for (;;) {
         const int replay = graph_key ? kern_graph_begin(be, graph_key) : 0;

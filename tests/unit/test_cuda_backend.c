@@ -851,8 +851,9 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
     char name[256];
     int off = snprintf(name, sizeof name, "attention%s %s heads=%d kv_heads=%d head_dim=%d block=%d seqs=",
                        g_attn_variant, label, n_heads, n_kv, hd, bs);
-    int n_tokens = 0, max_blocks = 1, used_blocks = 0;
+    int n_tokens = 0, max_blocks = 1, used_blocks = 0, max_len = 0;
     for (int s = 0; s < n_seqs; s++) {
+        max_len = seqs[s].len > max_len ? seqs[s].len : max_len;
         if (off < (int)sizeof name - 16)
             off += snprintf(name + off, sizeof name - (size_t)off, "%s%d/%d", s ? "," : "", seqs[s].len, seqs[s].n_new);
         n_tokens += seqs[s].n_new;
@@ -905,7 +906,7 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
     kern_kv_store(g_cpu, kc.c, vc.c, tk.c, tv.c, tsl.c, n_tokens, kv_dim);
     kern_kv_store(g_gpu, kc.g, vc.g, tk.g, tv.g, tsl.g, n_tokens, kv_dim);
     kern_attn_t a = {.n_tokens = n_tokens, .max_blocks = max_blocks, .block_size = bs, .n_heads = n_heads,
-                     .n_kv_heads = n_kv, .head_dim = hd, .scale = 1.0f / sqrtf((float)hd)};
+                     .n_kv_heads = n_kv, .head_dim = hd, .scale = 1.0f / sqrtf((float)hd), .max_len = max_len};
     kern_attn_t ac = a, ag = a;
     ac.out = out.c, ac.q = tq.c, ac.k_cache = kc.c, ac.v_cache = vc.c, ac.tok_seq = tts.c, ac.tok_pos = ttp.c,
     ac.block_tables = tbt.c;
@@ -914,6 +915,17 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
     kern_attention(g_cpu, &ac);
     kern_attention(g_gpu, &ag);
     check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, name);
+    /* max_len lets the CUDA backend split long contexts over blocks; without it, one block a
+     * (token, head) walks the whole context */
+    if (max_len > 256) {
+        char unsplit_name[300];
+        snprintf(unsplit_name, sizeof unsplit_name, "%s unsplit", name);
+        poison_gpu(&out);
+        ag.max_len = 0;
+        kern_attention(g_gpu, &ag);
+        ag.max_len = max_len;
+        check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, unsplit_name);
+    }
     /* With n_seqs given and many tokens a sequence, the CUDA backend tiles queries (its prefill
      * kernel); the same call without n_seqs above took the per-(token, head) kernel. */
     const bool tiled = n_tokens >= 8 * n_seqs;
@@ -1280,11 +1292,11 @@ int main(int argc, char **argv)
     /* matmul, on each product path of the CUDA backend in turn: the default (single-token products on
      * the GEMV kernel over fp16 weights), the GEMV kernel reading quantized weights as stored
      * (FOLIO_CUDA_QGEMV=1), cuBLASLt alone (FOLIO_CUDA_GEMV=0), and the GEMV kernel issuing its first
-     * weight loads before the PDL wait (FOLIO_CUDA_GEMV_EARLY=1). */
+     * weight loads after the PDL wait (FOLIO_CUDA_GEMV_EARLY=0; the default issues them before). */
     static const char *const variants[][3] = {{NULL, NULL, NULL},
                                               {"FOLIO_CUDA_QGEMV", "1", "quantized gemv"},
                                               {"FOLIO_CUDA_GEMV", "0", "cublaslt only"},
-                                              {"FOLIO_CUDA_GEMV_EARLY", "1", "early gemv loads"}};
+                                              {"FOLIO_CUDA_GEMV_EARLY", "0", "late gemv loads"}};
     const int n_variants = (int)(sizeof variants / sizeof variants[0]);
     kern_backend_t *const g_gpu_default = g_gpu;
     for (int vi = 0; vi < (selfcheck ? 1 : n_variants); vi++) {
