@@ -150,9 +150,11 @@ typedef struct cuda_backend {
     bool pdl;                           /* programmatic dependent launch (FOLIO_CUDA_PDL=0: off) */
     bool tiled_attn;                    /* k_attention_tiled for prefill (FOLIO_CUDA_TILED_ATTN=0: off) */
     int lane_attn;                      /* FOLIO_CUDA_LANE_ATTN: 1 always k_attention<true> for decode, 0 never,
-                                         * unset: while its grid fits the device at once (lane_attn_blocks) */
+                                         * unset: for contexts known to be short whose grid fits the device
+                                         * at once (lane_attn_blocks) */
     int lane_attn_blocks;               /* k_attention<true>'s resident blocks, device-wide */
     int attn_blocks;                    /* k_attention<false>'s */
+    int sms;                            /* the device's multiprocessors */
     bool split_attn;                    /* long decode contexts split over blocks (FOLIO_CUDA_SPLIT_ATTN=0: off) */
     float *attn_part;                   /* split attention's per-block partial results */
     size_t attn_part_cap;
@@ -592,17 +594,19 @@ __global__ void k_rope_kv(float *q, float *k, const float *v, __half *kc, __half
     }
 }
 
-/* One block of ATT_WARPS warps per (token, head), blockIdx.x = token * n_heads + head. Lane l of a
- * warp owns dimensions l, l+32, ... (up to 8 of them: head_dim <= 256). Warp w handles positions
- * w, w+ATT_WARPS, ... of 0..pos with its own running max m, sum l and accumulators; the warps'
- * states are merged through shared memory at the end. */
-/* LANES (FOLIO_CUDA_LANE_ATTN=1, head_dim a multiple of 8): a warp takes 32 positions at a time,
- * one a lane, each lane computing its position's whole score from 16-byte K loads (eight in flight
- * together), then adds the 32 V rows with hd/8 lanes a row, 16 bytes a lane, 32 / (hd/8) rows at a
- * time (ATT_LANE_ROWS loads in flight a lane). A warp then pays a few memory latencies per 32
- * positions instead of one per position: what long contexts at small batch need (about 1 us a
- * position and warp otherwise). It holds more registers: cuda_attention picks it for grids that fit
- * the device at once (FOLIO_CUDA_LANE_ATTN=1: always, 0: never). */
+/* One block of ATT_WARPS warps per (token, head) and split: blockIdx.x = token * n_heads + head,
+ * blockIdx.y one of gridDim.y equal shares of the token's positions (one share unless the context
+ * is long and the batch small: cuda_attention). Lane l of a warp owns dimensions l, l+32, ... (up
+ * to 8 of them: head_dim <= 256). Warp w handles positions w, w+ATT_WARPS, ... of its share with
+ * its own running max m, sum l and accumulators; the warps' states are merged through shared memory
+ * at the end, and the shares' through `part` by the last block of the (token, head) to finish. */
+/* LANES (head_dim a multiple of 8): a warp takes 32 positions at a time, one a lane, each lane
+ * computing its position's whole score from 16-byte K loads (ATT_K_ROUND in flight together), then
+ * adds the 32 V rows with hd/8 lanes a row, 16 bytes a lane, 32 / (hd/8) rows at a time
+ * (ATT_V_ROUND loads in flight a lane). A warp then pays a few memory latencies per 32 positions
+ * instead of one per position, which is what a batch-1 decode over a short context waits on. It
+ * holds more registers: cuda_attention picks it for short contexts whose grid fits the device at
+ * once (FOLIO_CUDA_LANE_ATTN=1: always, 0: never). */
 #define ATT_K_ROUND 8
 #define ATT_V_ROUND 8
 template <bool LANES>
@@ -641,8 +645,9 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     /* This block's share of the positions: split blockIdx.y of gridDim.y (flash-decoding) */
     const int splits = (int)gridDim.y, split = (int)blockIdx.y;
     const int lo = (int)((int64_t)len * split / splits), hi = (int)((int64_t)len * (split + 1) / splits);
-    /* The lanes loop pays off while each warp has a chunk of 32 positions or so; past that, the
-     * per-position loop (measured: 4,096 positions, b=1, 37.8 against 141.2 tok/s). */
+    /* The lanes loop pays off while each warp has a chunk of 32 positions or so; past that (only
+     * where FOLIO_CUDA_LANE_ATTN=1 forces this kernel), the per-position loop: the lanes loop over
+     * 4,096 positions measured 37.8 tok/s against 141.2 (8B shape, b=1). */
     const bool lanes = LANES && hi - lo <= 32 * ATT_WARPS;
 
     float m = -INFINITY, l = 0.0f, acc[ATT_MAX_HEAD_DIM / 32];
@@ -1527,11 +1532,13 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
         return;
     }
     /* Contexts longer than ATT_SPLIT_SPAN positions are split over up to ATT_MAX_SPLITS blocks a
-     * (token, head) while the grid stays within two waves of the device: at batch 1 a 4,096-position
-     * context is otherwise 32 blocks of 8 warps walking 512 positions each. Sized by the class of
-     * max_len (a recorded step stays valid within it); the blocks split the real lengths. */
+     * (token, head) where the (token, head) pairs alone leave multiprocessors idle, the grid staying
+     * within two waves: at batch 1 a 4,096-position context is otherwise 32 blocks of 8 warps walking
+     * 512 positions each (H200, 8B shape: 170.6 against 141.2 tok/s). At batch 8 (256 pairs) a split
+     * measured slower (407 against 550 tok/s), so a grid that covers the device is left whole. Sized
+     * by the class of max_len (a recorded step stays valid within it); blocks split the real lengths. */
     int splits = 1;
-    if (cb->split_attn && a->max_len > ATT_SPLIT_SPAN) {
+    if (cb->split_attn && a->max_len > ATT_SPLIT_SPAN && blocks < cb->sms) {
         const int64_t span = (int64_t)1 << kern_attn_len_class(a->max_len);
         const int64_t by_len = (span + ATT_SPLIT_SPAN - 1) / ATT_SPLIT_SPAN;
         const int64_t by_fill = 2 * (int64_t)cb->attn_blocks / blocks;
@@ -1550,10 +1557,13 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
         if (cb->attn_arrived_cap != had)
             OP_CUDA(cb, cudaMemsetAsync(cb->attn_arrived, 0, cb->attn_arrived_cap, cb->stream));
     }
-    /* The lanes kernel holds more registers (2 blocks an SM against 4): it pays where few (token, head)
-     * pairs leave the device latency-bound and contexts are short (it walks long ones by position). */
+    /* The lanes kernel holds more registers (2 blocks an SM against 5): it pays where few (token, head)
+     * pairs leave the device latency-bound and contexts are known to be short (8B shape, 16-80
+     * positions: 231.1 against 225.6 tok/s at b=1). Past ATT_SPLIT_SPAN positions a block it walks
+     * them one by one, slower than k_attention<false> (31.2 against 141.2 tok/s at 4,096). */
     const bool lanes = a->head_dim % 8 == 0 &&
-                       (cb->lane_attn == 1 || (cb->lane_attn < 0 && splits == 1 && blocks <= cb->lane_attn_blocks));
+                       (cb->lane_attn == 1 || (cb->lane_attn < 0 && a->max_len > 0 &&
+                                               a->max_len <= ATT_SPLIT_SPAN && blocks <= cb->lane_attn_blocks));
     launch(cb, lanes ? k_attention<true> : k_attention<false>, dim3((unsigned)blocks, (unsigned)splits),
            ATT_WARPS * 32, a->out, a->q, (const __half *)a->k_cache, (const __half *)a->v_cache, a->tok_seq,
            a->tok_pos, a->block_tables, a->max_blocks, a->block_size, a->n_heads, a->n_kv_heads, a->head_dim,
@@ -1801,6 +1811,7 @@ static int cuda_setup(cuda_backend_t *cb, fl_error_t *err)
     cb->lane_attn_blocks = sms * per_sm;
     CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attention<false>, ATT_WARPS * 32, 0), err);
     cb->attn_blocks = sms * per_sm;
+    cb->sms = sms;
     if (cudaMalloc(&cb->workspace, WORKSPACE_BYTES) != cudaSuccess) {
         (void)cudaGetLastError();
         cb->workspace = NULL;
