@@ -15,8 +15,9 @@
 #   profile   ncu on batch-1 decode steps of the bf16 8B shape: device time and DRAM bytes per
 #             kernel (scripts/ncu_summary.py), graphs off so every kernel is seen
 # FOLIO_GPU_VARIANTS: which on-off runs (default "plain nographs nogemv nopdl notiled laneattn nolaneattn
-# gemvlate longctx", "" for none; laneattn / nolaneattn force each decode attention kernel, where the
-# default picks by grid size and context; gemvlate issues the GEMV's first loads after the PDL wait;
+# gemvearly longctx", "" for none; laneattn / nolaneattn force each decode attention kernel, where the
+# default picks by grid size and context; gemvearly issues the GEMV's first weight loads before the
+# PDL wait;
 # longctx decodes after 4,096 prompt tokens a sequence, with and without split attention);
 # FOLIO_GPU_TORCH=0 skips the PyTorch side; FOLIO_GPU_Q4=0 the Q4_1 8B runs.
 # A machine without a package registry: pass FOLIO_DEPS=<folder of .deb files> (the list is in
@@ -157,11 +158,11 @@ bench_torch() {
 # prefill attention each contribute, measured in the same run.
 bench_variants() {
   local v
-  for v in ${FOLIO_GPU_VARIANTS-plain nographs nogemv nopdl notiled laneattn nolaneattn gemvlate longctx}; do
+  for v in ${FOLIO_GPU_VARIANTS-plain nographs nogemv nopdl notiled laneattn nolaneattn gemvearly longctx}; do
     case $v in
       laneattn) bench_folio "$1-laneattn" "$2" 1,8,64,256 FOLIO_CUDA_LANE_ATTN=1 -- --repeat 2 "${@:3}" ;;
       nolaneattn) bench_folio "$1-nolaneattn" "$2" 1,8 FOLIO_CUDA_LANE_ATTN=0 -- --repeat 2 "${@:3}" ;;
-      gemvlate) bench_folio "$1-gemvlate" "$2" 1,8 FOLIO_CUDA_GEMV_EARLY=0 -- --repeat 2 "${@:3}" ;;
+      gemvearly) bench_folio "$1-gemvearly" "$2" 1,8 FOLIO_CUDA_GEMV_EARLY=1 -- --repeat 2 "${@:3}" ;;
       longctx)
         bench_folio "$1-ctx4k" "$2" 1,8 -- --repeat 1 --decode-context 4096 "${@:3}"
         bench_folio "$1-ctx4k-nosplit" "$2" 1,8 FOLIO_CUDA_SPLIT_ATTN=0 -- --repeat 1 --decode-context 4096 "${@:3}" ;;

@@ -161,7 +161,7 @@ typedef struct cuda_backend {
     unsigned *attn_arrived;             /* split attention's per-(token, head) counters, zero between launches */
     size_t attn_arrived_cap;
     bool gemv_early;                    /* k_gemv1 loads its first weights before the PDL wait
-                                         * (FOLIO_CUDA_GEMV_EARLY=0: off) */
+                                         * (FOLIO_CUDA_GEMV_EARLY=1: on; not yet measured race-free) */
     cuda_graph_t graph[GRAPH_SLOTS];
     uint64_t graph_clock;               /* LRU stamp */
     unsigned buf_gen;                   /* bumped when a scratch buffer moves: recordings hold old pointers */
@@ -381,7 +381,9 @@ __device__ float row_dot_quant(const uint8_t *row, int type, const float *x, int
     return acc;
 }
 
-__global__ void __launch_bounds__(GEMV_WARPS * 32, 4) k_gemv1(gemv_batch_t b, const float *__restrict__ x, int cols)
+/* x is written by the kernel before, which may still run (PDL): not __restrict__, whose
+ * non-coherent loads ptxas may hoist above the wait (it did, on the early path: a race). */
+__global__ void __launch_bounds__(GEMV_WARPS * 32, 4) k_gemv1(gemv_batch_t b, const float *x, int cols)
 {
     int j = 0;
     while (j + 1 < b.n_jobs && (int)blockIdx.x >= b.first_block[j + 1]) j++;
@@ -665,7 +667,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
             int32_t slot = -1;
             float s = -INFINITY;
             if (vis) {
-                slot = bt[j / bs] * bs + j % bs;
+                slot = bt[j / bs] * bs + j % bs; /* < 2^31 slots: the pools would not fit a device */
                 const uint4 *kr = (const uint4 *)(kc + (size_t)slot * kv_stride + hoff);
                 float dot = 0.0f;
                 for (int d0 = 0; d0 < hd / 8; d0 += ATT_K_ROUND) {
@@ -1852,9 +1854,9 @@ extern "C" kern_backend_t *kern_cuda_module_new(int device, fl_error_t *err)
     const char *tiled = getenv("FOLIO_CUDA_TILED_ATTN");
     cb->tiled_attn = !(tiled && !strcmp(tiled, "0"));
     const char *lanes = getenv("FOLIO_CUDA_LANE_ATTN");
-    cb->lane_attn = !lanes ? -1 : !strcmp(lanes, "1") ? 1 : 0;
+    cb->lane_attn = lanes && !strcmp(lanes, "1") ? 1 : lanes && !strcmp(lanes, "0") ? 0 : -1;
     const char *early = getenv("FOLIO_CUDA_GEMV_EARLY");
-    cb->gemv_early = !(early && !strcmp(early, "0"));
+    cb->gemv_early = early && !strcmp(early, "1");
     const char *split = getenv("FOLIO_CUDA_SPLIT_ATTN");
     cb->split_attn = !(split && !strcmp(split, "0"));
     if (cuda_setup(cb, err)) {

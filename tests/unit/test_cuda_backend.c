@@ -1223,6 +1223,11 @@ static void attention_cases(void)
     /* long contexts */
     test_attention("long-decode", 9, 3, 64, 16, (const seq_spec_t[]){{L, 1}}, 1);
     test_attention("long-decode", 32, 8, 128, 16, (const seq_spec_t[]){{L + 96, 1}}, 1);
+    /* split attention: tokens of very different lengths in one launch (shares left empty), and
+     * several tokens a sequence (a real draft tree) */
+    test_attention("long-decode-mixed", 9, 3, 64, 16, (const seq_spec_t[]){{L, 1}, {3, 1}, {300, 1}}, 3);
+    test_attention("long-decode-tree", 9, 3, 64, 16, (const seq_spec_t[]){{L, 8}}, 1);
+    test_attention("long-decode-hd80", 10, 2, 80, 32, (const seq_spec_t[]){{L, 2}, {40, 1}}, 2);
     test_attention("long-prefill-chunk", 9, 3, 64, 16, (const seq_spec_t[]){{L, 32}}, 1);
     test_attention("long-prefill-chunk", 32, 8, 128, 16, (const seq_spec_t[]){{L / 2, g_quick ? 64 : 512}}, 1);
     /* several sequences of different lengths, decode and prefill mixed, scattered tables */
@@ -1292,11 +1297,11 @@ int main(int argc, char **argv)
     /* matmul, on each product path of the CUDA backend in turn: the default (single-token products on
      * the GEMV kernel over fp16 weights), the GEMV kernel reading quantized weights as stored
      * (FOLIO_CUDA_QGEMV=1), cuBLASLt alone (FOLIO_CUDA_GEMV=0), and the GEMV kernel issuing its first
-     * weight loads after the PDL wait (FOLIO_CUDA_GEMV_EARLY=0; the default issues them before). */
+     * round of weight loads before the PDL wait (FOLIO_CUDA_GEMV_EARLY=1). */
     static const char *const variants[][3] = {{NULL, NULL, NULL},
                                               {"FOLIO_CUDA_QGEMV", "1", "quantized gemv"},
                                               {"FOLIO_CUDA_GEMV", "0", "cublaslt only"},
-                                              {"FOLIO_CUDA_GEMV_EARLY", "0", "late gemv loads"}};
+                                              {"FOLIO_CUDA_GEMV_EARLY", "1", "early gemv loads"}};
     const int n_variants = (int)(sizeof variants / sizeof variants[0]);
     kern_backend_t *const g_gpu_default = g_gpu;
     for (int vi = 0; vi < (selfcheck ? 1 : n_variants); vi++) {
@@ -1323,6 +1328,9 @@ int main(int argc, char **argv)
             test_matmul(ty, 1536, 576, g_quick ? ns_quick : ns_all, g_quick ? 4 : 5);
             test_matmul(ty, 67, 128, ns_quick, 4);   /* rows not a multiple of any tile */
             test_matmul(ty, 192, 32, ns_quick, 4);   /* one quant block per row */
+            /* 252 16-byte vectors a row: lanes 0-27 of a GEMV warp have a whole first round of 8, 28-31
+             * do not (the early-load branch splits within the warp) */
+            test_matmul(ty, 72, 2016, (const int[]){1, 3}, 2);
             if (g_quick) {
                 if (ty == FL_TYPE_Q4_1) test_matmul(ty, 576, 576, ns_big, 3);
             } else {
