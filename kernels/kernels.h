@@ -64,6 +64,14 @@ typedef struct kern_attn {
      * backend may split long contexts over more thread blocks (flash-decoding). It sizes launches by
      * kern_attn_len_class(max_len), so a recorded step stays valid while the class does not change. */
     int max_len;
+    /* Per sequence (indexed like block_tables), the length of its prompt; NULL when unknown. For
+     * backends whose summation order differs between prompt processing and decode (the CPU's, as
+     * llama.cpp's): with it, a token at a position below its sequence's prompt length (of 2 tokens or
+     * more) is summed in prompt order and any other token in decode order, whatever else the call
+     * holds, so a prompt split over steps or a sequence recomputed after preemption gets the numbers
+     * of one run straight through. Without it, the order follows the number of tokens the sequence
+     * has in the call. */
+    const int32_t *seq_prompt_len;
 } kern_attn_t;
 
 #define KERN_ATTN_RUN_MIN 8

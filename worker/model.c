@@ -206,8 +206,9 @@ static int alloc_scratch(model_t *m, fl_error_t *err)
 {
     const model_config_t *c = &m->cfg;
     const size_t T = (size_t)m->max_tokens, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
-    /* A step's inputs, packed: tokens, positions, sequences, KV slots ([n] each), block tables. */
-    const size_t step_ints = 4 * T + (size_t)m->max_seqs * m->max_blocks;
+    /* A step's inputs, packed: tokens, positions, sequences, KV slots ([n] each), block tables,
+     * prompt lengths. */
+    const size_t step_ints = 4 * T + (size_t)m->max_seqs * m->max_blocks + (size_t)m->max_seqs;
     struct { void **p; size_t bytes; } bufs[] = {
         {(void **)&m->x, T * c->dim * sizeof(float)},
         {(void **)&m->xb, T * c->dim * sizeof(float)},
@@ -454,7 +455,7 @@ static void attention_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b, in
             .block_tables = m->d_block_tables, .max_blocks = m->max_blocks, .block_size = kv->block_size,
             .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
             .scale = 1.0f / sqrtf((float)c->head_dim), .n_seqs = part ? runs_after : 0,
-            .max_len = attention_max_len(b, first, count),
+            .max_len = attention_max_len(b, first, count), .seq_prompt_len = m->d_prompt_len,
         };
         kern_attention(m->be, &attn);
     }
@@ -531,9 +532,12 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
     memcpy(m->h_step + 2 * n, b->seq, row);
     /* h_step + 3n: the slots, written by check_batch */
     memcpy(m->h_step + 4 * n, b->block_tables, nb * sizeof(int32_t));
+    const size_t np = b->prompt_len ? (size_t)b->n_seqs : 0;
+    if (np) memcpy(m->h_step + 4 * n + nb, b->prompt_len, np * sizeof(int32_t));
     m->d_tokens = m->d_step, m->d_pos = m->d_step + n, m->d_seq = m->d_step + 2 * n;
     m->d_slots = m->d_step + 3 * n, m->d_block_tables = m->d_step + 4 * n;
-    if (be->ops->upload(be, m->d_step, m->h_step, 4 * row + nb * sizeof(int32_t)))
+    m->d_prompt_len = np ? m->d_step + 4 * n + nb : NULL;
+    if (be->ops->upload(be, m->d_step, m->h_step, 4 * row + (nb + np) * sizeof(int32_t)))
         return fl_fail(err, FL_EBACKEND, "forward: uploading the batch to the %s backend failed", be->ops->name);
 
     /* A pure decode step (one token and one logit row per sequence, in order) repeats with the same

@@ -65,8 +65,8 @@ typedef struct model {
     int max_tokens, max_logits, max_seqs, max_blocks;
     int block_size;         /* KV block size the block tables use (the KV cache must use the same) */
     float *x, *xb, *q, *k, *v, *att, *gate, *up, *logit_in, *logits;
-    int32_t *d_step;        /* a step's inputs, packed (model_forward); the five below point into it */
-    int32_t *d_tokens, *d_pos, *d_seq, *d_slots, *d_block_tables;
+    int32_t *d_step;        /* a step's inputs, packed (model_forward); the six below point into it */
+    int32_t *d_tokens, *d_pos, *d_seq, *d_slots, *d_block_tables, *d_prompt_len;
     int32_t *h_step;        /* host staging of d_step */
 
     bool profile;
@@ -80,6 +80,8 @@ typedef struct model_batch {
     const int32_t *seq;          /* [n_tokens] row of block_tables */
     const int32_t *block_tables; /* [n_seqs][max_blocks] (host) */
     int n_seqs;
+    const int32_t *prompt_len;   /* [n_seqs] each sequence's prompt length (host), or NULL:
+                                    kern_attn_t.seq_prompt_len */
     const int32_t *logit_rows;   /* token indices that want logits, in output order */
     int n_logits;
 } model_batch_t;

@@ -64,7 +64,7 @@ struct sched {
     int in_step;
 
     /* Batch buffers. */
-    int32_t *tokens, *pos, *seq_row, *tables, *logit_rows, *sampled;
+    int32_t *tokens, *pos, *seq_row, *tables, *prompt_len, *logit_rows, *sampled;
     seq_t **logit_seq;
     kern_sampling_t *sampling;
 
@@ -210,12 +210,13 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
     s->pos = malloc((size_t)nt * sizeof *s->pos);
     s->seq_row = malloc((size_t)nt * sizeof *s->seq_row);
     s->tables = malloc((size_t)nr * m->max_blocks * sizeof *s->tables);
+    s->prompt_len = malloc((size_t)nr * sizeof *s->prompt_len);
     s->logit_rows = malloc((size_t)nr * sizeof *s->logit_rows);
     s->sampled = malloc((size_t)nr * sizeof *s->sampled);
     s->logit_seq = malloc((size_t)nr * sizeof *s->logit_seq);
     s->sampling = malloc((size_t)nr * sizeof *s->sampling);
-    if (!s->running || !s->waiting || !s->tokens || !s->pos || !s->seq_row || !s->tables || !s->logit_rows ||
-        !s->sampled || !s->logit_seq || !s->sampling)
+    if (!s->running || !s->waiting || !s->tokens || !s->pos || !s->seq_row || !s->tables || !s->prompt_len ||
+        !s->logit_rows || !s->sampled || !s->logit_seq || !s->sampling)
         goto oom;
     s->live_block = kv_cache_alloc_block(kv);
     if (s->live_block < 0) {
@@ -247,6 +248,7 @@ void sched_destroy(sched_t **sp)
     free(s->pos);
     free(s->seq_row);
     free(s->tables);
+    free(s->prompt_len);
     free(s->logit_rows);
     free(s->sampled);
     free(s->logit_seq);
@@ -493,11 +495,15 @@ static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
             }
         }
     }
-    for (int i = 0; i < s->n_running; i++)
+    /* Prompt lengths fix each token's summation order by its role (kern_attn_t.seq_prompt_len): a
+     * prompt chunked over steps, or recomputed after preemption, then computes as it would whole. */
+    for (int i = 0; i < s->n_running; i++) {
         memcpy(s->tables + (size_t)i * mb, s->running[i]->kv.blocks, (size_t)mb * sizeof *s->tables);
+        s->prompt_len[i] = s->running[i]->res.n_prompt;
+    }
     *b = (model_batch_t){.n_tokens = n, .tokens = s->tokens, .pos = s->pos, .seq = s->seq_row,
-                         .block_tables = s->tables, .n_seqs = s->n_running, .logit_rows = s->logit_rows,
-                         .n_logits = n_logits};
+                         .block_tables = s->tables, .n_seqs = s->n_running, .prompt_len = s->prompt_len,
+                         .logit_rows = s->logit_rows, .n_logits = n_logits};
     return n;
 }
 

@@ -11,10 +11,14 @@
  * Which order ggml uses depends on the number of query tokens in the mul_mat: with >= 2 (prompt
  * processing) llamafile's tinyBLAS takes the product: 16 lanes, element i into lane i % 16 by fma,
  * then the canonical reduce (cpu_reduce16_avx2); with 1 (decode) ggml_vec_dot_f16 runs
- * (cpu_vecdot_f16_*: chunks of 64 in 4 x 16 lanes, leftovers in double). folio decides per token
- * from the number of tokens of the same sequence in this call (so batching sequences together does
- * not change any of them): >= 2 -> tinyBLAS order (needs head_dim % 16 == 0 for KQ, as tinyBLAS
- * does), 1 -> vec_dot order. For the V sum "elements" are cache cells from position 0.
+ * (cpu_vecdot_f16_*: chunks of 64 in 4 x 16 lanes, leftovers in double). folio decides per token,
+ * so batching sequences together changes none of them: by its role where the caller gives each
+ * sequence's prompt length (kern_attn_t.seq_prompt_len: a prompt token of a prompt of >= 2 tokens ->
+ * tinyBLAS order, any other -> vec_dot order, which is what llama.cpp does for a prompt fed whole,
+ * and stays so when a prompt is split over steps or a preempted sequence is recomputed: the count
+ * rule below made those part from a straight run after ~1,000 tokens); else by the number of tokens
+ * of the same sequence in this call: >= 2 -> tinyBLAS order, 1 -> vec_dot order. tinyBLAS's KQ needs
+ * head_dim % 16 == 0, as tinyBLAS does. For the V sum "elements" are cache cells from position 0.
  *
  * Work items are (token, head) pairs, or (token, KV head) with AVX-512 and head_dim % 64 == 0 (a
  * decode token's GQA heads then share each K/V row load: attn_decode_group_avx512, the same
@@ -673,7 +677,10 @@ void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
     int *cnt = (int *)(void *)(multi + mbytes);
     memset(cnt, 0, (size_t)(maxseq + 1) * sizeof(int));
     for (int i = 0; i < a->n_tokens; i++) cnt[a->tok_seq[i]]++;
-    for (int i = 0; i < a->n_tokens; i++) multi[i] = cnt[a->tok_seq[i]] >= 2;
+    for (int i = 0; i < a->n_tokens; i++) {
+        const int32_t plen = a->seq_prompt_len ? a->seq_prompt_len[a->tok_seq[i]] : 0;
+        multi[i] = a->seq_prompt_len ? plen >= 2 && a->tok_pos[i] < plen : cnt[a->tok_seq[i]] >= 2;
+    }
     attn_ctx_t c = {.a = a, .isa = cb->isa, .scores = cb->scores, .multi = multi, .maxlen = maxlen,
                     .sstride = (maxlen + 63) & ~63,
                     .grouped = cb->isa == CPU_ISA_AVX512 && a->head_dim % 64 == 0 && G <= ATTN_MAX_GROUP &&
