@@ -440,12 +440,12 @@ static int attention_max_len(const model_batch_t *b, int first, int count)
     return len;
 }
 
-/* Attention of layer l over tokens [0, split) without the tiling hint and [split, n) with it. */
-static void attention_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b, int l, int split, int runs_after)
+/* Attention of layer l over tokens [0, split) without the tiling hint and [split, n) with it;
+ * max_len[part]: attention_max_len of each part, the same for every layer. */
+static void attention_ops(model_t *m, kv_cache_t *kv, int l, int n, int split, int runs_after, const int max_len[2])
 {
     const model_config_t *c = &m->cfg;
     const size_t q_dim = (size_t)c->n_heads * c->head_dim;
-    const int n = b->n_tokens;
     for (int part = 0; part < 2; part++) {
         const int first = part ? split : 0, count = part ? n - split : split;
         if (count <= 0) continue;
@@ -455,7 +455,7 @@ static void attention_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b, in
             .block_tables = m->d_block_tables, .max_blocks = m->max_blocks, .block_size = kv->block_size,
             .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
             .scale = 1.0f / sqrtf((float)c->head_dim), .n_seqs = part ? runs_after : 0,
-            .max_len = attention_max_len(b, first, count), .seq_prompt_len = m->d_prompt_len,
+            .max_len = max_len[part], .seq_prompt_len = m->d_prompt_len,
         };
         kern_attention(m->be, &attn);
     }
@@ -469,6 +469,7 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
     const int n = b->n_tokens, dim = c->dim;
     int runs_after;
     const int split = attention_split(b, &runs_after);
+    const int max_len[2] = {attention_max_len(b, 0, split), attention_max_len(b, split, n - split)};
     PROF(EMBED, kern_embed(be, m->x, m->tok_embd, m->d_tokens, n));
     /* Each residual add is fused with the norm that reads its result (kern_add_rmsnorm), but the last. */
     PROF(NORM, kern_rmsnorm(be, m->xb, m->x, m->layers[0].attn_norm, n, dim, c->norm_eps));
@@ -480,7 +481,7 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
                   kern_matmul_multi(be, qkv_y, qkv_w, 3, m->xb, n));
         PROF(ROPE_KV, kern_rope_kv_store(be, m->q, m->k, m->v, kv->k[l], kv->v[l], m->d_pos, m->d_slots, n,
                                          c->n_heads, c->n_kv_heads, c->head_dim, &c->rope));
-        PROF(ATTENTION, attention_ops(m, kv, b, l, split, runs_after));
+        PROF(ATTENTION, attention_ops(m, kv, l, n, split, runs_after, max_len));
         PROF(OUT_PROJ, kern_matmul(be, m->xb, L->wo, m->att, n));
         /* feed-forward block */
         PROF(NORM, kern_add_rmsnorm(be, m->xb, m->x, m->xb, L->ffn_norm, n, dim, c->norm_eps));

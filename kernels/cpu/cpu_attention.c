@@ -670,16 +670,21 @@ void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
         }
         cb->scores_len = cap; /* every thread's buffer got the same capacity */
     }
-    /* Tokens per sequence in this call (decides the summation order, see the header). */
+    /* Each token's summation order (see the header): by its role where prompt lengths are given,
+     * else by the tokens of its sequence in this call. */
     const size_t mbytes = ((size_t)a->n_tokens + 7) & ~(size_t)7;
-    uint8_t *multi = malloc(mbytes + (size_t)(maxseq + 1) * sizeof(int));
+    uint8_t *multi = malloc(mbytes + (a->seq_prompt_len ? 0 : (size_t)(maxseq + 1) * sizeof(int)));
     if (!multi) goto fail;
-    int *cnt = (int *)(void *)(multi + mbytes);
-    memset(cnt, 0, (size_t)(maxseq + 1) * sizeof(int));
-    for (int i = 0; i < a->n_tokens; i++) cnt[a->tok_seq[i]]++;
-    for (int i = 0; i < a->n_tokens; i++) {
-        const int32_t plen = a->seq_prompt_len ? a->seq_prompt_len[a->tok_seq[i]] : 0;
-        multi[i] = a->seq_prompt_len ? plen >= 2 && a->tok_pos[i] < plen : cnt[a->tok_seq[i]] >= 2;
+    if (a->seq_prompt_len) {
+        for (int i = 0; i < a->n_tokens; i++) {
+            const int32_t plen = a->seq_prompt_len[a->tok_seq[i]];
+            multi[i] = plen >= 2 && a->tok_pos[i] < plen;
+        }
+    } else {
+        int *cnt = (int *)(void *)(multi + mbytes);
+        memset(cnt, 0, (size_t)(maxseq + 1) * sizeof(int));
+        for (int i = 0; i < a->n_tokens; i++) cnt[a->tok_seq[i]]++;
+        for (int i = 0; i < a->n_tokens; i++) multi[i] = cnt[a->tok_seq[i]] >= 2;
     }
     attn_ctx_t c = {.a = a, .isa = cb->isa, .scores = cb->scores, .multi = multi, .maxlen = maxlen,
                     .sstride = (maxlen + 63) & ~63,

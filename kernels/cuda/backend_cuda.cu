@@ -1536,8 +1536,9 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
     /* Contexts longer than ATT_SPLIT_SPAN positions are split over up to ATT_MAX_SPLITS blocks a
      * (token, head) where the (token, head) pairs alone leave multiprocessors idle, the grid staying
      * within two waves: at batch 1 a 4,096-position context is otherwise 32 blocks of 8 warps walking
-     * 512 positions each (H200, 8B shape: 170.6 against 141.2 tok/s). At batch 8 (256 pairs) a split
-     * measured slower (407 against 550 tok/s), so a grid that covers the device is left whole. Sized
+     * 512 positions each (H200, 8B shape: 170.6 against 141.2 tok/s, on two machines, the former with
+     * the since-fixed racy GEMV loads). At batch 8 (256 pairs) a split measured slower (407 against
+     * 550 tok/s), so a grid that covers the device is left whole. Sized
      * by the class of max_len (a recorded step stays valid within it); blocks split the real lengths. */
     int splits = 1;
     if (cb->split_attn && a->max_len > ATT_SPLIT_SPAN && blocks < cb->sms) {
@@ -1561,7 +1562,7 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
     }
     /* The lanes kernel holds more registers (2 blocks an SM against 5): it pays where few (token, head)
      * pairs leave the device latency-bound and contexts are known to be short (8B shape, 16-80
-     * positions: 231.1 against 225.6 tok/s at b=1). Past ATT_SPLIT_SPAN positions a block it walks
+     * positions: 228.4 against 222.7 tok/s at b=1). Past ATT_SPLIT_SPAN positions a block it walks
      * them one by one, slower than k_attention<false> (31.2 against 141.2 tok/s at 4,096). */
     const bool lanes = a->head_dim % 8 == 0 &&
                        (cb->lane_attn == 1 || (cb->lane_attn < 0 && a->max_len > 0 &&
