@@ -15,7 +15,8 @@
 #   profile   ncu on batch-1 decode steps of the bf16 8B shape: device time and DRAM bytes per
 #             kernel (scripts/ncu_summary.py), graphs off so every kernel is seen
 # FOLIO_GPU_VARIANTS: which on-off runs (default "plain nographs nogemv nopdl notiled laneattn nolaneattn
-# gemvearly longctx", "" for none; laneattn / nolaneattn force each decode attention kernel, where the
+# gemvearly longctx", "" for none; default runs b=1,8 as the others do, with nothing changed;
+# laneattn / nolaneattn force each decode attention kernel, where the
 # default picks by grid size and context; gemvearly issues the GEMV's first weight loads before the
 # PDL wait;
 # longctx decodes after 4,096 prompt tokens a sequence, with and without split attention);
@@ -166,6 +167,7 @@ bench_variants() {
       longctx)
         bench_folio "$1-ctx4k" "$2" 1,8 -- --repeat 1 --decode-context 4096 "${@:3}"
         bench_folio "$1-ctx4k-nosplit" "$2" 1,8 FOLIO_CUDA_SPLIT_ATTN=0 -- --repeat 1 --decode-context 4096 "${@:3}" ;;
+      default) bench_folio "$1-default" "$2" 1,8 -- --repeat 2 "${@:3}" ;; # an A/B partner for the others
       nopdl) bench_folio "$1-nopdl" "$2" 1,8 FOLIO_CUDA_PDL=0 -- --repeat 2 "${@:3}" ;;
       notiled) bench_folio "$1-notiled" "$2" 1 FOLIO_CUDA_TILED_ATTN=0 -- --repeat 2 "${@:3}" ;;
       plain) bench_folio "$1-plain" "$2" 1,8 FOLIO_CUDA_GRAPHS=0 FOLIO_CUDA_GEMV=0 -- --repeat 2 "${@:3}" ;;
