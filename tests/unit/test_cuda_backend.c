@@ -7,9 +7,11 @@
  *
  * Error bounds (NMSE = sum((cuda - cpu)^2) / sum(cpu^2); the CUDA backend may keep weights and
  * activations in fp16 while the CPU quantizes activations, so products are not bit-equal):
- *   matmul, matmul_multi           NMSE <= 5e-4 (every weight type the CPU accepts)
+ *   matmul, matmul_multi           NMSE <= 5e-4 (every weight type the CPU accepts); for quantized
+ *                                  weights, or 4x the CPU's own NMSE against exact products where
+ *                                  that is larger (see exact_bound)
  *   matmul_multi vs CUDA matmul    bit-equal (kernels.h: "the same bits as n_w matmul calls")
- *   matmul_swiglu                  NMSE <= 5e-4 (the matmul bound)
+ *   matmul_swiglu                  NMSE <= 5e-4 (the matmul bound, exact_bound included)
  *   embed                          NMSE <= 1e-5 (a table kept in fp16 on the device is allowed)
  *   attention                      NMSE <= 1e-4
  *   rope                           NMSE <= 1e-5 (angles up to ~5000 rad: a few ulp of theta)
@@ -198,7 +200,7 @@ static void check_floats(const twin_t *t, size_t n, double tol, const char *name
             const bool eq = memcmp(hc, hg, n * sizeof(float)) == 0;
             result(eq, name, "bit-equal=%s max_abs=%.3g", eq ? "yes" : "NO", max_abs(hg, hc, n));
         } else {
-            result(e <= tol, name, "err=%.3g (tol %.0e) max_abs=%.3g", e, tol, max_abs(hg, hc, n));
+            result(e <= tol, name, "err=%.3g (tol %.2g) max_abs=%.3g", e, tol, max_abs(hg, hc, n));
         }
     }
     free(hc);
@@ -297,6 +299,48 @@ static void qweight_free(qweight_t *w)
     *w = (qweight_t){0};
 }
 
+/* Products of quantized weights: the CPU backend quantizes each 32-activation block to 8 bits (as
+ * ggml does), so its result carries an error of its own, large where a row's dot rests on one
+ * outlier weight against an activation far below its block's largest (seen on the GPU: Q4_0
+ * 200x32 n=3, CPU NMSE 1.6e-3 against exact products, CUDA's 1.9e-7). There the bound is
+ * 4x the CPU's NMSE against exact products (f64 over the dequantized weights, swiglu applied when
+ * up is given) where that exceeds tol; a CUDA product off by more than the CPU's own error still
+ * fails. cpu_y: the CPU backend's output on the device-side twin, [n][rows]. */
+static double exact_bound(double tol, const qweight_t *gate, const qweight_t *up, const float *x, int n,
+                          const void *cpu_y)
+{
+    if (gate->type != FL_TYPE_Q4_0 && gate->type != FL_TYPE_Q4_1 && gate->type != FL_TYPE_Q8_0) return tol;
+    const int rows = gate->rows, cols = gate->cols;
+    const size_t rb = fl_dtype_row_bytes(gate->type, cols), yn = (size_t)n * rows;
+    float *wg = xmalloc((size_t)cols * sizeof(float)), *wu = xmalloc((size_t)cols * sizeof(float));
+    float *yc = xmalloc(yn * sizeof(float));
+    double diff = 0.0, ref = 0.0;
+    if (g_cpu->ops->download(g_cpu, yc, cpu_y, yn * sizeof(float))) {
+        printf("FAIL cpu download\n");
+        exit(1);
+    }
+    for (int r = 0; r < rows; r++) {
+        quant_dequantize_row(gate->type, (const char *)gate->data + rb * (size_t)r, wg, cols);
+        if (up) quant_dequantize_row(up->type, (const char *)up->data + rb * (size_t)r, wu, cols);
+        for (int t = 0; t < n; t++) {
+            const float *xt = x + (size_t)t * cols;
+            double g = 0.0, u = 0.0;
+            for (int i = 0; i < cols; i++) {
+                g += (double)wg[i] * xt[i];
+                if (up) u += (double)wu[i] * xt[i];
+            }
+            const double exact = up ? g / (1.0 + exp(-g)) * u : g, d = yc[(size_t)t * rows + r] - exact;
+            diff += d * d;
+            ref += exact * exact;
+        }
+    }
+    free(wg);
+    free(wu);
+    free(yc);
+    const double cpu_err = ref > 0.0 ? diff / ref : 0.0;
+    return cpu_err * 4.0 > tol ? cpu_err * 4.0 : tol;
+}
+
 /* ------------------------------------------------------------------------------------------------
  * embed */
 
@@ -349,7 +393,7 @@ static void test_matmul(int type, int rows, int cols, const int *ns, int n_ns)
         twin_t tx = twin_new((size_t)n * cols * sizeof(float), x), ty = twin_new((size_t)n * rows * sizeof(float), NULL);
         kern_matmul(g_cpu, ty.c, w.c, tx.c, n);
         kern_matmul(g_gpu, ty.g, w.g, tx.g, n);
-        check_floats(&ty, (size_t)n * rows, TOL_MATMUL, name);
+        check_floats(&ty, (size_t)n * rows, exact_bound(TOL_MATMUL, &w, NULL, x, n, ty.c), name);
         twin_free(&tx);
         twin_free(&ty);
         free(x);
@@ -386,7 +430,7 @@ static void test_matmul_multi(int type, const int *rows, int n_w, int cols, int 
         for (int k = 0; k < n_w; k++) {
             char sub[200];
             snprintf(sub, sizeof sub, "%s out[%d]", name, k);
-            check_floats(&ty[k], (size_t)n * rows[k], TOL_MATMUL, sub);
+            check_floats(&ty[k], (size_t)n * rows[k], exact_bound(TOL_MATMUL, &w[k], NULL, x, n, ty[k].c), sub);
         }
         /* the same bits as separate matmul calls */
         int differ = 0;
@@ -444,7 +488,7 @@ static void test_matmul_swiglu(int type, int rows, int cols, int n)
            tu = twin_new(yn * sizeof(float), NULL);
     kern_matmul_swiglu(g_cpu, to.c, tu.c, wg.c, wu.c, rows, tx.c, n);
     kern_matmul_swiglu(g_gpu, to.g, tu.g, wg.g, wu.g, rows, tx.g, n);
-    check_floats(&to, yn, TOL_MATMUL, name);
+    check_floats(&to, yn, exact_bound(TOL_MATMUL, &wg, &wu, x, n, to.c), name);
 
     char sub[220];
     snprintf(sub, sizeof sub, "%s cuda fused == cuda matmul_multi+swiglu", name);
