@@ -606,9 +606,10 @@ __global__ void k_rope_kv(float *q, float *k, const float *v, __half *kc, __half
  * computing its position's whole score from 16-byte K loads (ATT_K_ROUND in flight together), then
  * adds the 32 V rows with hd/8 lanes a row, 16 bytes a lane, 32 / (hd/8) rows at a time
  * (ATT_V_ROUND loads in flight a lane). A warp then pays a few memory latencies per 32 positions
- * instead of one per position, which is what a batch-1 decode over a short context waits on. It
- * holds more registers: cuda_attention picks it for short contexts whose grid fits the device at
- * once (FOLIO_CUDA_LANE_ATTN=1: always, 0: never). */
+ * instead of one per position, which is what a decode at small batch waits on, over a short context
+ * or a long one (H200, 8B shape, 4,096 positions unsplit: 141.2 against 37.8 tok/s at b=1, 550.3
+ * against 161.7 at b=8). It holds more registers: cuda_attention picks it for split grids and for
+ * grids that fit the device at once (FOLIO_CUDA_LANE_ATTN=1: always, 0: never). */
 #define ATT_K_ROUND 8
 #define ATT_V_ROUND 8
 template <bool LANES>
@@ -647,10 +648,6 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     /* This block's share of the positions: split blockIdx.y of gridDim.y (flash-decoding) */
     const int splits = (int)gridDim.y, split = (int)blockIdx.y;
     const int lo = (int)((int64_t)len * split / splits), hi = (int)((int64_t)len * (split + 1) / splits);
-    /* The lanes loop pays off while each warp has a chunk of 32 positions or so; past that (only
-     * where FOLIO_CUDA_LANE_ATTN=1 forces this kernel), the per-position loop: the lanes loop over
-     * 4,096 positions measured 37.8 tok/s against 141.2 (8B shape, b=1). */
-    const bool lanes = LANES && hi - lo <= 32 * ATT_WARPS;
 
     float m = -INFINITY, l = 0.0f, acc[ATT_MAX_HEAD_DIM / 32];
 #pragma unroll
@@ -660,7 +657,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     const int vlanes = LANES ? hd / 8 : 1, vgroups = LANES ? 32 / vlanes : 1;
     const int vgrp = lane / vlanes, vsub = lane % vlanes;
     float vacc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    if (lanes) {
+    if constexpr (LANES) {
         for (int j0 = lo + 32 * warp; j0 < hi; j0 += 32 * ATT_WARPS) {
             const int j = j0 + lane;
             const bool vis = j < hi && !(tree_mask && j >= ts && !((tm >> (j - ts)) & 1u)); /* masked: weighs 0 */
@@ -761,7 +758,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
         m = mn;
     }
     if (lane == 0) wm[warp] = m, wl[warp] = l;
-    if (lanes) { /* the row groups' sums, one group after another */
+    if constexpr (LANES) { /* the row groups' sums, one group after another */
         for (int g = 0; g < vgroups; g++) {
             if (vgrp == g) {
 #pragma unroll
@@ -1535,11 +1532,12 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
     }
     /* Contexts longer than ATT_SPLIT_SPAN positions are split over up to ATT_MAX_SPLITS blocks a
      * (token, head) where the (token, head) pairs alone leave multiprocessors idle, the grid staying
-     * within two waves: at batch 1 a 4,096-position context is otherwise 32 blocks of 8 warps walking
-     * 512 positions each (H200, 8B shape: 170.6 against 141.2 tok/s, on two machines, the former with
-     * the since-fixed racy GEMV loads). At batch 8 (256 pairs) a split measured slower (407 against
-     * 550 tok/s), so a grid that covers the device is left whole. Sized
-     * by the class of max_len (a recorded step stays valid within it); blocks split the real lengths. */
+     * within two waves of k_attention<false>: at batch 1 a 4,096-position context is otherwise 32
+     * blocks of 8 warps walking 512 positions each (H200, 8B shape: split in 32, 170.6 tok/s on the
+     * lanes kernel and 169.2 on the per-position one, against 141.2 whole on the lanes kernel). At
+     * batch 8 (256 pairs) the grid covers the device already and is left whole (the lanes kernel
+     * whole: 550.3 tok/s; split in 5 on the per-position loop: 407.0). Sized by the class of
+     * max_len (a recorded step stays valid within it); blocks split the real lengths. */
     int splits = 1;
     if (cb->split_attn && a->max_len > ATT_SPLIT_SPAN && blocks < cb->sms) {
         const int64_t span = (int64_t)1 << kern_attn_len_class(a->max_len);
@@ -1561,12 +1559,12 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
             OP_CUDA(cb, cudaMemsetAsync(cb->attn_arrived, 0, cb->attn_arrived_cap, cb->stream));
     }
     /* The lanes kernel holds more registers (2 blocks an SM against 5): it pays where few (token, head)
-     * pairs leave the device latency-bound and contexts are known to be short (8B shape, 16-80
-     * positions: 228.4 against 222.7 tok/s at b=1). Past ATT_SPLIT_SPAN positions a block it walks
-     * them one by one, slower than k_attention<false> (31.2 against 141.2 tok/s at 4,096). */
+     * pairs leave the device latency-bound (8B shape, 16-80 positions: 228.3 against 222.1 tok/s at
+     * b=1; 4,096 positions: above), and loses where many would fill it with the other kernel (b=64
+     * and 256 at 16-80 positions: 8,499 and 15,645 against 8,803 and 16,425). A split grid is there
+     * because its pairs are few. */
     const bool lanes = a->head_dim % 8 == 0 &&
-                       (cb->lane_attn == 1 || (cb->lane_attn < 0 && a->max_len > 0 &&
-                                               a->max_len <= ATT_SPLIT_SPAN && blocks <= cb->lane_attn_blocks));
+                       (cb->lane_attn == 1 || (cb->lane_attn < 0 && (splits > 1 || blocks <= cb->lane_attn_blocks)));
     launch(cb, lanes ? k_attention<true> : k_attention<false>, dim3((unsigned)blocks, (unsigned)splits),
            ATT_WARPS * 32, a->out, a->q, (const __half *)a->k_cache, (const __half *)a->v_cache, a->tok_seq,
            a->tok_pos, a->block_tables, a->max_blocks, a->block_size, a->n_heads, a->n_kv_heads, a->head_dim,
