@@ -161,7 +161,7 @@ typedef struct cuda_backend {
     unsigned *attn_arrived;             /* split attention's per-(token, head) counters, zero between launches */
     size_t attn_arrived_cap;
     bool gemv_early;                    /* k_gemv1 loads its first weights before the PDL wait
-                                         * (FOLIO_CUDA_GEMV_EARLY=1: on; not yet measured race-free) */
+                                         * (FOLIO_CUDA_GEMV_EARLY=1: on; 4.6% slower at b=1) */
     cuda_graph_t graph[GRAPH_SLOTS];
     uint64_t graph_clock;               /* LRU stamp */
     unsigned buf_gen;                   /* bumped when a scratch buffer moves: recordings hold old pointers */
@@ -394,7 +394,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) k_gemv1(gemv_batch_t b, co
     pdl_trigger();
     /* Weights are never written, so they may be read while the predecessor still runs: the loads of
      * the first round are then in flight during its tail (registers, not an L2 prefetch: that one
-     * measured 14% slower). */
+     * measured 14% slower). Off by default: they slow the predecessor, the step's critical path,
+     * more than they gain (H200, 8B shape, b=1: 217.6 against 228.2 tok/s). */
     float acc = 0.0f;
     int from = lane;
     if (b.early && !jb->q && lane + 32 * (GEMV_UNROLL - 1) < cols / 8) {
