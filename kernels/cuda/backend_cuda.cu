@@ -150,8 +150,8 @@ typedef struct cuda_backend {
     bool pdl;                           /* programmatic dependent launch (FOLIO_CUDA_PDL=0: off) */
     bool tiled_attn;                    /* k_attention_tiled for prefill (FOLIO_CUDA_TILED_ATTN=0: off) */
     int lane_attn;                      /* FOLIO_CUDA_LANE_ATTN: 1 always k_attention<true> for decode, 0 never,
-                                         * unset: for contexts known to be short whose grid fits the device
-                                         * at once (lane_attn_blocks) */
+                                         * unset: where the (token, head) grid fits the device at once
+                                         * (lane_attn_blocks), split grids included */
     int lane_attn_blocks;               /* k_attention<true>'s resident blocks, device-wide */
     int attn_blocks;                    /* k_attention<false>'s */
     int sms;                            /* the device's multiprocessors */
@@ -1533,12 +1533,14 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
     }
     /* Contexts longer than ATT_SPLIT_SPAN positions are split over up to ATT_MAX_SPLITS blocks a
      * (token, head) where the (token, head) pairs alone leave multiprocessors idle, the grid staying
-     * within two waves of k_attention<false>: at batch 1 a 4,096-position context is otherwise 32
-     * blocks of 8 warps walking 512 positions each (H200, 8B shape: split in 32, 170.6 tok/s on the
-     * lanes kernel and 169.2 on the per-position one, against 141.2 whole on the lanes kernel). At
-     * batch 8 (256 pairs) the grid covers the device already and is left whole (the lanes kernel
-     * whole: 550.3 tok/s; split in 5 on the per-position loop: 407.0). Sized by the class of
-     * max_len (a recorded step stays valid within it); blocks split the real lengths. */
+     * within two waves of k_attention<false> (the lanes kernel, which runs split grids, holds fewer
+     * blocks: at batch 1 that is 32 shares, about four of its waves, the configuration measured): a
+     * 4,096-position context is otherwise 32 blocks of 8 warps walking 512 positions each (H200, 8B
+     * shape, one lease: split in 32, 188.1 tok/s on the lanes kernel and 169.2 on the per-position
+     * one, against 141.5 whole on the lanes kernel). At batch 8 (256 pairs) the grid covers the
+     * device already and is left whole (the lanes kernel whole: 550.3 tok/s; split in 5 on the
+     * per-position loop: 407.0). Sized by the class of max_len (a recorded step stays valid within
+     * it); blocks split the real lengths. */
     int splits = 1;
     if (cb->split_attn && a->max_len > ATT_SPLIT_SPAN && blocks < cb->sms) {
         const int64_t span = (int64_t)1 << kern_attn_len_class(a->max_len);
@@ -1560,12 +1562,12 @@ static void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
             OP_CUDA(cb, cudaMemsetAsync(cb->attn_arrived, 0, cb->attn_arrived_cap, cb->stream));
     }
     /* The lanes kernel holds more registers (2 blocks an SM against 5): it pays where few (token, head)
-     * pairs leave the device latency-bound (8B shape, 16-80 positions: 228.3 against 222.1 tok/s at
+     * pairs leave the device latency-bound (8B shape, 16-80 positions: 228.2 against 222.1 tok/s at
      * b=1; 4,096 positions: above), and loses where many would fill it with the other kernel (b=64
-     * and 256 at 16-80 positions: 8,499 and 15,645 against 8,803 and 16,425). A split grid is there
-     * because its pairs are few. */
+     * and 256 at 16-80 positions: 8,499 and 15,645 against 8,803 and 16,425). A split grid has
+     * fewer pairs than multiprocessors, so it always takes the lanes kernel. */
     const bool lanes = a->head_dim % 8 == 0 &&
-                       (cb->lane_attn == 1 || (cb->lane_attn < 0 && (splits > 1 || blocks <= cb->lane_attn_blocks)));
+                       (cb->lane_attn == 1 || (cb->lane_attn < 0 && blocks <= cb->lane_attn_blocks));
     launch(cb, lanes ? k_attention<true> : k_attention<false>, dim3((unsigned)blocks, (unsigned)splits),
            ATT_WARPS * 32, a->out, a->q, (const __half *)a->k_cache, (const __half *)a->v_cache, a->tok_seq,
            a->tok_pos, a->block_tables, a->max_blocks, a->block_size, a->n_heads, a->n_kv_heads, a->head_dim,
