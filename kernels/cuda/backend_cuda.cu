@@ -778,34 +778,26 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     __syncthreads();
     float M = -INFINITY;
     for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, wm[w]);
-    if (splits == 1) {
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-            float num = 0.0f, den = 0.0f;
-            for (int w = 0; w < ATT_WARPS; w++) {
-                const float f = wm[w] == -INFINITY ? 0.0f : expf(wm[w] - M);
-                num += wacc[w][d] * f;
-                den += wl[w] * f;
-            }
-            o[d] = den > 0.0f ? num / den : 0.0f;
-        }
-        return;
-    }
-    /* Split: this block's (max, sum, unnormalized output) go to part; the last block of the
-     * (token, head) to arrive merges every split's (threadFenceReduction's pattern) and resets the
-     * counter for the next launch. */
+    /* The warps' states merged: the output, or with a split this block's (max, sum, unnormalized
+     * output) into part, where the last block of the (token, head) to arrive merges every split's
+     * (threadFenceReduction's pattern) and resets the counter for the next launch. */
     const size_t th = (size_t)i * n_heads + h, rec = (size_t)hd + 2;
-    float *mine = part + (th * splits + split) * rec;
+    float *mine = splits > 1 ? part + (th * splits + split) * rec : NULL;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float num = 0.0f;
-        for (int w = 0; w < ATT_WARPS; w++) num += wm[w] == -INFINITY ? 0.0f : wacc[w][d] * expf(wm[w] - M);
+        float num = 0.0f, den = 0.0f;
+        for (int w = 0; w < ATT_WARPS; w++) {
+            const float f = wm[w] == -INFINITY ? 0.0f : expf(wm[w] - M);
+            num += wacc[w][d] * f;
+            den += wl[w] * f;
+        }
+        if (!mine) {
+            o[d] = den > 0.0f ? num / den : 0.0f;
+            continue;
+        }
         mine[2 + d] = num;
+        if (d == 0) mine[0] = M, mine[1] = den;
     }
-    if (threadIdx.x == 0) {
-        float den = 0.0f;
-        for (int w = 0; w < ATT_WARPS; w++) den += wm[w] == -INFINITY ? 0.0f : wl[w] * expf(wm[w] - M);
-        mine[0] = M;
-        mine[1] = den;
-    }
+    if (!mine) return;
     __threadfence();
     __syncthreads();
     __shared__ bool last;
