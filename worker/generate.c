@@ -1,4 +1,4 @@
-/* generate.c - gen_run() as a thin client of the scheduler (worker/sched.c), so one batching loop
+/* generate.c - gen_run() as a thin client of the scheduler (worker/scheduler.c), so one batching loop
  * exists: every request is submitted up front and the scheduler steps until all are done. The
  * prefix cache is off, so prefill figures measure computation, and a request that does not fit
  * alongside the others is preempted and recomputed rather than failed. */
@@ -8,7 +8,7 @@
 #include <string.h>
 
 #include "clock.h"
-#include "sched.h"
+#include "scheduler.h"
 
 const char *gen_finish_name(gen_finish_t f)
 {

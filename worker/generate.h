@@ -1,6 +1,6 @@
 /* generate.h - batched generation of several requests at once on one model.
  *
- * gen_run() submits a fixed set of requests to the worker's scheduler (sched.h: continuous
+ * gen_run() submits a fixed set of requests to the worker's scheduler (scheduler.h: continuous
  * batching, chunked prefill, preemption) with the prefix cache off, and steps it until all are
  * done: the one batching loop serves `folioctl run`, the engine tests, `folio-bench engine` and
  * the worker process.

@@ -205,7 +205,7 @@ static float *load_vector(model_t *m, const char *name, int64_t n, bool required
 static int alloc_scratch(model_t *m, fl_error_t *err)
 {
     const model_config_t *c = &m->cfg;
-    const size_t T = (size_t)m->max_tokens, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    const size_t T = (size_t)m->max_batch_tokens, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
     /* A step's inputs, packed: tokens, positions, sequences, KV slots ([n] each), block tables,
      * prompt lengths. */
     const size_t step_ints = 4 * T + (size_t)m->max_seqs * m->max_blocks + (size_t)m->max_seqs;
@@ -305,7 +305,7 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
     const model_params_t defaults = {.max_batch_tokens = 512, .max_logits = 64, .max_seqs = 64, .max_ctx = 0,
                                       .block_size = 16};
     if (!params) params = &defaults;
-    m->max_tokens = params->max_batch_tokens > 0 ? params->max_batch_tokens : defaults.max_batch_tokens;
+    m->max_batch_tokens = params->max_batch_tokens > 0 ? params->max_batch_tokens : defaults.max_batch_tokens;
     m->max_logits = params->max_logits > 0 ? params->max_logits : defaults.max_logits;
     m->max_seqs = params->max_seqs > 0 ? params->max_seqs : defaults.max_seqs;
     const int block_size = m->block_size = params->block_size > 0 ? params->block_size : defaults.block_size;
@@ -313,9 +313,9 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
     m->max_blocks = (int)(((int64_t)max_ctx + block_size - 1) / block_size);
     /* Kernels take element counts as int: n * dim, n * n_ff and rows * n_vocab must fit. */
     const int64_t widest = c->n_ff > c->dim ? c->n_ff : c->dim;
-    if ((int64_t)m->max_tokens * widest > INT32_MAX || (int64_t)m->max_logits * c->n_vocab > INT32_MAX) {
+    if ((int64_t)m->max_batch_tokens * widest > INT32_MAX || (int64_t)m->max_logits * c->n_vocab > INT32_MAX) {
         fl_fail(err, FL_ERANGE, "%s: %d tokens or %d logit rows per step are too many for this model's sizes",
-                path, m->max_tokens, m->max_logits);
+                path, m->max_batch_tokens, m->max_logits);
         goto fail;
     }
     if (alloc_scratch(m, err)) goto fail;
@@ -370,8 +370,8 @@ void model_destroy(model_t **mp)
  * KV slot (block * block_size + offset) on the way, since the check already looks the block up. */
 static int check_batch(model_t *m, const kv_cache_t *kv, const model_batch_t *b, fl_error_t *err)
 {
-    if (b->n_tokens <= 0 || b->n_tokens > m->max_tokens)
-        return fl_fail(err, FL_EINVAL, "forward: %d tokens (limit %d)", b->n_tokens, m->max_tokens);
+    if (b->n_tokens <= 0 || b->n_tokens > m->max_batch_tokens)
+        return fl_fail(err, FL_EINVAL, "forward: %d tokens (limit %d)", b->n_tokens, m->max_batch_tokens);
     if (b->n_logits < 0 || b->n_logits > m->max_logits)
         return fl_fail(err, FL_EINVAL, "forward: %d logit rows (limit %d)", b->n_logits, m->max_logits);
     if (b->n_seqs <= 0 || b->n_seqs > m->max_seqs)
@@ -417,7 +417,7 @@ const char *model_prof_name(int i)
 /* Where a batch's attention splits: tokens before the returned index come in runs (consecutive
  * tokens of one sequence) of fewer than KERN_ATTN_RUN_MIN, or precede such a run; the tokens from it
  * on all come in longer runs (prompt chunks), *n_runs of them. A backend may tile the latter
- * (kern_attn_t.n_seqs); a mixed step (decode tokens first, then a chunk, as sched.c builds it) must
+ * (kern_attn_t.n_seqs); a mixed step (decode tokens first, then a chunk, as scheduler.c builds it) must
  * not make the tiled kernel walk each decode token's context on its own. */
 static int attention_split(const model_batch_t *b, int *n_runs)
 {

@@ -62,7 +62,7 @@ typedef struct model {
     int n_f32_copies;
 
     /* Scratch, sized at creation (no allocation per step). Backend memory unless noted. */
-    int max_tokens, max_logits, max_seqs, max_blocks;
+    int max_batch_tokens, max_logits, max_seqs, max_blocks; /* per forward call */
     int block_size;         /* KV block size the block tables use (the KV cache must use the same) */
     float *x, *xb, *q, *k, *v, *att, *gate, *up, *logit_in, *logits;
     int32_t *d_step;        /* a step's inputs, packed (model_forward); the six below point into it */

@@ -11,7 +11,7 @@
 #include <stdint.h>
 
 #include "engine.h"
-#include "sched.h"
+#include "scheduler.h"
 #include "tokenizer.h"
 #include "wire.h"
 

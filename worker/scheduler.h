@@ -1,4 +1,4 @@
-/* sched.h - the worker's scheduler: continuous batching over the paged KV cache with prefix caching.
+/* scheduler.h - the worker's scheduler: continuous batching over the paged KV cache with prefix caching.
  *
  * Requests are submitted at any time and join between steps. Each sched_step() runs one batched
  * model_forward() mixing one decode token per running sequence with chunks of prompts (chunked
@@ -18,8 +18,8 @@
  * Threading: one thread owns a sched_t, its model and its KV cache. Callbacks run on that thread
  * inside sched_step()/sched_cancel()/sched_submit(); they may call sched_submit() and sched_cancel()
  * (never sched_step() or sched_destroy()). */
-#ifndef FOLIO_SCHED_H
-#define FOLIO_SCHED_H
+#ifndef FOLIO_SCHEDULER_H
+#define FOLIO_SCHEDULER_H
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -36,7 +36,7 @@ typedef enum {
 } sched_finish_t;
 
 typedef struct sched_opts {
-    int max_batch_tokens; /* tokens per step; 0 = the model's max_tokens */
+    int max_batch_tokens; /* tokens per step; 0 = the model's max_batch_tokens */
     int max_running;      /* sequences in a step; 0 = the model's max_seqs */
     int max_waiting;      /* queued requests beyond which submit refuses (FL_ERANGE); 0 = 4096 */
     bool no_prefix_cache; /* never look blocks up (blocks are still reference counted) */

@@ -1,4 +1,4 @@
-/* test_sched.c - the worker's scheduler (worker/sched.c) on a tiny random model.
+/* test_scheduler.c - the worker's scheduler (worker/scheduler.c) on a tiny random model.
  *
  * Protects: a request's tokens (greedy and sampled) are the same alone, batched, served partly from
  * the prefix cache and preempted then recomputed (over 1,500 tokens too); cancellation and deadlines finish requests and
@@ -20,7 +20,7 @@
 #include "clock.h"
 #include "engine.h"
 #include "mkmodel.h"
-#include "sched.h"
+#include "scheduler.h"
 
 #define BLOCK 4
 #define N_REQ 6

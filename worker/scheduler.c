@@ -1,4 +1,4 @@
-/* sched.c - continuous batching with prefix caching and preemption; see sched.h.
+/* scheduler.c - continuous batching with prefix caching and preemption; see scheduler.h.
  *
  * A sequence holds its tokens (prompt, then what it generated) and how many of them have K/V in the
  * cache (n_computed). Prompt and generation are one thing here: each step feeds a sequence's
@@ -20,8 +20,8 @@
  * are allocated once at submission. Finished sequences are freed only when no step is iterating
  * over them, so a callback may cancel or submit.
  *
- * Threading: everything here belongs to the thread that calls sched_*; see sched.h. */
-#include "sched.h"
+ * Threading: everything here belongs to the thread that calls sched_*; see scheduler.h. */
+#include "scheduler.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -198,7 +198,7 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
     if (cb) s->cb = *cb;
     const int max_seqs = m->max_seqs < m->max_logits ? m->max_seqs : m->max_logits;
     if (s->o.max_running <= 0 || s->o.max_running > max_seqs) s->o.max_running = max_seqs;
-    if (s->o.max_batch_tokens <= 0 || s->o.max_batch_tokens > m->max_tokens) s->o.max_batch_tokens = m->max_tokens;
+    if (s->o.max_batch_tokens <= 0 || s->o.max_batch_tokens > m->max_batch_tokens) s->o.max_batch_tokens = m->max_batch_tokens;
     if (s->o.max_waiting <= 0) s->o.max_waiting = 4096;
     s->ctx = m->max_blocks * kv->block_size;
     /* Preempted sequences return to the queue beyond max_waiting, at most max_running of them. */
