@@ -14,7 +14,7 @@
 #include <unistd.h>
 
 #include "bench.h"
-#include "cli_common.h"
+#include "flags.h"
 #include "engine.h"
 
 #define MAX_BATCHES 16
@@ -266,21 +266,21 @@ int bench_engine(int argc, char **argv)
     bool with_llamacpp = true;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
-        int r = cli_parse_engine_flag(&eo, argc, argv, &i);
+        int r = engine_parse_flag(&eo, argc, argv, &i);
         if (r < 0) return 2;
         if (r > 0) continue;
         if (!strcmp(a, "--prompt-tokens")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 1 << 16, &prompt_tokens)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1 << 16, &prompt_tokens)) return 2;
         } else if (!strcmp(a, "--decode-context")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 1 << 20, &decode_context)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1 << 20, &decode_context)) return 2;
         } else if (!strcmp(a, "--decode-tokens")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 2, 1 << 16, &decode_tokens)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 2, 1 << 16, &decode_tokens)) return 2;
         } else if (!strcmp(a, "--repeat")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 100, &repeat)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 100, &repeat)) return 2;
         } else if (!strcmp(a, "--batches")) {
-            if (!(batches_s = cli_value(argc, argv, &i))) return 2;
+            if (!(batches_s = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--json")) {
-            if (!(json_path = cli_value(argc, argv, &i))) return 2;
+            if (!(json_path = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--profile")) {
             g_profile = true;
         } else if (!strcmp(a, "--no-llamacpp")) {
@@ -296,7 +296,7 @@ int bench_engine(int argc, char **argv)
                    "  --no-llamacpp       skip the llama.cpp side\n"
                    "  --profile           after the timed runs, one profiled run per figure: time per op\n"
                    "  --json FILE         write the figures as JSON\n%s",
-                   cli_engine_flags_help());
+                   engine_flags_help());
             return 0;
         } else {
             fprintf(stderr, "error: unknown flag '%s'\n", a);
@@ -308,7 +308,7 @@ int bench_engine(int argc, char **argv)
     snprintf(tmp, sizeof tmp, "%s", batches_s);
     for (char *save = NULL, *t = strtok_r(tmp, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         long b;
-        if (n_batches == MAX_BATCHES || !cli_parse_int("--batches", t, 1, 256, &b)) return 2;
+        if (n_batches == MAX_BATCHES || !fl_flag_int("--batches", t, 1, 256, &b)) return 2;
         batches[n_batches++] = (int)b;
     }
     int max_batch = 1;

@@ -27,7 +27,8 @@
 #include <unistd.h>
 
 #include "bench.h"
-#include "cli_common.h"
+#include "model_path.h"
+#include "flags.h"
 #include "folio_client.h"
 #include "gguf.h"
 #include "model.h"
@@ -378,7 +379,7 @@ static bool parse_list_f(const char *flag, const char *s, double *out, int *n)
     snprintf(tmp, sizeof tmp, "%s", s);
     *n = 0;
     for (char *save = NULL, *t = strtok_r(tmp, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-        if (*n == MAX_LOADS || !cli_parse_float(flag, t, 0.01, 100000, &out[*n])) return false;
+        if (*n == MAX_LOADS || !fl_flag_float(flag, t, 0.01, 100000, &out[*n])) return false;
         (*n)++;
     }
     return *n > 0;
@@ -427,13 +428,13 @@ static int parse_flags(int argc, char **argv, prefix_flags_t *f)
 #define INT(name, lo, hi, dst)                                                                                         \
     else if (!strcmp(a, name))                                                                                         \
     {                                                                                                                  \
-        if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, lo, hi, &(dst))) return -1;                       \
+        if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, lo, hi, &(dst))) return -1;                       \
     }
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage();
             exit(0);
         } else if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
-            if (!(f->model = cli_value(argc, argv, &i))) return -1;
+            if (!(f->model = fl_flag_value(argc, argv, &i))) return -1;
         }
         INT("--groups", 1, MAX_GROUPS, f->groups)
         INT("--threads-per-worker", 1, 256, f->threads_per_worker)
@@ -448,33 +449,33 @@ static int parse_flags(int argc, char **argv, prefix_flags_t *f)
         INT("--fit-running", 1, 1024, f->fit_running)
         else if (!strcmp(a, "--seed"))
         {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 0, 1L << 62, &n)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 0, 1L << 62, &n)) return -1;
             f->seed = (uint64_t)n;
         }
         else if (!strcmp(a, "--qps"))
         {
-            if (!(qps = cli_value(argc, argv, &i))) return -1;
+            if (!(qps = fl_flag_value(argc, argv, &i))) return -1;
         }
         else if (!strcmp(a, "--methods") || !strcmp(a, "--policies"))
         {
-            if (!(methods = cli_value(argc, argv, &i))) return -1;
+            if (!(methods = fl_flag_value(argc, argv, &i))) return -1;
         }
         else if (!strcmp(a, "--kv-budget"))
         {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_bytes(a, v, &f->kv_budget)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_bytes(a, v, &f->kv_budget)) return -1;
         }
         else if (!strcmp(a, "--load-factor"))
         {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_float(a, v, 1.0, 1000, &d)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_float(a, v, 1.0, 1000, &d)) return -1;
             f->load_factor = d;
         }
         else if (!strcmp(a, "--log-dir"))
         {
-            if (!(f->log_dir = cli_value(argc, argv, &i))) return -1;
+            if (!(f->log_dir = fl_flag_value(argc, argv, &i))) return -1;
         }
         else if (!strcmp(a, "--json"))
         {
-            if (!(f->json = cli_value(argc, argv, &i))) return -1;
+            if (!(f->json = fl_flag_value(argc, argv, &i))) return -1;
         }
         else if (!strcmp(a, "--routing")) f->routing = true;
         else
@@ -736,7 +737,7 @@ static int run_routing(const prefix_flags_t *f, const char *model_path, const mo
         double lf = 0;
         if (colon) {
             *colon = 0;
-            if (!cli_parse_float("--methods load factor", colon + 1, 1.0, 1000, &lf)) {
+            if (!fl_flag_float("--methods load factor", colon + 1, 1.0, 1000, &lf)) {
                 free(prefixes);
                 return 2;
             }
@@ -932,7 +933,7 @@ int bench_prefix(int argc, char **argv)
 {
     prefix_flags_t f;
     if (parse_flags(argc, argv, &f)) return 2;
-    const char *model_path = model_default_path(f.model);
+    const char *model_path = fl_model_path(f.model);
     model_facts_t mf;
     if (read_model_facts(model_path, &mf)) return 1;
     if (mf.n_vocab <= 3) return 1;

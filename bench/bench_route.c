@@ -17,7 +17,8 @@
 #include <unistd.h>
 
 #include "bench.h"
-#include "cli_common.h"
+#include "model_path.h"
+#include "flags.h"
 #include "folio_client.h"
 #include "gguf.h"
 #include "model.h"
@@ -232,23 +233,23 @@ int bench_route(int argc, char **argv)
                    "  --json FILE          write the results as JSON\n");
             return 0;
         } else if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
-            if (!(model = cli_value(argc, argv, &i))) return 2;
+            if (!(model = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--groups")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 64, &groups)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 64, &groups)) return 2;
         } else if (!strcmp(a, "--sizes")) {
-            if (!(sizes_s = cli_value(argc, argv, &i))) return 2;
+            if (!(sizes_s = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--requests")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 1 << 24, &requests)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1 << 24, &requests)) return 2;
         } else if (!strcmp(a, "--warm")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 0, 1 << 24, &warm)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 0, 1 << 24, &warm)) return 2;
         } else if (!strcmp(a, "--inflight")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 60000, &inflight)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 60000, &inflight)) return 2;
         } else if (!strcmp(a, "--duration")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_float(a, v, 0.1, 3600, &duration)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_float(a, v, 0.1, 3600, &duration)) return 2;
         } else if (!strcmp(a, "--log-dir")) {
-            if (!(log_dir = cli_value(argc, argv, &i))) return 2;
+            if (!(log_dir = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--json")) {
-            if (!(json = cli_value(argc, argv, &i))) return 2;
+            if (!(json = fl_flag_value(argc, argv, &i))) return 2;
         } else {
             fprintf(stderr, "error: unknown flag '%s' (see folio-bench route --help)\n", a);
             return 2;
@@ -259,7 +260,7 @@ int bench_route(int argc, char **argv)
     snprintf(tmp, sizeof tmp, "%s", sizes_s);
     for (char *save = NULL, *t = strtok_r(tmp, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         long s;
-        if (n_sizes == MAX_SIZES || !cli_parse_int("--sizes", t, 1, 1 << 20, &s)) return 2;
+        if (n_sizes == MAX_SIZES || !fl_flag_int("--sizes", t, 1, 1 << 20, &s)) return 2;
         sizes[n_sizes++] = (int)s;
     }
     char dir[128];
@@ -267,7 +268,7 @@ int bench_route(int argc, char **argv)
         snprintf(dir, sizeof dir, "/tmp/folio-bench-%d", (int)getpid());
         log_dir = dir;
     }
-    const char *model_path = model_default_path(model);
+    const char *model_path = fl_model_path(model);
     fl_error_t err = {0};
     gguf_t *g = gguf_open(model_path, &err);
     tok_t *tok = g ? tok_new_from_gguf(g, &err) : NULL;

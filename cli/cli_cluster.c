@@ -10,6 +10,7 @@
  * may reap a dead child itself and then sets its pid in the cluster_t to 0, which every function
  * here skips. Nothing is printed; failures come back in fl_error_t, progress goes to the logger. */
 #include "cli_cluster.h"
+#include "model_path.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -168,7 +169,7 @@ static int spawn_coordinator(cluster_t *c, fl_error_t *err)
 {
     char path[PATH_MAX];
     argv_buf_t a;
-    coordinator_argv(c, model_default_path(c->opts.model), path, sizeof path, &a);
+    coordinator_argv(c, fl_model_path(c->opts.model), path, sizeof path, &a);
     const pid_t pid = spawn(a.argv, c->opts.log_dir, "coordinator", err);
     if (pid < 0) return (int)pid;
     c->coordinator = pid;
@@ -181,7 +182,7 @@ static int spawn_worker(cluster_t *c, int i, fl_error_t *err)
 {
     char path[PATH_MAX], group[32], name[48];
     argv_buf_t a;
-    worker_argv(c, i, model_default_path(c->opts.model), path, sizeof path, group, &a);
+    worker_argv(c, i, fl_model_path(c->opts.model), path, sizeof path, group, &a);
     snprintf(name, sizeof name, "worker-%s", group);
     const pid_t pid = spawn(a.argv, c->opts.log_dir, name, err);
     if (pid < 0) return (int)pid;
@@ -312,7 +313,7 @@ cluster_t *cluster_start(const cluster_opts_t *opts, int wait_ms, fl_error_t *er
             return NULL;
         }
     }
-    const char *model = model_default_path(opts->model);
+    const char *model = fl_model_path(opts->model);
     if (access(model, R_OK) != 0) {
         fl_fail(err, FL_ENOTFOUND, "model %s: %s", model, strerror(errno));
         cluster_stop(&c);

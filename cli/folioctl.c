@@ -25,7 +25,8 @@
 #include <unistd.h>
 
 #include "cli_cluster.h"
-#include "cli_common.h"
+#include "model_path.h"
+#include "flags.h"
 #include "engine.h"
 #include "folio_client.h"
 #include "log.h"
@@ -97,7 +98,7 @@ static void usage(FILE *f)
             "  --log-dir DIR         each process's log to DIR/<coordinator|worker-gN>.log (default: stderr)\n"
             "engine flags:\n"
             "%s",
-            WIRE_DEFAULT_CLIENT_ENDPOINT, WIRE_DEFAULT_WORKER_ENDPOINT, cli_engine_flags_help());
+            WIRE_DEFAULT_CLIENT_ENDPOINT, WIRE_DEFAULT_WORKER_ENDPOINT, engine_flags_help());
 }
 
 static int parse_flags(run_flags_t *f, int argc, char **argv)
@@ -108,23 +109,23 @@ static int parse_flags(run_flags_t *f, int argc, char **argv)
     f->groups = 2;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *v;
-        int r = cli_parse_engine_flag(&f->engine, argc, argv, &i);
+        int r = engine_parse_flag(&f->engine, argc, argv, &i);
         if (r < 0) return -1;
         if (r > 0) continue;
         if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) {
-            if (!(f->prompt = cli_value(argc, argv, &i))) return -1;
+            if (!(f->prompt = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "-n") || !strcmp(a, "--max-tokens")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 0, 1 << 20, &f->max_tokens)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 0, 1 << 20, &f->max_tokens)) return -1;
         } else if (!strcmp(a, "--temperature")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_float(a, v, 0, 100, &f->temperature)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_float(a, v, 0, 100, &f->temperature)) return -1;
         } else if (!strcmp(a, "--top-k")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 0, 1 << 24, &f->top_k)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 0, 1 << 24, &f->top_k)) return -1;
         } else if (!strcmp(a, "--top-p")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_float(a, v, 0, 1, &f->top_p)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_float(a, v, 0, 1, &f->top_p)) return -1;
         } else if (!strcmp(a, "--seed")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 0, __LONG_MAX__, &f->seed)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 0, __LONG_MAX__, &f->seed)) return -1;
         } else if (!strcmp(a, "--system")) {
-            if (!(f->system = cli_value(argc, argv, &i))) return -1;
+            if (!(f->system = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--json")) {
             f->json = true;
         } else if (!strcmp(a, "--chat")) {
@@ -136,34 +137,34 @@ static int parse_flags(run_flags_t *f, int argc, char **argv)
         } else if (!strcmp(a, "--no-prefix-cache")) {
             f->no_prefix_cache = true;
         } else if (!strcmp(a, "--coordinator")) {
-            if (!(f->coordinator = cli_value(argc, argv, &i))) return -1;
+            if (!(f->coordinator = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--tenant")) {
-            if (!(f->tenant = cli_value(argc, argv, &i))) return -1;
+            if (!(f->tenant = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--policy")) {
-            if (!(f->policy = cli_value(argc, argv, &i))) return -1;
+            if (!(f->policy = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--listen")) {
-            if (!(f->listen = cli_value(argc, argv, &i))) return -1;
+            if (!(f->listen = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--workers")) {
-            if (!(f->workers = cli_value(argc, argv, &i))) return -1;
+            if (!(f->workers = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--log-dir")) {
-            if (!(f->log_dir = cli_value(argc, argv, &i))) return -1;
+            if (!(f->log_dir = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--stop")) {
-            if (!(v = cli_value(argc, argv, &i))) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i))) return -1;
             if (f->n_stops == MAX_STOPS || !*v) {
                 fprintf(stderr, "error: --stop takes a non-empty string, at most %d times\n", MAX_STOPS);
                 return -1;
             }
             f->stops[f->n_stops++] = v;
         } else if (!strcmp(a, "--timeout-ms")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 0, UINT32_MAX, &f->timeout_ms)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 0, UINT32_MAX, &f->timeout_ms)) return -1;
         } else if (!strcmp(a, "--groups")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 1024, &f->groups)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1024, &f->groups)) return -1;
         } else if (!strcmp(a, "--threads-per-worker")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 0, 1024, &f->threads_per_worker)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 0, 1024, &f->threads_per_worker)) return -1;
         } else if (!strcmp(a, "--max-batch-tokens")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 1 << 20, &f->max_batch_tokens)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1 << 20, &f->max_batch_tokens)) return -1;
         } else if (!strcmp(a, "--heartbeat-ms")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 10, 600000, &f->heartbeat_ms)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 10, 600000, &f->heartbeat_ms)) return -1;
         } else if (a[0] != '-' && !f->positional) {
             f->positional = a;
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -361,7 +362,7 @@ static int generate_one(engine_t *e, const run_flags_t *f, const char *prompt_te
 static engine_t *open_engine(const run_flags_t *f)
 {
     fl_error_t err = {0};
-    fprintf(stderr, "loading %s ...\n", model_default_path(f->engine.model_path));
+    fprintf(stderr, "loading %s ...\n", fl_model_path(f->engine.model_path));
     engine_t *e = engine_new(&f->engine, &err);
     if (!e) fprintf(stderr, "error: %s\n", err.msg);
     return e;
@@ -411,7 +412,7 @@ static int cmd_tokenize(const run_flags_t *f)
         return 2;
     }
     fl_error_t err = {0};
-    gguf_t *g = gguf_open(model_default_path(f->engine.model_path), &err);
+    gguf_t *g = gguf_open(fl_model_path(f->engine.model_path), &err);
     tok_t *tok = g ? tok_new_from_gguf(g, &err) : NULL;
     if (!tok) {
         fprintf(stderr, "error: %s\n", err.msg);
@@ -977,7 +978,7 @@ static int cmd_up(const run_flags_t *f)
     set_handler(SIGTERM, on_interrupt);
     set_handler(SIGCHLD, on_child);
     fprintf(stderr, "starting coordinator and %d worker group%s on %s ...\n", o.n_groups, o.n_groups == 1 ? "" : "s",
-            model_default_path(o.model));
+            fl_model_path(o.model));
     fl_error_t err = {0};
     cluster_t *cl = cluster_start(&o, 600000, &err);
     if (!cl) {

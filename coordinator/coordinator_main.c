@@ -14,12 +14,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "cli_common.h"
+#include "flags.h"
+#include "model_path.h"
 #include "clock.h"
 #include "coordinator.h"
 #include "gguf.h"
 #include "log.h"
-#include "model.h"
 
 #define BATCH          256   /* messages per socket per turn ... */
 #define BATCH_S        0.005 /* ... or this long, so one socket's flood cannot delay the other's */
@@ -64,31 +64,31 @@ static int parse_flags(int argc, char **argv, coord_opts_t *o)
             usage(stdout);
             exit(0);
         } else if (!strcmp(a, "--listen")) {
-            if (!(listen = cli_value(argc, argv, &i))) return -1;
+            if (!(listen = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--workers")) {
-            if (!(workers = cli_value(argc, argv, &i))) return -1;
+            if (!(workers = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
-            if (!(o->model_path = cli_value(argc, argv, &i))) return -1;
+            if (!(o->model_path = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--policy")) {
-            if (!(v = cli_value(argc, argv, &i))) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i))) return -1;
             if (router_policy_parse(v, &o->policy)) {
                 fprintf(stderr, "error: --policy %s: expected prefix, round-robin or least-loaded\n", v);
                 return -1;
             }
         } else if (!strcmp(a, "--load-factor")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_float(a, v, 1.0, 1000.0, &f)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_float(a, v, 1.0, 1000.0, &f)) return -1;
             o->load_factor = f;
         } else if (!strcmp(a, "--load-floor")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 1000000, &n)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1000000, &n)) return -1;
             o->load_floor = (int)n;
         } else if (!strcmp(a, "--route-blocks")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, COORD_MAX_ROUTE_BLOCKS, &n)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, COORD_MAX_ROUTE_BLOCKS, &n)) return -1;
             o->route_blocks = (int)n;
         } else if (!strcmp(a, "--heartbeat-ms")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 10, 600000, &n)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 10, 600000, &n)) return -1;
             o->heartbeat_ms = (int)n;
         } else if (!strcmp(a, "--share-cache")) {
-            if (!(v = cli_value(argc, argv, &i))) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i))) return -1;
             bool ok = o->n_share_cache < COORD_MAX_SHARE_LISTS && *v && strlen(v) <= 4096;
             for (const char *p = v; ok && *p; p += strcspn(p, ",") + (p[strcspn(p, ",")] ? 1 : 0))
                 ok = strcspn(p, ",") <= 256;
@@ -99,7 +99,7 @@ static int parse_flags(int argc, char **argv, coord_opts_t *o)
             }
             o->share_cache[o->n_share_cache++] = v;
         } else if (!strcmp(a, "--max-inflight")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(a, v, 1, 1 << 22, &n)) return -1;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1 << 22, &n)) return -1;
             o->max_inflight = (int)n;
         } else {
             fprintf(stderr, "error: unknown flag '%s'\n", a);
@@ -128,7 +128,7 @@ static void *bind_router(void *zctx, const char *endpoint, int hwm, fl_error_t *
 
 static int setup(coord_t *c, fl_error_t *err)
 {
-    const char *path = model_default_path(c->opts.model_path);
+    const char *path = fl_model_path(c->opts.model_path);
     gguf_t *g = gguf_open(path, err);
     if (!g) return err->code ? err->code : FL_EIO;
     c->tok = tok_new_from_gguf(g, err);

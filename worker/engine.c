@@ -1,10 +1,13 @@
 /* engine.c - see engine.h. */
 #include "engine.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "flags.h"
 #include "log.h"
+#include "model_path.h"
 
 engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
 {
@@ -27,7 +30,7 @@ engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
     const model_params_t mp = {.max_batch_tokens = o->max_batch_tokens, .max_logits = o->max_seqs,
                                .max_seqs = o->max_seqs, .max_ctx = o->max_ctx, .block_size = o->block_size,
                                .weights_f32 = o->weights_f32};
-    e->model = model_new(model_default_path(o->model_path), e->be, &mp, err);
+    e->model = model_new(fl_model_path(o->model_path), e->be, &mp, err);
     if (!e->model) goto fail;
     const model_config_t *c = &e->model->cfg;
     size_t budget = o->kv_budget_bytes;
@@ -70,4 +73,53 @@ void engine_destroy(engine_t **ep)
     kern_destroy(&e->be);
     free(e);
     *ep = NULL;
+}
+
+int engine_parse_flag(engine_opts_t *o, int argc, char **argv, int *i)
+{
+    const char *f = argv[*i], *v;
+    long n;
+    if (!strcmp(f, "-m") || !strcmp(f, "--model")) {
+        if (!(v = fl_flag_value(argc, argv, i))) return -1;
+        o->model_path = v;
+    } else if (!strcmp(f, "--backend")) {
+        if (!(v = fl_flag_value(argc, argv, i))) return -1;
+        if (strcmp(v, "cpu") && strcmp(v, "cuda") && strcmp(v, "auto")) {
+            fprintf(stderr, "error: --backend expects cpu, cuda or auto, got '%s'\n", v);
+            return -1;
+        }
+        o->backend = v;
+    } else if (!strcmp(f, "--device")) {
+        if (!(v = fl_flag_value(argc, argv, i)) || !fl_flag_int(f, v, 0, 64, &n)) return -1;
+        o->device = (int)n;
+    } else if (!strcmp(f, "-t") || !strcmp(f, "--threads")) {
+        if (!(v = fl_flag_value(argc, argv, i)) || !fl_flag_int(f, v, 0, 1024, &n)) return -1;
+        o->threads = (int)n;
+    } else if (!strcmp(f, "--kv-budget")) {
+        if (!(v = fl_flag_value(argc, argv, i)) || !fl_flag_bytes(f, v, &o->kv_budget_bytes)) return -1;
+    } else if (!strcmp(f, "--kv-fraction")) {
+        if (!(v = fl_flag_value(argc, argv, i)) || !fl_flag_float(f, v, 0.001, 0.95, &o->kv_fraction)) return -1;
+    } else if (!strcmp(f, "--block-size")) {
+        if (!(v = fl_flag_value(argc, argv, i)) || !fl_flag_int(f, v, 1, 1024, &n)) return -1;
+        o->block_size = (int)n;
+    } else if (!strcmp(f, "--ctx")) {
+        if (!(v = fl_flag_value(argc, argv, i)) || !fl_flag_int(f, v, 16, 1 << 20, &n)) return -1;
+        o->max_ctx = (int)n;
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
+const char *engine_flags_help(void)
+{
+    return "  -m, --model PATH      GGUF model (default: $FOLIO_MODEL or the model set-up fetched)\n"
+           "  --backend cpu|cuda    compute backend (default: cuda where a GPU is present)\n"
+           "  --device N            CUDA device\n"
+           "  -t, --threads N       CPU threads (default: all cores)\n"
+           "  --kv-budget BYTES     KV cache memory, e.g. 64MiB\n"
+           "  --kv-fraction F       KV cache as a fraction of the free memory after the weights\n"
+           "                        (default: 0.5 on CUDA; 64MiB on the CPU)\n"
+           "  --block-size N        KV block size in tokens (default 16)\n"
+           "  --ctx N               longest sequence (default: the model's context)\n";
 }

@@ -12,7 +12,7 @@
 #include "model.h"
 
 typedef struct engine_opts {
-    const char *model_path;     /* NULL: model_default_path() */
+    const char *model_path;     /* NULL: fl_model_path() */
     const char *backend;        /* "cpu", "cuda" or NULL/"auto" (cuda where a GPU is present) */
     int device;                 /* CUDA device */
     int threads;                /* CPU threads, 0 = all cores */
@@ -33,5 +33,11 @@ typedef struct engine {
 
 engine_t *engine_new(const engine_opts_t *opts, fl_error_t *err);
 void engine_destroy(engine_t **ep);
+
+/* Parses the engine flag at argv[*i] (-m/--model, --backend, --device, --threads, --kv-budget,
+ * --kv-fraction, --block-size, --ctx) and its value, for a main(). Returns 1 when it consumed a flag,
+ * 0 when argv[*i] is not an engine flag, -1 (after printing why) on a bad value. */
+int engine_parse_flag(engine_opts_t *o, int argc, char **argv, int *i);
+const char *engine_flags_help(void);
 
 #endif

@@ -21,14 +21,6 @@
 #define FOLIO_DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #endif
 
-const char *model_default_path(const char *explicit_path)
-{
-    if (explicit_path && *explicit_path) return explicit_path;
-    const char *env = getenv("FOLIO_MODEL");
-    if (env && *env) return env;
-    return FOLIO_DEFAULT_MODEL;
-}
-
 static int get_u32_req(const gguf_t *g, const char *arch, const char *key, int *out, fl_error_t *err)
 {
     char full[256];

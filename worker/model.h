@@ -110,8 +110,4 @@ void model_sample(model_t *m, int32_t *out, int n, const kern_sampling_t *params
 void model_set_profile(model_t *m, bool on);
 const char *model_prof_name(int i);
 
-/* Resolves the model path: explicit path, else $FOLIO_MODEL, else the default model set-up fetched
- * (models/SmolLM2-135M-Instruct.Q4_1.gguf under $FOLIO_HOME or the source tree). Never NULL. */
-const char *model_default_path(const char *explicit_path);
-
 #endif

@@ -16,7 +16,7 @@
  * machine without a GPU).
  *
  * Exits 77 (skipped) without a usable CUDA backend or without models/SmolLM2-135M-Instruct.Q4_1.gguf
- * (under $FOLIO_SOURCE_DIR, else model_default_path()); 1 on a mismatch; 0 otherwise. */
+ * (under $FOLIO_SOURCE_DIR, else fl_model_path()); 1 on a mismatch; 0 otherwise. */
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "model_path.h"
 #include "test_util.h"
 
 #define NEAR_TIE 0.05
@@ -191,7 +192,7 @@ int main(void)
     char path[2048];
     const char *src = getenv("FOLIO_SOURCE_DIR");
     if (src) snprintf(path, sizeof path, "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf", src);
-    else snprintf(path, sizeof path, "%s", model_default_path(NULL));
+    else snprintf(path, sizeof path, "%s", fl_model_path(NULL));
     if (access(path, R_OK) != 0) {
         printf("SKIPPED: model %s is missing (scripts/setup.sh fetches it)\n", path);
         return 77;

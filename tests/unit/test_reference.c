@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "model_path.h"
 #include "test_util.h"
 
 /* Largest llama.cpp top-1/top-2 logit margin at which folio may pick the runner-up. */
@@ -76,7 +77,7 @@ static int load_fixtures(void)
 static int setup(void **state)
 {
     (void)state;
-    const char *path = model_default_path(NULL);
+    const char *path = fl_model_path(NULL);
     if (access(path, R_OK) != 0) return 0; /* tests skip */
     if (load_fixtures()) return -1;
     fl_error_t err = {0};

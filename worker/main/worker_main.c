@@ -34,7 +34,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "cli_common.h"
+#include "flags.h"
+#include "model_path.h"
 #include "clock.h"
 #include "log.h"
 #include "worker.h"
@@ -76,7 +77,7 @@ static void usage(FILE *f)
             "  --fake                no model: answer each Generate at once with one token (benchmarks\n"
             "                        of the coordinator's own overhead)\n"
             "  -h, --help            this text\n",
-            cli_engine_flags_help(), WIRE_DEFAULT_WORKER_ENDPOINT);
+            engine_flags_help(), WIRE_DEFAULT_WORKER_ENDPOINT);
 }
 
 /* --- small helpers --------------------------------------------------------------------------- */
@@ -505,30 +506,30 @@ int main(int argc, char **argv)
     bool fake = false;
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i], *v;
-        const int e = cli_parse_engine_flag(&eo, argc, argv, &i);
+        const int e = engine_parse_flag(&eo, argc, argv, &i);
         if (e < 0) return 2;
         if (e > 0) continue;
         if (!strcmp(f, "-h") || !strcmp(f, "--help")) {
             usage(stdout);
             return 0;
         } else if (!strcmp(f, "--coordinator-workers") || !strcmp(f, "--workers")) {
-            if (!(endpoint_flag = cli_value(argc, argv, &i))) return 2;
+            if (!(endpoint_flag = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(f, "--group")) {
-            if (!(group = cli_value(argc, argv, &i))) return 2;
+            if (!(group = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(f, "--rank")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(f, v, 0, 1024, &rank)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 0, 1024, &rank)) return 2;
         } else if (!strcmp(f, "--tp")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(f, v, 1, 1024, &tp)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 1, 1024, &tp)) return 2;
         } else if (!strcmp(f, "--heartbeat-ms")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(f, v, 10, 600000, &heartbeat_ms)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 10, 600000, &heartbeat_ms)) return 2;
         } else if (!strcmp(f, "--max-batch-tokens")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(f, v, 1, 1 << 20, &n)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 1, 1 << 20, &n)) return 2;
             eo.max_batch_tokens = so.max_batch_tokens = (int)n;
         } else if (!strcmp(f, "--max-seqs")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(f, v, 1, 1 << 16, &n)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 1, 1 << 16, &n)) return 2;
             eo.max_seqs = so.max_running = (int)n;
         } else if (!strcmp(f, "--max-waiting")) {
-            if (!(v = cli_value(argc, argv, &i)) || !cli_parse_int(f, v, 1, 1 << 20, &max_waiting)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 1, 1 << 20, &max_waiting)) return 2;
         } else if (!strcmp(f, "--no-prefix-cache")) {
             so.no_prefix_cache = true;
         } else if (!strcmp(f, "--fake")) {
@@ -564,7 +565,7 @@ int main(int argc, char **argv)
     w.backoff_s = BACKOFF_MIN_S;
     w.engine_ok = w.last_step_ok = true;
     snprintf(w.identity, sizeof w.identity, "%s:%d:%llu", group, w.rank, (unsigned long long)w.epoch);
-    const char *model_path = model_default_path(eo.model_path);
+    const char *model_path = fl_model_path(eo.model_path);
     make_model_id(w.model_id, sizeof w.model_id, model_path, fake);
 
     fl_error_t err = {0};
