@@ -98,12 +98,25 @@ static inline bool kern_attn_visible(const kern_attn_t *a, int i, int j)
     return !a->tree_mask || j < a->tree_start[i] || ((a->tree_mask[i] >> (j - a->tree_start[i])) & 1u);
 }
 
+/* One token's logit adjustment (kernels/sampling.h defines the arithmetic): llama.cpp's repetition
+ * penalty, then an additive term the host has summed (presence and frequency penalties, logit bias);
+ * add == -INFINITY bans the token. */
+typedef struct kern_logit_adjust {
+    int32_t token;
+    float penalty;              /* 1: none; l > 0 ? l / penalty : l * penalty */
+    float add;
+} kern_logit_adjust_t;
+
 typedef struct kern_sampling {
     float temperature;          /* <= 0: greedy (argmax, lowest id wins ties) */
     int top_k;                  /* <= 0: off */
     float top_p;                /* >= 1: off */
     uint64_t seed;
     uint64_t position;          /* the draw is a pure function of (seed, position) */
+    float min_p;                /* <= 0: off; applied after top-k and top-p */
+    const kern_logit_adjust_t *adjust; /* [n_adjust] host memory, distinct tokens; applied before all
+                                        * else, greedy rows included */
+    int n_adjust;
 } kern_sampling_t;
 
 typedef struct kern_ops {
@@ -137,7 +150,8 @@ typedef struct kern_ops {
     void (*swiglu)(kern_backend_t *be, float *out, const float *gate, const float *up, int n); /* silu(gate)*up */
     void (*add)(kern_backend_t *be, float *y, const float *x, int n);                          /* y += x */
     /* One token per row of logits [n][vocab] (device memory), chosen per row's params (host);
-     * out (host) receives n ids. */
+     * out (host) receives n ids. The op may overwrite the rows (each row's adjustments are applied
+     * to it in place): read a row first if its raw values are wanted (log-probabilities). */
     void (*sample)(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
                    const kern_sampling_t *params);
 

@@ -1,6 +1,8 @@
-/* sampling.c - the exact token draw shared by every backend; see sampling.h. */
+/* sampling.c - the exact token draw shared by every backend, and the stream's log-probabilities;
+ * see sampling.h. */
 #include "sampling.h"
 
+#include <assert.h>
 #include <math.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -58,6 +60,23 @@ int32_t kern_sample_argmax(const float *l, int vocab)
     for (int i = 0; i < vocab; i++)
         if (l[i] > bv) bv = l[i], best = i;
     return best;
+}
+
+bool kern_sample_adjust_distinct(const kern_logit_adjust_t *a, int n)
+{
+    for (int i = 1; i < n; i++)
+        for (int j = 0; j < i; j++)
+            if (a[i].token == a[j].token) return false;
+    return true;
+}
+
+void kern_sample_adjust_row(float *l, int vocab, const kern_logit_adjust_t *a, int n)
+{
+    assert(kern_sample_adjust_distinct(a, n));
+    for (int i = 0; i < n; i++) {
+        const int32_t t = a[i].token;
+        if (t >= 0 && t < vocab) l[t] = kern_sample_adjust_logit(l[t], a[i].penalty, a[i].add);
+    }
 }
 
 /* The draw for one row (the definition is in sampling.h). */
@@ -118,7 +137,16 @@ int32_t kern_sample_row(const float *l, int vocab, const kern_sampling_t *p, voi
         }
     }
 
-    /* 5. The draw over the kept, in id order. */
+    /* 5. min-p: a filter on weight (the best token, 2^40, is kept since T <= 2^40). */
+    const uint64_t min_w = kern_sample_min_weight(p->min_p);
+    if (min_w > 0) {
+        int k = 0;
+        for (int i = 0; i < nk; i++)
+            if (kern_sample_weight(l[c[i].id], mx, inv_t) >= min_w) c[k++] = c[i];
+        nk = k;
+    }
+
+    /* 6. The draw over the kept, in id order. */
     qsort(c, (size_t)nk, sizeof *c, cand_cmp_id);
     uint64_t S = 0;
     for (int i = 0; i < nk; i++) S += kern_sample_weight(l[c[i].id], mx, inv_t);
@@ -129,4 +157,54 @@ int32_t kern_sample_row(const float *l, int vocab, const kern_sampling_t *p, voi
         if (run > target) return c[i].id;
     }
     return c[nk - 1].id;
+}
+
+/* Whether logit a (id ia) ranks above b (id ib) for the top: larger first, lower id on ties. */
+static inline bool logprob_better(float a, int32_t ia, float b, int32_t ib) { return a > b || (a == b && ia < ib); }
+
+/* log p of logit v given the maximum mx and log_z = log(sum exp(l - mx)) (finite mx), or the count
+ * of the maximum's copies (infinite mx). */
+static float logprob_of(float v, double mx, double log_z)
+{
+    if (v != v) return -INFINITY;
+    if (isfinite(mx)) return (float)(((double)v - mx) - log_z);
+    return (double)v == mx ? (float)-log_z : -INFINITY;
+}
+
+int kern_logprobs_row(const float *l, int vocab, int32_t chosen, int n_top, kern_logprob_t *chosen_out,
+                      kern_logprob_t *top_out)
+{
+    if (n_top < 0) n_top = 0;
+    if (n_top > KERN_LOGPROBS_MAX_TOP) n_top = KERN_LOGPROBS_MAX_TOP;
+    if (vocab < 0) vocab = 0;
+    double mx = -INFINITY;
+    int n_num = 0; /* non-NaN logits */
+    for (int i = 0; i < vocab; i++)
+        if (l[i] == l[i]) mx = fmax(mx, (double)l[i]), n_num++;
+    double z = 0;
+    if (isfinite(mx)) {
+        for (int i = 0; i < vocab; i++)
+            if (l[i] == l[i]) z += exp((double)l[i] - mx);
+    } else {
+        for (int i = 0; i < vocab; i++) z += (double)l[i] == mx;
+    }
+    const double log_z = log(z);
+    if (chosen_out) {
+        chosen_out->token = chosen;
+        chosen_out->logprob = chosen >= 0 && chosen < vocab ? logprob_of(l[chosen], mx, log_z) : -INFINITY;
+    }
+    /* The top: insertion into a list sorted best first (most logits lose to its last entry at once). */
+    if (n_top > n_num) n_top = n_num;
+    int n = 0;
+    for (int i = 0; i < vocab && n_top > 0; i++) {
+        const float v = l[i];
+        if (v != v) continue;
+        if (n == n_top && !logprob_better(v, i, l[top_out[n - 1].token], top_out[n - 1].token)) continue;
+        int j = n < n_top ? n++ : n - 1;
+        for (; j > 0 && logprob_better(v, i, l[top_out[j - 1].token], top_out[j - 1].token); j--)
+            top_out[j] = top_out[j - 1];
+        top_out[j].token = i;
+    }
+    for (int j = 0; j < n; j++) top_out[j].logprob = logprob_of(l[top_out[j].token], mx, log_z);
+    return n;
 }

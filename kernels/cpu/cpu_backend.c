@@ -324,6 +324,10 @@ static void cpu_sample(kern_backend_t *be, int32_t *out, const float *logits, in
                        const kern_sampling_t *params)
 {
     cpu_backend_t *cb = (cpu_backend_t *)be;
+    /* The adjustments, in place (kernels.h allows it: the rows are the caller's writable logits). */
+    for (int i = 0; i < n; i++)
+        if (params[i].n_adjust > 0)
+            kern_sample_adjust_row((float *)logits + (size_t)i * vocab, vocab, params[i].adjust, params[i].n_adjust);
     const size_t need = kern_sample_scratch_bytes(vocab);
     if (cb->samp_len < need) {
         size_t c1 = cb->samp_len;
