@@ -232,6 +232,19 @@ Folio__V1__Request *wire_decode_request(const uint8_t *body, size_t len, fl_erro
     return r;
 }
 
+bool wire_peek_request(const uint8_t *body, size_t len, uint64_t *id, Folio__V1__Method *method)
+{
+    *id = 0;
+    *method = FOLIO__V1__METHOD__METHOD_UNSPECIFIED;
+    if (len > WIRE_MAX_BODY_BYTES) return false;
+    Folio__V1__Request *r = folio__v1__request__unpack(NULL, len, body);
+    if (!r) return false;
+    *id = r->id;
+    if (method_known(r->method)) *method = r->method;
+    folio__v1__request__free_unpacked(r, NULL);
+    return true;
+}
+
 Folio__V1__Response *wire_decode_response(const uint8_t *body, size_t len, fl_error_t *err)
 {
     Folio__V1__Response *r = folio__v1__response__unpack(NULL, len, body);

@@ -91,6 +91,11 @@ Folio__V1__Response *wire_decode_response(const uint8_t *body, size_t len, fl_er
 Folio__V1__WorkerHello *wire_decode_hello(const uint8_t *body, size_t len, fl_error_t *err);
 Folio__V1__WorkerLoad *wire_decode_load(const uint8_t *body, size_t len, fl_error_t *err);
 
+/* The id and method of a request body that wire_decode_request() refused, so the error reply can
+ * name them: true when the bytes unpack (method UNSPECIFIED unless it is a known one), false with
+ * id 0 and METHOD_UNSPECIFIED when they do not. */
+bool wire_peek_request(const uint8_t *body, size_t len, uint64_t *id, Folio__V1__Method *method);
+
 /* A Response of this protocol version for request id (fields beyond these left empty). */
 void wire_response_init(Folio__V1__Response *r, uint64_t id, Folio__V1__Method method, bool final);
 
