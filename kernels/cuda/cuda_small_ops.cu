@@ -1,0 +1,283 @@
+/* cuda_small_ops.cu - the CUDA backend's small ops: embed, rmsnorm, rope, kv_store, swiglu, add, and the
+ * fused add_rmsnorm and rope_kv_store.
+ *
+ * Each is one kernel following the CPU code's formulas (kernels/cpu/cpu_backend.c); the fused ones
+ * are one kernel each too, so that with matmul_swiglu (cuda_matmul.cu) a decode step is 8 launches a
+ * layer: at batch 1 every launch and every pass over the activations costs against one pass over the
+ * weights. */
+#include <math.h>
+
+#include "cuda_internal.h"
+
+#define ROPE_MAX_PAIRS 512
+
+__global__ void k_embed(float *out, const __half *table, const int32_t *ids, int64_t rows, int64_t cols)
+{
+    pdl_trigger();
+    pdl_wait();
+    const int i = blockIdx.x;
+    const int32_t id = ids[i];
+    float *o = out + (size_t)i * cols;
+    if (id < 0 || id >= rows) {
+        for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) o[c] = 0.0f;
+        return;
+    }
+    const __half *t = table + (size_t)id * cols;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) o[c] = __half2float(t[c]);
+}
+
+/* One block per row, sized so that a thread holds a float4 or two (a decode step's norm is one row:
+ * a loop of dependent loads on few threads would cost more than the row's bytes). The sum of x*x
+ * (f32 products) is taken in double, as the CPU. ADD: x += delta first, written back (add_rmsnorm);
+ * delta may be y. */
+template <bool ADD>
+__global__ void k_rmsnorm(float *y, float *x, const float *delta, const float *w, int dim, float eps, bool vec)
+{
+    pdl_trigger();
+    pdl_wait();
+    __shared__ double warp_sum[32];
+    __shared__ float scale_s;
+    float *xr = x + (size_t)blockIdx.x * dim;
+    const float *dr = ADD ? delta + (size_t)blockIdx.x * dim : NULL;
+    float *yr = y + (size_t)blockIdx.x * dim;
+    double s = 0.0;
+    if (vec) {
+        for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+            float4 v = ((const float4 *)xr)[i];
+            if (ADD) {
+                const float4 d = ((const float4 *)dr)[i];
+                v.x += d.x, v.y += d.y, v.z += d.z, v.w += d.w;
+                ((float4 *)xr)[i] = v;
+            }
+            const float p0 = v.x * v.x, p1 = v.y * v.y, p2 = v.z * v.z, p3 = v.w * v.w;
+            s += ((double)p0 + (double)p1) + ((double)p2 + (double)p3);
+        }
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+            float v = xr[i];
+            if (ADD) xr[i] = v = v + dr[i];
+            const float p = v * v;
+            s += (double)p;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) warp_sum[threadIdx.x >> 5] = s;
+    __syncthreads(); /* also orders every read of delta before any write of y */
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int k = 0; k < (int)(blockDim.x >> 5); k++) t += warp_sum[k];
+        const float mean = (float)(t / dim);
+        scale_s = 1.0f / sqrtf(mean + eps);
+    }
+    __syncthreads();
+    const float scale = scale_s;
+    if (vec) {
+        for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+            const float4 v = ((const float4 *)xr)[i], g = ((const float4 *)w)[i];
+            ((float4 *)yr)[i] = make_float4((v.x * scale) * g.x, (v.y * scale) * g.y, (v.z * scale) * g.z,
+                                            (v.w * scale) * g.w);
+        }
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = (xr[i] * scale) * w[i];
+    }
+}
+
+/* Whether a norm's rows can be read as float4: dim a multiple of 4, every pointer 16-byte aligned. */
+static bool norm_vec(int dim, const void *a, const void *b, const void *c, const void *d)
+{
+    return (dim & 3) == 0 && (((uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d) & 15) == 0;
+}
+
+/* Threads for a norm of `dim`: one float4 (or float) each, whole warps, 32 to 1024. */
+static unsigned norm_threads(int dim, bool vec)
+{
+    const int per = vec ? dim / 4 : dim;
+    const int t = (per + 31) / 32 * 32;
+    return (unsigned)(t < 32 ? 32 : t > 1024 ? 1024 : t);
+}
+
+/* RoPE angles of position pos into cs/sn (shared, np entries): thread 0 builds them with the CPU's
+ * iterative theta *= theta_scale, then the threads take sin and cos. Ends with a barrier. */
+__device__ void rope_angles(float *cs, float *sn, int32_t pos, int np, float theta_scale, float freq_scale,
+                            const float *freq_factors)
+{
+    if (threadIdx.x == 0) {
+        float theta = (float)pos;
+        for (int i = 0; i < np; i++) {
+            const float ff = freq_factors ? freq_factors[i] : 1.0f;
+            cs[i] = freq_scale * (theta / ff);
+            theta *= theta_scale;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < np; i += blockDim.x) {
+        const float th = cs[i];
+        sn[i] = sinf(th);
+        cs[i] = cosf(th);
+    }
+    __syncthreads();
+}
+
+/* One block per token; each pair of each head is rotated (NORM mode: adjacent pairs). */
+__global__ void k_rope(float *x, const int32_t *pos, int n_heads, int head_dim, int np, float theta_scale,
+                       float freq_scale, const float *freq_factors)
+{
+    pdl_trigger();
+    pdl_wait();
+    __shared__ float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
+    const int t = blockIdx.x;
+    rope_angles(cs, sn, pos[t], np, theta_scale, freq_scale, freq_factors);
+    for (int idx = threadIdx.x; idx < n_heads * np; idx += blockDim.x) {
+        const int h = idx / np, i = idx % np;
+        float *v = x + ((size_t)t * n_heads + h) * head_dim;
+        const float x0 = v[2 * i], x1 = v[2 * i + 1];
+        v[2 * i] = fmaf(x0, cs[i], -(x1 * sn[i]));
+        v[2 * i + 1] = fmaf(x0, sn[i], x1 * cs[i]);
+    }
+}
+
+__global__ void k_kv_store(__half *kc, __half *vc, const float *k, const float *v, const int32_t *slots, int kv_dim)
+{
+    pdl_trigger();
+    pdl_wait();
+    const int i = blockIdx.x;
+    const int32_t slot = slots[i];
+    if (slot < 0) return; /* padding row */
+    __half *kd = kc + (size_t)slot * kv_dim, *vd = vc + (size_t)slot * kv_dim;
+    const float *ks = k + (size_t)i * kv_dim, *vs = v + (size_t)i * kv_dim;
+    for (int d = threadIdx.x; d < kv_dim; d += blockDim.x) {
+        kd[d] = __float2half_rn(ks[d]);
+        vd[d] = __float2half_rn(vs[d]);
+    }
+}
+
+/* k_rope on q and k and k_kv_store in one launch: block (token, head) over the n_heads query heads
+ * then the n_kv_heads key heads; a key head's block also stores that head of v. head_dim even. */
+__global__ void k_rope_kv(float *q, float *k, const float *v, __half *kc, __half *vc, const int32_t *pos,
+                          const int32_t *slots, int n_heads, int n_kv_heads, int hd, int np, float theta_scale,
+                          float freq_scale, const float *freq_factors)
+{
+    pdl_trigger();
+    pdl_wait();
+    __shared__ float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
+    const int t = blockIdx.x, h = blockIdx.y;
+    rope_angles(cs, sn, pos[t], np, theta_scale, freq_scale, freq_factors);
+    const bool is_q = h < n_heads;
+    const int kvh = h - n_heads;
+    const size_t kv_dim = (size_t)n_kv_heads * hd;
+    float *x = is_q ? q + ((size_t)t * n_heads + h) * hd : k + (size_t)t * kv_dim + (size_t)kvh * hd;
+    const int32_t slot = is_q ? -1 : slots[t];
+    __half *kd = slot >= 0 ? kc + (size_t)slot * kv_dim + (size_t)kvh * hd : NULL;
+    for (int i = threadIdx.x; i < hd / 2; i += blockDim.x) {
+        float x0 = x[2 * i], x1 = x[2 * i + 1];
+        if (i < np) {
+            const float r0 = fmaf(x0, cs[i], -(x1 * sn[i])), r1 = fmaf(x0, sn[i], x1 * cs[i]);
+            x[2 * i] = x0 = r0;
+            x[2 * i + 1] = x1 = r1;
+        }
+        if (kd) *(__half2 *)(kd + 2 * i) = __halves2half2(__float2half_rn(x0), __float2half_rn(x1));
+    }
+    if (kd) {
+        __half *vd = vc + (size_t)slot * kv_dim + (size_t)kvh * hd;
+        const float *vs = v + (size_t)t * kv_dim + (size_t)kvh * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) vd[d] = __float2half_rn(vs[d]);
+    }
+}
+
+__global__ void k_swiglu(float *out, const float *gate, const float *up, size_t n)
+{
+    pdl_trigger();
+    pdl_wait();
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+__global__ void k_add(float *y, const float *x, size_t n)
+{
+    pdl_trigger();
+    pdl_wait();
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] += x[i];
+}
+
+
+void cuda_embed(kern_backend_t *be, float *out, const kern_weight_t *table, const int32_t *ids, int n)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (n <= 0 || !op_begin(cb)) return;
+    launch(cb, k_embed, n, EW_THREADS, out, (const __half *)table->d, ids, table->rows, table->cols);
+}
+
+void cuda_rmsnorm(kern_backend_t *be, float *y, const float *x, const float *weight, int n, int dim, float eps)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (n <= 0 || dim <= 0 || !op_begin(cb)) return;
+    const bool vec = norm_vec(dim, y, x, x, weight);
+    launch(cb, k_rmsnorm<false>, n, norm_threads(dim, vec), y, (float *)x, (const float *)NULL, weight, dim, eps,
+           vec);
+}
+
+void cuda_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta, const float *weight, int n,
+                             int dim, float eps)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (n <= 0 || dim <= 0 || !op_begin(cb)) return;
+    const bool vec = norm_vec(dim, y, x, delta, weight);
+    launch(cb, k_rmsnorm<true>, n, norm_threads(dim, vec), y, x, delta, weight, dim, eps, vec);
+}
+
+void cuda_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
+                      const kern_rope_t *rope)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    const int n_rot = rope->n_rot < head_dim ? rope->n_rot : head_dim, np = n_rot / 2;
+    if (n <= 0 || np <= 0 || np > ROPE_MAX_PAIRS || !op_begin(cb)) return; /* as the CPU: nothing to rotate */
+    const float theta_scale = powf(rope->freq_base, -2.0f / (float)n_rot);
+    launch(cb, k_rope, n, EW_THREADS, x, pos, n_heads, head_dim, np, theta_scale, rope->freq_scale,
+           rope->freq_factors);
+}
+
+void cuda_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
+                          const int32_t *slots, int n, int kv_dim)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (n <= 0 || kv_dim <= 0 || !op_begin(cb)) return;
+    launch(cb, k_kv_store, n, EW_THREADS, (__half *)k_cache, (__half *)v_cache, k, v, slots, kv_dim);
+}
+
+void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *k_cache,
+                               fl_f16_t *v_cache, const int32_t *pos, const int32_t *slots, int n, int n_heads,
+                               int n_kv_heads, int head_dim, const kern_rope_t *rope)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    const int n_rot = rope->n_rot < head_dim ? rope->n_rot : head_dim, np = n_rot > 0 ? n_rot / 2 : 0;
+    if (head_dim % 2 || np > ROPE_MAX_PAIRS || n_heads + n_kv_heads > 65535) { /* the ops one by one */
+        cuda_rope(be, q, pos, n, n_heads, head_dim, rope);
+        cuda_rope(be, k, pos, n, n_kv_heads, head_dim, rope);
+        cuda_kv_store(be, k_cache, v_cache, k, v, slots, n, n_kv_heads * head_dim);
+        return;
+    }
+    if (n <= 0 || head_dim <= 0 || n_heads < 0 || n_kv_heads <= 0 || !op_begin(cb)) return;
+    const float theta_scale = np ? powf(rope->freq_base, -2.0f / (float)n_rot) : 1.0f;
+    const int pairs = head_dim / 2;
+    const unsigned threads = pairs >= 128 ? 128 : (unsigned)((pairs + 31) / 32 * 32);
+    launch(cb, k_rope_kv, dim3((unsigned)n, (unsigned)(n_heads + n_kv_heads)), threads, q, k, v, (__half *)k_cache,
+           (__half *)v_cache, pos, slots, n_heads, n_kv_heads, head_dim, np, theta_scale, rope->freq_scale,
+           rope->freq_factors);
+}
+
+void cuda_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (n <= 0 || !op_begin(cb)) return;
+    launch(cb, k_swiglu, grid_for((size_t)n, EW_THREADS), EW_THREADS, out, gate, up, (size_t)n);
+}
+
+void cuda_add(kern_backend_t *be, float *y, const float *x, int n)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (n <= 0 || !op_begin(cb)) return;
+    launch(cb, k_add, grid_for((size_t)n, EW_THREADS), EW_THREADS, y, x, (size_t)n);
+}
