@@ -1,31 +1,18 @@
 /* cpu_attention.c - paged attention over the f16 KV pools, and the KV store.
  *
- * Numerics are llama.cpp's non-flash CPU path, bit for bit (llama.cpp builds KQ = mul_mat(K f16, q),
- * soft_max_ext(KQ, mask, scale), KQV = mul_mat(V^T f16, KQ) over n_kv cache cells, n_kv being the
- * used cells rounded up to a multiple of 32; masked and padding cells weigh exactly 0):
- *   - q is rounded to f16 (mul_mat converts src1 to the f16 vec-dot type);
- *   - a score is dot(k_j, q) * scale, the dot in one of two orders (below);
- *   - softmax: m = max; e_j = ggml_v_expf(s_j - m) (cpu_v_expf*, AVX-512 ggml's polynomial);
- *     sum = sum over 16-cell chunks of (double) reduce16(chunk); p_j = f16(e_j * (float)(1 / sum));
- *   - out[d] = dot over cells of p_j * v_j[d], again in one of two orders.
- * Which order ggml uses depends on the number of query tokens in the mul_mat: with >= 2 (prompt
- * processing) llamafile's tinyBLAS takes the product: 16 lanes, element i into lane i % 16 by fma,
- * then the canonical reduce (cpu_reduce16_avx2); with 1 (decode) ggml_vec_dot_f16 runs
- * (cpu_vecdot_f16_*: chunks of 64 in 4 x 16 lanes, leftovers in double). folio decides per token,
- * so batching sequences together changes none of them: by its role where the caller gives each
- * sequence's prompt length (kern_attn_t.seq_prompt_len: a prompt token of a prompt of >= 2 tokens ->
- * tinyBLAS order, any other -> vec_dot order, which is what llama.cpp does for a prompt fed whole,
- * and stays so when a prompt is split over steps or a preempted sequence is recomputed: the count
- * rule below made those part from a straight run after ~1,000 tokens); else by the number of tokens
- * of the same sequence in this call: >= 2 -> tinyBLAS order, 1 -> vec_dot order. tinyBLAS's KQ needs
- * head_dim % 16 == 0, as tinyBLAS does. For the V sum "elements" are cache cells from position 0.
+ * Numerics are llama.cpp's non-flash CPU path, bit for bit, because a quantized forward pass carries
+ * a last-bit difference through every layer (README.md, design). ggml sums the score and output dot
+ * products in one of two orders, by the number of query tokens in its mul_mat: tinyBLAS's for >= 2
+ * (prompt processing: lane i % 16, needs head_dim % 16 == 0), ggml_vec_dot_f16's for 1 (decode).
+ * folio chooses per token, so that the batch a token shares never changes its numbers: by its role
+ * where the caller gives prompt lengths (kern_attn_t.seq_prompt_len: a token of a prompt of >= 2
+ * tokens in tinyBLAS's order, any other in vec_dot's, as llama.cpp for a prompt fed whole; a prompt
+ * split over steps or recomputed after preemption then still matches), else by the tokens of its
+ * sequence in the call. The scalar functions spell out each order.
  *
- * Work items are (token, head) pairs, or (token, KV head) with AVX-512 and head_dim % 64 == 0 (a
- * decode token's GQA heads then share each K/V row load: attn_decode_group_avx512, the same
- * operations per element), handed out by an atomic counter; calls with little work (short contexts
- * in decode) run on the caller without waking the pool. Each thread has its own scratch
- * (cpu_backend_t.scores[ith]): scores, 64 x head_dim V accumulators, row pointers, and the grouped
- * path's q, score rows and K/V row pointers. */
+ * Work items are (token, head) pairs, or (token, KV head) for AVX-512 decode with head_dim % 64 == 0
+ * (a group's query heads share each K/V row load), handed out by an atomic counter; small calls run
+ * on the caller without waking the pool. Each thread has its own scratch (cpu_backend_t.scores). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -394,7 +381,7 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
     }
     const int32_t *bt = a->block_tables + (size_t)a->tok_seq[i] * a->max_blocks;
     const bool multi = c->multi[i], kq_tb = multi && hd % 16 == 0, kqv_tb = multi && hd % 4 == 0;
-    float q16[ATTN_MAX_HEAD_DIM];
+    float q16[ATTN_MAX_HEAD_DIM]; /* q rounded to f16: ggml's mul_mat converts it to the vec-dot type */
     if (isa == CPU_ISA_SCALAR)
         for (int d = 0; d < hd; d++) q16[d] = f16_round(a->q[qoff + d]);
     else

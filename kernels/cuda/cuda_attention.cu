@@ -29,9 +29,8 @@
  * adds the 32 V rows with hd/8 lanes a row, 16 bytes a lane, 32 / (hd/8) rows at a time
  * (ATT_V_ROUND loads in flight a lane). A warp then pays a few memory latencies per 32 positions
  * instead of one per position, which is what a decode at small batch waits on, over a short context
- * or a long one (H200, 8B shape, 4,096 positions unsplit: 141.2 against 37.8 tok/s at b=1, 550.3
- * against 161.7 at b=8). It holds more registers: cuda_attention picks it for split grids and for
- * grids that fit the device at once (FOLIO_CUDA_LANE_ATTN=1: always, 0: never). */
+ * or a long one (bench/README.md). It holds more registers: cuda_attention picks it for split grids
+ * and for grids that fit the device at once (FOLIO_CUDA_LANE_ATTN=1: always, 0: never). */
 #define ATT_K_ROUND 8
 #define ATT_V_ROUND 8
 template <bool LANES>
@@ -431,12 +430,10 @@ void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
      * (token, head) where the (token, head) pairs alone leave multiprocessors idle, the grid staying
      * within two waves of k_attention<false> (the lanes kernel, which runs split grids, holds fewer
      * blocks: at batch 1 that is 32 shares, about four of its waves, the configuration measured): a
-     * 4,096-position context is otherwise 32 blocks of 8 warps walking 512 positions each (H200, 8B
-     * shape, one lease: split in 32, 188.1 tok/s on the lanes kernel and 169.2 on the per-position
-     * one, against 141.5 whole on the lanes kernel). At batch 8 (256 pairs) the grid covers the
-     * device already and is left whole (the lanes kernel whole: 550.3 tok/s; split in 5 on the
-     * per-position loop: 407.0). Sized by the class of max_len (a recorded step stays valid within
-     * it); blocks split the real lengths. */
+     * 4,096-position context is otherwise 32 blocks of 8 warps walking 512 positions each. Where the
+     * pairs already cover the device (the 8B shape's 256 at batch 8) the grid is left whole: split,
+     * it was slower there. Sized by the class of max_len (a recorded step stays valid within it);
+     * blocks split the real lengths. Measurements: bench/README.md, long contexts. */
     int splits = 1;
     if (cb->split_attn && a->max_len > ATT_SPLIT_SPAN && blocks < cb->sms) {
         const int64_t span = (int64_t)1 << kern_attn_len_class(a->max_len);
@@ -458,10 +455,9 @@ void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
             OP_CUDA(cb, cudaMemsetAsync(cb->attn_arrived, 0, cb->attn_arrived_cap, cb->stream));
     }
     /* The lanes kernel holds more registers (2 blocks an SM against 5): it pays where few (token, head)
-     * pairs leave the device latency-bound (8B shape, 16-80 positions: 228.2 against 222.1 tok/s at
-     * b=1; 4,096 positions: above), and loses where many would fill it with the other kernel (b=64
-     * and 256 at 16-80 positions: 8,499 and 15,645 against 8,803 and 16,425). A split grid has
-     * fewer pairs than multiprocessors, so it always takes the lanes kernel. */
+     * pairs leave the device latency-bound, short contexts or long, and loses where many would fill
+     * it with the other kernel (large batches; bench/README.md). A split grid has fewer pairs than
+     * multiprocessors, so it always takes the lanes kernel. */
     const bool lanes = a->head_dim % 8 == 0 &&
                        (cb->lane_attn == 1 || (cb->lane_attn < 0 && blocks <= cb->lane_attn_blocks));
     launch(cb, lanes ? k_attention<true> : k_attention<false>, dim3((unsigned)blocks, (unsigned)splits),

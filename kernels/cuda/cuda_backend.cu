@@ -264,8 +264,8 @@ static void cuda_destroy(kern_backend_t *be)
 }
 
 /* ------------------------------------------------------------------------------------------------
- * CUDA graphs: a decode step is ~15 launches a layer, each a few microseconds of host time, which is
- * most of a step for a small model; replaying a recording is one launch. */
+ * CUDA graphs: a decode step is several launches a layer, each a few microseconds of host time, which
+ * is most of a step for a small model; replaying a recording is one launch. */
 
 static void graph_drop(cuda_graph_t *g)
 {

@@ -128,7 +128,7 @@ typedef struct cuda_backend {
     unsigned *attn_arrived;             /* split attention's per-(token, head) counters, zero between launches */
     size_t attn_arrived_cap;
     bool gemv_early;                    /* k_gemv1 loads its first weights before the PDL wait
-                                         * (FOLIO_CUDA_GEMV_EARLY=1: on; 4.6% slower at b=1) */
+                                         * (FOLIO_CUDA_GEMV_EARLY=1: on; slower, bench/README.md) */
     cuda_graph_t graph[GRAPH_SLOTS];
     uint64_t graph_clock;               /* LRU stamp */
     unsigned buf_gen;                   /* bumped when a scratch buffer moves: recordings hold old pointers */
@@ -161,9 +161,9 @@ bool grow_device(cuda_backend_t *cb, void **p, size_t *cap, size_t bytes, const 
  * Programmatic dependent launch (Hopper): a kernel may start while the one before it on the stream
  * still runs. Every kernel here first lets its successor launch (pdl_trigger), then waits for its
  * predecessor to finish and its writes to show (pdl_wait) before it touches anything. A decode step
- * at batch 1 is a chain of ~260 dependent kernels: the next one's launch and block start-up now
- * overlap the current one's tail (H200, 8B shape: 217.5 -> 222.6 tok/s). Pulling the GEMV's weight
- * rows into L2 before the wait was tried and cost 14% (191.3 tok/s): measured, removed. Safe by
+ * at batch 1 is a chain of ~260 dependent kernels: the next one's launch and block start-up then
+ * overlap the current one's tail. Pulling the GEMV's weight rows into L2 before the wait was tried
+ * and made steps slower, so it was removed (bench/README.md has both measurements). Safe by
  * induction: kernel k+1 may run alongside kernel k, but its wait returns only once k has returned
  * from its own wait and finished. Launched without the attribute (FOLIO_CUDA_PDL=0, or cuBLASLt's
  * kernels), a kernel waits for its predecessor as usual and the two instructions do nothing. */

@@ -170,9 +170,9 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) k_gemv1(gemv_batch_t b, co
     if (row >= jb->rows) return;
     pdl_trigger();
     /* Weights are never written, so they may be read while the predecessor still runs: the loads of
-     * the first round are then in flight during its tail (registers, not an L2 prefetch: that one
-     * measured 14% slower). Off by default: they slow the predecessor, the step's critical path,
-     * more than they gain (H200, 8B shape, b=1: 217.6 against 228.2 tok/s). */
+     * the first round are then in flight during its tail (into registers: an L2 prefetch was slower
+     * still). Off by default: they slow the predecessor, the step's critical path, more than they
+     * gain (bench/README.md). */
     float acc = 0.0f;
     int from = lane;
     if (b.early && !jb->q && lane + 32 * (GEMV_UNROLL - 1) < cols / 8) {

@@ -10,7 +10,7 @@
 
 /* Greedy ids as the CPU's argmax_row: only values > -inf count (NaN never wins), the lowest id wins
  * ties, a row with none is 0. A row of a large vocabulary is split over many blocks (one block
- * would walk 128k logits on 256 threads, ~0.2 ms); each block folds its part into one 64-bit key
+ * would walk 128k logits on 256 threads, a serial tail at the end of every step); each block folds its part into one 64-bit key
  * per row by atomicMax: the value's bits made order-preserving above, the complement of the id
  * below (so equal values keep the lowest id). -0 counts as +0, as the comparison does. */
 #define ARGMAX_THREADS 256
