@@ -8,7 +8,9 @@
  * so a blocking call takes it as its own answer.
  *
  * A signal that interrupts a wait ends it with FL_EIO and errno EINTR (folio_client_recv and the
- * blocking calls alike), so a caller with a SIGINT handler can send a Cancel and go on waiting.
+ * blocking calls alike), so a caller with a SIGINT handler can send a Cancel and go on waiting;
+ * folio_client_generate instead asks its delta callback, which can have it cancel (and read on to
+ * the final) or give up.
  * Nothing here prints: every failure is a return code with a message in fl_error_t.
  * Threading: a client (its context and socket) belongs to one thread at a time. */
 #include "folio_client.h"
@@ -17,8 +19,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "clock.h"
 #include "wire.h"
 
 #define FOLIO_CLIENT_PROBE_MS 3000
@@ -32,12 +34,7 @@ struct folio_client {
     char endpoint[256];
 };
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
+static double now_ms(void) { return fl_clock_s() * 1e3; }
 
 folio_client_t *folio_client_new(const char *endpoint, fl_error_t *err)
 {
@@ -157,11 +154,20 @@ int folio_client_send_generate(folio_client_t *c, const folio_generate_params_t 
         gen.n_prompt_tokens = (size_t)p->n_tokens;
         gen.prompt_tokens = (int32_t *)p->tokens;
     }
-    sp.temperature = p->temperature;
-    sp.top_k = (uint32_t)p->top_k;
-    sp.top_p = p->top_p;
-    sp.seed = p->seed;
-    gen.sampling = &sp;
+    if (p->sampling) {
+        gen.sampling = (Folio__V1__SamplingParams *)p->sampling;
+    } else {
+        /* The flat fields keep their meaning from before SamplingParams had presence: each is sent
+         * as set, so zeros ask for greedy decoding rather than the server's defaults. */
+        sp._temperature_case = FOLIO__V1__SAMPLING_PARAMS___TEMPERATURE_TEMPERATURE;
+        sp._top_k_case = FOLIO__V1__SAMPLING_PARAMS___TOP_K_TOP_K;
+        sp._top_p_case = FOLIO__V1__SAMPLING_PARAMS___TOP_P_TOP_P;
+        sp.temperature = p->temperature;
+        sp.top_k = (uint32_t)p->top_k;
+        sp.top_p = p->top_p > 0 && p->top_p < 1 ? p->top_p : 1.0f; /* 0 or 1: off */
+        sp.seed = p->seed;
+        gen.sampling = &sp;
+    }
     gen.max_tokens = (uint32_t)p->max_tokens;
     gen.n_stop = (size_t)p->n_stop;
     gen.stop = (char **)p->stop;
@@ -169,6 +175,7 @@ int folio_client_send_generate(folio_client_t *c, const folio_generate_params_t 
     gen.stop_token_ids = (int32_t *)p->stop_ids;
     gen.stream = p->stream;
     gen.ignore_eos = p->ignore_eos;
+    gen.plain_text = p->plain_text;
     req.method = FOLIO__V1__METHOD__METHOD_GENERATE;
     req.timeout_ms = p->timeout_ms;
     if (p->tenant) req.tenant = (char *)p->tenant;
@@ -179,9 +186,9 @@ int folio_client_send_generate(folio_client_t *c, const folio_generate_params_t 
     return rc;
 }
 
-int folio_client_send_cancel(folio_client_t *c, uint64_t target_id, fl_error_t *err)
+/* Sends a Cancel of target_id; *id (may be NULL) is the Cancel's own id. */
+static int send_cancel(folio_client_t *c, uint64_t target_id, uint64_t *id, fl_error_t *err)
 {
-    if (!c) return fl_fail(err, FL_EINVAL, "folio_client_send_cancel: NULL client");
     Folio__V1__Request req;
     Folio__V1__CancelRequest cancel;
     folio__v1__request__init(&req);
@@ -189,7 +196,13 @@ int folio_client_send_cancel(folio_client_t *c, uint64_t target_id, fl_error_t *
     cancel.target_id = target_id;
     req.method = FOLIO__V1__METHOD__METHOD_CANCEL;
     req.cancel = &cancel;
-    return send_request(c, &req, NULL, err);
+    return send_request(c, &req, id, err);
+}
+
+int folio_client_send_cancel(folio_client_t *c, uint64_t target_id, fl_error_t *err)
+{
+    if (!c) return fl_fail(err, FL_EINVAL, "folio_client_send_cancel: NULL client");
+    return send_cancel(c, target_id, NULL, err);
 }
 
 void folio_event_clear(folio_event_t *ev)
@@ -218,6 +231,8 @@ static void event_fill(folio_event_t *ev, Folio__V1__Response *r, bool final)
         ev->tokens = r->delta->tokens;
         ev->n_tokens = (int)r->delta->n_tokens;
         ev->text = r->delta->text ? r->delta->text : "";
+        ev->logprobs = r->delta->logprobs;
+        ev->n_logprobs = (int)r->delta->n_logprobs;
     }
     if (r->result) {
         const Folio__V1__GenerateResult *g = r->result;
@@ -262,7 +277,7 @@ int folio_client_recv(folio_client_t *c, folio_event_t *ev, int timeout_ms, fl_e
         rc = fl_fail(err, FL_EFORMAT, "%s: unexpected command 0x%02x from the coordinator", c->endpoint, m.cmd);
     Folio__V1__Response *r = NULL;
     if (!rc && !(r = wire_decode_response(m.body, m.body_len, err))) rc = err ? err->code : FL_EFORMAT;
-    if (!rc && r->delta && r->delta->n_tokens > 0x7fffffff) {
+    if (!rc && r->delta && (r->delta->n_tokens > 0x7fffffff || r->delta->n_logprobs > 0x7fffffff)) {
         rc = fl_fail(err, FL_EFORMAT, "%s: delta of %zu tokens", c->endpoint, r->delta->n_tokens);
         folio__v1__response__free_unpacked(r, NULL);
     }
@@ -278,19 +293,55 @@ void folio_result_clear(folio_result_t *r)
     if (!r) return;
     free(r->tokens);
     free(r->text);
+    free(r->logprobs);
     memset(r, 0, sizeof *r);
 }
 
 typedef struct result_buf {
-    int cap_tokens;
+    int cap_tokens, cap_logprobs;
     size_t len_text, cap_text;
 } result_buf_t;
+
+static folio_logprob_t logprob_copy(const Folio__V1__TokenLogprob *l)
+{
+    return l ? (folio_logprob_t){l->token, l->logprob} : (folio_logprob_t){0, 0};
+}
+
+/* Appends d's logprobs, which must come one per token in every delta or in none. */
+static int result_append_logprobs(folio_result_t *out, result_buf_t *b, const folio_event_t *d, fl_error_t *err)
+{
+    const bool has = d->n_logprobs > 0, had = out->n_logprobs > 0;
+    if ((has && d->n_logprobs != d->n_tokens) || (d->n_tokens > 0 && out->n_tokens > 0 && has != had))
+        return fl_fail(err, FL_EFORMAT, "request %llu: %d logprobs for %d tokens at index %u (one per token, or none)",
+                       (unsigned long long)d->id, d->n_logprobs, d->n_tokens, d->index);
+    if (!d->n_logprobs) return FL_OK;
+    if (out->n_logprobs + d->n_logprobs > b->cap_logprobs) {
+        int cap = b->cap_logprobs ? b->cap_logprobs : 64;
+        while (cap < out->n_logprobs + d->n_logprobs) cap *= 2;
+        folio_token_logprobs_t *l = realloc(out->logprobs, (size_t)cap * sizeof *l);
+        if (!l) return fl_fail(err, FL_ENOMEM, "generate: out of memory");
+        out->logprobs = l;
+        b->cap_logprobs = cap;
+    }
+    for (int i = 0; i < d->n_logprobs; i++) {
+        const Folio__V1__TokenLogprobs *src = d->logprobs[i];
+        folio_token_logprobs_t *dst = &out->logprobs[out->n_logprobs++];
+        memset(dst, 0, sizeof *dst);
+        if (!src) continue;
+        dst->chosen = logprob_copy(src->chosen);
+        for (size_t k = 0; k < src->n_top && k < FOLIO_MAX_TOP_LOGPROBS; k++)
+            dst->top[dst->n_top++] = logprob_copy(src->top[k]);
+    }
+    return FL_OK;
+}
 
 static int result_append(folio_result_t *out, result_buf_t *b, const folio_event_t *d, fl_error_t *err)
 {
     if (d->n_tokens > 0 && d->index != (uint32_t)out->n_tokens)
         return fl_fail(err, FL_EFORMAT, "request %llu: delta at index %u, expected %d (tokens lost or repeated)",
                        (unsigned long long)d->id, d->index, out->n_tokens);
+    int rc = result_append_logprobs(out, b, d, err);
+    if (rc) return rc;
     if (out->n_tokens + d->n_tokens > b->cap_tokens) {
         int cap = b->cap_tokens ? b->cap_tokens : 64;
         while (cap < out->n_tokens + d->n_tokens) cap *= 2;
@@ -316,6 +367,20 @@ static int result_append(folio_result_t *out, result_buf_t *b, const folio_event
     return FL_OK;
 }
 
+static void result_finish(folio_result_t *out, const folio_event_t *ev)
+{
+    out->status = ev->status;
+    snprintf(out->message, sizeof out->message, "%s", ev->message);
+    out->finish_reason = ev->finish_reason;
+    out->prompt_tokens = ev->prompt_tokens;
+    out->cached_prompt_tokens = ev->cached_prompt_tokens;
+    out->completion_tokens = ev->completion_tokens;
+    out->queued_s = ev->queued_s;
+    out->first_token_s = ev->first_token_s;
+    out->total_s = ev->total_s;
+    snprintf(out->group, sizeof out->group, "%s", ev->group);
+}
+
 int folio_client_generate(folio_client_t *c, const folio_generate_params_t *p, folio_delta_fn on_delta, void *user,
                           int timeout_ms, folio_result_t *out, fl_error_t *err)
 {
@@ -327,27 +392,38 @@ int folio_client_generate(folio_client_t *c, const folio_generate_params_t *p, f
     uint64_t id = 0;
     int rc = folio_client_send_generate(c, p, &id, err);
     if (rc) return rc;
+    out->id = id;
     /* A coordinator that restarted has forgotten the request and would leave this loop waiting
      * for ever: every FOLIO_CLIENT_PROBE_MS of silence a Health probe checks that it still answers
      * and is the same instance (as seen by the last folio_client_health). A probe can be lost with
      * the connection it was sent on, so it is repeated; FOLIO_CLIENT_PROBES unanswered in a row mean
      * the coordinator is gone. */
-    double last_heard = now_ms(), last_alive = last_heard, probe_sent = 0;
+    double last_heard = now_ms(), last_alive = last_heard, probe_sent = 0, cancel_sent = 0;
     uint64_t first_probe = 0, last_probe = 0; /* ids of the unanswered probes, 0: none */
+    uint64_t cancel_id = 0;                   /* our Cancel's own id (its reply is not a probe's) */
     int unanswered = 0;
     for (;;) {
         const double t = now_ms();
         int wait = FOLIO_CLIENT_PROBE_MS;
         if (timeout_ms >= 0 && last_heard + timeout_ms - t < wait) wait = (int)(last_heard + timeout_ms - t + 0.999);
+        if (cancel_id && cancel_sent + FOLIO_CLIENT_CANCEL_WAIT_MS - t < wait)
+            wait = (int)(cancel_sent + FOLIO_CLIENT_CANCEL_WAIT_MS - t + 0.999);
         if (wait < 0) wait = 0;
         folio_event_t ev;
+        int action = FOLIO_CONTINUE;
         const int got = folio_client_recv(c, &ev, wait, err);
-        if (got < 0) return got;
-        if (got == 0) {
+        if (got < 0 && !(errno == EINTR && on_delta)) return got;
+        if (got < 0) { /* a signal: ask the caller whether to stop */
+            const folio_event_t empty = {.id = id, .message = "", .text = "", .group = ""};
+            action = on_delta(user, &empty);
+        } else if (got == 0) {
             const double now = now_ms();
             if (timeout_ms >= 0 && now - last_heard >= timeout_ms)
                 return fl_fail(err, FL_EIO, "%s: no reply to request %llu within %d ms", c->endpoint,
                                (unsigned long long)id, timeout_ms);
+            if (cancel_id && now - cancel_sent >= FOLIO_CLIENT_CANCEL_WAIT_MS)
+                return fl_fail(err, FL_EIO, "%s: request %llu did not end within %d ms of its Cancel", c->endpoint,
+                               (unsigned long long)id, FOLIO_CLIENT_CANCEL_WAIT_MS);
             if (now - last_alive >= FOLIO_CLIENT_PROBE_MS && (!last_probe || now - probe_sent >= FOLIO_CLIENT_PROBE_MS)) {
                 if (unanswered == FOLIO_CLIENT_PROBES)
                     return fl_fail(err, FL_EIO, "%s: the coordinator stopped answering (request %llu is lost)",
@@ -361,8 +437,7 @@ int folio_client_generate(folio_client_t *c, const folio_generate_params_t *p, f
                 unanswered++;
             }
             continue;
-        }
-        if (first_probe && ev.id >= first_probe && ev.id <= last_probe) {
+        } else if (first_probe && ev.id >= first_probe && ev.id <= last_probe && ev.id != cancel_id) {
             const uint64_t inst = ev.raw && ev.raw->health ? ev.raw->health->instance : 0;
             folio_event_clear(&ev);
             if (c->instance && inst != c->instance)
@@ -373,35 +448,33 @@ int folio_client_generate(folio_client_t *c, const folio_generate_params_t *p, f
             unanswered = 0;
             last_alive = now_ms();
             continue;
-        }
-        if (ev.id == id) last_heard = last_alive = now_ms();
-        if (ev.id != id && !(ev.final && ev.id == 0)) {
+        } else if (ev.id != id && !(ev.final && ev.id == 0)) {
             folio_event_clear(&ev);
             continue;
-        }
-        if (ev.n_tokens > 0 || *ev.text) {
-            if ((rc = result_append(out, &b, &ev, err))) {
-                folio_event_clear(&ev);
-                folio_client_send_cancel(c, id, NULL);
-                return rc;
+        } else {
+            last_heard = last_alive = now_ms();
+            if (ev.n_tokens > 0 || *ev.text) {
+                if ((rc = result_append(out, &b, &ev, err))) {
+                    folio_event_clear(&ev);
+                    send_cancel(c, id, NULL, NULL);
+                    return rc;
+                }
+                if (on_delta) action = on_delta(user, &ev);
             }
-            if (on_delta) on_delta(user, &ev);
-        }
-        if (ev.final) {
-            out->status = ev.status;
-            snprintf(out->message, sizeof out->message, "%s", ev.message);
-            out->finish_reason = ev.finish_reason;
-            out->prompt_tokens = ev.prompt_tokens;
-            out->cached_prompt_tokens = ev.cached_prompt_tokens;
-            out->completion_tokens = ev.completion_tokens;
-            out->queued_s = ev.queued_s;
-            out->first_token_s = ev.first_token_s;
-            out->total_s = ev.total_s;
-            snprintf(out->group, sizeof out->group, "%s", ev.group);
+            if (ev.final) {
+                result_finish(out, &ev);
+                folio_event_clear(&ev);
+                return FL_OK;
+            }
             folio_event_clear(&ev);
-            return FL_OK;
         }
-        folio_event_clear(&ev);
+        if (action != FOLIO_CONTINUE && !cancel_id) {
+            if ((rc = send_cancel(c, id, &cancel_id, err))) return rc;
+            cancel_sent = now_ms();
+        }
+        if (action == FOLIO_ABANDON)
+            return fl_fail(err, FL_EIO, "%s: request %llu abandoned after its Cancel, before its final", c->endpoint,
+                           (unsigned long long)id);
     }
 }
 

@@ -36,11 +36,16 @@ typedef struct folio_generate_params {
     int n_messages;
     const int32_t *tokens;
     int n_tokens;
+    bool plain_text;         /* text only: special-token markers in it stay plain text */
     int max_tokens;          /* 0: the server's default (16) */
+    /* Sampling, sent with presence: a zeroed struct asks for greedy decoding. */
     float temperature;       /* 0: greedy */
-    int top_k;
-    float top_p;
+    int top_k;               /* 0: off */
+    float top_p;             /* 0 (or 1): off */
     uint64_t seed;
+    /* Non-NULL: sent as is (each field with its own presence; unset ones take the server's
+     * defaults), and the four fields above are ignored. Borrowed for the call. */
+    const Folio__V1__SamplingParams *sampling;
     const char *const *stop; /* stop strings */
     int n_stop;
     const int32_t *stop_ids;
@@ -62,6 +67,9 @@ typedef struct folio_event {
     const int32_t *tokens;
     int n_tokens;
     const char *text;        /* UTF-8 text the tokens complete */
+    /* one per token when the request asked for them (SamplingParams.logprobs), else 0 */
+    Folio__V1__TokenLogprobs *const *logprobs;
+    int n_logprobs;
     /* Generate final */
     int finish_reason;       /* Folio__V1__FinishReason */
     uint32_t prompt_tokens, cached_prompt_tokens, completion_tokens;
@@ -83,14 +91,41 @@ int folio_client_send_cancel(folio_client_t *c, uint64_t target_id, fl_error_t *
 int folio_client_recv(folio_client_t *c, folio_event_t *ev, int timeout_ms, fl_error_t *err);
 void folio_event_clear(folio_event_t *ev);
 
-/* Blocking Generate: calls on_delta (may be NULL) for each delta as it arrives and fills out.
+/* Blocking Generate: calls on_delta (may be NULL) for each delta that carries tokens or text, as
+ * it arrives, and fills out. on_delta returns what to do next (FOLIO_CANCEL is 1, so a callback may
+ * return true to stop):
+ *   FOLIO_CONTINUE  go on;
+ *   FOLIO_CANCEL    send a Cancel (once) and go on reading until the final, so out still ends with
+ *                   exactly one final status (CANCELLED, or how the request ended first);
+ *   FOLIO_ABANDON   send a Cancel if none went out yet and return FL_EIO at once, without the final.
+ * When a signal interrupts the wait, on_delta is also called with an empty event of the request's
+ * id (no tokens, text ""), so a caller's signal handler can set a flag the callback turns into
+ * FOLIO_CANCEL; without on_delta an interrupted wait returns FL_EIO with errno EINTR.
  * Returns 0 when a final message arrived (out->status says how it ended), FL_EIO on transport
- * failure or when nothing arrives for timeout_ms (-1: forever). */
-typedef void (*folio_delta_fn)(void *user, const folio_event_t *delta);
+ * failure, when nothing arrives for timeout_ms (-1: forever), when the coordinator restarted or
+ * stopped answering Health probes, or when the final does not come within
+ * FOLIO_CLIENT_CANCEL_WAIT_MS of a Cancel; FL_EFORMAT when the stream's token indices have a gap or
+ * a repeat (a Cancel is sent). On an error out holds what arrived before it; clear it either way. */
+enum { FOLIO_CONTINUE = 0, FOLIO_CANCEL = 1, FOLIO_ABANDON = 2 };
+#define FOLIO_CLIENT_CANCEL_WAIT_MS 5000
+typedef int (*folio_delta_fn)(void *user, const folio_event_t *delta);
+#define FOLIO_MAX_TOP_LOGPROBS 20
+typedef struct folio_logprob {
+    int32_t token;
+    float logprob;
+} folio_logprob_t;
+typedef struct folio_token_logprobs {
+    folio_logprob_t chosen;
+    folio_logprob_t top[FOLIO_MAX_TOP_LOGPROBS]; /* the best alternatives, best first */
+    int n_top;
+} folio_token_logprobs_t;
 typedef struct folio_result {
+    uint64_t id;             /* the request's id */
     int32_t *tokens;         /* malloc'd, every token in index order */
     int n_tokens;
     char *text;              /* malloc'd */
+    folio_token_logprobs_t *logprobs; /* malloc'd, one per token when asked for, else NULL */
+    int n_logprobs;
     int status;
     char message[256];
     int finish_reason;
