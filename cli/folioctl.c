@@ -4,7 +4,7 @@
  *   folioctl run -p TEXT [-n N] [--chat] [sampling] [--json]   generation, like llama-cli
  *   folioctl chat --local [-p TEXT]                             chat (template applied); without -p a
  *                                                               multi-turn REPL on stdin (/reset clears)
- *   folioctl tokenize -p TEXT [--chat] [--json]                 token ids as `run` feeds them
+ *   folioctl tokenize -p TEXT [--chat] [--plain-text] [--json]  token ids as `run` feeds them
  * Through a coordinator (--coordinator EP, $FOLIO_COORDINATOR, tcp://127.0.0.1:5555):
  *   folioctl up [--groups N] ...                                start a local cluster in the foreground
  *   folioctl generate -p TEXT [--chat] [sampling] [--json]      streamed generation
@@ -41,6 +41,7 @@ typedef struct run_flags {
     double temperature, top_p;
     long top_k, seed;
     bool json, chat, ignore_eos;
+    bool plain_text; /* tokenize: special-token spellings stay text */
     const char *system;
     /* cluster commands */
     bool local;              /* chat --local: offline */
@@ -80,6 +81,9 @@ static void usage(FILE *f)
             "  --seed N              sampling seed (default 0)\n"
             "  --chat                apply the model's chat template to -p as a user message\n"
             "  --system TEXT         system message for --chat / chat\n"
+            "  --plain-text          tokenize: \"<|im_start|>\" and other special-token spellings in -p stay\n"
+            "                        text (default: they become the special tokens, as llama.cpp parses a raw\n"
+            "                        prompt; chat message contents are always text)\n"
             "  --ignore-eos          keep generating past end-of-generation tokens\n"
             "  --json                print one JSON object with tokens, text, finish_reason, usage, timings\n"
             "cluster flags:\n"
@@ -130,6 +134,8 @@ static int parse_flags(run_flags_t *f, int argc, char **argv)
             f->json = true;
         } else if (!strcmp(a, "--chat")) {
             f->chat = true;
+        } else if (!strcmp(a, "--plain-text") && !strcmp(argv[1], "tokenize")) { /* run would ignore it */
+            f->plain_text = true;
         } else if (!strcmp(a, "--ignore-eos")) {
             f->ignore_eos = true;
         } else if (!strcmp(a, "--local")) {
@@ -213,10 +219,11 @@ static void conversation_free(conversation_t *c)
     *c = (conversation_t){0};
 }
 
-/* Tokenizes the prompt as `run` feeds it: raw text with the model's BOS policy, or (chat) the
- * conversation so far plus this user message through the chat template, special tokens parsed.
+/* Tokenizes the prompt as `run` feeds it: raw text with the model's BOS policy, its special-token
+ * spellings parsed unless plain_text, or (chat) the conversation so far plus this user message
+ * through the chat template (the template's markers special, the messages plain text).
  * Returns a malloc'd array, *n its length; NULL on error. */
-static int32_t *encode_prompt(const tok_t *tok, const char *text, bool chat, const char *system,
+static int32_t *encode_prompt(const tok_t *tok, const char *text, bool plain_text, bool chat, const char *system,
                               const conversation_t *history, int *n)
 {
     /* The same encoding the coordinator applies (tok_encode_prompt), so run and generate feed the
@@ -233,7 +240,7 @@ static int32_t *encode_prompt(const tok_t *tok, const char *text, bool chat, con
     int32_t *ids = NULL;
     int cap = 0;
     fl_error_t err = {0};
-    const int count = tok_encode_prompt(tok, text, strlen(text), msgs, nm, &ids, &cap, &err);
+    const int count = tok_encode_prompt(tok, text, strlen(text), plain_text, msgs, nm, &ids, &cap, &err);
     free(msgs);
     if (count < 0) {
         fprintf(stderr, "error: %s\n", err.msg);
@@ -318,7 +325,7 @@ static int generate_one(engine_t *e, const run_flags_t *f, const char *prompt_te
                         conversation_t *history)
 {
     int n_prompt = 0;
-    int32_t *prompt = encode_prompt(e->model->tok, prompt_text, chat, f->system, history, &n_prompt);
+    int32_t *prompt = encode_prompt(e->model->tok, prompt_text, false, chat, f->system, history, &n_prompt);
     if (!prompt) return 1;
     int32_t *out = malloc((size_t)(f->max_tokens > 0 ? f->max_tokens : 1) * sizeof *out);
     gen_request_t r = {.prompt = prompt, .n_prompt = n_prompt, .max_tokens = (int)f->max_tokens,
@@ -420,7 +427,7 @@ static int cmd_tokenize(const run_flags_t *f)
         return 1;
     }
     int n = 0;
-    int32_t *ids = encode_prompt(tok, f->prompt, f->chat, f->system, NULL, &n);
+    int32_t *ids = encode_prompt(tok, f->prompt, f->plain_text, f->chat, f->system, NULL, &n);
     if (ids) {
         if (f->json) {
             cJSON *o = cJSON_CreateObject();

@@ -28,7 +28,6 @@
 #include "unicode.h"
 
 typedef enum { PRE_GPT2, PRE_SMOLLM, PRE_DEFAULT, PRE_LLAMA3 } pre_kind_t;
-typedef enum { CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_UNKNOWN } chat_kind_t;
 
 typedef struct {
     uint64_t key; /* (left << 32) | right, both + 1 so that 0 means empty */
@@ -61,9 +60,7 @@ struct tok {
     int32_t bos, eos, unk, pad;
     bool add_bos;
     size_t max_token_len;
-    char *chat_template;
-    chat_kind_t chat;
-    char *chat_default_system; /* ChatML: text the template inserts when messages[0] is not system */
+    char *chat_template; /* rendered by chat_template.c */
 };
 
 /* ---- hashing and interning ---- */
@@ -219,8 +216,6 @@ static size_t decode_byte_level(const char *s, size_t n, char *out)
     }
     return o;
 }
-
-static int parse_chat_template(tok_t *t, fl_error_t *err);
 
 tok_t *tok_new(const tok_desc_t *d, fl_error_t *err)
 {
@@ -394,7 +389,6 @@ tok_t *tok_new(const tok_desc_t *d, fl_error_t *err)
         memcpy(t->chat_template, d->chat_template, n);
         t->chat_template[n] = '\0';
     }
-    if (parse_chat_template(t, err)) goto fail;
     return t;
 
 nomem:
@@ -419,7 +413,6 @@ void tok_destroy(tok_t **tp)
     free(t->merges);
     free(t->special);
     free(t->chat_template);
-    free(t->chat_default_system);
     free(t);
     *tp = NULL;
 }
@@ -1042,11 +1035,30 @@ static const char *find_bytes(const char *hay, size_t n, const char *needle, siz
     return NULL;
 }
 
-int tok_encode(const tok_t *t, const char *text, size_t len, bool add_bos, bool parse_special, int32_t *out,
-               int cap)
+/* Whether [at, at + n) overlaps one of plain[0..n_plain) (sorted, disjoint, none empty). */
+static bool in_plain(const tok_span_t *plain, int n_plain, size_t at, size_t n)
 {
-    if (!t || (!text && len) || cap < 0 || (!out && cap > 0)) return FL_EINVAL;
+    int lo = 0, hi = n_plain; /* the first span ending after at */
+    while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        if (plain[mid].off + plain[mid].len > at)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo < n_plain && plain[lo].off < at + n;
+}
+
+static int encode(const tok_t *t, const char *text, size_t len, bool add_bos, bool parse_special,
+                  const tok_span_t *plain, int n_plain, int32_t *out, int cap)
+{
+    if (!t || (!text && len) || cap < 0 || (!out && cap > 0) || n_plain < 0 || (n_plain && !plain))
+        return FL_EINVAL;
     if (len > (size_t)INT32_MAX / 2) return FL_ERANGE;
+    for (int i = 0; i < n_plain; i++)
+        if (plain[i].len == 0 || plain[i].off > len || plain[i].len > len - plain[i].off ||
+            (i && plain[i].off < plain[i - 1].off + plain[i - 1].len))
+            return FL_EINVAL;
     emit_t e = {out, cap, 0};
     if (add_bos && t->bos >= 0) emit(&e, t->bos);
     if (len == 0) return e.n;
@@ -1059,7 +1071,9 @@ int tok_encode(const tok_t *t, const char *text, size_t len, bool add_bos, bool 
     for (int k = 0; k < t->n_special; k++) {
         int32_t sid = t->special[k];
         uint8_t ty = t->type[sid];
-        if (!parse_special && (ty == TOK_TYPE_CONTROL || ty == TOK_TYPE_UNKNOWN)) continue;
+        const bool control = ty == TOK_TYPE_CONTROL || ty == TOK_TYPE_UNKNOWN;
+        if (!parse_special && control) continue;
+        const int n_mask = control ? n_plain : 0; /* user-defined tokens split out everywhere */
         const char *st = id_text(t, sid);
         size_t sl = t->text_len[sid];
         size_t n_new = 0, new_cap = 0;
@@ -1067,7 +1081,11 @@ int tok_encode(const tok_t *t, const char *text, size_t len, bool add_bos, bool 
         for (size_t f = 0; f < n_frag; f++) {
             size_t off = fr[f].off, flen = fr[f].len;
             for (;;) {
-                const char *m = fr[f].id < 0 ? find_bytes(text + off, flen, st, sl) : NULL;
+                const char *m = NULL;
+                for (size_t from = off; fr[f].id < 0; from = (size_t)(m - text) + 1) {
+                    m = find_bytes(text + from, off + flen - from, st, sl);
+                    if (!m || !in_plain(plain, n_mask, (size_t)(m - text), sl)) break;
+                }
                 size_t need = n_new + 3;
                 if (need > new_cap) {
                     new_cap = need * 2 + n_frag;
@@ -1135,6 +1153,18 @@ out:
     free(s.heap);
     free(fr);
     return e.n;
+}
+
+int tok_encode(const tok_t *t, const char *text, size_t len, bool add_bos, bool parse_special, int32_t *out,
+               int cap)
+{
+    return encode(t, text, len, add_bos, parse_special, NULL, 0, out, cap);
+}
+
+int tok_encode_plain_spans(const tok_t *t, const char *text, size_t len, bool add_bos, const tok_span_t *plain,
+                           int n_plain, int32_t *out, int cap)
+{
+    return encode(t, text, len, add_bos, true, plain, n_plain, out, cap);
 }
 
 /* ---- decoding ---- */
@@ -1244,172 +1274,4 @@ int tok_stream_flush(tok_stream_t *s, char *out, size_t cap)
     for (int k = 0; k < s->n_pending; k++) memcpy(out + 3 * k, REPL, 3);
     s->n_pending = 0;
     return (int)need;
-}
-
-/* ---- chat templates ---- */
-
-/* Parses the Jinja string literal at p (quote char first) into a new string; NULL if malformed. */
-static char *jinja_string(const char *p, const char *end)
-{
-    if (p >= end || (*p != '\'' && *p != '"')) return NULL;
-    char q = *p++;
-    char *out = malloc((size_t)(end - p) + 1);
-    if (!out) return NULL;
-    size_t o = 0;
-    while (p < end && *p != q) {
-        if (*p == '\\' && p + 1 < end) {
-            p++;
-            switch (*p) {
-            case 'n': out[o++] = '\n'; break;
-            case 't': out[o++] = '\t'; break;
-            case 'r': out[o++] = '\r'; break;
-            default: out[o++] = *p; break; /* \\ \' \" */
-            }
-            p++;
-        } else
-            out[o++] = *p++;
-    }
-    if (p >= end) {
-        free(out);
-        return NULL;
-    }
-    out[o] = '\0';
-    return out;
-}
-
-static int parse_chat_template(tok_t *t, fl_error_t *err)
-{
-    const char *tp = t->chat_template;
-    t->chat = CHAT_NONE;
-    if (!tp) return 0;
-    if (strstr(tp, "<|im_start|>")) {
-        t->chat = CHAT_CHATML;
-        static const char *const conds[] = {"messages[0]['role'] != 'system'", "messages[0][\"role\"] != \"system\"",
-                                            "messages[0].role != 'system'", "messages[0].role != \"system\""};
-        const char *c = NULL;
-        for (size_t k = 0; k < sizeof conds / sizeof conds[0] && !c; k++) c = strstr(tp, conds[k]);
-        if (c) {
-            /* the default system message: the first string literal printed after the condition */
-            const char *end = tp + strlen(tp);
-            const char *blk = strstr(c, "{{");
-            const char *q = blk ? blk + 2 : NULL;
-            while (q && q < end && (*q == ' ' || *q == '-')) q++;
-            char *sys = q ? jinja_string(q, end) : NULL;
-            if (!sys) {
-                t->chat = CHAT_UNKNOWN;
-                return 0; /* reported by tok_chat_supported / tok_chat_apply */
-            }
-            t->chat_default_system = sys;
-        }
-    } else if (strstr(tp, "<|start_header_id|>"))
-        t->chat = CHAT_LLAMA3;
-    else
-        t->chat = CHAT_UNKNOWN;
-    (void)err;
-    return 0;
-}
-
-int tok_chat_supported(const tok_t *t, fl_error_t *err)
-{
-    if (!t) return fl_fail(err, FL_EINVAL, "tok_chat_supported: no tokenizer");
-    switch (t->chat) {
-    case CHAT_CHATML:
-    case CHAT_LLAMA3: return 0;
-    case CHAT_NONE: return fl_fail(err, FL_EUNSUPPORTED, "chat template: the model has no tokenizer.chat_template");
-    default:
-        return fl_fail(err, FL_EUNSUPPORTED,
-                       "chat template: not recognised (folio renders ChatML and Llama 3 templates): \"%.120s\"",
-                       t->chat_template);
-    }
-}
-
-typedef struct {
-    char *out;
-    size_t cap, n;
-} sbuf_t;
-
-static void put(sbuf_t *b, const char *s, size_t n)
-{
-    if (b->n + n < b->cap) memcpy(b->out + b->n, s, n);
-    b->n += n;
-}
-static void puts_(sbuf_t *b, const char *s) { put(b, s, strlen(s)); }
-
-static bool is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
-
-int tok_chat_apply(const tok_t *t, const tok_chat_msg_t *msgs, int n, bool add_generation_prompt, char *out,
-                   size_t cap)
-{
-    if (!t || n < 0 || (!msgs && n) || (!out && cap)) return FL_EINVAL;
-    for (int i = 0; i < n; i++)
-        if (!msgs[i].role || !msgs[i].content) return FL_EINVAL;
-    if (t->chat != CHAT_CHATML && t->chat != CHAT_LLAMA3) return FL_EUNSUPPORTED;
-    sbuf_t b = {out, cap, 0};
-    if (t->chat == CHAT_CHATML) {
-        for (int i = 0; i < n; i++) {
-            if (i == 0 && t->chat_default_system && strcmp(msgs[0].role, "system") != 0)
-                puts_(&b, t->chat_default_system);
-            puts_(&b, "<|im_start|>");
-            puts_(&b, msgs[i].role);
-            puts_(&b, "\n");
-            puts_(&b, msgs[i].content);
-            puts_(&b, "<|im_end|>\n");
-        }
-        if (add_generation_prompt) puts_(&b, "<|im_start|>assistant\n");
-    } else {
-        for (int i = 0; i < n; i++) {
-            const char *c = msgs[i].content, *e = c + strlen(c);
-            while (c < e && is_ws(*c)) c++;
-            while (e > c && is_ws(e[-1])) e--;
-            puts_(&b, "<|start_header_id|>");
-            puts_(&b, msgs[i].role);
-            puts_(&b, "<|end_header_id|>\n\n");
-            put(&b, c, (size_t)(e - c));
-            puts_(&b, "<|eot_id|>");
-        }
-        if (add_generation_prompt) puts_(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
-    }
-    if (b.n > INT_MAX - 1) return FL_ERANGE;
-    if (b.n < cap) out[b.n] = '\0';
-    return (int)b.n;
-}
-
-int tok_encode_prompt(const tok_t *t, const char *text, size_t len, const tok_chat_msg_t *msgs, int n_msgs,
-                      int32_t **ids, int *cap, fl_error_t *err)
-{
-    if (!t || !ids || !cap || n_msgs < 0 || (n_msgs == 0 && !text && len) || (n_msgs > 0 && !msgs))
-        return fl_fail(err, FL_EINVAL, "tok_encode_prompt: bad arguments");
-    char stack[4096], *templated = NULL;
-    const char *src = text ? text : "";
-    const bool chat = n_msgs > 0;
-    if (chat) {
-        const int n = tok_chat_apply(t, msgs, n_msgs, true, stack, sizeof stack);
-        if (n < 0) return fl_fail(err, n, "cannot apply the model's chat template (%s)", fl_strerror(n));
-        if ((size_t)n >= sizeof stack) {
-            if (!(templated = malloc((size_t)n + 1))) return fl_fail(err, FL_ENOMEM, "out of memory");
-            tok_chat_apply(t, msgs, n_msgs, true, templated, (size_t)n + 1);
-        }
-        src = templated ? templated : stack;
-        len = (size_t)n;
-    }
-    if (len > INT32_MAX / 2 - 16) {
-        free(templated);
-        return fl_fail(err, FL_ERANGE, "prompt of %zu bytes is too long", len);
-    }
-    /* Byte-level BPE gives at most one token per byte, plus BOS. */
-    const int need = (int)len + 16;
-    if (*cap < need) {
-        int32_t *p = realloc(*ids, (size_t)need * sizeof *p);
-        if (!p) {
-            free(templated);
-            return fl_fail(err, FL_ENOMEM, "out of memory for %d prompt tokens", need);
-        }
-        *ids = p;
-        *cap = need;
-    }
-    const int count = tok_encode(t, src, len, tok_add_bos(t), chat, *ids, *cap);
-    free(templated);
-    if (count < 0) return fl_fail(err, count, "tokenizing the prompt failed (%s)", fl_strerror(count));
-    if (count > *cap) return fl_fail(err, FL_ERANGE, "prompt gave more tokens (%d) than expected", count);
-    return count;
 }

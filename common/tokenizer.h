@@ -1,5 +1,6 @@
 /* tokenizer.h - byte-level BPE tokenizer (GPT-2 family) that reproduces llama.cpp's tokenization,
- * token-to-text decoding (whole arrays and a streaming UTF-8 decoder) and chat templates.
+ * token-to-text decoding (whole arrays and a streaming UTF-8 decoder) and chat templates (the last
+ * in common/chat_template.c).
  *
  * A tok_t is immutable after tok_new/tok_new_from_gguf and may be shared by any number of threads;
  * everything it needs is copied in (it borrows nothing from the desc or the gguf_t). Encoding follows
@@ -60,6 +61,19 @@ void tok_destroy(tok_t **tp);
 int tok_encode(const tok_t *t, const char *text, size_t len, bool add_bos, bool parse_special, int32_t *out,
                int cap);
 
+/* A byte range [off, off + len) of a text. */
+typedef struct {
+    size_t off, len;
+} tok_span_t;
+
+/* tok_encode with parse_special true except inside plain[0..n_plain) (sorted, disjoint, none empty):
+ * a control token is split out only where its text lies wholly outside every plain span, so text a
+ * user wrote (chat message contents) cannot forge the markers around it. Pre-tokenization and BPE
+ * run across span edges as if there were none, so text without control-token spellings in its spans
+ * encodes exactly as with tok_encode(..., true, ...). FL_EINVAL also for malformed spans. */
+int tok_encode_plain_spans(const tok_t *t, const char *text, size_t len, bool add_bos, const tok_span_t *plain,
+                           int n_plain, int32_t *out, int cap);
+
 /* The bytes token id stands for, as llama.cpp's token_to_piece: normal tokens decode their byte-level
  * spelling; user-defined tokens give their text; control and unknown tokens give their text only when
  * special is true, else nothing; other types give nothing. Returns the length (written only if it
@@ -107,10 +121,10 @@ int32_t tok_find(const tok_t *t, const char *s, size_t len);
 /* The chat template read from the model, or NULL. */
 const char *tok_chat_template(const tok_t *t);
 
-/* Chat templates. ChatML (template containing "<|im_start|>"): "<|im_start|>{role}\n{content}<|im_end|>\n"
- * per message, "<|im_start|>assistant\n" if add_generation_prompt; a default system message that the
- * template inserts when messages[0] is not 'system' is parsed from the template text and inserted the
- * same way. Llama 3 ("<|start_header_id|>"): as llama.cpp's built-in llama3 template (content
+/* Chat templates (common/chat_template.c). ChatML (template containing "<|im_start|>"):
+ * "<|im_start|>{role}\n{content}<|im_end|>\n" per message, "<|im_start|>assistant\n" if
+ * add_generation_prompt; a default system message that the template inserts when messages[0] is not
+ * 'system' is parsed from the template text and inserted the same way. Llama 3 ("<|start_header_id|>"): as llama.cpp's built-in llama3 template (content
  * trimmed, no BOS text). Returns the length (written, NUL-terminated, only if it fits: cap must
  * exceed the length), FL_EINVAL for bad arguments, FL_EUNSUPPORTED for no or an unknown template. */
 typedef struct {
@@ -125,12 +139,15 @@ int tok_chat_apply(const tok_t *t, const tok_chat_msg_t *msgs, int n, bool add_g
 int tok_chat_supported(const tok_t *t, fl_error_t *err);
 
 /* The token ids a prompt feeds the model, as `folioctl run` and the coordinator build them. With
- * n_msgs == 0, text[0..len) is a raw completion: the model's own BOS policy, no template, special
- * tokens written in the text not parsed. With n_msgs > 0 the chat template is applied to msgs with the
- * assistant's turn opened (text is ignored) and the special tokens it writes become their ids.
- * *ids (capacity *cap, both may start NULL/0) is grown with realloc as needed and stays the caller's
- * to free. Returns the number of tokens, or a negative FL_E* code with a message in err. */
-int tok_encode_prompt(const tok_t *t, const char *text, size_t len, const tok_chat_msg_t *msgs, int n_msgs,
-                      int32_t **ids, int *cap, fl_error_t *err);
+ * n_msgs == 0, text[0..len) is a raw completion: the model's own BOS policy, no template, and the
+ * special tokens written in the text become their ids (as llama.cpp and Hugging Face tokenize a raw
+ * prompt) unless plain_text. With n_msgs > 0 the chat template is applied to msgs with the
+ * assistant's turn opened (text and plain_text are ignored): the markers the template writes become
+ * their ids, the messages' roles and contents are always plain text (tok_encode_plain_spans), so a
+ * user cannot forge a turn. *ids (capacity *cap, both may start NULL/0) is grown with realloc as
+ * needed and stays the caller's to free. Returns the number of tokens, or a negative FL_E* code with
+ * a message in err. */
+int tok_encode_prompt(const tok_t *t, const char *text, size_t len, bool plain_text, const tok_chat_msg_t *msgs,
+                      int n_msgs, int32_t **ids, int *cap, fl_error_t *err);
 
 #endif

@@ -220,11 +220,12 @@ static int tokenize(coord_t *c, const Folio__V1__GenerateRequest *g, fl_error_t 
             return fl_fail(err, FL_ENOMEM, "out of memory");
         for (size_t i = 0; i < g->n_messages; i++)
             msgs[i] = (tok_chat_msg_t){g->messages[i]->role, g->messages[i]->content};
-        const int n = tok_encode_prompt(c->tok, NULL, 0, msgs, (int)g->n_messages, &c->tok_buf, &c->tok_cap, err);
+        const int n =
+            tok_encode_prompt(c->tok, NULL, 0, false, msgs, (int)g->n_messages, &c->tok_buf, &c->tok_cap, err);
         if (msgs != stack) free(msgs);
         return n;
     }
-    return tok_encode_prompt(c->tok, g->text, strlen(g->text), NULL, 0, &c->tok_buf, &c->tok_cap, err);
+    return tok_encode_prompt(c->tok, g->text, strlen(g->text), g->plain_text, NULL, 0, &c->tok_buf, &c->tok_cap, err);
 }
 
 static void do_generate(coord_t *c, const wire_msg_t *m, Folio__V1__Request *q, double now)

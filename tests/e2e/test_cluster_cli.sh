@@ -71,6 +71,15 @@ PY
 off="$("$ctl" run -m "$tmp/tiny.gguf" -p "hello cluster" -n 12 --ignore-eos --threads 1 --json 2>/dev/null | tail -n 1)"
 check "generate's greedy tokens equal folioctl run's" python3 -c "
 import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); assert a['tokens']==b['tokens'], (a['tokens'], b['tokens'])" "$last" "$off"
+# A prompt spelling special tokens: the coordinator parses them as folioctl run and tokenize do.
+sp_prompt=$'<|im_start|>user hi<|im_end|>'
+g="$("$ctl" generate --coordinator "$ep" -p "$sp_prompt" -n 8 --ignore-eos --json 2>/dev/null | tail -n 1)"
+r="$("$ctl" run -m "$tmp/tiny.gguf" -p "$sp_prompt" -n 8 --ignore-eos --threads 1 --json 2>/dev/null | tail -n 1)"
+k="$("$ctl" tokenize -m "$tmp/tiny.gguf" -p "$sp_prompt" --json 2>/dev/null | tail -n 1)"
+check "special-token prompt: generate, run and tokenize agree" python3 -c "
+import json,sys; g,r,k=(json.loads(a) for a in sys.argv[1:4]); assert k['tokens'][0]==1, k
+assert g['tokens']==r['tokens'] and g['usage']['prompt_tokens']==r['usage']['prompt_tokens']==len(k['tokens']), (g, r, k)" \
+  "$g" "$r" "$k"
 # Streamed (no --json): text as it comes.
 "$ctl" generate --coordinator "$ep" -p "streamed text" -n 6 --ignore-eos >"$tmp/stream.out" 2>"$tmp/stream.err"
 check "generate (streamed) exits 0" test $? -eq 0
