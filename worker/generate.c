@@ -26,14 +26,13 @@ typedef struct gen_ctx {
     void *user;
 } gen_ctx_t;
 
-static bool gen_on_token(void *user, uint64_t id, int index, int32_t token)
+static bool gen_on_token(void *user, uint64_t id, int index, int32_t token, const sched_logprobs_t *lp)
 {
     gen_ctx_t *c = user;
     gen_request_t *r = &c->reqs[id];
     r->tokens[index] = token;
     r->n_tokens = index + 1;
-    if (c->on_token) c->on_token(c->user, (int)id, token);
-    return false;
+    return c->on_token && c->on_token(c->user, (int)id, index, token, lp);
 }
 
 static void gen_on_finish(void *user, const sched_result_t *res)
@@ -92,7 +91,9 @@ int gen_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n_reqs, gen_tok
         }
         const sched_request_t sr = {.id = (uint64_t)i, .prompt = r->prompt, .n_prompt = r->n_prompt,
                                     .max_tokens = r->max_tokens, .sampling = r->sampling,
-                                    .ignore_eog = r->ignore_eog};
+                                    .penalties = r->penalties, .stop_ids = r->stop_ids,
+                                    .n_stop_ids = r->n_stop_ids, .logprobs = r->logprobs,
+                                    .top_logprobs = r->top_logprobs, .ignore_eog = r->ignore_eog};
         fl_error_t serr = {0};
         const int src = sched_submit(s, &sr, &serr);
         if (src == FL_ERANGE) { /* this request alone exceeds the KV cache: its error, not the run's */

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "model.h"
+#include "scheduler.h"
 
 typedef enum { GEN_FINISH_NONE = 0, GEN_FINISH_STOP, GEN_FINISH_LENGTH, GEN_FINISH_ERROR } gen_finish_t;
 
@@ -23,6 +24,11 @@ typedef struct gen_request {
     int n_prompt;
     int max_tokens;
     kern_sampling_t sampling;    /* .position is set per token */
+    sched_penalties_t penalties; /* zeroed: none */
+    const int32_t *stop_ids;     /* extra stop token ids */
+    int n_stop_ids;
+    bool logprobs;               /* pass each token's log-probabilities to on_token */
+    int top_logprobs;
     bool ignore_eog;             /* keep going past end-of-generation tokens (benchmarks) */
     /* out */
     int32_t *tokens;             /* caller-provided, room for max_tokens */
@@ -32,8 +38,10 @@ typedef struct gen_request {
     double t_submit, t_first_token, t_done; /* seconds, monotonic clock */
 } gen_request_t;
 
-/* Called for every generated token as it is produced (may be NULL). */
-typedef void (*gen_token_fn)(void *user, int request, int32_t token);
+/* Called for every generated token as it is produced (may be NULL): token `index` of the completion
+ * of reqs[request], with its log-probabilities when that request asked for them (else NULL).
+ * Returning true stops that request here (finish STOP; the token stays in its output). */
+typedef bool (*gen_token_fn)(void *user, int request, int index, int32_t token, const sched_logprobs_t *lp);
 
 typedef struct gen_stats {
     int steps;

@@ -104,7 +104,10 @@ void model_destroy(model_t **mp);
 int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t *err);
 /* Copies n rows of logits to host memory dst[n][n_vocab]. */
 int model_logits(model_t *m, float *dst, int n);
-/* Picks one token per logit row with the given sampling parameters (one per row). */
+/* Copies logits row `row` to host memory dst[n_vocab]. */
+int model_logits_row(model_t *m, float *dst, int row);
+/* Picks one token per logit row with the given sampling parameters (one per row); may overwrite
+ * the rows (logit adjustments are applied in place). */
 void model_sample(model_t *m, int32_t *out, int n, const kern_sampling_t *params);
 
 void model_set_profile(model_t *m, bool on);

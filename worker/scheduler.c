@@ -23,6 +23,7 @@
  * Threading: everything here belongs to the thread that calls sched_*; see scheduler.h. */
 #include "scheduler.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,11 @@ typedef struct seq {
     sched_result_t res;
     int32_t *tokens;         /* [n_prompt + max_tokens] prompt, then generated tokens */
     int32_t *stop;           /* [n_stop_ids] */
+    kern_logit_adjust_t *bias;   /* [n_bias] the request's logit bias, sorted by token */
+    kern_logit_adjust_t *adjust; /* [adjust_cap] this draw's adjustments (build_adjust) */
+    int64_t *seen;               /* [adjust_cap] scratch: the tokens the penalties look at */
+    int adjust_cap;
+    float *raw_logits;           /* [n_vocab] the row before sampling, when logprobs are asked */
     int max_tokens;          /* clamped to the context */
     int n_tokens;            /* n_prompt + res.n_generated */
     int n_computed;          /* tokens whose K/V are in kv.blocks */
@@ -67,6 +73,7 @@ struct sched {
     int32_t *tokens, *pos, *seq_row, *tables, *prompt_len, *logit_rows, *sampled;
     seq_t **logit_seq;
     kern_sampling_t *sampling;
+    sched_logprobs_t logprobs; /* of the token being reported */
 
     sched_stats_t st;
 };
@@ -88,6 +95,10 @@ static void seq_free(sched_t *s, seq_t *q)
     kv_seq_free(s->kv, &q->kv);
     free(q->tokens);
     free(q->stop);
+    free(q->bias);
+    free(q->adjust);
+    free(q->seen);
+    free(q->raw_logits);
     free(q->hashes);
     free(q);
 }
@@ -268,6 +279,90 @@ static seq_t *find_live(const sched_t *s, uint64_t id)
     return NULL;
 }
 
+static int cmp_adjust_token(const void *a, const void *b)
+{
+    const int32_t x = ((const kern_logit_adjust_t *)a)->token, y = ((const kern_logit_adjust_t *)b)->token;
+    return (x > y) - (x < y);
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static bool repetition_on(const sched_penalties_t *p)
+{
+    return p->repetition > 0 && p->repetition != 1 && p->repetition_last_n > 0;
+}
+
+static bool occurrence_on(const sched_penalties_t *p) { return p->presence != 0 || p->frequency != 0; }
+
+/* The buffers a request's draws need beyond the plain ones, sized once at submission. */
+static int seq_alloc_sampling(const sched_t *s, seq_t *q, const sched_request_t *r, int max_tokens)
+{
+    const sched_penalties_t *p = &r->penalties;
+    if (p->n_bias > 0) {
+        q->bias = malloc((size_t)p->n_bias * sizeof *q->bias);
+        if (!q->bias) return FL_ENOMEM;
+        memcpy(q->bias, p->bias, (size_t)p->n_bias * sizeof *q->bias);
+        qsort(q->bias, (size_t)p->n_bias, sizeof *q->bias, cmp_adjust_token);
+    }
+    const int window = repetition_on(p) ? (p->repetition_last_n < s->ctx ? p->repetition_last_n : s->ctx) : 0;
+    const int seen = window + (occurrence_on(p) ? max_tokens : 0);
+    if (seen + p->n_bias > 0) {
+        q->adjust_cap = seen + p->n_bias;
+        q->adjust = malloc((size_t)q->adjust_cap * sizeof *q->adjust);
+        q->seen = malloc((size_t)(seen > 0 ? seen : 1) * sizeof *q->seen);
+        if (!q->adjust || !q->seen) return FL_ENOMEM;
+    }
+    if (r->logprobs && !(q->raw_logits = malloc((size_t)s->m->cfg.n_vocab * sizeof *q->raw_logits)))
+        return FL_ENOMEM;
+    return FL_OK;
+}
+
+/* This draw's logit adjustments, sorted by token: the repetition penalty for tokens among the last
+ * repetition_last_n of prompt + completion, presence and frequency penalties for tokens of the
+ * completion, and the logit bias. Each token's additive term is summed here, on the host, in one
+ * fixed order (bias, then presence, then frequency x count), so every backend applies the same
+ * float. */
+static int build_adjust(seq_t *q)
+{
+    const sched_penalties_t *p = &q->req.penalties;
+    if (!q->adjust) return 0;
+    /* Each token the penalties see becomes (id << 2 | role): bit 0 in the repetition window,
+     * bit 1 one occurrence in the completion; sorted, a token's entries are adjacent. */
+    int n_seen = 0;
+    if (repetition_on(p)) {
+        const int from = q->n_tokens > p->repetition_last_n ? q->n_tokens - p->repetition_last_n : 0;
+        for (int i = from; i < q->n_tokens; i++) q->seen[n_seen++] = (int64_t)q->tokens[i] << 2 | 1;
+    }
+    if (occurrence_on(p))
+        for (int i = q->res.n_prompt; i < q->n_tokens; i++) q->seen[n_seen++] = (int64_t)q->tokens[i] << 2 | 2;
+    if (n_seen > 1) qsort(q->seen, (size_t)n_seen, sizeof *q->seen, cmp_i64);
+    int n = 0, b = 0, i = 0;
+    while (i < n_seen || b < p->n_bias) {
+        const int32_t t_seen = i < n_seen ? (int32_t)(q->seen[i] >> 2) : INT32_MAX;
+        const int32_t t_bias = b < p->n_bias ? p->bias[b].token : INT32_MAX;
+        const int32_t t = t_seen < t_bias ? t_seen : t_bias;
+        bool in_window = false;
+        int count = 0;
+        for (; i < n_seen && (int32_t)(q->seen[i] >> 2) == t; i++) {
+            in_window |= (q->seen[i] & 1) != 0;
+            count += (q->seen[i] & 2) != 0;
+        }
+        float add = 0;
+        if (t_bias == t) add = p->bias[b++].add;
+        if (count > 0) {
+            add -= p->presence;
+            add -= p->frequency * (float)count;
+        }
+        const float penalty = in_window ? p->repetition : 1.0f;
+        if (penalty != 1.0f || add != 0.0f) q->adjust[n++] = (kern_logit_adjust_t){.token = t, .penalty = penalty, .add = add};
+    }
+    return n;
+}
+
 int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
 {
     const int bs = s->kv->block_size;
@@ -286,6 +381,15 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
                            (unsigned long long)r->id, r->prompt[i], i, s->m->cfg.n_vocab);
     if (find_live(s, r->id))
         return fl_fail(err, FL_EINVAL, "sched: request id %llu is already live", (unsigned long long)r->id);
+    const sched_penalties_t *pen = &r->penalties;
+    if (pen->n_bias < 0 || (pen->n_bias > 0 && !pen->bias) || pen->repetition_last_n < 0 || r->top_logprobs < 0 ||
+        r->top_logprobs > SCHED_MAX_TOP_LOGPROBS)
+        return fl_fail(err, FL_EINVAL, "sched: request %llu has %d logit biases, repetition window %d, %d top logprobs",
+                       (unsigned long long)r->id, pen->n_bias, pen->repetition_last_n, r->top_logprobs);
+    for (int i = 0; i < pen->n_bias; i++)
+        if (pen->bias[i].token < 0 || pen->bias[i].token >= s->m->cfg.n_vocab)
+            return fl_fail(err, FL_EINVAL, "sched: request %llu: logit bias for token %d out of vocabulary (%d)",
+                           (unsigned long long)r->id, pen->bias[i].token, s->m->cfg.n_vocab);
     /* Generation stops with LENGTH at the context's end. */
     const int max_tokens = r->max_tokens < s->ctx - r->n_prompt ? r->max_tokens : s->ctx - r->n_prompt;
     const int64_t need = ((int64_t)r->n_prompt + max_tokens + bs - 1) / bs;
@@ -301,7 +405,8 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
     q->tokens = malloc(((size_t)r->n_prompt + (size_t)max_tokens) * sizeof *q->tokens);
     q->stop = malloc((size_t)(r->n_stop_ids > 0 ? r->n_stop_ids : 1) * sizeof *q->stop);
     q->hashes = malloc((size_t)s->m->max_blocks * sizeof *q->hashes);
-    if (!q->tokens || !q->stop || !q->hashes || kv_seq_init(&q->kv, s->m->max_blocks)) {
+    if (!q->tokens || !q->stop || !q->hashes || kv_seq_init(&q->kv, s->m->max_blocks) ||
+        seq_alloc_sampling(s, q, r, max_tokens)) {
         seq_free(s, q);
         return fl_fail(err, FL_ENOMEM, "sched: out of memory");
     }
@@ -310,6 +415,7 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
     q->req = *r;
     q->req.prompt = q->tokens;
     q->req.stop_ids = q->stop;
+    q->req.penalties.bias = q->bias;
     q->max_tokens = max_tokens;
     q->n_tokens = r->n_prompt;
     q->res.id = r->id;
@@ -491,6 +597,8 @@ static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
                 s->logit_seq[n_logits] = q;
                 s->sampling[n_logits] = q->req.sampling;
                 s->sampling[n_logits].position = (uint64_t)q->res.n_generated;
+                s->sampling[n_logits].adjust = q->adjust;
+                s->sampling[n_logits].n_adjust = build_adjust(q);
                 n_logits++;
             }
         }
@@ -536,6 +644,12 @@ static bool is_stop(const sched_t *s, const seq_t *q, int32_t t)
 
 static void take_token(sched_t *s, seq_t *q, int32_t t, double now)
 {
+    const sched_logprobs_t *lp = NULL;
+    if (q->req.logprobs) {
+        sched_logprobs_t *l = &s->logprobs;
+        l->n_top = kern_logprobs_row(q->raw_logits, s->m->cfg.n_vocab, t, q->req.top_logprobs, &l->chosen, l->top);
+        lp = l;
+    }
     if (q->res.t_first_token == 0) q->res.t_first_token = now;
     if (is_stop(s, q, t)) {
         finish(s, q, SCHED_FINISH_STOP);
@@ -544,7 +658,7 @@ static void take_token(sched_t *s, seq_t *q, int32_t t, double now)
     const int index = q->res.n_generated++;
     q->tokens[q->n_tokens++] = t;
     s->st.generated_tokens++;
-    const bool stop = s->cb.on_token && s->cb.on_token(s->cb.user, q->res.id, index, t);
+    const bool stop = s->cb.on_token && s->cb.on_token(s->cb.user, q->res.id, index, t, lp);
     if (q->finished) return; /* the callback cancelled it */
     if (stop) finish(s, q, SCHED_FINISH_STOP);
     else if (q->res.n_generated >= q->max_tokens) finish(s, q, SCHED_FINISH_LENGTH);
@@ -564,6 +678,10 @@ int sched_step(sched_t *s, fl_error_t *err)
     fl_error_t local = {0};
     if (!err) err = &local;
     rc = model_forward(s->m, s->kv, &b, err);
+    /* Log-probabilities are of the raw logits: read them before sampling adjusts the rows. */
+    for (int i = 0; !rc && i < b.n_logits; i++)
+        if (s->logit_seq[i]->req.logprobs && (rc = model_logits_row(s->m, s->logit_seq[i]->raw_logits, i)))
+            fl_fail(err, rc, "cannot read logits row %d", i);
     if (rc) {
         /* Nothing of this step is published: the blocks it wrote may hold garbage. */
         for (int i = s->n_running - 1; i >= 0; i--) {

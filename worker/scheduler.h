@@ -26,6 +26,7 @@
 
 #include "block_hash.h"
 #include "model.h"
+#include "sampling.h"
 
 typedef enum {
     SCHED_FINISH_STOP = 1,  /* end-of-generation token, a stop token id, or the caller's on_token said stop */
@@ -42,12 +43,36 @@ typedef struct sched_opts {
     bool no_prefix_cache; /* never look blocks up (blocks are still reference counted) */
 } sched_opts_t;
 
+/* Logit adjustments drawn from the sequence's own tokens (so a preempted or resumed sequence draws
+ * the same), turned into kern_logit_adjust_t entries before each draw. Zeroed: all off. */
+typedef struct sched_penalties {
+    float repetition;         /* llama.cpp's: l > 0 ? l / p : l * p for tokens among the last
+                                 repetition_last_n of prompt + completion; 0 or 1: off */
+    int repetition_last_n;
+    float presence, frequency;/* the OpenAI API's: l -= presence (if seen) + frequency x count, over
+                                 the completion's tokens */
+    const kern_logit_adjust_t *bias; /* per token id, distinct, .add the bias (-INFINITY bans); copied */
+    int n_bias;
+} sched_penalties_t;
+
+#define SCHED_MAX_TOP_LOGPROBS 20
+
+/* A generated token's log-probabilities under the raw logits (kern_logprobs_row). */
+typedef struct sched_logprobs {
+    kern_logprob_t chosen;
+    kern_logprob_t top[SCHED_MAX_TOP_LOGPROBS];
+    int n_top;
+} sched_logprobs_t;
+
 typedef struct sched_request {
     uint64_t id;              /* caller's id, unique among live requests */
     const int32_t *prompt;    /* copied */
     int n_prompt;
     int max_tokens;
-    kern_sampling_t sampling; /* .position is set per token */
+    kern_sampling_t sampling; /* .position and .adjust are set per token */
+    sched_penalties_t penalties;
+    bool logprobs;            /* report each token's sched_logprobs_t ... */
+    int top_logprobs;         /* ... with this many best alternatives (<= SCHED_MAX_TOP_LOGPROBS) */
     const int32_t *stop_ids;  /* extra stop token ids, copied */
     int n_stop_ids;
     bool ignore_eog;
@@ -65,10 +90,11 @@ typedef struct sched_result {
 } sched_result_t;
 
 typedef struct sched_callbacks {
-    /* Token `index` (0-based within the completion) of request id was generated. Return true to
-     * stop the request here (a stop string matched): it then finishes with SCHED_FINISH_STOP.
-     * Not called for end-of-generation or stop-id tokens, which end the request. May be NULL. */
-    bool (*on_token)(void *user, uint64_t id, int index, int32_t token);
+    /* Token `index` (0-based within the completion) of request id was generated; lp is its
+     * log-probabilities when the request asked for them, else NULL. Return true to stop the request
+     * here (a stop string matched): it then finishes with SCHED_FINISH_STOP. Not called for
+     * end-of-generation or stop-id tokens, which end the request. May be NULL. */
+    bool (*on_token)(void *user, uint64_t id, int index, int32_t token, const sched_logprobs_t *lp);
     /* Exactly once per accepted request; r is valid during the call. */
     void (*on_finish)(void *user, const sched_result_t *r);
     void *user;

@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,7 +85,7 @@ static void record_init(record_t *r)
     r->cancel_on_token = -1;
 }
 
-static bool on_token(void *user, uint64_t id, int index, int32_t token)
+static bool on_token(void *user, uint64_t id, int index, int32_t token, const sched_logprobs_t *lp)
 {
     record_t *r = user;
     assert_true(id < MAX_IDS);
@@ -258,7 +259,7 @@ typedef struct long_record {
     int n[2], preemptions[2];
 } long_record_t;
 
-static bool long_on_token(void *user, uint64_t id, int index, int32_t token)
+static bool long_on_token(void *user, uint64_t id, int index, int32_t token, const sched_logprobs_t *lp)
 {
     long_record_t *r = user;
     r->tokens[id][index] = token;
@@ -709,6 +710,135 @@ static void liveness_returns_a_positive_duration(void **state)
     engine_destroy(&e);
 }
 
+/* --- penalties, logit bias and log-probabilities against a direct computation ----------------- */
+
+#define PEN_PROMPT 10
+#define PEN_GEN    24
+
+typedef struct pen_record {
+    int32_t tokens[PEN_GEN];
+    sched_logprobs_t lps[PEN_GEN];
+    int n;
+} pen_record_t;
+
+static bool pen_on_token(void *user, uint64_t id, int index, int32_t token, const sched_logprobs_t *lp)
+{
+    (void)id;
+    pen_record_t *r = user;
+    r->tokens[index] = token;
+    if (lp) r->lps[index] = *lp;
+    r->n = index + 1;
+    return false;
+}
+
+static void pen_on_finish(void *user, const sched_result_t *res) { (void)user, (void)res; }
+
+/* The raw logits of the sequence's next token, by a forward pass over all of it from position 0
+ * (prompt_len keeps each token's summation order by its role, as in the scheduler's steps). */
+static void direct_logits(engine_t *e, const int32_t *tokens, int n, int n_prompt, float *logits)
+{
+    model_t *m = e->model;
+    kv_seq_t seq;
+    assert_int_equal(kv_seq_init(&seq, m->max_blocks), 0);
+    assert_int_equal(kv_seq_reserve(e->kv, &seq, n), 0);
+    int32_t pos[PEN_PROMPT + PEN_GEN], row[PEN_PROMPT + PEN_GEN];
+    int32_t *table = calloc((size_t)m->max_blocks, sizeof *table);
+    memcpy(table, seq.blocks, (size_t)seq.n_blocks * sizeof *table);
+    for (int i = 0; i < n; i++) pos[i] = i, row[i] = 0;
+    const int32_t logit_row = n - 1, prompt_len = n_prompt;
+    const model_batch_t b = {.n_tokens = n, .tokens = tokens, .pos = pos, .seq = row, .block_tables = table,
+                             .n_seqs = 1, .prompt_len = &prompt_len, .logit_rows = &logit_row, .n_logits = 1};
+    fl_error_t err = {0};
+    if (model_forward(m, e->kv, &b, &err)) fail_msg("forward: %s", err.msg);
+    assert_int_equal(model_logits_row(m, logits, 0), 0);
+    free(table);
+    kv_seq_free(e->kv, &seq);
+}
+
+static void penalties_bias_and_logprobs_equal_a_direct_computation(void **state)
+{
+    (void)state;
+    engine_t *e = open_engine(64, 0);
+    const int vocab = e->model->cfg.n_vocab;
+    int32_t seq[PEN_PROMPT + PEN_GEN];
+    for (int i = 0; i < PEN_PROMPT; i++) seq[i] = (int32_t)(7 + 13 * i) % vocab;
+    const float rep = 1.6f, presence = 0.4f, frequency = 0.3f;
+    const int window = 6;
+    const int32_t banned = 5, favoured = 77;
+    kern_logit_adjust_t bias[2] = {{.token = banned, .penalty = 1, .add = -INFINITY},
+                                   {.token = favoured, .penalty = 1, .add = 1.5f}};
+    pen_record_t rec = {0};
+    const sched_callbacks_t cb = {.on_token = pen_on_token, .on_finish = pen_on_finish, .user = &rec};
+    fl_error_t err = {0};
+    sched_t *s = sched_new(e->model, e->kv, NULL, &cb, &err);
+    assert_non_null(s);
+    const sched_request_t r = {.id = 1, .prompt = seq, .n_prompt = PEN_PROMPT, .max_tokens = PEN_GEN,
+                               .ignore_eog = true, .logprobs = true, .top_logprobs = 3,
+                               .penalties = {.repetition = rep, .repetition_last_n = window, .presence = presence,
+                                             .frequency = frequency, .bias = bias, .n_bias = 2}};
+    assert_int_equal(sched_submit(s, &r, &err), 0);
+    while (sched_has_work(s)) assert_int_equal(sched_step(s, &err), 0);
+    sched_destroy(&s);
+    assert_int_equal(rec.n, PEN_GEN);
+
+    /* The same rules written out directly: argmax of the adjusted logits, lowest id on ties. */
+    float *logits = malloc((size_t)vocab * sizeof *logits);
+    int n = PEN_PROMPT;
+    int favoured_seen = 0;
+    for (int k = 0; k < PEN_GEN; k++) {
+        direct_logits(e, seq, n, PEN_PROMPT, logits);
+        /* log-probabilities of the raw logits, in double */
+        double mx = -INFINITY, sum = 0;
+        for (int v = 0; v < vocab; v++) mx = logits[v] > mx ? logits[v] : mx;
+        for (int v = 0; v < vocab; v++) sum += exp((double)logits[v] - mx);
+        int32_t best = -1;
+        float best_l = -INFINITY;
+        for (int v = 0; v < vocab; v++) {
+            float l = logits[v];
+            bool in_window = false;
+            int count = 0;
+            for (int i = n - window; i < n; i++) in_window |= i >= 0 && seq[i] == v;
+            for (int i = PEN_PROMPT; i < n; i++) count += seq[i] == v;
+            if (in_window) l = l > 0 ? l / rep : l * rep;
+            float add = v == favoured ? 1.5f : 0.0f;
+            if (count > 0) {
+                add -= presence;
+                add -= frequency * (float)count;
+            }
+            l = v == banned ? -INFINITY : l + add;
+            if (l > best_l) best_l = l, best = v;
+        }
+        if (rec.tokens[k] != best) fprintf(stderr, "k=%d sched=%d direct=%d l_s=%g l_d=%g raw_s=%g raw_d=%g\n", k, rec.tokens[k], best, logits[rec.tokens[k]], logits[best], rec.lps[k].chosen.logprob, (double)logits[best] - mx - log(sum));
+        assert_int_equal(rec.tokens[k], best);
+        assert_int_equal(rec.lps[k].chosen.token, best);
+        const double want = (double)logits[best] - mx - log(sum);
+        assert_true(fabs(rec.lps[k].chosen.logprob - want) < 1e-4);
+        assert_int_equal(rec.lps[k].n_top, 3);
+        for (int t = 0; t < 3; t++) { /* each top entry's value, and none better outside the list */
+            const int32_t id = rec.lps[k].top[t].token;
+            assert_true(fabs(rec.lps[k].top[t].logprob - ((double)logits[id] - mx - log(sum))) < 1e-4);
+            if (t > 0) assert_true(rec.lps[k].top[t].logprob <= rec.lps[k].top[t - 1].logprob);
+        }
+        int better = 0;
+        for (int v = 0; v < vocab; v++) better += logits[v] > logits[rec.lps[k].top[2].token];
+        assert_true(better <= 2);
+        assert_int_not_equal(best, banned);
+        favoured_seen += best == favoured;
+        seq[n++] = best;
+    }
+    /* The penalties did something: a plain greedy run of this random model repeats itself. */
+    int distinct = 0;
+    for (int i = 0; i < PEN_GEN; i++) {
+        bool seen = false;
+        for (int j = 0; j < i; j++) seen |= rec.tokens[j] == rec.tokens[i];
+        distinct += !seen;
+    }
+    assert_true(distinct > 4);
+    (void)favoured_seen;
+    free(logits);
+    engine_destroy(&e);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -726,6 +856,7 @@ int main(void)
         cmocka_unit_test(requests_submitted_between_steps_join_the_running_batch),
         cmocka_unit_test(stop_ids_and_on_token_stop_finish_with_stop),
         cmocka_unit_test(liveness_returns_a_positive_duration),
+        cmocka_unit_test(penalties_bias_and_logprobs_equal_a_direct_computation),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -11,29 +11,18 @@
 #include <stdint.h>
 
 #include "engine.h"
+#include "request.h"
 #include "scheduler.h"
 #include "tokenizer.h"
 #include "wire.h"
 
-/* One live Generate: what has to reach the coordinator and what is still held back. */
+/* One live Generate: its output stream (request.h) and where it stands with the coordinator. */
 typedef struct worker_req {
     uint64_t id;
     bool live;
-    bool stream;   /* PARTIALs as tokens come; else everything in the FINAL */
-    bool stopped;  /* a stop string matched: text ends before it, later bytes are dropped */
-    bool dirty;    /* on the flush list: has tokens or text to send after this step */
-    int n_out;     /* tokens of the completion (the stop-string token excluded) */
-    int n_sent;    /* of them, already sent in PARTIALs */
-    int32_t *toks; /* the n_out - n_sent unsent tokens */
-    int n_toks, cap_toks;
-    char *text; /* unsent text, NUL-terminated; with stop strings, a held-back tail */
-    size_t n_text, cap_text;
-    char *stop_buf; /* the stop strings, copied (one allocation) */
-    const char **stops;
-    size_t *stop_lens;
-    int n_stops;
-    size_t max_stop; /* longest stop string */
-    tok_stream_t ts; /* incremental UTF-8 */
+    bool stream; /* PARTIALs as tokens come; else everything in the FINAL */
+    bool dirty;  /* on the flush list: has tokens or text to send after this step */
+    request_stream_t out;
 } worker_req_t;
 
 typedef struct worker {
@@ -51,6 +40,7 @@ typedef struct worker {
     sched_t *sched;
     const tok_t *tok;
     int32_t n_vocab;
+    request_defaults_t defaults; /* sampling for fields a request leaves unset */
 
     /* Connection to the coordinator. */
     void *zctx, *sock;
@@ -79,30 +69,22 @@ typedef struct worker {
     uint32_t map_mask;
     int32_t *dirty; /* slots with output to flush after the step */
     int n_dirty;
-    char *scratch; /* tok_stream output, sized from the tokenizer */
-    size_t scratch_cap;
 } worker_t;
 
 /* worker_stream.c */
 int worker_reqs_init(worker_t *w, int n_slots, fl_error_t *err);
 void worker_reqs_free(worker_t *w);
 worker_req_t *worker_req_find(worker_t *w, uint64_t id);
-/* A free slot for id with the request's stop strings copied, or NULL with err set (pool full: FL_ERANGE). */
-worker_req_t *worker_req_open(worker_t *w, uint64_t id, bool stream, char *const *stops, size_t n_stops,
-                              fl_error_t *err);
+/* A free slot for the resolved request, or NULL with err set (pool full: FL_ERANGE). */
+worker_req_t *worker_req_open(worker_t *w, const request_t *rq, fl_error_t *err);
 void worker_req_close(worker_t *w, worker_req_t *r);
 /* Scheduler callbacks (user = worker_t). */
-bool worker_on_token(void *user, uint64_t id, int index, int32_t token);
+bool worker_on_token(void *user, uint64_t id, int index, int32_t token, const sched_logprobs_t *lp);
 void worker_on_finish(void *user, const sched_result_t *res);
 /* Sends one PARTIAL per streaming request that got output in the last step. */
 void worker_flush_partials(worker_t *w);
 
 /* worker_main.c: sends to the coordinator (a no-op while disconnected). */
 int worker_send(worker_t *w, int cmd, const ProtobufCMessage *body);
-
-/* Exposed for tests: the start of the earliest occurrence of any stop string in text[from..n), or -1. */
-long worker_find_stop(const worker_req_t *r, const char *text, size_t n, size_t from);
-/* How many trailing bytes of text[0..n) could begin a stop string (held back from a PARTIAL). */
-size_t worker_stop_holdback(const worker_req_t *r, const char *text, size_t n);
 
 #endif

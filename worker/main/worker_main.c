@@ -310,45 +310,23 @@ static void generate(worker_t *w, const Folio__V1__Request *q)
         reply_error(w, q->id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg);
         return;
     }
-    for (size_t i = 0; i < g->n_prompt_tokens; i++)
-        if (g->prompt_tokens[i] < 0 || g->prompt_tokens[i] >= w->n_vocab) {
-            snprintf(msg, sizeof msg, "worker: prompt_tokens[%zu] = %d is outside the vocabulary of %d", i,
-                     g->prompt_tokens[i], w->n_vocab);
-            reply_error(w, q->id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg);
-            return;
-        }
     fl_error_t err = {0};
-    worker_req_t *r = worker_req_open(w, q->id, g->stream, g->stop, g->n_stop, &err);
-    if (!r) {
+    request_t rq;
+    if (request_resolve(&rq, q->id, g, q->tenant, q->timeout_ms, &w->defaults, w->n_vocab, &err)) {
         reply_error(w, q->id, method, wire_status_from_error(err.code), err.msg);
         return;
     }
-    const Folio__V1__SamplingParams *s = g->sampling;
-    sched_request_t sr = {
-        .id = q->id,
-        .prompt = g->prompt_tokens,
-        .n_prompt = (int)g->n_prompt_tokens,
-        .max_tokens = g->max_tokens == 0        ? 16
-                      : g->max_tokens > INT_MAX ? INT_MAX
-                                                : (int)g->max_tokens,
-        .sampling = {.temperature = s ? s->temperature : 0,
-                     .top_k = s ? (s->top_k > INT_MAX ? INT_MAX : (int)s->top_k) : 0,
-                     .top_p = s && s->top_p > 0 && s->top_p < 1 ? s->top_p : 1.0f, /* 0 or 1: off */
-                     .seed = s ? s->seed : 0},
-        .stop_ids = g->stop_token_ids,
-        .n_stop_ids = (int)g->n_stop_token_ids,
-        .ignore_eog = g->ignore_eos,
-        .salt = block_hash_salt(q->tenant, strlen(q->tenant)),
-        .deadline = q->timeout_ms ? fl_clock_s() + q->timeout_ms * 1e-3 : 0,
-    };
-    const int rc = sched_submit(w->sched, &sr, &err);
+    worker_req_t *r = worker_req_open(w, &rq, &err);
+    int rc = r ? sched_submit(w->sched, &rq.sched, &err) : err.code;
     if (rc) {
         worker_req_close(w, r);
         reply_error(w, q->id, method, wire_status_from_error(rc), err.msg);
-        return;
+    } else {
+        fl_log_debug("worker accepted id=%llu prompt=%d max_tokens=%d stream=%d stops=%zu timeout_ms=%u",
+                     (unsigned long long)q->id, rq.sched.n_prompt, rq.sched.max_tokens, (int)g->stream, g->n_stop,
+                     q->timeout_ms);
     }
-    fl_log_debug("worker accepted id=%llu prompt=%d max_tokens=%d stream=%d stops=%zu timeout_ms=%u",
-                 (unsigned long long)q->id, sr.n_prompt, sr.max_tokens, (int)g->stream, g->n_stop, q->timeout_ms);
+    request_release(&rq);
 }
 
 static void handle_request(worker_t *w, const uint8_t *body, size_t len)
@@ -595,6 +573,10 @@ int main(int argc, char **argv)
         sched_get_stats(w.sched, &st);
         w.tok = m->tok;
         w.n_vocab = m->cfg.n_vocab;
+        request_defaults_init(&w.defaults, m->gguf);
+        char defaults[256];
+        request_defaults_describe(&w.defaults, defaults, sizeof defaults);
+        fl_log_info("worker sampling defaults: %s", defaults);
         w.kv_blocks = (uint32_t)st.kv_blocks_total;
         w.block_size = (uint32_t)kv->block_size;
         w.max_context = (uint32_t)(m->max_blocks * kv->block_size);
@@ -602,7 +584,8 @@ int main(int argc, char **argv)
         fl_log_info("worker group=%s rank=%d model=%s model_id=%s backend=%s kv_bytes_per_token=%zu "
                     "(2 x %d layers x %d kv_heads x %d head_dim x 2 bytes) kv_capacity_tokens=%u kv_blocks=%u "
                     "block_size=%u max_context=%u",
-                    w.group, w.rank, model_path, w.model_id, w.eng->be->ops->name, kv->bytes_per_token, m->cfg.n_layers,
+                    w.group, w.rank, model_path, w.model_id, kern_backend_name(w.eng->be), kv->bytes_per_token,
+                    m->cfg.n_layers,
                     m->cfg.n_kv_heads, m->cfg.head_dim, w.kv_blocks * w.block_size, w.kv_blocks, w.block_size,
                     w.max_context);
     }

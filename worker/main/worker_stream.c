@@ -1,29 +1,20 @@
-/* worker_stream.c - what the worker sends for each Generate: token deltas, stop strings, the FINAL.
+/* worker_stream.c - what the worker sends for each Generate: PARTIALs of its output stream, the FINAL.
  *
  * Each live request has a slot from a fixed pool (sized to everything the scheduler can hold, so it
- * never grows), found by the coordinator's request id through an open-addressing map. The
- * scheduler's on_token callback pushes each token through an incremental UTF-8 decoder
- * (tok_stream) and appends the bytes to the request's unsent text; streaming requests are put on a
- * flush list, and after sched_step() returns worker_flush_partials() sends one PARTIAL per request
- * with everything that step produced. on_finish sends the one FINAL.
- *
- * Stop strings: the text is searched for them as it grows. Trailing bytes that could be the start
- * of a stop string are held back from PARTIALs (they come later, or never). When one matches, the
- * text is cut where it begins and the request stops. The token that completed the match is not
- * part of the output: it is sent in no delta and not counted in usage.completion_tokens, exactly as
- * an end-of-generation token (the text before the stop string, which may include the start of that
- * token's bytes, is kept). Tokens whose text was held back and then cut stay in the output: they
- * were generated before the stop and may already have been streamed.
+ * never grows), found by the coordinator's request id through an open-addressing map. A slot holds
+ * the request's output stream (request.h: incremental text, stop strings and held-back text,
+ * log-probabilities); the scheduler's on_token callback pushes each token into it, streaming
+ * requests are put on a flush list, and after sched_step() returns worker_flush_partials() sends
+ * one PARTIAL per request with everything that step produced. on_finish sends the one FINAL. A
+ * stop string's last token is not output: it is in no delta and not counted in
+ * usage.completion_tokens, exactly as an end-of-generation token.
  *
  * Threading: the loop's thread only (the callbacks run inside sched_step/sched_cancel). */
-#define _GNU_SOURCE /* memmem */
 #include <stdlib.h>
 #include <string.h>
 
 #include "log.h"
 #include "worker.h"
-
-#define TEXT_KEEP_BYTES (64u << 10) /* a slot keeps buffers up to this size for its next request */
 
 /* --- the slot pool and id map ---------------------------------------------------------------- */
 
@@ -43,9 +34,7 @@ int worker_reqs_init(worker_t *w, int n_slots, fl_error_t *err)
     w->map = malloc((size_t)cap * sizeof *w->map);
     w->hb_ids = malloc((size_t)n_slots * sizeof *w->hb_ids);
     w->map_mask = cap - 1;
-    w->scratch_cap = (w->tok ? tok_max_token_len(w->tok) * 3 : 0) + 64;
-    w->scratch = malloc(w->scratch_cap);
-    if (!w->reqs || !w->free_slots || !w->dirty || !w->map || !w->scratch || !w->hb_ids)
+    if (!w->reqs || !w->free_slots || !w->dirty || !w->map || !w->hb_ids)
         return fl_fail(err, FL_ENOMEM, "worker: out of memory for %d request slots", n_slots);
     for (uint32_t i = 0; i < cap; i++) w->map[i] = -1;
     for (int i = 0; i < n_slots; i++) w->free_slots[i] = n_slots - 1 - i;
@@ -56,21 +45,15 @@ int worker_reqs_init(worker_t *w, int n_slots, fl_error_t *err)
 
 void worker_reqs_free(worker_t *w)
 {
-    for (int i = 0; w->reqs && i < w->n_reqs; i++) {
-        free(w->reqs[i].toks);
-        free(w->reqs[i].text);
-        free(w->reqs[i].stop_buf);
-    }
+    for (int i = 0; w->reqs && i < w->n_reqs; i++) request_stream_free(&w->reqs[i].out);
     free(w->reqs);
     free(w->free_slots);
     free(w->dirty);
     free(w->map);
-    free(w->scratch);
     free(w->hb_ids);
     w->hb_ids = NULL;
     w->reqs = NULL;
     w->free_slots = w->dirty = w->map = NULL;
-    w->scratch = NULL;
 }
 
 worker_req_t *worker_req_find(worker_t *w, uint64_t id)
@@ -100,32 +83,7 @@ static void map_remove(worker_t *w, uint64_t id)
     w->map[hole] = -1;
 }
 
-static bool reserve_text(worker_req_t *r, size_t extra)
-{
-    if (r->n_text + extra + 1 <= r->cap_text) return true;
-    size_t cap = r->cap_text ? r->cap_text : 256;
-    while (cap < r->n_text + extra + 1) cap *= 2;
-    char *p = realloc(r->text, cap);
-    if (!p) return false;
-    r->text = p;
-    r->cap_text = cap;
-    return true;
-}
-
-static bool reserve_toks(worker_req_t *r, int extra)
-{
-    if (r->n_toks + extra <= r->cap_toks) return true;
-    int cap = r->cap_toks ? r->cap_toks : 16;
-    while (cap < r->n_toks + extra) cap *= 2;
-    int32_t *p = realloc(r->toks, (size_t)cap * sizeof *p);
-    if (!p) return false;
-    r->toks = p;
-    r->cap_toks = cap;
-    return true;
-}
-
-worker_req_t *worker_req_open(worker_t *w, uint64_t id, bool stream, char *const *stops, size_t n_stops,
-                              fl_error_t *err)
+worker_req_t *worker_req_open(worker_t *w, const request_t *rq, fl_error_t *err)
 {
     if (w->n_free == 0) {
         fl_fail(err, FL_ERANGE, "worker: %d requests live, no room for more", w->n_reqs);
@@ -133,47 +91,13 @@ worker_req_t *worker_req_open(worker_t *w, uint64_t id, bool stream, char *const
     }
     const int slot = w->free_slots[w->n_free - 1];
     worker_req_t *r = &w->reqs[slot];
-    size_t bytes = 0;
-    for (size_t i = 0; i < n_stops; i++) bytes += strlen(stops[i]) + 1;
-    r->stop_buf = NULL;
-    if (n_stops) {
-        /* One allocation: the pointers, the lengths, then the strings. */
-        r->stop_buf = malloc(n_stops * (sizeof(char *) + sizeof(size_t)) + bytes);
-        if (!r->stop_buf) {
-            fl_fail(err, FL_ENOMEM, "worker: out of memory for %zu stop strings", n_stops);
-            return NULL;
-        }
-    }
-    if (!reserve_text(r, 0)) {
-        free(r->stop_buf);
-        r->stop_buf = NULL;
-        fl_fail(err, FL_ENOMEM, "worker: out of memory");
-        return NULL;
-    }
+    if (request_stream_open(&r->out, w->tok, rq->stops, rq->n_stops, rq->sched.logprobs, err)) return NULL;
     w->n_free--;
-    r->stops = (const char **)(void *)r->stop_buf;
-    r->stop_lens = r->stop_buf ? (size_t *)(void *)(r->stop_buf + n_stops * sizeof(char *)) : NULL;
-    char *p = r->stop_buf ? r->stop_buf + n_stops * (sizeof(char *) + sizeof(size_t)) : NULL;
-    r->n_stops = (int)n_stops;
-    r->max_stop = 0;
-    for (size_t i = 0; i < n_stops; i++) {
-        const size_t len = strlen(stops[i]);
-        memcpy(p, stops[i], len + 1);
-        r->stops[i] = p;
-        r->stop_lens[i] = len;
-        if (len > r->max_stop) r->max_stop = len;
-        p += len + 1;
-    }
-    r->id = id;
+    r->id = rq->sched.id;
     r->live = true;
-    r->stream = stream;
-    r->stopped = false;
+    r->stream = rq->stream;
     r->dirty = false;
-    r->n_out = r->n_sent = r->n_toks = 0;
-    r->n_text = 0;
-    r->text[0] = 0;
-    tok_stream_init(&r->ts, false);
-    uint32_t h = id_hash(id) & w->map_mask;
+    uint32_t h = id_hash(r->id) & w->map_mask;
     while (w->map[h] >= 0) h = (h + 1) & w->map_mask;
     w->map[h] = slot;
     return r;
@@ -185,91 +109,13 @@ void worker_req_close(worker_t *w, worker_req_t *r)
     map_remove(w, r->id);
     r->live = false;
     r->dirty = false;
-    free(r->stop_buf);
-    r->stop_buf = NULL;
-    r->stops = NULL;
-    r->stop_lens = NULL;
-    r->n_stops = 0;
-    if (r->cap_text > TEXT_KEEP_BYTES) { /* a long non-streamed answer: do not keep its buffer */
-        free(r->text);
-        r->text = NULL;
-        r->cap_text = 0;
-    }
-    if ((size_t)r->cap_toks * sizeof *r->toks > TEXT_KEEP_BYTES) {
-        free(r->toks);
-        r->toks = NULL;
-        r->cap_toks = 0;
-    }
+    request_stream_close(&r->out);
     w->free_slots[w->n_free++] = (int32_t)(r - w->reqs);
-}
-
-/* --- stop strings ---------------------------------------------------------------------------- */
-
-long worker_find_stop(const worker_req_t *r, const char *text, size_t n, size_t from)
-{
-    long best = -1;
-    for (int i = 0; i < r->n_stops; i++) {
-        const size_t len = r->stop_lens[i];
-        if (len == 0 || from > n || n - from < len) continue;
-        const char *p = memmem(text + from, n - from, r->stops[i], len);
-        if (p && (best < 0 || p - text < best)) best = p - text;
-    }
-    return best;
-}
-
-size_t worker_stop_holdback(const worker_req_t *r, const char *text, size_t n)
-{
-    size_t hold = 0;
-    for (int i = 0; i < r->n_stops; i++) {
-        const char *s = r->stops[i];
-        const size_t len = r->stop_lens[i];
-        if (len == 0) continue;
-        for (size_t k = (len - 1 < n ? len - 1 : n); k > hold; k--)
-            if (text[n - k] == s[0] && !memcmp(text + n - k, s, k)) {
-                hold = k;
-                break;
-            }
-    }
-    return hold;
-}
-
-/* Appends decoded bytes and looks for a stop string among them; true when one matched (the text
- * is then cut before it). */
-static bool append_text(worker_req_t *r, const char *bytes, int n)
-{
-    if (n <= 0 || r->stopped) return false;
-    /* protobuf-c sends strings up to their first NUL, so a generated U+0000 would cut the text:
-     * it is sent as U+FFFD (the token ids still carry the exact output; proto/README.md). */
-    size_t n_nul = 0;
-    for (int i = 0; i < n; i++) n_nul += bytes[i] == 0;
-    if (!reserve_text(r, (size_t)n + 2 * n_nul)) {
-        fl_log_error("worker id=%llu: out of memory for %d bytes of text (dropped)", (unsigned long long)r->id, n);
-        return false;
-    }
-    const size_t old = r->n_text;
-    for (int i = 0; i < n; i++) {
-        if (bytes[i])
-            r->text[r->n_text++] = bytes[i];
-        else {
-            memcpy(r->text + r->n_text, "\xEF\xBF\xBD", 3);
-            r->n_text += 3;
-        }
-    }
-    r->text[r->n_text] = 0;
-    if (!r->n_stops) return false;
-    /* A match not found before ends in the new bytes, so it starts at most max_stop - 1 bytes back. */
-    const size_t from = old >= r->max_stop ? old - (r->max_stop - 1) : 0;
-    const long at = worker_find_stop(r, r->text, r->n_text, from);
-    if (at < 0) return false;
-    r->n_text = (size_t)at;
-    r->text[r->n_text] = 0;
-    r->stopped = true;
-    return true;
 }
 
 /* --- scheduler callbacks --------------------------------------------------------------------- */
 
-bool worker_on_token(void *user, uint64_t id, int index, int32_t token)
+bool worker_on_token(void *user, uint64_t id, int index, int32_t token, const sched_logprobs_t *lp)
 {
     worker_t *w = user;
     worker_req_t *r = worker_req_find(w, id);
@@ -277,23 +123,16 @@ bool worker_on_token(void *user, uint64_t id, int index, int32_t token)
         fl_log_error("worker: token for unknown request id=%llu", (unsigned long long)id);
         return false;
     }
-    if (r->stopped) return true;
-    if (index != r->n_out)
-        fl_log_error("worker id=%llu: token index %d, expected %d", (unsigned long long)id, index, r->n_out);
-    int n = tok_stream_push(&r->ts, w->tok, token, w->scratch, w->scratch_cap);
-    if (n < 0) {
-        fl_log_error("worker id=%llu: cannot decode token %d (%s)", (unsigned long long)id, token, fl_strerror(n));
-        n = 0;
-    }
-    if (append_text(r, w->scratch, n)) return true; /* the stop-string token is not output */
-    if (!reserve_toks(r, 1)) {
+    if (index != r->out.n_out && !r->out.stopped)
+        fl_log_error("worker id=%llu: token index %d, expected %d", (unsigned long long)id, index, r->out.n_out);
+    const int rc = request_stream_push(&r->out, index, token, lp);
+    if (rc == 1) return true; /* a stop string matched */
+    if (rc < 0) {
         /* Losing a token would leave a gap in the indices: end the request instead. */
-        fl_log_error("worker id=%llu: out of memory for tokens, cancelling", (unsigned long long)id);
+        fl_log_error("worker id=%llu: out of memory for its output, cancelling", (unsigned long long)id);
         sched_cancel(w->sched, id);
         return false;
     }
-    r->toks[r->n_toks++] = token;
-    r->n_out++;
     if (r->stream && !r->dirty) {
         r->dirty = true;
         w->dirty[w->n_dirty++] = (int32_t)(r - w->reqs);
@@ -301,34 +140,76 @@ bool worker_on_token(void *user, uint64_t id, int index, int32_t token)
     return false;
 }
 
-static void delta_init(Folio__V1__TokenDelta *d, const worker_req_t *r)
+/* TokenDelta.logprobs for a delta: one allocation holding every message, freed after the send. */
+static void *logprobs_fill(Folio__V1__TokenDelta *d, const request_delta_t *rd)
 {
+    if (!rd->logprobs || rd->n_tokens == 0) return NULL;
+    size_t n_top = 0;
+    for (int i = 0; i < rd->n_tokens; i++) n_top += (size_t)rd->logprobs[i].n_top;
+    const size_t n = (size_t)rd->n_tokens;
+    char *mem = malloc(n * (sizeof(Folio__V1__TokenLogprobs *) + sizeof(Folio__V1__TokenLogprobs) +
+                            sizeof(Folio__V1__TokenLogprob)) +
+                       n_top * (sizeof(Folio__V1__TokenLogprob *) + sizeof(Folio__V1__TokenLogprob)));
+    if (!mem) {
+        fl_log_error("worker: out of memory for log-probabilities (sent without them)");
+        return NULL;
+    }
+    Folio__V1__TokenLogprobs **list = (void *)mem;
+    Folio__V1__TokenLogprobs *entries = (void *)(list + n);
+    Folio__V1__TokenLogprob *chosen = (void *)(entries + n);
+    Folio__V1__TokenLogprob **top_ptrs = (void *)(chosen + n);
+    Folio__V1__TokenLogprob *tops = (void *)(top_ptrs + n_top);
+    for (int i = 0; i < rd->n_tokens; i++) {
+        const sched_logprobs_t *l = &rd->logprobs[i];
+        folio__v1__token_logprobs__init(&entries[i]);
+        folio__v1__token_logprob__init(&chosen[i]);
+        chosen[i].token = l->chosen.token;
+        chosen[i].logprob = l->chosen.logprob;
+        entries[i].chosen = &chosen[i];
+        entries[i].n_top = (size_t)l->n_top;
+        entries[i].top = top_ptrs;
+        for (int k = 0; k < l->n_top; k++) {
+            folio__v1__token_logprob__init(tops);
+            tops->token = l->top[k].token;
+            tops->logprob = l->top[k].logprob;
+            *top_ptrs++ = tops++;
+        }
+        list[i] = &entries[i];
+    }
+    d->n_logprobs = n;
+    d->logprobs = list;
+    return mem;
+}
+
+/* The TokenDelta of what the stream may send now; *lp_mem to free after sending. */
+static bool delta_fill(Folio__V1__TokenDelta *d, worker_req_t *r, bool final, void **lp_mem)
+{
+    request_delta_t rd;
+    const bool any = request_stream_peek(&r->out, final, &rd);
     folio__v1__token_delta__init(d);
-    d->index = (uint32_t)r->n_sent;
-    d->n_tokens = (size_t)r->n_toks;
-    d->tokens = r->toks;
-    d->text = r->text; /* NUL-terminated at the length to send */
+    d->index = rd.index;
+    d->n_tokens = (size_t)rd.n_tokens;
+    d->tokens = (int32_t *)rd.tokens;
+    d->text = (char *)rd.text;
+    *lp_mem = logprobs_fill(d, &rd);
+    return any;
 }
 
 static void flush_one(worker_t *w, worker_req_t *r)
 {
-    const size_t hold = r->stopped ? 0 : worker_stop_holdback(r, r->text, r->n_text);
-    const size_t n_send = r->n_text - hold;
-    if (r->n_toks == 0 && n_send == 0) return;
-    const char kept = r->text[n_send];
-    r->text[n_send] = 0;
     Folio__V1__TokenDelta d;
-    delta_init(&d, r);
+    void *lp_mem;
+    if (!delta_fill(&d, r, false, &lp_mem)) {
+        request_stream_done(&r->out, false);
+        return;
+    }
     Folio__V1__Response resp;
     wire_response_init(&resp, r->id, FOLIO__V1__METHOD__METHOD_GENERATE, false);
     resp.delta = &d;
     const int rc = worker_send(w, WIRE_CMD_PARTIAL, &resp.base);
-    r->text[n_send] = kept;
-    if (rc) return; /* kept: the next PARTIAL or the FINAL carries it, so no index is lost */
-    r->n_sent += r->n_toks;
-    r->n_toks = 0;
-    memmove(r->text, r->text + n_send, hold + 1);
-    r->n_text = hold;
+    free(lp_mem);
+    /* Not sent: kept, the next PARTIAL or the FINAL carries it, so no index is lost. */
+    request_stream_done(&r->out, rc == 0);
 }
 
 void worker_flush_partials(worker_t *w)
@@ -355,43 +236,18 @@ void worker_on_finish(void *user, const sched_result_t *res)
         fl_log_error("worker: finish for unknown request id=%llu", (unsigned long long)res->id);
         return;
     }
-    if (!r->stopped && w->tok) {
-        const int n = tok_stream_flush(&r->ts, w->scratch, w->scratch_cap);
-        append_text(r, w->scratch, n);
-    }
+    request_stream_end(&r->out);
 
     Folio__V1__Status status = FOLIO__V1__STATUS__INIT;
     Folio__V1__GenerateResult result = FOLIO__V1__GENERATE_RESULT__INIT;
     Folio__V1__Usage usage = FOLIO__V1__USAGE__INIT;
     Folio__V1__Timings timings = FOLIO__V1__TIMINGS__INIT;
-    status.message = "";
-    switch (res->finish) {
-    case SCHED_FINISH_STOP:
-    case SCHED_FINISH_LENGTH:
-        result.finish_reason = (res->finish == SCHED_FINISH_STOP || r->stopped)
-                                   ? FOLIO__V1__FINISH_REASON__FINISH_STOP
-                                   : FOLIO__V1__FINISH_REASON__FINISH_LENGTH;
-        status.code = FOLIO__V1__STATUS_CODE__OK;
-        break;
-    case SCHED_FINISH_CANCELLED:
-        result.finish_reason = FOLIO__V1__FINISH_REASON__FINISH_CANCELLED;
-        status.code = FOLIO__V1__STATUS_CODE__CANCELLED;
-        status.message = "cancelled";
-        break;
-    case SCHED_FINISH_DEADLINE:
-        result.finish_reason = FOLIO__V1__FINISH_REASON__FINISH_CANCELLED;
-        status.code = FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED;
-        status.message = "deadline exceeded";
-        break;
-    default:
-        result.finish_reason = FOLIO__V1__FINISH_REASON__FINISH_ERROR;
-        status.code = FOLIO__V1__STATUS_CODE__INTERNAL;
-        status.message = (char *)(res->error[0] ? res->error : "engine error");
-        break;
-    }
+    const char *message;
+    request_final_status(res->finish, r->out.stopped, res->error, &result.finish_reason, &status.code, &message);
+    status.message = (char *)message;
     usage.prompt_tokens = (uint32_t)res->n_prompt;
     usage.cached_prompt_tokens = (uint32_t)res->n_cached;
-    usage.completion_tokens = (uint32_t)r->n_out;
+    usage.completion_tokens = (uint32_t)r->out.n_out;
     timings.queued_s = since(res->t_scheduled, res->t_submit);
     timings.first_token_s = since(res->t_first_token, res->t_submit);
     timings.total_s = since(res->t_done, res->t_submit);
@@ -400,16 +256,19 @@ void worker_on_finish(void *user, const sched_result_t *res)
     result.group = (char *)w->group;
 
     Folio__V1__TokenDelta d;
-    delta_init(&d, r);
+    void *lp_mem;
+    const bool any = delta_fill(&d, r, true, &lp_mem);
     Folio__V1__Response resp;
     wire_response_init(&resp, r->id, FOLIO__V1__METHOD__METHOD_GENERATE, true);
     resp.status = &status;
     resp.result = &result;
     /* Streamed: whatever is left (nothing held back now); not streamed: everything (n_sent is 0). */
-    if (!r->stream || r->n_toks > 0 || r->n_text > 0) resp.delta = &d;
+    if (!r->stream || any) resp.delta = &d;
     const int rc = worker_send(w, WIRE_CMD_FINAL, &resp.base);
+    free(lp_mem);
+    request_stream_done(&r->out, rc == 0);
     fl_log_debug("worker final id=%llu finish=%s status=%s prompt=%d cached=%d completion=%d total_s=%.3f%s",
                  (unsigned long long)r->id, sched_finish_name(res->finish), wire_status_name(status.code),
-                 res->n_prompt, res->n_cached, r->n_out, timings.total_s, rc ? " (not sent)" : "");
+                 res->n_prompt, res->n_cached, r->out.n_out, timings.total_s, rc ? " (not sent)" : "");
     worker_req_close(w, r);
 }

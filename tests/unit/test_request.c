@@ -1,0 +1,353 @@
+/* test_request.c - the request layer (worker/request.c): what a GenerateRequest means and the
+ * output stream every front end shares.
+ *
+ * Protects: unset sampling fields take the defaults and set ones (0 included) keep their value;
+ * out-of-range fields are refused naming the field; logit bias is sorted, -100 bans, duplicates are
+ * refused; the earliest of several stop strings wins, a match straddling old and new bytes is
+ * found, the held-back tail is exactly the longest proper prefix of a stop string ending the text;
+ * deltas hand out each token once, in order, and keep what a failed send did not deliver; the
+ * stop string's token is not output. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <string.h>
+
+#include "request.h"
+
+#define N_VOCAB 100
+
+/* --- resolving ------------------------------------------------------------------------------ */
+
+static int32_t g_prompt[] = {1, 2, 3};
+
+static Folio__V1__GenerateRequest base_request(void)
+{
+    Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
+    g.prompt_tokens = g_prompt;
+    g.n_prompt_tokens = 3;
+    return g;
+}
+
+static const request_defaults_t *defaults(void)
+{
+    static request_defaults_t d;
+    request_defaults_init(&d, NULL);
+    return &d;
+}
+
+static void unset_fields_take_the_defaults_and_zero_is_kept(void **state)
+{
+    (void)state;
+    Folio__V1__GenerateRequest g = base_request();
+    request_t r;
+    fl_error_t err = {0};
+    assert_int_equal(request_resolve(&r, 7, &g, "", 0, defaults(), N_VOCAB, &err), 0);
+    assert_true(r.sched.id == 7);
+    assert_int_equal(r.sched.max_tokens, REQUEST_DEFAULT_MAX_TOKENS);
+    assert_true(r.sched.sampling.temperature == 0.8f);
+    assert_int_equal(r.sched.sampling.top_k, 40);
+    assert_true(r.sched.sampling.top_p == 0.95f);
+    assert_true(r.sched.sampling.min_p == 0.05f);
+    assert_true(r.sched.penalties.repetition == 1.0f);
+    assert_int_equal(r.sched.penalties.n_bias, 0);
+    request_release(&r);
+
+    Folio__V1__SamplingParams s = FOLIO__V1__SAMPLING_PARAMS__INIT;
+    folio_sampling_set_temperature(&s, 0); /* an explicit 0 is greedy, not "unset" */
+    folio_sampling_set_top_k(&s, 0);
+    folio_sampling_set_min_p(&s, 0);
+    s.seed = 99;
+    g.sampling = &s;
+    g.max_tokens = 5;
+    assert_int_equal(request_resolve(&r, 8, &g, "t", 1000, defaults(), N_VOCAB, &err), 0);
+    assert_true(r.sched.sampling.temperature == 0);
+    assert_int_equal(r.sched.sampling.top_k, 0);
+    assert_true(r.sched.sampling.min_p == 0);
+    assert_true(r.sched.sampling.top_p == 0.95f); /* still unset */
+    assert_true(r.sched.sampling.seed == 99);
+    assert_int_equal(r.sched.max_tokens, 5);
+    assert_true(r.sched.deadline > 0);
+    request_release(&r);
+}
+
+static void expect_refused(Folio__V1__GenerateRequest *g, const char *field)
+{
+    request_t r;
+    fl_error_t err = {0};
+    assert_int_equal(request_resolve(&r, 1, g, "", 0, defaults(), N_VOCAB, &err), FL_EINVAL);
+    if (!strstr(err.msg, field)) fail_msg("message '%s' does not name %s", err.msg, field);
+}
+
+static void out_of_range_fields_are_refused_by_name(void **state)
+{
+    (void)state;
+    Folio__V1__GenerateRequest g = base_request();
+    Folio__V1__SamplingParams s = FOLIO__V1__SAMPLING_PARAMS__INIT;
+    g.sampling = &s;
+    folio_sampling_set_top_p(&s, 0); /* would keep no token: refused rather than read as "off" */
+    expect_refused(&g, "top_p");
+    folio_sampling_set_top_p(&s, 1.5f);
+    expect_refused(&g, "top_p");
+    folio_sampling_set_top_p(&s, 1);
+    folio_sampling_set_temperature(&s, -1);
+    expect_refused(&g, "temperature");
+    folio_sampling_set_temperature(&s, NAN);
+    expect_refused(&g, "temperature");
+    folio_sampling_set_temperature(&s, 1);
+    folio_sampling_set_min_p(&s, 2);
+    expect_refused(&g, "min_p");
+    folio_sampling_set_min_p(&s, 0);
+    folio_sampling_set_repetition_penalty(&s, 0);
+    expect_refused(&g, "repetition_penalty");
+    folio_sampling_set_repetition_penalty(&s, 1.1f);
+    folio_sampling_set_presence_penalty(&s, 3);
+    expect_refused(&g, "presence_penalty");
+    folio_sampling_set_presence_penalty(&s, 0);
+    s.top_logprobs = 2; /* without logprobs */
+    expect_refused(&g, "top_logprobs");
+    s.logprobs = true;
+    s.top_logprobs = SCHED_MAX_TOP_LOGPROBS + 1;
+    expect_refused(&g, "top_logprobs");
+    s.top_logprobs = 2;
+
+    int32_t bad_prompt[] = {1, N_VOCAB};
+    g.prompt_tokens = bad_prompt;
+    g.n_prompt_tokens = 2;
+    expect_refused(&g, "prompt_tokens[1]");
+    g.n_prompt_tokens = 0;
+    expect_refused(&g, "prompt_tokens");
+    g = base_request();
+    char *stops[] = {"ok", ""};
+    g.stop = stops;
+    g.n_stop = 2;
+    expect_refused(&g, "stop[1]");
+}
+
+static void logit_bias_is_sorted_bans_at_minus_100_and_refuses_duplicates(void **state)
+{
+    (void)state;
+    Folio__V1__GenerateRequest g = base_request();
+    Folio__V1__SamplingParams s = FOLIO__V1__SAMPLING_PARAMS__INIT;
+    Folio__V1__LogitBias b[4];
+    Folio__V1__LogitBias *bp[4];
+    const int32_t tokens[4] = {50, 3, 9, 3};
+    const float biases[4] = {2.5f, -100, 0, 1};
+    for (int i = 0; i < 4; i++) {
+        folio__v1__logit_bias__init(&b[i]);
+        b[i].token = tokens[i];
+        b[i].bias = biases[i];
+        bp[i] = &b[i];
+    }
+    s.logit_bias = bp;
+    s.n_logit_bias = 3;
+    g.sampling = &s;
+    request_t r;
+    fl_error_t err = {0};
+    assert_int_equal(request_resolve(&r, 1, &g, "", 0, defaults(), N_VOCAB, &err), 0);
+    assert_int_equal(r.sched.penalties.n_bias, 2); /* the zero bias is dropped */
+    assert_int_equal(r.sched.penalties.bias[0].token, 3);
+    assert_true(isinf(r.sched.penalties.bias[0].add) && r.sched.penalties.bias[0].add < 0);
+    assert_int_equal(r.sched.penalties.bias[1].token, 50);
+    assert_true(r.sched.penalties.bias[1].add == 2.5f && r.sched.penalties.bias[1].penalty == 1.0f);
+    request_release(&r);
+    s.n_logit_bias = 4;
+    expect_refused(&g, "twice");
+    b[3].token = N_VOCAB;
+    expect_refused(&g, "logit_bias[3]");
+    b[3].token = 4;
+    b[3].bias = 101;
+    expect_refused(&g, "logit_bias[3]");
+}
+
+/* --- the output stream ---------------------------------------------------------------------- */
+
+static request_stream_t stream_with(char *const *stops, size_t n, const tok_t *tok)
+{
+    request_stream_t s;
+    memset(&s, 0, sizeof s);
+    fl_error_t err = {0};
+    assert_int_equal(request_stream_open(&s, tok, stops, n, false, &err), 0);
+    return s;
+}
+
+static void earliest_match_over_all_stop_strings_wins(void **state)
+{
+    (void)state;
+    char *stops[] = {"END", "\n\n", "stop"};
+    request_stream_t s = stream_with(stops, 3, NULL);
+    const char *t = "one two\n\nthree END stop";
+    assert_int_equal(request_find_stop(&s, t, strlen(t), 0), 7);
+    assert_int_equal(request_find_stop(&s, t, strlen(t), 9), 15);
+    assert_int_equal(request_find_stop(&s, "nothing here", 12, 0), -1);
+    /* from past the end, or too little text left: no match, no over-read */
+    assert_int_equal(request_find_stop(&s, t, strlen(t), strlen(t) + 5), -1);
+    assert_int_equal(request_find_stop(&s, "EN", 2, 0), -1);
+    request_stream_free(&s);
+}
+
+static void a_match_straddling_old_and_new_bytes_is_found(void **state)
+{
+    (void)state;
+    char *stops[] = {"</answer>"};
+    request_stream_t s = stream_with(stops, 1, NULL);
+    const char *t = "42</answer> trailing";
+    /* old text ended after "42</ans"; the search starts max_stop - 1 bytes back from there */
+    const size_t old = 7, from = old >= s.max_stop ? old - (s.max_stop - 1) : 0;
+    assert_int_equal(request_find_stop(&s, t, strlen(t), from), 2);
+    request_stream_free(&s);
+}
+
+static void holdback_is_the_longest_stop_prefix_ending_the_text(void **state)
+{
+    (void)state;
+    char *stops[] = {"STOP", "S!"};
+    request_stream_t s = stream_with(stops, 2, NULL);
+    assert_int_equal(request_stop_holdback(&s, "abc", 3), 0);
+    assert_int_equal(request_stop_holdback(&s, "abcS", 4), 1);   /* "S" begins both */
+    assert_int_equal(request_stop_holdback(&s, "abcST", 5), 2);  /* "ST" of STOP */
+    assert_int_equal(request_stop_holdback(&s, "abcSTO", 6), 3); /* never the whole stop string */
+    assert_int_equal(request_stop_holdback(&s, "abcSTX", 6), 0);
+    assert_int_equal(request_stop_holdback(&s, "ST", 2), 2); /* text shorter than the stop string */
+    assert_int_equal(request_stop_holdback(&s, "", 0), 0);
+    request_stream_free(&s);
+    request_stream_t none = stream_with(NULL, 0, NULL);
+    assert_int_equal(request_stop_holdback(&none, "abcST", 5), 0);
+    request_stream_free(&none);
+}
+
+/* A tokenizer of the texts "Hello", " wor", "ld", " ST", "OP", " more", "!" (GPT-2's byte-level
+ * spelling writes a space as U+0120, "\xC4\xA0"). */
+static tok_t *tiny_tok(void)
+{
+    static const char *const vocab[] = {"<eos>", "Hello", "\xC4\xA0wor", "ld", "\xC4\xA0ST", "OP", "\xC4\xA0more", "!"};
+    const int32_t types[] = {TOK_TYPE_CONTROL, 1, 1, 1, 1, 1, 1, 1};
+    tok_desc_t d = {.n_vocab = 8, .tokens = vocab, .token_types = types, .bos_id = -1, .eos_id = 0, .unk_id = -1,
+                    .pad_id = -1};
+    fl_error_t err = {0};
+    tok_t *t = tok_new(&d, &err);
+    if (!t) fail_msg("tok_new: %s", err.msg);
+    return t;
+}
+
+static void deltas_hand_out_each_token_once_and_hold_stop_prefixes(void **state)
+{
+    (void)state;
+    tok_t *tok = tiny_tok();
+    char *stops[] = {" STOP"};
+    request_stream_t s = stream_with(stops, 1, tok);
+    request_delta_t d;
+    assert_int_equal(request_stream_push(&s, 0, 1, NULL), 0);
+    assert_int_equal(request_stream_push(&s, 1, 2, NULL), 0);
+    assert_true(request_stream_peek(&s, false, &d));
+    assert_int_equal(d.index, 0);
+    assert_int_equal(d.n_tokens, 2);
+    assert_string_equal(d.text, "Hello wor");
+    request_stream_done(&s, false); /* the send failed: kept for the next delta */
+    assert_int_equal(request_stream_push(&s, 2, 3, NULL), 0);
+    assert_int_equal(request_stream_push(&s, 3, 4, NULL), 0); /* " ST": could begin " STOP" */
+    assert_true(request_stream_peek(&s, false, &d));
+    assert_int_equal(d.index, 0);
+    assert_int_equal(d.n_tokens, 4);
+    assert_string_equal(d.text, "Hello world"); /* " ST" held back */
+    request_stream_done(&s, true);
+    assert_int_equal(s.n_sent, 4);
+    assert_int_equal(request_stream_push(&s, 4, 5, NULL), 1); /* "OP" completes the stop string */
+    assert_true(s.stopped);
+    assert_int_equal(s.n_out, 4); /* the stop string's token is not output */
+    assert_int_equal(request_stream_push(&s, 5, 6, NULL), 0); /* ignored after the stop */
+    request_stream_end(&s);
+    assert_false(request_stream_peek(&s, true, &d)); /* the held " ST" was cut with the stop */
+    request_stream_done(&s, true);
+    request_stream_free(&s);
+    tok_destroy(&tok);
+}
+
+static void a_final_delta_releases_the_held_back_text(void **state)
+{
+    (void)state;
+    tok_t *tok = tiny_tok();
+    char *stops[] = {" STOP"};
+    request_stream_t s = stream_with(stops, 1, tok);
+    request_delta_t d;
+    assert_int_equal(request_stream_push(&s, 0, 1, NULL), 0);
+    assert_int_equal(request_stream_push(&s, 1, 4, NULL), 0);
+    assert_true(request_stream_peek(&s, false, &d));
+    assert_string_equal(d.text, "Hello");
+    request_stream_done(&s, true);
+    request_stream_end(&s);
+    assert_true(request_stream_peek(&s, true, &d));
+    assert_int_equal(d.n_tokens, 0);
+    assert_int_equal(d.index, 2);
+    assert_string_equal(d.text, " ST");
+    request_stream_done(&s, true);
+    request_stream_close(&s);
+    request_stream_free(&s);
+    tok_destroy(&tok);
+}
+
+static void logprobs_travel_with_their_tokens(void **state)
+{
+    (void)state;
+    request_stream_t s;
+    memset(&s, 0, sizeof s);
+    fl_error_t err = {0};
+    assert_int_equal(request_stream_open(&s, NULL, NULL, 0, true, &err), 0);
+    for (int i = 0; i < 40; i++) { /* past the first buffer size */
+        sched_logprobs_t lp = {.chosen = {.token = i, .logprob = -(float)i}, .n_top = 1};
+        lp.top[0] = (kern_logprob_t){.token = i + 1, .logprob = -0.5f};
+        assert_int_equal(request_stream_push(&s, i, i, &lp), 0);
+    }
+    request_delta_t d;
+    assert_true(request_stream_peek(&s, false, &d));
+    assert_int_equal(d.n_tokens, 40);
+    assert_non_null(d.logprobs);
+    for (int i = 0; i < 40; i++) {
+        assert_int_equal(d.logprobs[i].chosen.token, i);
+        assert_true(d.logprobs[i].chosen.logprob == -(float)i);
+        assert_int_equal(d.logprobs[i].top[0].token, i + 1);
+    }
+    request_stream_done(&s, true);
+    request_stream_free(&s);
+}
+
+static void final_status_names_every_ending(void **state)
+{
+    (void)state;
+    Folio__V1__FinishReason reason;
+    Folio__V1__StatusCode code;
+    const char *msg;
+    request_final_status(SCHED_FINISH_LENGTH, true, NULL, &reason, &code, &msg);
+    assert_int_equal(reason, FOLIO__V1__FINISH_REASON__FINISH_STOP); /* a stop string */
+    assert_int_equal(code, FOLIO__V1__STATUS_CODE__OK);
+    request_final_status(SCHED_FINISH_LENGTH, false, NULL, &reason, &code, &msg);
+    assert_int_equal(reason, FOLIO__V1__FINISH_REASON__FINISH_LENGTH);
+    request_final_status(SCHED_FINISH_DEADLINE, false, NULL, &reason, &code, &msg);
+    assert_int_equal(code, FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED);
+    request_final_status(SCHED_FINISH_CANCELLED, false, NULL, &reason, &code, &msg);
+    assert_int_equal(code, FOLIO__V1__STATUS_CODE__CANCELLED);
+    request_final_status(SCHED_FINISH_ERROR, false, "boom", &reason, &code, &msg);
+    assert_int_equal(reason, FOLIO__V1__FINISH_REASON__FINISH_ERROR);
+    assert_int_equal(code, FOLIO__V1__STATUS_CODE__INTERNAL);
+    assert_string_equal(msg, "boom");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(unset_fields_take_the_defaults_and_zero_is_kept),
+        cmocka_unit_test(out_of_range_fields_are_refused_by_name),
+        cmocka_unit_test(logit_bias_is_sorted_bans_at_minus_100_and_refuses_duplicates),
+        cmocka_unit_test(earliest_match_over_all_stop_strings_wins),
+        cmocka_unit_test(a_match_straddling_old_and_new_bytes_is_found),
+        cmocka_unit_test(holdback_is_the_longest_stop_prefix_ending_the_text),
+        cmocka_unit_test(deltas_hand_out_each_token_once_and_hold_stop_prefixes),
+        cmocka_unit_test(a_final_delta_releases_the_held_back_text),
+        cmocka_unit_test(logprobs_travel_with_their_tokens),
+        cmocka_unit_test(final_status_names_every_ending),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
