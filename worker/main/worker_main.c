@@ -335,14 +335,9 @@ static void handle_request(worker_t *w, const uint8_t *body, size_t len)
     Folio__V1__Request *q = wire_decode_request(body, len, &err);
     if (!q) {
         /* Answer under the request's id when the bytes at least unpack, so its stream ends. */
-        uint64_t id = 0;
-        Folio__V1__Method method = FOLIO__V1__METHOD__METHOD_UNSPECIFIED;
-        Folio__V1__Request *raw = len <= WIRE_MAX_BODY_BYTES ? folio__v1__request__unpack(NULL, len, body) : NULL;
-        if (raw) {
-            id = raw->id;
-            method = raw->method;
-            folio__v1__request__free_unpacked(raw, NULL);
-        }
+        uint64_t id;
+        Folio__V1__Method method;
+        wire_peek_request(body, len, &id, &method);
         if (method == FOLIO__V1__METHOD__METHOD_CANCEL) {
             fl_log_warn("worker ignored a bad Cancel: %s", err.msg); /* Cancel is never answered */
             return;
