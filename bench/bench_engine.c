@@ -339,7 +339,7 @@ int bench_engine(int argc, char **argv)
                        &folio);
     roofline_t roof = {0};
     char backend_name[32];
-    snprintf(backend_name, sizeof backend_name, "%s", e->be->ops->name);
+    snprintf(backend_name, sizeof backend_name, "%s", kern_backend_name(e->be));
     if (!rc && !strcmp(backend_name, "cuda"))
         measure_roofline(e, eo.device, (int)decode_context, (int)decode_tokens, decode_at(&folio, 1), &roof);
     engine_destroy(&e);

@@ -1,11 +1,16 @@
-/* backend.c - backend-independent entry points of kernels.h: kern_destroy, and the CUDA constructors.
+/* backend.c - backend-independent entry points of kernels.h: the kern_* calls, which dispatch through
+ * the backend's ops table (backend_internal.h), and the CUDA constructors.
+ *
+ * A fused op the backend leaves out runs as the plain ops it stands for, so the model is written once
+ * against the fused calls. Each call costs a plain function call on top of the table's: nothing next
+ * to an op's work.
  *
  * The CUDA backend is a loadable module (libfolio_cuda.so, built whenever nvcc is found), opened with
  * dlopen on first use, as llama.cpp loads its GPU backends. A CPU-only process therefore never maps
  * the CUDA runtime or cuBLASLt (about 50 MiB resident for cuBLASLt alone), and one binary serves
  * machines with and without a GPU. The module is looked for in $FOLIO_CUDA_MODULE, next to the
  * executable, in its parent directory and ../lib, then on the loader's path. */
-#include "kernels.h"
+#include "backend_internal.h"
 
 #include <dlfcn.h>
 #include <limits.h>
@@ -21,6 +26,119 @@ void kern_destroy(kern_backend_t **bep)
     if (!bep || !*bep) return;
     (*bep)->ops->destroy(*bep);
     *bep = NULL;
+}
+
+const char *kern_backend_name(const kern_backend_t *be) { return be->ops->name; }
+bool kern_uses_device_memory(const kern_backend_t *be) { return be->ops->device_memory; }
+
+int kern_mem_info(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes)
+{
+    return be->ops->mem_info ? be->ops->mem_info(be, free_bytes, total_bytes) : FL_EUNSUPPORTED;
+}
+
+void *kern_alloc(kern_backend_t *be, size_t n) { return be->ops->alloc(be, n); }
+void kern_free(kern_backend_t *be, void *p) { be->ops->free(be, p); }
+int kern_upload(kern_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    return be->ops->upload(be, dst, src, bytes);
+}
+int kern_download(kern_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    return be->ops->download(be, dst, src, bytes);
+}
+int kern_sync(kern_backend_t *be, fl_error_t *err) { return be->ops->sync(be, err); }
+
+kern_weight_t *kern_weight_new(kern_backend_t *be, int type, int64_t rows, int64_t cols, const void *data,
+                               fl_error_t *err)
+{
+    return be->ops->weight_new(be, type, rows, cols, data, err);
+}
+void kern_weight_destroy(kern_backend_t *be, kern_weight_t *w)
+{
+    if (w) be->ops->weight_destroy(be, w);
+}
+
+void kern_embed(kern_backend_t *be, float *o, const kern_weight_t *t, const int32_t *ids, int n)
+{
+    be->ops->embed(be, o, t, ids, n);
+}
+void kern_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n)
+{
+    be->ops->matmul(be, y, w, x, n);
+}
+void kern_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,
+                       int n)
+{
+    if (be->ops->matmul_multi) be->ops->matmul_multi(be, ys, ws, n_w, x, n);
+    else
+        for (int k = 0; k < n_w; k++) be->ops->matmul(be, ys[k], ws[k], x, n);
+}
+void kern_rmsnorm(kern_backend_t *be, float *y, const float *x, const float *w, int n, int dim, float eps)
+{
+    be->ops->rmsnorm(be, y, x, w, n, dim, eps);
+}
+void kern_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int nh, int hd, const kern_rope_t *r)
+{
+    be->ops->rope(be, x, pos, n, nh, hd, r);
+}
+void kern_kv_store(kern_backend_t *be, fl_f16_t *kc, fl_f16_t *vc, const float *k, const float *v,
+                   const int32_t *slots, int n, int kv_dim)
+{
+    be->ops->kv_store(be, kc, vc, k, v, slots, n, kv_dim);
+}
+void kern_attention(kern_backend_t *be, const kern_attn_t *a) { be->ops->attention(be, a); }
+void kern_swiglu(kern_backend_t *be, float *o, const float *g, const float *u, int n)
+{
+    be->ops->swiglu(be, o, g, u, n);
+}
+void kern_add(kern_backend_t *be, float *y, const float *x, int n) { be->ops->add(be, y, x, n); }
+void kern_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab, const kern_sampling_t *p)
+{
+    be->ops->sample(be, out, logits, n, vocab, p);
+}
+
+void kern_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta, const float *w, int n, int dim,
+                      float eps)
+{
+    if (be->ops->add_rmsnorm) {
+        be->ops->add_rmsnorm(be, y, x, delta, w, n, dim, eps);
+        return;
+    }
+    be->ops->add(be, x, delta, n * dim);
+    be->ops->rmsnorm(be, y, x, w, n, dim, eps);
+}
+void kern_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *kc, fl_f16_t *vc,
+                        const int32_t *pos, const int32_t *slots, int n, int nh, int nkv, int hd, const kern_rope_t *r)
+{
+    if (be->ops->rope_kv_store) {
+        be->ops->rope_kv_store(be, q, k, v, kc, vc, pos, slots, n, nh, nkv, hd, r);
+        return;
+    }
+    be->ops->rope(be, q, pos, n, nh, hd, r);
+    be->ops->rope(be, k, pos, n, nkv, hd, r);
+    be->ops->kv_store(be, kc, vc, k, v, slots, n, nkv * hd);
+}
+void kern_matmul_swiglu(kern_backend_t *be, float *out, float *up, const kern_weight_t *w_gate,
+                        const kern_weight_t *w_up, int rows, const float *x, int n)
+{
+    if (be->ops->matmul_swiglu) {
+        be->ops->matmul_swiglu(be, out, up, w_gate, w_up, rows, x, n);
+        return;
+    }
+    float *const ys[2] = {out, up};
+    const kern_weight_t *const ws[2] = {w_gate, w_up};
+    kern_matmul_multi(be, ys, ws, 2, x, n);
+    be->ops->swiglu(be, out, out, up, n * rows);
+}
+
+int kern_graph_begin(kern_backend_t *be, uint64_t key)
+{
+    return be->ops->graph_begin ? be->ops->graph_begin(be, key) : 0;
+}
+int kern_graph_end(kern_backend_t *be) { return be->ops->graph_end ? be->ops->graph_end(be) : 0; }
+void kern_graph_reset(kern_backend_t *be)
+{
+    if (be->ops->graph_reset) be->ops->graph_reset(be);
 }
 
 typedef kern_backend_t *(*cuda_new_fn)(int device, fl_error_t *err);

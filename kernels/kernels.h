@@ -1,7 +1,8 @@
 /* kernels.h - the one kernel interface the model forward pass is written against.
  *
- * A backend is a table of operations behind an opaque handle (ggml's pattern): the model calls
- * kern_matmul(be, ...) and never sees whether the CPU or CUDA code runs. All float buffers passed
+ * A backend is a table of operations behind an opaque handle (ggml's pattern; the table is
+ * backend_internal.h's, which only the backends see): the model calls kern_matmul(be, ...) and never
+ * sees whether the CPU or CUDA code runs. All float buffers passed
  * to a backend (activations, KV cache, norms) are allocated with kern_alloc() on that backend: host
  * memory for the CPU backend, device memory for CUDA. Operations are issued in order on the
  * backend's stream; kern_sync() waits for them (a no-op on the CPU, where each call is synchronous).
@@ -119,79 +120,7 @@ typedef struct kern_sampling {
     int n_adjust;
 } kern_sampling_t;
 
-typedef struct kern_ops {
-    const char *name;
-    void (*destroy)(kern_backend_t *be);
-    void *(*alloc)(kern_backend_t *be, size_t bytes);             /* zeroed; NULL on failure */
-    void (*free)(kern_backend_t *be, void *p);
-    int (*upload)(kern_backend_t *be, void *dst, const void *src, size_t bytes);
-    int (*download)(kern_backend_t *be, void *dst, const void *src, size_t bytes);
-    int (*sync)(kern_backend_t *be, fl_error_t *err);
-
-    /* Weights: data points at the file mapping; the backend may borrow it (CPU), repack it or copy
-     * it to the device. */
-    kern_weight_t *(*weight_new)(kern_backend_t *be, int type, int64_t rows, int64_t cols, const void *data,
-                                 fl_error_t *err);
-    void (*weight_destroy)(kern_backend_t *be, kern_weight_t *w);
-
-    void (*embed)(kern_backend_t *be, float *out, const kern_weight_t *table, const int32_t *ids, int n);
-    void (*matmul)(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n);
-    /* ys[k][n][rows_k] = x W_k^T for k < n_w: the same bits as n_w matmul calls on the same x (one
-     * activation conversion, one dispatch where the backend can). NULL: kern_matmul_multi loops. */
-    void (*matmul_multi)(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w,
-                         const float *x, int n);
-    void (*rmsnorm)(kern_backend_t *be, float *y, const float *x, const float *weight, int n, int dim, float eps);
-    void (*rope)(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
-                 const kern_rope_t *rope);
-    /* Writes k, v ([n][n_kv_heads*head_dim] f32) to the f16 pools at slots[n]. */
-    void (*kv_store)(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
-                     const int32_t *slots, int n, int kv_dim);
-    void (*attention)(kern_backend_t *be, const kern_attn_t *a);
-    void (*swiglu)(kern_backend_t *be, float *out, const float *gate, const float *up, int n); /* silu(gate)*up */
-    void (*add)(kern_backend_t *be, float *y, const float *x, int n);                          /* y += x */
-    /* One token per row of logits [n][vocab] (device memory), chosen per row's params (host);
-     * out (host) receives n ids. The op may overwrite the rows (each row's adjustments are applied
-     * to it in place): read a row first if its raw values are wanted (log-probabilities). */
-    void (*sample)(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
-                   const kern_sampling_t *params);
-
-    /* Fused ops, so that a decode step issues fewer, fuller kernels (at batch 1 every launch and every
-     * pass over the activations costs against one pass over the weights). Each equals the sequence
-     * of plain ops its kern_* wrapper below runs when the backend leaves it NULL (the CPU does).
-     *   add_rmsnorm:   x += delta ([n][dim]); then y = rmsnorm(x) * weight.
-     *   rope_kv_store: RoPE on q ([n][n_heads*head_dim]) and k ([n][n_kv_heads*head_dim]) in place,
-     *                  then k and v stored to the pools at slots[n] as kv_store does.
-     *   matmul_swiglu: out[n][rows] = silu(x W_gate^T) * (x W_up^T), rows those of both weights;
-     *                  up ([n][rows]) is scratch. */
-    void (*add_rmsnorm)(kern_backend_t *be, float *y, float *x, const float *delta, const float *weight, int n,
-                        int dim, float eps);
-    void (*rope_kv_store)(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *k_cache,
-                          fl_f16_t *v_cache, const int32_t *pos, const int32_t *slots, int n, int n_heads,
-                          int n_kv_heads, int head_dim, const kern_rope_t *rope);
-    void (*matmul_swiglu)(kern_backend_t *be, float *out, float *up, const kern_weight_t *w_gate,
-                          const kern_weight_t *w_up, int rows, const float *x, int n);
-
-    /* Recorded op sequences (CUDA graphs); NULL where a backend has none. Between graph_begin(key)
-     * and graph_end the caller issues a step's ops, the same ones (kernels, shapes, pointers) for
-     * the same key, with every input that changes between steps already uploaded to fixed buffers.
-     * graph_begin returns 1 when a recording for key will run at graph_end (issue no ops), else 0
-     * (issue them: they run directly, or are being recorded and run at graph_end). graph_end returns
-     * 0, or KERN_GRAPH_RETRY when a recording failed and the ops must be issued again directly.
-     * graph_reset drops every recording (the pointers they hold are about to change). */
-    int (*graph_begin)(kern_backend_t *be, uint64_t key);
-    int (*graph_end)(kern_backend_t *be);
-    void (*graph_reset)(kern_backend_t *be);
-
-    /* Free and total bytes of the memory this backend allocates from (device memory for CUDA). */
-    int (*mem_info)(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes);
-} kern_ops_t;
-
 #define KERN_GRAPH_RETRY 2
-
-struct kern_backend {
-    const kern_ops_t *ops;
-    int n_threads;              /* CPU worker threads (CPU backend) */
-};
 
 /* Backends. kern_cpu_new(0, ...) uses every online core. kern_cuda_new returns NULL with
  * FL_EUNSUPPORTED when folio was built without CUDA or no device is present. */
@@ -206,107 +135,81 @@ const char *kern_cuda_module_error(void);
 int kern_cuda_copy_bandwidth(int device, size_t bytes, double *bytes_per_s, fl_error_t *err);
 void kern_destroy(kern_backend_t **bep);
 
-/* Calls read like the functions of llama2.c. */
-static inline void *kern_alloc(kern_backend_t *be, size_t n) { return be->ops->alloc(be, n); }
-static inline void kern_free(kern_backend_t *be, void *p) { be->ops->free(be, p); }
-static inline void kern_embed(kern_backend_t *be, float *o, const kern_weight_t *t, const int32_t *ids, int n)
-{ be->ops->embed(be, o, t, ids, n); }
-static inline void kern_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n)
-{ be->ops->matmul(be, y, w, x, n); }
-static inline void kern_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w,
-                                     const float *x, int n)
-{
-    if (be->ops->matmul_multi) be->ops->matmul_multi(be, ys, ws, n_w, x, n);
-    else
-        for (int k = 0; k < n_w; k++) be->ops->matmul(be, ys[k], ws[k], x, n);
-}
-static inline void kern_rmsnorm(kern_backend_t *be, float *y, const float *x, const float *w, int n, int dim,
-                                float eps)
-{ be->ops->rmsnorm(be, y, x, w, n, dim, eps); }
-static inline void kern_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int nh, int hd,
-                             const kern_rope_t *r)
-{ be->ops->rope(be, x, pos, n, nh, hd, r); }
-static inline void kern_kv_store(kern_backend_t *be, fl_f16_t *kc, fl_f16_t *vc, const float *k, const float *v,
-                                 const int32_t *slots, int n, int kv_dim)
-{ be->ops->kv_store(be, kc, vc, k, v, slots, n, kv_dim); }
-static inline void kern_attention(kern_backend_t *be, const kern_attn_t *a) { be->ops->attention(be, a); }
-static inline void kern_swiglu(kern_backend_t *be, float *o, const float *g, const float *u, int n)
-{ be->ops->swiglu(be, o, g, u, n); }
-static inline void kern_add(kern_backend_t *be, float *y, const float *x, int n) { be->ops->add(be, y, x, n); }
-static inline void kern_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
-                               const kern_sampling_t *p)
-{ be->ops->sample(be, out, logits, n, vocab, p); }
-static inline void kern_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta, const float *w,
-                                    int n, int dim, float eps)
-{
-    if (be->ops->add_rmsnorm) {
-        be->ops->add_rmsnorm(be, y, x, delta, w, n, dim, eps);
-        return;
-    }
-    be->ops->add(be, x, delta, n * dim);
-    be->ops->rmsnorm(be, y, x, w, n, dim, eps);
-}
-static inline void kern_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *kc,
-                                      fl_f16_t *vc, const int32_t *pos, const int32_t *slots, int n, int nh,
-                                      int nkv, int hd, const kern_rope_t *r)
-{
-    if (be->ops->rope_kv_store) {
-        be->ops->rope_kv_store(be, q, k, v, kc, vc, pos, slots, n, nh, nkv, hd, r);
-        return;
-    }
-    be->ops->rope(be, q, pos, n, nh, hd, r);
-    be->ops->rope(be, k, pos, n, nkv, hd, r);
-    be->ops->kv_store(be, kc, vc, k, v, slots, n, nkv * hd);
-}
-static inline void kern_matmul_swiglu(kern_backend_t *be, float *out, float *up, const kern_weight_t *w_gate,
-                                      const kern_weight_t *w_up, int rows, const float *x, int n)
-{
-    if (be->ops->matmul_swiglu) {
-        be->ops->matmul_swiglu(be, out, up, w_gate, w_up, rows, x, n);
-        return;
-    }
-    float *const ys[2] = {out, up};
-    const kern_weight_t *const ws[2] = {w_gate, w_up};
-    kern_matmul_multi(be, ys, ws, 2, x, n);
-    be->ops->swiglu(be, out, out, up, n * rows);
-}
-/* The argument checks every backend's weight_new makes: a type the backends compute with, a shape
- * that fits int32, whole quantization blocks a row, data given. Returns a stored row's bytes, or 0
- * with err set; `who` names the backend in the message. */
-static inline size_t kern_weight_check(const char *who, int type, int64_t rows, int64_t cols, const void *data,
-                                       fl_error_t *err)
-{
-    switch (type) {
-    case FL_TYPE_F32: case FL_TYPE_F16: case FL_TYPE_BF16:
-    case FL_TYPE_Q4_0: case FL_TYPE_Q4_1: case FL_TYPE_Q8_0: break;
-    default:
-        fl_fail(err, FL_EUNSUPPORTED, "%s backend: weight type %s (%d) is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)",
-                who, fl_dtype_name(type), type);
-        return 0;
-    }
-    if (rows <= 0 || cols <= 0 || rows > INT32_MAX || cols > INT32_MAX) {
-        fl_fail(err, FL_EINVAL, "%s backend: bad weight shape %lld x %lld", who, (long long)rows, (long long)cols);
-        return 0;
-    }
-    const size_t row_bytes = fl_dtype_row_bytes(type, cols);
-    if (row_bytes == 0) {
-        fl_fail(err, FL_EINVAL, "%s backend: %s weight has %lld columns, not a multiple of the block size %d", who,
-                fl_dtype_name(type), (long long)cols, FL_QK);
-        return 0;
-    }
-    if (!data) {
-        fl_fail(err, FL_EINVAL, "%s backend: weight data is NULL", who);
-        return 0;
-    }
-    return row_bytes;
-}
+/* The backend's name ("cpu", "cuda"), for messages. */
+const char *kern_backend_name(const kern_backend_t *be);
+/* Whether kern_alloc hands out memory of the backend's own (a GPU's, which the process may fill),
+ * rather than host memory shared with everything else on the machine. */
+bool kern_uses_device_memory(const kern_backend_t *be);
+/* Free and total bytes of the memory this backend allocates from (device memory for CUDA);
+ * FL_EUNSUPPORTED where the backend cannot tell. */
+int kern_mem_info(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes);
 
-static inline int kern_graph_begin(kern_backend_t *be, uint64_t key)
-{ return be->ops->graph_begin ? be->ops->graph_begin(be, key) : 0; }
-static inline int kern_graph_end(kern_backend_t *be) { return be->ops->graph_end ? be->ops->graph_end(be) : 0; }
-static inline void kern_graph_reset(kern_backend_t *be) { if (be->ops->graph_reset) be->ops->graph_reset(be); }
-static inline int kern_mem_info(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes)
-{ return be->ops->mem_info ? be->ops->mem_info(be, free_bytes, total_bytes) : FL_EUNSUPPORTED; }
+/* Memory. kern_alloc's buffers are zeroed (NULL on failure). upload / download copy between host
+ * memory and a buffer, ordered after the ops issued before them, and return 0 or FL_EBACKEND.
+ * kern_sync waits for every issued op and returns the first error one of them met (err filled); it
+ * stays: after a failed op the backend's results are not trusted again. */
+void *kern_alloc(kern_backend_t *be, size_t bytes);
+void kern_free(kern_backend_t *be, void *p);
+int kern_upload(kern_backend_t *be, void *dst, const void *src, size_t bytes);
+int kern_download(kern_backend_t *be, void *dst, const void *src, size_t bytes);
+int kern_sync(kern_backend_t *be, fl_error_t *err);
+
+/* Weights: data points at the file mapping (kept mapped while the weight lives); the backend may
+ * borrow it (CPU), repack it or copy it to the device. NULL with err set for a type or shape the
+ * backends do not compute with. kern_weight_destroy accepts NULL. */
+kern_weight_t *kern_weight_new(kern_backend_t *be, int type, int64_t rows, int64_t cols, const void *data,
+                               fl_error_t *err);
+void kern_weight_destroy(kern_backend_t *be, kern_weight_t *w);
+
+/* Ops, issued in order on the backend; the calls read like the functions of llama2.c. */
+void kern_embed(kern_backend_t *be, float *out, const kern_weight_t *table, const int32_t *ids, int n);
+void kern_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n);
+/* ys[k][n][rows_k] = x W_k^T for k < n_w: the same bits as n_w kern_matmul calls on the same x (one
+ * activation conversion, one dispatch where the backend can). */
+void kern_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,
+                       int n);
+void kern_rmsnorm(kern_backend_t *be, float *y, const float *x, const float *weight, int n, int dim, float eps);
+void kern_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
+               const kern_rope_t *rope);
+/* Writes k, v ([n][n_kv_heads*head_dim] f32) to the f16 pools at slots[n]. */
+void kern_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
+                   const int32_t *slots, int n, int kv_dim);
+void kern_attention(kern_backend_t *be, const kern_attn_t *a);
+void kern_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n); /* silu(gate)*up */
+void kern_add(kern_backend_t *be, float *y, const float *x, int n);                          /* y += x */
+/* One token per row of logits [n][vocab] (device memory), chosen per row's params (host);
+ * out (host) receives n ids. The op may overwrite the rows (each row's adjustments are applied
+ * to it in place): read a row first if its raw values are wanted (log-probabilities). */
+void kern_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
+                 const kern_sampling_t *params);
+
+/* Fused ops, so that a decode step issues fewer, fuller kernels (at batch 1 every launch and every
+ * pass over the activations costs against one pass over the weights). Each equals the sequence of
+ * plain ops it runs where the backend has no fused form (the CPU has none):
+ *   add_rmsnorm:   x += delta ([n][dim]); then y = rmsnorm(x) * weight.
+ *   rope_kv_store: RoPE on q ([n][n_heads*head_dim]) and k ([n][n_kv_heads*head_dim]) in place,
+ *                  then k and v stored to the pools at slots[n] as kv_store does.
+ *   matmul_swiglu: out[n][rows] = silu(x W_gate^T) * (x W_up^T), rows those of both weights;
+ *                  up ([n][rows]) is scratch. */
+void kern_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta, const float *weight, int n, int dim,
+                      float eps);
+void kern_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *k_cache, fl_f16_t *v_cache,
+                        const int32_t *pos, const int32_t *slots, int n, int n_heads, int n_kv_heads, int head_dim,
+                        const kern_rope_t *rope);
+void kern_matmul_swiglu(kern_backend_t *be, float *out, float *up, const kern_weight_t *w_gate,
+                        const kern_weight_t *w_up, int rows, const float *x, int n);
+
+/* Recorded op sequences (CUDA graphs; a backend without them runs every op directly). Between
+ * kern_graph_begin(key) and kern_graph_end the caller issues a step's ops, the same ones (kernels,
+ * shapes, pointers) for the same key, with every input that changes between steps already uploaded
+ * to fixed buffers. kern_graph_begin returns 1 when a recording for key will run at kern_graph_end
+ * (issue no ops), else 0 (issue them: they run directly, or are being recorded and run at
+ * kern_graph_end). kern_graph_end returns 0, or KERN_GRAPH_RETRY when a recording failed and the ops
+ * must be issued again directly. kern_graph_reset drops every recording (the pointers they hold are
+ * about to change). */
+int kern_graph_begin(kern_backend_t *be, uint64_t key);
+int kern_graph_end(kern_backend_t *be);
+void kern_graph_reset(kern_backend_t *be);
 
 #ifdef __cplusplus
 }

@@ -37,16 +37,17 @@ engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
     if (budget && o->kv_fraction > 0)
         fl_log_warn("kv cache: --kv-budget given, --kv-fraction %.2f ignored", o->kv_fraction);
     if (!budget) {
-        /* A fraction of what is free once the weights are loaded: asked for, or half the device's
-         * by default on a GPU (a worker owns its GPU; two sharing one each take half of what is
-         * left). The CPU default stays small: host memory is shared with everything else. */
-        const bool on_gpu = !strcmp(e->be->ops->name, "cuda");
-        const double fraction = o->kv_fraction > 0 ? o->kv_fraction : on_gpu ? 0.5 : 0;
+        /* A fraction of what is free once the weights are loaded: asked for, or half of it by
+         * default where the backend has memory of its own (a GPU: a worker owns its GPU; two sharing
+         * one each take half of what is left). Host memory is shared with everything else, so its
+         * default stays small. */
+        const bool own_memory = kern_uses_device_memory(e->be);
+        const double fraction = o->kv_fraction > 0 ? o->kv_fraction : own_memory ? 0.5 : 0;
         size_t free_bytes = 0, total_bytes = 0;
         if (fraction > 0) {
             if (kern_mem_info(e->be, &free_bytes, &total_bytes)) {
                 fl_fail(err, FL_EUNSUPPORTED, "engine: the %s backend cannot report its free memory for --kv-fraction",
-                        e->be->ops->name);
+                        kern_backend_name(e->be));
                 goto fail;
             }
             budget = (size_t)(fraction * (double)free_bytes);

@@ -161,7 +161,7 @@ static kern_weight_t *load_matrix(model_t *m, const char *name, int64_t rows, in
         type = FL_TYPE_F32;
         data = f;
     }
-    kern_weight_t *w = m->be->ops->weight_new(m->be, type, rows, cols, data, &e2);
+    kern_weight_t *w = kern_weight_new(m->be, type, rows, cols, data, &e2);
     if (!w) fl_fail(err, e2.code ? e2.code : FL_EBACKEND, "%s: tensor '%s': %s", gguf_path(m->gguf), name, e2.msg);
     m->weight_bytes += t->nbytes;
     return w;
@@ -185,7 +185,7 @@ static float *load_vector(model_t *m, const char *name, int64_t n, bool required
         fl_fail(err, FL_ENOMEM, "%s: out of backend memory for '%s'", gguf_path(m->gguf), name);
         return NULL;
     }
-    if (m->be->ops->upload(m->be, d, t->data, (size_t)n * sizeof(float))) {
+    if (kern_upload(m->be, d, t->data, (size_t)n * sizeof(float))) {
         kern_free(m->be, d);
         fl_fail(err, FL_EBACKEND, "%s: uploading '%s' failed", gguf_path(m->gguf), name);
         return NULL;
@@ -317,7 +317,7 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
                 "type=%s tied=%d weights_mib=%.1f backend=%s",
                 path, c->n_layers, c->dim, c->n_ff, c->n_heads, c->n_kv_heads, c->head_dim, c->n_vocab,
                 c->n_ctx_train, fl_dtype_name(c->weight_type), c->tied_output, m->weight_bytes / 1048576.0,
-                be->ops->name);
+                kern_backend_name(be));
     return m;
 fail:
     model_destroy(&m);
@@ -329,20 +329,19 @@ void model_destroy(model_t **mp)
     model_t *m = mp ? *mp : NULL;
     if (!m) return;
     kern_backend_t *be = m->be;
-    void (*wdel)(kern_backend_t *, kern_weight_t *) = be->ops->weight_destroy;
     if (m->layers) {
         for (int l = 0; l < m->cfg.n_layers; l++) {
             model_layer_t *L = &m->layers[l];
             kern_weight_t *ws[] = {L->wq, L->wk, L->wv, L->wo, L->w_gate, L->w_up, L->w_down};
             for (size_t i = 0; i < 7; i++)
-                if (ws[i]) wdel(be, ws[i]);
+                if (ws[i]) kern_weight_destroy(be, ws[i]);
             if (L->attn_norm) kern_free(be, L->attn_norm);
             if (L->ffn_norm) kern_free(be, L->ffn_norm);
         }
         free(m->layers);
     }
-    if (m->output && m->output != m->tok_embd) wdel(be, m->output);
-    if (m->tok_embd) wdel(be, m->tok_embd);
+    if (m->output && m->output != m->tok_embd) kern_weight_destroy(be, m->output);
+    if (m->tok_embd) kern_weight_destroy(be, m->tok_embd);
     void *bufs[] = {m->output_norm, m->rope_freqs, m->x, m->xb, m->q, m->k, m->v, m->att, m->gate, m->up,
                     m->logit_in, m->logits, m->d_step};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
@@ -391,7 +390,7 @@ static int check_batch(model_t *m, const kv_cache_t *kv, const model_batch_t *b,
         const double t0_ = m->profile ? fl_clock_s() : 0;                                                            \
         __VA_ARGS__;                                                                                                 \
         if (m->profile) {                                                                                            \
-            be->ops->sync(be, NULL);                                                                                 \
+            kern_sync(be, NULL);                                                                                     \
             m->prof_s[MODEL_PROF_##slot] += fl_clock_s() - t0_;                                                      \
         }                                                                                                            \
     } while (0)
@@ -530,8 +529,9 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
     m->d_tokens = m->d_step, m->d_pos = m->d_step + n, m->d_seq = m->d_step + 2 * n;
     m->d_slots = m->d_step + 3 * n, m->d_block_tables = m->d_step + 4 * n;
     m->d_prompt_len = np ? m->d_step + 4 * n + nb : NULL;
-    if (be->ops->upload(be, m->d_step, m->h_step, 4 * row + (nb + np) * sizeof(int32_t)))
-        return fl_fail(err, FL_EBACKEND, "forward: uploading the batch to the %s backend failed", be->ops->name);
+    if (kern_upload(be, m->d_step, m->h_step, 4 * row + (nb + np) * sizeof(int32_t)))
+        return fl_fail(err, FL_EBACKEND, "forward: uploading the batch to the %s backend failed",
+                       kern_backend_name(be));
 
     /* A pure decode step (one token and one logit row per sequence, in order) repeats with the same
      * shapes and buffers: the backend may record it once and replay it (CUDA graphs). */
@@ -547,13 +547,13 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
         if (!graph_key || kern_graph_end(be) != KERN_GRAPH_RETRY) break;
         graph_key = 0; /* the recording failed: issue the ops again, directly */
     }
-    return be->ops->sync(be, err);
+    return kern_sync(be, err);
 }
 
 int model_logits(model_t *m, float *dst, int n)
 {
     if (n < 0 || n > m->max_logits) return FL_EINVAL;
-    return m->be->ops->download(m->be, dst, m->logits, (size_t)n * m->cfg.n_vocab * sizeof(float));
+    return kern_download(m->be, dst, m->logits, (size_t)n * m->cfg.n_vocab * sizeof(float));
 }
 
 void model_sample(model_t *m, int32_t *out, int n, const kern_sampling_t *params)

@@ -326,7 +326,7 @@ static void cpu_sample(kern_backend_t *be, int32_t *out, const float *logits, in
     cpu_backend_t *cb = (cpu_backend_t *)be;
     /* The adjustments, in place (kernels.h allows it: the rows are the caller's writable logits). */
     for (int i = 0; i < n; i++)
-        if (params[i].n_adjust > 0)
+        if (params[i].adjust && params[i].n_adjust > 0)
             kern_sample_adjust_row((float *)logits + (size_t)i * vocab, vocab, params[i].adjust, params[i].n_adjust);
     const size_t need = kern_sample_scratch_bytes(vocab);
     if (cb->samp_len < need) {
@@ -392,6 +392,7 @@ static int cpu_mem_info(kern_backend_t *be, size_t *free_bytes, size_t *total_by
 
 static const kern_ops_t cpu_ops = {
     .name = "cpu",
+    .device_memory = false, /* host memory, shared with the rest of the machine */
     .destroy = cpu_destroy,
     .alloc = cpu_alloc,
     .free = cpu_free,
@@ -453,7 +454,6 @@ kern_backend_t *kern_cpu_new(int n_threads, fl_error_t *err)
         return NULL;
     }
     const int nth = cpu_pool_size(cb->pool);
-    cb->base.n_threads = nth;
     cb->panel = calloc((size_t)nth, sizeof *cb->panel);
     cb->scores = calloc((size_t)nth, sizeof *cb->scores);
     if (!cb->panel || !cb->scores) {

@@ -16,7 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../kernels.h"
+#include "../backend_internal.h"
 
 /* Instruction sets the CPU kernels have paths for. Selected once at kern_cpu_new() from
  * __builtin_cpu_supports(), capped by the environment variable FOLIO_CPU_ISA=scalar|avx2|avx512.

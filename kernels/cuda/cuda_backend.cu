@@ -360,6 +360,7 @@ static void cuda_graph_reset(kern_backend_t *be)
 
 static const kern_ops_t cuda_ops = {
     "cuda",
+    true, /* device_memory */
     cuda_destroy,
     cuda_alloc,
     cuda_free,
@@ -436,7 +437,6 @@ extern "C" kern_backend_t *kern_cuda_module_new(int device, fl_error_t *err)
         return NULL;
     }
     cb->base.ops = &cuda_ops;
-    cb->base.n_threads = 1;
     cb->device = device;
     const char *gemv = getenv("FOLIO_CUDA_GEMV"), *graphs = getenv("FOLIO_CUDA_GRAPHS");
     cb->gemv = !(gemv && !strcmp(gemv, "0"));

@@ -21,7 +21,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "kernels.h"
+#include "../backend_internal.h"
 #include "sample_cuda.h"
 
 /* Shared between the module's files, not exported from it: kernels/backend.c finds only the

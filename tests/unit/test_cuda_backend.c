@@ -41,6 +41,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "backend_internal.h" /* white-box: which ops the CUDA table implements, and fused or not */
 #include "kernels.h"
 #include "quant.h"
 
@@ -155,7 +156,7 @@ static twin_t twin_new(size_t bytes, const void *host)
         printf("FAIL alloc: %zu bytes (cpu %p, cuda %p)\n", bytes, t.c, t.g);
         exit(1);
     }
-    if (host && (g_cpu->ops->upload(g_cpu, t.c, host, bytes) || g_gpu->ops->upload(g_gpu, t.g, host, bytes))) {
+    if (host && (kern_upload(g_cpu, t.c, host, bytes) || kern_upload(g_gpu, t.g, host, bytes))) {
         printf("FAIL upload: %zu bytes\n", bytes);
         exit(1);
     }
@@ -173,7 +174,7 @@ static void twin_free(twin_t *t)
 static bool gpu_sync(const char *name)
 {
     fl_error_t err = {0};
-    if (g_gpu->ops->sync(g_gpu, &err)) {
+    if (kern_sync(g_gpu, &err)) {
         result(false, name, "sync error: %s", err.msg);
         return false;
     }
@@ -183,7 +184,7 @@ static bool gpu_sync(const char *name)
 /* Downloads both halves of t to hc / hg (host). */
 static bool twin_get(const twin_t *t, void *hc, void *hg, size_t bytes, const char *name)
 {
-    if (g_cpu->ops->download(g_cpu, hc, t->c, bytes) || g_gpu->ops->download(g_gpu, hg, t->g, bytes)) {
+    if (kern_download(g_cpu, hc, t->c, bytes) || kern_download(g_gpu, hg, t->g, bytes)) {
         result(false, name, "download failed");
         return false;
     }
@@ -234,7 +235,7 @@ static void poison_gpu(const twin_t *t)
 {
     float *nan = xmalloc(t->bytes);
     for (size_t i = 0; i < t->bytes / sizeof(float); i++) nan[i] = NAN;
-    g_gpu->ops->upload(g_gpu, t->g, nan, t->bytes);
+    kern_upload(g_gpu, t->g, nan, t->bytes);
     free(nan);
 }
 
@@ -249,7 +250,7 @@ static bool have_op(const void *fn, const char *name)
 static void *gpu_copy(const void *host, size_t bytes)
 {
     void *p = kern_alloc(g_gpu, bytes);
-    if (!p || (host && g_gpu->ops->upload(g_gpu, p, host, bytes))) {
+    if (!p || (host && kern_upload(g_gpu, p, host, bytes))) {
         printf("FAIL alloc/upload: %zu bytes on the CUDA backend\n", bytes);
         exit(1);
     }
@@ -261,7 +262,7 @@ static bool gpu_same(const void *a, const void *b, size_t bytes, const char *nam
 {
     unsigned char *ha = xmalloc(bytes), *hb = xmalloc(bytes);
     bool same = false;
-    if (g_gpu->ops->download(g_gpu, ha, a, bytes) || g_gpu->ops->download(g_gpu, hb, b, bytes))
+    if (kern_download(g_gpu, ha, a, bytes) || kern_download(g_gpu, hb, b, bytes))
         result(false, name, "download failed");
     else if (gpu_sync(name))
         same = memcmp(ha, hb, bytes) == 0;
@@ -296,16 +297,16 @@ static bool qweight_new(qweight_t *w, int type, int rows, int cols, const char *
     }
     free(row);
     fl_error_t err = {0};
-    w->c = g_cpu->ops->weight_new(g_cpu, type, rows, cols, w->data, &err);
+    w->c = kern_weight_new(g_cpu, type, rows, cols, w->data, &err);
     if (!w->c) {
         result(false, name, "cpu weight_new: %s", err.msg);
         return false;
     }
     err = (fl_error_t){0};
-    w->g = g_gpu->ops->weight_new(g_gpu, type, rows, cols, w->data, &err);
+    w->g = kern_weight_new(g_gpu, type, rows, cols, w->data, &err);
     if (!w->g) {
         result(false, name, "cuda weight_new: %s", err.msg);
-        g_cpu->ops->weight_destroy(g_cpu, w->c);
+        kern_weight_destroy(g_cpu, w->c);
         free(w->data);
         *w = (qweight_t){0};
         return false;
@@ -315,8 +316,8 @@ static bool qweight_new(qweight_t *w, int type, int rows, int cols, const char *
 
 static void qweight_free(qweight_t *w)
 {
-    if (w->g) g_gpu->ops->weight_destroy(g_gpu, w->g);
-    if (w->c) g_cpu->ops->weight_destroy(g_cpu, w->c);
+    if (w->g) kern_weight_destroy(g_gpu, w->g);
+    if (w->c) kern_weight_destroy(g_cpu, w->c);
     free(w->data);
     *w = (qweight_t){0};
 }
@@ -466,8 +467,8 @@ static void test_matmul_multi(int type, const int *rows, int n_w, int cols, int 
                 exit(1);
             }
             kern_matmul(g_gpu, single, w[k].g, tx.g, n);
-            if (g_gpu->ops->download(g_gpu, a, single, cnt * sizeof(float)) ||
-                g_gpu->ops->download(g_gpu, b, ty[k].g, cnt * sizeof(float)) || !gpu_sync(name))
+            if (kern_download(g_gpu, a, single, cnt * sizeof(float)) ||
+                kern_download(g_gpu, b, ty[k].g, cnt * sizeof(float)) || !gpu_sync(name))
                 differ++;
             else if (memcmp(a, b, cnt * sizeof(float)))
                 differ++;
@@ -519,10 +520,8 @@ static void test_matmul_swiglu(int type, int rows, int cols, int n)
     float *go = gpu_copy(NULL, yn * sizeof(float)), *gu = gpu_copy(NULL, yn * sizeof(float));
     float *const ys[2] = {go, gu};
     const kern_weight_t *const ws[2] = {wg.g, wu.g};
-    if (g_gpu->ops->matmul_multi) g_gpu->ops->matmul_multi(g_gpu, ys, ws, 2, tx.g, n);
-    else
-        for (int k = 0; k < 2; k++) g_gpu->ops->matmul(g_gpu, ys[k], ws[k], tx.g, n);
-    g_gpu->ops->swiglu(g_gpu, go, go, gu, (int)yn);
+    kern_matmul_multi(g_gpu, ys, ws, 2, tx.g, n);
+    kern_swiglu(g_gpu, go, go, gu, (int)yn);
     const bool same = gpu_same(go, to.g, yn * sizeof(float), sub);
     result(same, sub, "out %s (fused op %s)", same ? "bit-equal" : "DIFFERS",
            g_gpu->ops->matmul_swiglu ? "present" : "NULL: the wrapper ran the plain ops");
@@ -604,8 +603,8 @@ static void test_add_rmsnorm(int n, int dim, float eps)
 
     /* the CUDA op against CUDA add then rmsnorm on copies of the same inputs */
     float *gx = gpu_copy(x, cnt * sizeof(float)), *gy = gpu_copy(NULL, cnt * sizeof(float));
-    g_gpu->ops->add(g_gpu, gx, td.g, n * dim);
-    g_gpu->ops->rmsnorm(g_gpu, gy, gx, tw.g, n, dim, eps);
+    kern_add(g_gpu, gx, td.g, n * dim);
+    kern_rmsnorm(g_gpu, gy, gx, tw.g, n, dim, eps);
     snprintf(sub, sizeof sub, "%s cuda fused == cuda add+rmsnorm", name);
     const bool same_x = gpu_same(gx, tx.g, cnt * sizeof(float), sub), same_y = same_x && gpu_same(gy, ty.g, cnt * sizeof(float), sub);
     result(same_x && same_y, sub, "x %s, y %s (fused op %s)", same_x ? "bit-equal" : "DIFFERS",
@@ -874,9 +873,9 @@ static void test_rope_kv_store(int n, int n_heads, int n_kv, int head_dim, int n
     snprintf(sub, sizeof sub, "%s cuda fused == cuda rope+rope+kv_store", name);
     float *gq = gpu_copy(q, qn * sizeof(float)), *gk = gpu_copy(k, kn * sizeof(float));
     fl_f16_t *gkc = gpu_copy(kinit, pool * sizeof(fl_f16_t)), *gvc = gpu_copy(vinit, pool * sizeof(fl_f16_t));
-    g_gpu->ops->rope(g_gpu, gq, tp.g, n, n_heads, head_dim, &rg);
-    g_gpu->ops->rope(g_gpu, gk, tp.g, n, n_kv, head_dim, &rg);
-    g_gpu->ops->kv_store(g_gpu, gkc, gvc, gk, tv.g, ts.g, n, kv_dim);
+    kern_rope(g_gpu, gq, tp.g, n, n_heads, head_dim, &rg);
+    kern_rope(g_gpu, gk, tp.g, n, n_kv, head_dim, &rg);
+    kern_kv_store(g_gpu, gkc, gvc, gk, tv.g, ts.g, n, kv_dim);
     const bool sq = gpu_same(gq, tq.g, qn * sizeof(float), sub), sk = gpu_same(gk, tk.g, kn * sizeof(float), sub),
                skc = gpu_same(gkc, kc.g, pool * sizeof(fl_f16_t), sub),
                svc = gpu_same(gvc, vc.g, pool * sizeof(fl_f16_t), sub);
@@ -1350,7 +1349,7 @@ int main(int argc, char **argv)
     const char *qe = getenv("FOLIO_CUDA_TEST_QUICK");
     g_quick = qe && *qe && strcmp(qe, "0") != 0;
     g_filter = argc > 1 ? argv[1] : NULL;
-    printf("CUDA backend %s vs CPU backend %s%s%s%s\n", g_gpu->ops->name, g_cpu->ops->name,
+    printf("CUDA backend %s vs CPU backend %s%s%s%s\n", kern_backend_name(g_gpu), kern_backend_name(g_cpu),
            g_quick ? " (quick case set)" : "", g_filter ? ", filter: " : "", g_filter ? g_filter : "");
     const double t0 = now_s();
 

@@ -86,7 +86,7 @@ static int run(engine_t *e, gen_request_t *reqs, int32_t (*outs)[N_GEN], int fir
                                   .max_tokens = N_GEN, .tokens = outs[first + i]};
     fl_error_t err = {0};
     if (gen_run(e->model, e->kv, reqs, n, NULL, NULL, NULL, &err)) {
-        printf("FAIL: gen_run (%s): %s\n", e->be->ops->name, err.msg);
+        printf("FAIL: gen_run (%s): %s\n", kern_backend_name(e->be), err.msg);
         return -1;
     }
     return 0;
