@@ -206,23 +206,25 @@ int tok_encode_prompt(const tok_t *t, const char *text, size_t len, bool plain_t
         count = fl_fail(err, FL_ERANGE, "prompt of %zu bytes is too long", len);
         goto done;
     }
-    /* Byte-level BPE gives at most one token per byte, plus BOS. */
-    const int need = (int)len + 16;
-    if (*cap < need) {
-        int32_t *p = realloc(*ids, (size_t)need * sizeof *p);
-        if (!p) {
-            count = fl_fail(err, FL_ENOMEM, "out of memory for %d prompt tokens", need);
-            goto done;
+    /* Byte-level BPE gives at most one token per byte of valid UTF-8, plus BOS; an invalid byte
+     * becomes U+FFFD, up to three tokens, and a second pass then has the exact count. */
+    int need = (int)len + 16;
+    for (;;) {
+        if (*cap < need) {
+            int32_t *p = realloc(*ids, (size_t)need * sizeof *p);
+            if (!p) {
+                count = fl_fail(err, FL_ENOMEM, "out of memory for %d prompt tokens", need);
+                break;
+            }
+            *ids = p;
+            *cap = need;
         }
-        *ids = p;
-        *cap = need;
+        count = chat ? tok_encode_plain_spans(t, src, len, tok_add_bos(t), spans, n_spans, *ids, *cap)
+                     : tok_encode(t, src, len, tok_add_bos(t), !plain_text, *ids, *cap);
+        if (count < 0) count = fl_fail(err, count, "tokenizing the prompt failed (%s)", fl_strerror(count));
+        if (count <= *cap) break;
+        need = count;
     }
-    count = chat ? tok_encode_plain_spans(t, src, len, tok_add_bos(t), spans, n_spans, *ids, *cap)
-                 : tok_encode(t, src, len, tok_add_bos(t), !plain_text, *ids, *cap);
-    if (count < 0)
-        count = fl_fail(err, count, "tokenizing the prompt failed (%s)", fl_strerror(count));
-    else if (count > *cap)
-        count = fl_fail(err, FL_ERANGE, "prompt gave more tokens (%d) than expected", count);
 done:
     free(templated);
     free(spans);

@@ -4,7 +4,8 @@
  * text is encoded with special-token parsing on or off, with the smollm or llama3 pre-tokenizer,
  * decoded whole and through the streaming decoder; invariants: no crash or over-read, the id count
  * fits the answer, every id is in the vocabulary, the stream never emits an incomplete character
- * mid-stream, and chat templating of the text as a message succeeds. */
+ * mid-stream, chat templating of the text as a message succeeds, and its prompt ids hold no special
+ * token but the template's. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,6 +82,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     char *chat = malloc((size_t)cl + 1);
     if (tok_chat_apply(t, &msg, 1, true, chat, (size_t)cl + 1) != cl) abort();
     free(chat);
+    /* The same chat as prompt ids: whatever the content spells, the template's markers are the only
+     * special tokens (two <|im_start|>, one <|im_end|>). */
+    int32_t *pids = NULL;
+    int pcap = 0;
+    const int pn = tok_encode_prompt(t, NULL, 0, false, &msg, 1, &pids, &pcap, NULL);
+    if (pn < 0 || pn > pcap) abort();
+    int starts = 0, ends = 0;
+    for (int i = 0; i < pn; i++) {
+        if (pids[i] < 0 || pids[i] >= g_vocab || pids[i] == 0) abort();
+        starts += pids[i] == 1;
+        ends += pids[i] == 2;
+    }
+    if (starts != 2 || ends != 1) abort();
+    free(pids);
     free(content);
     free(ids);
     return 0;

@@ -619,6 +619,28 @@ static void test_tiny_prompt_special_tokens_raw_and_chat(void **state)
     tok_destroy(&t);
 }
 
+/* Each invalid byte becomes U+FFFD, three byte tokens in a vocabulary without its merges: more
+ * tokens than bytes, which tok_encode_prompt once refused ("more tokens than expected"). */
+static void test_tiny_prompt_of_invalid_utf8_gets_all_its_tokens(void **state)
+{
+    static const char *const toks[] = {"<|im_start|>", "\xC3\xAF", "\xC2\xBF", "\xC2\xBD"}; /* EF BF BD */
+    static const int32_t types[] = {3, 1, 1, 1};
+    const tok_desc_t d = {.n_vocab = 4, .tokens = toks, .token_types = types, .pre = "smollm", .bos_id = -1,
+                          .eos_id = -1, .unk_id = -1, .pad_id = -1};
+    fl_error_t err = {0};
+    tok_t *t = tok_new(&d, &err);
+    assert_non_null(t);
+    char junk[100];
+    memset(junk, 0xFF, sizeof junk);
+    int32_t *ids = NULL;
+    int cap = 0;
+    assert_int_equal(tok_encode_prompt(t, junk, sizeof junk, false, NULL, 0, &ids, &cap, &err), 300);
+    assert_true(cap >= 300);
+    for (int i = 0; i < 300; i++) assert_int_equal(ids[i], 1 + i % 3);
+    free(ids);
+    tok_destroy(&t);
+}
+
 static void test_bad_inputs_are_refused(void **state)
 {
     fl_error_t err = {0};
@@ -740,6 +762,7 @@ int main(void)
         cmocka_unit_test(test_tiny_chat_template_default_system_is_parsed_from_template),
         cmocka_unit_test(test_tiny_plain_spans_keep_control_tokens_as_text),
         cmocka_unit_test(test_tiny_prompt_special_tokens_raw_and_chat),
+        cmocka_unit_test(test_tiny_prompt_of_invalid_utf8_gets_all_its_tokens),
         cmocka_unit_test(test_bad_inputs_are_refused),
         cmocka_unit_test(test_gguf_with_sentencepiece_model_is_unsupported),
     };

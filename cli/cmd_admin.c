@@ -1,0 +1,195 @@
+/* cmd_admin.c - folioctl's cluster administration:
+ *
+ *   up                 a coordinator and worker groups on this machine, in the foreground
+ *   status [--json]    groups, load, KV use, prefix-cache hit rate, routing latency
+ *   health [--json]    whether the cluster serves (exit 0 when it does)
+ *   drain GROUP / undrain GROUP
+ *
+ * `up` starts the processes through cli_cluster.c and reaps them here: a child that dies is logged
+ * and the rest keep running; SIGINT or SIGTERM stops them all. */
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#include "cli_cluster.h"
+#include "cli_json.h"
+#include "folioctl.h"
+#include "log.h"
+#include "model_path.h"
+
+static volatile sig_atomic_t g_child_exited;
+
+static void on_child(int sig)
+{
+    (void)sig;
+    g_child_exited = 1;
+}
+
+int cmd_status(const ctl_flags_t *f)
+{
+    folio_client_t *c = ctl_connect(f);
+    if (!c) return 1;
+    fl_error_t err = {0};
+    Folio__V1__Response *r = NULL;
+    if (folio_client_status(c, 5000, &r, &err)) {
+        fprintf(stderr, "error: %s\n", err.msg);
+        folio_client_destroy(&c);
+        return 1;
+    }
+    const Folio__V1__StatusReply *s = r->cluster;
+    if (f->json) {
+        cli_json_print_pb(&s->base);
+    } else {
+        printf("%-12s %-6s %-7s %-5s %7s %7s %8s %18s %6s %8s %7s\n", "GROUP", "RANKS", "HEALTHY", "DRAIN", "RUNNING",
+               "WAITING", "INFLIGHT", "KV USED/CACHED/TOT", "HIT%", "TOK/S", "HB AGE");
+        uint64_t prompt = 0, cached = 0, generated = 0;
+        double tps = 0;
+        for (size_t i = 0; i < s->n_groups; i++) {
+            const Folio__V1__GroupStatus *g = s->groups[i];
+            const Folio__V1__WorkerLoad *l = g->load;
+            char ranks[32] = "", kv[32] = "-", hit[16] = "-";
+            for (size_t k = 0; k < g->n_ranks && strlen(ranks) < 24; k++)
+                snprintf(ranks + strlen(ranks), sizeof ranks - strlen(ranks), "%s%u", k ? "," : "", g->ranks[k]);
+            if (!g->n_ranks) snprintf(ranks, sizeof ranks, "-");
+            if (l) {
+                snprintf(kv, sizeof kv, "%u/%u/%u", l->kv_blocks_used, l->kv_blocks_cached, l->kv_blocks_total);
+                if (l->prompt_tokens)
+                    snprintf(hit, sizeof hit, "%.1f",
+                             100.0 * (double)l->cached_prompt_tokens / (double)l->prompt_tokens);
+                prompt += l->prompt_tokens;
+                cached += l->cached_prompt_tokens;
+                generated += l->generated_tokens;
+                tps += l->tokens_per_s;
+            }
+            printf("%-12s %-6s %-7s %-5s %7u %7u %8u %18s %6s %8.1f %6.1fs\n", g->name, ranks,
+                   g->healthy ? "yes" : "NO", g->draining ? "yes" : "no", l ? l->running : 0, l ? l->waiting : 0,
+                   g->inflight, kv, hit, l ? l->tokens_per_s : 0.0, g->last_heartbeat_age_s);
+        }
+        if (!s->n_groups) printf("(no worker groups registered)\n");
+        printf("policy %s, block size %u; requests: %llu total, %llu in flight, %llu failed over\n",
+               *s->policy ? s->policy : "-", s->block_size, (unsigned long long)s->requests_total,
+               (unsigned long long)s->requests_inflight, (unsigned long long)s->requests_failed_over);
+        printf("tokens: %llu prompt (%.1f%% from the prefix cache), %llu generated, %.1f tok/s now; "
+               "route p50 %.0f us, p99 %.0f us\n",
+               (unsigned long long)prompt, prompt ? 100.0 * (double)cached / (double)prompt : 0.0,
+               (unsigned long long)generated, tps, s->route_p50_us, s->route_p99_us);
+    }
+    folio__v1__response__free_unpacked(r, NULL);
+    folio_client_destroy(&c);
+    return 0;
+}
+
+int cmd_health(const ctl_flags_t *f)
+{
+    folio_client_t *c = ctl_connect(f);
+    if (!c) return 1;
+    fl_error_t err = {0};
+    Folio__V1__Response *r = NULL;
+    if (folio_client_health(c, 5000, &r, &err)) {
+        fprintf(stderr, "error: %s\n", err.msg);
+        folio_client_destroy(&c);
+        return 1;
+    }
+    const Folio__V1__HealthReply *h = r->health;
+    const bool serving = h->serving;
+    if (f->json)
+        cli_json_print_pb(&h->base);
+    else
+        printf("%s: %u of %u groups healthy\n", serving ? "serving" : "NOT serving", h->healthy_groups, h->groups);
+    folio__v1__response__free_unpacked(r, NULL);
+    folio_client_destroy(&c);
+    return serving ? 0 : 1;
+}
+
+int cmd_drain(const ctl_flags_t *f, bool undrain)
+{
+    if (!f->positional) {
+        fprintf(stderr, "error: %s needs a GROUP (see folioctl status)\n", undrain ? "undrain" : "drain");
+        return 2;
+    }
+    folio_client_t *c = ctl_connect(f);
+    if (!c) return 1;
+    fl_error_t err = {0};
+    int rc = folio_client_drain(c, f->positional, undrain, 5000, &err);
+    if (rc)
+        fprintf(stderr, "error: %s\n", err.msg);
+    else
+        printf("%s %s\n", f->positional, undrain ? "undrained: admitting new requests" : "draining: no new requests");
+    folio_client_destroy(&c);
+    return rc ? 1 : 0;
+}
+
+static const char *cluster_child_name(const cluster_t *cl, pid_t pid, char *buf, size_t cap)
+{
+    if (pid == cl->coordinator) return "coordinator";
+    for (int i = 0; i < cl->n_workers; i++)
+        if (pid == cl->workers[i]) {
+            snprintf(buf, cap, "worker g%d", i);
+            return buf;
+        }
+    return NULL;
+}
+
+int cmd_up(const ctl_flags_t *f)
+{
+    cluster_opts_t o = {.model = f->engine.model_path,
+                        .n_groups = (int)f->groups,
+                        .threads_per_worker = (int)f->threads_per_worker,
+                        .client_endpoint = f->listen ? f->listen : f->coordinator,
+                        .worker_endpoint = f->workers,
+                        .policy = f->policy,
+                        .kv_budget_bytes = f->engine.kv_budget_bytes,
+                        .block_size = f->engine.block_size,
+                        .max_batch_tokens = (int)f->max_batch_tokens,
+                        .no_prefix_cache = f->no_prefix_cache,
+                        .heartbeat_ms = (int)f->heartbeat_ms,
+                        .log_dir = f->log_dir};
+    ctl_interrupted = 0;
+    ctl_set_handler(SIGINT, ctl_on_interrupt);
+    ctl_set_handler(SIGTERM, ctl_on_interrupt);
+    ctl_set_handler(SIGCHLD, on_child);
+    fprintf(stderr, "starting coordinator and %d worker group%s on %s ...\n", o.n_groups, o.n_groups == 1 ? "" : "s",
+            fl_model_path(o.model));
+    fl_error_t err = {0};
+    cluster_t *cl = cluster_start(&o, 600000, &err);
+    if (!cl) {
+        fprintf(stderr, "error: %s\n", err.msg);
+        return 1;
+    }
+    printf("coordinator pid %d  clients: %s  workers: %s\n", (int)cl->coordinator, cl->client_endpoint,
+           cl->worker_endpoint);
+    for (int i = 0; i < cl->n_workers; i++) printf("group g%d  pid %d  healthy\n", i, (int)cl->workers[i]);
+    printf("folio cluster up: %d group%s serving at %s (Ctrl-C stops it)\n", cl->n_workers,
+           cl->n_workers == 1 ? "" : "s", cl->client_endpoint);
+    fflush(stdout);
+    int alive = cl->n_workers + 1;
+    while (!ctl_interrupted && alive > 0) {
+        struct timespec ts = {0, 200 * 1000000L};
+        nanosleep(&ts, NULL);
+        if (ctl_interrupted) break;
+        g_child_exited = 0;
+        int st;
+        pid_t pid;
+        while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+            char buf[32];
+            const char *name = cluster_child_name(cl, pid, buf, sizeof buf);
+            if (!name) continue;
+            if (WIFSIGNALED(st))
+                fl_log_error("folioctl up: %s (pid %d) was killed by signal %d; the rest keep running", name, (int)pid,
+                             WTERMSIG(st));
+            else
+                fl_log_error("folioctl up: %s (pid %d) exited with status %d; the rest keep running", name, (int)pid,
+                             WEXITSTATUS(st));
+            if (pid == cl->coordinator) cl->coordinator = 0;
+            for (int i = 0; i < cl->n_workers; i++)
+                if (pid == cl->workers[i]) cl->workers[i] = 0;
+            alive--;
+        }
+    }
+    const bool stopped = ctl_interrupted;
+    fprintf(stderr, "%s\n", stopped ? "stopping the cluster ..." : "every cluster process has exited");
+    cluster_stop(&cl);
+    return stopped ? 0 : 1;
+}
