@@ -260,6 +260,7 @@ static void cuda_destroy(kern_backend_t *be)
     if (cb->stream) cudaStreamDestroy(cb->stream);
     if (cb->d_rows) cudaFree(cb->d_rows);
     free(cb->h_rows);
+    cuda_sample_adjust_free(&cb->adjust);
     free(cb);
 }
 

@@ -67,6 +67,8 @@ void cuda_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, i
     if (!grow_device(cb, (void **)&cb->d_keys, &cb->keys_cap, (size_t)n * sizeof(unsigned long long), "argmax keys",
                      false))
         return;
+    /* The adjustments first, in place (kernels.h allows it): greedy rows take the adjusted argmax. */
+    OP_CUDA(cb, cuda_sample_adjust(&cb->adjust, (float *)logits, n, vocab, params, cb->stream));
     OP_CUDA(cb, cudaMemsetAsync(cb->d_keys, 0, (size_t)n * sizeof(unsigned long long), cb->stream));
     const int per_block = ARGMAX_THREADS * ARGMAX_PER_THREAD;
     launch(cb, k_argmax_part, dim3((unsigned)n, (unsigned)((vocab + per_block - 1) / per_block)), ARGMAX_THREADS,
@@ -94,6 +96,7 @@ void cuda_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, i
             r->inv_t = r->active ? 1.0f / p->temperature : 0.0f; /* as kern_sample_row rounds it */
             r->top_p = p->top_p;
             r->top_k = p->top_k;
+            r->min_w = kern_sample_min_weight(p->min_p);
         }
         /* Pageable source: the copy has read h_rows when the call returns. */
         OP_CUDA(cb, cudaMemcpyAsync(cb->d_rows, cb->h_rows, bytes, cudaMemcpyHostToDevice, cb->stream));

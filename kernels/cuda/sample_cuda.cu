@@ -7,10 +7,14 @@
  *     is found by a radix select over the 32-bit keys, 8 bits a pass, with shared histograms of
  *     counts or weights; among the tokens that share that key, the need is met in id order by a
  *     block scan over contiguous id chunks.
- *   - The kept set is then {key > tau} + {key == tau, id <= id_tau}; the draw walks it in id order
- *     by the same chunked scan.
- * Passes recompute weights from the logits (cheap next to reading them). */
+ *   - The kept set is then {key > tau} + {key == tau, id <= id_tau}; min-p, a filter on weight,
+ *     applies within the draw, which walks the kept in id order by the same chunked scan.
+ * Passes recompute weights from the logits (cheap next to reading them). The logit adjustments run
+ * before all this, as a small kernel writing the adjusted values into the rows (one thread each;
+ * a row's tokens are distinct, so no two threads write one logit). */
+#include <assert.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "sample_cuda.h"
@@ -165,7 +169,7 @@ __global__ void k_sample_rows(const float *logits, int vocab, const cuda_sample_
         set = select_bound(l, vocab, mx, inv_t, set, false, want, &sh);
     }
 
-    /* The draw: the first kept id, in id order, whose running weight exceeds target. */
+    /* min-p, then the draw: the first kept id, in id order, whose running weight exceeds target. */
     const int chunk = (vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
     const int lo = min(vocab, (int)threadIdx.x * chunk), hi = min(vocab, lo + chunk);
     unsigned long long mine = 0;
@@ -173,7 +177,9 @@ __global__ void k_sample_rows(const float *logits, int vocab, const cuda_sample_
     for (int i = lo; i < hi; i++) {
         const float li = l[i];
         if (!kept(kern_sample_key(li), i, set)) continue;
-        mine += kern_sample_weight(li, mx, inv_t);
+        const unsigned long long w = kern_sample_weight(li, mx, inv_t);
+        if (w < p.min_w) continue;
+        mine += w;
         last = i;
     }
     unsigned long long S;
@@ -186,7 +192,9 @@ __global__ void k_sample_rows(const float *logits, int vocab, const cuda_sample_
         for (int i = lo; i < hi; i++) {
             const float li = l[i];
             if (!kept(kern_sample_key(li), i, set)) continue;
-            run += kern_sample_weight(li, mx, inv_t);
+            const unsigned long long w = kern_sample_weight(li, mx, inv_t);
+            if (w < p.min_w) continue;
+            run += w;
             if (run > target) {
                 sh.bcast_id = i;
                 break;
@@ -208,4 +216,64 @@ cudaError_t cuda_sample_launch(const float *logits, int n, int vocab, const cuda
     if (n <= 0 || vocab <= 1) return cudaSuccess;
     k_sample_rows<<<n, SAMPLE_THREADS, 0, stream>>>(logits, vocab, rows, out);
     return cudaGetLastError();
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Logit adjustments */
+
+struct cuda_adjust_entry {
+    int32_t row, token;
+    float penalty, add;
+};
+
+__global__ void k_adjust(float *logits, int vocab, const cuda_adjust_entry *e, int n)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float *l = logits + (size_t)e[i].row * vocab + e[i].token;
+    *l = kern_sample_adjust_logit(*l, e[i].penalty, e[i].add);
+}
+
+cudaError_t cuda_sample_adjust(cuda_sample_adjust_t *a, float *logits, int n, int vocab,
+                               const kern_sampling_t *params, cudaStream_t stream)
+{
+    size_t total = 0;
+    for (int r = 0; r < n; r++)
+        if (params[r].adjust && params[r].n_adjust > 0) total += (size_t)params[r].n_adjust;
+    if (total == 0 || vocab <= 0) return cudaSuccess;
+    if (total > a->cap) {
+        size_t cap = a->cap * 2 > total ? a->cap * 2 : total;
+        if (cap < 1024) cap = 1024;
+        cuda_adjust_entry *h = (cuda_adjust_entry *)realloc(a->h, cap * sizeof *h);
+        if (!h) return cudaErrorMemoryAllocation;
+        a->h = h;
+        if (a->d) cudaFree(a->d); /* waits for the device: no earlier call still reads it */
+        a->d = NULL;
+        a->cap = 0;
+        const cudaError_t e = cudaMalloc((void **)&a->d, cap * sizeof *a->d);
+        if (e != cudaSuccess) return e;
+        a->cap = cap;
+    }
+    int k = 0;
+    for (int r = 0; r < n; r++) {
+        const kern_logit_adjust_t *adj = params[r].adjust;
+        if (!adj) continue;
+        assert(kern_sample_adjust_distinct(adj, params[r].n_adjust));
+        for (int j = 0; j < params[r].n_adjust; j++)
+            if (adj[j].token >= 0 && adj[j].token < vocab) /* as kern_sample_adjust_row skips the rest */
+                a->h[k++] = cuda_adjust_entry{r, adj[j].token, adj[j].penalty, adj[j].add};
+    }
+    if (k == 0) return cudaSuccess;
+    /* Pageable source: the copy has read a->h when the call returns. */
+    cudaError_t e = cudaMemcpyAsync(a->d, a->h, (size_t)k * sizeof *a->h, cudaMemcpyHostToDevice, stream);
+    if (e != cudaSuccess) return e;
+    k_adjust<<<(k + 255) / 256, 256, 0, stream>>>(logits, vocab, a->d, k);
+    return cudaGetLastError();
+}
+
+void cuda_sample_adjust_free(cuda_sample_adjust_t *a)
+{
+    if (a->d) cudaFree(a->d);
+    free(a->h);
+    *a = cuda_sample_adjust_t{};
 }

@@ -23,7 +23,8 @@
  *   fused op vs CUDA plain ops     bit-equal (kernels.h: each fused op equals its plain ops)
  *   sample                         ids equal, greedy and (seed, position)-seeded draws alike; greedy
  *                                  edge rows (NaN, +-inf, signed zeros, ties across the CUDA
- *                                  argmax's 2048-logit blocks) also equal to the id the rule gives
+ *                                  argmax's 2048-logit blocks) also equal to the id the rule gives;
+ *                                  with logit adjustments and min-p, the adjusted rows bit-equal too
  * Each case prints "ok|FAIL <op> <shape> err=<err> (tol <tol>)"; a summary ends the run; the exit
  * status is 1 on any failure.
  *
@@ -1261,6 +1262,81 @@ static void test_sample_seeded(int n, int vocab, int round)
     free(p);
 }
 
+/* Logit adjustments and min-p with every other parameter, greedy rows among the drawn: each row of
+ * kind i % N_ROW_KINDS gets a list of distinct tokens (its best id first, then random ones, and ids
+ * outside the vocabulary, which both skip) with repetition penalties above and below 1, additive
+ * terms and bans. The sample op writes the adjusted logits into the rows, so the rows must come out
+ * bit-equal as well as the ids. */
+static void test_sample_adjusted(int n, int vocab, int round)
+{
+    char name[128];
+    snprintf(name, sizeof name, "sample adjusted+min-p rows=%d vocab=%d round=%d", n, vocab, round);
+    if (!wanted(name) || !have_op((const void *)g_gpu->ops->sample, name)) return;
+    static const float temps[] = {0.0f, 0.3f, 0.8f, 1.0f, 1.5f};
+    static const float top_ps[] = {1.0f, 0.95f, 0.9f, 0.5f};
+    static const float min_ps[] = {0.0f, 0.0f, 0.01f, 0.05f, 0.1f, 0.5f, 1.0f, 2.0f};
+    static const float penalties[] = {1.0f, 1.0f, 1.1f, 1.3f, 0.8f, 2.0f};
+    static const float adds[] = {0.0f, -0.4f, 1.25f, -INFINITY, 3.0f, -2.0f, 0.1f};
+    const int top_ks[] = {0, 1, 20, 40, vocab - 1, vocab};
+    enum { MAX_ADJ = 48 };
+    const size_t row_bytes = (size_t)vocab * sizeof(float);
+    float *l = xmalloc((size_t)n * row_bytes);
+    kern_sampling_t *p = xmalloc((size_t)n * sizeof(kern_sampling_t));
+    kern_logit_adjust_t *adj = xmalloc((size_t)n * MAX_ADJ * sizeof(kern_logit_adjust_t));
+    for (int i = 0; i < n; i++) {
+        float *row = l + (size_t)i * vocab;
+        make_row(row, vocab, i % N_ROW_KINDS, NULL);
+        kern_logit_adjust_t *a = adj + (size_t)i * MAX_ADJ;
+        int best = 0;
+        for (int v = 1; v < vocab; v++)
+            if (row[v] > row[best]) best = v;
+        const int want = rnd_int(MAX_ADJ + 1);
+        int k = 0;
+        for (int tries = 0; k < want && tries < 4 * MAX_ADJ; tries++) {
+            const int r = rnd_int(20);
+            const int32_t t = k == 0 ? best : r == 0 ? -1 - rnd_int(3) : r == 1 ? vocab + rnd_int(3) : rnd_int(vocab);
+            bool dup = false;
+            for (int j = 0; j < k && !dup; j++) dup = a[j].token == t;
+            if (dup) continue;
+            a[k++] = (kern_logit_adjust_t){.token = t, .penalty = penalties[rnd_int(6)], .add = adds[rnd_int(7)]};
+        }
+        p[i] = (kern_sampling_t){.temperature = temps[rnd_int(5)], .top_k = top_ks[rnd_int(6)],
+                                 .top_p = top_ps[rnd_int(4)], .seed = rnd_u64(), .position = rnd_u64() % 100000,
+                                 .min_p = min_ps[rnd_int(8)], .adjust = a, .n_adjust = k};
+    }
+    twin_t tl = twin_new((size_t)n * row_bytes, l);
+    int32_t *oc = xmalloc((size_t)n * sizeof(int32_t)), *og = xmalloc((size_t)n * sizeof(int32_t));
+    for (int i = 0; i < n; i++) oc[i] = og[i] = -12345;
+    kern_sample(g_cpu, oc, tl.c, n, vocab, p);
+    kern_sample(g_gpu, og, tl.g, n, vocab, p);
+    float *rc = xmalloc((size_t)n * row_bytes), *rg = xmalloc((size_t)n * row_bytes);
+    int bad = 0, bad_rows = 0;
+    if (!twin_get(&tl, rc, rg, (size_t)n * row_bytes, name)) {
+        bad = n;
+    } else {
+        for (int i = 0; i < n; i++) {
+            const bool rows_eq = memcmp(rc + (size_t)i * vocab, rg + (size_t)i * vocab, row_bytes) == 0;
+            bad_rows += !rows_eq;
+            if (oc[i] == og[i] && rows_eq) continue;
+            if (bad++ < 10)
+                printf("     row %d (%s): cuda id %d, cpu id %d, adjusted rows %s (temperature %g top_k %d top_p %g "
+                       "min_p %g n_adjust %d seed %llu position %llu)\n",
+                       i, k_row_kinds[i % N_ROW_KINDS], og[i], oc[i], rows_eq ? "equal" : "DIFFER",
+                       p[i].temperature, p[i].top_k, p[i].top_p, p[i].min_p, p[i].n_adjust,
+                       (unsigned long long)p[i].seed, (unsigned long long)p[i].position);
+        }
+    }
+    result(bad == 0, name, "mismatched rows=%d (of which adjusted logits differ: %d)", bad, bad_rows);
+    twin_free(&tl);
+    free(rc);
+    free(rg);
+    free(oc);
+    free(og);
+    free(l);
+    free(p);
+    free(adj);
+}
+
 /* ------------------------------------------------------------------------------------------------ */
 
 /* Every attention case; run once per attention kernel of the CUDA backend. */
@@ -1537,6 +1613,8 @@ int main(int argc, char **argv)
     }
     for (int i = 0; i < n_voc; i++)
         for (int r = 0; r < (g_quick ? 1 : 4); r++) test_sample_seeded(N_ROW_KINDS * 2, vocabs[i], r);
+    for (int i = 0; i < n_voc; i++)
+        for (int r = 0; r < (g_quick ? 1 : 4); r++) test_sample_adjusted(N_ROW_KINDS * 2, vocabs[i], r);
 
     const double dt = now_s() - t0;
     printf("summary: %d passed, %d failed (%.1f s)%s\n", g_pass, g_fail, dt,
