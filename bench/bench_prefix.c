@@ -14,19 +14,17 @@
  * each worker's KV budget sized so that only about 3 prefixes fit next to the running requests; the
  * coordinator policies prefix, round-robin and least-loaded, and one group holding the 4 workers'
  * memory together ("single"), are compared by prefix-cache hit rate (cached / prompt tokens over the
- * measured requests), first-token time and throughput.
- *
- * The helpers the cluster benchmarks share (bench.h) live here too. */
+ * measured requests), first-token time and throughput. */
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "bench.h"
+#include "bench_cluster.h"
+#include "clock.h"
 #include "model_path.h"
 #include "flags.h"
 #include "folio_client.h"
@@ -37,84 +35,6 @@
 #define MAX_GROUPS 64
 #define CLUSTER_WAIT_MS 120000
 #define IDLE_LIMIT_S 300.0 /* no response at all for this long: the run has failed */
-
-/* ---------------------------------------------------------------- shared helpers */
-
-double bench_now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-double bench_percentile(double *v, int n, double p)
-{
-    if (n <= 0) return 0;
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    int k = (int)ceil(p * n) - 1; /* nearest rank */
-    if (k < 0) k = 0;
-    if (k >= n) k = n - 1;
-    return v[k];
-}
-
-double bench_mean(const double *v, int n)
-{
-    double s = 0;
-    for (int i = 0; i < n; i++) s += v[i];
-    return n ? s / n : 0;
-}
-
-void bench_endpoints(char client[256], char worker[256])
-{
-    static int counter;
-    counter++;
-    snprintf(client, 256, "ipc:///tmp/folio-bench-%d-%d-c", (int)getpid(), counter);
-    snprintf(worker, 256, "ipc:///tmp/folio-bench-%d-%d-w", (int)getpid(), counter);
-}
-
-int bench_write_json(const char *path, void *json)
-{
-    char *s = cJSON_Print((cJSON *)json);
-    FILE *f = s ? fopen(path, "w") : NULL;
-    int rc = 0;
-    if (!f || fprintf(f, "%s\n", s) < 0) {
-        fprintf(stderr, "error: cannot write %s: %s\n", path, strerror(errno));
-        rc = -1;
-    }
-    if (f && fclose(f)) rc = -1;
-    cJSON_free(s);
-    return rc;
-}
-
-cluster_t *bench_cluster_start(cluster_opts_t *opts, char client[256], char worker[256], int wait_ms)
-{
-    if (!opts->client_endpoint || !opts->worker_endpoint) {
-        bench_endpoints(client, worker);
-        opts->client_endpoint = client;
-        opts->worker_endpoint = worker;
-    }
-    fl_error_t err = {0};
-    cluster_t *c = cluster_start(opts, wait_ms, &err);
-    if (!c) fprintf(stderr, "error: starting the cluster: %s\n", err.msg);
-    return c;
-}
-
-void bench_cluster_stop(cluster_t **cp)
-{
-    if (!cp || !*cp) return;
-    char eps[2][256];
-    snprintf(eps[0], sizeof eps[0], "%s", (*cp)->client_endpoint);
-    snprintf(eps[1], sizeof eps[1], "%s", (*cp)->worker_endpoint);
-    cluster_stop(cp);
-    for (int i = 0; i < 2; i++)
-        if (!strncmp(eps[i], "ipc://", 6)) unlink(eps[i] + 6);
-}
 
 /* ---------------------------------------------------------------- the load driver */
 
@@ -195,10 +115,10 @@ static int drive(folio_client_t *c, preq_t *r, int n, double qps, int output_tok
     uint64_t rng = seed;
     uint64_t first_id = 0;
     int sent = 0, done = 0;
-    const double t0 = bench_now_s();
+    const double t0 = fl_clock_s();
     double next_send = t0, last_event = t0;
     while (done < n) {
-        double now = bench_now_s();
+        double now = fl_clock_s();
         if (sent < n && now >= next_send) {
             preq_t *q = &r[sent];
             folio_generate_params_t p = {.tokens = q->prompt, .n_tokens = q->n_prompt, .max_tokens = output_tokens,
@@ -229,7 +149,7 @@ static int drive(folio_client_t *c, preq_t *r, int n, double qps, int output_tok
             fprintf(stderr, "error: receive: %s\n", err.msg);
             return -1;
         }
-        now = bench_now_s();
+        now = fl_clock_s();
         if (got == 0) {
             if (sent == n && now - last_event > IDLE_LIMIT_S) {
                 fprintf(stderr, "error: no response for %.0f s with %d of %d requests unfinished\n", IDLE_LIMIT_S,
@@ -516,31 +436,18 @@ static int requests_for(const prefix_flags_t *f, double qps)
     return n > 16 ? n : 16;
 }
 
-static char *make_log_dir(const prefix_flags_t *f, char *buf, size_t cap)
-{
-    if (f->log_dir) return (char *)f->log_dir;
-    snprintf(buf, cap, "/tmp/folio-bench-%d", (int)getpid());
-    return buf;
-}
-
 /* One cluster per method; the loads run in order on it. */
 static int run_method(const prefix_flags_t *f, const model_facts_t *mf, bool prefix_cache, const char *log_dir,
                       int32_t *prompts, run_result_t *res /* [n_loads] */)
 {
-    char ce[256], we[256];
     cluster_opts_t o = {.model = f->model, .n_groups = (int)f->groups, .threads_per_worker = (int)f->threads_per_worker,
                         .kv_budget_bytes = f->kv_budget, .block_size = (int)f->block_size,
                         .max_batch_tokens = (int)f->max_batch_tokens, .no_prefix_cache = !prefix_cache,
                         .log_dir = log_dir};
-    cluster_t *cl = bench_cluster_start(&o, ce, we, CLUSTER_WAIT_MS);
-    if (!cl) return -1;
-    fl_error_t err = {0};
-    folio_client_t *c = folio_client_new(cl->client_endpoint, &err);
+    bench_cluster_t bc;
+    if (bench_cluster_open(&bc, &o, CLUSTER_WAIT_MS)) return -1;
+    folio_client_t *c = bc.client;
     int rc = -1;
-    if (!c) {
-        fprintf(stderr, "error: client: %s\n", err.msg);
-        goto out;
-    }
     const int plen = (int)(f->prefix_tokens + f->input_tokens);
     /* Warm-up: the shared prefix with its own input ids. */
     int32_t *wp = malloc((size_t)plen * sizeof *wp);
@@ -571,8 +478,7 @@ static int run_method(const prefix_flags_t *f, const model_facts_t *mf, bool pre
     }
     rc = 0;
 out:
-    folio_client_destroy(&c);
-    bench_cluster_stop(&cl);
+    bench_cluster_close(&bc);
     return rc;
 }
 
@@ -598,7 +504,7 @@ static int run_prefix_vs_base(const prefix_flags_t *f, const char *model_path, c
     run_result_t res[2][MAX_LOADS];
     memset(res, 0, sizeof res);
     bool have[2] = {false, false};
-    const double t0 = bench_now_s();
+    const double t0 = fl_clock_s();
     for (int m = 0; m < 2; m++) {
         if (!want[m]) continue;
         if (run_method(f, mf, m == 0, log_dir, prompts, res[m])) {
@@ -609,7 +515,7 @@ static int run_prefix_vs_base(const prefix_flags_t *f, const char *model_path, c
         have[m] = true;
     }
     free(prompts);
-    const double elapsed = bench_now_s() - t0;
+    const double elapsed = fl_clock_s() - t0;
 
     printf("folio-bench prefix  model=%s groups=%ld threads/worker=%ld prefix=%ld input=%ld output=%ld "
            "kv_budget=%s%.0fMiB (%.1f s)\n",
@@ -756,10 +662,10 @@ static int run_routing(const prefix_flags_t *f, const char *model_path, const mo
         runs[n_runs].groups = runs[n_runs].single ? 1 : (int)f->groups;
         n_runs++;
     }
-    const double t0 = bench_now_s();
+    const double t0 = fl_clock_s();
     for (int k = 0; k < n_runs; k++) {
         policy_run_t *pr = &runs[k];
-        char ce[256], we[256], lf[32];
+        char lf[32];
         const char *cargs[3] = {NULL, NULL, NULL};
         if (pr->load_factor > 0 && !pr->single) {
             snprintf(lf, sizeof lf, "%g", pr->load_factor);
@@ -771,17 +677,15 @@ static int run_routing(const prefix_flags_t *f, const char *model_path, const mo
                             .kv_budget_bytes = pr->single ? budget * (size_t)f->groups : budget,
                             .block_size = bs, .max_batch_tokens = (int)f->max_batch_tokens,
                             .policy = pr->single ? NULL : pr->policy, .coordinator_args = cargs, .log_dir = log_dir};
-        cluster_t *cl = bench_cluster_start(&o, ce, we, CLUSTER_WAIT_MS);
-        if (!cl) {
+        bench_cluster_t bc;
+        if (bench_cluster_open(&bc, &o, CLUSTER_WAIT_MS)) {
             free(prefixes);
             return 1;
         }
-        fl_error_t err = {0};
-        folio_client_t *c = folio_client_new(cl->client_endpoint, &err);
-        int rc = c ? 0 : -1;
-        if (!c) fprintf(stderr, "error: client: %s\n", err.msg);
+        folio_client_t *c = bc.client;
+        int rc = 0;
         int32_t *wp = malloc((size_t)plen * sizeof *wp);
-        if (!rc && wp) {
+        if (wp) {
             memcpy(wp, prefixes + (size_t)P * f->prefix_tokens, (size_t)f->prefix_tokens * sizeof *wp);
             random_ids(wp + f->prefix_tokens, (int)f->input_tokens, mf->n_vocab, f->seed ^ 0x5757ull);
             rc = warm_up(c, wp, plen, (int)f->output_tokens);
@@ -816,8 +720,7 @@ static int run_routing(const prefix_flags_t *f, const char *model_path, const mo
             free(r);
             free(pp);
         }
-        folio_client_destroy(&c);
-        bench_cluster_stop(&cl);
+        bench_cluster_close(&bc);
         if (rc) {
             fprintf(stderr, "error: policy %s failed (logs in %s)\n", pr->name, log_dir);
             free(prefixes);
@@ -825,7 +728,7 @@ static int run_routing(const prefix_flags_t *f, const char *model_path, const mo
         }
     }
     free(prefixes);
-    const double elapsed = bench_now_s() - t0;
+    const double elapsed = fl_clock_s() - t0;
 
     printf("folio-bench prefix --routing  model=%s prefixes=%d prefix=%ld input=%ld output=%ld block=%d (%.1f s)\n",
            model_path, P, f->prefix_tokens, f->input_tokens, f->output_tokens, bs, elapsed);
@@ -938,7 +841,7 @@ int bench_prefix(int argc, char **argv)
     if (read_model_facts(model_path, &mf)) return 1;
     if (mf.n_vocab <= 3) return 1;
     char dir[128];
-    const char *log_dir = make_log_dir(&f, dir, sizeof dir);
+    const char *log_dir = bench_log_dir(f.log_dir, dir, sizeof dir);
     fprintf(stderr, "bench prefix: process logs in %s\n", log_dir);
     return f.routing ? run_routing(&f, model_path, &mf, log_dir) : run_prefix_vs_base(&f, model_path, &mf, log_dir);
 }

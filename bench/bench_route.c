@@ -17,6 +17,8 @@
 #include <unistd.h>
 
 #include "bench.h"
+#include "bench_cluster.h"
+#include "clock.h"
 #include "model_path.h"
 #include "flags.h"
 #include "folio_client.h"
@@ -117,7 +119,7 @@ static int phase_latency(folio_client_t *c, const char *text, int n, int warm, r
     int k = 0;
     for (int i = 0; i < warm + n; i++) {
         uint64_t id;
-        const double t0 = bench_now_s();
+        const double t0 = fl_clock_s();
         if (folio_client_send_generate(c, &p, &id, &err)) goto fail;
         folio_event_t ev;
         for (;;) {
@@ -131,7 +133,7 @@ static int phase_latency(folio_client_t *c, const char *text, int n, int warm, r
             folio_event_clear(&ev);
             if (done) break;
         }
-        if (i >= warm) lat[k++] = (bench_now_s() - t0) * 1e6;
+        if (i >= warm) lat[k++] = (fl_clock_s() - t0) * 1e6;
     }
     row->requests = n;
     row->client_p50_us = bench_percentile(lat, k, 0.5);
@@ -166,15 +168,15 @@ static int phase_throughput(folio_client_t *c, const char *text, int inflight, d
         return -1;
     }
     int n_lat = 0;
-    const double t_start = bench_now_s(), t_measure = t_start + warm_s, t_end = t_measure + duration_s;
+    const double t_start = fl_clock_s(), t_measure = t_start + warm_s, t_end = t_measure + duration_s;
     double t_last = t_measure;
     for (;;) {
-        double now = bench_now_s();
+        double now = fl_clock_s();
         if (now < t_end)
             while (outstanding < inflight) {
                 uint64_t id;
                 if (folio_client_send_generate(c, &p, &id, &err)) goto fail;
-                sent_at[id % (uint64_t)ring] = bench_now_s();
+                sent_at[id % (uint64_t)ring] = fl_clock_s();
                 outstanding++;
             }
         else if (!outstanding) break;
@@ -184,7 +186,7 @@ static int phase_throughput(folio_client_t *c, const char *text, int inflight, d
             if (!got) fl_fail(&err, FL_EIO, "no answer in 10 s with %d outstanding", outstanding);
             goto fail;
         }
-        now = bench_now_s();
+        now = fl_clock_s();
         if (ev.final) {
             outstanding--;
             check_final(&ev, row);
@@ -264,10 +266,7 @@ int bench_route(int argc, char **argv)
         sizes[n_sizes++] = (int)s;
     }
     char dir[128];
-    if (!log_dir) {
-        snprintf(dir, sizeof dir, "/tmp/folio-bench-%d", (int)getpid());
-        log_dir = dir;
-    }
+    log_dir = bench_log_dir(log_dir, dir, sizeof dir);
     const char *model_path = fl_model_path(model);
     fl_error_t err = {0};
     gguf_t *g = gguf_open(model_path, &err);
@@ -294,22 +293,18 @@ int bench_route(int argc, char **argv)
             row->target_tokens = sizes[si];
             row->tokens = n_tok;
             row->phase = phase ? "throughput" : "latency";
-            char ce[256], we[256];
             cluster_opts_t o = {.model = model, .n_groups = (int)groups, .threads_per_worker = 1,
                                 .worker_args = fake_args, .log_dir = log_dir};
-            cluster_t *cl = bench_cluster_start(&o, ce, we, CLUSTER_WAIT_MS);
-            folio_client_t *c = cl ? folio_client_new(cl->client_endpoint, &err) : NULL;
-            if (!c) {
-                if (cl) fprintf(stderr, "error: client: %s\n", err.msg);
+            bench_cluster_t bc;
+            if (bench_cluster_open(&bc, &o, CLUSTER_WAIT_MS)) {
                 rc = 1;
             } else {
                 fprintf(stderr, "bench route: %d-token prompt, %s ...\n", n_tok, row->phase);
-                rc = phase ? phase_throughput(c, text, (int)inflight, 0.5, duration, row)
-                           : phase_latency(c, text, (int)requests, (int)warm, row);
-                if (!rc) read_route_stats(c, row);
+                rc = phase ? phase_throughput(bc.client, text, (int)inflight, 0.5, duration, row)
+                           : phase_latency(bc.client, text, (int)requests, (int)warm, row);
+                if (!rc) read_route_stats(bc.client, row);
             }
-            folio_client_destroy(&c);
-            bench_cluster_stop(&cl);
+            bench_cluster_close(&bc);
             if (rc) fprintf(stderr, "error: %d-token %s phase failed (logs in %s)\n", n_tok, row->phase, log_dir);
         }
         free(text);

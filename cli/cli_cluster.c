@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "folio_client.h"
 #include "log.h"
 #include "model.h"
@@ -33,12 +34,7 @@
 #define CLUSTER_MAX_ARGS      256
 #define CLUSTER_STOP_GRACE_MS 5000
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
+static double now_ms(void) { return fl_clock_s() * 1e3; }
 
 static void sleep_ms(int ms)
 {

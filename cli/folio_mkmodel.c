@@ -7,8 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "clock.h"
 #include "dtype.h"
 #include "error.h"
 #include "mkmodel.h"
@@ -120,15 +120,13 @@ int main(int argc, char **argv)
         return 2;
     }
     fl_error_t err = {0};
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    const double t0 = fl_clock_s();
     if (mkmodel_write(&p, out, &err) != 0) {
         fprintf(stderr, "folio-mkmodel: %s\n", err.msg);
         return 1;
     }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
     fprintf(stderr, "folio-mkmodel: wrote %s (layers=%d dim=%d ff=%d heads=%d kv_heads=%d vocab=%d type=%s%s) in %.1f s\n", out,
             p.n_layers, p.dim, p.ff, p.n_heads, p.n_kv_heads, p.vocab, fl_dtype_name(p.type), p.tied ? " tied" : "",
-            (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
+            fl_clock_s() - t0);
     return 0;
 }

@@ -1,0 +1,93 @@
+/* bench_cluster.c - the cluster benchmarks' shared helpers; see bench_cluster.h. */
+#include "bench_cluster.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static int cmp_double(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+double bench_percentile(double *v, int n, double p)
+{
+    if (n <= 0) return 0;
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    int k = (int)ceil(p * n) - 1; /* nearest rank */
+    if (k < 0) k = 0;
+    if (k >= n) k = n - 1;
+    return v[k];
+}
+
+double bench_mean(const double *v, int n)
+{
+    double s = 0;
+    for (int i = 0; i < n; i++) s += v[i];
+    return n ? s / n : 0;
+}
+
+int bench_write_json(const char *path, void *json)
+{
+    char *s = cJSON_Print((cJSON *)json);
+    FILE *f = s ? fopen(path, "w") : NULL;
+    int rc = 0;
+    if (!f || fprintf(f, "%s\n", s) < 0) {
+        fprintf(stderr, "error: cannot write %s: %s\n", path, strerror(errno));
+        rc = -1;
+    }
+    if (f && fclose(f)) rc = -1;
+    cJSON_free(s);
+    return rc;
+}
+
+const char *bench_log_dir(const char *given, char *buf, size_t cap)
+{
+    if (given) return given;
+    snprintf(buf, cap, "/tmp/folio-bench-%d", (int)getpid());
+    return buf;
+}
+
+int bench_cluster_open(bench_cluster_t *bc, cluster_opts_t *opts, int wait_ms)
+{
+    static int counter;
+    bc->cluster = NULL;
+    bc->client = NULL;
+    if (!opts->client_endpoint || !opts->worker_endpoint) {
+        counter++;
+        snprintf(bc->client_endpoint, sizeof bc->client_endpoint, "ipc:///tmp/folio-bench-%d-%d-c", (int)getpid(),
+                 counter);
+        snprintf(bc->worker_endpoint, sizeof bc->worker_endpoint, "ipc:///tmp/folio-bench-%d-%d-w", (int)getpid(),
+                 counter);
+        opts->client_endpoint = bc->client_endpoint;
+        opts->worker_endpoint = bc->worker_endpoint;
+    }
+    fl_error_t err = {0};
+    if (!(bc->cluster = cluster_start(opts, wait_ms, &err))) {
+        fprintf(stderr, "error: starting the cluster: %s\n", err.msg);
+        return -1;
+    }
+    if (!(bc->client = folio_client_new(bc->cluster->client_endpoint, &err))) {
+        fprintf(stderr, "error: client: %s\n", err.msg);
+        bench_cluster_close(bc);
+        return -1;
+    }
+    return 0;
+}
+
+void bench_cluster_close(bench_cluster_t *bc)
+{
+    folio_client_destroy(&bc->client);
+    if (!bc->cluster) return;
+    char eps[2][256];
+    snprintf(eps[0], sizeof eps[0], "%s", bc->cluster->client_endpoint);
+    snprintf(eps[1], sizeof eps[1], "%s", bc->cluster->worker_endpoint);
+    cluster_stop(&bc->cluster);
+    for (int i = 0; i < 2; i++)
+        if (!strncmp(eps[i], "ipc://", 6)) unlink(eps[i] + 6);
+}
