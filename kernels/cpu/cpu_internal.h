@@ -38,6 +38,9 @@ void cpu_pool_destroy(cpu_pool_t **pp);
 int cpu_pool_size(const cpu_pool_t *p);
 /* Runs fn(arg, i, n) on all n threads (the caller is thread 0) and returns when all are done. */
 void cpu_pool_run(cpu_pool_t *p, cpu_task_fn fn, void *arg);
+/* How many cpu_pool_run calls went to the worker threads (none do in a pool of one): how a test
+ * tells that an op used the pool, whose results are the same bits without it. */
+uint64_t cpu_pool_dispatches(const cpu_pool_t *p);
 
 /* Runs fn(ctx, i0, i1) over [0, n) split into one contiguous range per thread, each range a
  * multiple of align (but the last); on the caller alone when n < min_parallel. */

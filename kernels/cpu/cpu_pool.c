@@ -41,6 +41,7 @@ struct cpu_pool {
     cpu_task_fn fn;
     void *arg;
     atomic_bool quit;
+    uint64_t dispatches;          /* cpu_pool_run calls handed to the workers (the caller's alone) */
 };
 
 static inline void cpu_relax(void)
@@ -142,12 +143,15 @@ void cpu_pool_destroy(cpu_pool_t **pp)
 
 int cpu_pool_size(const cpu_pool_t *p) { return p->n; }
 
+uint64_t cpu_pool_dispatches(const cpu_pool_t *p) { return p->dispatches; }
+
 void cpu_pool_run(cpu_pool_t *p, cpu_task_fn fn, void *arg)
 {
     if (p->n == 1) {
         fn(arg, 0, 1);
         return;
     }
+    p->dispatches++;
     p->fn = fn;
     p->arg = arg;
     atomic_store_explicit(&p->done, 0, memory_order_relaxed);

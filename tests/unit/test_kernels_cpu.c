@@ -852,7 +852,8 @@ static void test_attention_tree_mask(void **state)
 
 static void test_attention_long_context_uses_pool(void **state)
 {
-    /* 600 positions x 9 heads is above the single-thread threshold: same bits on 1 and 2 threads */
+    /* 600 positions x 9 heads is above the single-thread threshold: the call goes to the pool's
+     * threads, and gives the same bits on 1 and 2 threads */
     const int hd = 64, nh = 9, nkv = 3, bs = 16, len = 600, mb = 40;
     int32_t table[40];
     for (int b = 0; b < mb; b++) table[b] = mb - 1 - b;
@@ -868,7 +869,10 @@ static void test_attention_long_context_uses_pool(void **state)
     kern_backend_t *b1 = new_backend(NULL, 1, NULL), *b2 = new_backend(NULL, 2, NULL);
     kern_attention(b1, &a);
     a.out = o2;
+    const cpu_pool_t *threads = ((cpu_backend_t *)b2)->pool;
+    const uint64_t before = cpu_pool_dispatches(threads);
     kern_attention(b2, &a);
+    assert_int_equal(cpu_pool_dispatches(threads), before + 1);
     assert_true(bits_equal(o1, o2, 4 * nh * hd, NULL));
     kern_destroy(&b1), kern_destroy(&b2);
     free(kc), free(vc), free(q), free(o1), free(o2);
