@@ -1,41 +1,19 @@
-/* clients.c - the coordinator's client side: validates each client message, answers the unary
- * methods, tokenizes and routes Generate, and owns every send to a client.
+/* clients.c - the coordinator's client socket: validates each client message, answers the unary
+ * methods (Cancel, Drain, Health, Status), and admits Generate: tokenizes it, checks it can be
+ * served, and hands it to dispatch.c, which owns its stream from there.
  *
  * A client is known only by its ROUTER identity. Its Generate becomes a req_t (requests.h) that keeps
  * the decoded Request, so a request can be re-sent to another group on failover; the prompt is
- * tokenized once into a scratch buffer and copied into the entry. A send that fails with
- * EHOSTUNREACH means the client is gone: its requests are cancelled on their workers and forgotten.
- * Nothing here logs per request above debug level. */
-#include <errno.h>
-#include <math.h>
+ * tokenized once into a scratch buffer and copied into the entry. Replies go out through
+ * dispatch_to_client(), which forgets a client that is gone. Nothing here logs per request above
+ * debug level. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "clock.h"
 #include "coordinator.h"
+#include "dispatch.h"
 #include "log.h"
-
-/* Sends resp to a client. A client that is gone (EHOSTUNREACH) or so far behind that its queue of
- * tens of thousands of messages is full (EAGAIN) has every request cancelled and forgotten: a
- * dropped delta would leave a gap in its stream and a dropped FINAL a request without an end. */
-static int send_to(coord_t *c, const uint8_t *client, size_t len, bool delimiter, const Folio__V1__Response *resp)
-{
-    fl_error_t err = {0};
-    const int cmd = resp->final ? WIRE_CMD_FINAL : WIRE_CMD_PARTIAL;
-    if (!wire_send(c->clients, client, len, delimiter, WIRE_HEADER_CLIENT, cmd, &resp->base, &err)) return FL_OK;
-    if (errno == EAGAIN)
-        fl_log_warn("client queue full id=%llu: cancelling its requests", (unsigned long long)resp->id);
-    uint8_t copy[WIRE_MAX_IDENTITY];
-    memcpy(copy, client, len);
-    coord_client_gone(c, copy, len);
-    return FL_EIO;
-}
-
-int coord_send_client(coord_t *c, req_t *e, const Folio__V1__Response *r)
-{
-    return send_to(c, e->client, e->client_len, e->delimiter, r);
-}
 
 static void reply_error(coord_t *c, const wire_msg_t *m, const uint8_t *client, size_t len, uint64_t id, int method,
                         Folio__V1__StatusCode code, const char *msg)
@@ -44,7 +22,7 @@ static void reply_error(coord_t *c, const wire_msg_t *m, const uint8_t *client, 
     wire_error_reply_init(&r, id, (Folio__V1__Method)method, code, msg);
     fl_log_debug("client request rejected id=%llu code=%s msg=\"%s\"", (unsigned long long)id, wire_status_name(code),
                  msg);
-    send_to(c, client, len, m->has_delimiter, &r.resp);
+    dispatch_to_client(c, client, len, m->has_delimiter, &r.resp);
 }
 
 /* Sends resp (from wire_response_init) as a final OK reply. */
@@ -52,165 +30,11 @@ static void reply_ok(coord_t *c, const wire_msg_t *m, Folio__V1__Response *resp)
 {
     Folio__V1__Status st = FOLIO__V1__STATUS__INIT;
     resp->status = &st;
-    send_to(c, m->identity, m->identity_len, m->has_delimiter, resp);
+    dispatch_to_client(c, m->identity, m->identity_len, m->has_delimiter, resp);
     resp->status = NULL;
 }
 
-static void release(coord_t *c, req_t *e)
-{
-    if (e->group >= 0 && c->groups->table[e->group].inflight) c->groups->table[e->group].inflight--;
-    e->group = -1;
-    reqs_free(c->reqs, e);
-}
-
-void coord_client_gone(coord_t *c, const uint8_t *client, size_t len)
-{
-    int n = 0;
-    for (int i = 0; i < reqs_capacity(c->reqs); i++) {
-        req_t *e = reqs_at(c->reqs, i);
-        if (!e->live || e->client_len != len || memcmp(e->client, client, len)) continue;
-        coord_cancel_on_worker(c, e);
-        release(c, e);
-        n++;
-    }
-    fl_log_info("client gone requests_cancelled=%d", n);
-}
-
-void coord_finish_error(coord_t *c, req_t *e, Folio__V1__StatusCode code, Folio__V1__FinishReason reason,
-                        const char *msg)
-{
-    wire_error_reply_t r;
-    wire_error_reply_init(&r, e->client_id, FOLIO__V1__METHOD__METHOD_GENERATE, code, msg);
-    Folio__V1__GenerateResult res = FOLIO__V1__GENERATE_RESULT__INIT;
-    Folio__V1__Usage usage = FOLIO__V1__USAGE__INIT;
-    usage.prompt_tokens = (uint32_t)e->n_tokens;
-    usage.completion_tokens = e->tokens_sent;
-    res.finish_reason = reason;
-    res.usage = &usage;
-    Folio__V1__Timings t = FOLIO__V1__TIMINGS__INIT;
-    coord_fill_timings(e, &t, NULL, fl_clock_s());
-    res.timings = &t;
-    char group[GROUP_NAME_MAX + 1] = "";
-    if (e->group >= 0) snprintf(group, sizeof group, "%s", c->groups->g[e->group].name);
-    res.group = group;
-    r.resp.result = &res;
-    uint8_t client[WIRE_MAX_IDENTITY];
-    const size_t len = e->client_len;
-    const bool delim = e->delimiter;
-    memcpy(client, e->client, len);
-    fl_log_debug("request ended id=%llu code=%s msg=\"%s\"", (unsigned long long)e->client_id, wire_status_name(code),
-                 msg);
-    release(c, e);
-    send_to(c, client, len, delim, &r.resp);
-}
-
-void coord_fill_timings(const req_t *e, Folio__V1__Timings *t, const Folio__V1__Timings *worker, double now)
-{
-    const double to_worker = e->t_dispatch > 0 ? e->t_dispatch - e->t_recv : 0;
-    t->total_s = now - e->t_recv;
-    t->queued_s = worker ? worker->queued_s + to_worker : 0;
-    if (e->t_first_sent > 0)
-        t->first_token_s = e->t_first_sent - e->t_recv;
-    else
-        t->first_token_s = worker && worker->first_token_s > 0 ? worker->first_token_s + to_worker : 0;
-}
-
-void coord_latency_add(coord_t *c, double s)
-{
-    c->latency[c->n_latency++ % COORD_LATENCY_SAMPLES] = s;
-}
-
 /* ---- Generate ---- */
-
-/* The prefix-cache namespace of a tenant: the first name of a --share-cache list holding it, else
- * the tenant itself. Written NUL-terminated into ns (room for COORD_TENANT_MAX bytes). */
-static void cache_tenant(const coord_t *c, const char *tenant, char *ns)
-{
-    const size_t tl = strlen(tenant);
-    for (int i = 0; i < c->opts.n_share_cache; i++) {
-        const char *list = c->opts.share_cache[i];
-        for (const char *p = list; *p;) {
-            const char *end = strchr(p, ',');
-            const size_t len = end ? (size_t)(end - p) : strlen(p);
-            if (len == tl && !memcmp(p, tenant, tl)) {
-                const size_t first = strcspn(list, ",");
-                snprintf(ns, COORD_TENANT_MAX, "%.*s", (int)first, list);
-                return;
-            }
-            p += len + (end ? 1 : 0);
-        }
-    }
-    snprintf(ns, COORD_TENANT_MAX, "%s", tenant);
-}
-
-static uint32_t remaining_ms(const req_t *e, double now)
-{
-    if (e->deadline <= 0) return 0;
-    const double ms = ceil((e->deadline - now) * 1e3);
-    return ms < 1 ? 1 : ms > 4e9 ? 4000000000u : (uint32_t)ms;
-}
-
-int coord_dispatch(coord_t *c, req_t *e, int exclude, double now)
-{
-    Folio__V1__Request *q = e->msg;
-    const int bs = c->block_size ? (int)c->block_size : 16;
-    char ns[COORD_TENANT_MAX];
-    cache_tenant(c, q->tenant, ns);
-    const block_hash_t salt = block_hash_salt(ns, strlen(ns));
-    const int rb = c->opts.route_blocks;
-    const long use = (long)rb * bs < e->n_tokens ? (long)rb * bs : e->n_tokens;
-    const int nh = block_hash_prefix(salt, e->tokens, (int)use, bs, c->hash_buf, rb);
-    const uint64_t key = router_key(c->hash_buf, nh, rb, salt, e->tokens, e->n_tokens);
-
-    for (int attempt = 0; attempt < GROUPS_MAX; attempt++) {
-        const int slot = router_pick(c->router, key, c->groups->table, c->groups->n, exclude);
-        if (slot < 0) return FOLIO__V1__STATUS_CODE__UNAVAILABLE;
-        reqs_set_wid(c->reqs, e, c->next_wid++);
-        /* The worker gets the tokens only, under the coordinator's id, with the time left. */
-        Folio__V1__GenerateRequest *g = q->generate;
-        char *text = g->text;
-        Folio__V1__ChatMessage **msgs = g->messages;
-        const size_t n_msgs = g->n_messages, n_pt = g->n_prompt_tokens;
-        int32_t *pt = g->prompt_tokens;
-        const uint64_t id = q->id;
-        const uint32_t timeout = q->timeout_ms;
-        char *tenant = q->tenant;
-        q->tenant = ns; /* the worker salts its cache with the namespace */
-        g->text = (char *)"";
-        g->messages = NULL;
-        g->n_messages = 0;
-        g->prompt_tokens = e->tokens;
-        g->n_prompt_tokens = (size_t)e->n_tokens;
-        q->id = e->wid;
-        q->timeout_ms = remaining_ms(e, now);
-        const group_member_t *w = &c->groups->g[slot].ranks[0];
-        fl_error_t err = {0};
-        const int rc = wire_send(c->workers, w->identity, w->identity_len, false, WIRE_HEADER_WORKER, WIRE_CMD_REQUEST,
-                                 &q->base, &err);
-        const int e_no = errno;
-        g->text = text;
-        g->messages = msgs;
-        g->n_messages = n_msgs;
-        g->prompt_tokens = pt;
-        g->n_prompt_tokens = n_pt;
-        q->id = id;
-        q->timeout_ms = timeout;
-        q->tenant = tenant;
-        if (!rc) {
-            e->group = slot;
-            e->t_dispatch = fl_clock_s();
-            c->groups->table[slot].inflight++;
-            return 0;
-        }
-        if (e_no != EHOSTUNREACH) {
-            fl_log_warn("worker queue full group=%s: %s", c->groups->g[slot].name, err.msg);
-            return FOLIO__V1__STATUS_CODE__UNAVAILABLE;
-        }
-        coord_group_died(c, slot, "unreachable", now);
-        if (!e->live) return FOLIO__V1__STATUS_CODE__UNAVAILABLE; /* its client went away meanwhile */
-    }
-    return FOLIO__V1__STATUS_CODE__UNAVAILABLE;
-}
 
 static int tokenize(coord_t *c, const Folio__V1__GenerateRequest *g, fl_error_t *err)
 {
@@ -300,14 +124,7 @@ static void do_generate(coord_t *c, const wire_msg_t *m, Folio__V1__Request *q, 
     reqs_bind_client(c->reqs, e);
     reqs_timer_update(c->reqs, e);
     c->requests_total++;
-    const int rc = coord_dispatch(c, e, -1, now);
-    if (rc) {
-        if (e->live)
-            coord_finish_error(c, e, (Folio__V1__StatusCode)rc, FOLIO__V1__FINISH_REASON__FINISH_ERROR,
-                               "no healthy worker group could take the request");
-        return;
-    }
-    e->route_s = fl_clock_s() - now;
+    dispatch_submit(c, e, now);
     return;
 out:
     folio__v1__request__free_unpacked(q, NULL);
@@ -325,12 +142,7 @@ static void do_cancel(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         reply_error(c, m, m->identity, m->identity_len, q->id, q->method, FOLIO__V1__STATUS_CODE__NOT_FOUND, msg);
         return;
     }
-    if (!e->cancelling) {
-        coord_cancel_on_worker(c, e);
-        e->cancelling = true;
-        e->cancel_deadline = now + 2 * c->hb_s;
-        reqs_timer_update(c->reqs, e);
-    }
+    dispatch_cancel(c, e, now);
     Folio__V1__Response r;
     wire_response_init(&r, q->id, q->method, true);
     reply_ok(c, m, &r);
@@ -374,11 +186,10 @@ static int cmp_double(const void *a, const void *b)
 
 static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request *q, double now)
 {
-    static Folio__V1__GroupStatus gs[GROUPS_MAX];
-    static Folio__V1__GroupStatus *gp[GROUPS_MAX];
-    static uint32_t ranks[GROUPS_MAX][GROUP_MAX_RANKS];
-    static Folio__V1__WorkerLoad loads[GROUPS_MAX];
-    static double lat[COORD_LATENCY_SAMPLES];
+    Folio__V1__GroupStatus *gs = c->status.groups, **gp = c->status.group_ptrs;
+    Folio__V1__WorkerLoad *loads = c->status.loads;
+    uint32_t(*ranks)[GROUP_MAX_RANKS] = c->status.ranks;
+    double *lat = c->status.latency;
     const groups_t *G = c->groups;
     for (int i = 0; i < G->n; i++) {
         const group_t *g = &G->g[i];
@@ -422,20 +233,6 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
     reply_ok(c, m, &r);
 }
 
-/* The id and method of a body that decodes but fails validation, so the error reply names them. */
-static void salvage(const wire_msg_t *m, uint64_t *id, int *method)
-{
-    *id = 0;
-    *method = FOLIO__V1__METHOD__METHOD_UNSPECIFIED;
-    if (m->body_len > WIRE_MAX_BODY_BYTES) return;
-    Folio__V1__Request *r = folio__v1__request__unpack(NULL, m->body_len, m->body);
-    if (!r) return;
-    *id = r->id;
-    if (r->method >= FOLIO__V1__METHOD__METHOD_GENERATE && r->method <= FOLIO__V1__METHOD__METHOD_DRAIN)
-        *method = r->method;
-    folio__v1__request__free_unpacked(r, NULL);
-}
-
 void coord_client_message(coord_t *c, wire_msg_t *m, double now)
 {
     fl_error_t err = {0};
@@ -454,8 +251,8 @@ void coord_client_message(coord_t *c, wire_msg_t *m, double now)
     Folio__V1__Request *q = wire_decode_request(m->body, m->body_len, &err);
     if (!q) {
         uint64_t id;
-        int method;
-        salvage(m, &id, &method);
+        Folio__V1__Method method;
+        wire_peek_request(m->body, m->body_len, &id, &method);
         reply_error(c, m, m->identity, m->identity_len, id, method, wire_status_from_error(err.code), err.msg);
         return;
     }

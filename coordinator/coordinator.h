@@ -1,8 +1,11 @@
 /* coordinator.h - the coordinator's state and the handlers its event loop calls.
  *
- * One thread runs everything: coordinator_main.c owns the sockets and the zmq_poll loop, clients.c
- * answers client messages (Generate, Cancel, Drain, Health, Status), workers.c handles workers
- * (registration, heartbeats, relaying responses, health, failover, deadlines). No locks. */
+ * One thread runs everything: coordinator_main.c owns the sockets and the zmq_poll loop; clients.c
+ * handles what arrives on the client socket (Generate admitted, Cancel, Drain, Health, Status);
+ * workers.c what arrives on the worker socket (registration, heartbeats, liveness); dispatch.c, which
+ * both call and which calls neither, owns each Generate's life (routing, relaying, failover, cancel,
+ * deadlines, error FINALs). requests.c, groups.c and router.c are the tables underneath. No locks;
+ * all state is in coord_t. */
 #ifndef FOLIO_COORDINATOR_H
 #define FOLIO_COORDINATOR_H
 
@@ -21,6 +24,7 @@
 #define COORD_MAX_ROUTE_BLOCKS 1024
 #define COORD_MAX_SHARE_LISTS  64
 #define COORD_TENANT_MAX       512 /* bytes for a tenant name and its NUL (the wire allows 256) */
+#define COORD_TOLD_MEMORY      16  /* identities recently told DISCONNECT, remembered */
 
 typedef struct coord_opts {
     const char *client_endpoint, *worker_endpoint, *model_path;
@@ -35,6 +39,15 @@ typedef struct coord_opts {
     const char *share_cache[COORD_MAX_SHARE_LISTS];
     int n_share_cache;
 } coord_opts_t;
+
+/* Storage for a Status reply (clients.c): too large for the stack. */
+typedef struct coord_status_scratch {
+    Folio__V1__GroupStatus groups[GROUPS_MAX];
+    Folio__V1__GroupStatus *group_ptrs[GROUPS_MAX];
+    uint32_t ranks[GROUPS_MAX][GROUP_MAX_RANKS];
+    Folio__V1__WorkerLoad loads[GROUPS_MAX];
+    double latency[COORD_LATENCY_SAMPLES];
+} coord_status_scratch_t;
 
 typedef struct coord {
     coord_opts_t opts;
@@ -53,41 +66,30 @@ typedef struct coord {
     /* the last COORD_LATENCY_SAMPLES added latencies, seconds */
     double latency[COORD_LATENCY_SAMPLES];
     uint64_t n_latency;
+    /* worker identities told DISCONNECT lately (workers.c): a worker's queued heartbeats would
+     * otherwise each earn one, and each DISCONNECT makes it register again */
+    struct {
+        uint8_t id[WIRE_MAX_IDENTITY];
+        size_t len;
+        double at;
+    } told[COORD_TOLD_MEMORY];
+    int told_next;
     /* scratch reused by every Generate */
     int32_t *tok_buf;
     int tok_cap;
     block_hash_t hash_buf[COORD_MAX_ROUTE_BLOCKS];
+    coord_status_scratch_t status;
 } coord_t;
 
 /* clients.c */
 void coord_client_message(coord_t *c, wire_msg_t *m, double now);
-/* Sends r to e's client (id and method rewritten by the caller). Returns 0, or FL_EIO when the client
- * is gone, in which case every request of that client, e included, has been cancelled and freed. */
-int coord_send_client(coord_t *c, req_t *e, const Folio__V1__Response *r);
-/* Ends e with a FINAL error (finish reason given) and frees it. */
-void coord_finish_error(coord_t *c, req_t *e, Folio__V1__StatusCode code, Folio__V1__FinishReason reason,
-                        const char *msg);
-/* Forgets every request of this client, cancelling them on their workers. */
-void coord_client_gone(coord_t *c, const uint8_t *client, size_t len);
-/* Routes e (its tokens set) to a group other than exclude and sends it; returns 0, or a status code
- * (UNAVAILABLE) when no group could take it; e is not freed either way. */
-int coord_dispatch(coord_t *c, req_t *e, int exclude, double now);
-void coord_latency_add(coord_t *c, double s);
-/* Timings counted from the coordinator's receipt of the request (what the client waited): the
- * worker's (may be NULL) shifted by the time before its last dispatch, the first token as relayed. */
-void coord_fill_timings(const req_t *e, Folio__V1__Timings *t, const Folio__V1__Timings *worker, double now);
 
 /* workers.c */
 void coord_worker_message(coord_t *c, wire_msg_t *m, double now);
-/* Sends the CANCEL for e's worker-side id to its group (best effort). */
-void coord_cancel_on_worker(coord_t *c, const req_t *e);
-/* Heartbeats to every worker (when due), the liveness check, and expired timers. */
-void coord_tick(coord_t *c, double now, bool heartbeat_due);
-/* Group slot died or was replaced: its requests fail over or end. */
-void coord_group_died(coord_t *c, int slot, const char *why, double now);
-/* Seconds until the next timer, or a negative number when none. */
-double coord_next_timer(coord_t *c, double now);
-/* Shutdown: DISCONNECT to every worker, UNAVAILABLE to every in-flight request. */
-void coord_shutdown(coord_t *c);
+/* Heartbeats to every worker (when due) and the liveness check: a dead group goes to
+ * dispatch_group_died(). */
+void coord_workers_tick(coord_t *c, double now, bool heartbeat_due);
+/* Shutdown: DISCONNECT to every registered worker. */
+void coord_workers_disconnect(coord_t *c);
 
 #endif

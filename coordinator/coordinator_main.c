@@ -18,6 +18,7 @@
 #include "model_path.h"
 #include "clock.h"
 #include "coordinator.h"
+#include "dispatch.h"
 #include "gguf.h"
 #include "log.h"
 
@@ -194,7 +195,7 @@ static int drain_socket(coord_t *c, void *sock, bool clients)
                 wire_send(c->clients, id, len, m.has_delimiter, WIRE_HEADER_CLIENT, WIRE_CMD_FINAL, &r.resp.base,
                           NULL) &&
                 errno == EHOSTUNREACH)
-                coord_client_gone(c, id, len);
+                dispatch_client_gone(c, id, len);
         } else if (rc) {
             fl_log_debug("bad worker framing dropped: %s", err.msg);
         }
@@ -228,7 +229,7 @@ int main(int argc, char **argv)
         now = fl_clock_s();
         double wait = next_hb - now;
         if (wait > max_sleep) wait = max_sleep;
-        const double t = coord_next_timer(&c, now);
+        const double t = dispatch_next_timer(&c, now);
         if (t >= 0 && t < wait) wait = t;
         const long timeout_ms = wait <= 0 ? 0 : (long)ceil(wait * 1e3);
         const int rc = zmq_poll(items, 2, timeout_ms);
@@ -246,13 +247,17 @@ int main(int argc, char **argv)
             if (hb) next_hb = next_hb + c.hb_s > now ? next_hb + c.hb_s : now + c.hb_s;
             if (hb || now >= next_house || (!nw && !nc)) {
                 if (nc) drain_socket(&c, c.workers, false); /* what arrived while clients were served */
-                coord_tick(&c, fl_clock_s(), hb);
+                const double t_tick = fl_clock_s();
+                dispatch_expire(&c, t_tick);
+                coord_workers_tick(&c, t_tick, hb);
                 next_house = fl_clock_s() + HOUSEKEEPING_S;
             }
             if (!nw && !nc) break;
         }
     }
-    coord_shutdown(&c);
+    const int ended = dispatch_end_all(&c, "the coordinator is shutting down");
+    coord_workers_disconnect(&c);
+    fl_log_info("coordinator stopped requests_ended=%d groups=%d", ended, c.groups->n);
     teardown(&c);
     return 0;
 }

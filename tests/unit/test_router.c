@@ -1,6 +1,7 @@
 /* test_router.c - the coordinator's routing policies (coordinator/router.c): prefix affinity,
  * the bounded-load spill, health and drain respected, round-robin, least-loaded, and an even spread
- * of distinct prefixes. router.c is compiled into this test (the coordinator is an executable). */
+ * of distinct prefixes. */
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -11,7 +12,7 @@
 
 #include <cmocka.h>
 
-#include "../../coordinator/router.c"
+#include "router.h"
 
 static const char *NAMES[] = {"g0", "g1", "g2", "g3", "g4", "g5", "g6", "g7"};
 

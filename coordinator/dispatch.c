@@ -1,0 +1,404 @@
+/* dispatch.c - routing, relaying, failover, cancel and error FINALs of Generate requests; see
+ * dispatch.h.
+ *
+ * A request keeps the client's decoded Request (req_t.msg) for the life of its stream, so it can be
+ * sent again to another group. The worker gets a Request of its own, built at each send: the
+ * client's Generate with the prompt as tokens, under a coordinator-wide worker-side id (new at every
+ * resubmission, so anything the old group still says about the old id is dropped as unknown), the
+ * time left of its deadline and the tenant's prefix-cache namespace. Nothing here logs per request
+ * above debug level. */
+#include "dispatch.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "clock.h"
+#include "log.h"
+
+/* ---- sends ---- */
+
+int dispatch_to_client(coord_t *c, const uint8_t *client, size_t len, bool delimiter, const Folio__V1__Response *r)
+{
+    fl_error_t err = {0};
+    const int cmd = r->final ? WIRE_CMD_FINAL : WIRE_CMD_PARTIAL;
+    if (!wire_send(c->clients, client, len, delimiter, WIRE_HEADER_CLIENT, cmd, &r->base, &err)) return FL_OK;
+    if (errno == EAGAIN) fl_log_warn("client queue full id=%llu: cancelling its requests", (unsigned long long)r->id);
+    uint8_t copy[WIRE_MAX_IDENTITY]; /* client may point into a request about to be freed */
+    memcpy(copy, client, len);
+    dispatch_client_gone(c, copy, len);
+    return FL_EIO;
+}
+
+/* Sends the CANCEL for e's worker-side id to its group (best effort: a worker that cannot be
+ * reached has dropped the work anyway). */
+static void cancel_on_worker(coord_t *c, const req_t *e)
+{
+    if (e->group < 0 || !e->wid) return;
+    const group_member_t *w = &c->groups->g[e->group].ranks[0];
+    if (!w->present) return;
+    Folio__V1__CancelRequest cr = FOLIO__V1__CANCEL_REQUEST__INIT;
+    cr.target_id = e->wid;
+    Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
+    q.version = WIRE_VERSION;
+    q.id = c->next_wid++;
+    q.method = FOLIO__V1__METHOD__METHOD_CANCEL;
+    q.cancel = &cr;
+    wire_send(c->workers, w->identity, w->identity_len, false, WIRE_HEADER_WORKER, WIRE_CMD_REQUEST, &q.base, NULL);
+}
+
+/* ---- ending a request ---- */
+
+/* Timings counted from the coordinator's receipt of the request (what the client waited): the
+ * worker's (may be NULL) shifted by the time before its last dispatch, the first token as relayed. */
+static void fill_timings(const req_t *e, Folio__V1__Timings *t, const Folio__V1__Timings *worker, double now)
+{
+    const double to_worker = e->t_dispatch > 0 ? e->t_dispatch - e->t_recv : 0;
+    t->total_s = now - e->t_recv;
+    t->queued_s = worker ? worker->queued_s + to_worker : 0;
+    if (e->t_first_sent > 0)
+        t->first_token_s = e->t_first_sent - e->t_recv;
+    else
+        t->first_token_s = worker && worker->first_token_s > 0 ? worker->first_token_s + to_worker : 0;
+}
+
+static void release(coord_t *c, req_t *e)
+{
+    if (e->group >= 0 && c->groups->table[e->group].inflight) c->groups->table[e->group].inflight--;
+    e->group = -1;
+    reqs_free(c->reqs, e);
+}
+
+/* Ends e with a FINAL error (finish reason given) and frees it. */
+static void finish_error(coord_t *c, req_t *e, Folio__V1__StatusCode code, Folio__V1__FinishReason reason,
+                         const char *msg)
+{
+    wire_error_reply_t r;
+    wire_error_reply_init(&r, e->client_id, FOLIO__V1__METHOD__METHOD_GENERATE, code, msg);
+    Folio__V1__GenerateResult res = FOLIO__V1__GENERATE_RESULT__INIT;
+    Folio__V1__Usage usage = FOLIO__V1__USAGE__INIT;
+    usage.prompt_tokens = (uint32_t)e->n_tokens;
+    usage.completion_tokens = e->tokens_sent;
+    res.finish_reason = reason;
+    res.usage = &usage;
+    Folio__V1__Timings t = FOLIO__V1__TIMINGS__INIT;
+    fill_timings(e, &t, NULL, fl_clock_s());
+    res.timings = &t;
+    char group[GROUP_NAME_MAX + 1] = "";
+    if (e->group >= 0) snprintf(group, sizeof group, "%s", c->groups->g[e->group].name);
+    res.group = group;
+    r.resp.result = &res;
+    uint8_t client[WIRE_MAX_IDENTITY];
+    const size_t len = e->client_len;
+    const bool delim = e->delimiter;
+    memcpy(client, e->client, len);
+    fl_log_debug("request ended id=%llu code=%s msg=\"%s\"", (unsigned long long)e->client_id, wire_status_name(code),
+                 msg);
+    release(c, e);
+    dispatch_to_client(c, client, len, delim, &r.resp);
+}
+
+void dispatch_client_gone(coord_t *c, const uint8_t *client, size_t len)
+{
+    int n = 0;
+    for (int i = 0; i < reqs_capacity(c->reqs); i++) {
+        req_t *e = reqs_at(c->reqs, i);
+        if (!e->live || e->client_len != len || memcmp(e->client, client, len)) continue;
+        cancel_on_worker(c, e);
+        release(c, e);
+        n++;
+    }
+    fl_log_info("client gone requests_cancelled=%d", n);
+}
+
+int dispatch_end_all(coord_t *c, const char *msg)
+{
+    int n = 0;
+    for (int i = 0; i < reqs_capacity(c->reqs); i++) {
+        req_t *e = reqs_at(c->reqs, i);
+        if (!e->live) continue;
+        cancel_on_worker(c, e);
+        finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, FOLIO__V1__FINISH_REASON__FINISH_ERROR, msg);
+        n++;
+    }
+    return n;
+}
+
+/* ---- routing ---- */
+
+/* The prefix-cache namespace of a tenant: the first name of a --share-cache list holding it, else
+ * the tenant itself. Written NUL-terminated into ns (room for COORD_TENANT_MAX bytes). */
+static void cache_tenant(const coord_t *c, const char *tenant, char *ns)
+{
+    const size_t tl = strlen(tenant);
+    for (int i = 0; i < c->opts.n_share_cache; i++) {
+        const char *list = c->opts.share_cache[i];
+        for (const char *p = list; *p;) {
+            const char *end = strchr(p, ',');
+            const size_t len = end ? (size_t)(end - p) : strlen(p);
+            if (len == tl && !memcmp(p, tenant, tl)) {
+                const size_t first = strcspn(list, ",");
+                snprintf(ns, COORD_TENANT_MAX, "%.*s", (int)first, list);
+                return;
+            }
+            p += len + (end ? 1 : 0);
+        }
+    }
+    snprintf(ns, COORD_TENANT_MAX, "%s", tenant);
+}
+
+static uint32_t remaining_ms(const req_t *e, double now)
+{
+    if (e->deadline <= 0) return 0;
+    const double ms = ceil((e->deadline - now) * 1e3);
+    return ms < 1 ? 1 : ms > 4e9 ? 4000000000u : (uint32_t)ms;
+}
+
+/* Routes e (its tokens set) to a group other than exclude and sends it; returns 0, or a status code
+ * (UNAVAILABLE) when no group could take it; e is not freed either way, but a group found dead on
+ * the way may end requests, and with them e when its client turns out to be gone. */
+static int route(coord_t *c, req_t *e, int exclude, double now)
+{
+    const Folio__V1__Request *q = e->msg;
+    const int bs = c->block_size ? (int)c->block_size : 16;
+    char ns[COORD_TENANT_MAX];
+    cache_tenant(c, q->tenant, ns);
+    const block_hash_t salt = block_hash_salt(ns, strlen(ns));
+    const int rb = c->opts.route_blocks;
+    const long use = (long)rb * bs < e->n_tokens ? (long)rb * bs : e->n_tokens;
+    const int nh = block_hash_prefix(salt, e->tokens, (int)use, bs, c->hash_buf, rb);
+    const uint64_t key = router_key(c->hash_buf, nh, rb, salt, e->tokens, e->n_tokens);
+
+    /* The worker's Request: the client's fields but the prompt as tokens only, the namespace as the
+     * tenant (the worker salts its cache with it), and id and time left set per send below. Its
+     * sub-messages (sampling, stop strings, metadata) are the client's, read and not changed. */
+    Folio__V1__GenerateRequest g = *q->generate;
+    g.text = (char *)"";
+    g.messages = NULL;
+    g.n_messages = 0;
+    g.prompt_tokens = e->tokens;
+    g.n_prompt_tokens = (size_t)e->n_tokens;
+    Folio__V1__Request w = *q;
+    w.tenant = ns;
+    w.generate = &g;
+
+    for (int attempt = 0; attempt < GROUPS_MAX; attempt++) {
+        const int slot = router_pick(c->router, key, c->groups->table, c->groups->n, exclude);
+        if (slot < 0) return FOLIO__V1__STATUS_CODE__UNAVAILABLE;
+        reqs_set_wid(c->reqs, e, c->next_wid++);
+        w.id = e->wid;
+        w.timeout_ms = remaining_ms(e, now);
+        const group_member_t *m = &c->groups->g[slot].ranks[0];
+        fl_error_t err = {0};
+        if (!wire_send(c->workers, m->identity, m->identity_len, false, WIRE_HEADER_WORKER, WIRE_CMD_REQUEST, &w.base,
+                       &err)) {
+            e->group = slot;
+            e->t_dispatch = fl_clock_s();
+            c->groups->table[slot].inflight++;
+            return 0;
+        }
+        if (errno != EHOSTUNREACH) {
+            fl_log_warn("worker queue full group=%s: %s", c->groups->g[slot].name, err.msg);
+            return FOLIO__V1__STATUS_CODE__UNAVAILABLE;
+        }
+        dispatch_group_died(c, slot, "unreachable", now);
+        if (!e->live) return FOLIO__V1__STATUS_CODE__UNAVAILABLE; /* its client went away meanwhile */
+    }
+    return FOLIO__V1__STATUS_CODE__UNAVAILABLE;
+}
+
+void dispatch_submit(coord_t *c, req_t *e, double now)
+{
+    const int rc = route(c, e, -1, now);
+    if (rc) {
+        if (e->live)
+            finish_error(c, e, (Folio__V1__StatusCode)rc, FOLIO__V1__FINISH_REASON__FINISH_ERROR,
+                         "no healthy worker group could take the request");
+        return;
+    }
+    e->route_s = fl_clock_s() - now;
+}
+
+/* ---- relaying ---- */
+
+void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool final, double now)
+{
+    req_t *e = reqs_by_wid(c->reqs, r->id);
+    if (!e || e->group != slot) {
+        fl_log_debug("response for unknown request dropped group=%s id=%llu", c->groups->g[slot].name,
+                     (unsigned long long)r->id);
+        return;
+    }
+    /* The client's Response: the worker's fields under the client's id. */
+    Folio__V1__Response out = *r;
+    out.id = e->client_id;
+    out.method = FOLIO__V1__METHOD__METHOD_GENERATE;
+    out.final = final;
+    uint32_t n_new = 0;
+    const Folio__V1__TokenDelta *delta = r->delta;
+    if (delta && delta->n_tokens) {
+        if (delta->index < e->next_index) {
+            fl_log_debug("delta repeating indices dropped id=%llu index=%u expected=%u",
+                         (unsigned long long)e->client_id, delta->index, e->next_index);
+            if (!final) return;
+            out.delta = NULL;
+        } else {
+            n_new = (uint32_t)delta->n_tokens;
+            e->next_index = delta->index + n_new;
+        }
+    }
+    if (!final) {
+        if (!dispatch_to_client(c, e->client, e->client_len, e->delimiter, &out) && n_new) {
+            if (!e->committed) e->t_first_sent = fl_clock_s();
+            e->committed = true;
+            e->tokens_sent += n_new;
+        }
+        return;
+    }
+    Folio__V1__GenerateResult res = FOLIO__V1__GENERATE_RESULT__INIT;
+    if (r->result) res = *r->result;
+    if (!res.group || !*res.group) res.group = c->groups->g[slot].name;
+    Folio__V1__Timings timings = FOLIO__V1__TIMINGS__INIT;
+    fill_timings(e, &timings, r->result ? r->result->timings : NULL, now);
+    res.timings = &timings;
+    out.result = &res;
+    const double route_s = e->route_s;
+    /* The entry goes first: the send may find the client gone, which frees its requests. */
+    uint8_t client[WIRE_MAX_IDENTITY];
+    const size_t len = e->client_len;
+    const bool delim = e->delimiter;
+    memcpy(client, e->client, len);
+    release(c, e);
+    dispatch_to_client(c, client, len, delim, &out);
+    c->latency[c->n_latency++ % COORD_LATENCY_SAMPLES] = route_s + (fl_clock_s() - now);
+}
+
+/* ---- cancel and timers ---- */
+
+void dispatch_cancel(coord_t *c, req_t *e, double now)
+{
+    if (e->cancelling) return;
+    cancel_on_worker(c, e);
+    e->cancelling = true;
+    e->cancel_deadline = now + 2 * c->hb_s;
+    reqs_timer_update(c->reqs, e);
+}
+
+double dispatch_next_timer(coord_t *c, double now)
+{
+    const req_t *e = reqs_timer_first(c->reqs);
+    return e ? e->timer - now : -1;
+}
+
+void dispatch_expire(coord_t *c, double now)
+{
+    req_t *e;
+    while ((e = reqs_timer_first(c->reqs)) && e->timer <= now) {
+        cancel_on_worker(c, e);
+        if (e->cancel_deadline > 0 && e->cancel_deadline <= now)
+            finish_error(c, e, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED,
+                         "cancelled (the worker did not confirm)");
+        else {
+            char msg[96];
+            snprintf(msg, sizeof msg, "deadline of %u ms exceeded", e->msg ? e->msg->timeout_ms : 0);
+            finish_error(c, e, FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED,
+                         msg);
+        }
+    }
+}
+
+/* ---- failover ---- */
+
+/* One request of group slot that the group lost: moved to another group when the failover rule
+ * allows (true), else ended. Ending a request releases it from slot. */
+static bool fail_over_one(coord_t *c, req_t *e, int slot, int exclude, const char *name, const char *what, double now)
+{
+    char msg[GROUP_NAME_MAX + 160];
+    if (e->cancelling) {
+        finish_error(c, e, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, "cancelled");
+    } else if (e->deadline > 0 && now >= e->deadline) {
+        finish_error(c, e, FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED,
+                     "deadline exceeded");
+    } else if (!e->committed && e->resubmits < COORD_MAX_RESUBMITS) {
+        if (c->groups->table[slot].inflight) c->groups->table[slot].inflight--;
+        e->group = -1;
+        e->resubmits++;
+        c->requests_failed_over++;
+        e->next_index = 0;
+        e->tokens_sent = 0;
+        if (!route(c, e, exclude, now)) return true;
+        if (!e->live) return false;
+        snprintf(msg, sizeof msg, "group %s %s and no other healthy group could take the request", name, what);
+        finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, FOLIO__V1__FINISH_REASON__FINISH_ERROR, msg);
+    } else {
+        snprintf(msg, sizeof msg, "group %s %s after %u tokens were sent", name, what, e->tokens_sent);
+        finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, FOLIO__V1__FINISH_REASON__FINISH_ERROR, msg);
+    }
+    return false;
+}
+
+/* The requests of group slot after it died or restarted: fail over what may move, end the rest. */
+static void fail_over(coord_t *c, int slot, int exclude, double now)
+{
+    char name[GROUP_NAME_MAX + 1];
+    snprintf(name, sizeof name, "%s", c->groups->g[slot].name);
+    int moved = 0, ended = 0;
+    for (int i = 0; i < reqs_capacity(c->reqs); i++) {
+        req_t *e = reqs_at(c->reqs, i);
+        if (!e->live || e->group != slot) continue;
+        if (fail_over_one(c, e, slot, exclude, name, "died", now))
+            moved++;
+        else
+            ended++;
+    }
+    /* Recount: a re-registered group may have been given some of its own requests back. */
+    uint32_t still = 0;
+    for (int i = 0; i < reqs_capacity(c->reqs); i++) {
+        const req_t *e = reqs_at(c->reqs, i);
+        still += e->live && e->group == slot;
+    }
+    c->groups->table[slot].inflight = still;
+    if (moved || ended) fl_log_info("group requests moved group=%s failed_over=%d ended=%d", name, moved, ended);
+}
+
+void dispatch_group_died(coord_t *c, int slot, const char *why, double now)
+{
+    if (!c->groups->g[slot].ranks[0].present && !c->groups->table[slot].inflight) return;
+    fl_log_warn("group dead group=%s why=%s inflight=%u", c->groups->g[slot].name, why,
+                c->groups->table[slot].inflight);
+    groups_forget(c->groups, slot);
+    fail_over(c, slot, slot, now);
+}
+
+void dispatch_group_restarted(coord_t *c, int slot, double now)
+{
+    if (c->groups->table[slot].inflight) fail_over(c, slot, -1, now);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* A lost REQUEST or FINAL (a reconnect drops them) would otherwise leave its request waiting for
+ * ever. A worker reads its socket just before it lists, and a worker's messages arrive in order, so
+ * a FINAL it sent is always relayed before a heartbeat that no longer lists the id. */
+void dispatch_reconcile(coord_t *c, int slot, uint64_t *live_ids, size_t n_live, double now)
+{
+    if (!c->groups->table[slot].inflight) return;
+    if (n_live) qsort(live_ids, n_live, sizeof *live_ids, cmp_u64);
+    char name[GROUP_NAME_MAX + 1];
+    snprintf(name, sizeof name, "%s", c->groups->g[slot].name);
+    int lost = 0;
+    for (int i = 0; i < reqs_capacity(c->reqs); i++) {
+        req_t *e = reqs_at(c->reqs, i);
+        if (!e->live || e->group != slot || e->cancelling || now - e->t_dispatch < 2 * c->hb_s) continue;
+        if (n_live && bsearch(&e->wid, live_ids, n_live, sizeof *live_ids, cmp_u64)) continue;
+        lost++;
+        fail_over_one(c, e, slot, -1, name, "lost the request", now);
+    }
+    if (lost) fl_log_warn("group lost requests group=%s requests=%d (failed over or ended)", name, lost);
+}

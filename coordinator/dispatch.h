@@ -1,0 +1,61 @@
+/* dispatch.h - the life of a Generate request in the coordinator, from admission to its one FINAL.
+ *
+ * clients.c admits a request (a req_t with its tokens) and workers.c decodes what a worker says;
+ * both hand the request's life to this module, which calls neither: it routes requests to groups
+ * and sends them, relays PARTIAL and FINAL responses to the client, fails requests over when their
+ * group dies, cancels them, expires their deadlines and ends them with an error FINAL. Every send of
+ * a response to a client goes through dispatch_to_client(), because a failed send means the client
+ * is gone and its other requests must end too.
+ *
+ * The stream rule kept here: token indices only move forward, and each accepted request gets
+ * exactly one FINAL. The failover rule: until its first token has reached the client a request may
+ * be resubmitted to another group (COORD_MAX_RESUBMITS times, within its deadline); after that a
+ * dead group ends it with UNAVAILABLE, keeping the tokens already sent. One thread. */
+#ifndef FOLIO_DISPATCH_H
+#define FOLIO_DISPATCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "coordinator.h"
+
+/* Routes e (admitted: client, tokens, msg and deadline set) to a group and sends it; when no group
+ * can take it, ends it with an UNAVAILABLE FINAL (e is freed then). */
+void dispatch_submit(coord_t *c, req_t *e, double now);
+
+/* A decoded PARTIAL (final false) or FINAL from group slot, relayed to its request's client under
+ * the client's id. r is borrowed and not changed. Responses for requests the group no longer runs
+ * (finished, failed over, cancelled) are dropped. */
+void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool final, double now);
+
+/* The client's Cancel of e: the worker is told, and e ends with the worker's FINAL, or CANCELLED
+ * when that has not come within 2 heartbeat intervals. */
+void dispatch_cancel(coord_t *c, req_t *e, double now);
+
+/* Sends r to a client. A client that is gone (EHOSTUNREACH) or so far behind that its queue is full
+ * (EAGAIN) has every request cancelled and forgotten: a dropped delta would leave a gap in its
+ * stream and a dropped FINAL a request without an end. Returns 0 or FL_EIO. */
+int dispatch_to_client(coord_t *c, const uint8_t *client, size_t len, bool delimiter, const Folio__V1__Response *r);
+/* Forgets every request of this client, cancelling them on their workers. */
+void dispatch_client_gone(coord_t *c, const uint8_t *client, size_t len);
+
+/* Group slot died (silent, unreachable, disconnected): it is forgotten and its requests fail over
+ * or end. */
+void dispatch_group_died(coord_t *c, int slot, const char *why, double now);
+/* Group slot's rank 0 registered again: it dropped whatever it ran, so its requests fail over (to
+ * any group, itself included) or end. */
+void dispatch_group_restarted(coord_t *c, int slot, double now);
+/* Group slot's heartbeat listed these worker-side ids as live (sorted here in place): its requests
+ * routed more than 2 heartbeat intervals ago that it does not list were lost in transit, and fail
+ * over or end. */
+void dispatch_reconcile(coord_t *c, int slot, uint64_t *live_ids, size_t n_live, double now);
+
+/* Seconds until the next deadline or cancel timeout, or a negative number when none. */
+double dispatch_next_timer(coord_t *c, double now);
+/* Ends the requests whose deadline or cancel timeout has passed. */
+void dispatch_expire(coord_t *c, double now);
+/* Ends every request with UNAVAILABLE and msg (cancelling it on its worker); returns how many. */
+int dispatch_end_all(coord_t *c, const char *msg);
+
+#endif

@@ -1,0 +1,638 @@
+/* test_dispatch.c - the coordinator's request streams (coordinator/dispatch.c), driven through its
+ * socket handlers (clients.c, workers.c) over inproc ZeroMQ sockets: one client DEALER and one
+ * DEALER per worker group, the test playing both sides, no processes and no model.
+ *
+ * Protects: a worker's PARTIALs reach the client in order under the client's id, a repeated index
+ * is dropped, and each accepted request gets exactly one FINAL (nothing after it, whatever the
+ * worker still says); the worker's Request carries the prompt as tokens under its own id, the time
+ * left and the cache namespace, and the client's message is left as it came; a group that dies
+ * before the first token has reached the client has its request resubmitted to another group under
+ * a new id, and after it the request ends UNAVAILABLE keeping its tokens; a request its group's
+ * heartbeat no longer lists is failed over; Cancel ends with the worker's FINAL, or CANCELLED when
+ * the worker never confirms; a deadline ends DEADLINE_EXCEEDED and cancels on the worker; a client
+ * that is gone has its requests cancelled on their workers. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "clock.h"
+#include "dispatch.h"
+
+#define N_WORKERS 2
+#define CLIENT_ID "client-1"
+
+typedef struct fixture {
+    coord_t *c;
+    void *client;
+    void *worker[N_WORKERS]; /* rank 0 of group g<i> */
+} fixture_t;
+
+static fixture_t F;
+static int g_endpoint;
+
+static void *dealer(const char *identity, const char *endpoint)
+{
+    void *s = wire_socket(F.c->zctx, ZMQ_DEALER, identity, NULL);
+    assert_non_null(s);
+    assert_int_equal(zmq_connect(s, endpoint), 0);
+    return s;
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    memset(&F, 0, sizeof F);
+    coord_t *c = F.c = calloc(1, sizeof *c);
+    if (!c) return -1;
+    c->opts = (coord_opts_t){.policy = ROUTER_PREFIX, .load_factor = 1.25, .load_floor = 4, .route_blocks = 8,
+                             .heartbeat_ms = 1000, .max_inflight = 64};
+    c->opts.share_cache[c->opts.n_share_cache++] = "team,alice,bob";
+    c->n_vocab = 512;
+    c->next_wid = 1;
+    c->hb_s = 1.0;
+    if (!(c->router = router_new(c->opts.policy, c->opts.load_factor, c->opts.load_floor, NULL))) return -1;
+    if (!(c->reqs = reqs_new(c->opts.max_inflight, NULL))) return -1;
+    if (!(c->groups = malloc(sizeof *c->groups))) return -1;
+    groups_init(c->groups);
+    c->zctx = zmq_ctx_new();
+    char ce[64], we[64];
+    snprintf(ce, sizeof ce, "inproc://dispatch-c%d", g_endpoint);
+    snprintf(we, sizeof we, "inproc://dispatch-w%d", g_endpoint++);
+    c->clients = wire_socket(c->zctx, ZMQ_ROUTER, NULL, NULL);
+    c->workers = wire_socket(c->zctx, ZMQ_ROUTER, NULL, NULL);
+    if (!c->clients || !c->workers || zmq_bind(c->clients, ce) || zmq_bind(c->workers, we)) return -1;
+    F.client = dealer(CLIENT_ID, ce);
+    for (int i = 0; i < N_WORKERS; i++) {
+        char id[32];
+        snprintf(id, sizeof id, "g%d:0:1", i);
+        F.worker[i] = dealer(id, we);
+    }
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    coord_t *c = F.c;
+    if (F.client) zmq_close(F.client);
+    for (int i = 0; i < N_WORKERS; i++)
+        if (F.worker[i]) zmq_close(F.worker[i]);
+    zmq_close(c->clients);
+    zmq_close(c->workers);
+    zmq_ctx_term(c->zctx);
+    reqs_destroy(&c->reqs);
+    router_destroy(&c->router);
+    free(c->groups);
+    free(c);
+    return 0;
+}
+
+/* Delivers whatever reached the coordinator's sockets to its handlers, as its event loop does,
+ * until both have been quiet for 20 ms; now_offset shifts the handlers' clock. */
+static void pump_at(double now_offset)
+{
+    coord_t *c = F.c;
+    zmq_pollitem_t items[2] = {{c->workers, 0, ZMQ_POLLIN, 0}, {c->clients, 0, ZMQ_POLLIN, 0}};
+    while (zmq_poll(items, 2, 20) > 0)
+        for (int k = 0; k < 2; k++) {
+            wire_msg_t m;
+            int rc;
+            while ((rc = wire_recv(items[k].socket, true, true, &m, NULL)) == 0 || m.n_frames) {
+                if (!rc && k == 0) coord_worker_message(c, &m, fl_clock_s() + now_offset);
+                if (!rc && k == 1) coord_client_message(c, &m, fl_clock_s() + now_offset);
+                wire_msg_close(&m);
+            }
+        }
+}
+
+static void pump(void)
+{
+    pump_at(0);
+}
+
+/* ---- the worker's side ---- */
+
+static void worker_send(int w, int cmd, const ProtobufCMessage *body)
+{
+    assert_int_equal(wire_send(F.worker[w], NULL, 0, false, WIRE_HEADER_WORKER, cmd, body, NULL), 0);
+}
+
+static void worker_heartbeat(int w, const uint64_t *live, size_t n_live)
+{
+    Folio__V1__WorkerLoad l = FOLIO__V1__WORKER_LOAD__INIT;
+    l.engine_ok = true;
+    l.live_ids = (uint64_t *)live;
+    l.n_live_ids = n_live;
+    worker_send(w, WIRE_CMD_HEARTBEAT, &l.base);
+}
+
+static void register_workers(int n)
+{
+    for (int i = 0; i < n; i++) {
+        char group[16];
+        snprintf(group, sizeof group, "g%d", i);
+        Folio__V1__WorkerHello h = FOLIO__V1__WORKER_HELLO__INIT;
+        h.group = group;
+        h.tp_size = 1;
+        h.block_size = 16;
+        h.kv_blocks = 100;
+        h.max_context = 256;
+        h.model_id = (char *)"tiny";
+        h.epoch = 1;
+        worker_send(i, WIRE_CMD_READY, &h.base);
+        worker_heartbeat(i, NULL, 0);
+    }
+    pump();
+    for (int i = 0; i < n; i++) assert_true(F.c->groups->table[i].routable);
+}
+
+/* The next REQUEST worker w got within 200 ms (decoded, to free), or NULL; other commands (the
+ * coordinator's heartbeats) are skipped. */
+static Folio__V1__Request *worker_recv(int w)
+{
+    zmq_pollitem_t it = {F.worker[w], 0, ZMQ_POLLIN, 0};
+    while (zmq_poll(&it, 1, 200) > 0) {
+        wire_msg_t m;
+        if (wire_recv(F.worker[w], false, true, &m, NULL)) continue;
+        Folio__V1__Request *q = NULL;
+        if (m.cmd == WIRE_CMD_REQUEST) {
+            q = folio__v1__request__unpack(NULL, m.body_len, m.body);
+            assert_non_null(q);
+        }
+        wire_msg_close(&m);
+        if (q) return q;
+    }
+    return NULL;
+}
+
+/* The group (0 or 1) that got the Generate, whose worker-side id goes to *wid. */
+static int which_worker(uint64_t *wid)
+{
+    for (int w = 0; w < N_WORKERS; w++) {
+        Folio__V1__Request *q = worker_recv(w);
+        if (!q) continue;
+        assert_int_equal(q->method, FOLIO__V1__METHOD__METHOD_GENERATE);
+        *wid = q->id;
+        folio__v1__request__free_unpacked(q, NULL);
+        return w;
+    }
+    fail_msg("no worker got the request");
+    return -1;
+}
+
+static void worker_partial(int w, uint64_t wid, uint32_t index, const int32_t *tokens, size_t n, bool final)
+{
+    Folio__V1__TokenDelta d = FOLIO__V1__TOKEN_DELTA__INIT;
+    d.index = index;
+    d.tokens = (int32_t *)tokens;
+    d.n_tokens = n;
+    d.text = (char *)"x";
+    Folio__V1__Response r;
+    wire_response_init(&r, wid, FOLIO__V1__METHOD__METHOD_GENERATE, final);
+    r.delta = &d;
+    worker_send(w, final ? WIRE_CMD_FINAL : WIRE_CMD_PARTIAL, &r.base);
+}
+
+static void worker_final(int w, uint64_t wid, Folio__V1__StatusCode code, Folio__V1__FinishReason reason,
+                         uint32_t completion_tokens)
+{
+    Folio__V1__Status st = FOLIO__V1__STATUS__INIT;
+    st.code = code;
+    Folio__V1__Usage u = FOLIO__V1__USAGE__INIT;
+    u.prompt_tokens = 3;
+    u.completion_tokens = completion_tokens;
+    Folio__V1__Timings t = FOLIO__V1__TIMINGS__INIT;
+    t.queued_s = 0.001;
+    t.first_token_s = 0.002;
+    Folio__V1__GenerateResult res = FOLIO__V1__GENERATE_RESULT__INIT;
+    res.finish_reason = reason;
+    res.usage = &u;
+    res.timings = &t;
+    Folio__V1__Response r;
+    wire_response_init(&r, wid, FOLIO__V1__METHOD__METHOD_GENERATE, true);
+    r.status = &st;
+    r.result = &res;
+    worker_send(w, WIRE_CMD_FINAL, &r.base);
+}
+
+/* ---- the client's side ---- */
+
+static const int32_t PROMPT[3] = {11, 12, 13};
+
+static void client_generate(uint64_t id, const char *tenant, uint32_t timeout_ms)
+{
+    Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
+    g.prompt_tokens = (int32_t *)PROMPT;
+    g.n_prompt_tokens = 3;
+    g.max_tokens = 8;
+    g.stream = true;
+    Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
+    q.version = WIRE_VERSION;
+    q.id = id;
+    q.method = FOLIO__V1__METHOD__METHOD_GENERATE;
+    q.tenant = (char *)tenant;
+    q.timeout_ms = timeout_ms;
+    q.generate = &g;
+    assert_int_equal(wire_send(F.client, NULL, 0, false, WIRE_HEADER_CLIENT, WIRE_CMD_REQUEST, &q.base, NULL), 0);
+    pump();
+}
+
+static void client_cancel(uint64_t id, uint64_t target)
+{
+    Folio__V1__CancelRequest cr = FOLIO__V1__CANCEL_REQUEST__INIT;
+    cr.target_id = target;
+    Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
+    q.version = WIRE_VERSION;
+    q.id = id;
+    q.method = FOLIO__V1__METHOD__METHOD_CANCEL;
+    q.cancel = &cr;
+    assert_int_equal(wire_send(F.client, NULL, 0, false, WIRE_HEADER_CLIENT, WIRE_CMD_REQUEST, &q.base, NULL), 0);
+    pump();
+}
+
+/* The next message the client got within 200 ms (decoded, to free), or NULL. */
+static Folio__V1__Response *client_recv(void)
+{
+    zmq_pollitem_t it = {F.client, 0, ZMQ_POLLIN, 0};
+    if (zmq_poll(&it, 1, 200) <= 0) return NULL;
+    wire_msg_t m;
+    assert_int_equal(wire_recv(F.client, false, true, &m, NULL), 0);
+    assert_true(m.cmd == WIRE_CMD_PARTIAL || m.cmd == WIRE_CMD_FINAL);
+    Folio__V1__Response *r = folio__v1__response__unpack(NULL, m.body_len, m.body);
+    assert_non_null(r);
+    assert_int_equal(r->final, m.cmd == WIRE_CMD_FINAL);
+    wire_msg_close(&m);
+    return r;
+}
+
+static void expect_partial(uint64_t id, uint32_t index, const int32_t *tokens, size_t n)
+{
+    Folio__V1__Response *r = client_recv();
+    assert_non_null(r);
+    assert_false(r->final);
+    assert_int_equal(r->id, id);
+    assert_int_equal(r->method, FOLIO__V1__METHOD__METHOD_GENERATE);
+    assert_non_null(r->delta);
+    assert_int_equal(r->delta->index, index);
+    assert_int_equal(r->delta->n_tokens, n);
+    assert_memory_equal(r->delta->tokens, tokens, n * sizeof *tokens);
+    folio__v1__response__free_unpacked(r, NULL);
+}
+
+/* The FINAL for id with this status (to free). */
+static Folio__V1__Response *expect_final(uint64_t id, Folio__V1__StatusCode code)
+{
+    Folio__V1__Response *r = client_recv();
+    assert_non_null(r);
+    assert_true(r->final);
+    assert_int_equal(r->id, id);
+    assert_non_null(r->status);
+    if ((int)r->status->code != (int)code)
+        fail_msg("id %llu: status %s (%s), expected %s", (unsigned long long)id, wire_status_name(r->status->code),
+                 r->status->message, wire_status_name(code));
+    return r;
+}
+
+static void expect_nothing_more(void)
+{
+    pump();
+    Folio__V1__Response *r = client_recv();
+    if (r) fail_msg("unexpected message for id %llu final=%d", (unsigned long long)r->id, (int)r->final);
+    assert_int_equal(reqs_count(F.c->reqs), 0);
+}
+
+/* ---- tests ---- */
+
+static void test_partials_are_relayed_in_order_and_exactly_one_final_ends_the_stream(void **state)
+{
+    (void)state;
+    register_workers(2);
+    client_generate(7, "", 0);
+    uint64_t wid = 0;
+    const int w = which_worker(&wid);
+    assert_int_not_equal(wid, 7);
+    const int32_t a[2] = {1, 2}, b[1] = {3}, old[1] = {9};
+    worker_partial(w, wid, 0, a, 2, false);
+    worker_partial(w, wid, 2, b, 1, false);
+    worker_partial(w, wid, 1, old, 1, false); /* an index already sent: dropped */
+    worker_partial(w, wid + 1000, 3, old, 1, false); /* an id nobody has: dropped */
+    worker_partial(1 - w, wid, 3, old, 1, false);    /* another group's request: dropped */
+    worker_final(w, wid, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_STOP, 3);
+    worker_final(w, wid, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_STOP, 3); /* a second */
+    pump();
+    expect_partial(7, 0, a, 2);
+    expect_partial(7, 2, b, 1);
+    Folio__V1__Response *r = expect_final(7, FOLIO__V1__STATUS_CODE__OK);
+    assert_non_null(r->result);
+    assert_int_equal(r->result->finish_reason, FOLIO__V1__FINISH_REASON__FINISH_STOP);
+    assert_int_equal(r->result->usage->completion_tokens, 3);
+    char group[8];
+    snprintf(group, sizeof group, "g%d", w);
+    assert_string_equal(r->result->group, group);
+    /* Timings count from the coordinator's receipt: at least the worker's, first token as relayed. */
+    assert_non_null(r->result->timings);
+    assert_true(r->result->timings->queued_s >= 0.001);
+    assert_true(r->result->timings->first_token_s > 0);
+    assert_true(r->result->timings->total_s >= r->result->timings->first_token_s);
+    folio__v1__response__free_unpacked(r, NULL);
+    expect_nothing_more();
+    assert_int_equal(F.c->groups->table[w].inflight, 0);
+    assert_int_equal(F.c->n_latency, 1);
+}
+
+static void test_a_repeated_index_in_the_final_is_dropped_and_the_final_still_relayed(void **state)
+{
+    (void)state;
+    register_workers(1);
+    client_generate(3, "", 0);
+    Folio__V1__Request *q = worker_recv(0);
+    assert_non_null(q);
+    const int32_t a[2] = {1, 2};
+    worker_partial(0, q->id, 0, a, 2, false);
+    worker_partial(0, q->id, 1, a, 2, true); /* unstreamed-style FINAL overlapping what was sent */
+    pump();
+    expect_partial(3, 0, a, 2);
+    Folio__V1__Response *r = client_recv();
+    assert_non_null(r);
+    assert_true(r->final);
+    assert_null(r->delta);
+    folio__v1__response__free_unpacked(r, NULL);
+    folio__v1__request__free_unpacked(q, NULL);
+    expect_nothing_more();
+}
+
+static void test_the_worker_request_is_its_own_and_the_client_message_stays_as_it_came(void **state)
+{
+    (void)state;
+    register_workers(1);
+    client_generate(5, "bob", 60000);
+    Folio__V1__Request *q = worker_recv(0);
+    assert_non_null(q);
+    assert_int_equal(q->version, WIRE_VERSION);
+    assert_int_equal(q->method, FOLIO__V1__METHOD__METHOD_GENERATE);
+    assert_int_not_equal(q->id, 5);
+    assert_string_equal(q->tenant, "team"); /* bob shares the cache of the list "team,alice,bob" */
+    assert_true(q->timeout_ms > 59000 && q->timeout_ms <= 60001); /* the time left, rounded up */
+    assert_non_null(q->generate);
+    assert_string_equal(q->generate->text, "");
+    assert_int_equal(q->generate->n_messages, 0);
+    assert_int_equal(q->generate->n_prompt_tokens, 3);
+    assert_memory_equal(q->generate->prompt_tokens, PROMPT, sizeof PROMPT);
+    assert_int_equal(q->generate->max_tokens, 8);
+    assert_true(q->generate->stream);
+    /* The client's decoded message, kept for resubmission, is unchanged. */
+    const req_t *e = reqs_by_client(F.c->reqs, (const uint8_t *)CLIENT_ID, strlen(CLIENT_ID), 5);
+    assert_non_null(e);
+    assert_int_equal(e->wid, q->id);
+    assert_int_equal(e->msg->id, 5);
+    assert_string_equal(e->msg->tenant, "bob");
+    assert_int_equal(e->msg->timeout_ms, 60000);
+    assert_int_equal(e->msg->generate->n_prompt_tokens, 3);
+    worker_final(0, q->id, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_LENGTH, 0);
+    folio__v1__request__free_unpacked(q, NULL);
+    pump();
+    folio__v1__response__free_unpacked(expect_final(5, FOLIO__V1__STATUS_CODE__OK), NULL);
+    expect_nothing_more();
+}
+
+static void test_a_group_death_before_the_first_token_resubmits_to_another_group(void **state)
+{
+    (void)state;
+    register_workers(2);
+    client_generate(9, "", 0);
+    uint64_t wid = 0;
+    const int w = which_worker(&wid), other = 1 - w;
+    worker_send(w, WIRE_CMD_DISCONNECT, NULL); /* the group goes away */
+    pump();
+    Folio__V1__Request *q = worker_recv(other);
+    assert_non_null(q);
+    assert_int_not_equal(q->id, wid); /* a new id: the dead group's words are dropped */
+    assert_memory_equal(q->generate->prompt_tokens, PROMPT, sizeof PROMPT);
+    assert_int_equal(F.c->requests_failed_over, 1);
+    assert_null(client_recv()); /* the client saw nothing of it */
+    const int32_t a[1] = {4};
+    worker_partial(other, q->id, 0, a, 1, false);
+    worker_final(other, q->id, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_STOP, 1);
+    pump();
+    expect_partial(9, 0, a, 1);
+    Folio__V1__Response *r = expect_final(9, FOLIO__V1__STATUS_CODE__OK);
+    char group[8];
+    snprintf(group, sizeof group, "g%d", other);
+    assert_string_equal(r->result->group, group);
+    folio__v1__response__free_unpacked(r, NULL);
+    folio__v1__request__free_unpacked(q, NULL);
+    expect_nothing_more();
+}
+
+static void test_a_group_death_after_the_first_token_ends_unavailable_keeping_the_tokens(void **state)
+{
+    (void)state;
+    register_workers(2);
+    client_generate(4, "", 0);
+    uint64_t wid = 0;
+    const int w = which_worker(&wid), other = 1 - w;
+    const int32_t a[2] = {5, 6};
+    worker_partial(w, wid, 0, a, 2, false);
+    pump();
+    expect_partial(4, 0, a, 2);
+    worker_send(w, WIRE_CMD_DISCONNECT, NULL);
+    pump();
+    Folio__V1__Response *r = expect_final(4, FOLIO__V1__STATUS_CODE__UNAVAILABLE);
+    assert_non_null(strstr(r->status->message, "after 2 tokens"));
+    assert_int_equal(r->result->finish_reason, FOLIO__V1__FINISH_REASON__FINISH_ERROR);
+    assert_int_equal(r->result->usage->completion_tokens, 2);
+    assert_int_equal(r->result->usage->prompt_tokens, 3);
+    folio__v1__response__free_unpacked(r, NULL);
+    assert_null(worker_recv(other)); /* not resubmitted */
+    assert_int_equal(F.c->requests_failed_over, 0);
+    expect_nothing_more();
+}
+
+static void test_a_request_the_heartbeat_no_longer_lists_is_failed_over(void **state)
+{
+    (void)state;
+    register_workers(2);
+    client_generate(2, "", 0);
+    uint64_t wid = 0;
+    const int w = which_worker(&wid);
+    /* Listed, or too recent to judge: stays. */
+    worker_heartbeat(w, &wid, 1);
+    pump_at(3.0);
+    worker_heartbeat(w, NULL, 0);
+    pump_at(0.5);
+    for (int i = 0; i < N_WORKERS; i++) assert_null(worker_recv(i));
+    /* Unlisted 2 heartbeat intervals after it was sent: lost in transit, sent again (to any group,
+     * its own included) under a new id. */
+    worker_heartbeat(w, NULL, 0);
+    pump_at(3.0);
+    uint64_t wid2 = 0;
+    const int w2 = which_worker(&wid2);
+    assert_true(wid2 != wid);
+    assert_int_equal(F.c->requests_failed_over, 1);
+    worker_final(w, wid, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_STOP, 0); /* too late */
+    pump();
+    worker_final(w2, wid2, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_STOP, 0);
+    pump();
+    folio__v1__response__free_unpacked(expect_final(2, FOLIO__V1__STATUS_CODE__OK), NULL);
+    expect_nothing_more();
+}
+
+static void test_cancel_ends_with_the_workers_final_and_nothing_after(void **state)
+{
+    (void)state;
+    register_workers(1);
+    client_generate(7, "", 0);
+    Folio__V1__Request *q = worker_recv(0);
+    assert_non_null(q);
+    client_cancel(8, 7);
+    folio__v1__response__free_unpacked(expect_final(8, FOLIO__V1__STATUS_CODE__OK), NULL); /* the Cancel's answer */
+    client_cancel(10, 7);                                                                /* again: still OK */
+    folio__v1__response__free_unpacked(expect_final(10, FOLIO__V1__STATUS_CODE__OK), NULL);
+    Folio__V1__Request *cq = worker_recv(0);
+    assert_non_null(cq);
+    assert_int_equal(cq->method, FOLIO__V1__METHOD__METHOD_CANCEL);
+    assert_int_equal(cq->cancel->target_id, q->id);
+    folio__v1__request__free_unpacked(cq, NULL);
+    assert_null(worker_recv(0)); /* told once */
+    worker_final(0, q->id, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, 0);
+    pump();
+    Folio__V1__Response *r = expect_final(7, FOLIO__V1__STATUS_CODE__CANCELLED);
+    assert_int_equal(r->result->finish_reason, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED);
+    folio__v1__response__free_unpacked(r, NULL);
+    folio__v1__request__free_unpacked(q, NULL);
+    dispatch_expire(F.c, fl_clock_s() + 100); /* its cancel timeout went with it */
+    client_cancel(11, 7);
+    folio__v1__response__free_unpacked(expect_final(11, FOLIO__V1__STATUS_CODE__NOT_FOUND), NULL);
+    expect_nothing_more();
+}
+
+static void test_a_cancel_the_worker_never_confirms_ends_cancelled_after_two_heartbeats(void **state)
+{
+    (void)state;
+    register_workers(1);
+    client_generate(7, "", 0);
+    Folio__V1__Request *q = worker_recv(0);
+    assert_non_null(q);
+    client_cancel(8, 7);
+    folio__v1__response__free_unpacked(expect_final(8, FOLIO__V1__STATUS_CODE__OK), NULL);
+    const double t = dispatch_next_timer(F.c, fl_clock_s());
+    assert_true(t > 1.5 && t <= 2.0);
+    dispatch_expire(F.c, fl_clock_s() + 1.0);
+    assert_null(client_recv()); /* not yet */
+    dispatch_expire(F.c, fl_clock_s() + 2.1);
+    Folio__V1__Response *r = expect_final(7, FOLIO__V1__STATUS_CODE__CANCELLED);
+    assert_non_null(strstr(r->status->message, "did not confirm"));
+    folio__v1__response__free_unpacked(r, NULL);
+    worker_final(0, q->id, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, 0);
+    folio__v1__request__free_unpacked(q, NULL);
+    expect_nothing_more();
+    assert_true(dispatch_next_timer(F.c, fl_clock_s()) < 0);
+}
+
+static void test_a_deadline_ends_deadline_exceeded_and_cancels_on_the_worker(void **state)
+{
+    (void)state;
+    register_workers(1);
+    client_generate(6, "", 1000);
+    Folio__V1__Request *q = worker_recv(0);
+    assert_non_null(q);
+    const int32_t a[1] = {7};
+    worker_partial(0, q->id, 0, a, 1, false);
+    pump();
+    expect_partial(6, 0, a, 1);
+    dispatch_expire(F.c, fl_clock_s() + 1.5);
+    Folio__V1__Response *r = expect_final(6, FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED);
+    assert_int_equal(r->result->finish_reason, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED);
+    assert_int_equal(r->result->usage->completion_tokens, 1);
+    folio__v1__response__free_unpacked(r, NULL);
+    Folio__V1__Request *cq = worker_recv(0);
+    assert_non_null(cq);
+    assert_int_equal(cq->method, FOLIO__V1__METHOD__METHOD_CANCEL);
+    assert_int_equal(cq->cancel->target_id, q->id);
+    folio__v1__request__free_unpacked(cq, NULL);
+    worker_final(0, q->id, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, 1);
+    folio__v1__request__free_unpacked(q, NULL);
+    expect_nothing_more();
+}
+
+static void test_without_a_healthy_group_a_generate_ends_unavailable_at_once(void **state)
+{
+    (void)state;
+    client_generate(1, "", 0);
+    Folio__V1__Response *r = expect_final(1, FOLIO__V1__STATUS_CODE__UNAVAILABLE);
+    assert_non_null(strstr(r->status->message, "no healthy worker group"));
+    folio__v1__response__free_unpacked(r, NULL);
+    expect_nothing_more();
+}
+
+static void test_shutdown_ends_every_request_unavailable_once(void **state)
+{
+    (void)state;
+    register_workers(2);
+    client_generate(1, "", 0);
+    client_generate(2, "", 0);
+    assert_int_equal(dispatch_end_all(F.c, "the coordinator is shutting down"), 2);
+    bool seen[3] = {false};
+    for (int i = 0; i < 2; i++) {
+        Folio__V1__Response *r = client_recv();
+        assert_non_null(r);
+        assert_true(r->final && (r->id == 1 || r->id == 2) && !seen[r->id]);
+        seen[r->id] = true;
+        assert_int_equal(r->status->code, FOLIO__V1__STATUS_CODE__UNAVAILABLE);
+        folio__v1__response__free_unpacked(r, NULL);
+    }
+    expect_nothing_more();
+}
+
+static void test_a_client_that_is_gone_has_its_requests_cancelled_on_the_worker(void **state)
+{
+    (void)state;
+    register_workers(1);
+    client_generate(7, "", 0);
+    Folio__V1__Request *q = worker_recv(0);
+    assert_non_null(q);
+    zmq_close(F.client);
+    F.client = NULL;
+    /* The coordinator learns it when a send to the client fails. */
+    const int32_t a[1] = {1};
+    Folio__V1__Request *cq = NULL;
+    for (uint32_t i = 0; i < 50 && !cq; i++) {
+        worker_partial(0, q->id, i, a, 1, false);
+        pump();
+        cq = worker_recv(0);
+    }
+    assert_non_null(cq);
+    assert_int_equal(cq->method, FOLIO__V1__METHOD__METHOD_CANCEL);
+    assert_int_equal(cq->cancel->target_id, q->id);
+    assert_int_equal(reqs_count(F.c->reqs), 0);
+    assert_int_equal(F.c->groups->table[0].inflight, 0);
+    folio__v1__request__free_unpacked(cq, NULL);
+    folio__v1__request__free_unpacked(q, NULL);
+}
+
+#define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        T(test_partials_are_relayed_in_order_and_exactly_one_final_ends_the_stream),
+        T(test_a_repeated_index_in_the_final_is_dropped_and_the_final_still_relayed),
+        T(test_the_worker_request_is_its_own_and_the_client_message_stays_as_it_came),
+        T(test_a_group_death_before_the_first_token_resubmits_to_another_group),
+        T(test_a_group_death_after_the_first_token_ends_unavailable_keeping_the_tokens),
+        T(test_a_request_the_heartbeat_no_longer_lists_is_failed_over),
+        T(test_cancel_ends_with_the_workers_final_and_nothing_after),
+        T(test_a_cancel_the_worker_never_confirms_ends_cancelled_after_two_heartbeats),
+        T(test_a_deadline_ends_deadline_exceeded_and_cancels_on_the_worker),
+        T(test_without_a_healthy_group_a_generate_ends_unavailable_at_once),
+        T(test_shutdown_ends_every_request_unavailable_once),
+        T(test_a_client_that_is_gone_has_its_requests_cancelled_on_the_worker),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
