@@ -100,6 +100,21 @@ static int json_ids(const cJSON *arr, int32_t *out, int cap)
     return n;
 }
 
+/* A fixture chat's messages (borrowed from c) into msgs; returns their count. */
+static int json_msgs(const cJSON *c, tok_chat_msg_t *msgs, int cap)
+{
+    int n = 0;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, cJSON_GetObjectItem(c, "messages"))
+    {
+        assert_true(n < cap);
+        msgs[n].role = cJSON_GetObjectItem(m, "role")->valuestring;
+        msgs[n].content = cJSON_GetObjectItem(m, "content")->valuestring;
+        n++;
+    }
+    return n;
+}
+
 /* ---- model-backed tests ---- */
 
 static void test_encode_matches_llama_cpp_on_every_fixture_case(void **state)
@@ -193,14 +208,7 @@ static void test_chat_template_matches_jinja2_rendering(void **state)
     cJSON_ArrayForEach(c, chats)
     {
         tok_chat_msg_t msgs[16];
-        int n = 0;
-        const cJSON *m;
-        cJSON_ArrayForEach(m, cJSON_GetObjectItem(c, "messages"))
-        {
-            msgs[n].role = cJSON_GetObjectItem(m, "role")->valuestring;
-            msgs[n].content = cJSON_GetObjectItem(m, "content")->valuestring;
-            n++;
-        }
+        const int n = json_msgs(c, msgs, 16);
         bool agp = cJSON_IsTrue(cJSON_GetObjectItem(c, "add_generation_prompt"));
         const char *rendered = cJSON_GetObjectItem(c, "rendered")->valuestring;
         int len = tok_chat_apply(t, msgs, n, agp, out, sizeof out);
@@ -260,14 +268,7 @@ static void test_chat_prompt_template_markers_special_contents_plain(void **stat
         cJSON_ArrayForEach(c, cJSON_GetObjectItem(ms->fx, sets[k]))
         {
             tok_chat_msg_t msgs[16];
-            int n = 0;
-            const cJSON *m;
-            cJSON_ArrayForEach(m, cJSON_GetObjectItem(c, "messages"))
-            {
-                msgs[n].role = cJSON_GetObjectItem(m, "role")->valuestring;
-                msgs[n].content = cJSON_GetObjectItem(m, "content")->valuestring;
-                n++;
-            }
+            const int n = json_msgs(c, msgs, 16);
             /* tok_encode_prompt always opens the assistant's turn; no messages is a raw prompt */
             if (!n || !cJSON_IsTrue(cJSON_GetObjectItem(c, "add_generation_prompt"))) continue;
             const char *rendered = cJSON_GetObjectItem(c, "rendered")->valuestring;
@@ -480,14 +481,17 @@ static void test_tiny_vocab_special_tokens_and_decode(void **state)
     tok_destroy(&t);
 }
 
+/* A ChatML template with a default system message (as SmolLM2's). */
+static const char TINY_CHATML[] =
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nBe nice, it\\'s \"free\".<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
 static void test_tiny_chat_template_default_system_is_parsed_from_template(void **state)
 {
-    const char *tmpl = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-                       "{{ '<|im_start|>system\\nBe nice, it\\'s \"free\".<|im_end|>\\n' }}{% endif %}"
-                       "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-                       "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
     fl_error_t err = {0};
-    tok_t *t = tiny("smollm", tmpl, &err);
+    tok_t *t = tiny("smollm", TINY_CHATML, &err);
     assert_non_null(t);
     char out[256];
     tok_chat_msg_t m[] = {{"user", "hi"}};
@@ -574,12 +578,8 @@ static void test_tiny_plain_spans_keep_control_tokens_as_text(void **state)
  * contents cannot add a marker to the template's. */
 static void test_tiny_prompt_special_tokens_raw_and_chat(void **state)
 {
-    const char *tmpl = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-                       "{{ '<|im_start|>system\\nS<|im_end|>\\n' }}{% endif %}"
-                       "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-                       "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
     fl_error_t err = {0};
-    tok_t *t = tiny("smollm", tmpl, &err);
+    tok_t *t = tiny("smollm", TINY_CHATML, &err);
     assert_non_null(t);
     int32_t *ids = NULL;
     int cap = 0;
