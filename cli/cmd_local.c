@@ -10,7 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "folioctl.h"
 #include "log.h"
@@ -188,6 +187,19 @@ int cmd_run(const ctl_flags_t *f, bool chat)
     return rc;
 }
 
+typedef struct local_chat {
+    engine_t *e;
+    const ctl_flags_t *f;
+    conversation_t conv;
+} local_chat_t;
+
+static int local_turn(void *user, const char *line)
+{
+    local_chat_t *lc = user;
+    generate_one(lc->e, lc->f, line, true, &lc->conv);
+    return 0;
+}
+
 int cmd_chat_local(const ctl_flags_t *f)
 {
     if (f->prompt) return cmd_run(f, true);
@@ -195,19 +207,9 @@ int cmd_chat_local(const ctl_flags_t *f)
     if (!e) return 1;
     /* Interactive: each line is a user turn; the conversation so far is the context. "/reset"
      * starts over. A turn that no longer fits the context ends with its error, and the user can reset. */
-    conversation_t conv = {0};
-    char line[8192];
-    if (isatty(0)) fprintf(stderr, "> ");
-    while (fgets(line, sizeof line, stdin)) {
-        line[strcspn(line, "\n")] = 0;
-        if (!strcmp(line, "/reset")) {
-            conversation_free(&conv);
-        } else if (*line) {
-            generate_one(e, f, line, true, &conv);
-        }
-        if (isatty(0)) fprintf(stderr, "> ");
-    }
-    conversation_free(&conv);
+    local_chat_t lc = {.e = e, .f = f};
+    ctl_repl(&lc.conv, local_turn, &lc);
+    conversation_free(&lc.conv);
     engine_destroy(&e);
     return 0;
 }

@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "cli_json.h"
 #include "folioctl.h"
@@ -137,6 +136,32 @@ int cmd_generate(const ctl_flags_t *f)
     return rc;
 }
 
+typedef struct remote_chat {
+    folio_client_t *c;
+    const ctl_flags_t *f;
+    conversation_t conv;
+    folio_chat_message_t *msgs; /* the request's messages, grown with conv */
+} remote_chat_t;
+
+static int remote_turn(void *user, const char *line)
+{
+    remote_chat_t *x = user;
+    folio_chat_message_t *m = realloc(x->msgs, (size_t)(x->conv.n + 2) * sizeof *m);
+    if (!m) return -1;
+    x->msgs = m;
+    int n = 0;
+    if (x->f->system) m[n++] = (folio_chat_message_t){"system", x->f->system};
+    for (int i = 0; i < x->conv.n; i++) m[n++] = (folio_chat_message_t){x->conv.msgs[i].role, x->conv.msgs[i].content};
+    m[n++] = (folio_chat_message_t){"user", line};
+    char *answer = NULL;
+    int rc = remote_generate(x->c, x->f, m, n, &answer);
+    if (!rc && (!conversation_add(&x->conv, "user", line, strlen(line)) ||
+                !conversation_add(&x->conv, "assistant", answer, strlen(answer))))
+        rc = 1;
+    free(answer);
+    return rc;
+}
+
 /* chat through the coordinator: the history (system, user, assistant, ...) travels as messages. */
 int cmd_chat(const ctl_flags_t *f)
 {
@@ -156,37 +181,10 @@ int cmd_chat(const ctl_flags_t *f)
         folio_client_destroy(&c);
         return rc;
     }
-    conversation_t conv = {0};
-    folio_chat_message_t *msgs = NULL;
-    char line[8192];
-    if (isatty(0)) fprintf(stderr, "> ");
-    while (fgets(line, sizeof line, stdin)) {
-        line[strcspn(line, "\n")] = 0;
-        if (!strcmp(line, "/reset")) {
-            conversation_free(&conv);
-        } else if (*line) {
-            folio_chat_message_t *m = realloc(msgs, (size_t)(conv.n + 2) * sizeof *m);
-            if (!m) {
-                rc = 1;
-                break;
-            }
-            msgs = m;
-            int n = 0;
-            if (f->system) msgs[n++] = (folio_chat_message_t){"system", f->system};
-            for (int i = 0; i < conv.n; i++)
-                msgs[n++] = (folio_chat_message_t){conv.msgs[i].role, conv.msgs[i].content};
-            msgs[n++] = (folio_chat_message_t){"user", line};
-            char *answer = NULL;
-            rc = remote_generate(c, f, msgs, n, &answer);
-            if (!rc && (!conversation_add(&conv, "user", line, strlen(line)) ||
-                        !conversation_add(&conv, "assistant", answer, strlen(answer))))
-                rc = 1;
-            free(answer);
-        }
-        if (isatty(0)) fprintf(stderr, "> ");
-    }
-    free(msgs);
-    conversation_free(&conv);
+    remote_chat_t chat = {.c = c, .f = f};
+    rc = ctl_repl(&chat.conv, remote_turn, &chat);
+    free(chat.msgs);
+    conversation_free(&chat.conv);
     folio_client_destroy(&c);
     return rc;
 }

@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "flags.h"
 #include "wire.h"
@@ -163,6 +164,24 @@ void conversation_free(conversation_t *c)
     }
     free(c->msgs);
     *c = (conversation_t){0};
+}
+
+int ctl_repl(conversation_t *conv, int (*turn)(void *user, const char *line), void *user)
+{
+    int rc = 0;
+    char line[8192];
+    if (isatty(0)) fprintf(stderr, "> ");
+    while (fgets(line, sizeof line, stdin)) {
+        line[strcspn(line, "\n")] = 0;
+        if (!strcmp(line, "/reset")) {
+            conversation_free(conv);
+        } else if (*line && (rc = turn(user, line)) < 0) {
+            rc = 1;
+            break;
+        }
+        if (isatty(0)) fprintf(stderr, "> ");
+    }
+    return rc;
 }
 
 volatile sig_atomic_t ctl_interrupted;

@@ -55,6 +55,10 @@ typedef struct conversation {
 } conversation_t;
 bool conversation_add(conversation_t *c, const char *role, const char *content, size_t len);
 void conversation_free(conversation_t *c);
+/* chat's REPL: reads user turns from stdin (a "> " prompt on a terminal) until EOF; "/reset"
+ * clears conv. turn() answers one line (and adds it and the answer to conv); a negative return
+ * stops the loop with status 1. Returns the last turn's status. */
+int ctl_repl(conversation_t *conv, int (*turn)(void *user, const char *line), void *user);
 
 /* SIGINT/SIGTERM count, from ctl_on_interrupt. */
 extern volatile sig_atomic_t ctl_interrupted;
