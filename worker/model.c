@@ -556,6 +556,13 @@ int model_logits(model_t *m, float *dst, int n)
     return kern_download(m->be, dst, m->logits, (size_t)n * m->cfg.n_vocab * sizeof(float));
 }
 
+int model_logits_row(model_t *m, float *dst, int row)
+{
+    if (row < 0 || row >= m->max_logits) return FL_EINVAL;
+    const size_t bytes = (size_t)m->cfg.n_vocab * sizeof(float);
+    return kern_download(m->be, dst, m->logits + (size_t)row * m->cfg.n_vocab, bytes);
+}
+
 void model_sample(model_t *m, int32_t *out, int n, const kern_sampling_t *params)
 {
     kern_sample(m->be, out, m->logits, n, m->cfg.n_vocab, params);
