@@ -221,6 +221,15 @@ static void worker_final(int w, uint64_t wid, Folio__V1__StatusCode code, Folio_
     worker_send(w, WIRE_CMD_FINAL, &r.base);
 }
 
+/* Checks that cq (freed here) is a CANCEL of worker-side id wid. */
+static void check_cancel(Folio__V1__Request *cq, uint64_t wid)
+{
+    assert_non_null(cq);
+    assert_int_equal(cq->method, FOLIO__V1__METHOD__METHOD_CANCEL);
+    assert_int_equal(cq->cancel->target_id, wid);
+    folio__v1__request__free_unpacked(cq, NULL);
+}
+
 /* ---- the client's side ---- */
 
 static const int32_t PROMPT[3] = {11, 12, 13};
@@ -307,6 +316,18 @@ static void expect_nothing_more(void)
     assert_int_equal(reqs_count(F.c->reqs), 0);
 }
 
+/* One group g0, and a Generate from the client with this id that g0 got: its worker-side id. */
+static uint64_t generate_on_g0(uint64_t id, uint32_t timeout_ms)
+{
+    register_workers(1);
+    client_generate(id, "", timeout_ms);
+    Folio__V1__Request *q = worker_recv(0);
+    assert_non_null(q);
+    const uint64_t wid = q->id;
+    folio__v1__request__free_unpacked(q, NULL);
+    return wid;
+}
+
 /* ---- tests ---- */
 
 static void test_partials_are_relayed_in_order_and_exactly_one_final_ends_the_stream(void **state)
@@ -332,7 +353,7 @@ static void test_partials_are_relayed_in_order_and_exactly_one_final_ends_the_st
     assert_non_null(r->result);
     assert_int_equal(r->result->finish_reason, FOLIO__V1__FINISH_REASON__FINISH_STOP);
     assert_int_equal(r->result->usage->completion_tokens, 3);
-    char group[8];
+    char group[16];
     snprintf(group, sizeof group, "g%d", w);
     assert_string_equal(r->result->group, group);
     /* Timings count from the coordinator's receipt: at least the worker's, first token as relayed. */
@@ -349,13 +370,10 @@ static void test_partials_are_relayed_in_order_and_exactly_one_final_ends_the_st
 static void test_a_repeated_index_in_the_final_is_dropped_and_the_final_still_relayed(void **state)
 {
     (void)state;
-    register_workers(1);
-    client_generate(3, "", 0);
-    Folio__V1__Request *q = worker_recv(0);
-    assert_non_null(q);
+    const uint64_t wid = generate_on_g0(3, 0);
     const int32_t a[2] = {1, 2};
-    worker_partial(0, q->id, 0, a, 2, false);
-    worker_partial(0, q->id, 1, a, 2, true); /* unstreamed-style FINAL overlapping what was sent */
+    worker_partial(0, wid, 0, a, 2, false);
+    worker_partial(0, wid, 1, a, 2, true); /* unstreamed-style FINAL overlapping what was sent */
     pump();
     expect_partial(3, 0, a, 2);
     Folio__V1__Response *r = client_recv();
@@ -363,7 +381,6 @@ static void test_a_repeated_index_in_the_final_is_dropped_and_the_final_still_re
     assert_true(r->final);
     assert_null(r->delta);
     folio__v1__response__free_unpacked(r, NULL);
-    folio__v1__request__free_unpacked(q, NULL);
     expect_nothing_more();
 }
 
@@ -422,7 +439,7 @@ static void test_a_group_death_before_the_first_token_resubmits_to_another_group
     pump();
     expect_partial(9, 0, a, 1);
     Folio__V1__Response *r = expect_final(9, FOLIO__V1__STATUS_CODE__OK);
-    char group[8];
+    char group[16];
     snprintf(group, sizeof group, "g%d", other);
     assert_string_equal(r->result->group, group);
     folio__v1__response__free_unpacked(r, NULL);
@@ -486,26 +503,18 @@ static void test_a_request_the_heartbeat_no_longer_lists_is_failed_over(void **s
 static void test_cancel_ends_with_the_workers_final_and_nothing_after(void **state)
 {
     (void)state;
-    register_workers(1);
-    client_generate(7, "", 0);
-    Folio__V1__Request *q = worker_recv(0);
-    assert_non_null(q);
+    const uint64_t wid = generate_on_g0(7, 0);
     client_cancel(8, 7);
     folio__v1__response__free_unpacked(expect_final(8, FOLIO__V1__STATUS_CODE__OK), NULL); /* the Cancel's answer */
     client_cancel(10, 7);                                                                /* again: still OK */
     folio__v1__response__free_unpacked(expect_final(10, FOLIO__V1__STATUS_CODE__OK), NULL);
-    Folio__V1__Request *cq = worker_recv(0);
-    assert_non_null(cq);
-    assert_int_equal(cq->method, FOLIO__V1__METHOD__METHOD_CANCEL);
-    assert_int_equal(cq->cancel->target_id, q->id);
-    folio__v1__request__free_unpacked(cq, NULL);
+    check_cancel(worker_recv(0), wid);
     assert_null(worker_recv(0)); /* told once */
-    worker_final(0, q->id, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, 0);
+    worker_final(0, wid, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, 0);
     pump();
     Folio__V1__Response *r = expect_final(7, FOLIO__V1__STATUS_CODE__CANCELLED);
     assert_int_equal(r->result->finish_reason, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED);
     folio__v1__response__free_unpacked(r, NULL);
-    folio__v1__request__free_unpacked(q, NULL);
     dispatch_expire(F.c, fl_clock_s() + 100); /* its cancel timeout went with it */
     client_cancel(11, 7);
     folio__v1__response__free_unpacked(expect_final(11, FOLIO__V1__STATUS_CODE__NOT_FOUND), NULL);
@@ -515,10 +524,7 @@ static void test_cancel_ends_with_the_workers_final_and_nothing_after(void **sta
 static void test_a_cancel_the_worker_never_confirms_ends_cancelled_after_two_heartbeats(void **state)
 {
     (void)state;
-    register_workers(1);
-    client_generate(7, "", 0);
-    Folio__V1__Request *q = worker_recv(0);
-    assert_non_null(q);
+    const uint64_t wid = generate_on_g0(7, 0);
     client_cancel(8, 7);
     folio__v1__response__free_unpacked(expect_final(8, FOLIO__V1__STATUS_CODE__OK), NULL);
     const double t = dispatch_next_timer(F.c, fl_clock_s());
@@ -529,8 +535,7 @@ static void test_a_cancel_the_worker_never_confirms_ends_cancelled_after_two_hea
     Folio__V1__Response *r = expect_final(7, FOLIO__V1__STATUS_CODE__CANCELLED);
     assert_non_null(strstr(r->status->message, "did not confirm"));
     folio__v1__response__free_unpacked(r, NULL);
-    worker_final(0, q->id, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, 0);
-    folio__v1__request__free_unpacked(q, NULL);
+    worker_final(0, wid, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, 0);
     expect_nothing_more();
     assert_true(dispatch_next_timer(F.c, fl_clock_s()) < 0);
 }
@@ -538,12 +543,9 @@ static void test_a_cancel_the_worker_never_confirms_ends_cancelled_after_two_hea
 static void test_a_deadline_ends_deadline_exceeded_and_cancels_on_the_worker(void **state)
 {
     (void)state;
-    register_workers(1);
-    client_generate(6, "", 1000);
-    Folio__V1__Request *q = worker_recv(0);
-    assert_non_null(q);
+    const uint64_t wid = generate_on_g0(6, 1000);
     const int32_t a[1] = {7};
-    worker_partial(0, q->id, 0, a, 1, false);
+    worker_partial(0, wid, 0, a, 1, false);
     pump();
     expect_partial(6, 0, a, 1);
     dispatch_expire(F.c, fl_clock_s() + 1.5);
@@ -551,13 +553,8 @@ static void test_a_deadline_ends_deadline_exceeded_and_cancels_on_the_worker(voi
     assert_int_equal(r->result->finish_reason, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED);
     assert_int_equal(r->result->usage->completion_tokens, 1);
     folio__v1__response__free_unpacked(r, NULL);
-    Folio__V1__Request *cq = worker_recv(0);
-    assert_non_null(cq);
-    assert_int_equal(cq->method, FOLIO__V1__METHOD__METHOD_CANCEL);
-    assert_int_equal(cq->cancel->target_id, q->id);
-    folio__v1__request__free_unpacked(cq, NULL);
-    worker_final(0, q->id, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, 1);
-    folio__v1__request__free_unpacked(q, NULL);
+    check_cancel(worker_recv(0), wid);
+    worker_final(0, wid, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, 1);
     expect_nothing_more();
 }
 
@@ -593,27 +590,20 @@ static void test_shutdown_ends_every_request_unavailable_once(void **state)
 static void test_a_client_that_is_gone_has_its_requests_cancelled_on_the_worker(void **state)
 {
     (void)state;
-    register_workers(1);
-    client_generate(7, "", 0);
-    Folio__V1__Request *q = worker_recv(0);
-    assert_non_null(q);
+    const uint64_t wid = generate_on_g0(7, 0);
     zmq_close(F.client);
     F.client = NULL;
     /* The coordinator learns it when a send to the client fails. */
     const int32_t a[1] = {1};
     Folio__V1__Request *cq = NULL;
     for (uint32_t i = 0; i < 50 && !cq; i++) {
-        worker_partial(0, q->id, i, a, 1, false);
+        worker_partial(0, wid, i, a, 1, false);
         pump();
         cq = worker_recv(0);
     }
-    assert_non_null(cq);
-    assert_int_equal(cq->method, FOLIO__V1__METHOD__METHOD_CANCEL);
-    assert_int_equal(cq->cancel->target_id, q->id);
+    check_cancel(cq, wid);
     assert_int_equal(reqs_count(F.c->reqs), 0);
     assert_int_equal(F.c->groups->table[0].inflight, 0);
-    folio__v1__request__free_unpacked(cq, NULL);
-    folio__v1__request__free_unpacked(q, NULL);
 }
 
 #define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
