@@ -5,7 +5,9 @@
  *   tokenize -p TEXT   the token ids run (and the coordinator) feed the model
  *
  * Generation goes through gen_run, the batching loop the engine benchmark uses too; the prompt is
- * encoded as the coordinator encodes it (tok_encode_prompt), so run and generate feed the same ids. */
+ * encoded as the coordinator encodes it (tok_encode_prompt), and the flags become a GenerateRequest
+ * that the request layer resolves and streams as the worker does, so run and generate feed the
+ * same ids with the same defaults and rules. */
 #include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +16,7 @@
 #include "folioctl.h"
 #include "log.h"
 #include "model_path.h"
+#include "request.h"
 
 /* Tokenizes the prompt as `run` feeds it: raw text with the model's BOS policy, its special-token
  * spellings parsed unless plain_text, or (chat) the conversation so far plus this user message
@@ -47,64 +50,97 @@ static int32_t *encode_prompt(const tok_t *tok, const char *text, bool plain_tex
     return ids;
 }
 
-typedef struct stream_ctx {
-    const tok_t *tok;
-    tok_stream_t stream;
+/* One run's output, through the request layer's stream as the worker's: text as it becomes final
+ * (held back while it could begin a stop string), the tokens, their log-probabilities. */
+typedef struct run_out {
+    request_stream_t stream;
     bool print;
-} stream_ctx_t;
+    bool failed;      /* out of memory */
+    int32_t *tokens;  /* the completion, as handed out */
+    int n_tokens;
+    char *text;
+    size_t n_text, cap_text;
+    cJSON *logprobs;  /* --logprobs with --json */
+} run_out_t;
+
+static cJSON *logprob_json(const kern_logprob_t *l)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "token", l->token);
+    cJSON_AddNumberToObject(o, "logprob", l->logprob);
+    return o;
+}
+
+/* Takes what the stream may hand out now (final: everything) and prints or keeps it. */
+static void run_out_take(run_out_t *o, bool final)
+{
+    request_delta_t d;
+    if (!request_stream_peek(&o->stream, final, &d)) {
+        request_stream_done(&o->stream, false);
+        return;
+    }
+    if (o->print && d.n_text) {
+        fwrite(d.text, 1, d.n_text, stdout);
+        fflush(stdout);
+    }
+    if (o->n_text + d.n_text + 1 > o->cap_text) {
+        size_t cap = o->cap_text ? o->cap_text : 256;
+        while (cap < o->n_text + d.n_text + 1) cap *= 2;
+        char *t = realloc(o->text, cap);
+        if (!t) {
+            o->failed = true;
+            request_stream_done(&o->stream, true);
+            return;
+        }
+        o->text = t;
+        o->cap_text = cap;
+    }
+    memcpy(o->text + o->n_text, d.text, d.n_text);
+    o->n_text += d.n_text;
+    o->text[o->n_text] = 0;
+    memcpy(o->tokens + o->n_tokens, d.tokens, (size_t)d.n_tokens * sizeof *d.tokens);
+    o->n_tokens += d.n_tokens;
+    for (int i = 0; o->logprobs && d.logprobs && i < d.n_tokens; i++) {
+        cJSON *e = logprob_json(&d.logprobs[i].chosen);
+        cJSON *top = cJSON_AddArrayToObject(e, "top");
+        for (int k = 0; k < d.logprobs[i].n_top; k++) cJSON_AddItemToArray(top, logprob_json(&d.logprobs[i].top[k]));
+        cJSON_AddItemToArray(o->logprobs, e);
+    }
+    request_stream_done(&o->stream, true);
+}
 
 static bool on_token(void *user, int request, int index, int32_t token, const sched_logprobs_t *lp)
 {
     (void)request;
-    (void)index;
-    (void)lp;
-    stream_ctx_t *s = user;
-    char buf[4096];
-    int n = tok_stream_push(&s->stream, s->tok, token, buf, sizeof buf);
-    if (s->print && n > 0) {
-        fwrite(buf, 1, (size_t)n, stdout);
-        fflush(stdout);
+    run_out_t *o = user;
+    const int rc = request_stream_push(&o->stream, index, token, lp);
+    if (rc < 0) {
+        o->failed = true;
+        return true;
     }
-    return false;
+    run_out_take(o, false);
+    return rc == 1; /* a stop string matched */
 }
 
-/* The generated text as the stream prints it: whole UTF-8 characters, bytes that never form one as
- * U+FFFD (JSON must be valid UTF-8). Returns a malloc'd NUL-terminated string, or NULL. */
-static char *decode_text(const tok_t *tok, const int32_t *ids, int n)
+static const char *finish_name(const gen_request_t *r, const run_out_t *o)
 {
-    /* U+FFFD is 3 bytes and replaces at most one byte, so 3x the raw length plus the flush is enough. */
-    const int raw = tok_decode(tok, ids, n, false, NULL, 0);
-    const size_t cap = (raw > 0 ? (size_t)raw * 3 : 0) + 17;
-    char *text = malloc(cap);
-    if (!text) return NULL;
-    tok_stream_t st;
-    tok_stream_init(&st, false);
-    size_t len = 0;
-    for (int i = 0; i < n; i++) {
-        const int got = tok_stream_push(&st, tok, ids[i], text + len, cap - 1 - len);
-        if (got > 0) len += (size_t)got;
-    }
-    const int got = tok_stream_flush(&st, text + len, cap - 1 - len);
-    if (got > 0) len += (size_t)got;
-    text[len] = 0;
-    return text;
+    if (r->finish == GEN_FINISH_ERROR) return "error";
+    return r->finish == GEN_FINISH_STOP || o->stream.stopped ? "stop" : "length";
 }
 
-static void print_json(const model_t *m, int n_prompt, const gen_request_t *r, const gen_stats_t *st)
+static void print_json(int n_prompt, const gen_request_t *r, run_out_t *o, const gen_stats_t *st)
 {
-    cJSON *o = cJSON_CreateObject();
-    cJSON *toks = cJSON_AddArrayToObject(o, "tokens");
-    for (int i = 0; i < r->n_tokens; i++) cJSON_AddItemToArray(toks, cJSON_CreateNumber(r->tokens[i]));
-    char *text = decode_text(m->tok, r->tokens, r->n_tokens);
-    cJSON_AddStringToObject(o, "text", text ? text : "");
-    free(text);
-    cJSON_AddStringToObject(o, "finish_reason", gen_finish_name(r->finish));
-    if (r->finish == GEN_FINISH_ERROR) cJSON_AddStringToObject(o, "error", r->error);
-    cJSON *u = cJSON_AddObjectToObject(o, "usage");
+    cJSON *j = cJSON_CreateObject();
+    cJSON *toks = cJSON_AddArrayToObject(j, "tokens");
+    for (int i = 0; i < o->n_tokens; i++) cJSON_AddItemToArray(toks, cJSON_CreateNumber(o->tokens[i]));
+    cJSON_AddStringToObject(j, "text", o->text ? o->text : "");
+    cJSON_AddStringToObject(j, "finish_reason", finish_name(r, o));
+    if (r->finish == GEN_FINISH_ERROR) cJSON_AddStringToObject(j, "error", r->error);
+    cJSON *u = cJSON_AddObjectToObject(j, "usage");
     cJSON_AddNumberToObject(u, "prompt_tokens", n_prompt);
     cJSON_AddNumberToObject(u, "cached_prompt_tokens", 0);
-    cJSON_AddNumberToObject(u, "completion_tokens", r->n_tokens);
-    cJSON *t = cJSON_AddObjectToObject(o, "timings");
+    cJSON_AddNumberToObject(u, "completion_tokens", o->stream.n_out);
+    cJSON *t = cJSON_AddObjectToObject(j, "timings");
     const double ttft = r->t_first_token > 0 ? r->t_first_token - r->t_submit : 0;
     cJSON_AddNumberToObject(t, "queued_ms", 0);
     cJSON_AddNumberToObject(t, "first_token_ms", ttft * 1e3);
@@ -112,54 +148,83 @@ static void print_json(const model_t *m, int n_prompt, const gen_request_t *r, c
     cJSON_AddNumberToObject(t, "prefill_tokens_per_s", st->prefill_s > 0 ? st->prompt_tokens / st->prefill_s : 0);
     cJSON_AddNumberToObject(t, "decode_tokens_per_s",
                             st->decode_s > 0 && r->n_tokens > 1 ? (r->n_tokens - 1) / st->decode_s : 0);
-    char *s = cJSON_PrintUnformatted(o);
+    if (o->logprobs) {
+        cJSON_AddItemToObject(j, "logprobs", o->logprobs);
+        o->logprobs = NULL;
+    }
+    char *s = cJSON_PrintUnformatted(j);
     printf("%s\n", s);
     cJSON_free(s);
-    cJSON_Delete(o);
+    cJSON_Delete(j);
 }
 
-/* Generates from one prompt; streams when not in JSON mode. With a conversation, the prompt is the
- * next user turn and both it and the answer are appended to it. Returns the process exit status. */
+/* Generates from one prompt; streams when not in JSON mode. The flags become a GenerateRequest
+ * that the request layer resolves exactly as the worker resolves one from the network. With a
+ * conversation, the prompt is the next user turn and both it and the answer are appended to it.
+ * Returns the process exit status. */
 static int generate_one(engine_t *e, const ctl_flags_t *f, const char *prompt_text, bool chat,
                         conversation_t *history)
 {
+    const model_t *m = e->model;
     int n_prompt = 0;
-    int32_t *prompt = encode_prompt(e->model->tok, prompt_text, false, chat, f->system, history, &n_prompt);
+    int32_t *prompt = encode_prompt(m->tok, prompt_text, false, chat, f->system, history, &n_prompt);
     if (!prompt) return 1;
-    int32_t *out = malloc((size_t)(f->gen.max_tokens > 0 ? f->gen.max_tokens : 1) * sizeof *out);
-    gen_request_t r = {.prompt = prompt, .n_prompt = n_prompt, .max_tokens = (int)f->gen.max_tokens,
-                       .sampling = {.temperature = (float)f->gen.temperature, .top_k = (int)f->gen.top_k,
-                                    .top_p = (float)f->gen.top_p, .seed = (uint64_t)f->gen.seed},
-                       .ignore_eog = f->gen.ignore_eos, .tokens = out};
-    stream_ctx_t sc = {.tok = e->model->tok, .print = !f->json};
-    tok_stream_init(&sc.stream, false);
-    gen_stats_t st = {0};
+    Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
+    cli_gen_request(&f->gen, &g);
+    g.prompt_tokens = prompt;
+    g.n_prompt_tokens = (size_t)n_prompt;
+    request_defaults_t defaults;
+    request_defaults_init(&defaults, m->gguf);
+    request_t rq;
     fl_error_t err = {0};
-    int rc = out ? gen_run(e->model, e->kv, &r, 1, on_token, &sc, &st, &err) : FL_ENOMEM;
+    if (request_resolve(&rq, 0, &g, "", 0, &defaults, m->cfg.n_vocab, &err)) {
+        fprintf(stderr, "error: %s\n", err.msg);
+        free(prompt);
+        return 2;
+    }
+    const sched_request_t *q = &rq.sched;
+    const int max_out = q->max_tokens > 0 ? q->max_tokens : 1;
+    run_out_t o = {.print = !f->json, .tokens = malloc((size_t)max_out * sizeof *o.tokens),
+                   .logprobs = f->json && q->logprobs ? cJSON_CreateArray() : NULL};
+    int32_t *out = malloc((size_t)max_out * sizeof *out);
+    gen_request_t r = {.prompt = q->prompt, .n_prompt = q->n_prompt, .max_tokens = q->max_tokens,
+                       .sampling = q->sampling, .penalties = q->penalties, .stop_ids = q->stop_ids,
+                       .n_stop_ids = q->n_stop_ids, .logprobs = q->logprobs, .top_logprobs = q->top_logprobs,
+                       .ignore_eog = q->ignore_eog, .tokens = out};
+    gen_stats_t st = {0};
+    int rc = out && o.tokens ? request_stream_open(&o.stream, m->tok, rq.stops, rq.n_stops, q->logprobs, &err)
+                             : fl_fail(&err, FL_ENOMEM, "out of memory");
+    if (!rc) rc = gen_run(e->model, e->kv, &r, 1, on_token, &o, &st, &err);
+    if (!rc) {
+        request_stream_end(&o.stream);
+        run_out_take(&o, true);
+        if (o.failed) rc = fl_fail(&err, FL_ENOMEM, "out of memory for the output");
+    }
     if (!rc && !f->json) {
-        char buf[64];
-        int n = tok_stream_flush(&sc.stream, buf, sizeof buf);
-        if (n > 0) fwrite(buf, 1, (size_t)n, stdout);
         printf("\n");
         fflush(stdout);
         fl_log_info("generated prompt_tokens=%d completion_tokens=%d finish=%s prefill_tok_s=%.1f decode_tok_s=%.1f",
-                    n_prompt, r.n_tokens, gen_finish_name(r.finish),
+                    n_prompt, o.stream.n_out, finish_name(&r, &o),
                     st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0,
                     st.decode_s > 0 ? (r.n_tokens - 1) / st.decode_s : 0.0);
     }
     if (rc) fprintf(stderr, "error: %s\n", err.msg);
-    else if (f->json) print_json(e->model, n_prompt, &r, &st);
+    else if (f->json) print_json(n_prompt, &r, &o, &st);
     if (!rc && r.finish == GEN_FINISH_ERROR) {
         fprintf(stderr, "error: %s\n", r.error);
         rc = FL_EINVAL;
     }
     if (!rc && history) {
-        char *answer = decode_text(e->model->tok, r.tokens, r.n_tokens);
-        if (!answer || !conversation_add(history, "user", prompt_text, strlen(prompt_text)) ||
+        const char *answer = o.text ? o.text : "";
+        if (!conversation_add(history, "user", prompt_text, strlen(prompt_text)) ||
             !conversation_add(history, "assistant", answer, strlen(answer)))
             rc = FL_ENOMEM;
-        free(answer);
     }
+    request_stream_free(&o.stream);
+    request_release(&rq);
+    cJSON_Delete(o.logprobs);
+    free(o.tokens);
+    free(o.text);
     free(out);
     free(prompt);
     return rc ? 1 : 0;

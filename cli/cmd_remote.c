@@ -64,11 +64,8 @@ static int remote_generate(folio_client_t *c, const ctl_flags_t *f, const folio_
                                  .messages = msgs,
                                  .n_messages = n_msgs,
                                  .max_tokens = (int)f->gen.max_tokens,
-                                 .temperature = (float)f->gen.temperature,
-                                 .top_k = (int)f->gen.top_k,
-                                 .top_p = (float)f->gen.top_p,
-                                 .seed = (uint64_t)f->gen.seed,
-                                 .stop = f->gen.stops,
+                                 .sampling = &f->gen.sampling, /* as given: the worker applies the defaults */
+                                 .stop = (const char *const *)f->gen.stops,
                                  .n_stop = f->gen.n_stops,
                                  .stream = true,
                                  .ignore_eos = f->gen.ignore_eos,

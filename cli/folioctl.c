@@ -44,21 +44,15 @@ static void usage(FILE *f)
             "  drain GROUP / undrain GROUP   stop / resume routing new requests to a worker group\n"
             "flags:\n"
             "  -p, --prompt TEXT     prompt text\n"
-            "  -n, --max-tokens N    tokens to generate (default 128)\n"
-            "  --temperature F       0 = greedy (default 0)\n"
-            "  --top-k N             sample among the N most likely (default 0: off)\n"
-            "  --top-p F             nucleus sampling (default 1: off)\n"
-            "  --seed N              sampling seed (default 0)\n"
+            "%s"
             "  --chat                apply the model's chat template to -p as a user message\n"
             "  --system TEXT         system message for --chat / chat\n"
             "  --plain-text          tokenize: \"<|im_start|>\" and other special-token spellings in -p stay\n"
             "                        text (default: they become the special tokens, as llama.cpp parses a raw\n"
             "                        prompt; chat message contents are always text)\n"
-            "  --ignore-eos          keep generating past end-of-generation tokens\n"
             "  --json                print one JSON object with tokens, text, finish_reason, usage, timings\n"
             "cluster flags:\n"
             "  --coordinator EP      coordinator client endpoint (default $FOLIO_COORDINATOR or %s)\n"
-            "  --stop S              stop string, repeatable (generate, chat)\n"
             "  --tenant T            prefix-cache tenant (requests of different tenants share no KV)\n"
             "  --timeout-ms N        request deadline (default: none)\n"
             "  --local               chat offline in this process instead of through a coordinator\n"
@@ -72,7 +66,7 @@ static void usage(FILE *f)
             "  --log-dir DIR         each process's log to DIR/<coordinator|worker-gN>.log (default: stderr)\n"
             "engine flags:\n"
             "%s",
-            WIRE_DEFAULT_CLIENT_ENDPOINT, WIRE_DEFAULT_WORKER_ENDPOINT, engine_flags_help());
+            cli_gen_flags_help(), WIRE_DEFAULT_CLIENT_ENDPOINT, WIRE_DEFAULT_WORKER_ENDPOINT, engine_flags_help());
 }
 
 static int parse_flags(ctl_flags_t *f, int argc, char **argv)
