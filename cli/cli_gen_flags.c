@@ -62,7 +62,8 @@ int cli_gen_flag_parse(cli_gen_flags_t *g, int argc, char **argv, int *i)
     long n;
 #define VALUE() (v = fl_flag_value(argc, argv, i))
     if (!strcmp(a, "-n") || !strcmp(a, "--max-tokens")) {
-        if (!VALUE() || !fl_flag_int(a, v, 0, 1 << 20, &g->max_tokens)) return -1;
+        /* At least 1: the protocol's 0 means "the default", so 0 here could only mislead. */
+        if (!VALUE() || !fl_flag_int(a, v, 1, 1 << 20, &g->max_tokens)) return -1;
     } else if (!strcmp(a, "--temperature")) {
         if (!VALUE() || !parse_float(a, v, &f)) return -1;
         folio_sampling_set_temperature(s, f);

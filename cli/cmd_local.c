@@ -169,6 +169,11 @@ static int generate_one(engine_t *e, const ctl_flags_t *f, const char *prompt_te
     int n_prompt = 0;
     int32_t *prompt = encode_prompt(m->tok, prompt_text, false, chat, f->system, history, &n_prompt);
     if (!prompt) return 1;
+    if (n_prompt == 0) {
+        fprintf(stderr, "error: empty prompt: nothing to generate from\n");
+        free(prompt);
+        return 1;
+    }
     Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
     cli_gen_request(&f->gen, &g);
     g.prompt_tokens = prompt;

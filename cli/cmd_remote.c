@@ -71,10 +71,6 @@ static int remote_generate(folio_client_t *c, const ctl_flags_t *f, const folio_
                                  .ignore_eos = f->gen.ignore_eos,
                                  .tenant = f->tenant,
                                  .timeout_ms = (uint32_t)f->timeout_ms};
-    if (f->gen.max_tokens == 0) {
-        fprintf(stderr, "error: -n 0: nothing to generate\n");
-        return 2;
-    }
     ctl_interrupted = 0;
     ctl_set_handler(SIGINT, ctl_on_interrupt);
     /* Without a deadline the coordinator answers when it can; with one, it must end the stream by then. */

@@ -48,6 +48,23 @@ if [ $healthy -ne 1 ]; then
 fi
 check "folioctl up: one coordinator and two workers are running" test "$(cluster_pids | wc -l)" -ge 3
 
+# One meaning for a request: the same flags through the cluster (the worker's request layer) and in
+# one process (folioctl run's) give the same tokens, at the sampling defaults with a seed, with
+# penalties and a stop string, and greedily.
+for flags in "--seed 7" "--seed 3 --repeat-penalty 1.3 --presence-penalty 0.5 --logit-bias 5=-100" \
+             "--temperature 0 --stop e"; do
+  g="$("$ctl" generate --coordinator "$ep" -p "hello cluster" -n 16 --ignore-eos $flags --json 2>/dev/null | tail -n 1)"
+  r="$("$ctl" run -m "$tmp/tiny.gguf" -p "hello cluster" -n 16 --ignore-eos $flags --json 2>/dev/null | tail -n 1)"
+  check "generate and run agree ($flags)" python3 -c "
+import json,sys; g=json.loads(sys.argv[1]); r=json.loads(sys.argv[2])
+assert g['tokens']==r['tokens'] and g['text']==r['text'] and g['finish_reason']==r['finish_reason'], (g, r)
+assert len(g['tokens']) > 0, g" "$g" "$r"
+done
+check "run --stop ends the text before the stop string" python3 -c "
+import json,sys; r=json.loads(sys.argv[1]); assert r['finish_reason']=='stop' and 'e' not in r['text'], r" "$r"
+"$ctl" generate --coordinator "$ep" -p "hello" --top-p 0 >/dev/null 2>"$tmp/topp.err"; rc=$?
+check "generate --top-p 0 is refused by the worker, as run refuses it" grep -q "top_p" "$tmp/topp.err"
+
 # generate --json: the contract object on the last line.
 out="$("$ctl" generate --coordinator "$ep" -p "hello cluster" -n 12 --ignore-eos --json 2>"$tmp/gen.err")"
 rc=$?

@@ -99,11 +99,11 @@ static void chat_streams_through_two_groups_keep_the_invariant_and_read_as_text(
     if (!used[0] || !used[1]) fprintf(stderr, "[e2e] note: all chat requests ran on one group\n");
 }
 
-/* The tokens of `folioctl run -p TEXT -n N --json` (raw completion, greedy), or -1. */
+/* The tokens of `folioctl run -p TEXT -n N --temperature 0 --json` (raw completion, greedy), or -1. */
 static int folioctl_run_tokens(const char *text, int n, int32_t *out, int cap)
 {
     char cmd[4096];
-    snprintf(cmd, sizeof cmd, "FOLIO_LOG=warn '%s/folioctl' run -m '%s' -p '%s' -n %d --threads 1 --json 2>/dev/null",
+    snprintf(cmd, sizeof cmd, "FOLIO_LOG=warn '%s/folioctl' run -m '%s' -p '%s' -n %d --temperature 0 --threads 1 --json 2>/dev/null",
              getenv("FOLIO_BUILD_DIR"), g_env.model, text, n);
     FILE *f = popen(cmd, "r");
     if (!f) return -1;

@@ -17,13 +17,12 @@
 
 #include "engine.h"
 #include "mkmodel.h"
+#include "test_tiny_model.h"
 
-static char g_path[256];
 
 static int setup(void **state)
 {
     (void)state;
-    snprintf(g_path, sizeof g_path, "/tmp/folio_test_engine_%d.gguf", (int)getpid());
     mkmodel_params_t p;
     mkmodel_params_default(&p);
     p.n_layers = 3;
@@ -35,25 +34,13 @@ static int setup(void **state)
     p.ctx = 512;
     p.type = FL_TYPE_Q4_1;
     p.seed = 7;
-    fl_error_t err = {0};
-    if (mkmodel_write(&p, g_path, &err)) {
-        fprintf(stderr, "mkmodel: %s\n", err.msg);
-        return -1;
-    }
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    unlink(g_path);
-    return 0;
+    return tiny_model_write("engine", &p);
 }
 
 static engine_t *open_engine(int max_batch_tokens, int block_size)
 {
     fl_error_t err = {0};
-    engine_opts_t o = {.model_path = g_path, .backend = "cpu", .max_batch_tokens = max_batch_tokens,
+    engine_opts_t o = {.model_path = g_tiny_model, .backend = "cpu", .max_batch_tokens = max_batch_tokens,
                        .block_size = block_size, .max_seqs = 16, .kv_budget_bytes = 8 << 20};
     engine_t *e = engine_new(&o, &err);
     if (!e) fail_msg("engine_new: %s", err.msg);
@@ -154,7 +141,7 @@ static void overlong_prompt_is_an_error_not_a_crash(void **state)
 {
     (void)state;
     fl_error_t err = {0};
-    engine_opts_t o = {.model_path = g_path, .backend = "cpu", .max_ctx = 64, .kv_budget_bytes = 8 << 20};
+    engine_opts_t o = {.model_path = g_tiny_model, .backend = "cpu", .max_ctx = 64, .kv_budget_bytes = 8 << 20};
     engine_t *e = engine_new(&o, &err);
     assert_non_null(e);
     int32_t prompt[100], out[4];
@@ -192,7 +179,7 @@ static void absurd_context_length_is_a_clear_error(void **state)
     (void)state;
     /* context_length sizes every block table; 2^24 + 1 must be refused, not allocated. */
     char path[300];
-    snprintf(path, sizeof path, "%s.ctx", g_path);
+    snprintf(path, sizeof path, "%s.ctx", g_tiny_model);
     mkmodel_params_t p;
     mkmodel_params_default(&p);
     p.ctx = (1 << 24) + 1;
@@ -236,7 +223,7 @@ static void kv_budget_too_small_is_a_clear_error(void **state)
 {
     (void)state;
     fl_error_t err = {0};
-    engine_opts_t o = {.model_path = g_path, .backend = "cpu", .kv_budget_bytes = 1024};
+    engine_opts_t o = {.model_path = g_tiny_model, .backend = "cpu", .kv_budget_bytes = 1024};
     engine_t *e = engine_new(&o, &err);
     assert_null(e);
     assert_non_null(strstr(err.msg, "budget"));
@@ -246,8 +233,8 @@ static void truncated_model_file_is_a_clear_error(void **state)
 {
     (void)state;
     char cut[300];
-    snprintf(cut, sizeof cut, "%s.cut", g_path);
-    FILE *in = fopen(g_path, "rb"), *out = fopen(cut, "wb");
+    snprintf(cut, sizeof cut, "%s.cut", g_tiny_model);
+    FILE *in = fopen(g_tiny_model, "rb"), *out = fopen(cut, "wb");
     assert_non_null(in);
     assert_non_null(out);
     char buf[4096];
@@ -277,5 +264,5 @@ int main(void)
         cmocka_unit_test(kv_budget_too_small_is_a_clear_error),
         cmocka_unit_test(truncated_model_file_is_a_clear_error),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, setup, tiny_model_remove);
 }
