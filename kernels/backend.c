@@ -30,6 +30,7 @@ void kern_destroy(kern_backend_t **bep)
 
 const char *kern_backend_name(const kern_backend_t *be) { return be->ops->name; }
 bool kern_uses_device_memory(const kern_backend_t *be) { return be->ops->device_memory; }
+float kern_attention_cost(const kern_backend_t *be) { return be->ops->attention_cost > 0 ? be->ops->attention_cost : 1.0f; }
 
 int kern_mem_info(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes)
 {

@@ -19,6 +19,7 @@ extern "C" {
 typedef struct kern_ops {
     const char *name;
     bool device_memory; /* kern_uses_device_memory */
+    float attention_cost; /* kern_attention_cost */
     void (*destroy)(kern_backend_t *be);
     void *(*alloc)(kern_backend_t *be, size_t bytes);
     void (*free)(kern_backend_t *be, void *p);

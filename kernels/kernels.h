@@ -140,6 +140,10 @@ const char *kern_backend_name(const kern_backend_t *be);
 /* Whether kern_alloc hands out memory of the backend's own (a GPU's, which the process may fill),
  * rather than host memory shared with everything else on the machine. */
 bool kern_uses_device_memory(const kern_backend_t *be);
+/* What one attention multiply-add (a query against one cached position) costs against one
+ * multiply-add of a weight matrix on this backend: schedulers size prompt chunks with it so a step's
+ * duration does not grow with the context. */
+float kern_attention_cost(const kern_backend_t *be);
 /* Free and total bytes of the memory this backend allocates from (device memory for CUDA);
  * FL_EUNSUPPORTED where the backend cannot tell. */
 int kern_mem_info(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes);

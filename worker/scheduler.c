@@ -75,6 +75,14 @@ struct sched {
     kern_sampling_t *sampling;
     sched_logprobs_t logprobs; /* of the token being reported */
 
+    /* Step cost: a prompt chunk costs its tokens plus its attention pairs (the (token, position)
+     * pairs it reads) at pairs_per_token pairs a token. Seconds: t ~ a * tokens + b * pairs, fitted
+     * online by decayed least squares over the steps run (sched_expected_s). */
+    double pairs_per_token;
+    double fit_s11, fit_s12, fit_s22, fit_s1t, fit_s2t, fit_n;
+    double cost_a, cost_b;   /* seconds per token and per 1000 pairs; 0 until fitted */
+    double step_pairs;       /* of the step being run */
+
     sched_stats_t st;
 };
 
@@ -236,6 +244,13 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
         return NULL;
     }
     s->st.kv_blocks_total = kv->n_blocks - 1;
+    /* Multiply-adds of a token's pass through the weights against those of one attention position
+     * (QK and PV over every head and layer), weighted by the backend's relative attention cost.
+     * Fixed, not measured, so that how steps are composed never depends on timing. */
+    const model_config_t *c = &m->cfg;
+    const double q_dim = (double)c->n_heads * c->head_dim, kv_dim = (double)c->n_kv_heads * c->head_dim;
+    const double weights = (double)c->n_layers * (2 * c->dim * q_dim + 2 * c->dim * kv_dim + 3.0 * c->dim * c->n_ff);
+    s->pairs_per_token = weights / (2.0 * c->n_layers * q_dim * kern_attention_cost(m->be));
     fl_log_info("sched max_running=%d max_batch_tokens=%d max_waiting=%d kv_blocks=%d prefix_cache=%s", nr, nt,
                 s->o.max_waiting, kv->n_blocks - 1, s->o.no_prefix_cache ? "off" : "on");
     return s;
@@ -550,6 +565,55 @@ static void admit(sched_t *s)
     }
 }
 
+/* --- step cost ------------------------------------------------------------------------------ */
+
+/* Attention pairs of k prompt tokens from position `from`: each reads its own position and all
+ * before it. */
+static double chunk_pairs(int from, int k) { return (double)k * from + (double)k * (k + 1) / 2; }
+
+/* The most prompt tokens (<= pending, <= tokens_left) a chunk from position `from` may take so its
+ * cost, in tokens, stays within cost_left: a chunk deep in a long context reads many positions a
+ * token, so it takes fewer tokens and a step stays about as long as at the context's start. */
+static int chunk_tokens(const sched_t *s, int from, int pending, int tokens_left, double cost_left)
+{
+    const double per = 1.0 / s->pairs_per_token;
+    int lo = 0, hi = pending < tokens_left ? pending : tokens_left;
+    while (lo < hi) {
+        const int mid = lo + (hi - lo + 1) / 2;
+        if (mid + chunk_pairs(from, mid) * per <= cost_left) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo > 0 ? lo : (hi > 0 && tokens_left == s->o.max_batch_tokens ? 1 : 0); /* progress, always */
+}
+
+/* Folds a finished step into the fit (decayed sums: recent steps weigh most). */
+static void cost_observe(sched_t *s, double tokens, double pairs, double seconds)
+{
+    const double decay = 0.97, x1 = tokens, x2 = pairs * 1e-3;
+    s->fit_s11 = s->fit_s11 * decay + x1 * x1;
+    s->fit_s12 = s->fit_s12 * decay + x1 * x2;
+    s->fit_s22 = s->fit_s22 * decay + x2 * x2;
+    s->fit_s1t = s->fit_s1t * decay + x1 * seconds;
+    s->fit_s2t = s->fit_s2t * decay + x2 * seconds;
+    s->fit_n = s->fit_n * decay + 1;
+    const double det = s->fit_s11 * s->fit_s22 - s->fit_s12 * s->fit_s12;
+    if (s->fit_n < 4 || !(det > 1e-9 * s->fit_s11 * s->fit_s22)) return; /* steps too alike to tell a from b */
+    const double a = (s->fit_s1t * s->fit_s22 - s->fit_s2t * s->fit_s12) / det;
+    const double b = (s->fit_s2t * s->fit_s11 - s->fit_s1t * s->fit_s12) / det;
+    if (a > 0 && b > 0) s->cost_a = a, s->cost_b = b;
+}
+
+double sched_expected_s(const sched_t *s, int tokens, double pairs)
+{
+    if (s->cost_a > 0) return s->cost_a * tokens + s->cost_b * pairs * 1e-3;
+    /* Before a two-parameter fit: the per-token rate of what ran, attention at the prior rate. */
+    if (s->fit_s11 > 0) {
+        const double per_token = s->fit_s1t / s->fit_s11;
+        return per_token > 0 ? per_token * (tokens + pairs / s->pairs_per_token) : 0;
+    }
+    return 0;
+}
+
 /* Gives each running sequence its share of the token budget, decode tokens first, then prompt
  * chunks, oldest first, and reserves the blocks. When a block cannot be had the youngest running
  * sequence is preempted (it may be the one asking); victims are always at the end of running[],
@@ -557,17 +621,29 @@ static void admit(sched_t *s)
 static void plan(sched_t *s)
 {
     int budget = s->o.max_batch_tokens;
+    double cost = s->o.max_batch_tokens; /* in tokens: decode tokens count 1, prompt chunks their cost */
     for (int i = 0; i < s->n_running; i++) s->running[i]->take = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < s->n_running && budget > 0; i++) {
             seq_t *q = s->running[i];
             const int pending = q->n_tokens - q->n_computed;
             if ((pending == 1) != (pass == 0)) continue;
-            q->take = pending < budget ? pending : budget;
+            if (pass == 0) {
+                q->take = 1;
+                cost -= 1;
+            } else {
+                q->take = chunk_tokens(s, q->n_computed, pending, budget, cost);
+                cost -= q->take + chunk_pairs(q->n_computed, q->take) / s->pairs_per_token;
+                if (q->take == 0) continue;
+            }
             budget -= q->take;
             while (kv_seq_reserve(s->kv, &q->kv, q->n_computed + q->take)) {
                 seq_t *victim = s->running[s->n_running - 1];
                 budget += victim->take;
+                if (victim->take > 0)
+                    cost += victim->n_tokens - victim->n_computed == 1
+                                ? 1
+                                : victim->take + chunk_pairs(victim->n_computed, victim->take) / s->pairs_per_token;
                 preempt(s, victim);
                 if (victim == q) break;
             }
@@ -581,10 +657,12 @@ static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
     const int mb = s->m->max_blocks;
     int n = 0, n_logits = 0;
     *n_prefill = 0;
+    s->step_pairs = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < s->n_running; i++) {
             seq_t *q = s->running[i];
             if (q->take == 0 || (q->n_tokens - q->n_computed == 1) != (pass == 0)) continue;
+            s->step_pairs += chunk_pairs(q->n_computed, q->take);
             for (int j = 0; j < q->take; j++) {
                 s->tokens[n + j] = q->tokens[q->n_computed + j];
                 s->pos[n + j] = q->n_computed + j;
@@ -674,6 +752,7 @@ int sched_step(sched_t *s, fl_error_t *err)
     int n_prefill;
     int rc = FL_OK;
     if (build_batch(s, &b, &n_prefill) == 0) goto out;
+    if (s->cb.on_step) s->cb.on_step(s->cb.user, b.n_tokens, sched_expected_s(s, b.n_tokens, s->step_pairs));
     const double t0 = fl_clock_s();
     fl_error_t local = {0};
     if (!err) err = &local;
@@ -695,6 +774,7 @@ int sched_step(sched_t *s, fl_error_t *err)
     }
     model_sample(s->m, s->sampled, b.n_logits, s->sampling);
     const double now = fl_clock_s();
+    cost_observe(s, b.n_tokens, s->step_pairs, now - t0);
     s->st.steps++;
     s->st.prefill_tokens += (uint64_t)n_prefill;
     if (n_prefill > 0) {

@@ -2,7 +2,9 @@
  *
  * Requests are submitted at any time and join between steps. Each sched_step() runs one batched
  * model_forward() mixing one decode token per running sequence with chunks of prompts (chunked
- * prefill) under a token budget. A new sequence first looks its prompt's full blocks up in the
+ * prefill) under a budget of max_batch_tokens tokens, a prompt chunk costing its tokens plus its
+ * attention (the (token, position) pairs it reads, at the rate measured: sched_expected_s), so a
+ * step's duration does not grow with the context. A new sequence first looks its prompt's full blocks up in the
  * prefix cache (block_hash.h chains, salted per tenant) and only computes what is missing; every
  * block a sequence fills is published to the cache, and blocks nobody references stay cached until
  * memory is needed (then evicted least-recently-used). When a running sequence needs a block and
@@ -97,6 +99,9 @@ typedef struct sched_callbacks {
     bool (*on_token)(void *user, uint64_t id, int index, int32_t token, const sched_logprobs_t *lp);
     /* Exactly once per accepted request; r is valid during the call. */
     void (*on_finish)(void *user, const sched_result_t *r);
+    /* A step of n_tokens is about to run, expected to take expected_s seconds by the cost model
+     * (0 while nothing has been measured). May be NULL. */
+    void (*on_step)(void *user, int n_tokens, double expected_s);
     void *user;
 } sched_callbacks_t;
 
@@ -139,6 +144,11 @@ int sched_step(sched_t *s, fl_error_t *err);
 double sched_liveness(sched_t *s, fl_error_t *err);
 
 void sched_get_stats(const sched_t *s, sched_stats_t *st);
+/* Seconds a step of `tokens` tokens whose attention reads `pairs` (token, position) pairs is
+ * expected to take: t = a tokens + b pairs, fitted over the steps run (0 before any). Prompt chunks
+ * are sized by the same model so a step deep in a long context costs about what one at its start
+ * does (max_batch_tokens tokens). */
+double sched_expected_s(const sched_t *s, int tokens, double pairs);
 const char *sched_finish_name(sched_finish_t f);
 
 #endif

@@ -362,6 +362,7 @@ static void cuda_graph_reset(kern_backend_t *be)
 static const kern_ops_t cuda_ops = {
     "cuda",
     true, /* device_memory */
+    1.0f, /* attention_cost: the attention kernels stream K/V at about the GEMMs' rate per multiply-add */
     cuda_destroy,
     cuda_alloc,
     cuda_free,
