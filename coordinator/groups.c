@@ -34,7 +34,7 @@ void groups_refresh(groups_t *gs, int slot)
     group_t *g = &gs->g[slot];
     g->healthy = g->ranks[0].present && g->have_load && g->load.engine_ok;
     gs->table[slot].name = g->name;
-    gs->table[slot].routable = g->healthy && !g->draining;
+    gs->table[slot].routable = g->healthy && !g->draining && !g->load.draining; /* admin drain, or SIGTERM */
 }
 
 int groups_register(groups_t *gs, const Folio__V1__WorkerHello *h, const uint8_t *identity, size_t len, double now,
@@ -63,7 +63,13 @@ int groups_register(groups_t *gs, const Folio__V1__WorkerHello *h, const uint8_t
         g->tp_size = h->tp_size;
         g->kv_blocks = h->kv_blocks;
         g->block_size = h->block_size;
-        g->max_context = h->max_context;
+        /* A worker may advertise its model's context alone: what it can serve is also bounded by
+         * its KV cache (a sequence needs all its blocks at once). */
+        const uint64_t kv_tokens = (uint64_t)h->kv_blocks * h->block_size;
+        g->max_context = h->max_context && h->max_context < kv_tokens ? h->max_context
+                         : kv_tokens > UINT32_MAX                     ? UINT32_MAX
+                                                                      : (uint32_t)kv_tokens;
+        g->restarts = h->restarts;
         snprintf(g->model_id, sizeof g->model_id, "%s", h->model_id);
     }
     m->present = true;

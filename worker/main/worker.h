@@ -1,11 +1,14 @@
 /* worker.h - the folio-worker process: state shared by its event loop (worker_main.c) and its
  * per-request output streams (worker_stream.c).
  *
- * Threading: everything here belongs to the one thread that runs the loop; the scheduler's
- * callbacks run on it too (inside sched_step/sched_cancel). */
+ * Threading: everything here belongs to the thread that runs the loop (the scheduler's callbacks
+ * run on it too, inside sched_step/sched_cancel), except what worker_beat.c's heartbeat thread
+ * shares with it under `lock`: the socket and the step-progress fields marked so. */
 #ifndef FOLIO_WORKER_H
 #define FOLIO_WORKER_H
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -22,6 +25,8 @@ typedef struct worker_req {
     bool live;
     bool stream; /* PARTIALs as tokens come; else everything in the FINAL */
     bool dirty;  /* on the flush list: has tokens or text to send after this step */
+    bool final_pending; /* finished, its FINAL not yet accepted by the socket (res holds the end) */
+    sched_result_t res;
     request_stream_t out;
 } worker_req_t;
 
@@ -29,6 +34,8 @@ typedef struct worker {
     /* Configuration. */
     const char *endpoint, *group;
     int rank, tp, heartbeat_ms;
+    uint32_t restarts;      /* --restarts: times a supervisor restarted this rank (WorkerHello) */
+    double drain_timeout_s; /* SIGTERM: the longest a drain waits for work in flight */
     bool fake;
     char identity[WIRE_MAX_IDENTITY + 1];
     uint64_t epoch;
@@ -51,7 +58,9 @@ typedef struct worker {
     double backoff_s;     /* next reconnect delay (100 ms .. 2 s, jittered) */
 
     /* Health and load. */
-    double next_heartbeat;
+    double next_heartbeat;  /* shared (lock) */
+    bool draining;          /* SIGTERM: serving what comes, announcing it will stop; shared (lock) */
+    double drain_since;
     bool engine_ok, last_step_ok, step_failed_since_hb;
     uint64_t steps_at_hb; /* scheduler steps when the last heartbeat went out */
     uint64_t gen_at_hb;   /* generated tokens then */
@@ -69,6 +78,19 @@ typedef struct worker {
     uint32_t map_mask;
     int32_t *dirty; /* slots with output to flush after the step */
     int n_dirty;
+    int32_t *pending; /* slots whose FINAL waits for room in the socket's queue */
+    int n_pending;
+
+    /* Heartbeats while a step runs (worker_beat.c). */
+    pthread_mutex_t lock;    /* recursive; guards the socket and the fields marked shared */
+    pthread_cond_t beat_wake;
+    pthread_t beat_thread;
+    bool beat_running, beat_quit;
+    atomic_bool in_step;     /* a scheduler step is running */
+    double step_start, step_limit; /* shared (lock): when it began, how long it may run */
+    sched_stats_t step_stats;      /* shared (lock): the load when it began */
+    int n_step_ids;                /* shared (lock): live ids then, in hb_ids */
+    bool hung;                     /* shared (lock): the running step passed its limit */
 } worker_t;
 
 /* worker_stream.c */
@@ -84,7 +106,22 @@ void worker_on_finish(void *user, const sched_result_t *res);
 /* Sends one PARTIAL per streaming request that got output in the last step. */
 void worker_flush_partials(worker_t *w);
 
-/* worker_main.c: sends to the coordinator (a no-op while disconnected). */
+/* Retries the FINALs that found the socket's queue full; true when none is left waiting. */
+bool worker_retry_finals(worker_t *w);
+/* Drops the FINALs still waiting (the coordinator they were for is gone). */
+void worker_drop_finals(worker_t *w);
+
+/* worker_main.c: sends to the coordinator without blocking (a no-op while disconnected); FL_EIO
+ * with errno EAGAIN when its queue is full. Takes the lock. */
 int worker_send(worker_t *w, int cmd, const ProtobufCMessage *body);
+
+/* worker_beat.c */
+int worker_beat_start(worker_t *w, fl_error_t *err);
+void worker_beat_stop(worker_t *w);
+/* The scheduler's on_step callback (user = worker_t): a step of n_tokens begins. */
+void worker_beat_step_begin(void *user, int n_tokens, double expected_s);
+void worker_beat_step_end(worker_t *w);
+/* A HEARTBEAT from the loop's thread (not in a step), with the engine's own load. Takes the lock. */
+void worker_heartbeat(worker_t *w, double now);
 
 #endif

@@ -2,16 +2,23 @@
  *
  * Start-up loads the engine (backend, model, paged KV cache) and the scheduler, connects a DEALER
  * with identity "group:rank:epoch" to the coordinator's worker endpoint and registers with READY
- * (proto/README.md, "Worker side"). Then one loop on one thread:
+ * (proto/README.md, "Worker side"). Then one loop owns the engine:
  *
- *   poll the socket (no wait while the scheduler has work, else until the next heartbeat is due)
- *   -> drain every waiting message -> one sched_step() -> a HEARTBEAT when due.
+ *   poll the socket (no wait while the scheduler has work and the send queue has room, else until
+ *   the next heartbeat is due) -> drain every waiting message -> one sched_step() -> a HEARTBEAT
+ *   when due.
  *
- * Why one thread: health must come from real work. The heartbeat goes out from the same loop that
- * runs the engine, after a step (or, when idle, after a one-token liveness step on a reserved KV
- * block), so an engine that hangs stops the heartbeats and the coordinator declares the group dead,
- * even though the process and its socket are alive. A separate heartbeat thread would hide that.
- * It also keeps the scheduler, the KV cache and the ZeroMQ socket single-owner, with no locks.
+ * Health comes from real work: between steps the loop sends the heartbeats itself (when idle,
+ * after a one-token liveness step on a reserved KV block), so an engine that hangs stops them. A
+ * step may take long (a long prompt's chunk), so during one a heartbeat thread sends them instead
+ * (worker_beat.c), until the step runs past a limit derived from its expected cost: then it falls
+ * silent and the coordinator declares the group dead and fails its requests over, as for a hang.
+ * The socket is shared with that thread under a mutex; the scheduler and KV cache are the loop's.
+ *
+ * SIGTERM drains: the worker keeps serving what reaches it, says "draining" in its heartbeats so
+ * the coordinator routes nothing more here, and exits (DISCONNECT) once its work is done and the
+ * coordinator has had two heartbeats to notice (--drain-timeout-s bounds the wait). A second
+ * SIGTERM, or SIGINT, stops at once: live requests end CANCELLED.
  *
  * The coordinator is watched the same way: if nothing comes from it for 3 heartbeat intervals, the
  * worker cancels its live requests (nobody can receive them; their FINALs are still sent and go
@@ -48,13 +55,16 @@
 #define DEAD_AFTER_BEATS   3
 #define SHUTDOWN_LINGER_MS 500  /* time the last FINALs and the DISCONNECT get to leave */
 #define DRAIN_MAX          4096 /* messages per wake-up before the engine gets a step again */
+#define SEND_QUEUE         10000 /* messages to the coordinator queued before the loop waits */
+#define DRAIN_NOTICE_BEATS 2     /* a draining worker stays this many heartbeats after its work */
 
-static volatile sig_atomic_t g_stop;
+static volatile sig_atomic_t g_stop, g_drain;
 
+/* SIGTERM drains (a second one stops); SIGINT stops at once. */
 static void on_signal(int sig)
 {
-    (void)sig;
-    g_stop = 1;
+    if (sig == SIGTERM && !g_drain) g_drain = 1;
+    else g_stop = 1;
 }
 
 static void usage(FILE *f)
@@ -74,6 +84,10 @@ static void usage(FILE *f)
             "  --max-seqs N          sequences per step (default 64)\n"
             "  --max-waiting N       queued requests beyond which new ones are refused (default 4096)\n"
             "  --no-prefix-cache     never reuse cached prompt blocks\n"
+            "  --drain-timeout-s S   SIGTERM drains: new work is still served but the coordinator is told\n"
+            "                        to route no more; the worker stops when its work is done, or after S\n"
+            "                        seconds (default 60). A second SIGTERM, or SIGINT, stops at once.\n"
+            "  --restarts N          times a supervisor restarted this rank (reported to the coordinator)\n"
             "  --fake                no model: answer each Generate at once with one token (benchmarks\n"
             "                        of the coordinator's own overhead)\n"
             "  -h, --help            this text\n",
@@ -134,10 +148,17 @@ static double dead_after_s(const worker_t *w)
 
 int worker_send(worker_t *w, int cmd, const ProtobufCMessage *body)
 {
-    if (!w->sock) return FL_EIO;
+    pthread_mutex_lock(&w->lock);
+    int rc = FL_EIO, e = ENOTCONN;
     fl_error_t err = {0};
-    const int rc = wire_send(w->sock, NULL, 0, false, WIRE_HEADER_WORKER, cmd, body, &err);
-    if (rc) fl_log_warn("worker send failed cmd=%d: %s", cmd, err.msg);
+    if (w->sock) {
+        rc = wire_send(w->sock, NULL, 0, false, WIRE_HEADER_WORKER, cmd, body, &err);
+        e = errno;
+    }
+    pthread_mutex_unlock(&w->lock);
+    /* A full queue is the loop's backpressure (worker_stream.c keeps what did not go), not an error. */
+    if (rc && e != EAGAIN) fl_log_warn("worker send failed cmd=%d: %s", cmd, err.msg);
+    errno = e;
     return rc;
 }
 
@@ -160,26 +181,30 @@ static void send_ready(worker_t *w)
     h.block_size = w->block_size;
     h.epoch = w->epoch;
     h.max_context = w->max_context;
+    h.restarts = w->restarts;
     if (!worker_send(w, WIRE_CMD_READY, &h.base))
         fl_log_info("worker ready sent endpoint=%s identity=%s", w->endpoint, w->identity);
 }
 
 /* --- connection ------------------------------------------------------------------------------ */
 
-static int worker_connect(worker_t *w, fl_error_t *err)
+static int connect_locked(worker_t *w, fl_error_t *err)
 {
     w->sock = wire_socket(w->zctx, ZMQ_DEALER, w->identity, err);
     if (!w->sock) return err->code;
     /* ZeroMQ reconnects a dropped TCP connection by itself within these bounds. The send queue is
-     * unbounded so a PARTIAL is never dropped while the connection is alive; a dead coordinator is
-     * caught by the silence check, which throws the queue away with the socket. The receive queue
-     * is unbounded too: the coordinator (trusted) decides how much it sends, and a burst beyond the
-     * scheduler's queue is answered RESOURCE_EXHAUSTED rather than blocked in ZeroMQ. */
-    const int ivl = (int)(BACKOFF_MIN_S * 1e3), ivl_max = (int)(BACKOFF_MAX_S * 1e3), hwm = 0;
+     * bounded (SEND_QUEUE messages): when the coordinator does not keep up, a PARTIAL that finds it
+     * full stays in its stream and a FINAL waits (worker_stream.c), and the loop runs no step until
+     * there is room again, so nothing of a live stream is dropped and memory stays bounded. A dead
+     * coordinator is caught by the silence check, which throws the queue away with the socket. The
+     * receive queue is unbounded: the coordinator (trusted) decides how much it sends, and a burst
+     * beyond the scheduler's queue is answered RESOURCE_EXHAUSTED rather than blocked in ZeroMQ. */
+    const int ivl = (int)(BACKOFF_MIN_S * 1e3), ivl_max = (int)(BACKOFF_MAX_S * 1e3), snd_hwm = SEND_QUEUE,
+              rcv_hwm = 0;
     if (zmq_setsockopt(w->sock, ZMQ_RECONNECT_IVL, &ivl, sizeof ivl) ||
         zmq_setsockopt(w->sock, ZMQ_RECONNECT_IVL_MAX, &ivl_max, sizeof ivl_max) ||
-        zmq_setsockopt(w->sock, ZMQ_SNDHWM, &hwm, sizeof hwm) ||
-        zmq_setsockopt(w->sock, ZMQ_RCVHWM, &hwm, sizeof hwm) || zmq_connect(w->sock, w->endpoint)) {
+        zmq_setsockopt(w->sock, ZMQ_SNDHWM, &snd_hwm, sizeof snd_hwm) ||
+        zmq_setsockopt(w->sock, ZMQ_RCVHWM, &rcv_hwm, sizeof rcv_hwm) || zmq_connect(w->sock, w->endpoint)) {
         const int e = errno;
         zmq_close(w->sock);
         w->sock = NULL;
@@ -188,6 +213,14 @@ static int worker_connect(worker_t *w, fl_error_t *err)
     w->last_heard = fl_clock_s();
     send_ready(w);
     return FL_OK;
+}
+
+static int worker_connect(worker_t *w, fl_error_t *err)
+{
+    pthread_mutex_lock(&w->lock);
+    const int rc = connect_locked(w, err);
+    pthread_mutex_unlock(&w->lock);
+    return rc;
 }
 
 /* The coordinator has been silent too long: drop the work nobody can receive and start over. */
@@ -201,65 +234,14 @@ static void lost_coordinator(worker_t *w, double now)
     fl_log_warn("coordinator silent for %.1fs: dropping %d running and %d waiting requests, reconnecting in %.0fms",
                 now - w->last_heard, st.running, st.waiting, delay * 1e3);
     if (w->sched) sched_cancel_all(w->sched); /* their FINALs go into the old socket's queue */
+    worker_drop_finals(w);
+    pthread_mutex_lock(&w->lock);
     zmq_close(w->sock);
     w->sock = NULL;
+    pthread_mutex_unlock(&w->lock);
     w->coord_hb_last = 0;
     w->reconnect_at = now + delay;
     w->backoff_s = w->backoff_s * 2 < BACKOFF_MAX_S ? w->backoff_s * 2 : BACKOFF_MAX_S;
-}
-
-/* --- heartbeats ------------------------------------------------------------------------------ */
-
-static void heartbeat(worker_t *w, double now)
-{
-    Folio__V1__WorkerLoad l = FOLIO__V1__WORKER_LOAD__INIT;
-    if (w->fake) {
-        w->engine_ok = true;
-        l.kv_blocks_total = w->kv_blocks;
-        l.prompt_tokens = w->fake_prompt_tokens;
-        l.generated_tokens = w->fake_generated;
-        l.tokens_per_s = now > w->t_hb ? (double)(w->fake_generated - w->gen_at_hb) / (now - w->t_hb) : 0;
-        w->gen_at_hb = w->fake_generated;
-    } else {
-        sched_stats_t st;
-        sched_get_stats(w->sched, &st);
-        if (st.steps == w->steps_at_hb && !w->step_failed_since_hb) {
-            /* No real step since the last heartbeat: prove the engine still computes. */
-            fl_error_t err = {0};
-            const double dt = sched_liveness(w->sched, &err);
-            if (dt < 0) {
-                if (w->engine_ok) fl_log_error("worker liveness step failed: %s", err.msg);
-                w->engine_ok = false;
-            } else {
-                w->engine_ok = true;
-                w->liveness_s = dt;
-            }
-        } else {
-            w->engine_ok = w->last_step_ok;
-        }
-        l.running = (uint32_t)st.running;
-        l.waiting = (uint32_t)st.waiting;
-        l.kv_blocks_total = (uint32_t)st.kv_blocks_total;
-        l.kv_blocks_used = (uint32_t)(st.kv_blocks_used > 0 ? st.kv_blocks_used : 0);
-        l.kv_blocks_cached = (uint32_t)st.kv_blocks_cached;
-        l.prompt_tokens = st.prompt_tokens;
-        l.cached_prompt_tokens = st.cached_prompt_tokens;
-        l.generated_tokens = st.generated_tokens;
-        l.preemptions = st.preemptions;
-        l.tokens_per_s = now > w->t_hb ? (double)(st.generated_tokens - w->gen_at_hb) / (now - w->t_hb) : 0;
-        w->steps_at_hb = st.steps;
-        w->gen_at_hb = st.generated_tokens;
-        w->step_failed_since_hb = false;
-    }
-    l.engine_ok = w->engine_ok;
-    l.liveness_step_s = w->liveness_s;
-    if (w->hb_ids) {
-        for (int i = 0; i < w->n_reqs; i++)
-            if (w->reqs[i].live) w->hb_ids[l.n_live_ids++] = w->reqs[i].id;
-        l.live_ids = w->hb_ids;
-    }
-    w->t_hb = now;
-    worker_send(w, WIRE_CMD_HEARTBEAT, &l.base);
 }
 
 /* --- requests -------------------------------------------------------------------------------- */
@@ -411,6 +393,43 @@ static void drain(worker_t *w)
 
 /* --- the loop -------------------------------------------------------------------------------- */
 
+/* Whether the loop may run a step: no FINAL is waiting and the send queue has room (else the
+ * step's output could not leave: the loop waits for the coordinator instead). */
+static bool can_send(worker_t *w)
+{
+    if (!worker_retry_finals(w)) return false;
+    int events = 0;
+    size_t len = sizeof events;
+    pthread_mutex_lock(&w->lock);
+    const bool ok = w->sock && zmq_getsockopt(w->sock, ZMQ_EVENTS, &events, &len) == 0 && (events & ZMQ_POLLOUT);
+    pthread_mutex_unlock(&w->lock);
+    return ok;
+}
+
+/* SIGTERM: keep serving what arrives, announce it in every heartbeat so the coordinator routes
+ * nothing more here, and stop once the work is done and the coordinator has had time to notice. */
+static void start_drain(worker_t *w, double now)
+{
+    sched_stats_t st = {0};
+    if (w->sched) sched_get_stats(w->sched, &st);
+    fl_log_info("worker draining: %d running, %d waiting; stopping when done (at most %.0fs)", st.running, st.waiting,
+                w->drain_timeout_s);
+    pthread_mutex_lock(&w->lock);
+    w->draining = true;
+    w->drain_since = now;
+    pthread_mutex_unlock(&w->lock);
+    worker_heartbeat(w, now);
+}
+
+static bool drain_finished(worker_t *w, double now)
+{
+    const bool idle = (!w->sched || !sched_has_work(w->sched)) && w->n_pending == 0;
+    if (idle && now - w->drain_since >= DRAIN_NOTICE_BEATS * w->heartbeat_ms * 1e-3) return true;
+    if (now - w->drain_since < w->drain_timeout_s) return false;
+    fl_log_warn("worker drain timed out after %.0fs: cancelling what is left", w->drain_timeout_s);
+    return true;
+}
+
 static int run(worker_t *w)
 {
     const double beat = w->heartbeat_ms * 1e-3;
@@ -419,6 +438,8 @@ static int run(worker_t *w)
     w->next_heartbeat = fl_clock_s();
     while (!g_stop) {
         double now = fl_clock_s();
+        if (g_drain && !w->draining) start_drain(w, now);
+        if (w->draining && drain_finished(w, now)) break;
         if (!w->sock) {
             if (now < w->reconnect_at) {
                 zmq_poll(NULL, 0, ms_until(w->reconnect_at, now)); /* a sleep that a signal ends */
@@ -432,24 +453,30 @@ static int run(worker_t *w)
             continue;
         }
         const bool work = w->sched && sched_has_work(w->sched);
+        const bool room = can_send(w);
         double wake = w->next_heartbeat;
         if (w->last_heard + dead_after_s(w) < wake) wake = w->last_heard + dead_after_s(w);
-        zmq_pollitem_t item = {.socket = w->sock, .events = ZMQ_POLLIN};
-        const int n = zmq_poll(&item, 1, work ? 0 : ms_until(wake, now));
-        if (n < 0 && errno != EINTR) {
-            fl_log_error("worker: zmq_poll: %s", zmq_strerror(errno));
+        pthread_mutex_lock(&w->lock);
+        zmq_pollitem_t item = {.socket = w->sock, .events = ZMQ_POLLIN | (room ? 0 : ZMQ_POLLOUT)};
+        const int n = zmq_poll(&item, 1, work && room ? 0 : ms_until(wake, now));
+        const int poll_errno = errno;
+        if (n > 0 && (item.revents & ZMQ_POLLIN)) drain(w);
+        pthread_mutex_unlock(&w->lock);
+        if (n < 0 && poll_errno != EINTR) {
+            fl_log_error("worker: zmq_poll: %s", zmq_strerror(poll_errno));
             return 1;
         }
-        if (n > 0 && (item.revents & ZMQ_POLLIN)) drain(w);
         if (g_stop) break;
         now = fl_clock_s();
         if (now - w->last_heard > dead_after_s(w)) {
             lost_coordinator(w, now);
             continue;
         }
-        if (w->sched && sched_has_work(w->sched)) {
+        if (room && w->sched && sched_has_work(w->sched)) {
             fl_error_t err = {0};
-            if (sched_step(w->sched, &err)) {
+            const int rc = sched_step(w->sched, &err);
+            worker_beat_step_end(w);
+            if (rc) {
                 fl_log_error("worker: engine step failed: %s", err.msg);
                 w->last_step_ok = false;
                 w->step_failed_since_hb = true;
@@ -459,12 +486,21 @@ static int run(worker_t *w)
             worker_flush_partials(w);
             now = fl_clock_s();
         }
-        if (now >= w->next_heartbeat) {
+        pthread_mutex_lock(&w->lock);
+        const bool due = now >= w->next_heartbeat;
+        pthread_mutex_unlock(&w->lock);
+        if (due) {
             /* Requests that arrived during the step are held too: read them before listing. */
-            if (!g_stop) drain(w);
-            heartbeat(w, now);
+            if (!g_stop) {
+                pthread_mutex_lock(&w->lock);
+                drain(w);
+                pthread_mutex_unlock(&w->lock);
+            }
+            worker_heartbeat(w, now);
+            pthread_mutex_lock(&w->lock);
             w->next_heartbeat += beat;
             if (w->next_heartbeat < now) w->next_heartbeat = now + beat; /* a long step: do not burst */
+            pthread_mutex_unlock(&w->lock);
         }
     }
     return 0;
@@ -475,7 +511,8 @@ int main(int argc, char **argv)
     engine_opts_t eo = {0};
     sched_opts_t so = {0};
     const char *endpoint_flag = NULL, *group = "g0";
-    long rank = 0, tp = 1, heartbeat_ms = 1000, max_waiting = 4096, n;
+    long rank = 0, tp = 1, heartbeat_ms = 1000, max_waiting = 4096, restarts = 0, n;
+    double drain_timeout_s = 60;
     bool fake = false;
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i], *v;
@@ -505,6 +542,10 @@ int main(int argc, char **argv)
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 1, 1 << 20, &max_waiting)) return 2;
         } else if (!strcmp(f, "--no-prefix-cache")) {
             so.no_prefix_cache = true;
+        } else if (!strcmp(f, "--restarts")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 0, UINT32_MAX, &restarts)) return 2;
+        } else if (!strcmp(f, "--drain-timeout-s")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_float(f, v, 0, 86400, &drain_timeout_s)) return 2;
         } else if (!strcmp(f, "--fake")) {
             fake = true;
         } else {
@@ -532,7 +573,15 @@ int main(int argc, char **argv)
     w.rank = (int)rank;
     w.tp = (int)tp;
     w.heartbeat_ms = (int)heartbeat_ms;
+    w.restarts = (uint32_t)restarts;
+    w.drain_timeout_s = drain_timeout_s;
     w.fake = fake;
+    pthread_mutexattr_t attr;
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE); /* a send from inside drain() nests */
+    pthread_mutex_init(&w.lock, &attr);
+    pthread_mutexattr_destroy(&attr);
+    pthread_cond_init(&w.beat_wake, NULL);
     w.epoch = realtime_us();
     g_rng = w.epoch ^ ((uint64_t)getpid() << 32);
     w.backoff_s = BACKOFF_MIN_S;
@@ -555,7 +604,8 @@ int main(int argc, char **argv)
             fprintf(stderr, "error: %s\n", err.msg);
             return 1;
         }
-        const sched_callbacks_t cb = {.on_token = worker_on_token, .on_finish = worker_on_finish, .user = &w};
+        const sched_callbacks_t cb = {.on_token = worker_on_token, .on_finish = worker_on_finish,
+                                      .on_step = worker_beat_step_begin, .user = &w};
         w.sched = sched_new(w.eng->model, w.eng->kv, &so, &cb, &err);
         if (!w.sched) {
             fprintf(stderr, "error: %s\n", err.msg);
@@ -574,7 +624,11 @@ int main(int argc, char **argv)
         fl_log_info("worker sampling defaults: %s", defaults);
         w.kv_blocks = (uint32_t)st.kv_blocks_total;
         w.block_size = (uint32_t)kv->block_size;
+        /* The longest sequence it can really serve: the model's context, or all of the KV cache if
+         * that is less. */
+        const uint32_t kv_tokens = w.kv_blocks * w.block_size;
         w.max_context = (uint32_t)(m->max_blocks * kv->block_size);
+        if (kv_tokens < w.max_context) w.max_context = kv_tokens;
         n_slots = (int)max_waiting + m->max_seqs; /* everything the scheduler can hold at once */
         fl_log_info("worker group=%s rank=%d model=%s model_id=%s backend=%s kv_bytes_per_token=%zu "
                     "(2 x %d layers x %d kv_heads x %d head_dim x 2 bytes) kv_capacity_tokens=%u kv_blocks=%u "
@@ -590,6 +644,7 @@ int main(int argc, char **argv)
         if (!w.zctx) rc = fl_fail(&err, FL_EIO, "zmq_ctx_new: %s", zmq_strerror(errno));
     }
     if (!rc) rc = worker_connect(&w, &err);
+    if (!rc && !fake) rc = worker_beat_start(&w, &err);
     if (rc) {
         fprintf(stderr, "error: %s\n", err.msg);
     } else {
@@ -604,7 +659,13 @@ int main(int argc, char **argv)
         rc = run(&w) ? 1 : 0;
         fl_log_info("worker stopping: cancelling live requests, sending DISCONNECT");
     }
+    worker_beat_stop(&w);
     if (w.sched) sched_cancel_all(w.sched); /* every accepted request gets its FINAL */
+    /* FINALs that found the queue full get the linger time to find room. */
+    for (double until = fl_clock_s() + SHUTDOWN_LINGER_MS * 1e-3; w.sock && !worker_retry_finals(&w) &&
+                                                                   fl_clock_s() < until;)
+        zmq_poll(NULL, 0, 10);
+    worker_drop_finals(&w);
     if (w.sock) {
         worker_send(&w, WIRE_CMD_DISCONNECT, NULL);
         const int linger = SHUTDOWN_LINGER_MS;
@@ -616,5 +677,7 @@ int main(int argc, char **argv)
     engine_destroy(&w.eng);
     worker_reqs_free(&w);
     if (w.zctx) zmq_ctx_term(w.zctx);
+    pthread_cond_destroy(&w.beat_wake);
+    pthread_mutex_destroy(&w.lock);
     return rc ? 1 : 0;
 }

@@ -10,6 +10,7 @@
  * usage.completion_tokens, exactly as an end-of-generation token.
  *
  * Threading: the loop's thread only (the callbacks run inside sched_step/sched_cancel). */
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -31,15 +32,16 @@ int worker_reqs_init(worker_t *w, int n_slots, fl_error_t *err)
     w->reqs = calloc((size_t)n_slots, sizeof *w->reqs);
     w->free_slots = malloc((size_t)n_slots * sizeof *w->free_slots);
     w->dirty = malloc((size_t)n_slots * sizeof *w->dirty);
+    w->pending = malloc((size_t)n_slots * sizeof *w->pending);
     w->map = malloc((size_t)cap * sizeof *w->map);
     w->hb_ids = malloc((size_t)n_slots * sizeof *w->hb_ids);
     w->map_mask = cap - 1;
-    if (!w->reqs || !w->free_slots || !w->dirty || !w->map || !w->hb_ids)
+    if (!w->reqs || !w->free_slots || !w->dirty || !w->pending || !w->map || !w->hb_ids)
         return fl_fail(err, FL_ENOMEM, "worker: out of memory for %d request slots", n_slots);
     for (uint32_t i = 0; i < cap; i++) w->map[i] = -1;
     for (int i = 0; i < n_slots; i++) w->free_slots[i] = n_slots - 1 - i;
     w->n_free = n_slots;
-    w->n_dirty = 0;
+    w->n_dirty = w->n_pending = 0;
     return FL_OK;
 }
 
@@ -49,6 +51,8 @@ void worker_reqs_free(worker_t *w)
     free(w->reqs);
     free(w->free_slots);
     free(w->dirty);
+    free(w->pending);
+    w->pending = NULL;
     free(w->map);
     free(w->hb_ids);
     w->hb_ids = NULL;
@@ -97,6 +101,7 @@ worker_req_t *worker_req_open(worker_t *w, const request_t *rq, fl_error_t *err)
     r->live = true;
     r->stream = rq->stream;
     r->dirty = false;
+    r->final_pending = false;
     uint32_t h = id_hash(r->id) & w->map_mask;
     while (w->map[h] >= 0) h = (h + 1) & w->map_mask;
     w->map[h] = slot;
@@ -228,16 +233,10 @@ static double since(double t, double t0)
     return t > 0 && t >= t0 ? t - t0 : 0;
 }
 
-void worker_on_finish(void *user, const sched_result_t *res)
+/* The FINAL of r, which ended as res: 0 when the socket took it, 1 when its queue was full (try
+ * again), -1 when it could not go (no coordinator). */
+static int send_final(worker_t *w, worker_req_t *r, const sched_result_t *res)
 {
-    worker_t *w = user;
-    worker_req_t *r = worker_req_find(w, res->id);
-    if (!r) {
-        fl_log_error("worker: finish for unknown request id=%llu", (unsigned long long)res->id);
-        return;
-    }
-    request_stream_end(&r->out);
-
     Folio__V1__Status status = FOLIO__V1__STATUS__INIT;
     Folio__V1__GenerateResult result = FOLIO__V1__GENERATE_RESULT__INIT;
     Folio__V1__Usage usage = FOLIO__V1__USAGE__INIT;
@@ -265,10 +264,51 @@ void worker_on_finish(void *user, const sched_result_t *res)
     /* Streamed: whatever is left (nothing held back now); not streamed: everything (n_sent is 0). */
     if (!r->stream || any) resp.delta = &d;
     const int rc = worker_send(w, WIRE_CMD_FINAL, &resp.base);
+    const bool full = rc && errno == EAGAIN;
     free(lp_mem);
     request_stream_done(&r->out, rc == 0);
     fl_log_debug("worker final id=%llu finish=%s status=%s prompt=%d cached=%d completion=%d total_s=%.3f%s",
                  (unsigned long long)r->id, sched_finish_name(res->finish), wire_status_name(status.code),
                  res->n_prompt, res->n_cached, r->out.n_out, timings.total_s, rc ? " (not sent)" : "");
+    return rc == 0 ? 0 : full ? 1 : -1;
+}
+
+void worker_on_finish(void *user, const sched_result_t *res)
+{
+    worker_t *w = user;
+    worker_req_t *r = worker_req_find(w, res->id);
+    if (!r) {
+        fl_log_error("worker: finish for unknown request id=%llu", (unsigned long long)res->id);
+        return;
+    }
+    request_stream_end(&r->out);
+    if (send_final(w, r, res) == 1) {
+        /* The queue is full: the FINAL waits (the loop steps no more until it is gone). */
+        r->res = *res;
+        r->final_pending = true;
+        w->pending[w->n_pending++] = (int32_t)(r - w->reqs);
+        return;
+    }
     worker_req_close(w, r);
+}
+
+bool worker_retry_finals(worker_t *w)
+{
+    int kept = 0;
+    for (int i = 0; i < w->n_pending; i++) {
+        worker_req_t *r = &w->reqs[w->pending[i]];
+        if (send_final(w, r, &r->res) == 1) {
+            w->pending[kept++] = w->pending[i];
+            continue;
+        }
+        worker_req_close(w, r);
+    }
+    w->n_pending = kept;
+    return kept == 0;
+}
+
+void worker_drop_finals(worker_t *w)
+{
+    for (int i = 0; i < w->n_pending; i++) worker_req_close(w, &w->reqs[w->pending[i]]);
+    w->n_pending = 0;
 }
