@@ -2,11 +2,14 @@
  * methods (Cancel, Drain, Health, Status), and admits Generate: tokenizes it, checks it can be
  * served, and hands it to dispatch.c, which owns its stream from there.
  *
- * A client is known only by its ROUTER identity. Its Generate becomes a req_t (requests.h) that keeps
- * the decoded Request, so a request can be re-sent to another group on failover; the prompt is
- * tokenized once into a scratch buffer and copied into the entry. Replies go out through
- * dispatch_to_client(), which forgets a client that is gone. Nothing here logs per request above
- * debug level. */
+ * A client (a connection) is known only by its ROUTER identity. Its Generate becomes a req_t
+ * (requests.h) that keeps the decoded Request, so a request can be re-sent to another group on
+ * failover; the prompt is tokenized once into a scratch buffer and copied into the entry. Replies go
+ * out through dispatch_to_client(), which forgets a client that is gone. What is refused here, and
+ * how (proto/README.md): a message whose id cannot be read is answered under id 0, as is one that
+ * reuses the id of the connection's live Generate (that stream is never touched); a full table or a
+ * tenant at its limit is RESOURCE_EXHAUSTED with a retry hint; a prompt no group's context holds
+ * is RESOURCE_EXHAUSTED without one. Nothing here logs per request above debug level. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,15 +17,48 @@
 #include "coordinator.h"
 #include "dispatch.h"
 #include "log.h"
+#include "unicode.h"
 
-static void reply_error(coord_t *c, const wire_msg_t *m, const uint8_t *client, size_t len, uint64_t id, int method,
-                        Folio__V1__StatusCode code, const char *msg)
+static void reply_error(coord_t *c, const wire_msg_t *m, uint64_t id, int method, Folio__V1__StatusCode code,
+                        const char *msg, double now)
 {
-    wire_error_reply_t r;
-    wire_error_reply_init(&r, id, (Folio__V1__Method)method, code, msg);
-    fl_log_debug("client request rejected id=%llu code=%s msg=\"%s\"", (unsigned long long)id, wire_status_name(code),
-                 msg);
-    dispatch_to_client(c, client, len, m->has_delimiter, &r.resp);
+    dispatch_refuse(c, m, id, method, code, 0, msg, now);
+}
+
+/* A proto3 string must be UTF-8; protobuf-c does not check. */
+static bool utf8_valid(const char *s)
+{
+    const uint8_t *p = (const uint8_t *)s;
+    for (size_t n = strlen(s); n;) {
+        const int k = unicode_utf8_valid_prefix(p, n);
+        if (k <= 0) return false;
+        p += k;
+        n -= (size_t)k;
+    }
+    return true;
+}
+
+/* INVALID_ARGUMENT's message for the first string of q that is not UTF-8, or NULL. */
+static const char *invalid_string(const Folio__V1__Request *q, char *msg, size_t cap)
+{
+    const char *what = NULL;
+    size_t at = 0;
+    if (!utf8_valid(q->tenant)) what = "tenant";
+    for (size_t i = 0; !what && i < q->n_metadata; i++)
+        if (!utf8_valid(q->metadata[i]->key) || !utf8_valid(q->metadata[i]->value)) what = "metadata", at = i + 1;
+    const Folio__V1__GenerateRequest *g = q->generate;
+    if (!what && g && !utf8_valid(g->text)) what = "generate.text";
+    for (size_t i = 0; !what && g && i < g->n_messages; i++)
+        if (!utf8_valid(g->messages[i]->role) || !utf8_valid(g->messages[i]->content)) what = "generate.messages", at = i + 1;
+    for (size_t i = 0; !what && g && i < g->n_stop; i++)
+        if (!utf8_valid(g->stop[i])) what = "generate.stop", at = i + 1;
+    if (!what && q->drain && !utf8_valid(q->drain->group)) what = "drain.group";
+    if (!what) return NULL;
+    if (at)
+        snprintf(msg, cap, "%s[%zu] is not valid UTF-8 (a protobuf string must be)", what, at - 1);
+    else
+        snprintf(msg, cap, "%s is not valid UTF-8 (a protobuf string must be)", what);
+    return msg;
 }
 
 /* Sends resp (from wire_response_init) as a final OK reply. */
@@ -57,19 +93,30 @@ static void do_generate(coord_t *c, const wire_msg_t *m, Folio__V1__Request *q, 
     const uint64_t id = q->id;
     const int method = FOLIO__V1__METHOD__METHOD_GENERATE;
     char msg[600];
-    if (reqs_count(c->reqs) >= c->opts.max_inflight) {
-        snprintf(msg, sizeof msg, "too many requests in flight (%d)", c->opts.max_inflight);
-        reply_error(c, m, m->identity, m->identity_len, id, method, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED, msg);
+    if (m->has_delimiter && q->generate->stream) {
+        /* A REQ socket takes one reply per request: the second message of a stream would be lost. */
+        reply_error(c, m, id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT,
+                    "a streamed Generate needs a DEALER socket: this one came REQ-style (an empty delimiter "
+                    "frame), which takes one reply; send stream = false",
+                    now);
         goto out;
     }
-    if (reqs_by_client(c->reqs, m->identity, m->identity_len, id)) {
-        snprintf(msg, sizeof msg, "request id %llu is already in flight on this connection", (unsigned long long)id);
-        reply_error(c, m, m->identity, m->identity_len, id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg);
+    if (reqs_count(c->reqs) >= c->opts.max_inflight) {
+        snprintf(msg, sizeof msg, "too many requests in flight (%d, the coordinator's limit)", c->opts.max_inflight);
+        dispatch_refuse(c, m, id, method, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED, dispatch_retry_after_ms(c, now),
+                        msg, now);
+        goto out;
+    }
+    const int per_tenant = c->opts.max_inflight_per_tenant;
+    if (per_tenant && reqs_tenant_count(c->reqs, q->tenant) >= per_tenant) {
+        snprintf(msg, sizeof msg, "tenant '%.256s' has %d requests in flight (the limit per tenant)", q->tenant,
+                 per_tenant);
+        dispatch_refuse(c, m, id, method, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED, dispatch_retry_after_ms(c, now),
+                        msg, now);
         goto out;
     }
     if (!groups_serving(c->groups)) {
-        reply_error(c, m, m->identity, m->identity_len, id, method, FOLIO__V1__STATUS_CODE__UNAVAILABLE,
-                    "no healthy worker group");
+        reply_error(c, m, id, method, FOLIO__V1__STATUS_CODE__UNAVAILABLE, "no healthy worker group", now);
         goto out;
     }
     const Folio__V1__GenerateRequest *g = q->generate;
@@ -81,8 +128,7 @@ static void do_generate(coord_t *c, const wire_msg_t *m, Folio__V1__Request *q, 
             if (g->prompt_tokens[i] >= c->n_vocab) {
                 snprintf(msg, sizeof msg, "generate: prompt_tokens[%zu] = %d is not below the vocabulary size %d", i,
                          g->prompt_tokens[i], c->n_vocab);
-                reply_error(c, m, m->identity, m->identity_len, id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT,
-                            msg);
+                reply_error(c, m, id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg, now);
                 goto out;
             }
         tokens = g->prompt_tokens;
@@ -91,22 +137,27 @@ static void do_generate(coord_t *c, const wire_msg_t *m, Folio__V1__Request *q, 
         fl_error_t err = {0};
         n = tokenize(c, g, &err);
         if (n < 0) {
-            reply_error(c, m, m->identity, m->identity_len, id, method, wire_status_from_error(n), err.msg);
+            reply_error(c, m, id, method, wire_status_from_error(n), err.msg, now);
             goto out;
         }
         if (!(tokens = malloc((size_t)(n ? n : 1) * sizeof *tokens))) {
-            reply_error(c, m, m->identity, m->identity_len, id, method, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED,
-                        "out of memory");
+            dispatch_refuse(c, m, id, method, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED,
+                            dispatch_retry_after_ms(c, now), "out of memory", now);
             goto out;
         }
         memcpy(tokens, c->tok_buf, (size_t)n * sizeof *tokens);
         owned = true;
     }
-    /* No group could take it, and its forwarded form could outgrow what a worker decodes. */
+    /* No group could take it, and its forwarded form could outgrow what a worker decodes. A group's
+     * context is the smaller of its model's and its KV cache's: a prompt that fits leaves room for
+     * at least one token (max_tokens is clamped to the rest, dispatch.c). */
     const uint32_t max_ctx = groups_max_context(c->groups);
     if (max_ctx && (uint32_t)n >= max_ctx) {
-        snprintf(msg, sizeof msg, "prompt of %d tokens does not fit the context of %u tokens", n, max_ctx);
-        reply_error(c, m, m->identity, m->identity_len, id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg);
+        snprintf(msg, sizeof msg,
+                 "prompt of %d tokens does not fit the context of %u tokens (the longest a group serves: its "
+                 "model's context or its KV cache, whichever is smaller)",
+                 n, max_ctx);
+        reply_error(c, m, id, method, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED, msg, now);
         if (owned) free(tokens);
         goto out;
     }
@@ -122,6 +173,7 @@ static void do_generate(coord_t *c, const wire_msg_t *m, Folio__V1__Request *q, 
     e->n_tokens = n;
     e->tokens_owned = owned;
     reqs_bind_client(c->reqs, e);
+    reqs_bind_tenant(c->reqs, e, q->tenant);
     reqs_timer_update(c->reqs, e);
     c->requests_total++;
     dispatch_submit(c, e, now);
@@ -139,7 +191,7 @@ static void do_cancel(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         char msg[128];
         snprintf(msg, sizeof msg, "no live request with id %llu on this connection",
                  (unsigned long long)q->cancel->target_id);
-        reply_error(c, m, m->identity, m->identity_len, q->id, q->method, FOLIO__V1__STATUS_CODE__NOT_FOUND, msg);
+        reply_error(c, m, q->id, q->method, FOLIO__V1__STATUS_CODE__NOT_FOUND, msg, now);
         return;
     }
     dispatch_cancel(c, e, now);
@@ -148,13 +200,13 @@ static void do_cancel(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
     reply_ok(c, m, &r);
 }
 
-static void do_drain(coord_t *c, const wire_msg_t *m, const Folio__V1__Request *q)
+static void do_drain(coord_t *c, const wire_msg_t *m, const Folio__V1__Request *q, double now)
 {
     const int slot = groups_find(c->groups, q->drain->group);
     if (slot < 0) {
         char msg[400];
         snprintf(msg, sizeof msg, "no group named '%s'", q->drain->group);
-        reply_error(c, m, m->identity, m->identity_len, q->id, q->method, FOLIO__V1__STATUS_CODE__NOT_FOUND, msg);
+        reply_error(c, m, q->id, q->method, FOLIO__V1__STATUS_CODE__NOT_FOUND, msg, now);
         return;
     }
     groups_set_draining(c->groups, slot, !q->drain->undrain);
@@ -203,6 +255,7 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         gs[i].n_ranks = nr;
         gs[i].healthy = g->healthy;
         gs[i].draining = g->draining;
+        gs[i].restarts = g->restarts;
         gs[i].model_id = (char *)g->model_id;
         if (g->have_load) {
             loads[i] = g->load;
@@ -236,24 +289,46 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
 void coord_client_message(coord_t *c, wire_msg_t *m, double now)
 {
     fl_error_t err = {0};
+    char msg[600];
     if (!m->identity_len || m->identity_len > WIRE_MAX_IDENTITY) return;
     int rc = wire_check_header(m, WIRE_HEADER_CLIENT, &err);
     if (rc) {
-        reply_error(c, m, m->identity, m->identity_len, 0, 0, wire_status_from_error(rc), err.msg);
+        reply_error(c, m, 0, 0, wire_status_from_error(rc), err.msg, now);
         return;
     }
     if (m->cmd != WIRE_CMD_REQUEST) {
-        char msg[96];
         snprintf(msg, sizeof msg, "unknown or unexpected command 0x%02x from a client (expected REQUEST 0x01)", m->cmd);
-        reply_error(c, m, m->identity, m->identity_len, 0, 0, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg);
+        reply_error(c, m, 0, 0, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg, now);
+        return;
+    }
+    if (!m->has_body) {
+        reply_error(c, m, 0, 0, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT,
+                    "REQUEST without a body frame (header, command and body: three frames)", now);
         return;
     }
     Folio__V1__Request *q = wire_decode_request(m->body, m->body_len, &err);
     if (!q) {
+        /* Under the id it carries, when it can be read (an oversized body's too): the client's
+         * request ends. */
         uint64_t id;
         Folio__V1__Method method;
         wire_peek_request(m->body, m->body_len, &id, &method);
-        reply_error(c, m, m->identity, m->identity_len, id, method, wire_status_from_error(err.code), err.msg);
+        reply_error(c, m, id, method, wire_status_from_error(err.code), err.msg, now);
+        return;
+    }
+    if (reqs_by_client(c->reqs, m->identity, m->identity_len, q->id)) {
+        /* Answering under this id would end the live request's stream in its client's eyes. */
+        snprintf(msg, sizeof msg,
+                 "request id %llu is already in flight on this connection: this request is refused (the one in "
+                 "flight goes on)",
+                 (unsigned long long)q->id);
+        reply_error(c, m, 0, q->method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg, now);
+        folio__v1__request__free_unpacked(q, NULL);
+        return;
+    }
+    if (invalid_string(q, msg, sizeof msg)) {
+        reply_error(c, m, q->id, q->method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg, now);
+        folio__v1__request__free_unpacked(q, NULL);
         return;
     }
     switch (q->method) {
@@ -264,7 +339,7 @@ void coord_client_message(coord_t *c, wire_msg_t *m, double now)
         do_cancel(c, m, q, now);
         break;
     case FOLIO__V1__METHOD__METHOD_DRAIN:
-        do_drain(c, m, q);
+        do_drain(c, m, q, now);
         break;
     case FOLIO__V1__METHOD__METHOD_HEALTH:
         do_health(c, m, q);
@@ -273,8 +348,7 @@ void coord_client_message(coord_t *c, wire_msg_t *m, double now)
         do_status(c, m, q, now);
         break;
     default:
-        reply_error(c, m, m->identity, m->identity_len, q->id, q->method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT,
-                    "unknown method");
+        reply_error(c, m, q->id, q->method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, "unknown method", now);
     }
     folio__v1__request__free_unpacked(q, NULL);
 }

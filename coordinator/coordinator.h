@@ -25,6 +25,8 @@
 #define COORD_MAX_SHARE_LISTS  64
 #define COORD_TENANT_MAX       512 /* bytes for a tenant name and its NUL (the wire allows 256) */
 #define COORD_TOLD_MEMORY      16  /* identities recently told DISCONNECT, remembered */
+#define COORD_RETRY_MIN_MS     50    /* bounds of Status.retry_after_ms when the coordinator is full */
+#define COORD_RETRY_MAX_MS     10000
 
 typedef struct coord_opts {
     const char *client_endpoint, *worker_endpoint, *model_path;
@@ -33,7 +35,8 @@ typedef struct coord_opts {
     int load_floor;
     int route_blocks;
     int heartbeat_ms;
-    int max_inflight;
+    int max_inflight;            /* Generate requests in flight at most (the table's size) */
+    int max_inflight_per_tenant; /* of which one tenant's at most; 0: no such limit */
     /* --share-cache lists: tenants in one list share prefix-cache blocks (the first names the
      * namespace); every other tenant's blocks are its own. argv strings, borrowed. */
     const char *share_cache[COORD_MAX_SHARE_LISTS];
@@ -63,6 +66,10 @@ typedef struct coord {
     double hb_s; /* heartbeat interval, seconds */
     /* counters */
     uint64_t requests_total, requests_failed_over;
+    /* requests ended, and the rate at which they end (per second, smoothed over windows of about
+     * a second): what a retry-after hint is made of (dispatch_retry_after_ms) */
+    uint64_t n_ended, rate_n0;
+    double rate_t0, end_rate;
     /* the last COORD_LATENCY_SAMPLES added latencies, seconds */
     double latency[COORD_LATENCY_SAMPLES];
     uint64_t n_latency;

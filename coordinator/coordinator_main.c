@@ -46,7 +46,10 @@ static void usage(FILE *f)
             "  --load-floor N          a group below N requests in flight is never over the bound (default 4)\n"
             "  --route-blocks N        leading blocks that form the routing key (default 8)\n"
             "  --heartbeat-ms N        heartbeat interval; dead after 3 silent intervals (default 1000)\n"
-            "  --max-inflight N        Generate requests in flight at most (default 4096)\n"
+            "  --max-inflight N        Generate requests in flight at most (default 4096); beyond it a Generate\n"
+            "                          is refused RESOURCE_EXHAUSTED with a retry hint\n"
+            "  --max-inflight-per-tenant N  of which one tenant's at most (default 3/4 of --max-inflight;\n"
+            "                          0: no limit), so one tenant cannot take every slot\n"
             "  --share-cache A,B,...   tenants A, B, ... share prefix-cache blocks (repeatable; tenants\n"
             "                          never share otherwise)\n",
             WIRE_DEFAULT_CLIENT_ENDPOINT, WIRE_DEFAULT_WORKER_ENDPOINT);
@@ -55,7 +58,8 @@ static void usage(FILE *f)
 static int parse_flags(int argc, char **argv, coord_opts_t *o)
 {
     *o = (coord_opts_t){
-        .policy = ROUTER_PREFIX, .load_factor = 1.25, .load_floor = 4, .route_blocks = 8, .heartbeat_ms = 1000, .max_inflight = 4096};
+        .policy = ROUTER_PREFIX, .load_factor = 1.25, .load_floor = 4, .route_blocks = 8, .heartbeat_ms = 1000, .max_inflight = 4096,
+        .max_inflight_per_tenant = -1};
     const char *listen = NULL, *workers = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -102,12 +106,16 @@ static int parse_flags(int argc, char **argv, coord_opts_t *o)
         } else if (!strcmp(a, "--max-inflight")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1 << 22, &n)) return -1;
             o->max_inflight = (int)n;
+        } else if (!strcmp(a, "--max-inflight-per-tenant")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 0, 1 << 22, &n)) return -1;
+            o->max_inflight_per_tenant = (int)n;
         } else {
             fprintf(stderr, "error: unknown flag '%s'\n", a);
             usage(stderr);
             return -1;
         }
     }
+    if (o->max_inflight_per_tenant < 0) o->max_inflight_per_tenant = (3 * o->max_inflight + 3) / 4;
     o->client_endpoint = wire_endpoint(listen, "FOLIO_COORDINATOR", WIRE_DEFAULT_CLIENT_ENDPOINT);
     o->worker_endpoint = wire_endpoint(workers, "FOLIO_WORKER_ENDPOINT", WIRE_DEFAULT_WORKER_ENDPOINT);
     return 0;
@@ -117,7 +125,10 @@ static void *bind_router(void *zctx, const char *endpoint, int hwm, fl_error_t *
 {
     void *s = wire_socket(zctx, ZMQ_ROUTER, NULL, err);
     if (!s) return NULL;
-    /* Deep queues: max_inflight bounds the requests, and a dropped token message would leave a gap. */
+    /* One queue each way per peer, of hwm messages. Deep: max_inflight bounds the requests, and a
+     * dropped token message would leave a gap. A full outgoing queue fails the send (never blocks):
+     * a client that far behind is dropped with its requests (dispatch_to_client), a worker's refuses
+     * new work; a full incoming queue makes ZeroMQ stop reading that peer, which slows its sends. */
     if (zmq_setsockopt(s, ZMQ_SNDHWM, &hwm, sizeof hwm) || zmq_setsockopt(s, ZMQ_RCVHWM, &hwm, sizeof hwm) ||
         zmq_bind(s, endpoint)) {
         fl_fail(err, FL_EIO, "bind %s: %s", endpoint, zmq_strerror(errno));
@@ -150,9 +161,10 @@ static int setup(coord_t *c, fl_error_t *err)
     if (!(c->clients = bind_router(c->zctx, c->opts.client_endpoint, hwm, err))) return FL_EIO;
     if (!(c->workers = bind_router(c->zctx, c->opts.worker_endpoint, hwm, err))) return FL_EIO;
     fl_log_info("coordinator ready listen=%s workers=%s model=%s vocab=%d policy=%s load_factor=%.2f load_floor=%d "
-                "route_blocks=%d heartbeat_ms=%d max_inflight=%d",
+                "route_blocks=%d heartbeat_ms=%d max_inflight=%d max_inflight_per_tenant=%d queue_per_peer=%d",
                 c->opts.client_endpoint, c->opts.worker_endpoint, path, c->n_vocab, router_policy_name(c->opts.policy),
-                c->opts.load_factor, c->opts.load_floor, c->opts.route_blocks, c->opts.heartbeat_ms, c->opts.max_inflight);
+                c->opts.load_factor, c->opts.load_floor, c->opts.route_blocks, c->opts.heartbeat_ms, c->opts.max_inflight,
+                c->opts.max_inflight_per_tenant, hwm);
     return FL_OK;
 }
 

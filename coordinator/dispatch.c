@@ -5,10 +5,13 @@
  * sent again to another group. The worker gets a Request of its own, built at each send: the
  * client's Generate with the prompt as tokens, under a coordinator-wide worker-side id (new at every
  * resubmission, so anything the old group still says about the old id is dropped as unknown), the
- * time left of its deadline and the tenant's prefix-cache namespace. Nothing here logs per request
- * above debug level. */
+ * time left of its deadline, the tenant's prefix-cache namespace, and max_tokens clamped to what
+ * the group's context leaves after the prompt. What the client gets back is in its own terms: its
+ * id, also inside a worker's error message, and a finish reason that follows from the status.
+ * Nothing here logs per request above debug level. */
 #include "dispatch.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -52,16 +55,44 @@ static void cancel_on_worker(coord_t *c, const req_t *e)
 /* ---- ending a request ---- */
 
 /* Timings counted from the coordinator's receipt of the request (what the client waited): the
- * worker's (may be NULL) shifted by the time before its last dispatch, the first token as relayed. */
+ * worker's (may be NULL) shifted by the time before its last dispatch, the first token as relayed.
+ * Without the worker's, queued_s is the time until the request was last sent to a worker (all of
+ * total_s when it never was). */
 static void fill_timings(const req_t *e, Folio__V1__Timings *t, const Folio__V1__Timings *worker, double now)
 {
     const double to_worker = e->t_dispatch > 0 ? e->t_dispatch - e->t_recv : 0;
     t->total_s = now - e->t_recv;
-    t->queued_s = worker ? worker->queued_s + to_worker : 0;
+    if (worker)
+        t->queued_s = worker->queued_s + to_worker;
+    else
+        t->queued_s = e->t_dispatch > 0 ? to_worker : t->total_s;
     if (e->t_first_sent > 0)
         t->first_token_s = e->t_first_sent - e->t_recv;
     else
         t->first_token_s = worker && worker->first_token_s > 0 ? worker->first_token_s + to_worker : 0;
+}
+
+/* The rate at which requests end, over windows of at least a second, halved at each window. */
+static void rate_update(coord_t *c, double now)
+{
+    if (c->rate_t0 <= 0) {
+        c->rate_t0 = now;
+        c->rate_n0 = c->n_ended;
+        return;
+    }
+    const double dt = now - c->rate_t0;
+    if (dt < 1.0) return;
+    const double rate = (double)(c->n_ended - c->rate_n0) / dt;
+    c->end_rate = c->end_rate > 0 ? 0.5 * c->end_rate + 0.5 * rate : rate;
+    c->rate_t0 = now;
+    c->rate_n0 = c->n_ended;
+}
+
+uint32_t dispatch_retry_after_ms(coord_t *c, double now)
+{
+    rate_update(c, now);
+    const double ms = c->end_rate > 0 ? 1e3 / c->end_rate : 1e3;
+    return ms < COORD_RETRY_MIN_MS ? COORD_RETRY_MIN_MS : ms > COORD_RETRY_MAX_MS ? COORD_RETRY_MAX_MS : (uint32_t)ms;
 }
 
 static void release(coord_t *c, req_t *e)
@@ -69,27 +100,72 @@ static void release(coord_t *c, req_t *e)
     if (e->group >= 0 && c->groups->table[e->group].inflight) c->groups->table[e->group].inflight--;
     e->group = -1;
     reqs_free(c->reqs, e);
+    c->n_ended++;
+    rate_update(c, fl_clock_s());
 }
 
-/* Ends e with a FINAL error (finish reason given) and frees it. */
-static void finish_error(coord_t *c, req_t *e, Folio__V1__StatusCode code, Folio__V1__FinishReason reason,
-                         const char *msg)
+/* Every FINAL of a Generate has a finish reason, and it follows from the status: OK ends STOP or
+ * LENGTH (the worker's; LENGTH if it gave none), CANCELLED and DEADLINE_EXCEEDED end CANCELLED,
+ * every other status ERROR. */
+static Folio__V1__FinishReason finish_reason_of(Folio__V1__StatusCode code, Folio__V1__FinishReason worker)
 {
+    switch (code) {
+    case FOLIO__V1__STATUS_CODE__OK:
+        return worker == FOLIO__V1__FINISH_REASON__FINISH_STOP ? worker : FOLIO__V1__FINISH_REASON__FINISH_LENGTH;
+    case FOLIO__V1__STATUS_CODE__CANCELLED:
+    case FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED: return FOLIO__V1__FINISH_REASON__FINISH_CANCELLED;
+    default: return FOLIO__V1__FINISH_REASON__FINISH_ERROR;
+    }
+}
+
+/* An error FINAL in caller storage: a Generate's carries a result (finish reason of code, usage,
+ * timings, group; filled by the caller); other methods' carry the status alone. retry_after_ms
+ * only with RESOURCE_EXHAUSTED. */
+typedef struct error_final {
     wire_error_reply_t r;
-    wire_error_reply_init(&r, e->client_id, FOLIO__V1__METHOD__METHOD_GENERATE, code, msg);
-    Folio__V1__GenerateResult res = FOLIO__V1__GENERATE_RESULT__INIT;
-    Folio__V1__Usage usage = FOLIO__V1__USAGE__INIT;
-    usage.prompt_tokens = (uint32_t)e->n_tokens;
-    usage.completion_tokens = e->tokens_sent;
-    res.finish_reason = reason;
-    res.usage = &usage;
-    Folio__V1__Timings t = FOLIO__V1__TIMINGS__INIT;
-    fill_timings(e, &t, NULL, fl_clock_s());
-    res.timings = &t;
+    Folio__V1__GenerateResult res;
+    Folio__V1__Usage usage;
+    Folio__V1__Timings timings;
+} error_final_t;
+
+static void error_final_init(error_final_t *f, uint64_t id, int method, Folio__V1__StatusCode code,
+                             uint32_t retry_after_ms, const char *msg)
+{
+    wire_error_reply_init(&f->r, id, (Folio__V1__Method)method, code, msg);
+    if (code == FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED) f->r.status.retry_after_ms = retry_after_ms;
+    folio__v1__generate_result__init(&f->res);
+    folio__v1__usage__init(&f->usage);
+    folio__v1__timings__init(&f->timings);
+    if (method != FOLIO__V1__METHOD__METHOD_GENERATE) return;
+    f->res.finish_reason = finish_reason_of(code, FOLIO__V1__FINISH_REASON__FINISH_NONE);
+    f->res.usage = &f->usage;
+    f->res.timings = &f->timings;
+    f->res.group = (char *)"";
+    f->r.resp.result = &f->res;
+}
+
+void dispatch_refuse(coord_t *c, const wire_msg_t *m, uint64_t id, int method, Folio__V1__StatusCode code,
+                     uint32_t retry_after_ms, const char *msg, double t_recv)
+{
+    error_final_t f;
+    error_final_init(&f, id, method, code, retry_after_ms, msg);
+    f.timings.total_s = f.timings.queued_s = fl_clock_s() - t_recv;
+    fl_log_debug("client request refused id=%llu code=%s msg=\"%s\"", (unsigned long long)id, wire_status_name(code),
+                 msg);
+    dispatch_to_client(c, m->identity, m->identity_len, m->has_delimiter, &f.r.resp);
+}
+
+/* Ends e with an error FINAL (its finish reason follows from code) and frees it. */
+static void finish_error(coord_t *c, req_t *e, Folio__V1__StatusCode code, const char *msg, uint32_t retry_after_ms)
+{
+    error_final_t f;
+    error_final_init(&f, e->client_id, FOLIO__V1__METHOD__METHOD_GENERATE, code, retry_after_ms, msg);
+    f.usage.prompt_tokens = (uint32_t)e->n_tokens;
+    f.usage.completion_tokens = e->tokens_sent;
+    fill_timings(e, &f.timings, NULL, fl_clock_s());
     char group[GROUP_NAME_MAX + 1] = "";
     if (e->group >= 0) snprintf(group, sizeof group, "%s", c->groups->g[e->group].name);
-    res.group = group;
-    r.resp.result = &res;
+    f.res.group = group;
     uint8_t client[WIRE_MAX_IDENTITY];
     const size_t len = e->client_len;
     const bool delim = e->delimiter;
@@ -97,7 +173,21 @@ static void finish_error(coord_t *c, req_t *e, Folio__V1__StatusCode code, Folio
     fl_log_debug("request ended id=%llu code=%s msg=\"%s\"", (unsigned long long)e->client_id, wire_status_name(code),
                  msg);
     release(c, e);
-    dispatch_to_client(c, client, len, delim, &r.resp);
+    dispatch_to_client(c, client, len, delim, &f.r.resp);
+}
+
+/* Ends e, which the client cancelled or whose deadline passed, when its worker's FINAL did not come
+ * or its group is gone: CANCELLED, or DEADLINE_EXCEEDED once the deadline has passed. */
+static void finish_stopped(coord_t *c, req_t *e, const char *why)
+{
+    char msg[160];
+    if (e->expired) {
+        snprintf(msg, sizeof msg, "deadline of %u ms exceeded%s", e->msg->timeout_ms, why);
+        finish_error(c, e, FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED, msg, 0);
+    } else {
+        snprintf(msg, sizeof msg, "cancelled%s", why);
+        finish_error(c, e, FOLIO__V1__STATUS_CODE__CANCELLED, msg, 0);
+    }
 }
 
 void dispatch_client_gone(coord_t *c, const uint8_t *client, size_t len)
@@ -120,7 +210,7 @@ int dispatch_end_all(coord_t *c, const char *msg)
         req_t *e = reqs_at(c->reqs, i);
         if (!e->live) continue;
         cancel_on_worker(c, e);
-        finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, FOLIO__V1__FINISH_REASON__FINISH_ERROR, msg);
+        finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, msg, 0);
         n++;
     }
     return n;
@@ -156,9 +246,19 @@ static uint32_t remaining_ms(const req_t *e, double now)
     return ms < 1 ? 1 : ms > 4e9 ? 4000000000u : (uint32_t)ms;
 }
 
+/* max_tokens as a group whose context is ctx serves it: clamped so that prompt and completion fit
+ * (the worker then ends the request FINISH_LENGTH there, as at its model's own context). */
+static uint32_t clamp_max_tokens(uint32_t asked, int n_prompt, uint32_t ctx)
+{
+    const uint64_t want = asked ? asked : WIRE_DEFAULT_MAX_TOKENS;
+    if (!ctx || (uint32_t)n_prompt >= ctx || (uint64_t)n_prompt + want <= ctx) return asked;
+    return ctx - (uint32_t)n_prompt;
+}
+
 /* Routes e (its tokens set) to a group other than exclude and sends it; returns 0, or a status code
- * (UNAVAILABLE) when no group could take it; e is not freed either way, but a group found dead on
- * the way may end requests, and with them e when its client turns out to be gone. */
+ * when no group could take it (UNAVAILABLE: none routable; RESOURCE_EXHAUSTED: the chosen group's
+ * queue in this process is full); e is not freed either way, but a group found dead on the way may
+ * end requests, and with them e when its client turns out to be gone. */
 static int route(coord_t *c, req_t *e, int exclude, double now)
 {
     const Folio__V1__Request *q = e->msg;
@@ -190,6 +290,7 @@ static int route(coord_t *c, req_t *e, int exclude, double now)
         reqs_set_wid(c->reqs, e, c->next_wid++);
         w.id = e->wid;
         w.timeout_ms = remaining_ms(e, now);
+        g.max_tokens = clamp_max_tokens(q->generate->max_tokens, e->n_tokens, c->groups->g[slot].max_context);
         const group_member_t *m = &c->groups->g[slot].ranks[0];
         fl_error_t err = {0};
         if (!wire_send(c->workers, m->identity, m->identity_len, false, WIRE_HEADER_WORKER, WIRE_CMD_REQUEST, &w.base,
@@ -201,7 +302,7 @@ static int route(coord_t *c, req_t *e, int exclude, double now)
         }
         if (errno != EHOSTUNREACH) {
             fl_log_warn("worker queue full group=%s: %s", c->groups->g[slot].name, err.msg);
-            return FOLIO__V1__STATUS_CODE__UNAVAILABLE;
+            return FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED;
         }
         dispatch_group_died(c, slot, "unreachable", now);
         if (!e->live) return FOLIO__V1__STATUS_CODE__UNAVAILABLE; /* its client went away meanwhile */
@@ -213,15 +314,52 @@ void dispatch_submit(coord_t *c, req_t *e, double now)
 {
     const int rc = route(c, e, -1, now);
     if (rc) {
-        if (e->live)
-            finish_error(c, e, (Folio__V1__StatusCode)rc, FOLIO__V1__FINISH_REASON__FINISH_ERROR,
-                         "no healthy worker group could take the request");
+        if (!e->live) return;
+        if (rc == FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED)
+            finish_error(c, e, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED,
+                         "the worker group's queue in the coordinator is full", dispatch_retry_after_ms(c, now));
+        else
+            finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, "no healthy worker group could take the request", 0);
         return;
     }
     e->route_s = fl_clock_s() - now;
 }
 
 /* ---- relaying ---- */
+
+/* True when the text just before at (within msg) says that the number at `at` names a request. */
+static bool names_request(const char *msg, const char *at)
+{
+    static const char *const before[] = {"request ", "id ", "id="};
+    for (size_t i = 0; i < sizeof before / sizeof *before; i++) {
+        const size_t n = strlen(before[i]);
+        if ((size_t)(at - msg) >= n && !strncmp(at - n, before[i], n)) return true;
+    }
+    return false;
+}
+
+/* A worker's message in the client's terms: the worker-side id wid, where the message names the
+ * request by it ("request 12", "id 12", "id=12"), becomes the client's id. Written to out. */
+static const char *client_message(const char *msg, uint64_t wid, uint64_t client_id, char *out, size_t cap)
+{
+    char w[24], cid[24];
+    snprintf(w, sizeof w, "%llu", (unsigned long long)wid);
+    snprintf(cid, sizeof cid, "%llu", (unsigned long long)client_id);
+    const size_t wl = strlen(w), cl = strlen(cid);
+    size_t o = 0;
+    for (const char *p = msg; *p && o + 1 < cap;) {
+        if (!strncmp(p, w, wl) && !isdigit((unsigned char)p[wl]) && (p == msg || !isdigit((unsigned char)p[-1])) &&
+            names_request(msg, p) && o + cl + 1 < cap) {
+            memcpy(out + o, cid, cl);
+            o += cl;
+            p += wl;
+        } else {
+            out[o++] = *p++;
+        }
+    }
+    out[o] = 0;
+    return out;
+}
 
 void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool final, double now)
 {
@@ -231,6 +369,7 @@ void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool fin
                      (unsigned long long)r->id);
         return;
     }
+    const bool streamed = e->msg->generate->stream;
     /* The client's Response: the worker's fields under the client's id. */
     Folio__V1__Response out = *r;
     out.id = e->client_id;
@@ -238,16 +377,23 @@ void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool fin
     out.final = final;
     uint32_t n_new = 0;
     const Folio__V1__TokenDelta *delta = r->delta;
+    if (delta && delta->n_tokens && delta->index < e->next_index) {
+        fl_log_debug("delta repeating indices dropped id=%llu index=%u expected=%u", (unsigned long long)e->client_id,
+                     delta->index, e->next_index);
+        if (!final) return;
+        out.delta = NULL;
+        delta = NULL;
+    }
+    if (delta && e->cancelling && streamed && (delta->n_tokens || (delta->text && *delta->text))) {
+        /* The Cancel has been answered (or the deadline passed): nothing more of the stream goes out. */
+        e->withheld = true;
+        if (!final) return;
+        out.delta = NULL;
+        delta = NULL;
+    }
     if (delta && delta->n_tokens) {
-        if (delta->index < e->next_index) {
-            fl_log_debug("delta repeating indices dropped id=%llu index=%u expected=%u",
-                         (unsigned long long)e->client_id, delta->index, e->next_index);
-            if (!final) return;
-            out.delta = NULL;
-        } else {
-            n_new = (uint32_t)delta->n_tokens;
-            e->next_index = delta->index + n_new;
-        }
+        n_new = (uint32_t)delta->n_tokens;
+        e->next_index = delta->index + n_new;
     }
     if (!final) {
         if (!dispatch_to_client(c, e->client, e->client_len, e->delimiter, &out) && n_new) {
@@ -257,9 +403,47 @@ void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool fin
         }
         return;
     }
+    Folio__V1__Status status = FOLIO__V1__STATUS__INIT;
+    if (r->status) {
+        status.code = r->status->code;
+        status.message = r->status->message;
+        status.retry_after_ms = r->status->retry_after_ms;
+    }
+    /* A worker that refuses for want of room: another group may have it. */
+    if (status.code == FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED && !e->committed && !e->cancelling && !n_new &&
+        e->refusals < COORD_MAX_RESUBMITS) {
+        if (c->groups->table[slot].inflight) c->groups->table[slot].inflight--;
+        e->group = -1;
+        e->refusals++;
+        if (!route(c, e, slot, now) || !e->live) return;
+        /* nobody else could: the worker's refusal goes to the client, with its retry hint */
+    }
+    char msg[512];
+    if (status.message && *status.message)
+        status.message = (char *)client_message(status.message, r->id, e->client_id, msg, sizeof msg);
+    if (e->cancelling && (status.code == FOLIO__V1__STATUS_CODE__CANCELLED ||
+                          status.code == FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED ||
+                          (status.code == FOLIO__V1__STATUS_CODE__OK && e->withheld))) {
+        if (e->expired) {
+            snprintf(msg, sizeof msg, "deadline of %u ms exceeded", e->msg->timeout_ms);
+            status.code = FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED;
+        } else {
+            snprintf(msg, sizeof msg, "cancelled");
+            status.code = FOLIO__V1__STATUS_CODE__CANCELLED;
+        }
+        status.message = msg;
+    }
+    if (status.code != FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED) status.retry_after_ms = 0;
+    out.status = &status;
     Folio__V1__GenerateResult res = FOLIO__V1__GENERATE_RESULT__INIT;
+    Folio__V1__Usage usage = FOLIO__V1__USAGE__INIT;
     if (r->result) res = *r->result;
+    if (r->result && r->result->usage) usage = *r->result->usage;
     if (!res.group || !*res.group) res.group = c->groups->g[slot].name;
+    res.finish_reason = finish_reason_of(status.code, res.finish_reason);
+    if (!usage.prompt_tokens) usage.prompt_tokens = (uint32_t)e->n_tokens;
+    if (streamed && e->withheld) usage.completion_tokens = e->tokens_sent; /* what the client has */
+    res.usage = &usage;
     Folio__V1__Timings timings = FOLIO__V1__TIMINGS__INIT;
     fill_timings(e, &timings, r->result ? r->result->timings : NULL, now);
     res.timings = &timings;
@@ -296,16 +480,26 @@ void dispatch_expire(coord_t *c, double now)
 {
     req_t *e;
     while ((e = reqs_timer_first(c->reqs)) && e->timer <= now) {
-        cancel_on_worker(c, e);
-        if (e->cancel_deadline > 0 && e->cancel_deadline <= now)
-            finish_error(c, e, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED,
-                         "cancelled (the worker did not confirm)");
-        else {
-            char msg[96];
-            snprintf(msg, sizeof msg, "deadline of %u ms exceeded", e->msg ? e->msg->timeout_ms : 0);
-            finish_error(c, e, FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED,
-                         msg);
+        if (e->cancel_deadline > 0 && e->cancel_deadline <= now) {
+            finish_stopped(c, e, e->expired ? " (the worker did not answer)" : " (the worker did not confirm)");
+            continue;
         }
+        /* The deadline. An unstreamed request's tokens are all in its worker's FINAL, which comes
+         * at once (the worker has the same deadline, and is told): wait for it as for a Cancel's. */
+        if (!e->msg->generate->stream && e->group >= 0) {
+            e->expired = true;
+            e->deadline = 0;
+            if (!e->cancelling) {
+                cancel_on_worker(c, e);
+                e->cancelling = true;
+                e->cancel_deadline = now + 2 * c->hb_s;
+            }
+            reqs_timer_update(c->reqs, e);
+            continue;
+        }
+        cancel_on_worker(c, e);
+        e->expired = true;
+        finish_stopped(c, e, "");
     }
 }
 
@@ -317,10 +511,10 @@ static bool fail_over_one(coord_t *c, req_t *e, int slot, int exclude, const cha
 {
     char msg[GROUP_NAME_MAX + 160];
     if (e->cancelling) {
-        finish_error(c, e, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, "cancelled");
+        finish_stopped(c, e, "");
     } else if (e->deadline > 0 && now >= e->deadline) {
-        finish_error(c, e, FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED,
-                     "deadline exceeded");
+        e->expired = true;
+        finish_stopped(c, e, "");
     } else if (!e->committed && e->resubmits < COORD_MAX_RESUBMITS) {
         if (c->groups->table[slot].inflight) c->groups->table[slot].inflight--;
         e->group = -1;
@@ -331,10 +525,10 @@ static bool fail_over_one(coord_t *c, req_t *e, int slot, int exclude, const cha
         if (!route(c, e, exclude, now)) return true;
         if (!e->live) return false;
         snprintf(msg, sizeof msg, "group %s %s and no other healthy group could take the request", name, what);
-        finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, FOLIO__V1__FINISH_REASON__FINISH_ERROR, msg);
+        finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, msg, 0);
     } else {
         snprintf(msg, sizeof msg, "group %s %s after %u tokens were sent", name, what, e->tokens_sent);
-        finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, FOLIO__V1__FINISH_REASON__FINISH_ERROR, msg);
+        finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, msg, 0);
     }
     return false;
 }

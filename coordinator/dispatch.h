@@ -8,9 +8,13 @@
  * is gone and its other requests must end too.
  *
  * The stream rule kept here: token indices only move forward, and each accepted request gets
- * exactly one FINAL. The failover rule: until its first token has reached the client a request may
- * be resubmitted to another group (COORD_MAX_RESUBMITS times, within its deadline); after that a
- * dead group ends it with UNAVAILABLE, keeping the tokens already sent. One thread. */
+ * exactly one FINAL, whose finish reason follows from its status (OK: the worker's STOP or LENGTH;
+ * CANCELLED and DEADLINE_EXCEEDED: CANCELLED; any other: ERROR). The failover rule: until its first
+ * token has reached the client a request may be resubmitted to another group (COORD_MAX_RESUBMITS
+ * times, within its deadline); after that a dead group ends it with UNAVAILABLE, keeping the tokens
+ * already sent. A worker that refuses a request RESOURCE_EXHAUSTED (its queue is full, or the
+ * request does not fit it) has it sent to another group, COORD_MAX_RESUBMITS times at most; the
+ * last refusal reaches the client with the worker's retry hint. One thread. */
 #ifndef FOLIO_DISPATCH_H
 #define FOLIO_DISPATCH_H
 
@@ -24,13 +28,27 @@
  * can take it, ends it with an UNAVAILABLE FINAL (e is freed then). */
 void dispatch_submit(coord_t *c, req_t *e, double now);
 
+/* Answers a message that never became a request in the table (refused at once) with an error
+ * FINAL under id and method: a Generate's carries a result (finish reason of code, no tokens,
+ * timings since t_recv); retry_after_ms goes with RESOURCE_EXHAUSTED only. */
+void dispatch_refuse(coord_t *c, const wire_msg_t *m, uint64_t id, int method, Folio__V1__StatusCode code,
+                     uint32_t retry_after_ms, const char *msg, double t_recv);
+
+/* How long a client refused for a full table (or tenant limit) should wait before trying again:
+ * about the time one request takes to end at the recent rate, within [COORD_RETRY_MIN_MS,
+ * COORD_RETRY_MAX_MS] (1 s when nothing ended lately). */
+uint32_t dispatch_retry_after_ms(coord_t *c, double now);
+
 /* A decoded PARTIAL (final false) or FINAL from group slot, relayed to its request's client under
- * the client's id. r is borrowed and not changed. Responses for requests the group no longer runs
- * (finished, failed over, cancelled) are dropped. */
+ * the client's id (also where the worker's status message names the request). r is borrowed and
+ * not changed. Responses for requests the group no longer runs (finished, failed over, cancelled)
+ * are dropped, and so are a cancelled stream's deltas: see dispatch_cancel. */
 void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool final, double now);
 
-/* The client's Cancel of e: the worker is told, and e ends with the worker's FINAL, or CANCELLED
- * when that has not come within 2 heartbeat intervals. */
+/* The client's Cancel of e, called before the Cancel is answered: the worker is told, no delta of a
+ * streamed e reaches the client any more, and e ends with the worker's FINAL (CANCELLED, or its
+ * normal end when it had finished first and nothing was held back; an unstreamed e's carries the
+ * tokens made), or CANCELLED when that has not come within 2 heartbeat intervals. */
 void dispatch_cancel(coord_t *c, req_t *e, double now);
 
 /* Sends r to a client. A client that is gone (EHOSTUNREACH) or so far behind that its queue is full
@@ -53,7 +71,10 @@ void dispatch_reconcile(coord_t *c, int slot, uint64_t *live_ids, size_t n_live,
 
 /* Seconds until the next deadline or cancel timeout, or a negative number when none. */
 double dispatch_next_timer(coord_t *c, double now);
-/* Ends the requests whose deadline or cancel timeout has passed. */
+/* Ends the requests whose deadline or cancel timeout has passed. A streamed request ends
+ * DEADLINE_EXCEEDED at its deadline with the tokens already sent; an unstreamed one is cancelled on
+ * its worker and ends DEADLINE_EXCEEDED with the worker's FINAL and the tokens it carries (or
+ * without tokens when that has not come within 2 heartbeat intervals). */
 void dispatch_expire(coord_t *c, double now);
 /* Ends every request with UNAVAILABLE and msg (cancelling it on its worker); returns how many. */
 int dispatch_end_all(coord_t *c, const char *msg);

@@ -32,7 +32,11 @@ typedef struct group_member {
 typedef struct group {
     char name[GROUP_NAME_MAX + 1];
     char model_id[GROUP_NAME_MAX + 1];
-    uint32_t tp_size, kv_blocks, block_size, max_context;
+    uint32_t tp_size, kv_blocks, block_size;
+    /* the longest sequence (prompt + completion) it can serve: WorkerHello.max_context, and never
+     * more than its KV cache holds (kv_blocks x block_size) */
+    uint32_t max_context;
+    uint32_t restarts;          /* WorkerHello.restarts of rank 0: times its supervisor restarted it */
     group_member_t ranks[GROUP_MAX_RANKS];
     Folio__V1__WorkerLoad load; /* last HEARTBEAT of rank 0 (flat: no pointers) */
     bool have_load;
@@ -67,7 +71,7 @@ void groups_refresh(groups_t *gs, int slot);
 
 int groups_healthy_count(const groups_t *gs);
 bool groups_serving(const groups_t *gs); /* a healthy undrained group exists */
-/* The longest context any routable group serves (0 when none is routable). */
+/* The longest context (group_t.max_context) any routable group serves (0 when none is routable). */
 uint32_t groups_max_context(const groups_t *gs);
 
 #endif

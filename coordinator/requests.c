@@ -1,11 +1,13 @@
-/* requests.c - pool, id maps and timer heap of in-flight requests; see requests.h.
+/* requests.c - pool, id maps, tenant counts and timer heap of in-flight requests; see requests.h.
  *
- * Map slots hold pool index + 1 (0 = empty). The tables are at least twice the pool, so probes stay
- * short. Deletion shifts later members of the probe run back instead of leaving tombstones. */
+ * Map slots hold pool index + 1 (0 = empty). The tenant table holds (hash, count) pairs, count 0 =
+ * empty. The tables are at least twice the pool, so probes stay short. Deletion shifts later
+ * members of the probe run back instead of leaving tombstones. */
 #include "requests.h"
 
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -16,6 +18,9 @@ struct reqs {
     int *free_list; /* stack of free pool indices */
     int n_free;
     uint32_t *by_wid, *by_client;
+    uint64_t *tenant_hash; /* with tenant_count: live entries per tenant */
+    int32_t *tenant_count;
+    uint64_t tenant_seed;
     uint32_t mask;
     int *heap; /* pool indices ordered by timer */
     int n_heap;
@@ -47,8 +52,11 @@ reqs_t *reqs_new(int capacity, fl_error_t *err)
     r->free_list = malloc((size_t)capacity * sizeof *r->free_list);
     r->by_wid = calloc(size, sizeof *r->by_wid);
     r->by_client = calloc(size, sizeof *r->by_client);
+    r->tenant_hash = calloc(size, sizeof *r->tenant_hash);
+    r->tenant_count = calloc(size, sizeof *r->tenant_count);
+    r->tenant_seed = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull ^ (uint64_t)(uintptr_t)r;
     r->heap = malloc((size_t)capacity * sizeof *r->heap);
-    if (!r->pool || !r->free_list || !r->by_wid || !r->by_client || !r->heap) {
+    if (!r->pool || !r->free_list || !r->by_wid || !r->by_client || !r->tenant_hash || !r->tenant_count || !r->heap) {
         reqs_destroy(&r);
         fl_fail(err, FL_ENOMEM, "requests: out of memory for %d entries", capacity);
         return NULL;
@@ -77,6 +85,8 @@ void reqs_destroy(reqs_t **rp)
     free(r->free_list);
     free(r->by_wid);
     free(r->by_client);
+    free(r->tenant_hash);
+    free(r->tenant_count);
     free(r->heap);
     free(r);
     *rp = NULL;
@@ -128,6 +138,57 @@ static void map_remove(reqs_t *r, uint32_t *tab, uint64_t h, int idx)
         }
     }
     tab[i] = 0;
+}
+
+/* ---- tenant counts ---- */
+
+static uint64_t tenant_hash(const reqs_t *r, const char *tenant)
+{
+    return XXH3_64bits_withSeed(tenant, strlen(tenant), r->tenant_seed);
+}
+
+/* The slot holding h, or the empty slot where it would go. */
+static uint32_t tenant_slot(const reqs_t *r, uint64_t h)
+{
+    uint32_t i = (uint32_t)(h >> 32) & r->mask;
+    while (r->tenant_count[i] && r->tenant_hash[i] != h) i = (i + 1) & r->mask;
+    return i;
+}
+
+void reqs_bind_tenant(reqs_t *r, req_t *e, const char *tenant)
+{
+    if (e->tenant_bound) return;
+    e->tenant_hash = tenant_hash(r, tenant);
+    const uint32_t i = tenant_slot(r, e->tenant_hash);
+    r->tenant_hash[i] = e->tenant_hash;
+    r->tenant_count[i]++;
+    e->tenant_bound = true;
+}
+
+int reqs_tenant_count(const reqs_t *r, const char *tenant)
+{
+    return r->tenant_count[tenant_slot(r, tenant_hash(r, tenant))];
+}
+
+static void tenant_unbind(reqs_t *r, req_t *e)
+{
+    if (!e->tenant_bound) return;
+    e->tenant_bound = false;
+    uint32_t i = tenant_slot(r, e->tenant_hash);
+    if (!r->tenant_count[i] || --r->tenant_count[i]) return;
+    /* The last of its tenant: backward shift, as map_remove. */
+    for (uint32_t j = i;;) {
+        j = (j + 1) & r->mask;
+        if (!r->tenant_count[j]) break;
+        const uint32_t k = (uint32_t)(r->tenant_hash[j] >> 32) & r->mask;
+        const bool k_in = i <= j ? (i < k && k <= j) : (i < k || k <= j);
+        if (!k_in) {
+            r->tenant_hash[i] = r->tenant_hash[j];
+            r->tenant_count[i] = r->tenant_count[j];
+            i = j;
+        }
+    }
+    r->tenant_count[i] = 0;
 }
 
 /* ---- heap ---- */
@@ -225,6 +286,7 @@ void reqs_free(reqs_t *r, req_t *e)
     const int idx = (int)(e - r->pool);
     if (e->wid) map_remove(r, r->by_wid, wid_hash(e->wid), idx);
     if (e->client_bound) map_remove(r, r->by_client, e->client_hash, idx);
+    tenant_unbind(r, e);
     heap_remove(r, e);
     release(e);
     e->live = false;

@@ -1,11 +1,14 @@
 /* requests.h - the coordinator's table of in-flight Generate requests.
  *
  * A fixed pool of max_inflight entries allocated at start (no malloc per request for the entry
- * itself), two open-addressing hash maps over it (worker-side id -> entry for relaying responses;
- * (client identity, client id) -> entry for cancels) and an indexed min-heap of per-entry timers
- * (deadline or cancel timeout), so lookups, inserts, removals and the next expiry are O(1) or
- * O(log n) at any rate. Linear probing with backward-shift deletion keeps the maps free of
- * tombstones. One thread (the coordinator's event loop) owns everything here. */
+ * itself): the table is the bound on requests in flight, and a request that finds it full is
+ * refused by the caller (clients.c). Over the pool: two open-addressing hash maps (worker-side
+ * id -> entry for relaying responses; (client identity, client id) -> entry for cancels), a count
+ * of live entries per tenant (for the per-tenant limit; keyed by a 64-bit hash of the name seeded
+ * per table, so names are never stored) and an indexed min-heap of per-entry timers (deadline or
+ * cancel timeout), so lookups, inserts, removals and the next expiry are O(1) or O(log n) at any
+ * rate. Linear probing with backward-shift deletion keeps the maps free of tombstones. One thread
+ * (the coordinator's event loop) owns everything here. */
 #ifndef FOLIO_REQUESTS_H
 #define FOLIO_REQUESTS_H
 
@@ -26,10 +29,15 @@ typedef struct req {
     uint8_t client_len;
     bool delimiter;      /* the client used a REQ-style empty frame: echo it */
     bool client_bound;   /* in the client map */
+    bool tenant_bound;   /* counted for its tenant */
+    uint64_t tenant_hash;
     int group;           /* slot of the group it runs on, -1 none */
     int resubmits;       /* failovers so far */
     bool committed;      /* a PARTIAL with tokens reached the client */
-    bool cancelling;     /* a Cancel went to the worker; its FINAL ends the stream */
+    bool cancelling;     /* a Cancel went to the worker; its FINAL ends the stream, no PARTIAL goes out */
+    bool expired;        /* its deadline passed while it waits for that FINAL (unstreamed) */
+    bool withheld;       /* tokens were held back from the client since the Cancel */
+    int refusals;        /* times a worker refused it RESOURCE_EXHAUSTED and it was sent elsewhere */
     uint32_t next_index; /* next completion index the client may receive */
     uint32_t tokens_sent;
     double t_recv;          /* receipt of the client's message (fl_clock_s) */
@@ -68,6 +76,11 @@ req_t *reqs_by_wid(reqs_t *r, uint64_t wid);
  * has a live request with this id. */
 int reqs_bind_client(reqs_t *r, req_t *e);
 req_t *reqs_by_client(reqs_t *r, const uint8_t *client, size_t len, uint64_t client_id);
+
+/* Counts e for tenant (its live entries per tenant); undone by reqs_free. */
+void reqs_bind_tenant(reqs_t *r, req_t *e, const char *tenant);
+/* Live entries bound to tenant. */
+int reqs_tenant_count(const reqs_t *r, const char *tenant);
 
 /* Re-files e in the timer heap after its deadline or cancel_deadline changed. */
 void reqs_timer_update(reqs_t *r, req_t *e);

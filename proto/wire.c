@@ -98,6 +98,7 @@ int wire_recv(void *sock, bool router, bool nonblocking, wire_msg_t *m, fl_error
         i++;
     }
     if (i < m->n_frames) {
+        m->has_body = true;
         m->body = zmq_msg_data(&m->frames[i]);
         m->body_len = zmq_msg_size(&m->frames[i]);
         i++;
@@ -211,6 +212,8 @@ Folio__V1__Request *wire_decode_request(const uint8_t *body, size_t len, fl_erro
     if (r->version != WIRE_VERSION)
         rc = fl_fail(err, FL_EUNSUPPORTED, "protocol version %u is not supported (this server speaks %d)", r->version,
                      WIRE_VERSION);
+    else if (r->id == 0)
+        rc = fl_fail(err, FL_EINVAL, "request id 0 is reserved (it names replies to what could not be read)");
     else if (!method_known(r->method))
         rc = fl_fail(err, FL_EINVAL, "unknown method %d", (int)r->method);
     else if (strlen(r->tenant) > WIRE_MAX_NAME)
@@ -232,17 +235,55 @@ Folio__V1__Request *wire_decode_request(const uint8_t *body, size_t len, fl_erro
     return r;
 }
 
+/* A base-128 varint at *p, at most 10 bytes; false when it runs past end or is longer. */
+static bool read_varint(const uint8_t **p, const uint8_t *end, uint64_t *v)
+{
+    uint64_t x = 0;
+    for (int shift = 0; shift < 70 && *p < end; shift += 7) {
+        const uint8_t b = *(*p)++;
+        x |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *v = x;
+            return true;
+        }
+    }
+    return false;
+}
+
 bool wire_peek_request(const uint8_t *body, size_t len, uint64_t *id, Folio__V1__Method *method)
 {
     *id = 0;
     *method = FOLIO__V1__METHOD__METHOD_UNSPECIFIED;
-    if (len > WIRE_MAX_BODY_BYTES) return false;
-    Folio__V1__Request *r = folio__v1__request__unpack(NULL, len, body);
-    if (!r) return false;
-    *id = r->id;
-    if (method_known(r->method)) *method = r->method;
-    folio__v1__request__free_unpacked(r, NULL);
-    return true;
+    if (!body) return false;
+    const uint8_t *p = body, *end = body + len;
+    bool found = false;
+    for (int n = 0; p < end && n < WIRE_PEEK_MAX_FIELDS; n++) {
+        uint64_t key, v;
+        if (!read_varint(&p, end, &key)) break;
+        const uint64_t field = key >> 3;
+        switch (key & 7) {
+        case 0: /* varint: Request.id is field 2, Request.method field 3 (the last one counts, as protobuf says) */
+            if (!read_varint(&p, end, &v)) return found;
+            if (field == 2) *id = v;
+            if (field == 3) *method = (Folio__V1__Method)(int32_t)v;
+            found |= field == 2 || field == 3;
+            break;
+        case 1: /* 64-bit */
+            if (end - p < 8) return found;
+            p += 8;
+            break;
+        case 2: /* length-delimited: skipped unread */
+            if (!read_varint(&p, end, &v) || v > (uint64_t)(end - p)) return found;
+            p += v;
+            break;
+        case 5: /* 32-bit */
+            if (end - p < 4) return found;
+            p += 4;
+            break;
+        default: return found;
+        }
+    }
+    return found;
 }
 
 Folio__V1__Response *wire_decode_response(const uint8_t *body, size_t len, fl_error_t *err)

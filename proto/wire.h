@@ -35,6 +35,9 @@
 #define WIRE_MAX_BODY_BYTES (8u << 20)
 #define WIRE_MAX_IDENTITY 255
 
+/* GenerateRequest.max_tokens 0 means this many (proto/README.md). */
+#define WIRE_DEFAULT_MAX_TOKENS 16
+
 /* Default endpoints (contract), each overridable by a flag and environment variable. */
 #define WIRE_DEFAULT_CLIENT_ENDPOINT "tcp://127.0.0.1:5555" /* FOLIO_COORDINATOR */
 #define WIRE_DEFAULT_WORKER_ENDPOINT "tcp://127.0.0.1:5556" /* FOLIO_WORKER_ENDPOINT */
@@ -60,6 +63,7 @@ typedef struct wire_msg {
     const char *header;      /* not NUL-terminated */
     size_t header_len;
     int cmd;                 /* -1 when the command frame is missing or not one byte */
+    bool has_body;           /* a body frame came (it may be empty) */
     const uint8_t *body;
     size_t body_len;
 } wire_msg_t;
@@ -84,16 +88,19 @@ int wire_send(void *sock, const void *identity, size_t identity_len, bool delimi
               const ProtobufCMessage *body, fl_error_t *err);
 
 /* Decoders for untrusted bytes: unpack, then validate versions, enums, sizes and which payload is
- * set. Return NULL with a message (for the error reply) on any problem. Free with the matching
- * folio__v1__*__free_unpacked(x, NULL). */
+ * set (a Request's id 0 is reserved: refused). Return NULL with a message (for the error reply) on
+ * any problem. Free with the matching folio__v1__*__free_unpacked(x, NULL). */
 Folio__V1__Request *wire_decode_request(const uint8_t *body, size_t len, fl_error_t *err);
 Folio__V1__Response *wire_decode_response(const uint8_t *body, size_t len, fl_error_t *err);
 Folio__V1__WorkerHello *wire_decode_hello(const uint8_t *body, size_t len, fl_error_t *err);
 Folio__V1__WorkerLoad *wire_decode_load(const uint8_t *body, size_t len, fl_error_t *err);
 
 /* The id and method of a request body that wire_decode_request() refused, so the error reply can
- * name them: true when the bytes unpack (method UNSPECIFIED unless it is a known one), false with
- * id 0 and METHOD_UNSPECIFIED when they do not. */
+ * name them: a scan of the body's top-level fields (at most WIRE_PEEK_MAX_FIELDS, length-delimited
+ * ones skipped unread), so an oversized, truncated or otherwise invalid body still gives the id and
+ * the method number it carries, whatever that number is. True when either was found; id 0 and
+ * METHOD_UNSPECIFIED for what was not. */
+#define WIRE_PEEK_MAX_FIELDS 4096
 bool wire_peek_request(const uint8_t *body, size_t len, uint64_t *id, Folio__V1__Method *method);
 
 /* A Response of this protocol version for request id (fields beyond these left empty). */
