@@ -6,9 +6,12 @@
  * before exec), so a crashed or killed caller never leaks a cluster. With opts.log_dir each child's
  * stdout and stderr go to LOG_DIR/coordinator.log or LOG_DIR/worker-g<i>.log (appended).
  *
- * Child liveness is checked with waitid(WNOWAIT), which does not reap: the caller (folioctl up)
- * may reap a dead child itself and then sets its pid in the cluster_t to 0, which every function
- * here skips. Nothing is printed; failures come back in fl_error_t, progress goes to the logger. */
+ * Child liveness is checked with waitid(WNOWAIT), which does not reap: a caller may reap a dead
+ * child itself and then sets its pid in the cluster_t to 0, which every function here skips.
+ * cluster_supervise() reaps by pid (never waitpid(-1), which would take a child that is not the
+ * cluster's) and restarts what it reaped; cluster_stop() stops what runs and restarts nothing, so a
+ * child that died while its restart was pending stays dead. Nothing is printed; failures come back
+ * in fl_error_t, progress and restarts go to the logger. */
 #include "cli_cluster.h"
 #include "model_path.h"
 
@@ -93,6 +96,7 @@ static void coordinator_argv(const cluster_t *c, const char *model, char *path, 
 static void worker_argv(const cluster_t *c, int i, const char *model, char *path, size_t cap, char *group,
                         argv_buf_t *a)
 {
+    const unsigned restarts = c->children[i].restarts;
     snprintf(path, cap, "%s/folio-worker", c->bin_dir);
     snprintf(group, 32, "g%d", i);
     memset(a, 0, sizeof *a);
@@ -117,6 +121,7 @@ static void worker_argv(const cluster_t *c, int i, const char *model, char *path
     if (c->opts.max_batch_tokens > 0) arg_num(a, "--max-batch-tokens", (unsigned long long)c->opts.max_batch_tokens);
     if (c->opts.no_prefix_cache) arg(a, "--no-prefix-cache");
     if (c->opts.heartbeat_ms > 0) arg_num(a, "--heartbeat-ms", (unsigned long long)c->opts.heartbeat_ms);
+    if (restarts > 0 && c->worker_has_restarts_flag > 0) arg_num(a, "--restarts", restarts);
     arg_list(a, c->opts.worker_args);
 }
 
@@ -169,6 +174,7 @@ static int spawn_coordinator(cluster_t *c, fl_error_t *err)
     const pid_t pid = spawn(a.argv, c->opts.log_dir, "coordinator", err);
     if (pid < 0) return (int)pid;
     c->coordinator = pid;
+    c->children[c->n_workers].started_ms = now_ms();
     fl_log_debug("cluster: started coordinator pid=%d listen=%s workers=%s", (int)pid, c->client_endpoint,
                  c->worker_endpoint);
     return FL_OK;
@@ -183,6 +189,7 @@ static int spawn_worker(cluster_t *c, int i, fl_error_t *err)
     const pid_t pid = spawn(a.argv, c->opts.log_dir, name, err);
     if (pid < 0) return (int)pid;
     c->workers[i] = pid;
+    c->children[i].started_ms = now_ms();
     fl_log_debug("cluster: started worker group=%s pid=%d", group, (int)pid);
     return FL_OK;
 }
@@ -272,8 +279,13 @@ cluster_t *cluster_start(const cluster_opts_t *opts, int wait_ms, fl_error_t *er
     }
     c->opts = *opts;
     c->n_workers = opts->n_groups > 0 ? opts->n_groups : 1;
-    if (!(c->workers = calloc((size_t)c->n_workers, sizeof *c->workers))) {
+    c->worker_has_restarts_flag = -1;
+    c->workers = calloc((size_t)c->n_workers, sizeof *c->workers);
+    c->children = calloc((size_t)c->n_workers + 1, sizeof *c->children);
+    if (!c->workers || !c->children) {
         fl_fail(err, FL_ENOMEM, "cluster: out of memory");
+        free(c->workers);
+        free(c->children);
         free(c);
         return NULL;
     }
@@ -374,6 +386,7 @@ void cluster_stop(cluster_t **cp)
         reap(&c->workers[i], 0);
     }
     free(c->workers);
+    free(c->children);
     free(c);
     *cp = NULL;
 }
@@ -385,5 +398,112 @@ int cluster_restart_coordinator(cluster_t *c, fl_error_t *err)
         kill(c->coordinator, SIGKILL);
         reap(&c->coordinator, 0);
     }
+    c->children[c->n_workers].restart_at_ms = 0;
     return spawn_coordinator(c, err);
+}
+
+/* Whether `folio-worker --help` lists flag: a flag newer than the binary would stop it at start. */
+static bool worker_lists_flag(const cluster_t *c, const char *flag)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/folio-worker", c->bin_dir);
+    int fds[2];
+    if (pipe(fds)) return false;
+    fcntl(fds[0], F_SETFD, FD_CLOEXEC);
+    fcntl(fds[1], F_SETFD, FD_CLOEXEC);
+    fflush(NULL);
+    const pid_t pid = fork();
+    if (pid < 0) {
+        close(fds[0]);
+        close(fds[1]);
+        return false;
+    }
+    if (pid == 0) {
+        const int null_fd = open("/dev/null", O_WRONLY);
+        dup2(fds[1], STDOUT_FILENO);
+        if (null_fd >= 0) dup2(null_fd, STDERR_FILENO);
+        execl(path, path, "--help", (char *)NULL);
+        _exit(127);
+    }
+    close(fds[1]);
+    char help[65536];
+    size_t n = 0;
+    for (;;) {
+        const ssize_t got = read(fds[0], help + n, sizeof help - 1 - n);
+        if (got > 0 && (n += (size_t)got) < sizeof help - 1) continue;
+        if (got < 0 && errno == EINTR) continue;
+        break;
+    }
+    help[n] = 0;
+    close(fds[0]);
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+    }
+    /* The flag as a word of its own: "--restarts N", not a prefix of a longer flag. */
+    const size_t len = strlen(flag);
+    for (const char *p = strstr(help, flag); p; p = strstr(p + 1, flag))
+        if (p[len] == ' ' || p[len] == ',' || p[len] == '\n' || p[len] == '=' || !p[len]) return true;
+    return false;
+}
+
+int cluster_restart_delay_ms(int prev_ms, double ran_ms)
+{
+    if (prev_ms <= 0 || ran_ms >= CLUSTER_RESTART_RESET_MS) return CLUSTER_RESTART_MIN_MS;
+    return prev_ms >= CLUSTER_RESTART_MAX_MS / 2 ? CLUSTER_RESTART_MAX_MS : prev_ms * 2;
+}
+
+static void child_name(const cluster_t *c, int k, char *buf, size_t cap)
+{
+    if (k == c->n_workers)
+        snprintf(buf, cap, "coordinator");
+    else
+        snprintf(buf, cap, "worker g%d", k);
+}
+
+int cluster_supervise(cluster_t *c)
+{
+    if (!c) return 0;
+    int started = 0;
+    for (int k = 0; k <= c->n_workers; k++) {
+        pid_t *pid = k == c->n_workers ? &c->coordinator : &c->workers[k];
+        cluster_child_t *ch = &c->children[k];
+        char name[32];
+        child_name(c, k, name, sizeof name);
+        const double now = now_ms();
+        if (*pid > 0) {
+            int st = 0;
+            const pid_t r = waitpid(*pid, &st, WNOHANG);
+            if (r == 0 || (r < 0 && errno != ECHILD)) continue; /* running */
+            const double ran = now - ch->started_ms;
+            ch->delay_ms = cluster_restart_delay_ms(ch->delay_ms, ran);
+            ch->restart_at_ms = now + ch->delay_ms;
+            char how[64];
+            if (r < 0)
+                snprintf(how, sizeof how, "is gone");
+            else if (WIFSIGNALED(st))
+                snprintf(how, sizeof how, "was killed by signal %d", WTERMSIG(st));
+            else
+                snprintf(how, sizeof how, "exited with status %d", WEXITSTATUS(st));
+            fl_log_error("cluster: %s (pid %d) %s after %.1f s; restarting it in %.1f s (restart %u)", name, (int)*pid,
+                         how, ran / 1e3, ch->delay_ms / 1e3, ch->restarts + 1);
+            *pid = 0;
+        }
+        if (*pid != 0 || ch->restart_at_ms <= 0 || now < ch->restart_at_ms) continue;
+        if (k < c->n_workers && c->worker_has_restarts_flag < 0)
+            c->worker_has_restarts_flag = worker_lists_flag(c, "--restarts");
+        ch->restarts++;
+        fl_error_t err = {0};
+        const int rc = k == c->n_workers ? spawn_coordinator(c, &err) : spawn_worker(c, k, &err);
+        if (rc) {
+            ch->started_ms = now;
+            ch->delay_ms = cluster_restart_delay_ms(ch->delay_ms, 0);
+            ch->restart_at_ms = now + ch->delay_ms;
+            fl_log_error("cluster: restarting %s: %s; trying again in %.1f s", name, err.msg, ch->delay_ms / 1e3);
+            ch->restarts--;
+            continue;
+        }
+        ch->restart_at_ms = 0;
+        started++;
+        fl_log_warn("cluster: %s restarted: pid %d (restart %u)", name, (int)*pid, ch->restarts);
+    }
+    return started;
 }

@@ -8,7 +8,13 @@
  *
  * Children get SIGTERM when their parent dies (PR_SET_PDEATHSIG), so tests never leak processes;
  * Linux sends it when the *thread* that forked them ends, so start and restart a cluster from a
- * thread that outlives it (the main thread). */
+ * thread that outlives it (the main thread).
+ *
+ * cluster_supervise() is `folioctl up`'s supervisor: called every so often, it starts again each
+ * child that has exited, after a delay that grows while the child keeps dying soon after its start
+ * (CLUSTER_RESTART_MIN_MS doubling to CLUSTER_RESTART_MAX_MS; back to the minimum once a child has
+ * run CLUSTER_RESTART_RESET_MS). Callers that do not supervise (tests, benchmarks) never restart
+ * anything: a child they kill stays dead. */
 #ifndef FOLIO_CLI_CLUSTER_H
 #define FOLIO_CLI_CLUSTER_H
 
@@ -36,13 +42,27 @@ typedef struct cluster_opts {
     const char *log_dir;          /* each process's stderr to LOG_DIR/<name>.log; NULL: inherit */
 } cluster_opts_t;
 
+#define CLUSTER_RESTART_MIN_MS   500
+#define CLUSTER_RESTART_MAX_MS   30000
+#define CLUSTER_RESTART_RESET_MS 30000
+
+/* What the supervisor knows of one child process. */
+typedef struct cluster_child {
+    unsigned restarts;            /* times the supervisor started it again */
+    double started_ms;            /* when it was last started (fl_clock_s() x 1000) */
+    double restart_at_ms;         /* > 0: it has exited and starts again at this time */
+    int delay_ms;                 /* the delay before its last restart (0: none yet) */
+} cluster_child_t;
+
 typedef struct cluster {
     cluster_opts_t opts;          /* copy; strings borrowed from the caller */
     char client_endpoint[256], worker_endpoint[256];
     char bin_dir[1024];
-    pid_t coordinator;
+    pid_t coordinator;            /* 0: not running */
     int n_workers;
-    pid_t *workers;               /* [n_workers]; group i is named "g<i>" */
+    pid_t *workers;               /* [n_workers]; group i is named "g<i>"; 0: not running */
+    cluster_child_t *children;    /* [n_workers + 1]: the workers', then the coordinator's */
+    int worker_has_restarts_flag; /* -1: not asked yet; else whether folio-worker takes --restarts */
 } cluster_t;
 
 cluster_t *cluster_start(const cluster_opts_t *opts, int wait_ms, fl_error_t *err);
@@ -52,5 +72,14 @@ void cluster_stop(cluster_t **cp);
 int cluster_restart_coordinator(cluster_t *c, fl_error_t *err);
 /* Waits until the coordinator reports n healthy groups (or fails after wait_ms). */
 int cluster_wait_healthy(cluster_t *c, int n, int wait_ms, fl_error_t *err);
+
+/* One pass of the supervisor: reaps every child that has exited, logs how it ended and when it
+ * starts again, and starts again those whose delay has passed. A worker started again gets
+ * `--restarts N` (reported in its WorkerHello) when its binary lists that flag in --help. A child
+ * the caller reaped itself (pid set to 0) is not restarted. Returns how many children it started. */
+int cluster_supervise(cluster_t *c);
+/* The delay before restarting a child that ran ran_ms after its start; prev_ms is the delay before
+ * its previous restart (0: none). */
+int cluster_restart_delay_ms(int prev_ms, double ran_ms);
 
 #endif
