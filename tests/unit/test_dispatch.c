@@ -10,7 +10,14 @@
  * a new id, and after it the request ends UNAVAILABLE keeping its tokens; a request its group's
  * heartbeat no longer lists is failed over; Cancel ends with the worker's FINAL, or CANCELLED when
  * the worker never confirms; a deadline ends DEADLINE_EXCEEDED and cancels on the worker; a client
- * that is gone has its requests cancelled on their workers. */
+ * that is gone has its requests cancelled on their workers. The rules of proto/README.md: no delta
+ * after a Cancel's reply; an unstreamed request past its deadline keeps the tokens of its worker's
+ * FINAL; a worker's RESOURCE_EXHAUSTED refusal goes to another group, or to the client with its
+ * hint; every Generate FINAL has a finish reason that follows from its status, and timings; worker
+ * messages name the client's id; a full table or a tenant at its limit is RESOURCE_EXHAUSTED with a
+ * retry hint, a prompt no group's context holds without one; max_tokens is clamped to the served
+ * context; a reused live id, id 0, invalid UTF-8 and a streamed Generate from a REQ socket are
+ * refused (the reused id under id 0). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -152,6 +159,13 @@ static void register_workers(int n)
     for (int i = 0; i < n; i++) assert_true(F.c->groups->table[i].routable);
 }
 
+/* An admin drain of group g<i>: no longer routable. */
+static void drain_group(int i)
+{
+    groups_set_draining(F.c->groups, i, true);
+    assert_false(F.c->groups->table[i].routable);
+}
+
 /* The next REQUEST worker w got within 200 ms (decoded, to free), or NULL; other commands (the
  * coordinator's heartbeats) are skipped. */
 static Folio__V1__Request *worker_recv(int w)
@@ -234,13 +248,21 @@ static void check_cancel(Folio__V1__Request *cq, uint64_t wid)
 
 static const int32_t PROMPT[3] = {11, 12, 13};
 
-static void client_generate(uint64_t id, const char *tenant, uint32_t timeout_ms)
+/* Sends q (REQ-style, with an empty delimiter frame, when delimiter) and lets the coordinator take it. */
+static void client_send(const Folio__V1__Request *q, bool delimiter)
+{
+    assert_int_equal(wire_send(F.client, NULL, 0, delimiter, WIRE_HEADER_CLIENT, WIRE_CMD_REQUEST, &q->base, NULL), 0);
+    pump();
+}
+
+/* A Generate of PROMPT with max_tokens 8, streamed or not. */
+static void client_generate_ex(uint64_t id, const char *tenant, uint32_t timeout_ms, bool stream)
 {
     Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
     g.prompt_tokens = (int32_t *)PROMPT;
     g.n_prompt_tokens = 3;
     g.max_tokens = 8;
-    g.stream = true;
+    g.stream = stream;
     Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
     q.version = WIRE_VERSION;
     q.id = id;
@@ -248,8 +270,12 @@ static void client_generate(uint64_t id, const char *tenant, uint32_t timeout_ms
     q.tenant = (char *)tenant;
     q.timeout_ms = timeout_ms;
     q.generate = &g;
-    assert_int_equal(wire_send(F.client, NULL, 0, false, WIRE_HEADER_CLIENT, WIRE_CMD_REQUEST, &q.base, NULL), 0);
-    pump();
+    client_send(&q, false);
+}
+
+static void client_generate(uint64_t id, const char *tenant, uint32_t timeout_ms)
+{
+    client_generate_ex(id, tenant, timeout_ms, true);
 }
 
 static void client_cancel(uint64_t id, uint64_t target)
@@ -606,6 +632,439 @@ static void test_a_client_that_is_gone_has_its_requests_cancelled_on_the_worker(
     assert_int_equal(F.c->groups->table[0].inflight, 0);
 }
 
+
+/* ---- the protocol page's rules ---- */
+
+/* The client's message is a FINAL for id with this status, a result whose finish reason is
+ * `reason` and real timings (to free). */
+static Folio__V1__Response *expect_generate_final(uint64_t id, Folio__V1__StatusCode code,
+                                                  Folio__V1__FinishReason reason)
+{
+    Folio__V1__Response *r = expect_final(id, code);
+    assert_non_null(r->result);
+    if ((int)r->result->finish_reason != (int)reason)
+        fail_msg("id %llu (%s): finish reason %d, expected %d", (unsigned long long)id, wire_status_name(code),
+                 r->result->finish_reason, reason);
+    assert_non_null(r->result->usage);
+    assert_non_null(r->result->timings);
+    assert_true(r->result->timings->total_s > 0);
+    assert_true(r->result->timings->queued_s > 0);
+    return r;
+}
+
+static void test_no_delta_reaches_the_client_after_the_cancels_reply(void **state)
+{
+    (void)state;
+    const uint64_t wid = generate_on_g0(7, 0);
+    const int32_t a[2] = {1, 2}, b[2] = {3, 4}, c[1] = {5};
+    worker_partial(0, wid, 0, a, 2, false);
+    pump();
+    expect_partial(7, 0, a, 2);
+    client_cancel(8, 7);
+    folio__v1__response__free_unpacked(expect_final(8, FOLIO__V1__STATUS_CODE__OK), NULL);
+    check_cancel(worker_recv(0), wid);
+    /* What the worker made before it saw the Cancel, and its FINAL saying it had finished. */
+    worker_partial(0, wid, 2, b, 2, false);
+    worker_partial(0, wid, 4, c, 1, true);
+    pump();
+    Folio__V1__Response *r =
+        expect_generate_final(7, FOLIO__V1__STATUS_CODE__CANCELLED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED);
+    assert_null(r->delta);
+    assert_int_equal(r->result->usage->completion_tokens, 2); /* what the client has */
+    folio__v1__response__free_unpacked(r, NULL);
+    expect_nothing_more();
+}
+
+static void test_a_cancelled_request_that_had_finished_with_nothing_held_back_ends_as_it_ended(void **state)
+{
+    (void)state;
+    const uint64_t wid = generate_on_g0(7, 0);
+    const int32_t a[2] = {1, 2};
+    worker_partial(0, wid, 0, a, 2, false);
+    pump();
+    expect_partial(7, 0, a, 2);
+    client_cancel(8, 7);
+    folio__v1__response__free_unpacked(expect_final(8, FOLIO__V1__STATUS_CODE__OK), NULL);
+    worker_final(0, wid, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_STOP, 2);
+    pump();
+    folio__v1__response__free_unpacked(
+        expect_generate_final(7, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_STOP), NULL);
+    check_cancel(worker_recv(0), wid);
+    expect_nothing_more();
+}
+
+static void test_an_unstreamed_request_past_its_deadline_keeps_the_tokens_of_its_workers_final(void **state)
+{
+    (void)state;
+    register_workers(1);
+    client_generate_ex(6, "", 1000, false);
+    Folio__V1__Request *q = worker_recv(0);
+    assert_non_null(q);
+    const uint64_t wid = q->id;
+    folio__v1__request__free_unpacked(q, NULL);
+    dispatch_expire(F.c, fl_clock_s() + 1.05);
+    assert_null(client_recv()); /* waits for the worker's FINAL, which holds the tokens */
+    check_cancel(worker_recv(0), wid);
+    /* The worker's FINAL: cancelled (or its own deadline), everything in one delta as unstreamed. */
+    const int32_t toks[3] = {4, 5, 6};
+    Folio__V1__TokenDelta d = FOLIO__V1__TOKEN_DELTA__INIT;
+    d.tokens = (int32_t *)toks;
+    d.n_tokens = 3;
+    wire_error_reply_t er;
+    wire_error_reply_init(&er, wid, FOLIO__V1__METHOD__METHOD_GENERATE, FOLIO__V1__STATUS_CODE__CANCELLED, "cancelled");
+    er.resp.delta = &d;
+    worker_send(0, WIRE_CMD_FINAL, &er.resp.base);
+    pump();
+    Folio__V1__Response *r = expect_generate_final(6, FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED,
+                                                   FOLIO__V1__FINISH_REASON__FINISH_CANCELLED);
+    assert_non_null(r->delta);
+    assert_int_equal(r->delta->n_tokens, 3);
+    assert_non_null(strstr(r->status->message, "deadline of 1000 ms"));
+    folio__v1__response__free_unpacked(r, NULL);
+    expect_nothing_more();
+
+    /* A worker that never answers: DEADLINE_EXCEEDED without tokens 2 heartbeat intervals later. */
+    client_generate_ex(9, "", 1000, false);
+    q = worker_recv(0);
+    assert_non_null(q);
+    folio__v1__request__free_unpacked(q, NULL);
+    dispatch_expire(F.c, fl_clock_s() + 1.05);
+    assert_null(client_recv());
+    dispatch_expire(F.c, fl_clock_s() + 3.2);
+    r = expect_generate_final(9, FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED);
+    assert_null(r->delta);
+    folio__v1__response__free_unpacked(r, NULL);
+    expect_nothing_more();
+}
+
+/* The worker's refusal of wid (no result, as a worker's reply_error), with a retry hint. */
+static void worker_refuse(int w, uint64_t wid, uint32_t retry_after_ms, const char *msg)
+{
+    wire_error_reply_t r;
+    wire_error_reply_init(&r, wid, FOLIO__V1__METHOD__METHOD_GENERATE, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED, msg);
+    r.status.retry_after_ms = retry_after_ms;
+    worker_send(w, WIRE_CMD_FINAL, &r.resp.base);
+}
+
+static void test_a_worker_refusal_goes_to_another_group_then_to_the_client_with_its_hint(void **state)
+{
+    (void)state;
+    register_workers(2);
+    client_generate(5, "", 0);
+    uint64_t wid = 0;
+    int w = which_worker(&wid);
+    char msg[128];
+    /* Each refusal sends it to a group other than the one that refused, COORD_MAX_RESUBMITS times. */
+    for (int k = 0; k < COORD_MAX_RESUBMITS; k++) {
+        snprintf(msg, sizeof msg, "sched: queue full (1 waiting) for request %llu", (unsigned long long)wid);
+        worker_refuse(w, wid, 250, msg);
+        pump();
+        assert_null(client_recv()); /* not the client's business yet */
+        Folio__V1__Request *q = worker_recv(1 - w);
+        assert_non_null(q);
+        assert_int_not_equal(q->id, wid);
+        wid = q->id;
+        folio__v1__request__free_unpacked(q, NULL);
+        w = 1 - w;
+        assert_int_equal(F.c->groups->table[1 - w].inflight, 0);
+        assert_int_equal(F.c->groups->table[w].inflight, 1);
+    }
+    /* Refused again: the client gets the last refusal, with its hint. */
+    snprintf(msg, sizeof msg, "worker: request id %llu refused: queue full", (unsigned long long)wid);
+    worker_refuse(w, wid, 300, msg);
+    pump();
+    Folio__V1__Response *r =
+        expect_generate_final(5, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED, FOLIO__V1__FINISH_REASON__FINISH_ERROR);
+    assert_int_equal(r->status->retry_after_ms, 300);
+    assert_string_equal(r->status->message, "worker: request id 5 refused: queue full"); /* the client's id */
+    assert_int_equal(r->result->usage->prompt_tokens, 3);
+    folio__v1__response__free_unpacked(r, NULL);
+    expect_nothing_more();
+    for (int i = 0; i < N_WORKERS; i++) assert_int_equal(F.c->groups->table[i].inflight, 0);
+
+    /* With one group there is nobody else: its refusal reaches the client at once. */
+    drain_group(1);
+    client_generate(6, "", 0);
+    Folio__V1__Request *q = worker_recv(0);
+    assert_non_null(q);
+    worker_refuse(0, q->id, 120, "queue full");
+    folio__v1__request__free_unpacked(q, NULL);
+    pump();
+    r = expect_generate_final(6, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED, FOLIO__V1__FINISH_REASON__FINISH_ERROR);
+    assert_int_equal(r->status->retry_after_ms, 120);
+    folio__v1__response__free_unpacked(r, NULL);
+    expect_nothing_more();
+}
+
+static void test_a_worker_error_final_without_a_result_gets_one_in_the_clients_terms(void **state)
+{
+    (void)state;
+    const uint64_t wid = generate_on_g0(12, 0);
+    char msg[128];
+    snprintf(msg, sizeof msg, "sched: request %llu: token id 9 out of vocabulary (id %llu, 1%llu kept)",
+             (unsigned long long)wid, (unsigned long long)wid, (unsigned long long)wid);
+    wire_error_reply_t er;
+    wire_error_reply_init(&er, wid, FOLIO__V1__METHOD__METHOD_GENERATE, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg);
+    worker_send(0, WIRE_CMD_FINAL, &er.resp.base);
+    pump();
+    Folio__V1__Response *r =
+        expect_generate_final(12, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, FOLIO__V1__FINISH_REASON__FINISH_ERROR);
+    char want[128];
+    snprintf(want, sizeof want, "sched: request 12: token id 9 out of vocabulary (id 12, 1%llu kept)",
+             (unsigned long long)wid);
+    assert_string_equal(r->status->message, want);
+    assert_string_equal(r->result->group, "g0");
+    folio__v1__response__free_unpacked(r, NULL);
+    expect_nothing_more();
+}
+
+static void test_a_full_table_or_tenant_is_resource_exhausted_with_a_retry_hint(void **state)
+{
+    (void)state;
+    register_workers(1);
+    F.c->opts.max_inflight = 3;
+    F.c->opts.max_inflight_per_tenant = 2;
+    client_generate(1, "a", 0);
+    client_generate(2, "a", 0);
+    client_generate(3, "a", 0); /* tenant a at its limit */
+    Folio__V1__Response *r = expect_generate_final(3, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED,
+                                                   FOLIO__V1__FINISH_REASON__FINISH_ERROR);
+    assert_true(r->status->retry_after_ms >= COORD_RETRY_MIN_MS && r->status->retry_after_ms <= COORD_RETRY_MAX_MS);
+    assert_non_null(strstr(r->status->message, "tenant 'a'"));
+    folio__v1__response__free_unpacked(r, NULL);
+    client_generate(4, "b", 0); /* another tenant still gets in */
+    client_generate(5, "c", 0); /* the table is full */
+    r = expect_generate_final(5, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED, FOLIO__V1__FINISH_REASON__FINISH_ERROR);
+    assert_true(r->status->retry_after_ms >= COORD_RETRY_MIN_MS);
+    assert_non_null(strstr(r->status->message, "too many requests in flight"));
+    folio__v1__response__free_unpacked(r, NULL);
+    assert_null(client_recv());
+    assert_int_equal(reqs_count(F.c->reqs), 3);
+    assert_int_equal(reqs_tenant_count(F.c->reqs, "a"), 2);
+    assert_int_equal(dispatch_end_all(F.c, "end"), 3);
+    for (int i = 0; i < 3; i++) folio__v1__response__free_unpacked(client_recv(), NULL);
+    assert_int_equal(reqs_tenant_count(F.c->reqs, "a"), 0);
+    for (int i = 0; i < 3; i++) {
+        Folio__V1__Request *q = worker_recv(0);
+        assert_non_null(q);
+        folio__v1__request__free_unpacked(q, NULL);
+    }
+}
+
+/* A Generate of n prompt tokens (ids 3, 4, ...) asking max_tokens, from the client. */
+static void client_generate_long(uint64_t id, int n, uint32_t max_tokens)
+{
+    int32_t *t = malloc((size_t)n * sizeof *t);
+    assert_non_null(t);
+    for (int i = 0; i < n; i++) t[i] = 3 + i % 200;
+    Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
+    g.prompt_tokens = t;
+    g.n_prompt_tokens = (size_t)n;
+    g.max_tokens = max_tokens;
+    Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
+    q.version = WIRE_VERSION;
+    q.id = id;
+    q.method = FOLIO__V1__METHOD__METHOD_GENERATE;
+    q.generate = &g;
+    client_send(&q, false);
+    free(t);
+}
+
+static void test_max_tokens_is_clamped_to_the_served_context_and_a_prompt_it_cannot_hold_is_refused(void **state)
+{
+    (void)state;
+    register_workers(1); /* max_context 256 */
+    client_generate_long(1, 100, 1000);
+    Folio__V1__Request *q = worker_recv(0);
+    assert_non_null(q);
+    assert_int_equal(q->generate->max_tokens, 156);
+    folio__v1__request__free_unpacked(q, NULL);
+    client_generate_long(2, 250, 0); /* the default 16 does not fit either */
+    q = worker_recv(0);
+    assert_non_null(q);
+    assert_int_equal(q->generate->max_tokens, 6);
+    folio__v1__request__free_unpacked(q, NULL);
+    client_generate_long(3, 100, 0); /* fits: sent as asked */
+    q = worker_recv(0);
+    assert_non_null(q);
+    assert_int_equal(q->generate->max_tokens, 0);
+    folio__v1__request__free_unpacked(q, NULL);
+    client_generate_long(4, 256, 4);
+    Folio__V1__Response *r =
+        expect_generate_final(4, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED, FOLIO__V1__FINISH_REASON__FINISH_ERROR);
+    assert_int_equal(r->status->retry_after_ms, 0); /* it never will fit */
+    assert_non_null(strstr(r->status->message, "context of 256 tokens"));
+    folio__v1__response__free_unpacked(r, NULL);
+    assert_null(worker_recv(0));
+    /* A worker that advertises more context than its KV cache holds serves what the cache holds. */
+    Folio__V1__WorkerHello h = FOLIO__V1__WORKER_HELLO__INIT;
+    h.group = (char *)"g1";
+    h.tp_size = 1;
+    h.block_size = 16;
+    h.kv_blocks = 10;
+    h.max_context = 2048;
+    h.model_id = (char *)"tiny";
+    h.epoch = 1;
+    worker_send(1, WIRE_CMD_READY, &h.base);
+    pump();
+    assert_int_equal(F.c->groups->g[groups_find(F.c->groups, "g1")].max_context, 160);
+}
+
+static void test_a_reused_live_id_is_refused_under_id_0_and_the_live_stream_goes_on(void **state)
+{
+    (void)state;
+    const uint64_t wid = generate_on_g0(7, 0);
+    client_generate(7, "", 0);
+    Folio__V1__Response *r = expect_generate_final(0, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT,
+                                                   FOLIO__V1__FINISH_REASON__FINISH_ERROR);
+    assert_non_null(strstr(r->status->message, "request id 7 is already in flight"));
+    folio__v1__response__free_unpacked(r, NULL);
+    client_cancel(7, 99); /* any method: its reply would carry the id too */
+    r = expect_final(0, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
+    assert_null(r->result);
+    folio__v1__response__free_unpacked(r, NULL);
+    assert_null(worker_recv(0)); /* nothing reached the worker */
+    const int32_t a[1] = {1};
+    worker_partial(0, wid, 0, a, 1, false);
+    worker_final(0, wid, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_LENGTH, 1);
+    pump();
+    expect_partial(7, 0, a, 1);
+    folio__v1__response__free_unpacked(expect_final(7, FOLIO__V1__STATUS_CODE__OK), NULL);
+    expect_nothing_more();
+}
+
+static void test_id_0_invalid_utf8_and_a_streamed_generate_from_a_req_socket_are_refused(void **state)
+{
+    (void)state;
+    register_workers(1);
+    Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
+    g.text = (char *)"hello";
+    g.max_tokens = 4;
+    g.stream = true;
+    Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
+    q.version = WIRE_VERSION;
+    q.method = FOLIO__V1__METHOD__METHOD_GENERATE;
+    q.generate = &g;
+    q.id = 0;
+    client_send(&q, false);
+    Folio__V1__Response *r = expect_final(0, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
+    assert_non_null(strstr(r->status->message, "id 0 is reserved"));
+    folio__v1__response__free_unpacked(r, NULL);
+
+    static const char *const bad[] = {"caf\xc3", "\xc0\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80", "a\xffz"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        g.text = (char *)bad[i];
+        q.id = 20 + i;
+        client_send(&q, false);
+        r = expect_generate_final(q.id, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, FOLIO__V1__FINISH_REASON__FINISH_ERROR);
+        assert_non_null(strstr(r->status->message, "generate.text is not valid UTF-8"));
+        folio__v1__response__free_unpacked(r, NULL);
+    }
+    g.text = (char *)"";
+    Folio__V1__ChatMessage msg = FOLIO__V1__CHAT_MESSAGE__INIT, *msgs[1] = {&msg};
+    msg.role = (char *)"user";
+    msg.content = (char *)"ok \xe2\x82";
+    g.messages = msgs;
+    g.n_messages = 1;
+    q.id = 30;
+    client_send(&q, false);
+    r = expect_final(30, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
+    assert_non_null(strstr(r->status->message, "generate.messages[0] is not valid UTF-8"));
+    folio__v1__response__free_unpacked(r, NULL);
+    g.messages = NULL;
+    g.n_messages = 0;
+    g.text = (char *)"fine \xe2\x82\xac";
+    char *stops[1] = {(char *)"\x80"};
+    g.stop = stops;
+    g.n_stop = 1;
+    q.id = 31;
+    client_send(&q, false);
+    r = expect_final(31, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
+    assert_non_null(strstr(r->status->message, "generate.stop[0]"));
+    folio__v1__response__free_unpacked(r, NULL);
+    assert_null(worker_recv(0));
+
+    /* REQ-style (a delimiter frame): one reply per request, so no stream. */
+    g.stop = NULL;
+    g.n_stop = 0;
+    q.id = 40;
+    client_send(&q, true);
+    r = expect_final(40, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
+    assert_non_null(strstr(r->status->message, "stream = false"));
+    folio__v1__response__free_unpacked(r, NULL);
+    assert_null(worker_recv(0));
+    expect_nothing_more();
+}
+
+static void test_an_unreadable_or_oversized_body_is_answered_under_the_id_and_method_it_carries(void **state)
+{
+    (void)state;
+    /* Over 8 MiB: not decoded, but its id and (unknown) method number are near the front. */
+    const size_t big = (size_t)9 << 20;
+    char *pad = malloc(big + 1);
+    assert_non_null(pad);
+    memset(pad, 'a', big);
+    pad[big] = 0;
+    Folio__V1__KeyValue kv = FOLIO__V1__KEY_VALUE__INIT, *kvs[1] = {&kv};
+    kv.key = (char *)"pad";
+    kv.value = pad;
+    Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
+    q.version = WIRE_VERSION;
+    q.id = 41;
+    q.method = (Folio__V1__Method)77;
+    q.metadata = kvs;
+    q.n_metadata = 1;
+    client_send(&q, false);
+    free(pad);
+    Folio__V1__Response *r = expect_final(41, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED);
+    assert_int_equal(r->method, 77);
+    assert_int_equal(r->status->retry_after_ms, 0);
+    folio__v1__response__free_unpacked(r, NULL);
+    /* An unknown method in a body that decodes: echoed as sent. */
+    q.n_metadata = 0;
+    q.metadata = NULL;
+    q.id = 42;
+    q.method = (Folio__V1__Method)99;
+    client_send(&q, false);
+    r = expect_final(42, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
+    assert_int_equal(r->method, 99);
+    folio__v1__response__free_unpacked(r, NULL);
+    /* No body frame at all. */
+    assert_int_equal(zmq_send(F.client, WIRE_HEADER_CLIENT, strlen(WIRE_HEADER_CLIENT), ZMQ_SNDMORE), (int)strlen(WIRE_HEADER_CLIENT));
+    const uint8_t cmd = WIRE_CMD_REQUEST;
+    assert_int_equal(zmq_send(F.client, &cmd, 1, 0), 1);
+    pump();
+    r = expect_final(0, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
+    assert_non_null(strstr(r->status->message, "without a body frame"));
+    folio__v1__response__free_unpacked(r, NULL);
+    expect_nothing_more();
+}
+
+static void test_peek_reads_id_and_method_from_the_front_of_any_body(void **state)
+{
+    (void)state;
+    uint64_t id;
+    Folio__V1__Method method;
+    /* version 1, id 300 (two bytes), method 5, a string field 5 "ab", then garbage */
+    const uint8_t ok[] = {0x08, 0x01, 0x10, 0xac, 0x02, 0x18, 0x05, 0x2a, 0x02, 'a', 'b', 0xff};
+    assert_true(wire_peek_request(ok, sizeof ok, &id, &method));
+    assert_int_equal(id, 300);
+    assert_int_equal(method, 5);
+    /* a length that runs past the end stops the scan, keeping what was read */
+    const uint8_t cut[] = {0x10, 0x07, 0x2a, 0x7f, 'a', 0x18, 0x02};
+    assert_true(wire_peek_request(cut, sizeof cut, &id, &method));
+    assert_int_equal(id, 7);
+    assert_int_equal(method, 0);
+    /* an 11-byte varint is no varint; fixed-width fields are skipped */
+    const uint8_t junk[] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01};
+    assert_false(wire_peek_request(junk, sizeof junk, &id, &method));
+    assert_int_equal(id, 0);
+    const uint8_t fixed[] = {0x21, 1, 2, 3, 4, 5, 6, 7, 8, 0x25, 1, 2, 3, 4, 0x10, 0x09};
+    assert_true(wire_peek_request(fixed, sizeof fixed, &id, &method));
+    assert_int_equal(id, 9);
+    assert_false(wire_peek_request(NULL, 0, &id, &method));
+}
+
 #define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
 
 int main(void)
@@ -623,6 +1082,17 @@ int main(void)
         T(test_without_a_healthy_group_a_generate_ends_unavailable_at_once),
         T(test_shutdown_ends_every_request_unavailable_once),
         T(test_a_client_that_is_gone_has_its_requests_cancelled_on_the_worker),
+        T(test_no_delta_reaches_the_client_after_the_cancels_reply),
+        T(test_a_cancelled_request_that_had_finished_with_nothing_held_back_ends_as_it_ended),
+        T(test_an_unstreamed_request_past_its_deadline_keeps_the_tokens_of_its_workers_final),
+        T(test_a_worker_refusal_goes_to_another_group_then_to_the_client_with_its_hint),
+        T(test_a_worker_error_final_without_a_result_gets_one_in_the_clients_terms),
+        T(test_a_full_table_or_tenant_is_resource_exhausted_with_a_retry_hint),
+        T(test_max_tokens_is_clamped_to_the_served_context_and_a_prompt_it_cannot_hold_is_refused),
+        T(test_a_reused_live_id_is_refused_under_id_0_and_the_live_stream_goes_on),
+        T(test_id_0_invalid_utf8_and_a_streamed_generate_from_a_req_socket_are_refused),
+        T(test_an_unreadable_or_oversized_body_is_answered_under_the_id_and_method_it_carries),
+        T(test_peek_reads_id_and_method_from_the_front_of_any_body),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

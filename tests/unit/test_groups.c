@@ -5,8 +5,8 @@
  * last load said engine_ok, and routable only when also not draining; a rank 0 that registers again
  * is "replaced" (its work is gone), and a new process (another identity) is unhealthy until its first
  * load; a worker that changes group or rank leaves its old place; the registry and rank table refuse
- * what does not fit; the longest context counts routable groups only; a kept load never points into
- * the freed heartbeat message. */
+ * what does not fit; the longest context counts routable groups only, and a group's context is never
+ * more than its KV cache holds; a kept load never points into the freed heartbeat message. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -245,6 +245,22 @@ static void test_the_kept_load_does_not_point_into_the_heartbeat(void **state)
     assert_null(g_gs->g[s].load.base.unknown_fields);
 }
 
+static void test_a_groups_context_is_the_smaller_of_the_advertised_one_and_its_kv_cache(void **state)
+{
+    (void)state;
+    /* kv_blocks 100 x block_size 16: 1,600 tokens of KV */
+    const int a = ready("a:0:1", "a", 0, 1, 2048, NULL, NULL);
+    const int b = ready("b:0:1", "b", 0, 1, 512, NULL, NULL);
+    const int z = ready("z:0:1", "z", 0, 1, 0, NULL, NULL); /* none advertised: the KV cache's */
+    assert_int_equal(g_gs->g[a].max_context, 1600);
+    assert_int_equal(g_gs->g[b].max_context, 512);
+    assert_int_equal(g_gs->g[z].max_context, 1600);
+    load(b, true);
+    assert_int_equal(groups_max_context(g_gs), 512);
+    load(a, true);
+    assert_int_equal(groups_max_context(g_gs), 1600);
+}
+
 #define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
 
 int main(void)
@@ -258,6 +274,7 @@ int main(void)
         T(test_draining_keeps_a_group_healthy_but_not_routable),
         T(test_what_does_not_fit_is_refused),
         T(test_the_kept_load_does_not_point_into_the_heartbeat),
+        T(test_a_groups_context_is_the_smaller_of_the_advertised_one_and_its_kv_cache),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

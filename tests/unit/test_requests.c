@@ -6,7 +6,9 @@
  * tombstones, so a deletion must never cut a run short); the client map keys on identity and id and
  * refuses a second live request with the same pair; the timer heap always yields the earliest
  * min(deadline, cancel deadline), re-files an entry whose timer changed, and forgets an entry freed
- * or left without a timer; freeing releases the entry's message and owned tokens. */
+ * or left without a timer; freeing releases the entry's message and owned tokens; the count of live
+ * entries per tenant follows binds and frees, names that extend each other are different tenants,
+ * and a tenant whose last entry goes leaves no trace that hides another tenant's count. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -315,6 +317,42 @@ static void test_freeing_releases_the_message_and_owned_tokens_only(void **state
     assert_int_equal(borrowed[2], 3);
 }
 
+static void test_tenant_counts_follow_binds_and_frees_under_churn(void **state)
+{
+    (void)state;
+    enum { CAP = 64, NT = 9 };
+    reqs_t *r = reqs_new(CAP, NULL);
+    static const char *const names[NT] = {"", "a", "ab", "abc", "b", "tenant-x", "tenant-y", "x", "a "};
+    int want[NT] = {0};
+    req_t *live[CAP];
+    int tenant_of[CAP], n = 0;
+    uint64_t s = 7;
+    for (int step = 0; step < 5000; step++) {
+        if (n < CAP && (n == 0 || splitmix(&s) % 3)) {
+            req_t *e = reqs_alloc(r);
+            assert_non_null(e);
+            const int t = (int)(splitmix(&s) % NT);
+            reqs_bind_tenant(r, e, names[t]);
+            reqs_bind_tenant(r, e, names[t]); /* twice: counted once */
+            live[n] = e;
+            tenant_of[n++] = t;
+            want[t]++;
+        } else {
+            const int k = (int)(splitmix(&s) % (uint64_t)n);
+            want[tenant_of[k]]--;
+            reqs_free(r, live[k]);
+            live[k] = live[--n];
+            tenant_of[k] = tenant_of[n];
+        }
+        for (int t = 0; t < NT; t++)
+            if (reqs_tenant_count(r, names[t]) != want[t])
+                fail_msg("step %d: tenant '%s' counts %d, expected %d", step, names[t], reqs_tenant_count(r, names[t]),
+                         want[t]);
+    }
+    assert_int_equal(reqs_tenant_count(r, "never-seen"), 0);
+    reqs_destroy(&r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -325,6 +363,7 @@ int main(void)
         cmocka_unit_test(test_the_timer_heap_yields_the_earliest_deadline_or_cancel_timeout),
         cmocka_unit_test(test_the_timer_heap_matches_a_full_scan_under_random_updates),
         cmocka_unit_test(test_freeing_releases_the_message_and_owned_tokens_only),
+        cmocka_unit_test(test_tenant_counts_follow_binds_and_frees_under_churn),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
