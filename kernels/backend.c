@@ -93,7 +93,7 @@ void kern_swiglu(kern_backend_t *be, float *o, const float *g, const float *u, i
     be->ops->swiglu(be, o, g, u, n);
 }
 void kern_add(kern_backend_t *be, float *y, const float *x, int n) { be->ops->add(be, y, x, n); }
-void kern_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab, const kern_sampling_t *p)
+void kern_sample(kern_backend_t *be, int32_t *out, float *logits, int n, int vocab, const kern_sampling_t *p)
 {
     be->ops->sample(be, out, logits, n, vocab, p);
 }

@@ -43,7 +43,7 @@ typedef struct kern_ops {
     void (*attention)(kern_backend_t *be, const kern_attn_t *a);
     void (*swiglu)(kern_backend_t *be, float *out, const float *gate, const float *up, int n);
     void (*add)(kern_backend_t *be, float *y, const float *x, int n);
-    void (*sample)(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
+    void (*sample)(kern_backend_t *be, int32_t *out, float *logits, int n, int vocab,
                    const kern_sampling_t *params);
 
     /* Fused ops, optional. */

@@ -184,7 +184,7 @@ void kern_add(kern_backend_t *be, float *y, const float *x, int n);             
 /* One token per row of logits [n][vocab] (device memory), chosen per row's params (host);
  * out (host) receives n ids. The op may overwrite the rows (each row's adjustments are applied
  * to it in place): read a row first if its raw values are wanted (log-probabilities). */
-void kern_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
+void kern_sample(kern_backend_t *be, int32_t *out, float *logits, int n, int vocab,
                  const kern_sampling_t *params);
 
 /* Fused ops, so that a decode step issues fewer, fuller kernels (at batch 1 every launch and every

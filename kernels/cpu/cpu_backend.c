@@ -320,14 +320,14 @@ static void argmax_range(void *ctx, int64_t r0, int64_t r1)
     for (int64_t r = r0; r < r1; r++) j->out[r] = kern_sample_argmax(j->logits + (size_t)r * j->vocab, j->vocab);
 }
 
-static void cpu_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
+static void cpu_sample(kern_backend_t *be, int32_t *out, float *logits, int n, int vocab,
                        const kern_sampling_t *params)
 {
     cpu_backend_t *cb = (cpu_backend_t *)be;
     /* The adjustments, in place (kernels.h allows it: the rows are the caller's writable logits). */
     for (int i = 0; i < n; i++)
         if (params[i].adjust && params[i].n_adjust > 0)
-            kern_sample_adjust_row((float *)logits + (size_t)i * vocab, vocab, params[i].adjust, params[i].n_adjust);
+            kern_sample_adjust_row(logits + (size_t)i * vocab, vocab, params[i].adjust, params[i].n_adjust);
     const size_t need = kern_sample_scratch_bytes(vocab);
     if (cb->samp_len < need) {
         size_t c1 = cb->samp_len;

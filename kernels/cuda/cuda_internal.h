@@ -234,7 +234,7 @@ void cuda_add(kern_backend_t *be, float *y, const float *x, int n);
 
 /* ---- sampling (cuda_sampling.cu) ---- */
 
-void cuda_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
+void cuda_sample(kern_backend_t *be, int32_t *out, float *logits, int n, int vocab,
                  const kern_sampling_t *params);
 
 #pragma GCC visibility pop

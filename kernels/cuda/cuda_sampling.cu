@@ -56,7 +56,7 @@ __global__ void k_argmax_ids(int32_t *ids, const unsigned long long *keys, int n
     if (i < n) ids[i] = keys[i] ? (int32_t)(0xffffffffu - (uint32_t)keys[i]) : 0;
 }
 
-void cuda_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, int vocab,
+void cuda_sample(kern_backend_t *be, int32_t *out, float *logits, int n, int vocab,
                         const kern_sampling_t *params)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
@@ -68,7 +68,7 @@ void cuda_sample(kern_backend_t *be, int32_t *out, const float *logits, int n, i
                      false))
         return;
     /* The adjustments first, in place (kernels.h allows it): greedy rows take the adjusted argmax. */
-    OP_CUDA(cb, cuda_sample_adjust(&cb->adjust, (float *)logits, n, vocab, params, cb->stream));
+    OP_CUDA(cb, cuda_sample_adjust(&cb->adjust, logits, n, vocab, params, cb->stream));
     OP_CUDA(cb, cudaMemsetAsync(cb->d_keys, 0, (size_t)n * sizeof(unsigned long long), cb->stream));
     const int per_block = ARGMAX_THREADS * ARGMAX_PER_THREAD;
     launch(cb, k_argmax_part, dim3((unsigned)n, (unsigned)((vocab + per_block - 1) / per_block)), ARGMAX_THREADS,
