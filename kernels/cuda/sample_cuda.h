@@ -1,4 +1,4 @@
-/* sample_cuda.h - the device side of kernels/sampling.h's draw (sample_cuda.cu), for backend_cuda.cu. */
+/* sample_cuda.h - the device side of kernels/sampling.h's draw (sample_cuda.cu), for cuda_sampling.cu. */
 #ifndef FOLIO_SAMPLE_CUDA_H
 #define FOLIO_SAMPLE_CUDA_H
 
