@@ -28,6 +28,7 @@ const char *fl_strerror(int code)
     case FL_ERANGE: return "FL_ERANGE";
     case FL_ENOTFOUND: return "FL_ENOTFOUND";
     case FL_EBACKEND: return "FL_EBACKEND";
+    case FL_EBUSY: return "FL_EBUSY";
     default: return "FL_E?";
     }
 }

@@ -21,6 +21,7 @@ enum {
     FL_ERANGE = -6,       /* a value or size is out of range, or a buffer is too small */
     FL_ENOTFOUND = -7,    /* key, tensor or device not found */
     FL_EBACKEND = -8,     /* CUDA / cuBLASLt / NCCL / OpenBLAS failure */
+    FL_EBUSY = -9,        /* full for now (a queue, a pool): the same call may succeed later */
 };
 
 typedef struct fl_error {

@@ -369,6 +369,7 @@ Folio__V1__StatusCode wire_status_from_error(int fl_code)
     case FL_EFORMAT:
     case FL_EUNSUPPORTED: return FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT;
     case FL_ERANGE:
+    case FL_EBUSY:
     case FL_ENOMEM: return FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED;
     case FL_ENOTFOUND: return FOLIO__V1__STATUS_CODE__NOT_FOUND;
     default: return FOLIO__V1__STATUS_CODE__INTERNAL;

@@ -413,7 +413,7 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
                        "sched: request %llu needs %lld KV blocks (%d prompt + %d new tokens) but the cache has %d",
                        (unsigned long long)r->id, (long long)need, r->n_prompt, max_tokens, s->st.kv_blocks_total);
     if (s->n_waiting >= s->o.max_waiting)
-        return fl_fail(err, FL_ERANGE, "sched: queue full (%d waiting)", s->n_waiting);
+        return fl_fail(err, FL_EBUSY, "queue full (%d waiting)", s->n_waiting);
 
     seq_t *q = calloc(1, sizeof *q);
     if (!q) return fl_fail(err, FL_ENOMEM, "sched: out of memory");

@@ -127,8 +127,8 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
 void sched_destroy(sched_t **sp);
 
 /* Queues a request. FL_EINVAL: empty prompt, bad sizes, or the prompt does not fit the context;
- * FL_ERANGE: could never fit the KV cache (n_prompt + max_tokens tokens of blocks exceed the pool)
- * or the queue is full. On error nothing is queued and on_finish is not called. */
+ * FL_ERANGE: could never fit the KV cache (n_prompt + max_tokens tokens of blocks exceed the pool);
+ * FL_EBUSY: the queue is full (it may have room later). On error nothing is queued and on_finish is not called. */
 int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err);
 /* Stops a live request (on_finish with SCHED_FINISH_CANCELLED, its KV freed). FL_ENOTFOUND if none. */
 int sched_cancel(sched_t *s, uint64_t id);

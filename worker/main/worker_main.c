@@ -56,6 +56,7 @@
 #define SHUTDOWN_LINGER_MS 500  /* time the last FINALs and the DISCONNECT get to leave */
 #define DRAIN_MAX          4096 /* messages per wake-up before the engine gets a step again */
 #define SEND_QUEUE         10000 /* messages to the coordinator queued before the loop waits */
+#define RETRY_AFTER_MS     1000  /* the hint of a refusal for a full queue */
 #define DRAIN_NOTICE_BEATS 2     /* a draining worker stays this many heartbeats after its work */
 
 static volatile sig_atomic_t g_stop, g_drain;
@@ -162,12 +163,25 @@ int worker_send(worker_t *w, int cmd, const ProtobufCMessage *body)
     return rc;
 }
 
-static void reply_error(worker_t *w, uint64_t id, Folio__V1__Method method, Folio__V1__StatusCode code, const char *msg)
+static void reply_error_hint(worker_t *w, uint64_t id, Folio__V1__Method method, Folio__V1__StatusCode code,
+                             const char *msg, uint32_t retry_after_ms)
 {
     wire_error_reply_t r;
     wire_error_reply_init(&r, id, method, code, msg);
+    r.status.retry_after_ms = retry_after_ms;
     fl_log_warn("worker refused id=%llu status=%s: %s", (unsigned long long)id, wire_status_name(code), msg);
     worker_send(w, WIRE_CMD_FINAL, &r.resp.base);
+}
+
+static void reply_error(worker_t *w, uint64_t id, Folio__V1__Method method, Folio__V1__StatusCode code, const char *msg)
+{
+    reply_error_hint(w, id, method, code, msg, 0);
+}
+
+/* A refusal for rc: a full queue or pool (FL_EBUSY) is worth retrying, so it says when. */
+static void reply_refused(worker_t *w, uint64_t id, Folio__V1__Method method, int rc, const char *msg)
+{
+    reply_error_hint(w, id, method, wire_status_from_error(rc), msg, rc == FL_EBUSY ? RETRY_AFTER_MS : 0);
 }
 
 static void send_ready(worker_t *w)
@@ -302,7 +316,7 @@ static void generate(worker_t *w, const Folio__V1__Request *q)
     int rc = r ? sched_submit(w->sched, &rq.sched, &err) : err.code;
     if (rc) {
         worker_req_close(w, r);
-        reply_error(w, q->id, method, wire_status_from_error(rc), err.msg);
+        reply_refused(w, q->id, method, rc, err.msg);
     } else {
         fl_log_debug("worker accepted id=%llu prompt=%d max_tokens=%d stream=%d stops=%zu timeout_ms=%u",
                      (unsigned long long)q->id, rq.sched.n_prompt, rq.sched.max_tokens, (int)g->stream, g->n_stop,

@@ -90,7 +90,7 @@ static void map_remove(worker_t *w, uint64_t id)
 worker_req_t *worker_req_open(worker_t *w, const request_t *rq, fl_error_t *err)
 {
     if (w->n_free == 0) {
-        fl_fail(err, FL_ERANGE, "worker: %d requests live, no room for more", w->n_reqs);
+        fl_fail(err, FL_EBUSY, "worker: %d requests live, no room for more", w->n_reqs);
         return NULL;
     }
     const int slot = w->free_slots[w->n_free - 1];
