@@ -7,9 +7,14 @@
 #ifndef FOLIO_FIELDS_H
 #define FOLIO_FIELDS_H
 
+#include <math.h>
 #include <stdbool.h>
+#include <stdio.h>
 
 #include "folio.pb-c.h"
+
+#define FOLIO_MAX_TOP_LOGPROBS 20
+#define FOLIO_MAX_LOGIT_BIAS   1024
 
 #define FOLIO_SAMPLING_HAS(s, field) ((s)->_##field##_case != 0)
 
@@ -28,5 +33,49 @@ FOLIO_SAMPLING_SETTER(uint32_t, repetition_last_n, REPETITION_LAST_N)
 FOLIO_SAMPLING_SETTER(float, presence_penalty, PRESENCE_PENALTY)
 FOLIO_SAMPLING_SETTER(float, frequency_penalty, FREQUENCY_PENALTY)
 #undef FOLIO_SAMPLING_SETTER
+
+/* The ranges of SamplingParams' fields that are set (proto/README.md, "Generate"): the one
+ * definition the coordinator checks at the door and the worker's request layer applies, so a
+ * request is refused or taken alike wherever it is read. Tokens are checked against a vocabulary
+ * where one is known (n_vocab > 0). false with a message naming the field when one is out of range. */
+static inline bool folio_sampling_check(const Folio__V1__SamplingParams *s, int32_t n_vocab, char *msg, size_t cap)
+{
+    if (!s) return true;
+    if (FOLIO_SAMPLING_HAS(s, temperature) && !(s->temperature >= 0 && s->temperature <= 100))
+        return snprintf(msg, cap, "SamplingParams.temperature = %g: must be in [0, 100] (0 = greedy)",
+                        (double)s->temperature), false;
+    if (FOLIO_SAMPLING_HAS(s, top_p) && !(s->top_p > 0 && s->top_p <= 1))
+        return snprintf(msg, cap, "SamplingParams.top_p = %g: must be in (0, 1] (1 = off; temperature 0 for greedy)",
+                        (double)s->top_p), false;
+    if (FOLIO_SAMPLING_HAS(s, min_p) && !(s->min_p >= 0 && s->min_p <= 1))
+        return snprintf(msg, cap, "SamplingParams.min_p = %g: must be in [0, 1] (0 = off)", (double)s->min_p), false;
+    if (FOLIO_SAMPLING_HAS(s, repetition_penalty) && !(s->repetition_penalty > 0 && isfinite(s->repetition_penalty)))
+        return snprintf(msg, cap, "SamplingParams.repetition_penalty = %g: must be above 0 (1 = off)",
+                        (double)s->repetition_penalty), false;
+    if (FOLIO_SAMPLING_HAS(s, presence_penalty) && !(s->presence_penalty >= -2 && s->presence_penalty <= 2))
+        return snprintf(msg, cap, "SamplingParams.presence_penalty = %g: must be in [-2, 2]", (double)s->presence_penalty),
+               false;
+    if (FOLIO_SAMPLING_HAS(s, frequency_penalty) && !(s->frequency_penalty >= -2 && s->frequency_penalty <= 2))
+        return snprintf(msg, cap, "SamplingParams.frequency_penalty = %g: must be in [-2, 2]",
+                        (double)s->frequency_penalty), false;
+    if (s->top_logprobs > FOLIO_MAX_TOP_LOGPROBS)
+        return snprintf(msg, cap, "SamplingParams.top_logprobs = %u: at most %d", s->top_logprobs,
+                        FOLIO_MAX_TOP_LOGPROBS), false;
+    if (s->top_logprobs > 0 && !s->logprobs)
+        return snprintf(msg, cap, "SamplingParams.top_logprobs needs logprobs set"), false;
+    if (s->n_logit_bias > FOLIO_MAX_LOGIT_BIAS)
+        return snprintf(msg, cap, "SamplingParams.logit_bias has %zu entries (at most %d)", s->n_logit_bias,
+                        FOLIO_MAX_LOGIT_BIAS), false;
+    for (size_t i = 0; i < s->n_logit_bias; i++) {
+        const Folio__V1__LogitBias *b = s->logit_bias[i];
+        if (b->token < 0 || (n_vocab > 0 && b->token >= n_vocab))
+            return snprintf(msg, cap, "SamplingParams.logit_bias[%zu].token = %d is outside the vocabulary%s", i,
+                            b->token, n_vocab > 0 ? "" : " (negative)"), false;
+        if (!(b->bias >= -100 && b->bias <= 100))
+            return snprintf(msg, cap, "SamplingParams.logit_bias[%zu].bias = %g: must be in [-100, 100]", i,
+                            (double)b->bias), false;
+    }
+    return true;
+}
 
 #endif

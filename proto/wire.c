@@ -1,6 +1,8 @@
 /* wire.c - folio's ZeroMQ framing and validated protobuf decoding; see wire.h and proto/README.md. */
 #include "wire.h"
 
+#include "folio_fields.h"
+
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -155,13 +157,11 @@ int wire_send(void *sock, const void *identity, size_t identity_len, bool delimi
 
 static bool method_known(int m) { return m >= FOLIO__V1__METHOD__METHOD_GENERATE && m <= FOLIO__V1__METHOD__METHOD_DRAIN; }
 
+/* The ranges every reader of a request applies (folio_fields.h); the vocabulary is the worker's. */
 static int check_sampling(const Folio__V1__SamplingParams *s, fl_error_t *err)
 {
-    if (!s) return FL_OK;
-    if (!(s->temperature >= 0 && s->temperature <= 100))
-        return fl_fail(err, FL_EINVAL, "sampling.temperature %g is not in [0, 100]", s->temperature);
-    if (!(s->top_p >= 0 && s->top_p <= 1)) return fl_fail(err, FL_EINVAL, "sampling.top_p %g is not in [0, 1]", s->top_p);
-    return FL_OK;
+    char msg[200];
+    return folio_sampling_check(s, 0, msg, sizeof msg) ? FL_OK : fl_fail(err, FL_EINVAL, "%s", msg);
 }
 
 static int check_generate(const Folio__V1__GenerateRequest *g, fl_error_t *err)

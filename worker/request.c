@@ -59,23 +59,14 @@ static int check_ids(const int32_t *ids, size_t n, int32_t n_vocab, const char *
     return FL_OK;
 }
 
-static int resolve_bias(request_t *r, const Folio__V1__SamplingParams *s, int32_t n_vocab, fl_error_t *err)
+static int resolve_bias(request_t *r, const Folio__V1__SamplingParams *s, fl_error_t *err)
 {
-    if (s->n_logit_bias > REQUEST_MAX_LOGIT_BIAS)
-        return fl_fail(err, FL_EINVAL, "SamplingParams.logit_bias has %zu entries (at most %d)", s->n_logit_bias,
-                       REQUEST_MAX_LOGIT_BIAS);
     if (s->n_logit_bias == 0) return FL_OK;
     r->bias = malloc(s->n_logit_bias * sizeof *r->bias);
     if (!r->bias) return fl_fail(err, FL_ENOMEM, "out of memory for %zu logit biases", s->n_logit_bias);
     int n = 0;
     for (size_t i = 0; i < s->n_logit_bias; i++) {
         const Folio__V1__LogitBias *b = s->logit_bias[i];
-        if (b->token < 0 || b->token >= n_vocab)
-            return fl_fail(err, FL_EINVAL, "SamplingParams.logit_bias[%zu].token = %d is outside the vocabulary of %d",
-                           i, b->token, n_vocab);
-        if (!(b->bias >= -100 && b->bias <= 100))
-            return fl_fail(err, FL_EINVAL, "SamplingParams.logit_bias[%zu].bias = %g: must be in [-100, 100]", i,
-                           (double)b->bias);
         if (b->bias == 0) continue;
         /* -100 bans the token, as in the OpenAI API: no finite bias can guarantee that. */
         r->bias[n++] = (kern_logit_adjust_t){.token = b->token, .penalty = 1.0f,
@@ -95,6 +86,8 @@ static int resolve_sampling(request_t *r, const Folio__V1__SamplingParams *s, co
 {
     static const Folio__V1__SamplingParams unset = FOLIO__V1__SAMPLING_PARAMS__INIT;
     if (!s) s = &unset;
+    char msg[200];
+    if (!folio_sampling_check(s, n_vocab, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
     kern_sampling_t *k = &r->sched.sampling;
     sched_penalties_t *p = &r->sched.penalties;
     k->temperature = FOLIO_SAMPLING_HAS(s, temperature) ? s->temperature : d->temperature;
@@ -107,28 +100,9 @@ static int resolve_sampling(request_t *r, const Folio__V1__SamplingParams *s, co
                                                     : d->repetition_last_n;
     p->presence = FOLIO_SAMPLING_HAS(s, presence_penalty) ? s->presence_penalty : 0;
     p->frequency = FOLIO_SAMPLING_HAS(s, frequency_penalty) ? s->frequency_penalty : 0;
-    if (!(k->temperature >= 0) || !isfinite(k->temperature))
-        return fl_fail(err, FL_EINVAL, "SamplingParams.temperature = %g: must be 0 (greedy) or more", (double)k->temperature);
-    if (!(k->top_p > 0 && k->top_p <= 1))
-        return fl_fail(err, FL_EINVAL, "SamplingParams.top_p = %g: must be in (0, 1] (1 = off; temperature 0 for greedy)",
-                       (double)k->top_p);
-    if (!(k->min_p >= 0 && k->min_p <= 1))
-        return fl_fail(err, FL_EINVAL, "SamplingParams.min_p = %g: must be in [0, 1] (0 = off)", (double)k->min_p);
-    if (!(p->repetition > 0) || !isfinite(p->repetition))
-        return fl_fail(err, FL_EINVAL, "SamplingParams.repetition_penalty = %g: must be above 0 (1 = off)",
-                       (double)p->repetition);
-    if (!(p->presence >= -2 && p->presence <= 2))
-        return fl_fail(err, FL_EINVAL, "SamplingParams.presence_penalty = %g: must be in [-2, 2]", (double)p->presence);
-    if (!(p->frequency >= -2 && p->frequency <= 2))
-        return fl_fail(err, FL_EINVAL, "SamplingParams.frequency_penalty = %g: must be in [-2, 2]", (double)p->frequency);
-    if (s->top_logprobs > SCHED_MAX_TOP_LOGPROBS)
-        return fl_fail(err, FL_EINVAL, "SamplingParams.top_logprobs = %u: at most %d", s->top_logprobs,
-                       SCHED_MAX_TOP_LOGPROBS);
-    if (s->top_logprobs > 0 && !s->logprobs)
-        return fl_fail(err, FL_EINVAL, "SamplingParams.top_logprobs needs logprobs set");
     r->sched.logprobs = s->logprobs;
     r->sched.top_logprobs = (int)s->top_logprobs;
-    return resolve_bias(r, s, n_vocab, err);
+    return resolve_bias(r, s, err);
 }
 
 int request_resolve(request_t *r, uint64_t id, const Folio__V1__GenerateRequest *g, const char *tenant,

@@ -28,7 +28,6 @@
 #define REQUEST_DEFAULT_MAX_TOKENS 16
 #define REQUEST_MAX_STOPS          16
 #define REQUEST_MAX_STOP_BYTES     256
-#define REQUEST_MAX_LOGIT_BIAS     1024
 
 /* The sampling a request gets for each field it leaves unset. */
 typedef struct request_defaults {
@@ -54,7 +53,7 @@ typedef struct request {
 
 /* Resolves g for id. tenant salts the prefix cache; timeout_ms 0 = no deadline. FL_EINVAL with a
  * message naming the field for anything out of range (an empty prompt, a token outside the
- * vocabulary, temperature < 0 or NaN, top_p outside (0, 1], ...); FL_ENOMEM. r is zeroed first and
+ * vocabulary, a sampling field outside folio_sampling_check's ranges, ...); FL_ENOMEM. r is zeroed first and
  * needs request_release() after success. */
 int request_resolve(request_t *r, uint64_t id, const Folio__V1__GenerateRequest *g, const char *tenant,
                     uint32_t timeout_ms, const request_defaults_t *d, int32_t n_vocab, fl_error_t *err);
