@@ -261,6 +261,7 @@ typedef struct e2e_req {
     double t_sent, t_first, t_final;
     /* the FINAL */
     int status;
+    uint32_t retry_after_ms;
     char message[256];
     int finish;
     uint32_t prompt_tokens, cached, completion;
@@ -272,6 +273,8 @@ typedef struct e2e_req {
     char *text;
     size_t n_text;
     int tag;            /* the test's own label (e.g. the prompt's index) */
+    /* order of arrival among all the tracker's events: its last PARTIAL, its FINAL (0: none) */
+    uint64_t last_partial_seq, final_seq;
 } e2e_req_t;
 
 typedef struct e2e_tracker {
@@ -281,6 +284,7 @@ typedef struct e2e_tracker {
     int n_violations;
     char first_violation[512];
     int n_unknown;        /* events for ids nobody sent (reported as violations too) */
+    uint64_t n_seq;       /* events recorded so far */
 } e2e_tracker_t;
 
 static inline void e2e_tracker_free(e2e_tracker_t *t)
@@ -398,13 +402,16 @@ static inline void e2e_on_event(e2e_tracker_t *t, int ci, const folio_event_t *e
         r->n_text += l;
     }
     if (!ev->final) {
+        r->last_partial_seq = ++t->n_seq;
         r->n_partials++;
         if (!r->generate) e2e_violation(t, "client %d id %llu: a PARTIAL for a unary method", ci, (unsigned long long)ev->id);
         return;
     }
     r->final = true;
+    r->final_seq = ++t->n_seq;
     r->t_final = e2e_now_ms();
     r->status = ev->status;
+    r->retry_after_ms = ev->raw && ev->raw->status ? ev->raw->status->retry_after_ms : 0;
     snprintf(r->message, sizeof r->message, "%s", ev->message ? ev->message : "");
     r->finish = ev->finish_reason;
     r->prompt_tokens = ev->prompt_tokens;

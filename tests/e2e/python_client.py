@@ -100,6 +100,80 @@ def main():
     frames = req.recv_multipart() if ok else []
     check("a REQ client gets its reply", len(frames) == 3 and frames[1] == FINAL)
 
+    # Id 0 is reserved: refused, under id 0.
+    send(sock, pb.Request(version=1, id=0, method=pb.METHOD_HEALTH))
+    r = recv(sock)
+    check("id 0 is refused INVALID_ARGUMENT", r.id == 0 and r.status.code == pb.INVALID_ARGUMENT)
+
+    # An unknown method comes back as the number sent.
+    send(sock, pb.Request(version=1, id=10, method=42))
+    r = recv(sock)
+    check("an unknown method is echoed", r.id == 10 and r.method == 42 and r.status.code == pb.INVALID_ARGUMENT)
+
+    # A string that is not UTF-8 (protobuf will not build one: patch the bytes).
+    g = pb.GenerateRequest(text="caf\u00e9!", max_tokens=4)
+    body = pb.Request(version=1, id=11, method=pb.METHOD_GENERATE, generate=g).SerializeToString()
+    sock.send_multipart([HEADER, REQUEST, body.replace("\u00e9".encode(), b"\xc3\x28")])
+    r = recv(sock)
+    check("invalid UTF-8 is INVALID_ARGUMENT with a result",
+          r.id == 11 and r.status.code == pb.INVALID_ARGUMENT and r.result.finish_reason == pb.FINISH_ERROR)
+
+    # A reused id of a live stream: refused under id 0, naming it; the stream goes on. Then a
+    # Cancel: answered first, no delta after its answer, one FINAL CANCELLED.
+    long_gen = pb.GenerateRequest(text="a long one", max_tokens=3000, stream=True, ignore_eos=True)
+    send(sock, pb.Request(version=1, id=20, method=pb.METHOD_GENERATE, generate=long_gen))
+    send(sock, pb.Request(version=1, id=20, method=pb.METHOD_GENERATE, generate=long_gen))
+    refused, received = None, 0
+    while refused is None:
+        r = recv(sock)
+        check("nothing ends the live stream", not (r.id == 20 and r.final), quiet=True)
+        if r.id == 20:
+            received += len(r.delta.tokens)
+        if r.id == 0:
+            refused = r
+    check("a reused live id is refused under id 0 naming it",
+          refused.final and refused.status.code == pb.INVALID_ARGUMENT and "20" in refused.status.message)
+    send(sock, pb.Request(version=1, id=21, method=pb.METHOD_CANCEL, cancel=pb.CancelRequest(target_id=20)))
+    cancel_answered, target_final = False, None
+    while target_final is None:
+        r = recv(sock)
+        if r.id == 21:
+            check("the Cancel is answered OK before its target ends", r.final and r.status.code == pb.OK)
+            cancel_answered = True
+        elif r.id == 20:
+            check("no delta after the Cancel's answer", r.final or not cancel_answered, quiet=True)
+            received += len(r.delta.tokens)
+            if r.final:
+                target_final = r
+    check("the cancelled stream ends CANCELLED counting what was received",
+          cancel_answered and target_final.status.code == pb.CANCELLED
+          and target_final.result.finish_reason == pb.FINISH_CANCELLED
+          and target_final.result.usage.completion_tokens == received)
+
+    # A tenant at its limit (this coordinator runs with --max-inflight-per-tenant 2): retryable.
+    for rid in (30, 31, 32):
+        send(sock, pb.Request(version=1, id=rid, method=pb.METHOD_GENERATE, tenant="busy", generate=long_gen))
+    over = None
+    while over is None:
+        r = recv(sock)
+        if r.id == 32:
+            over = r
+    check("a tenant over its limit gets RESOURCE_EXHAUSTED with retry_after_ms",
+          over.final and over.status.code == pb.RESOURCE_EXHAUSTED and over.status.retry_after_ms > 0)
+    for rid in (30, 31):
+        send(sock, pb.Request(version=1, id=40 + rid, method=pb.METHOD_CANCEL, cancel=pb.CancelRequest(target_id=rid)))
+    ended = set()
+    while len(ended) < 4:
+        r = recv(sock)
+        if r.final and r.id in (30, 31, 70, 71):
+            ended.add(r.id)
+    # A prompt longer than any context the groups serve never fits: no retry hint.
+    send(sock, pb.Request(version=1, id=50, method=pb.METHOD_GENERATE,
+                          generate=pb.GenerateRequest(prompt_tokens=[5] * 5000, max_tokens=4)))
+    r = recv(sock)
+    check("a prompt that can never fit is RESOURCE_EXHAUSTED without a retry hint",
+          r.id == 50 and r.status.code == pb.RESOURCE_EXHAUSTED and r.status.retry_after_ms == 0)
+
 
 if __name__ == "__main__":
     main()

@@ -1263,6 +1263,398 @@ static void stop_token_ids_and_stop_strings_end_with_stop_and_exclude_the_match(
     folio_result_clear(&r1);
 }
 
+
+/* ---- 9: the protocol page's rules --------------------------------------------------------- */
+
+/* Receives one reply of any kind on a raw socket: [FOLIOC1][cmd][Response]; NULL on timeout. */
+static Folio__V1__Response *raw_recv_any(raw_t *r, int timeout_ms, const char *what)
+{
+    zmq_pollitem_t it = {.socket = r->sock, .events = ZMQ_POLLIN};
+    if (zmq_poll(&it, 1, timeout_ms) <= 0) return NULL;
+    wire_msg_t m;
+    fl_error_t err = {0};
+    if (wire_recv(r->sock, false, false, &m, &err)) fail_msg("%s: %s", what, err.msg);
+    if (m.header_len != 7 || memcmp(m.header, WIRE_HEADER_CLIENT, 7)) fail_msg("%s: reply header is not FOLIOC1", what);
+    if (m.cmd != WIRE_CMD_PARTIAL && m.cmd != WIRE_CMD_FINAL) fail_msg("%s: reply command %d", what, m.cmd);
+    Folio__V1__Response *resp = folio__v1__response__unpack(NULL, m.body_len, m.body);
+    if (!resp) fail_msg("%s: reply body does not decode", what);
+    if (resp->final != (m.cmd == WIRE_CMD_FINAL)) fail_msg("%s: final flag and command disagree", what);
+    wire_msg_close(&m);
+    return resp;
+}
+
+static void send_request(raw_t *r, const Folio__V1__Request *q, bool delimiter)
+{
+    size_t len;
+    uint8_t *b = pack_request(q, &len);
+    const uint8_t cmd = WIRE_CMD_REQUEST;
+    if (delimiter) raw_send(r, (frame_t[]){{"", 0}, {"FOLIOC1", 7}, {&cmd, 1}, {b, len}}, 4);
+    else raw_send(r, (frame_t[]){{"FOLIOC1", 7}, {&cmd, 1}, {b, len}}, 3);
+    free(b);
+}
+
+/* The next FINAL on r (PARTIALs of other ids skipped), which must be for id with this code. */
+static Folio__V1__Response *expect_raw_final(raw_t *r, const char *what, uint64_t id, int code, bool delimiter)
+{
+    for (;;) {
+        Folio__V1__Response *resp = delimiter ? raw_recv(r, e2e_ms(10000), NULL, what) : raw_recv_any(r, e2e_ms(10000), what);
+        if (!resp) fail_msg("%s: no reply within %d ms", what, e2e_ms(10000));
+        if (!resp->final) {
+            folio__v1__response__free_unpacked(resp, NULL);
+            continue;
+        }
+        const int got = resp->status ? (int)resp->status->code : 0;
+        fprintf(stderr, "[e2e] rules: %-44s -> %s id=%llu method=%d \"%s\"\n", what, st(got),
+                (unsigned long long)resp->id, (int)resp->method, resp->status ? resp->status->message : "");
+        if (resp->id != id || got != code)
+            fail_msg("%s: answered id %llu %s (%s), expected id %llu %s", what, (unsigned long long)resp->id, st(got),
+                     resp->status ? resp->status->message : "", (unsigned long long)id, st(code));
+        return resp;
+    }
+}
+
+/* A Generate's error FINAL: a result with FINISH_ERROR and real timings. */
+static void check_error_result(const Folio__V1__Response *resp, const char *what)
+{
+    if (!resp->result) fail_msg("%s: a Generate's error FINAL without a result", what);
+    if (resp->result->finish_reason != FOLIO__V1__FINISH_REASON__FINISH_ERROR)
+        fail_msg("%s: finish reason %d, expected FINISH_ERROR", what, resp->result->finish_reason);
+    if (!resp->result->timings || !(resp->result->timings->total_s > 0))
+        fail_msg("%s: an error FINAL without its elapsed time", what);
+}
+
+static void the_protocol_pages_rules_for_ids_methods_strings_and_sockets_hold(void **state)
+{
+    (void)state;
+    g_cluster = e2e_cluster_start(&g_env, "rules", 1, NULL);
+    raw_t r = {0};
+    raw_open(&r, ZMQ_DEALER);
+    enum { INV = FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, RE = FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED };
+    Folio__V1__Request q;
+    Folio__V1__GenerateRequest g;
+    Folio__V1__Response *resp;
+
+    /* Id 0 is reserved. */
+    folio__v1__request__init(&q);
+    q.version = 1;
+    q.method = FOLIO__V1__METHOD__METHOD_HEALTH;
+    send_request(&r, &q, false);
+    folio__v1__response__free_unpacked(expect_raw_final(&r, "Health with id 0", 0, INV, false), NULL);
+
+    /* An unknown method is echoed as sent. */
+    q.id = 23;
+    q.method = (Folio__V1__Method)99;
+    send_request(&r, &q, false);
+    resp = expect_raw_final(&r, "unknown method 99", 23, INV, false);
+    if ((int)resp->method != 99) fail_msg("unknown method 99 answered as method %d", (int)resp->method);
+    folio__v1__response__free_unpacked(resp, NULL);
+
+    /* Over 8 MiB: answered under the id and method it carries. */
+    const size_t nine = (size_t)9 << 20;
+    char *pad = malloc(nine + 1);
+    assert_non_null(pad);
+    memset(pad, 'a', nine);
+    pad[nine] = 0;
+    Folio__V1__KeyValue kv;
+    folio__v1__key_value__init(&kv);
+    kv.key = "pad";
+    kv.value = pad;
+    Folio__V1__KeyValue *kvs[1] = {&kv};
+    q.method = FOLIO__V1__METHOD__METHOD_HEALTH;
+    q.n_metadata = 1;
+    q.metadata = kvs;
+    q.id = 41;
+    send_request(&r, &q, false);
+    free(pad);
+    q.n_metadata = 0;
+    q.metadata = NULL;
+    resp = expect_raw_final(&r, "9 MiB body with id 41", 41, RE, false);
+    if (resp->method != FOLIO__V1__METHOD__METHOD_HEALTH) fail_msg("9 MiB body answered as method %d", resp->method);
+    if (resp->status->retry_after_ms) fail_msg("a body that is too large can be retried after %u ms?", resp->status->retry_after_ms);
+    folio__v1__response__free_unpacked(resp, NULL);
+
+    /* No body frame. */
+    const uint8_t cmd_req = WIRE_CMD_REQUEST;
+    raw_send(&r, (frame_t[]){{"FOLIOC1", 7}, {&cmd_req, 1}}, 2);
+    folio__v1__response__free_unpacked(expect_raw_final(&r, "REQUEST without a body frame", 0, INV, false), NULL);
+
+    /* Invalid UTF-8 in text, in a message's content, in a stop string. */
+    folio__v1__generate_request__init(&g);
+    g.text = "caf\xc3";
+    g.max_tokens = 4;
+    g.stream = true;
+    q.method = FOLIO__V1__METHOD__METHOD_GENERATE;
+    q.generate = &g;
+    q.id = 60;
+    send_request(&r, &q, false);
+    resp = expect_raw_final(&r, "text of invalid UTF-8", 60, INV, false);
+    check_error_result(resp, "text of invalid UTF-8");
+    folio__v1__response__free_unpacked(resp, NULL);
+    Folio__V1__ChatMessage cm, *cms[1] = {&cm};
+    folio__v1__chat_message__init(&cm);
+    cm.role = "user";
+    cm.content = "\xed\xa0\x80 a surrogate";
+    g.text = NULL;
+    g.messages = cms;
+    g.n_messages = 1;
+    q.id = 61;
+    send_request(&r, &q, false);
+    folio__v1__response__free_unpacked(expect_raw_final(&r, "message content of invalid UTF-8", 61, INV, false), NULL);
+    g.messages = NULL;
+    g.n_messages = 0;
+    g.text = "fine";
+    char *stops[1] = {"\xff"};
+    g.stop = stops;
+    g.n_stop = 1;
+    q.id = 62;
+    send_request(&r, &q, false);
+    folio__v1__response__free_unpacked(expect_raw_final(&r, "stop string of invalid UTF-8", 62, INV, false), NULL);
+    g.stop = NULL;
+    g.n_stop = 0;
+
+    /* A streamed Generate REQ-style (a delimiter frame): refused; unstreamed it is served. */
+    q.id = 63;
+    send_request(&r, &q, true);
+    resp = expect_raw_final(&r, "streamed Generate with a delimiter", 63, INV, true);
+    check_error_result(resp, "streamed Generate with a delimiter");
+    folio__v1__response__free_unpacked(resp, NULL);
+
+    /* A second live request with the id of a live stream: refused under id 0, naming the id; the
+     * live stream goes on and ends with exactly one FINAL. */
+    g.text = "a long stream";
+    g.max_tokens = (uint32_t)e2e_long_tokens(600);
+    g.ignore_eos = true;
+    q.id = 70;
+    send_request(&r, &q, false);
+    resp = raw_recv_any(&r, e2e_ms(10000), "the stream's first reply");
+    if (!resp || resp->final) fail_msg("the stream to be duplicated ended at once (%s)", resp && resp->status ? resp->status->message : "no reply");
+    folio__v1__response__free_unpacked(resp, NULL);
+    g.max_tokens = 4;
+    send_request(&r, &q, false);
+    int finals_70 = 0, partials_70 = 1;
+    bool refused = false;
+    while (finals_70 == 0) {
+        resp = raw_recv_any(&r, e2e_ms(30000), "the duplicated stream");
+        if (!resp) fail_msg("the stream with a duplicated id never ended");
+        if (resp->id == 0 && resp->final) {
+            const char *msg = resp->status ? resp->status->message : "";
+            fprintf(stderr, "[e2e] rules: duplicate id 70 -> %s id=0 \"%s\"\n", st(resp->status ? (int)resp->status->code : 0), msg);
+            if (!resp->status || (int)resp->status->code != INV || !strstr(msg, "70"))
+                fail_msg("the duplicate got %s (%s)", st(resp->status ? (int)resp->status->code : 0), msg);
+            refused = true;
+        } else if (resp->id == 70) {
+            if (resp->final) {
+                finals_70++;
+                if (!resp->status || resp->status->code != FOLIO__V1__STATUS_CODE__OK)
+                    fail_msg("the stream whose id was reused ended %s (%s)", st(resp->status ? (int)resp->status->code : 0),
+                             resp->status ? resp->status->message : "");
+            } else {
+                partials_70++;
+            }
+        } else {
+            fail_msg("a reply for id %llu", (unsigned long long)resp->id);
+        }
+        folio__v1__response__free_unpacked(resp, NULL);
+    }
+    if (!refused) fail_msg("the duplicate of id 70 was not refused under id 0 before the stream's FINAL");
+    resp = raw_recv_any(&r, 300, "after the stream");
+    if (resp) fail_msg("a reply for id %llu after the stream's FINAL (final %d)", (unsigned long long)resp->id, resp->final);
+    fprintf(stderr, "[e2e] rules: the stream of id 70 ended once after %d partials\n", partials_70);
+    raw_close(&r);
+}
+
+/* ---- 10: deadlines and cancels ------------------------------------------------------------ */
+
+static void an_unstreamed_deadline_returns_the_tokens_made_and_no_delta_follows_a_cancels_reply(void **state)
+{
+    (void)state;
+    g_cluster = e2e_cluster_start(&g_env, "deadline-tokens", 1, NULL);
+    folio_client_t *c = new_client();
+    const int L = E2E_CTX - 64;
+    int32_t p0[32];
+    e2e_prompt_tokens(3, 32, p0);
+    folio_generate_params_t p = {.tokens = p0, .n_tokens = 32, .max_tokens = L, .ignore_eos = true, .stream = false,
+                                 .timeout_ms = (uint32_t)e2e_ms(300)};
+    e2e_req_t *d = e2e_send_generate(&g_tr, 0, c, &p, 0);
+    e2e_pump(&g_tr, &c, 1, e2e_ms(10000));
+    e2e_assert_invariant(&g_tr, "unstreamed deadline");
+    fprintf(stderr, "[e2e] deadline-tokens: unstreamed, %d ms deadline: %s with %d tokens (completion %u) after %.0f ms\n",
+            e2e_ms(300), st(d->status), d->n_tokens, d->completion, d->t_final - d->t_sent);
+    if (d->status != FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED) fail_msg("%s (%s)", st(d->status), d->message);
+    assert_int_equal(d->finish, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED);
+    if (d->n_tokens == 0) fail_msg("an unstreamed request past its deadline came back without the tokens it made");
+    assert_int_equal(d->completion, d->n_tokens);
+    assert_true(d->n_tokens < L);
+    if (!(d->total_s >= e2e_ms(300) * 1e-3 && d->queued_s > 0 && d->first_token_s > 0))
+        fail_msg("timings of the deadline's FINAL: queued %.4f first %.4f total %.4f", d->queued_s, d->first_token_s,
+                 d->total_s);
+
+    /* A busy worker; a stream is cancelled after its first tokens: no delta comes after the
+     * Cancel's reply, and the stream's FINAL says CANCELLED and counts what the client got. */
+    e2e_req_t *busy[6];
+    for (int i = 0; i < 6; i++) {
+        int32_t t[32];
+        e2e_prompt_tokens(10 + (uint32_t)i, 32, t);
+        folio_generate_params_t b = {.tokens = t, .n_tokens = 32, .max_tokens = e2e_long_tokens(1500),
+                                     .ignore_eos = true, .stream = true};
+        busy[i] = e2e_send_generate(&g_tr, 0, c, &b, 10 + i);
+    }
+    pump_until_tokens(&c, 1, busy, 6, 6, e2e_ms(10000));
+    e2e_req_t *cancels[6];
+    for (int i = 0; i < 6; i++) cancels[i] = e2e_send_cancel(&g_tr, 0, c, busy[i]->id);
+    e2e_pump(&g_tr, &c, 1, e2e_ms(20000));
+    e2e_assert_invariant(&g_tr, "cancel order");
+    for (int i = 0; i < 6; i++) {
+        const e2e_req_t *b = busy[i], *x = cancels[i];
+        if (x->status != FOLIO__V1__STATUS_CODE__OK) fail_msg("Cancel %d answered %s (%s)", i, st(x->status), x->message);
+        if (b->last_partial_seq > x->final_seq)
+            fail_msg("stream %d: a delta arrived after its Cancel's reply", i);
+        if (b->final_seq < x->final_seq) fail_msg("stream %d: its FINAL came before its Cancel's reply", i);
+        if (b->status != FOLIO__V1__STATUS_CODE__CANCELLED || b->finish != FOLIO__V1__FINISH_REASON__FINISH_CANCELLED)
+            fail_msg("stream %d after its Cancel: %s (%s) finish %d", i, st(b->status), b->message, b->finish);
+        if (b->completion != (uint32_t)b->n_tokens)
+            fail_msg("stream %d: its FINAL counts %u tokens, the client got %d", i, b->completion, b->n_tokens);
+    }
+}
+
+/* ---- 11: bounds ----------------------------------------------------------------------------- */
+
+static void overload_and_a_tenant_at_its_limit_are_resource_exhausted_with_a_retry_hint(void **state)
+{
+    (void)state;
+    static const char *const args[] = {"--max-inflight", "6", "--max-inflight-per-tenant", "4", NULL};
+    cluster_opts_t o;
+    memset(&o, 0, sizeof o);
+    o.coordinator_args = args;
+    g_cluster = e2e_cluster_start(&g_env, "overload", 1, &o);
+    folio_client_t *cl[2] = {new_client(), new_client()};
+    const int L = e2e_long_tokens(1500);
+    e2e_req_t *a[6], *b[3];
+    for (int i = 0; i < 6; i++) {
+        int32_t t[24];
+        e2e_prompt_tokens(800 + (uint32_t)i, 24, t);
+        folio_generate_params_t p = {.tokens = t, .n_tokens = 24, .max_tokens = L, .ignore_eos = true, .stream = true,
+                                     .tenant = "tenant-a"};
+        a[i] = e2e_send_generate(&g_tr, 0, cl[0], &p, i);
+    }
+    pump_until_tokens(cl, 2, a, 6, 6, e2e_ms(10000)); /* the refusals are final at once */
+    for (int i = 0; i < 3; i++) {
+        int32_t t[24];
+        e2e_prompt_tokens(900 + (uint32_t)i, 24, t);
+        folio_generate_params_t p = {.tokens = t, .n_tokens = 24, .max_tokens = L, .ignore_eos = true, .stream = true,
+                                     .tenant = "tenant-b"};
+        b[i] = e2e_send_generate(&g_tr, 1, cl[1], &p, 10 + i);
+    }
+    e2e_pump(&g_tr, cl, 2, e2e_ms(120000));
+    e2e_summary(&g_tr, "overload");
+    e2e_assert_invariant(&g_tr, "overload");
+    for (int i = 0; i < 9; i++) {
+        const e2e_req_t *x = i < 6 ? a[i] : b[i - 6];
+        fprintf(stderr, "[e2e] overload: %s request %d: %s retry_after_ms=%u (%s)\n", i < 6 ? "tenant-a" : "tenant-b",
+                i < 6 ? i : i - 6, st(x->status), x->retry_after_ms, x->message);
+    }
+    /* tenant-a: 4 in, 2 refused at its limit; tenant-b: 2 in (the table holds 6), 1 refused. */
+    for (int i = 0; i < 6; i++) {
+        const int want = i < 4 ? FOLIO__V1__STATUS_CODE__OK : FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED;
+        if (a[i]->status != want) fail_msg("tenant-a request %d: %s (%s), expected %s", i, st(a[i]->status), a[i]->message, st(want));
+    }
+    for (int i = 0; i < 3; i++) {
+        const int want = i < 2 ? FOLIO__V1__STATUS_CODE__OK : FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED;
+        if (b[i]->status != want) fail_msg("tenant-b request %d: %s (%s), expected %s", i, st(b[i]->status), b[i]->message, st(want));
+    }
+    const e2e_req_t *refused[3] = {a[4], a[5], b[2]};
+    for (int i = 0; i < 3; i++) {
+        const e2e_req_t *x = refused[i];
+        if (x->retry_after_ms < 50 || x->retry_after_ms > 10000)
+            fail_msg("a refusal for a full cluster with retry_after_ms %u (%s): not retryable", x->retry_after_ms, x->message);
+        if (x->finish != FOLIO__V1__FINISH_REASON__FINISH_ERROR || x->n_tokens) fail_msg("a refusal with finish %d and %d tokens", x->finish, x->n_tokens);
+    }
+    if (!strstr(a[4]->message, "tenant-a")) fail_msg("tenant-a's refusal does not name the tenant: %s", a[4]->message);
+    /* Retried after its hint, now that the cluster is idle, it is served. */
+    e2e_sleep_ms((int)a[4]->retry_after_ms);
+    int32_t t[24];
+    e2e_prompt_tokens(804, 24, t);
+    folio_generate_params_t p = {.tokens = t, .n_tokens = 24, .max_tokens = 8, .ignore_eos = true, .stream = true,
+                                 .tenant = "tenant-a"};
+    e2e_req_t *again = e2e_send_generate(&g_tr, 0, cl[0], &p, 20);
+    e2e_pump(&g_tr, cl, 2, e2e_ms(10000));
+    e2e_assert_invariant(&g_tr, "overload, retried");
+    if (again->status != FOLIO__V1__STATUS_CODE__OK) fail_msg("the retry: %s (%s)", st(again->status), again->message);
+}
+
+static void a_full_worker_queue_sends_the_request_to_another_group(void **state)
+{
+    (void)state;
+    /* Each worker runs one sequence and queues one more: a third is refused RESOURCE_EXHAUSTED. */
+    static const char *const wargs[] = {"--max-seqs", "1", "--max-waiting", "1", NULL};
+    cluster_opts_t o;
+    memset(&o, 0, sizeof o);
+    o.worker_args = wargs;
+    g_cluster = e2e_cluster_start(&g_env, "worker-full", 2, &o);
+    folio_client_t *c = new_client();
+    /* One prompt, so one routing key: every request goes to the same group first. */
+    int32_t t[40];
+    e2e_prompt_tokens(1234, 40, t);
+    enum { N = 4 };
+    e2e_req_t *rs[N];
+    for (int i = 0; i < N; i++) {
+        folio_generate_params_t p = {.tokens = t, .n_tokens = 40, .max_tokens = e2e_long_tokens(300), .ignore_eos = true,
+                                     .stream = true};
+        rs[i] = e2e_send_generate(&g_tr, 0, c, &p, i);
+    }
+    e2e_pump(&g_tr, &c, 1, e2e_ms(60000));
+    e2e_summary(&g_tr, "worker-full");
+    e2e_assert_invariant(&g_tr, "worker-full");
+    int on[2] = {0, 0}, ok = 0;
+    for (int i = 0; i < N; i++) {
+        const e2e_req_t *x = rs[i];
+        fprintf(stderr, "[e2e] worker-full: request %d: %s on '%s' retry_after_ms=%u (%s)\n", i, st(x->status), x->group,
+                x->retry_after_ms, x->message);
+        if (x->status == FOLIO__V1__STATUS_CODE__OK) {
+            ok++;
+            on[!strcmp(x->group, "g1")]++;
+        } else if (x->status != FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED) {
+            fail_msg("request %d: %s (%s)", i, st(x->status), x->message);
+        } else if (x->retry_after_ms == 0) {
+            fail_msg("request %d: a full queue's refusal without a retry hint: %s", i, x->message);
+        }
+    }
+    if (!on[0] || !on[1])
+        fail_msg("requests of one routing key refused by a full worker stayed on one group (g0 %d, g1 %d of %d OK)", on[0],
+                 on[1], ok);
+}
+
+static void max_tokens_past_the_served_context_is_clamped_and_a_prompt_it_cannot_hold_never_fits(void **state)
+{
+    (void)state;
+    const cluster_opts_t o = small_kv_opts(); /* the model's context is 2,048; the KV cache holds 384 tokens */
+    g_cluster = e2e_cluster_start(&g_env, "clamp", 1, &o);
+    folio_client_t *c = new_client();
+    int32_t t[380];
+    e2e_prompt_tokens(55, 380, t);
+    for (int stream = 0; stream < 2; stream++) {
+        folio_generate_params_t p = {.tokens = t, .n_tokens = 100, .max_tokens = 1000, .ignore_eos = true,
+                                     .stream = stream};
+        folio_result_t res;
+        e2e_generate(c, &p, -1, &res);
+        fprintf(stderr, "[e2e] clamp: 100-token prompt, max_tokens 1000 (%s): %s finish %d with %d tokens (%s)\n",
+                stream ? "streamed" : "unstreamed", st(res.status), res.finish_reason, res.n_tokens, res.message);
+        if (res.status != FOLIO__V1__STATUS_CODE__OK) fail_msg("a prompt that fits with a large max_tokens: %s (%s)", st(res.status), res.message);
+        assert_int_equal(res.finish_reason, FOLIO__V1__FINISH_REASON__FINISH_LENGTH);
+        if (res.n_tokens < 200 || 100 + res.n_tokens > SMALL_KV_BLOCKS * 16)
+            fail_msg("clamped to %d tokens after a 100-token prompt, with %d tokens of KV", res.n_tokens, SMALL_KV_BLOCKS * 16);
+        folio_result_clear(&res);
+    }
+    /* Inside the model's context, beyond the KV cache: it never fits. */
+    folio_generate_params_t p = {.tokens = t, .n_tokens = 380, .max_tokens = 4, .ignore_eos = true, .stream = true};
+    e2e_req_t *x = e2e_send_generate(&g_tr, 0, c, &p, 0);
+    e2e_pump(&g_tr, &c, 1, e2e_ms(10000));
+    e2e_assert_invariant(&g_tr, "never fits");
+    if (x->status != FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED || x->retry_after_ms != 0)
+        fail_msg("a 380-token prompt with 384 tokens of KV: %s retry_after_ms %u (%s)", st(x->status), x->retry_after_ms, x->message);
+    if (!strstr(x->message, "context")) fail_msg("the refusal does not say why: %s", x->message);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1282,6 +1674,14 @@ int main(void)
                                   test_teardown),
         cmocka_unit_test_teardown(kv_pressure_preempts_without_changing_outputs, test_teardown),
         cmocka_unit_test_teardown(stop_token_ids_and_stop_strings_end_with_stop_and_exclude_the_match, test_teardown),
+        cmocka_unit_test_teardown(the_protocol_pages_rules_for_ids_methods_strings_and_sockets_hold, test_teardown),
+        cmocka_unit_test_teardown(an_unstreamed_deadline_returns_the_tokens_made_and_no_delta_follows_a_cancels_reply,
+                                  test_teardown),
+        cmocka_unit_test_teardown(overload_and_a_tenant_at_its_limit_are_resource_exhausted_with_a_retry_hint,
+                                  test_teardown),
+        cmocka_unit_test_teardown(a_full_worker_queue_sends_the_request_to_another_group, test_teardown),
+        cmocka_unit_test_teardown(max_tokens_past_the_served_context_is_clamped_and_a_prompt_it_cannot_hold_never_fits,
+                                  test_teardown),
     };
     /* FOLIO_E2E_FILTER=<glob>: run only the matching cases (chasing one case's rare failure) */
     const char *filter = getenv("FOLIO_E2E_FILTER");
