@@ -676,6 +676,57 @@ static void stop_ids_and_on_token_stop_finish_with_stop(void **state)
     engine_destroy(&e);
 }
 
+/* --- step cost ---------------------------------------------------------------------------------- */
+
+typedef struct step_log {
+    int n, tokens[64];
+    double expected[64];
+} step_log_t;
+
+static void log_step(void *user, int n_tokens, double expected_s)
+{
+    step_log_t *l = user;
+    if (l->n < 64) l->tokens[l->n] = n_tokens, l->expected[l->n] = expected_s;
+    l->n++;
+}
+
+static void log_finish(void *user, const sched_result_t *res) { (void)user, (void)res; }
+
+/* A prompt chunk costs its tokens plus its attention pairs, so chunks deep in a long prompt are
+ * smaller than the first (a fixed token count made each step longer than the one before); after a
+ * few steps the scheduler expects a positive duration for each. */
+static void prompt_chunks_shrink_with_the_context_they_read(void **state)
+{
+    (void)state;
+    engine_t *e = open_engine(80, 0);
+    step_log_t log = {0};
+    const sched_callbacks_t cb = {.on_finish = log_finish, .on_step = log_step, .user = &log};
+    fl_error_t err = {0};
+    sched_t *s = sched_new(e->model, e->kv, &(sched_opts_t){.max_batch_tokens = 64, .no_prefix_cache = true}, &cb, &err);
+    assert_non_null(s);
+    enum { N = 240 };
+    static int32_t prompt[N];
+    for (int i = 0; i < N; i++) prompt[i] = 3 + (i * 17) % 500;
+    assert_int_equal(sched_submit(s, &(sched_request_t){.id = 1, .prompt = prompt, .n_prompt = N, .max_tokens = 1,
+                                                        .ignore_eog = true},
+                                  &err),
+                     0);
+    while (sched_has_work(s)) assert_int_equal(sched_step(s, &err), 0);
+    sched_destroy(&s);
+    assert_true(log.n >= 5);
+    int sum = 0;
+    for (int i = 0; i < log.n; i++) {
+        assert_true(log.tokens[i] > 0 && log.tokens[i] <= 64);
+        if (i > 0) assert_true(log.tokens[i] <= log.tokens[i - 1]); /* never larger deeper in */
+        sum += log.tokens[i];
+    }
+    assert_int_equal(sum, N);
+    /* and smaller by the end (the last chunk aside: it is what remains) */
+    assert_true(log.tokens[log.n - 2] < log.tokens[0]);
+    assert_true(log.expected[log.n - 1] > 0);
+    engine_destroy(&e);
+}
+
 static void liveness_returns_a_positive_duration(void **state)
 {
     (void)state;
@@ -841,6 +892,7 @@ int main(void)
         cmocka_unit_test(admission_leaves_headroom_so_a_newcomer_is_not_preempted_at_once),
         cmocka_unit_test(requests_submitted_between_steps_join_the_running_batch),
         cmocka_unit_test(stop_ids_and_on_token_stop_finish_with_stop),
+        cmocka_unit_test(prompt_chunks_shrink_with_the_context_they_read),
         cmocka_unit_test(liveness_returns_a_positive_duration),
         cmocka_unit_test(penalties_bias_and_logprobs_equal_a_direct_computation),
     };
