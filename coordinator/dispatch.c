@@ -411,7 +411,7 @@ void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool fin
     }
     /* A worker that refuses for want of room: another group may have it. */
     if (status.code == FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED && !e->committed && !e->cancelling && !n_new &&
-        e->refusals < COORD_MAX_RESUBMITS) {
+        e->refusals < COORD_MAX_RESUBMITS && !(e->deadline > 0 && now >= e->deadline)) {
         if (c->groups->table[slot].inflight) c->groups->table[slot].inflight--;
         e->group = -1;
         e->refusals++;
