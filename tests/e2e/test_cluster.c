@@ -571,6 +571,28 @@ static uint8_t *pack_request(const Folio__V1__Request *q, size_t *len)
     return b;
 }
 
+/* Packs q with 9 MiB of metadata (over the 8 MiB a body may have) into a malloc'd buffer. */
+static uint8_t *pack_oversized_request(Folio__V1__Request *q, size_t *len)
+{
+    const size_t nine = (size_t)9 << 20;
+    char *pad = malloc(nine + 1);
+    assert_non_null(pad);
+    memset(pad, 'a', nine);
+    pad[nine] = 0;
+    Folio__V1__KeyValue kv;
+    folio__v1__key_value__init(&kv);
+    kv.key = "pad";
+    kv.value = pad;
+    Folio__V1__KeyValue *kvs[1] = {&kv};
+    q->n_metadata = 1;
+    q->metadata = kvs;
+    uint8_t *b = pack_request(q, len);
+    q->n_metadata = 0;
+    q->metadata = NULL;
+    free(pad);
+    return b;
+}
+
 /* Sends frames, expects a FINAL with code (and id, unless want_id is UINT64_MAX). */
 static void expect_error(raw_t *r, const char *what, const frame_t *f, int n, int code, uint64_t want_id)
 {
@@ -720,27 +742,12 @@ static void malformed_messages_get_error_finals_and_the_coordinator_keeps_servin
     q.drain = NULL;
 
     /* A body over 8 MiB: RESOURCE_EXHAUSTED, not decoded. */
-    const size_t nine = (size_t)9 << 20;
-    char *pad = malloc(nine + 1);
-    assert_non_null(pad);
-    memset(pad, 'a', nine);
-    pad[nine] = 0;
-    Folio__V1__KeyValue kv;
-    folio__v1__key_value__init(&kv);
-    kv.key = "pad";
-    kv.value = pad;
-    Folio__V1__KeyValue *kvs[1] = {&kv};
     q.method = FOLIO__V1__METHOD__METHOD_HEALTH;
-    q.n_metadata = 1;
-    q.metadata = kvs;
     q.id = 41;
-    b = pack_request(&q, &bl);
+    b = pack_oversized_request(&q, &bl);
     expect_error(&r, "9 MiB body", (frame_t[]){{"FOLIOC1", 7}, {&cmd_req, 1}, {b, bl}}, 3,
                  FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED, ANY);
     free(b);
-    free(pad);
-    q.n_metadata = 0;
-    q.metadata = NULL;
 #undef SEND_REQ
     coordinator_alive_and_serving(good, "the malformed messages");
 
@@ -1330,6 +1337,7 @@ static void the_protocol_pages_rules_for_ids_methods_strings_and_sockets_hold(vo
     raw_t r = {0};
     raw_open(&r, ZMQ_DEALER);
     enum { INV = FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, RE = FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED };
+    const uint8_t cmd_req = WIRE_CMD_REQUEST;
     Folio__V1__Request q;
     Folio__V1__GenerateRequest g;
     Folio__V1__Response *resp;
@@ -1350,31 +1358,18 @@ static void the_protocol_pages_rules_for_ids_methods_strings_and_sockets_hold(vo
     folio__v1__response__free_unpacked(resp, NULL);
 
     /* Over 8 MiB: answered under the id and method it carries. */
-    const size_t nine = (size_t)9 << 20;
-    char *pad = malloc(nine + 1);
-    assert_non_null(pad);
-    memset(pad, 'a', nine);
-    pad[nine] = 0;
-    Folio__V1__KeyValue kv;
-    folio__v1__key_value__init(&kv);
-    kv.key = "pad";
-    kv.value = pad;
-    Folio__V1__KeyValue *kvs[1] = {&kv};
     q.method = FOLIO__V1__METHOD__METHOD_HEALTH;
-    q.n_metadata = 1;
-    q.metadata = kvs;
     q.id = 41;
-    send_request(&r, &q, false);
-    free(pad);
-    q.n_metadata = 0;
-    q.metadata = NULL;
+    size_t bl;
+    uint8_t *b = pack_oversized_request(&q, &bl);
+    raw_send(&r, (frame_t[]){{"FOLIOC1", 7}, {&cmd_req, 1}, {b, bl}}, 3);
+    free(b);
     resp = expect_raw_final(&r, "9 MiB body with id 41", 41, RE, false);
     if (resp->method != FOLIO__V1__METHOD__METHOD_HEALTH) fail_msg("9 MiB body answered as method %d", resp->method);
     if (resp->status->retry_after_ms) fail_msg("a body that is too large can be retried after %u ms?", resp->status->retry_after_ms);
     folio__v1__response__free_unpacked(resp, NULL);
 
     /* No body frame. */
-    const uint8_t cmd_req = WIRE_CMD_REQUEST;
     raw_send(&r, (frame_t[]){{"FOLIOC1", 7}, {&cmd_req, 1}}, 2);
     folio__v1__response__free_unpacked(expect_raw_final(&r, "REQUEST without a body frame", 0, INV, false), NULL);
 

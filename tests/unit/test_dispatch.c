@@ -139,20 +139,26 @@ static void worker_heartbeat(int w, const uint64_t *live, size_t n_live)
     worker_send(w, WIRE_CMD_HEARTBEAT, &l.base);
 }
 
+/* READY from worker i as rank 0 of group g<i>, 16-token blocks. */
+static void worker_ready(int i, uint32_t kv_blocks, uint32_t max_context)
+{
+    char group[16];
+    snprintf(group, sizeof group, "g%d", i);
+    Folio__V1__WorkerHello h = FOLIO__V1__WORKER_HELLO__INIT;
+    h.group = group;
+    h.tp_size = 1;
+    h.block_size = 16;
+    h.kv_blocks = kv_blocks;
+    h.max_context = max_context;
+    h.model_id = (char *)"tiny";
+    h.epoch = 1;
+    worker_send(i, WIRE_CMD_READY, &h.base);
+}
+
 static void register_workers(int n)
 {
     for (int i = 0; i < n; i++) {
-        char group[16];
-        snprintf(group, sizeof group, "g%d", i);
-        Folio__V1__WorkerHello h = FOLIO__V1__WORKER_HELLO__INIT;
-        h.group = group;
-        h.tp_size = 1;
-        h.block_size = 16;
-        h.kv_blocks = 100;
-        h.max_context = 256;
-        h.model_id = (char *)"tiny";
-        h.epoch = 1;
-        worker_send(i, WIRE_CMD_READY, &h.base);
+        worker_ready(i, 100, 256);
         worker_heartbeat(i, NULL, 0);
     }
     pump();
@@ -255,13 +261,14 @@ static void client_send(const Folio__V1__Request *q, bool delimiter)
     pump();
 }
 
-/* A Generate of PROMPT with max_tokens 8, streamed or not. */
-static void client_generate_ex(uint64_t id, const char *tenant, uint32_t timeout_ms, bool stream)
+/* A Generate of n prompt tokens asking max_tokens, streamed or not. */
+static void client_generate_tokens(uint64_t id, const char *tenant, uint32_t timeout_ms, bool stream,
+                                   const int32_t *tokens, int n, uint32_t max_tokens)
 {
     Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
-    g.prompt_tokens = (int32_t *)PROMPT;
-    g.n_prompt_tokens = 3;
-    g.max_tokens = 8;
+    g.prompt_tokens = (int32_t *)tokens;
+    g.n_prompt_tokens = (size_t)n;
+    g.max_tokens = max_tokens;
     g.stream = stream;
     Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
     q.version = WIRE_VERSION;
@@ -271,6 +278,12 @@ static void client_generate_ex(uint64_t id, const char *tenant, uint32_t timeout
     q.timeout_ms = timeout_ms;
     q.generate = &g;
     client_send(&q, false);
+}
+
+/* A Generate of PROMPT with max_tokens 8, streamed or not. */
+static void client_generate_ex(uint64_t id, const char *tenant, uint32_t timeout_ms, bool stream)
+{
+    client_generate_tokens(id, tenant, timeout_ms, stream, PROMPT, 3, 8);
 }
 
 static void client_generate(uint64_t id, const char *tenant, uint32_t timeout_ms)
@@ -857,16 +870,7 @@ static void client_generate_long(uint64_t id, int n, uint32_t max_tokens)
     int32_t *t = malloc((size_t)n * sizeof *t);
     assert_non_null(t);
     for (int i = 0; i < n; i++) t[i] = 3 + i % 200;
-    Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
-    g.prompt_tokens = t;
-    g.n_prompt_tokens = (size_t)n;
-    g.max_tokens = max_tokens;
-    Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
-    q.version = WIRE_VERSION;
-    q.id = id;
-    q.method = FOLIO__V1__METHOD__METHOD_GENERATE;
-    q.generate = &g;
-    client_send(&q, false);
+    client_generate_tokens(id, "", 0, false, t, n, max_tokens);
     free(t);
 }
 
@@ -897,15 +901,7 @@ static void test_max_tokens_is_clamped_to_the_served_context_and_a_prompt_it_can
     folio__v1__response__free_unpacked(r, NULL);
     assert_null(worker_recv(0));
     /* A worker that advertises more context than its KV cache holds serves what the cache holds. */
-    Folio__V1__WorkerHello h = FOLIO__V1__WORKER_HELLO__INIT;
-    h.group = (char *)"g1";
-    h.tp_size = 1;
-    h.block_size = 16;
-    h.kv_blocks = 10;
-    h.max_context = 2048;
-    h.model_id = (char *)"tiny";
-    h.epoch = 1;
-    worker_send(1, WIRE_CMD_READY, &h.base);
+    worker_ready(1, 10, 2048);
     pump();
     assert_int_equal(F.c->groups->g[groups_find(F.c->groups, "g1")].max_context, 160);
 }
@@ -933,10 +929,21 @@ static void test_a_reused_live_id_is_refused_under_id_0_and_the_live_stream_goes
     expect_nothing_more();
 }
 
+/* Sends q and expects its refusal: a FINAL for q's id with code whose message has needle. */
+static void expect_refused(const Folio__V1__Request *q, bool delimiter, Folio__V1__StatusCode code, const char *needle)
+{
+    client_send(q, delimiter);
+    Folio__V1__Response *r = expect_final(q->id, code);
+    if (!strstr(r->status->message, needle))
+        fail_msg("id %llu: \"%s\" does not say \"%s\"", (unsigned long long)q->id, r->status->message, needle);
+    folio__v1__response__free_unpacked(r, NULL);
+}
+
 static void test_id_0_invalid_utf8_and_a_streamed_generate_from_a_req_socket_are_refused(void **state)
 {
     (void)state;
     register_workers(1);
+    const Folio__V1__StatusCode INV = FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT;
     Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
     g.text = (char *)"hello";
     g.max_tokens = 4;
@@ -946,17 +953,14 @@ static void test_id_0_invalid_utf8_and_a_streamed_generate_from_a_req_socket_are
     q.method = FOLIO__V1__METHOD__METHOD_GENERATE;
     q.generate = &g;
     q.id = 0;
-    client_send(&q, false);
-    Folio__V1__Response *r = expect_final(0, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
-    assert_non_null(strstr(r->status->message, "id 0 is reserved"));
-    folio__v1__response__free_unpacked(r, NULL);
+    expect_refused(&q, false, INV, "id 0 is reserved");
 
     static const char *const bad[] = {"caf\xc3", "\xc0\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80", "a\xffz"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         g.text = (char *)bad[i];
         q.id = 20 + i;
         client_send(&q, false);
-        r = expect_generate_final(q.id, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, FOLIO__V1__FINISH_REASON__FINISH_ERROR);
+        Folio__V1__Response *r = expect_generate_final(q.id, INV, FOLIO__V1__FINISH_REASON__FINISH_ERROR);
         assert_non_null(strstr(r->status->message, "generate.text is not valid UTF-8"));
         folio__v1__response__free_unpacked(r, NULL);
     }
@@ -967,10 +971,7 @@ static void test_id_0_invalid_utf8_and_a_streamed_generate_from_a_req_socket_are
     g.messages = msgs;
     g.n_messages = 1;
     q.id = 30;
-    client_send(&q, false);
-    r = expect_final(30, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
-    assert_non_null(strstr(r->status->message, "generate.messages[0] is not valid UTF-8"));
-    folio__v1__response__free_unpacked(r, NULL);
+    expect_refused(&q, false, INV, "generate.messages[0] is not valid UTF-8");
     g.messages = NULL;
     g.n_messages = 0;
     g.text = (char *)"fine \xe2\x82\xac";
@@ -978,20 +979,14 @@ static void test_id_0_invalid_utf8_and_a_streamed_generate_from_a_req_socket_are
     g.stop = stops;
     g.n_stop = 1;
     q.id = 31;
-    client_send(&q, false);
-    r = expect_final(31, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
-    assert_non_null(strstr(r->status->message, "generate.stop[0]"));
-    folio__v1__response__free_unpacked(r, NULL);
+    expect_refused(&q, false, INV, "generate.stop[0]");
     assert_null(worker_recv(0));
 
     /* REQ-style (a delimiter frame): one reply per request, so no stream. */
     g.stop = NULL;
     g.n_stop = 0;
     q.id = 40;
-    client_send(&q, true);
-    r = expect_final(40, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
-    assert_non_null(strstr(r->status->message, "stream = false"));
-    folio__v1__response__free_unpacked(r, NULL);
+    expect_refused(&q, true, INV, "stream = false");
     assert_null(worker_recv(0));
     expect_nothing_more();
 }
