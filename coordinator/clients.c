@@ -313,6 +313,12 @@ void coord_client_message(coord_t *c, wire_msg_t *m, double now)
         uint64_t id;
         Folio__V1__Method method;
         wire_peek_request(m->body, m->body_len, &id, &method);
+        if (id && reqs_by_client(c->reqs, m->identity, m->identity_len, id)) { /* as a reused id, below */
+            snprintf(msg, sizeof msg, "request id %llu is already in flight on this connection: %s",
+                     (unsigned long long)id, err.msg);
+            reply_error(c, m, 0, method, wire_status_from_error(err.code), msg, now);
+            return;
+        }
         reply_error(c, m, id, method, wire_status_from_error(err.code), err.msg, now);
         return;
     }

@@ -919,6 +919,14 @@ static void test_a_reused_live_id_is_refused_under_id_0_and_the_live_stream_goes
     r = expect_final(0, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
     assert_null(r->result);
     folio__v1__response__free_unpacked(r, NULL);
+    Folio__V1__Request bad = FOLIO__V1__REQUEST__INIT; /* and an invalid request (version 0) */
+    bad.id = 7;
+    bad.method = FOLIO__V1__METHOD__METHOD_HEALTH;
+    client_send(&bad, false);
+    r = expect_final(0, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
+    assert_non_null(strstr(r->status->message, "request id 7 is already in flight"));
+    assert_non_null(strstr(r->status->message, "version 0"));
+    folio__v1__response__free_unpacked(r, NULL);
     assert_null(worker_recv(0)); /* nothing reached the worker */
     const int32_t a[1] = {1};
     worker_partial(0, wid, 0, a, 1, false);
