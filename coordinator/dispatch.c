@@ -580,7 +580,7 @@ static int cmp_u64(const void *a, const void *b)
 /* A lost REQUEST or FINAL (a reconnect drops them) would otherwise leave its request waiting for
  * ever. A worker reads its socket just before it lists, and a worker's messages arrive in order, so
  * a FINAL it sent is always relayed before a heartbeat that no longer lists the id. */
-void dispatch_reconcile(coord_t *c, int slot, uint64_t *live_ids, size_t n_live, double now)
+void dispatch_reconcile(coord_t *c, int slot, uint64_t *live_ids, size_t n_live, double step_running_s, double now)
 {
     if (!c->groups->table[slot].inflight) return;
     if (n_live) qsort(live_ids, n_live, sizeof *live_ids, cmp_u64);
@@ -589,7 +589,7 @@ void dispatch_reconcile(coord_t *c, int slot, uint64_t *live_ids, size_t n_live,
     int lost = 0;
     for (int i = 0; i < reqs_capacity(c->reqs); i++) {
         req_t *e = reqs_at(c->reqs, i);
-        if (!e->live || e->group != slot || e->cancelling || now - e->t_dispatch < 2 * c->hb_s) continue;
+        if (!e->live || e->group != slot || e->cancelling || now - e->t_dispatch < 2 * c->hb_s + step_running_s) continue;
         if (n_live && bsearch(&e->wid, live_ids, n_live, sizeof *live_ids, cmp_u64)) continue;
         lost++;
         fail_over_one(c, e, slot, -1, name, "lost the request", now);

@@ -66,8 +66,10 @@ void dispatch_group_died(coord_t *c, int slot, const char *why, double now);
 void dispatch_group_restarted(coord_t *c, int slot, double now);
 /* Group slot's heartbeat listed these worker-side ids as live (sorted here in place): its requests
  * routed more than 2 heartbeat intervals ago that it does not list were lost in transit, and fail
- * over or end. */
-void dispatch_reconcile(coord_t *c, int slot, uint64_t *live_ids, size_t n_live, double now);
+ * over or end. A heartbeat sent during a step that has run step_running_s lists what the worker
+ * held when the step began (it has not read its socket since), so requests routed within that
+ * time as well are not judged by it. */
+void dispatch_reconcile(coord_t *c, int slot, uint64_t *live_ids, size_t n_live, double step_running_s, double now);
 
 /* Seconds until the next deadline or cancel timeout, or a negative number when none. */
 double dispatch_next_timer(coord_t *c, double now);

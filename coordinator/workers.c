@@ -116,7 +116,7 @@ void coord_worker_message(coord_t *c, wire_msg_t *m, double now)
         if (rank == 0) {
             const bool was = c->groups->g[slot].healthy;
             groups_set_load(c->groups, slot, l);
-            dispatch_reconcile(c, slot, l->live_ids, l->n_live_ids, now);
+            dispatch_reconcile(c, slot, l->live_ids, l->n_live_ids, l->step_running_s, now);
             if (was != c->groups->g[slot].healthy)
                 fl_log_info("group %s group=%s", c->groups->g[slot].healthy ? "healthy" : "unhealthy",
                             c->groups->g[slot].name);

@@ -8,7 +8,8 @@
  * left and the cache namespace, and the client's message is left as it came; a group that dies
  * before the first token has reached the client has its request resubmitted to another group under
  * a new id, and after it the request ends UNAVAILABLE keeping its tokens; a request its group's
- * heartbeat no longer lists is failed over; Cancel ends with the worker's FINAL, or CANCELLED when
+ * heartbeat no longer lists is failed over (not by a heartbeat sent during a step that began before
+ * the request could have been read); Cancel ends with the worker's FINAL, or CANCELLED when
  * the worker never confirms; a deadline ends DEADLINE_EXCEEDED and cancels on the worker; a client
  * that is gone has its requests cancelled on their workers. The rules of proto/README.md: no delta
  * after a Cancel's reply; an unstreamed request past its deadline keeps the tokens of its worker's
@@ -130,13 +131,20 @@ static void worker_send(int w, int cmd, const ProtobufCMessage *body)
     assert_int_equal(wire_send(F.worker[w], NULL, 0, false, WIRE_HEADER_WORKER, cmd, body, NULL), 0);
 }
 
-static void worker_heartbeat(int w, const uint64_t *live, size_t n_live)
+/* A HEARTBEAT listing these ids, sent during a step that has run step_running_s (0: between steps). */
+static void worker_heartbeat_at(int w, const uint64_t *live, size_t n_live, double step_running_s)
 {
     Folio__V1__WorkerLoad l = FOLIO__V1__WORKER_LOAD__INIT;
     l.engine_ok = true;
     l.live_ids = (uint64_t *)live;
     l.n_live_ids = n_live;
+    l.step_running_s = step_running_s;
     worker_send(w, WIRE_CMD_HEARTBEAT, &l.base);
+}
+
+static void worker_heartbeat(int w, const uint64_t *live, size_t n_live)
+{
+    worker_heartbeat_at(w, live, n_live, 0);
 }
 
 /* READY from worker i as rank 0 of group g<i>, 16-token blocks. */
@@ -522,6 +530,9 @@ static void test_a_request_the_heartbeat_no_longer_lists_is_failed_over(void **s
     pump_at(3.0);
     worker_heartbeat(w, NULL, 0);
     pump_at(0.5);
+    /* Sent during a step that began before the request could be read: it cannot know it. */
+    worker_heartbeat_at(w, NULL, 0, 2.5);
+    pump_at(3.0);
     for (int i = 0; i < N_WORKERS; i++) assert_null(worker_recv(i));
     /* Unlisted 2 heartbeat intervals after it was sent: lost in transit, sent again (to any group,
      * its own included) under a new id. */
