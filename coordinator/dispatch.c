@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "clock.h"
+#include "folio_fields.h"
 #include "log.h"
 
 /* ---- sends ---- */
@@ -250,7 +251,7 @@ static uint32_t remaining_ms(const req_t *e, double now)
  * (the worker then ends the request FINISH_LENGTH there, as at its model's own context). */
 static uint32_t clamp_max_tokens(uint32_t asked, int n_prompt, uint32_t ctx)
 {
-    const uint64_t want = asked ? asked : WIRE_DEFAULT_MAX_TOKENS;
+    const uint64_t want = asked ? asked : FOLIO_DEFAULT_MAX_TOKENS;
     if (!ctx || (uint32_t)n_prompt >= ctx || (uint64_t)n_prompt + want <= ctx) return asked;
     return ctx - (uint32_t)n_prompt;
 }

@@ -13,6 +13,7 @@
 
 #include "folio.pb-c.h"
 
+#define FOLIO_DEFAULT_MAX_TOKENS 16 /* GenerateRequest.max_tokens 0 */
 #define FOLIO_MAX_TOP_LOGPROBS 20
 #define FOLIO_MAX_LOGIT_BIAS   1024
 

@@ -35,9 +35,6 @@
 #define WIRE_MAX_BODY_BYTES (8u << 20)
 #define WIRE_MAX_IDENTITY 255
 
-/* GenerateRequest.max_tokens 0 means this many (proto/README.md). */
-#define WIRE_DEFAULT_MAX_TOKENS 16
-
 /* Default endpoints (contract), each overridable by a flag and environment variable. */
 #define WIRE_DEFAULT_CLIENT_ENDPOINT "tcp://127.0.0.1:5555" /* FOLIO_COORDINATOR */
 #define WIRE_DEFAULT_WORKER_ENDPOINT "tcp://127.0.0.1:5556" /* FOLIO_WORKER_ENDPOINT */

@@ -129,7 +129,7 @@ int request_resolve(request_t *r, uint64_t id, const Folio__V1__GenerateRequest 
     q->id = id;
     q->prompt = g->prompt_tokens;
     q->n_prompt = (int)g->n_prompt_tokens;
-    q->max_tokens = g->max_tokens == 0 ? REQUEST_DEFAULT_MAX_TOKENS : g->max_tokens > INT_MAX ? INT_MAX : (int)g->max_tokens;
+    q->max_tokens = g->max_tokens == 0 ? FOLIO_DEFAULT_MAX_TOKENS : g->max_tokens > INT_MAX ? INT_MAX : (int)g->max_tokens;
     q->stop_ids = g->stop_token_ids;
     q->n_stop_ids = (int)g->n_stop_token_ids;
     q->ignore_eog = g->ignore_eos;

@@ -3,7 +3,7 @@
  * request_resolve() turns a GenerateRequest (from the coordinator, or built by folioctl from its
  * flags) into the scheduler's request with every default, limit and rule applied: sampling fields
  * left unset take the model's defaults (request_defaults_init), values out of range are refused
- * with a message naming the field, max_tokens 0 means REQUEST_DEFAULT_MAX_TOKENS. The worker,
+ * with a message naming the field, max_tokens 0 means FOLIO_DEFAULT_MAX_TOKENS. The worker,
  * `folioctl run/chat --local` and the benchmarks all go through it, so they cannot disagree.
  *
  * request_stream_t turns the generated tokens into the output stream: incremental UTF-8 text, stop
@@ -25,7 +25,6 @@
 #include "scheduler.h"
 #include "tokenizer.h"
 
-#define REQUEST_DEFAULT_MAX_TOKENS 16
 #define REQUEST_MAX_STOPS          16
 #define REQUEST_MAX_STOP_BYTES     256
 

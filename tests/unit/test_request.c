@@ -47,7 +47,7 @@ static void unset_fields_take_the_defaults_and_zero_is_kept(void **state)
     fl_error_t err = {0};
     assert_int_equal(request_resolve(&r, 7, &g, "", 0, defaults(), N_VOCAB, &err), 0);
     assert_true(r.sched.id == 7);
-    assert_int_equal(r.sched.max_tokens, REQUEST_DEFAULT_MAX_TOKENS);
+    assert_int_equal(r.sched.max_tokens, FOLIO_DEFAULT_MAX_TOKENS);
     assert_true(r.sched.sampling.temperature == 0.8f);
     assert_int_equal(r.sched.sampling.top_k, 40);
     assert_true(r.sched.sampling.top_p == 0.95f);
