@@ -19,7 +19,7 @@ static void a_rolling_restart_of_every_group_under_load_fails_no_request(void **
     e2e_load_t load = {.t = &e2e_fx.tr, .cl = cl, .n_clients = NC, .per_client = 3, .max_tokens = e2e_long_tokens(256)};
     e2e_load_run(&load, e2e_ms(1000));
     for (int g = 0; g < NG; g++) {
-        char name[8];
+        char name[16];
         snprintf(name, sizeof name, "g%d", g);
         const pid_t old = e2e_up_child(&e2e_fx.up, name);
         assert_true(old > 0);
@@ -57,7 +57,7 @@ static void a_rolling_restart_of_every_group_under_load_fails_no_request(void **
     if (e2e_worker_help_mentions("--restarts")) {
         Folio__V1__Response *s = e2e_status(ctl);
         for (int g = 0; g < NG; g++) {
-            char name[8];
+            char name[16];
             snprintf(name, sizeof name, "g%d", g);
             const Folio__V1__GroupStatus *gs = e2e_group(s, name);
             assert_non_null(gs);
