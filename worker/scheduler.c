@@ -621,7 +621,10 @@ double sched_expected_s(const sched_t *s, int tokens, double pairs)
 static void plan(sched_t *s)
 {
     int budget = s->o.max_batch_tokens;
-    double cost = s->o.max_batch_tokens; /* in tokens: decode tokens count 1, prompt chunks their cost */
+    /* In tokens: what a full chunk at the context's start costs, so a prompt of up to
+     * max_batch_tokens still goes in one step and chunks deeper in a context take fewer tokens for
+     * the same cost. Decode tokens count 1 each. */
+    double cost = budget + chunk_pairs(0, budget) / s->pairs_per_token;
     for (int i = 0; i < s->n_running; i++) s->running[i]->take = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < s->n_running && budget > 0; i++) {

@@ -2,9 +2,10 @@
  *
  * Requests are submitted at any time and join between steps. Each sched_step() runs one batched
  * model_forward() mixing one decode token per running sequence with chunks of prompts (chunked
- * prefill) under a budget of max_batch_tokens tokens, a prompt chunk costing its tokens plus its
- * attention (the (token, position) pairs it reads, at the rate measured: sched_expected_s), so a
- * step's duration does not grow with the context. A new sequence first looks its prompt's full blocks up in the
+ * prefill) under a budget of max_batch_tokens tokens and of cost: a prompt chunk costs its tokens
+ * plus its attention (the (token, position) pairs it reads, at the backend's relative attention
+ * cost), and a step may cost what a full chunk at the context's start does, so its duration does
+ * not grow with the context. A new sequence first looks its prompt's full blocks up in the
  * prefix cache (block_hash.h chains, salted per tenant) and only computes what is missing; every
  * block a sequence fills is published to the cache, and blocks nobody references stay cached until
  * memory is needed (then evicted least-recently-used). When a running sequence needs a block and
