@@ -103,8 +103,8 @@ int cli_gen_flag_parse(cli_gen_flags_t *g, int argc, char **argv, int *i)
         g->ignore_eos = true;
     } else if (!strcmp(a, "--stop")) {
         if (!VALUE()) return -1;
-        if (g->n_stops == CLI_MAX_STOPS || !*v) {
-            fprintf(stderr, "error: --stop takes a non-empty string, at most %d times\n", CLI_MAX_STOPS);
+        if (g->n_stops == FOLIO_MAX_STOPS || !*v) {
+            fprintf(stderr, "error: --stop takes a non-empty string, at most %d times\n", FOLIO_MAX_STOPS);
             return -1;
         }
         g->stops[g->n_stops++] = (char *)v;

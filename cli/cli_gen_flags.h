@@ -10,7 +10,6 @@
 
 #include "folio_fields.h"
 
-#define CLI_MAX_STOPS      64
 #define CLI_MAX_LOGIT_BIAS 256
 
 typedef struct cli_gen_flags {
@@ -19,7 +18,7 @@ typedef struct cli_gen_flags {
     Folio__V1__LogitBias bias[CLI_MAX_LOGIT_BIAS];
     Folio__V1__LogitBias *bias_ptrs[CLI_MAX_LOGIT_BIAS];
     bool ignore_eos;
-    char *stops[CLI_MAX_STOPS];        /* --stop, repeatable; borrowed from argv */
+    char *stops[FOLIO_MAX_STOPS];        /* --stop, repeatable; borrowed from argv */
     int n_stops;
 } cli_gen_flags_t;
 

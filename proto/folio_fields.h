@@ -10,12 +10,15 @@
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "folio.pb-c.h"
 
 #define FOLIO_DEFAULT_MAX_TOKENS 16 /* GenerateRequest.max_tokens 0 */
 #define FOLIO_MAX_TOP_LOGPROBS 20
 #define FOLIO_MAX_LOGIT_BIAS   1024
+#define FOLIO_MAX_STOPS        16  /* GenerateRequest.stop strings ... */
+#define FOLIO_MAX_STOP_BYTES   256 /* ... of 1 to this many bytes each */
 
 #define FOLIO_SAMPLING_HAS(s, field) ((s)->_##field##_case != 0)
 
@@ -34,6 +37,21 @@ FOLIO_SAMPLING_SETTER(uint32_t, repetition_last_n, REPETITION_LAST_N)
 FOLIO_SAMPLING_SETTER(float, presence_penalty, PRESENCE_PENALTY)
 FOLIO_SAMPLING_SETTER(float, frequency_penalty, FREQUENCY_PENALTY)
 #undef FOLIO_SAMPLING_SETTER
+
+/* GenerateRequest.stop within its bounds; false with a message naming the string otherwise. The
+ * coordinator and the worker's request layer both apply it. */
+static inline bool folio_stops_check(char *const *stops, size_t n, char *msg, size_t cap)
+{
+    if (n > FOLIO_MAX_STOPS)
+        return snprintf(msg, cap, "GenerateRequest has %zu stop strings (at most %d)", n, FOLIO_MAX_STOPS), false;
+    for (size_t i = 0; i < n; i++) {
+        const size_t len = strlen(stops[i]);
+        if (len == 0 || len > FOLIO_MAX_STOP_BYTES)
+            return snprintf(msg, cap, "GenerateRequest.stop[%zu] has %zu bytes (1 to %d)", i, len,
+                            FOLIO_MAX_STOP_BYTES), false;
+    }
+    return true;
+}
 
 /* The ranges of SamplingParams' fields that are set (proto/README.md, "Generate"): the one
  * definition the coordinator checks at the door and the worker's request layer applies, so a

@@ -11,8 +11,7 @@
 /* Limits a decoded message must respect beyond what protobuf itself checks. */
 #define WIRE_MAX_PROMPT_TOKENS (1 << 20)
 #define WIRE_MAX_MESSAGES 4096
-#define WIRE_MAX_STOPS 64
-#define WIRE_MAX_STOP_BYTES 256
+#define WIRE_MAX_STOP_IDS 64
 #define WIRE_MAX_METADATA 64
 #define WIRE_MAX_NAME 256
 
@@ -185,15 +184,11 @@ static int check_generate(const Folio__V1__GenerateRequest *g, fl_error_t *err)
             return fl_fail(err, FL_EINVAL, "generate: messages[%zu].role '%.32s' is not system, user or assistant", i,
                            role);
     }
-    if (g->n_stop > WIRE_MAX_STOPS)
-        return fl_fail(err, FL_EINVAL, "generate: %zu stop strings exceed the limit of %d", g->n_stop, WIRE_MAX_STOPS);
-    for (size_t i = 0; i < g->n_stop; i++)
-        if (!*g->stop[i] || strlen(g->stop[i]) > WIRE_MAX_STOP_BYTES)
-            return fl_fail(err, FL_EINVAL, "generate: stop[%zu] is empty or longer than %d bytes", i,
-                           WIRE_MAX_STOP_BYTES);
-    if (g->n_stop_token_ids > WIRE_MAX_STOPS)
+    char msg[200];
+    if (!folio_stops_check(g->stop, g->n_stop, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
+    if (g->n_stop_token_ids > WIRE_MAX_STOP_IDS)
         return fl_fail(err, FL_EINVAL, "generate: %zu stop token ids exceed the limit of %d", g->n_stop_token_ids,
-                       WIRE_MAX_STOPS);
+                       WIRE_MAX_STOP_IDS);
     return check_sampling(g->sampling, err);
 }
 

@@ -117,14 +117,8 @@ int request_resolve(request_t *r, uint64_t id, const Folio__V1__GenerateRequest 
     int rc = check_ids(g->prompt_tokens, g->n_prompt_tokens, n_vocab, "prompt_tokens", err);
     if (!rc) rc = check_ids(g->stop_token_ids, g->n_stop_token_ids, n_vocab, "stop_token_ids", err);
     if (rc) return rc;
-    if (g->n_stop > REQUEST_MAX_STOPS)
-        return fl_fail(err, FL_EINVAL, "GenerateRequest has %zu stop strings (at most %d)", g->n_stop, REQUEST_MAX_STOPS);
-    for (size_t i = 0; i < g->n_stop; i++) {
-        const size_t len = strlen(g->stop[i]);
-        if (len == 0 || len > REQUEST_MAX_STOP_BYTES)
-            return fl_fail(err, FL_EINVAL, "GenerateRequest.stop[%zu] has %zu bytes (1 to %d)", i, len,
-                           REQUEST_MAX_STOP_BYTES);
-    }
+    char msg[200];
+    if (!folio_stops_check(g->stop, g->n_stop, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
     sched_request_t *q = &r->sched;
     q->id = id;
     q->prompt = g->prompt_tokens;

@@ -25,8 +25,6 @@
 #include "scheduler.h"
 #include "tokenizer.h"
 
-#define REQUEST_MAX_STOPS          16
-#define REQUEST_MAX_STOP_BYTES     256
 
 /* The sampling a request gets for each field it leaves unset. */
 typedef struct request_defaults {
