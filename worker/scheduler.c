@@ -38,7 +38,7 @@ typedef struct seq {
     sched_result_t res;
     int32_t *tokens;         /* [n_prompt + max_tokens] prompt, then generated tokens */
     int32_t *stop;           /* [n_stop_ids] */
-    kern_logit_adjust_t *bias;   /* [n_bias] the request's logit bias, sorted by token */
+    kern_logit_adjust_t *bias;   /* [n_bias] the request's logit bias (sorted by token) */
     kern_logit_adjust_t *adjust; /* [adjust_cap] this draw's adjustments (build_adjust) */
     int64_t *seen;               /* [adjust_cap] scratch: the tokens the penalties look at */
     int adjust_cap;
@@ -294,12 +294,6 @@ static seq_t *find_live(const sched_t *s, uint64_t id)
     return NULL;
 }
 
-static int cmp_adjust_token(const void *a, const void *b)
-{
-    const int32_t x = ((const kern_logit_adjust_t *)a)->token, y = ((const kern_logit_adjust_t *)b)->token;
-    return (x > y) - (x < y);
-}
-
 static int cmp_i64(const void *a, const void *b)
 {
     const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
@@ -321,7 +315,6 @@ static int seq_alloc_sampling(const sched_t *s, seq_t *q, const sched_request_t 
         q->bias = malloc((size_t)p->n_bias * sizeof *q->bias);
         if (!q->bias) return FL_ENOMEM;
         memcpy(q->bias, p->bias, (size_t)p->n_bias * sizeof *q->bias);
-        qsort(q->bias, (size_t)p->n_bias, sizeof *q->bias, cmp_adjust_token);
     }
     const int window = repetition_on(p) ? (p->repetition_last_n < s->ctx ? p->repetition_last_n : s->ctx) : 0;
     const int seen = window + (occurrence_on(p) ? max_tokens : 0);
@@ -401,10 +394,14 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
         r->top_logprobs > SCHED_MAX_TOP_LOGPROBS)
         return fl_fail(err, FL_EINVAL, "sched: request %llu has %d logit biases, repetition window %d, %d top logprobs",
                        (unsigned long long)r->id, pen->n_bias, pen->repetition_last_n, r->top_logprobs);
-    for (int i = 0; i < pen->n_bias; i++)
+    for (int i = 0; i < pen->n_bias; i++) {
         if (pen->bias[i].token < 0 || pen->bias[i].token >= s->m->cfg.n_vocab)
             return fl_fail(err, FL_EINVAL, "sched: request %llu: logit bias for token %d out of vocabulary (%d)",
                            (unsigned long long)r->id, pen->bias[i].token, s->m->cfg.n_vocab);
+        if (i > 0 && pen->bias[i].token <= pen->bias[i - 1].token) /* build_adjust merges in token order */
+            return fl_fail(err, FL_EINVAL, "sched: request %llu: logit bias not sorted by token, or a token twice",
+                           (unsigned long long)r->id);
+    }
     /* Generation stops with LENGTH at the context's end. */
     const int max_tokens = r->max_tokens < s->ctx - r->n_prompt ? r->max_tokens : s->ctx - r->n_prompt;
     const int64_t need = ((int64_t)r->n_prompt + max_tokens + bs - 1) / bs;

@@ -54,7 +54,7 @@ typedef struct sched_penalties {
     int repetition_last_n;
     float presence, frequency;/* the OpenAI API's: l -= presence (if seen) + frequency x count, over
                                  the completion's tokens */
-    const kern_logit_adjust_t *bias; /* per token id, distinct, .add the bias (-INFINITY bans); copied */
+    const kern_logit_adjust_t *bias; /* sorted by token, each once, .add the bias (-INFINITY bans); copied */
     int n_bias;
 } sched_penalties_t;
 
