@@ -108,7 +108,7 @@ static int run_folio(engine_t *e, int prompt_tokens, int decode_prompt, int deco
     fill_prompt(prompts, prompt_tokens, vocab, 1234);
     double best = 0;
     for (int r = 0; r <= repeat; r++) {
-        gen_request_t q = {.prompt = prompts, .n_prompt = prompt_tokens, .max_tokens = 1, .ignore_eog = true,
+        gen_request_t q = {.req.prompt = prompts, .req.n_prompt = prompt_tokens, .req.max_tokens = 1, .req.ignore_eog = true,
                            .tokens = outs};
         gen_stats_t st = {0};
         if (gen_run(m, e->kv, &q, 1, NULL, NULL, &st, &err) || request_failed(&q, 1, &err)) goto fail;
@@ -117,7 +117,7 @@ static int run_folio(engine_t *e, int prompt_tokens, int decode_prompt, int deco
     }
     fig->prefill_tok_s = best;
     if (g_profile) {
-        gen_request_t q = {.prompt = prompts, .n_prompt = prompt_tokens, .max_tokens = 1, .ignore_eog = true,
+        gen_request_t q = {.req.prompt = prompts, .req.n_prompt = prompt_tokens, .req.max_tokens = 1, .req.ignore_eog = true,
                            .tokens = outs};
         char what[64];
         snprintf(what, sizeof what, "prefill of %d tokens", prompt_tokens);
@@ -130,8 +130,8 @@ static int run_folio(engine_t *e, int prompt_tokens, int decode_prompt, int deco
         for (int r = 0; r <= repeat; r++) {
             for (int i = 0; i < B; i++) {
                 fill_prompt(prompts + (size_t)i * decode_prompt, decode_prompt, vocab, 99 + (uint32_t)i);
-                reqs[i] = (gen_request_t){.prompt = prompts + (size_t)i * decode_prompt, .n_prompt = decode_prompt,
-                                          .max_tokens = decode_tokens, .ignore_eog = true,
+                reqs[i] = (gen_request_t){.req.prompt = prompts + (size_t)i * decode_prompt, .req.n_prompt = decode_prompt,
+                                          .req.max_tokens = decode_tokens, .req.ignore_eog = true,
                                           .tokens = outs + (size_t)i * decode_tokens};
             }
             gen_stats_t st = {0};

@@ -192,10 +192,7 @@ static int generate_one(engine_t *e, const ctl_flags_t *f, const char *prompt_te
     run_out_t o = {.print = !f->json, .tokens = malloc((size_t)max_out * sizeof *o.tokens),
                    .logprobs = f->json && q->logprobs ? cJSON_CreateArray() : NULL};
     int32_t *out = malloc((size_t)max_out * sizeof *out);
-    gen_request_t r = {.prompt = q->prompt, .n_prompt = q->n_prompt, .max_tokens = q->max_tokens,
-                       .sampling = q->sampling, .penalties = q->penalties, .stop_ids = q->stop_ids,
-                       .n_stop_ids = q->n_stop_ids, .logprobs = q->logprobs, .top_logprobs = q->top_logprobs,
-                       .ignore_eog = q->ignore_eog, .tokens = out};
+    gen_request_t r = {.req = *q, .tokens = out};
     gen_stats_t st = {0};
     int rc = out && o.tokens ? request_stream_open(&o.stream, m->tok, rq.stops, rq.n_stops, q->logprobs, &err)
                              : fl_fail(&err, FL_ENOMEM, "out of memory");

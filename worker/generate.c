@@ -74,26 +74,23 @@ int gen_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n_reqs, gen_tok
         r->error[0] = 0;
         r->t_submit = t0;
         r->t_first_token = r->t_done = 0;
-        if (r->n_prompt <= 0) {
+        if (r->req.n_prompt <= 0) {
             snprintf(r->error, sizeof r->error, "empty prompt: nothing to generate from");
             finish(r, GEN_FINISH_ERROR);
             continue;
         }
-        if (r->n_prompt >= max_pos) {
-            snprintf(r->error, sizeof r->error, "prompt of %d tokens does not fit the context of %d", r->n_prompt,
+        if (r->req.n_prompt >= max_pos) {
+            snprintf(r->error, sizeof r->error, "prompt of %d tokens does not fit the context of %d", r->req.n_prompt,
                      max_pos);
             finish(r, GEN_FINISH_ERROR);
             continue;
         }
-        if (r->max_tokens <= 0) {
+        if (r->req.max_tokens <= 0) {
             finish(r, GEN_FINISH_LENGTH);
             continue;
         }
-        const sched_request_t sr = {.id = (uint64_t)i, .prompt = r->prompt, .n_prompt = r->n_prompt,
-                                    .max_tokens = r->max_tokens, .sampling = r->sampling,
-                                    .penalties = r->penalties, .stop_ids = r->stop_ids,
-                                    .n_stop_ids = r->n_stop_ids, .logprobs = r->logprobs,
-                                    .top_logprobs = r->top_logprobs, .ignore_eog = r->ignore_eog};
+        sched_request_t sr = r->req;
+        sr.id = (uint64_t)i;
         fl_error_t serr = {0};
         const int src = sched_submit(s, &sr, &serr);
         if (src == FL_ERANGE) { /* this request alone exceeds the KV cache: its error, not the run's */

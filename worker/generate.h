@@ -19,19 +19,9 @@
 typedef enum { GEN_FINISH_NONE = 0, GEN_FINISH_STOP, GEN_FINISH_LENGTH, GEN_FINISH_ERROR } gen_finish_t;
 
 typedef struct gen_request {
-    /* in */
-    const int32_t *prompt;
-    int n_prompt;
-    int max_tokens;
-    kern_sampling_t sampling;    /* .position is set per token */
-    sched_penalties_t penalties; /* zeroed: none */
-    const int32_t *stop_ids;     /* extra stop token ids */
-    int n_stop_ids;
-    bool logprobs;               /* pass each token's log-probabilities to on_token */
-    int top_logprobs;
-    bool ignore_eog;             /* keep going past end-of-generation tokens (benchmarks) */
+    sched_request_t req;         /* in: what to generate (gen_run sets .id to the index in reqs) */
     /* out */
-    int32_t *tokens;             /* caller-provided, room for max_tokens */
+    int32_t *tokens;             /* caller-provided, room for req.max_tokens */
     int n_tokens;
     gen_finish_t finish;
     char error[256];

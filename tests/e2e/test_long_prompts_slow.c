@@ -63,7 +63,7 @@ static double engine_prefill_s(const int32_t *prompt, int n)
     engine_t *e = engine_new(&o, &err);
     if (!e) fail_msg("engine: %s", err.msg);
     int32_t out[2];
-    gen_request_t r = {.prompt = prompt, .n_prompt = n, .max_tokens = 1, .ignore_eog = true, .tokens = out};
+    gen_request_t r = {.req.prompt = prompt, .req.n_prompt = n, .req.max_tokens = 1, .req.ignore_eog = true, .tokens = out};
     if (gen_run(e->model, e->kv, &r, 1, NULL, NULL, NULL, &err)) fail_msg("gen_run: %s", err.msg);
     engine_destroy(&e);
     return r.t_first_token - r.t_submit;

@@ -61,9 +61,7 @@ static int answer(const Folio__V1__SamplingParams *sampling, int32_t *out)
     request_defaults_init(&d, g_engine->model->gguf);
     request_t rq;
     if (request_resolve(&rq, 0, &g, "", 0, &d, g_engine->model->cfg.n_vocab, &err)) fail_msg("resolve: %s", err.msg);
-    gen_request_t r = {.prompt = rq.sched.prompt, .n_prompt = rq.sched.n_prompt, .max_tokens = rq.sched.max_tokens,
-                       .sampling = rq.sched.sampling, .penalties = rq.sched.penalties,
-                       .ignore_eog = rq.sched.ignore_eog, .tokens = out};
+    gen_request_t r = {.req = rq.sched, .tokens = out};
     if (gen_run(g_engine->model, g_engine->kv, &r, 1, NULL, NULL, NULL, &err)) fail_msg("gen_run: %s", err.msg);
     request_release(&rq);
     free(ids);

@@ -82,8 +82,8 @@ static engine_t *open_engine(const char *path, const char *backend, bool weights
 static int run(engine_t *e, gen_request_t *reqs, int32_t (*outs)[N_GEN], int first, int n)
 {
     for (int i = 0; i < n; i++)
-        reqs[i] = (gen_request_t){.prompt = g_cases[first + i].prompt, .n_prompt = g_cases[first + i].n_prompt,
-                                  .max_tokens = N_GEN, .tokens = outs[first + i]};
+        reqs[i] = (gen_request_t){.req.prompt = g_cases[first + i].prompt, .req.n_prompt = g_cases[first + i].n_prompt,
+                                  .req.max_tokens = N_GEN, .tokens = outs[first + i]};
     fl_error_t err = {0};
     if (gen_run(e->model, e->kv, reqs, n, NULL, NULL, NULL, &err)) {
         printf("FAIL: gen_run (%s): %s\n", kern_backend_name(e->be), err.msg);

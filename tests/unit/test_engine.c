@@ -67,9 +67,9 @@ static void generate(engine_t *e, int32_t prompts[N_PROMPTS][200], const int *le
 {
     gen_request_t reqs[N_PROMPTS];
     for (int i = 0; i < n; i++)
-        reqs[i] = (gen_request_t){.prompt = prompts[first + i], .n_prompt = lens[first + i], .max_tokens = N_GEN,
-                                  .ignore_eog = true, .tokens = out[first + i],
-                                  .sampling = {.temperature = temperature, .top_k = 40, .top_p = 0.9f,
+        reqs[i] = (gen_request_t){.req.prompt = prompts[first + i], .req.n_prompt = lens[first + i], .req.max_tokens = N_GEN,
+                                  .req.ignore_eog = true, .tokens = out[first + i],
+                                  .req.sampling = {.temperature = temperature, .top_k = 40, .top_p = 0.9f,
                                                .seed = 1000 + (uint64_t)(first + i)}};
     fl_error_t err = {0};
     if (gen_run(e->model, e->kv, reqs, n, NULL, NULL, NULL, &err)) fail_msg("gen_run: %s", err.msg);
@@ -146,13 +146,13 @@ static void overlong_prompt_is_an_error_not_a_crash(void **state)
     assert_non_null(e);
     int32_t prompt[100], out[4];
     for (int i = 0; i < 100; i++) prompt[i] = 5 + i;
-    gen_request_t r = {.prompt = prompt, .n_prompt = 100, .max_tokens = 4, .tokens = out};
+    gen_request_t r = {.req.prompt = prompt, .req.n_prompt = 100, .req.max_tokens = 4, .tokens = out};
     assert_int_equal(gen_run(e->model, e->kv, &r, 1, NULL, NULL, NULL, &err), 0);
     assert_int_equal(r.finish, GEN_FINISH_ERROR);
     assert_non_null(strstr(r.error, "context"));
     /* Out-of-vocabulary token ids are rejected by the forward pass. */
     prompt[3] = 100000;
-    r.n_prompt = 10;
+    r.req.n_prompt = 10;
     assert_int_not_equal(gen_run(e->model, e->kv, &r, 1, NULL, NULL, NULL, &err), 0);
     assert_non_null(strstr(err.msg, "vocabulary"));
     engine_destroy(&e);
@@ -163,8 +163,8 @@ static void empty_prompt_and_zero_max_tokens_are_handled(void **state)
     (void)state;
     engine_t *e = open_engine(64, 16);
     int32_t prompt[4] = {5, 6, 7, 8}, out[4];
-    gen_request_t r[2] = {{.prompt = prompt, .n_prompt = 0, .max_tokens = 4, .tokens = out},
-                          {.prompt = prompt, .n_prompt = 4, .max_tokens = 0, .tokens = out}};
+    gen_request_t r[2] = {{.req.prompt = prompt, .req.n_prompt = 0, .req.max_tokens = 4, .tokens = out},
+                          {.req.prompt = prompt, .req.n_prompt = 4, .req.max_tokens = 0, .tokens = out}};
     fl_error_t err = {0};
     assert_int_equal(gen_run(e->model, e->kv, r, 2, NULL, NULL, NULL, &err), 0);
     assert_int_equal(r[0].finish, GEN_FINISH_ERROR);

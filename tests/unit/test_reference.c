@@ -149,7 +149,7 @@ static void run_cases(gen_request_t *reqs, int32_t (*outs)[64], int first, int n
 {
     for (int i = 0; i < n; i++) {
         const ref_case_t *c = &g_cases[first + i];
-        reqs[i] = (gen_request_t){.prompt = c->prompt, .n_prompt = c->n_prompt, .max_tokens = 64,
+        reqs[i] = (gen_request_t){.req.prompt = c->prompt, .req.n_prompt = c->n_prompt, .req.max_tokens = 64,
                                   .tokens = outs[first + i]};
     }
     fl_error_t err = {0};

@@ -189,8 +189,8 @@ static void output_is_identical_alone_batched_cached_and_preempted(void **state)
         for (int i = 0; i < N_REQ; i++) {
             const sched_request_t sr = request(i, temp);
             int32_t out[N_GEN];
-            gen_request_t g = {.prompt = sr.prompt, .n_prompt = sr.n_prompt, .max_tokens = N_GEN,
-                               .sampling = sr.sampling, .ignore_eog = true, .tokens = out};
+            gen_request_t g = {.req.prompt = sr.prompt, .req.n_prompt = sr.n_prompt, .req.max_tokens = N_GEN,
+                               .req.sampling = sr.sampling, .req.ignore_eog = true, .tokens = out};
             fl_error_t err = {0};
             assert_int_equal(gen_run(e->model, e->kv, &g, 1, NULL, NULL, NULL, &err), 0);
             assert_int_equal(g.n_tokens, N_GEN);
