@@ -97,6 +97,17 @@ static inline int e2e_long_tokens(int release_tokens)
 #define E2E_VOCAB 512
 #define E2E_CTX 2048
 #define E2E_KV_BYTES_PER_TOKEN 2048
+/* Writes the random model p describes to path; -1 (and why, on stderr) when it cannot. */
+static inline int e2e_write_model(const char *path, const mkmodel_params_t *p)
+{
+    fl_error_t err = {0};
+    if (mkmodel_write(p, path, &err)) {
+        fprintf(stderr, "mkmodel %s: %s\n", path, err.msg);
+        return -1;
+    }
+    return 0;
+}
+
 static inline int e2e_make_model(const char *path)
 {
     mkmodel_params_t p;
@@ -110,12 +121,7 @@ static inline int e2e_make_model(const char *path)
     p.ctx = E2E_CTX;
     p.type = FL_TYPE_Q8_0;
     p.seed = 11;
-    fl_error_t err = {0};
-    if (mkmodel_write(&p, path, &err)) {
-        fprintf(stderr, "mkmodel %s: %s\n", path, err.msg);
-        return -1;
-    }
-    return 0;
+    return e2e_write_model(path, &p);
 }
 
 /* n deterministic prompt token ids from seed: byte tokens (ids 3..258), valid in any mkmodel vocab. */

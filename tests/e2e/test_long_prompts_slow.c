@@ -33,12 +33,7 @@ static int make_model(const char *path)
     p.ctx = 8192;
     p.type = FL_TYPE_Q8_0;
     p.seed = 5;
-    fl_error_t err = {0};
-    if (mkmodel_write(&p, path, &err)) {
-        fprintf(stderr, "mkmodel %s: %s\n", path, err.msg);
-        return -1;
-    }
-    return 0;
+    return e2e_write_model(path, &p);
 }
 
 static int group_setup(void **state)
