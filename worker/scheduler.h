@@ -39,11 +39,26 @@ typedef enum {
     SCHED_FINISH_ERROR,     /* see sched_result_t.error */
 } sched_finish_t;
 
+/* Speculative decoding (spec.h): which drafter proposes the tokens a step verifies. */
+typedef enum {
+    SCHED_SPEC_AUTO = 0,    /* Medusa when heads are loaded (sched_opts_t.medusa), else n-gram */
+    SCHED_SPEC_NONE,
+    SCHED_SPEC_NGRAM,       /* prompt lookup: the continuation of the latest match of the last tokens */
+    SCHED_SPEC_MEDUSA,      /* the heads' tree (n-gram when no heads are loaded) */
+} sched_spec_t;
+
+#define SCHED_MAX_DRAFT 16  /* draft tokens a sequence may verify in one step */
+
+struct medusa;
+
 typedef struct sched_opts {
     int max_batch_tokens; /* tokens per step; 0 = the model's max_batch_tokens */
     int max_running;      /* sequences in a step; 0 = the model's max_seqs */
     int max_waiting;      /* queued requests beyond which submit refuses (FL_ERANGE); 0 = 4096 */
     bool no_prefix_cache; /* never look blocks up (blocks are still reference counted) */
+    sched_spec_t spec;    /* the most a request may ask for: NONE turns speculation off here, AUTO
+                             allows any mode (requests default to AUTO) */
+    struct medusa *medusa;/* Medusa heads for the model, or NULL (stays the caller's) */
 } sched_opts_t;
 
 /* Logit adjustments drawn from the sequence's own tokens (so a preempted or resumed sequence draws
@@ -81,6 +96,9 @@ typedef struct sched_request {
     bool ignore_eog;
     block_hash_t salt;        /* block_hash_salt(tenant) */
     double deadline;          /* absolute, fl_clock_s(); 0 = none */
+    sched_spec_t spec;        /* speculative decoding for this request (AUTO by default) */
+    int max_draft;            /* most draft tokens a step verifies for it; 0: the default, at most
+                                 SCHED_MAX_DRAFT */
 } sched_request_t;
 
 typedef struct sched_result {
@@ -88,6 +106,7 @@ typedef struct sched_result {
     sched_finish_t finish;
     int n_prompt, n_cached, n_generated; /* n_cached: prompt tokens served from the prefix cache */
     int preemptions;
+    int n_drafted, n_accepted;  /* draft tokens verified, and of them accepted (speculation) */
     double t_submit, t_scheduled, t_first_token, t_done; /* fl_clock_s(); 0 when it did not happen */
     char error[200];
 } sched_result_t;
@@ -117,6 +136,9 @@ typedef struct sched_stats {
      * forward + sampling in steps with and without prompt chunks. */
     uint64_t prefill_tokens, decode_step_tokens;
     double prefill_s, decode_s;
+    /* Speculation: draft tokens verified and accepted, and the (sequence, step) verifications that
+     * carried a draft; mean accepted length = 1 + accepted / spec_seq_steps tokens a step. */
+    uint64_t drafted_tokens, accepted_tokens, spec_seq_steps;
 } sched_stats_t;
 
 typedef struct sched sched_t;
