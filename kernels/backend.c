@@ -87,6 +87,11 @@ void kern_kv_store(kern_backend_t *be, fl_f16_t *kc, fl_f16_t *vc, const float *
 {
     be->ops->kv_store(be, kc, vc, k, v, slots, n, kv_dim);
 }
+void kern_kv_move(kern_backend_t *be, fl_f16_t *kc, fl_f16_t *vc, const int32_t *src_slots, const int32_t *dst_slots,
+                  int n, int kv_dim)
+{
+    if (n > 0) be->ops->kv_move(be, kc, vc, src_slots, dst_slots, n, kv_dim);
+}
 void kern_attention(kern_backend_t *be, const kern_attn_t *a) { be->ops->attention(be, a); }
 void kern_swiglu(kern_backend_t *be, float *o, const float *g, const float *u, int n)
 {

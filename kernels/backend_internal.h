@@ -61,6 +61,8 @@ typedef struct kern_ops {
     void (*graph_reset)(kern_backend_t *be);
 
     int (*mem_info)(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes); /* optional */
+    void (*kv_move)(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
+                    const int32_t *dst_slots, int n, int kv_dim);
 } kern_ops_t;
 
 struct kern_backend {

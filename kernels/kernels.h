@@ -54,7 +54,9 @@ typedef struct kern_attn {
      * NULL for causal attention. Token i then attends to positions 0..tree_start[i]-1 of its
      * sequence (the accepted context) and to tree_start[i] + j for each bit j of tree_mask[i] (its
      * ancestors in the tree and itself, the tree's tokens stored from tree_start on); tok_pos only
-     * positions RoPE. A masked position weighs exactly 0, as if absent. */
+     * positions RoPE. A masked position weighs exactly 0, as if absent. The CPU reads the visible
+     * positions compacted in order, so a node of depth d (tok_pos = tree_start + d) gives the bits
+     * of causal attention at that position once its path's K/V sit at tree_start.. (kern_kv_move). */
     const uint64_t *tree_mask;  /* [n_tokens] */
     const int32_t *tree_start;  /* [n_tokens] */
     /* Sequences the tokens come from, 0 when unknown. A hint only: when every sequence brings
@@ -178,6 +180,11 @@ void kern_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_he
 /* Writes k, v ([n][n_kv_heads*head_dim] f32) to the f16 pools at slots[n]. */
 void kern_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
                    const int32_t *slots, int n, int kv_dim);
+/* Copies the K and V rows at src_slots[i] to dst_slots[i] (host arrays) for i = 0..n-1, in that
+ * order, as if one after the other: how a verified draft path's K/V reach the positions after the
+ * accepted context (a speculative step keeps them). */
+void kern_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
+                  const int32_t *dst_slots, int n, int kv_dim);
 void kern_attention(kern_backend_t *be, const kern_attn_t *a);
 void kern_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n); /* silu(gate)*up */
 void kern_add(kern_backend_t *be, float *y, const float *x, int n);                          /* y += x */

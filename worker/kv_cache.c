@@ -244,3 +244,9 @@ void kv_seq_free(kv_cache_t *kv, kv_seq_t *s)
     free(s->blocks);
     s->blocks = NULL;
 }
+
+void kv_cache_move(kv_cache_t *kv, const int32_t *src_slots, const int32_t *dst_slots, int n)
+{
+    const int kv_dim = kv->n_kv_heads * kv->head_dim;
+    for (int l = 0; l < kv->n_layers && n > 0; l++) kern_kv_move(kv->be, kv->k[l], kv->v[l], src_slots, dst_slots, n, kv_dim);
+}

@@ -74,6 +74,9 @@ static inline int kv_cache_evictable_blocks(const kv_cache_t *kv) { return kv->n
 static inline int kv_cache_used_blocks(const kv_cache_t *kv) { return kv->n_blocks - kv->n_free - kv->n_evictable; }
 static inline int kv_cache_capacity_tokens(const kv_cache_t *kv) { return kv->n_blocks * kv->block_size; }
 
+/* Copies the K/V of every layer from slots src[i] to dst[i], in order (kern_kv_move). */
+void kv_cache_move(kv_cache_t *kv, const int32_t *src_slots, const int32_t *dst_slots, int n);
+
 /* A sequence's blocks. The table has room for max_blocks (the model's context / block_size). */
 typedef struct kv_seq {
     int32_t *blocks;

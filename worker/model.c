@@ -200,7 +200,8 @@ static int alloc_scratch(model_t *m, fl_error_t *err)
     const size_t T = (size_t)m->max_batch_tokens, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
     /* A step's inputs, packed: tokens, positions, sequences, KV slots ([n] each), block tables,
      * prompt lengths. */
-    const size_t step_ints = 4 * T + (size_t)m->max_seqs * m->max_blocks + (size_t)m->max_seqs;
+    const size_t step_ints = 4 * T + (size_t)m->max_seqs * m->max_blocks + (size_t)m->max_seqs +
+                             T /* tree starts */ + 1 /* alignment */ + 2 * T /* tree masks */;
     struct { void **p; size_t bytes; } bufs[] = {
         {(void **)&m->x, T * c->dim * sizeof(float)},
         {(void **)&m->xb, T * c->dim * sizeof(float)},
@@ -356,6 +357,14 @@ void model_destroy(model_t **mp)
     *mp = NULL;
 }
 
+/* Where token i's K/V go: its position, or in a draft tree its node's place (tree_start + its own
+ * bit, the highest of its mask). */
+static int32_t store_pos(const model_batch_t *b, int i)
+{
+    if (!b->tree_mask) return b->pos[i];
+    return b->tree_start[i] + 63 - __builtin_clzll(b->tree_mask[i]);
+}
+
 /* Checks the batch against the model's limits and the cache, and fills the slots part of m->h_step
  * (see model_forward) with each token's
  * KV slot (block * block_size + offset) on the way, since the check already looks the block up. */
@@ -370,13 +379,17 @@ static int check_batch(model_t *m, const kv_cache_t *kv, const model_batch_t *b,
     for (int i = 0; i < b->n_tokens; i++) {
         if (b->tokens[i] < 0 || b->tokens[i] >= m->cfg.n_vocab)
             return fl_fail(err, FL_EINVAL, "forward: token id %d out of vocabulary (%d)", b->tokens[i], m->cfg.n_vocab);
-        if (b->seq[i] < 0 || b->seq[i] >= b->n_seqs || b->pos[i] < 0 || b->pos[i] >= m->max_blocks * kv->block_size)
+        if (b->tree_mask && (!b->tree_mask[i] || b->tree_start[i] < 0 || b->tree_start[i] > b->pos[i] ||
+                             b->pos[i] > store_pos(b, i)))
+            return fl_fail(err, FL_EINVAL, "forward: token %d has a bad tree mask", i);
+        const int32_t at = store_pos(b, i);
+        if (b->seq[i] < 0 || b->seq[i] >= b->n_seqs || b->pos[i] < 0 || at >= m->max_blocks * kv->block_size)
             return fl_fail(err, FL_EINVAL, "forward: token %d has bad sequence %d or position %d", i, b->seq[i],
                            b->pos[i]);
-        const int32_t blk = b->block_tables[(size_t)b->seq[i] * m->max_blocks + b->pos[i] / kv->block_size];
+        const int32_t blk = b->block_tables[(size_t)b->seq[i] * m->max_blocks + at / kv->block_size];
         if (blk < 0 || blk >= kv->n_blocks)
-            return fl_fail(err, FL_EINVAL, "forward: position %d of sequence %d has no KV block", b->pos[i], b->seq[i]);
-        m->h_step[3 * b->n_tokens + i] = blk * kv->block_size + b->pos[i] % kv->block_size;
+            return fl_fail(err, FL_EINVAL, "forward: position %d of sequence %d has no KV block", at, b->seq[i]);
+        m->h_step[3 * b->n_tokens + i] = blk * kv->block_size + at % kv->block_size;
     }
     for (int i = 0; i < b->n_logits; i++)
         if (b->logit_rows[i] < 0 || b->logit_rows[i] >= b->n_tokens)
@@ -427,7 +440,7 @@ static int attention_max_len(const model_batch_t *b, int first, int count)
 {
     int len = 0;
     for (int i = first; i < first + count; i++)
-        if (b->pos[i] + 1 > len) len = b->pos[i] + 1;
+        if (store_pos(b, i) + 1 > len) len = store_pos(b, i) + 1;
     return len;
 }
 
@@ -447,6 +460,8 @@ static void attention_ops(model_t *m, kv_cache_t *kv, int l, int n, int split, i
             .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
             .scale = 1.0f / sqrtf((float)c->head_dim), .n_seqs = part ? runs_after : 0,
             .max_len = max_len[part], .seq_prompt_len = m->d_prompt_len,
+            .tree_mask = m->d_tree_mask ? m->d_tree_mask + first : NULL,
+            .tree_start = m->d_tree_mask ? m->d_tree_start + first : NULL,
         };
         kern_attention(m->be, &attn);
     }
@@ -529,14 +544,24 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
     m->d_tokens = m->d_step, m->d_pos = m->d_step + n, m->d_seq = m->d_step + 2 * n;
     m->d_slots = m->d_step + 3 * n, m->d_block_tables = m->d_step + 4 * n;
     m->d_prompt_len = np ? m->d_step + 4 * n + nb : NULL;
-    if (kern_upload(be, m->d_step, m->h_step, 4 * row + (nb + np) * sizeof(int32_t)))
+    size_t ints = 4 * (size_t)n + nb + np;
+    m->d_tree_mask = NULL, m->d_tree_start = NULL;
+    if (b->tree_mask) {
+        memcpy(m->h_step + ints, b->tree_start, row);
+        m->d_tree_start = m->d_step + ints;
+        ints += (size_t)n + (ints + n) % 2; /* the masks start 8-byte aligned */
+        memcpy(m->h_step + ints, b->tree_mask, (size_t)n * sizeof(uint64_t));
+        m->d_tree_mask = (uint64_t *)(void *)(m->d_step + ints);
+        ints += 2 * (size_t)n;
+    }
+    if (kern_upload(be, m->d_step, m->h_step, ints * sizeof(int32_t)))
         return fl_fail(err, FL_EBACKEND, "forward: uploading the batch to the %s backend failed",
                        kern_backend_name(be));
 
     /* A pure decode step (one token and one logit row per sequence, in order) repeats with the same
      * shapes and buffers: the backend may record it once and replay it (CUDA graphs). */
     uint64_t graph_key = 0;
-    if (!m->profile && b->n_logits == n && b->n_seqs == n) {
+    if (!m->profile && b->n_logits == n && b->n_seqs == n && !b->tree_mask) {
         bool in_order = true;
         for (int i = 0; i < n && in_order; i++) in_order = b->logit_rows[i] == i && b->seq[i] == i;
         if (in_order) graph_key = graph_key_of(m, kv, b);

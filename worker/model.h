@@ -66,7 +66,8 @@ typedef struct model {
     int block_size;         /* KV block size the block tables use (the KV cache must use the same) */
     float *x, *xb, *q, *k, *v, *att, *gate, *up, *logit_in, *logits;
     int32_t *d_step;        /* a step's inputs, packed (model_forward); the six below point into it */
-    int32_t *d_tokens, *d_pos, *d_seq, *d_slots, *d_block_tables, *d_prompt_len;
+    int32_t *d_tokens, *d_pos, *d_seq, *d_slots, *d_block_tables, *d_prompt_len, *d_tree_start;
+    uint64_t *d_tree_mask;  /* 8-byte aligned, after the ints */
     int32_t *h_step;        /* host staging of d_step */
 
     bool profile;
@@ -84,6 +85,10 @@ typedef struct model_batch {
                                     kern_attn_t.seq_prompt_len */
     const int32_t *logit_rows;   /* token indices that want logits, in output order */
     int n_logits;
+    /* Draft trees (speculative verification), or both NULL: kern_attn_t.tree_mask / tree_start per
+     * token (host). A token outside any tree has tree_start = pos, tree_mask = 1. */
+    const uint64_t *tree_mask;
+    const int32_t *tree_start;
 } model_batch_t;
 
 typedef struct model_params {

@@ -367,14 +367,31 @@ static CPU_AVX512 void attn_vsum_avx512(float *out, const float *p, const fl_f16
     }
 }
 
-/* One (token, head). */
+/* The cache slot of compacted index j (attn_one). */
+static inline size_t attn_slot(const int32_t *bt, int bs, int ts, const int8_t *tbit, int j)
+{
+    const int p = j < ts ? j : ts + tbit[j - ts];
+    return (size_t)bt[p / bs] * bs + (size_t)(p % bs);
+}
+
+/* One (token, head). In tree attention the token reads its visible positions compacted, in order:
+ * the context, then its ancestors by depth and itself, so that a node at depth d sums exactly what
+ * the token at position tree_start + d sums in causal attention (same values at the same indices):
+ * a verified draft's logits are those plain decoding computes, bit for bit. */
 static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, const fl_f16_t **rows)
 {
     const kern_attn_t *a = c->a;
     const cpu_isa_t isa = c->isa;
     const int hd = a->head_dim, group = a->n_heads / a->n_kv_heads, kvh = h / group;
     const size_t qoff = ((size_t)i * a->n_heads + h) * hd, kv_stride = (size_t)a->n_kv_heads * hd;
-    const int len = kern_attn_len(a, i), bs = a->block_size;
+    const int bs = a->block_size;
+    int len = kern_attn_len(a, i), ts = len; /* compacted index j >= ts reads position ts + tbit[j - ts] */
+    int8_t tbit[64];
+    if (a->tree_mask) {
+        ts = a->tree_start[i];
+        len = ts;
+        for (uint64_t m = a->tree_mask[i]; m; m &= m - 1) tbit[len++ - ts] = (int8_t)__builtin_ctzll(m);
+    }
     if (len <= 0) { /* nothing visible (an empty tree mask at position 0): a zero row */
         memset(a->out + ((size_t)i * a->n_heads + h) * hd, 0, (size_t)hd * sizeof(float));
         return;
@@ -392,7 +409,7 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
         for (; j0 + 16 <= len; j0 += 16) {
             const fl_f16_t *kr[16];
             for (int j = j0; j < j0 + 16; j++) {
-                const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
+                const size_t slot = attn_slot(bt, bs, ts, tbit, j);
                 kr[j - j0] = a->k_cache + slot * kv_stride + (size_t)kvh * hd;
                 rows[j] = a->v_cache + slot * kv_stride + (size_t)kvh * hd;
             }
@@ -402,7 +419,7 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
         }
     }
     for (int j = j0; j < len; j++) {
-        const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
+        const size_t slot = attn_slot(bt, bs, ts, tbit, j);
         const fl_f16_t *k = a->k_cache + slot * kv_stride + (size_t)kvh * hd;
         rows[j] = a->v_cache + slot * kv_stride + (size_t)kvh * hd;
         float dot;
@@ -410,12 +427,6 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
         else if (isa == CPU_ISA_AVX512) dot = kq_tb ? dot16_f16_avx512(q16, k, hd) : vecdot_f16_avx512(k, q16, hd);
         else dot = kq_tb ? cpu_dot16_f16_avx2(q16, k, hd) : cpu_vecdot_f16_avx2(k, q16, hd);
         sc[j] = dot * a->scale;
-    }
-    if (a->tree_mask) { /* masked tree positions: -inf, weight exactly 0 (llama.cpp's KQ mask), and a zero
-                          * V row, so a non-finite value there cannot leak in as 0 * inf */
-        static const fl_f16_t zero_row[ATTN_MAX_HEAD_DIM];
-        for (int j = a->tree_start[i]; j < len; j++)
-            if (!kern_attn_visible(a, i, j)) sc[j] = -INFINITY, rows[j] = zero_row;
     }
     float *out = a->out + qoff;
     if (isa == CPU_ISA_SCALAR) {
@@ -708,5 +719,17 @@ void cpu_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, cons
             kv_row_avx2(kd, ks, kv_dim);
             kv_row_avx2(vd, vs, kv_dim);
         }
+    }
+}
+
+void cpu_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
+                 const int32_t *dst_slots, int n, int kv_dim)
+{
+    (void)be;
+    const size_t row = (size_t)kv_dim * sizeof(fl_f16_t);
+    for (int i = 0; i < n; i++) {
+        if (src_slots[i] == dst_slots[i]) continue;
+        memmove(k_cache + (size_t)dst_slots[i] * kv_dim, k_cache + (size_t)src_slots[i] * kv_dim, row);
+        memmove(v_cache + (size_t)dst_slots[i] * kv_dim, v_cache + (size_t)src_slots[i] * kv_dim, row);
     }
 }

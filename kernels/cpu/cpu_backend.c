@@ -410,6 +410,7 @@ static const kern_ops_t cpu_ops = {
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
     .kv_store = cpu_kv_store,
+    .kv_move = cpu_kv_move,
     .attention = cpu_attention,
     .swiglu = cpu_swiglu,
     .add = cpu_add,

@@ -112,6 +112,8 @@ void cpu_matmul_packed_multi(cpu_backend_t *cb, float *const *ys, const kern_wei
 /* ---- attention (cpu_attention.c) ---- */
 
 void cpu_attention(kern_backend_t *be, const kern_attn_t *a);
+void cpu_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
+                 const int32_t *dst_slots, int n, int kv_dim);
 void cpu_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
                   const int32_t *slots, int n, int kv_dim);
 

@@ -388,6 +388,7 @@ static const kern_ops_t cuda_ops = {
     cuda_graph_end,
     cuda_graph_reset,
     cuda_mem_info,
+    cuda_kv_move,
 };
 
 static int probe_device(int device, fl_error_t *err)

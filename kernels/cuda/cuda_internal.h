@@ -229,6 +229,8 @@ void cuda_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, con
 void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *k_cache, fl_f16_t *v_cache,
                         const int32_t *pos, const int32_t *slots, int n, int n_heads, int n_kv_heads, int head_dim,
                         const kern_rope_t *rope);
+void cuda_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
+                  const int32_t *dst_slots, int n, int kv_dim);
 void cuda_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n);
 void cuda_add(kern_backend_t *be, float *y, const float *x, int n);
 

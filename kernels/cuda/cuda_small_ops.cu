@@ -247,6 +247,44 @@ void cuda_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, con
     launch(cb, k_kv_store, n, EW_THREADS, (__half *)k_cache, (__half *)v_cache, k, v, slots, kv_dim);
 }
 
+/* Up to KV_MOVE_BATCH (src, dst) slot pairs by value: one block walks them in order (a pair's
+ * destination may be a later pair's source). */
+#define KV_MOVE_BATCH 32
+struct kv_move_pairs {
+    int32_t src[KV_MOVE_BATCH], dst[KV_MOVE_BATCH];
+};
+
+__global__ void k_kv_move(__half *kc, __half *vc, kv_move_pairs p, int n, int kv_dim)
+{
+    pdl_trigger();
+    pdl_wait();
+    for (int i = 0; i < n; i++) {
+        __half *kd = kc + (size_t)p.dst[i] * kv_dim, *vd = vc + (size_t)p.dst[i] * kv_dim;
+        const __half *ks = kc + (size_t)p.src[i] * kv_dim, *vs = vc + (size_t)p.src[i] * kv_dim;
+        __half kx[8], vx[8]; /* read all, sync, write: rows of one pair never overlap another's part */
+        int c = 0;
+        for (int d = threadIdx.x; d < kv_dim && c < 8; d += blockDim.x, c++) kx[c] = ks[d], vx[c] = vs[d];
+        __syncthreads();
+        c = 0;
+        for (int d = threadIdx.x; d < kv_dim && c < 8; d += blockDim.x, c++) kd[d] = kx[c], vd[d] = vx[c];
+        __syncthreads();
+    }
+}
+
+void cuda_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
+                  const int32_t *dst_slots, int n, int kv_dim)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    const int threads = (kv_dim + 7) / 8 < 1024 ? ((kv_dim + 7) / 8 + 31) / 32 * 32 : 1024;
+    if (n <= 0 || kv_dim <= 0 || kv_dim > 8 * 1024 || !op_begin(cb)) return;
+    for (int i0 = 0; i0 < n; i0 += KV_MOVE_BATCH) {
+        kv_move_pairs p;
+        const int m = n - i0 < KV_MOVE_BATCH ? n - i0 : KV_MOVE_BATCH;
+        for (int i = 0; i < m; i++) p.src[i] = src_slots[i0 + i], p.dst[i] = dst_slots[i0 + i];
+        launch(cb, k_kv_move, 1, threads, (__half *)k_cache, (__half *)v_cache, p, m, kv_dim);
+    }
+}
+
 void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *k_cache,
                                fl_f16_t *v_cache, const int32_t *pos, const int32_t *slots, int n, int n_heads,
                                int n_kv_heads, int head_dim, const kern_rope_t *rope)

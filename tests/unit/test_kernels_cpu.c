@@ -833,6 +833,36 @@ static void run_tree_case(int isa)
     for (int k = 0; k < K; k++)
         if ((masks[k] >> 4) & 1u) assert_false(bits_equal(out + k * NH * HD, o2 + k * NH * HD, NH * HD, NULL));
         else assert_true(bits_equal(out + k * NH * HD, o2 + k * NH * HD, NH * HD, NULL));
+    /* each path equals plain attention, bit for bit: with the ancestors' K/V moved to positions
+     * P.., as the verifier keeps an accepted path, a lone decode token at position P + depth sums
+     * what the tree node summed (decode order for both, as in serving: prompt length P) */
+    const int32_t plen = P;
+    a.seq_prompt_len = &plen;
+    a.out = out;
+    kern_attention(be, &a);
+    fl_f16_t *kp = malloc(pool * 2), *vp = malloc(pool * 2);
+    for (int k = 0; k < K; k++) {
+        memcpy(kp, kc, pool * 2), memcpy(vp, vc, pool * 2);
+        int depth = 0;
+        for (int t = 0; t < K; t++) {
+            if (!((masks[k] >> t) & 1u)) continue;
+            const size_t from = (size_t)table[(P + t) / BS] * BS + (P + t) % BS;
+            const size_t to = (size_t)table[(P + depth) / BS] * BS + (P + depth) % BS;
+            memcpy(kp + to * NKV * HD, kc + from * NKV * HD, NKV * HD * 2);
+            memcpy(vp + to * NKV * HD, vc + from * NKV * HD, NKV * HD * 2);
+            depth++;
+        }
+        const int32_t one_pos = P + depth - 1, one_seq = 0;
+        kern_attn_t plain = {.out = o2, .q = q + k * NH * HD, .k_cache = kp, .v_cache = vp, .n_tokens = 1,
+                             .tok_seq = &one_seq, .tok_pos = &one_pos, .block_tables = table, .max_blocks = MB,
+                             .block_size = BS, .n_heads = NH, .n_kv_heads = NKV, .head_dim = HD, .scale = 0.125f,
+                             .seq_prompt_len = &plen};
+        kern_attention(be, &plain);
+        if (!bits_equal(out + k * NH * HD, o2, NH * HD, NULL)) fail_msg("tree node %d differs from its path", k);
+    }
+    free(kp), free(vp);
+    a.seq_prompt_len = NULL;
+    a.out = o2;
     /* a chain: token k sees tree positions 0..k, as causal attention at position P + k */
     for (int k = 0; k < K; k++) mask[k] = (2ull << k) - 1, pos[k] = P + k;
     kern_attention(be, &a);
