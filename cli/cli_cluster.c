@@ -121,6 +121,14 @@ static void worker_argv(const cluster_t *c, int i, const char *model, char *path
     if (c->opts.max_batch_tokens > 0) arg_num(a, "--max-batch-tokens", (unsigned long long)c->opts.max_batch_tokens);
     if (c->opts.no_prefix_cache) arg(a, "--no-prefix-cache");
     if (c->opts.heartbeat_ms > 0) arg_num(a, "--heartbeat-ms", (unsigned long long)c->opts.heartbeat_ms);
+    if (c->opts.spec && *c->opts.spec) {
+        arg(a, "--spec");
+        arg(a, c->opts.spec);
+    }
+    if (c->opts.heads && *c->opts.heads) {
+        arg(a, "--heads");
+        arg(a, c->opts.heads);
+    }
     if (restarts > 0 && c->worker_has_restarts_flag > 0) arg_num(a, "--restarts", restarts);
     arg_list(a, c->opts.worker_args);
 }

@@ -37,6 +37,8 @@ typedef struct cluster_opts {
     int max_batch_tokens;         /* 0: default */
     bool no_prefix_cache;
     int heartbeat_ms;             /* 0: default (1000) */
+    const char *spec;             /* workers' --spec (auto|none|ngram|medusa); NULL: their default */
+    const char *heads;            /* workers' --heads FILE (Medusa heads); NULL: their default */
     const char *const *coordinator_args; /* extra arguments, NULL-terminated list or NULL */
     const char *const *worker_args;
     const char *log_dir;          /* each process's stderr to LOG_DIR/<name>.log; NULL: inherit */

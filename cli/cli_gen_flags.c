@@ -101,6 +101,15 @@ int cli_gen_flag_parse(cli_gen_flags_t *g, int argc, char **argv, int *i)
         s->seed = (uint64_t)n;
     } else if (!strcmp(a, "--ignore-eos")) {
         g->ignore_eos = true;
+    } else if (!strcmp(a, "--spec")) {
+        if (!VALUE()) return -1;
+        if (!folio_spec_mode_parse(v, &g->spec)) {
+            fprintf(stderr, "error: --spec %s: expected auto, none, ngram or medusa\n", v);
+            return -1;
+        }
+        g->spec_given = true;
+    } else if (!strcmp(a, "--max-draft")) {
+        if (!VALUE() || !parse_u32(a, v, &g->max_draft)) return -1;
     } else if (!strcmp(a, "--stop")) {
         if (!VALUE()) return -1;
         if (g->n_stops == FOLIO_MAX_STOPS || !*v) {
@@ -122,6 +131,8 @@ void cli_gen_request(const cli_gen_flags_t *f, Folio__V1__GenerateRequest *g)
     g->stop = (char **)f->stops;
     g->n_stop = (size_t)f->n_stops;
     g->ignore_eos = f->ignore_eos;
+    g->spec = f->spec;
+    g->max_draft = f->max_draft;
 }
 
 const char *cli_gen_flags_help(void)
@@ -141,6 +152,9 @@ const char *cli_gen_flags_help(void)
            "  --seed N              sampling seed (default 0): a draw depends on (seed, position) only\n"
            "  --stop S              stop string, repeatable: the text ends where it begins\n"
            "  --ignore-eos          keep generating past end-of-generation tokens\n"
+           "  --spec MODE           speculative decoding: auto (default: Medusa where heads are loaded, else\n"
+           "                        n-gram), medusa, ngram or none; the output is the same, only faster\n"
+           "  --max-draft N         at most N draft tokens verified per step (0: default; at most 16)\n"
            "  Sampling flags not given take the model's defaults: its GGUF's general.sampling.* keys where\n"
            "  present, else llama-cli's (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no repetition\n"
            "  penalty); the worker applies the same rule to generate and chat.\n";

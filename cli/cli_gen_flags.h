@@ -1,5 +1,5 @@
 /* cli_gen_flags.h - the generation flags `folioctl run`, `chat` and `generate` share (-n, sampling,
- * --stop, --ignore-eos), parsed in one place into the fields of a GenerateRequest: what the flags
+ * --stop, --ignore-eos, --spec, --max-draft), parsed in one place into the fields of a GenerateRequest: what the flags
  * say goes in, nothing else. What the request then means (defaults for what is unset, ranges) is
  * decided by the request layer (worker/request.c) once, locally for run and chat --local, in the
  * worker for generate and chat, so the two cannot disagree. */
@@ -20,6 +20,9 @@ typedef struct cli_gen_flags {
     bool ignore_eos;
     char *stops[FOLIO_MAX_STOPS];        /* --stop, repeatable; borrowed from argv */
     int n_stops;
+    Folio__V1__SpecMode spec;          /* --spec; AUTO when not given (`up` passes it to its workers) */
+    bool spec_given;
+    uint32_t max_draft;                /* --max-draft; 0: the worker's default */
 } cli_gen_flags_t;
 
 /* -n 128, every sampling field unset. */

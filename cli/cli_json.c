@@ -132,6 +132,8 @@ void cli_json_print_result(const folio_result_t *r, bool final)
     cJSON_AddNumberToObject(u, "cached_prompt_tokens", fin ? fin->cached_prompt_tokens : 0);
     cJSON_AddNumberToObject(u, "completion_tokens",
                             fin && fin->completion_tokens ? fin->completion_tokens : (unsigned)r->n_tokens);
+    cJSON_AddNumberToObject(u, "drafted_tokens", fin ? fin->drafted_tokens : 0);
+    cJSON_AddNumberToObject(u, "accepted_tokens", fin ? fin->accepted_tokens : 0);
     cJSON *t = cJSON_AddObjectToObject(j, "timings");
     cJSON_AddNumberToObject(t, "queued_ms", fin ? fin->queued_s * 1e3 : 0);
     cJSON_AddNumberToObject(t, "first_token_ms", fin ? fin->first_token_s * 1e3 : 0);

@@ -1,7 +1,8 @@
 /* cmd_admin.c - folioctl's cluster administration:
  *
  *   up                 a coordinator and worker groups on this machine, in the foreground
- *   status [--json]    groups, load, KV use, prefix-cache hit rate, routing latency
+ *   status [--json]    groups, load, KV use, prefix-cache hit rate, mean accepted length of
+ *                      speculative decoding, routing latency
  *   health [--json]    whether the cluster serves (exit 0 when it does)
  *   drain GROUP / undrain GROUP
  *
@@ -39,14 +40,14 @@ int cmd_status(const ctl_flags_t *f)
     if (f->json) {
         cli_json_print_pb(&s->base);
     } else {
-        printf("%-12s %-6s %-7s %-5s %8s %7s %7s %8s %18s %6s %8s %7s\n", "GROUP", "RANKS", "HEALTHY", "DRAIN",
-               "RESTARTS", "RUNNING", "WAITING", "INFLIGHT", "KV USED/CACHED/TOT", "HIT%", "TOK/S", "HB AGE");
+        printf("%-12s %-6s %-7s %-5s %8s %7s %7s %8s %18s %6s %8s %6s %7s\n", "GROUP", "RANKS", "HEALTHY", "DRAIN",
+               "RESTARTS", "RUNNING", "WAITING", "INFLIGHT", "KV USED/CACHED/TOT", "HIT%", "TOK/S", "ACCEPT", "HB AGE");
         uint64_t prompt = 0, cached = 0, generated = 0;
         double tps = 0;
         for (size_t i = 0; i < s->n_groups; i++) {
             const Folio__V1__GroupStatus *g = s->groups[i];
             const Folio__V1__WorkerLoad *l = g->load;
-            char ranks[32] = "", kv[32] = "-", hit[16] = "-";
+            char ranks[32] = "", kv[32] = "-", hit[16] = "-", accept[16] = "-";
             for (size_t k = 0; k < g->n_ranks && strlen(ranks) < 24; k++)
                 snprintf(ranks + strlen(ranks), sizeof ranks - strlen(ranks), "%s%u", k ? "," : "", g->ranks[k]);
             if (!g->n_ranks) snprintf(ranks, sizeof ranks, "-");
@@ -60,9 +61,12 @@ int cmd_status(const ctl_flags_t *f)
                 generated += l->generated_tokens;
                 tps += l->tokens_per_s;
             }
-            printf("%-12s %-6s %-7s %-5s %8u %7u %7u %8u %18s %6s %8.1f %6.1fs\n", g->name, ranks,
+            /* Tokens a sequence gains per step that verified a draft; "-" when none did. */
+            if (g->mean_accepted_length > 0) snprintf(accept, sizeof accept, "%.2f", g->mean_accepted_length);
+            printf("%-12s %-6s %-7s %-5s %8u %7u %7u %8u %18s %6s %8.1f %6s %6.1fs\n", g->name, ranks,
                    g->healthy ? "yes" : "NO", g->draining ? "yes" : "no", g->restarts, l ? l->running : 0,
-                   l ? l->waiting : 0, g->inflight, kv, hit, l ? l->tokens_per_s : 0.0, g->last_heartbeat_age_s);
+                   l ? l->waiting : 0, g->inflight, kv, hit, l ? l->tokens_per_s : 0.0, accept,
+                   g->last_heartbeat_age_s);
         }
         if (!s->n_groups) printf("(no worker groups registered)\n");
         printf("policy %s, block size %u; requests: %llu total, %llu in flight, %llu failed over\n",
@@ -131,6 +135,7 @@ int cmd_up(const ctl_flags_t *f)
                         .max_batch_tokens = (int)f->max_batch_tokens,
                         .no_prefix_cache = f->no_prefix_cache,
                         .heartbeat_ms = (int)f->heartbeat_ms,
+                        .spec = f->gen.spec_given ? folio_spec_mode_name(f->gen.spec) : NULL,
                         .log_dir = f->log_dir};
     ctl_interrupted = 0;
     ctl_set_handler(SIGINT, ctl_on_interrupt);

@@ -70,7 +70,9 @@ static int remote_generate(folio_client_t *c, const ctl_flags_t *f, const folio_
                                  .stream = true,
                                  .ignore_eos = f->gen.ignore_eos,
                                  .tenant = f->tenant,
-                                 .timeout_ms = (uint32_t)f->timeout_ms};
+                                 .timeout_ms = (uint32_t)f->timeout_ms,
+                                 .spec = (int)f->gen.spec,
+                                 .max_draft = f->gen.max_draft};
     ctl_interrupted = 0;
     ctl_set_handler(SIGINT, ctl_on_interrupt);
     /* Without a deadline the coordinator answers when it can; with one, it must end the stream by then. */
@@ -91,9 +93,9 @@ static int remote_generate(folio_client_t *c, const ctl_flags_t *f, const folio_
         rc = 1;
     } else if (!f->json) {
         fl_log(summary_level,
-               "generated group=%s prompt_tokens=%u cached_prompt_tokens=%u completion_tokens=%u finish=%s "
-               "first_token_ms=%.1f total_ms=%.1f",
-               r.group, r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens,
+               "generated group=%s prompt_tokens=%u cached_prompt_tokens=%u completion_tokens=%u drafted_tokens=%u "
+               "accepted_tokens=%u finish=%s first_token_ms=%.1f total_ms=%.1f",
+               r.group, r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens, r.drafted_tokens, r.accepted_tokens,
                wire_finish_name(r.finish_reason), r.first_token_s * 1e3, r.total_s * 1e3);
     }
     if (f->json && r.id) cli_json_print_result(&r, have_fin);

@@ -40,7 +40,8 @@ static void usage(FILE *f)
             "             a process that dies (with backoff); Ctrl-C stops it\n"
             "  generate   generate from -p TEXT (--chat: as a user message), streamed\n"
             "  chat       chat (template applied); a multi-turn REPL on stdin without -p (/reset clears)\n"
-            "  status     groups, restarts, load, KV use, prefix-cache hit rate, routing latency\n"
+            "  status     groups, restarts, load, KV use, prefix-cache hit rate, mean accepted length of\n"
+            "             speculative decoding (ACCEPT), routing latency\n"
             "             (--json: StatusReply)\n"
             "  health     whether the cluster serves (exit 0 when it does)\n"
             "  drain GROUP / undrain GROUP   stop / resume routing new requests to a worker group\n"
@@ -65,6 +66,8 @@ static void usage(FILE *f)
             "  --listen EP           client endpoint to listen on (default: as --coordinator)\n"
             "  --workers EP          worker endpoint (default $FOLIO_WORKER_ENDPOINT or %s)\n"
             "  --max-batch-tokens N, --no-prefix-cache, --heartbeat-ms N   worker and coordinator tuning\n"
+            "  --spec MODE           the most speculative decoding the workers allow (auto: any a request asks\n"
+            "                        for; none turns it off)\n"
             "  --log-dir DIR         each process's log to DIR/<coordinator|worker-gN>.log (default: stderr)\n"
             "engine flags:\n"
             "%s",

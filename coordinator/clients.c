@@ -16,6 +16,7 @@
 
 #include "coordinator.h"
 #include "dispatch.h"
+#include "folio_fields.h"
 #include "log.h"
 #include "unicode.h"
 
@@ -260,6 +261,7 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         if (g->have_load) {
             loads[i] = g->load;
             gs[i].load = &loads[i];
+            gs[i].mean_accepted_length = folio_mean_accepted_length(&loads[i]);
         }
         gs[i].inflight = G->table[i].inflight;
         gs[i].last_heartbeat_age_s = g->ranks[0].present ? now - g->ranks[0].last_seen : -1;

@@ -169,6 +169,8 @@ int folio_client_send_generate(folio_client_t *c, const folio_generate_params_t 
         gen.sampling = &sp;
     }
     gen.max_tokens = (uint32_t)p->max_tokens;
+    gen.spec = (Folio__V1__SpecMode)p->spec;
+    gen.max_draft = p->max_draft;
     gen.n_stop = (size_t)p->n_stop;
     gen.stop = (char **)p->stop;
     gen.n_stop_token_ids = (size_t)p->n_stop_ids;
@@ -241,6 +243,8 @@ static void event_fill(folio_event_t *ev, Folio__V1__Response *r, bool final)
             ev->prompt_tokens = g->usage->prompt_tokens;
             ev->cached_prompt_tokens = g->usage->cached_prompt_tokens;
             ev->completion_tokens = g->usage->completion_tokens;
+            ev->drafted_tokens = g->usage->drafted_tokens;
+            ev->accepted_tokens = g->usage->accepted_tokens;
         }
         if (g->timings) {
             ev->queued_s = g->timings->queued_s;
@@ -375,6 +379,8 @@ static void result_finish(folio_result_t *out, const folio_event_t *ev)
     out->prompt_tokens = ev->prompt_tokens;
     out->cached_prompt_tokens = ev->cached_prompt_tokens;
     out->completion_tokens = ev->completion_tokens;
+    out->drafted_tokens = ev->drafted_tokens;
+    out->accepted_tokens = ev->accepted_tokens;
     out->queued_s = ev->queued_s;
     out->first_token_s = ev->first_token_s;
     out->total_s = ev->total_s;

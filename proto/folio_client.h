@@ -54,6 +54,8 @@ typedef struct folio_generate_params {
     bool ignore_eos;
     const char *tenant;      /* NULL: the default tenant */
     uint32_t timeout_ms;     /* 0: no deadline */
+    int spec;                /* Folio__V1__SpecMode: 0 (AUTO) lets the worker choose */
+    uint32_t max_draft;      /* draft tokens verified per step, at most 16; 0: the worker's default */
 } folio_generate_params_t;
 
 /* One response as received. */
@@ -73,6 +75,7 @@ typedef struct folio_event {
     /* Generate final */
     int finish_reason;       /* Folio__V1__FinishReason */
     uint32_t prompt_tokens, cached_prompt_tokens, completion_tokens;
+    uint32_t drafted_tokens, accepted_tokens; /* speculative decoding (Usage) */
     double queued_s, first_token_s, total_s;
     const char *group;
     /* the decoded message; every pointer above points into it */
@@ -130,6 +133,7 @@ typedef struct folio_result {
     char message[256];
     int finish_reason;
     uint32_t prompt_tokens, cached_prompt_tokens, completion_tokens;
+    uint32_t drafted_tokens, accepted_tokens; /* speculative decoding (Usage) */
     double queued_s, first_token_s, total_s;
     char group[64];
 } folio_result_t;

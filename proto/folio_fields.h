@@ -1,4 +1,5 @@
-/* folio_fields.h - presence of SamplingParams' optional fields in C.
+/* folio_fields.h - presence of SamplingParams' optional fields in C, and the rules on
+ * GenerateRequest's fields that the coordinator and the worker's request layer both apply.
  *
  * folio.proto gives those fields presence with one-field oneofs (`oneof _temperature { float
  * temperature = 1; }`, what proto3 `optional` compiles to; protoc-c 1.4 lacks the keyword), so
@@ -19,6 +20,7 @@
 #define FOLIO_MAX_LOGIT_BIAS   1024
 #define FOLIO_MAX_STOPS        16  /* GenerateRequest.stop strings ... */
 #define FOLIO_MAX_STOP_BYTES   256 /* ... of 1 to this many bytes each */
+#define FOLIO_MAX_DRAFT        16  /* GenerateRequest.max_draft (the scheduler's SCHED_MAX_DRAFT) */
 
 #define FOLIO_SAMPLING_HAS(s, field) ((s)->_##field##_case != 0)
 
@@ -51,6 +53,44 @@ static inline bool folio_stops_check(char *const *stops, size_t n, char *msg, si
                             FOLIO_MAX_STOP_BYTES), false;
     }
     return true;
+}
+
+/* GenerateRequest.spec's flag name (--spec auto|none|ngram|medusa), or NULL for a number the
+ * schema does not name. */
+static inline const char *folio_spec_mode_name(int mode)
+{
+    static const char *const names[] = {"auto", "none", "ngram", "medusa"};
+    return mode >= 0 && mode < (int)(sizeof names / sizeof *names) ? names[mode] : NULL;
+}
+
+/* The mode a flag names; false for another name. */
+static inline bool folio_spec_mode_parse(const char *name, Folio__V1__SpecMode *out)
+{
+    for (int i = 0; folio_spec_mode_name(i); i++)
+        if (!strcmp(name, folio_spec_mode_name(i))) return *out = (Folio__V1__SpecMode)i, true;
+    return false;
+}
+
+/* GenerateRequest.spec and max_draft within their bounds: a mode the schema names (a newer
+ * client's unknown number is refused, not taken for AUTO) and at most FOLIO_MAX_DRAFT draft tokens.
+ * false with a message naming the field otherwise. */
+static inline bool folio_spec_check(const Folio__V1__GenerateRequest *g, char *msg, size_t cap)
+{
+    if (!folio_spec_mode_name((int)g->spec))
+        return snprintf(msg, cap, "GenerateRequest.spec = %d: not a SpecMode (0 auto, 1 none, 2 ngram, 3 medusa)",
+                        (int)g->spec), false;
+    if (g->max_draft > FOLIO_MAX_DRAFT)
+        return snprintf(msg, cap, "GenerateRequest.max_draft = %u: at most %d (0 = the default)", g->max_draft,
+                        FOLIO_MAX_DRAFT), false;
+    return true;
+}
+
+/* GroupStatus.mean_accepted_length of a load: tokens a sequence gains per verification step with a
+ * draft, 1 + accepted / spec_seq_steps; 0 when no speculation ran. */
+static inline double folio_mean_accepted_length(const Folio__V1__WorkerLoad *l)
+{
+    if (!l || !l->spec_seq_steps) return 0;
+    return 1.0 + (double)l->accepted_tokens / (double)l->spec_seq_steps;
 }
 
 /* The ranges of SamplingParams' fields that are set (proto/README.md, "Generate"): the one

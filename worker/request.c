@@ -45,6 +45,18 @@ void request_defaults_describe(const request_defaults_t *d, char *buf, size_t ca
 
 /* --- resolving a request --------------------------------------------------------------------- */
 
+_Static_assert(FOLIO_MAX_DRAFT == SCHED_MAX_DRAFT, "GenerateRequest.max_draft's bound is the scheduler's");
+
+sched_spec_t request_spec_mode(Folio__V1__SpecMode m)
+{
+    switch (m) {
+    case FOLIO__V1__SPEC_MODE__SPEC_NONE: return SCHED_SPEC_NONE;
+    case FOLIO__V1__SPEC_MODE__SPEC_NGRAM: return SCHED_SPEC_NGRAM;
+    case FOLIO__V1__SPEC_MODE__SPEC_MEDUSA: return SCHED_SPEC_MEDUSA;
+    default: return SCHED_SPEC_AUTO;
+    }
+}
+
 static int cmp_bias(const void *a, const void *b)
 {
     const int32_t x = ((const kern_logit_adjust_t *)a)->token, y = ((const kern_logit_adjust_t *)b)->token;
@@ -119,6 +131,7 @@ int request_resolve(request_t *r, uint64_t id, const Folio__V1__GenerateRequest 
     if (rc) return rc;
     char msg[200];
     if (!folio_stops_check(g->stop, g->n_stop, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
+    if (!folio_spec_check(g, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
     sched_request_t *q = &r->sched;
     q->id = id;
     q->prompt = g->prompt_tokens;
@@ -129,6 +142,8 @@ int request_resolve(request_t *r, uint64_t id, const Folio__V1__GenerateRequest 
     q->ignore_eog = g->ignore_eos;
     q->salt = block_hash_salt(tenant ? tenant : "", tenant ? strlen(tenant) : 0);
     q->deadline = timeout_ms ? fl_clock_s() + timeout_ms * 1e-3 : 0;
+    q->spec = request_spec_mode(g->spec);
+    q->max_draft = (int)g->max_draft;
     r->stream = g->stream;
     r->stops = g->stop;
     r->n_stops = g->n_stop;

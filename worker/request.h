@@ -3,7 +3,8 @@
  * request_resolve() turns a GenerateRequest (from the coordinator, or built by folioctl from its
  * flags) into the scheduler's request with every default, limit and rule applied: sampling fields
  * left unset take the model's defaults (request_defaults_init), values out of range are refused
- * with a message naming the field, max_tokens 0 means FOLIO_DEFAULT_MAX_TOKENS. The worker,
+ * with a message naming the field, max_tokens 0 means FOLIO_DEFAULT_MAX_TOKENS, spec and max_draft
+ * become the scheduler's speculation mode and draft bound (0: the scheduler's default). The worker,
  * `folioctl run/chat --local` and the benchmarks all go through it, so they cannot disagree.
  *
  * request_stream_t turns the generated tokens into the output stream: incremental UTF-8 text, stop
@@ -55,6 +56,9 @@ typedef struct request {
 int request_resolve(request_t *r, uint64_t id, const Folio__V1__GenerateRequest *g, const char *tenant,
                     uint32_t timeout_ms, const request_defaults_t *d, int32_t n_vocab, fl_error_t *err);
 void request_release(request_t *r);
+/* The scheduler's drafter for GenerateRequest.spec (folio_spec_check refuses numbers it does not
+ * name; any such number is AUTO here). folio-worker's --spec goes through it too. */
+sched_spec_t request_spec_mode(Folio__V1__SpecMode m);
 
 /* --- the output stream ----------------------------------------------------------------------- */
 

@@ -18,7 +18,9 @@
  * messages name the client's id; a full table or a tenant at its limit is RESOURCE_EXHAUSTED with a
  * retry hint, a prompt no group's context holds without one; max_tokens is clamped to the served
  * context; a reused live id, id 0, invalid UTF-8 and a streamed Generate from a REQ socket are
- * refused (the reused id under id 0). */
+ * refused (the reused id under id 0); a spec the schema does not name and a max_draft over 16 are
+ * refused naming the field, valid ones reach the worker, the worker's drafted and accepted counts
+ * reach the client, and Status shows each group's speculation totals and mean accepted length. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -1010,6 +1012,108 @@ static void test_id_0_invalid_utf8_and_a_streamed_generate_from_a_req_socket_are
     expect_nothing_more();
 }
 
+/* The StatusReply of a Status from the client (to free with its Response, *resp). */
+static const Folio__V1__StatusReply *client_status(uint64_t id, Folio__V1__Response **resp)
+{
+    Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
+    q.version = WIRE_VERSION;
+    q.id = id;
+    q.method = FOLIO__V1__METHOD__METHOD_STATUS;
+    client_send(&q, false);
+    *resp = expect_final(id, FOLIO__V1__STATUS_CODE__OK);
+    assert_non_null((*resp)->cluster);
+    return (*resp)->cluster;
+}
+
+static void test_spec_and_max_draft_are_checked_then_forwarded_and_status_shows_the_accepted_length(void **state)
+{
+    (void)state;
+    register_workers(2);
+    const Folio__V1__StatusCode INV = FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT;
+    Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
+    g.prompt_tokens = (int32_t *)PROMPT;
+    g.n_prompt_tokens = 3;
+    g.max_tokens = 4;
+    Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
+    q.version = WIRE_VERSION;
+    q.method = FOLIO__V1__METHOD__METHOD_GENERATE;
+    q.generate = &g;
+    /* Out of range: refused at the door, naming the field; no worker sees them. */
+    g.max_draft = 17;
+    q.id = 50;
+    expect_refused(&q, false, INV, "max_draft");
+    g.max_draft = 0;
+    g.spec = (Folio__V1__SpecMode)4;
+    q.id = 51;
+    expect_refused(&q, false, INV, "spec");
+    assert_null(worker_recv(0));
+    assert_null(worker_recv(1));
+
+    /* In range: the worker's Request carries both; its Usage counts reach the client. */
+    g.spec = FOLIO__V1__SPEC_MODE__SPEC_MEDUSA;
+    g.max_draft = 16;
+    q.id = 52;
+    client_send(&q, false);
+    int w = -1;
+    Folio__V1__Request *wq = NULL;
+    for (int i = 0; i < N_WORKERS && !wq; i++)
+        if ((wq = worker_recv(i))) w = i;
+    assert_non_null(wq);
+    assert_int_equal(wq->generate->spec, FOLIO__V1__SPEC_MODE__SPEC_MEDUSA);
+    assert_int_equal(wq->generate->max_draft, 16);
+    Folio__V1__Status st = FOLIO__V1__STATUS__INIT;
+    Folio__V1__Usage u = FOLIO__V1__USAGE__INIT;
+    u.prompt_tokens = 3;
+    u.completion_tokens = 4;
+    u.drafted_tokens = 9;
+    u.accepted_tokens = 2;
+    Folio__V1__GenerateResult res = FOLIO__V1__GENERATE_RESULT__INIT;
+    res.finish_reason = FOLIO__V1__FINISH_REASON__FINISH_LENGTH;
+    res.usage = &u;
+    Folio__V1__Response r;
+    wire_response_init(&r, wq->id, FOLIO__V1__METHOD__METHOD_GENERATE, true);
+    r.status = &st;
+    r.result = &res;
+    worker_send(w, WIRE_CMD_FINAL, &r.base);
+    folio__v1__request__free_unpacked(wq, NULL);
+    pump();
+    Folio__V1__Response *fin = expect_final(52, FOLIO__V1__STATUS_CODE__OK);
+    assert_non_null(fin->result);
+    assert_non_null(fin->result->usage);
+    assert_int_equal(fin->result->usage->drafted_tokens, 9);
+    assert_int_equal(fin->result->usage->accepted_tokens, 2);
+    folio__v1__response__free_unpacked(fin, NULL);
+
+    /* Status: each group's load totals as its heartbeat sent them, and the mean accepted length
+     * (1 + accepted / spec_seq_steps; 0 where no speculation ran). */
+    Folio__V1__WorkerLoad l = FOLIO__V1__WORKER_LOAD__INIT;
+    l.engine_ok = true;
+    l.drafted_tokens = 300;
+    l.accepted_tokens = 150;
+    l.spec_seq_steps = 100;
+    worker_send(0, WIRE_CMD_HEARTBEAT, &l.base);
+    worker_heartbeat(1, NULL, 0);
+    pump();
+    Folio__V1__Response *sr;
+    const Folio__V1__StatusReply *s = client_status(53, &sr);
+    assert_int_equal(s->n_groups, 2);
+    for (size_t i = 0; i < s->n_groups; i++) {
+        const Folio__V1__GroupStatus *gs = s->groups[i];
+        assert_non_null(gs->load);
+        if (!strcmp(gs->name, "g0")) {
+            assert_int_equal(gs->load->drafted_tokens, 300);
+            assert_int_equal(gs->load->accepted_tokens, 150);
+            assert_int_equal(gs->load->spec_seq_steps, 100);
+            assert_true(gs->mean_accepted_length == 2.5);
+        } else {
+            assert_int_equal(gs->load->spec_seq_steps, 0);
+            assert_true(gs->mean_accepted_length == 0);
+        }
+    }
+    folio__v1__response__free_unpacked(sr, NULL);
+    expect_nothing_more();
+}
+
 static void test_an_unreadable_or_oversized_body_is_answered_under_the_id_and_method_it_carries(void **state)
 {
     (void)state;
@@ -1105,6 +1209,7 @@ int main(void)
         T(test_max_tokens_is_clamped_to_the_served_context_and_a_prompt_it_cannot_hold_is_refused),
         T(test_a_reused_live_id_is_refused_under_id_0_and_the_live_stream_goes_on),
         T(test_id_0_invalid_utf8_and_a_streamed_generate_from_a_req_socket_are_refused),
+        T(test_spec_and_max_draft_are_checked_then_forwarded_and_status_shows_the_accepted_length),
         T(test_an_unreadable_or_oversized_body_is_answered_under_the_id_and_method_it_carries),
         T(test_peek_reads_id_and_method_from_the_front_of_any_body),
     };

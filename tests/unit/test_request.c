@@ -2,7 +2,9 @@
  * output stream every front end shares.
  *
  * Protects: unset sampling fields take the defaults and set ones (0 included) keep their value;
- * out-of-range fields are refused naming the field; logit bias is sorted, -100 bans, duplicates are
+ * out-of-range fields are refused naming the field; spec and max_draft reach the scheduler (AUTO and
+ * 0 when an old client sends neither), a max_draft over 16 or a spec the schema does not name is
+ * refused naming the field; logit bias is sorted, -100 bans, duplicates are
  * refused; the earliest of several stop strings wins, a match straddling old and new bytes is
  * found, the held-back tail is exactly the longest proper prefix of a stop string ending the text;
  * deltas hand out each token once, in order, and keep what a failed send did not deliver; the
@@ -125,6 +127,67 @@ static void out_of_range_fields_are_refused_by_name(void **state)
     g.stop = stops;
     g.n_stop = 2;
     expect_refused(&g, "stop[1]");
+}
+
+static void spec_and_max_draft_reach_the_scheduler_and_bad_values_are_refused(void **state)
+{
+    (void)state;
+    Folio__V1__GenerateRequest g = base_request();
+    request_t r;
+    fl_error_t err = {0};
+    /* An old client sends neither field: AUTO and the default draft length. */
+    assert_int_equal(request_resolve(&r, 1, &g, "", 0, defaults(), N_VOCAB, &err), 0);
+    assert_int_equal(r.sched.spec, SCHED_SPEC_AUTO);
+    assert_int_equal(r.sched.max_draft, 0);
+    request_release(&r);
+    const struct { Folio__V1__SpecMode mode; sched_spec_t sched; const char *name; } modes[] = {
+        {FOLIO__V1__SPEC_MODE__SPEC_AUTO, SCHED_SPEC_AUTO, "auto"},
+        {FOLIO__V1__SPEC_MODE__SPEC_NONE, SCHED_SPEC_NONE, "none"},
+        {FOLIO__V1__SPEC_MODE__SPEC_NGRAM, SCHED_SPEC_NGRAM, "ngram"},
+        {FOLIO__V1__SPEC_MODE__SPEC_MEDUSA, SCHED_SPEC_MEDUSA, "medusa"},
+    };
+    for (size_t i = 0; i < sizeof modes / sizeof *modes; i++) {
+        g.spec = modes[i].mode;
+        g.max_draft = (uint32_t)i * 5 + 1;
+        assert_int_equal(request_resolve(&r, 1, &g, "", 0, defaults(), N_VOCAB, &err), 0);
+        assert_int_equal(r.sched.spec, modes[i].sched);
+        assert_int_equal(r.sched.max_draft, (int)i * 5 + 1);
+        request_release(&r);
+        /* The flag names (folioctl and folio-worker --spec) are the same modes. */
+        Folio__V1__SpecMode parsed;
+        assert_true(folio_spec_mode_parse(modes[i].name, &parsed));
+        assert_int_equal(parsed, modes[i].mode);
+        assert_string_equal(folio_spec_mode_name(modes[i].mode), modes[i].name);
+    }
+    Folio__V1__SpecMode parsed;
+    assert_false(folio_spec_mode_parse("eagle", &parsed));
+    assert_null(folio_spec_mode_name(4));
+
+    g.spec = FOLIO__V1__SPEC_MODE__SPEC_NGRAM;
+    g.max_draft = FOLIO_MAX_DRAFT;
+    assert_int_equal(request_resolve(&r, 1, &g, "", 0, defaults(), N_VOCAB, &err), 0);
+    assert_int_equal(r.sched.max_draft, SCHED_MAX_DRAFT);
+    request_release(&r);
+    g.max_draft = FOLIO_MAX_DRAFT + 1;
+    expect_refused(&g, "max_draft");
+    g.max_draft = UINT32_MAX;
+    expect_refused(&g, "max_draft");
+    g.max_draft = 0;
+    g.spec = (Folio__V1__SpecMode)4;
+    expect_refused(&g, "spec");
+    g.spec = (Folio__V1__SpecMode)-1;
+    expect_refused(&g, "spec");
+
+    /* A number this schema does not name survives decoding (proto3 enums are open) and is refused,
+     * not taken for AUTO. */
+    g.spec = (Folio__V1__SpecMode)9;
+    uint8_t buf[256];
+    const size_t n = folio__v1__generate_request__pack(&g, buf);
+    Folio__V1__GenerateRequest *d = folio__v1__generate_request__unpack(NULL, n, buf);
+    assert_non_null(d);
+    assert_int_equal(d->spec, 9);
+    expect_refused(d, "spec");
+    folio__v1__generate_request__free_unpacked(d, NULL);
 }
 
 static void logit_bias_is_sorted_bans_at_minus_100_and_refuses_duplicates(void **state)
@@ -340,6 +403,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(unset_fields_take_the_defaults_and_zero_is_kept),
         cmocka_unit_test(out_of_range_fields_are_refused_by_name),
+        cmocka_unit_test(spec_and_max_draft_reach_the_scheduler_and_bad_values_are_refused),
         cmocka_unit_test(logit_bias_is_sorted_bans_at_minus_100_and_refuses_duplicates),
         cmocka_unit_test(earliest_match_over_all_stop_strings_wins),
         cmocka_unit_test(a_match_straddling_old_and_new_bytes_is_found),

@@ -46,6 +46,9 @@ static void send_heartbeat(worker_t *w, double now, const sched_stats_t *st, int
         l.cached_prompt_tokens = st->cached_prompt_tokens;
         l.generated_tokens = st->generated_tokens;
         l.preemptions = st->preemptions;
+        l.drafted_tokens = st->drafted_tokens;
+        l.accepted_tokens = st->accepted_tokens;
+        l.spec_seq_steps = st->spec_seq_steps;
         l.tokens_per_s = now > w->t_hb ? (double)(st->generated_tokens - w->gen_at_hb) / (now - w->t_hb) : 0;
         w->gen_at_hb = st->generated_tokens;
     }

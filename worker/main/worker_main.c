@@ -85,6 +85,8 @@ static void usage(FILE *f)
             "  --max-seqs N          sequences per step (default 64)\n"
             "  --max-waiting N       queued requests beyond which new ones are refused (default 4096)\n"
             "  --no-prefix-cache     never reuse cached prompt blocks\n"
+            "  --spec MODE           speculative decoding this worker allows: auto (default: any a request\n"
+            "                        asks for; Medusa with --heads, else n-gram), medusa, ngram or none (off)\n"
             "  --drain-timeout-s S   SIGTERM drains: new work is still served but the coordinator is told\n"
             "                        to route no more; the worker stops when its work is done, or after S\n"
             "                        seconds (default 60). A second SIGTERM, or SIGINT, stops at once.\n"
@@ -556,6 +558,14 @@ int main(int argc, char **argv)
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 1, 1 << 20, &max_waiting)) return 2;
         } else if (!strcmp(f, "--no-prefix-cache")) {
             so.no_prefix_cache = true;
+        } else if (!strcmp(f, "--spec")) {
+            Folio__V1__SpecMode mode;
+            if (!(v = fl_flag_value(argc, argv, &i))) return 2;
+            if (!folio_spec_mode_parse(v, &mode)) {
+                fprintf(stderr, "error: --spec %s: expected auto, none, ngram or medusa\n", v);
+                return 2;
+            }
+            so.spec = request_spec_mode(mode);
         } else if (!strcmp(f, "--restarts")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 0, UINT32_MAX, &restarts)) return 2;
         } else if (!strcmp(f, "--drain-timeout-s")) {

@@ -247,6 +247,8 @@ static int send_final(worker_t *w, worker_req_t *r, const sched_result_t *res)
     usage.prompt_tokens = (uint32_t)res->n_prompt;
     usage.cached_prompt_tokens = (uint32_t)res->n_cached;
     usage.completion_tokens = (uint32_t)r->out.n_out;
+    usage.drafted_tokens = (uint32_t)res->n_drafted;
+    usage.accepted_tokens = (uint32_t)res->n_accepted;
     timings.queued_s = since(res->t_scheduled, res->t_submit);
     timings.first_token_s = since(res->t_first_token, res->t_submit);
     timings.total_s = since(res->t_done, res->t_submit);
