@@ -8,10 +8,19 @@
  * the identity of the base model they were trained for (medusa_model_identity: a digest of its
  * tensors and shape, not its file name); loading them for another model fails with a clear error.
  *
+ * File: general.architecture "medusa"; medusa.head_count, medusa.embedding_length,
+ * medusa.vocab_size, medusa.base_model (the identity), medusa.base_name (the base's general.name,
+ * informational), medusa.shared_output (bool), medusa.accuracy (optional F32 array [head_count *
+ * MEDUSA_ACC_RANKS], see medusa_head_accuracy); tensors medusa.<k>.fc.weight (F32 [dim x dim]) and,
+ * without a shared output, medusa.<k>.output.weight ([n_vocab x dim], any type the backends compute
+ * with). With a shared output the heads project through the base model's own frozen output matrix
+ * (model_t.output), all heads' rows in one product so its weights are read once a call.
+ *
  * Threading: used by the thread that owns the model. */
 #ifndef FOLIO_MEDUSA_H
 #define FOLIO_MEDUSA_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "model.h"
@@ -19,10 +28,13 @@
 #define MEDUSA_MAX_HEADS 8
 #define MEDUSA_MAX_TOP_K 16
 #define MEDUSA_IDENTITY_LEN 40 /* characters of medusa_model_identity, without the NUL */
+#define MEDUSA_ACC_RANKS 10    /* ranks of medusa_head_accuracy */
 
 typedef struct medusa medusa_t;
 
-/* The identity of a base model: a hex digest of its architecture sizes and its tensors' contents. */
+/* The identity of a base model: a hex digest of its architecture sizes and its tensors' names, types,
+ * shapes and contents (160 bits: XXH3-128 and the top of an XXH3-64 under another seed, both over
+ * the same bytes). It reads every weight once: about 10 ms for the default model. */
 void medusa_model_identity(const model_t *m, char out[MEDUSA_IDENTITY_LEN + 1]);
 
 /* Loads heads for model m onto m's backend. FL_EFORMAT for a corrupt or foreign file, FL_EINVAL
@@ -30,6 +42,12 @@ void medusa_model_identity(const model_t *m, char out[MEDUSA_IDENTITY_LEN + 1]);
 medusa_t *medusa_load(const char *path, model_t *m, fl_error_t *err);
 void medusa_destroy(medusa_t **hp);
 int medusa_n_heads(const medusa_t *h);
+/* Whether the heads project through the base model's output matrix (else each has its own). */
+bool medusa_shared_output(const medusa_t *h);
+/* The held-out accuracy the trainer measured: the fraction of positions where head `head`'s
+ * rank + 1 best candidates hold the right token (rank < MEDUSA_ACC_RANKS), for sizing draft trees;
+ * 0 when the file does not say. */
+float medusa_head_accuracy(const medusa_t *h, int head, int rank);
 
 /* The default heads file of a model file: "<model path without .gguf>.medusa.gguf". */
 void medusa_default_path(const char *model_path, char *out, size_t out_len);
@@ -39,5 +57,18 @@ void medusa_default_path(const char *model_path, char *out, size_t out_len);
  * n <= the model's max_logits. */
 int medusa_propose(medusa_t *h, model_t *m, const int32_t *rows, int n, int top_k, int32_t *out,
                    fl_error_t *err);
+
+/* Heads as the trainer holds them, for medusa_save (host memory, borrowed). */
+typedef struct medusa_weights {
+    int n_heads;
+    bool shared_output;
+    const float *fc[MEDUSA_MAX_HEADS];     /* [dim][dim] row-major W_k (y = W_k h) */
+    const float *output[MEDUSA_MAX_HEADS]; /* [n_vocab][dim] own projections; unused when shared */
+    int output_type;                       /* fl_dtype_t the own projections are stored as (F32: as given) */
+    float accuracy[MEDUSA_MAX_HEADS][MEDUSA_ACC_RANKS]; /* held-out; all 0: not measured */
+} medusa_weights_t;
+
+/* Writes heads for base model m (its identity, sizes and name go in the metadata) to path. */
+int medusa_save(const char *path, const model_t *m, const medusa_weights_t *w, fl_error_t *err);
 
 #endif
