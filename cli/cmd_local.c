@@ -140,6 +140,8 @@ static void print_json(int n_prompt, const gen_request_t *r, run_out_t *o, const
     cJSON_AddNumberToObject(u, "prompt_tokens", n_prompt);
     cJSON_AddNumberToObject(u, "cached_prompt_tokens", 0);
     cJSON_AddNumberToObject(u, "completion_tokens", o->stream.n_out);
+    cJSON_AddNumberToObject(u, "drafted_tokens", r->n_drafted);
+    cJSON_AddNumberToObject(u, "accepted_tokens", r->n_accepted);
     cJSON *t = cJSON_AddObjectToObject(j, "timings");
     const double ttft = r->t_first_token > 0 ? r->t_first_token - r->t_submit : 0;
     cJSON_AddNumberToObject(t, "queued_ms", 0);
@@ -205,8 +207,9 @@ static int generate_one(engine_t *e, const ctl_flags_t *f, const char *prompt_te
     if (!rc && !f->json) {
         printf("\n");
         fflush(stdout);
-        fl_log_info("generated prompt_tokens=%d completion_tokens=%d finish=%s prefill_tok_s=%.1f decode_tok_s=%.1f",
-                    n_prompt, o.stream.n_out, finish_name(&r, &o),
+        fl_log_info("generated prompt_tokens=%d completion_tokens=%d drafted_tokens=%d accepted_tokens=%d finish=%s "
+                    "prefill_tok_s=%.1f decode_tok_s=%.1f",
+                    n_prompt, o.stream.n_out, r.n_drafted, r.n_accepted, finish_name(&r, &o),
                     st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0,
                     st.decode_s > 0 ? (r.n_tokens - 1) / st.decode_s : 0.0);
     }

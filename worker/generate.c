@@ -48,6 +48,8 @@ static void gen_on_finish(void *user, const sched_result_t *res)
     }
     r->t_first_token = res->t_first_token;
     r->t_done = res->t_done;
+    r->n_drafted = res->n_drafted;
+    r->n_accepted = res->n_accepted;
 }
 
 static void finish(gen_request_t *r, gen_finish_t f)
@@ -59,9 +61,15 @@ static void finish(gen_request_t *r, gen_finish_t f)
 int gen_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n_reqs, gen_token_fn on_token, void *user,
             gen_stats_t *stats, fl_error_t *err)
 {
+    return gen_run_with_heads(m, kv, NULL, reqs, n_reqs, on_token, user, stats, err);
+}
+
+int gen_run_with_heads(model_t *m, kv_cache_t *kv, struct medusa *heads, gen_request_t *reqs, int n_reqs,
+                       gen_token_fn on_token, void *user, gen_stats_t *stats, fl_error_t *err)
+{
     gen_ctx_t ctx = {.reqs = reqs, .on_token = on_token, .user = user};
     const sched_callbacks_t cb = {.on_token = gen_on_token, .on_finish = gen_on_finish, .user = &ctx};
-    const sched_opts_t opts = {.no_prefix_cache = true, .max_waiting = n_reqs > 0 ? n_reqs : 1};
+    const sched_opts_t opts = {.no_prefix_cache = true, .max_waiting = n_reqs > 0 ? n_reqs : 1, .medusa = heads};
     const int max_pos = m->max_blocks * kv->block_size;
     sched_t *s = sched_new(m, kv, &opts, &cb, err);
     if (!s) return err ? err->code : FL_ENOMEM;
@@ -69,7 +77,7 @@ int gen_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n_reqs, gen_tok
     const double t0 = fl_clock_s();
     for (int i = 0; i < n_reqs; i++) {
         gen_request_t *r = &reqs[i];
-        r->n_tokens = 0;
+        r->n_tokens = r->n_drafted = r->n_accepted = 0;
         r->finish = GEN_FINISH_NONE;
         r->error[0] = 0;
         r->t_submit = t0;

@@ -24,6 +24,7 @@ typedef struct gen_request {
     int32_t *tokens;             /* caller-provided, room for req.max_tokens */
     int n_tokens;
     gen_finish_t finish;
+    int n_drafted, n_accepted;   /* speculative decoding: draft tokens verified, and of them accepted */
     char error[256];
     double t_submit, t_first_token, t_done; /* seconds, monotonic clock */
 } gen_request_t;
@@ -40,8 +41,13 @@ typedef struct gen_stats {
     double prefill_s, decode_s;  /* time in steps that carried prompt tokens / only decode tokens */
 } gen_stats_t;
 
+struct medusa;
+
 int gen_run(model_t *m, kv_cache_t *kv, gen_request_t *reqs, int n_reqs, gen_token_fn on_token, void *user,
             gen_stats_t *stats, fl_error_t *err);
+/* gen_run with Medusa heads for the scheduler's speculation (NULL: none; stay the caller's). */
+int gen_run_with_heads(model_t *m, kv_cache_t *kv, struct medusa *heads, gen_request_t *reqs, int n_reqs,
+                       gen_token_fn on_token, void *user, gen_stats_t *stats, fl_error_t *err);
 
 const char *gen_finish_name(gen_finish_t f);
 

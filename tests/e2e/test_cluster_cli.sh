@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # folioctl's cluster commands end to end on a tiny random model: `folioctl up --groups 2` in the
 # background, `health` until it serves, `generate --json` (the DESIGN.md JSON contract), streamed
-# `generate`, `status --json`, `drain g0` / `undrain g0` (seen in status; requests go to g1 while g0
+# `generate`, `--spec` through both paths, `status --json`, `drain g0` / `undrain g0` (seen in status; requests go to g1 while g0
 # drains), then SIGTERM to `up`: it exits and no coordinator or worker of that cluster is left.
 set -uo pipefail
 build="${FOLIO_BUILD_DIR:?}"
@@ -97,6 +97,30 @@ check "special-token prompt: generate, run and tokenize agree" python3 -c "
 import json,sys; g,r,k=(json.loads(a) for a in sys.argv[1:4]); assert k['tokens'][0]==1, k
 assert g['tokens']==r['tokens'] and g['usage']['prompt_tokens']==r['usage']['prompt_tokens']==len(k['tokens']), (g, r, k)" \
   "$g" "$r" "$k"
+# Speculative decoding: the same greedy tokens with every --spec through the cluster and in one
+# process, usage counting drafted and accepted tokens (none with --spec none); out-of-range values
+# refused naming the field.
+plain="$("$ctl" generate --coordinator "$ep" -p "one two three one two three one two" -n 16 --ignore-eos \
+  --temperature 0 --spec none --json 2>/dev/null | tail -n 1)"
+check "generate --spec none drafts nothing" python3 -c "
+import json,sys; u=json.loads(sys.argv[1])['usage']; assert u['drafted_tokens']==0 and u['accepted_tokens']==0, u" "$plain"
+for spec in "auto" "ngram --max-draft 4" "medusa --max-draft 16"; do
+  g="$("$ctl" generate --coordinator "$ep" -p "one two three one two three one two" -n 16 --ignore-eos \
+    --temperature 0 --spec $spec --json 2>/dev/null | tail -n 1)"
+  r="$("$ctl" run -m "$tmp/tiny.gguf" -p "one two three one two three one two" -n 16 --ignore-eos \
+    --temperature 0 --spec $spec --threads 1 --json 2>/dev/null | tail -n 1)"
+  check "--spec $spec: generate and run give the tokens of --spec none, usage counts drafts" python3 -c "
+import json,sys; p,g,r=(json.loads(a) for a in sys.argv[1:4])
+assert g['tokens']==r['tokens']==p['tokens'], (p['tokens'], g['tokens'], r['tokens'])
+for u in (g['usage'], r['usage']): assert 0 <= u['accepted_tokens'] <= u['drafted_tokens'], u" "$plain" "$g" "$r"
+done
+"$ctl" generate --coordinator "$ep" -p "hello" --max-draft 17 >/dev/null 2>"$tmp/draft.err"
+check "generate --max-draft 17 is refused naming max_draft" grep -q "max_draft" "$tmp/draft.err"
+"$ctl" run -m "$tmp/tiny.gguf" -p "hello" --max-draft 17 >/dev/null 2>"$tmp/rdraft.err"
+check "run --max-draft 17 is refused naming max_draft" grep -q "max_draft" "$tmp/rdraft.err"
+"$ctl" generate --coordinator "$ep" -p "hello" --spec eagle >/dev/null 2>&1
+check "generate --spec eagle is a usage error (exit 2)" test $? -eq 2
+
 # Streamed (no --json): text as it comes.
 "$ctl" generate --coordinator "$ep" -p "streamed text" -n 6 --ignore-eos >"$tmp/stream.out" 2>"$tmp/stream.err"
 check "generate (streamed) exits 0" test $? -eq 0
@@ -109,7 +133,14 @@ o = json.loads(sys.argv[1])
 groups = {g["name"]: g for g in o["groups"]}
 assert set(groups) == {"g0", "g1"}, groups.keys()
 assert all(g.get("healthy") for g in groups.values()), groups
+for g in groups.values():  # speculation's totals and their mean (0 where none ran)
+    l = g["load"]
+    assert 0 <= l["accepted_tokens"] <= l["drafted_tokens"], l
+    m = g["mean_accepted_length"]
+    assert m == 0 if l["spec_seq_steps"] == 0 else abs(m - (1 + l["accepted_tokens"] / l["spec_seq_steps"])) < 1e-9, g
 PY
+"$ctl" status --coordinator "$ep" >"$tmp/status.txt" 2>&1
+check "status shows an ACCEPT column" grep -q "ACCEPT" "$tmp/status.txt"
 
 # drain g0: status shows it, new requests go to g1; undrain g0 clears it.
 "$ctl" drain g0 --coordinator "$ep" >"$tmp/drain.out" 2>&1

@@ -2,7 +2,8 @@
  * shell scripts named folio-coordinator and folio-worker in a temporary directory that sleep (or,
  * once told to, exit at once) and record their arguments. A killed worker or coordinator is started
  * again after the minimum delay, with `--restarts N` exactly when the worker's --help lists it; a
- * child that keeps dying is restarted after delays that double; cluster_stop() restarts nothing. */
+ * child that keeps dying is restarted after delays that double; cluster_stop() restarts nothing;
+ * `up --spec` and `--heads` reach every worker, and only when given. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -93,7 +94,8 @@ static int teardown(void **state)
     return system(cmd) == 0 ? 0 : -1;
 }
 
-static cluster_t *start(int n_groups)
+/* A cluster of the fakes; spec and heads (NULL: not given) as `folioctl up --spec --heads` pass them. */
+static cluster_t *start_with(int n_groups, const char *spec, const char *heads)
 {
     set_flag_file("worker-args", false);
     cluster_opts_t o = {.bin_dir = g_dir,
@@ -101,11 +103,18 @@ static cluster_t *start(int n_groups)
                         .n_groups = n_groups,
                         .threads_per_worker = 1,
                         .client_endpoint = "ipc:///tmp/folio-test-cli-cluster.c",
-                        .worker_endpoint = "ipc:///tmp/folio-test-cli-cluster.w"};
+                        .worker_endpoint = "ipc:///tmp/folio-test-cli-cluster.w",
+                        .spec = spec,
+                        .heads = heads};
     fl_error_t err = {0};
     cluster_t *c = cluster_start(&o, 0, &err); /* 0: no Health wait (the fakes do not serve) */
     if (!c) fail_msg("cluster_start: %s", err.msg);
     return c;
+}
+
+static cluster_t *start(int n_groups)
+{
+    return start_with(n_groups, NULL, NULL);
 }
 
 /* Supervises until *pid is a running process other than old; returns the ms it took (-1: wait_ms). */
@@ -149,6 +158,23 @@ static void restart_delay_starts_at_the_minimum_doubles_caps_and_resets_after_a_
     assert_int_equal(cluster_restart_delay_ms(CLUSTER_RESTART_MAX_MS, 100), CLUSTER_RESTART_MAX_MS);
     assert_int_equal(cluster_restart_delay_ms(CLUSTER_RESTART_MAX_MS, CLUSTER_RESTART_RESET_MS),
                      CLUSTER_RESTART_MIN_MS);
+}
+
+static void workers_get_the_spec_mode_and_heads_file_only_when_given(void **state)
+{
+    (void)state;
+    char args[1024];
+    cluster_t *c = start_with(1, "ngram", "/models/m.medusa.gguf");
+    sleep_ms(200); /* the fake writes its arguments after its start */
+    last_worker_args(args, sizeof args);
+    if (!strstr(args, "--spec ngram") || !strstr(args, "--heads /models/m.medusa.gguf"))
+        fail_msg("the worker's arguments lack --spec ngram and --heads: %s", args);
+    cluster_stop(&c);
+    c = start(1);
+    sleep_ms(200);
+    last_worker_args(args, sizeof args);
+    if (strstr(args, "--spec") || strstr(args, "--heads")) fail_msg("--spec or --heads passed unasked: %s", args);
+    cluster_stop(&c);
 }
 
 static void a_killed_worker_is_restarted_with_its_restart_count_when_the_worker_takes_the_flag(void **state)
@@ -247,6 +273,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(restart_delay_starts_at_the_minimum_doubles_caps_and_resets_after_a_long_run),
+        cmocka_unit_test(workers_get_the_spec_mode_and_heads_file_only_when_given),
         cmocka_unit_test(a_killed_worker_is_restarted_with_its_restart_count_when_the_worker_takes_the_flag),
         cmocka_unit_test(a_worker_that_keeps_dying_is_restarted_after_doubling_delays),
         cmocka_unit_test(stop_restarts_nothing_and_leaves_no_process),
