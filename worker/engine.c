@@ -4,10 +4,36 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "flags.h"
 #include "log.h"
+#include "medusa.h"
 #include "model_path.h"
+
+/* The heads asked for, or the default heads beside the model when they exist. A default file that
+ * does not load (made for an earlier model) is only a warning: nobody asked for it. */
+static int load_heads(engine_t *e, const engine_opts_t *o, fl_error_t *err)
+{
+    const char *asked = o->heads_path;
+    if (asked && !strcmp(asked, "none")) return FL_OK;
+    char path[4096];
+    if (asked && *asked) {
+        snprintf(path, sizeof path, "%s", asked);
+        if (!(e->medusa = medusa_load(path, e->model, err))) return err && err->code ? err->code : FL_EFORMAT;
+    } else {
+        medusa_default_path(gguf_path(e->model->gguf), path, sizeof path);
+        if (access(path, F_OK)) return FL_OK;
+        fl_error_t herr = {0};
+        if (!(e->medusa = medusa_load(path, e->model, &herr))) {
+            fl_log_warn("medusa heads not loaded path=%s error=\"%s\"", path, herr.msg);
+            return FL_OK;
+        }
+    }
+    fl_log_info("medusa heads loaded path=%s heads=%d shared_output=%d", path, medusa_n_heads(e->medusa),
+                medusa_shared_output(e->medusa));
+    return FL_OK;
+}
 
 engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
 {
@@ -26,8 +52,10 @@ engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
         fl_fail(err, FL_EINVAL, "unknown backend '%s' (cpu, cuda)", backend);
     }
     if (!e->be) goto fail;
-    /* Zero fields take model_new's defaults; one logit row per sequence. */
-    const model_params_t mp = {.max_batch_tokens = o->max_batch_tokens, .max_logits = o->max_seqs,
+    /* Zero fields take model_new's defaults; one logit row per sequence, and 128 more for the draft
+     * tokens speculative steps verify (the scheduler shares them out). */
+    const int max_seqs = o->max_seqs > 0 ? o->max_seqs : 64;
+    const model_params_t mp = {.max_batch_tokens = o->max_batch_tokens, .max_logits = max_seqs + 128,
                                .max_seqs = o->max_seqs, .max_ctx = o->max_ctx, .block_size = o->block_size,
                                .weights_f32 = o->weights_f32};
     e->model = model_new(fl_model_path(o->model_path), e->be, &mp, err);
@@ -58,7 +86,7 @@ engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
         }
     }
     e->kv = kv_cache_new(e->be, c->n_layers, c->n_kv_heads, c->head_dim, e->model->block_size, budget, err);
-    if (!e->kv) goto fail;
+    if (!e->kv || load_heads(e, o, err)) goto fail;
     return e;
 fail:
     engine_destroy(&e);
@@ -70,6 +98,7 @@ void engine_destroy(engine_t **ep)
     engine_t *e = ep ? *ep : NULL;
     if (!e) return;
     kv_cache_destroy(&e->kv);
+    medusa_destroy(&e->medusa);
     model_destroy(&e->model);
     kern_destroy(&e->be);
     free(e);
@@ -106,6 +135,9 @@ int engine_parse_flag(engine_opts_t *o, int argc, char **argv, int *i)
     } else if (!strcmp(f, "--ctx")) {
         if (!(v = fl_flag_value(argc, argv, i)) || !fl_flag_int(f, v, 16, 1 << 20, &n)) return -1;
         o->max_ctx = (int)n;
+    } else if (!strcmp(f, "--heads")) {
+        if (!(v = fl_flag_value(argc, argv, i))) return -1;
+        o->heads_path = v;
     } else {
         return 0;
     }
@@ -122,5 +154,7 @@ const char *engine_flags_help(void)
            "  --kv-fraction F       KV cache as a fraction of the free memory after the weights\n"
            "                        (default: 0.5 on CUDA; 64MiB on the CPU)\n"
            "  --block-size N        KV block size in tokens (default 16)\n"
-           "  --ctx N               longest sequence (default: the model's context)\n";
+           "  --ctx N               longest sequence (default: the model's context)\n"
+           "  --heads FILE|none     Medusa heads for speculative decoding (default: the model's\n"
+           "                        <model>.medusa.gguf when present; folio-medusa-train makes it)\n";
 }

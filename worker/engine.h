@@ -23,19 +23,22 @@ typedef struct engine_opts {
     int max_seqs;               /* 0 = 64 */
     int max_ctx;                /* 0 = model's context */
     bool weights_f32;           /* see model_params_t.weights_f32 */
+    const char *heads_path;     /* Medusa heads (medusa.h): a file, "none", or NULL for the default
+                                   heads file beside the model (medusa_default_path) when it exists */
 } engine_opts_t;
 
 typedef struct engine {
     kern_backend_t *be;
     model_t *model;
     kv_cache_t *kv;
+    struct medusa *medusa;      /* the loaded heads, or NULL */
 } engine_t;
 
 engine_t *engine_new(const engine_opts_t *opts, fl_error_t *err);
 void engine_destroy(engine_t **ep);
 
 /* Parses the engine flag at argv[*i] (-m/--model, --backend, --device, --threads, --kv-budget,
- * --kv-fraction, --block-size, --ctx) and its value, for a main(). Returns 1 when it consumed a flag,
+ * --kv-fraction, --block-size, --ctx, --heads) and its value, for a main(). Returns 1 when it consumed a flag,
  * 0 when argv[*i] is not an engine flag, -1 (after printing why) on a bad value. */
 int engine_parse_flag(engine_opts_t *o, int argc, char **argv, int *i);
 const char *engine_flags_help(void);
