@@ -136,6 +136,7 @@ int cmd_up(const ctl_flags_t *f)
                         .no_prefix_cache = f->no_prefix_cache,
                         .heartbeat_ms = (int)f->heartbeat_ms,
                         .spec = f->gen.spec_given ? folio_spec_mode_name(f->gen.spec) : NULL,
+                        .heads = f->engine.heads_path,
                         .log_dir = f->log_dir};
     ctl_interrupted = 0;
     ctl_set_handler(SIGINT, ctl_on_interrupt);

@@ -198,7 +198,7 @@ static int generate_one(engine_t *e, const ctl_flags_t *f, const char *prompt_te
     gen_stats_t st = {0};
     int rc = out && o.tokens ? request_stream_open(&o.stream, m->tok, rq.stops, rq.n_stops, q->logprobs, &err)
                              : fl_fail(&err, FL_ENOMEM, "out of memory");
-    if (!rc) rc = gen_run(e->model, e->kv, &r, 1, on_token, &o, &st, &err);
+    if (!rc) rc = gen_run_with_heads(e->model, e->kv, e->medusa, &r, 1, on_token, &o, &st, &err);
     if (!rc) {
         request_stream_end(&o.stream);
         run_out_take(&o, true);

@@ -59,7 +59,7 @@ static void usage(FILE *f)
             "  --tenant T            prefix-cache tenant (requests of different tenants share no KV)\n"
             "  --timeout-ms N        request deadline (default: none)\n"
             "  --local               chat offline in this process instead of through a coordinator\n"
-            "up flags (with -m, --kv-budget, --block-size below, passed to every worker):\n"
+            "up flags (with -m, --kv-budget, --block-size, --heads below, passed to every worker):\n"
             "  --groups N            worker groups, one process each (default 2)\n"
             "  --threads-per-worker N  CPU threads per worker (default: cores / groups)\n"
             "  --policy P            coordinator routing policy (default: the coordinator's)\n"

@@ -628,6 +628,9 @@ int main(int argc, char **argv)
             fprintf(stderr, "error: %s\n", err.msg);
             return 1;
         }
+        so.medusa = w.eng->medusa; /* NULL without heads: AUTO and MEDUSA requests draft by n-gram */
+        if (so.spec == SCHED_SPEC_MEDUSA && !so.medusa)
+            fl_log_warn("worker --spec medusa without Medusa heads (--heads FILE): requests draft by n-gram");
         const sched_callbacks_t cb = {.on_token = worker_on_token, .on_finish = worker_on_finish,
                                       .on_step = worker_beat_step_begin, .user = &w};
         w.sched = sched_new(w.eng->model, w.eng->kv, &so, &cb, &err);
