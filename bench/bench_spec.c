@@ -1,0 +1,837 @@
+/* bench_spec.c - `folio-bench spec`: what speculative decoding buys, and what it costs.
+ *
+ * 1. Verify cost: one forward step that feeds k = 1, 2, 4, 8, 16 tokens of one sequence at
+ *    consecutive positions after a context of --verify-context tokens, with logits (and a greedy
+ *    pick) for every token, as the scheduler's verify step does for a chain of k - 1 draft tokens
+ *    plus the last accepted one, over the time of a 1-token step at the same context. The step goes
+ *    straight to model_forward on a sequence whose blocks come from the engine's KV cache; each
+ *    round times every size once, starting from a different size each round, so noise on this
+ *    shared machine falls on all sizes alike; medians and bests over the rounds.
+ * 2. Workloads: (a) long outputs from a small token set and (b) open-ended chat (spec_prompts.c),
+ *    chat template applied, greedy, through the scheduler at each --batches size (at most that
+ *    many requests running; max(prompts, batch) requests, prompts reused round-robin), with no
+ *    speculation, n-gram drafts and Medusa heads side by side, interleaved run by run. Tokens/s is
+ *    generated tokens over the wall time from the first submission to the last token (prompt
+ *    processing included); accepted tokens per step is 1 + accepted / (sequence, step)
+ *    verifications that carried a draft; speed-up is over no speculation at the same batch.
+ *    Lossless check: every request's tokens must equal those of the same prompt's first run without
+ *    speculation (the first batch size), token for token; any difference makes the exit status 1.
+ *
+ * Medusa heads: the engine's (--heads FILE, or the default file beside the model); when there are
+ * none the benchmark trains them once with the folio-medusa-train beside this binary (-m MODEL),
+ * unless --no-medusa or --quick. The prefix cache is off by default so every drafter's run pays
+ * the same prompt processing (--prefix-cache turns it on). */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "bench.h"
+#include "clock.h"
+#include "engine.h"
+#include "flags.h"
+#include "log.h"
+#include "medusa.h"
+#include "scheduler.h"
+#include "spec_prompts.h"
+
+#define MAX_BATCHES 8
+#define MAX_REPEAT 20
+static const int verify_sizes[] = {1, 2, 4, 8, 16};
+#define N_VERIFY_SIZES ((int)(sizeof verify_sizes / sizeof verify_sizes[0]))
+
+typedef enum { DRAFTER_NONE, DRAFTER_NGRAM, DRAFTER_MEDUSA, DRAFTER_COUNT } drafter_t;
+static const char *const drafter_names[DRAFTER_COUNT] = {"none", "ngram", "medusa"};
+static const sched_spec_t drafter_spec[DRAFTER_COUNT] = {SCHED_SPEC_NONE, SCHED_SPEC_NGRAM, SCHED_SPEC_MEDUSA};
+
+typedef struct verify_row {
+    int tokens;
+    double median_s, best_s;
+} verify_row_t;
+
+/* A request's completion: its tokens and how it ended. */
+typedef struct completion {
+    int32_t *tokens; /* [max_tokens] */
+    int n;
+    sched_finish_t finish;
+} completion_t;
+
+typedef struct workload {
+    spec_workload_t w;
+    int n_prompts;
+    int32_t **ids; /* [n_prompts] the chat-templated prompts */
+    int *n_ids;
+    int *number;   /* [n_prompts] index in spec_prompts (prompts that do not fit are left out) */
+    completion_t *ref; /* [n_prompts] first run without speculation */
+    bool *have_ref;
+} workload_t;
+
+/* One (workload, batch, drafter) figure; the best of --repeat runs. */
+typedef struct row {
+    spec_workload_t w;
+    int batch;
+    drafter_t d;
+    int requests;
+    uint64_t generated;
+    double wall_s;
+    uint64_t decode_generated; /* in steps without prompt chunks ... */
+    double decode_s;           /* ... and their wall time */
+    uint64_t drafted, accepted, spec_seq_steps;
+    int differ;      /* requests whose tokens differ from the reference, over all repeats */
+    int first_differ_prompt, first_differ_at;
+    bool ran;
+} row_t;
+
+/* What the scheduler's callbacks fill during a run. */
+typedef struct collect {
+    completion_t *out; /* [requests], by id - 1 */
+    int n_out, max_tokens;
+    int errors;
+    char error[256];
+} collect_t;
+
+static uint32_t lcg(uint32_t *s)
+{
+    *s = *s * 1664525u + 1013904223u;
+    return *s >> 8;
+}
+
+static int32_t random_token(uint32_t *seed, int vocab)
+{
+    const int first = vocab > 512 ? 256 : 0; /* past the special tokens of most vocabularies */
+    return first + (int32_t)(lcg(seed) % (uint32_t)(vocab - first));
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* ---- 1. verify cost ---- */
+
+/* One step of the tokens [0, n) at positions ctx.. of the sequence in table, logits and a greedy pick
+ * for each; returns its duration or a negative FL_E* code. */
+static double verify_step(model_t *m, kv_cache_t *kv, const int32_t *table, int ctx, int n, uint32_t *seed,
+                          fl_error_t *err)
+{
+    int32_t tokens[16], pos[16], seq[16], rows[16], out[16];
+    kern_sampling_t greedy[16];
+    for (int j = 0; j < n; j++) {
+        tokens[j] = random_token(seed, m->cfg.n_vocab);
+        pos[j] = ctx + j;
+        seq[j] = 0;
+        rows[j] = j;
+        greedy[j] = (kern_sampling_t){.temperature = 0, .top_p = 1};
+    }
+    const model_batch_t b = {.n_tokens = n, .tokens = tokens, .pos = pos, .seq = seq, .block_tables = table,
+                             .n_seqs = 1, .prompt_len = &ctx, .logit_rows = rows, .n_logits = n};
+    const double t0 = fl_clock_s();
+    const int rc = model_forward(m, kv, &b, err);
+    if (rc) return rc;
+    model_sample(m, out, n, greedy);
+    const double dt = fl_clock_s() - t0;
+    return dt > 0 ? dt : 1e-9;
+}
+
+/* Fills rows[] for the sizes that fit the model's buffers; returns how many, or a negative code. */
+static int measure_verify(engine_t *e, int ctx, int rounds, verify_row_t *rows, fl_error_t *err)
+{
+    model_t *m = e->model;
+    int sizes[N_VERIFY_SIZES], n_sizes = 0;
+    for (int i = 0; i < N_VERIFY_SIZES; i++)
+        if (verify_sizes[i] <= m->max_logits && verify_sizes[i] <= m->max_batch_tokens)
+            sizes[n_sizes++] = verify_sizes[i];
+    const int last = sizes[n_sizes - 1];
+    if (ctx + last > m->max_blocks * e->kv->block_size)
+        return fl_fail(err, FL_EINVAL, "--verify-context %d: context + %d tokens exceed the model's %d", ctx, last,
+                       m->max_blocks * e->kv->block_size);
+    kv_seq_t s;
+    int32_t *table = calloc((size_t)m->max_blocks, sizeof *table);
+    double *t = malloc((size_t)n_sizes * (size_t)rounds * sizeof *t);
+    int32_t *prompt = malloc((size_t)m->max_batch_tokens * sizeof *prompt), *pos = NULL, *seq = NULL;
+    pos = malloc((size_t)m->max_batch_tokens * sizeof *pos);
+    seq = calloc((size_t)m->max_batch_tokens, sizeof *seq);
+    int rc = kv_seq_init(&s, m->max_blocks);
+    if (rc || !table || !t || !prompt || !pos || !seq) {
+        rc = fl_fail(err, FL_ENOMEM, "bench: out of memory");
+        goto out;
+    }
+    if ((rc = kv_seq_reserve(e->kv, &s, ctx + last))) {
+        fl_fail(err, rc, "bench: the KV cache has no room for %d tokens", ctx + last);
+        goto out;
+    }
+    memcpy(table, s.blocks, (size_t)m->max_blocks * sizeof *table);
+    /* The context, as a prompt, in chunks the model takes. */
+    uint32_t seed = 4321;
+    for (int at = 0; at < ctx;) {
+        const int n = ctx - at < m->max_batch_tokens ? ctx - at : m->max_batch_tokens;
+        for (int j = 0; j < n; j++) prompt[j] = random_token(&seed, m->cfg.n_vocab), pos[j] = at + j;
+        const int32_t row = n - 1;
+        const model_batch_t b = {.n_tokens = n, .tokens = prompt, .pos = pos, .seq = seq, .block_tables = table,
+                                 .n_seqs = 1, .prompt_len = &ctx, .logit_rows = &row, .n_logits = 1};
+        if ((rc = model_forward(m, e->kv, &b, err))) goto out;
+        at += n;
+    }
+    /* Round -1 warms up. Each round starts at another size, so each size is timed as often first,
+     * second, ... after the others. */
+    for (int r = -1; r < rounds; r++) {
+        for (int k = 0; k < n_sizes; k++) {
+            const int i = (k + (r < 0 ? 0 : r)) % n_sizes;
+            const double dt = verify_step(m, e->kv, table, ctx, sizes[i], &seed, err);
+            if (dt < 0) {
+                rc = (int)dt;
+                goto out;
+            }
+            if (r >= 0) t[(size_t)i * rounds + r] = dt;
+        }
+    }
+    for (int i = 0; i < n_sizes; i++) {
+        double *ti = t + (size_t)i * rounds;
+        rows[i].tokens = sizes[i];
+        rows[i].median_s = median(ti, rounds);
+        rows[i].best_s = ti[0]; /* sorted by median() */
+    }
+    rc = n_sizes;
+out:
+    kv_seq_free(e->kv, &s);
+    free(table);
+    free(t);
+    free(prompt);
+    free(pos);
+    free(seq);
+    return rc;
+}
+
+/* ---- 2. workloads ---- */
+
+static bool on_token(void *user, uint64_t id, int index, int32_t token, const sched_logprobs_t *lp)
+{
+    (void)lp;
+    collect_t *c = user;
+    if (id >= 1 && (int)id <= c->n_out && index < c->max_tokens) {
+        completion_t *o = &c->out[id - 1];
+        o->tokens[index] = token;
+        if (index + 1 > o->n) o->n = index + 1;
+    }
+    return false;
+}
+
+static void on_finish(void *user, const sched_result_t *r)
+{
+    collect_t *c = user;
+    if (r->id < 1 || (int)r->id > c->n_out) return;
+    c->out[r->id - 1].finish = r->finish;
+    if (r->finish == SCHED_FINISH_ERROR && c->errors++ == 0)
+        snprintf(c->error, sizeof c->error, "request %d: %.200s", (int)r->id, r->error);
+}
+
+/* Runs every prompt of wl (max(prompts, batch) requests, at most batch running) through s, all
+ * with drafter d; fills the run's figures (from the scheduler's counters before and after) and c's
+ * completions. */
+static int run_once(sched_t *s, const workload_t *wl, int batch, drafter_t d, int max_tokens, collect_t *c, row_t *fig,
+                    fl_error_t *err)
+{
+    const int n_req = wl->n_prompts > batch ? wl->n_prompts : batch;
+    c->n_out = n_req;
+    c->errors = 0;
+    for (int i = 0; i < n_req; i++) c->out[i].n = 0, c->out[i].finish = 0;
+    sched_stats_t st0, st;
+    sched_get_stats(s, &st0);
+    int rc = 0;
+    const double t0 = fl_clock_s();
+    for (int i = 0; i < n_req && !rc; i++) {
+        const int p = i % wl->n_prompts;
+        const sched_request_t r = {.id = (uint64_t)i + 1, .prompt = wl->ids[p], .n_prompt = wl->n_ids[p],
+                                   .max_tokens = max_tokens, .sampling = {.temperature = 0, .top_p = 1},
+                                   .spec = drafter_spec[d]};
+        rc = sched_submit(s, &r, err);
+    }
+    /* Steps that carried no prompt chunk, timed here (drafting and verification with everything
+     * around them), and the tokens they generated: decoding's own rate, without prompt processing. */
+    sched_stats_t before = st0;
+    while (!rc && sched_has_work(s)) {
+        const double ts = fl_clock_s();
+        rc = sched_step(s, err);
+        const double dt = fl_clock_s() - ts;
+        sched_get_stats(s, &st);
+        if (st.prefill_tokens == before.prefill_tokens) {
+            fig->decode_s += dt;
+            fig->decode_generated += st.generated_tokens - before.generated_tokens;
+        }
+        before = st;
+    }
+    const double wall = fl_clock_s() - t0;
+    sched_get_stats(s, &st);
+    if (rc) {
+        sched_cancel_all(s);
+        return rc;
+    }
+    if (c->errors) return fl_fail(err, FL_EBACKEND, "bench: %d requests failed; %s", c->errors, c->error);
+    fig->requests = n_req;
+    fig->generated = st.generated_tokens - st0.generated_tokens;
+    fig->wall_s = wall;
+    fig->drafted = st.drafted_tokens - st0.drafted_tokens;
+    fig->accepted = st.accepted_tokens - st0.accepted_tokens;
+    fig->spec_seq_steps = st.spec_seq_steps - st0.spec_seq_steps;
+    return 0;
+}
+
+static bool same_completion(const completion_t *a, const completion_t *b, int *at)
+{
+    const int n = a->n < b->n ? a->n : b->n;
+    for (*at = 0; *at < n; (*at)++)
+        if (a->tokens[*at] != b->tokens[*at]) return false;
+    return a->n == b->n && a->finish == b->finish;
+}
+
+/* Compares a run's completions with the references (the first run without speculation sets them). */
+static void check_run(workload_t *wl, const collect_t *c, drafter_t d, int max_tokens, row_t *row)
+{
+    for (int i = 0; i < c->n_out; i++) {
+        const int p = i % wl->n_prompts;
+        const completion_t *got = &c->out[i];
+        if (!wl->have_ref[p] && d == DRAFTER_NONE) {
+            completion_t *ref = &wl->ref[p];
+            memcpy(ref->tokens, got->tokens, (size_t)max_tokens * sizeof *got->tokens);
+            ref->n = got->n;
+            ref->finish = got->finish;
+            wl->have_ref[p] = true;
+            continue;
+        }
+        int at;
+        if (!wl->have_ref[p] || same_completion(got, &wl->ref[p], &at)) continue;
+        if (row->differ++ == 0) row->first_differ_prompt = wl->number[p], row->first_differ_at = at;
+    }
+}
+
+static double row_tok_s(const row_t *r) { return r->wall_s > 0 ? (double)r->generated / r->wall_s : 0; }
+static double row_decode_tok_s(const row_t *r)
+{
+    return r->decode_s > 0 ? (double)r->decode_generated / r->decode_s : 0;
+}
+static double row_accept_len(const row_t *r)
+{
+    return r->spec_seq_steps ? 1.0 + (double)r->accepted / (double)r->spec_seq_steps : 1.0;
+}
+
+/* Tokenizes the workload's prompts with the chat template (raw text when the model has none);
+ * prompts that leave no room for max_tokens in the context are left out with a note. */
+static int workload_init(workload_t *wl, spec_workload_t w, int limit, const model_t *m, int ctx, int max_tokens,
+                         fl_error_t *err)
+{
+    const int total = spec_prompt_count(w);
+    const int n = limit > 0 && limit < total ? limit : total;
+    *wl = (workload_t){.w = w};
+    wl->ids = calloc((size_t)n, sizeof *wl->ids);
+    wl->n_ids = calloc((size_t)n, sizeof *wl->n_ids);
+    wl->number = calloc((size_t)n, sizeof *wl->number);
+    wl->ref = calloc((size_t)n, sizeof *wl->ref);
+    wl->have_ref = calloc((size_t)n, sizeof *wl->have_ref);
+    if (!wl->ids || !wl->n_ids || !wl->number || !wl->ref || !wl->have_ref)
+        return fl_fail(err, FL_ENOMEM, "bench: out of memory");
+    const bool chat = tok_chat_supported(m->tok, NULL) == 0;
+    for (int i = 0; i < n; i++) {
+        char *text = spec_prompt_text(w, i);
+        if (!text) return fl_fail(err, FL_ENOMEM, "bench: out of memory");
+        const tok_chat_msg_t msg = {"user", text};
+        int32_t *ids = NULL;
+        int cap = 0;
+        const int len = tok_encode_prompt(m->tok, text, strlen(text), false, chat ? &msg : NULL, chat ? 1 : 0, &ids,
+                                          &cap, err);
+        free(text);
+        if (len < 0) return len;
+        if (len + max_tokens > ctx) {
+            fprintf(stderr, "note: %s prompt %d (%d tokens) leaves no room for %d tokens in the %d-token context; "
+                            "left out\n", spec_workload_name(w), i, len, max_tokens, ctx);
+            free(ids);
+            continue;
+        }
+        const int k = wl->n_prompts++;
+        wl->ids[k] = ids;
+        wl->n_ids[k] = len;
+        wl->number[k] = i;
+        if (!(wl->ref[k].tokens = malloc((size_t)max_tokens * sizeof(int32_t))))
+            return fl_fail(err, FL_ENOMEM, "bench: out of memory");
+    }
+    if (!chat) fprintf(stderr, "note: the model has no chat template this benchmark can apply; raw prompts\n");
+    return 0;
+}
+
+static void workload_free(workload_t *wl)
+{
+    for (int i = 0; i < wl->n_prompts; i++) free(wl->ids[i]), free(wl->ref[i].tokens);
+    free(wl->ids);
+    free(wl->n_ids);
+    free(wl->number);
+    free(wl->ref);
+    free(wl->have_ref);
+}
+
+/* ---- Medusa heads ---- */
+
+static bool file_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* Runs the folio-medusa-train next to this executable on the model (its default flags: it writes
+ * the default heads file). Its output goes to stderr, so stdout keeps the tables. */
+static int train_heads(const char *model_path, fl_error_t *err)
+{
+    char self[PATH_MAX], trainer[PATH_MAX + 32];
+    const ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0) return fl_fail(err, FL_EIO, "bench: cannot find this executable: %s", strerror(errno));
+    self[n] = 0;
+    char *slash = strrchr(self, '/');
+    if (slash) *slash = 0;
+    snprintf(trainer, sizeof trainer, "%s/folio-medusa-train", self);
+    if (access(trainer, X_OK)) return fl_fail(err, FL_ENOTFOUND, "bench: %s: %s", trainer, strerror(errno));
+    fprintf(stderr, "bench spec: no Medusa heads for %s; training them once: %s -m %s\n", model_path, trainer,
+            model_path);
+    fflush(stdout);
+    const pid_t pid = fork();
+    if (pid < 0) return fl_fail(err, FL_EIO, "bench: fork: %s", strerror(errno));
+    if (pid == 0) {
+        dup2(STDERR_FILENO, STDOUT_FILENO);
+        execl(trainer, trainer, "-m", model_path, (char *)NULL);
+        _exit(127);
+    }
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR) return fl_fail(err, FL_EIO, "bench: waitpid: %s", strerror(errno));
+    if (!WIFEXITED(status) || WEXITSTATUS(status))
+        return fl_fail(err, FL_EIO, "bench: %s -m %s failed (status %d)", trainer, model_path, status);
+    return 0;
+}
+
+/* ---- report ---- */
+
+static void print_verify(const verify_row_t *v, int n, int ctx, int rounds)
+{
+    printf("verify cost: one sequence, %d tokens of context, k tokens at once with logits for each, %d rounds "
+           "(sizes interleaved)\n", ctx, rounds);
+    printf("%8s %11s %9s %14s %12s %12s\n", "tokens", "median ms", "best ms", "median / k=1", "best / k=1",
+           "tok/s (med)");
+    for (int i = 0; i < n; i++)
+        printf("%8d %11.2f %9.2f %13.2fx %11.2fx %12.1f\n", v[i].tokens, v[i].median_s * 1e3, v[i].best_s * 1e3,
+               v[i].median_s / v[0].median_s, v[i].best_s / v[0].best_s, v[i].tokens / v[i].median_s);
+    for (int i = 0; i < n; i++)
+        if (v[i].tokens == 8)
+            printf("goal: a step of 8 tokens <= 2x a 1-token step (aim 1.6x): %.2fx (median), %.2fx (best)\n",
+                   v[i].median_s / v[0].median_s, v[i].best_s / v[0].best_s);
+}
+
+static const row_t *find_row(const row_t *rows, int n, spec_workload_t w, int batch, drafter_t d)
+{
+    for (int i = 0; i < n; i++)
+        if (rows[i].ran && rows[i].w == w && rows[i].batch == batch && rows[i].d == d) return &rows[i];
+    return NULL;
+}
+
+/* r's rate over the rate without speculation at the same batch (rate: row_tok_s or row_decode_tok_s). */
+static double speedup_by(const row_t *rows, int n, const row_t *r, double (*rate)(const row_t *))
+{
+    const row_t *base = find_row(rows, n, r->w, r->batch, DRAFTER_NONE);
+    return base && rate(base) > 0 ? rate(r) / rate(base) : 0;
+}
+
+static double speedup(const row_t *rows, int n, const row_t *r) { return speedup_by(rows, n, r, row_tok_s); }
+
+static void print_rows(const row_t *rows, int n)
+{
+    printf("%-10s %5s %-7s %5s %7s %8s %8s %10s %8s %10s %8s %9s\n", "workload", "batch", "drafter", "reqs", "tokens",
+           "tok/s", "speed-up", "decode t/s", "speed-up", "accept/st", "acc rate", "identical");
+    for (int i = 0; i < n; i++) {
+        const row_t *r = &rows[i];
+        if (!r->ran) continue;
+        printf("%-10s %5d %-7s %5d %7llu %8.1f %7.2fx %10.1f %7.2fx %10.2f %7.1f%% %9s\n", spec_workload_name(r->w),
+               r->batch, drafter_names[r->d], r->requests, (unsigned long long)r->generated, row_tok_s(r),
+               speedup(rows, n, r), row_decode_tok_s(r), speedup_by(rows, n, r, row_decode_tok_s), row_accept_len(r),
+               r->drafted ? 100.0 * (double)r->accepted / (double)r->drafted : 0.0, r->differ ? "no" : "yes");
+    }
+}
+
+/* The goals, from the rows that measure them. */
+static void print_goals(const row_t *rows, int n, const int *batches, int n_batches)
+{
+    for (int w = 0; w < SPEC_WORKLOAD_COUNT; w++) {
+        const row_t *best = NULL;
+        for (int d = DRAFTER_NGRAM; d < DRAFTER_COUNT; d++) {
+            const row_t *r = find_row(rows, n, (spec_workload_t)w, 1, (drafter_t)d);
+            if (r && (!best || speedup(rows, n, r) > speedup(rows, n, best))) best = r;
+        }
+        if (best)
+            printf("goal: batch 1, %s, best drafter >= %s: %s %.2fx (decode steps alone %.2fx)\n",
+                   spec_workload_name((spec_workload_t)w), w == SPEC_WORKLOAD_SMALL_SET ? "2.5x (aim 3x)" : "1.5x",
+                   drafter_names[best->d], speedup(rows, n, best), speedup_by(rows, n, best, row_decode_tok_s));
+    }
+    const int big = batches[n_batches - 1];
+    if (big < 16) return;
+    double worst = 0;
+    const row_t *at = NULL;
+    for (int i = 0; i < n; i++)
+        if (rows[i].ran && rows[i].batch == big && rows[i].d != DRAFTER_NONE &&
+            (!at || speedup(rows, n, &rows[i]) < worst))
+            at = &rows[i], worst = speedup(rows, n, &rows[i]);
+    if (at)
+        printf("goal: batch %d, every drafter >= 0.95x: lowest %.2fx (%s, %s)\n", big, worst,
+               spec_workload_name(at->w), drafter_names[at->d]);
+}
+
+static int write_json(const char *path, const char *model_path, const char *backend, int threads, int max_tokens,
+                      const char *heads, int n_heads, int verify_ctx, int rounds, const verify_row_t *v, int n_v,
+                      const row_t *rows, int n_rows, bool identical)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "benchmark", "spec");
+    cJSON_AddStringToObject(o, "model", model_path);
+    cJSON_AddStringToObject(o, "backend", backend);
+    cJSON_AddNumberToObject(o, "threads", threads);
+    cJSON_AddNumberToObject(o, "max_tokens", max_tokens);
+    if (heads) {
+        cJSON_AddStringToObject(o, "medusa_heads", heads);
+        cJSON_AddNumberToObject(o, "medusa_n_heads", n_heads);
+    } else {
+        cJSON_AddNullToObject(o, "medusa_heads");
+    }
+    cJSON *vo = cJSON_AddObjectToObject(o, "verify");
+    cJSON_AddNumberToObject(vo, "context", verify_ctx);
+    cJSON_AddNumberToObject(vo, "rounds", rounds);
+    cJSON *va = cJSON_AddArrayToObject(vo, "steps");
+    for (int i = 0; i < n_v; i++) {
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddNumberToObject(e, "tokens", v[i].tokens);
+        cJSON_AddNumberToObject(e, "median_ms", v[i].median_s * 1e3);
+        cJSON_AddNumberToObject(e, "best_ms", v[i].best_s * 1e3);
+        cJSON_AddNumberToObject(e, "median_over_1", v[i].median_s / v[0].median_s);
+        cJSON_AddNumberToObject(e, "best_over_1", v[i].best_s / v[0].best_s);
+        cJSON_AddItemToArray(va, e);
+    }
+    cJSON *ra = cJSON_AddArrayToObject(o, "runs");
+    for (int i = 0; i < n_rows; i++) {
+        const row_t *r = &rows[i];
+        if (!r->ran) continue;
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddStringToObject(e, "workload", spec_workload_name(r->w));
+        cJSON_AddNumberToObject(e, "batch", r->batch);
+        cJSON_AddStringToObject(e, "drafter", drafter_names[r->d]);
+        cJSON_AddNumberToObject(e, "requests", r->requests);
+        cJSON_AddNumberToObject(e, "generated_tokens", (double)r->generated);
+        cJSON_AddNumberToObject(e, "wall_s", r->wall_s);
+        cJSON_AddNumberToObject(e, "tok_s", row_tok_s(r));
+        cJSON_AddNumberToObject(e, "drafted_tokens", (double)r->drafted);
+        cJSON_AddNumberToObject(e, "accepted_tokens", (double)r->accepted);
+        cJSON_AddNumberToObject(e, "spec_seq_steps", (double)r->spec_seq_steps);
+        cJSON_AddNumberToObject(e, "accepted_per_step", row_accept_len(r));
+        cJSON_AddNumberToObject(e, "speedup", speedup(rows, n_rows, r));
+        cJSON_AddNumberToObject(e, "decode_generated_tokens", (double)r->decode_generated);
+        cJSON_AddNumberToObject(e, "decode_s", r->decode_s);
+        cJSON_AddNumberToObject(e, "decode_tok_s", row_decode_tok_s(r));
+        cJSON_AddNumberToObject(e, "decode_speedup", speedup_by(rows, n_rows, r, row_decode_tok_s));
+        cJSON_AddBoolToObject(e, "identical", r->differ == 0);
+        cJSON_AddNumberToObject(e, "requests_differing", r->differ);
+        cJSON_AddItemToArray(ra, e);
+    }
+    cJSON_AddBoolToObject(o, "identical", identical);
+    char *s = cJSON_Print(o);
+    FILE *f = fopen(path, "w");
+    const int rc = !f || fprintf(f, "%s\n", s) < 0 ? -1 : 0;
+    if (f && fclose(f)) return -1;
+    cJSON_free(s);
+    cJSON_Delete(o);
+    return rc;
+}
+
+/* ---- main ---- */
+
+static bool parse_batches(const char *s, int *batches, int *n)
+{
+    char tmp[256];
+    snprintf(tmp, sizeof tmp, "%s", s);
+    *n = 0;
+    for (char *save = NULL, *t = strtok_r(tmp, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        long b;
+        if (*n == MAX_BATCHES) {
+            fprintf(stderr, "error: --batches: at most %d sizes\n", MAX_BATCHES);
+            return false;
+        }
+        if (!fl_flag_int("--batches", t, 1, 256, &b)) return false;
+        batches[(*n)++] = (int)b;
+    }
+    if (*n == 0) fprintf(stderr, "error: --batches: no size given\n");
+    return *n > 0;
+}
+
+static bool parse_workloads(const char *s, bool *on)
+{
+    char tmp[64];
+    snprintf(tmp, sizeof tmp, "%s", s);
+    on[SPEC_WORKLOAD_SMALL_SET] = on[SPEC_WORKLOAD_CHAT] = false;
+    for (char *save = NULL, *t = strtok_r(tmp, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        int w = 0;
+        while (w < SPEC_WORKLOAD_COUNT && strcmp(t, spec_workload_name((spec_workload_t)w))) w++;
+        if (w == SPEC_WORKLOAD_COUNT) {
+            fprintf(stderr, "error: --workloads: unknown workload '%s' (small-set, chat)\n", t);
+            return false;
+        }
+        on[w] = true;
+    }
+    return true;
+}
+
+/* The default KV budget of a CPU engine (64 MiB) holds a few sequences; this run needs max_batch of
+ * the longest prompt plus the completion and a draft. Unless a budget was given, the pool is
+ * remade to fit. */
+static int fit_kv(engine_t *e, const workload_t *wls, int n_wl, int max_batch, int max_tokens, fl_error_t *err)
+{
+    int longest = 0;
+    for (int w = 0; w < n_wl; w++)
+        for (int i = 0; i < wls[w].n_prompts; i++) longest = wls[w].n_ids[i] > longest ? wls[w].n_ids[i] : longest;
+    const int bs = e->kv->block_size;
+    const int per_seq = (longest + max_tokens + SCHED_MAX_DRAFT + 2 * bs - 1) / bs;
+    const int blocks = max_batch * per_seq + MAX_BATCHES; /* + each scheduler's liveness block */
+    if (e->kv->n_blocks >= blocks) return 0;
+    const model_config_t *c = &e->model->cfg;
+    const size_t budget = (size_t)blocks * (size_t)bs * e->kv->bytes_per_token;
+    kv_cache_destroy(&e->kv);
+    e->kv = kv_cache_new(e->be, c->n_layers, c->n_kv_heads, c->head_dim, bs, budget, err);
+    return e->kv ? 0 : err->code;
+}
+
+int bench_spec(int argc, char **argv)
+{
+    engine_opts_t eo = {0};
+    long max_tokens = 256, verify_ctx = 128, rounds = 30, repeat = 1, prompts = 0;
+    const char *batches_s = "1,4,16", *workloads_s = "small-set,chat", *json_path = NULL;
+    bool quick = false, no_medusa = false, prefix_cache = false, set_max_tokens = false, set_batches = false,
+         set_rounds = false, set_prompts = false;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v;
+        int r = engine_parse_flag(&eo, argc, argv, &i);
+        if (r < 0) return 2;
+        if (r > 0) continue;
+        if (!strcmp(a, "--batches")) {
+            if (!(batches_s = fl_flag_value(argc, argv, &i))) return 2;
+            set_batches = true;
+        } else if (!strcmp(a, "--workloads")) {
+            if (!(workloads_s = fl_flag_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--max-tokens")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1 << 16, &max_tokens)) return 2;
+            set_max_tokens = true;
+        } else if (!strcmp(a, "--prompts")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1000, &prompts)) return 2;
+            set_prompts = true;
+        } else if (!strcmp(a, "--repeat")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, MAX_REPEAT, &repeat)) return 2;
+        } else if (!strcmp(a, "--verify-context")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1 << 20, &verify_ctx)) return 2;
+        } else if (!strcmp(a, "--verify-rounds")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 10000, &rounds)) return 2;
+            set_rounds = true;
+        } else if (!strcmp(a, "--no-medusa")) {
+            no_medusa = true;
+        } else if (!strcmp(a, "--prefix-cache")) {
+            prefix_cache = true;
+        } else if (!strcmp(a, "--quick")) {
+            quick = true;
+        } else if (!strcmp(a, "--json")) {
+            if (!(json_path = fl_flag_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            printf("usage: folio-bench spec [flags]\n"
+                   "  --batches LIST        most requests running at once, one run each (default 1,4,16)\n"
+                   "  --workloads LIST      small-set (labels, JSON enums, rewritten lists, copies with edits)\n"
+                   "                        and/or chat (open-ended answers) (default small-set,chat)\n"
+                   "  --max-tokens N        completion tokens per request at most (default 256)\n"
+                   "  --prompts N           the first N prompts of each workload (default: all, 16 and 8)\n"
+                   "  --repeat N            runs per figure, interleaved; the fastest is kept (default 1)\n"
+                   "  --verify-context N    context before the verify-cost steps (default 128)\n"
+                   "  --verify-rounds N     timed rounds of the verify-cost table (default 30)\n"
+                   "  --no-medusa           no Medusa column, and no training of heads\n"
+                   "  --prefix-cache        keep the prefix cache on (default off: every run computes its prompts)\n"
+                   "  --quick               a smoke run: batches 1,4, 32 tokens, 2 prompts per workload,\n"
+                   "                        5 verify rounds, Medusa only with heads already there\n"
+                   "  --json FILE           write the figures as JSON\n"
+                   "Exit status 1 when a speculative run's tokens differ from the same prompt's without\n"
+                   "speculation.\n%s",
+                   engine_flags_help());
+            return 0;
+        } else {
+            fprintf(stderr, "error: unknown flag '%s'\n", a);
+            return 2;
+        }
+    }
+    if (quick) {
+        if (!set_batches) batches_s = "1,4";
+        if (!set_max_tokens) max_tokens = 32;
+        if (!set_prompts) prompts = 2;
+        if (!set_rounds) rounds = 5;
+    }
+    int batches[MAX_BATCHES], n_batches;
+    bool wl_on[SPEC_WORKLOAD_COUNT];
+    if (!parse_batches(batches_s, batches, &n_batches) || !parse_workloads(workloads_s, wl_on)) return 2;
+    int max_batch = 1;
+    for (int i = 0; i < n_batches; i++) max_batch = batches[i] > max_batch ? batches[i] : max_batch;
+    /* Logit rows for the verify table's 16 tokens of one sequence. */
+    if (!eo.max_seqs) eo.max_seqs = max_batch > 16 ? max_batch : 16;
+    eo.threads = eo.threads > 0 ? eo.threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    const bool kv_given = eo.kv_budget_bytes || eo.kv_fraction > 0;
+
+    fl_error_t err = {0};
+    engine_t *e = engine_new(&eo, &err);
+    if (!e) {
+        fprintf(stderr, "error: %s\n", err.msg);
+        return 1;
+    }
+    /* The schedulers' start-up lines would bury the progress lines (FOLIO_LOG still chooses). */
+    if (!getenv("FOLIO_LOG")) fl_log_set_level(FL_LOG_WARN);
+    int status = 1;
+    char model_path[1024], backend[32], heads_path[1100] = "";
+    snprintf(model_path, sizeof model_path, "%s", gguf_path(e->model->gguf));
+    snprintf(backend, sizeof backend, "%s", kern_backend_name(e->be));
+    workload_t wls[SPEC_WORKLOAD_COUNT] = {0};
+    int n_wl = 0;
+    row_t *rows = NULL;
+    collect_t c = {0};
+    medusa_t *own_heads = NULL, *heads = NULL;
+    sched_t *scheds[MAX_BATCHES] = {0};
+    verify_row_t verify[N_VERIFY_SIZES];
+    int n_verify = 0, n_drafters = 0, n_rows = 0, most_req = 0;
+    bool identical = true;
+    char prompts_s[32] = "";
+    const int ctx = e->model->max_blocks * e->kv->block_size;
+
+    for (int w = 0; w < SPEC_WORKLOAD_COUNT; w++) {
+        if (!wl_on[w]) continue;
+        if (workload_init(&wls[n_wl], (spec_workload_t)w, (int)prompts, e->model, ctx, (int)max_tokens, &err))
+            goto fail;
+        if (wls[n_wl].n_prompts == 0) {
+            fprintf(stderr, "note: workload %s has no prompt that fits; skipped\n",
+                    spec_workload_name((spec_workload_t)w));
+            workload_free(&wls[n_wl]);
+            continue;
+        }
+        n_wl++;
+    }
+    if (!kv_given && fit_kv(e, wls, n_wl, max_batch, (int)max_tokens, &err)) goto fail;
+
+    /* Medusa heads: the engine's (--heads FILE, or the default file beside the model), else that
+     * default file trained now, once. */
+    const bool heads_off = no_medusa || (eo.heads_path && !strcmp(eo.heads_path, "none"));
+    if (eo.heads_path && !heads_off) snprintf(heads_path, sizeof heads_path, "%s", eo.heads_path);
+    else medusa_default_path(model_path, heads_path, sizeof heads_path);
+    heads = heads_off ? NULL : e->medusa;
+    if (!heads && !heads_off && !quick) {
+        if (file_exists(heads_path)) {
+            fprintf(stderr, "warning: no Medusa column: %s was not loaded (see the warning above)\n", heads_path);
+        } else if (train_heads(model_path, &err) || !(own_heads = medusa_load(heads_path, e->model, &err))) {
+            fprintf(stderr, "warning: no Medusa column: %s\n", err.msg);
+        }
+        heads = own_heads;
+    }
+    if (!heads) heads_path[0] = 0;
+
+    fprintf(stderr, "bench spec: verify cost (%ld rounds) ...\n", rounds);
+    n_verify = measure_verify(e, (int)verify_ctx, (int)rounds, verify, &err);
+    if (n_verify < 0) goto fail;
+
+    n_drafters = heads ? DRAFTER_COUNT : DRAFTER_MEDUSA;
+    n_rows = n_wl * n_batches * n_drafters;
+    most_req = max_batch;
+    for (int w = 0; w < n_wl; w++) most_req = wls[w].n_prompts > most_req ? wls[w].n_prompts : most_req;
+    rows = calloc((size_t)n_rows, sizeof *rows);
+    c.out = calloc((size_t)most_req, sizeof *c.out);
+    c.max_tokens = (int)max_tokens;
+    if (!rows || !c.out) goto oom;
+    for (int i = 0; i < most_req; i++)
+        if (!(c.out[i].tokens = malloc((size_t)max_tokens * sizeof(int32_t)))) goto oom;
+
+    /* One scheduler per batch size for the whole run, as a server keeps one: its cost model (which
+     * sizes prompt chunks and decides how much to speculate) learns from every run before. Each
+     * starts with a short untimed request, so no timed run pays for page faults. */
+    const sched_callbacks_t cb = {.on_token = on_token, .on_finish = on_finish, .user = &c};
+    for (int b = 0; b < n_batches && n_wl; b++) {
+        const sched_opts_t so = {.max_running = batches[b], .no_prefix_cache = !prefix_cache,
+                                 .spec = SCHED_SPEC_AUTO, .medusa = heads};
+        if (!(scheds[b] = sched_new(e->model, e->kv, &so, &cb, &err))) goto fail;
+        workload_t warm = wls[0];
+        warm.n_prompts = 1;
+        row_t ignore = {0};
+        if (run_once(scheds[b], &warm, 1, DRAFTER_NONE, 8, &c, &ignore, &err)) goto fail;
+    }
+    for (int rep = 0; rep < repeat; rep++) {
+        int k = 0;
+        for (int w = 0; w < n_wl; w++)
+            for (int b = 0; b < n_batches; b++)
+                for (int d = 0; d < n_drafters; d++, k++) {
+                    row_t *row = &rows[k], fig = {0};
+                    fprintf(stderr, "bench spec: %s batch %d %s (run %d of %ld) ...\n", spec_workload_name(wls[w].w),
+                            batches[b], drafter_names[d], rep + 1, repeat);
+                    if (run_once(scheds[b], &wls[w], batches[b], (drafter_t)d, (int)max_tokens, &c, &fig, &err))
+                        goto fail;
+                    check_run(&wls[w], &c, (drafter_t)d, (int)max_tokens, row);
+                    if (!row->ran || fig.wall_s < row->wall_s) {
+                        fig.differ = row->differ;
+                        fig.first_differ_prompt = row->first_differ_prompt;
+                        fig.first_differ_at = row->first_differ_at;
+                        *row = fig;
+                    }
+                    row->w = wls[w].w;
+                    row->batch = batches[b];
+                    row->d = (drafter_t)d;
+                    row->ran = true;
+                }
+    }
+
+    for (int w = 0; w < n_wl; w++)
+        snprintf(prompts_s + strlen(prompts_s), sizeof prompts_s - strlen(prompts_s), "%s%s:%d", w ? "," : "",
+                 spec_workload_name(wls[w].w), wls[w].n_prompts);
+    printf("folio-bench spec  model=%s backend=%s threads=%d max_tokens=%ld prompts=%s medusa=%s%s\n", model_path,
+           backend, eo.threads, max_tokens, prompts_s, heads ? heads_path : "none",
+           prefix_cache ? " prefix-cache=on" : "");
+    print_verify(verify, n_verify, (int)verify_ctx, (int)rounds);
+    printf("\n");
+    print_rows(rows, n_rows);
+    for (int i = 0; i < n_rows; i++)
+        if (rows[i].ran && rows[i].differ) {
+            identical = false;
+            printf("DIFFERS: %s batch %d %s: %d requests; first: prompt %d at token %d\n",
+                   spec_workload_name(rows[i].w), rows[i].batch, drafter_names[rows[i].d], rows[i].differ,
+                   rows[i].first_differ_prompt, rows[i].first_differ_at);
+        }
+    print_goals(rows, n_rows, batches, n_batches);
+    printf("lossless (greedy tokens identical with and without speculation, every prompt): %s\n",
+           identical ? "yes" : "NO");
+    if (json_path && write_json(json_path, model_path, backend, eo.threads, (int)max_tokens,
+                                heads ? heads_path : NULL, heads ? medusa_n_heads(heads) : 0,
+                                (int)verify_ctx, (int)rounds, verify, n_verify, rows, n_rows, identical))
+        fprintf(stderr, "error: cannot write %s\n", json_path);
+    status = identical ? 0 : 1;
+    goto out;
+oom:
+    fl_fail(&err, FL_ENOMEM, "bench: out of memory");
+fail:
+    fprintf(stderr, "error: %s\n", err.msg);
+    status = 1;
+out:
+    for (int b = 0; b < n_batches; b++) sched_destroy(&scheds[b]);
+    for (int i = 0; c.out && i < most_req; i++) free(c.out[i].tokens);
+    free(c.out);
+    free(rows);
+    for (int w = 0; w < n_wl; w++) workload_free(&wls[w]);
+    medusa_destroy(&own_heads);
+    engine_destroy(&e);
+    return status;
+}
