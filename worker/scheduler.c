@@ -30,8 +30,11 @@
 
 #include "clock.h"
 #include "log.h"
+#include "medusa.h"
+#include "spec.h"
 
 #define SCHED_LOOKAHEAD_BLOCKS 4
+#define SCHED_DEFAULT_DRAFT 10 /* draft tokens a step may verify for a request that names none */
 
 typedef struct seq {
     sched_request_t req;     /* prompt and stop_ids point into tokens / stop below */
@@ -50,6 +53,18 @@ typedef struct seq {
     block_hash_t *hashes;    /* [max_blocks] chain hashes of full blocks; valid below n_hashed */
     int n_hashed, n_published;
     int take;                /* tokens planned for this step */
+    /* Speculation (spec.h). */
+    sched_spec_t spec;       /* resolved at submission: NONE, NGRAM or MEDUSA */
+    int max_draft;
+    spec_tree_t tree;        /* this step's draft tree below the pending token (n = 1: none) */
+    int row0;                /* the tree's first logit row in this step */
+    int32_t *cand;           /* [n_heads * top_k] the heads' candidates after the pending token */
+    bool has_cand;
+    int since_cand;          /* steps since the candidates were last computed */
+    double acc_yes, acc_no;  /* decayed counts of accepted and rejected draft tokens */
+    int32_t emit[SPEC_MAX_NODES]; /* this step's tokens (spec_walk), and the nodes they were drawn at */
+    int emit_node[SPEC_MAX_NODES];
+    int n_emit;
     bool finished;
     struct seq *next_dead;
 } seq_t;
@@ -69,10 +84,19 @@ struct sched {
     seq_t *dead;             /* finished, freed when no step iterates */
     int in_step;
 
-    /* Batch buffers. */
+    /* Batch buffers: tokens [max_batch_tokens], logit rows [max_logits]. */
     int32_t *tokens, *pos, *seq_row, *tables, *prompt_len, *logit_rows, *sampled;
     seq_t **logit_seq;
     kern_sampling_t *sampling;
+    int max_rows;            /* logit rows a step may have: the model's max_logits */
+    int32_t *tree_start;     /* [max_batch_tokens] a step's draft trees (model_batch_t) */
+    uint64_t *tree_mask;
+    int32_t *move_src, *move_dst; /* [max_rows] accepted paths' K/V moves */
+    int32_t *cand_rows, *cand_out; /* Medusa: rows to propose from, and the candidates */
+    seq_t **cand_seq;
+    const spec_paths_t *paths;
+    int top_k;               /* candidates per head the tree needs */
+    spec_cost_t spec_cost;   /* measured decode step seconds by size */
     sched_logprobs_t logprobs; /* of the token being reported */
 
     /* Step cost: a prompt chunk costs its tokens plus its attention pairs (the (token, position)
@@ -108,6 +132,7 @@ static void seq_free(sched_t *s, seq_t *q)
     free(q->seen);
     free(q->raw_logits);
     free(q->hashes);
+    free(q->cand);
     free(q);
 }
 
@@ -187,6 +212,7 @@ static void preempt(sched_t *s, seq_t *q)
     q->n_computed = 0;
     q->n_published = 0;
     q->take = 0;
+    q->tree.n = 1;
     q->res.preemptions++;
     s->st.preemptions++;
     wait_push_front(s, q);
@@ -222,7 +248,7 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
     s->ctx = m->max_blocks * kv->block_size;
     /* Preempted sequences return to the queue beyond max_waiting, at most max_running of them. */
     s->wait_cap = s->o.max_waiting + s->o.max_running;
-    const int nr = s->o.max_running, nt = s->o.max_batch_tokens;
+    const int nr = s->o.max_running, nt = s->o.max_batch_tokens, nl = s->max_rows = m->max_logits;
     s->running = calloc((size_t)nr, sizeof *s->running);
     s->waiting = calloc((size_t)s->wait_cap, sizeof *s->waiting);
     s->tokens = malloc((size_t)nt * sizeof *s->tokens);
@@ -230,12 +256,23 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
     s->seq_row = malloc((size_t)nt * sizeof *s->seq_row);
     s->tables = malloc((size_t)nr * m->max_blocks * sizeof *s->tables);
     s->prompt_len = malloc((size_t)nr * sizeof *s->prompt_len);
-    s->logit_rows = malloc((size_t)nr * sizeof *s->logit_rows);
-    s->sampled = malloc((size_t)nr * sizeof *s->sampled);
-    s->logit_seq = malloc((size_t)nr * sizeof *s->logit_seq);
-    s->sampling = malloc((size_t)nr * sizeof *s->sampling);
+    s->logit_rows = malloc((size_t)nl * sizeof *s->logit_rows);
+    s->sampled = malloc((size_t)nl * sizeof *s->sampled);
+    s->logit_seq = malloc((size_t)nl * sizeof *s->logit_seq);
+    s->sampling = malloc((size_t)nl * sizeof *s->sampling);
+    s->tree_start = malloc((size_t)nt * sizeof *s->tree_start);
+    s->tree_mask = malloc((size_t)nt * sizeof *s->tree_mask);
+    s->move_src = malloc((size_t)nl * sizeof *s->move_src);
+    s->move_dst = malloc((size_t)nl * sizeof *s->move_dst);
+    s->paths = spec_paths_default();
+    s->top_k = s->paths->max_rank;
+    const int heads = s->o.medusa ? medusa_n_heads(s->o.medusa) : 0;
+    s->cand_rows = malloc((size_t)nr * sizeof *s->cand_rows);
+    s->cand_seq = malloc((size_t)nr * sizeof *s->cand_seq);
+    s->cand_out = malloc((size_t)nr * (size_t)(heads > 0 ? heads : 1) * (size_t)s->top_k * sizeof *s->cand_out);
     if (!s->running || !s->waiting || !s->tokens || !s->pos || !s->seq_row || !s->tables || !s->prompt_len ||
-        !s->logit_rows || !s->sampled || !s->logit_seq || !s->sampling)
+        !s->logit_rows || !s->sampled || !s->logit_seq || !s->sampling || !s->tree_start || !s->tree_mask ||
+        !s->move_src || !s->move_dst || !s->cand_rows || !s->cand_seq || !s->cand_out)
         goto oom;
     s->live_block = kv_cache_alloc_block(kv);
     if (s->live_block < 0) {
@@ -279,6 +316,13 @@ void sched_destroy(sched_t **sp)
     free(s->sampled);
     free(s->logit_seq);
     free(s->sampling);
+    free(s->tree_start);
+    free(s->tree_mask);
+    free(s->move_src);
+    free(s->move_dst);
+    free(s->cand_rows);
+    free(s->cand_seq);
+    free(s->cand_out);
     free(s);
     *sp = NULL;
 }
@@ -320,11 +364,17 @@ static int seq_alloc_sampling(const sched_t *s, seq_t *q, const sched_request_t 
     const int seen = window + (occurrence_on(p) ? max_tokens : 0);
     if (seen + p->n_bias > 0) {
         q->adjust_cap = seen + p->n_bias;
-        q->adjust = malloc((size_t)q->adjust_cap * sizeof *q->adjust);
+        /* one draw's adjustments per node of a draft tree (each sees its own path) */
+        const size_t draws = q->spec != SCHED_SPEC_NONE ? SPEC_MAX_NODES : 1;
+        q->adjust = malloc(draws * (size_t)q->adjust_cap * sizeof *q->adjust);
         q->seen = malloc((size_t)(seen > 0 ? seen : 1) * sizeof *q->seen);
         if (!q->adjust || !q->seen) return FL_ENOMEM;
     }
-    if (r->logprobs && !(q->raw_logits = malloc((size_t)s->m->cfg.n_vocab * sizeof *q->raw_logits)))
+    const size_t rows = q->spec != SCHED_SPEC_NONE ? SPEC_MAX_NODES : 1;
+    if (r->logprobs && !(q->raw_logits = malloc(rows * (size_t)s->m->cfg.n_vocab * sizeof *q->raw_logits)))
+        return FL_ENOMEM;
+    if (q->spec == SCHED_SPEC_MEDUSA &&
+        !(q->cand = malloc((size_t)medusa_n_heads(s->o.medusa) * (size_t)s->top_k * sizeof *q->cand)))
         return FL_ENOMEM;
     return FL_OK;
 }
@@ -334,7 +384,7 @@ static int seq_alloc_sampling(const sched_t *s, seq_t *q, const sched_request_t 
  * completion, and the logit bias. Each token's additive term is summed here, on the host, in one
  * fixed order (bias, then presence, then frequency x count), so every backend applies the same
  * float. */
-static int build_adjust(seq_t *q)
+static int build_adjust(seq_t *q, kern_logit_adjust_t *out)
 {
     const sched_penalties_t *p = &q->req.penalties;
     if (!q->adjust) return 0;
@@ -366,9 +416,19 @@ static int build_adjust(seq_t *q)
             add -= p->frequency * (float)count;
         }
         const float penalty = in_window ? p->repetition : 1.0f;
-        if (penalty != 1.0f || add != 0.0f) q->adjust[n++] = (kern_logit_adjust_t){.token = t, .penalty = penalty, .add = add};
+        if (penalty != 1.0f || add != 0.0f) out[n++] = (kern_logit_adjust_t){.token = t, .penalty = penalty, .add = add};
     }
     return n;
+}
+
+/* The drafter a request gets: what it asks for within what this scheduler allows; Medusa only with
+ * heads (else n-gram). */
+static sched_spec_t resolve_spec(const sched_t *s, sched_spec_t want)
+{
+    if (s->o.spec == SCHED_SPEC_NONE || want == SCHED_SPEC_NONE) return SCHED_SPEC_NONE;
+    if (want == SCHED_SPEC_AUTO) want = s->o.spec == SCHED_SPEC_AUTO ? SCHED_SPEC_MEDUSA : s->o.spec;
+    if (s->o.spec == SCHED_SPEC_NGRAM) want = SCHED_SPEC_NGRAM;
+    return want == SCHED_SPEC_MEDUSA && !s->o.medusa ? SCHED_SPEC_NGRAM : want;
 }
 
 int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
@@ -412,8 +472,16 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
     if (s->n_waiting >= s->o.max_waiting)
         return fl_fail(err, FL_EBUSY, "queue full (%d waiting)", s->n_waiting);
 
+    if (r->max_draft < 0 || r->max_draft > SCHED_MAX_DRAFT || (unsigned)r->spec > SCHED_SPEC_MEDUSA)
+        return fl_fail(err, FL_EINVAL, "sched: request %llu: speculation mode %d, max_draft %d (0-%d)",
+                       (unsigned long long)r->id, (int)r->spec, r->max_draft, SCHED_MAX_DRAFT);
+
     seq_t *q = calloc(1, sizeof *q);
     if (!q) return fl_fail(err, FL_ENOMEM, "sched: out of memory");
+    q->spec = resolve_spec(s, r->spec);
+    q->max_draft = r->max_draft > 0 ? r->max_draft : SCHED_DEFAULT_DRAFT;
+    q->acc_yes = 3, q->acc_no = 1; /* a hopeful prior, so a new sequence's drafts get tried */
+    q->tree.n = 1;
     q->tokens = malloc(((size_t)r->n_prompt + (size_t)max_tokens) * sizeof *q->tokens);
     q->stop = malloc((size_t)(r->n_stop_ids > 0 ? r->n_stop_ids : 1) * sizeof *q->stop);
     q->hashes = malloc((size_t)s->m->max_blocks * sizeof *q->hashes);
@@ -611,6 +679,79 @@ double sched_expected_s(const sched_t *s, int tokens, double pairs)
     return 0;
 }
 
+/* --- speculation ---------------------------------------------------------------------------- */
+
+/* How likely a sequence's next draft token is accepted: its decayed record, with a prior. */
+static double seq_acceptance(const seq_t *q) { return (q->acc_yes + 1) / (q->acc_yes + q->acc_no + 2); }
+
+/* The chance node k of q's tree is accepted, as the greedy planner ranks it: the acceptance rate to
+ * the power of its depth, less for a runner-up candidate (an earlier sibling came first). */
+static double node_chance(const seq_t *q, int k)
+{
+    int rank = 0;
+    for (int j = 1; j < k; j++) rank += q->tree.parent[j] == q->tree.parent[k];
+    double p = 1;
+    for (int d = 0; d < q->tree.depth[k]; d++) p *= seq_acceptance(q);
+    for (int r = 0; r < rank; r++) p *= 0.3;
+    return p;
+}
+
+/* Each decoding sequence's draft tree for this step: its drafter's full proposal, then a greedy cut
+ * over all sequences that keeps a draft token only while the expected tokens per second of the step
+ * grow, by the measured cost of steps of each size (spec_cost): at batch 1 a verify of a few tokens
+ * costs little more than one token, so drafts pay; in a large batch the step is compute bound and
+ * they would cost throughput, so they shrink or stop. Drafts also fit the step's token and logit row
+ * budgets and the request's remaining tokens. */
+static void plan_drafts(sched_t *s)
+{
+    int n_dec = 0, n_cand = 0;
+    int32_t chain[SCHED_MAX_DRAFT];
+    for (int i = 0; i < s->n_running; i++) {
+        seq_t *q = s->running[i];
+        q->tree.n = 1;
+        if (q->n_tokens - q->n_computed != 1) continue;
+        n_dec++;
+        spec_tree_init(&q->tree, q->tokens[q->n_computed]);
+        int cap = q->max_draft;
+        const int left = q->max_tokens - q->res.n_generated - 1, room = s->ctx - q->n_tokens;
+        if (left < cap) cap = left;
+        if (room < cap) cap = room;
+        if (q->spec == SCHED_SPEC_NONE || cap <= 0) continue;
+        if (q->spec == SCHED_SPEC_MEDUSA) {
+            if (q->has_cand)
+                spec_tree_medusa(&q->tree, q->tokens[q->n_computed], q->cand, medusa_n_heads(s->o.medusa), s->top_k,
+                                 s->paths, 1 + cap);
+        } else {
+            const int n = spec_ngram_draft(q->tokens, q->n_tokens, cap, chain);
+            for (int k = 0; k < n; k++) spec_tree_add(&q->tree, k, chain[k]);
+        }
+        n_cand += q->tree.n - 1;
+    }
+    if (n_cand == 0) return;
+    /* what is left for drafts: a logit row per running sequence is spoken for */
+    int rows_left = s->max_rows - s->n_running, tokens_left = s->o.max_batch_tokens - n_dec;
+    int keep[s->n_running];
+    for (int i = 0; i < s->n_running; i++) keep[i] = 1;
+    double expect = n_dec, t = spec_cost_s(&s->spec_cost, n_dec);
+    int n = n_dec;
+    while (rows_left > 0 && tokens_left > 0) {
+        int best = -1;
+        double best_p = 0;
+        for (int i = 0; i < s->n_running; i++) {
+            const seq_t *q = s->running[i];
+            if (keep[i] >= q->tree.n) continue;
+            const double p = node_chance(q, keep[i]);
+            if (p > best_p) best = i, best_p = p;
+        }
+        if (best < 0) break;
+        const double t2 = spec_cost_s(&s->spec_cost, n + 1);
+        if (!s->o.spec_draft_all && t > 0 && t2 > 0 && (expect + best_p) / t2 <= expect / t) break;
+        keep[best]++, n++, rows_left--, tokens_left--;
+        expect += best_p, t = t2;
+    }
+    for (int i = 0; i < s->n_running; i++) spec_tree_truncate(&s->running[i]->tree, keep[i]);
+}
+
 /* Gives each running sequence its share of the token budget, decode tokens first, then prompt
  * chunks, oldest first, and reserves the blocks. When a block cannot be had the youngest running
  * sequence is preempted (it may be the one asking); victims are always at the end of running[],
@@ -623,14 +764,15 @@ static void plan(sched_t *s)
      * the same cost. Decode tokens count 1 each. */
     double cost = budget + chunk_pairs(0, budget) / s->pairs_per_token;
     for (int i = 0; i < s->n_running; i++) s->running[i]->take = 0;
+    plan_drafts(s);
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < s->n_running && budget > 0; i++) {
             seq_t *q = s->running[i];
             const int pending = q->n_tokens - q->n_computed;
             if ((pending == 1) != (pass == 0)) continue;
             if (pass == 0) {
-                q->take = 1;
-                cost -= 1;
+                q->take = q->tree.n; /* the pending token and its drafts */
+                cost -= q->take;
             } else {
                 q->take = chunk_tokens(s, q->n_computed, pending, budget, cost);
                 cost -= q->take + chunk_pairs(q->n_computed, q->take) / s->pairs_per_token;
@@ -638,11 +780,17 @@ static void plan(sched_t *s)
             }
             budget -= q->take;
             while (kv_seq_reserve(s->kv, &q->kv, q->n_computed + q->take)) {
+                if (q->tree.n > 1) { /* drafts are the first thing to give up */
+                    budget += q->take - 1;
+                    cost += q->take - 1;
+                    q->tree.n = q->take = 1;
+                    continue;
+                }
                 seq_t *victim = s->running[s->n_running - 1];
                 budget += victim->take;
                 if (victim->take > 0)
                     cost += victim->n_tokens - victim->n_computed == 1
-                                ? 1
+                                ? victim->take
                                 : victim->take + chunk_pairs(victim->n_computed, victim->take) / s->pairs_per_token;
                 preempt(s, victim);
                 if (victim == q) break;
@@ -651,11 +799,27 @@ static void plan(sched_t *s)
     }
 }
 
+/* The adjustments of node k's draw: those of the sequence extended by the node's path (a penalty
+ * sees the draft tokens before it as generated). */
+static int node_adjust(seq_t *q, int k, bool tree)
+{
+    if (!q->adjust) return 0;
+    kern_logit_adjust_t *out = q->adjust + (size_t)k * q->adjust_cap;
+    if (!tree || k == 0) return build_adjust(q, out);
+    const int depth = q->tree.depth[k], saved = q->n_tokens;
+    for (int j = k; j > 0; j = q->tree.parent[j]) q->tokens[saved + q->tree.depth[j] - 1] = q->tree.token[j];
+    q->n_tokens += depth; /* within tokens[]: drafts stop at max_tokens */
+    const int n = build_adjust(q, out);
+    q->n_tokens = saved;
+    return n;
+}
+
 /* The step's batch from the plan: rows of the block tables follow running[]. */
 static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
 {
     const int mb = s->m->max_blocks;
     int n = 0, n_logits = 0;
+    bool trees = false;
     *n_prefill = 0;
     s->step_pairs = 0;
     for (int pass = 0; pass < 2; pass++) {
@@ -663,20 +827,30 @@ static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
             seq_t *q = s->running[i];
             if (q->take == 0 || (q->n_tokens - q->n_computed == 1) != (pass == 0)) continue;
             s->step_pairs += chunk_pairs(q->n_computed, q->take);
+            const spec_tree_t *t = &q->tree;
+            const bool tree = pass == 0 && t->n > 1;
+            trees |= tree && !spec_tree_is_chain(t);
             for (int j = 0; j < q->take; j++) {
-                s->tokens[n + j] = q->tokens[q->n_computed + j];
-                s->pos[n + j] = q->n_computed + j;
+                /* a tree node: stored at its place after the context, roped at its depth */
+                s->tokens[n + j] = tree ? t->token[j] : q->tokens[q->n_computed + j];
+                s->pos[n + j] = q->n_computed + (tree ? t->depth[j] : j);
+                s->tree_start[n + j] = tree ? q->n_computed : q->n_computed + j;
+                s->tree_mask[n + j] = tree ? t->mask[j] : 1;
                 s->seq_row[n + j] = i;
             }
             n += q->take;
             if (pass == 1) *n_prefill += q->take;
-            if (q->n_computed + q->take == q->n_tokens) { /* its last row chooses the next token */
-                s->logit_rows[n_logits] = n - 1;
+            if (q->n_computed + q->take < q->n_tokens && !tree) continue;
+            /* the last row chooses the next token; in a tree every node's row scores its child */
+            const int rows = tree ? t->n : 1;
+            q->row0 = n_logits;
+            for (int k = 0; k < rows; k++) {
+                s->logit_rows[n_logits] = n - rows + k;
                 s->logit_seq[n_logits] = q;
                 s->sampling[n_logits] = q->req.sampling;
-                s->sampling[n_logits].position = (uint64_t)q->res.n_generated;
-                s->sampling[n_logits].adjust = q->adjust;
-                s->sampling[n_logits].n_adjust = build_adjust(q);
+                s->sampling[n_logits].position = (uint64_t)q->res.n_generated + (tree ? t->depth[k] : 0);
+                s->sampling[n_logits].adjust = q->adjust ? q->adjust + (size_t)k * q->adjust_cap : NULL;
+                s->sampling[n_logits].n_adjust = node_adjust(q, k, tree);
                 n_logits++;
             }
         }
@@ -689,8 +863,79 @@ static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
     }
     *b = (model_batch_t){.n_tokens = n, .tokens = s->tokens, .pos = s->pos, .seq = s->seq_row,
                          .block_tables = s->tables, .n_seqs = s->n_running, .prompt_len = s->prompt_len,
-                         .logit_rows = s->logit_rows, .n_logits = n_logits};
+                         .logit_rows = s->logit_rows, .n_logits = n_logits,
+                         .tree_mask = trees ? s->tree_mask : NULL, .tree_start = trees ? s->tree_start : NULL};
     return n;
+}
+
+/* The slot of position pos of q (its block reserved). */
+static int32_t seq_slot(const sched_t *s, const seq_t *q, int pos)
+{
+    const int bs = s->kv->block_size;
+    return q->kv.blocks[pos / bs] * bs + pos % bs;
+}
+
+/* After a verify step: each tree's accepted path keeps its K/V, moved to the positions after the
+ * context where a node was not already there (a chain's are); rejected nodes' K/V stay behind the
+ * sequence's end, to be overwritten, never published (only positions below n_computed are). The
+ * accepted tokens are written ahead so that the blocks they fill are published with them. */
+static void accept_drafts(sched_t *s, int n_seqs)
+{
+    int n_moves = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        seq_t *q = s->logit_seq[i];
+        const int drafted = q->tree.n - 1, accepted = q->n_emit - 1;
+        if (drafted == 0) continue;
+        q->res.n_drafted += drafted;
+        q->res.n_accepted += accepted;
+        s->st.drafted_tokens += (uint64_t)drafted;
+        s->st.accepted_tokens += (uint64_t)accepted;
+        s->st.spec_seq_steps++;
+        /* the walk ended on a node with children: one of its drafts was rejected */
+        const int last = accepted > 0 ? q->emit_node[accepted - 1] : 0;
+        bool rejected = false;
+        for (int k = last + 1; k < q->tree.n && !rejected; k++) rejected = q->tree.parent[k] == last;
+        q->acc_yes = 0.9 * q->acc_yes + accepted;
+        q->acc_no = 0.9 * q->acc_no + (rejected ? 1 : 0);
+        for (int d = 1; d <= accepted; d++) {
+            const int node = q->emit_node[d - 1];
+            q->tokens[q->n_tokens + d - 1] = q->emit[d - 1];
+            if (node == d) continue;
+            s->move_src[n_moves] = seq_slot(s, q, q->n_computed + node);
+            s->move_dst[n_moves++] = seq_slot(s, q, q->n_computed + d);
+        }
+        q->take = 1 + accepted;
+    }
+    kv_cache_move(s->kv, s->move_src, s->move_dst, n_moves);
+}
+
+/* Medusa: the heads' candidates for the token after each sequence's new pending one, from the row
+ * that drew it, before the next step overwrites the hidden states. Computed for sequences that
+ * drafted this step, and every few steps for the others so that the planner can try again. */
+static void propose_candidates(sched_t *s, int n_seqs)
+{
+    if (!s->o.medusa) return;
+    const int heads = medusa_n_heads(s->o.medusa), per = heads * s->top_k;
+    int n = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        seq_t *q = s->logit_seq[i];
+        if (q->spec != SCHED_SPEC_MEDUSA) continue;
+        q->has_cand = false;
+        if (q->tree.n == 1 && ++q->since_cand < 4) continue;
+        q->since_cand = 0;
+        s->cand_rows[n] = q->row0 + (q->n_emit > 1 ? q->emit_node[q->n_emit - 2] : 0);
+        s->cand_seq[n++] = q;
+    }
+    if (n == 0) return;
+    fl_error_t err = {0};
+    if (medusa_propose(s->o.medusa, s->m, s->cand_rows, n, s->top_k, s->cand_out, &err)) {
+        fl_log_warn("sched: Medusa heads failed (%s); drafting without them this step", err.msg);
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        memcpy(s->cand_seq[i]->cand, s->cand_out + (size_t)i * per, (size_t)per * sizeof *s->cand_out);
+        s->cand_seq[i]->has_cand = true;
+    }
 }
 
 /* Blocks that the step filled are published to the prefix cache. */
@@ -758,9 +1003,12 @@ int sched_step(sched_t *s, fl_error_t *err)
     if (!err) err = &local;
     rc = model_forward(s->m, s->kv, &b, err);
     /* Log-probabilities are of the raw logits: read them before sampling adjusts the rows. */
-    for (int i = 0; !rc && i < b.n_logits; i++)
-        if (s->logit_seq[i]->req.logprobs && (rc = model_logits_row(s->m, s->logit_seq[i]->raw_logits, i)))
+    for (int i = 0; !rc && i < b.n_logits; i++) {
+        seq_t *q = s->logit_seq[i];
+        if (q->req.logprobs &&
+            (rc = model_logits_row(s->m, q->raw_logits + (size_t)(i - q->row0) * s->m->cfg.n_vocab, i)))
             fl_fail(err, rc, "cannot read logits row %d", i);
+    }
     if (rc) {
         /* Nothing of this step is published: the blocks it wrote may hold garbage. */
         for (int i = s->n_running - 1; i >= 0; i--) {
@@ -773,6 +1021,15 @@ int sched_step(sched_t *s, fl_error_t *err)
         goto out;
     }
     model_sample(s->m, s->sampled, b.n_logits, s->sampling);
+    /* Each sequence's tokens: the samples along its tree's walk (one, without a tree). */
+    int n_seqs = 0;
+    for (int i = 0; i < b.n_logits; i += s->logit_seq[i]->tree.n) {
+        seq_t *q = s->logit_seq[i];
+        s->logit_seq[n_seqs++] = q; /* compacted in place: one entry per sequence from here on */
+        q->n_emit = spec_walk(&q->tree, s->sampled + i, q->emit, q->emit_node);
+    }
+    accept_drafts(s, n_seqs);
+    propose_candidates(s, n_seqs);
     const double now = fl_clock_s();
     cost_observe(s, b.n_tokens, s->step_pairs, now - t0);
     s->st.steps++;
@@ -782,11 +1039,19 @@ int sched_step(sched_t *s, fl_error_t *err)
     } else {
         s->st.decode_s += now - t0;
         s->st.decode_step_tokens += (uint64_t)b.n_tokens;
+        spec_cost_observe(&s->spec_cost, b.n_tokens, now - t0);
     }
     for (int i = 0; i < s->n_running; i++) advance_and_publish(s, s->running[i]);
     /* logit_seq holds pointers, not indices: callbacks may reshape running[] meanwhile. */
-    for (int i = 0; i < b.n_logits; i++)
-        if (!s->logit_seq[i]->finished) take_token(s, s->logit_seq[i], s->sampled[i], now);
+    for (int i = 0; i < n_seqs; i++) {
+        seq_t *q = s->logit_seq[i];
+        for (int j = 0; j < q->n_emit && !q->finished; j++) {
+            if (q->req.logprobs && j > 0) /* the row that drew token j: its node's, rows follow nodes */
+                memcpy(q->raw_logits, q->raw_logits + (size_t)q->emit_node[j - 1] * s->m->cfg.n_vocab,
+                       (size_t)s->m->cfg.n_vocab * sizeof *q->raw_logits);
+            take_token(s, q, q->emit[j], now);
+        }
+    }
 out:
     s->in_step--;
     reap(s);

@@ -22,6 +22,7 @@
 #include "engine.h"
 #include "mkmodel.h"
 #include "test_tiny_model.h"
+#include "medusa.h"
 #include "scheduler.h"
 
 #define BLOCK 4
@@ -129,10 +130,12 @@ static void make_prompts(void)
     }
 }
 
+static sched_spec_t g_spec = SCHED_SPEC_AUTO; /* request()'s speculation */
+
 static sched_request_t request(int i, float temperature)
 {
     return (sched_request_t){.id = (uint64_t)i, .prompt = g_prompts[i], .n_prompt = g_lens[i],
-                             .max_tokens = N_GEN, .ignore_eog = true,
+                             .max_tokens = N_GEN, .ignore_eog = true, .spec = g_spec,
                              .sampling = {.temperature = temperature, .top_k = 40, .top_p = 0.9f,
                                           .seed = 500 + (uint64_t)i}};
 }
@@ -173,37 +176,60 @@ static void assert_same_tokens(const record_t *a, const record_t *b)
     }
 }
 
+/* Draft tokens verified and accepted over a record's requests. */
+static void count_drafts(const record_t *r, int *drafted, int *accepted)
+{
+    for (int i = 0; i < N_REQ; i++) *drafted += r->res[i].n_drafted, *accepted += r->res[i].n_accepted;
+}
+
+/* Speculation is lossless: the references (a) run without it, every other run with n-gram drafts
+ * (some of them accepted), and the CPU's logits of a verified draft are those plain decoding
+ * computes, so even sampled tokens (drawn by (seed, index)) are the same. */
 static void output_is_identical_alone_batched_cached_and_preempted(void **state)
 {
     (void)state;
     make_prompts();
+    /* the second half of prompts 3.. repeats their first: drafts exist from the start */
+    for (int i = 3; i < N_REQ; i++)
+        for (int j = g_lens[i] / 2; j < g_lens[i]; j++) g_prompts[i][j] = g_prompts[i][j - g_lens[i] / 2];
     static record_t alone, batched, cached, preempted;
     for (int t = 0; t < 2; t++) {
         const float temp = t ? 0.8f : 0.0f; /* greedy, then sampled with fixed seeds */
-        /* (a) alone, no prefix cache */
+        int drafted = 0, accepted = 0;
+        /* (a) alone, no prefix cache, no speculation */
         record_init(&alone);
         engine_t *e = open_engine(256, 0);
-        const sched_opts_t no_cache = {.no_prefix_cache = true};
+        const sched_opts_t no_cache = {.no_prefix_cache = true, .spec_draft_all = true};
+        g_spec = SCHED_SPEC_NONE;
         for (int i = 0; i < N_REQ; i++) run_batch(e, &alone, &no_cache, i, 1, temp);
         /* the same tokens as the simple generation loop */
         for (int i = 0; i < N_REQ; i++) {
             const sched_request_t sr = request(i, temp);
             int32_t out[N_GEN];
             gen_request_t g = {.req.prompt = sr.prompt, .req.n_prompt = sr.n_prompt, .req.max_tokens = N_GEN,
-                               .req.sampling = sr.sampling, .req.ignore_eog = true, .tokens = out};
+                               .req.sampling = sr.sampling, .req.ignore_eog = true, .req.spec = SCHED_SPEC_NONE,
+                               .tokens = out};
             fl_error_t err = {0};
             assert_int_equal(gen_run(e->model, e->kv, &g, 1, NULL, NULL, NULL, &err), 0);
             assert_int_equal(g.n_tokens, N_GEN);
             assert_memory_equal(out, alone.tokens[i], sizeof out);
         }
+        for (int i = 0; i < N_REQ; i++) assert_int_equal(alone.res[i].n_drafted, 0);
+        g_spec = SCHED_SPEC_NGRAM;
+        /* (a') alone, with speculation */
+        record_init(&batched);
+        for (int i = 0; i < N_REQ; i++) run_batch(e, &batched, &no_cache, i, 1, temp);
+        assert_same_tokens(&alone, &batched);
+        count_drafts(&batched, &drafted, &accepted);
         /* (b) all together, on a fresh cache: the shared prefix hits only across steps */
         record_init(&batched);
         run_batch(e, &batched, &no_cache, 0, N_REQ, temp);
         assert_same_tokens(&alone, &batched);
+        count_drafts(&batched, &drafted, &accepted);
         /* (c) one after another with the prefix cache: prompts 1 and 2 find prompt 0's prefix, and
          * a second pass finds everything but the last block */
         record_init(&cached);
-        const sched_opts_t with_cache = {0};
+        const sched_opts_t with_cache = {.spec_draft_all = true};
         uint64_t hit = 0;
         for (int i = 0; i < N_REQ; i++) hit += run_batch(e, &cached, &with_cache, i, 1, temp).cached_prompt_tokens;
         assert_true(cached.res[1].n_cached >= 40 / BLOCK * BLOCK);
@@ -230,8 +256,82 @@ static void output_is_identical_alone_batched_cached_and_preempted(void **state)
         e = open_engine(40, 0);
         assert_true(run_batch(e, &preempted, &no_cache, 0, N_REQ, temp).preemptions > 0);
         assert_same_tokens(&alone, &preempted);
+        count_drafts(&preempted, &drafted, &accepted);
         engine_destroy(&e);
+        print_message("speculation at temperature %.1f: %d drafted, %d accepted\n", temp, drafted, accepted);
+        if (temp == 0) assert_true(accepted > 0); /* (the seeds are fixed: this does not vary) */
+        g_spec = SCHED_SPEC_AUTO;
     }
+}
+
+/* Longer outputs, where this random model falls into loops that drafts predict: n-gram chains and
+ * Medusa trees (heads with W = 0, which guess the base model's next token again; their runner-up
+ * candidates make real trees, whose accepted paths' K/V are moved into place) give the tokens of
+ * plain decoding, greedy and sampled, alone and batched, and release every block. */
+#define SPEC_GEN 64
+#define SPEC_REQ 4
+static void speculative_long_outputs_equal_plain_decoding(void **state)
+{
+    (void)state;
+    make_prompts();
+    engine_t *e = open_engine(256, 0);
+    char heads_path[300];
+    snprintf(heads_path, sizeof heads_path, "%s.medusa.gguf", g_tiny_model);
+    const int dim = e->model->cfg.dim;
+    float *zero = calloc((size_t)dim * dim, sizeof *zero);
+    medusa_weights_t w = {.n_heads = 3, .shared_output = true, .fc = {zero, zero, zero}};
+    fl_error_t err = {0};
+    if (medusa_save(heads_path, e->model, &w, &err)) fail_msg("medusa_save: %s", err.msg);
+    medusa_t *heads = medusa_load(heads_path, e->model, &err);
+    if (!heads) fail_msg("medusa_load: %s", err.msg);
+    static record_t plain, spec;
+    for (int t = 0; t < 2; t++) {
+        const float temp = t ? 0.5f : 0.0f;
+        record_init(&plain);
+        const sched_opts_t opts = {.medusa = heads, .spec_draft_all = true};
+        for (int i = 0; i < SPEC_REQ; i++) {
+            sched_t *s = new_sched(e, &plain, &opts);
+            sched_request_t r = request(i, temp);
+            r.max_tokens = SPEC_GEN, r.spec = SCHED_SPEC_NONE;
+            submit(s, &r);
+            run_to_end(s);
+            sched_destroy(&s);
+        }
+        const sched_spec_t modes[2] = {SCHED_SPEC_NGRAM, SCHED_SPEC_MEDUSA};
+        for (int mode = 0; mode < 2; mode++)
+            for (int batched = 0; batched < 2; batched++) {
+                record_init(&spec);
+                sched_t *s = new_sched(e, &spec, &opts);
+                for (int i = 0; i < SPEC_REQ; i++) {
+                    sched_request_t r = request(i, temp);
+                    r.max_tokens = SPEC_GEN, r.spec = modes[mode];
+                    submit(s, &r);
+                    if (!batched) run_to_end(s);
+                }
+                run_to_end(s);
+                sched_stats_t st;
+                sched_get_stats(s, &st);
+                assert_int_equal(st.kv_blocks_used, 0);
+                sched_destroy(&s);
+                int drafted = 0, accepted = 0;
+                for (int i = 0; i < SPEC_REQ; i++) {
+                    assert_int_equal(spec.n_tokens[i], SPEC_GEN);
+                    assert_memory_equal(spec.tokens[i], plain.tokens[i], SPEC_GEN * sizeof(int32_t));
+                    drafted += spec.res[i].n_drafted, accepted += spec.res[i].n_accepted;
+                }
+                assert_int_equal((int)st.drafted_tokens, drafted);
+                assert_int_equal((int)st.accepted_tokens, accepted);
+                print_message("%s %s temperature %.1f: %d drafted, %d accepted in %llu verifications\n",
+                              mode ? "medusa" : "ngram", batched ? "batched" : "alone", temp, drafted, accepted,
+                              (unsigned long long)st.spec_seq_steps);
+                assert_true(drafted > 0);
+                if (temp == 0 && mode == 0) assert_true(accepted > 0);
+            }
+    }
+    medusa_destroy(&heads);
+    unlink(heads_path);
+    free(zero);
+    engine_destroy(&e);
 }
 
 /* Long generations: the CPU backend sums prompt tokens and generated tokens in different orders
@@ -880,6 +980,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(output_is_identical_alone_batched_cached_and_preempted),
+        cmocka_unit_test(speculative_long_outputs_equal_plain_decoding),
         cmocka_unit_test(long_generation_preempted_and_recomputed_keeps_its_tokens),
         cmocka_unit_test(cancel_frees_kv_and_reports_once),
         cmocka_unit_test(callback_may_cancel_another_request_mid_step),
