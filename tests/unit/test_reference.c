@@ -145,15 +145,23 @@ static int compare_case(const ref_case_t *c, const gen_request_t *r)
     return i;
 }
 
-static void run_cases(gen_request_t *reqs, int32_t (*outs)[64], int first, int n)
+static void run_cases_spec(gen_request_t *reqs, int32_t (*outs)[64], int first, int n, sched_spec_t spec)
 {
     for (int i = 0; i < n; i++) {
         const ref_case_t *c = &g_cases[first + i];
         reqs[i] = (gen_request_t){.req.prompt = c->prompt, .req.n_prompt = c->n_prompt, .req.max_tokens = 64,
-                                  .tokens = outs[first + i]};
+                                  .req.spec = spec, .tokens = outs[first + i]};
     }
     fl_error_t err = {0};
-    assert_int_equal(gen_run(g_engine->model, g_engine->kv, reqs, n, NULL, NULL, NULL, &err), 0);
+    assert_int_equal(gen_run_with_heads(g_engine->model, g_engine->kv, g_engine->medusa, reqs, n, NULL, NULL, NULL,
+                                        &err),
+                     0);
+}
+
+/* The references run without speculation. */
+static void run_cases(gen_request_t *reqs, int32_t (*outs)[64], int first, int n)
+{
+    run_cases_spec(reqs, outs, first, n, SCHED_SPEC_NONE);
 }
 
 static gen_request_t g_alone[MAX_CASES];
@@ -193,6 +201,37 @@ static void batch_of_prompts_equals_each_alone(void **state)
         if (memcmp(batch_out[i], g_alone_out[i], (size_t)batch[i].n_tokens * sizeof(int32_t)))
             fail_msg("%s: batched output differs from the output alone", g_cases[i].name);
     }
+}
+
+/* Speculation is lossless on the default model: with n-gram drafts, and Medusa's trees when the
+ * default heads are beside the model, every prompt gets the tokens it gets without speculation,
+ * alone and all in one batch. */
+static void speculation_gives_the_same_tokens_alone_and_batched(void **state)
+{
+    (void)state;
+    static gen_request_t spec[MAX_CASES];
+    static int32_t spec_out[MAX_CASES][64];
+    for (int i = 0; i < g_n_cases; i++) run_cases(&g_alone[i], g_alone_out, i, 1);
+    const sched_spec_t modes[2] = {SCHED_SPEC_NGRAM, SCHED_SPEC_MEDUSA};
+    for (int mode = 0; mode < (g_engine->medusa ? 2 : 1); mode++)
+        for (int batched = 0; batched < 2; batched++) {
+            if (batched) run_cases_spec(spec, spec_out, 0, g_n_cases, modes[mode]);
+            else
+                for (int i = 0; i < g_n_cases; i++) run_cases_spec(&spec[i], spec_out, i, 1, modes[mode]);
+            int drafted = 0, accepted = 0;
+            for (int i = 0; i < g_n_cases; i++) {
+                drafted += spec[i].n_drafted, accepted += spec[i].n_accepted;
+                assert_int_equal(spec[i].n_tokens, g_alone[i].n_tokens);
+                assert_int_equal(spec[i].finish, g_alone[i].finish);
+                if (memcmp(spec_out[i], g_alone_out[i], (size_t)spec[i].n_tokens * sizeof(int32_t)))
+                    fail_msg("%s: output with %s drafts%s differs from plain decoding", g_cases[i].name,
+                             mode ? "Medusa" : "n-gram", batched ? ", batched," : "");
+            }
+            printf("speculation (%s, %s): %d cases identical to plain decoding; %d drafted, %d accepted\n",
+                   mode ? "medusa" : "ngram", batched ? "batched" : "alone", g_n_cases, drafted, accepted);
+            assert_true(drafted > 0);
+        }
+    if (!g_engine->medusa) printf("speculation: no Medusa heads beside the model, n-gram only\n");
 }
 
 /* llama.cpp's top-50 logits (rounded to 4 decimals in the fixture) at the first steps of two prompts,
@@ -272,6 +311,7 @@ int main(void)
         cmocka_unit_test(prompt_token_ids_equal_llama_cpp),
         cmocka_unit_test(greedy_continuation_equals_llama_cpp),
         cmocka_unit_test(batch_of_prompts_equals_each_alone),
+        cmocka_unit_test(speculation_gives_the_same_tokens_alone_and_batched),
         cmocka_unit_test(logits_equal_llama_cpp_within_fixture_rounding),
     };
     if (access(fl_model_path(NULL), R_OK) != 0) {
