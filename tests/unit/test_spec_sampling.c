@@ -193,7 +193,7 @@ static void speculative_sampling_keeps_the_model_distribution(void **state)
     sched_destroy(&s);
     print_message("speculation: %llu drafted, %llu accepted over %d runs\n", (unsigned long long)st.drafted_tokens,
                   (unsigned long long)st.accepted_tokens, RUNS);
-    assert_true(st.accepted_tokens > RUNS / 4); /* drafts were really taken */ /* drafts were really taken */
+    assert_true(st.accepted_tokens > RUNS / 4); /* drafts were really taken */
 
     for (int i = 0; i < RUNS; i++) {
         assert_int_equal(r.n[i], OUT_LEN);
