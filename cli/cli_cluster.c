@@ -125,6 +125,10 @@ static void worker_argv(const cluster_t *c, int i, const char *model, char *path
         arg(a, "--spec");
         arg(a, c->opts.spec);
     }
+    if (c->opts.spec_tree && *c->opts.spec_tree) {
+        arg(a, "--spec-tree");
+        arg(a, c->opts.spec_tree);
+    }
     if (c->opts.heads && *c->opts.heads) {
         arg(a, "--heads");
         arg(a, c->opts.heads);

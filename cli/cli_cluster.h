@@ -38,6 +38,7 @@ typedef struct cluster_opts {
     bool no_prefix_cache;
     int heartbeat_ms;             /* 0: default (1000) */
     const char *spec;             /* workers' --spec (auto|none|ngram|medusa); NULL: their default */
+    const char *spec_tree;        /* workers' --spec-tree; NULL: their default */
     const char *heads;            /* workers' --heads FILE (Medusa heads); NULL: their default */
     const char *const *coordinator_args; /* extra arguments, NULL-terminated list or NULL */
     const char *const *worker_args;

@@ -137,6 +137,7 @@ int cmd_up(const ctl_flags_t *f)
                         .heartbeat_ms = (int)f->heartbeat_ms,
                         .spec = f->gen.spec_given ? folio_spec_mode_name(f->gen.spec) : NULL,
                         .heads = f->engine.heads_path,
+                        .spec_tree = f->spec_tree,
                         .log_dir = f->log_dir};
     ctl_interrupted = 0;
     ctl_set_handler(SIGINT, ctl_on_interrupt);

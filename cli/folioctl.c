@@ -68,6 +68,7 @@ static void usage(FILE *f)
             "  --max-batch-tokens N, --no-prefix-cache, --heartbeat-ms N   worker and coordinator tuning\n"
             "  --spec MODE           the most speculative decoding the workers allow (auto: any a request asks\n"
             "                        for; none turns it off)\n"
+            "  --spec-tree PATHS     the workers' Medusa draft tree (folio-worker --help)\n"
             "  --log-dir DIR         each process's log to DIR/<coordinator|worker-gN>.log (default: stderr)\n"
             "engine flags:\n"
             "%s",
@@ -109,6 +110,8 @@ static int parse_flags(ctl_flags_t *f, int argc, char **argv)
             if (!(f->listen = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--workers")) {
             if (!(f->workers = fl_flag_value(argc, argv, &i))) return -1;
+        } else if (!strcmp(a, "--spec-tree")) {
+            if (!(f->spec_tree = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--log-dir")) {
             if (!(f->log_dir = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--timeout-ms")) {

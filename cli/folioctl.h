@@ -30,6 +30,7 @@ typedef struct ctl_flags {
     /* up */
     long groups, threads_per_worker, max_batch_tokens, heartbeat_ms;
     const char *policy, *listen, *workers, *log_dir;
+    const char *spec_tree;      /* up: the workers' --spec-tree */
     bool no_prefix_cache;
 } ctl_flags_t;
 

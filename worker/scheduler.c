@@ -264,7 +264,7 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
     s->tree_mask = malloc((size_t)nt * sizeof *s->tree_mask);
     s->move_src = malloc((size_t)nl * sizeof *s->move_src);
     s->move_dst = malloc((size_t)nl * sizeof *s->move_dst);
-    s->paths = spec_paths_default();
+    s->paths = s->o.spec_paths ? s->o.spec_paths : spec_paths_default();
     s->top_k = s->paths->max_rank;
     const int heads = s->o.medusa ? medusa_n_heads(s->o.medusa) : 0;
     s->cand_rows = malloc((size_t)nr * sizeof *s->cand_rows);
@@ -684,14 +684,29 @@ double sched_expected_s(const sched_t *s, int tokens, double pairs)
 /* How likely a sequence's next draft token is accepted: its decayed record, with a prior. */
 static double seq_acceptance(const seq_t *q) { return (q->acc_yes + 1) / (q->acc_yes + q->acc_no + 2); }
 
-/* The chance node k of q's tree is accepted, as the greedy planner ranks it: the acceptance rate to
- * the power of its depth, less for a runner-up candidate (an earlier sibling came first). */
-static double node_chance(const seq_t *q, int k)
+/* The chance node k of q's tree is accepted, as the greedy planner ranks it. Medusa nodes: the
+ * product over its path of the chance that its head's candidate of that rank is the right token
+ * (from the accuracies the trainer measured), scaled by how this sequence fares against the prior;
+ * other nodes: the sequence's acceptance rate to the power of the depth, less for a runner-up
+ * (an earlier sibling came first). */
+#define SCHED_PRIOR_ACCEPTANCE (4.0 / 6.0) /* seq_acceptance of the prior counts (3 and 1) */
+static double node_chance(const sched_t *s, const seq_t *q, int k)
 {
+    const spec_tree_t *t = &q->tree;
+    double p = 1, scale = seq_acceptance(q) / SCHED_PRIOR_ACCEPTANCE;
+    if (scale > 1.5) scale = 1.5;
+    if (q->spec == SCHED_SPEC_MEDUSA && medusa_head_accuracy(s->o.medusa, 0, 0) > 0) {
+        for (int j = k; j > 0; j = t->parent[j]) {
+            const int head = t->depth[j] - 1, r = t->rank[j];
+            const double hit = medusa_head_accuracy(s->o.medusa, head, r) -
+                               (r > 0 ? medusa_head_accuracy(s->o.medusa, head, r - 1) : 0);
+            p *= (hit > 0 ? hit : 0.01) * scale;
+        }
+        return p;
+    }
     int rank = 0;
-    for (int j = 1; j < k; j++) rank += q->tree.parent[j] == q->tree.parent[k];
-    double p = 1;
-    for (int d = 0; d < q->tree.depth[k]; d++) p *= seq_acceptance(q);
+    for (int j = 1; j < k; j++) rank += t->parent[j] == t->parent[k];
+    for (int d = 0; d < t->depth[k]; d++) p *= seq_acceptance(q);
     for (int r = 0; r < rank; r++) p *= 0.3;
     return p;
 }
@@ -740,7 +755,7 @@ static void plan_drafts(sched_t *s)
         for (int i = 0; i < s->n_running; i++) {
             const seq_t *q = s->running[i];
             if (keep[i] >= q->tree.n) continue;
-            const double p = node_chance(q, keep[i]);
+            const double p = node_chance(s, q, keep[i]);
             if (p > best_p) best = i, best_p = p;
         }
         if (best < 0) break;

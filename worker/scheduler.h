@@ -59,6 +59,8 @@ typedef struct sched_opts {
     sched_spec_t spec;    /* the most a request may ask for: NONE turns speculation off here, AUTO
                              allows any mode (requests default to AUTO) */
     struct medusa *medusa;/* Medusa heads for the model, or NULL (stays the caller's) */
+    const struct spec_paths *spec_paths; /* Medusa's tree shape (spec.h), NULL: spec_paths_default();
+                                            stays the caller's */
     bool spec_draft_all;  /* verify every draft the drafters propose (within max_draft and the step's
                              budgets) instead of cutting them by the measured step costs: a choice
                              that never depends on timing, for tests */

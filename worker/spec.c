@@ -14,6 +14,7 @@ void spec_tree_init(spec_tree_t *t, int32_t root_token)
     t->parent[0] = -1;
     t->depth[0] = 0;
     t->mask[0] = 1;
+    t->rank[0] = 0;
 }
 
 int spec_tree_add(spec_tree_t *t, int parent, int32_t token)
@@ -26,6 +27,7 @@ int spec_tree_add(spec_tree_t *t, int parent, int32_t token)
     t->parent[k] = (int8_t)parent;
     t->depth[k] = (uint8_t)(t->depth[parent] + 1);
     t->mask[k] = t->mask[parent] | (1ull << k);
+    t->rank[k] = 0;
     return k;
 }
 
@@ -144,6 +146,7 @@ void spec_tree_medusa(spec_tree_t *t, int32_t root, const int32_t *cand, int n_h
                     break;
                 }
                 child = spec_tree_add(t, node, tok);
+                if (child >= 0) t->rank[child] = (uint8_t)r;
             }
             node = child;
         }

@@ -26,6 +26,7 @@ typedef struct spec_tree {
     int8_t parent[SPEC_MAX_NODES];    /* -1 for the root */
     uint8_t depth[SPEC_MAX_NODES];    /* 0 for the root */
     uint64_t mask[SPEC_MAX_NODES];    /* ancestors and itself */
+    uint8_t rank[SPEC_MAX_NODES];     /* Medusa: the candidate's rank in its head's list (0: best) */
 } spec_tree_t;
 
 void spec_tree_init(spec_tree_t *t, int32_t root_token);

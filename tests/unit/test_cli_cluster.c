@@ -95,7 +95,7 @@ static int teardown(void **state)
 }
 
 /* A cluster of the fakes; spec and heads (NULL: not given) as `folioctl up --spec --heads` pass them. */
-static cluster_t *start_with(int n_groups, const char *spec, const char *heads)
+static cluster_t *start_with(int n_groups, const char *spec, const char *heads, const char *spec_tree)
 {
     set_flag_file("worker-args", false);
     cluster_opts_t o = {.bin_dir = g_dir,
@@ -105,6 +105,7 @@ static cluster_t *start_with(int n_groups, const char *spec, const char *heads)
                         .client_endpoint = "ipc:///tmp/folio-test-cli-cluster.c",
                         .worker_endpoint = "ipc:///tmp/folio-test-cli-cluster.w",
                         .spec = spec,
+                        .spec_tree = spec_tree,
                         .heads = heads};
     fl_error_t err = {0};
     cluster_t *c = cluster_start(&o, 0, &err); /* 0: no Health wait (the fakes do not serve) */
@@ -114,7 +115,7 @@ static cluster_t *start_with(int n_groups, const char *spec, const char *heads)
 
 static cluster_t *start(int n_groups)
 {
-    return start_with(n_groups, NULL, NULL);
+    return start_with(n_groups, NULL, NULL, NULL);
 }
 
 /* Supervises until *pid is a running process other than old; returns the ms it took (-1: wait_ms). */
@@ -164,16 +165,17 @@ static void workers_get_the_spec_mode_and_heads_file_only_when_given(void **stat
 {
     (void)state;
     char args[1024];
-    cluster_t *c = start_with(1, "ngram", "/models/m.medusa.gguf");
+    cluster_t *c = start_with(1, "ngram", "/models/m.medusa.gguf", "0;0,0;1");
     sleep_ms(200); /* the fake writes its arguments after its start */
     last_worker_args(args, sizeof args);
-    if (!strstr(args, "--spec ngram") || !strstr(args, "--heads /models/m.medusa.gguf"))
-        fail_msg("the worker's arguments lack --spec ngram and --heads: %s", args);
+    if (!strstr(args, "--spec ngram") || !strstr(args, "--heads /models/m.medusa.gguf") ||
+        !strstr(args, "--spec-tree 0;0,0;1"))
+        fail_msg("the worker's arguments lack --spec ngram, --heads and --spec-tree: %s", args);
     cluster_stop(&c);
     c = start(1);
     sleep_ms(200);
     last_worker_args(args, sizeof args);
-    if (strstr(args, "--spec") || strstr(args, "--heads")) fail_msg("--spec or --heads passed unasked: %s", args);
+    if (strstr(args, "--spec") || strstr(args, "--heads")) fail_msg("--spec, --spec-tree or --heads passed unasked: %s", args);
     cluster_stop(&c);
 }
 

@@ -45,6 +45,7 @@
 #include "model_path.h"
 #include "clock.h"
 #include "log.h"
+#include "spec.h"
 #include "worker.h"
 
 #define FAKE_BLOCK_SIZE    16
@@ -88,6 +89,9 @@ static void usage(FILE *f)
             "  --spec MODE           speculative decoding this worker allows: auto (default: any a request\n"
             "                        asks for; Medusa where heads are loaded, else n-gram), medusa, ngram\n"
             "                        or none (off)\n"
+            "  --spec-tree PATHS     Medusa's draft tree: paths of candidate ranks, e.g. \"0;0,0;1;0,0,0\"\n"
+            "                        (head 0's best; below it head 1's best; head 0's second; ...), each\n"
+            "                        path after its prefix (default: 16 nodes over 3 heads)\n"
             "  --drain-timeout-s S   SIGTERM drains: new work is still served but the coordinator is told\n"
             "                        to route no more; the worker stops when its work is done, or after S\n"
             "                        seconds (default 60). A second SIGTERM, or SIGINT, stops at once.\n"
@@ -527,6 +531,7 @@ int main(int argc, char **argv)
 {
     engine_opts_t eo = {0};
     sched_opts_t so = {0};
+    spec_paths_t spec_tree; /* --spec-tree */
     const char *endpoint_flag = NULL, *group = "g0";
     long rank = 0, tp = 1, heartbeat_ms = 1000, max_waiting = 4096, restarts = 0, n;
     double drain_timeout_s = 60;
@@ -567,6 +572,14 @@ int main(int argc, char **argv)
                 return 2;
             }
             so.spec = request_spec_mode(mode);
+        } else if (!strcmp(f, "--spec-tree")) {
+            char why[160];
+            if (!(v = fl_flag_value(argc, argv, &i))) return 2;
+            if (spec_paths_parse(v, &spec_tree, why, sizeof why)) {
+                fprintf(stderr, "error: --spec-tree: %s\n", why);
+                return 2;
+            }
+            so.spec_paths = &spec_tree;
         } else if (!strcmp(f, "--restarts")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 0, UINT32_MAX, &restarts)) return 2;
         } else if (!strcmp(f, "--drain-timeout-s")) {
