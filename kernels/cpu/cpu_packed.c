@@ -17,12 +17,19 @@
  * Kernel: a zmm holds one ggml lane of 16 rows. vpdpbusd(init, w_k, bcast(x word k)) gives lane k of
  * the 16 rows; init folds the offsets: -128 * (lane sum of x) for Q8_0 (weights stored + 128), -8 *
  * (lane sum of x) for Q4_0 (q - 8), 0 for Q4_1; it is precomputed per activation block. Each lane
- * is converted and fma'd with d_w * d_x (one multiply per 16 rows). At the end hsum_float_8, lanes
- * being registers: h[k] = acc[k + 4] + acc[k], result = (h0 + h2) + (h1 + h3), 16 rows at once.
+ * is converted to float and fma'd with d_w * d_x (one multiply per 16 rows). The conversion is not a
+ * vcvtdq2ps (the costliest instruction here): init also holds the bits of 1.5 * 2^23, so the lane's
+ * bits are those of the float 1.5 * 2^23 + lane (|lane| < 2^22), and one subtraction gives the lane
+ * exactly. At the end hsum_float_8, lanes being registers: h[k] = acc[k + 4] + acc[k], result =
+ * (h0 + h2) + (h1 + h3), 16 rows at once.
  *
- * Tiles: one 16-row group x T tokens (T <= PK_TMAX) over all blocks; a work item is a range of
- * groups x a block of tokens, the group loop outside so a group's weights stay in L1 while the token
- * tiles pass over them. */
+ * Tiles: one 16-row group x T tokens (T <= PK_TMAX) over a range of blocks. A group is the unit of
+ * work: all tokens pass over it while its weights sit in L1, so each weight byte comes from memory
+ * once per call whatever n (up to PK_TBLOCK tokens per pass). With a few tiles per group, Q4 groups
+ * are first unpacked to lanes in a scratch (the nibble split done once, not per tile). The weights
+ * stream from memory while the tiles compute: each thread walks a contiguous range of groups and
+ * prefetches the next group during the current one, so a small batch costs its compute, not compute
+ * plus memory (the 1-token step being all memory on the default model). */
 #pragma GCC optimize("fp-contract=off")
 
 #include <immintrin.h>
@@ -36,7 +43,15 @@
 
 #define PK_R 16        /* rows per group */
 #define PK_TMAX 2      /* tokens per tile */
-#define PK_TBLOCK 64   /* tokens per work item */
+#define PK_TBLOCK 64   /* tokens per pass over a group */
+#define PK_KC 32       /* blocks per unpacked chunk: 20 KiB of scratch, in L1 with the activations */
+#define PK_UW 640      /* bytes of an unpacked block: 8 lanes x 16 rows x 4 quants, d[16] and m[16] as floats */
+/* The integer lane l (|l| < 2^22) becomes a float without vcvtdq2ps, the kernel's costliest
+ * instruction: vpdpbusd starts from the bits of 1.5 * 2^23, so the result's bits are those of the
+ * float 1.5 * 2^23 + l, and subtracting 1.5 * 2^23 gives l exactly (Sterbenz). */
+#define PK_MAGIC 0x4B400000
+#define PK_MAGIC_F 12582912.0f
+#define PK_UNPACK_MIN_N 4 /* tokens from which Q4 groups are unpacked once for all tiles (measured) */
 
 size_t cpu_pack_chunk_bytes(int type)
 {
@@ -83,14 +98,15 @@ uint8_t *cpu_pack_weight(int type, int64_t rows, int64_t cols, const uint8_t *da
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 
-/* Activation lane sums for the packed kernel: xinit[k] = mult * (q[4k] + ... + q[4k+3]). */
+/* Activation lane sums for the packed kernel: xinit[k] = PK_MAGIC + mult * (q[4k] + ... + q[4k+3]). */
 void cpu_pack_act_init(const int8_t *qs, int nb, int mult, int32_t *xinit)
 {
     const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), m = _mm256_set1_epi32(mult);
+    const __m256i magic = _mm256_set1_epi32(PK_MAGIC);
     for (int b = 0; b < nb; b++) {
         const __m256i x = _mm256_loadu_si256((const __m256i *)(qs + 32 * b));
         const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x), ones16);
-        _mm256_storeu_si256((__m256i *)(xinit + 8 * b), _mm256_mullo_epi32(s, m));
+        _mm256_storeu_si256((__m256i *)(xinit + 8 * b), _mm256_add_epi32(_mm256_mullo_epi32(s, m), magic));
     }
 }
 
@@ -103,9 +119,12 @@ typedef struct pk_ctx {
     const float *d, *s;   /* [n][nb] */
     const int32_t *xinit; /* [n][nb][8] */
     float *y;
-    int gchunk, n_gitems, n_titems;
-    atomic_int next;
 } pk_ctx_t;
+
+/* A tile's accumulators between two block chunks of an unpacked group. */
+typedef struct pk_state {
+    __m512 acc[PK_TMAX][8], sm[PK_TMAX];
+} pk_state_t;
 
 static inline int32_t pk_ld32(const int8_t *p)
 {
@@ -114,25 +133,57 @@ static inline int32_t pk_ld32(const int8_t *p)
     return v;
 }
 
+/* The tile's small loops must be unrolled for its accumulators to live in registers. */
+#define PK_UNROLL _Pragma("GCC unroll 8")
+
+/* Where a tile reads the 8 ggml lanes of a block's 16 rows. */
+enum { PK_NIBBLES, /* Q4 chunks as packed: 4 columns, split into lanes p and p + 4 in registers */
+       PK_LANES,   /* 8 columns of 64 bytes, one per lane: Q8_0 as packed, or a Q4 group unpacked to scratch */
+};
+
+/* Hints the lines of one block of the next group, a group's work ahead of its use. */
+static inline __attribute__((always_inline)) void pk_prefetch_block(const uint8_t *pf, size_t cb)
+{
+    PK_UNROLL
+    for (size_t off = 0; off < cb; off += 64) _mm_prefetch((const char *)pf + off, _MM_HINT_T0);
+}
+
+/* Rows of group g x tokens t0..t0+T-1 over blocks b0..b1. Lanes come from the packed chunks (mode
+ * PK_NIBBLES for Q4, PK_LANES for Q8_0) or from uw, the group's blocks b0.. unpacked (PK_LANES, Q4).
+ * A tile that does not start at block 0 resumes from *st, one that does not end at block nb saves
+ * to *st; only the one ending at nb writes y. pf, when not NULL, is the next group's chunks. */
 static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, const int type, const int T,
-                                                          int64_t g, int t0)
+                                                          const int mode, int64_t g, int t0, int b0, int b1,
+                                                          const uint8_t *uw, pk_state_t *st, const uint8_t *pf,
+                                                          int pf_phase, int pf_stride)
 {
     const int nb = c->nb, cols = c->cols;
-    const size_t cb = c->cb;
+    const size_t cb = type == FL_TYPE_Q4_1 ? 64 + 16 * 16 : type == FL_TYPE_Q4_0 ? 32 + 16 * 16 : 32 + 16 * 32;
     const uint8_t *gw = c->w + (size_t)g * nb * cb;
     __m512 acc[PK_TMAX][8], sm[PK_TMAX];
+    PK_UNROLL
     for (int t = 0; t < T; t++) {
-        sm[t] = _mm512_setzero_ps();
-        for (int k = 0; k < 8; k++) acc[t][k] = _mm512_setzero_ps();
+        sm[t] = b0 ? st->sm[t] : _mm512_setzero_ps();
+        PK_UNROLL
+        for (int k = 0; k < 8; k++) acc[t][k] = b0 ? st->acc[t][k] : _mm512_setzero_ps();
     }
-    const __m512i nib = _mm512_set1_epi8(0x0f);
-    for (int b = 0; b < nb; b++) {
+    const __m512i nib = _mm512_set1_epi8(0x0f), magic = _mm512_set1_epi32(PK_MAGIC);
+    const __m512 magic_f = _mm512_set1_ps(PK_MAGIC_F);
+    int pf_left = pf_phase;
+    for (int b = b0; b < b1; b++) {
         const uint8_t *ch = gw + (size_t)b * cb;
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ch));
-        const uint8_t *q = ch + (type == FL_TYPE_Q4_1 ? 64 : 32);
+        if (pf && pf_left-- == 0) {
+            pk_prefetch_block(pf + (size_t)b * cb, cb);
+            pf_left = pf_stride - 1;
+        }
+        const bool scratch = mode == PK_LANES && type != FL_TYPE_Q8_0;
+        const uint8_t *q = scratch ? uw + (size_t)(b - b0) * PK_UW : ch + (type == FL_TYPE_Q4_1 ? 64 : 32);
+        const __m512 dw = scratch ? _mm512_load_ps((const float *)(q + 512))
+                                  : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ch));
         __m512 dd[PK_TMAX];
         const int8_t *xw[PK_TMAX];
         const int32_t *xi[PK_TMAX];
+        PK_UNROLL
         for (int t = 0; t < T; t++) {
             const size_t ix = (size_t)(t0 + t) * nb + b;
             xw[t] = c->qs + (size_t)(t0 + t) * cols + 32 * b;
@@ -140,35 +191,50 @@ static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, con
             dd[t] = _mm512_mul_ps(dw, _mm512_set1_ps(c->d[ix]));
         }
         if (type == FL_TYPE_Q4_1) {
-            const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ch + 32)));
+            const __m512 mw = scratch ? _mm512_load_ps((const float *)(q + 576))
+                                      : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ch + 32)));
+            PK_UNROLL
             for (int t = 0; t < T; t++)
                 sm[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(c->s[(size_t)(t0 + t) * nb + b]), sm[t]);
         }
-        for (int p = 0; p < (type == FL_TYPE_Q8_0 ? 8 : 4); p++) {
-            __m512i w0, w1 = _mm512_setzero_si512();
-            if (type == FL_TYPE_Q8_0) {
+        /* lanes p and p + 4 */
+        PK_UNROLL
+        for (int p = 0; p < 4; p++) {
+            __m512i w0, w1;
+            if (mode == PK_LANES) {
                 w0 = _mm512_loadu_si512((const void *)(q + 64 * p));
+                w1 = _mm512_loadu_si512((const void *)(q + 64 * (p + 4)));
             } else {
                 const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
                 w0 = _mm512_and_si512(v, nib);
                 w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
             }
+            PK_UNROLL
             for (int t = 0; t < T; t++) {
-                const __m512i i0 = type == FL_TYPE_Q4_1 ? _mm512_setzero_si512() : _mm512_set1_epi32(xi[t][p]);
+                const __m512i i0 = type == FL_TYPE_Q4_1 ? magic : _mm512_set1_epi32(xi[t][p]);
                 const __m512i l0 = _mm512_dpbusd_epi32(i0, w0, _mm512_set1_epi32(pk_ld32(xw[t] + 4 * p)));
-                acc[t][p] = _mm512_fmadd_ps(dd[t], _mm512_cvtepi32_ps(l0), acc[t][p]);
-                if (type != FL_TYPE_Q8_0) {
-                    const __m512i i1 = type == FL_TYPE_Q4_1 ? _mm512_setzero_si512() : _mm512_set1_epi32(xi[t][p + 4]);
-                    const __m512i l1 = _mm512_dpbusd_epi32(i1, w1, _mm512_set1_epi32(pk_ld32(xw[t] + 4 * p + 16)));
-                    acc[t][p + 4] = _mm512_fmadd_ps(dd[t], _mm512_cvtepi32_ps(l1), acc[t][p + 4]);
-                }
+                acc[t][p] = _mm512_fmadd_ps(dd[t], _mm512_sub_ps(_mm512_castsi512_ps(l0), magic_f), acc[t][p]);
+                const __m512i i1 = type == FL_TYPE_Q4_1 ? magic : _mm512_set1_epi32(xi[t][p + 4]);
+                const __m512i l1 = _mm512_dpbusd_epi32(i1, w1, _mm512_set1_epi32(pk_ld32(xw[t] + 4 * p + 16)));
+                acc[t][p + 4] = _mm512_fmadd_ps(dd[t], _mm512_sub_ps(_mm512_castsi512_ps(l1), magic_f), acc[t][p + 4]);
             }
         }
     }
+    if (b1 < nb) {
+        PK_UNROLL
+        for (int t = 0; t < T; t++) {
+            st->sm[t] = sm[t];
+            PK_UNROLL
+            for (int k = 0; k < 8; k++) st->acc[t][k] = acc[t][k];
+        }
+        return;
+    }
     const int64_t r0 = g * PK_R;
     const int nr = c->rows - r0 < PK_R ? (int)(c->rows - r0) : PK_R;
+    PK_UNROLL
     for (int t = 0; t < T; t++) {
         __m512 h[4];
+        PK_UNROLL
         for (int k = 0; k < 4; k++) h[k] = _mm512_add_ps(acc[t][k + 4], acc[t][k]);
         __m512 r = _mm512_add_ps(_mm512_add_ps(h[0], h[2]), _mm512_add_ps(h[1], h[3]));
         if (type == FL_TYPE_Q4_1) r = _mm512_add_ps(r, sm[t]);
@@ -178,94 +244,127 @@ static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, con
     }
 }
 
-/* pk_tile for a runtime (type, T): T is a compile-time constant in each instance. */
-#define PK_T(TY, TT) \
-    case TT: pk_tile(c, TY, TT, g, t0); return;
-#if PK_TMAX > 8
-#error "PK_TMAX <= 8"
-#endif
-#define PK_TS(TY)                                         \
-    switch (T) {                                          \
-        PK_T(TY, 1)                                       \
-        PK_IF2(PK_T(TY, 2)) PK_IF3(PK_T(TY, 3)) PK_IF4(PK_T(TY, 4)) \
-        PK_IF5(PK_T(TY, 5)) PK_IF6(PK_T(TY, 6)) PK_IF7(PK_T(TY, 7)) PK_IF8(PK_T(TY, 8)) \
-    default: abort();                                     \
+/* Q4 blocks b0..b1 of a group as 8 lanes of 64 bytes each (uw[(b - b0) * PK_UW + 64 * k]), then the
+ * 16 rows' d and (Q4_1) m as floats. */
+static void pk_unpack(const pk_ctx_t *c, int64_t g, int b0, int b1, uint8_t *uw)
+{
+    const size_t cb = c->cb;
+    const uint8_t *gw = c->w + (size_t)g * c->nb * cb + (c->type == FL_TYPE_Q4_1 ? 64 : 32);
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    for (int b = b0; b < b1; b++) {
+        const uint8_t *q = gw + (size_t)b * cb;
+        uint8_t *u = uw + (size_t)(b - b0) * PK_UW;
+        const uint8_t *ch = q - (c->type == FL_TYPE_Q4_1 ? 64 : 32);
+        _mm512_store_ps((float *)(u + 512), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ch)));
+        if (c->type == FL_TYPE_Q4_1)
+            _mm512_store_ps((float *)(u + 576), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ch + 32))));
+        for (int p = 0; p < 4; p++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
+            _mm512_storeu_si512((void *)(u + 64 * p), _mm512_and_si512(v, nib));
+            _mm512_storeu_si512((void *)(u + 64 * (p + 4)), _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+        }
     }
-#define PK_ON(x) x
-#define PK_OFF(x)
-#if PK_TMAX >= 2
-#define PK_IF2 PK_ON
-#else
-#define PK_IF2 PK_OFF
-#endif
-#if PK_TMAX >= 3
-#define PK_IF3 PK_ON
-#else
-#define PK_IF3 PK_OFF
-#endif
-#if PK_TMAX >= 4
-#define PK_IF4 PK_ON
-#else
-#define PK_IF4 PK_OFF
-#endif
-#if PK_TMAX >= 5
-#define PK_IF5 PK_ON
-#else
-#define PK_IF5 PK_OFF
-#endif
-#if PK_TMAX >= 6
-#define PK_IF6 PK_ON
-#else
-#define PK_IF6 PK_OFF
-#endif
-#if PK_TMAX >= 7
-#define PK_IF7 PK_ON
-#else
-#define PK_IF7 PK_OFF
-#endif
-#if PK_TMAX >= 8
-#define PK_IF8 PK_ON
-#else
-#define PK_IF8 PK_OFF
+}
+
+/* pk_tile for a runtime (type, T, mode): each instance has them as constants. */
+#define PK_TILE_T(TY, MODE)                                                               \
+    if (T == 2) pk_tile(c, TY, 2, MODE, g, t0, b0, b1, uw, st, pf, pf_phase, pf_stride);   \
+    else pk_tile(c, TY, 1, MODE, g, t0, b0, b1, uw, st, pf, pf_phase, pf_stride);          \
+    return;
+#if PK_TMAX != 2
+#error "pk_tile_dispatch instantiates T = 1, 2"
 #endif
 
-static void pk_tile_dispatch(const pk_ctx_t *c, int T, int64_t g, int t0)
+static void pk_tile_dispatch(const pk_ctx_t *c, int T, bool unpacked, int64_t g, int t0, int b0, int b1,
+                             const uint8_t *uw, pk_state_t *st, const uint8_t *pf, int pf_phase, int pf_stride)
 {
     switch (c->type) {
-    case FL_TYPE_Q4_1: PK_TS(FL_TYPE_Q4_1)
-    case FL_TYPE_Q4_0: PK_TS(FL_TYPE_Q4_0)
-    case FL_TYPE_Q8_0: PK_TS(FL_TYPE_Q8_0)
+    case FL_TYPE_Q4_1:
+        if (unpacked) { PK_TILE_T(FL_TYPE_Q4_1, PK_LANES) }
+        PK_TILE_T(FL_TYPE_Q4_1, PK_NIBBLES)
+    case FL_TYPE_Q4_0:
+        if (unpacked) { PK_TILE_T(FL_TYPE_Q4_0, PK_LANES) }
+        PK_TILE_T(FL_TYPE_Q4_0, PK_NIBBLES)
+    case FL_TYPE_Q8_0: PK_TILE_T(FL_TYPE_Q8_0, PK_LANES)
     default: abort();
     }
 }
 
 #pragma GCC pop_options
 
-static void pk_item(const pk_ctx_t *c, int it)
+/* One group of 16 rows against all n tokens (token blocks of PK_TBLOCK), fetching the group at pf
+ * meanwhile: a share of its blocks per tile of the first token block, so the fetch spreads over
+ * the group's compute. With several tiles, Q4 weights are unpacked once per chunk of PK_KC blocks
+ * into a scratch the tiles share (the tiles keep their accumulators in st between chunks). */
+static void pk_group(const pk_ctx_t *c, int64_t g, const uint8_t *pf)
 {
-    const int gi = it % c->n_gitems, ti = it / c->n_gitems;
-    const int64_t g0 = (int64_t)gi * c->gchunk, g1 = g0 + c->gchunk < c->ngroups ? g0 + c->gchunk : c->ngroups;
-    const int t0 = ti * PK_TBLOCK, t1 = t0 + PK_TBLOCK < c->n ? t0 + PK_TBLOCK : c->n;
-    for (int64_t g = g0; g < g1; g++)
-        for (int t = t0; t < t1;) {
-            const int T = t1 - t >= PK_TMAX ? PK_TMAX : t1 - t;
-            pk_tile_dispatch(c, T, g, t);
-            t += T;
+    _Alignas(64) uint8_t uw[PK_KC * PK_UW];
+    pk_state_t st[PK_TBLOCK / PK_TMAX];
+    for (int t0 = 0; t0 < c->n; t0 += PK_TBLOCK) {
+        const int t1 = t0 + PK_TBLOCK < c->n ? t0 + PK_TBLOCK : c->n;
+        const int n_tiles = (t1 - t0 + PK_TMAX - 1) / PK_TMAX;
+        if (c->type == FL_TYPE_Q8_0 || t1 - t0 < PK_UNPACK_MIN_N) {
+            for (int t = t0, i = 0; t < t1; i++) {
+                const int T = t1 - t >= PK_TMAX ? PK_TMAX : t1 - t;
+                pk_tile_dispatch(c, T, false, g, t, 0, c->nb, NULL, NULL, pf, i, n_tiles);
+                t += T;
+            }
+        } else {
+            for (int b0 = 0; b0 < c->nb; b0 += PK_KC) {
+                const int b1 = b0 + PK_KC < c->nb ? b0 + PK_KC : c->nb;
+                pk_unpack(c, g, b0, b1, uw);
+                for (int t = t0, i = 0; t < t1; i++) {
+                    const int T = t1 - t >= PK_TMAX ? PK_TMAX : t1 - t;
+                    pk_tile_dispatch(c, T, true, g, t, b0, b1, uw, &st[i], pf, i, n_tiles);
+                    t += T;
+                }
+            }
         }
+        pf = NULL;
+    }
+}
+
+#define PK_MULTI_MAX 8
+#define PK_RANGES 64
+
+/* The groups of n_w weights of one input, numbered weight after weight, cut into one contiguous
+ * range per thread. A thread takes its own range's groups in order, fetching each next one while it
+ * computes the current (the hardware prefetchers do not run a group ahead on their own), then helps
+ * with the others' ranges from where they are. */
+typedef struct pk_job {
+    pk_ctx_t c[PK_MULTI_MAX];
+    int64_t first[PK_MULTI_MAX + 1]; /* number of weight k's first group; first[n_w] = all groups */
+    int n_w, n_ranges;
+    struct {
+        _Alignas(64) atomic_llong next;
+        int64_t end;
+    } range[PK_RANGES];
+} pk_job_t;
+
+static const uint8_t *pk_group_addr(const pk_job_t *j, int64_t u, int *k)
+{
+    while (u >= j->first[*k + 1]) (*k)++;
+    const pk_ctx_t *c = &j->c[*k];
+    return c->w + (size_t)(u - j->first[*k]) * c->nb * c->cb;
 }
 
 static void pk_task(void *arg, int ith, int nth)
 {
-    pk_ctx_t *c = arg;
-    const int n_items = c->n_gitems * c->n_titems;
-    for (;;) {
-        const int it = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
-        if (it >= n_items) break;
-        pk_item(c, it);
+    pk_job_t *j = arg;
+    for (int r = 0; r < j->n_ranges; r++) {
+        const int ri = (ith + r) % j->n_ranges;
+        for (;;) {
+            const int64_t u = atomic_fetch_add_explicit(&j->range[ri].next, 1, memory_order_relaxed);
+            if (u >= j->range[ri].end) break;
+            int k = 0, kn = 0;
+            pk_group_addr(j, u, &k);
+            const uint8_t *pf = u + 1 < j->range[ri].end ? pk_group_addr(j, u + 1, &kn) : NULL;
+            pk_group(&j->c[k], u - j->first[k], pf);
+        }
     }
 }
 
-static void pk_setup(pk_ctx_t *c, int nth, float *y, const kern_weight_t *w, const int8_t *qs, const float *d,
+static void pk_setup(pk_ctx_t *c, float *y, const kern_weight_t *w, const int8_t *qs, const float *d,
                      const float *s, const int32_t *xinit, int n)
 {
     *c = (pk_ctx_t){
@@ -273,45 +372,30 @@ static void pk_setup(pk_ctx_t *c, int nth, float *y, const kern_weight_t *w, con
         .ngroups = (w->rows + PK_R - 1) / PK_R, .cb = cpu_pack_chunk_bytes(w->type), .w = w->packed,
         .qs = qs, .d = d, .s = s, .xinit = xinit, .y = y,
     };
-    atomic_init(&c->next, 0);
-    c->n_titems = (n + PK_TBLOCK - 1) / PK_TBLOCK;
-    /* Enough items for the threads to balance: ~8 per thread, at least 1 group each. */
-    int64_t want = (int64_t)nth * 8 / c->n_titems;
-    if (want < 1) want = 1;
-    c->gchunk = (int)((c->ngroups + want - 1) / want);
-    if (c->gchunk < 1) c->gchunk = 1;
-    c->n_gitems = (int)((c->ngroups + c->gchunk - 1) / c->gchunk);
+}
+
+static void pk_run(cpu_backend_t *cb, pk_job_t *j, int64_t macs)
+{
+    const int nth = cpu_pool_size(cb->pool);
+    const int64_t total = j->first[j->n_w];
+    j->n_ranges = nth < PK_RANGES ? nth : PK_RANGES;
+    if (macs < 32 * 1024 || nth == 1) j->n_ranges = 1;
+    for (int r = 0; r < j->n_ranges; r++) {
+        atomic_init(&j->range[r].next, total * r / j->n_ranges);
+        j->range[r].end = total * (r + 1) / j->n_ranges;
+    }
+    if (j->n_ranges == 1) pk_task(j, 0, 1);
+    else cpu_pool_run(cb->pool, pk_task, j);
 }
 
 void cpu_matmul_packed(cpu_backend_t *cb, float *y, const kern_weight_t *w, const int8_t *qs, const float *d,
                        const float *s, const int32_t *xinit, int n)
 {
-    pk_ctx_t c;
-    const int nth = cpu_pool_size(cb->pool);
-    pk_setup(&c, nth, y, w, qs, d, s, xinit, n);
-    if ((int64_t)n * w->rows * w->cols < 32 * 1024 || nth == 1) pk_task(&c, 0, 1);
-    else cpu_pool_run(cb->pool, pk_task, &c);
-}
-
-#define PK_MULTI_MAX 8
-
-typedef struct pk_multi {
-    pk_ctx_t c[PK_MULTI_MAX];
-    int n_w, total;
-    atomic_int next;
-} pk_multi_t;
-
-/* Items of all the weights, weight after weight, from one counter. */
-static void pk_multi_task(void *arg, int ith, int nth)
-{
-    pk_multi_t *m = arg;
-    for (;;) {
-        int it = atomic_fetch_add_explicit(&m->next, 1, memory_order_relaxed);
-        if (it >= m->total) break;
-        int k = 0;
-        while (it >= m->c[k].n_gitems * m->c[k].n_titems) it -= m->c[k].n_gitems * m->c[k].n_titems, k++;
-        pk_item(&m->c[k], it);
-    }
+    pk_job_t j;
+    j.n_w = 1;
+    pk_setup(&j.c[0], y, w, qs, d, s, xinit, n);
+    j.first[0] = 0, j.first[1] = j.c[0].ngroups;
+    pk_run(cb, &j, (int64_t)n * w->rows * w->cols);
 }
 
 void cpu_matmul_packed_multi(cpu_backend_t *cb, float *const *ys, const kern_weight_t *const *ws, int n_w,
@@ -321,16 +405,13 @@ void cpu_matmul_packed_multi(cpu_backend_t *cb, float *const *ys, const kern_wei
         for (int k = 0; k < n_w; k++) cpu_matmul_packed(cb, ys[k], ws[k], qs, d, s, xinit, n);
         return;
     }
-    pk_multi_t m;
-    const int nth = cpu_pool_size(cb->pool);
+    pk_job_t j;
     int64_t macs = 0;
-    m.n_w = n_w, m.total = 0;
+    j.n_w = n_w, j.first[0] = 0;
     for (int k = 0; k < n_w; k++) {
-        pk_setup(&m.c[k], nth, ys[k], ws[k], qs, d, s, xinit, n);
-        m.total += m.c[k].n_gitems * m.c[k].n_titems;
+        pk_setup(&j.c[k], ys[k], ws[k], qs, d, s, xinit, n);
+        j.first[k + 1] = j.first[k] + j.c[k].ngroups;
         macs += (int64_t)n * ws[k]->rows * ws[k]->cols;
     }
-    atomic_init(&m.next, 0);
-    if (macs < 32 * 1024 || nth == 1) pk_multi_task(&m, 0, 1);
-    else cpu_pool_run(cb->pool, pk_multi_task, &m);
+    pk_run(cb, &j, macs);
 }

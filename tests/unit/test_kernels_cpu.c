@@ -274,6 +274,61 @@ static void test_matmul_batched_equals_row_by_row_bitexact(void **state)
     for (int b = 0; b < 4; b++) kern_destroy(&bes[b]);
 }
 
+/* A speculative verify step scores several tokens of one sequence in one call, and decoding stays
+ * lossless only if each token's logits are what plain decoding computes: so row t of y must be the
+ * bits it gets in a call of its own (n = 1), for every batch size n = 1..17 and place in the batch,
+ * every weight type and every ISA this machine has (AVX-512 with and without repacked weights); and
+ * the ISAs agree with each other. Two threads, so the work is split. */
+static void test_matmul_rows_same_bits_for_batches_1_to_17(void **state)
+{
+    static const int shapes[][2] = {{1536, 576}, {576, 1536}, {200, 576}, {75, 96}};
+    static const struct {
+        const char *isa, *repack;
+    } cfg[] = {{"scalar", NULL}, {"avx2", NULL}, {"avx512", NULL}, {"avx512", "0"}};
+    enum { N = 17 };
+    for (size_t ti = 0; ti < sizeof all_types / sizeof *all_types; ti++)
+        for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+            const int type = all_types[ti], rows = shapes[si][0], cols = shapes[si][1];
+            uint8_t *wd = make_weight(type, rows, cols);
+            float *x = malloc((size_t)N * cols * sizeof(float));
+            float *ref = malloc((size_t)N * rows * sizeof(float)), *one = malloc((size_t)N * rows * sizeof(float));
+            float *y = malloc((size_t)N * rows * sizeof(float));
+            fill(x, (size_t)N * cols, 3.0f);
+            memset(x + 5 * (size_t)cols, 0, cols * sizeof(float)); /* an all-zero row */
+            bool have_ref = false;
+            for (size_t ci = 0; ci < sizeof cfg / sizeof *cfg; ci++) {
+                if (cfg[ci].repack) setenv("FOLIO_CPU_REPACK", cfg[ci].repack, 1);
+                kern_backend_t *be = new_backend(cfg[ci].isa, 2, NULL);
+                unsetenv("FOLIO_CPU_REPACK");
+                if (strcmp(isa_names[isa_of(be)], cfg[ci].isa) != 0 ||
+                    (isa_of(be) == CPU_ISA_SCALAR && (int64_t)rows * cols > 400000)) {
+                    kern_destroy(&be); /* this machine lacks the ISA, or scalar is too slow here */
+                    continue;
+                }
+                kern_weight_t *w = kern_weight_new(be, type, rows, cols, wd, NULL);
+                assert_non_null(w);
+                for (int t = 0; t < N; t++) kern_matmul(be, one + (size_t)t * rows, w, x + (size_t)t * cols, 1);
+                size_t where = 0;
+                if (!have_ref) memcpy(ref, one, (size_t)N * rows * sizeof(float)), have_ref = true;
+                else if (!bits_equal(ref, one, (size_t)N * rows, &where))
+                    fail_msg("%s %dx%d: %s%s differs from the first ISA alone at %zu", fl_dtype_name(type), rows, cols,
+                             cfg[ci].isa, cfg[ci].repack ? " (not repacked)" : "", where);
+                for (int n = 1; n <= N; n++)
+                    for (int start = 0; start <= N - n; start += N - n > 0 ? N - n : 1) {
+                        memset(y, 0xff, (size_t)n * rows * sizeof(float));
+                        kern_matmul(be, y, w, x + (size_t)start * cols, n);
+                        if (!bits_equal(one + (size_t)start * rows, y, (size_t)n * rows, &where))
+                            fail_msg("%s %dx%d %s%s: n=%d from row %d: y[%zu][%zu] differs from its row alone",
+                                     fl_dtype_name(type), rows, cols, cfg[ci].isa,
+                                     cfg[ci].repack ? " (not repacked)" : "", n, start, where / rows, where % rows);
+                    }
+                kern_weight_destroy(be, w);
+                kern_destroy(&be);
+            }
+            free(wd), free(x), free(ref), free(one), free(y);
+        }
+}
+
 /* kern_matmul_multi (one activation conversion and one dispatch for several weights of one input)
  * gives every output the bits of a kern_matmul of its own; mixed types fall back to single calls. */
 static void test_matmul_multi_equals_single_calls(void **state)
@@ -1021,6 +1076,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul_matches_spec_every_type_and_isa),
         cmocka_unit_test(test_matmul_batched_equals_row_by_row_bitexact),
+        cmocka_unit_test(test_matmul_rows_same_bits_for_batches_1_to_17),
         cmocka_unit_test(test_matmul_repack_off_same_bits),
         cmocka_unit_test(test_matmul_multi_equals_single_calls),
         cmocka_unit_test(test_matmul_blas_path_within_bound),
