@@ -100,7 +100,8 @@ int cpu_matmul_default_blas_min_n(void);
 size_t cpu_pack_chunk_bytes(int type);
 /* The packed copy of a quantized weight (64-byte aligned, free()), or NULL (type or out of memory). */
 uint8_t *cpu_pack_weight(int type, int64_t rows, int64_t cols, const uint8_t *data, size_t row_bytes);
-/* xinit[8 * b + k] = mult * (sum of the 4 activation quants of lane k of block b); AVX-512 only. */
+/* xinit[8 * b + k] = 0x4B400000 (the bits of 1.5 * 2^23) + mult * (sum of the 4 activation quants of
+ * lane k of block b): the vpdpbusd start, which also makes its result a float (cpu_packed.c); AVX-512 only. */
 void cpu_pack_act_init(const int8_t *qs, int nb, int mult, int32_t *xinit);
 /* y = x W^T from activations already quantized to the vec-dot type (qs, d, s) plus xinit. */
 void cpu_matmul_packed(cpu_backend_t *cb, float *y, const kern_weight_t *w, const int8_t *qs, const float *d,
