@@ -281,10 +281,10 @@ static void gen_progress(void *user, int64_t tokens, int done, int n_prompts)
 {
     progress_t *p = user;
     const double now = fl_clock_s();
-    if (!p->tty || now - p->last < 0.25) return;
+    if (now - p->last < (p->tty ? 0.25 : 30)) return;
     p->last = now;
-    fprintf(stderr, "\r\033[K%s: %lld tokens, %d/%d prompts, %.0f tok/s", p->what, (long long)tokens, done, n_prompts,
-            tokens / (now - p->t0));
+    fprintf(stderr, p->tty ? "\r\033[K%s: %lld tokens, %d/%d prompts, %.0f tok/s" : "%s: %lld tokens, %d/%d prompts, %.0f tok/s\n",
+            p->what, (long long)tokens, done, n_prompts, tokens / (now - p->t0));
 }
 
 /* The model writes prompts until there are `want` (or the seeds run out of rounds). */
@@ -302,7 +302,8 @@ static int self_prompts(engine_t *e, const opts_t *o, int want, prompt_set_t *ou
                 return FL_ENOMEM;
             }
         }
-    progress_t pr = {.tty = isatty(2), .t0 = fl_clock_s(), .what = "writing prompts"};
+    progress_t pr = {.tty = isatty(2), .t0 = fl_clock_s(), .last = fl_clock_s(), .what = "writing prompts"};
+    char samples[1024] = "";
     int rc = FL_OK;
     for (int round = 0; round < 16 && out->count < want && !rc; round++) {
         medusa_data_t d = {0};
@@ -323,12 +324,16 @@ static int self_prompts(engine_t *e, const opts_t *o, int want, prompt_set_t *ou
             if (len < 0 || len >= (int)sizeof text) continue;
             text[len] = 0;
             const char *prompt = clean_prompt(text);
-            if (prompt) rc = prompts_add_user(out, tok, prompt);
+            if (!prompt) continue;
+            if (out->count % (want / 3 + 1) == 0 && strlen(samples) + strlen(prompt) + 8 < sizeof samples)
+                snprintf(samples + strlen(samples), sizeof samples - strlen(samples), "  %s\n", prompt);
+            rc = prompts_add_user(out, tok, prompt);
         }
         medusa_data_free(&d);
     }
     if (pr.tty) fprintf(stderr, "\r\033[K");
-    fprintf(stderr, "folio-medusa-train: the model wrote %d prompts in %.0f s\n", out->count, fl_clock_s() - pr.t0);
+    fprintf(stderr, "folio-medusa-train: the model wrote %d prompts in %.0f s, e.g.\n%s", out->count,
+            fl_clock_s() - pr.t0, samples);
     prompts_free(&seeds);
     return rc;
 }
@@ -443,7 +448,7 @@ int main(int argc, char **argv)
             fprintf(stderr, "folio-medusa-train: no prompts\n");
             goto out;
         }
-        progress_t pr = {.tty = isatty(2), .t0 = fl_clock_s(), .what = "distilling"};
+        progress_t pr = {.tty = isatty(2), .t0 = fl_clock_s(), .last = fl_clock_s(), .what = "distilling"};
         const medusa_gen_opts_t g = {.max_new = o.max_answer, .batch = o.gen_batch, .max_total = o.tokens,
                                      .keep_hidden = true, .progress = gen_progress, .user = &pr};
         if (medusa_generate(m, e->kv, (const int32_t *const *)prompts.ids, prompts.n, prompts.count, &g, &data,

@@ -2,9 +2,18 @@
 # Installs what a fresh machine lacks (Debian packages) and fetches the default model.
 # Re-runs reuse what is there and work offline once the model is in models/.
 #   FOLIO_SKIP_APT=1   do not touch system packages
+#   --heads            also make the default model's Medusa heads (speculative decoding) with
+#                      folio-medusa-train, once, beside the model (about 10-15 minutes on 2 cores)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+want_heads=0
+for arg in "$@"; do
+  case "$arg" in
+    --heads) want_heads=1 ;;
+    *) echo "setup: unknown argument $arg (--heads)" >&2; exit 2 ;;
+  esac
+done
 
 # Debian packages the build and tests need.
 # libclang-rt-dev holds libFuzzer and clang's sanitizer runtimes: only a Recommends of clang, so
@@ -70,4 +79,21 @@ PY
   fi
   mv "$model.part" "$model"
   echo "setup: default model ready ($model)"
+fi
+
+# Medusa heads for the default model, trained on its own answers (never committed: models/ is
+# git-ignored). The engine loads <model>.medusa.gguf by default when it exists.
+if [ "$want_heads" = 1 ]; then
+  heads="$model_dir/SmolLM2-135M-Instruct.Q4_1.medusa.gguf"
+  if [ -f "$heads" ]; then
+    echo "setup: Medusa heads present ($heads)"
+  else
+    build="${FOLIO_BUILD_DIR:-$root/build}"
+    cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+    cmake --build "$build" -j"$(nproc)" --target folio-medusa-train >/dev/null
+    echo "setup: training Medusa heads for the default model (folio-medusa-train)"
+    "$build/folio-medusa-train" -m "$model" -o "$heads"
+    rm -f "${heads%.gguf}.distill" # the distilled data, kept only while the heads were missing
+    echo "setup: Medusa heads ready ($heads)"
+  fi
 fi
