@@ -60,7 +60,8 @@ typedef struct seq {
     int row0;                /* the tree's first logit row in this step */
     int32_t *cand;           /* [n_heads * top_k] the heads' candidates after the pending token */
     bool has_cand;
-    int since_cand;          /* steps since the candidates were last computed */
+    bool draft_cut;          /* this step's planner dropped the whole draft it had (not worth it now) */
+    int since_cand;          /* steps the candidates were skipped since last computed */
     double acc_yes, acc_no;  /* decayed counts of accepted and rejected draft tokens */
     int32_t emit[SPEC_MAX_NODES]; /* this step's tokens (spec_walk), and the nodes they were drawn at */
     int emit_node[SPEC_MAX_NODES];
@@ -724,6 +725,7 @@ static void plan_drafts(sched_t *s)
     for (int i = 0; i < s->n_running; i++) {
         seq_t *q = s->running[i];
         q->tree.n = 1;
+        q->draft_cut = false;
         if (q->n_tokens - q->n_computed != 1) continue;
         n_dec++;
         spec_tree_init(&q->tree, q->tokens[q->n_computed]);
@@ -764,7 +766,11 @@ static void plan_drafts(sched_t *s)
         keep[best]++, n++, rows_left--, tokens_left--;
         expect += best_p, t = t2;
     }
-    for (int i = 0; i < s->n_running; i++) spec_tree_truncate(&s->running[i]->tree, keep[i]);
+    for (int i = 0; i < s->n_running; i++) {
+        seq_t *q = s->running[i];
+        q->draft_cut = q->tree.n > 1 && keep[i] == 1;
+        spec_tree_truncate(&q->tree, keep[i]);
+    }
 }
 
 /* Gives each running sequence its share of the token budget, decode tokens first, then prompt
@@ -925,8 +931,9 @@ static void accept_drafts(sched_t *s, int n_seqs)
 }
 
 /* Medusa: the heads' candidates for the token after each sequence's new pending one, from the row
- * that drew it, before the next step overwrites the hidden states. Computed for sequences that
- * drafted this step, and every few steps for the others so that the planner can try again. */
+ * that drew it, before the next step overwrites the hidden states. Skipped while the planner finds
+ * drafting not worth its cost (it dropped a sequence's whole draft), but for every fourth step, so
+ * that it can weigh them again. */
 static void propose_candidates(sched_t *s, int n_seqs)
 {
     if (!s->o.medusa) return;
@@ -936,7 +943,7 @@ static void propose_candidates(sched_t *s, int n_seqs)
         seq_t *q = s->logit_seq[i];
         if (q->spec != SCHED_SPEC_MEDUSA) continue;
         q->has_cand = false;
-        if (q->tree.n == 1 && ++q->since_cand < 4) continue;
+        if ((q->draft_cut || q->since_cand > 0) && ++q->since_cand < 4) continue; /* in a pause */
         q->since_cand = 0;
         s->cand_rows[n] = q->row0 + (q->n_emit > 1 ? q->emit_node[q->n_emit - 2] : 0);
         s->cand_seq[n++] = q;
