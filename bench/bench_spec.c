@@ -8,14 +8,15 @@
  *    round times every size once, starting from a different size each round, so noise on this
  *    shared machine falls on all sizes alike; medians and bests over the rounds.
  * 2. Workloads: (a) long outputs from a small token set and (b) open-ended chat (spec_prompts.c),
- *    chat template applied, greedy, through the scheduler at each --batches size (at most that
- *    many requests running; max(prompts, batch) requests, prompts reused round-robin), with no
- *    speculation, n-gram drafts and Medusa heads side by side, interleaved run by run. Tokens/s is
- *    generated tokens over the wall time from the first submission to the last token (prompt
- *    processing included); accepted tokens per step is 1 + accepted / (sequence, step)
- *    verifications that carried a draft; speed-up is over no speculation at the same batch.
- *    Lossless check: every request's tokens must equal those of the same prompt's first run without
- *    speculation (the first batch size), token for token; any difference makes the exit status 1.
+ *    chat template applied, greedy, through the scheduler at each --batches size B: max(prompts, B)
+ *    requests (prompts reused round-robin) in waves of B, each wave run with no speculation, n-gram
+ *    drafts and Medusa heads back to back, so the machine's other load falls on all three alike.
+ *    Tokens/s is generated tokens over the waves' wall time, from submission to the last token
+ *    (prompt processing included); "decode" counts only the steps without a prompt chunk. Accepted
+ *    tokens per step is 1 + accepted / (sequence, step) verifications that carried a draft;
+ *    speed-up is over no speculation at the same batch. Lossless check: every request's tokens
+ *    must equal those of the same prompt's first run without speculation (in the first batch
+ *    size), token for token; any difference makes the exit status 1.
  *
  * Medusa heads: the engine's (--heads FILE, or the default file beside the model); when there are
  * none the benchmark trains them once with the folio-medusa-train beside this binary (-m MODEL),
@@ -71,7 +72,7 @@ typedef struct workload {
     bool *have_ref;
 } workload_t;
 
-/* One (workload, batch, drafter) figure; the best of --repeat runs. */
+/* One (workload, batch, drafter) figure, summed over its waves and --repeat passes. */
 typedef struct row {
     spec_workload_t w;
     int batch;
@@ -237,22 +238,21 @@ static void on_finish(void *user, const sched_result_t *r)
         snprintf(c->error, sizeof c->error, "request %d: %.200s", (int)r->id, r->error);
 }
 
-/* Runs every prompt of wl (max(prompts, batch) requests, at most batch running) through s, all
- * with drafter d; fills the run's figures (from the scheduler's counters before and after) and c's
- * completions. */
-static int run_once(sched_t *s, const workload_t *wl, int batch, drafter_t d, int max_tokens, collect_t *c, row_t *fig,
-                    fl_error_t *err)
+/* Runs requests first .. first + count - 1 of wl (prompt i % n_prompts for request i) through s,
+ * all with drafter d, and adds the figures (the scheduler's counters before and after) to row;
+ * c gets their completions. */
+static int run_wave(sched_t *s, const workload_t *wl, int first, int count, drafter_t d, int max_tokens, collect_t *c,
+                    row_t *row, fl_error_t *err)
 {
-    const int n_req = wl->n_prompts > batch ? wl->n_prompts : batch;
-    c->n_out = n_req;
+    c->n_out = count;
     c->errors = 0;
-    for (int i = 0; i < n_req; i++) c->out[i].n = 0, c->out[i].finish = 0;
+    for (int i = 0; i < count; i++) c->out[i].n = 0, c->out[i].finish = 0;
     sched_stats_t st0, st;
     sched_get_stats(s, &st0);
     int rc = 0;
     const double t0 = fl_clock_s();
-    for (int i = 0; i < n_req && !rc; i++) {
-        const int p = i % wl->n_prompts;
+    for (int i = 0; i < count && !rc; i++) {
+        const int p = (first + i) % wl->n_prompts;
         const sched_request_t r = {.id = (uint64_t)i + 1, .prompt = wl->ids[p], .n_prompt = wl->n_ids[p],
                                    .max_tokens = max_tokens, .sampling = {.temperature = 0, .top_p = 1},
                                    .spec = drafter_spec[d]};
@@ -267,8 +267,8 @@ static int run_once(sched_t *s, const workload_t *wl, int batch, drafter_t d, in
         const double dt = fl_clock_s() - ts;
         sched_get_stats(s, &st);
         if (st.prefill_tokens == before.prefill_tokens) {
-            fig->decode_s += dt;
-            fig->decode_generated += st.generated_tokens - before.generated_tokens;
+            row->decode_s += dt;
+            row->decode_generated += st.generated_tokens - before.generated_tokens;
         }
         before = st;
     }
@@ -279,12 +279,12 @@ static int run_once(sched_t *s, const workload_t *wl, int batch, drafter_t d, in
         return rc;
     }
     if (c->errors) return fl_fail(err, FL_EBACKEND, "bench: %d requests failed; %s", c->errors, c->error);
-    fig->requests = n_req;
-    fig->generated = st.generated_tokens - st0.generated_tokens;
-    fig->wall_s = wall;
-    fig->drafted = st.drafted_tokens - st0.drafted_tokens;
-    fig->accepted = st.accepted_tokens - st0.accepted_tokens;
-    fig->spec_seq_steps = st.spec_seq_steps - st0.spec_seq_steps;
+    row->requests += count;
+    row->generated += st.generated_tokens - st0.generated_tokens;
+    row->wall_s += wall;
+    row->drafted += st.drafted_tokens - st0.drafted_tokens;
+    row->accepted += st.accepted_tokens - st0.accepted_tokens;
+    row->spec_seq_steps += st.spec_seq_steps - st0.spec_seq_steps;
     return 0;
 }
 
@@ -296,11 +296,12 @@ static bool same_completion(const completion_t *a, const completion_t *b, int *a
     return a->n == b->n && a->finish == b->finish;
 }
 
-/* Compares a run's completions with the references (the first run without speculation sets them). */
-static void check_run(workload_t *wl, const collect_t *c, drafter_t d, int max_tokens, row_t *row)
+/* Compares a wave's completions with the references (the first run of a prompt without speculation
+ * sets its reference). */
+static void check_wave(workload_t *wl, const collect_t *c, int first, drafter_t d, int max_tokens, row_t *row)
 {
     for (int i = 0; i < c->n_out; i++) {
-        const int p = i % wl->n_prompts;
+        const int p = (first + i) % wl->n_prompts;
         const completion_t *got = &c->out[i];
         if (!wl->have_ref[p] && d == DRAFTER_NONE) {
             completion_t *ref = &wl->ref[p];
@@ -453,14 +454,16 @@ static double speedup(const row_t *rows, int n, const row_t *r) { return speedup
 static void print_rows(const row_t *rows, int n)
 {
     printf("%-10s %5s %-7s %5s %7s %8s %8s %10s %8s %10s %8s %9s\n", "workload", "batch", "drafter", "reqs", "tokens",
-           "tok/s", "speed-up", "decode t/s", "speed-up", "accept/st", "acc rate", "identical");
+           "tok/s", "speed-up", "decode t/s", "speed-up", "accept/st", "accepted", "identical");
     for (int i = 0; i < n; i++) {
         const row_t *r = &rows[i];
         if (!r->ran) continue;
-        printf("%-10s %5d %-7s %5d %7llu %8.1f %7.2fx %10.1f %7.2fx %10.2f %7.1f%% %9s\n", spec_workload_name(r->w),
+        char rate[16] = "-"; /* of the drafted tokens; none drafted: "-" */
+        if (r->drafted) snprintf(rate, sizeof rate, "%.1f%%", 100.0 * (double)r->accepted / (double)r->drafted);
+        printf("%-10s %5d %-7s %5d %7llu %8.1f %7.2fx %10.1f %7.2fx %10.2f %8s %9s\n", spec_workload_name(r->w),
                r->batch, drafter_names[r->d], r->requests, (unsigned long long)r->generated, row_tok_s(r),
                speedup(rows, n, r), row_decode_tok_s(r), speedup_by(rows, n, r, row_decode_tok_s), row_accept_len(r),
-               r->drafted ? 100.0 * (double)r->accepted / (double)r->drafted : 0.0, r->differ ? "no" : "yes");
+               rate, r->differ ? "no" : "yes");
     }
 }
 
@@ -656,7 +659,7 @@ int bench_spec(int argc, char **argv)
                    "                        and/or chat (open-ended answers) (default small-set,chat)\n"
                    "  --max-tokens N        completion tokens per request at most (default 256)\n"
                    "  --prompts N           the first N prompts of each workload (default: all, 16 and 8)\n"
-                   "  --repeat N            runs per figure, interleaved; the fastest is kept (default 1)\n"
+                   "  --repeat N            passes over the prompts; figures over all of them (default 1)\n"
                    "  --verify-context N    context before the verify-cost steps (default 128)\n"
                    "  --verify-rounds N     timed rounds of the verify-cost table (default 30)\n"
                    "  --no-medusa           no Medusa column, and no training of heads\n"
@@ -759,41 +762,38 @@ int bench_spec(int argc, char **argv)
         if (!(c.out[i].tokens = malloc((size_t)max_tokens * sizeof(int32_t)))) goto oom;
 
     /* One scheduler per batch size for the whole run, as a server keeps one: its cost model (which
-     * sizes prompt chunks and decides how much to speculate) learns from every run before. Each
-     * starts with a short untimed request, so no timed run pays for page faults. */
+     * sizes prompt chunks and decides how much to draft) learns from every run before. Each starts
+     * with a short untimed request, so no timed run pays for page faults. */
     const sched_callbacks_t cb = {.on_token = on_token, .on_finish = on_finish, .user = &c};
     for (int b = 0; b < n_batches && n_wl; b++) {
         const sched_opts_t so = {.max_running = batches[b], .no_prefix_cache = !prefix_cache,
                                  .spec = SCHED_SPEC_AUTO, .medusa = heads};
         if (!(scheds[b] = sched_new(e->model, e->kv, &so, &cb, &err))) goto fail;
-        workload_t warm = wls[0];
-        warm.n_prompts = 1;
         row_t ignore = {0};
-        if (run_once(scheds[b], &warm, 1, DRAFTER_NONE, 8, &c, &ignore, &err)) goto fail;
+        if (run_wave(scheds[b], &wls[0], 0, 1, DRAFTER_NONE, 8, &c, &ignore, &err)) goto fail;
     }
-    for (int rep = 0; rep < repeat; rep++) {
-        int k = 0;
+    for (int k = 0; k < n_rows; k++) {
+        const int d = k % n_drafters, b = k / n_drafters % n_batches, w = k / n_drafters / n_batches;
+        rows[k] = (row_t){.w = wls[w].w, .batch = batches[b], .d = (drafter_t)d, .ran = true};
+    }
+    /* Waves of `batch` requests, each run once per drafter back to back, so that the machine's
+     * other load falls on every drafter alike. */
+    for (int rep = 0; rep < repeat; rep++)
         for (int w = 0; w < n_wl; w++)
-            for (int b = 0; b < n_batches; b++)
-                for (int d = 0; d < n_drafters; d++, k++) {
-                    row_t *row = &rows[k], fig = {0};
-                    fprintf(stderr, "bench spec: %s batch %d %s (run %d of %ld) ...\n", spec_workload_name(wls[w].w),
-                            batches[b], drafter_names[d], rep + 1, repeat);
-                    if (run_once(scheds[b], &wls[w], batches[b], (drafter_t)d, (int)max_tokens, &c, &fig, &err))
-                        goto fail;
-                    check_run(&wls[w], &c, (drafter_t)d, (int)max_tokens, row);
-                    if (!row->ran || fig.wall_s < row->wall_s) {
-                        fig.differ = row->differ;
-                        fig.first_differ_prompt = row->first_differ_prompt;
-                        fig.first_differ_at = row->first_differ_at;
-                        *row = fig;
+            for (int b = 0; b < n_batches; b++) {
+                const int B = batches[b], n_req = wls[w].n_prompts > B ? wls[w].n_prompts : B;
+                fprintf(stderr, "bench spec: %s batch %d, %d requests in waves of %d (run %d of %ld) ...\n",
+                        spec_workload_name(wls[w].w), B, n_req, B, rep + 1, repeat);
+                for (int first = 0; first < n_req; first += B) {
+                    const int count = n_req - first < B ? n_req - first : B;
+                    for (int d = 0; d < n_drafters; d++) {
+                        row_t *row = &rows[(w * n_batches + b) * n_drafters + d];
+                        if (run_wave(scheds[b], &wls[w], first, count, (drafter_t)d, (int)max_tokens, &c, row, &err))
+                            goto fail;
+                        check_wave(&wls[w], &c, first, (drafter_t)d, (int)max_tokens, row);
                     }
-                    row->w = wls[w].w;
-                    row->batch = batches[b];
-                    row->d = (drafter_t)d;
-                    row->ran = true;
                 }
-    }
+            }
 
     for (int w = 0; w < n_wl; w++)
         snprintf(prompts_s + strlen(prompts_s), sizeof prompts_s - strlen(prompts_s), "%s%s:%d", w ? "," : "",
