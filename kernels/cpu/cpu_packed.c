@@ -44,7 +44,7 @@
 #define PK_R 16        /* rows per group */
 #define PK_TMAX 2      /* tokens per tile */
 #define PK_TBLOCK 64   /* tokens per pass over a group */
-#define PK_KC 32       /* blocks per unpacked chunk: 20 KiB of scratch, in L1 with the activations */
+#define PK_KC 32       /* most blocks per unpacked chunk (chunks of a group even): 20 KiB of scratch, in L1 */
 #define PK_UW 640      /* bytes of an unpacked block: 8 lanes x 16 rows x 4 quants, d[16] and m[16] as floats */
 /* The integer lane l (|l| < 2^22) becomes a float without vcvtdq2ps, the kernel's costliest
  * instruction: vpdpbusd starts from the bits of 1.5 * 2^23, so the result's bits are those of the
@@ -310,8 +310,9 @@ static void pk_group(const pk_ctx_t *c, int64_t g, const uint8_t *pf)
                 t += T;
             }
         } else {
-            for (int b0 = 0; b0 < c->nb; b0 += PK_KC) {
-                const int b1 = b0 + PK_KC < c->nb ? b0 + PK_KC : c->nb;
+            const int n_chunks = (c->nb + PK_KC - 1) / PK_KC, kc = (c->nb + n_chunks - 1) / n_chunks;
+            for (int b0 = 0; b0 < c->nb; b0 += kc) {
+                const int b1 = b0 + kc < c->nb ? b0 + kc : c->nb;
                 pk_unpack(c, g, b0, b1, uw);
                 for (int t = t0, i = 0; t < t1; i++) {
                     const int T = t1 - t >= PK_TMAX ? PK_TMAX : t1 - t;
