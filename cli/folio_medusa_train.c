@@ -34,7 +34,7 @@
 typedef struct opts {
     engine_opts_t eo;
     const char *out, *prompts, *cache;
-    int heads, epochs, batch, gen_batch, max_answer;
+    int heads, epochs, batch, gen_batch, max_answer, vocab;
     long tokens;
     double lr, holdout;
     bool own_output;
@@ -55,11 +55,13 @@ static void usage(FILE *f)
             "  --tokens N            answer tokens to distill (default 60000)\n"
             "  --max-answer N        tokens per answer at most (default 256)\n"
             "  --epochs N            passes over the data (default 2)\n"
-            "  --lr F                Adam's peak learning rate (default 0.001)\n"
+            "  --lr F                Adam's peak learning rate (default 0.003)\n"
             "  --batch N             positions per minibatch (default 256)\n"
             "  --gen-batch N         answers generated at once (default 64)\n"
             "  --holdout F           fraction of answers held out for evaluation (default 0.1)\n"
             "  --own-output          a vocabulary projection per head (default: the model's own, shared)\n"
+            "  --vocab N             tokens the heads choose among: the answers' most frequent, then the\n"
+            "                        lowest ids (default 8192; 0: the whole vocabulary)\n"
             "  --seed N              prompts, split and shuffle (default 1)\n"
             "  --cache FILE|none     distilled data (default: <OUT without .gguf>.distill)\n"
             "Engine flags (-t/--threads also sets the training threads):\n%s",
@@ -105,6 +107,9 @@ static int parse_flags(opts_t *o, int argc, char **argv)
             *(!strcmp(f, "--max-answer") ? &o->max_answer : !strcmp(f, "--epochs") ? &o->epochs
               : !strcmp(f, "--batch")    ? &o->batch
                                          : &o->gen_batch) = (int)n;
+        } else if (!strcmp(f, "--vocab")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 0, 1 << 24, &n)) return -1;
+            o->vocab = (int)n;
         } else if (!strcmp(f, "--lr")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_float(f, v, 1e-7, 1, &o->lr)) return -1;
         } else if (!strcmp(f, "--holdout")) {
@@ -386,7 +391,7 @@ int main(int argc, char **argv)
 {
     fix_openblas_core(argv);
     opts_t o = {.heads = 3, .epochs = 2, .batch = 256, .gen_batch = 64, .max_answer = 256, .tokens = 60000,
-                .lr = 1e-3, .holdout = 0.1, .seed = 1};
+                .lr = 3e-3, .holdout = 0.1, .seed = 1, .vocab = 8192};
     if (parse_flags(&o, argc, argv)) return 2;
     o.eo.heads_path = "none";
     o.eo.max_seqs = o.gen_batch;
@@ -475,10 +480,12 @@ int main(int argc, char **argv)
     to.holdout = (float)o.holdout;
     to.seed = o.seed;
     to.threads = o.eo.threads;
+    to.vocab = o.vocab;
     to.progress = train_progress;
     to.user = &view;
-    fprintf(stderr, "folio-medusa-train: %d heads (%s output), %d epochs over %lld positions\n", o.heads,
-            o.own_output ? "own" : "shared", o.epochs, (long long)data.n_rows);
+    fprintf(stderr, "folio-medusa-train: %d heads (%s output, %d tokens), %d epochs over %lld positions\n", o.heads,
+            o.own_output ? "own" : "shared", o.vocab > 0 && o.vocab < m->cfg.n_vocab ? o.vocab : m->cfg.n_vocab,
+            o.epochs, (long long)data.n_rows);
     const double t_train0 = fl_clock_s();
     if (medusa_train(m, &data, &to, &trained, &err)) {
         fprintf(stderr, "\nfolio-medusa-train: %s\n", err.msg);

@@ -4,7 +4,8 @@
  * kern_swiglu against a buffer of ones, plus h (kern_add); then the vocabulary projection of every
  * head's rows (one kern_matmul over n_heads * n rows through the base model's output matrix when
  * shared, one per head when each has its own), and the top-k of each row on the host over the
- * downloaded logits. The rows are laid out head-major ([k][i]), so that each head's rows are
+ * downloaded logits. With a vocabulary subset (medusa.vocab) the shared projection is a copy of the
+ * base output matrix's rows for those tokens, made at load. The rows are laid out head-major ([k][i]), so that each head's rows are
  * contiguous for kern_add and for its own projection; out[] is filled position-major (medusa.h).
  * Nothing is allocated per call: the buffers are sized at load for the model's max_logits. */
 #include "medusa.h"
@@ -27,13 +28,17 @@ struct medusa {
     gguf_t *g;      /* the file, mapped while the weights may borrow it */
     int n_heads, dim, n_vocab;
     bool shared;
+    int n_out;          /* logits a head row: the subset's size, or n_vocab */
+    int32_t *ids;       /* [n_out] the subset's token ids (ascending), NULL for the whole vocabulary */
     kern_weight_t *fc[MEDUSA_MAX_HEADS], *out[MEDUSA_MAX_HEADS];
+    kern_weight_t *sub_out; /* shared: the base output matrix's rows for ids (NULL: model_t.output) */
+    void *sub_rows;     /* their stored bytes, which the backend may borrow */
     float acc[MEDUSA_MAX_HEADS][MEDUSA_ACC_RANKS];
     int chunk;      /* positions per chunk: n_heads * chunk projection rows */
     float *ones;    /* [chunk * dim] backend */
     float *r;       /* [n_heads * chunk][dim] backend */
-    float *logits;  /* [n_heads * chunk][n_vocab] backend */
-    float *host;    /* [n_heads * chunk][n_vocab] host */
+    float *logits;  /* [n_heads * chunk][n_out] backend */
+    float *host;    /* [n_heads * chunk][n_out] host */
 };
 
 void medusa_model_identity(const model_t *m, char out[MEDUSA_IDENTITY_LEN + 1])
@@ -87,6 +92,9 @@ void medusa_destroy(medusa_t **hp)
         kern_weight_destroy(h->be, h->fc[k]);
         kern_weight_destroy(h->be, h->out[k]);
     }
+    kern_weight_destroy(h->be, h->sub_out);
+    free(h->sub_rows);
+    free(h->ids);
     float *bufs[] = {h->ones, h->r, h->logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) kern_free(h->be, bufs[i]);
@@ -176,6 +184,37 @@ static int load_metadata(medusa_t *h, const model_t *m, fl_error_t *err)
                            n_heads * MEDUSA_ACC_RANKS);
         memcpy(h->acc, gguf_arr_data(g, "medusa.accuracy"), (size_t)n_acc * sizeof(float));
     }
+    h->n_out = h->n_vocab;
+    uint64_t n_ids;
+    if (!gguf_get_arr(g, "medusa.vocab", &et, &n_ids, NULL)) {
+        if (et != GGUF_TYPE_INT32 || n_ids < 1 || n_ids > vocab)
+            return fl_fail(err, FL_EFORMAT, "%s: medusa.vocab must be 1..%u INT32 token ids", path, vocab);
+        if (!(h->ids = malloc((size_t)n_ids * sizeof *h->ids))) return fl_fail(err, FL_ENOMEM, "medusa: out of memory");
+        memcpy(h->ids, gguf_arr_data(g, "medusa.vocab"), (size_t)n_ids * sizeof *h->ids);
+        for (uint64_t i = 0; i < n_ids; i++)
+            if (h->ids[i] < 0 || h->ids[i] >= (int32_t)vocab || (i && h->ids[i] <= h->ids[i - 1]))
+                return fl_fail(err, FL_EFORMAT, "%s: medusa.vocab must hold ascending ids below %u", path, vocab);
+        h->n_out = (int)n_ids;
+    }
+    return FL_OK;
+}
+
+/* The base model's output matrix rows for the subset, as stored in its file, onto the backend. */
+static int load_shared_subset(medusa_t *h, const model_t *m, fl_error_t *err)
+{
+    const char *name = m->cfg.tied_output ? "token_embd.weight" : "output.weight";
+    const gguf_tensor_t *t = gguf_find_tensor(m->gguf, name);
+    if (!t || t->ne[0] != h->dim || t->ne[1] != h->n_vocab)
+        return fl_fail(err, FL_EFORMAT, "%s: no output matrix '%s' to project through", gguf_path(m->gguf), name);
+    const size_t row_bytes = t->nbytes / (size_t)h->n_vocab;
+    if (!(h->sub_rows = malloc((size_t)h->n_out * row_bytes))) return fl_fail(err, FL_ENOMEM, "medusa: out of memory");
+    for (int i = 0; i < h->n_out; i++)
+        memcpy((uint8_t *)h->sub_rows + (size_t)i * row_bytes, (const uint8_t *)t->data + (size_t)h->ids[i] * row_bytes,
+               row_bytes);
+    fl_error_t e2 = {0};
+    if (!(h->sub_out = kern_weight_new(h->be, t->type, h->n_out, h->dim, h->sub_rows, &e2)))
+        return fl_fail(err, e2.code ? e2.code : FL_EBACKEND, "%s: the heads' rows of '%s': %s", gguf_path(h->g), name,
+                       e2.msg);
     return FL_OK;
 }
 
@@ -195,19 +234,20 @@ medusa_t *medusa_load(const char *path, model_t *m, fl_error_t *err)
         if (!(h->fc[k] = load_tensor(h, name, h->dim, h->dim, false, err))) goto fail;
         if (h->shared) continue;
         snprintf(name, sizeof name, "medusa.%d.output.weight", k);
-        if (!(h->out[k] = load_tensor(h, name, h->n_vocab, h->dim, true, err))) goto fail;
+        if (!(h->out[k] = load_tensor(h, name, h->n_out, h->dim, true, err))) goto fail;
     }
-    /* Kernels take element counts as int: chunk * n_heads * n_vocab must fit. */
+    if (h->shared && h->ids && load_shared_subset(h, m, err)) goto fail;
+    /* Kernels take element counts as int: chunk * n_heads * n_out must fit. */
     int chunk = MEDUSA_CHUNK_ROWS / h->n_heads;
     if (chunk > m->max_logits) chunk = m->max_logits;
-    while (chunk > 1 && (int64_t)chunk * h->n_heads * h->n_vocab > INT32_MAX) chunk /= 2;
+    while (chunk > 1 && (int64_t)chunk * h->n_heads * h->n_out > INT32_MAX) chunk /= 2;
     if (chunk < 1) chunk = 1;
     h->chunk = chunk;
     const size_t rows = (size_t)chunk * h->n_heads;
     h->ones = kern_alloc(h->be, (size_t)chunk * h->dim * sizeof(float));
     h->r = kern_alloc(h->be, rows * h->dim * sizeof(float));
-    h->logits = kern_alloc(h->be, rows * h->n_vocab * sizeof(float));
-    h->host = malloc(rows * h->n_vocab * sizeof(float));
+    h->logits = kern_alloc(h->be, rows * h->n_out * sizeof(float));
+    h->host = malloc(rows * h->n_out * sizeof(float));
     ones = malloc((size_t)chunk * h->dim * sizeof(float));
     if (!h->ones || !h->r || !h->logits || !h->host || !ones) {
         fl_fail(err, FL_ENOMEM, "%s: out of memory for the heads' buffers (%zu rows)", path, rows);
@@ -246,7 +286,7 @@ static void top_k_row(const float *x, int n, int k, int32_t *out)
 
 int medusa_propose(medusa_t *h, model_t *m, const int32_t *rows, int n, int top_k, int32_t *out, fl_error_t *err)
 {
-    if (n < 0 || n > m->max_logits || top_k < 1 || top_k > MEDUSA_MAX_TOP_K || top_k > h->n_vocab)
+    if (n < 0 || n > m->max_logits || top_k < 1 || top_k > MEDUSA_MAX_TOP_K || top_k > h->n_out)
         return fl_fail(err, FL_EINVAL, "medusa: %d rows (limit %d), top %d (limit %d)", n, m->max_logits, top_k,
                        MEDUSA_MAX_TOP_K);
     if (m->cfg.dim != h->dim || m->cfg.n_vocab != h->n_vocab || m->be != h->be)
@@ -255,7 +295,7 @@ int medusa_propose(medusa_t *h, model_t *m, const int32_t *rows, int n, int top_
         if (rows[i] < 0 || rows[i] >= m->max_logits)
             return fl_fail(err, FL_EINVAL, "medusa: logit row %d out of range", rows[i]);
     kern_backend_t *be = h->be;
-    const int dim = h->dim, V = h->n_vocab, H = h->n_heads;
+    const int dim = h->dim, V = h->n_out, H = h->n_heads;
     for (int c0 = 0; c0 < n; c0 += h->chunk) {
         const int nc = n - c0 < h->chunk ? n - c0 : h->chunk;
         for (int k = 0; k < H; k++) {
@@ -274,13 +314,15 @@ int medusa_propose(medusa_t *h, model_t *m, const int32_t *rows, int n, int top_
             }
             if (!h->shared) kern_matmul(be, h->logits + (size_t)k * nc * V, h->out[k], rk, nc);
         }
-        if (h->shared) kern_matmul(be, h->logits, m->output, h->r, H * nc);
+        if (h->shared) kern_matmul(be, h->logits, h->sub_out ? h->sub_out : m->output, h->r, H * nc);
         if (kern_download(be, h->host, h->logits, (size_t)H * nc * V * sizeof(float)) || kern_sync(be, err))
             return err && err->code ? err->code : fl_fail(err, FL_EBACKEND, "medusa: downloading logits failed");
         for (int i = 0; i < nc; i++)
-            for (int k = 0; k < H; k++)
-                top_k_row(h->host + ((size_t)k * nc + i) * V, V, top_k,
-                          out + ((size_t)(c0 + i) * H + k) * top_k);
+            for (int k = 0; k < H; k++) {
+                int32_t *o = out + ((size_t)(c0 + i) * H + k) * top_k;
+                top_k_row(h->host + ((size_t)k * nc + i) * V, V, top_k, o);
+                for (int j = 0; h->ids && j < top_k; j++) o[j] = h->ids[o[j]];
+            }
     }
     return FL_OK;
 }
@@ -297,6 +339,12 @@ int medusa_save(const char *path, const model_t *m, const medusa_weights_t *w, f
     for (int k = 0; k < w->n_heads; k++)
         if (!w->fc[k] || (!w->shared_output && !w->output[k]))
             return fl_fail(err, FL_EINVAL, "medusa: head %d has no weights", k);
+    const int n_out = w->tokens ? w->n_tokens : V;
+    if (w->tokens && (n_out < 1 || n_out > V))
+        return fl_fail(err, FL_EINVAL, "medusa: a subset of %d tokens (1..%d)", n_out, V);
+    for (int i = 0; w->tokens && i < n_out; i++)
+        if (w->tokens[i] < 0 || w->tokens[i] >= V || (i && w->tokens[i] <= w->tokens[i - 1]))
+            return fl_fail(err, FL_EINVAL, "medusa: the subset's ids must ascend below %d", V);
     gguf_writer_t *wr = gguf_writer_new();
     if (!wr) return fl_fail(err, FL_ENOMEM, "medusa: out of memory");
     char ident[MEDUSA_IDENTITY_LEN + 1];
@@ -319,6 +367,7 @@ int medusa_save(const char *path, const model_t *m, const medusa_weights_t *w, f
         for (int k = 0; k < w->n_heads; k++) memcpy(acc + k * MEDUSA_ACC_RANKS, w->accuracy[k], sizeof w->accuracy[k]);
         gguf_writer_set_arr(wr, "medusa.accuracy", GGUF_TYPE_FLOAT32, acc, (uint64_t)w->n_heads * MEDUSA_ACC_RANKS);
     }
+    if (w->tokens) gguf_writer_set_arr(wr, "medusa.vocab", GGUF_TYPE_INT32, w->tokens, (uint64_t)n_out);
     /* The writer keeps its first failure and gguf_writer_write returns it with its message. */
     const size_t row_bytes = fl_dtype_row_bytes(out_type, dim);
     uint8_t *enc = NULL;
@@ -330,16 +379,16 @@ int medusa_save(const char *path, const model_t *m, const medusa_weights_t *w, f
         if (w->shared_output) continue;
         const void *data = w->output[k];
         if (out_type != FL_TYPE_F32) {
-            if (!enc && !(enc = malloc(row_bytes * (size_t)V))) {
+            if (!enc && !(enc = malloc(row_bytes * (size_t)n_out))) {
                 rc = fl_fail(err, FL_ENOMEM, "medusa: out of memory");
                 break;
             }
-            for (int r = 0; r < V; r++)
+            for (int r = 0; r < n_out; r++)
                 quant_quantize_row(out_type, w->output[k] + (size_t)r * dim, enc + (size_t)r * row_bytes, dim);
             data = enc;
         }
         snprintf(tname, sizeof tname, "medusa.%d.output.weight", k);
-        gguf_writer_add_tensor(wr, tname, out_type, 2, (const int64_t[]){dim, V}, data);
+        gguf_writer_add_tensor(wr, tname, out_type, 2, (const int64_t[]){dim, n_out}, data);
     }
     free(enc);
     if (!rc) rc = gguf_writer_write(wr, path, err);

@@ -11,10 +11,17 @@
  * File: general.architecture "medusa"; medusa.head_count, medusa.embedding_length,
  * medusa.vocab_size, medusa.base_model (the identity), medusa.base_name (the base's general.name,
  * informational), medusa.shared_output (bool), medusa.accuracy (optional F32 array [head_count *
- * MEDUSA_ACC_RANKS], see medusa_head_accuracy); tensors medusa.<k>.fc.weight (F32 [dim x dim]) and,
- * without a shared output, medusa.<k>.output.weight ([n_vocab x dim], any type the backends compute
- * with). With a shared output the heads project through the base model's own frozen output matrix
- * (model_t.output), all heads' rows in one product so its weights are read once a call.
+ * MEDUSA_ACC_RANKS], see medusa_head_accuracy), medusa.vocab (optional INT32 array: the tokens the
+ * heads choose among, ascending ids; absent: the whole vocabulary); tensors medusa.<k>.fc.weight
+ * (F32 [dim x dim]) and, without a shared output, medusa.<k>.output.weight ([tokens x dim], any type
+ * the backends compute with). With a shared output the heads project through the base model's own
+ * frozen output matrix (its rows for medusa.vocab), all heads' rows in one product so its weights
+ * are read once a call.
+ *
+ * Why a vocabulary subset: a head's projection costs what the model's own logits do (49152 x 576
+ * for the default model, ~20% of its forward a row), so three heads over the whole vocabulary cost
+ * ~60% of a step a sequence; the trainer keeps the tokens its data uses plus the lowest ids (BPE's
+ * most frequent), 8192 by default, which hold ~95% of held-out answer tokens at a sixth of the cost.
  *
  * Threading: used by the thread that owns the model. */
 #ifndef FOLIO_MEDUSA_H
@@ -53,8 +60,8 @@ float medusa_head_accuracy(const medusa_t *h, int head, int rank);
 void medusa_default_path(const char *model_path, char *out, size_t out_len);
 
 /* After a model_forward: for each of the n logit rows rows[i] of that step, the top_k most likely
- * tokens of every head, best first: out[(i * n_heads + k) * top_k + j]. top_k <= MEDUSA_MAX_TOP_K,
- * n <= the model's max_logits. */
+ * tokens of every head (among medusa.vocab), best first, ties to the lower id:
+ * out[(i * n_heads + k) * top_k + j]. top_k <= MEDUSA_MAX_TOP_K, n <= the model's max_logits. */
 int medusa_propose(medusa_t *h, model_t *m, const int32_t *rows, int n, int top_k, int32_t *out,
                    fl_error_t *err);
 
@@ -63,7 +70,9 @@ typedef struct medusa_weights {
     int n_heads;
     bool shared_output;
     const float *fc[MEDUSA_MAX_HEADS];     /* [dim][dim] row-major W_k (y = W_k h) */
-    const float *output[MEDUSA_MAX_HEADS]; /* [n_vocab][dim] own projections; unused when shared */
+    const int32_t *tokens;                 /* [n_tokens] ascending ids the heads choose among; NULL: all */
+    int n_tokens;
+    const float *output[MEDUSA_MAX_HEADS]; /* [n_tokens or n_vocab][dim] own projections; unused when shared */
     int output_type;                       /* fl_dtype_t the own projections are stored as (F32: as given) */
     float accuracy[MEDUSA_MAX_HEADS][MEDUSA_ACC_RANKS]; /* held-out; all 0: not measured */
 } medusa_weights_t;

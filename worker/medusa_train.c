@@ -500,9 +500,10 @@ static void ce_range(void *ctx, int64_t i0, int64_t i1)
 
 typedef struct trainer {
     const medusa_train_opts_t *o;
-    int dim, V, H, B, threads;
+    int dim, V, H, B, threads; /* V: the heads' vocabulary size */
     const medusa_data_t *d;
-    const float *E;         /* [V][dim] the base model's output matrix, dequantized */
+    const int32_t *index;   /* [model vocab] a token's place in the heads' vocabulary, -1 if absent */
+    const float *E;         /* [V][dim] the base model's output matrix (its rows for the vocabulary) */
     float *fc, *out;        /* heads: [H][dim][dim], [H][V][dim] (own) */
     float *fc_m, *fc_v, *out_m, *out_v; /* Adam moments */
     float *h, *z, *r, *dr, *logits, *dw, *de; /* minibatch buffers */
@@ -542,13 +543,18 @@ static void gather(trainer_t *t, const int64_t *rows, int n, const int64_t *row_
     }
 }
 
-/* Head k's targets for the gathered rows; returns how many have one. */
+#define NO_TARGET (-1)   /* past the sequence's end */
+#define UNREACHABLE (-2) /* a token outside the heads' vocabulary: no gradient, a miss */
+
+/* Head k's targets for the gathered rows, as places in the heads' vocabulary; returns how many
+ * can be learnt. */
 static int targets(trainer_t *t, const int64_t *rows, const int64_t *end, int n, int k)
 {
     int valid = 0;
     for (int i = 0; i < n; i++) {
         const int64_t at = rows[i] + k + 1;
-        t->target[i] = at < end[i] ? t->d->tokens[at] : -1;
+        const int32_t tok = at < end[i] ? t->d->tokens[at] : -1;
+        t->target[i] = tok < 0 ? NO_TARGET : t->index ? (t->index[tok] < 0 ? UNREACHABLE : t->index[tok]) : tok;
         valid += t->target[i] >= 0;
     }
     return valid;
@@ -629,6 +635,7 @@ static double head_step(trainer_t *t, int k, const int64_t *rows, const int64_t 
 static void evaluate(trainer_t *t, const int64_t *rows, int64_t n_rows, const int64_t *row_end, medusa_eval_t *ev)
 {
     memset(ev, 0, sizeof *ev);
+    int64_t loss_rows[MEDUSA_MAX_HEADS] = {0};
     int64_t *end = malloc((size_t)t->B * sizeof *end);
     if (!end) return;
     for (int64_t b0 = 0; b0 < n_rows; b0 += t->B) {
@@ -640,16 +647,18 @@ static void evaluate(trainer_t *t, const int64_t *rows, int64_t n_rows, const in
             ce_job_t ce = {.logits = t->logits, .target = t->target, .V = t->V, .loss = t->loss, .rank = t->rank};
             par_for(t->threads, n, ce_range, &ce);
             for (int i = 0; i < n; i++) {
-                if (t->target[i] < 0) continue;
+                if (t->target[i] == NO_TARGET) continue;
                 ev->rows[k]++;
+                if (t->target[i] == UNREACHABLE) continue;
                 ev->loss[k] += t->loss[i];
+                loss_rows[k]++;
                 for (int r = t->rank[i]; r < MEDUSA_ACC_RANKS; r++) ev->acc[k][r] += 1;
             }
         }
     }
     for (int k = 0; k < t->H; k++) {
         if (!ev->rows[k]) continue;
-        ev->loss[k] /= (double)ev->rows[k];
+        if (loss_rows[k]) ev->loss[k] /= (double)loss_rows[k];
         for (int r = 0; r < MEDUSA_ACC_RANKS; r++) ev->acc[k][r] /= (double)ev->rows[k];
     }
     free(end);
@@ -657,8 +666,8 @@ static void evaluate(trainer_t *t, const int64_t *rows, int64_t n_rows, const in
 
 void medusa_train_opts_default(medusa_train_opts_t *o)
 {
-    *o = (medusa_train_opts_t){.n_heads = 3, .epochs = 2, .lr = 1e-3f, .batch = 256, .holdout = 0.1f, .seed = 1,
-                               .evals = 8, .eval_rows = 4096};
+    *o = (medusa_train_opts_t){.n_heads = 3, .epochs = 2, .lr = 3e-3f, .batch = 256, .holdout = 0.1f, .seed = 1,
+                               .evals = 8, .eval_rows = 4096, .vocab = 8192};
 }
 
 void medusa_trained_free(medusa_trained_t *t)
@@ -666,7 +675,51 @@ void medusa_trained_free(medusa_trained_t *t)
     if (!t) return;
     free(t->fc);
     free(t->output);
+    free(t->tokens);
     memset(t, 0, sizeof *t);
+}
+
+typedef struct token_count {
+    int64_t count;
+    int32_t id;
+} token_count_t;
+
+static int by_count_desc(const void *a, const void *b)
+{
+    const token_count_t *x = a, *y = b;
+    if (x->count != y->count) return x->count > y->count ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* The heads' vocabulary: the tokens of the training rows, most frequent first (ties to the lower id),
+ * then the lowest ids (BPE merges the most frequent pairs first), up to n; returned ascending. */
+static int32_t *choose_vocab(const medusa_data_t *d, const int64_t *rows, int64_t n_rows, int V, int n)
+{
+    token_count_t *c = calloc((size_t)V, sizeof *c);
+    int32_t *ids = malloc((size_t)n * sizeof *ids);
+    uint8_t *taken = calloc((size_t)V, 1);
+    if (!c || !ids || !taken) {
+        free(ids);
+        ids = NULL;
+        goto out;
+    }
+    for (int v = 0; v < V; v++) c[v].id = v;
+    for (int64_t i = 0; i < n_rows; i++) {
+        const int32_t tok = d->tokens[rows[i]];
+        if (tok >= 0 && tok < V) c[tok].count++;
+    }
+    qsort(c, (size_t)V, sizeof *c, by_count_desc);
+    int got = 0;
+    for (int i = 0; i < V && got < n && c[i].count; i++) taken[c[i].id] = 1, got++;
+    for (int v = 0; v < V && got < n; v++)
+        if (!taken[v]) taken[v] = 1, got++;
+    got = 0;
+    for (int v = 0; v < V; v++)
+        if (taken[v]) ids[got++] = v;
+out:
+    free(c);
+    free(taken);
+    return ids;
 }
 
 /* The base model's output matrix as F32 [V][dim] (dequantized from its GGUF tensor). */
@@ -708,44 +761,16 @@ int medusa_train(const model_t *m, const medusa_data_t *d, const medusa_train_op
     const int blas_threads = openblas_get_num_threads();
     openblas_set_num_threads(t.threads);
     int rc = FL_OK;
-    int64_t *row_end = NULL, *train_rows = NULL, *held_rows = NULL, *seqs = NULL, *end = NULL;
-    float *E = base_output(m, err);
-    if (!E) {
-        rc = err ? err->code : FL_EFORMAT;
-        goto out;
-    }
-    t.E = E;
-    const size_t fc_n = (size_t)H * dim * dim, out_n = o->own_output ? (size_t)H * V * dim : 0;
-    res->fc = t.fc = calloc(fc_n, sizeof(float));
-    t.fc_m = calloc(fc_n, sizeof(float));
-    t.fc_v = calloc(fc_n, sizeof(float));
-    if (out_n) {
-        res->output = t.out = malloc(out_n * sizeof(float));
-        t.out_m = calloc(out_n, sizeof(float));
-        t.out_v = calloc(out_n, sizeof(float));
-        t.de = malloc((size_t)V * dim * sizeof(float));
-    }
-    t.h = malloc((size_t)B * dim * sizeof(float));
-    t.z = malloc((size_t)B * dim * sizeof(float));
-    t.r = malloc((size_t)B * dim * sizeof(float));
-    t.dr = malloc((size_t)B * dim * sizeof(float));
-    t.dw = malloc((size_t)dim * dim * sizeof(float));
-    t.logits = malloc((size_t)B * V * sizeof(float));
-    t.target = malloc((size_t)B * sizeof(int32_t));
-    t.rank = malloc((size_t)B * sizeof(int32_t));
-    t.loss = malloc((size_t)B * sizeof(double));
-    row_end = malloc((size_t)d->n_rows * sizeof *row_end);
-    train_rows = malloc((size_t)d->n_rows * sizeof *train_rows);
-    held_rows = malloc((size_t)d->n_rows * sizeof *held_rows);
-    seqs = malloc((size_t)d->n_seqs * sizeof *seqs);
-    end = malloc((size_t)B * sizeof *end);
-    if (!t.fc || !t.fc_m || !t.fc_v || (out_n && (!t.out || !t.out_m || !t.out_v || !t.de)) || !t.h || !t.z ||
-        !t.r || !t.dr || !t.dw || !t.logits || !t.target || !t.rank || !t.loss || !row_end ||
-        !train_rows || !held_rows || !seqs || !end) {
+    int64_t *row_end = malloc((size_t)d->n_rows * sizeof *row_end);
+    int64_t *train_rows = malloc((size_t)d->n_rows * sizeof *train_rows);
+    int64_t *held_rows = malloc((size_t)d->n_rows * sizeof *held_rows);
+    int64_t *seqs = malloc((size_t)d->n_seqs * sizeof *seqs), *end = malloc((size_t)B * sizeof *end);
+    int32_t *index = NULL;
+    float *E = NULL;
+    if (!row_end || !train_rows || !held_rows || !seqs || !end) {
         rc = fl_fail(err, FL_ENOMEM, "train: out of memory");
         goto out;
     }
-    for (int k = 0; k < H && out_n; k++) memcpy(t.out + (size_t)k * V * dim, E, (size_t)V * dim * sizeof(float));
 
     /* Held-out split by sequence. */
     uint64_t rng = o->seed * 0x2545F4914F6CDD1Dull + 1;
@@ -769,6 +794,60 @@ int medusa_train(const model_t *m, const medusa_data_t *d, const medusa_train_op
                      (long long)n_train, (long long)n_held);
         goto out;
     }
+
+    /* The heads' vocabulary (chosen from the training rows only) and its rows of the output matrix. */
+    float *E_full = base_output(m, err);
+    if (!E_full) {
+        rc = err ? err->code : FL_EFORMAT;
+        goto out;
+    }
+    if (o->vocab > 0 && o->vocab < V) {
+        res->tokens = choose_vocab(d, train_rows, n_train, V, o->vocab);
+        index = malloc((size_t)V * sizeof *index);
+        E = malloc((size_t)o->vocab * dim * sizeof *E);
+        if (!res->tokens || !index || !E) {
+            free(E_full);
+            rc = fl_fail(err, FL_ENOMEM, "train: out of memory");
+            goto out;
+        }
+        for (int v = 0; v < V; v++) index[v] = -1;
+        for (int i = 0; i < o->vocab; i++) {
+            index[res->tokens[i]] = i;
+            memcpy(E + (size_t)i * dim, E_full + (size_t)res->tokens[i] * dim, (size_t)dim * sizeof *E);
+        }
+        free(E_full);
+        t.V = o->vocab;
+        t.index = index;
+    } else {
+        E = E_full;
+    }
+    t.E = E;
+    const int64_t NV = t.V;
+    const size_t fc_n = (size_t)H * dim * dim, out_n = o->own_output ? (size_t)H * NV * dim : 0;
+    res->fc = t.fc = calloc(fc_n, sizeof(float));
+    t.fc_m = calloc(fc_n, sizeof(float));
+    t.fc_v = calloc(fc_n, sizeof(float));
+    if (out_n) {
+        res->output = t.out = malloc(out_n * sizeof(float));
+        t.out_m = calloc(out_n, sizeof(float));
+        t.out_v = calloc(out_n, sizeof(float));
+        t.de = malloc((size_t)NV * dim * sizeof(float));
+    }
+    t.h = malloc((size_t)B * dim * sizeof(float));
+    t.z = malloc((size_t)B * dim * sizeof(float));
+    t.r = malloc((size_t)B * dim * sizeof(float));
+    t.dr = malloc((size_t)B * dim * sizeof(float));
+    t.dw = malloc((size_t)dim * dim * sizeof(float));
+    t.logits = malloc((size_t)B * NV * sizeof(float));
+    t.target = malloc((size_t)B * sizeof(int32_t));
+    t.rank = malloc((size_t)B * sizeof(int32_t));
+    t.loss = malloc((size_t)B * sizeof(double));
+    if (!t.fc || !t.fc_m || !t.fc_v || (out_n && (!t.out || !t.out_m || !t.out_v || !t.de)) || !t.h || !t.z ||
+        !t.r || !t.dr || !t.dw || !t.logits || !t.target || !t.rank || !t.loss) {
+        rc = fl_fail(err, FL_ENOMEM, "train: out of memory");
+        goto out;
+    }
+    for (int k = 0; k < H && out_n; k++) memcpy(t.out + (size_t)k * NV * dim, E, (size_t)NV * dim * sizeof(float));
     res->train_rows = n_train;
     res->held_out_rows = n_held;
     const int per_epoch = (int)((n_train + B - 1) / B), steps = per_epoch * o->epochs;
@@ -820,14 +899,17 @@ int medusa_train(const model_t *m, const medusa_data_t *d, const medusa_train_op
     res->w.n_heads = H;
     res->w.shared_output = !o->own_output;
     res->w.output_type = FL_TYPE_F16;
+    res->w.tokens = res->tokens;
+    res->w.n_tokens = res->tokens ? t.V : 0;
     for (int k = 0; k < H; k++) {
         res->w.fc[k] = t.fc + (size_t)k * dim * dim;
-        if (t.out) res->w.output[k] = t.out + (size_t)k * V * dim;
+        if (t.out) res->w.output[k] = t.out + (size_t)k * t.V * dim;
         for (int r = 0; r < MEDUSA_ACC_RANKS; r++) res->w.accuracy[k][r] = (float)res->last.acc[k][r];
     }
 out:
     openblas_set_num_threads(blas_threads);
     free(E);
+    free(index);
     free(t.fc_m);
     free(t.fc_v);
     free(t.out_m);

@@ -65,9 +65,11 @@ int medusa_data_save(const char *path, const medusa_data_t *d, const char *ident
 int medusa_data_load(const char *path, const char *identity, const char *key, medusa_data_t *d, fl_error_t *err);
 
 typedef struct medusa_eval {
-    double loss[MEDUSA_MAX_HEADS];                   /* mean held-out cross-entropy */
+    double loss[MEDUSA_MAX_HEADS];                   /* mean held-out cross-entropy (over the positions
+                                                        whose token is among the heads' vocabulary) */
     double acc[MEDUSA_MAX_HEADS][MEDUSA_ACC_RANKS];  /* acc[k][r]: right token among the best r + 1 */
-    int64_t rows[MEDUSA_MAX_HEADS];                  /* held-out positions scored per head */
+    int64_t rows[MEDUSA_MAX_HEADS];                  /* held-out positions scored per head (a token
+                                                        outside the heads' vocabulary counts as a miss) */
 } medusa_eval_t;
 
 typedef struct medusa_train_progress {
@@ -87,6 +89,8 @@ typedef struct medusa_train_opts {
     float holdout;      /* fraction of the sequences held out for evaluation */
     uint64_t seed;      /* split and shuffle */
     int threads;        /* for OpenBLAS and the element-wise work; 0: the online cores */
+    int vocab;          /* tokens the heads choose among: those of the training answers, most frequent
+                           first, then the lowest ids, up to this many; 0: the whole vocabulary */
     int evals;          /* evaluations during training besides the first and the last */
     int eval_rows;      /* held-out positions those use (0: all); the first and last use all */
     void (*progress)(void *user, const medusa_train_progress_t *p); /* after each step; may be NULL */
@@ -97,7 +101,8 @@ typedef struct medusa_train_opts {
 typedef struct medusa_trained {
     medusa_weights_t w;
     float *fc;          /* [n_heads][dim][dim] */
-    float *output;      /* [n_heads][n_vocab][dim] (own_output) */
+    float *output;      /* [n_heads][n_tokens][dim] (own_output) */
+    int32_t *tokens;    /* [n_tokens] the heads' vocabulary, NULL for all */
     medusa_eval_t first, last; /* held-out, before the first step and after the last */
     int steps;
     int64_t train_rows, held_out_rows;

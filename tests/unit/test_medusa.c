@@ -111,16 +111,23 @@ static void host_top_k(const float *x, int n, int k, int32_t *out)
     }
 }
 
-static void save_heads(engine_t *e, const char *path, int n_heads, float *fc, float *out, int out_type)
+static void save_subset(engine_t *e, const char *path, int n_heads, float *fc, float *out, int out_type,
+                        const int32_t *tokens, int n_tokens)
 {
-    medusa_weights_t w = {.n_heads = n_heads, .shared_output = out == NULL, .output_type = out_type};
+    medusa_weights_t w = {.n_heads = n_heads, .shared_output = out == NULL, .output_type = out_type,
+                          .tokens = tokens, .n_tokens = n_tokens};
     for (int k = 0; k < n_heads; k++) {
         w.fc[k] = fc + (size_t)k * DIM * DIM;
-        if (out) w.output[k] = out + (size_t)k * VOCAB * DIM;
+        if (out) w.output[k] = out + (size_t)k * (tokens ? n_tokens : VOCAB) * DIM;
         for (int r = 0; r < MEDUSA_ACC_RANKS; r++) w.accuracy[k][r] = 0.1f * (float)(k + 1) + 0.01f * (float)r;
     }
     fl_error_t err = {0};
     if (medusa_save(path, e->model, &w, &err)) fail_msg("medusa_save: %s", err.msg);
+}
+
+static void save_heads(engine_t *e, const char *path, int n_heads, float *fc, float *out, int out_type)
+{
+    save_subset(e, path, n_heads, fc, out, out_type, NULL, 0);
 }
 
 static void test_default_path_and_identity(void **state)
@@ -182,6 +189,55 @@ static void test_zero_heads_propose_the_base_top_k(void **state)
     assert_int_equal(medusa_propose(h, e->model, rows, e->model->max_logits + 1, K, out, &err), FL_EINVAL);
     medusa_destroy(&h);
     medusa_destroy(&h);
+    free(logits);
+    free(fc);
+    engine_destroy(&e);
+}
+
+/* W = 0 over a vocabulary subset: the base model's top-k among those tokens. */
+static void test_zero_heads_over_a_subset(void **state)
+{
+    (void)state;
+    engine_t *e = open_engine(g_tiny_model, "none");
+    float *fc = calloc(2 * DIM * DIM, sizeof *fc);
+    int32_t ids[VOCAB / 3 + 1];
+    int n_ids = 0;
+    for (int v = 1; v < VOCAB; v += 3) ids[n_ids++] = v;
+    save_subset(e, g_heads, 2, fc, NULL, 0, ids, n_ids);
+    fl_error_t err = {0};
+    medusa_t *h = medusa_load(g_heads, e->model, &err);
+    if (!h) fail_msg("medusa_load: %s", err.msg);
+    const int n = 3, K = 5;
+    forward_rows(e, PROMPT, 12, n);
+    float *logits = malloc((size_t)n * VOCAB * sizeof *logits);
+    assert_int_equal(model_logits(e->model, logits, n), 0);
+    int32_t rows[3] = {0, 1, 2}, out[3 * 2 * 5];
+    assert_int_equal(medusa_propose(h, e->model, rows, n, K, out, &err), 0);
+    for (int i = 0; i < n; i++) {
+        float sub[VOCAB / 3 + 1];
+        for (int j = 0; j < n_ids; j++) sub[j] = logits[(size_t)i * VOCAB + ids[j]];
+        int32_t want[5];
+        host_top_k(sub, n_ids, K, want);
+        for (int j = 0; j < K; j++) want[j] = ids[want[j]];
+        for (int k = 0; k < 2; k++) assert_memory_equal(out + (i * 2 + k) * K, want, sizeof want);
+    }
+    medusa_destroy(&h);
+    /* an own projection over the subset: those rows of the output matrix give the same */
+    const float *E = gguf_find_tensor(e->model->gguf, "token_embd.weight")->data;
+    float *own = malloc((size_t)2 * n_ids * DIM * sizeof *own);
+    for (int k = 0; k < 2; k++)
+        for (int j = 0; j < n_ids; j++) memcpy(own + ((size_t)k * n_ids + j) * DIM, E + (size_t)ids[j] * DIM, DIM * sizeof *E);
+    save_subset(e, g_heads, 2, fc, own, FL_TYPE_F32, ids, n_ids);
+    if (!(h = medusa_load(g_heads, e->model, &err))) fail_msg("medusa_load: %s", err.msg);
+    int32_t out2[3 * 2 * 5];
+    assert_int_equal(medusa_propose(h, e->model, rows, n, K, out2, &err), 0);
+    assert_memory_equal(out2, out, sizeof out);
+    medusa_destroy(&h);
+    /* a subset out of order is refused when saving */
+    ids[1] = ids[0];
+    medusa_weights_t w = {.n_heads = 1, .shared_output = true, .fc = {fc}, .tokens = ids, .n_tokens = n_ids};
+    assert_int_equal(medusa_save(g_heads, e->model, &w, &err), FL_EINVAL);
+    free(own);
     free(logits);
     free(fc);
     engine_destroy(&e);
@@ -282,7 +338,7 @@ static void write_bytes(const char *path, const void *p, size_t n)
 
 /* A heads file built by hand: for sizes and tensors the trainer would never write. */
 static void write_custom(model_t *m, const char *path, uint32_t heads, uint32_t dim, uint32_t vocab, bool fc_ok,
-                         bool with_fc1)
+                         bool with_fc1, const int32_t *ids, int n_ids)
 {
     gguf_writer_t *w = gguf_writer_new();
     char ident[MEDUSA_IDENTITY_LEN + 1];
@@ -293,6 +349,7 @@ static void write_custom(model_t *m, const char *path, uint32_t heads, uint32_t 
     gguf_writer_set_u32(w, "medusa.vocab_size", vocab);
     gguf_writer_set_str(w, "medusa.base_model", ident);
     gguf_writer_set_bool(w, "medusa.shared_output", true);
+    if (ids) gguf_writer_set_arr(w, "medusa.vocab", GGUF_TYPE_INT32, ids, (uint64_t)n_ids);
     float *z = calloc(DIM * (DIM + 1), sizeof *z);
     gguf_writer_add_tensor(w, "medusa.0.fc.weight", FL_TYPE_F32, 2, (const int64_t[]){fc_ok ? DIM : DIM + 1, DIM}, z);
     if (with_fc1) gguf_writer_add_tensor(w, "medusa.1.fc.weight", FL_TYPE_F32, 2, (const int64_t[]){DIM, DIM}, z);
@@ -327,17 +384,22 @@ static void test_bad_files_are_format_errors(void **state)
     assert_null(medusa_load(g_tmp, m, &err));
     assert_int_not_equal(err.code, 0);
     /* wrong sizes, a missing tensor, a tensor of the wrong shape, a bad head count */
-    write_custom(m, g_tmp, 1, DIM + 32, VOCAB, true, false);
+    write_custom(m, g_tmp, 1, DIM + 32, VOCAB, true, false, NULL, 0);
     expect_load_error(m, g_tmp, FL_EFORMAT, "width");
-    write_custom(m, g_tmp, 1, DIM, VOCAB + 1, true, false);
+    write_custom(m, g_tmp, 1, DIM, VOCAB + 1, true, false, NULL, 0);
     expect_load_error(m, g_tmp, FL_EFORMAT, "tokens");
-    write_custom(m, g_tmp, 2, DIM, VOCAB, true, false);
+    write_custom(m, g_tmp, 2, DIM, VOCAB, true, false, NULL, 0);
     expect_load_error(m, g_tmp, FL_EFORMAT, "missing tensor 'medusa.1.fc.weight'");
-    write_custom(m, g_tmp, 2, DIM, VOCAB, false, true);
+    write_custom(m, g_tmp, 2, DIM, VOCAB, false, true, NULL, 0);
     expect_load_error(m, g_tmp, FL_EFORMAT, "medusa.0.fc.weight");
-    write_custom(m, g_tmp, 0, DIM, VOCAB, true, false);
+    write_custom(m, g_tmp, 0, DIM, VOCAB, true, false, NULL, 0);
     expect_load_error(m, g_tmp, FL_EFORMAT, "head_count");
-    write_custom(m, g_tmp, 2, DIM, VOCAB, true, true);
+    const int32_t unsorted[3] = {5, 4, 9}, outside[2] = {5, VOCAB};
+    write_custom(m, g_tmp, 2, DIM, VOCAB, true, true, unsorted, 3);
+    expect_load_error(m, g_tmp, FL_EFORMAT, "medusa.vocab");
+    write_custom(m, g_tmp, 2, DIM, VOCAB, true, true, outside, 2);
+    expect_load_error(m, g_tmp, FL_EFORMAT, "medusa.vocab");
+    write_custom(m, g_tmp, 2, DIM, VOCAB, true, true, NULL, 0);
     medusa_t *h = medusa_load(g_tmp, m, &err);
     if (!h) fail_msg("a good hand-made file did not load: %s", err.msg);
     medusa_destroy(&h);
@@ -546,6 +608,20 @@ static void test_training_lowers_loss_above_chance(void **state)
     if (!h) fail_msg("medusa_load: %s", err.msg);
     assert_float_equal(medusa_head_accuracy(h, 0, 0), (float)t.last.acc[0][0], 1e-6);
     medusa_destroy(&h);
+    /* over a vocabulary of 40 tokens: the cycle's 32 and the 8 lowest ids */
+    medusa_trained_t sub;
+    o.vocab = 40;
+    o.progress = NULL;
+    if (medusa_train(e->model, &d, &o, &sub, &err)) fail_msg("medusa_train: %s", err.msg);
+    assert_int_equal(sub.w.n_tokens, 40);
+    assert_int_equal(sub.w.tokens[0], 0);
+    assert_int_equal(sub.w.tokens[7], 7);
+    assert_true(sub.last.acc[0][0] > 0.5 && sub.last.loss[0] < sub.first.loss[0]);
+    if (medusa_save(g_heads, e->model, &sub.w, &err)) fail_msg("medusa_save: %s", err.msg);
+    if (!(h = medusa_load(g_heads, e->model, &err))) fail_msg("medusa_load: %s", err.msg);
+    medusa_destroy(&h);
+    medusa_trained_free(&sub);
+    o.vocab = 0;
     /* an own projection trains too */
     o.own_output = true;
     o.epochs = 2;
@@ -569,6 +645,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_default_path_and_identity),
         cmocka_unit_test(test_zero_heads_propose_the_base_top_k),
+        cmocka_unit_test(test_zero_heads_over_a_subset),
         cmocka_unit_test(test_round_trip_shared),
         cmocka_unit_test(test_round_trip_own),
         cmocka_unit_test(test_heads_of_another_model_are_refused),
