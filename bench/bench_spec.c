@@ -370,6 +370,13 @@ static int workload_init(workload_t *wl, spec_workload_t w, int limit, const mod
     return 0;
 }
 
+static int workload_tokens(const workload_t *wl)
+{
+    int n = 0;
+    for (int i = 0; i < wl->n_prompts; i++) n += wl->n_ids[i];
+    return n;
+}
+
 static void workload_free(workload_t *wl)
 {
     for (int i = 0; i < wl->n_prompts; i++) free(wl->ids[i]), free(wl->ref[i].tokens);
@@ -496,7 +503,7 @@ static void print_goals(const row_t *rows, int n, const int *batches, int n_batc
 
 static int write_json(const char *path, const char *model_path, const char *backend, int threads, int max_tokens,
                       const char *heads, int n_heads, int verify_ctx, int rounds, const verify_row_t *v, int n_v,
-                      const row_t *rows, int n_rows, bool identical)
+                      const workload_t *wls, int n_wl, const row_t *rows, int n_rows, bool identical)
 {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "benchmark", "spec");
@@ -522,6 +529,14 @@ static int write_json(const char *path, const char *model_path, const char *back
         cJSON_AddNumberToObject(e, "median_over_1", v[i].median_s / v[0].median_s);
         cJSON_AddNumberToObject(e, "best_over_1", v[i].best_s / v[0].best_s);
         cJSON_AddItemToArray(va, e);
+    }
+    cJSON *wa = cJSON_AddArrayToObject(o, "workloads");
+    for (int w = 0; w < n_wl; w++) {
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddStringToObject(e, "workload", spec_workload_name(wls[w].w));
+        cJSON_AddNumberToObject(e, "prompts", wls[w].n_prompts);
+        cJSON_AddNumberToObject(e, "prompt_tokens", workload_tokens(&wls[w]));
+        cJSON_AddItemToArray(wa, e);
     }
     cJSON *ra = cJSON_AddArrayToObject(o, "runs");
     for (int i = 0; i < n_rows; i++) {
@@ -713,7 +728,7 @@ int bench_spec(int argc, char **argv)
     verify_row_t verify[N_VERIFY_SIZES];
     int n_verify = 0, n_drafters = 0, n_rows = 0, most_req = 0;
     bool identical = true;
-    char prompts_s[32] = "";
+    char prompts_s[96] = "";
     const int ctx = e->model->max_blocks * e->kv->block_size;
 
     for (int w = 0; w < SPEC_WORKLOAD_COUNT; w++) {
@@ -796,8 +811,8 @@ int bench_spec(int argc, char **argv)
             }
 
     for (int w = 0; w < n_wl; w++)
-        snprintf(prompts_s + strlen(prompts_s), sizeof prompts_s - strlen(prompts_s), "%s%s:%d", w ? "," : "",
-                 spec_workload_name(wls[w].w), wls[w].n_prompts);
+        snprintf(prompts_s + strlen(prompts_s), sizeof prompts_s - strlen(prompts_s), "%s%s:%d (%d tokens)",
+                 w ? "," : "", spec_workload_name(wls[w].w), wls[w].n_prompts, workload_tokens(&wls[w]));
     printf("folio-bench spec  model=%s backend=%s threads=%d max_tokens=%ld prompts=%s medusa=%s%s\n", model_path,
            backend, eo.threads, max_tokens, prompts_s, heads ? heads_path : "none",
            prefix_cache ? " prefix-cache=on" : "");
@@ -816,7 +831,8 @@ int bench_spec(int argc, char **argv)
            identical ? "yes" : "NO");
     if (json_path && write_json(json_path, model_path, backend, eo.threads, (int)max_tokens,
                                 heads ? heads_path : NULL, heads ? medusa_n_heads(heads) : 0,
-                                (int)verify_ctx, (int)rounds, verify, n_verify, rows, n_rows, identical))
+                                (int)verify_ctx, (int)rounds, verify, n_verify, wls, n_wl, rows, n_rows,
+                                identical))
         fprintf(stderr, "error: cannot write %s\n", json_path);
     status = identical ? 0 : 1;
     goto out;
