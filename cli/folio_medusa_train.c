@@ -52,7 +52,7 @@ static void usage(FILE *f)
             "  --prompts FILE        prompts: one user message a line, or a JSON list of messages or\n"
             "                        conversations ([{\"role\":...,\"content\":...}, ...]); default: the\n"
             "                        model writes them\n"
-            "  --tokens N            answer tokens to distill (default 60000)\n"
+            "  --tokens N            answer tokens to distill (default 100000)\n"
             "  --max-answer N        tokens per answer at most (default 256)\n"
             "  --epochs N            passes over the data (default 2)\n"
             "  --lr F                Adam's peak learning rate (default 0.003)\n"
@@ -78,8 +78,12 @@ static void fix_openblas_core(char **argv)
     __builtin_cpu_init();
     const char *want = __builtin_cpu_supports("avx512f") ? "SkylakeX" : __builtin_cpu_supports("avx2") ? "Haswell" : NULL;
     if (!want) return;
+    char self[4096];
+    const ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0) return;
+    self[n] = 0;
     setenv("OPENBLAS_CORETYPE", want, 1);
-    execv("/proc/self/exe", argv);
+    execv(self, argv);
 }
 
 static int parse_flags(opts_t *o, int argc, char **argv)
@@ -234,7 +238,9 @@ static int prompts_from_file(prompt_set_t *p, const tok_t *tok, const char *path
     return FL_OK;
 }
 
-/* Seeds for prompts the model writes itself: a kind of task about a topic. */
+/* Seeds for prompts the model writes itself: the start of a numbered list of things people ask an
+ * assistant, about a topic, in a raw completion (a small model continues a list better than it
+ * follows an instruction to write one); its next line is a prompt. */
 static const char *const TOPICS[] = {
     "cooking", "gardening", "ancient history", "space travel", "the ocean", "Python programming", "healthy eating",
     "travel in Europe", "music", "saving money", "school homework", "pets", "the weather", "football", "movies",
@@ -244,26 +250,22 @@ static const char *const TOPICS[] = {
     "SQL databases", "spreadsheets", "dates and calendars", "units of measurement", "shopping lists", "emails",
 };
 static const char *const KINDS[] = {
-    "Write one question that a person might ask an assistant about %s. Reply with the question only.",
-    "Write a short request asking an assistant for a list about %s. Reply with the request only.",
-    "Write a short instruction asking to explain something about %s in simple words. Reply with the "
-    "instruction only.",
-    "Write a task asking to write a short email, story or poem about %s. Reply with the task only.",
-    "Write a request asking for step-by-step instructions about %s. Reply with the request only.",
-    "Write a request asking to give some facts about %s as a JSON object or a table. Reply with the request only.",
+    "Questions people ask an AI assistant about %1$s:\n1. What is the best way to get started with %1$s?\n2.",
+    "Tasks people give an AI assistant about %1$s:\n1. Write a list of five facts about %1$s.\n2.",
+    "Requests people send to an AI assistant about %1$s:\n1. Explain %1$s to a ten-year-old in simple words.\n2.",
+    "Writing tasks people give an AI assistant about %1$s:\n1. Write a short email to a friend about %1$s.\n2.",
+    "Requests for structured answers about %1$s:\n1. Give three facts about %1$s as a JSON object.\n2.",
+    "How-to questions people ask about %1$s:\n1. How do I plan a week of %1$s step by step?\n2.",
 };
 
-/* The model's text for one answer, cleaned into a prompt: its first line, without quotes or a
- * "Question:"-style label; NULL when nothing usable is left. */
+/* The model's line, cleaned into a prompt: no list number, quotes or label; NULL when too short. */
 static char *clean_prompt(char *s)
 {
     char *nl = strchr(s, '\n');
-    while (isspace((unsigned char)*s) || *s == '"' || *s == '*') s++, nl = strchr(s, '\n');
     if (nl) *nl = 0;
-    static const char *const labels[] = {"Question:", "Request:", "Task:", "Instruction:", "Prompt:"};
-    for (size_t i = 0; i < sizeof labels / sizeof labels[0]; i++)
-        if (!strncasecmp(s, labels[i], strlen(labels[i]))) s += strlen(labels[i]);
-    while (isspace((unsigned char)*s) || *s == '"') s++;
+    while (isspace((unsigned char)*s) || *s == '"' || *s == '*' || isdigit((unsigned char)*s) ||
+           (*s == '.' && s[1] == ' '))
+        s++;
     size_t n = strlen(s);
     while (n && (isspace((unsigned char)s[n - 1]) || s[n - 1] == '"' || s[n - 1] == '*')) s[--n] = 0;
     return n >= 12 && n <= 400 ? s : NULL;
@@ -272,7 +274,8 @@ static char *clean_prompt(char *s)
 typedef struct progress {
     bool tty;
     double t0, last;
-    const char *what;
+    const char *what, *unit;
+    int64_t tokens_before; /* produced by earlier calls */
 } progress_t;
 
 static void fmt_time(char *buf, size_t cap, double s)
@@ -288,8 +291,9 @@ static void gen_progress(void *user, int64_t tokens, int done, int n_prompts)
     const double now = fl_clock_s();
     if (now - p->last < (p->tty ? 0.25 : 30)) return;
     p->last = now;
-    fprintf(stderr, p->tty ? "\r\033[K%s: %lld tokens, %d/%d prompts, %.0f tok/s" : "%s: %lld tokens, %d/%d prompts, %.0f tok/s\n",
-            p->what, (long long)tokens, done, n_prompts, tokens / (now - p->t0));
+    tokens += p->tokens_before;
+    fprintf(stderr, p->tty ? "\r\033[K%s: %lld tokens, %d/%d %s, %.0f tok/s" : "%s: %lld tokens, %d/%d %s, %.0f tok/s\n",
+            p->what, (long long)tokens, done, n_prompts, p->unit, tokens / (now - p->t0));
 }
 
 /* The model writes prompts until there are `want` (or the seeds run out of rounds). */
@@ -298,27 +302,53 @@ static int self_prompts(engine_t *e, const opts_t *o, int want, prompt_set_t *ou
     const tok_t *tok = e->model->tok;
     const int n_topics = sizeof TOPICS / sizeof TOPICS[0], n_kinds = sizeof KINDS / sizeof KINDS[0];
     prompt_set_t seeds = {0};
-    for (int k = 0; k < n_kinds; k++)
-        for (int t = 0; t < n_topics; t++) {
+    for (int t = 0; t < n_topics; t++)
+        for (int k = 0; k < n_kinds; k++) {
             char text[512];
             snprintf(text, sizeof text, KINDS[k], TOPICS[t]);
-            if (prompts_add_user(&seeds, tok, text)) {
+            if (prompts_add(&seeds, tok, text, NULL, 0)) {
                 prompts_free(&seeds);
                 return FL_ENOMEM;
             }
         }
-    progress_t pr = {.tty = isatty(2), .t0 = fl_clock_s(), .last = fl_clock_s(), .what = "writing prompts"};
+    progress_t pr = {.tty = isatty(2), .t0 = fl_clock_s(), .last = fl_clock_s(), .what = "writing prompts", .unit = "seeds this round"};
     char samples[1024] = "";
+    /* A line ends a prompt: every token whose text holds a newline. */
+    const int V = tok_n_vocab(tok);
+    uint8_t *ends = calloc((size_t)V, 1);
+    uint64_t *seen = calloc((size_t)want, sizeof *seen);
+    const int32_t **ids = malloc((size_t)seeds.count * sizeof *ids);
+    int *lens = malloc((size_t)seeds.count * sizeof *lens);
+    if (!ends || !seen || !ids || !lens) {
+        free(ends);
+        free(seen);
+        free(ids);
+        free(lens);
+        prompts_free(&seeds);
+        return FL_ENOMEM;
+    }
+    for (int v = 0; v < V; v++) {
+        char piece[256];
+        const int len = tok_token_bytes(tok, v, false, piece, sizeof piece);
+        ends[v] = len > 0 && len <= (int)sizeof piece && memchr(piece, '\n', (size_t)len);
+    }
     int rc = FL_OK;
     for (int round = 0; round < 16 && out->count < want && !rc; round++) {
+        /* as many seeds as the prompts still wanted need (a fifth lost), from a point that moves */
+        const int n = (want - out->count) * 5 / 4 + 16 < seeds.count ? (want - out->count) * 5 / 4 + 16 : seeds.count;
+        for (int i = 0; i < n; i++) {
+            const int j = (round * 97 + i) % seeds.count;
+            ids[i] = seeds.ids[j];
+            lens[i] = seeds.n[j];
+        }
         medusa_data_t d = {0};
         const medusa_gen_opts_t g = {
-            .max_new = 48, .batch = o->gen_batch,
-            .sampling = {.temperature = 1.0f, .top_k = 40, .top_p = 0.95f, .seed = o->seed * 1000003u + (uint64_t)round * 7919u},
+            .max_new = 48, .batch = o->gen_batch, .ends = ends,
+            .sampling = {.temperature = 0.9f, .top_k = 40, .top_p = 0.95f,
+                         .seed = o->seed * 1000003u + (uint64_t)round * 7919u},
             .progress = gen_progress, .user = &pr};
         fl_error_t err = {0};
-        if ((rc = medusa_generate(e->model, e->kv, (const int32_t *const *)seeds.ids, seeds.n, seeds.count, &g, &d,
-                                  &err))) {
+        if ((rc = medusa_generate(e->model, e->kv, ids, lens, n, &g, &d, &err))) {
             fprintf(stderr, "\nfolio-medusa-train: %s\n", err.msg);
             break;
         }
@@ -330,16 +360,26 @@ static int self_prompts(engine_t *e, const opts_t *o, int want, prompt_set_t *ou
             text[len] = 0;
             const char *prompt = clean_prompt(text);
             if (!prompt) continue;
+            const uint64_t h = XXH3_64bits(prompt, strlen(prompt));
+            bool dup = false;
+            for (int i = 0; i < out->count && !dup; i++) dup = seen[i] == h;
+            if (dup) continue;
+            seen[out->count] = h;
             if (out->count % (want / 3 + 1) == 0 && strlen(samples) + strlen(prompt) + 8 < sizeof samples)
                 snprintf(samples + strlen(samples), sizeof samples - strlen(samples), "  %s\n", prompt);
             rc = prompts_add_user(out, tok, prompt);
         }
+        pr.tokens_before += d.n_rows;
         medusa_data_free(&d);
     }
     if (pr.tty) fprintf(stderr, "\r\033[K");
     fprintf(stderr, "folio-medusa-train: the model wrote %d prompts in %.0f s, e.g.\n%s", out->count,
             fl_clock_s() - pr.t0, samples);
     prompts_free(&seeds);
+    free(ends);
+    free(seen);
+    free(ids);
+    free(lens);
     return rc;
 }
 
@@ -390,7 +430,7 @@ static char *read_file(const char *path, size_t *len)
 int main(int argc, char **argv)
 {
     fix_openblas_core(argv);
-    opts_t o = {.heads = 3, .epochs = 2, .batch = 256, .gen_batch = 64, .max_answer = 256, .tokens = 60000,
+    opts_t o = {.heads = 3, .epochs = 2, .batch = 256, .gen_batch = 64, .max_answer = 256, .tokens = 100000,
                 .lr = 3e-3, .holdout = 0.1, .seed = 1, .vocab = 8192};
     if (parse_flags(&o, argc, argv)) return 2;
     o.eo.heads_path = "none";
@@ -446,14 +486,14 @@ int main(int argc, char **argv)
         if (prompt_text) {
             if (prompts_from_file(&prompts, m->tok, o.prompts, prompt_text)) goto out;
             fprintf(stderr, "folio-medusa-train: %d prompts from %s\n", prompts.count, o.prompts);
-        } else if (self_prompts(e, &o, (int)(o.tokens / 150) + 16, &prompts)) {
+        } else if (self_prompts(e, &o, (int)(o.tokens / 130) + 16, &prompts)) {
             goto out;
         }
         if (!prompts.count) {
             fprintf(stderr, "folio-medusa-train: no prompts\n");
             goto out;
         }
-        progress_t pr = {.tty = isatty(2), .t0 = fl_clock_s(), .last = fl_clock_s(), .what = "distilling"};
+        progress_t pr = {.tty = isatty(2), .t0 = fl_clock_s(), .last = fl_clock_s(), .what = "distilling", .unit = "prompts"};
         const medusa_gen_opts_t g = {.max_new = o.max_answer, .batch = o.gen_batch, .max_total = o.tokens,
                                      .keep_hidden = true, .progress = gen_progress, .user = &pr};
         if (medusa_generate(m, e->kv, (const int32_t *const *)prompts.ids, prompts.n, prompts.count, &g, &data,

@@ -205,7 +205,8 @@ int medusa_generate(model_t *m, kv_cache_t *kv, const int32_t *const *prompts, c
             if (hd) memcpy(sl->hidden + (size_t)sl->n_out * hd, hid + (size_t)i * hd, (size_t)hd * sizeof *hid);
             sl->n_out++;
             total++;
-            if (tok_is_eog(m->tok, picked[i]) || sl->n_out == o->max_new || budget_met) {
+            if (tok_is_eog(m->tok, picked[i]) || (o->ends && o->ends[picked[i]]) || sl->n_out == o->max_new ||
+                budget_met) {
                 if (data_append(out, sl->out, sl->hidden, sl->n_out)) {
                     rc = fl_fail(err, FL_ENOMEM, "generate: out of memory for the data set");
                     goto out;

@@ -46,6 +46,8 @@ typedef struct medusa_gen_opts {
                                  cut there); 0: no limit */
     kern_sampling_t sampling; /* temperature 0: greedy; .seed + the prompt's index seeds each answer */
     bool keep_hidden;
+    const uint8_t *ends;      /* [n_vocab] nonzero: the token ends an answer (kept, as an
+                                 end-of-generation token is); NULL: none */
     /* Called after each step (may be NULL). */
     void (*progress)(void *user, int64_t tokens, int prompts_done, int n_prompts);
     void *user;
