@@ -669,7 +669,7 @@ int bench_spec(int argc, char **argv)
             if (!(json_path = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             printf("usage: folio-bench spec [flags]\n"
-                   "  --batches LIST        most requests running at once, one run each (default 1,4,16)\n"
+                   "  --batches LIST        batch sizes: requests go in waves of that many (default 1,4,16)\n"
                    "  --workloads LIST      small-set (labels, JSON enums, rewritten lists, copies with edits)\n"
                    "                        and/or chat (open-ended answers) (default small-set,chat)\n"
                    "  --max-tokens N        completion tokens per request at most (default 256)\n"
@@ -678,7 +678,8 @@ int bench_spec(int argc, char **argv)
                    "  --verify-context N    context before the verify-cost steps (default 128)\n"
                    "  --verify-rounds N     timed rounds of the verify-cost table (default 30)\n"
                    "  --no-medusa           no Medusa column, and no training of heads\n"
-                   "  --prefix-cache        keep the prefix cache on (default off: every run computes its prompts)\n"
+                   "  --prefix-cache        keep the prefix cache on (default off: every drafter computes its\n"
+                   "                        prompts; with it, a wave's later drafters find them cached)\n"
                    "  --quick               a smoke run: batches 1,4, 32 tokens, 2 prompts per workload,\n"
                    "                        5 verify rounds, Medusa only with heads already there\n"
                    "  --json FILE           write the figures as JSON\n"
