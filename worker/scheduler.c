@@ -55,6 +55,8 @@ typedef struct seq {
     int take;                /* tokens planned for this step */
     /* Speculation (spec.h). */
     sched_spec_t spec;       /* resolved at submission: NONE, NGRAM or MEDUSA */
+    bool spec_auto;          /* MEDUSA from AUTO: an n-gram match, when there is one, drafts first */
+    bool tree_medusa;        /* this step's tree is the heads' (else an n-gram chain) */
     int max_draft;
     spec_tree_t tree;        /* this step's draft tree below the pending token (n = 1: none) */
     int row0;                /* the tree's first logit row in this step */
@@ -480,6 +482,7 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
     seq_t *q = calloc(1, sizeof *q);
     if (!q) return fl_fail(err, FL_ENOMEM, "sched: out of memory");
     q->spec = resolve_spec(s, r->spec);
+    q->spec_auto = q->spec == SCHED_SPEC_MEDUSA && r->spec == SCHED_SPEC_AUTO;
     q->max_draft = r->max_draft > 0 ? r->max_draft : SCHED_DEFAULT_DRAFT;
     q->acc_yes = 3, q->acc_no = 1; /* a hopeful prior, so a new sequence's drafts get tried */
     q->tree.n = 1;
@@ -696,7 +699,7 @@ static double node_chance(const sched_t *s, const seq_t *q, int k)
     const spec_tree_t *t = &q->tree;
     double p = 1, scale = seq_acceptance(q) / SCHED_PRIOR_ACCEPTANCE;
     if (scale > 1.5) scale = 1.5;
-    if (q->spec == SCHED_SPEC_MEDUSA && medusa_head_accuracy(s->o.medusa, 0, 0) > 0) {
+    if (q->tree_medusa && medusa_head_accuracy(s->o.medusa, 0, 0) > 0) {
         for (int j = k; j > 0; j = t->parent[j]) {
             const int head = t->depth[j] - 1, r = t->rank[j];
             const double hit = medusa_head_accuracy(s->o.medusa, head, r) -
@@ -734,14 +737,14 @@ static void plan_drafts(sched_t *s)
         if (left < cap) cap = left;
         if (room < cap) cap = room;
         if (q->spec == SCHED_SPEC_NONE || cap <= 0) continue;
-        if (q->spec == SCHED_SPEC_MEDUSA) {
-            if (q->has_cand)
-                spec_tree_medusa(&q->tree, q->tokens[q->n_computed], q->cand, medusa_n_heads(s->o.medusa), s->top_k,
-                                 s->paths, 1 + cap);
-        } else {
-            const int n = spec_ngram_draft(q->tokens, q->n_tokens, cap, chain);
-            for (int k = 0; k < n; k++) spec_tree_add(&q->tree, k, chain[k]);
-        }
+        /* AUTO with heads: text the output copies (an n-gram match) is drafted better by the match */
+        const int n = q->spec == SCHED_SPEC_NGRAM || q->spec_auto ? spec_ngram_draft(q->tokens, q->n_tokens, cap, chain)
+                                                                  : 0;
+        for (int k = 0; k < n; k++) spec_tree_add(&q->tree, k, chain[k]);
+        q->tree_medusa = n == 0 && q->spec == SCHED_SPEC_MEDUSA && q->has_cand;
+        if (q->tree_medusa)
+            spec_tree_medusa(&q->tree, q->tokens[q->n_computed], q->cand, medusa_n_heads(s->o.medusa), s->top_k,
+                             s->paths, 1 + cap);
         n_cand += q->tree.n - 1;
     }
     if (n_cand == 0) return;

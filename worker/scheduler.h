@@ -41,7 +41,8 @@ typedef enum {
 
 /* Speculative decoding (spec.h): which drafter proposes the tokens a step verifies. */
 typedef enum {
-    SCHED_SPEC_AUTO = 0,    /* Medusa when heads are loaded (sched_opts_t.medusa), else n-gram */
+    SCHED_SPEC_AUTO = 0,    /* Medusa when heads are loaded (sched_opts_t.medusa; an n-gram match
+                               drafts first where there is one), else n-gram */
     SCHED_SPEC_NONE,
     SCHED_SPEC_NGRAM,       /* prompt lookup: the continuation of the latest match of the last tokens */
     SCHED_SPEC_MEDUSA,      /* the heads' tree (n-gram when no heads are loaded) */
