@@ -132,6 +132,8 @@ static int run_folio(engine_t *e, int prompt_tokens, int decode_prompt, int deco
                 fill_prompt(prompts + (size_t)i * decode_prompt, decode_prompt, vocab, 99 + (uint32_t)i);
                 reqs[i] = (gen_request_t){.req.prompt = prompts + (size_t)i * decode_prompt, .req.n_prompt = decode_prompt,
                                           .req.max_tokens = decode_tokens, .req.ignore_eog = true,
+                                          .req.spec = SCHED_SPEC_NONE, /* plain decode steps: folio-bench spec
+                                                                          measures speculation */
                                           .tokens = outs + (size_t)i * decode_tokens};
             }
             gen_stats_t st = {0};
