@@ -52,7 +52,7 @@ static void usage(FILE *f)
             "  --prompts FILE        prompts: one user message a line, or a JSON list of messages or\n"
             "                        conversations ([{\"role\":...,\"content\":...}, ...]); default: the\n"
             "                        model writes them\n"
-            "  --tokens N            answer tokens to distill (default 100000)\n"
+            "  --tokens N            answer tokens to distill (default 150000)\n"
             "  --max-answer N        tokens per answer at most (default 256)\n"
             "  --epochs N            passes over the data (default 2)\n"
             "  --lr F                Adam's peak learning rate (default 0.003)\n"
@@ -430,7 +430,7 @@ static char *read_file(const char *path, size_t *len)
 int main(int argc, char **argv)
 {
     fix_openblas_core(argv);
-    opts_t o = {.heads = 3, .epochs = 2, .batch = 256, .gen_batch = 64, .max_answer = 256, .tokens = 100000,
+    opts_t o = {.heads = 3, .epochs = 2, .batch = 256, .gen_batch = 64, .max_answer = 256, .tokens = 150000,
                 .lr = 3e-3, .holdout = 0.1, .seed = 1, .vocab = 8192};
     if (parse_flags(&o, argc, argv)) return 2;
     o.eo.heads_path = "none";
@@ -486,7 +486,7 @@ int main(int argc, char **argv)
         if (prompt_text) {
             if (prompts_from_file(&prompts, m->tok, o.prompts, prompt_text)) goto out;
             fprintf(stderr, "folio-medusa-train: %d prompts from %s\n", prompts.count, o.prompts);
-        } else if (self_prompts(e, &o, (int)(o.tokens / 130) + 16, &prompts)) {
+        } else if (self_prompts(e, &o, (int)(o.tokens / 150) + 16, &prompts)) {
             goto out;
         }
         if (!prompts.count) {
