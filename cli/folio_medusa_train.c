@@ -64,8 +64,12 @@ static void usage(FILE *f)
             "                        lowest ids (default 8192; 0: the whole vocabulary)\n"
             "  --seed N              prompts, split and shuffle (default 1)\n"
             "  --cache FILE|none     distilled data (default: <OUT without .gguf>.distill)\n"
-            "Engine flags (-t/--threads also sets the training threads):\n%s",
-            MEDUSA_MAX_HEADS, engine_flags_help());
+            "Engine flags (-t/--threads also sets the training threads):\n",
+            MEDUSA_MAX_HEADS);
+    /* the engine's own --heads (a heads file to load) means nothing here: leave its entry out */
+    const char *help = engine_flags_help(), *cut = strstr(help, "  --heads "), *next = cut ? strstr(cut + 1, "\n  -") : NULL;
+    if (!cut) fputs(help, f);
+    else fprintf(f, "%.*s%s", (int)(cut - help), help, next ? next + 1 : "");
 }
 
 /* OpenBLAS 0.3.21 does not know recent Xeons and falls back to its generic SSE3 kernels, several
