@@ -26,6 +26,7 @@
 
 #include "clock.h"
 #include "engine.h"
+#include "file_read.h"
 #include "flags.h"
 #include "medusa.h"
 #include "medusa_train.h"
@@ -414,23 +415,6 @@ static void train_progress(void *user, const medusa_train_progress_t *p)
     else fprintf(stderr, "%s\n", line);
 }
 
-static char *read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    const long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = n >= 0 ? malloc((size_t)n + 1) : NULL;
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    if (buf) buf[n] = 0, *len = (size_t)n;
-    return buf;
-}
-
 int main(int argc, char **argv)
 {
     fix_openblas_core(argv);
@@ -472,7 +456,7 @@ int main(int argc, char **argv)
 
     /* What the data set is made of: the cache is reused only for the same identity and inputs. */
     size_t prompt_len = 0;
-    if (o.prompts && !(prompt_text = read_file(o.prompts, &prompt_len))) {
+    if (o.prompts && !(prompt_text = fl_read_file(o.prompts, &prompt_len))) {
         fprintf(stderr, "folio-medusa-train: cannot read %s\n", o.prompts);
         goto out;
     }

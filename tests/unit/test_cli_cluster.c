@@ -135,7 +135,7 @@ static void last_worker_args(char *buf, size_t cap)
 {
     char path[512];
     snprintf(path, sizeof path, "%s/worker-args", g_dir);
-    char *all = test_read_file(path, NULL);
+    char *all = fl_read_file(path, NULL);
     assert_non_null(all);
     size_t n = strlen(all);
     while (n && all[n - 1] == '\n') all[--n] = 0;
@@ -264,7 +264,7 @@ static void stop_restarts_nothing_and_leaves_no_process(void **state)
     for (int i = 0; i < 3; i++) assert_int_equal(kill(pids[i], 0), -1);
     char path[512];
     snprintf(path, sizeof path, "%s/worker-args", g_dir);
-    char *all = test_read_file(path, NULL);
+    char *all = fl_read_file(path, NULL);
     int lines = 0;
     for (const char *p = all; p && *p; p++) lines += *p == '\n';
     free(all);

@@ -47,7 +47,7 @@ static int load_fixtures(void)
     const char *dir = getenv("FOLIO_FIXTURES");
     char path[1024];
     snprintf(path, sizeof path, "%s/reference_greedy.json", dir ? dir : "tests/fixtures");
-    char *js = test_read_file(path, NULL);
+    char *js = fl_read_file(path, NULL);
     if (!js) {
         printf("FAIL: cannot read %s\n", path);
         return -1;

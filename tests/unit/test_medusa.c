@@ -367,7 +367,7 @@ static void test_bad_files_are_format_errors(void **state)
     float *fc = calloc(2 * DIM * DIM, sizeof *fc);
     save_heads(e, g_heads, 2, fc, NULL, 0);
     size_t len = 0;
-    char *bytes = test_read_file(g_heads, &len);
+    char *bytes = fl_read_file(g_heads, &len);
     assert_non_null(bytes);
     /* truncated: the last tensor's data cut off */
     write_bytes(g_tmp, bytes, len - 100);
@@ -516,7 +516,7 @@ static void test_distilled_data_and_cache(void **state)
     assert_int_equal(medusa_data_load(g_tmp, "other", "key", &back, &err), FL_ENOTFOUND);
     assert_int_equal(medusa_data_load(g_tmp, "ident", "other", &back, &err), FL_ENOTFOUND);
     size_t len = 0;
-    char *bytes = test_read_file(g_tmp, &len);
+    char *bytes = fl_read_file(g_tmp, &len);
     assert_non_null(bytes);
     bytes[len - 20] ^= 1;
     write_bytes(g_tmp, bytes, len);

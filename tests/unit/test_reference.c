@@ -51,7 +51,7 @@ static int load_fixtures(void)
     const char *dir = getenv("FOLIO_FIXTURES");
     char path[1024];
     snprintf(path, sizeof path, "%s/reference_greedy.json", dir ? dir : "tests/fixtures");
-    char *js = test_read_file(path, NULL);
+    char *js = fl_read_file(path, NULL);
     if (!js) return -1;
     cJSON *root = cJSON_Parse(js);
     free(js);
@@ -245,7 +245,7 @@ static void logits_equal_llama_cpp_within_fixture_rounding(void **state)
     const char *dir = getenv("FOLIO_FIXTURES");
     char path[1024];
     snprintf(path, sizeof path, "%s/reference_logits.json", dir ? dir : "tests/fixtures");
-    char *js = test_read_file(path, NULL);
+    char *js = fl_read_file(path, NULL);
     assert_non_null(js);
     cJSON *root = cJSON_Parse(js);
     free(js);

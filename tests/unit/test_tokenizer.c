@@ -45,7 +45,7 @@ static cJSON *load_fixture(void)
     const char *dir = getenv("FOLIO_FIXTURES");
     char path[4096];
     snprintf(path, sizeof path, "%s/tokenizer_cases.json", dir ? dir : "tests/fixtures");
-    char *text = test_read_file(path, NULL);
+    char *text = fl_read_file(path, NULL);
     if (!text) fail_msg("cannot read %s", path);
     cJSON *doc = cJSON_Parse(text);
     free(text);

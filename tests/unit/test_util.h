@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "file_read.h" /* fl_read_file, which the tests use */
+
 /* ctest reports a test that exits with this status Skipped (SKIP_RETURN_CODE in tests/CMakeLists.txt).
  * cmocka's skip() alone exits 0, which ctest reports Passed: a test whose input is absent exits 77. */
 #define TEST_EXIT_SKIPPED 77
@@ -22,27 +24,6 @@ static inline const char *test_model_path(char *buf, size_t cap)
     if (access(buf, R_OK) == 0) return buf;
     printf("SKIPPED: the model %s is missing (scripts/setup.sh fetches it; FOLIO_MODEL names another)\n", buf);
     return NULL;
-}
-
-/* Whole file, NUL-terminated, malloc'd; *len (if not NULL) gets its length. NULL if unreadable. */
-static inline char *test_read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = n >= 0 ? malloc((size_t)n + 1) : NULL;
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    if (buf) {
-        buf[n] = '\0';
-        if (len) *len = (size_t)n;
-    }
-    return buf;
 }
 
 #endif
