@@ -17,10 +17,18 @@ void spec_tree_init(spec_tree_t *t, int32_t root_token)
     t->rank[0] = 0;
 }
 
-int spec_tree_add(spec_tree_t *t, int parent, int32_t token)
+/* The child of node parent with this token, or -1. */
+static int tree_child(const spec_tree_t *t, int parent, int32_t token)
 {
     for (int k = parent + 1; k < t->n; k++)
         if (t->parent[k] == parent && t->token[k] == token) return k;
+    return -1;
+}
+
+int spec_tree_add(spec_tree_t *t, int parent, int32_t token)
+{
+    const int existing = tree_child(t, parent, token);
+    if (existing >= 0) return existing;
     if (t->n >= SPEC_MAX_NODES || parent < 0 || parent >= t->n) return -1;
     const int k = t->n++;
     t->token[k] = token;
@@ -137,9 +145,7 @@ void spec_tree_medusa(spec_tree_t *t, int32_t root, const int32_t *cand, int n_h
                 break;
             }
             const int32_t tok = cand[d * top_k + r];
-            int child = -1;
-            for (int k = node + 1; k < t->n; k++)
-                if (t->parent[k] == node && t->token[k] == tok) child = k;
+            int child = tree_child(t, node, tok);
             if (child < 0) {
                 if (d + 1 < paths->len[i]) { /* the prefix was skipped: so is the path */
                     node = -1;
@@ -159,9 +165,7 @@ int spec_walk(const spec_tree_t *t, const int32_t *sampled, int32_t *out, int *n
     for (;;) {
         const int32_t y = sampled[node];
         out[n] = y;
-        int next = -1;
-        for (int k = node + 1; k < t->n && next < 0; k++)
-            if (t->parent[k] == node && t->token[k] == y) next = k;
+        const int next = tree_child(t, node, y);
         if (next < 0) return n + 1;
         nodes[n++] = next;
         node = next;
