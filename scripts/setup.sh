@@ -2,16 +2,19 @@
 # Installs what a fresh machine lacks (Debian packages) and fetches the default model.
 # Re-runs reuse what is there and work offline once the model is in models/.
 #   FOLIO_SKIP_APT=1   do not touch system packages
+#   --test-tools       also make .venv/ with the Python tools the tests use (scripts/requirements-test.txt)
 #   --heads            also make the default model's Medusa heads (speculative decoding) with
 #                      folio-medusa-train, once, beside the model (about 10-15 minutes on 2 cores)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 want_heads=0
+want_test_tools=0
 for arg in "$@"; do
   case "$arg" in
     --heads) want_heads=1 ;;
-    *) echo "setup: unknown argument $arg (--heads)" >&2; exit 2 ;;
+    --test-tools) want_test_tools=1 ;;
+    *) echo "setup: unknown argument $arg (--heads, --test-tools)" >&2; exit 2 ;;
   esac
 done
 
@@ -95,5 +98,21 @@ if [ "$want_heads" = 1 ]; then
     "$build/folio-medusa-train" -m "$model" -o "$heads"
     rm -f "${heads%.gguf}.distill" # the distilled data, kept only while the heads were missing
     echo "setup: Medusa heads ready ($heads)"
+  fi
+fi
+
+# Python tools for the tests (the openai client, Prometheus's parser, linters, plots), in .venv/
+# (git-ignored). A stamp holding the requirements' hash skips the install when nothing changed.
+if [ "$want_test_tools" = 1 ]; then
+  venv="$root/.venv"
+  reqs="$root/scripts/requirements-test.txt"
+  want="$(sha_of "$reqs")"
+  if [ -f "$venv/.requirements.sha256" ] && [ "$(cat "$venv/.requirements.sha256")" = "$want" ]; then
+    echo "setup: test tools present ($venv)"
+  else
+    echo "setup: installing the test tools into $venv"
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$reqs"
+    echo "$want" >"$venv/.requirements.sha256"
   fi
 fi
