@@ -46,6 +46,44 @@ int bench_write_json(const char *path, void *json)
     return rc;
 }
 
+int bench_write_outputs(const char *json_path, const char *png_path, void *json)
+{
+    if (json_path && bench_write_json(json_path, json)) return -1;
+    if (!png_path) return 0;
+    char data[64] = "/tmp/folio-bench-plot-XXXXXX.json";
+    const char *from = json_path;
+    if (!from) {
+        const int fd = mkstemps(data, 5);
+        if (fd < 0) {
+            fprintf(stderr, "error: cannot make a temporary file for the plot: %s\n", strerror(errno));
+            return -1;
+        }
+        close(fd);
+        if (bench_write_json(data, json)) {
+            unlink(data);
+            return -1;
+        }
+        from = data;
+    }
+    /* The plot is matplotlib's (bench/plot.py): the test tools' venv has it (scripts/setup.sh
+     * --test-tools), else whatever python3 finds. */
+    const char *src = getenv("FOLIO_SOURCE_DIR");
+    if (!src) src = FOLIO_SOURCE_DIR_DEFAULT;
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd,
+             "py='%s/.venv/bin/python'; [ -x \"$py\" ] || py=python3; \"$py\" '%s/bench/plot.py' '%s' '%s'", src, src,
+             from, png_path);
+    const int status = system(cmd);
+    if (from == data) unlink(data);
+    if (status != 0) {
+        fprintf(stderr, "error: the plot %s failed (bench/plot.py needs matplotlib: bash scripts/setup.sh --test-tools)\n",
+                png_path);
+        return -1;
+    }
+    printf("plot: %s\n", png_path);
+    return 0;
+}
+
 const char *bench_log_dir(const char *given, char *buf, size_t cap)
 {
     if (given) return given;

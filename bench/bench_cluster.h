@@ -15,6 +15,9 @@ double bench_mean(const double *v, int n);
 /* Writes the cJSON object (a cJSON *, passed as void * to keep cJSON out of this header) to path;
  * prints the error and returns -1 on failure. */
 int bench_write_json(const char *path, void *json);
+/* Writes json to json_path (when not NULL) and draws it as a PNG at png_path (when not NULL)
+ * with bench/plot.py; -1, with the reason printed, when either fails. */
+int bench_write_outputs(const char *json_path, const char *png_path, void *json);
 /* given, else "/tmp/folio-bench-PID" (written into buf). */
 const char *bench_log_dir(const char *given, char *buf, size_t cap);
 

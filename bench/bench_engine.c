@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "bench.h"
+#include "bench_cluster.h"
 #include "flags.h"
 #include "engine.h"
 
@@ -264,7 +265,7 @@ int bench_engine(int argc, char **argv)
 {
     engine_opts_t eo = {0};
     long prompt_tokens = 512, decode_tokens = 64, decode_context = DECODE_PROMPT_TOKENS, repeat = 3;
-    const char *batches_s = "1,8,32", *json_path = NULL;
+    const char *batches_s = "1,8,32", *json_path = NULL, *png_path = NULL;
     bool with_llamacpp = true;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -283,6 +284,8 @@ int bench_engine(int argc, char **argv)
             if (!(batches_s = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--json")) {
             if (!(json_path = fl_flag_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--png")) {
+            if (!(png_path = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--profile")) {
             g_profile = true;
         } else if (!strcmp(a, "--no-llamacpp")) {
@@ -297,7 +300,8 @@ int bench_engine(int argc, char **argv)
                    "  --repeat N          measured runs per figure after a warm-up; best is kept (default 3)\n"
                    "  --no-llamacpp       skip the llama.cpp side\n"
                    "  --profile           after the timed runs, one profiled run per figure: time per op\n"
-                   "  --json FILE         write the figures as JSON\n%s",
+                   "  --json FILE         write the figures as JSON\n"
+                   "  --png FILE          plot decode tokens/s against batch size, folio beside llama.cpp\n%s",
                    engine_flags_help());
             return 0;
         } else {
@@ -372,7 +376,7 @@ int bench_engine(int argc, char **argv)
                roof.weight_bytes / 1e6, roof.kv_bytes_per_step / 1e6, b1 > 0 ? 1e3 / b1 : 0, roof.copy_bytes_per_s / 1e9,
                100 * roof.fraction_b1);
 
-    if (json_path) {
+    if (json_path || png_path) {
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "benchmark", "engine");
         cJSON_AddStringToObject(o, "model", model_path);
@@ -390,12 +394,9 @@ int bench_engine(int argc, char **argv)
             cJSON_AddNumberToObject(r, "kv_bytes_per_step", roof.kv_bytes_per_step);
             cJSON_AddNumberToObject(r, "fraction", roof.fraction_b1);
         }
-        char *s = cJSON_Print(o);
-        FILE *f = fopen(json_path, "w");
-        if (!f || fprintf(f, "%s\n", s) < 0) fprintf(stderr, "error: cannot write %s\n", json_path);
-        if (f) fclose(f);
-        cJSON_free(s);
+        const int wr = bench_write_outputs(json_path, png_path, o);
         cJSON_Delete(o);
+        if (wr) return 1;
     }
     return 0;
 }

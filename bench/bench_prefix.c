@@ -281,7 +281,7 @@ static int read_model_facts(const char *path, model_facts_t *mf)
 /* ---------------------------------------------------------------- flags */
 
 typedef struct prefix_flags {
-    const char *model, *json, *log_dir;
+    const char *model, *json, *png, *log_dir;
     long groups, threads_per_worker, prefix_tokens, input_tokens, output_tokens, requests, block_size;
     long max_batch_tokens, prefixes, fit_prefixes, fit_running;
     double loads[MAX_LOADS];
@@ -327,6 +327,7 @@ static void usage(void)
            "  --seed N                  prompts and arrival times (default 1)\n"
            "  --log-dir DIR             process logs (default: a fresh /tmp/folio-bench-PID directory)\n"
            "  --json FILE               write the results as JSON\n"
+           "  --png FILE                plot first-token time and throughput against load (not --routing)\n"
            "routing mode:\n"
            "  --routing                 compare routing policies over several groups\n"
            "  --prefixes N              distinct shared prefixes (default 8)\n"
@@ -397,6 +398,10 @@ static int parse_flags(int argc, char **argv, prefix_flags_t *f)
         {
             if (!(f->json = fl_flag_value(argc, argv, &i))) return -1;
         }
+        else if (!strcmp(a, "--png"))
+        {
+            if (!(f->png = fl_flag_value(argc, argv, &i))) return -1;
+        }
         else if (!strcmp(a, "--routing")) f->routing = true;
         else
         {
@@ -404,6 +409,10 @@ static int parse_flags(int argc, char **argv, prefix_flags_t *f)
             return -1;
         }
 #undef INT
+    }
+    if (f->png && f->routing) {
+        fprintf(stderr, "error: --png plots the prefix table; --routing writes tables and JSON only\n");
+        return -1;
     }
     if (!f->groups) f->groups = f->routing ? 4 : 1;
     if (!f->threads_per_worker && f->routing) f->threads_per_worker = 1;
@@ -552,8 +561,10 @@ static int run_prefix_vs_base(const prefix_flags_t *f, const char *model_path, c
             }
     if (!bad) printf("checks: every request got exactly one final, status OK, %ld tokens in order\n", f->output_tokens);
 
-    if (f->json) {
-        cJSON *o = cJSON_CreateObject(), *rows = cJSON_AddArrayToObject(o, "rows");
+    if (f->json || f->png) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "benchmark", "prefix");
+        cJSON *rows = cJSON_AddArrayToObject(o, "rows");
         cJSON *ratios = cJSON_AddArrayToObject(o, "ratios"), *details = cJSON_AddArrayToObject(o, "details");
         for (int li = 0; li < f->n_loads; li++)
             for (int m = 0; m < 2; m++) {
@@ -596,7 +607,7 @@ static int run_prefix_vs_base(const prefix_flags_t *f, const char *model_path, c
         cJSON_AddNumberToObject(cfg, "seed", (double)f->seed);
         cJSON_AddNumberToObject(cfg, "cores", (double)sysconf(_SC_NPROCESSORS_ONLN));
         cJSON_AddNumberToObject(cfg, "elapsed_s", elapsed);
-        const int wr = bench_write_json(f->json, o);
+        const int wr = bench_write_outputs(f->json, f->png, o);
         cJSON_Delete(o);
         if (wr) return 1;
     }
@@ -773,8 +784,10 @@ static int run_routing(const prefix_flags_t *f, const char *model_path, const mo
         }
     }
 
-    if (f->json) {
-        cJSON *o = cJSON_CreateObject(), *rows = cJSON_AddArrayToObject(o, "rows");
+    if (f->json || f->png) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "benchmark", "prefix");
+        cJSON *rows = cJSON_AddArrayToObject(o, "rows");
         for (int li = 0; li < f->n_loads; li++)
             for (int k = 0; k < n_runs; k++) {
                 const run_result_t *r = &runs[k].res[li];
