@@ -265,6 +265,7 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         }
         gs[i].inflight = G->table[i].inflight;
         gs[i].last_heartbeat_age_s = g->ranks[0].present ? now - g->ranks[0].last_seen : -1;
+        gs[i].requests = metrics_reply(&c->metrics, i, &c->status.requests[i + 1]);
         gp[i] = &gs[i];
     }
     Folio__V1__StatusReply s = FOLIO__V1__STATUS_REPLY__INIT;
@@ -275,6 +276,7 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
     s.requests_inflight = (uint64_t)reqs_count(c->reqs);
     s.requests_failed_over = c->requests_failed_over;
     s.block_size = c->block_size;
+    if (metrics_any(&c->metrics, -1)) s.requests_no_group = metrics_reply(&c->metrics, -1, &c->status.requests[0]);
     const size_t n = c->n_latency < COORD_LATENCY_SAMPLES ? (size_t)c->n_latency : COORD_LATENCY_SAMPLES;
     if (n) {
         memcpy(lat, c->latency, n * sizeof *lat);

@@ -14,6 +14,7 @@
 
 #include "block_hash.h"
 #include "groups.h"
+#include "metrics.h"
 #include "requests.h"
 #include "router.h"
 #include "tokenizer.h"
@@ -50,6 +51,7 @@ typedef struct coord_status_scratch {
     uint32_t ranks[GROUPS_MAX][GROUP_MAX_RANKS];
     Folio__V1__WorkerLoad loads[GROUPS_MAX];
     double latency[COORD_LATENCY_SAMPLES];
+    metrics_reply_t requests[GROUPS_MAX + 1]; /* [0]: requests no group served; [slot + 1] */
 } coord_status_scratch_t;
 
 typedef struct coord {
@@ -73,6 +75,8 @@ typedef struct coord {
     /* the last COORD_LATENCY_SAMPLES added latencies, seconds */
     double latency[COORD_LATENCY_SAMPLES];
     uint64_t n_latency;
+    /* requests ended and their latencies, per group (dispatch.c records, Status reports) */
+    metrics_t metrics;
     /* worker identities told DISCONNECT lately (workers.c): a worker's queued heartbeats would
      * otherwise each earn one, and each DISCONNECT makes it register again */
     struct {

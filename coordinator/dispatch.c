@@ -119,6 +119,36 @@ static Folio__V1__FinishReason finish_reason_of(Folio__V1__StatusCode code, Foli
     }
 }
 
+/* The figures of e, which ends now (metrics.h): how it ended, its end-to-end time, its first token
+ * where no PARTIAL carried it (a streamed one's was counted when relayed), its tokens; the queue
+ * time only from the worker's timings (worker). An unstreamed request's tokens reach the coordinator
+ * together, so each after the first counts the mean interval of its worker's decoding as its
+ * inter-token latency. */
+static void account_end(coord_t *c, const req_t *e, Folio__V1__FinishReason reason, Folio__V1__StatusCode code,
+                        const Folio__V1__Timings *t, const Folio__V1__Usage *u, bool worker)
+{
+    metrics_t *m = &c->metrics;
+    const int g = e->group;
+    metrics_finished(m, g, reason, code);
+    metrics_observe(m, g, METRICS_E2E, t->total_s, 1);
+    if (!e->t_first_sent && t->first_token_s > 0) metrics_observe(m, g, METRICS_TTFT, t->first_token_s, 1);
+    metrics_observe(m, g, METRICS_PROMPT_TOKENS, u->prompt_tokens, 1);
+    metrics_observe(m, g, METRICS_GENERATION_TOKENS, u->completion_tokens, 1);
+    if (!worker) return;
+    metrics_observe(m, g, METRICS_QUEUE, t->queued_s, 1);
+    const uint32_t n = u->completion_tokens;
+    if (!e->msg->generate->stream && n > 1 && t->first_token_s > 0 && t->total_s > t->first_token_s)
+        metrics_observe(m, g, METRICS_ITL, (t->total_s - t->first_token_s) / (n - 1), n - 1);
+}
+
+/* n tokens of e relayed now: their inter-token latency, the time since the last tokens relayed
+ * shared among them (the first tokens' time is the time to first token). */
+static void account_tokens(coord_t *c, req_t *e, uint32_t n, double now)
+{
+    if (e->t_last_token > 0) metrics_observe(&c->metrics, e->group, METRICS_ITL, (now - e->t_last_token) / n, n);
+    e->t_last_token = now;
+}
+
 /* An error FINAL in caller storage: a Generate's carries a result (finish reason of code, usage,
  * timings, group; filled by the caller); other methods' carry the status alone. retry_after_ms
  * only with RESOURCE_EXHAUSTED. */
@@ -151,6 +181,7 @@ void dispatch_refuse(coord_t *c, const wire_msg_t *m, uint64_t id, int method, F
     error_final_t f;
     error_final_init(&f, id, method, code, retry_after_ms, msg);
     f.timings.total_s = f.timings.queued_s = fl_clock_s() - t_recv;
+    if (method == FOLIO__V1__METHOD__METHOD_GENERATE) metrics_finished(&c->metrics, -1, f.res.finish_reason, code);
     fl_log_debug("client request refused id=%llu code=%s msg=\"%s\"", (unsigned long long)id, wire_status_name(code),
                  msg);
     dispatch_to_client(c, m->identity, m->identity_len, m->has_delimiter, &f.r.resp);
@@ -173,6 +204,7 @@ static void finish_error(coord_t *c, req_t *e, Folio__V1__StatusCode code, const
     memcpy(client, e->client, len);
     fl_log_debug("request ended id=%llu code=%s msg=\"%s\"", (unsigned long long)e->client_id, wire_status_name(code),
                  msg);
+    account_end(c, e, f.res.finish_reason, code, &f.timings, &f.usage, false);
     release(c, e);
     dispatch_to_client(c, client, len, delim, &f.r.resp);
 }
@@ -194,10 +226,17 @@ static void finish_stopped(coord_t *c, req_t *e, const char *why)
 void dispatch_client_gone(coord_t *c, const uint8_t *client, size_t len)
 {
     int n = 0;
+    const double now = fl_clock_s();
     for (int i = 0; i < reqs_capacity(c->reqs); i++) {
         req_t *e = reqs_at(c->reqs, i);
         if (!e->live || e->client_len != len || memcmp(e->client, client, len)) continue;
         cancel_on_worker(c, e);
+        Folio__V1__Timings t = FOLIO__V1__TIMINGS__INIT;
+        fill_timings(e, &t, NULL, now);
+        Folio__V1__Usage u = FOLIO__V1__USAGE__INIT;
+        u.prompt_tokens = (uint32_t)e->n_tokens;
+        u.completion_tokens = e->tokens_sent;
+        account_end(c, e, FOLIO__V1__FINISH_REASON__FINISH_CANCELLED, FOLIO__V1__STATUS_CODE__CANCELLED, &t, &u, false);
         release(c, e);
         n++;
     }
@@ -398,9 +437,13 @@ void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool fin
     }
     if (!final) {
         if (!dispatch_to_client(c, e->client, e->client_len, e->delimiter, &out) && n_new) {
-            if (!e->committed) e->t_first_sent = fl_clock_s();
+            if (!e->committed) {
+                e->t_first_sent = fl_clock_s();
+                metrics_observe(&c->metrics, e->group, METRICS_TTFT, e->t_first_sent - e->t_recv, 1);
+            }
             e->committed = true;
             e->tokens_sent += n_new;
+            account_tokens(c, e, n_new, now);
         }
         return;
     }
@@ -449,6 +492,8 @@ void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool fin
     fill_timings(e, &timings, r->result ? r->result->timings : NULL, now);
     res.timings = &timings;
     out.result = &res;
+    if (streamed && n_new) account_tokens(c, e, n_new, now);
+    account_end(c, e, res.finish_reason, status.code, &timings, &usage, r->result && r->result->timings);
     const double route_s = e->route_s;
     /* The entry goes first: the send may find the client gone, which frees its requests. */
     uint8_t client[WIRE_MAX_IDENTITY];

@@ -43,6 +43,7 @@ typedef struct req {
     double t_recv;          /* receipt of the client's message (fl_clock_s) */
     double t_dispatch;      /* the last send to a worker */
     double t_first_sent;    /* the first token relayed to the client; 0: none yet */
+    double t_last_token;    /* receipt of the last delta with tokens relayed (inter-token latency) */
     double deadline;        /* 0: none */
     double cancel_deadline; /* 0: none */
     double route_s;         /* added latency on the way in */
