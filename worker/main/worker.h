@@ -37,6 +37,8 @@ typedef struct worker {
     uint32_t restarts;      /* --restarts: times a supervisor restarted this rank (WorkerHello) */
     double drain_timeout_s; /* SIGTERM: the longest a drain waits for work in flight */
     bool fake;
+    const char *health_file; /* --health-file: touched with each heartbeat that says engine_ok */
+    bool health_warned;      /* shared (lock): a failed touch was logged once */
     char identity[WIRE_MAX_IDENTITY + 1];
     uint64_t epoch;
     char model_id[320];
@@ -123,5 +125,7 @@ void worker_beat_step_begin(void *user, int n_tokens, double expected_s);
 void worker_beat_step_end(worker_t *w);
 /* A HEARTBEAT from the loop's thread (not in a step), with the engine's own load. Takes the lock. */
 void worker_heartbeat(worker_t *w, double now);
+/* Removes the health file, so that its presence and age tell only what this process proved. */
+void worker_health_clear(worker_t *w);
 
 #endif

@@ -11,12 +11,20 @@
  * declares the group dead and fails its requests over. Between steps the loop sends them itself,
  * proving with a one-token liveness step when idle that the engine computes.
  *
+ * --health-file PATH carries the same verdict to a local probe (a Kubernetes liveness check, which
+ * cannot read heartbeats): every heartbeat that says engine_ok touches the file, so its age grows
+ * while the engine is hung (the thread stops beating) or failing (engine_ok false), and not while
+ * the coordinator is merely unreachable (heartbeats still go out into a reconnecting socket).
+ *
  * Threading: the socket and the fields worker.h marks shared are used under w->lock by both
  * threads (a ZeroMQ socket may be used from several threads one at a time, with a full memory
  * barrier between them: the mutex gives it). */
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "clock.h"
 #include "log.h"
@@ -25,6 +33,27 @@
 #define HANG_FACTOR    10.0
 #define HANG_MIN_BEATS 5
 #define HANG_UNKNOWN_S 300.0
+
+/* Sets the health file's time to now, creating it if needed. Caller holds the lock. */
+static void touch_health_file(worker_t *w)
+{
+    if (!w->health_file || utimensat(AT_FDCWD, w->health_file, NULL, 0) == 0) return;
+    if (errno == ENOENT) {
+        const int fd = open(w->health_file, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+        if (fd >= 0) {
+            close(fd);
+            return;
+        }
+    }
+    if (!w->health_warned) fl_log_warn("worker cannot touch --health-file %s: %s", w->health_file, strerror(errno));
+    w->health_warned = true;
+}
+
+void worker_health_clear(worker_t *w)
+{
+    if (w->health_file && unlink(w->health_file) && errno != ENOENT)
+        fl_log_warn("worker cannot remove --health-file %s: %s", w->health_file, strerror(errno));
+}
 
 /* One HEARTBEAT; stats and ids are the load to report. Caller holds the lock. */
 static void send_heartbeat(worker_t *w, double now, const sched_stats_t *st, int n_ids, double step_running_s)
@@ -63,6 +92,7 @@ static void send_heartbeat(worker_t *w, double now, const sched_stats_t *st, int
     }
     w->t_hb = now;
     worker_send(w, WIRE_CMD_HEARTBEAT, &l.base);
+    if (l.engine_ok) touch_health_file(w);
 }
 
 /* The live ids into hb_ids; their count. */

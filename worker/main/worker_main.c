@@ -15,6 +15,9 @@
  * silent and the coordinator declares the group dead and fails its requests over, as for a hang.
  * The socket is shared with that thread under a mutex; the scheduler and KV cache are the loop's.
  *
+ * --health-file PATH is touched with every heartbeat that says the engine is fine (worker_beat.c), for
+ * probes that cannot read heartbeats (Kubernetes liveness): it is removed at start and at exit.
+ *
  * SIGTERM drains: the worker keeps serving what reaches it, says "draining" in its heartbeats so
  * the coordinator routes nothing more here, and exits (DISCONNECT) once its work is done and the
  * coordinator has had two heartbeats to notice (--drain-timeout-s bounds the wait). A second
@@ -96,6 +99,8 @@ static void usage(FILE *f)
             "                        to route no more; the worker stops when its work is done, or after S\n"
             "                        seconds (default 60). A second SIGTERM, or SIGINT, stops at once.\n"
             "  --restarts N          times a supervisor restarted this rank (reported to the coordinator)\n"
+            "  --health-file PATH    touched with every heartbeat while the engine computes: its age tells a\n"
+            "                        local probe that the engine hangs or fails (removed at start and exit)\n"
             "  --fake                no model: answer each Generate at once with one token (benchmarks\n"
             "                        of the coordinator's own overhead)\n"
             "  -h, --help            this text\n",
@@ -532,7 +537,7 @@ int main(int argc, char **argv)
     engine_opts_t eo = {0};
     sched_opts_t so = {0};
     spec_paths_t spec_tree; /* --spec-tree */
-    const char *endpoint_flag = NULL, *group = "g0";
+    const char *endpoint_flag = NULL, *group = "g0", *health_file = NULL;
     long rank = 0, tp = 1, heartbeat_ms = 1000, max_waiting = 4096, restarts = 0, n;
     double drain_timeout_s = 60;
     bool fake = false;
@@ -586,6 +591,8 @@ int main(int argc, char **argv)
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_float(f, v, 0, 86400, &drain_timeout_s)) return 2;
         } else if (!strcmp(f, "--fake")) {
             fake = true;
+        } else if (!strcmp(f, "--health-file")) {
+            if (!(health_file = fl_flag_value(argc, argv, &i))) return 2;
         } else {
             fprintf(stderr, "error: unknown flag '%s' (see --help)\n", f);
             return 2;
@@ -614,6 +621,8 @@ int main(int argc, char **argv)
     w.restarts = (uint32_t)restarts;
     w.drain_timeout_s = drain_timeout_s;
     w.fake = fake;
+    w.health_file = health_file && *health_file ? health_file : NULL;
+    worker_health_clear(&w); /* a file left by an earlier process proves nothing about this one */
     pthread_mutexattr_t attr;
     pthread_mutexattr_init(&attr);
     pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE); /* a send from inside drain() nests */
@@ -717,6 +726,7 @@ int main(int argc, char **argv)
     sched_destroy(&w.sched);
     engine_destroy(&w.eng);
     worker_reqs_free(&w);
+    worker_health_clear(&w);
     if (w.zctx) zmq_ctx_term(w.zctx);
     pthread_cond_destroy(&w.beat_wake);
     pthread_mutex_destroy(&w.lock);
