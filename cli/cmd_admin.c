@@ -3,6 +3,8 @@
  *   up                 a coordinator and worker groups on this machine, in the foreground
  *   status [--json]    groups, load, KV use, prefix-cache hit rate, mean accepted length of
  *                      speculative decoding, routing latency
+ *   metrics            the same figures in the Prometheus text format (what the gateway's /metrics
+ *                      serves)
  *   health [--json]    whether the cluster serves (exit 0 when it does)
  *   drain GROUP / undrain GROUP
  *
@@ -11,11 +13,13 @@
  * dying; SIGINT or SIGTERM stops them all and restarts nothing. */
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "cli_cluster.h"
 #include "cli_json.h"
+#include "folio_metrics.h"
 #include "folioctl.h"
 #include "model_path.h"
 
@@ -80,6 +84,29 @@ int cmd_status(const ctl_flags_t *f)
     folio__v1__response__free_unpacked(r, NULL);
     folio_client_destroy(&c);
     return 0;
+}
+
+int cmd_metrics(const ctl_flags_t *f)
+{
+    folio_client_t *c = ctl_connect(f);
+    if (!c) return 1;
+    fl_error_t err = {0};
+    Folio__V1__Response *r = NULL;
+    if (folio_client_status(c, 5000, &r, &err)) {
+        fprintf(stderr, "error: %s\n", err.msg);
+        folio_client_destroy(&c);
+        return 1;
+    }
+    char *text = folio_metrics_render(r->cluster);
+    const int rc = text ? 0 : 1;
+    if (text)
+        fputs(text, stdout);
+    else
+        fprintf(stderr, "error: out of memory rendering the metrics\n");
+    free(text);
+    folio__v1__response__free_unpacked(r, NULL);
+    folio_client_destroy(&c);
+    return rc;
 }
 
 int cmd_health(const ctl_flags_t *f)

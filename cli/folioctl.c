@@ -10,7 +10,7 @@
  *   folioctl chat [-p TEXT]                                     chat, multi-turn REPL without -p
  * Cluster administration (cmd_admin.c):
  *   folioctl up [--groups N] ...                                start a local cluster in the foreground
- *   folioctl status|health [--json]; folioctl drain|undrain GROUP
+ *   folioctl status|health [--json]; folioctl metrics; folioctl drain|undrain GROUP
  *
  * Text streams to stdout as it is generated, in whole UTF-8 characters. --json prints one JSON
  * object on the last line of stdout (DESIGN.md's contract: tokens, text, finish_reason, usage,
@@ -43,6 +43,7 @@ static void usage(FILE *f)
             "  status     groups, restarts, load, KV use, prefix-cache hit rate, mean accepted length of\n"
             "             speculative decoding (ACCEPT), routing latency\n"
             "             (--json: StatusReply)\n"
+            "  metrics    the cluster's figures in the Prometheus text format (as the gateway's /metrics)\n"
             "  health     whether the cluster serves (exit 0 when it does)\n"
             "  drain GROUP / undrain GROUP   stop / resume routing new requests to a worker group\n"
             "flags:\n"
@@ -229,6 +230,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(&f);
     if (!strcmp(cmd, "generate")) return cmd_generate(&f);
     if (!strcmp(cmd, "status")) return cmd_status(&f);
+    if (!strcmp(cmd, "metrics")) return cmd_metrics(&f);
     if (!strcmp(cmd, "health")) return cmd_health(&f);
     if (!strcmp(cmd, "drain")) return cmd_drain(&f, false);
     if (!strcmp(cmd, "undrain")) return cmd_drain(&f, true);

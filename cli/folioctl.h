@@ -44,6 +44,7 @@ int cmd_chat(const ctl_flags_t *f);
 /* cmd_admin.c */
 int cmd_up(const ctl_flags_t *f);
 int cmd_status(const ctl_flags_t *f);
+int cmd_metrics(const ctl_flags_t *f);
 int cmd_health(const ctl_flags_t *f);
 int cmd_drain(const ctl_flags_t *f, bool undrain);
 
