@@ -433,8 +433,8 @@ static void render_coordinator(text_t *t, const Folio__V1__StatusReply *s)
     family(t, "folio:coordinator_route_latency_seconds", "gauge",
            "The coordinator's own added latency per request over its recent requests, by quantile.");
     const label_t p50[] = {{"quantile", "0.5"}}, p99[] = {{"quantile", "0.99"}};
-    sample(t, "folio:coordinator_route_latency_seconds", "", p50, 1, s->route_p50_us * 1e-6);
-    sample(t, "folio:coordinator_route_latency_seconds", "", p99, 1, s->route_p99_us * 1e-6);
+    sample(t, "folio:coordinator_route_latency_seconds", "", p50, 1, s->route_p50_us / 1e6);
+    sample(t, "folio:coordinator_route_latency_seconds", "", p99, 1, s->route_p99_us / 1e6);
 }
 
 char *folio_metrics_render(const Folio__V1__StatusReply *status)

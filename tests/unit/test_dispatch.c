@@ -20,7 +20,10 @@
  * context; a reused live id, id 0, invalid UTF-8 and a streamed Generate from a REQ socket are
  * refused (the reused id under id 0); a spec the schema does not name and a max_draft over 16 are
  * refused naming the field, valid ones reach the worker, the worker's drafted and accepted counts
- * reach the client, and Status shows each group's speculation totals and mean accepted length. */
+ * reach the client, and Status shows each group's speculation totals and mean accepted length; Status
+ * carries each group's requests ended (by finish reason and status) and its histograms of first
+ * token, inter-token (streamed: per delta; unstreamed: the worker's mean), end-to-end and queue time
+ * and tokens, cumulative, with requests refused at the door under no group. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -1114,6 +1117,92 @@ static void test_spec_and_max_draft_are_checked_then_forwarded_and_status_shows_
     expect_nothing_more();
 }
 
+/* The RequestMetrics of group g ("" for requests no group served) in a Status reply. */
+static const Folio__V1__RequestMetrics *status_requests(const Folio__V1__StatusReply *s, const char *g)
+{
+    if (!*g) return s->requests_no_group;
+    for (size_t i = 0; i < s->n_groups; i++)
+        if (!strcmp(s->groups[i]->name, g)) return s->groups[i]->requests;
+    return NULL;
+}
+
+static uint64_t finished_count(const Folio__V1__RequestMetrics *m, Folio__V1__FinishReason reason,
+                               Folio__V1__StatusCode code)
+{
+    for (size_t i = 0; i < m->n_finished; i++)
+        if (m->finished[i]->finish_reason == reason && m->finished[i]->code == code) return m->finished[i]->count;
+    return 0;
+}
+
+/* A histogram as Prometheus wants it: bounds increasing, counts cumulative, none above count. */
+static void check_histogram(const Folio__V1__Histogram *h, uint64_t count)
+{
+    assert_non_null(h);
+    assert_int_equal(h->count, count);
+    assert_true(h->n_bounds > 0 && h->n_bounds == h->n_cumulative);
+    for (size_t i = 0; i < h->n_bounds; i++) {
+        if (i) assert_true(h->bounds[i] > h->bounds[i - 1] && h->cumulative[i] >= h->cumulative[i - 1]);
+        assert_true(h->cumulative[i] <= h->count);
+    }
+    assert_true(h->sum >= 0);
+}
+
+static void test_status_carries_each_groups_request_counts_and_latency_histograms(void **state)
+{
+    (void)state;
+    /* Streamed: 1 token, then 2 (their interval shared between them), then the FINAL. */
+    const uint64_t wid = generate_on_g0(7, 0);
+    const int32_t a[1] = {1}, b[2] = {2, 3};
+    worker_partial(0, wid, 0, a, 1, false);
+    pump();
+    worker_partial(0, wid, 1, b, 2, false);
+    worker_final(0, wid, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_LENGTH, 3);
+    pump();
+    expect_partial(7, 0, a, 1);
+    expect_partial(7, 1, b, 2);
+    folio__v1__response__free_unpacked(expect_final(7, FOLIO__V1__STATUS_CODE__OK), NULL);
+    /* Unstreamed: its 4 tokens come together a second later; each after the first counts the mean
+     * interval of its worker's decoding. */
+    client_generate_ex(8, "", 0, false);
+    Folio__V1__Request *q = worker_recv(0);
+    assert_non_null(q);
+    worker_final(0, q->id, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_STOP, 4);
+    folio__v1__request__free_unpacked(q, NULL);
+    pump_at(1.0);
+    folio__v1__response__free_unpacked(expect_final(8, FOLIO__V1__STATUS_CODE__OK), NULL);
+    /* Refused at the door (no group's context holds it): counted for no group. */
+    client_generate_long(9, 300, 4);
+    folio__v1__response__free_unpacked(expect_final(9, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED), NULL);
+
+    Folio__V1__Response *sr;
+    const Folio__V1__StatusReply *s = client_status(10, &sr);
+    const Folio__V1__RequestMetrics *g0 = status_requests(s, "g0");
+    assert_non_null(g0);
+    assert_int_equal(g0->n_finished, 2);
+    assert_int_equal(finished_count(g0, FOLIO__V1__FINISH_REASON__FINISH_LENGTH, FOLIO__V1__STATUS_CODE__OK), 1);
+    assert_int_equal(finished_count(g0, FOLIO__V1__FINISH_REASON__FINISH_STOP, FOLIO__V1__STATUS_CODE__OK), 1);
+    check_histogram(g0->time_to_first_token, 2);
+    check_histogram(g0->inter_token_latency, 2 + 3);
+    check_histogram(g0->e2e_request_latency, 2);
+    check_histogram(g0->request_queue_time, 2);
+    check_histogram(g0->request_prompt_tokens, 2);
+    check_histogram(g0->request_generation_tokens, 2);
+    assert_true(g0->request_prompt_tokens->sum == 6);
+    assert_true(g0->request_generation_tokens->sum == 7);
+    /* the unstreamed request's three intervals share about a second; the streamed ones far less */
+    assert_true(g0->inter_token_latency->sum > 0.9 && g0->inter_token_latency->sum < 1.5);
+    assert_true(g0->e2e_request_latency->sum >= 1.0);
+    assert_true(g0->request_queue_time->sum >= 0.002); /* the worker's 0.001 s each, and the way there */
+    const Folio__V1__RequestMetrics *none = status_requests(s, "");
+    assert_non_null(none);
+    assert_int_equal(none->n_finished, 1);
+    assert_int_equal(
+        finished_count(none, FOLIO__V1__FINISH_REASON__FINISH_ERROR, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED), 1);
+    check_histogram(none->e2e_request_latency, 0); /* never admitted: no latencies */
+    folio__v1__response__free_unpacked(sr, NULL);
+    expect_nothing_more();
+}
+
 static void test_an_unreadable_or_oversized_body_is_answered_under_the_id_and_method_it_carries(void **state)
 {
     (void)state;
@@ -1210,6 +1299,7 @@ int main(void)
         T(test_a_reused_live_id_is_refused_under_id_0_and_the_live_stream_goes_on),
         T(test_id_0_invalid_utf8_and_a_streamed_generate_from_a_req_socket_are_refused),
         T(test_spec_and_max_draft_are_checked_then_forwarded_and_status_shows_the_accepted_length),
+        T(test_status_carries_each_groups_request_counts_and_latency_histograms),
         T(test_an_unreadable_or_oversized_body_is_answered_under_the_id_and_method_it_carries),
         T(test_peek_reads_id_and_method_from_the_front_of_any_body),
     };
