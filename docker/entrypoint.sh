@@ -3,8 +3,9 @@
 # to run; the rest are flags for it, after the ones in FOLIO_<ROLE>_FLAGS (a ConfigMap's, say).
 #
 #   coordinator   folio-coordinator, bound on every address (client :5555, worker :5556)
-#   worker        folio-worker for FOLIO_GROUP (default g0), rank FOLIO_RANK (default 0), connecting
-#                 to FOLIO_WORKER_ENDPOINT; writes the health file that `alive` reads
+#   worker        folio-worker for FOLIO_GROUP (default g0), rank FOLIO_RANK (default 0) of FOLIO_TP
+#                 (else LWS_GROUP_SIZE, which a LeaderWorkerSet sets), connecting to
+#                 FOLIO_WORKER_ENDPOINT; writes the health file that `alive` reads
 #   gateway       folio-gateway, the OpenAI-compatible HTTP server, for FOLIO_COORDINATOR
 #   up            folioctl up: coordinator, groups and gateway in this one container
 #   fetch-model   the default model into the model volume, if it is missing (scripts/setup.sh)
@@ -89,9 +90,10 @@ case "$role" in
     echo worker >"$role_file"
     FOLIO_GROUP=${FOLIO_GROUP:-g0}
     undrain_later
+    tp=${FOLIO_TP:-${LWS_GROUP_SIZE:-}}
     # shellcheck disable=SC2086 # FOLIO_WORKER_FLAGS is a list of flags
-    exec folio-worker --group "$FOLIO_GROUP" --rank "${FOLIO_RANK:-0}" --health-file "$FOLIO_HEALTH_FILE" \
-      ${FOLIO_WORKER_FLAGS:-} "$@"
+    exec folio-worker --group "$FOLIO_GROUP" --rank "${FOLIO_RANK:-0}" ${tp:+--tp "$tp"} \
+      --health-file "$FOLIO_HEALTH_FILE" ${FOLIO_WORKER_FLAGS:-} "$@"
     ;;
   gateway)
     echo gateway >"$role_file"
