@@ -102,24 +102,36 @@ folioctl health
 folio-entrypoint alive && echo "smoke: worker liveness probe passes"
 folioctl generate -p "The capital of France is" -n 8 --temperature 0 --json | tail -1
 echo "smoke: HTTP check"
-touch /tmp/smoke-http-ready
-for _ in $(seq 600); do [ -f /tmp/smoke-http-done ] && break; sleep 0.1; done
+touch /opt/folio/models/smoke-http-ready
+for _ in $(seq 600); do [ -f /opt/folio/models/smoke-http-done ] && break; sleep 0.1; done
 folio-entrypoint prestop
 kill -TERM "$wpid"; wait "$wpid" && echo "smoke: worker drained and exited 0"
 kill -TERM "$gpid" 2>/dev/null; wait "$gpid" || true
 kill -INT "$cpid"; wait "$cpid" && echo "smoke: coordinator exited 0"
 EOF
 # The HTTP side is checked from the host (curl is not in the image): the container's loopback is
-# the host's. /tmp inside is the container's own; the handshake goes through the model folder.
-sed -i "s|/tmp/smoke-http-|/opt/folio/models/smoke-http-|g" "$script"
+# the host's. The two sides meet through files in the model folder.
 brun -v "$models_dir:/opt/folio/models" "$ctr" -- /usr/bin/tini -s -- sh /opt/folio/models/smoke.sh &
 smoke=$!
 for _ in $(seq 900); do [ -f "$models_dir/smoke-http-ready" ] && break; sleep 0.1; done
+http_ok=0
 if [ -f "$models_dir/smoke-http-ready" ]; then
-  curl -sS -o /dev/null -w "smoke: GET /health %{http_code}\n" http://127.0.0.1:28080/health || true
-  curl -sS -w "\n" http://127.0.0.1:28080/v1/completions -H 'Content-Type: application/json' \
-    -d '{"model": "folio", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}' || true
+  for _ in $(seq 50); do # the gateway's view of the cluster follows it within a few seconds
+    code=$(curl -sS -o /dev/null -w "%{http_code}" http://127.0.0.1:28080/health || true)
+    [ "$code" = 200 ] && break
+    sleep 0.2
+  done
+  echo "smoke: GET /health $code"
+  answer=$(curl -fsS http://127.0.0.1:28080/v1/completions -H 'Content-Type: application/json' \
+    -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "The capital of France is", "max_tokens": 8,
+         "temperature": 0}' || true)
+  echo "smoke: POST /v1/completions $answer"
+  [ "$code" = 200 ] && [[ "$answer" == *'"choices"'* ]] && http_ok=1
 fi
 touch "$models_dir/smoke-http-done"
 wait "$smoke"
+if [ "$http_ok" != 1 ]; then
+  echo "build-local: the gateway did not answer /health 200 and a completion" >&2
+  exit 1
+fi
 echo "build-local: $image built and checked"

@@ -96,6 +96,8 @@ case "$role" in
       --health-file "$FOLIO_HEALTH_FILE" ${FOLIO_WORKER_FLAGS:-} "$@"
     ;;
   gateway)
+    # The model only for its vocabulary (logprob tokens as text): the gateway serves without it.
+    fetch_model || log "the gateway serves without the model's vocabulary (logprob tokens as token_id:N)"
     echo gateway >"$role_file"
     # shellcheck disable=SC2086 # FOLIO_GATEWAY_FLAGS is a list of flags
     exec folio-gateway ${FOLIO_GATEWAY_FLAGS:-} "$@"
