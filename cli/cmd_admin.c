@@ -29,17 +29,25 @@ static void on_child(int sig)
     (void)sig;
 }
 
-int cmd_status(const ctl_flags_t *f)
+/* The coordinator's Status reply (to free), or NULL once the error is printed. */
+static Folio__V1__Response *fetch_status(const ctl_flags_t *f)
 {
     folio_client_t *c = ctl_connect(f);
-    if (!c) return 1;
+    if (!c) return NULL;
     fl_error_t err = {0};
     Folio__V1__Response *r = NULL;
     if (folio_client_status(c, 5000, &r, &err)) {
         fprintf(stderr, "error: %s\n", err.msg);
-        folio_client_destroy(&c);
-        return 1;
+        r = NULL;
     }
+    folio_client_destroy(&c);
+    return r;
+}
+
+int cmd_status(const ctl_flags_t *f)
+{
+    Folio__V1__Response *r = fetch_status(f);
+    if (!r) return 1;
     const Folio__V1__StatusReply *s = r->cluster;
     if (f->json) {
         cli_json_print_pb(&s->base);
@@ -82,21 +90,13 @@ int cmd_status(const ctl_flags_t *f)
                (unsigned long long)generated, tps, s->route_p50_us, s->route_p99_us);
     }
     folio__v1__response__free_unpacked(r, NULL);
-    folio_client_destroy(&c);
     return 0;
 }
 
 int cmd_metrics(const ctl_flags_t *f)
 {
-    folio_client_t *c = ctl_connect(f);
-    if (!c) return 1;
-    fl_error_t err = {0};
-    Folio__V1__Response *r = NULL;
-    if (folio_client_status(c, 5000, &r, &err)) {
-        fprintf(stderr, "error: %s\n", err.msg);
-        folio_client_destroy(&c);
-        return 1;
-    }
+    Folio__V1__Response *r = fetch_status(f);
+    if (!r) return 1;
     char *text = folio_metrics_render(r->cluster);
     const int rc = text ? 0 : 1;
     if (text)
@@ -105,7 +105,6 @@ int cmd_metrics(const ctl_flags_t *f)
         fprintf(stderr, "error: out of memory rendering the metrics\n");
     free(text);
     folio__v1__response__free_unpacked(r, NULL);
-    folio_client_destroy(&c);
     return rc;
 }
 

@@ -144,6 +144,27 @@ static void add_finished(group_fixture_t *f, Folio__V1__FinishReason reason, int
     f->finished_ptrs[f->req.n_finished++] = r;
 }
 
+/* The text of a Status reply with these groups (and requests_no_group none, may be NULL), checked
+ * by check_format; to free. */
+static char *render(group_fixture_t *const *fixtures, size_t n, Folio__V1__RequestMetrics *none)
+{
+    Folio__V1__GroupStatus *groups[8];
+    assert_true(n <= 8);
+    for (size_t i = 0; i < n; i++) groups[i] = &fixtures[i]->g;
+    Folio__V1__StatusReply s = FOLIO__V1__STATUS_REPLY__INIT;
+    s.groups = groups;
+    s.n_groups = n;
+    s.requests_no_group = none;
+    char *text = folio_metrics_render(&s);
+    check_format(text);
+    return text;
+}
+
+static void expect_lines(const char *text, const char *const *lines, size_t n)
+{
+    for (size_t i = 0; i < n; i++) expect_line(text, lines[i]);
+}
+
 /* ---- tests ---- */
 
 static void test_an_empty_status_renders_every_family_once_and_no_group_label(void **state)
@@ -225,7 +246,7 @@ static void test_the_workers_load_is_reported_per_group_as_it_came(void **state)
         "folio:coordinator_route_latency_seconds{quantile=\"0.5\"} 0.000123",
         "folio:coordinator_route_latency_seconds{quantile=\"0.99\"} 1e-05",
     };
-    for (size_t i = 0; i < sizeof want / sizeof *want; i++) expect_line(text, want[i]);
+    expect_lines(text, want, sizeof want / sizeof *want);
     /* g1 has no load: none of the workers' figures, and no heartbeat age without a rank 0 */
     assert_null(strstr(text, "folio:num_requests_running{group=\"g1\"}"));
     assert_null(strstr(text, "folio:kv_cache_blocks{group=\"g1\""));
@@ -239,12 +260,8 @@ static void test_label_values_are_escaped_and_invalid_utf8_replaced(void **state
     group_fixture_t a;
     group_init(&a, "a\"b\\c\nd\xff\xc3\xa9", true); /* quote, backslash, newline, a bad byte, an e-acute */
     a.g.model_id = (char *)"m\xe2\x82"; /* a character cut short */
-    Folio__V1__GroupStatus *groups[1] = {&a.g};
-    Folio__V1__StatusReply s = FOLIO__V1__STATUS_REPLY__INIT;
-    s.groups = groups;
-    s.n_groups = 1;
-    char *text = folio_metrics_render(&s);
-    check_format(text);
+    group_fixture_t *fs[1] = {&a};
+    char *text = render(fs, 1, NULL);
     expect_line(text, "folio:num_requests_running{group=\"a\\\"b\\\\c\\nd\xEF\xBF\xBD\xc3\xa9\"} 0");
     expect_line(text, "folio:group_info{group=\"a\\\"b\\\\c\\nd\xEF\xBF\xBD\xc3\xa9\",model=\"m\xEF\xBF\xBD\xEF\xBF\xBD\","
                        "tp_size=\"1\"} 1");
@@ -278,13 +295,8 @@ static void test_histograms_have_cumulative_buckets_then_inf_sum_and_count(void 
     e2e.sum = 0.5;
     none.e2e_request_latency = &e2e;
     none.time_to_first_token = &empty;
-    Folio__V1__GroupStatus *groups[1] = {&a.g};
-    Folio__V1__StatusReply s = FOLIO__V1__STATUS_REPLY__INIT;
-    s.groups = groups;
-    s.n_groups = 1;
-    s.requests_no_group = &none;
-    char *text = folio_metrics_render(&s);
-    check_format(text);
+    group_fixture_t *fs[1] = {&a};
+    char *text = render(fs, 1, &none);
     const char *want[] = {
         "folio:time_to_first_token_seconds_bucket{group=\"g0\",le=\"0.005\"} 1",
         "folio:time_to_first_token_seconds_bucket{group=\"g0\",le=\"0.1\"} 3",
@@ -331,13 +343,8 @@ static void test_requests_ended_count_by_vllms_finish_reasons_and_by_status_code
     Folio__V1__RequestMetrics none = FOLIO__V1__REQUEST_METRICS__INIT;
     none.finished = &rp;
     none.n_finished = 1;
-    Folio__V1__GroupStatus *groups[1] = {&a.g};
-    Folio__V1__StatusReply s = FOLIO__V1__STATUS_REPLY__INIT;
-    s.groups = groups;
-    s.n_groups = 1;
-    s.requests_no_group = &none;
-    char *text = folio_metrics_render(&s);
-    check_format(text);
+    group_fixture_t *fs[1] = {&a};
+    char *text = render(fs, 1, &none);
     const char *want[] = {
         "folio:request_success_total{group=\"g0\",finished_reason=\"stop\"} 2",
         "folio:request_success_total{group=\"g0\",finished_reason=\"length\"} 4",
@@ -352,7 +359,7 @@ static void test_requests_ended_count_by_vllms_finish_reasons_and_by_status_code
         "folio:request_success_total{finished_reason=\"stop\"} 0",
         "folio:request_status_total{code=\"RESOURCE_EXHAUSTED\"} 7",
     };
-    for (size_t i = 0; i < sizeof want / sizeof *want; i++) expect_line(text, want[i]);
+    expect_lines(text, want, sizeof want / sizeof *want);
     assert_null(strstr(text, "code=\"OK\"} 4")); /* OK's two entries are one series */
     free(text);
 }
