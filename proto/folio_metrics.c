@@ -337,7 +337,8 @@ static void render_finished(text_t *t, const Folio__V1__StatusReply *s)
         const Folio__V1__RequestMetrics *r = record(s, i, &group);
         if (!r) continue;
         uint64_t n[4] = {0};
-        for (size_t j = 0; j < r->n_finished; j++) n[reason_index(r->finished[j]->finish_reason)] += r->finished[j]->count;
+        for (size_t j = 0; j < r->n_finished; j++)
+            n[reason_index(r->finished[j]->finish_reason)] += r->finished[j]->count;
         for (int k = 0; k < 4; k++) {
             const label_t l[] = {{"group", group}, {"finished_reason", REASONS[k]}};
             sample_u64(t, "folio:request_success_total", "", l, 2, n[k]);

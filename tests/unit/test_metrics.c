@@ -263,8 +263,9 @@ static void test_label_values_are_escaped_and_invalid_utf8_replaced(void **state
     group_fixture_t *fs[1] = {&a};
     char *text = render(fs, 1, NULL);
     expect_line(text, "folio:num_requests_running{group=\"a\\\"b\\\\c\\nd\xEF\xBF\xBD\xc3\xa9\"} 0");
-    expect_line(text, "folio:group_info{group=\"a\\\"b\\\\c\\nd\xEF\xBF\xBD\xc3\xa9\",model=\"m\xEF\xBF\xBD\xEF\xBF\xBD\","
-                       "tp_size=\"1\"} 1");
+    expect_line(text,
+                "folio:group_info{group=\"a\\\"b\\\\c\\nd\xEF\xBF\xBD\xc3\xa9\",model=\"m\xEF\xBF\xBD\xEF\xBF\xBD\","
+                "tp_size=\"1\"} 1");
     free(text);
 }
 
