@@ -6,6 +6,9 @@
  * before exec), so a crashed or killed caller never leaks a cluster. With opts.log_dir each child's
  * stdout and stderr go to LOG_DIR/coordinator.log or LOG_DIR/worker-g<i>.log (appended).
  *
+ * With opts.http, folio-gateway (the HTTP API) runs beside them as one more supervised child,
+ * connected to the coordinator's client endpoint; cluster_start() waits until its port accepts.
+ *
  * Child liveness is checked with waitid(WNOWAIT), which does not reap: a caller may reap a dead
  * child itself and then sets its pid in the cluster_t to 0, which every function here skips.
  * cluster_supervise() reaps by pid (never waitpid(-1), which would take a child that is not the
@@ -13,11 +16,14 @@
  * child that died while its restart was pending stays dead. Nothing is printed; failures come back
  * in fl_error_t, progress and restarts go to the logger. */
 #include "cli_cluster.h"
+#include "host_port.h"
 #include "model_path.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <netdb.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -137,6 +143,19 @@ static void worker_argv(const cluster_t *c, int i, const char *model, char *path
     arg_list(a, c->opts.worker_args);
 }
 
+static void gateway_argv(const cluster_t *c, const char *model, char *path, size_t cap, argv_buf_t *a)
+{
+    snprintf(path, cap, "%s/folio-gateway", c->bin_dir);
+    memset(a, 0, sizeof *a);
+    arg(a, path);
+    arg(a, "--coordinator");
+    arg(a, c->client_endpoint);
+    arg(a, "--http");
+    arg(a, c->opts.http);
+    arg(a, "-m"); /* its vocabulary: logprob tokens as text */
+    arg(a, model);
+}
+
 /* fork/exec argv[0] with argv; stdout and stderr to log_dir/name.log when log_dir is set. */
 static pid_t spawn(const char *const *argv, const char *log_dir, const char *name, fl_error_t *err)
 {
@@ -203,6 +222,19 @@ static int spawn_worker(cluster_t *c, int i, fl_error_t *err)
     c->workers[i] = pid;
     c->children[i].started_ms = now_ms();
     fl_log_debug("cluster: started worker group=%s pid=%d", group, (int)pid);
+    return FL_OK;
+}
+
+static int spawn_gateway(cluster_t *c, fl_error_t *err)
+{
+    char path[PATH_MAX];
+    argv_buf_t a;
+    gateway_argv(c, fl_model_path(c->opts.model), path, sizeof path, &a);
+    const pid_t pid = spawn(a.argv, c->opts.log_dir, "gateway", err);
+    if (pid < 0) return (int)pid;
+    c->gateway = pid;
+    c->children[c->n_workers + 1].started_ms = now_ms();
+    fl_log_debug("cluster: started gateway pid=%d http=%s coordinator=%s", (int)pid, c->opts.http, c->client_endpoint);
     return FL_OK;
 }
 
@@ -282,6 +314,72 @@ int cluster_wait_healthy(cluster_t *c, int n, int wait_ms, fl_error_t *err)
     return rc;
 }
 
+/* Whether something accepts TCP connections at host:port. */
+static bool accepts(const char *host, int port)
+{
+    char service[16];
+    snprintf(service, sizeof service, "%d", port);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai = NULL;
+    if (getaddrinfo(host, service, &hints, &ai)) return false;
+    bool ok = false;
+    for (const struct addrinfo *p = ai; p && !ok; p = p->ai_next) {
+        const int fd = socket(p->ai_family, p->ai_socktype | SOCK_CLOEXEC, p->ai_protocol);
+        if (fd < 0) continue;
+        ok = connect(fd, p->ai_addr, p->ai_addrlen) == 0;
+        close(fd);
+    }
+    freeaddrinfo(ai);
+    return ok;
+}
+
+/* Waits until the gateway's port accepts connections; fails when it exits first or after wait_ms. */
+static int wait_gateway(cluster_t *c, int wait_ms, fl_error_t *err)
+{
+    char host[256];
+    int port = 0;
+    if (fl_host_port_parse(c->opts.http, host, sizeof host, &port))
+        return fl_fail(err, FL_EINVAL, "--http %s: expected [ADDR:]PORT (8080, 127.0.0.1:8080, [::1]:8080)", c->opts.http);
+    const char *local = fl_host_port_local(host);
+    const double deadline = now_ms() + (wait_ms > 0 ? wait_ms : 1e15);
+    for (;;) {
+        int code = 0;
+        bool sig = false;
+        if (exited(c->gateway, &code, &sig)) {
+            char hint[PATH_MAX + 32] = "";
+            if (c->opts.log_dir) snprintf(hint, sizeof hint, " (see %s/gateway.log)", c->opts.log_dir);
+            return fl_fail(err, FL_EIO, "folio-gateway (pid %d) %s %d%s: is port %d taken? --http PORT picks another, "
+                           "--no-http leaves the gateway out", (int)c->gateway,
+                           sig ? "was killed by signal" : "exited with status", code, hint, port);
+        }
+        /* Another process on the port would accept too: the gateway binds first thing, so one that
+         * could not has exited by the time a connection succeeds plus a moment. */
+        if (accepts(local, port)) {
+            sleep_ms(200);
+            if (!exited(c->gateway, &code, &sig)) break;
+            continue;
+        }
+        if (now_ms() >= deadline)
+            return fl_fail(err, FL_EIO, "folio-gateway (pid %d) does not accept connections on %s port %d after %d ms",
+                           (int)c->gateway, local, port, wait_ms);
+        sleep_ms(50);
+    }
+    snprintf(c->http_url, sizeof c->http_url, strchr(local, ':') ? "http://[%s]:%d" : "http://%s:%d", local, port);
+    return FL_OK;
+}
+
+/* The gateway could not start and opts.http_optional says the cluster serves without it. */
+static void drop_gateway(cluster_t *c, const char *why)
+{
+    fl_log_warn("cluster: the HTTP gateway is left out: %s", why);
+    if (c->gateway > 0) {
+        kill(c->gateway, SIGKILL);
+        while (waitpid(c->gateway, NULL, 0) < 0 && errno == EINTR) {
+        }
+    }
+    c->gateway = 0; /* reaped by the caller: never restarted */
+    c->http_url[0] = 0;
+}
+
 cluster_t *cluster_start(const cluster_opts_t *opts, int wait_ms, fl_error_t *err)
 {
     cluster_t *c = calloc(1, sizeof *c);
@@ -293,7 +391,7 @@ cluster_t *cluster_start(const cluster_opts_t *opts, int wait_ms, fl_error_t *er
     c->n_workers = opts->n_groups > 0 ? opts->n_groups : 1;
     c->worker_has_restarts_flag = -1;
     c->workers = calloc((size_t)c->n_workers, sizeof *c->workers);
-    c->children = calloc((size_t)c->n_workers + 1, sizeof *c->children);
+    c->children = calloc((size_t)c->n_workers + 2, sizeof *c->children);
     if (!c->workers || !c->children) {
         fl_fail(err, FL_ENOMEM, "cluster: out of memory");
         free(c->workers);
@@ -344,9 +442,32 @@ cluster_t *cluster_start(const cluster_opts_t *opts, int wait_ms, fl_error_t *er
         cluster_stop(&c);
         return NULL;
     }
+    bool gateway = opts->http && *opts->http;
+    char gw_path[PATH_MAX];
+    snprintf(gw_path, sizeof gw_path, "%s/folio-gateway", c->bin_dir);
+    if (gateway && access(gw_path, X_OK) != 0) {
+        if (!opts->http_optional) {
+            fl_fail(err, FL_ENOTFOUND, "%s: %s (build it, or leave the gateway out)", gw_path, strerror(errno));
+            cluster_stop(&c);
+            return NULL;
+        }
+        drop_gateway(c, "folio-gateway is not built");
+        gateway = false;
+    }
     int rc = spawn_coordinator(c, err);
     for (int i = 0; !rc && i < c->n_workers; i++) rc = spawn_worker(c, i, err);
+    if (!rc && gateway) rc = spawn_gateway(c, err);
     if (!rc && wait_ms != 0) rc = cluster_wait_healthy(c, c->n_workers, wait_ms, err);
+    if (!rc && gateway) {
+        fl_error_t gerr = {0};
+        const int grc = wait_gateway(c, wait_ms > 0 && wait_ms < 10000 ? wait_ms : 10000, &gerr);
+        if (grc && opts->http_optional) {
+            drop_gateway(c, gerr.msg);
+        } else if (grc) {
+            rc = grc;
+            if (err) *err = gerr;
+        }
+    }
     if (rc) {
         cluster_stop(&c);
         return NULL;
@@ -377,9 +498,10 @@ void cluster_stop(cluster_t **cp)
     for (int i = 0; i < n; i++)
         if (c->workers[i] > 0) kill(c->workers[i], SIGTERM);
     if (c->coordinator > 0) kill(c->coordinator, SIGTERM);
+    if (c->gateway > 0) kill(c->gateway, SIGTERM);
     const double deadline = now_ms() + CLUSTER_STOP_GRACE_MS;
     for (;;) {
-        bool all = reap(&c->coordinator, WNOHANG);
+        bool all = reap(&c->coordinator, WNOHANG) && reap(&c->gateway, WNOHANG);
         for (int i = 0; i < n; i++) all = reap(&c->workers[i], WNOHANG) && all;
         if (all || now_ms() >= deadline) break;
         sleep_ms(20);
@@ -389,6 +511,12 @@ void cluster_stop(cluster_t **cp)
                     CLUSTER_STOP_GRACE_MS);
         kill(c->coordinator, SIGKILL);
         reap(&c->coordinator, 0);
+    }
+    if (c->gateway > 0) {
+        fl_log_warn("cluster: gateway pid=%d ignored SIGTERM for %d ms, killing it", (int)c->gateway,
+                    CLUSTER_STOP_GRACE_MS);
+        kill(c->gateway, SIGKILL);
+        reap(&c->gateway, 0);
     }
     for (int i = 0; i < n; i++) {
         if (c->workers[i] <= 0) continue;
@@ -465,7 +593,9 @@ int cluster_restart_delay_ms(int prev_ms, double ran_ms)
 
 static void child_name(const cluster_t *c, int k, char *buf, size_t cap)
 {
-    if (k == c->n_workers)
+    if (k == c->n_workers + 1)
+        snprintf(buf, cap, "gateway");
+    else if (k == c->n_workers)
         snprintf(buf, cap, "coordinator");
     else
         snprintf(buf, cap, "worker g%d", k);
@@ -475,8 +605,9 @@ int cluster_supervise(cluster_t *c)
 {
     if (!c) return 0;
     int started = 0;
-    for (int k = 0; k <= c->n_workers; k++) {
-        pid_t *pid = k == c->n_workers ? &c->coordinator : &c->workers[k];
+    const int last = c->opts.http && *c->opts.http ? c->n_workers + 1 : c->n_workers;
+    for (int k = 0; k <= last; k++) {
+        pid_t *pid = k == c->n_workers + 1 ? &c->gateway : k == c->n_workers ? &c->coordinator : &c->workers[k];
         cluster_child_t *ch = &c->children[k];
         char name[32];
         child_name(c, k, name, sizeof name);
@@ -504,7 +635,9 @@ int cluster_supervise(cluster_t *c)
             c->worker_has_restarts_flag = worker_lists_flag(c, "--restarts");
         ch->restarts++;
         fl_error_t err = {0};
-        const int rc = k == c->n_workers ? spawn_coordinator(c, &err) : spawn_worker(c, k, &err);
+        const int rc = k == c->n_workers + 1 ? spawn_gateway(c, &err)
+                       : k == c->n_workers   ? spawn_coordinator(c, &err)
+                                             : spawn_worker(c, k, &err);
         if (rc) {
             ch->started_ms = now;
             ch->delay_ms = cluster_restart_delay_ms(ch->delay_ms, 0);

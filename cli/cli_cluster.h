@@ -6,6 +6,9 @@
  * opts.bin_dir. cluster_start() returns once the coordinator reports every group healthy (Health
  * through the client library) or fails after wait_ms, stopping what it started.
  *
+ * With opts.http the cluster also runs folio-gateway, the OpenAI-compatible HTTP API, on that
+ * address; cluster_start() then also waits until it accepts connections.
+ *
  * Children get SIGTERM when their parent dies (PR_SET_PDEATHSIG), so tests never leak processes;
  * Linux sends it when the *thread* that forked them ends, so start and restart a cluster from a
  * thread that outlives it (the main thread).
@@ -43,6 +46,9 @@ typedef struct cluster_opts {
     const char *const *coordinator_args; /* extra arguments, NULL-terminated list or NULL */
     const char *const *worker_args;
     const char *log_dir;          /* each process's stderr to LOG_DIR/<name>.log; NULL: inherit */
+    const char *http;             /* folio-gateway --http [ADDR:]PORT; NULL: no gateway */
+    bool http_optional;           /* a gateway that cannot start (the port taken) is left out with a
+                                   * warning instead of failing cluster_start */
 } cluster_opts_t;
 
 #define CLUSTER_RESTART_MIN_MS   500
@@ -64,7 +70,9 @@ typedef struct cluster {
     pid_t coordinator;            /* 0: not running */
     int n_workers;
     pid_t *workers;               /* [n_workers]; group i is named "g<i>"; 0: not running */
-    cluster_child_t *children;    /* [n_workers + 1]: the workers', then the coordinator's */
+    pid_t gateway;                /* 0: not running (or none) */
+    char http_url[300];           /* the gateway's URL ("http://127.0.0.1:8080"); "" when none runs */
+    cluster_child_t *children;    /* [n_workers + 2]: the workers', the coordinator's, the gateway's */
     int worker_has_restarts_flag; /* -1: not asked yet; else whether folio-worker takes --restarts */
 } cluster_t;
 

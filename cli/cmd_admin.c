@@ -1,6 +1,7 @@
 /* cmd_admin.c - folioctl's cluster administration:
  *
- *   up                 a coordinator and worker groups on this machine, in the foreground
+ *   up                 a coordinator, worker groups and the HTTP gateway on this machine, in the
+ *                      foreground
  *   status [--json]    groups, load, KV use, prefix-cache hit rate, mean accepted length of
  *                      speculative decoding, routing latency
  *   metrics            the same figures in the Prometheus text format (what the gateway's /metrics
@@ -165,12 +166,19 @@ int cmd_up(const ctl_flags_t *f)
                         .heads = f->engine.heads_path,
                         .spec_tree = f->spec_tree,
                         .log_dir = f->log_dir};
+    /* The HTTP gateway: --http, else $FOLIO_HTTP, else port 8080, where a taken port only leaves it
+     * out (with a warning) since nobody asked for that port. */
+    const char *env_http = getenv("FOLIO_HTTP");
+    if (!f->no_http) {
+        o.http = f->http ? f->http : env_http && *env_http ? env_http : "8080";
+        o.http_optional = !f->http && !(env_http && *env_http);
+    }
     ctl_interrupted = 0;
     ctl_set_handler(SIGINT, ctl_on_interrupt);
     ctl_set_handler(SIGTERM, ctl_on_interrupt);
     ctl_set_handler(SIGCHLD, on_child);
-    fprintf(stderr, "starting coordinator and %d worker group%s on %s ...\n", o.n_groups, o.n_groups == 1 ? "" : "s",
-            fl_model_path(o.model));
+    fprintf(stderr, "starting coordinator, %d worker group%s%s on %s ...\n", o.n_groups, o.n_groups == 1 ? "" : "s",
+            o.http ? " and the HTTP gateway" : "", fl_model_path(o.model));
     fl_error_t err = {0};
     cluster_t *cl = cluster_start(&o, 600000, &err);
     if (!cl) {
@@ -180,8 +188,10 @@ int cmd_up(const ctl_flags_t *f)
     printf("coordinator pid %d  clients: %s  workers: %s\n", (int)cl->coordinator, cl->client_endpoint,
            cl->worker_endpoint);
     for (int i = 0; i < cl->n_workers; i++) printf("group g%d  pid %d  healthy\n", i, (int)cl->workers[i]);
-    printf("folio cluster up: %d group%s serving at %s (Ctrl-C stops it)\n", cl->n_workers,
-           cl->n_workers == 1 ? "" : "s", cl->client_endpoint);
+    if (cl->gateway > 0) printf("gateway pid %d  OpenAI-compatible HTTP: %s/v1\n", (int)cl->gateway, cl->http_url);
+    printf("folio cluster up: %d group%s serving at %s%s%s (Ctrl-C stops it)\n", cl->n_workers,
+           cl->n_workers == 1 ? "" : "s", cl->client_endpoint, cl->gateway > 0 ? " and " : "",
+           cl->gateway > 0 ? cl->http_url : "");
     fflush(stdout);
     /* Supervise until told to stop; a signal between the check and the sleep costs one 100 ms. */
     while (!ctl_interrupted) {

@@ -36,7 +36,7 @@ static void usage(FILE *f)
             "  chat --local  chat with the model (template applied); interactive without -p\n"
             "  tokenize   print the token ids of a prompt as run would feed it\n"
             "commands, through a coordinator (--coordinator EP):\n"
-            "  up         start a local cluster (coordinator + worker groups) in the foreground, restarting\n"
+            "  up         start a local cluster (coordinator, worker groups, HTTP gateway) in the foreground, restarting\n"
             "             a process that dies (with backoff); Ctrl-C stops it\n"
             "  generate   generate from -p TEXT (--chat: as a user message), streamed\n"
             "  chat       chat (template applied); a multi-turn REPL on stdin without -p (/reset clears)\n"
@@ -70,7 +70,10 @@ static void usage(FILE *f)
             "  --spec MODE           the most speculative decoding the workers allow (auto: any a request asks\n"
             "                        for; none turns it off)\n"
             "  --spec-tree PATHS     the workers' Medusa draft tree (folio-worker --help)\n"
-            "  --log-dir DIR         each process's log to DIR/<coordinator|worker-gN>.log (default: stderr)\n"
+            "  --log-dir DIR         each process's log to DIR/<coordinator|worker-gN|gateway>.log (default: stderr)\n"
+            "  --http [ADDR:]PORT    the OpenAI-compatible HTTP gateway's address (default $FOLIO_HTTP or 8080:\n"
+            "                        every IPv4 address; 127.0.0.1:8080 keeps it to this machine)\n"
+            "  --no-http             no HTTP gateway\n"
             "engine flags:\n"
             "%s",
             cli_gen_flags_help(), WIRE_DEFAULT_CLIENT_ENDPOINT, WIRE_DEFAULT_WORKER_ENDPOINT, engine_flags_help());
@@ -101,6 +104,10 @@ static int parse_flags(ctl_flags_t *f, int argc, char **argv)
             f->local = true;
         } else if (!strcmp(a, "--no-prefix-cache")) {
             f->no_prefix_cache = true;
+        } else if (!strcmp(a, "--no-http")) {
+            f->no_http = true;
+        } else if (!strcmp(a, "--http")) {
+            if (!(f->http = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--coordinator")) {
             if (!(f->coordinator = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--tenant")) {

@@ -31,6 +31,8 @@ typedef struct ctl_flags {
     long groups, threads_per_worker, max_batch_tokens, heartbeat_ms;
     const char *policy, *listen, *workers, *log_dir;
     const char *spec_tree;      /* up: the workers' --spec-tree */
+    const char *http;           /* up: the gateway's --http [ADDR:]PORT (NULL: $FOLIO_HTTP or 8080) */
+    bool no_http;               /* up: no gateway */
     bool no_prefix_cache;
 } ctl_flags_t;
 

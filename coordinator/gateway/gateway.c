@@ -38,6 +38,7 @@
 #include "control.h"
 #include "folio_client.h"
 #include "folio_metrics.h"
+#include "host_port.h"
 #include "log.h"
 #include "relay.h"
 
@@ -108,6 +109,9 @@ struct gateway {
     gw_snapshot_t snap;            /* the newest Status/Health */
     uint64_t known_instance;
     double known_at;               /* when a fetch last saw known_instance */
+    oai_token_text_fn token_fn;
+    void *token_ctx;
+    char token_model_id[512];
     bool token_text_checked, token_text_ok;
     gw_conn_t *conns;
     int in_progress;
@@ -344,20 +348,19 @@ static void answer_from_snapshot(gateway_t *g, gw_conn_t *c)
 static void check_token_model(gateway_t *g)
 {
     const Folio__V1__StatusReply *s = cluster(g);
-    if (g->token_text_checked || !g->o.token_text || !s || !s->n_groups) return;
+    if (g->token_text_checked || !g->token_fn || !s || !s->n_groups) return;
     g->token_text_checked = true;
     for (size_t i = 0; i < s->n_groups; i++)
-        if (s->groups[i]->model_id && g->o.token_model_id && !strcmp(s->groups[i]->model_id, g->o.token_model_id))
-            g->token_text_ok = true;
+        if (s->groups[i]->model_id && !strcmp(s->groups[i]->model_id, g->token_model_id)) g->token_text_ok = true;
     if (!g->token_text_ok)
         fl_log_warn("gateway: the cluster serves %s, not %s: logprob tokens are written as token_id:N",
-                    s->groups[0]->model_id, g->o.token_model_id ? g->o.token_model_id : "?");
+                    s->groups[0]->model_id, g->token_model_id);
 }
 
 static int token_text(void *ctx, int32_t id, char *buf, size_t cap)
 {
     const gateway_t *g = ctx;
-    return g->token_text_ok ? g->o.token_text(g->o.token_ctx, id, buf, cap) : -1;
+    return g->token_text_ok ? g->token_fn(g->token_ctx, id, buf, cap) : -1;
 }
 
 static void on_snapshot(gateway_t *g)
@@ -580,31 +583,6 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
 
 /* ---- set-up and the loop ---- */
 
-int gateway_parse_http(const char *s, char *addr, size_t cap, int *port)
-{
-    if (!s || !*s || !cap) return FL_EINVAL;
-    const char *p = s;
-    addr[0] = 0;
-    if (*s == '[') { /* [v6]:port */
-        const char *close = strchr(s, ']');
-        if (!close || close[1] != ':' || (size_t)(close - s - 1) >= cap) return FL_EINVAL;
-        memcpy(addr, s + 1, (size_t)(close - s - 1));
-        addr[close - s - 1] = 0;
-        p = close + 2;
-    } else if (strchr(s, ':')) {
-        const char *colon = strrchr(s, ':');
-        if ((size_t)(colon - s) >= cap || strchr(s, ':') != colon) return FL_EINVAL;
-        memcpy(addr, s, (size_t)(colon - s));
-        addr[colon - s] = 0;
-        p = colon + 1;
-    }
-    char *end;
-    const long v = strtol(p, &end, 10);
-    if (end == p || *end || v < 1 || v > 65535) return FL_EINVAL;
-    *port = (int)v;
-    return FL_OK;
-}
-
 gateway_t *gateway_new(const gateway_opts_t *o, fl_error_t *err)
 {
     gateway_t *g = calloc(1, sizeof *g);
@@ -626,12 +604,11 @@ gateway_t *gateway_new(const gateway_opts_t *o, fl_error_t *err)
         return NULL;
     }
     const bool v6 = ai->ai_family == AF_INET6;
-    snprintf(g->url, sizeof g->url, v6 ? "http://[%s]:%d" : "http://%s:%d",
-             !strcmp(host, "0.0.0.0") ? "127.0.0.1" : !strcmp(host, "::") ? "::1" : host, o->http_port);
+    snprintf(g->url, sizeof g->url, v6 ? "http://[%s]:%d" : "http://%s:%d", fl_host_port_local(host), o->http_port);
     if (!(g->client = folio_client_new(o->coordinator, err))) goto fail;
     const relay_opts_t ro = {.client = g->client,
                              .wake = relay_wake,
-                             .token_text = o->token_text ? token_text : NULL,
+                             .token_text = token_text,
                              .token_ctx = g};
     if (!(g->relay = relay_new(&ro))) {
         fl_fail(err, FL_ENOMEM, "gateway: out of memory");
@@ -640,11 +617,11 @@ gateway_t *gateway_new(const gateway_opts_t *o, fl_error_t *err)
     if (!(g->control = gw_control_new(o->coordinator, o->status_interval_ms, 2000, err))) goto fail;
     const unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG | (v6 ? MHD_USE_IPv6 : 0);
     g->mhd = MHD_start_daemon(flags, (uint16_t)o->http_port, NULL, NULL, on_request, g,
+                              MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
                               MHD_OPTION_NOTIFY_COMPLETED, on_completed, g,
                               MHD_OPTION_SOCK_ADDR, ai->ai_addr,
                               MHD_OPTION_CONNECTION_LIMIT, (unsigned)g->o.max_connections,
                               MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)GATEWAY_IDLE_TIMEOUT_S,
-                              MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
                               MHD_OPTION_END);
     if (!g->mhd) {
         fl_fail(err, FL_EIO, "cannot listen on %s (address in use? pick another with --http)", g->url);
@@ -656,6 +633,15 @@ fail:
     freeaddrinfo(ai);
     gateway_destroy(&g);
     return NULL;
+}
+
+void gateway_set_token_text(gateway_t *g, oai_token_text_fn fn, void *ctx, const char *model_id)
+{
+    g->token_fn = fn;
+    g->token_ctx = ctx;
+    snprintf(g->token_model_id, sizeof g->token_model_id, "%s", model_id ? model_id : "");
+    g->token_text_checked = g->token_text_ok = false;
+    check_token_model(g);
 }
 
 const char *gateway_url(const gateway_t *g)

@@ -24,10 +24,6 @@ typedef struct gateway_opts {
     const api_keys_t *keys;        /* borrowed; NULL: /v1 is open and every request has tenant "" */
     size_t max_body;               /* request body bytes at most (413 beyond) */
     int max_connections;
-    oai_token_text_fn token_text;  /* logprob token strings; NULL: "token_id:N" */
-    void *token_ctx;
-    const char *token_model_id;    /* the model token_text reads ("file.gguf:size"): used only when the
-                                    * cluster serves that model */
     int status_interval_ms;        /* Status and Health fetched this often (0: 1000) */
 } gateway_opts_t;
 
@@ -39,11 +35,11 @@ gateway_t *gateway_new(const gateway_opts_t *o, fl_error_t *err);
  * 503 and returns 0, or a negative code when the loop failed. */
 int gateway_run(gateway_t *g, volatile sig_atomic_t *stop);
 void gateway_destroy(gateway_t **gp);
+/* Logprob token strings from token_text (NULL: "token_id:N"), used only while the cluster serves
+ * model_id ("file.gguf:size", the model the function reads). Set after gateway_new, which binds
+ * the port first so that a taken port fails at once, before a vocabulary is loaded. */
+void gateway_set_token_text(gateway_t *g, oai_token_text_fn fn, void *ctx, const char *model_id);
 /* The URL clients use ("http://127.0.0.1:8080"). */
 const char *gateway_url(const gateway_t *g);
-
-/* "[ADDR:]PORT" (`--http`): "8080", "0.0.0.0:8080", "localhost:8080", "[::1]:8080". addr gets ""
- * when none is given. 0, or FL_EINVAL for anything else (a port outside 1..65535 included). */
-int gateway_parse_http(const char *s, char *addr, size_t cap, int *port);
 
 #endif

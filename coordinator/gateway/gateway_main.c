@@ -15,6 +15,7 @@
 #include "flags.h"
 #include "gateway.h"
 #include "gguf.h"
+#include "host_port.h"
 #include "log.h"
 #include "tokenizer.h"
 #include "wire.h"
@@ -126,7 +127,7 @@ int main(int argc, char **argv)
                         .http_port = GATEWAY_DEFAULT_PORT,
                         .max_body = GATEWAY_DEFAULT_MAX_BODY,
                         .max_connections = GATEWAY_DEFAULT_MAX_CONNS};
-    if (http && gateway_parse_http(http, addr, sizeof addr, &o.http_port)) {
+    if (http && fl_host_port_parse(http, addr, sizeof addr, &o.http_port)) {
         fprintf(stderr, "error: --http %s: expected [ADDR:]PORT (8080, 127.0.0.1:8080, [::1]:8080)\n", http);
         return 2;
     }
@@ -143,26 +144,6 @@ int main(int argc, char **argv)
         return 1;
     }
     o.keys = keys;
-    tok_t *tok = NULL;
-    char model_id[512] = "";
-    if (model) {
-        gguf_t *g = gguf_open(model, &err);
-        if (g) tok = tok_new_from_gguf(g, &err);
-        gguf_destroy(&g);
-        if (!tok && model_given) {
-            fprintf(stderr, "error: -m %s: %s\n", model, err.msg);
-            api_keys_destroy(&keys);
-            return 1;
-        }
-        if (!tok) {
-            fl_log_warn("gateway: FOLIO_MODEL %s: %s; logprob tokens are written token_id:N", model, err.msg);
-        } else {
-            model_id_of(model, model_id, sizeof model_id);
-            o.token_text = token_text;
-            o.token_ctx = tok;
-            o.token_model_id = model_id;
-        }
-    }
     raise_fd_limit();
     struct sigaction sa = {.sa_handler = on_signal};
     sigemptyset(&sa.sa_mask);
@@ -171,13 +152,32 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     gateway_t *gw = gateway_new(&o, &err);
-    int rc = 1;
     if (!gw) {
         fprintf(stderr, "error: %s\n", err.msg);
-    } else {
-        rc = gateway_run(gw, &g_stop) ? 1 : 0;
-        fl_log_info("gateway stopped url=%s", gateway_url(gw));
+        api_keys_destroy(&keys);
+        return 1;
     }
+    tok_t *tok = NULL;
+    if (model) {
+        gguf_t *g = gguf_open(model, &err);
+        if (g) tok = tok_new_from_gguf(g, &err);
+        gguf_destroy(&g);
+        if (!tok && model_given) {
+            fprintf(stderr, "error: -m %s: %s\n", model, err.msg);
+            gateway_destroy(&gw);
+            api_keys_destroy(&keys);
+            return 1;
+        }
+        if (!tok) {
+            fl_log_warn("gateway: FOLIO_MODEL %s: %s; logprob tokens are written token_id:N", model, err.msg);
+        } else {
+            char model_id[512];
+            model_id_of(model, model_id, sizeof model_id);
+            gateway_set_token_text(gw, token_text, tok, model_id);
+        }
+    }
+    const int rc = gateway_run(gw, &g_stop) ? 1 : 0;
+    fl_log_info("gateway stopped url=%s", gateway_url(gw));
     gateway_destroy(&gw);
     tok_destroy(&tok);
     api_keys_destroy(&keys);

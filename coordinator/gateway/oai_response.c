@@ -112,13 +112,14 @@ typedef struct token_str {
     char text[256 * 3 + 1];
 } token_str_t;
 
-static void token_str(const oai_writer_t *w, int32_t id, token_str_t *t)
+/* false when the token's text is unknown and it is written "token_id:N" */
+static bool token_str(const oai_writer_t *w, int32_t id, token_str_t *t)
 {
     t->n = w->token_text ? w->token_text(w->token_ctx, id, (char *)t->raw, sizeof t->raw) : -1;
     if (t->n < 0) {
         t->n = snprintf((char *)t->raw, sizeof t->raw, "token_id:%d", (int)id);
         memcpy(t->text, t->raw, (size_t)t->n + 1);
-        return;
+        return false;
     }
     if (t->n > (int)sizeof t->raw) t->n = (int)sizeof t->raw;
     size_t o = 0;
@@ -135,6 +136,7 @@ static void token_str(const oai_writer_t *w, int32_t id, token_str_t *t)
         }
     }
     t->text[o] = 0;
+    return true;
 }
 
 static cJSON *bytes_json(const token_str_t *t)
@@ -182,11 +184,11 @@ static cJSON *logprobs_json(const oai_writer_t *w, const oai_choice_t *c)
         const Folio__V1__TokenLogprobs *l = c->logprobs[i];
         const Folio__V1__TokenLogprob *ch = l ? l->chosen : NULL;
         token_str_t t;
-        token_str(w, ch ? ch->token : 0, &t);
+        const bool known = token_str(w, ch ? ch->token : 0, &t);
         cJSON_AddItemToArray(tokens, cJSON_CreateString(t.text));
         cJSON_AddItemToArray(lps, cJSON_CreateNumber(ch ? ch->logprob : 0));
         cJSON_AddItemToArray(offsets, cJSON_CreateNumber((double)at));
-        if (w->token_text) at += (size_t)t.n; /* byte offsets; without token text, the chunk's start */
+        if (known) at += (size_t)t.n; /* byte offsets; without token text, the delta's start */
         if (tops) {
             cJSON *m = cJSON_CreateObject();
             for (size_t k = 0; l && k < l->n_top; k++) {

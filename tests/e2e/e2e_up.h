@@ -198,7 +198,7 @@ static inline void e2e_up_start(e2e_up_t *u, e2e_env_t *env, const char *name, i
         setenv("FOLIO_LOG", "info", 1);
         execl(ctl, ctl, "up", "--groups", groups, "-m", env->model, "--listen", u->ep_client, "--workers", u->ep_worker,
               "--threads-per-worker", "1", "--heartbeat-ms", "200", "--policy", "round-robin", "--log-dir", u->log_dir,
-              (char *)NULL);
+              "--no-http", (char *)NULL);
         _exit(127);
     }
     u->pid = pid;

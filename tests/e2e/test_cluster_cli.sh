@@ -31,7 +31,7 @@ slow=1
   --ctx 512 --type q8_0 --seed 3 >/dev/null || { echo "FAIL folio-mkmodel"; exit 1; }
 
 "$ctl" up --groups 2 -m "$tmp/tiny.gguf" --listen "$ep" --workers "$wep" --threads-per-worker 1 \
-  --heartbeat-ms 200 --log-dir "$tmp/logs" >"$tmp/up.out" 2>"$tmp/up.err" &
+  --heartbeat-ms 200 --log-dir "$tmp/logs" --no-http >"$tmp/up.out" 2>"$tmp/up.err" &
 up_pid=$!
 
 # health: exit 0 once the cluster serves.
