@@ -120,6 +120,10 @@ typedef struct kern_sampling {
     const kern_logit_adjust_t *adjust; /* [n_adjust] host memory, distinct tokens; applied before all
                                         * else, greedy rows included */
     int n_adjust;
+    /* Constrained output: host memory, ceil(vocab / 64) words, bit t % 64 of word t / 64 set when
+     * token t may be drawn; a token whose bit is clear gets -INFINITY first (before the
+     * adjustments), greedy rows included. NULL: every token. */
+    const uint64_t *allowed;
 } kern_sampling_t;
 
 #define KERN_GRAPH_RETRY 2

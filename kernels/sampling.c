@@ -79,6 +79,18 @@ void kern_sample_adjust_row(float *l, int vocab, const kern_logit_adjust_t *a, i
     }
 }
 
+void kern_sample_mask_row(float *l, int vocab, const uint64_t *allowed)
+{
+    for (int w = 0; w * 64 < vocab; w++) {
+        uint64_t off = ~allowed[w];
+        while (off) {
+            const int t = w * 64 + __builtin_ctzll(off);
+            off &= off - 1;
+            if (t < vocab) l[t] = -INFINITY;
+        }
+    }
+}
+
 /* The draw for one row (the definition is in sampling.h). */
 int32_t kern_sample_row(const float *l, int vocab, const kern_sampling_t *p, void *scratch)
 {

@@ -36,7 +36,7 @@ static inline double kern_sample_uniform(uint64_t seed, uint64_t position)
 
 /* The draw for one row, defined with integer weights so that any backend reproduces it exactly
  * (integer sums do not depend on the order a GPU reduces in). First, in every row, greedy or not,
- * each adjustment (token t, penalty, add) of p->adjust replaces l_t by kern_sample_adjust_logit:
+ * each token outside p->allowed (when given) gets l_t = -INFINITY; then each adjustment (token t, penalty, add) of p->adjust replaces l_t by kern_sample_adjust_logit:
  * l / penalty + add for l > 0, fma(l, penalty, add) otherwise (penalty 1: l + add; add -INFINITY
  * bans t). Then:
  *  1. temperature <= 0 or so small that 1 / temperature is not finite, vocab 1, or no finite
@@ -132,6 +132,8 @@ int32_t kern_sample_argmax(const float *logits, int vocab);
 /* Applies a row's adjustments in place (tokens outside [0, vocab) are skipped; tokens must be
  * distinct, checked in debug builds). */
 void kern_sample_adjust_row(float *logits, int vocab, const kern_logit_adjust_t *adjust, int n_adjust);
+/* -INFINITY for every token whose bit in allowed (ceil(vocab / 64) words) is clear. */
+void kern_sample_mask_row(float *logits, int vocab, const uint64_t *allowed);
 /* Whether the n tokens of adjust are distinct (the debug check of both backends). */
 bool kern_sample_adjust_distinct(const kern_logit_adjust_t *adjust, int n);
 /* One row's token under p (the definition above) from a row whose adjustments are already applied

@@ -324,10 +324,13 @@ static void cpu_sample(kern_backend_t *be, int32_t *out, float *logits, int n, i
                        const kern_sampling_t *params)
 {
     cpu_backend_t *cb = (cpu_backend_t *)be;
-    /* The adjustments, in place (kernels.h allows it: the rows are the caller's writable logits). */
-    for (int i = 0; i < n; i++)
+    /* The mask and the adjustments, in place (kernels.h allows it: the rows are the caller's
+     * writable logits). */
+    for (int i = 0; i < n; i++) {
+        if (params[i].allowed) kern_sample_mask_row(logits + (size_t)i * vocab, vocab, params[i].allowed);
         if (params[i].adjust && params[i].n_adjust > 0)
             kern_sample_adjust_row(logits + (size_t)i * vocab, vocab, params[i].adjust, params[i].n_adjust);
+    }
     const size_t need = kern_sample_scratch_bytes(vocab);
     if (cb->samp_len < need) {
         size_t c1 = cb->samp_len;

@@ -261,6 +261,7 @@ static void cuda_destroy(kern_backend_t *be)
     if (cb->d_rows) cudaFree(cb->d_rows);
     free(cb->h_rows);
     cuda_sample_adjust_free(&cb->adjust);
+    cuda_sample_mask_free(&cb->mask);
     free(cb);
 }
 

@@ -111,6 +111,7 @@ typedef struct cuda_backend {
     cuda_sample_row_t *h_rows, *d_rows; /* stochastic rows' parameters, host and device */
     size_t rows_cap;                    /* bytes of d_rows; h_rows holds as many */
     cuda_sample_adjust_t adjust;        /* the rows' logit adjustments, staged for the device */
+    cuda_sample_mask_t mask;            /* the rows' allowed-token masks, staged likewise */
     bool gemv;                          /* single-token products on k_gemv1 (FOLIO_CUDA_GEMV=0: cuBLASLt) */
     bool qgemv;                         /* ... reading quantized weights as stored (FOLIO_CUDA_QGEMV=1; off:
                                          * slower than fp16 rows on an H200, bench/README.md) */

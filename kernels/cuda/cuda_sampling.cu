@@ -67,7 +67,9 @@ void cuda_sample(kern_backend_t *be, int32_t *out, float *logits, int n, int voc
     if (!grow_device(cb, (void **)&cb->d_keys, &cb->keys_cap, (size_t)n * sizeof(unsigned long long), "argmax keys",
                      false))
         return;
-    /* The adjustments first, in place (kernels.h allows it): greedy rows take the adjusted argmax. */
+    /* The mask and the adjustments first, in place (kernels.h allows it): greedy rows take the
+     * adjusted argmax. */
+    OP_CUDA(cb, cuda_sample_mask(&cb->mask, logits, n, vocab, params, cb->stream));
     OP_CUDA(cb, cuda_sample_adjust(&cb->adjust, logits, n, vocab, params, cb->stream));
     OP_CUDA(cb, cudaMemsetAsync(cb->d_keys, 0, (size_t)n * sizeof(unsigned long long), cb->stream));
     const int per_block = ARGMAX_THREADS * ARGMAX_PER_THREAD;

@@ -277,3 +277,58 @@ void cuda_sample_adjust_free(cuda_sample_adjust_t *a)
     free(a->h);
     *a = cuda_sample_adjust_t{};
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Allowed-token masks (constrained output): one thread per (masked row, token). */
+
+__global__ void k_mask(float *logits, int vocab, const uint64_t *masks, const int32_t *rows, int words)
+{
+    const int t = blockIdx.x * blockDim.x + threadIdx.x, m = blockIdx.y;
+    if (t >= vocab) return;
+    if (!((masks[(size_t)m * words + t / 64] >> (t % 64)) & 1ull)) logits[(size_t)rows[m] * vocab + t] = -INFINITY;
+}
+
+cudaError_t cuda_sample_mask(cuda_sample_mask_t *m, float *logits, int n, int vocab, const kern_sampling_t *params,
+                             cudaStream_t stream)
+{
+    int rows = 0;
+    for (int r = 0; r < n; r++) rows += params[r].allowed != NULL;
+    if (rows == 0 || vocab <= 0) return cudaSuccess;
+    const int words = (vocab + 63) / 64;
+    const size_t need = (size_t)rows * words;
+    if (need > m->cap_words || (size_t)rows > m->cap_rows) {
+        uint64_t *h = (uint64_t *)realloc(m->h, need * sizeof *h);
+        if (h) m->h = h;
+        int32_t *hr = (int32_t *)realloc(m->h_row, (size_t)rows * sizeof *hr);
+        if (hr) m->h_row = hr;
+        if (!h || !hr) return cudaErrorMemoryAllocation;
+        if (m->d) cudaFree(m->d); /* waits for the device: no earlier call still reads them */
+        if (m->d_row) cudaFree(m->d_row);
+        m->d = NULL, m->d_row = NULL, m->cap_words = m->cap_rows = 0;
+        cudaError_t e = cudaMalloc((void **)&m->d, need * sizeof *m->d);
+        if (e == cudaSuccess) e = cudaMalloc((void **)&m->d_row, (size_t)rows * sizeof *m->d_row);
+        if (e != cudaSuccess) return e;
+        m->cap_words = need, m->cap_rows = (size_t)rows;
+    }
+    int k = 0;
+    for (int r = 0; r < n; r++) {
+        if (!params[r].allowed) continue;
+        memcpy(m->h + (size_t)k * words, params[r].allowed, (size_t)words * sizeof *m->h);
+        m->h_row[k++] = r;
+    }
+    /* Pageable sources: the copies have read the staging when the calls return. */
+    cudaError_t e = cudaMemcpyAsync(m->d, m->h, need * sizeof *m->h, cudaMemcpyHostToDevice, stream);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(m->d_row, m->h_row, (size_t)rows * sizeof *m->h_row, cudaMemcpyHostToDevice, stream);
+    if (e != cudaSuccess) return e;
+    k_mask<<<dim3((unsigned)((vocab + 255) / 256), (unsigned)rows), 256, 0, stream>>>(logits, vocab, m->d, m->d_row, words);
+    return cudaGetLastError();
+}
+
+void cuda_sample_mask_free(cuda_sample_mask_t *m)
+{
+    if (m->d) cudaFree(m->d);
+    if (m->d_row) cudaFree(m->d_row);
+    free(m->h);
+    free(m->h_row);
+    *m = cuda_sample_mask_t{};
+}

@@ -31,6 +31,19 @@ cudaError_t cuda_sample_adjust(cuda_sample_adjust_t *a, float *logits, int n, in
                                const kern_sampling_t *params, cudaStream_t stream);
 void cuda_sample_adjust_free(cuda_sample_adjust_t *a);
 
+/* The allowed-token masks of one call (kern_sampling_t.allowed), staged like the adjustments. */
+typedef struct cuda_sample_mask {
+    uint64_t *h, *d;    /* host staging, device: [rows with a mask][words] */
+    int32_t *h_row, *d_row; /* each staged mask's row */
+    size_t cap_words, cap_rows;
+} cuda_sample_mask_t;
+
+/* Sets -INFINITY in every row with params[i].allowed for the tokens whose bit is clear, on stream;
+ * returns at once when no row has a mask. Call before cuda_sample_adjust. */
+cudaError_t cuda_sample_mask(cuda_sample_mask_t *m, float *logits, int n, int vocab, const kern_sampling_t *params,
+                             cudaStream_t stream);
+void cuda_sample_mask_free(cuda_sample_mask_t *m);
+
 /* Draws a token for every active row of logits [n][vocab] into out[n] (device memory); rows whose
  * maximum logit is not finite are left alone too (the argmax stands, as on the CPU). */
 cudaError_t cuda_sample_launch(const float *logits, int n, int vocab, const cuda_sample_row_t *rows, int32_t *out,

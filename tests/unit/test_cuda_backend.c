@@ -1262,7 +1262,8 @@ static void test_sample_seeded(int n, int vocab, int round)
     free(p);
 }
 
-/* Logit adjustments and min-p with every other parameter, greedy rows among the drawn: each row of
+/* Logit adjustments, allowed-token masks (every third row: a random third of the vocabulary, its
+ * best token out half the time) and min-p with every other parameter, greedy rows among the drawn: each row of
  * kind i % N_ROW_KINDS gets a list of distinct tokens (its best id first, then random ones, and ids
  * outside the vocabulary, which both skip) with repetition penalties above and below 1, additive
  * terms and bans. The sample op writes the adjusted logits into the rows, so the rows must come out
@@ -1283,9 +1284,15 @@ static void test_sample_adjusted(int n, int vocab, int round)
     float *l = xmalloc((size_t)n * row_bytes);
     kern_sampling_t *p = xmalloc((size_t)n * sizeof(kern_sampling_t));
     kern_logit_adjust_t *adj = xmalloc((size_t)n * MAX_ADJ * sizeof(kern_logit_adjust_t));
+    const int words = (vocab + 63) / 64;
+    uint64_t *masks = xmalloc((size_t)n * words * sizeof(uint64_t));
     for (int i = 0; i < n; i++) {
         float *row = l + (size_t)i * vocab;
         make_row(row, vocab, i % N_ROW_KINDS, NULL);
+        uint64_t *m = masks + (size_t)i * words;
+        memset(m, 0, (size_t)words * sizeof *m);
+        for (int v = 0; v < vocab; v++)
+            if (rnd_int(3) == 0) m[v / 64] |= 1ull << (v % 64);
         kern_logit_adjust_t *a = adj + (size_t)i * MAX_ADJ;
         int best = 0;
         for (int v = 1; v < vocab; v++)
@@ -1302,7 +1309,9 @@ static void test_sample_adjusted(int n, int vocab, int round)
         }
         p[i] = (kern_sampling_t){.temperature = temps[rnd_int(5)], .top_k = top_ks[rnd_int(6)],
                                  .top_p = top_ps[rnd_int(4)], .seed = rnd_u64(), .position = rnd_u64() % 100000,
-                                 .min_p = min_ps[rnd_int(8)], .adjust = a, .n_adjust = k};
+                                 .min_p = min_ps[rnd_int(8)], .adjust = a, .n_adjust = k,
+                                 .allowed = i % 3 == 1 ? m : NULL};
+        if (i % 3 == 1 && rnd_int(2)) m[best / 64] &= ~(1ull << (best % 64));
     }
     twin_t tl = twin_new((size_t)n * row_bytes, l);
     int32_t *oc = xmalloc((size_t)n * sizeof(int32_t)), *og = xmalloc((size_t)n * sizeof(int32_t));
@@ -1335,6 +1344,7 @@ static void test_sample_adjusted(int n, int vocab, int round)
     free(l);
     free(p);
     free(adj);
+    free(masks);
 }
 
 /* ------------------------------------------------------------------------------------------------ */

@@ -184,6 +184,38 @@ static void test_minus_infinity_bans_a_token_greedy_or_drawn(void **state)
     kern_destroy(&be);
 }
 
+/* Constrained output: a token outside the allowed set is never drawn, greedy or not, and the greedy
+ * pick is the best allowed one; the mask comes before the adjustments (a bias cannot revive it). */
+static void test_allowed_mask_limits_draws_to_its_tokens(void **state)
+{
+    kern_backend_t *be = cpu();
+    enum { V = 150 };
+    float l[V];
+    for (int i = 0; i < V; i++) l[i] = rnd_f(-1.0f, 1.0f);
+    l[3] = 5.0f, l[77] = 4.0f, l[140] = 3.9f;
+    uint64_t allowed[(V + 63) / 64] = {0};
+    for (int t = 64; t < V; t += 2) allowed[t / 64] |= 1ull << (t % 64); /* even ids from 64: not 3 */
+    kern_sampling_t g = {.temperature = 0, .allowed = allowed};
+    assert_int_equal(draw(be, l, V, &g, NULL), 140);
+    const kern_logit_adjust_t boost = {.token = 3, .penalty = 1.0f, .add = 100.0f};
+    g.adjust = &boost, g.n_adjust = 1;
+    assert_int_equal(draw(be, l, V, &g, NULL), 140);
+    int seen[V] = {0};
+    for (uint64_t pos = 0; pos < 2000; pos++) {
+        kern_sampling_t s = {.temperature = 2.0f, .top_p = 1.0f, .seed = 9, .position = pos, .allowed = allowed};
+        seen[draw(be, l, V, &s, NULL)]++;
+    }
+    int outside = 0, kinds = 0;
+    for (int t = 0; t < V; t++) {
+        const bool ok = t >= 64 && t % 2 == 0;
+        if (!ok) outside += seen[t];
+        kinds += ok && seen[t] > 0;
+    }
+    assert_int_equal(outside, 0);
+    assert_true(kinds > 20); /* a high temperature spreads over the allowed set */
+    kern_destroy(&be);
+}
+
 static void test_greedy_rows_take_the_argmax_of_adjusted_logits(void **state)
 {
     kern_backend_t *be = cpu();
@@ -472,6 +504,7 @@ int main(void)
         cmocka_unit_test(test_repetition_penalty_divides_positive_and_multiplies_negative_logits),
         cmocka_unit_test(test_additive_terms_add_to_the_logit),
         cmocka_unit_test(test_minus_infinity_bans_a_token_greedy_or_drawn),
+        cmocka_unit_test(test_allowed_mask_limits_draws_to_its_tokens),
         cmocka_unit_test(test_greedy_rows_take_the_argmax_of_adjusted_logits),
         cmocka_unit_test(test_adjustment_order_in_the_list_does_not_matter),
         cmocka_unit_test(test_distinct_check_finds_repeated_tokens),
