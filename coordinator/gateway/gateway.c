@@ -69,6 +69,7 @@ typedef enum {
     ST_READ,     /* reading the body */
     ST_RELAY,    /* waiting for the cluster's first answer (relay.c) */
     ST_SNAPSHOT, /* waiting for a Status/Health fetch that began after the request */
+    ST_MODEL,    /* a generation whose model the last Status did not list: waiting for a newer one */
     ST_READY,    /* the reply below is ready to queue */
     ST_SENT,     /* a response is queued */
 } conn_state_t;
@@ -85,6 +86,8 @@ struct gw_conn {
     bool too_large, suspended;
     int status;                    /* the status queued, for the request counter */
     relay_req_t *rq;
+    oai_request_t req;             /* parsed, while its model is looked up (ST_MODEL) */
+    bool parsed, refreshed;
     uint64_t need_seq;
     char *reply;                   /* ST_READY */
     int reply_status;
@@ -275,13 +278,17 @@ static const Folio__V1__StatusReply *cluster(const gateway_t *g)
     return g->snap.ok && g->snap.status ? g->snap.status->cluster : NULL;
 }
 
-/* The served model's name for rq's `model` into out; false (404) when groups serve and none serves it. */
-static bool resolve_model(const gateway_t *g, const char *asked, char *out, size_t cap, char *served, size_t scap)
+typedef enum { MODEL_FOUND, MODEL_UNKNOWN, MODEL_ABSENT } model_lookup_t;
+
+/* The served model's name for a request's `model` into out: MODEL_FOUND; MODEL_ABSENT (404) when
+ * groups serve and none serves it; MODEL_UNKNOWN when the last Status listed no group. */
+static model_lookup_t resolve_model(const gateway_t *g, const char *asked, char *out, size_t cap, char *served,
+                                    size_t scap)
 {
     const Folio__V1__StatusReply *s = cluster(g);
     snprintf(out, cap, "%s", asked ? asked : "folio");
     served[0] = 0;
-    if (!s || !s->n_groups) return true; /* nothing known: the coordinator answers (503 without groups) */
+    if (!s || !s->n_groups) return MODEL_UNKNOWN;
     for (size_t i = 0; i < s->n_groups; i++) {
         const char *id = s->groups[i]->model_id;
         if (!id || !*id) continue;
@@ -289,12 +296,12 @@ static bool resolve_model(const gateway_t *g, const char *asked, char *out, size
         oai_model_name(id, name, sizeof name);
         if (!asked || oai_model_matches(asked, id)) {
             snprintf(out, cap, "%s", name);
-            return true;
+            return MODEL_FOUND;
         }
         if (strlen(served) + strlen(name) + 3 < scap)
             snprintf(served + strlen(served), scap - strlen(served), "%s'%s'", *served ? ", " : "", name);
     }
-    return false;
+    return MODEL_ABSENT;
 }
 
 /* Fills the reply of a connection that waited for a snapshot. */
@@ -383,9 +390,9 @@ static void on_snapshot(gateway_t *g)
         if (n) fl_log_warn("gateway: the coordinator does not answer (%s); %d request(s) ended", s->error, n);
     }
     for (gw_conn_t *c = g->conns; c; c = c->next) {
-        if (c->state != ST_SNAPSHOT || s->seq < c->need_seq) continue;
-        answer_from_snapshot(g, c);
-        resume(c);
+        if ((c->state != ST_SNAPSHOT && c->state != ST_MODEL) || s->seq < c->need_seq) continue;
+        if (c->state == ST_SNAPSHOT) answer_from_snapshot(g, c);
+        resume(c); /* ST_MODEL: the access handler looks the model up again */
     }
 }
 
@@ -405,27 +412,39 @@ static endpoint_t endpoint_of(const char *url, gw_conn_t *c)
     return EP_OTHER;
 }
 
+/* Sends the parsed request to the cluster once its model is known to be served: a model the last
+ * Status does not list is looked up once more in a Status fetched after the request (a group that
+ * registered since, or a gateway just started), then refused 404 if still absent. */
 static enum MHD_Result start_generate(gateway_t *g, gw_conn_t *c)
 {
-    oai_request_t rq;
     oai_error_t e;
-    if (oai_request_parse(c->ep == EP_CHAT ? OAI_CHAT : OAI_COMPLETION, c->body, c->len, &rq, &e))
-        return queue_error(c, &e);
-    free(c->body);
-    c->body = NULL;
-    if (g->snap.failures >= GATEWAY_DOWN_FAILURES) {
-        oai_request_free(&rq);
-        return fail(c, 503, "unavailable", "the coordinator at %s does not answer: %s", g->o.coordinator, g->snap.error);
+    if (!c->parsed) {
+        if (oai_request_parse(c->ep == EP_CHAT ? OAI_CHAT : OAI_COMPLETION, c->body, c->len, &c->req, &e))
+            return queue_error(c, &e);
+        c->parsed = true;
+        free(c->body);
+        c->body = NULL;
     }
+    if (g->snap.failures >= GATEWAY_DOWN_FAILURES)
+        return fail(c, 503, "unavailable", "the coordinator at %s does not answer: %s", g->o.coordinator, g->snap.error);
     char model[256], served[512];
-    if (!resolve_model(g, rq.model, model, sizeof model, served, sizeof served)) {
-        oai_fail(&e, 404, "model_not_found", "the model '%.200s' does not exist; this cluster serves %s", rq.model,
+    const model_lookup_t found = resolve_model(g, c->req.model, model, sizeof model, served, sizeof served);
+    if (found != MODEL_FOUND && !c->refreshed) {
+        c->refreshed = true;
+        c->need_seq = gw_control_refresh(g->control);
+        c->state = ST_MODEL;
+        suspend(c);
+        return MHD_YES;
+    }
+    if (found == MODEL_ABSENT) {
+        oai_fail(&e, 404, "model_not_found", "the model '%.200s' does not exist; this cluster serves %s", c->req.model,
                  served);
         snprintf(e.param, sizeof e.param, "model");
-        oai_request_free(&rq);
         return queue_error(c, &e);
     }
-    if (!(c->rq = relay_start(g->relay, &rq, c->tenant, model, c, &e))) return queue_error(c, &e);
+    /* MODEL_UNKNOWN: no group registered; the coordinator answers that (503) */
+    c->parsed = false;
+    if (!(c->rq = relay_start(g->relay, &c->req, c->tenant, model, c, &e))) return queue_error(c, &e);
     c->state = ST_RELAY;
     suspend(c);
     return MHD_YES;
@@ -468,6 +487,12 @@ static enum MHD_Result on_complete_request(gateway_t *g, gw_conn_t *c)
     case ST_SNAPSHOT:
         suspend(c);
         return MHD_YES;
+    case ST_MODEL:
+        if (g->snap.seq < c->need_seq) {
+            suspend(c);
+            return MHD_YES;
+        }
+        return start_generate(g, c);
     default:
         return MHD_YES;
     }
@@ -565,6 +590,7 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls, e
     else g->conns = c->next;
     if (c->next) c->next->prev = c->prev;
     g->in_progress--;
+    if (c->parsed) oai_request_free(&c->req);
     free(c->body);
     free(c->reply);
     free(c);
@@ -699,7 +725,7 @@ int gateway_run(gateway_t *g, volatile sig_atomic_t *stop)
     /* Stopping: what waits is answered 503 (streams get an error event), given a moment to flush. */
     relay_fail_lost(g->relay, 1e300, 1e300, "the gateway is shutting down");
     for (gw_conn_t *c = g->conns; c; c = c->next) {
-        if (c->state != ST_SNAPSHOT) continue;
+        if (c->state != ST_SNAPSHOT && c->state != ST_MODEL) continue;
         oai_error_t e;
         oai_fail(&e, 503, "unavailable", "the gateway is shutting down");
         c->reply = oai_error_json(&e);
