@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: set up (packages, default model), build, start a local folio cluster (a coordinator
-# and worker groups serving the default model), send it a request, show its status, and keep
-# serving in the foreground until Ctrl-C (which stops every process).
+# The main job: set up (packages, default model), build, start a local folio cluster (a coordinator,
+# worker groups serving the default model and the OpenAI-compatible HTTP gateway), send it a
+# request, show its status, and keep serving in the foreground until Ctrl-C (which stops every
+# process).
 #   bash scripts/run.sh [folioctl generate flags]   e.g. -p "Write a haiku about the sea" -n 64
 #   FOLIO_GROUPS=N      worker groups (default 2)
 #   FOLIO_RUN_ONCE=1    stop the cluster after the first request instead of serving on
@@ -37,5 +38,9 @@ if [ "${FOLIO_RUN_ONCE:-0}" = 1 ]; then
 fi
 echo
 echo "Serving on ${FOLIO_COORDINATOR:-tcp://127.0.0.1:5555}: try ./build/folioctl generate -p \"Once upon a time\""
-echo "or ./build/folioctl chat in another terminal. Ctrl-C stops the cluster."
+http_port="${FOLIO_HTTP:-8080}"
+echo "or ./build/folioctl chat in another terminal; the OpenAI-compatible API (when up printed its URL above):"
+echo "  curl http://127.0.0.1:${http_port##*:}/v1/chat/completions -H 'Content-Type: application/json' \\"
+echo "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}], \"max_tokens\": 32}'"
+echo "Ctrl-C stops the cluster."
 wait "$up_pid"
