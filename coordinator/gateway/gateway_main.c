@@ -9,7 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <sys/stat.h>
 
 #include "api_keys.h"
 #include "flags.h"
@@ -17,6 +16,7 @@
 #include "gguf.h"
 #include "host_port.h"
 #include "log.h"
+#include "model_path.h"
 #include "tokenizer.h"
 #include "wire.h"
 
@@ -63,18 +63,6 @@ static int token_text(void *ctx, int32_t id, char *buf, size_t cap)
 {
     const int n = tok_token_bytes(ctx, id, true, buf, cap);
     return n < 0 || (size_t)n > cap ? -1 : n;
-}
-
-/* "file.gguf:size", as the worker names its model (WorkerHello.model_id). */
-static void model_id_of(const char *path, char *out, size_t cap)
-{
-    struct stat st;
-    const char *base = strrchr(path, '/');
-    base = base ? base + 1 : path;
-    if (stat(path, &st) == 0)
-        snprintf(out, cap, "%s:%lld", base, (long long)st.st_size);
-    else
-        snprintf(out, cap, "%s", base);
 }
 
 /* Room for many connections: each is a descriptor. */
@@ -172,7 +160,7 @@ int main(int argc, char **argv)
             fl_log_warn("gateway: FOLIO_MODEL %s: %s; logprob tokens are written token_id:N", model, err.msg);
         } else {
             char model_id[512];
-            model_id_of(model, model_id, sizeof model_id);
+            fl_model_id(model, model_id, sizeof model_id);
             gateway_set_token_text(gw, token_text, tok, model_id);
         }
     }

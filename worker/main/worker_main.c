@@ -40,7 +40,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -128,16 +127,13 @@ static uint64_t realtime_us(void)
     return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
-/* "file-name:size", the same on every machine holding the same file. */
+/* fl_model_id's "file-name:size"; "fake" for a fake worker without a model file. */
 static void make_model_id(char *out, size_t cap, const char *path, bool fake)
 {
-    struct stat st;
-    const char *base = strrchr(path, '/');
-    base = base ? base + 1 : path;
-    if (stat(path, &st) == 0)
-        snprintf(out, cap, "%s:%lld", base, (long long)st.st_size);
+    if (fake && access(path, R_OK) != 0)
+        snprintf(out, cap, "fake");
     else
-        snprintf(out, cap, "%s", fake ? "fake" : base);
+        fl_model_id(path, out, cap);
 }
 
 static int ms_until(double t, double now)
