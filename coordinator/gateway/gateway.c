@@ -586,6 +586,8 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls, e
         relay_finish(&c->rq, gone && unfinished);
     }
     count(g, c->ep, c->status);
+    fl_log_debug("gateway: %s status=%d%s", endpoint_names[c->ep], c->status,
+                 gone ? " (the connection ended before the response)" : "");
     if (c->prev) c->prev->next = c->next;
     else g->conns = c->next;
     if (c->next) c->next->prev = c->prev;
@@ -708,13 +710,14 @@ int gateway_run(gateway_t *g, volatile sig_atomic_t *stop)
         long timeout = more ? 0 : (long)(GATEWAY_TICK_S * 1e3);
         MHD_UNSIGNED_LONG_LONG mt;
         if (MHD_get_timeout(g->mhd, &mt) == MHD_YES && (long long)mt < timeout) timeout = (long)mt;
-        if (zmq_poll(items, 3, timeout) < 0 && errno != EINTR) {
+        if (zmq_poll(items, 3, timeout) < 0) {
+            if (errno == EINTR) continue; /* a signal: the loop's condition says whether to go on */
             fl_log_error("gateway: zmq_poll: %s", zmq_strerror(errno));
             rc = FL_EIO;
             break;
         }
-        more = pump(g);
-        on_snapshot(g);
+        if (more || (items[0].revents & ZMQ_POLLIN)) more = pump(g);
+        if (items[2].revents & ZMQ_POLLIN) on_snapshot(g);
         MHD_run(g->mhd);
         const double now = fl_clock_s();
         if (now >= next_tick) {

@@ -3,7 +3,8 @@
 # --http` starts it with the cluster and prints its URL; a second gateway with --api-keys on the same
 # coordinator. curl checks the error answers (OpenAI's error shape and status: malformed JSON 400,
 # unknown model 404, a body over --max-body 413, n=2 400, no or a wrong key 401, wrong method 405,
-# unknown path 404; /health and /metrics open without a key); tests/e2e/gateway_client.py checks
+# unknown path 404; /health and /metrics open without a key; every group drained: /health and
+# requests 503); tests/e2e/gateway_client.py checks
 # the rest with the official `openai` package (streamed and not, chat and completions, batches,
 # logprobs, the tokens of `folioctl generate --json`, tenants from keys, 256 concurrent streams with
 # no chunk lost or repeated, a client gone mid-stream cancelled). SIGTERM to `up` stops the gateway.
@@ -109,12 +110,30 @@ check "curl: a stream ends with data: [DONE]" test "$s" = 200 -a "$(grep -c '^da
 "$py" "$src/tests/e2e/gateway_client.py" --url "$url" --keyed-url "$kurl" --coordinator "$ep" \
   --folioctl "$build/folioctl" --slow "$slow" || fails=$((fails + 1))
 
+# No group to serve: every group drained. /health says 503 and a request gets 503 UNAVAILABLE.
+"$build/folioctl" drain g0 --coordinator "$ep" >/dev/null && "$build/folioctl" drain g1 --coordinator "$ep" >/dev/null
+s="$(status "$tmp/b" "$url/health")"
+check "GET /health: 503 while no group serves" test "$s" = 503
+s="$(status "$tmp/b" "$url/v1/completions" "${post[@]}" -d '{"prompt": "hi", "max_tokens": 2}')"
+check "no group to serve: 503 in OpenAI's error shape" test "$s" = 503 -a -n "$(error_shape "$tmp/b" && echo y)"
+"$build/folioctl" undrain g0 --coordinator "$ep" >/dev/null && "$build/folioctl" undrain g1 --coordinator "$ep" >/dev/null
+s="$(status "$tmp/b" "$url/health")"
+check "GET /health: 200 again once a group serves" test "$s" = 200
+
 inflight="$("$build/folioctl" status --coordinator "$ep" --json | "$py" -c "import json,sys; print(json.load(sys.stdin)['requests_inflight'])")"
 check "nothing left in flight in the cluster" test "$inflight" = 0
 
+# SIGTERM with a stream in flight: the stream ends with an error event and [DONE], the gateway exits 0.
+curl -sN "$kurl/v1/completions" "${post[@]}" -H "Authorization: Bearer sk-test-a" -o "$tmp/cut" \
+  -d '{"prompt": [1, 2, 3], "max_tokens": 1900, "ignore_eos": true, "stream": true}' &
+curl_pid=$!
+for _ in $(seq 1 $((50 * slow))); do [ "$(grep -c '^data: ' "$tmp/cut" 2>/dev/null)" -ge 2 ] && break; sleep 0.1; done
 kill -TERM "$gw_pid"
 wait "$gw_pid" 2>/dev/null
 check "the keyed gateway exits 0 on SIGTERM" test $? -eq 0
+wait "$curl_pid"
+check "a stream cut by SIGTERM ends with an error event and [DONE]" \
+  test -n "$(grep -l 'shutting down' "$tmp/cut")" -a "$(grep '^data: ' "$tmp/cut" | tail -n 1)" = "data: [DONE]"
 gw_pid=""
 kill -TERM "$up_pid"
 for _ in $(seq 1 100); do kill -0 "$up_pid" 2>/dev/null || break; sleep 0.1; done
