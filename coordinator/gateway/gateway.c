@@ -390,7 +390,8 @@ static void on_snapshot(gateway_t *g)
         if (n) fl_log_warn("gateway: the coordinator does not answer (%s); %d request(s) ended", s->error, n);
     }
     for (gw_conn_t *c = g->conns; c; c = c->next) {
-        if ((c->state != ST_SNAPSHOT && c->state != ST_MODEL) || s->seq < c->need_seq) continue;
+        /* A failed fetch answers everyone waiting: a later one would only time out again. */
+        if ((c->state != ST_SNAPSHOT && c->state != ST_MODEL) || (s->seq < c->need_seq && s->ok)) continue;
         if (c->state == ST_SNAPSHOT) answer_from_snapshot(g, c);
         resume(c); /* ST_MODEL: the access handler looks the model up again */
     }
@@ -459,6 +460,11 @@ static enum MHD_Result on_complete_request(gateway_t *g, gw_conn_t *c)
             return fail(c, 413, "request_too_large", "the request body is over %zu bytes (--max-body)", g->o.max_body);
         if (c->ep == EP_CHAT || c->ep == EP_COMPLETIONS) return start_generate(g, c);
         c->need_seq = gw_control_refresh(g->control);
+        if (g->snap.seq && !g->snap.ok) { /* the coordinator did not answer the last fetch: say so now,
+                                            * rather than keep a probe waiting out another timeout */
+            answer_from_snapshot(g, c);
+            return on_complete_request(g, c);
+        }
         c->state = ST_SNAPSHOT;
         suspend(c);
         return MHD_YES;
@@ -488,7 +494,7 @@ static enum MHD_Result on_complete_request(gateway_t *g, gw_conn_t *c)
         suspend(c);
         return MHD_YES;
     case ST_MODEL:
-        if (g->snap.seq < c->need_seq) {
+        if (g->snap.seq < c->need_seq && g->snap.ok) {
             suspend(c);
             return MHD_YES;
         }

@@ -127,7 +127,7 @@ check "nothing left in flight in the cluster" test "$inflight" = 0
 curl -sN "$kurl/v1/completions" "${post[@]}" -H "Authorization: Bearer sk-test-a" -o "$tmp/cut" \
   -d '{"prompt": [1, 2, 3], "max_tokens": 1900, "ignore_eos": true, "stream": true}' &
 curl_pid=$!
-for _ in $(seq 1 $((50 * slow))); do [ "$(grep -c '^data: ' "$tmp/cut" 2>/dev/null)" -ge 2 ] && break; sleep 0.1; done
+for _ in $(seq 1 $((50 * slow))); do [ "$(cat "$tmp/cut" 2>/dev/null | grep -c '^data: ')" -ge 2 ] && break; sleep 0.1; done
 kill -TERM "$gw_pid"
 wait "$gw_pid" 2>/dev/null
 check "the keyed gateway exits 0 on SIGTERM" test $? -eq 0
