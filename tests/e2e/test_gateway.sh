@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # folio-gateway, the OpenAI-compatible HTTP API, end to end on a tiny random model: `folioctl up
-# --http` starts it with the cluster and prints its URL; a second gateway with --api-keys on the same
-# coordinator. curl checks the error answers (OpenAI's error shape and status: malformed JSON 400,
-# unknown model 404, a body over --max-body 413, n=2 400, no or a wrong key 401, wrong method 405,
-# unknown path 404; /health and /metrics open without a key; every group drained: /health and
-# requests 503); tests/e2e/gateway_client.py checks
-# the rest with the official `openai` package (streamed and not, chat and completions, batches,
-# logprobs, the tokens of `folioctl generate --json`, tenants from keys, 256 concurrent streams with
-# no chunk lost or repeated, a client gone mid-stream cancelled). SIGTERM to `up` stops the gateway.
+# --http` starts it with the cluster and prints its URL; a second gateway with --api-keys fronts a
+# second coordinator (one request in flight per tenant) and worker. curl checks the error answers in
+# OpenAI's shape and status (malformed JSON 400, unknown model 404, a body over --max-body 413,
+# n=2 400, no or a wrong key 401, a tenant over its share 429 with Retry-After, wrong method 405,
+# unknown path 404, headers too large 431; /health and /metrics open without a key; every group
+# drained: /health and requests 503); tests/e2e/gateway_client.py checks the rest with the official
+# `openai` package (streamed and not, chat and completions, batches, logprobs, the tokens of
+# `folioctl generate --json`, tenants from keys, 256 concurrent streams with no chunk lost or
+# repeated, a client gone mid-stream cancelled). SIGTERM stops a gateway cleanly, also mid-stream,
+# and SIGTERM to `up` stops its gateway.
 set -uo pipefail
 build="${FOLIO_BUILD_DIR:?}"
 src="${FOLIO_SOURCE_DIR:?}"
@@ -54,7 +56,15 @@ if ! grep -q "folio cluster up" "$tmp/up.out"; then
 fi
 check "folioctl up prints the gateway's URL" grep -q "http://127.0.0.1:$port" "$tmp/up.out"
 printf 'sk-test-a tenant-a\n# a comment\n\nsk-test-b   tenant-b\n' >"$tmp/keys"
-"$build/folio-gateway" --coordinator "$ep" --http "127.0.0.1:$kport" --api-keys "$tmp/keys" --max-body 64KiB \
+# The keyed gateway fronts a cluster of its own whose coordinator lets a tenant have one request in
+# flight, so that the cluster's refusal (RESOURCE_EXHAUSTED) can be seen as 429.
+ep2="ipc://$tmp/c2" wep2="ipc://$tmp/w2"
+"$build/folio-coordinator" --listen "$ep2" --workers "$wep2" -m "$tmp/tiny.gguf" --max-inflight-per-tenant 1 \
+  2>"$tmp/c2.log" &
+c2_pid=$!
+"$build/folio-worker" --workers "$wep2" --group k0 -m "$tmp/tiny.gguf" --threads 1 2>"$tmp/w2.log" &
+w2_pid=$!
+"$build/folio-gateway" --coordinator "$ep2" --http "127.0.0.1:$kport" --api-keys "$tmp/keys" --max-body 64KiB \
   2>"$tmp/keyed.log" &
 gw_pid=$!
 for _ in $(seq 1 $((100 * slow))); do
@@ -103,6 +113,23 @@ s="$(status "$tmp/b" "$kurl/v1/completions" "${post[@]}" -H "Authorization: Bear
 check "--api-keys: a listed key: 200" test "$s" = 200
 s="$(status "$tmp/b" "$kurl/metrics")"
 check "--api-keys: /metrics stays open" test "$s" = 200
+# A tenant over its share of requests in flight: 429 with Retry-After. The worker is stopped (for
+# less than a heartbeat interval) so that the first request stays in flight.
+kill -STOP "$w2_pid"
+curl -s -o /dev/null -w '%{http_code}' "$kurl/v1/completions" "${post[@]}" -H "Authorization: Bearer sk-test-a" \
+  -d "$body" >"$tmp/held.code" &
+held_pid=$!
+for _ in $(seq 1 $((50 * slow))); do
+  [ "$("$build/folioctl" status --coordinator "$ep2" --json | "$py" -c "import json,sys; print(json.load(sys.stdin)['requests_inflight'])")" = 1 ] && break
+  sleep 0.02
+done
+s="$(curl -s -D "$tmp/h" -o "$tmp/b" -w '%{http_code}' "$kurl/v1/completions" "${post[@]}" \
+  -H "Authorization: Bearer sk-test-a" -d "$body")"
+kill -CONT "$w2_pid"
+check "a tenant over its share in flight: 429 with Retry-After" \
+  test "$s" = 429 -a -n "$(grep -i '^retry-after: [1-9]' "$tmp/h")" -a -n "$(error_shape "$tmp/b" && echo y)"
+wait "$held_pid"
+check "the request held meanwhile is served" test "$(cat "$tmp/held.code")" = 200
 s="$(status "$tmp/b" "$url/v1/completions" "${post[@]}" -d '{"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": true}')"
 check "curl: a stream ends with data: [DONE]" test "$s" = 200 -a "$(grep -c '^data: ' "$tmp/b")" -ge 3 \
   -a "$(grep '^data: ' "$tmp/b" | tail -n 1)" = "data: [DONE]"
@@ -135,6 +162,8 @@ wait "$curl_pid"
 check "a stream cut by SIGTERM ends with an error event and [DONE]" \
   test -n "$(grep -l 'shutting down' "$tmp/cut")" -a "$(grep '^data: ' "$tmp/cut" | tail -n 1)" = "data: [DONE]"
 gw_pid=""
+kill -TERM "$w2_pid" "$c2_pid"
+wait "$w2_pid" "$c2_pid" 2>/dev/null
 kill -TERM "$up_pid"
 for _ in $(seq 1 100); do kill -0 "$up_pid" 2>/dev/null || break; sleep 0.1; done
 check "SIGTERM to up stops its gateway too" test -z "$(pgrep -f -- "--http 127.0.0.1:$port" | head -n 1)"
