@@ -28,7 +28,7 @@ struct gw_control {
     pthread_cond_t cv;
     /* under mu */
     bool stop, want;
-    uint64_t begun;        /* fetches begun */
+    uint64_t begun; /* fetches begun */
     int failures;
     gw_snapshot_t pending; /* seq 0: none */
 };

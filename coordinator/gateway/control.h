@@ -16,15 +16,15 @@
 #include "folio.pb-c.h"
 
 typedef struct gw_snapshot {
-    uint64_t seq;                    /* the fetch that made it (fetches are numbered from 1) */
-    bool ok;                         /* the coordinator answered Health and Status */
-    char error[600];                 /* why not, when !ok */
-    int failures;                    /* fetches in a row that failed, this one included */
-    double started_at;               /* fl_clock_s() when the fetch began */
-    bool serving;                    /* Health: some healthy group admits work */
+    uint64_t seq;      /* the fetch that made it (fetches are numbered from 1) */
+    bool ok;           /* the coordinator answered Health and Status */
+    char error[600];   /* why not, when !ok */
+    int failures;      /* fetches in a row that failed, this one included */
+    double started_at; /* fl_clock_s() when the fetch began */
+    bool serving;      /* Health: some healthy group admits work */
     uint32_t healthy_groups, groups;
-    uint64_t instance;               /* the coordinator's; changes when it restarts */
-    Folio__V1__Response *status;     /* ok: the Status reply (status->cluster); owned */
+    uint64_t instance;           /* the coordinator's; changes when it restarts */
+    Folio__V1__Response *status; /* ok: the Status reply (status->cluster); owned */
 } gw_snapshot_t;
 
 typedef struct gw_control gw_control_t;

@@ -42,28 +42,18 @@
 #include "log.h"
 #include "relay.h"
 
-#define GATEWAY_TICK_S         0.25  /* housekeeping: keep-alives, coordinator trouble */
-#define GATEWAY_KEEPALIVE_S    10.0  /* an SSE comment after this long without a chunk */
-#define GATEWAY_EVENTS_PER_RUN 512   /* coordinator replies per turn before HTTP gets its turn */
-#define GATEWAY_DOWN_FAILURES  3     /* Status fetches in a row that failed: the coordinator is down */
-#define GATEWAY_LOST_QUIET_S   5.0   /* ... and a request that heard nothing this long is lost */
-#define GATEWAY_IDLE_TIMEOUT_S 60    /* an idle HTTP connection (not a suspended one) is closed */
-#define GATEWAY_MAX_CODES      64    /* distinct (endpoint, status) pairs counted */
+#define GATEWAY_TICK_S         0.25 /* housekeeping: keep-alives, coordinator trouble */
+#define GATEWAY_KEEPALIVE_S    10.0 /* an SSE comment after this long without a chunk */
+#define GATEWAY_EVENTS_PER_RUN 512  /* coordinator replies per turn before HTTP gets its turn */
+#define GATEWAY_DOWN_FAILURES  3    /* Status fetches in a row that failed: the coordinator is down */
+#define GATEWAY_LOST_QUIET_S   5.0  /* ... and a request that heard nothing this long is lost */
+#define GATEWAY_IDLE_TIMEOUT_S 60   /* an idle HTTP connection (not a suspended one) is closed */
+#define GATEWAY_MAX_CODES      64   /* distinct (endpoint, status) pairs counted */
 
-typedef enum {
-    EP_CHAT,
-    EP_COMPLETIONS,
-    EP_MODELS,
-    EP_MODEL,
-    EP_HEALTH,
-    EP_METRICS,
-    EP_OTHER,
-    EP_COUNT
-} endpoint_t;
+typedef enum { EP_CHAT, EP_COMPLETIONS, EP_MODELS, EP_MODEL, EP_HEALTH, EP_METRICS, EP_OTHER, EP_COUNT } endpoint_t;
 
-static const char *const endpoint_names[EP_COUNT] = {"/v1/chat/completions", "/v1/completions", "/v1/models",
-                                                     "/v1/models/{model}",   "/health",         "/metrics",
-                                                     "other"};
+static const char *const endpoint_names[EP_COUNT] = {
+    "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}", "/health", "/metrics", "other"};
 
 typedef enum {
     ST_READ,     /* reading the body */
@@ -84,16 +74,16 @@ struct gw_conn {
     char *body;
     size_t len, cap, discarded;
     bool too_large, suspended;
-    int status;                    /* the status queued, for the request counter */
+    int status; /* the status queued, for the request counter */
     relay_req_t *rq;
-    oai_request_t req;             /* parsed, while its model is looked up (ST_MODEL) */
+    oai_request_t req; /* parsed, while its model is looked up (ST_MODEL) */
     bool parsed, refreshed;
     uint64_t need_seq;
-    char *reply;                   /* ST_READY */
+    char *reply; /* ST_READY */
     int reply_status;
     const char *reply_type;
-    char model[256];               /* EP_MODEL: the name asked for */
-    gw_conn_t *prev, *next;        /* every connection with a request in progress */
+    char model[256];        /* EP_MODEL: the name asked for */
+    gw_conn_t *prev, *next; /* every connection with a request in progress */
 };
 
 typedef struct code_count {
@@ -109,16 +99,16 @@ struct gateway {
     folio_client_t *client;
     gw_control_t *control;
     relay_t *relay;
-    gw_snapshot_t snap;            /* the newest Status/Health */
+    gw_snapshot_t snap; /* the newest Status/Health */
     uint64_t known_instance;
-    double known_at;               /* when a fetch last saw known_instance */
+    double known_at; /* when a fetch last saw known_instance */
     oai_token_text_fn token_fn;
     void *token_ctx;
     char token_model_id[512];
     bool token_text_checked, token_text_ok;
     gw_conn_t *conns;
     int in_progress;
-    uint64_t disconnects;          /* requests whose client went away before the end */
+    uint64_t disconnects; /* requests whose client went away before the end */
     code_count_t codes[GATEWAY_MAX_CODES];
     int n_codes;
 };
@@ -376,7 +366,8 @@ static void on_snapshot(gateway_t *g)
     const gw_snapshot_t *s = &g->snap;
     if (s->ok) {
         if (g->known_instance && s->instance != g->known_instance) {
-            const int n = relay_fail_lost(g->relay, s->started_at, 1e300, "the coordinator restarted; the request was lost");
+            const int n =
+                relay_fail_lost(g->relay, s->started_at, 1e300, "the coordinator restarted; the request was lost");
             fl_log_warn("gateway: the coordinator restarted (instance %llx -> %llx); %d request(s) ended",
                         (unsigned long long)g->known_instance, (unsigned long long)s->instance, n);
         }
@@ -427,7 +418,8 @@ static enum MHD_Result start_generate(gateway_t *g, gw_conn_t *c)
         c->body = NULL;
     }
     if (g->snap.failures >= GATEWAY_DOWN_FAILURES)
-        return fail(c, 503, "unavailable", "the coordinator at %s does not answer: %s", g->o.coordinator, g->snap.error);
+        return fail(c, 503, "unavailable", "the coordinator at %s does not answer: %s", g->o.coordinator,
+                    g->snap.error);
     char model[256], served[512];
     const model_lookup_t found = resolve_model(g, c->req.model, model, sizeof model, served, sizeof served);
     if (found != MODEL_FOUND && !c->refreshed) {
@@ -461,7 +453,7 @@ static enum MHD_Result on_complete_request(gateway_t *g, gw_conn_t *c)
         if (c->ep == EP_CHAT || c->ep == EP_COMPLETIONS) return start_generate(g, c);
         c->need_seq = gw_control_refresh(g->control);
         if (g->snap.seq && !g->snap.ok) { /* the coordinator did not answer the last fetch: say so now,
-                                            * rather than keep a probe waiting out another timeout */
+                                           * rather than keep a probe waiting out another timeout */
             answer_from_snapshot(g, c);
             return on_complete_request(g, c);
         }
@@ -509,8 +501,10 @@ static enum MHD_Result on_headers(gateway_t *g, gw_conn_t *c, const char *method
 {
     const bool post = !strcmp(method, MHD_HTTP_METHOD_POST);
     const bool get = !strcmp(method, MHD_HTTP_METHOD_GET) || !strcmp(method, MHD_HTTP_METHOD_HEAD);
-    if (c->ep == EP_OTHER) return fail(c, 404, "not_found", "no such endpoint (POST /v1/chat/completions, "
-                                                            "/v1/completions; GET /v1/models, /health, /metrics)");
+    if (c->ep == EP_OTHER)
+        return fail(c, 404, "not_found",
+                    "no such endpoint (POST /v1/chat/completions, "
+                    "/v1/completions; GET /v1/models, /health, /metrics)");
     const bool generate = c->ep == EP_CHAT || c->ep == EP_COMPLETIONS;
     if (generate ? !post : !get) return fail(c, 405, "method_not_allowed", "%s is not allowed here", method);
     if (g->o.keys && c->ep <= EP_MODEL) {
@@ -594,8 +588,10 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls, e
     count(g, c->ep, c->status);
     fl_log_debug("gateway: %s status=%d%s", endpoint_names[c->ep], c->status,
                  gone ? " (the connection ended before the response)" : "");
-    if (c->prev) c->prev->next = c->next;
-    else g->conns = c->next;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        g->conns = c->next;
     if (c->next) c->next->prev = c->prev;
     g->in_progress--;
     if (c->parsed) oai_request_free(&c->req);
@@ -640,23 +636,17 @@ gateway_t *gateway_new(const gateway_opts_t *o, fl_error_t *err)
     const bool v6 = ai->ai_family == AF_INET6;
     snprintf(g->url, sizeof g->url, v6 ? "http://[%s]:%d" : "http://%s:%d", fl_host_port_local(host), o->http_port);
     if (!(g->client = folio_client_new(o->coordinator, err))) goto fail;
-    const relay_opts_t ro = {.client = g->client,
-                             .wake = relay_wake,
-                             .token_text = token_text,
-                             .token_ctx = g};
+    const relay_opts_t ro = {.client = g->client, .wake = relay_wake, .token_text = token_text, .token_ctx = g};
     if (!(g->relay = relay_new(&ro))) {
         fl_fail(err, FL_ENOMEM, "gateway: out of memory");
         goto fail;
     }
     if (!(g->control = gw_control_new(o->coordinator, o->status_interval_ms, 2000, err))) goto fail;
     const unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG | (v6 ? MHD_USE_IPv6 : 0);
-    g->mhd = MHD_start_daemon(flags, (uint16_t)o->http_port, NULL, NULL, on_request, g,
-                              MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
-                              MHD_OPTION_NOTIFY_COMPLETED, on_completed, g,
-                              MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-                              MHD_OPTION_CONNECTION_LIMIT, (unsigned)g->o.max_connections,
-                              MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)GATEWAY_IDLE_TIMEOUT_S,
-                              MHD_OPTION_END);
+    g->mhd = MHD_start_daemon(flags, (uint16_t)o->http_port, NULL, NULL, on_request, g, MHD_OPTION_EXTERNAL_LOGGER,
+                              mhd_log, NULL, MHD_OPTION_NOTIFY_COMPLETED, on_completed, g, MHD_OPTION_SOCK_ADDR,
+                              ai->ai_addr, MHD_OPTION_CONNECTION_LIMIT, (unsigned)g->o.max_connections,
+                              MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)GATEWAY_IDLE_TIMEOUT_S, MHD_OPTION_END);
     if (!g->mhd) {
         fl_fail(err, FL_EIO, "cannot listen on %s (address in use? pick another with --http)", g->url);
         goto fail;

@@ -18,13 +18,13 @@
 #define GATEWAY_DEFAULT_MAX_CONNS 4096
 
 typedef struct gateway_opts {
-    const char *coordinator;       /* client endpoint */
-    const char *http_addr;         /* host or address to listen on; NULL or "": every IPv4 address */
+    const char *coordinator; /* client endpoint */
+    const char *http_addr;   /* host or address to listen on; NULL or "": every IPv4 address */
     int http_port;
-    const api_keys_t *keys;        /* borrowed; NULL: /v1 is open and every request has tenant "" */
-    size_t max_body;               /* request body bytes at most (413 beyond) */
+    const api_keys_t *keys; /* borrowed; NULL: /v1 is open and every request has tenant "" */
+    size_t max_body;        /* request body bytes at most (413 beyond) */
     int max_connections;
-    int status_interval_ms;        /* Status and Health fetched this often (0: 1000) */
+    int status_interval_ms; /* Status and Health fetched this often (0: 1000) */
 } gateway_opts_t;
 
 typedef struct gateway gateway_t;

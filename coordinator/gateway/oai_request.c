@@ -138,8 +138,10 @@ static int refuse_unsupported(const cJSON *root, oai_kind_t kind, oai_error_t *e
 {
     bool set;
     double n = 1;
-    if (get_int(root, "n", 1, 128, &set, &n, e)) return field_fail(e, "n", "'n' must be 1: folio returns one choice per prompt");
-    if (set && n != 1) return field_fail(e, "n", "'n' = %.0f is not supported: folio returns one choice per prompt (n = 1)", n);
+    if (get_int(root, "n", 1, 128, &set, &n, e))
+        return field_fail(e, "n", "'n' must be 1: folio returns one choice per prompt");
+    if (set && n != 1)
+        return field_fail(e, "n", "'n' = %.0f is not supported: folio returns one choice per prompt (n = 1)", n);
     if (kind == OAI_COMPLETION) {
         double best_of = 1;
         if (get_int(root, "best_of", 1, 128, &set, &best_of, e) || best_of != 1)
@@ -161,7 +163,8 @@ static int refuse_unsupported(const cJSON *root, oai_kind_t kind, oai_error_t *e
     if (rf) {
         const cJSON *type = cJSON_IsObject(rf) ? field(rf, "type") : NULL;
         if (!cJSON_IsObject(rf) || (type && !(cJSON_IsString(type) && !strcmp(type->valuestring, "text"))))
-            return field_fail(e, "response_format", "'response_format' other than {\"type\": \"text\"} is not supported");
+            return field_fail(e, "response_format",
+                              "'response_format' other than {\"type\": \"text\"} is not supported");
     }
     return 0;
 }
@@ -216,8 +219,8 @@ static int parse_prompt(const cJSON *root, oai_request_t *r, oai_error_t *e)
         } else if (!strings && cJSON_IsArray(q)) {
             if (token_array(r, q, "prompt", &r->prompts[i], e)) return -1;
         } else {
-            return field_fail(e, "prompt",
-                              "'prompt' lists must hold non-empty strings only or lists of token ids only (item %d)", i);
+            return field_fail(
+                e, "prompt", "'prompt' lists must hold non-empty strings only or lists of token ids only (item %d)", i);
         }
     }
     return 0;
@@ -234,13 +237,15 @@ static int message_content(oai_request_t *r, const cJSON *c, int i, const char *
         *out = c->valuestring;
         return 0;
     }
-    if (!cJSON_IsArray(c)) return field_fail(e, "messages", "messages[%d].content must be a string or a list of parts", i);
+    if (!cJSON_IsArray(c))
+        return field_fail(e, "messages", "messages[%d].content must be a string or a list of parts", i);
     size_t len = 0;
     for (const cJSON *part = c->child; part; part = part->next) {
         const cJSON *type = cJSON_IsObject(part) ? field(part, "type") : NULL;
         const cJSON *text = cJSON_IsObject(part) ? field(part, "text") : NULL;
         if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") || !cJSON_IsString(text))
-            return field_fail(e, "messages", "messages[%d].content: only parts {\"type\": \"text\", \"text\": ...} are supported", i);
+            return field_fail(e, "messages",
+                              "messages[%d].content: only parts {\"type\": \"text\", \"text\": ...} are supported", i);
         len += strlen(text->valuestring) + 1;
     }
     char *s = own(r, malloc(len + 1));
@@ -272,8 +277,9 @@ static int parse_messages(const cJSON *root, oai_request_t *r, oai_error_t *e)
         const char *rs = role->valuestring;
         if (!strcmp(rs, "developer")) rs = "system"; /* OpenAI's newer name for the system role */
         if (strcmp(rs, "system") && strcmp(rs, "user") && strcmp(rs, "assistant"))
-            return field_fail(e, "messages", "messages[%d].role '%.32s' is not supported (system, developer, user, assistant)",
-                              i, role->valuestring);
+            return field_fail(e, "messages",
+                              "messages[%d].role '%.32s' is not supported (system, developer, user, assistant)", i,
+                              role->valuestring);
         r->messages[i].role = rs;
         if (message_content(r, cJSON_GetObjectItemCaseSensitive(msg, "content"), i, &r->messages[i].content, e))
             return -1;
@@ -314,7 +320,8 @@ static int parse_logit_bias(const cJSON *root, oai_request_t *r, oai_error_t *e)
     if (!b) return 0;
     if (!cJSON_IsObject(b)) return field_fail(e, "logit_bias", "'logit_bias' must be an object of token id -> bias");
     const int n = cJSON_GetArraySize(b);
-    if (n > FOLIO_MAX_LOGIT_BIAS) return field_fail(e, "logit_bias", "'logit_bias' has %d entries (at most %d)", n, FOLIO_MAX_LOGIT_BIAS);
+    if (n > FOLIO_MAX_LOGIT_BIAS)
+        return field_fail(e, "logit_bias", "'logit_bias' has %d entries (at most %d)", n, FOLIO_MAX_LOGIT_BIAS);
     if (n == 0) return 0;
     r->bias = calloc((size_t)n, sizeof *r->bias);
     r->bias_ptrs = calloc((size_t)n, sizeof *r->bias_ptrs);
@@ -328,7 +335,8 @@ static int parse_logit_bias(const cJSON *root, oai_request_t *r, oai_error_t *e)
         if (!cJSON_IsNumber(x) || !isfinite(x->valuedouble))
             return field_fail(e, "logit_bias", "'logit_bias' values must be numbers (token %ld)", tok);
         for (int k = 0; k < i; k++)
-            if (r->bias[k].token == (int32_t)tok) return field_fail(e, "logit_bias", "'logit_bias' names token %ld twice", tok);
+            if (r->bias[k].token == (int32_t)tok)
+                return field_fail(e, "logit_bias", "'logit_bias' names token %ld twice", tok);
         folio__v1__logit_bias__init(&r->bias[i]);
         r->bias[i].token = (int32_t)tok;
         r->bias[i].bias = (float)x->valuedouble;
@@ -342,9 +350,9 @@ static int parse_logit_bias(const cJSON *root, oai_request_t *r, oai_error_t *e)
 /* folio_sampling_check's message names a SamplingParams field; param is the OpenAI field. */
 static const char *param_of(const char *msg)
 {
-    static const char *const names[] = {"temperature",      "top_p",           "top_k",       "min_p",
-                                        "repetition_penalty", "presence_penalty", "frequency_penalty",
-                                        "top_logprobs",     "logit_bias",      "logprobs"};
+    static const char *const names[] = {
+        "temperature",       "top_p",        "top_k",      "min_p",   "repetition_penalty", "presence_penalty",
+        "frequency_penalty", "top_logprobs", "logit_bias", "logprobs"};
     const char *f = strstr(msg, "SamplingParams.");
     if (!f) return "";
     f += strlen("SamplingParams.");
@@ -407,8 +415,9 @@ int oai_request_parse(oai_kind_t kind, const char *body, size_t len, oai_request
     if (!root || end != body + len) {
         const size_t at = end && end >= body ? (size_t)(end - body) : 0;
         cJSON_Delete(root);
-        return oai_fail(err, 400, "invalid_json", len ? "the request body is not valid JSON (at byte %zu of %zu)"
-                                                      : "the request body is empty: a JSON object was expected",
+        return oai_fail(err, 400, "invalid_json",
+                        len ? "the request body is not valid JSON (at byte %zu of %zu)"
+                            : "the request body is empty: a JSON object was expected",
                         at, len);
     }
     out->json = root;

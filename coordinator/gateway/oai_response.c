@@ -91,10 +91,14 @@ static int utf8_len(const unsigned char *s, size_t n)
     if (s[0] < 0x80) return 1;
     int len;
     unsigned cp;
-    if ((s[0] & 0xE0) == 0xC0) len = 2, cp = s[0] & 0x1F;
-    else if ((s[0] & 0xF0) == 0xE0) len = 3, cp = s[0] & 0x0F;
-    else if ((s[0] & 0xF8) == 0xF0) len = 4, cp = s[0] & 0x07;
-    else return 0;
+    if ((s[0] & 0xE0) == 0xC0)
+        len = 2, cp = s[0] & 0x1F;
+    else if ((s[0] & 0xF0) == 0xE0)
+        len = 3, cp = s[0] & 0x0F;
+    else if ((s[0] & 0xF8) == 0xF0)
+        len = 4, cp = s[0] & 0x07;
+    else
+        return 0;
     if ((size_t)len > n) return 0;
     for (int i = 1; i < len; i++) {
         if ((s[i] & 0xC0) != 0x80) return 0;
@@ -157,7 +161,8 @@ static cJSON *chat_token_json(const oai_writer_t *w, const Folio__V1__TokenLogpr
     cJSON_AddItemToObject(o, "bytes", bytes_json(&t));
     if (with_top) {
         cJSON *top = cJSON_AddArrayToObject(o, "top_logprobs");
-        for (size_t k = 0; all && k < all->n_top; k++) cJSON_AddItemToArray(top, chat_token_json(w, all->top[k], false, NULL));
+        for (size_t k = 0; all && k < all->n_top; k++)
+            cJSON_AddItemToArray(top, chat_token_json(w, all->top[k], false, NULL));
     }
     return o;
 }
@@ -171,7 +176,8 @@ static cJSON *logprobs_json(const oai_writer_t *w, const oai_choice_t *c)
     if (w->rq->kind == OAI_CHAT) {
         cJSON *content = cJSON_AddArrayToObject(o, "content");
         for (int i = 0; i < n; i++)
-            if (c->logprobs[i]) cJSON_AddItemToArray(content, chat_token_json(w, c->logprobs[i]->chosen, true, c->logprobs[i]));
+            if (c->logprobs[i])
+                cJSON_AddItemToArray(content, chat_token_json(w, c->logprobs[i]->chosen, true, c->logprobs[i]));
         cJSON_AddNullToObject(o, "refusal");
         return o;
     }
@@ -194,7 +200,8 @@ static cJSON *logprobs_json(const oai_writer_t *w, const oai_choice_t *c)
             for (size_t k = 0; l && k < l->n_top; k++) {
                 token_str_t tt;
                 token_str(w, l->top[k]->token, &tt);
-                if (!cJSON_GetObjectItemCaseSensitive(m, tt.text)) cJSON_AddNumberToObject(m, tt.text, l->top[k]->logprob);
+                if (!cJSON_GetObjectItemCaseSensitive(m, tt.text))
+                    cJSON_AddNumberToObject(m, tt.text, l->top[k]->logprob);
             }
             cJSON_AddItemToArray(tops, m);
         }
@@ -223,7 +230,8 @@ static cJSON *envelope(const oai_writer_t *w, bool chunk)
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "id", w->id);
     const bool chat = w->rq->kind == OAI_CHAT;
-    cJSON_AddStringToObject(o, "object", chat ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion");
+    cJSON_AddStringToObject(o, "object",
+                            chat ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion");
     cJSON_AddNumberToObject(o, "created", (double)w->created);
     cJSON_AddStringToObject(o, "model", w->model ? w->model : "");
     return o;
@@ -316,7 +324,8 @@ bool oai_model_matches(const char *asked, const char *model_id)
     oai_model_name(model_id, name, sizeof name);
     if (!strcmp(asked, name) || !strcmp(asked, model_id)) return true;
     const char *colon = strrchr(model_id, ':'); /* the file name: "tiny.gguf" */
-    return colon && strlen(asked) == (size_t)(colon - model_id) && !strncmp(asked, model_id, (size_t)(colon - model_id));
+    return colon && strlen(asked) == (size_t)(colon - model_id) &&
+           !strncmp(asked, model_id, (size_t)(colon - model_id));
 }
 
 static cJSON *model_object(const char *model_id, long long created)

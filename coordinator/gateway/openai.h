@@ -20,42 +20,42 @@
 typedef enum { OAI_CHAT, OAI_COMPLETION } oai_kind_t;
 
 typedef struct oai_error {
-    int http_status;         /* 400, 401, 404, 413, 429, 500, 503, 504 ... */
-    const char *type;        /* invalid_request_error, rate_limit_error, server_error, ... */
-    const char *code;        /* NULL or e.g. "model_not_found", "context_length_exceeded" */
-    char param[64];          /* "" when no one field is at fault */
+    int http_status;  /* 400, 401, 404, 413, 429, 500, 503, 504 ... */
+    const char *type; /* invalid_request_error, rate_limit_error, server_error, ... */
+    const char *code; /* NULL or e.g. "model_not_found", "context_length_exceeded" */
+    char param[64];   /* "" when no one field is at fault */
     char message[512];
-    int retry_after_s;       /* > 0: the Retry-After header (429) */
+    int retry_after_s; /* > 0: the Retry-After header (429) */
 } oai_error_t;
 
 /* One prompt of a batch: text, or token ids. */
 typedef struct oai_prompt {
-    const char *text;        /* borrowed from the parsed JSON, or NULL */
-    int32_t *tokens;         /* owned */
+    const char *text; /* borrowed from the parsed JSON, or NULL */
+    int32_t *tokens;  /* owned */
     int n_tokens;
 } oai_prompt_t;
 
 typedef struct oai_request {
     oai_kind_t kind;
-    const char *model;       /* NULL: not given (any model the cluster serves) */
+    const char *model; /* NULL: not given (any model the cluster serves) */
     /* chat: the messages (strings borrowed or in owned) */
     folio_chat_message_t *messages;
     int n_messages;
     /* completions: one prompt, or several (a batch: one choice each, `index` = the prompt's) */
     oai_prompt_t *prompts;
     int n_prompts;
-    int max_tokens;          /* 0: the endpoint's default (16 for completions, the context for chat) */
-    Folio__V1__SamplingParams sampling;  /* fields with presence as the request set them */
+    int max_tokens;                     /* 0: the endpoint's default (16 for completions, the context for chat) */
+    Folio__V1__SamplingParams sampling; /* fields with presence as the request set them */
     Folio__V1__LogitBias *bias, **bias_ptrs;
-    const char **stop;       /* borrowed strings */
+    const char **stop; /* borrowed strings */
     int n_stop;
     bool stream, include_usage;
-    bool ignore_eos;         /* extension (vLLM's name) */
-    bool return_token_ids;   /* extension (vLLM's name): each choice's token ids in `token_ids` */
-    uint32_t timeout_ms;     /* extension: the request's deadline; 0 none */
-    const char *user;        /* accepted, not interpreted */
+    bool ignore_eos;       /* extension (vLLM's name) */
+    bool return_token_ids; /* extension (vLLM's name): each choice's token ids in `token_ids` */
+    uint32_t timeout_ms;   /* extension: the request's deadline; 0 none */
+    const char *user;      /* accepted, not interpreted */
     /* what the parse allocated */
-    void *json;              /* the cJSON tree the borrowed strings point into */
+    void *json; /* the cJSON tree the borrowed strings point into */
     char **owned;
     int n_owned;
 } oai_request_t;
@@ -90,9 +90,9 @@ typedef int (*oai_token_text_fn)(void *ctx, int32_t id, char *buf, size_t cap);
 
 typedef struct oai_writer {
     const oai_request_t *rq;
-    const char *id;          /* "chatcmpl-..." / "cmpl-..." */
-    long long created;       /* unix seconds */
-    const char *model;       /* as the response names it */
+    const char *id;    /* "chatcmpl-..." / "cmpl-..." */
+    long long created; /* unix seconds */
+    const char *model; /* as the response names it */
     oai_token_text_fn token_text;
     void *token_ctx;
 } oai_writer_t;
@@ -105,8 +105,8 @@ typedef struct oai_choice {
     int n_tokens;
     Folio__V1__TokenLogprobs *const *logprobs; /* one per token, or NULL */
     int n_logprobs;
-    size_t text_offset;      /* completions' logprobs: bytes of text before this one */
-    int finish_reason;       /* Folio__V1__FinishReason; FINISH_NONE in a chunk that does not end it */
+    size_t text_offset; /* completions' logprobs: bytes of text before this one */
+    int finish_reason;  /* Folio__V1__FinishReason; FINISH_NONE in a chunk that does not end it */
 } oai_choice_t;
 
 typedef struct oai_usage {

@@ -30,13 +30,13 @@
 
 typedef struct relay_sub {
     relay_req_t *q;
-    int index;              /* the prompt's index: the choice's */
-    uint64_t id;            /* the coordinator request id; 0 once its FINAL came or it was cancelled */
+    int index;   /* the prompt's index: the choice's */
+    uint64_t id; /* the coordinator request id; 0 once its FINAL came or it was cancelled */
     bool started, done;
-    uint32_t next_index;    /* tokens received */
-    size_t text_bytes;      /* text received (completions' logprobs text_offset) */
+    uint32_t next_index; /* tokens received */
+    size_t text_bytes;   /* text received (completions' logprobs text_offset) */
     double sent_at, heard_at;
-    folio_event_t final;    /* unstreamed: the FINAL, all tokens in its delta */
+    folio_event_t final; /* unstreamed: the FINAL, all tokens in its delta */
     int finish_reason;
     uint32_t prompt_tokens, cached_tokens, completion_tokens;
 } relay_sub_t;
@@ -215,7 +215,8 @@ static void set_reply(relay_req_t *q, int status, char *body, int retry_after_s)
 
 int relay_reply(const relay_req_t *q, const char **body, size_t *len, int *retry_after_s)
 {
-    static const char oom[] = "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
+    static const char oom[] =
+        "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
     *body = q->body ? q->body : oom;
     *len = strlen(*body);
     *retry_after_s = q->retry_after_s;
@@ -309,8 +310,8 @@ static void on_stream_event(relay_req_t *q, relay_sub_t *s, folio_event_t *ev)
     const relay_phase_t was = q->phase;
     if (ev->final && ev->status != FOLIO__V1__STATUS_CODE__OK) {
         oai_error_t e;
-        oai_error_from_status(ev->status, ev->raw && ev->raw->status ? ev->raw->status->retry_after_ms : 0,
-                              ev->message, &e);
+        oai_error_from_status(ev->status, ev->raw && ev->raw->status ? ev->raw->status->retry_after_ms : 0, ev->message,
+                              &e);
         /* Tokens already streamed stay valid; the request still ends in error. */
         if (q->phase != RELAY_WAITING) stream_delta(q, s, ev);
         fail(q, &e);
@@ -332,8 +333,8 @@ static void on_whole_event(relay_req_t *q, relay_sub_t *s, folio_event_t *ev)
     if (!ev->final) return; /* unstreamed: everything comes in the FINAL */
     if (ev->status != FOLIO__V1__STATUS_CODE__OK) {
         oai_error_t e;
-        oai_error_from_status(ev->status, ev->raw && ev->raw->status ? ev->raw->status->retry_after_ms : 0,
-                              ev->message, &e);
+        oai_error_from_status(ev->status, ev->raw && ev->raw->status ? ev->raw->status->retry_after_ms : 0, ev->message,
+                              &e);
         fail(q, &e);
         return;
     }
@@ -466,8 +467,10 @@ void relay_finish(relay_req_t **qp, bool client_gone)
         fl_log_info("gateway: request %s: the client went away; cancelling it", q->id);
     cancel_live(q);
     for (int i = 0; i < q->n_subs; i++) folio_event_clear(&q->subs[i].final);
-    if (q->prev) q->prev->next = q->next;
-    else r->head = q->next;
+    if (q->prev)
+        q->prev->next = q->next;
+    else
+        r->head = q->next;
     if (q->next) q->next->prev = q->prev;
     oai_request_free(&q->rq);
     free(q->subs);

@@ -22,11 +22,11 @@ typedef struct relay_req relay_req_t;
 typedef void (*relay_wake_fn)(void *owner);
 
 typedef struct relay_opts {
-    folio_client_t *client;        /* borrowed; its events come in through relay_on_event */
+    folio_client_t *client; /* borrowed; its events come in through relay_on_event */
     relay_wake_fn wake;
-    oai_token_text_fn token_text;  /* NULL: logprob tokens as "token_id:N" */
+    oai_token_text_fn token_text; /* NULL: logprob tokens as "token_id:N" */
     void *token_ctx;
-    size_t max_buffered;           /* stream bytes a slow client may leave unread (0: 16 MiB) */
+    size_t max_buffered; /* stream bytes a slow client may leave unread (0: 16 MiB) */
 } relay_opts_t;
 
 typedef enum {
@@ -36,9 +36,9 @@ typedef enum {
 } relay_phase_t;
 
 typedef struct relay_stats {
-    uint64_t requests;             /* Generate messages sent */
-    uint64_t cancels;              /* Cancels sent (a client gone, or a batch ended by an error) */
-    uint64_t live;                 /* Generates without their FINAL yet */
+    uint64_t requests; /* Generate messages sent */
+    uint64_t cancels;  /* Cancels sent (a client gone, or a batch ended by an error) */
+    uint64_t live;     /* Generates without their FINAL yet */
 } relay_stats_t;
 
 relay_t *relay_new(const relay_opts_t *o);

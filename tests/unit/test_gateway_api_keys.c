@@ -19,8 +19,8 @@ static void test_keys_map_to_tenants(void **state)
 {
     (void)state;
     fl_error_t err = {0};
-    api_keys_t *k = api_keys_parse("# keys\nsk-alpha team-a\n\n  sk-beta\tteam-b  \r\n#sk-gamma nope\nsk-alphabet c", "keys",
-                                   &err);
+    api_keys_t *k =
+        api_keys_parse("# keys\nsk-alpha team-a\n\n  sk-beta\tteam-b  \r\n#sk-gamma nope\nsk-alphabet c", "keys", &err);
     assert_non_null(k);
     assert_int_equal(api_keys_count(k), 3);
     assert_string_equal(api_keys_tenant(k, "Bearer sk-alpha"), "team-a");

@@ -40,15 +40,17 @@ static void test_chat_request_fields_become_generate_parameters(void **state)
     (void)state;
     oai_request_t r;
     oai_error_t e;
-    const char *body = "{\"model\": \"tiny\", \"messages\": [{\"role\": \"developer\", \"content\": \"be brief\"},"
-                       "{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"a\"}, {\"type\": \"text\", \"text\": \"b\"}]},"
-                       "{\"role\": \"assistant\", \"content\": null}],"
-                       "\"max_tokens\": 5, \"max_completion_tokens\": 7, \"temperature\": 0, \"top_p\": 0.5, \"top_k\": -1,"
-                       "\"seed\": -1, \"stop\": \"END\", \"presence_penalty\": 0.5, \"frequency_penalty\": -0.5,"
-                       "\"logit_bias\": {\"12\": -100, \"7\": 3.5}, \"logprobs\": true, \"top_logprobs\": 3,"
-                       "\"stream\": true, \"stream_options\": {\"include_usage\": true}, \"user\": \"u1\", \"n\": 1,"
-                       "\"ignore_eos\": true, \"return_token_ids\": true, \"timeout_ms\": 2500, \"tools\": [],"
-                       "\"future_field\": {\"ignored\": true}}";
+    const char *body =
+        "{\"model\": \"tiny\", \"messages\": [{\"role\": \"developer\", \"content\": \"be brief\"},"
+        "{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"a\"}, {\"type\": \"text\", \"text\": "
+        "\"b\"}]},"
+        "{\"role\": \"assistant\", \"content\": null}],"
+        "\"max_tokens\": 5, \"max_completion_tokens\": 7, \"temperature\": 0, \"top_p\": 0.5, \"top_k\": -1,"
+        "\"seed\": -1, \"stop\": \"END\", \"presence_penalty\": 0.5, \"frequency_penalty\": -0.5,"
+        "\"logit_bias\": {\"12\": -100, \"7\": 3.5}, \"logprobs\": true, \"top_logprobs\": 3,"
+        "\"stream\": true, \"stream_options\": {\"include_usage\": true}, \"user\": \"u1\", \"n\": 1,"
+        "\"ignore_eos\": true, \"return_token_ids\": true, \"timeout_ms\": 2500, \"tools\": [],"
+        "\"future_field\": {\"ignored\": true}}";
     assert_int_equal(parse(OAI_CHAT, body, &r, &e), 0);
     assert_string_equal(r.model, "tiny");
     assert_int_equal(r.n_messages, 3);
@@ -98,7 +100,7 @@ static void test_completion_prompt_forms(void **state)
     oai_request_params(&r, 0, "", &p);
     assert_string_equal(p.text, "hello");
     assert_null(p.tenant);
-    assert_int_equal(p.max_tokens, 0); /* the legacy API's 16 (folio's 0) */
+    assert_int_equal(p.max_tokens, 0);                          /* the legacy API's 16 (folio's 0) */
     assert_false(FOLIO_SAMPLING_HAS(&r.sampling, temperature)); /* unset: the model's default */
     oai_request_free(&r);
 
@@ -115,8 +117,11 @@ static void test_completion_prompt_forms(void **state)
     assert_true(r.sampling.logprobs && r.sampling.top_logprobs == 2); /* the legacy integer logprobs */
     oai_request_free(&r);
 
-    assert_int_equal(parse(OAI_COMPLETION, "{\"prompt\": [[1, 2], [3]], \"stream\": false, "
-                                           "\"stream_options\": {\"include_usage\": true}}", &r, &e), 0);
+    assert_int_equal(parse(OAI_COMPLETION,
+                           "{\"prompt\": [[1, 2], [3]], \"stream\": false, "
+                           "\"stream_options\": {\"include_usage\": true}}",
+                           &r, &e),
+                     0);
     assert_int_equal(r.n_prompts, 2);
     assert_int_equal(r.prompts[1].n_tokens, 1);
     assert_false(r.include_usage); /* only with stream */
@@ -143,10 +148,10 @@ static void test_bad_requests_are_400_naming_the_field(void **state)
     refused(OAI_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image_url\"}]}]}", "messages");
     const char *m = "\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]";
     char body[512];
-#define REFUSED(kind, fields, param)                                     \
-    do {                                                                 \
-        snprintf(body, sizeof body, "{%s, %s}", m, fields);              \
-        refused(kind, body, param);                                      \
+#define REFUSED(kind, fields, param)                                                                                   \
+    do {                                                                                                               \
+        snprintf(body, sizeof body, "{%s, %s}", m, fields);                                                            \
+        refused(kind, body, param);                                                                                    \
     } while (0)
     REFUSED(OAI_CHAT, "\"n\": 2", "n");
     REFUSED(OAI_CHAT, "\"n\": 0", "n");
@@ -252,9 +257,10 @@ static void test_responses_in_openai_shapes(void **state)
     (void)state;
     oai_request_t r;
     oai_error_t e;
-    assert_int_equal(parse(OAI_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"logprobs\": true,"
-                                     "\"top_logprobs\": 1, \"return_token_ids\": true, \"stream\": true,"
-                                     "\"stream_options\": {\"include_usage\": true}}",
+    assert_int_equal(parse(OAI_CHAT,
+                           "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"logprobs\": true,"
+                           "\"top_logprobs\": 1, \"return_token_ids\": true, \"stream\": true,"
+                           "\"stream_options\": {\"include_usage\": true}}",
                            &r, &e),
                      0);
     Folio__V1__TokenLogprob ch[2], top[2], *tops[2][1];
@@ -275,7 +281,12 @@ static void test_responses_in_openai_shapes(void **state)
     }
     const int32_t toks[2] = {4, 9};
     oai_writer_t w = {.rq = &r, .id = "chatcmpl-1", .created = 123, .model = "tiny", .token_text = fake_token_text};
-    const oai_choice_t c = {.index = 0, .text = "hi", .tokens = toks, .n_tokens = 2, .logprobs = lp, .n_logprobs = 2,
+    const oai_choice_t c = {.index = 0,
+                            .text = "hi",
+                            .tokens = toks,
+                            .n_tokens = 2,
+                            .logprobs = lp,
+                            .n_logprobs = 2,
                             .finish_reason = FOLIO__V1__FINISH_REASON__FINISH_LENGTH};
     const oai_usage_t u = {.prompt_tokens = 10, .cached_tokens = 4, .completion_tokens = 2};
 
@@ -293,12 +304,13 @@ static void test_responses_in_openai_shapes(void **state)
     cJSON *content = cJSON_GetObjectItem(cJSON_GetObjectItem(c0, "logprobs"), "content");
     assert_int_equal(cJSON_GetArraySize(content), 2);
     cJSON *t1 = cJSON_GetArrayItem(content, 1);
-    assert_string_equal(cJSON_GetObjectItem(t1, "token")->valuestring, "\xEF\xBF\xBD"); /* U+FFFD ... */
+    assert_string_equal(cJSON_GetObjectItem(t1, "token")->valuestring, "\xEF\xBF\xBD");        /* U+FFFD ... */
     assert_int_equal(cJSON_GetArrayItem(cJSON_GetObjectItem(t1, "bytes"), 0)->valueint, 0xC3); /* ... exact bytes */
     assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(t1, "top_logprobs")), 1);
     cJSON *usage = cJSON_GetObjectItem(o, "usage");
     assert_int_equal(cJSON_GetObjectItem(usage, "total_tokens")->valueint, 12);
-    assert_int_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(usage, "prompt_tokens_details"), "cached_tokens")->valueint, 4);
+    assert_int_equal(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(usage, "prompt_tokens_details"), "cached_tokens")->valueint, 4);
     cJSON_Delete(o);
     free(json);
 

@@ -154,8 +154,9 @@ static cJSON *events(const char *text, int *n, bool *done)
 static void test_stream_answers_200_at_its_first_reply_and_ends_with_usage_and_done(void **state)
 {
     fixture_t *f = *state;
-    relay_req_t *q = start(f, OAI_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"stream\": true,"
-                                        "\"stream_options\": {\"include_usage\": true}, \"return_token_ids\": true}");
+    relay_req_t *q = start(f, OAI_CHAT,
+                           "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"stream\": true,"
+                           "\"stream_options\": {\"include_usage\": true}, \"return_token_ids\": true}");
     assert_int_equal(relay_phase(q), RELAY_WAITING); /* no status before the cluster answers */
     assert_int_equal(f->wakes, 0);
     const int32_t t1[2] = {5, 6}, t2[1] = {7};
@@ -270,7 +271,8 @@ static void test_batch_choices_come_in_prompt_order(void **state)
     cJSON *u = cJSON_GetObjectItem(o, "usage");
     assert_int_equal(cJSON_GetObjectItem(u, "prompt_tokens")->valueint, 9);
     assert_int_equal(cJSON_GetObjectItem(u, "completion_tokens")->valueint, 3);
-    assert_int_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(u, "prompt_tokens_details"), "cached_tokens")->valueint, 3);
+    assert_int_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(u, "prompt_tokens_details"), "cached_tokens")->valueint,
+                     3);
     cJSON_Delete(o);
     relay_finish(&q, false);
 }

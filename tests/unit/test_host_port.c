@@ -26,8 +26,8 @@ static void test_host_port_forms(void **state)
     assert_int_equal(fl_host_port_parse("[::1]:65535", host, sizeof host, &port), 0);
     assert_string_equal(host, "::1");
     assert_int_equal(port, 65535);
-    const char *bad[] = {"", "0", "65536", "-1", "+80", "80x", "host:", ":", "::1:80", "[::1]80", "[::1", "a:b:80",
-                         "http://x:80"};
+    const char *bad[] = {
+        "", "0", "65536", "-1", "+80", "80x", "host:", ":", "::1:80", "[::1]80", "[::1", "a:b:80", "http://x:80"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
         if (!fl_host_port_parse(bad[i], host, sizeof host, &port)) fail_msg("accepted '%s'", bad[i]);
     char small[4];
