@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "file_read.h"
 #include "flags.h"
 
 void cli_gen_flags_init(cli_gen_flags_t *g)
@@ -110,6 +111,29 @@ int cli_gen_flag_parse(cli_gen_flags_t *g, int argc, char **argv, int *i)
         g->spec_given = true;
     } else if (!strcmp(a, "--max-draft")) {
         if (!VALUE() || !parse_u32(a, v, &g->max_draft)) return -1;
+    } else if (!strcmp(a, "--choice")) {
+        if (!VALUE()) return -1;
+        if (g->n_choices == FOLIO_MAX_CHOICES || !*v) {
+            fprintf(stderr, "error: --choice takes a non-empty string, at most %d times\n", FOLIO_MAX_CHOICES);
+            return -1;
+        }
+        g->choices[g->n_choices++] = (char *)v;
+    } else if (!strcmp(a, "--regex")) {
+        if (!VALUE()) return -1;
+        g->regex = (char *)v;
+    } else if (!strcmp(a, "--json-schema")) {
+        if (!VALUE()) return -1;
+        size_t len = 0;
+        free(g->json_schema);
+        if (!(g->json_schema = fl_read_file(v, &len))) {
+            fprintf(stderr, "error: --json-schema %s: %s\n", v, strerror(errno));
+            return -1;
+        }
+        if (len > FOLIO_MAX_SCHEMA_BYTES || strlen(g->json_schema) != len) {
+            fprintf(stderr, "error: --json-schema %s: %zu bytes, or a NUL in it (at most %d bytes of text)\n", v, len,
+                    FOLIO_MAX_SCHEMA_BYTES);
+            return -1;
+        }
     } else if (!strcmp(a, "--stop")) {
         if (!VALUE()) return -1;
         if (g->n_stops == FOLIO_MAX_STOPS || !*v) {
@@ -133,6 +157,16 @@ void cli_gen_request(const cli_gen_flags_t *f, Folio__V1__GenerateRequest *g)
     g->ignore_eos = f->ignore_eos;
     g->spec = f->spec;
     g->max_draft = f->max_draft;
+    g->choices = (char **)f->choices;
+    g->n_choices = (size_t)f->n_choices;
+    if (f->regex) g->regex = f->regex;
+    if (f->json_schema) g->json_schema = f->json_schema;
+}
+
+void cli_gen_flags_free(cli_gen_flags_t *g)
+{
+    free(g->json_schema);
+    g->json_schema = NULL;
 }
 
 const char *cli_gen_flags_help(void)
@@ -155,6 +189,10 @@ const char *cli_gen_flags_help(void)
            "  --spec MODE           speculative decoding: auto (default: Medusa where heads are loaded, else\n"
            "                        n-gram), medusa, ngram or none; the output is the same, only faster\n"
            "  --max-draft N         at most N draft tokens verified per step (0: default; at most 16)\n"
+           "  --choice S            the answer is exactly one of the --choice strings (repeatable)\n"
+           "  --regex R             the answer matches the regular expression R (whole answer)\n"
+           "  --json-schema FILE    the answer is JSON valid under the schema in FILE\n"
+           "                        (the supported subsets: README, \"Constrained output\")\n"
            "  Sampling flags not given take the model's defaults: its GGUF's general.sampling.* keys where\n"
            "  present, else llama-cli's (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no repetition\n"
            "  penalty); the worker applies the same rule to generate and chat.\n";

@@ -23,6 +23,11 @@ typedef struct cli_gen_flags {
     Folio__V1__SpecMode spec;          /* --spec; AUTO when not given (`up` passes it to its workers) */
     bool spec_given;
     uint32_t max_draft;                /* --max-draft; 0: the worker's default */
+    /* Constrained output: --choice S (repeatable), --regex R or --json-schema FILE (read whole) */
+    char *choices[FOLIO_MAX_CHOICES];  /* borrowed from argv */
+    int n_choices;
+    char *regex;                       /* borrowed from argv */
+    char *json_schema;                 /* the file's text, malloc'd: cli_gen_flags_free */
 } cli_gen_flags_t;
 
 /* -n 128, every sampling field unset. */
@@ -33,6 +38,7 @@ void cli_gen_flags_init(cli_gen_flags_t *g);
 int cli_gen_flag_parse(cli_gen_flags_t *g, int argc, char **argv, int *i);
 /* The GenerateRequest these flags describe, prompt aside (g's pointers point into f). */
 void cli_gen_request(const cli_gen_flags_t *f, Folio__V1__GenerateRequest *g);
+void cli_gen_flags_free(cli_gen_flags_t *g);
 /* The flags' help lines. */
 const char *cli_gen_flags_help(void);
 

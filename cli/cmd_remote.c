@@ -72,7 +72,11 @@ static int remote_generate(folio_client_t *c, const ctl_flags_t *f, const folio_
                                  .tenant = f->tenant,
                                  .timeout_ms = (uint32_t)f->timeout_ms,
                                  .spec = (int)f->gen.spec,
-                                 .max_draft = f->gen.max_draft};
+                                 .max_draft = f->gen.max_draft,
+                                 .choices = (const char *const *)f->gen.choices,
+                                 .n_choices = f->gen.n_choices,
+                                 .regex = f->gen.regex,
+                                 .json_schema = f->gen.json_schema};
     ctl_interrupted = 0;
     ctl_set_handler(SIGINT, ctl_on_interrupt);
     /* Without a deadline the coordinator answers when it can; with one, it must end the stream by then. */

@@ -219,6 +219,27 @@ folio_client_t *ctl_connect(const ctl_flags_t *f)
     return c;
 }
 
+static int dispatch(ctl_flags_t *f, const char *cmd)
+{
+    if (f->positional && strcmp(cmd, "drain") && strcmp(cmd, "undrain")) {
+        fprintf(stderr, "error: unexpected argument '%s' (folioctl %s --help)\n", f->positional, cmd);
+        return 2;
+    }
+    if (!strcmp(cmd, "run")) return cmd_run(f, f->chat);
+    if (!strcmp(cmd, "chat")) return f->local ? cmd_chat_local(f) : cmd_chat(f);
+    if (!strcmp(cmd, "tokenize")) return cmd_tokenize(f);
+    if (!strcmp(cmd, "generate")) return cmd_generate(f);
+    if (!strcmp(cmd, "status")) return cmd_status(f);
+    if (!strcmp(cmd, "metrics")) return cmd_metrics(f);
+    if (!strcmp(cmd, "health")) return cmd_health(f);
+    if (!strcmp(cmd, "drain")) return cmd_drain(f, false);
+    if (!strcmp(cmd, "undrain")) return cmd_drain(f, true);
+    if (!strcmp(cmd, "up")) return cmd_up(f);
+    fprintf(stderr, "error: unknown command '%s'\n", cmd);
+    usage(stderr);
+    return 2;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
@@ -226,23 +247,7 @@ int main(int argc, char **argv)
         return argc < 2 ? 2 : 0;
     }
     ctl_flags_t f;
-    if (parse_flags(&f, argc, argv)) return 2;
-    const char *cmd = argv[1];
-    if (f.positional && strcmp(cmd, "drain") && strcmp(cmd, "undrain")) {
-        fprintf(stderr, "error: unexpected argument '%s' (folioctl %s --help)\n", f.positional, cmd);
-        return 2;
-    }
-    if (!strcmp(cmd, "run")) return cmd_run(&f, f.chat);
-    if (!strcmp(cmd, "chat")) return f.local ? cmd_chat_local(&f) : cmd_chat(&f);
-    if (!strcmp(cmd, "tokenize")) return cmd_tokenize(&f);
-    if (!strcmp(cmd, "generate")) return cmd_generate(&f);
-    if (!strcmp(cmd, "status")) return cmd_status(&f);
-    if (!strcmp(cmd, "metrics")) return cmd_metrics(&f);
-    if (!strcmp(cmd, "health")) return cmd_health(&f);
-    if (!strcmp(cmd, "drain")) return cmd_drain(&f, false);
-    if (!strcmp(cmd, "undrain")) return cmd_drain(&f, true);
-    if (!strcmp(cmd, "up")) return cmd_up(&f);
-    fprintf(stderr, "error: unknown command '%s'\n", cmd);
-    usage(stderr);
-    return 2;
+    const int rc = parse_flags(&f, argc, argv) ? 2 : dispatch(&f, argv[1]);
+    cli_gen_flags_free(&f.gen);
+    return rc;
 }

@@ -171,6 +171,10 @@ int folio_client_send_generate(folio_client_t *c, const folio_generate_params_t 
     gen.max_tokens = (uint32_t)p->max_tokens;
     gen.spec = (Folio__V1__SpecMode)p->spec;
     gen.max_draft = p->max_draft;
+    gen.n_choices = p->n_choices > 0 ? (size_t)p->n_choices : 0;
+    gen.choices = (char **)p->choices;
+    if (p->regex) gen.regex = (char *)p->regex;
+    if (p->json_schema) gen.json_schema = (char *)p->json_schema;
     gen.n_stop = (size_t)p->n_stop;
     gen.stop = (char **)p->stop;
     gen.n_stop_token_ids = (size_t)p->n_stop_ids;

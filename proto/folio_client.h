@@ -56,6 +56,12 @@ typedef struct folio_generate_params {
     uint32_t timeout_ms;     /* 0: no deadline */
     int spec;                /* Folio__V1__SpecMode: 0 (AUTO) lets the worker choose */
     uint32_t max_draft;      /* draft tokens verified per step, at most 16; 0: the worker's default */
+    /* Constrained output, at most one (proto/README.md): one of n_choices strings, a regular
+     * expression, or a JSON Schema's text. */
+    const char *const *choices;
+    int n_choices;
+    const char *regex;
+    const char *json_schema;
 } folio_generate_params_t;
 
 /* One response as received. */

@@ -21,6 +21,10 @@
 #define FOLIO_MAX_STOPS        16  /* GenerateRequest.stop strings ... */
 #define FOLIO_MAX_STOP_BYTES   256 /* ... of 1 to this many bytes each */
 #define FOLIO_MAX_DRAFT        16  /* GenerateRequest.max_draft (the scheduler's SCHED_MAX_DRAFT) */
+#define FOLIO_MAX_CHOICES      256 /* GenerateRequest.choices ... */
+#define FOLIO_MAX_CHOICE_BYTES 1024 /* ... of 1 to this many bytes each */
+#define FOLIO_MAX_REGEX_BYTES  4096
+#define FOLIO_MAX_SCHEMA_BYTES 65536
 
 #define FOLIO_SAMPLING_HAS(s, field) ((s)->_##field##_case != 0)
 
@@ -82,6 +86,30 @@ static inline bool folio_spec_check(const Folio__V1__GenerateRequest *g, char *m
     if (g->max_draft > FOLIO_MAX_DRAFT)
         return snprintf(msg, cap, "GenerateRequest.max_draft = %u: at most %d (0 = the default)", g->max_draft,
                         FOLIO_MAX_DRAFT), false;
+    return true;
+}
+
+/* GenerateRequest's constraint fields: at most one set, each within its bounds (whether it compiles
+ * is the worker's to say). */
+static inline bool folio_constraint_check(const Folio__V1__GenerateRequest *g, char *msg, size_t cap)
+{
+    const size_t regex = g->regex ? strlen(g->regex) : 0, schema = g->json_schema ? strlen(g->json_schema) : 0;
+    if ((g->n_choices > 0) + (regex > 0) + (schema > 0) > 1)
+        return snprintf(msg, cap, "GenerateRequest: choices, regex and json_schema are exclusive (%zu choices, "
+                                  "regex of %zu bytes, json_schema of %zu bytes)", g->n_choices, regex, schema), false;
+    if (g->n_choices > FOLIO_MAX_CHOICES)
+        return snprintf(msg, cap, "GenerateRequest has %zu choices (at most %d)", g->n_choices, FOLIO_MAX_CHOICES), false;
+    for (size_t i = 0; i < g->n_choices; i++) {
+        const size_t len = strlen(g->choices[i]);
+        if (len == 0 || len > FOLIO_MAX_CHOICE_BYTES)
+            return snprintf(msg, cap, "GenerateRequest.choices[%zu] has %zu bytes (1 to %d)", i, len,
+                            FOLIO_MAX_CHOICE_BYTES), false;
+    }
+    if (regex > FOLIO_MAX_REGEX_BYTES)
+        return snprintf(msg, cap, "GenerateRequest.regex has %zu bytes (at most %d)", regex, FOLIO_MAX_REGEX_BYTES), false;
+    if (schema > FOLIO_MAX_SCHEMA_BYTES)
+        return snprintf(msg, cap, "GenerateRequest.json_schema has %zu bytes (at most %d)", schema,
+                        FOLIO_MAX_SCHEMA_BYTES), false;
     return true;
 }
 

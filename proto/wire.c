@@ -190,6 +190,7 @@ static int check_generate(const Folio__V1__GenerateRequest *g, fl_error_t *err)
         return fl_fail(err, FL_EINVAL, "generate: %zu stop token ids exceed the limit of %d", g->n_stop_token_ids,
                        WIRE_MAX_STOP_IDS);
     if (!folio_spec_check(g, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
+    if (!folio_constraint_check(g, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
     return check_sampling(g->sampling, err);
 }
 

@@ -132,6 +132,7 @@ int request_resolve(request_t *r, uint64_t id, const Folio__V1__GenerateRequest 
     char msg[200];
     if (!folio_stops_check(g->stop, g->n_stop, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
     if (!folio_spec_check(g, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
+    if (!folio_constraint_check(g, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
     sched_request_t *q = &r->sched;
     q->id = id;
     q->prompt = g->prompt_tokens;
@@ -144,6 +145,14 @@ int request_resolve(request_t *r, uint64_t id, const Folio__V1__GenerateRequest 
     q->deadline = timeout_ms ? fl_clock_s() + timeout_ms * 1e-3 : 0;
     q->spec = request_spec_mode(g->spec);
     q->max_draft = (int)g->max_draft;
+    /* borrowed from g, which outlives the submission that compiles it */
+    if (g->n_choices > 0)
+        q->constraint = (sched_constraint_t){.kind = FL_CONSTRAINT_CHOICE, .choices = (const char *const *)g->choices,
+                                             .n_choices = (int)g->n_choices};
+    else if (g->regex && *g->regex)
+        q->constraint = (sched_constraint_t){.kind = FL_CONSTRAINT_REGEX, .text = g->regex};
+    else if (g->json_schema && *g->json_schema)
+        q->constraint = (sched_constraint_t){.kind = FL_CONSTRAINT_JSON_SCHEMA, .text = g->json_schema};
     r->stream = g->stream;
     r->stops = g->stop;
     r->n_stops = g->n_stop;

@@ -34,6 +34,18 @@
 #include "spec.h"
 
 #define SCHED_LOOKAHEAD_BLOCKS 4
+#define SCHED_CONSTRAINTS 32   /* compiled constraints kept by their text (in use or recent) */
+#define SCHED_FORCED_CHANCE 0.95 /* a draft the constraint fixes: the model rarely tokenizes it otherwise */
+
+/* A compiled constraint and the text it was compiled from (kind, then the text or the choices,
+ * each ended by a 0x1f byte), shared by the sequences that name it. */
+typedef struct sched_cons {
+    fl_constraint_t *c;
+    char *key;
+    size_t key_len;
+    int refs;
+    uint64_t last_used;
+} sched_cons_t;
 #define SCHED_DEFAULT_DRAFT 10 /* draft tokens a step may verify for a request that names none */
 
 typedef struct seq {
@@ -65,6 +77,13 @@ typedef struct seq {
     bool draft_cut;          /* this step's planner dropped the whole draft it had (not worth it now) */
     int since_cand;          /* steps the candidates were skipped since last computed */
     double acc_yes, acc_no;  /* decayed counts of accepted and rejected draft tokens */
+    /* Constrained output: the automaton's state after every token taken so far (the pending one
+     * included), each tree node's state after its path, and how many leading chain nodes the
+     * constraint itself fixed (free drafts). */
+    sched_cons_t *cons;
+    int32_t cstate;
+    int32_t node_state[SPEC_MAX_NODES];
+    int n_forced;
     int32_t emit[SPEC_MAX_NODES]; /* this step's tokens (spec_walk), and the nodes they were drawn at */
     int emit_node[SPEC_MAX_NODES];
     int n_emit;
@@ -101,6 +120,8 @@ struct sched {
     int top_k;               /* candidates per head the tree needs */
     spec_cost_t spec_cost;   /* measured decode step seconds by size */
     sched_logprobs_t logprobs; /* of the token being reported */
+    sched_cons_t cons[SCHED_CONSTRAINTS];
+    uint64_t cons_clock;
 
     /* Step cost: a prompt chunk costs its tokens plus its attention pairs (the (token, position)
      * pairs it reads) at pairs_per_token pairs a token. Seconds: t ~ a * tokens + b * pairs, fitted
@@ -127,6 +148,7 @@ const char *sched_finish_name(sched_finish_t f)
 
 static void seq_free(sched_t *s, seq_t *q)
 {
+    if (q->cons) q->cons->refs--;
     kv_seq_free(s->kv, &q->kv);
     free(q->tokens);
     free(q->stop);
@@ -326,6 +348,10 @@ void sched_destroy(sched_t **sp)
     free(s->cand_rows);
     free(s->cand_seq);
     free(s->cand_out);
+    for (int i = 0; i < SCHED_CONSTRAINTS; i++) {
+        fl_constraint_free(&s->cons[i].c);
+        free(s->cons[i].key);
+    }
     free(s);
     *sp = NULL;
 }
@@ -426,6 +452,60 @@ static int build_adjust(seq_t *q, kern_logit_adjust_t *out)
 
 /* The drafter a request gets: what it asks for within what this scheduler allows; Medusa only with
  * heads (else n-gram). */
+/* The compiled constraint of r into *out: one kept from when the same text was compiled before, else
+ * compiled now into a free entry or the least recently used one no sequence holds. Fails when it
+ * does not compile or every entry is held. */
+static int cons_get(sched_t *s, const sched_constraint_t *r, sched_cons_t **out, fl_error_t *err)
+{
+    size_t len = 2;
+    const int n = r->kind == FL_CONSTRAINT_CHOICE ? r->n_choices : 1;
+    for (int i = 0; i < n; i++) {
+        const char *part = r->kind == FL_CONSTRAINT_CHOICE ? r->choices[i] : r->text;
+        if (!part)
+            return fl_fail(err, FL_EINVAL, "constraint: no %s given", r->kind == FL_CONSTRAINT_CHOICE ? "choice" : "text");
+        len += strlen(part) + 1;
+    }
+    char *key = malloc(len);
+    if (!key) return fl_fail(err, FL_ENOMEM, "sched: out of memory");
+    size_t at = 0;
+    key[at++] = (char)('0' + r->kind);
+    for (int i = 0; i < n; i++) {
+        const char *part = r->kind == FL_CONSTRAINT_CHOICE ? r->choices[i] : r->text;
+        const size_t l = strlen(part);
+        memcpy(key + at, part, l);
+        at += l;
+        key[at++] = 0x1f;
+    }
+    sched_cons_t *free_entry = NULL, *lru = NULL;
+    for (int i = 0; i < SCHED_CONSTRAINTS; i++) {
+        sched_cons_t *e = &s->cons[i];
+        if (e->c && e->key_len == at && !memcmp(e->key, key, at)) {
+            free(key);
+            e->last_used = ++s->cons_clock;
+            *out = e;
+            return FL_OK;
+        }
+        if (!e->c && !free_entry) free_entry = e;
+        if (e->c && e->refs == 0 && (!lru || e->last_used < lru->last_used)) lru = e;
+    }
+    sched_cons_t *e = free_entry ? free_entry : lru;
+    if (!e) {
+        free(key);
+        return fl_fail(err, FL_EBUSY, "constraint: %d different constraints in use already", SCHED_CONSTRAINTS);
+    }
+    fl_error_t why = {0};
+    fl_constraint_t *c = fl_constraint_compile(r->kind, r->text, r->choices, r->n_choices, s->m->tok, NULL, &why);
+    if (!c) {
+        free(key);
+        return fl_fail(err, why.code ? why.code : FL_EINVAL, "%s", why.msg);
+    }
+    fl_constraint_free(&e->c);
+    free(e->key);
+    *e = (sched_cons_t){.c = c, .key = key, .key_len = at, .last_used = ++s->cons_clock};
+    *out = e;
+    return FL_OK;
+}
+
 static sched_spec_t resolve_spec(const sched_t *s, sched_spec_t want)
 {
     if (s->o.spec == SCHED_SPEC_NONE || want == SCHED_SPEC_NONE) return SCHED_SPEC_NONE;
@@ -479,8 +559,23 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
         return fl_fail(err, FL_EINVAL, "sched: request %llu: speculation mode %d, max_draft %d (0-%d)",
                        (unsigned long long)r->id, (int)r->spec, r->max_draft, SCHED_MAX_DRAFT);
 
+    sched_cons_t *cons = NULL;
+    if (r->constraint.kind) {
+        if (r->constraint.kind < FL_CONSTRAINT_CHOICE || r->constraint.kind > FL_CONSTRAINT_JSON_SCHEMA ||
+            (r->constraint.kind == FL_CONSTRAINT_CHOICE && r->constraint.n_choices <= 0))
+            return fl_fail(err, FL_EINVAL, "sched: request %llu: constraint kind %d with %d choices",
+                           (unsigned long long)r->id, (int)r->constraint.kind, r->constraint.n_choices);
+        const int rc = cons_get(s, &r->constraint, &cons, err);
+        if (rc) return rc;
+    }
+
     seq_t *q = calloc(1, sizeof *q);
     if (!q) return fl_fail(err, FL_ENOMEM, "sched: out of memory");
+    if (cons) {
+        q->cons = cons;
+        cons->refs++;
+        q->cstate = fl_constraint_start(cons->c);
+    }
     q->spec = resolve_spec(s, r->spec);
     q->spec_auto = q->spec == SCHED_SPEC_MEDUSA && r->spec == SCHED_SPEC_AUTO;
     q->max_draft = r->max_draft > 0 ? r->max_draft : SCHED_DEFAULT_DRAFT;
@@ -497,6 +592,7 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
     memcpy(q->tokens, r->prompt, (size_t)r->n_prompt * sizeof *q->tokens);
     if (r->n_stop_ids > 0) memcpy(q->stop, r->stop_ids, (size_t)r->n_stop_ids * sizeof *q->stop);
     q->req = *r;
+    q->req.constraint = (sched_constraint_t){0}; /* compiled: q->cons */
     q->req.prompt = q->tokens;
     q->req.stop_ids = q->stop;
     q->req.penalties.bias = q->bias;
@@ -699,6 +795,10 @@ static double node_chance(const sched_t *s, const seq_t *q, int k)
     const spec_tree_t *t = &q->tree;
     double p = 1, scale = seq_acceptance(q) / SCHED_PRIOR_ACCEPTANCE;
     if (scale > 1.5) scale = 1.5;
+    if (!q->tree_medusa && t->depth[k] <= q->n_forced) {
+        for (int d = 0; d < t->depth[k]; d++) p *= SCHED_FORCED_CHANCE;
+        return p;
+    }
     if (q->tree_medusa && medusa_head_accuracy(s->o.medusa, 0, 0) > 0) {
         for (int j = k; j > 0; j = t->parent[j]) {
             const int head = t->depth[j] - 1, r = t->rank[j];
@@ -715,6 +815,32 @@ static double node_chance(const sched_t *s, const seq_t *q, int k)
     return p;
 }
 
+/* Constrained output: each node's automaton state after its path, and the tree without the nodes
+ * the constraint rejects (they are never verified). */
+static void cons_prune(seq_t *q)
+{
+    spec_tree_t *t = &q->tree;
+    int32_t st[SPEC_MAX_NODES];
+    bool keep[SPEC_MAX_NODES], all = true;
+    st[0] = q->cstate;
+    keep[0] = true;
+    for (int k = 1; k < t->n; k++) {
+        const int32_t from = st[t->parent[k]];
+        st[k] = from == FL_CSTATE_DEAD ? FL_CSTATE_DEAD : fl_constraint_next(q->cons->c, from, t->token[k]);
+        keep[k] = st[k] != FL_CSTATE_DEAD;
+        all &= keep[k];
+    }
+    if (all) {
+        memcpy(q->node_state, st, (size_t)t->n * sizeof *st);
+        return;
+    }
+    int map[SPEC_MAX_NODES];
+    const int n_old = t->n;
+    spec_tree_keep(t, keep, map);
+    for (int k = 0; k < n_old; k++)
+        if (map[k] >= 0) q->node_state[map[k]] = st[k];
+}
+
 /* Each decoding sequence's draft tree for this step: its drafter's full proposal, then a greedy cut
  * over all sequences that keeps a draft token only while the expected tokens per second of the step
  * grow, by the measured cost of steps of each size (spec_cost): at batch 1 a verify of a few tokens
@@ -729,6 +855,8 @@ static void plan_drafts(sched_t *s)
         seq_t *q = s->running[i];
         q->tree.n = 1;
         q->draft_cut = false;
+        q->n_forced = 0;
+        q->node_state[0] = q->cstate;
         if (q->n_tokens - q->n_computed != 1) continue;
         n_dec++;
         spec_tree_init(&q->tree, q->tokens[q->n_computed]);
@@ -737,14 +865,18 @@ static void plan_drafts(sched_t *s)
         if (left < cap) cap = left;
         if (room < cap) cap = room;
         if (q->spec == SCHED_SPEC_NONE || cap <= 0) continue;
-        /* AUTO with heads: text the output copies (an n-gram match) is drafted better by the match */
-        const int n = q->spec == SCHED_SPEC_NGRAM || q->spec_auto ? spec_ngram_draft(q->tokens, q->n_tokens, cap, chain)
-                                                                  : 0;
+        /* What the constraint fixes outright is drafted first, for free; then, with AUTO and heads,
+         * text the output copies (an n-gram match) is drafted better by the match */
+        int n = q->cons ? fl_constraint_forced(q->cons->c, q->cstate, chain, cap) : 0;
+        q->n_forced = n;
+        if (n == 0 && (q->spec == SCHED_SPEC_NGRAM || q->spec_auto))
+            n = spec_ngram_draft(q->tokens, q->n_tokens, cap, chain);
         for (int k = 0; k < n; k++) spec_tree_add(&q->tree, k, chain[k]);
         q->tree_medusa = n == 0 && q->spec == SCHED_SPEC_MEDUSA && q->has_cand;
         if (q->tree_medusa)
             spec_tree_medusa(&q->tree, q->tokens[q->n_computed], q->cand, medusa_n_heads(s->o.medusa), s->top_k,
                              s->paths, 1 + cap);
+        if (q->cons) cons_prune(q);
         n_cand += q->tree.n - 1;
     }
     if (n_cand == 0) return;
@@ -875,6 +1007,8 @@ static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
                 s->sampling[n_logits].position = (uint64_t)q->res.n_generated + (tree ? t->depth[k] : 0);
                 s->sampling[n_logits].adjust = q->adjust ? q->adjust + (size_t)k * q->adjust_cap : NULL;
                 s->sampling[n_logits].n_adjust = node_adjust(q, k, tree);
+                s->sampling[n_logits].allowed =
+                    q->cons ? fl_constraint_mask(q->cons->c, tree ? q->node_state[k] : q->cstate) : NULL;
                 n_logits++;
             }
         }
@@ -1003,12 +1137,23 @@ static void take_token(sched_t *s, seq_t *q, int32_t t, double now)
         finish(s, q, SCHED_FINISH_STOP);
         return;
     }
+    if (q->cons) {
+        const int32_t next = fl_constraint_next(q->cons->c, q->cstate, t);
+        if (next == FL_CSTATE_DEAD) { /* only when the constraint allowed no token at all here */
+            snprintf(q->res.error, sizeof q->res.error, "the constraint allows no token after %d generated",
+                     q->res.n_generated);
+            finish(s, q, SCHED_FINISH_ERROR);
+            return;
+        }
+        q->cstate = next;
+    }
     const int index = q->res.n_generated++;
     q->tokens[q->n_tokens++] = t;
     s->st.generated_tokens++;
     const bool stop = s->cb.on_token && s->cb.on_token(s->cb.user, q->res.id, index, t, lp);
     if (q->finished) return; /* the callback cancelled it */
-    if (stop) finish(s, q, SCHED_FINISH_STOP);
+    /* a constraint that is complete and allows nothing more ends the output, drafts or not */
+    if (stop || (q->cons && fl_constraint_finished(q->cons->c, q->cstate))) finish(s, q, SCHED_FINISH_STOP);
     else if (q->res.n_generated >= q->max_tokens) finish(s, q, SCHED_FINISH_LENGTH);
 }
 

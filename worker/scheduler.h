@@ -28,6 +28,7 @@
 #include <stdint.h>
 
 #include "block_hash.h"
+#include "constraint.h"
 #include "model.h"
 #include "sampling.h"
 
@@ -88,6 +89,16 @@ typedef struct sched_logprobs {
     int n_top;
 } sched_logprobs_t;
 
+/* Constrained output (common/constraint.h): what the completion must match. kind 0: none. The
+ * scheduler compiles it at submission (a bad one is refused then) and keeps compiled constraints by
+ * their text, shared by the requests that name the same. */
+typedef struct sched_constraint {
+    fl_constraint_kind_t kind;
+    const char *text;             /* REGEX: the pattern; JSON_SCHEMA: the schema's JSON */
+    const char *const *choices;   /* CHOICE: [n_choices] */
+    int n_choices;
+} sched_constraint_t;
+
 typedef struct sched_request {
     uint64_t id;              /* caller's id, unique among live requests */
     const int32_t *prompt;    /* copied */
@@ -105,6 +116,7 @@ typedef struct sched_request {
     sched_spec_t spec;        /* speculative decoding for this request (AUTO by default) */
     int max_draft;            /* most draft tokens a step verifies for it; 0: the default, at most
                                  SCHED_MAX_DRAFT */
+    sched_constraint_t constraint; /* copied (compiled) at submission */
 } sched_request_t;
 
 typedef struct sched_result {

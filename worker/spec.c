@@ -39,6 +39,28 @@ int spec_tree_add(spec_tree_t *t, int parent, int32_t token)
     return k;
 }
 
+void spec_tree_keep(spec_tree_t *t, const bool *keep, int *map)
+{
+    int to[SPEC_MAX_NODES];
+    const spec_tree_t old = *t;
+    t->n = 1;
+    to[0] = 0;
+    for (int k = 1; k < old.n; k++) {
+        to[k] = -1;
+        const int p = to[old.parent[k]];
+        if (!keep[k] || p < 0) continue;
+        const int j = t->n++;
+        t->token[j] = old.token[k];
+        t->parent[j] = (int8_t)p;
+        t->depth[j] = old.depth[k];
+        t->mask[j] = t->mask[p] | (1ull << j);
+        t->rank[j] = old.rank[k];
+        to[k] = j;
+    }
+    if (map)
+        for (int k = 0; k < old.n; k++) map[k] = to[k];
+}
+
 bool spec_tree_is_chain(const spec_tree_t *t)
 {
     for (int k = 1; k < t->n; k++)

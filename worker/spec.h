@@ -37,6 +37,9 @@ int spec_tree_add(spec_tree_t *t, int parent, int32_t token);
 bool spec_tree_is_chain(const spec_tree_t *t);
 /* Keeps the first n nodes (a prefix of a topological order is a tree). */
 static inline void spec_tree_truncate(spec_tree_t *t, int n) { if (n < t->n) t->n = n < 1 ? 1 : n; }
+/* Keeps the root and every node k with keep[k] whose ancestors are all kept, in their order (a
+ * constraint pruning drafts it rejects); map[k] (when not NULL) receives node k's new index, or -1. */
+void spec_tree_keep(spec_tree_t *t, const bool *keep, int *map);
 
 /* Prompt lookup: the longest suffix of tokens[0, n) of between SPEC_NGRAM_MIN and SPEC_NGRAM_MAX
  * tokens that occurred before, at its latest occurrence; writes up to max_len tokens that followed

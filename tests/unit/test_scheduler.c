@@ -18,6 +18,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <regex.h>
+
 #include "clock.h"
 #include "engine.h"
 #include "mkmodel.h"
@@ -331,6 +333,86 @@ static void speculative_long_outputs_equal_plain_decoding(void **state)
     medusa_destroy(&heads);
     unlink(heads_path);
     free(zero);
+    engine_destroy(&e);
+}
+
+/* Constrained output: every completion matches its constraint (a choice, a regular expression),
+ * greedy and sampled, alone and batched with an unconstrained request whose output stays its own;
+ * with speculation (n-gram plus the drafts the constraint fixes) the tokens are those without, and
+ * the fixed runs are drafted. The random model "wants" anything: the mask alone keeps it in line. */
+#define CONS_GEN 48
+static void cons_text(engine_t *e, const record_t *rec, int id, char *out, size_t cap)
+{
+    const int n = tok_decode(e->model->tok, rec->tokens[id], rec->n_tokens[id], false, out, cap);
+    assert_true(n >= 0 && (size_t)n < cap);
+    out[n] = 0;
+}
+
+static void constrained_outputs_match_with_and_without_speculation(void **state)
+{
+    (void)state;
+    make_prompts();
+    engine_t *e = open_engine(256, 0);
+    static const char *const choices[] = {"positive", "negative", "neutral", "mixed feelings"};
+    const char *regex = "(id|no)-[0-9]{3}(,[a-c]{2})*;";
+    static record_t base, rec;
+    for (int t = 0; t < 2; t++) {
+        const float temp = t ? 0.8f : 0.0f;
+        for (int mode = 0; mode < 2; mode++) { /* no speculation, then n-gram with every draft verified */
+            record_t *r = mode ? &rec : &base;
+            record_init(r);
+            const sched_opts_t opts = {.spec_draft_all = true};
+            sched_t *s = new_sched(e, r, &opts);
+            for (int i = 0; i < 4; i++) {
+                sched_request_t q = request(i, temp);
+                q.max_tokens = CONS_GEN, q.ignore_eog = false;
+                q.spec = mode ? SCHED_SPEC_NGRAM : SCHED_SPEC_NONE;
+                if (i == 0 || i == 2)
+                    q.constraint = (sched_constraint_t){.kind = FL_CONSTRAINT_CHOICE, .choices = choices, .n_choices = 4};
+                else if (i == 1)
+                    q.constraint = (sched_constraint_t){.kind = FL_CONSTRAINT_REGEX, .text = regex};
+                submit(s, &q); /* i == 3: unconstrained, in the same batches */
+            }
+            run_to_end(s);
+            sched_stats_t st;
+            sched_get_stats(s, &st);
+            assert_int_equal(st.kv_blocks_used, 0);
+            sched_destroy(&s);
+            char text[1024];
+            for (int i = 0; i < 3; i++) {
+                assert_int_equal(r->n_finish[i], 1);
+                assert_int_equal(r->res[i].finish, SCHED_FINISH_STOP); /* complete: nothing can follow */
+                cons_text(e, r, i, text, sizeof text);
+                if (i != 1) {
+                    bool one = false;
+                    for (int c = 0; c < 4; c++) one |= !strcmp(text, choices[c]);
+                    if (!one) fail_msg("request %d: '%s' is none of the choices", i, text);
+                } else {
+                    regex_t re;
+                    assert_int_equal(regcomp(&re, "^(id|no)-[0-9]{3}(,[a-c]{2})*;$", REG_EXTENDED | REG_NOSUB), 0);
+                    if (regexec(&re, text, 0, NULL, 0)) fail_msg("request 1: '%s' does not match %s", text, regex);
+                    regfree(&re);
+                }
+            }
+            if (mode) {
+                assert_same_tokens(&base, &rec);
+                int drafted = 0, accepted = 0;
+                for (int i = 0; i < 3; i++) drafted += rec.res[i].n_drafted, accepted += rec.res[i].n_accepted;
+                print_message("constrained, temperature %.1f: %d drafted, %d accepted\n", temp, drafted, accepted);
+                assert_true(accepted > 0); /* "-" after "id", the rest of a choice, ... */
+            }
+        }
+    }
+    /* A constraint that does not compile is refused at submission, nothing queued. */
+    record_init(&rec);
+    sched_t *s = new_sched(e, &rec, &(sched_opts_t){0});
+    sched_request_t q = request(0, 0);
+    q.constraint = (sched_constraint_t){.kind = FL_CONSTRAINT_REGEX, .text = "(unclosed"};
+    fl_error_t err = {0};
+    assert_int_equal(sched_submit(s, &q, &err), FL_EINVAL);
+    assert_true(strlen(err.msg) > 0);
+    assert_false(sched_has_work(s));
+    sched_destroy(&s);
     engine_destroy(&e);
 }
 
@@ -981,6 +1063,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(output_is_identical_alone_batched_cached_and_preempted),
         cmocka_unit_test(speculative_long_outputs_equal_plain_decoding),
+        cmocka_unit_test(constrained_outputs_match_with_and_without_speculation),
         cmocka_unit_test(long_generation_preempted_and_recomputed_keeps_its_tokens),
         cmocka_unit_test(cancel_frees_kv_and_reports_once),
         cmocka_unit_test(callback_may_cancel_another_request_mid_step),

@@ -32,6 +32,30 @@ static void tree_masks_are_ancestors_and_self(void **state)
     assert_int_equal(spec_tree_add(&chain, 0, 999), -1); /* full */
 }
 
+/* Pruning keeps the order, drops a rejected node's whole subtree and rebuilds the masks. */
+static void keep_drops_subtrees_and_renumbers(void **state)
+{
+    (void)state;
+    spec_tree_t t;
+    spec_tree_init(&t, 7);
+    const int a = spec_tree_add(&t, 0, 10), b = spec_tree_add(&t, 0, 11), c = spec_tree_add(&t, a, 12);
+    const int d = spec_tree_add(&t, b, 13), e = spec_tree_add(&t, d, 14);
+    bool keep[SPEC_MAX_NODES] = {true, false, true, true, true, true}; /* a out: c goes with it */
+    int map[SPEC_MAX_NODES];
+    spec_tree_keep(&t, keep, map);
+    assert_int_equal(t.n, 4);
+    assert_int_equal(map[a], -1);
+    assert_int_equal(map[c], -1);
+    assert_int_equal(map[b], 1);
+    assert_int_equal(map[d], 2);
+    assert_int_equal(map[e], 3);
+    assert_true(t.token[1] == 11 && t.token[2] == 13 && t.token[3] == 14);
+    assert_true(t.parent[1] == 0 && t.parent[2] == 1 && t.parent[3] == 2);
+    assert_true(t.mask[1] == 0x3 && t.mask[2] == 0x7 && t.mask[3] == 0xF);
+    assert_int_equal(t.depth[3], 3);
+    assert_true(spec_tree_is_chain(&t));
+}
+
 static void ngram_proposes_the_latest_match_continuation(void **state)
 {
     (void)state;
@@ -154,6 +178,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(tree_masks_are_ancestors_and_self),
+        cmocka_unit_test(keep_drops_subtrees_and_renumbers),
         cmocka_unit_test(ngram_proposes_the_latest_match_continuation),
         cmocka_unit_test(paths_parse_and_reject_bad_shapes),
         cmocka_unit_test(medusa_tree_follows_the_paths),
