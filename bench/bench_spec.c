@@ -17,6 +17,16 @@
  *    speed-up is over no speculation at the same batch. Lossless check: every request's tokens
  *    must equal those of the same prompt's first run without speculation (in the first batch
  *    size), token for token; any difference makes the exit status 1.
+ * 3. Constrained workloads: (c) labels for a 40-line list, the answer's numbered format a regex, and
+ *    (d) JSON records against a JSON Schema (spec_prompts.c builds prompt, constraint and check from
+ *    one task). Each wave also runs every drafter with the constraint, after the same drafters
+ *    without it; speed-ups of constrained rows are over the constraint without speculation, and
+ *    their references (the lossless check) are the constrained runs without speculation. Every
+ *    complete output is checked apart from folio's compiler (spec_output_valid: POSIX regex, cJSON);
+ *    a constrained one that does not match makes the exit status 1. Before the timed waves each
+ *    scheduler runs every constrained prompt once, untimed, so that no timed run pays for compiling
+ *    its constraint or the first use of its token masks; the compile time, the masks' warm-up and
+ *    the memory are measured apart on a copy compiled here.
  *
  * Medusa heads: the engine's (--heads FILE, or the default file beside the model); when there are
  * none the benchmark trains them once with the folio-medusa-train beside this binary (-m MODEL),
@@ -67,9 +77,12 @@ typedef struct workload {
     int n_prompts;
     int32_t **ids; /* [n_prompts] the chat-templated prompts */
     int *n_ids;
-    int *number;   /* [n_prompts] index in spec_prompts (prompts that do not fit are left out) */
-    completion_t *ref; /* [n_prompts] first run without speculation */
-    bool *have_ref;
+    int *number;          /* [n_prompts] index in spec_prompts (prompts that do not fit are left out) */
+    completion_t *ref[2]; /* [without, with the constraint][n_prompts] first run without speculation */
+    bool *have_ref[2];
+    sched_constraint_t *cons; /* [n_prompts] kind 0 for workloads without constraints */
+    double compile_s, warm_s; /* constrained: compiling every prompt's constraint, and computing the */
+    size_t cons_bytes;        /* masks its reference output needs; the largest memory of one */
 } workload_t;
 
 /* One (workload, batch, drafter) figure, summed over its waves and --repeat passes. */
@@ -77,14 +90,17 @@ typedef struct row {
     spec_workload_t w;
     int batch;
     drafter_t d;
+    bool constrained; /* the requests carried their prompt's constraint */
     int requests;
     uint64_t generated;
     double wall_s;
     uint64_t decode_generated; /* in steps without prompt chunks ... */
     double decode_s;           /* ... and their wall time */
     uint64_t drafted, accepted, spec_seq_steps;
-    int differ;      /* requests whose tokens differ from the reference, over all repeats */
+    int differ; /* requests whose tokens differ from the reference, over all repeats */
     int first_differ_prompt, first_differ_at;
+    int checked, valid, cut; /* constrained workloads: outputs checked, those matching, those cut at max tokens */
+    char first_invalid[200];
     bool ran;
 } row_t;
 
@@ -239,10 +255,10 @@ static void on_finish(void *user, const sched_result_t *r)
 }
 
 /* Runs requests first .. first + count - 1 of wl (prompt i % n_prompts for request i) through s,
- * all with drafter d, and adds the figures (the scheduler's counters before and after) to row;
- * c gets their completions. */
-static int run_wave(sched_t *s, const workload_t *wl, int first, int count, drafter_t d, int max_tokens, collect_t *c,
-                    row_t *row, fl_error_t *err)
+ * all with drafter d and with their constraints or not, and adds the figures (the scheduler's
+ * counters before and after) to row; c gets their completions. */
+static int run_wave(sched_t *s, const workload_t *wl, int first, int count, drafter_t d, bool constrained,
+                    int max_tokens, collect_t *c, row_t *row, fl_error_t *err)
 {
     c->n_out = count;
     c->errors = 0;
@@ -255,7 +271,8 @@ static int run_wave(sched_t *s, const workload_t *wl, int first, int count, draf
         const int p = (first + i) % wl->n_prompts;
         const sched_request_t r = {.id = (uint64_t)i + 1, .prompt = wl->ids[p], .n_prompt = wl->n_ids[p],
                                    .max_tokens = max_tokens, .sampling = {.temperature = 0, .top_p = 1},
-                                   .spec = drafter_spec[d]};
+                                   .spec = drafter_spec[d],
+                                   .constraint = constrained ? wl->cons[p] : (sched_constraint_t){0}};
         rc = sched_submit(s, &r, err);
     }
     /* Steps that carried no prompt chunk, timed here (drafting and verification with everything
@@ -296,23 +313,47 @@ static bool same_completion(const completion_t *a, const completion_t *b, int *a
     return a->n == b->n && a->finish == b->finish;
 }
 
+/* Whether a constrained workload's completion matches its prompt's constraint (row's counts); one
+ * cut at max tokens is counted apart, unchecked. */
+static void check_valid(const workload_t *wl, int p, const completion_t *got, const tok_t *tok, row_t *row)
+{
+    if (got->finish == SCHED_FINISH_LENGTH) {
+        row->cut++;
+        return;
+    }
+    const size_t cap = (size_t)got->n * tok_max_token_len(tok) + 1;
+    char *text = malloc(cap), why[160] = "out of memory";
+    const int len = text ? tok_decode(tok, got->tokens, got->n, false, text, cap) : -1;
+    row->checked++;
+    if (len >= 0 && (size_t)len < cap) {
+        text[len] = 0;
+        if (spec_output_valid(wl->w, wl->number[p], text, why, sizeof why)) row->valid++, why[0] = 0;
+    }
+    if (why[0] && !row->first_invalid[0])
+        snprintf(row->first_invalid, sizeof row->first_invalid, "prompt %d: %s", wl->number[p], why);
+    free(text);
+}
+
 /* Compares a wave's completions with the references (the first run of a prompt without speculation
- * sets its reference). */
-static void check_wave(workload_t *wl, const collect_t *c, int first, drafter_t d, int max_tokens, row_t *row)
+ * sets its reference, apart for the runs with and without constraints), and checks the outputs of
+ * constrained workloads against their constraints. */
+static void check_wave(workload_t *wl, const collect_t *c, int first, drafter_t d, bool constrained, int max_tokens,
+                       const tok_t *tok, row_t *row)
 {
     for (int i = 0; i < c->n_out; i++) {
         const int p = (first + i) % wl->n_prompts;
         const completion_t *got = &c->out[i];
-        if (!wl->have_ref[p] && d == DRAFTER_NONE) {
-            completion_t *ref = &wl->ref[p];
+        if (spec_workload_constrained(wl->w)) check_valid(wl, p, got, tok, row);
+        if (!wl->have_ref[constrained][p] && d == DRAFTER_NONE) {
+            completion_t *ref = &wl->ref[constrained][p];
             memcpy(ref->tokens, got->tokens, (size_t)max_tokens * sizeof *got->tokens);
             ref->n = got->n;
             ref->finish = got->finish;
-            wl->have_ref[p] = true;
+            wl->have_ref[constrained][p] = true;
             continue;
         }
         int at;
-        if (!wl->have_ref[p] || same_completion(got, &wl->ref[p], &at)) continue;
+        if (!wl->have_ref[constrained][p] || same_completion(got, &wl->ref[constrained][p], &at)) continue;
         if (row->differ++ == 0) row->first_differ_prompt = wl->number[p], row->first_differ_at = at;
     }
 }
@@ -327,8 +368,9 @@ static double row_accept_len(const row_t *r)
     return r->spec_seq_steps ? 1.0 + (double)r->accepted / (double)r->spec_seq_steps : 1.0;
 }
 
-/* Tokenizes the workload's prompts with the chat template (raw text when the model has none);
- * prompts that leave no room for max_tokens in the context are left out with a note. */
+/* Tokenizes the workload's prompts with the chat template (raw text when the model has none), with
+ * their constraints where the workload has them; prompts that leave no room for max_tokens in the
+ * context are left out with a note. */
 static int workload_init(workload_t *wl, spec_workload_t w, int limit, const model_t *m, int ctx, int max_tokens,
                          fl_error_t *err)
 {
@@ -338,10 +380,13 @@ static int workload_init(workload_t *wl, spec_workload_t w, int limit, const mod
     wl->ids = calloc((size_t)n, sizeof *wl->ids);
     wl->n_ids = calloc((size_t)n, sizeof *wl->n_ids);
     wl->number = calloc((size_t)n, sizeof *wl->number);
-    wl->ref = calloc((size_t)n, sizeof *wl->ref);
-    wl->have_ref = calloc((size_t)n, sizeof *wl->have_ref);
-    if (!wl->ids || !wl->n_ids || !wl->number || !wl->ref || !wl->have_ref)
-        return fl_fail(err, FL_ENOMEM, "bench: out of memory");
+    wl->cons = calloc((size_t)n, sizeof *wl->cons);
+    for (int c = 0; c < 2; c++) {
+        wl->ref[c] = calloc((size_t)n, sizeof *wl->ref[c]);
+        wl->have_ref[c] = calloc((size_t)n, sizeof *wl->have_ref[c]);
+        if (!wl->ref[c] || !wl->have_ref[c]) return fl_fail(err, FL_ENOMEM, "bench: out of memory");
+    }
+    if (!wl->ids || !wl->n_ids || !wl->number || !wl->cons) return fl_fail(err, FL_ENOMEM, "bench: out of memory");
     const bool chat = tok_chat_supported(m->tok, NULL) == 0;
     for (int i = 0; i < n; i++) {
         char *text = spec_prompt_text(w, i);
@@ -363,8 +408,15 @@ static int workload_init(workload_t *wl, spec_workload_t w, int limit, const mod
         wl->ids[k] = ids;
         wl->n_ids[k] = len;
         wl->number[k] = i;
-        if (!(wl->ref[k].tokens = malloc((size_t)max_tokens * sizeof(int32_t))))
-            return fl_fail(err, FL_ENOMEM, "bench: out of memory");
+        for (int c = 0; c < 2; c++)
+            if (!(wl->ref[c][k].tokens = malloc((size_t)max_tokens * sizeof(int32_t))))
+                return fl_fail(err, FL_ENOMEM, "bench: out of memory");
+        if (spec_workload_constrained(w)) {
+            char *cons = NULL;
+            if (spec_prompt_constraint(w, i, &wl->cons[k].kind, &cons))
+                return fl_fail(err, FL_ENOMEM, "bench: out of memory");
+            wl->cons[k].text = cons;
+        }
     }
     if (!chat) fprintf(stderr, "note: the model has no chat template this benchmark can apply; raw prompts\n");
     return 0;
@@ -379,12 +431,44 @@ static int workload_tokens(const workload_t *wl)
 
 static void workload_free(workload_t *wl)
 {
-    for (int i = 0; i < wl->n_prompts; i++) free(wl->ids[i]), free(wl->ref[i].tokens);
+    for (int i = 0; i < wl->n_prompts; i++) {
+        free(wl->ids[i]);
+        free((char *)wl->cons[i].text);
+        for (int c = 0; c < 2; c++) free(wl->ref[c][i].tokens);
+    }
     free(wl->ids);
     free(wl->n_ids);
     free(wl->number);
-    free(wl->ref);
-    free(wl->have_ref);
+    free(wl->cons);
+    for (int c = 0; c < 2; c++) free(wl->ref[c]), free(wl->have_ref[c]);
+}
+
+/* ---- constraints ---- */
+
+/* Compiles each prompt's constraint of wl again, apart from the schedulers, and walks its reference
+ * output (the constrained run without speculation) asking for the mask of every state on the way,
+ * as decoding does: the largest compile time, mask warm-up and memory of one constraint. */
+static int cons_measure(workload_t *wl, const tok_t *tok, fl_error_t *err)
+{
+    for (int i = 0; i < wl->n_prompts; i++) {
+        const sched_constraint_t *r = &wl->cons[i];
+        const double t0 = fl_clock_s();
+        fl_constraint_t *c = fl_constraint_compile(r->kind, r->text, NULL, 0, tok, NULL, err);
+        if (!c) return err->code;
+        const double t1 = fl_clock_s();
+        int32_t st = fl_constraint_start(c);
+        const completion_t *ref = &wl->ref[1][i];
+        for (int k = 0; wl->have_ref[1][i] && k <= ref->n && st != FL_CSTATE_DEAD; k++) {
+            fl_constraint_mask(c, st);
+            if (k < ref->n) st = fl_constraint_next(c, st, ref->tokens[k]);
+        }
+        const double t2 = fl_clock_s();
+        if (t1 - t0 > wl->compile_s) wl->compile_s = t1 - t0;
+        if (t2 - t1 > wl->warm_s) wl->warm_s = t2 - t1;
+        if (fl_constraint_bytes(c) > wl->cons_bytes) wl->cons_bytes = fl_constraint_bytes(c);
+        fl_constraint_free(&c);
+    }
+    return 0;
 }
 
 /* ---- Medusa heads ---- */
@@ -442,29 +526,40 @@ static void print_verify(const verify_row_t *v, int n, int ctx, int rounds)
                    v[i].median_s / v[0].median_s, v[i].best_s / v[0].best_s);
 }
 
-static const row_t *find_row(const row_t *rows, int n, spec_workload_t w, int batch, drafter_t d)
+static const row_t *find_row(const row_t *rows, int n, spec_workload_t w, int batch, bool constrained, drafter_t d)
 {
     for (int i = 0; i < n; i++)
-        if (rows[i].ran && rows[i].w == w && rows[i].batch == batch && rows[i].d == d) return &rows[i];
+        if (rows[i].ran && rows[i].w == w && rows[i].batch == batch && rows[i].constrained == constrained &&
+            rows[i].d == d)
+            return &rows[i];
     return NULL;
 }
 
-/* r's rate over the rate without speculation at the same batch (rate: row_tok_s or row_decode_tok_s). */
+/* r's rate over the rate without speculation at the same batch, with the constraint or without as r
+ * (rate: row_tok_s or row_decode_tok_s). */
 static double speedup_by(const row_t *rows, int n, const row_t *r, double (*rate)(const row_t *))
 {
-    const row_t *base = find_row(rows, n, r->w, r->batch, DRAFTER_NONE);
+    const row_t *base = find_row(rows, n, r->w, r->batch, r->constrained, DRAFTER_NONE);
     return base && rate(base) > 0 ? rate(r) / rate(base) : 0;
+}
+
+/* r's tokens/s over plain decoding's (no constraint, no speculation) at the same batch. */
+static double speedup_over_plain(const row_t *rows, int n, const row_t *r)
+{
+    const row_t *base = find_row(rows, n, r->w, r->batch, false, DRAFTER_NONE);
+    return base && row_tok_s(base) > 0 ? row_tok_s(r) / row_tok_s(base) : 0;
 }
 
 static double speedup(const row_t *rows, int n, const row_t *r) { return speedup_by(rows, n, r, row_tok_s); }
 
+/* The table of the workloads without constraints. */
 static void print_rows(const row_t *rows, int n)
 {
     printf("%-10s %5s %-7s %5s %7s %8s %8s %10s %8s %10s %8s %9s\n", "workload", "batch", "drafter", "reqs", "tokens",
            "tok/s", "speed-up", "decode t/s", "speed-up", "accept/st", "accepted", "identical");
     for (int i = 0; i < n; i++) {
         const row_t *r = &rows[i];
-        if (!r->ran) continue;
+        if (!r->ran || spec_workload_constrained(r->w)) continue;
         char rate[16] = "-"; /* of the drafted tokens; none drafted: "-" */
         if (r->drafted) snprintf(rate, sizeof rate, "%.1f%%", 100.0 * (double)r->accepted / (double)r->drafted);
         printf("%-10s %5d %-7s %5d %7llu %8.1f %7.2fx %10.1f %7.2fx %10.2f %8s %9s\n", spec_workload_name(r->w),
@@ -474,16 +569,44 @@ static void print_rows(const row_t *rows, int n)
     }
 }
 
+/* The table of the constrained workloads: each drafter without and with the constraint; speed-up
+ * over no speculation with the same, and over plain decoding. */
+static void print_cons_rows(const row_t *rows, int n)
+{
+    printf("%-8s %5s %-5s %-7s %5s %7s %8s %8s %8s %10s %8s %10s %8s %-13s %9s\n", "workload", "batch", "cons",
+           "drafter", "reqs", "tokens", "tok/s", "speed-up", "vs plain", "decode t/s", "speed-up", "accept/st",
+           "accepted", "valid", "identical");
+    for (int i = 0; i < n; i++) {
+        const row_t *r = &rows[i];
+        if (!r->ran || !spec_workload_constrained(r->w)) continue;
+        char rate[16] = "-", valid[32];
+        if (r->drafted) snprintf(rate, sizeof rate, "%.1f%%", 100.0 * (double)r->accepted / (double)r->drafted);
+        snprintf(valid, sizeof valid, "%d/%d", r->valid, r->checked);
+        if (r->cut) snprintf(valid + strlen(valid), sizeof valid - strlen(valid), " +%d cut", r->cut);
+        printf("%-8s %5d %-5s %-7s %5d %7llu %8.1f %7.2fx %7.2fx %10.1f %7.2fx %10.2f %8s %-13s %9s\n",
+               spec_workload_name(r->w), r->batch, r->constrained ? "yes" : "no", drafter_names[r->d], r->requests,
+               (unsigned long long)r->generated, row_tok_s(r), speedup(rows, n, r), speedup_over_plain(rows, n, r),
+               row_decode_tok_s(r), speedup_by(rows, n, r, row_decode_tok_s), row_accept_len(r), rate, valid,
+               r->differ ? "no" : "yes");
+    }
+}
+
 /* The goals, from the rows that measure them. */
 static void print_goals(const row_t *rows, int n, const int *batches, int n_batches)
 {
     for (int w = 0; w < SPEC_WORKLOAD_COUNT; w++) {
+        const bool cons = spec_workload_constrained((spec_workload_t)w);
         const row_t *best = NULL;
         for (int d = DRAFTER_NGRAM; d < DRAFTER_COUNT; d++) {
-            const row_t *r = find_row(rows, n, (spec_workload_t)w, 1, (drafter_t)d);
+            const row_t *r = find_row(rows, n, (spec_workload_t)w, 1, cons, (drafter_t)d);
             if (r && (!best || speedup(rows, n, r) > speedup(rows, n, best))) best = r;
         }
-        if (best)
+        if (best && cons)
+            printf("goal: batch 1, %s, constraint + speculation >= 3x the constraint alone: %s %.2fx (decode steps "
+                   "alone %.2fx; %.2fx plain decoding)\n",
+                   spec_workload_name((spec_workload_t)w), drafter_names[best->d], speedup(rows, n, best),
+                   speedup_by(rows, n, best, row_decode_tok_s), speedup_over_plain(rows, n, best));
+        else if (best)
             printf("goal: batch 1, %s, best drafter >= %s: %s %.2fx (decode steps alone %.2fx)\n",
                    spec_workload_name((spec_workload_t)w), w == SPEC_WORKLOAD_SMALL_SET ? "2.5x (aim 3x)" : "1.5x",
                    drafter_names[best->d], speedup(rows, n, best), speedup_by(rows, n, best, row_decode_tok_s));
@@ -493,7 +616,7 @@ static void print_goals(const row_t *rows, int n, const int *batches, int n_batc
     double worst = 0;
     const row_t *at = NULL;
     for (int i = 0; i < n; i++)
-        if (rows[i].ran && rows[i].batch == big && rows[i].d != DRAFTER_NONE &&
+        if (rows[i].ran && rows[i].batch == big && rows[i].d != DRAFTER_NONE && !spec_workload_constrained(rows[i].w) &&
             (!at || speedup(rows, n, &rows[i]) < worst))
             at = &rows[i], worst = speedup(rows, n, &rows[i]);
     if (at)
@@ -503,7 +626,7 @@ static void print_goals(const row_t *rows, int n, const int *batches, int n_batc
 
 static int write_json(const char *path, const char *model_path, const char *backend, int threads, int max_tokens,
                       const char *heads, int n_heads, int verify_ctx, int rounds, const verify_row_t *v, int n_v,
-                      const workload_t *wls, int n_wl, const row_t *rows, int n_rows, bool identical)
+                      const workload_t *wls, int n_wl, const row_t *rows, int n_rows, bool identical, bool valid)
 {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "benchmark", "spec");
@@ -536,6 +659,13 @@ static int write_json(const char *path, const char *model_path, const char *back
         cJSON_AddStringToObject(e, "workload", spec_workload_name(wls[w].w));
         cJSON_AddNumberToObject(e, "prompts", wls[w].n_prompts);
         cJSON_AddNumberToObject(e, "prompt_tokens", workload_tokens(&wls[w]));
+        if (spec_workload_constrained(wls[w].w)) {
+            cJSON_AddStringToObject(e, "constraint",
+                                    wls[w].cons[0].kind == FL_CONSTRAINT_REGEX ? "regex" : "json_schema");
+            cJSON_AddNumberToObject(e, "compile_ms_max", wls[w].compile_s * 1e3);
+            cJSON_AddNumberToObject(e, "mask_warmup_ms_max", wls[w].warm_s * 1e3);
+            cJSON_AddNumberToObject(e, "constraint_bytes_max", (double)wls[w].cons_bytes);
+        }
         cJSON_AddItemToArray(wa, e);
     }
     cJSON *ra = cJSON_AddArrayToObject(o, "runs");
@@ -546,6 +676,7 @@ static int write_json(const char *path, const char *model_path, const char *back
         cJSON_AddStringToObject(e, "workload", spec_workload_name(r->w));
         cJSON_AddNumberToObject(e, "batch", r->batch);
         cJSON_AddStringToObject(e, "drafter", drafter_names[r->d]);
+        cJSON_AddBoolToObject(e, "constraint", r->constrained);
         cJSON_AddNumberToObject(e, "requests", r->requests);
         cJSON_AddNumberToObject(e, "generated_tokens", (double)r->generated);
         cJSON_AddNumberToObject(e, "wall_s", r->wall_s);
@@ -561,9 +692,16 @@ static int write_json(const char *path, const char *model_path, const char *back
         cJSON_AddNumberToObject(e, "decode_speedup", speedup_by(rows, n_rows, r, row_decode_tok_s));
         cJSON_AddBoolToObject(e, "identical", r->differ == 0);
         cJSON_AddNumberToObject(e, "requests_differing", r->differ);
+        if (spec_workload_constrained(r->w)) {
+            cJSON_AddNumberToObject(e, "speedup_over_plain", speedup_over_plain(rows, n_rows, r));
+            cJSON_AddNumberToObject(e, "outputs_checked", r->checked);
+            cJSON_AddNumberToObject(e, "outputs_valid", r->valid);
+            cJSON_AddNumberToObject(e, "outputs_cut", r->cut);
+        }
         cJSON_AddItemToArray(ra, e);
     }
     cJSON_AddBoolToObject(o, "identical", identical);
+    cJSON_AddBoolToObject(o, "constrained_valid", valid);
     char *s = cJSON_Print(o);
     FILE *f = fopen(path, "w");
     const int rc = !f || fprintf(f, "%s\n", s) < 0 ? -1 : 0;
@@ -595,14 +733,14 @@ static bool parse_batches(const char *s, int *batches, int *n)
 
 static bool parse_workloads(const char *s, bool *on)
 {
-    char tmp[64];
+    char tmp[128];
     snprintf(tmp, sizeof tmp, "%s", s);
-    on[SPEC_WORKLOAD_SMALL_SET] = on[SPEC_WORKLOAD_CHAT] = false;
+    for (int w = 0; w < SPEC_WORKLOAD_COUNT; w++) on[w] = false;
     for (char *save = NULL, *t = strtok_r(tmp, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         int w = 0;
         while (w < SPEC_WORKLOAD_COUNT && strcmp(t, spec_workload_name((spec_workload_t)w))) w++;
         if (w == SPEC_WORKLOAD_COUNT) {
-            fprintf(stderr, "error: --workloads: unknown workload '%s' (small-set, chat)\n", t);
+            fprintf(stderr, "error: --workloads: unknown workload '%s' (small-set, chat, labels, json)\n", t);
             return false;
         }
         on[w] = true;
@@ -633,7 +771,7 @@ int bench_spec(int argc, char **argv)
 {
     engine_opts_t eo = {0};
     long max_tokens = 256, verify_ctx = 128, rounds = 30, repeat = 1, prompts = 0;
-    const char *batches_s = "1,4,16", *workloads_s = "small-set,chat", *json_path = NULL;
+    const char *batches_s = "1,4,16", *workloads_s = "small-set,chat,labels,json", *json_path = NULL;
     bool quick = false, no_medusa = false, prefix_cache = false, set_max_tokens = false, set_batches = false,
          set_rounds = false, set_prompts = false;
     for (int i = 1; i < argc; i++) {
@@ -670,10 +808,12 @@ int bench_spec(int argc, char **argv)
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             printf("usage: folio-bench spec [flags]\n"
                    "  --batches LIST        batch sizes: requests go in waves of that many (default 1,4,16)\n"
-                   "  --workloads LIST      small-set (labels, JSON enums, rewritten lists, copies with edits)\n"
-                   "                        and/or chat (open-ended answers) (default small-set,chat)\n"
+                   "  --workloads LIST      small-set (labels, JSON enums, rewritten lists, copies with edits),\n"
+                   "                        chat (open-ended answers), and the constrained ones: labels (a 40-line\n"
+                   "                        list, a regex) and json (records, a JSON Schema), each run without and\n"
+                   "                        with its constraint (default small-set,chat,labels,json)\n"
                    "  --max-tokens N        completion tokens per request at most (default 256)\n"
-                   "  --prompts N           the first N prompts of each workload (default: all, 16 and 8)\n"
+                   "  --prompts N           the first N prompts of each workload (default: all: 16, 8, 4, 4)\n"
                    "  --repeat N            passes over the prompts; figures over all of them (default 1)\n"
                    "  --verify-context N    context before the verify-cost steps (default 128)\n"
                    "  --verify-rounds N     timed rounds of the verify-cost table (default 30)\n"
@@ -684,7 +824,7 @@ int bench_spec(int argc, char **argv)
                    "                        5 verify rounds, Medusa only with heads already there\n"
                    "  --json FILE           write the figures as JSON\n"
                    "Exit status 1 when a speculative run's tokens differ from the same prompt's without\n"
-                   "speculation.\n%s",
+                   "speculation (with the same constraint or none), or a constrained output does not match.\n%s",
                    engine_flags_help());
             return 0;
         } else {
@@ -728,8 +868,8 @@ int bench_spec(int argc, char **argv)
     sched_t *scheds[MAX_BATCHES] = {0};
     verify_row_t verify[N_VERIFY_SIZES];
     int n_verify = 0, n_drafters = 0, n_rows = 0, most_req = 0;
-    bool identical = true;
-    char prompts_s[96] = "";
+    bool identical = true, valid = true;
+    char prompts_s[192] = "";
     const int ctx = e->model->max_blocks * e->kv->block_size;
 
     for (int w = 0; w < SPEC_WORKLOAD_COUNT; w++) {
@@ -767,7 +907,9 @@ int bench_spec(int argc, char **argv)
     if (n_verify < 0) goto fail;
 
     n_drafters = heads ? DRAFTER_COUNT : DRAFTER_MEDUSA;
-    n_rows = n_wl * n_batches * n_drafters;
+    /* rows[((w * n_batches + b) * 2 + constrained) * n_drafters + d]; workloads without constraints
+     * leave their constrained rows unused (ran false) */
+    n_rows = n_wl * n_batches * 2 * n_drafters;
     most_req = max_batch;
     for (int w = 0; w < n_wl; w++) most_req = wls[w].n_prompts > most_req ? wls[w].n_prompts : most_req;
     rows = calloc((size_t)n_rows, sizeof *rows);
@@ -779,37 +921,58 @@ int bench_spec(int argc, char **argv)
 
     /* One scheduler per batch size for the whole run, as a server keeps one: its cost model (which
      * sizes prompt chunks and decides how much to draft) learns from every run before. Each starts
-     * with a short untimed request, so no timed run pays for page faults. */
+     * with a short untimed request, so no timed run pays for page faults, then runs every constrained
+     * prompt once with its constraint and n-gram drafts, untimed, so no timed run pays for compiling
+     * a constraint (the scheduler keeps it by its text) or for the first use of the masks of the
+     * states its answer passes through. */
     const sched_callbacks_t cb = {.on_token = on_token, .on_finish = on_finish, .user = &c};
     for (int b = 0; b < n_batches && n_wl; b++) {
         const sched_opts_t so = {.max_running = batches[b], .no_prefix_cache = !prefix_cache,
                                  .spec = SCHED_SPEC_AUTO, .medusa = heads};
         if (!(scheds[b] = sched_new(e->model, e->kv, &so, &cb, &err))) goto fail;
         row_t ignore = {0};
-        if (run_wave(scheds[b], &wls[0], 0, 1, DRAFTER_NONE, 8, &c, &ignore, &err)) goto fail;
+        if (run_wave(scheds[b], &wls[0], 0, 1, DRAFTER_NONE, false, 8, &c, &ignore, &err)) goto fail;
+        for (int w = 0; w < n_wl; w++) {
+            if (!spec_workload_constrained(wls[w].w)) continue;
+            fprintf(stderr, "bench spec: %s batch %d, warming up the constraints (untimed) ...\n",
+                    spec_workload_name(wls[w].w), batches[b]);
+            for (int first = 0; first < wls[w].n_prompts; first += batches[b]) {
+                const int left = wls[w].n_prompts - first, count = left < batches[b] ? left : batches[b];
+                if (run_wave(scheds[b], &wls[w], first, count, DRAFTER_NGRAM, true, (int)max_tokens, &c, &ignore, &err))
+                    goto fail;
+            }
+        }
     }
     for (int k = 0; k < n_rows; k++) {
-        const int d = k % n_drafters, b = k / n_drafters % n_batches, w = k / n_drafters / n_batches;
-        rows[k] = (row_t){.w = wls[w].w, .batch = batches[b], .d = (drafter_t)d, .ran = true};
+        const int d = k % n_drafters, cons = k / n_drafters % 2, b = k / n_drafters / 2 % n_batches,
+                  w = k / n_drafters / 2 / n_batches;
+        rows[k] = (row_t){.w = wls[w].w, .batch = batches[b], .d = (drafter_t)d, .constrained = cons,
+                          .ran = !cons || spec_workload_constrained(wls[w].w)};
     }
-    /* Waves of `batch` requests, each run once per drafter back to back, so that the machine's
-     * other load falls on every drafter alike. */
+    /* Waves of `batch` requests, each run once per drafter back to back (and for constrained
+     * workloads, once more per drafter with the constraint), so that the machine's other load falls
+     * on every drafter alike. */
     for (int rep = 0; rep < repeat; rep++)
         for (int w = 0; w < n_wl; w++)
             for (int b = 0; b < n_batches; b++) {
                 const int B = batches[b], n_req = wls[w].n_prompts > B ? wls[w].n_prompts : B;
+                const int n_cons = spec_workload_constrained(wls[w].w) ? 2 : 1;
                 fprintf(stderr, "bench spec: %s batch %d, %d requests in waves of %d (run %d of %ld) ...\n",
                         spec_workload_name(wls[w].w), B, n_req, B, rep + 1, repeat);
                 for (int first = 0; first < n_req; first += B) {
                     const int count = n_req - first < B ? n_req - first : B;
-                    for (int d = 0; d < n_drafters; d++) {
-                        row_t *row = &rows[(w * n_batches + b) * n_drafters + d];
-                        if (run_wave(scheds[b], &wls[w], first, count, (drafter_t)d, (int)max_tokens, &c, row, &err))
-                            goto fail;
-                        check_wave(&wls[w], &c, first, (drafter_t)d, (int)max_tokens, row);
-                    }
+                    for (int cons = 0; cons < n_cons; cons++)
+                        for (int d = 0; d < n_drafters; d++) {
+                            row_t *row = &rows[((w * n_batches + b) * 2 + cons) * n_drafters + d];
+                            if (run_wave(scheds[b], &wls[w], first, count, (drafter_t)d, cons, (int)max_tokens, &c, row,
+                                         &err))
+                                goto fail;
+                            check_wave(&wls[w], &c, first, (drafter_t)d, cons, (int)max_tokens, e->model->tok, row);
+                        }
                 }
             }
+    for (int w = 0; w < n_wl; w++)
+        if (spec_workload_constrained(wls[w].w) && cons_measure(&wls[w], e->model->tok, &err)) goto fail;
 
     for (int w = 0; w < n_wl; w++)
         snprintf(prompts_s + strlen(prompts_s), sizeof prompts_s - strlen(prompts_s), "%s%s:%d (%d tokens)",
@@ -818,24 +981,59 @@ int bench_spec(int argc, char **argv)
            backend, eo.threads, max_tokens, prompts_s, heads ? heads_path : "none",
            prefix_cache ? " prefix-cache=on" : "");
     print_verify(verify, n_verify, (int)verify_ctx, (int)rounds);
-    printf("\n");
-    print_rows(rows, n_rows);
-    for (int i = 0; i < n_rows; i++)
-        if (rows[i].ran && rows[i].differ) {
+    bool any_plain = false, any_cons = false;
+    for (int w = 0; w < n_wl; w++) {
+        any_cons |= spec_workload_constrained(wls[w].w);
+        any_plain |= !spec_workload_constrained(wls[w].w);
+    }
+    if (any_plain) {
+        printf("\n");
+        print_rows(rows, n_rows);
+    }
+    if (any_cons) {
+        printf("\nconstrained output (cons: the prompt's constraint on or off); speed-up over no speculation with the "
+               "same, vs plain: over no constraint and no speculation\n");
+        print_cons_rows(rows, n_rows);
+        for (int w = 0; w < n_wl; w++)
+            if (spec_workload_constrained(wls[w].w))
+                printf("%s: %s per prompt; the largest compiles in %.1f ms, its answer's masks take %.1f ms, "
+                       "%.1f MiB\n",
+                       spec_workload_name(wls[w].w),
+                       wls[w].cons[0].kind == FL_CONSTRAINT_REGEX ? "a regex" : "a JSON Schema", wls[w].compile_s * 1e3,
+                       wls[w].warm_s * 1e3, (double)wls[w].cons_bytes / (1 << 20));
+    }
+    int checked = 0, cut = 0;
+    for (int i = 0; i < n_rows; i++) {
+        const row_t *r = &rows[i];
+        if (!r->ran) continue;
+        if (r->differ) {
             identical = false;
-            printf("DIFFERS: %s batch %d %s: %d requests; first: prompt %d at token %d\n",
-                   spec_workload_name(rows[i].w), rows[i].batch, drafter_names[rows[i].d], rows[i].differ,
-                   rows[i].first_differ_prompt, rows[i].first_differ_at);
+            printf("DIFFERS: %s batch %d %s%s: %d requests; first: prompt %d at token %d\n", spec_workload_name(r->w),
+                   r->batch, drafter_names[r->d], r->constrained ? " constrained" : "", r->differ,
+                   r->first_differ_prompt, r->first_differ_at);
         }
+        if (!r->constrained) continue;
+        checked += r->checked;
+        cut += r->cut;
+        if (r->valid < r->checked) {
+            valid = false;
+            printf("INVALID: %s batch %d %s constrained: %d of %d outputs; first: %s\n", spec_workload_name(r->w),
+                   r->batch, drafter_names[r->d], r->checked - r->valid, r->checked, r->first_invalid);
+        }
+    }
     print_goals(rows, n_rows, batches, n_batches);
     printf("lossless (greedy tokens identical with and without speculation, every prompt): %s\n",
            identical ? "yes" : "NO");
+    if (any_cons)
+        printf("valid (every complete constrained output matches its constraint, by POSIX regex or cJSON): %s "
+               "(%d checked, %d cut at max tokens)\n",
+               valid ? "yes" : "NO", checked, cut);
     if (json_path && write_json(json_path, model_path, backend, eo.threads, (int)max_tokens,
                                 heads ? heads_path : NULL, heads ? medusa_n_heads(heads) : 0,
                                 (int)verify_ctx, (int)rounds, verify, n_verify, wls, n_wl, rows, n_rows,
-                                identical))
+                                identical, valid))
         fprintf(stderr, "error: cannot write %s\n", json_path);
-    status = identical ? 0 : 1;
+    status = identical && valid ? 0 : 1;
     goto out;
 oom:
     fl_fail(&err, FL_ENOMEM, "bench: out of memory");

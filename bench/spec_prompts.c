@@ -1,9 +1,15 @@
 /* spec_prompts.c - see spec_prompts.h. Workload (a) has four kinds of task, four prompts each:
  * labelling a 40-line list with one of five labels, JSON records with enum fields, rewriting a list
  * of dates, numbers, times or amounts, and copying a text with small edits. The 40-line lists are
- * kept as comma-separated items (or one sentence a line) and numbered when the prompt is built. */
+ * kept as comma-separated items (or one sentence a line) and numbered when the prompt is built.
+ *
+ * The constrained workloads keep each task as data (the labels and the list; the record's fields,
+ * enums, bounds and the list), from which the prompt, the constraint (a regex, a JSON Schema) and
+ * the independent check of an answer are all built, so the three cannot drift apart. */
 #include "spec_prompts.h"
 
+#include <cjson/cJSON.h>
+#include <regex.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -151,6 +157,199 @@ static const char *const chat_prompts[] = {
     "What are the benefits of learning a second language?",
 };
 
+/* ---- (c) labels: each line of a 40-line list gets one of five labels, "N. label" a line ---- */
+
+#define LABEL_LINES 40
+
+typedef struct {
+    const char *what;      /* what the lines are, and what the label says of them */
+    const char *labels[5]; /* lowercase letters only, none a prefix of another */
+    const char *lines;     /* LABEL_LINES lines, '\n'-separated */
+} cons_label_task_t;
+
+static const cons_label_task_t cons_label_tasks[] = {
+    {"the sentiment of each product review",
+     {"positive", "negative", "neutral", "mixed", "unclear"},
+     "The battery lasts all day and charges quickly.\nIt stopped working after two days.\n"
+     "The parcel came on a Tuesday.\nLovely screen, but the speakers are weak.\nHmm, we will see.\n"
+     "Best purchase I made this year.\nThe handle snapped off the first time I used it.\nIt is blue.\n"
+     "Comfortable shoes, though they run a size small.\nNot sure what to think yet.\n"
+     "The staff were friendly and the room was spotless.\nCold food and a rude waiter.\n"
+     "The manual has twelve pages.\nFast delivery, but one cup was chipped.\nWell, it is certainly a kettle.\n"
+     "My kids love this game.\nTotal waste of money.\nThe box contains a charger and a cable.\n"
+     "Tastes great, although the portion was tiny.\nI might need more time with it.\n"
+     "Setup took two minutes and everything just worked.\nThe zipper broke on day one.\n"
+     "Available in three sizes.\nGood camera, terrible battery.\nInteresting choice of colors.\n"
+     "Would happily buy it again.\nIt smells like burnt plastic.\nThe store opens at nine.\n"
+     "Quiet and powerful, if a little heavy.\nI have no idea how to feel about this.\n"
+     "Exceeded every expectation.\nCustomer service never replied.\nIt weighs about two kilograms.\n"
+     "Soft fabric, but the seams came loose.\nCould be worse, could be better, who knows.\n"
+     "A delightful little book.\nThe app keeps logging me out.\nShipped from a warehouse in Ohio.\n"
+     "Beautiful design, awkward buttons.\nAsk me again next month."},
+    {"the topic of each news headline",
+     {"sports", "politics", "science", "business", "culture"},
+     "Local team wins the championship in overtime\nParliament passes new budget after long debate\n"
+     "Astronomers spot water vapor on a distant planet\nCoffee chain opens its 500th store\n"
+     "Museum unveils a lost painting by a Dutch master\nStar striker signs a three-year contract\n"
+     "Mayor announces plan to cut city taxes\nNew vaccine shows promise in early trials\n"
+     "Car maker reports record quarterly profits\nFilm festival awards top prize to first-time director\n"
+     "Marathon runner breaks the course record\nSenate rejects proposed election reform\n"
+     "Scientists map the brain of a fruit fly\nBank raises interest rates for the second time\n"
+     "Novelist wins the national book award\nTennis champion retires at 34\n"
+     "President meets foreign leaders at summit\nAncient bacteria revived from Arctic ice\n"
+     "Tech startup raises 40 million in funding\nOpera house celebrates its centenary\n"
+     "Cyclists battle rain on the mountain stage\nOpposition party elects a new leader\n"
+     "Telescope captures the birth of a star\nAirline cuts prices on transatlantic flights\n"
+     "Jazz legend releases first album in a decade\nSwimmer sets world record in 200 meters\n"
+     "Government unveils new climate policy\nResearchers grow teeth in the laboratory\n"
+     "Retail sales fall for the third month\nStreet artists transform the old harbor\n"
+     "Rugby coach resigns after heavy defeat\nVoters head to the polls on Sunday\n"
+     "Physicists measure the mass of the neutrino\nOil prices climb after supply cuts\n"
+     "Poetry slam draws record crowd\nGoalkeeper saves three penalties in shootout\n"
+     "Minister resigns over expenses scandal\nRobot learns to fold laundry\n"
+     "Shipping firm merges with rival\nBallet company tours South America"},
+    {"the weather of each day described",
+     {"sunny", "rainy", "cloudy", "snowy", "windy"},
+     "Clear blue sky from morning to evening.\nHeavy showers all afternoon.\n"
+     "A thick grey blanket hid the sun all day.\nFresh powder covered the streets by noon.\n"
+     "Gusts strong enough to knock over bins.\nBright sunshine and not a cloud in sight.\n"
+     "Drizzle that never quite stopped.\nOvercast, dull and dry.\nFlakes kept falling through the night.\n"
+     "The kites were flying high on the beach.\nHot and bright, perfect for the pool.\n"
+     "Umbrellas everywhere on the way to work.\nThe sky stayed white and flat for hours.\n"
+     "Children built a snowman in the park.\nTrees bent and leaves flew across the road.\n"
+     "Sunglasses weather all weekend.\nPuddles formed on every corner.\nNo sun, no rain, just grey.\n"
+     "A blizzard closed the mountain pass.\nThe ferry was cancelled because of the gale.\n"
+     "Long golden afternoon at the lake.\nA downpour soaked the football pitch.\n"
+     "Low clouds hung over the hills.\nIcy flakes drifted past the window.\nHats blew off on the bridge.\n"
+     "The terrace cafe was full of people in the sun.\nThunderstorms rolled in after lunch.\n"
+     "A gloomy sky but the ground stayed dry.\nSkiers were delighted with a fresh fall overnight.\n"
+     "The wind turbines spun at full speed.\nWarm rays through the kitchen window.\n"
+     "Rain hammered the roof all night.\nThe sun never broke through the cover.\n"
+     "Sledges came out for the first time this winter.\n"
+     "Sailing boats raced across the bay in a stiff breeze.\nA cloudless day at the seaside.\n"
+     "Wet boots and a dripping coat.\nA heavy grey ceiling over the city.\n"
+     "Snowploughs worked through the morning.\nThe washing line spun like a propeller."},
+    {"how urgent each message is",
+     {"urgent", "high", "normal", "low", "spam"},
+     "The server room is on fire, call someone now.\nPlease review the contract before Friday.\n"
+     "Lunch menu for next week is attached.\nWhenever you have time, could you tidy the wiki?\n"
+     "You have won a free cruise, click here.\nThe production database is down for all customers.\n"
+     "The client wants the revised quote by tomorrow morning.\nReminder: team meeting on Thursday at ten.\n"
+     "No rush, but the old printer could be recycled.\nCheap watches, best prices, buy today.\n"
+     "A water pipe burst above the office, everything is flooding.\n"
+     "The board needs the report by end of day.\nHere are the notes from yesterday's call.\n"
+     "Someday we should rename the shared folder.\n"
+     "Congratulations, your account has been selected for a prize.\n"
+     "Payments are failing on the website right now.\n"
+     "Can you finish the slides before the investor meeting on Monday?\n"
+     "The kitchen will be cleaned on Wednesday.\nIf you get a chance, update your profile photo.\n"
+     "Earn money from home with this one trick.\n"
+     "A customer is threatening to sue unless we answer in an hour.\n"
+     "The auditors arrive tomorrow and need the invoices.\nParking spaces are reassigned next month.\n"
+     "Maybe next quarter we can try a new coffee brand.\n"
+     "Your parcel is waiting, pay a small fee to release it.\nSomeone is locked in the lift.\n"
+     "Please approve the budget change this week.\nThe holiday calendar has been updated.\n"
+     "At some point, please archive your old emails.\nHot singles in your area want to meet you.\n"
+     "All laptops are showing a ransom message.\nThe release candidate needs sign-off today.\n"
+     "New starters join on the first of the month.\nThe plant in reception could use some water.\n"
+     "Claim your inheritance from a distant relative.\nThe fire alarm is sounding in building B.\n"
+     "Legal needs your comments on the draft by Wednesday.\nThe newsletter goes out on Friday as usual.\n"
+     "Sometime this year we could repaint the meeting room.\nLimited offer: double your bitcoin in a day."},
+};
+
+/* ---- (d) json: an array of records, one per line of a list, with a string, two enums and an integer ---- */
+
+#define JSON_ITEMS 8
+
+typedef struct {
+    const char *noun;               /* what a line of the list is */
+    const char *str_key, *str_hint; /* a string of at most str_max characters */
+    int str_max;
+    const char *enum_key, *enum_vals[4]; /* one of four strings */
+    const char *int_key, *int_hint;      /* an integer in [int_min, int_max] */
+    int int_min, int_max;
+    const char *enum2_key, *enum2_vals[4]; /* one of four strings */
+    const char *example;                   /* a record for an item not in the list */
+    const char *lines;                     /* JSON_ITEMS lines, '\n'-separated */
+} cons_json_task_t;
+
+static const cons_json_task_t cons_json_tasks[] = {
+    {"task",
+     "name",
+     "the task in a few words",
+     40,
+     "status",
+     {"todo", "doing", "done", "blocked"},
+     "priority",
+     "1 lowest, 5 highest",
+     1,
+     5,
+     "category",
+     {"home", "work", "health", "errands"},
+     "{\"name\":\"Water the plants\",\"status\":\"todo\",\"priority\":2,\"category\":\"home\"}",
+     "Fix the leaking kitchen tap, started yesterday, fairly urgent\n"
+     "Send the quarterly report to my manager, finished this morning, very important\n"
+     "Book a dentist check-up, not started, can wait\nBuy stamps at the post office, not started, minor\n"
+     "Renew the gym membership, waiting for the new card, medium\n"
+     "Prepare slides for the client meeting, in progress, urgent\n"
+     "Pick up the dry cleaning, done on Monday, minor\nClean out the garage, blocked by the rain, low"},
+    {"order",
+     "customer",
+     "the customer's name",
+     32,
+     "status",
+     {"pending", "shipped", "delivered", "cancelled"},
+     "items",
+     "the number of items",
+     1,
+     20,
+     "channel",
+     {"web", "store", "phone", "app"},
+     "{\"customer\":\"Ada Brown\",\"status\":\"pending\",\"items\":1,\"channel\":\"web\"}",
+     "Maria Lopez ordered 3 items on the website, shipped yesterday\n"
+     "Tom Becker bought 1 item in the store, already delivered\n"
+     "Yuki Tanaka ordered 12 items by phone, still waiting for payment\n"
+     "Omar Haddad ordered 2 items in the app, cancelled by the buyer\n"
+     "Lena Fischer ordered 5 items on the website, delivered on Friday\n"
+     "Ravi Patel ordered 7 items in the app, on the truck now\n"
+     "Chloe Martin ordered 1 item by phone, cancelled\n"
+     "Sam Okoye ordered 20 items in the store, not paid yet"},
+    {"bug report",
+     "title",
+     "a short title",
+     48,
+     "severity",
+     {"minor", "major", "critical", "blocker"},
+     "priority",
+     "1 lowest, 5 highest",
+     1,
+     5,
+     "state",
+     {"open", "in_progress", "review", "closed"},
+     "{\"title\":\"Logo is blurry\",\"severity\":\"minor\",\"priority\":1,\"state\":\"open\"}",
+     "Typo on the login page, nobody has looked at it\nData lost when saving large files, being fixed now\n"
+     "Search takes ten seconds, fix waiting for review\nServer crashes every night at midnight, just reported\n"
+     "Wrong icon color in dark mode, fixed last week\nPayments fail for some users, someone is on it\n"
+     "Nobody can log in after the update, fix under review\nTooltip text cut off, closed as done"},
+    {"employee",
+     "name",
+     "the person's name",
+     32,
+     "department",
+     {"sales", "engineering", "support", "finance"},
+     "level",
+     "1 junior to 5 most senior",
+     1,
+     5,
+     "office",
+     {"berlin", "lisbon", "toronto", "remote"},
+     "{\"name\":\"Jo Smith\",\"department\":\"sales\",\"level\":2,\"office\":\"berlin\"}",
+     "Anna Schmidt, senior software engineer in Berlin\nDavid Chen, junior accountant working from home\n"
+     "Amara Okafor, head of sales in Toronto\nLukas Weber, junior help desk agent in Lisbon\n"
+     "Sofia Rossi, mid-level sales representative, remote\nKenji Sato, principal engineer in Toronto\n"
+     "Nina Petrova, support team lead in Berlin\nLeila Karimi, finance analyst in Lisbon"},
+};
+
 #define COUNT(a)        ((int)(sizeof(a) / sizeof((a)[0])))
 #define SMALL_SET_KINDS 4
 /* spec_prompt_text deals the kinds round-robin, so each has as many prompts. */
@@ -160,14 +359,27 @@ _Static_assert(COUNT(label_tasks) == COUNT(json_prompts) && COUNT(json_prompts) 
 
 const char *spec_workload_name(spec_workload_t w)
 {
-    return w == SPEC_WORKLOAD_CHAT ? "chat" : "small-set";
+    static const char *const names[SPEC_WORKLOAD_COUNT] = {"small-set", "chat", "labels", "json"};
+    return w >= 0 && w < SPEC_WORKLOAD_COUNT ? names[w] : "small-set";
 }
 
 int spec_prompt_count(spec_workload_t w)
 {
-    return w == SPEC_WORKLOAD_CHAT
-               ? COUNT(chat_prompts)
-               : COUNT(label_tasks) + COUNT(json_prompts) + COUNT(rewrite_prompts) + COUNT(copy_prompts);
+    switch (w) {
+    case SPEC_WORKLOAD_CHAT:
+        return COUNT(chat_prompts);
+    case SPEC_WORKLOAD_LABELS:
+        return COUNT(cons_label_tasks);
+    case SPEC_WORKLOAD_JSON:
+        return COUNT(cons_json_tasks);
+    default:
+        return COUNT(label_tasks) + COUNT(json_prompts) + COUNT(rewrite_prompts) + COUNT(copy_prompts);
+    }
+}
+
+bool spec_workload_constrained(spec_workload_t w)
+{
+    return w == SPEC_WORKLOAD_LABELS || w == SPEC_WORKLOAD_JSON;
 }
 
 /* The instruction, then the items numbered one a line. */
@@ -190,10 +402,138 @@ static char *label_prompt(const label_task_t *t)
     return out;
 }
 
+/* ---- constrained workloads: prompt, constraint and check from one task ---- */
+
+/* A string built by printing into it (open_memstream); NULL when out of memory. */
+typedef struct {
+    FILE *f;
+    char *s;
+    size_t len;
+} text_t;
+
+static bool text_open(text_t *t)
+{
+    *t = (text_t){0};
+    return (t->f = open_memstream(&t->s, &t->len)) != NULL;
+}
+
+static char *text_close(text_t *t, bool ok)
+{
+    if (fclose(t->f) || !ok) {
+        free(t->s);
+        return NULL;
+    }
+    return t->s;
+}
+
+/* The lines of a '\n'-separated list, one a line, numbered "1. " ... or not. */
+static void each_line(FILE *f, const char *lines, bool numbered)
+{
+    int line = 1;
+    for (const char *p = lines; *p; line++) {
+        const char *end = strchr(p, '\n');
+        const int len = end ? (int)(end - p) : (int)strlen(p);
+        if (numbered) fprintf(f, "%d. ", line);
+        fprintf(f, "%.*s\n", len, p);
+        p += len + (end ? 1 : 0);
+    }
+}
+
+/* Characters (code points) of a UTF-8 string: its bytes that are not continuation bytes. */
+static size_t utf8_chars(const char *s)
+{
+    size_t n = 0;
+    for (; *s; s++) n += ((unsigned char)*s & 0xC0) != 0x80;
+    return n;
+}
+
+static char *cons_label_prompt(const cons_label_task_t *t)
+{
+    text_t o;
+    if (!text_open(&o)) return NULL;
+    const char *const *l = t->labels;
+    fprintf(o.f,
+            "Label %s in the list below with one of these five labels: %s, %s, %s, %s, %s. For each line write "
+            "its number and its label only, one line each, like this:\n1. %s\n2. %s\n\n",
+            t->what, l[0], l[1], l[2], l[3], l[4], l[2], l[0]);
+    each_line(o.f, t->lines, true);
+    return text_close(&o, true);
+}
+
+/* The answer's format as a regular expression: "1. label\n2. label\n...40. label", a final newline
+ * allowed. posix: for regcomp (anchors, a literal newline), else folio's subset (anchored anyway). */
+static char *label_pattern(const cons_label_task_t *t, bool posix)
+{
+    text_t o;
+    if (!text_open(&o)) return NULL;
+    const char *nl = posix ? "\n" : "\\n";
+    const char *const *l = t->labels;
+    fputs(posix ? "^" : "", o.f);
+    for (int i = 1; i <= LABEL_LINES; i++)
+        fprintf(o.f, "%s%d\\. (%s|%s|%s|%s|%s)", i > 1 ? nl : "", i, l[0], l[1], l[2], l[3], l[4]);
+    fprintf(o.f, "%s?%s", nl, posix ? "$" : "");
+    return text_close(&o, true);
+}
+
+static char *cons_json_prompt(const cons_json_task_t *t)
+{
+    text_t o;
+    if (!text_open(&o)) return NULL;
+    const char *const *e = t->enum_vals, *const *e2 = t->enum2_vals;
+    fprintf(o.f,
+            "Turn each %s below into a JSON object with the fields \"%s\" (%s, at most %d characters), \"%s\" (one "
+            "of \"%s\", \"%s\", \"%s\", \"%s\"), \"%s\" (an integer from %d to %d: %s) and \"%s\" (one of \"%s\", "
+            "\"%s\", \"%s\", \"%s\"). Answer with one JSON array of the %d objects, in the order of the list, on one "
+            "line and nothing else. An object looks like this:\n%s\n\n",
+            t->noun, t->str_key, t->str_hint, t->str_max, t->enum_key, e[0], e[1], e[2], e[3], t->int_key, t->int_min,
+            t->int_max, t->int_hint, t->enum2_key, e2[0], e2[1], e2[2], e2[3], JSON_ITEMS, t->example);
+    each_line(o.f, t->lines, false);
+    return text_close(&o, true);
+}
+
+static cJSON *enum_schema(const char *const vals[4])
+{
+    cJSON *s = cJSON_CreateObject();
+    cJSON_AddStringToObject(s, "type", "string");
+    cJSON_AddItemToObject(s, "enum", cJSON_CreateStringArray(vals, 4));
+    return s;
+}
+
+/* An array of exactly JSON_ITEMS objects, every field required. */
+static char *json_schema(const cons_json_task_t *t)
+{
+    cJSON *root = cJSON_CreateObject(), *item = cJSON_CreateObject(), *props = cJSON_CreateObject();
+    cJSON *str = cJSON_CreateObject(), *num = cJSON_CreateObject();
+    const char *required[4] = {t->str_key, t->enum_key, t->int_key, t->enum2_key};
+    cJSON_AddStringToObject(str, "type", "string");
+    cJSON_AddNumberToObject(str, "maxLength", t->str_max);
+    cJSON_AddStringToObject(num, "type", "integer");
+    cJSON_AddNumberToObject(num, "minimum", t->int_min);
+    cJSON_AddNumberToObject(num, "maximum", t->int_max);
+    cJSON_AddItemToObject(props, t->str_key, str);
+    cJSON_AddItemToObject(props, t->enum_key, enum_schema(t->enum_vals));
+    cJSON_AddItemToObject(props, t->int_key, num);
+    cJSON_AddItemToObject(props, t->enum2_key, enum_schema(t->enum2_vals));
+    cJSON_AddStringToObject(item, "type", "object");
+    cJSON_AddItemToObject(item, "properties", props);
+    cJSON_AddItemToObject(item, "required", cJSON_CreateStringArray(required, 4));
+    cJSON_AddStringToObject(root, "type", "array");
+    cJSON_AddItemToObject(root, "items", item);
+    cJSON_AddNumberToObject(root, "minItems", JSON_ITEMS);
+    cJSON_AddNumberToObject(root, "maxItems", JSON_ITEMS);
+    char *s = cJSON_PrintUnformatted(root); /* NULL when any allocation above failed */
+    cJSON_Delete(root);
+    char *out = s ? strdup(s) : NULL;
+    cJSON_free(s);
+    return out;
+}
+
 char *spec_prompt_text(spec_workload_t w, int i)
 {
-    if (w == SPEC_WORKLOAD_CHAT) return i >= 0 && i < COUNT(chat_prompts) ? strdup(chat_prompts[i]) : NULL;
     if (i < 0 || i >= spec_prompt_count(w)) return NULL;
+    if (w == SPEC_WORKLOAD_CHAT) return strdup(chat_prompts[i]);
+    if (w == SPEC_WORKLOAD_LABELS) return cons_label_prompt(&cons_label_tasks[i]);
+    if (w == SPEC_WORKLOAD_JSON) return cons_json_prompt(&cons_json_tasks[i]);
     const int k = i / SMALL_SET_KINDS;
     switch (i % SMALL_SET_KINDS) {
     case 0:
@@ -205,4 +545,108 @@ char *spec_prompt_text(spec_workload_t w, int i)
     default:
         return strdup(copy_prompts[k]);
     }
+}
+
+int spec_prompt_constraint(spec_workload_t w, int i, fl_constraint_kind_t *kind, char **text)
+{
+    *text = NULL;
+    if (!spec_workload_constrained(w) || i < 0 || i >= spec_prompt_count(w)) return -1;
+    *kind = w == SPEC_WORKLOAD_LABELS ? FL_CONSTRAINT_REGEX : FL_CONSTRAINT_JSON_SCHEMA;
+    *text = w == SPEC_WORKLOAD_LABELS ? label_pattern(&cons_label_tasks[i], false) : json_schema(&cons_json_tasks[i]);
+    return *text ? 0 : -1;
+}
+
+/* ---- the checks, apart from folio's compiler ---- */
+
+static bool labels_valid(const cons_label_task_t *t, const char *text, char *why, size_t cap)
+{
+    char *pattern = label_pattern(t, true);
+    regex_t re;
+    if (!pattern || regcomp(&re, pattern, REG_EXTENDED | REG_NOSUB)) {
+        free(pattern);
+        snprintf(why, cap, "the check's own pattern did not compile");
+        return false;
+    }
+    free(pattern);
+    const bool ok = regexec(&re, text, 0, NULL, 0) == 0;
+    regfree(&re);
+    if (!ok) {
+        /* where: the first line that is not "N. label" */
+        int line = 1;
+        const char *p = text;
+        for (; *p; line++) {
+            const char *end = strchr(p, '\n');
+            const int len = end ? (int)(end - p) : (int)strlen(p);
+            char want[32];
+            const int wl = snprintf(want, sizeof want, "%d. ", line);
+            bool good = len > wl && !strncmp(p, want, (size_t)wl);
+            if (good) {
+                good = false;
+                for (int k = 0; k < 5 && !good; k++)
+                    good = (int)strlen(t->labels[k]) == len - wl && !strncmp(p + wl, t->labels[k], (size_t)(len - wl));
+            }
+            if (!good || !end) break;
+            p = end + 1;
+        }
+        snprintf(why, cap, "does not match the %d-line format (first wrong line: %d)", LABEL_LINES, line);
+    }
+    return ok;
+}
+
+static bool in_enum(const cJSON *v, const char *const vals[4])
+{
+    if (!cJSON_IsString(v)) return false;
+    for (int k = 0; k < 4; k++)
+        if (!strcmp(v->valuestring, vals[k])) return true;
+    return false;
+}
+
+static bool json_valid(const cons_json_task_t *t, const char *text, char *why, size_t cap)
+{
+    cJSON *a = cJSON_ParseWithOpts(text, NULL, true);
+    bool ok = false;
+    if (!a) {
+        const char *at = cJSON_GetErrorPtr();
+        snprintf(why, cap, "not one JSON value (at byte %td)", at ? at - text : (ptrdiff_t)-1);
+    } else if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != JSON_ITEMS) {
+        snprintf(why, cap, "not an array of %d items", JSON_ITEMS);
+    } else {
+        int i = 0;
+        const cJSON *o;
+        cJSON_ArrayForEach(o, a)
+        {
+            const cJSON *s = cJSON_GetObjectItemCaseSensitive(o, t->str_key);
+            const cJSON *n = cJSON_GetObjectItemCaseSensitive(o, t->int_key);
+            const char *bad = NULL;
+            if (!cJSON_IsObject(o))
+                bad = "not an object";
+            else if (!cJSON_IsString(s) || utf8_chars(s->valuestring) > (size_t)t->str_max)
+                bad = t->str_key;
+            else if (!in_enum(cJSON_GetObjectItemCaseSensitive(o, t->enum_key), t->enum_vals))
+                bad = t->enum_key;
+            else if (!cJSON_IsNumber(n) || n->valuedouble != (double)(long long)n->valuedouble ||
+                     n->valuedouble < t->int_min || n->valuedouble > t->int_max)
+                bad = t->int_key;
+            else if (!in_enum(cJSON_GetObjectItemCaseSensitive(o, t->enum2_key), t->enum2_vals))
+                bad = t->enum2_key;
+            if (bad) {
+                snprintf(why, cap, "item %d: %s%s", i, bad, cJSON_IsObject(o) ? " missing or out of its bounds" : "");
+                break;
+            }
+            i++;
+        }
+        ok = i == JSON_ITEMS;
+    }
+    cJSON_Delete(a);
+    return ok;
+}
+
+bool spec_output_valid(spec_workload_t w, int i, const char *text, char *why, size_t cap)
+{
+    if (!spec_workload_constrained(w) || i < 0 || i >= spec_prompt_count(w)) {
+        snprintf(why, cap, "%s has no constraint", spec_workload_name(w));
+        return false;
+    }
+    return w == SPEC_WORKLOAD_LABELS ? labels_valid(&cons_label_tasks[i], text, why, cap)
+                                     : json_valid(&cons_json_tasks[i], text, why, cap);
 }
