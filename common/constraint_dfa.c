@@ -193,6 +193,7 @@ typedef struct {
     const nfa_t *nfa;
     uint32_t *mark; /* generation per NFA state */
     uint32_t gen;
+    long long work; /* states visited so far, against CX_MAX_SUBSET_WORK */
     int32_t *stack, *out;
     int32_t n_out;
 } closure_t;
@@ -217,6 +218,7 @@ static void closure(closure_t *c, const int32_t *seeds, int32_t n)
     }
     while (sp) {
         const int32_t q = c->stack[--sp];
+        c->work++;
         if (s[q].type == NS_SPLIT) {
             const int32_t o[2] = {s[q].out1, s[q].out2};
             for (int k = 0; k < 2; k++)
@@ -292,7 +294,7 @@ static int32_t subset_intern(subset_t *d, const int32_t *v, int32_t n, int32_t m
     }
     const int32_t id = d->n++;
     if (id == 0) d->off[0] = 0;
-    memcpy(d->pool + d->pool_n, v, sizeof *v * (size_t)n);
+    if (n) memcpy(d->pool + d->pool_n, v, sizeof *v * (size_t)n);
     d->pool_n += (size_t)n;
     d->off[id + 1] = d->pool_n;
     d->accept[id] = acc;
@@ -544,6 +546,11 @@ int cx_dfa_build(const cx_node_t *x, size_t max_states, const char *what, cx_dfa
             const size_t from = k ? bucket_at[k - 1] : 0;
             if (bucket_at[k] == from) continue;
             closure(&c, flat + from, (int32_t)(bucket_at[k] - from));
+            if (c.work > CX_MAX_SUBSET_WORK) {
+                rc = fl_fail(err, FL_ERANGE, "%s: too large (determinising passed %lld steps with %d states so far)",
+                             what, CX_MAX_SUBSET_WORK, d.n);
+                goto done;
+            }
             if (c.n_out == 0) continue;
             acc = false;
             for (int32_t i = 0; i < c.n_out; i++) acc |= nfa.s[c.out[i]].type == NS_MATCH;
