@@ -5,7 +5,7 @@
  * folio_stops_check: the coordinator applies the same two at its door, so the gateway refuses
  * exactly what the cluster would, only earlier and with the field's OpenAI name in `param`.
  * Unknown fields are ignored (clients send newer fields); fields whose meaning folio cannot honour
- * (n > 1, best_of > 1, echo, suffix, tools, a JSON response_format) are refused rather than
+ * (n > 1, best_of > 1, echo, suffix, tools) are refused rather than
  * silently dropped. Strings point into the parsed cJSON tree, kept in the request until
  * oai_request_free. */
 #include "openai.h"
@@ -159,13 +159,75 @@ static int refuse_unsupported(const cJSON *root, oai_kind_t kind, oai_error_t *e
         if (t && !(cJSON_IsArray(t) && cJSON_GetArraySize(t) == 0))
             return field_fail(e, tools[i], "'%s' is not supported: folio has no tool calling", tools[i]);
     }
+    return 0;
+}
+
+/* ---- constrained output ---- */
+
+/* A schema given as an object or as its JSON text, as text (owned when printed). */
+static int schema_text(oai_request_t *r, const cJSON *v, const char *param, const char **out, oai_error_t *e)
+{
+    if (cJSON_IsString(v)) {
+        *out = v->valuestring;
+        return 0;
+    }
+    if (!cJSON_IsObject(v)) return field_fail(e, param, "'%s' must be a JSON Schema object", param);
+    if (!(*out = own(r, cJSON_PrintUnformatted(v)))) return oai_fail(e, 500, NULL, "out of memory");
+    return 0;
+}
+
+/* response_format ({"type": "text" | "json_object" | "json_schema", "json_schema": {"name",
+ * "schema", "strict"}}) and the guided_* extensions, into one constraint. */
+static int parse_constraint(const cJSON *root, oai_request_t *r, oai_error_t *e)
+{
+    int given = 0;
     const cJSON *rf = field(root, "response_format");
     if (rf) {
         const cJSON *type = cJSON_IsObject(rf) ? field(rf, "type") : NULL;
-        if (!cJSON_IsObject(rf) || (type && !(cJSON_IsString(type) && !strcmp(type->valuestring, "text"))))
-            return field_fail(e, "response_format",
-                              "'response_format' other than {\"type\": \"text\"} is not supported");
+        if (!cJSON_IsObject(rf) || !cJSON_IsString(type))
+            return field_fail(e, "response_format", "'response_format' must be an object with a string 'type'");
+        if (!strcmp(type->valuestring, "json_object")) {
+            r->json_schema = "{\"type\":\"object\"}"; /* any JSON object */
+            given++;
+        } else if (!strcmp(type->valuestring, "json_schema")) {
+            const cJSON *js = field(rf, "json_schema"), *schema = js && cJSON_IsObject(js) ? field(js, "schema") : NULL;
+            if (!schema)
+                return field_fail(e, "response_format",
+                                  "'response_format' of type json_schema needs 'json_schema': {'name', 'schema'}");
+            if (schema_text(r, schema, "response_format", &r->json_schema, e)) return -1;
+            given++;
+        } else if (strcmp(type->valuestring, "text")) {
+            return field_fail(e, "response_format", "'response_format.type' '%.40s' is not text, json_object or json_schema",
+                              type->valuestring);
+        }
     }
+    const cJSON *choice = field(root, "guided_choice"), *regex = field(root, "guided_regex"),
+                *json = field(root, "guided_json");
+    if (choice) {
+        const int n = cJSON_IsArray(choice) ? cJSON_GetArraySize(choice) : -1;
+        if (n < 1 || n > FOLIO_MAX_CHOICES)
+            return field_fail(e, "guided_choice", "'guided_choice' must be a list of 1 to %d strings", FOLIO_MAX_CHOICES);
+        if (!(r->choices = calloc((size_t)n, sizeof *r->choices))) return oai_fail(e, 500, NULL, "out of memory");
+        const cJSON *c;
+        cJSON_ArrayForEach(c, choice)
+        {
+            if (!cJSON_IsString(c)) return field_fail(e, "guided_choice", "'guided_choice' must hold strings only");
+            r->choices[r->n_choices++] = c->valuestring;
+        }
+        given++;
+    }
+    if (regex) {
+        if (!cJSON_IsString(regex)) return field_fail(e, "guided_regex", "'guided_regex' must be a string");
+        r->regex = regex->valuestring;
+        given++;
+    }
+    if (json) {
+        if (schema_text(r, json, "guided_json", &r->json_schema, e)) return -1;
+        given++;
+    }
+    if (given > 1)
+        return field_fail(e, "response_format",
+                          "one constraint at most: response_format (json), guided_choice, guided_regex or guided_json");
     return 0;
 }
 
@@ -448,7 +510,7 @@ int oai_request_parse(oai_kind_t kind, const char *body, size_t len, oai_request
     if (!out->stream) out->include_usage = false;
     if (get_int(root, "timeout_ms", 0, UINT32_MAX, &set, &d, err)) goto fail;
     if (set) out->timeout_ms = (uint32_t)d;
-    if (parse_stop(root, out, err) || parse_sampling(root, out, err)) goto fail;
+    if (parse_stop(root, out, err) || parse_sampling(root, out, err) || parse_constraint(root, out, err)) goto fail;
     return 0;
 fail:
     oai_request_free(out);
@@ -464,6 +526,7 @@ void oai_request_free(oai_request_t *r)
     free(r->stop);
     free(r->bias);
     free(r->bias_ptrs);
+    free(r->choices);
     for (int i = 0; i < r->n_owned; i++) free(r->owned[i]);
     free(r->owned);
     cJSON_Delete(r->json);
@@ -491,4 +554,8 @@ void oai_request_params(const oai_request_t *r, int i, const char *tenant, folio
     p->ignore_eos = r->ignore_eos;
     p->tenant = tenant && *tenant ? tenant : NULL;
     p->timeout_ms = r->timeout_ms;
+    p->choices = (const char *const *)r->choices;
+    p->n_choices = r->n_choices;
+    p->regex = r->regex;
+    p->json_schema = r->json_schema;
 }

@@ -54,6 +54,13 @@ typedef struct oai_request {
     bool return_token_ids; /* extension (vLLM's name): each choice's token ids in `token_ids` */
     uint32_t timeout_ms;   /* extension: the request's deadline; 0 none */
     const char *user;      /* accepted, not interpreted */
+    /* Constrained output (GenerateRequest.choices/regex/json_schema): from response_format
+     * (json_object, json_schema) or the guided_choice / guided_regex / guided_json extensions
+     * (vLLM's names); at most one. Strings borrowed from json or owned. */
+    const char **choices;
+    int n_choices;
+    const char *regex;
+    const char *json_schema;
     /* what the parse allocated */
     void *json; /* the cJSON tree the borrowed strings point into */
     char **owned;

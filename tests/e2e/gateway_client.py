@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -168,6 +169,51 @@ def check_client(args, client):
         check("a deadline passed: 504", False, "no exception")
     except openai.APIStatusError as e:
         check("a deadline passed: 504", e.status_code == 504, e.status_code)
+
+
+def check_constraints(args, client):
+    """response_format and the guided_* extensions through the official client: the random model's
+    output obeys them (the constraint alone keeps it in line), and equals folioctl's with the flag."""
+    schema = {"type": "object", "properties": {"label": {"enum": ["cat", "dog", "bird"]},
+                                                "count": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["label", "count"]}
+    msgs = [{"role": "user", "content": "describe one animal as JSON"}]
+    r = client.chat.completions.create(model=args.model, messages=msgs, max_tokens=60, temperature=0,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "animal", "schema": schema}})
+    text = r.choices[0].message.content
+    try:
+        doc = json.loads(text)
+        ok = (set(doc) == {"label", "count"} and doc["label"] in ("cat", "dog", "bird") and
+              isinstance(doc["count"], int) and 0 <= doc["count"] <= 99)
+    except ValueError:
+        ok = False
+    check("response_format json_schema: the answer is JSON valid under the schema, finish stop",
+          ok and r.choices[0].finish_reason == "stop", text)
+    r = client.chat.completions.create(model=args.model, messages=msgs, max_tokens=80, temperature=0.7, seed=3,
+                                       response_format={"type": "json_object"})
+    try:
+        ok = isinstance(json.loads(r.choices[0].message.content), dict)
+    except ValueError:
+        ok = r.choices[0].finish_reason == "length"  # a cut object is the length limit's doing
+    check("response_format json_object: a JSON object (sampled)", ok, r.choices[0].message.content)
+    r = client.completions.create(model=args.model, prompt="pick one:", max_tokens=20, temperature=0,
+                                  extra_body={"guided_choice": ["red", "green", "blue"], "return_token_ids": True})
+    g = folioctl_json(args, "-p", "pick one:", "-n", "20", "--temperature", "0", "--choice", "red", "--choice",
+                      "green", "--choice", "blue")
+    check("guided_choice: one of the choices, the tokens of folioctl generate --choice",
+          r.choices[0].text in ("red", "green", "blue") and extra(r.choices[0], "token_ids") == g["tokens"],
+          (r.choices[0].text, g))
+    r = client.completions.create(model=args.model, prompt="a code:", max_tokens=20, temperature=0.9, seed=5,
+                                  extra_body={"guided_regex": "[A-Z]{2}-[0-9]{3}"})
+    check("guided_regex: the answer matches (sampled)", re.fullmatch("[A-Z]{2}-[0-9]{3}", r.choices[0].text) is not None,
+          r.choices[0].text)
+    try:
+        client.completions.create(model=args.model, prompt="x", max_tokens=4, extra_body={"guided_regex": "(a"})
+        check("a regex that does not compile: 400", False, "no exception")
+    except openai.BadRequestError as e:
+        check("a regex that does not compile: 400", isinstance(e.body, dict) and "message" in e.body, e.body)
+
 
 
 def check_folioctl_equal(args, client):
@@ -336,6 +382,7 @@ def main():
     client = OpenAI(base_url=args.url + "/v1", api_key="unused", max_retries=0, timeout=120 * args.slow)
     check_client(args, client)
     check_folioctl_equal(args, client)
+    check_constraints(args, client)
     check_keys(args)
     check_concurrency(args)
     check("64 concurrent streams through the official async client equal their unstreamed text",

@@ -177,7 +177,14 @@ static void test_bad_requests_are_400_naming_the_field(void **state)
     REFUSED(OAI_CHAT, "\"stream\": \"yes\"", "stream");
     REFUSED(OAI_CHAT, "\"stream_options\": 1", "stream_options");
     REFUSED(OAI_CHAT, "\"tools\": [{\"type\": \"function\"}]", "tools");
-    REFUSED(OAI_CHAT, "\"response_format\": {\"type\": \"json_object\"}", "response_format");
+    REFUSED(OAI_CHAT, "\"response_format\": {\"type\": \"xml\"}", "response_format");
+    REFUSED(OAI_CHAT, "\"response_format\": {\"type\": \"json_schema\"}", "response_format");
+    REFUSED(OAI_CHAT, "\"response_format\": \"json\"", "response_format");
+    REFUSED(OAI_CHAT, "\"guided_choice\": []", "guided_choice");
+    REFUSED(OAI_CHAT, "\"guided_choice\": [\"a\", 3]", "guided_choice");
+    REFUSED(OAI_CHAT, "\"guided_regex\": 5", "guided_regex");
+    REFUSED(OAI_CHAT, "\"guided_json\": [1]", "guided_json");
+    REFUSED(OAI_CHAT, "\"guided_regex\": \"a+\", \"guided_choice\": [\"b\"]", "response_format");
     REFUSED(OAI_CHAT, "\"timeout_ms\": -1", "timeout_ms");
 #undef REFUSED
     refused(OAI_COMPLETION, "{\"prompt\": \"\"}", "prompt");
@@ -196,6 +203,46 @@ static void test_bad_requests_are_400_naming_the_field(void **state)
     for (int i = 0; i <= OAI_MAX_PROMPTS; i++) strcat(big, i ? ", \"p\"" : "\"p\"");
     strcat(big, "]}");
     refused(OAI_COMPLETION, big, "prompt");
+}
+
+/* response_format and the guided_* extensions become the request's one constraint. */
+static void test_constraints_from_response_format_and_guided_fields(void **state)
+{
+    (void)state;
+    oai_request_t r;
+    oai_error_t e;
+    folio_generate_params_t p;
+    const char *m = "\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]";
+    char body[1024];
+    snprintf(body, sizeof body,
+             "{%s, \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"p\", \"strict\": true, "
+             "\"schema\": {\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}}}}}}", m);
+    assert_int_equal(parse(OAI_CHAT, body, &r, &e), 0);
+    oai_request_params(&r, 0, NULL, &p);
+    assert_string_equal(p.json_schema, "{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"integer\"}}}");
+    assert_null(p.regex);
+    assert_int_equal(p.n_choices, 0);
+    oai_request_free(&r);
+    snprintf(body, sizeof body, "{%s, \"response_format\": {\"type\": \"json_object\"}}", m);
+    assert_int_equal(parse(OAI_CHAT, body, &r, &e), 0);
+    oai_request_params(&r, 0, NULL, &p);
+    assert_string_equal(p.json_schema, "{\"type\":\"object\"}");
+    oai_request_free(&r);
+    snprintf(body, sizeof body, "{%s, \"response_format\": {\"type\": \"text\"}, \"guided_choice\": [\"yes\", \"no\"]}", m);
+    assert_int_equal(parse(OAI_CHAT, body, &r, &e), 0);
+    oai_request_params(&r, 0, NULL, &p);
+    assert_int_equal(p.n_choices, 2);
+    assert_string_equal(p.choices[1], "no");
+    assert_null(p.json_schema);
+    oai_request_free(&r);
+    assert_int_equal(parse(OAI_COMPLETION, "{\"prompt\": \"x\", \"guided_regex\": \"[0-9]+\"}", &r, &e), 0);
+    oai_request_params(&r, 0, NULL, &p);
+    assert_string_equal(p.regex, "[0-9]+");
+    oai_request_free(&r);
+    assert_int_equal(parse(OAI_COMPLETION, "{\"prompt\": \"x\", \"guided_json\": \"{\\\"type\\\": \\\"boolean\\\"}\"}", &r, &e), 0);
+    oai_request_params(&r, 0, NULL, &p);
+    assert_string_equal(p.json_schema, "{\"type\": \"boolean\"}");
+    oai_request_free(&r);
 }
 
 static void test_status_codes_map_to_http(void **state)
@@ -411,6 +458,7 @@ int main(void)
         cmocka_unit_test(test_chat_request_fields_become_generate_parameters),
         cmocka_unit_test(test_completion_prompt_forms),
         cmocka_unit_test(test_bad_requests_are_400_naming_the_field),
+        cmocka_unit_test(test_constraints_from_response_format_and_guided_fields),
         cmocka_unit_test(test_status_codes_map_to_http),
         cmocka_unit_test(test_responses_in_openai_shapes),
         cmocka_unit_test(test_models_from_status),
