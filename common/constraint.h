@@ -12,13 +12,16 @@
  * DFA by subset construction over byte equivalence classes -> trimmed (every live state can still
  * reach acceptance, so a sequence never walks into a state it cannot finish from) -> minimised.
  * The vocabulary is indexed once as a byte trie; a state's mask is one pass over that trie, pruned
- * where the automaton dies. Measured on SmolLM2-135M's vocabulary (49,152 tokens), one core of this
- * machine, Release: indexing the vocabulary ~13 ms (once per tokenizer with a cache); compiling a
- * regex or a small schema 0.1-3 ms, the any-JSON schema ({"type":"object"}) ~20 ms; a mask 1.5-2 ms
- * for a state inside a free string (most of the trie survives), 0.01-0.1 ms for a state wanting
- * punctuation or digits; fl_constraint_next walks the token's bytes (a few ns per byte) rather than
- * storing an end state per allowed token per state. The tokens' end states are thus not cached:
- * storing them would cost 4 bytes per allowed token per state (up to ~200 KB per state).
+ * where the automaton dies. Measured on SmolLM2-135M's vocabulary (49,152 tokens), one core of the
+ * 2-core development machine, Release (test_constraint prints them): indexing the vocabulary 16-19
+ * ms (once per cache, or per fl_constraint_compile); compiling, that index aside, a date regex (11
+ * states) 0.02 ms, a choice of 5 labels (26 states) 0.07 ms, a 6-property record schema (396 states)
+ * 2.5 ms, {"type":"object"} (1,735 states) 9 ms, {} (3,483 states) 19 ms; a state's first mask
+ * 0.65-0.75 ms inside a free JSON string (most of the trie survives), 1-10 us where only digits or
+ * punctuation may follow, 0.025 ms averaged over all states of the schemas; after that a pointer
+ * read. Masks take n_vocab / 8 bytes per state (6 KiB here: 2.4 MiB for all of the record schema's).
+ * fl_constraint_next walks the token's bytes through the automaton (a few ns per byte) instead of
+ * caching an end state per allowed token per state, which would cost up to ~200 KiB per state.
  *
  * Regular expressions (FL_CONSTRAINT_REGEX, and JSON Schema "pattern"). The whole output must match:
  * the pattern is anchored at both ends; a leading ^ and a trailing $ are accepted and ignored.
@@ -93,7 +96,9 @@
 
 /* Defaults for fl_constraint_limits_t: states of the minimised automaton, and bytes for the
  * automaton plus a mask for every one of its states (checked at compile time, so lazily computed
- * masks can never pass it): 128 MiB holds ~21,000 masks of a 49,152-token vocabulary. */
+ * masks can never pass it): 128 MiB holds ~21,000 masks of a 49,152-token vocabulary. Fixed bounds
+ * besides (constraint_fa.h): 2,000,000 NFA states, 4x max states and 50 million NFA-state visits
+ * while determinising, so the worst pattern fails with FL_ERANGE within about half a second. */
 #define FL_CONSTRAINT_DEFAULT_MAX_STATES 20000
 #define FL_CONSTRAINT_DEFAULT_MAX_BYTES  ((size_t)128 << 20)
 
@@ -115,7 +120,7 @@ typedef struct fl_constraint fl_constraint_t;
  * limits fail with a clear message (FL_EINVAL, FL_ERANGE), before any decoding. limits may be NULL.
  * tok may be NULL: the automaton alone (to validate a constraint, or fl_constraint_match output),
  * with no token layer (fl_constraint_mask NULL, fl_constraint_next and _forced find nothing). tok is
- * borrowed and must outlive the constraint. Each call indexes the vocabulary anew (~13 ms for 49k
+ * borrowed and must outlive the constraint. Each call indexes the vocabulary anew (16-19 ms for 49k
  * tokens): servers compile through a cache (below), which indexes it once. */
 fl_constraint_t *fl_constraint_compile(fl_constraint_kind_t kind, const char *text, const char *const *choices,
                                        int n_choices, const tok_t *tok, const fl_constraint_limits_t *limits,

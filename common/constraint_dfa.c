@@ -228,6 +228,7 @@ static void closure(closure_t *c, const int32_t *seeds, int32_t n)
         }
     }
     qsort(c->out, (size_t)c->n_out, sizeof *c->out, cmp_i32);
+    c->work += c->n_out; /* sorting, hashing and storing the set */
 }
 
 typedef struct {
