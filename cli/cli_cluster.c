@@ -288,6 +288,9 @@ int cluster_wait_healthy(cluster_t *c, int n, int wait_ms, fl_error_t *err)
     unsigned healthy = 0, groups = 0;
     bool answered = false;
     int rc = FL_OK;
+    const double start = now_ms();
+    double shown_at = start;
+    int shown = -1; /* healthy * 1000 + registered when last printed */
     for (;;) {
         if ((rc = check_alive(c, n, err))) break;
         const double left = deadline - now_ms();
@@ -300,6 +303,17 @@ int cluster_wait_healthy(cluster_t *c, int n, int wait_ms, fl_error_t *err)
             groups = r->health->groups;
             folio__v1__response__free_unpacked(r, NULL);
             if ((int)healthy >= n) break;
+        }
+        /* The wait is the workers loading the model (weights read and repacked): say where it is. */
+        const double now = now_ms();
+        if (c->opts.progress && (now - shown_at >= 3000 || (answered && (int)(healthy * 1000 + groups) != shown))) {
+            if (answered)
+                fprintf(stderr, "  waiting for the worker groups: %u of %d healthy, %u registered (%.1f s; loading the model)\n",
+                        healthy, n, groups, (now - start) / 1e3);
+            else
+                fprintf(stderr, "  waiting for the coordinator to answer (%.1f s)\n", (now - start) / 1e3);
+            shown = answered ? (int)(healthy * 1000 + groups) : -1;
+            shown_at = now;
         }
         if (now_ms() >= deadline) {
             rc = answered ? fl_fail(err, FL_EIO, "%s: %u of %d worker groups healthy (%u registered) after %d ms",

@@ -49,6 +49,8 @@ typedef struct cluster_opts {
     const char *http;             /* folio-gateway --http [ADDR:]PORT; NULL: no gateway */
     bool http_optional;           /* a gateway that cannot start (the port taken) is left out with a
                                    * warning instead of failing cluster_start */
+    bool progress;                /* while waiting for the groups, a line on stderr whenever their
+                                   * count changes and every few seconds (folioctl up) */
 } cluster_opts_t;
 
 #define CLUSTER_RESTART_MIN_MS   500

@@ -82,9 +82,11 @@ int cmd_status(const ctl_flags_t *f)
                    g->last_heartbeat_age_s);
         }
         if (!s->n_groups) printf("(no worker groups registered)\n");
-        printf("policy %s, block size %u; requests: %llu total, %llu in flight, %llu failed over\n",
+        printf("policy %s, block size %u; requests: %llu total, %llu in flight, %llu failed over (%llu migrated "
+               "mid-stream)\n",
                *s->policy ? s->policy : "-", s->block_size, (unsigned long long)s->requests_total,
-               (unsigned long long)s->requests_inflight, (unsigned long long)s->requests_failed_over);
+               (unsigned long long)s->requests_inflight, (unsigned long long)s->requests_failed_over,
+               (unsigned long long)s->requests_migrated);
         printf("tokens: %llu prompt (%.1f%% from the prefix cache), %llu generated, %.1f tok/s now; "
                "route p50 %.0f us, p99 %.0f us\n",
                (unsigned long long)prompt, prompt ? 100.0 * (double)cached / (double)prompt : 0.0,
@@ -165,7 +167,8 @@ int cmd_up(const ctl_flags_t *f)
                         .spec = f->gen.spec_given ? folio_spec_mode_name(f->gen.spec) : NULL,
                         .heads = f->engine.heads_path,
                         .spec_tree = f->spec_tree,
-                        .log_dir = f->log_dir};
+                        .log_dir = f->log_dir,
+                        .progress = true};
     /* The HTTP gateway: --http, else $FOLIO_HTTP, else port 8080, where a taken port only leaves it
      * out (with a warning) since nobody asked for that port. */
     const char *env_http = getenv("FOLIO_HTTP");
