@@ -76,7 +76,8 @@ static int remote_generate(folio_client_t *c, const ctl_flags_t *f, const folio_
                                  .choices = (const char *const *)f->gen.choices,
                                  .n_choices = f->gen.n_choices,
                                  .regex = f->gen.regex,
-                                 .json_schema = f->gen.json_schema};
+                                 .json_schema = f->gen.json_schema,
+                                 .no_migrate = f->no_migrate};
     ctl_interrupted = 0;
     ctl_set_handler(SIGINT, ctl_on_interrupt);
     /* Without a deadline the coordinator answers when it can; with one, it must end the stream by then. */

@@ -59,6 +59,8 @@ static void usage(FILE *f)
             "  --coordinator EP      coordinator client endpoint (default $FOLIO_COORDINATOR or %s)\n"
             "  --tenant T            prefix-cache tenant (requests of different tenants share no KV)\n"
             "  --timeout-ms N        request deadline (default: none)\n"
+            "  --no-migrate          a group lost mid-stream ends the request UNAVAILABLE with the tokens sent\n"
+            "                        (default: the stream goes on on another group, the same output)\n"
             "  --local               chat offline in this process instead of through a coordinator\n"
             "up flags (with -m, --kv-budget, --block-size, --heads below, passed to every worker):\n"
             "  --groups N            worker groups, one process each (default 2)\n"
@@ -102,6 +104,8 @@ static int parse_flags(ctl_flags_t *f, int argc, char **argv)
             f->plain_text = true;
         } else if (!strcmp(a, "--local")) {
             f->local = true;
+        } else if (!strcmp(a, "--no-migrate")) {
+            f->no_migrate = true;
         } else if (!strcmp(a, "--no-prefix-cache")) {
             f->no_prefix_cache = true;
         } else if (!strcmp(a, "--no-http")) {

@@ -26,6 +26,7 @@ typedef struct ctl_flags {
     const char *coordinator; /* client endpoint */
     const char *tenant;
     long timeout_ms;
+    bool no_migrate;         /* generate, chat: end UNAVAILABLE if the group is lost mid-stream */
     const char *positional;  /* drain/undrain GROUP */
     /* up */
     long groups, threads_per_worker, max_batch_tokens, heartbeat_ms;

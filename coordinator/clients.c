@@ -121,6 +121,13 @@ static void do_generate(coord_t *c, const wire_msg_t *m, Folio__V1__Request *q, 
         goto out;
     }
     const Folio__V1__GenerateRequest *g = q->generate;
+    if (g->n_resume_tokens || g->resume_text_bytes) {
+        reply_error(c, m, id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT,
+                    "generate.resume_tokens and resume_text_bytes are the coordinator's own (it sets them on a request "
+                    "it moves to another group)",
+                    now);
+        goto out;
+    }
     int32_t *tokens;
     int n;
     bool owned = false;
@@ -275,6 +282,7 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
     s.requests_total = c->requests_total;
     s.requests_inflight = (uint64_t)reqs_count(c->reqs);
     s.requests_failed_over = c->requests_failed_over;
+    s.requests_migrated = c->requests_migrated;
     s.block_size = c->block_size;
     if (metrics_any(&c->metrics, -1)) s.requests_no_group = metrics_reply(&c->metrics, -1, &c->status.requests[0]);
     const size_t n = c->n_latency < COORD_LATENCY_SAMPLES ? (size_t)c->n_latency : COORD_LATENCY_SAMPLES;

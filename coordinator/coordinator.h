@@ -67,7 +67,7 @@ typedef struct coord {
     uint64_t next_wid;
     double hb_s; /* heartbeat interval, seconds */
     /* counters */
-    uint64_t requests_total, requests_failed_over;
+    uint64_t requests_total, requests_failed_over, requests_migrated; /* migrated: of failed_over, mid-stream */
     /* requests ended, and the rate at which they end (per second, smoothed over windows of about
      * a second): what a retry-after hint is made of (dispatch_retry_after_ms) */
     uint64_t n_ended, rate_n0;

@@ -8,6 +8,14 @@
  * time left of its deadline, the tenant's prefix-cache namespace, and max_tokens clamped to what
  * the group's context leaves after the prompt. What the client gets back is in its own terms: its
  * id, also inside a worker's error message, and a finish reason that follows from the status.
+ *
+ * Mid-stream migration: a streamed request keeps the tokens relayed to its client (req_t.sent) and
+ * the bytes of their text. When its group is lost after streaming began, the same Request goes to
+ * another group with those tokens as resume_tokens: the worker takes them as generated and goes on
+ * at the next index (sampling draws depend on (seed, index) only and a row's result not on its
+ * batch, so the continuation is the one the first group would have made), and replays them through
+ * its output stream so stop strings and the UTF-8 decoder are where the client's stream is. The
+ * client sees one stream; next_index and tokens_sent carry over.
  * Nothing here logs per request above debug level. */
 #include "dispatch.h"
 
@@ -53,6 +61,42 @@ static void cancel_on_worker(coord_t *c, const req_t *e)
     wire_send(c->workers, w->identity, w->identity_len, false, WIRE_HEADER_WORKER, WIRE_CMD_REQUEST, &q.base, NULL);
 }
 
+/* ---- mid-stream migration ---- */
+
+/* True when e, once streaming began, may go on on another group rather than end UNAVAILABLE. */
+static bool may_migrate(const req_t *e)
+{
+    const Folio__V1__GenerateRequest *g = e->msg->generate;
+    return g->stream && !g->no_migrate && !e->sent_lost;
+}
+
+/* A delta of e (n_new tokens at index tokens_sent) has reached its client: what a group e moves to
+ * continues from. Called before tokens_sent counts them. */
+static void keep_sent(req_t *e, const Folio__V1__TokenDelta *d, uint32_t n_new)
+{
+    if (d->text) e->text_sent += strlen(d->text);
+    if (!n_new || !may_migrate(e)) return;
+    if (d->index != e->tokens_sent) { /* a gap (a worker's bug): what the client has is not known */
+        e->sent_lost = true;
+        return;
+    }
+    const uint32_t need = e->tokens_sent + n_new;
+    if (need > e->sent_cap) {
+        uint32_t cap = e->sent_cap ? e->sent_cap : 64;
+        while (cap < need) cap *= 2;
+        int32_t *p = realloc(e->sent, (size_t)cap * sizeof *p);
+        if (!p) {
+            fl_log_warn("out of memory for the tokens sent id=%llu: it cannot move mid-stream",
+                        (unsigned long long)e->client_id);
+            e->sent_lost = true;
+            return;
+        }
+        e->sent = p;
+        e->sent_cap = cap;
+    }
+    memcpy(e->sent + e->tokens_sent, d->tokens, (size_t)n_new * sizeof *d->tokens);
+}
+
 /* ---- ending a request ---- */
 
 /* Timings counted from the coordinator's receipt of the request (what the client waited): the
@@ -71,6 +115,8 @@ static void fill_timings(const req_t *e, Folio__V1__Timings *t, const Folio__V1_
         t->first_token_s = e->t_first_sent - e->t_recv;
     else
         t->first_token_s = worker && worker->first_token_s > 0 ? worker->first_token_s + to_worker : 0;
+    /* Moved mid-stream: the last group's queue came after the first token. */
+    if (t->first_token_s > 0 && t->queued_s > t->first_token_s) t->queued_s = t->first_token_s;
 }
 
 /* The rate at which requests end, over windows of at least a second, halved at each window. */
@@ -320,6 +366,11 @@ static int route(coord_t *c, req_t *e, int exclude, double now)
     g.n_messages = 0;
     g.prompt_tokens = e->tokens;
     g.n_prompt_tokens = (size_t)e->n_tokens;
+    if (e->committed) { /* moving mid-stream (may_migrate): the worker goes on from what the client has */
+        g.resume_tokens = e->sent;
+        g.n_resume_tokens = e->tokens_sent;
+        g.resume_text_bytes = e->text_sent;
+    }
     Folio__V1__Request w = *q;
     w.tenant = ns;
     w.generate = &g;
@@ -436,7 +487,9 @@ void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool fin
         e->next_index = delta->index + n_new;
     }
     if (!final) {
-        if (!dispatch_to_client(c, e->client, e->client_len, e->delimiter, &out) && n_new) {
+        if (dispatch_to_client(c, e->client, e->client_len, e->delimiter, &out)) return; /* e is gone with its client */
+        if (delta) keep_sent(e, delta, n_new);
+        if (n_new) {
             if (!e->committed) {
                 e->t_first_sent = fl_clock_s();
                 metrics_observe(&c->metrics, e->group, METRICS_TTFT, e->t_first_sent - e->t_recv, 1);
@@ -454,17 +507,24 @@ void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool fin
         status.retry_after_ms = r->status->retry_after_ms;
     }
     /* A worker that refuses for want of room: another group may have it. */
-    if (status.code == FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED && !e->committed && !e->cancelling && !n_new &&
-        e->refusals < COORD_MAX_RESUBMITS && !(e->deadline > 0 && now >= e->deadline)) {
+    if (status.code == FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED && (!e->committed || may_migrate(e)) &&
+        !e->cancelling && !n_new && e->refusals < COORD_MAX_RESUBMITS && !(e->deadline > 0 && now >= e->deadline)) {
         if (c->groups->table[slot].inflight) c->groups->table[slot].inflight--;
         e->group = -1;
         e->refusals++;
         if (!route(c, e, slot, now) || !e->live) return;
         /* nobody else could: the worker's refusal goes to the client, with its retry hint */
     }
-    char msg[512];
+    char msg[512], moving[600];
     if (status.message && *status.message)
         status.message = (char *)client_message(status.message, r->id, e->client_id, msg, sizeof msg);
+    if (status.code == FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED && e->committed) {
+        /* A stream that was moving and found no room: resending the request would not continue it. */
+        snprintf(moving, sizeof moving, "the request could not go on after %u tokens were sent: %s", e->tokens_sent,
+                 status.message ? status.message : "no group had room");
+        status.code = FOLIO__V1__STATUS_CODE__UNAVAILABLE;
+        status.message = moving;
+    }
     if (e->cancelling && (status.code == FOLIO__V1__STATUS_CODE__CANCELLED ||
                           status.code == FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED ||
                           (status.code == FOLIO__V1__STATUS_CODE__OK && e->withheld))) {
@@ -486,7 +546,8 @@ void dispatch_relay(coord_t *c, int slot, const Folio__V1__Response *r, bool fin
     if (!res.group || !*res.group) res.group = c->groups->g[slot].name;
     res.finish_reason = finish_reason_of(status.code, res.finish_reason);
     if (!usage.prompt_tokens) usage.prompt_tokens = (uint32_t)e->n_tokens;
-    if (streamed && e->withheld) usage.completion_tokens = e->tokens_sent; /* what the client has */
+    /* What the client has: a moved stream's tokens from every group (and none withheld after a Cancel). */
+    if (streamed) usage.completion_tokens = e->tokens_sent + n_new;
     res.usage = &usage;
     Folio__V1__Timings timings = FOLIO__V1__TIMINGS__INIT;
     fill_timings(e, &timings, r->result ? r->result->timings : NULL, now);
@@ -555,25 +616,40 @@ void dispatch_expire(coord_t *c, double now)
  * allows (true), else ended. Ending a request releases it from slot. */
 static bool fail_over_one(coord_t *c, req_t *e, int slot, int exclude, const char *name, const char *what, double now)
 {
-    char msg[GROUP_NAME_MAX + 160];
+    char msg[GROUP_NAME_MAX + 200];
+    const bool midstream = e->committed;
     if (e->cancelling) {
         finish_stopped(c, e, "");
     } else if (e->deadline > 0 && now >= e->deadline) {
         e->expired = true;
         finish_stopped(c, e, "");
-    } else if (!e->committed && e->resubmits < COORD_MAX_RESUBMITS) {
+    } else if ((!midstream || may_migrate(e)) && e->resubmits < COORD_MAX_RESUBMITS) {
         if (c->groups->table[slot].inflight) c->groups->table[slot].inflight--;
         e->group = -1;
         e->resubmits++;
         c->requests_failed_over++;
-        e->next_index = 0;
-        e->tokens_sent = 0;
-        if (!route(c, e, exclude, now)) return true;
+        if (!midstream) { /* nothing reached the client: it starts again */
+            e->next_index = 0;
+            e->tokens_sent = 0;
+            e->text_sent = 0;
+        }
+        if (!route(c, e, exclude, now)) {
+            if (midstream) {
+                e->migrations++;
+                c->requests_migrated++;
+            }
+            return true;
+        }
         if (!e->live) return false;
-        snprintf(msg, sizeof msg, "group %s %s and no other healthy group could take the request", name, what);
+        if (midstream)
+            snprintf(msg, sizeof msg, "group %s %s after %u tokens were sent and no other healthy group could take the rest",
+                     name, what, e->tokens_sent);
+        else
+            snprintf(msg, sizeof msg, "group %s %s and no other healthy group could take the request", name, what);
         finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, msg, 0);
     } else {
-        snprintf(msg, sizeof msg, "group %s %s after %u tokens were sent", name, what, e->tokens_sent);
+        snprintf(msg, sizeof msg, "group %s %s after %u tokens were sent%s", name, what, e->tokens_sent,
+                 !midstream || may_migrate(e) ? " (the request had moved too often)" : "");
         finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, msg, 0);
     }
     return false;
@@ -585,6 +661,7 @@ static void fail_over(coord_t *c, int slot, int exclude, double now)
     char name[GROUP_NAME_MAX + 1];
     snprintf(name, sizeof name, "%s", c->groups->g[slot].name);
     int moved = 0, ended = 0;
+    const uint64_t migrated = c->requests_migrated;
     for (int i = 0; i < reqs_capacity(c->reqs); i++) {
         req_t *e = reqs_at(c->reqs, i);
         if (!e->live || e->group != slot) continue;
@@ -600,7 +677,9 @@ static void fail_over(coord_t *c, int slot, int exclude, double now)
         still += e->live && e->group == slot;
     }
     c->groups->table[slot].inflight = still;
-    if (moved || ended) fl_log_info("group requests moved group=%s failed_over=%d ended=%d", name, moved, ended);
+    if (moved || ended)
+        fl_log_info("group requests moved group=%s failed_over=%d migrated=%llu ended=%d", name, moved,
+                    (unsigned long long)(c->requests_migrated - migrated), ended);
 }
 
 void dispatch_group_died(coord_t *c, int slot, const char *why, double now)

@@ -70,6 +70,8 @@ static void release(req_t *e)
 {
     if (e->tokens_owned) free(e->tokens);
     if (e->msg) folio__v1__request__free_unpacked(e->msg, NULL);
+    free(e->sent);
+    e->sent = NULL;
     e->tokens = NULL;
     e->msg = NULL;
 }

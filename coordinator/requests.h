@@ -40,6 +40,14 @@ typedef struct req {
     int refusals;        /* times a worker refused it RESOURCE_EXHAUSTED and it was sent elsewhere */
     uint32_t next_index; /* next completion index the client may receive */
     uint32_t tokens_sent;
+    /* Mid-stream migration (dispatch.c): the tokens relayed to the client in index order (a
+     * streamed request that may move; owned, grown by doubling) and the bytes of text relayed,
+     * what a group it moves to continues from; and how often it moved. */
+    int32_t *sent;
+    uint32_t sent_cap;
+    bool sent_lost;      /* out of memory for them: it cannot move once streaming began */
+    uint64_t text_sent;
+    int migrations;
     double t_recv;          /* receipt of the client's message (fl_clock_s) */
     double t_dispatch;      /* the last send to a worker */
     double t_first_sent;    /* the first token relayed to the client; 0: none yet */
@@ -66,7 +74,7 @@ req_t *reqs_at(reqs_t *r, int i); /* pool slot i, live or not: for rare full sca
 
 /* A cleared entry taken from the pool (live, group -1), or NULL when full. */
 req_t *reqs_alloc(reqs_t *r);
-/* Releases e: removes it from both maps and the heap, frees msg and owned tokens. */
+/* Releases e: removes it from both maps and the heap, frees msg, owned tokens and the tokens sent. */
 void reqs_free(reqs_t *r, req_t *e);
 
 /* Gives e the worker-side id wid (replacing its old one in the map). */

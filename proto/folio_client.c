@@ -181,6 +181,7 @@ int folio_client_send_generate(folio_client_t *c, const folio_generate_params_t 
     gen.stop_token_ids = (int32_t *)p->stop_ids;
     gen.stream = p->stream;
     gen.ignore_eos = p->ignore_eos;
+    gen.no_migrate = p->no_migrate;
     gen.plain_text = p->plain_text;
     req.method = FOLIO__V1__METHOD__METHOD_GENERATE;
     req.timeout_ms = p->timeout_ms;

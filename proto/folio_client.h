@@ -62,6 +62,9 @@ typedef struct folio_generate_params {
     int n_choices;
     const char *regex;
     const char *json_schema;
+    /* The old failover rule (proto/README.md, "Failover rule"): a group lost after the first token
+     * reached us ends the request UNAVAILABLE, rather than the stream going on on another group. */
+    bool no_migrate;
 } folio_generate_params_t;
 
 /* One response as received. */

@@ -431,6 +431,9 @@ static void render_coordinator(text_t *t, const Folio__V1__StatusReply *s)
     family(t, "folio:coordinator_requests_failed_over_total", "counter",
            "Requests moved to another group after theirs died or lost them.");
     sample_u64(t, "folio:coordinator_requests_failed_over_total", "", NULL, 0, s->requests_failed_over);
+    family(t, "folio:coordinator_requests_migrated_total", "counter",
+           "Of those, requests moved after their first token had reached the client (the stream went on).");
+    sample_u64(t, "folio:coordinator_requests_migrated_total", "", NULL, 0, s->requests_migrated);
     family(t, "folio:coordinator_route_latency_seconds", "gauge",
            "The coordinator's own added latency per request over its recent requests, by quantile.");
     const label_t p50[] = {{"quantile", "0.5"}}, p99[] = {{"quantile", "0.99"}};

@@ -175,6 +175,12 @@ static int check_generate(const Folio__V1__GenerateRequest *g, fl_error_t *err)
     for (size_t i = 0; i < g->n_prompt_tokens; i++)
         if (g->prompt_tokens[i] < 0)
             return fl_fail(err, FL_EINVAL, "generate: prompt_tokens[%zu] = %d is negative", i, g->prompt_tokens[i]);
+    if (g->n_resume_tokens > WIRE_MAX_PROMPT_TOKENS)
+        return fl_fail(err, FL_ERANGE, "generate: %zu resume tokens exceed the limit of %d", g->n_resume_tokens,
+                       WIRE_MAX_PROMPT_TOKENS);
+    for (size_t i = 0; i < g->n_resume_tokens; i++)
+        if (g->resume_tokens[i] < 0)
+            return fl_fail(err, FL_EINVAL, "generate: resume_tokens[%zu] = %d is negative", i, g->resume_tokens[i]);
     if (g->n_messages > WIRE_MAX_MESSAGES)
         return fl_fail(err, FL_EINVAL, "generate: %zu messages exceed the limit of %d", g->n_messages,
                        WIRE_MAX_MESSAGES);

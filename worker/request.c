@@ -128,6 +128,7 @@ int request_resolve(request_t *r, uint64_t id, const Folio__V1__GenerateRequest 
         return fl_fail(err, FL_EINVAL, "GenerateRequest has %zu prompt tokens", g->n_prompt_tokens);
     int rc = check_ids(g->prompt_tokens, g->n_prompt_tokens, n_vocab, "prompt_tokens", err);
     if (!rc) rc = check_ids(g->stop_token_ids, g->n_stop_token_ids, n_vocab, "stop_token_ids", err);
+    if (!rc) rc = check_ids(g->resume_tokens, g->n_resume_tokens, n_vocab, "resume_tokens", err);
     if (rc) return rc;
     char msg[200];
     if (!folio_stops_check(g->stop, g->n_stop, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
@@ -138,6 +139,15 @@ int request_resolve(request_t *r, uint64_t id, const Folio__V1__GenerateRequest 
     q->prompt = g->prompt_tokens;
     q->n_prompt = (int)g->n_prompt_tokens;
     q->max_tokens = g->max_tokens == 0 ? FOLIO_DEFAULT_MAX_TOKENS : g->max_tokens > INT_MAX ? INT_MAX : (int)g->max_tokens;
+    if (g->n_resume_tokens > (size_t)q->max_tokens)
+        return fl_fail(err, FL_EINVAL, "GenerateRequest has %zu resume_tokens, more than its max_tokens %d",
+                       g->n_resume_tokens, q->max_tokens);
+    if (g->resume_text_bytes && !g->n_resume_tokens)
+        return fl_fail(err, FL_EINVAL, "GenerateRequest.resume_text_bytes is %llu without resume_tokens",
+                       (unsigned long long)g->resume_text_bytes);
+    q->resume = g->resume_tokens;
+    q->n_resume = (int)g->n_resume_tokens;
+    r->resume_text_bytes = g->resume_text_bytes;
     q->stop_ids = g->stop_token_ids;
     q->n_stop_ids = (int)g->n_stop_token_ids;
     q->ignore_eog = g->ignore_eos;
@@ -356,6 +366,26 @@ int request_stream_push(request_stream_t *s, int index, int32_t token, const sch
     s->n_toks++;
     s->n_out++;
     return 0;
+}
+
+int request_stream_resume(request_stream_t *s, const int32_t *tokens, int n, uint64_t text_sent, fl_error_t *err)
+{
+    for (int i = 0; i < n; i++) {
+        const int rc = request_stream_push(s, s->n_out, tokens[i], NULL);
+        if (rc < 0) return fl_fail(err, rc, "out of memory replaying %d resumed tokens", n);
+        if (rc == 1)
+            return fl_fail(err, FL_EINVAL, "resume_tokens[%d] completes a stop string: it cannot have been sent", i);
+    }
+    if (text_sent > s->n_text)
+        return fl_fail(err, FL_EINVAL, "resume_text_bytes is %llu but the %d resumed tokens make %zu bytes of text",
+                       (unsigned long long)text_sent, n, s->n_text);
+    /* Everything replayed was sent, but for the text the client does not have yet: held back as a
+     * possible stop string, or never handed out because the stream ended before (it is resent). */
+    s->n_sent = s->n_out;
+    s->n_toks = 0;
+    memmove(s->text, s->text + text_sent, s->n_text - text_sent + 1);
+    s->n_text -= text_sent;
+    return FL_OK;
 }
 
 void request_stream_end(request_stream_t *s)

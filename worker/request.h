@@ -46,6 +46,7 @@ typedef struct request {
     bool stream;
     char *const *stops;          /* borrowed from g */
     size_t n_stops;
+    uint64_t resume_text_bytes;  /* of sched.resume's text, what the client has (request_stream_resume) */
     kern_logit_adjust_t *bias;   /* owned (sched.penalties.bias) */
 } request_t;
 
@@ -98,6 +99,13 @@ void request_stream_free(request_stream_t *s);
  * of the output and the request should stop), or FL_ENOMEM (the caller ends the request: a lost
  * token would leave a gap in the indices). Tokens after a stop are ignored (0). */
 int request_stream_push(request_stream_t *s, int index, int32_t token, const sched_logprobs_t *lp);
+/* A request moved mid-stream (GenerateRequest.resume_tokens): replays the n tokens the client
+ * already has through the stream as if generated here, without handing them out, so the UTF-8
+ * decoder, the stop-string search and the held-back text are as the first stream left them; of
+ * their text the first text_sent bytes count as sent, the rest comes with the next delta. Call
+ * once, right after open. FL_EINVAL when the tokens cannot have been sent (one completes a stop
+ * string) or make less text than text_sent; FL_ENOMEM. */
+int request_stream_resume(request_stream_t *s, const int32_t *tokens, int n, uint64_t text_sent, fl_error_t *err);
 /* The request finished: the UTF-8 decoder's held bytes become text (U+FFFD each). */
 void request_stream_end(request_stream_t *s);
 

@@ -520,9 +520,10 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
     if (!r || r->n_prompt <= 0 || !r->prompt)
         return fl_fail(err, FL_EINVAL, "sched: request %llu has an empty prompt",
                        r ? (unsigned long long)r->id : 0ull);
-    if (r->max_tokens < 0 || r->n_stop_ids < 0 || (r->n_stop_ids > 0 && !r->stop_ids))
-        return fl_fail(err, FL_EINVAL, "sched: request %llu has max_tokens %d, %d stop ids",
-                       (unsigned long long)r->id, r->max_tokens, r->n_stop_ids);
+    if (r->max_tokens < 0 || r->n_stop_ids < 0 || (r->n_stop_ids > 0 && !r->stop_ids) || r->n_resume < 0 ||
+        (r->n_resume > 0 && !r->resume))
+        return fl_fail(err, FL_EINVAL, "sched: request %llu has max_tokens %d, %d stop ids, %d resumed tokens",
+                       (unsigned long long)r->id, r->max_tokens, r->n_stop_ids, r->n_resume);
     if (r->n_prompt >= s->ctx)
         return fl_fail(err, FL_EINVAL, "sched: request %llu: prompt of %d tokens does not fit the context of %d",
                        (unsigned long long)r->id, r->n_prompt, s->ctx);
@@ -530,6 +531,10 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
         if (r->prompt[i] < 0 || r->prompt[i] >= s->m->cfg.n_vocab)
             return fl_fail(err, FL_EINVAL, "sched: request %llu: token id %d at %d out of vocabulary (%d)",
                            (unsigned long long)r->id, r->prompt[i], i, s->m->cfg.n_vocab);
+    for (int i = 0; i < r->n_resume; i++)
+        if (r->resume[i] < 0 || r->resume[i] >= s->m->cfg.n_vocab)
+            return fl_fail(err, FL_EINVAL, "sched: request %llu: resumed token id %d at %d out of vocabulary (%d)",
+                           (unsigned long long)r->id, r->resume[i], i, s->m->cfg.n_vocab);
     if (find_live(s, r->id))
         return fl_fail(err, FL_EINVAL, "sched: request id %llu is already live", (unsigned long long)r->id);
     const sched_penalties_t *pen = &r->penalties;
@@ -547,6 +552,10 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
     }
     /* Generation stops with LENGTH at the context's end. */
     const int max_tokens = r->max_tokens < s->ctx - r->n_prompt ? r->max_tokens : s->ctx - r->n_prompt;
+    if (r->n_resume > max_tokens)
+        return fl_fail(err, r->n_resume > r->max_tokens ? FL_EINVAL : FL_ERANGE,
+                       "sched: request %llu resumes after %d completion tokens, more than the %d it may have here",
+                       (unsigned long long)r->id, r->n_resume, max_tokens);
     const int64_t need = ((int64_t)r->n_prompt + max_tokens + bs - 1) / bs;
     if (need > s->st.kv_blocks_total)
         return fl_fail(err, FL_ERANGE,
@@ -568,13 +577,19 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
         const int rc = cons_get(s, &r->constraint, &cons, err);
         if (rc) return rc;
     }
+    /* The constraint's state after the resumed tokens, as their generation left it. */
+    int32_t cstate = cons ? fl_constraint_start(cons->c) : 0;
+    for (int i = 0; cons && i < r->n_resume; i++)
+        if ((cstate = fl_constraint_next(cons->c, cstate, r->resume[i])) == FL_CSTATE_DEAD)
+            return fl_fail(err, FL_EINVAL, "sched: request %llu: resumed token %d (id %d) breaks its constraint",
+                           (unsigned long long)r->id, i, r->resume[i]);
 
     seq_t *q = calloc(1, sizeof *q);
     if (!q) return fl_fail(err, FL_ENOMEM, "sched: out of memory");
     if (cons) {
         q->cons = cons;
         cons->refs++;
-        q->cstate = fl_constraint_start(cons->c);
+        q->cstate = cstate;
     }
     q->spec = resolve_spec(s, r->spec);
     q->spec_auto = q->spec == SCHED_SPEC_MEDUSA && r->spec == SCHED_SPEC_AUTO;
@@ -590,22 +605,30 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
         return fl_fail(err, FL_ENOMEM, "sched: out of memory");
     }
     memcpy(q->tokens, r->prompt, (size_t)r->n_prompt * sizeof *q->tokens);
+    if (r->n_resume > 0) memcpy(q->tokens + r->n_prompt, r->resume, (size_t)r->n_resume * sizeof *q->tokens);
     if (r->n_stop_ids > 0) memcpy(q->stop, r->stop_ids, (size_t)r->n_stop_ids * sizeof *q->stop);
     q->req = *r;
     q->req.constraint = (sched_constraint_t){0}; /* compiled: q->cons */
     q->req.prompt = q->tokens;
     q->req.stop_ids = q->stop;
     q->req.penalties.bias = q->bias;
+    q->req.resume = NULL; /* in tokens */
     q->max_tokens = max_tokens;
-    q->n_tokens = r->n_prompt;
+    q->n_tokens = r->n_prompt + r->n_resume;
     q->res.id = r->id;
     q->res.n_prompt = r->n_prompt;
+    q->res.n_generated = r->n_resume;
     q->res.t_submit = fl_clock_s();
-    if (max_tokens == 0) { /* nothing to generate: accepted and done */
+    /* Nothing to generate (max_tokens 0, or the resumed tokens ended it as take_token would have):
+     * accepted and done. */
+    sched_finish_t done = 0;
+    if (r->n_resume > 0 && q->cons && fl_constraint_finished(q->cons->c, q->cstate)) done = SCHED_FINISH_STOP;
+    else if (r->n_resume >= max_tokens) done = SCHED_FINISH_LENGTH;
+    if (done) {
         q->next_dead = s->dead;
         s->dead = q;
         q->finished = true;
-        q->res.finish = SCHED_FINISH_LENGTH;
+        q->res.finish = done;
         q->res.t_done = q->res.t_submit;
         if (s->cb.on_finish) s->cb.on_finish(s->cb.user, &q->res);
         reap(s);

@@ -117,6 +117,11 @@ typedef struct sched_request {
     int max_draft;            /* most draft tokens a step verifies for it; 0: the default, at most
                                  SCHED_MAX_DRAFT */
     sched_constraint_t constraint; /* copied (compiled) at submission */
+    /* Completion tokens already generated elsewhere (a request moved mid-stream): the sequence is
+     * prompt + resume and continues at completion index n_resume, exactly as if it had generated
+     * them (sampling positions, penalties, the constraint's state; max_tokens counts them). Copied. */
+    const int32_t *resume;
+    int n_resume;
 } sched_request_t;
 
 typedef struct sched_result {

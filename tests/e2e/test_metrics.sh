@@ -195,6 +195,7 @@ s = json.load(open(d + "/s1.json"))
 assert get(m, "folio:coordinator_requests_admitted_total") == s["requests_total"]
 assert get(m, "folio:coordinator_requests_inflight") == s["requests_inflight"]
 assert get(m, "folio:coordinator_requests_failed_over_total") == s["requests_failed_over"]
+assert get(m, "folio:coordinator_requests_migrated_total") == s.get("requests_migrated", 0)
 REASON = {"FINISH_STOP": "stop", "FINISH_LENGTH": "length", "FINISH_CANCELLED": "abort", "FINISH_ERROR": "error"}
 HIST = {"time_to_first_token": "time_to_first_token_seconds", "inter_token_latency": "inter_token_latency_seconds",
         "e2e_request_latency": "e2e_request_latency_seconds", "request_queue_time": "request_queue_time_seconds",

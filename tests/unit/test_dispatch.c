@@ -7,7 +7,11 @@
  * worker still says); the worker's Request carries the prompt as tokens under its own id, the time
  * left and the cache namespace, and the client's message is left as it came; a group that dies
  * before the first token has reached the client has its request resubmitted to another group under
- * a new id, and after it the request ends UNAVAILABLE keeping its tokens; a request its group's
+ * a new id, and after it the request moves on (mid-stream migration): the next group gets the
+ * tokens the client has as resume_tokens with the bytes of their text, the stream goes on at the next
+ * index and the FINAL counts every token, Status counts it migrated; a moving request no group can
+ * take (none left, or each refuses) ends UNAVAILABLE keeping its tokens, and so does a request that
+ * asked for the old rule (no_migrate); a client's own resume_tokens are refused; a request its group's
  * heartbeat no longer lists is failed over (not by a heartbeat sent during a step that began before
  * the request could have been read); Cancel ends with the worker's FINAL, or CANCELLED when
  * the worker never confirms; a deadline ends DEADLINE_EXCEEDED and cancels on the worker; a client
@@ -254,6 +258,15 @@ static void worker_final(int w, uint64_t wid, Folio__V1__StatusCode code, Folio_
     worker_send(w, WIRE_CMD_FINAL, &r.base);
 }
 
+/* A worker's refusal of wid: RESOURCE_EXHAUSTED with this hint. */
+static void worker_refuse(int w, uint64_t wid, uint32_t retry_after_ms, const char *msg)
+{
+    wire_error_reply_t r;
+    wire_error_reply_init(&r, wid, FOLIO__V1__METHOD__METHOD_GENERATE, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED, msg);
+    r.status.retry_after_ms = retry_after_ms;
+    worker_send(w, WIRE_CMD_FINAL, &r.resp.base);
+}
+
 /* Checks that cq (freed here) is a CANCEL of worker-side id wid. */
 static void check_cancel(Folio__V1__Request *cq, uint64_t wid)
 {
@@ -297,6 +310,23 @@ static void client_generate_tokens(uint64_t id, const char *tenant, uint32_t tim
 static void client_generate_ex(uint64_t id, const char *tenant, uint32_t timeout_ms, bool stream)
 {
     client_generate_tokens(id, tenant, timeout_ms, stream, PROMPT, 3, 8);
+}
+
+/* A streamed Generate of PROMPT with max_tokens 8 that asks for the old failover rule. */
+static void client_generate_no_migrate(uint64_t id)
+{
+    Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
+    g.prompt_tokens = (int32_t *)PROMPT;
+    g.n_prompt_tokens = 3;
+    g.max_tokens = 8;
+    g.stream = true;
+    g.no_migrate = true;
+    Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
+    q.version = WIRE_VERSION;
+    q.id = id;
+    q.method = FOLIO__V1__METHOD__METHOD_GENERATE;
+    q.generate = &g;
+    client_send(&q, false);
 }
 
 static void client_generate(uint64_t id, const char *tenant, uint32_t timeout_ms)
@@ -499,11 +529,11 @@ static void test_a_group_death_before_the_first_token_resubmits_to_another_group
     expect_nothing_more();
 }
 
-static void test_a_group_death_after_the_first_token_ends_unavailable_keeping_the_tokens(void **state)
+static void test_with_no_migrate_a_group_death_after_the_first_token_ends_unavailable_keeping_the_tokens(void **state)
 {
     (void)state;
     register_workers(2);
-    client_generate(4, "", 0);
+    client_generate_no_migrate(4);
     uint64_t wid = 0;
     const int w = which_worker(&wid), other = 1 - w;
     const int32_t a[2] = {5, 6};
@@ -520,6 +550,149 @@ static void test_a_group_death_after_the_first_token_ends_unavailable_keeping_th
     folio__v1__response__free_unpacked(r, NULL);
     assert_null(worker_recv(other)); /* not resubmitted */
     assert_int_equal(F.c->requests_failed_over, 0);
+    expect_nothing_more();
+}
+
+/* A streamed request on one of two groups with tokens a then b relayed (text "x" each): its
+ * group w dies, and the other one's Request is returned (to free), with wid and w set. */
+static Folio__V1__Request *moved_after_two_deltas(uint64_t id, int *w_out)
+{
+    register_workers(2);
+    client_generate(id, "", 0);
+    uint64_t wid = 0;
+    const int w = which_worker(&wid), other = 1 - w;
+    const int32_t a[2] = {5, 6}, b[1] = {7};
+    worker_partial(w, wid, 0, a, 2, false);
+    worker_partial(w, wid, 2, b, 1, false);
+    pump();
+    expect_partial(id, 0, a, 2);
+    expect_partial(id, 2, b, 1);
+    worker_send(w, WIRE_CMD_DISCONNECT, NULL);
+    pump();
+    Folio__V1__Request *q = worker_recv(other);
+    assert_non_null(q);
+    assert_int_not_equal(q->id, wid);
+    *w_out = w;
+    return q;
+}
+
+static void test_a_group_death_after_the_first_token_moves_the_stream_on_to_another_group(void **state)
+{
+    (void)state;
+    int w = 0;
+    Folio__V1__Request *q = moved_after_two_deltas(4, &w);
+    const int other = 1 - w;
+    /* The same request, with what the client has: 3 tokens and 2 bytes of their text. */
+    assert_int_equal(q->method, FOLIO__V1__METHOD__METHOD_GENERATE);
+    assert_int_equal(q->generate->n_prompt_tokens, 3);
+    assert_memory_equal(q->generate->prompt_tokens, PROMPT, sizeof PROMPT);
+    assert_int_equal(q->generate->max_tokens, 8);
+    assert_true(q->generate->stream);
+    const int32_t sent[3] = {5, 6, 7};
+    assert_int_equal(q->generate->n_resume_tokens, 3);
+    assert_memory_equal(q->generate->resume_tokens, sent, sizeof sent);
+    assert_int_equal(q->generate->resume_text_bytes, 2);
+    assert_int_equal(F.c->requests_failed_over, 1);
+    assert_int_equal(F.c->requests_migrated, 1);
+    assert_null(client_recv()); /* the client saw nothing of the move */
+    /* The stream goes on at index 3; the FINAL counts every token the client has. */
+    const int32_t c[2] = {8, 9};
+    worker_partial(other, q->id, 3, c, 2, false);
+    worker_final(other, q->id, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_LENGTH, 2);
+    pump();
+    expect_partial(4, 3, c, 2);
+    Folio__V1__Response *r = expect_final(4, FOLIO__V1__STATUS_CODE__OK);
+    assert_int_equal(r->result->finish_reason, FOLIO__V1__FINISH_REASON__FINISH_LENGTH);
+    assert_int_equal(r->result->usage->completion_tokens, 5);
+    assert_int_equal(r->result->usage->prompt_tokens, 3);
+    char group[16];
+    snprintf(group, sizeof group, "g%d", other);
+    assert_string_equal(r->result->group, group);
+    /* Timings stay the client's: its first token came before the move, and the queue before that. */
+    assert_true(r->result->timings->first_token_s > 0);
+    assert_true(r->result->timings->queued_s <= r->result->timings->first_token_s);
+    folio__v1__response__free_unpacked(r, NULL);
+    folio__v1__request__free_unpacked(q, NULL);
+    expect_nothing_more();
+
+    /* Status counts it. */
+    Folio__V1__Request sq = FOLIO__V1__REQUEST__INIT;
+    sq.version = WIRE_VERSION;
+    sq.id = 50;
+    sq.method = FOLIO__V1__METHOD__METHOD_STATUS;
+    client_send(&sq, false);
+    Folio__V1__Response *st = client_recv();
+    assert_non_null(st);
+    assert_non_null(st->cluster);
+    assert_int_equal(st->cluster->requests_migrated, 1);
+    assert_int_equal(st->cluster->requests_failed_over, 1);
+    folio__v1__response__free_unpacked(st, NULL);
+}
+
+static void test_a_moving_stream_no_group_can_take_ends_unavailable_keeping_the_tokens(void **state)
+{
+    (void)state;
+    int w = 0;
+    Folio__V1__Request *q = moved_after_two_deltas(6, &w);
+    /* The only other group refuses it: nobody is left. */
+    worker_refuse(1 - w, q->id, 250, "queue full");
+    folio__v1__request__free_unpacked(q, NULL);
+    pump();
+    Folio__V1__Response *r = expect_final(6, FOLIO__V1__STATUS_CODE__UNAVAILABLE);
+    assert_non_null(strstr(r->status->message, "could not go on after 3 tokens were sent: queue full"));
+    assert_int_equal(r->status->retry_after_ms, 0);
+    assert_int_equal(r->result->finish_reason, FOLIO__V1__FINISH_REASON__FINISH_ERROR);
+    assert_int_equal(r->result->usage->completion_tokens, 3);
+    folio__v1__response__free_unpacked(r, NULL);
+    expect_nothing_more();
+
+}
+
+static void test_a_moving_stream_with_no_group_left_ends_unavailable_keeping_the_tokens(void **state)
+{
+    (void)state;
+    register_workers(2);
+    drain_group(1); /* g0 is the only group that takes work */
+    client_generate(7, "", 0);
+    Folio__V1__Request *q = worker_recv(0);
+    assert_non_null(q);
+    const int32_t a[1] = {5};
+    worker_partial(0, q->id, 0, a, 1, false);
+    pump();
+    expect_partial(7, 0, a, 1);
+    worker_send(0, WIRE_CMD_DISCONNECT, NULL);
+    pump();
+    folio__v1__request__free_unpacked(q, NULL);
+    Folio__V1__Response *r = expect_final(7, FOLIO__V1__STATUS_CODE__UNAVAILABLE);
+    assert_non_null(strstr(r->status->message, "after 1 tokens were sent and no other healthy group could take the rest"));
+    assert_int_equal(r->result->usage->completion_tokens, 1);
+    folio__v1__response__free_unpacked(r, NULL);
+    assert_null(worker_recv(1));
+    assert_int_equal(F.c->requests_migrated, 0);
+    expect_nothing_more();
+}
+
+static void test_a_clients_own_resume_tokens_are_refused(void **state)
+{
+    (void)state;
+    register_workers(1);
+    const int32_t resume[1] = {4};
+    Folio__V1__GenerateRequest g = FOLIO__V1__GENERATE_REQUEST__INIT;
+    g.prompt_tokens = (int32_t *)PROMPT;
+    g.n_prompt_tokens = 3;
+    g.stream = true;
+    g.resume_tokens = (int32_t *)resume;
+    g.n_resume_tokens = 1;
+    Folio__V1__Request q = FOLIO__V1__REQUEST__INIT;
+    q.version = WIRE_VERSION;
+    q.id = 3;
+    q.method = FOLIO__V1__METHOD__METHOD_GENERATE;
+    q.generate = &g;
+    client_send(&q, false);
+    Folio__V1__Response *r = expect_final(3, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT);
+    assert_non_null(strstr(r->status->message, "resume_tokens"));
+    folio__v1__response__free_unpacked(r, NULL);
+    assert_null(worker_recv(0));
     expect_nothing_more();
 }
 
@@ -767,14 +940,6 @@ static void test_an_unstreamed_request_past_its_deadline_keeps_the_tokens_of_its
 }
 
 /* The worker's refusal of wid (no result, as a worker's reply_error), with a retry hint. */
-static void worker_refuse(int w, uint64_t wid, uint32_t retry_after_ms, const char *msg)
-{
-    wire_error_reply_t r;
-    wire_error_reply_init(&r, wid, FOLIO__V1__METHOD__METHOD_GENERATE, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED, msg);
-    r.status.retry_after_ms = retry_after_ms;
-    worker_send(w, WIRE_CMD_FINAL, &r.resp.base);
-}
-
 static void test_a_worker_refusal_goes_to_another_group_then_to_the_client_with_its_hint(void **state)
 {
     (void)state;
@@ -1281,7 +1446,11 @@ int main(void)
         T(test_a_repeated_index_in_the_final_is_dropped_and_the_final_still_relayed),
         T(test_the_worker_request_is_its_own_and_the_client_message_stays_as_it_came),
         T(test_a_group_death_before_the_first_token_resubmits_to_another_group),
-        T(test_a_group_death_after_the_first_token_ends_unavailable_keeping_the_tokens),
+        T(test_with_no_migrate_a_group_death_after_the_first_token_ends_unavailable_keeping_the_tokens),
+    T(test_a_group_death_after_the_first_token_moves_the_stream_on_to_another_group),
+    T(test_a_moving_stream_no_group_can_take_ends_unavailable_keeping_the_tokens),
+    T(test_a_moving_stream_with_no_group_left_ends_unavailable_keeping_the_tokens),
+    T(test_a_clients_own_resume_tokens_are_refused),
         T(test_a_request_the_heartbeat_no_longer_lists_is_failed_over),
         T(test_cancel_ends_with_the_workers_final_and_nothing_after),
         T(test_a_cancel_the_worker_never_confirms_ends_cancelled_after_two_heartbeats),

@@ -212,6 +212,7 @@ static void test_the_workers_load_is_reported_per_group_as_it_came(void **state)
     s.requests_total = 42;
     s.requests_inflight = 4;
     s.requests_failed_over = 1;
+    s.requests_migrated = 1;
     s.route_p50_us = 123;
     s.route_p99_us = 10;
     char *text = folio_metrics_render(&s);
@@ -243,6 +244,7 @@ static void test_the_workers_load_is_reported_per_group_as_it_came(void **state)
         "folio:coordinator_requests_admitted_total 42",
         "folio:coordinator_requests_inflight 4",
         "folio:coordinator_requests_failed_over_total 1",
+        "folio:coordinator_requests_migrated_total 1",
         "folio:coordinator_route_latency_seconds{quantile=\"0.5\"} 0.000123",
         "folio:coordinator_route_latency_seconds{quantile=\"0.99\"} 1e-05",
     };

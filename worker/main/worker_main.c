@@ -273,11 +273,12 @@ static void fake_generate(worker_t *w, const Folio__V1__Request *q)
     const Folio__V1__GenerateRequest *g = q->generate;
     int32_t token = g->prompt_tokens[g->n_prompt_tokens - 1];
     Folio__V1__TokenDelta d = FOLIO__V1__TOKEN_DELTA__INIT;
+    d.index = (uint32_t)g->n_resume_tokens; /* a moved request's completion goes on after what was sent */
     d.n_tokens = 1;
     d.tokens = &token;
     Folio__V1__Usage usage = FOLIO__V1__USAGE__INIT;
     usage.prompt_tokens = (uint32_t)g->n_prompt_tokens;
-    usage.completion_tokens = 1;
+    usage.completion_tokens = (uint32_t)g->n_resume_tokens + 1;
     Folio__V1__Timings timings = FOLIO__V1__TIMINGS__INIT;
     Folio__V1__GenerateResult result = FOLIO__V1__GENERATE_RESULT__INIT;
     result.finish_reason = FOLIO__V1__FINISH_REASON__FINISH_LENGTH;
@@ -326,9 +327,9 @@ static void generate(worker_t *w, const Folio__V1__Request *q)
         worker_req_close(w, r);
         reply_refused(w, q->id, method, rc, err.msg);
     } else {
-        fl_log_debug("worker accepted id=%llu prompt=%d max_tokens=%d stream=%d stops=%zu timeout_ms=%u",
-                     (unsigned long long)q->id, rq.sched.n_prompt, rq.sched.max_tokens, (int)g->stream, g->n_stop,
-                     q->timeout_ms);
+        fl_log_debug("worker accepted id=%llu prompt=%d resumed=%d max_tokens=%d stream=%d stops=%zu timeout_ms=%u",
+                     (unsigned long long)q->id, rq.sched.n_prompt, rq.sched.n_resume, rq.sched.max_tokens,
+                     (int)g->stream, g->n_stop, q->timeout_ms);
     }
     request_release(&rq);
 }

@@ -7,7 +7,9 @@
  * requests are put on a flush list, and after sched_step() returns worker_flush_partials() sends
  * one PARTIAL per request with everything that step produced. on_finish sends the one FINAL. A
  * stop string's last token is not output: it is in no delta and not counted in
- * usage.completion_tokens, exactly as an end-of-generation token.
+ * usage.completion_tokens, exactly as an end-of-generation token. A request the coordinator moved
+ * here mid-stream (resume_tokens) has its stream replayed first, so its deltas continue the
+ * client's stream and its usage counts the whole completion.
  *
  * Threading: the loop's thread only (the callbacks run inside sched_step/sched_cancel). */
 #include <errno.h>
@@ -96,6 +98,10 @@ worker_req_t *worker_req_open(worker_t *w, const request_t *rq, fl_error_t *err)
     const int slot = w->free_slots[w->n_free - 1];
     worker_req_t *r = &w->reqs[slot];
     if (request_stream_open(&r->out, w->tok, rq->stops, rq->n_stops, rq->sched.logprobs, err)) return NULL;
+    /* A request moved here mid-stream: its stream goes on from where the client's is. */
+    if (rq->sched.n_resume > 0 &&
+        request_stream_resume(&r->out, rq->sched.resume, rq->sched.n_resume, rq->resume_text_bytes, err))
+        return NULL;
     w->n_free--;
     r->id = rq->sched.id;
     r->live = true;
