@@ -8,7 +8,10 @@
  * refused; the earliest of several stop strings wins, a match straddling old and new bytes is
  * found, the held-back tail is exactly the longest proper prefix of a stop string ending the text;
  * deltas hand out each token once, in order, and keep what a failed send did not deliver; the
- * stop string's token is not output. */
+ * stop string's token is not output; a stream resumed elsewhere after whatever its client had
+ * (request_stream_resume: any cut, any pattern of failed sends, characters split across tokens,
+ * stop-string prefixes held back) hands out exactly the rest: the same tokens and text as one
+ * uninterrupted stream, no index twice, and the same stop; resumes that cannot be are refused. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -377,6 +380,162 @@ static void logprobs_travel_with_their_tokens(void **state)
     request_stream_free(&s);
 }
 
+/* --- resuming a stream elsewhere --------------------------------------------------------------- */
+
+/* tiny_tok's words plus UTF-8 characters split over tokens, as GPT-2's byte-level spelling writes
+ * bytes: "\xC3\x83" is byte C3 and "\xC2\xA9" byte A9 (together U+00E9); E2 82 | AC (U+20AC);
+ * F0 9F | 98 80 (U+1F600); and U+00E9 whole. */
+static tok_t *utf8_tok(void)
+{
+    static const char *const vocab[] = {"<eos>",  "Hello", "\xC4\xA0wor", "ld", "\xC4\xA0ST", "OP", "\xC4\xA0more", "!",
+                                        "\xC3\x83", "\xC2\xA9", "\xC3\xA2\xC4\xA4", "\xC2\xAC", "\xC3\xB0\xC5\x81",
+                                        "\xC4\xBA\xC4\xA2", "\xC3\x83\xC2\xA9"};
+    int32_t types[15];
+    for (int i = 0; i < 15; i++) types[i] = i ? 1 : TOK_TYPE_CONTROL;
+    tok_desc_t d = {.n_vocab = 15, .tokens = vocab, .token_types = types, .bos_id = -1, .eos_id = 0, .unk_id = -1,
+                    .pad_id = -1};
+    fl_error_t err = {0};
+    tok_t *t = tok_new(&d, &err);
+    if (!t) fail_msg("tok_new: %s", err.msg);
+    return t;
+}
+
+/* What a client got from a stream: tokens in index order and the text. */
+typedef struct got {
+    int32_t tokens[64];
+    int n;
+    char text[512];
+    size_t n_text;
+} got_t;
+
+static void take_delta(request_stream_t *s, bool final, bool sent, got_t *g)
+{
+    request_delta_t d;
+    if (!request_stream_peek(s, final, &d)) {
+        request_stream_done(s, false);
+        return;
+    }
+    if (sent) {
+        assert_int_equal(d.index, g->n); /* no gap, no index twice */
+        memcpy(g->tokens + g->n, d.tokens, (size_t)d.n_tokens * sizeof *d.tokens);
+        g->n += d.n_tokens;
+        assert_true(g->n_text + d.n_text < sizeof g->text);
+        memcpy(g->text + g->n_text, d.text, d.n_text + 1);
+        g->n_text += d.n_text;
+    }
+    request_stream_done(s, sent);
+}
+
+/* Pushes tokens [from, to), a delta after each; the send of token i's delta fails when fail_every
+ * divides i + 1 (0: never). */
+static void feed(request_stream_t *s, const int32_t *t, int from, int to, int fail_every, got_t *g)
+{
+    for (int i = from; i < to; i++) {
+        assert_true(request_stream_push(s, s->n_out, t[i], NULL) >= 0);
+        take_delta(s, false, !fail_every || (i + 1) % fail_every, g);
+    }
+}
+
+static void finish_stream(request_stream_t *s, got_t *g)
+{
+    request_stream_end(s);
+    take_delta(s, true, true, g);
+}
+
+static void a_resumed_stream_hands_out_exactly_the_rest(void **state)
+{
+    (void)state;
+    tok_t *tok = utf8_tok();
+    char *stops[] = {" STOP", "\xE2\x82\xAC!", "ld\xC3\xA9"};
+    /* "Hello" é " wor" "ld" € " ST" 😀 "!" é " more" " ST" "OP": ends at the stop " STOP" */
+    static const int32_t seq_stop[] = {1, 8, 9, 2, 3, 10, 11, 4, 12, 13, 7, 14, 6, 4, 5, 6};
+    /* the same without the stop, and a split character left open at the end */
+    static const int32_t seq_open[] = {1, 8, 9, 2, 3, 10, 11, 4, 12, 13, 7, 14, 6, 4, 7, 10};
+    const struct {
+        const int32_t *t;
+        int n;
+    } seqs[] = {{seq_stop, 16}, {seq_open, 16}};
+    int cases = 0;
+    for (size_t q = 0; q < sizeof seqs / sizeof *seqs; q++)
+        for (int fail_every = 0; fail_every <= 3; fail_every++) {
+            got_t ref = {0};
+            request_stream_t a = stream_with(stops, 3, tok);
+            feed(&a, seqs[q].t, 0, seqs[q].n, fail_every, &ref);
+            finish_stream(&a, &ref);
+            if (q == 0) assert_string_equal(ref.text, "Hello\xC3\xA9 world\xE2\x82\xAC ST\xF0\x9F\x98\x80!\xC3\xA9 more");
+            else /* and the open E2 82 flushed as two U+FFFD */
+                assert_string_equal(ref.text, "Hello\xC3\xA9 world\xE2\x82\xAC ST\xF0\x9F\x98\x80!\xC3\xA9 more ST!"
+                                              "\xEF\xBF\xBD\xEF\xBF\xBD");
+            for (int k = 0; k <= seqs[q].n; k++) {
+                /* The first group streams k tokens and dies; the client has what was handed out. */
+                got_t cl = {0};
+                request_stream_t b1 = stream_with(stops, 3, tok);
+                feed(&b1, seqs[q].t, 0, k, fail_every, &cl);
+                const int m = cl.n;
+                /* The next group replays those m tokens and goes on from token m. */
+                request_stream_t b2 = stream_with(stops, 3, tok);
+                fl_error_t err = {0};
+                if (request_stream_resume(&b2, cl.tokens, m, cl.n_text, &err))
+                    fail_msg("sequence %zu, cut %d, %d sent: %s", q, k, m, err.msg);
+                assert_int_equal(b2.n_out, m);
+                feed(&b2, seqs[q].t, m, seqs[q].n, fail_every, &cl);
+                finish_stream(&b2, &cl);
+                assert_int_equal(cl.n, ref.n);
+                assert_memory_equal(cl.tokens, ref.tokens, (size_t)ref.n * sizeof *ref.tokens);
+                if (strcmp(cl.text, ref.text))
+                    fail_msg("sequence %zu, failing every %d, cut %d: '%s' resumed, '%s' uninterrupted", q, fail_every, k,
+                             cl.text, ref.text);
+                assert_int_equal(b2.n_out, a.n_out);
+                assert_int_equal(b2.stopped, a.stopped);
+                request_stream_free(&b1);
+                request_stream_free(&b2);
+                cases++;
+            }
+            assert_int_equal(a.stopped, q == 0);
+            request_stream_free(&a);
+        }
+    print_message("%d resumed streams equal their uninterrupted ones\n", cases);
+
+    /* Resumes that cannot be: more text than the tokens make, a token that completes a stop string. */
+    request_stream_t s = stream_with(stops, 3, tok);
+    fl_error_t err = {0};
+    const int32_t hello[2] = {1, 2};
+    assert_int_equal(request_stream_resume(&s, hello, 2, 10, &err), FL_EINVAL); /* "Hello wor" is 9 bytes */
+    request_stream_close(&s);
+    fl_error_t e2 = {0};
+    assert_int_equal(request_stream_open(&s, tok, stops, 3, false, &e2), 0);
+    const int32_t stop[3] = {1, 4, 5};
+    assert_int_equal(request_stream_resume(&s, stop, 3, 5, &err), FL_EINVAL);
+    request_stream_free(&s);
+    tok_destroy(&tok);
+}
+
+static void resume_tokens_are_checked_against_the_vocabulary_and_max_tokens(void **state)
+{
+    (void)state;
+    Folio__V1__GenerateRequest g = base_request();
+    int32_t resume[3] = {4, 5, 6};
+    g.resume_tokens = resume;
+    g.n_resume_tokens = 3;
+    g.resume_text_bytes = 2;
+    request_t r;
+    fl_error_t err = {0};
+    assert_int_equal(request_resolve(&r, 1, &g, "", 0, defaults(), N_VOCAB, &err), 0);
+    assert_int_equal(r.sched.n_resume, 3);
+    assert_ptr_equal(r.sched.resume, resume);
+    assert_int_equal(r.resume_text_bytes, 2);
+    assert_int_equal(r.sched.n_prompt, 3); /* the prompt alone */
+    request_release(&r);
+    resume[1] = N_VOCAB;
+    expect_refused(&g, "resume_tokens[1]");
+    resume[1] = 5;
+    g.max_tokens = 2;
+    expect_refused(&g, "max_tokens");
+    g.max_tokens = 0;
+    g.n_resume_tokens = 0;
+    expect_refused(&g, "resume_text_bytes");
+}
+
 static void final_status_names_every_ending(void **state)
 {
     (void)state;
@@ -411,6 +570,8 @@ int main(void)
         cmocka_unit_test(deltas_hand_out_each_token_once_and_hold_stop_prefixes),
         cmocka_unit_test(a_final_delta_releases_the_held_back_text),
         cmocka_unit_test(logprobs_travel_with_their_tokens),
+        cmocka_unit_test(a_resumed_stream_hands_out_exactly_the_rest),
+        cmocka_unit_test(resume_tokens_are_checked_against_the_vocabulary_and_max_tokens),
         cmocka_unit_test(final_status_names_every_ending),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
