@@ -388,97 +388,143 @@ done:
     return rc;
 }
 
-/* Moore's partition refinement; leaves d as it is when the work would pass a budget (the subset
- * construction's output is usually close to minimal already) or memory runs out. */
+/* Hopcroft's partition refinement, O(k n log n) for k byte classes (Moore's simpler refinement
+ * needs as many rounds as the longest chain: a string of maxLength 200 took 200). The dead state
+ * is made explicit as a sink so that every state has k successors. Blocks are ranges of one
+ * permutation of the states; a block's states that have a successor in the splitter are swapped
+ * to its front, and a block split in two hands the worklist the smaller part unless it is queued
+ * already. Leaves d as it is when memory runs out. */
 static void minimise(cx_dfa_t *d)
 {
-    const int32_t n = d->n_states;
+    const int32_t n = d->n_states + 1, sink = d->n_states; /* n includes the sink */
     const int k = d->n_classes;
-    if (n < 2) return;
-    int32_t *blk = malloc(sizeof *blk * (size_t)n), *nb = malloc(sizeof *nb * (size_t)n);
-    int32_t *rep = malloc(sizeof *rep * (size_t)n);
-    size_t cap = 16;
-    while (cap < (size_t)n * 2) cap *= 2;
-    int32_t *table = malloc(sizeof *table * cap);
-    if (!blk || !nb || !rep || !table) goto done;
-    int32_t nblk = 0;
-    bool any_acc = false, any_rej = false;
-    for (int32_t s = 0; s < n; s++) any_acc |= d->accept[s], any_rej |= !d->accept[s];
-    for (int32_t s = 0; s < n; s++) blk[s] = any_acc && any_rej ? d->accept[s] : 0;
-    nblk = any_acc && any_rej ? 2 : 1;
-    long long budget = 100000000LL; /* state x class comparisons */
-    for (;;) {
-        memset(table, 0, sizeof *table * cap);
-        int32_t nn = 0;
-        for (int32_t s = 0; s < n; s++) {
-            uint64_t h = (uint64_t)blk[s] * 0x9E3779B97F4A7C15ull;
-            const int32_t *row = d->next + (size_t)s * k;
-            for (int c = 0; c < k; c++) h = (h ^ (uint64_t)(row[c] < 0 ? -1 : blk[row[c]])) * 0x100000001B3ull;
-            size_t i = (h ^ (h >> 29)) & (cap - 1);
-            for (;; i = (i + 1) & (cap - 1)) {
-                if (!table[i]) {
-                    table[i] = s + 1;
-                    rep[nn] = s;
-                    nb[s] = nn++;
-                    break;
-                }
-                const int32_t r = table[i] - 1;
-                if (blk[r] != blk[s]) continue;
-                const int32_t *rrow = d->next + (size_t)r * k;
-                int c = 0;
-                for (; c < k; c++)
-                    if ((row[c] < 0 ? -1 : blk[row[c]]) != (rrow[c] < 0 ? -1 : blk[rrow[c]])) break;
-                if (c == k) {
-                    nb[s] = nb[r];
-                    break;
+    if (n < 3) return;
+    int32_t *elems = malloc(sizeof(int32_t) * (size_t)n), *loc = malloc(sizeof(int32_t) * (size_t)n);
+    int32_t *blk = malloc(sizeof(int32_t) * (size_t)n), *first = malloc(sizeof(int32_t) * (size_t)n);
+    int32_t *end = malloc(sizeof(int32_t) * (size_t)n), *marked = malloc(sizeof(int32_t) * (size_t)n);
+    int32_t *work = malloc(sizeof(int32_t) * (size_t)n), *touched = malloc(sizeof(int32_t) * (size_t)n);
+    int32_t *split = malloc(sizeof(int32_t) * (size_t)n), *map = malloc(sizeof(int32_t) * (size_t)n);
+    bool *queued = calloc((size_t)n, sizeof(bool));
+    /* Predecessors per class and target: inv[inv_at[c * (n + 1) + t] ..) */
+    int32_t *inv_at = calloc((size_t)k * (size_t)(n + 1) + 1, sizeof(int32_t));
+    int32_t *inv = malloc(sizeof(int32_t) * (size_t)n * (size_t)k);
+    int32_t *next = NULL;
+    bool *accept = NULL;
+    if (!elems || !loc || !blk || !first || !end || !marked || !work || !touched || !split || !map || !queued ||
+        !inv_at || !inv)
+        goto done;
+#define SUCC(s, c) ((s) == sink ? sink : d->next[(size_t)(s)*k + (c)] < 0 ? sink : d->next[(size_t)(s)*k + (c)])
+    for (int c = 0; c < k; c++) {
+        int32_t *at = inv_at + (size_t)c * (size_t)(n + 1);
+        for (int32_t s = 0; s < n; s++) at[SUCC(s, c) + 1]++;
+        for (int32_t t = 0; t < n; t++) at[t + 1] += at[t];
+        int32_t *base = inv + (size_t)c * (size_t)n;
+        for (int32_t s = 0; s < n; s++) base[at[SUCC(s, c)]++] = s;
+        for (int32_t t = n; t > 0; t--) at[t] = at[t - 1]; /* back to starts */
+        at[0] = 0;
+    }
+    /* Accepting states first, then the rest (the sink among them). */
+    int32_t na = 0, nb = 0, nw = 0;
+    for (int32_t s = 0; s < n; s++)
+        if (s != sink && d->accept[s]) elems[na++] = s;
+    int32_t at = na;
+    for (int32_t s = 0; s < n; s++)
+        if (s == sink || !d->accept[s]) elems[at++] = s;
+    if (na) first[nb] = 0, end[nb] = na, nb++;
+    first[nb] = na, end[nb] = n, nb++;
+    for (int32_t b = 0; b < nb; b++) {
+        marked[b] = first[b];
+        for (int32_t i = first[b]; i < end[b]; i++) blk[elems[i]] = b, loc[elems[i]] = i;
+        work[nw++] = b;
+        queued[b] = true;
+    }
+    while (nw) {
+        const int32_t a = work[--nw];
+        queued[a] = false;
+        /* The splitter as it is now: it may itself be split below. */
+        const int32_t na_ = end[a] - first[a];
+        memcpy(split, elems + first[a], sizeof(int32_t) * (size_t)na_);
+        for (int c = 0; c < k; c++) {
+            const int32_t *at_c = inv_at + (size_t)c * (size_t)(n + 1);
+            const int32_t *base = inv + (size_t)c * (size_t)n;
+            int32_t nt = 0;
+            for (int32_t i = 0; i < na_; i++) {
+                const int32_t t = split[i];
+                for (int32_t e = at_c[t]; e < at_c[t + 1]; e++) {
+                    const int32_t p = base[e], y = blk[p];
+                    if (loc[p] < marked[y]) continue;
+                    if (marked[y] == first[y]) touched[nt++] = y;
+                    const int32_t q = elems[marked[y]];
+                    elems[loc[p]] = q;
+                    loc[q] = loc[p];
+                    elems[marked[y]] = p;
+                    loc[p] = marked[y]++;
                 }
             }
+            for (int32_t i = 0; i < nt; i++) {
+                const int32_t y = touched[i];
+                if (marked[y] == end[y]) {
+                    marked[y] = first[y];
+                    continue;
+                }
+                const int32_t z = nb++;
+                first[z] = first[y];
+                end[z] = marked[y];
+                first[y] = marked[y];
+                marked[y] = first[y];
+                marked[z] = first[z];
+                for (int32_t j = first[z]; j < end[z]; j++) blk[elems[j]] = z;
+                int32_t add = z;
+                if (!queued[y] && end[y] - first[y] < end[z] - first[z]) add = y;
+                if (!queued[add]) queued[add] = true, work[nw++] = add;
+            }
         }
-        budget -= (long long)n * k * 2;
-        const bool stable = nn == nblk;
-        int32_t *t = blk;
-        blk = nb;
-        nb = t;
-        nblk = nn;
-        if (stable) break;
-        if (budget < 0) goto done;
     }
-    if (nblk == n) goto done;
-    /* Rebuild over the blocks; trim() then renumbers from the start breadth-first. */
-    int32_t *next = malloc(sizeof *next * (size_t)nblk * (size_t)k);
-    bool *accept = malloc(sizeof *accept * (size_t)nblk);
-    if (!next || !accept) {
-        free(next);
-        free(accept);
-        goto done;
-    }
-    /* Block of the start state must be 0 for trim(): swap it with block 0. */
-    const int32_t b0 = blk[0];
-    for (int32_t b = 0; b < nblk; b++) {
-        const int32_t s = rep[b];
-        const int32_t nbid = b == b0 ? 0 : b == 0 ? b0 : b;
-        accept[nbid] = d->accept[s];
+    if (nb == n) goto done;
+    /* One state per block, the start's first; the sink's block goes (nothing else is dead). */
+    const int32_t sink_blk = blk[sink];
+    for (int32_t b = 0; b < nb; b++) map[b] = -1;
+    int32_t m = 0;
+    map[blk[0]] = m++;
+    for (int32_t b = 0; b < nb; b++)
+        if (map[b] < 0 && b != sink_blk) map[b] = m++;
+    next = malloc(sizeof *next * (size_t)m * (size_t)k);
+    accept = malloc(sizeof *accept * (size_t)m);
+    if (!next || !accept) goto done;
+    for (int32_t b = 0; b < nb; b++) {
+        if (b == sink_blk) continue;
+        const int32_t s = elems[first[b]];
+        accept[map[b]] = d->accept[s];
         for (int c = 0; c < k; c++) {
-            const int32_t t = d->next[(size_t)s * k + c];
-            int32_t tb = t < 0 ? -1 : blk[t];
-            if (tb == b0)
-                tb = 0;
-            else if (tb == 0)
-                tb = b0;
-            next[(size_t)nbid * k + c] = tb;
+            const int32_t t = SUCC(s, c);
+            next[(size_t)map[b] * k + c] = t == sink ? -1 : map[blk[t]];
         }
     }
+#undef SUCC
     free(d->next);
     free(d->accept);
     d->next = next;
     d->accept = accept;
-    d->n_states = nblk;
-    trim(d); /* renumbers; cannot fail for lack of live states */
+    d->n_states = m;
+    next = NULL;
+    accept = NULL;
+    trim(d); /* renumbers breadth-first; cannot fail for lack of live states */
 done:
+    free(next);
+    free(accept);
+    free(elems);
+    free(loc);
     free(blk);
-    free(nb);
-    free(rep);
-    free(table);
+    free(first);
+    free(end);
+    free(marked);
+    free(work);
+    free(touched);
+    free(split);
+    free(map);
+    free(queued);
+    free(inv_at);
+    free(inv);
 }
 
 /* ---- the whole build ---- */

@@ -4,7 +4,7 @@
  * Pipeline: text -> cx_node_t tree (constraint_regex.c parses regexes, constraint_schema.c turns a
  * schema into a tree) -> Thompson NFA over bytes, built continuation-first so that shared tails are
  * built once -> DFA by subset construction over byte equivalence classes -> trimmed (states that
- * cannot reach acceptance become dead) -> minimised (Moore refinement, skipped past a work budget).
+ * cannot reach acceptance become dead) -> minimised (Hopcroft).
  * Everything in a tree lives in one arena, freed at once. */
 #ifndef FOLIO_CONSTRAINT_FA_H
 #define FOLIO_CONSTRAINT_FA_H

@@ -225,6 +225,34 @@ static void test_regex_unsupported_features_give_clear_errors(void **state)
     assert_non_null(strstr(err.msg, "nested deeper"));
 }
 
+/* The automaton is minimal: state counts of known minimal DFAs (the dead state not counted). */
+static void test_automaton_is_minimal(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *pattern;
+        int states;
+    } m[] = {
+        {"a{3}", 4},
+        {"(a|b)*abb", 4},
+        {"(a|aa)*b{100}", 101},
+        {"[a-z]{0,100}[0-9]{0,100}", 201},
+        {"(ab|cd){1,30}e", 92},
+        {"x(y|z)*(yy|zz){2,9}", 14},
+        {"(a*b*)*c|d{3,8}", 10},
+        {".{0,300}", 2401},
+    };
+    for (size_t i = 0; i < sizeof m / sizeof *m; i++) {
+        fl_constraint_t *c = compile_or_fail(FL_CONSTRAINT_REGEX, m[i].pattern, NULL);
+        if (fl_constraint_n_states(c) != m[i].states)
+            fail_msg("/%s/: %d states, the minimal DFA has %d", m[i].pattern, fl_constraint_n_states(c), m[i].states);
+        fl_constraint_free(&c);
+    }
+    /* A JSON string of at most 200 characters fits the default limits. */
+    fl_constraint_t *c = compile_or_fail(FL_CONSTRAINT_JSON_SCHEMA, "{\"type\":\"string\",\"maxLength\":200}", NULL);
+    fl_constraint_free(&c);
+}
+
 static void test_choice_is_exactly_one_of_the_strings(void **state)
 {
     (void)state;
@@ -1022,6 +1050,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_regex_cases_accept_and_reject_as_tabled),
         cmocka_unit_test(test_regex_unsupported_features_give_clear_errors),
+        cmocka_unit_test(test_automaton_is_minimal),
         cmocka_unit_test(test_choice_is_exactly_one_of_the_strings),
         cmocka_unit_test(test_schema_cases_accept_valid_and_reject_invalid_documents),
         cmocka_unit_test(test_schema_unsupported_keywords_are_refused_clearly),
