@@ -5,7 +5,9 @@
  * that finds the queue full (EAGAIN) keeps its tokens for the next one, which starts at the same
  * index; a FINAL that finds it full keeps its request's slot (still live, listed in heartbeats) until
  * worker_retry_finals gets it out, exactly once, with every token not yet sent; finals dropped for a
- * coordinator that is gone free their slots. */
+ * coordinator that is gone free their slots. A request moved here mid-stream (resume tokens) sends
+ * its first delta at the index after them and its FINAL counts them; one whose resume cannot be
+ * replayed is refused and takes no slot. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -21,6 +23,7 @@
 static bool g_full;
 static int g_partials, g_finals, g_tokens_sent, g_next_index;
 static int g_final_status;
+static uint32_t g_final_completion;
 
 int worker_send(worker_t *w, int cmd, const ProtobufCMessage *body)
 {
@@ -34,6 +37,7 @@ int worker_send(worker_t *w, int cmd, const ProtobufCMessage *body)
     if (cmd == WIRE_CMD_FINAL) {
         g_finals++;
         g_final_status = r->status ? (int)r->status->code : -1;
+        g_final_completion = r->result && r->result->usage ? r->result->usage->completion_tokens : 0;
     }
     if (r->delta && r->delta->n_tokens) {
         assert_int_equal(r->delta->index, g_next_index); /* no gap, no index twice */
@@ -120,6 +124,40 @@ static void a_final_that_finds_the_queue_full_waits_and_goes_once(void **state)
     worker_reqs_free(&w);
 }
 
+static void a_moved_request_streams_on_after_its_resumed_tokens(void **state)
+{
+    (void)state;
+    reset();
+    worker_t w = make_worker();
+    static int32_t prompt[] = {1, 2, 3}, resume[] = {40, 41, 42};
+    request_t rq;
+    memset(&rq, 0, sizeof rq);
+    rq.sched = (sched_request_t){.id = 5, .prompt = prompt, .n_prompt = 3, .max_tokens = 8, .resume = resume,
+                                 .n_resume = 3};
+    rq.stream = true;
+    fl_error_t err = {0};
+    assert_non_null(worker_req_open(&w, &rq, &err));
+    g_next_index = 3; /* the client has indices 0..2 */
+    worker_on_token(&w, 5, 3, 43, NULL);
+    worker_flush_partials(&w);
+    assert_int_equal(g_partials, 1);
+    assert_int_equal(g_tokens_sent, 1);
+    const sched_result_t res = {.id = 5, .finish = SCHED_FINISH_LENGTH, .n_prompt = 3, .n_generated = 4};
+    worker_on_finish(&w, &res);
+    assert_int_equal(g_finals, 1);
+    assert_int_equal(g_final_completion, 4); /* the whole completion */
+    assert_int_equal(g_next_index, 4);
+
+    /* Text the resumed tokens cannot have made (no tokenizer here: none): refused, no slot taken. */
+    rq.sched.id = 6;
+    rq.resume_text_bytes = 1;
+    assert_null(worker_req_open(&w, &rq, &err));
+    assert_int_equal(err.code, FL_EINVAL);
+    assert_int_equal(w.n_free, 4);
+    assert_null(worker_req_find(&w, 6));
+    worker_reqs_free(&w);
+}
+
 static void finals_dropped_for_a_gone_coordinator_free_their_slots(void **state)
 {
     (void)state;
@@ -146,6 +184,7 @@ int main(void)
         cmocka_unit_test(a_partial_that_finds_the_queue_full_is_sent_with_the_next),
         cmocka_unit_test(a_final_that_finds_the_queue_full_waits_and_goes_once),
         cmocka_unit_test(finals_dropped_for_a_gone_coordinator_free_their_slots),
+        cmocka_unit_test(a_moved_request_streams_on_after_its_resumed_tokens),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
