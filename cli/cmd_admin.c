@@ -8,6 +8,7 @@
  *                      serves)
  *   health [--json]    whether the cluster serves (exit 0 when it does)
  *   drain GROUP / undrain GROUP
+ *   keygen --out DIR [--name NAME]   a CURVE key pair (proto/curve.h)
  *
  * `up` starts the processes through cli_cluster.c and supervises them (cluster_supervise): a child
  * that exits or is killed is logged and started again, after a delay that grows while it keeps
@@ -20,6 +21,7 @@
 
 #include "cli_cluster.h"
 #include "cli_json.h"
+#include "curve.h"
 #include "folio_metrics.h"
 #include "folioctl.h"
 #include "model_path.h"
@@ -82,11 +84,17 @@ int cmd_status(const ctl_flags_t *f)
                    g->last_heartbeat_age_s);
         }
         if (!s->n_groups) printf("(no worker groups registered)\n");
-        printf("policy %s, block size %u; requests: %llu total, %llu in flight, %llu failed over (%llu migrated "
-               "mid-stream)\n",
-               *s->policy ? s->policy : "-", s->block_size, (unsigned long long)s->requests_total,
-               (unsigned long long)s->requests_inflight, (unsigned long long)s->requests_failed_over,
-               (unsigned long long)s->requests_migrated);
+        if (s->tenant_view) /* a CURVE key without the admin role sees its own requests only */
+            printf("policy %s, block size %u; tenant %s: %llu requests in flight (every tenant's figures need an "
+                   "admin key)\n",
+                   *s->policy ? s->policy : "-", s->block_size, *s->tenant ? s->tenant : "(default)",
+                   (unsigned long long)s->tenant_requests_inflight);
+        else
+            printf("policy %s, block size %u; requests: %llu total, %llu in flight, %llu failed over (%llu migrated "
+                   "mid-stream)\n",
+                   *s->policy ? s->policy : "-", s->block_size, (unsigned long long)s->requests_total,
+                   (unsigned long long)s->requests_inflight, (unsigned long long)s->requests_failed_over,
+                   (unsigned long long)s->requests_migrated);
         printf("tokens: %llu prompt (%.1f%% from the prefix cache), %llu generated, %.1f tok/s now; "
                "route p50 %.0f us, p99 %.0f us\n",
                (unsigned long long)prompt, prompt ? 100.0 * (double)cached / (double)prompt : 0.0,
@@ -153,6 +161,7 @@ int cmd_drain(const ctl_flags_t *f, bool undrain)
 
 int cmd_up(const ctl_flags_t *f)
 {
+    static const char *const insecure_args[] = {"--insecure", NULL};
     cluster_opts_t o = {.model = f->engine.model_path,
                         .n_groups = (int)f->groups,
                         .threads_per_worker = (int)f->threads_per_worker,
@@ -168,6 +177,7 @@ int cmd_up(const ctl_flags_t *f)
                         .heads = f->engine.heads_path,
                         .spec_tree = f->spec_tree,
                         .log_dir = f->log_dir,
+                        .coordinator_args = f->insecure ? insecure_args : NULL,
                         .progress = true};
     /* The HTTP gateway: --http, else $FOLIO_HTTP, else port 8080, where a taken port only leaves it
      * out (with a warning) since nobody asked for that port. */
@@ -205,5 +215,24 @@ int cmd_up(const ctl_flags_t *f)
     }
     fprintf(stderr, "stopping the cluster ...\n");
     cluster_stop(&cl);
+    return 0;
+}
+
+int cmd_keygen(const ctl_flags_t *f)
+{
+    if (!f->out_dir) {
+        fprintf(stderr, "error: keygen needs --out DIR (folioctl keygen --out DIR [--name NAME])\n");
+        return 2;
+    }
+    const char *name = f->key_name ? f->key_name : "folio";
+    char pub[CURVE_KEY_Z85 + 1];
+    fl_error_t err = {0};
+    if (curve_keygen(f->out_dir, name, pub, &err)) {
+        fprintf(stderr, "error: %s\n", err.msg);
+        return 1;
+    }
+    printf("%s/%s.secret  secret key (mode 0600): --curve-secret of its owner only\n", f->out_dir, name);
+    printf("%s/%s.public  public key %s: for --worker-keys, --client-keys or --coordinator-key\n", f->out_dir,
+           name, pub);
     return 0;
 }

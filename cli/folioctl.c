@@ -11,6 +11,7 @@
  * Cluster administration (cmd_admin.c):
  *   folioctl up [--groups N] ...                                start a local cluster in the foreground
  *   folioctl status|health [--json]; folioctl metrics; folioctl drain|undrain GROUP
+ *   folioctl keygen --out DIR [--name NAME]                     a CURVE key pair (README.md, "Security")
  *
  * Text streams to stdout as it is generated, in whole UTF-8 characters. --json prints one JSON
  * object on the last line of stdout (DESIGN.md's contract: tokens, text, finish_reason, usage,
@@ -46,6 +47,8 @@ static void usage(FILE *f)
             "  metrics    the cluster's figures in the Prometheus text format (as the gateway's /metrics)\n"
             "  health     whether the cluster serves (exit 0 when it does)\n"
             "  drain GROUP / undrain GROUP   stop / resume routing new requests to a worker group\n"
+            "  keygen --out DIR [--name NAME]  a CURVE key pair: DIR/NAME.secret (mode 0600) and DIR/NAME.public\n"
+            "             (NAME default folio), for --curve-secret, --worker-keys, --client-keys, --coordinator-key\n"
             "flags:\n"
             "  -p, --prompt TEXT     prompt text\n"
             "%s"
@@ -57,6 +60,8 @@ static void usage(FILE *f)
             "  --json                print one JSON object with tokens, text, finish_reason, usage, timings\n"
             "cluster flags:\n"
             "  --coordinator EP      coordinator client endpoint (default $FOLIO_COORDINATOR or %s)\n"
+            "  --curve-secret FILE   this client's CURVE secret key ($FOLIO_CURVE_SECRET): encrypted link\n"
+            "  --coordinator-key FILE  the coordinator's public key ($FOLIO_COORDINATOR_KEY), with --curve-secret\n"
             "  --tenant T            prefix-cache tenant (requests of different tenants share no KV)\n"
             "  --timeout-ms N        request deadline (default: none)\n"
             "  --no-migrate          a group lost mid-stream ends the request UNAVAILABLE with the tokens sent\n"
@@ -76,6 +81,7 @@ static void usage(FILE *f)
             "  --http [ADDR:]PORT    the OpenAI-compatible HTTP gateway's address (default $FOLIO_HTTP or 8080:\n"
             "                        every IPv4 address; 127.0.0.1:8080 keeps it to this machine)\n"
             "  --no-http             no HTTP gateway\n"
+            "  --insecure            let the coordinator listen beyond loopback unencrypted (its --insecure)\n"
             "engine flags:\n"
             "%s",
             cli_gen_flags_help(), WIRE_DEFAULT_CLIENT_ENDPOINT, WIRE_DEFAULT_WORKER_ENDPOINT, engine_flags_help());
@@ -114,6 +120,16 @@ static int parse_flags(ctl_flags_t *f, int argc, char **argv)
             if (!(f->http = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--coordinator")) {
             if (!(f->coordinator = fl_flag_value(argc, argv, &i))) return -1;
+        } else if (!strcmp(a, "--curve-secret")) {
+            if (!(f->curve_secret = fl_flag_value(argc, argv, &i))) return -1;
+        } else if (!strcmp(a, "--coordinator-key")) {
+            if (!(f->coordinator_key = fl_flag_value(argc, argv, &i))) return -1;
+        } else if (!strcmp(a, "--out") && !strcmp(argv[1], "keygen")) {
+            if (!(f->out_dir = fl_flag_value(argc, argv, &i))) return -1;
+        } else if (!strcmp(a, "--name") && !strcmp(argv[1], "keygen")) {
+            if (!(f->key_name = fl_flag_value(argc, argv, &i))) return -1;
+        } else if (!strcmp(a, "--insecure")) {
+            f->insecure = true;
         } else if (!strcmp(a, "--tenant")) {
             if (!(f->tenant = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "--policy")) {
@@ -218,7 +234,9 @@ void ctl_set_handler(int sig, void (*fn)(int))
 folio_client_t *ctl_connect(const ctl_flags_t *f)
 {
     fl_error_t err = {0};
-    folio_client_t *c = folio_client_new(f->coordinator, &err);
+    const folio_client_opts_t o = {
+        .endpoint = f->coordinator, .curve_secret = f->curve_secret, .coordinator_key = f->coordinator_key};
+    folio_client_t *c = folio_client_new_opts(&o, &err);
     if (!c) fprintf(stderr, "error: %s\n", err.msg);
     return c;
 }
@@ -239,6 +257,7 @@ static int dispatch(ctl_flags_t *f, const char *cmd)
     if (!strcmp(cmd, "drain")) return cmd_drain(f, false);
     if (!strcmp(cmd, "undrain")) return cmd_drain(f, true);
     if (!strcmp(cmd, "up")) return cmd_up(f);
+    if (!strcmp(cmd, "keygen")) return cmd_keygen(f);
     fprintf(stderr, "error: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

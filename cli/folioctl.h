@@ -24,6 +24,9 @@ typedef struct ctl_flags {
     /* cluster commands */
     bool local;              /* chat --local: offline */
     const char *coordinator; /* client endpoint */
+    const char *curve_secret, *coordinator_key; /* CURVE key files (folio_client_opts_t) */
+    const char *out_dir, *key_name;             /* keygen --out DIR [--name NAME] */
+    bool insecure;                              /* up: the coordinator's --insecure */
     const char *tenant;
     long timeout_ms;
     bool no_migrate;         /* generate, chat: end UNAVAILABLE if the group is lost mid-stream */
@@ -50,6 +53,7 @@ int cmd_status(const ctl_flags_t *f);
 int cmd_metrics(const ctl_flags_t *f);
 int cmd_health(const ctl_flags_t *f);
 int cmd_drain(const ctl_flags_t *f, bool undrain);
+int cmd_keygen(const ctl_flags_t *f);
 
 /* ---- shared (folioctl.c) ---- */
 

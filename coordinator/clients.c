@@ -9,7 +9,11 @@
  * how (proto/README.md): a message whose id cannot be read is answered under id 0, as is one that
  * reuses the id of the connection's live Generate (that stream is never touched); a full table or a
  * tenant at its limit is RESOURCE_EXHAUSTED with a retry hint; a prompt no group's context holds
- * is RESOURCE_EXHAUSTED without one. Nothing here logs per request above debug level. */
+ * is RESOURCE_EXHAUSTED without one. Nothing here logs per request above debug level.
+ *
+ * With CURVE (auth.h) each message's key decides: its Request.tenant is replaced by the key's tenant
+ * before anything reads it (a gateway key's is kept), Drain is PERMISSION_DENIED without an admin
+ * key, and Status is the tenant's own view unless the key is admin or gateway. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,6 +64,20 @@ static const char *invalid_string(const Folio__V1__Request *q, char *msg, size_t
     else
         snprintf(msg, cap, "%s is not valid UTF-8 (a protobuf string must be)", what);
     return msg;
+}
+
+/* With CURVE, the tenant a request runs as comes from its key (auth_tenant), never from the request:
+ * q->tenant is replaced in place (protobuf-c allocates unpacked strings with malloc, and frees what
+ * is not its empty default). False when out of memory. */
+static bool set_tenant(Folio__V1__Request *q, const auth_peer_t *who)
+{
+    const char *t = auth_tenant(who, q->tenant);
+    if (t == q->tenant || !strcmp(t, q->tenant)) return true;
+    char *copy = *t ? strdup(t) : (char *)protobuf_c_empty_string;
+    if (!copy) return false;
+    if (q->tenant != protobuf_c_empty_string) free(q->tenant);
+    q->tenant = copy;
+    return true;
 }
 
 /* Sends resp (from wire_response_init) as a final OK reply. */
@@ -208,8 +226,14 @@ static void do_cancel(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
     reply_ok(c, m, &r);
 }
 
-static void do_drain(coord_t *c, const wire_msg_t *m, const Folio__V1__Request *q, double now)
+static void do_drain(coord_t *c, const wire_msg_t *m, const Folio__V1__Request *q, const auth_peer_t *who,
+                     double now)
 {
+    if (c->auth && !(who->roles & AUTH_ROLE_ADMIN)) {
+        reply_error(c, m, q->id, q->method, FOLIO__V1__STATUS_CODE__PERMISSION_DENIED,
+                    "drain and undrain need a client key with the admin role (--client-keys)", now);
+        return;
+    }
     const int slot = groups_find(c->groups, q->drain->group);
     if (slot < 0) {
         char msg[400];
@@ -244,8 +268,12 @@ static int cmp_double(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request *q, double now)
+static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request *q, const auth_peer_t *who,
+                      double now)
 {
+    /* A tenant's view (a CURVE key neither admin nor gateway): the groups and their load, not the
+     * figures of every tenant's requests. */
+    const bool tenant_view = c->auth && !(who->roles & (AUTH_ROLE_ADMIN | AUTH_ROLE_GATEWAY));
     Folio__V1__GroupStatus *gs = c->status.groups, **gp = c->status.group_ptrs;
     Folio__V1__WorkerLoad *loads = c->status.loads;
     uint32_t(*ranks)[GROUP_MAX_RANKS] = c->status.ranks;
@@ -272,7 +300,7 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         }
         gs[i].inflight = G->table[i].inflight;
         gs[i].last_heartbeat_age_s = g->ranks[0].present ? now - g->ranks[0].last_seen : -1;
-        gs[i].requests = metrics_reply(&c->metrics, i, &c->status.requests[i + 1]);
+        if (!tenant_view) gs[i].requests = metrics_reply(&c->metrics, i, &c->status.requests[i + 1]);
         gp[i] = &gs[i];
     }
     Folio__V1__StatusReply s = FOLIO__V1__STATUS_REPLY__INIT;
@@ -291,6 +319,17 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         qsort(lat, n, sizeof *lat, cmp_double);
         s.route_p50_us = lat[(n - 1) / 2] * 1e6;
         s.route_p99_us = lat[(size_t)((double)(n - 1) * 0.99)] * 1e6;
+    }
+    if (tenant_view) {
+        Folio__V1__StatusReply v = FOLIO__V1__STATUS_REPLY__INIT;
+        v.groups = s.groups;
+        v.n_groups = s.n_groups;
+        v.policy = s.policy;
+        v.block_size = s.block_size;
+        v.tenant_view = true;
+        v.tenant = (char *)who->tenant;
+        v.tenant_requests_inflight = (uint64_t)reqs_tenant_count(c->reqs, who->tenant);
+        s = v;
     }
     Folio__V1__Response r;
     wire_response_init(&r, q->id, q->method, true);
@@ -344,6 +383,14 @@ void coord_client_message(coord_t *c, wire_msg_t *m, double now)
         folio__v1__request__free_unpacked(q, NULL);
         return;
     }
+    auth_peer_t who;
+    auth_client_peer(c->auth, m, &who);
+    if (c->auth && !set_tenant(q, &who)) {
+        dispatch_refuse(c, m, q->id, q->method, FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED,
+                        dispatch_retry_after_ms(c, now), "out of memory", now);
+        folio__v1__request__free_unpacked(q, NULL);
+        return;
+    }
     if (invalid_string(q, msg, sizeof msg)) {
         reply_error(c, m, q->id, q->method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg, now);
         folio__v1__request__free_unpacked(q, NULL);
@@ -357,13 +404,13 @@ void coord_client_message(coord_t *c, wire_msg_t *m, double now)
         do_cancel(c, m, q, now);
         break;
     case FOLIO__V1__METHOD__METHOD_DRAIN:
-        do_drain(c, m, q, now);
+        do_drain(c, m, q, &who, now);
         break;
     case FOLIO__V1__METHOD__METHOD_HEALTH:
         do_health(c, m, q);
         break;
     case FOLIO__V1__METHOD__METHOD_STATUS:
-        do_status(c, m, q, now);
+        do_status(c, m, q, &who, now);
         break;
     default:
         reply_error(c, m, q->id, q->method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, "unknown method", now);

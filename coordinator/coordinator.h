@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "auth.h"
 #include "block_hash.h"
 #include "groups.h"
 #include "metrics.h"
@@ -42,6 +43,11 @@ typedef struct coord_opts {
      * namespace); every other tenant's blocks are its own. argv strings, borrowed. */
     const char *share_cache[COORD_MAX_SHARE_LISTS];
     int n_share_cache;
+    /* Security (auth.h): --curve-secret FILE encrypts both sockets; --worker-keys and --client-keys
+     * FILE list the keys let in, --clients-open lets any client key in; --insecure allows a
+     * plaintext bind beyond this machine. */
+    const char *curve_secret, *worker_keys, *client_keys;
+    bool clients_open, insecure;
 } coord_opts_t;
 
 /* Storage for a Status reply (clients.c): too large for the stack. */
@@ -57,6 +63,8 @@ typedef struct coord_status_scratch {
 typedef struct coord {
     coord_opts_t opts;
     void *zctx, *clients, *workers;
+    auth_t *auth; /* NULL: plaintext, every peer trusted */
+    auth_keys_t *worker_keys, *client_keys;
     tok_t *tok;
     int32_t n_vocab;
     router_t *router;

@@ -4,17 +4,23 @@
  * both sockets until EAGAIN, alternating batches so neither side starves, then runs the timers:
  * heartbeats to workers every interval, and the liveness check and request deadlines every few
  * milliseconds (more often when a deadline is due sooner). SIGINT/SIGTERM stop the loop; in-flight
- * requests end with UNAVAILABLE and workers get DISCONNECT. Logging is key=value to stderr. */
+ * requests end with UNAVAILABLE and workers get DISCONNECT. Logging is key=value to stderr.
+ *
+ * Security (auth.h): with --curve-secret both sockets are CURVE servers and a ZAP handler thread
+ * admits the listed keys; without it both are plaintext and every peer is trusted, so a bind
+ * beyond this machine (not loopback, ipc or inproc) needs --insecure. The start-up line says which. */
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "flags.h"
+#include "host_port.h"
 #include "model_path.h"
 #include "clock.h"
 #include "coordinator.h"
@@ -51,8 +57,51 @@ static void usage(FILE *f)
             "  --max-inflight-per-tenant N  of which one tenant's at most (default 3/4 of --max-inflight;\n"
             "                          0: no limit), so one tenant cannot take every slot\n"
             "  --share-cache A,B,...   tenants A, B, ... share prefix-cache blocks (repeatable; tenants\n"
-            "                          never share otherwise)\n",
+            "                          never share otherwise)\n"
+            "Security (README.md, \"Security\"; keys from folioctl keygen):\n"
+            "  --curve-secret FILE     the coordinator's secret key: both sockets CURVE-encrypted\n"
+            "  --worker-keys FILE      public keys of the workers allowed to register (`KEY [NAME]` lines)\n"
+            "  --client-keys FILE      client keys, lines `KEY TENANT [admin] [gateway]`: a client runs as\n"
+            "                          its key's tenant; Drain needs admin; gateway passes Request.tenant\n"
+            "  --clients-open          also any other client key, as the default tenant without roles\n"
+            "  --insecure              allow a plaintext (no --curve-secret) bind beyond loopback\n",
             WIRE_DEFAULT_CLIENT_ENDPOINT, WIRE_DEFAULT_WORKER_ENDPOINT);
+}
+
+/* True for an endpoint only this machine reaches: ipc, inproc, or TCP on a loopback address. */
+static bool endpoint_local(const char *ep)
+{
+    if (!strncmp(ep, "ipc://", 6) || !strncmp(ep, "inproc://", 9)) return true;
+    char host[256];
+    int port;
+    if (strncmp(ep, "tcp://", 6) || fl_host_port_parse(ep + 6, host, sizeof host, &port)) return false;
+    return !strncmp(host, "127.", 4) || !strcmp(host, "localhost") || !strcmp(host, "::1");
+}
+
+static int check_security_flags(const coord_opts_t *o)
+{
+    if (!o->curve_secret) {
+        if (o->worker_keys || o->client_keys || o->clients_open) {
+            fprintf(stderr, "error: --worker-keys, --client-keys and --clients-open need --curve-secret\n");
+            return -1;
+        }
+        const char *ep = !endpoint_local(o->client_endpoint) ? o->client_endpoint
+                         : !endpoint_local(o->worker_endpoint) ? o->worker_endpoint
+                                                                 : NULL;
+        if (ep && !o->insecure) {
+            fprintf(stderr,
+                    "error: %s is reachable from other machines and the links are not encrypted: give keys\n"
+                    "       (--curve-secret, --worker-keys, --client-keys; README.md, \"Security\") or --insecure\n",
+                    ep);
+            return -1;
+        }
+        return 0;
+    }
+    if (!o->worker_keys || (!o->client_keys && !o->clients_open)) {
+        fprintf(stderr, "error: --curve-secret needs --worker-keys FILE and --client-keys FILE (or --clients-open)\n");
+        return -1;
+    }
+    return 0;
 }
 
 static int parse_flags(int argc, char **argv, coord_opts_t *o)
@@ -106,6 +155,16 @@ static int parse_flags(int argc, char **argv, coord_opts_t *o)
         } else if (!strcmp(a, "--max-inflight")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1 << 22, &n)) return -1;
             o->max_inflight = (int)n;
+        } else if (!strcmp(a, "--curve-secret")) {
+            if (!(o->curve_secret = fl_flag_value(argc, argv, &i))) return -1;
+        } else if (!strcmp(a, "--worker-keys")) {
+            if (!(o->worker_keys = fl_flag_value(argc, argv, &i))) return -1;
+        } else if (!strcmp(a, "--client-keys")) {
+            if (!(o->client_keys = fl_flag_value(argc, argv, &i))) return -1;
+        } else if (!strcmp(a, "--clients-open")) {
+            o->clients_open = true;
+        } else if (!strcmp(a, "--insecure")) {
+            o->insecure = true;
         } else if (!strcmp(a, "--max-inflight-per-tenant")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 0, 1 << 22, &n)) return -1;
             o->max_inflight_per_tenant = (int)n;
@@ -118,13 +177,29 @@ static int parse_flags(int argc, char **argv, coord_opts_t *o)
     if (o->max_inflight_per_tenant < 0) o->max_inflight_per_tenant = (3 * o->max_inflight + 3) / 4;
     o->client_endpoint = wire_endpoint(listen, "FOLIO_COORDINATOR", WIRE_DEFAULT_CLIENT_ENDPOINT);
     o->worker_endpoint = wire_endpoint(workers, "FOLIO_WORKER_ENDPOINT", WIRE_DEFAULT_WORKER_ENDPOINT);
-    return 0;
+    return check_security_flags(o);
 }
 
-static void *bind_router(void *zctx, const char *endpoint, int hwm, fl_error_t *err)
+/* A ROUTER bound to endpoint; a CURVE server of zap_domain when secret (the coordinator's key) is
+ * set. */
+static void *bind_router(void *zctx, const char *endpoint, int hwm, const char *secret, const char *zap_domain,
+                         fl_error_t *err)
 {
     void *s = wire_socket(zctx, ZMQ_ROUTER, NULL, err);
     if (!s) return NULL;
+    if (secret && curve_server_setup(s, secret, zap_domain, err)) {
+        zmq_close(s);
+        return NULL;
+    }
+    /* An authenticated client could otherwise take another's connection by naming its identity:
+     * clients never name one (ROUTER makes it up), workers do and need handover to reconnect. */
+    const int zero = 0;
+    if (secret && !strcmp(zap_domain, AUTH_DOMAIN_CLIENTS) &&
+        zmq_setsockopt(s, ZMQ_ROUTER_HANDOVER, &zero, sizeof zero)) {
+        fl_fail(err, FL_EIO, "zmq_setsockopt: %s", zmq_strerror(errno));
+        zmq_close(s);
+        return NULL;
+    }
     /* One queue each way per peer, of hwm messages. Deep: max_inflight bounds the requests, and a
      * dropped token message would leave a gap. A full outgoing queue fails the send (never blocks):
      * a client that far behind is dropped with its requests (dispatch_to_client), a worker's refuses
@@ -136,6 +211,27 @@ static void *bind_router(void *zctx, const char *endpoint, int hwm, fl_error_t *
         return NULL;
     }
     return s;
+}
+
+/* libzmq's ROUTER numbers the peers that name no identity from rand(), and aborts (an assertion)
+ * when that number is taken by a peer that named itself so: unseeded, the numbers are the same in
+ * every process, so any client could foresee one. Seeded at random, they cannot be guessed. */
+static void seed_routing_ids(void)
+{
+    unsigned seed;
+    if (getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed)
+        seed = (unsigned)(fl_clock_s() * 1e9) ^ ((unsigned)getpid() << 16);
+    srand(seed);
+}
+
+/* The key lists and the ZAP handler, before any CURVE socket binds. */
+static int start_auth(coord_t *c, fl_error_t *err)
+{
+    if (!curve_available()) return fl_fail(err, FL_EUNSUPPORTED, "--curve-secret: this libzmq has no CURVE (libsodium)");
+    if (!(c->worker_keys = auth_keys_load(c->opts.worker_keys, false, err))) return FL_EFORMAT;
+    if (c->opts.client_keys && !(c->client_keys = auth_keys_load(c->opts.client_keys, true, err))) return FL_EFORMAT;
+    if (!(c->auth = auth_new(c->zctx, c->worker_keys, c->client_keys, c->opts.clients_open, err))) return FL_EIO;
+    return FL_OK;
 }
 
 static int setup(coord_t *c, fl_error_t *err)
@@ -158,13 +254,32 @@ static int setup(coord_t *c, fl_error_t *err)
     clock_gettime(CLOCK_REALTIME, &ts);
     c->instance = ((uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u) ^ ((uint64_t)getpid() << 48);
     const int hwm = c->opts.max_inflight * 16 + 10000;
-    if (!(c->clients = bind_router(c->zctx, c->opts.client_endpoint, hwm, err))) return FL_EIO;
-    if (!(c->workers = bind_router(c->zctx, c->opts.worker_endpoint, hwm, err))) return FL_EIO;
-    fl_log_info("coordinator ready listen=%s workers=%s model=%s vocab=%d policy=%s load_factor=%.2f load_floor=%d "
-                "route_blocks=%d heartbeat_ms=%d max_inflight=%d max_inflight_per_tenant=%d queue_per_peer=%d",
-                c->opts.client_endpoint, c->opts.worker_endpoint, path, c->n_vocab, router_policy_name(c->opts.policy),
-                c->opts.load_factor, c->opts.load_floor, c->opts.route_blocks, c->opts.heartbeat_ms, c->opts.max_inflight,
-                c->opts.max_inflight_per_tenant, hwm);
+    seed_routing_ids();
+    char secret[CURVE_KEY_Z85 + 1] = "", security[160];
+    if (c->opts.curve_secret) {
+        int rc = curve_key_read(c->opts.curve_secret, secret, err);
+        if (!rc) rc = start_auth(c, err);
+        if (rc) return rc;
+    }
+    const char *key = c->opts.curve_secret ? secret : NULL;
+    c->clients = bind_router(c->zctx, c->opts.client_endpoint, hwm, key, AUTH_DOMAIN_CLIENTS, err);
+    if (c->clients) c->workers = bind_router(c->zctx, c->opts.worker_endpoint, hwm, key, AUTH_DOMAIN_WORKERS, err);
+    memset(secret, 0, sizeof secret);
+    if (!c->workers) return FL_EIO;
+    if (c->opts.curve_secret)
+        snprintf(security, sizeof security, "curve encrypted=yes worker_keys=%d client_keys=%d clients_open=%s",
+                 c->worker_keys->n, c->client_keys ? c->client_keys->n : 0, c->opts.clients_open ? "yes" : "no");
+    else
+        snprintf(security, sizeof security, "none encrypted=no peers=trusted reach=%s",
+                 endpoint_local(c->opts.client_endpoint) && endpoint_local(c->opts.worker_endpoint)
+                     ? "this-machine"
+                     : "network(--insecure)");
+    fl_log_info("coordinator ready listen=%s workers=%s security=%s model=%s vocab=%d policy=%s load_factor=%.2f "
+                "load_floor=%d route_blocks=%d heartbeat_ms=%d max_inflight=%d max_inflight_per_tenant=%d "
+                "queue_per_peer=%d",
+                c->opts.client_endpoint, c->opts.worker_endpoint, security, path, c->n_vocab,
+                router_policy_name(c->opts.policy), c->opts.load_factor, c->opts.load_floor, c->opts.route_blocks,
+                c->opts.heartbeat_ms, c->opts.max_inflight, c->opts.max_inflight_per_tenant, hwm);
     return FL_OK;
 }
 
@@ -172,7 +287,10 @@ static void teardown(coord_t *c)
 {
     if (c->clients) zmq_close(c->clients);
     if (c->workers) zmq_close(c->workers);
+    auth_destroy(&c->auth);
     if (c->zctx) zmq_ctx_term(c->zctx);
+    auth_keys_destroy(&c->worker_keys);
+    auth_keys_destroy(&c->client_keys);
     reqs_destroy(&c->reqs);
     router_destroy(&c->router);
     tok_destroy(&c->tok);

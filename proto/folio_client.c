@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "clock.h"
+#include "curve.h"
 #include "wire.h"
 
 #define FOLIO_CLIENT_PROBE_MS 3000
@@ -31,14 +32,31 @@ struct folio_client {
     void *sock;
     uint64_t next_id;
     uint64_t instance; /* the coordinator's, from the last Health reply; 0: not seen yet */
+    bool curve;        /* CURVE keys were given: a silent coordinator may be refusing them */
     char endpoint[256];
 };
 
 static double now_ms(void) { return fl_clock_s() * 1e3; }
 
+/* A key file: the one named, else the environment's, else NULL. */
+static const char *path_or_env(const char *path, const char *env)
+{
+    if (path && *path) return path;
+    const char *e = getenv(env);
+    return e && *e ? e : NULL;
+}
+
 folio_client_t *folio_client_new(const char *endpoint, fl_error_t *err)
 {
-    const char *ep = wire_endpoint(endpoint, "FOLIO_COORDINATOR", WIRE_DEFAULT_CLIENT_ENDPOINT);
+    const folio_client_opts_t o = {.endpoint = endpoint};
+    return folio_client_new_opts(&o, err);
+}
+
+folio_client_t *folio_client_new_opts(const folio_client_opts_t *o, fl_error_t *err)
+{
+    const char *ep = wire_endpoint(o->endpoint, "FOLIO_COORDINATOR", WIRE_DEFAULT_CLIENT_ENDPOINT);
+    const char *secret = path_or_env(o->curve_secret, CURVE_ENV_SECRET);
+    const char *server_key = path_or_env(o->coordinator_key, CURVE_ENV_COORDINATOR_KEY);
     folio_client_t *c = calloc(1, sizeof *c);
     if (!c) {
         fl_fail(err, FL_ENOMEM, "folio client: out of memory");
@@ -57,6 +75,11 @@ folio_client_t *folio_client_new(const char *endpoint, fl_error_t *err)
         return NULL;
     }
     if (!(c->sock = wire_socket(c->zctx, ZMQ_DEALER, NULL, err))) {
+        folio_client_destroy(&c);
+        return NULL;
+    }
+    c->curve = secret || server_key;
+    if (c->curve && curve_client_setup_files(c->sock, secret, server_key, err)) {
         folio_client_destroy(&c);
         return NULL;
     }
@@ -511,12 +534,15 @@ static int unary(folio_client_t *c, Folio__V1__Request *req, int timeout_ms, Fol
         const int got = folio_client_recv(c, &ev, wait, err);
         if (got < 0) return got;
         if (got == 0)
-            return fl_fail(err, FL_EIO, "%s: no reply to %s within %d ms (is a coordinator running there?)",
+            return fl_fail(err, FL_EIO, "%s: no reply to %s within %d ms (is a coordinator running there%s)",
                            c->endpoint,
                            req->method == FOLIO__V1__METHOD__METHOD_HEALTH   ? "Health"
                            : req->method == FOLIO__V1__METHOD__METHOD_STATUS ? "Status"
                                                                              : "Drain",
-                           timeout_ms);
+                           timeout_ms,
+                           c->curve ? ", with the public key --coordinator-key names, and does it list this "
+                                      "client's key?"
+                                    : "?");
         if (!ev.final || (ev.id != id && ev.id != 0)) {
             folio_event_clear(&ev);
             continue;

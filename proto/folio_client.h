@@ -91,8 +91,20 @@ typedef struct folio_event {
     Folio__V1__Response *raw;
 } folio_event_t;
 
-/* endpoint NULL: $FOLIO_COORDINATOR, else tcp://127.0.0.1:5555. */
+/* endpoint NULL: $FOLIO_COORDINATOR, else tcp://127.0.0.1:5555. CURVE keys as in
+ * folio_client_opts_t with no files named (from the environment, else none). */
 folio_client_t *folio_client_new(const char *endpoint, fl_error_t *err);
+
+typedef struct folio_client_opts {
+    const char *endpoint;        /* NULL: as folio_client_new's */
+    /* CURVE encryption (README.md, "Security"): this client's secret key file and the coordinator's
+     * public key file (folioctl keygen writes both kinds). NULL: $FOLIO_CURVE_SECRET and
+     * $FOLIO_COORDINATOR_KEY; with neither file the link is plaintext. A coordinator that refuses the
+     * key (or a key that is not the coordinator's) answers nothing: calls time out. */
+    const char *curve_secret;
+    const char *coordinator_key;
+} folio_client_opts_t;
+folio_client_t *folio_client_new_opts(const folio_client_opts_t *o, fl_error_t *err);
 void folio_client_destroy(folio_client_t **cp);
 
 /* Asynchronous use. Ids are assigned by the client, increasing from 1. */

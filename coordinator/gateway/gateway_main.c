@@ -11,6 +11,7 @@
 #include <sys/resource.h>
 
 #include "api_keys.h"
+#include "curve.h"
 #include "flags.h"
 #include "gateway.h"
 #include "gguf.h"
@@ -35,6 +36,10 @@ static void usage(FILE *f)
             "The OpenAI-compatible HTTP API of a folio cluster: POST /v1/chat/completions, /v1/completions;\n"
             "GET /v1/models, /health, /metrics.\n"
             "  --coordinator EP     the coordinator's client endpoint (FOLIO_COORDINATOR, default %s)\n"
+            "  --curve-secret FILE  the gateway's CURVE secret key (FOLIO_CURVE_SECRET): the link to the\n"
+            "                       coordinator is encrypted; list its public key with the gateway role in\n"
+            "                       the coordinator's --client-keys, so the tenants of --api-keys count\n"
+            "  --coordinator-key FILE  the coordinator's public key (FOLIO_COORDINATOR_KEY)\n"
             "  --http [ADDR:]PORT   where to listen (FOLIO_HTTP, default %d: every IPv4 address;\n"
             "                       127.0.0.1:%d keeps it to this machine, [::1]:%d for IPv6)\n"
             "  --api-keys FILE      lines `KEY TENANT` (FOLIO_API_KEYS): every /v1 request then needs\n"
@@ -78,6 +83,7 @@ static void raise_fd_limit(void)
 int main(int argc, char **argv)
 {
     const char *coordinator = NULL, *http = NULL, *keys_path = NULL, *max_body = NULL, *max_conns = NULL, *model = NULL;
+    const char *curve_secret = NULL, *coordinator_key = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -85,6 +91,10 @@ int main(int argc, char **argv)
             return 0;
         } else if (!strcmp(a, "--coordinator")) {
             if (!(coordinator = fl_flag_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--curve-secret")) {
+            if (!(curve_secret = fl_flag_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(a, "--coordinator-key")) {
+            if (!(coordinator_key = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--http")) {
             if (!(http = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(a, "--api-keys")) {
@@ -100,6 +110,13 @@ int main(int argc, char **argv)
             usage(stderr);
             return 2;
         }
+    }
+    /* The key files reach every connection the gateway makes (its requests' and its Status thread's)
+     * the way they reach any client of libfolio-client: through the environment it reads. */
+    if ((curve_secret && setenv(CURVE_ENV_SECRET, curve_secret, 1)) ||
+        (coordinator_key && setenv(CURVE_ENV_COORDINATOR_KEY, coordinator_key, 1))) {
+        fprintf(stderr, "error: setenv: %s\n", strerror(errno));
+        return 1;
     }
     http = env_or(http, "FOLIO_HTTP");
     keys_path = env_or(keys_path, "FOLIO_API_KEYS");

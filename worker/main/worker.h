@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "curve.h"
 #include "engine.h"
 #include "request.h"
 #include "scheduler.h"
@@ -53,6 +54,8 @@ typedef struct worker {
 
     /* Connection to the coordinator. */
     void *zctx, *sock;
+    bool curve; /* --curve-secret and --coordinator-key: the link is CURVE-encrypted (proto/curve.h) */
+    char curve_secret[CURVE_KEY_Z85 + 1], coordinator_key[CURVE_KEY_Z85 + 1];
     double last_heard;    /* fl_clock_s() of the last message from the coordinator */
     double coord_hb_last; /* of its last HEARTBEAT */
     double coord_hb_gap;  /* seconds between its last two HEARTBEATs (0: not seen yet) */

@@ -79,6 +79,9 @@ static void usage(FILE *f)
             "%s"
             "  --coordinator-workers, --workers ENDPOINT\n"
             "                        the coordinator's worker endpoint (default $FOLIO_WORKER_ENDPOINT or %s)\n"
+            "  --curve-secret FILE   this worker's secret key (folioctl keygen): the link is CURVE-encrypted;\n"
+            "                        the coordinator lets it register when its public key is in --worker-keys\n"
+            "  --coordinator-key FILE  the coordinator's public key (with --curve-secret)\n"
             "  --group NAME          worker group (default g0)\n"
             "  --rank N              rank within the group (default 0)\n"
             "  --tp N                tensor-parallel size (only 1 for now)\n"
@@ -214,6 +217,11 @@ static int connect_locked(worker_t *w, fl_error_t *err)
 {
     w->sock = wire_socket(w->zctx, ZMQ_DEALER, w->identity, err);
     if (!w->sock) return err->code;
+    if (w->curve && curve_client_setup(w->sock, w->curve_secret, w->coordinator_key, err)) {
+        zmq_close(w->sock);
+        w->sock = NULL;
+        return err->code;
+    }
     /* ZeroMQ reconnects a dropped TCP connection by itself within these bounds. The send queue is
      * bounded (SEND_QUEUE messages): when the coordinator does not keep up, a PARTIAL that finds it
      * full stays in its stream and a FINAL waits (worker_stream.c), and the loop runs no step until
@@ -534,7 +542,7 @@ int main(int argc, char **argv)
     engine_opts_t eo = {0};
     sched_opts_t so = {0};
     spec_paths_t spec_tree; /* --spec-tree */
-    const char *endpoint_flag = NULL, *group = "g0", *health_file = NULL;
+    const char *endpoint_flag = NULL, *group = "g0", *health_file = NULL, *curve_secret = NULL, *coordinator_key = NULL;
     long rank = 0, tp = 1, heartbeat_ms = 1000, max_waiting = 4096, restarts = 0, n;
     double drain_timeout_s = 60;
     bool fake = false;
@@ -548,6 +556,10 @@ int main(int argc, char **argv)
             return 0;
         } else if (!strcmp(f, "--coordinator-workers") || !strcmp(f, "--workers")) {
             if (!(endpoint_flag = fl_flag_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(f, "--curve-secret")) {
+            if (!(curve_secret = fl_flag_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(f, "--coordinator-key")) {
+            if (!(coordinator_key = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(f, "--group")) {
             if (!(group = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(f, "--rank")) {
@@ -610,6 +622,21 @@ int main(int argc, char **argv)
     so.max_waiting = (int)max_waiting;
 
     worker_t w = {0};
+    if (curve_secret || coordinator_key) {
+        fl_error_t kerr = {0};
+        if (!curve_secret || !coordinator_key || !curve_available()) {
+            fprintf(stderr, "error: %s\n",
+                    curve_available() ? "--curve-secret and --coordinator-key go together"
+                                      : "--curve-secret: this libzmq has no CURVE (libsodium)");
+            return 2;
+        }
+        if (curve_key_read(curve_secret, w.curve_secret, &kerr) ||
+            curve_key_read(coordinator_key, w.coordinator_key, &kerr)) {
+            fprintf(stderr, "error: %s\n", kerr.msg);
+            return 2;
+        }
+        w.curve = true;
+    }
     w.endpoint = wire_endpoint(endpoint_flag, "FOLIO_WORKER_ENDPOINT", WIRE_DEFAULT_WORKER_ENDPOINT);
     w.group = group;
     w.rank = (int)rank;
@@ -702,7 +729,8 @@ int main(int argc, char **argv)
         sigaction(SIGINT, &sa, NULL);
         sigaction(SIGTERM, &sa, NULL);
         signal(SIGPIPE, SIG_IGN);
-        fl_log_info("worker serving identity=%s endpoint=%s heartbeat_ms=%d", w.identity, w.endpoint, w.heartbeat_ms);
+        fl_log_info("worker serving identity=%s endpoint=%s encrypted=%s heartbeat_ms=%d", w.identity, w.endpoint,
+                    w.curve ? "yes" : "no", w.heartbeat_ms);
         rc = run(&w) ? 1 : 0;
         fl_log_info("worker stopping: cancelling live requests, sending DISCONNECT");
     }
