@@ -2,7 +2,8 @@
 # folio-entrypoint: the container's entry point (docker/Dockerfile). The first argument names what
 # to run; the rest are flags for it, after the ones in FOLIO_<ROLE>_FLAGS (a ConfigMap's, say).
 #
-#   coordinator   folio-coordinator, bound on every address (client :5555, worker :5556)
+#   coordinator   folio-coordinator, bound on every address (client :5555, worker :5556); plaintext
+#                 (--insecure) unless its flags give CURVE keys (--curve-secret; README.md, "Security")
 #   worker        folio-worker for FOLIO_GROUP (default g0), rank FOLIO_RANK (default 0) of FOLIO_TP
 #                 (else LWS_GROUP_SIZE, which a LeaderWorkerSet sets), connecting to
 #                 FOLIO_WORKER_ENDPOINT; writes the health file that `alive` reads
@@ -84,9 +85,14 @@ case "$role" in
   coordinator)
     fetch_model
     remember_role coordinator
-    # shellcheck disable=SC2086 # FOLIO_COORDINATOR_FLAGS is a list of flags
+    # On every address without keys the links are plaintext: the coordinator wants that said.
+    case " ${FOLIO_COORDINATOR_FLAGS:-} $* " in
+      *" --curve-secret "*) plain= ;;
+      *) plain=--insecure ;;
+    esac
+    # shellcheck disable=SC2086 # FOLIO_COORDINATOR_FLAGS is a list of flags; $plain one or none
     exec folio-coordinator --listen "${FOLIO_LISTEN:-tcp://0.0.0.0:5555}" \
-      --workers "${FOLIO_WORKERS_LISTEN:-tcp://0.0.0.0:5556}" ${FOLIO_COORDINATOR_FLAGS:-} "$@"
+      --workers "${FOLIO_WORKERS_LISTEN:-tcp://0.0.0.0:5556}" $plain ${FOLIO_COORDINATOR_FLAGS:-} "$@"
     ;;
   worker)
     fetch_model
@@ -109,7 +115,7 @@ case "$role" in
     fetch_model
     remember_role up
     # shellcheck disable=SC2086 # FOLIO_UP_FLAGS is a list of flags
-    exec folioctl up --listen "${FOLIO_LISTEN:-tcp://0.0.0.0:5555}" ${FOLIO_UP_FLAGS:-} "$@"
+    exec folioctl up --listen "${FOLIO_LISTEN:-tcp://0.0.0.0:5555}" --insecure ${FOLIO_UP_FLAGS:-} "$@"
     ;;
   fetch-model)
     fetch_model

@@ -60,7 +60,7 @@ export FOLIO_LOG=warn
   --type q8_0 --seed 11 --ctx 2048 >/dev/null || { echo "FAIL folio-mkmodel"; exit 1; }
 protoc --proto_path="$src/proto" --python_out="$tmp" "$src/proto/folio.proto" || { echo "FAIL protoc"; exit 1; }
 ep_c="tcp://${addr[co]}:5555" ep_w="tcp://${addr[co]}:5556"
-ip netns exec "${tag}co" "$build/folio-coordinator" --listen "$ep_c" --workers "$ep_w" -m "$tmp/tiny.gguf" --heartbeat-ms 200 \
+ip netns exec "${tag}co" "$build/folio-coordinator" --listen "$ep_c" --workers "$ep_w" --insecure -m "$tmp/tiny.gguf" --heartbeat-ms 200 \
   2>"$tmp/coordinator.log" &
 pids+=($!)
 ip netns exec "${tag}w0" "$build/folio-worker" --workers "$ep_w" --group g0 -m "$tmp/tiny.gguf" --threads 1 --heartbeat-ms 200 \
