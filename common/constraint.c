@@ -102,7 +102,7 @@ static cvocab_t *cvocab_new(const tok_t *tok, fl_error_t *err)
             v->eog_ids[v->n_eog++] = id;
             continue;
         }
-        if (k <= 0) continue;
+        if (k <= 0 || k > UINT16_MAX) continue; /* trie depths are 16-bit: such a token is never allowed */
         refs[nr++] = (tok_ref_t){v->bytes + at, (uint32_t)k, id};
         if (k > v->max_len) v->max_len = k;
         at += (size_t)k;

@@ -9,6 +9,7 @@
 #ifndef FOLIO_CONSTRAINT_FA_H
 #define FOLIO_CONSTRAINT_FA_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -28,6 +29,10 @@ cx_arena_t *cx_arena_new(void);
 void cx_arena_free(cx_arena_t **ap);
 /* Zeroed memory that lives as long as the arena; NULL when out of memory. */
 void *cx_alloc(cx_arena_t *a, size_t n);
+
+/* Records the first failure of a parse in err as "<head>: <message><tail>" and sets *failed;
+ * later failures are dropped (the first names the cause). */
+void cx_vfail(fl_error_t *err, bool *failed, int code, const char *head, const char *tail, const char *fmt, va_list ap);
 
 /* ---- expression tree ---- */
 

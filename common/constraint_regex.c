@@ -61,6 +61,15 @@ void *cx_alloc(cx_arena_t *a, size_t n)
     return p;
 }
 
+void cx_vfail(fl_error_t *err, bool *failed, int code, const char *head, const char *tail, const char *fmt, va_list ap)
+{
+    if (*failed) return;
+    *failed = true;
+    char msg[400];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    fl_fail(err, code, "%s: %s%s", head, msg, tail);
+}
+
 /* ---- tree constructors: NULL in, NULL out, so callers check once at the end ---- */
 
 static cx_node_t *node(cx_arena_t *a, cx_kind_t kind)
@@ -296,14 +305,12 @@ typedef struct {
 
 __attribute__((format(printf, 4, 5))) static cx_node_t *rfail(rparse_t *p, int code, size_t at, const char *fmt, ...)
 {
-    if (p->failed) return NULL;
-    p->failed = true;
-    char msg[400];
+    char tail[48];
+    snprintf(tail, sizeof tail, " at offset %zu", at);
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    cx_vfail(p->err, &p->failed, code, p->what, tail, fmt, ap);
     va_end(ap);
-    fl_fail(p->err, code, "%s: %s at offset %zu", p->what, msg, at);
     return NULL;
 }
 

@@ -48,14 +48,12 @@ typedef struct {
 
 __attribute__((format(printf, 2, 3))) static jv_t *jfail(jparse_t *p, const char *fmt, ...)
 {
-    if (p->failed) return NULL;
-    p->failed = true;
-    char msg[300];
+    char head[64];
+    snprintf(head, sizeof head, "json schema: invalid JSON at offset %zu", p->pos);
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    cx_vfail(p->err, &p->failed, FL_EINVAL, head, "", fmt, ap);
     va_end(ap);
-    fl_fail(p->err, FL_EINVAL, "json schema: invalid JSON at offset %zu: %s", p->pos, msg);
     return NULL;
 }
 
@@ -407,14 +405,12 @@ typedef struct {
 
 __attribute__((format(printf, 3, 4))) static cx_node_t *sfail(sctx_t *s, int code, const char *fmt, ...)
 {
-    if (s->failed) return NULL;
-    s->failed = true;
-    char msg[400];
+    char head[600];
+    snprintf(head, sizeof head, "json schema: at #%s", s->path);
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    cx_vfail(s->err, &s->failed, code, head, "", fmt, ap);
     va_end(ap);
-    fl_fail(s->err, code, "json schema: at #%s: %s", s->path, msg);
     return NULL;
 }
 

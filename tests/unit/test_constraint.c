@@ -151,7 +151,7 @@ static void test_regex_cases_accept_and_reject_as_tabled(void **state)
 }
 
 typedef struct {
-    const char *pattern;
+    const char *pattern; /* or schema */
     int code;
     const char *msg; /* a part of the message */
 } bad_case_t;
@@ -201,18 +201,23 @@ static const bad_case_t k_bad_regex[] = {
     {"[^\\x00-\\u{10FFFF}]", FL_EINVAL, "matches no string at all"},
 };
 
+/* Each text fails to compile with its code and a message containing the tabled part. */
+static void check_bad_cases(fl_constraint_kind_t kind, const bad_case_t *cases, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        fl_error_t err = {0};
+        fl_constraint_t *c = fl_constraint_compile(kind, cases[i].pattern, NULL, 0, NULL, NULL, &err);
+        if (c) fail_msg("%s compiled", cases[i].pattern);
+        if (err.code != cases[i].code || !strstr(err.msg, cases[i].msg))
+            fail_msg("%s: got %s \"%s\", want %s \"%s\"", cases[i].pattern, fl_strerror(err.code), err.msg,
+                     fl_strerror(cases[i].code), cases[i].msg);
+    }
+}
+
 static void test_regex_unsupported_features_give_clear_errors(void **state)
 {
     (void)state;
-    for (size_t i = 0; i < sizeof k_bad_regex / sizeof *k_bad_regex; i++) {
-        fl_error_t err = {0};
-        fl_constraint_t *c =
-            fl_constraint_compile(FL_CONSTRAINT_REGEX, k_bad_regex[i].pattern, NULL, 0, NULL, NULL, &err);
-        if (c) fail_msg("/%s/ compiled", k_bad_regex[i].pattern);
-        if (err.code != k_bad_regex[i].code || !strstr(err.msg, k_bad_regex[i].msg))
-            fail_msg("/%s/: got %s \"%s\", want %s \"%s\"", k_bad_regex[i].pattern, fl_strerror(err.code), err.msg,
-                     fl_strerror(k_bad_regex[i].code), k_bad_regex[i].msg);
-    }
+    check_bad_cases(FL_CONSTRAINT_REGEX, k_bad_regex, sizeof k_bad_regex / sizeof *k_bad_regex);
     /* Nesting past the bound is a range error, not a stack overflow. */
     char deep[1024];
     memset(deep, '(', 300);
@@ -429,15 +434,7 @@ static const bad_case_t k_bad_schema[] = {
 static void test_schema_unsupported_keywords_are_refused_clearly(void **state)
 {
     (void)state;
-    for (size_t i = 0; i < sizeof k_bad_schema / sizeof *k_bad_schema; i++) {
-        fl_error_t err = {0};
-        fl_constraint_t *c =
-            fl_constraint_compile(FL_CONSTRAINT_JSON_SCHEMA, k_bad_schema[i].pattern, NULL, 0, NULL, NULL, &err);
-        if (c) fail_msg("%s compiled", k_bad_schema[i].pattern);
-        if (err.code != k_bad_schema[i].code || !strstr(err.msg, k_bad_schema[i].msg))
-            fail_msg("%s: got %s \"%s\", want %s \"%s\"", k_bad_schema[i].pattern, fl_strerror(err.code), err.msg,
-                     fl_strerror(k_bad_schema[i].code), k_bad_schema[i].msg);
-    }
+    check_bad_cases(FL_CONSTRAINT_JSON_SCHEMA, k_bad_schema, sizeof k_bad_schema / sizeof *k_bad_schema);
     /* Deeply nested JSON is refused, not a stack overflow. */
     char deep[4096] = "";
     for (int i = 0; i < 300; i++) strcat(deep, "{\"items\":");
