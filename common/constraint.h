@@ -37,7 +37,7 @@
  * feature and its byte offset: backreferences (\1, \k<>, (?P=)), lookahead/lookbehind, lazy (*?)
  * and possessive (*+) quantifiers, atomic groups, inline flags ((?i)...), \b \B \A \z \Z \G \p{}
  * \Q..\E \c, octal escapes, POSIX [:classes:], ^ or $ anywhere else, a quantifier on nothing or on
- * a quantifier, and a '{' that does not start a quantifier (write \{).
+ * a quantifier, and a '{' that does not start a quantifier (write \{; a lone '}' is literal).
  *
  * Choices (FL_CONSTRAINT_CHOICE): exactly one of the strings, byte for byte (any bytes).
  *
