@@ -34,18 +34,8 @@
 #include "spec.h"
 
 #define SCHED_LOOKAHEAD_BLOCKS 4
-#define SCHED_CONSTRAINTS 32   /* compiled constraints kept by their text (in use or recent) */
+#define SCHED_CONSTRAINTS 64   /* compiled constraints kept by their text (in use or recent) */
 #define SCHED_FORCED_CHANCE 0.95 /* a draft the constraint fixes: the model rarely tokenizes it otherwise */
-
-/* A compiled constraint and the text it was compiled from (kind, then the text or the choices,
- * each ended by a 0x1f byte), shared by the sequences that name it. */
-typedef struct sched_cons {
-    fl_constraint_t *c;
-    char *key;
-    size_t key_len;
-    int refs;
-    uint64_t last_used;
-} sched_cons_t;
 #define SCHED_DEFAULT_DRAFT 10 /* draft tokens a step may verify for a request that names none */
 
 typedef struct seq {
@@ -80,7 +70,7 @@ typedef struct seq {
     /* Constrained output: the automaton's state after every token taken so far (the pending one
      * included), each tree node's state after its path, and how many leading chain nodes the
      * constraint itself fixed (free drafts). */
-    sched_cons_t *cons;
+    fl_constraint_t *cons;   /* a reference, from the scheduler's cache */
     int32_t cstate;
     int32_t node_state[SPEC_MAX_NODES];
     int n_forced;
@@ -120,8 +110,7 @@ struct sched {
     int top_k;               /* candidates per head the tree needs */
     spec_cost_t spec_cost;   /* measured decode step seconds by size */
     sched_logprobs_t logprobs; /* of the token being reported */
-    sched_cons_t cons[SCHED_CONSTRAINTS];
-    uint64_t cons_clock;
+    fl_constraint_cache_t *cons_cache; /* compiled constraints by text; made on first use */
 
     /* Step cost: a prompt chunk costs its tokens plus its attention pairs (the (token, position)
      * pairs it reads) at pairs_per_token pairs a token. Seconds: t ~ a * tokens + b * pairs, fitted
@@ -148,7 +137,7 @@ const char *sched_finish_name(sched_finish_t f)
 
 static void seq_free(sched_t *s, seq_t *q)
 {
-    if (q->cons) q->cons->refs--;
+    fl_constraint_free(&q->cons);
     kv_seq_free(s->kv, &q->kv);
     free(q->tokens);
     free(q->stop);
@@ -348,10 +337,7 @@ void sched_destroy(sched_t **sp)
     free(s->cand_rows);
     free(s->cand_seq);
     free(s->cand_out);
-    for (int i = 0; i < SCHED_CONSTRAINTS; i++) {
-        fl_constraint_free(&s->cons[i].c);
-        free(s->cons[i].key);
-    }
+    fl_constraint_cache_destroy(&s->cons_cache);
     free(s);
     *sp = NULL;
 }
@@ -452,57 +438,15 @@ static int build_adjust(seq_t *q, kern_logit_adjust_t *out)
 
 /* The drafter a request gets: what it asks for within what this scheduler allows; Medusa only with
  * heads (else n-gram). */
-/* The compiled constraint of r into *out: one kept from when the same text was compiled before, else
- * compiled now into a free entry or the least recently used one no sequence holds. Fails when it
- * does not compile or every entry is held. */
-static int cons_get(sched_t *s, const sched_constraint_t *r, sched_cons_t **out, fl_error_t *err)
+/* The compiled constraint of r (a new reference) into *out, from the scheduler's cache: a text
+ * compiled before is not compiled again, and keeps the masks its earlier requests computed. */
+static int cons_get(sched_t *s, const sched_constraint_t *r, fl_constraint_t **out, fl_error_t *err)
 {
-    size_t len = 2;
-    const int n = r->kind == FL_CONSTRAINT_CHOICE ? r->n_choices : 1;
-    for (int i = 0; i < n; i++) {
-        const char *part = r->kind == FL_CONSTRAINT_CHOICE ? r->choices[i] : r->text;
-        if (!part)
-            return fl_fail(err, FL_EINVAL, "constraint: no %s given", r->kind == FL_CONSTRAINT_CHOICE ? "choice" : "text");
-        len += strlen(part) + 1;
-    }
-    char *key = malloc(len);
-    if (!key) return fl_fail(err, FL_ENOMEM, "sched: out of memory");
-    size_t at = 0;
-    key[at++] = (char)('0' + r->kind);
-    for (int i = 0; i < n; i++) {
-        const char *part = r->kind == FL_CONSTRAINT_CHOICE ? r->choices[i] : r->text;
-        const size_t l = strlen(part);
-        memcpy(key + at, part, l);
-        at += l;
-        key[at++] = 0x1f;
-    }
-    sched_cons_t *free_entry = NULL, *lru = NULL;
-    for (int i = 0; i < SCHED_CONSTRAINTS; i++) {
-        sched_cons_t *e = &s->cons[i];
-        if (e->c && e->key_len == at && !memcmp(e->key, key, at)) {
-            free(key);
-            e->last_used = ++s->cons_clock;
-            *out = e;
-            return FL_OK;
-        }
-        if (!e->c && !free_entry) free_entry = e;
-        if (e->c && e->refs == 0 && (!lru || e->last_used < lru->last_used)) lru = e;
-    }
-    sched_cons_t *e = free_entry ? free_entry : lru;
-    if (!e) {
-        free(key);
-        return fl_fail(err, FL_EBUSY, "constraint: %d different constraints in use already", SCHED_CONSTRAINTS);
-    }
     fl_error_t why = {0};
-    fl_constraint_t *c = fl_constraint_compile(r->kind, r->text, r->choices, r->n_choices, s->m->tok, NULL, &why);
-    if (!c) {
-        free(key);
+    if (!s->cons_cache && !(s->cons_cache = fl_constraint_cache_new(s->m->tok, SCHED_CONSTRAINTS, 0, NULL, &why)))
+        return fl_fail(err, why.code ? why.code : FL_ENOMEM, "%s", why.msg);
+    if (!(*out = fl_constraint_cache_get(s->cons_cache, r->kind, r->text, r->choices, r->n_choices, &why)))
         return fl_fail(err, why.code ? why.code : FL_EINVAL, "%s", why.msg);
-    }
-    fl_constraint_free(&e->c);
-    free(e->key);
-    *e = (sched_cons_t){.c = c, .key = key, .key_len = at, .last_used = ++s->cons_clock};
-    *out = e;
     return FL_OK;
 }
 
@@ -568,7 +512,7 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
         return fl_fail(err, FL_EINVAL, "sched: request %llu: speculation mode %d, max_draft %d (0-%d)",
                        (unsigned long long)r->id, (int)r->spec, r->max_draft, SCHED_MAX_DRAFT);
 
-    sched_cons_t *cons = NULL;
+    fl_constraint_t *cons = NULL;
     if (r->constraint.kind) {
         if (r->constraint.kind < FL_CONSTRAINT_CHOICE || r->constraint.kind > FL_CONSTRAINT_JSON_SCHEMA ||
             (r->constraint.kind == FL_CONSTRAINT_CHOICE && r->constraint.n_choices <= 0))
@@ -578,19 +522,21 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
         if (rc) return rc;
     }
     /* The constraint's state after the resumed tokens, as their generation left it. */
-    int32_t cstate = cons ? fl_constraint_start(cons->c) : 0;
+    int32_t cstate = cons ? fl_constraint_start(cons) : 0;
     for (int i = 0; cons && i < r->n_resume; i++)
-        if ((cstate = fl_constraint_next(cons->c, cstate, r->resume[i])) == FL_CSTATE_DEAD)
+        if ((cstate = fl_constraint_next(cons, cstate, r->resume[i])) == FL_CSTATE_DEAD) {
+            fl_constraint_free(&cons);
             return fl_fail(err, FL_EINVAL, "sched: request %llu: resumed token %d (id %d) breaks its constraint",
                            (unsigned long long)r->id, i, r->resume[i]);
+        }
 
     seq_t *q = calloc(1, sizeof *q);
-    if (!q) return fl_fail(err, FL_ENOMEM, "sched: out of memory");
-    if (cons) {
-        q->cons = cons;
-        cons->refs++;
-        q->cstate = cstate;
+    if (!q) {
+        fl_constraint_free(&cons);
+        return fl_fail(err, FL_ENOMEM, "sched: out of memory");
     }
+    q->cons = cons; /* the reference cons_get took, released by seq_free */
+    q->cstate = cstate;
     q->spec = resolve_spec(s, r->spec);
     q->spec_auto = q->spec == SCHED_SPEC_MEDUSA && r->spec == SCHED_SPEC_AUTO;
     q->max_draft = r->max_draft > 0 ? r->max_draft : SCHED_DEFAULT_DRAFT;
@@ -622,7 +568,7 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
     /* Nothing to generate (max_tokens 0, or the resumed tokens ended it as take_token would have):
      * accepted and done. */
     sched_finish_t done = 0;
-    if (r->n_resume > 0 && q->cons && fl_constraint_finished(q->cons->c, q->cstate)) done = SCHED_FINISH_STOP;
+    if (r->n_resume > 0 && q->cons && fl_constraint_finished(q->cons, q->cstate)) done = SCHED_FINISH_STOP;
     else if (r->n_resume >= max_tokens) done = SCHED_FINISH_LENGTH;
     if (done) {
         q->next_dead = s->dead;
@@ -849,7 +795,7 @@ static void cons_prune(seq_t *q)
     keep[0] = true;
     for (int k = 1; k < t->n; k++) {
         const int32_t from = st[t->parent[k]];
-        st[k] = from == FL_CSTATE_DEAD ? FL_CSTATE_DEAD : fl_constraint_next(q->cons->c, from, t->token[k]);
+        st[k] = from == FL_CSTATE_DEAD ? FL_CSTATE_DEAD : fl_constraint_next(q->cons, from, t->token[k]);
         keep[k] = st[k] != FL_CSTATE_DEAD;
         all &= keep[k];
     }
@@ -890,7 +836,7 @@ static void plan_drafts(sched_t *s)
         if (q->spec == SCHED_SPEC_NONE || cap <= 0) continue;
         /* What the constraint fixes outright is drafted first, for free; then, with AUTO and heads,
          * text the output copies (an n-gram match) is drafted better by the match */
-        int n = q->cons ? fl_constraint_forced(q->cons->c, q->cstate, chain, cap) : 0;
+        int n = q->cons ? fl_constraint_forced(q->cons, q->cstate, chain, cap) : 0;
         q->n_forced = n;
         if (n == 0 && (q->spec == SCHED_SPEC_NGRAM || q->spec_auto))
             n = spec_ngram_draft(q->tokens, q->n_tokens, cap, chain);
@@ -1031,7 +977,7 @@ static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
                 s->sampling[n_logits].adjust = q->adjust ? q->adjust + (size_t)k * q->adjust_cap : NULL;
                 s->sampling[n_logits].n_adjust = node_adjust(q, k, tree);
                 s->sampling[n_logits].allowed =
-                    q->cons ? fl_constraint_mask(q->cons->c, tree ? q->node_state[k] : q->cstate) : NULL;
+                    q->cons ? fl_constraint_mask(q->cons, tree ? q->node_state[k] : q->cstate) : NULL;
                 n_logits++;
             }
         }
@@ -1161,7 +1107,7 @@ static void take_token(sched_t *s, seq_t *q, int32_t t, double now)
         return;
     }
     if (q->cons) {
-        const int32_t next = fl_constraint_next(q->cons->c, q->cstate, t);
+        const int32_t next = fl_constraint_next(q->cons, q->cstate, t);
         if (next == FL_CSTATE_DEAD) { /* only when the constraint allowed no token at all here */
             snprintf(q->res.error, sizeof q->res.error, "the constraint allows no token after %d generated",
                      q->res.n_generated);
@@ -1176,7 +1122,7 @@ static void take_token(sched_t *s, seq_t *q, int32_t t, double now)
     const bool stop = s->cb.on_token && s->cb.on_token(s->cb.user, q->res.id, index, t, lp);
     if (q->finished) return; /* the callback cancelled it */
     /* a constraint that is complete and allows nothing more ends the output, drafts or not */
-    if (stop || (q->cons && fl_constraint_finished(q->cons->c, q->cstate))) finish(s, q, SCHED_FINISH_STOP);
+    if (stop || (q->cons && fl_constraint_finished(q->cons, q->cstate))) finish(s, q, SCHED_FINISH_STOP);
     else if (q->res.n_generated >= q->max_tokens) finish(s, q, SCHED_FINISH_LENGTH);
 }
 
