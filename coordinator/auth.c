@@ -123,7 +123,7 @@ auth_keys_t *auth_keys_parse(const char *text, size_t len, const char *name, boo
         line_no++;
         size_t n = 0;
         const char *key = field(&line, eol, &n);
-        if (!key || curve_key_is_comment(key, n)) continue;
+        if (!key || *key == '#') continue;
         char where[300];
         snprintf(where, sizeof where, "%.200s:%d", name, line_no);
         if (!curve_key_valid(key, n)) {

@@ -27,11 +27,6 @@ bool curve_key_valid(const char *s, size_t len)
     return zmq_z85_decode(raw, z) != NULL;
 }
 
-bool curve_key_is_comment(const char *field, size_t len)
-{
-    return len && *field == '#' && !curve_key_valid(field, len);
-}
-
 int curve_key_parse(const char *text, size_t len, const char *name, char *key, fl_error_t *err)
 {
     int line_no = 0;
@@ -41,7 +36,7 @@ int curve_key_parse(const char *text, size_t len, const char *name, char *key, f
         while (p < eol && (*p == ' ' || *p == '\t' || *p == '\r')) p++;
         size_t n = 0;
         while (p + n < eol && p[n] != ' ' && p[n] != '\t' && p[n] != '\r') n++;
-        if (n && !curve_key_is_comment(p, n)) {
+        if (n && *p != '#') {
             if (!curve_key_valid(p, n))
                 return fl_fail(err, FL_EFORMAT, "%s:%d: not a CURVE key (%d Z85 characters, as folioctl keygen writes)",
                                name, line_no, CURVE_KEY_Z85);

@@ -4,7 +4,8 @@
  * pair: NAME.secret (mode 0600) and NAME.public, each a '#' comment line and the key; the public
  * file's key line also carries NAME, so `cat *.public` makes a key list (coordinator/auth.h). A key
  * file is read as its first line that is neither blank nor a comment, whose first field is the key.
- * A comment is a line whose first field starts with '#' and is not a key ('#' is a Z85 character).
+ * A comment is a line whose first character other than a blank is '#' (a Z85 key never starts so:
+ * its first character stands for a value below 83 of the 85).
  *
  * The coordinator is the CURVE server of both its sockets; workers and clients are CURVE clients
  * that know the coordinator's public key in advance (from a file), so a man in the middle cannot
@@ -31,9 +32,6 @@ bool curve_available(void);
 
 /* True when s is exactly CURVE_KEY_Z85 characters that decode as Z85. */
 bool curve_key_valid(const char *s, size_t len);
-
-/* Whether a line whose first field is this one is a comment (see above). */
-bool curve_key_is_comment(const char *field, size_t len);
 
 /* The key of a key file's text (see above) into key (CURVE_KEY_Z85 + 1 bytes). name names the text
  * in error messages. */
