@@ -11,6 +11,8 @@
  *   - the tenant comes from the key: alice's and bob's identical prompts share no cached blocks (the
  *     prefix-cache counters in usage), a tenant forged in the request is ignored, a gateway key's
  *     Request.tenant is taken, and Status shows a tenant its own view;
+ *   - folio-gateway with a gateway key serves each HTTP API key as its tenant (alice's blocks for
+ *     alice's API key, none for carol's);
  *   - Drain and undrain are PERMISSION_DENIED without the admin key and done with it (folioctl too);
  *   - start-up: a plaintext bind beyond loopback needs --insecure, --curve-secret needs key lists,
  *     and the start-up line says whether the links are encrypted.
@@ -448,6 +450,68 @@ static void tenants_come_from_the_key_and_never_share_cached_blocks(void **state
     }
 }
 
+/* cached_tokens of a /v1/completions answer for prompt (token ids) with API key key, or -1. */
+static int http_cached_tokens(const char *url, const char *key, const int32_t *prompt, int n)
+{
+    char body[2048], cmd[3072], out[8192] = "";
+    int len = snprintf(body, sizeof body, "{\"prompt\": [");
+    for (int i = 0; i < n; i++) len += snprintf(body + len, sizeof body - (size_t)len, "%s%d", i ? "," : "", prompt[i]);
+    snprintf(body + len, sizeof body - (size_t)len, "], \"max_tokens\": 4, \"temperature\": 0}");
+    snprintf(cmd, sizeof cmd, "curl -s -m 30 %s/v1/completions -H 'Authorization: Bearer %s' -H "
+             "'Content-Type: application/json' -d '%s'", url, key, body);
+    FILE *f = popen(cmd, "r");
+    if (!f) return -1;
+    const size_t got = fread(out, 1, sizeof out - 1, f);
+    out[got] = 0;
+    pclose(f);
+    const char *c = strstr(out, "\"cached_tokens\":");
+    if (!c) fprintf(stderr, "[e2e] security: no cached_tokens in %s\n", out);
+    return c ? atoi(c + strlen("\"cached_tokens\":")) : -1;
+}
+
+static void the_gateway_key_relays_the_tenants_of_its_api_keys(void **state)
+{
+    (void)state;
+    if (system("command -v curl >/dev/null 2>&1")) skip();
+    char keys[400], url[64], http[32], log[400];
+    snprintf(keys, sizeof keys, "%s/api.keys", g_dir);
+    FILE *f = fopen(keys, "w");
+    assert_non_null(f);
+    fputs("k-alice alice\nk-carol carol\n", f);
+    fclose(f);
+    const int port = free_port();
+    snprintf(http, sizeof http, "127.0.0.1:%d", port);
+    snprintf(url, sizeof url, "http://127.0.0.1:%d", port);
+    snprintf(log, sizeof log, "%s/gateway.log", g_dir);
+    char *const argv[] = {(char *)bin("folio-gateway"), "--coordinator", g_ep_client, "--http", http, "--api-keys",
+                          keys, "--curve-secret", (char *)key_path("gw", "secret"), "--coordinator-key",
+                          g_coord_public, NULL};
+    const pid_t gw = spawn(argv, log);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "curl -s -o /dev/null -w '%%{http_code}' %s/health | grep -q 200", url);
+    bool up = false;
+    for (double t0 = e2e_now_ms(); !up && e2e_now_ms() - t0 < e2e_ms(15000); e2e_sleep_ms(100)) up = !system(cmd);
+    enum { N = 80 };
+    int32_t p[N], t[N];
+    e2e_prompt_tokens(105, N, p);
+    e2e_prompt_tokens(106, N, t);
+    folio_result_t r;
+    generate_as("alice", NULL, p, N, &r); /* alice's blocks for P */
+    folio_result_clear(&r);
+    const int alice_p = up ? http_cached_tokens(url, "k-alice", p, N) : -1;
+    const int carol_p = up ? http_cached_tokens(url, "k-carol", p, N) : -1;
+    const int carol_t = up ? http_cached_tokens(url, "k-carol", t, N) : -1;
+    const int carol_t2 = up ? http_cached_tokens(url, "k-carol", t, N) : -1;
+    kill_wait(gw);
+    if (!up) fail_msg("the gateway never served /health with 200 (%s)", log);
+    fprintf(stderr, "[e2e] security: through the gateway P cached as alice %d, carol %d; T as carol %d, again %d\n",
+            alice_p, carol_p, carol_t, carol_t2);
+    if (alice_p <= 0) fail_msg("the gateway's request for API key k-alice did not find tenant alice's blocks");
+    assert_int_equal(carol_p, 0);
+    assert_int_equal(carol_t, 0);
+    if (carol_t2 <= 0) fail_msg("tenant carol's repeat through the gateway had no hits");
+}
+
 static void drain_is_refused_without_the_admin_key(void **state)
 {
     (void)state;
@@ -529,6 +593,7 @@ int main(void)
         cmocka_unit_test(clients_without_a_listed_key_get_nothing_while_a_listed_one_is_served),
         cmocka_unit_test(plaintext_on_the_curve_ports_is_refused),
         cmocka_unit_test(tenants_come_from_the_key_and_never_share_cached_blocks),
+        cmocka_unit_test(the_gateway_key_relays_the_tenants_of_its_api_keys),
         cmocka_unit_test(drain_is_refused_without_the_admin_key),
         cmocka_unit_test(start_up_refuses_plaintext_beyond_loopback_and_key_flags_alone),
     };
