@@ -232,7 +232,7 @@ int cmd_keygen(const ctl_flags_t *f)
         return 1;
     }
     printf("%s/%s.secret  secret key (mode 0600): --curve-secret of its owner only\n", f->out_dir, name);
-    printf("%s/%s.public  public key %s: for --worker-keys, --client-keys or --coordinator-key\n", f->out_dir,
-           name, pub);
+    printf("%s/%s.public  public key %s: for --worker-keys, --client-keys or --coordinator-key\n", f->out_dir, name,
+           pub);
     return 0;
 }

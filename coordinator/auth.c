@@ -91,7 +91,8 @@ static int parse_rest(auth_key_t *e, const char *p, const char *end, bool client
 {
     size_t n = 0;
     const char *s = field(&p, end, &n);
-    if (clients && !s) return fl_fail(err, FL_EFORMAT, "%s: a key without a tenant (`PUBLICKEY TENANT [ROLE...]`)", where);
+    if (clients && !s)
+        return fl_fail(err, FL_EFORMAT, "%s: a key without a tenant (`PUBLICKEY TENANT [ROLE...]`)", where);
     if (s) {
         if (n > AUTH_NAME_MAX || !utf8_ok(s, n))
             return fl_fail(err, FL_EFORMAT, "%s: the %s is not UTF-8 of at most %d bytes", where,
@@ -264,8 +265,7 @@ static void *zap_thread(void *arg)
     return NULL;
 }
 
-auth_t *auth_new(void *zctx, const auth_keys_t *workers, const auth_keys_t *clients, bool clients_open,
-                 fl_error_t *err)
+auth_t *auth_new(void *zctx, const auth_keys_t *workers, const auth_keys_t *clients, bool clients_open, fl_error_t *err)
 {
     auth_t *a = calloc(1, sizeof *a);
     if (!a) {

@@ -69,7 +69,7 @@ void auth_destroy(auth_t **ap);
 typedef struct auth_peer {
     const char *tenant; /* borrowed from the list, or "" */
     unsigned roles;
-    bool listed;        /* its key is in --client-keys (else admitted by --clients-open) */
+    bool listed; /* its key is in --client-keys (else admitted by --clients-open) */
 } auth_peer_t;
 void auth_client_peer(const auth_t *a, const wire_msg_t *m, auth_peer_t *out);
 /* The tenant a Generate of p runs as, given the Request.tenant it claimed. */

@@ -226,8 +226,7 @@ static void do_cancel(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
     reply_ok(c, m, &r);
 }
 
-static void do_drain(coord_t *c, const wire_msg_t *m, const Folio__V1__Request *q, const auth_peer_t *who,
-                     double now)
+static void do_drain(coord_t *c, const wire_msg_t *m, const Folio__V1__Request *q, const auth_peer_t *who, double now)
 {
     if (c->auth && !(who->roles & AUTH_ROLE_ADMIN)) {
         reply_error(c, m, q->id, q->method, FOLIO__V1__STATUS_CODE__PERMISSION_DENIED,
@@ -268,8 +267,7 @@ static int cmp_double(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request *q, const auth_peer_t *who,
-                      double now)
+static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request *q, const auth_peer_t *who, double now)
 {
     /* A tenant's view (a CURVE key neither admin nor gateway): the groups and their load, not the
      * figures of every tenant's requests. */

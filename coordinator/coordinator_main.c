@@ -85,9 +85,9 @@ static int check_security_flags(const coord_opts_t *o)
             fprintf(stderr, "error: --worker-keys, --client-keys and --clients-open need --curve-secret\n");
             return -1;
         }
-        const char *ep = !endpoint_local(o->client_endpoint) ? o->client_endpoint
+        const char *ep = !endpoint_local(o->client_endpoint)   ? o->client_endpoint
                          : !endpoint_local(o->worker_endpoint) ? o->worker_endpoint
-                                                                 : NULL;
+                                                               : NULL;
         if (ep && !o->insecure) {
             fprintf(stderr,
                     "error: %s is reachable from other machines and the links are not encrypted: give keys\n"

@@ -112,7 +112,8 @@ int curve_keygen(const char *dir, const char *name, char *public_key, fl_error_t
     char sec_path[4200], pub_path[4200], text[256];
     snprintf(sec_path, sizeof sec_path, "%s/%s.secret", dir, name);
     snprintf(pub_path, sizeof pub_path, "%s/%s.public", dir, name);
-    if (!access(pub_path, F_OK)) return fl_fail(err, FL_EIO, "%s: already exists (keys are never overwritten)", pub_path);
+    if (!access(pub_path, F_OK))
+        return fl_fail(err, FL_EIO, "%s: already exists (keys are never overwritten)", pub_path);
     snprintf(text, sizeof text, "# folio CURVE secret key '%s' (folioctl keygen): keep it private\n%s\n", name, sec);
     int rc = write_new(sec_path, 0600, text, err);
     memset(text, 0, sizeof text);
@@ -149,8 +150,9 @@ int curve_client_setup(void *sock, const char *secret_key, const char *server_ke
 int curve_client_setup_files(void *sock, const char *secret_path, const char *server_key_path, fl_error_t *err)
 {
     if (!secret_path != !server_key_path)
-        return fl_fail(err, FL_EINVAL, "CURVE needs both a secret key file and the coordinator's public key file "
-                                       "(--curve-secret and --coordinator-key)");
+        return fl_fail(err, FL_EINVAL,
+                       "CURVE needs both a secret key file and the coordinator's public key file "
+                       "(--curve-secret and --coordinator-key)");
     char sec[CURVE_KEY_Z85 + 1], server[CURVE_KEY_Z85 + 1];
     int rc = curve_key_read(secret_path, sec, err);
     if (!rc) rc = curve_key_read(server_key_path, server, err);

@@ -19,8 +19,8 @@
 
 #include "error.h"
 
-#define CURVE_KEY_Z85   40 /* characters of a key in Z85, without the NUL */
-#define CURVE_KEY_BYTES 32
+#define CURVE_KEY_Z85         40 /* characters of a key in Z85, without the NUL */
+#define CURVE_KEY_BYTES       32
 #define CURVE_KEYGEN_NAME_MAX 64
 
 /* Environment variables a client reads when its options name no key files (proto/folio_client.h). */

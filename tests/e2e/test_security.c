@@ -263,11 +263,34 @@ static void workers_with_an_unknown_key_or_none_never_register(void **state)
     char log_stranger[400], log_plain[400];
     snprintf(log_stranger, sizeof log_stranger, "%s/intruder.log", g_dir);
     snprintf(log_plain, sizeof log_plain, "%s/plain.log", g_dir);
-    char *const stranger[] = {(char *)bin("folio-worker"), "--workers", g_ep_worker, "--group", "intruder", "-m",
-                              g_env.model, "--threads", "1", "--heartbeat-ms", "200", "--curve-secret",
-                              (char *)key_path("stranger", "secret"), "--coordinator-key", g_coord_public, NULL};
-    char *const plain[] = {(char *)bin("folio-worker"), "--workers", g_ep_worker, "--group", "plain", "-m",
-                           g_env.model, "--threads", "1", "--heartbeat-ms", "200", NULL};
+    char *const stranger[] = {(char *)bin("folio-worker"),
+                              "--workers",
+                              g_ep_worker,
+                              "--group",
+                              "intruder",
+                              "-m",
+                              g_env.model,
+                              "--threads",
+                              "1",
+                              "--heartbeat-ms",
+                              "200",
+                              "--curve-secret",
+                              (char *)key_path("stranger", "secret"),
+                              "--coordinator-key",
+                              g_coord_public,
+                              NULL};
+    char *const plain[] = {(char *)bin("folio-worker"),
+                           "--workers",
+                           g_ep_worker,
+                           "--group",
+                           "plain",
+                           "-m",
+                           g_env.model,
+                           "--threads",
+                           "1",
+                           "--heartbeat-ms",
+                           "200",
+                           NULL};
     const pid_t a = spawn(stranger, log_stranger), b = spawn(plain, log_plain);
     /* both load the model and keep trying to register */
     const bool tried = file_gets(log_stranger, "worker ready sent", e2e_ms(10000)) &&
@@ -280,7 +303,8 @@ static void workers_with_an_unknown_key_or_none_never_register(void **state)
     kill_wait(a);
     kill_wait(b);
     assert_true(tried);
-    if (n != 1 || strcmp(first, "g0")) fail_msg("%zu groups registered (first '%s'): only g0 has a listed key", n, first);
+    if (n != 1 || strcmp(first, "g0"))
+        fail_msg("%zu groups registered (first '%s'): only g0 has a listed key", n, first);
     folio__v1__response__free_unpacked(r, NULL);
     if (!refused_logged) fail_msg("the coordinator did not log the refused worker key");
 }
@@ -321,8 +345,8 @@ static void clients_without_a_listed_key_get_nothing_while_a_listed_one_is_serve
 static int bytes_until_closed(int port, const void *what, size_t len, uint8_t *got, size_t cap, int ms)
 {
     const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in a = {
+        .sin_family = AF_INET, .sin_port = htons((uint16_t)port), .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a)) fail_msg("connect :%d: %s", port, strerror(errno));
     struct timeval tv = {0, 100000};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
@@ -345,8 +369,8 @@ static void plaintext_on_the_curve_ports_is_refused(void **state)
 {
     (void)state;
     /* A ZMTP 3.0 greeting offering NULL (plaintext), then a READY command as a DEALER sends it. */
-    static const uint8_t ready[] = {0x04, 28,  5,   'R', 'E', 'A', 'D', 'Y', 11,  'S', 'o', 'c', 'k', 'e', 't',
-                                    '-',  'T', 'y', 'p', 'e', 0,   0,   0,   6,   'D', 'E', 'A', 'L', 'E', 'R'};
+    static const uint8_t ready[] = {0x04, 28,  5,   'R', 'E', 'A', 'D', 'Y', 11, 'S', 'o', 'c', 'k', 'e', 't',
+                                    '-',  'T', 'y', 'p', 'e', 0,   0,   0,   6,  'D', 'E', 'A', 'L', 'E', 'R'};
     uint8_t hello[64 + sizeof ready] = {0xff, 0, 0, 0, 0, 0, 0, 0, 1, 0x7f, 3, 0, 'N', 'U', 'L', 'L'};
     memcpy(hello + 64, ready, sizeof ready);
     uint8_t garbage[4096];
@@ -413,7 +437,8 @@ static void tenants_come_from_the_key_and_never_share_cached_blocks(void **state
     generate_as("bob", NULL, q, N, &r[k++]);
     fprintf(stderr, "[e2e] security: Q cached alice %u, bob as 'alice' %u, bob %u\n", r[3].cached_prompt_tokens,
             r[4].cached_prompt_tokens, r[5].cached_prompt_tokens);
-    if (r[4].cached_prompt_tokens) fail_msg("bob's forged tenant 'alice' got %u of her cached tokens", r[4].cached_prompt_tokens);
+    if (r[4].cached_prompt_tokens)
+        fail_msg("bob's forged tenant 'alice' got %u of her cached tokens", r[4].cached_prompt_tokens);
     if (!r[5].cached_prompt_tokens) fail_msg("bob's forged request did not run as bob (his repeat had no hits)");
     /* a gateway key's Request.tenant is taken (it maps HTTP API keys itself); without one it is its own */
     generate_as("gw", "alice", q, N, &r[k++]);
@@ -443,8 +468,8 @@ static void tenants_come_from_the_key_and_never_share_cached_blocks(void **state
     for (int i = 0; i < 2; i++) {
         v = status_as(whole[i]);
         assert_false(v->cluster->tenant_view);
-        if (v->cluster->requests_total < (uint64_t)k) fail_msg("%s's Status counts %llu requests", whole[i],
-                                                               (unsigned long long)v->cluster->requests_total);
+        if (v->cluster->requests_total < (uint64_t)k)
+            fail_msg("%s's Status counts %llu requests", whole[i], (unsigned long long)v->cluster->requests_total);
         assert_non_null(v->cluster->groups[0]->requests);
         folio__v1__response__free_unpacked(v, NULL);
     }
@@ -457,8 +482,10 @@ static int http_cached_tokens(const char *url, const char *key, const int32_t *p
     int len = snprintf(body, sizeof body, "{\"prompt\": [");
     for (int i = 0; i < n; i++) len += snprintf(body + len, sizeof body - (size_t)len, "%s%d", i ? "," : "", prompt[i]);
     snprintf(body + len, sizeof body - (size_t)len, "], \"max_tokens\": 4, \"temperature\": 0}");
-    snprintf(cmd, sizeof cmd, "curl -s -m 30 %s/v1/completions -H 'Authorization: Bearer %s' -H "
-             "'Content-Type: application/json' -d '%s'", url, key, body);
+    snprintf(cmd, sizeof cmd,
+             "curl -s -m 30 %s/v1/completions -H 'Authorization: Bearer %s' -H "
+             "'Content-Type: application/json' -d '%s'",
+             url, key, body);
     FILE *f = popen(cmd, "r");
     if (!f) return -1;
     const size_t got = fread(out, 1, sizeof out - 1, f);
@@ -483,9 +510,18 @@ static void the_gateway_key_relays_the_tenants_of_its_api_keys(void **state)
     snprintf(http, sizeof http, "127.0.0.1:%d", port);
     snprintf(url, sizeof url, "http://127.0.0.1:%d", port);
     snprintf(log, sizeof log, "%s/gateway.log", g_dir);
-    char *const argv[] = {(char *)bin("folio-gateway"), "--coordinator", g_ep_client, "--http", http, "--api-keys",
-                          keys, "--curve-secret", (char *)key_path("gw", "secret"), "--coordinator-key",
-                          g_coord_public, NULL};
+    char *const argv[] = {(char *)bin("folio-gateway"),
+                          "--coordinator",
+                          g_ep_client,
+                          "--http",
+                          http,
+                          "--api-keys",
+                          keys,
+                          "--curve-secret",
+                          (char *)key_path("gw", "secret"),
+                          "--coordinator-key",
+                          g_coord_public,
+                          NULL};
     const pid_t gw = spawn(argv, log);
     char cmd[256];
     snprintf(cmd, sizeof cmd, "curl -s -o /dev/null -w '%%{http_code}' %s/health | grep -q 200", url);
@@ -557,23 +593,42 @@ static void start_up_refuses_plaintext_beyond_loopback_and_key_flags_alone(void 
     snprintf(ep_lo, sizeof ep_lo, "tcp://127.0.0.1:%d", free_port());
     snprintf(ep_w, sizeof ep_w, "tcp://127.0.0.1:%d", free_port());
     snprintf(log, sizeof log, "%s/start.log", g_dir);
-    char *const refused[] = {(char *)bin("folio-coordinator"), "--listen", ep_any, "--workers", ep_w, "-m",
-                             g_env.model, NULL};
+    char *const refused[] = {
+        (char *)bin("folio-coordinator"), "--listen", ep_any, "--workers", ep_w, "-m", g_env.model, NULL};
     assert_int_equal(exit_within(spawn(refused, log), e2e_ms(10000)), 2);
     if (!file_has(log, "--insecure")) fail_msg("the refusal does not name --insecure");
     char workers_keys[400];
     snprintf(workers_keys, sizeof workers_keys, "%s/workers.keys", g_dir);
-    char *const half[] = {(char *)bin("folio-coordinator"), "--listen", ep_lo, "--workers", ep_w, "-m", g_env.model,
-                          "--curve-secret", (char *)key_path("coord", "secret"), "--worker-keys", workers_keys, NULL};
+    char *const half[] = {(char *)bin("folio-coordinator"),
+                          "--listen",
+                          ep_lo,
+                          "--workers",
+                          ep_w,
+                          "-m",
+                          g_env.model,
+                          "--curve-secret",
+                          (char *)key_path("coord", "secret"),
+                          "--worker-keys",
+                          workers_keys,
+                          NULL};
     assert_int_equal(exit_within(spawn(half, log), e2e_ms(10000)), 2); /* no --client-keys nor --clients-open */
-    char *const nokey[] = {(char *)bin("folio-coordinator"), "--listen", ep_lo, "--workers", ep_w, "-m", g_env.model,
-                           "--client-keys", workers_keys, NULL};
+    char *const nokey[] = {(char *)bin("folio-coordinator"),
+                           "--listen",
+                           ep_lo,
+                           "--workers",
+                           ep_w,
+                           "-m",
+                           g_env.model,
+                           "--client-keys",
+                           workers_keys,
+                           NULL};
     assert_int_equal(exit_within(spawn(nokey, log), e2e_ms(10000)), 2); /* a key list without --curve-secret */
     const char *says[] = {"encrypted=no peers=trusted reach=network(--insecure)",
                           "encrypted=no peers=trusted reach=this-machine"};
     for (int i = 0; i < 2; i++) {
-        char *const ok[] = {(char *)bin("folio-coordinator"), "--listen", i ? ep_lo : ep_any, "--workers", ep_w,
-                            "-m", g_env.model, i ? NULL : "--insecure", NULL};
+        char *const ok[] = {
+            (char *)bin("folio-coordinator"), "--listen", i ? ep_lo : ep_any, "--workers", ep_w, "-m", g_env.model,
+            i ? NULL : "--insecure",          NULL};
         const pid_t pid = spawn(ok, log);
         const bool said = file_gets(log, says[i], e2e_ms(10000));
         kill_wait(pid);

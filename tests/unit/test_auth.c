@@ -218,10 +218,10 @@ static void test_auth_zap_listed_keys_only(void **state)
     assert_string_equal(p.tenant, "alice");
     assert_int_equal(p.roles, 0);
     assert_false(reaches(&f, f.clients, f.ep_clients, &f.stranger, NULL));
-    assert_false(reaches(&f, f.clients, f.ep_clients, NULL, NULL));       /* plaintext */
-    assert_false(reaches(&f, f.clients, f.ep_clients, &f.worker, NULL));  /* a worker's key is no client's */
+    assert_false(reaches(&f, f.clients, f.ep_clients, NULL, NULL));      /* plaintext */
+    assert_false(reaches(&f, f.clients, f.ep_clients, &f.worker, NULL)); /* a worker's key is no client's */
     assert_true(reaches(&f, f.workers, f.ep_workers, &f.worker, NULL));
-    assert_false(reaches(&f, f.workers, f.ep_workers, &f.admin, NULL));   /* nor a client's a worker's */
+    assert_false(reaches(&f, f.workers, f.ep_workers, &f.admin, NULL)); /* nor a client's a worker's */
     assert_false(reaches(&f, f.workers, f.ep_workers, &f.stranger, NULL));
     assert_false(reaches(&f, f.workers, f.ep_workers, NULL, NULL));
     /* still serving the good keys after the refusals */
@@ -243,7 +243,7 @@ static void test_auth_zap_clients_open(void **state)
     assert_true(reaches(&f, f.clients, f.ep_clients, &f.admin, &p)); /* the listed keep their tenant and roles */
     assert_string_equal(p.tenant, "ops");
     assert_int_equal(p.roles, AUTH_ROLE_ADMIN);
-    assert_false(reaches(&f, f.clients, f.ep_clients, NULL, NULL)); /* open to keys, not to plaintext */
+    assert_false(reaches(&f, f.clients, f.ep_clients, NULL, NULL));        /* open to keys, not to plaintext */
     assert_false(reaches(&f, f.workers, f.ep_workers, &f.stranger, NULL)); /* workers are never open */
     fixture_stop(&f);
     fixture_start(&f, true, false); /* open without a list */
@@ -259,8 +259,8 @@ int main(void)
         return 77;
     }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_auth_client_keys_parse),    cmocka_unit_test(test_auth_key_lists_refuse_bad_lines),
-        cmocka_unit_test(test_auth_tenant_rules),         cmocka_unit_test(test_auth_zap_listed_keys_only),
+        cmocka_unit_test(test_auth_client_keys_parse), cmocka_unit_test(test_auth_key_lists_refuse_bad_lines),
+        cmocka_unit_test(test_auth_tenant_rules),      cmocka_unit_test(test_auth_zap_listed_keys_only),
         cmocka_unit_test(test_auth_zap_clients_open),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

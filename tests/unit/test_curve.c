@@ -1,7 +1,7 @@
 /* test_curve.c - proto/curve.c: key files as folioctl keygen writes them and as every process reads
- * them (comments, blank lines, names after the key, bad keys named with their line), keygen's files and modes and its refusal to overwrite, and the two sides of a
- * CURVE link: a client with the server's key gets through, one with another key does not. Skipped
- * (77) when libzmq has no CURVE. */
+ * them (comments, blank lines, names after the key, bad keys named with their line), keygen's files and modes and its
+ * refusal to overwrite, and the two sides of a CURVE link: a client with the server's key gets through, one with
+ * another key does not. Skipped (77) when libzmq has no CURVE. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -187,8 +187,10 @@ int main(void)
     snprintf(g_dir, sizeof g_dir, "/tmp/folio_test_curve_XXXXXX");
     if (!mkdtemp(g_dir)) return 1;
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_curve_key_valid),      cmocka_unit_test(test_curve_key_file_forms),
-        cmocka_unit_test(test_curve_key_read_files), cmocka_unit_test(test_curve_keygen_files),
+        cmocka_unit_test(test_curve_key_valid),
+        cmocka_unit_test(test_curve_key_file_forms),
+        cmocka_unit_test(test_curve_key_read_files),
+        cmocka_unit_test(test_curve_keygen_files),
         cmocka_unit_test(test_curve_link_needs_the_server_key),
     };
     const int rc = cmocka_run_group_tests(tests, NULL, NULL);
