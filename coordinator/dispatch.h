@@ -9,12 +9,16 @@
  *
  * The stream rule kept here: token indices only move forward, and each accepted request gets
  * exactly one FINAL, whose finish reason follows from its status (OK: the worker's STOP or LENGTH;
- * CANCELLED and DEADLINE_EXCEEDED: CANCELLED; any other: ERROR). The failover rule: until its first
- * token has reached the client a request may be resubmitted to another group (COORD_MAX_RESUBMITS
- * times, within its deadline); after that a dead group ends it with UNAVAILABLE, keeping the tokens
- * already sent. A worker that refuses a request RESOURCE_EXHAUSTED (its queue is full, or the
+ * CANCELLED and DEADLINE_EXCEEDED: CANCELLED; any other: ERROR). The failover rule: a request whose
+ * group is lost (dead, restarted, or it lost the request) is sent to another group, within its
+ * deadline and COORD_MAX_RESUBMITS times at most: from the start while none of its tokens has
+ * reached the client, else mid-stream (migration: with the tokens sent, to go on from there; see
+ * dispatch.c). A request that asked for the old rule (GenerateRequest.no_migrate), or that no group
+ * can take, ends UNAVAILABLE keeping the tokens already sent; one past its deadline ends
+ * DEADLINE_EXCEEDED. A worker that refuses a request RESOURCE_EXHAUSTED (its queue is full, or the
  * request does not fit it) has it sent to another group, COORD_MAX_RESUBMITS times at most; the
- * last refusal reaches the client with the worker's retry hint. One thread. */
+ * last refusal reaches the client with the worker's retry hint (UNAVAILABLE, without a hint, for a
+ * request that was moving mid-stream). One thread. */
 #ifndef FOLIO_DISPATCH_H
 #define FOLIO_DISPATCH_H
 
@@ -59,7 +63,7 @@ int dispatch_to_client(coord_t *c, const uint8_t *client, size_t len, bool delim
 void dispatch_client_gone(coord_t *c, const uint8_t *client, size_t len);
 
 /* Group slot died (silent, unreachable, disconnected): it is forgotten and its requests fail over
- * or end. */
+ * (mid-stream ones migrate) or end. */
 void dispatch_group_died(coord_t *c, int slot, const char *why, double now);
 /* Group slot's rank 0 registered again: it dropped whatever it ran, so its requests fail over (to
  * any group, itself included) or end. */
