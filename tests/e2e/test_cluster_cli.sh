@@ -88,6 +88,10 @@ PY
 off="$("$ctl" run -m "$tmp/tiny.gguf" -p "hello cluster" -n 12 --ignore-eos --threads 1 --json 2>/dev/null | tail -n 1)"
 check "generate's greedy tokens equal folioctl run's" python3 -c "
 import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); assert a['tokens']==b['tokens'], (a['tokens'], b['tokens'])" "$last" "$off"
+# --no-migrate (the old failover rule) is accepted and, without a fault, changes nothing.
+nm="$("$ctl" generate --coordinator "$ep" -p "hello cluster" -n 12 --ignore-eos --no-migrate --json 2>/dev/null | tail -n 1)"
+check "generate --no-migrate gives the same tokens" python3 -c "
+import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); assert a['tokens']==b['tokens'], (a, b)" "$nm" "$last"
 # A prompt spelling special tokens: the coordinator parses them as folioctl run and tokenize do.
 sp_prompt=$'<|im_start|>user hi<|im_end|>'
 g="$("$ctl" generate --coordinator "$ep" -p "$sp_prompt" -n 8 --ignore-eos --json 2>/dev/null | tail -n 1)"
@@ -141,6 +145,7 @@ for g in groups.values():  # speculation's totals and their mean (0 where none r
 PY
 "$ctl" status --coordinator "$ep" >"$tmp/status.txt" 2>&1
 check "status shows an ACCEPT column" grep -q "ACCEPT" "$tmp/status.txt"
+check "status counts requests migrated mid-stream" grep -q "migrated mid-stream" "$tmp/status.txt"
 
 # drain g0: status shows it, new requests go to g1; undrain g0 clears it.
 "$ctl" drain g0 --coordinator "$ep" >"$tmp/drain.out" 2>&1
