@@ -672,6 +672,52 @@ static void test_a_moving_stream_with_no_group_left_ends_unavailable_keeping_the
     expect_nothing_more();
 }
 
+static void test_a_streaming_request_its_group_lost_moves_on_and_one_past_its_deadline_ends_there(void **state)
+{
+    (void)state;
+    register_workers(2);
+    client_generate(8, "", 0);
+    uint64_t wid = 0;
+    const int w = which_worker(&wid);
+    const int32_t a[2] = {5, 6};
+    worker_partial(w, wid, 0, a, 2, false);
+    pump();
+    expect_partial(8, 0, a, 2);
+    /* Its group no longer lists it 2 heartbeat intervals on (a reconnect dropped it): it moves on,
+     * to any group, its own included, with what the client has. */
+    worker_heartbeat(w, NULL, 0);
+    pump_at(3.0);
+    uint64_t wid2 = 0;
+    const int w2 = which_worker(&wid2);
+    assert_true(wid2 != wid);
+    assert_int_equal(F.c->requests_migrated, 1);
+    worker_partial(w, wid, 2, a, 1, false); /* the old id: dropped */
+    const int32_t b[1] = {9};
+    worker_partial(w2, wid2, 2, b, 1, false);
+    worker_final(w2, wid2, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_LENGTH, 3);
+    pump();
+    expect_partial(8, 2, b, 1);
+    Folio__V1__Response *r = expect_final(8, FOLIO__V1__STATUS_CODE__OK);
+    assert_int_equal(r->result->usage->completion_tokens, 3);
+    folio__v1__response__free_unpacked(r, NULL);
+    expect_nothing_more();
+
+    /* A streaming request whose group dies after its deadline: it ends there, keeping its tokens. */
+    client_generate(9, "", 1000);
+    const int w3 = which_worker(&wid);
+    worker_partial(w3, wid, 0, a, 2, false);
+    pump();
+    expect_partial(9, 0, a, 2);
+    worker_send(w3, WIRE_CMD_DISCONNECT, NULL);
+    pump_at(2.0);
+    r = expect_final(9, FOLIO__V1__STATUS_CODE__DEADLINE_EXCEEDED);
+    assert_int_equal(r->result->usage->completion_tokens, 2);
+    folio__v1__response__free_unpacked(r, NULL);
+    assert_null(worker_recv(1 - w3));
+    assert_int_equal(F.c->requests_migrated, 1);
+    expect_nothing_more();
+}
+
 static void test_a_clients_own_resume_tokens_are_refused(void **state)
 {
     (void)state;
@@ -1450,6 +1496,7 @@ int main(void)
     T(test_a_group_death_after_the_first_token_moves_the_stream_on_to_another_group),
     T(test_a_moving_stream_no_group_can_take_ends_unavailable_keeping_the_tokens),
     T(test_a_moving_stream_with_no_group_left_ends_unavailable_keeping_the_tokens),
+    T(test_a_streaming_request_its_group_lost_moves_on_and_one_past_its_deadline_ends_there),
     T(test_a_clients_own_resume_tokens_are_refused),
         T(test_a_request_the_heartbeat_no_longer_lists_is_failed_over),
         T(test_cancel_ends_with_the_workers_final_and_nothing_after),
