@@ -162,6 +162,14 @@ int cmd_drain(const ctl_flags_t *f, bool undrain)
 int cmd_up(const ctl_flags_t *f)
 {
     static const char *const insecure_args[] = {"--insecure", NULL};
+    /* up's cluster runs without keys: keys in the environment (for a keyed coordinator elsewhere)
+     * would make its own health checks and its gateway speak CURVE to a plaintext coordinator. */
+    if (getenv(CURVE_ENV_SECRET) || getenv(CURVE_ENV_COORDINATOR_KEY)) {
+        fprintf(stderr, "note: %s and %s are ignored by up (its cluster runs without keys)\n", CURVE_ENV_SECRET,
+                CURVE_ENV_COORDINATOR_KEY);
+        unsetenv(CURVE_ENV_SECRET);
+        unsetenv(CURVE_ENV_COORDINATOR_KEY);
+    }
     cluster_opts_t o = {.model = f->engine.model_path,
                         .n_groups = (int)f->groups,
                         .threads_per_worker = (int)f->threads_per_worker,

@@ -118,6 +118,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "error: setenv: %s\n", strerror(errno));
         return 1;
     }
+    fl_log_info("gateway link to the coordinator encrypted=%s",
+                env_or(NULL, CURVE_ENV_SECRET) || env_or(NULL, CURVE_ENV_COORDINATOR_KEY) ? "yes (CURVE)" : "no");
     http = env_or(http, "FOLIO_HTTP");
     keys_path = env_or(keys_path, "FOLIO_API_KEYS");
     max_body = env_or(max_body, "FOLIO_HTTP_MAX_BODY");

@@ -110,15 +110,21 @@ static Folio__V1__Response *status_as(const char *name)
     return r;
 }
 
-/* pid of a process running argv with stderr to err_path (NULL: inherited). */
-static pid_t spawn(char *const argv[], const char *err_path)
+/* pid of the build's program name run with the arguments that follow (up to a NULL), its stderr to
+ * err_path. */
+static pid_t spawn(const char *err_path, const char *name, ...)
 {
+    char *argv[32];
+    int n = 0;
+    argv[n++] = (char *)bin(name);
+    va_list ap;
+    va_start(ap, name);
+    for (const char *a; n < 31 && (a = va_arg(ap, const char *));) argv[n++] = (char *)a;
+    va_end(ap);
+    argv[n] = NULL;
     const pid_t pid = fork();
     if (pid == 0) {
-        if (err_path) {
-            FILE *f = freopen(err_path, "w", stderr);
-            (void)f;
-        }
+        if (!freopen(err_path, "w", stderr)) _exit(126);
         execv(argv[0], argv);
         _exit(127);
     }
@@ -263,35 +269,11 @@ static void workers_with_an_unknown_key_or_none_never_register(void **state)
     char log_stranger[400], log_plain[400];
     snprintf(log_stranger, sizeof log_stranger, "%s/intruder.log", g_dir);
     snprintf(log_plain, sizeof log_plain, "%s/plain.log", g_dir);
-    char *const stranger[] = {(char *)bin("folio-worker"),
-                              "--workers",
-                              g_ep_worker,
-                              "--group",
-                              "intruder",
-                              "-m",
-                              g_env.model,
-                              "--threads",
-                              "1",
-                              "--heartbeat-ms",
-                              "200",
-                              "--curve-secret",
-                              (char *)key_path("stranger", "secret"),
-                              "--coordinator-key",
-                              g_coord_public,
-                              NULL};
-    char *const plain[] = {(char *)bin("folio-worker"),
-                           "--workers",
-                           g_ep_worker,
-                           "--group",
-                           "plain",
-                           "-m",
-                           g_env.model,
-                           "--threads",
-                           "1",
-                           "--heartbeat-ms",
-                           "200",
-                           NULL};
-    const pid_t a = spawn(stranger, log_stranger), b = spawn(plain, log_plain);
+    const pid_t a = spawn(log_stranger, "folio-worker", "--workers", g_ep_worker, "--group", "intruder", "-m",
+                          g_env.model, "--threads", "1", "--heartbeat-ms", "200", "--curve-secret",
+                          key_path("stranger", "secret"), "--coordinator-key", g_coord_public, NULL);
+    const pid_t b = spawn(log_plain, "folio-worker", "--workers", g_ep_worker, "--group", "plain", "-m", g_env.model,
+                          "--threads", "1", "--heartbeat-ms", "200", NULL);
     /* both load the model and keep trying to register */
     const bool tried = file_gets(log_stranger, "worker ready sent", e2e_ms(10000)) &&
                        file_gets(log_plain, "worker ready sent", e2e_ms(10000));
@@ -397,10 +379,6 @@ static void plaintext_on_the_curve_ports_is_refused(void **state)
     Folio__V1__WorkerHello h = FOLIO__V1__WORKER_HELLO__INIT;
     h.group = "plainw";
     h.tp_size = 1;
-    h.model_id = "x";
-    h.block_size = 16;
-    h.kv_blocks = 64;
-    h.epoch = 1;
     assert_int_equal(wire_send(w, NULL, 0, false, WIRE_HEADER_WORKER, WIRE_CMD_READY, &h.base, &err), 0);
     e2e_sleep_ms(e2e_ms(1500));
     zmq_close(w);
@@ -510,19 +488,8 @@ static void the_gateway_key_relays_the_tenants_of_its_api_keys(void **state)
     snprintf(http, sizeof http, "127.0.0.1:%d", port);
     snprintf(url, sizeof url, "http://127.0.0.1:%d", port);
     snprintf(log, sizeof log, "%s/gateway.log", g_dir);
-    char *const argv[] = {(char *)bin("folio-gateway"),
-                          "--coordinator",
-                          g_ep_client,
-                          "--http",
-                          http,
-                          "--api-keys",
-                          keys,
-                          "--curve-secret",
-                          (char *)key_path("gw", "secret"),
-                          "--coordinator-key",
-                          g_coord_public,
-                          NULL};
-    const pid_t gw = spawn(argv, log);
+    const pid_t gw = spawn(log, "folio-gateway", "--coordinator", g_ep_client, "--http", http, "--api-keys", keys,
+                           "--curve-secret", key_path("gw", "secret"), "--coordinator-key", g_coord_public, NULL);
     char cmd[256];
     snprintf(cmd, sizeof cmd, "curl -s -o /dev/null -w '%%{http_code}' %s/health | grep -q 200", url);
     bool up = false;
@@ -593,43 +560,23 @@ static void start_up_refuses_plaintext_beyond_loopback_and_key_flags_alone(void 
     snprintf(ep_lo, sizeof ep_lo, "tcp://127.0.0.1:%d", free_port());
     snprintf(ep_w, sizeof ep_w, "tcp://127.0.0.1:%d", free_port());
     snprintf(log, sizeof log, "%s/start.log", g_dir);
-    char *const refused[] = {
-        (char *)bin("folio-coordinator"), "--listen", ep_any, "--workers", ep_w, "-m", g_env.model, NULL};
-    assert_int_equal(exit_within(spawn(refused, log), e2e_ms(10000)), 2);
+    const pid_t refused =
+        spawn(log, "folio-coordinator", "--listen", ep_any, "--workers", ep_w, "-m", g_env.model, NULL);
+    assert_int_equal(exit_within(refused, e2e_ms(10000)), 2);
     if (!file_has(log, "--insecure")) fail_msg("the refusal does not name --insecure");
     char workers_keys[400];
     snprintf(workers_keys, sizeof workers_keys, "%s/workers.keys", g_dir);
-    char *const half[] = {(char *)bin("folio-coordinator"),
-                          "--listen",
-                          ep_lo,
-                          "--workers",
-                          ep_w,
-                          "-m",
-                          g_env.model,
-                          "--curve-secret",
-                          (char *)key_path("coord", "secret"),
-                          "--worker-keys",
-                          workers_keys,
-                          NULL};
-    assert_int_equal(exit_within(spawn(half, log), e2e_ms(10000)), 2); /* no --client-keys nor --clients-open */
-    char *const nokey[] = {(char *)bin("folio-coordinator"),
-                           "--listen",
-                           ep_lo,
-                           "--workers",
-                           ep_w,
-                           "-m",
-                           g_env.model,
-                           "--client-keys",
-                           workers_keys,
-                           NULL};
-    assert_int_equal(exit_within(spawn(nokey, log), e2e_ms(10000)), 2); /* a key list without --curve-secret */
+    const pid_t half = spawn(log, "folio-coordinator", "--listen", ep_lo, "--workers", ep_w, "-m", g_env.model,
+                             "--curve-secret", key_path("coord", "secret"), "--worker-keys", workers_keys, NULL);
+    assert_int_equal(exit_within(half, e2e_ms(10000)), 2); /* no --client-keys nor --clients-open */
+    const pid_t nokey = spawn(log, "folio-coordinator", "--listen", ep_lo, "--workers", ep_w, "-m", g_env.model,
+                              "--client-keys", workers_keys, NULL);
+    assert_int_equal(exit_within(nokey, e2e_ms(10000)), 2); /* a key list without --curve-secret */
     const char *says[] = {"encrypted=no peers=trusted reach=network(--insecure)",
                           "encrypted=no peers=trusted reach=this-machine"};
     for (int i = 0; i < 2; i++) {
-        char *const ok[] = {
-            (char *)bin("folio-coordinator"), "--listen", i ? ep_lo : ep_any, "--workers", ep_w, "-m", g_env.model,
-            i ? NULL : "--insecure",          NULL};
-        const pid_t pid = spawn(ok, log);
+        const pid_t pid = spawn(log, "folio-coordinator", "--listen", i ? ep_lo : ep_any, "--workers", ep_w, "-m",
+                                g_env.model, i ? NULL : "--insecure", NULL);
         const bool said = file_gets(log, says[i], e2e_ms(10000));
         kill_wait(pid);
         if (!said) fail_msg("the start-up line does not say '%s'", says[i]);

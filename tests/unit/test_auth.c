@@ -204,19 +204,23 @@ static bool reaches(zap_fixture_t *f, void *router, const char *ep, const pair_t
     return got;
 }
 
+/* k's connection to the client socket gets through and is seen as tenant with roles. */
+static void client_seen_as(zap_fixture_t *f, const pair_t *k, const char *tenant, unsigned roles, bool listed)
+{
+    auth_peer_t p;
+    assert_true(reaches(f, f->clients, f->ep_clients, k, &p));
+    assert_string_equal(p.tenant, tenant);
+    assert_int_equal(p.roles, roles);
+    assert_int_equal(p.listed, listed);
+}
+
 static void test_auth_zap_listed_keys_only(void **state)
 {
     (void)state;
     zap_fixture_t f;
     fixture_start(&f, false, true);
-    auth_peer_t p;
-    assert_true(reaches(&f, f.clients, f.ep_clients, &f.admin, &p));
-    assert_true(p.listed);
-    assert_string_equal(p.tenant, "ops");
-    assert_int_equal(p.roles, AUTH_ROLE_ADMIN);
-    assert_true(reaches(&f, f.clients, f.ep_clients, &f.alice, &p));
-    assert_string_equal(p.tenant, "alice");
-    assert_int_equal(p.roles, 0);
+    client_seen_as(&f, &f.admin, "ops", AUTH_ROLE_ADMIN, true);
+    client_seen_as(&f, &f.alice, "alice", 0, true);
     assert_false(reaches(&f, f.clients, f.ep_clients, &f.stranger, NULL));
     assert_false(reaches(&f, f.clients, f.ep_clients, NULL, NULL));      /* plaintext */
     assert_false(reaches(&f, f.clients, f.ep_clients, &f.worker, NULL)); /* a worker's key is no client's */
@@ -224,9 +228,7 @@ static void test_auth_zap_listed_keys_only(void **state)
     assert_false(reaches(&f, f.workers, f.ep_workers, &f.admin, NULL)); /* nor a client's a worker's */
     assert_false(reaches(&f, f.workers, f.ep_workers, &f.stranger, NULL));
     assert_false(reaches(&f, f.workers, f.ep_workers, NULL, NULL));
-    /* still serving the good keys after the refusals */
-    assert_true(reaches(&f, f.clients, f.ep_clients, &f.alice, &p));
-    assert_string_equal(p.tenant, "alice");
+    client_seen_as(&f, &f.alice, "alice", 0, true); /* still served after the refusals */
     fixture_stop(&f);
 }
 
@@ -235,20 +237,13 @@ static void test_auth_zap_clients_open(void **state)
     (void)state;
     zap_fixture_t f;
     fixture_start(&f, true, true);
-    auth_peer_t p;
-    assert_true(reaches(&f, f.clients, f.ep_clients, &f.stranger, &p));
-    assert_false(p.listed);
-    assert_string_equal(p.tenant, "");
-    assert_int_equal(p.roles, 0);
-    assert_true(reaches(&f, f.clients, f.ep_clients, &f.admin, &p)); /* the listed keep their tenant and roles */
-    assert_string_equal(p.tenant, "ops");
-    assert_int_equal(p.roles, AUTH_ROLE_ADMIN);
+    client_seen_as(&f, &f.stranger, "", 0, false);
+    client_seen_as(&f, &f.admin, "ops", AUTH_ROLE_ADMIN, true);            /* the listed keep their tenant and roles */
     assert_false(reaches(&f, f.clients, f.ep_clients, NULL, NULL));        /* open to keys, not to plaintext */
     assert_false(reaches(&f, f.workers, f.ep_workers, &f.stranger, NULL)); /* workers are never open */
     fixture_stop(&f);
     fixture_start(&f, true, false); /* open without a list */
-    assert_true(reaches(&f, f.clients, f.ep_clients, &f.alice, &p));
-    assert_false(p.listed);
+    client_seen_as(&f, &f.alice, "", 0, false);
     fixture_stop(&f);
 }
 

@@ -261,8 +261,11 @@ static void lost_coordinator(worker_t *w, double now)
     double delay = w->backoff_s * (0.5 + rand01());
     if (delay < BACKOFF_MIN_S) delay = BACKOFF_MIN_S;
     if (delay > BACKOFF_MAX_S) delay = BACKOFF_MAX_S;
-    fl_log_warn("coordinator silent for %.1fs: dropping %d running and %d waiting requests, reconnecting in %.0fms",
-                now - w->last_heard, st.running, st.waiting, delay * 1e3);
+    fl_log_warn("coordinator silent for %.1fs: dropping %d running and %d waiting requests, reconnecting in %.0fms%s",
+                now - w->last_heard, st.running, st.waiting, delay * 1e3,
+                w->curve ? " (CURVE: a coordinator that does not list this worker's public key in --worker-keys, or "
+                           "whose key is not --coordinator-key, never answers)"
+                         : "");
     if (w->sched) sched_cancel_all(w->sched); /* their FINALs go into the old socket's queue */
     worker_drop_finals(w);
     pthread_mutex_lock(&w->lock);
