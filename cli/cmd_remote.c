@@ -6,11 +6,15 @@
  * The request goes through libfolio-client's folio_client_generate, whose delta callback prints the
  * text as it comes and turns Ctrl-C into a Cancel (the stream still ends with its final status); a
  * second Ctrl-C gives up waiting. */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/time.h>
+#include <unistd.h>
 
 #include "cli_json.h"
+#include "clock.h"
 #include "folioctl.h"
 #include "log.h"
 #include "wire.h"
@@ -34,13 +38,46 @@ static int check_reachable(folio_client_t *c, const ctl_flags_t *f)
 typedef struct remote_ctx {
     bool print;      /* stream text to stdout (not --json) */
     bool cancelling; /* the Cancel notice was printed */
+    bool waiting;    /* a progress line is up */
+    bool started;    /* a token came: no more progress */
+    double t0;       /* when the request was sent */
 } remote_ctx_t;
+
+/* Progress while a request queues (stderr a terminal): a timer interrupts the client's wait once a
+ * second, and the callback, called for the interruption, rewrites one line until the first token. */
+static volatile sig_atomic_t progress_tick;
+static void on_progress_tick(int sig)
+{
+    (void)sig;
+    progress_tick = 1;
+}
+
+static void progress_timer(bool on)
+{
+    const struct itimerval t = {.it_interval = {on, 0}, .it_value = {on, 0}};
+    if (on) ctl_set_handler(SIGALRM, on_progress_tick);
+    setitimer(ITIMER_REAL, &t, NULL);
+    if (!on) signal(SIGALRM, SIG_DFL);
+}
 
 /* Prints each delta's text; Ctrl-C (ctl_interrupted, also when it interrupts the wait) cancels,
  * a second one abandons. */
 static int on_delta(void *user, const folio_event_t *ev)
 {
     remote_ctx_t *x = user;
+    if (ev->n_tokens > 0 || *ev->text) x->started = true;
+    if (progress_tick) {
+        progress_tick = 0;
+        if (!x->started) {
+            fprintf(stderr, "\r[waiting for the first token: %.0f s; the request is queued or its prompt computing]",
+                    fl_clock_s() - x->t0);
+            x->waiting = true;
+        }
+    }
+    if (x->waiting && x->started) {
+        fprintf(stderr, "\r%90s\r", "");
+        x->waiting = false;
+    }
     if (x->print && *ev->text) {
         fputs(ev->text, stdout);
         fflush(stdout);
@@ -82,10 +119,15 @@ static int remote_generate(folio_client_t *c, const ctl_flags_t *f, const folio_
     ctl_set_handler(SIGINT, ctl_on_interrupt);
     /* Without a deadline the coordinator answers when it can; with one, it must end the stream by then. */
     const int idle_ms = f->timeout_ms > 0 ? (int)f->timeout_ms + 30000 : -1;
-    remote_ctx_t ctx = {.print = !f->json};
+    remote_ctx_t ctx = {.print = !f->json, .t0 = fl_clock_s()};
     folio_result_t r;
     fl_error_t err = {0};
+    const char *want_progress = getenv("FOLIO_PROGRESS");
+    const bool progress = want_progress ? *want_progress == '1' : !f->json && isatty(STDERR_FILENO);
+    if (progress) progress_timer(true);
     const int got = folio_client_generate(c, &p, on_delta, &ctx, idle_ms, &r, &err);
+    if (progress) progress_timer(false);
+    if (ctx.waiting) fprintf(stderr, "\r%90s\r", "");
     signal(SIGINT, SIG_DFL);
     const bool have_fin = got == FL_OK;
     int rc = 0;
