@@ -382,6 +382,9 @@ static int route(coord_t *c, req_t *e, int exclude, double now)
         w.id = e->wid;
         w.timeout_ms = remaining_ms(e, now);
         g.max_tokens = clamp_max_tokens(q->generate->max_tokens, e->n_tokens, c->groups->g[slot].max_context);
+        /* A group whose context is shorter than what was sent refuses it RESOURCE_EXHAUSTED (the
+         * request then tries another), rather than calling the resume invalid. */
+        if (e->committed && g.max_tokens && g.max_tokens < e->tokens_sent) g.max_tokens = e->tokens_sent;
         const group_member_t *m = &c->groups->g[slot].ranks[0];
         fl_error_t err = {0};
         if (!wire_send(c->workers, m->identity, m->identity_len, false, WIRE_HEADER_WORKER, WIRE_CMD_REQUEST, &w.base,

@@ -117,16 +117,27 @@ static size_t utf8_char_len(const char *s)
     return n;
 }
 
+/* A control character c for which prefix + c does not occur in text (the random model writes
+ * control bytes too), written after prefix into out. */
+static void absent_after(const char *text, const char *prefix, char *out, size_t cap)
+{
+    for (int c = 1; c < 32; c++) {
+        snprintf(out, cap, "%s%c", prefix, c);
+        if (!strstr(text, out)) return;
+    }
+    fail_msg("every control character follows '%s' in the reference text", prefix);
+}
+
 /* The stops of j from its output without stops (text, valid UTF-8): a few characters from two
  * thirds in or later that do not occur earlier (the output ends there; a text that only repeats
  * itself gets one it never writes and runs to max_tokens), and the text's most frequent character
- * followed by U+0001, which the model hardly writes: every time the text ends in that character it
- * is held back until the next token. */
+ * followed by a control character that never follows it there: every time the text ends in that
+ * character it is held back until the next token. */
 static void pick_stops(job_t *j, const char *text)
 {
     const size_t n = strlen(text);
     assert_true(n > 32);
-    snprintf(j->stop[0], sizeof j->stop[0], "\x02\x03");
+    absent_after(text, "\x02", j->stop[0], sizeof j->stop[0]);
     size_t at = n * 2 / 3;
     while (at > 0 && ((unsigned char)text[at] & 0xC0) == 0x80) at--;
     bool found = false;
@@ -154,8 +165,10 @@ static void pick_stops(job_t *j, const char *text)
         if (count > best) best = count, best_at = i, best_len = l;
         if (i > 400) break; /* enough to find a frequent one */
     }
-    memcpy(j->stop[1], text + best_at, best_len);
-    memcpy(j->stop[1] + best_len, "\x01", 2);
+    char c[8];
+    memcpy(c, text + best_at, best_len);
+    c[best_len] = 0;
+    absent_after(text, c, j->stop[1], sizeof j->stop[1]);
     j->n_stops = 2;
 }
 
