@@ -645,8 +645,9 @@ static bool fail_over_one(coord_t *c, req_t *e, int slot, int exclude, const cha
         }
         if (!e->live) return false;
         if (midstream)
-            snprintf(msg, sizeof msg, "group %s %s after %u tokens were sent and no other healthy group could take the rest",
-                     name, what, e->tokens_sent);
+            snprintf(msg, sizeof msg,
+                     "group %s %s after %u tokens were sent and no other healthy group could take the rest", name, what,
+                     e->tokens_sent);
         else
             snprintf(msg, sizeof msg, "group %s %s and no other healthy group could take the request", name, what);
         finish_error(c, e, FOLIO__V1__STATUS_CODE__UNAVAILABLE, msg, 0);

@@ -45,7 +45,7 @@ typedef struct req {
      * what a group it moves to continues from; and how often it moved. */
     int32_t *sent;
     uint32_t sent_cap;
-    bool sent_lost;      /* out of memory for them: it cannot move once streaming began */
+    bool sent_lost; /* out of memory for them: it cannot move once streaming began */
     uint64_t text_sent;
     int migrations;
     double t_recv;          /* receipt of the client's message (fl_clock_s) */

@@ -568,8 +568,10 @@ int sched_submit(sched_t *s, const sched_request_t *r, fl_error_t *err)
     /* Nothing to generate (max_tokens 0, or the resumed tokens ended it as take_token would have):
      * accepted and done. */
     sched_finish_t done = 0;
-    if (r->n_resume > 0 && q->cons && fl_constraint_finished(q->cons, q->cstate)) done = SCHED_FINISH_STOP;
-    else if (r->n_resume >= max_tokens) done = SCHED_FINISH_LENGTH;
+    if (r->n_resume > 0 && q->cons && fl_constraint_finished(q->cons, q->cstate))
+        done = SCHED_FINISH_STOP;
+    else if (r->n_resume >= max_tokens)
+        done = SCHED_FINISH_LENGTH;
     if (done) {
         q->next_dead = s->dead;
         s->dead = q;

@@ -31,7 +31,7 @@ static int rnd(int n)
     return (int)(g_rng % (uint64_t)n);
 }
 
-#define N_GROUPS 3
+#define N_GROUPS   3
 #define MAX_PROMPT 64
 
 static int group_setup(void **state)
@@ -68,7 +68,10 @@ static folio_client_t *new_client(void)
     return g_clients[g_n_clients++] = e2e_client(g_cluster);
 }
 
-static const char *st(int code) { return wire_status_name(code); }
+static const char *st(int code)
+{
+    return wire_status_name(code);
+}
 
 /* ---- jobs and their references ------------------------------------------------------------ */
 
@@ -90,10 +93,17 @@ typedef struct job {
 
 static folio_generate_params_t job_params(const job_t *j, const char *const *stops)
 {
-    folio_generate_params_t p = {.tokens = j->prompt, .n_tokens = j->n_prompt, .max_tokens = j->max_tokens,
-                                 .ignore_eos = true, .stream = true, .temperature = j->temperature,
-                                 .top_k = j->temperature > 0 ? 40 : 0, .top_p = j->temperature > 0 ? 0.95f : 0,
-                                 .seed = j->seed, .stop = stops, .n_stop = stops ? j->n_stops : 0,
+    folio_generate_params_t p = {.tokens = j->prompt,
+                                 .n_tokens = j->n_prompt,
+                                 .max_tokens = j->max_tokens,
+                                 .ignore_eos = true,
+                                 .stream = true,
+                                 .temperature = j->temperature,
+                                 .top_k = j->temperature > 0 ? 40 : 0,
+                                 .top_p = j->temperature > 0 ? 0.95f : 0,
+                                 .seed = j->seed,
+                                 .stop = stops,
+                                 .n_stop = stops ? j->n_stops : 0,
                                  .no_migrate = j->no_migrate};
     return p;
 }
@@ -192,7 +202,8 @@ static void make_references(job_t *jobs, int n, folio_client_t *const *cl, int n
         e2e_assert_invariant(&t, "references");
         for (int i = 0; i < n; i++) {
             const e2e_req_t *r = rs[i];
-            if (r->status != FOLIO__V1__STATUS_CODE__OK) fail_msg("reference %d: %s (%s)", i, st(r->status), r->message);
+            if (r->status != FOLIO__V1__STATUS_CODE__OK)
+                fail_msg("reference %d: %s (%s)", i, st(r->status), r->message);
             if (!pass) {
                 pick_stops(&jobs[i], r->text);
                 continue;
@@ -204,7 +215,8 @@ static void make_references(job_t *jobs, int n, folio_client_t *const *cl, int n
             jobs[i].ref_text = strdup(r->text);
             jobs[i].ref_finish = r->finish;
             assert_int_equal(r->prompt_tokens, (uint32_t)jobs[i].n_prompt);
-            if (jobs[i].n_ref < 40) fail_msg("reference %d: only %d tokens (stop '%s')", i, jobs[i].n_ref, jobs[i].stop[0]);
+            if (jobs[i].n_ref < 40)
+                fail_msg("reference %d: only %d tokens (stop '%s')", i, jobs[i].n_ref, jobs[i].stop[0]);
         }
         e2e_tracker_free(&t);
     }
@@ -333,7 +345,8 @@ static void a_stream_whose_worker_is_killed_or_stopped_goes_on_as_if_nothing_hap
                 r->n_tokens, r->n_text);
         if (j->no_migrate && midstream) {
             /* The old rule: UNAVAILABLE, and what was sent is the reference's beginning. */
-            if (r->status != FOLIO__V1__STATUS_CODE__UNAVAILABLE) fail_msg("%s: %s, not UNAVAILABLE", what, st(r->status));
+            if (r->status != FOLIO__V1__STATUS_CODE__UNAVAILABLE)
+                fail_msg("%s: %s, not UNAVAILABLE", what, st(r->status));
             assert_non_null(strstr(r->message, "tokens were sent"));
             assert_true(r->n_tokens >= had && r->n_tokens < j->n_ref);
             assert_memory_equal(r->tokens, j->ref_tokens, (size_t)r->n_tokens * sizeof *r->tokens);
@@ -404,7 +417,8 @@ static void concurrent_streams_of_a_lost_group_all_go_on_and_equal_their_referen
                 killed ? "SIGKILL" : "SIGSTOP", target, streaming, N_JOBS, (unsigned long long)moved);
         for (int i = 0; i < N_JOBS; i++) {
             char what[96];
-            snprintf(what, sizeof what, "round %d stream %d (%s)", round, i, jobs[i].temperature > 0 ? "sampled" : "greedy");
+            snprintf(what, sizeof what, "round %d stream %d (%s)", round, i,
+                     jobs[i].temperature > 0 ? "sampled" : "greedy");
             expect_reference(rs[i], &jobs[i], what);
         }
         assert_true(moved >= 1 && moved <= (uint64_t)streaming);

@@ -645,7 +645,6 @@ static void test_a_moving_stream_no_group_can_take_ends_unavailable_keeping_the_
     assert_int_equal(r->result->usage->completion_tokens, 3);
     folio__v1__response__free_unpacked(r, NULL);
     expect_nothing_more();
-
 }
 
 static void test_a_moving_stream_with_no_group_left_ends_unavailable_keeping_the_tokens(void **state)
@@ -664,7 +663,8 @@ static void test_a_moving_stream_with_no_group_left_ends_unavailable_keeping_the
     pump();
     folio__v1__request__free_unpacked(q, NULL);
     Folio__V1__Response *r = expect_final(7, FOLIO__V1__STATUS_CODE__UNAVAILABLE);
-    assert_non_null(strstr(r->status->message, "after 1 tokens were sent and no other healthy group could take the rest"));
+    assert_non_null(
+        strstr(r->status->message, "after 1 tokens were sent and no other healthy group could take the rest"));
     assert_int_equal(r->result->usage->completion_tokens, 1);
     folio__v1__response__free_unpacked(r, NULL);
     assert_null(worker_recv(1));
@@ -1493,11 +1493,11 @@ int main(void)
         T(test_the_worker_request_is_its_own_and_the_client_message_stays_as_it_came),
         T(test_a_group_death_before_the_first_token_resubmits_to_another_group),
         T(test_with_no_migrate_a_group_death_after_the_first_token_ends_unavailable_keeping_the_tokens),
-    T(test_a_group_death_after_the_first_token_moves_the_stream_on_to_another_group),
-    T(test_a_moving_stream_no_group_can_take_ends_unavailable_keeping_the_tokens),
-    T(test_a_moving_stream_with_no_group_left_ends_unavailable_keeping_the_tokens),
-    T(test_a_streaming_request_its_group_lost_moves_on_and_one_past_its_deadline_ends_there),
-    T(test_a_clients_own_resume_tokens_are_refused),
+        T(test_a_group_death_after_the_first_token_moves_the_stream_on_to_another_group),
+        T(test_a_moving_stream_no_group_can_take_ends_unavailable_keeping_the_tokens),
+        T(test_a_moving_stream_with_no_group_left_ends_unavailable_keeping_the_tokens),
+        T(test_a_streaming_request_its_group_lost_moves_on_and_one_past_its_deadline_ends_there),
+        T(test_a_clients_own_resume_tokens_are_refused),
         T(test_a_request_the_heartbeat_no_longer_lists_is_failed_over),
         T(test_cancel_ends_with_the_workers_final_and_nothing_after),
         T(test_a_cancel_the_worker_never_confirms_ends_cancelled_after_two_heartbeats),

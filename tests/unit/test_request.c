@@ -387,13 +387,25 @@ static void logprobs_travel_with_their_tokens(void **state)
  * F0 9F | 98 80 (U+1F600); and U+00E9 whole. */
 static tok_t *utf8_tok(void)
 {
-    static const char *const vocab[] = {"<eos>",  "Hello", "\xC4\xA0wor", "ld", "\xC4\xA0ST", "OP", "\xC4\xA0more", "!",
-                                        "\xC3\x83", "\xC2\xA9", "\xC3\xA2\xC4\xA4", "\xC2\xAC", "\xC3\xB0\xC5\x81",
-                                        "\xC4\xBA\xC4\xA2", "\xC3\x83\xC2\xA9"};
+    static const char *const vocab[] = {"<eos>",
+                                        "Hello",
+                                        "\xC4\xA0wor",
+                                        "ld",
+                                        "\xC4\xA0ST",
+                                        "OP",
+                                        "\xC4\xA0more",
+                                        "!",
+                                        "\xC3\x83",
+                                        "\xC2\xA9",
+                                        "\xC3\xA2\xC4\xA4",
+                                        "\xC2\xAC",
+                                        "\xC3\xB0\xC5\x81",
+                                        "\xC4\xBA\xC4\xA2",
+                                        "\xC3\x83\xC2\xA9"};
     int32_t types[15];
     for (int i = 0; i < 15; i++) types[i] = i ? 1 : TOK_TYPE_CONTROL;
-    tok_desc_t d = {.n_vocab = 15, .tokens = vocab, .token_types = types, .bos_id = -1, .eos_id = 0, .unk_id = -1,
-                    .pad_id = -1};
+    tok_desc_t d = {
+        .n_vocab = 15, .tokens = vocab, .token_types = types, .bos_id = -1, .eos_id = 0, .unk_id = -1, .pad_id = -1};
     fl_error_t err = {0};
     tok_t *t = tok_new(&d, &err);
     if (!t) fail_msg("tok_new: %s", err.msg);
@@ -462,7 +474,8 @@ static void a_resumed_stream_hands_out_exactly_the_rest(void **state)
             request_stream_t a = stream_with(stops, 3, tok);
             feed(&a, seqs[q].t, 0, seqs[q].n, fail_every, &ref);
             finish_stream(&a, &ref);
-            if (q == 0) assert_string_equal(ref.text, "Hello\xC3\xA9 world\xE2\x82\xAC ST\xF0\x9F\x98\x80!\xC3\xA9 more");
+            if (q == 0)
+                assert_string_equal(ref.text, "Hello\xC3\xA9 world\xE2\x82\xAC ST\xF0\x9F\x98\x80!\xC3\xA9 more");
             else /* and the open E2 82 flushed as two U+FFFD */
                 assert_string_equal(ref.text, "Hello\xC3\xA9 world\xE2\x82\xAC ST\xF0\x9F\x98\x80!\xC3\xA9 more ST!"
                                               "\xEF\xBF\xBD\xEF\xBF\xBD");
@@ -483,8 +496,8 @@ static void a_resumed_stream_hands_out_exactly_the_rest(void **state)
                 assert_int_equal(cl.n, ref.n);
                 assert_memory_equal(cl.tokens, ref.tokens, (size_t)ref.n * sizeof *ref.tokens);
                 if (strcmp(cl.text, ref.text))
-                    fail_msg("sequence %zu, failing every %d, cut %d: '%s' resumed, '%s' uninterrupted", q, fail_every, k,
-                             cl.text, ref.text);
+                    fail_msg("sequence %zu, failing every %d, cut %d: '%s' resumed, '%s' uninterrupted", q, fail_every,
+                             k, cl.text, ref.text);
                 assert_int_equal(b2.n_out, a.n_out);
                 assert_int_equal(b2.stopped, a.stopped);
                 request_stream_free(&b1);

@@ -23,10 +23,10 @@
 #include "scheduler.h"
 #include "test_tiny_model.h"
 
-#define BLOCK 4
-#define N_GEN 40
+#define BLOCK    4
+#define N_GEN    40
 #define N_PROMPT 23
-#define N_IDS 16
+#define N_IDS    16
 
 static int setup(void **state)
 {
@@ -40,8 +40,13 @@ static int setup(void **state)
 static engine_t *open_engine(void)
 {
     fl_error_t err = {0};
-    engine_opts_t o = {.model_path = g_tiny_model, .backend = "cpu", .threads = 2, .max_batch_tokens = 64,
-                       .block_size = BLOCK, .max_seqs = 16, .kv_budget_bytes = (size_t)256 * 256 * BLOCK};
+    engine_opts_t o = {.model_path = g_tiny_model,
+                       .backend = "cpu",
+                       .threads = 2,
+                       .max_batch_tokens = 64,
+                       .block_size = BLOCK,
+                       .max_seqs = 16,
+                       .kv_budget_bytes = (size_t)256 * 256 * BLOCK};
     engine_t *e = engine_new(&o, &err);
     if (!e) fail_msg("engine_new: %s", err.msg);
     return e;
@@ -94,10 +99,14 @@ typedef struct variant {
 
 static sched_request_t request(uint64_t id, const variant_t *v)
 {
-    return (sched_request_t){.id = id, .prompt = g_prompt, .n_prompt = N_PROMPT, .max_tokens = N_GEN,
-                             .ignore_eog = true, .spec = v->spec, .penalties = v->pen,
-                             .sampling = {.temperature = v->temperature, .top_k = 40, .top_p = 0.95f,
-                                          .seed = 4242}};
+    return (sched_request_t){.id = id,
+                             .prompt = g_prompt,
+                             .n_prompt = N_PROMPT,
+                             .max_tokens = N_GEN,
+                             .ignore_eog = true,
+                             .spec = v->spec,
+                             .penalties = v->pen,
+                             .sampling = {.temperature = v->temperature, .top_k = 40, .top_p = 0.95f, .seed = 4242}};
 }
 
 static void run(engine_t *e, record_t *rec, const sched_request_t *rs, int n)
@@ -127,9 +136,11 @@ static void resumed_requests_continue_the_uninterrupted_output(void **state)
     const variant_t variants[] = {
         {.name = "greedy", .spec = SCHED_SPEC_NONE},
         {.name = "sampled", .temperature = 0.9f, .spec = SCHED_SPEC_NONE},
-        {.name = "sampled, penalties", .temperature = 0.9f,
+        {.name = "sampled, penalties",
+         .temperature = 0.9f,
          .pen = {.repetition = 1.3f, .repetition_last_n = 16, .presence = 0.5f, .frequency = 0.4f}},
-        {.name = "greedy, penalties, n-gram drafts", .spec = SCHED_SPEC_NGRAM,
+        {.name = "greedy, penalties, n-gram drafts",
+         .spec = SCHED_SPEC_NGRAM,
          .pen = {.repetition = 1.2f, .repetition_last_n = 64, .frequency = 0.7f}},
         {.name = "sampled, n-gram drafts", .temperature = 0.9f, .spec = SCHED_SPEC_NGRAM},
     };

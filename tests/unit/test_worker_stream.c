@@ -132,8 +132,8 @@ static void a_moved_request_streams_on_after_its_resumed_tokens(void **state)
     static int32_t prompt[] = {1, 2, 3}, resume[] = {40, 41, 42};
     request_t rq;
     memset(&rq, 0, sizeof rq);
-    rq.sched = (sched_request_t){.id = 5, .prompt = prompt, .n_prompt = 3, .max_tokens = 8, .resume = resume,
-                                 .n_resume = 3};
+    rq.sched =
+        (sched_request_t){.id = 5, .prompt = prompt, .n_prompt = 3, .max_tokens = 8, .resume = resume, .n_resume = 3};
     rq.stream = true;
     fl_error_t err = {0};
     assert_non_null(worker_req_open(&w, &rq, &err));
