@@ -637,10 +637,7 @@ static bool fail_over_one(coord_t *c, req_t *e, int slot, int exclude, const cha
             e->text_sent = 0;
         }
         if (!route(c, e, exclude, now)) {
-            if (midstream) {
-                e->migrations++;
-                c->requests_migrated++;
-            }
+            c->requests_migrated += midstream;
             return true;
         }
         if (!e->live) return false;

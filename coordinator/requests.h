@@ -42,12 +42,11 @@ typedef struct req {
     uint32_t tokens_sent;
     /* Mid-stream migration (dispatch.c): the tokens relayed to the client in index order (a
      * streamed request that may move; owned, grown by doubling) and the bytes of text relayed,
-     * what a group it moves to continues from; and how often it moved. */
+     * what a group it moves to continues from. */
     int32_t *sent;
     uint32_t sent_cap;
     bool sent_lost; /* out of memory for them: it cannot move once streaming began */
     uint64_t text_sent;
-    int migrations;
     double t_recv;          /* receipt of the client's message (fl_clock_s) */
     double t_dispatch;      /* the last send to a worker */
     double t_first_sent;    /* the first token relayed to the client; 0: none yet */
