@@ -240,6 +240,7 @@ static void handle(auth_t *a)
             n++;
         }
     }
+    if (!n) return; /* nothing received: nothing to answer (the context is ending) */
     const int have = n < AUTH_ZAP_FRAMES ? n : AUTH_ZAP_FRAMES;
     char user[CURVE_KEY_Z85 + 1] = "";
     const char *text, *code = decide(a, f, n, user, &text);
