@@ -215,7 +215,8 @@ static void *bind_router(void *zctx, const char *endpoint, int hwm, const char *
 
 /* libzmq's ROUTER numbers the peers that name no identity from rand(), and aborts (an assertion)
  * when that number is taken by a peer that named itself so: unseeded, the numbers are the same in
- * every process, so any client could foresee one. Seeded at random, they cannot be guessed. */
+ * every process, so any client could foresee one. Seeded at random, it would have to guess a
+ * 32-bit number. */
 static void seed_routing_ids(void)
 {
     unsigned seed;
