@@ -421,6 +421,25 @@ static int compute_forced(fl_constraint_t *c, int32_t state)
         s = t;
     }
     if (cut && m > 0 && pos == n) m--;
+    /* A last token that ends where the run does may be one the model never writes: where the run
+     * meets a choice ("\n12." then " positive"), the model picks a longer token that starts with the
+     * last one's bytes and carries on into the choice (" positive" over " "). Such a draft would be
+     * rejected nearly always, so it is left to the model. */
+    if (!cut && m > 0 && pos == n) {
+        const cvocab_t *v = c->voc;
+        const int32_t last = out[m - 1];
+        const uint8_t *lb = v->bytes + v->tok_off[last];
+        const uint32_t ll = v->tok_off[last + 1] - v->tok_off[last];
+        int32_t before = state;
+        for (int i = 0; i < m - 1; i++) before = fl_constraint_next(c, before, out[i]);
+        bool longer = false;
+        for (int32_t id = 0; id < v->n_vocab && !longer; id++) {
+            const uint32_t len = v->tok_off[id + 1] - v->tok_off[id];
+            longer = len > ll && !memcmp(v->bytes + v->tok_off[id], lb, ll) &&
+                     fl_constraint_next(c, before, id) != FL_CSTATE_DEAD;
+        }
+        if (longer) m--;
+    }
     if (m == 0) return 0;
     int32_t *keep = malloc(sizeof *keep * (size_t)m);
     if (!keep) return 0;

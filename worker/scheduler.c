@@ -35,6 +35,7 @@
 
 #define SCHED_LOOKAHEAD_BLOCKS 4
 #define SCHED_CONSTRAINTS 64   /* compiled constraints kept by their text (in use or recent) */
+#define SCHED_EXPLORE_STEPS 16 /* steps between drafts tried against the cost table's advice */
 #define SCHED_FORCED_CHANCE 0.95 /* a draft the constraint fixes: the model rarely tokenizes it otherwise */
 #define SCHED_DEFAULT_DRAFT 10 /* draft tokens a step may verify for a request that names none */
 
@@ -868,7 +869,11 @@ static void plan_drafts(sched_t *s)
         }
         if (best < 0) break;
         const double t2 = spec_cost_s(&s->spec_cost, n + 1);
-        if (!s->o.spec_draft_all && t > 0 && t2 > 0 && (expect + best_p) / t2 <= expect / t) break;
+        /* Every SCHED_EXPLORE_STEPS steps one draft token goes in even when the table says no: a
+         * size measured in a slow minute (other load on the machine) would otherwise never be
+         * measured again, and drafting would stay off for good. */
+        const bool explore = n == n_dec && s->st.steps % SCHED_EXPLORE_STEPS == 0;
+        if (!s->o.spec_draft_all && !explore && t > 0 && t2 > 0 && (expect + best_p) / t2 <= expect / t) break;
         keep[best]++, n++, rows_left--, tokens_left--;
         expect += best_p, t = t2;
     }
