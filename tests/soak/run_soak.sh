@@ -3,7 +3,7 @@
 # fault injector kills, stops and restarts them (tests/soak/soak.py says what is checked).
 #
 #   run_soak.sh --duration SECONDS [--groups N] [--netns] [--lanes N] [--per-lane N] [--seed N]
-#               [--report FILE] [--keep] [--build DIR]
+#               [--faults kill,stop,coordinator,link] [--report FILE] [--keep] [--build DIR]
 #
 # --netns puts the coordinator, each worker group and the client in network namespaces of their own
 # (as tests/e2e/test_multihost_netns.sh does, on 10.213.9.0/24) so that the fault injector can also
@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
     --keep) keep=1; shift ;;
     --build) build="$2"; shift 2 ;;
     --report) report="$2"; shift 2 ;;
-    --lanes|--per-lane|--seed|--fault-gap-s|--coordinator-restarts|--checkpoint-s|--warmup|--kv-budget)
+    --lanes|--per-lane|--seed|--fault-gap-s|--faults|--checkpoint-s|--warmup|--kv-budget)
       extra+=("$1" "$2"); shift 2 ;;
     -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "run_soak.sh: unknown flag $1" >&2; exit 2 ;;
@@ -43,12 +43,12 @@ for b in folio-coordinator folio-worker folio-mkmodel; do
 done
 
 # Sanitizer and debug builds are slower (timeouts x5 and x3, as the e2e tests scale them); under
-# AddressSanitizer the freed-memory quarantine makes RSS grow by design, so memory is reported but
-# not judged there.
+# AddressSanitizer the freed-memory quarantine makes RSS grow by design, so RSS is reported but not
+# judged there (descriptors are).
 slow=1
 if ldd "$build/folio-coordinator" 2>/dev/null | grep -q 'libasan\|libubsan' ||
    nm "$build/folio-coordinator" 2>/dev/null | grep -q '__asan_init'; then
-  slow=5; extra+=(--no-growth-check)
+  slow=5; extra+=(--no-rss-check)
 elif grep -q '^CMAKE_BUILD_TYPE:STRING=Debug' "$build/CMakeCache.txt" 2>/dev/null; then
   slow=3
 fi
