@@ -58,7 +58,12 @@ tag="s$$"
 hosts=()
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  # soak.py stops the cluster it started on SIGTERM; KILL only if it has not gone within 10 s.
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null
+  done
   for h in "${hosts[@]}"; do ip netns pids "$tag$h" 2>/dev/null | xargs -r kill -KILL 2>/dev/null; done
   wait 2>/dev/null
   for h in "${hosts[@]}"; do ip netns del "$tag$h" 2>/dev/null; done
