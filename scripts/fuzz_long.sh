@@ -12,8 +12,8 @@
 #   --targets      a subset, by name without fuzz_ (default: every tests/fuzz/fuzz_*.c)
 #   --jobs J       targets run at once (default 1: the machine may be shared)
 #   --max-time S   also stop a target after S seconds (default: no limit); the results say so
-#   --build DIR    a build with the fuzz targets (default $FOLIO_BUILD_DIR, else build/); when its
-#                  binaries are missing they are built there (cmake -DFOLIO_FUZZ=ON, clang needed)
+#   --build DIR    the build whose fuzz targets run (default $FOLIO_BUILD_DIR, else build/); they
+#                  are built or brought up to date there first (-DFOLIO_FUZZ=ON, clang needed)
 #   --out DIR      logs, new corpus units and crash artifacts (default <build>/fuzz-long/)
 #
 # Results: <out>/results.txt, one line a target: name, executions done, seconds, executions per
@@ -41,15 +41,19 @@ fi
 out="${out:-$build/fuzz-long}"
 mkdir -p "$out" || exit 2
 
-# The binaries: those of the build (tests/CMakeLists.txt), built when missing.
-missing=()
-for t in $targets; do [ -x "$build/tests/fuzz_$t" ] || missing+=("fuzz_${t}_build"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  command -v clang >/dev/null || command -v clang-14 >/dev/null || { echo "fuzz_long.sh: clang not found"; exit 2; }
-  echo "building ${missing[*]} in $build"
-  cmake -S "$root" -B "$build" -DFOLIO_FUZZ=ON >/dev/null && cmake --build "$build" -j"$(nproc)" --target "${missing[@]}" >"$out/build.log" 2>&1 ||
-    { echo "fuzz_long.sh: the build failed ($out/build.log)"; tail -n 20 "$out/build.log"; exit 2; }
+# The binaries: those of the build (tests/CMakeLists.txt), brought up to date with the sources (so
+# the results are the tree's at the commit they name).
+command -v clang >/dev/null || command -v clang-14 >/dev/null || { echo "fuzz_long.sh: clang not found"; exit 2; }
+build_targets=()
+for t in $targets; do build_targets+=("fuzz_${t}_build"); done
+if ! grep -q '^FOLIO_FUZZ:BOOL=ON' "$build/CMakeCache.txt" 2>/dev/null; then
+  cmake -S "$root" -B "$build" -DFOLIO_FUZZ=ON >/dev/null || { echo "fuzz_long.sh: cmake failed for $build"; exit 2; }
 fi
+echo "building the fuzz targets in $build"
+cmake --build "$build" -j"$(nproc)" --target "${build_targets[@]}" >"$out/build.log" 2>&1 ||
+  { echo "fuzz_long.sh: the build failed ($out/build.log)"; tail -n 20 "$out/build.log"; exit 2; }
+commit="$(git -C "$root" rev-parse --short HEAD 2>/dev/null)"
+git -C "$root" diff --quiet HEAD -- 2>/dev/null || commit="$commit+changes"
 
 one() { # target: runs it, writes $out/<target>.result
   local t="$1" bin="$build/tests/fuzz_$t" corpus="$root/tests/fuzz/corpus/$t"
@@ -94,7 +98,7 @@ wait
 
 results="$out/results.txt"
 {
-  echo "# scripts/fuzz_long.sh --runs $runs$cap, $(date -u +%Y-%m-%dT%H:%MZ), $(git -C "$root" rev-parse --short HEAD 2>/dev/null), $(nproc) cores"
+  echo "# scripts/fuzz_long.sh --runs $runs$cap, $(date -u +%Y-%m-%dT%H:%MZ), built at $commit, $(nproc) cores"
   for t in $targets; do cat "$out/$t.result"; done
 } >"$results"
 echo "results: $results"

@@ -259,16 +259,15 @@ KINDS = [("stream", 34), ("unary", 14), ("cancel", 12), ("disconnect", 8), ("dea
 
 
 class Req:
-    __slots__ = ("id", "kind", "entry", "stream", "max_tokens", "sent", "lost_at", "tokens", "text", "epoch",
-                 "cancel_after", "cancel_id", "cancel_answered", "disconnect_after", "final")
+    __slots__ = ("id", "kind", "entry", "stream", "max_tokens", "sent", "lost_at", "tokens", "cancel_after",
+                 "cancel_id", "cancel_answered", "disconnect_after")
 
     def __init__(self):
-        self.tokens, self.text = [], []
+        self.tokens = []
         self.entry = None
         self.cancel_after = self.disconnect_after = None
         self.cancel_id = None
         self.cancel_answered = False
-        self.final = None
 
 
 class Conn:
@@ -281,7 +280,6 @@ class Conn:
         self.cancels = {}   # Cancel id -> target Req
         self.gone = {}      # ids given up (lost): a late FINAL is recognised, not "unknown"
         self.one_shot = one_shot
-        self.epoch = load.epoch
         self.ready_at = 0.0
         load.poller.register(self.s, zmq.POLLIN)
 
@@ -322,7 +320,6 @@ class Load:
         conn.next_id += 1
         req.sent = now()
         req.lost_at = req.sent + timeout_ms / 1000.0 + self.args.slack_s * self.slow
-        req.epoch = self.epoch
         msg = pb.Request(version=1, id=req.id, method=pb.METHOD_GENERATE, generate=g, timeout_ms=timeout_ms)
         conn.s.send_multipart([HEADER, REQUEST, msg.SerializeToString()])
         conn.live[req.id] = req
@@ -411,7 +408,6 @@ class Load:
             self.c["tokens"] += len(r.delta.tokens)
         if final:
             del conn.live[r.id]
-            req.final = r
             self.on_final(req, r)
             if conn.one_shot:
                 self.close_one_shot(conn)
