@@ -42,17 +42,10 @@ fi
 # A command on host h. In the background, started as `ip netns exec` itself (never through this
 # function), so that $! is the process that becomes the program.
 on_host() { local h="$1"; shift; ip netns exec "$tag$h" "$@"; }
-ip -n "$sw" link add br0 type bridge forward_delay 0 && ip -n "$sw" link set br0 up || { echo "FAIL bridge"; exit 1; }
+. "$src/tests/e2e/netns_lib.sh"
+netns_bridge "$sw" || { echo "FAIL bridge"; exit 1; }
 for h in "${hosts[@]}"; do
-  ip netns add "$tag$h" || { echo "FAIL netns add $h"; exit 1; }
-  # One veth pair a host: eth0 inside the host, its peer a port of the switch's bridge.
-  ip link add "$tag${h}h" type veth peer name "$tag${h}p" &&
-    ip link set "$tag${h}h" netns "$tag$h" && ip link set "$tag${h}p" netns "$sw" &&
-    ip -n "$tag$h" link set "$tag${h}h" name eth0 &&
-    ip -n "$tag$h" addr add "${addr[$h]}/24" dev eth0 &&
-    ip -n "$tag$h" link set eth0 up && ip -n "$tag$h" link set lo up &&
-    ip -n "$sw" link set "$tag${h}p" master br0 && ip -n "$sw" link set "$tag${h}p" up ||
-    { echo "FAIL link for $h"; exit 1; }
+  netns_host "$sw" "$tag$h" "${addr[$h]}/24" || { echo "FAIL link for $h"; exit 1; }
 done
 
 export FOLIO_LOG=warn

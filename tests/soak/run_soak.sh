@@ -94,20 +94,13 @@ if [ $netns -eq 1 ]; then
     # named TAG<host>p, which the fault injector sets down and up).
     hosts=(co cl)
     for i in $(seq 0 $((groups - 1))); do hosts+=("w$i"); done
-    ip -n "${tag}sw" link add br0 type bridge forward_delay 0 && ip -n "${tag}sw" link set br0 up ||
-      { echo "FAIL bridge"; exit 2; }
+    . "$src/tests/e2e/netns_lib.sh"
+    netns_bridge "${tag}sw" || { echo "FAIL bridge"; exit 2; }
     n=1
     for h in "${hosts[@]}"; do
       a="10.213.9.$n"; n=$((n + 1))
       [ "$h" = co ] && co_addr="$a"
-      ip netns add "$tag$h" &&
-        ip link add "$tag${h}h" type veth peer name "$tag${h}p" &&
-        ip link set "$tag${h}h" netns "$tag$h" && ip link set "$tag${h}p" netns "${tag}sw" &&
-        ip -n "$tag$h" link set "$tag${h}h" name eth0 &&
-        ip -n "$tag$h" addr add "$a/24" dev eth0 &&
-        ip -n "$tag$h" link set eth0 up && ip -n "$tag$h" link set lo up &&
-        ip -n "${tag}sw" link set "$tag${h}p" master br0 && ip -n "${tag}sw" link set "$tag${h}p" up ||
-        { echo "FAIL link for $h"; exit 2; }
+      netns_host "${tag}sw" "$tag$h" "$a/24" || { echo "FAIL link for $h"; exit 2; }
     done
     ep_c="tcp://$co_addr:5555" ep_w="tcp://$co_addr:5556"
     run_in=(ip netns exec "${tag}cl")
