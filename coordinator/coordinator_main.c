@@ -31,6 +31,8 @@
 #define BATCH          256   /* messages per socket per turn ... */
 #define BATCH_S        0.005 /* ... or this long, so one socket's flood cannot delay the other's */
 #define HOUSEKEEPING_S 0.005 /* liveness and deadline checks at least this often under load */
+/* Twice the silence after which a worker is dead (workers.c): only a connection already given up. */
+#define ZMTP_DEAD_AFTER_BEATS 6
 
 static volatile sig_atomic_t g_stop;
 
@@ -182,8 +184,8 @@ static int parse_flags(int argc, char **argv, coord_opts_t *o)
 
 /* A ROUTER bound to endpoint; a CURVE server of zap_domain when secret (the coordinator's key) is
  * set. */
-static void *bind_router(void *zctx, const char *endpoint, int hwm, const char *secret, const char *zap_domain,
-                         fl_error_t *err)
+static void *bind_router(void *zctx, const char *endpoint, int hwm, int zmtp_heartbeat_ms, const char *secret,
+                         const char *zap_domain, fl_error_t *err)
 {
     void *s = wire_socket(zctx, ZMQ_ROUTER, NULL, err);
     if (!s) return NULL;
@@ -204,7 +206,12 @@ static void *bind_router(void *zctx, const char *endpoint, int hwm, const char *
      * dropped token message would leave a gap. A full outgoing queue fails the send (never blocks):
      * a client that far behind is dropped with its requests (dispatch_to_client), a worker's refuses
      * new work; a full incoming queue makes ZeroMQ stop reading that peer, which slows its sends. */
+    /* ZMTP pings close a connection whose peer stopped answering well after the peer was given up
+     * for dead: a link cut leaves a half-open connection that nothing else would ever close. */
+    const int ping_timeout_ms = zmtp_heartbeat_ms * ZMTP_DEAD_AFTER_BEATS;
     if (zmq_setsockopt(s, ZMQ_SNDHWM, &hwm, sizeof hwm) || zmq_setsockopt(s, ZMQ_RCVHWM, &hwm, sizeof hwm) ||
+        (zmtp_heartbeat_ms && (zmq_setsockopt(s, ZMQ_HEARTBEAT_IVL, &zmtp_heartbeat_ms, sizeof zmtp_heartbeat_ms) ||
+                               zmq_setsockopt(s, ZMQ_HEARTBEAT_TIMEOUT, &ping_timeout_ms, sizeof ping_timeout_ms))) ||
         zmq_bind(s, endpoint)) {
         fl_fail(err, FL_EIO, "bind %s: %s", endpoint, zmq_strerror(errno));
         zmq_close(s);
@@ -263,8 +270,10 @@ static int setup(coord_t *c, fl_error_t *err)
         if (rc) return rc;
     }
     const char *key = c->opts.curve_secret ? secret : NULL;
-    c->clients = bind_router(c->zctx, c->opts.client_endpoint, hwm, key, AUTH_DOMAIN_CLIENTS, err);
-    if (c->clients) c->workers = bind_router(c->zctx, c->opts.worker_endpoint, hwm, key, AUTH_DOMAIN_WORKERS, err);
+    c->clients = bind_router(c->zctx, c->opts.client_endpoint, hwm, 0, key, AUTH_DOMAIN_CLIENTS, err);
+    if (c->clients)
+        c->workers =
+            bind_router(c->zctx, c->opts.worker_endpoint, hwm, c->opts.heartbeat_ms, key, AUTH_DOMAIN_WORKERS, err);
     memset(secret, 0, sizeof secret);
     if (!c->workers) return FL_EIO;
     if (c->opts.curve_secret)

@@ -1,9 +1,9 @@
 /* workers.c - the coordinator's worker socket: registration, heartbeats both ways, liveness, and
  * the responses that workers stream, handed to dispatch.c to relay.
  *
- * Workers are known by their DEALER identity (group:rank:epoch). A message from an identity the
- * registry does not know, other than READY, is answered with DISCONNECT so the worker re-registers
- * (after a coordinator restart, for instance). Every message from a worker counts as liveness; a
+ * Workers are known by their DEALER identity (group:rank:epoch:connection). A message from an
+ * identity the registry does not know, other than READY, is answered with DISCONNECT so the worker
+ * re-registers (after a coordinator restart, for instance). Every message from a worker counts as liveness; a
  * group whose rank 0 has been silent for 3 heartbeat intervals is dead, and dispatch.c fails its
  * requests over. */
 #include <errno.h>
@@ -43,9 +43,11 @@ static void on_ready(coord_t *c, const wire_msg_t *m, double now)
                     err.msg);
         return;
     }
-    int old_rank = -1;
-    const int old_slot = groups_find_member(c->groups, m->identity, m->identity_len, &old_rank);
-    const bool again = old_slot >= 0 && old_slot == groups_find(c->groups, h->group) && old_rank == (int)h->rank;
+    /* The same process again (a new connection, the same epoch), or a new one. */
+    const int old_slot = groups_find(c->groups, h->group);
+    const group_member_t *old =
+        old_slot >= 0 && h->rank < GROUP_MAX_RANKS ? &c->groups->g[old_slot].ranks[h->rank] : NULL;
+    const bool again = old && old->present && old->epoch == h->epoch;
     bool is_new, replaced;
     const int slot = groups_register(c->groups, h, m->identity, m->identity_len, now, &is_new, &replaced);
     if (slot < 0) {

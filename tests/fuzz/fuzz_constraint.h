@@ -63,19 +63,36 @@ static void fuzz_constraint(fl_constraint_kind_t kind, const uint8_t *data, size
     }
     const int n = fl_constraint_n_states(c);
     if (n < 1 || fl_constraint_start(c) != 0) abort();
-    /* Bytes to acceptance per state, by relaxation over the 256 bytes. */
-    int *dist = malloc(sizeof *dist * (size_t)n);
-    for (int s = 0; s < n; s++) dist[s] = fl_constraint_accepting(c, s) ? 0 : -1;
-    for (bool changed = true; changed;) {
-        changed = false;
-        for (int s = 0; s < n; s++)
-            for (int b = 0; b < 256; b++) {
-                const uint8_t byte = (uint8_t)b;
-                const int t = fl_constraint_next_bytes(c, s, &byte, 1);
-                if (t >= 0 && dist[t] >= 0 && (dist[s] < 0 || dist[t] + 1 < dist[s]))
-                    dist[s] = dist[t] + 1, changed = true;
-            }
+    /* The byte transitions, read once (the walks and the search below use this table). */
+    int *next = malloc(sizeof *next * (size_t)n * 256);
+    for (int s = 0; s < n; s++)
+        for (int b = 0; b < 256; b++) {
+            const uint8_t byte = (uint8_t)b;
+            const int t = fl_constraint_next_bytes(c, s, &byte, 1);
+            if (t >= n) abort();
+            next[s * 256 + b] = t;
+        }
+    /* Bytes to acceptance per state: a breadth-first search back from the accepting states over
+     * the reversed transitions (a relaxation would revisit every transition per round). */
+    int *dist = malloc(sizeof *dist * (size_t)n), *queue = malloc(sizeof *queue * (size_t)n);
+    int *edge_from = malloc(sizeof *edge_from * (size_t)n * 256), *edge_next = malloc(sizeof *edge_next * (size_t)n * 256);
+    int *head = malloc(sizeof *head * (size_t)n);
+    int n_edges = 0, q_head = 0, q_tail = 0;
+    for (int s = 0; s < n; s++) head[s] = -1;
+    for (int s = 0; s < n * 256; s++) {
+        const int t = next[s];
+        if (t >= 0) edge_from[n_edges] = s / 256, edge_next[n_edges] = head[t], head[t] = n_edges++;
     }
+    for (int s = 0; s < n; s++) {
+        dist[s] = fl_constraint_accepting(c, s) ? 0 : -1;
+        if (!dist[s]) queue[q_tail++] = s;
+    }
+    while (q_head < q_tail) {
+        const int t = queue[q_head++];
+        for (int e = head[t]; e >= 0; e = edge_next[e])
+            if (dist[edge_from[e]] < 0) dist[edge_from[e]] = dist[t] + 1, queue[q_tail++] = edge_from[e];
+    }
+    free(queue), free(edge_from), free(edge_next), free(head);
     for (int s = 0; s < n; s++)
         if (dist[s] < 0) abort(); /* trimmed: every state can finish */
     /* Walks: random live bytes, then the shortest way home. */
@@ -90,9 +107,8 @@ static void fuzz_constraint(fl_constraint_kind_t kind, const uint8_t *data, size
             uint8_t live[256];
             int nl = 0;
             for (int b = 0; b < 256; b++) {
-                const uint8_t byte = (uint8_t)b;
-                const int t = fl_constraint_next_bytes(c, s, &byte, 1);
-                if (t >= 0 && (len < 64 || dist[t] < dist[s])) live[nl++] = byte;
+                const int t = next[s * 256 + b];
+                if (t >= 0 && (len < 64 || dist[t] < dist[s])) live[nl++] = (uint8_t)b;
             }
             if (nl == 0) {
                 if (!fl_constraint_accepting(c, s)) abort();
@@ -100,7 +116,7 @@ static void fuzz_constraint(fl_constraint_kind_t kind, const uint8_t *data, size
             }
             rng = rng * 1103515245u + 12345u;
             out[len] = live[(rng >> 8) % (uint32_t)nl];
-            s = fl_constraint_next_bytes(c, s, out + len, 1);
+            s = next[s * 256 + out[len]];
             len++;
         }
         if (len == sizeof out) continue;
@@ -108,6 +124,7 @@ static void fuzz_constraint(fl_constraint_kind_t kind, const uint8_t *data, size
         check(out, len);
     }
     free(dist);
+    free(next);
     if (with_tok) {
         int32_t f[32];
         for (int s = 0; s < n && s < 8; s++) {

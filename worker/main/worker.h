@@ -40,7 +40,9 @@ typedef struct worker {
     bool fake;
     const char *health_file; /* --health-file: touched with each heartbeat that says engine_ok */
     bool health_warned;      /* shared (lock): a failed touch was logged once */
+    /* This connection's routing id, group:rank:epoch:connection; connection counts those made. */
     char identity[WIRE_MAX_IDENTITY + 1];
+    unsigned connections;
     uint64_t epoch;
     char model_id[320];
     uint32_t kv_blocks, block_size, max_context;

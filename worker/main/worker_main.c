@@ -1,7 +1,8 @@
 /* worker_main.c - folio-worker: one rank of a worker group, serving Generate for a coordinator.
  *
  * Start-up loads the engine (backend, model, paged KV cache) and the scheduler, connects a DEALER
- * with identity "group:rank:epoch" to the coordinator's worker endpoint and registers with READY
+ * with identity "group:rank:epoch:connection" to the coordinator's worker endpoint and registers
+ * with READY
  * (proto/README.md, "Worker side"). Then one loop owns the engine:
  *
  *   poll the socket (no wait while the scheduler has work and the send queue has room, else until
@@ -215,6 +216,11 @@ static void send_ready(worker_t *w)
 
 static int connect_locked(worker_t *w, fl_error_t *err)
 {
+    /* A new routing id for every connection: reusing one makes the coordinator's ROUTER hand it
+     * over from a connection it still holds (a link that went down), and libzmq never frees the
+     * old one (a descriptor and its buffers lost per link cut). */
+    snprintf(w->identity, sizeof w->identity, "%s:%d:%llu:%u", w->group, w->rank, (unsigned long long)w->epoch,
+             ++w->connections);
     w->sock = wire_socket(w->zctx, ZMQ_DEALER, w->identity, err);
     if (!w->sock) return err->code;
     if (w->curve && curve_client_setup(w->sock, w->curve_secret, w->coordinator_key, err)) {
@@ -660,7 +666,6 @@ int main(int argc, char **argv)
     g_rng = w.epoch ^ ((uint64_t)getpid() << 32);
     w.backoff_s = BACKOFF_MIN_S;
     w.engine_ok = w.last_step_ok = true;
-    snprintf(w.identity, sizeof w.identity, "%s:%d:%llu", group, w.rank, (unsigned long long)w.epoch);
     const char *model_path = fl_model_path(eo.model_path);
     make_model_id(w.model_id, sizeof w.model_id, model_path, fake);
 
