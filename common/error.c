@@ -29,6 +29,7 @@ const char *fl_strerror(int code)
     case FL_ENOTFOUND: return "FL_ENOTFOUND";
     case FL_EBACKEND: return "FL_EBACKEND";
     case FL_EBUSY: return "FL_EBUSY";
+    case FL_EPEER: return "FL_EPEER";
     default: return "FL_E?";
     }
 }

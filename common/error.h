@@ -22,6 +22,7 @@ enum {
     FL_ENOTFOUND = -7,    /* key, tensor or device not found */
     FL_EBACKEND = -8,     /* CUDA / cuBLASLt / NCCL / OpenBLAS failure */
     FL_EBUSY = -9,        /* full for now (a queue, a pool): the same call may succeed later */
+    FL_EPEER = -10,       /* a peer (another rank or group) is gone, timed out, aborted or disagrees */
 };
 
 typedef struct fl_error {

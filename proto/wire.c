@@ -375,6 +375,7 @@ Folio__V1__StatusCode wire_status_from_error(int fl_code)
     case FL_EBUSY:
     case FL_ENOMEM: return FOLIO__V1__STATUS_CODE__RESOURCE_EXHAUSTED;
     case FL_ENOTFOUND: return FOLIO__V1__STATUS_CODE__NOT_FOUND;
+    case FL_EPEER: return FOLIO__V1__STATUS_CODE__UNAVAILABLE;
     default: return FOLIO__V1__STATUS_CODE__INTERNAL;
     }
 }
