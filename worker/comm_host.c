@@ -115,7 +115,7 @@ typedef bool (*ready_fn)(host_comm_t *hc, const void *arg);
  * should answer (peer, or any rank when peer < 0) is gone. */
 static int wait_for(host_comm_t *hc, ready_fn ready, const void *arg, const char *op, int peer, fl_error_t *err)
 {
-    double deadline = 0;
+    const double deadline = fl_clock_s() + hc->timeout_ms * 1e-3;
     for (unsigned spins = 0;; spins++) {
         if (ready(hc, arg)) return FL_OK;
         if (spins < 256) {
@@ -124,7 +124,8 @@ static int wait_for(host_comm_t *hc, ready_fn ready, const void *arg, const char
 #endif
             continue;
         }
-        if (spins < 2048) {
+        /* Checked often even while yielding: on a busy machine one yield may last a time slice. */
+        if (spins < 1024 && (spins & 31)) {
             sched_yield();
             continue;
         }
@@ -136,15 +137,16 @@ static int wait_for(host_comm_t *hc, ready_fn ready, const void *arg, const char
             if (r != hc->base.rank && (peer < 0 || r == peer) && peer_gone(hc->h, r))
                 return fl_fail(err, FL_EPEER, "comm %s: rank %d's process is gone (this is rank %d)", op, r,
                                hc->base.rank);
-        const double now = fl_clock_s();
-        if (!deadline) deadline = now + hc->timeout_ms * 1e-3;
-        if (now > deadline)
-        {
+        if (fl_clock_s() > deadline) {
             if (peer >= 0)
                 return fl_fail(err, FL_EPEER, "comm %s: no answer from rank %d within %d ms (this is rank %d)", op,
                                peer, hc->timeout_ms, hc->base.rank);
             return fl_fail(err, FL_EPEER, "comm %s: not every rank came within %d ms (this is rank %d of %d)", op,
                            hc->timeout_ms, hc->base.rank, hc->base.n_ranks);
+        }
+        if (spins < 1024) {
+            sched_yield();
+            continue;
         }
         /* Sleep longer the longer the wait: a follower idle between steps costs nothing. */
         struct timespec ts = {0, spins < 8192 ? 20000 : 200000};
