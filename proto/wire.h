@@ -48,7 +48,8 @@ typedef enum {
     WIRE_CMD_READY = 0x04,     /* worker -> coordinator: WorkerHello (register or re-register) */
     WIRE_CMD_HEARTBEAT = 0x05, /* worker -> coordinator: WorkerLoad; coordinator -> worker: empty */
     WIRE_CMD_DISCONNECT = 0x06, /* either way, empty: the sender forgets the peer (worker re-sends READY) */
-    WIRE_CMD_KV_EVENTS = 0x07   /* worker -> coordinator: KvEvents (its prefix cache's changes) */
+    WIRE_CMD_KV_EVENTS = 0x07,  /* worker -> coordinator: KvEvents (its prefix cache's changes) */
+    WIRE_CMD_JOIN = 0x08        /* coordinator -> worker of rank > 0: GroupJoin (rank 0's communicator) */
 } wire_cmd_t;
 
 /* A received message; frames stay owned by it until wire_msg_close(). */
