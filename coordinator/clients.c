@@ -283,10 +283,21 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         gs[i].name = (char *)g->name;
         gs[i].tp_size = g->tp_size;
         size_t nr = 0;
-        for (int r = 0; r < GROUP_MAX_RANKS; r++)
-            if (g->ranks[r].present) ranks[i][nr++] = (uint32_t)r;
+        for (int r = 0; r < GROUP_MAX_RANKS; r++) {
+            if (!g->ranks[r].present) continue;
+            Folio__V1__RankStatus *rs = &c->status.rank_status[i][nr];
+            folio__v1__rank_status__init(rs);
+            rs->rank = (uint32_t)r;
+            rs->epoch = g->ranks[r].epoch;
+            rs->restarts = g->ranks[r].restarts;
+            rs->last_heard_age_s = now - g->ranks[r].last_seen;
+            c->status.rank_ptrs[i][nr] = rs;
+            ranks[i][nr++] = (uint32_t)r;
+        }
         gs[i].ranks = ranks[i];
         gs[i].n_ranks = nr;
+        gs[i].rank_status = c->status.rank_ptrs[i];
+        gs[i].n_rank_status = nr;
         gs[i].healthy = g->healthy;
         gs[i].draining = g->draining;
         gs[i].restarts = g->restarts;
@@ -298,6 +309,7 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         }
         gs[i].inflight = G->table[i].inflight;
         gs[i].last_heartbeat_age_s = g->ranks[0].present ? now - g->ranks[0].last_seen : -1;
+        gs[i].kv_index_blocks = kv_index_group_size(c->kv_index, i);
         if (!tenant_view) gs[i].requests = metrics_reply(&c->metrics, i, &c->status.requests[i + 1]);
         gp[i] = &gs[i];
     }
@@ -310,6 +322,11 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
     s.requests_failed_over = c->requests_failed_over;
     s.requests_migrated = c->requests_migrated;
     s.block_size = c->block_size;
+    s.kv_index_entries = kv_index_size(c->kv_index);
+    s.kv_index_capacity = kv_index_capacity(c->kv_index);
+    s.kv_index_evictions = kv_index_evictions(c->kv_index);
+    s.routed_by_cache = c->routed_by_cache;
+    s.routed_cached_blocks = c->routed_cached_blocks;
     if (metrics_any(&c->metrics, -1)) s.requests_no_group = metrics_reply(&c->metrics, -1, &c->status.requests[0]);
     const size_t n = c->n_latency < COORD_LATENCY_SAMPLES ? (size_t)c->n_latency : COORD_LATENCY_SAMPLES;
     if (n) {

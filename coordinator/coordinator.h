@@ -15,11 +15,14 @@
 #include "auth.h"
 #include "block_hash.h"
 #include "groups.h"
+#include "kv_index.h"
 #include "metrics.h"
 #include "requests.h"
 #include "router.h"
 #include "tokenizer.h"
 #include "wire.h"
+
+_Static_assert(GROUPS_MAX <= KV_INDEX_MAX_GROUPS, "every group slot has its place in the KV index");
 
 #define COORD_LATENCY_SAMPLES  4096
 #define COORD_MAX_RESUBMITS    3
@@ -36,6 +39,7 @@ typedef struct coord_opts {
     double load_factor;
     int load_floor;
     int route_blocks;
+    size_t kv_index_entries; /* the KV index's bound (kv_index.h) */
     int heartbeat_ms;
     int max_inflight;            /* Generate requests in flight at most (the table's size) */
     int max_inflight_per_tenant; /* of which one tenant's at most; 0: no such limit */
@@ -55,6 +59,8 @@ typedef struct coord_status_scratch {
     Folio__V1__GroupStatus groups[GROUPS_MAX];
     Folio__V1__GroupStatus *group_ptrs[GROUPS_MAX];
     uint32_t ranks[GROUPS_MAX][GROUP_MAX_RANKS];
+    Folio__V1__RankStatus rank_status[GROUPS_MAX][GROUP_MAX_RANKS];
+    Folio__V1__RankStatus *rank_ptrs[GROUPS_MAX][GROUP_MAX_RANKS];
     Folio__V1__WorkerLoad loads[GROUPS_MAX];
     double latency[COORD_LATENCY_SAMPLES];
     metrics_reply_t requests[GROUPS_MAX + 1]; /* [0]: requests no group served; [slot + 1] */
@@ -68,6 +74,7 @@ typedef struct coord {
     tok_t *tok;
     int32_t n_vocab;
     router_t *router;
+    kv_index_t *kv_index; /* which groups hold which prefix blocks (their KvEvents) */
     groups_t *groups;
     reqs_t *reqs;
     uint32_t block_size; /* agreed by the registered groups; 0 before the first */
@@ -76,6 +83,7 @@ typedef struct coord {
     double hb_s; /* heartbeat interval, seconds */
     /* counters */
     uint64_t requests_total, requests_failed_over, requests_migrated; /* migrated: of failed_over, mid-stream */
+    uint64_t routed_by_cache, routed_cached_blocks; /* cache-aware picks made by a held prefix, and its blocks */
     /* requests ended, and the rate at which they end (per second, smoothed over windows of about
      * a second): what a retry-after hint is made of (dispatch_retry_after_ms) */
     uint64_t n_ended, rate_n0;
@@ -97,6 +105,7 @@ typedef struct coord {
     int32_t *tok_buf;
     int tok_cap;
     block_hash_t hash_buf[COORD_MAX_ROUTE_BLOCKS];
+    uint64_t hash_lo[COORD_MAX_ROUTE_BLOCKS]; /* their low halves, as the KV index names blocks */
     coord_status_scratch_t status;
 } coord_t;
 

@@ -49,10 +49,12 @@ static void usage(FILE *f)
             "  --listen ENDPOINT       client ROUTER bind (FOLIO_COORDINATOR, default %s)\n"
             "  --workers ENDPOINT      worker ROUTER bind (FOLIO_WORKER_ENDPOINT, default %s)\n"
             "  -m, --model PATH        GGUF whose tokenizer is used (FOLIO_MODEL, default model)\n"
-            "  --policy P              prefix | round-robin | least-loaded (default prefix)\n"
+            "  --policy P              prefix | cache-aware | round-robin | least-loaded (default prefix)\n"
             "  --load-factor F         bounded-load factor c >= 1 (default 1.25)\n"
             "  --load-floor N          a group below N requests in flight is never over the bound (default 4)\n"
             "  --route-blocks N        leading blocks that form the routing key (default 8)\n"
+            "  --kv-index-entries N    (block, group) entries of the groups' prefix caches kept for\n"
+            "                          cache-aware routing, at most (default 262144: 8 MiB)\n"
             "  --heartbeat-ms N        heartbeat interval; dead after 3 silent intervals (default 1000)\n"
             "  --max-inflight N        Generate requests in flight at most (default 4096); beyond it a Generate\n"
             "                          is refused RESOURCE_EXHAUSTED with a retry hint\n"
@@ -110,7 +112,7 @@ static int parse_flags(int argc, char **argv, coord_opts_t *o)
 {
     *o = (coord_opts_t){
         .policy = ROUTER_PREFIX, .load_factor = 1.25, .load_floor = 4, .route_blocks = 8, .heartbeat_ms = 1000, .max_inflight = 4096,
-        .max_inflight_per_tenant = -1};
+        .max_inflight_per_tenant = -1, .kv_index_entries = KV_INDEX_DEFAULT_ENTRIES};
     const char *listen = NULL, *workers = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -128,7 +130,7 @@ static int parse_flags(int argc, char **argv, coord_opts_t *o)
         } else if (!strcmp(a, "--policy")) {
             if (!(v = fl_flag_value(argc, argv, &i))) return -1;
             if (router_policy_parse(v, &o->policy)) {
-                fprintf(stderr, "error: --policy %s: expected prefix, round-robin or least-loaded\n", v);
+                fprintf(stderr, "error: --policy %s: expected prefix, cache-aware, round-robin or least-loaded\n", v);
                 return -1;
             }
         } else if (!strcmp(a, "--load-factor")) {
@@ -140,6 +142,9 @@ static int parse_flags(int argc, char **argv, coord_opts_t *o)
         } else if (!strcmp(a, "--route-blocks")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, COORD_MAX_ROUTE_BLOCKS, &n)) return -1;
             o->route_blocks = (int)n;
+        } else if (!strcmp(a, "--kv-index-entries")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1L << 32, &n)) return -1;
+            o->kv_index_entries = (size_t)n;
         } else if (!strcmp(a, "--heartbeat-ms")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 10, 600000, &n)) return -1;
             o->heartbeat_ms = (int)n;
@@ -253,6 +258,7 @@ static int setup(coord_t *c, fl_error_t *err)
     c->n_vocab = tok_n_vocab(c->tok);
     if (!(c->router = router_new(c->opts.policy, c->opts.load_factor, c->opts.load_floor, err))) return FL_EINVAL;
     if (!(c->reqs = reqs_new(c->opts.max_inflight, err))) return FL_ENOMEM;
+    if (!(c->kv_index = kv_index_new(c->opts.kv_index_entries, err))) return err->code;
     if (!(c->groups = malloc(sizeof *c->groups))) return fl_fail(err, FL_ENOMEM, "out of memory");
     groups_init(c->groups);
     c->next_wid = 1;
@@ -285,11 +291,11 @@ static int setup(coord_t *c, fl_error_t *err)
                      ? "this-machine"
                      : "network(--insecure)");
     fl_log_info("coordinator ready listen=%s workers=%s security=%s model=%s vocab=%d policy=%s load_factor=%.2f "
-                "load_floor=%d route_blocks=%d heartbeat_ms=%d max_inflight=%d max_inflight_per_tenant=%d "
-                "queue_per_peer=%d",
+                "load_floor=%d route_blocks=%d kv_index_entries=%zu heartbeat_ms=%d max_inflight=%d "
+                "max_inflight_per_tenant=%d queue_per_peer=%d",
                 c->opts.client_endpoint, c->opts.worker_endpoint, security, path, c->n_vocab,
                 router_policy_name(c->opts.policy), c->opts.load_factor, c->opts.load_floor, c->opts.route_blocks,
-                c->opts.heartbeat_ms, c->opts.max_inflight, c->opts.max_inflight_per_tenant, hwm);
+                c->opts.kv_index_entries, c->opts.heartbeat_ms, c->opts.max_inflight, c->opts.max_inflight_per_tenant, hwm);
     return FL_OK;
 }
 
@@ -302,6 +308,7 @@ static void teardown(coord_t *c)
     auth_keys_destroy(&c->worker_keys);
     auth_keys_destroy(&c->client_keys);
     reqs_destroy(&c->reqs);
+    kv_index_destroy(&c->kv_index);
     router_destroy(&c->router);
     tok_destroy(&c->tok);
     free(c->groups);

@@ -353,9 +353,18 @@ static int route(coord_t *c, req_t *e, int exclude, double now)
     cache_tenant(c, q->tenant, ns);
     const block_hash_t salt = block_hash_salt(ns, strlen(ns));
     const int rb = c->opts.route_blocks;
-    const long use = (long)rb * bs < e->n_tokens ? (long)rb * bs : e->n_tokens;
-    const int nh = block_hash_prefix(salt, e->tokens, (int)use, bs, c->hash_buf, rb);
+    /* The key needs the first route_blocks blocks; cache-aware matching needs every full block. */
+    const bool cache_aware = router_policy(c->router) == ROUTER_CACHE_AWARE;
+    const int cap = cache_aware ? COORD_MAX_ROUTE_BLOCKS : rb;
+    const long use = (long)cap * bs < e->n_tokens ? (long)cap * bs : e->n_tokens;
+    const int nh = block_hash_prefix(salt, e->tokens, (int)use, bs, c->hash_buf, cap);
     const uint64_t key = router_key(c->hash_buf, nh, rb, salt, e->tokens, e->n_tokens);
+    if (cache_aware) {
+        for (int i = 0; i < nh; i++) c->hash_lo[i] = c->hash_buf[i].lo;
+        for (int s = 0; s < c->groups->n; s++)
+            c->groups->table[s].cached_blocks =
+                c->groups->table[s].routable ? (uint32_t)kv_index_match(c->kv_index, s, c->hash_lo, nh) : 0;
+    }
 
     /* The worker's Request: the client's fields but the prompt as tokens only, the namespace as the
      * tenant (the worker salts its cache with it), and id and time left set per send below. Its
@@ -392,6 +401,10 @@ static int route(coord_t *c, req_t *e, int exclude, double now)
             e->group = slot;
             e->t_dispatch = fl_clock_s();
             c->groups->table[slot].inflight++;
+            if (cache_aware && c->groups->table[slot].cached_blocks) {
+                c->routed_by_cache++;
+                c->routed_cached_blocks += c->groups->table[slot].cached_blocks;
+            }
             return 0;
         }
         if (errno != EHOSTUNREACH) {
@@ -689,6 +702,7 @@ void dispatch_group_died(coord_t *c, int slot, const char *why, double now)
     fl_log_warn("group dead group=%s why=%s inflight=%u", c->groups->g[slot].name, why,
                 c->groups->table[slot].inflight);
     groups_forget(c->groups, slot);
+    kv_index_clear_group(c->kv_index, slot); /* a new process starts with an empty cache */
     fail_over(c, slot, slot, now);
 }
 

@@ -1,4 +1,5 @@
-/* router.c - routing policies: consistent hashing with bounded loads, round-robin, least-loaded.
+/* router.c - routing policies: consistent hashing with bounded loads, cache-aware, round-robin,
+ * least-loaded.
  *
  * The ring is a sorted array of (point, slot) pairs; a pick binary-searches the key's successor and
  * walks clockwise, checking each point's group against the load bound, so a pick costs
@@ -108,7 +109,9 @@ static int pick_round_robin(router_t *r, const router_group_t *g, int n, int exc
     return -1;
 }
 
-static int pick_prefix(router_t *r, uint64_t key, const router_group_t *g, int n, int exclude)
+/* The bounded-load limit: a group may take a request while its in-flight count is below it;
+ * negative when no group is routable. */
+static double load_bound(const router_t *r, const router_group_t *g, int n, int exclude)
 {
     uint64_t total = 0;
     int n_ok = 0;
@@ -118,9 +121,13 @@ static int pick_prefix(router_t *r, uint64_t key, const router_group_t *g, int n
             n_ok++;
         }
     if (!n_ok) return -1;
-    double bound = ceil(r->load_factor * (double)(total + 1) / n_ok);
-    if (bound < r->load_floor) bound = r->load_floor;
-    /* First point >= key; past the end wraps to the start. */
+    const double bound = ceil(r->load_factor * (double)(total + 1) / n_ok);
+    return bound < r->load_floor ? r->load_floor : bound;
+}
+
+/* The first ring point >= key (n_points when past the end, which wraps to the start). */
+static int ring_successor(const router_t *r, uint64_t key)
+{
     int lo = 0, hi = r->n_points;
     while (lo < hi) {
         const int mid = lo + (hi - lo) / 2;
@@ -129,12 +136,44 @@ static int pick_prefix(router_t *r, uint64_t key, const router_group_t *g, int n
         else
             hi = mid;
     }
+    return lo;
+}
+
+static bool under_bound(const router_group_t *g, int s, int n, int exclude, double bound)
+{
+    return s < n && s != exclude && g[s].routable && (double)g[s].inflight < bound;
+}
+
+static int pick_prefix(router_t *r, uint64_t key, const router_group_t *g, int n, int exclude)
+{
+    const double bound = load_bound(r, g, n, exclude);
+    if (bound < 0) return -1;
+    const int lo = ring_successor(r, key);
     for (int k = 0; k < r->n_points; k++) {
         const int s = r->ring[(lo + k) % r->n_points].slot;
-        if (s < n && s != exclude && g[s].routable && (double)g[s].inflight < bound) return s;
+        if (under_bound(g, s, n, exclude, bound)) return s;
     }
     /* Unreachable while c >= 1 (some group is at or below the average), but never fail a pick. */
     return pick_least_loaded(g, n, exclude);
+}
+
+static int pick_cache_aware(router_t *r, uint64_t key, const router_group_t *g, int n, int exclude)
+{
+    const double bound = load_bound(r, g, n, exclude);
+    if (bound < 0) return -1;
+    uint32_t best = 0;
+    for (int s = 0; s < n; s++)
+        if (under_bound(g, s, n, exclude, bound) && g[s].cached_blocks > best) best = g[s].cached_blocks;
+    if (!best) return pick_prefix(r, key, g, n, exclude);
+    const int lo = ring_successor(r, key);
+    for (int k = 0; k < r->n_points; k++) {
+        const int s = r->ring[(lo + k) % r->n_points].slot;
+        if (under_bound(g, s, n, exclude, bound) && g[s].cached_blocks == best) return s;
+    }
+    /* A slot without ring points (not added): the lowest slot with the match. */
+    for (int s = 0; s < n; s++)
+        if (under_bound(g, s, n, exclude, bound) && g[s].cached_blocks == best) return s;
+    return pick_prefix(r, key, g, n, exclude);
 }
 
 int router_pick(router_t *r, uint64_t key, const router_group_t *groups, int n_groups, int exclude)
@@ -144,6 +183,8 @@ int router_pick(router_t *r, uint64_t key, const router_group_t *groups, int n_g
         return pick_round_robin(r, groups, n_groups, exclude);
     case ROUTER_LEAST_LOADED:
         return pick_least_loaded(groups, n_groups, exclude);
+    case ROUTER_CACHE_AWARE:
+        return pick_cache_aware(r, key, groups, n_groups, exclude);
     default:
         return pick_prefix(r, key, groups, n_groups, exclude);
     }
@@ -161,6 +202,8 @@ const char *router_policy_name(router_policy_t p)
         return "round-robin";
     case ROUTER_LEAST_LOADED:
         return "least-loaded";
+    case ROUTER_CACHE_AWARE:
+        return "cache-aware";
     default:
         return "prefix";
     }
@@ -175,6 +218,8 @@ int router_policy_parse(const char *s, router_policy_t *out)
         *out = ROUTER_ROUND_ROBIN;
     else if (!strcmp(s, "least-loaded"))
         *out = ROUTER_LEAST_LOADED;
+    else if (!strcmp(s, "cache-aware"))
+        *out = ROUTER_CACHE_AWARE;
     else
         return FL_EINVAL;
     return FL_OK;

@@ -12,6 +12,15 @@
  * every group's cache for nothing (measured in bench/README.md). round-robin and least-loaded (fewest
  * in flight, ties by name) are there for comparison.
  *
+ * cache-aware: routes by what the groups report they hold (kv_index.h), in the manner of SGLang's
+ * cache-aware router and Dynamo's KV router. The caller fills each group's cached_blocks, the
+ * request's leading blocks that group holds; among the groups under the same load bound as prefix,
+ * the pick is one with the longest match, ties going to the first of them clockwise from the key
+ * (so requests sharing only a common head, a system prompt every group holds, still spread as
+ * prefix spreads them). A group over the bound is passed over whatever it holds. When no group
+ * under the bound holds any of the prompt, the pick is prefix's: consistent hashing, so a prefix
+ * never seen lands where its key says and stays there while the worker's events are on their way.
+ *
  * A router_t holds only the ring and the round-robin cursor; the caller owns the group table and
  * passes it to every pick, so the functions are testable without sockets. One thread. */
 #ifndef FOLIO_ROUTER_H
@@ -25,13 +34,14 @@
 
 #define ROUTER_VNODES 100
 
-typedef enum { ROUTER_PREFIX = 0, ROUTER_ROUND_ROBIN, ROUTER_LEAST_LOADED } router_policy_t;
+typedef enum { ROUTER_PREFIX = 0, ROUTER_ROUND_ROBIN, ROUTER_LEAST_LOADED, ROUTER_CACHE_AWARE } router_policy_t;
 
 /* One group as the router sees it; slot i of the table is the group the ring calls i. */
 typedef struct router_group {
     const char *name;  /* borrowed */
     bool routable;     /* healthy and not draining */
     uint32_t inflight; /* requests routed there and not finished */
+    uint32_t cached_blocks; /* cache-aware: the request's leading blocks this group holds (per pick) */
 } router_group_t;
 
 typedef struct router router_t;
@@ -53,7 +63,7 @@ int router_pick(router_t *r, uint64_t key, const router_group_t *groups, int n_g
 
 router_policy_t router_policy(const router_t *r);
 const char *router_policy_name(router_policy_t p);
-/* "prefix", "round-robin", "least-loaded" -> 0 and *out, else FL_EINVAL. */
+/* "prefix", "round-robin", "least-loaded", "cache-aware" -> 0 and *out, else FL_EINVAL. */
 int router_policy_parse(const char *s, router_policy_t *out);
 
 #endif

@@ -22,7 +22,7 @@ static router_t *make_router(router_policy_t p, int n_groups, router_group_t *ta
     assert_non_null(r);
     for (int i = 0; i < n_groups; i++) {
         assert_int_equal(router_add_group(r, i, NAMES[i], NULL), 0);
-        table[i] = (router_group_t){NAMES[i], true, 0};
+        table[i] = (router_group_t){.name = NAMES[i], .routable = true};
     }
     return r;
 }
@@ -116,7 +116,7 @@ static void test_prefix_keeps_affinity_below_the_load_floor(void **state)
     assert_non_null(r);
     for (int i = 0; i < 4; i++) {
         assert_int_equal(router_add_group(r, i, NAMES[i], NULL), 0);
-        t[i] = (router_group_t){NAMES[i], true, 0};
+        t[i] = (router_group_t){.name = NAMES[i], .routable = true};
     }
     const uint64_t key = 0xfeedfacecafebeefull;
     const int home = router_pick(r, key, t, 4, -1);
