@@ -11,9 +11,7 @@
  *   1. special tokens: for each control/user-defined/unknown token, longest first, every raw fragment
  *      is split around its occurrences (llama.cpp's tokenizer_st_partition);
  *   2. each raw fragment is decoded to code points (bad bytes -> U+FFFD) and cut into words by the
- *      pre-tokenizer: the GPT-2 and Llama 3 regexes are hand-written state machines mirroring
- *      llama.cpp's unicode_regex_split_custom_*; the simple regexes ("\p{N}", "\p{N}+", ...) are
- *      "split runs of a class" passes that emit both matches and the text between them;
+ *      pre-tokenizer of tokenizer.ggml.pre (common/pretokenizer.c: a table of llama.cpp's split rules);
  *   3. each word's UTF-8 bytes start as one symbol per byte (the id of bytes_to_unicode(byte)); the
  *      adjacent pair of lowest rank is merged, leftmost first, using a binary heap with lazy deletion
  *      (an entry is stale when either side has changed since it was pushed).
@@ -25,9 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pretokenizer.h"
 #include "unicode.h"
-
-typedef enum { PRE_GPT2, PRE_SMOLLM, PRE_DEFAULT, PRE_LLAMA3 } pre_kind_t;
 
 typedef struct {
     uint64_t key; /* (left << 32) | right, both + 1 so that 0 means empty */
@@ -54,7 +51,7 @@ struct tok {
     int32_t byte_id[256];
     int32_t *special; /* ids split out before BPE, longest first */
     int n_special;
-    pre_kind_t pre;
+    const pretok_t *pre;
     char pre_name[64];
     bool ignore_merges;
     int32_t bos, eos, unk, pad;
@@ -177,19 +174,14 @@ static int set_pre(tok_t *t, const char *pre, fl_error_t *err)
 {
     if (!pre) pre = "default";
     snprintf(t->pre_name, sizeof t->pre_name, "%s", pre);
-    if (!strcmp(pre, "smollm"))
-        t->pre = PRE_SMOLLM;
-    else if (!strcmp(pre, "gpt2") || !strcmp(pre, "gpt-2"))
-        t->pre = PRE_GPT2;
-    else if (!strcmp(pre, "default"))
-        t->pre = PRE_DEFAULT;
-    else if (!strcmp(pre, "llama3") || !strcmp(pre, "llama-v3") || !strcmp(pre, "llama-bpe")) {
-        t->pre = PRE_LLAMA3;
-        t->ignore_merges = true;
-    } else
-        return fl_fail(err, FL_EUNSUPPORTED,
-                       "tokenizer: pre-tokenizer '%s' is not supported (supported: smollm, gpt2, default, llama3)",
-                       pre);
+    t->pre = pretok_find(pre);
+    if (!t->pre) {
+        char names[1024];
+        pretok_names(names, sizeof names);
+        return fl_fail(err, FL_EUNSUPPORTED, "tokenizer: pre-tokenizer '%s' is not supported (supported: %s)", pre,
+                       names);
+    }
+    t->ignore_merges = pretok_ignore_merges(t->pre);
     return 0;
 }
 
@@ -543,8 +535,7 @@ tok_t *tok_new_from_gguf(const gguf_t *g, fl_error_t *err)
         add_bos_set = true;
     else if (rc != FL_ENOTFOUND)
         goto done;
-    if (!add_bos_set && pre && (!strcmp(pre, "llama3") || !strcmp(pre, "llama-v3") || !strcmp(pre, "llama-bpe")))
-        d.add_bos = true;
+    if (!add_bos_set) d.add_bos = pretok_add_bos(pretok_find(d.pre));
     rc = gguf_str_dup(g, "tokenizer.chat_template", &tmpl, err);
     if (rc && rc != FL_ENOTFOUND) goto done;
     d.chat_template = tmpl;
@@ -753,217 +744,6 @@ static void bpe_word(const tok_t *t, scratch_t *s, const char *w, int n, emit_t 
     for (int i = 0; i >= 0 && i < n; i = s->sym_next[i]) emit_symbol(t, e, s->sym_id[i]);
 }
 
-/* "Runs of a class" regexes over each segment, keeping both matches and the text between them.
- * chunk = 0: a run is one match (\p{N}+); chunk = k: a run is cut into matches of exactly k code points,
- * a remainder shorter than k joins the following text ([0-9][0-9][0-9] with k = 3, \p{N} with k = 1). */
-typedef bool (*cp_pred_t)(uint32_t cp, uint8_t fl);
-
-static int split_runs(const scratch_t *s, const int32_t *in, int n_in, int32_t *out, cp_pred_t pred, int chunk)
-{
-    int n_out = 0;
-    int32_t start = 0;
-    for (int k = 0; k < n_in; k++) {
-        int32_t end = start + in[k], gap = start, pos = start;
-        while (pos < end) {
-            if (!pred(s->cps[pos], s->fl[pos])) {
-                pos++;
-                continue;
-            }
-            int32_t run_end = pos;
-            while (run_end < end && pred(s->cps[run_end], s->fl[run_end])) run_end++;
-            int32_t len = run_end - pos;
-            int32_t matched = chunk ? len / chunk * chunk : len;
-            if (matched > 0) {
-                if (pos > gap) out[n_out++] = pos - gap;
-                if (chunk)
-                    for (int32_t m = 0; m < matched; m += chunk) out[n_out++] = chunk;
-                else
-                    out[n_out++] = matched;
-                gap = pos + matched;
-            }
-            pos = run_end;
-        }
-        if (end > gap) out[n_out++] = end - gap;
-        start = end;
-    }
-    return n_out;
-}
-
-static bool is_number(uint32_t cp, uint8_t fl) { return fl & UNICODE_NUMBER; }
-static bool is_ascii_digit(uint32_t cp, uint8_t fl) { return cp >= '0' && cp <= '9'; }
-static bool is_default_punct(uint32_t cp, uint8_t fl)
-{
-    return (fl & UNICODE_PUNCT) || cp == '$' || cp == '+' || cp == '<' || cp == '=' || cp == '>' || cp == '^' ||
-           cp == '`' || cp == '|';
-}
-
-#define OUT_OF_RANGE 0xFFFFFFFFu
-#define F_LETTER(f) ((f) & UNICODE_LETTER)
-#define F_NUMBER(f) ((f) & UNICODE_NUMBER)
-#define F_SPACE(f) ((f) & UNICODE_SPACE)
-
-/* unicode_regex_split_custom_gpt2: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ */
-static int split_gpt2(const scratch_t *s, const int32_t *in, int n_in, int32_t *out)
-{
-    int n_out = 0;
-    int32_t start = 0;
-    for (int k = 0; k < n_in; k++) {
-        const int32_t ini = start, end = start + in[k];
-        start = end;
-#define CPT(p) ((p) >= ini && (p) < end ? s->cps[p] : OUT_OF_RANGE)
-#define FLG(p) ((p) >= ini && (p) < end ? s->fl[p] : 0)
-        int32_t prev_end = ini;
-#define ADD(e_)                                                                                                        \
-    do {                                                                                                               \
-        int32_t e__ = (e_);                                                                                            \
-        if (e__ > prev_end) out[n_out++] = e__ - prev_end;                                                             \
-        prev_end = e__;                                                                                                \
-    } while (0)
-        for (int32_t pos = ini; pos < end;) {
-            const uint32_t cpt = CPT(pos);
-            const uint8_t flags = FLG(pos);
-            if (cpt == '\'' && pos + 1 < end) {
-                uint32_t nx = CPT(pos + 1);
-                if (nx == 's' || nx == 't' || nx == 'm' || nx == 'd') {
-                    ADD(pos + 2);
-                    pos += 2;
-                    continue;
-                }
-                if (pos + 2 < end) {
-                    uint32_t nn = CPT(pos + 2);
-                    if ((nx == 'r' && nn == 'e') || (nx == 'v' && nn == 'e') || (nx == 'l' && nn == 'l')) {
-                        ADD(pos + 3);
-                        pos += 3;
-                        continue;
-                    }
-                }
-            }
-            uint8_t f2 = cpt == ' ' ? FLG(pos + 1) : flags;
-            if (F_LETTER(f2)) {
-                pos += cpt == ' ';
-                while (F_LETTER(f2)) f2 = (++pos, FLG(pos));
-                ADD(pos);
-                continue;
-            }
-            if (F_NUMBER(f2)) {
-                pos += cpt == ' ';
-                while (F_NUMBER(f2)) f2 = (++pos, FLG(pos));
-                ADD(pos);
-                continue;
-            }
-            if (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && f2) {
-                pos += cpt == ' ';
-                while (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && f2) f2 = (++pos, FLG(pos));
-                ADD(pos);
-                continue;
-            }
-            int32_t nws = 0;
-            while (F_SPACE(FLG(pos + nws))) nws++;
-            if (nws > 1 && CPT(pos + nws) != OUT_OF_RANGE) { /* \s+(?!\S) */
-                pos += nws - 1;
-                ADD(pos);
-                continue;
-            }
-            if (nws > 0) {
-                pos += nws;
-                ADD(pos);
-                continue;
-            }
-            ADD(++pos); /* no match */
-        }
-    }
-    return n_out;
-}
-
-static uint32_t ascii_lower(uint32_t c) { return c >= 'A' && c <= 'Z' ? c + 32 : c; }
-
-/* unicode_regex_split_custom_llama3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
- *  ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+ */
-static int split_llama3(const scratch_t *s, const int32_t *in, int n_in, int32_t *out)
-{
-    int n_out = 0;
-    int32_t start = 0;
-    for (int k = 0; k < n_in; k++) {
-        const int32_t ini = start, end = start + in[k];
-        start = end;
-        int32_t prev_end = ini;
-        for (int32_t pos = ini; pos < end;) {
-            const uint32_t cpt = CPT(pos);
-            const uint8_t flags = FLG(pos);
-            if (cpt == '\'' && pos + 1 < end) {
-                uint32_t nx = ascii_lower(CPT(pos + 1));
-                if (nx == 's' || nx == 't' || nx == 'm' || nx == 'd') {
-                    ADD(pos + 2);
-                    pos += 2;
-                    continue;
-                }
-                if (pos + 2 < end) {
-                    uint32_t nn = ascii_lower(CPT(pos + 2));
-                    if ((nx == 'r' && nn == 'e') || (nx == 'v' && nn == 'e') || (nx == 'l' && nn == 'l')) {
-                        ADD(pos + 3);
-                        pos += 3;
-                        continue;
-                    }
-                }
-            }
-            if (!(cpt == '\r' || cpt == '\n' || F_NUMBER(flags))) {
-                if (F_LETTER(flags) || F_LETTER(FLG(pos + 1))) {
-                    pos++;
-                    while (F_LETTER(FLG(pos))) pos++;
-                    ADD(pos);
-                    continue;
-                }
-            }
-            if (F_NUMBER(flags)) {
-                int32_t i0 = pos;
-                while (F_NUMBER(FLG(pos))) {
-                    if (++pos - i0 >= 3) {
-                        ADD(pos);
-                        i0 = pos;
-                    }
-                }
-                ADD(pos);
-                continue;
-            }
-            uint8_t f2 = cpt == ' ' ? FLG(pos + 1) : flags;
-            if (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && flags) {
-                pos += cpt == ' ';
-                while (!(F_SPACE(f2) | F_LETTER(f2) | F_NUMBER(f2)) && f2) f2 = (++pos, FLG(pos));
-                uint32_t c2 = CPT(pos);
-                while (c2 == '\r' || c2 == '\n') c2 = (++pos, CPT(pos));
-                ADD(pos);
-                continue;
-            }
-            int32_t nws = 0, last_rn = 0;
-            while (F_SPACE(FLG(pos + nws))) {
-                uint32_t c2 = CPT(pos + nws);
-                if (c2 == '\r' || c2 == '\n') last_rn = pos + nws + 1;
-                nws++;
-            }
-            if (last_rn > 0) {
-                pos = last_rn;
-                ADD(pos);
-                continue;
-            }
-            if (nws > 1 && CPT(pos + nws) != OUT_OF_RANGE) {
-                pos += nws - 1;
-                ADD(pos);
-                continue;
-            }
-            if (nws > 0) {
-                pos += nws;
-                ADD(pos);
-                continue;
-            }
-            ADD(++pos);
-        }
-    }
-    return n_out;
-#undef CPT
-#undef FLG
-#undef ADD
-}
-
 /* Pre-tokenizes and BPE-encodes one raw fragment. */
 static void encode_fragment(const tok_t *t, scratch_t *s, const char *text, size_t len, emit_t *e)
 {
@@ -975,35 +755,8 @@ static void encode_fragment(const tok_t *t, scratch_t *s, const char *text, size
         n++;
     }
     if (n == 0) return;
-    int32_t *a = s->seg_a, *b = s->seg_b, *tmp;
-    a[0] = n;
-    int na = 1;
-#define STAGE(call)                                                                                                    \
-    do {                                                                                                               \
-        na = (call);                                                                                                   \
-        tmp = a;                                                                                                       \
-        a = b;                                                                                                         \
-        b = tmp;                                                                                                       \
-    } while (0)
-    switch (t->pre) {
-    case PRE_SMOLLM:
-        STAGE(split_runs(s, a, na, b, is_number, 1));
-        STAGE(split_gpt2(s, a, na, b));
-        break;
-    case PRE_GPT2:
-        STAGE(split_gpt2(s, a, na, b));
-        break;
-    case PRE_DEFAULT:
-        STAGE(split_runs(s, a, na, b, is_default_punct, 0));
-        STAGE(split_gpt2(s, a, na, b));
-        STAGE(split_runs(s, a, na, b, is_number, 0));
-        STAGE(split_runs(s, a, na, b, is_ascii_digit, 3));
-        break;
-    case PRE_LLAMA3:
-        STAGE(split_llama3(s, a, na, b));
-        break;
-    }
-#undef STAGE
+    const int32_t *a;
+    const int na = pretok_split(t->pre, s->cps, s->fl, n, s->seg_a, s->seg_b, &a);
     int32_t c = 0;
     for (int k = 0; k < na; k++) {
         int wl = 0;

@@ -39,7 +39,7 @@ typedef struct tok_desc {
     int32_t n_merges;
     const char *const *merges;   /* "left right", rank = index */
     const size_t *merge_lens;    /* NULL: NUL-terminated */
-    const char *pre;             /* pre-tokenizer: "smollm", "gpt2"/"gpt-2", "default", "llama3"/"llama-bpe"; NULL: "default" */
+    const char *pre;             /* tokenizer.ggml.pre (pretokenizer.h lists them); NULL: "default" */
     int32_t bos_id, eos_id, unk_id, pad_id; /* -1 when absent */
     bool add_bos;
     const char *chat_template;   /* NULL when absent */

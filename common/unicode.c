@@ -8,7 +8,7 @@
 
 #include <stdbool.h>
 
-static bool in_ranges(const uint32_t (*r)[2], int n, uint32_t cp)
+bool unicode_in_ranges(const uint32_t (*r)[2], int n, uint32_t cp)
 {
     int lo = 0, hi = n - 1;
     while (lo <= hi) {
@@ -53,13 +53,13 @@ unsigned unicode_flags(uint32_t cp)
     if (cp > UNICODE_MAX_CP)
         return 0;
     unsigned f = UNICODE_DEFINED;
-    if (in_ranges(unicode_letter_ranges, unicode_letter_ranges_n, cp))
+    if (unicode_in_ranges(unicode_letter_ranges, unicode_letter_ranges_n, cp))
         return f | UNICODE_LETTER;
-    if (in_ranges(unicode_number_ranges, unicode_number_ranges_n, cp))
+    if (unicode_in_ranges(unicode_number_ranges, unicode_number_ranges_n, cp))
         return f | UNICODE_NUMBER;
-    if (in_ranges(unicode_space_ranges, unicode_space_ranges_n, cp))
+    if (unicode_in_ranges(unicode_space_ranges, unicode_space_ranges_n, cp))
         return f | UNICODE_SPACE;
-    if (in_ranges(unicode_punct_ranges, unicode_punct_ranges_n, cp))
+    if (unicode_in_ranges(unicode_punct_ranges, unicode_punct_ranges_n, cp))
         return f | UNICODE_PUNCT;
     return f;
 }

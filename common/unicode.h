@@ -7,6 +7,7 @@
 #ifndef FOLIO_UNICODE_H
 #define FOLIO_UNICODE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -46,6 +47,9 @@ int unicode_utf8_valid_prefix(const uint8_t *s, size_t n);
 uint32_t unicode_byte_to_cp(uint8_t b);
 /* Inverse of unicode_byte_to_cp; -1 for code points outside its image. */
 int unicode_cp_to_byte(uint32_t cp);
+
+/* Whether cp lies in one of the sorted, inclusive [first, last] ranges r[0..n) (binary search). */
+bool unicode_in_ranges(const uint32_t (*r)[2], int n, uint32_t cp);
 
 /* Generated tables (unicode_data.c): sorted, inclusive [first, last] ranges. */
 extern const uint32_t unicode_letter_ranges[][2];
