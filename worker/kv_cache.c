@@ -161,6 +161,7 @@ int32_t kv_cache_alloc_block(kv_cache_t *kv)
         lru_unlink(kv, b);
         table_remove(kv, b);
         kv->evictions++;
+        if (kv->on_block) kv->on_block(kv->on_block_user, false, kv->hash[b]);
     } else {
         return -1;
     }
@@ -206,6 +207,7 @@ int32_t kv_cache_publish(kv_cache_t *kv, int32_t block, block_hash_t h, const in
     kv->hash[block] = h;
     memcpy(kv->tokens + (size_t)block * kv->block_size, tokens, (size_t)kv->block_size * sizeof *tokens);
     kv->cached[block] = 1;
+    if (kv->on_block) kv->on_block(kv->on_block_user, true, h);
     return block;
 }
 

@@ -18,6 +18,7 @@
 #ifndef FOLIO_KV_CACHE_H
 #define FOLIO_KV_CACHE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -44,6 +45,10 @@ typedef struct kv_cache {
     int32_t *table;        /* [table_mask + 1] block ids, -1 empty */
     uint32_t table_mask;
     uint64_t hits, evictions;
+    /* Called as a block is published (stored true) or evicted from the prefix cache, with its hash:
+     * what the coordinator routes by (kv_events.h). NULL: nobody listens. */
+    void (*on_block)(void *user, bool stored, block_hash_t h);
+    void *on_block_user;
 } kv_cache_t;
 
 /* Sizes the pool from budget_bytes; fails if not even one block fits. */

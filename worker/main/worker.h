@@ -15,6 +15,7 @@
 
 #include "curve.h"
 #include "engine.h"
+#include "kv_events.h"
 #include "request.h"
 #include "scheduler.h"
 #include "tokenizer.h"
@@ -88,6 +89,11 @@ typedef struct worker {
     int32_t *pending; /* slots whose FINAL waits for room in the socket's queue */
     int n_pending;
 
+    /* The prefix cache's changes for the coordinator (worker_kv.c); NULL when off or --fake. */
+    kv_events_t *kv_events;
+    int kv_events_ms;      /* --kv-events-ms: at most one KV_EVENTS per this interval */
+    double kv_events_next; /* when the next may go */
+
     /* Heartbeats while a step runs (worker_beat.c). */
     pthread_mutex_t lock;    /* recursive; guards the socket and the fields marked shared */
     pthread_cond_t beat_wake;
@@ -121,6 +127,10 @@ void worker_drop_finals(worker_t *w);
 /* worker_main.c: sends to the coordinator without blocking (a no-op while disconnected); FL_EIO
  * with errno EAGAIN when its queue is full. Takes the lock. */
 int worker_send(worker_t *w, int cmd, const ProtobufCMessage *body);
+
+/* worker_kv.c: sends the prefix cache's pending changes as one KV_EVENTS when the interval has
+ * passed (or half the batch is full). */
+void worker_kv_events_flush(worker_t *w, double now);
 
 /* worker_beat.c */
 int worker_beat_start(worker_t *w, fl_error_t *err);

@@ -92,6 +92,8 @@ static void usage(FILE *f)
             "  --max-seqs N          sequences per step (default 64)\n"
             "  --max-waiting N       queued requests beyond which new ones are refused (default 4096)\n"
             "  --no-prefix-cache     never reuse cached prompt blocks\n"
+            "  --kv-events-ms N      tell the coordinator which prompt blocks are cached, at most once per\n"
+            "                        N ms (default 100; 0: never, the coordinator then routes by hashing)\n"
             "  --spec MODE           speculative decoding this worker allows: auto (default: any a request\n"
             "                        asks for; Medusa where heads are loaded, else n-gram), medusa, ngram\n"
             "                        or none (off)\n"
@@ -248,6 +250,7 @@ static int connect_locked(worker_t *w, fl_error_t *err)
     }
     w->last_heard = fl_clock_s();
     send_ready(w);
+    if (w->kv_events) kv_events_restart(w->kv_events); /* the coordinator's view starts over */
     return FL_OK;
 }
 
@@ -496,6 +499,7 @@ static int run(worker_t *w)
         const bool room = can_send(w);
         double wake = w->next_heartbeat;
         if (w->last_heard + dead_after_s(w) < wake) wake = w->last_heard + dead_after_s(w);
+        if (w->kv_events && kv_events_pending(w->kv_events) && w->kv_events_next < wake) wake = w->kv_events_next;
         pthread_mutex_lock(&w->lock);
         zmq_pollitem_t item = {.socket = w->sock, .events = ZMQ_POLLIN | (room ? 0 : ZMQ_POLLOUT)};
         const int n = zmq_poll(&item, 1, work && room ? 0 : ms_until(wake, now));
@@ -526,6 +530,7 @@ static int run(worker_t *w)
             worker_flush_partials(w);
             now = fl_clock_s();
         }
+        worker_kv_events_flush(w, now);
         pthread_mutex_lock(&w->lock);
         const bool due = now >= w->next_heartbeat;
         pthread_mutex_unlock(&w->lock);
@@ -552,6 +557,7 @@ int main(int argc, char **argv)
     sched_opts_t so = {0};
     spec_paths_t spec_tree; /* --spec-tree */
     const char *endpoint_flag = NULL, *group = "g0", *health_file = NULL, *curve_secret = NULL, *coordinator_key = NULL;
+    long kv_events_ms = 100;
     long rank = 0, tp = 1, heartbeat_ms = 1000, max_waiting = 4096, restarts = 0, n;
     double drain_timeout_s = 60;
     bool fake = false;
@@ -583,6 +589,8 @@ int main(int argc, char **argv)
         } else if (!strcmp(f, "--max-seqs")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 1, 1 << 16, &n)) return 2;
             eo.max_seqs = so.max_running = (int)n;
+        } else if (!strcmp(f, "--kv-events-ms")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 0, 600000, &kv_events_ms)) return 2;
         } else if (!strcmp(f, "--max-waiting")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 1, 1 << 20, &max_waiting)) return 2;
         } else if (!strcmp(f, "--no-prefix-cache")) {
@@ -712,6 +720,16 @@ int main(int argc, char **argv)
         w.max_context = (uint32_t)(m->max_blocks * kv->block_size);
         if (kv_tokens < w.max_context) w.max_context = kv_tokens;
         n_slots = (int)max_waiting + m->max_seqs; /* everything the scheduler can hold at once */
+        if (kv_events_ms > 0) {
+            if (!(w.kv_events = kv_events_new(KV_EVENTS_DEFAULT_CAP, &err))) {
+                fprintf(stderr, "error: %s\n", err.msg);
+                sched_destroy(&w.sched);
+                engine_destroy(&w.eng);
+                return 1;
+            }
+            kv_events_attach(w.kv_events, w.eng->kv);
+            w.kv_events_ms = (int)kv_events_ms;
+        }
         fl_log_info("worker group=%s rank=%d model=%s model_id=%s backend=%s kv_bytes_per_token=%zu "
                     "(2 x %d layers x %d kv_heads x %d head_dim x 2 bytes) kv_capacity_tokens=%u kv_blocks=%u "
                     "block_size=%u max_context=%u",
@@ -757,6 +775,8 @@ int main(int argc, char **argv)
         w.sock = NULL;
     }
     sched_destroy(&w.sched);
+    if (w.eng) kv_events_attach(NULL, w.eng->kv);
+    kv_events_destroy(&w.kv_events);
     engine_destroy(&w.eng);
     worker_reqs_free(&w);
     worker_health_clear(&w);
