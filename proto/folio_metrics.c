@@ -300,6 +300,12 @@ static void render_groups(text_t *t, const Folio__V1__StatusReply *s)
         const label_t l[] = {{"group", s->groups[i]->name}};
         sample_u64(t, "folio:num_requests_inflight", "", l, 1, s->groups[i]->inflight);
     }
+    family(t, "folio:group_kv_index_blocks", "gauge",
+           "Blocks of the group's prefix cache in the coordinator's index (from its KV events).");
+    for (size_t i = 0; i < s->n_groups; i++) {
+        const label_t l[] = {{"group", s->groups[i]->name}};
+        sample_u64(t, "folio:group_kv_index_blocks", "", l, 1, s->groups[i]->kv_index_blocks);
+    }
 }
 
 /* ---- per group: the requests the coordinator relayed ---- */
@@ -439,6 +445,19 @@ static void render_coordinator(text_t *t, const Folio__V1__StatusReply *s)
     const label_t p50[] = {{"quantile", "0.5"}}, p99[] = {{"quantile", "0.99"}};
     sample(t, "folio:coordinator_route_latency_seconds", "", p50, 1, s->route_p50_us / 1e6);
     sample(t, "folio:coordinator_route_latency_seconds", "", p99, 1, s->route_p99_us / 1e6);
+    family(t, "folio:coordinator_kv_index_entries", "gauge",
+           "(block, group) entries in the index of the groups' prefix caches that cache-aware routing reads.");
+    sample_u64(t, "folio:coordinator_kv_index_entries", "", NULL, 0, s->kv_index_entries);
+    family(t, "folio:coordinator_kv_index_capacity", "gauge", "The most entries that index holds.");
+    sample_u64(t, "folio:coordinator_kv_index_capacity", "", NULL, 0, s->kv_index_capacity);
+    family(t, "folio:coordinator_kv_index_evictions_total", "counter", "Index entries evicted to make room.");
+    sample_u64(t, "folio:coordinator_kv_index_evictions_total", "", NULL, 0, s->kv_index_evictions);
+    family(t, "folio:coordinator_routed_by_cache_total", "counter",
+           "Requests the cache-aware policy sent to a group for the leading prompt blocks it holds.");
+    sample_u64(t, "folio:coordinator_routed_by_cache_total", "", NULL, 0, s->routed_by_cache);
+    family(t, "folio:coordinator_routed_cached_blocks_total", "counter",
+           "The prompt blocks those requests found held, summed.");
+    sample_u64(t, "folio:coordinator_routed_cached_blocks_total", "", NULL, 0, s->routed_cached_blocks);
 }
 
 char *folio_metrics_render(const Folio__V1__StatusReply *status)

@@ -215,6 +215,12 @@ static void test_the_workers_load_is_reported_per_group_as_it_came(void **state)
     s.requests_migrated = 1;
     s.route_p50_us = 123;
     s.route_p99_us = 10;
+    a.g.kv_index_blocks = 17;
+    s.kv_index_entries = 17;
+    s.kv_index_capacity = 1024;
+    s.kv_index_evictions = 2;
+    s.routed_by_cache = 5;
+    s.routed_cached_blocks = 60;
     char *text = folio_metrics_render(&s);
     check_format(text);
     const char *want[] = {
@@ -247,6 +253,13 @@ static void test_the_workers_load_is_reported_per_group_as_it_came(void **state)
         "folio:coordinator_requests_migrated_total 1",
         "folio:coordinator_route_latency_seconds{quantile=\"0.5\"} 0.000123",
         "folio:coordinator_route_latency_seconds{quantile=\"0.99\"} 1e-05",
+        "folio:group_kv_index_blocks{group=\"g0\"} 17",
+        "folio:group_kv_index_blocks{group=\"g1\"} 0",
+        "folio:coordinator_kv_index_entries 17",
+        "folio:coordinator_kv_index_capacity 1024",
+        "folio:coordinator_kv_index_evictions_total 2",
+        "folio:coordinator_routed_by_cache_total 5",
+        "folio:coordinator_routed_cached_blocks_total 60",
     };
     expect_lines(text, want, sizeof want / sizeof *want);
     /* g1 has no load: none of the workers' figures, and no heartbeat age without a rank 0 */
