@@ -18,6 +18,7 @@
  * A symbol left with a virtual id falls back to its single-byte pieces, as llama.cpp does. */
 #include "tokenizer.h"
 
+#include <ctype.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,9 +49,13 @@ struct tok {
     size_t str_mask;
     merge_slot_t *merges;
     size_t merge_mask;
-    int32_t byte_id[256];
+    int32_t byte_id[256]; /* BPE: the symbol of each byte; SentencePiece: its <0xXX> token or -1 */
     int32_t *special; /* ids split out before BPE, longest first */
     int n_special;
+    uint8_t *rstrip;    /* per vocab id, NULL when none: whitespace after the token is dropped */
+    bool spm;           /* SentencePiece */
+    bool add_space_prefix;
+    int32_t *spm_rank;  /* SentencePiece, per vocab id: 0 for the highest score, equal scores equal */
     const pretok_t *pre;
     char pre_name[64];
     bool ignore_merges;
@@ -167,7 +172,14 @@ static const char *const EOG_TEXTS[] = {
     "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
     /* FIM pad / repo / file-separator tokens, which llama.cpp also treats as end of generation */
     "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>",
-    "<reponame>", "<|file_sep|>",
+    "<reponame>", "<|file_sep|>", "<PAD>", "<｜end▁of▁sentence｜>",
+};
+
+/* FIM prefix / suffix / middle tokens: llama.cpp makes them CONTROL (so not parsed from plain text). */
+static const char *const FIM_TEXTS[] = {
+    "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>",
+    "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>",
+    "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>",
 };
 
 static int set_pre(tok_t *t, const char *pre, fl_error_t *err)
@@ -209,6 +221,59 @@ static size_t decode_byte_level(const char *s, size_t n, char *out)
     return o;
 }
 
+/* SentencePiece token_to_piece: U+2581 -> ' ' for normal tokens, the byte of <0xXX> for byte tokens
+ * (read as llama.cpp's strtol of the two characters after "<0x"). Returns the length; out holds n. */
+static size_t decode_spm(const char *s, size_t n, uint8_t type, char *out)
+{
+    if (type == TOK_TYPE_BYTE) {
+        char hex[3] = {n > 3 ? s[3] : 0, n > 4 ? s[4] : 0, 0};
+        out[0] = (char)strtol(hex, NULL, 16);
+        return 1;
+    }
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (type == TOK_TYPE_NORMAL && i + 2 < n && !memcmp(s + i, "\xE2\x96\x81", 3)) {
+            out[o++] = ' ';
+            i += 2;
+        } else
+            out[o++] = s[i];
+    }
+    return o;
+}
+
+typedef struct {
+    float score;
+    int32_t id;
+} scored_t;
+
+static int by_score_desc(const void *a, const void *b)
+{
+    const float x = ((const scored_t *)a)->score, y = ((const scored_t *)b)->score;
+    return x > y ? -1 : x < y ? 1 : 0;
+}
+
+/* SentencePiece: rank[id] orders tokens by score, highest first (equal scores, equal ranks), so that
+ * BPE's bigram heap (lowest rank, then leftmost) pops what llama.cpp's score queue pops. */
+static int spm_ranks(tok_t *t, const float *scores)
+{
+    const int32_t nv = t->n_vocab;
+    t->spm_rank = malloc(sizeof *t->spm_rank * (size_t)nv);
+    scored_t *v = malloc(sizeof *v * (size_t)nv);
+    if (!t->spm_rank || !v) {
+        free(v);
+        return FL_ENOMEM;
+    }
+    for (int32_t i = 0; i < nv; i++) v[i] = (scored_t){scores ? scores[i] : 0.0f, i};
+    qsort(v, (size_t)nv, sizeof *v, by_score_desc);
+    int32_t rank = 0;
+    for (int32_t i = 0; i < nv; i++) {
+        if (i > 0 && v[i].score != v[i - 1].score) rank = i;
+        t->spm_rank[v[i].id] = rank;
+    }
+    free(v);
+    return 0;
+}
+
 tok_t *tok_new(const tok_desc_t *d, fl_error_t *err)
 {
     if (!d || d->n_vocab <= 0 || !d->tokens || d->n_merges < 0 || (d->n_merges > 0 && !d->merges)) {
@@ -221,10 +286,16 @@ tok_t *tok_new(const tok_desc_t *d, fl_error_t *err)
     }
     tok_t *t = calloc(1, sizeof *t);
     if (!t) goto nomem;
-    if (set_pre(t, d->pre, err)) goto fail;
+    t->spm = d->spm;
+    t->add_space_prefix = d->spm && d->add_space_prefix;
+    if (t->spm) /* llama.cpp gives SentencePiece no pre-tokenizer, whatever tokenizer.ggml.pre says */
+        snprintf(t->pre_name, sizeof t->pre_name, "%s", d->pre ? d->pre : "default");
+    else if (set_pre(t, d->pre, err))
+        goto fail;
+    const int32_t n_merges = t->spm ? 0 : d->n_merges;
     int32_t nv = d->n_vocab;
     t->n_vocab = nv;
-    t->ids_cap = nv + 3 * d->n_merges + 256;
+    t->ids_cap = nv + 3 * n_merges + 256;
     t->text_off = malloc(sizeof *t->text_off * (size_t)t->ids_cap);
     t->text_len = malloc(sizeof *t->text_len * (size_t)t->ids_cap);
     t->type = malloc((size_t)nv);
@@ -233,7 +304,7 @@ tok_t *tok_new(const tok_desc_t *d, fl_error_t *err)
     t->dec_len = malloc(sizeof *t->dec_len * (size_t)nv);
     t->str_mask = pow2_at_least((size_t)t->ids_cap * 2) - 1;
     t->str_slots = calloc(t->str_mask + 1, sizeof *t->str_slots);
-    t->merge_mask = pow2_at_least((size_t)d->n_merges * 2 + 16) - 1;
+    t->merge_mask = pow2_at_least((size_t)n_merges * 2 + 16) - 1;
     t->merges = calloc(t->merge_mask + 1, sizeof *t->merges);
     if (!t->text_off || !t->text_len || !t->type || !t->eog || !t->dec_off || !t->dec_len || !t->str_slots ||
         !t->merges)
@@ -263,15 +334,24 @@ tok_t *tok_new(const tok_desc_t *d, fl_error_t *err)
         t->type[i] = (uint8_t)(ty >= 0 && ty <= TOK_TYPE_BYTE ? ty : TOK_TYPE_UNDEFINED);
     }
 
-    /* Byte symbols and merges. */
+    /* Byte symbols and merges (SentencePiece: byte tokens, as llama.cpp's byte_to_token finds them). */
     for (int b = 0; b < 256; b++) {
+        if (t->spm) {
+            char hex[8], one[1] = {(char)b};
+            snprintf(hex, sizeof hex, "<0x%02X>", b);
+            int32_t id = str_find(t, hex, 6);
+            if (id < 0) id = str_find(t, one, 1);
+            t->byte_id[b] = id;
+            continue;
+        }
         char u[4];
         int n = unicode_encode_utf8(unicode_byte_to_cp((uint8_t)b), u);
         if (intern(t, u, (size_t)n, &t->byte_id[b])) goto nomem;
     }
+    if (t->spm && spm_ranks(t, d->scores)) goto nomem;
     char *joined = NULL;
     size_t joined_cap = 0;
-    for (int32_t r = 0; r < d->n_merges; r++) {
+    for (int32_t r = 0; r < n_merges; r++) {
         const char *m = d->merges[r];
         if (!m) continue;
         size_t n = d->merge_lens ? d->merge_lens[r] : strlen(m);
@@ -314,13 +394,17 @@ tok_t *tok_new(const tok_desc_t *d, fl_error_t *err)
     }
     free(joined);
 
-    /* End-of-generation tokens (promoted to CONTROL, as llama.cpp does). */
+    /* End-of-generation and FIM tokens (promoted to CONTROL, as llama.cpp does). */
     for (size_t k = 0; k < sizeof EOG_TEXTS / sizeof EOG_TEXTS[0]; k++) {
         int32_t id = str_find(t, EOG_TEXTS[k], strlen(EOG_TEXTS[k]));
         if (id >= 0 && id < nv) {
             t->eog[id] = 1;
             t->type[id] = TOK_TYPE_CONTROL;
         }
+    }
+    for (size_t k = 0; k < sizeof FIM_TEXTS / sizeof FIM_TEXTS[0]; k++) {
+        int32_t id = str_find(t, FIM_TEXTS[k], strlen(FIM_TEXTS[k]));
+        if (id >= 0 && id < nv) t->type[id] = TOK_TYPE_CONTROL;
     }
     t->bos = d->bos_id >= 0 && d->bos_id < nv ? d->bos_id : -1;
     t->eos = d->eos_id >= 0 && d->eos_id < nv ? d->eos_id : -1;
@@ -336,7 +420,19 @@ tok_t *tok_new(const tok_desc_t *d, fl_error_t *err)
         const char *s = id_text(t, i);
         size_t n = t->text_len[i];
         size_t need = 64 + n * (n + 32);
-        if (t->type[i] == TOK_TYPE_NORMAL) {
+        if (t->spm && (t->type[i] == TOK_TYPE_NORMAL || t->type[i] == TOK_TYPE_BYTE)) {
+            if (n + 1 > tmp_cap) {
+                tmp_cap = n * 2 + 64;
+                char *p = realloc(tmp, tmp_cap);
+                if (!p) {
+                    free(tmp);
+                    goto nomem;
+                }
+                tmp = p;
+            }
+            n = decode_spm(s, n, t->type[i], tmp);
+            s = tmp;
+        } else if (!t->spm && t->type[i] == TOK_TYPE_NORMAL) {
             if (need > tmp_cap) {
                 tmp_cap = need * 2;
                 char *p = realloc(tmp, tmp_cap);
@@ -373,6 +469,16 @@ tok_t *tok_new(const tok_desc_t *d, fl_error_t *err)
         }
         t->special[j] = v;
     }
+    if (d->special_rstrip) { /* llama.cpp's Phi-3 rule: every special token and </s>, but not these three */
+        t->rstrip = calloc((size_t)nv, 1);
+        if (!t->rstrip) goto nomem;
+        for (int k = 0; k < t->n_special; k++) t->rstrip[t->special[k]] = 1;
+        static const char *const set[] = {"</s>"}, *const unset[] = {"<unk>", "<s>", "<|endoftext|>"};
+        int32_t id = str_find(t, set[0], strlen(set[0]));
+        if (id >= 0 && id < nv) t->rstrip[id] = 1;
+        for (size_t k = 0; k < sizeof unset / sizeof unset[0]; k++)
+            if ((id = str_find(t, unset[k], strlen(unset[k]))) >= 0 && id < nv) t->rstrip[id] = 0;
+    }
 
     if (d->chat_template) {
         size_t n = d->chat_template_len ? d->chat_template_len : strlen(d->chat_template);
@@ -404,6 +510,8 @@ void tok_destroy(tok_t **tp)
     free(t->str_slots);
     free(t->merges);
     free(t->special);
+    free(t->rstrip);
+    free(t->spm_rank);
     free(t->chat_template);
     free(t);
     *tp = NULL;
@@ -437,7 +545,7 @@ static int gguf_opt_id(const gguf_t *g, const char *key, int32_t *out, fl_error_
 tok_t *tok_new_from_gguf(const gguf_t *g, fl_error_t *err)
 {
     tok_t *t = NULL;
-    char *model = NULL, *pre = NULL, *tmpl = NULL;
+    char *model = NULL, *pre = NULL, *tmpl = NULL, *name = NULL;
     const char **tokens = NULL, **merges = NULL;
     size_t *token_lens = NULL, *merge_lens = NULL;
     int32_t *types = NULL;
@@ -452,9 +560,12 @@ tok_t *tok_new_from_gguf(const gguf_t *g, fl_error_t *err)
         goto done;
     }
     if (rc) goto done;
-    if (strcmp(model, "gpt2") != 0) {
-        const char *what = !strcmp(model, "llama") ? " (SentencePiece)" : !strcmp(model, "bert") ? " (WordPiece)" : "";
-        fl_fail(err, FL_EUNSUPPORTED, "%s: tokenizer model '%s'%s is not supported; folio supports byte-level BPE ('gpt2')",
+    const bool spm = !strcmp(model, "llama");
+    if (!spm && strcmp(model, "gpt2") != 0) {
+        const char *what = !strcmp(model, "bert") ? " (WordPiece)" : !strcmp(model, "t5") ? " (Unigram)" : "";
+        fl_fail(err, FL_EUNSUPPORTED,
+                "%s: tokenizer model '%s'%s is not supported; folio supports byte-level BPE ('gpt2') and "
+                "SentencePiece ('llama')",
                 path, model, what);
         goto done;
     }
@@ -477,15 +588,17 @@ tok_t *tok_new_from_gguf(const gguf_t *g, fl_error_t *err)
             fl_fail(err, FL_EFORMAT, "%s: tokenizer.ggml.tokens[%llu] unreadable", path, (unsigned long long)i);
             goto done;
         }
-    rc = gguf_get_arr(g, "tokenizer.ggml.merges", &et, &n_merges, err);
-    if (rc == FL_ENOTFOUND) {
-        fl_fail(err, FL_EFORMAT, "%s: BPE tokenizer without tokenizer.ggml.merges", path);
-        goto done;
-    }
-    if (rc) goto done;
-    if (et != GGUF_TYPE_STRING || n_merges > (1u << 24)) {
-        fl_fail(err, FL_EFORMAT, "%s: tokenizer.ggml.merges must be a string array", path);
-        goto done;
+    if (!spm) { /* SentencePiece merges by score, not by a merge list */
+        rc = gguf_get_arr(g, "tokenizer.ggml.merges", &et, &n_merges, err);
+        if (rc == FL_ENOTFOUND) {
+            fl_fail(err, FL_EFORMAT, "%s: BPE tokenizer without tokenizer.ggml.merges", path);
+            goto done;
+        }
+        if (rc) goto done;
+        if (et != GGUF_TYPE_STRING || n_merges > (1u << 24)) {
+            fl_fail(err, FL_EFORMAT, "%s: tokenizer.ggml.merges must be a string array", path);
+            goto done;
+        }
     }
     merges = malloc(sizeof *merges * (n_merges + 1));
     merge_lens = malloc(sizeof *merge_lens * (n_merges + 1));
@@ -508,6 +621,18 @@ tok_t *tok_new_from_gguf(const gguf_t *g, fl_error_t *err)
         memcpy(types, raw, sizeof *types * n_vocab); /* little-endian host assumed, as gguf.c */
     } else if (rc != FL_ENOTFOUND)
         goto done;
+    uint64_t n_scores = 0;
+    const float *scores = NULL;
+    rc = gguf_get_arr(g, "tokenizer.ggml.scores", &et, &n_scores, err);
+    if (rc == 0) {
+        scores = gguf_arr_data(g, "tokenizer.ggml.scores");
+        if (n_scores != n_vocab || !scores || et != GGUF_TYPE_FLOAT32) {
+            fl_fail(err, FL_EFORMAT, "%s: tokenizer.ggml.scores must be %llu float32 values", path,
+                    (unsigned long long)n_vocab);
+            goto done;
+        }
+    } else if (rc != FL_ENOTFOUND)
+        goto done;
 
     tok_desc_t d = {
         .n_vocab = (int32_t)n_vocab,
@@ -518,11 +643,14 @@ tok_t *tok_new_from_gguf(const gguf_t *g, fl_error_t *err)
         .merges = merges,
         .merge_lens = merge_lens,
         .pre = pre ? pre : "default",
-        .bos_id = 11, /* llama.cpp's BPE defaults */
-        .eos_id = 11,
-        .unk_id = -1,
+        .bos_id = spm ? 1 : 11, /* llama.cpp's defaults */
+        .eos_id = spm ? 2 : 11,
+        .unk_id = spm ? 0 : -1,
         .pad_id = -1,
-        .add_bos = false,
+        .add_bos = spm,
+        .spm = spm,
+        .scores = scores,
+        .add_space_prefix = spm,
     };
     bool add_bos_set = false;
     if (gguf_opt_id(g, "tokenizer.ggml.bos_token_id", &d.bos_id, err) ||
@@ -535,7 +663,14 @@ tok_t *tok_new_from_gguf(const gguf_t *g, fl_error_t *err)
         add_bos_set = true;
     else if (rc != FL_ENOTFOUND)
         goto done;
-    if (!add_bos_set) d.add_bos = pretok_add_bos(pretok_find(d.pre));
+    if (!add_bos_set && !spm) d.add_bos = pretok_add_bos(pretok_find(d.pre));
+    rc = gguf_get_bool(g, "tokenizer.ggml.add_space_prefix", &d.add_space_prefix, err);
+    if (rc && rc != FL_ENOTFOUND) goto done;
+    /* llama.cpp marks Phi-3's special tokens rstrip by the model's name */
+    rc = gguf_str_dup(g, "general.name", &name, err);
+    if (rc && rc != FL_ENOTFOUND) goto done;
+    for (char *c = name; c && *c; c++) *c = (char)tolower((unsigned char)*c);
+    d.special_rstrip = name && (strstr(name, "phi-3") || strstr(name, "phi3"));
     rc = gguf_str_dup(g, "tokenizer.chat_template", &tmpl, err);
     if (rc && rc != FL_ENOTFOUND) goto done;
     d.chat_template = tmpl;
@@ -548,6 +683,7 @@ nomem:
     fl_fail(err, FL_ENOMEM, "%s: out of memory reading the tokenizer", path);
 done:
     free(model);
+    free(name);
     free(pre);
     free(tmpl);
     free(tokens);
@@ -596,6 +732,7 @@ typedef struct {
     char *word;             /* one word's UTF-8 bytes */
     char *spelled;          /* its byte-level spelling (ignore_merges lookup) */
     int32_t *sym_id, *sym_prev, *sym_next;
+    int32_t *sym_off; /* SentencePiece: where each symbol starts (sym_id holds its length) */
     bigram_t *heap;
     int n_heap;
     size_t word_cap; /* bytes the per-word buffers above hold */
@@ -621,6 +758,9 @@ static bool word_reserve(scratch_t *s, size_t n)
     a = realloc(s->sym_next, sizeof *a * c);
     if (!a) return false;
     s->sym_next = a;
+    a = realloc(s->sym_off, sizeof *a * c);
+    if (!a) return false;
+    s->sym_off = a;
     bigram_t *h = realloc(s->heap, sizeof *h * (3 * c + 4));
     if (!h) return false;
     s->heap = h;
@@ -770,6 +910,77 @@ static void encode_fragment(const tok_t *t, scratch_t *s, const char *text, size
     }
 }
 
+/* SentencePiece: the bigram of symbols left and right when the vocab spells their joined text. The
+ * heap's order (rank = score order, then leftmost) is llama.cpp's; result holds the joined length,
+ * which tells a stale entry as llama.cpp does (a side emptied or grown since). */
+static void spm_try_bigram(const tok_t *t, scratch_t *s, const char *w, int32_t left, int32_t right)
+{
+    if (left < 0 || right < 0) return;
+    const int32_t n = s->sym_id[left] + s->sym_id[right];
+    const int32_t id = str_find(t, w + s->sym_off[left], (size_t)n);
+    if (id < 0 || id >= t->n_vocab) return;
+    heap_push(s, (bigram_t){t->spm_rank[id], left, right, 0, 0, n});
+}
+
+/* llm_tokenizer_spm_session::tokenize of w[0..n) (spaces already written as U+2581). */
+static void spm_word(const tok_t *t, scratch_t *s, const char *w, int n, emit_t *e)
+{
+    if (!word_reserve(s, (size_t)n)) {
+        s->oom = true;
+        return;
+    }
+    int k = 0;
+    for (int off = 0; off < n; k++) { /* one symbol per UTF-8 character, cut short at the end */
+        int l = unicode_utf8_len((uint8_t)w[off]);
+        if (l > n - off) l = n - off;
+        s->sym_off[k] = off;
+        s->sym_id[k] = l;
+        s->sym_prev[k] = k - 1;
+        off += l;
+        s->sym_next[k] = off == n ? -1 : k + 1;
+    }
+    s->n_heap = 0;
+    for (int i = 1; i < k; i++) spm_try_bigram(t, s, w, i - 1, i);
+    while (s->n_heap > 0) {
+        const bigram_t b = heap_pop(s);
+        int32_t *len = s->sym_id;
+        if (len[b.left] == 0 || len[b.right] == 0 || len[b.left] + len[b.right] != b.result) continue;
+        len[b.left] += len[b.right];
+        len[b.right] = 0;
+        s->sym_next[b.left] = s->sym_next[b.right];
+        if (s->sym_next[b.right] >= 0) s->sym_prev[s->sym_next[b.right]] = b.left;
+        spm_try_bigram(t, s, w, s->sym_prev[b.left], b.left);
+        spm_try_bigram(t, s, w, b.left, s->sym_next[b.left]);
+    }
+    for (int i = 0; i >= 0 && k > 0; i = s->sym_next[i]) {
+        const char *p = w + s->sym_off[i];
+        const int32_t id = str_find(t, p, (size_t)s->sym_id[i]);
+        if (id >= 0 && id < t->n_vocab) {
+            emit(e, id);
+            continue;
+        }
+        for (int32_t j = 0; j < s->sym_id[i]; j++) { /* byte fallback; llama.cpp throws without a byte token */
+            const int32_t bt = t->byte_id[(uint8_t)p[j]];
+            if (bt >= 0 || t->unk >= 0) emit(e, bt >= 0 ? bt : t->unk);
+        }
+    }
+}
+
+/* A SentencePiece text piece: a space first when asked, every space written as U+2581. */
+static void spm_fragment(const tok_t *t, scratch_t *s, const char *text, size_t len, bool space_first, emit_t *e)
+{
+    int n = 0;
+    for (size_t i = 0; i < len + space_first; i++) {
+        const char c = i == 0 && space_first ? ' ' : text[i - space_first];
+        if (c == ' ') {
+            memcpy(s->word + n, "\xE2\x96\x81", 3);
+            n += 3;
+        } else
+            s->word[n++] = c;
+    }
+    spm_word(t, s, s->word, n, e);
+}
+
 typedef struct {
     size_t off, len;
     int32_t id; /* -1: raw text */
@@ -862,6 +1073,8 @@ static int encode(const tok_t *t, const char *text, size_t len, bool add_bos, bo
                 nf[n_new++] = (frag_t){at, sl, sid};
                 flen -= at + sl - off;
                 off = at + sl;
+                if (t->rstrip && t->rstrip[sid]) /* isspace in the C locale, as llama.cpp */
+                    for (; flen > 0 && strchr(" \t\n\v\f\r", text[off]) && text[off]; off++) flen--;
             }
         }
         free(fr);
@@ -886,11 +1099,15 @@ static int encode(const tok_t *t, const char *text, size_t len, bool add_bos, bo
             goto out;
         }
     }
+    bool after_special = true; /* SentencePiece: text that starts or follows a special token */
     for (size_t f = 0; f < n_frag; f++) {
         if (fr[f].id >= 0)
             emit(&e, fr[f].id);
+        else if (t->spm)
+            spm_fragment(t, &s, text + fr[f].off, fr[f].len, t->add_space_prefix && after_special, &e);
         else
             encode_fragment(t, &s, text + fr[f].off, fr[f].len, &e);
+        after_special = fr[f].id >= 0;
     }
     if (s.oom) e.n = FL_ENOMEM;
 out:
@@ -903,6 +1120,7 @@ out:
     free(s.sym_id);
     free(s.sym_prev);
     free(s.sym_next);
+    free(s.sym_off);
     free(s.heap);
     free(fr);
     return e.n;
@@ -926,7 +1144,7 @@ int tok_encode_plain_spans(const tok_t *t, const char *text, size_t len, bool ad
 static size_t piece_bytes(const tok_t *t, int32_t id, bool special, const char **p)
 {
     uint8_t ty = t->type[id];
-    bool shown = ty == TOK_TYPE_NORMAL || ty == TOK_TYPE_USER_DEFINED ||
+    bool shown = ty == TOK_TYPE_NORMAL || ty == TOK_TYPE_USER_DEFINED || (ty == TOK_TYPE_BYTE && t->spm) ||
                  (special && (ty == TOK_TYPE_CONTROL || ty == TOK_TYPE_UNKNOWN));
     *p = t->arena + t->dec_off[id];
     return shown ? t->dec_len[id] : 0;

@@ -1,12 +1,15 @@
-/* tokenizer.h - byte-level BPE tokenizer (GPT-2 family) that reproduces llama.cpp's tokenization,
- * token-to-text decoding (whole arrays and a streaming UTF-8 decoder) and chat templates (the last
- * in common/chat_template.c).
+/* tokenizer.h - the byte-level BPE (GPT-2 family) and SentencePiece (Llama 2, Mistral, Phi-3, Gemma)
+ * tokenizers, reproducing llama.cpp's tokenization, token-to-text decoding (whole arrays and a
+ * streaming UTF-8 decoder) and chat templates (the last in common/chat_template.c).
  *
  * A tok_t is immutable after tok_new/tok_new_from_gguf and may be shared by any number of threads;
  * everything it needs is copied in (it borrows nothing from the desc or the gguf_t). Encoding follows
- * llama.cpp step by step: special tokens written in the text are split out first (longest first),
- * the rest is cut into words by the pre-tokenizer of tokenizer.ggml.pre, each word's bytes are mapped
- * through GPT-2's bytes_to_unicode and merged by BPE rank. Functions that produce text or ids return
+ * llama.cpp step by step: special tokens written in the text are split out first (longest first).
+ * BPE: the rest is cut into words by the pre-tokenizer of tokenizer.ggml.pre, each word's bytes are
+ * mapped through GPT-2's bytes_to_unicode and merged by BPE rank. SentencePiece: each piece of text
+ * (after a space when it starts the text or follows a special token, if add_space_prefix) has its
+ * spaces written as U+2581, and adjacent pieces are merged while the vocab has the joined text,
+ * highest score first; a character not in the vocab becomes its <0xXX> byte tokens. Functions that produce text or ids return
  * how many they produced; when that is more than the caller's capacity they write what fits and
  * return the full count, so a caller can size a buffer and call again. */
 #ifndef FOLIO_TOKENIZER_H
@@ -33,7 +36,7 @@ typedef enum {
 /* Everything a tokenizer is built from, as plain arrays (borrowed for the duration of tok_new). */
 typedef struct tok_desc {
     int32_t n_vocab;
-    const char *const *tokens;   /* n_vocab strings in GPT-2's byte-level spelling */
+    const char *const *tokens;   /* n_vocab strings: BPE in GPT-2's byte-level spelling, SentencePiece as is */
     const size_t *token_lens;    /* lengths of tokens[i]; NULL: NUL-terminated */
     const int32_t *token_types;  /* n_vocab tok_type_t values; NULL: all NORMAL */
     int32_t n_merges;
@@ -42,6 +45,10 @@ typedef struct tok_desc {
     const char *pre;             /* tokenizer.ggml.pre (pretokenizer.h lists them); NULL: "default" */
     int32_t bos_id, eos_id, unk_id, pad_id; /* -1 when absent */
     bool add_bos;
+    bool spm;                    /* SentencePiece (tokenizer.ggml.model "llama"); false: byte-level BPE */
+    const float *scores;         /* SentencePiece: n_vocab merge scores (higher merges first); NULL: all 0 */
+    bool add_space_prefix;       /* SentencePiece: a space before text that starts or follows a special token */
+    bool special_rstrip;         /* special tokens eat the whitespace after them (llama.cpp's rule for Phi-3) */
     const char *chat_template;   /* NULL when absent */
     size_t chat_template_len;    /* 0: NUL-terminated */
 } tok_desc_t;
@@ -49,8 +56,9 @@ typedef struct tok_desc {
 typedef struct tok tok_t;
 
 tok_t *tok_new(const tok_desc_t *desc, fl_error_t *err);
-/* Reads tokenizer.ggml.{model,pre,tokens,token_type,merges,*_token_id,add_bos_token} and
- * tokenizer.chat_template. Only tokenizer.ggml.model "gpt2" (byte-level BPE) is supported. */
+/* Reads tokenizer.ggml.{model,pre,tokens,token_type,merges,scores,*_token_id,add_bos_token,
+ * add_space_prefix} and tokenizer.chat_template. tokenizer.ggml.model "gpt2" (byte-level BPE) and
+ * "llama" (SentencePiece) are supported, with llama.cpp's defaults for keys that are absent. */
 tok_t *tok_new_from_gguf(const gguf_t *g, fl_error_t *err);
 void tok_destroy(tok_t **tp);
 
@@ -75,8 +83,9 @@ int tok_encode_plain_spans(const tok_t *t, const char *text, size_t len, bool ad
                            int n_plain, int32_t *out, int cap);
 
 /* The bytes token id stands for, as llama.cpp's token_to_piece: normal tokens decode their byte-level
- * spelling; user-defined tokens give their text; control and unknown tokens give their text only when
- * special is true, else nothing; other types give nothing. Returns the length (written only if it
+ * spelling (SentencePiece: U+2581 becomes a space); SentencePiece byte tokens <0xXX> give their byte;
+ * user-defined tokens give their text; control and unknown tokens give their text only when special
+ * is true, else nothing; other types give nothing. Returns the length (written only if it
  * fits in cap; the output is not NUL-terminated) or FL_EINVAL for an id out of range. */
 int tok_token_bytes(const tok_t *t, int32_t id, bool special, char *buf, size_t cap);
 

@@ -1,7 +1,9 @@
 /* fuzz_tokenizer.c - libFuzzer target for the tokenizer on untrusted text.
  *
  * Input: one flag byte, then arbitrary bytes (invalid UTF-8, NULs, partial special tokens). The
- * text is encoded with special-token parsing on or off, with the smollm or llama3 pre-tokenizer,
+ * text is encoded with special-token parsing on or off, with one of eight tokenizers (flag bits 0, 4
+ * and 5: the smollm, llama3, qwen2, deepseek-llm, deepseek-coder, falcon or default pre-tokenizer, or
+ * SentencePiece over the same vocabulary),
  * decoded whole and through the streaming decoder; invariants: no crash or over-read, the id count
  * fits the answer, every id is in the vocabulary, the stream never emits an incomplete character
  * mid-stream, chat templating of the text as a message succeeds, and its prompt ids hold no special
@@ -13,7 +15,8 @@
 #include "mkmodel.h"
 #include "tokenizer.h"
 
-static tok_t *g_tok[2];
+#define N_TOK 8
+static tok_t *g_tok[N_TOK];
 static int g_vocab = 1200;
 
 static void init(void)
@@ -26,16 +29,20 @@ static void init(void)
     const char *tmpl = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
                        "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' "
                        "}}{% endif %}";
-    const char *pres[2] = {"smollm", "llama3"};
-    for (int k = 0; k < 2; k++) {
+    float *scores = malloc(sizeof(float) * (size_t)g_vocab);
+    for (int i = 0; i < g_vocab; i++) scores[i] = (float)-(i % 97); /* ties too */
+    const char *pres[N_TOK] = {"smollm", "llama3", "qwen2", "deepseek-llm", "deepseek-coder", "falcon", "default", NULL};
+    for (int k = 0; k < N_TOK; k++) {
         tok_desc_t d = {.n_vocab = g_vocab, .tokens = (const char *const *)tokens, .token_types = types,
                         .n_merges = n_merges, .merges = (const char *const *)merges, .pre = pres[k],
-                        .bos_id = 1, .eos_id = 2, .unk_id = -1, .pad_id = -1, .chat_template = tmpl};
+                        .bos_id = 1, .eos_id = 2, .unk_id = -1, .pad_id = -1, .chat_template = tmpl,
+                        .spm = !pres[k], .scores = scores, .add_space_prefix = true, .special_rstrip = k == 7};
         g_tok[k] = tok_new(&d, NULL);
         if (!g_tok[k]) abort();
     }
     mkmodel_vocab_free(tokens, g_vocab, merges, n_merges);
     free(types);
+    free(scores);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -45,7 +52,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const uint8_t flags = data[0];
     const char *text = (const char *)data + 1;
     const size_t len = size - 1;
-    const tok_t *t = g_tok[flags & 1];
+    const tok_t *t = g_tok[(flags & 1) | ((flags >> 3) & 6)];
     /* A first call with a small buffer reports the needed count (invalid bytes become U+FFFD, up to
      * three tokens each); the second must then fit exactly. */
     int32_t probe[4];

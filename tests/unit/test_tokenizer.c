@@ -707,23 +707,112 @@ static size_t tiny_gguf(uint8_t *buf, const char *model)
     return o;
 }
 
-static void test_gguf_with_sentencepiece_model_is_unsupported(void **state)
+static void test_gguf_with_wordpiece_model_is_unsupported(void **state)
 {
     uint8_t img[256];
-    size_t n = tiny_gguf(img, "llama");
+    size_t n = tiny_gguf(img, "bert");
     fl_error_t err = {0};
-    gguf_t *g = gguf_open_memory(img, n, "spm.gguf", &err);
+    gguf_t *g = gguf_open_memory(img, n, "wpm.gguf", &err);
     assert_non_null(g);
     assert_null(tok_new_from_gguf(g, &err));
     assert_int_equal(err.code, FL_EUNSUPPORTED);
-    assert_non_null(strstr(err.msg, "'llama'"));
+    assert_non_null(strstr(err.msg, "'bert'"));
     gguf_destroy(&g);
-    n = tiny_gguf(img, "gpt2"); /* right model, no vocabulary */
-    g = gguf_open_memory(img, n, "novocab.gguf", &err);
-    assert_non_null(g);
-    assert_null(tok_new_from_gguf(g, &err));
-    assert_int_not_equal(err.code, 0);
-    gguf_destroy(&g);
+    const char *const models[] = {"gpt2", "llama"}; /* right models, no vocabulary */
+    for (int k = 0; k < 2; k++) {
+        n = tiny_gguf(img, models[k]);
+        g = gguf_open_memory(img, n, "novocab.gguf", &err);
+        assert_non_null(g);
+        assert_null(tok_new_from_gguf(g, &err));
+        assert_int_not_equal(err.code, 0);
+        gguf_destroy(&g);
+    }
+}
+
+/* ---- tiny SentencePiece vocabulary ---- */
+
+#define SP "\xE2\x96\x81" /* U+2581, SentencePiece's space */
+static const char *const SPM_TOKENS[] = {"<unk>", "<s>",    "</s>",   SP,       "a",      "b",  SP "a",
+                                         "ab",    SP "ab", "<0x0A>", "<0xC3>", "<0xA9>", "<tool>", "aa"};
+static const int32_t SPM_TYPES[] = {2, 3, 3, 1, 1, 1, 1, 1, 1, 6, 6, 6, 4, 1};
+static const float SPM_SCORES[] = {0, 0, 0, -1, -2, -3, -0.5f, -0.2f, -0.1f, 0, 0, 0, 0, -0.3f};
+
+static tok_t *tiny_spm(bool space_prefix, bool rstrip)
+{
+    tok_desc_t d = {
+        .n_vocab = (int32_t)(sizeof SPM_TOKENS / sizeof SPM_TOKENS[0]),
+        .tokens = SPM_TOKENS,
+        .token_types = SPM_TYPES,
+        .pre = "default",
+        .bos_id = 1,
+        .eos_id = 2,
+        .unk_id = 0,
+        .pad_id = -1,
+        .spm = true,
+        .scores = SPM_SCORES,
+        .add_space_prefix = space_prefix,
+        .special_rstrip = rstrip,
+    };
+    fl_error_t err = {0};
+    tok_t *t = tok_new(&d, &err);
+    if (!t) fail_msg("tok_new: %s", err.msg);
+    return t;
+}
+
+static void expect_ids(const tok_t *t, const char *text, const int32_t *want, int n_want)
+{
+    int32_t ids[64];
+    int n = tok_encode(t, text, strlen(text), false, false, ids, 64);
+    if (n != n_want || memcmp(ids, want, sizeof *ids * (size_t)n) != 0) {
+        fprintf(stderr, "'%s': got %d ids:", text, n);
+        for (int i = 0; i < n && i < 64; i++) fprintf(stderr, " %d", ids[i]);
+        fprintf(stderr, "\n");
+        fail();
+    }
+}
+
+static void test_tiny_spm_merges_by_score_with_space_prefix_and_byte_fallback(void **state)
+{
+    tok_t *t = tiny_spm(true, false);
+    /* "▁ab": a+b (-0.2) before ▁+a (-0.5), then ▁+ab (-0.1) */
+    expect_ids(t, "ab", (const int32_t[]){8}, 1);
+    expect_ids(t, "a b", (const int32_t[]){6, 3, 5}, 3);
+    /* é is not a token: its UTF-8 bytes; \n likewise */
+    expect_ids(t, "\xC3\xA9\n", (const int32_t[]){3, 10, 11, 9}, 4);
+    /* user-defined tokens split out without parse_special; the text after one gets the space again */
+    expect_ids(t, "<tool>a", (const int32_t[]){12, 6}, 2);
+    /* control tokens are text unless parsed */
+    int32_t ids[64];
+    int n = tok_encode(t, "a</s>", 5, true, true, ids, 64);
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 1);
+    assert_int_equal(ids[1], 6);
+    assert_int_equal(ids[2], 2);
+    /* decode as token_to_piece: ▁ is a space, byte tokens their byte, control tokens only if asked */
+    int32_t seq[] = {1, 8, 10, 11, 3, 12};
+    char out[64];
+    assert_int_equal(tok_decode(t, seq, 6, false, out, sizeof out), 12);
+    assert_memory_equal(out, " ab\xC3\xA9 <tool>", 12);
+    assert_int_equal(tok_decode(t, seq, 6, true, out, sizeof out), 15);
+    assert_memory_equal(out, "<s> ab\xC3\xA9 <tool>", 15);
+    assert_int_equal(tok_max_token_len(t), 6);
+    tok_destroy(&t);
+    /* without the space prefix; equal scores merge leftmost first: "aaa" -> aa + a */
+    t = tiny_spm(false, false);
+    expect_ids(t, "ab", (const int32_t[]){7}, 1);
+    expect_ids(t, "aaa", (const int32_t[]){13, 4}, 2);
+    tok_destroy(&t);
+}
+
+static void test_tiny_spm_rstrip_drops_whitespace_after_special_tokens(void **state)
+{
+    tok_t *t = tiny_spm(true, true); /* llama.cpp's Phi-3 rule */
+    expect_ids(t, "<tool>  \n a", (const int32_t[]){12, 6}, 2);
+    expect_ids(t, "<tool> ", (const int32_t[]){12}, 1);
+    tok_destroy(&t);
+    t = tiny_spm(true, false);
+    expect_ids(t, "<tool> a", (const int32_t[]){12, 3, 6}, 3);
+    tok_destroy(&t);
 }
 
 static void test_unicode_classes_and_byte_map(void **state)
@@ -764,7 +853,9 @@ int main(void)
         cmocka_unit_test(test_tiny_prompt_special_tokens_raw_and_chat),
         cmocka_unit_test(test_tiny_prompt_of_invalid_utf8_gets_all_its_tokens),
         cmocka_unit_test(test_bad_inputs_are_refused),
-        cmocka_unit_test(test_gguf_with_sentencepiece_model_is_unsupported),
+        cmocka_unit_test(test_gguf_with_wordpiece_model_is_unsupported),
+        cmocka_unit_test(test_tiny_spm_merges_by_score_with_space_prefix_and_byte_fallback),
+        cmocka_unit_test(test_tiny_spm_rstrip_drops_whitespace_after_special_tokens),
     };
     const struct CMUnitTest model_tests[] = {
         cmocka_unit_test(test_encode_matches_llama_cpp_on_every_fixture_case),
