@@ -98,6 +98,16 @@ void kern_swiglu(kern_backend_t *be, float *o, const float *g, const float *u, i
     be->ops->swiglu(be, o, g, u, n);
 }
 void kern_add(kern_backend_t *be, float *y, const float *x, int n) { be->ops->add(be, y, x, n); }
+void kern_add_bias(kern_backend_t *be, float *y, const float *bias, int n, int dim)
+{
+    be->ops->add_bias(be, y, bias, n, dim);
+}
+void kern_scale(kern_backend_t *be, float *x, float s, int n) { be->ops->scale(be, x, s, n); }
+void kern_softcap(kern_backend_t *be, float *x, float cap, int n) { be->ops->softcap(be, x, cap, n); }
+void kern_geglu(kern_backend_t *be, float *o, const float *g, const float *u, int n)
+{
+    be->ops->geglu(be, o, g, u, n);
+}
 void kern_sample(kern_backend_t *be, int32_t *out, float *logits, int n, int vocab, const kern_sampling_t *p)
 {
     be->ops->sample(be, out, logits, n, vocab, p);

@@ -63,6 +63,11 @@ typedef struct kern_ops {
     int (*mem_info)(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes); /* optional */
     void (*kv_move)(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
                     const int32_t *dst_slots, int n, int kv_dim);
+    /* The ops of the families beyond Llama (kernels.h). */
+    void (*add_bias)(kern_backend_t *be, float *y, const float *bias, int n, int dim);
+    void (*scale)(kern_backend_t *be, float *x, float s, int n);
+    void (*softcap)(kern_backend_t *be, float *x, float cap, int n);
+    void (*geglu)(kern_backend_t *be, float *out, const float *gate, const float *up, int n);
 } kern_ops_t;
 
 struct kern_backend {

@@ -34,7 +34,11 @@ typedef struct kern_rope {
     int n_rot;                  /* dimensions rotated per head (<= head_dim), from rope.dimension_count */
     float freq_base;            /* theta */
     float freq_scale;           /* 1 / linear scaling factor (1 when none) */
-    const float *freq_factors;  /* [n_rot/2] divisors of each frequency (Llama-3 rope_freqs), or NULL */
+    const float *freq_factors;  /* [n_rot/2] divisors of each frequency (Llama-3 rope_freqs, Phi-3's
+                                   long/short factors), or NULL */
+    bool neox;                  /* rotate dimension i with i + n_rot/2 (GPT-NeoX: Qwen, Phi-3, Gemma), not
+                                   adjacent pairs (Llama) */
+    float mscale;               /* cos and sin multiplier (rope.scaling.attn_factor); 0 means 1 */
 } kern_rope_t;
 
 typedef struct kern_attn {
@@ -75,6 +79,13 @@ typedef struct kern_attn {
      * of one run straight through. Without it, the order follows the number of tokens the sequence
      * has in the call. */
     const int32_t *seq_prompt_len;
+    /* Sliding-window attention (Mistral, Gemma's local layers), 0 for none: a token at position p
+     * attends to the positions p - window + 1 .. p only (llama.cpp's LLAMA_SWA_TYPE_STANDARD; in tree
+     * attention p is the token's own position, tok_pos). The masked positions weigh exactly 0. */
+    int window;
+    /* Score soft-capping (Gemma 2), 0 for none: each score s = q.k becomes tanh(s * (1/softcap)) *
+     * softcap before the scale, as llama.cpp's scale-tanh-scale. */
+    float softcap;
 } kern_attn_t;
 
 #define KERN_ATTN_RUN_MIN 8
@@ -192,6 +203,16 @@ void kern_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, cons
 void kern_attention(kern_backend_t *be, const kern_attn_t *a);
 void kern_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n); /* silu(gate)*up */
 void kern_add(kern_backend_t *be, float *y, const float *x, int n);                          /* y += x */
+/* Ops of the families beyond Llama (each a plain loop of ggml's, the same arithmetic per element):
+ *   add_bias: y[i][d] += bias[d] for i < n, d < dim (Qwen's Q/K/V biases).
+ *   scale:    x[i] *= s (Gemma's embedding scale, the query pre-scaling of Phi-3 and Gemma).
+ *   softcap:  x[i] = tanh(x[i] * (1/cap)) * cap (Gemma 2's final logits).
+ *   geglu:    out = gelu(gate) * up, gelu as ggml computes it: GELU's tanh form looked up in a table of
+ *             its f16-rounded values at the f16-rounded input, x for x >= 10 and 0 for x <= -10. */
+void kern_add_bias(kern_backend_t *be, float *y, const float *bias, int n, int dim);
+void kern_scale(kern_backend_t *be, float *x, float s, int n);
+void kern_softcap(kern_backend_t *be, float *x, float cap, int n);
+void kern_geglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n);
 /* One token per row of logits [n][vocab] (device memory), chosen per row's params (host);
  * out (host) receives n ids. The op may overwrite the rows (each row's adjustments are applied
  * to it in place): read a row first if its raw values are wanted (log-probabilities). */

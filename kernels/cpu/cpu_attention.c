@@ -12,7 +12,10 @@
  *
  * Work items are (token, head) pairs, or (token, KV head) for AVX-512 decode with head_dim % 64 == 0
  * (a group's query heads share each K/V row load), handed out by an atomic counter; small calls run
- * on the caller without waking the pool. Each thread has its own scratch (cpu_backend_t.scores). */
+ * on the caller without waking the pool. Each thread has its own scratch (cpu_backend_t.scores).
+ *
+ * Sliding windows and soft-capping (attn_score) change a score, never the order: a position outside
+ * the window scores -inf, as in llama.cpp's mask, and so weighs exactly 0 in the same sums. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -41,6 +44,21 @@ typedef struct attn_ctx {
 static inline float f16_round(float f) { return fl_f16_to_f32(fl_f32_to_f16(f)); }
 
 static inline int pad32(int len) { return (len + 31) & ~31; }
+
+/* Score of compacted position j for a token whose window starts at lo (kern_attn_t.window): -inf
+ * before it; else ggml's kq, soft-capped as llama.cpp's scale-tanh-scale, times the softmax scale. */
+static inline float attn_score(const kern_attn_t *a, float dot, int lo, int j)
+{
+    if (j < lo) return -INFINITY;
+    if (a->softcap > 0.0f) dot = tanhf(dot * (1.0f / a->softcap)) * a->softcap;
+    return dot * a->scale;
+}
+
+/* The first position token i attends to under the window (0 without one). */
+static inline int attn_window_lo(const kern_attn_t *a, int i)
+{
+    return a->window > 0 ? a->tok_pos[i] - a->window + 1 : 0;
+}
 
 /* out[d] = sum_j p[j] * v_j[d] over j < len. tb: tinyBLAS order (lane j % 16); else vec_dot order
  * over n_kv = pad32(len) cells (lane j % 64 for j < n_kv & ~63, then double). acc: [64][hd]. */
@@ -404,6 +422,7 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
     else
         round_f16_avx2(q16, a->q + qoff, hd);
 
+    const int lo = attn_window_lo(a, i);
     int j0 = 0;
     if (isa == CPU_ISA_AVX512 && (kq_tb ? hd % 16 == 0 : hd % 64 == 0)) {
         for (; j0 + 16 <= len; j0 += 16) {
@@ -415,7 +434,7 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
             }
             float dots[16];
             kq16_avx512(q16, kr, hd, kq_tb, dots);
-            for (int j = 0; j < 16; j++) sc[j0 + j] = dots[j] * a->scale;
+            for (int j = 0; j < 16; j++) sc[j0 + j] = attn_score(a, dots[j], lo, j0 + j);
         }
     }
     for (int j = j0; j < len; j++) {
@@ -426,7 +445,7 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
         if (isa == CPU_ISA_SCALAR) dot = kq_tb ? cpu_dot16_f16_scalar(q16, k, hd) : cpu_vecdot_f16_scalar(k, q16, hd);
         else if (isa == CPU_ISA_AVX512) dot = kq_tb ? dot16_f16_avx512(q16, k, hd) : vecdot_f16_avx512(k, q16, hd);
         else dot = kq_tb ? cpu_dot16_f16_avx2(q16, k, hd) : cpu_vecdot_f16_avx2(k, q16, hd);
-        sc[j] = dot * a->scale;
+        sc[j] = attn_score(a, dot, lo, j);
     }
     float *out = a->out + qoff;
     if (isa == CPU_ISA_SCALAR) {
@@ -453,7 +472,7 @@ attn_decode_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *s
     const kern_attn_t *a = c->a;
     const int ss = c->sstride;
     const size_t kv_stride = (size_t)a->n_kv_heads * hd, hoff = (size_t)kvh * hd;
-    const int len = a->tok_pos[i] + 1, bs = a->block_size;
+    const int len = a->tok_pos[i] + 1, bs = a->block_size, wlo = attn_window_lo(a, i);
     const int32_t *bt = a->block_tables + (size_t)a->tok_seq[i] * a->max_blocks;
     for (int j = 0, b = 0; j < len; b++) {
         const size_t base = (size_t)bt[b] * bs;
@@ -504,7 +523,7 @@ attn_decode_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *s
         for (int h = 0; h < G; h++) {
             float dots[16];
             reduce16x16_avx512(v[h], dots);
-            for (int r = 0; r < nr; r++) sc[(size_t)h * ss + j0 + r] = dots[r] * a->scale;
+            for (int r = 0; r < nr; r++) sc[(size_t)h * ss + j0 + r] = attn_score(a, dots[r], wlo, j0 + r);
         }
     }
     for (int h = 0; h < G; h++) attn_softmax_avx512(sc + (size_t)h * ss, len);

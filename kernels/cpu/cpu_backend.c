@@ -26,6 +26,7 @@
 #include <cblas.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <stdio.h>
@@ -33,6 +34,7 @@
 #include <unistd.h>
 
 #include "../../common/quant.h"
+#include "../gelu.h"
 #include "cpu_internal.h"
 #include "cpu_simd.h"
 #include "sampling.h"
@@ -176,31 +178,36 @@ static void cpu_rmsnorm(kern_backend_t *be, float *y, const float *x, const floa
 
 #define ROPE_MAX_PAIRS 512
 
-/* ggml's rope (NORM mode) as compiled for x86 with FMA: the pair rotation contracts to
- * x0' = fma(x0, cos, -(x1 * sin)), x1' = fma(x1, cos, x0 * sin). The body is inlined twice: into a
- * plain function (fmaf from libm) and into an FMA-target one (vfmadd), with the same results. */
+/* ggml's rope as compiled for x86 with FMA: the pair rotation contracts to
+ * x0' = fma(x0, cos, -(x1 * sin)), x1' = fma(x1, cos, x0 * sin), where a pair is two adjacent
+ * dimensions (NORM mode) or dimensions i and i + n_rot/2 (NEOX mode); cos and sin carry the mscale
+ * factor (ggml's rope_yarn with ext_factor 0). The body is inlined twice: into a plain function
+ * (fmaf from libm) and into an FMA-target one (vfmadd), with the same results. */
 static inline __attribute__((always_inline)) void rope_body(float *x, const int32_t *pos, int n, int n_heads,
                                                             int head_dim, const kern_rope_t *rope)
 {
     const int n_rot = rope->n_rot < head_dim ? rope->n_rot : head_dim, np = n_rot / 2;
     if (np <= 0 || np > ROPE_MAX_PAIRS) return;
     const float theta_scale = powf(rope->freq_base, -2.0f / (float)n_rot);
+    const float mscale = rope->mscale != 0.0f ? rope->mscale : 1.0f;
+    const int stride = rope->neox ? 1 : 2, other = rope->neox ? np : 1; /* x0 at i * stride, x1 + other */
     float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
     for (int t = 0; t < n; t++) {
         float theta = (float)pos[t];
         for (int i = 0; i < np; i++) {
             const float ff = rope->freq_factors ? rope->freq_factors[i] : 1.0f;
             const float th = rope->freq_scale * (theta / ff);
-            cs[i] = cosf(th);
-            sn[i] = sinf(th);
+            cs[i] = cosf(th) * mscale;
+            sn[i] = sinf(th) * mscale;
             theta *= theta_scale;
         }
         for (int h = 0; h < n_heads; h++) {
             float *v = x + ((size_t)t * n_heads + h) * head_dim;
             for (int i = 0; i < np; i++) {
-                const float x0 = v[2 * i], x1 = v[2 * i + 1];
-                v[2 * i] = fmaf(x0, cs[i], -(x1 * sn[i]));
-                v[2 * i + 1] = fmaf(x0, sn[i], x1 * cs[i]);
+                float *p = v + i * stride;
+                const float x0 = p[0], x1 = p[other];
+                p[0] = fmaf(x0, cs[i], -(x1 * sn[i]));
+                p[other] = fmaf(x0, sn[i], x1 * cs[i]);
             }
         }
     }
@@ -303,6 +310,88 @@ static void cpu_add(kern_backend_t *be, float *y, const float *x, int n)
 {
     ew_job_t j = {.out = y, .a = x};
     cpu_pool_range(((cpu_backend_t *)be)->pool, n, 16, n >= EW_PARALLEL ? 2 : INT64_MAX, add_range, &j);
+}
+
+/* ---- ops of the families beyond Llama (kernels.h): one range of elements per pool thread, each
+ * element computed on its own as ggml does, so the split changes nothing ---- */
+
+typedef struct fam_job {
+    float *y;
+    const float *a, *b;
+    float s;
+    int dim;
+} fam_job_t;
+
+static void add_bias_range(void *ctx, int64_t r0, int64_t r1)
+{
+    const fam_job_t *j = ctx;
+    for (int64_t r = r0; r < r1; r++) {
+        float *y = j->y + (size_t)r * j->dim;
+        for (int d = 0; d < j->dim; d++) y[d] += j->a[d];
+    }
+}
+
+static void cpu_add_bias(kern_backend_t *be, float *y, const float *bias, int n, int dim)
+{
+    fam_job_t j = {.y = y, .a = bias, .dim = dim};
+    cpu_pool_range(((cpu_backend_t *)be)->pool, n, 1, (int64_t)n * dim >= EW_PARALLEL ? 2 : INT64_MAX, add_bias_range, &j);
+}
+
+static void scale_range(void *ctx, int64_t i0, int64_t i1)
+{
+    const fam_job_t *j = ctx;
+    for (int64_t i = i0; i < i1; i++) j->y[i] *= j->s;
+}
+
+static void cpu_scale(kern_backend_t *be, float *x, float s, int n)
+{
+    fam_job_t j = {.y = x, .s = s};
+    cpu_pool_range(((cpu_backend_t *)be)->pool, n, 16, n >= EW_PARALLEL ? 2 : INT64_MAX, scale_range, &j);
+}
+
+/* ggml_scale(1/cap), ggml_tanh (tanhf), ggml_scale(cap): three roundings, as three ops. */
+static void softcap_range(void *ctx, int64_t i0, int64_t i1)
+{
+    const fam_job_t *j = ctx;
+    const float inv = 1.0f / j->s;
+    for (int64_t i = i0; i < i1; i++) j->y[i] = tanhf(j->y[i] * inv) * j->s;
+}
+
+static void cpu_softcap(kern_backend_t *be, float *x, float cap, int n)
+{
+    fam_job_t j = {.y = x, .s = cap};
+    cpu_pool_range(((cpu_backend_t *)be)->pool, n, 16, n >= EW_PARALLEL ? 2 : INT64_MAX, softcap_range, &j);
+}
+
+/* ggml's GELU table (kernels/gelu.h), built once. */
+static fl_f16_t g_gelu_table[KERN_GELU_TABLE_SIZE];
+static pthread_once_t g_gelu_once = PTHREAD_ONCE_INIT;
+
+static void gelu_table_init(void) { kern_gelu_table_fill(g_gelu_table); }
+
+float cpu_gelu(float x)
+{
+    pthread_once(&g_gelu_once, gelu_table_init);
+    if (x <= -10.0f) return 0.0f;
+    if (x >= 10.0f) return x;
+    return fl_f16_to_f32(g_gelu_table[fl_f32_to_f16(x)]);
+}
+
+static void geglu_range(void *ctx, int64_t i0, int64_t i1)
+{
+    const fam_job_t *j = ctx;
+    for (int64_t i = i0; i < i1; i++) {
+        const float x = j->a[i];
+        /* ggml_vec_geglu_f32: x * g past 10, 0 below -10, else the table's value * g */
+        j->y[i] = x <= -10.0f ? 0.0f : x >= 10.0f ? x * j->b[i] : fl_f16_to_f32(g_gelu_table[fl_f32_to_f16(x)]) * j->b[i];
+    }
+}
+
+static void cpu_geglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n)
+{
+    pthread_once(&g_gelu_once, gelu_table_init);
+    fam_job_t j = {.y = out, .a = gate, .b = up};
+    cpu_pool_range(((cpu_backend_t *)be)->pool, n, 16, n >= EW_PARALLEL ? 2 : INT64_MAX, geglu_range, &j);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -414,6 +503,10 @@ static const kern_ops_t cpu_ops = {
     .rope = cpu_rope,
     .kv_store = cpu_kv_store,
     .kv_move = cpu_kv_move,
+    .add_bias = cpu_add_bias,
+    .scale = cpu_scale,
+    .softcap = cpu_softcap,
+    .geglu = cpu_geglu,
     .attention = cpu_attention,
     .swiglu = cpu_swiglu,
     .add = cpu_add,

@@ -125,5 +125,9 @@ float cpu_dot16_scalar(const float *a, const float *b, int n);
 
 const char *cpu_isa_name(cpu_isa_t isa);
 
+/* ggml's GELU (kern_geglu's gelu(x)): its f16 table looked up at the f16-rounded x, x past 10, 0
+ * below -10. */
+float cpu_gelu(float x);
+
 
 #endif

@@ -33,6 +33,15 @@
  * and for grids that fit the device at once (FOLIO_CUDA_LANE_ATTN=1: always, 0: never). */
 #define ATT_K_ROUND 8
 #define ATT_V_ROUND 8
+
+/* A score from q.k: soft-capped (kern_attn_t.softcap: tanh(s / cap) * cap, scale-tanh-scale) and
+ * scaled. Positions before the sliding window (kern_attn_t.window) are masked by the callers. */
+__device__ __forceinline__ float attn_score(float dot, float scale, float softcap)
+{
+    if (softcap > 0.0f) dot = tanhf(dot * (1.0f / softcap)) * softcap;
+    return dot * scale;
+}
+
 template <bool LANES>
 __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const float *q, const __half *kc,
                                                               const __half *vc, const int32_t *tok_seq,
@@ -40,7 +49,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
                                                               int max_blocks, int bs, int n_heads, int n_kv_heads,
                                                               int hd, float scale, const uint64_t *tree_mask,
                                                               const int32_t *tree_start, float *part,
-                                                              unsigned *arrived)
+                                                              unsigned *arrived, int window, float softcap)
 {
     pdl_trigger();
     pdl_wait();
@@ -69,6 +78,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     /* This block's share of the positions: split blockIdx.y of gridDim.y (flash-decoding) */
     const int splits = (int)gridDim.y, split = (int)blockIdx.y;
     const int lo = (int)((int64_t)len * split / splits), hi = (int)((int64_t)len * (split + 1) / splits);
+    const int wlo = window > 0 ? tok_pos[i] - window + 1 : 0; /* first position in the window */
 
     float m = -INFINITY, l = 0.0f, acc[ATT_MAX_HEAD_DIM / 32];
 #pragma unroll
@@ -81,7 +91,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     if constexpr (LANES) {
         for (int j0 = lo + 32 * warp; j0 < hi; j0 += 32 * ATT_WARPS) {
             const int j = j0 + lane;
-            const bool vis = j < hi && !(tree_mask && j >= ts && !((tm >> (j - ts)) & 1u)); /* masked: weighs 0 */
+            const bool vis = j < hi && j >= wlo && !(tree_mask && j >= ts && !((tm >> (j - ts)) & 1u)); /* masked: weighs 0 */
             int32_t slot = -1;
             float s = -INFINITY;
             if (vis) {
@@ -105,7 +115,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
                         }
                     }
                 }
-                s = dot * scale;
+                s = attn_score(dot, scale, softcap);
             }
             float cmax = s;
 #pragma unroll
@@ -154,7 +164,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
         }
     } else
     for (int j = lo + warp; j < hi; j += ATT_WARPS) {
-        if (tree_mask && j >= ts && !((tm >> (j - ts)) & 1u)) continue; /* masked: weighs 0 */
+        if (j < wlo || (tree_mask && j >= ts && !((tm >> (j - ts)) & 1u))) continue; /* masked: weighs 0 */
         const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
         const __half *kr = kc + slot * kv_stride + hoff, *vr = vc + slot * kv_stride + hoff;
         float s = 0.0f;
@@ -165,7 +175,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
         }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        s *= scale;
+        s = attn_score(s, scale, softcap);
         const float mn = fmaxf(m, s);
         if (mn == -INFINITY) continue; /* a -inf score before any finite one weighs 0 */
         const float corr = m == -INFINITY ? 0.0f : expf(m - mn);
@@ -261,7 +271,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
 __global__ void __launch_bounds__(TA_THREADS) k_attention_tiled(
     float *out, const float *q, const __half *kc, const __half *vc, const int32_t *tok_seq, const int32_t *tok_pos,
     const int32_t *block_tables, int max_blocks, int bs, int n_tokens, int n_heads, int n_kv_heads, int hd,
-    float scale, const uint64_t *tree_mask, const int32_t *tree_start, int qt)
+    float scale, const uint64_t *tree_mask, const int32_t *tree_start, int qt, int window, float softcap)
 {
     pdl_trigger();
     pdl_wait();
@@ -298,6 +308,7 @@ __global__ void __launch_bounds__(TA_THREADS) k_attention_tiled(
         for (end = sub; end < nt && t_seq[end] == seq; end++) max_len = max(max_len, t_len[end]);
         const bool active = r < n_rows && ti >= sub && ti < end;
         const int len = active ? t_len[ti] : 0, ts = active ? t_ts[ti] : 0;
+        const int wlo = active && window > 0 ? tok_pos[t0 + ti] - window + 1 : 0;
         const uint64_t tm = active ? t_tm[ti] : 0;
         const int32_t *bt = block_tables + (size_t)seq * max_blocks;
         float m = -INFINITY, l = 0.0f, acc[TA_MAX_HD / 4];
@@ -327,14 +338,14 @@ __global__ void __launch_bounds__(TA_THREADS) k_attention_tiled(
             for (int u = 0; u < TA_KT / 4; u++) {
                 const int j = kt + c + 4 * u;
                 float dot = 0.0f;
-                if (active && j < len && (!tree_mask || j < ts || ((tm >> (j - ts)) & 1u))) {
+                if (active && j < len && j >= wlo && (!tree_mask || j < ts || ((tm >> (j - ts)) & 1u))) {
                     for (int d = 0; d < hd; d += 2) {
                         const float2 qv = __half22float2(*(const __half2 *)&qs[r][d]);
                         const float2 kv = __half22float2(*(const __half2 *)&ks[c + 4 * u][d]);
                         dot = fmaf(qv.x, kv.x, dot);
                         dot = fmaf(qv.y, kv.y, dot);
                     }
-                    s[u] = dot * scale;
+                    s[u] = attn_score(dot, scale, softcap);
                 } else {
                     s[u] = -INFINITY; /* masked: weighs 0 */
                 }
@@ -423,7 +434,7 @@ void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
         launch(cb, k_attention_tiled, dim3((unsigned)((a->n_tokens + qt - 1) / qt), (unsigned)a->n_kv_heads),
                TA_THREADS, a->out, a->q, (const __half *)a->k_cache, (const __half *)a->v_cache, a->tok_seq,
                a->tok_pos, a->block_tables, a->max_blocks, a->block_size, a->n_tokens, a->n_heads, a->n_kv_heads,
-               a->head_dim, a->scale, a->tree_mask, a->tree_start, qt);
+               a->head_dim, a->scale, a->tree_mask, a->tree_start, qt, a->window, a->softcap);
         return;
     }
     /* Contexts longer than ATT_SPLIT_SPAN positions are split over up to ATT_MAX_SPLITS blocks a
@@ -464,7 +475,7 @@ void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
            ATT_WARPS * 32, a->out, a->q, (const __half *)a->k_cache, (const __half *)a->v_cache, a->tok_seq,
            a->tok_pos, a->block_tables, a->max_blocks, a->block_size, a->n_heads, a->n_kv_heads, a->head_dim,
            a->scale, a->tree_mask, a->tree_start, splits > 1 ? cb->attn_part : (float *)NULL,
-           splits > 1 ? cb->attn_arrived : (unsigned *)NULL);
+           splits > 1 ? cb->attn_arrived : (unsigned *)NULL, a->window, a->softcap);
 }
 
 int cuda_attention_setup(cuda_backend_t *cb, int sms, fl_error_t *err)

@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "cuda_internal.h"
+#include "../gelu.h"
 #include "quant.h"
 
 void note_error(cuda_backend_t *cb, int code, const char *fmt, ...)
@@ -256,6 +257,7 @@ static void cuda_destroy(kern_backend_t *be)
     if (cb->attn_part) cudaFree(cb->attn_part);
     if (cb->attn_arrived) cudaFree(cb->attn_arrived);
     if (cb->workspace) cudaFree(cb->workspace);
+    if (cb->gelu_table) cudaFree(cb->gelu_table);
     if (cb->lt) cublasLtDestroy(cb->lt);
     if (cb->stream) cudaStreamDestroy(cb->stream);
     if (cb->d_rows) cudaFree(cb->d_rows);
@@ -390,6 +392,10 @@ static const kern_ops_t cuda_ops = {
     cuda_graph_reset,
     cuda_mem_info,
     cuda_kv_move,
+    cuda_add_bias,
+    cuda_scale,
+    cuda_softcap,
+    cuda_geglu,
 };
 
 static int probe_device(int device, fl_error_t *err)
@@ -419,6 +425,15 @@ static int cuda_setup(cuda_backend_t *cb, fl_error_t *err)
         return fl_fail(err, FL_ENOMEM, "CUDA out of memory allocating %zu MiB for the cuBLASLt workspace",
                        WORKSPACE_BYTES >> 20);
     }
+    /* GELU's table (kern_geglu), built on the host as the CPU builds it */
+    fl_f16_t *table = (fl_f16_t *)malloc(KERN_GELU_TABLE_SIZE * sizeof(fl_f16_t));
+    if (!table) return fl_fail(err, FL_ENOMEM, "cuda backend: out of memory");
+    kern_gelu_table_fill(table);
+    const size_t table_bytes = KERN_GELU_TABLE_SIZE * sizeof(fl_f16_t);
+    cudaError_t ce = cudaMalloc(&cb->gelu_table, table_bytes);
+    if (ce == cudaSuccess) ce = cudaMemcpy(cb->gelu_table, table, table_bytes, cudaMemcpyHostToDevice);
+    free(table);
+    CUDA_CHECK(ce, err);
     return FL_OK;
 }
 

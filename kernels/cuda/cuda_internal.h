@@ -131,6 +131,7 @@ typedef struct cuda_backend {
     size_t attn_arrived_cap;
     bool gemv_early;                    /* k_gemv1 loads its first weights before the PDL wait
                                          * (FOLIO_CUDA_GEMV_EARLY=1: on; slower, bench/README.md) */
+    void *gelu_table;                   /* kernels/gelu.h's table, device (kern_geglu) */
     cuda_graph_t graph[GRAPH_SLOTS];
     uint64_t graph_clock;               /* LRU stamp */
     unsigned buf_gen;                   /* bumped when a scratch buffer moves: recordings hold old pointers */
@@ -234,6 +235,10 @@ void cuda_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, cons
                   const int32_t *dst_slots, int n, int kv_dim);
 void cuda_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n);
 void cuda_add(kern_backend_t *be, float *y, const float *x, int n);
+void cuda_add_bias(kern_backend_t *be, float *y, const float *bias, int n, int dim);
+void cuda_scale(kern_backend_t *be, float *x, float s, int n);
+void cuda_softcap(kern_backend_t *be, float *x, float cap, int n);
+void cuda_geglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n);
 
 /* ---- sampling (cuda_sampling.cu) ---- */
 

@@ -1,5 +1,6 @@
-/* cuda_small_ops.cu - the CUDA backend's small ops: embed, rmsnorm, rope, kv_store, swiglu, add, and the
- * fused add_rmsnorm and rope_kv_store.
+/* cuda_small_ops.cu - the CUDA backend's small ops: embed, rmsnorm, rope, kv_store, swiglu, add, the
+ * fused add_rmsnorm and rope_kv_store, and the ops of the families beyond Llama (add_bias, scale,
+ * softcap, geglu).
  *
  * Each is one kernel following the CPU code's formulas (kernels/cpu/cpu_backend.c); the fused ones
  * are one kernel each too, so that with matmul_swiglu (cuda_matmul.cu) a decode step is 8 launches a
@@ -99,7 +100,7 @@ static unsigned norm_threads(int dim, bool vec)
 /* RoPE angles of position pos into cs/sn (shared, np entries): thread 0 builds them with the CPU's
  * iterative theta *= theta_scale, then the threads take sin and cos. Ends with a barrier. */
 __device__ void rope_angles(float *cs, float *sn, int32_t pos, int np, float theta_scale, float freq_scale,
-                            const float *freq_factors)
+                            const float *freq_factors, float mscale = 1.0f)
 {
     if (threadIdx.x == 0) {
         float theta = (float)pos;
@@ -112,27 +113,28 @@ __device__ void rope_angles(float *cs, float *sn, int32_t pos, int np, float the
     __syncthreads();
     for (int i = threadIdx.x; i < np; i += blockDim.x) {
         const float th = cs[i];
-        sn[i] = sinf(th);
-        cs[i] = cosf(th);
+        sn[i] = sinf(th) * mscale;
+        cs[i] = cosf(th) * mscale;
     }
     __syncthreads();
 }
 
-/* One block per token; each pair of each head is rotated (NORM mode: adjacent pairs). */
+/* One block per token; each pair of each head is rotated: adjacent pairs (NORM mode, stride 2,
+ * other 1) or i and i + np (NEOX mode, stride 1, other np). */
 __global__ void k_rope(float *x, const int32_t *pos, int n_heads, int head_dim, int np, float theta_scale,
-                       float freq_scale, const float *freq_factors)
+                       float freq_scale, const float *freq_factors, int stride, int other, float mscale)
 {
     pdl_trigger();
     pdl_wait();
     __shared__ float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
     const int t = blockIdx.x;
-    rope_angles(cs, sn, pos[t], np, theta_scale, freq_scale, freq_factors);
+    rope_angles(cs, sn, pos[t], np, theta_scale, freq_scale, freq_factors, mscale);
     for (int idx = threadIdx.x; idx < n_heads * np; idx += blockDim.x) {
         const int h = idx / np, i = idx % np;
-        float *v = x + ((size_t)t * n_heads + h) * head_dim;
-        const float x0 = v[2 * i], x1 = v[2 * i + 1];
-        v[2 * i] = fmaf(x0, cs[i], -(x1 * sn[i]));
-        v[2 * i + 1] = fmaf(x0, sn[i], x1 * cs[i]);
+        float *v = x + ((size_t)t * n_heads + h) * head_dim + (size_t)i * stride;
+        const float x0 = v[0], x1 = v[other];
+        v[0] = fmaf(x0, cs[i], -(x1 * sn[i]));
+        v[other] = fmaf(x0, sn[i], x1 * cs[i]);
     }
 }
 
@@ -236,7 +238,7 @@ void cuda_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_he
     if (n <= 0 || np <= 0 || np > ROPE_MAX_PAIRS || !op_begin(cb)) return; /* as the CPU: nothing to rotate */
     const float theta_scale = powf(rope->freq_base, -2.0f / (float)n_rot);
     launch(cb, k_rope, n, EW_THREADS, x, pos, n_heads, head_dim, np, theta_scale, rope->freq_scale,
-           rope->freq_factors);
+           rope->freq_factors, rope->neox ? 1 : 2, rope->neox ? np : 1, rope->mscale != 0.0f ? rope->mscale : 1.0f);
 }
 
 void cuda_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
@@ -291,7 +293,9 @@ void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, 
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     const int n_rot = rope->n_rot < head_dim ? rope->n_rot : head_dim, np = n_rot > 0 ? n_rot / 2 : 0;
-    if (head_dim % 2 || np > ROPE_MAX_PAIRS || n_heads + n_kv_heads > 65535) { /* the ops one by one */
+    /* the ops one by one (NeoX and mscale RoPE too: the fused kernel rotates adjacent pairs) */
+    if (head_dim % 2 || np > ROPE_MAX_PAIRS || n_heads + n_kv_heads > 65535 || rope->neox ||
+        (rope->mscale != 0.0f && rope->mscale != 1.0f)) {
         cuda_rope(be, q, pos, n, n_heads, head_dim, rope);
         cuda_rope(be, k, pos, n, n_kv_heads, head_dim, rope);
         cuda_kv_store(be, k_cache, v_cache, k, v, slots, n, n_kv_heads * head_dim);
@@ -318,4 +322,75 @@ void cuda_add(kern_backend_t *be, float *y, const float *x, int n)
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || !op_begin(cb)) return;
     launch(cb, k_add, grid_for((size_t)n, EW_THREADS), EW_THREADS, y, x, (size_t)n);
+}
+
+/* ---- the families beyond Llama (kernels.h): one thread an element, the CPU's arithmetic ---- */
+
+__global__ void k_add_bias(float *y, const float *bias, size_t n, int dim)
+{
+    pdl_trigger();
+    pdl_wait();
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] += bias[i % (size_t)dim];
+}
+
+__global__ void k_scale(float *x, float s, size_t n)
+{
+    pdl_trigger();
+    pdl_wait();
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] *= s;
+}
+
+/* tanhf on the device is not glibc's: within a few ulps of the CPU's (the op test's bound). */
+__global__ void k_softcap(float *x, float cap, size_t n)
+{
+    pdl_trigger();
+    pdl_wait();
+    const float inv = 1.0f / cap;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] = tanhf(x[i] * inv) * cap;
+}
+
+/* ggml's GELU through the same f16 table as the CPU (kernels/gelu.h, uploaded at creation): equal
+ * to the CPU bit for bit. */
+__global__ void k_geglu(float *out, const float *gate, const float *up, const __half *table, size_t n)
+{
+    pdl_trigger();
+    pdl_wait();
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float x = gate[i];
+        const float g = x <= -10.0f ? 0.0f : x >= 10.0f ? x : __half2float(table[__half_as_ushort(__float2half_rn(x))]);
+        out[i] = x <= -10.0f ? 0.0f : g * up[i];
+    }
+}
+
+void cuda_add_bias(kern_backend_t *be, float *y, const float *bias, int n, int dim)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    const size_t total = (size_t)n * (size_t)dim;
+    if (n <= 0 || dim <= 0 || !op_begin(cb)) return;
+    launch(cb, k_add_bias, grid_for(total, EW_THREADS), EW_THREADS, y, bias, total, dim);
+}
+
+void cuda_scale(kern_backend_t *be, float *x, float s, int n)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (n <= 0 || !op_begin(cb)) return;
+    launch(cb, k_scale, grid_for((size_t)n, EW_THREADS), EW_THREADS, x, s, (size_t)n);
+}
+
+void cuda_softcap(kern_backend_t *be, float *x, float cap, int n)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (n <= 0 || !op_begin(cb)) return;
+    launch(cb, k_softcap, grid_for((size_t)n, EW_THREADS), EW_THREADS, x, cap, (size_t)n);
+}
+
+void cuda_geglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n)
+{
+    cuda_backend_t *cb = (cuda_backend_t *)be;
+    if (n <= 0 || !op_begin(cb)) return;
+    launch(cb, k_geglu, grid_for((size_t)n, EW_THREADS), EW_THREADS, out, gate, up, (const __half *)cb->gelu_table,
+           (size_t)n);
 }

@@ -25,6 +25,7 @@
 
 #include "common/quant.h"
 #include "kernels/cpu/cpu_internal.h"
+#include "kernels/gelu.h"
 #include "kernels/kernels.h"
 #include "kernels/sampling.h"
 
@@ -548,16 +549,70 @@ static void test_rmsnorm_swiglu_add_match_reference(void **state)
     kern_destroy(&be);
 }
 
-static void test_rope_rotates_adjacent_pairs_like_ggml(void **state)
+/* The ops of the families beyond Llama, on every ISA, bit for bit against ggml's formulas: Q/K/V
+ * bias (y + b), scale (x * s), soft-capping (tanhf(x * (1/c)) * c, Gemma 2's scale-tanh-scale), and
+ * GeGLU: ggml_vec_geglu_f32 with GGML_GELU_FP16, the f16 table of kernels/gelu.h at the f16-rounded
+ * gate, x * up from 10 up, 0 below -10 (the table itself equals llama.cpp's ggml_table_gelu_f16,
+ * compared entry for entry when it was written). */
+static void test_family_ops_equal_ggml_on_every_isa(void **state)
+{
+    static fl_f16_t table[KERN_GELU_TABLE_SIZE];
+    kern_gelu_table_fill(table);
+    const int n = 5, dim = 96, total = n * dim; /* 480: 16-chunks and a tail per range */
+    float *x = malloc(total * 4), *g = malloc(total * 4), *u = malloc(total * 4), *y = malloc(total * 4),
+          *b = malloc(dim * 4);
+    fill(x, total, 4.0f), fill(u, total, 2.0f), fill(b, dim, 1.0f);
+    for (int i = 0; i < total; i++) g[i] = x[i] * 4.0f; /* past +-10 too */
+    g[0] = -10.0f, g[1] = 10.0f, g[2] = 0.0f, g[3] = -0.0f;
+    for (int isa = 0; isa < 3; isa++) {
+        kern_backend_t *be = new_backend(isa_names[isa], 2, NULL);
+        memcpy(y, x, total * 4);
+        kern_add_bias(be, y, b, n, dim);
+        for (int i = 0; i < total; i++) assert_true(y[i] == x[i] + b[i % dim]);
+        memcpy(y, x, total * 4);
+        kern_scale(be, y, 0.125f, total);
+        for (int i = 0; i < total; i++) assert_true(y[i] == x[i] * 0.125f);
+        memcpy(y, g, total * 4);
+        kern_softcap(be, y, 30.0f, total);
+        for (int i = 0; i < total; i++) {
+            const float spec = tanhf(g[i] * (1.0f / 30.0f)) * 30.0f;
+            if (memcmp(&spec, &y[i], 4)) fail_msg("%s softcap[%d] = %.9g, spec says %.9g", isa_names[isa], i, y[i], spec);
+        }
+        kern_geglu(be, y, g, u, total);
+        for (int i = 0; i < total; i++) {
+            const float gi = g[i];
+            const float spec = gi <= -10.0f  ? 0.0f
+                               : gi >= 10.0f ? gi * u[i]
+                                             : fl_f16_to_f32(table[fl_f32_to_f16(gi)]) * u[i];
+            if (memcmp(&spec, &y[i], 4)) fail_msg("%s geglu[%d] = %.9g, spec says %.9g", isa_names[isa], i, y[i], spec);
+            const double gelu = 0.5 * gi * (1.0 + tanh(0.7978845608 * gi * (1.0 + 0.044715 * gi * gi)));
+            assert_true(fabs(y[i] - gelu * u[i]) <= 2e-3 * fabs(u[i]) * (1 + fabs(gelu))); /* f16 table: ~1e-3 */
+        }
+        kern_destroy(&be);
+    }
+    free(x), free(g), free(u), free(y), free(b);
+}
+
+/* Adjacent pairs (Llama) and NeoX pairs i, i + n_rot/2 (Qwen, Phi-3, Gemma), with Phi-3's mscale. */
+static void test_rope_rotates_adjacent_and_neox_pairs_like_ggml(void **state)
 {
     kern_backend_t *be = new_backend(NULL, 1, NULL);
     const int n = 4, nh = 3, hd = 64;
     const int32_t pos[4] = {0, 1, 17, 4095};
     float ff[16];
     for (int i = 0; i < 16; i++) ff[i] = 1.0f + i * 0.5f;
-    const kern_rope_t cfgs[3] = {{64, 10000.0f, 1.0f, NULL}, {32, 500000.0f, 0.25f, ff}, {64, 100000.0f, 1.0f, NULL}};
-    for (int c = 0; c < 3; c++) {
+    const kern_rope_t cfgs[5] = {
+        {.n_rot = 64, .freq_base = 10000.0f, .freq_scale = 1.0f},
+        {.n_rot = 32, .freq_base = 500000.0f, .freq_scale = 0.25f, .freq_factors = ff},
+        {.n_rot = 64, .freq_base = 100000.0f, .freq_scale = 1.0f},
+        {.n_rot = 64, .freq_base = 1000000.0f, .freq_scale = 1.0f, .neox = true},
+        {.n_rot = 32, .freq_base = 10000.0f, .freq_scale = 1.0f, .freq_factors = ff, .neox = true, .mscale = 1.1902381f},
+    };
+    for (int c = 0; c < 5; c++) {
         const kern_rope_t *rp = &cfgs[c];
+        /* the pair of rotated index i: (i0, i0 + other) */
+        const int stride = rp->neox ? 1 : 2, other = rp->neox ? rp->n_rot / 2 : 1;
+        const float ms = rp->mscale != 0.0f ? rp->mscale : 1.0f;
         float x[4 * 3 * 64], y[4 * 3 * 64];
         fill(x, sizeof x / 4, 1.0f);
         memcpy(y, x, sizeof x);
@@ -574,33 +629,31 @@ static void test_rope_rotates_adjacent_pairs_like_ggml(void **state)
                 const float ts = powf(rp->freq_base, -2.0f / (float)rp->n_rot);
                 for (int i = 0; i < rp->n_rot / 2; i++) {
                     const float th = rp->freq_scale * (theta / (rp->freq_factors ? rp->freq_factors[i] : 1.0f));
-                    const float cs = cosf(th), sn = sinf(th);
+                    const float cs = cosf(th) * ms, sn = sinf(th) * ms;
                     theta *= ts;
                     for (int h = 0; h < nh; h++) {
-                        const float *xi = x + (t * nh + h) * hd, *zi = z + (t * nh + h) * hd;
-                        const float r0 = fmaf(xi[2 * i], cs, -(xi[2 * i + 1] * sn));
-                        const float r1 = fmaf(xi[2 * i], sn, xi[2 * i + 1] * cs);
-                        assert_true(memcmp(&r0, &zi[2 * i], 4) == 0 && memcmp(&r1, &zi[2 * i + 1], 4) == 0);
+                        const float *xi = x + (t * nh + h) * hd + i * stride, *zi = z + (t * nh + h) * hd + i * stride;
+                        const float r0 = fmaf(xi[0], cs, -(xi[other] * sn));
+                        const float r1 = fmaf(xi[0], sn, xi[other] * cs);
+                        assert_true(memcmp(&r0, &zi[0], 4) == 0 && memcmp(&r1, &zi[other], 4) == 0);
                     }
                 }
             }
         }
         for (int t = 0; t < n; t++)
             for (int h = 0; h < nh; h++) {
-                const float *xi = x + (t * nh + h) * hd, *yi = y + (t * nh + h) * hd;
-                for (int i = 0; i < hd / 2; i++) {
-                    if (2 * i >= rp->n_rot) {
-                        assert_true(yi[2 * i] == xi[2 * i] && yi[2 * i + 1] == xi[2 * i + 1]);
-                        continue;
-                    }
+                const float *x0 = x + (t * nh + h) * hd, *y0 = y + (t * nh + h) * hd;
+                for (int d = rp->n_rot; d < hd; d++) assert_true(y0[d] == x0[d]); /* beyond n_rot: untouched */
+                for (int i = 0; i < rp->n_rot / 2; i++) {
+                    const float *xi = x0 + i * stride, *yi = y0 + i * stride;
                     const double fr = pow(rp->freq_base, -2.0 * i / rp->n_rot) / (rp->freq_factors ? rp->freq_factors[i] : 1.0);
                     const double th = pos[t] * rp->freq_scale * fr;
-                    const double r0 = xi[2 * i] * cos(th) - xi[2 * i + 1] * sin(th);
-                    const double r1 = xi[2 * i] * sin(th) + xi[2 * i + 1] * cos(th);
+                    const double r0 = ms * (xi[0] * cos(th) - xi[other] * sin(th));
+                    const double r1 = ms * (xi[0] * sin(th) + xi[other] * cos(th));
                     /* iterative theta accumulates ~i ulps of relative error in the angle */
                     const double tol = 1e-5 + fabs(th) * 4e-7 * (i + 1);
-                    assert_true(fabs(yi[2 * i] - r0) <= tol);
-                    assert_true(fabs(yi[2 * i + 1] - r1) <= tol);
+                    assert_true(fabs(yi[0] - r0) <= tol);
+                    assert_true(fabs(yi[other] - r1) <= tol);
                 }
             }
     }
@@ -651,7 +704,9 @@ static float spec_dot_vd(const float *a, const float *b, int n)
 }
 
 /* llama.cpp's non-flash attention for one (token, head), bit for bit: multi = the token's sequence
- * has >= 2 tokens in the call (tinyBLAS order) or not (vec_dot order); n_kv = len padded to 32. */
+ * has >= 2 tokens in the call (tinyBLAS order) or not (vec_dot order); n_kv = len padded to 32.
+ * A sliding window masks the positions before it (-inf, as llama.cpp's kq_mask); soft-capping is
+ * llama.cpp's scale(1/cap), tanh, scale(cap) of kq before the softmax's scale. */
 static void spec_attention(const kern_attn_t *a, int i, int h, bool multi, float *out)
 {
     const int hd = a->head_dim, kvh = h / (a->n_heads / a->n_kv_heads), len = a->tok_pos[i] + 1;
@@ -664,7 +719,9 @@ static void spec_attention(const kern_attn_t *a, int i, int h, bool multi, float
     for (int j = 0; j < len; j++) {
         const size_t slot = (size_t)bt[j / a->block_size] * a->block_size + j % a->block_size;
         for (int d = 0; d < hd; d++) kk[d] = fl_f16_to_f32(a->k_cache[(slot * a->n_kv_heads + kvh) * hd + d]);
-        sc[j] = (multi && hd % 16 == 0 ? spec_dot_tb(kk, q, hd) : spec_dot_vd(kk, q, hd)) * a->scale;
+        float kq = multi && hd % 16 == 0 ? spec_dot_tb(kk, q, hd) : spec_dot_vd(kk, q, hd);
+        if (a->softcap > 0) kq = tanhf(kq * (1.0f / a->softcap)) * a->softcap;
+        sc[j] = a->window > 0 && j <= a->tok_pos[i] - a->window ? -INFINITY : kq * a->scale;
         mx = fmaxf(mx, sc[j]);
     }
     double sum = 0;
@@ -699,7 +756,9 @@ static void ref_attention(const kern_attn_t *a, int i, int h, float *out)
         const fl_f16_t *k = a->k_cache + (slot * a->n_kv_heads + kvh) * hd;
         double s = 0;
         for (int d = 0; d < hd; d++) s += (double)f16r(q[d]) * fl_f16_to_f32(k[d]);
-        sc[j] = kern_attn_visible(a, i, j) ? s * a->scale : -INFINITY;
+        if (a->softcap > 0) s = tanh(s / a->softcap) * a->softcap;
+        const bool in_window = a->window <= 0 || j > a->tok_pos[i] - a->window;
+        sc[j] = kern_attn_visible(a, i, j) && in_window ? s * a->scale : -INFINITY;
         mx = fmax(mx, sc[j]);
     }
     for (int j = 0; j < len; j++) sum += (sc[j] = exp(sc[j] - mx));
@@ -713,7 +772,8 @@ static void ref_attention(const kern_attn_t *a, int i, int h, float *out)
     free(sc);
 }
 
-static void run_attention_case(int n_heads, int n_kv_heads, int hd, int block_size)
+/* window, softcap: kern_attn_t's (0: none) */
+static void run_attention_case(int n_heads, int n_kv_heads, int hd, int block_size, int window, float softcap)
 {
     /* three sequences of different lengths; blocks scattered over the pool */
     const int n_seqs = 3, max_blocks = 12, n_blocks = 40;
@@ -740,7 +800,8 @@ static void run_attention_case(int n_heads, int n_kv_heads, int hd, int block_si
     fill(q, (size_t)n * qdim, 3.0f);
     kern_attn_t a = {.out = out, .q = q, .k_cache = kc, .v_cache = vc, .n_tokens = n, .tok_seq = seq, .tok_pos = pos,
                      .block_tables = tables, .max_blocks = max_blocks, .block_size = block_size, .n_heads = n_heads,
-                     .n_kv_heads = n_kv_heads, .head_dim = hd, .scale = 1.0f / sqrtf((float)hd)};
+                     .n_kv_heads = n_kv_heads, .head_dim = hd, .scale = 1.0f / sqrtf((float)hd),
+                     .window = window, .softcap = softcap};
     float *results[3] = {0};
     for (int isa = 0; isa < 3; isa++) {
         kern_backend_t *be = new_backend(isa_names[isa], 2, NULL);
@@ -832,12 +893,19 @@ static void run_attention_case(int n_heads, int n_kv_heads, int hd, int block_si
 
 static void test_attention_paged_gqa_matches_reference(void **state)
 {
-    run_attention_case(4, 4, 64, 16);  /* GQA ratio 1 */
-    run_attention_case(9, 3, 64, 16);  /* ratio 3 (SmolLM-135M) */
-    run_attention_case(9, 3, 64, 32);  /* ratio 3, decode lengths past 96 (V lanes with 2 cells) */
-    run_attention_case(6, 6, 64, 32);  /* ratio 1, long */
-    run_attention_case(8, 2, 128, 32); /* ratio 4 */
-    run_attention_case(6, 2, 40, 8);   /* head_dim not a multiple of 16 */
+    run_attention_case(4, 4, 64, 16, 0, 0);  /* GQA ratio 1 */
+    run_attention_case(9, 3, 64, 16, 0, 0);  /* ratio 3 (SmolLM-135M) */
+    run_attention_case(9, 3, 64, 32, 0, 0);  /* ratio 3, decode lengths past 96 (V lanes with 2 cells) */
+    run_attention_case(6, 6, 64, 32, 0, 0);  /* ratio 1, long */
+    run_attention_case(8, 2, 128, 32, 0, 0); /* ratio 4 */
+    run_attention_case(6, 2, 40, 8, 0, 0);   /* head_dim not a multiple of 16 */
+    /* sliding windows (Mistral, Gemma's local layers): contexts up to 5 blocks, past the window */
+    run_attention_case(8, 2, 128, 32, 20, 0);
+    run_attention_case(9, 3, 64, 16, 7, 0);
+    run_attention_case(6, 2, 40, 8, 5, 0);
+    /* Gemma 2's soft-capping, alone and with a window */
+    run_attention_case(4, 2, 64, 16, 0, 50.0f);
+    run_attention_case(8, 4, 128, 16, 24, 30.0f);
 }
 
 /* Tree attention (speculative verification): a draft tree of 6 tokens after a 37-token context,
@@ -1084,7 +1152,8 @@ int main(void)
         cmocka_unit_test(test_cuda_stub_says_unsupported),
         cmocka_unit_test(test_embed_dequantizes_rows_of_every_type),
         cmocka_unit_test(test_rmsnorm_swiglu_add_match_reference),
-        cmocka_unit_test(test_rope_rotates_adjacent_pairs_like_ggml),
+        cmocka_unit_test(test_family_ops_equal_ggml_on_every_isa),
+        cmocka_unit_test(test_rope_rotates_adjacent_and_neox_pairs_like_ggml),
         cmocka_unit_test(test_kv_store_writes_f16_rows_at_slots),
         cmocka_unit_test(test_attention_paged_gqa_matches_reference),
         cmocka_unit_test(test_attention_tree_mask),
