@@ -1,6 +1,7 @@
-/* folio_mkmodel.c - folio-mkmodel: write a random-weight Llama GGUF model of any shape.
+/* folio_mkmodel.c - folio-mkmodel: write a random-weight GGUF model of any shape and architecture.
  *
  *   folio-mkmodel -o tiny.gguf --layers 2 --dim 64 --ff 128 --heads 4 --kv-heads 2 --vocab 512 --type q8_0
+ *   folio-mkmodel -o gemma.gguf --arch gemma2 --window 32
  *
  * Flag parsing only; the generator is common/mkmodel.c, which tests call directly. */
 #include <errno.h>
@@ -17,6 +18,9 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: folio-mkmodel -o PATH [options]\n"
+            "  --arch A         llama mistral qwen2 qwen3 phi3 gemma2 gemma3 (default llama)\n"
+            "  --head-dim N     attention.key_length (default dim / heads; qwen3 and gemma may differ)\n"
+            "  --window N       attention.sliding_window (default none; gemma3 4096)\n"
             "  --layers N       transformer blocks (default 2)\n"
             "  --dim N          embedding length (default 64)\n"
             "  --ff N           feed-forward length (default 128)\n"
@@ -89,6 +93,13 @@ int main(int argc, char **argv)
         else if (strcmp(a, "--vocab") == 0) bad = parse_int(a, v, 259, 1 << 24, &n), p.vocab = (int)n;
         else if (strcmp(a, "--ctx") == 0) bad = parse_int(a, v, 1, 1 << 30, &n), p.ctx = (int)n;
         else if (strcmp(a, "--threads") == 0) bad = parse_int(a, v, 1, 1024, &n), p.threads = (int)n;
+        else if (strcmp(a, "--head-dim") == 0) bad = parse_int(a, v, 2, 4096, &n), p.head_dim = (int)n;
+        else if (strcmp(a, "--window") == 0) bad = parse_int(a, v, 1, 1 << 24, &n), p.sliding_window = (int)n;
+        else if (strcmp(a, "--arch") == 0) {
+            p.arch = v;
+            bad = !mkmodel_arch_known(v);
+            if (bad) fprintf(stderr, "folio-mkmodel: unknown --arch '%s' (llama mistral qwen2 qwen3 phi3 gemma2 gemma3)\n", v);
+        }
         else if (strcmp(a, "--seed") == 0) {
             char *end;
             errno = 0;
@@ -125,8 +136,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "folio-mkmodel: %s\n", err.msg);
         return 1;
     }
-    fprintf(stderr, "folio-mkmodel: wrote %s (layers=%d dim=%d ff=%d heads=%d kv_heads=%d vocab=%d type=%s%s) in %.1f s\n", out,
-            p.n_layers, p.dim, p.ff, p.n_heads, p.n_kv_heads, p.vocab, fl_dtype_name(p.type), p.tied ? " tied" : "",
+    fprintf(stderr, "folio-mkmodel: wrote %s (arch=%s layers=%d dim=%d ff=%d heads=%d kv_heads=%d vocab=%d type=%s%s) in %.1f s\n",
+            out, p.arch ? p.arch : "llama", p.n_layers, p.dim, p.ff, p.n_heads, p.n_kv_heads, p.vocab, fl_dtype_name(p.type), p.tied ? " tied" : "",
             fl_clock_s() - t0);
     return 0;
 }

@@ -1,4 +1,6 @@
-/* mkmodel.c - random-weight Llama GGUF generator; see mkmodel.h.
+/* mkmodel.c - random-weight GGUF generator of the Llama, Mistral, Qwen2/3, Phi-3 and Gemma 2/3
+ * architectures; see mkmodel.h. The tensor names, shapes and metadata keys are those llama.cpp's
+ * llama-model.cpp loads for each architecture (llama-cpp-python 0.3.16), so llama.cpp loads the files.
  *
  * Vocabulary: the 3 specials, the 256 byte tokens spelled in GPT-2's byte-to-unicode alphabet (so
  * space is "Ġ"), then merges. Merges are first learned by plain BPE training over the built-in text
@@ -340,9 +342,29 @@ void mkmodel_params_default(mkmodel_params_t *p)
                             .seed = 1, .name = NULL};
 }
 
+static const char *const known_archs[] = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"};
+
+bool mkmodel_arch_known(const char *arch)
+{
+    if (!arch) return true;
+    for (size_t i = 0; i < sizeof known_archs / sizeof known_archs[0]; i++)
+        if (!strcmp(arch, known_archs[i])) return true;
+    return false;
+}
+
+static bool arch_is(const mkmodel_params_t *p, const char *a) { return p->arch && !strcmp(p->arch, a); }
+
 int mkmodel_check(const mkmodel_params_t *p, fl_error_t *err)
 {
     const int big = 1 << 20;
+    if (!mkmodel_arch_known(p->arch))
+        return fl_fail(err, FL_EINVAL, "mkmodel: unknown arch '%s' (llama mistral qwen2 qwen3 phi3 gemma2 gemma3)", p->arch);
+    if (p->head_dim < 0 || p->head_dim > 4096 || p->head_dim % 2)
+        return fl_fail(err, FL_EINVAL, "mkmodel: head-dim %d must be even, 0..4096", p->head_dim);
+    if (p->head_dim && p->head_dim * p->n_heads != p->dim &&
+        (!p->arch || arch_is(p, "llama") || arch_is(p, "mistral") || arch_is(p, "phi3")))
+        return fl_fail(err, FL_EINVAL, "mkmodel: %s needs head-dim = dim / heads", p->arch ? p->arch : "llama");
+    if (p->sliding_window < 0) return fl_fail(err, FL_EINVAL, "mkmodel: window %d must be >= 0", p->sliding_window);
     if (p->n_layers < 1 || p->n_layers > 4096) return fl_fail(err, FL_EINVAL, "mkmodel: layers %d out of range 1..4096", p->n_layers);
     if (p->dim < 1 || p->dim > big) return fl_fail(err, FL_EINVAL, "mkmodel: dim %d out of range", p->dim);
     if (p->ff < 1 || p->ff > big) return fl_fail(err, FL_EINVAL, "mkmodel: ff %d out of range", p->ff);
@@ -356,6 +378,9 @@ int mkmodel_check(const mkmodel_params_t *p, fl_error_t *err)
     if (p->ctx < 1) return fl_fail(err, FL_EINVAL, "mkmodel: ctx %d must be >= 1", p->ctx);
     if (!fl_dtype_supported(p->type)) return fl_fail(err, FL_EINVAL, "mkmodel: weight type %d not supported", p->type);
     const int64_t be = fl_dtype_block_elems(p->type);
+    if ((p->head_dim ? p->head_dim * p->n_heads : p->dim) % be)
+        return fl_fail(err, FL_EINVAL, "mkmodel: head-dim x heads must be a multiple of %lld for %s", (long long)be,
+                       fl_dtype_name(p->type));
     if (p->dim % be || p->ff % be)
         return fl_fail(err, FL_EINVAL, "mkmodel: dim %d and ff %d must be multiples of %lld for %s", p->dim, p->ff, (long long)be,
                        fl_dtype_name(p->type));
@@ -384,8 +409,13 @@ int mkmodel_write(const mkmodel_params_t *p, const char *path, fl_error_t *err)
     int n_merges = 0;
     if ((rc = mkmodel_vocab(p->vocab, &tokens, &merges, &n_merges, err))) return rc;
 
-    const int head_dim = p->dim / p->n_heads, kv_dim = head_dim * p->n_kv_heads;
-    const int n_fill = 2 + 9 * p->n_layers + 1;
+    /* Mistral's GGUFs say "llama" (llama.cpp 0.3.16 has no "mistral" architecture). */
+    const char *arch = !p->arch || arch_is(p, "mistral") ? "llama" : p->arch;
+    const bool qwen2 = arch_is(p, "qwen2"), qwen3 = arch_is(p, "qwen3"), phi3 = arch_is(p, "phi3"),
+               gemma2 = arch_is(p, "gemma2"), gemma3 = arch_is(p, "gemma3"), gemma = gemma2 || gemma3;
+    const int head_dim = p->head_dim ? p->head_dim : p->dim / p->n_heads, kv_dim = head_dim * p->n_kv_heads,
+              q_dim = head_dim * p->n_heads;
+    const int n_fill = 2 + 16 * p->n_layers + 3;
     gguf_writer_t *w = gguf_writer_new();
     int32_t *ttype = malloc(sizeof(int32_t) * (size_t)p->vocab);
     fill_t *fills = calloc((size_t)n_fill, sizeof *fills);
@@ -395,18 +425,35 @@ int mkmodel_write(const mkmodel_params_t *p, const char *path, fl_error_t *err)
     }
     for (int i = 0; i < p->vocab; i++) ttype[i] = i < MKMODEL_N_SPECIAL ? 3 : 1;
 
-    gguf_writer_set_str(w, "general.architecture", "llama");
+    char key[128];
+#define KEY(suffix) (snprintf(key, sizeof key, "%s." suffix, arch), key)
+    gguf_writer_set_str(w, "general.architecture", arch);
     gguf_writer_set_str(w, "general.name", p->name ? p->name : "folio-mkmodel");
-    gguf_writer_set_u32(w, "llama.block_count", (uint32_t)p->n_layers);
-    gguf_writer_set_u32(w, "llama.context_length", (uint32_t)p->ctx);
-    gguf_writer_set_u32(w, "llama.embedding_length", (uint32_t)p->dim);
-    gguf_writer_set_u32(w, "llama.feed_forward_length", (uint32_t)p->ff);
-    gguf_writer_set_u32(w, "llama.attention.head_count", (uint32_t)p->n_heads);
-    gguf_writer_set_u32(w, "llama.attention.head_count_kv", (uint32_t)p->n_kv_heads);
-    gguf_writer_set_f32(w, "llama.rope.freq_base", p->rope_theta);
-    gguf_writer_set_f32(w, "llama.attention.layer_norm_rms_epsilon", p->eps);
-    gguf_writer_set_u32(w, "llama.rope.dimension_count", (uint32_t)head_dim);
-    gguf_writer_set_u32(w, "llama.vocab_size", (uint32_t)p->vocab);
+    gguf_writer_set_u32(w, KEY("block_count"), (uint32_t)p->n_layers);
+    gguf_writer_set_u32(w, KEY("context_length"), (uint32_t)p->ctx);
+    gguf_writer_set_u32(w, KEY("embedding_length"), (uint32_t)p->dim);
+    gguf_writer_set_u32(w, KEY("feed_forward_length"), (uint32_t)p->ff);
+    gguf_writer_set_u32(w, KEY("attention.head_count"), (uint32_t)p->n_heads);
+    gguf_writer_set_u32(w, KEY("attention.head_count_kv"), (uint32_t)p->n_kv_heads);
+    gguf_writer_set_f32(w, KEY("rope.freq_base"), p->rope_theta);
+    gguf_writer_set_f32(w, KEY("attention.layer_norm_rms_epsilon"), p->eps);
+    gguf_writer_set_u32(w, KEY("rope.dimension_count"), (uint32_t)head_dim);
+    if (p->head_dim) {
+        gguf_writer_set_u32(w, KEY("attention.key_length"), (uint32_t)head_dim);
+        gguf_writer_set_u32(w, KEY("attention.value_length"), (uint32_t)head_dim);
+    }
+    const int window = p->sliding_window ? p->sliding_window : gemma3 ? 4096 : 0;
+    if (window) gguf_writer_set_u32(w, KEY("attention.sliding_window"), (uint32_t)window);
+    if (gemma2) {
+        gguf_writer_set_f32(w, KEY("attn_logit_softcapping"), 50.0f);
+        gguf_writer_set_f32(w, KEY("final_logit_softcapping"), 30.0f);
+    }
+    if (phi3) { /* Phi-3-128k's longrope metadata: sqrt(1 + ln(32) / ln(4096)) */
+        gguf_writer_set_u32(w, KEY("rope.scaling.original_context_length"), (uint32_t)(p->ctx / 2 > 0 ? p->ctx / 2 : 1));
+        gguf_writer_set_f32(w, KEY("rope.scaling.attn_factor"), 1.1902381f);
+    }
+    gguf_writer_set_u32(w, KEY("vocab_size"), (uint32_t)p->vocab);
+#undef KEY
     gguf_writer_set_u32(w, "general.file_type", file_type_of(p->type));
     if (fl_dtype_block_elems(p->type) > 1) gguf_writer_set_u32(w, "general.quantization_version", 2);
     gguf_writer_set_str(w, "tokenizer.ggml.model", "gpt2");
@@ -437,24 +484,52 @@ int mkmodel_write(const mkmodel_params_t *p, const char *path, fl_error_t *err)
         nf++;                                                                                                          \
     } while (0)
     ADD("token_embd.weight", p->type, p->dim, p->vocab, 0.0f, 0.02f);
+    if (phi3) { /* one set for every layer, as the converter writes them; positive divisors */
+        ADD("rope_factors_long.weight", FL_TYPE_F32, head_dim / 2, 1, 2.0f, 0.3f);
+        ADD("rope_factors_short.weight", FL_TYPE_F32, head_dim / 2, 1, 1.0f, 0.02f);
+    }
     for (int l = 0; l < p->n_layers; l++) {
         char nm[64];
 #define BLK(suffix, ty, n0, n1, mu, sd)                                                                                \
     snprintf(nm, sizeof nm, "blk.%d." suffix, l);                                                                      \
     ADD(nm, ty, n0, n1, mu, sd)
         BLK("attn_norm.weight", FL_TYPE_F32, p->dim, 1, 1.0f, 0.02f);
-        BLK("attn_q.weight", p->type, p->dim, p->dim, 0.0f, 0.02f);
-        BLK("attn_k.weight", p->type, p->dim, kv_dim, 0.0f, 0.02f);
-        BLK("attn_v.weight", p->type, p->dim, kv_dim, 0.0f, 0.02f);
-        BLK("attn_output.weight", p->type, p->dim, p->dim, 0.0f, 0.02f);
+        if (phi3) {
+            BLK("attn_qkv.weight", p->type, p->dim, q_dim + 2 * kv_dim, 0.0f, 0.02f);
+        } else {
+            BLK("attn_q.weight", p->type, p->dim, q_dim, 0.0f, 0.02f);
+            BLK("attn_k.weight", p->type, p->dim, kv_dim, 0.0f, 0.02f);
+            BLK("attn_v.weight", p->type, p->dim, kv_dim, 0.0f, 0.02f);
+        }
+        if (qwen2) {
+            BLK("attn_q.bias", FL_TYPE_F32, q_dim, 1, 0.0f, 0.1f);
+            BLK("attn_k.bias", FL_TYPE_F32, kv_dim, 1, 0.0f, 0.1f);
+            BLK("attn_v.bias", FL_TYPE_F32, kv_dim, 1, 0.0f, 0.1f);
+        }
+        if (qwen3 || gemma3) {
+            BLK("attn_q_norm.weight", FL_TYPE_F32, head_dim, 1, 1.0f, 0.1f);
+            BLK("attn_k_norm.weight", FL_TYPE_F32, head_dim, 1, 1.0f, 0.1f);
+        }
+        BLK("attn_output.weight", p->type, q_dim, p->dim, 0.0f, 0.02f);
+        if (gemma) {
+            BLK("post_attention_norm.weight", FL_TYPE_F32, p->dim, 1, 1.0f, 0.02f);
+        }
         BLK("ffn_norm.weight", FL_TYPE_F32, p->dim, 1, 1.0f, 0.02f);
-        BLK("ffn_gate.weight", p->type, p->dim, p->ff, 0.0f, 0.02f);
-        BLK("ffn_up.weight", p->type, p->dim, p->ff, 0.0f, 0.02f);
+        if (phi3) {
+            BLK("ffn_up.weight", p->type, p->dim, 2 * p->ff, 0.0f, 0.02f);
+        } else {
+            BLK("ffn_gate.weight", p->type, p->dim, p->ff, 0.0f, 0.02f);
+            BLK("ffn_up.weight", p->type, p->dim, p->ff, 0.0f, 0.02f);
+        }
         BLK("ffn_down.weight", p->type, p->ff, p->dim, 0.0f, 0.02f);
+        if (gemma) {
+            BLK("post_ffw_norm.weight", FL_TYPE_F32, p->dim, 1, 1.0f, 0.02f);
+        }
 #undef BLK
     }
     ADD("output_norm.weight", FL_TYPE_F32, p->dim, 1, 1.0f, 0.02f);
-    if (!p->tied) ADD("output.weight", p->type, p->dim, p->vocab, 0.0f, 0.02f);
+    /* Gemma 2 always projects with the token embedding (llama.cpp loads no output.weight for it). */
+    if (!p->tied && !gemma2) ADD("output.weight", p->type, p->dim, p->vocab, 0.0f, 0.02f);
 #undef ADD
     /* Tensors have their own random streams: writing them on several threads gives the same bytes. */
     long threads = p->threads;

@@ -7,6 +7,8 @@ Run with the python of the venv made by tools/llamacpp_env.sh:
     $PY tools/gen_references.py                      # greedy + logits fixtures
     $PY tools/gen_references.py --mode greedy        # only reference_greedy.json
     $PY tools/gen_references.py --mode logits        # only reference_logits.json
+    $PY tools/gen_references.py --kv-type q8_0       # quantized KV cache (and q4_0):
+                                                     # reference_{greedy,logits}_kv_q8_0.json
 
 Everything goes through the llama.cpp low-level C API (llama_cpp.llama_cpp),
 not the high-level Llama class: in llama-cpp-python 0.3.x `Llama.scores`
@@ -17,7 +19,10 @@ the argmax of llama_get_logits_ith(ctx, -1) with the lowest id winning ties.
 
 Settings pinned: CPU only, n_threads = n_threads_batch = 2, n_ctx 2048,
 llama.cpp default n_batch/n_ubatch, flash_attn off, f16 KV cache, seed 1234
-(unused by greedy decoding but recorded).
+(unused by greedy decoding but recorded). With --kv-type q8_0|q4_0, K and V are
+cached in that type (llama.cpp's -ctk/-ctv), which needs flash_attn on; the
+files are then named reference_greedy_kv_<type>.json and
+reference_logits_kv_<type>.json.
 
 Outputs (in tests/fixtures/ by default):
   reference_greedy.json  per prompt: rendered text, prompt token ids, 64
@@ -71,12 +76,14 @@ def sha256_file(path):
 
 
 class Model:
-    def __init__(self, path):
+    def __init__(self, path, use_extra_bufts=True, kv_type="f16"):
         quiet_llama_logs()
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
         mp.use_mmap = True
+        # False: no repacked or AMX weight buffers (their kernels sum in orders of their own)
+        mp.use_extra_bufts = use_extra_bufts
         self.model = L.llama_model_load_from_file(path.encode(), mp)
         if not self.model:
             raise RuntimeError(f"failed to load model {path}")
@@ -88,14 +95,16 @@ class Model:
         cp.n_threads = N_THREADS
         cp.n_threads_batch = N_THREADS
         cp.n_seq_max = 1
-        cp.flash_attn = False
-        cp.type_k = L.GGML_TYPE_F16
-        cp.type_v = L.GGML_TYPE_F16
+        ggml_type = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0, "q4_0": L.GGML_TYPE_Q4_0}[kv_type]
+        flash = kv_type != "f16"  # llama.cpp quantizes the V cache only with flash attention
+        cp.flash_attn = flash
+        cp.type_k = ggml_type
+        cp.type_v = ggml_type
         cp.no_perf = True
         self.ctx_params = {"n_ctx": cp.n_ctx, "n_batch": cp.n_batch,
                            "n_ubatch": cp.n_ubatch, "n_threads": N_THREADS,
-                           "flash_attn": False, "type_k": "f16",
-                           "type_v": "f16", "seed": SEED}
+                           "flash_attn": flash, "type_k": kv_type,
+                           "type_v": kv_type, "seed": SEED}
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError("failed to create llama context")
@@ -222,14 +231,16 @@ def main():
     ap.add_argument("--out-dir", default=FIXTURES)
     ap.add_argument("--mode", choices=("all", "greedy", "logits"), default="all")
     ap.add_argument("--n-predict", type=int, default=N_PREDICT)
+    ap.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0"), default="f16")
     args = ap.parse_args()
+    suffix = "" if args.kv_type == "f16" else f"_kv_{args.kv_type}"
 
     if not os.path.exists(args.model):
         sys.exit(f"gen_references.py: model not found: {args.model}")
     with open(args.prompts, encoding="utf-8") as f:
         prompts = json.load(f)["prompts"]
 
-    m = Model(args.model)
+    m = Model(args.model, kv_type=args.kv_type)
     add_bos = m.add_bos()
     template = m.meta("tokenizer.chat_template")
     bos_text = m.special_token_text(L.llama_vocab_bos(m.vocab))
@@ -290,7 +301,7 @@ def main():
                              "per step; finish_reason 'stop' = last token is end-of-generation "
                              "(included in tokens), 'length' = n_predict tokens.",
                     "cases": cases})
-        path = os.path.join(args.out_dir, "reference_greedy.json")
+        path = os.path.join(args.out_dir, f"reference_greedy{suffix}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(out, f, ensure_ascii=False, indent=1)
             f.write("\n")
@@ -306,7 +317,7 @@ def main():
                              "generated tokens (context_tokens). Top-k ids by logit, values "
                              "rounded to 4 decimals.",
                     "cases": logits_cases})
-        path = os.path.join(args.out_dir, "reference_logits.json")
+        path = os.path.join(args.out_dir, f"reference_logits{suffix}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(out, f, ensure_ascii=False, indent=1)
             f.write("\n")

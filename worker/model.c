@@ -1,10 +1,15 @@
-/* model.c - Llama-family forward pass over the kernel interface.
+/* model.c - the decoder forward pass over the kernel interface, for every family folio loads.
  *
  * Reads like llama2.c's forward(): for each layer, RMSNorm -> Q,K,V projections -> RoPE -> store
  * K,V into the paged cache -> attention over the cache -> output projection + residual ->
  * RMSNorm -> SwiGLU feed-forward + residual; then the final norm and the vocabulary projection for
- * the rows that want logits. Every call goes to the backend table, so the same code drives the CPU
- * and CUDA backends. Sizes come from the GGUF metadata; weight shapes are checked against them. */
+ * the rows that want logits. The families beyond Llama are switches on that one pass, each placed
+ * where llama.cpp's graph has it (llama-model.cpp), so the arithmetic is llama.cpp's: Q/K/V biases
+ * after the projections (Qwen2), per-head RMSNorm of Q and K before RoPE (Qwen3, Gemma 3), NeoX
+ * RoPE (all but Llama), queries scaled after RoPE (Phi-3, Gemma), sliding-window layers (Mistral,
+ * Gemma), embedding scaling, post-norms, GeGLU and soft-capping (Gemma). Phi-3's fused tensors are
+ * loaded as row ranges of their halves. Every call goes to the backend table, so the same code drives
+ * the CPU and CUDA backends. Sizes come from the GGUF metadata; weight shapes are checked against them. */
 #include "model.h"
 
 #include <math.h>
@@ -43,6 +48,90 @@ static int get_f32_opt(const gguf_t *g, const char *arch, const char *key, float
     return rc == FL_ENOTFOUND ? FL_OK : rc;
 }
 
+static const struct {
+    const char *name;
+    model_arch_t arch;
+} arch_names[] = {
+    {"llama", MODEL_ARCH_LLAMA}, {"mistral", MODEL_ARCH_LLAMA}, {"qwen2", MODEL_ARCH_QWEN2},
+    {"qwen3", MODEL_ARCH_QWEN3}, {"phi3", MODEL_ARCH_PHI3},     {"gemma2", MODEL_ARCH_GEMMA2},
+    {"gemma3", MODEL_ARCH_GEMMA3},
+};
+
+static bool str_is(const char *s, size_t n, const char *lit) { return n == strlen(lit) && !memcmp(s, lit, n); }
+
+/* Each family's switches, as llama.cpp's llm_load_hparams and graph builders set them (llama-model.cpp,
+ * llama-cpp-python 0.3.16): what is in the GGUF is read, what llama.cpp fixes per architecture is
+ * fixed here the same way. */
+static int read_family(const gguf_t *g, const char *arch, model_config_t *c, fl_error_t *err)
+{
+    int rc;
+    uint32_t u;
+    char key[256];
+    snprintf(key, sizeof key, "%s.attention.sliding_window", arch);
+    const bool has_window = gguf_get_u32(g, key, &u, NULL) == FL_OK && u > 0 && u <= (1u << 24);
+    const int window = has_window ? (int)u : 0;
+    switch (c->arch) {
+    case MODEL_ARCH_LLAMA:
+        /* Mistral: llama.cpp 0.3.16 reads no window for "llama" (it attends to everything); folio
+         * honours the window the GGUF names, on every layer. */
+        c->sliding_window = window;
+        break;
+    case MODEL_ARCH_QWEN2:
+    case MODEL_ARCH_QWEN3:
+        c->rope.neox = true;
+        break;
+    case MODEL_ARCH_PHI3:
+        /* llama.cpp disables Phi-3's sliding window ("Phi SWA is currently disabled"); so does folio,
+         * so that the two agree. */
+        c->rope.neox = true;
+        c->q_scale = 1.0f / sqrtf((float)c->head_dim);
+        c->rope_orig_ctx = c->n_ctx_train;
+        snprintf(key, sizeof key, "%s.rope.scaling.original_context_length", arch);
+        if (gguf_get_u32(g, key, &u, NULL) == FL_OK && u > 0) c->rope_orig_ctx = (int)u;
+        break;
+    case MODEL_ARCH_GEMMA2:
+    case MODEL_ARCH_GEMMA3:
+        c->rope.neox = true;
+        c->geglu = true;
+        c->post_norms = true;
+        c->embed_scale = sqrtf((float)c->dim);
+        /* gemma_pytorch's query_pre_attn_scalar, as llama.cpp hard-codes it: dim / heads for the 27B
+         * shapes (46 and 62 layers), head_dim for the others. */
+        c->q_scale = 1.0f / sqrtf((float)(c->n_layers == (c->arch == MODEL_ARCH_GEMMA2 ? 46 : 62)
+                                              ? c->dim / c->n_heads : c->head_dim));
+        if (c->arch == MODEL_ARCH_GEMMA2) {
+            c->sliding_window = has_window ? window : 4096;
+            c->attn_softcap = 50.0f;
+            c->final_softcap = 30.0f;
+            if ((rc = get_f32_opt(g, arch, "attn_logit_softcapping", &c->attn_softcap, err)) ||
+                (rc = get_f32_opt(g, arch, "final_logit_softcapping", &c->final_softcap, err)))
+                return rc;
+        } else {
+            if (!has_window)
+                return fl_fail(err, FL_EFORMAT, "%s: missing metadata key '%s'", gguf_path(g), key);
+            c->sliding_window = window;
+        }
+        break;
+    }
+    c->rope_swa = c->rope;
+    if (c->arch == MODEL_ARCH_GEMMA3) { /* llama.cpp's rope_freq_base_train_swa / _scale_train_swa */
+        c->rope_swa.freq_base = 10000.0f;
+        c->rope_swa.freq_scale = 1.0f;
+    }
+    if (!(c->attn_softcap >= 0) || !(c->final_softcap >= 0))
+        return fl_fail(err, FL_EFORMAT, "%s: invalid soft-capping", gguf_path(g));
+    return FL_OK;
+}
+
+/* Whether layer l attends through the sliding window: llama.cpp's swa pattern (set_swa_pattern(n):
+ * layers with l % n < n - 1), 2 for Gemma 2, 6 for Gemma 3, every layer for Mistral. */
+static bool layer_is_swa(const model_config_t *c, int l)
+{
+    if (!c->sliding_window) return false;
+    const int period = c->arch == MODEL_ARCH_GEMMA2 ? 2 : c->arch == MODEL_ARCH_GEMMA3 ? 6 : 0;
+    return period == 0 || l % period < period - 1;
+}
+
 static int read_config(const gguf_t *g, model_config_t *c, fl_error_t *err)
 {
     const char *arch_s;
@@ -53,10 +142,14 @@ static int read_config(const gguf_t *g, model_config_t *c, fl_error_t *err)
     if (arch_n >= sizeof arch) return fl_fail(err, FL_EFORMAT, "%s: architecture name too long", gguf_path(g));
     memcpy(arch, arch_s, arch_n);
     arch[arch_n] = 0;
-    /* Llama-family architectures that share the forward pass. */
-    if (strcmp(arch, "llama") && strcmp(arch, "mistral"))
-        return fl_fail(err, FL_EUNSUPPORTED, "%s: architecture '%s' is not supported (llama family only)",
+    size_t ai = 0;
+    while (ai < sizeof arch_names / sizeof arch_names[0] && strcmp(arch, arch_names[ai].name)) ai++;
+    if (ai == sizeof arch_names / sizeof arch_names[0])
+        return fl_fail(err, FL_EUNSUPPORTED,
+                       "%s: architecture '%s' is not supported (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 are)",
                        gguf_path(g), arch);
+    c->arch = arch_names[ai].arch;
+    snprintf(c->arch_name, sizeof c->arch_name, "%s", arch_names[ai].name);
 
     if ((rc = get_u32_req(g, arch, "block_count", &c->n_layers, err)) ||
         (rc = get_u32_req(g, arch, "embedding_length", &c->dim, err)) ||
@@ -72,15 +165,26 @@ static int read_config(const gguf_t *g, model_config_t *c, fl_error_t *err)
     if (c->n_kv_heads <= 0 || c->n_heads % c->n_kv_heads)
         return fl_fail(err, FL_EFORMAT, "%s: head_count %d is not a multiple of head_count_kv %d", gguf_path(g),
                        c->n_heads, c->n_kv_heads);
-    if (c->dim % c->n_heads)
-        return fl_fail(err, FL_EFORMAT, "%s: embedding_length %d not divisible by head_count %d", gguf_path(g),
-                       c->dim, c->n_heads);
-    c->head_dim = c->dim / c->n_heads;
+    /* head_dim: key_length where given (Qwen3 and Gemma's differ from dim / heads), else dim / heads. */
     snprintf(key, sizeof key, "%s.attention.key_length", arch);
-    uint32_t kl;
-    if (gguf_get_u32(g, key, &kl, NULL) == FL_OK && (int)kl != c->head_dim)
-        return fl_fail(err, FL_EUNSUPPORTED, "%s: key_length %u differs from embedding/heads %d", gguf_path(g), kl,
+    uint32_t kl, vl;
+    if (gguf_get_u32(g, key, &kl, NULL) == FL_OK) {
+        if (kl == 0 || kl > 4096 || kl % 2)
+            return fl_fail(err, FL_EFORMAT, "%s: metadata '%s' = %u is out of range", gguf_path(g), key, kl);
+        c->head_dim = (int)kl;
+    } else {
+        if (c->dim % c->n_heads)
+            return fl_fail(err, FL_EFORMAT, "%s: embedding_length %d not divisible by head_count %d", gguf_path(g),
+                           c->dim, c->n_heads);
+        c->head_dim = c->dim / c->n_heads;
+    }
+    snprintf(key, sizeof key, "%s.attention.value_length", arch);
+    if (gguf_get_u32(g, key, &vl, NULL) == FL_OK && (int)vl != c->head_dim)
+        return fl_fail(err, FL_EUNSUPPORTED, "%s: value_length %u differs from key_length %d", gguf_path(g), vl,
                        c->head_dim);
+    if ((c->arch == MODEL_ARCH_LLAMA || c->arch == MODEL_ARCH_PHI3) && c->head_dim * c->n_heads != c->dim)
+        return fl_fail(err, FL_EUNSUPPORTED, "%s: key_length %d differs from embedding/heads %d", gguf_path(g),
+                       c->head_dim, c->dim / c->n_heads);
     c->n_ctx_train = 4096;
     snprintf(key, sizeof key, "%s.context_length", arch);
     uint32_t ctx;
@@ -96,8 +200,10 @@ static int read_config(const gguf_t *g, model_config_t *c, fl_error_t *err)
     c->rope.freq_scale = 1.0f;
     c->rope.n_rot = c->head_dim;
     c->rope.freq_factors = NULL;
+    c->rope.mscale = 1.0f;
     if ((rc = get_f32_opt(g, arch, "attention.layer_norm_rms_epsilon", &c->norm_eps, err)) ||
-        (rc = get_f32_opt(g, arch, "rope.freq_base", &c->rope.freq_base, err)))
+        (rc = get_f32_opt(g, arch, "rope.freq_base", &c->rope.freq_base, err)) ||
+        (rc = get_f32_opt(g, arch, "rope.scaling.attn_factor", &c->rope.mscale, err)))
         return rc;
     snprintf(key, sizeof key, "%s.rope.dimension_count", arch);
     uint32_t nrot;
@@ -107,34 +213,38 @@ static int read_config(const gguf_t *g, model_config_t *c, fl_error_t *err)
                            c->head_dim);
         c->rope.n_rot = (int)nrot;
     }
-    /* Linear RoPE scaling; Llama-3 style scaling arrives as the rope_freqs tensor. */
+    /* Linear RoPE scaling; Llama-3 style scaling arrives as the rope_freqs tensor, Phi-3's (longrope)
+     * as the rope_factors_long / _short tensors. */
     snprintf(key, sizeof key, "%s.rope.scaling.type", arch);
     const char *st;
     size_t stn;
-    if (gguf_get_str(g, key, &st, &stn, NULL) == FL_OK && stn == 6 && !memcmp(st, "linear", 6)) {
+    if (gguf_get_str(g, key, &st, &stn, NULL) == FL_OK && str_is(st, stn, "linear")) {
         float factor = 1.0f;
         if ((rc = get_f32_opt(g, arch, "rope.scaling.factor", &factor, err))) return rc;
         if (factor > 0) c->rope.freq_scale = 1.0f / factor;
-    } else if (gguf_get_str(g, key, &st, &stn, NULL) == FL_OK && !(stn == 4 && !memcmp(st, "none", 4)) &&
-               !(stn == 6 && !memcmp(st, "llama3", 6))) {
+    } else if (gguf_get_str(g, key, &st, &stn, NULL) == FL_OK && !str_is(st, stn, "none") &&
+               !str_is(st, stn, "llama3") && !str_is(st, stn, "longrope")) {
         return fl_fail(err, FL_EUNSUPPORTED, "%s: rope scaling '%.*s' is not supported", gguf_path(g), (int)stn, st);
     }
-    if (!(c->norm_eps > 0) || !(c->rope.freq_base > 0))
-        return fl_fail(err, FL_EFORMAT, "%s: invalid rms epsilon or rope base", gguf_path(g));
-    return FL_OK;
+    if (!(c->norm_eps > 0) || !(c->rope.freq_base > 0) || !(c->rope.mscale > 0))
+        return fl_fail(err, FL_EFORMAT, "%s: invalid rms epsilon, rope base or rope attn_factor", gguf_path(g));
+    return read_family(g, arch, c, err);
 }
 
-/* Finds a 2-D weight and checks its shape [rows][cols]. */
-static kern_weight_t *load_matrix(model_t *m, const char *name, int64_t rows, int64_t cols, fl_error_t *err)
+/* Finds a 2-D weight of shape [total_rows][cols] and loads its rows [row0, row0 + rows) as a matrix
+ * of its own: how a fused tensor (Phi-3's attn_qkv, its gate-and-up ffn_up) becomes the separate
+ * matrices the forward pass multiplies by, with the same bits (each output row is its own dot). */
+static kern_weight_t *load_matrix_rows(model_t *m, const char *name, int64_t row0, int64_t rows, int64_t total_rows,
+                                       int64_t cols, fl_error_t *err)
 {
     const gguf_tensor_t *t = gguf_find_tensor(m->gguf, name);
     if (!t) {
         fl_fail(err, FL_EFORMAT, "%s: missing tensor '%s'", gguf_path(m->gguf), name);
         return NULL;
     }
-    if (t->ne[0] != cols || t->ne[1] != rows || t->ne[2] != 1 || t->ne[3] != 1) {
+    if (t->ne[0] != cols || t->ne[1] != total_rows || t->ne[2] != 1 || t->ne[3] != 1) {
         fl_fail(err, FL_EFORMAT, "%s: tensor '%s' has shape [%lld, %lld], expected [%lld, %lld]", gguf_path(m->gguf),
-                name, (long long)t->ne[0], (long long)t->ne[1], (long long)cols, (long long)rows);
+                name, (long long)t->ne[0], (long long)t->ne[1], (long long)cols, (long long)total_rows);
         return NULL;
     }
     if (!fl_dtype_supported(t->type)) {
@@ -144,7 +254,8 @@ static kern_weight_t *load_matrix(model_t *m, const char *name, int64_t rows, in
     }
     fl_error_t e2 = {0};
     int type = t->type;
-    const void *data = t->data;
+    const size_t row_bytes = t->nbytes / (size_t)total_rows;
+    const void *data = (const uint8_t *)t->data + (size_t)row0 * row_bytes;
     if (m->weights_f32 && type != FL_TYPE_F32) {
         float *f = malloc((size_t)rows * (size_t)cols * sizeof(float));
         void **list = realloc(m->f32_copies, (size_t)(m->n_f32_copies + 1) * sizeof *list);
@@ -155,7 +266,6 @@ static kern_weight_t *load_matrix(model_t *m, const char *name, int64_t rows, in
             return NULL;
         }
         m->f32_copies[m->n_f32_copies++] = f;
-        const size_t row_bytes = t->nbytes / (size_t)rows;
         for (int64_t r = 0; r < rows; r++)
             quant_dequantize_row(type, (const uint8_t *)data + (size_t)r * row_bytes, f + (size_t)r * (size_t)cols, cols);
         type = FL_TYPE_F32;
@@ -163,8 +273,14 @@ static kern_weight_t *load_matrix(model_t *m, const char *name, int64_t rows, in
     }
     kern_weight_t *w = kern_weight_new(m->be, type, rows, cols, data, &e2);
     if (!w) fl_fail(err, e2.code ? e2.code : FL_EBACKEND, "%s: tensor '%s': %s", gguf_path(m->gguf), name, e2.msg);
-    m->weight_bytes += t->nbytes;
+    m->weight_bytes += (size_t)rows * row_bytes;
     return w;
+}
+
+/* Finds a 2-D weight and checks its shape [rows][cols]. */
+static kern_weight_t *load_matrix(model_t *m, const char *name, int64_t rows, int64_t cols, fl_error_t *err)
+{
+    return load_matrix_rows(m, name, 0, rows, rows, cols, err);
 }
 
 /* Copies a 1-D F32 vector of length n to backend memory. */
@@ -197,7 +313,8 @@ static float *load_vector(model_t *m, const char *name, int64_t n, bool required
 static int alloc_scratch(model_t *m, fl_error_t *err)
 {
     const model_config_t *c = &m->cfg;
-    const size_t T = (size_t)m->max_batch_tokens, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    const size_t T = (size_t)m->max_batch_tokens, kv_dim = (size_t)c->n_kv_heads * c->head_dim,
+                 q_dim = (size_t)c->n_heads * c->head_dim;
     /* A step's inputs, packed: tokens, positions, sequences, KV slots ([n] each), block tables,
      * prompt lengths. */
     const size_t step_ints = 4 * T + (size_t)m->max_seqs * m->max_blocks + (size_t)m->max_seqs +
@@ -205,10 +322,10 @@ static int alloc_scratch(model_t *m, fl_error_t *err)
     struct { void **p; size_t bytes; } bufs[] = {
         {(void **)&m->x, T * c->dim * sizeof(float)},
         {(void **)&m->xb, T * c->dim * sizeof(float)},
-        {(void **)&m->q, T * c->dim * sizeof(float)},
+        {(void **)&m->q, T * q_dim * sizeof(float)},
         {(void **)&m->k, T * kv_dim * sizeof(float)},
         {(void **)&m->v, T * kv_dim * sizeof(float)},
-        {(void **)&m->att, T * c->dim * sizeof(float)},
+        {(void **)&m->att, T * q_dim * sizeof(float)},
         {(void **)&m->gate, T * c->n_ff * sizeof(float)},
         {(void **)&m->up, T * c->n_ff * sizeof(float)},
         {(void **)&m->logit_in, (size_t)m->max_logits * c->dim * sizeof(float)},
@@ -251,22 +368,30 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
                 tok_n_vocab(m->tok));
         goto fail;
     }
-    const int64_t kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
+    const int64_t kv_dim = (int64_t)c->n_kv_heads * c->head_dim, q_dim = (int64_t)c->n_heads * c->head_dim;
     if (!(m->tok_embd = load_matrix(m, "token_embd.weight", c->n_vocab, c->dim, err))) goto fail;
-    if (gguf_find_tensor(m->gguf, "output.weight")) {
+    /* Gemma 2 always projects with the token embedding (llama.cpp ignores an output.weight there). */
+    if (gguf_find_tensor(m->gguf, "output.weight") && c->arch != MODEL_ARCH_GEMMA2) {
         if (!(m->output = load_matrix(m, "output.weight", c->n_vocab, c->dim, err))) goto fail;
     } else {
         c->tied_output = true;
         m->output = m->tok_embd;
     }
     if (!(m->output_norm = load_vector(m, "output_norm.weight", c->dim, true, err))) goto fail;
+    /* Frequency factors: Llama 3's rope_freqs; Phi-3's long factors when the context asked for is
+     * beyond the original one, else its short ones (llama.cpp's get_rope_factors, n_ctx per sequence). */
+    const int ctx_asked = params && params->max_ctx > 0 ? params->max_ctx : c->n_ctx_train;
+    const char *factors = c->arch != MODEL_ARCH_PHI3        ? "rope_freqs.weight"
+                          : ctx_asked > c->rope_orig_ctx ? "rope_factors_long.weight"
+                                                            : "rope_factors_short.weight";
     fl_error_t ferr = {0};
-    m->rope_freqs = load_vector(m, "rope_freqs.weight", c->rope.n_rot / 2, false, &ferr);
+    m->rope_freqs = load_vector(m, factors, c->rope.n_rot / 2, false, &ferr);
     if (!m->rope_freqs && ferr.code) {
         *err = ferr;
         goto fail;
     }
     c->rope.freq_factors = m->rope_freqs;
+    if (c->arch != MODEL_ARCH_GEMMA3) c->rope_swa.freq_factors = m->rope_freqs;
     m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
     if (!m->layers) {
         fl_fail(err, FL_ENOMEM, "model: out of memory");
@@ -275,25 +400,59 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
     for (int l = 0; l < c->n_layers; l++) {
         model_layer_t *L = &m->layers[l];
         char name[96];
+        L->swa = layer_is_swa(c, l);
+#define NAME(suffix, kind) snprintf(name, sizeof name, "blk.%d." suffix "." kind, l)
 #define MAT(field, suffix, rows, cols)                                                                          \
-    snprintf(name, sizeof name, "blk.%d." suffix ".weight", l);                                                 \
+    NAME(suffix, "weight");                                                                                     \
     if (!(L->field = load_matrix(m, name, rows, cols, err))) goto fail;
-#define VEC(field, suffix)                                                                                      \
-    snprintf(name, sizeof name, "blk.%d." suffix ".weight", l);                                                 \
-    if (!(L->field = load_vector(m, name, c->dim, true, err))) goto fail;
-        VEC(attn_norm, "attn_norm")
-        VEC(ffn_norm, "ffn_norm")
-        MAT(wq, "attn_q", c->dim, c->dim)
-        MAT(wk, "attn_k", kv_dim, c->dim)
-        MAT(wv, "attn_v", kv_dim, c->dim)
-        MAT(wo, "attn_output", c->dim, c->dim)
-        MAT(w_gate, "ffn_gate", c->n_ff, c->dim)
-        MAT(w_up, "ffn_up", c->n_ff, c->dim)
-        MAT(w_down, "ffn_down", c->dim, c->n_ff)
-#undef MAT
-#undef VEC
+#define MAT_ROWS(field, suffix, row0, rows, total, cols)                                                        \
+    NAME(suffix, "weight");                                                                                     \
+    if (!(L->field = load_matrix_rows(m, name, row0, rows, total, cols, err))) goto fail;
+#define VEC(field, suffix, kind, n, required)                                                                   \
+    NAME(suffix, kind);                                                                                         \
+    L->field = load_vector(m, name, n, required, &ferr);                                                        \
+    if (ferr.code) {                                                                                            \
+        *err = ferr;                                                                                            \
+        goto fail;                                                                                              \
     }
-    c->weight_type = gguf_find_tensor(m->gguf, "blk.0.attn_q.weight")->type;
+        VEC(attn_norm, "attn_norm", "weight", c->dim, true)
+        VEC(ffn_norm, "ffn_norm", "weight", c->dim, true)
+        if (c->arch == MODEL_ARCH_PHI3) { /* fused: Q, K, V rows in one tensor; gate then up in ffn_up */
+            const int64_t qkv = q_dim + 2 * kv_dim;
+            MAT_ROWS(wq, "attn_qkv", 0, q_dim, qkv, c->dim)
+            MAT_ROWS(wk, "attn_qkv", q_dim, kv_dim, qkv, c->dim)
+            MAT_ROWS(wv, "attn_qkv", q_dim + kv_dim, kv_dim, qkv, c->dim)
+            MAT_ROWS(w_gate, "ffn_up", 0, c->n_ff, 2 * (int64_t)c->n_ff, c->dim)
+            MAT_ROWS(w_up, "ffn_up", c->n_ff, c->n_ff, 2 * (int64_t)c->n_ff, c->dim)
+        } else {
+            MAT(wq, "attn_q", q_dim, c->dim)
+            MAT(wk, "attn_k", kv_dim, c->dim)
+            MAT(wv, "attn_v", kv_dim, c->dim)
+            MAT(w_gate, "ffn_gate", c->n_ff, c->dim)
+            MAT(w_up, "ffn_up", c->n_ff, c->dim)
+        }
+        MAT(wo, "attn_output", c->dim, q_dim)
+        MAT(w_down, "ffn_down", c->dim, c->n_ff)
+        /* Optional everywhere (llama.cpp adds them where present), required where the family has them. */
+        const bool qwen2 = c->arch == MODEL_ARCH_QWEN2, qk_norm = c->arch == MODEL_ARCH_QWEN3 || c->arch == MODEL_ARCH_GEMMA3;
+        VEC(bq, "attn_q", "bias", q_dim, qwen2)
+        VEC(bk, "attn_k", "bias", kv_dim, qwen2)
+        VEC(bv, "attn_v", "bias", kv_dim, qwen2)
+        if (qk_norm) {
+            VEC(q_norm, "attn_q_norm", "weight", c->head_dim, true)
+            VEC(k_norm, "attn_k_norm", "weight", c->head_dim, true)
+        }
+        if (c->post_norms) {
+            VEC(attn_post_norm, "post_attention_norm", "weight", c->dim, true)
+            VEC(ffn_post_norm, "post_ffw_norm", "weight", c->dim, true)
+        }
+#undef MAT
+#undef MAT_ROWS
+#undef VEC
+#undef NAME
+    }
+    const gguf_tensor_t *tq = gguf_find_tensor(m->gguf, c->arch == MODEL_ARCH_PHI3 ? "blk.0.attn_qkv.weight" : "blk.0.attn_q.weight");
+    c->weight_type = tq ? tq->type : FL_TYPE_F32;
 
     const model_params_t defaults = {.max_batch_tokens = 512, .max_logits = 64, .max_seqs = 64, .max_ctx = 0,
                                       .block_size = 16};
@@ -314,10 +473,10 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
     if (alloc_scratch(m, err)) goto fail;
     const char *prof = getenv("FOLIO_PROFILE");
     m->profile = prof && *prof && strcmp(prof, "0");
-    fl_log_info("model loaded path=%s layers=%d dim=%d ff=%d heads=%d kv_heads=%d head_dim=%d vocab=%d ctx=%d "
-                "type=%s tied=%d weights_mib=%.1f backend=%s",
-                path, c->n_layers, c->dim, c->n_ff, c->n_heads, c->n_kv_heads, c->head_dim, c->n_vocab,
-                c->n_ctx_train, fl_dtype_name(c->weight_type), c->tied_output, m->weight_bytes / 1048576.0,
+    fl_log_info("model loaded path=%s arch=%s layers=%d dim=%d ff=%d heads=%d kv_heads=%d head_dim=%d vocab=%d ctx=%d "
+                "window=%d type=%s tied=%d weights_mib=%.1f backend=%s",
+                path, c->arch_name, c->n_layers, c->dim, c->n_ff, c->n_heads, c->n_kv_heads, c->head_dim, c->n_vocab,
+                c->n_ctx_train, c->sliding_window, fl_dtype_name(c->weight_type), c->tied_output, m->weight_bytes / 1048576.0,
                 kern_backend_name(be));
     return m;
 fail:
@@ -336,8 +495,10 @@ void model_destroy(model_t **mp)
             kern_weight_t *ws[] = {L->wq, L->wk, L->wv, L->wo, L->w_gate, L->w_up, L->w_down};
             for (size_t i = 0; i < 7; i++)
                 if (ws[i]) kern_weight_destroy(be, ws[i]);
-            if (L->attn_norm) kern_free(be, L->attn_norm);
-            if (L->ffn_norm) kern_free(be, L->ffn_norm);
+            float *vs[] = {L->attn_norm, L->ffn_norm, L->bq, L->bk, L->bv, L->q_norm, L->k_norm, L->attn_post_norm,
+                           L->ffn_post_norm};
+            for (size_t i = 0; i < sizeof vs / sizeof vs[0]; i++)
+                if (vs[i]) kern_free(be, vs[i]);
         }
         free(m->layers);
     }
@@ -449,6 +610,7 @@ static int attention_max_len(const model_batch_t *b, int first, int count)
 static void attention_ops(model_t *m, kv_cache_t *kv, int l, int n, int split, int runs_after, const int max_len[2])
 {
     const model_config_t *c = &m->cfg;
+    const model_layer_t *L = &m->layers[l];
     const size_t q_dim = (size_t)c->n_heads * c->head_dim;
     for (int part = 0; part < 2; part++) {
         const int first = part ? split : 0, count = part ? n - split : split;
@@ -458,7 +620,8 @@ static void attention_ops(model_t *m, kv_cache_t *kv, int l, int n, int split, i
             .n_tokens = count, .tok_seq = m->d_seq + first, .tok_pos = m->d_pos + first,
             .block_tables = m->d_block_tables, .max_blocks = m->max_blocks, .block_size = kv->block_size,
             .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
-            .scale = 1.0f / sqrtf((float)c->head_dim), .n_seqs = part ? runs_after : 0,
+            .scale = c->q_scale > 0 ? 1.0f : 1.0f / sqrtf((float)c->head_dim), .n_seqs = part ? runs_after : 0,
+            .window = L->swa ? c->sliding_window : 0, .softcap = c->attn_softcap,
             .max_len = max_len[part], .seq_prompt_len = m->d_prompt_len,
             .tree_mask = m->d_tree_mask ? m->d_tree_mask + first : NULL,
             .tree_start = m->d_tree_mask ? m->d_tree_start + first : NULL,
@@ -476,23 +639,41 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
     int runs_after;
     const int split = attention_split(b, &runs_after);
     const int max_len[2] = {attention_max_len(b, 0, split), attention_max_len(b, split, n - split)};
-    PROF(EMBED, kern_embed(be, m->x, m->tok_embd, m->d_tokens, n));
+    PROF(EMBED, kern_embed(be, m->x, m->tok_embd, m->d_tokens, n);
+                if (c->embed_scale > 0) kern_scale(be, m->x, c->embed_scale, n * dim));
     /* Each residual add is fused with the norm that reads its result (kern_add_rmsnorm), but the last. */
     PROF(NORM, kern_rmsnorm(be, m->xb, m->x, m->layers[0].attn_norm, n, dim, c->norm_eps));
+    const int q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
     for (int l = 0; l < c->n_layers; l++) {
         const model_layer_t *L = &m->layers[l];
         /* attention block, on xb = rmsnorm(x) */
         PROF(QKV, float *const qkv_y[3] = {m->q, m->k, m->v};
                   const kern_weight_t *const qkv_w[3] = {L->wq, L->wk, L->wv};
-                  kern_matmul_multi(be, qkv_y, qkv_w, 3, m->xb, n));
+                  kern_matmul_multi(be, qkv_y, qkv_w, 3, m->xb, n);
+                  if (L->bq) kern_add_bias(be, m->q, L->bq, n, q_dim);
+                  if (L->bk) kern_add_bias(be, m->k, L->bk, n, kv_dim);
+                  if (L->bv) kern_add_bias(be, m->v, L->bv, n, kv_dim);
+                  /* per-head RMSNorm of Q and K: rows of head_dim */
+                  if (L->q_norm) kern_rmsnorm(be, m->q, m->q, L->q_norm, n * c->n_heads, c->head_dim, c->norm_eps);
+                  if (L->k_norm) kern_rmsnorm(be, m->k, m->k, L->k_norm, n * c->n_kv_heads, c->head_dim, c->norm_eps));
         PROF(ROPE_KV, kern_rope_kv_store(be, m->q, m->k, m->v, kv->k[l], kv->v[l], m->d_pos, m->d_slots, n,
-                                         c->n_heads, c->n_kv_heads, c->head_dim, &c->rope));
+                                         c->n_heads, c->n_kv_heads, c->head_dim, L->swa ? &c->rope_swa : &c->rope);
+                      if (c->q_scale > 0) kern_scale(be, m->q, c->q_scale, n * q_dim));
         PROF(ATTENTION, attention_ops(m, kv, l, n, split, runs_after, max_len));
-        PROF(OUT_PROJ, kern_matmul(be, m->xb, L->wo, m->att, n));
+        PROF(OUT_PROJ, kern_matmul(be, m->xb, L->wo, m->att, n);
+                       if (L->attn_post_norm) kern_rmsnorm(be, m->xb, m->xb, L->attn_post_norm, n, dim, c->norm_eps));
         /* feed-forward block */
         PROF(NORM, kern_add_rmsnorm(be, m->xb, m->x, m->xb, L->ffn_norm, n, dim, c->norm_eps));
-        PROF(FFN_UP, kern_matmul_swiglu(be, m->gate, m->up, L->w_gate, L->w_up, c->n_ff, m->xb, n));
-        PROF(FFN_DOWN, kern_matmul(be, m->xb, L->w_down, m->gate, n));
+        if (c->geglu) {
+            PROF(FFN_UP, float *const ys[2] = {m->gate, m->up};
+                         const kern_weight_t *const ws[2] = {L->w_gate, L->w_up};
+                         kern_matmul_multi(be, ys, ws, 2, m->xb, n);
+                         kern_geglu(be, m->gate, m->gate, m->up, n * c->n_ff));
+        } else {
+            PROF(FFN_UP, kern_matmul_swiglu(be, m->gate, m->up, L->w_gate, L->w_up, c->n_ff, m->xb, n));
+        }
+        PROF(FFN_DOWN, kern_matmul(be, m->xb, L->w_down, m->gate, n);
+                       if (L->ffn_post_norm) kern_rmsnorm(be, m->xb, m->xb, L->ffn_post_norm, n, dim, c->norm_eps));
         if (l + 1 < c->n_layers)
             PROF(NORM, kern_add_rmsnorm(be, m->xb, m->x, m->xb, m->layers[l + 1].attn_norm, n, dim, c->norm_eps));
         else
@@ -505,7 +686,9 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
                      kern_rmsnorm(be, m->logit_in + (size_t)i * dim, m->x + (size_t)b->logit_rows[i] * dim,
                                   m->output_norm, run, dim, c->norm_eps);
                  }
-                 if (b->n_logits > 0) kern_matmul(be, m->logits, m->output, m->logit_in, b->n_logits));
+                 if (b->n_logits > 0) kern_matmul(be, m->logits, m->output, m->logit_in, b->n_logits);
+                 if (b->n_logits > 0 && c->final_softcap > 0)
+                     kern_softcap(be, m->logits, c->final_softcap, b->n_logits * c->n_vocab));
 }
 
 /* Names a decode step's recording: the model, the KV cache, the batch size and the class of its

@@ -1,4 +1,5 @@
-/* model.h - a Llama-family decoder read from GGUF, run through the kernel interface.
+/* model.h - a decoder of the Llama, Qwen2/3, Mistral, Phi-3 and Gemma 2/3 families read from GGUF, run
+ * through the kernel interface.
  *
  * model_new() reads every size from the GGUF metadata (nothing is fixed for the default model),
  * builds the tokenizer, hands each weight to the backend and sizes the scratch buffers for at most
@@ -19,17 +20,44 @@
 #include "kv_cache.h"
 #include "tokenizer.h"
 
+/* The families differ only in the switches of model_config_t, read from the GGUF's architecture and
+ * metadata as llama.cpp reads them (model.c's read_config); the forward pass is written once. */
+typedef enum {
+    MODEL_ARCH_LLAMA,  /* also Mistral: "llama" with <arch>.attention.sliding_window */
+    MODEL_ARCH_QWEN2,
+    MODEL_ARCH_QWEN3,
+    MODEL_ARCH_PHI3,
+    MODEL_ARCH_GEMMA2,
+    MODEL_ARCH_GEMMA3,
+} model_arch_t;
+
 typedef struct model_config {
+    model_arch_t arch;
+    char arch_name[32];     /* general.architecture */
     int n_layers, dim, n_ff, n_heads, n_kv_heads, head_dim, n_vocab, n_ctx_train;
     float norm_eps;
-    kern_rope_t rope;
+    kern_rope_t rope;       /* every layer's, or the global layers' where local ones differ */
+    kern_rope_t rope_swa;   /* the sliding-window layers' (Gemma 3: base 10000, unscaled) */
     bool tied_output;       /* no output.weight: the token embedding doubles as the output matrix */
     int weight_type;        /* type of the attention Q matrix, for display */
+    int sliding_window;     /* positions a sliding-window layer sees, 0: none (model_layer_t.swa) */
+    bool geglu;             /* GELU-gated feed-forward (Gemma), else SwiGLU */
+    bool post_norms;        /* RMSNorm of the attention and feed-forward outputs too (Gemma) */
+    float embed_scale;      /* token embeddings times this (Gemma: sqrt(dim)), 0: none */
+    float q_scale;          /* queries times this after RoPE, the attention's own scale then 1 (Phi-3,
+                               Gemma); 0: none, the attention scales by 1/sqrt(head_dim) */
+    float attn_softcap;     /* kern_attn_t.softcap (Gemma 2), 0: none */
+    float final_softcap;    /* logits = tanh(logits / c) * c (Gemma 2), 0: none */
+    int rope_orig_ctx;      /* Phi-3: rope.scaling.original_context_length (long or short factors) */
 } model_config_t;
 
 typedef struct model_layer {
     float *attn_norm, *ffn_norm; /* backend memory */
     kern_weight_t *wq, *wk, *wv, *wo, *w_gate, *w_up, *w_down;
+    float *bq, *bk, *bv;             /* Q/K/V biases (Qwen2), or NULL */
+    float *q_norm, *k_norm;          /* per-head RMSNorm weights [head_dim] (Qwen3, Gemma 3), or NULL */
+    float *attn_post_norm, *ffn_post_norm; /* Gemma, or NULL */
+    bool swa;                        /* attends through the sliding window (model_config_t) */
 } model_layer_t;
 
 /* Where a forward pass spends its time, measured when profiling is on (FOLIO_PROFILE=1 or
