@@ -771,8 +771,9 @@ static int fit_kv(engine_t *e, const workload_t *wls, int n_wl, int max_batch, i
     if (e->kv->n_blocks >= blocks) return 0;
     const model_config_t *c = &e->model->cfg;
     const size_t budget = (size_t)blocks * (size_t)bs * e->kv->bytes_per_token;
+    const int k_type = e->kv->k_type, v_type = e->kv->v_type;
     kv_cache_destroy(&e->kv);
-    e->kv = kv_cache_new(e->be, c->n_layers, c->n_kv_heads, c->head_dim, bs, budget, err);
+    e->kv = kv_cache_new(e->be, c->n_layers, c->n_kv_heads, c->head_dim, bs, k_type, v_type, budget, err);
     return e->kv ? 0 : err->code;
 }
 

@@ -82,15 +82,15 @@ void kern_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int nh, 
 {
     be->ops->rope(be, x, pos, n, nh, hd, r);
 }
-void kern_kv_store(kern_backend_t *be, fl_f16_t *kc, fl_f16_t *vc, const float *k, const float *v,
+void kern_kv_store(kern_backend_t *be, void *kc, void *vc, int kt, int vt, const float *k, const float *v,
                    const int32_t *slots, int n, int kv_dim)
 {
-    be->ops->kv_store(be, kc, vc, k, v, slots, n, kv_dim);
+    be->ops->kv_store(be, kc, vc, kt, vt, k, v, slots, n, kv_dim);
 }
-void kern_kv_move(kern_backend_t *be, fl_f16_t *kc, fl_f16_t *vc, const int32_t *src_slots, const int32_t *dst_slots,
-                  int n, int kv_dim)
+void kern_kv_move(kern_backend_t *be, void *kc, void *vc, int kt, int vt, const int32_t *src_slots,
+                  const int32_t *dst_slots, int n, int kv_dim)
 {
-    if (n > 0) be->ops->kv_move(be, kc, vc, src_slots, dst_slots, n, kv_dim);
+    if (n > 0) be->ops->kv_move(be, kc, vc, kt, vt, src_slots, dst_slots, n, kv_dim);
 }
 void kern_attention(kern_backend_t *be, const kern_attn_t *a) { be->ops->attention(be, a); }
 void kern_swiglu(kern_backend_t *be, float *o, const float *g, const float *u, int n)
@@ -123,16 +123,16 @@ void kern_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta
     be->ops->add(be, x, delta, n * dim);
     be->ops->rmsnorm(be, y, x, w, n, dim, eps);
 }
-void kern_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *kc, fl_f16_t *vc,
+void kern_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, void *kc, void *vc, int kt, int vt,
                         const int32_t *pos, const int32_t *slots, int n, int nh, int nkv, int hd, const kern_rope_t *r)
 {
     if (be->ops->rope_kv_store) {
-        be->ops->rope_kv_store(be, q, k, v, kc, vc, pos, slots, n, nh, nkv, hd, r);
+        be->ops->rope_kv_store(be, q, k, v, kc, vc, kt, vt, pos, slots, n, nh, nkv, hd, r);
         return;
     }
     be->ops->rope(be, q, pos, n, nh, hd, r);
     be->ops->rope(be, k, pos, n, nkv, hd, r);
-    be->ops->kv_store(be, kc, vc, k, v, slots, n, nkv * hd);
+    be->ops->kv_store(be, kc, vc, kt, vt, k, v, slots, n, nkv * hd);
 }
 void kern_matmul_swiglu(kern_backend_t *be, float *out, float *up, const kern_weight_t *w_gate,
                         const kern_weight_t *w_up, int rows, const float *x, int n)

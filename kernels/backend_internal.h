@@ -38,8 +38,8 @@ typedef struct kern_ops {
     void (*rmsnorm)(kern_backend_t *be, float *y, const float *x, const float *weight, int n, int dim, float eps);
     void (*rope)(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
                  const kern_rope_t *rope);
-    void (*kv_store)(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
-                     const int32_t *slots, int n, int kv_dim);
+    void (*kv_store)(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const float *k,
+                     const float *v, const int32_t *slots, int n, int kv_dim);
     void (*attention)(kern_backend_t *be, const kern_attn_t *a);
     void (*swiglu)(kern_backend_t *be, float *out, const float *gate, const float *up, int n);
     void (*add)(kern_backend_t *be, float *y, const float *x, int n);
@@ -49,8 +49,8 @@ typedef struct kern_ops {
     /* Fused ops, optional. */
     void (*add_rmsnorm)(kern_backend_t *be, float *y, float *x, const float *delta, const float *weight, int n,
                         int dim, float eps);
-    void (*rope_kv_store)(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *k_cache,
-                          fl_f16_t *v_cache, const int32_t *pos, const int32_t *slots, int n, int n_heads,
+    void (*rope_kv_store)(kern_backend_t *be, float *q, float *k, const float *v, void *k_cache,
+                          void *v_cache, int k_type, int v_type, const int32_t *pos, const int32_t *slots, int n, int n_heads,
                           int n_kv_heads, int head_dim, const kern_rope_t *rope);
     void (*matmul_swiglu)(kern_backend_t *be, float *out, float *up, const kern_weight_t *w_gate,
                           const kern_weight_t *w_up, int rows, const float *x, int n);
@@ -61,8 +61,8 @@ typedef struct kern_ops {
     void (*graph_reset)(kern_backend_t *be);
 
     int (*mem_info)(kern_backend_t *be, size_t *free_bytes, size_t *total_bytes); /* optional */
-    void (*kv_move)(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
-                    const int32_t *dst_slots, int n, int kv_dim);
+    void (*kv_move)(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type,
+                    const int32_t *src_slots, const int32_t *dst_slots, int n, int kv_dim);
     /* The ops of the families beyond Llama (kernels.h). */
     void (*add_bias)(kern_backend_t *be, float *y, const float *bias, int n, int dim);
     void (*scale)(kern_backend_t *be, float *x, float s, int n);

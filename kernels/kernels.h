@@ -10,9 +10,11 @@
  * Shapes: activations are row-major [n][dim] float32. A weight W is [rows][cols] in its stored type
  * (GGUF ne[0] = cols, ne[1] = rows); kern_matmul computes y[n][rows] = x[n][cols] * W^T.
  *
- * KV cache: per layer, K and V pools of fl_f16_t shaped [n_blocks][block_size][n_kv_heads][head_dim].
- * A token's slot is block * block_size + offset. Each sequence has a block table (block ids in
- * position order); attention reads the pools in place through it (paged attention). */
+ * KV cache: per layer, K and V pools shaped [n_blocks][block_size][n_kv_heads * head_dim] elements of
+ * the pool's KV type (kern_kv_type_ok: F16, or Q8_0 / Q4_0 rows in GGUF's block layout, head_dim a
+ * multiple of 32, so each head is whole blocks). A token's slot is block * block_size + offset; its row
+ * is kern_kv_row_bytes(type, n_kv_heads * head_dim) bytes. Each sequence has a block table (block ids
+ * in position order); attention reads the pools in place through it (paged attention). */
 #ifndef FOLIO_KERNELS_H
 #define FOLIO_KERNELS_H
 
@@ -44,8 +46,9 @@ typedef struct kern_rope {
 typedef struct kern_attn {
     float *out;                 /* [n_tokens][n_heads * head_dim] */
     const float *q;             /* [n_tokens][n_heads * head_dim], RoPE already applied */
-    const fl_f16_t *k_cache;    /* this layer's K pool */
-    const fl_f16_t *v_cache;    /* this layer's V pool */
+    const void *k_cache;        /* this layer's K pool */
+    const void *v_cache;        /* this layer's V pool */
+    int k_type, v_type;         /* the pools' KV types; 0 reads as FL_TYPE_F16 */
     int n_tokens;
     const int32_t *tok_seq;     /* [n_tokens] index of the token's sequence in block_tables */
     const int32_t *tok_pos;     /* [n_tokens] position; the token attends to positions 0..pos of its sequence */
@@ -89,6 +92,20 @@ typedef struct kern_attn {
 } kern_attn_t;
 
 #define KERN_ATTN_RUN_MIN 8
+
+/* KV element types: F16, Q8_0, Q4_0 (llama.cpp's -ctk/-ctv q8_0|q4_0). A quantized row holds whole
+ * 32-element blocks per head, quantized as the row is stored; attention reads the blocks in place. */
+static inline bool kern_kv_type_ok(int type)
+{
+    return type == FL_TYPE_F16 || type == FL_TYPE_Q8_0 || type == FL_TYPE_Q4_0;
+}
+/* kern_attn_t's type fields: 0 (unset) is F16. */
+static inline int kern_kv_type(int type) { return type ? type : FL_TYPE_F16; }
+/* Bytes of one token's K (or V) row of kv_dim elements; 0 for a type or width a pool cannot hold. */
+static inline size_t kern_kv_row_bytes(int type, int kv_dim)
+{
+    return kern_kv_type_ok(type) ? fl_dtype_row_bytes(type, kv_dim) : 0;
+}
 
 /* The power of two at or above max_len, as its exponent (0 for max_len <= 1). */
 static inline int kern_attn_len_class(int max_len)
@@ -192,13 +209,14 @@ void kern_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t
 void kern_rmsnorm(kern_backend_t *be, float *y, const float *x, const float *weight, int n, int dim, float eps);
 void kern_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
                const kern_rope_t *rope);
-/* Writes k, v ([n][n_kv_heads*head_dim] f32) to the f16 pools at slots[n]. */
-void kern_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
-                   const int32_t *slots, int n, int kv_dim);
+/* Writes k, v ([n][n_kv_heads*head_dim] f32) to the pools (of KV types k_type, v_type) at slots[n],
+ * quantizing each row as llama.cpp stores it (ggml's quantize_row_q8_0 / q4_0). */
+void kern_kv_store(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const float *k,
+                   const float *v, const int32_t *slots, int n, int kv_dim);
 /* Copies the K and V rows at src_slots[i] to dst_slots[i] (host arrays) for i = 0..n-1, in that
  * order, as if one after the other: how a verified draft path's K/V reach the positions after the
  * accepted context (a speculative step keeps them). */
-void kern_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
+void kern_kv_move(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const int32_t *src_slots,
                   const int32_t *dst_slots, int n, int kv_dim);
 void kern_attention(kern_backend_t *be, const kern_attn_t *a);
 void kern_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n); /* silu(gate)*up */
@@ -229,8 +247,8 @@ void kern_sample(kern_backend_t *be, int32_t *out, float *logits, int n, int voc
  *                  up ([n][rows]) is scratch. */
 void kern_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta, const float *weight, int n, int dim,
                       float eps);
-void kern_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *k_cache, fl_f16_t *v_cache,
-                        const int32_t *pos, const int32_t *slots, int n, int n_heads, int n_kv_heads, int head_dim,
+void kern_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, void *k_cache, void *v_cache,
+                        int k_type, int v_type, const int32_t *pos, const int32_t *slots, int n, int n_heads, int n_kv_heads, int head_dim,
                         const kern_rope_t *rope);
 void kern_matmul_swiglu(kern_backend_t *be, float *out, float *up, const kern_weight_t *w_gate,
                         const kern_weight_t *w_up, int rows, const float *x, int n);

@@ -85,7 +85,9 @@ engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
             budget = (size_t)64 << 20;
         }
     }
-    e->kv = kv_cache_new(e->be, c->n_layers, c->n_kv_heads, c->head_dim, e->model->block_size, budget, err);
+    e->kv = kv_cache_new(e->be, c->n_layers, c->n_kv_heads, c->head_dim, e->model->block_size,
+                         o->kv_type_k ? o->kv_type_k : FL_TYPE_F16, o->kv_type_v ? o->kv_type_v : FL_TYPE_F16, budget,
+                         err);
     if (!e->kv || load_heads(e, o, err)) goto fail;
     return e;
 fail:
@@ -129,6 +131,15 @@ int engine_parse_flag(engine_opts_t *o, int argc, char **argv, int *i)
         if (!(v = fl_flag_value(argc, argv, i)) || !fl_flag_bytes(f, v, &o->kv_budget_bytes)) return -1;
     } else if (!strcmp(f, "--kv-fraction")) {
         if (!(v = fl_flag_value(argc, argv, i)) || !fl_flag_float(f, v, 0.001, 0.95, &o->kv_fraction)) return -1;
+    } else if (!strcmp(f, "--kv-type") || !strcmp(f, "--kv-type-k") || !strcmp(f, "--kv-type-v")) {
+        if (!(v = fl_flag_value(argc, argv, i))) return -1;
+        const int t = kv_type_parse(v);
+        if (t < 0) {
+            fprintf(stderr, "error: %s expects f16, q8_0 or q4_0, got '%s'\n", f, v);
+            return -1;
+        }
+        if (strcmp(f, "--kv-type-v")) o->kv_type_k = t;
+        if (strcmp(f, "--kv-type-k")) o->kv_type_v = t;
     } else if (!strcmp(f, "--block-size")) {
         if (!(v = fl_flag_value(argc, argv, i)) || !fl_flag_int(f, v, 1, 1024, &n)) return -1;
         o->block_size = (int)n;
@@ -153,6 +164,9 @@ const char *engine_flags_help(void)
            "  --kv-budget BYTES     KV cache memory, e.g. 64MiB\n"
            "  --kv-fraction F       KV cache as a fraction of the free memory after the weights\n"
            "                        (default: 0.5 on CUDA; 64MiB on the CPU)\n"
+           "  --kv-type T           KV cache element type of K and V: f16 (default), q8_0 or q4_0\n"
+           "                        (quantized: llama.cpp's flash-attention numbers)\n"
+           "  --kv-type-k T, --kv-type-v T  the same for K or V alone\n"
            "  --block-size N        KV block size in tokens (default 16)\n"
            "  --ctx N               longest sequence (default: the model's context)\n"
            "  --heads FILE|none     Medusa heads for speculative decoding (default: the model's\n"

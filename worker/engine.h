@@ -19,6 +19,7 @@ typedef struct engine_opts {
     size_t kv_budget_bytes;     /* 0: kv_fraction */
     double kv_fraction;         /* of the backend's free memory after the weights; 0: 0.5 on CUDA, 64 MiB on CPU */
     int block_size;             /* 0 = 16 */
+    int kv_type_k, kv_type_v;   /* KV types of K and V (kern_kv_type_ok); 0 = F16 */
     int max_batch_tokens;       /* 0 = 512 */
     int max_seqs;               /* 0 = 64 */
     int max_ctx;                /* 0 = model's context */
@@ -38,7 +39,7 @@ engine_t *engine_new(const engine_opts_t *opts, fl_error_t *err);
 void engine_destroy(engine_t **ep);
 
 /* Parses the engine flag at argv[*i] (-m/--model, --backend, --device, --threads, --kv-budget,
- * --kv-fraction, --block-size, --ctx, --heads) and its value, for a main(). Returns 1 when it consumed a flag,
+ * --kv-fraction, --kv-type, --kv-type-k, --kv-type-v, --block-size, --ctx, --heads) and its value, for a main(). Returns 1 when it consumed a flag,
  * 0 when argv[*i] is not an engine flag, -1 (after printing why) on a bad value. */
 int engine_parse_flag(engine_opts_t *o, int argc, char **argv, int *i);
 const char *engine_flags_help(void);

@@ -6,23 +6,63 @@
  * cache churns. The LRU list is intrusive (prev/next arrays), so touching a block is O(1). */
 #include "kv_cache.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "log.h"
 
-kv_cache_t *kv_cache_new(kern_backend_t *be, int n_layers, int n_kv_heads, int head_dim, int block_size,
-                         size_t budget_bytes, fl_error_t *err)
+int kv_type_parse(const char *s)
+{
+    static const int types[] = {FL_TYPE_F16, FL_TYPE_Q8_0, FL_TYPE_Q4_0};
+    for (size_t i = 0; s && i < sizeof types / sizeof *types; i++)
+        if (!strcmp(s, kv_type_name(types[i]))) return types[i];
+    return -1;
+}
+
+const char *kv_type_name(int type)
+{
+    switch (type) {
+    case FL_TYPE_F16: return "f16";
+    case FL_TYPE_Q8_0: return "q8_0";
+    case FL_TYPE_Q4_0: return "q4_0";
+    default: return "?";
+    }
+}
+
+const char *kv_cache_type_name(const kv_cache_t *kv, char *buf, size_t cap)
+{
+    if (kv->k_type == kv->v_type) snprintf(buf, cap, "%s", kv_type_name(kv->k_type));
+    else snprintf(buf, cap, "%s/%s", kv_type_name(kv->k_type), kv_type_name(kv->v_type));
+    return buf;
+}
+
+kv_cache_t *kv_cache_new(kern_backend_t *be, int n_layers, int n_kv_heads, int head_dim, int block_size, int k_type,
+                         int v_type, size_t budget_bytes, fl_error_t *err)
 {
     if (n_layers <= 0 || n_kv_heads <= 0 || head_dim <= 0 || block_size <= 0) {
         fl_fail(err, FL_EINVAL, "kv cache: invalid shape layers=%d kv_heads=%d head_dim=%d block=%d", n_layers,
                 n_kv_heads, head_dim, block_size);
         return NULL;
     }
-    size_t per_token, per_block;
-    if (__builtin_mul_overflow(2u * sizeof(fl_f16_t), (size_t)n_layers, &per_token) ||
-        __builtin_mul_overflow(per_token, (size_t)n_kv_heads, &per_token) ||
-        __builtin_mul_overflow(per_token, (size_t)head_dim, &per_token) ||
+    const int types[2] = {k_type, v_type};
+    for (int t = 0; t < 2; t++) {
+        if (!kern_kv_type_ok(types[t])) {
+            fl_fail(err, FL_EINVAL, "kv cache: %s type %s (%d) is not a KV type (f16, q8_0, q4_0)", t ? "V" : "K",
+                    fl_dtype_name(types[t]), types[t]);
+            return NULL;
+        }
+        if (types[t] != FL_TYPE_F16 && head_dim % FL_QK) {
+            fl_fail(err, FL_EINVAL, "kv cache: %s type %s needs head_dim a multiple of %d, the model's is %d",
+                    t ? "V" : "K", kv_type_name(types[t]), FL_QK, head_dim);
+            return NULL;
+        }
+    }
+    /* per token: layers x (K row + V row); a row of kv_heads x head_dim elements */
+    size_t per_token, per_block, kv_dim;
+    if (__builtin_mul_overflow((size_t)n_kv_heads, (size_t)head_dim, &kv_dim) || kv_dim > INT32_MAX ||
+        __builtin_mul_overflow(kern_kv_row_bytes(k_type, (int)kv_dim) + kern_kv_row_bytes(v_type, (int)kv_dim),
+                               (size_t)n_layers, &per_token) ||
         __builtin_mul_overflow(per_token, (size_t)block_size, &per_block)) {
         fl_fail(err, FL_ERANGE, "kv cache: shape layers=%d kv_heads=%d head_dim=%d block=%d is too large", n_layers,
                 n_kv_heads, head_dim, block_size);
@@ -41,6 +81,8 @@ kv_cache_t *kv_cache_new(kern_backend_t *be, int n_layers, int n_kv_heads, int h
     kv->n_kv_heads = n_kv_heads;
     kv->head_dim = head_dim;
     kv->block_size = block_size;
+    kv->k_type = k_type;
+    kv->v_type = v_type;
     kv->n_blocks = (int)n_blocks;
     kv->bytes_per_token = per_token;
     kv->k = calloc((size_t)n_layers, sizeof *kv->k);
@@ -61,17 +103,19 @@ kv_cache_t *kv_cache_new(kern_backend_t *be, int n_layers, int n_kv_heads, int h
         goto oom;
     for (size_t i = 0; i < n_slots; i++) kv->table[i] = -1;
     kv->lru_head = kv->lru_tail = -1;
-    const size_t pool_bytes = per_block / 2 / (size_t)n_layers * n_blocks;
+    const size_t slots = n_blocks * (size_t)block_size;
     for (int l = 0; l < n_layers; l++) {
-        kv->k[l] = kern_alloc(be, pool_bytes);
-        kv->v[l] = kern_alloc(be, pool_bytes);
+        kv->k[l] = kern_alloc(be, slots * kern_kv_row_bytes(k_type, (int)kv_dim));
+        kv->v[l] = kern_alloc(be, slots * kern_kv_row_bytes(v_type, (int)kv_dim));
         if (!kv->k[l] || !kv->v[l]) goto oom;
     }
     /* Lowest ids on top of the stack, so allocation order is deterministic. */
     for (int i = 0; i < (int)n_blocks; i++) kv->free_list[i] = (int32_t)n_blocks - 1 - i;
     kv->n_free = (int)n_blocks;
-    fl_log_info("kv cache bytes_per_token=%zu blocks=%zu block_size=%d capacity_tokens=%zu budget=%zu", per_token,
-                n_blocks, block_size, n_blocks * (size_t)block_size, budget_bytes);
+    char tn[16];
+    fl_log_info("kv cache kv_type=%s bytes_per_token=%zu blocks=%zu block_size=%d capacity_tokens=%zu budget=%zu",
+                kv_cache_type_name(kv, tn, sizeof tn), per_token, n_blocks, block_size, n_blocks * (size_t)block_size,
+                budget_bytes);
     return kv;
 oom:
     fl_fail(err, FL_ENOMEM, "kv cache: out of memory allocating %zu blocks", n_blocks);
@@ -250,5 +294,6 @@ void kv_seq_free(kv_cache_t *kv, kv_seq_t *s)
 void kv_cache_move(kv_cache_t *kv, const int32_t *src_slots, const int32_t *dst_slots, int n)
 {
     const int kv_dim = kv->n_kv_heads * kv->head_dim;
-    for (int l = 0; l < kv->n_layers && n > 0; l++) kern_kv_move(kv->be, kv->k[l], kv->v[l], src_slots, dst_slots, n, kv_dim);
+    for (int l = 0; l < kv->n_layers && n > 0; l++)
+        kern_kv_move(kv->be, kv->k[l], kv->v[l], kv->k_type, kv->v_type, src_slots, dst_slots, n, kv_dim);
 }

@@ -1,7 +1,10 @@
 /* kv_cache.h - the paged KV cache: a fixed pool of blocks of block_size token slots, per layer.
  *
- * Memory comes from a byte budget at creation; bytes per token = 2 (K and V) x layers x kv_heads x
- * head_dim x sizeof(fl_f16_t). A sequence owns a block table (block ids in position order) that
+ * Memory comes from a byte budget at creation; bytes per token = layers x kv_heads x head_dim x (bytes
+ * per K element + bytes per V element), per element 2 for F16, 34/32 for Q8_0, 18/32 for Q4_0 (the
+ * KV types, kernels.h; 2 x layers x kv_heads x head_dim x 2 for F16). The types are the cache's
+ * identity: every block of a cache holds rows of its types, and nothing reads a block but through
+ * its cache (a prefix hit, a preempted sequence's recompute). A sequence owns a block table (block ids in position order) that
  * grows one block at a time; attention reads the pools in place through it. Blocks carry reference
  * counts so that sequences can share them.
  *
@@ -28,9 +31,10 @@
 typedef struct kv_cache {
     kern_backend_t *be;
     int n_layers, n_kv_heads, head_dim, block_size;
+    int k_type, v_type;    /* KV types of the K and V pools (kern_kv_type_ok) */
     int n_blocks;
     size_t bytes_per_token;
-    fl_f16_t **k, **v;     /* [n_layers] pools in backend memory */
+    void **k, **v;         /* [n_layers] pools in backend memory */
     int32_t *refcount;     /* [n_blocks] */
     int32_t *free_list;    /* stack of free block ids */
     int n_free;
@@ -51,9 +55,17 @@ typedef struct kv_cache {
     void *on_block_user;
 } kv_cache_t;
 
-/* Sizes the pool from budget_bytes; fails if not even one block fits. */
-kv_cache_t *kv_cache_new(kern_backend_t *be, int n_layers, int n_kv_heads, int head_dim, int block_size,
-                         size_t budget_bytes, fl_error_t *err);
+/* Sizes the pool from budget_bytes for K and V of k_type and v_type; fails if not even one block fits,
+ * or (FL_EINVAL) for a type that is not a KV type or a quantized type with head_dim not a multiple
+ * of 32. */
+kv_cache_t *kv_cache_new(kern_backend_t *be, int n_layers, int n_kv_heads, int head_dim, int block_size, int k_type,
+                         int v_type, size_t budget_bytes, fl_error_t *err);
+/* "f16", "q8_0", "q4_0", or "k/v" ("q8_0/f16") when the K and V types differ: the cache's types as
+ * --kv-type spells them, written to buf. */
+const char *kv_cache_type_name(const kv_cache_t *kv, char *buf, size_t cap);
+/* The KV type --kv-type names s ("f16", "q8_0", "q4_0"), or -1. */
+int kv_type_parse(const char *s);
+const char *kv_type_name(int type);
 void kv_cache_destroy(kv_cache_t **kvp);
 
 /* Takes a free block, else evicts the least recently used cached one (refcount 1, uncached), or

@@ -617,7 +617,7 @@ static void attention_ops(model_t *m, kv_cache_t *kv, int l, int n, int split, i
         if (count <= 0) continue;
         const kern_attn_t attn = {
             .out = m->att + first * q_dim, .q = m->q + first * q_dim, .k_cache = kv->k[l], .v_cache = kv->v[l],
-            .n_tokens = count, .tok_seq = m->d_seq + first, .tok_pos = m->d_pos + first,
+            .k_type = kv->k_type, .v_type = kv->v_type, .n_tokens = count, .tok_seq = m->d_seq + first, .tok_pos = m->d_pos + first,
             .block_tables = m->d_block_tables, .max_blocks = m->max_blocks, .block_size = kv->block_size,
             .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
             .scale = c->q_scale > 0 ? 1.0f : 1.0f / sqrtf((float)c->head_dim), .n_seqs = part ? runs_after : 0,
@@ -656,7 +656,8 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
                   /* per-head RMSNorm of Q and K: rows of head_dim */
                   if (L->q_norm) kern_rmsnorm(be, m->q, m->q, L->q_norm, n * c->n_heads, c->head_dim, c->norm_eps);
                   if (L->k_norm) kern_rmsnorm(be, m->k, m->k, L->k_norm, n * c->n_kv_heads, c->head_dim, c->norm_eps));
-        PROF(ROPE_KV, kern_rope_kv_store(be, m->q, m->k, m->v, kv->k[l], kv->v[l], m->d_pos, m->d_slots, n,
+        PROF(ROPE_KV, kern_rope_kv_store(be, m->q, m->k, m->v, kv->k[l], kv->v[l], kv->k_type, kv->v_type, m->d_pos,
+                                         m->d_slots, n,
                                          c->n_heads, c->n_kv_heads, c->head_dim, L->swa ? &c->rope_swa : &c->rope);
                       if (c->q_scale > 0) kern_scale(be, m->q, c->q_scale, n * q_dim));
         PROF(ATTENTION, attention_ops(m, kv, l, n, split, runs_after, max_len));

@@ -1,4 +1,5 @@
-/* cpu_attention.c - paged attention over the f16 KV pools, and the KV store.
+/* cpu_attention.c - paged attention over f16 KV pools, and the KV store (any KV type; quantized pools'
+ * attention is cpu_attention_q.c's).
  *
  * Numerics are llama.cpp's non-flash CPU path, bit for bit, because a quantized forward pass carries
  * a last-bit difference through every layer (README.md, design). ggml sums the score and output dot
@@ -429,8 +430,8 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
             const fl_f16_t *kr[16];
             for (int j = j0; j < j0 + 16; j++) {
                 const size_t slot = attn_slot(bt, bs, ts, tbit, j);
-                kr[j - j0] = a->k_cache + slot * kv_stride + (size_t)kvh * hd;
-                rows[j] = a->v_cache + slot * kv_stride + (size_t)kvh * hd;
+                kr[j - j0] = (const fl_f16_t *)a->k_cache + slot * kv_stride + (size_t)kvh * hd;
+                rows[j] = (const fl_f16_t *)a->v_cache + slot * kv_stride + (size_t)kvh * hd;
             }
             float dots[16];
             kq16_avx512(q16, kr, hd, kq_tb, dots);
@@ -439,8 +440,8 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
     }
     for (int j = j0; j < len; j++) {
         const size_t slot = attn_slot(bt, bs, ts, tbit, j);
-        const fl_f16_t *k = a->k_cache + slot * kv_stride + (size_t)kvh * hd;
-        rows[j] = a->v_cache + slot * kv_stride + (size_t)kvh * hd;
+        const fl_f16_t *k = (const fl_f16_t *)a->k_cache + slot * kv_stride + (size_t)kvh * hd;
+        rows[j] = (const fl_f16_t *)a->v_cache + slot * kv_stride + (size_t)kvh * hd;
         float dot;
         if (isa == CPU_ISA_SCALAR) dot = kq_tb ? cpu_dot16_f16_scalar(q16, k, hd) : cpu_vecdot_f16_scalar(k, q16, hd);
         else if (isa == CPU_ISA_AVX512) dot = kq_tb ? dot16_f16_avx512(q16, k, hd) : vecdot_f16_avx512(k, q16, hd);
@@ -478,8 +479,8 @@ attn_decode_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *s
         const size_t base = (size_t)bt[b] * bs;
         for (int o = 0; o < bs && j < len; o++, j++) {
             const size_t off = (base + (size_t)o) * kv_stride + hoff;
-            krows[j] = a->k_cache + off;
-            vrows[j] = a->v_cache + off;
+            krows[j] = (const fl_f16_t *)a->k_cache + off;
+            vrows[j] = (const fl_f16_t *)a->v_cache + off;
         }
     }
     const size_t qoff = ((size_t)i * a->n_heads + (size_t)kvh * G) * hd;
@@ -666,6 +667,10 @@ void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
 {
     cpu_backend_t *cb = (cpu_backend_t *)be;
     if (a->n_tokens <= 0) return;
+    if (kern_kv_type(a->k_type) != FL_TYPE_F16 || kern_kv_type(a->v_type) != FL_TYPE_F16) {
+        cpu_attention_q(be, a); /* llama.cpp's flash-attention order (cpu_attention_q.c) */
+        return;
+    }
     if (a->head_dim > ATTN_MAX_HEAD_DIM || a->n_kv_heads <= 0 || a->n_heads % a->n_kv_heads) goto fail;
     int maxlen = 0, maxseq = 0;
     int64_t work = 0;
@@ -724,31 +729,36 @@ static CPU_AVX2 void kv_row_avx2(fl_f16_t *dst, const float *src, int n)
     for (; i < n; i++) dst[i] = fl_f32_to_f16(src[i]);
 }
 
-void cpu_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
-                  const int32_t *slots, int n, int kv_dim)
+void cpu_kv_store(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const float *k,
+                  const float *v, const int32_t *slots, int n, int kv_dim)
 {
     cpu_backend_t *cb = (cpu_backend_t *)be;
+    const size_t krow = kern_kv_row_bytes(k_type, kv_dim), vrow = kern_kv_row_bytes(v_type, kv_dim);
     for (int i = 0; i < n; i++) {
         if (slots[i] < 0) continue; /* padding row */
-        fl_f16_t *kd = k_cache + (size_t)slots[i] * kv_dim, *vd = v_cache + (size_t)slots[i] * kv_dim;
         const float *ks = k + (size_t)i * kv_dim, *vs = v + (size_t)i * kv_dim;
-        if (cb->isa == CPU_ISA_SCALAR) {
-            for (int d = 0; d < kv_dim; d++) kd[d] = fl_f32_to_f16(ks[d]), vd[d] = fl_f32_to_f16(vs[d]);
-        } else {
-            kv_row_avx2(kd, ks, kv_dim);
-            kv_row_avx2(vd, vs, kv_dim);
+        void *pools[2] = {(uint8_t *)k_cache + (size_t)slots[i] * krow, (uint8_t *)v_cache + (size_t)slots[i] * vrow};
+        const float *src[2] = {ks, vs};
+        const int types[2] = {k_type, v_type};
+        for (int p = 0; p < 2; p++) {
+            fl_f16_t *dst = pools[p];
+            if (types[p] != FL_TYPE_F16) cpu_kv_quantize_row(cb->isa, types[p], pools[p], src[p], kv_dim);
+            else if (cb->isa == CPU_ISA_SCALAR)
+                for (int d = 0; d < kv_dim; d++) dst[d] = fl_f32_to_f16(src[p][d]);
+            else kv_row_avx2(dst, src[p], kv_dim);
         }
     }
 }
 
-void cpu_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
+void cpu_kv_move(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const int32_t *src_slots,
                  const int32_t *dst_slots, int n, int kv_dim)
 {
     (void)be;
-    const size_t row = (size_t)kv_dim * sizeof(fl_f16_t);
+    const size_t krow = kern_kv_row_bytes(k_type, kv_dim), vrow = kern_kv_row_bytes(v_type, kv_dim);
+    uint8_t *kc = k_cache, *vc = v_cache;
     for (int i = 0; i < n; i++) {
         if (src_slots[i] == dst_slots[i]) continue;
-        memmove(k_cache + (size_t)dst_slots[i] * kv_dim, k_cache + (size_t)src_slots[i] * kv_dim, row);
-        memmove(v_cache + (size_t)dst_slots[i] * kv_dim, v_cache + (size_t)src_slots[i] * kv_dim, row);
+        memmove(kc + (size_t)dst_slots[i] * krow, kc + (size_t)src_slots[i] * krow, krow);
+        memmove(vc + (size_t)dst_slots[i] * vrow, vc + (size_t)src_slots[i] * vrow, vrow);
     }
 }

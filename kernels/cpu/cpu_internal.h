@@ -113,10 +113,19 @@ void cpu_matmul_packed_multi(cpu_backend_t *cb, float *const *ys, const kern_wei
 /* ---- attention (cpu_attention.c) ---- */
 
 void cpu_attention(kern_backend_t *be, const kern_attn_t *a);
-void cpu_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
+void cpu_kv_move(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const int32_t *src_slots,
                  const int32_t *dst_slots, int n, int kv_dim);
-void cpu_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
-                  const int32_t *slots, int n, int kv_dim);
+void cpu_kv_store(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const float *k,
+                  const float *v, const int32_t *slots, int n, int kv_dim);
+
+/* ---- attention over quantized KV pools (cpu_attention_q.c) ---- */
+
+/* llama.cpp's flash-attention order (ggml_compute_forward_flash_attn_ext_f16), for any call whose K
+ * or V pool is quantized. */
+void cpu_attention_q(kern_backend_t *be, const kern_attn_t *a);
+/* One KV row of n floats quantized to type (Q8_0, Q4_0) as ggml stores it: ggml's AVX2
+ * quantize_row_q8_0, quantize_row_q4_0_ref. */
+void cpu_kv_quantize_row(cpu_isa_t isa, int type, void *dst, const float *src, int n);
 
 /* Deterministic float helpers shared by matmul and attention: a dot product of n floats summed in 16
  * lanes (element i into lane i % 16, fused multiply-add), the lanes then added pairwise as

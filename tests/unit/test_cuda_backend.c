@@ -741,8 +741,8 @@ static void test_kv_store(int n, int kv_dim, int n_slots)
     twin_t kc = twin_new(pool * sizeof(fl_f16_t), init), vc = twin_new(pool * sizeof(fl_f16_t), init),
            tk = twin_new((size_t)n * kv_dim * sizeof(float), k), tv = twin_new((size_t)n * kv_dim * sizeof(float), v),
            ts = twin_new((size_t)n * sizeof(int32_t), slots);
-    kern_kv_store(g_cpu, kc.c, vc.c, tk.c, tv.c, ts.c, n, kv_dim);
-    kern_kv_store(g_gpu, kc.g, vc.g, tk.g, tv.g, ts.g, n, kv_dim);
+    kern_kv_store(g_cpu, kc.c, vc.c, FL_TYPE_F16, FL_TYPE_F16, tk.c, tv.c, ts.c, n, kv_dim);
+    kern_kv_store(g_gpu, kc.g, vc.g, FL_TYPE_F16, FL_TYPE_F16, tk.g, tv.g, ts.g, n, kv_dim);
     char kn[160], vn[160];
     snprintf(kn, sizeof kn, "%s (K pool)", name);
     snprintf(vn, sizeof vn, "%s (V pool)", name);
@@ -824,8 +824,8 @@ static void test_rope_kv_store(int n, int n_heads, int n_kv, int head_dim, int n
     kern_rope_t rc = {.n_rot = n_rot, .freq_base = base, .freq_scale = freq_scale, .freq_factors = factors ? tf.c : NULL};
     kern_rope_t rg = rc;
     rg.freq_factors = factors ? tf.g : NULL;
-    kern_rope_kv_store(g_cpu, tq.c, tk.c, tv.c, kc.c, vc.c, tp.c, ts.c, n, n_heads, n_kv, head_dim, &rc);
-    kern_rope_kv_store(g_gpu, tq.g, tk.g, tv.g, kc.g, vc.g, tp.g, ts.g, n, n_heads, n_kv, head_dim, &rg);
+    kern_rope_kv_store(g_cpu, tq.c, tk.c, tv.c, kc.c, vc.c, FL_TYPE_F16, FL_TYPE_F16, tp.c, ts.c, n, n_heads, n_kv, head_dim, &rc);
+    kern_rope_kv_store(g_gpu, tq.g, tk.g, tv.g, kc.g, vc.g, FL_TYPE_F16, FL_TYPE_F16, tp.g, ts.g, n, n_heads, n_kv, head_dim, &rg);
     char sub[300];
     snprintf(sub, sizeof sub, "%s q", name);
     check_floats(&tq, qn, TOL_ROPE, sub);
@@ -876,7 +876,7 @@ static void test_rope_kv_store(int n, int n_heads, int n_kv, int head_dim, int n
     fl_f16_t *gkc = gpu_copy(kinit, pool * sizeof(fl_f16_t)), *gvc = gpu_copy(vinit, pool * sizeof(fl_f16_t));
     kern_rope(g_gpu, gq, tp.g, n, n_heads, head_dim, &rg);
     kern_rope(g_gpu, gk, tp.g, n, n_kv, head_dim, &rg);
-    kern_kv_store(g_gpu, gkc, gvc, gk, tv.g, ts.g, n, kv_dim);
+    kern_kv_store(g_gpu, gkc, gvc, FL_TYPE_F16, FL_TYPE_F16, gk, tv.g, ts.g, n, kv_dim);
     const bool sq = gpu_same(gq, tq.g, qn * sizeof(float), sub), sk = gpu_same(gk, tk.g, kn * sizeof(float), sub),
                skc = gpu_same(gkc, kc.g, pool * sizeof(fl_f16_t), sub),
                svc = gpu_same(gvc, vc.g, pool * sizeof(fl_f16_t), sub);
@@ -971,8 +971,8 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
            ttp = twin_new((size_t)n_tokens * sizeof(int32_t), tpos),
            tbt = twin_new((size_t)n_seqs * max_blocks * sizeof(int32_t), tables),
            out = twin_new((size_t)n_tokens * q_dim * sizeof(float), NULL);
-    kern_kv_store(g_cpu, kc.c, vc.c, tk.c, tv.c, tsl.c, n_tokens, kv_dim);
-    kern_kv_store(g_gpu, kc.g, vc.g, tk.g, tv.g, tsl.g, n_tokens, kv_dim);
+    kern_kv_store(g_cpu, kc.c, vc.c, FL_TYPE_F16, FL_TYPE_F16, tk.c, tv.c, tsl.c, n_tokens, kv_dim);
+    kern_kv_store(g_gpu, kc.g, vc.g, FL_TYPE_F16, FL_TYPE_F16, tk.g, tv.g, tsl.g, n_tokens, kv_dim);
     kern_attn_t a = {.n_tokens = n_tokens, .max_blocks = max_blocks, .block_size = bs, .n_heads = n_heads,
                      .n_kv_heads = n_kv, .head_dim = hd, .scale = 1.0f / sqrtf((float)hd), .max_len = max_len};
     kern_attn_t ac = a, ag = a;

@@ -199,7 +199,7 @@ static void kv_cache_shape_overflow_is_a_clear_error(void **state)
     kern_backend_t *be = kern_cpu_new(1, &err);
     assert_non_null(be);
     /* 2 * 2 * 2^24 * 2^24 * 2^24 bytes per token wraps size_t: an error, not a division by zero. */
-    kv_cache_t *kv = kv_cache_new(be, 1 << 24, 1 << 24, 1 << 24, 1024, (size_t)64 << 20, &err);
+    kv_cache_t *kv = kv_cache_new(be, 1 << 24, 1 << 24, 1 << 24, 1024, FL_TYPE_F16, FL_TYPE_F16, (size_t)64 << 20, &err);
     assert_null(kv);
     assert_int_equal(err.code, FL_ERANGE);
     kern_destroy(&be);

@@ -669,7 +669,7 @@ static void test_kv_store_writes_f16_rows_at_slots(void **state)
         float k[3 * 196], v[3 * 196];
         fill(k, n * kv_dim, 10.0f), fill(v, n * kv_dim, 10.0f);
         const int32_t slots[3] = {9, 0, 4};
-        kern_kv_store(be, kc, vc, k, v, slots, n, kv_dim);
+        kern_kv_store(be, kc, vc, FL_TYPE_F16, FL_TYPE_F16, k, v, slots, n, kv_dim);
         for (int i = 0; i < n; i++)
             for (int d = 0; d < kv_dim; d++) {
                 assert_int_equal(kc[slots[i] * kv_dim + d], fl_f32_to_f16(k[i * kv_dim + d]));
@@ -718,7 +718,7 @@ static void spec_attention(const kern_attn_t *a, int i, int h, bool multi, float
     float mx = -INFINITY;
     for (int j = 0; j < len; j++) {
         const size_t slot = (size_t)bt[j / a->block_size] * a->block_size + j % a->block_size;
-        for (int d = 0; d < hd; d++) kk[d] = fl_f16_to_f32(a->k_cache[(slot * a->n_kv_heads + kvh) * hd + d]);
+        for (int d = 0; d < hd; d++) kk[d] = fl_f16_to_f32(((const fl_f16_t *)a->k_cache)[(slot * a->n_kv_heads + kvh) * hd + d]);
         float kq = multi && hd % 16 == 0 ? spec_dot_tb(kk, q, hd) : spec_dot_vd(kk, q, hd);
         if (a->softcap > 0) kq = tanhf(kq * (1.0f / a->softcap)) * a->softcap;
         sc[j] = a->window > 0 && j <= a->tok_pos[i] - a->window ? -INFINITY : kq * a->scale;
@@ -736,7 +736,7 @@ static void spec_attention(const kern_attn_t *a, int i, int h, bool multi, float
             vv[j] = 0;
             if (j < len) {
                 const size_t slot = (size_t)bt[j / a->block_size] * a->block_size + j % a->block_size;
-                vv[j] = fl_f16_to_f32(a->v_cache[(slot * a->n_kv_heads + kvh) * hd + d]);
+                vv[j] = fl_f16_to_f32(((const fl_f16_t *)a->v_cache)[(slot * a->n_kv_heads + kvh) * hd + d]);
             }
         }
         out[d] = multi && hd % 4 == 0 ? spec_dot_tb(vv, sc, nkv) : spec_dot_vd(vv, sc, nkv);
@@ -753,7 +753,7 @@ static void ref_attention(const kern_attn_t *a, int i, int h, float *out)
     const float *q = a->q + ((size_t)i * a->n_heads + h) * hd;
     for (int j = 0; j < len; j++) {
         const size_t slot = (size_t)bt[j / a->block_size] * a->block_size + j % a->block_size;
-        const fl_f16_t *k = a->k_cache + (slot * a->n_kv_heads + kvh) * hd;
+        const fl_f16_t *k = (const fl_f16_t *)a->k_cache + (slot * a->n_kv_heads + kvh) * hd;
         double s = 0;
         for (int d = 0; d < hd; d++) s += (double)f16r(q[d]) * fl_f16_to_f32(k[d]);
         if (a->softcap > 0) s = tanh(s / a->softcap) * a->softcap;
@@ -765,7 +765,7 @@ static void ref_attention(const kern_attn_t *a, int i, int h, float *out)
     for (int d = 0; d < hd; d++) out[d] = 0;
     for (int j = 0; j < len; j++) {
         const size_t slot = (size_t)bt[j / a->block_size] * a->block_size + j % a->block_size;
-        const fl_f16_t *v = a->v_cache + (slot * a->n_kv_heads + kvh) * hd;
+        const fl_f16_t *v = (const fl_f16_t *)a->v_cache + (slot * a->n_kv_heads + kvh) * hd;
         const double p = f16r((float)(sc[j] / sum));
         for (int d = 0; d < hd; d++) out[d] += (float)(p * fl_f16_to_f32(v[d]));
     }

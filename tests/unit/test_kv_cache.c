@@ -37,7 +37,7 @@ static void capacity_follows_budget_and_bytes_per_token(void **state)
     (void)state;
     /* The default model's shape: 30 layers, 3 KV heads of 64, f16: 2*30*3*64*2 = 23040 bytes/token. */
     fl_error_t err = {0};
-    kv_cache_t *kv = kv_cache_new(g_be, 30, 3, 64, 16, (size_t)64 << 20, &err);
+    kv_cache_t *kv = kv_cache_new(g_be, 30, 3, 64, 16, FL_TYPE_F16, FL_TYPE_F16, (size_t)64 << 20, &err);
     assert_non_null(kv);
     assert_int_equal(kv->bytes_per_token, 23040);
     assert_int_equal(kv->n_blocks, (64 << 20) / (23040 * 16));
@@ -52,17 +52,17 @@ static void budget_below_one_block_fails_with_message(void **state)
 {
     (void)state;
     fl_error_t err = {0};
-    assert_null(kv_cache_new(g_be, 30, 3, 64, 16, 1000, &err));
+    assert_null(kv_cache_new(g_be, 30, 3, 64, 16, FL_TYPE_F16, FL_TYPE_F16, 1000, &err));
     assert_int_equal(err.code, FL_ERANGE);
     assert_non_null(strstr(err.msg, "budget"));
-    assert_null(kv_cache_new(g_be, 0, 3, 64, 16, 1 << 20, &err));
+    assert_null(kv_cache_new(g_be, 0, 3, 64, 16, FL_TYPE_F16, FL_TYPE_F16, 1 << 20, &err));
     assert_int_equal(err.code, FL_EINVAL);
 }
 
 static void blocks_are_refcounted_and_recycled(void **state)
 {
     (void)state;
-    kv_cache_t *kv = kv_cache_new(g_be, 1, 1, 8, 4, 4 * (2 * 8 * 2 * 4), NULL);
+    kv_cache_t *kv = kv_cache_new(g_be, 1, 1, 8, 4, FL_TYPE_F16, FL_TYPE_F16, 4 * (2 * 8 * 2 * 4), NULL);
     assert_non_null(kv);
     assert_int_equal(kv->n_blocks, 4);
     int32_t b[4];
@@ -83,7 +83,7 @@ static void blocks_are_refcounted_and_recycled(void **state)
 static void sequence_grows_and_fails_cleanly(void **state)
 {
     (void)state;
-    kv_cache_t *kv = kv_cache_new(g_be, 1, 1, 8, 4, 3 * (2 * 8 * 2 * 4), NULL);
+    kv_cache_t *kv = kv_cache_new(g_be, 1, 1, 8, 4, FL_TYPE_F16, FL_TYPE_F16, 3 * (2 * 8 * 2 * 4), NULL);
     kv_seq_t a, b;
     assert_int_equal(kv_seq_init(&a, 8), 0);
     assert_int_equal(kv_seq_init(&b, 2), 0);
@@ -107,7 +107,7 @@ static void sequence_grows_and_fails_cleanly(void **state)
 /* A pool of n blocks of 4 tokens (1 layer, 1 KV head of 8). */
 static kv_cache_t *small_pool(int n)
 {
-    kv_cache_t *kv = kv_cache_new(g_be, 1, 1, 8, 4, (size_t)n * (2 * 8 * 2 * 4), NULL);
+    kv_cache_t *kv = kv_cache_new(g_be, 1, 1, 8, 4, FL_TYPE_F16, FL_TYPE_F16, (size_t)n * (2 * 8 * 2 * 4), NULL);
     assert_non_null(kv);
     assert_int_equal(kv->n_blocks, n);
     return kv;

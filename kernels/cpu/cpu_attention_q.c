@@ -1,0 +1,379 @@
+/* cpu_attention_q.c - attention over quantized KV pools (Q8_0 or Q4_0 K and/or V), in llama.cpp's
+ * flash-attention order, and the quantizer the KV store writes quantized rows with.
+ *
+ * llama.cpp keeps a quantized V cache only with flash attention on, and its CPU kernel
+ * (ggml_compute_forward_flash_attn_ext_f16, ggml-cpu/ops.cpp, as llama-cpp-python 0.3.16 builds it)
+ * computes each (query token, head) on its own, so its numbers depend on neither the batch nor whether
+ * the token is a prompt's or a generated one:
+ *   Q is converted to the vec-dot type of K's type (Q8_0 for a Q8_0 or Q4_0 K, by ggml's AVX2
+ *   quantize_row_q8_0; F16 for an F16 K);
+ *   for each visible position j in order: s = vec_dot(K_j, Q) * scale; then
+ *     s > M:  ms = expf(M - s), M = s, VKQ *= ms, vs = 1      else:  ms = 1, vs = expf(s - M)
+ *     VKQ = fma(V_j, vs, VKQ)   (V_j dequantized to f32 as q * d; an F16 V keeps VKQ in f16, rounded
+ *                                after each scale and each fma, as ggml_vec_scale_f16/ggml_vec_mad_f16)
+ *     S = fma(S, ms, vs)        (GCC contracts ggml's S*ms + vs)
+ *   out = VKQ * (1 / S).
+ * expf is the C library's, as ggml calls it. The K dots are ggml_vec_dot_q8_0_q8_0 /
+ * ggml_vec_dot_q4_0_q8_0 (8 float lanes, lane k of a block = the exact integer dot of elements
+ * 4k..4k+3, acc[k] = fma(d_k * d_q, lane, acc[k]) block after block, then hsum_float_8) and
+ * ggml_vec_dot_f16 (cpu_simd.h). The file builds with fp-contract off: every fma is written out.
+ *
+ * Tree attention reads the visible positions compacted in order, as cpu_attention.c does, so a
+ * verified draft token sums what plain decoding sums at its position.
+ *
+ * Work items are (token, KV head): the query heads sharing a KV head walk the positions together, so
+ * each K/V row is read and converted once for them. An item first computes every score, then each
+ * head's running maximum and its expf values (independent calls the CPU overlaps), then the V sums.
+ * The scalar and AVX2 paths give the same bits (only the exact integer parts differ in how they are
+ * computed); AVX-512 machines run the AVX2 path. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#pragma GCC optimize("fp-contract=off")
+
+#include "../../common/quant.h"
+#include "cpu_internal.h"
+#include "cpu_simd.h"
+
+#define ATTNQ_MAX_HEAD_DIM 512
+#define ATTNQ_MAX_GROUP 32
+
+typedef struct attnq_ctx {
+    const kern_attn_t *a;
+    cpu_isa_t isa;
+    int k_type, v_type;
+    float **scratch;
+    int maxlen;
+    atomic_int next;
+} attnq_ctx_t;
+
+static inline float f16_round(float f) { return fl_f16_to_f32(fl_f32_to_f16(f)); }
+
+/* ---- Q8_0 quantization: ggml's AVX2 quantize_row_q8_0 (d = amax / 127 stored as f16, q =
+ * round-half-even(x * (127 / amax))) ---- */
+
+static fl_f16_t q8_block_scalar(const float *x, int8_t *qs)
+{
+    float amax = 0.0f;
+    for (int j = 0; j < FL_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    const float id = amax != 0.0f ? 127.f / amax : 0.0f;
+    for (int j = 0; j < FL_QK; j++) qs[j] = (int8_t)nearbyintf(x[j] * id);
+    return fl_f32_to_f16(amax / 127.f);
+}
+
+static CPU_AVX2 fl_f16_t q8_block_avx2(const float *x, int8_t *qs)
+{
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
+    __m256 v[4];
+    for (int k = 0; k < 4; k++) v[k] = _mm256_loadu_ps(x + 8 * k);
+    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(signbit, v[0]), _mm256_andnot_ps(signbit, v[1])),
+                                   _mm256_max_ps(_mm256_andnot_ps(signbit, v[2]), _mm256_andnot_ps(signbit, v[3])));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const __m256 vid = _mm256_set1_ps(amax != 0.0f ? 127.f / amax : 0.0f);
+    __m256i q[4];
+    for (int k = 0; k < 4; k++)
+        q[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256((__m256i *)qs, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return (fl_f16_t)_cvtss_sh(amax / 127.f, 0);
+}
+
+static void q8_row(cpu_isa_t isa, fl_block_q8_0_t *dst, const float *src, int n)
+{
+    for (int b = 0; b < n / FL_QK; b++) {
+        const fl_f16_t d = isa == CPU_ISA_SCALAR ? q8_block_scalar(src + b * FL_QK, dst[b].qs)
+                                                 : q8_block_avx2(src + b * FL_QK, dst[b].qs);
+        memcpy(&dst[b].d, &d, sizeof d);
+    }
+}
+
+void cpu_kv_quantize_row(cpu_isa_t isa, int type, void *dst, const float *src, int n)
+{
+    if (type == FL_TYPE_Q8_0) q8_row(isa, dst, src, n);
+    else quant_quantize_row(type, src, dst, n); /* Q4_0: ggml's quantize_row_q4_0 is its _ref */
+}
+
+/* ---- K dots ---- */
+
+static inline float block_d(const void *blk)
+{
+    fl_f16_t h;
+    memcpy(&h, blk, sizeof h); /* d leads both block layouts */
+    return fl_f16_to_f32(h);
+}
+
+/* hsum_float_8 */
+static inline float hsum8(const float acc[8])
+{
+    return ((acc[4] + acc[0]) + (acc[6] + acc[2])) + ((acc[5] + acc[1]) + (acc[7] + acc[3]));
+}
+
+/* ggml_vec_dot_{q8_0,q4_0}_q8_0 of a K row of nb blocks with Q (q8_0 blocks). */
+static float kdot_q_scalar(int k_type, const uint8_t *k, const fl_block_q8_0_t *q, int nb)
+{
+    float acc[8] = {0};
+    for (int b = 0; b < nb; b++) {
+        int kq[FL_QK];
+        float dk;
+        if (k_type == FL_TYPE_Q8_0) {
+            const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)k + b;
+            dk = block_d(blk);
+            for (int j = 0; j < FL_QK; j++) kq[j] = blk->qs[j];
+        } else {
+            const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)k + b;
+            dk = block_d(blk);
+            for (int j = 0; j < FL_QK / 2; j++) kq[j] = (blk->qs[j] & 15) - 8, kq[j + 16] = (blk->qs[j] >> 4) - 8;
+        }
+        const float dd = dk * block_d(&q[b]);
+        for (int l = 0; l < 8; l++) {
+            const int lane = kq[4 * l] * q[b].qs[4 * l] + kq[4 * l + 1] * q[b].qs[4 * l + 1] +
+                             kq[4 * l + 2] * q[b].qs[4 * l + 2] + kq[4 * l + 3] * q[b].qs[4 * l + 3];
+            acc[l] = fmaf(dd, (float)lane, acc[l]);
+        }
+    }
+    return hsum8(acc);
+}
+
+/* The 8 lane sums of 4 byte products (x signed, y signed), as float. */
+static inline CPU_AVX2 __m256 lanes_i8(__m256i x, __m256i y)
+{
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+static CPU_AVX2 float kdot_q_avx2(int k_type, const uint8_t *k, const fl_block_q8_0_t *q, int nb)
+{
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i kx;
+        float dk;
+        if (k_type == FL_TYPE_Q8_0) {
+            const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)k + b;
+            dk = block_d(blk);
+            kx = _mm256_loadu_si256((const __m256i *)blk->qs);
+        } else {
+            const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)k + b;
+            dk = block_d(blk);
+            const __m128i t = _mm_loadu_si128((const __m128i *)blk->qs);
+            kx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(15));
+            kx = _mm256_sub_epi8(kx, _mm256_set1_epi8(8));
+        }
+        const __m256 dd = _mm256_set1_ps(dk * block_d(&q[b]));
+        acc = _mm256_fmadd_ps(dd, lanes_i8(kx, _mm256_loadu_si256((const __m256i *)q[b].qs)), acc);
+    }
+    float l[8];
+    _mm256_storeu_ps(l, acc);
+    return hsum8(l);
+}
+
+/* ---- V sums: y = fma(x, v, y) and y *= v per element, in f32 or (F16 V) rounded to f16 ---- */
+
+static void v_dequant(int v_type, const uint8_t *v, float *out, int hd)
+{
+    if (v_type == FL_TYPE_F16) {
+        for (int d = 0; d < hd; d++) out[d] = fl_f16_to_f32(((const fl_f16_t *)v)[d]);
+    } else {
+        quant_dequantize_row(v_type, v, out, hd); /* ggml's dequantize_row_*: q * d */
+    }
+}
+
+static void v_scale_scalar(float *y, float m, int hd, bool f16)
+{
+    for (int d = 0; d < hd; d++) y[d] = f16 ? f16_round(y[d] * m) : y[d] * m;
+}
+
+static void v_mad_scalar(float *y, const float *x, float v, int hd, bool f16)
+{
+    for (int d = 0; d < hd; d++) y[d] = f16 ? f16_round(fmaf(x[d], v, y[d])) : fmaf(x[d], v, y[d]);
+}
+
+static CPU_AVX2 __m256 round8(__m256 x, bool f16)
+{
+    return f16 ? _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)) : x;
+}
+
+static CPU_AVX2 void v_scale_avx2(float *y, float m, int hd, bool f16)
+{
+    const __m256 vm = _mm256_set1_ps(m);
+    for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(y + d, round8(_mm256_mul_ps(_mm256_loadu_ps(y + d), vm), f16));
+}
+
+static CPU_AVX2 void v_mad_avx2(float *y, const float *x, float v, int hd, bool f16)
+{
+    const __m256 vv = _mm256_set1_ps(v);
+    for (int d = 0; d < hd; d += 8)
+        _mm256_storeu_ps(y + d, round8(_mm256_fmadd_ps(_mm256_loadu_ps(x + d), vv, _mm256_loadu_ps(y + d)), f16));
+}
+
+static CPU_AVX2 void v_dequant_q8_avx2(const fl_block_q8_0_t *v, float *out, int hd)
+{
+    for (int b = 0; b < hd / FL_QK; b++) {
+        const __m256 d = _mm256_set1_ps(block_d(&v[b]));
+        for (int k = 0; k < 4; k++) {
+            const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(v[b].qs + 8 * k)));
+            _mm256_storeu_ps(out + b * FL_QK + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+        }
+    }
+}
+
+/* ---- one work item ---- */
+
+/* Per-thread scratch (floats): slots [maxlen] (int32), scores, ms, vs [G][maxlen] each, the Q rows
+ * [G][hd] (as q8_0 blocks or floats), VKQ [G][hd], one V row [hd]. */
+static size_t attnq_scratch_floats(int maxlen, int hd, int G)
+{
+    return (size_t)maxlen * (1 + 3 * (size_t)G) + (size_t)G * hd * 2 + hd + 64;
+}
+
+static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
+{
+    const kern_attn_t *a = c->a;
+    const cpu_isa_t isa = c->isa;
+    const int hd = a->head_dim, G = a->n_heads / a->n_kv_heads, kv_dim = a->n_kv_heads * hd, maxlen = c->maxlen;
+    const size_t krow = kern_kv_row_bytes(c->k_type, kv_dim), vrow = kern_kv_row_bytes(c->v_type, kv_dim);
+    const size_t khead = kern_kv_row_bytes(c->k_type, hd) * (size_t)kvh, vhead = kern_kv_row_bytes(c->v_type, hd) * (size_t)kvh;
+    int32_t *slots = (int32_t *)(void *)scratch;
+    float *sc = scratch + maxlen, *ms = sc + (size_t)G * maxlen, *vs = ms + (size_t)G * maxlen;
+    float *qbuf = vs + (size_t)G * maxlen, *vkq = qbuf + (size_t)G * hd, *vrow_f = vkq + (size_t)G * hd;
+
+    /* the visible positions' slots, in order (tree attention: context, then ancestors by depth) */
+    const int32_t *bt = a->block_tables + (size_t)a->tok_seq[i] * a->max_blocks;
+    const int bs = a->block_size;
+    int len = 0;
+    const int n_pos = kern_attn_len(a, i);
+    for (int p = 0; p < n_pos; p++)
+        if (kern_attn_visible(a, i, p)) slots[len++] = bt[p / bs] * bs + p % bs;
+    const size_t qoff = ((size_t)i * a->n_heads + (size_t)kvh * G) * hd;
+    if (len == 0) { /* nothing visible: a zero row, as cpu_attention */
+        memset(a->out + qoff, 0, (size_t)G * hd * sizeof(float));
+        return;
+    }
+
+    /* Q in K's vec-dot type */
+    const bool kf16 = c->k_type == FL_TYPE_F16, vf16 = c->v_type == FL_TYPE_F16;
+    fl_block_q8_0_t *q8 = (fl_block_q8_0_t *)(void *)qbuf; /* G * hd / 32 blocks fit in G * hd floats */
+    for (int h = 0; h < G; h++) {
+        const float *qh = a->q + qoff + (size_t)h * hd;
+        if (kf16)
+            for (int d = 0; d < hd; d++) qbuf[(size_t)h * hd + d] = f16_round(qh[d]);
+        else
+            q8_row(isa, q8 + (size_t)h * (hd / FL_QK), qh, hd);
+    }
+
+    /* scores */
+    const uint8_t *kc = a->k_cache, *vc = a->v_cache;
+    for (int j = 0; j < len; j++) {
+        const uint8_t *k = kc + (size_t)slots[j] * krow + khead;
+        for (int h = 0; h < G; h++) {
+            float dot;
+            if (kf16)
+                dot = isa == CPU_ISA_SCALAR ? cpu_vecdot_f16_scalar((const fl_f16_t *)k, qbuf + (size_t)h * hd, hd)
+                                            : cpu_vecdot_f16_avx2((const fl_f16_t *)k, qbuf + (size_t)h * hd, hd);
+            else if (isa == CPU_ISA_SCALAR)
+                dot = kdot_q_scalar(c->k_type, k, q8 + (size_t)h * (hd / FL_QK), hd / FL_QK);
+            else
+                dot = kdot_q_avx2(c->k_type, k, q8 + (size_t)h * (hd / FL_QK), hd / FL_QK);
+            sc[(size_t)h * maxlen + j] = dot * a->scale;
+        }
+    }
+
+    /* the online softmax's factors: ms (rescale at a new maximum) and vs (this position's weight) */
+    float S[ATTNQ_MAX_GROUP];
+    for (int h = 0; h < G; h++) {
+        const float *s = sc + (size_t)h * maxlen;
+        float *m_h = ms + (size_t)h * maxlen, *v_h = vs + (size_t)h * maxlen;
+        float M = -INFINITY, sum = 0.0f;
+        for (int j = 0; j < len; j++) {
+            if (s[j] > M) {
+                m_h[j] = expf(M - s[j]);
+                v_h[j] = 1.0f;
+                M = s[j];
+            } else {
+                m_h[j] = 1.0f;
+                v_h[j] = expf(s[j] - M);
+            }
+            sum = fmaf(sum, m_h[j], v_h[j]);
+        }
+        S[h] = sum;
+    }
+
+    /* VKQ = sum of V rows weighted as the chain says */
+    memset(vkq, 0, (size_t)G * hd * sizeof(float));
+    for (int j = 0; j < len; j++) {
+        const uint8_t *v = vc + (size_t)slots[j] * vrow + vhead;
+        if (isa != CPU_ISA_SCALAR && c->v_type == FL_TYPE_Q8_0) v_dequant_q8_avx2((const fl_block_q8_0_t *)v, vrow_f, hd);
+        else v_dequant(c->v_type, v, vrow_f, hd);
+        for (int h = 0; h < G; h++) {
+            float *y = vkq + (size_t)h * hd;
+            const float m = ms[(size_t)h * maxlen + j], w = vs[(size_t)h * maxlen + j];
+            if (isa == CPU_ISA_SCALAR) {
+                if (m != 1.0f) v_scale_scalar(y, m, hd, vf16);
+                v_mad_scalar(y, vrow_f, w, hd, vf16);
+            } else {
+                if (m != 1.0f) v_scale_avx2(y, m, hd, vf16);
+                v_mad_avx2(y, vrow_f, w, hd, vf16);
+            }
+        }
+    }
+    for (int h = 0; h < G; h++) {
+        const float inv = 1.0f / S[h];
+        float *out = a->out + qoff + (size_t)h * hd;
+        for (int d = 0; d < hd; d++) out[d] = vkq[(size_t)h * hd + d] * inv;
+    }
+}
+
+static void attnq_task(void *arg, int ith, int nth)
+{
+    (void)nth;
+    attnq_ctx_t *c = arg;
+    const kern_attn_t *a = c->a;
+    const int n_items = a->n_tokens * a->n_kv_heads;
+    for (;;) {
+        const int it = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
+        if (it >= n_items) break;
+        attnq_item(c, it / a->n_kv_heads, it % a->n_kv_heads, c->scratch[ith]);
+    }
+}
+
+void cpu_attention_q(kern_backend_t *be, const kern_attn_t *a)
+{
+    cpu_backend_t *cb = (cpu_backend_t *)be;
+    const int k_type = kern_kv_type(a->k_type), v_type = kern_kv_type(a->v_type);
+    const int hd = a->head_dim;
+    if (!kern_kv_type_ok(k_type) || !kern_kv_type_ok(v_type) || hd > ATTNQ_MAX_HEAD_DIM || hd % FL_QK ||
+        a->n_kv_heads <= 0 || a->n_heads % a->n_kv_heads || a->n_heads / a->n_kv_heads > ATTNQ_MAX_GROUP)
+        goto fail;
+    int maxlen = 1;
+    int64_t work = 0;
+    for (int i = 0; i < a->n_tokens; i++) {
+        const int len = kern_attn_len(a, i);
+        if (len > maxlen) maxlen = len;
+        work += len;
+    }
+    work *= (int64_t)a->n_heads * hd;
+    const int nth = cpu_pool_size(cb->pool);
+    const size_t need = attnq_scratch_floats(maxlen, hd, a->n_heads / a->n_kv_heads) * sizeof(float);
+    if (need > cb->scores_len) {
+        size_t cap = 0;
+        for (int t = 0; t < nth; t++) {
+            cap = cb->scores_len;
+            if (cpu_grow((void **)&cb->scores[t], &cap, need)) goto fail;
+        }
+        cb->scores_len = cap;
+    }
+    attnq_ctx_t c = {.a = a, .isa = cb->isa, .k_type = k_type, .v_type = v_type, .scratch = cb->scores,
+                     .maxlen = maxlen};
+    atomic_init(&c.next, 0);
+    if (work < 64 * 1024 || nth == 1) attnq_task(&c, 0, 1);
+    else cpu_pool_run(cb->pool, attnq_task, &c);
+    return;
+fail:
+    for (size_t k = 0; k < (size_t)a->n_tokens * a->n_heads * hd; k++) a->out[k] = NAN;
+}
