@@ -3,6 +3,7 @@
 # Re-runs reuse what is there and work offline once the model is in models/.
 #   FOLIO_SKIP_APT=1   do not touch system packages
 #   --test-tools       also make .venv/ with the Python tools the tests use (scripts/requirements-test.txt)
+#                      and fetch llama.cpp's tokenizer suite into .cache/llama-vocab/ (FOLIO_CACHE)
 #   --heads            also make the default model's Medusa heads (speculative decoding) with
 #                      folio-medusa-train, once, beside the model (about 10-15 minutes on 2 cores)
 set -euo pipefail
@@ -114,5 +115,57 @@ if [ "$want_test_tools" = 1 ]; then
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$reqs"
     echo "$want" >"$venv/.requirements.sha256"
+  fi
+fi
+
+# llama.cpp's tokenizer suite (tests/unit/test_tokenizer_suite.c): its vocabulary-only GGUFs
+# (models/ggml-vocab-*.gguf) and their test vectors (.inp/.out), as shipped in the llama-cpp-python
+# 0.3.16 source distribution. The archive is fetched once with pip into .cache/sdist/ (FOLIO_CACHE;
+# git-ignored, never committed), checked against its pinned sha256, and only those files are
+# extracted to .cache/llama-vocab/; a stamp holding the archive's hash makes re-runs offline.
+if [ "$want_test_tools" = 1 ]; then
+  cache_root="${FOLIO_CACHE:-$root/.cache}"
+  sdist_pkg="llama-cpp-python==0.3.16"
+  sdist_name="llama_cpp_python-0.3.16.tar.gz"
+  sdist_sha256="34ed0f9bd9431af045bb63d9324ae620ad0536653740e9bb163a2e1fcb973be6"
+  sdist="$cache_root/sdist/$sdist_name"
+  vocab_dir="$cache_root/llama-vocab"
+  if [ -f "$vocab_dir/.sdist.sha256" ] && [ "$(cat "$vocab_dir/.sdist.sha256")" = "$sdist_sha256" ]; then
+    echo "setup: llama.cpp tokenizer suite present ($vocab_dir)"
+  else
+    mkdir -p "$cache_root/sdist"
+    if [ ! -f "$sdist" ] || [ "$(sha_of "$sdist")" != "$sdist_sha256" ]; then
+      echo "setup: downloading the $sdist_pkg source distribution (about 50 MB) for llama.cpp's tokenizer suite"
+      rm -f "$sdist"
+      python3 -m pip download --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
+        --progress-bar on -d "$cache_root/sdist" "$sdist_pkg"
+    fi
+    got="$(sha_of "$sdist")"
+    if [ "$got" != "$sdist_sha256" ]; then
+      echo "setup: $sdist_name has sha256 $got, expected $sdist_sha256; refusing to use it" >&2
+      exit 1
+    fi
+    rm -rf "$vocab_dir.part"
+    python3 - "$sdist" "$vocab_dir.part" <<'PY'
+import os, sys, tarfile
+# The 12 vocabularies of test-tokenizer-0 with their vectors, and gpt-neox (the default pre-tokenizer).
+names = ["llama-spm", "llama-bpe", "phi-3", "deepseek-llm", "deepseek-coder", "falcon", "mpt", "starcoder",
+         "gpt-2", "refact", "command-r", "qwen2"]
+prefix = "llama_cpp_python-0.3.16/vendor/llama.cpp/models/ggml-vocab-"
+want = {prefix + n + ".gguf" + ext for n in names for ext in ("", ".inp", ".out")} | {prefix + "gpt-neox.gguf"}
+os.makedirs(sys.argv[2])
+with tarfile.open(sys.argv[1], "r:gz") as tar:
+    for m in tar:
+        if m.name in want and m.isfile():
+            with tar.extractfile(m) as src, open(os.path.join(sys.argv[2], os.path.basename(m.name)), "wb") as dst:
+                dst.write(src.read())
+            want.discard(m.name)
+if want:
+    sys.exit("setup: missing from the archive: " + ", ".join(sorted(want)))
+PY
+    echo "$sdist_sha256" >"$vocab_dir.part/.sdist.sha256"
+    rm -rf "$vocab_dir"
+    mv "$vocab_dir.part" "$vocab_dir"
+    echo "setup: llama.cpp tokenizer suite ready ($vocab_dir)"
   fi
 fi

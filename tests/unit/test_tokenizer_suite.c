@@ -5,8 +5,10 @@
  * as shipped in the llama-cpp-python 0.3.16 source distribution. scripts/setup.sh --test-tools fetches
  * that archive once (pinned sha256) and extracts these files to .cache/llama-vocab/ (FOLIO_CACHE, else
  * $FOLIO_SOURCE_DIR/.cache; FOLIO_LLAMA_VOCAB names another directory). Each text is tokenized with
- * add_special and parse_special off, as test-tokenizer-0 does, and read as it reads the files. Every
- * vector of every vocabulary must match; the test exits 77 (Skipped) only when the files are absent. */
+ * add_special and parse_special off, as test-tokenizer-0 does, and read as it reads the files (46
+ * texts a file: a trailing separator ends the list). Every vector of every vocabulary must match; the
+ * test exits 77 (Skipped) only when the files are absent. The sdist's gpt-neox vocabulary, which has
+ * no vectors, checks the "default" pre-tokenizer (no tokenizer.ggml.pre) on ids llama.cpp gave. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -114,6 +116,39 @@ static void run_vocab(const char *name)
 
 static void test_vocab(void **state) { run_vocab(*state); }
 
+/* llama-cpp-python 0.3.16's ids for the gpt-neox vocabulary, which has no tokenizer.ggml.pre; the
+ * first rule [\p{P}\$\+<=>\^~\|]+ takes '~' but not '`'. */
+static void test_default_pre_tokenizer_matches_llama_cpp(void **state)
+{
+    static const struct {
+        const char *text;
+        int n;
+        int32_t ids[16];
+    } cases[] = {
+        {"a ~b", 4, {66, 209, 95, 67}},
+        {"a `b", 3, {66, 2634, 67}},
+        {"Hello, world! 1234567 \xC2\xBD 12", 12, {12092, 13, 1533, 2, 209, 10683, 25133, 24, 209, 8313, 209, 805}},
+        {"x  = y+1;  // done\n\n", 11, {89, 50276, 30, 340, 12, 18, 28, 50276, 605, 2218, 535}},
+        {"<|endoftext|> ok", 7, {29, 93, 423, 1171, 1156, 49651, 8718}},
+    };
+    char path[4200];
+    vocab_path(path, sizeof path, "gpt-neox", "");
+    fl_error_t err = {0};
+    gguf_t *g = gguf_open(path, &err);
+    if (!g) fail_msg("gguf_open(%s): %s", path, err.msg);
+    tok_t *t = tok_new_from_gguf(g, &err);
+    if (!t) fail_msg("%s", err.msg);
+    assert_string_equal(tok_pre(t), "default");
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        int32_t got[64];
+        int n = tok_encode(t, cases[i].text, strlen(cases[i].text), false, false, got, 64);
+        assert_int_equal(n, cases[i].n);
+        assert_memory_equal(got, cases[i].ids, sizeof *got * (size_t)n);
+    }
+    tok_destroy(&t);
+    gguf_destroy(&g);
+}
+
 int main(void)
 {
     const char *env = getenv("FOLIO_LLAMA_VOCAB"), *cache = getenv("FOLIO_CACHE"), *src = getenv("FOLIO_SOURCE_DIR");
@@ -123,11 +158,11 @@ int main(void)
         snprintf(g_dir, sizeof g_dir, "%s/llama-vocab", cache);
     else
         snprintf(g_dir, sizeof g_dir, "%s/.cache/llama-vocab", src ? src : ".");
-    for (int i = 0; i < N_VOCABS; i++) {
+    for (int i = 0; i <= N_VOCABS; i++) {
         char p[4200];
         const char *ext[] = {"", ".inp", ".out"};
-        for (int k = 0; k < 3; k++) {
-            vocab_path(p, sizeof p, VOCABS[i], ext[k]);
+        for (int k = 0; k < (i < N_VOCABS ? 3 : 1); k++) {
+            vocab_path(p, sizeof p, i < N_VOCABS ? VOCABS[i] : "gpt-neox", ext[k]);
             if (access(p, R_OK) != 0) {
                 printf("SKIPPED: %s is missing (bash scripts/setup.sh --test-tools extracts llama.cpp's "
                        "tokenizer suite from the llama-cpp-python 0.3.16 sdist; FOLIO_LLAMA_VOCAB names another "
@@ -137,9 +172,10 @@ int main(void)
             }
         }
     }
-    struct CMUnitTest tests[N_VOCABS];
+    struct CMUnitTest tests[N_VOCABS + 1];
     for (int i = 0; i < N_VOCABS; i++)
         tests[i] = (struct CMUnitTest){VOCABS[i], test_vocab, NULL, NULL, (void *)VOCABS[i]};
+    tests[N_VOCABS] = (struct CMUnitTest)cmocka_unit_test(test_default_pre_tokenizer_matches_llama_cpp);
     int failed = cmocka_run_group_tests_name("tokenizer_suite", tests, NULL, NULL);
     printf("tokenizer suite: %d of %d vectors match llama.cpp (%d vocabularies)\n", g_pass, g_total, N_VOCABS);
     return failed ? 1 : 0;
