@@ -130,12 +130,14 @@ int32_t tok_find(const tok_t *t, const char *s, size_t len);
 /* The chat template read from the model, or NULL. */
 const char *tok_chat_template(const tok_t *t);
 
-/* Chat templates (common/chat_template.c). ChatML (template containing "<|im_start|>"):
- * "<|im_start|>{role}\n{content}<|im_end|>\n" per message, "<|im_start|>assistant\n" if
- * add_generation_prompt; a default system message that the template inserts when messages[0] is not
- * 'system' is parsed from the template text and inserted the same way. Llama 3 ("<|start_header_id|>"): as llama.cpp's built-in llama3 template (content
- * trimmed, no BOS text). Returns the length (written, NUL-terminated, only if it fits: cap must
- * exceed the length), FL_EINVAL for bad arguments, FL_EUNSUPPORTED for no or an unknown template. */
+/* Chat templates (common/chat_template.c), rendered as llama.cpp's llama_chat_apply_template renders
+ * the family it detects in the template's text: ChatML ("<|im_start|>role\ncontent<|im_end|>\n", and
+ * "<|im_start|>assistant\n" if add_generation_prompt; Phi-4's and SmolVLM's variants), Mistral's
+ * [INST] formats (v1, v3, v3-tekken, v7) and Llama 2's, Phi-3, Gemma, Command-R and Llama 3 (no BOS
+ * text: the tokenizer adds BOS). One addition: a default system message that a ChatML template
+ * inserts when messages[0] is not 'system' is parsed from the template text and written as the
+ * template would. Returns the length (written, NUL-terminated, only if it fits: cap must exceed the
+ * length), FL_EINVAL for bad arguments, FL_EUNSUPPORTED for no or an unknown template. */
 typedef struct {
     const char *role;
     const char *content;
@@ -144,7 +146,7 @@ typedef struct {
 int tok_chat_apply(const tok_t *t, const tok_chat_msg_t *msgs, int n, bool add_generation_prompt, char *out,
                    size_t cap);
 /* 0 when tok_chat_apply can render this model's template, else FL_EUNSUPPORTED with a message saying
- * why (no template, or one that is neither ChatML nor Llama 3). */
+ * why (no template, or one of a family folio does not render). */
 int tok_chat_supported(const tok_t *t, fl_error_t *err);
 
 /* The token ids a prompt feeds the model, as `folioctl run` and the coordinator build them. With
