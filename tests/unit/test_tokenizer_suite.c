@@ -8,7 +8,8 @@
  * add_special and parse_special off, as test-tokenizer-0 does, and read as it reads the files (46
  * texts a file: a trailing separator ends the list). Every vector of every vocabulary must match; the
  * test exits 77 (Skipped) only when the files are absent. The sdist's gpt-neox vocabulary, which has
- * no vectors, checks the "default" pre-tokenizer (no tokenizer.ggml.pre) on ids llama.cpp gave. */
+ * no vectors, checks the "default" pre-tokenizer (no tokenizer.ggml.pre) on ids llama.cpp gave, and
+ * a chat through the qwen2, phi-3 and command-r vocabularies' own templates gives llama.cpp's ids. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -149,6 +150,52 @@ static void test_default_pre_tokenizer_matches_llama_cpp(void **state)
     gguf_destroy(&g);
 }
 
+/* A chat through each suite vocabulary's own template: the prompt ids folio feeds the model (the
+ * template's markers special, BOS per the vocabulary) equal llama.cpp's tokenize(special) of
+ * llama_chat_apply_template's text (llama-cpp-python 0.3.16). Phi-3's markers eat the newline after
+ * them (rstrip). */
+static void test_chat_prompt_ids_match_llama_cpp(void **state)
+{
+    static const struct {
+        const char *vocab;
+        int n;
+        int32_t ids[40];
+    } cases[] = {
+        {"qwen2", 38, {151644, 8948, 198, 3430, 9814, 13, 151645, 198, 151644, 872, 198, 9707, 1052,
+                       11, 879, 525, 498, 30, 151645, 198, 151644, 77091, 198, 32, 13137, 13,
+                       151645, 198, 151644, 872, 198, 12658, 0, 151645, 198, 151644, 77091, 198}},
+        {"phi-3", 25, {1, 32006, 1522, 11473, 29889, 32007, 32010, 15043, 727, 29892, 1058, 526, 366,
+                       29973, 32007, 32001, 319, 16876, 29889, 32007, 32010, 1834, 29991, 32007, 32001}},
+        {"command-r", 30, {5, 255000, 255008, 6495, 14221, 21, 255001, 255000, 255006, 28339, 2782, 19, 2458,
+                           1955, 1933, 38, 255001, 255000, 255007, 40, 40293, 21, 255001, 255000, 255006,
+                           40911, 8, 255001, 255000, 255007}},
+    };
+    const tok_chat_msg_t msgs[] = {{"system", "Be brief."},
+                                   {"user", "Hello there, who are you?"},
+                                   {"assistant", "A helper."},
+                                   {"user", "Thanks!"}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char path[4200];
+        vocab_path(path, sizeof path, cases[i].vocab, "");
+        fl_error_t err = {0};
+        gguf_t *g = gguf_open(path, &err);
+        tok_t *t = g ? tok_new_from_gguf(g, &err) : NULL;
+        if (!t) fail_msg("%s: %s", path, err.msg);
+        int32_t *ids = NULL;
+        int cap = 0;
+        const int n = tok_encode_prompt(t, NULL, 0, false, msgs, 4, &ids, &cap, &err);
+        if (n != cases[i].n || memcmp(ids, cases[i].ids, sizeof *ids * (size_t)n) != 0) {
+            fprintf(stderr, "%s: got %d ids:", cases[i].vocab, n);
+            for (int k = 0; k < n; k++) fprintf(stderr, " %d", ids[k]);
+            fprintf(stderr, "\n");
+            fail();
+        }
+        free(ids);
+        tok_destroy(&t);
+        gguf_destroy(&g);
+    }
+}
+
 int main(void)
 {
     const char *env = getenv("FOLIO_LLAMA_VOCAB"), *cache = getenv("FOLIO_CACHE"), *src = getenv("FOLIO_SOURCE_DIR");
@@ -172,10 +219,11 @@ int main(void)
             }
         }
     }
-    struct CMUnitTest tests[N_VOCABS + 1];
+    struct CMUnitTest tests[N_VOCABS + 2];
     for (int i = 0; i < N_VOCABS; i++)
         tests[i] = (struct CMUnitTest){VOCABS[i], test_vocab, NULL, NULL, (void *)VOCABS[i]};
     tests[N_VOCABS] = (struct CMUnitTest)cmocka_unit_test(test_default_pre_tokenizer_matches_llama_cpp);
+    tests[N_VOCABS + 1] = (struct CMUnitTest)cmocka_unit_test(test_chat_prompt_ids_match_llama_cpp);
     int failed = cmocka_run_group_tests_name("tokenizer_suite", tests, NULL, NULL);
     printf("tokenizer suite: %d of %d vectors match llama.cpp (%d vocabularies)\n", g_pass, g_total, N_VOCABS);
     return failed ? 1 : 0;
