@@ -1,6 +1,7 @@
 /* cli_cluster.c - a local folio cluster as child processes; see cli_cluster.h.
  *
- * cluster_start() fork/execs folio-coordinator and one folio-worker per group (rank 0, named g<i>)
+ * cluster_start() fork/execs folio-coordinator and one folio-worker per rank of each group (g<i>;
+ * tp ranks each, rank 0 alone without tensor parallelism)
  * from the binaries' directory, then polls Health through the client library until every group is
  * healthy. Each child asks the kernel for SIGTERM when its parent dies (PR_SET_PDEATHSIG, set
  * before exec), so a crashed or killed caller never leaks a cluster. With opts.log_dir each child's
@@ -104,7 +105,7 @@ static void worker_argv(const cluster_t *c, int i, const char *model, char *path
 {
     const unsigned restarts = c->children[i].restarts;
     snprintf(path, cap, "%s/folio-worker", c->bin_dir);
-    snprintf(group, 32, "g%d", i);
+    snprintf(group, 32, "g%d", i / c->tp);
     memset(a, 0, sizeof *a);
     long threads = c->opts.threads_per_worker;
     if (threads <= 0) {
@@ -117,8 +118,13 @@ static void worker_argv(const cluster_t *c, int i, const char *model, char *path
     arg(a, c->worker_endpoint);
     arg(a, "--group");
     arg(a, group);
-    arg(a, "--rank");
-    arg(a, "0");
+    if (c->tp > 1) {
+        arg_num(a, "--rank", (unsigned long long)(i % c->tp));
+        arg_num(a, "--tp", (unsigned long long)c->tp);
+    } else {
+        arg(a, "--rank");
+        arg(a, "0");
+    }
     arg_num(a, "--threads", (unsigned long long)threads);
     arg(a, "-m");
     arg(a, model);
@@ -213,15 +219,18 @@ static int spawn_coordinator(cluster_t *c, fl_error_t *err)
 
 static int spawn_worker(cluster_t *c, int i, fl_error_t *err)
 {
-    char path[PATH_MAX], group[32], name[48];
+    char path[PATH_MAX], group[32], name[64];
     argv_buf_t a;
     worker_argv(c, i, fl_model_path(c->opts.model), path, sizeof path, group, &a);
-    snprintf(name, sizeof name, "worker-%s", group);
+    if (c->tp > 1 && i % c->tp)
+        snprintf(name, sizeof name, "worker-%s-r%d", group, i % c->tp);
+    else
+        snprintf(name, sizeof name, "worker-%s", group);
     const pid_t pid = spawn(a.argv, c->opts.log_dir, name, err);
     if (pid < 0) return (int)pid;
     c->workers[i] = pid;
     c->children[i].started_ms = now_ms();
-    fl_log_debug("cluster: started worker group=%s pid=%d", group, (int)pid);
+    fl_log_debug("cluster: started worker group=%s rank=%d pid=%d", group, i % c->tp, (int)pid);
     return FL_OK;
 }
 
@@ -272,8 +281,10 @@ static int check_alive(const cluster_t *c, int need_workers, fl_error_t *err)
     }
     if (alive < need_workers && dead >= 0) {
         exited(c->workers[dead], &code, &sig);
-        if (c->opts.log_dir) snprintf(hint, sizeof hint, " (see %s/worker-g%d.log)", c->opts.log_dir, dead);
-        return fl_fail(err, FL_EIO, "folio-worker g%d (pid %d) %s %d%s", dead, (int)c->workers[dead],
+        char rank[16] = "";
+        if (dead % c->tp) snprintf(rank, sizeof rank, "-r%d", dead % c->tp);
+        if (c->opts.log_dir) snprintf(hint, sizeof hint, " (see %s/worker-g%d%s.log)", c->opts.log_dir, dead / c->tp, rank);
+        return fl_fail(err, FL_EIO, "folio-worker g%d%s (pid %d) %s %d%s", dead / c->tp, rank, (int)c->workers[dead],
                        sig ? "was killed by signal" : "exited with status", code, hint);
     }
     return FL_OK;
@@ -292,7 +303,7 @@ int cluster_wait_healthy(cluster_t *c, int n, int wait_ms, fl_error_t *err)
     double shown_at = start;
     int shown = -1; /* healthy * 1000 + registered when last printed */
     for (;;) {
-        if ((rc = check_alive(c, n, err))) break;
+        if ((rc = check_alive(c, n * c->tp, err))) break;
         const double left = deadline - now_ms();
         Folio__V1__Response *r = NULL;
         fl_error_t e = {0};
@@ -402,7 +413,9 @@ cluster_t *cluster_start(const cluster_opts_t *opts, int wait_ms, fl_error_t *er
         return NULL;
     }
     c->opts = *opts;
-    c->n_workers = opts->n_groups > 0 ? opts->n_groups : 1;
+    c->n_groups = opts->n_groups > 0 ? opts->n_groups : 1;
+    c->tp = opts->tp > 0 ? opts->tp : 1;
+    c->n_workers = c->n_groups * c->tp;
     c->worker_has_restarts_flag = -1;
     c->workers = calloc((size_t)c->n_workers, sizeof *c->workers);
     c->children = calloc((size_t)c->n_workers + 2, sizeof *c->children);
@@ -471,7 +484,7 @@ cluster_t *cluster_start(const cluster_opts_t *opts, int wait_ms, fl_error_t *er
     int rc = spawn_coordinator(c, err);
     for (int i = 0; !rc && i < c->n_workers; i++) rc = spawn_worker(c, i, err);
     if (!rc && gateway) rc = spawn_gateway(c, err);
-    if (!rc && wait_ms != 0) rc = cluster_wait_healthy(c, c->n_workers, wait_ms, err);
+    if (!rc && wait_ms != 0) rc = cluster_wait_healthy(c, c->n_groups, wait_ms, err);
     if (!rc && gateway) {
         fl_error_t gerr = {0};
         const int grc = wait_gateway(c, wait_ms > 0 && wait_ms < 10000 ? wait_ms : 10000, &gerr);
@@ -486,7 +499,7 @@ cluster_t *cluster_start(const cluster_opts_t *opts, int wait_ms, fl_error_t *er
         cluster_stop(&c);
         return NULL;
     }
-    fl_log_debug("cluster: up groups=%d endpoint=%s", c->n_workers, c->client_endpoint);
+    fl_log_debug("cluster: up groups=%d tp=%d endpoint=%s", c->n_groups, c->tp, c->client_endpoint);
     return c;
 }
 
@@ -611,6 +624,8 @@ static void child_name(const cluster_t *c, int k, char *buf, size_t cap)
         snprintf(buf, cap, "gateway");
     else if (k == c->n_workers)
         snprintf(buf, cap, "coordinator");
+    else if (c->tp > 1)
+        snprintf(buf, cap, "worker g%d rank %d", k / c->tp, k % c->tp);
     else
         snprintf(buf, cap, "worker g%d", k);
 }
@@ -623,7 +638,7 @@ int cluster_supervise(cluster_t *c)
     for (int k = 0; k <= last; k++) {
         pid_t *pid = k == c->n_workers + 1 ? &c->gateway : k == c->n_workers ? &c->coordinator : &c->workers[k];
         cluster_child_t *ch = &c->children[k];
-        char name[32];
+        char name[48];
         child_name(c, k, name, sizeof name);
         const double now = now_ms();
         if (*pid > 0) {

@@ -30,8 +30,9 @@
 typedef struct cluster_opts {
     const char *bin_dir;          /* NULL: the directory of the running executable */
     const char *model;            /* NULL: the default model */
-    int n_groups;                 /* worker groups, one rank each (0 = 1) */
-    int threads_per_worker;       /* 0: online cores / n_groups, at least 1 */
+    int n_groups;                 /* worker groups (0 = 1) */
+    int tp;                       /* ranks per group, one worker process each (0 = 1) */
+    int threads_per_worker;       /* per process; 0: online cores / processes, at least 1 */
     const char *client_endpoint;  /* NULL: $FOLIO_COORDINATOR or tcp://127.0.0.1:5555 */
     const char *worker_endpoint;  /* NULL: $FOLIO_WORKER_ENDPOINT or tcp://127.0.0.1:5556 */
     const char *policy;           /* coordinator routing policy; NULL: its default */
@@ -70,8 +71,10 @@ typedef struct cluster {
     char client_endpoint[256], worker_endpoint[256];
     char bin_dir[1024];
     pid_t coordinator;            /* 0: not running */
-    int n_workers;
-    pid_t *workers;               /* [n_workers]; group i is named "g<i>"; 0: not running */
+    int n_groups, tp;
+    int n_workers;                /* worker processes: n_groups x tp */
+    pid_t *workers;               /* [n_workers]; worker k is rank k % tp of group "g<k / tp>"; 0: not
+                                     running */
     pid_t gateway;                /* 0: not running (or none) */
     char http_url[300];           /* the gateway's URL ("http://127.0.0.1:8080"); "" when none runs */
     cluster_child_t *children;    /* [n_workers + 2]: the workers', the coordinator's, the gateway's */

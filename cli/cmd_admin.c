@@ -66,6 +66,7 @@ int cmd_status(const ctl_flags_t *f)
             for (size_t k = 0; k < g->n_ranks && strlen(ranks) < 24; k++)
                 snprintf(ranks + strlen(ranks), sizeof ranks - strlen(ranks), "%s%u", k ? "," : "", g->ranks[k]);
             if (!g->n_ranks) snprintf(ranks, sizeof ranks, "-");
+            if (g->tp_size > 1) snprintf(ranks + strlen(ranks), sizeof ranks - strlen(ranks), "/%u", g->tp_size);
             if (l) {
                 snprintf(kv, sizeof kv, "%u/%u/%u", l->kv_blocks_used, l->kv_blocks_cached, l->kv_blocks_total);
                 if (l->prompt_tokens)
@@ -172,6 +173,7 @@ int cmd_up(const ctl_flags_t *f)
     }
     cluster_opts_t o = {.model = f->engine.model_path,
                         .n_groups = (int)f->groups,
+                        .tp = (int)f->tp,
                         .threads_per_worker = (int)f->threads_per_worker,
                         .client_endpoint = f->listen ? f->listen : f->coordinator,
                         .worker_endpoint = f->workers,
@@ -198,8 +200,8 @@ int cmd_up(const ctl_flags_t *f)
     ctl_set_handler(SIGINT, ctl_on_interrupt);
     ctl_set_handler(SIGTERM, ctl_on_interrupt);
     ctl_set_handler(SIGCHLD, on_child);
-    fprintf(stderr, "starting coordinator, %d worker group%s%s on %s ...\n", o.n_groups, o.n_groups == 1 ? "" : "s",
-            o.http ? " and the HTTP gateway" : "", fl_model_path(o.model));
+    fprintf(stderr, "starting coordinator, %d worker group%s%s%s on %s ...\n", o.n_groups, o.n_groups == 1 ? "" : "s",
+            o.tp > 1 ? " of tensor-parallel ranks" : "", o.http ? " and the HTTP gateway" : "", fl_model_path(o.model));
     fl_error_t err = {0};
     cluster_t *cl = cluster_start(&o, 600000, &err);
     if (!cl) {
@@ -208,10 +210,14 @@ int cmd_up(const ctl_flags_t *f)
     }
     printf("coordinator pid %d  clients: %s  workers: %s\n", (int)cl->coordinator, cl->client_endpoint,
            cl->worker_endpoint);
-    for (int i = 0; i < cl->n_workers; i++) printf("group g%d  pid %d  healthy\n", i, (int)cl->workers[i]);
+    for (int i = 0; i < cl->n_workers; i++)
+        if (cl->tp > 1)
+            printf("group g%d rank %d  pid %d  healthy\n", i / cl->tp, i % cl->tp, (int)cl->workers[i]);
+        else
+            printf("group g%d  pid %d  healthy\n", i, (int)cl->workers[i]);
     if (cl->gateway > 0) printf("gateway pid %d  OpenAI-compatible HTTP: %s/v1\n", (int)cl->gateway, cl->http_url);
-    printf("folio cluster up: %d group%s serving at %s%s%s (Ctrl-C stops it)\n", cl->n_workers,
-           cl->n_workers == 1 ? "" : "s", cl->client_endpoint, cl->gateway > 0 ? " and " : "",
+    printf("folio cluster up: %d group%s serving at %s%s%s (Ctrl-C stops it)\n", cl->n_groups,
+           cl->n_groups == 1 ? "" : "s", cl->client_endpoint, cl->gateway > 0 ? " and " : "",
            cl->gateway > 0 ? cl->http_url : "");
     fflush(stdout);
     /* Supervise until told to stop; a signal between the check and the sleep costs one 100 ms. */

@@ -69,7 +69,9 @@ static void usage(FILE *f)
             "  --local               chat offline in this process instead of through a coordinator\n"
             "up flags (with -m, --kv-budget, --block-size, --heads below, passed to every worker):\n"
             "  --groups N            worker groups, one process each (default 2)\n"
-            "  --threads-per-worker N  CPU threads per worker (default: cores / groups)\n"
+            "  --tp N                tensor parallelism: N worker processes (ranks) per group, each with\n"
+            "                        1/N of the model (default 1)\n"
+            "  --threads-per-worker N  CPU threads per worker process (default: cores / processes)\n"
             "  --policy P            coordinator routing policy (default: the coordinator's)\n"
             "  --listen EP           client endpoint to listen on (default: as --coordinator)\n"
             "  --workers EP          worker endpoint (default $FOLIO_WORKER_ENDPOINT or %s)\n"
@@ -146,6 +148,8 @@ static int parse_flags(ctl_flags_t *f, int argc, char **argv)
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 0, UINT32_MAX, &f->timeout_ms)) return -1;
         } else if (!strcmp(a, "--groups")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 1024, &f->groups)) return -1;
+        } else if (!strcmp(a, "--tp")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 1, 8, &f->tp)) return -1;
         } else if (!strcmp(a, "--threads-per-worker")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(a, v, 0, 1024, &f->threads_per_worker)) return -1;
         } else if (!strcmp(a, "--max-batch-tokens")) {

@@ -33,6 +33,7 @@ typedef struct ctl_flags {
     const char *positional;  /* drain/undrain GROUP */
     /* up */
     long groups, threads_per_worker, max_batch_tokens, heartbeat_ms;
+    long tp; /* up --tp: ranks (worker processes) per group */
     const char *policy, *listen, *workers, *log_dir;
     const char *spec_tree;      /* up: the workers' --spec-tree */
     const char *http;           /* up: the gateway's --http [ADDR:]PORT (NULL: $FOLIO_HTTP or 8080) */

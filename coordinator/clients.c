@@ -283,10 +283,21 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         gs[i].name = (char *)g->name;
         gs[i].tp_size = g->tp_size;
         size_t nr = 0;
-        for (int r = 0; r < GROUP_MAX_RANKS; r++)
-            if (g->ranks[r].present) ranks[i][nr++] = (uint32_t)r;
+        for (int r = 0; r < GROUP_MAX_RANKS; r++) {
+            if (!g->ranks[r].present) continue;
+            Folio__V1__RankStatus *rs = &c->status.rank_status[i][nr];
+            folio__v1__rank_status__init(rs);
+            rs->rank = (uint32_t)r;
+            rs->epoch = g->ranks[r].epoch;
+            rs->restarts = g->ranks[r].restarts;
+            rs->last_heard_age_s = now - g->ranks[r].last_seen;
+            c->status.rank_ptrs[i][nr] = rs;
+            ranks[i][nr++] = (uint32_t)r;
+        }
         gs[i].ranks = ranks[i];
         gs[i].n_ranks = nr;
+        gs[i].rank_status = c->status.rank_ptrs[i];
+        gs[i].n_rank_status = nr;
         gs[i].healthy = g->healthy;
         gs[i].draining = g->draining;
         gs[i].restarts = g->restarts;

@@ -59,6 +59,8 @@ typedef struct coord_status_scratch {
     Folio__V1__GroupStatus groups[GROUPS_MAX];
     Folio__V1__GroupStatus *group_ptrs[GROUPS_MAX];
     uint32_t ranks[GROUPS_MAX][GROUP_MAX_RANKS];
+    Folio__V1__RankStatus rank_status[GROUPS_MAX][GROUP_MAX_RANKS];
+    Folio__V1__RankStatus *rank_ptrs[GROUPS_MAX][GROUP_MAX_RANKS];
     Folio__V1__WorkerLoad loads[GROUPS_MAX];
     double latency[COORD_LATENCY_SAMPLES];
     metrics_reply_t requests[GROUPS_MAX + 1]; /* [0]: requests no group served; [slot + 1] */

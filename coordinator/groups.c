@@ -32,7 +32,9 @@ int groups_find_member(const groups_t *gs, const uint8_t *identity, size_t len, 
 void groups_refresh(groups_t *gs, int slot)
 {
     group_t *g = &gs->g[slot];
-    g->healthy = g->ranks[0].present && g->have_load && g->load.engine_ok;
+    bool all_ranks = true; /* a tensor-parallel group computes only with every rank */
+    for (uint32_t r = 1; r < g->tp_size && r < GROUP_MAX_RANKS; r++) all_ranks = all_ranks && g->ranks[r].present;
+    g->healthy = g->ranks[0].present && g->have_load && g->load.engine_ok && all_ranks;
     gs->table[slot].name = g->name;
     gs->table[slot].routable = g->healthy && !g->draining && !g->load.draining; /* admin drain, or SIGTERM */
 }
@@ -41,7 +43,9 @@ int groups_register(groups_t *gs, const Folio__V1__WorkerHello *h, const uint8_t
                     bool *is_new, bool *replaced)
 {
     *is_new = *replaced = false;
-    if (h->rank >= GROUP_MAX_RANKS || len > WIRE_MAX_IDENTITY) return FL_ERANGE;
+    if (h->rank >= GROUP_MAX_RANKS || h->tp_size > GROUP_MAX_RANKS || len > WIRE_MAX_IDENTITY ||
+        h->comm_id.len > GROUP_COMM_ID_MAX)
+        return FL_ERANGE;
     /* The same identity registered elsewhere (a worker that changed group) leaves its old place. */
     int old_rank;
     const int old = groups_find_member(gs, identity, len, &old_rank);
@@ -71,12 +75,15 @@ int groups_register(groups_t *gs, const Folio__V1__WorkerHello *h, const uint8_t
                                                                       : (uint32_t)kv_tokens;
         g->restarts = h->restarts;
         snprintf(g->model_id, sizeof g->model_id, "%s", h->model_id);
+        g->comm_id_len = h->comm_id.len;
+        if (h->comm_id.len) memcpy(g->comm_id, h->comm_id.data, h->comm_id.len);
     }
     m->present = true;
     memcpy(m->identity, identity, len);
     m->identity_len = (uint8_t)len;
     m->epoch = h->epoch;
     m->last_seen = now;
+    m->restarts = h->restarts;
     groups_refresh(gs, slot);
     return slot;
 }

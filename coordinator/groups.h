@@ -3,8 +3,9 @@
  * A group appears when its first worker sends READY and keeps its slot for the life of the process
  * (slots index the router's table and ring); a dead group keeps its record with no members, so Status
  * still shows it and a re-registering worker finds its slot again. A group is healthy when its rank 0
- * is registered, was heard within the liveness window and its last WorkerLoad said engine_ok; it is
- * routable when also not draining. Groups are few, so lookups by identity or name are linear scans.
+ * is registered, was heard within the liveness window and its last WorkerLoad said engine_ok, and
+ * (tensor parallelism) every one of its tp_size ranks is registered; it is routable when also not
+ * draining. Groups are few, so lookups by identity or name are linear scans.
  * One thread (the event loop) owns the registry. */
 #ifndef FOLIO_GROUPS_H
 #define FOLIO_GROUPS_H
@@ -27,7 +28,10 @@ typedef struct group_member {
     uint8_t identity_len;
     uint64_t epoch;
     double last_seen;
+    uint32_t restarts; /* its WorkerHello.restarts */
 } group_member_t;
+
+#define GROUP_COMM_ID_MAX 160 /* WorkerHello.comm_id: a comm_id_t (worker/comm.h) is 129 bytes */
 
 typedef struct group {
     char name[GROUP_NAME_MAX + 1];
@@ -37,6 +41,8 @@ typedef struct group {
      * more than its KV cache holds (kv_blocks x block_size) */
     uint32_t max_context;
     uint32_t restarts;          /* WorkerHello.restarts of rank 0: times its supervisor restarted it */
+    uint8_t comm_id[GROUP_COMM_ID_MAX]; /* rank 0's communicator id (tp_size > 1), for the other ranks */
+    size_t comm_id_len;
     group_member_t ranks[GROUP_MAX_RANKS];
     Folio__V1__WorkerLoad load; /* last HEARTBEAT of rank 0 (flat: no pointers) */
     bool have_load;

@@ -34,6 +34,25 @@ static void send_worker_empty(coord_t *c, const uint8_t *id, size_t len, int cmd
 
 /* ---- messages ---- */
 
+/* Tensor parallelism: rank 0's communicator id to rank `rank` of group slot (JOIN), or to every
+ * other registered rank when rank is 0 (rank 0 registered, maybe with a new id). */
+static void send_joins(coord_t *c, int slot, int rank)
+{
+    const group_t *g = &c->groups->g[slot];
+    if (g->tp_size < 2 || !g->ranks[0].present || !g->comm_id_len) return;
+    Folio__V1__GroupJoin j = FOLIO__V1__GROUP_JOIN__INIT;
+    j.group = (char *)g->name;
+    j.tp_size = g->tp_size;
+    j.comm_id.data = (uint8_t *)g->comm_id;
+    j.comm_id.len = g->comm_id_len;
+    j.leader_epoch = g->ranks[0].epoch;
+    for (int r = rank ? rank : 1; r < (rank ? rank + 1 : (int)g->tp_size) && r < GROUP_MAX_RANKS; r++) {
+        const group_member_t *w = &g->ranks[r];
+        if (w->present)
+            wire_send(c->workers, w->identity, w->identity_len, false, WIRE_HEADER_WORKER, WIRE_CMD_JOIN, &j.base, NULL);
+    }
+}
+
 static void on_ready(coord_t *c, const wire_msg_t *m, double now)
 {
     fl_error_t err = {0};
@@ -72,6 +91,11 @@ static void on_ready(coord_t *c, const wire_msg_t *m, double now)
      * events may have been lost with the old connection: the view starts over from its reset. */
     if (h->rank == 0) kv_index_clear_group(c->kv_index, slot);
     if (replaced && h->rank == 0) dispatch_group_restarted(c, slot, now);
+    if (h->rank > 0 && h->tp_size != c->groups->g[slot].tp_size && c->groups->g[slot].ranks[0].present)
+        fl_log_warn("worker group=%s rank=%u has tp=%u, its rank 0 tp=%u: not joined", h->group, h->rank, h->tp_size,
+                    c->groups->g[slot].tp_size);
+    else
+        send_joins(c, slot, (int)h->rank);
     folio__v1__worker_hello__free_unpacked(h, NULL);
 }
 
@@ -153,8 +177,8 @@ void coord_worker_message(coord_t *c, wire_msg_t *m, double now)
         if (rank == 0) on_kv_events(c, m, slot); /* rank 0 owns the group's block tables */
         return;
     case WIRE_CMD_DISCONNECT:
-        if (rank == 0)
-            dispatch_group_died(c, slot, "worker disconnected", now);
+        if (rank == 0 || c->groups->g[slot].tp_size > 1) /* a tensor-parallel group needs every rank */
+            dispatch_group_died(c, slot, rank == 0 ? "worker disconnected" : "a rank disconnected", now);
         else
             groups_forget_member(c->groups, slot, rank);
         return;
@@ -175,8 +199,8 @@ void coord_workers_tick(coord_t *c, double now, bool heartbeat_due)
             if (!w->present) continue;
             if (now - w->last_seen > 3 * c->hb_s) {
                 char why[64];
-                snprintf(why, sizeof why, "silent for %.1fs", now - w->last_seen);
-                if (r == 0) {
+                snprintf(why, sizeof why, "rank %d silent for %.1fs", r, now - w->last_seen);
+                if (r == 0 || g->tp_size > 1) {
                     dispatch_group_died(c, s, why, now);
                     break;
                 }
@@ -188,8 +212,8 @@ void coord_workers_tick(coord_t *c, double now, bool heartbeat_due)
             if (wire_send(c->workers, w->identity, w->identity_len, false, WIRE_HEADER_WORKER, WIRE_CMD_HEARTBEAT, NULL,
                           NULL) &&
                 errno == EHOSTUNREACH) {
-                if (r == 0) {
-                    dispatch_group_died(c, s, "unreachable", now);
+                if (r == 0 || g->tp_size > 1) {
+                    dispatch_group_died(c, s, r == 0 ? "unreachable" : "a rank is unreachable", now);
                     break;
                 }
                 groups_forget_member(G, s, r);

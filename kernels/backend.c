@@ -11,6 +11,7 @@
  * machines with and without a GPU. The module is looked for in $FOLIO_CUDA_MODULE, next to the
  * executable, in its parent directory and ../lib, then on the loader's path. */
 #include "backend_internal.h"
+#include "kern_nccl.h"
 
 #include <dlfcn.h>
 #include <limits.h>
@@ -235,4 +236,75 @@ int kern_cuda_copy_bandwidth(int device, size_t bytes, double *bytes_per_s, fl_e
         return fl_fail(err, FL_EUNSUPPORTED, "CUDA backend unavailable: %s",
                        g_cuda_error[0] ? g_cuda_error : "libfolio_cuda.so not found (folio built without CUDA?)");
     return fn(device, bytes, bytes_per_s, err);
+}
+
+/* NCCL (kern_nccl.h): the CUDA module's communicators, found like its backend. */
+#define NCCL_FN(type, sym, ...)                                                                                        \
+    type fn = (type)cuda_symbol(sym);                                                                                  \
+    if (!fn)                                                                                                           \
+        return fl_fail(err, FL_EUNSUPPORTED, "NCCL unavailable: %s",                                                   \
+                       g_cuda_error[0] ? g_cuda_error : "libfolio_cuda.so not found or built without NCCL");           \
+    return fn(__VA_ARGS__)
+
+int kern_nccl_id(uint8_t id[KERN_NCCL_ID_BYTES], fl_error_t *err)
+{
+    typedef int (*fn_t)(uint8_t *, fl_error_t *);
+    NCCL_FN(fn_t, "kern_cuda_module_nccl_id", id, err);
+}
+
+kern_nccl_t *kern_nccl_init(kern_backend_t *be, const uint8_t id[KERN_NCCL_ID_BYTES], int rank, int n_ranks,
+                            int timeout_ms, fl_error_t *err)
+{
+    typedef kern_nccl_t *(*fn_t)(kern_backend_t *, const uint8_t *, int, int, int, fl_error_t *);
+    fn_t fn = (fn_t)cuda_symbol("kern_cuda_module_nccl_init");
+    if (!fn || !be->ops->device_memory) {
+        fl_fail(err, FL_EUNSUPPORTED, "NCCL needs the CUDA backend (this one is %s)%s", be->ops->name,
+                fn ? "" : " and a CUDA module built with NCCL");
+        return NULL;
+    }
+    return fn(be, id, rank, n_ranks, timeout_ms, err);
+}
+
+int kern_nccl_allreduce_sum_f32(kern_nccl_t *c, float *dev_buf, size_t n, fl_error_t *err)
+{
+    typedef int (*fn_t)(kern_nccl_t *, float *, size_t, fl_error_t *);
+    NCCL_FN(fn_t, "kern_cuda_module_nccl_allreduce", c, dev_buf, n, err);
+}
+
+int kern_nccl_broadcast(kern_nccl_t *c, void *host_buf, size_t bytes, int root, fl_error_t *err)
+{
+    typedef int (*fn_t)(kern_nccl_t *, void *, size_t, int, fl_error_t *);
+    NCCL_FN(fn_t, "kern_cuda_module_nccl_broadcast", c, host_buf, bytes, root, err);
+}
+
+int kern_nccl_send(kern_nccl_t *c, const void *host_buf, size_t bytes, int peer, fl_error_t *err)
+{
+    typedef int (*fn_t)(kern_nccl_t *, const void *, size_t, int, fl_error_t *);
+    NCCL_FN(fn_t, "kern_cuda_module_nccl_send", c, host_buf, bytes, peer, err);
+}
+
+int kern_nccl_recv(kern_nccl_t *c, void *host_buf, size_t bytes, int peer, fl_error_t *err)
+{
+    typedef int (*fn_t)(kern_nccl_t *, void *, size_t, int, fl_error_t *);
+    NCCL_FN(fn_t, "kern_cuda_module_nccl_recv", c, host_buf, bytes, peer, err);
+}
+
+int kern_nccl_wait(kern_nccl_t *c, fl_error_t *err)
+{
+    typedef int (*fn_t)(kern_nccl_t *, fl_error_t *);
+    NCCL_FN(fn_t, "kern_cuda_module_nccl_wait", c, err);
+}
+
+void kern_nccl_abort(kern_nccl_t *c)
+{
+    typedef void (*fn_t)(kern_nccl_t *);
+    fn_t fn = (fn_t)cuda_symbol("kern_cuda_module_nccl_abort");
+    if (fn && c) fn(c);
+}
+
+void kern_nccl_destroy(kern_nccl_t *c)
+{
+    typedef void (*fn_t)(kern_nccl_t *);
+    fn_t fn = (fn_t)cuda_symbol("kern_cuda_module_nccl_destroy");
+    if (fn && c) fn(c);
 }

@@ -7,8 +7,7 @@ int comm_id_new(comm_kind_t kind, comm_id_t *id, fl_error_t *err)
 {
     switch (kind) {
     case COMM_HOST: return comm_host_id_new(id, err);
-    case COMM_NCCL:
-        return fl_fail(err, FL_EUNSUPPORTED, "comm: the NCCL transport is not built into this process");
+    case COMM_NCCL: return comm_nccl_id_new(id, err);
     }
     return fl_fail(err, FL_EINVAL, "comm: unknown transport %d", (int)kind);
 }
@@ -21,10 +20,11 @@ comm_t *comm_init(const comm_id_t *id, int rank, int n_ranks, const comm_opts_t 
     }
     comm_opts_t o = opts ? *opts : (comm_opts_t){0};
     if (o.timeout_ms <= 0) o.timeout_ms = 10000;
+    if (o.join_timeout_ms <= 0) o.join_timeout_ms = o.timeout_ms;
     if (!o.slot_bytes) o.slot_bytes = 1u << 20;
     if (id->kind == COMM_HOST) return comm_host_init(id, rank, n_ranks, &o, err);
-    fl_fail(err, id->kind == COMM_NCCL ? FL_EUNSUPPORTED : FL_EINVAL, "comm: %s",
-            id->kind == COMM_NCCL ? "the NCCL transport is not built into this process" : "unknown transport in id");
+    if (id->kind == COMM_NCCL) return comm_nccl_init(id, rank, n_ranks, &o, err);
+    fl_fail(err, FL_EINVAL, "comm: unknown transport in id");
     return NULL;
 }
 
@@ -86,6 +86,12 @@ int comm_barrier(comm_t *c, fl_error_t *err)
 {
     const int rc = check(c, "barrier", -1, err);
     return rc ? rc : done(c, c->ops->barrier(c, err));
+}
+
+int comm_wait(comm_t *c, fl_error_t *err)
+{
+    const int rc = check(c, "wait", -1, err);
+    return rc || !c->ops->wait ? rc : done(c, c->ops->wait(c, err));
 }
 
 void comm_abort(comm_t *c)

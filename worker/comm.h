@@ -5,7 +5,9 @@
  *   COMM_HOST  shared memory between processes of one host (comm_host.c): the CPU path and the
  *              tests. Buffers are host memory.
  *   COMM_NCCL  NCCL, one communicator per group, in the CUDA module only (a CPU process never maps
- *              NCCL). Buffers are device memory.
+ *              NCCL; comm_nccl.c reaches it through kernels/kern_nccl.h). The all-reduce takes
+ *              device memory, on the CUDA backend's compute stream (comm_wait waits for it);
+ *              broadcast, send and receive take host memory, staged through the device.
  *
  * Set-up: rank 0 makes an id (comm_id_new) and hands it to the other ranks through the coordinator
  * (WorkerHello / the group's registration: no side channel); every rank then calls comm_init with
@@ -26,6 +28,7 @@
 #include <stdint.h>
 
 #include "error.h"
+#include "kernels.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -43,6 +46,12 @@ typedef struct comm_id {
 
 typedef struct comm_opts {
     int timeout_ms;    /* the longest one wait lasts (0: 10,000) */
+    int join_timeout_ms; /* the longest comm_init waits for every rank (0: timeout_ms): ranks load
+                            their shards first, which may take long */
+    const volatile int *cancel; /* non-NULL: while comm_init waits, a non-zero value ends the wait
+                                   (FL_EPEER): another thread of the caller gave up on the group */
+    kern_backend_t *backend;    /* COMM_NCCL: the CUDA backend whose device and compute stream carry
+                                   the collectives (comm_nccl.c) */
     size_t slot_bytes; /* COMM_HOST: bytes a rank stages per round (0: 1 MiB); larger ops go in chunks */
 } comm_opts_t;
 
@@ -67,6 +76,9 @@ int comm_broadcast(comm_t *c, void *buf, size_t bytes, int root, fl_error_t *err
 int comm_send(comm_t *c, const void *buf, size_t bytes, int peer, fl_error_t *err);
 int comm_recv(comm_t *c, void *buf, size_t bytes, int peer, fl_error_t *err);
 int comm_barrier(comm_t *c, fl_error_t *err);
+/* Waits until the collectives issued so far are done (NCCL: enqueued on the compute stream, waited
+ * for here within the timeout; the host transport's are done when they return). */
+int comm_wait(comm_t *c, fl_error_t *err);
 /* Ends every wait of this communicator's ranks with an error (a rank that is giving up). */
 void comm_abort(comm_t *c);
 
@@ -79,6 +91,7 @@ typedef struct comm_ops {
     int (*recv)(comm_t *c, void *buf, size_t bytes, int peer, fl_error_t *err);
     int (*barrier)(comm_t *c, fl_error_t *err);
     void (*abort)(comm_t *c);
+    int (*wait)(comm_t *c, fl_error_t *err); /* NULL: nothing is ever pending */
 } comm_ops_t;
 
 struct comm {
@@ -89,6 +102,9 @@ struct comm {
 
 int comm_host_id_new(comm_id_t *id, fl_error_t *err);
 comm_t *comm_host_init(const comm_id_t *id, int rank, int n_ranks, const comm_opts_t *opts, fl_error_t *err);
+/* The NCCL transport (comm_nccl.c): reaches NCCL through the CUDA module (kernels/kern_nccl.h). */
+int comm_nccl_id_new(comm_id_t *id, fl_error_t *err);
+comm_t *comm_nccl_init(const comm_id_t *id, int rank, int n_ranks, const comm_opts_t *opts, fl_error_t *err);
 
 #ifdef __cplusplus
 }

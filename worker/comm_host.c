@@ -66,6 +66,7 @@ typedef struct {
     uint64_t round;           /* barrier rounds this rank completed */
     uint64_t taken_from[COMM_MAX_RANKS]; /* chunks received from each sender */
     int timeout_ms;
+    const volatile int *cancel; /* comm_opts_t.cancel, during comm_init only */
     char name[NAME_BYTES];
 } host_comm_t;
 
@@ -103,10 +104,23 @@ int comm_host_id_new(comm_id_t *id, fl_error_t *err)
 
 /* --- waiting --------------------------------------------------------------------------------- */
 
-static bool peer_gone(const host_header_t *h, int rank)
+/* Whether rank's process is gone: no such process, or (deep) a zombie its parent has not reaped
+ * yet (kill() still finds one; its state in /proc says Z). */
+static bool peer_gone(const host_header_t *h, int rank, bool deep)
 {
     const pid_t pid = atomic_load_explicit(&h->pid[rank], memory_order_relaxed);
-    return pid > 0 && kill(pid, 0) && errno == ESRCH;
+    if (pid <= 0) return false;
+    if (kill(pid, 0) && errno == ESRCH) return true;
+    if (!deep) return false;
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return false;
+    const size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    const char *close_paren = strrchr(buf, ')'); /* "pid (comm) S ..." */
+    return close_paren && close_paren[1] == ' ' && (close_paren[2] == 'Z' || close_paren[2] == 'X');
 }
 
 typedef bool (*ready_fn)(host_comm_t *hc, const void *arg);
@@ -129,12 +143,14 @@ static int wait_for(host_comm_t *hc, ready_fn ready, const void *arg, const char
             sched_yield();
             continue;
         }
+        if (hc->cancel && *hc->cancel)
+            return fl_fail(err, FL_EPEER, "comm %s: this rank gave up on the group (rank %d)", op, hc->base.rank);
         const int by = atomic_load_explicit(&hc->h->aborted_by, memory_order_acquire);
         if (by)
             return fl_fail(err, FL_EPEER, "comm %s: rank %d aborted the communicator (this is rank %d)", op, by - 1,
                            hc->base.rank);
         for (int r = 0; r < hc->base.n_ranks; r++)
-            if (r != hc->base.rank && (peer < 0 || r == peer) && peer_gone(hc->h, r))
+            if (r != hc->base.rank && (peer < 0 || r == peer) && peer_gone(hc->h, r, (spins & 63) == 0))
                 return fl_fail(err, FL_EPEER, "comm %s: rank %d's process is gone (this is rank %d)", op, r,
                                hc->base.rank);
         if (fl_clock_s() > deadline) {
@@ -349,12 +365,12 @@ static bool all_joined(host_comm_t *hc, const void *arg)
 static int open_segment(host_comm_t *hc, int n_ranks, fl_error_t *err)
 {
     const bool create = hc->base.rank == 0;
-    const double deadline = fl_clock_s() + hc->timeout_ms * 1e-3;
+    const double deadline = fl_clock_s() + hc->timeout_ms * 1e-3; /* comm_init's: the join timeout */
     int fd;
     for (;;) {
         fd = shm_open(hc->name, create ? O_RDWR | O_CREAT | O_EXCL : O_RDWR, 0600);
         if (fd >= 0) break;
-        if (create || errno != ENOENT || fl_clock_s() > deadline)
+        if (create || errno != ENOENT || fl_clock_s() > deadline || (hc->cancel && *hc->cancel))
             return fl_fail(err, create ? FL_EIO : FL_EPEER, "comm: %s shared memory %s: %s",
                            create ? "cannot create" : "rank 0 never created", hc->name, strerror(errno));
         struct timespec ts = {0, 5000000};
@@ -414,7 +430,8 @@ comm_t *comm_host_init(const comm_id_t *id, int rank, int n_ranks, const comm_op
         return NULL;
     }
     hc->base = (comm_t){.ops = &host_ops, .rank = rank, .n_ranks = n_ranks};
-    hc->timeout_ms = opts->timeout_ms;
+    hc->timeout_ms = opts->join_timeout_ms; /* while joining; opts->timeout_ms after */
+    hc->cancel = opts->cancel;
     hc->slot_bytes = (opts->slot_bytes + 63) & ~(size_t)63;
     hc->map_bytes = map_size(n_ranks, hc->slot_bytes);
     memcpy(hc->name, id->bytes, NAME_BYTES);
@@ -425,7 +442,11 @@ comm_t *comm_host_init(const comm_id_t *id, int rank, int n_ranks, const comm_op
     atomic_store_explicit(&hc->h->pid[rank], (int32_t)getpid(), memory_order_relaxed);
     atomic_store_explicit(&hc->h->joined[rank].v, 1, memory_order_release);
     const int rc = wait_for(hc, all_joined, NULL, "join", -1, err);
-    if (rank == 0) shm_unlink(hc->name); /* every rank has it mapped, or the group is failing */
+    /* Every rank has it mapped, or the group is failing: then any rank removes the name, so that a
+     * rank 0 that died before the others came leaves nothing in /dev/shm. */
+    if (rank == 0 || rc) shm_unlink(hc->name);
+    hc->timeout_ms = opts->timeout_ms;
+    hc->cancel = NULL;
     if (rc) {
         host_abort(&hc->base);
         host_destroy(&hc->base);

@@ -57,7 +57,7 @@ engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
     const int max_seqs = o->max_seqs > 0 ? o->max_seqs : 64;
     const model_params_t mp = {.max_batch_tokens = o->max_batch_tokens, .max_logits = max_seqs + 128,
                                .max_seqs = o->max_seqs, .max_ctx = o->max_ctx, .block_size = o->block_size,
-                               .weights_f32 = o->weights_f32};
+                               .weights_f32 = o->weights_f32, .tp_rank = o->tp_rank, .tp_size = o->tp_size};
     e->model = model_new(fl_model_path(o->model_path), e->be, &mp, err);
     if (!e->model) goto fail;
     const model_config_t *c = &e->model->cfg;
@@ -85,10 +85,16 @@ engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
             budget = (size_t)64 << 20;
         }
     }
-    e->kv = kv_cache_new(e->be, c->n_layers, c->n_kv_heads, c->head_dim, e->model->block_size,
+    /* A tensor-parallel rank keeps its own KV heads, and the group's ranks share block ids, so they
+     * need the same block count: the budget buys blocks of the rank with the most KV heads, and a
+     * rank with fewer takes as many (floor(floor(B / most) / per_block_of(most)) on each). */
+    const model_shard_t *sh = &e->model->shard;
+    if (sh->size > 1) budget = budget / (size_t)((c->n_kv_heads + sh->size - 1) / sh->size) * (size_t)sh->n_kv_heads;
+    e->kv = kv_cache_new(e->be, c->n_layers, e->model->shard.n_kv_heads, c->head_dim, e->model->block_size,
                          o->kv_type_k ? o->kv_type_k : FL_TYPE_F16, o->kv_type_v ? o->kv_type_v : FL_TYPE_F16, budget,
                          err);
-    if (!e->kv || load_heads(e, o, err)) goto fail;
+    /* Medusa's heads read the final hidden state and the output matrix: rank 0's alone. */
+    if (!e->kv || (e->model->shard.rank == 0 && load_heads(e, o, err))) goto fail;
     return e;
 fail:
     engine_destroy(&e);

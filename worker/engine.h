@@ -24,6 +24,8 @@ typedef struct engine_opts {
     int max_seqs;               /* 0 = 64 */
     int max_ctx;                /* 0 = model's context */
     bool weights_f32;           /* see model_params_t.weights_f32 */
+    int tp_rank, tp_size;       /* this rank's share of a tensor-parallel group (model_params_t); the
+                                   caller joins the group's communicator (model_set_comm) */
     const char *heads_path;     /* Medusa heads (medusa.h): a file, "none", or NULL for the default
                                    heads file beside the model (medusa_default_path) when it exists */
 } engine_opts_t;

@@ -21,6 +21,7 @@
 #include "clock.h"
 #include "quant.h"
 #include "log.h"
+#include "tp.h"
 
 #ifndef FOLIO_DEFAULT_MODEL
 #define FOLIO_DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -231,20 +232,23 @@ static int read_config(const gguf_t *g, model_config_t *c, fl_error_t *err)
     return read_family(g, arch, c, err);
 }
 
-/* Finds a 2-D weight of shape [total_rows][cols] and loads its rows [row0, row0 + rows) as a matrix
- * of its own: how a fused tensor (Phi-3's attn_qkv, its gate-and-up ffn_up) becomes the separate
- * matrices the forward pass multiplies by, with the same bits (each output row is its own dot). */
-static kern_weight_t *load_matrix_rows(model_t *m, const char *name, int64_t row0, int64_t rows, int64_t total_rows,
-                                       int64_t cols, fl_error_t *err)
+/* Finds a 2-D weight of shape [total_rows][total_cols] and loads its rows [row0, row0 + rows) and
+ * columns [col0, col0 + cols) as a matrix of its own. Rows: how a fused tensor (Phi-3's attn_qkv,
+ * its gate-and-up ffn_up) becomes the separate matrices the forward pass multiplies by, and how a
+ * tensor-parallel rank takes its share of a column-parallel matrix, with the same bits (each output
+ * row is its own dot); they stay in the file's mapping. Columns: a rank's share of a row-parallel
+ * matrix, copied out row by row; they must start and end on the type's block boundaries. */
+static kern_weight_t *load_matrix_part(model_t *m, const char *name, int64_t row0, int64_t rows, int64_t total_rows,
+                                       int64_t col0, int64_t cols, int64_t total_cols, fl_error_t *err)
 {
     const gguf_tensor_t *t = gguf_find_tensor(m->gguf, name);
     if (!t) {
         fl_fail(err, FL_EFORMAT, "%s: missing tensor '%s'", gguf_path(m->gguf), name);
         return NULL;
     }
-    if (t->ne[0] != cols || t->ne[1] != total_rows || t->ne[2] != 1 || t->ne[3] != 1) {
+    if (t->ne[0] != total_cols || t->ne[1] != total_rows || t->ne[2] != 1 || t->ne[3] != 1) {
         fl_fail(err, FL_EFORMAT, "%s: tensor '%s' has shape [%lld, %lld], expected [%lld, %lld]", gguf_path(m->gguf),
-                name, (long long)t->ne[0], (long long)t->ne[1], (long long)cols, (long long)total_rows);
+                name, (long long)t->ne[0], (long long)t->ne[1], (long long)total_cols, (long long)total_rows);
         return NULL;
     }
     if (!fl_dtype_supported(t->type)) {
@@ -254,8 +258,32 @@ static kern_weight_t *load_matrix_rows(model_t *m, const char *name, int64_t row
     }
     fl_error_t e2 = {0};
     int type = t->type;
-    const size_t row_bytes = t->nbytes / (size_t)total_rows;
+    size_t row_bytes = t->nbytes / (size_t)total_rows;
     const void *data = (const uint8_t *)t->data + (size_t)row0 * row_bytes;
+    if (cols != total_cols) {
+        const int64_t be = fl_dtype_block_elems(type);
+        if (col0 % be || cols % be) {
+            fl_fail(err, FL_EUNSUPPORTED,
+                    "%s: tensor '%s': columns [%lld, %lld) of this rank's share do not fall on %s's %lld-wide blocks",
+                    gguf_path(m->gguf), name, (long long)col0, (long long)(col0 + cols), fl_dtype_name(type),
+                    (long long)be);
+            return NULL;
+        }
+        const size_t skip = fl_dtype_row_bytes(type, col0), part = fl_dtype_row_bytes(type, cols);
+        uint8_t *copy = malloc((size_t)rows * part);
+        void **list = realloc(m->f32_copies, (size_t)(m->n_f32_copies + 1) * sizeof *list);
+        if (list) m->f32_copies = list;
+        if (!copy || !list) {
+            free(copy);
+            fl_fail(err, FL_ENOMEM, "%s: out of memory for this rank's columns of '%s'", gguf_path(m->gguf), name);
+            return NULL;
+        }
+        m->f32_copies[m->n_f32_copies++] = copy;
+        for (int64_t r = 0; r < rows; r++)
+            memcpy(copy + (size_t)r * part, (const uint8_t *)data + (size_t)r * row_bytes + skip, part);
+        data = copy;
+        row_bytes = part;
+    }
     if (m->weights_f32 && type != FL_TYPE_F32) {
         float *f = malloc((size_t)rows * (size_t)cols * sizeof(float));
         void **list = realloc(m->f32_copies, (size_t)(m->n_f32_copies + 1) * sizeof *list);
@@ -277,23 +305,30 @@ static kern_weight_t *load_matrix_rows(model_t *m, const char *name, int64_t row
     return w;
 }
 
+static kern_weight_t *load_matrix_rows(model_t *m, const char *name, int64_t row0, int64_t rows, int64_t total_rows,
+                                       int64_t cols, fl_error_t *err)
+{
+    return load_matrix_part(m, name, row0, rows, total_rows, 0, cols, cols, err);
+}
+
 /* Finds a 2-D weight and checks its shape [rows][cols]. */
 static kern_weight_t *load_matrix(model_t *m, const char *name, int64_t rows, int64_t cols, fl_error_t *err)
 {
     return load_matrix_rows(m, name, 0, rows, rows, cols, err);
 }
 
-/* Copies a 1-D F32 vector of length n to backend memory. */
-static float *load_vector(model_t *m, const char *name, int64_t n, bool required, fl_error_t *err)
+/* Copies elements [first, first + n) of a 1-D F32 vector of length total to backend memory. */
+static float *load_vector_part(model_t *m, const char *name, int64_t first, int64_t n, int64_t total, bool required,
+                               fl_error_t *err)
 {
     const gguf_tensor_t *t = gguf_find_tensor(m->gguf, name);
     if (!t) {
         if (required) fl_fail(err, FL_EFORMAT, "%s: missing tensor '%s'", gguf_path(m->gguf), name);
         return NULL;
     }
-    if (t->type != FL_TYPE_F32 || t->ne[0] != n || t->ne[1] != 1 || t->ne[2] != 1 || t->ne[3] != 1) {
+    if (t->type != FL_TYPE_F32 || t->ne[0] != total || t->ne[1] != 1 || t->ne[2] != 1 || t->ne[3] != 1) {
         fl_fail(err, FL_EFORMAT, "%s: tensor '%s' must be F32 [%lld] (is %s [%lld, %lld])", gguf_path(m->gguf), name,
-                (long long)n, fl_dtype_name(t->type), (long long)t->ne[0], (long long)t->ne[1]);
+                (long long)total, fl_dtype_name(t->type), (long long)t->ne[0], (long long)t->ne[1]);
         return NULL;
     }
     float *d = kern_alloc(m->be, (size_t)n * sizeof(float));
@@ -301,20 +336,28 @@ static float *load_vector(model_t *m, const char *name, int64_t n, bool required
         fl_fail(err, FL_ENOMEM, "%s: out of backend memory for '%s'", gguf_path(m->gguf), name);
         return NULL;
     }
-    if (kern_upload(m->be, d, t->data, (size_t)n * sizeof(float))) {
+    if (kern_upload(m->be, d, (const float *)t->data + first, (size_t)n * sizeof(float))) {
         kern_free(m->be, d);
         fl_fail(err, FL_EBACKEND, "%s: uploading '%s' failed", gguf_path(m->gguf), name);
         return NULL;
     }
-    m->weight_bytes += t->nbytes;
+    m->weight_bytes += (size_t)n * sizeof(float);
     return d;
+}
+
+/* Copies a 1-D F32 vector of length n to backend memory. */
+static float *load_vector(model_t *m, const char *name, int64_t n, bool required, fl_error_t *err)
+{
+    return load_vector_part(m, name, 0, n, n, required, err);
 }
 
 static int alloc_scratch(model_t *m, fl_error_t *err)
 {
     const model_config_t *c = &m->cfg;
-    const size_t T = (size_t)m->max_batch_tokens, kv_dim = (size_t)c->n_kv_heads * c->head_dim,
-                 q_dim = (size_t)c->n_heads * c->head_dim;
+    const model_shard_t *sh = &m->shard;
+    const size_t T = (size_t)m->max_batch_tokens, kv_dim = (size_t)sh->n_kv_heads * c->head_dim,
+                 q_dim = (size_t)sh->n_heads * c->head_dim;
+    const size_t logit_rows = sh->rank == 0 ? (size_t)m->max_logits : 1; /* rank 0 computes logits */
     /* A step's inputs, packed: tokens, positions, sequences, KV slots ([n] each), block tables,
      * prompt lengths. */
     const size_t step_ints = 4 * T + (size_t)m->max_seqs * m->max_blocks + (size_t)m->max_seqs +
@@ -326,10 +369,10 @@ static int alloc_scratch(model_t *m, fl_error_t *err)
         {(void **)&m->k, T * kv_dim * sizeof(float)},
         {(void **)&m->v, T * kv_dim * sizeof(float)},
         {(void **)&m->att, T * q_dim * sizeof(float)},
-        {(void **)&m->gate, T * c->n_ff * sizeof(float)},
-        {(void **)&m->up, T * c->n_ff * sizeof(float)},
-        {(void **)&m->logit_in, (size_t)m->max_logits * c->dim * sizeof(float)},
-        {(void **)&m->logits, (size_t)m->max_logits * c->n_vocab * sizeof(float)},
+        {(void **)&m->gate, T * sh->n_ff * sizeof(float)},
+        {(void **)&m->up, T * sh->n_ff * sizeof(float)},
+        {(void **)&m->logit_in, logit_rows * c->dim * sizeof(float)},
+        {(void **)&m->logits, logit_rows * c->n_vocab * sizeof(float)},
         {(void **)&m->d_step, step_ints * sizeof(int32_t)},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
@@ -338,6 +381,8 @@ static int alloc_scratch(model_t *m, fl_error_t *err)
     }
     m->h_step = malloc(step_ints * sizeof(int32_t));
     if (!m->h_step) return fl_fail(err, FL_ENOMEM, "model: out of memory");
+    if (sh->size > 1 && !(m->plan = malloc(tp_plan_ints(m) * sizeof(int32_t))))
+        return fl_fail(err, FL_ENOMEM, "model: out of memory");
     return FL_OK;
 }
 
@@ -353,6 +398,9 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
     m->gguf = gguf_open(path, err);
     if (!m->gguf) goto fail;
     if (read_config(m->gguf, &m->cfg, err)) goto fail;
+    if (tp_shard_of(&m->cfg, params ? params->tp_rank : 0, params && params->tp_size > 0 ? params->tp_size : 1,
+                    &m->shard, err))
+        goto fail;
     m->tok = tok_new_from_gguf(m->gguf, err);
     if (!m->tok) goto fail;
     model_config_t *c = &m->cfg;
@@ -370,9 +418,11 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
     }
     const int64_t kv_dim = (int64_t)c->n_kv_heads * c->head_dim, q_dim = (int64_t)c->n_heads * c->head_dim;
     if (!(m->tok_embd = load_matrix(m, "token_embd.weight", c->n_vocab, c->dim, err))) goto fail;
-    /* Gemma 2 always projects with the token embedding (llama.cpp ignores an output.weight there). */
+    /* Gemma 2 always projects with the token embedding (llama.cpp ignores an output.weight there).
+     * Only rank 0 of a tensor-parallel group computes logits (the final hidden state is the same on
+     * every rank), so only it loads the output matrix. */
     if (gguf_find_tensor(m->gguf, "output.weight") && c->arch != MODEL_ARCH_GEMMA2) {
-        if (!(m->output = load_matrix(m, "output.weight", c->n_vocab, c->dim, err))) goto fail;
+        if (m->shard.rank == 0 && !(m->output = load_matrix(m, "output.weight", c->n_vocab, c->dim, err))) goto fail;
     } else {
         c->tied_output = true;
         m->output = m->tok_embd;
@@ -408,36 +458,44 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
 #define MAT_ROWS(field, suffix, row0, rows, total, cols)                                                        \
     NAME(suffix, "weight");                                                                                     \
     if (!(L->field = load_matrix_rows(m, name, row0, rows, total, cols, err))) goto fail;
-#define VEC(field, suffix, kind, n, required)                                                                   \
+#define MAT_COLS(field, suffix, rows, col0, cols, total)                                                        \
+    NAME(suffix, "weight");                                                                                     \
+    if (!(L->field = load_matrix_part(m, name, 0, rows, rows, col0, cols, total, err))) goto fail;
+#define VEC_PART(field, suffix, kind, first, n, total, required)                                                \
     NAME(suffix, kind);                                                                                         \
-    L->field = load_vector(m, name, n, required, &ferr);                                                        \
+    L->field = load_vector_part(m, name, first, n, total, required, &ferr);                                     \
     if (ferr.code) {                                                                                            \
         *err = ferr;                                                                                            \
         goto fail;                                                                                              \
     }
+#define VEC(field, suffix, kind, n, required) VEC_PART(field, suffix, kind, 0, n, n, required)
         VEC(attn_norm, "attn_norm", "weight", c->dim, true)
         VEC(ffn_norm, "ffn_norm", "weight", c->dim, true)
+        /* This rank's share (tp.h): rows of Q/K/V, gate and up; columns of the output and down. */
+        const int64_t q0 = (int64_t)m->shard.head0 * c->head_dim, qn = (int64_t)m->shard.n_heads * c->head_dim,
+                      k0 = (int64_t)m->shard.kv_head0 * c->head_dim, kn = (int64_t)m->shard.n_kv_heads * c->head_dim,
+                      f0 = m->shard.ff0, fn = m->shard.n_ff;
         if (c->arch == MODEL_ARCH_PHI3) { /* fused: Q, K, V rows in one tensor; gate then up in ffn_up */
             const int64_t qkv = q_dim + 2 * kv_dim;
-            MAT_ROWS(wq, "attn_qkv", 0, q_dim, qkv, c->dim)
-            MAT_ROWS(wk, "attn_qkv", q_dim, kv_dim, qkv, c->dim)
-            MAT_ROWS(wv, "attn_qkv", q_dim + kv_dim, kv_dim, qkv, c->dim)
-            MAT_ROWS(w_gate, "ffn_up", 0, c->n_ff, 2 * (int64_t)c->n_ff, c->dim)
-            MAT_ROWS(w_up, "ffn_up", c->n_ff, c->n_ff, 2 * (int64_t)c->n_ff, c->dim)
+            MAT_ROWS(wq, "attn_qkv", q0, qn, qkv, c->dim)
+            MAT_ROWS(wk, "attn_qkv", q_dim + k0, kn, qkv, c->dim)
+            MAT_ROWS(wv, "attn_qkv", q_dim + kv_dim + k0, kn, qkv, c->dim)
+            MAT_ROWS(w_gate, "ffn_up", f0, fn, 2 * (int64_t)c->n_ff, c->dim)
+            MAT_ROWS(w_up, "ffn_up", c->n_ff + f0, fn, 2 * (int64_t)c->n_ff, c->dim)
         } else {
-            MAT(wq, "attn_q", q_dim, c->dim)
-            MAT(wk, "attn_k", kv_dim, c->dim)
-            MAT(wv, "attn_v", kv_dim, c->dim)
-            MAT(w_gate, "ffn_gate", c->n_ff, c->dim)
-            MAT(w_up, "ffn_up", c->n_ff, c->dim)
+            MAT_ROWS(wq, "attn_q", q0, qn, q_dim, c->dim)
+            MAT_ROWS(wk, "attn_k", k0, kn, kv_dim, c->dim)
+            MAT_ROWS(wv, "attn_v", k0, kn, kv_dim, c->dim)
+            MAT_ROWS(w_gate, "ffn_gate", f0, fn, c->n_ff, c->dim)
+            MAT_ROWS(w_up, "ffn_up", f0, fn, c->n_ff, c->dim)
         }
-        MAT(wo, "attn_output", c->dim, q_dim)
-        MAT(w_down, "ffn_down", c->dim, c->n_ff)
+        MAT_COLS(wo, "attn_output", c->dim, q0, qn, q_dim)
+        MAT_COLS(w_down, "ffn_down", c->dim, f0, fn, c->n_ff)
         /* Optional everywhere (llama.cpp adds them where present), required where the family has them. */
         const bool qwen2 = c->arch == MODEL_ARCH_QWEN2, qk_norm = c->arch == MODEL_ARCH_QWEN3 || c->arch == MODEL_ARCH_GEMMA3;
-        VEC(bq, "attn_q", "bias", q_dim, qwen2)
-        VEC(bk, "attn_k", "bias", kv_dim, qwen2)
-        VEC(bv, "attn_v", "bias", kv_dim, qwen2)
+        VEC_PART(bq, "attn_q", "bias", q0, qn, q_dim, qwen2)
+        VEC_PART(bk, "attn_k", "bias", k0, kn, kv_dim, qwen2)
+        VEC_PART(bv, "attn_v", "bias", k0, kn, kv_dim, qwen2)
         if (qk_norm) {
             VEC(q_norm, "attn_q_norm", "weight", c->head_dim, true)
             VEC(k_norm, "attn_k_norm", "weight", c->head_dim, true)
@@ -448,7 +506,9 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
         }
 #undef MAT
 #undef MAT_ROWS
+#undef MAT_COLS
 #undef VEC
+#undef VEC_PART
 #undef NAME
     }
     const gguf_tensor_t *tq = gguf_find_tensor(m->gguf, c->arch == MODEL_ARCH_PHI3 ? "blk.0.attn_qkv.weight" : "blk.0.attn_q.weight");
@@ -474,10 +534,10 @@ model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *p
     const char *prof = getenv("FOLIO_PROFILE");
     m->profile = prof && *prof && strcmp(prof, "0");
     fl_log_info("model loaded path=%s arch=%s layers=%d dim=%d ff=%d heads=%d kv_heads=%d head_dim=%d vocab=%d ctx=%d "
-                "window=%d type=%s tied=%d weights_mib=%.1f backend=%s",
+                "window=%d type=%s tied=%d weights_mib=%.1f backend=%s tp_rank=%d tp_size=%d",
                 path, c->arch_name, c->n_layers, c->dim, c->n_ff, c->n_heads, c->n_kv_heads, c->head_dim, c->n_vocab,
                 c->n_ctx_train, c->sliding_window, fl_dtype_name(c->weight_type), c->tied_output, m->weight_bytes / 1048576.0,
-                kern_backend_name(be));
+                kern_backend_name(be), m->shard.rank, m->shard.size);
     return m;
 fail:
     model_destroy(&m);
@@ -509,6 +569,7 @@ void model_destroy(model_t **mp)
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) kern_free(be, bufs[i]);
     free(m->h_step);
+    free(m->plan);
     kern_graph_reset(be); /* recordings point into this model's buffers */
     for (int i = 0; i < m->n_f32_copies; i++) free(m->f32_copies[i]);
     free(m->f32_copies);
@@ -611,7 +672,7 @@ static void attention_ops(model_t *m, kv_cache_t *kv, int l, int n, int split, i
 {
     const model_config_t *c = &m->cfg;
     const model_layer_t *L = &m->layers[l];
-    const size_t q_dim = (size_t)c->n_heads * c->head_dim;
+    const size_t q_dim = (size_t)m->shard.n_heads * c->head_dim;
     for (int part = 0; part < 2; part++) {
         const int first = part ? split : 0, count = part ? n - split : split;
         if (count <= 0) continue;
@@ -619,7 +680,7 @@ static void attention_ops(model_t *m, kv_cache_t *kv, int l, int n, int split, i
             .out = m->att + first * q_dim, .q = m->q + first * q_dim, .k_cache = kv->k[l], .v_cache = kv->v[l],
             .k_type = kv->k_type, .v_type = kv->v_type, .n_tokens = count, .tok_seq = m->d_seq + first, .tok_pos = m->d_pos + first,
             .block_tables = m->d_block_tables, .max_blocks = m->max_blocks, .block_size = kv->block_size,
-            .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
+            .n_heads = m->shard.n_heads, .n_kv_heads = m->shard.n_kv_heads, .head_dim = c->head_dim,
             .scale = c->q_scale > 0 ? 1.0f : 1.0f / sqrtf((float)c->head_dim), .n_seqs = part ? runs_after : 0,
             .window = L->swa ? c->sliding_window : 0, .softcap = c->attn_softcap,
             .max_len = max_len[part], .seq_prompt_len = m->d_prompt_len,
@@ -630,11 +691,19 @@ static void attention_ops(model_t *m, kv_cache_t *kv, int l, int n, int split, i
     }
 }
 
+/* Tensor parallelism: a row-parallel product's partial sums, added over the group's ranks. The first
+ * failure is kept for model_forward (later calls fail at once: the communicator is aborted). */
+static void tp_sum(model_t *m, float *x, size_t n)
+{
+    if (m->comm && !m->tp_err.code) comm_allreduce_sum_f32(m->comm, x, n, &m->tp_err);
+}
+
 /* The kernels of one forward step, on inputs already uploaded (model_forward). */
 static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
 {
     kern_backend_t *be = m->be;
     const model_config_t *c = &m->cfg;
+    const model_shard_t *sh = &m->shard; /* this rank's heads and feed-forward width */
     const int n = b->n_tokens, dim = c->dim;
     int runs_after;
     const int split = attention_split(b, &runs_after);
@@ -643,7 +712,7 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
                 if (c->embed_scale > 0) kern_scale(be, m->x, c->embed_scale, n * dim));
     /* Each residual add is fused with the norm that reads its result (kern_add_rmsnorm), but the last. */
     PROF(NORM, kern_rmsnorm(be, m->xb, m->x, m->layers[0].attn_norm, n, dim, c->norm_eps));
-    const int q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    const int q_dim = sh->n_heads * c->head_dim, kv_dim = sh->n_kv_heads * c->head_dim;
     for (int l = 0; l < c->n_layers; l++) {
         const model_layer_t *L = &m->layers[l];
         /* attention block, on xb = rmsnorm(x) */
@@ -654,14 +723,14 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
                   if (L->bk) kern_add_bias(be, m->k, L->bk, n, kv_dim);
                   if (L->bv) kern_add_bias(be, m->v, L->bv, n, kv_dim);
                   /* per-head RMSNorm of Q and K: rows of head_dim */
-                  if (L->q_norm) kern_rmsnorm(be, m->q, m->q, L->q_norm, n * c->n_heads, c->head_dim, c->norm_eps);
-                  if (L->k_norm) kern_rmsnorm(be, m->k, m->k, L->k_norm, n * c->n_kv_heads, c->head_dim, c->norm_eps));
+                  if (L->q_norm) kern_rmsnorm(be, m->q, m->q, L->q_norm, n * sh->n_heads, c->head_dim, c->norm_eps);
+                  if (L->k_norm) kern_rmsnorm(be, m->k, m->k, L->k_norm, n * sh->n_kv_heads, c->head_dim, c->norm_eps));
         PROF(ROPE_KV, kern_rope_kv_store(be, m->q, m->k, m->v, kv->k[l], kv->v[l], kv->k_type, kv->v_type, m->d_pos,
                                          m->d_slots, n,
-                                         c->n_heads, c->n_kv_heads, c->head_dim, L->swa ? &c->rope_swa : &c->rope);
+                                         sh->n_heads, sh->n_kv_heads, c->head_dim, L->swa ? &c->rope_swa : &c->rope);
                       if (c->q_scale > 0) kern_scale(be, m->q, c->q_scale, n * q_dim));
         PROF(ATTENTION, attention_ops(m, kv, l, n, split, runs_after, max_len));
-        PROF(OUT_PROJ, kern_matmul(be, m->xb, L->wo, m->att, n);
+        PROF(OUT_PROJ, kern_matmul(be, m->xb, L->wo, m->att, n); tp_sum(m, m->xb, (size_t)n * dim);
                        if (L->attn_post_norm) kern_rmsnorm(be, m->xb, m->xb, L->attn_post_norm, n, dim, c->norm_eps));
         /* feed-forward block */
         PROF(NORM, kern_add_rmsnorm(be, m->xb, m->x, m->xb, L->ffn_norm, n, dim, c->norm_eps));
@@ -669,18 +738,19 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
             PROF(FFN_UP, float *const ys[2] = {m->gate, m->up};
                          const kern_weight_t *const ws[2] = {L->w_gate, L->w_up};
                          kern_matmul_multi(be, ys, ws, 2, m->xb, n);
-                         kern_geglu(be, m->gate, m->gate, m->up, n * c->n_ff));
+                         kern_geglu(be, m->gate, m->gate, m->up, n * sh->n_ff));
         } else {
-            PROF(FFN_UP, kern_matmul_swiglu(be, m->gate, m->up, L->w_gate, L->w_up, c->n_ff, m->xb, n));
+            PROF(FFN_UP, kern_matmul_swiglu(be, m->gate, m->up, L->w_gate, L->w_up, sh->n_ff, m->xb, n));
         }
-        PROF(FFN_DOWN, kern_matmul(be, m->xb, L->w_down, m->gate, n);
+        PROF(FFN_DOWN, kern_matmul(be, m->xb, L->w_down, m->gate, n); tp_sum(m, m->xb, (size_t)n * dim);
                        if (L->ffn_post_norm) kern_rmsnorm(be, m->xb, m->xb, L->ffn_post_norm, n, dim, c->norm_eps));
         if (l + 1 < c->n_layers)
             PROF(NORM, kern_add_rmsnorm(be, m->xb, m->x, m->xb, m->layers[l + 1].attn_norm, n, dim, c->norm_eps));
         else
             PROF(RESIDUAL, kern_add(be, m->x, m->xb, n * dim));
     }
-    /* Final norm and vocabulary projection only for the rows that want logits. */
+    /* Final norm and vocabulary projection only for the rows that want logits, on rank 0 only. */
+    if (sh->rank != 0) return;
     PROF(LOGITS, for (int i = 0, run; i < b->n_logits; i += run) {
                      /* one call per run of consecutive rows (a decode batch is one run) */
                      for (run = 1; i + run < b->n_logits && b->logit_rows[i + run] == b->logit_rows[i] + run;) run++;
@@ -711,6 +781,11 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
 {
     int rc = check_batch(m, kv, b, err);
     if (rc) return rc;
+    if (m->shard.size > 1) {
+        if (!m->comm) return fl_fail(err, FL_EINVAL, "forward: tensor-parallel rank %d has no communicator", m->shard.rank);
+        if (m->shard.rank == 0 && (rc = tp_send_forward(m, b, err))) return rc;
+    }
+    m->tp_err = (fl_error_t){0};
     kern_backend_t *be = m->be;
     const int n = b->n_tokens;
 
@@ -738,9 +813,11 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
         m->d_tree_mask = (uint64_t *)(void *)(m->d_step + ints);
         ints += 2 * (size_t)n;
     }
-    if (kern_upload(be, m->d_step, m->h_step, ints * sizeof(int32_t)))
+    if (kern_upload(be, m->d_step, m->h_step, ints * sizeof(int32_t))) {
+        if (m->comm) comm_abort(m->comm); /* the other ranks wait for this step's all-reduces */
         return fl_fail(err, FL_EBACKEND, "forward: uploading the batch to the %s backend failed",
                        kern_backend_name(be));
+    }
 
     /* A pure decode step (one token and one logit row per sequence, in order) repeats with the same
      * shapes and buffers: the backend may record it once and replay it (CUDA graphs). */
@@ -756,7 +833,33 @@ int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t
         if (!graph_key || kern_graph_end(be) != KERN_GRAPH_RETRY) break;
         graph_key = 0; /* the recording failed: issue the ops again, directly */
     }
-    return kern_sync(be, err);
+    if (m->comm && !m->tp_err.code) comm_wait(m->comm, &m->tp_err); /* NCCL: the step's all-reduces */
+    rc = kern_sync(be, err);
+    if (!rc && m->tp_err.code) {
+        if (err) *err = m->tp_err;
+        return m->tp_err.code;
+    }
+    return rc;
+}
+
+int model_kv_move(model_t *m, kv_cache_t *kv, const int32_t *src, const int32_t *dst, int n, fl_error_t *err)
+{
+    if (m->shard.size > 1 && m->shard.rank == 0) {
+        if (!m->comm) return fl_fail(err, FL_EINVAL, "kv move: tensor-parallel rank 0 has no communicator");
+        const int rc = tp_send_move(m, src, dst, n, err);
+        if (rc) return rc;
+    }
+    kv_cache_move(kv, src, dst, n);
+    return FL_OK;
+}
+
+int model_set_comm(model_t *m, comm_t *comm, fl_error_t *err)
+{
+    if (comm && (comm_size(comm) != m->shard.size || comm_rank(comm) != m->shard.rank))
+        return fl_fail(err, FL_EINVAL, "model: communicator of rank %d of %d for a shard of rank %d of %d",
+                       comm_rank(comm), comm_size(comm), m->shard.rank, m->shard.size);
+    m->comm = comm;
+    return FL_OK;
 }
 
 int model_logits(model_t *m, float *dst, int n)

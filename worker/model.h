@@ -15,6 +15,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "comm.h"
 #include "gguf.h"
 #include "kernels.h"
 #include "kv_cache.h"
@@ -60,6 +61,15 @@ typedef struct model_layer {
     bool swa;                        /* attends through the sliding window (model_config_t) */
 } model_layer_t;
 
+/* What of each layer this rank of a tensor-parallel group holds (tp.h says how the model is cut):
+ * query heads [head0, head0 + n_heads), their KV heads [kv_head0, kv_head0 + n_kv_heads), and
+ * feed-forward columns [ff0, ff0 + n_ff). With one rank, everything. model_config_t stays the whole
+ * model's. */
+typedef struct model_shard {
+    int rank, size;
+    int head0, n_heads, kv_head0, n_kv_heads, ff0, n_ff;
+} model_shard_t;
+
 /* Where a forward pass spends its time, measured when profiling is on (FOLIO_PROFILE=1 or
  * model_set_profile): the backend is synchronised around each op, so the figures are per op. */
 typedef enum {
@@ -84,9 +94,10 @@ typedef struct model {
     kern_weight_t *tok_embd, *output;
     float *output_norm, *rope_freqs;
     model_layer_t *layers;
-    size_t weight_bytes;    /* bytes of weights as stored */
+    size_t weight_bytes;    /* bytes of weights as stored (this rank's share) */
     bool weights_f32;       /* model_params_t.weights_f32 */
-    void **f32_copies;      /* host F32 copies the backend may borrow (weights_f32), freed last */
+    void **f32_copies;      /* host copies the backend may borrow (F32 ones for weights_f32, a rank's
+                               columns of a row-parallel matrix), freed last */
     int n_f32_copies;
 
     /* Scratch, sized at creation (no allocation per step). Backend memory unless noted. */
@@ -100,6 +111,13 @@ typedef struct model {
 
     bool profile;
     double prof_s[MODEL_PROF_COUNT];
+
+    /* Tensor parallelism (tp.h): this rank's share, and the group's communicator (borrowed,
+     * model_set_comm; NULL with one rank). Rank 0 alone has the output matrix and computes logits. */
+    model_shard_t shard;
+    comm_t *comm;
+    int32_t *plan;          /* host: a step's plan as rank 0 broadcasts it (tp.c) */
+    fl_error_t tp_err;      /* the step's first communication failure */
 } model_t;
 
 typedef struct model_batch {
@@ -128,12 +146,15 @@ typedef struct model_params {
     bool weights_f32;       /* dequantize every matrix to F32 at load: the precise reference the
                                CUDA test compares with (the CPU's quantized paths also round
                                activations to 8 bits) */
+    int tp_rank, tp_size;   /* load rank tp_rank's share of a tensor-parallel group of tp_size
+                               (0: one rank, the whole model) */
 } model_params_t;
 
 model_t *model_new(const char *path, kern_backend_t *be, const model_params_t *params, fl_error_t *err);
 void model_destroy(model_t **mp);
 
-/* One batched forward step; fills the model's logits buffer with n_logits rows. */
+/* One batched forward step; fills the model's logits buffer with n_logits rows (on rank 0 of a
+ * tensor-parallel group, which first sends the step to the other ranks: tp.h). */
 int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t *err);
 /* Copies n rows of logits to host memory dst[n][n_vocab]. */
 int model_logits(model_t *m, float *dst, int n);
@@ -142,6 +163,13 @@ int model_logits_row(model_t *m, float *dst, int row);
 /* Picks one token per logit row with the given sampling parameters (one per row); may overwrite
  * the rows (logit adjustments are applied in place). */
 void model_sample(model_t *m, int32_t *out, int n, const kern_sampling_t *params);
+
+/* Copies the K/V of every layer from slots src[i] to dst[i] (kv_cache_move), on every rank of a
+ * tensor-parallel group. */
+int model_kv_move(model_t *m, kv_cache_t *kv, const int32_t *src, const int32_t *dst, int n, fl_error_t *err);
+/* The communicator of this rank's group (its size and rank must be the shard's); borrowed: the
+ * caller destroys it after the model. Every rank must call it before the first forward step. */
+int model_set_comm(model_t *m, comm_t *comm, fl_error_t *err);
 
 void model_set_profile(model_t *m, bool on);
 const char *model_prof_name(int i);

@@ -1040,7 +1040,9 @@ static void accept_drafts(sched_t *s, int n_seqs)
         }
         q->take = 1 + accepted;
     }
-    kv_cache_move(s->kv, s->move_src, s->move_dst, n_moves);
+    fl_error_t err = {0};
+    if (model_kv_move(s->m, s->kv, s->move_src, s->move_dst, n_moves, &err))
+        fl_log_error("sched: moving accepted drafts' K/V failed (the next step fails too): %s", err.msg);
 }
 
 /* Medusa: the heads' candidates for the token after each sequence's new pending one, from the row
@@ -1155,6 +1157,8 @@ int sched_step(sched_t *s, fl_error_t *err)
             (rc = model_logits_row(s->m, q->raw_logits + (size_t)(i - q->row0) * s->m->cfg.n_vocab, i)))
             fl_fail(err, rc, "cannot read logits row %d", i);
     }
+    if (rc == FL_EPEER) goto out; /* the tensor-parallel group failed: its process exits without ending
+                                     these requests, so that the coordinator fails them over */
     if (rc) {
         /* Nothing of this step is published: the blocks it wrote may hold garbage. */
         for (int i = s->n_running - 1; i >= 0; i--) {

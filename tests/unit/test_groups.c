@@ -2,7 +2,8 @@
  *
  * Protects: a group appears with its first READY and keeps its slot for ever (the router's ring is
  * indexed by it), also when all its members are forgotten; it is healthy only with a rank 0 whose
- * last load said engine_ok, and routable only when also not draining; a rank 0 that registers again
+ * last load said engine_ok and (tensor parallelism) with every one of its tp_size ranks registered,
+ * and routable only when also not draining; a rank 0 that registers again
  * is "replaced" (its work is gone), and a new process (another identity) is unhealthy until its first
  * load; a worker that changes group or rank leaves its old place; the registry and rank table refuse
  * what does not fit; the longest context counts routable groups only, and a group's context is never
@@ -118,19 +119,25 @@ static void test_rank_0_registering_again_is_replaced_and_a_new_process_waits_fo
     assert_true(g_gs->g[s].healthy);
 }
 
-static void test_other_ranks_join_and_leave_without_touching_rank_0s_health(void **state)
+/* Tensor parallelism: a group of tp_size ranks computes only with all of them. */
+static void test_a_tp_group_is_healthy_only_while_every_rank_is_registered(void **state)
 {
     (void)state;
     const int s = ready("g0:0:1", "g0", 0, 2, 256, NULL, NULL);
     load(s, true);
+    assert_false(g_gs->g[s].healthy); /* rank 1 has not registered */
     bool is_new, replaced;
     assert_int_equal(ready("g0:1:1", "g0", 1, 2, 999, &is_new, &replaced), s);
     assert_false(is_new);
     assert_false(replaced);
     assert_int_equal(g_gs->g[s].max_context, 256); /* rank 0 speaks for the group */
     assert_true(g_gs->g[s].ranks[1].present);
+    assert_true(g_gs->g[s].healthy);
     groups_forget_member(g_gs, s, 1);
     assert_false(g_gs->g[s].ranks[1].present);
+    assert_false(g_gs->g[s].healthy);
+    assert_true(g_gs->g[s].have_load); /* rank 0's load stays: its rank 1 may come back */
+    ready("g0:1:2", "g0", 1, 2, 256, NULL, NULL);
     assert_true(g_gs->g[s].healthy);
     groups_forget_member(g_gs, s, 0);
     assert_false(g_gs->g[s].healthy);
@@ -268,7 +275,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         T(test_a_group_appears_with_its_first_ready_and_is_healthy_after_an_ok_load),
         T(test_rank_0_registering_again_is_replaced_and_a_new_process_waits_for_its_load),
-        T(test_other_ranks_join_and_leave_without_touching_rank_0s_health),
+        T(test_a_tp_group_is_healthy_only_while_every_rank_is_registered),
         T(test_a_forgotten_group_keeps_its_slot_and_name_for_status_and_its_return),
         T(test_a_worker_that_changes_group_or_rank_leaves_its_old_place),
         T(test_draining_keeps_a_group_healthy_but_not_routable),

@@ -8,11 +8,13 @@
 #define FOLIO_WORKER_H
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
+#include "comm.h"
 #include "curve.h"
 #include "engine.h"
 #include "kv_events.h"
@@ -104,6 +106,16 @@ typedef struct worker {
     sched_stats_t step_stats;      /* shared (lock): the load when it began */
     int n_step_ids;                /* shared (lock): live ids then, in hb_ids */
     bool hung;                     /* shared (lock): the running step passed its limit */
+
+    /* Tensor parallelism (--tp > 1): the group's communicator (rank 0 made comm_id and sends it in
+     * READY; the other ranks get it from the coordinator, worker_follow.c). */
+    comm_id_t comm_id;
+    comm_t *comm;
+    double tp_timeout_s, tp_join_timeout_s;
+    bool tp_failed;                /* the group's communicator failed: the process exits (status 1)
+                                      without ending its requests, which the coordinator fails over */
+    void (*on_join)(void *user, const wire_msg_t *m); /* JOIN from the coordinator (rank > 0) */
+    void *on_join_user;
 } worker_t;
 
 /* worker_stream.c */
@@ -123,6 +135,17 @@ void worker_flush_partials(worker_t *w);
 bool worker_retry_finals(worker_t *w);
 /* Drops the FINALs still waiting (the coordinator they were for is gone). */
 void worker_drop_finals(worker_t *w);
+
+/* worker_main.c: connects a new socket to the coordinator and sends READY (takes the lock). */
+int worker_connect(worker_t *w, fl_error_t *err);
+/* One message from the coordinator (any rank): liveness, HEARTBEAT, DISCONNECT (READY again),
+ * REQUEST (rank 0), JOIN (w->on_join). */
+void worker_handle_message(worker_t *w, const wire_msg_t *m, double now);
+
+/* worker_follow.c: the life of a rank other than 0 once its shard is loaded (connects, joins the
+ * group when the coordinator hands over rank 0's id, follows rank 0's plans); the exit status. stop
+ * and drain are main's signal flags (SIGINT / SIGTERM). */
+int worker_follow(worker_t *w, const volatile sig_atomic_t *stop, const volatile sig_atomic_t *drain);
 
 /* worker_main.c: sends to the coordinator without blocking (a no-op while disconnected); FL_EIO
  * with errno EAGAIN when its queue is full. Takes the lock. */

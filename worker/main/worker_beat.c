@@ -118,6 +118,7 @@ void worker_heartbeat(worker_t *w, double now)
             if (dt < 0) {
                 if (w->engine_ok) fl_log_error("worker liveness step failed: %s", err.msg);
                 w->engine_ok = false;
+                if (err.code == FL_EPEER) w->tp_failed = true; /* the group failed: the loop exits */
             } else {
                 w->engine_ok = true;
                 w->liveness_s = dt;

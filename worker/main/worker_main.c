@@ -34,7 +34,15 @@
  * prompt's last) and finish LENGTH, and heartbeats report engine_ok. It exists to measure the
  * coordinator's own overhead without an engine in the way.
  *
- * Per-request output (deltas, stop strings, the FINAL) is worker_stream.c. */
+ * Per-request output (deltas, stop strings, the FINAL) is worker_stream.c.
+ *
+ * Tensor parallelism (--tp N > 1): every rank is a process of its own. Rank 0 is the worker
+ * described above, on its shard of the model: it makes the group's communicator id, sends it in
+ * READY, and before serving waits (heartbeating, engine_ok false) until the other ranks, which get
+ * the id through the coordinator, have joined; each of its steps then runs on every rank (tp.h). The
+ * other ranks take no requests (worker_follow.c). A failure of the communicator on any rank ends that
+ * process with status 1 without ending its requests (they fail over: the coordinator takes the
+ * group out of routing), and the supervisor restarts the group's ranks. */
 #include <errno.h>
 #include <limits.h>
 #include <signal.h>
@@ -49,6 +57,7 @@
 #include "clock.h"
 #include "log.h"
 #include "spec.h"
+#include "tp.h"
 #include "worker.h"
 
 #define FAKE_BLOCK_SIZE    16
@@ -85,7 +94,10 @@ static void usage(FILE *f)
             "  --coordinator-key FILE  the coordinator's public key (with --curve-secret)\n"
             "  --group NAME          worker group (default g0)\n"
             "  --rank N              rank within the group (default 0)\n"
-            "  --tp N                tensor-parallel size (only 1 for now)\n"
+            "  --tp N                tensor-parallel size: ranks 0..N-1 of a group are N processes, each\n"
+            "                        with 1/N of the model (default 1)\n"
+            "  --tp-timeout-s S      the longest a rank waits for the others in a step (default 30)\n"
+            "  --tp-join-timeout-s S the longest the ranks wait for each other at start (default 300)\n"
             "  --heartbeat-ms N      heartbeat interval (default 1000); the coordinator is presumed gone\n"
             "                        after 3 intervals of silence\n"
             "  --max-batch-tokens N  tokens per step (default 512)\n"
@@ -198,9 +210,15 @@ static void reply_refused(worker_t *w, uint64_t id, Folio__V1__Method method, in
     reply_error_hint(w, id, method, wire_status_from_error(rc), msg, rc == FL_EBUSY ? RETRY_AFTER_MS : 0);
 }
 
+_Static_assert(sizeof(comm_id_t) == 1 + COMM_ID_BYTES, "WorkerHello.comm_id carries a comm_id_t as it is");
+
 static void send_ready(worker_t *w)
 {
     Folio__V1__WorkerHello h = FOLIO__V1__WORKER_HELLO__INIT;
+    if (w->tp > 1 && w->rank == 0) {
+        h.comm_id.data = (uint8_t *)&w->comm_id;
+        h.comm_id.len = sizeof w->comm_id;
+    }
     h.group = (char *)w->group;
     h.rank = (uint32_t)w->rank;
     h.tp_size = (uint32_t)w->tp;
@@ -254,7 +272,7 @@ static int connect_locked(worker_t *w, fl_error_t *err)
     return FL_OK;
 }
 
-static int worker_connect(worker_t *w, fl_error_t *err)
+int worker_connect(worker_t *w, fl_error_t *err)
 {
     pthread_mutex_lock(&w->lock);
     const int rc = connect_locked(w, err);
@@ -389,7 +407,7 @@ static void handle_request(worker_t *w, const uint8_t *body, size_t len)
     folio__v1__request__free_unpacked(q, NULL);
 }
 
-static void handle_message(worker_t *w, const wire_msg_t *m, double now)
+void worker_handle_message(worker_t *w, const wire_msg_t *m, double now)
 {
     w->last_heard = now; /* anything at all proves the coordinator is there */
     w->backoff_s = BACKOFF_MIN_S;
@@ -400,7 +418,13 @@ static void handle_message(worker_t *w, const wire_msg_t *m, double now)
     }
     switch (m->cmd) {
     case WIRE_CMD_REQUEST:
-        handle_request(w, m->body, m->body_len);
+        if (w->rank > 0)
+            fl_log_warn("worker rank %d got a request: only rank 0 of a group serves them", w->rank);
+        else
+            handle_request(w, m->body, m->body_len);
+        break;
+    case WIRE_CMD_JOIN: /* a tensor-parallel rank > 0: its group's communicator (worker_follow.c) */
+        if (w->on_join) w->on_join(w->on_join_user, m);
         break;
     case WIRE_CMD_HEARTBEAT:
         if (w->coord_hb_last > 0 && now - w->coord_hb_last < 30) w->coord_hb_gap = now - w->coord_hb_last;
@@ -426,7 +450,7 @@ static void drain(worker_t *w)
         const int rc = wire_recv(w->sock, false, true, &m, &err);
         if (rc == FL_EIO && errno == EAGAIN) return;
         if (rc == FL_OK)
-            handle_message(w, &m, fl_clock_s());
+            worker_handle_message(w, &m, fl_clock_s());
         else
             fl_log_warn("worker receive: %s", err.msg);
         wire_msg_close(&m);
@@ -520,6 +544,11 @@ static int run(worker_t *w)
             fl_error_t err = {0};
             const int rc = sched_step(w->sched, &err);
             worker_beat_step_end(w);
+            if (rc == FL_EPEER) {
+                fl_log_error("worker: the tensor-parallel group failed: %s", err.msg);
+                w->tp_failed = true;
+                return 1;
+            }
             if (rc) {
                 fl_log_error("worker: engine step failed: %s", err.msg);
                 w->last_step_ok = false;
@@ -542,6 +571,7 @@ static int run(worker_t *w)
                 pthread_mutex_unlock(&w->lock);
             }
             worker_heartbeat(w, now);
+            if (w->tp_failed) return 1; /* its liveness step found the group failed */
             pthread_mutex_lock(&w->lock);
             w->next_heartbeat += beat;
             if (w->next_heartbeat < now) w->next_heartbeat = now + beat; /* a long step: do not burst */
@@ -549,6 +579,68 @@ static int run(worker_t *w)
         }
     }
     return 0;
+}
+
+/* Rank 0 of a tensor-parallel group: waits until the other ranks, which got comm_id through the
+ * coordinator, have joined. The heartbeat thread beats meanwhile (as during a step) with engine_ok
+ * false, so the coordinator keeps the group registered but routes nothing to it yet. */
+static int join_group(worker_t *w, fl_error_t *err)
+{
+    fl_log_info("worker waiting for ranks 1..%d of group %s (at most %.0fs)", w->tp - 1, w->group, w->tp_join_timeout_s);
+    w->engine_ok = false;
+    worker_beat_step_begin(w, 0, w->tp_join_timeout_s / 10); /* the thread's hang limit: 10x that */
+    const comm_opts_t o = {.timeout_ms = (int)(w->tp_timeout_s * 1e3), .join_timeout_ms = (int)(w->tp_join_timeout_s * 1e3),
+                           .cancel = (const volatile int *)&g_stop, .backend = w->eng->be};
+    w->comm = comm_init(&w->comm_id, 0, w->tp, &o, err);
+    worker_beat_step_end(w);
+    int rc = w->comm ? FL_OK : err->code;
+    if (!rc) rc = model_set_comm(w->eng->model, w->comm, err);
+    if (!rc) rc = tp_check_group(w->eng->model, w->eng->kv, err);
+    if (rc) return rc;
+    w->engine_ok = true; /* the first heartbeat's liveness step, a step of the whole group, proves it */
+    fl_log_info("worker group %s formed: %d ranks", w->group, w->tp);
+    return FL_OK;
+}
+
+static void install_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal; /* no SA_RESTART: zmq_poll returns EINTR and the loop sees the flag */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+/* A rank other than 0 (worker_follow.c), once its shard is loaded: the process's status. */
+static int follower_main(worker_t *w)
+{
+    fl_error_t err = {0};
+    const model_t *m = w->eng->model;
+    w->kv_blocks = (uint32_t)w->eng->kv->n_blocks;
+    w->block_size = (uint32_t)w->eng->kv->block_size;
+    w->max_context = (uint32_t)(m->max_blocks * w->eng->kv->block_size);
+    fl_log_info("worker group=%s rank=%d of %d model_id=%s backend=%s heads=%d..%d kv_heads=%d..%d ff=%d..%d "
+                "weights_mib=%.1f kv_blocks=%u",
+                w->group, w->rank, w->tp, w->model_id, kern_backend_name(w->eng->be), m->shard.head0,
+                m->shard.head0 + m->shard.n_heads - 1, m->shard.kv_head0, m->shard.kv_head0 + m->shard.n_kv_heads - 1,
+                m->shard.ff0, m->shard.ff0 + m->shard.n_ff - 1, m->weight_bytes / 1048576.0, w->kv_blocks);
+    int rc = 1;
+    if (!(w->zctx = zmq_ctx_new())) {
+        fprintf(stderr, "error: zmq_ctx_new: %s\n", zmq_strerror(errno));
+    } else {
+        install_signals();
+        rc = worker_follow(w, &g_stop, &g_drain);
+    }
+    engine_destroy(&w->eng);
+    comm_destroy(&w->comm);
+    worker_health_clear(w);
+    if (w->zctx) zmq_ctx_term(w->zctx);
+    pthread_cond_destroy(&w->beat_wake);
+    pthread_mutex_destroy(&w->lock);
+    (void)err;
+    return rc;
 }
 
 int main(int argc, char **argv)
@@ -559,7 +651,7 @@ int main(int argc, char **argv)
     const char *endpoint_flag = NULL, *group = "g0", *health_file = NULL, *curve_secret = NULL, *coordinator_key = NULL;
     long kv_events_ms = 100;
     long rank = 0, tp = 1, heartbeat_ms = 1000, max_waiting = 4096, restarts = 0, n;
-    double drain_timeout_s = 60;
+    double drain_timeout_s = 60, tp_timeout_s = 30, tp_join_timeout_s = 300;
     bool fake = false;
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i], *v;
@@ -580,7 +672,11 @@ int main(int argc, char **argv)
         } else if (!strcmp(f, "--rank")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 0, 1024, &rank)) return 2;
         } else if (!strcmp(f, "--tp")) {
-            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 1, 1024, &tp)) return 2;
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 1, COMM_MAX_RANKS, &tp)) return 2;
+        } else if (!strcmp(f, "--tp-timeout-s")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_float(f, v, 0.1, 3600, &tp_timeout_s)) return 2;
+        } else if (!strcmp(f, "--tp-join-timeout-s")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_float(f, v, 0.1, 86400, &tp_join_timeout_s)) return 2;
         } else if (!strcmp(f, "--heartbeat-ms")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 10, 600000, &heartbeat_ms)) return 2;
         } else if (!strcmp(f, "--max-batch-tokens")) {
@@ -624,8 +720,8 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (tp != 1) {
-        fprintf(stderr, "error: --tp %ld: tensor parallelism is not implemented yet; run each group with --tp 1\n", tp);
+    if (tp > 1 && fake) {
+        fprintf(stderr, "error: --tp %ld: a --fake worker has no model to cut\n", tp);
         return 2;
     }
     if (rank >= tp) {
@@ -661,6 +757,10 @@ int main(int argc, char **argv)
     w.heartbeat_ms = (int)heartbeat_ms;
     w.restarts = (uint32_t)restarts;
     w.drain_timeout_s = drain_timeout_s;
+    w.tp_timeout_s = tp_timeout_s;
+    w.tp_join_timeout_s = tp_join_timeout_s;
+    eo.tp_rank = (int)rank;
+    eo.tp_size = (int)tp;
     w.fake = fake;
     w.health_file = health_file && *health_file ? health_file : NULL;
     worker_health_clear(&w); /* a file left by an earlier process proves nothing about this one */
@@ -689,6 +789,13 @@ int main(int argc, char **argv)
         w.eng = engine_new(&eo, &err);
         if (!w.eng) {
             fprintf(stderr, "error: %s\n", err.msg);
+            return 1;
+        }
+        if (w.rank > 0) return follower_main(&w);
+        /* Rank 0 names the group's communicator: NCCL between GPUs, shared memory between CPUs. */
+        if (w.tp > 1 && comm_id_new(kern_uses_device_memory(w.eng->be) ? COMM_NCCL : COMM_HOST, &w.comm_id, &err)) {
+            fprintf(stderr, "error: %s\n", err.msg);
+            engine_destroy(&w.eng);
             return 1;
         }
         so.medusa = w.eng->medusa; /* NULL without heads: AUTO and MEDUSA requests draft by n-gram */
@@ -748,19 +855,31 @@ int main(int argc, char **argv)
     if (rc) {
         fprintf(stderr, "error: %s\n", err.msg);
     } else {
-        struct sigaction sa;
-        memset(&sa, 0, sizeof sa);
-        sa.sa_handler = on_signal; /* no SA_RESTART: zmq_poll returns EINTR and the loop sees the flag */
-        sigemptyset(&sa.sa_mask);
-        sigaction(SIGINT, &sa, NULL);
-        sigaction(SIGTERM, &sa, NULL);
-        signal(SIGPIPE, SIG_IGN);
-        fl_log_info("worker serving identity=%s endpoint=%s encrypted=%s heartbeat_ms=%d", w.identity, w.endpoint,
-                    w.curve ? "yes" : "no", w.heartbeat_ms);
-        rc = run(&w) ? 1 : 0;
+        install_signals();
+        if (w.tp > 1 && join_group(&w, &err)) {
+            fl_log_error("worker: the tensor-parallel group did not form: %s", err.msg);
+            w.tp_failed = true;
+            rc = 1;
+        } else {
+            fl_log_info("worker serving identity=%s endpoint=%s encrypted=%s heartbeat_ms=%d tp=%d", w.identity,
+                        w.endpoint, w.curve ? "yes" : "no", w.heartbeat_ms, w.tp);
+            rc = run(&w) ? 1 : 0;
+        }
         fl_log_info("worker stopping: cancelling live requests, sending DISCONNECT");
     }
     worker_beat_stop(&w);
+    if (w.comm && !w.tp_failed) { /* the other ranks stop with this one */
+        fl_error_t serr = {0};
+        if (tp_stop(w.eng->model, &serr)) fl_log_warn("worker: stopping the other ranks: %s", serr.msg);
+    }
+    if (w.tp_failed && w.sock) {
+        /* No FINALs: the DISCONNECT makes the coordinator fail this group's requests over. */
+        worker_send(&w, WIRE_CMD_DISCONNECT, NULL);
+        const int linger = SHUTDOWN_LINGER_MS;
+        zmq_setsockopt(w.sock, ZMQ_LINGER, &linger, sizeof linger);
+        zmq_close(w.sock);
+        w.sock = NULL;
+    }
     if (w.sched) sched_cancel_all(w.sched); /* every accepted request gets its FINAL */
     /* FINALs that found the queue full get the linger time to find room. */
     for (double until = fl_clock_s() + SHUTDOWN_LINGER_MS * 1e-3; w.sock && !worker_retry_finals(&w) &&
@@ -778,6 +897,7 @@ int main(int argc, char **argv)
     if (w.eng) kv_events_attach(NULL, w.eng->kv);
     kv_events_destroy(&w.kv_events);
     engine_destroy(&w.eng);
+    comm_destroy(&w.comm); /* the model borrowed it */
     worker_reqs_free(&w);
     worker_health_clear(&w);
     if (w.zctx) zmq_ctx_term(w.zctx);
