@@ -12,7 +12,9 @@
  *     4-bit blocks of random data give, with margin);
  *   - a token's numbers do not depend on the call: alone, in a batch, as a prompt token or not;
  *   - tree attention over quantized rows equals causal attention at the same position once the
- *     path is moved there (kern_kv_move moves whole quantized rows). */
+ *     path is moved there (kern_kv_move moves whole quantized rows);
+ *   - sliding windows and soft-capping as ggml's flash attention applies them (mask skipped,
+ *     s = cap * tanh(q.k * scale / cap)), bit for bit. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -142,12 +144,16 @@ static void spec_fa(const kern_attn_t *a, int i, int h, float *out)
     const int32_t *bt = a->block_tables + (size_t)a->tok_seq[i] * a->max_blocks;
     const float *q = a->q + ((size_t)i * a->n_heads + h) * hd;
     float M = -INFINITY, S = 0, vkq[512] = {0}, vr[512];
+    /* soft-capping as ggml's flash attention applies it: scale /= cap, then s = cap * tanh(s) */
+    const float scale = a->softcap > 0.0f ? a->scale / a->softcap : a->scale;
     for (int p = 0; p < kern_attn_len(a, i); p++) {
         if (!kern_attn_visible(a, i, p)) continue;
+        if (a->window > 0 && p <= a->tok_pos[i] - a->window) continue; /* the SWA mask's -inf: skipped */
         const size_t slot = (size_t)bt[p / a->block_size] * a->block_size + p % a->block_size;
         const uint8_t *k = (const uint8_t *)a->k_cache + slot * krow + fl_dtype_row_bytes(kt, hd) * kvh;
         const uint8_t *v = (const uint8_t *)a->v_cache + slot * vrow + fl_dtype_row_bytes(vt, hd) * kvh;
-        const float s = spec_kdot(kt, k, q, hd) * a->scale;
+        float s = spec_kdot(kt, k, q, hd) * scale;
+        if (a->softcap > 0.0f) s = a->softcap * tanhf(s);
         float ms = 1, vs = 1;
         if (s > M) {
             ms = expf(M - s);
@@ -290,6 +296,62 @@ static void attention_matches_flash_spec_and_f16_within_bound(void **state)
     }
 }
 
+/* Sliding windows and soft-capping (Mistral, Gemma) over quantized pools: ggml's flash attention
+ * masks the positions outside the window and caps each score as cap * tanh(q.k * scale / cap); the
+ * kernel gives those bits on every ISA, for decode and prompt tokens past the window. */
+static void window_and_softcap_match_flash_spec(void **state)
+{
+    (void)state;
+    const int nh = 4, nkv = 2, hd = 64, bs = 8, kv_dim = nkv * hd, qdim = nh * hd, max_blocks = 12;
+    const int n_slots = max_blocks * bs;
+    int32_t table[12], all_slots[96];
+    for (int b = 0; b < max_blocks; b++) table[b] = (b * 5 + 3) % max_blocks;
+    for (int i = 0; i < n_slots; i++) all_slots[i] = i;
+    float *k = malloc((size_t)n_slots * kv_dim * 4), *v = malloc((size_t)n_slots * kv_dim * 4);
+    for (int i = 0; i < n_slots * kv_dim; i++) k[i] = rnd_f(-2, 2), v[i] = rnd_f(-1, 1);
+    int32_t seq[8] = {0}, pos[8] = {0, 5, 11, 12, 40, 63, 80, 95};
+    const int n = 8;
+    float *q = malloc((size_t)n * qdim * 4), *out = malloc((size_t)n * qdim * 4), *full = malloc((size_t)n * qdim * 4);
+    for (int i = 0; i < n * qdim; i++) q[i] = rnd_f(-3, 3);
+    static const int pairs[][2] = {{FL_TYPE_Q8_0, FL_TYPE_Q8_0}, {FL_TYPE_Q4_0, FL_TYPE_Q4_0}, {FL_TYPE_Q8_0, FL_TYPE_F16}};
+    static const struct { int window; float softcap, scale; } modes[] = {{12, 0, 0.125f}, {0, 5.0f, 1.0f}, {12, 5.0f, 1.0f}, {7, 2.0f, 0.125f}};
+    for (size_t pi = 0; pi < sizeof pairs / sizeof *pairs; pi++)
+        for (int isa = 0; isa < 3; isa++) {
+            kern_backend_t *be = backend_for(isa, 2);
+            if (!be) continue;
+            const int kt = pairs[pi][0], vt = pairs[pi][1];
+            void *kc = kern_alloc(be, n_slots * kern_kv_row_bytes(kt, kv_dim));
+            void *vc = kern_alloc(be, n_slots * kern_kv_row_bytes(vt, kv_dim));
+            kern_kv_store(be, kc, vc, kt, vt, k, v, all_slots, n_slots, kv_dim);
+            for (size_t mi = 0; mi < sizeof modes / sizeof *modes; mi++) {
+                kern_attn_t a = {.out = out, .q = q, .k_cache = kc, .v_cache = vc, .k_type = kt, .v_type = vt,
+                                 .n_tokens = n, .tok_seq = seq, .tok_pos = pos, .block_tables = table,
+                                 .max_blocks = max_blocks, .block_size = bs, .n_heads = nh, .n_kv_heads = nkv,
+                                 .head_dim = hd, .scale = modes[mi].scale, .window = modes[mi].window,
+                                 .softcap = modes[mi].softcap};
+                kern_attention(be, &a);
+                float ref[64];
+                for (int i = 0; i < n; i++)
+                    for (int h = 0; h < nh; h++) {
+                        spec_fa(&a, i, h, ref);
+                        if (memcmp(out + ((size_t)i * nh + h) * hd, ref, (size_t)hd * 4))
+                            fail_msg("%s K %s V %s window %d softcap %g: token at %d head %d not the flash spec's bits",
+                                     isa_names[isa], fl_dtype_name(kt), fl_dtype_name(vt), a.window, a.softcap, pos[i], h);
+                    }
+                /* the window and the cap do change the result past them (neither is ignored) */
+                kern_attn_t plain = a;
+                plain.window = 0, plain.softcap = 0, plain.out = full;
+                kern_attention(be, &plain);
+                const size_t last = (size_t)(n - 1) * qdim;
+                if (!memcmp(out + last, full + last, (size_t)qdim * 4))
+                    fail_msg("window %d softcap %g: the same numbers as without them", a.window, a.softcap);
+            }
+            kern_free(be, kc), kern_free(be, vc);
+            kern_destroy(&be);
+        }
+    free(k), free(v), free(q), free(out), free(full);
+}
+
 /* A draft tree's node over quantized rows sums what the token at its depth sums once its path's rows
  * sit after the context. */
 static void tree_attention_equals_causal_after_move(void **state)
@@ -357,6 +419,7 @@ int main(void)
         cmocka_unit_test(kv_store_writes_ggml_blocks_on_every_isa),
         cmocka_unit_test(attention_matches_flash_spec_and_f16_within_bound),
         cmocka_unit_test(tree_attention_equals_causal_after_move),
+        cmocka_unit_test(window_and_softcap_match_flash_spec),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
