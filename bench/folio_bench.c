@@ -6,7 +6,9 @@
  *                         (--routing: routing policies over 4 groups with 8 shared prefixes)
  *   folio-bench route     the coordinator's own overhead, with fake instant workers
  *   folio-bench spec      speculative decoding: the cost of a verify step, and tokens/s with no
- *                         speculation, n-gram drafts and Medusa heads on two workloads */
+ *                         speculation, n-gram drafts and Medusa heads on two workloads
+ *   folio-bench kvquant   KV cache types (f16, q8_0, q4_0): capacity, decode at long context, the
+ *                         prefix workload on a tight budget */
 #include <stdio.h>
 #include <string.h>
 
@@ -23,13 +25,16 @@ int main(int argc, char **argv)
                 "            --routing: prefix-cache hit rate of the routing policies over several groups\n"
                 "  route     the coordinator's added latency and routed requests/s (fake workers)\n"
                 "  spec      speculative decoding: verify-step cost; tokens/s, accepted tokens per step and\n"
-                "            speed-up of n-gram and Medusa drafts over none; lossless check\n");
+                "            speed-up of n-gram and Medusa drafts over none; lossless check\n"
+                "  kvquant   KV cache types side by side: bytes per token, capacity, decode at long context,\n"
+                "            prefix workload on a tight budget\n");
         return argc < 2 ? 2 : 0;
     }
     if (!strcmp(argv[1], "engine")) return bench_engine(argc - 1, argv + 1);
     if (!strcmp(argv[1], "prefix")) return bench_prefix(argc - 1, argv + 1);
     if (!strcmp(argv[1], "route")) return bench_route(argc - 1, argv + 1);
     if (!strcmp(argv[1], "spec")) return bench_spec(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "kvquant")) return bench_kvquant(argc - 1, argv + 1);
     fprintf(stderr, "error: unknown benchmark '%s'\n", argv[1]);
     return 2;
 }

@@ -130,6 +130,14 @@ static void worker_argv(const cluster_t *c, int i, const char *model, char *path
     arg(a, model);
     if (c->opts.kv_budget_bytes) arg_num(a, "--kv-budget", (unsigned long long)c->opts.kv_budget_bytes);
     if (c->opts.block_size > 0) arg_num(a, "--block-size", (unsigned long long)c->opts.block_size);
+    if (c->opts.kv_type_k) {
+        arg(a, "--kv-type-k");
+        arg(a, kv_type_name(c->opts.kv_type_k));
+    }
+    if (c->opts.kv_type_v) {
+        arg(a, "--kv-type-v");
+        arg(a, kv_type_name(c->opts.kv_type_v));
+    }
     if (c->opts.max_batch_tokens > 0) arg_num(a, "--max-batch-tokens", (unsigned long long)c->opts.max_batch_tokens);
     if (c->opts.no_prefix_cache) arg(a, "--no-prefix-cache");
     if (c->opts.heartbeat_ms > 0) arg_num(a, "--heartbeat-ms", (unsigned long long)c->opts.heartbeat_ms);

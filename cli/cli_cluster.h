@@ -38,6 +38,7 @@ typedef struct cluster_opts {
     const char *policy;           /* coordinator routing policy; NULL: its default */
     size_t kv_budget_bytes;       /* per worker; 0: the worker's default */
     int block_size;               /* 0: default */
+    int kv_type_k, kv_type_v;     /* workers' --kv-type-k/-v (KV types, kernels.h); 0: their default */
     int max_batch_tokens;         /* 0: default */
     bool no_prefix_cache;
     int heartbeat_ms;             /* 0: default (1000) */

@@ -85,6 +85,10 @@ int cmd_status(const ctl_flags_t *f)
                    g->last_heartbeat_age_s);
         }
         if (!s->n_groups) printf("(no worker groups registered)\n");
+        for (size_t i = 0; i < s->n_groups; i++) /* KV cache: element type, bytes per token, capacity */
+            if (*s->groups[i]->kv_type)
+                printf("kv cache %s: %s, %u bytes/token, %llu tokens\n", s->groups[i]->name, s->groups[i]->kv_type,
+                       s->groups[i]->kv_bytes_per_token, (unsigned long long)s->groups[i]->kv_capacity_tokens);
         if (s->tenant_view) /* a CURVE key without the admin role sees its own requests only */
             printf("policy %s, block size %u; tenant %s: %llu requests in flight (every tenant's figures need an "
                    "admin key)\n",
@@ -180,6 +184,8 @@ int cmd_up(const ctl_flags_t *f)
                         .policy = f->policy,
                         .kv_budget_bytes = f->engine.kv_budget_bytes,
                         .block_size = f->engine.block_size,
+                        .kv_type_k = f->engine.kv_type_k,
+                        .kv_type_v = f->engine.kv_type_v,
                         .max_batch_tokens = (int)f->max_batch_tokens,
                         .no_prefix_cache = f->no_prefix_cache,
                         .heartbeat_ms = (int)f->heartbeat_ms,

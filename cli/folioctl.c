@@ -67,7 +67,7 @@ static void usage(FILE *f)
             "  --no-migrate          a group lost mid-stream ends the request UNAVAILABLE with the tokens sent\n"
             "                        (default: the stream goes on on another group, the same output)\n"
             "  --local               chat offline in this process instead of through a coordinator\n"
-            "up flags (with -m, --kv-budget, --block-size, --heads below, passed to every worker):\n"
+            "up flags (with -m, --kv-budget, --kv-type, --block-size, --heads below, passed to every worker):\n"
             "  --groups N            worker groups, one process each (default 2)\n"
             "  --tp N                tensor parallelism: N worker processes (ranks) per group, each with\n"
             "                        1/N of the model (default 1)\n"

@@ -302,6 +302,9 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         gs[i].draining = g->draining;
         gs[i].restarts = g->restarts;
         gs[i].model_id = (char *)g->model_id;
+        gs[i].kv_type = (char *)g->kv_type;
+        gs[i].kv_bytes_per_token = g->kv_bytes_per_token;
+        gs[i].kv_capacity_tokens = (uint64_t)g->kv_blocks * g->block_size;
         if (g->have_load) {
             loads[i] = g->load;
             gs[i].load = &loads[i];

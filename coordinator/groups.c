@@ -75,6 +75,8 @@ int groups_register(groups_t *gs, const Folio__V1__WorkerHello *h, const uint8_t
                                                                       : (uint32_t)kv_tokens;
         g->restarts = h->restarts;
         snprintf(g->model_id, sizeof g->model_id, "%s", h->model_id);
+        snprintf(g->kv_type, sizeof g->kv_type, "%s", h->kv_type);
+        g->kv_bytes_per_token = h->kv_bytes_per_token;
         g->comm_id_len = h->comm_id.len;
         if (h->comm_id.len) memcpy(g->comm_id, h->comm_id.data, h->comm_id.len);
     }

@@ -41,6 +41,8 @@ typedef struct group {
      * more than its KV cache holds (kv_blocks x block_size) */
     uint32_t max_context;
     uint32_t restarts;          /* WorkerHello.restarts of rank 0: times its supervisor restarted it */
+    char kv_type[16];           /* WorkerHello.kv_type and kv_bytes_per_token of rank 0 */
+    uint32_t kv_bytes_per_token;
     uint8_t comm_id[GROUP_COMM_ID_MAX]; /* rank 0's communicator id (tp_size > 1), for the other ranks */
     size_t comm_id_len;
     group_member_t ranks[GROUP_MAX_RANKS];

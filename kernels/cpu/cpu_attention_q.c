@@ -19,7 +19,10 @@
  * ggml_vec_dot_f16 (cpu_simd.h). The file builds with fp-contract off: every fma is written out.
  *
  * Tree attention reads the visible positions compacted in order, as cpu_attention.c does, so a
- * verified draft token sums what plain decoding sums at its position.
+ * verified draft token sums what plain decoding sums at its position. A sliding window's masked
+ * positions are skipped (ggml skips a -inf mask); soft-capping is ggml's flash form: s = cap *
+ * tanh(dot * (scale / cap)), not the scale-tanh-scale of the f16 path (checked against this
+ * description only, not against llama.cpp on a soft-capped model).
  *
  * Work items are (token, KV head): the query heads sharing a KV head walk the positions together, so
  * each K/V row is read and converted once for them. An item first computes every score, then each
@@ -141,16 +144,13 @@ static float kdot_q_scalar(int k_type, const uint8_t *k, const fl_block_q8_0_t *
     return hsum8(acc);
 }
 
-/* The 8 lane sums of 4 byte products (x signed, y signed), as float. */
-static inline CPU_AVX2 __m256 lanes_i8(__m256i x, __m256i y)
+/* The G heads' dots with one K row of nb blocks (each block decoded once for them); q holds the G
+ * heads' Q8_0 rows one after another, qd their scales as floats. */
+static CPU_AVX2 void kdot_q_avx2(int k_type, const uint8_t *k, const fl_block_q8_0_t *q, const float *qd, int nb,
+                                 int G, float *out)
 {
-    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-}
-
-static CPU_AVX2 float kdot_q_avx2(int k_type, const uint8_t *k, const fl_block_q8_0_t *q, int nb)
-{
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[ATTNQ_MAX_GROUP];
+    for (int h = 0; h < G; h++) acc[h] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         __m256i kx;
         float dk;
@@ -165,12 +165,19 @@ static CPU_AVX2 float kdot_q_avx2(int k_type, const uint8_t *k, const fl_block_q
             kx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(15));
             kx = _mm256_sub_epi8(kx, _mm256_set1_epi8(8));
         }
-        const __m256 dd = _mm256_set1_ps(dk * block_d(&q[b]));
-        acc = _mm256_fmadd_ps(dd, lanes_i8(kx, _mm256_loadu_si256((const __m256i *)q[b].qs)), acc);
+        const __m256i ax = _mm256_sign_epi8(kx, kx);
+        for (int h = 0; h < G; h++) {
+            const __m256i qy = _mm256_loadu_si256((const __m256i *)q[(size_t)h * nb + b].qs);
+            const __m256i p16 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, kx));
+            const __m256 lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+            acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(dk * qd[(size_t)h * nb + b]), lanes, acc[h]);
+        }
     }
-    float l[8];
-    _mm256_storeu_ps(l, acc);
-    return hsum8(l);
+    for (int h = 0; h < G; h++) { /* hsum_float_8 */
+        const __m128 r4 = _mm_add_ps(_mm256_extractf128_ps(acc[h], 1), _mm256_castps256_ps128(acc[h]));
+        const __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+        out[h] = _mm_cvtss_f32(_mm_add_ss(r2, _mm_movehdup_ps(r2)));
+    }
 }
 
 /* ---- V sums: y = fma(x, v, y) and y *= v per element, in f32 or (F16 V) rounded to f16 ---- */
@@ -247,8 +254,8 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
     const int32_t *bt = a->block_tables + (size_t)a->tok_seq[i] * a->max_blocks;
     const int bs = a->block_size;
     int len = 0;
-    const int n_pos = kern_attn_len(a, i);
-    for (int p = 0; p < n_pos; p++)
+    const int n_pos = kern_attn_len(a, i), lo = a->window > 0 ? a->tok_pos[i] - a->window + 1 : 0;
+    for (int p = lo > 0 ? lo : 0; p < n_pos; p++) /* outside the window: masked, skipped as ggml skips -inf */
         if (kern_attn_visible(a, i, p)) slots[len++] = bt[p / bs] * bs + p % bs;
     const size_t qoff = ((size_t)i * a->n_heads + (size_t)kvh * G) * hd;
     if (len == 0) { /* nothing visible: a zero row, as cpu_attention */
@@ -269,18 +276,25 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
 
     /* scores */
     const uint8_t *kc = a->k_cache, *vc = a->v_cache;
+    const int nb = hd / FL_QK;
+    /* soft-capping as ggml's flash attention does it: scale / cap, then cap * tanh */
+    const float scale = a->softcap > 0.0f ? a->scale / a->softcap : a->scale;
+    float qd[ATTNQ_MAX_GROUP * ATTNQ_MAX_HEAD_DIM / FL_QK], dots[ATTNQ_MAX_GROUP] = {0};
+    if (!kf16)
+        for (int b = 0; b < G * nb; b++) qd[b] = block_d(&q8[b]);
     for (int j = 0; j < len; j++) {
         const uint8_t *k = kc + (size_t)slots[j] * krow + khead;
+        if (!kf16 && isa != CPU_ISA_SCALAR) kdot_q_avx2(c->k_type, k, q8, qd, nb, G, dots);
         for (int h = 0; h < G; h++) {
-            float dot;
+            float dot = dots[h];
             if (kf16)
                 dot = isa == CPU_ISA_SCALAR ? cpu_vecdot_f16_scalar((const fl_f16_t *)k, qbuf + (size_t)h * hd, hd)
                                             : cpu_vecdot_f16_avx2((const fl_f16_t *)k, qbuf + (size_t)h * hd, hd);
             else if (isa == CPU_ISA_SCALAR)
-                dot = kdot_q_scalar(c->k_type, k, q8 + (size_t)h * (hd / FL_QK), hd / FL_QK);
-            else
-                dot = kdot_q_avx2(c->k_type, k, q8 + (size_t)h * (hd / FL_QK), hd / FL_QK);
-            sc[(size_t)h * maxlen + j] = dot * a->scale;
+                dot = kdot_q_scalar(c->k_type, k, q8 + (size_t)h * nb, nb);
+            float sj = dot * scale;
+            if (a->softcap > 0.0f) sj = a->softcap * tanhf(sj);
+            sc[(size_t)h * maxlen + j] = sj;
         }
     }
 

@@ -43,14 +43,19 @@ static int setup(void **state)
     return tiny_model_write("sched", &p);
 }
 
-/* 256 bytes of KV per token (2 layers x 2 KV heads x 16 dims x K,V x f16): 1 KiB per block. */
+/* The KV cache's element type and its bytes per token: 256 for the tiny model in f16 (2 layers x 2
+ * KV heads x 16 dims x K,V x f16), 1 KiB per block. */
+static int g_kv_type = FL_TYPE_F16;
+static size_t g_kv_token_bytes = 256;
+
 static engine_t *open_engine(int kv_blocks, int max_ctx)
 {
     fl_error_t err = {0};
     /* Up to 64 tokens per step every row is computed the same way whatever the batch. */
     engine_opts_t o = {.model_path = g_tiny_model, .backend = "cpu", .threads = 2, .max_batch_tokens = 64,
                        .block_size = BLOCK, .max_seqs = 16, .max_ctx = max_ctx,
-                       .kv_budget_bytes = (size_t)kv_blocks * 256 * BLOCK};
+                       .kv_budget_bytes = (size_t)kv_blocks * g_kv_token_bytes * BLOCK, .kv_type_k = g_kv_type,
+                       .kv_type_v = g_kv_type};
     engine_t *e = engine_new(&o, &err);
     if (!e) fail_msg("engine_new: %s", err.msg);
     assert_int_equal(e->kv->n_blocks, kv_blocks);
@@ -187,9 +192,8 @@ static void count_drafts(const record_t *r, int *drafted, int *accepted)
 /* Speculation is lossless: the references (a) run without it, every other run with n-gram drafts
  * (some of them accepted), and the CPU's logits of a verified draft are those plain decoding
  * computes, so even sampled tokens (drawn by (seed, index)) are the same. */
-static void output_is_identical_alone_batched_cached_and_preempted(void **state)
+static void identical_outputs(void)
 {
-    (void)state;
     make_prompts();
     /* the second half of prompts 3.. repeats their first: drafts exist from the start */
     for (int i = 3; i < N_REQ; i++)
@@ -264,6 +268,37 @@ static void output_is_identical_alone_batched_cached_and_preempted(void **state)
         if (temp == 0) assert_true(accepted > 0); /* (the seeds are fixed: this does not vary) */
         g_spec = SCHED_SPEC_AUTO;
     }
+}
+
+static void output_is_identical_alone_batched_cached_and_preempted(void **state)
+{
+    (void)state;
+    identical_outputs();
+}
+
+/* The same with quantized KV blocks (Q8_0, Q4_0; a model of head_dim 32, whole blocks per head):
+ * prefix-cache hits read blocks another request wrote, preempted sequences recompute theirs, and
+ * every output equals the one alone. */
+static void quantized_kv_outputs_identical_alone_cached_and_preempted(void **state)
+{
+    (void)state;
+    char f16_model[sizeof g_tiny_model];
+    memcpy(f16_model, g_tiny_model, sizeof f16_model);
+    mkmodel_params_t p;
+    mkmodel_params_default(&p);
+    p.seed = 12;
+    p.n_heads = 2; /* head_dim 32 */
+    assert_int_equal(tiny_model_write("sched_kvq", &p), 0);
+    const int types[2] = {FL_TYPE_Q8_0, FL_TYPE_Q4_0};
+    for (int t = 0; t < 2; t++) {
+        g_kv_type = types[t];
+        g_kv_token_bytes = 2 * 2 * kern_kv_row_bytes(types[t], 2 * 32);
+        identical_outputs();
+    }
+    unlink(g_tiny_model);
+    memcpy(g_tiny_model, f16_model, sizeof f16_model);
+    g_kv_type = FL_TYPE_F16;
+    g_kv_token_bytes = 256;
 }
 
 /* Longer outputs, where this random model falls into loops that drafts predict: n-gram chains and
@@ -1062,6 +1097,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(output_is_identical_alone_batched_cached_and_preempted),
+        cmocka_unit_test(quantized_kv_outputs_identical_alone_cached_and_preempted),
         cmocka_unit_test(speculative_long_outputs_equal_plain_decoding),
         cmocka_unit_test(constrained_outputs_match_with_and_without_speculation),
         cmocka_unit_test(long_generation_preempted_and_recomputed_keeps_its_tokens),

@@ -48,6 +48,8 @@ typedef struct worker {
     unsigned connections;
     uint64_t epoch;
     char model_id[320];
+    char kv_type[16];          /* WorkerHello.kv_type: kv_cache_type_name */
+    uint32_t kv_bytes_per_token;
     uint32_t kv_blocks, block_size, max_context;
 
     /* Engine (NULL in --fake mode). */

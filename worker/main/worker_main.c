@@ -228,6 +228,8 @@ static void send_ready(worker_t *w)
     h.epoch = w->epoch;
     h.max_context = w->max_context;
     h.restarts = w->restarts;
+    h.kv_type = w->kv_type;
+    h.kv_bytes_per_token = w->kv_bytes_per_token;
     if (!worker_send(w, WIRE_CMD_READY, &h.base))
         fl_log_info("worker ready sent endpoint=%s identity=%s", w->endpoint, w->identity);
 }
@@ -821,6 +823,8 @@ int main(int argc, char **argv)
         fl_log_info("worker sampling defaults: %s", defaults);
         w.kv_blocks = (uint32_t)st.kv_blocks_total;
         w.block_size = (uint32_t)kv->block_size;
+        kv_cache_type_name(kv, w.kv_type, sizeof w.kv_type);
+        w.kv_bytes_per_token = (uint32_t)kv->bytes_per_token;
         /* The longest sequence it can really serve: the model's context, or all of the KV cache if
          * that is less. */
         const uint32_t kv_tokens = w.kv_blocks * w.block_size;
@@ -837,13 +841,16 @@ int main(int argc, char **argv)
             kv_events_attach(w.kv_events, w.eng->kv);
             w.kv_events_ms = (int)kv_events_ms;
         }
-        fl_log_info("worker group=%s rank=%d model=%s model_id=%s backend=%s kv_bytes_per_token=%zu "
-                    "(2 x %d layers x %d kv_heads x %d head_dim x 2 bytes) kv_capacity_tokens=%u kv_blocks=%u "
-                    "block_size=%u max_context=%u",
-                    w.group, w.rank, model_path, w.model_id, kern_backend_name(w.eng->be), kv->bytes_per_token,
-                    m->cfg.n_layers,
-                    m->cfg.n_kv_heads, m->cfg.head_dim, w.kv_blocks * w.block_size, w.kv_blocks, w.block_size,
-                    w.max_context);
+        /* bytes per element: 2 for f16, 34/32 for q8_0, 18/32 for q4_0 (whole 32-element blocks) */
+        const int64_t kb = (int64_t)fl_dtype_block_bytes(kv->k_type), ke = fl_dtype_block_elems(kv->k_type);
+        const int64_t vb = (int64_t)fl_dtype_block_bytes(kv->v_type), ve = fl_dtype_block_elems(kv->v_type);
+        fl_log_info("worker group=%s rank=%d model=%s model_id=%s backend=%s kv_type=%s kv_bytes_per_token=%zu "
+                    "(%d layers x %d kv_heads x %d head_dim x (%lld/%lld K + %lld/%lld V bytes per element)) "
+                    "kv_capacity_tokens=%u kv_blocks=%u block_size=%u max_context=%u",
+                    w.group, w.rank, model_path, w.model_id, kern_backend_name(w.eng->be), w.kv_type,
+                    kv->bytes_per_token, m->cfg.n_layers, kv->n_kv_heads, m->cfg.head_dim, (long long)kb,
+                    (long long)ke, (long long)vb, (long long)ve, w.kv_blocks * w.block_size, w.kv_blocks,
+                    w.block_size, w.max_context);
     }
     int rc = worker_reqs_init(&w, n_slots, &err);
     if (!rc) {
