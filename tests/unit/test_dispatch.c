@@ -27,7 +27,9 @@
  * reach the client, and Status shows each group's speculation totals and mean accepted length; Status
  * carries each group's requests ended (by finish reason and status) and its histograms of first
  * token, inter-token (streamed: per delta; unstreamed: the worker's mean), end-to-end and queue time
- * and tokens, cumulative, with requests refused at the door under no group. */
+ * and tokens, cumulative, with requests refused at the door under no group. Under cache-aware routing
+ * a group's KV_EVENTS draw the prompts whose blocks it reports (Status counts them), and its entries
+ * go when its rank 0 registers again or it dies. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -75,6 +77,7 @@ static int setup(void **state)
     c->hb_s = 1.0;
     if (!(c->router = router_new(c->opts.policy, c->opts.load_factor, c->opts.load_floor, NULL))) return -1;
     if (!(c->reqs = reqs_new(c->opts.max_inflight, NULL))) return -1;
+    if (!(c->kv_index = kv_index_new(1024, NULL))) return -1;
     if (!(c->groups = malloc(sizeof *c->groups))) return -1;
     groups_init(c->groups);
     c->zctx = zmq_ctx_new();
@@ -104,6 +107,7 @@ static int teardown(void **state)
     zmq_close(c->workers);
     zmq_ctx_term(c->zctx);
     reqs_destroy(&c->reqs);
+    kv_index_destroy(&c->kv_index);
     router_destroy(&c->router);
     free(c->groups);
     free(c);
@@ -1414,6 +1418,74 @@ static void test_status_carries_each_groups_request_counts_and_latency_histogram
     expect_nothing_more();
 }
 
+/* KV_EVENTS from group g<w>: these blocks stored (a reset snapshot when seq is 1). */
+static void worker_kv_events(int w, uint64_t seq, const uint64_t *stored, size_t n)
+{
+    Folio__V1__KvEvents ev = FOLIO__V1__KV_EVENTS__INIT;
+    ev.seq = seq;
+    ev.reset = seq == 1;
+    ev.stored = (uint64_t *)stored;
+    ev.n_stored = n;
+    worker_send(w, WIRE_CMD_KV_EVENTS, &ev.base);
+}
+
+/* An unstreamed Generate of toks (max_tokens 4) that the worker ends at once: the group that got it. */
+static int generate_where(uint64_t id, const int32_t *toks, int n)
+{
+    client_generate_tokens(id, "", 0, false, toks, n, 4);
+    uint64_t wid = 0;
+    const int w = which_worker(&wid);
+    worker_final(w, wid, FOLIO__V1__STATUS_CODE__OK, FOLIO__V1__FINISH_REASON__FINISH_LENGTH, 4);
+    pump();
+    folio__v1__response__free_unpacked(expect_final(id, FOLIO__V1__STATUS_CODE__OK), NULL);
+    return w;
+}
+
+static void test_cache_aware_routes_to_reported_blocks_until_their_group_restarts_or_dies(void **state)
+{
+    (void)state;
+    coord_t *c = F.c;
+    router_destroy(&c->router);
+    c->router = router_new(ROUTER_CACHE_AWARE, c->opts.load_factor, c->opts.load_floor, NULL);
+    assert_non_null(c->router);
+    register_workers(2);
+    int32_t toks[64]; /* 4 blocks of 16, the default tenant */
+    for (int i = 0; i < 64; i++) toks[i] = 3 + i;
+    block_hash_t h[4];
+    assert_int_equal(block_hash_prefix(block_hash_salt("", 0), toks, 64, 16, h, 4), 4);
+    const uint64_t lo[4] = {h[0].lo, h[1].lo, h[2].lo, h[3].lo};
+    const int home = generate_where(1, toks, 64); /* nobody holds it: consistent hashing */
+    const int other = 1 - home;
+    /* The other group reports holding its blocks: it gets the prompt. */
+    worker_kv_events(other, 1, lo, 4);
+    pump();
+    assert_int_equal(kv_index_group_size(c->kv_index, other), 4);
+    assert_int_equal(generate_where(2, toks, 64), other);
+    Folio__V1__Response *sr;
+    const Folio__V1__StatusReply *s = client_status(3, &sr);
+    assert_int_equal(s->routed_by_cache, 1);
+    assert_int_equal(s->routed_cached_blocks, 4);
+    assert_int_equal(s->kv_index_entries, 4);
+    assert_int_equal(s->kv_index_capacity, 1024);
+    assert_int_equal(s->groups[other]->kv_index_blocks, 4);
+    folio__v1__response__free_unpacked(sr, NULL);
+    /* Its rank 0 registers again (a restart, or a new connection): the entries go. */
+    worker_ready(other, 100, 256);
+    worker_heartbeat(other, NULL, 0);
+    pump();
+    assert_true(c->groups->table[other].routable);
+    assert_int_equal(kv_index_group_size(c->kv_index, other), 0);
+    assert_int_equal(generate_where(4, toks, 64), home);
+    /* Reported again, then the group dies: the entries go with it. */
+    worker_kv_events(other, 1, lo, 4);
+    pump();
+    assert_int_equal(kv_index_size(c->kv_index), 4);
+    worker_send(other, WIRE_CMD_DISCONNECT, NULL);
+    pump();
+    assert_int_equal(kv_index_size(c->kv_index), 0);
+    expect_nothing_more();
+}
+
 static void test_an_unreadable_or_oversized_body_is_answered_under_the_id_and_method_it_carries(void **state)
 {
     (void)state;
@@ -1516,6 +1588,7 @@ int main(void)
         T(test_id_0_invalid_utf8_and_a_streamed_generate_from_a_req_socket_are_refused),
         T(test_spec_and_max_draft_are_checked_then_forwarded_and_status_shows_the_accepted_length),
         T(test_status_carries_each_groups_request_counts_and_latency_histograms),
+        T(test_cache_aware_routes_to_reported_blocks_until_their_group_restarts_or_dies),
         T(test_an_unreadable_or_oversized_body_is_answered_under_the_id_and_method_it_carries),
         T(test_peek_reads_id_and_method_from_the_front_of_any_body),
     };
