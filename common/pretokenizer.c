@@ -27,19 +27,32 @@ typedef struct {
  * a remainder shorter than k joins the following text ([0-9][0-9][0-9] with k = 3, \p{N} with k = 1). */
 typedef bool (*cp_pred_t)(uint32_t cp, uint8_t fl);
 
-static int split_runs(const text_t *s, const int32_t *in, int n_in, int32_t *out, cp_pred_t pred, int chunk)
+/* A character class: code points whose unicode_flags meet mask (\p{N}, \p{L}, \p{P}), or else those
+ * pred accepts (literal classes). The mask is tested inline: the common rules make no call per code
+ * point. */
+typedef struct {
+    uint8_t mask;
+    cp_pred_t pred;
+} cls_t;
+
+static inline __attribute__((always_inline)) bool in_class(cls_t c, uint32_t cp, uint8_t fl)
+{
+    return c.mask ? (fl & c.mask) != 0 : c.pred(cp, fl);
+}
+
+static int split_runs(const text_t *s, const int32_t *in, int n_in, int32_t *out, cls_t c, int chunk)
 {
     int n_out = 0;
     int32_t start = 0;
     for (int k = 0; k < n_in; k++) {
         int32_t end = start + in[k], gap = start, pos = start;
         while (pos < end) {
-            if (!pred(s->cps[pos], s->fl[pos])) {
+            if (!in_class(c, s->cps[pos], s->fl[pos])) {
                 pos++;
                 continue;
             }
             int32_t run_end = pos;
-            while (run_end < end && pred(s->cps[run_end], s->fl[run_end])) run_end++;
+            while (run_end < end && in_class(c, s->cps[run_end], s->fl[run_end])) run_end++;
             int32_t len = run_end - pos;
             int32_t matched = chunk ? len / chunk * chunk : len;
             if (matched > 0) {
@@ -59,7 +72,7 @@ static int split_runs(const text_t *s, const int32_t *in, int n_in, int32_t *out
 }
 
 /* \s?C+ (C never holds whitespace): words of the class, each taking one whitespace before it. */
-static int split_space_runs(const text_t *s, const int32_t *in, int n_in, int32_t *out, cp_pred_t pred)
+static int split_space_runs(const text_t *s, const int32_t *in, int n_in, int32_t *out, cls_t c)
 {
     int n_out = 0;
     int32_t start = 0;
@@ -68,15 +81,15 @@ static int split_space_runs(const text_t *s, const int32_t *in, int n_in, int32_
         int32_t gap = start, pos = start;
         while (pos < end) {
             int32_t m = pos, run;
-            if ((s->fl[pos] & UNICODE_SPACE) && pos + 1 < end && pred(s->cps[pos + 1], s->fl[pos + 1]))
+            if ((s->fl[pos] & UNICODE_SPACE) && pos + 1 < end && in_class(c, s->cps[pos + 1], s->fl[pos + 1]))
                 run = pos + 1;
-            else if (pred(s->cps[pos], s->fl[pos]))
+            else if (in_class(c, s->cps[pos], s->fl[pos]))
                 run = pos;
             else {
                 pos++;
                 continue;
             }
-            while (run < end && pred(s->cps[run], s->fl[run])) run++;
+            while (run < end && in_class(c, s->cps[run], s->fl[run])) run++;
             if (m > gap) out[n_out++] = m - gap;
             out[n_out++] = run - m;
             gap = pos = run;
@@ -111,13 +124,15 @@ static int split_trailing_space(const text_t *s, const int32_t *in, int n_in, in
 /* unicode_regex_split_custom_gpt2: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ */
 static int split_gpt2(const text_t *s, const int32_t *in, int n_in, int32_t *out)
 {
+    const uint32_t *restrict cps = s->cps; /* restrict: out's stores leave them be */
+    const uint8_t *restrict fl = s->fl;
     int n_out = 0;
     int32_t start = 0;
     for (int k = 0; k < n_in; k++) {
         const int32_t ini = start, end = start + in[k];
         start = end;
-#define CPT(p) ((p) >= ini && (p) < end ? s->cps[p] : OUT_OF_RANGE)
-#define FLG(p) ((p) >= ini && (p) < end ? s->fl[p] : 0)
+#define CPT(p) ((p) >= ini && (p) < end ? cps[p] : OUT_OF_RANGE)
+#define FLG(p) ((p) >= ini && (p) < end ? fl[p] : 0)
         int32_t prev_end = ini;
 #define ADD(e_)                                                                                                        \
     do {                                                                                                               \
@@ -187,8 +202,11 @@ static uint32_t ascii_lower(uint32_t c) { return c >= 'A' && c <= 'Z' ? c + 32 :
  *  ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+ with max_digits = 3. Qwen2's regex is the same with
  * \p{N} for \p{N}{1,3}: llama.cpp runs it through std::regex, which (leftmost, first alternative that
  * matches, greedy) cuts the same words as this matcher with max_digits = 1. */
-static int split_llama3(const text_t *s, const int32_t *in, int n_in, int32_t *out, int max_digits)
+static inline __attribute__((always_inline)) int split_llama3(const text_t *s, const int32_t *in, int n_in,
+                                                             int32_t *out, int max_digits)
 {
+    const uint32_t *restrict cps = s->cps;
+    const uint8_t *restrict fl = s->fl;
     int n_out = 0;
     int32_t start = 0;
     for (int k = 0; k < n_in; k++) {
@@ -274,9 +292,6 @@ static int split_llama3(const text_t *s, const int32_t *in, int n_in, int32_t *o
 
 /* ---- classes ---- */
 
-static bool is_number(uint32_t cp, uint8_t fl) { return fl & UNICODE_NUMBER; }
-static bool is_letter(uint32_t cp, uint8_t fl) { return fl & UNICODE_LETTER; }
-static bool is_punct(uint32_t cp, uint8_t fl) { return fl & UNICODE_PUNCT; }
 static bool is_ascii_digit(uint32_t cp, uint8_t fl) { return cp >= '0' && cp <= '9'; }
 static bool is_newline(uint32_t cp, uint8_t fl) { return cp == '\r' || cp == '\n'; }
 
@@ -339,8 +354,8 @@ static bool is_deepseek_cjk(uint32_t cp, uint8_t fl) { return in_literal_class(D
 
 typedef enum {
     RULE_END = 0,
-    RULE_RUNS,           /* runs of pred, cut into chunks of n (0: whole runs) */
-    RULE_SPACE_RUNS,     /* \s?C+ with C = pred */
+    RULE_RUNS,           /* runs of the class, cut into chunks of n (0: whole runs) */
+    RULE_SPACE_RUNS,     /* \s?C+ with C the class */
     RULE_TRAILING_SPACE, /* \s+$ */
     RULE_GPT2,
     RULE_LLAMA3, /* n: the longest number a word holds (\p{N}{1,n}) */
@@ -348,7 +363,7 @@ typedef enum {
 
 typedef struct {
     rule_kind_t kind;
-    cp_pred_t pred;
+    cls_t cls;
     int n;
 } rule_t;
 
@@ -364,34 +379,34 @@ struct pretok {
 /* llama.cpp's llm_tokenizer_bpe regexes (llama-vocab.cpp), one row per distinct list. */
 static const pretok_t PRETOKENIZERS[] = {
     {.names = {"default"}, /* [\p{P}\$\+<=>\^~\|]+ | gpt2 | \p{N}+ | [0-9][0-9][0-9] */
-     .rules = {{RULE_RUNS, is_default_punct, 0}, {RULE_GPT2, NULL, 0}, {RULE_RUNS, is_number, 0},
-               {RULE_RUNS, is_ascii_digit, 3}}},
+     .rules = {{RULE_RUNS, {0, is_default_punct}, 0}, {RULE_GPT2, {0, NULL}, 0}, {RULE_RUNS, {UNICODE_NUMBER, NULL}, 0},
+               {RULE_RUNS, {0, is_ascii_digit}, 3}}},
     {.names = {"gpt2", "gpt-2", "mpt", "phi-2", "olmo", "jais", "trillion", "exaone4", "jina-es", "jina-de",
                "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum"},
-     .rules = {{RULE_GPT2, NULL, 0}}},
+     .rules = {{RULE_GPT2, {0, NULL}, 0}}},
     {.names = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}, /* \p{N} | gpt2 */
-     .rules = {{RULE_RUNS, is_number, 1}, {RULE_GPT2, NULL, 0}}},
+     .rules = {{RULE_RUNS, {UNICODE_NUMBER, NULL}, 1}, {RULE_GPT2, {0, NULL}, 0}}},
     {.names = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"},
-     .rules = {{RULE_LLAMA3, NULL, 3}},
+     .rules = {{RULE_LLAMA3, {0, NULL}, 3}},
      .ignore_merges = true,
      .add_bos = true},
-    {.names = {"dbrx", "smaug-bpe"}, .rules = {{RULE_LLAMA3, NULL, 3}}},
-    {.names = {"qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan"}, .rules = {{RULE_LLAMA3, NULL, 1}}},
+    {.names = {"dbrx", "smaug-bpe"}, .rules = {{RULE_LLAMA3, {0, NULL}, 3}}},
+    {.names = {"qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan"}, .rules = {{RULE_LLAMA3, {0, NULL}, 1}}},
     {.names = {"falcon"}, /* [\p{P}\$\+<=>\^~\|`]+ | gpt2 | [0-9][0-9][0-9] */
-     .rules = {{RULE_RUNS, is_falcon_punct, 0}, {RULE_GPT2, NULL, 0}, {RULE_RUNS, is_ascii_digit, 3}}},
+     .rules = {{RULE_RUNS, {0, is_falcon_punct}, 0}, {RULE_GPT2, {0, NULL}, 0}, {RULE_RUNS, {0, is_ascii_digit}, 3}}},
     {.names = {"deepseek-llm"}, /* [\r\n] | \s?[A-Za-zµÀ-Ö...]+ | \s?[!-/:-~...]+ | \s+$ | [一-龥ࠀ-一가-퟿]+ | \p{N}+ */
-     .rules = {{RULE_RUNS, is_newline, 1},
-               {RULE_SPACE_RUNS, is_deepseek_letter, 0},
-               {RULE_SPACE_RUNS, is_deepseek_punct, 0},
-               {RULE_TRAILING_SPACE, NULL, 0},
-               {RULE_RUNS, is_deepseek_cjk, 0},
-               {RULE_RUNS, is_number, 0}}},
+     .rules = {{RULE_RUNS, {0, is_newline}, 1},
+               {RULE_SPACE_RUNS, {0, is_deepseek_letter}, 0},
+               {RULE_SPACE_RUNS, {0, is_deepseek_punct}, 0},
+               {RULE_TRAILING_SPACE, {0, NULL}, 0},
+               {RULE_RUNS, {0, is_deepseek_cjk}, 0},
+               {RULE_RUNS, {UNICODE_NUMBER, NULL}, 0}}},
     {.names = {"deepseek-coder"}, /* [\r\n] | \s?\p{L}+ | \s?\p{P}+ | [一-龥ࠀ-一가-퟿]+ | \p{N} */
-     .rules = {{RULE_RUNS, is_newline, 1},
-               {RULE_SPACE_RUNS, is_letter, 0},
-               {RULE_SPACE_RUNS, is_punct, 0},
-               {RULE_RUNS, is_deepseek_cjk, 0},
-               {RULE_RUNS, is_number, 1}}},
+     .rules = {{RULE_RUNS, {0, is_newline}, 1},
+               {RULE_SPACE_RUNS, {UNICODE_LETTER, NULL}, 0},
+               {RULE_SPACE_RUNS, {UNICODE_PUNCT, NULL}, 0},
+               {RULE_RUNS, {0, is_deepseek_cjk}, 0},
+               {RULE_RUNS, {UNICODE_NUMBER, NULL}, 1}}},
 };
 #define N_PRETOKENIZERS ((int)(sizeof PRETOKENIZERS / sizeof PRETOKENIZERS[0]))
 
@@ -422,14 +437,19 @@ int pretok_split(const pretok_t *p, const uint32_t *cps, const uint8_t *fl, int3
     *words = seg_a;
     if (n <= 0) return 0;
     const text_t s = {cps, fl};
+    if (p->rules[0].kind == RULE_LLAMA3 && p->rules[1].kind == RULE_END && p->rules[0].n == 3) {
+        /* Llama 3, the one-rule case that matters most for speed: its own inlined copy */
+        const int32_t whole[1] = {n};
+        return split_llama3(&s, whole, 1, seg_a, 3);
+    }
     int32_t *a = seg_a, *b = seg_b;
     a[0] = n;
     int na = 1;
     for (int r = 0; r < MAX_RULES && p->rules[r].kind != RULE_END; r++) {
         const rule_t *ru = &p->rules[r];
         switch (ru->kind) {
-        case RULE_RUNS: na = split_runs(&s, a, na, b, ru->pred, ru->n); break;
-        case RULE_SPACE_RUNS: na = split_space_runs(&s, a, na, b, ru->pred); break;
+        case RULE_RUNS: na = split_runs(&s, a, na, b, ru->cls, ru->n); break;
+        case RULE_SPACE_RUNS: na = split_space_runs(&s, a, na, b, ru->cls); break;
         case RULE_TRAILING_SPACE: na = split_trailing_space(&s, a, na, b); break;
         case RULE_GPT2: na = split_gpt2(&s, a, na, b); break;
         case RULE_LLAMA3: na = split_llama3(&s, a, na, b, ru->n); break;

@@ -549,6 +549,7 @@ tok_t *tok_new_from_gguf(const gguf_t *g, fl_error_t *err)
     const char **tokens = NULL, **merges = NULL;
     size_t *token_lens = NULL, *merge_lens = NULL;
     int32_t *types = NULL;
+    float *scores = NULL;
     const char *path = g ? gguf_path(g) : "?";
     if (!g) {
         fl_fail(err, FL_EINVAL, "tok_new_from_gguf: no model");
@@ -622,15 +623,17 @@ tok_t *tok_new_from_gguf(const gguf_t *g, fl_error_t *err)
     } else if (rc != FL_ENOTFOUND)
         goto done;
     uint64_t n_scores = 0;
-    const float *scores = NULL;
     rc = gguf_get_arr(g, "tokenizer.ggml.scores", &et, &n_scores, err);
     if (rc == 0) {
-        scores = gguf_arr_data(g, "tokenizer.ggml.scores");
-        if (n_scores != n_vocab || !scores || et != GGUF_TYPE_FLOAT32) {
+        const uint8_t *raw = gguf_arr_data(g, "tokenizer.ggml.scores");
+        if (n_scores != n_vocab || !raw || et != GGUF_TYPE_FLOAT32) {
             fl_fail(err, FL_EFORMAT, "%s: tokenizer.ggml.scores must be %llu float32 values", path,
                     (unsigned long long)n_vocab);
             goto done;
         }
+        scores = malloc(sizeof *scores * n_vocab);
+        if (!scores) goto nomem;
+        memcpy(scores, raw, sizeof *scores * n_vocab); /* unaligned in the file */
     } else if (rc != FL_ENOTFOUND)
         goto done;
 
@@ -691,6 +694,7 @@ done:
     free(merges);
     free(merge_lens);
     free(types);
+    free(scores);
     return t;
 }
 
@@ -741,9 +745,8 @@ typedef struct {
 
 /* Grows the per-word buffers to a word of n bytes: symbols <= n, heap entries <= 3n (n - 1 initial
  * pairs, at most two more per merge). */
-static bool word_reserve(scratch_t *s, size_t n)
+static bool word_grow(scratch_t *s, size_t n)
 {
-    if (n <= s->word_cap) return true;
     size_t c = s->word_cap ? s->word_cap : 64;
     while (c < n) c *= 2;
     char *w = realloc(s->spelled, 2 * c + 8);
@@ -768,12 +771,15 @@ static bool word_reserve(scratch_t *s, size_t n)
     return true;
 }
 
+static inline bool word_reserve(scratch_t *s, size_t n) { return n <= s->word_cap || word_grow(s, n); }
+
 static bool bigram_less(const bigram_t *a, const bigram_t *b)
 {
     return a->rank < b->rank || (a->rank == b->rank && a->left < b->left);
 }
 
-static void heap_push(scratch_t *s, bigram_t b)
+/* Inlined: the BPE and SentencePiece loops both call them once per merge. */
+static inline __attribute__((always_inline)) void heap_push(scratch_t *s, bigram_t b)
 {
     int i = s->n_heap++;
     while (i > 0) {
@@ -785,7 +791,7 @@ static void heap_push(scratch_t *s, bigram_t b)
     s->heap[i] = b;
 }
 
-static bigram_t heap_pop(scratch_t *s)
+static inline __attribute__((always_inline)) bigram_t heap_pop(scratch_t *s)
 {
     bigram_t top = s->heap[0], last = s->heap[--s->n_heap];
     int i = 0, n = s->n_heap;
