@@ -38,6 +38,19 @@ static void vocab_path(char *buf, size_t cap, const char *name, const char *ext)
     snprintf(buf, cap, "%s/ggml-vocab-%s.gguf%s", g_dir, name, ext);
 }
 
+/* The tokenizer of ggml-vocab-NAME.gguf (it keeps nothing of the file); NULL, the reason in err, when
+ * folio cannot load it. */
+static tok_t *load_vocab(const char *name, fl_error_t *err)
+{
+    char path[4200];
+    vocab_path(path, sizeof path, name, "");
+    gguf_t *g = gguf_open(path, err);
+    if (!g) fail_msg("gguf_open(%s): %s", path, err->msg);
+    tok_t *t = tok_new_from_gguf(g, err);
+    gguf_destroy(&g);
+    return t;
+}
+
 /* Ids of one .out line (llama.cpp strips it, then reads numbers separated by single spaces). */
 static int parse_ids(const char *line, size_t n, int32_t *out, int cap)
 {
@@ -58,14 +71,11 @@ static int parse_ids(const char *line, size_t n, int32_t *out, int cap)
 
 static void run_vocab(const char *name)
 {
-    char path[4200], inp_path[4200], out_path[4200];
-    vocab_path(path, sizeof path, name, "");
+    char inp_path[4200], out_path[4200];
     vocab_path(inp_path, sizeof inp_path, name, ".inp");
     vocab_path(out_path, sizeof out_path, name, ".out");
     fl_error_t err = {0};
-    gguf_t *g = gguf_open(path, &err);
-    if (!g) fail_msg("gguf_open(%s): %s", path, err.msg);
-    tok_t *t = tok_new_from_gguf(g, &err);
+    tok_t *t = load_vocab(name, &err);
     size_t inp_len = 0, out_len = 0;
     char *inp = fl_read_file(inp_path, &inp_len), *outs = fl_read_file(out_path, &out_len);
     assert_non_null(inp);
@@ -111,7 +121,6 @@ static void run_vocab(const char *name)
     free(inp);
     free(outs);
     tok_destroy(&t);
-    gguf_destroy(&g);
     assert_int_equal(pass, n);
 }
 
@@ -132,12 +141,8 @@ static void test_default_pre_tokenizer_matches_llama_cpp(void **state)
         {"x  = y+1;  // done\n\n", 11, {89, 50276, 30, 340, 12, 18, 28, 50276, 605, 2218, 535}},
         {"<|endoftext|> ok", 7, {29, 93, 423, 1171, 1156, 49651, 8718}},
     };
-    char path[4200];
-    vocab_path(path, sizeof path, "gpt-neox", "");
     fl_error_t err = {0};
-    gguf_t *g = gguf_open(path, &err);
-    if (!g) fail_msg("gguf_open(%s): %s", path, err.msg);
-    tok_t *t = tok_new_from_gguf(g, &err);
+    tok_t *t = load_vocab("gpt-neox", &err);
     if (!t) fail_msg("%s", err.msg);
     assert_string_equal(tok_pre(t), "default");
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -147,7 +152,6 @@ static void test_default_pre_tokenizer_matches_llama_cpp(void **state)
         assert_memory_equal(got, cases[i].ids, sizeof *got * (size_t)n);
     }
     tok_destroy(&t);
-    gguf_destroy(&g);
 }
 
 /* A chat through each suite vocabulary's own template: the prompt ids folio feeds the model (the
@@ -175,12 +179,9 @@ static void test_chat_prompt_ids_match_llama_cpp(void **state)
                                    {"assistant", "A helper."},
                                    {"user", "Thanks!"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char path[4200];
-        vocab_path(path, sizeof path, cases[i].vocab, "");
         fl_error_t err = {0};
-        gguf_t *g = gguf_open(path, &err);
-        tok_t *t = g ? tok_new_from_gguf(g, &err) : NULL;
-        if (!t) fail_msg("%s: %s", path, err.msg);
+        tok_t *t = load_vocab(cases[i].vocab, &err);
+        if (!t) fail_msg("%s: %s", cases[i].vocab, err.msg);
         int32_t *ids = NULL;
         int cap = 0;
         const int n = tok_encode_prompt(t, NULL, 0, false, msgs, 4, &ids, &cap, &err);
@@ -192,7 +193,6 @@ static void test_chat_prompt_ids_match_llama_cpp(void **state)
         }
         free(ids);
         tok_destroy(&t);
-        gguf_destroy(&g);
     }
 }
 
