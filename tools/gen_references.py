@@ -240,7 +240,9 @@ def main():
     with open(args.prompts, encoding="utf-8") as f:
         prompts = json.load(f)["prompts"]
 
-    m = Model(args.model, kv_type=args.kv_type)
+    # Without the repacked/AMX weight buffers, as the committed fixtures were made: their kernels sum
+    # in orders of their own, and folio reproduces ggml's plain CPU kernels.
+    m = Model(args.model, use_extra_bufts=False, kv_type=args.kv_type)
     add_bos = m.add_bos()
     template = m.meta("tokenizer.chat_template")
     bos_text = m.special_token_text(L.llama_vocab_bos(m.vocab))

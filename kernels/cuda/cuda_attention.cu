@@ -412,7 +412,7 @@ __global__ void __launch_bounds__(TA_THREADS) k_attention_tiled(
 void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
-    if (a->n_tokens <= 0 || !op_begin(cb)) return;
+    if (a->n_tokens <= 0 || !op_begin(cb) || !cuda_kv_types_ok(cb, a->k_type, a->v_type)) return;
     if (a->head_dim <= 0 || a->head_dim > ATT_MAX_HEAD_DIM || a->n_kv_heads <= 0 || a->n_heads <= 0 ||
         a->n_heads % a->n_kv_heads || a->block_size <= 0) {
         note_error(cb, FL_EUNSUPPORTED,

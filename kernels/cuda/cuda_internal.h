@@ -226,12 +226,14 @@ void cuda_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta
                       float eps);
 void cuda_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
                const kern_rope_t *rope);
-void cuda_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
-                   const int32_t *slots, int n, int kv_dim);
-void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *k_cache, fl_f16_t *v_cache,
-                        const int32_t *pos, const int32_t *slots, int n, int n_heads, int n_kv_heads, int head_dim,
+/* KV pools are f16 only here: a quantized KV type (kernels.h) is refused with FL_EUNSUPPORTED. */
+bool cuda_kv_types_ok(cuda_backend_t *cb, int k_type, int v_type);
+void cuda_kv_store(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const float *k,
+                   const float *v, const int32_t *slots, int n, int kv_dim);
+void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, void *k_cache, void *v_cache,
+                        int k_type, int v_type, const int32_t *pos, const int32_t *slots, int n, int n_heads, int n_kv_heads, int head_dim,
                         const kern_rope_t *rope);
-void cuda_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
+void cuda_kv_move(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const int32_t *src_slots,
                   const int32_t *dst_slots, int n, int kv_dim);
 void cuda_swiglu(kern_backend_t *be, float *out, const float *gate, const float *up, int n);
 void cuda_add(kern_backend_t *be, float *y, const float *x, int n);

@@ -241,11 +241,19 @@ void cuda_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_he
            rope->freq_factors, rope->neox ? 1 : 2, rope->neox ? np : 1, rope->mscale != 0.0f ? rope->mscale : 1.0f);
 }
 
-void cuda_kv_store(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const float *k, const float *v,
-                          const int32_t *slots, int n, int kv_dim)
+bool cuda_kv_types_ok(cuda_backend_t *cb, int k_type, int v_type)
+{
+    if (kern_kv_type(k_type) == FL_TYPE_F16 && kern_kv_type(v_type) == FL_TYPE_F16) return true;
+    note_error(cb, FL_EUNSUPPORTED, "cuda backend: KV cache type %s/%s is not supported (f16 only; --kv-type q8_0 and "
+               "q4_0 run on the CPU backend)", fl_dtype_name(kern_kv_type(k_type)), fl_dtype_name(kern_kv_type(v_type)));
+    return false;
+}
+
+void cuda_kv_store(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const float *k,
+                   const float *v, const int32_t *slots, int n, int kv_dim)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
-    if (n <= 0 || kv_dim <= 0 || !op_begin(cb)) return;
+    if (n <= 0 || kv_dim <= 0 || !op_begin(cb) || !cuda_kv_types_ok(cb, k_type, v_type)) return;
     launch(cb, k_kv_store, n, EW_THREADS, (__half *)k_cache, (__half *)v_cache, k, v, slots, kv_dim);
 }
 
@@ -273,12 +281,12 @@ __global__ void k_kv_move(__half *kc, __half *vc, kv_move_pairs p, int n, int kv
     }
 }
 
-void cuda_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, const int32_t *src_slots,
+void cuda_kv_move(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const int32_t *src_slots,
                   const int32_t *dst_slots, int n, int kv_dim)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     const int threads = (kv_dim + 7) / 8 < 1024 ? ((kv_dim + 7) / 8 + 31) / 32 * 32 : 1024;
-    if (n <= 0 || kv_dim <= 0 || kv_dim > 8 * 1024 || !op_begin(cb)) return;
+    if (n <= 0 || kv_dim <= 0 || kv_dim > 8 * 1024 || !op_begin(cb) || !cuda_kv_types_ok(cb, k_type, v_type)) return;
     for (int i0 = 0; i0 < n; i0 += KV_MOVE_BATCH) {
         kv_move_pairs p;
         const int m = n - i0 < KV_MOVE_BATCH ? n - i0 : KV_MOVE_BATCH;
@@ -287,8 +295,8 @@ void cuda_kv_move(kern_backend_t *be, fl_f16_t *k_cache, fl_f16_t *v_cache, cons
     }
 }
 
-void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, fl_f16_t *k_cache,
-                               fl_f16_t *v_cache, const int32_t *pos, const int32_t *slots, int n, int n_heads,
+void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, void *k_cache, void *v_cache,
+                        int k_type, int v_type, const int32_t *pos, const int32_t *slots, int n, int n_heads,
                                int n_kv_heads, int head_dim, const kern_rope_t *rope)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
@@ -298,10 +306,12 @@ void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, 
         (rope->mscale != 0.0f && rope->mscale != 1.0f)) {
         cuda_rope(be, q, pos, n, n_heads, head_dim, rope);
         cuda_rope(be, k, pos, n, n_kv_heads, head_dim, rope);
-        cuda_kv_store(be, k_cache, v_cache, k, v, slots, n, n_kv_heads * head_dim);
+        cuda_kv_store(be, k_cache, v_cache, k_type, v_type, k, v, slots, n, n_kv_heads * head_dim);
         return;
     }
-    if (n <= 0 || head_dim <= 0 || n_heads < 0 || n_kv_heads <= 0 || !op_begin(cb)) return;
+    if (n <= 0 || head_dim <= 0 || n_heads < 0 || n_kv_heads <= 0 || !op_begin(cb) ||
+        !cuda_kv_types_ok(cb, k_type, v_type))
+        return;
     const float theta_scale = np ? powf(rope->freq_base, -2.0f / (float)n_rot) : 1.0f;
     const int pairs = head_dim / 2;
     const unsigned threads = pairs >= 128 ? 128 : (unsigned)((pairs + 31) / 32 * 32);

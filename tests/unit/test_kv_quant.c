@@ -29,6 +29,7 @@
 #include "common/quant.h"
 #include "kernels/cpu/cpu_internal.h"
 #include "kernels/kernels.h"
+#include "worker/engine.h"
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 static uint32_t rnd_u32(void)
@@ -412,6 +413,53 @@ static void kv_types_and_row_bytes(void **state)
     assert_int_equal(kern_kv_row_bytes(FL_TYPE_F32, 192), 0);
 }
 
+/* --kv-type's values, and caches that refuse what they cannot hold. */
+static void kv_type_flags_and_cache_types(void **state)
+{
+    (void)state;
+    engine_opts_t o = {0};
+    char *ok[] = {"x", "--kv-type", "q8_0", "--kv-type-v", "q4_0", "--kv-type-k", "f16"};
+    for (int i = 1; i < 7; i++) assert_int_equal(engine_parse_flag(&o, 7, ok, &i), 1);
+    assert_int_equal(o.kv_type_k, FL_TYPE_F16);
+    assert_int_equal(o.kv_type_v, FL_TYPE_Q4_0);
+    const char *bad[] = {"q5_0", "Q8_0", "f32", "", "q8"};
+    for (size_t b = 0; b < sizeof bad / sizeof *bad; b++) {
+        char *argv[] = {"x", "--kv-type", (char *)bad[b]};
+        int i = 1;
+        assert_int_equal(engine_parse_flag(&o, 3, argv, &i), -1); /* prints why */
+    }
+    char *missing[] = {"x", "--kv-type-k"};
+    int i = 1;
+    assert_int_equal(engine_parse_flag(&o, 2, missing, &i), -1);
+    assert_int_equal(kv_type_parse("q4_0"), FL_TYPE_Q4_0);
+    assert_int_equal(kv_type_parse("bf16"), -1);
+
+    fl_error_t err = {0};
+    kern_backend_t *be = kern_cpu_new(1, &err);
+    assert_non_null(be);
+    assert_null(kv_cache_new(be, 2, 2, 64, 16, FL_TYPE_Q4_1, FL_TYPE_F16, 1 << 20, &err));
+    assert_int_equal(err.code, FL_EINVAL);
+    assert_non_null(strstr(err.msg, "not a KV type"));
+    err = (fl_error_t){0};
+    assert_null(kv_cache_new(be, 2, 2, 16, 16, FL_TYPE_F16, FL_TYPE_Q8_0, 1 << 20, &err)); /* head_dim 16 */
+    assert_int_equal(err.code, FL_EINVAL);
+    assert_non_null(strstr(err.msg, "multiple of 32"));
+    /* each cache knows its types; bytes per token = layers x kv_dim x (K + V bytes per element) */
+    kv_cache_t *a = kv_cache_new(be, 30, 3, 64, 16, FL_TYPE_Q8_0, FL_TYPE_Q8_0, (size_t)64 << 20, &err);
+    kv_cache_t *b = kv_cache_new(be, 30, 3, 64, 16, FL_TYPE_Q8_0, FL_TYPE_F16, (size_t)64 << 20, &err);
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_int_equal(a->bytes_per_token, 30 * 192 * 34 / 32 * 2);
+    assert_int_equal(b->bytes_per_token, 30 * (192 * 34 / 32 + 192 * 2));
+    assert_true(kv_cache_capacity_tokens(a) * 100 >= 185 * (int)((64 << 20) / (23040 * 16) * 16));
+    char n1[16], n2[16];
+    assert_string_equal(kv_cache_type_name(a, n1, sizeof n1), "q8_0");
+    assert_string_equal(kv_cache_type_name(b, n2, sizeof n2), "q8_0/f16");
+    kv_cache_destroy(&a);
+    kv_cache_destroy(&b);
+    kern_destroy(&be);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -419,6 +467,7 @@ int main(void)
         cmocka_unit_test(kv_store_writes_ggml_blocks_on_every_isa),
         cmocka_unit_test(attention_matches_flash_spec_and_f16_within_bound),
         cmocka_unit_test(tree_attention_equals_causal_after_move),
+        cmocka_unit_test(kv_type_flags_and_cache_types),
         cmocka_unit_test(window_and_softcap_match_flash_spec),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
