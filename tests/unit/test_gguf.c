@@ -1104,7 +1104,7 @@ static void test_mkmodel_rejects_bad_shapes(void **state)
     p.n_kv_heads = 2;
     p.type = FL_TYPE_Q8_0;
     assert_int_equal(mkmodel_check(&p, &err), FL_EINVAL);
-    assert_non_null(strstr(err.msg, "multiples of 32"));
+    assert_non_null(strstr(err.msg, "multiple of 32"));
     p.type = FL_TYPE_F16;
     assert_int_equal(mkmodel_check(&p, &err), 0);
     assert_int_equal(mkmodel_write(&p, tmp_path("d48.gguf"), &err), 0);
