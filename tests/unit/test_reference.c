@@ -7,7 +7,10 @@
  * best logits are that close, so rounding differences between two correct implementations may swap
  * them); every such case is printed, and the comparison of that prompt stops there since the
  * contexts differ afterwards. Also: all prompts decoded together in one batch give each prompt
- * exactly the tokens it gets alone. Exits 77 (ctest: Skipped) when the default model is absent. */
+ * exactly the tokens it gets alone. Exits 77 (ctest: Skipped) when the default model is absent.
+ *
+ * REF_KV_TYPE (test_reference_kv_*.c) runs the same checks with a quantized KV cache against
+ * llama.cpp's references with that cache type (reference_*_kv_<type>.json: flash attention on). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -24,6 +27,18 @@
 #include "engine.h"
 #include "model_path.h"
 #include "test_util.h"
+
+#ifndef REF_KV_TYPE
+#define REF_KV_TYPE "f16"
+#endif
+
+/* The fixture name for a kind ("greedy", "logits") and REF_KV_TYPE. */
+static void fixture_path(char *path, size_t cap, const char *kind)
+{
+    const char *dir = getenv("FOLIO_FIXTURES");
+    if (!strcmp(REF_KV_TYPE, "f16")) snprintf(path, cap, "%s/reference_%s.json", dir ? dir : "tests/fixtures", kind);
+    else snprintf(path, cap, "%s/reference_%s_kv_%s.json", dir ? dir : "tests/fixtures", kind, REF_KV_TYPE);
+}
 
 /* Largest llama.cpp top-1/top-2 logit margin at which folio may pick the runner-up. */
 #define NEAR_TIE 0.02
@@ -48,9 +63,8 @@ static engine_t *g_engine;
 
 static int load_fixtures(void)
 {
-    const char *dir = getenv("FOLIO_FIXTURES");
     char path[1024];
-    snprintf(path, sizeof path, "%s/reference_greedy.json", dir ? dir : "tests/fixtures");
+    fixture_path(path, sizeof path, "greedy");
     char *js = fl_read_file(path, NULL);
     if (!js) return -1;
     cJSON *root = cJSON_Parse(js);
@@ -81,7 +95,8 @@ static int setup(void **state)
     if (load_fixtures()) return -1;
     fl_error_t err = {0};
     engine_opts_t o = {.model_path = path, .backend = "cpu", .max_seqs = 32, .max_ctx = 1024,
-                       .kv_budget_bytes = (size_t)256 << 20};
+                       .kv_budget_bytes = (size_t)256 << 20, .kv_type_k = kv_type_parse(REF_KV_TYPE),
+                       .kv_type_v = kv_type_parse(REF_KV_TYPE)};
     g_engine = engine_new(&o, &err);
     if (!g_engine) fprintf(stderr, "engine: %s\n", err.msg);
     return g_engine ? 0 : -1;
@@ -242,9 +257,8 @@ static void speculation_gives_the_same_tokens_alone_and_batched(void **state)
 static void logits_equal_llama_cpp_within_fixture_rounding(void **state)
 {
     (void)state;
-    const char *dir = getenv("FOLIO_FIXTURES");
     char path[1024];
-    snprintf(path, sizeof path, "%s/reference_logits.json", dir ? dir : "tests/fixtures");
+    fixture_path(path, sizeof path, "logits");
     char *js = fl_read_file(path, NULL);
     assert_non_null(js);
     cJSON *root = cJSON_Parse(js);
