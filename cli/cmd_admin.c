@@ -87,8 +87,14 @@ int cmd_status(const ctl_flags_t *f)
         if (!s->n_groups) printf("(no worker groups registered)\n");
         for (size_t i = 0; i < s->n_groups; i++) /* KV cache: element type, bytes per token, capacity */
             if (*s->groups[i]->kv_type)
-                printf("kv cache %s: %s, %u bytes/token, %llu tokens\n", s->groups[i]->name, s->groups[i]->kv_type,
-                       s->groups[i]->kv_bytes_per_token, (unsigned long long)s->groups[i]->kv_capacity_tokens);
+                printf("kv cache %s: %s, %u bytes/token, %llu tokens; pulls: %llu blocks in, %llu ended early, "
+                       "%llu blocks out%s%s\n",
+                       s->groups[i]->name, s->groups[i]->kv_type, s->groups[i]->kv_bytes_per_token,
+                       (unsigned long long)s->groups[i]->kv_capacity_tokens,
+                       (unsigned long long)s->groups[i]->kv_pulled_blocks,
+                       (unsigned long long)s->groups[i]->kv_pull_failures,
+                       (unsigned long long)s->groups[i]->kv_served_blocks, *s->groups[i]->kv_peer_endpoint ? " at " : "",
+                       s->groups[i]->kv_peer_endpoint);
         if (s->tenant_view) /* a CURVE key without the admin role sees its own requests only */
             printf("policy %s, block size %u; tenant %s: %llu requests in flight (every tenant's figures need an "
                    "admin key)\n",

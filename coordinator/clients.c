@@ -146,6 +146,13 @@ static void do_generate(coord_t *c, const wire_msg_t *m, Folio__V1__Request *q, 
                     now);
         goto out;
     }
+    if (*g->kv_pull_endpoint || g->kv_pull_blocks) { /* else a client could point a worker anywhere */
+        reply_error(c, m, id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT,
+                    "generate.kv_pull_endpoint and kv_pull_blocks are the coordinator's own (it names a group to "
+                    "pull prompt blocks from)",
+                    now);
+        goto out;
+    }
     int32_t *tokens;
     int n;
     bool owned = false;
@@ -305,6 +312,10 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         gs[i].kv_type = (char *)g->kv_type;
         gs[i].kv_bytes_per_token = g->kv_bytes_per_token;
         gs[i].kv_capacity_tokens = (uint64_t)g->kv_blocks * g->block_size;
+        gs[i].kv_pulled_blocks = g->load.kv_pulled_blocks;
+        gs[i].kv_pull_failures = g->load.kv_pull_failures;
+        gs[i].kv_served_blocks = g->load.kv_served_blocks;
+        gs[i].kv_peer_endpoint = (char *)g->kv_peer;
         if (g->have_load) {
             loads[i] = g->load;
             gs[i].load = &loads[i];
@@ -329,6 +340,7 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
     s.kv_index_capacity = kv_index_capacity(c->kv_index);
     s.kv_index_evictions = kv_index_evictions(c->kv_index);
     s.routed_by_cache = c->routed_by_cache;
+    s.kv_pull_hints = c->kv_pull_hints;
     s.routed_cached_blocks = c->routed_cached_blocks;
     if (metrics_any(&c->metrics, -1)) s.requests_no_group = metrics_reply(&c->metrics, -1, &c->status.requests[0]);
     const size_t n = c->n_latency < COORD_LATENCY_SAMPLES ? (size_t)c->n_latency : COORD_LATENCY_SAMPLES;

@@ -40,6 +40,7 @@ typedef struct coord_opts {
     int load_floor;
     int route_blocks;
     size_t kv_index_entries; /* the KV index's bound (kv_index.h) */
+    bool no_kv_pull;         /* --kv-pull off: never name a holder for a worker to pull a prefix from */
     int heartbeat_ms;
     int max_inflight;            /* Generate requests in flight at most (the table's size) */
     int max_inflight_per_tenant; /* of which one tenant's at most; 0: no such limit */
@@ -75,6 +76,7 @@ typedef struct coord {
     int32_t n_vocab;
     router_t *router;
     kv_index_t *kv_index; /* which groups hold which prefix blocks (their KvEvents) */
+    uint64_t kv_pull_hints; /* requests sent with a holder to pull prompt blocks from */
     groups_t *groups;
     reqs_t *reqs;
     uint32_t block_size; /* agreed by the registered groups; 0 before the first */

@@ -50,6 +50,9 @@ static void usage(FILE *f)
             "  --workers ENDPOINT      worker ROUTER bind (FOLIO_WORKER_ENDPOINT, default %s)\n"
             "  -m, --model PATH        GGUF whose tokenizer is used (FOLIO_MODEL, default model)\n"
             "  --policy P              prefix | cache-aware | round-robin | least-loaded (default prefix)\n"
+            "  --kv-pull on|off        when a request goes to a group that lacks prompt blocks another group\n"
+            "                          holds, tell it where to pull them from instead of computing them\n"
+            "                          (default on; workers report their blocks with --kv-events-ms)\n"
             "  --load-factor F         bounded-load factor c >= 1 (default 1.25)\n"
             "  --load-floor N          a group below N requests in flight is never over the bound (default 4)\n"
             "  --route-blocks N        leading blocks that form the routing key (default 8)\n"
@@ -127,6 +130,13 @@ static int parse_flags(int argc, char **argv, coord_opts_t *o)
             if (!(workers = fl_flag_value(argc, argv, &i))) return -1;
         } else if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
             if (!(o->model_path = fl_flag_value(argc, argv, &i))) return -1;
+        } else if (!strcmp(a, "--kv-pull")) {
+            if (!(v = fl_flag_value(argc, argv, &i))) return -1;
+            if (strcmp(v, "on") && strcmp(v, "off")) {
+                fprintf(stderr, "error: --kv-pull %s: expected on or off\n", v);
+                return -1;
+            }
+            o->no_kv_pull = !strcmp(v, "off");
         } else if (!strcmp(a, "--policy")) {
             if (!(v = fl_flag_value(argc, argv, &i))) return -1;
             if (router_policy_parse(v, &o->policy)) {

@@ -341,6 +341,25 @@ static uint32_t clamp_max_tokens(uint32_t asked, int n_prompt, uint32_t ctx)
     return ctx - (uint32_t)n_prompt;
 }
 
+/* The group that holds more of the prompt's leading blocks than target does (held, by the KV
+ * index), serves pulls and keeps its KV as target does (model, KV types, block size); the one
+ * holding most, or -1. */
+static int pull_holder(const coord_t *c, int target, const int *held)
+{
+    const group_t *t = &c->groups->g[target];
+    if (t->tp_size != 1 || !t->kv_peer[0]) return -1; /* it neither pulls nor serves */
+    int best = -1;
+    for (int s = 0; s < c->groups->n; s++) {
+        const group_t *h = &c->groups->g[s];
+        if (s == target || held[s] <= held[target] || (best >= 0 && held[s] <= held[best])) continue;
+        if (!h->ranks[0].present || !h->kv_peer[0] || strcmp(h->model_id, t->model_id) ||
+            strcmp(h->kv_type, t->kv_type) || h->block_size != t->block_size)
+            continue;
+        best = s;
+    }
+    return best;
+}
+
 /* Routes e (its tokens set) to a group other than exclude and sends it; returns 0, or a status code
  * when no group could take it (UNAVAILABLE: none routable; RESOURCE_EXHAUSTED: the chosen group's
  * queue in this process is full); e is not freed either way, but a group found dead on the way may
@@ -355,15 +374,22 @@ static int route(coord_t *c, req_t *e, int exclude, double now)
     const int rb = c->opts.route_blocks;
     /* The key needs the first route_blocks blocks; cache-aware matching needs every full block. */
     const bool cache_aware = router_policy(c->router) == ROUTER_CACHE_AWARE;
-    const int cap = cache_aware ? COORD_MAX_ROUTE_BLOCKS : rb;
+    const bool pulls = !c->opts.no_kv_pull;
+    const int cap = cache_aware || pulls ? COORD_MAX_ROUTE_BLOCKS : rb;
     const long use = (long)cap * bs < e->n_tokens ? (long)cap * bs : e->n_tokens;
     const int nh = block_hash_prefix(salt, e->tokens, (int)use, bs, c->hash_buf, cap);
     const uint64_t key = router_key(c->hash_buf, nh, rb, salt, e->tokens, e->n_tokens);
-    if (cache_aware) {
+    /* held[s]: the prompt's leading blocks group s has cached, by its KV events; a group that can
+     * serve pulls counts even when drained (it still answers them). */
+    int held[GROUPS_MAX] = {0};
+    if (cache_aware || pulls) {
         for (int i = 0; i < nh; i++) c->hash_lo[i] = c->hash_buf[i].lo;
-        for (int s = 0; s < c->groups->n; s++)
-            c->groups->table[s].cached_blocks =
-                c->groups->table[s].routable ? (uint32_t)kv_index_match(c->kv_index, s, c->hash_lo, nh) : 0;
+        for (int s = 0; s < c->groups->n; s++) {
+            const group_t *gr = &c->groups->g[s];
+            if (c->groups->table[s].routable || (pulls && gr->ranks[0].present && gr->kv_peer[0]))
+                held[s] = kv_index_match(c->kv_index, s, c->hash_lo, nh);
+            if (cache_aware) c->groups->table[s].cached_blocks = c->groups->table[s].routable ? (uint32_t)held[s] : 0;
+        }
     }
 
     /* The worker's Request: the client's fields but the prompt as tokens only, the namespace as the
@@ -395,12 +421,21 @@ static int route(coord_t *c, req_t *e, int exclude, double now)
          * request then tries another), rather than calling the resume invalid. */
         if (e->committed && g.max_tokens && g.max_tokens < e->tokens_sent) g.max_tokens = e->tokens_sent;
         const group_member_t *m = &c->groups->g[slot].ranks[0];
+        const int holder = pulls ? pull_holder(c, slot, held) : -1;
+        g.kv_pull_endpoint = holder >= 0 ? c->groups->g[holder].kv_peer : (char *)"";
+        g.kv_pull_blocks = holder >= 0 ? (uint32_t)held[holder] : 0;
         fl_error_t err = {0};
         if (!wire_send(c->workers, m->identity, m->identity_len, false, WIRE_HEADER_WORKER, WIRE_CMD_REQUEST, &w.base,
                        &err)) {
             e->group = slot;
             e->t_dispatch = fl_clock_s();
             c->groups->table[slot].inflight++;
+            if (holder >= 0) {
+                c->kv_pull_hints++;
+                fl_log_debug("request %llu to group %s: %d prompt blocks to pull from %s (it has %d)",
+                             (unsigned long long)e->wid, c->groups->g[slot].name, held[holder],
+                             c->groups->g[holder].name, held[slot]);
+            }
             if (cache_aware && c->groups->table[slot].cached_blocks) {
                 c->routed_by_cache++;
                 c->routed_cached_blocks += c->groups->table[slot].cached_blocks;

@@ -43,6 +43,7 @@ typedef struct group {
     uint32_t restarts;          /* WorkerHello.restarts of rank 0: times its supervisor restarted it */
     char kv_type[16];           /* WorkerHello.kv_type and kv_bytes_per_token of rank 0 */
     uint32_t kv_bytes_per_token;
+    char kv_peer[WIRE_MAX_IDENTITY + 1]; /* WorkerHello.kv_peer_endpoint of rank 0: where it serves KV pulls */
     uint8_t comm_id[GROUP_COMM_ID_MAX]; /* rank 0's communicator id (tp_size > 1), for the other ranks */
     size_t comm_id_len;
     group_member_t ranks[GROUP_MAX_RANKS];

@@ -195,6 +195,12 @@ static int check_generate(const Folio__V1__GenerateRequest *g, fl_error_t *err)
     if (g->n_stop_token_ids > WIRE_MAX_STOP_IDS)
         return fl_fail(err, FL_EINVAL, "generate: %zu stop token ids exceed the limit of %d", g->n_stop_token_ids,
                        WIRE_MAX_STOP_IDS);
+    if (*g->kv_pull_endpoint && !wire_endpoint_ok(g->kv_pull_endpoint))
+        return fl_fail(err, FL_EINVAL, "generate: kv_pull_endpoint '%.64s' is not a tcp:// or ipc:// endpoint",
+                       g->kv_pull_endpoint);
+    if (g->kv_pull_blocks > WIRE_MAX_PROMPT_TOKENS)
+        return fl_fail(err, FL_ERANGE, "generate: kv_pull_blocks %u exceeds the limit of %d", g->kv_pull_blocks,
+                       WIRE_MAX_PROMPT_TOKENS);
     if (!folio_spec_check(g, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
     if (!folio_constraint_check(g, msg, sizeof msg)) return fl_fail(err, FL_EINVAL, "%s", msg);
     return check_sampling(g->sampling, err);
@@ -326,6 +332,39 @@ Folio__V1__WorkerLoad *wire_decode_load(const uint8_t *body, size_t len, fl_erro
     Folio__V1__WorkerLoad *l = folio__v1__worker_load__unpack(NULL, len, body);
     if (!l) fl_fail(err, FL_EFORMAT, "HEARTBEAT body of %zu bytes is not a valid folio.v1.WorkerLoad", len);
     return l;
+}
+
+bool wire_endpoint_ok(const char *endpoint)
+{
+    const size_t n = strlen(endpoint);
+    return n > 6 && n <= WIRE_MAX_IDENTITY && (!strncmp(endpoint, "tcp://", 6) || !strncmp(endpoint, "ipc://", 6));
+}
+
+Folio__V1__KvPull *wire_decode_kv_pull(const uint8_t *body, size_t len, fl_error_t *err)
+{
+    Folio__V1__KvPull *p = folio__v1__kv_pull__unpack(NULL, len, body);
+    if (!p) {
+        fl_fail(err, FL_EFORMAT, "KV_PULL body of %zu bytes is not a valid folio.v1.KvPull", len);
+        return NULL;
+    }
+    const char *bad = NULL;
+    if (p->n_tokens == 0 || p->n_tokens > WIRE_MAX_PROMPT_TOKENS) bad = "its token count is 0 or over the limit";
+    for (size_t i = 0; !bad && i < p->n_tokens; i++)
+        if (p->tokens[i] < 0) bad = "a token id is negative";
+    if (!bad && (strlen(p->layout) > 512 || strlen(p->tenant) > 512)) bad = "layout or tenant is too long";
+    if (bad) {
+        fl_fail(err, FL_EINVAL, "KvPull %llu: %s", (unsigned long long)p->pull_id, bad);
+        folio__v1__kv_pull__free_unpacked(p, NULL);
+        return NULL;
+    }
+    return p;
+}
+
+Folio__V1__KvBlocks *wire_decode_kv_blocks(const uint8_t *body, size_t len, fl_error_t *err)
+{
+    Folio__V1__KvBlocks *b = folio__v1__kv_blocks__unpack(NULL, len, body);
+    if (!b) fl_fail(err, FL_EFORMAT, "KV_BLOCKS body of %zu bytes is not a valid folio.v1.KvBlocks", len);
+    return b;
 }
 
 void wire_response_init(Folio__V1__Response *r, uint64_t id, Folio__V1__Method method, bool final)

@@ -27,6 +27,7 @@
 #define WIRE_VERSION 1
 #define WIRE_HEADER_CLIENT "FOLIOC1"
 #define WIRE_HEADER_WORKER "FOLIOW1"
+#define WIRE_HEADER_PEER "FOLIOP1" /* worker <-> worker: KV block pulls */
 #define WIRE_HEADER_PREFIX "FOLIO" /* a header with this prefix but another side/version is answered */
 
 /* Hard cap before decoding (ZMQ_MAXMSGSIZE: the peer is disconnected above it) and the soft cap above
@@ -49,7 +50,10 @@ typedef enum {
     WIRE_CMD_HEARTBEAT = 0x05, /* worker -> coordinator: WorkerLoad; coordinator -> worker: empty */
     WIRE_CMD_DISCONNECT = 0x06, /* either way, empty: the sender forgets the peer (worker re-sends READY) */
     WIRE_CMD_KV_EVENTS = 0x07,  /* worker -> coordinator: KvEvents (its prefix cache's changes) */
-    WIRE_CMD_JOIN = 0x08        /* coordinator -> worker of rank > 0: GroupJoin (rank 0's communicator) */
+    WIRE_CMD_JOIN = 0x08,       /* coordinator -> worker of rank > 0: GroupJoin (rank 0's communicator) */
+    /* peer side (worker <-> worker, header FOLIOP1) */
+    WIRE_CMD_KV_PULL = 0x09,    /* puller -> holder: KvPull */
+    WIRE_CMD_KV_BLOCKS = 0x0a   /* holder -> puller: KvBlocks, one or more per KvPull */
 } wire_cmd_t;
 
 /* A received message; frames stay owned by it until wire_msg_close(). */
@@ -93,6 +97,10 @@ Folio__V1__Request *wire_decode_request(const uint8_t *body, size_t len, fl_erro
 Folio__V1__Response *wire_decode_response(const uint8_t *body, size_t len, fl_error_t *err);
 Folio__V1__WorkerHello *wire_decode_hello(const uint8_t *body, size_t len, fl_error_t *err);
 Folio__V1__WorkerLoad *wire_decode_load(const uint8_t *body, size_t len, fl_error_t *err);
+Folio__V1__KvPull *wire_decode_kv_pull(const uint8_t *body, size_t len, fl_error_t *err);
+Folio__V1__KvBlocks *wire_decode_kv_blocks(const uint8_t *body, size_t len, fl_error_t *err);
+/* An endpoint a worker may be told to connect to: tcp:// or ipc://, at most WIRE_MAX_IDENTITY bytes. */
+bool wire_endpoint_ok(const char *endpoint);
 
 /* The id and method of a request body that wire_decode_request() refused, so the error reply can
  * name them: a scan of the body's top-level fields (at most WIRE_PEEK_MAX_FIELDS, length-delimited

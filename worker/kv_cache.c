@@ -239,6 +239,46 @@ int32_t kv_cache_lookup(kv_cache_t *kv, block_hash_t h, const int32_t *tokens)
     }
 }
 
+int32_t kv_cache_find(const kv_cache_t *kv, block_hash_t h, const int32_t *tokens)
+{
+    for (uint32_t i = table_home(kv, h);; i = (i + 1) & kv->table_mask) {
+        const int32_t b = kv->table[i];
+        if (b < 0 || same_block(kv, b, h, tokens)) return b;
+    }
+}
+
+static size_t block_part_bytes(const kv_cache_t *kv, int type)
+{
+    return (size_t)kv->block_size * kern_kv_row_bytes(type, kv->n_kv_heads * kv->head_dim);
+}
+
+size_t kv_cache_block_bytes(const kv_cache_t *kv)
+{
+    return (size_t)kv->n_layers * (block_part_bytes(kv, kv->k_type) + block_part_bytes(kv, kv->v_type));
+}
+
+int kv_cache_block_read(kv_cache_t *kv, int32_t block, uint8_t *out)
+{
+    const size_t kb = block_part_bytes(kv, kv->k_type), vb = block_part_bytes(kv, kv->v_type);
+    for (int l = 0; l < kv->n_layers; l++, out += kb + vb) {
+        int rc = kern_download(kv->be, out, (const uint8_t *)kv->k[l] + (size_t)block * kb, kb);
+        if (!rc) rc = kern_download(kv->be, out + kb, (const uint8_t *)kv->v[l] + (size_t)block * vb, vb);
+        if (rc) return rc;
+    }
+    return FL_OK;
+}
+
+int kv_cache_block_write(kv_cache_t *kv, int32_t block, const uint8_t *in)
+{
+    const size_t kb = block_part_bytes(kv, kv->k_type), vb = block_part_bytes(kv, kv->v_type);
+    for (int l = 0; l < kv->n_layers; l++, in += kb + vb) {
+        int rc = kern_upload(kv->be, (uint8_t *)kv->k[l] + (size_t)block * kb, in, kb);
+        if (!rc) rc = kern_upload(kv->be, (uint8_t *)kv->v[l] + (size_t)block * vb, in + kb, vb);
+        if (rc) return rc;
+    }
+    return FL_OK;
+}
+
 int32_t kv_cache_publish(kv_cache_t *kv, int32_t block, block_hash_t h, const int32_t *tokens)
 {
     if (block < 0 || block >= kv->n_blocks || kv->refcount[block] <= 0) return -1;

@@ -78,6 +78,8 @@ void kv_cache_release_block(kv_cache_t *kv, int32_t block);
 /* The cached block whose hash is h and whose block_size tokens equal tokens, with one more
  * reference (taken off the LRU list if it had none), or -1. */
 int32_t kv_cache_lookup(kv_cache_t *kv, block_hash_t h, const int32_t *tokens);
+/* The cached block under h with these tokens, or -1; takes no reference and counts no hit. */
+int32_t kv_cache_find(const kv_cache_t *kv, block_hash_t h, const int32_t *tokens);
 /* Publishes a full, referenced block under h with a copy of its tokens. Returns the block now
  * cached under h: block itself, or an existing block kept in its place (block then stays
  * uncached and goes to the free list when released). A block already published is left as is. */
@@ -90,6 +92,14 @@ static inline int kv_cache_evictable_blocks(const kv_cache_t *kv) { return kv->n
 /* Blocks referenced by at least one owner. */
 static inline int kv_cache_used_blocks(const kv_cache_t *kv) { return kv->n_blocks - kv->n_free - kv->n_evictable; }
 static inline int kv_cache_capacity_tokens(const kv_cache_t *kv) { return kv->n_blocks * kv->block_size; }
+
+/* A block's contents as KV block pulls carry them (proto/README.md, "KV block pulls"): for each
+ * layer, its K rows then its V rows as the pools hold them. kv_cache_block_bytes() bytes a block;
+ * read copies them to host memory, write copies them from host memory into block (FL_E* from the
+ * backend). */
+size_t kv_cache_block_bytes(const kv_cache_t *kv);
+int kv_cache_block_read(kv_cache_t *kv, int32_t block, uint8_t *out);
+int kv_cache_block_write(kv_cache_t *kv, int32_t block, const uint8_t *in);
 
 /* Copies the K/V of every layer from slots src[i] to dst[i], in order (kern_kv_move). */
 void kv_cache_move(kv_cache_t *kv, const int32_t *src_slots, const int32_t *dst_slots, int n);

@@ -158,6 +158,33 @@ static inline void e2e_next_endpoints(e2e_env_t *env, const char *name)
     snprintf(env->log_dir, sizeof env->log_dir, "%s/%s-%d-%d", dir, name, (int)getpid(), n);
 }
 
+/* The random model most e2e files share, at /tmp/folio-e2e-<name>-<pid>.gguf, made and removed. */
+static inline int e2e_model_setup(e2e_env_t *env, const char *name)
+{
+    snprintf(env->model, sizeof env->model, "/tmp/folio-e2e-%s-%d.gguf", name, (int)getpid());
+    return e2e_make_model(env->model);
+}
+
+static inline int e2e_model_teardown(e2e_env_t *env)
+{
+    unlink(env->model);
+    return 0;
+}
+
+/* Defines cmocka's group fixtures group_setup and group_teardown for a file whose tests share one
+ * such model in env. */
+#define E2E_MODEL_FIXTURES(env, name)                                                                  \
+    static int group_setup(void **state)                                                              \
+    {                                                                                                 \
+        (void)state;                                                                                  \
+        return e2e_model_setup(&(env), name);                                                         \
+    }                                                                                                 \
+    static int group_teardown(void **state)                                                           \
+    {                                                                                                 \
+        (void)state;                                                                                  \
+        return e2e_model_teardown(&(env));                                                            \
+    }
+
 /* Starts a cluster of n_groups on env->model (opts: NULL or extra settings; endpoints, binaries,
  * heartbeat, threads and logs are filled in when left 0). Fails the test when it does not come up. */
 static inline cluster_t *e2e_cluster_start(e2e_env_t *env, const char *name, int n_groups, const cluster_opts_t *extra)

@@ -15,19 +15,7 @@ static folio_client_t *g_clients[16];
 static int g_n_clients;
 static e2e_tracker_t g_tr;
 
-static int group_setup(void **state)
-{
-    (void)state;
-    snprintf(g_env.model, sizeof g_env.model, "/tmp/folio-e2e-%d.gguf", (int)getpid());
-    return e2e_make_model(g_env.model);
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    unlink(g_env.model);
-    return 0;
-}
+E2E_MODEL_FIXTURES(g_env, "cluster")
 
 static int test_teardown(void **state)
 {

@@ -12,19 +12,7 @@
 static e2e_env_t g_env;
 static cluster_t *g_cluster;
 
-static int group_setup(void **state)
-{
-    (void)state;
-    snprintf(g_env.model, sizeof g_env.model, "/tmp/folio-e2e-kvroute-%d.gguf", (int)getpid());
-    return e2e_make_model(g_env.model);
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    unlink(g_env.model);
-    return 0;
-}
+E2E_MODEL_FIXTURES(g_env, "kvroute")
 
 static int test_teardown(void **state)
 {

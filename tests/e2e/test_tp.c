@@ -30,19 +30,7 @@ static folio_client_t *new_client(void)
     return g_clients[g_n_clients++] = e2e_client(g_cluster);
 }
 
-static int group_setup(void **state)
-{
-    (void)state;
-    snprintf(g_env.model, sizeof g_env.model, "/tmp/folio-e2e-tp-%d.gguf", (int)getpid());
-    return e2e_make_model(g_env.model);
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    unlink(g_env.model);
-    return 0;
-}
+E2E_MODEL_FIXTURES(g_env, "tp")
 
 static int test_teardown(void **state)
 {

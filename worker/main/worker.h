@@ -98,6 +98,20 @@ typedef struct worker {
     int kv_events_ms;      /* --kv-events-ms: at most one KV_EVENTS per this interval */
     double kv_events_next; /* when the next may go */
 
+    /* KV block pulls between groups (worker_peer.c). */
+    bool pull_on;              /* --kv-peer not off: pulls are asked for when the coordinator names a holder */
+    bool prefix_cache;         /* not --no-prefix-cache: pulled blocks have somewhere to go */
+    void *peer_sock;           /* ROUTER serving pulls (--kv-peer), or NULL */
+    char peer_endpoint[WIRE_MAX_IDENTITY + 1]; /* WorkerHello.kv_peer_endpoint ("" when not serving) */
+    char kv_layout[400];       /* model_id|kv_type|block_size: a pull's must equal the holder's */
+    double pull_timeout_s;     /* --kv-pull-timeout-ms: a pull still going then ends, the rest is computed */
+    struct peer_pull *pulls;   /* Generates parked until their blocks come, [n_reqs] */
+    int n_pulls;
+    struct peer_link *links;   /* DEALERs to holders */
+    int n_links;
+    uint64_t next_pull_id;
+    uint64_t kv_pulled_blocks, kv_pull_failures, kv_served_blocks; /* totals since start */
+
     /* Heartbeats while a step runs (worker_beat.c). */
     pthread_mutex_t lock;    /* recursive; guards the socket and the fields marked shared */
     pthread_cond_t beat_wake;
@@ -156,6 +170,28 @@ int worker_send(worker_t *w, int cmd, const ProtobufCMessage *body);
 /* worker_kv.c: sends the prefix cache's pending changes as one KV_EVENTS when the interval has
  * passed (or half the batch is full). */
 void worker_kv_events_flush(worker_t *w, double now);
+
+/* worker_main.c: submits a resolved Generate (its slot r open) to the scheduler, or refuses it
+ * (closing r); releases rq either way. */
+void worker_submit_resolved(worker_t *w, worker_req_t *r, request_t *rq);
+
+/* worker_peer.c: KV block pulls between groups. init: after the engine and the zmq context, with
+ * --kv-peer's bind endpoint (NULL: pull but do not serve) and the endpoint to advertise (NULL: the
+ * bound one). */
+int worker_peer_init(worker_t *w, const char *bind, const char *advertise, fl_error_t *err);
+void worker_peer_close(worker_t *w);
+/* Parks the resolved Generate q (slot r, resolved rq) while the blocks its coordinator says another
+ * group holds are pulled; true when parked (q and rq are then the pull's). False: submit it now. */
+bool worker_pull_start(worker_t *w, Folio__V1__Request *q, worker_req_t *r, request_t *rq, double now);
+/* Serves pulls, takes blocks, ends pulls past their time. */
+void worker_peer_service(worker_t *w, double now);
+/* The peer sockets to poll (at most cap); how many. */
+int worker_peer_poll_items(worker_t *w, zmq_pollitem_t *items, int cap);
+/* The earlier of wake and the first pull's deadline. */
+double worker_peer_next_deadline(const worker_t *w, double wake);
+/* Ends the pull of request id at once (submitting it); false when it has none. */
+bool worker_pull_release(worker_t *w, uint64_t id);
+void worker_pull_release_all(worker_t *w);
 
 /* worker_beat.c */
 int worker_beat_start(worker_t *w, fl_error_t *err);

@@ -71,6 +71,7 @@
 #define SEND_QUEUE         10000 /* messages to the coordinator queued before the loop waits */
 #define RETRY_AFTER_MS     1000  /* the hint of a refusal for a full queue */
 #define DRAIN_NOTICE_BEATS 2     /* a draining worker stays this many heartbeats after its work */
+#define PEER_POLL_MAX      16    /* KV peer sockets polled with the coordinator's */
 
 static volatile sig_atomic_t g_stop, g_drain;
 
@@ -106,6 +107,12 @@ static void usage(FILE *f)
             "  --no-prefix-cache     never reuse cached prompt blocks\n"
             "  --kv-events-ms N      tell the coordinator which prompt blocks are cached, at most once per\n"
             "                        N ms (default 100; 0: never, the coordinator then routes by hashing)\n"
+            "  --kv-peer ENDPOINT    serve KV block pulls to other groups there (default tcp://127.0.0.1:*,\n"
+            "                        a free port on loopback; off: neither serve nor pull)\n"
+            "  --kv-peer-advertise ENDPOINT\n"
+            "                        the endpoint other workers reach --kv-peer at (default: the bound one)\n"
+            "  --kv-pull-timeout-ms N  a KV pull still going after N ms ends and the rest of the prompt is\n"
+            "                        computed (default 1000)\n"
             "  --spec MODE           speculative decoding this worker allows: auto (default: any a request\n"
             "                        asks for; Medusa where heads are loaded, else n-gram), medusa, ngram\n"
             "                        or none (off)\n"
@@ -228,6 +235,7 @@ static void send_ready(worker_t *w)
     h.epoch = w->epoch;
     h.max_context = w->max_context;
     h.restarts = w->restarts;
+    h.kv_peer_endpoint = w->peer_endpoint;
     h.kv_type = w->kv_type;
     h.kv_bytes_per_token = w->kv_bytes_per_token;
     if (!worker_send(w, WIRE_CMD_READY, &h.base))
@@ -295,6 +303,7 @@ static void lost_coordinator(worker_t *w, double now)
                 w->curve ? " (CURVE: a coordinator that does not list this worker's public key in --worker-keys, or "
                            "whose key is not --coordinator-key, never answers)"
                          : "");
+    worker_pull_release_all(w);
     if (w->sched) sched_cancel_all(w->sched); /* their FINALs go into the old socket's queue */
     worker_drop_finals(w);
     pthread_mutex_lock(&w->lock);
@@ -336,7 +345,23 @@ static void fake_generate(worker_t *w, const Folio__V1__Request *q)
     w->fake_generated++;
 }
 
-static void generate(worker_t *w, const Folio__V1__Request *q)
+void worker_submit_resolved(worker_t *w, worker_req_t *r, request_t *rq)
+{
+    fl_error_t err = {0};
+    const int rc = sched_submit(w->sched, &rq->sched, &err);
+    if (rc) {
+        worker_req_close(w, r);
+        reply_refused(w, rq->sched.id, FOLIO__V1__METHOD__METHOD_GENERATE, rc, err.msg);
+    } else {
+        fl_log_debug("worker accepted id=%llu prompt=%d resumed=%d max_tokens=%d stream=%d stops=%zu",
+                     (unsigned long long)rq->sched.id, rq->sched.n_prompt, rq->sched.n_resume, rq->sched.max_tokens,
+                     (int)rq->stream, rq->n_stops);
+    }
+    request_release(rq);
+}
+
+/* True when q was kept (parked for a KV pull: worker_peer.c frees it). */
+static bool generate(worker_t *w, Folio__V1__Request *q)
 {
     const Folio__V1__GenerateRequest *g = q->generate;
     const Folio__V1__Method method = FOLIO__V1__METHOD__METHOD_GENERATE;
@@ -344,34 +369,32 @@ static void generate(worker_t *w, const Folio__V1__Request *q)
     if (g->n_prompt_tokens == 0) {
         reply_error(w, q->id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT,
                     "worker: Generate needs prompt_tokens (the coordinator tokenizes text and messages)");
-        return;
+        return false;
     }
     if (w->fake) {
         fake_generate(w, q);
-        return;
+        return false;
     }
     if (worker_req_find(w, q->id)) {
         snprintf(msg, sizeof msg, "worker: request id %llu is already live", (unsigned long long)q->id);
         reply_error(w, q->id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT, msg);
-        return;
+        return false;
     }
     fl_error_t err = {0};
     request_t rq;
     if (request_resolve(&rq, q->id, g, q->tenant, q->timeout_ms, &w->defaults, w->n_vocab, &err)) {
         reply_error(w, q->id, method, wire_status_from_error(err.code), err.msg);
-        return;
+        return false;
     }
     worker_req_t *r = worker_req_open(w, &rq, &err);
-    int rc = r ? sched_submit(w->sched, &rq.sched, &err) : err.code;
-    if (rc) {
-        worker_req_close(w, r);
-        reply_refused(w, q->id, method, rc, err.msg);
-    } else {
-        fl_log_debug("worker accepted id=%llu prompt=%d resumed=%d max_tokens=%d stream=%d stops=%zu timeout_ms=%u",
-                     (unsigned long long)q->id, rq.sched.n_prompt, rq.sched.n_resume, rq.sched.max_tokens,
-                     (int)g->stream, g->n_stop, q->timeout_ms);
+    if (!r) {
+        reply_refused(w, q->id, method, err.code, err.msg);
+        request_release(&rq);
+        return false;
     }
-    request_release(&rq);
+    if (worker_pull_start(w, q, r, &rq, fl_clock_s())) return true;
+    worker_submit_resolved(w, r, &rq);
+    return false;
 }
 
 static void handle_request(worker_t *w, const uint8_t *body, size_t len)
@@ -392,10 +415,12 @@ static void handle_request(worker_t *w, const uint8_t *body, size_t len)
     }
     switch (q->method) {
     case FOLIO__V1__METHOD__METHOD_GENERATE:
-        generate(w, q);
+        if (generate(w, q)) return; /* parked for a KV pull, which owns q now */
         break;
     case FOLIO__V1__METHOD__METHOD_CANCEL:
-        /* No reply: the cancelled stream's FINAL is the answer; an unknown id has already finished. */
+        /* No reply: the cancelled stream's FINAL is the answer; an unknown id has already finished.
+         * One parked for a KV pull goes to the scheduler first, to be cancelled there. */
+        worker_pull_release(w, q->cancel->target_id);
         if (w->sched && sched_cancel(w->sched, q->cancel->target_id))
             fl_log_debug("worker cancel id=%llu: not live", (unsigned long long)q->cancel->target_id);
         break;
@@ -434,6 +459,7 @@ void worker_handle_message(worker_t *w, const wire_msg_t *m, double now)
         break;
     case WIRE_CMD_DISCONNECT:
         fl_log_info("coordinator sent DISCONNECT: dropping live requests and registering again");
+        worker_pull_release_all(w);
         if (w->sched) sched_cancel_all(w->sched);
         send_ready(w);
         break;
@@ -526,12 +552,16 @@ static int run(worker_t *w)
         double wake = w->next_heartbeat;
         if (w->last_heard + dead_after_s(w) < wake) wake = w->last_heard + dead_after_s(w);
         if (w->kv_events && kv_events_pending(w->kv_events) && w->kv_events_next < wake) wake = w->kv_events_next;
+        wake = worker_peer_next_deadline(w, wake);
+        zmq_pollitem_t items[1 + PEER_POLL_MAX];
+        const int n_items = 1 + worker_peer_poll_items(w, items + 1, PEER_POLL_MAX);
         pthread_mutex_lock(&w->lock);
-        zmq_pollitem_t item = {.socket = w->sock, .events = ZMQ_POLLIN | (room ? 0 : ZMQ_POLLOUT)};
-        const int n = zmq_poll(&item, 1, work && room ? 0 : ms_until(wake, now));
+        items[0] = (zmq_pollitem_t){.socket = w->sock, .events = ZMQ_POLLIN | (room ? 0 : ZMQ_POLLOUT)};
+        const int n = zmq_poll(items, n_items, work && room ? 0 : ms_until(wake, now));
         const int poll_errno = errno;
-        if (n > 0 && (item.revents & ZMQ_POLLIN)) drain(w);
+        if (n > 0 && (items[0].revents & ZMQ_POLLIN)) drain(w);
         pthread_mutex_unlock(&w->lock);
+        worker_peer_service(w, fl_clock_s());
         if (n < 0 && poll_errno != EINTR) {
             fl_log_error("worker: zmq_poll: %s", zmq_strerror(poll_errno));
             return 1;
@@ -651,7 +681,8 @@ int main(int argc, char **argv)
     sched_opts_t so = {0};
     spec_paths_t spec_tree; /* --spec-tree */
     const char *endpoint_flag = NULL, *group = "g0", *health_file = NULL, *curve_secret = NULL, *coordinator_key = NULL;
-    long kv_events_ms = 100;
+    long kv_events_ms = 100, kv_pull_timeout_ms = 1000;
+    const char *kv_peer = "tcp://127.0.0.1:*", *kv_peer_advertise = NULL;
     long rank = 0, tp = 1, heartbeat_ms = 1000, max_waiting = 4096, restarts = 0, n;
     double drain_timeout_s = 60, tp_timeout_s = 30, tp_join_timeout_s = 300;
     bool fake = false;
@@ -689,6 +720,16 @@ int main(int argc, char **argv)
             eo.max_seqs = so.max_running = (int)n;
         } else if (!strcmp(f, "--kv-events-ms")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 0, 600000, &kv_events_ms)) return 2;
+        } else if (!strcmp(f, "--kv-peer")) {
+            if (!(kv_peer = fl_flag_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(f, "--kv-peer-advertise")) {
+            if (!(kv_peer_advertise = fl_flag_value(argc, argv, &i))) return 2;
+            if (!wire_endpoint_ok(kv_peer_advertise)) {
+                fprintf(stderr, "error: --kv-peer-advertise %s: expected a tcp:// or ipc:// endpoint\n", kv_peer_advertise);
+                return 2;
+            }
+        } else if (!strcmp(f, "--kv-pull-timeout-ms")) {
+            if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 1, 600000, &kv_pull_timeout_ms)) return 2;
         } else if (!strcmp(f, "--max-waiting")) {
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 1, 1 << 20, &max_waiting)) return 2;
         } else if (!strcmp(f, "--no-prefix-cache")) {
@@ -857,6 +898,16 @@ int main(int argc, char **argv)
         w.zctx = zmq_ctx_new();
         if (!w.zctx) rc = fl_fail(&err, FL_EIO, "zmq_ctx_new: %s", zmq_strerror(errno));
     }
+    w.pull_timeout_s = (double)kv_pull_timeout_ms * 1e-3;
+    w.prefix_cache = !so.no_prefix_cache;
+    if (!rc && !fake && strcmp(kv_peer, "off")) {
+        if (w.curve) /* the peer sockets have no CURVE of their own yet: nothing travels in the clear */
+            fl_log_info("worker: KV block pulls off (the coordinator link is CURVE-encrypted, the peer link is not)");
+        else if (w.tp > 1)
+            fl_log_info("worker: KV block pulls off (tp %d: a rank holds only its own KV heads)", w.tp);
+        else
+            rc = worker_peer_init(&w, kv_peer, kv_peer_advertise, &err);
+    }
     if (!rc) rc = worker_connect(&w, &err);
     if (!rc && !fake) rc = worker_beat_start(&w, &err);
     if (rc) {
@@ -887,6 +938,7 @@ int main(int argc, char **argv)
         zmq_close(w.sock);
         w.sock = NULL;
     }
+    worker_pull_release_all(&w);
     if (w.sched) sched_cancel_all(w.sched); /* every accepted request gets its FINAL */
     /* FINALs that found the queue full get the linger time to find room. */
     for (double until = fl_clock_s() + SHUTDOWN_LINGER_MS * 1e-3; w.sock && !worker_retry_finals(&w) &&
@@ -900,6 +952,7 @@ int main(int argc, char **argv)
         zmq_close(w.sock);
         w.sock = NULL;
     }
+    worker_peer_close(&w);
     sched_destroy(&w.sched);
     if (w.eng) kv_events_attach(NULL, w.eng->kv);
     kv_events_destroy(&w.kv_events);

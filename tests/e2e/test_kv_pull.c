@@ -1,0 +1,166 @@
+/* test_kv_pull.c - KV block pulls between groups end to end: 2 groups on a tiny random model, the
+ * workers reporting their prefix caches and serving pulls on loopback (their default).
+ *
+ * Protects: a prompt cached on one group, sent again once that group is drained, goes to the
+ * other group, which pulls the prompt's blocks from the holder instead of computing them (Usage:
+ * its cached prompt tokens; Status: blocks pulled and served, hints given) and answers exactly
+ * what the holder answered (greedy, the CPU backend: pulled KV is the holder's, bit for bit); the
+ * same prompt under another tenant pulls nothing and hits nothing (tenants never share blocks);
+ * a holder that stops answering (SIGSTOP) makes the pull end at its timeout and the prompt be
+ * computed, with the same answer. */
+#include "e2e_util.h"
+
+static e2e_env_t g_env;
+static cluster_t *g_cluster;
+
+enum { BS = 16, BLOCKS = 12, LEN = BLOCKS * BS + 5, MAX_TOKENS = 8 };
+
+E2E_MODEL_FIXTURES(g_env, "kvpull")
+
+static int test_teardown(void **state)
+{
+    (void)state;
+    e2e_cluster_stop(&g_cluster);
+    return 0;
+}
+
+static void generate(folio_client_t *c, const int32_t *toks, const char *tenant, folio_result_t *res)
+{
+    /* Greedy (a zeroed sampling asks for it). */
+    folio_generate_params_t p = {.tokens = toks, .n_tokens = LEN, .max_tokens = MAX_TOKENS, .ignore_eos = true,
+                                 .tenant = tenant};
+    e2e_generate(c, &p, FOLIO__V1__STATUS_CODE__OK, res);
+}
+
+typedef struct pull_figures {
+    uint64_t pulled, failures, served, index_blocks, hints;
+    bool has_peer;
+} pull_figures_t;
+
+static pull_figures_t figures(folio_client_t *ctl, const char *group)
+{
+    Folio__V1__Response *r = e2e_status(ctl);
+    const Folio__V1__GroupStatus *g = e2e_group(r, group);
+    assert_non_null(g);
+    const pull_figures_t f = {g->kv_pulled_blocks, g->kv_pull_failures, g->kv_served_blocks, g->kv_index_blocks,
+                              r->cluster->kv_pull_hints, *g->kv_peer_endpoint != 0};
+    folio__v1__response__free_unpacked(r, NULL);
+    return f;
+}
+
+/* Waits until group's first `blocks` blocks are in the coordinator's index (its KV events). */
+static void wait_indexed(folio_client_t *ctl, const char *group, uint64_t blocks)
+{
+    const double t0 = e2e_now_ms();
+    while (figures(ctl, group).index_blocks < blocks) {
+        if (e2e_now_ms() - t0 > e2e_ms(5000)) fail_msg("%s's blocks never reached the coordinator's index", group);
+        e2e_sleep_ms(20);
+    }
+}
+
+/* Status's pull figures come with heartbeats: polls group's until its pulled blocks reach
+ * `pulled` and its ended pulls `failures` (or 5 s pass), and returns them. */
+static pull_figures_t figures_after(folio_client_t *ctl, const char *group, uint64_t pulled, uint64_t failures)
+{
+    const double t0 = e2e_now_ms();
+    pull_figures_t f;
+    while (f = figures(ctl, group), (f.pulled < pulled || f.failures < failures) && e2e_now_ms() - t0 < e2e_ms(5000))
+        e2e_sleep_ms(50);
+    return f;
+}
+
+static void drain(folio_client_t *ctl, const char *group, bool undrain)
+{
+    fl_error_t err = {0};
+    if (folio_client_drain(ctl, group, undrain, e2e_ms(5000), &err)) fail_msg("drain %s: %s", group, err.msg);
+}
+
+static void expect_same_tokens(const folio_result_t *a, const folio_result_t *b, const char *what)
+{
+    if (!e2e_tokens_equal(a->tokens, a->n_tokens, b->tokens, b->n_tokens))
+        fail_msg("%s: the answer differs from the holder's", what);
+}
+
+static void a_drained_holders_blocks_are_pulled_not_computed(void **state)
+{
+    (void)state;
+    static const char *const wargs[] = {"--kv-events-ms", "20", "--kv-pull-timeout-ms", "300", NULL};
+    const cluster_opts_t o = {.worker_args = wargs, .heartbeat_ms = 500};
+    g_cluster = e2e_cluster_start(&g_env, "kvpull", 2, &o);
+    folio_client_t *ctl = e2e_client(g_cluster);
+    int32_t prompt[LEN];
+    e2e_prompt_tokens(7, LEN, prompt);
+
+    folio_result_t first = {0}, res = {0};
+    generate(ctl, prompt, NULL, &first);
+    char home[64], other[64];
+    snprintf(home, sizeof home, "%s", first.group);
+    snprintf(other, sizeof other, "%s", strcmp(home, "g0") ? "g0" : "g1");
+    assert_true(figures(ctl, home).has_peer && figures(ctl, other).has_peer);
+    wait_indexed(ctl, home, BLOCKS);
+
+    /* The holder drained: the prompt goes to the other group, which pulls its blocks. */
+    drain(ctl, home, false);
+    const pull_figures_t before = figures(ctl, other);
+    generate(ctl, prompt, NULL, &res);
+    assert_string_equal(res.group, other);
+    const pull_figures_t after = figures_after(ctl, other, before.pulled + BLOCKS, 0), holder = figures(ctl, home);
+    fprintf(stderr, "[e2e] kvpull: %s -> %s: %u of %u prompt tokens cached, %llu blocks pulled, %llu served, %llu hints\n",
+            home, other, res.cached_prompt_tokens, res.prompt_tokens,
+            (unsigned long long)(after.pulled - before.pulled), (unsigned long long)holder.served,
+            (unsigned long long)after.hints);
+    if (res.cached_prompt_tokens < BLOCKS * BS)
+        fail_msg("%u cached prompt tokens on %s, expected the %d pulled", res.cached_prompt_tokens, other, BLOCKS * BS);
+    assert_true(after.pulled - before.pulled >= BLOCKS);
+    assert_true(holder.served >= BLOCKS);
+    assert_true(after.hints > before.hints);
+    assert_int_equal(after.failures, before.failures);
+    expect_same_tokens(&first, &res, "pulled");
+    folio_result_clear(&res);
+
+    /* Another tenant: its chain differs, so nothing is pulled and nothing hits. */
+    generate(ctl, prompt, "someone-else", &res);
+    assert_string_equal(res.group, other);
+    assert_int_equal(res.cached_prompt_tokens, 0);
+    assert_int_equal(figures(ctl, other).pulled, after.pulled);
+    expect_same_tokens(&first, &res, "another tenant");
+    folio_result_clear(&res);
+    folio_result_clear(&first);
+
+    /* A holder that stops answering: the pull times out and the prompt is computed. */
+    drain(ctl, home, true);
+    int32_t prompt2[LEN];
+    char home2[64] = "";
+    for (uint32_t seed = 100; seed < 140 && strcmp(home2, home); seed++) { /* a prompt the same group holds */
+        e2e_prompt_tokens(seed, LEN, prompt2);
+        generate(ctl, prompt2, NULL, &first);
+        snprintf(home2, sizeof home2, "%s", first.group);
+        if (strcmp(home2, home)) folio_result_clear(&first);
+    }
+    assert_string_equal(home2, home);
+    wait_indexed(ctl, home, 2 * BLOCKS);
+    drain(ctl, home, false);
+    const int wi = home[1] - '0';
+    kill(g_cluster->workers[wi], SIGSTOP);
+    const pull_figures_t before2 = figures(ctl, other);
+    generate(ctl, prompt2, NULL, &res);
+    kill(g_cluster->workers[wi], SIGCONT);
+    assert_string_equal(res.group, other);
+    const pull_figures_t after2 = figures_after(ctl, other, 0, before2.failures + 1);
+    fprintf(stderr, "[e2e] kvpull: holder stopped: %u cached prompt tokens, %llu pulls ended early\n",
+            res.cached_prompt_tokens, (unsigned long long)(after2.failures - before2.failures));
+    assert_true(after2.failures > before2.failures);
+    assert_int_equal(res.cached_prompt_tokens, 0);
+    expect_same_tokens(&first, &res, "after a timed-out pull");
+    folio_result_clear(&res);
+    folio_result_clear(&first);
+    folio_client_destroy(&ctl);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(a_drained_holders_blocks_are_pulled_not_computed, test_teardown),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}

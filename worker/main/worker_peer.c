@@ -1,0 +1,398 @@
+/* worker_peer.c - KV block pulls between groups (proto/README.md, "KV block pulls").
+ *
+ * Holder: a ROUTER socket (--kv-peer) answers KvPull with the KV of the requested prompt blocks
+ * that its prefix cache holds under the puller's tenant, copied out on the loop's thread between
+ * steps (so nothing can evict them while they are read: the copy is the pin), in messages of at
+ * most PEER_CHUNK_BYTES.
+ *
+ * Puller: a Generate whose coordinator named a holder (kv_pull_endpoint) and whose leading blocks
+ * are not all in the local cache is parked instead of submitted; a DEALER to the holder asks for
+ * the missing blocks. Each block that comes is checked (its size, the message's checksum), written
+ * into a free block and published under the hash this worker computes from its own prompt tokens
+ * and tenant. Then the request is submitted and the scheduler's prefix lookup finds the blocks like
+ * any others. Anything wrong (a refusal, a gap, a bad checksum, no room, the timeout) ends the pull
+ * early: the request is submitted with what arrived, and the rest of its prompt is computed. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#define XXH_INLINE_ALL /* header-only, as in block_hash.c */
+#include <xxhash.h>
+
+#include "clock.h"
+#include "log.h"
+#include "worker.h"
+
+#define PEER_CHUNK_BYTES (4u << 20) /* a KvBlocks body stays well under WIRE_MAX_BODY_BYTES */
+#define PEER_MAX_LINKS   8          /* holders a worker keeps a DEALER to */
+
+struct peer_pull {
+    uint64_t pull_id;
+    double deadline;
+    int link;
+    worker_req_t *r;
+    Folio__V1__Request *msg; /* the Generate, which rq borrows from; freed when the pull ends */
+    request_t rq;          /* resolved; submitted when the pull ends */
+    block_hash_t *hashes;  /* [n_blocks] of the prompt's leading blocks */
+    int n_blocks;          /* blocks asked for end here */
+    int next_block;        /* the next block expected */
+    int first_block;       /* where the pull began (blocks before were local) */
+    double t_start;
+};
+
+struct peer_link {
+    char endpoint[WIRE_MAX_IDENTITY + 1];
+    void *sock;
+    double last_used;
+};
+
+int worker_peer_init(worker_t *w, const char *bind, const char *advertise, fl_error_t *err)
+{
+    snprintf(w->kv_layout, sizeof w->kv_layout, "%s|%s|%u", w->model_id, w->kv_type, w->block_size);
+    w->pulls = calloc((size_t)w->n_reqs, sizeof *w->pulls);
+    w->links = calloc(PEER_MAX_LINKS, sizeof *w->links);
+    if (!w->pulls || !w->links) return fl_fail(err, FL_ENOMEM, "worker: out of memory for KV pulls");
+    w->pull_on = true;
+    if (!bind) return FL_OK;
+    if (!(w->peer_sock = wire_socket(w->zctx, ZMQ_ROUTER, NULL, err))) return err->code;
+    if (zmq_bind(w->peer_sock, bind))
+        return fl_fail(err, FL_EIO, "worker: --kv-peer %s: %s", bind, zmq_strerror(errno));
+    if (advertise) {
+        snprintf(w->peer_endpoint, sizeof w->peer_endpoint, "%s", advertise);
+    } else {
+        size_t n = sizeof w->peer_endpoint;
+        if (zmq_getsockopt(w->peer_sock, ZMQ_LAST_ENDPOINT, w->peer_endpoint, &n))
+            return fl_fail(err, FL_EIO, "worker: --kv-peer %s: %s", bind, zmq_strerror(errno));
+    }
+    fl_log_info("worker serving KV block pulls at %s (layout %s, %zu bytes a block)", w->peer_endpoint, w->kv_layout,
+                kv_cache_block_bytes(w->eng->kv));
+    return FL_OK;
+}
+
+static void pull_free(struct peer_pull *p)
+{
+    free(p->hashes);
+    p->hashes = NULL;
+}
+
+void worker_peer_close(worker_t *w)
+{
+    for (int i = 0; w->pulls && i < w->n_pulls; i++) {
+        request_release(&w->pulls[i].rq);
+        folio__v1__request__free_unpacked(w->pulls[i].msg, NULL);
+        pull_free(&w->pulls[i]);
+    }
+    w->n_pulls = 0;
+    for (int i = 0; w->links && i < w->n_links; i++) zmq_close(w->links[i].sock);
+    w->n_links = 0;
+    if (w->peer_sock) zmq_close(w->peer_sock);
+    w->peer_sock = NULL;
+    free(w->pulls);
+    free(w->links);
+    w->pulls = NULL;
+    w->links = NULL;
+}
+
+/* --- holder ----------------------------------------------------------------------------------- */
+
+static void serve_reply(worker_t *w, const wire_msg_t *m, uint64_t pull_id, uint32_t first, uint32_t n,
+                        const uint8_t *data, size_t len, bool last, const char *error)
+{
+    Folio__V1__KvBlocks b = FOLIO__V1__KV_BLOCKS__INIT;
+    b.pull_id = pull_id;
+    b.first_block = first;
+    b.n_blocks = n;
+    b.data.data = (uint8_t *)data;
+    b.data.len = len;
+    b.checksum = XXH3_64bits(data, len);
+    b.last = last;
+    b.error = (char *)(error ? error : "");
+    fl_error_t err = {0};
+    if (wire_send(w->peer_sock, m->identity, m->identity_len, false, WIRE_HEADER_PEER, WIRE_CMD_KV_BLOCKS, &b.base,
+                  &err))
+        fl_log_warn("worker KV pull %llu: the answer did not go: %s", (unsigned long long)pull_id, err.msg);
+}
+
+static void serve_pull(worker_t *w, const wire_msg_t *m)
+{
+    fl_error_t err = {0};
+    if (wire_check_header(m, WIRE_HEADER_PEER, &err) || m->cmd != WIRE_CMD_KV_PULL) {
+        fl_log_warn("worker ignored a message on the KV peer socket: %s", err.code ? err.msg : "not KV_PULL");
+        return;
+    }
+    Folio__V1__KvPull *q = wire_decode_kv_pull(m->body, m->body_len, &err);
+    if (!q) {
+        fl_log_warn("worker ignored a KV pull: %s", err.msg);
+        return;
+    }
+    kv_cache_t *kv = w->eng->kv;
+    const int bs = kv->block_size;
+    const int n = (int)(q->n_tokens / (size_t)bs);
+    if (strcmp(q->layout, w->kv_layout) || w->tp != 1) {
+        char why[1200];
+        snprintf(why, sizeof why, "the holder's KV layout is %s (tp %d), the puller's %.300s", w->kv_layout, w->tp,
+                 q->layout);
+        serve_reply(w, m, q->pull_id, q->first_block, 0, NULL, 0, true, why);
+        folio__v1__kv_pull__free_unpacked(q, NULL);
+        return;
+    }
+    block_hash_t *h = malloc(sizeof *h * (size_t)(n > 0 ? n : 1));
+    int32_t *ids = malloc(sizeof *ids * (size_t)(n > 0 ? n : 1));
+    const size_t bb = kv_cache_block_bytes(kv);
+    const int per_msg = bb >= PEER_CHUNK_BYTES ? 1 : (int)(PEER_CHUNK_BYTES / bb);
+    uint8_t *buf = malloc(bb * (size_t)per_msg);
+    if (!h || !ids || !buf) {
+        serve_reply(w, m, q->pull_id, q->first_block, 0, NULL, 0, true, "the holder is out of memory");
+        goto out;
+    }
+    const block_hash_t salt = block_hash_salt(q->tenant, strlen(q->tenant));
+    block_hash_prefix(salt, q->tokens, n * bs, bs, h, n);
+    /* The run of blocks it holds from first_block on, found before any is copied. */
+    int found = 0;
+    for (int i = (int)q->first_block; i < n; i++) {
+        const int32_t b = kv_cache_find(kv, h[i], q->tokens + (size_t)i * bs);
+        if (b < 0) break;
+        ids[found++] = b;
+    }
+    if (!found) {
+        serve_reply(w, m, q->pull_id, q->first_block, 0, NULL, 0, true, "");
+        goto out;
+    }
+    for (int done = 0; done < found;) {
+        const int k = found - done < per_msg ? found - done : per_msg;
+        int rc = FL_OK;
+        for (int j = 0; j < k && !rc; j++) rc = kv_cache_block_read(kv, ids[done + j], buf + (size_t)j * bb);
+        if (rc) {
+            serve_reply(w, m, q->pull_id, q->first_block + (uint32_t)done, 0, NULL, 0, true,
+                        "the holder could not read its blocks");
+            break;
+        }
+        serve_reply(w, m, q->pull_id, q->first_block + (uint32_t)done, (uint32_t)k, buf, bb * (size_t)k,
+                    done + k == found, NULL);
+        done += k;
+    }
+    w->kv_served_blocks += (uint64_t)found;
+    fl_log_debug("worker served KV pull %llu: %d blocks from block %u", (unsigned long long)q->pull_id, found,
+                 q->first_block);
+out:
+    free(h);
+    free(ids);
+    free(buf);
+    folio__v1__kv_pull__free_unpacked(q, NULL);
+}
+
+/* --- puller ----------------------------------------------------------------------------------- */
+
+static int link_for(worker_t *w, const char *endpoint, double now)
+{
+    for (int i = 0; i < w->n_links; i++)
+        if (!strcmp(w->links[i].endpoint, endpoint)) {
+            w->links[i].last_used = now;
+            return i;
+        }
+    int i = w->n_links;
+    if (i == PEER_MAX_LINKS) { /* the link used least recently goes, unless a pull waits on it */
+        i = -1;
+        for (int j = 0; j < w->n_links; j++) {
+            bool busy = false;
+            for (int k = 0; k < w->n_pulls && !busy; k++) busy = w->pulls[k].link == j;
+            if (!busy && (i < 0 || w->links[j].last_used < w->links[i].last_used)) i = j;
+        }
+        if (i < 0) return -1;
+        zmq_close(w->links[i].sock);
+    } else {
+        w->n_links++;
+    }
+    fl_error_t err = {0};
+    struct peer_link *l = &w->links[i];
+    l->sock = wire_socket(w->zctx, ZMQ_DEALER, NULL, &err);
+    if (!l->sock || zmq_connect(l->sock, endpoint)) {
+        fl_log_warn("worker KV pull: cannot connect to %s: %s", endpoint, l->sock ? zmq_strerror(errno) : err.msg);
+        if (l->sock) zmq_close(l->sock);
+        w->links[i] = w->links[--w->n_links];
+        return -1;
+    }
+    snprintf(l->endpoint, sizeof l->endpoint, "%s", endpoint);
+    l->last_used = now;
+    return i;
+}
+
+bool worker_pull_start(worker_t *w, Folio__V1__Request *q, worker_req_t *r, request_t *rq, double now)
+{
+    const Folio__V1__GenerateRequest *g = q->generate;
+    if (!w->pull_on || !*g->kv_pull_endpoint || !g->kv_pull_blocks || w->tp != 1 || !w->prefix_cache ||
+        !strcmp(g->kv_pull_endpoint, w->peer_endpoint) || w->n_pulls == w->n_reqs)
+        return false;
+    kv_cache_t *kv = w->eng->kv;
+    const int bs = kv->block_size;
+    /* The scheduler computes at least the prompt's last token, so blocks past it are never used. */
+    int n = (rq->sched.n_prompt - 1) / bs;
+    if (n > (int)g->kv_pull_blocks) n = (int)g->kv_pull_blocks;
+    if (n <= 0) return false;
+    block_hash_t *h = malloc(sizeof *h * (size_t)n);
+    if (!h) return false;
+    block_hash_prefix(rq->sched.salt, rq->sched.prompt, n * bs, bs, h, n);
+    int first = 0;
+    while (first < n && kv_cache_find(kv, h[first], rq->sched.prompt + (size_t)first * bs) >= 0) first++;
+    const int link = first < n ? link_for(w, g->kv_pull_endpoint, now) : -1;
+    if (link < 0) {
+        free(h);
+        return false;
+    }
+    Folio__V1__KvPull p = FOLIO__V1__KV_PULL__INIT;
+    p.pull_id = ++w->next_pull_id;
+    p.layout = w->kv_layout;
+    p.tenant = q->tenant;
+    p.tokens = (int32_t *)rq->sched.prompt;
+    p.n_tokens = (size_t)n * bs;
+    p.first_block = (uint32_t)first;
+    fl_error_t err = {0};
+    if (wire_send(w->links[link].sock, NULL, 0, false, WIRE_HEADER_PEER, WIRE_CMD_KV_PULL, &p.base, &err)) {
+        fl_log_warn("worker KV pull to %s: %s", g->kv_pull_endpoint, err.msg);
+        free(h);
+        return false;
+    }
+    struct peer_pull *pp = &w->pulls[w->n_pulls++];
+    *pp = (struct peer_pull){.pull_id = p.pull_id, .deadline = now + w->pull_timeout_s, .link = link, .r = r,
+                             .msg = q, .rq = *rq, .hashes = h, .n_blocks = n, .next_block = first, .first_block = first,
+                             .t_start = now};
+    fl_log_debug("worker id=%llu: pulling blocks %d..%d from %s (pull %llu)", (unsigned long long)q->id, first, n - 1,
+                 g->kv_pull_endpoint, (unsigned long long)p.pull_id);
+    return true;
+}
+
+/* Ends pull i: the request goes to the scheduler with what arrived. */
+static void pull_end(worker_t *w, int i, const char *why, double now)
+{
+    struct peer_pull *p = &w->pulls[i];
+    const int got = p->next_block - p->first_block;
+    if (why) {
+        w->kv_pull_failures++;
+        fl_log_warn("worker KV pull %llu for id=%llu from %s ended after %d of %d blocks (%.1f ms): %s",
+                    (unsigned long long)p->pull_id, (unsigned long long)p->r->id, w->links[p->link].endpoint, got,
+                    p->n_blocks - p->first_block, (now - p->t_start) * 1e3, why);
+    } else {
+        fl_log_debug("worker KV pull %llu for id=%llu: %d blocks in %.1f ms", (unsigned long long)p->pull_id,
+                     (unsigned long long)p->r->id, got, (now - p->t_start) * 1e3);
+    }
+    struct peer_pull done = *p;
+    w->pulls[i] = w->pulls[--w->n_pulls];
+    pull_free(&done);
+    worker_submit_resolved(w, done.r, &done.rq);
+    folio__v1__request__free_unpacked(done.msg, NULL);
+}
+
+static int pull_find(const worker_t *w, uint64_t pull_id)
+{
+    for (int i = 0; i < w->n_pulls; i++)
+        if (w->pulls[i].pull_id == pull_id) return i;
+    return -1;
+}
+
+/* Writes the blocks of one KvBlocks into the cache; NULL, or why the pull must end. */
+static const char *install(worker_t *w, struct peer_pull *p, const Folio__V1__KvBlocks *b)
+{
+    kv_cache_t *kv = w->eng->kv;
+    const size_t bb = kv_cache_block_bytes(kv);
+    if (*b->error) return b->error;
+    if (b->first_block != (uint32_t)p->next_block) return "blocks out of order";
+    if (b->n_blocks > (uint32_t)(p->n_blocks - p->next_block) || b->data.len != bb * b->n_blocks)
+        return "a message of the wrong size";
+    if (XXH3_64bits(b->data.data, b->data.len) != b->checksum) return "a checksum mismatch";
+    const int bs = kv->block_size;
+    for (uint32_t j = 0; j < b->n_blocks; j++, p->next_block++) {
+        const int32_t *tokens = p->rq.sched.prompt + (size_t)p->next_block * bs;
+        const block_hash_t h = p->hashes[p->next_block];
+        if (kv_cache_find(kv, h, tokens) >= 0) continue; /* computed here meanwhile */
+        const int32_t blk = kv_cache_alloc_block(kv);
+        if (blk < 0) return "no free block";
+        if (kv_cache_block_write(kv, blk, b->data.data + (size_t)j * bb)) {
+            kv_cache_release_block(kv, blk);
+            return "the blocks could not be written";
+        }
+        kv_cache_publish(kv, blk, h, tokens);
+        kv_cache_release_block(kv, blk); /* cached and unreferenced: the scheduler's lookup takes it */
+        w->kv_pulled_blocks++;
+    }
+    return NULL;
+}
+
+static void take_blocks(worker_t *w, const wire_msg_t *m, double now)
+{
+    fl_error_t err = {0};
+    if (wire_check_header(m, WIRE_HEADER_PEER, &err) || m->cmd != WIRE_CMD_KV_BLOCKS) {
+        fl_log_warn("worker ignored a message from a KV holder: %s", err.code ? err.msg : "not KV_BLOCKS");
+        return;
+    }
+    Folio__V1__KvBlocks *b = wire_decode_kv_blocks(m->body, m->body_len, &err);
+    if (!b) {
+        fl_log_warn("worker ignored a KV answer: %s", err.msg);
+        return;
+    }
+    const int i = pull_find(w, b->pull_id);
+    if (i >= 0) { /* else it ended already (a timeout): late blocks are dropped */
+        const char *why = install(w, &w->pulls[i], b);
+        if (why || b->last || w->pulls[i].next_block == w->pulls[i].n_blocks)
+            pull_end(w, i, why ? why : !b->n_blocks && b->first_block == (uint32_t)w->pulls[i].first_block
+                                        ? "the holder has none of the blocks"
+                                        : NULL,
+                     now);
+    }
+    folio__v1__kv_blocks__free_unpacked(b, NULL);
+}
+
+static void drain_socket(worker_t *w, void *sock, bool router, double now)
+{
+    for (int k = 0; k < 64; k++) {
+        wire_msg_t m;
+        fl_error_t err = {0};
+        const int rc = wire_recv(sock, router, true, &m, &err);
+        if (rc == FL_EIO && errno == EAGAIN) return;
+        if (rc == FL_OK) {
+            if (router) serve_pull(w, &m);
+            else take_blocks(w, &m, now);
+        } else {
+            fl_log_warn("worker KV peer receive: %s", err.msg);
+        }
+        wire_msg_close(&m);
+        if (rc == FL_EIO) return;
+    }
+}
+
+void worker_peer_service(worker_t *w, double now)
+{
+    if (w->peer_sock) drain_socket(w, w->peer_sock, true, now);
+    for (int i = 0; i < w->n_links; i++) drain_socket(w, w->links[i].sock, false, now);
+    for (int i = w->n_pulls - 1; i >= 0; i--)
+        if (now >= w->pulls[i].deadline) pull_end(w, i, "timed out", now);
+}
+
+int worker_peer_poll_items(worker_t *w, zmq_pollitem_t *items, int cap)
+{
+    int n = 0;
+    if (w->peer_sock && n < cap) items[n++] = (zmq_pollitem_t){.socket = w->peer_sock, .events = ZMQ_POLLIN};
+    for (int i = 0; i < w->n_links && n < cap; i++)
+        items[n++] = (zmq_pollitem_t){.socket = w->links[i].sock, .events = ZMQ_POLLIN};
+    return n;
+}
+
+double worker_peer_next_deadline(const worker_t *w, double wake)
+{
+    for (int i = 0; i < w->n_pulls; i++)
+        if (w->pulls[i].deadline < wake) wake = w->pulls[i].deadline;
+    return wake;
+}
+
+bool worker_pull_release(worker_t *w, uint64_t id)
+{
+    for (int i = 0; i < w->n_pulls; i++)
+        if (w->pulls[i].r->id == id) {
+            pull_end(w, i, NULL, fl_clock_s());
+            return true;
+        }
+    return false;
+}
+
+void worker_pull_release_all(worker_t *w)
+{
+    while (w->n_pulls) pull_end(w, w->n_pulls - 1, NULL, fl_clock_s());
+}
