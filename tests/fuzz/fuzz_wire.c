@@ -1,7 +1,8 @@
 /* fuzz_wire.c - libFuzzer target for every decoder of untrusted protocol bytes (proto/wire.c).
  *
  * Input: one selector byte, then a message body as it would arrive in a frame. The selector picks
- * the decoder (client Request, worker Response, WorkerHello, WorkerLoad), or (bit 2) whole
+ * the decoder (client Request, worker Response, WorkerHello, WorkerLoad; with bit 3, KvPull or
+ * KvBlocks between workers), or (bit 2) whole
  * multipart messages: the bytes are cut into frames at 0xFF separators and sent over an inproc
  * DEALER to a ROUTER, where wire_recv(), wire_check_header() and the decoders take them as the
  * coordinator does. Invariants: no crash,
@@ -58,6 +59,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const uint8_t *body = data + 1;
     const size_t len = size - 1;
     fl_error_t err = {0};
+    if (data[0] & 8) { /* the worker <-> worker decoders (KV block pulls) */
+        if (data[0] & 1) {
+            Folio__V1__KvBlocks *b = wire_decode_kv_blocks(body, len, &err);
+            if (b) folio__v1__kv_blocks__free_unpacked(b, NULL);
+        } else {
+            Folio__V1__KvPull *p = wire_decode_kv_pull(body, len, &err);
+            if (p) {
+                assert(p->n_tokens > 0);
+                for (size_t i = 0; i < p->n_tokens; i++) assert(p->tokens[i] >= 0);
+                folio__v1__kv_pull__free_unpacked(p, NULL);
+            } else {
+                assert(err.msg[0]);
+            }
+        }
+        return 0;
+    }
     switch (data[0] & 3) {
     case 0: {
         Folio__V1__Request *r = wire_decode_request(body, len, &err);
