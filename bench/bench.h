@@ -8,5 +8,6 @@ int bench_prefix(int argc, char **argv);
 int bench_route(int argc, char **argv);
 int bench_spec(int argc, char **argv);
 int bench_kvquant(int argc, char **argv);
+int bench_kvshare(int argc, char **argv);
 
 #endif

@@ -9,6 +9,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "gguf.h"
+
 static int cmp_double(const void *a, const void *b)
 {
     const double x = *(const double *)a, y = *(const double *)b;
@@ -128,4 +130,36 @@ void bench_cluster_close(bench_cluster_t *bc)
     cluster_stop(&bc->cluster);
     for (int i = 0; i < 2; i++)
         if (!strncmp(eps[i], "ipc://", 6)) unlink(eps[i] + 6);
+}
+
+int bench_model_facts(const char *path, bench_model_facts_t *mf)
+{
+    fl_error_t err = {0};
+    gguf_t *g = gguf_open(path, &err);
+    if (!g) {
+        fprintf(stderr, "error: %s\n", err.msg);
+        return -1;
+    }
+    const char *arch = "llama";
+    size_t arch_len = 5;
+    gguf_get_str(g, "general.architecture", &arch, &arch_len, NULL);
+    char key[160];
+    uint32_t layers = 0, kv_heads = 0, heads = 0, dim = 0, key_len = 0;
+    gguf_value_type_t t;
+    uint64_t n_vocab = 0;
+#define GET(name, out)                                                                                                 \
+    (snprintf(key, sizeof key, "%.*s." name, (int)arch_len, arch), gguf_get_u32(g, key, &(out), NULL))
+    int rc = GET("block_count", layers) || GET("attention.head_count", heads) || GET("embedding_length", dim) ||
+             gguf_get_arr(g, "tokenizer.ggml.tokens", &t, &n_vocab, NULL);
+    if (GET("attention.head_count_kv", kv_heads)) kv_heads = heads;
+    if (GET("attention.key_length", key_len)) key_len = heads ? dim / heads : 0;
+#undef GET
+    gguf_destroy(&g);
+    if (rc || !layers || !kv_heads || !key_len || n_vocab < 16) {
+        fprintf(stderr, "error: %s: cannot read the model's sizes from its metadata\n", path);
+        return -1;
+    }
+    mf->n_vocab = (int32_t)n_vocab;
+    mf->kv_bytes_per_token = (size_t)2 * layers * kv_heads * key_len * 2; /* K and V, f16 */
+    return 0;
 }

@@ -5,6 +5,7 @@
 #define FOLIO_BENCH_CLUSTER_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "cli_cluster.h"
 #include "folio_client.h"
@@ -20,6 +21,14 @@ int bench_write_json(const char *path, void *json);
 int bench_write_outputs(const char *json_path, const char *png_path, void *json);
 /* given, else "/tmp/folio-bench-PID" (written into buf). */
 const char *bench_log_dir(const char *given, char *buf, size_t cap);
+
+/* What the cluster benchmarks read from a model's GGUF: its vocabulary size (prompt tokens are drawn
+ * below it) and its KV bytes per token in f16. -1, with the reason printed, when unreadable. */
+typedef struct bench_model_facts {
+    int32_t n_vocab;
+    size_t kv_bytes_per_token;
+} bench_model_facts_t;
+int bench_model_facts(const char *path, bench_model_facts_t *mf);
 
 typedef struct bench_cluster {
     cluster_t *cluster;

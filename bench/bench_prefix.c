@@ -239,44 +239,6 @@ static int warm_up(folio_client_t *c, const int32_t *prompt, int n_prompt, int o
     return rc;
 }
 
-/* ---------------------------------------------------------------- model facts */
-
-typedef struct model_facts {
-    int32_t n_vocab;
-    size_t kv_bytes_per_token;
-} model_facts_t;
-
-static int read_model_facts(const char *path, model_facts_t *mf)
-{
-    fl_error_t err = {0};
-    gguf_t *g = gguf_open(path, &err);
-    if (!g) {
-        fprintf(stderr, "error: %s\n", err.msg);
-        return -1;
-    }
-    const char *arch = "llama";
-    size_t arch_len = 5;
-    gguf_get_str(g, "general.architecture", &arch, &arch_len, NULL);
-    char key[160];
-    uint32_t layers = 0, kv_heads = 0, heads = 0, dim = 0, key_len = 0;
-    gguf_value_type_t t;
-    uint64_t n_vocab = 0;
-#define GET(name, out)                                                                                                 \
-    (snprintf(key, sizeof key, "%.*s." name, (int)arch_len, arch), gguf_get_u32(g, key, &(out), NULL))
-    int rc = GET("block_count", layers) || GET("attention.head_count", heads) || GET("embedding_length", dim) ||
-             gguf_get_arr(g, "tokenizer.ggml.tokens", &t, &n_vocab, NULL);
-    if (GET("attention.head_count_kv", kv_heads)) kv_heads = heads;
-    if (GET("attention.key_length", key_len)) key_len = heads ? dim / heads : 0;
-#undef GET
-    gguf_destroy(&g);
-    if (rc || !layers || !kv_heads || !key_len || n_vocab < 16) {
-        fprintf(stderr, "error: %s: cannot read the model's sizes from its metadata\n", path);
-        return -1;
-    }
-    mf->n_vocab = (int32_t)n_vocab;
-    mf->kv_bytes_per_token = (size_t)2 * layers * kv_heads * key_len * 2; /* K and V, f16 */
-    return 0;
-}
 
 /* ---------------------------------------------------------------- flags */
 
@@ -448,7 +410,7 @@ static int requests_for(const prefix_flags_t *f, double qps)
 }
 
 /* One cluster per method; the loads run in order on it. */
-static int run_method(const prefix_flags_t *f, const model_facts_t *mf, bool prefix_cache, const char *log_dir,
+static int run_method(const prefix_flags_t *f, const bench_model_facts_t *mf, bool prefix_cache, const char *log_dir,
                       int32_t *prompts, run_result_t *res /* [n_loads] */)
 {
     cluster_opts_t o = {.model = f->model, .n_groups = (int)f->groups, .threads_per_worker = (int)f->threads_per_worker,
@@ -493,7 +455,7 @@ out:
     return rc;
 }
 
-static int run_prefix_vs_base(const prefix_flags_t *f, const char *model_path, const model_facts_t *mf,
+static int run_prefix_vs_base(const prefix_flags_t *f, const char *model_path, const bench_model_facts_t *mf,
                               const char *log_dir)
 {
     bool want[2] = {strstr(f->methods, "prefix") != NULL, strstr(f->methods, "base") != NULL};
@@ -629,7 +591,7 @@ typedef struct policy_run {
 /* The policies that route by where prefixes are cached: judged against the single group. */
 static bool locality_policy(const char *policy) { return !strcmp(policy, "prefix") || !strcmp(policy, "cache-aware"); }
 
-static int run_routing(const prefix_flags_t *f, const char *model_path, const model_facts_t *mf, const char *log_dir)
+static int run_routing(const prefix_flags_t *f, const char *model_path, const bench_model_facts_t *mf, const char *log_dir)
 {
     const int P = (int)f->prefixes, bs = (int)f->block_size;
     const int plen = (int)(f->prefix_tokens + f->input_tokens);
@@ -856,8 +818,8 @@ int bench_prefix(int argc, char **argv)
     prefix_flags_t f;
     if (parse_flags(argc, argv, &f)) return 2;
     const char *model_path = fl_model_path(f.model);
-    model_facts_t mf;
-    if (read_model_facts(model_path, &mf)) return 1;
+    bench_model_facts_t mf;
+    if (bench_model_facts(model_path, &mf)) return 1;
     if (mf.n_vocab <= 3) return 1;
     char dir[128];
     const char *log_dir = bench_log_dir(f.log_dir, dir, sizeof dir);

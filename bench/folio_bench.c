@@ -8,7 +8,8 @@
  *   folio-bench spec      speculative decoding: the cost of a verify step, and tokens/s with no
  *                         speculation, n-gram drafts and Medusa heads on two workloads
  *   folio-bench kvquant   KV cache types (f16, q8_0, q4_0): capacity, decode at long context, the
- *                         prefix workload on a tight budget */
+ *                         prefix workload on a tight budget
+ *   folio-bench kvshare   KV block pulls between groups against recomputing the prefix */
 #include <stdio.h>
 #include <string.h>
 
@@ -27,7 +28,9 @@ int main(int argc, char **argv)
                 "  spec      speculative decoding: verify-step cost; tokens/s, accepted tokens per step and\n"
                 "            speed-up of n-gram and Medusa drafts over none; lossless check\n"
                 "  kvquant   KV cache types side by side: bytes per token, capacity, decode at long context,\n"
-                "            prefix workload on a tight budget\n");
+                "            prefix workload on a tight budget\n"
+                "  kvshare   KV block pulls between groups: first-token time and throughput against\n"
+                "            recomputing the prefix, the pull's bandwidth\n");
         return argc < 2 ? 2 : 0;
     }
     if (!strcmp(argv[1], "engine")) return bench_engine(argc - 1, argv + 1);
@@ -35,6 +38,7 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "route")) return bench_route(argc - 1, argv + 1);
     if (!strcmp(argv[1], "spec")) return bench_spec(argc - 1, argv + 1);
     if (!strcmp(argv[1], "kvquant")) return bench_kvquant(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "kvshare")) return bench_kvshare(argc - 1, argv + 1);
     fprintf(stderr, "error: unknown benchmark '%s'\n", argv[1]);
     return 2;
 }
