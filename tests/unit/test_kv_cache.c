@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "kv_cache.h"
@@ -132,6 +133,54 @@ static void lookup_hits_published_block_and_misses_others(void **state)
     kv_cache_release_block(kv, b);
     kv_cache_release_block(kv, b);
     kv_cache_destroy(&kv);
+}
+
+/* KV block pulls: find takes no reference and counts no hit; a block's bytes read from one cache
+ * and written into another read back the same, per layer K then V, for every KV type; only the
+ * block written changes. */
+static void find_is_a_peek_and_blocks_travel_whole(void **state)
+{
+    (void)state;
+    kv_cache_t *kv = small_pool(4);
+    const int32_t toks[4] = {10, 11, 12, 13};
+    const int32_t b = kv_cache_alloc_block(kv);
+    kv_cache_publish(kv, b, hash_of(3), toks);
+    kv_cache_release_block(kv, b);
+    assert_int_equal(kv_cache_find(kv, hash_of(3), toks), b);
+    assert_int_equal(kv_cache_find(kv, hash_of(4), toks), -1);
+    assert_int_equal(kv->refcount[b], 0);
+    assert_int_equal(kv->hits, 0);
+    assert_int_equal(kv_cache_evictable_blocks(kv), 1);
+    kv_cache_destroy(&kv);
+
+    const int types[3][2] = {{FL_TYPE_F16, FL_TYPE_F16}, {FL_TYPE_Q8_0, FL_TYPE_Q8_0}, {FL_TYPE_Q8_0, FL_TYPE_Q4_0}};
+    for (int t = 0; t < 3; t++) {
+        kv_cache_t *a = kv_cache_new(g_be, 3, 2, 32, 4, types[t][0], types[t][1], 1 << 16, NULL);
+        kv_cache_t *c = kv_cache_new(g_be, 3, 2, 32, 4, types[t][0], types[t][1], 1 << 16, NULL);
+        assert_non_null(a);
+        assert_non_null(c);
+        const size_t bb = kv_cache_block_bytes(a);
+        assert_int_equal(bb, 4 * a->bytes_per_token);
+        uint8_t *src = malloc(bb), *dst = malloc(bb), *zero = calloc(1, bb);
+        for (size_t i = 0; i < bb; i++) src[i] = (uint8_t)(i * 131 + 7);
+        assert_int_equal(kv_cache_block_write(a, 2, src), 0);
+        assert_int_equal(kv_cache_block_read(a, 2, dst), 0);
+        assert_memory_equal(src, dst, bb);
+        assert_int_equal(kv_cache_block_read(a, 1, dst), 0); /* its neighbours untouched */
+        assert_memory_equal(zero, dst, bb);
+        assert_int_equal(kv_cache_block_read(a, 3, dst), 0);
+        assert_memory_equal(zero, dst, bb);
+        assert_int_equal(kv_cache_block_read(a, 2, dst), 0); /* to another cache, another block */
+        assert_int_equal(kv_cache_block_write(c, 0, dst), 0);
+        memset(dst, 0, bb);
+        assert_int_equal(kv_cache_block_read(c, 0, dst), 0);
+        assert_memory_equal(src, dst, bb);
+        free(src);
+        free(dst);
+        free(zero);
+        kv_cache_destroy(&a);
+        kv_cache_destroy(&c);
+    }
 }
 
 static void publishing_a_known_hash_keeps_the_first_block(void **state)
@@ -268,6 +317,7 @@ int main(void)
         cmocka_unit_test(shared_block_stays_used_until_last_reference),
         cmocka_unit_test(eviction_takes_free_blocks_first_then_least_recently_used),
         cmocka_unit_test(hash_table_survives_heavy_churn),
+        cmocka_unit_test(find_is_a_peek_and_blocks_travel_whole),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
