@@ -58,6 +58,7 @@ typedef struct run_result {
     uint64_t prompt_tokens, cached_prompt_tokens;
     double hit_rate;
     uint64_t preemptions;
+    uint64_t pulled_blocks;   /* KV blocks the groups pulled from each other (counted in the hits) */
     int per_group[MAX_GROUPS];
     char problem[256];        /* the first failed check, "" when every request passed */
 } run_result_t;
@@ -209,18 +210,26 @@ static int drive(folio_client_t *c, preq_t *r, int n, double qps, int output_tok
     return 0;
 }
 
-/* Sum of the groups' preemption counters (since each worker started). */
-static uint64_t cluster_preemptions(folio_client_t *c)
+/* Sums over the groups of their preemption and pulled-block counters (since each worker started). */
+static void cluster_counters(folio_client_t *c, uint64_t *preemptions, uint64_t *pulled)
 {
     Folio__V1__Response *r = NULL;
     fl_error_t err = {0};
-    uint64_t n = 0;
+    *preemptions = *pulled = 0;
     if (folio_client_status(c, 5000, &r, &err) == 0 && r->cluster) {
-        for (size_t i = 0; i < r->cluster->n_groups; i++)
-            if (r->cluster->groups[i]->load) n += r->cluster->groups[i]->load->preemptions;
+        for (size_t i = 0; i < r->cluster->n_groups; i++) {
+            if (r->cluster->groups[i]->load) *preemptions += r->cluster->groups[i]->load->preemptions;
+            *pulled += r->cluster->groups[i]->kv_pulled_blocks;
+        }
     }
     if (r) folio__v1__response__free_unpacked(r, NULL);
-    return n;
+}
+
+static uint64_t cluster_preemptions(folio_client_t *c)
+{
+    uint64_t pre, pulled;
+    cluster_counters(c, &pre, &pulled);
+    return pre;
 }
 
 static int warm_up(folio_client_t *c, const int32_t *prompt, int n_prompt, int output_tokens)
@@ -281,7 +290,8 @@ static void usage(void)
            "  --requests N              requests per load (default max(16, 12 x qps); --routing: 160)\n"
            "  --methods LIST            prefix,base (default both; --routing: prefix,cache-aware,prefix:2,\n"
            "                            prefix:4,round-robin,least-loaded,single; POLICY:F runs POLICY with the\n"
-           "                            coordinator's bounded-load factor F, else its default)\n"
+           "                            coordinator's bounded-load factor F, else its default;\n"
+           "                            POLICY-nopull with KV block pulls between groups off)\n"
            "  --kv-budget SIZE          per worker (default: the worker's 64MiB; --routing: sized so\n"
            "                            --fit-prefixes prefixes and --fit-running requests fit)\n"
            "  --block-size N            KV block size (default 16)\n"
@@ -398,6 +408,7 @@ static cJSON *result_json(const run_result_t *r)
     cJSON_AddNumberToObject(o, "cached_prompt_tokens", (double)r->cached_prompt_tokens);
     cJSON_AddNumberToObject(o, "hit_rate", r->hit_rate);
     cJSON_AddNumberToObject(o, "preemptions", (double)r->preemptions);
+    cJSON_AddNumberToObject(o, "pulled_blocks", (double)r->pulled_blocks);
     if (r->problem[0]) cJSON_AddStringToObject(o, "problem", r->problem);
     return o;
 }
@@ -584,6 +595,7 @@ typedef struct policy_run {
     char name[48], policy[32];
     double load_factor; /* 0: the coordinator's default */
     bool single;
+    bool no_pull;       /* POLICY-nopull: the coordinator's --kv-pull off */
     int groups;
     run_result_t res[MAX_LOADS];
 } policy_run_t;
@@ -626,6 +638,12 @@ static int run_routing(const prefix_flags_t *f, const char *model_path, const be
                 return 2;
             }
         }
+        /* POLICY-nopull: with KV block pulls between groups off */
+        const size_t tl = strlen(t);
+        const bool no_pull = tl > 7 && !strcmp(t + tl - 7, "-nopull");
+        char full[32];
+        snprintf(full, sizeof full, "%.31s", t);
+        if (no_pull) t[tl - 7] = 0;
         if (strcmp(t, "prefix") && strcmp(t, "cache-aware") && strcmp(t, "round-robin") && strcmp(t, "least-loaded") &&
             strcmp(t, "single")) {
             fprintf(stderr, "error: --methods: unknown policy '%s'\n", t);
@@ -635,8 +653,9 @@ static int run_routing(const prefix_flags_t *f, const char *model_path, const be
         memset(&runs[n_runs], 0, sizeof runs[n_runs]);
         snprintf(runs[n_runs].policy, sizeof runs[n_runs].policy, "%s", t);
         runs[n_runs].load_factor = lf > 0 ? lf : f->load_factor;
-        if (lf > 0) snprintf(runs[n_runs].name, sizeof runs[n_runs].name, "%s:%g", t, lf);
-        else snprintf(runs[n_runs].name, sizeof runs[n_runs].name, "%s", t);
+        runs[n_runs].no_pull = no_pull;
+        if (lf > 0) snprintf(runs[n_runs].name, sizeof runs[n_runs].name, "%s:%g", full, lf);
+        else snprintf(runs[n_runs].name, sizeof runs[n_runs].name, "%s", full);
         runs[n_runs].single = !strcmp(t, "single");
         runs[n_runs].groups = runs[n_runs].single ? 1 : (int)f->groups;
         n_runs++;
@@ -645,11 +664,16 @@ static int run_routing(const prefix_flags_t *f, const char *model_path, const be
     for (int k = 0; k < n_runs; k++) {
         policy_run_t *pr = &runs[k];
         char lf[32];
-        const char *cargs[3] = {NULL, NULL, NULL};
+        const char *cargs[5] = {NULL, NULL, NULL, NULL, NULL};
+        int nc = 0;
         if (pr->load_factor > 0 && !pr->single) {
             snprintf(lf, sizeof lf, "%g", pr->load_factor);
-            cargs[0] = "--load-factor";
-            cargs[1] = lf;
+            cargs[nc++] = "--load-factor";
+            cargs[nc++] = lf;
+        }
+        if (pr->no_pull) {
+            cargs[nc++] = "--kv-pull";
+            cargs[nc++] = "off";
         }
         cluster_opts_t o = {.model = f->model, .n_groups = pr->groups,
                             .threads_per_worker = pr->single ? (int)single_threads : (int)f->threads_per_worker,
@@ -692,9 +716,13 @@ static int run_routing(const prefix_flags_t *f, const char *model_path, const be
             }
             fprintf(stderr, "bench prefix --routing: %s, %d group(s), %.2f qps, %d requests ...\n", pr->name,
                     pr->groups, f->loads[li], n);
-            const uint64_t pre0 = cluster_preemptions(c);
+            uint64_t pre0, pulled0, pre1, pulled1;
+            cluster_counters(c, &pre0, &pulled0);
             rc = drive(c, r, n, f->loads[li], (int)f->output_tokens, f->seed * 1000003u + (uint64_t)li, &pr->res[li]);
-            pr->res[li].preemptions = cluster_preemptions(c) - pre0;
+            usleep(1500000); /* the pull counters come with the workers' heartbeats */
+            cluster_counters(c, &pre1, &pulled1);
+            pr->res[li].preemptions = pre1 - pre0;
+            pr->res[li].pulled_blocks = pulled1 - pulled0;
             if (!rc && pr->res[li].problem[0]) fprintf(stderr, "warning: %s\n", pr->res[li].problem);
             free(r);
             free(pp);
@@ -717,8 +745,8 @@ static int run_routing(const prefix_flags_t *f, const char *model_path, const be
            (double)budget / 1048576, budget / block_bytes, (double)block_bytes / 1024, prefix_blocks,
            f->fit_prefixes, f->fit_running, own_blocks, f->groups, (double)budget * f->groups / 1048576,
            single_threads);
-    printf("| load | policy | groups | hit rate | req/s | mean latency | mean TTFT | p99 TTFT | preempt | requests per group | ok |\n");
-    printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    printf("| load | policy | groups | hit rate | req/s | mean latency | mean TTFT | p99 TTFT | preempt | pulled blocks | requests per group | ok |\n");
+    printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     int bad = 0;
     for (int li = 0; li < f->n_loads; li++)
         for (int k = 0; k < n_runs; k++) {
@@ -727,9 +755,10 @@ static int run_routing(const prefix_flags_t *f, const char *model_path, const be
             size_t o = 0;
             for (int g = 0; g < runs[k].groups && g < MAX_GROUPS && o < sizeof spread - 8; g++)
                 o += (size_t)snprintf(spread + o, sizeof spread - o, "%s%d", g ? "/" : "", r->per_group[g]);
-            printf("| %g QPS | %s | %d | %.3f | %.2f | %.2f s | %.3f s | %.3f s | %llu | %s | %d/%d |\n", f->loads[li],
-                   runs[k].name, runs[k].groups, r->hit_rate, r->req_per_s, r->mean_latency_s, r->mean_ttft_s,
-                   r->p99_ttft_s, (unsigned long long)r->preemptions, spread, r->n_ok, r->n);
+            printf("| %g QPS | %s | %d | %.3f | %.2f | %.2f s | %.3f s | %.3f s | %llu | %llu | %s | %d/%d |\n",
+                   f->loads[li], runs[k].name, runs[k].groups, r->hit_rate, r->req_per_s, r->mean_latency_s,
+                   r->mean_ttft_s, r->p99_ttft_s, (unsigned long long)r->preemptions,
+                   (unsigned long long)r->pulled_blocks, spread, r->n_ok, r->n);
             if (r->problem[0]) {
                 printf("check failed: %s: %s\n", runs[k].name, r->problem);
                 bad = 1;

@@ -315,6 +315,7 @@ static void do_status(coord_t *c, const wire_msg_t *m, const Folio__V1__Request 
         gs[i].kv_pulled_blocks = g->load.kv_pulled_blocks;
         gs[i].kv_pull_failures = g->load.kv_pull_failures;
         gs[i].kv_served_blocks = g->load.kv_served_blocks;
+        gs[i].kv_pull_seconds = g->load.kv_pull_seconds;
         gs[i].kv_peer_endpoint = (char *)g->kv_peer;
         if (g->have_load) {
             loads[i] = g->load;

@@ -111,6 +111,7 @@ typedef struct worker {
     int n_links;
     uint64_t next_pull_id;
     uint64_t kv_pulled_blocks, kv_pull_failures, kv_served_blocks; /* totals since start */
+    double kv_pull_seconds;
 
     /* Heartbeats while a step runs (worker_beat.c). */
     pthread_mutex_t lock;    /* recursive; guards the socket and the fields marked shared */

@@ -81,6 +81,7 @@ static void send_heartbeat(worker_t *w, double now, const sched_stats_t *st, int
         l.kv_pulled_blocks = w->kv_pulled_blocks;
         l.kv_pull_failures = w->kv_pull_failures;
         l.kv_served_blocks = w->kv_served_blocks;
+        l.kv_pull_seconds = w->kv_pull_seconds;
         l.tokens_per_s = now > w->t_hb ? (double)(st->generated_tokens - w->gen_at_hb) / (now - w->t_hb) : 0;
         w->gen_at_hb = st->generated_tokens;
     }

@@ -144,6 +144,7 @@ static void serve_pull(worker_t *w, const wire_msg_t *m)
         serve_reply(w, m, q->pull_id, q->first_block, 0, NULL, 0, true, "the holder is out of memory");
         goto out;
     }
+    const double t0 = fl_clock_s();
     const block_hash_t salt = block_hash_salt(q->tenant, strlen(q->tenant));
     block_hash_prefix(salt, q->tokens, n * bs, bs, h, n);
     /* The run of blocks it holds from first_block on, found before any is copied. */
@@ -171,8 +172,8 @@ static void serve_pull(worker_t *w, const wire_msg_t *m)
         done += k;
     }
     w->kv_served_blocks += (uint64_t)found;
-    fl_log_debug("worker served KV pull %llu: %d blocks from block %u", (unsigned long long)q->pull_id, found,
-                 q->first_block);
+    fl_log_debug("worker served KV pull %llu: %d blocks from block %u in %.1f ms", (unsigned long long)q->pull_id,
+                 found, q->first_block, (fl_clock_s() - t0) * 1e3);
 out:
     free(h);
     free(ids);
@@ -274,6 +275,7 @@ static void pull_end(worker_t *w, int i, const char *why, double now)
         fl_log_debug("worker KV pull %llu for id=%llu: %d blocks in %.1f ms", (unsigned long long)p->pull_id,
                      (unsigned long long)p->r->id, got, (now - p->t_start) * 1e3);
     }
+    w->kv_pull_seconds += now - p->t_start;
     struct peer_pull done = *p;
     w->pulls[i] = w->pulls[--w->n_pulls];
     pull_free(&done);
