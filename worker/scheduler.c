@@ -641,7 +641,27 @@ static int headroom(const sched_t *s)
     return n;
 }
 
-static bool try_admit(sched_t *s, seq_t *q)
+/* True when a running sequence is computing block `block` of q's prompt right now (the same chain
+ * hash, not yet computed by it): q should wait for it to be published rather than compute it a
+ * second time. Under load many requests with one system prompt arrive together, and admitting them
+ * all at once made each compute the prefix itself: more KV room bought more duplicate prefill
+ * (bench/README.md, "kvquant"). */
+static bool block_in_flight(const sched_t *s, const seq_t *q, int block)
+{
+    const int bs = s->kv->block_size;
+    if (block >= q->n_hashed) return false;
+    for (int i = 0; i < s->n_running; i++) {
+        const seq_t *r = s->running[i];
+        if (r->n_hashed > block && r->n_computed < (block + 1) * bs && block_hash_equal(r->hashes[block], q->hashes[block]))
+            return true;
+    }
+    return false;
+}
+
+/* try_admit's outcome: admitted, no room yet, or waiting for a prefix block another computes. */
+typedef enum { ADMIT_OK, ADMIT_NO_ROOM, ADMIT_PREFIX_IN_FLIGHT } admit_t;
+
+static admit_t try_admit(sched_t *s, seq_t *q)
 {
     kv_cache_t *kv = s->kv;
     const int bs = kv->block_size;
@@ -663,6 +683,10 @@ static bool try_admit(sched_t *s, seq_t *q)
             kv_cache_release_block(kv, q->kv.blocks[--q->kv.n_blocks]);
             n_hit--;
         }
+        if (block_in_flight(s, q, n_hit)) {
+            kv_seq_reset(kv, &q->kv);
+            return ADMIT_PREFIX_IN_FLIGHT;
+        }
     }
     /* Headroom: after admission every running sequence must still find its next block. Admitting
      * on an exact fit makes the next decode step preempt the newcomer at once, which then re-enters
@@ -671,7 +695,7 @@ static bool try_admit(sched_t *s, seq_t *q)
     const int need = (q->n_tokens + 1 + bs - 1) / bs - n_hit + headroom(s);
     if (need > kv_cache_free_blocks(kv)) {
         kv_seq_reset(kv, &q->kv);
-        return false;
+        return ADMIT_NO_ROOM;
     }
     q->n_computed = q->kv.n_tokens = n_hit * bs;
     q->n_published = n_hit;
@@ -681,14 +705,16 @@ static bool try_admit(sched_t *s, seq_t *q)
         s->st.prompt_tokens += (uint64_t)q->res.n_prompt;
         s->st.cached_prompt_tokens += (uint64_t)q->res.n_cached;
     }
-    return true;
+    return ADMIT_OK;
 }
 
 static void admit(sched_t *s)
 {
     while (s->n_waiting > 0 && s->n_running < s->o.max_running) {
         seq_t *q = wait_at(s, 0);
-        if (!try_admit(s, q)) {
+        const admit_t a = try_admit(s, q);
+        if (a == ADMIT_PREFIX_IN_FLIGHT) return; /* first come, first served: the blocks come within steps */
+        if (a == ADMIT_NO_ROOM) {
             if (s->n_running > 0) return; /* first come, first served: wait for room */
             /* Nothing runs, so every block is free or evictable and validation said it fits;
              * failing here would stall the queue for good, so finish the request instead. */

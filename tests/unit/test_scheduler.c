@@ -755,6 +755,50 @@ static void lru_eviction_keeps_running_when_cache_is_full_of_unreferenced_blocks
     engine_destroy(&e);
 }
 
+/* Requests sharing a prompt prefix, submitted together: the first computes it, the others wait for
+ * its blocks instead of computing them a second time (their n_cached), an unrelated request behind
+ * them is served too, and every output equals its run alone. */
+static void requests_wait_for_a_prefix_another_is_computing(void **state)
+{
+    (void)state;
+    enum { N = 4, LEN = 40, SHARED = 32 };
+    static int32_t prompts[N + 1][LEN];
+    for (int k = 0; k <= N; k++)
+        for (int i = 0; i < LEN; i++)
+            prompts[k][i] = i < SHARED && k < N ? 3 + (i * 37) % 500 : 3 + (k * 101 + i * 13) % 500;
+    static record_t alone[N + 1], together;
+    int32_t want[N + 1][8];
+    for (int k = 0; k <= N; k++) { /* each alone, on a fresh engine: nothing cached */
+        record_init(&alone[k]);
+        engine_t *e = open_engine(256, 0);
+        sched_t *s = new_sched(e, &alone[k], NULL);
+        const sched_request_t r = {.id = 0, .prompt = prompts[k], .n_prompt = LEN, .max_tokens = 8, .ignore_eog = true};
+        submit(s, &r);
+        run_to_end(s);
+        memcpy(want[k], alone[k].tokens[0], sizeof want[k]);
+        sched_destroy(&s);
+        engine_destroy(&e);
+    }
+    record_init(&together);
+    engine_t *e = open_engine(256, 0);
+    sched_t *s = new_sched(e, &together, NULL);
+    for (int k = 0; k <= N; k++) {
+        const sched_request_t r = {.id = (uint64_t)k, .prompt = prompts[k], .n_prompt = LEN, .max_tokens = 8,
+                                   .ignore_eog = true};
+        submit(s, &r);
+    }
+    run_to_end(s);
+    assert_int_equal(together.res[0].n_cached, 0);
+    for (int k = 1; k < N; k++) assert_int_equal(together.res[k].n_cached, SHARED);
+    assert_int_equal(together.res[N].n_cached, 0);
+    for (int k = 0; k <= N; k++) {
+        assert_int_equal(together.res[k].n_generated, 8);
+        assert_memory_equal(together.tokens[k], want[k], sizeof want[k]);
+    }
+    sched_destroy(&s);
+    engine_destroy(&e);
+}
+
 static void many_requests_under_memory_pressure_all_finish_exactly_once(void **state)
 {
     (void)state;
@@ -1111,6 +1155,7 @@ int main(void)
         cmocka_unit_test(tenants_with_different_salts_never_share_blocks),
         cmocka_unit_test(lru_eviction_keeps_running_when_cache_is_full_of_unreferenced_blocks),
         cmocka_unit_test(many_requests_under_memory_pressure_all_finish_exactly_once),
+        cmocka_unit_test(requests_wait_for_a_prefix_another_is_computing),
         cmocka_unit_test(admission_leaves_headroom_so_a_newcomer_is_not_preempted_at_once),
         cmocka_unit_test(requests_submitted_between_steps_join_the_running_batch),
         cmocka_unit_test(stop_ids_and_on_token_stop_finish_with_stop),
