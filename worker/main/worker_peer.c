@@ -37,6 +37,7 @@ struct peer_pull {
     int next_block;        /* the next block expected */
     int first_block;       /* where the pull began (blocks before were local) */
     double t_start;
+    bool follower;         /* another pull (same pull_id) is fetching these blocks: it waits for that one */
 };
 
 struct peer_link {
@@ -234,7 +235,24 @@ bool worker_pull_start(worker_t *w, Folio__V1__Request *q, worker_req_t *r, requ
     block_hash_prefix(rq->sched.salt, rq->sched.prompt, n * bs, bs, h, n);
     int first = 0;
     while (first < n && kv_cache_find(kv, h[first], rq->sched.prompt + (size_t)first * bs) >= 0) first++;
-    const int link = first < n ? link_for(w, g->kv_pull_endpoint, now) : -1;
+    if (first == n) {
+        free(h);
+        return false;
+    }
+    /* A pull already fetching these blocks (requests with one system prompt arrive together): wait
+     * for it instead of asking the holder for the same bytes again. Equal chain hashes at block n-1
+     * mean equal prompts and tenants up to there. */
+    for (int j = 0; j < w->n_pulls; j++) {
+        const struct peer_pull *lead = &w->pulls[j];
+        if (lead->follower || lead->n_blocks < n || !block_hash_equal(lead->hashes[n - 1], h[n - 1])) continue;
+        w->pulls[w->n_pulls++] = (struct peer_pull){.pull_id = lead->pull_id, .deadline = lead->deadline,
+                                                    .link = lead->link, .r = r, .msg = q, .rq = *rq, .hashes = h,
+                                                    .n_blocks = n, .t_start = now, .follower = true};
+        fl_log_debug("worker id=%llu: waiting for pull %llu's blocks", (unsigned long long)q->id,
+                     (unsigned long long)lead->pull_id);
+        return true;
+    }
+    const int link = link_for(w, g->kv_pull_endpoint, now);
     if (link < 0) {
         free(h);
         return false;
@@ -261,10 +279,27 @@ bool worker_pull_start(worker_t *w, Folio__V1__Request *q, worker_req_t *r, requ
     return true;
 }
 
-/* Ends pull i: the request goes to the scheduler with what arrived. */
-static void pull_end(worker_t *w, int i, const char *why, double now)
+/* Takes entry i out and submits its request with what arrived. */
+static void submit_one(worker_t *w, int i)
 {
+    struct peer_pull done = w->pulls[i];
+    w->pulls[i] = w->pulls[--w->n_pulls];
+    pull_free(&done);
+    worker_submit_resolved(w, done.r, &done.rq);
+    folio__v1__request__free_unpacked(done.msg, NULL);
+}
+
+/* Ends pull i: its request, and those of its followers when it leads, go to the scheduler with what
+ * arrived. */
+static void pull_end(worker_t *w, int i, const char *why)
+{
+    const double now = fl_clock_s(); /* after the blocks are written: the pull's whole time */
     struct peer_pull *p = &w->pulls[i];
+    if (p->follower) { /* alone: its request was cancelled; the pull it waits for goes on */
+        submit_one(w, i);
+        return;
+    }
+    const uint64_t id = p->pull_id;
     const int got = p->next_block - p->first_block;
     if (why) {
         w->kv_pull_failures++;
@@ -276,17 +311,17 @@ static void pull_end(worker_t *w, int i, const char *why, double now)
                      (unsigned long long)p->r->id, got, (now - p->t_start) * 1e3);
     }
     w->kv_pull_seconds += now - p->t_start;
-    struct peer_pull done = *p;
-    w->pulls[i] = w->pulls[--w->n_pulls];
-    pull_free(&done);
-    worker_submit_resolved(w, done.r, &done.rq);
-    folio__v1__request__free_unpacked(done.msg, NULL);
+    submit_one(w, i);
+    /* Downwards: an entry swapped into j comes from above, already looked at. */
+    for (int j = w->n_pulls - 1; j >= 0; j--)
+        if (j < w->n_pulls && w->pulls[j].pull_id == id) submit_one(w, j);
 }
 
+/* The pull fetching pull_id's blocks (not a follower), or -1. */
 static int pull_find(const worker_t *w, uint64_t pull_id)
 {
     for (int i = 0; i < w->n_pulls; i++)
-        if (w->pulls[i].pull_id == pull_id) return i;
+        if (w->pulls[i].pull_id == pull_id && !w->pulls[i].follower) return i;
     return -1;
 }
 
@@ -336,8 +371,7 @@ static void take_blocks(worker_t *w, const wire_msg_t *m, double now)
         if (why || b->last || w->pulls[i].next_block == w->pulls[i].n_blocks)
             pull_end(w, i, why ? why : !b->n_blocks && b->first_block == (uint32_t)w->pulls[i].first_block
                                         ? "the holder has none of the blocks"
-                                        : NULL,
-                     now);
+                                        : NULL);
     }
     folio__v1__kv_blocks__free_unpacked(b, NULL);
 }
@@ -364,8 +398,8 @@ void worker_peer_service(worker_t *w, double now)
 {
     if (w->peer_sock) drain_socket(w, w->peer_sock, true, now);
     for (int i = 0; i < w->n_links; i++) drain_socket(w, w->links[i].sock, false, now);
-    for (int i = w->n_pulls - 1; i >= 0; i--)
-        if (now >= w->pulls[i].deadline) pull_end(w, i, "timed out", now);
+    for (int i = w->n_pulls - 1; i >= 0; i--) /* followers end with their pull */
+        if (i < w->n_pulls && !w->pulls[i].follower && now >= w->pulls[i].deadline) pull_end(w, i, "timed out");
 }
 
 int worker_peer_poll_items(worker_t *w, zmq_pollitem_t *items, int cap)
@@ -388,7 +422,7 @@ bool worker_pull_release(worker_t *w, uint64_t id)
 {
     for (int i = 0; i < w->n_pulls; i++)
         if (w->pulls[i].r->id == id) {
-            pull_end(w, i, NULL, fl_clock_s());
+            pull_end(w, i, NULL);
             return true;
         }
     return false;
@@ -396,5 +430,5 @@ bool worker_pull_release(worker_t *w, uint64_t id)
 
 void worker_pull_release_all(worker_t *w)
 {
-    while (w->n_pulls) pull_end(w, w->n_pulls - 1, NULL, fl_clock_s());
+    while (w->n_pulls) pull_end(w, w->n_pulls - 1, NULL);
 }
