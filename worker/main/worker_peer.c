@@ -150,12 +150,12 @@ static void serve_pull(worker_t *w, const wire_msg_t *m)
     block_hash_prefix(salt, q->tokens, n * bs, bs, h, n);
     /* The run of blocks it holds from first_block on, found before any is copied. */
     int found = 0;
-    for (int i = (int)q->first_block; i < n; i++) {
+    for (int i = q->first_block < (uint32_t)n ? (int)q->first_block : n; i < n; i++) {
         const int32_t b = kv_cache_find(kv, h[i], q->tokens + (size_t)i * bs);
         if (b < 0) break;
         ids[found++] = b;
     }
-    if (!found) {
+    if (!found) { /* none held, or first_block past the tokens sent */
         serve_reply(w, m, q->pull_id, q->first_block, 0, NULL, 0, true, "");
         goto out;
     }
