@@ -7,7 +7,8 @@
  * what the holder answered (greedy, the CPU backend: pulled KV is the holder's, bit for bit); the
  * same prompt under another tenant pulls nothing and hits nothing (tenants never share blocks);
  * a holder that stops answering (SIGSTOP) makes the pull end at its timeout and the prompt be
- * computed, with the same answer. */
+ * computed, with the same answer; malformed messages and pulls on a worker's peer socket are
+ * answered or ignored and it goes on serving. */
 #include "e2e_util.h"
 
 static e2e_env_t g_env;
@@ -157,10 +158,106 @@ static void a_drained_holders_blocks_are_pulled_not_computed(void **state)
     folio_client_destroy(&ctl);
 }
 
+/* Receives one KvBlocks on sock within 5 s (NULL: none came). */
+static Folio__V1__KvBlocks *answer(void *sock)
+{
+    zmq_pollitem_t it = {.socket = sock, .events = ZMQ_POLLIN};
+    if (zmq_poll(&it, 1, e2e_ms(5000)) <= 0) return NULL;
+    wire_msg_t m;
+    fl_error_t err = {0};
+    Folio__V1__KvBlocks *b = NULL;
+    if (!wire_recv(sock, false, false, &m, &err) && !wire_check_header(&m, WIRE_HEADER_PEER, &err) &&
+        m.cmd == WIRE_CMD_KV_BLOCKS)
+        b = wire_decode_kv_blocks(m.body, m.body_len, &err);
+    wire_msg_close(&m);
+    return b;
+}
+
+/* Bad input on a worker's peer socket: junk frames, an undecodable body, a pull of another layout,
+ * one whose first block lies past its tokens, another tenant's blocks. Each pull is answered (no
+ * blocks, the layout's refusal saying why), nothing crashes, and the worker goes on serving. */
+static void bad_pulls_are_answered_or_ignored_and_the_holder_lives_on(void **state)
+{
+    (void)state;
+    static const char *const wargs[] = {"--kv-events-ms", "20", NULL};
+    const cluster_opts_t o = {.worker_args = wargs};
+    g_cluster = e2e_cluster_start(&g_env, "kvpull-bad", 1, &o);
+    folio_client_t *ctl = e2e_client(g_cluster);
+    int32_t prompt[LEN];
+    e2e_prompt_tokens(9, LEN, prompt);
+    folio_result_t res = {0};
+    generate(ctl, prompt, NULL, &res);
+    folio_result_clear(&res);
+    Folio__V1__Response *st = e2e_status(ctl);
+    const Folio__V1__GroupStatus *g = e2e_group(st, "g0");
+    assert_non_null(g);
+    char endpoint[300], layout[600];
+    snprintf(endpoint, sizeof endpoint, "%s", g->kv_peer_endpoint);
+    snprintf(layout, sizeof layout, "%s|%s|%u", g->model_id, g->kv_type, st->cluster->block_size);
+    folio__v1__response__free_unpacked(st, NULL);
+    assert_true(endpoint[0]);
+
+    void *zctx = zmq_ctx_new();
+    fl_error_t err = {0};
+    void *sock = wire_socket(zctx, ZMQ_DEALER, NULL, &err);
+    assert_non_null(sock);
+    assert_int_equal(zmq_connect(sock, endpoint), 0);
+    zmq_send(sock, "junk", 4, 0);                                       /* no folio framing */
+    wire_send(sock, NULL, 0, false, WIRE_HEADER_WORKER, WIRE_CMD_KV_PULL, NULL, &err); /* the wrong side */
+    zmq_send(sock, WIRE_HEADER_PEER, strlen(WIRE_HEADER_PEER), ZMQ_SNDMORE);
+    const uint8_t cmd = WIRE_CMD_KV_PULL;
+    zmq_send(sock, &cmd, 1, ZMQ_SNDMORE);
+    zmq_send(sock, "\xff\xff\xff", 3, 0);                                /* a body that does not decode */
+
+    Folio__V1__KvPull p = FOLIO__V1__KV_PULL__INIT;
+    p.tokens = prompt;
+    p.n_tokens = BLOCKS * BS;
+    p.tenant = (char *)"";
+    struct {
+        const char *layout, *tenant;
+        uint32_t first;
+        uint32_t want_blocks;
+        bool want_error;
+    } cases[] = {
+        {"some-other-model|f16|16", "", 0, 0, true},
+        {layout, "", 1000000, 0, false},
+        {layout, "someone-else", 0, 0, false},
+        {layout, "", 0, BLOCKS, false}, /* and a good one still works */
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        p.pull_id = 100 + k;
+        p.layout = (char *)cases[k].layout;
+        p.tenant = (char *)cases[k].tenant;
+        p.first_block = cases[k].first;
+        assert_int_equal(wire_send(sock, NULL, 0, false, WIRE_HEADER_PEER, WIRE_CMD_KV_PULL, &p.base, &err), 0);
+        uint32_t blocks = 0;
+        bool last = false, error = false;
+        while (!last) {
+            Folio__V1__KvBlocks *b = answer(sock);
+            if (!b) fail_msg("pull case %zu: no answer", k);
+            assert_int_equal(b->pull_id, p.pull_id);
+            blocks += b->n_blocks;
+            last = b->last;
+            error = error || *b->error;
+            folio__v1__kv_blocks__free_unpacked(b, NULL);
+        }
+        fprintf(stderr, "[e2e] kvpull-bad: case %zu: %u blocks%s\n", k, blocks, error ? ", refused" : "");
+        assert_int_equal(blocks, cases[k].want_blocks);
+        assert_int_equal(error, cases[k].want_error);
+    }
+    zmq_close(sock);
+    zmq_ctx_term(zctx);
+    generate(ctl, prompt, NULL, &res);
+    assert_int_equal(res.cached_prompt_tokens, BLOCKS * BS);
+    folio_result_clear(&res);
+    folio_client_destroy(&ctl);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(a_drained_holders_blocks_are_pulled_not_computed, test_teardown),
+        cmocka_unit_test_teardown(bad_pulls_are_answered_or_ignored_and_the_holder_lives_on, test_teardown),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
