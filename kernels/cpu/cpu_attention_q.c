@@ -26,7 +26,8 @@
  *
  * Work items are (token, KV head): the query heads sharing a KV head walk the positions together, so
  * each K/V row is read and converted once for them. An item first computes every score, then each
- * head's running maximum and its expf values (independent calls the CPU overlaps), then the V sums.
+ * head's running maximum and its expf values (4 lanes at a time with libm's bits, cpu_expf.c), then
+ * the V sums.
  * The scalar and AVX2 paths give the same bits (only the exact integer parts differ in how they are
  * computed); AVX-512 machines run the AVX2 path. */
 #include <immintrin.h>
@@ -304,16 +305,38 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
         const float *s = sc + (size_t)h * maxlen;
         float *m_h = ms + (size_t)h * maxlen, *v_h = vs + (size_t)h * maxlen;
         float M = -INFINITY, sum = 0.0f;
-        for (int j = 0; j < len; j++) {
-            if (s[j] > M) {
-                m_h[j] = expf(M - s[j]);
-                v_h[j] = 1.0f;
-                M = s[j];
-            } else {
-                m_h[j] = 1.0f;
-                v_h[j] = expf(s[j] - M);
+        if (isa == CPU_ISA_SCALAR) {
+            for (int j = 0; j < len; j++) {
+                if (s[j] > M) {
+                    m_h[j] = expf(M - s[j]);
+                    v_h[j] = 1.0f;
+                    M = s[j];
+                } else {
+                    m_h[j] = 1.0f;
+                    v_h[j] = expf(s[j] - M);
+                }
+                sum = fmaf(sum, m_h[j], v_h[j]);
             }
-            sum = fmaf(sum, m_h[j], v_h[j]);
+        } else {
+            /* The same chain with its exps batched: the running maximum first (each exp's argument
+             * is known once it is), then the exps in lanes (cpu_expf.c: libm's bits), then the sums. */
+            for (int j = 0; j < len; j++) {
+                const bool rise = s[j] > M;
+                m_h[j] = rise ? M - s[j] : s[j] - M; /* the argument, for now */
+                v_h[j] = rise;
+                if (rise) M = s[j];
+            }
+            cpu_expf_batch(m_h, m_h, len);
+            for (int j = 0; j < len; j++) {
+                const float e = m_h[j];
+                if (v_h[j] != 0.0f) { /* a new maximum: rescale by e, weigh this position 1 */
+                    v_h[j] = 1.0f;
+                } else {
+                    m_h[j] = 1.0f;
+                    v_h[j] = e;
+                }
+                sum = fmaf(sum, m_h[j], v_h[j]);
+            }
         }
         S[h] = sum;
     }

@@ -126,6 +126,10 @@ void cpu_attention_q(kern_backend_t *be, const kern_attn_t *a);
 /* One KV row of n floats quantized to type (Q8_0, Q4_0) as ggml stores it: ggml's AVX2
  * quantize_row_q8_0, quantize_row_q4_0_ref. */
 void cpu_kv_quantize_row(cpu_isa_t isa, int type, void *dst, const float *src, int n);
+/* cpu_expf.c: y[i] = expf(x[i]) with the C library's bits, 4 lanes at a time where the lanes were
+ * found equal to this libm (cpu_expf_exact), else by calling expf. For x <= 0 (softmax arguments). */
+void cpu_expf_batch(const float *x, float *y, int n);
+bool cpu_expf_exact(void);
 
 /* Deterministic float helpers shared by matmul and attention: a dot product of n floats summed in 16
  * lanes (element i into lane i % 16, fused multiply-add), the lanes then added pairwise as

@@ -460,6 +460,42 @@ static void kv_type_flags_and_cache_types(void **state)
     kern_destroy(&be);
 }
 
+/* The lanes' expf equals the C library's on every float in [-104, 0] (and -inf, below the
+ * underflow bound, and 0): the quantized attention's softmax rests on it. With another libm the
+ * lanes are off (cpu_expf_exact false) and the batch calls expf, which this checks just the same. */
+static void batched_expf_equals_libm_on_every_softmax_argument(void **state)
+{
+    (void)state;
+    fprintf(stderr, "expf lanes %s\n", cpu_expf_exact() ? "on (equal to this libm)" : "off: calling expf");
+    enum { CHUNK = 1 << 16 };
+    static float x[CHUNK], y[CHUNK];
+#if defined(__SANITIZE_ADDRESS__)
+    const uint32_t step = 61; /* every 61st float under the sanitizers (the full sweep: 10 s in Release) */
+#else
+    const uint32_t step = 1;
+#endif
+    const uint32_t hi = 0xc2d00000u; /* -104.0f */
+    uint64_t checked = 0;
+    for (uint64_t u = 0x80000000u; u <= hi;) {
+        int n = 0;
+        for (; n < CHUNK && u <= hi; n++, u += step) memcpy(&x[n], &(uint32_t){(uint32_t)u}, sizeof(float));
+        cpu_expf_batch(x, y, n);
+        for (int i = 0; i < n; i++) {
+            const float want = expf(x[i]);
+            if (memcmp(&want, &y[i], sizeof want)) fail_msg("expf(%a): libm %a, batch %a", (double)x[i], (double)want, (double)y[i]);
+        }
+        checked += (uint64_t)n;
+    }
+    const float edges[] = {-INFINITY, -1000.0f, -0x1.9fe368p+6f, -0x1.9fe366p+6f, -0x1.f8cbb2p+5f, -0.0f, 0.0f};
+    const int ne = (int)(sizeof edges / sizeof *edges);
+    cpu_expf_batch(edges, y, ne);
+    for (int i = 0; i < ne; i++) {
+        const float want = expf(edges[i]);
+        assert_memory_equal(&want, &y[i], sizeof want);
+    }
+    fprintf(stderr, "expf: %llu floats equal\n", (unsigned long long)checked);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -469,6 +505,7 @@ int main(void)
         cmocka_unit_test(tree_attention_equals_causal_after_move),
         cmocka_unit_test(kv_type_flags_and_cache_types),
         cmocka_unit_test(window_and_softcap_match_flash_spec),
+        cmocka_unit_test(batched_expf_equals_libm_on_every_softmax_argument),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
