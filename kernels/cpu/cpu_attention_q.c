@@ -28,8 +28,9 @@
  * each K/V row is read and converted once for them. An item first computes every score, then each
  * head's running maximum and its expf values (4 lanes at a time with libm's bits, cpu_expf.c), then
  * the V sums.
- * The scalar and AVX2 paths give the same bits (only the exact integer parts differ in how they are
- * computed); AVX-512 machines run the AVX2 path. */
+ * The scalar, AVX2 and AVX-512 paths give the same bits (only the exact integer parts differ in how
+ * they are computed); AVX-512 machines run the AVX2 path but for the V sums, which keep VKQ in
+ * registers there. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -231,6 +232,94 @@ static CPU_AVX2 void v_dequant_q8_avx2(const fl_block_q8_0_t *v, float *out, int
     }
 }
 
+/* AVX-512: the V sums with VKQ held in registers across the positions, instead of loaded and stored
+ * for every position and head: the head dimension in chunks of 32 (two registers a head), up to 8
+ * heads at once, each chunk of a V row dequantized once for them. Every lane does what the AVX2
+ * path does to that element (the same dequantization q * d, mul, fma and f16 rounding: element-wise
+ * IEEE operations do not depend on the vector width), so the bits are the same. */
+#define ATTNQ_V_HEADS 8
+
+static CPU_AVX512 __m512 round16(__m512 x, bool f16)
+{
+    return f16 ? _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)) : x;
+}
+
+static CPU_AVX512 void v_chunk_avx512(int v_type, const uint8_t *v, int c0, __m512 x[2])
+{
+    if (v_type == FL_TYPE_F16) {
+        for (int k = 0; k < 2; k++)
+            x[k] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const fl_f16_t *)v + c0 + 16 * k)));
+        return;
+    }
+    const int b = c0 / FL_QK;
+    if (v_type == FL_TYPE_Q8_0) {
+        const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)v + b;
+        const __m512 d = _mm512_set1_ps(block_d(blk));
+        for (int k = 0; k < 2; k++)
+            x[k] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk->qs + 16 * k)))), d);
+    } else { /* Q4_0: element j is the low nibble of byte j, element j + 16 the high one, less 8 */
+        const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)v + b;
+        const __m512 d = _mm512_set1_ps(block_d(blk));
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)blk->qs));
+        const __m512i lo = _mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), _mm512_set1_epi32(8));
+        const __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), _mm512_set1_epi32(8));
+        x[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d);
+        x[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d);
+    }
+}
+
+static CPU_AVX512 void v_sums_avx512(int v_type, const uint8_t *vc, size_t vrow, size_t vhead, const int32_t *slots,
+                                     int len, const float *ms, const float *vs, int maxlen, int G, int hd, float *vkq)
+{
+    const bool f16 = v_type == FL_TYPE_F16;
+    for (int h0 = 0; h0 < G; h0 += ATTNQ_V_HEADS) {
+        const int nh = G - h0 < ATTNQ_V_HEADS ? G - h0 : ATTNQ_V_HEADS;
+        for (int c0 = 0; c0 < hd; c0 += 32) {
+            __m512 y[ATTNQ_V_HEADS][2];
+            for (int h = 0; h < nh; h++) y[h][0] = y[h][1] = _mm512_setzero_ps();
+            for (int j = 0; j < len; j++) {
+                __m512 x[2];
+                v_chunk_avx512(v_type, vc + (size_t)slots[j] * vrow + vhead, c0, x);
+                for (int h = 0; h < nh; h++) {
+                    const float m = ms[(size_t)(h0 + h) * maxlen + j], w = vs[(size_t)(h0 + h) * maxlen + j];
+                    const __m512 vw = _mm512_set1_ps(w);
+                    if (m != 1.0f) {
+                        const __m512 vm = _mm512_set1_ps(m);
+                        y[h][0] = round16(_mm512_mul_ps(y[h][0], vm), f16);
+                        y[h][1] = round16(_mm512_mul_ps(y[h][1], vm), f16);
+                    }
+                    y[h][0] = round16(_mm512_fmadd_ps(x[0], vw, y[h][0]), f16);
+                    y[h][1] = round16(_mm512_fmadd_ps(x[1], vw, y[h][1]), f16);
+                }
+            }
+            for (int h = 0; h < nh; h++) {
+                _mm512_storeu_ps(vkq + (size_t)(h0 + h) * hd + c0, y[h][0]);
+                _mm512_storeu_ps(vkq + (size_t)(h0 + h) * hd + c0 + 16, y[h][1]);
+            }
+        }
+    }
+}
+
+/* After the batched exps: m holds each position's exp, v whether it raised the maximum. Turns them
+ * into the chain's factors (a rise: rescale by the exp, weigh the position 1; else rescale by 1,
+ * weigh it by the exp) and returns S, the fmaf chain of cpu_attention_q's header (inlined here:
+ * this file has no FMA target of its own, and fmaf was a library call a position). */
+static CPU_AVX2 float softmax_factors(float *m, float *v, int len)
+{
+    float sum = 0.0f;
+    for (int j = 0; j < len; j++) {
+        const float e = m[j];
+        if (v[j] != 0.0f) {
+            v[j] = 1.0f;
+        } else {
+            m[j] = 1.0f;
+            v[j] = e;
+        }
+        sum = __builtin_fmaf(sum, m[j], v[j]);
+    }
+    return sum;
+}
+
 /* ---- one work item ---- */
 
 /* Per-thread scratch (floats): slots [maxlen] (int32), scores, ms, vs [G][maxlen] each, the Q rows
@@ -327,23 +416,15 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
                 if (rise) M = s[j];
             }
             cpu_expf_batch(m_h, m_h, len);
-            for (int j = 0; j < len; j++) {
-                const float e = m_h[j];
-                if (v_h[j] != 0.0f) { /* a new maximum: rescale by e, weigh this position 1 */
-                    v_h[j] = 1.0f;
-                } else {
-                    m_h[j] = 1.0f;
-                    v_h[j] = e;
-                }
-                sum = fmaf(sum, m_h[j], v_h[j]);
-            }
+            sum = softmax_factors(m_h, v_h, len);
         }
         S[h] = sum;
     }
 
     /* VKQ = sum of V rows weighted as the chain says */
     memset(vkq, 0, (size_t)G * hd * sizeof(float));
-    for (int j = 0; j < len; j++) {
+    if (isa == CPU_ISA_AVX512) v_sums_avx512(c->v_type, vc, vrow, vhead, slots, len, ms, vs, maxlen, G, hd, vkq);
+    for (int j = 0; j < len && isa != CPU_ISA_AVX512; j++) {
         const uint8_t *v = vc + (size_t)slots[j] * vrow + vhead;
         if (isa != CPU_ISA_SCALAR && c->v_type == FL_TYPE_Q8_0) v_dequant_q8_avx2((const fl_block_q8_0_t *)v, vrow_f, hd);
         else v_dequant(c->v_type, v, vrow_f, hd);

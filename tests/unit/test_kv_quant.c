@@ -219,7 +219,7 @@ typedef struct attn_case {
 static void attention_matches_flash_spec_and_f16_within_bound(void **state)
 {
     (void)state;
-    static const attn_case_t cases[] = {{9, 3, 64, 16}, {4, 4, 32, 4}, {8, 2, 128, 8}};
+    static const attn_case_t cases[] = {{9, 3, 64, 16}, {4, 4, 32, 4}, {8, 2, 128, 8}, {20, 2, 32, 4}}; /* G 3, 1, 4, 10 */
     static const int pairs[][2] = {{FL_TYPE_Q8_0, FL_TYPE_Q8_0}, {FL_TYPE_Q4_0, FL_TYPE_Q4_0},
                                    {FL_TYPE_Q8_0, FL_TYPE_F16},  {FL_TYPE_F16, FL_TYPE_Q8_0},
                                    {FL_TYPE_Q4_0, FL_TYPE_Q8_0}};
