@@ -6,7 +6,9 @@
 #                 (--insecure) unless its flags give CURVE keys (--curve-secret; README.md, "Security")
 #   worker        folio-worker for FOLIO_GROUP (default g0), rank FOLIO_RANK (default 0) of FOLIO_TP
 #                 (else LWS_GROUP_SIZE, which a LeaderWorkerSet sets), connecting to
-#                 FOLIO_WORKER_ENDPOINT; writes the health file that `alive` reads
+#                 FOLIO_WORKER_ENDPOINT; writes the health file that `alive` reads; serves KV block
+#                 pulls on every address at FOLIO_KV_PEER_PORT (default 5570), advertising this
+#                 container's address (FOLIO_KV_PEER=off: no pulls)
 #   gateway       folio-gateway, the OpenAI-compatible HTTP server, for FOLIO_COORDINATOR
 #   up            folioctl up: coordinator, groups and gateway in this one container
 #   fetch-model   the default model into the model volume, if it is missing (scripts/setup.sh)
@@ -100,9 +102,21 @@ case "$role" in
     FOLIO_GROUP=${FOLIO_GROUP:-g0}
     undrain_later
     tp=${FOLIO_TP:-${LWS_GROUP_SIZE:-}}
-    # shellcheck disable=SC2086 # FOLIO_WORKER_FLAGS is a list of flags
+    # KV block pulls between groups: the worker's own loopback default is unreachable from other
+    # containers, so serve on every address at FOLIO_KV_PEER_PORT and advertise this container's
+    # address (FOLIO_KV_PEER=off: no pulls; FOLIO_KV_PEER_ADVERTISE overrides the address).
+    peer_port=${FOLIO_KV_PEER_PORT:-5570}
+    peer_host=$(hostname -i 2>/dev/null | cut -d' ' -f1 || true)
+    peer_adv=${FOLIO_KV_PEER_ADVERTISE:-${peer_host:+tcp://$peer_host:$peer_port}}
+    peer_flags=
+    if [ "${FOLIO_KV_PEER:-}" = off ]; then
+      peer_flags="--kv-peer off"
+    elif [ -n "$peer_adv" ]; then
+      peer_flags="--kv-peer ${FOLIO_KV_PEER:-tcp://0.0.0.0:$peer_port} --kv-peer-advertise $peer_adv"
+    fi
+    # shellcheck disable=SC2086 # peer_flags and FOLIO_WORKER_FLAGS are lists of flags (the later win)
     exec folio-worker --group "$FOLIO_GROUP" --rank "${FOLIO_RANK:-0}" ${tp:+--tp "$tp"} \
-      --health-file "$FOLIO_HEALTH_FILE" ${FOLIO_WORKER_FLAGS:-} "$@"
+      --health-file "$FOLIO_HEALTH_FILE" $peer_flags ${FOLIO_WORKER_FLAGS:-} "$@"
     ;;
   gateway)
     # The model only for its vocabulary (logprob tokens as text): the gateway serves without it.

@@ -24,6 +24,7 @@
 
 #define PEER_CHUNK_BYTES (4u << 20) /* a KvBlocks body stays well under WIRE_MAX_BODY_BYTES */
 #define PEER_MAX_LINKS   8          /* holders a worker keeps a DEALER to */
+#define PEER_QUIET_S     30.0       /* a holder that answered nothing before a timeout is not asked again for this long */
 
 struct peer_pull {
     uint64_t pull_id;
@@ -44,6 +45,9 @@ struct peer_link {
     char endpoint[WIRE_MAX_IDENTITY + 1];
     void *sock;
     double last_used;
+    double quiet_until; /* a pull to it timed out with nothing back: an endpoint this worker cannot
+                           reach (a loopback address from another host) would cost every hinted
+                           request the timeout */
 };
 
 int worker_peer_init(worker_t *w, const char *bind, const char *advertise, fl_error_t *err)
@@ -215,6 +219,7 @@ static int link_for(worker_t *w, const char *endpoint, double now)
     }
     snprintf(l->endpoint, sizeof l->endpoint, "%s", endpoint);
     l->last_used = now;
+    l->quiet_until = 0;
     return i;
 }
 
@@ -253,7 +258,7 @@ bool worker_pull_start(worker_t *w, Folio__V1__Request *q, worker_req_t *r, requ
         return true;
     }
     const int link = link_for(w, g->kv_pull_endpoint, now);
-    if (link < 0) {
+    if (link < 0 || now < w->links[link].quiet_until) {
         free(h);
         return false;
     }
@@ -303,6 +308,11 @@ static void pull_end(worker_t *w, int i, const char *why)
     const int got = p->next_block - p->first_block;
     if (why) {
         w->kv_pull_failures++;
+        if (!got && !strcmp(why, "timed out")) {
+            w->links[p->link].quiet_until = now + PEER_QUIET_S;
+            fl_log_warn("worker: no KV pulls from %s for %.0f s (is its --kv-peer-advertise reachable from here?)",
+                        w->links[p->link].endpoint, PEER_QUIET_S);
+        }
         fl_log_warn("worker KV pull %llu for id=%llu from %s ended after %d of %d blocks (%.1f ms): %s",
                     (unsigned long long)p->pull_id, (unsigned long long)p->r->id, w->links[p->link].endpoint, got,
                     p->n_blocks - p->first_block, (now - p->t_start) * 1e3, why);
