@@ -29,8 +29,8 @@
  * head's running maximum and its expf values (4 lanes at a time with libm's bits, cpu_expf.c), then
  * the V sums.
  * The scalar, AVX2 and AVX-512 paths give the same bits (only the exact integer parts differ in how
- * they are computed); AVX-512 machines run the AVX2 path but for the V sums, which keep VKQ in
- * registers there. */
+ * they are computed); on AVX-512 the K dots take two heads a register with vpdpbusd and the V sums
+ * keep VKQ in registers, each lane doing what the AVX2 path does to its element. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -177,6 +177,55 @@ static CPU_AVX2 void kdot_q_avx2(int k_type, const uint8_t *k, const fl_block_q8
     }
     for (int h = 0; h < G; h++) { /* hsum_float_8 */
         const __m128 r4 = _mm_add_ps(_mm256_extractf128_ps(acc[h], 1), _mm256_castps256_ps128(acc[h]));
+        const __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+        out[h] = _mm_cvtss_f32(_mm_add_ss(r2, _mm_movehdup_ps(r2)));
+    }
+}
+
+/* AVX-512 VNNI: two heads in one register (head h in lanes 0-7, h + 1 in 8-15), the K block's
+ * integer dots by vpdpbusd (|k| x sign(q, k), four elements a lane: the exact integers maddubs and
+ * madd give the AVX2 path), then the same float fma per lane and the same hsum per head. */
+static CPU_AVX512 void kdot_q_avx512(int k_type, const uint8_t *k, const fl_block_q8_0_t *q, const float *qd, int nb,
+                                     int G, float *out)
+{
+    __m512 acc[(ATTNQ_MAX_GROUP + 1) / 2];
+    const int pairs = (G + 1) / 2;
+    for (int p = 0; p < pairs; p++) acc[p] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i kx;
+        float dk;
+        if (k_type == FL_TYPE_Q8_0) {
+            const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)k + b;
+            dk = block_d(blk);
+            kx = _mm256_loadu_si256((const __m256i *)blk->qs);
+        } else {
+            const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)k + b;
+            dk = block_d(blk);
+            const __m128i t = _mm_loadu_si128((const __m128i *)blk->qs);
+            kx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(15));
+            kx = _mm256_sub_epi8(kx, _mm256_set1_epi8(8));
+        }
+        const __m512i k2 = _mm512_inserti64x4(_mm512_castsi256_si512(kx), kx, 1);
+        const __m512i ax = _mm512_abs_epi8(k2);
+        const __mmask64 neg = _mm512_movepi8_mask(k2), zero = _mm512_cmpeq_epi8_mask(k2, _mm512_setzero_si512());
+        for (int p = 0; p < pairs; p++) {
+            const int h0 = 2 * p, h1 = h0 + 1 < G ? h0 + 1 : h0;
+            const __m512i qy = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)q[(size_t)h0 * nb + b].qs)),
+                _mm256_loadu_si256((const __m256i *)q[(size_t)h1 * nb + b].qs), 1);
+            /* sign(q, k): -q where k < 0, 0 where k == 0 */
+            const __m512i sy = _mm512_maskz_mov_epi8(~zero, _mm512_mask_sub_epi8(qy, neg, _mm512_setzero_si512(), qy));
+            const __m512 lanes = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, sy));
+            const __m256 s0 = _mm256_set1_ps(dk * qd[(size_t)h0 * nb + b]), s1 = _mm256_set1_ps(dk * qd[(size_t)h1 * nb + b]);
+            const __m512 sc = _mm512_castpd_ps(
+                _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(s0)), _mm256_castps_pd(s1), 1));
+            acc[p] = _mm512_fmadd_ps(sc, lanes, acc[p]);
+        }
+    }
+    for (int h = 0; h < G; h++) { /* hsum_float_8 of the head's 8 lanes */
+        const __m256 a = h % 2 ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[h / 2]), 1))
+                               : _mm512_castps512_ps256(acc[h / 2]);
+        const __m128 r4 = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
         const __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
         out[h] = _mm_cvtss_f32(_mm_add_ss(r2, _mm_movehdup_ps(r2)));
     }
@@ -374,7 +423,8 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
         for (int b = 0; b < G * nb; b++) qd[b] = block_d(&q8[b]);
     for (int j = 0; j < len; j++) {
         const uint8_t *k = kc + (size_t)slots[j] * krow + khead;
-        if (!kf16 && isa != CPU_ISA_SCALAR) kdot_q_avx2(c->k_type, k, q8, qd, nb, G, dots);
+        if (!kf16 && isa == CPU_ISA_AVX512) kdot_q_avx512(c->k_type, k, q8, qd, nb, G, dots);
+        else if (!kf16 && isa != CPU_ISA_SCALAR) kdot_q_avx2(c->k_type, k, q8, qd, nb, G, dots);
         for (int h = 0; h < G; h++) {
             float dot = dots[h];
             if (kf16)
