@@ -146,6 +146,30 @@ static float kdot_q_scalar(int k_type, const uint8_t *k, const fl_block_q8_0_t *
     return hsum8(acc);
 }
 
+/* Block b of a Q8_0 or Q4_0 K row as 32 signed bytes (Q4_0: low nibbles, then high ones, less 8),
+ * its scale in *dk: what both vector paths take the integer dots of. */
+static CPU_AVX2 __m256i k_block_avx2(int k_type, const uint8_t *k, int b, float *dk)
+{
+    if (k_type == FL_TYPE_Q8_0) {
+        const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)k + b;
+        *dk = block_d(blk);
+        return _mm256_loadu_si256((const __m256i *)blk->qs);
+    }
+    const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)k + b;
+    *dk = block_d(blk);
+    const __m128i t = _mm_loadu_si128((const __m128i *)blk->qs);
+    const __m256i kx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(15));
+    return _mm256_sub_epi8(kx, _mm256_set1_epi8(8));
+}
+
+/* hsum_float_8 of 8 lanes, as ggml sums them. */
+static CPU_AVX2 float hsum8_avx2(__m256 a)
+{
+    const __m128 r4 = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+    const __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+    return _mm_cvtss_f32(_mm_add_ss(r2, _mm_movehdup_ps(r2)));
+}
+
 /* The G heads' dots with one K row of nb blocks (each block decoded once for them); q holds the G
  * heads' Q8_0 rows one after another, qd their scales as floats. */
 static CPU_AVX2 void kdot_q_avx2(int k_type, const uint8_t *k, const fl_block_q8_0_t *q, const float *qd, int nb,
@@ -154,19 +178,8 @@ static CPU_AVX2 void kdot_q_avx2(int k_type, const uint8_t *k, const fl_block_q8
     __m256 acc[ATTNQ_MAX_GROUP];
     for (int h = 0; h < G; h++) acc[h] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        __m256i kx;
         float dk;
-        if (k_type == FL_TYPE_Q8_0) {
-            const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)k + b;
-            dk = block_d(blk);
-            kx = _mm256_loadu_si256((const __m256i *)blk->qs);
-        } else {
-            const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)k + b;
-            dk = block_d(blk);
-            const __m128i t = _mm_loadu_si128((const __m128i *)blk->qs);
-            kx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(15));
-            kx = _mm256_sub_epi8(kx, _mm256_set1_epi8(8));
-        }
+        const __m256i kx = k_block_avx2(k_type, k, b, &dk);
         const __m256i ax = _mm256_sign_epi8(kx, kx);
         for (int h = 0; h < G; h++) {
             const __m256i qy = _mm256_loadu_si256((const __m256i *)q[(size_t)h * nb + b].qs);
@@ -175,11 +188,7 @@ static CPU_AVX2 void kdot_q_avx2(int k_type, const uint8_t *k, const fl_block_q8
             acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(dk * qd[(size_t)h * nb + b]), lanes, acc[h]);
         }
     }
-    for (int h = 0; h < G; h++) { /* hsum_float_8 */
-        const __m128 r4 = _mm_add_ps(_mm256_extractf128_ps(acc[h], 1), _mm256_castps256_ps128(acc[h]));
-        const __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
-        out[h] = _mm_cvtss_f32(_mm_add_ss(r2, _mm_movehdup_ps(r2)));
-    }
+    for (int h = 0; h < G; h++) out[h] = hsum8_avx2(acc[h]);
 }
 
 /* AVX-512 VNNI: two heads in one register (head h in lanes 0-7, h + 1 in 8-15), the K block's
@@ -192,19 +201,8 @@ static CPU_AVX512 void kdot_q_avx512(int k_type, const uint8_t *k, const fl_bloc
     const int pairs = (G + 1) / 2;
     for (int p = 0; p < pairs; p++) acc[p] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        __m256i kx;
         float dk;
-        if (k_type == FL_TYPE_Q8_0) {
-            const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)k + b;
-            dk = block_d(blk);
-            kx = _mm256_loadu_si256((const __m256i *)blk->qs);
-        } else {
-            const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)k + b;
-            dk = block_d(blk);
-            const __m128i t = _mm_loadu_si128((const __m128i *)blk->qs);
-            kx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(15));
-            kx = _mm256_sub_epi8(kx, _mm256_set1_epi8(8));
-        }
+        const __m256i kx = k_block_avx2(k_type, k, b, &dk);
         const __m512i k2 = _mm512_inserti64x4(_mm512_castsi256_si512(kx), kx, 1);
         const __m512i ax = _mm512_abs_epi8(k2);
         const __mmask64 neg = _mm512_movepi8_mask(k2), zero = _mm512_cmpeq_epi8_mask(k2, _mm512_setzero_si512());
@@ -222,13 +220,9 @@ static CPU_AVX512 void kdot_q_avx512(int k_type, const uint8_t *k, const fl_bloc
             acc[p] = _mm512_fmadd_ps(sc, lanes, acc[p]);
         }
     }
-    for (int h = 0; h < G; h++) { /* hsum_float_8 of the head's 8 lanes */
-        const __m256 a = h % 2 ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[h / 2]), 1))
-                               : _mm512_castps512_ps256(acc[h / 2]);
-        const __m128 r4 = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
-        const __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
-        out[h] = _mm_cvtss_f32(_mm_add_ss(r2, _mm_movehdup_ps(r2)));
-    }
+    for (int h = 0; h < G; h++) /* each head's 8 lanes */
+        out[h] = hsum8_avx2(h % 2 ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[h / 2]), 1))
+                                  : _mm512_castps512_ps256(acc[h / 2]));
 }
 
 /* ---- V sums: y = fma(x, v, y) and y *= v per element, in f32 or (F16 V) rounded to f16 ---- */
