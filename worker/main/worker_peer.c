@@ -117,13 +117,20 @@ static void serve_reply(worker_t *w, const wire_msg_t *m, uint64_t pull_id, uint
         fl_log_warn("worker KV pull %llu: the answer did not go: %s", (unsigned long long)pull_id, err.msg);
 }
 
+/* True when m is a peer message of command cmd; else says why it is ignored (from: whose). */
+static bool peer_command(const wire_msg_t *m, int cmd, const char *from)
+{
+    fl_error_t err = {0};
+    if (!wire_check_header(m, WIRE_HEADER_PEER, &err) && m->cmd == cmd) return true;
+    fl_log_warn("worker ignored a message %s: %s", from,
+                err.code ? err.msg : cmd == WIRE_CMD_KV_PULL ? "not KV_PULL" : "not KV_BLOCKS");
+    return false;
+}
+
 static void serve_pull(worker_t *w, const wire_msg_t *m)
 {
     fl_error_t err = {0};
-    if (wire_check_header(m, WIRE_HEADER_PEER, &err) || m->cmd != WIRE_CMD_KV_PULL) {
-        fl_log_warn("worker ignored a message on the KV peer socket: %s", err.code ? err.msg : "not KV_PULL");
-        return;
-    }
+    if (!peer_command(m, WIRE_CMD_KV_PULL, "on the KV peer socket")) return;
     Folio__V1__KvPull *q = wire_decode_kv_pull(m->body, m->body_len, &err);
     if (!q) {
         fl_log_warn("worker ignored a KV pull: %s", err.msg);
@@ -363,13 +370,10 @@ static const char *install(worker_t *w, struct peer_pull *p, const Folio__V1__Kv
     return NULL;
 }
 
-static void take_blocks(worker_t *w, const wire_msg_t *m, double now)
+static void take_blocks(worker_t *w, const wire_msg_t *m)
 {
     fl_error_t err = {0};
-    if (wire_check_header(m, WIRE_HEADER_PEER, &err) || m->cmd != WIRE_CMD_KV_BLOCKS) {
-        fl_log_warn("worker ignored a message from a KV holder: %s", err.code ? err.msg : "not KV_BLOCKS");
-        return;
-    }
+    if (!peer_command(m, WIRE_CMD_KV_BLOCKS, "from a KV holder")) return;
     Folio__V1__KvBlocks *b = wire_decode_kv_blocks(m->body, m->body_len, &err);
     if (!b) {
         fl_log_warn("worker ignored a KV answer: %s", err.msg);
@@ -386,7 +390,7 @@ static void take_blocks(worker_t *w, const wire_msg_t *m, double now)
     folio__v1__kv_blocks__free_unpacked(b, NULL);
 }
 
-static void drain_socket(worker_t *w, void *sock, bool router, double now)
+static void drain_socket(worker_t *w, void *sock, bool router)
 {
     for (int k = 0; k < 64; k++) {
         wire_msg_t m;
@@ -395,7 +399,7 @@ static void drain_socket(worker_t *w, void *sock, bool router, double now)
         if (rc == FL_EIO && errno == EAGAIN) return;
         if (rc == FL_OK) {
             if (router) serve_pull(w, &m);
-            else take_blocks(w, &m, now);
+            else take_blocks(w, &m);
         } else {
             fl_log_warn("worker KV peer receive: %s", err.msg);
         }
@@ -406,8 +410,8 @@ static void drain_socket(worker_t *w, void *sock, bool router, double now)
 
 void worker_peer_service(worker_t *w, double now)
 {
-    if (w->peer_sock) drain_socket(w, w->peer_sock, true, now);
-    for (int i = 0; i < w->n_links; i++) drain_socket(w, w->links[i].sock, false, now);
+    if (w->peer_sock) drain_socket(w, w->peer_sock, true);
+    for (int i = 0; i < w->n_links; i++) drain_socket(w, w->links[i].sock, false);
     for (int i = w->n_pulls - 1; i >= 0; i--) /* followers end with their pull */
         if (i < w->n_pulls && !w->pulls[i].follower && now >= w->pulls[i].deadline) pull_end(w, i, "timed out");
 }
