@@ -59,13 +59,16 @@ static void wait_indexed(folio_client_t *ctl, const char *group, uint64_t blocks
     }
 }
 
-/* Status's pull figures come with heartbeats: polls group's until its pulled blocks reach
- * `pulled` and its ended pulls `failures` (or 5 s pass), and returns them. */
-static pull_figures_t figures_after(folio_client_t *ctl, const char *group, uint64_t pulled, uint64_t failures)
+/* Status's pull figures come with each group's own heartbeats: polls group's until its pulled
+ * blocks reach `pulled`, its ended pulls `failures` and its served blocks `served` (or 5 s pass),
+ * and returns them. */
+static pull_figures_t figures_after(folio_client_t *ctl, const char *group, uint64_t pulled, uint64_t failures,
+                                    uint64_t served)
 {
     const double t0 = e2e_now_ms();
     pull_figures_t f;
-    while (f = figures(ctl, group), (f.pulled < pulled || f.failures < failures) && e2e_now_ms() - t0 < e2e_ms(5000))
+    while (f = figures(ctl, group), (f.pulled < pulled || f.failures < failures || f.served < served) &&
+                                        e2e_now_ms() - t0 < e2e_ms(5000))
         e2e_sleep_ms(50);
     return f;
 }
@@ -105,7 +108,8 @@ static void a_drained_holders_blocks_are_pulled_not_computed(void **state)
     const pull_figures_t before = figures(ctl, other);
     generate(ctl, prompt, NULL, &res);
     assert_string_equal(res.group, other);
-    const pull_figures_t after = figures_after(ctl, other, before.pulled + BLOCKS, 0), holder = figures(ctl, home);
+    const pull_figures_t after = figures_after(ctl, other, before.pulled + BLOCKS, 0, 0);
+    const pull_figures_t holder = figures_after(ctl, home, 0, 0, BLOCKS);
     fprintf(stderr, "[e2e] kvpull: %s -> %s: %u of %u prompt tokens cached, %llu blocks pulled, %llu served, %llu hints\n",
             home, other, res.cached_prompt_tokens, res.prompt_tokens,
             (unsigned long long)(after.pulled - before.pulled), (unsigned long long)holder.served,
@@ -147,7 +151,7 @@ static void a_drained_holders_blocks_are_pulled_not_computed(void **state)
     generate(ctl, prompt2, NULL, &res);
     kill(g_cluster->workers[wi], SIGCONT);
     assert_string_equal(res.group, other);
-    const pull_figures_t after2 = figures_after(ctl, other, 0, before2.failures + 1);
+    const pull_figures_t after2 = figures_after(ctl, other, 0, before2.failures + 1, 0);
     fprintf(stderr, "[e2e] kvpull: holder stopped: %u cached prompt tokens, %llu pulls ended early\n",
             res.cached_prompt_tokens, (unsigned long long)(after2.failures - before2.failures));
     assert_true(after2.failures > before2.failures);
