@@ -68,6 +68,10 @@ void kern_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const flo
 {
     be->ops->matmul(be, y, w, x, n);
 }
+void kern_set_prompt_rows(kern_backend_t *be, const uint8_t *prompt_rows, int n)
+{
+    if (be->ops->set_prompt_rows) be->ops->set_prompt_rows(be, prompt_rows, n);
+}
 void kern_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,
                        int n)
 {

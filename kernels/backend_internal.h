@@ -68,6 +68,8 @@ typedef struct kern_ops {
     void (*scale)(kern_backend_t *be, float *x, float s, int n);
     void (*softcap)(kern_backend_t *be, float *x, float cap, int n);
     void (*geglu)(kern_backend_t *be, float *out, const float *gate, const float *up, int n);
+    /* kern_set_prompt_rows; NULL where every row is summed in one order (CUDA) */
+    void (*set_prompt_rows)(kern_backend_t *be, const uint8_t *prompt_rows, int n);
 } kern_ops_t;
 
 struct kern_backend {

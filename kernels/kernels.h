@@ -202,6 +202,15 @@ void kern_weight_destroy(kern_backend_t *be, kern_weight_t *w);
 /* Ops, issued in order on the backend; the calls read like the functions of llama2.c. */
 void kern_embed(kern_backend_t *be, float *out, const kern_weight_t *table, const int32_t *ids, int n);
 void kern_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n);
+/* Which rows of the following matmuls' inputs are prompt tokens (prompt_rows[i] != 0), for backends
+ * that can sum prompt tokens' quantized products in an order of their own (the CPU's, opt-in with
+ * FOLIO_CPU_PROMPT=block: one float step per 32-block instead of ggml's eight, README design notes):
+ * a matmul of exactly n rows then sums each row by its role, whatever else the call holds, so a
+ * row's numbers never depend on its batch.
+ * Prompt tokens are those kern_attn_t.seq_prompt_len names (a position below a prompt of >= 2
+ * tokens). NULL (or a matmul of another n) sums every row in decode order. The array is host memory,
+ * read until the next call. */
+void kern_set_prompt_rows(kern_backend_t *be, const uint8_t *prompt_rows, int n);
 /* ys[k][n][rows_k] = x W_k^T for k < n_w: the same bits as n_w kern_matmul calls on the same x (one
  * activation conversion, one dispatch where the backend can). */
 void kern_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,

@@ -380,7 +380,8 @@ static int alloc_scratch(model_t *m, fl_error_t *err)
         if (!*bufs[i].p) return fl_fail(err, FL_ENOMEM, "model: out of memory for scratch (%zu bytes)", bufs[i].bytes);
     }
     m->h_step = malloc(step_ints * sizeof(int32_t));
-    if (!m->h_step) return fl_fail(err, FL_ENOMEM, "model: out of memory");
+    m->prompt_rows = malloc((size_t)m->max_batch_tokens);
+    if (!m->h_step || !m->prompt_rows) return fl_fail(err, FL_ENOMEM, "model: out of memory");
     if (sh->size > 1 && !(m->plan = malloc(tp_plan_ints(m) * sizeof(int32_t))))
         return fl_fail(err, FL_ENOMEM, "model: out of memory");
     return FL_OK;
@@ -569,6 +570,7 @@ void model_destroy(model_t **mp)
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) kern_free(be, bufs[i]);
     free(m->h_step);
+    free(m->prompt_rows);
     free(m->plan);
     kern_graph_reset(be); /* recordings point into this model's buffers */
     for (int i = 0; i < m->n_f32_copies; i++) free(m->f32_copies[i]);
@@ -708,6 +710,15 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
     int runs_after;
     const int split = attention_split(b, &runs_after);
     const int max_len[2] = {attention_max_len(b, 0, split), attention_max_len(b, split, n - split)};
+    /* Prompt tokens (kern_attn_t.seq_prompt_len's rule) may be summed in the backend's prompt order;
+     * the logits below are not (they decide the first token the way decode decides the rest). */
+    if (b->prompt_len) {
+        for (int i = 0; i < n; i++) {
+            const int32_t plen = b->prompt_len[b->seq[i]];
+            m->prompt_rows[i] = plen >= 2 && b->pos[i] < plen;
+        }
+        kern_set_prompt_rows(be, m->prompt_rows, n);
+    }
     PROF(EMBED, kern_embed(be, m->x, m->tok_embd, m->d_tokens, n);
                 if (c->embed_scale > 0) kern_scale(be, m->x, c->embed_scale, n * dim));
     /* Each residual add is fused with the norm that reads its result (kern_add_rmsnorm), but the last. */
@@ -749,6 +760,7 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
         else
             PROF(RESIDUAL, kern_add(be, m->x, m->xb, n * dim));
     }
+    kern_set_prompt_rows(be, NULL, 0);
     /* Final norm and vocabulary projection only for the rows that want logits, on rank 0 only. */
     if (sh->rank != 0) return;
     PROF(LOGITS, for (int i = 0, run; i < b->n_logits; i += run) {

@@ -108,6 +108,7 @@ typedef struct model {
     int32_t *d_tokens, *d_pos, *d_seq, *d_slots, *d_block_tables, *d_prompt_len, *d_tree_start;
     uint64_t *d_tree_mask;  /* 8-byte aligned, after the ints */
     int32_t *h_step;        /* host staging of d_step */
+    uint8_t *prompt_rows;   /* host [max_batch_tokens]: a step's prompt tokens (kern_set_prompt_rows) */
 
     bool profile;
     double prof_s[MODEL_PROF_COUNT];

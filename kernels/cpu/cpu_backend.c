@@ -24,6 +24,7 @@
 #pragma GCC optimize("fp-contract=off")
 
 #include <cblas.h>
+#include <cpuid.h>
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
@@ -31,6 +32,7 @@
 #include <string.h>
 #include <stdio.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "../../common/quant.h"
@@ -450,10 +452,15 @@ static void cpu_destroy(kern_backend_t *be)
     for (int i = 0; i < nth; i++) {
         if (cb->panel) free(cb->panel[i]);
         if (cb->scores) free(cb->scores[i]);
+        if (cb->pstate) free(cb->pstate[i]);
     }
     free(cb->panel);
     free(cb->scores);
+    free(cb->pstate);
+    free(cb->pstate_bytes);
     free(cb->act);
+    free(cb->pact);
+    free(cb->split);
     free(cb->samp_scratch);
     cpu_pool_destroy(&cb->pool);
     free(cb);
@@ -498,6 +505,7 @@ static const kern_ops_t cpu_ops = {
     .weight_destroy = cpu_weight_destroy,
     .embed = cpu_embed,
     .matmul = cpu_matmul,
+    .set_prompt_rows = cpu_set_prompt_rows,
     .matmul_multi = cpu_matmul_multi,
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
@@ -534,6 +542,17 @@ static cpu_isa_t detect_isa(void)
     return isa;
 }
 
+/* AMX int8 tiles: in the CPU (CPUID 7.0 EDX bits 24 and 25) and granted to this process by the
+ * kernel (arch_prctl ARCH_REQ_XCOMP_PERM for the tile data; Linux 5.16 and later). */
+static bool detect_amx(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
+    const char *env = getenv("FOLIO_CPU_AMX");
+    if (env && strcmp(env, "0") == 0) return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
 const char *cpu_isa_name(cpu_isa_t isa)
 {
     return isa == CPU_ISA_AVX512 ? "avx512vnni" : isa == CPU_ISA_AVX2 ? "avx2" : "scalar";
@@ -556,7 +575,9 @@ kern_backend_t *kern_cpu_new(int n_threads, fl_error_t *err)
     const int nth = cpu_pool_size(cb->pool);
     cb->panel = calloc((size_t)nth, sizeof *cb->panel);
     cb->scores = calloc((size_t)nth, sizeof *cb->scores);
-    if (!cb->panel || !cb->scores) {
+    cb->pstate = calloc((size_t)nth, sizeof *cb->pstate);
+    cb->pstate_bytes = calloc((size_t)nth, sizeof *cb->pstate_bytes);
+    if (!cb->panel || !cb->scores || !cb->pstate || !cb->pstate_bytes) {
         cpu_destroy(&cb->base);
         fl_fail(err, FL_ENOMEM, "cpu backend: out of memory");
         return NULL;
@@ -565,6 +586,11 @@ kern_backend_t *kern_cpu_new(int n_threads, fl_error_t *err)
      * FOLIO_CPU_REPACK=0; the other ISAs read the file mapping in place. */
     const char *rp = getenv("FOLIO_CPU_REPACK");
     cb->repack = cb->isa == CPU_ISA_AVX512 && !(rp && strcmp(rp, "0") == 0);
+    /* Prompt tokens in ggml's order like every token, unless FOLIO_CPU_PROMPT=block (cpu_matmul.c's
+     * prompt order: faster, but it leaves llama.cpp's greedy outputs on the default model; README). */
+    const char *po = getenv("FOLIO_CPU_PROMPT");
+    cb->prompt_block = po && strcmp(po, "block") == 0;
+    cb->amx = cb->repack && detect_amx();
     cb->blas_min_n = cpu_matmul_default_blas_min_n();
     const char *env = getenv("FOLIO_CPU_BLAS_MIN_N");
     if (env && *env) {

@@ -68,6 +68,18 @@ typedef struct cpu_backend {
     /* matmul: activations converted to the weight's vec-dot type (grown, never shrunk) */
     void *act;
     size_t act_bytes;
+    /* Prompt rows (kern_set_prompt_rows) and their summation order: prompt_block (FOLIO_CPU_PROMPT=block)
+     * sums them per 32-block (cpu_prompt_act_t), else in ggml's order like every other row (default). */
+    bool prompt_block;
+    bool amx;                   /* AMX tiles for the prompt order (granted by the kernel; FOLIO_CPU_AMX=0: off) */
+    const uint8_t *prompt_rows;
+    int prompt_n;
+    void *pact;                 /* cpu_prompt_act_t's arrays */
+    size_t pact_bytes;
+    void *split;                /* a mixed call's rows, gathered by role */
+    size_t split_bytes;
+    float **pstate;             /* per thread: AMX prompt tiles' state */
+    size_t *pstate_bytes;
     /* BLAS path: per-thread f32 panel of dequantized weight rows */
     float **panel;
     size_t panel_floats;
@@ -85,6 +97,7 @@ int cpu_grow(void **buf, size_t *cap, size_t bytes);
 /* ---- matmul (cpu_matmul.c) ---- */
 
 void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n);
+void cpu_set_prompt_rows(kern_backend_t *be, const uint8_t *prompt_rows, int n);
 /* n_w products of one x: one activation quantization and one dispatch when the weights are packed,
  * of one type and width; otherwise cpu_matmul per weight. Same bits either way. */
 void cpu_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,
@@ -103,12 +116,27 @@ uint8_t *cpu_pack_weight(int type, int64_t rows, int64_t cols, const uint8_t *da
 /* xinit[8 * b + k] = 0x4B400000 (the bits of 1.5 * 2^23) + mult * (sum of the 4 activation quants of
  * lane k of block b): the vpdpbusd start, which also makes its result a float (cpu_packed.c); AVX-512 only. */
 void cpu_pack_act_init(const int8_t *qs, int nb, int mult, int32_t *xinit);
-/* y = x W^T from activations already quantized to the vec-dot type (qs, d, s) plus xinit. */
+/* Prompt-order activations (cpu_matmul.c's qdot_prompt_scalar is the definition: per block one exact
+ * integer sum S, acc = fma(d_w * d_x, (float)S, acc), for Q4_1 also sm = fma(m_w, s_x, sm), result
+ * acc (+ sm)), in tiles of 16 tokens: ci[tile][block][16] = 0x4B400000 + offset * (block's activation
+ * sum) (offset -128 for Q8_0, -8 for Q4_0, 0 for Q4_1), and for AMX the B tiles xt[tile][block][8][16][4]
+ * and d, s as dt / st[tile][block][16] (zero past n). */
+typedef struct cpu_prompt_act {
+    int n, ntt, nb;
+    const int32_t *ci;
+    const uint8_t *xt; /* NULL without AMX */
+    const float *dt, *st;
+} cpu_prompt_act_t;
+int cpu_prompt_prepare(cpu_backend_t *cb, int type, const int8_t *qs, const float *d, const float *s, int n, int nb,
+                       cpu_prompt_act_t *pa);
+/* y = x W^T from activations already quantized to the vec-dot type (qs, d, s) plus xinit, in ggml's
+ * order, or in the prompt order when pa is not NULL. */
 void cpu_matmul_packed(cpu_backend_t *cb, float *y, const kern_weight_t *w, const int8_t *qs, const float *d,
-                       const float *s, const int32_t *xinit, int n);
+                       const float *s, const int32_t *xinit, const cpu_prompt_act_t *pa, int n);
 /* The same for n_w weights of one type and width (all packed), in one pool dispatch. */
 void cpu_matmul_packed_multi(cpu_backend_t *cb, float *const *ys, const kern_weight_t *const *ws, int n_w,
-                             const int8_t *qs, const float *d, const float *s, const int32_t *xinit, int n);
+                             const int8_t *qs, const float *d, const float *s, const int32_t *xinit,
+                             const cpu_prompt_act_t *pa, int n);
 
 /* ---- attention (cpu_attention.c) ---- */
 

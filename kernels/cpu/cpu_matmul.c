@@ -66,6 +66,7 @@ typedef struct mm_ctx {
     const float *x;       /* raw activations (BLAS path) */
     float *y;
     cpu_isa_t isa;
+    bool prompt;          /* the prompt order (qdot_prompt_scalar) */
     atomic_int next;
     int n_chunks, n_tblocks;
     float **panel;
@@ -179,6 +180,31 @@ static CPU_AVX2 void round_act_f16_avx2(const float *x, float *xf, int64_t cnt)
 /* ------------------------------------------------------------------------------------------------
  * Scalar reference path: one (row, token) pair at a time, in the canonical order. */
 
+/* Weight block b of a row as 32 integers (Q4_0 already recentred by - 8) and its d, m (m: Q4_1 only). */
+static void block_scalar(int type, const uint8_t *row, int b, int wq[32], float *dw, float *mw)
+{
+    fl_f16_t h;
+    *mw = 0.0f;
+    if (type == FL_TYPE_Q8_0) {
+        const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)row + b;
+        memcpy(&h, &blk->d, 2);
+        *dw = fl_f16_to_f32(h);
+        for (int j = 0; j < 32; j++) wq[j] = blk->qs[j];
+    } else if (type == FL_TYPE_Q4_0) {
+        const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)row + b;
+        memcpy(&h, &blk->d, 2);
+        *dw = fl_f16_to_f32(h);
+        for (int j = 0; j < 16; j++) wq[j] = (blk->qs[j] & 15) - 8, wq[j + 16] = (blk->qs[j] >> 4) - 8;
+    } else {
+        const fl_block_q4_1_t *blk = (const fl_block_q4_1_t *)row + b;
+        memcpy(&h, &blk->d, 2);
+        *dw = fl_f16_to_f32(h);
+        memcpy(&h, &blk->m, 2);
+        *mw = fl_f16_to_f32(h);
+        for (int j = 0; j < 16; j++) wq[j] = blk->qs[j] & 15, wq[j + 16] = blk->qs[j] >> 4;
+    }
+}
+
 static float qdot_scalar(const mm_ctx_t *c, int64_t r, int t)
 {
     const uint8_t *row = c->w + (size_t)r * c->row_bytes;
@@ -188,26 +214,8 @@ static float qdot_scalar(const mm_ctx_t *c, int64_t r, int t)
         const size_t ix = (size_t)t * c->nb + b;
         const int8_t *xb = xq + 32 * b;
         int wq[32];
-        float dw, mw = 0.0f;
-        fl_f16_t h;
-        if (c->type == FL_TYPE_Q8_0) {
-            const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)row + b;
-            memcpy(&h, &blk->d, 2);
-            dw = fl_f16_to_f32(h);
-            for (int j = 0; j < 32; j++) wq[j] = blk->qs[j];
-        } else if (c->type == FL_TYPE_Q4_0) {
-            const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)row + b;
-            memcpy(&h, &blk->d, 2);
-            dw = fl_f16_to_f32(h);
-            for (int j = 0; j < 16; j++) wq[j] = (blk->qs[j] & 15) - 8, wq[j + 16] = (blk->qs[j] >> 4) - 8;
-        } else {
-            const fl_block_q4_1_t *blk = (const fl_block_q4_1_t *)row + b;
-            memcpy(&h, &blk->d, 2);
-            dw = fl_f16_to_f32(h);
-            memcpy(&h, &blk->m, 2);
-            mw = fl_f16_to_f32(h);
-            for (int j = 0; j < 16; j++) wq[j] = blk->qs[j] & 15, wq[j + 16] = blk->qs[j] >> 4;
-        }
+        float dw, mw;
+        block_scalar(c->type, row, b, wq, &dw, &mw);
         const float dd = dw * c->d[ix];
         for (int k = 0; k < 8; k++) {
             const int lane = wq[4 * k] * xb[4 * k] + wq[4 * k + 1] * xb[4 * k + 1] + wq[4 * k + 2] * xb[4 * k + 2] +
@@ -220,6 +228,29 @@ static float qdot_scalar(const mm_ctx_t *c, int64_t r, int t)
     const float h0 = acc[4] + acc[0], h1 = acc[5] + acc[1], h2 = acc[6] + acc[2], h3 = acc[7] + acc[3];
     const float sum = (h0 + h2) + (h1 + h3);
     return c->type == FL_TYPE_Q4_1 ? sum + summs : sum;
+}
+
+/* The prompt order, for rows kern_set_prompt_rows marks when FOLIO_CPU_PROMPT=block (README, design):
+ * per block one exact integer sum S of the 32 products, acc = fma(d_w * d_x, (float)S, acc), and for
+ * Q4_1 sm = fma(m_w, s_x, sm) in block order; the result acc + sm (Q4_1) or acc. One float step per
+ * block instead of ggml's eight lanes: what lets AMX (cpu_packed.c) take the integer part, at the
+ * price of leaving llama.cpp's last bits for prompt tokens. Every path computes exactly this. */
+static float qdot_prompt_scalar(const mm_ctx_t *c, int64_t r, int t)
+{
+    const uint8_t *row = c->w + (size_t)r * c->row_bytes;
+    const int8_t *xq = c->qs + (size_t)t * c->cols;
+    float acc = 0.0f, sm = 0.0f;
+    for (int b = 0; b < c->nb; b++) {
+        const size_t ix = (size_t)t * c->nb + b;
+        const int8_t *xb = xq + 32 * b;
+        int wq[32], sum = 0;
+        float dw, mw;
+        block_scalar(c->type, row, b, wq, &dw, &mw);
+        for (int j = 0; j < 32; j++) sum += wq[j] * xb[j];
+        acc = fmaf(dw * c->d[ix], (float)sum, acc);
+        if (c->type == FL_TYPE_Q4_1) sm = fmaf(mw, c->s[ix], sm);
+    }
+    return c->type == FL_TYPE_Q4_1 ? acc + sm : acc;
 }
 
 float cpu_dot16_scalar(const float *a, const float *b, int n)
@@ -274,6 +305,28 @@ static float fdot_scalar(const mm_ctx_t *c, int64_t r, int t)
 #undef QT_VNNI
 #pragma GCC pop_options
 
+/* The prompt order on AVX2 (and AVX-512 without repacked weights): the block's 8 integer lanes of
+ * ggml's dot (exact) added up, then qdot_prompt_scalar's float steps. */
+static CPU_AVX2 float qdot_prompt_avx2(const mm_ctx_t *c, int64_t r, int t)
+{
+    const size_t bb = c->type == FL_TYPE_Q8_0 ? 34 : c->type == FL_TYPE_Q4_0 ? 18 : 20;
+    const uint8_t *row = c->w + (size_t)r * c->row_bytes;
+    const int8_t *xq = c->qs + (size_t)t * c->cols;
+    float acc = 0.0f, sm = 0.0f;
+    for (int b = 0; b < c->nb; b++) {
+        const size_t ix = (size_t)t * c->nb + b;
+        const uint8_t *blk = row + (size_t)b * bb;
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
+        const __m256i v = dot_avx2(wprep_avx2(wload_avx2(blk, c->type), c->type), x, c->type);
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        s4 = _mm_hadd_epi32(s4, s4);
+        s4 = _mm_hadd_epi32(s4, s4);
+        acc = fmaf(h2f_avx2(blk) * c->d[ix], (float)_mm_cvtsi128_si32(s4), acc);
+        if (c->type == FL_TYPE_Q4_1) sm = fmaf(h2f_avx2(blk + 2), c->s[ix], sm);
+    }
+    return c->type == FL_TYPE_Q4_1 ? acc + sm : acc;
+}
+
 /* Float weights: 4 rows x 1 token, canonical 16-lane dots, weights converted on the fly. */
 static CPU_AVX2 __m256 fload_avx2(const uint8_t *row, int type, int i)
 {
@@ -322,6 +375,12 @@ static void mm_item_tiled(mm_ctx_t *c, int64_t r0, int64_t r1, int t0, int t1)
     const bool quant = c->type == FL_TYPE_Q4_0 || c->type == FL_TYPE_Q4_1 || c->type == FL_TYPE_Q8_0;
     const int64_t rows = c->rows;
     float *y = c->y;
+    if (c->prompt) {
+        for (int t = t0; t < t1; t++)
+            for (int64_t r = r0; r < r1; r++)
+                y[(size_t)t * rows + r] = c->isa == CPU_ISA_SCALAR ? qdot_prompt_scalar(c, r, t) : qdot_prompt_avx2(c, r, t);
+        return;
+    }
     if (c->isa == CPU_ISA_SCALAR) {
         for (int t = t0; t < t1; t++)
             for (int64_t r = r0; r < r1; r++)
@@ -457,18 +516,20 @@ static int quantize_act(cpu_backend_t *cb, const kern_weight_t *w, const float *
     return 0;
 }
 
-void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n)
+static bool is_quantized(int type) { return type == FL_TYPE_Q4_0 || type == FL_TYPE_Q4_1 || type == FL_TYPE_Q8_0; }
+
+/* One matmul with every row in one order: the prompt order (quantized weights only) or ggml's. */
+static void matmul_in_order(cpu_backend_t *cb, float *y, const kern_weight_t *w, const float *x, int n, bool prompt)
 {
-    cpu_backend_t *cb = (cpu_backend_t *)be;
     if (n <= 0 || w->rows <= 0) return;
     mm_ctx_t c = {
         .type = w->type, .cols = (int)w->cols, .rows = w->rows, .n = n, .w = w->data, .row_bytes = w->row_bytes,
-        .x = x, .y = y, .isa = cb->isa, .panel = cb->panel,
+        .x = x, .y = y, .isa = cb->isa, .prompt = prompt, .panel = cb->panel,
     };
     atomic_init(&c.next, 0);
     const bool float_w = w->type == FL_TYPE_F32 || w->type == FL_TYPE_F16 || w->type == FL_TYPE_BF16;
 
-    if (n >= cb->blas_min_n && cb->panel_floats >= (size_t)MM_PANEL * (size_t)w->cols) {
+    if (!prompt && n >= cb->blas_min_n && cb->panel_floats >= (size_t)MM_PANEL * (size_t)w->cols) {
         cpu_pool_run(cb->pool, mm_task_blas, &c);
         return;
     }
@@ -492,7 +553,9 @@ void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const floa
         int32_t *xinit;
         if (quantize_act(cb, w, x, n, &qs, &d, &s, &xinit)) goto oom;
         if (w->packed) {
-            cpu_matmul_packed(cb, y, w, qs, d, s, xinit, n);
+            cpu_prompt_act_t pa;
+            if (prompt && cpu_prompt_prepare(cb, w->type, qs, d, s, n, nb, &pa)) goto oom;
+            cpu_matmul_packed(cb, y, w, qs, d, s, xinit, prompt ? &pa : NULL, n);
             return;
         }
         c.nb = nb, c.qs = qs, c.d = d, c.s = s;
@@ -509,24 +572,92 @@ oom:
     for (size_t i = 0; i < (size_t)n * (size_t)w->rows; i++) y[i] = NAN;
 }
 
-void cpu_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,
-                      int n)
+static void matmul_multi_in_order(cpu_backend_t *cb, float *const *ys, const kern_weight_t *const *ws, int n_w,
+                                  const float *x, int n, bool prompt)
 {
-    cpu_backend_t *cb = (cpu_backend_t *)be;
-    bool fused = n > 0 && n_w > 1 && n < cb->blas_min_n;
+    bool fused = n > 0 && n_w > 1 && (prompt || n < cb->blas_min_n);
     for (int k = 0; k < n_w && fused; k++)
         fused = ws[k]->packed && ws[k]->rows > 0 && ws[k]->type == ws[0]->type && ws[k]->cols == ws[0]->cols;
     if (!fused) {
-        for (int k = 0; k < n_w; k++) cpu_matmul(be, ys[k], ws[k], x, n);
+        for (int k = 0; k < n_w; k++) matmul_in_order(cb, ys[k], ws[k], x, n, prompt && is_quantized(ws[k]->type));
         return;
     }
     int8_t *qs;
     float *d, *s;
     int32_t *xinit;
-    if (quantize_act(cb, ws[0], x, n, &qs, &d, &s, &xinit)) {
+    cpu_prompt_act_t pa;
+    if (quantize_act(cb, ws[0], x, n, &qs, &d, &s, &xinit) ||
+        (prompt && cpu_prompt_prepare(cb, ws[0]->type, qs, d, s, n, (int)(ws[0]->cols / 32), &pa))) {
         for (int k = 0; k < n_w; k++)
             for (size_t i = 0; i < (size_t)n * (size_t)ws[k]->rows; i++) ys[k][i] = NAN;
         return;
     }
-    cpu_matmul_packed_multi(cb, ys, ws, n_w, qs, d, s, xinit, n);
+    cpu_matmul_packed_multi(cb, ys, ws, n_w, qs, d, s, xinit, prompt ? &pa : NULL, n);
+}
+
+void cpu_set_prompt_rows(kern_backend_t *be, const uint8_t *prompt_rows, int n)
+{
+    cpu_backend_t *cb = (cpu_backend_t *)be;
+    cb->prompt_rows = prompt_rows;
+    cb->prompt_n = prompt_rows ? n : 0;
+}
+
+/* How many of this call's n rows take the prompt order (0: none, so ggml's for all). */
+static int prompt_rows_in(const cpu_backend_t *cb, const kern_weight_t *const *ws, int n_w, int n)
+{
+    if (!cb->prompt_block || !cb->prompt_rows || n != cb->prompt_n) return 0;
+    for (int k = 0; k < n_w; k++)
+        if (!is_quantized(ws[k]->type)) return 0;
+    int np = 0;
+    for (int i = 0; i < n; i++) np += cb->prompt_rows[i] != 0;
+    return np;
+}
+
+/* n rows of which np (0 < np < n) are prompt rows: each group of rows gathered and computed in its
+ * order, the results put back in place. */
+static void matmul_split(cpu_backend_t *cb, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,
+                         int n, int np)
+{
+    const size_t cols = (size_t)ws[0]->cols;
+    size_t out = 0;
+    for (int k = 0; k < n_w; k++) out += (size_t)n * (size_t)ws[k]->rows;
+    if (cpu_grow(&cb->split, &cb->split_bytes, ((size_t)n * cols + out) * sizeof(float))) {
+        for (int k = 0; k < n_w; k++)
+            for (size_t i = 0; i < (size_t)n * (size_t)ws[k]->rows; i++) ys[k][i] = NAN;
+        return;
+    }
+    float *xs = cb->split, *yk[8];
+    const uint8_t *role = cb->prompt_rows;
+    for (int part = 0; part < 2; part++) { /* part 0: prompt rows, part 1: the others */
+        const int m = part ? n - np : np;
+        for (int i = 0, j = 0; i < n; i++)
+            if ((role[i] != 0) == !part) memcpy(xs + (size_t)j++ * cols, x + (size_t)i * cols, cols * sizeof(float));
+        float *o = xs + (size_t)n * cols;
+        for (int k = 0; k < n_w; k++) yk[k] = o, o += (size_t)m * (size_t)ws[k]->rows;
+        if (n_w == 1) matmul_in_order(cb, yk[0], ws[0], xs, m, !part);
+        else matmul_multi_in_order(cb, yk, ws, n_w, xs, m, !part);
+        for (int k = 0; k < n_w; k++) {
+            const size_t rows = (size_t)ws[k]->rows;
+            for (int i = 0, j = 0; i < n; i++)
+                if ((role[i] != 0) == !part)
+                    memcpy(ys[k] + (size_t)i * rows, yk[k] + (size_t)j++ * rows, rows * sizeof(float));
+        }
+    }
+}
+
+void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n)
+{
+    cpu_backend_t *cb = (cpu_backend_t *)be;
+    const int np = prompt_rows_in(cb, &w, 1, n);
+    if (np == 0 || np == n) matmul_in_order(cb, y, w, x, n, np > 0);
+    else matmul_split(cb, &y, &w, 1, x, n, np);
+}
+
+void cpu_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,
+                      int n)
+{
+    cpu_backend_t *cb = (cpu_backend_t *)be;
+    const int np = n_w <= 8 ? prompt_rows_in(cb, ws, n_w, n) : 0;
+    if (np == 0 || np == n) matmul_multi_in_order(cb, ys, ws, n_w, x, n, np > 0);
+    else matmul_split(cb, ys, ws, n_w, x, n, np);
 }

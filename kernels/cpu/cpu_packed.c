@@ -118,6 +118,7 @@ typedef struct pk_ctx {
     const int8_t *qs;     /* [n][cols] */
     const float *d, *s;   /* [n][nb] */
     const int32_t *xinit; /* [n][nb][8] */
+    const cpu_prompt_act_t *pa; /* prompt order (cpu_internal.h), or NULL: ggml's order */
     float *y;
 } pk_ctx_t;
 
@@ -148,6 +149,21 @@ static inline __attribute__((always_inline)) void pk_prefetch_block(const uint8_
     for (size_t off = 0; off < cb; off += 64) _mm_prefetch((const char *)pf + off, _MM_HINT_T0);
 }
 
+/* Lanes p and p + 4 of a block's 16 rows: from 64-byte columns p and p + 4 (Q8_0 as packed, or a
+ * Q4 group unpacked), or split from the nibbles of column p (Q4 as packed). */
+static inline __attribute__((always_inline)) void pk_lanes(const uint8_t *q, int p, bool nibbles, __m512i *w0,
+                                                           __m512i *w1)
+{
+    if (!nibbles) {
+        *w0 = _mm512_loadu_si512((const void *)(q + 64 * p));
+        *w1 = _mm512_loadu_si512((const void *)(q + 64 * (p + 4)));
+    } else {
+        const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p)), nib = _mm512_set1_epi8(0x0f);
+        *w0 = _mm512_and_si512(v, nib);
+        *w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+    }
+}
+
 /* Rows of group g x tokens t0..t0+T-1 over blocks b0..b1. Lanes come from the packed chunks (mode
  * PK_NIBBLES for Q4, PK_LANES for Q8_0) or from uw, the group's blocks b0.. unpacked (PK_LANES, Q4).
  * A tile that does not start at block 0 resumes from *st, one that does not end at block nb saves
@@ -167,7 +183,7 @@ static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, con
         PK_UNROLL
         for (int k = 0; k < 8; k++) acc[t][k] = b0 ? st->acc[t][k] : _mm512_setzero_ps();
     }
-    const __m512i nib = _mm512_set1_epi8(0x0f), magic = _mm512_set1_epi32(PK_MAGIC);
+    const __m512i magic = _mm512_set1_epi32(PK_MAGIC);
     const __m512 magic_f = _mm512_set1_ps(PK_MAGIC_F);
     int pf_left = pf_phase;
     for (int b = b0; b < b1; b++) {
@@ -201,14 +217,7 @@ static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, con
         PK_UNROLL
         for (int p = 0; p < 4; p++) {
             __m512i w0, w1;
-            if (mode == PK_LANES) {
-                w0 = _mm512_loadu_si512((const void *)(q + 64 * p));
-                w1 = _mm512_loadu_si512((const void *)(q + 64 * (p + 4)));
-            } else {
-                const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
-                w0 = _mm512_and_si512(v, nib);
-                w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-            }
+            pk_lanes(q, p, mode != PK_LANES, &w0, &w1);
             PK_UNROLL
             for (int t = 0; t < T; t++) {
                 const __m512i i0 = type == FL_TYPE_Q4_1 ? magic : _mm512_set1_epi32(xi[t][p]);
@@ -290,6 +299,284 @@ static void pk_tile_dispatch(const pk_ctx_t *c, int T, bool unpacked, int64_t g,
     }
 }
 
+/* ---- Prompt order (cpu_internal.h, cpu_prompt_act_t): per (row, token) and 32-block one exact
+ * integer sum S of the whole block, acc = fma(d_w * d_x, (float)S, acc) block after block, and for
+ * Q4_1 sm = fma(m_w, s_x, sm); the result acc + sm (Q4_1) or acc. One float step per block instead of
+ * eight, and the integer part can go to AMX. The two kernels below and cpu_matmul.c's scalar and AVX2
+ * ones give the same bits. The sum starts from ci (PK_MAGIC plus the Q4_0 / Q8_0 offsets times the
+ * block's activation sum), so its bits read as the float 1.5 * 2^23 + S, as in pk_tile. */
+
+/* The block-sum start of token t, block b (tiles of 16 tokens). */
+static inline int32_t pkp_ci(const cpu_prompt_act_t *pa, int t, int b)
+{
+    return pa->ci[((size_t)(t >> 4) * pa->nb + b) * 16 + (t & 15)];
+}
+
+/* AVX-512 VNNI: rows of group g x tokens t0..t0+T-1 over every block, the lanes summed in four
+ * independent chains (integer sums: any order is exact). */
+static inline __attribute__((always_inline)) void pkp_tile(const pk_ctx_t *c, const int type, const int T, int64_t g,
+                                                           int t0)
+{
+    const int nb = c->nb, cols = c->cols;
+    const size_t cb = type == FL_TYPE_Q4_1 ? 64 + 16 * 16 : type == FL_TYPE_Q4_0 ? 32 + 16 * 16 : 32 + 16 * 32;
+    const uint8_t *gw = c->w + (size_t)g * nb * cb;
+    __m512 acc[4], sm[4];
+    PK_UNROLL
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps(), sm[t] = _mm512_setzero_ps();
+    const __m512 magic_f = _mm512_set1_ps(PK_MAGIC_F);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *ch = gw + (size_t)b * cb;
+        const uint8_t *q = ch + (type == FL_TYPE_Q4_1 ? 64 : 32);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ch));
+        __m512i l[4][4];
+        const int8_t *xw[4];
+        PK_UNROLL
+        for (int t = 0; t < T; t++) {
+            xw[t] = c->qs + (size_t)(t0 + t) * cols + 32 * b;
+            l[t][0] = _mm512_set1_epi32(pkp_ci(c->pa, t0 + t, b));
+            l[t][1] = l[t][2] = l[t][3] = _mm512_setzero_si512();
+        }
+        PK_UNROLL
+        for (int p = 0; p < 4; p++) {
+            __m512i w0, w1;
+            pk_lanes(q, p, type != FL_TYPE_Q8_0, &w0, &w1);
+            PK_UNROLL
+            for (int t = 0; t < T; t++) {
+                l[t][p] = _mm512_dpbusd_epi32(l[t][p], w0, _mm512_set1_epi32(pk_ld32(xw[t] + 4 * p)));
+                l[t][p] = _mm512_dpbusd_epi32(l[t][p], w1, _mm512_set1_epi32(pk_ld32(xw[t] + 4 * p + 16)));
+            }
+        }
+        const __m512 mw = type == FL_TYPE_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ch + 32)))
+                                               : _mm512_setzero_ps();
+        PK_UNROLL
+        for (int t = 0; t < T; t++) {
+            const size_t ix = (size_t)(t0 + t) * nb + b;
+            const __m512i li = _mm512_add_epi32(_mm512_add_epi32(l[t][0], l[t][1]), _mm512_add_epi32(l[t][2], l[t][3]));
+            const __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(c->d[ix]));
+            acc[t] = _mm512_fmadd_ps(dd, _mm512_sub_ps(_mm512_castsi512_ps(li), magic_f), acc[t]);
+            if (type == FL_TYPE_Q4_1) sm[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(c->s[ix]), sm[t]);
+        }
+    }
+    const int64_t r0 = g * PK_R;
+    const int nr = c->rows - r0 < PK_R ? (int)(c->rows - r0) : PK_R;
+    PK_UNROLL
+    for (int t = 0; t < T; t++) {
+        const __m512 r = type == FL_TYPE_Q4_1 ? _mm512_add_ps(acc[t], sm[t]) : acc[t];
+        float *y = c->y + (size_t)(t0 + t) * c->rows + r0;
+        if (nr == PK_R) _mm512_storeu_ps(y, r);
+        else _mm512_mask_storeu_ps(y, (__mmask16)((1u << nr) - 1), r);
+    }
+}
+
+#define PKP_TILE_T(TY)                                 \
+    switch (T) {                                       \
+    case 4: pkp_tile(c, TY, 4, g, t0); return;         \
+    case 3: pkp_tile(c, TY, 3, g, t0); return;         \
+    case 2: pkp_tile(c, TY, 2, g, t0); return;         \
+    default: pkp_tile(c, TY, 1, g, t0); return;        \
+    }
+
+static void pkp_tile_dispatch(const pk_ctx_t *c, int T, int64_t g, int t0)
+{
+    switch (c->type) {
+    case FL_TYPE_Q4_1: PKP_TILE_T(FL_TYPE_Q4_1)
+    case FL_TYPE_Q4_0: PKP_TILE_T(FL_TYPE_Q4_0)
+    case FL_TYPE_Q8_0: PKP_TILE_T(FL_TYPE_Q8_0)
+    default: abort();
+    }
+}
+
+static void pkp_group_vnni(const pk_ctx_t *c, int64_t g)
+{
+    for (int t0 = 0; t0 < c->n; t0 += 4) pkp_tile_dispatch(c, c->n - t0 < 4 ? c->n - t0 : 4, g, t0);
+}
+
+#pragma GCC pop_options
+
+/* ---- AMX: the block sums of 16 rows x 16 tokens in one tile multiply (TDPBUSD, K = 32: weights as
+ * unsigned bytes in A, activations as signed bytes in B), then the float steps as above, 16 tokens a
+ * register, one register per row. Tiles: C in tmm0 / tmm3 (16 x 16 int32, started from ci), A in
+ * tmm1 / tmm4 (16 rows x 32 bytes), B in tmm2 / tmm5 (8 rows of 16 tokens x 4 bytes); two sets, so
+ * the next block's multiply runs while this one's sums are turned into floats. */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")
+
+#define PKA_KC 64 /* blocks unpacked at a time: 40 KiB of stack */
+#define PKA_UNROLL _Pragma("GCC unroll 16") /* the 16 rows' accumulators live in registers */
+
+typedef struct pka_cfg {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} pka_cfg_t;
+
+/* A static object: GCC 12 drops stores to a local configuration before ldtilecfg (it does not see
+ * the instruction read them). */
+static const pka_cfg_t pka_config = {
+    .palette = 1,
+    .colsb = {64, 32, 64, 64, 32, 64},
+    .rows = {16, 16, 8, 16, 16, 8},
+};
+
+static void pka_begin(void) { _tile_loadconfig(&pka_config); }
+
+static void pka_end(void) { _tile_release(); }
+
+/* Blocks b0..b1 of group g as A tiles (16 rows x 32 unsigned bytes: Q4 nibbles split, Q8_0 + 128 as
+ * packed) and the rows' d and m as floats. */
+static void pka_unpack(const pk_ctx_t *c, int64_t g, int b0, int b1, uint8_t (*a)[512], float (*dw)[16],
+                       float (*mw)[16])
+{
+    const size_t cb = c->cb;
+    const int qoff = c->type == FL_TYPE_Q4_1 ? 64 : 32;
+    const __m512i nib = _mm512_set1_epi8(0x0f), rows8 = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(8));
+    for (int b = b0; b < b1; b++) {
+        const uint8_t *ch = c->w + ((size_t)g * c->nb + b) * cb, *q = ch + qoff;
+        int32_t *a32 = (int32_t *)a[b - b0];
+        _mm512_store_ps(dw[b - b0], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ch)));
+        if (c->type == FL_TYPE_Q4_1)
+            _mm512_store_ps(mw[b - b0], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ch + 32))));
+        /* column k of the packed chunk holds bytes 4k..4k+3 of the 16 rows: dword i -> a32[8 i + k] */
+        if (c->type == FL_TYPE_Q8_0) {
+            for (int k = 0; k < 8; k++)
+                _mm512_i32scatter_epi32(a32 + k, rows8, _mm512_loadu_si512((const void *)(q + 64 * k)), 4);
+        } else {
+            for (int p = 0; p < 4; p++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * p));
+                _mm512_i32scatter_epi32(a32 + p, rows8, _mm512_and_si512(v, nib), 4);
+                _mm512_i32scatter_epi32(a32 + 4 + p, rows8, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), 4);
+            }
+        }
+    }
+}
+
+/* The float steps of one block's sums (cbuf: 16 rows x 16 tokens) into acc. */
+#define PKA_STEP(CT, b)                                                                                \
+    do {                                                                                               \
+        _tile_stored(CT, cbuf, 64);                                                                    \
+        const __m512 dx = _mm512_load_ps(pa->dt + ((size_t)tt * nb + (b)) * 16);                       \
+        const __m512i ci = _mm512_load_si512(pa->ci + ((size_t)tt * nb + (b)) * 16);                   \
+        PKA_UNROLL                                                                                      \
+        for (int r = 0; r < 16; r++) {                                                                 \
+            const __m512i si = _mm512_add_epi32(_mm512_load_si512(cbuf + 16 * r), ci);                 \
+            const __m512 v = _mm512_sub_ps(_mm512_castsi512_ps(si), magic_f);                          \
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(dw[(b) - b0][r]), dx), v, acc[r]);   \
+        }                                                                                              \
+    } while (0)
+#define PKA_ISSUE(CT, AT, BT, b)                                                                       \
+    do {                                                                                               \
+        _tile_loadd(AT, a[(b) - b0], 32);                                                              \
+        _tile_loadd(BT, pa->xt + ((size_t)tt * nb + (b)) * 512, 64);                                   \
+        _tile_zero(CT);                                                                                \
+        _tile_dpbusd(CT, AT, BT);                                                                      \
+    } while (0)
+
+/* Group g against every token, in chunks of PKA_KC blocks; state keeps each 16-token tile's acc and sm
+ * ([tile][2][16 rows][16 tokens]) between chunks. */
+static void pka_group(const pk_ctx_t *c, int64_t g, float *state)
+{
+    const cpu_prompt_act_t *pa = c->pa;
+    const int nb = c->nb, ntt = pa->ntt;
+    _Alignas(64) uint8_t a[PKA_KC][512];
+    _Alignas(64) float dw[PKA_KC][16], mw[PKA_KC][16];
+    _Alignas(64) int32_t cbuf[256];
+    const __m512 magic_f = _mm512_set1_ps(PK_MAGIC_F);
+    const int64_t r0 = g * PK_R;
+    const int nr = c->rows - r0 < PK_R ? (int)(c->rows - r0) : PK_R;
+    for (int b0 = 0; b0 < nb; b0 += PKA_KC) {
+        const int b1 = b0 + PKA_KC < nb ? b0 + PKA_KC : nb;
+        pka_unpack(c, g, b0, b1, a, dw, mw);
+        for (int tt = 0; tt < ntt; tt++) {
+            float *st = state + (size_t)tt * 512;
+            __m512 acc[16];
+            PKA_UNROLL
+            for (int r = 0; r < 16; r++) acc[r] = b0 ? _mm512_load_ps(st + 16 * r) : _mm512_setzero_ps();
+            PKA_ISSUE(0, 1, 2, b0);
+            for (int b = b0; b < b1; b += 2) {
+                if (b + 1 < b1) PKA_ISSUE(3, 4, 5, b + 1);
+                PKA_STEP(0, b);
+                if (b + 1 < b1) {
+                    if (b + 2 < b1) PKA_ISSUE(0, 1, 2, b + 2);
+                    PKA_STEP(3, b + 1);
+                }
+            }
+            PKA_UNROLL
+            for (int r = 0; r < 16; r++) _mm512_store_ps(st + 16 * r, acc[r]);
+            if (c->type == FL_TYPE_Q4_1) {
+                __m512 sm[16];
+                PKA_UNROLL
+                for (int r = 0; r < 16; r++) sm[r] = b0 ? _mm512_load_ps(st + 256 + 16 * r) : _mm512_setzero_ps();
+                for (int b = b0; b < b1; b++) {
+                    const __m512 sx = _mm512_load_ps(pa->st + ((size_t)tt * nb + b) * 16);
+                    PKA_UNROLL
+                    for (int r = 0; r < 16; r++) sm[r] = _mm512_fmadd_ps(_mm512_set1_ps(mw[b - b0][r]), sx, sm[r]);
+                }
+                PKA_UNROLL
+                for (int r = 0; r < 16; r++) _mm512_store_ps(st + 256 + 16 * r, sm[r]);
+            }
+            if (b1 < nb) continue;
+            /* st is [row][token]: token t's 16 rows are column t */
+            const int nt = c->n - 16 * tt < 16 ? c->n - 16 * tt : 16;
+            const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                   _mm512_set1_epi32(16));
+            for (int t = 0; t < nt; t++) {
+                __m512 v = _mm512_i32gather_ps(col, st + t, 4);
+                if (c->type == FL_TYPE_Q4_1) v = _mm512_add_ps(v, _mm512_i32gather_ps(col, st + 256 + t, 4));
+                _mm512_mask_storeu_ps(c->y + (size_t)(16 * tt + t) * c->rows + r0, (__mmask16)((1u << nr) - 1), v);
+            }
+        }
+    }
+}
+
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+
+/* The prompt activations in the layouts above, from the quantized rows (qs, d, s). */
+int cpu_prompt_prepare(cpu_backend_t *cb, int type, const int8_t *qs, const float *d, const float *s, int n,
+                       int nb, cpu_prompt_act_t *pa)
+{
+    const int ntt = (n + 15) / 16, cols = nb * 32;
+    const bool amx = cb->amx;
+    const size_t tiles = (size_t)ntt * nb;
+    const size_t bytes = tiles * 16 * sizeof(int32_t) + (amx ? tiles * (512 + 2 * 16 * sizeof(float)) : 0);
+    if (cpu_grow(&cb->pact, &cb->pact_bytes, bytes)) return FL_ENOMEM;
+    int32_t *ci = cb->pact;
+    uint8_t *xt = (uint8_t *)(ci + tiles * 16);
+    float *dt = (float *)(xt + (amx ? tiles * 512 : 0)), *sx = dt + (amx ? tiles * 16 : 0);
+    const int mult = type == FL_TYPE_Q8_0 ? -128 : type == FL_TYPE_Q4_0 ? -8 : 0;
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int t = 0; t < ntt * 16; t++) {
+        const int tt = t >> 4, j = t & 15;
+        for (int b = 0; b < nb; b++) {
+            const size_t tile = (size_t)tt * nb + b;
+            int32_t sum = 0;
+            if (t < n) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(qs + (size_t)t * cols + 32 * b));
+                const __m256i s8 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x), ones16);
+                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+                s4 = _mm_hadd_epi32(s4, s4);
+                s4 = _mm_hadd_epi32(s4, s4);
+                sum = _mm_cvtsi128_si32(s4);
+            }
+            ci[tile * 16 + j] = PK_MAGIC + mult * sum;
+            if (!amx) continue;
+            /* B tile: row k4 = the 4 bytes 4 k4.. of each of the 16 tokens */
+            for (int k4 = 0; k4 < 8; k4++) {
+                int32_t w = 0;
+                if (t < n) memcpy(&w, qs + (size_t)t * cols + 32 * b + 4 * k4, 4);
+                memcpy(xt + tile * 512 + 64 * k4 + 4 * j, &w, 4);
+            }
+            dt[tile * 16 + j] = t < n ? d[(size_t)t * nb + b] : 0.0f;
+            sx[tile * 16 + j] = t < n && s ? s[(size_t)t * nb + b] : 0.0f;
+        }
+    }
+    *pa = (cpu_prompt_act_t){.n = n, .ntt = ntt, .nb = nb, .ci = ci, .xt = amx ? xt : NULL, .dt = dt, .st = sx};
+    return 0;
+}
+
 #pragma GCC pop_options
 
 /* One group of 16 rows against all n tokens (token blocks of PK_TBLOCK), fetching the group at pf
@@ -299,6 +586,10 @@ static void pk_tile_dispatch(const pk_ctx_t *c, int T, bool unpacked, int64_t g,
 static void pk_group(const pk_ctx_t *c, int64_t g, const uint8_t *pf)
 {
     _Alignas(64) uint8_t uw[PK_KC * PK_UW];
+    if (c->pa) { /* prompt order: pk_task's caller took the AMX branch if it could */
+        pkp_group_vnni(c, g);
+        return;
+    }
     pk_state_t st[PK_TBLOCK / PK_TMAX];
     for (int t0 = 0; t0 < c->n; t0 += PK_TBLOCK) {
         const int t1 = t0 + PK_TBLOCK < c->n ? t0 + PK_TBLOCK : c->n;
@@ -336,6 +627,8 @@ typedef struct pk_job {
     pk_ctx_t c[PK_MULTI_MAX];
     int64_t first[PK_MULTI_MAX + 1]; /* number of weight k's first group; first[n_w] = all groups */
     int n_w, n_ranges;
+    bool amx;      /* prompt order on AMX tiles: each thread's state in pstate[ith] */
+    float **pstate;
     struct {
         _Alignas(64) atomic_llong next;
         int64_t end;
@@ -352,6 +645,7 @@ static const uint8_t *pk_group_addr(const pk_job_t *j, int64_t u, int *k)
 static void pk_task(void *arg, int ith, int nth)
 {
     pk_job_t *j = arg;
+    if (j->amx) pka_begin();
     for (int r = 0; r < j->n_ranges; r++) {
         const int ri = (ith + r) % j->n_ranges;
         for (;;) {
@@ -360,18 +654,20 @@ static void pk_task(void *arg, int ith, int nth)
             int k = 0, kn = 0;
             pk_group_addr(j, u, &k);
             const uint8_t *pf = u + 1 < j->range[ri].end ? pk_group_addr(j, u + 1, &kn) : NULL;
-            pk_group(&j->c[k], u - j->first[k], pf);
+            if (j->amx) pka_group(&j->c[k], u - j->first[k], j->pstate[ith]);
+            else pk_group(&j->c[k], u - j->first[k], pf);
         }
     }
+    if (j->amx) pka_end();
 }
 
 static void pk_setup(pk_ctx_t *c, float *y, const kern_weight_t *w, const int8_t *qs, const float *d,
-                     const float *s, const int32_t *xinit, int n)
+                     const float *s, const int32_t *xinit, const cpu_prompt_act_t *pa, int n)
 {
     *c = (pk_ctx_t){
         .type = w->type, .nb = (int)(w->cols / 32), .cols = (int)w->cols, .n = n, .rows = w->rows,
         .ngroups = (w->rows + PK_R - 1) / PK_R, .cb = cpu_pack_chunk_bytes(w->type), .w = w->packed,
-        .qs = qs, .d = d, .s = s, .xinit = xinit, .y = y,
+        .qs = qs, .d = d, .s = s, .xinit = xinit, .pa = pa, .y = y,
     };
 }
 
@@ -379,6 +675,12 @@ static void pk_run(cpu_backend_t *cb, pk_job_t *j, int64_t macs)
 {
     const int nth = cpu_pool_size(cb->pool);
     const int64_t total = j->first[j->n_w];
+    j->amx = false, j->pstate = cb->pstate;
+    if (j->c[0].pa && cb->amx) {
+        const size_t need = (size_t)j->c[0].pa->ntt * 512 * sizeof(float);
+        j->amx = true;
+        for (int i = 0; i < nth && j->amx; i++) j->amx = !cpu_grow((void **)&cb->pstate[i], &cb->pstate_bytes[i], need);
+    }
     j->n_ranges = nth < PK_RANGES ? nth : PK_RANGES;
     if (macs < 32 * 1024 || nth == 1) j->n_ranges = 1;
     for (int r = 0; r < j->n_ranges; r++) {
@@ -390,27 +692,28 @@ static void pk_run(cpu_backend_t *cb, pk_job_t *j, int64_t macs)
 }
 
 void cpu_matmul_packed(cpu_backend_t *cb, float *y, const kern_weight_t *w, const int8_t *qs, const float *d,
-                       const float *s, const int32_t *xinit, int n)
+                       const float *s, const int32_t *xinit, const cpu_prompt_act_t *pa, int n)
 {
     pk_job_t j;
     j.n_w = 1;
-    pk_setup(&j.c[0], y, w, qs, d, s, xinit, n);
+    pk_setup(&j.c[0], y, w, qs, d, s, xinit, pa, n);
     j.first[0] = 0, j.first[1] = j.c[0].ngroups;
     pk_run(cb, &j, (int64_t)n * w->rows * w->cols);
 }
 
 void cpu_matmul_packed_multi(cpu_backend_t *cb, float *const *ys, const kern_weight_t *const *ws, int n_w,
-                             const int8_t *qs, const float *d, const float *s, const int32_t *xinit, int n)
+                             const int8_t *qs, const float *d, const float *s, const int32_t *xinit,
+                             const cpu_prompt_act_t *pa, int n)
 {
     if (n_w > PK_MULTI_MAX) {
-        for (int k = 0; k < n_w; k++) cpu_matmul_packed(cb, ys[k], ws[k], qs, d, s, xinit, n);
+        for (int k = 0; k < n_w; k++) cpu_matmul_packed(cb, ys[k], ws[k], qs, d, s, xinit, pa, n);
         return;
     }
     pk_job_t j;
     int64_t macs = 0;
     j.n_w = n_w, j.first[0] = 0;
     for (int k = 0; k < n_w; k++) {
-        pk_setup(&j.c[k], ys[k], ws[k], qs, d, s, xinit, n);
+        pk_setup(&j.c[k], ys[k], ws[k], qs, d, s, xinit, pa, n);
         j.first[k + 1] = j.first[k] + j.c[k].ngroups;
         macs += (int64_t)n * ws[k]->rows * ws[k]->cols;
     }

@@ -330,6 +330,139 @@ static void test_matmul_rows_same_bits_for_batches_1_to_17(void **state)
         }
 }
 
+/* The prompt order (kern_set_prompt_rows), written independently: per block one exact integer sum,
+ * acc = fma(d_w * d_x, sum, acc); Q4_1 also sm = fma(m, s, sm); result acc (+ sm). */
+static float ref_prompt_one(int type, const uint8_t *row, const float *x, int cols)
+{
+    float acc = 0, sm = 0;
+    for (int b = 0; b < cols / 32; b++) {
+        ref_qblock_t qb;
+        ref_quant_act(x + 32 * b, &qb);
+        int sum = 0;
+        float dw, mw = 0;
+        if (type == FL_TYPE_Q8_0) {
+            const fl_block_q8_0_t *blk = (const fl_block_q8_0_t *)row + b;
+            dw = fl_f16_to_f32(blk->d);
+            for (int j = 0; j < 32; j++) sum += blk->qs[j] * qb.q[j];
+        } else if (type == FL_TYPE_Q4_0) {
+            const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)row + b;
+            dw = fl_f16_to_f32(blk->d);
+            for (int j = 0; j < 16; j++) sum += ((blk->qs[j] & 15) - 8) * qb.q[j] + ((blk->qs[j] >> 4) - 8) * qb.q[j + 16];
+        } else {
+            const fl_block_q4_1_t *blk = (const fl_block_q4_1_t *)row + b;
+            dw = fl_f16_to_f32(blk->d);
+            mw = fl_f16_to_f32(blk->m);
+            for (int j = 0; j < 16; j++) sum += (blk->qs[j] & 15) * qb.q[j] + (blk->qs[j] >> 4) * qb.q[j + 16];
+        }
+        acc = fmaf(dw * qb.d, (float)sum, acc);
+        if (type == FL_TYPE_Q4_1) sm = fmaf(mw, qb.s, sm);
+    }
+    return type == FL_TYPE_Q4_1 ? acc + sm : acc;
+}
+
+/* Rows marked as prompt tokens get the prompt order's bits (the reference above) on every path:
+ * scalar, AVX2, AVX-512 packed with and without AMX, AVX-512 unpacked; the other rows of the same
+ * call keep the bits of a decode call of their own; kern_matmul_multi agrees; a call of another n
+ * ignores the marks; without FOLIO_CPU_PROMPT=block the marks change nothing. Shapes include one wider than the
+ * AMX kernel's block chunk (2,304 columns) and batches that leave part of a 16-token tile. */
+static void test_matmul_prompt_rows_every_path(void **state)
+{
+    (void)state;
+    static const int shapes[][2] = {{1536, 576}, {576, 1536}, {75, 96}, {40, 2304}};
+    static const struct {
+        const char *isa, *repack, *amx;
+    } cfg[] = {{"scalar", NULL, NULL}, {"avx2", NULL, NULL}, {"avx512", NULL, "0"}, {"avx512", NULL, NULL},
+               {"avx512", "0", NULL}};
+    static const int types[] = {FL_TYPE_Q4_0, FL_TYPE_Q4_1, FL_TYPE_Q8_0};
+    enum { N = 37 };
+    uint8_t roles[N];
+    for (int i = 0; i < N; i++) roles[i] = i % 5 != 2; /* mostly prompt, some decode rows between */
+    int amx_runs = 0;
+    for (size_t ti = 0; ti < 3; ti++)
+        for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+            const int type = types[ti], rows = shapes[si][0], cols = shapes[si][1];
+            const size_t rb = fl_dtype_row_bytes(type, cols);
+            uint8_t *wd = make_weight(type, rows, cols);
+            float *x = malloc((size_t)N * cols * sizeof(float));
+            float *ref = malloc((size_t)N * rows * sizeof(float)), *y = malloc((size_t)N * rows * sizeof(float));
+            float *y2 = malloc((size_t)N * rows * sizeof(float));
+            fill(x, (size_t)N * cols, 3.0f);
+            memset(x + 6 * (size_t)cols, 0, cols * sizeof(float)); /* an all-zero prompt row */
+            for (size_t ci = 0; ci < sizeof cfg / sizeof *cfg; ci++) {
+                if (cfg[ci].repack) setenv("FOLIO_CPU_REPACK", cfg[ci].repack, 1);
+                if (cfg[ci].amx) setenv("FOLIO_CPU_AMX", cfg[ci].amx, 1);
+                setenv("FOLIO_CPU_PROMPT", "block", 1);
+                kern_backend_t *be = new_backend(cfg[ci].isa, 2, NULL);
+                unsetenv("FOLIO_CPU_REPACK");
+                unsetenv("FOLIO_CPU_AMX");
+                unsetenv("FOLIO_CPU_PROMPT");
+                const cpu_backend_t *cb = (const cpu_backend_t *)be;
+                if (strcmp(isa_names[isa_of(be)], cfg[ci].isa) != 0 || (cfg[ci].amx == NULL && !strcmp(cfg[ci].isa, "avx512") &&
+                                                                        !cfg[ci].repack && !cb->amx) ||
+                    (isa_of(be) == CPU_ISA_SCALAR && (int64_t)rows * cols > 400000)) {
+                    kern_destroy(&be); /* this machine lacks the ISA (or AMX), or scalar is too slow here */
+                    continue;
+                }
+                amx_runs += cb->amx;
+                kern_weight_t *w = kern_weight_new(be, type, rows, cols, wd, NULL);
+                assert_non_null(w);
+                for (int t = 0; t < N; t++)
+                    if (!roles[t]) kern_matmul(be, ref + (size_t)t * rows, w, x + (size_t)t * cols, 1);
+                    else
+                        for (int r = 0; r < rows; r++)
+                            ref[(size_t)t * rows + r] = ref_prompt_one(type, wd + rb * r, x + (size_t)t * cols, cols);
+                for (int n = N; n >= 1; n -= 18) { /* 37 (mixed), 19 (mixed, a partial tile), 1 */
+                    kern_set_prompt_rows(be, roles + (N - n), n);
+                    memset(y, 0xff, (size_t)n * rows * sizeof(float));
+                    kern_matmul(be, y, w, x + (size_t)(N - n) * cols, n);
+                    size_t where = 0;
+                    if (!bits_equal(ref + (size_t)(N - n) * rows, y, (size_t)n * rows, &where))
+                        fail_msg("%s %dx%d %s%s%s n=%d: y[%zu][%zu] = %g, want %g (%s row)", fl_dtype_name(type), rows,
+                                 cols, cfg[ci].isa, cfg[ci].repack ? " (not repacked)" : "", cb->amx ? " AMX" : "", n,
+                                 where / rows, where % rows, y[where], ref[(size_t)(N - n) * rows + where],
+                                 roles[N - n + where / rows] ? "prompt" : "decode");
+                    const kern_weight_t *ws[2] = {w, w};
+                    float *ys[2] = {y, y2};
+                    kern_matmul_multi(be, ys, ws, 2, x + (size_t)(N - n) * cols, n);
+                    assert_true(bits_equal(ref + (size_t)(N - n) * rows, y, (size_t)n * rows, NULL));
+                    assert_true(bits_equal(ref + (size_t)(N - n) * rows, y2, (size_t)n * rows, NULL));
+                }
+                /* all rows prompt rows */
+                memset(roles, 1, N);
+                kern_set_prompt_rows(be, roles, N);
+                kern_matmul(be, y, w, x, N);
+                for (int t = 0; t < N; t++)
+                    for (int r = 0; r < rows; r += 7)
+                        assert_memory_equal(&y[(size_t)t * rows + r], &(float){ref_prompt_one(type, wd + rb * r, x + (size_t)t * cols, cols)}, 4);
+                /* another n: decode order */
+                kern_matmul(be, y, w, x, N - 1);
+                kern_set_prompt_rows(be, NULL, 0);
+                kern_matmul(be, y2, w, x, N - 1);
+                assert_true(bits_equal(y, y2, (size_t)(N - 1) * rows, NULL));
+                for (int i = 0; i < N; i++) roles[i] = i % 5 != 2;
+                kern_weight_destroy(be, w);
+                kern_destroy(&be);
+            }
+            free(wd), free(x), free(ref), free(y), free(y2);
+        }
+    printf("prompt order: %d configurations ran with AMX tiles\n", amx_runs);
+    /* by default (no FOLIO_CPU_PROMPT=block) prompt rows are summed in ggml's order */
+    kern_backend_t *be = new_backend("avx512", 2, NULL);
+    uint8_t *wd = make_weight(FL_TYPE_Q4_1, 64, 256);
+    float x[4 * 256], y[4 * 64], y1[4 * 64];
+    fill(x, 4 * 256, 2.0f);
+    kern_weight_t *w = kern_weight_new(be, FL_TYPE_Q4_1, 64, 256, wd, NULL);
+    const uint8_t all[4] = {1, 1, 1, 1};
+    kern_set_prompt_rows(be, all, 4);
+    kern_matmul(be, y, w, x, 4);
+    kern_set_prompt_rows(be, NULL, 0);
+    kern_matmul(be, y1, w, x, 4);
+    assert_true(bits_equal(y, y1, 4 * 64, NULL));
+    kern_weight_destroy(be, w);
+    kern_destroy(&be);
+    free(wd);
+}
+
 /* kern_matmul_multi (one activation conversion and one dispatch for several weights of one input)
  * gives every output the bits of a kern_matmul of its own; mixed types fall back to single calls. */
 static void test_matmul_multi_equals_single_calls(void **state)
@@ -1147,6 +1280,7 @@ int main(void)
         cmocka_unit_test(test_matmul_rows_same_bits_for_batches_1_to_17),
         cmocka_unit_test(test_matmul_repack_off_same_bits),
         cmocka_unit_test(test_matmul_multi_equals_single_calls),
+        cmocka_unit_test(test_matmul_prompt_rows_every_path),
         cmocka_unit_test(test_matmul_blas_path_within_bound),
         cmocka_unit_test(test_weight_new_rejects_bad_types_and_shapes),
         cmocka_unit_test(test_cuda_stub_says_unsupported),
