@@ -11,7 +11,7 @@
  * split over steps or recomputed after preemption then still matches), else by the tokens of its
  * sequence in the call. The scalar functions spell out each order.
  *
- * Work items are (token, head) pairs, or (token, KV head) for AVX-512 decode with head_dim % 64 == 0
+ * Work items are (token, head) pairs, or (token, KV head) on AVX-512 with head_dim % 64 == 0
  * (a group's query heads share each K/V row load), handed out by an atomic counter; small calls run
  * on the caller without waking the pool. Each thread has its own scratch (cpu_backend_t.scores).
  *
@@ -37,7 +37,7 @@ typedef struct attn_ctx {
     float **scores;
     const uint8_t *multi; /* [n_tokens] 1: the token's sequence has >= 2 tokens in this call */
     int maxlen;
-    int sstride;          /* floats between the G score rows of the grouped decode path */
+    int sstride;          /* floats between the G score rows of the grouped path */
     bool grouped;         /* items are (token, kv head): attn_decode_group_avx512 for decode tokens */
     atomic_int next;
 } attn_ctx_t;
@@ -460,20 +460,16 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
     }
 }
 
-/* Decode fast path (AVX-512, vec_dot order, hd % 64 == 0): one token and the G query heads that share
- * one KV head. The same operations per score and output element as attn_one (kq16_avx512, the
- * softmax, attn_vsum_avx512 with its double leftovers), only shared: the block table is walked once
- * (no division per position), each K/V row is loaded and converted once for the G heads. */
-#define ATTN_MAX_GROUP 16
-
-static inline __attribute__((always_inline)) CPU_AVX512 void
-attn_decode_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc, const fl_f16_t **krows,
-                       const fl_f16_t **vrows, const int G, const int hd)
+/* The grouped paths' start: token i's K and V rows of KV head kvh, positions 0..pos, from one walk of
+ * its block table, and its G query heads rounded to f16 in q16; returns the heads' offset in q / out. */
+static inline __attribute__((always_inline)) CPU_AVX512 size_t group_rows(const attn_ctx_t *c, int i, int kvh,
+                                                                          float *q16, const fl_f16_t **krows,
+                                                                          const fl_f16_t **vrows, const int G,
+                                                                          const int hd)
 {
     const kern_attn_t *a = c->a;
-    const int ss = c->sstride;
     const size_t kv_stride = (size_t)a->n_kv_heads * hd, hoff = (size_t)kvh * hd;
-    const int len = a->tok_pos[i] + 1, bs = a->block_size, wlo = attn_window_lo(a, i);
+    const int len = a->tok_pos[i] + 1, bs = a->block_size;
     const int32_t *bt = a->block_tables + (size_t)a->tok_seq[i] * a->max_blocks;
     for (int j = 0, b = 0; j < len; b++) {
         const size_t base = (size_t)bt[b] * bs;
@@ -485,6 +481,24 @@ attn_decode_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *s
     }
     const size_t qoff = ((size_t)i * a->n_heads + (size_t)kvh * G) * hd;
     round_f16_avx2(q16, a->q + qoff, G * hd);
+    return qoff;
+}
+
+/* Grouped fast path (AVX-512, hd % 64 == 0, no tree mask): one token and the G query heads that share
+ * one KV head. The same operations per score and output element as attn_one (kq16_avx512, the
+ * softmax, attn_vsum_avx512: in tinyBLAS order for a prompt token, tb, else in vec_dot order with its
+ * double leftovers), only shared: the block table is walked once (no division per position), each K/V
+ * row is loaded and converted once for the G heads. For prompt tokens that took a 512-token prefill
+ * from 961 to 1,150 tokens/s and a 2,048-token one from 379 to 663 (bench/README.md). */
+#define ATTN_MAX_GROUP 16
+
+static inline __attribute__((always_inline)) CPU_AVX512 void
+attn_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc, const fl_f16_t **krows,
+                const fl_f16_t **vrows, const int G, const int hd, const bool tb)
+{
+    const kern_attn_t *a = c->a;
+    const int ss = c->sstride, len = a->tok_pos[i] + 1, wlo = attn_window_lo(a, i);
+    const size_t qoff = group_rows(c, i, kvh, q16, krows, vrows, G, hd);
 
     /* scores: per row the 4 vec_dot accumulators, combined as (a0 + a2) + (a1 + a3), then reduced */
     for (int j0 = 0; j0 < len; j0 += 16) {
@@ -496,7 +510,16 @@ attn_decode_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *s
                 continue;
             }
             const fl_f16_t *k = krows[j0 + r];
-            if (hd == 64) {
+            if (tb) { /* one 16-lane accumulator per row (element e into lane e % 16), as kq16 with tb */
+                __m512 kc[ATTN_MAX_HEAD_DIM / 16];
+                for (int e = 0; e < hd / 16; e++) kc[e] = load_f16x16(k + 16 * e);
+                for (int h = 0; h < G; h++) {
+                    const float *qh = q16 + (size_t)h * hd;
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int e = 0; e < hd / 16; e++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * e), kc[e], acc);
+                    v[h][r] = acc;
+                }
+            } else if (hd == 64) {
                 const __m512 k0 = load_f16x16(k), k1 = load_f16x16(k + 16), k2 = load_f16x16(k + 32),
                              k3 = load_f16x16(k + 48);
                 for (int h = 0; h < G; h++) {
@@ -528,6 +551,32 @@ attn_decode_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *s
         }
     }
     for (int h = 0; h < G; h++) attn_softmax_avx512(sc + (size_t)h * ss, len);
+
+    if (tb) {
+        /* out = sum p_j v_j: lane j % 16 in position order, s8[l] = lane l + lane l + 8, then +4, +2, +1 */
+        for (int d = 0; d < hd; d += 16) {
+            __m512 s8[ATTN_MAX_GROUP][8];
+            for (int l = 0; l < 8; l++) {
+                __m512 t0[ATTN_MAX_GROUP], t1[ATTN_MAX_GROUP];
+                for (int h = 0; h < G; h++) t0[h] = _mm512_setzero_ps(), t1[h] = _mm512_setzero_ps();
+                for (int j = l; j < len; j += 16) {
+                    const __m512 vv = load_f16x16(vrows[j] + d);
+                    for (int h = 0; h < G; h++) t0[h] = _mm512_fmadd_ps(_mm512_set1_ps(sc[(size_t)h * ss + j]), vv, t0[h]);
+                }
+                for (int j = l + 8; j < len; j += 16) {
+                    const __m512 vv = load_f16x16(vrows[j] + d);
+                    for (int h = 0; h < G; h++) t1[h] = _mm512_fmadd_ps(_mm512_set1_ps(sc[(size_t)h * ss + j]), vv, t1[h]);
+                }
+                for (int h = 0; h < G; h++) s8[h][l] = _mm512_add_ps(t0[h], t1[h]);
+            }
+            for (int h = 0; h < G; h++) {
+                for (int j = 0; j < 4; j++) s8[h][j] = _mm512_add_ps(s8[h][j], s8[h][j + 4]);
+                for (int j = 0; j < 2; j++) s8[h][j] = _mm512_add_ps(s8[h][j], s8[h][j + 2]);
+                _mm512_storeu_ps(a->out + qoff + (size_t)h * hd + d, _mm512_add_ps(s8[h][0], s8[h][1]));
+            }
+        }
+        return;
+    }
 
     /* out = sum p_j v_j: lanes j % 64 for j < np (combined in attn_vsum_avx512's order), then double */
     const int np = pad32(len) & ~63, nl = np < len ? np : len;
@@ -614,19 +663,25 @@ attn_decode_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *s
     }
 }
 
-/* attn_decode_group_body with the common shapes as compile-time constants (registers, no spills). */
-static CPU_AVX512 void attn_decode_group_avx512(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc,
-                                                const fl_f16_t **krows, const fl_f16_t **vrows)
+/* attn_group_body with the common shapes as compile-time constants (registers, no spills); tb: the
+ * token is a prompt token (tinyBLAS order), else a decode token (ggml_vec_dot_f16 order). */
+static CPU_AVX512 void attn_group_avx512(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc,
+                                         const fl_f16_t **krows, const fl_f16_t **vrows, bool tb)
 {
     const int G = c->a->n_heads / c->a->n_kv_heads, hd = c->a->head_dim;
-    if (G == 3 && hd == 64) attn_decode_group_body(c, i, kvh, q16, sc, krows, vrows, 3, 64);
-    else if (G == 1 && hd == 64) attn_decode_group_body(c, i, kvh, q16, sc, krows, vrows, 1, 64);
-    else if (G == 4 && hd == 64) attn_decode_group_body(c, i, kvh, q16, sc, krows, vrows, 4, 64);
-    else attn_decode_group_body(c, i, kvh, q16, sc, krows, vrows, G, hd);
+    if (tb) {
+        if (G == 3 && hd == 64) attn_group_body(c, i, kvh, q16, sc, krows, vrows, 3, 64, true);
+        else attn_group_body(c, i, kvh, q16, sc, krows, vrows, G, hd, true);
+    } else {
+        if (G == 3 && hd == 64) attn_group_body(c, i, kvh, q16, sc, krows, vrows, 3, 64, false);
+        else if (G == 1 && hd == 64) attn_group_body(c, i, kvh, q16, sc, krows, vrows, 1, 64, false);
+        else if (G == 4 && hd == 64) attn_group_body(c, i, kvh, q16, sc, krows, vrows, 4, 64, false);
+        else attn_group_body(c, i, kvh, q16, sc, krows, vrows, G, hd, false);
+    }
 }
 
 /* Per-thread scratch layout (floats): scores [pad64(maxlen)], V accumulators [64 * head_dim], then
- * maxlen row pointers; then for the grouped decode path q16 [G * head_dim], G score rows
+ * maxlen row pointers; then for the grouped path q16 [G * head_dim], G score rows
  * [pad64(maxlen)] and 2 * maxlen row pointers. */
 static size_t attn_scratch_floats(int maxlen, int hd, int G)
 {
@@ -656,10 +711,7 @@ static void attn_task(void *arg, int ith, int nth)
             continue;
         }
         const int i = it / a->n_kv_heads, kvh = it % a->n_kv_heads;
-        if (c->multi[i])
-            for (int h = kvh * G; h < (kvh + 1) * G; h++) attn_one(c, i, h, sc, vacc, rows);
-        else
-            attn_decode_group_avx512(c, i, kvh, q16, gsc, krows, vrows);
+        attn_group_avx512(c, i, kvh, q16, gsc, krows, vrows, c->multi[i]);
     }
 }
 
@@ -711,7 +763,7 @@ void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
     attn_ctx_t c = {.a = a, .isa = cb->isa, .scores = cb->scores, .multi = multi, .maxlen = maxlen,
                     .sstride = (maxlen + 63) & ~63,
                     .grouped = cb->isa == CPU_ISA_AVX512 && a->head_dim % 64 == 0 && G <= ATTN_MAX_GROUP &&
-                               !a->tree_mask}; /* the grouped decode path knows no mask */
+                               !a->tree_mask}; /* the grouped path knows no mask */
     atomic_init(&c.next, 0);
     if (work < 64 * 1024 || nth == 1) attn_task(&c, 0, 1);
     else cpu_pool_run(cb->pool, attn_task, &c);
