@@ -25,6 +25,8 @@
 #define PEER_CHUNK_BYTES (4u << 20) /* a KvBlocks body stays well under WIRE_MAX_BODY_BYTES */
 #define PEER_MAX_LINKS   8          /* holders a worker keeps a DEALER to */
 #define PEER_QUIET_S     30.0       /* a holder that answered nothing before a timeout is not asked again for this long */
+#define PEER_LINK_IDLE_S 5.0        /* a link unused this long is closed (its holder may be gone: a
+                                       restarted worker listens on another port) */
 
 struct peer_pull {
     uint64_t pull_id;
@@ -195,6 +197,17 @@ out:
 
 /* --- puller ----------------------------------------------------------------------------------- */
 
+/* Closes link i; the last link takes its place (the pulls on it follow). */
+static void link_remove(worker_t *w, int i)
+{
+    if (w->links[i].sock) zmq_close(w->links[i].sock);
+    const int last = --w->n_links;
+    if (i == last) return;
+    w->links[i] = w->links[last];
+    for (int k = 0; k < w->n_pulls; k++)
+        if (w->pulls[k].link == last) w->pulls[k].link = i;
+}
+
 static int link_for(worker_t *w, const char *endpoint, double now)
 {
     for (int i = 0; i < w->n_links; i++)
@@ -220,8 +233,7 @@ static int link_for(worker_t *w, const char *endpoint, double now)
     l->sock = wire_socket(w->zctx, ZMQ_DEALER, NULL, &err);
     if (!l->sock || zmq_connect(l->sock, endpoint)) {
         fl_log_warn("worker KV pull: cannot connect to %s: %s", endpoint, l->sock ? zmq_strerror(errno) : err.msg);
-        if (l->sock) zmq_close(l->sock);
-        w->links[i] = w->links[--w->n_links];
+        link_remove(w, i);
         return -1;
     }
     snprintf(l->endpoint, sizeof l->endpoint, "%s", endpoint);
@@ -414,6 +426,11 @@ void worker_peer_service(worker_t *w, double now)
     for (int i = 0; i < w->n_links; i++) drain_socket(w, w->links[i].sock, false);
     for (int i = w->n_pulls - 1; i >= 0; i--) /* followers end with their pull */
         if (i < w->n_pulls && !w->pulls[i].follower && now >= w->pulls[i].deadline) pull_end(w, i, "timed out");
+    for (int i = w->n_links - 1; i >= 0; i--) { /* idle links go, but while a pull waits or it is quiet */
+        bool busy = now < w->links[i].quiet_until || now - w->links[i].last_used < PEER_LINK_IDLE_S;
+        for (int k = 0; k < w->n_pulls && !busy; k++) busy = w->pulls[k].link == i;
+        if (!busy) link_remove(w, i);
+    }
 }
 
 int worker_peer_poll_items(worker_t *w, zmq_pollitem_t *items, int cap)
