@@ -123,6 +123,10 @@ static inline int kern_attn_len(const kern_attn_t *a, int i)
     return a->tree_start[i] + (m ? 64 - __builtin_clzll(m) : 0);
 }
 
+/* Whether a token at position pos of a sequence whose prompt has prompt_len tokens is a prompt token
+ * (kern_attn_t.seq_prompt_len, kern_set_prompt_rows): a prompt of one token is decoded like output. */
+static inline bool kern_prompt_token(int32_t prompt_len, int32_t pos) { return prompt_len >= 2 && pos < prompt_len; }
+
 /* Whether token i of a attends to position j (< kern_attn_len). */
 static inline bool kern_attn_visible(const kern_attn_t *a, int i, int j)
 {

@@ -713,10 +713,7 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
     /* Prompt tokens (kern_attn_t.seq_prompt_len's rule) may be summed in the backend's prompt order;
      * the logits below are not (they decide the first token the way decode decides the rest). */
     if (b->prompt_len) {
-        for (int i = 0; i < n; i++) {
-            const int32_t plen = b->prompt_len[b->seq[i]];
-            m->prompt_rows[i] = plen >= 2 && b->pos[i] < plen;
-        }
+        for (int i = 0; i < n; i++) m->prompt_rows[i] = kern_prompt_token(b->prompt_len[b->seq[i]], b->pos[i]);
         kern_set_prompt_rows(be, m->prompt_rows, n);
     }
     PROF(EMBED, kern_embed(be, m->x, m->tok_embd, m->d_tokens, n);

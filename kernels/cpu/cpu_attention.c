@@ -38,7 +38,7 @@ typedef struct attn_ctx {
     const uint8_t *multi; /* [n_tokens] 1: the token's sequence has >= 2 tokens in this call */
     int maxlen;
     int sstride;          /* floats between the G score rows of the grouped path */
-    bool grouped;         /* items are (token, kv head): attn_decode_group_avx512 for decode tokens */
+    bool grouped;         /* items are (token, kv head): attn_group_avx512 */
     atomic_int next;
 } attn_ctx_t;
 
@@ -500,7 +500,8 @@ attn_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc, cons
     const int ss = c->sstride, len = a->tok_pos[i] + 1, wlo = attn_window_lo(a, i);
     const size_t qoff = group_rows(c, i, kvh, q16, krows, vrows, G, hd);
 
-    /* scores: per row the 4 vec_dot accumulators, combined as (a0 + a2) + (a1 + a3), then reduced */
+    /* scores: per row one 16-lane accumulator (tb), or the 4 vec_dot accumulators combined as
+     * (a0 + a2) + (a1 + a3); then reduced 16 rows at once */
     for (int j0 = 0; j0 < len; j0 += 16) {
         const int nr = len - j0 < 16 ? len - j0 : 16;
         __m512 v[ATTN_MAX_GROUP][16];
@@ -750,10 +751,7 @@ void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
     uint8_t *multi = malloc(mbytes + (a->seq_prompt_len ? 0 : (size_t)(maxseq + 1) * sizeof(int)));
     if (!multi) goto fail;
     if (a->seq_prompt_len) {
-        for (int i = 0; i < a->n_tokens; i++) {
-            const int32_t plen = a->seq_prompt_len[a->tok_seq[i]];
-            multi[i] = plen >= 2 && a->tok_pos[i] < plen;
-        }
+        for (int i = 0; i < a->n_tokens; i++) multi[i] = kern_prompt_token(a->seq_prompt_len[a->tok_seq[i]], a->tok_pos[i]);
     } else {
         int *cnt = (int *)(void *)(multi + mbytes);
         memset(cnt, 0, (size_t)(maxseq + 1) * sizeof(int));

@@ -157,17 +157,7 @@ static CPU_AVX2 __m256i k_block_avx2(int k_type, const uint8_t *k, int b, float 
     }
     const fl_block_q4_0_t *blk = (const fl_block_q4_0_t *)k + b;
     *dk = block_d(blk);
-    const __m128i t = _mm_loadu_si128((const __m128i *)blk->qs);
-    const __m256i kx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(15));
-    return _mm256_sub_epi8(kx, _mm256_set1_epi8(8));
-}
-
-/* hsum_float_8 of 8 lanes, as ggml sums them. */
-static CPU_AVX2 float hsum8_avx2(__m256 a)
-{
-    const __m128 r4 = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
-    const __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
-    return _mm_cvtss_f32(_mm_add_ss(r2, _mm_movehdup_ps(r2)));
+    return _mm256_sub_epi8(cpu_nibbles_avx2(blk->qs), _mm256_set1_epi8(8));
 }
 
 /* The G heads' dots with one K row of nb blocks (each block decoded once for them); q holds the G
@@ -188,7 +178,7 @@ static CPU_AVX2 void kdot_q_avx2(int k_type, const uint8_t *k, const fl_block_q8
             acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(dk * qd[(size_t)h * nb + b]), lanes, acc[h]);
         }
     }
-    for (int h = 0; h < G; h++) out[h] = hsum8_avx2(acc[h]);
+    for (int h = 0; h < G; h++) out[h] = cpu_hsum8_avx2(acc[h]);
 }
 
 /* AVX-512 VNNI: two heads in one register (head h in lanes 0-7, h + 1 in 8-15), the K block's
@@ -221,7 +211,7 @@ static CPU_AVX512 void kdot_q_avx512(int k_type, const uint8_t *k, const fl_bloc
         }
     }
     for (int h = 0; h < G; h++) /* each head's 8 lanes */
-        out[h] = hsum8_avx2(h % 2 ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[h / 2]), 1))
+        out[h] = cpu_hsum8_avx2(h % 2 ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[h / 2]), 1))
                                   : _mm512_castps512_ps256(acc[h / 2]));
 }
 

@@ -49,6 +49,7 @@
 #define MM_CHUNK 32   /* rows per work item (multiple of 8) */
 #define MM_TBLOCK 64  /* tokens per work item */
 #define MM_PANEL 64   /* rows per BLAS panel */
+#define MM_SPLIT_MAX 8 /* most weights of a matmul_multi whose rows are split by role (matmul_split) */
 
 typedef struct mm_ctx {
     int type;   /* weight type */
@@ -128,10 +129,7 @@ static CPU_AVX2 void quantize_act_avx2(const float *x, int cols, int8_t *qs, flo
         d[b] = _cvtsh_ss(_cvtss_sh(dd, 0));
         if (s) {
             const __m256i sum8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
-            s4 = _mm_hadd_epi32(s4, s4);
-            s4 = _mm_hadd_epi32(s4, s4);
-            s[b] = _cvtsh_ss(_cvtss_sh(dd * (float)_mm_cvtsi128_si32(s4), 0));
+            s[b] = _cvtsh_ss(_cvtss_sh(dd * (float)cpu_hsum_epi32_avx2(sum8), 0));
         }
     }
 }
@@ -318,10 +316,7 @@ static CPU_AVX2 float qdot_prompt_avx2(const mm_ctx_t *c, int64_t r, int t)
         const uint8_t *blk = row + (size_t)b * bb;
         const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
         const __m256i v = dot_avx2(wprep_avx2(wload_avx2(blk, c->type), c->type), x, c->type);
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        s4 = _mm_hadd_epi32(s4, s4);
-        s4 = _mm_hadd_epi32(s4, s4);
-        acc = fmaf(h2f_avx2(blk) * c->d[ix], (float)_mm_cvtsi128_si32(s4), acc);
+        acc = fmaf(h2f_avx2(blk) * c->d[ix], (float)cpu_hsum_epi32_avx2(v), acc);
         if (c->type == FL_TYPE_Q4_1) sm = fmaf(h2f_avx2(blk + 2), c->s[ix], sm);
     }
     return c->type == FL_TYPE_Q4_1 ? acc + sm : acc;
@@ -496,9 +491,10 @@ int cpu_matmul_reserve(cpu_backend_t *cb, int64_t cols)
 int cpu_matmul_default_blas_min_n(void) { return INT32_MAX; }
 
 /* Converts x [n][w->cols] to w's vec-dot type in cb->act (qs, d, s for Q8_1, xinit for the packed
- * Q4_0/Q8_0 kernel); 0 or FL_ENOMEM. */
-static int quantize_act(cpu_backend_t *cb, const kern_weight_t *w, const float *x, int n, int8_t **qsp, float **dp,
-                        float **sp, int32_t **xinitp)
+ * Q4_0/Q8_0 kernel in ggml's order; the prompt order has its own start values, cpu_prompt_prepare);
+ * 0 or FL_ENOMEM. */
+static int quantize_act(cpu_backend_t *cb, const kern_weight_t *w, const float *x, int n, bool prompt, int8_t **qsp,
+                        float **dp, float **sp, int32_t **xinitp)
 {
     const size_t cols = (size_t)w->cols;
     const int nb = (int)(cols / 32);
@@ -508,7 +504,7 @@ static int quantize_act(cpu_backend_t *cb, const kern_weight_t *w, const float *
     float *d = (float *)((char *)cb->act + qbytes), *s = d + (size_t)n * nb;
     int32_t *xinit = (int32_t *)(s + (size_t)n * nb);
     quant_job_t qj = {.x = x, .cols = (int)cols, .nb = nb, .qs = qs, .d = d, .s = w->type == FL_TYPE_Q4_1 ? s : NULL,
-                      .xinit = w->packed && w->type != FL_TYPE_Q4_1 ? xinit : NULL,
+                      .xinit = w->packed && w->type != FL_TYPE_Q4_1 && !prompt ? xinit : NULL,
                       .mult = w->type == FL_TYPE_Q8_0 ? -128 : -8, .isa = cb->isa};
     /* a few tokens: on the caller; a batch: one range of tokens per thread */
     cpu_pool_range(cb->pool, n, 1, (int64_t)cols * n >= 8192 ? 2 : INT64_MAX, quant_range, &qj);
@@ -551,7 +547,7 @@ static void matmul_in_order(cpu_backend_t *cb, float *y, const kern_weight_t *w,
         int8_t *qs;
         float *d, *s;
         int32_t *xinit;
-        if (quantize_act(cb, w, x, n, &qs, &d, &s, &xinit)) goto oom;
+        if (quantize_act(cb, w, x, n, prompt, &qs, &d, &s, &xinit)) goto oom;
         if (w->packed) {
             cpu_prompt_act_t pa;
             if (prompt && cpu_prompt_prepare(cb, w->type, qs, d, s, n, nb, &pa)) goto oom;
@@ -586,7 +582,7 @@ static void matmul_multi_in_order(cpu_backend_t *cb, float *const *ys, const ker
     float *d, *s;
     int32_t *xinit;
     cpu_prompt_act_t pa;
-    if (quantize_act(cb, ws[0], x, n, &qs, &d, &s, &xinit) ||
+    if (quantize_act(cb, ws[0], x, n, prompt, &qs, &d, &s, &xinit) ||
         (prompt && cpu_prompt_prepare(cb, ws[0]->type, qs, d, s, n, (int)(ws[0]->cols / 32), &pa))) {
         for (int k = 0; k < n_w; k++)
             for (size_t i = 0; i < (size_t)n * (size_t)ws[k]->rows; i++) ys[k][i] = NAN;
@@ -626,7 +622,7 @@ static void matmul_split(cpu_backend_t *cb, float *const *ys, const kern_weight_
             for (size_t i = 0; i < (size_t)n * (size_t)ws[k]->rows; i++) ys[k][i] = NAN;
         return;
     }
-    float *xs = cb->split, *yk[8];
+    float *xs = cb->split, *yk[MM_SPLIT_MAX];
     const uint8_t *role = cb->prompt_rows;
     for (int part = 0; part < 2; part++) { /* part 0: prompt rows, part 1: the others */
         const int m = part ? n - np : np;
@@ -657,7 +653,7 @@ void cpu_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t 
                       int n)
 {
     cpu_backend_t *cb = (cpu_backend_t *)be;
-    const int np = n_w <= 8 ? prompt_rows_in(cb, ws, n_w, n) : 0;
+    const int np = n_w <= MM_SPLIT_MAX ? prompt_rows_in(cb, ws, n_w, n) : 0;
     if (np == 0 || np == n) matmul_multi_in_order(cb, ys, ws, n_w, x, n, np > 0);
     else matmul_split(cb, ys, ws, n_w, x, n, np);
 }

@@ -40,6 +40,7 @@
 #include <string.h>
 
 #include "cpu_internal.h"
+#include "cpu_simd.h"
 
 #define PK_R 16        /* rows per group */
 #define PK_TMAX 2      /* tokens per tile */
@@ -164,6 +165,16 @@ static inline __attribute__((always_inline)) void pk_lanes(const uint8_t *q, int
     }
 }
 
+/* Token t's results r for the 16 rows of group g (the last group's padding rows not stored). */
+static inline __attribute__((always_inline)) void pk_store_rows(const pk_ctx_t *c, int64_t g, int t, __m512 r)
+{
+    const int64_t r0 = g * PK_R;
+    const int nr = c->rows - r0 < PK_R ? (int)(c->rows - r0) : PK_R;
+    float *y = c->y + (size_t)t * c->rows + r0;
+    if (nr == PK_R) _mm512_storeu_ps(y, r);
+    else _mm512_mask_storeu_ps(y, (__mmask16)((1u << nr) - 1), r);
+}
+
 /* Rows of group g x tokens t0..t0+T-1 over blocks b0..b1. Lanes come from the packed chunks (mode
  * PK_NIBBLES for Q4, PK_LANES for Q8_0) or from uw, the group's blocks b0.. unpacked (PK_LANES, Q4).
  * A tile that does not start at block 0 resumes from *st, one that does not end at block nb saves
@@ -238,8 +249,6 @@ static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, con
         }
         return;
     }
-    const int64_t r0 = g * PK_R;
-    const int nr = c->rows - r0 < PK_R ? (int)(c->rows - r0) : PK_R;
     PK_UNROLL
     for (int t = 0; t < T; t++) {
         __m512 h[4];
@@ -247,9 +256,7 @@ static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, con
         for (int k = 0; k < 4; k++) h[k] = _mm512_add_ps(acc[t][k + 4], acc[t][k]);
         __m512 r = _mm512_add_ps(_mm512_add_ps(h[0], h[2]), _mm512_add_ps(h[1], h[3]));
         if (type == FL_TYPE_Q4_1) r = _mm512_add_ps(r, sm[t]);
-        float *y = c->y + (size_t)(t0 + t) * c->rows + r0;
-        if (nr == PK_R) _mm512_storeu_ps(y, r);
-        else _mm512_mask_storeu_ps(y, (__mmask16)((1u << nr) - 1), r);
+        pk_store_rows(c, g, t0 + t, r);
     }
 }
 
@@ -357,15 +364,8 @@ static inline __attribute__((always_inline)) void pkp_tile(const pk_ctx_t *c, co
             if (type == FL_TYPE_Q4_1) sm[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(c->s[ix]), sm[t]);
         }
     }
-    const int64_t r0 = g * PK_R;
-    const int nr = c->rows - r0 < PK_R ? (int)(c->rows - r0) : PK_R;
     PK_UNROLL
-    for (int t = 0; t < T; t++) {
-        const __m512 r = type == FL_TYPE_Q4_1 ? _mm512_add_ps(acc[t], sm[t]) : acc[t];
-        float *y = c->y + (size_t)(t0 + t) * c->rows + r0;
-        if (nr == PK_R) _mm512_storeu_ps(y, r);
-        else _mm512_mask_storeu_ps(y, (__mmask16)((1u << nr) - 1), r);
-    }
+    for (int t = 0; t < T; t++) pk_store_rows(c, g, t0 + t, type == FL_TYPE_Q4_1 ? _mm512_add_ps(acc[t], sm[t]) : acc[t]);
 }
 
 #define PKP_TILE_T(TY)                                 \
@@ -482,8 +482,8 @@ static void pka_group(const pk_ctx_t *c, int64_t g, float *state)
     _Alignas(64) float dw[PKA_KC][16], mw[PKA_KC][16];
     _Alignas(64) int32_t cbuf[256];
     const __m512 magic_f = _mm512_set1_ps(PK_MAGIC_F);
-    const int64_t r0 = g * PK_R;
-    const int nr = c->rows - r0 < PK_R ? (int)(c->rows - r0) : PK_R;
+    const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(16));
     for (int b0 = 0; b0 < nb; b0 += PKA_KC) {
         const int b1 = b0 + PKA_KC < nb ? b0 + PKA_KC : nb;
         pka_unpack(c, g, b0, b1, a, dw, mw);
@@ -518,12 +518,10 @@ static void pka_group(const pk_ctx_t *c, int64_t g, float *state)
             if (b1 < nb) continue;
             /* st is [row][token]: token t's 16 rows are column t */
             const int nt = c->n - 16 * tt < 16 ? c->n - 16 * tt : 16;
-            const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                   _mm512_set1_epi32(16));
             for (int t = 0; t < nt; t++) {
                 __m512 v = _mm512_i32gather_ps(col, st + t, 4);
                 if (c->type == FL_TYPE_Q4_1) v = _mm512_add_ps(v, _mm512_i32gather_ps(col, st + 256 + t, 4));
-                _mm512_mask_storeu_ps(c->y + (size_t)(16 * tt + t) * c->rows + r0, (__mmask16)((1u << nr) - 1), v);
+                pk_store_rows(c, g, 16 * tt + t, v);
             }
         }
     }
@@ -555,11 +553,7 @@ int cpu_prompt_prepare(cpu_backend_t *cb, int type, const int8_t *qs, const floa
             int32_t sum = 0;
             if (t < n) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(qs + (size_t)t * cols + 32 * b));
-                const __m256i s8 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x), ones16);
-                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
-                s4 = _mm_hadd_epi32(s4, s4);
-                s4 = _mm_hadd_epi32(s4, s4);
-                sum = _mm_cvtsi128_si32(s4);
+                sum = cpu_hsum_epi32_avx2(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x), ones16));
             }
             ci[tile * 16 + j] = PK_MAGIC + mult * sum;
             if (!amx) continue;
@@ -586,10 +580,6 @@ int cpu_prompt_prepare(cpu_backend_t *cb, int type, const int8_t *qs, const floa
 static void pk_group(const pk_ctx_t *c, int64_t g, const uint8_t *pf)
 {
     _Alignas(64) uint8_t uw[PK_KC * PK_UW];
-    if (c->pa) { /* prompt order: pk_task's caller took the AMX branch if it could */
-        pkp_group_vnni(c, g);
-        return;
-    }
     pk_state_t st[PK_TBLOCK / PK_TMAX];
     for (int t0 = 0; t0 < c->n; t0 += PK_TBLOCK) {
         const int t1 = t0 + PK_TBLOCK < c->n ? t0 + PK_TBLOCK : c->n;
@@ -655,6 +645,7 @@ static void pk_task(void *arg, int ith, int nth)
             pk_group_addr(j, u, &k);
             const uint8_t *pf = u + 1 < j->range[ri].end ? pk_group_addr(j, u + 1, &kn) : NULL;
             if (j->amx) pka_group(&j->c[k], u - j->first[k], j->pstate[ith]);
+            else if (j->c[k].pa) pkp_group_vnni(&j->c[k], u - j->first[k]); /* prompt order without AMX */
             else pk_group(&j->c[k], u - j->first[k], pf);
         }
     }

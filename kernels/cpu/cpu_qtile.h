@@ -20,21 +20,6 @@
  *         at -8 * lane sums of x (once per token block).
  *   Q4_1: dot(q, x) directly. */
 
-static inline __m256i QT(nibbles)(const uint8_t *qs)
-{
-    const __m128i t = _mm_loadu_si128((const __m128i *)qs);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0f));
-}
-
-/* ggml's hsum_float_8. */
-static inline float QT(hsum8)(__m256 x)
-{
-    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
-}
-
 static inline float QT(h2f)(const uint8_t *p)
 {
     uint16_t h;
@@ -46,8 +31,8 @@ static inline float QT(h2f)(const uint8_t *p)
 static inline __attribute__((always_inline)) __m256i QT(wload)(const uint8_t *blk, const int type)
 {
     if (type == FL_TYPE_Q8_0) return _mm256_loadu_si256((const __m256i *)(blk + 2));
-    if (type == FL_TYPE_Q4_0) return QT(nibbles)(blk + 2);
-    return QT(nibbles)(blk + 4);
+    if (type == FL_TYPE_Q4_0) return cpu_nibbles_avx2(blk + 2);
+    return cpu_nibbles_avx2(blk + 4);
 }
 
 #if QT_VNNI
@@ -137,7 +122,7 @@ static inline __attribute__((always_inline)) void QT(tile4)(const mm_ctx_t *c, c
     }
     for (int t = 0; t < 2 * TP; t++)
         for (int r = 0; r < 4; r++) {
-            const float h = QT(hsum8)(acc[t][r]);
+            const float h = cpu_hsum8_avx2(acc[t][r]);
             out[t][r] = type == FL_TYPE_Q4_1 ? h + summs[t][r] : h;
         }
 }
@@ -172,7 +157,7 @@ static inline __attribute__((always_inline)) void QT(tile8)(const mm_ctx_t *c, c
         }
     }
     for (int r = 0; r < 8; r++) {
-        const float h = QT(hsum8)(acc[r]);
+        const float h = cpu_hsum8_avx2(acc[r]);
         out[r] = type == FL_TYPE_Q4_1 ? h + summs[r] : h;
     }
 }

@@ -41,6 +41,31 @@ static inline CPU_AVX2 float cpu_finish16_avx2(__m256 lo, __m256 hi, const float
     return l[0] + l[1];
 }
 
+/* A Q4 block's 16 nibble bytes as 32 values 0..15: the low nibbles (elements 0..15), then the high. */
+static inline CPU_AVX2 __m256i cpu_nibbles_avx2(const uint8_t *qs)
+{
+    const __m128i t = _mm_loadu_si128((const __m128i *)qs);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0f));
+}
+
+/* ggml's hsum_float_8: (upper half + lower half), then + the high pair, then + the odd lane. */
+static inline CPU_AVX2 float cpu_hsum8_avx2(__m256 x)
+{
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+/* The sum of 8 int32 lanes (exact, wrapping as int32). */
+static inline CPU_AVX2 int32_t cpu_hsum_epi32_avx2(__m256i v)
+{
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    return _mm_cvtsi128_si32(s4);
+}
+
 static inline CPU_AVX2 __m256 cpu_load_f16x8(const fl_f16_t *p)
 {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
