@@ -197,6 +197,14 @@ out:
 
 /* --- puller ----------------------------------------------------------------------------------- */
 
+/* Whether a pull waits on link i. */
+static bool link_busy(const worker_t *w, int i)
+{
+    for (int k = 0; k < w->n_pulls; k++)
+        if (w->pulls[k].link == i) return true;
+    return false;
+}
+
 /* Closes link i; the last link takes its place (the pulls on it follow). */
 static void link_remove(worker_t *w, int i)
 {
@@ -218,11 +226,8 @@ static int link_for(worker_t *w, const char *endpoint, double now)
     int i = w->n_links;
     if (i == PEER_MAX_LINKS) { /* the link used least recently goes, unless a pull waits on it */
         i = -1;
-        for (int j = 0; j < w->n_links; j++) {
-            bool busy = false;
-            for (int k = 0; k < w->n_pulls && !busy; k++) busy = w->pulls[k].link == j;
-            if (!busy && (i < 0 || w->links[j].last_used < w->links[i].last_used)) i = j;
-        }
+        for (int j = 0; j < w->n_links; j++)
+            if (!link_busy(w, j) && (i < 0 || w->links[j].last_used < w->links[i].last_used)) i = j;
         if (i < 0) return -1;
         zmq_close(w->links[i].sock);
     } else {
@@ -426,11 +431,9 @@ void worker_peer_service(worker_t *w, double now)
     for (int i = 0; i < w->n_links; i++) drain_socket(w, w->links[i].sock, false);
     for (int i = w->n_pulls - 1; i >= 0; i--) /* followers end with their pull */
         if (i < w->n_pulls && !w->pulls[i].follower && now >= w->pulls[i].deadline) pull_end(w, i, "timed out");
-    for (int i = w->n_links - 1; i >= 0; i--) { /* idle links go, but while a pull waits or it is quiet */
-        bool busy = now < w->links[i].quiet_until || now - w->links[i].last_used < PEER_LINK_IDLE_S;
-        for (int k = 0; k < w->n_pulls && !busy; k++) busy = w->pulls[k].link == i;
-        if (!busy) link_remove(w, i);
-    }
+    for (int i = w->n_links - 1; i >= 0; i--) /* idle links go, but while a pull waits or it is quiet */
+        if (now >= w->links[i].quiet_until && now - w->links[i].last_used >= PEER_LINK_IDLE_S && !link_busy(w, i))
+            link_remove(w, i);
 }
 
 int worker_peer_poll_items(worker_t *w, zmq_pollitem_t *items, int cap)
