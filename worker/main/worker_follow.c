@@ -8,7 +8,9 @@
  *
  * Two threads: the main thread computes (the join, the steps); a control thread owns the socket
  * (READY, heartbeats, JOIN, DISCONNECT, reconnecting to a silent coordinator), so a long step never
- * silences the rank. They share the JOIN's id and the communicator under w->lock.
+ * silences the rank. They share the JOIN's id and the communicator under their own lock (f->mu), not
+ * w->lock: the control thread holds w->lock while it polls the socket, and the main thread's waits
+ * starved on it (a join took 18 s instead of milliseconds).
  *
  * Failure: a failure of the group (rank 0 gone or aborted, a step that timed out, a JOIN with another
  * id: rank 0 restarted) ends the process with status 1 after a DISCONNECT, and its supervisor starts
@@ -31,7 +33,8 @@
 typedef struct follow {
     worker_t *w;
     const volatile sig_atomic_t *stop, *drain;
-    /* shared (w->lock) */
+    /* shared (mu; taken inside w->lock when the control thread handles a message, never around it) */
+    pthread_mutex_t mu;
     comm_id_t id;
     bool have_id;
     bool done;            /* the main thread is finished: the control thread ends */
@@ -44,7 +47,7 @@ typedef struct follow {
 /* Ends the group from the control thread: the join's waits (cancel) or the steps' (comm_abort). */
 static void give_up(follow_t *f, const char *why)
 {
-    pthread_mutex_lock(&f->w->lock);
+    pthread_mutex_lock(&f->mu);
     if (!f->cancel) {
         snprintf(f->why, sizeof f->why, "%s", why);
         fl_log_warn("worker rank %d leaves its group: %s", f->w->rank, why);
@@ -52,7 +55,7 @@ static void give_up(follow_t *f, const char *why)
     f->cancel = 1;
     if (f->comm) comm_abort(f->comm);
     pthread_cond_broadcast(&f->wake);
-    pthread_mutex_unlock(&f->w->lock);
+    pthread_mutex_unlock(&f->mu);
 }
 
 static void on_join(follow_t *f, const wire_msg_t *m)
@@ -69,7 +72,7 @@ static void on_join(follow_t *f, const wire_msg_t *m)
     memcpy(&id, j->comm_id.data, sizeof id);
     const uint64_t epoch = j->leader_epoch;
     folio__v1__group_join__free_unpacked(j, NULL);
-    pthread_mutex_lock(&w->lock);
+    pthread_mutex_lock(&f->mu);
     const bool first = !f->have_id, same = f->have_id && !memcmp(&id, &f->id, sizeof id);
     if (first) {
         f->id = id;
@@ -78,7 +81,7 @@ static void on_join(follow_t *f, const wire_msg_t *m)
         fl_log_info("worker rank %d got its group's communicator (rank 0 epoch %llu)", w->rank,
                     (unsigned long long)epoch);
     }
-    pthread_mutex_unlock(&w->lock);
+    pthread_mutex_unlock(&f->mu);
     if (!first && !same) give_up(f, "rank 0 registered with a new communicator (it restarted)");
 }
 
@@ -88,9 +91,9 @@ static void heartbeat(follow_t *f, double now)
 {
     worker_t *w = f->w;
     Folio__V1__WorkerLoad l = FOLIO__V1__WORKER_LOAD__INIT;
-    pthread_mutex_lock(&w->lock);
+    pthread_mutex_lock(&f->mu);
     l.engine_ok = f->comm && !f->cancel;
-    pthread_mutex_unlock(&w->lock);
+    pthread_mutex_unlock(&f->mu);
     l.kv_blocks_total = w->kv_blocks;
     l.draining = *f->drain != 0;
     w->t_hb = now;
@@ -117,9 +120,9 @@ static void *control_main(void *arg)
     const double beat = w->heartbeat_ms * 1e-3;
     double next_beat = 0, reconnect_at = 0, drain_since = 0;
     for (;;) {
-        pthread_mutex_lock(&w->lock);
+        pthread_mutex_lock(&f->mu);
         const bool done = f->done;
-        pthread_mutex_unlock(&w->lock);
+        pthread_mutex_unlock(&f->mu);
         if (done) break;
         double now = fl_clock_s();
         if (*f->stop) give_up(f, "stopped (SIGINT or a second SIGTERM)");
@@ -170,6 +173,7 @@ static void *control_main(void *arg)
 int worker_follow(worker_t *w, const volatile sig_atomic_t *stop, const volatile sig_atomic_t *drain)
 {
     follow_t f = {.w = w, .stop = stop, .drain = drain};
+    pthread_mutex_init(&f.mu, NULL);
     pthread_cond_init(&f.wake, NULL);
     w->on_join = on_join_message;
     w->on_join_user = &f;
@@ -179,21 +183,22 @@ int worker_follow(worker_t *w, const volatile sig_atomic_t *stop, const volatile
     if (e) {
         fl_log_error("worker: cannot start the control thread: %s", strerror(e));
         pthread_cond_destroy(&f.wake);
+        pthread_mutex_destroy(&f.mu);
         return 1;
     }
     /* The coordinator's JOIN: rank 0's id. */
-    pthread_mutex_lock(&w->lock);
+    pthread_mutex_lock(&f.mu);
     while (!f.have_id && !f.cancel) {
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
         until.tv_nsec += FOLLOW_POLL_MS * 1000000L;
         until.tv_sec += until.tv_nsec / 1000000000L;
         until.tv_nsec %= 1000000000L;
-        pthread_cond_timedwait(&f.wake, &w->lock, &until);
+        pthread_cond_timedwait(&f.wake, &f.mu, &until);
     }
     const comm_id_t id = f.id;
     const bool have = f.have_id && !f.cancel;
-    pthread_mutex_unlock(&w->lock);
+    pthread_mutex_unlock(&f.mu);
     int rc = FL_EPEER;
     comm_t *comm = NULL;
     if (have) {
@@ -205,10 +210,10 @@ int worker_follow(worker_t *w, const volatile sig_atomic_t *stop, const volatile
         rc = comm ? FL_OK : err.code;
         if (!rc) rc = model_set_comm(w->eng->model, comm, &err);
         if (!rc) {
-            pthread_mutex_lock(&w->lock);
+            pthread_mutex_lock(&f.mu);
             f.comm = comm;
             if (f.cancel) comm_abort(comm); /* gave up while joining */
-            pthread_mutex_unlock(&w->lock);
+            pthread_mutex_unlock(&f.mu);
             rc = tp_check_group(w->eng->model, w->eng->kv, &err);
         }
         if (!rc) {
@@ -218,9 +223,9 @@ int worker_follow(worker_t *w, const volatile sig_atomic_t *stop, const volatile
     } else {
         fl_fail(&err, FL_EPEER, "no communicator id came");
     }
-    pthread_mutex_lock(&w->lock);
+    pthread_mutex_lock(&f.mu);
     f.done = true;
-    pthread_mutex_unlock(&w->lock);
+    pthread_mutex_unlock(&f.mu);
     pthread_join(control, NULL);
     if (rc)
         fl_log_error("worker rank %d of group %s: %s%s%s", w->rank, w->group, err.msg, f.why[0] ? "; " : "", f.why);
@@ -229,5 +234,6 @@ int worker_follow(worker_t *w, const volatile sig_atomic_t *stop, const volatile
     close_socket(w, true);
     w->comm = comm; /* destroyed after the engine, which borrows it */
     pthread_cond_destroy(&f.wake);
+    pthread_mutex_destroy(&f.mu);
     return rc ? 1 : 0;
 }
