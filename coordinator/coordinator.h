@@ -27,6 +27,8 @@ _Static_assert(GROUPS_MAX <= KV_INDEX_MAX_GROUPS, "every group slot has its plac
 #define COORD_LATENCY_SAMPLES  4096
 #define COORD_MAX_RESUBMITS    3
 #define COORD_MAX_ROUTE_BLOCKS 1024
+/* cache-aware: the distinct prefix keys routed lately, whose holders place a new prefix (router.h) */
+#define COORD_RECENT_PREFIXES 64
 #define COORD_MAX_SHARE_LISTS  64
 #define COORD_TENANT_MAX       512 /* bytes for a tenant name and its NUL (the wire allows 256) */
 #define COORD_TOLD_MEMORY      16  /* identities recently told DISCONNECT, remembered */
@@ -108,6 +110,11 @@ typedef struct coord {
     int tok_cap;
     block_hash_t hash_buf[COORD_MAX_ROUTE_BLOCKS];
     uint64_t hash_lo[COORD_MAX_ROUTE_BLOCKS]; /* their low halves, as the KV index names blocks */
+    struct {
+        uint64_t key;
+        int slot; /* where it was routed last */
+    } recent_prefixes[COORD_RECENT_PREFIXES]; /* a ring, oldest overwritten */
+    int n_recent_prefixes, recent_prefix_next;
     coord_status_scratch_t status;
 } coord_t;
 

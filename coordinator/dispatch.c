@@ -360,6 +360,52 @@ static int pull_holder(const coord_t *c, int target, const int *held)
     return best;
 }
 
+/* cache-aware: when no routable group holds any of a prompt's blocks, how many of the prefixes
+ * routed lately each group holds (router_group_t.prefixes), so that a new prefix goes where there is
+ * room, and which group it was placed on if it came lately (placed); zero otherwise. A census of
+ * COORD_RECENT_PREFIXES keys, only for prompts that start a prefix. */
+static void prefix_census(coord_t *c, bool has_blocks, uint64_t key)
+{
+    router_group_t *t = c->groups->table;
+    bool held_anywhere = false;
+    for (int s = 0; s < c->groups->n; s++) {
+        t[s].prefixes = 0;
+        t[s].placed = false;
+        if (t[s].routable && t[s].cached_blocks) held_anywhere = true;
+    }
+    if (held_anywhere || !has_blocks) return;
+    for (int i = 0; i < c->n_recent_prefixes; i++)
+        if (c->recent_prefixes[i].key == key && c->recent_prefixes[i].slot < c->groups->n)
+            t[c->recent_prefixes[i].slot].placed = true;
+    /* A prefix counts for the groups that report it, or while none does (its first request is still
+     * computing it, or it was evicted everywhere) for the group it was routed to last: placements
+     * in flight must count, or a burst of new prefixes all land on the same emptiest group. */
+    for (int i = 0; i < c->n_recent_prefixes; i++) {
+        bool reported = false;
+        for (int s = 0; s < c->groups->n; s++)
+            if (t[s].routable && kv_index_holds(c->kv_index, s, c->recent_prefixes[i].key)) {
+                t[s].prefixes++;
+                reported = true;
+            }
+        const int last = c->recent_prefixes[i].slot;
+        if (!reported && last < c->groups->n) t[last].prefixes++;
+    }
+}
+
+/* Adds a routed prompt's key to the census ring, or updates where it went. */
+static void remember_prefix(coord_t *c, uint64_t key, int slot)
+{
+    for (int i = 0; i < c->n_recent_prefixes; i++)
+        if (c->recent_prefixes[i].key == key) {
+            c->recent_prefixes[i].slot = slot;
+            return;
+        }
+    c->recent_prefixes[c->recent_prefix_next].key = key;
+    c->recent_prefixes[c->recent_prefix_next].slot = slot;
+    c->recent_prefix_next = (c->recent_prefix_next + 1) % COORD_RECENT_PREFIXES;
+    if (c->n_recent_prefixes < COORD_RECENT_PREFIXES) c->n_recent_prefixes++;
+}
+
 /* Routes e (its tokens set) to a group other than exclude and sends it; returns 0, or a status code
  * when no group could take it (UNAVAILABLE: none routable; RESOURCE_EXHAUSTED: the chosen group's
  * queue in this process is full); e is not freed either way, but a group found dead on the way may
@@ -390,6 +436,7 @@ static int route(coord_t *c, req_t *e, int exclude, double now)
                 held[s] = kv_index_match(c->kv_index, s, c->hash_lo, nh);
             if (cache_aware) c->groups->table[s].cached_blocks = c->groups->table[s].routable ? (uint32_t)held[s] : 0;
         }
+        if (cache_aware) prefix_census(c, nh > 0, key);
     }
 
     /* The worker's Request: the client's fields but the prompt as tokens only, the namespace as the
@@ -440,6 +487,7 @@ static int route(coord_t *c, req_t *e, int exclude, double now)
                 c->routed_by_cache++;
                 c->routed_cached_blocks += c->groups->table[slot].cached_blocks;
             }
+            if (cache_aware && nh > 0) remember_prefix(c, key, slot);
             return 0;
         }
         if (errno != EHOSTUNREACH) {

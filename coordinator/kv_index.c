@@ -186,6 +186,13 @@ int kv_index_match(kv_index_t *ix, int group, const uint64_t *hashes, int n)
     return i;
 }
 
+bool kv_index_holds(const kv_index_t *ix, int group, uint64_t h)
+{
+    if (!ix || group < 0 || group >= KV_INDEX_MAX_GROUPS || !ix->count[group]) return false;
+    const int64_t at = find(ix, h, group);
+    return at >= 0 && is_live(ix, &ix->t[at]);
+}
+
 size_t kv_index_size(const kv_index_t *ix) { return ix ? ix->n_live : 0; }
 
 size_t kv_index_group_size(const kv_index_t *ix, int group)

@@ -18,6 +18,7 @@
 #ifndef FOLIO_KV_INDEX_H
 #define FOLIO_KV_INDEX_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -49,6 +50,8 @@ size_t kv_index_apply(kv_index_t *ix, int group, uint64_t seq, int reset, const 
 /* How many of hashes[0..n) group holds from the first on: the prompt's leading blocks it has
  * cached. Entries it matches count as recently used. */
 int kv_index_match(kv_index_t *ix, int group, const uint64_t *hashes, int n);
+/* Whether group holds block h, without counting as a use (a census, not a request's match). */
+bool kv_index_holds(const kv_index_t *ix, int group, uint64_t h);
 
 size_t kv_index_size(const kv_index_t *ix); /* live entries */
 size_t kv_index_group_size(const kv_index_t *ix, int group);

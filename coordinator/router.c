@@ -164,8 +164,18 @@ static int pick_cache_aware(router_t *r, uint64_t key, const router_group_t *g, 
     uint32_t best = 0;
     for (int s = 0; s < n; s++)
         if (under_bound(g, s, n, exclude, bound) && g[s].cached_blocks > best) best = g[s].cached_blocks;
-    if (!best) return pick_prefix(r, key, g, n, exclude);
     const int lo = ring_successor(r, key);
+    if (!best) { /* a new prefix: where it was placed, else the group holding the fewest prefixes, the
+                  * first clockwise of them */
+        for (int s = 0; s < n; s++)
+            if (g[s].placed && under_bound(g, s, n, exclude, bound)) return s;
+        int pick = -1;
+        for (int k = 0; k < r->n_points; k++) {
+            const int s = r->ring[(lo + k) % r->n_points].slot;
+            if (under_bound(g, s, n, exclude, bound) && (pick < 0 || g[s].prefixes < g[pick].prefixes)) pick = s;
+        }
+        return pick >= 0 ? pick : pick_prefix(r, key, g, n, exclude);
+    }
     for (int k = 0; k < r->n_points; k++) {
         const int s = r->ring[(lo + k) % r->n_points].slot;
         if (under_bound(g, s, n, exclude, bound) && g[s].cached_blocks == best) return s;

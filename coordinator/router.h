@@ -18,8 +18,11 @@
  * the pick is one with the longest match, ties going to the first of them clockwise from the key
  * (so requests sharing only a common head, a system prompt every group holds, still spread as
  * prefix spreads them). A group over the bound is passed over whatever it holds. When no group
- * under the bound holds any of the prompt, the pick is prefix's: consistent hashing, so a prefix
- * never seen lands where its key says and stays there while the worker's events are on their way.
+ * under the bound holds any of the prompt, a new prefix is placed on the group holding the fewest of
+ * the prefixes routed lately (the caller's census, prefixes), ties clockwise from the key: hashing
+ * alone put 8 prefixes on 4 groups as 17/39/40/64 requests, and the group with 3-4 prefixes kept
+ * evicting them (bench/README.md). Until its blocks are reported, later requests for the prefix follow
+ * it (placed), as hashing would send them, instead of a census that may have moved meanwhile.
  *
  * A router_t holds only the ring and the round-robin cursor; the caller owns the group table and
  * passes it to every pick, so the functions are testable without sockets. One thread. */
@@ -42,6 +45,9 @@ typedef struct router_group {
     bool routable;     /* healthy and not draining */
     uint32_t inflight; /* requests routed there and not finished */
     uint32_t cached_blocks; /* cache-aware: the request's leading blocks this group holds (per pick) */
+    uint32_t prefixes;      /* cache-aware: of the prefixes routed lately, how many this group holds
+                             * (filled only when no group holds any of the request's blocks) */
+    bool placed;            /* cache-aware: the request's prefix was placed here lately, not yet reported */
 } router_group_t;
 
 typedef struct router router_t;

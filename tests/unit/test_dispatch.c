@@ -1441,14 +1441,21 @@ static int generate_where(uint64_t id, const int32_t *toks, int n)
     return w;
 }
 
-static void test_cache_aware_routes_to_reported_blocks_until_their_group_restarts_or_dies(void **state)
+/* The fixture's coordinator on the cache-aware policy, with two registered one-rank groups. */
+static coord_t *cache_aware_with_two_groups(void)
 {
-    (void)state;
     coord_t *c = F.c;
     router_destroy(&c->router);
     c->router = router_new(ROUTER_CACHE_AWARE, c->opts.load_factor, c->opts.load_floor, NULL);
     assert_non_null(c->router);
     register_workers(2);
+    return c;
+}
+
+static void test_cache_aware_routes_to_reported_blocks_until_their_group_restarts_or_dies(void **state)
+{
+    (void)state;
+    coord_t *c = cache_aware_with_two_groups();
     int32_t toks[64]; /* 4 blocks of 16, the default tenant */
     for (int i = 0; i < 64; i++) toks[i] = 3 + i;
     block_hash_t h[4];
@@ -1475,7 +1482,10 @@ static void test_cache_aware_routes_to_reported_blocks_until_their_group_restart
     pump();
     assert_true(c->groups->table[other].routable);
     assert_int_equal(kv_index_group_size(c->kv_index, other), 0);
-    assert_int_equal(generate_where(4, toks, 64), home);
+    generate_where(4, toks, 64); /* held nowhere now: placed, not routed by the cache */
+    s = client_status(5, &sr);
+    assert_int_equal(s->routed_by_cache, 1);
+    folio__v1__response__free_unpacked(sr, NULL);
     /* Reported again, then the group dies: the entries go with it. */
     worker_kv_events(other, 1, lo, 4);
     pump();
@@ -1483,6 +1493,53 @@ static void test_cache_aware_routes_to_reported_blocks_until_their_group_restart
     worker_send(other, WIRE_CMD_DISCONNECT, NULL);
     pump();
     assert_int_equal(kv_index_size(c->kv_index), 0);
+    expect_nothing_more();
+}
+
+static void test_cache_aware_places_new_prefixes_by_census_counting_those_not_reported_yet(void **state)
+{
+    (void)state;
+    coord_t *c = cache_aware_with_two_groups();
+    int32_t p1[64], p2[64], p3[64];
+    for (int i = 0; i < 64; i++) p1[i] = 3 + i, p3[i] = 200 + i;
+    /* P1 lands somewhere; P2, new too and hashed to the same group, goes to the other one although
+     * P1's blocks are not reported yet (P1 counts for where it went); P1 again, still unreported,
+     * follows its placement. */
+    const int g1 = generate_where(1, p1, 64);
+    router_t *px = router_new(ROUTER_PREFIX, c->opts.load_factor, c->opts.load_floor, NULL);
+    for (int g = 0; g < 2; g++) assert_int_equal(router_add_group(px, g, c->groups->g[g].name, NULL), 0);
+    const block_hash_t salt = block_hash_salt("", 0);
+    for (int base = 100;; base++) { /* a prompt whose consistent-hashing home is g1 */
+        assert_true(base < 400);
+        for (int i = 0; i < 64; i++) p2[i] = base + i;
+        block_hash_t hh[4];
+        const int nh = block_hash_prefix(salt, p2, 64, 16, hh, 4);
+        const uint64_t key = router_key(hh, nh, c->opts.route_blocks, salt, p2, 64);
+        router_group_t t[2] = {{.name = c->groups->g[0].name, .routable = true},
+                               {.name = c->groups->g[1].name, .routable = true}};
+        if (router_pick(px, key, t, 2, -1) == g1) break;
+    }
+    router_destroy(&px);
+    const int g2 = generate_where(2, p2, 64);
+    assert_int_equal(g2, 1 - g1);
+    assert_int_equal(generate_where(3, p1, 64), g1);
+    assert_int_equal(generate_where(4, p2, 64), g2);
+    /* g1 reports P1 and P3's blocks, g2 P2's: a fourth new prefix goes to g2, holding one. */
+    block_hash_t h[4];
+    uint64_t lo[8];
+    assert_int_equal(block_hash_prefix(block_hash_salt("", 0), p1, 64, 16, h, 4), 4);
+    for (int i = 0; i < 4; i++) lo[i] = h[i].lo;
+    assert_int_equal(block_hash_prefix(block_hash_salt("", 0), p3, 64, 16, h, 4), 4);
+    for (int i = 0; i < 4; i++) lo[4 + i] = h[i].lo;
+    worker_kv_events(g1, 1, lo, 8);
+    assert_int_equal(block_hash_prefix(block_hash_salt("", 0), p2, 64, 16, h, 4), 4);
+    for (int i = 0; i < 4; i++) lo[i] = h[i].lo;
+    worker_kv_events(g2, 1, lo, 4);
+    pump();
+    assert_int_equal(generate_where(5, p3, 64), g1); /* held: the cache decides */
+    int32_t p4[64];
+    for (int i = 0; i < 64; i++) p4[i] = 300 + i;
+    assert_int_equal(generate_where(6, p4, 64), g2);
     expect_nothing_more();
 }
 
@@ -1589,6 +1646,7 @@ int main(void)
         T(test_spec_and_max_draft_are_checked_then_forwarded_and_status_shows_the_accepted_length),
         T(test_status_carries_each_groups_request_counts_and_latency_histograms),
         T(test_cache_aware_routes_to_reported_blocks_until_their_group_restarts_or_dies),
+        T(test_cache_aware_places_new_prefixes_by_census_counting_those_not_reported_yet),
         T(test_an_unreadable_or_oversized_body_is_answered_under_the_id_and_method_it_carries),
         T(test_peek_reads_id_and_method_from_the_front_of_any_body),
     };

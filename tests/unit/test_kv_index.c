@@ -215,6 +215,48 @@ static void test_cache_aware_routes_to_the_longest_cached_prefix_under_the_load_
     router_destroy(&px);
 }
 
+static void test_cache_aware_places_a_new_prefix_where_it_was_placed_else_on_the_group_holding_fewest(void **state)
+{
+    (void)state;
+    router_group_t t[4];
+    router_t *ca = make_router(ROUTER_CACHE_AWARE, t);
+    router_t *px = make_router(ROUTER_PREFIX, t);
+    const uint64_t key = 0x5eed5eed5eedull;
+    const int home = router_pick(px, key, t, 4, -1);
+    /* An empty census: consistent hashing's pick. */
+    assert_int_equal(router_pick(ca, key, t, 4, -1), home);
+    /* home holds 3 of the recent prefixes, the others 1, 0, 0: one of the two emptiest, and the
+     * first of them clockwise from the key is what prefix picks with the others over the bound. */
+    const int a = (home + 1) % 4, b = (home + 2) % 4, d = (home + 3) % 4;
+    t[home].prefixes = 3;
+    t[a].prefixes = 1;
+    const int p = router_pick(ca, key, t, 4, -1);
+    assert_true(p == b || p == d);
+    t[home].inflight = t[a].inflight = 6; /* floor 4: over the bound */
+    const int first = router_pick(px, key, t, 4, -1);
+    t[home].inflight = t[a].inflight = 0;
+    assert_int_equal(p, first);
+    /* The emptiest over the bound: the next emptiest under it. */
+    t[p].inflight = 6;
+    assert_int_equal(router_pick(ca, key, t, 4, -1), p == b ? d : b);
+    t[p].inflight = 0;
+    /* Placed lately on a (its blocks not reported yet): a, however full; not when a is over the
+     * bound, or drained. */
+    t[a].placed = true;
+    assert_int_equal(router_pick(ca, key, t, 4, -1), a);
+    t[a].inflight = 6;
+    assert_int_equal(router_pick(ca, key, t, 4, -1), p);
+    t[a].inflight = 0;
+    t[a].routable = false;
+    assert_int_equal(router_pick(ca, key, t, 4, -1), p);
+    t[a].routable = true;
+    /* A group that holds some of the prompt outranks both. */
+    t[home].cached_blocks = 2;
+    assert_int_equal(router_pick(ca, key, t, 4, -1), home);
+    router_destroy(&ca);
+    router_destroy(&px);
+}
+
 static void test_cache_aware_policy_name_round_trips(void **state)
 {
     (void)state;
@@ -232,6 +274,7 @@ int main(void)
         cmocka_unit_test(test_clearing_a_group_drops_its_entries_at_once_and_keeps_the_others),
         cmocka_unit_test(test_events_reset_replaces_the_view_and_a_sequence_gap_drops_it),
         cmocka_unit_test(test_cache_aware_routes_to_the_longest_cached_prefix_under_the_load_bound),
+        cmocka_unit_test(test_cache_aware_places_a_new_prefix_where_it_was_placed_else_on_the_group_holding_fewest),
         cmocka_unit_test(test_cache_aware_policy_name_round_trips),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
