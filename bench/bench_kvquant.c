@@ -7,8 +7,11 @@
  *     prefill), then --steps decode steps are timed (the best of --repeat runs);
  *   - the prefix workload of `folio-bench prefix` (--prefix-tokens shared, --input-tokens distinct,
  *     --output-tokens generated, ignore_eos) past saturation: --requests requests all queued at once
- *     on the in-process scheduler with the prefix cache on, under a --tight-budget sized to hold
- *     --fit-f16 sequences in f16 (default 4); requests/s and mean first-token time.
+ *     on the in-process scheduler with the prefix cache on, under a tight budget sized to hold
+ *     --fit-f16 sequences in f16 (default 4) as the prefix cache holds them: the shared prefix's
+ *     full blocks once and each sequence's own blocks (the first versions counted whole sequences,
+ *     so f16 ran 10 at once, not 4, and the budget bound nothing); requests/s and mean first-token
+ *     time.
  * Each type is a fresh engine (the same model, threads and budgets). */
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -38,7 +41,8 @@ typedef struct kvq_result {
     double decode_tok_s[KVQ_MAX_BATCHES];
     size_t tight_budget;
     double req_per_s, mean_ttft_s, wall_s;
-    uint64_t preemptions, cached_tokens;
+    uint64_t preemptions, cached_tokens, steps;
+    double tokens_per_step; /* prompt and generated tokens over steps: what the budget lets batch */
     int ok_requests;
 } kvq_result_t;
 
@@ -174,6 +178,8 @@ static int prefix_load(const kvq_flags_t *f, int type, size_t budget, kvq_result
     res->preemptions = st.preemptions;
     res->cached_tokens = st.cached_prompt_tokens;
     res->ok_requests = pr.ok;
+    res->steps = st.steps;
+    res->tokens_per_step = st.steps ? (double)(st.prefill_tokens + st.generated_tokens) / (double)st.steps : 0;
     rc = 0;
 out:
     sched_destroy(&s);
@@ -195,7 +201,8 @@ static void usage(void)
            "  --repeat N            timed runs after one warm-up, the best kept (default 2)\n"
            "  --requests N          prefix workload: requests, all queued at once (default 24)\n"
            "  --prefix-tokens N, --input-tokens N, --output-tokens N   (default 200, 30, 50)\n"
-           "  --fit-f16 N           the tight budget holds N whole sequences in f16 (default 4)\n"
+           "  --fit-f16 N           the tight budget holds N sequences in f16, the shared prefix once\n"
+           "                        (default 4)\n"
            "  --json FILE           write the results as JSON\n");
 }
 
@@ -284,20 +291,24 @@ int bench_kvquant(int argc, char **argv)
                     f.ctx_tokens);
             if (decode_rate(&f, types[k], f.batches[b], &r->decode_tok_s[b], &err)) goto fail;
         }
-        /* tight: fit_f16 whole sequences in f16, plus the scheduler's liveness block */
-        const long seq_tokens = f.prefix_tokens + f.input_tokens + f.output_tokens;
-        const size_t tight = (size_t)(f.fit_f16 * ((seq_tokens + 15) / 16 * 16) + 16) * f16_per_token;
+        /* tight: fit_f16 sequences in f16 as the prefix cache keeps them (the prefix's full blocks
+         * once, then each sequence's own blocks), plus the scheduler's liveness block */
+        const long seq_blocks = (f.prefix_tokens + f.input_tokens + f.output_tokens + 15) / 16,
+                   shared_blocks = f.prefix_tokens / 16;
+        const size_t tight =
+            (size_t)(shared_blocks + f.fit_f16 * (seq_blocks - shared_blocks) + 1) * 16 * f16_per_token;
         fprintf(stderr, "kvquant: %s prefix workload, %ld requests, budget %zu bytes ...\n", r->type, f.requests, tight);
         if (prefix_load(&f, types[k], tight, r, &err)) goto fail;
     }
     printf("%-6s %11s %15s", "kv", "bytes/token", "tokens/budget");
     for (int b = 0; b < f.n_batches; b++) printf("  decode b=%-3d", f.batches[b]);
-    printf(" %9s %9s %8s %7s\n", "prefix r/s", "ttft ms", "preempt", "ratio");
+    printf(" %9s %9s %8s %10s %7s\n", "prefix r/s", "ttft ms", "preempt", "tok/step", "ratio");
     for (int k = 0; k < n_types; k++) {
         const kvq_result_t *r = &res[k];
         printf("%-6s %11zu %15ld", r->type, r->bytes_per_token, r->capacity_tokens);
         for (int b = 0; b < f.n_batches; b++) printf("  %7.1f tok/s", r->decode_tok_s[b]);
-        printf(" %10.2f %9.0f %8llu", r->req_per_s, r->mean_ttft_s * 1e3, (unsigned long long)r->preemptions);
+        printf(" %10.2f %9.0f %8llu %10.1f", r->req_per_s, r->mean_ttft_s * 1e3, (unsigned long long)r->preemptions,
+               r->tokens_per_step);
         printf("   tokens x%.2f, r/s x%.2f", (double)r->capacity_tokens / res[0].capacity_tokens,
                res[0].req_per_s > 0 ? r->req_per_s / res[0].req_per_s : 0);
         for (int b = 0; b < f.n_batches; b++)
@@ -331,6 +342,8 @@ int bench_kvquant(int argc, char **argv)
             cJSON_AddNumberToObject(o, "prefix_mean_ttft_s", r->mean_ttft_s);
             cJSON_AddNumberToObject(o, "prefix_preemptions", (double)r->preemptions);
             cJSON_AddNumberToObject(o, "prefix_cached_prompt_tokens", (double)r->cached_tokens);
+            cJSON_AddNumberToObject(o, "prefix_steps", (double)r->steps);
+            cJSON_AddNumberToObject(o, "prefix_tokens_per_step", r->tokens_per_step);
             cJSON_AddItemToArray(arr, o);
         }
         char *s = cJSON_Print(root);

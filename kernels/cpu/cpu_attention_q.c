@@ -215,6 +215,80 @@ static CPU_AVX512 void kdot_q_avx512(int k_type, const uint8_t *k, const fl_bloc
                                   : _mm512_castps512_ps256(acc[h / 2]));
 }
 
+/* AVX-512 VNNI, 16 positions at once (zmm lane = position): for each ggml lane k of a block, the
+ * 4-byte words of the 16 K rows are gathered into one register, so each of the 8 lanes of every head
+ * is one vpdpbusd, one subtraction and one fma for 16 positions, and hsum_float_8 is 7 adds of whole
+ * registers; kdot_q_avx512 spends a K block's decoding, a lane-pair shuffle and an hsum on every
+ * position. The integers: vpdpbusd wants unsigned K bytes, so a Q8_0 K byte is taken as k + 128
+ * (k ^ 0x80) and a Q4_0 nibble as is (k + 8), and the lane starts from -128 (or -8) times the sum of
+ * Q's 4 bytes, plus the bits of 1.5 * 2^23 so that subtracting that float gives the lane exactly (as
+ * cpu_packed.c). Every float operation is the one the other paths do, in the same order, so the
+ * bits are theirs. Positions [0, return) get their dots in out[h * stride + j]; the rest (fewer than
+ * 16, or a pool too large for 32-bit gather offsets) are left to kdot_q_avx512. */
+#define KDOT16_MAGIC 0x4B400000
+#define KDOT16_MAGIC_F 12582912.0f
+
+static CPU_AVX512 int kdot16_q_avx512(int k_type, const uint8_t *kc, size_t krow, size_t khead, const int32_t *slots,
+                                      int len, const fl_block_q8_0_t *q, const float *qd, int nb, int G, float *out,
+                                      int stride)
+{
+    if (len < 16) return 0;
+    int32_t max_slot = 0;
+    for (int j = 0; j < len; j++) max_slot = slots[j] > max_slot ? slots[j] : max_slot;
+    if ((int64_t)max_slot * (int64_t)krow + (int64_t)khead + (int64_t)krow >= INT32_MAX) return 0;
+    const bool q8k = k_type == FL_TYPE_Q8_0;
+    const int bb = q8k ? (int)sizeof(fl_block_q8_0_t) : (int)sizeof(fl_block_q4_0_t), off = q8k ? 128 : 8;
+    /* per (head, block, lane): Q's word and the lane's start */
+    int32_t qw[ATTNQ_MAX_GROUP * ATTNQ_MAX_HEAD_DIM / 4], qi[ATTNQ_MAX_GROUP * ATTNQ_MAX_HEAD_DIM / 4];
+    for (int hb = 0; hb < G * nb; hb++)
+        for (int l = 0; l < 8; l++) {
+            const int8_t *w = q[hb].qs + 4 * l;
+            memcpy(&qw[8 * hb + l], w, 4);
+            qi[8 * hb + l] = KDOT16_MAGIC - off * (w[0] + w[1] + w[2] + w[3]);
+        }
+    const __m512 magic_f = _mm512_set1_ps(KDOT16_MAGIC_F);
+    const __m512i flip = _mm512_set1_epi32((int)0x80808080u), nib = _mm512_set1_epi32(0x0f0f0f0f);
+    int j0 = 0;
+    for (; j0 + 16 <= len; j0 += 16) {
+        const __m512i offs = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_loadu_si512((const void *)(slots + j0)),
+                                                                 _mm512_set1_epi32((int)krow)),
+                                              _mm512_set1_epi32((int)khead));
+        for (int h0 = 0; h0 < G; h0 += 4) {
+            const int nh = G - h0 < 4 ? G - h0 : 4;
+            __m512 dd[ATTNQ_MAX_HEAD_DIM / FL_QK][4]; /* d_k * d_q per block and head, 16 positions */
+            for (int b = 0; b < nb; b++) {
+                const __m512i dw = _mm512_i32gather_epi32(offs, (const void *)(kc + (size_t)b * bb), 1);
+                const __m512 dk = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw)); /* d leads the block */
+                for (int h = 0; h < nh; h++) dd[b][h] = _mm512_mul_ps(dk, _mm512_set1_ps(qd[(size_t)(h0 + h) * nb + b]));
+            }
+            __m512 acc[8][4];
+            for (int l = 0; l < 8; l++) {
+                for (int h = 0; h < nh; h++) acc[l][h] = _mm512_setzero_ps();
+                for (int b = 0; b < nb; b++) {
+                    /* lane l of block b for the 16 positions, as unsigned bytes */
+                    const int word = q8k ? l : l % 4;
+                    const __m512i raw =
+                        _mm512_i32gather_epi32(offs, (const void *)(kc + (size_t)b * bb + 2 + 4 * word), 1);
+                    const __m512i kw = q8k ? _mm512_xor_si512(raw, flip)
+                                           : l < 4 ? _mm512_and_si512(raw, nib)
+                                                   : _mm512_and_si512(_mm512_srli_epi32(raw, 4), nib);
+                    for (int h = 0; h < nh; h++) {
+                        const int at = 8 * ((h0 + h) * nb + b) + l;
+                        const __m512i li = _mm512_dpbusd_epi32(_mm512_set1_epi32(qi[at]), kw, _mm512_set1_epi32(qw[at]));
+                        acc[l][h] = _mm512_fmadd_ps(dd[b][h], _mm512_sub_ps(_mm512_castsi512_ps(li), magic_f), acc[l][h]);
+                    }
+                }
+            }
+            for (int h = 0; h < nh; h++) { /* hsum_float_8: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)) */
+                const __m512 r = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc[4][h], acc[0][h]), _mm512_add_ps(acc[6][h], acc[2][h])),
+                                               _mm512_add_ps(_mm512_add_ps(acc[5][h], acc[1][h]), _mm512_add_ps(acc[7][h], acc[3][h])));
+                _mm512_storeu_ps(out + (size_t)(h0 + h) * stride + j0, r);
+            }
+        }
+    }
+    return j0;
+}
+
 /* ---- V sums: y = fma(x, v, y) and y *= v per element, in f32 or (F16 V) rounded to f16 ---- */
 
 static void v_dequant(int v_type, const uint8_t *v, float *out, int hd)
@@ -378,7 +452,14 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
     const int bs = a->block_size;
     int len = 0;
     const int n_pos = kern_attn_len(a, i), lo = a->window > 0 ? a->tok_pos[i] - a->window + 1 : 0;
-    for (int p = lo > 0 ? lo : 0; p < n_pos; p++) /* outside the window: masked, skipped as ggml skips -inf */
+    /* outside the window: masked, skipped as ggml skips -inf; before a tree's start every position is
+     * visible, so those are walked block by block (one division a block, not one a position) */
+    const int start = lo > 0 ? lo : 0, all_end = a->tree_mask && a->tree_start[i] < n_pos ? a->tree_start[i] : n_pos;
+    for (int p = start; p < all_end;) {
+        const int b = p / bs, end = (b + 1) * bs < all_end ? (b + 1) * bs : all_end;
+        for (const int32_t base = bt[b] * bs - b * bs; p < end; p++) slots[len++] = base + p;
+    }
+    for (int p = all_end > start ? all_end : start; p < n_pos; p++)
         if (kern_attn_visible(a, i, p)) slots[len++] = bt[p / bs] * bs + p % bs;
     const size_t qoff = ((size_t)i * a->n_heads + (size_t)kvh * G) * hd;
     if (len == 0) { /* nothing visible: a zero row, as cpu_attention */
@@ -405,7 +486,17 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
     float qd[ATTNQ_MAX_GROUP * ATTNQ_MAX_HEAD_DIM / FL_QK], dots[ATTNQ_MAX_GROUP] = {0};
     if (!kf16)
         for (int b = 0; b < G * nb; b++) qd[b] = block_d(&q8[b]);
-    for (int j = 0; j < len; j++) {
+    /* on AVX-512, 16 positions at a time; their dots go to sc, read back below */
+    const int j16 = !kf16 && isa == CPU_ISA_AVX512
+                        ? kdot16_q_avx512(c->k_type, kc, krow, khead, slots, len, q8, qd, nb, G, sc, maxlen)
+                        : 0;
+    for (int h = 0; h < G && j16; h++) { /* the same operations as below, a head's row at a time */
+        float *s = sc + (size_t)h * maxlen;
+        for (int j = 0; j < j16; j++) s[j] = s[j] * scale;
+        if (a->softcap > 0.0f)
+            for (int j = 0; j < j16; j++) s[j] = a->softcap * tanhf(s[j]);
+    }
+    for (int j = j16; j < len; j++) {
         const uint8_t *k = kc + (size_t)slots[j] * krow + khead;
         if (!kf16 && isa == CPU_ISA_AVX512) kdot_q_avx512(c->k_type, k, q8, qd, nb, G, dots);
         else if (!kf16 && isa != CPU_ISA_SCALAR) kdot_q_avx2(c->k_type, k, q8, qd, nb, G, dots);
