@@ -67,6 +67,7 @@ typedef struct seq {
     bool has_cand;
     bool draft_cut;          /* this step's planner dropped the whole draft it had (not worth it now) */
     int since_cand;          /* steps the candidates were skipped since last computed */
+    int cand_pause;          /* steps between candidates while drafts are cut (0: none yet) */
     double acc_yes, acc_no;  /* decayed counts of accepted and rejected draft tokens */
     /* Constrained output: the automaton's state after every token taken so far (the pending one
      * included), each tree node's state after its path, and how many leading chain nodes the
@@ -1073,8 +1074,12 @@ static void accept_drafts(sched_t *s, int n_seqs)
 
 /* Medusa: the heads' candidates for the token after each sequence's new pending one, from the row
  * that drew it, before the next step overwrites the hidden states. Skipped while the planner finds
- * drafting not worth its cost (it dropped a sequence's whole draft), but for every fourth step, so
- * that it can weigh them again. */
+ * drafting not worth its cost (it dropped a sequence's whole draft), but for one step in a pause, so
+ * that it can weigh them again: 4 steps after the first cut, doubling while fresh candidates keep
+ * being cut, up to 32 (a large batch that never drafts ran the heads every fourth step), and back to
+ * 4 once a draft is kept. */
+#define CAND_PAUSE_MIN 4
+#define CAND_PAUSE_MAX 32
 static void propose_candidates(sched_t *s, int n_seqs)
 {
     if (!s->o.medusa) return;
@@ -1084,7 +1089,11 @@ static void propose_candidates(sched_t *s, int n_seqs)
         seq_t *q = s->logit_seq[i];
         if (q->spec != SCHED_SPEC_MEDUSA) continue;
         q->has_cand = false;
-        if ((q->draft_cut || q->since_cand > 0) && ++q->since_cand < 4) continue; /* in a pause */
+        if (q->since_cand == 0) /* the candidates computed last were weighed this step */
+            q->cand_pause = !q->draft_cut ? 0
+                            : q->cand_pause ? (2 * q->cand_pause < CAND_PAUSE_MAX ? 2 * q->cand_pause : CAND_PAUSE_MAX)
+                                            : CAND_PAUSE_MIN;
+        if ((q->draft_cut || q->since_cand > 0) && ++q->since_cand < q->cand_pause) continue; /* in a pause */
         q->since_cand = 0;
         s->cand_rows[n] = q->row0 + (q->n_emit > 1 ? q->emit_node[q->n_emit - 2] : 0);
         s->cand_seq[n++] = q;
