@@ -112,9 +112,11 @@ typedef struct coord {
     uint64_t hash_lo[COORD_MAX_ROUTE_BLOCKS]; /* their low halves, as the KV index names blocks */
     struct {
         uint64_t key;
-        int slot; /* where it was routed last */
-    } recent_prefixes[COORD_RECENT_PREFIXES]; /* a ring, oldest overwritten */
-    int n_recent_prefixes, recent_prefix_next;
+        uint64_t used; /* prefix_clock when it was routed last */
+        int slot;      /* where it was routed last; -1 once that group's cache was forgotten */
+    } recent_prefixes[COORD_RECENT_PREFIXES]; /* the least recently routed is replaced */
+    int n_recent_prefixes;
+    uint64_t prefix_clock;
     coord_status_scratch_t status;
 } coord_t;
 

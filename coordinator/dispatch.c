@@ -375,7 +375,8 @@ static void prefix_census(coord_t *c, bool has_blocks, uint64_t key)
     }
     if (held_anywhere || !has_blocks) return;
     for (int i = 0; i < c->n_recent_prefixes; i++)
-        if (c->recent_prefixes[i].key == key && c->recent_prefixes[i].slot < c->groups->n)
+        if (c->recent_prefixes[i].key == key && c->recent_prefixes[i].slot >= 0 &&
+            c->recent_prefixes[i].slot < c->groups->n)
             t[c->recent_prefixes[i].slot].placed = true;
     /* A prefix counts for the groups that report it, or while none does (its first request is still
      * computing it, or it was evicted everywhere) for the group it was routed to last: placements
@@ -388,22 +389,28 @@ static void prefix_census(coord_t *c, bool has_blocks, uint64_t key)
                 reported = true;
             }
         const int last = c->recent_prefixes[i].slot;
-        if (!reported && last < c->groups->n) t[last].prefixes++;
+        if (!reported && last >= 0 && last < c->groups->n) t[last].prefixes++;
     }
 }
 
-/* Adds a routed prompt's key to the census ring, or updates where it went. */
+/* Adds a routed prompt's key to the census (replacing the least recently routed when full), or
+ * updates when and where it went. */
 static void remember_prefix(coord_t *c, uint64_t key, int slot)
 {
-    for (int i = 0; i < c->n_recent_prefixes; i++)
+    const uint64_t now = ++c->prefix_clock;
+    int at = c->n_recent_prefixes < COORD_RECENT_PREFIXES ? c->n_recent_prefixes : 0;
+    for (int i = 0; i < c->n_recent_prefixes; i++) {
         if (c->recent_prefixes[i].key == key) {
-            c->recent_prefixes[i].slot = slot;
-            return;
+            at = i;
+            break;
         }
-    c->recent_prefixes[c->recent_prefix_next].key = key;
-    c->recent_prefixes[c->recent_prefix_next].slot = slot;
-    c->recent_prefix_next = (c->recent_prefix_next + 1) % COORD_RECENT_PREFIXES;
-    if (c->n_recent_prefixes < COORD_RECENT_PREFIXES) c->n_recent_prefixes++;
+        if (c->n_recent_prefixes == COORD_RECENT_PREFIXES && c->recent_prefixes[i].used < c->recent_prefixes[at].used)
+            at = i;
+    }
+    if (at == c->n_recent_prefixes) c->n_recent_prefixes++;
+    c->recent_prefixes[at].key = key;
+    c->recent_prefixes[at].used = now;
+    c->recent_prefixes[at].slot = slot;
 }
 
 /* Routes e (its tokens set) to a group other than exclude and sends it; returns 0, or a status code
@@ -785,8 +792,15 @@ void dispatch_group_died(coord_t *c, int slot, const char *why, double now)
     fl_log_warn("group dead group=%s why=%s inflight=%u", c->groups->g[slot].name, why,
                 c->groups->table[slot].inflight);
     groups_forget(c->groups, slot);
-    kv_index_clear_group(c->kv_index, slot); /* a new process starts with an empty cache */
+    dispatch_forget_cache(c, slot); /* a new process starts with an empty cache */
     fail_over(c, slot, slot, now);
+}
+
+void dispatch_forget_cache(coord_t *c, int slot)
+{
+    kv_index_clear_group(c->kv_index, slot);
+    for (int i = 0; i < c->n_recent_prefixes; i++)
+        if (c->recent_prefixes[i].slot == slot) c->recent_prefixes[i].slot = -1;
 }
 
 void dispatch_group_restarted(coord_t *c, int slot, double now)

@@ -65,6 +65,9 @@ void dispatch_client_gone(coord_t *c, const uint8_t *client, size_t len);
 /* Group slot died (silent, unreachable, disconnected): it is forgotten and its requests fail over
  * (mid-stream ones migrate) or end. */
 void dispatch_group_died(coord_t *c, int slot, const char *why, double now);
+/* Group slot's prefix cache is gone or unknown (a new process, a new connection): its KV index
+ * entries go, and the cache-aware census stops crediting it with the prefixes last sent there. */
+void dispatch_forget_cache(coord_t *c, int slot);
 /* Group slot's rank 0 registered again: it dropped whatever it ran, so its requests fail over (to
  * any group, itself included) or end. */
 void dispatch_group_restarted(coord_t *c, int slot, double now);

@@ -89,7 +89,7 @@ static void on_ready(coord_t *c, const wire_msg_t *m, double now)
            h->kv_blocks, (unsigned long long)h->epoch);
     /* A rank 0 that registers again has dropped whatever it was running. Its cache is new or its
      * events may have been lost with the old connection: the view starts over from its reset. */
-    if (h->rank == 0) kv_index_clear_group(c->kv_index, slot);
+    if (h->rank == 0) dispatch_forget_cache(c, slot);
     if (replaced && h->rank == 0) dispatch_group_restarted(c, slot, now);
     if (h->rank > 0 && h->tp_size != c->groups->g[slot].tp_size && c->groups->g[slot].ranks[0].present)
         fl_log_warn("worker group=%s rank=%u has tp=%u, its rank 0 tp=%u: not joined", h->group, h->rank, h->tp_size,

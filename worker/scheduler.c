@@ -1076,14 +1076,16 @@ static void accept_drafts(sched_t *s, int n_seqs)
  * that drew it, before the next step overwrites the hidden states. Skipped while the planner finds
  * drafting not worth its cost (it dropped a sequence's whole draft), but for one step in a pause, so
  * that it can weigh them again: 4 steps after the first cut, doubling while fresh candidates keep
- * being cut, up to 32 (a large batch that never drafts ran the heads every fourth step), and back to
- * 4 once a draft is kept. */
+ * being cut, up to 32 (a large batch that never drafts ran the heads every fourth step), and no
+ * pause once a draft is kept. A step before an exploring plan (SCHED_EXPLORE_STEPS) computes them
+ * whatever the pause, so that the plan has Medusa drafts to try. */
 #define CAND_PAUSE_MIN 4
 #define CAND_PAUSE_MAX 32
 static void propose_candidates(sched_t *s, int n_seqs)
 {
     if (!s->o.medusa) return;
     const int heads = medusa_n_heads(s->o.medusa), per = heads * s->top_k;
+    const bool explore_next = (s->st.steps + 1) % SCHED_EXPLORE_STEPS == 0; /* st.steps counts this step after */
     int n = 0;
     for (int i = 0; i < n_seqs; i++) {
         seq_t *q = s->logit_seq[i];
@@ -1093,7 +1095,8 @@ static void propose_candidates(sched_t *s, int n_seqs)
             q->cand_pause = !q->draft_cut ? 0
                             : q->cand_pause ? (2 * q->cand_pause < CAND_PAUSE_MAX ? 2 * q->cand_pause : CAND_PAUSE_MAX)
                                             : CAND_PAUSE_MIN;
-        if ((q->draft_cut || q->since_cand > 0) && ++q->since_cand < q->cand_pause) continue; /* in a pause */
+        if (!explore_next && (q->draft_cut || q->since_cand > 0) && ++q->since_cand < q->cand_pause)
+            continue; /* in a pause */
         q->since_cand = 0;
         s->cand_rows[n] = q->row0 + (q->n_emit > 1 ? q->emit_node[q->n_emit - 2] : 0);
         s->cand_seq[n++] = q;
