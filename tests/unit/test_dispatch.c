@@ -1543,6 +1543,33 @@ static void test_cache_aware_places_new_prefixes_by_census_counting_those_not_re
     expect_nothing_more();
 }
 
+static void test_cache_aware_census_keeps_the_prefixes_routed_most_recently(void **state)
+{
+    (void)state;
+    coord_t *c = cache_aware_with_two_groups();
+    /* A hot prefix routed after each of 63 new ones (the census full), then one more new one: the
+     * census drops the least recently routed, the first new one, not the hot one routed first. */
+    int32_t hot[32], cold[32];
+    for (int i = 0; i < 32; i++) hot[i] = 3 + i;
+    uint64_t id = 1;
+    generate_where(id++, hot, 32);
+    for (int k = 0; k <= COORD_RECENT_PREFIXES - 1; k++) {
+        for (int i = 0; i < 32; i++) cold[i] = 40 + (k * 7 + i) % 470;
+        generate_where(id++, cold, 32);
+        if (k < COORD_RECENT_PREFIXES - 1) generate_where(id++, hot, 32);
+    }
+    block_hash_t h[2];
+    assert_int_equal(block_hash_prefix(block_hash_salt("", 0), hot, 32, 16, h, 2), 2);
+    int found = 0;
+    for (int i = 0; i < c->n_recent_prefixes; i++) found += c->recent_prefixes[i].key == h[1].lo;
+    assert_int_equal(found, 1);
+    assert_int_equal(c->n_recent_prefixes, COORD_RECENT_PREFIXES);
+    /* A group whose cache is forgotten is no longer credited with what was sent there. */
+    dispatch_forget_cache(c, 0);
+    for (int i = 0; i < c->n_recent_prefixes; i++) assert_true(c->recent_prefixes[i].slot != 0);
+    expect_nothing_more();
+}
+
 static void test_an_unreadable_or_oversized_body_is_answered_under_the_id_and_method_it_carries(void **state)
 {
     (void)state;
@@ -1647,6 +1674,7 @@ int main(void)
         T(test_status_carries_each_groups_request_counts_and_latency_histograms),
         T(test_cache_aware_routes_to_reported_blocks_until_their_group_restarts_or_dies),
         T(test_cache_aware_places_new_prefixes_by_census_counting_those_not_reported_yet),
+        T(test_cache_aware_census_keeps_the_prefixes_routed_most_recently),
         T(test_an_unreadable_or_oversized_body_is_answered_under_the_id_and_method_it_carries),
         T(test_peek_reads_id_and_method_from_the_front_of_any_body),
     };
