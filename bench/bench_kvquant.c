@@ -274,6 +274,7 @@ int bench_kvquant(int argc, char **argv)
     kvq_result_t res[3] = {0};
     fl_error_t err = {0};
     size_t f16_per_token = 0;
+    long bs = 0; /* KV block size in tokens */
     for (int k = 0; k < n_types; k++) {
         kvq_result_t *r = &res[k];
         snprintf(r->type, sizeof r->type, "%s", kv_type_name(types[k]));
@@ -284,6 +285,7 @@ int bench_kvquant(int argc, char **argv)
         if (!f16_per_token) { /* the f16 size of the same model, for the tight budget */
             const kv_cache_t *kv = e->kv;
             f16_per_token = (size_t)2 * kv->n_layers * kv->n_kv_heads * kv->head_dim * 2;
+            bs = kv->block_size;
         }
         engine_destroy(&e);
         for (int b = 0; b < f.n_batches; b++) {
@@ -293,10 +295,10 @@ int bench_kvquant(int argc, char **argv)
         }
         /* tight: fit_f16 sequences in f16 as the prefix cache keeps them (the prefix's full blocks
          * once, then each sequence's own blocks), plus the scheduler's liveness block */
-        const long seq_blocks = (f.prefix_tokens + f.input_tokens + f.output_tokens + 15) / 16,
-                   shared_blocks = f.prefix_tokens / 16;
+        const long seq_blocks = (f.prefix_tokens + f.input_tokens + f.output_tokens + bs - 1) / bs,
+                   shared_blocks = f.prefix_tokens / bs;
         const size_t tight =
-            (size_t)(shared_blocks + f.fit_f16 * (seq_blocks - shared_blocks) + 1) * 16 * f16_per_token;
+            (size_t)(shared_blocks + f.fit_f16 * (seq_blocks - shared_blocks) + 1) * (size_t)bs * f16_per_token;
         fprintf(stderr, "kvquant: %s prefix workload, %ld requests, budget %zu bytes ...\n", r->type, f.requests, tight);
         if (prefix_load(&f, types[k], tight, r, &err)) goto fail;
     }

@@ -221,13 +221,10 @@ static CPU_AVX512 void kdot_q_avx512(int k_type, const uint8_t *k, const fl_bloc
  * registers; kdot_q_avx512 spends a K block's decoding, a lane-pair shuffle and an hsum on every
  * position. The integers: vpdpbusd wants unsigned K bytes, so a Q8_0 K byte is taken as k + 128
  * (k ^ 0x80) and a Q4_0 nibble as is (k + 8), and the lane starts from -128 (or -8) times the sum of
- * Q's 4 bytes, plus the bits of 1.5 * 2^23 so that subtracting that float gives the lane exactly (as
- * cpu_packed.c). Every float operation is the one the other paths do, in the same order, so the
+ * Q's 4 bytes, plus CPU_LANE_MAGIC so that subtracting CPU_LANE_MAGIC_F gives the lane exactly
+ * (cpu_internal.h). Every float operation is the one the other paths do, in the same order, so the
  * bits are theirs. Positions [0, return) get their dots in out[h * stride + j]; the rest (fewer than
  * 16, or a pool too large for 32-bit gather offsets) are left to kdot_q_avx512. */
-#define KDOT16_MAGIC 0x4B400000
-#define KDOT16_MAGIC_F 12582912.0f
-
 static CPU_AVX512 int kdot16_q_avx512(int k_type, const uint8_t *kc, size_t krow, size_t khead, const int32_t *slots,
                                       int len, const fl_block_q8_0_t *q, const float *qd, int nb, int G, float *out,
                                       int stride)
@@ -244,9 +241,9 @@ static CPU_AVX512 int kdot16_q_avx512(int k_type, const uint8_t *kc, size_t krow
         for (int l = 0; l < 8; l++) {
             const int8_t *w = q[hb].qs + 4 * l;
             memcpy(&qw[8 * hb + l], w, 4);
-            qi[8 * hb + l] = KDOT16_MAGIC - off * (w[0] + w[1] + w[2] + w[3]);
+            qi[8 * hb + l] = CPU_LANE_MAGIC - off * (w[0] + w[1] + w[2] + w[3]);
         }
-    const __m512 magic_f = _mm512_set1_ps(KDOT16_MAGIC_F);
+    const __m512 magic_f = _mm512_set1_ps(CPU_LANE_MAGIC_F);
     const __m512i flip = _mm512_set1_epi32((int)0x80808080u), nib = _mm512_set1_epi32(0x0f0f0f0f);
     int j0 = 0;
     for (; j0 + 16 <= len; j0 += 16) {

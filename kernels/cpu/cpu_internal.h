@@ -107,18 +107,25 @@ int cpu_matmul_reserve(cpu_backend_t *cb, int64_t cols);
 /* The n at and above which the BLAS path is faster (measured; see cpu_matmul.c). */
 int cpu_matmul_default_blas_min_n(void);
 
+/* An exact integer lane l (|l| < 2^22) becomes a float without vcvtdq2ps: a vpdpbusd that starts
+ * from CPU_LANE_MAGIC (the bits of 1.5 * 2^23) leaves the bits of the float 1.5 * 2^23 + l, and
+ * subtracting CPU_LANE_MAGIC_F gives l exactly (Sterbenz). The packed matmul and the quantized-KV K
+ * dots both use it. */
+#define CPU_LANE_MAGIC 0x4B400000
+#define CPU_LANE_MAGIC_F 12582912.0f
+
 /* ---- packed AVX-512 VNNI matmul (cpu_packed.c) ---- */
 
 /* Bytes of one packed chunk (16 rows x 1 block) of a Q4_0/Q4_1/Q8_0 weight; 0 for other types. */
 size_t cpu_pack_chunk_bytes(int type);
 /* The packed copy of a quantized weight (64-byte aligned, free()), or NULL (type or out of memory). */
 uint8_t *cpu_pack_weight(int type, int64_t rows, int64_t cols, const uint8_t *data, size_t row_bytes);
-/* xinit[8 * b + k] = 0x4B400000 (the bits of 1.5 * 2^23) + mult * (sum of the 4 activation quants of
+/* xinit[8 * b + k] = CPU_LANE_MAGIC + mult * (sum of the 4 activation quants of
  * lane k of block b): the vpdpbusd start, which also makes its result a float (cpu_packed.c); AVX-512 only. */
 void cpu_pack_act_init(const int8_t *qs, int nb, int mult, int32_t *xinit);
 /* Prompt-order activations (cpu_matmul.c's qdot_prompt_scalar is the definition: per block one exact
  * integer sum S, acc = fma(d_w * d_x, (float)S, acc), for Q4_1 also sm = fma(m_w, s_x, sm), result
- * acc (+ sm)), in tiles of 16 tokens: ci[tile][block][16] = 0x4B400000 + offset * (block's activation
+ * acc (+ sm)), in tiles of 16 tokens: ci[tile][block][16] = CPU_LANE_MAGIC + offset * (block's activation
  * sum) (offset -128 for Q8_0, -8 for Q4_0, 0 for Q4_1), and for AMX the B tiles xt[tile][block][8][16][4]
  * and d, s as dt / st[tile][block][16] (zero past n). */
 typedef struct cpu_prompt_act {

@@ -47,11 +47,8 @@
 #define PK_TBLOCK 64   /* tokens per pass over a group */
 #define PK_KC 32       /* most blocks per unpacked chunk (chunks of a group even): 20 KiB of scratch, in L1 */
 #define PK_UW 640      /* bytes of an unpacked block: 8 lanes x 16 rows x 4 quants, d[16] and m[16] as floats */
-/* The integer lane l (|l| < 2^22) becomes a float without vcvtdq2ps, the kernel's costliest
- * instruction: vpdpbusd starts from the bits of 1.5 * 2^23, so the result's bits are those of the
- * float 1.5 * 2^23 + l, and subtracting 1.5 * 2^23 gives l exactly (Sterbenz). */
-#define PK_MAGIC 0x4B400000
-#define PK_MAGIC_F 12582912.0f
+/* The integer lanes become floats by CPU_LANE_MAGIC (cpu_internal.h), not vcvtdq2ps, the kernel's
+ * costliest instruction. */
 #define PK_UNPACK_MIN_N 4 /* tokens from which Q4 groups are unpacked once for all tiles (measured) */
 
 size_t cpu_pack_chunk_bytes(int type)
@@ -99,11 +96,11 @@ uint8_t *cpu_pack_weight(int type, int64_t rows, int64_t cols, const uint8_t *da
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 
-/* Activation lane sums for the packed kernel: xinit[k] = PK_MAGIC + mult * (q[4k] + ... + q[4k+3]). */
+/* Activation lane sums for the packed kernel: xinit[k] = CPU_LANE_MAGIC + mult * (q[4k] + ... + q[4k+3]). */
 void cpu_pack_act_init(const int8_t *qs, int nb, int mult, int32_t *xinit)
 {
     const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), m = _mm256_set1_epi32(mult);
-    const __m256i magic = _mm256_set1_epi32(PK_MAGIC);
+    const __m256i magic = _mm256_set1_epi32(CPU_LANE_MAGIC);
     for (int b = 0; b < nb; b++) {
         const __m256i x = _mm256_loadu_si256((const __m256i *)(qs + 32 * b));
         const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x), ones16);
@@ -194,8 +191,8 @@ static inline __attribute__((always_inline)) void pk_tile(const pk_ctx_t *c, con
         PK_UNROLL
         for (int k = 0; k < 8; k++) acc[t][k] = b0 ? st->acc[t][k] : _mm512_setzero_ps();
     }
-    const __m512i magic = _mm512_set1_epi32(PK_MAGIC);
-    const __m512 magic_f = _mm512_set1_ps(PK_MAGIC_F);
+    const __m512i magic = _mm512_set1_epi32(CPU_LANE_MAGIC);
+    const __m512 magic_f = _mm512_set1_ps(CPU_LANE_MAGIC_F);
     int pf_left = pf_phase;
     for (int b = b0; b < b1; b++) {
         const uint8_t *ch = gw + (size_t)b * cb;
@@ -310,7 +307,7 @@ static void pk_tile_dispatch(const pk_ctx_t *c, int T, bool unpacked, int64_t g,
  * integer sum S of the whole block, acc = fma(d_w * d_x, (float)S, acc) block after block, and for
  * Q4_1 sm = fma(m_w, s_x, sm); the result acc + sm (Q4_1) or acc. One float step per block instead of
  * eight, and the integer part can go to AMX. The two kernels below and cpu_matmul.c's scalar and AVX2
- * ones give the same bits. The sum starts from ci (PK_MAGIC plus the Q4_0 / Q8_0 offsets times the
+ * ones give the same bits. The sum starts from ci (CPU_LANE_MAGIC plus the Q4_0 / Q8_0 offsets times the
  * block's activation sum), so its bits read as the float 1.5 * 2^23 + S, as in pk_tile. */
 
 /* The block-sum start of token t, block b (tiles of 16 tokens). */
@@ -330,7 +327,7 @@ static inline __attribute__((always_inline)) void pkp_tile(const pk_ctx_t *c, co
     __m512 acc[4], sm[4];
     PK_UNROLL
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps(), sm[t] = _mm512_setzero_ps();
-    const __m512 magic_f = _mm512_set1_ps(PK_MAGIC_F);
+    const __m512 magic_f = _mm512_set1_ps(CPU_LANE_MAGIC_F);
     for (int b = 0; b < nb; b++) {
         const uint8_t *ch = gw + (size_t)b * cb;
         const uint8_t *q = ch + (type == FL_TYPE_Q4_1 ? 64 : 32);
@@ -481,7 +478,7 @@ static void pka_group(const pk_ctx_t *c, int64_t g, float *state)
     _Alignas(64) uint8_t a[PKA_KC][512];
     _Alignas(64) float dw[PKA_KC][16], mw[PKA_KC][16];
     _Alignas(64) int32_t cbuf[256];
-    const __m512 magic_f = _mm512_set1_ps(PK_MAGIC_F);
+    const __m512 magic_f = _mm512_set1_ps(CPU_LANE_MAGIC_F);
     const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                            _mm512_set1_epi32(16));
     for (int b0 = 0; b0 < nb; b0 += PKA_KC) {
@@ -555,7 +552,7 @@ int cpu_prompt_prepare(cpu_backend_t *cb, int type, const int8_t *qs, const floa
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(qs + (size_t)t * cols + 32 * b));
                 sum = cpu_hsum_epi32_avx2(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x), ones16));
             }
-            ci[tile * 16 + j] = PK_MAGIC + mult * sum;
+            ci[tile * 16 + j] = CPU_LANE_MAGIC + mult * sum;
             if (!amx) continue;
             /* B tile: row k4 = the 4 bytes 4 k4.. of each of the 16 tokens */
             for (int k4 = 0; k4 < 8; k4++) {
