@@ -146,10 +146,11 @@ static void do_generate(coord_t *c, const wire_msg_t *m, Folio__V1__Request *q, 
                     now);
         goto out;
     }
-    if (*g->kv_pull_endpoint || g->kv_pull_blocks) { /* else a client could point a worker anywhere */
+    /* else a client could point a worker anywhere */
+    if (*g->kv_pull_endpoint || g->kv_pull_blocks || *g->kv_pull_key) {
         reply_error(c, m, id, method, FOLIO__V1__STATUS_CODE__INVALID_ARGUMENT,
-                    "generate.kv_pull_endpoint and kv_pull_blocks are the coordinator's own (it names a group to "
-                    "pull prompt blocks from)",
+                    "generate.kv_pull_endpoint, kv_pull_blocks and kv_pull_key are the coordinator's own (it names a "
+                    "group to pull prompt blocks from)",
                     now);
         goto out;
     }

@@ -352,8 +352,8 @@ static int pull_holder(const coord_t *c, int target, const int *held)
     for (int s = 0; s < c->groups->n; s++) {
         const group_t *h = &c->groups->g[s];
         if (s == target || held[s] <= held[target] || (best >= 0 && held[s] <= held[best])) continue;
-        if (!h->ranks[0].present || !h->kv_peer[0] || strcmp(h->model_id, t->model_id) ||
-            strcmp(h->kv_type, t->kv_type) || h->block_size != t->block_size)
+        if (!h->ranks[0].present || !h->kv_peer[0] || (c->auth && !h->kv_peer_key[0]) ||
+            strcmp(h->model_id, t->model_id) || strcmp(h->kv_type, t->kv_type) || h->block_size != t->block_size)
             continue;
         best = s;
     }
@@ -478,6 +478,7 @@ static int route(coord_t *c, req_t *e, int exclude, double now)
         const int holder = pulls ? pull_holder(c, slot, held) : -1;
         g.kv_pull_endpoint = holder >= 0 ? c->groups->g[holder].kv_peer : (char *)"";
         g.kv_pull_blocks = holder >= 0 ? (uint32_t)held[holder] : 0;
+        g.kv_pull_key = holder >= 0 && c->auth ? c->groups->g[holder].kv_peer_key : (char *)"";
         fl_error_t err = {0};
         if (!wire_send(c->workers, m->identity, m->identity_len, false, WIRE_HEADER_WORKER, WIRE_CMD_REQUEST, &w.base,
                        &err)) {

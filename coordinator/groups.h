@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "curve.h"
 #include "folio.pb-c.h"
 #include "router.h"
 #include "wire.h"
@@ -44,6 +45,8 @@ typedef struct group {
     char kv_type[16];           /* WorkerHello.kv_type and kv_bytes_per_token of rank 0 */
     uint32_t kv_bytes_per_token;
     char kv_peer[WIRE_MAX_IDENTITY + 1]; /* WorkerHello.kv_peer_endpoint of rank 0: where it serves KV pulls */
+    char kv_peer_key[CURVE_KEY_Z85 + 1]; /* the CURVE key rank 0 connected with ("" without CURVE): its
+                                            peer socket's key, which pullers must expect */
     uint8_t comm_id[GROUP_COMM_ID_MAX]; /* rank 0's communicator id (tp_size > 1), for the other ranks */
     size_t comm_id_len;
     group_member_t ranks[GROUP_MAX_RANKS];

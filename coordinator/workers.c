@@ -76,6 +76,8 @@ static void on_ready(coord_t *c, const wire_msg_t *m, double now)
     }
     if (is_new && router_add_group(c->router, slot, c->groups->g[slot].name, &err)) fl_log_error("router: %s", err.msg);
     if (h->rank == 0) {
+        /* the key ZAP admitted this connection with: the worker's KV peer socket has the same */
+        auth_user_key(m, c->groups->g[slot].kv_peer_key);
         if (!c->block_size)
             c->block_size = h->block_size;
         else if (h->block_size != c->block_size)

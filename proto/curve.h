@@ -2,14 +2,14 @@
  *
  * A key is 32 bytes, written as 40 Z85 characters (ZeroMQ's text form). `folioctl keygen` writes a
  * pair: NAME.secret (mode 0600) and NAME.public, each a '#' comment line and the key; the public
- * file's key line also carries NAME, so `cat *.public` makes a key list (coordinator/auth.h). A key
+ * file's key line also carries NAME, so `cat *.public` makes a key list (proto/auth.h). A key
  * file is read as its first line that is neither blank nor a comment, whose first field is the key.
  * A comment is a line whose first character other than a blank is '#' (a Z85 key never starts so:
  * its first character stands for a value below 83 of the 85).
  *
  * The coordinator is the CURVE server of both its sockets; workers and clients are CURVE clients
  * that know the coordinator's public key in advance (from a file), so a man in the middle cannot
- * pose as the coordinator, and the coordinator's ZAP handler (coordinator/auth.c) decides which
+ * pose as the coordinator, and the coordinator's ZAP handler (proto/auth.c) decides which
  * client keys it accepts. No state here; the functions are safe on any thread. */
 #ifndef FOLIO_CURVE_H
 #define FOLIO_CURVE_H

@@ -15,7 +15,11 @@
  *     alice's API key, none for carol's);
  *   - Drain and undrain are PERMISSION_DENIED without the admin key and done with it (folioctl too);
  *   - start-up: a plaintext bind beyond loopback needs --insecure, --curve-secret needs key lists,
- *     and the start-up line says whether the links are encrypted.
+ *     and the start-up line says whether the links are encrypted;
+ *   - KV block pulls between groups run over CURVE too (last, it adds a group g1 with its own key):
+ *     the puller expects the key the coordinator saw the holder register with, the holder admits
+ *     the keys of its --peer-keys only (a stranger's pull, or a plaintext one, gets no answer), and
+ *     the pulled blocks give the holder's answer.
  * Skipped (77) when libzmq has no CURVE. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -185,7 +189,7 @@ static int group_setup(void **state)
     if (!mkdtemp(g_dir)) return -1;
     snprintf(g_env.model, sizeof g_env.model, "%s/tiny.gguf", g_dir);
     if (e2e_make_model(g_env.model)) return -1;
-    static const char *const names[] = {"coord", "w0", "stranger", "admin", "alice", "bob", "gw"};
+    static const char *const names[] = {"coord", "w0", "w1", "stranger", "admin", "alice", "bob", "gw"};
     char cmd[2048];
     for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
         snprintf(cmd, sizeof cmd, "'%s' keygen --out '%s' --name %s >/dev/null", bin("folioctl"), g_dir, names[i]);
@@ -194,8 +198,9 @@ static int group_setup(void **state)
             return -1;
         }
     }
-    /* the worker list is keygen's public file as it is; the client list names tenants and roles */
-    snprintf(cmd, sizeof cmd, "cp '%s' '%s/workers.keys'", key_path("w0", "public"), g_dir);
+    /* the worker list is keygen's public files as they are; the client list names tenants and roles */
+    snprintf(cmd, sizeof cmd, "cat '%s' '%s' > '%s/workers.keys'", key_path("w0", "public"), key_path("w1", "public"),
+             g_dir);
     if (system(cmd)) return -1;
     char k[5][CURVE_KEY_Z85 + 1], path[400];
     public_key("admin", k[0]);
@@ -223,9 +228,10 @@ static int group_setup(void **state)
     snprintf(workers, sizeof workers, "%s/workers.keys", g_dir);
     snprintf(clients, sizeof clients, "%s/clients.keys", g_dir);
     snprintf(wsecret, sizeof wsecret, "%s", key_path("w0", "secret"));
-    static const char *cargs[8], *wargs[6];
+    static const char *cargs[8], *wargs[10];
     const char *ca[] = {"--curve-secret", secret, "--worker-keys", workers, "--client-keys", clients, NULL};
-    const char *wa[] = {"--curve-secret", wsecret, "--coordinator-key", g_coord_public, NULL};
+    const char *wa[] = {"--curve-secret", wsecret,  "--coordinator-key", g_coord_public, "--peer-keys",
+                        workers,          "--kv-events-ms", "20", NULL};
     memcpy(cargs, ca, sizeof ca);
     memcpy(wargs, wa, sizeof wa);
     cluster_opts_t o = {.client_endpoint = g_ep_client,
@@ -260,7 +266,7 @@ static const char *coordinator_log(void)
 static void the_start_up_line_says_the_links_are_encrypted(void **state)
 {
     (void)state;
-    if (!file_has(coordinator_log(), "security=curve encrypted=yes worker_keys=1 client_keys=4 clients_open=no"))
+    if (!file_has(coordinator_log(), "security=curve encrypted=yes worker_keys=2 client_keys=4 clients_open=no"))
         fail_msg("the coordinator's start-up line (%s) does not say the links are encrypted", coordinator_log());
 }
 
@@ -588,6 +594,119 @@ static void start_up_refuses_plaintext_beyond_loopback_and_key_flags_alone(void 
     }
 }
 
+/* Whether a pull of prompt's blocks under tenant, sent on a DEALER to endpoint as key_name's CURVE
+ * key (NULL: plaintext) expecting server_key, gets any answer within 3 s. */
+static bool pull_answered(const char *endpoint, const char *key_name, const char *server_key, const char *layout,
+                          const char *tenant, int32_t *prompt, int n)
+{
+    void *zctx = zmq_ctx_new();
+    fl_error_t err = {0};
+    void *sock = wire_socket(zctx, ZMQ_DEALER, NULL, &err);
+    assert_non_null(sock);
+    if (key_name) {
+        char secret[CURVE_KEY_Z85 + 1];
+        if (curve_key_read(key_path(key_name, "secret"), secret, &err) ||
+            curve_client_setup(sock, secret, server_key, &err))
+            fail_msg("%s", err.msg);
+    }
+    assert_int_equal(zmq_connect(sock, endpoint), 0);
+    Folio__V1__KvPull p = FOLIO__V1__KV_PULL__INIT;
+    p.pull_id = 7;
+    p.layout = (char *)layout;
+    p.tenant = (char *)tenant;
+    p.tokens = prompt;
+    p.n_tokens = (size_t)n;
+    assert_int_equal(wire_send(sock, NULL, 0, false, WIRE_HEADER_PEER, WIRE_CMD_KV_PULL, &p.base, &err), 0);
+    zmq_pollitem_t it = {.socket = sock, .events = ZMQ_POLLIN};
+    const bool got = zmq_poll(&it, 1, e2e_ms(3000)) > 0;
+    const int zero = 0;
+    zmq_setsockopt(sock, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_close(sock);
+    zmq_ctx_term(zctx);
+    return got;
+}
+
+static void kv_pulls_run_over_curve_between_listed_workers_only(void **state)
+{
+    (void)state;
+    enum { BS = 16, BLOCKS = 12, LEN = BLOCKS * BS + 5 };
+    char log_g1[400], workers[400];
+    snprintf(log_g1, sizeof log_g1, "%s/g1.log", g_dir);
+    snprintf(workers, sizeof workers, "%s/workers.keys", g_dir);
+    const pid_t g1 = spawn(log_g1, "folio-worker", "--workers", g_ep_worker, "--group", "g1", "-m", g_env.model,
+                           "--threads", "1", "--heartbeat-ms", "2000", "--curve-secret", key_path("w1", "secret"),
+                           "--coordinator-key", g_coord_public, "--peer-keys", workers, "--kv-events-ms", "20",
+                           "--kv-pull-timeout-ms", "3000", NULL);
+    folio_client_t *admin = client_as("admin", "coord");
+    const bool up = e2e_wait_group(admin, "g1", true, false, e2e_ms(20000)) >= 0;
+    if (!up) {
+        kill_wait(g1);
+        fail_msg("g1 (key w1) did not register (%s)", log_g1);
+    }
+    const bool encrypted = file_has(log_g1, "serving KV block pulls at") && file_has(log_g1, "encrypted=yes)");
+
+    int32_t prompt[LEN];
+    e2e_prompt_tokens(31, LEN, prompt);
+    folio_result_t first = {0}, res = {0};
+    generate_as("alice", NULL, prompt, LEN, &first);
+    char home[64], other[64], endpoint[300] = "", layout[600] = "", home_key[CURVE_KEY_Z85 + 1];
+    snprintf(home, sizeof home, "%s", first.group);
+    snprintf(other, sizeof other, "%s", strcmp(home, "g0") ? "g0" : "g1");
+    public_key(strcmp(home, "g0") ? "w1" : "w0", home_key);
+    /* the holder's blocks in the coordinator's index, and its peer endpoint */
+    uint64_t indexed = 0, pulled_before = 0;
+    for (double t0 = e2e_now_ms(); indexed < BLOCKS && e2e_now_ms() - t0 < e2e_ms(5000); e2e_sleep_ms(20)) {
+        Folio__V1__Response *r = e2e_status(admin);
+        const Folio__V1__GroupStatus *h = e2e_group(r, home), *o = e2e_group(r, other);
+        assert_non_null(h);
+        assert_non_null(o);
+        indexed = h->kv_index_blocks;
+        pulled_before = o->kv_pulled_blocks;
+        snprintf(endpoint, sizeof endpoint, "%s", h->kv_peer_endpoint);
+        snprintf(layout, sizeof layout, "%s|%s|%u", h->model_id, h->kv_type, r->cluster->block_size);
+        folio__v1__response__free_unpacked(r, NULL);
+    }
+    fl_error_t err = {0};
+    if (folio_client_drain(admin, home, false, e2e_ms(5000), &err)) fail_msg("drain %s: %s", home, err.msg);
+    generate_as("alice", NULL, prompt, LEN, &res);
+    uint64_t pulled = 0;
+    for (double t0 = e2e_now_ms(); pulled < pulled_before + BLOCKS && e2e_now_ms() - t0 < e2e_ms(5000);
+         e2e_sleep_ms(50)) {
+        Folio__V1__Response *r = e2e_status(admin);
+        pulled = e2e_group(r, other)->kv_pulled_blocks;
+        folio__v1__response__free_unpacked(r, NULL);
+    }
+    if (folio_client_drain(admin, home, true, e2e_ms(5000), &err)) fail_msg("undrain %s: %s", home, err.msg);
+    /* the holder's peer socket: a listed key is answered; a stranger's key, or plaintext, gets nothing */
+    const bool listed = pull_answered(endpoint, "w1", home_key, layout, "alice", prompt, BLOCKS * BS);
+    const bool stranger = pull_answered(endpoint, "stranger", home_key, layout, "alice", prompt, BLOCKS * BS);
+    const bool plain = pull_answered(endpoint, NULL, NULL, layout, "alice", prompt, BLOCKS * BS);
+    const char *holder_log = !strcmp(home, "g1") ? log_g1 : NULL;
+    char g0_log[1100];
+    snprintf(g0_log, sizeof g0_log, "%s/worker-g0.log", g_env.log_dir);
+    const bool refusal_logged = file_gets(holder_log ? holder_log : g0_log, "auth refused side=kv-peer", e2e_ms(3000));
+    kill_wait(g1);
+    fprintf(stderr, "[e2e] security: %s -> %s: %u of %u prompt tokens cached, %llu blocks pulled; raw pulls: listed %d, "
+                    "stranger %d, plaintext %d\n",
+            home, other, res.cached_prompt_tokens, res.prompt_tokens,
+            (unsigned long long)(pulled - pulled_before), listed, stranger, plain);
+    if (!encrypted) fail_msg("g1 does not say its KV peer socket is encrypted (%s)", log_g1);
+    if (indexed < BLOCKS) fail_msg("%s's blocks never reached the coordinator's index", home);
+    assert_string_equal(res.group, other);
+    if (res.cached_prompt_tokens < BLOCKS * BS)
+        fail_msg("%u cached prompt tokens on %s, expected the %d pulled over CURVE", res.cached_prompt_tokens, other,
+                 BLOCKS * BS);
+    assert_true(pulled >= pulled_before + BLOCKS);
+    if (!e2e_tokens_equal(first.tokens, first.n_tokens, res.tokens, res.n_tokens))
+        fail_msg("the answer with pulled blocks differs from the holder's");
+    if (!listed) fail_msg("a pull with a listed worker key got no answer");
+    if (stranger || plain) fail_msg("the holder answered a %s pull", stranger ? "stranger's" : "plaintext");
+    if (!refusal_logged) fail_msg("the holder did not log the refused peer key");
+    folio_result_clear(&first);
+    folio_result_clear(&res);
+    folio_client_destroy(&admin);
+}
+
 int main(void)
 {
     if (!curve_available()) {
@@ -603,6 +722,7 @@ int main(void)
         cmocka_unit_test(the_gateway_key_relays_the_tenants_of_its_api_keys),
         cmocka_unit_test(drain_is_refused_without_the_admin_key),
         cmocka_unit_test(start_up_refuses_plaintext_beyond_loopback_and_key_flags_alone),
+        cmocka_unit_test(kv_pulls_run_over_curve_between_listed_workers_only),
     };
     const char *filter = getenv("FOLIO_E2E_FILTER");
     if (filter && *filter) cmocka_set_test_filter(filter);

@@ -1,4 +1,4 @@
-/* test_auth.c - coordinator/auth.c: the key lists (`PUBLICKEY TENANT [ROLE...]` for clients,
+/* test_auth.c - proto/auth.c: the key lists (`PUBLICKEY TENANT [ROLE...]` for clients,
  * `PUBLICKEY [NAME]` for workers: roles, the default tenant "-", comments, every malformed line
  * refused with its line number, duplicates) and the ZAP handler in a real context: a listed client
  * key gets through and its messages carry its tenant and roles, an unlisted key, a worker's key on

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "comm.h"
+#include "auth.h"
 #include "curve.h"
 #include "engine.h"
 #include "kv_events.h"
@@ -101,7 +102,8 @@ typedef struct worker {
     /* KV block pulls between groups (worker_peer.c). */
     bool pull_on;              /* --kv-peer not off: pulls are asked for when the coordinator names a holder */
     bool prefix_cache;         /* not --no-prefix-cache: pulled blocks have somewhere to go */
-    void *peer_sock;           /* ROUTER serving pulls (--kv-peer), or NULL */
+    void *peer_sock;           /* ROUTER serving pulls (--kv-peer), or NULL; a CURVE server with curve */
+    auth_t *peer_auth;         /* with curve: the ZAP handler admitting --peer-keys to peer_sock */
     char peer_endpoint[WIRE_MAX_IDENTITY + 1]; /* WorkerHello.kv_peer_endpoint ("" when not serving) */
     char kv_layout[400];       /* model_id|kv_type|block_size: a pull's must equal the holder's */
     double pull_timeout_s;     /* --kv-pull-timeout-ms: a pull still going then ends, the rest is computed */

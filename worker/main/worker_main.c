@@ -113,6 +113,9 @@ static void usage(FILE *f)
             "                        the endpoint other workers reach --kv-peer at (default: the bound one)\n"
             "  --kv-pull-timeout-ms N  a KV pull still going after N ms ends and the rest of the prompt is\n"
             "                        computed (default 1000)\n"
+            "  --peer-keys FILE      with --curve-secret: the public keys of the workers that may pull from\n"
+            "                        this one (the coordinator's --worker-keys list); the KV peer link is\n"
+            "                        then CURVE-encrypted too. Without it a CURVE worker neither serves nor pulls\n"
             "  --spec MODE           speculative decoding this worker allows: auto (default: any a request\n"
             "                        asks for; Medusa where heads are loaded, else n-gram), medusa, ngram\n"
             "                        or none (off)\n"
@@ -682,7 +685,7 @@ int main(int argc, char **argv)
     spec_paths_t spec_tree; /* --spec-tree */
     const char *endpoint_flag = NULL, *group = "g0", *health_file = NULL, *curve_secret = NULL, *coordinator_key = NULL;
     long kv_events_ms = 100, kv_pull_timeout_ms = 1000;
-    const char *kv_peer = "tcp://127.0.0.1:*", *kv_peer_advertise = NULL;
+    const char *kv_peer = "tcp://127.0.0.1:*", *kv_peer_advertise = NULL, *peer_keys_path = NULL;
     long rank = 0, tp = 1, heartbeat_ms = 1000, max_waiting = 4096, restarts = 0, n;
     double drain_timeout_s = 60, tp_timeout_s = 30, tp_join_timeout_s = 300;
     bool fake = false;
@@ -722,6 +725,8 @@ int main(int argc, char **argv)
             if (!(v = fl_flag_value(argc, argv, &i)) || !fl_flag_int(f, v, 0, 600000, &kv_events_ms)) return 2;
         } else if (!strcmp(f, "--kv-peer")) {
             if (!(kv_peer = fl_flag_value(argc, argv, &i))) return 2;
+        } else if (!strcmp(f, "--peer-keys")) {
+            if (!(peer_keys_path = fl_flag_value(argc, argv, &i))) return 2;
         } else if (!strcmp(f, "--kv-peer-advertise")) {
             if (!(kv_peer_advertise = fl_flag_value(argc, argv, &i))) return 2;
             if (!wire_endpoint_ok(kv_peer_advertise)) {
@@ -793,6 +798,18 @@ int main(int argc, char **argv)
         }
         w.curve = true;
     }
+    if (peer_keys_path && !w.curve) {
+        fprintf(stderr, "error: --peer-keys goes with --curve-secret (a plaintext peer link checks no keys)\n");
+        return 2;
+    }
+    auth_keys_t *peer_keys = NULL;
+    if (peer_keys_path) {
+        fl_error_t kerr = {0};
+        if (!(peer_keys = auth_keys_load(peer_keys_path, false, &kerr))) {
+            fprintf(stderr, "error: --peer-keys: %s\n", kerr.msg);
+            return 2;
+        }
+    }
     w.endpoint = wire_endpoint(endpoint_flag, "FOLIO_WORKER_ENDPOINT", WIRE_DEFAULT_WORKER_ENDPOINT);
     w.group = group;
     w.rank = (int)rank;
@@ -834,7 +851,10 @@ int main(int argc, char **argv)
             fprintf(stderr, "error: %s\n", err.msg);
             return 1;
         }
-        if (w.rank > 0) return follower_main(&w);
+        if (w.rank > 0) { /* followers serve no pulls */
+            auth_keys_destroy(&peer_keys);
+            return follower_main(&w);
+        }
         /* Rank 0 names the group's communicator: NCCL between GPUs, shared memory between CPUs. */
         if (w.tp > 1 && comm_id_new(kern_uses_device_memory(w.eng->be) ? COMM_NCCL : COMM_HOST, &w.comm_id, &err)) {
             fprintf(stderr, "error: %s\n", err.msg);
@@ -901,10 +921,13 @@ int main(int argc, char **argv)
     w.pull_timeout_s = (double)kv_pull_timeout_ms * 1e-3;
     w.prefix_cache = !so.no_prefix_cache;
     if (!rc && !fake && strcmp(kv_peer, "off")) {
-        if (w.curve) /* the peer sockets have no CURVE of their own yet: nothing travels in the clear */
-            fl_log_info("worker: KV block pulls off (the coordinator link is CURVE-encrypted, the peer link is not)");
+        if (w.curve && !peer_keys) /* nothing travels in the clear, and only listed workers pull */
+            fl_log_info("worker: KV block pulls off (the links are CURVE-encrypted and no --peer-keys names the "
+                        "workers that may pull)");
         else if (w.tp > 1)
             fl_log_info("worker: KV block pulls off (tp %d: a rank holds only its own KV heads)", w.tp);
+        else if (peer_keys && !(w.peer_auth = auth_new(w.zctx, peer_keys, NULL, false, &err)))
+            rc = err.code;
         else
             rc = worker_peer_init(&w, kv_peer, kv_peer_advertise, &err);
     }
@@ -953,6 +976,8 @@ int main(int argc, char **argv)
         w.sock = NULL;
     }
     worker_peer_close(&w);
+    auth_destroy(&w.peer_auth); /* its thread polls a socket of the context: before zmq_ctx_term */
+    auth_keys_destroy(&peer_keys);
     sched_destroy(&w.sched);
     if (w.eng) kv_events_attach(NULL, w.eng->kv);
     kv_events_destroy(&w.kv_events);

@@ -11,7 +11,12 @@
  * into a free block and published under the hash this worker computes from its own prompt tokens
  * and tenant. Then the request is submitted and the scheduler's prefix lookup finds the blocks like
  * any others. Anything wrong (a refusal, a gap, a bad checksum, no room, the timeout) ends the pull
- * early: the request is submitted with what arrived, and the rest of its prompt is computed. */
+ * early: the request is submitted with what arrived, and the rest of its prompt is computed.
+ *
+ * With CURVE (--curve-secret, --peer-keys) the holder's ROUTER is a CURVE server of the worker's own
+ * key, admitting the keys of --peer-keys (auth.h, AUTH_DOMAIN_PEERS), and a puller's DEALER is a
+ * CURVE client that expects the key the coordinator saw the holder register with (kv_pull_key):
+ * blocks never travel in the clear, and neither side can be posed as. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +50,7 @@ struct peer_pull {
 
 struct peer_link {
     char endpoint[WIRE_MAX_IDENTITY + 1];
+    char key[CURVE_KEY_Z85 + 1]; /* the holder's CURVE public key ("" plaintext) */
     void *sock;
     double last_used;
     double quiet_until; /* a pull to it timed out with nothing back: an endpoint this worker cannot
@@ -61,6 +67,7 @@ int worker_peer_init(worker_t *w, const char *bind, const char *advertise, fl_er
     w->pull_on = true;
     if (!bind) return FL_OK;
     if (!(w->peer_sock = wire_socket(w->zctx, ZMQ_ROUTER, NULL, err))) return err->code;
+    if (w->curve && curve_server_setup(w->peer_sock, w->curve_secret, AUTH_DOMAIN_PEERS, err)) return err->code;
     if (zmq_bind(w->peer_sock, bind))
         return fl_fail(err, FL_EIO, "worker: --kv-peer %s: %s", bind, zmq_strerror(errno));
     if (advertise) {
@@ -70,8 +77,8 @@ int worker_peer_init(worker_t *w, const char *bind, const char *advertise, fl_er
         if (zmq_getsockopt(w->peer_sock, ZMQ_LAST_ENDPOINT, w->peer_endpoint, &n))
             return fl_fail(err, FL_EIO, "worker: --kv-peer %s: %s", bind, zmq_strerror(errno));
     }
-    fl_log_info("worker serving KV block pulls at %s (layout %s, %zu bytes a block)", w->peer_endpoint, w->kv_layout,
-                kv_cache_block_bytes(w->eng->kv));
+    fl_log_info("worker serving KV block pulls at %s (layout %s, %zu bytes a block, encrypted=%s)", w->peer_endpoint,
+                w->kv_layout, kv_cache_block_bytes(w->eng->kv), w->curve ? "yes" : "no");
     return FL_OK;
 }
 
@@ -216,10 +223,11 @@ static void link_remove(worker_t *w, int i)
         if (w->pulls[k].link == last) w->pulls[k].link = i;
 }
 
-static int link_for(worker_t *w, const char *endpoint, double now)
+/* The link to the holder at endpoint with CURVE key key ("" plaintext), made if there is none. */
+static int link_for(worker_t *w, const char *endpoint, const char *key, double now)
 {
     for (int i = 0; i < w->n_links; i++)
-        if (!strcmp(w->links[i].endpoint, endpoint)) {
+        if (!strcmp(w->links[i].endpoint, endpoint) && !strcmp(w->links[i].key, key)) {
             w->links[i].last_used = now;
             return i;
         }
@@ -236,12 +244,16 @@ static int link_for(worker_t *w, const char *endpoint, double now)
     fl_error_t err = {0};
     struct peer_link *l = &w->links[i];
     l->sock = wire_socket(w->zctx, ZMQ_DEALER, NULL, &err);
-    if (!l->sock || zmq_connect(l->sock, endpoint)) {
-        fl_log_warn("worker KV pull: cannot connect to %s: %s", endpoint, l->sock ? zmq_strerror(errno) : err.msg);
+    int rc = l->sock ? FL_OK : err.code;
+    if (!rc && *key) rc = curve_client_setup(l->sock, w->curve_secret, key, &err);
+    if (!rc && zmq_connect(l->sock, endpoint)) rc = fl_fail(&err, FL_EIO, "%s", zmq_strerror(errno));
+    if (rc) {
+        fl_log_warn("worker KV pull: cannot connect to %s: %s", endpoint, err.msg);
         link_remove(w, i);
         return -1;
     }
     snprintf(l->endpoint, sizeof l->endpoint, "%s", endpoint);
+    snprintf(l->key, sizeof l->key, "%s", key);
     l->last_used = now;
     l->quiet_until = 0;
     return i;
@@ -253,6 +265,9 @@ bool worker_pull_start(worker_t *w, Folio__V1__Request *q, worker_req_t *r, requ
     if (!w->pull_on || !*g->kv_pull_endpoint || !g->kv_pull_blocks || w->tp != 1 || !w->prefix_cache ||
         !strcmp(g->kv_pull_endpoint, w->peer_endpoint) || w->n_pulls == w->n_reqs)
         return false;
+    /* Encrypted links: only to a holder whose key the coordinator vouches for; plaintext: none is used. */
+    const char *key = w->curve ? g->kv_pull_key : "";
+    if (w->curve && !curve_key_valid(key, strlen(key))) return false;
     kv_cache_t *kv = w->eng->kv;
     const int bs = kv->block_size;
     /* The scheduler computes at least the prompt's last token, so blocks past it are never used. */
@@ -281,7 +296,7 @@ bool worker_pull_start(worker_t *w, Folio__V1__Request *q, worker_req_t *r, requ
                      (unsigned long long)lead->pull_id);
         return true;
     }
-    const int link = link_for(w, g->kv_pull_endpoint, now);
+    const int link = link_for(w, g->kv_pull_endpoint, key, now);
     if (link < 0 || now < w->links[link].quiet_until) {
         free(h);
         return false;

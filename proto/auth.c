@@ -204,7 +204,7 @@ static const char *decide(auth_t *a, zmq_msg_t *f, int n, char *user, const char
     if (n < 7 || !frame_is(&f[0], "1.0")) return *text = "malformed ZAP request", "500";
     if (!frame_is(&f[5], "CURVE") || n != 7 || zmq_msg_size(&f[6]) != CURVE_KEY_BYTES)
         return *text = "CURVE only", "400";
-    const bool workers = frame_is(&f[2], AUTH_DOMAIN_WORKERS);
+    const bool peers = frame_is(&f[2], AUTH_DOMAIN_PEERS), workers = peers || frame_is(&f[2], AUTH_DOMAIN_WORKERS);
     if (!workers && !frame_is(&f[2], AUTH_DOMAIN_CLIENTS)) return *text = "unknown ZAP domain", "400";
     zmq_z85_encode(user, zmq_msg_data(&f[6]), CURVE_KEY_BYTES);
     const auth_key_t *k = auth_keys_find(workers ? a->workers : a->clients, user);
@@ -213,10 +213,11 @@ static const char *decide(auth_t *a, zmq_msg_t *f, int n, char *user, const char
                      k ? k->name : "(open)", (int)zmq_msg_size(&f[3]), (const char *)zmq_msg_data(&f[3]));
         return *text = "OK", "200";
     }
+    const char *side = peers ? "kv-peer" : workers ? "worker" : "client";
+    const char *list = peers ? "--peer-keys" : workers ? "--worker-keys" : "--client-keys";
     if (should_log(a, user, workers))
-        fl_log_warn("auth refused side=%s key=%s address=%.*s: the key is not in %s", workers ? "worker" : "client",
-                    user, (int)zmq_msg_size(&f[3]), (const char *)zmq_msg_data(&f[3]),
-                    workers ? "--worker-keys" : "--client-keys");
+        fl_log_warn("auth refused side=%s key=%s address=%.*s: the key is not in %s", side, user,
+                    (int)zmq_msg_size(&f[3]), (const char *)zmq_msg_data(&f[3]), list);
     *user = 0;
     return *text = workers ? "unknown worker key" : "unknown client key", "400";
 }
@@ -308,13 +309,23 @@ void auth_destroy(auth_t **ap)
 
 /* ---- the event loop's side ---- */
 
-void auth_client_peer(const auth_t *a, const wire_msg_t *m, auth_peer_t *out)
+bool auth_user_key(const wire_msg_t *m, char *key)
 {
-    *out = (auth_peer_t){.tenant = ""};
-    if (!a || m->n_frames < 1) return;
+    *key = 0;
+    if (m->n_frames < 1) return false;
     /* libzmq attaches the connection's metadata to the frames it received (not to the identity
      * frame a ROUTER makes up), so the last frame carries it. */
     const char *user = zmq_msg_gets((zmq_msg_t *)&m->frames[m->n_frames - 1], "User-Id");
+    if (!user || strlen(user) != CURVE_KEY_Z85) return false;
+    memcpy(key, user, CURVE_KEY_Z85 + 1);
+    return true;
+}
+
+void auth_client_peer(const auth_t *a, const wire_msg_t *m, auth_peer_t *out)
+{
+    *out = (auth_peer_t){.tenant = ""};
+    char user[CURVE_KEY_Z85 + 1];
+    if (!a || !auth_user_key(m, user)) return;
     const auth_key_t *k = auth_keys_find(a->clients, user);
     if (!k) return;
     out->tenant = k->name;

@@ -1,4 +1,4 @@
-/* auth.h - who is at the other end of the coordinator's sockets when links are CURVE-encrypted.
+/* auth.h - who is at the other end of a CURVE-encrypted socket: key lists and a ZAP handler.
  *
  * --curve-secret makes the coordinator the CURVE server of both its sockets (proto/curve.h), and a
  * ZAP handler (ZeroMQ RFC 27) on a thread of its own decides each connection from its public key:
@@ -7,10 +7,13 @@
  *   - the client socket (AUTH_DOMAIN_CLIENTS) takes the keys of --client-keys, lines
  *     `PUBLICKEY TENANT [ROLE...]` (TENANT `-` is the default tenant ""; ROLE `admin` or `gateway`),
  *     and with --clients-open any other key too, as the default tenant without roles.
+ * A worker with --curve-secret serves KV block pulls on a CURVE socket of its own (worker_peer.c)
+ * with the same handler in its process: its domain AUTH_DOMAIN_PEERS takes the keys of the worker's
+ * --peer-keys (the coordinator's --worker-keys list), so only the cluster's workers pull.
  * A refused peer gets nothing: libzmq ends its handshake. The handler answers with the key itself
  * as the ZAP User-Id, which libzmq attaches to every message of that connection; the event loop
- * reads it back (auth_client_peer) and finds the key's tenant and roles in the same list. The lists
- * never change after start, so the two threads share them without locks.
+ * reads it back (auth_user_key, auth_client_peer) and finds the key's tenant and roles in the same
+ * list. The lists never change after start, so the two threads share them without locks.
  *
  * What a client's key decides (clients.c): a Generate runs as the key's tenant, whatever its
  * Request.tenant says, except from a `gateway` key (folio-gateway, which maps its HTTP API keys to
@@ -30,6 +33,7 @@
 
 #define AUTH_DOMAIN_CLIENTS "folio-clients"
 #define AUTH_DOMAIN_WORKERS "folio-workers"
+#define AUTH_DOMAIN_PEERS   "folio-peers" /* a worker's KV peer socket: the workers list too */
 #define AUTH_NAME_MAX       256 /* bytes of a tenant or worker name (the wire allows 256 for a tenant) */
 
 enum { AUTH_ROLE_ADMIN = 1u << 0, AUTH_ROLE_GATEWAY = 1u << 1 };
@@ -59,7 +63,7 @@ typedef struct auth auth_t;
 
 /* Binds the ZAP handler in zctx and starts its thread; call before binding a CURVE socket (libzmq
  * lets every key in while no handler is bound). workers and clients are borrowed until
- * auth_destroy; clients may be NULL when clients_open. */
+ * auth_destroy; clients may be NULL (no client is admitted unless clients_open). */
 auth_t *auth_new(void *zctx, const auth_keys_t *workers, const auth_keys_t *clients, bool clients_open,
                  fl_error_t *err);
 /* Stops the thread and closes its socket (before zmq_ctx_term). Accepts NULL. */
@@ -72,6 +76,9 @@ typedef struct auth_peer {
     bool listed; /* its key is in --client-keys (else admitted by --clients-open) */
 } auth_peer_t;
 void auth_client_peer(const auth_t *a, const wire_msg_t *m, auth_peer_t *out);
+/* The public key (Z85) a received message's connection was admitted with, into key (CURVE_KEY_Z85
+ * + 1 bytes); false, and key "", on a connection without CURVE. */
+bool auth_user_key(const wire_msg_t *m, char *key);
 /* The tenant a Generate of p runs as, given the Request.tenant it claimed. */
 const char *auth_tenant(const auth_peer_t *p, const char *claimed);
 
