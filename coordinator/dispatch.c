@@ -347,7 +347,7 @@ static uint32_t clamp_max_tokens(uint32_t asked, int n_prompt, uint32_t ctx)
 static int pull_holder(const coord_t *c, int target, const int *held)
 {
     const group_t *t = &c->groups->g[target];
-    if (t->tp_size != 1 || !t->kv_peer[0]) return -1; /* it neither pulls nor serves */
+    if (!t->kv_peer[0]) return -1; /* it neither pulls nor serves */
     int best = -1;
     for (int s = 0; s < c->groups->n; s++) {
         const group_t *h = &c->groups->g[s];

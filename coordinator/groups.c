@@ -78,7 +78,7 @@ int groups_register(groups_t *gs, const Folio__V1__WorkerHello *h, const uint8_t
         snprintf(g->kv_type, sizeof g->kv_type, "%s", h->kv_type);
         g->kv_bytes_per_token = h->kv_bytes_per_token;
         snprintf(g->kv_peer, sizeof g->kv_peer, "%s",
-                 h->tp_size == 1 && wire_endpoint_ok(h->kv_peer_endpoint) ? h->kv_peer_endpoint : "");
+                 wire_endpoint_ok(h->kv_peer_endpoint) ? h->kv_peer_endpoint : "");
         g->comm_id_len = h->comm_id.len;
         if (h->comm_id.len) memcpy(g->comm_id, h->comm_id.data, h->comm_id.len);
     }

@@ -10,7 +10,9 @@
  * The coordinator is the CURVE server of both its sockets; workers and clients are CURVE clients
  * that know the coordinator's public key in advance (from a file), so a man in the middle cannot
  * pose as the coordinator, and the coordinator's ZAP handler (proto/auth.c) decides which
- * client keys it accepts. No state here; the functions are safe on any thread. */
+ * client keys it accepts. A worker's KV peer socket is a CURVE server of the worker's own key too,
+ * behind a ZAP handler of its own, and a pulling worker is its CURVE client (worker_peer.c). No
+ * state here; the functions are safe on any thread. */
 #ifndef FOLIO_CURVE_H
 #define FOLIO_CURVE_H
 

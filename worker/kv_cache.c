@@ -257,6 +257,30 @@ size_t kv_cache_block_bytes(const kv_cache_t *kv)
     return (size_t)kv->n_layers * (block_part_bytes(kv, kv->k_type) + block_part_bytes(kv, kv->v_type));
 }
 
+size_t kv_cache_block_bytes_all(const kv_cache_t *kv, int n_heads_all)
+{
+    const int dim = n_heads_all * kv->head_dim;
+    return (size_t)kv->n_layers * kv->block_size *
+           (kern_kv_row_bytes(kv->k_type, dim) + kern_kv_row_bytes(kv->v_type, dim));
+}
+
+void kv_cache_block_slice(const kv_cache_t *kv, int head0, int n_heads_all, uint8_t *all, uint8_t *mine, bool to_all)
+{
+    const int types[2] = {kv->k_type, kv->v_type};
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int part = 0; part < 2; part++) { /* a layer's K rows, then its V rows, in both forms */
+            const size_t row_all = kern_kv_row_bytes(types[part], n_heads_all * kv->head_dim);
+            const size_t row_mine = kern_kv_row_bytes(types[part], kv->n_kv_heads * kv->head_dim);
+            const size_t off = kern_kv_row_bytes(types[part], head0 * kv->head_dim);
+            for (int t = 0; t < kv->block_size; t++, all += row_all, mine += row_mine) {
+                if (to_all)
+                    memcpy(all + off, mine, row_mine);
+                else
+                    memcpy(mine, all + off, row_mine);
+            }
+        }
+}
+
 int kv_cache_block_read(kv_cache_t *kv, int32_t block, uint8_t *out)
 {
     const size_t kb = block_part_bytes(kv, kv->k_type), vb = block_part_bytes(kv, kv->v_type);

@@ -101,6 +101,15 @@ size_t kv_cache_block_bytes(const kv_cache_t *kv);
 int kv_cache_block_read(kv_cache_t *kv, int32_t block, uint8_t *out);
 int kv_cache_block_write(kv_cache_t *kv, int32_t block, const uint8_t *in);
 
+/* A rank of a tensor-parallel group (tp.h) holds KV heads [head0, head0 + kv->n_kv_heads) of
+ * n_heads_all; pulls carry a block whole, as one rank holding all heads would read it, whatever the
+ * groups' cuts. The whole form's bytes; and one block between the whole form (all) and this cache's
+ * (mine, kv_cache_block_bytes): to_all puts mine's rows into their places in all, else all's slice
+ * goes into mine. A row's heads are contiguous and a quantized head a whole number of 32-element
+ * blocks (kv_cache_new), so a slice is a byte range of each row. */
+size_t kv_cache_block_bytes_all(const kv_cache_t *kv, int n_heads_all);
+void kv_cache_block_slice(const kv_cache_t *kv, int head0, int n_heads_all, uint8_t *all, uint8_t *mine, bool to_all);
+
 /* Copies the K/V of every layer from slots src[i] to dst[i], in order (kern_kv_move). */
 void kv_cache_move(kv_cache_t *kv, const int32_t *src_slots, const int32_t *dst_slots, int n);
 

@@ -4,16 +4,19 @@
  * header sized, packed into m->plan. A follower checks the sizes against its own limits before it
  * receives the arrays (the ranks load with the same parameters; a disagreement is an error, never
  * an overrun), then builds the same model_batch_t and calls model_forward, which on a follower runs
- * its shard without broadcasting. */
+ * its shard without broadcasting. A KV read or write (pulls) is the header and the block ids, then
+ * the blocks' bytes: each follower sends its slices to rank 0 (read), or rank 0 broadcasts the
+ * whole blocks and each rank keeps its slice (write). */
 #include "tp.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "log.h"
 
 #define TP_MAGIC 0x74703031 /* "tp01" */
 
-enum { TP_FORWARD = 1, TP_MOVE = 2, TP_STOP = 3 };
+enum { TP_FORWARD = 1, TP_MOVE = 2, TP_STOP = 3, TP_KV_READ = 4, TP_KV_WRITE = 5 };
 enum { TP_HAS_PROMPT_LEN = 1, TP_HAS_TREE = 2 };
 
 typedef struct {
@@ -153,6 +156,9 @@ static int check_header(const model_t *m, const tp_header_t *h, size_t *ints, fl
     if (h->op == TP_MOVE) {
         *ints = 2 * n;
         if (h->n >= 0 && *ints <= cap) return FL_OK;
+    } else if (h->op == TP_KV_READ || h->op == TP_KV_WRITE) {
+        *ints = n;
+        if (h->n > 0 && *ints <= cap) return FL_OK;
     } else if (h->n > 0 && h->n <= m->max_batch_tokens && h->n_seqs > 0 && h->n_seqs <= m->max_seqs &&
                h->n_logits >= 0 && h->n_logits <= m->max_logits) {
         *ints = 3 * n + (size_t)h->n_seqs * m->max_blocks + (size_t)h->n_logits;
@@ -164,6 +170,113 @@ static int check_header(const model_t *m, const tp_header_t *h, size_t *ints, fl
                    "tensor parallel: rank 0's plan (op %d, %d tokens, %d sequences, %d logit rows) is beyond this "
                    "rank's limits (started with other flags?)",
                    h->op, h->n, h->n_seqs, h->n_logits);
+}
+
+/* ---- KV blocks whole, for pulls ---- */
+
+/* The whole form's bytes of a block, and this rank's. */
+static size_t block_all_bytes(const model_t *m, const kv_cache_t *kv)
+{
+    return kv_cache_block_bytes_all(kv, m->cfg.n_kv_heads);
+}
+
+/* A follower's part of a KV read or write of the blocks in m->plan. */
+static int follow_kv(model_t *m, kv_cache_t *kv, const tp_header_t *h, fl_error_t *err)
+{
+    const size_t all = block_all_bytes(m, kv), mine = kv_cache_block_bytes(kv);
+    uint8_t *buf = malloc((h->op == TP_KV_WRITE ? all : mine) * (size_t)h->n), *slice = malloc(mine);
+    int rc = buf && slice ? FL_OK : fl_fail(err, FL_ENOMEM, "tensor parallel: no memory for %d KV blocks", h->n);
+    if (!rc && h->op == TP_KV_READ) {
+        for (int i = 0; i < h->n && !rc; i++) rc = kv_cache_block_read(kv, m->plan[i], buf + (size_t)i * mine);
+        if (rc) fl_fail(err, rc, "tensor parallel: reading KV block %d failed", m->plan[0]);
+        else rc = comm_send(m->comm, buf, mine * (size_t)h->n, 0, err);
+    } else if (!rc) {
+        rc = comm_broadcast(m->comm, buf, all * (size_t)h->n, 0, err);
+        for (int i = 0; i < h->n && !rc; i++) {
+            kv_cache_block_slice(kv, m->shard.kv_head0, m->cfg.n_kv_heads, buf + (size_t)i * all, slice, false);
+            if ((rc = kv_cache_block_write(kv, m->plan[i], slice)))
+                fl_fail(err, rc, "tensor parallel: writing KV block %d failed", m->plan[i]);
+        }
+    }
+    free(buf);
+    free(slice);
+    return rc;
+}
+
+/* Rank 0: a KV plan's header and block ids, chunked by the caller to fit the plan buffer. */
+static int send_kv_plan(model_t *m, int op, const int32_t *blocks, int n, fl_error_t *err)
+{
+    tp_header_t h = {.op = op, .n = n};
+    memcpy(m->plan, blocks, (size_t)n * sizeof(int32_t));
+    int rc = send_header(m, &h, err);
+    return rc ? rc : comm_broadcast(m->comm, m->plan, (size_t)n * sizeof(int32_t), 0, err);
+}
+
+int tp_kv_read(model_t *m, kv_cache_t *kv, const int32_t *blocks, int n, uint8_t *out, fl_error_t *err)
+{
+    const size_t all = block_all_bytes(m, kv), mine = kv_cache_block_bytes(kv);
+    if (!m->comm) {
+        for (int i = 0; i < n; i++)
+            if (kv_cache_block_read(kv, blocks[i], out + (size_t)i * all))
+                return fl_fail(err, FL_EIO, "reading KV block %d failed", blocks[i]);
+        return FL_OK;
+    }
+    const int chunk = (int)tp_plan_ints(m);
+    uint8_t *got = malloc(all * (size_t)(n < chunk ? n : chunk)); /* a rank's slices: at most the whole */
+    if (!got) return fl_fail(err, FL_ENOMEM, "tensor parallel: no memory for %d KV blocks", n);
+    int rc = FL_OK;
+    for (int at = 0; at < n && !rc; at += chunk) {
+        const int k = n - at < chunk ? n - at : chunk;
+        if ((rc = send_kv_plan(m, TP_KV_READ, blocks + at, k, err))) break;
+        for (int r = 0; r < m->shard.size && !rc; r++) { /* rank r's slices into their places */
+            model_shard_t s;
+            if ((rc = tp_shard_of(&m->cfg, r, m->shard.size, &s, err))) break;
+            kv_cache_t theirs = *kv; /* the shape of rank r's blocks: its heads (only sizes are read) */
+            theirs.n_kv_heads = s.n_kv_heads;
+            const size_t r_mine = kv_cache_block_bytes(&theirs);
+            if (r) {
+                rc = comm_recv(m->comm, got, r_mine * (size_t)k, r, err);
+            } else {
+                for (int i = 0; i < k && !rc; i++)
+                    if (kv_cache_block_read(kv, blocks[at + i], got + (size_t)i * mine))
+                        rc = fl_fail(err, FL_EIO, "reading KV block %d failed", blocks[at + i]);
+            }
+            for (int i = 0; i < k && !rc; i++)
+                kv_cache_block_slice(&theirs, s.kv_head0, m->cfg.n_kv_heads, out + (size_t)(at + i) * all,
+                                     got + (size_t)i * r_mine, true);
+        }
+    }
+    free(got);
+    if (rc && m->comm) comm_abort(m->comm); /* the followers may wait in this plan: the group fails over */
+    return rc;
+}
+
+int tp_kv_write(model_t *m, kv_cache_t *kv, const int32_t *blocks, int n, const uint8_t *in, fl_error_t *err)
+{
+    const size_t all = block_all_bytes(m, kv), mine = kv_cache_block_bytes(kv);
+    uint8_t *slice = m->comm ? malloc(mine) : NULL;
+    if (m->comm && !slice) return fl_fail(err, FL_ENOMEM, "tensor parallel: no memory for a KV block");
+    const int chunk = m->comm ? (int)tp_plan_ints(m) : n;
+    int rc = FL_OK;
+    for (int at = 0; at < n && !rc; at += chunk) {
+        const int k = n - at < chunk ? n - at : chunk;
+        if (m->comm) {
+            rc = send_kv_plan(m, TP_KV_WRITE, blocks + at, k, err);
+            if (!rc) rc = comm_broadcast(m->comm, (void *)(in + (size_t)at * all), all * (size_t)k, 0, err);
+        }
+        for (int i = 0; i < k && !rc; i++) {
+            const uint8_t *whole = in + (size_t)(at + i) * all, *src = whole;
+            if (m->comm) {
+                kv_cache_block_slice(kv, m->shard.kv_head0, m->cfg.n_kv_heads, (uint8_t *)whole, slice, false);
+                src = slice;
+            }
+            if (kv_cache_block_write(kv, blocks[at + i], src))
+                rc = fl_fail(err, FL_EIO, "writing KV block %d failed", blocks[at + i]);
+        }
+    }
+    free(slice);
+    if (rc && m->comm) comm_abort(m->comm);
+    return rc;
 }
 
 int tp_check_group(model_t *m, const kv_cache_t *kv, fl_error_t *err)
@@ -200,7 +313,7 @@ int tp_follow(model_t *m, kv_cache_t *kv, fl_error_t *err)
         int rc = comm_broadcast(m->comm, &h, sizeof h, 0, err);
         if (rc) return rc;
         if (h.op == TP_STOP) return FL_OK;
-        if (h.op != TP_FORWARD && h.op != TP_MOVE) return fl_fail(err, FL_EPEER, "tensor parallel: unknown plan %d", h.op);
+        if (h.op < TP_FORWARD || h.op > TP_KV_WRITE) return fl_fail(err, FL_EPEER, "tensor parallel: unknown plan %d", h.op);
         size_t ints = 0;
         if ((rc = check_header(m, &h, &ints, err))) {
             comm_abort(m->comm); /* rank 0 goes on to the payload's broadcast: end its wait too */
@@ -209,6 +322,13 @@ int tp_follow(model_t *m, kv_cache_t *kv, fl_error_t *err)
         if ((rc = comm_broadcast(m->comm, m->plan, ints * sizeof(int32_t), 0, err))) return rc;
         if (h.op == TP_MOVE) {
             kv_cache_move(kv, m->plan, m->plan + h.n, h.n);
+            continue;
+        }
+        if (h.op == TP_KV_READ || h.op == TP_KV_WRITE) {
+            if ((rc = follow_kv(m, kv, &h, err))) {
+                comm_abort(m->comm); /* rank 0 waits for this rank's slices, or will */
+                return rc;
+            }
             continue;
         }
         model_batch_t b;

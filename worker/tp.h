@@ -33,6 +33,14 @@ int tp_send_forward(model_t *m, const model_batch_t *b, fl_error_t *err);
 int tp_send_move(model_t *m, const int32_t *src, const int32_t *dst, int n, fl_error_t *err);
 int tp_stop(model_t *m, fl_error_t *err);
 
+/* KV block pulls (worker_peer.c), on rank 0 between steps: blocks[0..n) of kv read into out / written
+ * from in, n blocks in the whole form (kv_cache_block_bytes_all of the model's KV heads) one after
+ * another. In a group of several ranks each rank reads or writes its own heads of the same block
+ * ids (a plan like a step's: the block tables are the same on every rank), and rank 0 gathers or
+ * hands out the slices over the communicator; with one rank they are the blocks themselves. */
+int tp_kv_read(model_t *m, kv_cache_t *kv, const int32_t *blocks, int n, uint8_t *out, fl_error_t *err);
+int tp_kv_write(model_t *m, kv_cache_t *kv, const int32_t *blocks, int n, const uint8_t *in, fl_error_t *err);
+
 /* A rank other than 0: runs rank 0's plans on its shard until tp_stop (FL_OK) or a failure (the
  * communicator's, or a plan that this rank cannot run: the error). */
 int tp_follow(model_t *m, kv_cache_t *kv, fl_error_t *err);

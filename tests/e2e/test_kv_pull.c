@@ -8,7 +8,8 @@
  * same prompt under another tenant pulls nothing and hits nothing (tenants never share blocks);
  * a holder that stops answering (SIGSTOP) makes the pull end at its timeout and the prompt be
  * computed, with the same answer; malformed messages and pulls on a worker's peer socket are
- * answered or ignored and it goes on serving. */
+ * answered or ignored and it goes on serving; tensor-parallel groups (2 ranks each) pull and serve
+ * the same way, each block whole (every rank's KV heads). */
 #include "e2e_util.h"
 
 static e2e_env_t g_env;
@@ -85,6 +86,38 @@ static void expect_same_tokens(const folio_result_t *a, const folio_result_t *b,
         fail_msg("%s: the answer differs from the holder's", what);
 }
 
+/* A prompt answered by one group (home), that group drained, the prompt again: the other group pulls
+ * all its blocks from home and answers the same. Its figures after. */
+static pull_figures_t pulled_from_drained_holder(folio_client_t *ctl, const int32_t *prompt, const char *tag,
+                                                 char *home, char *other, folio_result_t *first)
+{
+    folio_result_t res = {0};
+    generate(ctl, prompt, NULL, first);
+    snprintf(home, 64, "%s", first->group);
+    snprintf(other, 64, "%s", strcmp(home, "g0") ? "g0" : "g1");
+    assert_true(figures(ctl, home).has_peer && figures(ctl, other).has_peer);
+    wait_indexed(ctl, home, BLOCKS);
+    drain(ctl, home, false);
+    const pull_figures_t before = figures(ctl, other);
+    generate(ctl, prompt, NULL, &res);
+    assert_string_equal(res.group, other);
+    const pull_figures_t after = figures_after(ctl, other, before.pulled + BLOCKS, 0, 0);
+    const pull_figures_t holder = figures_after(ctl, home, 0, 0, BLOCKS);
+    fprintf(stderr, "[e2e] %s: %s -> %s: %u of %u prompt tokens cached, %llu blocks pulled, %llu served, %llu hints\n",
+            tag, home, other, res.cached_prompt_tokens, res.prompt_tokens,
+            (unsigned long long)(after.pulled - before.pulled), (unsigned long long)holder.served,
+            (unsigned long long)after.hints);
+    if (res.cached_prompt_tokens < BLOCKS * BS)
+        fail_msg("%u cached prompt tokens on %s, expected the %d pulled", res.cached_prompt_tokens, other, BLOCKS * BS);
+    assert_true(after.pulled - before.pulled >= BLOCKS);
+    assert_true(holder.served >= BLOCKS);
+    assert_true(after.hints > before.hints);
+    assert_int_equal(after.failures, before.failures);
+    expect_same_tokens(first, &res, "pulled");
+    folio_result_clear(&res);
+    return after;
+}
+
 static void a_drained_holders_blocks_are_pulled_not_computed(void **state)
 {
     (void)state;
@@ -95,33 +128,10 @@ static void a_drained_holders_blocks_are_pulled_not_computed(void **state)
     int32_t prompt[LEN];
     e2e_prompt_tokens(7, LEN, prompt);
 
-    folio_result_t first = {0}, res = {0};
-    generate(ctl, prompt, NULL, &first);
-    char home[64], other[64];
-    snprintf(home, sizeof home, "%s", first.group);
-    snprintf(other, sizeof other, "%s", strcmp(home, "g0") ? "g0" : "g1");
-    assert_true(figures(ctl, home).has_peer && figures(ctl, other).has_peer);
-    wait_indexed(ctl, home, BLOCKS);
-
     /* The holder drained: the prompt goes to the other group, which pulls its blocks. */
-    drain(ctl, home, false);
-    const pull_figures_t before = figures(ctl, other);
-    generate(ctl, prompt, NULL, &res);
-    assert_string_equal(res.group, other);
-    const pull_figures_t after = figures_after(ctl, other, before.pulled + BLOCKS, 0, 0);
-    const pull_figures_t holder = figures_after(ctl, home, 0, 0, BLOCKS);
-    fprintf(stderr, "[e2e] kvpull: %s -> %s: %u of %u prompt tokens cached, %llu blocks pulled, %llu served, %llu hints\n",
-            home, other, res.cached_prompt_tokens, res.prompt_tokens,
-            (unsigned long long)(after.pulled - before.pulled), (unsigned long long)holder.served,
-            (unsigned long long)after.hints);
-    if (res.cached_prompt_tokens < BLOCKS * BS)
-        fail_msg("%u cached prompt tokens on %s, expected the %d pulled", res.cached_prompt_tokens, other, BLOCKS * BS);
-    assert_true(after.pulled - before.pulled >= BLOCKS);
-    assert_true(holder.served >= BLOCKS);
-    assert_true(after.hints > before.hints);
-    assert_int_equal(after.failures, before.failures);
-    expect_same_tokens(&first, &res, "pulled");
-    folio_result_clear(&res);
+    folio_result_t first = {0}, res = {0};
+    char home[64], other[64];
+    const pull_figures_t after = pulled_from_drained_holder(ctl, prompt, "kvpull", home, other, &first);
 
     /* Another tenant: its chain differs, so nothing is pulled and nothing hits. */
     generate(ctl, prompt, "someone-else", &res);
@@ -158,6 +168,24 @@ static void a_drained_holders_blocks_are_pulled_not_computed(void **state)
     assert_int_equal(res.cached_prompt_tokens, 0);
     expect_same_tokens(&first, &res, "after a timed-out pull");
     folio_result_clear(&res);
+    folio_result_clear(&first);
+    folio_client_destroy(&ctl);
+}
+
+/* Two tensor-parallel groups (2 ranks each): the holder's rank 0 gathers each block's KV heads from
+ * both ranks, the puller's rank 0 hands them out to its ranks, and the answer is the holder's. */
+static void tensor_parallel_groups_pull_and_serve_whole_blocks(void **state)
+{
+    (void)state;
+    static const char *const wargs[] = {"--kv-events-ms", "20", "--kv-pull-timeout-ms", "3000", NULL};
+    const cluster_opts_t o = {.worker_args = wargs, .heartbeat_ms = 1000, .tp = 2, .threads_per_worker = 1};
+    g_cluster = e2e_cluster_start(&g_env, "kvpull-tp", 2, &o);
+    folio_client_t *ctl = e2e_client(g_cluster);
+    int32_t prompt[LEN];
+    e2e_prompt_tokens(8, LEN, prompt);
+    folio_result_t first = {0};
+    char home[64], other[64];
+    pulled_from_drained_holder(ctl, prompt, "kvpull-tp", home, other, &first);
     folio_result_clear(&first);
     folio_client_destroy(&ctl);
 }
@@ -262,6 +290,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(a_drained_holders_blocks_are_pulled_not_computed, test_teardown),
         cmocka_unit_test_teardown(bad_pulls_are_answered_or_ignored_and_the_holder_lives_on, test_teardown),
+        cmocka_unit_test_teardown(tensor_parallel_groups_pull_and_serve_whole_blocks, test_teardown),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -626,6 +626,16 @@ static bool pull_answered(const char *endpoint, const char *key_name, const char
     return got;
 }
 
+static pid_t g_g1; /* the second group's worker, while the test below runs */
+
+static int kill_g1(void **state)
+{
+    (void)state;
+    if (g_g1 > 0) kill_wait(g_g1);
+    g_g1 = 0;
+    return 0;
+}
+
 static void kv_pulls_run_over_curve_between_listed_workers_only(void **state)
 {
     (void)state;
@@ -633,17 +643,14 @@ static void kv_pulls_run_over_curve_between_listed_workers_only(void **state)
     char log_g1[400], workers[400];
     snprintf(log_g1, sizeof log_g1, "%s/g1.log", g_dir);
     snprintf(workers, sizeof workers, "%s/workers.keys", g_dir);
-    const pid_t g1 = spawn(log_g1, "folio-worker", "--workers", g_ep_worker, "--group", "g1", "-m", g_env.model,
+    g_g1 = spawn(log_g1, "folio-worker", "--workers", g_ep_worker, "--group", "g1", "-m", g_env.model,
                            "--threads", "1", "--heartbeat-ms", "2000", "--curve-secret", key_path("w1", "secret"),
                            "--coordinator-key", g_coord_public, "--peer-keys", workers, "--kv-events-ms", "20",
                            "--kv-pull-timeout-ms", "3000", NULL);
     folio_client_t *admin = client_as("admin", "coord");
     const bool up = e2e_wait_group(admin, "g1", true, false, e2e_ms(20000)) >= 0;
-    if (!up) {
-        kill_wait(g1);
-        fail_msg("g1 (key w1) did not register (%s)", log_g1);
-    }
-    const bool encrypted = file_has(log_g1, "serving KV block pulls at") && file_has(log_g1, "encrypted=yes)");
+    if (!up) fail_msg("g1 (key w1) did not register (%s)", log_g1);
+    const bool encrypted = file_has(log_g1, "serving KV block pulls at") && file_has(log_g1, "encrypted=yes,");
 
     int32_t prompt[LEN];
     e2e_prompt_tokens(31, LEN, prompt);
@@ -685,7 +692,7 @@ static void kv_pulls_run_over_curve_between_listed_workers_only(void **state)
     char g0_log[1100];
     snprintf(g0_log, sizeof g0_log, "%s/worker-g0.log", g_env.log_dir);
     const bool refusal_logged = file_gets(holder_log ? holder_log : g0_log, "auth refused side=kv-peer", e2e_ms(3000));
-    kill_wait(g1);
+    kill_g1(NULL);
     fprintf(stderr, "[e2e] security: %s -> %s: %u of %u prompt tokens cached, %llu blocks pulled; raw pulls: listed %d, "
                     "stranger %d, plaintext %d\n",
             home, other, res.cached_prompt_tokens, res.prompt_tokens,
@@ -722,7 +729,7 @@ int main(void)
         cmocka_unit_test(the_gateway_key_relays_the_tenants_of_its_api_keys),
         cmocka_unit_test(drain_is_refused_without_the_admin_key),
         cmocka_unit_test(start_up_refuses_plaintext_beyond_loopback_and_key_flags_alone),
-        cmocka_unit_test(kv_pulls_run_over_curve_between_listed_workers_only),
+        cmocka_unit_test_teardown(kv_pulls_run_over_curve_between_listed_workers_only, kill_g1),
     };
     const char *filter = getenv("FOLIO_E2E_FILTER");
     if (filter && *filter) cmocka_set_test_filter(filter);

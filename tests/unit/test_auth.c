@@ -134,11 +134,11 @@ static void test_auth_tenant_rules(void **state)
 /* ---- the ZAP handler ---- */
 
 typedef struct zap_fixture {
-    void *ctx, *clients, *workers;
+    void *ctx, *clients, *workers, *peers; /* peers: a worker's KV peer socket, on the same handler */
     auth_keys_t *wkeys, *ckeys;
     auth_t *auth;
     pair_t server, worker, admin, alice, stranger;
-    char ep_clients[128], ep_workers[128];
+    char ep_clients[128], ep_workers[128], ep_peers[128];
 } zap_fixture_t;
 
 static void fixture_start(zap_fixture_t *f, bool open, bool with_client_list)
@@ -162,19 +162,24 @@ static void fixture_start(zap_fixture_t *f, bool open, bool with_client_list)
     f->auth = auth_new(f->ctx, f->wkeys, f->ckeys, open, &err);
     assert_non_null(f->auth);
     snprintf(f->ep_clients, sizeof f->ep_clients, "ipc:///tmp/folio_test_auth_%d_%d_c", (int)getpid(), seq);
-    snprintf(f->ep_workers, sizeof f->ep_workers, "ipc:///tmp/folio_test_auth_%d_%d_w", (int)getpid(), seq++);
+    snprintf(f->ep_workers, sizeof f->ep_workers, "ipc:///tmp/folio_test_auth_%d_%d_w", (int)getpid(), seq);
+    snprintf(f->ep_peers, sizeof f->ep_peers, "ipc:///tmp/folio_test_auth_%d_%d_p", (int)getpid(), seq++);
     f->clients = wire_socket(f->ctx, ZMQ_ROUTER, NULL, &err);
     f->workers = wire_socket(f->ctx, ZMQ_ROUTER, NULL, &err);
+    f->peers = wire_socket(f->ctx, ZMQ_ROUTER, NULL, &err);
     assert_int_equal(curve_server_setup(f->clients, f->server.sec, AUTH_DOMAIN_CLIENTS, &err), 0);
     assert_int_equal(curve_server_setup(f->workers, f->server.sec, AUTH_DOMAIN_WORKERS, &err), 0);
+    assert_int_equal(curve_server_setup(f->peers, f->server.sec, AUTH_DOMAIN_PEERS, &err), 0);
     assert_int_equal(zmq_bind(f->clients, f->ep_clients), 0);
     assert_int_equal(zmq_bind(f->workers, f->ep_workers), 0);
+    assert_int_equal(zmq_bind(f->peers, f->ep_peers), 0);
 }
 
 static void fixture_stop(zap_fixture_t *f)
 {
     zmq_close(f->clients);
     zmq_close(f->workers);
+    zmq_close(f->peers);
     auth_destroy(&f->auth);
     assert_null(f->auth);
     zmq_ctx_term(f->ctx);
@@ -183,8 +188,9 @@ static void fixture_stop(zap_fixture_t *f)
 }
 
 /* A DEALER to ep with key k (NULL: plaintext) sends one folio message; true when router gets it
- * within 1.5 s, then *peer is what auth_client_peer says of it. */
-static bool reaches(zap_fixture_t *f, void *router, const char *ep, const pair_t *k, auth_peer_t *peer)
+ * within 1.5 s, then *peer is what auth_client_peer says of it and user (when not NULL) the key
+ * auth_user_key reads off the message. */
+static bool reaches_as(zap_fixture_t *f, void *router, const char *ep, const pair_t *k, auth_peer_t *peer, char *user)
 {
     fl_error_t err = {0};
     void *d = wire_socket(f->ctx, ZMQ_DEALER, NULL, &err);
@@ -198,10 +204,16 @@ static bool reaches(zap_fixture_t *f, void *router, const char *ep, const pair_t
         wire_msg_t m;
         assert_int_equal(wire_recv(router, true, false, &m, &err), 0);
         if (peer) auth_client_peer(f->auth, &m, peer);
+        if (user) auth_user_key(&m, user);
         wire_msg_close(&m);
     }
     zmq_close(d);
     return got;
+}
+
+static bool reaches(zap_fixture_t *f, void *router, const char *ep, const pair_t *k, auth_peer_t *peer)
+{
+    return reaches_as(f, router, ep, k, peer, NULL);
 }
 
 /* k's connection to the client socket gets through and is seen as tenant with roles. */
@@ -232,6 +244,25 @@ static void test_auth_zap_listed_keys_only(void **state)
     fixture_stop(&f);
 }
 
+/* A worker's KV peer socket (domain folio-peers) takes the worker list, never a client's key, even
+ * with --clients-open; the message carries the key it came in with (auth_user_key), which is how the
+ * coordinator learns a holder's key from its READY. */
+static void test_auth_zap_peer_socket_takes_the_worker_list(void **state)
+{
+    (void)state;
+    zap_fixture_t f;
+    fixture_start(&f, true, true);
+    char user[CURVE_KEY_Z85 + 1] = "x";
+    assert_true(reaches_as(&f, f.peers, f.ep_peers, &f.worker, NULL, user));
+    assert_string_equal(user, f.worker.pub);
+    assert_false(reaches(&f, f.peers, f.ep_peers, &f.admin, NULL));
+    assert_false(reaches(&f, f.peers, f.ep_peers, &f.stranger, NULL));
+    assert_false(reaches(&f, f.peers, f.ep_peers, NULL, NULL));
+    assert_true(reaches_as(&f, f.workers, f.ep_workers, &f.worker, NULL, user));
+    assert_string_equal(user, f.worker.pub);
+    fixture_stop(&f);
+}
+
 static void test_auth_zap_clients_open(void **state)
 {
     (void)state;
@@ -256,7 +287,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_auth_client_keys_parse), cmocka_unit_test(test_auth_key_lists_refuse_bad_lines),
         cmocka_unit_test(test_auth_tenant_rules),      cmocka_unit_test(test_auth_zap_listed_keys_only),
-        cmocka_unit_test(test_auth_zap_clients_open),
+        cmocka_unit_test(test_auth_zap_clients_open), cmocka_unit_test(test_auth_zap_peer_socket_takes_the_worker_list),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

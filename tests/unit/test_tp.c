@@ -10,7 +10,10 @@
  * generation through the scheduler (batched prompts, chunked prefill, n-gram speculation whose
  * accepted drafts move K/V on every rank) equal to TP=1's up to the first near-tie; a group whose
  * ranks were started with different flags is refused on every rank; a rank that dies ends rank 0's
- * step with FL_EPEER instead of a hang.
+ * step with FL_EPEER instead of a hang; KV blocks whole (pulls between groups): a group's blocks
+ * gathered by tp_kv_read have every head in TP=1's place (layer 0 bit for bit, whose K and V are
+ * column-parallel products of the same input; later layers within TP_KV_BOUND), and whole blocks
+ * handed out by tp_kv_write read back bit for bit.
  *
  * The bound: a row-parallel product is a sum over its columns; TP=N adds N partial sums (each over a
  * rank's columns, in the kernel's order) where TP=1 adds them all in one loop, so the float result
@@ -47,6 +50,7 @@
 #define TP_BOUND_F32   5e-4f
 #define TP_BOUND_QUANT 3e-2f
 #define TP_TIE         3e-2f /* a top-1/top-2 margin below this may flip */
+#define TP_KV_BOUND    1e-2f /* max |K or V difference| past layer 0, F32 weights (f16 KV: ~1e-3 here) */
 #define N_PROMPTS      5
 #define N_GEN          24
 #define SEQ_MAX        120
@@ -423,6 +427,84 @@ static void check_group(const char *path, int size, float bound)
     reference_free(&ref);
 }
 
+/* ---- KV blocks whole, for pulls ------------------------------------------------------------------- */
+
+enum { KV_PROMPT = 40, KV_FULL_BLOCKS = 2 };
+
+/* The prompt's full blocks after one forward step over it, whole (tp_kv_read), into out. */
+static void prompt_blocks_whole(engine_t *e, const int32_t *seq, uint8_t *out)
+{
+    model_t *m = e->model;
+    kv_seq_t s;
+    assert_int_equal(kv_seq_init(&s, m->max_blocks), 0);
+    assert_int_equal(kv_seq_reserve(e->kv, &s, KV_PROMPT), 0);
+    int32_t pos[KV_PROMPT], row0[KV_PROMPT], last = KV_PROMPT - 1;
+    int32_t *tables = malloc((size_t)m->max_blocks * sizeof *tables);
+    for (int b = 0; b < m->max_blocks; b++) tables[b] = b < s.n_blocks ? s.blocks[b] : -1;
+    for (int i = 0; i < KV_PROMPT; i++) pos[i] = i, row0[i] = 0;
+    const model_batch_t b = {.n_tokens = KV_PROMPT, .tokens = seq, .pos = pos, .seq = row0, .block_tables = tables,
+                             .n_seqs = 1, .logit_rows = &last, .n_logits = 1};
+    fl_error_t err = {0};
+    if (model_forward(m, e->kv, &b, &err)) fail_msg("forward: %s", err.msg);
+    if (tp_kv_read(m, e->kv, s.blocks, KV_FULL_BLOCKS, out, &err)) fail_msg("tp_kv_read: %s", err.msg);
+    free(tables);
+    kv_seq_free(e->kv, &s);
+}
+
+static void check_kv_whole(const char *path, int size)
+{
+    int32_t seq[KV_PROMPT], n = 0;
+    make_prompt(4, seq, &n);
+    for (int i = n; i < KV_PROMPT; i++) seq[i] = 3 + i;
+    fl_error_t err = {0};
+    engine_t *one = open_rank(path, 0, 1, &err);
+    if (!one) fail_msg("TP=1: %s", err.msg);
+    const size_t all = kv_cache_block_bytes_all(one->kv, one->model->cfg.n_kv_heads);
+    assert_int_equal(all, kv_cache_block_bytes(one->kv));
+    const size_t layer = all / (size_t)one->kv->n_layers;
+    uint8_t *want = malloc(all * KV_FULL_BLOCKS), *got = malloc(all * KV_FULL_BLOCKS),
+            *back = malloc(all * KV_FULL_BLOCKS);
+    prompt_blocks_whole(one, seq, want);
+    engine_destroy(&one);
+
+    comm_t *c = NULL;
+    pid_t pids[COMM_MAX_RANKS];
+    engine_t *e = start_group(path, size, &c, pids, NULL, NULL);
+    assert_int_equal(kv_cache_block_bytes_all(e->kv, e->model->cfg.n_kv_heads), all);
+    prompt_blocks_whole(e, seq, got);
+    /* layer 0 of each block bit for bit; the layers after within the bound (f16 K and V) */
+    float worst = 0;
+    for (int blk = 0; blk < KV_FULL_BLOCKS; blk++) {
+        const uint8_t *a = want + (size_t)blk * all, *g = got + (size_t)blk * all;
+        if (memcmp(a, g, layer)) fail_msg("TP=%d block %d: layer 0's K/V differ from TP=1's", size, blk);
+        for (size_t i = 0; i < all / 2; i++) {
+            const float x = fl_f16_to_f32(((const fl_f16_t *)a)[i]), y = fl_f16_to_f32(((const fl_f16_t *)g)[i]);
+            if (fabsf(x - y) > worst) worst = fabsf(x - y);
+        }
+    }
+    fprintf(stderr, "  %s TP=%d: whole KV blocks, max |difference| from TP=1 %.3g (bound %g)\n", path, size, worst,
+            TP_KV_BOUND);
+    assert_true(worst <= TP_KV_BOUND);
+    /* TP=1's blocks handed out to the ranks' heads and gathered back: the same bytes */
+    int32_t fresh[KV_FULL_BLOCKS];
+    for (int i = 0; i < KV_FULL_BLOCKS; i++) assert_true((fresh[i] = kv_cache_alloc_block(e->kv)) >= 0);
+    if (tp_kv_write(e->model, e->kv, fresh, KV_FULL_BLOCKS, want, &err)) fail_msg("tp_kv_write: %s", err.msg);
+    if (tp_kv_read(e->model, e->kv, fresh, KV_FULL_BLOCKS, back, &err)) fail_msg("tp_kv_read: %s", err.msg);
+    assert_memory_equal(back, want, all * KV_FULL_BLOCKS);
+    for (int i = 0; i < KV_FULL_BLOCKS; i++) kv_cache_release_block(e->kv, fresh[i]);
+    assert_int_equal(stop_group(&e, &c, pids, size, true), size - 1);
+    free(want);
+    free(got);
+    free(back);
+}
+
+static void test_tp_kv_blocks_whole_equal_tp1_and_round_trip(void **state)
+{
+    (void)state;
+    check_kv_whole(g_model_f32, 2); /* 2 KV heads: one a rank */
+    check_kv_whole(g_model_kv3, 2); /* 3 KV heads: rank 0 one, rank 1 two (Q4_1 weights) */
+}
+
 static void test_tp2_equals_tp1_within_bound(void **state)
 {
     (void)state;
@@ -490,6 +572,7 @@ int main(void)
         cmocka_unit_test(test_tp_uneven_and_three_ranks_equal_tp1),
         cmocka_unit_test(test_tp_group_with_other_flags_refused_on_every_rank),
         cmocka_unit_test(test_tp_dead_follower_ends_rank0_step_with_epeer),
+        cmocka_unit_test(test_tp_kv_blocks_whole_equal_tp1_and_round_trip),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -924,8 +924,6 @@ int main(int argc, char **argv)
         if (w.curve && !peer_keys) /* nothing travels in the clear, and only listed workers pull */
             fl_log_info("worker: KV block pulls off (the links are CURVE-encrypted and no --peer-keys names the "
                         "workers that may pull)");
-        else if (w.tp > 1)
-            fl_log_info("worker: KV block pulls off (tp %d: a rank holds only its own KV heads)", w.tp);
         else if (peer_keys && !(w.peer_auth = auth_new(w.zctx, peer_keys, NULL, false, &err)))
             rc = err.code;
         else

@@ -16,7 +16,11 @@
  * With CURVE (--curve-secret, --peer-keys) the holder's ROUTER is a CURVE server of the worker's own
  * key, admitting the keys of --peer-keys (auth.h, AUTH_DOMAIN_PEERS), and a puller's DEALER is a
  * CURVE client that expects the key the coordinator saw the holder register with (kv_pull_key):
- * blocks never travel in the clear, and neither side can be posed as. */
+ * blocks never travel in the clear, and neither side can be posed as.
+ *
+ * A tensor-parallel group's rank 0 serves and pulls for its group: blocks travel whole (every KV
+ * head, as a one-rank group holds them), gathered from and handed out to the ranks by tp_kv_read and
+ * tp_kv_write, so groups of any cuts exchange blocks. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +29,7 @@
 
 #include "clock.h"
 #include "log.h"
+#include "tp.h"
 #include "worker.h"
 
 #define PEER_CHUNK_BYTES (4u << 20) /* a KvBlocks body stays well under WIRE_MAX_BODY_BYTES */
@@ -58,6 +63,12 @@ struct peer_link {
                            request the timeout */
 };
 
+/* A block as pulls carry it: whole, every KV head of the model. */
+static size_t block_bytes(const worker_t *w)
+{
+    return kv_cache_block_bytes_all(w->eng->kv, w->eng->model->cfg.n_kv_heads);
+}
+
 int worker_peer_init(worker_t *w, const char *bind, const char *advertise, fl_error_t *err)
 {
     snprintf(w->kv_layout, sizeof w->kv_layout, "%s|%s|%u", w->model_id, w->kv_type, w->block_size);
@@ -77,8 +88,8 @@ int worker_peer_init(worker_t *w, const char *bind, const char *advertise, fl_er
         if (zmq_getsockopt(w->peer_sock, ZMQ_LAST_ENDPOINT, w->peer_endpoint, &n))
             return fl_fail(err, FL_EIO, "worker: --kv-peer %s: %s", bind, zmq_strerror(errno));
     }
-    fl_log_info("worker serving KV block pulls at %s (layout %s, %zu bytes a block, encrypted=%s)", w->peer_endpoint,
-                w->kv_layout, kv_cache_block_bytes(w->eng->kv), w->curve ? "yes" : "no");
+    fl_log_info("worker serving KV block pulls at %s (layout %s, %zu bytes a block, encrypted=%s, tp=%d)",
+                w->peer_endpoint, w->kv_layout, block_bytes(w), w->curve ? "yes" : "no", w->tp);
     return FL_OK;
 }
 
@@ -148,17 +159,16 @@ static void serve_pull(worker_t *w, const wire_msg_t *m)
     kv_cache_t *kv = w->eng->kv;
     const int bs = kv->block_size;
     const int n = (int)(q->n_tokens / (size_t)bs);
-    if (strcmp(q->layout, w->kv_layout) || w->tp != 1) {
+    if (strcmp(q->layout, w->kv_layout)) {
         char why[1200];
-        snprintf(why, sizeof why, "the holder's KV layout is %s (tp %d), the puller's %.300s", w->kv_layout, w->tp,
-                 q->layout);
+        snprintf(why, sizeof why, "the holder's KV layout is %s, the puller's %.300s", w->kv_layout, q->layout);
         serve_reply(w, m, q->pull_id, q->first_block, 0, NULL, 0, true, why);
         folio__v1__kv_pull__free_unpacked(q, NULL);
         return;
     }
     block_hash_t *h = malloc(sizeof *h * (size_t)(n > 0 ? n : 1));
     int32_t *ids = malloc(sizeof *ids * (size_t)(n > 0 ? n : 1));
-    const size_t bb = kv_cache_block_bytes(kv);
+    const size_t bb = block_bytes(w);
     const int per_msg = bb >= PEER_CHUNK_BYTES ? 1 : (int)(PEER_CHUNK_BYTES / bb);
     uint8_t *buf = malloc(bb * (size_t)per_msg);
     if (!h || !ids || !buf) {
@@ -181,9 +191,9 @@ static void serve_pull(worker_t *w, const wire_msg_t *m)
     }
     for (int done = 0; done < found;) {
         const int k = found - done < per_msg ? found - done : per_msg;
-        int rc = FL_OK;
-        for (int j = 0; j < k && !rc; j++) rc = kv_cache_block_read(kv, ids[done + j], buf + (size_t)j * bb);
-        if (rc) {
+        fl_error_t rerr = {0};
+        if (tp_kv_read(w->eng->model, kv, ids + done, k, buf, &rerr)) {
+            fl_log_warn("worker KV pull %llu: %s", (unsigned long long)q->pull_id, rerr.msg);
             serve_reply(w, m, q->pull_id, q->first_block + (uint32_t)done, 0, NULL, 0, true,
                         "the holder could not read its blocks");
             break;
@@ -262,7 +272,7 @@ static int link_for(worker_t *w, const char *endpoint, const char *key, double n
 bool worker_pull_start(worker_t *w, Folio__V1__Request *q, worker_req_t *r, request_t *rq, double now)
 {
     const Folio__V1__GenerateRequest *g = q->generate;
-    if (!w->pull_on || !*g->kv_pull_endpoint || !g->kv_pull_blocks || w->tp != 1 || !w->prefix_cache ||
+    if (!w->pull_on || !*g->kv_pull_endpoint || !g->kv_pull_blocks || !w->prefix_cache ||
         !strcmp(g->kv_pull_endpoint, w->peer_endpoint) || w->n_pulls == w->n_reqs)
         return false;
     /* Encrypted links: only to a holder whose key the coordinator vouches for; plaintext: none is used. */
@@ -378,7 +388,7 @@ static int pull_find(const worker_t *w, uint64_t pull_id)
 static const char *install(worker_t *w, struct peer_pull *p, const Folio__V1__KvBlocks *b)
 {
     kv_cache_t *kv = w->eng->kv;
-    const size_t bb = kv_cache_block_bytes(kv);
+    const size_t bb = block_bytes(w);
     if (*b->error) return b->error;
     if (b->first_block != (uint32_t)p->next_block) return "blocks out of order";
     if (b->n_blocks > (uint32_t)(p->n_blocks - p->next_block) || b->data.len != bb * b->n_blocks)
@@ -391,7 +401,9 @@ static const char *install(worker_t *w, struct peer_pull *p, const Folio__V1__Kv
         if (kv_cache_find(kv, h, tokens) >= 0) continue; /* computed here meanwhile */
         const int32_t blk = kv_cache_alloc_block(kv);
         if (blk < 0) return "no free block";
-        if (kv_cache_block_write(kv, blk, b->data.data + (size_t)j * bb)) {
+        fl_error_t werr = {0};
+        if (tp_kv_write(w->eng->model, kv, &blk, 1, b->data.data + (size_t)j * bb, &werr)) {
+            fl_log_warn("worker KV pull %llu: %s", (unsigned long long)p->pull_id, werr.msg);
             kv_cache_release_block(kv, blk);
             return "the blocks could not be written";
         }
@@ -402,7 +414,9 @@ static const char *install(worker_t *w, struct peer_pull *p, const Folio__V1__Kv
     return NULL;
 }
 
-static void take_blocks(worker_t *w, const wire_msg_t *m)
+/* A KvBlocks that came on link `link`: only the pull asked on that link takes it (another holder,
+ * or anyone this worker has a link to, cannot answer a pull it was not asked). */
+static void take_blocks(worker_t *w, const wire_msg_t *m, int link)
 {
     fl_error_t err = {0};
     if (!peer_command(m, WIRE_CMD_KV_BLOCKS, "from a KV holder")) return;
@@ -412,7 +426,10 @@ static void take_blocks(worker_t *w, const wire_msg_t *m)
         return;
     }
     const int i = pull_find(w, b->pull_id);
-    if (i >= 0) { /* else it ended already (a timeout): late blocks are dropped */
+    if (i >= 0 && w->pulls[i].link != link) {
+        fl_log_warn("worker ignored KV blocks for pull %llu from %s: the pull was asked of %s",
+                    (unsigned long long)b->pull_id, w->links[link].endpoint, w->links[w->pulls[i].link].endpoint);
+    } else if (i >= 0) { /* else it ended already (a timeout): late blocks are dropped */
         const char *why = install(w, &w->pulls[i], b);
         if (why || b->last || w->pulls[i].next_block == w->pulls[i].n_blocks)
             pull_end(w, i, why ? why : !b->n_blocks && b->first_block == (uint32_t)w->pulls[i].first_block
@@ -422,8 +439,11 @@ static void take_blocks(worker_t *w, const wire_msg_t *m)
     folio__v1__kv_blocks__free_unpacked(b, NULL);
 }
 
-static void drain_socket(worker_t *w, void *sock, bool router)
+/* Messages waiting on the peer ROUTER (link -1) or on link `link`'s DEALER. */
+static void drain_socket(worker_t *w, int link)
 {
+    const bool router = link < 0;
+    void *sock = router ? w->peer_sock : w->links[link].sock;
     for (int k = 0; k < 64; k++) {
         wire_msg_t m;
         fl_error_t err = {0};
@@ -431,7 +451,7 @@ static void drain_socket(worker_t *w, void *sock, bool router)
         if (rc == FL_EIO && errno == EAGAIN) return;
         if (rc == FL_OK) {
             if (router) serve_pull(w, &m);
-            else take_blocks(w, &m);
+            else take_blocks(w, &m, link);
         } else {
             fl_log_warn("worker KV peer receive: %s", err.msg);
         }
@@ -442,8 +462,8 @@ static void drain_socket(worker_t *w, void *sock, bool router)
 
 void worker_peer_service(worker_t *w, double now)
 {
-    if (w->peer_sock) drain_socket(w, w->peer_sock, true);
-    for (int i = 0; i < w->n_links; i++) drain_socket(w, w->links[i].sock, false);
+    if (w->peer_sock) drain_socket(w, -1);
+    for (int i = 0; i < w->n_links; i++) drain_socket(w, i);
     for (int i = w->n_pulls - 1; i >= 0; i--) /* followers end with their pull */
         if (i < w->n_pulls && !w->pulls[i].follower && now >= w->pulls[i].deadline) pull_end(w, i, "timed out");
     for (int i = w->n_links - 1; i >= 0; i--) /* idle links go, but while a pull waits or it is quiet */
