@@ -16,7 +16,10 @@
  * on the caller without waking the pool. Each thread has its own scratch (cpu_backend_t.scores).
  *
  * Sliding windows and soft-capping (attn_score) change a score, never the order: a position outside
- * the window scores -inf, as in llama.cpp's mask, and so weighs exactly 0 in the same sums. */
+ * the window scores -inf, as in llama.cpp's mask, and so weighs exactly 0 in the same sums. Whole
+ * 64-position runs before a window's start are not computed at all (attn_window_skip): each sum
+ * above is lane j % 16 or j % 64 of the position, or a double sum of 16-position chunks, so the
+ * runs' zeros (x + 0 = x, and +0 accumulators stay +0) leave every sum's bits as they were. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -59,6 +62,16 @@ static inline float attn_score(const kern_attn_t *a, float dot, int lo, int j)
 static inline int attn_window_lo(const kern_attn_t *a, int i)
 {
     return a->window > 0 ? a->tok_pos[i] - a->window + 1 : 0;
+}
+
+/* Positions before this one (a multiple of 64, at most `upto`'s) are masked for token i and are
+ * skipped: the window's start rounded down to 64 (see the head of the file). upto: the first
+ * compacted index that may not be a position (a tree's start), else the length. */
+static inline int attn_window_skip(const kern_attn_t *a, int i, int upto)
+{
+    const int lo = attn_window_lo(a, i);
+    if (lo <= 0) return 0;
+    return (lo < upto ? lo : upto) & ~63;
 }
 
 /* out[d] = sum_j p[j] * v_j[d] over j < len. tb: tinyBLAS order (lane j % 16); else vec_dot order
@@ -423,8 +436,8 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
     else
         round_f16_avx2(q16, a->q + qoff, hd);
 
-    const int lo = attn_window_lo(a, i);
-    int j0 = 0;
+    const int lo = attn_window_lo(a, i), skip = attn_window_skip(a, i, ts);
+    int j0 = skip;
     if (isa == CPU_ISA_AVX512 && (kq_tb ? hd % 16 == 0 : hd % 64 == 0)) {
         for (; j0 + 16 <= len; j0 += 16) {
             const fl_f16_t *kr[16];
@@ -449,6 +462,7 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
         sc[j] = attn_score(a, dot, lo, j);
     }
     float *out = a->out + qoff;
+    sc += skip, rows += skip, len -= skip; /* from here the same sums over the positions left */
     if (isa == CPU_ISA_SCALAR) {
         attn_softmax_scalar(sc, len);
         attn_vsum_scalar(out, sc, rows, len, hd, kqv_tb, vacc);
@@ -497,8 +511,11 @@ attn_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc, cons
                 const fl_f16_t **vrows, const int G, const int hd, const bool tb)
 {
     const kern_attn_t *a = c->a;
-    const int ss = c->sstride, len = a->tok_pos[i] + 1, wlo = attn_window_lo(a, i);
+    const int ss = c->sstride, skip = attn_window_skip(a, i, a->tok_pos[i] + 1);
     const size_t qoff = group_rows(c, i, kvh, q16, krows, vrows, G, hd);
+    /* the masked runs before the window skipped (attn_window_skip): indices below are from skip on */
+    const int len = a->tok_pos[i] + 1 - skip, wlo = attn_window_lo(a, i) - skip;
+    krows += skip, vrows += skip, sc += skip;
 
     /* scores: per row one 16-lane accumulator (tb), or the 4 vec_dot accumulators combined as
      * (a0 + a2) + (a1 + a3); then reduced 16 rows at once */
