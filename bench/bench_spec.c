@@ -56,9 +56,12 @@
 static const int verify_sizes[] = {1, 2, 4, 8, 16};
 #define N_VERIFY_SIZES ((int)(sizeof verify_sizes / sizeof verify_sizes[0]))
 
-typedef enum { DRAFTER_NONE, DRAFTER_NGRAM, DRAFTER_MEDUSA, DRAFTER_COUNT } drafter_t;
-static const char *const drafter_names[DRAFTER_COUNT] = {"none", "ngram", "medusa"};
-static const sched_spec_t drafter_spec[DRAFTER_COUNT] = {SCHED_SPEC_NONE, SCHED_SPEC_NGRAM, SCHED_SPEC_MEDUSA};
+/* auto: what a request gets by default (GenerateRequest.spec unset): an n-gram match where the
+ * output copies its context, Medusa's tree elsewhere. */
+typedef enum { DRAFTER_NONE, DRAFTER_NGRAM, DRAFTER_MEDUSA, DRAFTER_AUTO, DRAFTER_COUNT } drafter_t;
+static const char *const drafter_names[DRAFTER_COUNT] = {"none", "ngram", "medusa", "auto"};
+static const sched_spec_t drafter_spec[DRAFTER_COUNT] = {SCHED_SPEC_NONE, SCHED_SPEC_NGRAM, SCHED_SPEC_MEDUSA,
+                                                         SCHED_SPEC_AUTO};
 
 typedef struct verify_row {
     int tokens;
@@ -535,6 +538,24 @@ static void print_verify(const verify_row_t *v, int n, int ctx, int rounds)
                    v[i].median_s / v[0].median_s, v[i].best_s / v[0].best_s);
 }
 
+/* The server's own decode steps over every run at batch 1: their time by size (forward and sampling,
+ * Medusa's heads apart), what a verify of k tokens cost beside a plain step as the runs went. */
+static void print_server_steps(const sched_stats_t *st)
+{
+    if (!st->steps_by_size[1]) return;
+    const double one = st->s_by_size[1] / (double)st->steps_by_size[1];
+    printf("\nbatch-1 decode steps of the runs above, by tokens (forward and sampling; the Medusa heads took %.2f s "
+           "apart, %llu epochs on, %llu off):\n",
+           st->heads_s, (unsigned long long)st->heads_epochs_on, (unsigned long long)st->heads_epochs_off);
+    printf("%8s %8s %9s %9s\n", "tokens", "steps", "mean ms", "/ 1 token");
+    for (int k = 1; k < SCHED_STEP_SIZES; k++) {
+        if (!st->steps_by_size[k]) continue;
+        const double mean = st->s_by_size[k] / (double)st->steps_by_size[k];
+        printf("%7d%s %8llu %9.2f %8.2fx\n", k, k == SCHED_STEP_SIZES - 1 ? "+" : " ",
+               (unsigned long long)st->steps_by_size[k], mean * 1e3, mean / one);
+    }
+}
+
 static const row_t *find_row(const row_t *rows, int n, spec_workload_t w, int batch, bool constrained, drafter_t d)
 {
     for (int i = 0; i < n; i++)
@@ -635,7 +656,8 @@ static void print_goals(const row_t *rows, int n, const int *batches, int n_batc
 
 static int write_json(const char *path, const char *model_path, const char *backend, int threads, int max_tokens,
                       const char *heads, int n_heads, int verify_ctx, int rounds, const verify_row_t *v, int n_v,
-                      const workload_t *wls, int n_wl, const row_t *rows, int n_rows, bool identical, bool valid)
+                      const workload_t *wls, int n_wl, const row_t *rows, int n_rows, bool identical, bool valid,
+                      const sched_stats_t *server)
 {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "benchmark", "spec");
@@ -661,6 +683,25 @@ static int write_json(const char *path, const char *model_path, const char *back
         cJSON_AddNumberToObject(e, "median_over_1", v[i].median_s / v[0].median_s);
         cJSON_AddNumberToObject(e, "best_over_1", v[i].best_s / v[0].best_s);
         cJSON_AddItemToArray(va, e);
+    }
+    if (server->steps_by_size[1]) { /* batch 1's decode steps in the runs, by size */
+        cJSON *so = cJSON_AddObjectToObject(o, "server_steps_batch1");
+        cJSON_AddNumberToObject(so, "heads_s", server->heads_s);
+        cJSON_AddNumberToObject(so, "heads_epochs_on", (double)server->heads_epochs_on);
+        cJSON_AddNumberToObject(so, "heads_epochs_off", (double)server->heads_epochs_off);
+        cJSON *sa = cJSON_AddArrayToObject(so, "steps");
+        const double one = server->s_by_size[1] / (double)server->steps_by_size[1];
+        for (int k = 1; k < SCHED_STEP_SIZES; k++) {
+            if (!server->steps_by_size[k]) continue;
+            const double mean = server->s_by_size[k] / (double)server->steps_by_size[k];
+            cJSON *e = cJSON_CreateObject();
+            cJSON_AddNumberToObject(e, "tokens", k);
+            cJSON_AddBoolToObject(e, "or_more", k == SCHED_STEP_SIZES - 1);
+            cJSON_AddNumberToObject(e, "steps", (double)server->steps_by_size[k]);
+            cJSON_AddNumberToObject(e, "mean_ms", mean * 1e3);
+            cJSON_AddNumberToObject(e, "over_1", mean / one);
+            cJSON_AddItemToArray(sa, e);
+        }
     }
     cJSON *wa = cJSON_AddArrayToObject(o, "workloads");
     for (int w = 0; w < n_wl; w++) {
@@ -876,6 +917,7 @@ int bench_spec(int argc, char **argv)
     collect_t c = {0};
     medusa_t *own_heads = NULL, *heads = NULL;
     sched_t *scheds[MAX_BATCHES] = {0};
+    sched_stats_t server_steps = {0};
     verify_row_t verify[N_VERIFY_SIZES];
     int n_verify = 0, n_drafters = 0, n_rows = 0, most_req = 0;
     bool identical = true, valid = true;
@@ -1033,6 +1075,11 @@ int bench_spec(int argc, char **argv)
                    r->batch, drafter_names[r->d], r->checked - r->valid, r->checked, r->first_invalid);
         }
     }
+    for (int b = 0; b < n_batches; b++)
+        if (batches[b] == 1) {
+            sched_get_stats(scheds[b], &server_steps);
+            print_server_steps(&server_steps);
+        }
     print_goals(rows, n_rows, batches, n_batches);
     printf("lossless (greedy tokens identical with and without speculation, every prompt): %s\n",
            identical ? "yes" : "NO");
@@ -1043,7 +1090,7 @@ int bench_spec(int argc, char **argv)
     if (json_path && write_json(json_path, model_path, backend, eo.threads, (int)max_tokens,
                                 heads ? heads_path : NULL, heads ? medusa_n_heads(heads) : 0,
                                 (int)verify_ctx, (int)rounds, verify, n_verify, wls, n_wl, rows, n_rows,
-                                identical, valid))
+                                identical, valid, &server_steps))
         fprintf(stderr, "error: cannot write %s\n", json_path);
     status = identical && valid ? 0 : 1;
     goto out;

@@ -69,6 +69,7 @@ typedef struct seq {
     int since_cand;          /* steps the candidates were skipped since last computed */
     int cand_pause;          /* steps between candidates while drafts are cut (0: none yet) */
     double acc_yes, acc_no;  /* decayed counts of accepted and rejected draft tokens */
+    double med_expect;       /* this step's Medusa tree: accepted tokens the heads' accuracies promise */
     /* Constrained output: the automaton's state after every token taken so far (the pending one
      * included), each tree node's state after its path, and how many leading chain nodes the
      * constraint itself fixed (free drafts). */
@@ -110,7 +111,20 @@ struct sched {
     seq_t **cand_seq;
     const spec_paths_t *paths;
     int top_k;               /* candidates per head the tree needs */
-    spec_cost_t spec_cost;   /* measured decode step seconds by size */
+    spec_cost_t spec_cost;   /* measured decode step seconds by size (the forward: the heads apart) */
+    /* Medusa's own price, measured: the heads' seconds a row (decayed mean; 0 until they run), what
+     * they took this step, and how many drafted tokens the heads' held-out accuracies promised
+     * against how many were accepted (decayed sums), which calibrates those accuracies to the
+     * workload at hand. */
+    double heads_s_per_row, heads_s_step, med_promised, med_accepted;
+    /* Whether the heads pay at all, measured: decode steps go in epochs of SCHED_HEADS_EPOCH with the
+     * heads on or off, and the tokens per second of each mode (decayed) decide the next epochs; the
+     * mode that lost is tried again every SCHED_HEADS_PROBE epochs. This catches what the planner's
+     * estimates miss (the heads' weights pushing the model's out of the caches, a calibration that
+     * lags). */
+    bool heads_off;
+    int epoch_steps, epochs_since_probe;
+    double epoch_tokens, epoch_s, heads_rate[2]; /* tokens per second with the heads on [0], off [1] */
     sched_logprobs_t logprobs; /* of the token being reported */
     fl_constraint_cache_t *cons_cache; /* compiled constraints by text; made on first use */
 
@@ -783,30 +797,44 @@ double sched_expected_s(const sched_t *s, int tokens, double pairs)
 /* How likely a sequence's next draft token is accepted: its decayed record, with a prior. */
 static double seq_acceptance(const seq_t *q) { return (q->acc_yes + 1) / (q->acc_yes + q->acc_no + 2); }
 
-/* The chance node k of q's tree is accepted, as the greedy planner ranks it. Medusa nodes: the
- * product over its path of the chance that its head's candidate of that rank is the right token
- * (from the accuracies the trainer measured), scaled by how this sequence fares against the prior;
- * other nodes: the sequence's acceptance rate to the power of the depth, less for a runner-up
- * (an earlier sibling came first). */
-#define SCHED_PRIOR_ACCEPTANCE (4.0 / 6.0) /* seq_acceptance of the prior counts (3 and 1) */
+/* What the heads' held-out accuracies promise for Medusa node k: the product over its path of the
+ * chance that its head's candidate of that rank is the right token. */
+static double medusa_promise(const sched_t *s, const seq_t *q, int k)
+{
+    const spec_tree_t *t = &q->tree;
+    double p = 1;
+    for (int j = k; j > 0; j = t->parent[j]) {
+        const int head = t->depth[j] - 1, r = t->rank[j];
+        const double hit = medusa_head_accuracy(s->o.medusa, head, r) -
+                           (r > 0 ? medusa_head_accuracy(s->o.medusa, head, r - 1) : 0);
+        p *= hit > 0 ? hit : 0.01;
+    }
+    return p;
+}
+
+/* Accepted over promised Medusa draft tokens lately: the heads' accuracies on this workload, as a
+ * factor (held-out answers are not the requests being served; a tree's deeper nodes also fare
+ * worse than the product of independent accuracies). */
+static double medusa_calibration(const sched_t *s)
+{
+    const double c = (s->med_accepted + 0.5) / (s->med_promised + 0.5);
+    return c < 0.05 ? 0.05 : c > 1.5 ? 1.5 : c;
+}
+
+/* The chance node k of q's tree is accepted, as the greedy planner ranks it. Medusa nodes: what the
+ * heads' accuracies promise (medusa_promise), calibrated by how their drafts fared lately; forced
+ * nodes (a constraint's): nearly sure; other nodes: the sequence's acceptance rate to the power of
+ * the depth, less for a runner-up (an earlier sibling came first). */
 static double node_chance(const sched_t *s, const seq_t *q, int k)
 {
     const spec_tree_t *t = &q->tree;
-    double p = 1, scale = seq_acceptance(q) / SCHED_PRIOR_ACCEPTANCE;
-    if (scale > 1.5) scale = 1.5;
+    double p = 1;
     if (!q->tree_medusa && t->depth[k] <= q->n_forced) {
         for (int d = 0; d < t->depth[k]; d++) p *= SCHED_FORCED_CHANCE;
         return p;
     }
-    if (q->tree_medusa && medusa_head_accuracy(s->o.medusa, 0, 0) > 0) {
-        for (int j = k; j > 0; j = t->parent[j]) {
-            const int head = t->depth[j] - 1, r = t->rank[j];
-            const double hit = medusa_head_accuracy(s->o.medusa, head, r) -
-                               (r > 0 ? medusa_head_accuracy(s->o.medusa, head, r - 1) : 0);
-            p *= (hit > 0 ? hit : 0.01) * scale;
-        }
-        return p;
-    }
+    if (q->tree_medusa && medusa_head_accuracy(s->o.medusa, 0, 0) > 0)
+        return medusa_promise(s, q, k) * medusa_calibration(s);
     int rank = 0;
     for (int j = 1; j < k; j++) rank += t->parent[j] == t->parent[k];
     for (int d = 0; d < t->depth[k]; d++) p *= seq_acceptance(q);
@@ -883,7 +911,7 @@ static void plan_drafts(sched_t *s)
     int rows_left = s->max_rows - s->n_running, tokens_left = s->o.max_batch_tokens - n_dec;
     int keep[s->n_running];
     for (int i = 0; i < s->n_running; i++) keep[i] = 1;
-    double expect = n_dec, t = spec_cost_s(&s->spec_cost, n_dec);
+    double expect = n_dec, t = spec_cost_s(&s->spec_cost, n_dec), heads_t = 0;
     int n = n_dec;
     while (rows_left > 0 && tokens_left > 0) {
         int best = -1;
@@ -895,19 +923,25 @@ static void plan_drafts(sched_t *s)
             if (p > best_p) best = i, best_p = p;
         }
         if (best < 0) break;
-        const double t2 = spec_cost_s(&s->spec_cost, n + 1);
+        /* A sequence's first Medusa draft also pays for the heads: kept drafts keep them running on
+         * its row every step (propose_candidates), a price plain decoding never pays. */
+        const bool first_medusa = s->running[best]->tree_medusa && keep[best] == 1;
+        const double heads2 = heads_t + (first_medusa ? s->heads_s_per_row : 0);
+        const double t2 = spec_cost_s(&s->spec_cost, n + 1) + heads2;
         /* Every SCHED_EXPLORE_STEPS steps one draft token goes in even when the table says no: a
          * size measured in a slow minute (other load on the machine) would otherwise never be
          * measured again, and drafting would stay off for good. */
         const bool explore = n == n_dec && s->st.steps % SCHED_EXPLORE_STEPS == 0;
         if (!s->o.spec_draft_all && !explore && t > 0 && t2 > 0 && (expect + best_p) / t2 <= expect / t) break;
         keep[best]++, n++, rows_left--, tokens_left--;
-        expect += best_p, t = t2;
+        expect += best_p, t = t2, heads_t = heads2;
     }
     for (int i = 0; i < s->n_running; i++) {
         seq_t *q = s->running[i];
         q->draft_cut = q->tree.n > 1 && keep[i] == 1;
         spec_tree_truncate(&q->tree, keep[i]);
+        q->med_expect = 0;
+        for (int k = 1; q->tree_medusa && k < q->tree.n; k++) q->med_expect += medusa_promise(s, q, k);
     }
 }
 
@@ -1058,6 +1092,10 @@ static void accept_drafts(sched_t *s, int n_seqs)
         for (int k = last + 1; k < q->tree.n && !rejected; k++) rejected = q->tree.parent[k] == last;
         q->acc_yes = 0.9 * q->acc_yes + accepted;
         q->acc_no = 0.9 * q->acc_no + (rejected ? 1 : 0);
+        if (q->tree_medusa && q->med_expect > 0) { /* the promise of this step's tree against its outcome */
+            s->med_promised = 0.995 * s->med_promised + q->med_expect;
+            s->med_accepted = 0.995 * s->med_accepted + accepted;
+        }
         for (int d = 1; d <= accepted; d++) {
             const int node = q->emit_node[d - 1];
             q->tokens[q->n_tokens + d - 1] = q->emit[d - 1];
@@ -1081,9 +1119,40 @@ static void accept_drafts(sched_t *s, int n_seqs)
  * whatever the pause, so that the plan has Medusa drafts to try. */
 #define CAND_PAUSE_MIN 4
 #define CAND_PAUSE_MAX 32
-static void propose_candidates(sched_t *s, int n_seqs)
+#define SCHED_HEADS_EPOCH 64 /* decode steps an epoch of heads on or off */
+#define SCHED_HEADS_PROBE 8  /* epochs between tries of the losing mode */
+
+/* One decode step of `tokens` tokens taken in `seconds` (the heads included) toward the epoch; at
+ * its end, the next epoch's mode. */
+static void heads_epoch_observe(sched_t *s, int tokens, double seconds)
 {
     if (!s->o.medusa) return;
+    s->epoch_tokens += tokens;
+    s->epoch_s += seconds;
+    if (++s->epoch_steps < SCHED_HEADS_EPOCH) return;
+    const int mode = s->heads_off;
+    const double rate = s->epoch_tokens / s->epoch_s;
+    if (mode) s->st.heads_epochs_off++;
+    else s->st.heads_epochs_on++;
+    s->heads_rate[mode] = s->heads_rate[mode] > 0 ? 0.5 * s->heads_rate[mode] + 0.5 * rate : rate;
+    s->epoch_steps = 0;
+    s->epoch_tokens = s->epoch_s = 0;
+    const int other = !mode, better = s->heads_rate[1] > s->heads_rate[0];
+    if (!(s->heads_rate[other] > 0) || ++s->epochs_since_probe >= SCHED_HEADS_PROBE) {
+        s->heads_off = other; /* a try of the other mode */
+        s->epochs_since_probe = 0;
+    } else {
+        s->heads_off = better;
+    }
+}
+static void propose_candidates(sched_t *s, int n_seqs)
+{
+    s->heads_s_step = 0;
+    if (!s->o.medusa) return;
+    if (s->heads_off) { /* an epoch without the heads: Medusa sequences decode plainly (or n-gram, AUTO) */
+        for (int i = 0; i < n_seqs; i++) s->logit_seq[i]->has_cand = false;
+        return;
+    }
     const int heads = medusa_n_heads(s->o.medusa), per = heads * s->top_k;
     const bool explore_next = (s->st.steps + 1) % SCHED_EXPLORE_STEPS == 0; /* st.steps counts this step after */
     int n = 0;
@@ -1097,16 +1166,31 @@ static void propose_candidates(sched_t *s, int n_seqs)
                                             : CAND_PAUSE_MIN;
         if (!explore_next && (q->draft_cut || q->since_cand > 0) && ++q->since_cand < q->cand_pause)
             continue; /* in a pause */
+        if (q->spec_auto && q->n_emit > 0) {
+            /* AUTO drafts an n-gram match first: when the next step has one (the tokens taken this
+             * step included: the accepted ones are written ahead, the new pending one goes where it
+             * will be), the heads would run for nothing, and their weights would push the model's
+             * out of the caches. */
+            const int n_next = q->n_tokens + q->n_emit;
+            q->tokens[n_next - 1] = q->emit[q->n_emit - 1];
+            int32_t one;
+            if (spec_ngram_draft(q->tokens, n_next, 1, &one) > 0) continue;
+        }
         q->since_cand = 0;
         s->cand_rows[n] = q->row0 + (q->n_emit > 1 ? q->emit_node[q->n_emit - 2] : 0);
         s->cand_seq[n++] = q;
     }
     if (n == 0) return;
     fl_error_t err = {0};
+    const double t0 = fl_clock_s();
     if (medusa_propose(s->o.medusa, s->m, s->cand_rows, n, s->top_k, s->cand_out, &err)) {
         fl_log_warn("sched: Medusa heads failed (%s); drafting without them this step", err.msg);
         return;
     }
+    s->heads_s_step = fl_clock_s() - t0;
+    s->st.heads_s += s->heads_s_step;
+    const double per_row = s->heads_s_step / n;
+    s->heads_s_per_row = s->heads_s_per_row > 0 ? 0.9 * s->heads_s_per_row + 0.1 * per_row : per_row;
     for (int i = 0; i < n; i++) {
         memcpy(s->cand_seq[i]->cand, s->cand_out + (size_t)i * per, (size_t)per * sizeof *s->cand_out);
         s->cand_seq[i]->has_cand = true;
@@ -1219,7 +1303,8 @@ int sched_step(sched_t *s, fl_error_t *err)
     accept_drafts(s, n_seqs);
     propose_candidates(s, n_seqs);
     const double now = fl_clock_s();
-    cost_observe(s, b.n_tokens, s->step_pairs, now - t0);
+    /* the cost tables are the forward's; the heads' share is priced apart (plan_drafts) */
+    cost_observe(s, b.n_tokens, s->step_pairs, now - t0 - s->heads_s_step);
     s->st.steps++;
     s->st.prefill_tokens += (uint64_t)n_prefill;
     if (n_prefill > 0) {
@@ -1227,7 +1312,16 @@ int sched_step(sched_t *s, fl_error_t *err)
     } else {
         s->st.decode_s += now - t0;
         s->st.decode_step_tokens += (uint64_t)b.n_tokens;
-        spec_cost_observe(&s->spec_cost, b.n_tokens, now - t0);
+        spec_cost_observe(&s->spec_cost, b.n_tokens, now - t0 - s->heads_s_step);
+        int emitted = 0, medusa_seqs = 0;
+        for (int i = 0; i < n_seqs; i++) {
+            emitted += s->logit_seq[i]->n_emit;
+            medusa_seqs += s->logit_seq[i]->spec == SCHED_SPEC_MEDUSA;
+        }
+        if (medusa_seqs) heads_epoch_observe(s, emitted, now - t0); /* steps the heads' mode can change */
+        const int size = b.n_tokens < SCHED_STEP_SIZES - 1 ? b.n_tokens : SCHED_STEP_SIZES - 1;
+        s->st.steps_by_size[size]++;
+        s->st.s_by_size[size] += now - t0 - s->heads_s_step;
     }
     for (int i = 0; i < s->n_running; i++) advance_and_publish(s, s->running[i]);
     /* logit_seq holds pointers, not indices: callbacks may reshape running[] meanwhile. */

@@ -50,6 +50,7 @@ typedef enum {
 } sched_spec_t;
 
 #define SCHED_MAX_DRAFT 16  /* draft tokens a sequence may verify in one step */
+#define SCHED_STEP_SIZES 18 /* sched_stats_t.steps_by_size: 1..16 tokens, and more */
 
 struct medusa;
 
@@ -162,6 +163,14 @@ typedef struct sched_stats {
     /* Speculation: draft tokens verified and accepted, and the (sequence, step) verifications that
      * carried a draft; mean accepted length = 1 + accepted / spec_seq_steps tokens a step. */
     uint64_t drafted_tokens, accepted_tokens, spec_seq_steps;
+    /* Decode-only steps by their token count (index: tokens, 1..SCHED_STEP_SIZES - 1; the last
+     * counts that many or more): how many, and their seconds of forward and sampling (the Medusa
+     * heads apart). What a verify of k tokens costs in the server, beside plain decoding. */
+    uint64_t steps_by_size[SCHED_STEP_SIZES];
+    double s_by_size[SCHED_STEP_SIZES];
+    /* Medusa: seconds of the heads, and decode epochs run with them on and off (heads_epoch). */
+    double heads_s;
+    uint64_t heads_epochs_on, heads_epochs_off;
 } sched_stats_t;
 
 typedef struct sched sched_t;

@@ -205,7 +205,9 @@ void spec_cost_observe(spec_cost_t *c, int tokens, double seconds)
 {
     if (tokens <= 0 || !(seconds > 0)) return;
     const int b = bucket_of(tokens);
-    const double w = c->s[b] > 0 ? 0.2 : 1.0; /* recent steps weigh most: contexts grow */
+    /* recent steps weigh most (contexts grow), over about 20 of them: one step's time moves by 20% and
+     * more on a busy machine, and the planner weighs differences of that size */
+    const double w = c->s[b] > 0 ? 0.05 : 1.0;
     c->s[b] += w * (seconds - c->s[b]);
     c->n[b] += w * (tokens - c->n[b]);
 }
@@ -223,9 +225,9 @@ double spec_cost_s(const spec_cost_t *c, int tokens)
         if (c->n[b] <= tokens) lo = b;
         else if (hi < 0) hi = b;
     }
-    if (lo >= 0 && hi >= 0) {
+    if (lo >= 0 && hi >= 0) { /* never below the smaller size's: more tokens never cost less */
         const double f = (tokens - c->n[lo]) / (c->n[hi] - c->n[lo]);
-        return c->s[lo] + f * (c->s[hi] - c->s[lo]);
+        return c->s[hi] > c->s[lo] ? c->s[lo] + f * (c->s[hi] - c->s[lo]) : c->s[lo];
     }
     const int m = lo >= 0 ? lo : hi;
     if (m < 0) return 0;

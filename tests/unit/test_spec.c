@@ -169,9 +169,15 @@ static void cost_table_interpolates_and_guesses_beyond(void **state)
     spec_cost_observe(&c, 8, 0.020);
     const double mid = spec_cost_s(&c, 4);
     assert_true(mid > 0.010 && mid < 0.020);
-    /* recent steps weigh most */
-    for (int i = 0; i < 50; i++) spec_cost_observe(&c, 8, 0.040);
+    /* recent steps weigh most, over about 20 of them: one slow step moves the estimate by 5% */
+    spec_cost_observe(&c, 8, 0.040);
+    assert_true(spec_cost_s(&c, 8) > 0.0209 && spec_cost_s(&c, 8) < 0.0211);
+    for (int i = 0; i < 100; i++) spec_cost_observe(&c, 8, 0.040);
     assert_true(spec_cost_s(&c, 8) > 0.039);
+    /* a larger size measured cheaper (noise): the estimate never falls below the smaller size's */
+    for (int i = 0; i < 200; i++) spec_cost_observe(&c, 2, 0.050);
+    assert_true(spec_cost_s(&c, 4) >= spec_cost_s(&c, 2) - 1e-12);
+    assert_true(spec_cost_s(&c, 6) >= spec_cost_s(&c, 4) - 1e-12);
 }
 
 int main(void)
