@@ -1130,6 +1130,11 @@ static void heads_epoch_observe(sched_t *s, int tokens, double seconds)
     s->epoch_tokens += tokens;
     s->epoch_s += seconds;
     if (++s->epoch_steps < SCHED_HEADS_EPOCH) return;
+    if (!(s->epoch_s > 0)) { /* no time measured: nothing to weigh */
+        s->epoch_steps = 0;
+        s->epoch_tokens = 0;
+        return;
+    }
     const int mode = s->heads_off;
     const double rate = s->epoch_tokens / s->epoch_s;
     if (mode) s->st.heads_epochs_off++;

@@ -220,17 +220,25 @@ void spec_cost_observe(spec_cost_t *c, int tokens, double seconds)
 double spec_cost_s(const spec_cost_t *c, int tokens)
 {
     int lo = -1, hi = -1;
+    double floor = 0; /* the dearest size measured at or below tokens: more tokens never cost less */
     for (int b = 0; b < SPEC_COST_BUCKETS; b++) {
         if (!(c->s[b] > 0)) continue;
-        if (c->n[b] <= tokens) lo = b;
-        else if (hi < 0) hi = b;
+        if (c->n[b] <= tokens) {
+            lo = b;
+            if (c->s[b] > floor) floor = c->s[b];
+        } else if (hi < 0) {
+            hi = b;
+        }
     }
-    if (lo >= 0 && hi >= 0) { /* never below the smaller size's: more tokens never cost less */
+    double est;
+    if (lo >= 0 && hi >= 0) {
         const double f = (tokens - c->n[lo]) / (c->n[hi] - c->n[lo]);
-        return c->s[hi] > c->s[lo] ? c->s[lo] + f * (c->s[hi] - c->s[lo]) : c->s[lo];
+        est = c->s[lo] + f * (c->s[hi] - c->s[lo]);
+    } else {
+        const int m = lo >= 0 ? lo : hi;
+        if (m < 0) return 0;
+        const double per = c->s[m] / c->n[m];
+        est = c->s[m] + (tokens - c->n[m]) * per * (tokens > c->n[m] ? SPEC_COST_GUESS : 1.0);
     }
-    const int m = lo >= 0 ? lo : hi;
-    if (m < 0) return 0;
-    const double per = c->s[m] / c->n[m];
-    return c->s[m] + (tokens - c->n[m]) * per * (tokens > c->n[m] ? SPEC_COST_GUESS : 1.0);
+    return est > floor ? est : floor;
 }

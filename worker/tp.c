@@ -187,8 +187,9 @@ static int follow_kv(model_t *m, kv_cache_t *kv, const tp_header_t *h, fl_error_
     uint8_t *buf = malloc((h->op == TP_KV_WRITE ? all : mine) * (size_t)h->n), *slice = malloc(mine);
     int rc = buf && slice ? FL_OK : fl_fail(err, FL_ENOMEM, "tensor parallel: no memory for %d KV blocks", h->n);
     if (!rc && h->op == TP_KV_READ) {
-        for (int i = 0; i < h->n && !rc; i++) rc = kv_cache_block_read(kv, m->plan[i], buf + (size_t)i * mine);
-        if (rc) fl_fail(err, rc, "tensor parallel: reading KV block %d failed", m->plan[0]);
+        int i = 0;
+        for (; i < h->n && !rc; i++) rc = kv_cache_block_read(kv, m->plan[i], buf + (size_t)i * mine);
+        if (rc) fl_fail(err, rc, "tensor parallel: reading KV block %d failed", m->plan[i - 1]);
         else rc = comm_send(m->comm, buf, mine * (size_t)h->n, 0, err);
     } else if (!rc) {
         rc = comm_broadcast(m->comm, buf, all * (size_t)h->n, 0, err);
