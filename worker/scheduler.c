@@ -1122,26 +1122,22 @@ static void accept_drafts(sched_t *s, int n_seqs)
 #define SCHED_HEADS_EPOCH 64 /* decode steps an epoch of heads on or off */
 #define SCHED_HEADS_PROBE 8  /* epochs between tries of the losing mode */
 
-/* One decode step of `tokens` tokens taken in `seconds` (the heads included) toward the epoch; at
- * its end, the next epoch's mode. */
+/* One decode step with Medusa sequences (so heads are loaded) of `tokens` tokens taken in `seconds`
+ * (the heads included) toward the epoch; at its end, the next epoch's mode. */
 static void heads_epoch_observe(sched_t *s, int tokens, double seconds)
 {
-    if (!s->o.medusa) return;
     s->epoch_tokens += tokens;
     s->epoch_s += seconds;
     if (++s->epoch_steps < SCHED_HEADS_EPOCH) return;
-    if (!(s->epoch_s > 0)) { /* no time measured: nothing to weigh */
-        s->epoch_steps = 0;
-        s->epoch_tokens = 0;
-        return;
-    }
+    const double tokens_done = s->epoch_tokens, epoch_s = s->epoch_s;
+    s->epoch_steps = 0;
+    s->epoch_tokens = s->epoch_s = 0;
+    if (!(epoch_s > 0)) return; /* no time measured: nothing to weigh */
+    const double rate = tokens_done / epoch_s;
     const int mode = s->heads_off;
-    const double rate = s->epoch_tokens / s->epoch_s;
     if (mode) s->st.heads_epochs_off++;
     else s->st.heads_epochs_on++;
     s->heads_rate[mode] = s->heads_rate[mode] > 0 ? 0.5 * s->heads_rate[mode] + 0.5 * rate : rate;
-    s->epoch_steps = 0;
-    s->epoch_tokens = s->epoch_s = 0;
     const int other = !mode, better = s->heads_rate[1] > s->heads_rate[0];
     if (!(s->heads_rate[other] > 0) || ++s->epochs_since_probe >= SCHED_HEADS_PROBE) {
         s->heads_off = other; /* a try of the other mode */
@@ -1308,8 +1304,9 @@ int sched_step(sched_t *s, fl_error_t *err)
     accept_drafts(s, n_seqs);
     propose_candidates(s, n_seqs);
     const double now = fl_clock_s();
-    /* the cost tables are the forward's; the heads' share is priced apart (plan_drafts) */
-    cost_observe(s, b.n_tokens, s->step_pairs, now - t0 - s->heads_s_step);
+    /* the cost tables are the forward's (and sampling's); the heads' share is priced apart (plan_drafts) */
+    const double forward_s = now - t0 - s->heads_s_step;
+    cost_observe(s, b.n_tokens, s->step_pairs, forward_s);
     s->st.steps++;
     s->st.prefill_tokens += (uint64_t)n_prefill;
     if (n_prefill > 0) {
@@ -1317,7 +1314,7 @@ int sched_step(sched_t *s, fl_error_t *err)
     } else {
         s->st.decode_s += now - t0;
         s->st.decode_step_tokens += (uint64_t)b.n_tokens;
-        spec_cost_observe(&s->spec_cost, b.n_tokens, now - t0 - s->heads_s_step);
+        spec_cost_observe(&s->spec_cost, b.n_tokens, forward_s);
         int emitted = 0, medusa_seqs = 0;
         for (int i = 0; i < n_seqs; i++) {
             emitted += s->logit_seq[i]->n_emit;
@@ -1326,7 +1323,7 @@ int sched_step(sched_t *s, fl_error_t *err)
         if (medusa_seqs) heads_epoch_observe(s, emitted, now - t0); /* steps the heads' mode can change */
         const int size = b.n_tokens < SCHED_STEP_SIZES - 1 ? b.n_tokens : SCHED_STEP_SIZES - 1;
         s->st.steps_by_size[size]++;
-        s->st.s_by_size[size] += now - t0 - s->heads_s_step;
+        s->st.s_by_size[size] += forward_s;
     }
     for (int i = 0; i < s->n_running; i++) advance_and_publish(s, s->running[i]);
     /* logit_seq holds pointers, not indices: callbacks may reshape running[] meanwhile. */

@@ -174,30 +174,50 @@ static int check_header(const model_t *m, const tp_header_t *h, size_t *ints, fl
 
 /* ---- KV blocks whole, for pulls ---- */
 
-/* The whole form's bytes of a block, and this rank's. */
-static size_t block_all_bytes(const model_t *m, const kv_cache_t *kv)
+size_t tp_kv_block_bytes(const model_t *m, const kv_cache_t *kv)
 {
     return kv_cache_block_bytes_all(kv, m->cfg.n_kv_heads);
+}
+
+/* This rank's blocks[0..n) as it holds them (kv_cache_block_bytes each) into out, one after another. */
+static int read_own(kv_cache_t *kv, const int32_t *blocks, int n, uint8_t *out, fl_error_t *err)
+{
+    const size_t mine = kv_cache_block_bytes(kv);
+    for (int i = 0; i < n; i++)
+        if (kv_cache_block_read(kv, blocks[i], out + (size_t)i * mine))
+            return fl_fail(err, FL_EIO, "reading KV block %d failed", blocks[i]);
+    return FL_OK;
+}
+
+/* This rank's heads of n whole blocks (tp_kv_block_bytes each) written into blocks[0..n); slice:
+ * room for one of this rank's blocks, NULL when this rank holds every head (no communicator). */
+static int write_own(const model_t *m, kv_cache_t *kv, const int32_t *blocks, int n, const uint8_t *whole,
+                     uint8_t *slice, fl_error_t *err)
+{
+    const size_t all = tp_kv_block_bytes(m, kv);
+    for (int i = 0; i < n; i++) {
+        const uint8_t *src = whole + (size_t)i * all;
+        if (slice) {
+            kv_cache_block_slice(kv, m->shard.kv_head0, m->cfg.n_kv_heads, (uint8_t *)src, slice, false);
+            src = slice;
+        }
+        if (kv_cache_block_write(kv, blocks[i], src)) return fl_fail(err, FL_EIO, "writing KV block %d failed", blocks[i]);
+    }
+    return FL_OK;
 }
 
 /* A follower's part of a KV read or write of the blocks in m->plan. */
 static int follow_kv(model_t *m, kv_cache_t *kv, const tp_header_t *h, fl_error_t *err)
 {
-    const size_t all = block_all_bytes(m, kv), mine = kv_cache_block_bytes(kv);
+    const size_t all = tp_kv_block_bytes(m, kv), mine = kv_cache_block_bytes(kv);
     uint8_t *buf = malloc((h->op == TP_KV_WRITE ? all : mine) * (size_t)h->n), *slice = malloc(mine);
     int rc = buf && slice ? FL_OK : fl_fail(err, FL_ENOMEM, "tensor parallel: no memory for %d KV blocks", h->n);
     if (!rc && h->op == TP_KV_READ) {
-        int i = 0;
-        for (; i < h->n && !rc; i++) rc = kv_cache_block_read(kv, m->plan[i], buf + (size_t)i * mine);
-        if (rc) fl_fail(err, rc, "tensor parallel: reading KV block %d failed", m->plan[i - 1]);
-        else rc = comm_send(m->comm, buf, mine * (size_t)h->n, 0, err);
+        rc = read_own(kv, m->plan, h->n, buf, err);
+        if (!rc) rc = comm_send(m->comm, buf, mine * (size_t)h->n, 0, err);
     } else if (!rc) {
         rc = comm_broadcast(m->comm, buf, all * (size_t)h->n, 0, err);
-        for (int i = 0; i < h->n && !rc; i++) {
-            kv_cache_block_slice(kv, m->shard.kv_head0, m->cfg.n_kv_heads, buf + (size_t)i * all, slice, false);
-            if ((rc = kv_cache_block_write(kv, m->plan[i], slice)))
-                fl_fail(err, rc, "tensor parallel: writing KV block %d failed", m->plan[i]);
-        }
+        if (!rc) rc = write_own(m, kv, m->plan, h->n, buf, slice, err);
     }
     free(buf);
     free(slice);
@@ -215,13 +235,8 @@ static int send_kv_plan(model_t *m, int op, const int32_t *blocks, int n, fl_err
 
 int tp_kv_read(model_t *m, kv_cache_t *kv, const int32_t *blocks, int n, uint8_t *out, fl_error_t *err)
 {
-    const size_t all = block_all_bytes(m, kv), mine = kv_cache_block_bytes(kv);
-    if (!m->comm) {
-        for (int i = 0; i < n; i++)
-            if (kv_cache_block_read(kv, blocks[i], out + (size_t)i * all))
-                return fl_fail(err, FL_EIO, "reading KV block %d failed", blocks[i]);
-        return FL_OK;
-    }
+    if (!m->comm) return read_own(kv, blocks, n, out, err); /* one rank: its blocks are whole */
+    const size_t all = tp_kv_block_bytes(m, kv);
     const int chunk = (int)tp_plan_ints(m);
     uint8_t *got = malloc(all * (size_t)(n < chunk ? n : chunk)); /* a rank's slices: at most the whole */
     if (!got) return fl_fail(err, FL_ENOMEM, "tensor parallel: no memory for %d KV blocks", n);
@@ -235,48 +250,33 @@ int tp_kv_read(model_t *m, kv_cache_t *kv, const int32_t *blocks, int n, uint8_t
             kv_cache_t theirs = *kv; /* the shape of rank r's blocks: its heads (only sizes are read) */
             theirs.n_kv_heads = s.n_kv_heads;
             const size_t r_mine = kv_cache_block_bytes(&theirs);
-            if (r) {
-                rc = comm_recv(m->comm, got, r_mine * (size_t)k, r, err);
-            } else {
-                for (int i = 0; i < k && !rc; i++)
-                    if (kv_cache_block_read(kv, blocks[at + i], got + (size_t)i * mine))
-                        rc = fl_fail(err, FL_EIO, "reading KV block %d failed", blocks[at + i]);
-            }
+            rc = r ? comm_recv(m->comm, got, r_mine * (size_t)k, r, err) : read_own(kv, blocks + at, k, got, err);
             for (int i = 0; i < k && !rc; i++)
                 kv_cache_block_slice(&theirs, s.kv_head0, m->cfg.n_kv_heads, out + (size_t)(at + i) * all,
                                      got + (size_t)i * r_mine, true);
         }
     }
     free(got);
-    if (rc && m->comm) comm_abort(m->comm); /* the followers may wait in this plan: the group fails over */
+    if (rc) comm_abort(m->comm); /* the followers may wait in this plan: the group fails over */
     return rc;
 }
 
 int tp_kv_write(model_t *m, kv_cache_t *kv, const int32_t *blocks, int n, const uint8_t *in, fl_error_t *err)
 {
-    const size_t all = block_all_bytes(m, kv), mine = kv_cache_block_bytes(kv);
-    uint8_t *slice = m->comm ? malloc(mine) : NULL;
-    if (m->comm && !slice) return fl_fail(err, FL_ENOMEM, "tensor parallel: no memory for a KV block");
-    const int chunk = m->comm ? (int)tp_plan_ints(m) : n;
+    if (!m->comm) return write_own(m, kv, blocks, n, in, NULL, err); /* one rank: the blocks are its own */
+    const size_t all = tp_kv_block_bytes(m, kv);
+    uint8_t *slice = malloc(kv_cache_block_bytes(kv));
+    if (!slice) return fl_fail(err, FL_ENOMEM, "tensor parallel: no memory for a KV block");
+    const int chunk = (int)tp_plan_ints(m);
     int rc = FL_OK;
     for (int at = 0; at < n && !rc; at += chunk) {
         const int k = n - at < chunk ? n - at : chunk;
-        if (m->comm) {
-            rc = send_kv_plan(m, TP_KV_WRITE, blocks + at, k, err);
-            if (!rc) rc = comm_broadcast(m->comm, (void *)(in + (size_t)at * all), all * (size_t)k, 0, err);
-        }
-        for (int i = 0; i < k && !rc; i++) {
-            const uint8_t *whole = in + (size_t)(at + i) * all, *src = whole;
-            if (m->comm) {
-                kv_cache_block_slice(kv, m->shard.kv_head0, m->cfg.n_kv_heads, (uint8_t *)whole, slice, false);
-                src = slice;
-            }
-            if (kv_cache_block_write(kv, blocks[at + i], src))
-                rc = fl_fail(err, FL_EIO, "writing KV block %d failed", blocks[at + i]);
-        }
+        rc = send_kv_plan(m, TP_KV_WRITE, blocks + at, k, err);
+        if (!rc) rc = comm_broadcast(m->comm, (void *)(in + (size_t)at * all), all * (size_t)k, 0, err);
+        if (!rc) rc = write_own(m, kv, blocks + at, k, in + (size_t)at * all, slice, err);
     }
     free(slice);
-    if (rc && m->comm) comm_abort(m->comm);
+    if (rc) comm_abort(m->comm);
     return rc;
 }
 

@@ -39,6 +39,8 @@ int tp_stop(model_t *m, fl_error_t *err);
  * ids (a plan like a step's: the block tables are the same on every rank), and rank 0 gathers or
  * hands out the slices over the communicator; with one rank they are the blocks themselves. */
 int tp_kv_read(model_t *m, kv_cache_t *kv, const int32_t *blocks, int n, uint8_t *out, fl_error_t *err);
+/* The bytes of one block in that whole form. */
+size_t tp_kv_block_bytes(const model_t *m, const kv_cache_t *kv);
 int tp_kv_write(model_t *m, kv_cache_t *kv, const int32_t *blocks, int n, const uint8_t *in, fl_error_t *err);
 
 /* A rank other than 0: runs rank 0's plans on its shard until tp_stop (FL_OK) or a failure (the

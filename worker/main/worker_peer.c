@@ -64,10 +64,7 @@ struct peer_link {
 };
 
 /* A block as pulls carry it: whole, every KV head of the model. */
-static size_t block_bytes(const worker_t *w)
-{
-    return kv_cache_block_bytes_all(w->eng->kv, w->eng->model->cfg.n_kv_heads);
-}
+static size_t block_bytes(const worker_t *w) { return tp_kv_block_bytes(w->eng->model, w->eng->kv); }
 
 int worker_peer_init(worker_t *w, const char *bind, const char *advertise, fl_error_t *err)
 {
