@@ -58,6 +58,23 @@ static inline float attn_score(const kern_attn_t *a, float dot, int lo, int j)
     return dot * a->scale;
 }
 
+/* attn_score over n positions from j0 (dots in, scores out; may be the same), the tanhf of
+ * soft-capping 8 lanes at a time (cpu_tanhf.c: libm's bits). */
+static void attn_scores(const kern_attn_t *a, const float *dots, int n, int lo, int j0, float *out)
+{
+    if (a->softcap <= 0.0f) {
+        for (int r = 0; r < n; r++) out[r] = attn_score(a, dots[r], lo, j0 + r);
+        return;
+    }
+    float t[16];
+    for (int r0 = 0; r0 < n; r0 += 16) {
+        const int m = n - r0 < 16 ? n - r0 : 16;
+        for (int r = 0; r < m; r++) t[r] = dots[r0 + r] * (1.0f / a->softcap);
+        cpu_tanhf_batch(t, t, m);
+        for (int r = 0; r < m; r++) out[r0 + r] = j0 + r0 + r < lo ? -INFINITY : t[r] * a->softcap * a->scale;
+    }
+}
+
 /* The first position token i attends to under the window (0 without one). */
 static inline int attn_window_lo(const kern_attn_t *a, int i)
 {
@@ -448,7 +465,7 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
             }
             float dots[16];
             kq16_avx512(q16, kr, hd, kq_tb, dots);
-            for (int j = 0; j < 16; j++) sc[j0 + j] = attn_score(a, dots[j], lo, j0 + j);
+            attn_scores(a, dots, 16, lo, j0, sc + j0);
         }
     }
     for (int j = j0; j < len; j++) {
@@ -565,7 +582,7 @@ attn_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc, cons
         for (int h = 0; h < G; h++) {
             float dots[16];
             reduce16x16_avx512(v[h], dots);
-            for (int r = 0; r < nr; r++) sc[(size_t)h * ss + j0 + r] = attn_score(a, dots[r], wlo, j0 + r);
+            attn_scores(a, dots, nr, wlo, j0, sc + (size_t)h * ss + j0);
         }
     }
     for (int h = 0; h < G; h++) attn_softmax_avx512(sc + (size_t)h * ss, len);

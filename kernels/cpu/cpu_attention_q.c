@@ -490,8 +490,10 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
     for (int h = 0; h < G && j16; h++) { /* the same operations as below, a head's row at a time */
         float *s = sc + (size_t)h * maxlen;
         for (int j = 0; j < j16; j++) s[j] = s[j] * scale;
-        if (a->softcap > 0.0f)
-            for (int j = 0; j < j16; j++) s[j] = a->softcap * tanhf(s[j]);
+        if (a->softcap > 0.0f) {
+            cpu_tanhf_batch(s, s, j16);
+            for (int j = 0; j < j16; j++) s[j] = a->softcap * s[j];
+        }
     }
     for (int j = j16; j < len; j++) {
         const uint8_t *k = kc + (size_t)slots[j] * krow + khead;

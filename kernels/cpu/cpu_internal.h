@@ -165,6 +165,10 @@ void cpu_kv_quantize_row(cpu_isa_t isa, int type, void *dst, const float *src, i
  * found equal to this libm (cpu_expf_exact), else by calling expf. For x <= 0 (softmax arguments). */
 void cpu_expf_batch(const float *x, float *y, int n);
 bool cpu_expf_exact(void);
+/* cpu_tanhf.c: y[i] = tanhf(x[i]) with the C library's bits, 8 lanes at a time where the lanes were
+ * found equal to this libm (cpu_tanhf_exact), else by calling tanhf. Any x; y may be x. */
+void cpu_tanhf_batch(float *y, const float *x, int n);
+bool cpu_tanhf_exact(void);
 
 /* Deterministic float helpers shared by matmul and attention: a dot product of n floats summed in 16
  * lanes (element i into lane i % 16, fused multiply-add), the lanes then added pairwise as

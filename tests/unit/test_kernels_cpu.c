@@ -726,6 +726,89 @@ static void test_family_ops_equal_ggml_on_every_isa(void **state)
     free(x), free(g), free(u), free(y), free(b);
 }
 
+/* GeGLU's vector paths round the gate to f16 in hardware and gather the table: every f16 value, the
+ * f32 values on either side of each rounding midpoint (where round-to-nearest-even decides), a
+ * stride over all other floats (infinities and overflow to f16 infinity included) and the +-10
+ * edges, against ggml's scalar formula, bit for bit on every ISA. NaN gates only need a NaN out. */
+static void test_geglu_every_f16_rounding_on_every_isa(void **state)
+{
+    static fl_f16_t table[KERN_GELU_TABLE_SIZE];
+    kern_gelu_table_fill(table);
+    const int n_mid = 65536 * 4, n_stride = 1 << 22;
+    const int total = n_mid + n_stride + 8;
+    float *g = malloc((size_t)total * 4), *u = malloc((size_t)total * 4), *y = malloc((size_t)total * 4);
+    int k = 0;
+    for (int h = 0; h < 65536; h++) {
+        const float a = fl_f16_to_f32((fl_f16_t)h), b = fl_f16_to_f32((fl_f16_t)(h + 1 < 65536 ? h + 1 : h));
+        const float mid = (float)(((double)a + (double)b) / 2);
+        g[k++] = a, g[k++] = mid, g[k++] = nextafterf(mid, -INFINITY), g[k++] = nextafterf(mid, INFINITY);
+    }
+    for (uint32_t i = 0; i < (uint32_t)n_stride; i++) {
+        const uint32_t bits = i * 1024u + (i & 1023u);
+        memcpy(&g[k++], &bits, 4);
+    }
+    const float edges[8] = {-10.0f, 10.0f, nextafterf(-10.0f, 0), nextafterf(10.0f, 0), nextafterf(10.0f, 11), 65520.0f,
+                            INFINITY, -INFINITY};
+    for (int i = 0; i < 8; i++) g[k++] = edges[i];
+    for (int i = 0; i < total; i++) u[i] = (i % 7 == 3) ? -1.75f : 0.5f + (float)(i % 13);
+    for (int isa = 0; isa < 3; isa++) {
+        kern_backend_t *be = new_backend(isa_names[isa], 2, NULL);
+        kern_geglu(be, y, g, u, total);
+        for (int i = 0; i < total; i++) {
+            const float gi = g[i];
+            if (isnan(gi)) {
+                if (!isnan(y[i])) fail_msg("%s geglu of a NaN gate = %.9g", isa_names[isa], y[i]);
+                continue;
+            }
+            const float spec = gi <= -10.0f  ? 0.0f
+                               : gi >= 10.0f ? gi * u[i]
+                                             : fl_f16_to_f32(table[fl_f32_to_f16(gi)]) * u[i];
+            if (memcmp(&spec, &y[i], 4) && !(isnan(spec) && isnan(y[i])))
+                fail_msg("%s geglu(%a) = %a, spec says %a", isa_names[isa], gi, y[i], spec);
+        }
+        kern_destroy(&be);
+    }
+    free(g), free(u), free(y);
+}
+
+/* Soft-capping's tanhf, 8 lanes at a time (cpu_tanhf.c), equals the C library's on a stride over
+ * every float bit pattern, either sign, NaNs, infinities and each branch's edges (all 2^32 floats
+ * were compared when it was written: 40 s). With another libm the lanes are off (cpu_tanhf_exact
+ * false) and the batch calls tanhf, which this checks just the same. */
+static void test_batched_tanhf_equals_libm(void **state)
+{
+    (void)state;
+    fprintf(stderr, "tanhf lanes %s\n", cpu_tanhf_exact() ? "on (equal to this libm)" : "off: calling tanhf");
+    enum { CHUNK = 1 << 16 };
+    static float x[CHUNK], y[CHUNK];
+#if defined(__SANITIZE_ADDRESS__)
+    const uint64_t step = 4099;
+#else
+    const uint64_t step = 61;
+#endif
+    uint64_t checked = 0;
+    for (uint64_t u = 0; u < (1ull << 32);) {
+        int n = 0;
+        for (; n < CHUNK && u < (1ull << 32); n++, u += step) memcpy(&x[n], &(uint32_t){(uint32_t)u}, sizeof(float));
+        cpu_tanhf_batch(y, x, n);
+        for (int i = 0; i < n; i++) {
+            const float want = tanhf(x[i]);
+            if (memcmp(&want, &y[i], sizeof want) && !(isnan(want) && isnan(y[i])))
+                fail_msg("tanhf(%a): libm %a, batch %a", (double)x[i], (double)want, (double)y[i]);
+        }
+        checked += (uint64_t)n;
+    }
+    const float edges[] = {0.0f, -0.0f, 0x1p-56f, -0x1p-55f, 0x1.62e42p-2f, 0x1.62e44p-2f, 0x1.0a2b24p+0f, 1.0f, -1.0f,
+                           0x1.fffffep-1f, 22.0f, -22.0f, 0x1.5fffffp+4f, 9.35f, 13.0f, INFINITY, -INFINITY};
+    const int ne = (int)(sizeof edges / sizeof *edges);
+    cpu_tanhf_batch(y, edges, ne);
+    for (int i = 0; i < ne; i++) {
+        const float want = tanhf(edges[i]);
+        if (memcmp(&want, &y[i], sizeof want)) fail_msg("tanhf(%a): libm %a, batch %a", (double)edges[i], (double)want, (double)y[i]);
+    }
+    fprintf(stderr, "tanhf: %llu floats equal\n", (unsigned long long)checked + (unsigned long long)ne);
+}
+
 /* Adjacent pairs (Llama) and NeoX pairs i, i + n_rot/2 (Qwen, Phi-3, Gemma), with Phi-3's mscale. */
 static void test_rope_rotates_adjacent_and_neox_pairs_like_ggml(void **state)
 {
@@ -1287,6 +1370,8 @@ int main(void)
         cmocka_unit_test(test_embed_dequantizes_rows_of_every_type),
         cmocka_unit_test(test_rmsnorm_swiglu_add_match_reference),
         cmocka_unit_test(test_family_ops_equal_ggml_on_every_isa),
+        cmocka_unit_test(test_geglu_every_f16_rounding_on_every_isa),
+        cmocka_unit_test(test_batched_tanhf_equals_libm),
         cmocka_unit_test(test_rope_rotates_adjacent_and_neox_pairs_like_ggml),
         cmocka_unit_test(test_kv_store_writes_f16_rows_at_slots),
         cmocka_unit_test(test_attention_paged_gqa_matches_reference),
