@@ -14,7 +14,10 @@
  *   matmul_swiglu                  NMSE <= 5e-4 (the matmul bound, exact_errors included)
  *   embed                          NMSE <= 1e-5 (a table kept in fp16 on the device is allowed)
  *   attention                      NMSE <= 1e-4
- *   rope                           NMSE <= 1e-5 (angles up to ~5000 rad: a few ulp of theta)
+ *   rope                           NMSE <= 1e-5 (angles up to ~5000 rad: a few ulp of theta), adjacent
+ *                                  and NeoX pairs, with and without an attn_factor
+ *   add_bias, scale                bit-equal; softcap, geglu NMSE <= 1e-9 (the families beyond Llama)
+ *   attention with a sliding window and/or soft-capping: the attention bound
  *   rmsnorm, swiglu                NMSE <= 1e-9
  *   add, kv_store (f32 -> f16 RNE) bit-equal
  *   add_rmsnorm                    x bit-equal, y NMSE <= 1e-9
@@ -629,12 +632,16 @@ static void test_add_rmsnorm(int n, int dim, float eps)
     free(w);
 }
 
+static bool g_rope_neox;    /* the next test_rope cases rotate NeoX pairs (Qwen, Phi-3, Gemma) */
+static float g_rope_mscale; /* ... with this cos/sin multiplier (Phi-3's attn_factor), 0 for none */
+
 static void test_rope(int n, int n_heads, int head_dim, int n_rot, float base, float freq_scale, bool factors,
                       int max_pos)
 {
-    char name[160];
-    snprintf(name, sizeof name, "rope n=%d heads=%d head_dim=%d n_rot=%d base=%g freq_scale=%g%s max_pos=%d", n, n_heads,
-             head_dim, n_rot, base, freq_scale, factors ? " freq_factors" : "", max_pos);
+    char name[192];
+    snprintf(name, sizeof name, "rope n=%d heads=%d head_dim=%d n_rot=%d base=%g freq_scale=%g%s%s mscale=%g max_pos=%d", n,
+             n_heads, head_dim, n_rot, base, freq_scale, factors ? " freq_factors" : "", g_rope_neox ? " neox" : "",
+             g_rope_mscale, max_pos);
     if (!wanted(name) || !have_op((const void *)g_gpu->ops->rope, name)) return;
     const size_t cnt = (size_t)n * n_heads * head_dim;
     float *x = xmalloc(cnt * sizeof(float)), *ff = xmalloc((size_t)(n_rot / 2 + 1) * sizeof(float));
@@ -644,7 +651,8 @@ static void test_rope(int n, int n_heads, int head_dim, int n_rot, float base, f
     for (int i = 0; i < n_rot / 2 + 1; i++) ff[i] = 1.0f + 7.0f * (float)rnd_unif();
     twin_t tx = twin_new(cnt * sizeof(float), x), tp = twin_new((size_t)n * sizeof(int32_t), pos),
            tf = twin_new((size_t)(n_rot / 2 + 1) * sizeof(float), ff);
-    kern_rope_t rc = {.n_rot = n_rot, .freq_base = base, .freq_scale = freq_scale, .freq_factors = factors ? tf.c : NULL};
+    kern_rope_t rc = {.n_rot = n_rot, .freq_base = base, .freq_scale = freq_scale, .freq_factors = factors ? tf.c : NULL,
+                      .neox = g_rope_neox, .mscale = g_rope_mscale};
     kern_rope_t rg = rc;
     rg.freq_factors = factors ? tf.g : NULL; /* backend memory, as model.c loads rope_freqs */
     kern_rope(g_cpu, tx.c, tp.c, n, n_heads, head_dim, &rc);
@@ -696,6 +704,57 @@ static void test_add(int n)
     twin_free(&tx);
     free(y);
     free(x);
+}
+
+/* The element-wise ops of the families beyond Llama: Q/K/V bias (y + b per row) and scale are single
+ * IEEE operations (bit-equal); soft-capping's tanh and GeGLU's table (looked up at the f16-rounded
+ * gate, as the CPU does) within the element-wise bound. Gates and values span +-10, where GeGLU
+ * switches formula, and the f16 table's whole range. */
+static void test_family_ops(int n, int dim)
+{
+    char name[96];
+    snprintf(name, sizeof name, "family ops (bias, scale, softcap, geglu) n=%d dim=%d", n, dim);
+    if (!wanted(name) || !have_op((const void *)g_gpu->ops->add_bias, name) ||
+        !have_op((const void *)g_gpu->ops->scale, name) || !have_op((const void *)g_gpu->ops->softcap, name) ||
+        !have_op((const void *)g_gpu->ops->geglu, name))
+        return;
+    const size_t cnt = (size_t)n * dim;
+    float *x = xmalloc(cnt * sizeof(float)), *u = xmalloc(cnt * sizeof(float)), *b = xmalloc((size_t)dim * sizeof(float));
+    fill_gauss(x, cnt, 6.0f);
+    fill_gauss(u, cnt, 1.0f);
+    fill_gauss(b, (size_t)dim, 1.0f);
+    static const float edge[] = {-10.0f, 10.0f, 9.999999f, -9.999999f, 0.0f, -0.0f, 65504.0f, -70000.0f, 1e-8f, 60.0f};
+    for (int i = 0; i < (int)(sizeof edge / sizeof edge[0]) && (size_t)i < cnt; i++) x[(size_t)i * 13 % cnt] = edge[i];
+    twin_t tx = twin_new(cnt * sizeof(float), x), tu = twin_new(cnt * sizeof(float), u),
+           tb = twin_new((size_t)dim * sizeof(float), b), ty = twin_new(cnt * sizeof(float), NULL);
+    char sub[160];
+    kern_upload(g_cpu, ty.c, x, cnt * sizeof(float));
+    kern_upload(g_gpu, ty.g, x, cnt * sizeof(float));
+    kern_add_bias(g_cpu, ty.c, tb.c, n, dim);
+    kern_add_bias(g_gpu, ty.g, tb.g, n, dim);
+    snprintf(sub, sizeof sub, "%s: add_bias", name);
+    check_floats(&ty, cnt, 0, sub);
+    kern_scale(g_cpu, ty.c, 0.125f, (int)cnt);
+    kern_scale(g_gpu, ty.g, 0.125f, (int)cnt);
+    snprintf(sub, sizeof sub, "%s: scale", name);
+    check_floats(&ty, cnt, 0, sub);
+    kern_upload(g_cpu, ty.c, x, cnt * sizeof(float));
+    kern_upload(g_gpu, ty.g, x, cnt * sizeof(float));
+    kern_softcap(g_cpu, ty.c, 30.0f, (int)cnt);
+    kern_softcap(g_gpu, ty.g, 30.0f, (int)cnt);
+    snprintf(sub, sizeof sub, "%s: softcap 30", name);
+    check_floats(&ty, cnt, TOL_EW, sub);
+    kern_geglu(g_cpu, ty.c, tx.c, tu.c, (int)cnt);
+    kern_geglu(g_gpu, ty.g, tx.g, tu.g, (int)cnt);
+    snprintf(sub, sizeof sub, "%s: geglu", name);
+    check_floats(&ty, cnt, TOL_EW, sub);
+    twin_free(&tx);
+    twin_free(&tu);
+    twin_free(&tb);
+    twin_free(&ty);
+    free(x);
+    free(u);
+    free(b);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -821,7 +880,8 @@ static void test_rope_kv_store(int n, int n_heads, int n_kv, int head_dim, int n
            kc = twin_new(pool * sizeof(fl_f16_t), kinit), vc = twin_new(pool * sizeof(fl_f16_t), vinit),
            tp = twin_new((size_t)n * sizeof(int32_t), pos), ts = twin_new((size_t)n * sizeof(int32_t), slots),
            tf = twin_new((size_t)n_ff * sizeof(float), ff);
-    kern_rope_t rc = {.n_rot = n_rot, .freq_base = base, .freq_scale = freq_scale, .freq_factors = factors ? tf.c : NULL};
+    kern_rope_t rc = {.n_rot = n_rot, .freq_base = base, .freq_scale = freq_scale, .freq_factors = factors ? tf.c : NULL,
+                      .neox = g_rope_neox, .mscale = g_rope_mscale};
     kern_rope_t rg = rc;
     rg.freq_factors = factors ? tf.g : NULL;
     kern_rope_kv_store(g_cpu, tq.c, tk.c, tv.c, kc.c, vc.c, FL_TYPE_F16, FL_TYPE_F16, tp.c, ts.c, n, n_heads, n_kv, head_dim, &rc);
@@ -912,13 +972,15 @@ typedef struct seq_spec {
  * are written by kv_store on each backend, then attention runs, as model.c does. Blocks are handed
  * out in a random order (scattered block tables), unused table entries are -1. */
 static const char *g_attn_variant = ""; /* names the CUDA attention kernel under test */
+static int g_attn_window;               /* the next cases' sliding window (Mistral, Gemma), 0 for none */
+static float g_attn_softcap;            /* ... and score soft-capping (Gemma 2), 0 for none */
 
 static void test_attention(const char *label, int n_heads, int n_kv, int hd, int bs, const seq_spec_t *seqs,
                            int n_seqs)
 {
     char name[256];
-    int off = snprintf(name, sizeof name, "attention%s %s heads=%d kv_heads=%d head_dim=%d block=%d seqs=",
-                       g_attn_variant, label, n_heads, n_kv, hd, bs);
+    int off = snprintf(name, sizeof name, "attention%s %s heads=%d kv_heads=%d head_dim=%d block=%d window=%d softcap=%g seqs=",
+                       g_attn_variant, label, n_heads, n_kv, hd, bs, g_attn_window, g_attn_softcap);
     int n_tokens = 0, max_blocks = 1, used_blocks = 0, max_len = 0;
     for (int s = 0; s < n_seqs; s++) {
         max_len = seqs[s].len > max_len ? seqs[s].len : max_len;
@@ -974,7 +1036,8 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
     kern_kv_store(g_cpu, kc.c, vc.c, FL_TYPE_F16, FL_TYPE_F16, tk.c, tv.c, tsl.c, n_tokens, kv_dim);
     kern_kv_store(g_gpu, kc.g, vc.g, FL_TYPE_F16, FL_TYPE_F16, tk.g, tv.g, tsl.g, n_tokens, kv_dim);
     kern_attn_t a = {.n_tokens = n_tokens, .max_blocks = max_blocks, .block_size = bs, .n_heads = n_heads,
-                     .n_kv_heads = n_kv, .head_dim = hd, .scale = 1.0f / sqrtf((float)hd), .max_len = max_len};
+                     .n_kv_heads = n_kv, .head_dim = hd, .scale = 1.0f / sqrtf((float)hd), .max_len = max_len,
+                     .window = g_attn_window, .softcap = g_attn_softcap};
     kern_attn_t ac = a, ag = a;
     ac.out = out.c, ac.q = tq.c, ac.k_cache = kc.c, ac.v_cache = vc.c, ac.tok_seq = tts.c, ac.tok_pos = ttp.c,
     ac.block_tables = tbt.c;
@@ -1400,6 +1463,18 @@ static void attention_cases(void)
                    (const seq_spec_t[]){{5, 1},  {31, 1},  {32, 1},  {33, 1},  {64, 1},  {65, 1},  {127, 1}, {128, 1},
                                         {129, 1}, {200, 1}, {255, 1}, {256, 1}, {257, 1}, {511, 1}, {512, 1}, {513, 1}},
                    16);
+    /* the families' masks and caps: a sliding window shorter than the contexts (decode past it, a
+     * prefill chunk that crosses it, a sequence still inside it), Gemma 2's soft-capping (its cap
+     * of 50), and both; long contexts split over blocks */
+    const seq_spec_t fam[] = {{300, 1}, {200, 40}, {50, 50}, {L, 1}, {g_quick ? 300 : 1000, 17}};
+    static const struct { int window; float softcap; } masks[] = {{128, 0.0f}, {0, 50.0f}, {64, 50.0f}};
+    for (int mi = 0; mi < 3; mi++) {
+        g_attn_window = masks[mi].window, g_attn_softcap = masks[mi].softcap;
+        test_attention("family", 14, 2, 64, 16, fam, 5);
+        test_attention("family", 8, 4, 128, 16, fam, 5);
+        test_attention("family-decode", 9, 3, 64, 16, (const seq_spec_t[]){{L, 1}, {129, 1}, {128, 1}}, 3);
+    }
+    g_attn_window = 0, g_attn_softcap = 0.0f;
 }
 
 int main(int argc, char **argv)
@@ -1545,6 +1620,13 @@ int main(int argc, char **argv)
     test_rope(7, 8, 128, 32, 10000.0f, 0.25f, true, max_pos);    /* partial, linear scaling, factors */
     test_rope(5, 4, 64, 64, 10000.0f, 0.5f, false, max_pos);     /* linear scaling */
     test_rope(3, 2, 80, 80, 10000.0f, 1.0f, false, max_pos);     /* head_dim not a power of two */
+    g_rope_neox = true; /* NeoX pairs: Qwen, Gemma; Phi-3 with its factors and attn_factor */
+    test_rope(7, 14, 64, 64, 1000000.0f, 1.0f, false, max_pos);
+    test_rope(7, 8, 128, 128, 10000.0f, 1.0f, false, max_pos);
+    test_rope(5, 4, 96, 96, 10000.0f, 1.0f, true, max_pos);
+    g_rope_mscale = 1.1902f;
+    test_rope(5, 4, 96, 96, 10000.0f, 1.0f, true, max_pos);
+    g_rope_neox = false, g_rope_mscale = 0.0f;
 
     /* swiglu, add */
     static const int ew_ns[] = {1, 15, 16, 17, 576, 1536 * 7, 1536 * 513, 14336 * 3};
@@ -1553,6 +1635,9 @@ int main(int argc, char **argv)
         test_swiglu(ew_ns[i]);
         test_add(ew_ns[i]);
     }
+    test_family_ops(1, 896);
+    test_family_ops(7, 4864);
+    test_family_ops(g_quick ? 33 : 257, 8192); /* Gemma 2's final logits: a vocabulary of rows */
 
     /* kv_store */
     test_kv_store(1, 192, 64);
