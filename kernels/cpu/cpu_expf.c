@@ -81,7 +81,7 @@ static CPU_AVX2 void expf_lanes(const float *x, float *y, int n)
 static void expf_init(void)
 {
     for (int i = 0; i < EXPF_N; i++) g_tab[i] = bits_of(exp2((double)i / EXPF_N)) - ((uint64_t)i << (52 - EXPF_TABLE_BITS));
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return;
+    if (!cpu_lanes_supported()) return;
     /* Probes: a spread over the softmax range, the table's every index, the underflow edge, and
      * -0x1.f8cbb2p+5, whose result only the fused r = fma(x, N/ln2, -k) rounds as glibc does. */
     enum { P = 4096 };
@@ -99,11 +99,16 @@ static void expf_init(void)
         memcpy(&px[n++], &u, sizeof u);
     }
     expf_lanes(px, py, P);
-    for (int i = 0; i < P; i++) {
-        const float want = expf(px[i]);
-        if (memcmp(&want, &py[i], sizeof want)) return; /* another libm: call it instead */
+    g_exact = cpu_lanes_equal_libm(expf, px, py, P); /* else another libm: call it instead */
+}
+
+bool cpu_lanes_equal_libm(float (*libm)(float), const float *x, const float *y, int n)
+{
+    for (int i = 0; i < n; i++) {
+        const float want = libm(x[i]);
+        if (memcmp(&want, &y[i], sizeof want) && !(isnan(want) && isnan(y[i]))) return false;
     }
-    g_exact = true;
+    return true;
 }
 
 bool cpu_expf_exact(void)

@@ -169,6 +169,16 @@ bool cpu_expf_exact(void);
  * found equal to this libm (cpu_tanhf_exact), else by calling tanhf. Any x; y may be x. */
 void cpu_tanhf_batch(float *y, const float *x, int n);
 bool cpu_tanhf_exact(void);
+/* The lanes alone, whatever the libm (tests compare them with the algorithm itself); nothing is
+ * written without cpu_lanes_supported(). */
+void cpu_tanhf_lanes(float *y, const float *x, int n);
+/* The CPU runs the lanes of cpu_expf.c and cpu_tanhf.c (compiled for CPU_AVX2: AVX2, FMA, F16C). */
+static inline bool cpu_lanes_supported(void)
+{
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+/* Lanes y[i] computed from x[i] equal libm(x[i]) bit for bit (any NaN equal to any NaN). */
+bool cpu_lanes_equal_libm(float (*libm)(float), const float *x, const float *y, int n);
 
 /* Deterministic float helpers shared by matmul and attention: a dot product of n floats summed in 16
  * lanes (element i into lane i % 16, fused multiply-add), the lanes then added pairwise as

@@ -144,7 +144,7 @@ static CPU_AVX2 void tanhf_lanes(float *y, const float *x, int n)
 
 static void tanhf_init(void)
 {
-    if (!__builtin_cpu_supports("avx2")) return;
+    if (!cpu_lanes_supported()) return;
     /* Probes: a spread over every float bit pattern of either sign, and each branch's edges. */
     enum { P = 8192 };
     static float px[P], py[P];
@@ -162,11 +162,12 @@ static void tanhf_init(void)
         memcpy(&px[n++], &b, 4);
     }
     tanhf_lanes(py, px, P);
-    for (int i = 0; i < P; i++) {
-        const float want = tanhf(px[i]);
-        if (memcmp(&want, &py[i], sizeof want) && !(isnan(want) && isnan(py[i]))) return; /* another libm */
-    }
-    g_exact = true;
+    g_exact = cpu_lanes_equal_libm(tanhf, px, py, P); /* else another libm: call it instead */
+}
+
+void cpu_tanhf_lanes(float *y, const float *x, int n)
+{
+    if (cpu_lanes_supported()) tanhf_lanes(y, x, n);
 }
 
 bool cpu_tanhf_exact(void)
