@@ -118,6 +118,14 @@ void kern_sample(kern_backend_t *be, int32_t *out, float *logits, int n, int voc
     be->ops->sample(be, out, logits, n, vocab, p);
 }
 
+bool kern_matmul_rows(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n,
+                      const int32_t *const *ids, const int32_t *n_ids)
+{
+    if (!be->ops->matmul_rows) return false;
+    be->ops->matmul_rows(be, y, w, x, n, ids, n_ids);
+    return true;
+}
+
 void kern_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta, const float *w, int n, int dim,
                       float eps)
 {

@@ -215,6 +215,13 @@ void kern_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const flo
  * tokens). NULL (or a matmul of another n) sums every row in decode order. The array is host memory,
  * read until the next call. */
 void kern_set_prompt_rows(kern_backend_t *be, const uint8_t *prompt_rows, int n);
+/* y[n][rows] = x W^T where each row i of x wants only the weight rows ids[i][0..n_ids[i]) (a
+ * vocabulary projection restricted to the tokens a constraint allows): those come out with the bits
+ * kern_matmul gives them, every other entry of that y row is -INFINITY; ids[i] NULL: the whole row,
+ * as kern_matmul. ids and n_ids are host memory. Returns false, touching nothing, where the backend
+ * has no such op (then run kern_matmul). */
+bool kern_matmul_rows(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n,
+                      const int32_t *const *ids, const int32_t *n_ids);
 /* ys[k][n][rows_k] = x W_k^T for k < n_w: the same bits as n_w kern_matmul calls on the same x (one
  * activation conversion, one dispatch where the backend can). */
 void kern_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,

@@ -700,6 +700,22 @@ static void tp_sum(model_t *m, float *x, size_t n)
     if (m->comm && !m->tp_err.code) comm_allreduce_sum_f32(m->comm, x, n, &m->tp_err);
 }
 
+/* The vocabulary projection with the rows that have a list (model_batch_t.logit_ids: a constraint
+ * that allows few tokens) projected onto those tokens only, the same bits for them; false, having
+ * computed nothing, without any list or where the backend cannot. Not with final soft-capping, which
+ * would turn the -inf of the others into -cap. */
+static bool logits_of_chosen_rows(model_t *m, const model_batch_t *b)
+{
+    if (!b->logit_ids || m->cfg.final_softcap > 0) return false;
+    int chosen = 0;
+    for (int i = 0; i < b->n_logits; i++) chosen += b->logit_ids[i] != NULL;
+    if (chosen == 0 ||
+        !kern_matmul_rows(m->be, m->logits, m->output, m->logit_in, b->n_logits, b->logit_ids, b->logit_n_ids))
+        return false;
+    m->chosen_logit_rows += (uint64_t)chosen;
+    return true;
+}
+
 /* The kernels of one forward step, on inputs already uploaded (model_forward). */
 static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
 {
@@ -766,7 +782,8 @@ static void forward_ops(model_t *m, kv_cache_t *kv, const model_batch_t *b)
                      kern_rmsnorm(be, m->logit_in + (size_t)i * dim, m->x + (size_t)b->logit_rows[i] * dim,
                                   m->output_norm, run, dim, c->norm_eps);
                  }
-                 if (b->n_logits > 0) kern_matmul(be, m->logits, m->output, m->logit_in, b->n_logits);
+                 if (b->n_logits > 0 && !logits_of_chosen_rows(m, b))
+                     kern_matmul(be, m->logits, m->output, m->logit_in, b->n_logits);
                  if (b->n_logits > 0 && c->final_softcap > 0)
                      kern_softcap(be, m->logits, c->final_softcap, b->n_logits * c->n_vocab));
 }

@@ -112,6 +112,7 @@ typedef struct model {
 
     bool profile;
     double prof_s[MODEL_PROF_COUNT];
+    uint64_t chosen_logit_rows; /* logit rows projected onto their chosen tokens only (logit_ids) */
 
     /* Tensor parallelism (tp.h): this rank's share, and the group's communicator (borrowed,
      * model_set_comm; NULL with one rank). Rank 0 alone has the output matrix and computes logits. */
@@ -132,6 +133,11 @@ typedef struct model_batch {
                                     kern_attn_t.seq_prompt_len */
     const int32_t *logit_rows;   /* token indices that want logits, in output order */
     int n_logits;
+    /* Per logit row, the only tokens whose logits are wanted (a constraint's allowed set, ascending),
+     * or NULL for all; the others come out -INFINITY where the backend can project onto chosen rows
+     * (kern_matmul_rows), else every logit is computed. NULL: no lists. */
+    const int32_t *const *logit_ids;
+    const int32_t *logit_n_ids;
     /* Draft trees (speculative verification), or both NULL: kern_attn_t.tree_mask / tree_start per
      * token (host). A token outside any tree has tree_start = pos, tree_mask = 1. */
     const uint64_t *tree_mask;

@@ -101,6 +101,8 @@ struct sched {
 
     /* Batch buffers: tokens [max_batch_tokens], logit rows [max_logits]. */
     int32_t *tokens, *pos, *seq_row, *tables, *prompt_len, *logit_rows, *sampled;
+    const int32_t **logit_ids; /* [max_rows] model_batch_t.logit_ids, and their counts */
+    int32_t *logit_n_ids;
     seq_t **logit_seq;
     kern_sampling_t *sampling;
     int max_rows;            /* logit rows a step may have: the model's max_logits */
@@ -289,6 +291,8 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
     s->logit_rows = malloc((size_t)nl * sizeof *s->logit_rows);
     s->sampled = malloc((size_t)nl * sizeof *s->sampled);
     s->logit_seq = malloc((size_t)nl * sizeof *s->logit_seq);
+    s->logit_ids = malloc((size_t)nl * sizeof *s->logit_ids);
+    s->logit_n_ids = malloc((size_t)nl * sizeof *s->logit_n_ids);
     s->sampling = malloc((size_t)nl * sizeof *s->sampling);
     s->tree_start = malloc((size_t)nt * sizeof *s->tree_start);
     s->tree_mask = malloc((size_t)nt * sizeof *s->tree_mask);
@@ -301,7 +305,7 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
     s->cand_seq = malloc((size_t)nr * sizeof *s->cand_seq);
     s->cand_out = malloc((size_t)nr * (size_t)(heads > 0 ? heads : 1) * (size_t)s->top_k * sizeof *s->cand_out);
     if (!s->running || !s->waiting || !s->tokens || !s->pos || !s->seq_row || !s->tables || !s->prompt_len ||
-        !s->logit_rows || !s->sampled || !s->logit_seq || !s->sampling || !s->tree_start || !s->tree_mask ||
+        !s->logit_rows || !s->sampled || !s->logit_seq || !s->logit_ids || !s->logit_n_ids || !s->sampling || !s->tree_start || !s->tree_mask ||
         !s->move_src || !s->move_dst || !s->cand_rows || !s->cand_seq || !s->cand_out)
         goto oom;
     s->live_block = kv_cache_alloc_block(kv);
@@ -345,6 +349,8 @@ void sched_destroy(sched_t **sp)
     free(s->logit_rows);
     free(s->sampled);
     free(s->logit_seq);
+    free(s->logit_ids);
+    free(s->logit_n_ids);
     free(s->sampling);
     free(s->tree_start);
     free(s->tree_mask);
@@ -1044,8 +1050,13 @@ static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
                 s->sampling[n_logits].position = (uint64_t)q->res.n_generated + (tree ? t->depth[k] : 0);
                 s->sampling[n_logits].adjust = q->adjust ? q->adjust + (size_t)k * q->adjust_cap : NULL;
                 s->sampling[n_logits].n_adjust = node_adjust(q, k, tree);
-                s->sampling[n_logits].allowed =
-                    q->cons ? fl_constraint_mask(q->cons, tree ? q->node_state[k] : q->cstate) : NULL;
+                const int32_t cstate = tree ? q->node_state[k] : q->cstate;
+                s->sampling[n_logits].allowed = q->cons ? fl_constraint_mask(q->cons, cstate) : NULL;
+                /* a few allowed tokens: only their logits (unless the raw row's log-probabilities are asked) */
+                int n_ids = -1;
+                s->logit_ids[n_logits] =
+                    q->cons && !q->req.logprobs ? fl_constraint_allowed_ids(q->cons, cstate, &n_ids) : NULL;
+                s->logit_n_ids[n_logits] = n_ids;
                 n_logits++;
             }
         }
@@ -1058,8 +1069,8 @@ static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
     }
     *b = (model_batch_t){.n_tokens = n, .tokens = s->tokens, .pos = s->pos, .seq = s->seq_row,
                          .block_tables = s->tables, .n_seqs = s->n_running, .prompt_len = s->prompt_len,
-                         .logit_rows = s->logit_rows, .n_logits = n_logits,
-                         .tree_mask = trees ? s->tree_mask : NULL, .tree_start = trees ? s->tree_start : NULL};
+                         .logit_rows = s->logit_rows, .n_logits = n_logits, .logit_ids = s->logit_ids,
+                         .logit_n_ids = s->logit_n_ids, .tree_mask = trees ? s->tree_mask : NULL, .tree_start = trees ? s->tree_start : NULL};
     return n;
 }
 

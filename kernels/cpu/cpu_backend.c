@@ -516,6 +516,7 @@ static void cpu_destroy(kern_backend_t *be)
     free(cb->pstate);
     free(cb->pstate_bytes);
     free(cb->act);
+    free(cb->full_rows);
     free(cb->pact);
     free(cb->split);
     free(cb->samp_scratch);
@@ -562,6 +563,7 @@ static const kern_ops_t cpu_ops = {
     .weight_destroy = cpu_weight_destroy,
     .embed = cpu_embed,
     .matmul = cpu_matmul,
+    .matmul_rows = cpu_matmul_rows,
     .set_prompt_rows = cpu_set_prompt_rows,
     .matmul_multi = cpu_matmul_multi,
     .rmsnorm = cpu_rmsnorm,

@@ -78,6 +78,8 @@ typedef struct cpu_backend {
     size_t pact_bytes;
     void *split;                /* a mixed call's rows, gathered by role */
     size_t split_bytes;
+    void *full_rows;            /* matmul_rows: the rows that want every output, gathered */
+    size_t full_rows_bytes;
     float **pstate;             /* per thread: AMX prompt tiles' state */
     size_t *pstate_bytes;
     /* BLAS path: per-thread f32 panel of dequantized weight rows */
@@ -97,6 +99,11 @@ int cpu_grow(void **buf, size_t *cap, size_t bytes);
 /* ---- matmul (cpu_matmul.c) ---- */
 
 void cpu_matmul(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n);
+/* kern_matmul_rows: rows wanting every output in one cpu_matmul (gathered), the chosen outputs of
+ * the others in ggml's order on the calling thread (the tiles of any ISA, equal to the packed
+ * kernel's bits). */
+void cpu_matmul_rows(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n,
+                     const int32_t *const *ids, const int32_t *n_ids);
 void cpu_set_prompt_rows(kern_backend_t *be, const uint8_t *prompt_rows, int n);
 /* n_w products of one x: one activation quantization and one dispatch when the weights are packed,
  * of one type and width; otherwise cpu_matmul per weight. Same bits either way. */

@@ -514,6 +514,76 @@ static int quantize_act(cpu_backend_t *cb, const kern_weight_t *w, const float *
 
 static bool is_quantized(int type) { return type == FL_TYPE_Q4_0 || type == FL_TYPE_Q4_1 || type == FL_TYPE_Q8_0; }
 
+/* The outputs ids[0..n_ids) of one activation row (kern_matmul_rows), the rest -inf. */
+static void chosen_outputs(cpu_backend_t *cb, float *y, const kern_weight_t *w, const float *x, const int32_t *ids,
+                           int n_ids)
+{
+    for (int64_t r = 0; r < w->rows; r++) y[r] = -INFINITY;
+    if (n_ids <= 0) return;
+    mm_ctx_t c = {.type = w->type, .cols = (int)w->cols, .rows = w->rows, .n = 1, .w = w->data,
+                  .row_bytes = w->row_bytes, .x = x, .isa = cb->isa};
+    const bool quant = is_quantized(w->type);
+    if (quant) {
+        int32_t *xinit;
+        float *d, *s;
+        int8_t *qs;
+        if (quantize_act(cb, w, x, 1, false, &qs, &d, &s, &xinit)) goto oom;
+        c.nb = (int)(w->cols / 32), c.qs = qs, c.d = d, c.s = s;
+    } else if (w->type != FL_TYPE_F32) {
+        if (cpu_grow(&cb->act, &cb->act_bytes, (size_t)w->cols * sizeof(float))) goto oom;
+        c.xf = cb->act;
+        if (w->type == FL_TYPE_F16 && cb->isa != CPU_ISA_SCALAR) round_act_f16_avx2(x, cb->act, w->cols);
+        else round_act(w->type, x, cb->act, w->cols);
+    } else {
+        c.xf = x;
+    }
+    if (cb->isa == CPU_ISA_SCALAR) {
+        for (int i = 0; i < n_ids; i++) y[ids[i]] = quant ? qdot_scalar(&c, ids[i], 0) : fdot_scalar(&c, ids[i], 0);
+        return;
+    }
+    /* the 8-row tile of one token (4 rows for float weights) over rows picked by id */
+    const int step = quant ? 8 : 4;
+    for (int i = 0; i < n_ids; i += step) {
+        const uint8_t *wr[8];
+        for (int k = 0; k < step; k++) wr[k] = c.w + (size_t)ids[i + k < n_ids ? i + k : n_ids - 1] * c.row_bytes;
+        float out[8];
+        if (!quant) ftile4_avx2(&c, wr, 0, out);
+        else if (cb->isa == CPU_ISA_AVX512) tile8_dispatch_avx512(&c, wr, 0, out);
+        else tile8_dispatch_avx2(&c, wr, 0, out);
+        for (int k = 0; k < step && i + k < n_ids; k++) y[ids[i + k]] = out[k];
+    }
+    return;
+oom:
+    for (int i = 0; i < n_ids; i++) y[ids[i]] = NAN;
+}
+
+void cpu_matmul_rows(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n,
+                     const int32_t *const *ids, const int32_t *n_ids)
+{
+    cpu_backend_t *cb = (cpu_backend_t *)be;
+    const size_t cols = (size_t)w->cols, rows = (size_t)w->rows;
+    int n_full = 0;
+    for (int i = 0; i < n; i++) n_full += !ids[i];
+    if (n_full == n) {
+        cpu_matmul(be, y, w, x, n);
+        return;
+    }
+    if (n_full > 0) { /* one pass over the weights for all of them (a row's bits never depend on its batch) */
+        if (cpu_grow(&cb->full_rows, &cb->full_rows_bytes, (size_t)n_full * (cols + rows) * sizeof(float))) {
+            for (size_t k = 0; k < (size_t)n * rows; k++) y[k] = NAN;
+            return;
+        }
+        float *xs = cb->full_rows, *ys = xs + (size_t)n_full * cols;
+        for (int i = 0, j = 0; i < n; i++)
+            if (!ids[i]) memcpy(xs + (size_t)j++ * cols, x + (size_t)i * cols, cols * sizeof(float));
+        cpu_matmul(be, ys, w, xs, n_full);
+        for (int i = 0, j = 0; i < n; i++)
+            if (!ids[i]) memcpy(y + (size_t)i * rows, ys + (size_t)j++ * rows, rows * sizeof(float));
+    }
+    for (int i = 0; i < n; i++)
+        if (ids[i]) chosen_outputs(cb, y + (size_t)i * rows, w, x + (size_t)i * cols, ids[i], n_ids[i]);
+}
+
 /* One matmul with every row in one order: the prompt order (quantized weights only) or ggml's. */
 static void matmul_in_order(cpu_backend_t *cb, float *y, const kern_weight_t *w, const float *x, int n, bool prompt)
 {

@@ -330,6 +330,72 @@ static void test_matmul_rows_same_bits_for_batches_1_to_17(void **state)
         }
 }
 
+/* kern_matmul_rows (a vocabulary projection restricted to allowed tokens): five activation rows,
+ * three with lists of chosen weight rows (random subsets in random order, counts not a multiple of
+ * the tiles' 8) and two wanting every row, then all five with lists; the chosen entries carry the
+ * bits kern_matmul gives them, every other entry of a listed row is -inf, unlisted rows equal
+ * kern_matmul's; on every ISA, repacked or not. */
+static void test_matmul_rows_equal_full_matmul_rows(void **state)
+{
+    static const struct {
+        const char *isa, *repack;
+    } cfg[] = {{"scalar", NULL}, {"avx2", NULL}, {"avx512", NULL}, {"avx512", "0"}};
+    enum { N = 5, ROWS = 1000, COLS = 576 };
+    static const int counts[] = {1, 7, 8, 9, 61, 1000, 0};
+    for (size_t ti = 0; ti < sizeof all_types / sizeof *all_types; ti++) {
+        const int type = all_types[ti];
+        uint8_t *wd = make_weight(type, ROWS, COLS);
+        float *x = malloc(N * COLS * sizeof(float)), *full = malloc(N * ROWS * sizeof(float)),
+              *y = malloc(N * ROWS * sizeof(float));
+        static int32_t perm[N][ROWS];
+        fill(x, N * COLS, 3.0f);
+        for (size_t ci = 0; ci < sizeof cfg / sizeof *cfg; ci++) {
+            if (cfg[ci].repack) setenv("FOLIO_CPU_REPACK", cfg[ci].repack, 1);
+            kern_backend_t *be = new_backend(cfg[ci].isa, 2, NULL);
+            unsetenv("FOLIO_CPU_REPACK");
+            if (strcmp(isa_names[isa_of(be)], cfg[ci].isa) != 0) {
+                kern_destroy(&be);
+                continue;
+            }
+            kern_weight_t *w = kern_weight_new(be, type, ROWS, COLS, wd, NULL);
+            assert_non_null(w);
+            kern_matmul(be, full, w, x, N);
+            for (int pass = 0; pass < 2; pass++)
+                for (size_t k = 0; k < sizeof counts / sizeof *counts; k++) {
+                    const int32_t *ids[N];
+                    int32_t n_ids[N];
+                    for (int i = 0; i < N; i++) {
+                        for (int r = 0; r < ROWS; r++) perm[i][r] = r;
+                        for (int r = ROWS - 1; r > 0; r--) {
+                            const int j = (int)(rnd_u32() % (uint32_t)(r + 1)), t = perm[i][r];
+                            perm[i][r] = perm[i][j], perm[i][j] = t;
+                        }
+                        const bool listed = pass == 1 || i % 2 == 0;
+                        ids[i] = listed ? perm[i] : NULL;
+                        n_ids[i] = listed ? counts[(k + (size_t)i) % (sizeof counts / sizeof *counts)] : -1;
+                    }
+                    memset(y, 0, N * ROWS * sizeof(float));
+                    assert_true(kern_matmul_rows(be, y, w, x, N, ids, n_ids));
+                    for (int i = 0; i < N; i++) {
+                        bool chosen[ROWS];
+                        for (int r = 0; r < ROWS; r++) chosen[r] = !ids[i];
+                        for (int j = 0; ids[i] && j < n_ids[i]; j++) chosen[ids[i][j]] = true;
+                        for (int r = 0; r < ROWS; r++) {
+                            const float got = y[i * ROWS + r], want = chosen[r] ? full[i * ROWS + r] : -INFINITY;
+                            if (memcmp(&got, &want, sizeof got))
+                                fail_msg("%s %s%s: x row %d (%s %d), output %d = %a, want %a", fl_dtype_name(type),
+                                         cfg[ci].isa, cfg[ci].repack ? " (not repacked)" : "", i,
+                                         ids[i] ? "listed" : "whole", n_ids[i], r, got, want);
+                        }
+                    }
+                }
+            kern_weight_destroy(be, w);
+            kern_destroy(&be);
+        }
+        free(wd), free(x), free(full), free(y);
+    }
+}
+
 /* The prompt order (kern_set_prompt_rows), written independently: per block one exact integer sum,
  * acc = fma(d_w * d_x, sum, acc); Q4_1 also sm = fma(m, s, sm); result acc (+ sm). */
 static float ref_prompt_one(int type, const uint8_t *row, const float *x, int cols)
@@ -1445,6 +1511,7 @@ int main(void)
         cmocka_unit_test(test_matmul_matches_spec_every_type_and_isa),
         cmocka_unit_test(test_matmul_batched_equals_row_by_row_bitexact),
         cmocka_unit_test(test_matmul_rows_same_bits_for_batches_1_to_17),
+        cmocka_unit_test(test_matmul_rows_equal_full_matmul_rows),
         cmocka_unit_test(test_matmul_repack_off_same_bits),
         cmocka_unit_test(test_matmul_multi_equals_single_calls),
         cmocka_unit_test(test_matmul_prompt_rows_every_path),

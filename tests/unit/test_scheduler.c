@@ -451,6 +451,54 @@ static void constrained_outputs_match_with_and_without_speculation(void **state)
     engine_destroy(&e);
 }
 
+/* Logit rows constrained to a few tokens are projected onto those tokens only (model_batch_t.
+ * logit_ids, kern_matmul_rows), beside an unconstrained request's whole rows in the same steps: the
+ * same tokens as the full projection, which requests asking for log-probabilities (of the raw row)
+ * still get; greedy and sampled, plain and with n-gram speculation (its verification rows each with
+ * their node's allowed tokens). */
+static void constrained_rows_project_onto_allowed_tokens_only(void **state)
+{
+    (void)state;
+    make_prompts();
+    engine_t *e = open_engine(256, 0);
+    static const char *const choices[] = {"positive", "negative", "neutral", "mixed feelings"};
+    const char *regex = "(id|no)-[0-9]{3}(,[a-c]{2})*;";
+    static record_t full, chosen;
+    for (int t = 0; t < 2; t++)
+        for (int spec = 0; spec < 2; spec++) {
+            const float temp = t ? 0.8f : 0.0f;
+            uint64_t rows[2];
+            for (int pass = 0; pass < 2; pass++) { /* with log-probabilities (full rows), then without */
+                record_t *r = pass ? &chosen : &full;
+                record_init(r);
+                const uint64_t before = e->model->chosen_logit_rows;
+                sched_t *s = new_sched(e, r, &(sched_opts_t){.spec_draft_all = true});
+                for (int i = 0; i < 4; i++) { /* 3: unconstrained, its rows whole in the same steps */
+                    sched_request_t q = request(i, temp);
+                    q.max_tokens = CONS_GEN, q.ignore_eog = false, q.logprobs = pass == 0;
+                    q.spec = spec ? SCHED_SPEC_NGRAM : SCHED_SPEC_NONE;
+                    if (i < 3)
+                        q.constraint = i == 1 ? (sched_constraint_t){.kind = FL_CONSTRAINT_REGEX, .text = regex}
+                                              : (sched_constraint_t){.kind = FL_CONSTRAINT_CHOICE, .choices = choices,
+                                                                     .n_choices = 4};
+                    submit(s, &q);
+                }
+                run_to_end(s);
+                sched_destroy(&s);
+                rows[pass] = e->model->chosen_logit_rows - before;
+            }
+            for (int i = 0; i < 4; i++) {
+                assert_int_equal(chosen.n_tokens[i], full.n_tokens[i]);
+                assert_memory_equal(chosen.tokens[i], full.tokens[i], (size_t)full.n_tokens[i] * sizeof(int32_t));
+            }
+            print_message("temperature %.1f%s: %llu logit rows on their allowed tokens only\n", temp,
+                          spec ? ", n-gram" : "", (unsigned long long)rows[1]);
+            assert_int_equal(rows[0], 0);
+            assert_true(rows[1] > 0);
+        }
+    engine_destroy(&e);
+}
+
 /* Long generations: the CPU backend sums prompt tokens and generated tokens in different orders
  * (llama.cpp's), so a sequence recomputed after preemption must keep each token's order by its role,
  * not by how many of its tokens the recomputing step holds; the latter made outputs part from a
@@ -1146,6 +1194,7 @@ int main(void)
         cmocka_unit_test(quantized_kv_outputs_identical_alone_cached_and_preempted),
         cmocka_unit_test(speculative_long_outputs_equal_plain_decoding),
         cmocka_unit_test(constrained_outputs_match_with_and_without_speculation),
+        cmocka_unit_test(constrained_rows_project_onto_allowed_tokens_only),
         cmocka_unit_test(long_generation_preempted_and_recomputed_keeps_its_tokens),
         cmocka_unit_test(cancel_frees_kv_and_reports_once),
         cmocka_unit_test(callback_may_cancel_another_request_mid_step),
