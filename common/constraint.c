@@ -18,7 +18,6 @@
 #include <xxhash.h>
 
 #define FORCED_MAX_BYTES 256 /* longest fixed byte run tokenized for fl_constraint_forced */
-#define IDS_MANY (-2)        /* n_ids: more allowed tokens than a list is kept for */
 
 /* ---- the vocabulary index (shared, refcounted) ---- */
 
@@ -160,9 +159,6 @@ struct fl_constraint {
     uint64_t **masks;  /* per state, computed on first use */
     int32_t **forced;  /* per state, computed on first use */
     int16_t *n_forced; /* -1: not computed yet */
-    int32_t **ids;     /* per state, the allowed tokens when few (fl_constraint_allowed_ids) */
-    int32_t *n_ids;    /* -1: not computed yet; IDS_MANY: more than ids_max */
-    int32_t ids_max;   /* n_vocab / 32: a list never outweighs its state's mask */
     int16_t *n_out;    /* bytes with a live transition */
     uint8_t *only_out; /* that byte when n_out is 1 */
     size_t bytes;
@@ -221,10 +217,9 @@ static fl_constraint_t *compile_with(fl_constraint_kind_t kind, const char *text
         c->mask_words = ((size_t)voc->n_vocab + 63) / 64;
     }
     c->bytes = sizeof *c + cx_dfa_bytes(&c->dfa) +
-               (size_t)n * (sizeof *c->masks + sizeof *c->forced + sizeof *c->n_forced + sizeof *c->n_out + 1 +
-                            sizeof *c->ids + sizeof *c->n_ids);
-    /* Bounded up front for every state's mask and id list, so that computing them later cannot pass it. */
-    const size_t worst = c->bytes + 2 * (size_t)n * c->mask_words * sizeof(uint64_t);
+               (size_t)n * (sizeof *c->masks + sizeof *c->forced + sizeof *c->n_forced + sizeof *c->n_out + 1);
+    /* Bounded up front for every state's mask, so that computing them later cannot pass it. */
+    const size_t worst = c->bytes + (size_t)n * c->mask_words * sizeof(uint64_t);
     if (worst > max_bytes) {
         fl_fail(err, FL_ERANGE,
                 "%s: too large (%d automaton states need up to %zu MiB with their token masks, the "
@@ -235,19 +230,15 @@ static fl_constraint_t *compile_with(fl_constraint_kind_t kind, const char *text
     c->masks = calloc((size_t)n, sizeof *c->masks);
     c->forced = calloc((size_t)n, sizeof *c->forced);
     c->n_forced = malloc(sizeof *c->n_forced * (size_t)n);
-    c->ids = calloc((size_t)n, sizeof *c->ids);
-    c->n_ids = malloc(sizeof *c->n_ids * (size_t)n);
-    c->ids_max = c->voc ? c->voc->n_vocab / 32 : 0;
     c->n_out = malloc(sizeof *c->n_out * (size_t)n);
     c->only_out = malloc((size_t)n);
     c->zero_mask = calloc(c->mask_words + 1, sizeof *c->zero_mask);
-    if (!c->masks || !c->forced || !c->n_forced || !c->ids || !c->n_ids || !c->n_out || !c->only_out || !c->zero_mask) {
+    if (!c->masks || !c->forced || !c->n_forced || !c->n_out || !c->only_out || !c->zero_mask) {
         fl_fail(err, FL_ENOMEM, "constraint: out of memory");
         goto fail;
     }
     for (int32_t s = 0; s < n; s++) {
         c->n_forced[s] = -1;
-        c->n_ids[s] = -1;
         int k = 0;
         uint8_t only = 0;
         for (int b = 0; b < 256; b++)
@@ -282,13 +273,10 @@ void fl_constraint_free(fl_constraint_t **cp)
     for (int32_t s = 0; s < c->dfa.n_states; s++) {
         if (c->masks) free(c->masks[s]);
         if (c->forced) free(c->forced[s]);
-        if (c->ids) free(c->ids[s]);
     }
     free(c->masks);
     free(c->forced);
     free(c->n_forced);
-    free(c->ids);
-    free(c->n_ids);
     free(c->n_out);
     free(c->only_out);
     free(c->zero_mask);
@@ -383,31 +371,17 @@ const uint64_t *fl_constraint_mask(fl_constraint_t *c, int32_t state)
     return m;
 }
 
-const int32_t *fl_constraint_allowed_ids(fl_constraint_t *c, int32_t state, int *n)
+int fl_constraint_allowed_ids(fl_constraint_t *c, int32_t state, int32_t *out, int max)
 {
-    static const int32_t none[1];
-    *n = -1;
-    if (!c || !c->voc) return NULL;
-    if (!valid_state(c, state)) return *n = 0, none;
-    if (c->n_ids[state] == -1) {
-        const uint64_t *m = fl_constraint_mask(c, state);
-        if (!m) return NULL;
-        int k = 0;
-        for (size_t w = 0; w < c->mask_words; w++) k += __builtin_popcountll(m[w]);
-        int32_t *ids = k <= c->ids_max ? malloc(sizeof *ids * (size_t)(k > 0 ? k : 1)) : NULL;
-        if (k <= c->ids_max && !ids) return NULL;
-        if (ids) {
-            int j = 0;
-            for (size_t w = 0; w < c->mask_words; w++)
-                for (uint64_t bits = m[w]; bits; bits &= bits - 1) ids[j++] = (int32_t)(w * 64 + (size_t)__builtin_ctzll(bits));
-            c->bytes += sizeof *ids * (size_t)(k > 0 ? k : 1);
-        }
-        c->ids[state] = ids;
-        c->n_ids[state] = ids ? k : IDS_MANY;
-    }
-    if (c->n_ids[state] < 0) return NULL;
-    *n = c->n_ids[state];
-    return c->ids[state];
+    const uint64_t *m = fl_constraint_mask(c, state);
+    if (!m) return -1;
+    int k = 0;
+    for (size_t w = 0; w < c->mask_words && k <= max; w++) k += __builtin_popcountll(m[w]);
+    if (k > max) return -1;
+    int j = 0;
+    for (size_t w = 0; w < c->mask_words; w++)
+        for (uint64_t bits = m[w]; bits; bits &= bits - 1) out[j++] = (int32_t)(w * 64 + (size_t)__builtin_ctzll(bits));
+    return j;
 }
 
 bool fl_constraint_accepting(const fl_constraint_t *c, int32_t state)

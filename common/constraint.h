@@ -139,10 +139,10 @@ int32_t fl_constraint_next(fl_constraint_t *c, int32_t state, int32_t id);
  * id / 64), valid until the constraint is freed. FL_CSTATE_DEAD (or any invalid state) gives an
  * all-zero set. NULL only without a tokenizer or when out of memory. */
 const uint64_t *fl_constraint_mask(fl_constraint_t *c, int32_t state);
-/* The same set as a list of token ids in increasing order, where it holds at most n_vocab / 32 of
- * them (then a vocabulary projection restricted to them is cheaper than a full one): the list and
- * *n (0 in a dead state); else NULL and *n = -1. Computed once per state and kept. */
-const int32_t *fl_constraint_allowed_ids(fl_constraint_t *c, int32_t state, int *n);
+/* The same set as token ids in increasing order, written to out when there are at most max of them
+ * (a vocabulary projection restricted to them is then cheaper than a full one): their count (0 in a
+ * dead state); -1 when more, or without a token layer. A pass over the mask (n_vocab / 64 words). */
+int fl_constraint_allowed_ids(fl_constraint_t *c, int32_t state, int32_t *out, int max);
 /* The output so far is a complete match (end-of-generation allowed). */
 bool fl_constraint_accepting(const fl_constraint_t *c, int32_t state);
 /* Accepting and nothing can follow: the sequence should end here. */

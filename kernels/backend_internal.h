@@ -68,12 +68,12 @@ typedef struct kern_ops {
     void (*scale)(kern_backend_t *be, float *x, float s, int n);
     void (*softcap)(kern_backend_t *be, float *x, float cap, int n);
     void (*geglu)(kern_backend_t *be, float *out, const float *gate, const float *up, int n);
-    /* Optional (kern_matmul_rows; the CUDA backend has none: its vocabulary projection is cheap next
-     * to a step). Last, so that positional tables leave it NULL. */
-    void (*matmul_rows)(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n,
-                        const int32_t *const *ids, const int32_t *n_ids);
     /* kern_set_prompt_rows; NULL where every row is summed in one order (CUDA) */
     void (*set_prompt_rows)(kern_backend_t *be, const uint8_t *prompt_rows, int n);
+    /* kern_matmul_rows; NULL where whole rows are computed (CUDA: its vocabulary projection is cheap
+     * next to a step). Members after the CUDA table's last initialiser are NULL there. */
+    void (*matmul_rows)(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n,
+                        const int32_t *const *ids, const int32_t *n_ids);
 } kern_ops_t;
 
 struct kern_backend {

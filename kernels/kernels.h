@@ -219,7 +219,8 @@ void kern_set_prompt_rows(kern_backend_t *be, const uint8_t *prompt_rows, int n)
  * vocabulary projection restricted to the tokens a constraint allows): those come out with the bits
  * kern_matmul gives them, every other entry of that y row is -INFINITY; ids[i] NULL: the whole row,
  * as kern_matmul. ids and n_ids are host memory. Returns false, touching nothing, where the backend
- * has no such op (then run kern_matmul). */
+ * has no such op (then run kern_matmul). (With the CPU's opt-in BLAS path, FOLIO_CPU_BLAS_MIN_N, a
+ * large call's whole rows are not bit-equal to the listed ones; by default there is none.) */
 bool kern_matmul_rows(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n,
                       const int32_t *const *ids, const int32_t *n_ids);
 /* ys[k][n][rows_k] = x W_k^T for k < n_w: the same bits as n_w kern_matmul calls on the same x (one

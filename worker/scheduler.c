@@ -103,6 +103,8 @@ struct sched {
     int32_t *tokens, *pos, *seq_row, *tables, *prompt_len, *logit_rows, *sampled;
     const int32_t **logit_ids; /* [max_rows] model_batch_t.logit_ids, and their counts */
     int32_t *logit_n_ids;
+    int32_t *ids_buf;          /* [max_rows][ids_max] the lists themselves */
+    int ids_max;               /* n_vocab / 32: past it a row is projected whole */
     seq_t **logit_seq;
     kern_sampling_t *sampling;
     int max_rows;            /* logit rows a step may have: the model's max_logits */
@@ -293,6 +295,8 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
     s->logit_seq = malloc((size_t)nl * sizeof *s->logit_seq);
     s->logit_ids = malloc((size_t)nl * sizeof *s->logit_ids);
     s->logit_n_ids = malloc((size_t)nl * sizeof *s->logit_n_ids);
+    s->ids_max = m->cfg.n_vocab / 32;
+    s->ids_buf = malloc((size_t)nl * (size_t)(s->ids_max > 0 ? s->ids_max : 1) * sizeof *s->ids_buf);
     s->sampling = malloc((size_t)nl * sizeof *s->sampling);
     s->tree_start = malloc((size_t)nt * sizeof *s->tree_start);
     s->tree_mask = malloc((size_t)nt * sizeof *s->tree_mask);
@@ -305,7 +309,7 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
     s->cand_seq = malloc((size_t)nr * sizeof *s->cand_seq);
     s->cand_out = malloc((size_t)nr * (size_t)(heads > 0 ? heads : 1) * (size_t)s->top_k * sizeof *s->cand_out);
     if (!s->running || !s->waiting || !s->tokens || !s->pos || !s->seq_row || !s->tables || !s->prompt_len ||
-        !s->logit_rows || !s->sampled || !s->logit_seq || !s->logit_ids || !s->logit_n_ids || !s->sampling || !s->tree_start || !s->tree_mask ||
+        !s->logit_rows || !s->sampled || !s->logit_seq || !s->logit_ids || !s->logit_n_ids || !s->ids_buf || !s->sampling || !s->tree_start || !s->tree_mask ||
         !s->move_src || !s->move_dst || !s->cand_rows || !s->cand_seq || !s->cand_out)
         goto oom;
     s->live_block = kv_cache_alloc_block(kv);
@@ -351,6 +355,7 @@ void sched_destroy(sched_t **sp)
     free(s->logit_seq);
     free(s->logit_ids);
     free(s->logit_n_ids);
+    free(s->ids_buf);
     free(s->sampling);
     free(s->tree_start);
     free(s->tree_mask);
@@ -1053,9 +1058,9 @@ static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
                 const int32_t cstate = tree ? q->node_state[k] : q->cstate;
                 s->sampling[n_logits].allowed = q->cons ? fl_constraint_mask(q->cons, cstate) : NULL;
                 /* a few allowed tokens: only their logits (unless the raw row's log-probabilities are asked) */
-                int n_ids = -1;
-                s->logit_ids[n_logits] =
-                    q->cons && !q->req.logprobs ? fl_constraint_allowed_ids(q->cons, cstate, &n_ids) : NULL;
+                int32_t *ids = s->ids_buf + (size_t)n_logits * (size_t)s->ids_max;
+                const int n_ids = q->cons && !q->req.logprobs ? fl_constraint_allowed_ids(q->cons, cstate, ids, s->ids_max) : -1;
+                s->logit_ids[n_logits] = n_ids >= 0 ? ids : NULL;
                 s->logit_n_ids[n_logits] = n_ids;
                 n_logits++;
             }

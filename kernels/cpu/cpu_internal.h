@@ -78,7 +78,7 @@ typedef struct cpu_backend {
     size_t pact_bytes;
     void *split;                /* a mixed call's rows, gathered by role */
     size_t split_bytes;
-    void *full_rows;            /* matmul_rows: the rows that want every output, gathered */
+    void *full_rows;            /* matmul_rows: the activation rows that want every output, gathered */
     size_t full_rows_bytes;
     float **pstate;             /* per thread: AMX prompt tiles' state */
     size_t *pstate_bytes;

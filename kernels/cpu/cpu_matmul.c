@@ -569,16 +569,20 @@ void cpu_matmul_rows(kern_backend_t *be, float *y, const kern_weight_t *w, const
         return;
     }
     if (n_full > 0) { /* one pass over the weights for all of them (a row's bits never depend on its batch) */
-        if (cpu_grow(&cb->full_rows, &cb->full_rows_bytes, (size_t)n_full * (cols + rows) * sizeof(float))) {
+        if (cpu_grow(&cb->full_rows, &cb->full_rows_bytes, (size_t)n_full * cols * sizeof(float))) {
             for (size_t k = 0; k < (size_t)n * rows; k++) y[k] = NAN;
             return;
         }
-        float *xs = cb->full_rows, *ys = xs + (size_t)n_full * cols;
+        float *xs = cb->full_rows;
         for (int i = 0, j = 0; i < n; i++)
             if (!ids[i]) memcpy(xs + (size_t)j++ * cols, x + (size_t)i * cols, cols * sizeof(float));
-        cpu_matmul(be, ys, w, xs, n_full);
-        for (int i = 0, j = 0; i < n; i++)
-            if (!ids[i]) memcpy(y + (size_t)i * rows, ys + (size_t)j++ * rows, rows * sizeof(float));
+        cpu_matmul(be, y, w, xs, n_full); /* into y's first n_full rows, then each to its place: the
+                                              j-th whole row goes to row i >= j, last first */
+        for (int i = n - 1, j = n_full - 1; i >= 0; i--)
+            if (!ids[i]) {
+                if (i != j) memmove(y + (size_t)i * rows, y + (size_t)j * rows, rows * sizeof(float));
+                j--;
+            }
     }
     for (int i = 0; i < n; i++)
         if (ids[i]) chosen_outputs(cb, y + (size_t)i * rows, w, x + (size_t)i * cols, ids[i], n_ids[i]);
