@@ -118,10 +118,12 @@ void kern_sample(kern_backend_t *be, int32_t *out, float *logits, int n, int voc
     be->ops->sample(be, out, logits, n, vocab, p);
 }
 
+bool kern_has_matmul_rows(const kern_backend_t *be) { return be->ops->matmul_rows != NULL; }
+
 bool kern_matmul_rows(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n,
                       const int32_t *const *ids, const int32_t *n_ids)
 {
-    if (!be->ops->matmul_rows) return false;
+    if (!kern_has_matmul_rows(be)) return false;
     be->ops->matmul_rows(be, y, w, x, n, ids, n_ids);
     return true;
 }

@@ -223,6 +223,8 @@ void kern_set_prompt_rows(kern_backend_t *be, const uint8_t *prompt_rows, int n)
  * large call's whole rows are not bit-equal to the listed ones; by default there is none.) */
 bool kern_matmul_rows(kern_backend_t *be, float *y, const kern_weight_t *w, const float *x, int n,
                       const int32_t *const *ids, const int32_t *n_ids);
+/* The backend has kern_matmul_rows (then it never returns false). */
+bool kern_has_matmul_rows(const kern_backend_t *be);
 /* ys[k][n][rows_k] = x W_k^T for k < n_w: the same bits as n_w kern_matmul calls on the same x (one
  * activation conversion, one dispatch where the backend can). */
 void kern_matmul_multi(kern_backend_t *be, float *const *ys, const kern_weight_t *const *ws, int n_w, const float *x,

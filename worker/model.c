@@ -700,18 +700,22 @@ static void tp_sum(model_t *m, float *x, size_t n)
     if (m->comm && !m->tp_err.code) comm_allreduce_sum_f32(m->comm, x, n, &m->tp_err);
 }
 
+/* Not with final soft-capping, which would turn the -inf of the tokens left out into -cap. */
+bool model_projects_chosen_rows(const model_t *m)
+{
+    return m->cfg.final_softcap <= 0 && kern_has_matmul_rows(m->be);
+}
+
 /* The vocabulary projection with the rows that have a list (model_batch_t.logit_ids: a constraint
  * that allows few tokens) projected onto those tokens only, the same bits for them; false, having
- * computed nothing, without any list or where the backend cannot. Not with final soft-capping, which
- * would turn the -inf of the others into -cap. */
+ * computed nothing, without any list or where the model cannot (model_projects_chosen_rows). */
 static bool logits_of_chosen_rows(model_t *m, const model_batch_t *b)
 {
-    if (!b->logit_ids || m->cfg.final_softcap > 0) return false;
+    if (!b->logit_ids || !model_projects_chosen_rows(m)) return false;
     int chosen = 0;
     for (int i = 0; i < b->n_logits; i++) chosen += b->logit_ids[i] != NULL;
-    if (chosen == 0 ||
-        !kern_matmul_rows(m->be, m->logits, m->output, m->logit_in, b->n_logits, b->logit_ids, b->logit_n_ids))
-        return false;
+    if (chosen == 0) return false;
+    kern_matmul_rows(m->be, m->logits, m->output, m->logit_in, b->n_logits, b->logit_ids, b->logit_n_ids);
     m->chosen_logit_rows += (uint64_t)chosen;
     return true;
 }

@@ -134,8 +134,8 @@ typedef struct model_batch {
     const int32_t *logit_rows;   /* token indices that want logits, in output order */
     int n_logits;
     /* Per logit row, the only tokens whose logits are wanted (a constraint's allowed set, ascending),
-     * or NULL for all; the others come out -INFINITY where the backend can project onto chosen rows
-     * (kern_matmul_rows), else every logit is computed. NULL: no lists. */
+     * or NULL for all; the others come out -INFINITY where model_projects_chosen_rows, else every
+     * logit is computed. NULL: no lists. */
     const int32_t *const *logit_ids;
     const int32_t *logit_n_ids;
     /* Draft trees (speculative verification), or both NULL: kern_attn_t.tree_mask / tree_start per
@@ -163,6 +163,9 @@ void model_destroy(model_t **mp);
 /* One batched forward step; fills the model's logits buffer with n_logits rows (on rank 0 of a
  * tensor-parallel group, which first sends the step to the other ranks: tp.h). */
 int model_forward(model_t *m, kv_cache_t *kv, const model_batch_t *b, fl_error_t *err);
+/* model_batch_t.logit_ids take effect: the backend projects onto chosen rows (the CPU's does) and
+ * the model has no final soft-capping. Without, lists are not worth building. */
+bool model_projects_chosen_rows(const model_t *m);
 /* Copies n rows of logits to host memory dst[n][n_vocab]. */
 int model_logits(model_t *m, float *dst, int n);
 /* Copies logits row `row` to host memory dst[n_vocab]. */

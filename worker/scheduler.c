@@ -104,7 +104,8 @@ struct sched {
     const int32_t **logit_ids; /* [max_rows] model_batch_t.logit_ids, and their counts */
     int32_t *logit_n_ids;
     int32_t *ids_buf;          /* [max_rows][ids_max] the lists themselves */
-    int ids_max;               /* n_vocab / 32: past it a row is projected whole */
+    int ids_max;               /* n_vocab / 32: past it a row is projected whole; 0: no lists
+                                  (model_projects_chosen_rows false) */
     seq_t **logit_seq;
     kern_sampling_t *sampling;
     int max_rows;            /* logit rows a step may have: the model's max_logits */
@@ -295,7 +296,7 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
     s->logit_seq = malloc((size_t)nl * sizeof *s->logit_seq);
     s->logit_ids = malloc((size_t)nl * sizeof *s->logit_ids);
     s->logit_n_ids = malloc((size_t)nl * sizeof *s->logit_n_ids);
-    s->ids_max = m->cfg.n_vocab / 32;
+    s->ids_max = model_projects_chosen_rows(m) ? m->cfg.n_vocab / 32 : 0;
     s->ids_buf = malloc((size_t)nl * (size_t)(s->ids_max > 0 ? s->ids_max : 1) * sizeof *s->ids_buf);
     s->sampling = malloc((size_t)nl * sizeof *s->sampling);
     s->tree_start = malloc((size_t)nt * sizeof *s->tree_start);
@@ -1059,7 +1060,9 @@ static int build_batch(sched_t *s, model_batch_t *b, int *n_prefill)
                 s->sampling[n_logits].allowed = q->cons ? fl_constraint_mask(q->cons, cstate) : NULL;
                 /* a few allowed tokens: only their logits (unless the raw row's log-probabilities are asked) */
                 int32_t *ids = s->ids_buf + (size_t)n_logits * (size_t)s->ids_max;
-                const int n_ids = q->cons && !q->req.logprobs ? fl_constraint_allowed_ids(q->cons, cstate, ids, s->ids_max) : -1;
+                const int n_ids = q->cons && !q->req.logprobs && s->ids_max > 0
+                                      ? fl_constraint_allowed_ids(q->cons, cstate, ids, s->ids_max)
+                                      : -1;
                 s->logit_ids[n_logits] = n_ids >= 0 ? ids : NULL;
                 s->logit_n_ids[n_logits] = n_ids;
                 n_logits++;

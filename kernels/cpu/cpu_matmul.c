@@ -512,6 +512,19 @@ static int quantize_act(cpu_backend_t *cb, const kern_weight_t *w, const float *
     return 0;
 }
 
+/* n activation rows for a float weight: as they are for F32, else rounded to the weight's type in
+ * cb->act (what the float dots read); NULL when out of memory. */
+static const float *float_act(cpu_backend_t *cb, const kern_weight_t *w, const float *x, int n)
+{
+    if (w->type == FL_TYPE_F32) return x;
+    const int64_t cnt = (int64_t)n * w->cols;
+    if (cpu_grow(&cb->act, &cb->act_bytes, (size_t)cnt * sizeof(float))) return NULL;
+    float *xf = cb->act;
+    if (w->type == FL_TYPE_F16 && cb->isa != CPU_ISA_SCALAR) round_act_f16_avx2(x, xf, cnt);
+    else round_act(w->type, x, xf, cnt);
+    return xf;
+}
+
 static bool is_quantized(int type) { return type == FL_TYPE_Q4_0 || type == FL_TYPE_Q4_1 || type == FL_TYPE_Q8_0; }
 
 /* The outputs ids[0..n_ids) of one activation row (kern_matmul_rows), the rest -inf. */
@@ -529,13 +542,8 @@ static void chosen_outputs(cpu_backend_t *cb, float *y, const kern_weight_t *w, 
         int8_t *qs;
         if (quantize_act(cb, w, x, 1, false, &qs, &d, &s, &xinit)) goto oom;
         c.nb = (int)(w->cols / 32), c.qs = qs, c.d = d, c.s = s;
-    } else if (w->type != FL_TYPE_F32) {
-        if (cpu_grow(&cb->act, &cb->act_bytes, (size_t)w->cols * sizeof(float))) goto oom;
-        c.xf = cb->act;
-        if (w->type == FL_TYPE_F16 && cb->isa != CPU_ISA_SCALAR) round_act_f16_avx2(x, cb->act, w->cols);
-        else round_act(w->type, x, cb->act, w->cols);
-    } else {
-        c.xf = x;
+    } else if (!(c.xf = float_act(cb, w, x, 1))) {
+        goto oom;
     }
     if (cb->isa == CPU_ISA_SCALAR) {
         for (int i = 0; i < n_ids; i++) y[ids[i]] = quant ? qdot_scalar(&c, ids[i], 0) : fdot_scalar(&c, ids[i], 0);
@@ -607,15 +615,7 @@ static void matmul_in_order(cpu_backend_t *cb, float *y, const kern_weight_t *w,
     /* Convert the activations once, on the caller (n x cols is small next to the weights). */
     const size_t cols = (size_t)w->cols;
     if (float_w) {
-        if (w->type != FL_TYPE_F32) {
-            if (cpu_grow(&cb->act, &cb->act_bytes, (size_t)n * cols * sizeof(float))) goto oom;
-            float *xf = cb->act;
-            if (w->type == FL_TYPE_F16 && cb->isa != CPU_ISA_SCALAR) round_act_f16_avx2(x, xf, (int64_t)n * cols);
-            else round_act(w->type, x, xf, (int64_t)n * cols);
-            c.xf = xf;
-        } else {
-            c.xf = x;
-        }
+        if (!(c.xf = float_act(cb, w, x, n))) goto oom;
     } else {
         const int nb = (int)(cols / 32);
         int8_t *qs;

@@ -748,6 +748,13 @@ static void test_rmsnorm_swiglu_add_match_reference(void **state)
     kern_destroy(&be);
 }
 
+/* ggml_vec_geglu_f32 with GGML_GELU_FP16: 0 at or below -10, g * u from 10 up, else the f16 table
+ * at the f16-rounded gate, times u. */
+static float geglu_spec(const fl_f16_t *table, float g, float u)
+{
+    return g <= -10.0f ? 0.0f : g >= 10.0f ? g * u : fl_f16_to_f32(table[fl_f32_to_f16(g)]) * u;
+}
+
 /* The ops of the families beyond Llama, on every ISA, bit for bit against ggml's formulas: Q/K/V
  * bias (y + b), scale (x * s), soft-capping (tanhf(x * (1/c)) * c, Gemma 2's scale-tanh-scale), and
  * GeGLU: ggml_vec_geglu_f32 with GGML_GELU_FP16, the f16 table of kernels/gelu.h at the f16-rounded
@@ -779,10 +786,7 @@ static void test_family_ops_equal_ggml_on_every_isa(void **state)
         }
         kern_geglu(be, y, g, u, total);
         for (int i = 0; i < total; i++) {
-            const float gi = g[i];
-            const float spec = gi <= -10.0f  ? 0.0f
-                               : gi >= 10.0f ? gi * u[i]
-                                             : fl_f16_to_f32(table[fl_f32_to_f16(gi)]) * u[i];
+            const float gi = g[i], spec = geglu_spec(table, gi, u[i]);
             if (memcmp(&spec, &y[i], 4)) fail_msg("%s geglu[%d] = %.9g, spec says %.9g", isa_names[isa], i, y[i], spec);
             const double gelu = 0.5 * gi * (1.0 + tanh(0.7978845608 * gi * (1.0 + 0.044715 * gi * gi)));
             assert_true(fabs(y[i] - gelu * u[i]) <= 2e-3 * fabs(u[i]) * (1 + fabs(gelu))); /* f16 table: ~1e-3 */
@@ -826,9 +830,7 @@ static void test_geglu_every_f16_rounding_on_every_isa(void **state)
                 if (!isnan(y[i])) fail_msg("%s geglu of a NaN gate = %.9g", isa_names[isa], y[i]);
                 continue;
             }
-            const float spec = gi <= -10.0f  ? 0.0f
-                               : gi >= 10.0f ? gi * u[i]
-                                             : fl_f16_to_f32(table[fl_f32_to_f16(gi)]) * u[i];
+            const float spec = geglu_spec(table, gi, u[i]);
             if (memcmp(&spec, &y[i], 4) && !(isnan(spec) && isnan(y[i])))
                 fail_msg("%s geglu(%a) = %a, spec says %a", isa_names[isa], gi, y[i], spec);
         }
