@@ -39,6 +39,8 @@ struct medusa {
     float *r;       /* [n_heads * chunk][dim] backend */
     float *logits;  /* [n_heads * chunk][n_out] backend */
     float *host;    /* [n_heads * chunk][n_out] host */
+    float *row_logits;  /* [n_vocab] backend: one constrained head row's projection */
+    float *row_host;    /* [n_vocab] host */
 };
 
 void medusa_model_identity(const model_t *m, char out[MEDUSA_IDENTITY_LEN + 1])
@@ -95,10 +97,11 @@ void medusa_destroy(medusa_t **hp)
     kern_weight_destroy(h->be, h->sub_out);
     free(h->sub_rows);
     free(h->ids);
-    float *bufs[] = {h->ones, h->r, h->logits};
+    float *bufs[] = {h->ones, h->r, h->logits, h->row_logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) kern_free(h->be, bufs[i]);
     free(h->host);
+    free(h->row_host);
     gguf_destroy(&h->g);
     free(h);
     *hp = NULL;
@@ -248,8 +251,10 @@ medusa_t *medusa_load(const char *path, model_t *m, fl_error_t *err)
     h->r = kern_alloc(h->be, rows * h->dim * sizeof(float));
     h->logits = kern_alloc(h->be, rows * h->n_out * sizeof(float));
     h->host = malloc(rows * h->n_out * sizeof(float));
+    h->row_logits = kern_alloc(h->be, (size_t)h->n_vocab * sizeof(float));
+    h->row_host = malloc((size_t)h->n_vocab * sizeof(float));
     ones = malloc((size_t)chunk * h->dim * sizeof(float));
-    if (!h->ones || !h->r || !h->logits || !h->host || !ones) {
+    if (!h->ones || !h->r || !h->logits || !h->host || !h->row_logits || !h->row_host || !ones) {
         fl_fail(err, FL_ENOMEM, "%s: out of memory for the heads' buffers (%zu rows)", path, rows);
         goto fail;
     }
@@ -266,25 +271,71 @@ fail:
     return NULL;
 }
 
-/* The k largest of x[0..n), best first; ties go to the lower id (as greedy sampling). */
+/* Keeps the k largest values pushed, best first, in val/out (*cnt of them); a value equal to one
+ * kept goes after it, so that pushing in increasing id order sends ties to the lower id (as greedy
+ * sampling). */
+static void top_k_push(float *val, int32_t *out, int *cnt, int k, float v, int32_t id)
+{
+    if (*cnt == k && !(v > val[k - 1])) return;
+    int j = *cnt < k ? (*cnt)++ : k - 1;
+    for (; j > 0 && v > val[j - 1]; j--) {
+        val[j] = val[j - 1];
+        out[j] = out[j - 1];
+    }
+    val[j] = v;
+    out[j] = id;
+}
+
+/* The k largest of x[0..n), best first, as indices. */
 static void top_k_row(const float *x, int n, int k, int32_t *out)
 {
     float val[MEDUSA_MAX_TOP_K];
     int cnt = 0;
-    for (int t = 0; t < n; t++) {
-        const float v = x[t];
-        if (cnt == k && !(v > val[k - 1])) continue;
-        int j = cnt < k ? cnt++ : k - 1;
-        for (; j > 0 && v > val[j - 1]; j--) {
-            val[j] = val[j - 1];
-            out[j] = out[j - 1];
-        }
-        val[j] = v;
-        out[j] = t;
+    for (int t = 0; t < n; t++) top_k_push(val, out, &cnt, k, x[t], t);
+}
+
+/* The index of token id in the heads' subset (ascending ids), -1 when it is not there. */
+static int subset_index(const medusa_t *h, int32_t id)
+{
+    if (!h->ids) return id < h->n_out ? id : -1;
+    int lo = 0, hi = h->n_out;
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (h->ids[mid] < id) lo = mid + 1;
+        else hi = mid;
     }
+    return lo < h->n_out && h->ids[lo] == id ? lo : -1;
+}
+
+/* Head k's candidates at the projected row x (h->r) among the n allowed tokens ids (ascending, n >=
+ * 2), best first, -1 past the last: the base output matrix's rows for those tokens alone where the
+ * backend projects chosen rows, else the subset's projection read at the allowed tokens it holds. */
+static int rank_allowed(medusa_t *h, model_t *m, const float *x, const int32_t *ids, int n, int top_k, int32_t *o,
+                        fl_error_t *err)
+{
+    kern_backend_t *be = h->be;
+    const int32_t n32 = n;
+    const bool chosen = kern_matmul_rows(be, h->row_logits, m->output, x, 1, &ids, &n32);
+    if (!chosen) kern_matmul(be, h->row_logits, h->sub_out ? h->sub_out : m->output, x, 1);
+    const size_t width = chosen ? (size_t)h->n_vocab : (size_t)h->n_out;
+    if (kern_download(be, h->row_host, h->row_logits, width * sizeof(float)) || kern_sync(be, err))
+        return err && err->code ? err->code : fl_fail(err, FL_EBACKEND, "medusa: downloading logits failed");
+    float val[MEDUSA_MAX_TOP_K];
+    int cnt = 0;
+    for (int j = 0; j < n; j++) {
+        const int at = chosen ? ids[j] : subset_index(h, ids[j]);
+        if (at >= 0) top_k_push(val, o, &cnt, top_k, h->row_host[at], ids[j]);
+    }
+    return FL_OK;
 }
 
 int medusa_propose(medusa_t *h, model_t *m, const int32_t *rows, int n, int top_k, int32_t *out, fl_error_t *err)
+{
+    return medusa_propose_allowed(h, m, rows, n, top_k, NULL, NULL, out, err);
+}
+
+int medusa_propose_allowed(medusa_t *h, model_t *m, const int32_t *rows, int n, int top_k, medusa_allowed_fn allowed,
+                           void *user, int32_t *out, fl_error_t *err)
 {
     if (n < 0 || n > m->max_logits || top_k < 1 || top_k > MEDUSA_MAX_TOP_K || top_k > h->n_out)
         return fl_fail(err, FL_EINVAL, "medusa: %d rows (limit %d), top %d (limit %d)", n, m->max_logits, top_k,
@@ -296,6 +347,7 @@ int medusa_propose(medusa_t *h, model_t *m, const int32_t *rows, int n, int top_
             return fl_fail(err, FL_EINVAL, "medusa: logit row %d out of range", rows[i]);
     kern_backend_t *be = h->be;
     const int dim = h->dim, V = h->n_out, H = h->n_heads;
+    if (!h->shared) allowed = NULL; /* own projections: ranked over their set, a constraint prunes later */
     for (int c0 = 0; c0 < n; c0 += h->chunk) {
         const int nc = n - c0 < h->chunk ? n - c0 : h->chunk;
         for (int k = 0; k < H; k++) {
@@ -314,11 +366,37 @@ int medusa_propose(medusa_t *h, model_t *m, const int32_t *rows, int n, int top_
             }
             if (!h->shared) kern_matmul(be, h->logits + (size_t)k * nc * V, h->out[k], rk, nc);
         }
+        /* Constrained rows, head by head (each asks after the best candidates before it): the heads
+         * the callback gives allowed tokens for rank only those; from its first -1 on, a row's
+         * heads rank the whole subset, below. */
+        int from[MEDUSA_CHUNK_ROWS];
+        bool any_whole = !allowed;
+        for (int i = 0; i < nc; i++) {
+            int32_t *oi = out + (size_t)(c0 + i) * H * top_k;
+            from[i] = allowed ? H : 0;
+            for (int k = 0; k < H && allowed; k++) {
+                const int32_t *ids = NULL;
+                const int cnt = allowed(user, c0 + i, k, oi, &ids);
+                if (cnt < 0) {
+                    from[i] = k;
+                    any_whole = true;
+                    break;
+                }
+                int32_t *o = oi + (size_t)k * top_k;
+                for (int j = 0; j < top_k; j++) o[j] = -1;
+                if (cnt == 1) o[0] = ids[0]; /* nothing to rank */
+                else if (cnt > 1) {
+                    const int rc = rank_allowed(h, m, h->r + ((size_t)k * nc + i) * dim, ids, cnt, top_k, o, err);
+                    if (rc) return rc;
+                }
+            }
+        }
+        if (!any_whole) continue;
         if (h->shared) kern_matmul(be, h->logits, h->sub_out ? h->sub_out : m->output, h->r, H * nc);
         if (kern_download(be, h->host, h->logits, (size_t)H * nc * V * sizeof(float)) || kern_sync(be, err))
             return err && err->code ? err->code : fl_fail(err, FL_EBACKEND, "medusa: downloading logits failed");
         for (int i = 0; i < nc; i++)
-            for (int k = 0; k < H; k++) {
+            for (int k = from[i]; k < H; k++) {
                 int32_t *o = out + ((size_t)(c0 + i) * H + k) * top_k;
                 top_k_row(h->host + ((size_t)k * nc + i) * V, V, top_k, o);
                 for (int j = 0; h->ids && j < top_k; j++) o[j] = h->ids[o[j]];

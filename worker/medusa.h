@@ -64,6 +64,19 @@ void medusa_default_path(const char *model_path, char *out, size_t out_len);
  * out[(i * n_heads + k) * top_k + j]. top_k <= MEDUSA_MAX_TOP_K, n <= the model's max_logits. */
 int medusa_propose(medusa_t *h, model_t *m, const int32_t *rows, int n, int top_k, int32_t *out,
                    fl_error_t *err);
+/* Constrained output: which tokens may stand where head `head` of row i guesses, asked head by head
+ * once the heads before it are ranked (cand: row i's candidates so far, heads below `head`; a
+ * constraint follows their best). Sets *ids to them (ascending) and returns their count (0: none),
+ * or -1: any token (free text, or too many to list); after a -1 a row's later heads are not asked. */
+typedef int (*medusa_allowed_fn)(void *user, int i, int head, const int32_t *cand, const int32_t **ids);
+/* medusa_propose where the heads rank only the tokens `allowed` lists: one token is the candidate
+ * outright; more are scored alone, through the base output matrix's rows for them where the backend
+ * projects chosen rows (kern_matmul_rows: a choice among five costs five rows, not the subset), else
+ * read from the subset's projection (tokens outside it are then lost). Ranks below the allowed
+ * count are -1. Heads with projections of their own ignore the lists (a constraint prunes later).
+ * allowed NULL: medusa_propose. */
+int medusa_propose_allowed(medusa_t *h, model_t *m, const int32_t *rows, int n, int top_k, medusa_allowed_fn allowed,
+                           void *user, int32_t *out, fl_error_t *err);
 
 /* Heads as the trainer holds them, for medusa_save (host memory, borrowed). */
 typedef struct medusa_weights {

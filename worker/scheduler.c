@@ -38,6 +38,7 @@
 #define SCHED_EXPLORE_STEPS 16 /* steps between drafts tried against the cost table's advice */
 #define SCHED_FORCED_CHANCE 0.95 /* a draft the constraint fixes: the model rarely tokenizes it otherwise */
 #define SCHED_DEFAULT_DRAFT 10 /* draft tokens a step may verify for a request that names none */
+#define SCHED_LIST_FRACTION 32 /* allowed tokens listed (projected alone) up to n_vocab / this; past it, all */
 
 typedef struct seq {
     sched_request_t req;     /* prompt and stop_ids point into tokens / stop below */
@@ -71,12 +72,17 @@ typedef struct seq {
     double acc_yes, acc_no;  /* decayed counts of accepted and rejected draft tokens */
     double med_expect;       /* this step's Medusa tree: accepted tokens the heads' accuracies promise */
     /* Constrained output: the automaton's state after every token taken so far (the pending one
-     * included), each tree node's state after its path, and how many leading chain nodes the
-     * constraint itself fixed (free drafts). */
+     * included), each tree node's state after its path, and the depths of this step's tree that the
+     * constraint itself fixed (bit d: free drafts, nearly sure). The heads' candidates were ranked
+     * among the allowed tokens (cand_cons), some fixed outright (cand_forced, bit head + 1);
+     * cand_state is the state the heads are being asked at (propose_candidates). */
     fl_constraint_t *cons;   /* a reference, from the scheduler's cache */
     int32_t cstate;
     int32_t node_state[SPEC_MAX_NODES];
-    int n_forced;
+    uint32_t forced_depths;
+    bool cand_cons;
+    uint32_t cand_forced;
+    int32_t cand_state;
     int32_t emit[SPEC_MAX_NODES]; /* this step's tokens (spec_walk), and the nodes they were drawn at */
     int emit_node[SPEC_MAX_NODES];
     int n_emit;
@@ -114,6 +120,7 @@ struct sched {
     int32_t *move_src, *move_dst; /* [max_rows] accepted paths' K/V moves */
     int32_t *cand_rows, *cand_out; /* Medusa: rows to propose from, and the candidates */
     seq_t **cand_seq;
+    int32_t *cand_ids;       /* [n_vocab / SCHED_LIST_FRACTION] the tokens a constrained head may guess */
     const spec_paths_t *paths;
     int top_k;               /* candidates per head the tree needs */
     spec_cost_t spec_cost;   /* measured decode step seconds by size (the forward: the heads apart) */
@@ -296,7 +303,7 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
     s->logit_seq = malloc((size_t)nl * sizeof *s->logit_seq);
     s->logit_ids = malloc((size_t)nl * sizeof *s->logit_ids);
     s->logit_n_ids = malloc((size_t)nl * sizeof *s->logit_n_ids);
-    s->ids_max = model_projects_chosen_rows(m) ? m->cfg.n_vocab / 32 : 0;
+    s->ids_max = model_projects_chosen_rows(m) ? m->cfg.n_vocab / SCHED_LIST_FRACTION : 0;
     s->ids_buf = malloc((size_t)nl * (size_t)(s->ids_max > 0 ? s->ids_max : 1) * sizeof *s->ids_buf);
     s->sampling = malloc((size_t)nl * sizeof *s->sampling);
     s->tree_start = malloc((size_t)nt * sizeof *s->tree_start);
@@ -309,9 +316,10 @@ sched_t *sched_new(model_t *m, kv_cache_t *kv, const sched_opts_t *opts, const s
     s->cand_rows = malloc((size_t)nr * sizeof *s->cand_rows);
     s->cand_seq = malloc((size_t)nr * sizeof *s->cand_seq);
     s->cand_out = malloc((size_t)nr * (size_t)(heads > 0 ? heads : 1) * (size_t)s->top_k * sizeof *s->cand_out);
+    s->cand_ids = malloc(((size_t)m->cfg.n_vocab / SCHED_LIST_FRACTION + 1) * sizeof *s->cand_ids);
     if (!s->running || !s->waiting || !s->tokens || !s->pos || !s->seq_row || !s->tables || !s->prompt_len ||
         !s->logit_rows || !s->sampled || !s->logit_seq || !s->logit_ids || !s->logit_n_ids || !s->ids_buf || !s->sampling || !s->tree_start || !s->tree_mask ||
-        !s->move_src || !s->move_dst || !s->cand_rows || !s->cand_seq || !s->cand_out)
+        !s->move_src || !s->move_dst || !s->cand_rows || !s->cand_seq || !s->cand_out || !s->cand_ids)
         goto oom;
     s->live_block = kv_cache_alloc_block(kv);
     if (s->live_block < 0) {
@@ -365,6 +373,7 @@ void sched_destroy(sched_t **sp)
     free(s->cand_rows);
     free(s->cand_seq);
     free(s->cand_out);
+    free(s->cand_ids);
     fl_constraint_cache_destroy(&s->cons_cache);
     free(s);
     *sp = NULL;
@@ -809,13 +818,20 @@ double sched_expected_s(const sched_t *s, int tokens, double pairs)
 /* How likely a sequence's next draft token is accepted: its decayed record, with a prior. */
 static double seq_acceptance(const seq_t *q) { return (q->acc_yes + 1) / (q->acc_yes + q->acc_no + 2); }
 
+/* Whether node k's token is one the constraint fixed (a free draft, nearly sure). */
+static bool node_forced(const seq_t *q, int k) { return q->forced_depths >> q->tree.depth[k] & 1; }
+
 /* What the heads' held-out accuracies promise for Medusa node k: the product over its path of the
- * chance that its head's candidate of that rank is the right token. */
+ * chance that its head's candidate of that rank is the right token (a forced one: nearly sure). */
 static double medusa_promise(const sched_t *s, const seq_t *q, int k)
 {
     const spec_tree_t *t = &q->tree;
     double p = 1;
     for (int j = k; j > 0; j = t->parent[j]) {
+        if (node_forced(q, j)) {
+            p *= SCHED_FORCED_CHANCE;
+            continue;
+        }
         const int head = t->depth[j] - 1, r = t->rank[j];
         const double hit = medusa_head_accuracy(s->o.medusa, head, r) -
                            (r > 0 ? medusa_head_accuracy(s->o.medusa, head, r - 1) : 0);
@@ -833,23 +849,25 @@ static double medusa_calibration(const sched_t *s)
     return c < 0.05 ? 0.05 : c > 1.5 ? 1.5 : c;
 }
 
-/* The chance node k of q's tree is accepted, as the greedy planner ranks it. Medusa nodes: what the
- * heads' accuracies promise (medusa_promise), calibrated by how their drafts fared lately; forced
- * nodes (a constraint's): nearly sure; other nodes: the sequence's acceptance rate to the power of
- * the depth, less for a runner-up (an earlier sibling came first). */
+/* The chance node k of q's tree is accepted, as the greedy planner ranks it: forced nodes on its
+ * path (a constraint's) nearly sure; Medusa nodes what the heads' accuracies promise
+ * (medusa_promise), calibrated by how their drafts fared lately; other nodes the sequence's
+ * acceptance rate a token, less for a runner-up (an earlier sibling came first). */
 static double node_chance(const sched_t *s, const seq_t *q, int k)
 {
     const spec_tree_t *t = &q->tree;
+    int free_nodes = 0;
     double p = 1;
-    if (!q->tree_medusa && t->depth[k] <= q->n_forced) {
-        for (int d = 0; d < t->depth[k]; d++) p *= SCHED_FORCED_CHANCE;
-        return p;
+    for (int j = k; j > 0; j = t->parent[j]) {
+        if (node_forced(q, j)) p *= SCHED_FORCED_CHANCE;
+        else free_nodes++;
     }
+    if (free_nodes == 0) return p;
     if (q->tree_medusa && medusa_head_accuracy(s->o.medusa, 0, 0) > 0)
         return medusa_promise(s, q, k) * medusa_calibration(s);
     int rank = 0;
     for (int j = 1; j < k; j++) rank += t->parent[j] == t->parent[k];
-    for (int d = 0; d < t->depth[k]; d++) p *= seq_acceptance(q);
+    for (int d = 0; d < free_nodes; d++) p *= seq_acceptance(q);
     for (int r = 0; r < rank; r++) p *= 0.3;
     return p;
 }
@@ -880,6 +898,53 @@ static void cons_prune(seq_t *q)
         if (map[k] >= 0) q->node_state[map[k]] = st[k];
 }
 
+/* spec_check_fn of a constraint: the draft's tokens it allows from a state on. */
+typedef struct cons_walk {
+    fl_constraint_t *cons;
+    int32_t state;
+} cons_walk_t;
+
+static int cons_allows(void *user, const int32_t *draft, int n)
+{
+    const cons_walk_t *w = user;
+    int32_t st = w->state;
+    int k = 0;
+    while (k < n && (st = fl_constraint_next(w->cons, st, draft[k])) != FL_CSTATE_DEAD) k++;
+    return k;
+}
+
+/* A constrained sequence's chain of up to cap drafts from state, after q->tokens[0, n_ctx): what
+ * the constraint fixes outright, then (ngram) the continuation of an earlier match that it allows
+ * (a label or enum value like one before), then what that fixes, and so on. Returns the length;
+ * *lead: how many leading tokens are fixed ones; *forced: bit d for each fixed depth d. The chain
+ * is written after n_ctx in q->tokens too, as the n-gram's context (room: drafts stop at
+ * max_tokens). */
+static int cons_chain(seq_t *q, int32_t state, int n_ctx, int32_t *chain, int cap, bool ngram, int *lead,
+                      uint32_t *forced)
+{
+    int n = 0;
+    *lead = -1;
+    *forced = 0;
+    while (n < cap) {
+        const int f = fl_constraint_forced(q->cons, state, chain + n, cap - n);
+        for (int k = n; k < n + f; k++) {
+            state = fl_constraint_next(q->cons, state, chain[k]);
+            *forced |= 1u << (k + 1);
+        }
+        n += f;
+        if (*lead < 0) *lead = n;
+        if (!ngram || n >= cap) break;
+        memcpy(q->tokens + n_ctx, chain, (size_t)n * sizeof *chain);
+        cons_walk_t w = {q->cons, state};
+        const int g = spec_ngram_draft_checked(q->tokens, n_ctx + n, cap - n, chain + n, cons_allows, &w);
+        if (g == 0) break;
+        for (int k = n; k < n + g; k++) state = fl_constraint_next(q->cons, state, chain[k]);
+        n += g;
+    }
+    if (*lead < 0) *lead = 0;
+    return n;
+}
+
 /* Each decoding sequence's draft tree for this step: its drafter's full proposal, then a greedy cut
  * over all sequences that keeps a draft token only while the expected tokens per second of the step
  * grow, by the measured cost of steps of each size (spec_cost): at batch 1 a verify of a few tokens
@@ -894,7 +959,7 @@ static void plan_drafts(sched_t *s)
         seq_t *q = s->running[i];
         q->tree.n = 1;
         q->draft_cut = false;
-        q->n_forced = 0;
+        q->forced_depths = 0;
         q->node_state[0] = q->cstate;
         if (q->n_tokens - q->n_computed != 1) continue;
         n_dec++;
@@ -904,17 +969,24 @@ static void plan_drafts(sched_t *s)
         if (left < cap) cap = left;
         if (room < cap) cap = room;
         if (q->spec == SCHED_SPEC_NONE || cap <= 0) continue;
-        /* What the constraint fixes outright is drafted first, for free; then, with AUTO and heads,
-         * text the output copies (an n-gram match) is drafted better by the match */
-        int n = q->cons ? fl_constraint_forced(q->cons, q->cstate, chain, cap) : 0;
-        q->n_forced = n;
-        if (n == 0 && (q->spec == SCHED_SPEC_NGRAM || q->spec_auto))
-            n = spec_ngram_draft(q->tokens, q->n_tokens, cap, chain);
-        for (int k = 0; k < n; k++) spec_tree_add(&q->tree, k, chain[k]);
-        q->tree_medusa = n == 0 && q->spec == SCHED_SPEC_MEDUSA && q->has_cand;
-        if (q->tree_medusa)
-            spec_tree_medusa(&q->tree, q->tokens[q->n_computed], q->cand, medusa_n_heads(s->o.medusa), s->top_k,
-                             s->paths, 1 + cap);
+        /* What the constraint fixes outright is drafted first, for free, and an n-gram match that it
+         * allows after it; without a constraint, with AUTO and heads, text the output copies (an
+         * n-gram match) is drafted better by the match. The heads' tree otherwise: under a
+         * constraint when they were asked with its lists and reach past what it fixes (their fixed
+         * heads hold the same tokens). */
+        const bool ngram = q->spec == SCHED_SPEC_NGRAM || q->spec_auto;
+        int n = 0, lead = 0;
+        if (q->cons) n = cons_chain(q, q->cstate, q->n_tokens, chain, cap, ngram, &lead, &q->forced_depths);
+        else if (ngram) n = spec_ngram_draft(q->tokens, q->n_tokens, cap, chain);
+        const int heads = medusa_n_heads(s->o.medusa);
+        q->tree_medusa = q->spec == SCHED_SPEC_MEDUSA && q->has_cand && n == lead &&
+                         (n == 0 || (q->cand_cons && lead < heads));
+        if (q->tree_medusa) {
+            if (q->cons) q->forced_depths = q->cand_cons ? q->cand_forced : 0;
+            spec_tree_medusa(&q->tree, q->tokens[q->n_computed], q->cand, heads, s->top_k, s->paths, 1 + cap);
+        } else {
+            for (int k = 0; k < n; k++) spec_tree_add(&q->tree, k, chain[k]);
+        }
         if (q->cons) cons_prune(q);
         n_cand += q->tree.n - 1;
     }
@@ -953,7 +1025,9 @@ static void plan_drafts(sched_t *s)
         q->draft_cut = q->tree.n > 1 && keep[i] == 1;
         spec_tree_truncate(&q->tree, keep[i]);
         q->med_expect = 0;
-        for (int k = 1; q->tree_medusa && k < q->tree.n; k++) q->med_expect += medusa_promise(s, q, k);
+        /* the heads' own guesses only: what the constraint fixed says nothing of their accuracy */
+        for (int k = 1; q->tree_medusa && k < q->tree.n; k++)
+            if (!node_forced(q, k)) q->med_expect += medusa_promise(s, q, k);
     }
 }
 
@@ -1112,8 +1186,10 @@ static void accept_drafts(sched_t *s, int n_seqs)
         q->acc_yes = 0.9 * q->acc_yes + accepted;
         q->acc_no = 0.9 * q->acc_no + (rejected ? 1 : 0);
         if (q->tree_medusa && q->med_expect > 0) { /* the promise of this step's tree against its outcome */
+            int guessed = 0;
+            for (int d = 1; d <= accepted; d++) guessed += !(q->forced_depths >> d & 1);
             s->med_promised = 0.995 * s->med_promised + q->med_expect;
-            s->med_accepted = 0.995 * s->med_accepted + accepted;
+            s->med_accepted = 0.995 * s->med_accepted + guessed;
         }
         for (int d = 1; d <= accepted; d++) {
             const int node = q->emit_node[d - 1];
@@ -1165,6 +1241,31 @@ static void heads_epoch_observe(sched_t *s, int tokens, double seconds)
         s->heads_off = better;
     }
 }
+/* medusa_allowed_fn for constrained sequences: head k guesses where the automaton stands after the
+ * best candidates of the heads before it; what it fixes there is the candidate outright. */
+static int cand_allowed(void *user, int i, int head, const int32_t *cand, const int32_t **ids)
+{
+    sched_t *s = user;
+    seq_t *q = s->cand_seq[i];
+    if (!q->cons) return -1;
+    int32_t st = q->cand_state;
+    if (head > 0) {
+        const int32_t best = cand[(size_t)(head - 1) * s->top_k];
+        st = best < 0 || st == FL_CSTATE_DEAD ? FL_CSTATE_DEAD : fl_constraint_next(q->cons, st, best);
+        q->cand_state = st;
+    }
+    *ids = s->cand_ids;
+    s->st.heads_allowed_rows++; /* (undone below for a -1) */
+    if (st == FL_CSTATE_DEAD || fl_constraint_finished(q->cons, st)) return 0;
+    if (fl_constraint_forced(q->cons, st, s->cand_ids, 1) == 1) {
+        q->cand_forced |= 1u << (head + 1);
+        return 1;
+    }
+    const int n = fl_constraint_allowed_ids(q->cons, st, s->cand_ids, s->m->cfg.n_vocab / SCHED_LIST_FRACTION);
+    if (n < 0) s->st.heads_allowed_rows--;
+    return n;
+}
+
 static void propose_candidates(sched_t *s, int n_seqs)
 {
     s->heads_s_step = 0;
@@ -1176,6 +1277,7 @@ static void propose_candidates(sched_t *s, int n_seqs)
     const int heads = medusa_n_heads(s->o.medusa), per = heads * s->top_k;
     const bool explore_next = (s->st.steps + 1) % SCHED_EXPLORE_STEPS == 0; /* st.steps counts this step after */
     int n = 0;
+    bool constrained = false;
     for (int i = 0; i < n_seqs; i++) {
         seq_t *q = s->logit_seq[i];
         if (q->spec != SCHED_SPEC_MEDUSA) continue;
@@ -1186,13 +1288,32 @@ static void propose_candidates(sched_t *s, int n_seqs)
                                             : CAND_PAUSE_MIN;
         if (!explore_next && (q->draft_cut || q->since_cand > 0) && ++q->since_cand < q->cand_pause)
             continue; /* in a pause */
-        if (q->spec_auto && q->n_emit > 0) {
-            /* AUTO drafts an n-gram match first: when the next step has one (the tokens taken this
-             * step included: the accepted ones are written ahead, the new pending one goes where it
-             * will be), the heads would run for nothing, and their weights would push the model's
-             * out of the caches. */
-            const int n_next = q->n_tokens + q->n_emit;
-            q->tokens[n_next - 1] = q->emit[q->n_emit - 1];
+        /* The tokens taken this step: the accepted ones are written ahead, the new pending one goes
+         * where it will be. */
+        const int n_next = q->n_tokens + q->n_emit;
+        if (q->n_emit > 0) q->tokens[n_next - 1] = q->emit[q->n_emit - 1];
+        if (q->cons) {
+            /* The state after them; no heads where the constraint ends the output, fixes the next
+             * tokens beyond the heads' reach, or (AUTO) lets an n-gram match draft first. */
+            int32_t st = q->cstate;
+            for (int j = 0; j < q->n_emit && st != FL_CSTATE_DEAD; j++) st = fl_constraint_next(q->cons, st, q->emit[j]);
+            if (st == FL_CSTATE_DEAD || fl_constraint_finished(q->cons, st)) continue;
+            int cap = q->max_draft;
+            const int left = q->max_tokens - q->res.n_generated - q->n_emit - 1, room = s->ctx - n_next;
+            if (left < cap) cap = left;
+            if (room < cap) cap = room;
+            if (cap <= 0) continue;
+            int32_t chain[SCHED_MAX_DRAFT];
+            int lead;
+            uint32_t forced;
+            const int c = cons_chain(q, st, n_next, chain, cap, q->spec_auto, &lead, &forced);
+            if (lead >= heads || lead >= cap || (q->spec_auto && c > lead)) continue;
+            q->cand_state = st;
+            q->cand_forced = 0;
+            constrained = true;
+        } else if (q->spec_auto && q->n_emit > 0) {
+            /* AUTO drafts an n-gram match first: when the next step has one, the heads would run for
+             * nothing, and their weights would push the model's out of the caches. */
             int32_t one;
             if (spec_ngram_draft(q->tokens, n_next, 1, &one) > 0) continue;
         }
@@ -1203,7 +1324,9 @@ static void propose_candidates(sched_t *s, int n_seqs)
     if (n == 0) return;
     fl_error_t err = {0};
     const double t0 = fl_clock_s();
-    if (medusa_propose(s->o.medusa, s->m, s->cand_rows, n, s->top_k, s->cand_out, &err)) {
+    const bool lists = constrained && medusa_shared_output(s->o.medusa);
+    if (medusa_propose_allowed(s->o.medusa, s->m, s->cand_rows, n, s->top_k, lists ? cand_allowed : NULL, s,
+                               s->cand_out, &err)) {
         fl_log_warn("sched: Medusa heads failed (%s); drafting without them this step", err.msg);
         return;
     }
@@ -1212,8 +1335,10 @@ static void propose_candidates(sched_t *s, int n_seqs)
     const double per_row = s->heads_s_step / n;
     s->heads_s_per_row = s->heads_s_per_row > 0 ? 0.9 * s->heads_s_per_row + 0.1 * per_row : per_row;
     for (int i = 0; i < n; i++) {
-        memcpy(s->cand_seq[i]->cand, s->cand_out + (size_t)i * per, (size_t)per * sizeof *s->cand_out);
-        s->cand_seq[i]->has_cand = true;
+        seq_t *q = s->cand_seq[i];
+        memcpy(q->cand, s->cand_out + (size_t)i * per, (size_t)per * sizeof *s->cand_out);
+        q->has_cand = true;
+        q->cand_cons = lists && q->cons;
     }
 }
 

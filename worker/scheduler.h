@@ -171,6 +171,9 @@ typedef struct sched_stats {
     /* Medusa: seconds of the heads, and decode epochs run with them on and off (heads_epoch). */
     double heads_s;
     uint64_t heads_epochs_on, heads_epochs_off;
+    /* Medusa head rows of constrained sequences ranked among the allowed tokens only (or fixed by
+     * the constraint outright), not over the heads' whole token set. */
+    uint64_t heads_allowed_rows;
 } sched_stats_t;
 
 typedef struct sched sched_t;

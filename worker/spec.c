@@ -68,22 +68,30 @@ bool spec_tree_is_chain(const spec_tree_t *t)
     return true;
 }
 
-int spec_ngram_draft(const int32_t *tokens, int n, int max_len, int32_t *out)
+int spec_ngram_draft_checked(const int32_t *tokens, int n, int max_len, int32_t *out, spec_check_fn check,
+                             void *user)
 {
     if (max_len <= 0) return 0;
-    for (int g = SPEC_NGRAM_MAX; g >= SPEC_NGRAM_MIN; g--) {
+    for (int g = SPEC_NGRAM_MAX; g >= (check ? 1 : SPEC_NGRAM_MIN); g--) {
         if (n < g + 1) continue;
         const int32_t *suffix = tokens + n - g;
         /* latest earlier occurrence: its continuation is the likeliest to repeat (lists, code) */
-        for (int start = n - g - 1; start >= 0; start--) {
+        for (int start = n - g - 1, tries = 0; start >= 0 && tries < SPEC_NGRAM_TRIES; start--) {
             if (tokens[start] != suffix[0] || memcmp(tokens + start, suffix, (size_t)g * sizeof *tokens)) continue;
+            tries++;
             const int from = start + g;
             int len = n - from < max_len ? n - from : max_len;
+            if (check && (len = check(user, tokens + from, len)) <= 0) continue;
             memcpy(out, tokens + from, (size_t)len * sizeof *out);
             return len;
         }
     }
     return 0;
+}
+
+int spec_ngram_draft(const int32_t *tokens, int n, int max_len, int32_t *out)
+{
+    return spec_ngram_draft_checked(tokens, n, max_len, out, NULL, NULL);
 }
 
 int spec_paths_parse(const char *text, spec_paths_t *out, char *why, int why_len)
@@ -167,6 +175,10 @@ void spec_tree_medusa(spec_tree_t *t, int32_t root, const int32_t *cand, int n_h
                 break;
             }
             const int32_t tok = cand[d * top_k + r];
+            if (tok < 0) { /* the head had no candidate of that rank (a constraint allowed fewer) */
+                node = -1;
+                break;
+            }
             int child = tree_child(t, node, tok);
             if (child < 0) {
                 if (d + 1 < paths->len[i]) { /* the prefix was skipped: so is the path */

@@ -47,6 +47,17 @@ void spec_tree_keep(spec_tree_t *t, const bool *keep, int *map);
 #define SPEC_NGRAM_MIN 2
 #define SPEC_NGRAM_MAX 4
 int spec_ngram_draft(const int32_t *tokens, int n, int max_len, int32_t *out);
+/* A check of draft tokens (a constraint's automaton walking them): how many leading tokens of
+ * draft[0, n) it allows. */
+typedef int (*spec_check_fn)(void *user, const int32_t *draft, int n);
+/* spec_ngram_draft that proposes only what check allows: an occurrence whose continuation it
+ * rejects at once is passed over for the next earlier one (at most SPEC_NGRAM_TRIES a suffix
+ * length), the continuation is cut before the first token it rejects, and suffixes go down to one
+ * token (with the check vouching for what follows, a short match is worth trying). check NULL:
+ * spec_ngram_draft. */
+#define SPEC_NGRAM_TRIES 64
+int spec_ngram_draft_checked(const int32_t *tokens, int n, int max_len, int32_t *out, spec_check_fn check,
+                             void *user);
 
 /* Medusa tree shapes: a list of paths, each a sequence of candidate ranks (path {0, 1}: head 0's
  * best token, then head 1's second best below it), every path's prefix listed before it. */
@@ -64,7 +75,8 @@ int spec_paths_parse(const char *text, spec_paths_t *out, char *why, int why_len
  * trimmed to what a CPU verifies cheaply). */
 const spec_paths_t *spec_paths_default(void);
 /* The tree of paths over the candidates cand[head][top_k] (medusa_propose's layout for one row),
- * below root; paths deeper than n_heads or ranks beyond top_k are skipped; stops at max_nodes. */
+ * below root; paths deeper than n_heads, ranks beyond top_k and candidates < 0 (none) are skipped;
+ * stops at max_nodes. */
 void spec_tree_medusa(spec_tree_t *t, int32_t root, const int32_t *cand, int n_heads, int top_k,
                       const spec_paths_t *paths, int max_nodes);
 

@@ -194,6 +194,18 @@ static void test_zero_heads_propose_the_base_top_k(void **state)
     engine_destroy(&e);
 }
 
+/* n_heads shared heads with W = fc (zeros) over every third token from 1 (ids, *n_ids), loaded. */
+static medusa_t *zero_heads_over_thirds(engine_t *e, int n_heads, float *fc, int32_t *ids, int *n_ids)
+{
+    *n_ids = 0;
+    for (int v = 1; v < VOCAB; v += 3) ids[(*n_ids)++] = v;
+    save_subset(e, g_heads, n_heads, fc, NULL, 0, ids, *n_ids);
+    fl_error_t err = {0};
+    medusa_t *h = medusa_load(g_heads, e->model, &err);
+    if (!h) fail_msg("medusa_load: %s", err.msg);
+    return h;
+}
+
 /* W = 0 over a vocabulary subset: the base model's top-k among those tokens. */
 static void test_zero_heads_over_a_subset(void **state)
 {
@@ -201,12 +213,9 @@ static void test_zero_heads_over_a_subset(void **state)
     engine_t *e = open_engine(g_tiny_model, "none");
     float *fc = calloc(2 * DIM * DIM, sizeof *fc);
     int32_t ids[VOCAB / 3 + 1];
-    int n_ids = 0;
-    for (int v = 1; v < VOCAB; v += 3) ids[n_ids++] = v;
-    save_subset(e, g_heads, 2, fc, NULL, 0, ids, n_ids);
+    int n_ids;
     fl_error_t err = {0};
-    medusa_t *h = medusa_load(g_heads, e->model, &err);
-    if (!h) fail_msg("medusa_load: %s", err.msg);
+    medusa_t *h = zero_heads_over_thirds(e, 2, fc, ids, &n_ids);
     const int n = 3, K = 5;
     forward_rows(e, PROMPT, 12, n);
     float *logits = malloc((size_t)n * VOCAB * sizeof *logits);
@@ -238,6 +247,65 @@ static void test_zero_heads_over_a_subset(void **state)
     medusa_weights_t w = {.n_heads = 1, .shared_output = true, .fc = {fc}, .tokens = ids, .n_tokens = n_ids};
     assert_int_equal(medusa_save(g_heads, e->model, &w, &err), FL_EINVAL);
     free(own);
+    free(logits);
+    free(fc);
+    engine_destroy(&e);
+}
+
+/* medusa_allowed_fn of the test below: row 0 lists tokens at head 0 (some outside the heads' subset),
+ * fixes one at head 1, then frees the rest; row 1 allows nothing at head 0, then frees the rest. */
+static const int32_t g_listed[] = {0, 2, 5, 9, 10, 11};
+static int32_t g_seen_best[2][3];
+static int listed_allowed(void *user, int i, int head, const int32_t *cand, const int32_t **ids)
+{
+    const int K = *(const int *)user;
+    g_seen_best[i][head] = head > 0 ? cand[(head - 1) * K] : -2;
+    static const int32_t fixed = 7;
+    if (i == 0 && head == 0) return *ids = g_listed, (int)(sizeof g_listed / sizeof g_listed[0]);
+    if (i == 0 && head == 1) return *ids = &fixed, 1;
+    if (i == 1 && head == 0) return *ids = g_listed, 0;
+    return -1;
+}
+
+/* W = 0 over a subset, with allowed lists: a listed head ranks exactly its tokens by the base model's
+ * logits (those outside the subset too: their own rows of the output matrix), one token is the
+ * candidate outright, none gives none, and heads past a -1 rank the subset as without lists. */
+static void test_heads_rank_only_allowed_tokens(void **state)
+{
+    (void)state;
+    engine_t *e = open_engine(g_tiny_model, "none");
+    float *fc = calloc(3 * DIM * DIM, sizeof *fc);
+    int32_t ids[VOCAB / 3 + 1];
+    int n_ids;
+    fl_error_t err = {0};
+    medusa_t *h = zero_heads_over_thirds(e, 3, fc, ids, &n_ids);
+    int K = 4;
+    const int n = 2, H = 3;
+    forward_rows(e, PROMPT, 12, n);
+    float *logits = malloc((size_t)n * VOCAB * sizeof *logits);
+    assert_int_equal(model_logits(e->model, logits, n), 0);
+    int32_t rows[2] = {0, 1}, plain[2 * 3 * 4], got[2 * 3 * 4];
+    assert_int_equal(medusa_propose(h, e->model, rows, n, K, plain, &err), 0);
+    assert_int_equal(medusa_propose_allowed(h, e->model, rows, n, K, NULL, NULL, got, &err), 0);
+    assert_memory_equal(got, plain, sizeof got);
+    assert_int_equal(medusa_propose_allowed(h, e->model, rows, n, K, listed_allowed, &K, got, &err), 0);
+    /* row 0, head 0: the base top-4 among the listed tokens */
+    const int n_listed = (int)(sizeof g_listed / sizeof g_listed[0]);
+    float sub[8];
+    for (int j = 0; j < n_listed; j++) sub[j] = logits[g_listed[j]];
+    int32_t want[4];
+    host_top_k(sub, n_listed, K, want);
+    for (int j = 0; j < K; j++) assert_int_equal(got[j], g_listed[want[j]]);
+    assert_int_equal(g_seen_best[0][1], got[0]); /* head 1 was asked after head 0's best */
+    const int32_t fixed[4] = {7, -1, -1, -1}, none[4] = {-1, -1, -1, -1};
+    assert_memory_equal(got + 1 * K, fixed, sizeof fixed);
+    assert_int_equal(g_seen_best[0][2], 7);
+    assert_memory_equal(got + 2 * K, plain + 2 * K, K * sizeof(int32_t)); /* head 2: the subset's */
+    /* row 1: nothing at head 0, then the subset's ranking */
+    assert_memory_equal(got + (H + 0) * K, none, sizeof none);
+    assert_int_equal(g_seen_best[1][1], -1);
+    assert_memory_equal(got + (H + 1) * K, plain + (H + 1) * K, 2 * K * sizeof(int32_t));
+    medusa_destroy(&h);
     free(logits);
     free(fc);
     engine_destroy(&e);
@@ -646,6 +714,7 @@ int main(void)
         cmocka_unit_test(test_default_path_and_identity),
         cmocka_unit_test(test_zero_heads_propose_the_base_top_k),
         cmocka_unit_test(test_zero_heads_over_a_subset),
+        cmocka_unit_test(test_heads_rank_only_allowed_tokens),
         cmocka_unit_test(test_round_trip_shared),
         cmocka_unit_test(test_round_trip_own),
         cmocka_unit_test(test_heads_of_another_model_are_refused),

@@ -301,6 +301,22 @@ static void quantized_kv_outputs_identical_alone_cached_and_preempted(void **sta
     g_kv_token_bytes = 256;
 }
 
+/* Three shared heads with W = 0 (r = h: each guesses the base model's next token again), saved
+ * beside the tiny model as <model>.<name>.gguf (path) and loaded. */
+static medusa_t *zero_heads(engine_t *e, const char *name, char *path, size_t cap)
+{
+    snprintf(path, cap, "%s.%s.gguf", g_tiny_model, name);
+    const int dim = e->model->cfg.dim;
+    float *zero = calloc((size_t)dim * dim, sizeof *zero);
+    medusa_weights_t w = {.n_heads = 3, .shared_output = true, .fc = {zero, zero, zero}};
+    fl_error_t err = {0};
+    if (medusa_save(path, e->model, &w, &err)) fail_msg("medusa_save: %s", err.msg);
+    free(zero);
+    medusa_t *heads = medusa_load(path, e->model, &err);
+    if (!heads) fail_msg("medusa_load: %s", err.msg);
+    return heads;
+}
+
 /* Longer outputs, where this random model falls into loops that drafts predict: n-gram chains and
  * Medusa trees (heads with W = 0, which guess the base model's next token again; their runner-up
  * candidates make real trees, whose accepted paths' K/V are moved into place) give the tokens of
@@ -313,14 +329,7 @@ static void speculative_long_outputs_equal_plain_decoding(void **state)
     make_prompts();
     engine_t *e = open_engine(256, 0);
     char heads_path[300];
-    snprintf(heads_path, sizeof heads_path, "%s.medusa.gguf", g_tiny_model);
-    const int dim = e->model->cfg.dim;
-    float *zero = calloc((size_t)dim * dim, sizeof *zero);
-    medusa_weights_t w = {.n_heads = 3, .shared_output = true, .fc = {zero, zero, zero}};
-    fl_error_t err = {0};
-    if (medusa_save(heads_path, e->model, &w, &err)) fail_msg("medusa_save: %s", err.msg);
-    medusa_t *heads = medusa_load(heads_path, e->model, &err);
-    if (!heads) fail_msg("medusa_load: %s", err.msg);
+    medusa_t *heads = zero_heads(e, "medusa", heads_path, sizeof heads_path);
     static record_t plain, spec;
     for (int t = 0; t < 2; t++) {
         const float temp = t ? 0.5f : 0.0f;
@@ -367,7 +376,6 @@ static void speculative_long_outputs_equal_plain_decoding(void **state)
     }
     medusa_destroy(&heads);
     unlink(heads_path);
-    free(zero);
     engine_destroy(&e);
 }
 
@@ -390,18 +398,24 @@ static void constrained_outputs_match_with_and_without_speculation(void **state)
     engine_t *e = open_engine(256, 0);
     static const char *const choices[] = {"positive", "negative", "neutral", "mixed feelings"};
     const char *regex = "(id|no)-[0-9]{3}(,[a-c]{2})*;";
+    /* heads with W = 0 guess the base model's tokens again: among the allowed ones under a constraint */
+    char heads_path[300];
+    medusa_t *heads = zero_heads(e, "cons.medusa", heads_path, sizeof heads_path);
     static record_t base, rec;
     for (int t = 0; t < 2; t++) {
         const float temp = t ? 0.8f : 0.0f;
-        for (int mode = 0; mode < 2; mode++) { /* no speculation, then n-gram with every draft verified */
+        /* no speculation, then every draft verified: n-gram, Medusa, AUTO (n-gram first, then heads) */
+        for (int mode = 0; mode < 4; mode++) {
             record_t *r = mode ? &rec : &base;
             record_init(r);
-            const sched_opts_t opts = {.spec_draft_all = true};
+            const sched_opts_t opts = {.spec_draft_all = true, .medusa = mode >= 2 ? heads : NULL};
             sched_t *s = new_sched(e, r, &opts);
             for (int i = 0; i < 4; i++) {
                 sched_request_t q = request(i, temp);
                 q.max_tokens = CONS_GEN, q.ignore_eog = false;
-                q.spec = mode ? SCHED_SPEC_NGRAM : SCHED_SPEC_NONE;
+                static const sched_spec_t modes[4] = {SCHED_SPEC_NONE, SCHED_SPEC_NGRAM, SCHED_SPEC_MEDUSA,
+                                                      SCHED_SPEC_AUTO};
+                q.spec = modes[mode];
                 if (i == 0 || i == 2)
                     q.constraint = (sched_constraint_t){.kind = FL_CONSTRAINT_CHOICE, .choices = choices, .n_choices = 4};
                 else if (i == 1)
@@ -412,6 +426,7 @@ static void constrained_outputs_match_with_and_without_speculation(void **state)
             sched_stats_t st;
             sched_get_stats(s, &st);
             assert_int_equal(st.kv_blocks_used, 0);
+            if (mode == 2) assert_true(st.heads_allowed_rows > 0); /* the heads ranked allowed tokens */
             sched_destroy(&s);
             char text[1024];
             for (int i = 0; i < 3; i++) {
@@ -433,7 +448,8 @@ static void constrained_outputs_match_with_and_without_speculation(void **state)
                 assert_same_tokens(&base, &rec);
                 int drafted = 0, accepted = 0;
                 for (int i = 0; i < 3; i++) drafted += rec.res[i].n_drafted, accepted += rec.res[i].n_accepted;
-                print_message("constrained, temperature %.1f: %d drafted, %d accepted\n", temp, drafted, accepted);
+                print_message("constrained, %s, temperature %.1f: %d drafted, %d accepted\n",
+                              mode == 1 ? "n-gram" : mode == 2 ? "Medusa" : "auto", temp, drafted, accepted);
                 assert_true(accepted > 0); /* "-" after "id", the rest of a choice, ... */
             }
         }
@@ -448,6 +464,8 @@ static void constrained_outputs_match_with_and_without_speculation(void **state)
     assert_true(strlen(err.msg) > 0);
     assert_false(sched_has_work(s));
     sched_destroy(&s);
+    medusa_destroy(&heads);
+    remove(heads_path);
     engine_destroy(&e);
 }
 

@@ -83,6 +83,58 @@ static void ngram_proposes_the_latest_match_continuation(void **state)
     assert_int_equal(spec_ngram_draft(longest, 12, 0, out), 0);
 }
 
+/* A check that rejects token 9 anywhere (an automaton that never allows it). */
+static int no_nines(void *user, const int32_t *draft, int n)
+{
+    (*(int *)user)++;
+    int k = 0;
+    while (k < n && draft[k] != 9) k++;
+    return k;
+}
+
+static void checked_ngram_proposes_only_what_the_check_allows(void **state)
+{
+    (void)state;
+    int calls = 0;
+    int32_t out[8];
+    /* the latest match of "1 2" continues with 9 (rejected): the earlier one, 5 6, is taken */
+    const int32_t toks[] = {1, 2, 5, 6, 9, 1, 2, 9, 3, 1, 2};
+    const int n = (int)(sizeof toks / sizeof toks[0]);
+    assert_int_equal(spec_ngram_draft(toks, n, 2, out), 2);
+    assert_int_equal(out[0], 9);
+    assert_int_equal(spec_ngram_draft_checked(toks, n, 4, out, no_nines, &calls), 2);
+    assert_int_equal(out[0], 5);
+    assert_int_equal(out[1], 6); /* cut before the 9 after it */
+    assert_true(calls >= 2);
+    /* without a check: spec_ngram_draft */
+    assert_int_equal(spec_ngram_draft_checked(toks, n, 4, out, NULL, NULL), spec_ngram_draft(toks, n, 4, out));
+    /* a one-token suffix counts under a check only */
+    const int32_t one[] = {4, 7, 8, 4};
+    assert_int_equal(spec_ngram_draft(one, 4, 4, out), 0);
+    assert_int_equal(spec_ngram_draft_checked(one, 4, 4, out, no_nines, &calls), 3);
+    assert_int_equal(out[0], 7);
+    /* every continuation rejected: nothing */
+    const int32_t all9[] = {1, 2, 9, 1, 2};
+    assert_int_equal(spec_ngram_draft_checked(all9, 5, 4, out, no_nines, &calls), 0);
+}
+
+/* A head with fewer candidates than ranks (-1 past them) gives no path through them. */
+static void medusa_tree_skips_missing_candidates(void **state)
+{
+    (void)state;
+    const spec_paths_t *p = spec_paths_default();
+    int32_t cand[3 * 4];
+    for (int k = 0; k < 3; k++)
+        for (int r = 0; r < 4; r++) cand[k * 4 + r] = r == 0 ? 100 + k : -1;
+    spec_tree_t t;
+    spec_tree_medusa(&t, 7, cand, 3, 4, p, SPEC_MAX_NODES);
+    assert_int_equal(t.n, 4); /* the root and one chain of the best candidates */
+    for (int k = 1; k < t.n; k++) {
+        assert_int_equal(t.token[k], 100 + k - 1);
+        assert_int_equal(t.parent[k], k - 1);
+    }
+}
+
 static void paths_parse_and_reject_bad_shapes(void **state)
 {
     (void)state;
@@ -185,6 +237,8 @@ int main(void)
         cmocka_unit_test(tree_masks_are_ancestors_and_self),
         cmocka_unit_test(keep_drops_subtrees_and_renumbers),
         cmocka_unit_test(ngram_proposes_the_latest_match_continuation),
+        cmocka_unit_test(checked_ngram_proposes_only_what_the_check_allows),
+        cmocka_unit_test(medusa_tree_skips_missing_candidates),
         cmocka_unit_test(paths_parse_and_reject_bad_shapes),
         cmocka_unit_test(medusa_tree_follows_the_paths),
         cmocka_unit_test(walk_emits_samples_along_accepted_children),
