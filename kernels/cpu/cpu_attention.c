@@ -462,6 +462,7 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
                 const size_t slot = attn_slot(bt, bs, ts, tbit, j);
                 kr[j - j0] = (const fl_f16_t *)a->k_cache + slot * kv_stride + (size_t)kvh * hd;
                 rows[j] = (const fl_f16_t *)a->v_cache + slot * kv_stride + (size_t)kvh * hd;
+                prefetch_row(rows[j], hd * sizeof(fl_f16_t)); /* for the sums below */
             }
             float dots[16];
             kq16_avx512(q16, kr, hd, kq_tb, dots);
@@ -472,6 +473,7 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
         const size_t slot = attn_slot(bt, bs, ts, tbit, j);
         const fl_f16_t *k = (const fl_f16_t *)a->k_cache + slot * kv_stride + (size_t)kvh * hd;
         rows[j] = (const fl_f16_t *)a->v_cache + slot * kv_stride + (size_t)kvh * hd;
+        prefetch_row(rows[j], hd * sizeof(fl_f16_t));
         float dot;
         if (isa == CPU_ISA_SCALAR) dot = kq_tb ? cpu_dot16_f16_scalar(q16, k, hd) : cpu_vecdot_f16_scalar(k, q16, hd);
         else if (isa == CPU_ISA_AVX512) dot = kq_tb ? dot16_f16_avx512(q16, k, hd) : vecdot_f16_avx512(k, q16, hd);
@@ -545,6 +547,11 @@ attn_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc, cons
                 continue;
             }
             const fl_f16_t *k = krows[j0 + r];
+            /* K two passes ahead, and this position's V row for the sums below (which read it once
+             * per 16 dims): rows scattered over blocks defeat the hardware's prefetch, and a
+             * decode step reads the whole cache once, from memory */
+            if (j0 + 32 + r < len) prefetch_row(krows[j0 + 32 + r], hd * sizeof(fl_f16_t));
+            prefetch_row(vrows[j0 + r], hd * sizeof(fl_f16_t));
             if (tb) { /* one 16-lane accumulator per row (element e into lane e % 16), as kq16 with tb */
                 __m512 kc[ATTN_MAX_HEAD_DIM / 16];
                 for (int e = 0; e < hd / 16; e++) kc[e] = load_f16x16(k + 16 * e);

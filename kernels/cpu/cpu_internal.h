@@ -187,6 +187,15 @@ static inline bool cpu_lanes_supported(void)
 /* Lanes y[i] computed from x[i] equal libm(x[i]) bit for bit (any NaN equal to any NaN). */
 bool cpu_lanes_equal_libm(float (*libm)(float), const float *x, const float *y, int n);
 
+/* Asks for the cache lines of bytes [p, p + n) (a hint: never a fault). Attention reads the KV rows
+ * of a position in scattered blocks, which the hardware's stream prefetch does not follow, and a
+ * decode step reads the whole cache once, from memory: latency, not arithmetic, bounded it. */
+static inline void prefetch_row(const void *p, size_t n)
+{
+    const char *line = (const char *)((uintptr_t)p & ~(uintptr_t)63), *end = (const char *)p + n;
+    for (; line < end; line += 64) __builtin_prefetch(line, 0, 3);
+}
+
 /* Deterministic float helpers shared by matmul and attention: a dot product of n floats summed in 16
  * lanes (element i into lane i % 16, fused multiply-add), the lanes then added pairwise as
  * l[j] + l[j+8], then +4, +2, +1. Every ISA path reproduces exactly this order. */
