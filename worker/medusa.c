@@ -307,25 +307,28 @@ static int subset_index(const medusa_t *h, int32_t id)
     return lo < h->n_out && h->ids[lo] == id ? lo : -1;
 }
 
-/* Head k's candidates at the projected row x (h->r) among the n allowed tokens ids (ascending, n >=
- * 2), best first, -1 past the last: the base output matrix's rows for those tokens alone where the
- * backend projects chosen rows, else the subset's projection read at the allowed tokens it holds. */
-static int rank_allowed(medusa_t *h, model_t *m, const float *x, const int32_t *ids, int n, int top_k, int32_t *o,
-                        fl_error_t *err)
+/* The top_k of the n allowed tokens ids (ascending) by their logits, best first, -1 beyond them:
+ * logits[ids[j]] for a row over the whole vocabulary (subset false), else the entry of each id the
+ * heads' subset holds (those outside it are passed over). */
+static void rank_ids(const medusa_t *h, const float *logits, bool subset, const int32_t *ids, int n, int top_k,
+                     int32_t *o)
 {
-    kern_backend_t *be = h->be;
-    const int32_t n32 = n;
-    const bool chosen = kern_matmul_rows(be, h->row_logits, m->output, x, 1, &ids, &n32);
-    if (!chosen) kern_matmul(be, h->row_logits, h->sub_out ? h->sub_out : m->output, x, 1);
-    const size_t width = chosen ? (size_t)h->n_vocab : (size_t)h->n_out;
-    if (kern_download(be, h->row_host, h->row_logits, width * sizeof(float)) || kern_sync(be, err))
-        return err && err->code ? err->code : fl_fail(err, FL_EBACKEND, "medusa: downloading logits failed");
     float val[MEDUSA_MAX_TOP_K];
     int cnt = 0;
+    for (int j = 0; j < top_k; j++) o[j] = -1;
     for (int j = 0; j < n; j++) {
-        const int at = chosen ? ids[j] : subset_index(h, ids[j]);
-        if (at >= 0) top_k_push(val, o, &cnt, top_k, h->row_host[at], ids[j]);
+        const int at = subset ? subset_index(h, ids[j]) : ids[j];
+        if (at >= 0) top_k_push(val, o, &cnt, top_k, logits[at], ids[j]);
     }
+}
+
+/* The subset's projection of every head's rows of a chunk (h->r), downloaded to h->host. */
+static int project_subset(medusa_t *h, model_t *m, int nc, fl_error_t *err)
+{
+    if (h->shared) kern_matmul(h->be, h->logits, h->sub_out ? h->sub_out : m->output, h->r, h->n_heads * nc);
+    if (kern_download(h->be, h->host, h->logits, (size_t)h->n_heads * nc * h->n_out * sizeof(float)) ||
+        kern_sync(h->be, err))
+        return err && err->code ? err->code : fl_fail(err, FL_EBACKEND, "medusa: downloading logits failed");
     return FL_OK;
 }
 
@@ -367,8 +370,17 @@ int medusa_propose_allowed(medusa_t *h, model_t *m, const int32_t *rows, int n, 
             if (!h->shared) kern_matmul(be, h->logits + (size_t)k * nc * V, h->out[k], rk, nc);
         }
         /* Constrained rows, head by head (each asks after the best candidates before it): the heads
-         * the callback gives allowed tokens for rank only those; from its first -1 on, a row's
-         * heads rank the whole subset, below. */
+         * the callback gives allowed tokens for rank only those, projected onto their own rows of
+         * the output matrix where the backend can (kern_matmul_rows), else read from the subset's
+         * projection, computed once beforehand; from its first -1 on, a row's heads rank the whole
+         * subset. */
+        const bool chosen = allowed && kern_has_matmul_rows(be);
+        bool have_subset = false;
+        if (allowed && !chosen) {
+            const int rc = project_subset(h, m, nc, err);
+            if (rc) return rc;
+            have_subset = true;
+        }
         int from[MEDUSA_CHUNK_ROWS];
         bool any_whole = !allowed;
         for (int i = 0; i < nc; i++) {
@@ -376,25 +388,30 @@ int medusa_propose_allowed(medusa_t *h, model_t *m, const int32_t *rows, int n, 
             from[i] = allowed ? H : 0;
             for (int k = 0; k < H && allowed; k++) {
                 const int32_t *ids = NULL;
-                const int cnt = allowed(user, c0 + i, k, oi, &ids);
+                const int32_t cnt = allowed(user, c0 + i, k, oi, &ids);
+                int32_t *o = oi + (size_t)k * top_k;
                 if (cnt < 0) {
                     from[i] = k;
                     any_whole = true;
                     break;
                 }
-                int32_t *o = oi + (size_t)k * top_k;
-                for (int j = 0; j < top_k; j++) o[j] = -1;
-                if (cnt == 1) o[0] = ids[0]; /* nothing to rank */
-                else if (cnt > 1) {
-                    const int rc = rank_allowed(h, m, h->r + ((size_t)k * nc + i) * dim, ids, cnt, top_k, o, err);
-                    if (rc) return rc;
+                if (cnt <= 1 || !chosen) { /* nothing to project: one or no token, or the subset's row */
+                    rank_ids(h, h->host + ((size_t)k * nc + i) * V, true, ids, cnt <= 1 ? 0 : cnt, top_k, o);
+                    if (cnt == 1) o[0] = ids[0];
+                    continue;
                 }
+                kern_matmul_rows(be, h->row_logits, m->output, h->r + ((size_t)k * nc + i) * dim, 1, &ids, &cnt);
+                if (kern_download(be, h->row_host, h->row_logits, (size_t)h->n_vocab * sizeof(float)) ||
+                    kern_sync(be, err))
+                    return err && err->code ? err->code : fl_fail(err, FL_EBACKEND, "medusa: downloading logits failed");
+                rank_ids(h, h->row_host, false, ids, cnt, top_k, o);
             }
         }
         if (!any_whole) continue;
-        if (h->shared) kern_matmul(be, h->logits, h->sub_out ? h->sub_out : m->output, h->r, H * nc);
-        if (kern_download(be, h->host, h->logits, (size_t)H * nc * V * sizeof(float)) || kern_sync(be, err))
-            return err && err->code ? err->code : fl_fail(err, FL_EBACKEND, "medusa: downloading logits failed");
+        if (!have_subset) {
+            const int rc = project_subset(h, m, nc, err);
+            if (rc) return rc;
+        }
         for (int i = 0; i < nc; i++)
             for (int k = from[i]; k < H; k++) {
                 int32_t *o = out + ((size_t)(c0 + i) * H + k) * top_k;

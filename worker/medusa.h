@@ -72,8 +72,8 @@ typedef int (*medusa_allowed_fn)(void *user, int i, int head, const int32_t *can
 /* medusa_propose where the heads rank only the tokens `allowed` lists: one token is the candidate
  * outright; more are scored alone, through the base output matrix's rows for them where the backend
  * projects chosen rows (kern_matmul_rows: a choice among five costs five rows, not the subset), else
- * read from the subset's projection (tokens outside it are then lost). Ranks below the allowed
- * count are -1. Heads with projections of their own ignore the lists (a constraint prunes later).
+ * read from the subset's projection (tokens outside it are then lost). Ranks beyond the allowed
+ * tokens are -1. Heads with projections of their own ignore the lists (a constraint prunes later).
  * allowed NULL: medusa_propose. */
 int medusa_propose_allowed(medusa_t *h, model_t *m, const int32_t *rows, int n, int top_k, medusa_allowed_fn allowed,
                            void *user, int32_t *out, fl_error_t *err);

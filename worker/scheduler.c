@@ -72,16 +72,15 @@ typedef struct seq {
     double acc_yes, acc_no;  /* decayed counts of accepted and rejected draft tokens */
     double med_expect;       /* this step's Medusa tree: accepted tokens the heads' accuracies promise */
     /* Constrained output: the automaton's state after every token taken so far (the pending one
-     * included), each tree node's state after its path, and the depths of this step's tree that the
-     * constraint itself fixed (bit d: free drafts, nearly sure). The heads' candidates were ranked
-     * among the allowed tokens (cand_cons), some fixed outright (cand_forced, bit head + 1);
-     * cand_state is the state the heads are being asked at (propose_candidates). */
+     * included), each tree node's state after its path, and the nodes of this step's tree whose
+     * token the constraint itself fixed after their parent (bit k: free drafts, nearly sure). The
+     * heads' candidates were ranked among the allowed tokens (cand_cons); cand_state is the state
+     * the heads are being asked at (propose_candidates). */
     fl_constraint_t *cons;   /* a reference, from the scheduler's cache */
     int32_t cstate;
     int32_t node_state[SPEC_MAX_NODES];
-    uint32_t forced_depths;
+    uint32_t forced_nodes;
     bool cand_cons;
-    uint32_t cand_forced;
     int32_t cand_state;
     int32_t emit[SPEC_MAX_NODES]; /* this step's tokens (spec_walk), and the nodes they were drawn at */
     int emit_node[SPEC_MAX_NODES];
@@ -121,6 +120,7 @@ struct sched {
     int32_t *cand_rows, *cand_out; /* Medusa: rows to propose from, and the candidates */
     seq_t **cand_seq;
     int32_t *cand_ids;       /* [n_vocab / SCHED_LIST_FRACTION] the tokens a constrained head may guess */
+    int cand_listed;         /* this proposal's head rows given allowed tokens (Sched stat) */
     const spec_paths_t *paths;
     int top_k;               /* candidates per head the tree needs */
     spec_cost_t spec_cost;   /* measured decode step seconds by size (the forward: the heads apart) */
@@ -819,7 +819,7 @@ double sched_expected_s(const sched_t *s, int tokens, double pairs)
 static double seq_acceptance(const seq_t *q) { return (q->acc_yes + 1) / (q->acc_yes + q->acc_no + 2); }
 
 /* Whether node k's token is one the constraint fixed (a free draft, nearly sure). */
-static bool node_forced(const seq_t *q, int k) { return q->forced_depths >> q->tree.depth[k] & 1; }
+static bool node_forced(const seq_t *q, int k) { return q->forced_nodes >> k & 1; }
 
 /* What the heads' held-out accuracies promise for Medusa node k: the product over its path of the
  * chance that its head's candidate of that rank is the right token (a forced one: nearly sure). */
@@ -872,8 +872,9 @@ static double node_chance(const sched_t *s, const seq_t *q, int k)
     return p;
 }
 
-/* Constrained output: each node's automaton state after its path, and the tree without the nodes
- * the constraint rejects (they are never verified). */
+/* Constrained output: each node's automaton state after its path, the tree without the nodes the
+ * constraint rejects (they are never verified), and the nodes whose token it fixes outright after
+ * their parent (forced_nodes). */
 static void cons_prune(seq_t *q)
 {
     spec_tree_t *t = &q->tree;
@@ -889,13 +890,19 @@ static void cons_prune(seq_t *q)
     }
     if (all) {
         memcpy(q->node_state, st, (size_t)t->n * sizeof *st);
-        return;
+    } else {
+        int map[SPEC_MAX_NODES];
+        const int n_old = t->n;
+        spec_tree_keep(t, keep, map);
+        for (int k = 0; k < n_old; k++)
+            if (map[k] >= 0) q->node_state[map[k]] = st[k];
     }
-    int map[SPEC_MAX_NODES];
-    const int n_old = t->n;
-    spec_tree_keep(t, keep, map);
-    for (int k = 0; k < n_old; k++)
-        if (map[k] >= 0) q->node_state[map[k]] = st[k];
+    q->forced_nodes = 0;
+    for (int k = 1; k < t->n; k++) {
+        int32_t fixed;
+        if (fl_constraint_forced(q->cons, q->node_state[t->parent[k]], &fixed, 1) == 1 && fixed == t->token[k])
+            q->forced_nodes |= 1u << k;
+    }
 }
 
 /* spec_check_fn of a constraint: the draft's tokens it allows from a state on. */
@@ -916,21 +923,15 @@ static int cons_allows(void *user, const int32_t *draft, int n)
 /* A constrained sequence's chain of up to cap drafts from state, after q->tokens[0, n_ctx): what
  * the constraint fixes outright, then (ngram) the continuation of an earlier match that it allows
  * (a label or enum value like one before), then what that fixes, and so on. Returns the length;
- * *lead: how many leading tokens are fixed ones; *forced: bit d for each fixed depth d. The chain
- * is written after n_ctx in q->tokens too, as the n-gram's context (room: drafts stop at
- * max_tokens). */
-static int cons_chain(seq_t *q, int32_t state, int n_ctx, int32_t *chain, int cap, bool ngram, int *lead,
-                      uint32_t *forced)
+ * *lead: how many leading tokens are fixed ones. The chain is written after n_ctx in q->tokens
+ * too, as the n-gram's context (room: drafts stop at max_tokens). */
+static int cons_chain(seq_t *q, int32_t state, int n_ctx, int32_t *chain, int cap, bool ngram, int *lead)
 {
     int n = 0;
     *lead = -1;
-    *forced = 0;
     while (n < cap) {
         const int f = fl_constraint_forced(q->cons, state, chain + n, cap - n);
-        for (int k = n; k < n + f; k++) {
-            state = fl_constraint_next(q->cons, state, chain[k]);
-            *forced |= 1u << (k + 1);
-        }
+        for (int k = n; k < n + f; k++) state = fl_constraint_next(q->cons, state, chain[k]);
         n += f;
         if (*lead < 0) *lead = n;
         if (!ngram || n >= cap) break;
@@ -959,7 +960,7 @@ static void plan_drafts(sched_t *s)
         seq_t *q = s->running[i];
         q->tree.n = 1;
         q->draft_cut = false;
-        q->forced_depths = 0;
+        q->forced_nodes = 0;
         q->node_state[0] = q->cstate;
         if (q->n_tokens - q->n_computed != 1) continue;
         n_dec++;
@@ -976,13 +977,12 @@ static void plan_drafts(sched_t *s)
          * heads hold the same tokens). */
         const bool ngram = q->spec == SCHED_SPEC_NGRAM || q->spec_auto;
         int n = 0, lead = 0;
-        if (q->cons) n = cons_chain(q, q->cstate, q->n_tokens, chain, cap, ngram, &lead, &q->forced_depths);
+        if (q->cons) n = cons_chain(q, q->cstate, q->n_tokens, chain, cap, ngram, &lead);
         else if (ngram) n = spec_ngram_draft(q->tokens, q->n_tokens, cap, chain);
         const int heads = medusa_n_heads(s->o.medusa);
         q->tree_medusa = q->spec == SCHED_SPEC_MEDUSA && q->has_cand && n == lead &&
                          (n == 0 || (q->cand_cons && lead < heads));
         if (q->tree_medusa) {
-            if (q->cons) q->forced_depths = q->cand_cons ? q->cand_forced : 0;
             spec_tree_medusa(&q->tree, q->tokens[q->n_computed], q->cand, heads, s->top_k, s->paths, 1 + cap);
         } else {
             for (int k = 0; k < n; k++) spec_tree_add(&q->tree, k, chain[k]);
@@ -1187,7 +1187,7 @@ static void accept_drafts(sched_t *s, int n_seqs)
         q->acc_no = 0.9 * q->acc_no + (rejected ? 1 : 0);
         if (q->tree_medusa && q->med_expect > 0) { /* the promise of this step's tree against its outcome */
             int guessed = 0;
-            for (int d = 1; d <= accepted; d++) guessed += !(q->forced_depths >> d & 1);
+            for (int d = 1; d <= accepted; d++) guessed += !node_forced(q, q->emit_node[d - 1]);
             s->med_promised = 0.995 * s->med_promised + q->med_expect;
             s->med_accepted = 0.995 * s->med_accepted + guessed;
         }
@@ -1255,14 +1255,10 @@ static int cand_allowed(void *user, int i, int head, const int32_t *cand, const 
         q->cand_state = st;
     }
     *ids = s->cand_ids;
-    s->st.heads_allowed_rows++; /* (undone below for a -1) */
     if (st == FL_CSTATE_DEAD || fl_constraint_finished(q->cons, st)) return 0;
-    if (fl_constraint_forced(q->cons, st, s->cand_ids, 1) == 1) {
-        q->cand_forced |= 1u << (head + 1);
-        return 1;
-    }
-    const int n = fl_constraint_allowed_ids(q->cons, st, s->cand_ids, s->m->cfg.n_vocab / SCHED_LIST_FRACTION);
-    if (n < 0) s->st.heads_allowed_rows--;
+    int n = fl_constraint_forced(q->cons, st, s->cand_ids, 1);
+    if (n != 1) n = fl_constraint_allowed_ids(q->cons, st, s->cand_ids, s->m->cfg.n_vocab / SCHED_LIST_FRACTION);
+    s->cand_listed += n > 0;
     return n;
 }
 
@@ -1305,11 +1301,13 @@ static void propose_candidates(sched_t *s, int n_seqs)
             if (cap <= 0) continue;
             int32_t chain[SCHED_MAX_DRAFT];
             int lead;
-            uint32_t forced;
-            const int c = cons_chain(q, st, n_next, chain, cap, q->spec_auto, &lead, &forced);
-            if (lead >= heads || lead >= cap || (q->spec_auto && c > lead)) continue;
+            const int c = cons_chain(q, st, n_next, chain, cap, q->spec_auto, &lead);
+            /* heads with their own projections rank without the constraint: the planner takes
+             * their tree only where it fixes nothing first */
+            if (lead >= heads || lead >= cap || (q->spec_auto && c > lead) ||
+                (lead > 0 && !medusa_shared_output(s->o.medusa)))
+                continue;
             q->cand_state = st;
-            q->cand_forced = 0;
             constrained = true;
         } else if (q->spec_auto && q->n_emit > 0) {
             /* AUTO drafts an n-gram match first: when the next step has one, the heads would run for
@@ -1325,6 +1323,7 @@ static void propose_candidates(sched_t *s, int n_seqs)
     fl_error_t err = {0};
     const double t0 = fl_clock_s();
     const bool lists = constrained && medusa_shared_output(s->o.medusa);
+    s->cand_listed = 0;
     if (medusa_propose_allowed(s->o.medusa, s->m, s->cand_rows, n, s->top_k, lists ? cand_allowed : NULL, s,
                                s->cand_out, &err)) {
         fl_log_warn("sched: Medusa heads failed (%s); drafting without them this step", err.msg);
@@ -1332,6 +1331,7 @@ static void propose_candidates(sched_t *s, int n_seqs)
     }
     s->heads_s_step = fl_clock_s() - t0;
     s->st.heads_s += s->heads_s_step;
+    s->st.heads_allowed_rows += (uint64_t)s->cand_listed;
     const double per_row = s->heads_s_step / n;
     s->heads_s_per_row = s->heads_s_per_row > 0 ? 0.9 * s->heads_s_per_row + 0.1 * per_row : per_row;
     for (int i = 0; i < n; i++) {
