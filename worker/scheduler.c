@@ -1179,15 +1179,17 @@ static void accept_drafts(sched_t *s, int n_seqs)
         s->st.drafted_tokens += (uint64_t)drafted;
         s->st.accepted_tokens += (uint64_t)accepted;
         s->st.spec_seq_steps++;
-        /* the walk ended on a node with children: one of its drafts was rejected */
+        /* The drafter's record counts its guesses only: tokens the constraint fixed are nearly always
+         * accepted and would price a guess after them (a label, an enum value) as just as sure. The
+         * walk ended on a node with children: one of its drafts was rejected. */
         const int last = accepted > 0 ? q->emit_node[accepted - 1] : 0;
         bool rejected = false;
-        for (int k = last + 1; k < q->tree.n && !rejected; k++) rejected = q->tree.parent[k] == last;
-        q->acc_yes = 0.9 * q->acc_yes + accepted;
+        for (int k = last + 1; k < q->tree.n && !rejected; k++) rejected = q->tree.parent[k] == last && !node_forced(q, k);
+        int guessed = 0;
+        for (int d = 1; d <= accepted; d++) guessed += !node_forced(q, q->emit_node[d - 1]);
+        q->acc_yes = 0.9 * q->acc_yes + guessed;
         q->acc_no = 0.9 * q->acc_no + (rejected ? 1 : 0);
         if (q->tree_medusa && q->med_expect > 0) { /* the promise of this step's tree against its outcome */
-            int guessed = 0;
-            for (int d = 1; d <= accepted; d++) guessed += !node_forced(q, q->emit_node[d - 1]);
             s->med_promised = 0.995 * s->med_promised + q->med_expect;
             s->med_accepted = 0.995 * s->med_accepted + guessed;
         }

@@ -72,7 +72,7 @@ int spec_ngram_draft_checked(const int32_t *tokens, int n, int max_len, int32_t 
                              void *user)
 {
     if (max_len <= 0) return 0;
-    for (int g = SPEC_NGRAM_MAX; g >= (check ? 1 : SPEC_NGRAM_MIN); g--) {
+    for (int g = SPEC_NGRAM_MAX; g >= SPEC_NGRAM_MIN; g--) {
         if (n < g + 1) continue;
         const int32_t *suffix = tokens + n - g;
         /* latest earlier occurrence: its continuation is the likeliest to repeat (lists, code) */

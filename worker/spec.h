@@ -52,9 +52,9 @@ int spec_ngram_draft(const int32_t *tokens, int n, int max_len, int32_t *out);
 typedef int (*spec_check_fn)(void *user, const int32_t *draft, int n);
 /* spec_ngram_draft that proposes only what check allows: an occurrence whose continuation it
  * rejects at once is passed over for the next earlier one (at most SPEC_NGRAM_TRIES a suffix
- * length), the continuation is cut before the first token it rejects, and suffixes go down to one
- * token (with the check vouching for what follows, a short match is worth trying). check NULL:
- * spec_ngram_draft. */
+ * length), and the continuation is cut before the first token it rejects. (One-token suffixes were
+ * tried too: after a constraint's fixed text they guessed a label or value right too rarely to pay
+ * for verifying it, bench/README.md.) check NULL: spec_ngram_draft. */
 #define SPEC_NGRAM_TRIES 64
 int spec_ngram_draft_checked(const int32_t *tokens, int n, int max_len, int32_t *out, spec_check_fn check,
                              void *user);
