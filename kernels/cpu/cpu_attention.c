@@ -462,7 +462,11 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
                 const size_t slot = attn_slot(bt, bs, ts, tbit, j);
                 kr[j - j0] = (const fl_f16_t *)a->k_cache + slot * kv_stride + (size_t)kvh * hd;
                 rows[j] = (const fl_f16_t *)a->v_cache + slot * kv_stride + (size_t)kvh * hd;
-                prefetch_row(rows[j], hd * sizeof(fl_f16_t)); /* for the sums below */
+                prefetch_row(rows[j], hd * sizeof(fl_f16_t)); /* for the sums below; K two passes ahead */
+                if (j + 32 < len)
+                    prefetch_row((const fl_f16_t *)a->k_cache + attn_slot(bt, bs, ts, tbit, j + 32) * kv_stride +
+                                     (size_t)kvh * hd,
+                                 hd * sizeof(fl_f16_t));
             }
             float dots[16];
             kq16_avx512(q16, kr, hd, kq_tb, dots);
