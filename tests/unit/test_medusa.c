@@ -20,6 +20,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "backend_internal.h"
 #include "engine.h"
 #include "gguf_writer.h"
 #include "medusa.h"
@@ -305,6 +306,21 @@ static void test_heads_rank_only_allowed_tokens(void **state)
     assert_memory_equal(got + (H + 0) * K, none, sizeof none);
     assert_int_equal(g_seen_best[1][1], -1);
     assert_memory_equal(got + (H + 1) * K, plain + (H + 1) * K, 2 * K * sizeof(int32_t));
+    /* A backend without chosen-row products (CUDA's): the listed tokens are read from the subset's
+     * projection, so of row 0's list only 10 (a subset token) is left at head 0. */
+    kern_backend_t *be = e->model->be;
+    const kern_ops_t *ops = be->ops;
+    kern_ops_t no_rows = *ops;
+    no_rows.matmul_rows = NULL;
+    be->ops = &no_rows;
+    int32_t got2[2 * 3 * 4];
+    const int rc = medusa_propose_allowed(h, e->model, rows, n, K, listed_allowed, &K, got2, &err);
+    be->ops = ops;
+    assert_int_equal(rc, 0);
+    const int32_t only10[4] = {10, -1, -1, -1};
+    assert_memory_equal(got2, only10, sizeof only10);
+    assert_int_equal(g_seen_best[0][1], 10);
+    assert_memory_equal(got2 + K, got + K, (size_t)(2 * H - 1) * K * sizeof(int32_t)); /* the rest as above */
     medusa_destroy(&h);
     free(logits);
     free(fc);
