@@ -395,9 +395,12 @@ int medusa_propose_allowed(medusa_t *h, model_t *m, const int32_t *rows, int n, 
                     any_whole = true;
                     break;
                 }
-                if (cnt <= 1 || !chosen) { /* nothing to project: one or no token, or the subset's row */
-                    rank_ids(h, h->host + ((size_t)k * nc + i) * V, true, ids, cnt <= 1 ? 0 : cnt, top_k, o);
-                    if (cnt == 1) o[0] = ids[0];
+                if (cnt <= 1) { /* nothing to rank: the one token, or none */
+                    for (int j = 0; j < top_k; j++) o[j] = j < cnt ? ids[j] : -1;
+                    continue;
+                }
+                if (!chosen) { /* the subset's row, projected above */
+                    rank_ids(h, h->host + ((size_t)k * nc + i) * V, true, ids, cnt, top_k, o);
                     continue;
                 }
                 kern_matmul_rows(be, h->row_logits, m->output, h->r + ((size_t)k * nc + i) * dim, 1, &ids, &cnt);

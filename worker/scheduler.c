@@ -73,14 +73,12 @@ typedef struct seq {
     double med_expect;       /* this step's Medusa tree: accepted tokens the heads' accuracies promise */
     /* Constrained output: the automaton's state after every token taken so far (the pending one
      * included), each tree node's state after its path, and the nodes of this step's tree whose
-     * token the constraint itself fixed after their parent (bit k: free drafts, nearly sure). The
-     * heads' candidates were ranked among the allowed tokens (cand_cons); cand_state is the state
-     * the heads are being asked at (propose_candidates). */
+     * token the constraint itself fixed after their parent (bit k: free drafts, nearly sure);
+     * cand_state is the state the heads are being asked at (propose_candidates). */
     fl_constraint_t *cons;   /* a reference, from the scheduler's cache */
     int32_t cstate;
     int32_t node_state[SPEC_MAX_NODES];
     uint32_t forced_nodes;
-    bool cand_cons;
     int32_t cand_state;
     int32_t emit[SPEC_MAX_NODES]; /* this step's tokens (spec_walk), and the nodes they were drawn at */
     int emit_node[SPEC_MAX_NODES];
@@ -946,6 +944,24 @@ static int cons_chain(seq_t *q, int32_t state, int n_ctx, int32_t *chain, int ca
     return n;
 }
 
+/* The draft tokens q may verify in its next step once the `ahead` tokens of this step are taken:
+ * its maximum, within its remaining tokens and the context. */
+static int draft_cap(const sched_t *s, const seq_t *q, int ahead)
+{
+    int cap = q->max_draft;
+    const int left = q->max_tokens - q->res.n_generated - ahead - 1, room = s->ctx - q->n_tokens - ahead;
+    if (left < cap) cap = left;
+    if (room < cap) cap = room;
+    return cap;
+}
+
+/* Heads with a shared output rank a constrained sequence's candidates among its allowed tokens
+ * (propose_candidates); heads with projections of their own rank without the constraint. */
+static bool heads_rank_allowed(const sched_t *s, const seq_t *q)
+{
+    return q->cons && medusa_shared_output(s->o.medusa);
+}
+
 /* Each decoding sequence's draft tree for this step: its drafter's full proposal, then a greedy cut
  * over all sequences that keeps a draft token only while the expected tokens per second of the step
  * grow, by the measured cost of steps of each size (spec_cost): at batch 1 a verify of a few tokens
@@ -965,10 +981,7 @@ static void plan_drafts(sched_t *s)
         if (q->n_tokens - q->n_computed != 1) continue;
         n_dec++;
         spec_tree_init(&q->tree, q->tokens[q->n_computed]);
-        int cap = q->max_draft;
-        const int left = q->max_tokens - q->res.n_generated - 1, room = s->ctx - q->n_tokens;
-        if (left < cap) cap = left;
-        if (room < cap) cap = room;
+        const int cap = draft_cap(s, q, 0);
         if (q->spec == SCHED_SPEC_NONE || cap <= 0) continue;
         /* What the constraint fixes outright is drafted first, for free, and an n-gram match that it
          * allows after it; without a constraint, with AUTO and heads, text the output copies (an
@@ -981,7 +994,7 @@ static void plan_drafts(sched_t *s)
         else if (ngram) n = spec_ngram_draft(q->tokens, q->n_tokens, cap, chain);
         const int heads = medusa_n_heads(s->o.medusa);
         q->tree_medusa = q->spec == SCHED_SPEC_MEDUSA && q->has_cand && n == lead &&
-                         (n == 0 || (q->cand_cons && lead < heads));
+                         (n == 0 || (heads_rank_allowed(s, q) && lead < heads));
         if (q->tree_medusa) {
             spec_tree_medusa(&q->tree, q->tokens[q->n_computed], q->cand, heads, s->top_k, s->paths, 1 + cap);
         } else {
@@ -1275,7 +1288,6 @@ static void propose_candidates(sched_t *s, int n_seqs)
     const int heads = medusa_n_heads(s->o.medusa), per = heads * s->top_k;
     const bool explore_next = (s->st.steps + 1) % SCHED_EXPLORE_STEPS == 0; /* st.steps counts this step after */
     int n = 0;
-    bool constrained = false;
     for (int i = 0; i < n_seqs; i++) {
         seq_t *q = s->logit_seq[i];
         if (q->spec != SCHED_SPEC_MEDUSA) continue;
@@ -1296,21 +1308,16 @@ static void propose_candidates(sched_t *s, int n_seqs)
             int32_t st = q->cstate;
             for (int j = 0; j < q->n_emit && st != FL_CSTATE_DEAD; j++) st = fl_constraint_next(q->cons, st, q->emit[j]);
             if (st == FL_CSTATE_DEAD || fl_constraint_finished(q->cons, st)) continue;
-            int cap = q->max_draft;
-            const int left = q->max_tokens - q->res.n_generated - q->n_emit - 1, room = s->ctx - n_next;
-            if (left < cap) cap = left;
-            if (room < cap) cap = room;
+            const int cap = draft_cap(s, q, q->n_emit);
             if (cap <= 0) continue;
             int32_t chain[SCHED_MAX_DRAFT];
             int lead;
             const int c = cons_chain(q, st, n_next, chain, cap, q->spec_auto, &lead);
             /* heads with their own projections rank without the constraint: the planner takes
              * their tree only where it fixes nothing first */
-            if (lead >= heads || lead >= cap || (q->spec_auto && c > lead) ||
-                (lead > 0 && !medusa_shared_output(s->o.medusa)))
+            if (lead >= heads || lead >= cap || (q->spec_auto && c > lead) || (lead > 0 && !heads_rank_allowed(s, q)))
                 continue;
             q->cand_state = st;
-            constrained = true;
         } else if (q->spec_auto && q->n_emit > 0) {
             /* AUTO drafts an n-gram match first: when the next step has one, the heads would run for
              * nothing, and their weights would push the model's out of the caches. */
@@ -1324,10 +1331,8 @@ static void propose_candidates(sched_t *s, int n_seqs)
     if (n == 0) return;
     fl_error_t err = {0};
     const double t0 = fl_clock_s();
-    const bool lists = constrained && medusa_shared_output(s->o.medusa);
     s->cand_listed = 0;
-    if (medusa_propose_allowed(s->o.medusa, s->m, s->cand_rows, n, s->top_k, lists ? cand_allowed : NULL, s,
-                               s->cand_out, &err)) {
+    if (medusa_propose_allowed(s->o.medusa, s->m, s->cand_rows, n, s->top_k, cand_allowed, s, s->cand_out, &err)) {
         fl_log_warn("sched: Medusa heads failed (%s); drafting without them this step", err.msg);
         return;
     }
@@ -1340,7 +1345,6 @@ static void propose_candidates(sched_t *s, int n_seqs)
         seq_t *q = s->cand_seq[i];
         memcpy(q->cand, s->cand_out + (size_t)i * per, (size_t)per * sizeof *s->cand_out);
         q->has_cand = true;
-        q->cand_cons = lists && q->cons;
     }
 }
 

@@ -227,7 +227,8 @@ static CPU_AVX512 void kdot_q_avx512(int k_type, const uint8_t *k, const fl_bloc
  * 16, or a pool too large for 32-bit gather offsets) are left to kdot_q_avx512. */
 static CPU_AVX512 int kdot16_q_avx512(int k_type, const uint8_t *kc, size_t krow, size_t khead, const int32_t *slots,
                                       int len, const fl_block_q8_0_t *q, const float *qd, int nb, int G, float *out,
-                                      int stride, const uint8_t *vc, size_t vrow, size_t vhead, size_t vbytes)
+                                      int stride, size_t kbytes, const uint8_t *vc, size_t vrow, size_t vhead,
+                                      size_t vbytes)
 {
     if (len < 16) return 0;
     int32_t max_slot = 0;
@@ -246,7 +247,6 @@ static CPU_AVX512 int kdot16_q_avx512(int k_type, const uint8_t *kc, size_t krow
     const __m512 magic_f = _mm512_set1_ps(CPU_LANE_MAGIC_F);
     const __m512i flip = _mm512_set1_epi32((int)0x80808080u), nib = _mm512_set1_epi32(0x0f0f0f0f);
     int j0 = 0;
-    const size_t kbytes = (size_t)nb * bb;
     for (; j0 + 16 <= len; j0 += 16) {
         /* K two passes ahead, and these positions' V rows for the sums (prefetch_row) */
         for (int j = j0 + 32; j < j0 + 48 && j < len; j++) prefetch_row(kc + (size_t)slots[j] * krow + khead, kbytes);
@@ -490,8 +490,8 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
     const size_t kbytes = kern_kv_row_bytes(c->k_type, hd), vbytes = kern_kv_row_bytes(c->v_type, hd);
     /* on AVX-512, 16 positions at a time; their dots go to sc, read back below */
     const int j16 = !kf16 && isa == CPU_ISA_AVX512
-                        ? kdot16_q_avx512(c->k_type, kc, krow, khead, slots, len, q8, qd, nb, G, sc, maxlen, vc,
-                                          vrow, vhead, vbytes)
+                        ? kdot16_q_avx512(c->k_type, kc, krow, khead, slots, len, q8, qd, nb, G, sc, maxlen,
+                                          kbytes, vc, vrow, vhead, vbytes)
                         : 0;
     for (int h = 0; h < G && j16; h++) { /* the same operations as below, a head's row at a time */
         float *s = sc + (size_t)h * maxlen;

@@ -391,13 +391,16 @@ static void cons_text(engine_t *e, const record_t *rec, int id, char *out, size_
     out[n] = 0;
 }
 
+/* The constraints of the tests below: a choice (one choice a prefix of none, one of two words) and a
+ * regex with a fixed run, a repeat and an end. */
+static const char *const choices[] = {"positive", "negative", "neutral", "mixed feelings"};
+static const char *const regex = "(id|no)-[0-9]{3}(,[a-c]{2})*;";
+
 static void constrained_outputs_match_with_and_without_speculation(void **state)
 {
     (void)state;
     make_prompts();
     engine_t *e = open_engine(256, 0);
-    static const char *const choices[] = {"positive", "negative", "neutral", "mixed feelings"};
-    const char *regex = "(id|no)-[0-9]{3}(,[a-c]{2})*;";
     /* heads with W = 0 guess the base model's tokens again: among the allowed ones under a constraint */
     char heads_path[300];
     medusa_t *heads = zero_heads(e, "cons.medusa", heads_path, sizeof heads_path);
@@ -479,8 +482,6 @@ static void constrained_rows_project_onto_allowed_tokens_only(void **state)
     (void)state;
     make_prompts();
     engine_t *e = open_engine(256, 0);
-    static const char *const choices[] = {"positive", "negative", "neutral", "mixed feelings"};
-    const char *regex = "(id|no)-[0-9]{3}(,[a-c]{2})*;";
     static record_t full, chosen;
     for (int t = 0; t < 2; t++)
         for (int spec = 0; spec < 2; spec++) {
