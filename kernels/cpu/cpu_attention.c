@@ -33,6 +33,8 @@
 #include "cpu_simd.h"
 
 #define ATTN_MAX_HEAD_DIM 512
+#define ATTN_MAX_GROUP 16 /* query rows sharing a KV head, at most, in the grouped path: run tokens x heads */
+#define ATTN_RUN_MAX 4    /* tokens of one sequence a grouped work item takes at most */
 
 typedef struct attn_ctx {
     const kern_attn_t *a;
@@ -41,7 +43,9 @@ typedef struct attn_ctx {
     const uint8_t *multi; /* [n_tokens] 1: the token's sequence has >= 2 tokens in this call */
     int maxlen;
     int sstride;          /* floats between the G score rows of the grouped path */
-    bool grouped;         /* items are (token, kv head): attn_group_avx512 */
+    bool grouped;         /* items are (run, kv head): attn_group_avx512 */
+    const int *runs;      /* [n_runs + 1]: the grouped path's runs, by their first token */
+    int n_runs;
     atomic_int next;
 } attn_ctx_t;
 
@@ -62,8 +66,11 @@ static inline float attn_score(const kern_attn_t *a, float dot, int lo, int j)
  * soft-capping 8 lanes at a time (cpu_tanhf.c: libm's bits). */
 static void attn_scores(const kern_attn_t *a, const float *dots, int n, int lo, int j0, float *out)
 {
-    if (a->softcap <= 0.0f) {
-        for (int r = 0; r < n; r++) out[r] = attn_score(a, dots[r], lo, j0 + r);
+    if (a->softcap <= 0.0f) { /* the masked run, then one product a score (a loop the compiler vectorises) */
+        const float scale = a->scale;
+        int r = 0;
+        for (; r < n && j0 + r < lo; r++) out[r] = -INFINITY;
+        for (; r < n; r++) out[r] = dots[r] * scale;
         return;
     }
     float t[16];
@@ -365,41 +372,84 @@ static CPU_AVX512 void kq16_avx512(const float *q16, const fl_f16_t *const *k, i
     reduce16x16_avx512(v, out);
 }
 
-static inline CPU_AVX512 __m512 vsum_lane512(const float *p, const fl_f16_t *const *rows, int o, int L, int nl, int d)
+/* Chains of the V sums: for the NL lanes lane[0..NL), each of the T * G query rows (token t's G heads
+ * at rows t * G..) sums p_j * v_j[d..d+16) by fma from +0 over positions j = lane, lane + L, ... below
+ * its token's n[t], in that order, into res[row * 8 + col + u]. The probabilities are position-major,
+ * row r's p_j at pt[j * T * G + r] (one base address for every row: T * G row pointers spilled out of
+ * the registers). The rows share each V row load while every token has the position (below n[0]: n[]
+ * grows with t), and NL lanes advance together (NL * T * G independent chains hide the FMA latency,
+ * which one chain at a time left exposed); each chain's order, so its bits, is that of one row alone. */
+static inline __attribute__((always_inline)) CPU_AVX512 void
+vsum_chains(const float *pt, const fl_f16_t *const *rows, const int *lane, const int NL, const int L, const int *n,
+            const int T, const int G, int d, __m512 *res, int col)
 {
-    __m512 acc = _mm512_setzero_ps();
-    for (int j = o; j < nl; j += L) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load_f16x16(rows[j] + d), acc);
-    return acc;
+    __m512 acc[ATTN_MAX_GROUP][8];
+    for (int r = 0; r < T * G; r++)
+        for (int u = 0; u < NL; u++) acc[r][u] = _mm512_setzero_ps();
+    int jb = 0;
+    for (; jb + L <= n[0]; jb += L) /* every lane < L: the NL positions exist for every token */
+        for (int u = 0; u < NL; u++) {
+            const int j = jb + lane[u];
+            const __m512 vv = load_f16x16(rows[j] + d);
+            const float *pj = pt + (size_t)j * (T * G);
+            for (int r = 0; r < T * G; r++) acc[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(pj[r]), vv, acc[r][u]);
+        }
+    for (int t = 0; t < T; t++) /* each token's rest: what only it (and those after it) reach */
+        for (int jt = jb; jt < n[t]; jt += L)
+            for (int u = 0; u < NL; u++) {
+                const int j = jt + lane[u];
+                if (j >= n[t]) continue;
+                const __m512 vv = load_f16x16(rows[j] + d);
+                for (int h = 0; h < G; h++) {
+                    const int r = t * G + h;
+                    acc[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(pt[(size_t)j * (T * G) + r]), vv, acc[r][u]);
+                }
+            }
+    for (int r = 0; r < T * G; r++)
+        for (int u = 0; u < NL; u++) res[r * 8 + col + u] = acc[r][u];
+}
+
+/* The 16 dims from d of sum_j p_j v_j for the T * G rows (token t's over j < n[t]; pt as vsum_chains), into out[row]:
+ * lane j % 16, s8[l] = lane l + lane l + 8, then +4, +2, +1 (tb); or lane j % 64, s8[l] = ((l + 32+l)
+ * + (16+l + 48+l)) + ((8+l + 40+l) + (24+l + 56+l)), then the same (vec_dot's order; the caller adds
+ * its double leftovers). */
+static inline __attribute__((always_inline)) CPU_AVX512 void vsum_dims16(const float *pt, const fl_f16_t *const *rows,
+                                                                        const int *n, const int T, int d, bool tb,
+                                                                        const int G, __m512 out[])
+{
+    const int TG = T * G, NL = TG <= 3 ? 8 : TG <= 6 ? 4 : TG <= 12 ? 2 : 1; /* NL * TG <= 24 registers */
+    __m512 res[ATTN_MAX_GROUP * 8], s8[ATTN_MAX_GROUP][8];
+    for (int g = 0; g < 8; g += tb ? 4 : 1) { /* 8 lanes a group: s8[g..g+4) (tb) or s8[g] */
+        int lane[8];
+        static const int offs[8] = {0, 32, 16, 48, 8, 40, 24, 56};
+        for (int u = 0; u < 8; u++) lane[u] = tb ? g + u / 2 + (u % 2) * 8 : g + offs[u];
+        for (int c = 0; c < 8; c += NL) vsum_chains(pt, rows, lane + c, NL, tb ? 16 : 64, n, T, G, d, res, c);
+        for (int r = 0; r < TG; r++) {
+            const __m512 *x = res + r * 8;
+            if (tb) {
+                for (int u = 0; u < 4; u++) s8[r][g + u] = _mm512_add_ps(x[2 * u], x[2 * u + 1]);
+            } else {
+                const __m512 t0 = _mm512_add_ps(_mm512_add_ps(x[0], x[1]), _mm512_add_ps(x[2], x[3]));
+                const __m512 t1 = _mm512_add_ps(_mm512_add_ps(x[4], x[5]), _mm512_add_ps(x[6], x[7]));
+                s8[r][g] = _mm512_add_ps(t0, t1);
+            }
+        }
+    }
+    for (int r = 0; r < TG; r++) {
+        for (int j = 0; j < 4; j++) s8[r][j] = _mm512_add_ps(s8[r][j], s8[r][j + 4]);
+        for (int j = 0; j < 2; j++) s8[r][j] = _mm512_add_ps(s8[r][j], s8[r][j + 2]);
+        out[r] = _mm512_add_ps(s8[r][0], s8[r][1]);
+    }
 }
 
 /* attn_vsum_avx2 16 dims at a time (hd % 16 == 0). */
 static CPU_AVX512 void attn_vsum_avx512(float *out, const float *p, const fl_f16_t *const *rows, int len, int hd,
                                         bool tb)
 {
-    const int L = tb ? 16 : 64, np = tb ? len : pad32(len) & ~63, nl = np < len ? np : len;
+    const int np = tb ? len : pad32(len) & ~63, nl = np < len ? np : len;
     for (int d = 0; d < hd; d += 16) {
         __m512 r = _mm512_setzero_ps();
-        if (nl > 0) {
-            __m512 s8[8];
-            for (int l = 0; l < 8; l++) {
-                __m512 t0, t1;
-                if (tb) {
-                    t0 = vsum_lane512(p, rows, l, L, nl, d);
-                    t1 = vsum_lane512(p, rows, l + 8, L, nl, d);
-                } else {
-                    t0 = _mm512_add_ps(
-                        _mm512_add_ps(vsum_lane512(p, rows, l, L, nl, d), vsum_lane512(p, rows, 32 + l, L, nl, d)),
-                        _mm512_add_ps(vsum_lane512(p, rows, 16 + l, L, nl, d), vsum_lane512(p, rows, 48 + l, L, nl, d)));
-                    t1 = _mm512_add_ps(
-                        _mm512_add_ps(vsum_lane512(p, rows, l + 8, L, nl, d), vsum_lane512(p, rows, 40 + l, L, nl, d)),
-                        _mm512_add_ps(vsum_lane512(p, rows, 24 + l, L, nl, d), vsum_lane512(p, rows, 56 + l, L, nl, d)));
-                }
-                s8[l] = _mm512_add_ps(t0, t1);
-            }
-            for (int j = 0; j < 4; j++) s8[j] = _mm512_add_ps(s8[j], s8[j + 4]);
-            for (int j = 0; j < 2; j++) s8[j] = _mm512_add_ps(s8[j], s8[j + 2]);
-            r = _mm512_add_ps(s8[0], s8[1]);
-        }
+        if (nl > 0) vsum_dims16(p, rows, &nl, 1, d, tb, 1, &r);
         if (tb || np >= len) {
             _mm512_storeu_ps(out + d, r);
         } else {
@@ -497,16 +547,17 @@ static void attn_one(const attn_ctx_t *c, int i, int h, float *sc, float *vacc, 
     }
 }
 
-/* The grouped paths' start: token i's K and V rows of KV head kvh, positions 0..pos, from one walk of
- * its block table, and its G query heads rounded to f16 in q16; returns the heads' offset in q / out. */
-static inline __attribute__((always_inline)) CPU_AVX512 size_t group_rows(const attn_ctx_t *c, int i, int kvh,
-                                                                          float *q16, const fl_f16_t **krows,
-                                                                          const fl_f16_t **vrows, const int G,
-                                                                          const int hd)
+/* The grouped paths' start: the K and V rows of KV head kvh at positions 0..len of token i's sequence
+ * (len: the run's last token's), from one walk of its block table, and the G query heads of tokens
+ * i..i+T-1 rounded to f16 in q16 (token t's at t * G * hd). */
+static inline __attribute__((always_inline)) CPU_AVX512 void group_rows(const attn_ctx_t *c, int i, int T, int kvh,
+                                                                        float *q16, const fl_f16_t **krows,
+                                                                        const fl_f16_t **vrows, const int G,
+                                                                        const int hd)
 {
     const kern_attn_t *a = c->a;
     const size_t kv_stride = (size_t)a->n_kv_heads * hd, hoff = (size_t)kvh * hd;
-    const int len = a->tok_pos[i] + 1, bs = a->block_size;
+    const int len = a->tok_pos[i + T - 1] + 1, bs = a->block_size;
     const int32_t *bt = a->block_tables + (size_t)a->tok_seq[i] * a->max_blocks;
     for (int j = 0, b = 0; j < len; b++) {
         const size_t base = (size_t)bt[b] * bs;
@@ -516,186 +567,116 @@ static inline __attribute__((always_inline)) CPU_AVX512 size_t group_rows(const 
             vrows[j] = (const fl_f16_t *)a->v_cache + off;
         }
     }
-    const size_t qoff = ((size_t)i * a->n_heads + (size_t)kvh * G) * hd;
-    round_f16_avx2(q16, a->q + qoff, G * hd);
-    return qoff;
+    for (int t = 0; t < T; t++)
+        round_f16_avx2(q16 + (size_t)t * G * hd, a->q + ((size_t)(i + t) * a->n_heads + (size_t)kvh * G) * hd, G * hd);
 }
 
-/* Grouped fast path (AVX-512, hd % 64 == 0, no tree mask): one token and the G query heads that share
- * one KV head. The same operations per score and output element as attn_one (kq16_avx512, the
- * softmax, attn_vsum_avx512: in tinyBLAS order for a prompt token, tb, else in vec_dot order with its
- * double leftovers), only shared: the block table is walked once (no division per position), each K/V
- * row is loaded and converted once for the G heads. For prompt tokens that took a 512-token prefill
- * from 961 to 1,150 tokens/s and a 2,048-token one from 379 to 663 (bench/README.md). */
-#define ATTN_MAX_GROUP 16
-
+/* Grouped fast path (AVX-512, hd % 64 == 0, no tree mask): a run of T tokens of one sequence at
+ * consecutive positions, of one role (attn_task's runs), and the G query heads that share one KV head.
+ * The same operations per score and output element as attn_one (kq16_avx512, the softmax,
+ * attn_vsum_avx512: in tinyBLAS order for prompt tokens, tb, else in vec_dot order with its double
+ * leftovers), only shared: the block table is walked once (no division per position), and each K/V
+ * row is loaded and converted once for the T * G query rows. For prompt tokens, sharing among a
+ * token's G heads took a 512-token prefill from 961 to 1,150 tokens/s and a 2,048-token one from 379
+ * to 663 (bench/README.md); runs share among tokens too, as a verify step's chain and a prompt's
+ * tokens are. Token t of the run attends to len0 + t positions (a run has no window: T = 1 with one). */
 static inline __attribute__((always_inline)) CPU_AVX512 void
-attn_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc, const fl_f16_t **krows,
-                const fl_f16_t **vrows, const int G, const int hd, const bool tb)
+attn_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc, float *pt, const fl_f16_t **krows,
+                const fl_f16_t **vrows, const int T, const int G, const int hd, const bool tb)
 {
     const kern_attn_t *a = c->a;
     const int ss = c->sstride, skip = attn_window_skip(a, i, a->tok_pos[i] + 1);
-    const size_t qoff = group_rows(c, i, kvh, q16, krows, vrows, G, hd);
+    group_rows(c, i, T, kvh, q16, krows, vrows, G, hd);
     /* the masked runs before the window skipped (attn_window_skip): indices below are from skip on */
-    const int len = a->tok_pos[i] + 1 - skip, wlo = attn_window_lo(a, i) - skip;
+    const int len0 = a->tok_pos[i] + 1 - skip, lenT = len0 + T - 1, wlo = attn_window_lo(a, i) - skip;
     krows += skip, vrows += skip, sc += skip;
 
-    /* scores: per row one 16-lane accumulator (tb), or the 4 vec_dot accumulators combined as
-     * (a0 + a2) + (a1 + a3); then reduced 16 rows at once */
-    for (int j0 = 0; j0 < len; j0 += 16) {
-        const int nr = len - j0 < 16 ? len - j0 : 16;
+    /* scores (row t * G + h of sc): per K row one 16-lane accumulator (tb), or the 4 vec_dot
+     * accumulators combined as (a0 + a2) + (a1 + a3), for each token that reaches the row; then
+     * reduced 16 rows at once */
+    for (int j0 = 0; j0 < lenT; j0 += 16) {
+        const int nr = lenT - j0 < 16 ? lenT - j0 : 16;
         __m512 v[ATTN_MAX_GROUP][16];
         for (int r = 0; r < 16; r++) {
+            const int j = j0 + r;
             if (r >= nr) {
-                for (int h = 0; h < G; h++) v[h][r] = _mm512_setzero_ps();
+                for (int x = 0; x < T * G; x++) v[x][r] = _mm512_setzero_ps();
                 continue;
             }
-            const fl_f16_t *k = krows[j0 + r];
+            const fl_f16_t *k = krows[j];
             /* K two passes ahead, and this position's V row for the sums below (which read it once
              * per 16 dims): rows scattered over blocks defeat the hardware's prefetch, and a
              * decode step reads the whole cache once, from memory */
-            if (j0 + 32 + r < len) prefetch_row(krows[j0 + 32 + r], hd * sizeof(fl_f16_t));
-            prefetch_row(vrows[j0 + r], hd * sizeof(fl_f16_t));
-            if (tb) { /* one 16-lane accumulator per row (element e into lane e % 16), as kq16 with tb */
-                __m512 kc[ATTN_MAX_HEAD_DIM / 16];
-                for (int e = 0; e < hd / 16; e++) kc[e] = load_f16x16(k + 16 * e);
-                for (int h = 0; h < G; h++) {
-                    const float *qh = q16 + (size_t)h * hd;
-                    __m512 acc = _mm512_setzero_ps();
-                    for (int e = 0; e < hd / 16; e++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * e), kc[e], acc);
-                    v[h][r] = acc;
+            if (j + 32 < lenT) prefetch_row(krows[j + 32], hd * sizeof(fl_f16_t));
+            prefetch_row(vrows[j], hd * sizeof(fl_f16_t));
+            __m512 kc[ATTN_MAX_HEAD_DIM / 16];
+            for (int e = 0; e < hd / 16; e++) kc[e] = load_f16x16(k + 16 * e);
+            for (int t = 0; t < T; t++) {
+                if (j >= len0 + t) { /* past this token */
+                    for (int h = 0; h < G; h++) v[t * G + h][r] = _mm512_setzero_ps();
+                    continue;
                 }
-            } else if (hd == 64) {
-                const __m512 k0 = load_f16x16(k), k1 = load_f16x16(k + 16), k2 = load_f16x16(k + 32),
-                             k3 = load_f16x16(k + 48);
                 for (int h = 0; h < G; h++) {
-                    const float *qh = q16 + (size_t)h * hd;
-                    const __m512 z = _mm512_setzero_ps();
-                    const __m512 a0 = _mm512_fmadd_ps(k0, _mm512_loadu_ps(qh), z);
-                    const __m512 a1 = _mm512_fmadd_ps(k1, _mm512_loadu_ps(qh + 16), z);
-                    const __m512 a2 = _mm512_fmadd_ps(k2, _mm512_loadu_ps(qh + 32), z);
-                    const __m512 a3 = _mm512_fmadd_ps(k3, _mm512_loadu_ps(qh + 48), z);
-                    v[h][r] = _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3));
-                }
-            } else {
-                for (int h = 0; h < G; h++) {
-                    const float *qh = q16 + (size_t)h * hd;
-                    __m512 acc[4];
-                    for (int cc = 0; cc < 4; cc++) acc[cc] = _mm512_setzero_ps();
-                    for (int e = 0; e < hd; e += 64)
-                        for (int cc = 0; cc < 4; cc++)
-                            acc[cc] = _mm512_fmadd_ps(load_f16x16(k + e + 16 * cc), _mm512_loadu_ps(qh + e + 16 * cc),
-                                                      acc[cc]);
-                    v[h][r] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+                    const float *qh = q16 + (size_t)(t * G + h) * hd;
+                    if (tb) { /* element e into lane e % 16, as kq16 with tb */
+                        __m512 acc = _mm512_setzero_ps();
+                        for (int e = 0; e < hd / 16; e++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * e), kc[e], acc);
+                        v[t * G + h][r] = acc;
+                    } else {
+                        __m512 acc[4];
+                        for (int cc = 0; cc < 4; cc++) acc[cc] = _mm512_setzero_ps();
+                        for (int e = 0; e < hd / 16; e += 4)
+                            for (int cc = 0; cc < 4; cc++)
+                                acc[cc] = _mm512_fmadd_ps(kc[e + cc], _mm512_loadu_ps(qh + 16 * (e + cc)), acc[cc]);
+                        v[t * G + h][r] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+                    }
                 }
             }
         }
-        for (int h = 0; h < G; h++) {
-            float dots[16];
-            reduce16x16_avx512(v[h], dots);
-            attn_scores(a, dots, nr, wlo, j0, sc + (size_t)h * ss + j0);
-        }
-    }
-    for (int h = 0; h < G; h++) attn_softmax_avx512(sc + (size_t)h * ss, len);
-
-    if (tb) {
-        /* out = sum p_j v_j: lane j % 16 in position order, s8[l] = lane l + lane l + 8, then +4, +2, +1 */
-        for (int d = 0; d < hd; d += 16) {
-            __m512 s8[ATTN_MAX_GROUP][8];
-            for (int l = 0; l < 8; l++) {
-                __m512 t0[ATTN_MAX_GROUP], t1[ATTN_MAX_GROUP];
-                for (int h = 0; h < G; h++) t0[h] = _mm512_setzero_ps(), t1[h] = _mm512_setzero_ps();
-                for (int j = l; j < len; j += 16) {
-                    const __m512 vv = load_f16x16(vrows[j] + d);
-                    for (int h = 0; h < G; h++) t0[h] = _mm512_fmadd_ps(_mm512_set1_ps(sc[(size_t)h * ss + j]), vv, t0[h]);
-                }
-                for (int j = l + 8; j < len; j += 16) {
-                    const __m512 vv = load_f16x16(vrows[j] + d);
-                    for (int h = 0; h < G; h++) t1[h] = _mm512_fmadd_ps(_mm512_set1_ps(sc[(size_t)h * ss + j]), vv, t1[h]);
-                }
-                for (int h = 0; h < G; h++) s8[h][l] = _mm512_add_ps(t0[h], t1[h]);
-            }
+        for (int t = 0; t < T; t++) {
+            const int nt = len0 + t - j0 < 16 ? len0 + t - j0 : 16;
+            if (nt <= 0) continue;
             for (int h = 0; h < G; h++) {
-                for (int j = 0; j < 4; j++) s8[h][j] = _mm512_add_ps(s8[h][j], s8[h][j + 4]);
-                for (int j = 0; j < 2; j++) s8[h][j] = _mm512_add_ps(s8[h][j], s8[h][j + 2]);
-                _mm512_storeu_ps(a->out + qoff + (size_t)h * hd + d, _mm512_add_ps(s8[h][0], s8[h][1]));
+                float dots[16];
+                reduce16x16_avx512(v[t * G + h], dots);
+                attn_scores(a, dots, nt, wlo, j0, sc + (size_t)(t * G + h) * ss + j0);
             }
         }
-        return;
     }
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < G; h++) attn_softmax_avx512(sc + (size_t)(t * G + h) * ss, len0 + t);
+    /* the probabilities position-major for the V sums (vsum_chains); a token's past its length unread */
+    for (int j = 0; j < lenT; j++)
+        for (int t = 0; t < T; t++)
+            if (j < len0 + t)
+                for (int h = 0; h < G; h++) pt[(size_t)j * (T * G) + t * G + h] = sc[(size_t)(t * G + h) * ss + j];
 
-    /* out = sum p_j v_j: lanes j % 64 for j < np (combined in attn_vsum_avx512's order), then double */
-    const int np = pad32(len) & ~63, nl = np < len ? np : len;
+    /* out = sum p_j v_j (vsum_dims16): lanes j % 16 (tb), or j % 64 for j < np, then double */
+    int np[ATTN_RUN_MAX], nl[ATTN_RUN_MAX];
+    for (int t = 0; t < T; t++) {
+        np[t] = tb ? len0 + t : pad32(len0 + t) & ~63;
+        nl[t] = np[t] < len0 + t ? np[t] : len0 + t;
+    }
     for (int d = 0; d < hd; d += 16) {
         __m512 r[ATTN_MAX_GROUP];
-        for (int h = 0; h < G; h++) r[h] = _mm512_setzero_ps();
-        if (nl > 0 && nl <= 64) {
-            /* one cell per lane: lane o = fma(p_o, v_o, 0) (0 for o >= nl), the 64 lanes added as
-             * s8[l] = ((o l + o 32+l) + (o 16+l + o 48+l)) + ((o 8+l + o 40+l) + (o 24+l + o 56+l)),
-             * then (s8[j] + s8[j+4]), (+2), (+1) */
-            __m512 s8[ATTN_MAX_GROUP][8];
-            for (int l = 0; l < 8; l++) {
-                static const int offs[8] = {0, 32, 16, 48, 8, 40, 24, 56};
-                __m512 ln[ATTN_MAX_GROUP][8];
-                for (int k = 0; k < 8; k++) {
-                    const int o = l + offs[k];
-                    if (o < nl) {
-                        const __m512 vv = load_f16x16(vrows[o] + d);
-                        for (int h = 0; h < G; h++)
-                            ln[h][k] = _mm512_fmadd_ps(_mm512_set1_ps(sc[(size_t)h * ss + o]), vv, _mm512_setzero_ps());
-                    } else {
-                        for (int h = 0; h < G; h++) ln[h][k] = _mm512_setzero_ps();
-                    }
-                }
-                for (int h = 0; h < G; h++) {
-                    const __m512 t0 = _mm512_add_ps(_mm512_add_ps(ln[h][0], ln[h][1]), _mm512_add_ps(ln[h][2], ln[h][3]));
-                    const __m512 t1 = _mm512_add_ps(_mm512_add_ps(ln[h][4], ln[h][5]), _mm512_add_ps(ln[h][6], ln[h][7]));
-                    s8[h][l] = _mm512_add_ps(t0, t1);
-                }
+        vsum_dims16(pt, vrows, nl, T, d, tb, G, r);
+        for (int t = 0; t < T; t++) {
+            const int len = len0 + t;
+            float *out = a->out + ((size_t)(i + t) * a->n_heads + (size_t)kvh * G) * hd + d;
+            const float *st = sc + (size_t)t * G * ss;
+            if (np[t] >= len) {
+                for (int h = 0; h < G; h++) _mm512_storeu_ps(out + (size_t)h * hd, r[t * G + h]);
+                continue;
             }
-            for (int h = 0; h < G; h++) {
-                for (int j = 0; j < 4; j++) s8[h][j] = _mm512_add_ps(s8[h][j], s8[h][j + 4]);
-                for (int j = 0; j < 2; j++) s8[h][j] = _mm512_add_ps(s8[h][j], s8[h][j + 2]);
-                r[h] = _mm512_add_ps(s8[h][0], s8[h][1]);
-            }
-        } else if (nl > 0) {
-            __m512 s8[ATTN_MAX_GROUP][8];
-            for (int l = 0; l < 8; l++) {
-                static const int offs[8] = {0, 32, 16, 48, 8, 40, 24, 56};
-                __m512 ln[ATTN_MAX_GROUP][8];
-                for (int k = 0; k < 8; k++) {
-                    for (int h = 0; h < G; h++) ln[h][k] = _mm512_setzero_ps();
-                    for (int j = l + offs[k]; j < nl; j += 64) {
-                        const __m512 vv = load_f16x16(vrows[j] + d);
-                        for (int h = 0; h < G; h++)
-                            ln[h][k] = _mm512_fmadd_ps(_mm512_set1_ps(sc[(size_t)h * ss + j]), vv, ln[h][k]);
-                    }
-                }
-                for (int h = 0; h < G; h++) {
-                    const __m512 t0 = _mm512_add_ps(_mm512_add_ps(ln[h][0], ln[h][1]), _mm512_add_ps(ln[h][2], ln[h][3]));
-                    const __m512 t1 = _mm512_add_ps(_mm512_add_ps(ln[h][4], ln[h][5]), _mm512_add_ps(ln[h][6], ln[h][7]));
-                    s8[h][l] = _mm512_add_ps(t0, t1);
-                }
-            }
-            for (int h = 0; h < G; h++) {
-                for (int j = 0; j < 4; j++) s8[h][j] = _mm512_add_ps(s8[h][j], s8[h][j + 4]);
-                for (int j = 0; j < 2; j++) s8[h][j] = _mm512_add_ps(s8[h][j], s8[h][j + 2]);
-                r[h] = _mm512_add_ps(s8[h][0], s8[h][1]);
-            }
-        }
-        float *out = a->out + qoff + d;
-        if (np >= len) {
-            for (int h = 0; h < G; h++) _mm512_storeu_ps(out + (size_t)h * hd, r[h]);
-        } else {
             __m512d lo[ATTN_MAX_GROUP], hi[ATTN_MAX_GROUP];
             for (int h = 0; h < G; h++) {
-                lo[h] = _mm512_cvtps_pd(_mm512_castps512_ps256(r[h]));
-                hi[h] = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r[h]), 1)));
+                lo[h] = _mm512_cvtps_pd(_mm512_castps512_ps256(r[t * G + h]));
+                hi[h] = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r[t * G + h]), 1)));
             }
-            for (int j = np; j < len; j++) {
+            for (int j = np[t]; j < len; j++) {
                 const __m512 vv = load_f16x16(vrows[j] + d);
                 for (int h = 0; h < G; h++) {
-                    const __m512 pr = _mm512_mul_ps(_mm512_set1_ps(sc[(size_t)h * ss + j]), vv);
+                    const __m512 pr = _mm512_mul_ps(_mm512_set1_ps(st[(size_t)h * ss + j]), vv);
                     lo[h] = _mm512_add_pd(lo[h], _mm512_cvtps_pd(_mm512_castps512_ps256(pr)));
                     hi[h] = _mm512_add_pd(
                         hi[h], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pr), 1))));
@@ -710,29 +691,42 @@ attn_group_body(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc, cons
 }
 
 /* attn_group_body with the common shapes as compile-time constants (registers, no spills); tb: the
- * token is a prompt token (tinyBLAS order), else a decode token (ggml_vec_dot_f16 order). */
-static CPU_AVX512 void attn_group_avx512(const attn_ctx_t *c, int i, int kvh, float *q16, float *sc,
-                                         const fl_f16_t **krows, const fl_f16_t **vrows, bool tb)
+ * tokens are prompt tokens (tinyBLAS order), else decode tokens (ggml_vec_dot_f16 order). */
+static CPU_AVX512 void attn_group_avx512(const attn_ctx_t *c, int i, int T, int kvh, float *q16, float *sc,
+                                         float *pt, const fl_f16_t **krows, const fl_f16_t **vrows, bool tb)
 {
     const int G = c->a->n_heads / c->a->n_kv_heads, hd = c->a->head_dim;
-    if (tb) {
-        if (G == 3 && hd == 64) attn_group_body(c, i, kvh, q16, sc, krows, vrows, 3, 64, true);
-        else attn_group_body(c, i, kvh, q16, sc, krows, vrows, G, hd, true);
-    } else {
-        if (G == 3 && hd == 64) attn_group_body(c, i, kvh, q16, sc, krows, vrows, 3, 64, false);
-        else if (G == 1 && hd == 64) attn_group_body(c, i, kvh, q16, sc, krows, vrows, 1, 64, false);
-        else if (G == 4 && hd == 64) attn_group_body(c, i, kvh, q16, sc, krows, vrows, 4, 64, false);
-        else attn_group_body(c, i, kvh, q16, sc, krows, vrows, G, hd, false);
+#define GROUP(T_, G_, HD_, TB_) attn_group_body(c, i, kvh, q16, sc, pt, krows, vrows, T_, G_, HD_, TB_)
+#define GROUP_RUNS(G_, TB_)                  \
+    switch (T) {                             \
+    case 1: GROUP(1, G_, 64, TB_); return;   \
+    case 2: GROUP(2, G_, 64, TB_); return;   \
+    case 3: GROUP(3, G_, 64, TB_); return;   \
+    default: GROUP(4, G_, 64, TB_); return;  \
     }
+    _Static_assert(ATTN_RUN_MAX == 4, "GROUP_RUNS spells out runs of 1 to 4 tokens");
+    if (G == 3 && hd == 64) {
+        if (tb) GROUP_RUNS(3, true)
+        else GROUP_RUNS(3, false)
+    }
+    if (G == 1 && hd == 64 && T == 1 && !tb) GROUP(1, 1, 64, false);
+    else if (G == 4 && hd == 64 && T == 1 && !tb) GROUP(1, 4, 64, false);
+    else if (tb) GROUP(T, G, hd, true);
+    else GROUP(T, G, hd, false);
+#undef GROUP_RUNS
+#undef GROUP
 }
 
+/* Tokens a grouped work item takes at most: its T * G query rows fit ATTN_MAX_GROUP. */
+static int attn_run_max(int G) { return G > ATTN_MAX_GROUP ? 1 : G * ATTN_RUN_MAX <= ATTN_MAX_GROUP ? ATTN_RUN_MAX : ATTN_MAX_GROUP / G; }
+
 /* Per-thread scratch layout (floats): scores [pad64(maxlen)], V accumulators [64 * head_dim], then
- * maxlen row pointers; then for the grouped path q16 [G * head_dim], G score rows
- * [pad64(maxlen)] and 2 * maxlen row pointers. */
+ * maxlen row pointers; then for the grouped path q16 [R * head_dim], R score rows [pad64(maxlen)],
+ * their transpose [maxlen * R] and 2 * maxlen row pointers, R = a run's query rows at most. */
 static size_t attn_scratch_floats(int maxlen, int hd, int G)
 {
-    const size_t sp = ((size_t)maxlen + 63) & ~(size_t)63;
-    return sp + (size_t)64 * hd + 2 * (size_t)maxlen + 16 + (size_t)G * hd + (size_t)G * sp + 4 * (size_t)maxlen + 32;
+    const size_t sp = ((size_t)maxlen + 63) & ~(size_t)63, R = (size_t)G * (size_t)attn_run_max(G);
+    return sp + (size_t)64 * hd + 2 * (size_t)maxlen + 16 + R * hd + 2 * R * sp + 4 * (size_t)maxlen + 32;
 }
 
 static void attn_task(void *arg, int ith, int nth)
@@ -740,15 +734,16 @@ static void attn_task(void *arg, int ith, int nth)
     attn_ctx_t *c = arg;
     const kern_attn_t *a = c->a;
     const int G = a->n_heads / a->n_kv_heads;
-    const int n_items = a->n_tokens * (c->grouped ? a->n_kv_heads : a->n_heads);
+    const int n_items = c->grouped ? c->n_runs * a->n_kv_heads : a->n_tokens * a->n_heads;
     float *sc = c->scores[ith];
     const size_t sp = ((size_t)c->maxlen + 63) & ~(size_t)63;
     float *vacc = sc + sp;
     const fl_f16_t **rows = (const fl_f16_t **)(void *)(vacc + (size_t)64 * a->head_dim);
     float *q16 = (float *)(void *)(rows + c->maxlen) + 16;
     q16 = (float *)(((uintptr_t)q16 + 63) & ~(uintptr_t)63);
-    float *gsc = q16 + (size_t)G * a->head_dim;
-    const fl_f16_t **krows = (const fl_f16_t **)(void *)(gsc + (size_t)G * sp), **vrows = krows + c->maxlen;
+    const size_t R = (size_t)G * (size_t)attn_run_max(G);
+    float *gsc = q16 + R * a->head_dim, *pt = gsc + R * sp;
+    const fl_f16_t **krows = (const fl_f16_t **)(void *)(pt + R * sp), **vrows = krows + c->maxlen;
     for (;;) {
         const int it = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
         if (it >= n_items) break;
@@ -756,8 +751,8 @@ static void attn_task(void *arg, int ith, int nth)
             attn_one(c, it / a->n_heads, it % a->n_heads, sc, vacc, rows);
             continue;
         }
-        const int i = it / a->n_kv_heads, kvh = it % a->n_kv_heads;
-        attn_group_avx512(c, i, kvh, q16, gsc, krows, vrows, c->multi[i]);
+        const int r = it / a->n_kv_heads, kvh = it % a->n_kv_heads, i = c->runs[r];
+        attn_group_avx512(c, i, c->runs[r + 1] - i, kvh, q16, gsc, pt, krows, vrows, c->multi[i]);
     }
 }
 
@@ -793,22 +788,45 @@ void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
     /* Each token's summation order (see the header): by its role where prompt lengths are given,
      * else by the tokens of its sequence in this call. */
     const size_t mbytes = ((size_t)a->n_tokens + 7) & ~(size_t)7;
-    uint8_t *multi = malloc(mbytes + (a->seq_prompt_len ? 0 : (size_t)(maxseq + 1) * sizeof(int)));
+    uint8_t *multi = malloc(mbytes + (size_t)(a->n_tokens + 1) * sizeof(int) +
+                            (a->seq_prompt_len ? 0 : (size_t)(maxseq + 1) * sizeof(int)));
     if (!multi) goto fail;
+    int *runs = (int *)(void *)(multi + mbytes);
     if (a->seq_prompt_len) {
         for (int i = 0; i < a->n_tokens; i++) multi[i] = kern_prompt_token(a->seq_prompt_len[a->tok_seq[i]], a->tok_pos[i]);
     } else {
-        int *cnt = (int *)(void *)(multi + mbytes);
+        int *cnt = runs + a->n_tokens + 1;
         memset(cnt, 0, (size_t)(maxseq + 1) * sizeof(int));
         for (int i = 0; i < a->n_tokens; i++) cnt[a->tok_seq[i]]++;
         for (int i = 0; i < a->n_tokens; i++) multi[i] = cnt[a->tok_seq[i]] >= 2;
     }
-    attn_ctx_t c = {.a = a, .isa = cb->isa, .scores = cb->scores, .multi = multi, .maxlen = maxlen,
+    attn_ctx_t c = {.a = a, .isa = cb->isa, .scores = cb->scores, .multi = multi, .runs = runs, .maxlen = maxlen,
                     .sstride = (maxlen + 63) & ~63,
                     .grouped = cb->isa == CPU_ISA_AVX512 && a->head_dim % 64 == 0 && G <= ATTN_MAX_GROUP &&
                                !a->tree_mask}; /* the grouped path knows no mask */
+    /* The grouped path's runs: tokens of one sequence at consecutive positions and of one role (a
+     * verify step's chain, a prompt's tokens), none with a window (each token's skip differs). Runs
+     * are as long as leaves the pool's threads about two items each at least (a 4-token run of 3
+     * KV heads is 3 items: one thread would take two), and a span splits into runs of near-equal
+     * length, so that the items weigh about the same. */
+    const bool pooled = !(work < 64 * 1024 || nth == 1);
+    int run_len = a->window > 0 ? 1 : attn_run_max(G);
+    if (pooled) {
+        const int fit = a->n_tokens * a->n_kv_heads / (2 * nth);
+        run_len = fit < 1 ? 1 : fit < run_len ? fit : run_len;
+    }
+    for (int i = 0; i < a->n_tokens;) {
+        int m = 1; /* the span from i */
+        while (i + m < a->n_tokens && a->tok_seq[i + m] == a->tok_seq[i] && a->tok_pos[i + m] == a->tok_pos[i] + m &&
+               multi[i + m] == multi[i])
+            m++;
+        const int k = (m + run_len - 1) / run_len;
+        for (int r = 0; r < k; r++) runs[c.n_runs++] = i + r * (m / k) + (r < m % k ? r : m % k);
+        i += m;
+    }
+    runs[c.n_runs] = a->n_tokens;
     atomic_init(&c.next, 0);
-    if (work < 64 * 1024 || nth == 1) attn_task(&c, 0, 1);
+    if (!pooled) attn_task(&c, 0, 1);
     else cpu_pool_run(cb->pool, attn_task, &c);
     free(multi);
     return;

@@ -1399,6 +1399,75 @@ static void test_attention_long_context_uses_pool(void **state)
     free(kc), free(vc), free(q), free(o1), free(o2);
 }
 
+/* A run of tokens of one sequence at consecutive positions (a verify step's chain, a prompt chunk)
+ * shares each K/V row load in the grouped path (AVX-512): every token of the run must get the bits it gets
+ * alone in a call, and the spec's, whatever the run's length, start (across the V sums' 32- and
+ * 64-position boundaries, where decode tokens' double leftovers begin) and role, for every query
+ * group size (runs of up to 16 query rows: 4 tokens of 3 or 4 heads, 2 of 8, 1 of 16). */
+static void run_attention_runs_case(int n_heads, int n_kv_heads, int hd)
+{
+    enum { BS = 16, MB = 24, LEN = MB * BS };
+    int32_t table[MB];
+    for (int b = 0; b < MB; b++) table[b] = (b * 7 + 3) % MB;
+    const int kv_dim = n_kv_heads * hd, qdim = n_heads * hd;
+    const size_t pool = (size_t)MB * BS * kv_dim;
+    fl_f16_t *kc = malloc(pool * 2), *vc = malloc(pool * 2);
+    for (size_t i = 0; i < pool; i++) kc[i] = fl_f32_to_f16(rnd_f(-2, 2)), vc[i] = fl_f32_to_f16(rnd_f(-2, 2));
+    float *q = malloc((size_t)12 * qdim * 4), *out = malloc((size_t)12 * qdim * 4), *alone = malloc((size_t)qdim * 4);
+    float ref[512];
+    fill(q, (size_t)12 * qdim, 3.0f);
+    const int starts[] = {0, 5, 27, 30, 58, 61, 95, 124, 127, 187, 250, 317, LEN - 12};
+    /* runs exist on the AVX-512 grouped path only; the other ISAs' batches are run_attention_case's */
+    const int isa = CPU_ISA_AVX512;
+    kern_backend_t *be = new_backend(isa_names[isa], 2, NULL);
+    if ((int)isa_of(be) != isa) {
+        fprintf(stderr, "attention runs: no AVX-512 here, not checked\n");
+        kern_destroy(&be);
+        free(kc), free(vc), free(q), free(out), free(alone);
+        return;
+    }
+    for (size_t si = 0; si < sizeof starts / sizeof *starts; si++)
+        for (int n = 1; n <= 12; n += n < 6 ? 1 : 6) {
+            /* prompt length: the run all prompt, all generated, or split by role in the middle */
+            const int32_t plens[3] = {LEN, starts[si], starts[si] + n / 2};
+            for (int pl = 0; pl < 3; pl++) {
+                int32_t seq[12] = {0}, pos[12];
+                for (int t = 0; t < n; t++) pos[t] = starts[si] + t;
+                kern_attn_t a = {.out = out, .q = q, .k_cache = kc, .v_cache = vc, .n_tokens = n, .tok_seq = seq,
+                                 .tok_pos = pos, .block_tables = table, .max_blocks = MB, .block_size = BS,
+                                 .n_heads = n_heads, .n_kv_heads = n_kv_heads, .head_dim = hd,
+                                 .scale = 1.0f / sqrtf((float)hd), .seq_prompt_len = &plens[pl]};
+                kern_attention(be, &a);
+                for (int t = 0; t < n; t++) {
+                    kern_attn_t one = a;
+                    one.n_tokens = 1, one.q = q + (size_t)t * qdim, one.out = alone, one.tok_pos = pos + t;
+                    kern_attention(be, &one);
+                    const bool prompt = plens[pl] >= 2 && pos[t] < plens[pl];
+                    for (int h = 0; h < n_heads; h++) {
+                        spec_attention(&a, t, h, prompt, ref);
+                        if (!bits_equal(out + (size_t)t * qdim + (size_t)h * hd, alone + (size_t)h * hd, hd, NULL) ||
+                            !bits_equal(alone + (size_t)h * hd, ref, hd, NULL))
+                            fail_msg("%s attn run nh=%d nkv=%d hd=%d: %d tokens from %d (prompt length %d), token "
+                                     "%d head %d: in the run, alone and the spec differ",
+                                     isa_names[isa], n_heads, n_kv_heads, hd, n, starts[si], plens[pl], t, h);
+                    }
+                }
+            }
+        }
+    kern_destroy(&be);
+    free(kc), free(vc), free(q), free(out), free(alone);
+}
+
+static void test_attention_runs_equal_tokens_alone(void **state)
+{
+    (void)state;
+    run_attention_runs_case(9, 3, 64);   /* SmolLM-135M: runs of 4 tokens, compiled for the shape */
+    run_attention_runs_case(4, 4, 64);   /* one head a KV head: runs of 4 */
+    run_attention_runs_case(8, 2, 128);  /* 4 heads, head_dim 128: the general code */
+    run_attention_runs_case(16, 2, 64);  /* 8 heads: runs of 2 */
+    run_attention_runs_case(16, 1, 64);  /* 16 heads: one token a run */
+}
+
 /* ---- sampling ---- */
 
 static void test_sample_greedy_lowest_id_on_ties(void **state)
@@ -1530,6 +1599,7 @@ int main(void)
         cmocka_unit_test(test_attention_paged_gqa_matches_reference),
         cmocka_unit_test(test_attention_tree_mask),
         cmocka_unit_test(test_attention_long_context_uses_pool),
+        cmocka_unit_test(test_attention_runs_equal_tokens_alone),
         cmocka_unit_test(test_sample_greedy_lowest_id_on_ties),
         cmocka_unit_test(test_sample_is_pure_function_of_seed_and_position),
         cmocka_unit_test(test_uniform_is_counter_based),
