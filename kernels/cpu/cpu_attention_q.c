@@ -24,10 +24,10 @@
  * tanh(dot * (scale / cap)), not the scale-tanh-scale of the f16 path (checked against this
  * description only, not against llama.cpp on a soft-capped model).
  *
- * Work items are (token, KV head): the query heads sharing a KV head walk the positions together, so
- * each K/V row is read and converted once for them. An item first computes every score, then each
- * head's running maximum and its expf values (4 lanes at a time with libm's bits, cpu_expf.c), then
- * the V sums.
+ * Work items are (run of tokens, KV head): the query rows sharing a KV head walk the positions
+ * together, so each K/V row is read and converted once for them (attnq_task). An item first
+ * computes every score, then each row's running maximum and its expf values (4 lanes at a time with
+ * libm's bits, cpu_expf.c), then the V sums.
  * The scalar, AVX2 and AVX-512 paths give the same bits (only the exact integer parts differ in how
  * they are computed); on AVX-512 the K dots take two heads a register with vpdpbusd and the V sums
  * keep VKQ in registers, each lane doing what the AVX2 path does to its element. */
@@ -45,7 +45,8 @@
 #include "cpu_simd.h"
 
 #define ATTNQ_MAX_HEAD_DIM 512
-#define ATTNQ_MAX_GROUP 32
+#define ATTNQ_MAX_GROUP 32 /* query rows an item takes at most: a run's tokens x the KV head's heads */
+#define ATTNQ_RUN_MAX 4    /* tokens of one sequence at consecutive positions an item takes at most */
 
 typedef struct attnq_ctx {
     const kern_attn_t *a;
@@ -53,7 +54,9 @@ typedef struct attnq_ctx {
     int k_type, v_type;
     float **scratch;
     int maxlen;
-    bool heads_together; /* an item is a token's KV heads one after another (attnq_task) */
+    const int *runs;     /* [n_runs + 1]: the runs, by their first token (attnq_task) */
+    int n_runs;
+    bool heads_together; /* an item is a run's KV heads one after another */
     atomic_int next;
 } attnq_ctx_t;
 
@@ -378,7 +381,8 @@ static CPU_AVX512 void v_chunk_avx512(int v_type, const uint8_t *v, int c0, __m5
 }
 
 static CPU_AVX512 void v_sums_avx512(int v_type, const uint8_t *vc, size_t vrow, size_t vhead, const int32_t *slots,
-                                     int len, const float *ms, const float *vs, int maxlen, int G, int hd, float *vkq)
+                                     int len, const int *row_len, const float *ms, const float *vs, int maxlen, int G,
+                                     int hd, float *vkq)
 {
     const bool f16 = v_type == FL_TYPE_F16;
     for (int h0 = 0; h0 < G; h0 += ATTNQ_V_HEADS) {
@@ -390,6 +394,7 @@ static CPU_AVX512 void v_sums_avx512(int v_type, const uint8_t *vc, size_t vrow,
                 __m512 x[2];
                 v_chunk_avx512(v_type, vc + (size_t)slots[j] * vrow + vhead, c0, x);
                 for (int h = 0; h < nh; h++) {
+                    if (j >= row_len[h0 + h]) continue; /* past this row's token (a run's earlier one) */
                     const float m = ms[(size_t)(h0 + h) * maxlen + j], w = vs[(size_t)(h0 + h) * maxlen + j];
                     const __m512 vw = _mm512_set1_ps(w);
                     if (m != 1.0f) {
@@ -431,18 +436,27 @@ static CPU_AVX2 float softmax_factors(float *m, float *v, int len)
 
 /* ---- one work item ---- */
 
-/* Per-thread scratch (floats): slots [maxlen] (int32), scores, ms, vs [G][maxlen] each, the Q rows
- * [G][hd] (as q8_0 blocks or floats), VKQ [G][hd], one V row [hd]. */
+/* Tokens an item takes at most (a run: attnq_task), its query rows R = T * G within ATTNQ_MAX_GROUP. */
+static int attnq_run_max(int G) { return G * ATTNQ_RUN_MAX <= ATTNQ_MAX_GROUP ? ATTNQ_RUN_MAX : ATTNQ_MAX_GROUP / G; }
+
+/* Per-thread scratch (floats): slots [maxlen] (int32), scores, ms, vs [R][maxlen] each, the Q rows
+ * [R][hd] (as q8_0 blocks or floats), VKQ [R][hd], one V row [hd]; R: a run's query rows at most. */
 static size_t attnq_scratch_floats(int maxlen, int hd, int G)
 {
-    return (size_t)maxlen * (1 + 3 * (size_t)G) + (size_t)G * hd * 2 + hd + 64;
+    const size_t R = (size_t)G * (size_t)attnq_run_max(G);
+    return (size_t)maxlen * (1 + 3 * R) + R * hd * 2 + hd + 64;
 }
 
-static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
+/* One item: tokens i..i+T-1 (a run of one sequence at consecutive positions, no window or tree mask
+ * when T > 1) and KV head kvh. Its R = T * G query rows (token t's heads at t * G..) share each K row
+ * gather and V row load; token t's rows stop at its own length (row_len), so each row's chain and
+ * numbers are those of its token alone. */
+static void attnq_item(const attnq_ctx_t *c, int i, int T, int kvh, float *scratch)
 {
     const kern_attn_t *a = c->a;
     const cpu_isa_t isa = c->isa;
-    const int hd = a->head_dim, G = a->n_heads / a->n_kv_heads, kv_dim = a->n_kv_heads * hd, maxlen = c->maxlen;
+    const int hd = a->head_dim, Gh = a->n_heads / a->n_kv_heads, G = T * Gh, kv_dim = a->n_kv_heads * hd;
+    const int maxlen = c->maxlen, iL = i + T - 1; /* G: the item's query rows; iL: its last token */
     const size_t krow = kern_kv_row_bytes(c->k_type, kv_dim), vrow = kern_kv_row_bytes(c->v_type, kv_dim);
     const size_t khead = kern_kv_row_bytes(c->k_type, hd) * (size_t)kvh, vhead = kern_kv_row_bytes(c->v_type, hd) * (size_t)kvh;
     int32_t *slots = (int32_t *)(void *)scratch;
@@ -450,30 +464,33 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
     float *qbuf = vs + (size_t)G * maxlen, *vkq = qbuf + (size_t)G * hd, *vrow_f = vkq + (size_t)G * hd;
 
     /* the visible positions' slots, in order (tree attention: context, then ancestors by depth) */
-    const int32_t *bt = a->block_tables + (size_t)a->tok_seq[i] * a->max_blocks;
+    const int32_t *bt = a->block_tables + (size_t)a->tok_seq[iL] * a->max_blocks;
     const int bs = a->block_size;
     int len = 0;
-    const int n_pos = kern_attn_len(a, i), lo = a->window > 0 ? a->tok_pos[i] - a->window + 1 : 0;
+    const int n_pos = kern_attn_len(a, iL), lo = a->window > 0 ? a->tok_pos[iL] - a->window + 1 : 0;
     /* outside the window: masked, skipped as ggml skips -inf; before a tree's start every position is
      * visible, so those are walked block by block (one division a block, not one a position) */
-    const int start = lo > 0 ? lo : 0, all_end = a->tree_mask && a->tree_start[i] < n_pos ? a->tree_start[i] : n_pos;
+    const int start = lo > 0 ? lo : 0, all_end = a->tree_mask && a->tree_start[iL] < n_pos ? a->tree_start[iL] : n_pos;
     for (int p = start; p < all_end;) {
         const int b = p / bs, end = (b + 1) * bs < all_end ? (b + 1) * bs : all_end;
         for (const int32_t base = bt[b] * bs - b * bs; p < end; p++) slots[len++] = base + p;
     }
     for (int p = all_end > start ? all_end : start; p < n_pos; p++)
-        if (kern_attn_visible(a, i, p)) slots[len++] = bt[p / bs] * bs + p % bs;
-    const size_t qoff = ((size_t)i * a->n_heads + (size_t)kvh * G) * hd;
-    if (len == 0) { /* nothing visible: a zero row, as cpu_attention */
-        memset(a->out + qoff, 0, (size_t)G * hd * sizeof(float));
+        if (kern_attn_visible(a, iL, p)) slots[len++] = bt[p / bs] * bs + p % bs;
+    /* row r's query (and output) offset: token i + r / Gh, head kvh * Gh + r % Gh */
+#define ROW_OFF(r) (((size_t)(i + (r) / Gh) * a->n_heads + (size_t)kvh * Gh + (size_t)((r) % Gh)) * hd)
+    if (len == 0) { /* nothing visible (T = 1): a zero row, as cpu_attention */
+        memset(a->out + ROW_OFF(0), 0, (size_t)G * hd * sizeof(float));
         return;
     }
+    int row_len[ATTNQ_MAX_GROUP]; /* token t of the run sees the first len - (T - 1 - t) positions */
+    for (int r = 0; r < G; r++) row_len[r] = len - (T - 1 - r / Gh);
 
     /* Q in K's vec-dot type */
     const bool kf16 = c->k_type == FL_TYPE_F16, vf16 = c->v_type == FL_TYPE_F16;
     fl_block_q8_0_t *q8 = (fl_block_q8_0_t *)(void *)qbuf; /* G * hd / 32 blocks fit in G * hd floats */
     for (int h = 0; h < G; h++) {
-        const float *qh = a->q + qoff + (size_t)h * hd;
+        const float *qh = a->q + ROW_OFF(h);
         if (kf16)
             for (int d = 0; d < hd; d++) qbuf[(size_t)h * hd + d] = f16_round(qh[d]);
         else
@@ -527,8 +544,9 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
         const float *s = sc + (size_t)h * maxlen;
         float *m_h = ms + (size_t)h * maxlen, *v_h = vs + (size_t)h * maxlen;
         float M = -INFINITY, sum = 0.0f;
+        const int len_h = row_len[h];
         if (isa == CPU_ISA_SCALAR) {
-            for (int j = 0; j < len; j++) {
+            for (int j = 0; j < len_h; j++) {
                 if (s[j] > M) {
                     m_h[j] = expf(M - s[j]);
                     v_h[j] = 1.0f;
@@ -542,26 +560,28 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
         } else {
             /* The same chain with its exps batched: the running maximum first (each exp's argument
              * is known once it is), then the exps in lanes (cpu_expf.c: libm's bits), then the sums. */
-            for (int j = 0; j < len; j++) {
+            for (int j = 0; j < len_h; j++) {
                 const bool rise = s[j] > M;
                 m_h[j] = rise ? M - s[j] : s[j] - M; /* the argument, for now */
                 v_h[j] = rise;
                 if (rise) M = s[j];
             }
-            cpu_expf_batch(m_h, m_h, len);
-            sum = softmax_factors(m_h, v_h, len);
+            cpu_expf_batch(m_h, m_h, len_h);
+            sum = softmax_factors(m_h, v_h, len_h);
         }
         S[h] = sum;
     }
 
     /* VKQ = sum of V rows weighted as the chain says */
     memset(vkq, 0, (size_t)G * hd * sizeof(float));
-    if (isa == CPU_ISA_AVX512) v_sums_avx512(c->v_type, vc, vrow, vhead, slots, len, ms, vs, maxlen, G, hd, vkq);
+    if (isa == CPU_ISA_AVX512)
+        v_sums_avx512(c->v_type, vc, vrow, vhead, slots, len, row_len, ms, vs, maxlen, G, hd, vkq);
     for (int j = 0; j < len && isa != CPU_ISA_AVX512; j++) {
         const uint8_t *v = vc + (size_t)slots[j] * vrow + vhead;
         if (isa != CPU_ISA_SCALAR && c->v_type == FL_TYPE_Q8_0) v_dequant_q8_avx2((const fl_block_q8_0_t *)v, vrow_f, hd);
         else v_dequant(c->v_type, v, vrow_f, hd);
         for (int h = 0; h < G; h++) {
+            if (j >= row_len[h]) continue;
             float *y = vkq + (size_t)h * hd;
             const float m = ms[(size_t)h * maxlen + j], w = vs[(size_t)h * maxlen + j];
             if (isa == CPU_ISA_SCALAR) {
@@ -575,28 +595,32 @@ static void attnq_item(const attnq_ctx_t *c, int i, int kvh, float *scratch)
     }
     for (int h = 0; h < G; h++) {
         const float inv = 1.0f / S[h];
-        float *out = a->out + qoff + (size_t)h * hd;
+        float *out = a->out + ROW_OFF(h);
         for (int d = 0; d < hd; d++) out[d] = vkq[(size_t)h * hd + d] * inv;
     }
 }
+#undef ROW_OFF
 
-/* Items are (token, KV head), or with enough tokens for the threads a token's KV heads in turn on one
- * thread: a KV head's slice of a quantized row (68 bytes for Q8_0 at head_dim 64) shares its first
- * and last cache lines with its neighbours', and the thread that reads the neighbour next finds them
- * in its own cache instead of asking memory again (a decode step at long context waits on line
- * requests: q8_0 at batch 32 over 2,048-token contexts rose 5%, bench/README.md). Same numbers. */
+/* Items are (run, KV head): a run is up to ATTNQ_RUN_MAX tokens of one sequence at consecutive
+ * positions (a verify step's chain, a prompt's tokens; no window or tree mask), whose query rows share
+ * each K gather and V load (attnq_item). With enough runs for the threads, an item is a run's KV heads
+ * in turn on one thread: a KV head's slice of a quantized row (68 bytes for Q8_0 at head_dim 64)
+ * shares its first and last cache lines with its neighbours', and the thread that reads the
+ * neighbour next finds them in its own cache instead of asking memory again (a decode step at long
+ * context waits on line requests: q8_0 at batch 32 over 2,048-token contexts rose 5%,
+ * bench/README.md). Same numbers either way. */
 static void attnq_task(void *arg, int ith, int nth)
 {
     (void)nth;
     attnq_ctx_t *c = arg;
     const kern_attn_t *a = c->a;
-    const int per_item = c->heads_together ? a->n_kv_heads : 1, n_items = a->n_tokens * a->n_kv_heads / per_item;
+    const int per_item = c->heads_together ? a->n_kv_heads : 1, n_items = c->n_runs * a->n_kv_heads / per_item;
     for (;;) {
         const int it = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
         if (it >= n_items) break;
         for (int k = 0; k < per_item; k++) {
-            const int at = it * per_item + k;
-            attnq_item(c, at / a->n_kv_heads, at % a->n_kv_heads, c->scratch[ith]);
+            const int at = it * per_item + k, r = at / a->n_kv_heads, i = c->runs[r];
+            attnq_item(c, i, c->runs[r + 1] - i, at % a->n_kv_heads, c->scratch[ith]);
         }
     }
 }
@@ -627,11 +651,31 @@ void cpu_attention_q(kern_backend_t *be, const kern_attn_t *a)
         }
         cb->scores_len = cap;
     }
+    int *runs = malloc((size_t)(a->n_tokens + 1) * sizeof *runs);
+    if (!runs) goto fail;
     attnq_ctx_t c = {.a = a, .isa = cb->isa, .k_type = k_type, .v_type = v_type, .scratch = cb->scores,
-                     .maxlen = maxlen, .heads_together = a->n_tokens >= 2 * nth};
+                     .maxlen = maxlen, .runs = runs};
+    /* runs as long as leaves the pool's threads two items each at least, a span cut into runs of
+     * near-equal length (as cpu_attention's) */
+    const bool pooled = !(work < 64 * 1024 || nth == 1);
+    int run_len = a->window > 0 || a->tree_mask ? 1 : attnq_run_max(a->n_heads / a->n_kv_heads);
+    if (pooled) {
+        const int fit = a->n_tokens * a->n_kv_heads / (2 * nth);
+        run_len = fit < 1 ? 1 : fit < run_len ? fit : run_len;
+    }
+    for (int i = 0; i < a->n_tokens;) {
+        int m = 1;
+        while (i + m < a->n_tokens && a->tok_seq[i + m] == a->tok_seq[i] && a->tok_pos[i + m] == a->tok_pos[i] + m) m++;
+        const int k = (m + run_len - 1) / run_len;
+        for (int r = 0; r < k; r++) runs[c.n_runs++] = i + r * (m / k) + (r < m % k ? r : m % k);
+        i += m;
+    }
+    runs[c.n_runs] = a->n_tokens;
+    c.heads_together = c.n_runs >= 2 * nth;
     atomic_init(&c.next, 0);
-    if (work < 64 * 1024 || nth == 1) attnq_task(&c, 0, 1);
+    if (!pooled) attnq_task(&c, 0, 1);
     else cpu_pool_run(cb->pool, attnq_task, &c);
+    free(runs);
     return;
 fail:
     for (size_t k = 0; k < (size_t)a->n_tokens * a->n_heads * hd; k++) a->out[k] = NAN;

@@ -234,7 +234,7 @@ static void attention_matches_flash_spec_and_f16_within_bound(void **state)
         for (size_t i = 0; i < (size_t)n_slots * kv_dim; i++) k[i] = rnd_f(-2, 2), v[i] = rnd_f(-1, 1);
         int32_t all_slots[2 * 81 * 16];
         for (int i = 0; i < n_slots; i++) all_slots[i] = i;
-        /* tokens: both sequences' last positions (decode), a prompt run, block-boundary positions */
+        /* tokens: both sequences' last positions (decode), a prompt run, block-boundary positions, a run */
         int32_t seq[32], pos[32], prompt_len[2] = {70, 0};
         int n = 0;
         seq[n] = 0, pos[n++] = 69;
@@ -242,6 +242,9 @@ static void attention_matches_flash_spec_and_f16_within_bound(void **state)
         for (int p = 0; p < 10; p++) seq[n] = 0, pos[n++] = p * 7;
         seq[n] = 1, pos[n++] = c->block_size - 1;
         seq[n] = 1, pos[n++] = c->block_size;
+        /* a run of consecutive positions across a block boundary (a verify chain, a prompt's
+         * tokens): its tokens share each K/V row in one item, each still its own numbers */
+        for (int p = 0; p < 9; p++) seq[n] = 1, pos[n++] = c->block_size + 3 + p;
         float *q = malloc((size_t)n * qdim * 4), *out = malloc((size_t)n * qdim * 4), *o16 = malloc((size_t)n * qdim * 4);
         for (int i = 0; i < n * qdim; i++) q[i] = rnd_f(-3, 3);
         for (size_t pi = 0; pi < sizeof pairs / sizeof *pairs; pi++) {
