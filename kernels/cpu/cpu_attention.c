@@ -756,6 +756,26 @@ static void attn_task(void *arg, int ith, int nth)
     }
 }
 
+int cpu_attn_runs(const kern_attn_t *a, const uint8_t *role, int run_max, bool pooled, int nth, int *runs)
+{
+    int run_len = run_max, n_runs = 0;
+    if (pooled) { /* a 4-token run of 3 KV heads is 3 items: one of 2 threads would take two */
+        const int fit = a->n_tokens * a->n_kv_heads / (2 * nth);
+        run_len = fit < 1 ? 1 : fit < run_len ? fit : run_len;
+    }
+    for (int i = 0; i < a->n_tokens;) {
+        int m = 1; /* the span from i */
+        while (i + m < a->n_tokens && a->tok_seq[i + m] == a->tok_seq[i] && a->tok_pos[i + m] == a->tok_pos[i] + m &&
+               (!role || role[i + m] == role[i]))
+            m++;
+        const int k = (m + run_len - 1) / run_len;
+        for (int r = 0; r < k; r++) runs[n_runs++] = i + r * (m / k) + (r < m % k ? r : m % k);
+        i += m;
+    }
+    runs[n_runs] = a->n_tokens;
+    return n_runs;
+}
+
 void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
 {
     cpu_backend_t *cb = (cpu_backend_t *)be;
@@ -804,27 +824,10 @@ void cpu_attention(kern_backend_t *be, const kern_attn_t *a)
                     .sstride = (maxlen + 63) & ~63,
                     .grouped = cb->isa == CPU_ISA_AVX512 && a->head_dim % 64 == 0 && G <= ATTN_MAX_GROUP &&
                                !a->tree_mask}; /* the grouped path knows no mask */
-    /* The grouped path's runs: tokens of one sequence at consecutive positions and of one role (a
-     * verify step's chain, a prompt's tokens), none with a window (each token's skip differs). Runs
-     * are as long as leaves the pool's threads about two items each at least (a 4-token run of 3
-     * KV heads is 3 items: one thread would take two), and a span splits into runs of near-equal
-     * length, so that the items weigh about the same. */
+    /* The grouped path's runs (cpu_attn_runs): a verify step's chain, a prompt's tokens, of one role;
+     * none with a window (each token's skip differs) */
     const bool pooled = !(work < 64 * 1024 || nth == 1);
-    int run_len = a->window > 0 ? 1 : attn_run_max(G);
-    if (pooled) {
-        const int fit = a->n_tokens * a->n_kv_heads / (2 * nth);
-        run_len = fit < 1 ? 1 : fit < run_len ? fit : run_len;
-    }
-    for (int i = 0; i < a->n_tokens;) {
-        int m = 1; /* the span from i */
-        while (i + m < a->n_tokens && a->tok_seq[i + m] == a->tok_seq[i] && a->tok_pos[i + m] == a->tok_pos[i] + m &&
-               multi[i + m] == multi[i])
-            m++;
-        const int k = (m + run_len - 1) / run_len;
-        for (int r = 0; r < k; r++) runs[c.n_runs++] = i + r * (m / k) + (r < m % k ? r : m % k);
-        i += m;
-    }
-    runs[c.n_runs] = a->n_tokens;
+    c.n_runs = cpu_attn_runs(a, multi, a->window > 0 ? 1 : attn_run_max(G), pooled, nth, runs);
     atomic_init(&c.next, 0);
     if (!pooled) attn_task(&c, 0, 1);
     else cpu_pool_run(cb->pool, attn_task, &c);

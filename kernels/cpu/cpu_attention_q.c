@@ -655,22 +655,10 @@ void cpu_attention_q(kern_backend_t *be, const kern_attn_t *a)
     if (!runs) goto fail;
     attnq_ctx_t c = {.a = a, .isa = cb->isa, .k_type = k_type, .v_type = v_type, .scratch = cb->scores,
                      .maxlen = maxlen, .runs = runs};
-    /* runs as long as leaves the pool's threads two items each at least, a span cut into runs of
-     * near-equal length (as cpu_attention's) */
+    /* runs (cpu_attn_runs) of any role (this order has none), none with a window or a tree mask */
     const bool pooled = !(work < 64 * 1024 || nth == 1);
-    int run_len = a->window > 0 || a->tree_mask ? 1 : attnq_run_max(a->n_heads / a->n_kv_heads);
-    if (pooled) {
-        const int fit = a->n_tokens * a->n_kv_heads / (2 * nth);
-        run_len = fit < 1 ? 1 : fit < run_len ? fit : run_len;
-    }
-    for (int i = 0; i < a->n_tokens;) {
-        int m = 1;
-        while (i + m < a->n_tokens && a->tok_seq[i + m] == a->tok_seq[i] && a->tok_pos[i + m] == a->tok_pos[i] + m) m++;
-        const int k = (m + run_len - 1) / run_len;
-        for (int r = 0; r < k; r++) runs[c.n_runs++] = i + r * (m / k) + (r < m % k ? r : m % k);
-        i += m;
-    }
-    runs[c.n_runs] = a->n_tokens;
+    c.n_runs = cpu_attn_runs(a, NULL, a->window > 0 || a->tree_mask ? 1 : attnq_run_max(a->n_heads / a->n_kv_heads),
+                             pooled, nth, runs);
     c.heads_together = c.n_runs >= 2 * nth;
     atomic_init(&c.next, 0);
     if (!pooled) attnq_task(&c, 0, 1);

@@ -160,6 +160,13 @@ void cpu_kv_move(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, i
 void cpu_kv_store(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const float *k,
                   const float *v, const int32_t *slots, int n, int kv_dim);
 
+/* Both attention paths' work items take runs: tokens of one sequence at consecutive positions (and
+ * of one role where role is given) that share each K/V row. Fills runs[0..n] with each run's first
+ * token and runs[n] = n_tokens, returns n. A run holds at most run_max tokens (1: every token alone),
+ * fewer where pooled threads would get under two items each (items: runs x KV heads), and a span
+ * splits into runs of near-equal length so that items weigh about the same (cpu_attention.c). */
+int cpu_attn_runs(const kern_attn_t *a, const uint8_t *role, int run_max, bool pooled, int nth, int *runs);
+
 /* ---- attention over quantized KV pools (cpu_attention_q.c) ---- */
 
 /* llama.cpp's flash-attention order (ggml_compute_forward_flash_attn_ext_f16), for any call whose K
