@@ -28,7 +28,9 @@ static void quantize_q4_0(const float *x, fl_block_q4_0_t *y, int64_t nb)
         const float d = max / -8, id = d ? 1.0f / d : 0.0f;
         y[i].d = fl_f32_to_f16(d);
         for (int j = 0; j < FL_QK / 2; j++) {
-            const int8_t q0 = (int8_t)(x[j] * id + 8.5f), q1 = (int8_t)(x[FL_QK / 2 + j] * id + 8.5f);
+            /* a quant whose x / d is not finite (d below ~2e-38) is 0, what x86's conversion gives */
+            const float y0 = x[j] * id + 8.5f, y1 = x[FL_QK / 2 + j] * id + 8.5f;
+            const int8_t q0 = isfinite(y0) ? (int8_t)y0 : 0, q1 = isfinite(y1) ? (int8_t)y1 : 0;
             const uint8_t a = (uint8_t)(q0 < 15 ? q0 : 15), b = (uint8_t)(q1 < 15 ? q1 : 15);
             y[i].qs[j] = (uint8_t)(a | b << 4);
         }

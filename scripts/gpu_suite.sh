@@ -185,6 +185,15 @@ if want bench; then
     bench_variants smollm2 "$model" --kv-budget 2GiB
     # Q4_1 weights read as stored by the GEMV kernel, against their fp16 copies (the default)
     bench_folio smollm2-qgemv "$model" 1,8 FOLIO_CUDA_QGEMV=1 -- --repeat 2 --kv-budget 2GiB
+    # Quantized KV pools on CUDA (issue 19): the engine figures with a Q8_0 cache, then the KV types
+    # side by side (capacity, decode over 2,048-token contexts, the prefix workload on a tight budget)
+    bench_folio smollm2-kvq8 "$model" 1,8,64,256 -- --repeat 2 --kv-budget 2GiB --kv-type q8_0
+    if ./build-gpu/folio-bench kvquant --backend cuda --batches 1,32,128 --json "$out/gpu-kvquant.json" \
+         >"$out/gpu-kvquant.txt" 2>&1; then
+      pass "folio-bench kvquant --backend cuda"
+    else
+      fail "folio-bench kvquant --backend cuda"
+    fi
     bench_torch smollm2 smollm2-135m
   else
     echo "bench: $model missing (scripts/setup.sh fetches it), skipped"

@@ -91,11 +91,6 @@ engine_t *engine_new(const engine_opts_t *o, fl_error_t *err)
     const model_shard_t *sh = &e->model->shard;
     if (sh->size > 1) budget = budget / (size_t)((c->n_kv_heads + sh->size - 1) / sh->size) * (size_t)sh->n_kv_heads;
     const int k_type = o->kv_type_k ? o->kv_type_k : FL_TYPE_F16, v_type = o->kv_type_v ? o->kv_type_v : FL_TYPE_F16;
-    if ((k_type != FL_TYPE_F16 || v_type != FL_TYPE_F16) && strcmp(kern_backend_name(e->be), "cpu")) {
-        fl_fail(err, FL_EUNSUPPORTED, "engine: KV cache type %s/%s needs the cpu backend (the %s backend's KV cache is "
-                "f16 only)", kv_type_name(k_type), kv_type_name(v_type), kern_backend_name(e->be));
-        goto fail;
-    }
     e->kv = kv_cache_new(e->be, c->n_layers, e->model->shard.n_kv_heads, c->head_dim, e->model->block_size,
                          k_type, v_type, budget, err);
     /* Medusa's heads read the final hidden state and the output matrix: rank 0's alone. */

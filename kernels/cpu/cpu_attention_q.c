@@ -70,7 +70,10 @@ static fl_f16_t q8_block_scalar(const float *x, int8_t *qs)
     float amax = 0.0f;
     for (int j = 0; j < FL_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
     const float id = amax != 0.0f ? 127.f / amax : 0.0f;
-    for (int j = 0; j < FL_QK; j++) qs[j] = (int8_t)nearbyintf(x[j] * id);
+    for (int j = 0; j < FL_QK; j++) { /* -128 where x * id is not finite (amax below ~1e-37): AVX2's packs */
+        const float y = x[j] * id;
+        qs[j] = isfinite(y) ? (int8_t)nearbyintf(y) : INT8_MIN;
+    }
     return fl_f32_to_f16(amax / 127.f);
 }
 

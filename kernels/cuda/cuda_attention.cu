@@ -4,10 +4,18 @@
  * How it works: cuda_attention picks a kernel per call. Runs of many tokens of one sequence (prefill,
  * kern_attn_t.n_seqs) go to k_attention_tiled, which reads each K/V row once per tile of query rows.
  * Decode tokens go to k_attention, one thread block (8 warps) per (token, head) with an fp32 online
- * softmax, q rounded to fp16 as the CPU does; long contexts with few (token, head) pairs are split
+ * softmax, q rounded to fp16 as the CPU's f16 path does; long contexts with few (token, head) pairs are split
  * over several blocks whose last merges the shares (kern_attn_t.max_len sizes the split, by its
  * power-of-two class so a recorded step stays valid). k_attention<true> (a position a lane) or
- * <false> (a position a warp) by the grid's size: cuda_attention says why. head_dim up to 256. */
+ * <false> (a position a warp) by the grid's size: cuda_attention says why. head_dim up to 256.
+ *
+ * Quantized pools (Q8_0, Q4_0; K and V each F16 or either) are read in place, each element q * d
+ * (kv_load1, kv_load8 in cuda_internal.h), into the same fp32 arithmetic; the tiled kernel stages
+ * them in shared memory as fp16 (one rounding of q * d, about 2^-11 of it, against a quantization
+ * step of up to 2^-7 of the block's largest element for Q8_0). With a quantized pool the soft-cap is
+ * the one the CPU then applies, llama.cpp's flash-attention form (attn_score). q stays fp16 where
+ * the CPU quantizes it to Q8_0 for a quantized K (ggml's vec-dot type), so the two backends differ
+ * by that rounding: tests/unit/test_cuda_backend.c bounds it. */
 #include <limits.h>
 #include <math.h>
 
@@ -35,16 +43,41 @@
 #define ATT_V_ROUND 8
 
 /* A score from q.k: soft-capped (kern_attn_t.softcap: tanh(s / cap) * cap, scale-tanh-scale) and
- * scaled. Positions before the sliding window (kern_attn_t.window) are masked by the callers. */
-__device__ __forceinline__ float attn_score(float dot, float scale, float softcap)
+ * scaled; with flash_cap (a quantized pool) cap * tanh(s * (scale / cap)), as the CPU's
+ * cpu_attention_q.c. Positions before the sliding window (kern_attn_t.window) are masked by the
+ * callers. */
+__device__ __forceinline__ float attn_score(float dot, float scale, float softcap, bool flash_cap)
 {
-    if (softcap > 0.0f) dot = tanhf(dot * (1.0f / softcap)) * softcap;
+    if (softcap > 0.0f) {
+        if (flash_cap) return softcap * tanhf(dot * (scale / softcap));
+        dot = tanhf(dot * (1.0f / softcap)) * softcap;
+    }
     return dot * scale;
 }
 
-template <bool LANES>
-__global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const float *q, const __half *kc,
-                                                              const __half *vc, const int32_t *tok_seq,
+/* Elements e .. e+7 of a pool row as fp16, for the tiled kernel's shared rows. A quantized block's
+ * q x d can pass 65504 by a rounding of d (a block whose largest element is near f16's end): it is
+ * held at +-65504 there, not made infinite. */
+template <bool QKV>
+__device__ __forceinline__ uint4 kv_halves8(const kv_pool &p, int32_t slot, int e)
+{
+    if (!QKV || p.type == FL_TYPE_F16) return *(const uint4 *)(p.base + (size_t)slot * p.row_bytes + (size_t)e * 2);
+    float f[8];
+    kv_load8(p, slot, e, f);
+    uint4 u;
+    __half2 *h = (__half2 *)&u;
+#pragma unroll
+    for (int t = 0; t < 4; t++)
+        h[t] = __floats2half2_rn(fminf(fmaxf(f[2 * t], -65504.0f), 65504.0f),
+                                 fminf(fmaxf(f[2 * t + 1], -65504.0f), 65504.0f));
+    return u;
+}
+
+/* QKV: a pool may be quantized (the type tests compiled in); false for two F16 pools, which then
+ * take the kernel exactly as it was before quantized pools, registers included. */
+template <bool LANES, bool QKV>
+__global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const float *q, kv_pool kp,
+                                                              kv_pool vp, const int32_t *tok_seq,
                                                               const int32_t *tok_pos, const int32_t *block_tables,
                                                               int max_blocks, int bs, int n_heads, int n_kv_heads,
                                                               int hd, float scale, const uint64_t *tree_mask,
@@ -75,6 +108,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     }
     const int32_t *bt = block_tables + (size_t)tok_seq[i] * max_blocks;
     const size_t kv_stride = (size_t)n_kv_heads * hd, hoff = (size_t)kvh * hd;
+    const __half *kc = (const __half *)kp.base, *vc = (const __half *)vp.base; /* as F16 pools */
+    const bool flash_cap = QKV && (kp.type != FL_TYPE_F16 || vp.type != FL_TYPE_F16);
     /* This block's share of the positions: split blockIdx.y of gridDim.y (flash-decoding) */
     const int splits = (int)gridDim.y, split = (int)blockIdx.y;
     const int lo = (int)((int64_t)len * split / splits), hi = (int)((int64_t)len * (split + 1) / splits);
@@ -98,24 +133,33 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
                 slot = bt[j / bs] * bs + j % bs; /* < 2^31 slots: the pools would not fit a device */
                 const uint4 *kr = (const uint4 *)(kc + (size_t)slot * kv_stride + hoff);
                 float dot = 0.0f;
-                for (int d0 = 0; d0 < hd / 8; d0 += ATT_K_ROUND) {
-                    uint4 kv[ATT_K_ROUND];
+                if (QKV && kp.type != FL_TYPE_F16) { /* a quantized K: 8 elements of one block at a time */
+                    for (int d8 = 0; d8 < hd / 8; d8++) {
+                        float kf[8];
+                        kv_load8(kp, slot, (int)hoff + 8 * d8, kf);
 #pragma unroll
-                    for (int u = 0; u < ATT_K_ROUND; u++)
-                        if (d0 + u < hd / 8) kv[u] = kr[d0 + u];
+                        for (int t = 0; t < 8; t++) dot = fmaf(qs[8 * d8 + t], kf[t], dot);
+                    }
+                } else {
+                    for (int d0 = 0; d0 < hd / 8; d0 += ATT_K_ROUND) {
+                        uint4 kv[ATT_K_ROUND];
 #pragma unroll
-                    for (int u = 0; u < ATT_K_ROUND; u++) {
-                        if (d0 + u >= hd / 8) break;
-                        const __half2 *k2 = (const __half2 *)&kv[u];
+                        for (int u = 0; u < ATT_K_ROUND; u++)
+                            if (d0 + u < hd / 8) kv[u] = kr[d0 + u];
 #pragma unroll
-                        for (int t = 0; t < 4; t++) {
-                            const float2 kf = __half22float2(k2[t]);
-                            dot = fmaf(qs[8 * (d0 + u) + 2 * t], kf.x, dot);
-                            dot = fmaf(qs[8 * (d0 + u) + 2 * t + 1], kf.y, dot);
+                        for (int u = 0; u < ATT_K_ROUND; u++) {
+                            if (d0 + u >= hd / 8) break;
+                            const __half2 *k2 = (const __half2 *)&kv[u];
+#pragma unroll
+                            for (int t = 0; t < 4; t++) {
+                                const float2 kf = __half22float2(k2[t]);
+                                dot = fmaf(qs[8 * (d0 + u) + 2 * t], kf.x, dot);
+                                dot = fmaf(qs[8 * (d0 + u) + 2 * t + 1], kf.y, dot);
+                            }
                         }
                     }
                 }
-                s = attn_score(dot, scale, softcap);
+                s = attn_score(dot, scale, softcap, flash_cap);
             }
             float cmax = s;
 #pragma unroll
@@ -134,7 +178,16 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
             __syncwarp();
 #pragma unroll
             for (int k = 0; k < 8; k++) vacc[k] *= corr;
-            if (vgrp < vgroups) {
+            if (QKV && vgrp < vgroups && vp.type != FL_TYPE_F16) {
+                for (int t = vgrp; t < 32; t += vgroups) {
+                    const float pv = chunk_p[warp][t];
+                    if (pv == 0.0f) continue; /* masked (or underflowed): absent */
+                    float vf[8];
+                    kv_load8(vp, chunk_slot[warp][t], (int)hoff + 8 * vsub, vf);
+#pragma unroll
+                    for (int k = 0; k < 8; k++) vacc[k] = fmaf(pv, vf[k], vacc[k]);
+                }
+            } else if (vgrp < vgroups) {
                 for (int t0 = vgrp; t0 < 32; t0 += vgroups * ATT_V_ROUND) {
                     uint4 vv[ATT_V_ROUND];
                     float pv[ATT_V_ROUND];
@@ -165,17 +218,17 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
     } else
     for (int j = lo + warp; j < hi; j += ATT_WARPS) {
         if (j < wlo || (tree_mask && j >= ts && !((tm >> (j - ts)) & 1u))) continue; /* masked: weighs 0 */
-        const size_t slot = (size_t)bt[j / bs] * bs + (size_t)(j % bs);
-        const __half *kr = kc + slot * kv_stride + hoff, *vr = vc + slot * kv_stride + hoff;
+        const int32_t slot = bt[j / bs] * bs + j % bs;
+        const __half *kr = kc + (size_t)slot * kv_stride + hoff, *vr = vc + (size_t)slot * kv_stride + hoff; /* F16 */
         float s = 0.0f;
 #pragma unroll
         for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) {
             const int d = lane + 32 * r;
-            if (d < hd) s += qs[d] * __half2float(kr[d]);
+            if (d < hd) s += qs[d] * (QKV ? kv_load1(kp, slot, (int)hoff + d) : __half2float(kr[d]));
         }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        s = attn_score(s, scale, softcap);
+        s = attn_score(s, scale, softcap, flash_cap);
         const float mn = fmaxf(m, s);
         if (mn == -INFINITY) continue; /* a -inf score before any finite one weighs 0 */
         const float corr = m == -INFINITY ? 0.0f : expf(m - mn);
@@ -184,7 +237,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
 #pragma unroll
         for (int r = 0; r < ATT_MAX_HEAD_DIM / 32; r++) {
             const int d = lane + 32 * r;
-            if (d < hd) acc[r] = acc[r] * corr + p * __half2float(vr[d]);
+            if (d < hd) acc[r] = acc[r] * corr + p * (QKV ? kv_load1(vp, slot, (int)hoff + d) : __half2float(vr[d]));
         }
         m = mn;
     }
@@ -268,8 +321,9 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attention(float *out, const 
 #define TA_MAX_HD 128
 #define TA_PAD 8 /* halves after each shared row: 16-byte aligned rows, rows 4 banks apart */
 
+template <bool QKV>
 __global__ void __launch_bounds__(TA_THREADS) k_attention_tiled(
-    float *out, const float *q, const __half *kc, const __half *vc, const int32_t *tok_seq, const int32_t *tok_pos,
+    float *out, const float *q, kv_pool kp, kv_pool vp, const int32_t *tok_seq, const int32_t *tok_pos,
     const int32_t *block_tables, int max_blocks, int bs, int n_tokens, int n_heads, int n_kv_heads, int hd,
     float scale, const uint64_t *tree_mask, const int32_t *tree_start, int qt, int window, float softcap)
 {
@@ -286,7 +340,8 @@ __global__ void __launch_bounds__(TA_THREADS) k_attention_tiled(
     const int t0 = blockIdx.x * qt, nt = min(qt, n_tokens - t0), n_rows = nt * group;
     const int tid = threadIdx.x, r = tid >> 2, c = tid & 3;
     const int ti = r / group, h = g * group + r % group; /* this thread's row: token t0 + ti, head h */
-    const size_t kv_stride = (size_t)n_kv_heads * hd, hoff = (size_t)g * hd;
+    const int hoff = g * hd;
+    const bool flash_cap = QKV && (kp.type != FL_TYPE_F16 || vp.type != FL_TYPE_F16);
 
     for (int i = tid; i < nt; i += blockDim.x) { /* kern_attn_len, on the device */
         const int t = t0 + i;
@@ -326,8 +381,8 @@ __global__ void __launch_bounds__(TA_THREADS) k_attention_tiled(
                 const int32_t slot = slot_s[jj];
                 uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;
                 if (slot >= 0) {
-                    kv = *(const uint4 *)(kc + (size_t)slot * kv_stride + hoff + d);
-                    vv = *(const uint4 *)(vc + (size_t)slot * kv_stride + hoff + d);
+                    kv = kv_halves8<QKV>(kp, slot, hoff + d);
+                    vv = kv_halves8<QKV>(vp, slot, hoff + d);
                 }
                 *(uint4 *)&ks[jj][d] = kv;
                 *(uint4 *)&vs[jj][d] = vv;
@@ -345,7 +400,7 @@ __global__ void __launch_bounds__(TA_THREADS) k_attention_tiled(
                         dot = fmaf(qv.x, kv.x, dot);
                         dot = fmaf(qv.y, kv.y, dot);
                     }
-                    s[u] = attn_score(dot, scale, softcap);
+                    s[u] = attn_score(dot, scale, softcap, flash_cap);
                 } else {
                     s[u] = -INFINITY; /* masked: weighs 0 */
                 }
@@ -421,6 +476,14 @@ void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
                    a->head_dim, a->n_heads, a->n_kv_heads, a->block_size, ATT_MAX_HEAD_DIM);
         return;
     }
+    const int kv_dim = a->n_kv_heads * a->head_dim;
+    const kv_pool kp = kv_pool_of(a->k_cache, a->k_type, kv_dim), vp = kv_pool_of(a->v_cache, a->v_type, kv_dim);
+    if ((kp.type != FL_TYPE_F16 || vp.type != FL_TYPE_F16) && a->head_dim % 32) {
+        note_error(cb, FL_EUNSUPPORTED, "cuda backend: a %s/%s KV cache needs head_dim a multiple of 32 (got %d)",
+                   fl_dtype_name(kp.type), fl_dtype_name(vp.type), a->head_dim);
+        return;
+    }
+    const bool qkv = kp.type != FL_TYPE_F16 || vp.type != FL_TYPE_F16;
     const int64_t blocks = (int64_t)a->n_tokens * a->n_heads;
     if (blocks > INT_MAX) {
         note_error(cb, FL_ERANGE, "cuda backend: attention over %d tokens x %d heads is too large", a->n_tokens,
@@ -431,8 +494,8 @@ void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
     if (cb->tiled_attn && a->n_seqs > 0 && a->n_tokens >= KERN_ATTN_RUN_MIN * a->n_seqs && a->head_dim % 8 == 0 &&
         a->head_dim <= TA_MAX_HD && group <= TA_ROWS) { /* prefill: runs of many tokens of one sequence */
         const int qt = TA_ROWS / group;
-        launch(cb, k_attention_tiled, dim3((unsigned)((a->n_tokens + qt - 1) / qt), (unsigned)a->n_kv_heads),
-               TA_THREADS, a->out, a->q, (const __half *)a->k_cache, (const __half *)a->v_cache, a->tok_seq,
+        launch(cb, qkv ? k_attention_tiled<true> : k_attention_tiled<false>, dim3((unsigned)((a->n_tokens + qt - 1) / qt), (unsigned)a->n_kv_heads),
+               TA_THREADS, a->out, a->q, kp, vp, a->tok_seq,
                a->tok_pos, a->block_tables, a->max_blocks, a->block_size, a->n_tokens, a->n_heads, a->n_kv_heads,
                a->head_dim, a->scale, a->tree_mask, a->tree_start, qt, a->window, a->softcap);
         return;
@@ -471,8 +534,10 @@ void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
      * multiprocessors, so it always takes the lanes kernel. */
     const bool lanes = a->head_dim % 8 == 0 &&
                        (cb->lane_attn == 1 || (cb->lane_attn < 0 && blocks <= cb->lane_attn_blocks));
-    launch(cb, lanes ? k_attention<true> : k_attention<false>, dim3((unsigned)blocks, (unsigned)splits),
-           ATT_WARPS * 32, a->out, a->q, (const __half *)a->k_cache, (const __half *)a->v_cache, a->tok_seq,
+    launch(cb, qkv ? (lanes ? k_attention<true, true> : k_attention<false, true>)
+                   : (lanes ? k_attention<true, false> : k_attention<false, false>),
+           dim3((unsigned)blocks, (unsigned)splits),
+           ATT_WARPS * 32, a->out, a->q, kp, vp, a->tok_seq,
            a->tok_pos, a->block_tables, a->max_blocks, a->block_size, a->n_heads, a->n_kv_heads, a->head_dim,
            a->scale, a->tree_mask, a->tree_start, splits > 1 ? cb->attn_part : (float *)NULL,
            splits > 1 ? cb->attn_arrived : (unsigned *)NULL, a->window, a->softcap);
@@ -481,9 +546,10 @@ void cuda_attention(kern_backend_t *be, const kern_attn_t *a)
 int cuda_attention_setup(cuda_backend_t *cb, int sms, fl_error_t *err)
 {
     int per_sm = 0;
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attention<true>, ATT_WARPS * 32, 0), err);
+    /* sized by the F16 kernels (quantized pools' may hold more registers) */
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attention<true, false>, ATT_WARPS * 32, 0), err);
     cb->lane_attn_blocks = sms * per_sm;
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attention<false>, ATT_WARPS * 32, 0), err);
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attention<false, false>, ATT_WARPS * 32, 0), err);
     cb->attn_blocks = sms * per_sm;
     cb->sms = sms;
     return FL_OK;

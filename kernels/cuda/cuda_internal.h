@@ -226,8 +226,76 @@ void cuda_add_rmsnorm(kern_backend_t *be, float *y, float *x, const float *delta
                       float eps);
 void cuda_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_heads, int head_dim,
                const kern_rope_t *rope);
-/* KV pools are f16 only here: a quantized KV type (kernels.h) is refused with FL_EUNSUPPORTED. */
+/* KV pools of F16, Q8_0 or Q4_0 (kernels.h), K and V each their own; anything else is refused with
+ * FL_EUNSUPPORTED. */
 bool cuda_kv_types_ok(cuda_backend_t *cb, int k_type, int v_type);
+
+/* A KV pool as the kernels read it: one token's row is row_bytes, element e of a row is element e of
+ * its F16 array, or of its GGUF blocks of 32 (a Q8_0 block: f16 d, then 32 int8; Q4_0: f16 d, then 16
+ * bytes whose low nibbles are elements 0-15 and high nibbles 16-31, each nibble - 8), value q * d as
+ * ggml's dequantize_row_* computes it. */
+struct kv_pool {
+    const uint8_t *base;
+    size_t row_bytes;
+    int type;
+};
+
+static inline kv_pool kv_pool_of(const void *base, int type, int kv_dim)
+{
+    kv_pool p;
+    p.base = (const uint8_t *)base;
+    p.type = kern_kv_type(type);
+    p.row_bytes = kern_kv_row_bytes(p.type, kv_dim);
+    return p;
+}
+
+/* Element e of the row at slot, as a float. */
+__device__ __forceinline__ float kv_load1(const kv_pool &p, int32_t slot, int e)
+{
+    const uint8_t *row = p.base + (size_t)slot * p.row_bytes;
+    if (p.type == FL_TYPE_F16) return __half2float(((const __half *)row)[e]);
+    const int j = e & 31;
+    if (p.type == FL_TYPE_Q8_0) {
+        const uint8_t *blk = row + (size_t)(e >> 5) * 34;
+        return (float)(int8_t)blk[2 + j] * __half2float(*(const __half *)blk);
+    }
+    const uint8_t *blk = row + (size_t)(e >> 5) * 18;
+    return (float)((int)((blk[2 + (j & 15)] >> (j < 16 ? 0 : 4)) & 15) - 8) * __half2float(*(const __half *)blk);
+}
+
+/* Elements e .. e+7 of the row at slot (e a multiple of 8: one aligned 16-byte load for F16, 8 bytes
+ * of one block for the quantized types, read as 2-byte words since blocks are 34 or 18 bytes). */
+__device__ __forceinline__ void kv_load8(const kv_pool &p, int32_t slot, int e, float f[8])
+{
+    const uint8_t *row = p.base + (size_t)slot * p.row_bytes;
+    if (p.type == FL_TYPE_F16) {
+        const uint4 u = *(const uint4 *)(row + (size_t)e * 2);
+        const __half2 *h = (const __half2 *)&u;
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+            const float2 x = __half22float2(h[t]);
+            f[2 * t] = x.x, f[2 * t + 1] = x.y;
+        }
+        return;
+    }
+    const int j = e & 31;
+    const bool q8 = p.type == FL_TYPE_Q8_0;
+    const uint8_t *blk = row + (size_t)(e >> 5) * (q8 ? 34 : 18);
+    const float d = __half2float(*(const __half *)blk);
+    const unsigned short *w = (const unsigned short *)(blk + 2 + (q8 ? j : (j & 15)));
+    const int shift = j < 16 ? 0 : 4;
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+        const unsigned x = w[t];
+        if (q8) {
+            f[2 * t] = (float)(int8_t)(x & 0xffu) * d;
+            f[2 * t + 1] = (float)(int8_t)(x >> 8) * d;
+        } else {
+            f[2 * t] = (float)((int)((x >> shift) & 15u) - 8) * d;
+            f[2 * t + 1] = (float)((int)((x >> (8 + shift)) & 15u) - 8) * d;
+        }
+    }
+}
 void cuda_kv_store(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const float *k,
                    const float *v, const int32_t *slots, int n, int kv_dim);
 void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, void *k_cache, void *v_cache,

@@ -243,10 +243,68 @@ void cuda_rope(kern_backend_t *be, float *x, const int32_t *pos, int n, int n_he
 
 bool cuda_kv_types_ok(cuda_backend_t *cb, int k_type, int v_type)
 {
-    if (kern_kv_type(k_type) == FL_TYPE_F16 && kern_kv_type(v_type) == FL_TYPE_F16) return true;
-    note_error(cb, FL_EUNSUPPORTED, "cuda backend: KV cache type %s/%s is not supported (f16 only; --kv-type q8_0 and "
-               "q4_0 run on the CPU backend)", fl_dtype_name(kern_kv_type(k_type)), fl_dtype_name(kern_kv_type(v_type)));
+    if (kern_kv_type_ok(kern_kv_type(k_type)) && kern_kv_type_ok(kern_kv_type(v_type))) return true;
+    note_error(cb, FL_EUNSUPPORTED, "cuda backend: KV cache type %s/%s is not supported (f16, q8_0, q4_0)",
+               fl_dtype_name(kern_kv_type(k_type)), fl_dtype_name(kern_kv_type(v_type)));
     return false;
+}
+
+/* One 32-element block of a row, x this lane's element, quantized by the warp exactly as the CPU
+ * backend quantizes it (cpu_attention_q.c): Q8_0 as ggml's AVX2 quantize_row_q8_0 (d = f16(amax /
+ * 127), q = round-half-even(x * (127 / amax))), Q4_0 as quantize_row_q4_0 (m the element of largest
+ * magnitude, the first on ties, else 0; d = m / -8; q = min(15, trunc(x * (1 / d) + 8.5)), element j
+ * in the low nibble of byte j, element j + 16 in its high nibble). No operation is fused, as on the
+ * CPU. Where x / d is not finite (d below about 1e-37, or a NaN), the quant is what x86's conversion
+ * gives and the CPU's quantizers spell out: -128 for Q8_0 (AVX2's saturating packs), 0 for Q4_0; a
+ * NaN never counts as Q4_0's largest magnitude (the CPU's comparison skips it). */
+__device__ void kv_quantize_block(uint8_t *blk, int type, float x, int lane)
+{
+    if (type == FL_TYPE_Q8_0) {
+        float amax = fabsf(x);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const float id = amax != 0.0f ? 127.f / amax : 0.0f;
+        const float y = __fmul_rn(x, id);
+        blk[2 + lane] = (uint8_t)(int8_t)(isfinite(y) ? __float2int_rn(y) : -128);
+        if (lane == 0) *(__half *)blk = __float2half_rn(amax / 127.f);
+        return;
+    }
+    float a = isnan(x) ? -1.0f : fabsf(x);
+    int at = lane;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float ao = __shfl_xor_sync(0xffffffffu, a, off);
+        const int io = __shfl_xor_sync(0xffffffffu, at, off);
+        if (ao > a || (ao == a && io < at)) a = ao, at = io;
+    }
+    const float m = __shfl_sync(0xffffffffu, x, at);
+    const float d = (a > 0.0f ? m : 0.0f) / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    const float y = __fadd_rn(__fmul_rn(x, id), 8.5f);
+    const int q = isfinite(y) ? min(15, (int)(int8_t)__float2int_rz(y)) : 0;
+    const int hi = __shfl_down_sync(0xffffffffu, q, 16);
+    if (lane < 16) blk[2 + lane] = (uint8_t)(q | hi << 4);
+    if (lane == 0) *(__half *)blk = __float2half_rn(d);
+}
+
+/* Quantized pools (either of them): block (token, pool), a warp a 32-element block of the row. */
+__global__ void k_kv_store_q(uint8_t *kc, uint8_t *vc, int k_type, int v_type, size_t k_row, size_t v_row,
+                             const float *k, const float *v, const int32_t *slots, int kv_dim)
+{
+    pdl_trigger();
+    pdl_wait();
+    const int i = blockIdx.x, pool = blockIdx.y;
+    const int32_t slot = slots[i];
+    if (slot < 0) return; /* padding row */
+    const int type = pool ? v_type : k_type, lane = threadIdx.x & 31;
+    const float *src = (pool ? v : k) + (size_t)i * kv_dim;
+    uint8_t *row = (pool ? vc : kc) + (size_t)slot * (pool ? v_row : k_row);
+    if (type == FL_TYPE_F16) {
+        for (int d = threadIdx.x; d < kv_dim; d += blockDim.x) ((__half *)row)[d] = __float2half_rn(src[d]);
+        return;
+    }
+    const int bytes = type == FL_TYPE_Q8_0 ? 34 : 18;
+    for (int b = threadIdx.x >> 5; b < kv_dim / 32; b += blockDim.x >> 5)
+        kv_quantize_block(row + (size_t)b * bytes, type, src[32 * b + lane], lane);
 }
 
 void cuda_kv_store(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, int v_type, const float *k,
@@ -254,29 +312,46 @@ void cuda_kv_store(kern_backend_t *be, void *k_cache, void *v_cache, int k_type,
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
     if (n <= 0 || kv_dim <= 0 || !op_begin(cb) || !cuda_kv_types_ok(cb, k_type, v_type)) return;
-    launch(cb, k_kv_store, n, EW_THREADS, (__half *)k_cache, (__half *)v_cache, k, v, slots, kv_dim);
+    k_type = kern_kv_type(k_type), v_type = kern_kv_type(v_type);
+    if (k_type == FL_TYPE_F16 && v_type == FL_TYPE_F16) {
+        launch(cb, k_kv_store, n, EW_THREADS, (__half *)k_cache, (__half *)v_cache, k, v, slots, kv_dim);
+        return;
+    }
+    const size_t k_row = kern_kv_row_bytes(k_type, kv_dim), v_row = kern_kv_row_bytes(v_type, kv_dim);
+    if (!k_row || !v_row) {
+        note_error(cb, FL_EINVAL, "cuda backend: a %s/%s KV row of %d elements is not whole 32-element blocks",
+                   fl_dtype_name(k_type), fl_dtype_name(v_type), kv_dim);
+        return;
+    }
+    launch(cb, k_kv_store_q, dim3((unsigned)n, 2u), 256, (uint8_t *)k_cache, (uint8_t *)v_cache, k_type, v_type,
+           k_row, v_row, k, v, slots, kv_dim);
 }
 
 /* Up to KV_MOVE_BATCH (src, dst) slot pairs by value: one block walks them in order (a pair's
- * destination may be a later pair's source). */
+ * destination may be a later pair's source). Rows move as 2-byte units (every KV row type's size is
+ * even), K's and V's of their own sizes. */
 #define KV_MOVE_BATCH 32
 struct kv_move_pairs {
     int32_t src[KV_MOVE_BATCH], dst[KV_MOVE_BATCH];
 };
 
-__global__ void k_kv_move(__half *kc, __half *vc, kv_move_pairs p, int n, int kv_dim)
+__global__ void k_kv_move(uint16_t *kc, uint16_t *vc, kv_move_pairs p, int n, int k_units, int v_units)
 {
     pdl_trigger();
     pdl_wait();
     for (int i = 0; i < n; i++) {
-        __half *kd = kc + (size_t)p.dst[i] * kv_dim, *vd = vc + (size_t)p.dst[i] * kv_dim;
-        const __half *ks = kc + (size_t)p.src[i] * kv_dim, *vs = vc + (size_t)p.src[i] * kv_dim;
-        __half kx[8], vx[8]; /* read all, sync, write: rows of one pair never overlap another's part */
+        uint16_t *kd = kc + (size_t)p.dst[i] * k_units, *vd = vc + (size_t)p.dst[i] * v_units;
+        const uint16_t *ks = kc + (size_t)p.src[i] * k_units, *vs = vc + (size_t)p.src[i] * v_units;
+        uint16_t kx[8], vx[8]; /* read all, sync, write: rows of one pair never overlap another's part */
         int c = 0;
-        for (int d = threadIdx.x; d < kv_dim && c < 8; d += blockDim.x, c++) kx[c] = ks[d], vx[c] = vs[d];
+        for (int d = threadIdx.x; d < k_units && c < 8; d += blockDim.x, c++) kx[c] = ks[d];
+        c = 0;
+        for (int d = threadIdx.x; d < v_units && c < 8; d += blockDim.x, c++) vx[c] = vs[d];
         __syncthreads();
         c = 0;
-        for (int d = threadIdx.x; d < kv_dim && c < 8; d += blockDim.x, c++) kd[d] = kx[c], vd[d] = vx[c];
+        for (int d = threadIdx.x; d < k_units && c < 8; d += blockDim.x, c++) kd[d] = kx[c];
+        c = 0;
+        for (int d = threadIdx.x; d < v_units && c < 8; d += blockDim.x, c++) vd[d] = vx[c];
         __syncthreads();
     }
 }
@@ -285,13 +360,21 @@ void cuda_kv_move(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, 
                   const int32_t *dst_slots, int n, int kv_dim)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
-    const int threads = (kv_dim + 7) / 8 < 1024 ? ((kv_dim + 7) / 8 + 31) / 32 * 32 : 1024;
     if (n <= 0 || kv_dim <= 0 || kv_dim > 8 * 1024 || !op_begin(cb) || !cuda_kv_types_ok(cb, k_type, v_type)) return;
+    const int k_units = (int)(kern_kv_row_bytes(kern_kv_type(k_type), kv_dim) / 2),
+              v_units = (int)(kern_kv_row_bytes(kern_kv_type(v_type), kv_dim) / 2);
+    const int most = k_units > v_units ? k_units : v_units;
+    const int threads = (most + 7) / 8 < 1024 ? ((most + 7) / 8 + 31) / 32 * 32 : 1024;
+    if (!k_units || !v_units) {
+        note_error(cb, FL_EINVAL, "cuda backend: a %s/%s KV row of %d elements is not whole 32-element blocks",
+                   fl_dtype_name(kern_kv_type(k_type)), fl_dtype_name(kern_kv_type(v_type)), kv_dim);
+        return;
+    }
     for (int i0 = 0; i0 < n; i0 += KV_MOVE_BATCH) {
         kv_move_pairs p;
         const int m = n - i0 < KV_MOVE_BATCH ? n - i0 : KV_MOVE_BATCH;
         for (int i = 0; i < m; i++) p.src[i] = src_slots[i0 + i], p.dst[i] = dst_slots[i0 + i];
-        launch(cb, k_kv_move, 1, threads, (__half *)k_cache, (__half *)v_cache, p, m, kv_dim);
+        launch(cb, k_kv_move, 1, threads, (uint16_t *)k_cache, (uint16_t *)v_cache, p, m, k_units, v_units);
     }
 }
 
@@ -303,7 +386,8 @@ void cuda_rope_kv_store(kern_backend_t *be, float *q, float *k, const float *v, 
     const int n_rot = rope->n_rot < head_dim ? rope->n_rot : head_dim, np = n_rot > 0 ? n_rot / 2 : 0;
     /* the ops one by one (NeoX and mscale RoPE too: the fused kernel rotates adjacent pairs) */
     if (head_dim % 2 || np > ROPE_MAX_PAIRS || n_heads + n_kv_heads > 65535 || rope->neox ||
-        (rope->mscale != 0.0f && rope->mscale != 1.0f)) {
+        (rope->mscale != 0.0f && rope->mscale != 1.0f) || kern_kv_type(k_type) != FL_TYPE_F16 ||
+        kern_kv_type(v_type) != FL_TYPE_F16) { /* quantized pools: a warp quantizes a block (k_kv_store_q) */
         cuda_rope(be, q, pos, n, n_heads, head_dim, rope);
         cuda_rope(be, k, pos, n, n_kv_heads, head_dim, rope);
         cuda_kv_store(be, k_cache, v_cache, k_type, v_type, k, v, slots, n, n_kv_heads * head_dim);

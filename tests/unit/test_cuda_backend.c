@@ -18,6 +18,13 @@
  *                                  and NeoX pairs, with and without an attn_factor
  *   add_bias, scale                bit-equal; softcap, geglu NMSE <= 1e-9 (the families beyond Llama)
  *   attention with a sliding window and/or soft-capping: the attention bound
+ *   kv_store, kv_move on Q8_0 /    pools bit-equal (the CPU's quantizers, reproduced)
+ *     Q4_0 pools
+ *   attention over Q8_0 / Q4_0     NMSE <= 2e-3 against the CPU, and <= 1e-4 against exact
+ *     pools (K, V or both)         attention (f64 over the dequantized pools and the unrounded q):
+ *                                  the CPU rounds q to Q8_0 for a quantized K (llama.cpp's flash
+ *                                  order), CUDA to fp16, so the CPU carries that error (measured up
+ *                                  to ~1e-4 from exact) and CUDA very little
  *   rmsnorm, swiglu                NMSE <= 1e-9
  *   add, kv_store (f32 -> f16 RNE) bit-equal
  *   add_rmsnorm                    x bit-equal, y NMSE <= 1e-9
@@ -52,11 +59,13 @@
 #define TOL_MATMUL 5e-4
 #define TOL_EMBED 1e-5
 #define TOL_ATTN 1e-4
+#define TOL_ATTN_Q 2e-3
 #define TOL_ROPE 1e-5
 #define TOL_EW 1e-9
 
 static kern_backend_t *g_cpu, *g_gpu;
 static bool g_quick;
+static bool g_selfcheck; /* FOLIO_CUDA_TEST_SELFCHECK: a CPU backend stands in for CUDA */
 static const char *g_filter;
 static int g_pass, g_fail;
 
@@ -778,18 +787,71 @@ static bool check_pool(const twin_t *t, size_t n_halves, const char *name)
     return ok;
 }
 
-static void test_kv_store(int n, int kv_dim, int n_slots)
+/* A quantized pool's bytes, equal on both backends (a Q8_0 or Q4_0 block is d, then its quants). */
+static bool check_pool_bytes(const twin_t *t, const char *name)
 {
-    char name[128];
-    snprintf(name, sizeof name, "kv_store n=%d kv_dim=%d slots=%d", n, kv_dim, n_slots);
-    if (!wanted(name) || !have_op((const void *)g_gpu->ops->kv_store, name)) return;
-    const size_t pool = (size_t)n_slots * kv_dim;
-    fl_f16_t *init = xmalloc(pool * sizeof(fl_f16_t));
-    for (size_t i = 0; i < pool; i++) init[i] = fl_f32_to_f16(rnd_gauss());
+    uint8_t *hc = xmalloc(t->bytes), *hg = xmalloc(t->bytes);
+    bool ok = false;
+    if (twin_get(t, hc, hg, t->bytes, name)) {
+        size_t bad = 0, first = 0;
+        for (size_t i = 0; i < t->bytes; i++)
+            if (hc[i] != hg[i] && !bad++) first = i;
+        ok = bad == 0;
+        if (bad)
+            result(false, name, "%zu of %zu bytes differ (first at %zu: cuda 0x%02x cpu 0x%02x)", bad, t->bytes, first,
+                   hg[first], hc[first]);
+    }
+    free(hc);
+    free(hg);
+    return ok;
+}
+
+static bool check_kv_pool(const twin_t *t, int type, const char *name)
+{
+    return type == FL_TYPE_F16 ? check_pool(t, t->bytes / sizeof(fl_f16_t), name) : check_pool_bytes(t, name);
+}
+
+/* A pool of n_slots rows of kv_dim elements of `type`, each row random: f16 of N(0, 1), or a
+ * quantization (the CPU's reference quantizer) of such a row. */
+static void *kv_pool_random(int type, int n_slots, int kv_dim)
+{
+    const size_t row = kern_kv_row_bytes(type, kv_dim);
+    uint8_t *pool = xmalloc((size_t)n_slots * row);
+    float *x = xmalloc((size_t)kv_dim * sizeof(float));
+    for (int i = 0; i < n_slots; i++) {
+        fill_gauss(x, (size_t)kv_dim, 1.0f);
+        quant_quantize_row(type, x, pool + (size_t)i * row, kv_dim);
+    }
+    free(x);
+    return pool;
+}
+
+/* kv_store of n rows into random slots, then kv_move of some slots onto others (a chain: a pair's
+ * destination is a later pair's source), on pools of k_type and v_type: both backends' pools equal
+ * after each (f16: RNE; Q8_0 / Q4_0: the CPU's quantizer, bit for bit). The quantized rows include
+ * a block of zeros led by -0, a block whose two largest magnitudes tie with opposite signs (Q4_0
+ * keeps the first), subnormals, and a block of one value (every quant at its end). */
+static void test_kv_store(int n, int kv_dim, int n_slots, int k_type, int v_type)
+{
+    char name[160];
+    snprintf(name, sizeof name, "kv_store %s/%s n=%d kv_dim=%d slots=%d", fl_dtype_name(k_type), fl_dtype_name(v_type),
+             n, kv_dim, n_slots);
+    if (!wanted(name) || !have_op((const void *)g_gpu->ops->kv_store, name) ||
+        !have_op((const void *)g_gpu->ops->kv_move, name))
+        return;
+    void *kinit = kv_pool_random(k_type, n_slots, kv_dim), *vinit = kv_pool_random(v_type, n_slots, kv_dim);
+    const size_t kbytes = (size_t)n_slots * kern_kv_row_bytes(k_type, kv_dim),
+                 vbytes = (size_t)n_slots * kern_kv_row_bytes(v_type, kv_dim);
     float *k = xmalloc((size_t)n * kv_dim * sizeof(float)), *v = xmalloc((size_t)n * kv_dim * sizeof(float));
     fill_gauss(k, (size_t)n * kv_dim, 2.0f);
     fill_gauss(v, (size_t)n * kv_dim, 2.0f);
     if (n * kv_dim > 8) k[1] = 70000.0f, k[2] = -1e-7f, v[3] = 65504.0f, v[4] = 3e-8f; /* overflow, subnormals */
+    if (kv_dim >= 128) {
+        float *r = k + (size_t)(n - 1) * kv_dim, *w = v + (size_t)(n - 1) * kv_dim;
+        for (int j = 0; j < 32; j++) r[j] = 0.0f, r[32 + j] = 0.1f * (float)(j % 7) - 0.3f, w[64 + j] = 1e-41f * (float)j,
+                                     w[96 + j] = 3.0f;
+        r[0] = -0.0f, r[32 + 3] = 5.0f, r[32 + 20] = -5.0f;
+    }
     int32_t *slots = xmalloc((size_t)n * sizeof(int32_t)), *perm = xmalloc((size_t)n_slots * sizeof(int32_t));
     for (int i = 0; i < n_slots; i++) perm[i] = i;
     for (int i = n_slots - 1; i > 0; i--) {
@@ -797,21 +859,35 @@ static void test_kv_store(int n, int kv_dim, int n_slots)
         perm[i] = perm[j], perm[j] = t;
     }
     for (int i = 0; i < n; i++) slots[i] = perm[i];
-    twin_t kc = twin_new(pool * sizeof(fl_f16_t), init), vc = twin_new(pool * sizeof(fl_f16_t), init),
+    twin_t kc = twin_new(kbytes, kinit), vc = twin_new(vbytes, vinit),
            tk = twin_new((size_t)n * kv_dim * sizeof(float), k), tv = twin_new((size_t)n * kv_dim * sizeof(float), v),
            ts = twin_new((size_t)n * sizeof(int32_t), slots);
-    kern_kv_store(g_cpu, kc.c, vc.c, FL_TYPE_F16, FL_TYPE_F16, tk.c, tv.c, ts.c, n, kv_dim);
-    kern_kv_store(g_gpu, kc.g, vc.g, FL_TYPE_F16, FL_TYPE_F16, tk.g, tv.g, ts.g, n, kv_dim);
-    char kn[160], vn[160];
+    kern_kv_store(g_cpu, kc.c, vc.c, k_type, v_type, tk.c, tv.c, ts.c, n, kv_dim);
+    kern_kv_store(g_gpu, kc.g, vc.g, k_type, v_type, tk.g, tv.g, ts.g, n, kv_dim);
+    char kn[200], vn[200];
     snprintf(kn, sizeof kn, "%s (K pool)", name);
     snprintf(vn, sizeof vn, "%s (V pool)", name);
-    if (check_pool(&kc, pool, kn) && check_pool(&vc, pool, vn)) result(true, name, "pools bit-equal");
+    if (check_kv_pool(&kc, k_type, kn) && check_kv_pool(&vc, v_type, vn)) {
+        /* kv_move: up to 40 pairs, each destination the next pair's source */
+        const int m = n_slots / 2 < 40 ? n_slots / 2 : 40;
+        int32_t *src = xmalloc((size_t)m * sizeof(int32_t)), *dst = xmalloc((size_t)m * sizeof(int32_t));
+        for (int i = 0; i < m; i++) src[i] = i ? dst[i - 1] : perm[0], dst[i] = perm[n_slots - 1 - i];
+        kern_kv_move(g_cpu, kc.c, vc.c, k_type, v_type, src, dst, m, kv_dim);
+        kern_kv_move(g_gpu, kc.g, vc.g, k_type, v_type, src, dst, m, kv_dim);
+        snprintf(kn, sizeof kn, "%s kv_move (K pool)", name);
+        snprintf(vn, sizeof vn, "%s kv_move (V pool)", name);
+        if (check_kv_pool(&kc, k_type, kn) && check_kv_pool(&vc, v_type, vn))
+            result(true, name, "pools bit-equal after the store and after %d moves", m);
+        free(src);
+        free(dst);
+    }
     twin_free(&kc);
     twin_free(&vc);
     twin_free(&tk);
     twin_free(&tv);
     twin_free(&ts);
-    free(init);
+    free(kinit);
+    free(vinit);
     free(k);
     free(v);
     free(slots);
@@ -962,6 +1038,99 @@ static void test_rope_kv_store(int n, int n_heads, int n_kv, int head_dim, int n
     free(vinit);
 }
 
+/* Exact attention for the call a describes (its CPU-side arrays), in f64 over the pools' dequantized
+ * rows and the unrounded q, with kern_attn_t's masks; a soft-cap in the flash form the quantized
+ * paths use (cap * tanh(s * scale / cap)). */
+typedef struct attn_exact {
+    const kern_attn_t *a; /* CPU-side pointers; tree arrays as the call had them */
+    const float *q;       /* host q */
+    const void *k_pool, *v_pool;
+    int n_slots;
+} attn_exact_t;
+
+static void attn_exact(const attn_exact_t *x, double *out)
+{
+    const kern_attn_t *a = x->a;
+    const int hd = a->head_dim, kv_dim = a->n_kv_heads * hd, group = a->n_heads / a->n_kv_heads;
+    const size_t krow = kern_kv_row_bytes(kern_kv_type(a->k_type), kv_dim),
+                 vrow = kern_kv_row_bytes(kern_kv_type(a->v_type), kv_dim);
+    float *kf = xmalloc((size_t)x->n_slots * kv_dim * sizeof(float)), *vf = xmalloc((size_t)x->n_slots * kv_dim * sizeof(float));
+    for (int i = 0; i < x->n_slots; i++) {
+        quant_dequantize_row(kern_kv_type(a->k_type), (const uint8_t *)x->k_pool + (size_t)i * krow, kf + (size_t)i * kv_dim, kv_dim);
+        quant_dequantize_row(kern_kv_type(a->v_type), (const uint8_t *)x->v_pool + (size_t)i * vrow, vf + (size_t)i * kv_dim, kv_dim);
+    }
+    double *p = NULL;
+    for (int t = 0; t < a->n_tokens; t++) {
+        const int len = kern_attn_len(a, t), pos = a->tok_pos[t];
+        const int ts = a->tree_mask ? a->tree_start[t] : 0;
+        p = realloc(p, (size_t)(len > 0 ? len : 1) * sizeof(double));
+        const int32_t *bt = a->block_tables + (size_t)a->tok_seq[t] * a->max_blocks;
+        for (int h = 0; h < a->n_heads; h++) {
+            const float *qh = x->q + ((size_t)t * a->n_heads + h) * hd;
+            const size_t hoff = (size_t)(h / group) * hd;
+            double mx = -INFINITY, sum = 0.0;
+            for (int j = 0; j < len; j++) {
+                p[j] = -INFINITY;
+                if (a->window > 0 && j < pos - a->window + 1) continue;
+                if (a->tree_mask && j >= ts && !((a->tree_mask[t] >> (j - ts)) & 1u)) continue;
+                const float *kr = kf + ((size_t)bt[j / a->block_size] * a->block_size + j % a->block_size) * kv_dim + hoff;
+                double dot = 0.0;
+                for (int d = 0; d < hd; d++) dot += (double)qh[d] * kr[d];
+                p[j] = a->softcap > 0.0f ? a->softcap * tanh(dot * a->scale / a->softcap) : dot * a->scale;
+                mx = p[j] > mx ? p[j] : mx;
+            }
+            double *o = out + ((size_t)t * a->n_heads + h) * hd;
+            for (int d = 0; d < hd; d++) o[d] = 0.0;
+            for (int j = 0; j < len; j++) {
+                if (p[j] == -INFINITY) continue;
+                const double w = exp(p[j] - mx);
+                sum += w;
+                const float *vr = vf + ((size_t)bt[j / a->block_size] * a->block_size + j % a->block_size) * kv_dim + hoff;
+                for (int d = 0; d < hd; d++) o[d] += w * vr[d];
+            }
+            for (int d = 0; d < hd; d++) o[d] = sum > 0.0 ? o[d] / sum : 0.0;
+        }
+    }
+    free(p);
+    free(kf);
+    free(vf);
+}
+
+static double nmse_exact(const float *y, const double *exact, size_t n)
+{
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(y[i])) return INFINITY;
+        num += (y[i] - exact[i]) * (y[i] - exact[i]);
+        den += exact[i] * exact[i];
+    }
+    return den > 0.0 ? num / den : num;
+}
+
+/* The attention bound; with ex (quantized pools), CUDA is also held to TOL_ATTN against exact
+ * attention (it rounds only q, and in the tiled kernel K and V, to fp16; the self-check's stand-in,
+ * a CPU backend, to the bound itself), and the CPU's own distance from exact is printed beside it. */
+static void check_attn(const twin_t *t, size_t n, double tol, const attn_exact_t *ex, const char *name)
+{
+    if (!ex) {
+        check_floats(t, n, tol, name);
+        return;
+    }
+    float *hc = xmalloc(n * sizeof(float)), *hg = xmalloc(n * sizeof(float));
+    double *exact = xmalloc(n * sizeof(double));
+    if (twin_get(t, hc, hg, n * sizeof(float), name)) {
+        attn_exact(ex, exact);
+        const double e = nmse(hg, hc, n), eg = nmse_exact(hg, exact, n), ec = nmse_exact(hc, exact, n);
+        const double tol_exact = g_selfcheck ? tol : TOL_ATTN;
+        result(e <= tol && eg <= tol_exact, name,
+               "err=%.3g (tol %.0e) max_abs=%.3g; against exact: cuda %.3g (tol %.0e), cpu %.3g", e, tol,
+               max_abs(hg, hc, n), eg, tol_exact, ec);
+    }
+    free(hc);
+    free(hg);
+    free(exact);
+}
+
 /* One sequence of an attention call: len positions in the cache after this call, the last n_new of
  * them being this call's query tokens (n_new == 1: decode; more: a prefill chunk). */
 typedef struct seq_spec {
@@ -972,6 +1141,8 @@ typedef struct seq_spec {
  * are written by kv_store on each backend, then attention runs, as model.c does. Blocks are handed
  * out in a random order (scattered block tables), unused table entries are -1. */
 static const char *g_attn_variant = ""; /* names the CUDA attention kernel under test */
+static int g_attn_k_type = FL_TYPE_F16;  /* the next cases' KV pool types */
+static int g_attn_v_type = FL_TYPE_F16;
 static int g_attn_window;               /* the next cases' sliding window (Mistral, Gemma), 0 for none */
 static float g_attn_softcap;            /* ... and score soft-capping (Gemma 2), 0 for none */
 
@@ -979,8 +1150,13 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
                            int n_seqs)
 {
     char name[256];
-    int off = snprintf(name, sizeof name, "attention%s %s heads=%d kv_heads=%d head_dim=%d block=%d window=%d softcap=%g seqs=",
-                       g_attn_variant, label, n_heads, n_kv, hd, bs, g_attn_window, g_attn_softcap);
+    const int kt = g_attn_k_type, vt = g_attn_v_type;
+    const bool quantized = kt != FL_TYPE_F16 || vt != FL_TYPE_F16;
+    if (quantized && hd % 32) return; /* a quantized head is whole 32-element blocks */
+    char kv_label[32] = "";
+    if (quantized) snprintf(kv_label, sizeof kv_label, " kv=%s/%s", fl_dtype_name(kt), fl_dtype_name(vt));
+    int off = snprintf(name, sizeof name, "attention%s%s %s heads=%d kv_heads=%d head_dim=%d block=%d window=%d softcap=%g seqs=",
+                       g_attn_variant, kv_label, label, n_heads, n_kv, hd, bs, g_attn_window, g_attn_softcap);
     int n_tokens = 0, max_blocks = 1, used_blocks = 0, max_len = 0;
     for (int s = 0; s < n_seqs; s++) {
         max_len = seqs[s].len > max_len ? seqs[s].len : max_len;
@@ -995,7 +1171,9 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
         !have_op((const void *)g_gpu->ops->kv_store, name))
         return;
     const int n_blocks = used_blocks + 5, kv_dim = n_kv * hd, q_dim = n_heads * hd;
-    const size_t pool = (size_t)n_blocks * bs * kv_dim;
+    const size_t kbytes = (size_t)n_blocks * bs * kern_kv_row_bytes(kt, kv_dim),
+                 vbytes = (size_t)n_blocks * bs * kern_kv_row_bytes(vt, kv_dim);
+    const double tol = quantized ? TOL_ATTN_Q : TOL_ATTN;
     int32_t *perm = xmalloc((size_t)n_blocks * sizeof(int32_t));
     for (int i = 0; i < n_blocks; i++) perm[i] = i;
     for (int i = n_blocks - 1; i > 0; i--) {
@@ -1008,8 +1186,7 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
     for (int s = 0; s < n_seqs; s++)
         for (int b = 0; b < (seqs[s].len + bs - 1) / bs; b++) tables[(size_t)s * max_blocks + b] = perm[next++];
 
-    fl_f16_t *kp = xmalloc(pool * sizeof(fl_f16_t)), *vp = xmalloc(pool * sizeof(fl_f16_t));
-    for (size_t i = 0; i < pool; i++) kp[i] = fl_f32_to_f16(rnd_gauss()), vp[i] = fl_f32_to_f16(rnd_gauss());
+    void *kp = kv_pool_random(kt, n_blocks * bs, kv_dim), *vp = kv_pool_random(vt, n_blocks * bs, kv_dim);
     int32_t *tseq = xmalloc((size_t)n_tokens * sizeof(int32_t)), *tpos = xmalloc((size_t)n_tokens * sizeof(int32_t)),
             *slots = xmalloc((size_t)n_tokens * sizeof(int32_t));
     int t = 0;
@@ -1024,7 +1201,7 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
     fill_gauss(k, (size_t)n_tokens * kv_dim, 1.0f);
     fill_gauss(v, (size_t)n_tokens * kv_dim, 1.0f);
 
-    twin_t kc = twin_new(pool * sizeof(fl_f16_t), kp), vc = twin_new(pool * sizeof(fl_f16_t), vp),
+    twin_t kc = twin_new(kbytes, kp), vc = twin_new(vbytes, vp),
            tq = twin_new((size_t)n_tokens * q_dim * sizeof(float), q),
            tk = twin_new((size_t)n_tokens * kv_dim * sizeof(float), k),
            tv = twin_new((size_t)n_tokens * kv_dim * sizeof(float), v),
@@ -1033,9 +1210,9 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
            ttp = twin_new((size_t)n_tokens * sizeof(int32_t), tpos),
            tbt = twin_new((size_t)n_seqs * max_blocks * sizeof(int32_t), tables),
            out = twin_new((size_t)n_tokens * q_dim * sizeof(float), NULL);
-    kern_kv_store(g_cpu, kc.c, vc.c, FL_TYPE_F16, FL_TYPE_F16, tk.c, tv.c, tsl.c, n_tokens, kv_dim);
-    kern_kv_store(g_gpu, kc.g, vc.g, FL_TYPE_F16, FL_TYPE_F16, tk.g, tv.g, tsl.g, n_tokens, kv_dim);
-    kern_attn_t a = {.n_tokens = n_tokens, .max_blocks = max_blocks, .block_size = bs, .n_heads = n_heads,
+    kern_kv_store(g_cpu, kc.c, vc.c, kt, vt, tk.c, tv.c, tsl.c, n_tokens, kv_dim);
+    kern_kv_store(g_gpu, kc.g, vc.g, kt, vt, tk.g, tv.g, tsl.g, n_tokens, kv_dim);
+    kern_attn_t a = {.k_type = kt, .v_type = vt, .n_tokens = n_tokens, .max_blocks = max_blocks, .block_size = bs, .n_heads = n_heads,
                      .n_kv_heads = n_kv, .head_dim = hd, .scale = 1.0f / sqrtf((float)hd), .max_len = max_len,
                      .window = g_attn_window, .softcap = g_attn_softcap};
     kern_attn_t ac = a, ag = a;
@@ -1045,7 +1222,9 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
     ag.block_tables = tbt.g;
     kern_attention(g_cpu, &ac);
     kern_attention(g_gpu, &ag);
-    check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, name);
+    attn_exact_t ex = {&ac, q, kc.c, vc.c, n_blocks * bs};
+    const attn_exact_t *exp_ref = quantized ? &ex : NULL;
+    check_attn(&out, (size_t)n_tokens * q_dim, tol, exp_ref, name);
     /* max_len lets the CUDA backend split long contexts over blocks; without it, one block a
      * (token, head) walks the whole context */
     if (max_len > 256) {
@@ -1055,7 +1234,7 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
         ag.max_len = 0;
         kern_attention(g_gpu, &ag);
         ag.max_len = max_len;
-        check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, unsplit_name);
+        check_attn(&out, (size_t)n_tokens * q_dim, tol, exp_ref, unsplit_name);
     }
     /* With n_seqs given and many tokens a sequence, the CUDA backend tiles queries (its prefill
      * kernel); the same call without n_seqs above took the per-(token, head) kernel. */
@@ -1067,7 +1246,7 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
         ag.n_seqs = n_seqs;
         kern_attention(g_gpu, &ag);
         ag.n_seqs = 0;
-        check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, tiled_name);
+        check_attn(&out, (size_t)n_tokens * q_dim, tol, exp_ref, tiled_name);
     }
 
     /* The same tokens as a draft tree per sequence (speculative verification): each new token a
@@ -1089,15 +1268,16 @@ static void test_attention(const char *label, int n_heads, int n_kv, int hd, int
         kern_attention(g_gpu, &ag);
         char tname[320];
         snprintf(tname, sizeof tname, "%s tree", name);
-        check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, tname);
+        check_attn(&out, (size_t)n_tokens * q_dim, tol, exp_ref, tname);
         if (tiled) {
             poison_gpu(&out);
             ag.n_seqs = n_seqs;
             kern_attention(g_gpu, &ag);
             ag.n_seqs = 0;
             snprintf(tname, sizeof tname, "%s tree", tiled_name);
-            check_floats(&out, (size_t)n_tokens * q_dim, TOL_ATTN, tname);
+            check_attn(&out, (size_t)n_tokens * q_dim, tol, exp_ref, tname);
         }
+        ac.tree_mask = NULL, ac.tree_start = NULL;
         twin_free(&tm);
         twin_free(&tst);
         free(mask);
@@ -1477,11 +1657,38 @@ static void attention_cases(void)
     g_attn_window = 0, g_attn_softcap = 0.0f;
 }
 
+/* attention_cases on the default kernels (which pick the decode kernel by grid size), then, with
+ * each_kernel (on a GPU), on each decode kernel alone: lanes (FOLIO_CUDA_LANE_ATTN=1), per position
+ * (=0) */
+static void attention_cases_each_kernel(bool each_kernel)
+{
+    attention_cases();
+    static const char *const attn_variants[][2] = {{"1", "(lanes)"}, {"0", "(per-position)"}};
+    for (int vi = 0; vi < 2 && each_kernel; vi++) {
+        fl_error_t err = {0};
+        setenv("FOLIO_CUDA_LANE_ATTN", attn_variants[vi][0], 1);
+        kern_backend_t *const saved = g_gpu;
+        g_gpu = kern_cuda_new(0, &err);
+        unsetenv("FOLIO_CUDA_LANE_ATTN");
+        if (!g_gpu) {
+            printf("FAIL: kern_cuda_new (%s attention): %s\n", attn_variants[vi][1], err.msg);
+            g_fail++;
+        } else {
+            g_attn_variant = attn_variants[vi][1];
+            attention_cases();
+            g_attn_variant = "";
+            kern_destroy(&g_gpu);
+        }
+        g_gpu = saved;
+    }
+}
+
 int main(int argc, char **argv)
 {
     fl_error_t err = {0};
     const char *self = getenv("FOLIO_CUDA_TEST_SELFCHECK");
     const bool selfcheck = self && !strcmp(self, "1");
+    g_selfcheck = selfcheck;
     if (selfcheck) { /* the harness itself, without a GPU: a second CPU backend */
         g_gpu = kern_cpu_new(0, &err);
         if (!g_gpu) {
@@ -1639,11 +1846,16 @@ int main(int argc, char **argv)
     test_family_ops(7, 4864);
     test_family_ops(g_quick ? 33 : 257, 8192); /* Gemma 2's final logits: a vocabulary of rows */
 
-    /* kv_store */
-    test_kv_store(1, 192, 64);
-    test_kv_store(7, 192, 160);
-    test_kv_store(100, 1024, 512);
-    test_kv_store(g_quick ? 64 : 513, 192, 1024);
+    /* kv_store and kv_move: f16 pools, then each quantized type, alone and beside an f16 pool */
+    static const int kv_types[][2] = {{FL_TYPE_F16, FL_TYPE_F16},  {FL_TYPE_Q8_0, FL_TYPE_Q8_0}, {FL_TYPE_Q4_0, FL_TYPE_Q4_0},
+                                      {FL_TYPE_Q8_0, FL_TYPE_F16}, {FL_TYPE_F16, FL_TYPE_Q4_0}};
+    for (int ti = 0; ti < 5; ti++) {
+        const int kt = kv_types[ti][0], vt = kv_types[ti][1];
+        test_kv_store(1, 192, 64, kt, vt);
+        test_kv_store(7, 192, 160, kt, vt);
+        test_kv_store(100, 1024, 512, kt, vt);
+        test_kv_store(g_quick ? 64 : 513, 192, 1024, kt, vt);
+    }
 
     /* rope_kv_store: RoPE on q and k with the KV store, padding rows (slot -1) among the tokens */
     static const int rkv_ns[] = {1, 7, 100};
@@ -1661,26 +1873,16 @@ int main(int argc, char **argv)
         test_rope_kv_store(3, 2, 2, 64, 0, 10000.0f, 1.0f, false, 40);    /* n_rot 0: the store alone */
     }
 
-    /* attention: the default kernels (which pick the decode kernel by grid size), then (on a GPU)
-     * every case on each decode kernel alone: lanes (FOLIO_CUDA_LANE_ATTN=1), per position (=0) */
-    attention_cases();
-    static const char *const attn_variants[][2] = {{"1", "(lanes)"}, {"0", "(per-position)"}};
-    for (int vi = 0; vi < 2 && !selfcheck; vi++) {
-        setenv("FOLIO_CUDA_LANE_ATTN", attn_variants[vi][0], 1);
-        kern_backend_t *const saved = g_gpu;
-        g_gpu = kern_cuda_new(0, &err);
-        unsetenv("FOLIO_CUDA_LANE_ATTN");
-        if (!g_gpu) {
-            printf("FAIL: kern_cuda_new (%s attention): %s\n", attn_variants[vi][1], err.msg);
-            g_fail++;
-        } else {
-            g_attn_variant = attn_variants[vi][1];
-            attention_cases();
-            g_attn_variant = "";
-            kern_destroy(&g_gpu);
-        }
-        g_gpu = saved;
+    /* attention: f16 pools, then quantized ones: Q8_0 K and V on every kernel; Q4_0, and each beside
+     * an f16 pool, on the default choice of kernels */
+    attention_cases_each_kernel(!selfcheck);
+    static const int attn_kv[][2] = {{FL_TYPE_Q8_0, FL_TYPE_Q8_0}, {FL_TYPE_Q4_0, FL_TYPE_Q4_0},
+                                     {FL_TYPE_Q8_0, FL_TYPE_F16}, {FL_TYPE_F16, FL_TYPE_Q4_0}};
+    for (int ti = 0; ti < 4; ti++) {
+        g_attn_k_type = attn_kv[ti][0], g_attn_v_type = attn_kv[ti][1];
+        attention_cases_each_kernel(!selfcheck && ti == 0);
     }
+    g_attn_k_type = g_attn_v_type = FL_TYPE_F16;
 
     /* sample */
     const int vocabs_full[] = {1, 2, 17, 1000, 32000, 49152, 128256}, vocabs_quick[] = {1, 2, 17, 1000, 49152};

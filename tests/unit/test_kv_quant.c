@@ -65,7 +65,10 @@ static void spec_q8_row(const float *x, fl_block_q8_0_t *y, int n)
         float amax = 0;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
         const float id = amax != 0.0f ? 127.f / amax : 0.0f;
-        for (int j = 0; j < 32; j++) y[b].qs[j] = (int8_t)nearbyintf(x[j] * id);
+        for (int j = 0; j < 32; j++) { /* x * id not finite (amax below ~1e-37): -128, as AVX2 packs it */
+            const float q = x[j] * id;
+            y[b].qs[j] = isfinite(q) ? (int8_t)nearbyintf(q) : INT8_MIN;
+        }
         y[b].d = fl_f32_to_f16(amax / 127.f);
     }
 }
@@ -181,6 +184,8 @@ static void kv_store_writes_ggml_blocks_on_every_isa(void **state)
     for (int i = 0; i < n * kv_dim; i++) k[i] = rnd_f(-4, 4), v[i] = rnd_f(-1, 1);
     k[5] = 0, k[kv_dim] = 100.0f; /* a zero and an outlier */
     for (int i = 64; i < 96; i++) v[i] = 0; /* an all-zero block: d = 0, q = 0 */
+    /* a block of subnormals of both signs: 1 / d overflows (every ISA, and CUDA, give the same quants) */
+    for (int i = 96; i < 128; i++) v[i] = (i % 3 ? 1e-41f : -2e-41f) * (float)(i - 95);
     const int32_t slots[4] = {8, 0, -1, 3};
     for (int t = 0; t < 2; t++) {
         const size_t row = kern_kv_row_bytes(types[t], kv_dim);
