@@ -249,6 +249,18 @@ bool cuda_kv_types_ok(cuda_backend_t *cb, int k_type, int v_type)
     return false;
 }
 
+/* K's and V's row bytes for rows of kv_dim elements; false, with the error noted, for a type the
+ * backend does not take or a quantized row that is not whole 32-element blocks. */
+static bool kv_rows_ok(cuda_backend_t *cb, int k_type, int v_type, int kv_dim, size_t *k_row, size_t *v_row)
+{
+    if (!cuda_kv_types_ok(cb, k_type, v_type)) return false;
+    *k_row = kern_kv_row_bytes(kern_kv_type(k_type), kv_dim), *v_row = kern_kv_row_bytes(kern_kv_type(v_type), kv_dim);
+    if (*k_row && *v_row) return true;
+    note_error(cb, FL_EINVAL, "cuda backend: a %s/%s KV row of %d elements is not whole 32-element blocks",
+               fl_dtype_name(kern_kv_type(k_type)), fl_dtype_name(kern_kv_type(v_type)), kv_dim);
+    return false;
+}
+
 /* One 32-element block of a row, x this lane's element, quantized by the warp exactly as the CPU
  * backend quantizes it (cpu_attention_q.c): Q8_0 as ggml's AVX2 quantize_row_q8_0 (d = f16(amax /
  * 127), q = round-half-even(x * (127 / amax))), Q4_0 as quantize_row_q4_0 (m the element of largest
@@ -311,16 +323,11 @@ void cuda_kv_store(kern_backend_t *be, void *k_cache, void *v_cache, int k_type,
                    const float *v, const int32_t *slots, int n, int kv_dim)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
-    if (n <= 0 || kv_dim <= 0 || !op_begin(cb) || !cuda_kv_types_ok(cb, k_type, v_type)) return;
+    size_t k_row, v_row;
+    if (n <= 0 || kv_dim <= 0 || !op_begin(cb) || !kv_rows_ok(cb, k_type, v_type, kv_dim, &k_row, &v_row)) return;
     k_type = kern_kv_type(k_type), v_type = kern_kv_type(v_type);
     if (k_type == FL_TYPE_F16 && v_type == FL_TYPE_F16) {
         launch(cb, k_kv_store, n, EW_THREADS, (__half *)k_cache, (__half *)v_cache, k, v, slots, kv_dim);
-        return;
-    }
-    const size_t k_row = kern_kv_row_bytes(k_type, kv_dim), v_row = kern_kv_row_bytes(v_type, kv_dim);
-    if (!k_row || !v_row) {
-        note_error(cb, FL_EINVAL, "cuda backend: a %s/%s KV row of %d elements is not whole 32-element blocks",
-                   fl_dtype_name(k_type), fl_dtype_name(v_type), kv_dim);
         return;
     }
     launch(cb, k_kv_store_q, dim3((unsigned)n, 2u), 256, (uint8_t *)k_cache, (uint8_t *)v_cache, k_type, v_type,
@@ -360,16 +367,12 @@ void cuda_kv_move(kern_backend_t *be, void *k_cache, void *v_cache, int k_type, 
                   const int32_t *dst_slots, int n, int kv_dim)
 {
     cuda_backend_t *cb = (cuda_backend_t *)be;
-    if (n <= 0 || kv_dim <= 0 || kv_dim > 8 * 1024 || !op_begin(cb) || !cuda_kv_types_ok(cb, k_type, v_type)) return;
-    const int k_units = (int)(kern_kv_row_bytes(kern_kv_type(k_type), kv_dim) / 2),
-              v_units = (int)(kern_kv_row_bytes(kern_kv_type(v_type), kv_dim) / 2);
-    const int most = k_units > v_units ? k_units : v_units;
-    const int threads = (most + 7) / 8 < 1024 ? ((most + 7) / 8 + 31) / 32 * 32 : 1024;
-    if (!k_units || !v_units) {
-        note_error(cb, FL_EINVAL, "cuda backend: a %s/%s KV row of %d elements is not whole 32-element blocks",
-                   fl_dtype_name(kern_kv_type(k_type)), fl_dtype_name(kern_kv_type(v_type)), kv_dim);
+    size_t k_row, v_row;
+    if (n <= 0 || kv_dim <= 0 || kv_dim > 8 * 1024 || !op_begin(cb) ||
+        !kv_rows_ok(cb, k_type, v_type, kv_dim, &k_row, &v_row))
         return;
-    }
+    const int k_units = (int)(k_row / 2), v_units = (int)(v_row / 2), most = k_units > v_units ? k_units : v_units;
+    const int threads = (most + 7) / 8 < 1024 ? ((most + 7) / 8 + 31) / 32 * 32 : 1024;
     for (int i0 = 0; i0 < n; i0 += KV_MOVE_BATCH) {
         kv_move_pairs p;
         const int m = n - i0 < KV_MOVE_BATCH ? n - i0 : KV_MOVE_BATCH;
